@@ -1,0 +1,45 @@
+# rnnrec_fast: set-up, demo, tests and benchmarks. Everything runs inside .venv in the repo root.
+#   make demo   set up, build the extension, run the demo
+#   make test   set up, build the extension, run the whole test suite
+#   make bench  set up, build, run the CPU benchmarks and print the ratio table
+PYTHON ?= python3
+# torch is pinned: an open range would pull a multi-GB CUDA build. 2.13.0 is the CPU build on this machine.
+TORCH_VERSION ?= 2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1
+DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
+BUILD_STAMP := $(VENV)/.built
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
+export RNNREC_FAST_REQUIRE_EXT := 1
+
+.PHONY: setup demo test bench clean
+
+setup: $(BUILD_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): | $(PY)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(DEPS)
+	rm -f $(VENV)/.deps-torch-*
+	touch $@
+
+# A compile error fails here, and so fails `make test` and CI.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import rnnrec_fast._C"
+	touch $@
+
+demo: setup
+	$(PY) -m rnnrec_fast.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build $(VENV) rnnrec_fast/*.so *.egg-info

@@ -1,0 +1,68 @@
+"""Backend registry: one module per backend, each exposing the same ``forward``/``backward``.
+
+A backend module has ``forward``, ``backward`` (the contract in :mod:`.reference`), ``DEVICES``
+(device types it runs on) and ``DTYPES``. Importing it raises ImportError when it is unavailable
+(extension not built, numba missing), and the registry remembers why.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+
+import torch
+
+# name -> module path, in the order "auto" tries them on each device type
+_MODULES = {
+    "cuda": "rnnrec_fast.backends.cuda",
+    "cpp": "rnnrec_fast.backends.cpp",
+    "numba": "rnnrec_fast.backends.numba_backend",
+    "reference": "rnnrec_fast.backends.reference",
+}
+NAMES = tuple(_MODULES)
+AUTO_ORDER = {
+    "cpu": ("cpp", "numba", "reference"),
+    "cuda": ("cuda", "numba", "reference"),
+}
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+_errors: dict[str, str] = {}
+
+
+def load(name: str):
+    """The backend module ``name``; raises RuntimeError saying why when it is unavailable."""
+    mod = _loaded.get(name)
+    if mod is not None:
+        return mod
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        if name not in _errors:
+            try:
+                mod = importlib.import_module(_MODULES[name])
+                _loaded[name] = mod
+                return mod
+            except ImportError as exc:  # not built / dependency missing
+                _errors[name] = f"{type(exc).__name__}: {exc}"
+    raise RuntimeError(f"rnnrec_fast backend {name!r} is not available ({_errors[name]})")
+
+
+def available(name: str) -> bool:
+    try:
+        load(name)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def unavailable_reason(name: str) -> str | None:
+    return None if available(name) else _errors.get(name, "unknown")
+
+
+def supports(name: str, device_type: str, dtype: torch.dtype) -> bool:
+    if not available(name):
+        return False
+    mod = _loaded[name]
+    return device_type in mod.DEVICES and dtype in mod.DTYPES

@@ -1,0 +1,72 @@
+"""`make demo`: the fused backend against torch.nn on a few shapes, then the session recommender.
+
+python -m rnnrec_fast.demo [--no-recsys] [--data DIR] [--epochs N]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import rnnrec_fast
+
+SHAPES = [  # (what, B, T, H)
+    ("serving step", 1, 1, 100),
+    ("one long session", 1, 20, 512),
+    ("batch of sessions, one step", 256, 1, 100),
+    ("training-size batch", 32, 20, 100),
+]
+
+
+def _median_us(fn, repeat=200):
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+def parity_and_speed():
+    print(f"rnnrec_fast {rnnrec_fast.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(f"backends: {rnnrec_fast.backend_info()}")
+    print(f"{'case':32s} {'B':>4s} {'T':>3s} {'H':>4s}  {'max |diff|':>10s}  {'torch.nn':>10s}  "
+          f"{'ours':>10s}  ratio  backend")
+    for what, B, T, H in SHAPES:
+        torch.manual_seed(0)
+        ref = torch.nn.GRU(H, H, batch_first=True).eval()
+        ours = rnnrec_fast.from_torch(ref).eval()
+        x = torch.randn(B, T, H)
+        with torch.inference_mode():
+            diff = (ours(x)[0] - ref(x)[0]).abs().max().item()
+            repeat = 200 if B * T * H < 200_000 else 30
+            t_ref = _median_us(lambda: ref(x), repeat)
+            t_ours = _median_us(lambda: ours(x), repeat)
+        print(f"{what:32s} {B:4d} {T:3d} {H:4d}  {diff:10.2e}  {t_ref:8.1f}us  {t_ours:8.1f}us  "
+              f"{t_ref / t_ours:5.2f}x  {rnnrec_fast.last_backend()}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--no-recsys", action="store_true", help="only the kernel comparison")
+    p.add_argument("--data", default=None, help="click-log directory (default: $RNNREC_FAST_DATA or ../shared/data)")
+    p.add_argument("--epochs", type=int, default=None, help="recommender training epochs")
+    args = p.parse_args(argv)
+    parity_and_speed()
+    if not args.no_recsys:
+        try:
+            from rnnrec_fast import recsys
+        except ImportError as exc:  # pragma: no cover
+            print(f"(recommender demo unavailable: {exc})")
+            return
+        kwargs = {} if args.epochs is None else {"epochs": args.epochs}
+        recsys.demo(data_dir=args.data, **kwargs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Drop-in ``RNN``, ``GRU``, ``RNNCell`` and ``GRUCell`` running on the fused ``rnnrec_fast`` op.
+
+Same constructor arguments, forward signature, outputs, parameter names, shapes, initialisation and
+``state_dict`` as their ``torch.nn`` namesakes, plus two keywords: ``backend`` (``"auto"``, ``"cpp"``,
+``"cuda"``, ``"numba"``, ``"reference"``) and, on the GRU classes, ``reset_after``.
+They deliberately do not subclass ``torch.nn.RNNBase``: ``torch.compile`` refuses those.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import ops
+
+_BACKENDS = ops.BACKENDS
+
+
+def _check_backend(backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _reverse_index(T, B, lengths, device):
+    """(T, B) time index that reverses each row's first lengths[b] steps and keeps the padding."""
+    t = torch.arange(T, device=device).unsqueeze(1)
+    if lengths is None:
+        return (T - 1 - t).expand(T, B)
+    L = lengths.unsqueeze(0)
+    return torch.where(t < L, L - 1 - t, t)
+
+
+def _take_time(x, index):
+    return x.gather(0, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+
+class _RNNBase(nn.Module):
+    _mode: str = "gru"
+    _gates: int = 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, *, backend="auto",
+                 reset_after=True):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"{name}: dropout should be a number in range [0, 1], got {dropout!r}")
+        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                           ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name}: {arg} must be greater than zero, got {value}")
+        if dropout > 0 and num_layers == 1:
+            import warnings
+
+            warnings.warn(f"{name}: dropout option adds dropout after all but last recurrent layer, "
+                          f"so non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", UserWarning, stacklevel=2)
+        self.mode = self._mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = 0
+        self.backend = _check_backend(backend)
+        self.reset_after = bool(reset_after)
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        G = self._gates
+        self._flat_weights_names = []
+        self._all_weights = []
+        for layer in range(num_layers):
+            for direction in range(D):
+                layer_in = input_size if layer == 0 else hidden_size * D
+                suffix = "_reverse" if direction == 1 else ""
+                params = [("weight_ih", (G * hidden_size, layer_in)), ("weight_hh", (G * hidden_size, hidden_size))]
+                if bias:
+                    params += [("bias_ih", (G * hidden_size,)), ("bias_hh", (G * hidden_size,))]
+                names = []
+                for pname, shape in params:
+                    full = f"{pname}_l{layer}{suffix}"
+                    setattr(self, full, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(full)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written against ``torch.nn.RNNBase``."""
+
+    @property
+    def all_weights(self):
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self):
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.mode == "gru" and not self.reset_after:
+            s += ", reset_after=False"
+        if self.backend != "auto":
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def active_backend(self, device=None) -> str:
+        """The backend this module's calls run on for tensors on ``device`` (default: its weights')."""
+        p = self.weight_ih_l0
+        device = torch.device(device) if device is not None else p.device
+        return ops.resolve_backend(self.backend, device.type, p.dtype)
+
+    def _layer_params(self, index):
+        names = self._all_weights[index]
+        w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
+        if self.bias:
+            return w_ih, w_hh, getattr(self, names[2]), getattr(self, names[3])
+        return w_ih, w_hh, None, None
+
+    def forward(self, input, hx=None, *, resets=None):
+        name = type(self).__name__
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            sorted_indices = input.sorted_indices
+            x, lengths_cpu = pad_packed_sequence(input, batch_first=False)  # original batch order
+            lengths = lengths_cpu.to(x.device)
+            batched = True
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor")
+            batched = input.dim() == 3
+            if not batched:
+                x = input.unsqueeze(1)
+            elif self.batch_first:
+                x = input.transpose(0, 1)
+            else:
+                x = input
+        T, B, I = x.shape
+        if I != self.input_size:
+            raise ValueError(f"{name}: input.size(-1) must be equal to input_size. "
+                             f"Expected {self.input_size}, got {I}")
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        expected = (self.num_layers * D, B, H)
+        if hx is None:
+            hx = torch.zeros(expected, dtype=x.dtype, device=x.device)
+        else:
+            if not isinstance(hx, torch.Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            if not batched:
+                if hx.dim() != 2:
+                    raise ValueError(f"{name}: For unbatched 2-D input, hx should also be 2-D but got "
+                                     f"{hx.dim()}-D tensor")
+                hx = hx.unsqueeze(1)
+            elif hx.dim() != 3:
+                raise ValueError(f"{name}: For batched 3-D input, hx should also be 3-D but got "
+                                 f"{hx.dim()}-D tensor")
+            if tuple(hx.shape) != expected:
+                raise ValueError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
+        if resets is not None:
+            if D == 2:
+                raise ValueError(f"{name}: resets are not defined for a bidirectional model")
+            resets = torch.as_tensor(resets, device=x.device)
+            if self.batch_first and batched and not packed:
+                resets = resets.transpose(0, 1)
+            if resets.dtype != torch.bool or tuple(resets.shape) != (T, B):
+                raise ValueError(f"{name}: resets must be a bool tensor of shape "
+                                 f"{(B, T) if self.batch_first else (T, B)}, got {resets.dtype} "
+                                 f"{tuple(resets.shape)}")
+        rev = _reverse_index(T, B, lengths, x.device) if D == 2 else None
+        layer_in = x
+        h_n = []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(D):
+                idx = layer * D + direction
+                w_ih, w_hh, b_ih, b_hh = self._layer_params(idx)
+                xin = layer_in if direction == 0 else _take_time(layer_in, rev)
+                y, h = torch.ops.rnnrec_fast.recurrence(
+                    xin, hx[idx], w_ih, w_hh, b_ih, b_hh, lengths, resets, self.mode,
+                    self.reset_after, self.backend)[:2]
+                outs.append(y if direction == 0 else _take_time(y, rev))
+                h_n.append(h)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+        out, h_n = layer_in, torch.stack(h_n)
+        if packed:
+            if sorted_indices is not None:
+                out, lengths_cpu = out.index_select(1, sorted_indices), lengths_cpu[sorted_indices.cpu()]
+            data = pack_padded_sequence(out, lengths_cpu, enforce_sorted=True).data
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), h_n
+        if not batched:
+            return out.squeeze(1), h_n.squeeze(1)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, h_n
+
+
+class RNN(_RNNBase):
+    """Drop-in ``torch.nn.RNN`` (Elman, tanh or relu) on the fused op."""
+
+    _gates = 1
+
+    def __init__(self, *args, nonlinearity="tanh", **kwargs):
+        if len(args) > 3:  # torch.nn.RNN's positional order: input, hidden, layers, nonlinearity, ...
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'.")
+        if "reset_after" in kwargs:
+            raise TypeError("RNN: reset_after applies to GRU only")
+        self.nonlinearity = nonlinearity
+        self._mode = "rnn_" + nonlinearity
+        super().__init__(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + ", nonlinearity='relu'"
+
+
+class GRU(_RNNBase):
+    """Drop-in ``torch.nn.GRU`` on the fused op; ``reset_after=False`` gives the original GRU form."""
+
+    _gates = 3
+    _mode = "gru"
+
+
+class _CellBase(nn.Module):
+    _gates = 3
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
+                 reset_after=True, mode="gru"):
+        super().__init__()
+        name = type(self).__name__
+        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.mode = mode
+        self.backend = _check_backend(backend)
+        self.reset_after = bool(reset_after)
+        factory = {"device": device, "dtype": dtype}
+        G = self._gates
+        self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(G * hidden_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(G * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    reset_parameters = _RNNBase.reset_parameters
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.mode == "rnn_relu":
+            s += ", nonlinearity='relu'"
+        if self.mode == "gru" and not self.reset_after:
+            s += ", reset_after=False"
+        return s.format(**self.__dict__)
+
+    def active_backend(self, device=None) -> str:
+        device = torch.device(device) if device is not None else self.weight_ih.device
+        return ops.resolve_backend(self.backend, device.type, self.weight_ih.dtype)
+
+    def forward(self, input, hx=None):
+        name = type(self).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+        else:
+            if not isinstance(hx, torch.Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            if hx.dim() != input.dim():
+                raise ValueError(f"{name}: Expected hidden to be {input.dim()}D, got {hx.dim()}D instead")
+            if not batched:
+                hx = hx.unsqueeze(0)
+        if x.shape[1] != self.input_size:
+            raise ValueError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
+                             f"expected {self.input_size}")
+        _, h = torch.ops.rnnrec_fast.recurrence(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
+                                                self.bias_ih, self.bias_hh, None, None, self.mode,
+                                                self.reset_after, self.backend)[:2]
+        return h if batched else h.squeeze(0)
+
+
+class RNNCell(_CellBase):
+    """Drop-in ``torch.nn.RNNCell`` on the fused op."""
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
+                 *, backend="auto"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: Unknown nonlinearity: {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend,
+                         mode="rnn_" + nonlinearity)
+
+
+class GRUCell(_CellBase):
+    """Drop-in ``torch.nn.GRUCell`` on the fused op."""
+
+    _gates = 3
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
+                 reset_after=True):
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend,
+                         reset_after=reset_after, mode="gru")
+
+
+_FROM_TORCH = {nn.GRU: GRU, nn.RNN: RNN, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
+
+
+def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Convert a ``torch.nn`` RNN / GRU / RNNCell / GRUCell (weights included) in one call."""
+    cls = _FROM_TORCH.get(type(module))
+    if cls is None:
+        raise TypeError(f"from_torch: expected torch.nn.RNN, GRU, RNNCell or GRUCell, got "
+                        f"{type(module).__name__}")
+    p = next(module.parameters())
+    factory = {"device": p.device, "dtype": p.dtype, "backend": backend}
+    if cls in (GRU, RNN):
+        if getattr(module, "proj_size", 0):
+            raise ValueError("from_torch: proj_size is not supported")
+        kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                      dropout=module.dropout, bidirectional=module.bidirectional, **factory)
+        if cls is RNN:
+            kwargs["nonlinearity"] = module.nonlinearity
+        ours = cls(module.input_size, module.hidden_size, **kwargs)
+    else:
+        kwargs = dict(bias=module.bias, **factory)
+        if cls is RNNCell:
+            kwargs["nonlinearity"] = module.nonlinearity
+        ours = cls(module.input_size, module.hidden_size, **kwargs)
+    ours.load_state_dict(module.state_dict())
+    ours.train(module.training)
+    return ours

@@ -1,0 +1,274 @@
+"""The ``rnnrec_fast`` op family: registration, fake (meta) kernels, autograd and backend choice.
+
+Two ops live under the ``rnnrec_fast`` namespace:
+
+``rnnrec_fast::recurrence``
+    one layer, one direction, the whole sequence; returns ``(output, h_n, workspace)``.
+``rnnrec_fast::recurrence_backward``
+    its gradient; autograd for ``recurrence`` is registered with :func:`torch.library.register_autograd`,
+    so eager mode, ``torch.compile``, ``torch.export`` and TorchScript all see the same op.
+
+The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, reference); the
+``backend`` argument picks one (``"auto"``: the fastest available for the tensors' device).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+from . import backends as _backends
+
+MODES = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2}
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3}
+BACKENDS = ("auto",) + _backends.NAMES
+
+_lib = torch.library.Library("rnnrec_fast", "DEF")
+_lib.define(
+    "recurrence(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+    "Tensor? lengths, Tensor? resets, str mode, bool reset_after, str backend) "
+    "-> (Tensor output, Tensor h_n, Tensor workspace)"
+)
+_lib.define(
+    "recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
+    "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, Tensor output, "
+    "Tensor workspace, str mode, bool reset_after, str backend) "
+    "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+    "Tensor grad_b_hh)"
+)
+
+# ----------------------------------------------------------------------------------------------
+# validation (shared by the real kernels and the fake ones)
+
+
+def _fail(msg):
+    raise ValueError(f"rnnrec_fast.recurrence: {msg}")
+
+
+def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
+    """Checks ranks, sizes, dtypes and devices; returns (mode index, workspace width)."""
+    gates = _GATES.get(mode)
+    if gates is None:
+        _fail(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    if x.dim() != 3:
+        _fail(f"x must be 3-D (T, B, input_size), got shape {tuple(x.shape)}")
+    T, B, I = x.shape
+    if T == 0 or B == 0 or I == 0:
+        _fail(f"x must not be empty, got shape {tuple(x.shape)}")
+    if w_hh.dim() != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != gates * w_hh.shape[1]:
+        _fail(f"w_hh must be ({gates}*H, H) for mode {mode!r}, got shape {tuple(w_hh.shape)}")
+    H = w_hh.shape[1]
+    if tuple(w_ih.shape) != (gates * H, I):
+        _fail(f"w_ih must be ({gates * H}, {I}) (gates*H, input_size), got shape {tuple(w_ih.shape)}")
+    if tuple(h0.shape) != (B, H):
+        _fail(f"h0 must be (B, H) = ({B}, {H}), got shape {tuple(h0.shape)}")
+    if not x.dtype.is_floating_point:
+        _fail(f"x must be a floating-point tensor, got {x.dtype}")
+    named = [("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)]
+    for name, t in named:
+        if t is None:
+            continue
+        if name.startswith("b_") and tuple(t.shape) != (gates * H,):
+            _fail(f"{name} must be ({gates * H},), got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            _fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; all must match")
+        if t.device != x.device:
+            _fail(f"{name} is on {t.device} but x is on {x.device}; all must be on one device")
+    if lengths is not None:
+        if lengths.dtype != torch.int64 or tuple(lengths.shape) != (B,):
+            _fail(f"lengths must be an int64 tensor of shape ({B},), got {lengths.dtype} {tuple(lengths.shape)}")
+        if lengths.device != x.device:
+            _fail(f"lengths is on {lengths.device} but x is on {x.device}")
+    if resets is not None:
+        if resets.dtype != torch.bool or tuple(resets.shape) != (T, B):
+            _fail(f"resets must be a bool tensor of shape ({T}, {B}), got {resets.dtype} {tuple(resets.shape)}")
+        if resets.device != x.device:
+            _fail(f"resets is on {resets.device} but x is on {x.device}")
+    return MODES[mode], (5 * H if gates == 3 else H)
+
+
+def _check_length_values(lengths, T):
+    # Data-dependent, so only on the CPU (a CUDA check would synchronise and break graph capture;
+    # the CUDA kernels clamp instead).
+    if lengths is not None and lengths.device.type == "cpu":
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > T:
+            _fail(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# backend choice
+
+_resolved: dict[tuple, tuple[str, object]] = {}
+_warned: set[str] = set()
+_tls = threading.local()
+
+
+def resolve_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """The name of the backend that ``backend`` means for tensors of this device type and dtype."""
+    return _resolve(backend, device_type, dtype)[0]
+
+
+def _resolve(backend, device_type, dtype):
+    key = (backend, device_type, dtype)
+    hit = _resolved.get(key)
+    if hit is not None:
+        return hit
+    if backend == "auto":
+        order = _backends.AUTO_ORDER.get(device_type)
+        if order is None:
+            raise ValueError(f"rnnrec_fast: no backend runs on {device_type!r} tensors")
+        for name in order:
+            if _backends.supports(name, device_type, dtype):
+                break
+        else:
+            raise ValueError(f"rnnrec_fast: no backend supports {dtype} on {device_type!r}")
+        preferred = order[0]
+        if name != preferred and device_type not in _warned:
+            _warned.add(device_type)
+            warnings.warn(
+                f"rnnrec_fast: the {preferred!r} backend is not available "
+                f"({_backends.unavailable_reason(preferred)}); {device_type} tensors run on the "
+                f"{name!r} backend instead. Build the extension (pip install --no-build-isolation .) "
+                "for the fused kernels.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    else:
+        name = backend
+        mod = _backends.load(name)  # RuntimeError with the reason when unavailable
+        if device_type not in mod.DEVICES:
+            raise ValueError(f"rnnrec_fast: backend {name!r} does not run on {device_type!r} tensors")
+        if dtype not in mod.DTYPES:
+            raise ValueError(f"rnnrec_fast: backend {name!r} does not support {dtype}")
+    hit = (name, _backends.load(name))
+    _resolved[key] = hit
+    return hit
+
+
+def last_backend() -> str | None:
+    """The backend that ran this thread's latest ``recurrence`` call (None before the first)."""
+    return getattr(_tls, "last", None)
+
+
+def backend_info() -> dict:
+    """Which backends are available here, and why the others are not."""
+    return {name: (_backends.unavailable_reason(name) or "available") for name in _backends.NAMES}
+
+
+# ----------------------------------------------------------------------------------------------
+# real kernels (CPU and CUDA dispatch keys)
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
+    mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    _check_length_values(lengths, x.shape[0])
+    name, mod = _resolve(backend, x.device.type, x.dtype)
+    _tls.last = name
+    return mod.forward(_c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih), _c(b_hh), _c(lengths), _c(resets),
+                       mode_i, bool(reset_after))
+
+
+def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
+                     workspace, mode, reset_after, backend):
+    mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    name, mod = _resolve(backend, x.device.type, x.dtype)
+    return mod.backward(_c(grad_output), _c(grad_h_n), _c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih),
+                        _c(b_hh), _c(lengths), _c(resets), _c(output), _c(workspace), mode_i,
+                        bool(reset_after))
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("recurrence", _recurrence_kernel, _key)
+    _lib.impl("recurrence_backward", _backward_kernel, _key)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake kernels (shape propagation for torch.compile / torch.export / meta tensors)
+
+
+@torch.library.register_fake("rnnrec_fast::recurrence")
+def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
+    _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    ws_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, width, dtype=ws_dtype)
+
+
+@torch.library.register_fake("rnnrec_fast::recurrence_backward")
+def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
+                   workspace, mode, reset_after, backend):
+    _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    G = w_hh.shape[0]
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            x.new_empty(G), x.new_empty(G))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend = inputs
+    y, _, ws = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws)
+    ctx.args = (mode, reset_after, backend)
+
+
+def _backward(ctx, grad_y, grad_h_n, _grad_ws):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws = ctx.saved_tensors
+    mode, reset_after, backend = ctx.args
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    if grad_h_n is None:
+        grad_h_n = torch.zeros_like(h0)
+    gx, gh0, gwi, gwh, gbi, gbh = torch.ops.rnnrec_fast.recurrence_backward(
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode, reset_after,
+        backend)
+    return (gx, gh0, gwi, gwh, None if b_ih is None else gbi, None if b_hh is None else gbh,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("rnnrec_fast::recurrence", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Python entry point
+
+
+def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=None, mode="gru",
+               reset_after=True, backend="auto"):
+    """Run one recurrent layer (one direction) over a whole sequence.
+
+    Args:
+        x: (T, B, I) input.  h0: (B, H) initial state.
+        w_ih: (G*H, I), w_hh: (G*H, H), b_ih / b_hh: (G*H,) or None; G = 3 for ``"gru"`` (rows r, z, n,
+            as in ``torch.nn.GRU``), 1 for ``"rnn_tanh"`` / ``"rnn_relu"``.
+        lengths: optional (B,) valid lengths; steps past a row's length leave its state unchanged and
+            write zeros to the output.
+        resets: optional (T, B) bool; ``resets[t, b]`` zeroes row b's state before step t.
+        reset_after: GRU form; True is PyTorch's / cuDNN's, False the original (Cho et al. 2014).
+        backend: ``"auto"``, ``"cpp"``, ``"cuda"``, ``"numba"`` or ``"reference"``.
+
+    Returns:
+        ``(output (T, B, H), h_n (B, H))``.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(h0, torch.Tensor):
+        raise TypeError("rnnrec_fast.recurrence: x and h0 must be tensors")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
+    if resets is not None:
+        resets = torch.as_tensor(resets, device=x.device)
+        if resets.dtype != torch.bool:
+            raise ValueError(f"rnnrec_fast.recurrence: resets must be a bool tensor, got {resets.dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"rnnrec_fast.recurrence: backend must be one of {BACKENDS}, got {backend!r}")
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
+                                                 reset_after, backend)
+    return y, h_n

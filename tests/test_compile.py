@@ -1,0 +1,92 @@
+"""The op under torch.compile(fullgraph=True), torch.export and TorchScript, matching eager."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import rnnrec_fast
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.gru = rnnrec_fast.GRU(8, 16, num_layers=2, batch_first=True)
+        self.out = nn.Linear(16, 50)
+
+    def forward(self, items):
+        y, h = self.gru(self.emb(items))
+        return self.out(y), h
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch.manual_seed(0)
+    model = Model()
+    items = torch.randint(0, 50, (4, 7))
+    eager_logits, eager_h = model(items)
+    eager_grads = torch.autograd.grad(eager_logits.logsumexp(-1).sum() + eager_h.sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits, h = compiled(items)
+    grads = torch.autograd.grad(logits.logsumexp(-1).sum() + h.sum(), list(model.parameters()))
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h, eager_h, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_inductor_inference():
+    torch.manual_seed(0)
+    model = Model().eval()
+    items = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        expected = model(items)[0]
+        got = torch.compile(model, fullgraph=True)(items)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Model().eval()
+    items = torch.randint(0, 50, (2, 5))
+    ep = torch.export.export(model, (items,))
+    assert any("rnnrec_fast.recurrence" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(items)[0], model(items)[0])
+    path = tmp_path / "model.pt2"
+    torch.export.save(ep, path)
+    torch.save(items, tmp_path / "items.pt")
+    torch.save(model(items)[0].detach(), tmp_path / "expected.pt")
+    code = (
+        "import torch, rnnrec_fast, sys\n"
+        f"ep = torch.export.load({str(path)!r})\n"
+        f"items = torch.load({str(tmp_path / 'items.pt')!r})\n"
+        f"exp = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "torch.testing.assert_close(ep.module()(items)[0], exp)\n"
+        "print('fresh-process-ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    assert "fresh-process-ok" in out.stdout
+
+
+def test_torchscript_script_and_trace():
+    @torch.jit.script
+    def scripted(x, h0, w_ih, w_hh):
+        y, h, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, None, None, None, None, "gru", True, "auto")
+        return y, h
+
+    x, h0 = torch.randn(3, 2, 4), torch.randn(2, 5)
+    w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
+    y, h = scripted(x, h0, w_ih, w_hh)
+    ey, eh = rnnrec_fast.recurrence(x, h0, w_ih, w_hh)
+    torch.testing.assert_close(y, ey)
+    torch.testing.assert_close(h, eh)
+
+    model = Model().eval()
+    items = torch.randint(0, 50, (2, 5))
+    traced = torch.jit.trace(model, (items,))
+    assert "rnnrec_fast::recurrence" in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(items)[0], model(items)[0])

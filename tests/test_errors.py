@@ -1,0 +1,132 @@
+"""Bad input raises a clear ValueError / TypeError / RuntimeError naming the problem, never a crash."""
+import threading
+
+import pytest
+import torch
+
+import rnnrec_fast
+
+from conftest import cpu_backends
+
+
+def good(T=3, B=2, I=4, H=5, G=3, dtype=torch.float32):
+    return dict(x=torch.randn(T, B, I, dtype=dtype), h0=torch.randn(B, H, dtype=dtype),
+                w_ih=torch.randn(G * H, I, dtype=dtype), w_hh=torch.randn(G * H, H, dtype=dtype),
+                b_ih=torch.randn(G * H, dtype=dtype), b_hh=torch.randn(G * H, dtype=dtype))
+
+
+def call(backend="auto", mode="gru", lengths=None, resets=None, **over):
+    a = good(G=1 if mode.startswith("rnn") else 3)
+    a.update(over)
+    return torch.ops.rnnrec_fast.recurrence(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                            lengths, resets, mode, True, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.randn(3, 4)), "x must be 3-D"),
+    (dict(x=torch.randn(0, 2, 4)), "must not be empty"),
+    (dict(x=torch.randn(3, 0, 4), h0=torch.randn(0, 5)), "must not be empty"),
+    (dict(h0=torch.randn(3, 5)), "h0 must be"),
+    (dict(h0=torch.randn(2, 5, dtype=torch.float64)), "h0 has dtype"),
+    (dict(w_ih=torch.randn(15, 3)), "w_ih must be"),
+    (dict(w_hh=torch.randn(14, 5)), "w_hh must be"),
+    (dict(b_ih=torch.randn(14)), "b_ih must be"),
+    (dict(b_hh=torch.randn(15, dtype=torch.float64)), "b_hh has dtype"),
+    (dict(x=torch.randint(0, 3, (3, 2, 4))), "floating-point"),
+    (dict(mode="lstm"), "mode must be one of"),
+    (dict(lengths=torch.tensor([1, 4])), r"lengths must lie in \[0, T=3\]"),
+    (dict(lengths=torch.tensor([-1, 2])), "lengths must lie"),
+    (dict(lengths=torch.tensor([1.0, 2.0])), "lengths must be an int64"),
+    (dict(lengths=torch.tensor([1, 2, 3])), "lengths must be an int64 tensor of shape"),
+    (dict(resets=torch.zeros(3, 2)), "resets must be a bool"),
+    (dict(resets=torch.zeros(2, 2, dtype=torch.bool)), "resets must be a bool tensor of shape"),
+])
+def test_op_rejects_bad_input(backend, change, match):
+    with pytest.raises(ValueError, match=match):
+        call(backend=backend, **change)
+
+
+def test_unknown_backend_and_wrong_device():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rnnrec_fast.recurrence(*good().values(), backend="fortran")
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        if rnnrec_fast.ops._backends.available("cuda"):
+            call(backend="cuda")
+        else:
+            raise ValueError("backend 'cuda' does not run on 'cpu' tensors (not built here)")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="on one device"):
+            call(h0=torch.randn(2, 5, device="cuda"))
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    from rnnrec_fast import backends
+
+    monkeypatch.setitem(backends._errors, "nonexistent", "ImportError: nope")
+    monkeypatch.setitem(backends._MODULES, "nonexistent", "rnnrec_fast.backends.nonexistent")
+    with pytest.raises(RuntimeError, match="not available .*nope"):
+        backends.load("nonexistent")
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    ((4, 0), {}, ValueError, "hidden_size must be greater than zero"),
+    ((4, 3), dict(num_layers=0), ValueError, "num_layers must be greater than zero"),
+    ((4, 3), dict(dropout=1.5), ValueError, "dropout"),
+    ((4.0, 3), {}, TypeError, "input_size should be of type int"),
+    ((4, 3), dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_module_constructor_errors(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        rnnrec_fast.GRU(*args, **kwargs)
+
+
+def test_module_forward_errors():
+    gru = rnnrec_fast.GRU(4, 3, num_layers=2)
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D"):
+        gru(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="input.size\\(-1\\) must be equal to input_size"):
+        gru(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="Expected hidden size"):
+        gru(torch.randn(2, 3, 4), torch.randn(1, 3, 3))
+    with pytest.raises(ValueError, match="hx should also be 3-D"):
+        gru(torch.randn(2, 3, 4), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        gru(torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Tensor or PackedSequence"):
+        gru([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="resets must be a bool tensor"):
+        gru(torch.randn(2, 3, 4), resets=torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="Expected hidden to be 2D"):
+        rnnrec_fast.GRUCell(4, 3)(torch.randn(2, 4), torch.randn(3))
+    with pytest.raises(ValueError, match="inconsistent input_size"):
+        rnnrec_fast.RNNCell(4, 3)(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="Unknown nonlinearity"):
+        rnnrec_fast.RNN(4, 3, nonlinearity="sigmoid")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_threads_share_a_module(backend):
+    torch.manual_seed(0)
+    gru = rnnrec_fast.GRU(8, 16, num_layers=2, batch_first=True, backend=backend)
+    inputs = [torch.randn(3, 5 + i % 4, 8) for i in range(16)]
+    with torch.no_grad():
+        expected = [gru(x) for x in inputs]
+    results, errors = [None] * 16, []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    results[i] = gru(inputs[i])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for (y, h), (ey, eh) in zip(results, expected):
+        assert torch.equal(y, ey) and torch.equal(h, eh)

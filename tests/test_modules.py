@@ -1,0 +1,198 @@
+"""Drop-in modules against torch.nn with the same weights, over every constructor option and input kind."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnrec_fast
+
+from conftest import assert_close, cpu_backends
+
+KINDS = ["RNN_tanh", "RNN_relu", "GRU"]
+INPUTS = ["batched", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+def make_pair(kind, backend, dtype, **kw):
+    if kind == "GRU":
+        ref = nn.GRU(dtype=dtype, **kw)
+        ours = rnnrec_fast.GRU(dtype=dtype, backend=backend, **kw)
+    else:
+        nl = kind.split("_")[1]
+        ref = nn.RNN(nonlinearity=nl, dtype=dtype, **kw)
+        ours = rnnrec_fast.RNN(nonlinearity=nl, dtype=dtype, backend=backend, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def grads_of(module, inputs, outputs, weights):
+    out, h = outputs
+    data = out.data if hasattr(out, "batch_sizes") else out
+    gen = torch.Generator().manual_seed(11)
+    loss = (data * torch.randn(data.shape, generator=gen, dtype=torch.float64).to(data.dtype)).sum() + \
+        (h * torch.randn(h.shape, generator=gen, dtype=torch.float64).to(h.dtype)).sum()
+    return torch.autograd.grad(loss, inputs + list(module.parameters()), retain_graph=True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("input_kind", INPUTS)
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2], ids=["L1", "L2"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_with_torch(backend, kind, num_layers, bidirectional, batch_first, input_kind):
+    # the remaining options alternate deterministically over the grid, so each value is covered
+    salt = sum(map(ord, f"{kind}{num_layers}{bidirectional}{batch_first}{input_kind}"))
+    bias, with_hx, noncontig = salt % 2 == 0, (salt // 2) % 2 == 0, (salt // 4) % 2 == 0
+    dtype = torch.float64 if (salt // 8) % 2 == 0 else torch.float32
+    torch.manual_seed(salt)
+    T, B, I, H = 5, 3, 4, 6
+    ref, ours = make_pair(kind, backend, dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                          bias=bias, batch_first=batch_first, bidirectional=bidirectional)
+    D = 2 if bidirectional else 1
+    if input_kind == "unbatched":
+        x = torch.randn(T, I, dtype=dtype)
+        hx = torch.randn(num_layers * D, H, dtype=dtype) if with_hx else None
+    else:
+        shape = (B, T, I) if batch_first else (T, B, I)
+        x = torch.randn(shape, dtype=dtype)
+        hx = torch.randn(num_layers * D, B, H, dtype=dtype) if with_hx else None
+    if noncontig:
+        x = torch.randn(*x.shape[:-1], 2 * I, dtype=dtype)[..., ::2]
+        assert not x.is_contiguous()
+    x.requires_grad_()
+    inputs = [x] + ([hx.requires_grad_()] if hx is not None else [])
+    if input_kind.startswith("packed"):
+        lengths = torch.tensor([5, 3, 1]) if input_kind == "packed_sorted" else torch.tensor([2, 5, 3])
+        feed = pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                    enforce_sorted=input_kind == "packed_sorted")
+    else:
+        feed = x
+    out_ref, h_ref = ref(feed, hx)
+    out, h = ours(feed, hx)
+    if input_kind.startswith("packed"):
+        assert torch.equal(out.batch_sizes, out_ref.batch_sizes)
+        for a, b in ((out.sorted_indices, out_ref.sorted_indices), (out.unsorted_indices, out_ref.unsorted_indices)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert_close(out.data, out_ref.data, dtype, "packed output")
+    else:
+        assert out.shape == out_ref.shape
+        assert_close(out, out_ref, dtype, "output")
+    assert_close(h, h_ref, dtype, "h_n")
+    g_ref = grads_of(ref, inputs, (out_ref, h_ref), None)
+    g = grads_of(ours, inputs, (out, h), None)
+    names = ["x"] + (["hx"] if hx is not None else []) + [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, g, g_ref):
+        assert_close(a, b, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["RNNCell_tanh", "RNNCell_relu", "GRUCell"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cells(backend, kind, batched, bias, dtype):
+    torch.manual_seed(5)
+    if kind == "GRUCell":
+        ref, ours = nn.GRUCell(3, 4, bias=bias, dtype=dtype), rnnrec_fast.GRUCell(3, 4, bias=bias, dtype=dtype, backend=backend)
+    else:
+        nl = kind.split("_")[1]
+        ref = nn.RNNCell(3, 4, bias=bias, nonlinearity=nl, dtype=dtype)
+        ours = rnnrec_fast.RNNCell(3, 4, bias=bias, nonlinearity=nl, dtype=dtype, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn((2, 3) if batched else (3,), dtype=dtype, requires_grad=True)
+    hx = torch.randn((2, 4) if batched else (4,), dtype=dtype, requires_grad=True)
+    for h_in in (None, hx):
+        a, b = ours(x, h_in), ref(x, h_in)
+        assert_close(a, b, dtype, "cell output")
+        ins = [x] + ([hx] if h_in is not None else [])
+        for ga, gb in zip(torch.autograd.grad(a.sum(), ins + list(ours.parameters())),
+                          torch.autograd.grad(b.sum(), ins + list(ref.parameters()))):
+            assert_close(ga, gb, dtype, "cell grad")
+
+
+def test_names_shapes_init_and_state_dict_round_trip():
+    for ref_cls, our_cls, kw in [(nn.GRU, rnnrec_fast.GRU, dict(num_layers=3, bidirectional=True, bias=False)),
+                                 (nn.RNN, rnnrec_fast.RNN, dict(num_layers=2, nonlinearity="relu")),
+                                 (nn.GRUCell, rnnrec_fast.GRUCell, {}), (nn.RNNCell, rnnrec_fast.RNNCell, {})]:
+        torch.manual_seed(0)
+        ref = ref_cls(7, 5, **kw)
+        torch.manual_seed(0)
+        ours = our_cls(7, 5, **kw)
+        # same names, shapes, and the same draws from the same initialisation distribution
+        assert list(ref.state_dict()) == list(ours.state_dict())
+        for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2)
+        ref2 = ref_cls(7, 5, **kw)
+        ref2.load_state_dict(ours.state_dict())  # and the reverse direction
+        ours.load_state_dict(ref2.state_dict())
+
+
+def test_from_torch_and_modes():
+    ref = nn.GRU(4, 3, num_layers=2, batch_first=True, dropout=0.25)
+    ours = rnnrec_fast.from_torch(ref)
+    assert isinstance(ours, rnnrec_fast.GRU) and ours.batch_first and ours.dropout == 0.25
+    ref.eval(), ours.eval()
+    x = torch.randn(2, 6, 4)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+    cell = rnnrec_fast.from_torch(nn.RNNCell(2, 3, nonlinearity="relu"))
+    assert isinstance(cell, rnnrec_fast.RNNCell) and cell.nonlinearity == "relu"
+    with pytest.raises(TypeError, match="LSTM"):
+        rnnrec_fast.from_torch(nn.LSTM(2, 3))
+
+
+def test_dropout_between_layers():
+    torch.manual_seed(0)
+    ref = nn.GRU(3, 4, num_layers=3, dropout=0.5, dtype=torch.float64)
+    ours = rnnrec_fast.from_torch(ref)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    y_ref = ref(x)[0]
+    torch.manual_seed(1)
+    y = ours(x)[0]
+    # the same random masks are drawn in the same order as torch's CPU implementation
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    ours.eval()
+    torch.testing.assert_close(ours(x)[0], ours(x)[0])  # no dropout in eval mode
+    ours.train()
+    assert not torch.equal(ours(x)[0], ours(x)[0])
+
+
+def test_reset_after_false_is_the_cho_form():
+    torch.manual_seed(0)
+    gru = rnnrec_fast.GRU(3, 4, reset_after=False, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    y, _ = gru(x)
+    W_ir, W_iz, W_in = gru.weight_ih_l0.chunk(3)
+    W_hr, W_hz, W_hn = gru.weight_hh_l0.chunk(3)
+    b_ir, b_iz, b_in = gru.bias_ih_l0.chunk(3)
+    b_hr, b_hz, b_hn = gru.bias_hh_l0.chunk(3)
+    h = torch.zeros(2, 4, dtype=torch.float64)
+    for t in range(4):
+        r = torch.sigmoid(x[t] @ W_ir.T + b_ir + h @ W_hr.T + b_hr)
+        z = torch.sigmoid(x[t] @ W_iz.T + b_iz + h @ W_hz.T + b_hz)
+        n = torch.tanh(x[t] @ W_in.T + b_in + (r * h) @ W_hn.T + b_hn)
+        h = (1 - z) * n + z * h
+        torch.testing.assert_close(y[t], h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_resets_in_multilayer_module(backend):
+    """resets zero every layer's state: equal to running the two halves as separate sequences."""
+    torch.manual_seed(0)
+    gru = rnnrec_fast.GRU(3, 4, num_layers=2, batch_first=True, dtype=torch.float64, backend=backend)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    resets = torch.zeros(2, 6, dtype=torch.bool)
+    resets[1, 2] = True
+    y, _ = gru(x, resets=resets)
+    torch.testing.assert_close(y[0], gru(x[:1])[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[1, 2:], gru(x[1:, 2:])[0][0], rtol=1e-12, atol=1e-12)
+
+
+def test_active_backend_reported():
+    gru = rnnrec_fast.GRU(3, 4)
+    name = gru.active_backend()
+    gru(torch.randn(2, 1, 3))
+    assert rnnrec_fast.last_backend() == name
+    assert rnnrec_fast.GRU(3, 4, backend="reference").active_backend() == "reference"

@@ -1,0 +1,141 @@
+"""The op against the reference backend: every backend, every mode, with lengths and resets.
+
+Forward outputs, h_n and the workspace must match the reference, and so must all six gradients
+(through autograd, i.e. the registered backward). float64 to 1e-9, float32 to 1e-5 relative, against
+a float64 reference computed on the same (rounded) inputs.
+"""
+import itertools
+
+import pytest
+import torch
+
+import rnnrec_fast
+from rnnrec_fast.backends import reference
+from rnnrec_fast.ops import MODES
+
+from conftest import assert_close, cpu_backends
+
+MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
+SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (6, 4, 3, 2)]  # T, B, I, H
+EXTRAS = ["plain", "lengths", "resets", "both"]
+
+
+def make_inputs(T, B, I, H, mode, bias, extras, dtype, gen):
+    G = 3 if mode == "gru" else 1
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x, h0 = rnd(T, B, I), rnd(B, H)
+    w_ih, w_hh = rnd(G * H, I) * 0.7, rnd(G * H, H) * 0.7
+    b_ih, b_hh = (rnd(G * H), rnd(G * H)) if bias else (None, None)
+    lengths = resets = None
+    if extras in ("lengths", "both"):
+        lengths = torch.randint(0, T + 1, (B,), generator=gen)
+        lengths[0] = T  # always one full row
+    if extras in ("resets", "both"):
+        resets = torch.rand(T, B, generator=gen) < 0.3
+    return x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets
+
+
+def as64(t):
+    return None if t is None or not t.is_floating_point() else t.detach().double()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("extras", EXTRAS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_after):
+    gen = torch.Generator().manual_seed(hash((backend, str(dtype), shape, extras, bias, mode, reset_after)) % 2**31)
+    inputs = make_inputs(*shape, mode, bias, extras, dtype, gen)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = inputs
+    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
+                                                 reset_after, backend)
+    assert rnnrec_fast.last_backend() == backend
+    ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, resets]
+    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    assert_close(y.detach().double(), ry, dtype, "output")
+    assert_close(h_n.detach().double(), rh, dtype, "h_n")
+    assert_close(ws.detach().double(), rws, dtype, "workspace")
+    if lengths is not None:  # padding is exactly zero
+        pad = torch.arange(shape[0]).unsqueeze(1) >= lengths.unsqueeze(0)
+        assert (y.detach()[pad] == 0).all()
+
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    gh = torch.randn(h_n.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y * gy.to(dtype)).sum() + (h_n * gh.to(dtype)).sum(), params)
+    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
+    names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert_close(g.double(), rg, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+@pytest.mark.parametrize("extras", ["plain", "both"])
+def test_gradcheck(backend, mode, reset_after, extras):
+    gen = torch.Generator().manual_seed(7)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 2, 3, mode, True, extras, torch.float64, gen)
+    if mode == "rnn_relu":  # keep pre-activations away from the kink
+        b_ih = b_ih.abs() + 1.0
+    args = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+
+    def fn(*a):
+        y, h, _ = torch.ops.rnnrec_fast.recurrence(*a, lengths, resets, mode, reset_after, backend)
+        return y, h
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+@pytest.mark.parametrize("extras", ["plain", "both"])
+def test_opcheck(backend, mode, reset_after, extras):
+    gen = torch.Generator().manual_seed(3)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, mode, True, extras, torch.float32, gen)
+    args = (x.requires_grad_(), h0.requires_grad_(), w_ih.requires_grad_(), w_hh.requires_grad_(),
+            b_ih.requires_grad_(), b_hh, lengths, resets, mode, reset_after, backend)
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default, args)
+    with torch.no_grad():
+        y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*args)
+    bargs = (torch.randn_like(y), torch.randn_like(h_n)) + tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                                               for a in args[:8]) + (y, ws, mode, reset_after, backend)
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
+
+
+def test_padding_and_zero_lengths_keep_state():
+    x = torch.randn(4, 3, 2)
+    h0 = torch.randn(3, 5)
+    w_ih, w_hh = torch.randn(15, 2), torch.randn(15, 5)
+    y, h_n = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=[4, 0, 2])
+    assert torch.equal(h_n[1], h0[1])  # no step: state unchanged
+    assert (y[:, 1] == 0).all() and (y[2:, 2] == 0).all()
+    assert torch.equal(h_n[2], y[1, 2]) and torch.equal(h_n[0], y[3, 0])
+
+
+def test_resets_match_separate_sessions():
+    """A reset before step t gives the same states as starting a fresh sequence at t from zero."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 3, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+    h0 = torch.randn(1, 4, dtype=torch.float64)
+    resets = torch.zeros(6, 1, dtype=torch.bool)
+    resets[3] = True
+    y, _ = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, resets=resets)
+    y1, _ = rnnrec_fast.recurrence(x[:3], h0, w_ih, w_hh)
+    y2, _ = rnnrec_fast.recurrence(x[3:], torch.zeros_like(h0), w_ih, w_hh)
+    torch.testing.assert_close(y, torch.cat([y1, y2]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_reset_after_forms_differ(backend):
+    """Both GRU forms are really computed (a test that cannot fail is a defect)."""
+    gen = torch.Generator().manual_seed(1)
+    args = make_inputs(3, 2, 3, 4, "gru", True, "plain", torch.float64, gen)
+    a = rnnrec_fast.recurrence(*args[:6], reset_after=True, backend=backend)[0]
+    b = rnnrec_fast.recurrence(*args[:6], reset_after=False, backend=backend)[0]
+    assert (a - b).abs().max() > 1e-3
