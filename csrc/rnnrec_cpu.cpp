@@ -1,0 +1,650 @@
+// rnnrec_fast C++ CPU backend: fused Elman RNN / GRU forward and backward.
+//
+// Contract: rnnrec_fast/backends/reference.py (same outputs, same workspace, same gradients).
+// Design: one GEMM for the input projection of every step, one recurrent GEMM per step into a
+// preallocated buffer followed by a single pointwise pass over (B, H); the backward pass runs a
+// fused pointwise gate-gradient pass and one carry GEMM per step, then one GEMM each for grad_x,
+// grad_w_ih and grad_w_hh over all T*B rows. No per-step allocations.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "rnnrec_kernels.h"
+
+namespace rnnrec {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Scalar math
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+inline T sigmoid_s(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+inline T act_s(T x, int relu) {
+  return relu ? (x > T(0) ? x : T(0)) : std::tanh(x);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scalar row kernels (the portable fallback and the float64 path)
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void s_rnn_fwd(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* y, int relu) {
+  for (int64_t j = 0; j < H; ++j) {
+    T pre = (xp[j] + bi[j]) + (hp[j] + bh[j]);
+    y[j] = act_s(pre, relu);
+  }
+}
+
+template <typename T>
+void s_gru_fwd_ra(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* y) {
+  const T* hprev = ws;
+  T* r_ = ws + H;
+  T* z_ = ws + 2 * H;
+  T* n_ = ws + 3 * H;
+  T* hn_ = ws + 4 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    T r = sigmoid_s((xp[j] + bi[j]) + (hp[j] + bh[j]));
+    T z = sigmoid_s((xp[H + j] + bi[H + j]) + (hp[H + j] + bh[H + j]));
+    T hn = hp[2 * H + j] + bh[2 * H + j];
+    T n = std::tanh((xp[2 * H + j] + bi[2 * H + j]) + r * hn);
+    T hp_ = hprev[j];
+    y[j] = (T(1) - z) * n + z * hp_;
+    r_[j] = r;
+    z_[j] = z;
+    n_[j] = n;
+    hn_[j] = hn;
+  }
+}
+
+template <typename T>
+void s_gru_fwd_a(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* rh) {
+  const T* hprev = ws;
+  for (int64_t j = 0; j < H; ++j) {
+    T r = sigmoid_s((xp[j] + bi[j]) + (hp[j] + bh[j]));
+    T z = sigmoid_s((xp[H + j] + bi[H + j]) + (hp[H + j] + bh[H + j]));
+    ws[H + j] = r;
+    ws[2 * H + j] = z;
+    rh[j] = r * hprev[j];
+  }
+}
+
+template <typename T>
+void s_gru_fwd_b(int64_t H, const T* xp, const T* bi, const T* bh, T* ws, T* y) {
+  for (int64_t j = 0; j < H; ++j) {
+    T hn = ws[4 * H + j] + bh[2 * H + j];
+    T n = std::tanh((xp[2 * H + j] + bi[2 * H + j]) + hn);
+    T z = ws[2 * H + j];
+    y[j] = (T(1) - z) * n + z * ws[j];
+    ws[3 * H + j] = n;
+    ws[4 * H + j] = hn;
+  }
+}
+
+template <typename T>
+void s_rnn_bwd(int64_t H, T* dh, const T* gy, const T* y, T* dgx, int relu) {
+  for (int64_t j = 0; j < H; ++j) {
+    T g = dh[j] + gy[j];
+    T yy = y[j];
+    T ag = relu ? (yy > T(0) ? T(1) : T(0)) : (T(1) - yy * yy);
+    dgx[j] = g * ag;
+    dh[j] = T(0);
+  }
+}
+
+template <typename T>
+void s_gru_bwd_ra(int64_t H, T* dh, const T* gy, const T* ws, T* dgx, T* dgh, T* dhn_out) {
+  for (int64_t j = 0; j < H; ++j) {
+    T g = dh[j] + gy[j];
+    T hprev = ws[j], r = ws[H + j], z = ws[2 * H + j], n = ws[3 * H + j], hn = ws[4 * H + j];
+    T dn = g * (T(1) - z);
+    T dz = g * (hprev - n);
+    T dn_pre = dn * (T(1) - n * n);
+    T dz_pre = dz * z * (T(1) - z);
+    T dr = dn_pre * hn;
+    T dhn = dn_pre * r;
+    T dr_pre = dr * r * (T(1) - r);
+    dgx[j] = dr_pre;
+    dgx[H + j] = dz_pre;
+    dgx[2 * H + j] = dn_pre;
+    dgh[j] = dr_pre;
+    dgh[H + j] = dz_pre;
+    dgh[2 * H + j] = dhn;
+    dhn_out[j] = dhn;
+    dh[j] = g * z;
+  }
+}
+
+template <typename T>
+void s_gru_bwd_1(int64_t H, T* dh, const T* gy, const T* ws, T* dgx) {
+  for (int64_t j = 0; j < H; ++j) {
+    T g = dh[j] + gy[j];
+    T hprev = ws[j], z = ws[2 * H + j], n = ws[3 * H + j];
+    T dn = g * (T(1) - z);
+    T dz = g * (hprev - n);
+    dgx[2 * H + j] = dn * (T(1) - n * n);
+    dgx[H + j] = dz * z * (T(1) - z);
+    dh[j] = g * z;
+  }
+}
+
+template <typename T>
+void s_gru_bwd_2(int64_t H, T* dh, const T* drh, const T* ws, T* dgx, T* hin) {
+  for (int64_t j = 0; j < H; ++j) {
+    T hprev = ws[j], r = ws[H + j];
+    T d = drh[j];
+    dgx[j] = d * hprev * r * (T(1) - r);
+    dh[j] = dh[j] + d * r;
+    hin[j] = r * hprev;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel selection: AVX2/FMA float kernels when the CPU has them (checked once, at run time), the
+// scalar ones otherwise. RNNREC_FAST_NO_SIMD=1 forces the scalar path (for testing).
+// ------------------------------------------------------------------------------------------------
+bool simd_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("RNNREC_FAST_NO_SIMD");
+    if (e != nullptr && e[0] != '\0' && e[0] != '0') return false;
+#if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
+template <typename T>
+const RowKernels<T>& row_kernels() {
+  static const RowKernels<T> k = [] {
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if constexpr (std::is_same<T, float>::value) {
+      if (simd_enabled()) return avx2_row_kernels_f32();
+    }
+#endif
+    return scalar_row_kernels<T>();
+  }();
+  return k;
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMM on raw row-major buffers: C[M,N] = op(A) op(B) (+ beta*C)
+//   op(A) = A (M x K, lda) or, with ta, A^T where A is stored K x M; likewise B.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) {
+    at::mm_out(c, a, b);
+  } else {
+    c.addmm_(a, b, beta, 1);
+  }
+}
+
+// Uninitialised scratch buffer (every element is written before it is read).
+template <typename T>
+struct Buf {
+  std::unique_ptr<T[]> p;
+  explicit Buf(int64_t n) : p(n > 0 ? new T[static_cast<size_t>(n)] : nullptr) {}
+  T* data() const { return p.get(); }
+};
+
+// out[m, n] = sum_k X[m, k] * Wt[n, k]  (Wt row-major as PyTorch stores weights). Few rows of X:
+// the hand-vectorised kernel (no BLAS call overhead, weights streamed once per 8 rows).
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* Wt, int64_t ldw, T* C,
+             int64_t ldc) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if constexpr (std::is_same<T, float>::value) {
+    if (M <= 8 && simd_enabled()) {
+      avx2_small_gemm_nt_f32(M, N, K, Wt, ldw, X, ldx, C, ldc);
+      return;
+    }
+  }
+#endif
+  gemm_rm<T>(false, true, M, N, K, X, ldx, Wt, ldw, T(0), C, ldc);
+}
+
+// Run fn(b0, b1) over batch rows, in parallel when the pointwise work is large enough to pay.
+template <typename F>
+inline void for_rows(int64_t B, int64_t work_per_row, const F& fn) {
+  const int64_t min_work = 32768;
+  if (B * work_per_row < 2 * min_work || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    fn(int64_t(0), B);
+    return;
+  }
+  int64_t grain = std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, B, grain, fn);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Input validation
+// ------------------------------------------------------------------------------------------------
+struct Dims {
+  int64_t T, B, I, H, G, W;
+};
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), "rnnrec_fast cpp: ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "rnnrec_fast cpp: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, "rnnrec_fast cpp: ", name, " must have ", dim, " dimensions, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "rnnrec_fast cpp: ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "rnnrec_fast cpp: ", name, " must be contiguous");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expect) {
+  TORCH_CHECK(t.sizes() == expect, "rnnrec_fast cpp: ", name, " must have shape ", expect, ", got ",
+              t.sizes());
+}
+
+Dims validate(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+              const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+              const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& resets,
+              int64_t mode) {
+  TORCH_CHECK(mode == MODE_RNN_TANH || mode == MODE_RNN_RELU || mode == MODE_GRU,
+              "rnnrec_fast cpp: mode must be 0 (rnn_tanh), 1 (rnn_relu) or 2 (gru), got ", mode);
+  TORCH_CHECK(x.defined(), "rnnrec_fast cpp: x is undefined");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "rnnrec_fast cpp: x must be float32 or float64, got ", dtype);
+  check_tensor(x, "x", 3, dtype);
+  check_tensor(h0, "h0", 2, dtype);
+  check_tensor(w_ih, "w_ih", 2, dtype);
+  check_tensor(w_hh, "w_hh", 2, dtype);
+  Dims d;
+  d.T = x.size(0);
+  d.B = x.size(1);
+  d.I = x.size(2);
+  d.H = h0.size(1);
+  d.G = mode == MODE_GRU ? 3 : 1;
+  d.W = mode == MODE_GRU ? 5 * d.H : d.H;
+  TORCH_CHECK(h0.size(0) == d.B, "rnnrec_fast cpp: h0 must have shape (B, H) with B = ", d.B,
+              " (x.shape[1]), got ", h0.sizes());
+  check_shape(w_ih, "w_ih", {d.G * d.H, d.I});
+  check_shape(w_hh, "w_hh", {d.G * d.H, d.H});
+  if (b_ih.has_value() && b_ih->defined()) {
+    check_tensor(*b_ih, "b_ih", 1, dtype);
+    check_shape(*b_ih, "b_ih", {d.G * d.H});
+  }
+  if (b_hh.has_value() && b_hh->defined()) {
+    check_tensor(*b_hh, "b_hh", 1, dtype);
+    check_shape(*b_hh, "b_hh", {d.G * d.H});
+  }
+  if (lengths.has_value() && lengths->defined()) {
+    check_tensor(*lengths, "lengths", 1, at::kLong);
+    check_shape(*lengths, "lengths", {d.B});
+    const int64_t* L = lengths->data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.B; ++b) {
+      TORCH_CHECK(L[b] >= 0 && L[b] <= d.T, "rnnrec_fast cpp: lengths must lie in [0, T=", d.T,
+                  "], got lengths[", b, "] = ", L[b]);
+    }
+  }
+  if (resets.has_value() && resets->defined()) {
+    check_tensor(*resets, "resets", 2, at::kBool);
+    check_shape(*resets, "resets", {d.T, d.B});
+  }
+  return d;
+}
+
+const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
+// Per-step row state: active and reset flags.
+struct StepMasks {
+  const int64_t* len = nullptr;  // (B,) or null
+  const bool* rst = nullptr;     // (T, B) or null
+  int64_t B = 0;
+  inline bool active(int64_t t, int64_t b) const { return len == nullptr || t < len[b]; }
+  inline bool reset(int64_t t, int64_t b) const { return rst != nullptr && rst[t * B + b]; }
+  inline bool any_active(int64_t t) const {
+    if (len == nullptr) return true;
+    for (int64_t b = 0; b < B; ++b)
+      if (t < len[b]) return true;
+    return false;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T* w_hh, const T* b_ih,
+                  const T* b_hh, const StepMasks& m, int mode, bool reset_after, T* y, T* h_n, T* ws) {
+  const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
+  const RowKernels<T>& K = row_kernels<T>();
+  const bool gru = mode == MODE_GRU;
+  const int relu = mode == MODE_RNN_RELU ? 1 : 0;
+
+  std::vector<T> zeros;
+  if (b_ih == nullptr || b_hh == nullptr) zeros.assign(GH, T(0));
+  const T* bi = b_ih ? b_ih : zeros.data();
+  const T* bh = b_hh ? b_hh : zeros.data();
+
+  // Input projections of every step (no bias: the pointwise pass adds it).
+  Buf<T> xp_buf(T_ * B * GH);
+  T* xp = xp_buf.data();
+  gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, GH);
+
+  const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
+  Buf<T> hp_buf(B * hp_cols);
+  T* hp = hp_buf.data();
+  Buf<T> rh_buf(gru && !reset_after ? B * H : 0);
+  T* rh = rh_buf.data();
+  std::vector<const T*> cur(B);
+  for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
+
+  for (int64_t t = 0; t < T_; ++t) {
+    T* ws_t = ws + t * B * W;
+    T* y_t = y + t * B * H;
+    const T* xp_t = xp + t * B * GH;
+    // h_prev (after reset) into the workspace: it is also the recurrent GEMM's input.
+    for (int64_t b = 0; b < B; ++b) {
+      T* dst = ws_t + b * W;
+      if (m.active(t, b) && !m.reset(t, b))
+        std::memcpy(dst, cur[b], sizeof(T) * H);
+      else
+        std::fill(dst, dst + H, T(0));
+    }
+    if (!m.any_active(t)) {
+      std::fill(ws_t, ws_t + B * W, T(0));
+      std::fill(y_t, y_t + B * H, T(0));
+      continue;
+    }
+    gemm_nt<T>(B, hp_cols, H, ws_t, W, w_hh, H, hp, hp_cols);
+    if (!gru) {
+      for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b)) {
+            K.rnn_fwd(H, xp_t + b * GH, hp + b * hp_cols, bi, bh, y_t + b * H, relu);
+          } else {
+            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));  // ws row already zero
+          }
+        }
+      });
+    } else if (reset_after) {
+      for_rows(B, 12 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b)) {
+            K.gru_fwd_ra(H, xp_t + b * GH, hp + b * hp_cols, bi, bh, ws_t + b * W, y_t + b * H);
+          } else {
+            std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
+            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
+          }
+        }
+      });
+    } else {
+      for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b))
+            K.gru_fwd_a(H, xp_t + b * GH, hp + b * hp_cols, bi, bh, ws_t + b * W, rh + b * H);
+          else
+            std::fill(rh + b * H, rh + (b + 1) * H, T(0));
+        }
+      });
+      // hn = W_hn (r * h_prev), straight into the workspace's hn slot.
+      gemm_nt<T>(B, H, H, rh, H, w_hh + 2 * H * H, H, ws_t + 4 * H, W);
+      for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b)) {
+            K.gru_fwd_b(H, xp_t + b * GH, bi, bh, ws_t + b * W, y_t + b * H);
+          } else {
+            std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
+            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
+          }
+        }
+      });
+    }
+    for (int64_t b = 0; b < B; ++b)
+      if (m.active(t, b)) cur[b] = y_t + b * H;
+  }
+  for (int64_t b = 0; b < B; ++b) std::memcpy(h_n + b * H, cur[b], sizeof(T) * H);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------
+// Column sums of a (R, C) row-major block with leading dimension ld, accumulated in double.
+template <typename T>
+void col_sums(int64_t R, int64_t C, const T* A, int64_t ld, T* out) {
+  std::vector<double> acc(C, 0.0);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* row = A + r * ld;
+    for (int64_t c = 0; c < C; ++c) acc[c] += double(row[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) out[c] = T(acc[c]);
+}
+
+template <typename T>
+void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T* w_ih, const T* w_hh,
+                   const StepMasks& m, const T* y, const T* ws, int mode, bool reset_after, T* gx, T* gh0,
+                   T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh) {
+  const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
+  const int64_t TB = T_ * B;
+  const RowKernels<T>& K = row_kernels<T>();
+  const bool gru = mode == MODE_GRU;
+  const int relu = mode == MODE_RNN_RELU ? 1 : 0;
+
+  Buf<T> dgx_buf(TB * GH);  // d(x W_ih^T + b_ih) of every step
+  T* dgx = dgx_buf.data();
+  Buf<T> dgh_step(gru && reset_after ? B * GH : 0);  // d(h W_hh^T + b_hh), this step
+  Buf<T> dhn_buf(gru && reset_after ? TB * H : 0);   // its n part, every step
+  Buf<T> hin_buf(gru && !reset_after ? TB * H : 0);  // r * h_prev, every step
+  Buf<T> drh(gru && !reset_after ? B * H : 0);
+  Buf<T> carry(B * H);
+
+  T* dh = gh0;
+  std::memcpy(dh, ghn, sizeof(T) * B * H);
+
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const T* gy_t = gy + t * B * H;
+    const T* ws_t = ws + t * B * W;
+    T* dgx_t = dgx + t * B * GH;
+    const bool any = m.any_active(t);
+    if (!gru) {
+      const T* y_t = y + t * B * H;
+      for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b))
+            K.rnn_bwd(H, dh + b * H, gy_t + b * H, y_t + b * H, dgx_t + b * GH, relu);
+          else
+            std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+        }
+      });
+      if (!any) continue;
+      gemm_rm<T>(false, false, B, H, H, dgx_t, GH, w_hh, H, T(0), carry.data(), H);
+    } else if (reset_after) {
+      T* dgh = dgh_step.data();
+      T* dhn_t = dhn_buf.data() + t * B * H;
+      for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b)) {
+            K.gru_bwd_ra(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH, dgh + b * GH,
+                         dhn_t + b * H);
+          } else {
+            std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+            std::fill(dgh + b * GH, dgh + (b + 1) * GH, T(0));
+            std::fill(dhn_t + b * H, dhn_t + (b + 1) * H, T(0));
+          }
+        }
+      });
+      if (!any) continue;
+      gemm_rm<T>(false, false, B, H, GH, dgh, GH, w_hh, H, T(0), carry.data(), H);
+    } else {
+      T* hin_t = hin_buf.data() + t * B * H;
+      for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b)) {
+            K.gru_bwd_1(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH);
+          } else {
+            std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+            std::fill(hin_t + b * H, hin_t + (b + 1) * H, T(0));
+          }
+        }
+      });
+      if (!any) continue;
+      // d(r * h_prev) = dn_pre @ W_hn
+      gemm_rm<T>(false, false, B, H, H, dgx_t + 2 * H, GH, w_hh + 2 * H * H, H, T(0), drh.data(), H);
+      for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (m.active(t, b))
+            K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, ws_t + b * W, dgx_t + b * GH, hin_t + b * H);
+        }
+      });
+      gemm_rm<T>(false, false, B, H, 2 * H, dgx_t, GH, w_hh, H, T(0), carry.data(), H);
+    }
+    // dh_prev = (partial, already in dh) + carry; zero where the state was reset; inactive rows
+    // pass dh through unchanged.
+    for (int64_t b = 0; b < B; ++b) {
+      if (!m.active(t, b)) continue;
+      T* dr = dh + b * H;
+      if (m.reset(t, b)) {
+        std::fill(dr, dr + H, T(0));
+      } else {
+        const T* c = carry.data() + b * H;
+        for (int64_t j = 0; j < H; ++j) dr[j] = dr[j] + c[j];
+      }
+    }
+  }
+
+  // Weight / input gradients over all T*B rows at once.
+  gemm_rm<T>(false, false, TB, I, GH, dgx, GH, w_ih, I, T(0), gx, I);
+  gemm_rm<T>(true, false, GH, I, TB, dgx, GH, x, I, T(0), gw_ih, I);
+  col_sums<T>(TB, GH, dgx, GH, gb_ih);
+  if (!gru) {
+    gemm_rm<T>(true, false, H, H, TB, dgx, GH, ws, W, T(0), gw_hh, H);
+    std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
+  } else if (reset_after) {
+    gemm_rm<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, T(0), gw_hh, H);
+    gemm_rm<T>(true, false, H, H, TB, dhn_buf.data(), H, ws, W, T(0), gw_hh + 2 * H * H, H);
+    std::memcpy(gb_hh, gb_ih, sizeof(T) * 2 * H);
+    col_sums<T>(TB, H, dhn_buf.data(), H, gb_hh + 2 * H);
+  } else {
+    gemm_rm<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, T(0), gw_hh, H);
+    gemm_rm<T>(true, false, H, H, TB, dgx + 2 * H, GH, hin_buf.data(), H, T(0), gw_hh + 2 * H * H, H);
+    std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Bindings
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& resets, int64_t mode,
+    bool reset_after) {
+  const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
+  auto opts = x.options();
+  at::Tensor y = at::empty({d.T, d.B, d.H}, opts);
+  at::Tensor h_n = at::empty({d.B, d.H}, opts);
+  at::Tensor ws = at::empty({d.T, d.B, d.W}, opts);
+  StepMasks m;
+  m.B = d.B;
+  if (auto p = opt_ptr(lengths)) m.len = p->data_ptr<int64_t>();
+  if (auto p = opt_ptr(resets)) m.rst = p->data_ptr<bool>();
+  const at::Tensor* bi = opt_ptr(b_ih);
+  const at::Tensor* bh = opt_ptr(b_hh);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnrec_fast_cpp_forward", [&] {
+    forward_impl<scalar_t>(d, x.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
+                           w_hh.data_ptr<scalar_t>(), bi ? bi->data_ptr<scalar_t>() : nullptr,
+                           bh ? bh->data_ptr<scalar_t>() : nullptr, m, int(mode), reset_after,
+                           y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>());
+  });
+  return std::make_tuple(y, h_n, ws);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
+    bool reset_after) {
+  const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
+  const auto dtype = x.scalar_type();
+  check_tensor(grad_y, "grad_y", 3, dtype);
+  check_shape(grad_y, "grad_y", {d.T, d.B, d.H});
+  check_tensor(grad_h_n, "grad_h_n", 2, dtype);
+  check_shape(grad_h_n, "grad_h_n", {d.B, d.H});
+  check_tensor(y, "y", 3, dtype);
+  check_shape(y, "y", {d.T, d.B, d.H});
+  check_tensor(ws, "ws", 3, dtype);
+  check_shape(ws, "ws", {d.T, d.B, d.W});
+  auto opts = x.options();
+  at::Tensor gx = at::empty({d.T, d.B, d.I}, opts);
+  at::Tensor gh0 = at::empty({d.B, d.H}, opts);
+  at::Tensor gw_ih = at::empty({d.G * d.H, d.I}, opts);
+  at::Tensor gw_hh = at::empty({d.G * d.H, d.H}, opts);
+  at::Tensor gb_ih = at::empty({d.G * d.H}, opts);
+  at::Tensor gb_hh = at::empty({d.G * d.H}, opts);
+  StepMasks m;
+  m.B = d.B;
+  if (auto p = opt_ptr(lengths)) m.len = p->data_ptr<int64_t>();
+  if (auto p = opt_ptr(resets)) m.rst = p->data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_cpp_backward", [&] {
+    backward_impl<scalar_t>(d, grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
+                            x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
+                            y.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), int(mode), reset_after,
+                            gx.data_ptr<scalar_t>(), gh0.data_ptr<scalar_t>(), gw_ih.data_ptr<scalar_t>(),
+                            gw_hh.data_ptr<scalar_t>(), gb_ih.data_ptr<scalar_t>(), gb_hh.data_ptr<scalar_t>());
+  });
+  return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
+}
+
+}  // namespace
+
+template <typename T>
+RowKernels<T> scalar_row_kernels() {
+  RowKernels<T> k;
+  k.rnn_fwd = &s_rnn_fwd<T>;
+  k.gru_fwd_ra = &s_gru_fwd_ra<T>;
+  k.gru_fwd_a = &s_gru_fwd_a<T>;
+  k.gru_fwd_b = &s_gru_fwd_b<T>;
+  k.rnn_bwd = &s_rnn_bwd<T>;
+  k.gru_bwd_ra = &s_gru_bwd_ra<T>;
+  k.gru_bwd_1 = &s_gru_bwd_1<T>;
+  k.gru_bwd_2 = &s_gru_bwd_2<T>;
+  return k;
+}
+template RowKernels<float> scalar_row_kernels<float>();
+template RowKernels<double> scalar_row_kernels<double>();
+
+}  // namespace rnnrec
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnnrec_fast fused Elman RNN / GRU CPU kernels (contract: rnnrec_fast.backends.reference)";
+  m.def("forward", &rnnrec::forward, "fused forward -> (y, h_n, ws)", py::arg("x"), py::arg("h0"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"),
+        py::arg("resets"), py::arg("mode"), py::arg("reset_after"));
+  m.def("backward", &rnnrec::backward,
+        "fused backward -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)",
+        py::arg("grad_y"), py::arg("grad_h_n"), py::arg("x"), py::arg("h0"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"), py::arg("resets"),
+        py::arg("y"), py::arg("ws"), py::arg("mode"), py::arg("reset_after"));
+}

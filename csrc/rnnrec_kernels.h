@@ -1,0 +1,59 @@
+// rnnrec_fast CPU kernels: plain C++ declarations shared by the ATen driver (rnnrec_cpu.cpp) and
+// the AVX2/FMA translation unit (rnnrec_avx2.cpp). This header must not include any torch header:
+// rnnrec_avx2.cpp compiles everything after its includes for AVX2, and inline torch code compiled
+// there could leak AVX2 instructions into the portable part of the extension.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace rnnrec {
+
+enum : int { MODE_RNN_TANH = 0, MODE_RNN_RELU = 1, MODE_GRU = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Per-row pointwise kernels (one batch row, H hidden units). Arguments are raw pointers into the
+// row-major buffers of the driver. Bias pointers are never null (the driver substitutes zeros).
+//   xp: input projection row without bias (G*H), hp: recurrent projection row without bias
+//   ws row: rnn [h_prev] (H), gru [h_prev, r, z, n, hn] (5H); the driver writes h_prev first.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct RowKernels {
+  // rnn forward: y = act((xp + bi) + (hp + bh)); relu when relu != 0.
+  void (*rnn_fwd)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* y, int relu);
+  // gru reset_after=True forward: fills ws[H:5H] and y.
+  void (*gru_fwd_ra)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* y);
+  // gru reset_after=False, pass A: r, z into ws; rh = r * h_prev.
+  void (*gru_fwd_a)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* rh);
+  // pass B: ws[4H:5H] holds W_hn (r*h_prev) (no bias) on entry; adds b_hn, computes n and y.
+  void (*gru_fwd_b)(int64_t H, const T* xp, const T* bi, const T* bh, T* ws, T* y);
+  // rnn backward: g = dh + gy; dgx = g * act'(y); dh := 0.
+  void (*rnn_bwd)(int64_t H, T* dh, const T* gy, const T* y, T* dgx, int relu);
+  // gru reset_after=True backward: dgx = [dr, dz, dn], dgh = [dr, dz, dn*r], dhn = dn*r, dh := g*z.
+  void (*gru_bwd_ra)(int64_t H, T* dh, const T* gy, const T* ws, T* dgx, T* dgh, T* dhn);
+  // gru reset_after=False backward pass 1: dgx[H:3H] = [dz, dn], dh := g*z.
+  void (*gru_bwd_1)(int64_t H, T* dh, const T* gy, const T* ws, T* dgx);
+  // pass 2: d_rh = dn @ W_hn given; dgx[0:H] = dr; dh += d_rh * r; hin = r * h_prev.
+  void (*gru_bwd_2)(int64_t H, T* dh, const T* drh, const T* ws, T* dgx, T* hin);
+};
+
+// Small-batch matrix products with the weights kept row-major as PyTorch stores them:
+//   out[b, j] = sum_k W[j, k] * X[b, k]        b < nb (nb <= 8), j < M, k < K
+// X rows are ldx apart, out rows ldo apart.
+template <typename T>
+using SmallGemmNT = void (*)(int64_t nb, int64_t M, int64_t K, const T* W, int64_t ldw, const T* X,
+                             int64_t ldx, T* out, int64_t ldo);
+
+// Portable scalar versions (defined in rnnrec_cpu.cpp).
+template <typename T>
+RowKernels<T> scalar_row_kernels();
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define RNNREC_HAVE_AVX2_TU 1
+// AVX2/FMA float kernels (rnnrec_avx2.cpp). Only call after cpu_has_avx2_fma() returned true.
+RowKernels<float> avx2_row_kernels_f32();
+void avx2_small_gemm_nt_f32(int64_t nb, int64_t M, int64_t K, const float* W, int64_t ldw,
+                            const float* X, int64_t ldx, float* out, int64_t ldo);
+#endif
+
+}  // namespace rnnrec
