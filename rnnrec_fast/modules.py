@@ -135,11 +135,11 @@ class _RNNBase(nn.Module):
         return ops.resolve_backend(self.backend, device.type, p.dtype)
 
     def _layer_params(self, index):
+        p = self._parameters
         names = self._all_weights[index]
-        w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
         if self.bias:
-            return w_ih, w_hh, getattr(self, names[2]), getattr(self, names[3])
-        return w_ih, w_hh, None, None
+            return p[names[0]], p[names[1]], p[names[2]], p[names[3]]
+        return p[names[0]], p[names[1]], None, None
 
     def forward(self, input, hx=None, *, resets=None):
         name = type(self).__name__
@@ -194,24 +194,28 @@ class _RNNBase(nn.Module):
                 raise ValueError(f"{name}: resets must be a bool tensor of shape "
                                  f"{(B, T) if self.batch_first else (T, B)}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
-        rev = _reverse_index(T, B, lengths, x.device) if D == 2 else None
-        layer_in = x
-        h_n = []
-        for layer in range(self.num_layers):
-            outs = []
-            for direction in range(D):
-                idx = layer * D + direction
-                w_ih, w_hh, b_ih, b_hh = self._layer_params(idx)
-                xin = layer_in if direction == 0 else _take_time(layer_in, rev)
-                y, h = torch.ops.rnnrec_fast.recurrence(
-                    xin, hx[idx], w_ih, w_hh, b_ih, b_hh, lengths, resets, self.mode,
-                    self.reset_after, self.backend)[:2]
-                outs.append(y if direction == 0 else _take_time(y, rev))
-                h_n.append(h)
-            layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_in = F.dropout(layer_in, self.dropout, training=True)
-        out, h_n = layer_in, torch.stack(h_n)
+        op = torch.ops.rnnrec_fast.recurrence.default
+        mode, reset_after, backend = self.mode, self.reset_after, self.backend
+        if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
+            out, h = op(x, hx[0], *self._layer_params(0), lengths, resets, mode, reset_after, backend)[:2]
+            h_n = h.unsqueeze(0)
+        else:
+            rev = _reverse_index(T, B, lengths, x.device) if D == 2 else None
+            layer_in = x
+            hs = []
+            for layer in range(self.num_layers):
+                outs = []
+                for direction in range(D):
+                    idx = layer * D + direction
+                    xin = layer_in if direction == 0 else _take_time(layer_in, rev)
+                    y, h = op(xin, hx[idx], *self._layer_params(idx), lengths, resets, mode, reset_after,
+                              backend)[:2]
+                    outs.append(y if direction == 0 else _take_time(y, rev))
+                    hs.append(h)
+                layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    layer_in = F.dropout(layer_in, self.dropout, training=True)
+            out, h_n = layer_in, torch.stack(hs)
         if packed:
             if sorted_indices is not None:
                 out, lengths_cpu = out.index_select(1, sorted_indices), lengths_cpu[sorted_indices.cpu()]
@@ -316,9 +320,10 @@ class _CellBase(nn.Module):
         if x.shape[1] != self.input_size:
             raise ValueError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
                              f"expected {self.input_size}")
-        _, h = torch.ops.rnnrec_fast.recurrence(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
-                                                self.bias_ih, self.bias_hh, None, None, self.mode,
-                                                self.reset_after, self.backend)[:2]
+        p = self._parameters
+        _, h = torch.ops.rnnrec_fast.recurrence.default(
+            x.unsqueeze(0), hx, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], None, None,
+            self.mode, self.reset_after, self.backend)[:2]
         return h if batched else h.squeeze(0)
 
 

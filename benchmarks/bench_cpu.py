@@ -1,0 +1,103 @@
+"""CPU benchmarks: every case ours beside torch.nn, same weights, same inputs, same run.
+
+pytest benchmarks/bench_cpu.py --benchmark-only [--threads N]; `make bench` prints the ratio table.
+"""
+import io
+
+import pytest
+import torch
+
+import rnnrec_fast
+from rnnrec_fast import backends
+
+from cases import CASES, NUMBA_CASES
+
+try:
+    import onnxruntime
+except ImportError:  # a benchmark-only extra, never a runtime dependency
+    onnxruntime = None
+
+
+def build_torch(case):
+    torch.manual_seed(0)
+    H = case.H
+    if case.kind == "GRU":
+        return torch.nn.GRU(H, H, batch_first=True)
+    if case.kind == "RNN":
+        return torch.nn.RNN(H, H, batch_first=True)
+    return getattr(torch.nn, case.kind)(H, H)
+
+
+def inputs(case):
+    g = torch.Generator().manual_seed(1)
+    if case.kind.endswith("Cell"):
+        return torch.randn(case.B, case.H, generator=g), torch.randn(case.B, case.H, generator=g)
+    return torch.randn(case.B, case.T, case.H, generator=g), torch.randn(1, case.B, case.H, generator=g)
+
+
+def onnx_session(module, x, h):
+    buf = io.BytesIO()
+    torch.onnx.export(module.eval(), (x, h), buf, dynamo=False, input_names=["x", "h"],
+                      output_names=["y", "h_n"])
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    sess = onnxruntime.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy(), "h": h.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def make_call(case, impl):
+    ref = build_torch(case)
+    x, h = inputs(case)
+    if impl == "onnxruntime":
+        if onnxruntime is None or case.kind != "GRU" or case.train:
+            pytest.skip("onnxruntime column: GRU inference only, needs onnxruntime installed")
+        return onnx_session(ref, x, h), ref
+    if impl == "torch":
+        module = ref
+    else:
+        backend = {"ours": "auto", "numba": "numba"}[impl]
+        if backend == "numba" and not backends.available("numba"):
+            pytest.skip("numba backend unavailable")
+        module = rnnrec_fast.from_torch(ref, backend=backend)
+    if not case.train:
+        module.eval()
+        return (lambda: module(x, h)), module
+    x = x.clone().requires_grad_()
+    params = list(module.parameters())
+
+    def step():
+        out = module(x, h)
+        y = out[0] if isinstance(out, tuple) else out
+        return torch.autograd.grad(y.sum(), params + [x])
+
+    return step, module
+
+
+def run(benchmark, case, impl):
+    fn, module = make_call(case, impl)
+    benchmark.group = case.name
+    benchmark.extra_info.update(impl=impl, flops=case.flops, B=case.B, T=case.T, H=case.H,
+                                train=case.train, threads=torch.get_num_threads(),
+                                target=case.target)
+    if case.train:
+        benchmark(fn)
+    else:
+        with torch.inference_mode():
+            fn()  # warm up (first-call set-up, numba compilation)
+            benchmark(fn)
+            if impl not in ("torch", "onnxruntime"):
+                benchmark.extra_info["backend"] = rnnrec_fast.last_backend()
+
+
+@pytest.mark.parametrize("impl", ["torch", "ours", "onnxruntime"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cpu(benchmark, case, impl):
+    run(benchmark, case, impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ours", "numba"])
+@pytest.mark.parametrize("case", NUMBA_CASES, ids=[c.name for c in NUMBA_CASES])
+def test_numba_cpu(benchmark, case, impl):
+    run(benchmark, case, impl)

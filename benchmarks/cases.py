@@ -1,0 +1,41 @@
+"""The benchmark cases shared by the pytest-benchmark suite and `make bench` (benchmarks/run.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # GRU, RNN, GRUCell, RNNCell
+    B: int
+    T: int  # 1 for cells
+    H: int
+    train: bool = False
+    target: float | None = None  # issue 3: median ratio torch.nn / ours
+
+    @property
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the GEMM work (input = hidden size); training counts forward + backward
+        as 3x the forward (the backward does the input-gradient and the weight-gradient products)."""
+        gates = 3 if self.kind.startswith("GRU") else 1
+        fwd = 2.0 * gates * self.H * (self.H + self.H) * self.B * self.T
+        return 3 * fwd if self.train else fwd
+
+
+CASES = [
+    Case("GRU inference, serving step", "GRU", 1, 1, 100, target=10),
+    Case("RNN inference, serving step", "RNN", 1, 1, 100, target=10),
+    Case("GRUCell inference", "GRUCell", 1, 1, 100, target=5),
+    Case("RNNCell inference", "RNNCell", 1, 1, 100),
+    Case("GRU inference, one long session", "GRU", 1, 20, 512, target=3),
+    Case("GRU inference, batch of sessions, one step", "GRU", 256, 1, 100, target=1.5),
+    Case("GRU inference, large batch", "GRU", 512, 20, 256, target=1.0),
+    Case("GRU training, B32 T20 H100", "GRU", 32, 20, 100, train=True, target=3),
+    Case("GRU training, B64 T20 H512", "GRU", 64, 20, 512, train=True, target=1.2),
+    Case("RNN training, B32 T20 H100", "RNN", 32, 20, 100, train=True),
+]
+
+# issue 4: the Numba CPU backend beside torch.nn and the C++ backend
+NUMBA_CASES = [Case(f"numba grid GRU B{B} T{T} H{H}", "GRU", B, T, H) for B in (1, 64) for T in (1, 20)
+               for H in (100, 512)]

@@ -1,0 +1,149 @@
+"""`make bench`: run the CPU benchmarks at 1 and 2 threads and print/save the ratio table.
+
+For each case: torch.nn median, ours median, ratio (torch / ours), our GFLOP/s and its share of the
+single-thread (or N-thread) fp32 GEMM ceiling measured in the same run (a 1024^3 matmul), plus the
+onnxruntime column where it is installed, the numba grid, and the peak memory of a training step.
+Writes benchmarks/results/cpu-<date>.json (raw pytest-benchmark output) and cpu-<date>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def gemm_ceiling(threads: int, n: int = 1024) -> float:
+    code = (
+        "import torch, time\n"
+        f"torch.set_num_threads({threads})\n"
+        f"a = torch.randn({n}, {n}); b = torch.randn({n}, {n})\n"
+        "for _ in range(3): a @ b\n"
+        "ts = []\n"
+        "for _ in range(15):\n"
+        "    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)\n"
+        f"print(2 * {n}**3 / sorted(ts)[len(ts) // 2] / 1e9)\n"
+    )
+    return float(subprocess.check_output([sys.executable, "-c", code], text=True).strip())
+
+
+PEAK_CODE = """
+import resource, sys, torch, rnnrec_fast
+torch.set_num_threads(1)
+B, T, H = 64, 20, 512
+torch.manual_seed(0)
+ref = torch.nn.GRU(H, H, batch_first=True)
+module = ref if sys.argv[1] == "torch" else rnnrec_fast.from_torch(ref)
+x = torch.randn(B, T, H, requires_grad=True)
+params = list(module.parameters())
+def step():
+    y, h = module(x)
+    return torch.autograd.grad(y.sum(), params + [x])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024.0)
+"""
+
+
+def peak_training_mib(impl: str) -> float:
+    out = subprocess.check_output([sys.executable, "-c", PEAK_CODE, impl], text=True)
+    return float(out.strip().splitlines()[-1])
+
+
+def run_pytest(threads: int, select: str, json_path: Path):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_cpu.py"), "-k", select,
+           "--benchmark-only", f"--threads={threads}", f"--benchmark-json={json_path}",
+           "--benchmark-min-rounds=20", "--benchmark-max-time=0.5", "--benchmark-warmup=on"]
+    subprocess.run(cmd, check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL)
+    return json.loads(json_path.read_text())
+
+
+def table(data, ceiling, threads, columns):
+    groups = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
+    rows = []
+    head = ["case", "B", "T", "H", "torch.nn (µs)"] + [f"{c} (µs)" for c in columns] + \
+        [f"torch/{c}" for c in columns] + ["ours GFLOP/s", f"% of {threads}-thread GEMM", "target"]
+    for name, impls in groups.items():
+        t = impls.get("torch")
+        ours = impls.get("ours") or impls.get(columns[0])
+        if t is None or ours is None:
+            continue
+        info = t["extra_info"]
+        tm = t["stats"]["median"] * 1e6
+        cells = [name, info["B"], info["T"], info["H"], f"{tm:.1f}"]
+        meds = [impls[c]["stats"]["median"] * 1e6 if c in impls else None for c in columns]
+        cells += [f"{m:.1f}" if m else "–" for m in meds]
+        cells += [f"{tm / m:.2f}×" if m else "–" for m in meds]
+        gflops = info["flops"] / (meds[0] * 1e-6) / 1e9
+        target = info.get("target")
+        cells += [f"{gflops:.1f}", f"{100 * gflops / ceiling:.0f}%", f"≥ {target}×" if target else ""]
+        rows.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args()
+    import torch
+
+    import rnnrec_fast
+
+    date = dt.date.today().isoformat()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    header = [f"# CPU benchmarks, {date}", "",
+              f"- machine: {cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
+              f"- python {platform.python_version()}, torch {torch.__version__}, rnnrec_fast {rnnrec_fast.__version__}",
+              f"- backends: {rnnrec_fast.backend_info()}",
+              "- median wall time per call from Python (pytest-benchmark), same weights and inputs, same run;",
+              "  inference under torch.inference_mode; training = forward + backward of a scalar loss",
+              "- ratio = torch.nn median / ours median (> 1: ours faster)", ""]
+    out = header[:]
+    raw = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in args.threads:
+            ceiling = gemm_ceiling(threads)
+            data = run_pytest(threads, "test_cpu", Path(tmp) / f"cpu{threads}.json")
+            raw[f"cpu_threads{threads}"] = data
+            out += [f"## {threads} thread(s); fp32 1024³ GEMM ceiling measured now: {ceiling:.1f} GFLOP/s", "",
+                    table(data, ceiling, threads, ["ours", "onnxruntime"]), ""]
+            print("\n".join(out[-4:]), flush=True)
+        ceiling = gemm_ceiling(1)
+        data = run_pytest(1, "test_numba_cpu", Path(tmp) / "numba.json")
+        raw["numba_threads1"] = data
+        out += ["## Numba CPU backend beside torch.nn and the C++ backend (1 thread)", "",
+                table(data, ceiling, 1, ["numba", "ours"]), ""]
+    peaks = {impl: peak_training_mib(impl) for impl in ("torch", "ours")}
+    out += ["## Peak memory of one training step (GRU B=64 T=20 H=512, growth of max RSS in a fresh process)", "",
+            "| torch.nn | ours |", "|---|---|", f"| {peaks['torch']:.1f} MiB | {peaks['ours']:.1f} MiB |", ""]
+    text = "\n".join(out)
+    print("\n".join(out[-6:]))
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = f"cpu-{date}"
+        (RESULTS / f"{stamp}.md").write_text(text)
+        (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
+        print(f"saved {RESULTS / stamp}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
