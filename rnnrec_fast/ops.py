@@ -24,19 +24,32 @@ MODES = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2}
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3}
 BACKENDS = ("auto",) + _backends.NAMES
 
-_lib = torch.library.Library("rnnrec_fast", "DEF")
-_lib.define(
-    "recurrence(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+_FWD_SCHEMA = (
+    "(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
     "Tensor? lengths, Tensor? resets, str mode, bool reset_after, str backend) "
     "-> (Tensor output, Tensor h_n, Tensor workspace)"
 )
-_lib.define(
-    "recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
+_BWD_SCHEMA = (
+    "(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
     "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, Tensor output, "
     "Tensor workspace, str mode, bool reset_after, str backend) "
     "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
     "Tensor grad_b_hh)"
 )
+_lib = torch.library.Library("rnnrec_fast", "DEF")
+_lib.define("recurrence" + _FWD_SCHEMA)
+_lib.define("recurrence_backward" + _BWD_SCHEMA)
+# Twins with Python kernels only: the C++ CPU kernel of `recurrence` hands calls that force a
+# Python backend (numba, reference) on CPU tensors to these. Not part of the public API.
+_lib.define("recurrence_py" + _FWD_SCHEMA)
+_lib.define("recurrence_backward_py" + _BWD_SCHEMA)
+
+try:  # loading the extension registers the C++ CPU kernels of both ops (csrc/rnnrec_op.cpp)
+    from . import _C  # noqa: F401
+
+    _CPP_OP = True
+except ImportError:
+    _CPP_OP = False
 
 # ----------------------------------------------------------------------------------------------
 # validation (shared by the real kernels and the fake ones)
@@ -149,7 +162,16 @@ def _resolve(backend, device_type, dtype):
 
 def last_backend() -> str | None:
     """The backend that ran this thread's latest ``recurrence`` call (None before the first)."""
+    if _CPP_OP:
+        return torch.ops.rnnrec_fast._last_backend() or None
     return getattr(_tls, "last", None)
+
+
+def _set_last(name):
+    if _CPP_OP:
+        torch.ops.rnnrec_fast._set_last_backend(name)
+    else:
+        _tls.last = name
 
 
 def backend_info() -> dict:
@@ -169,7 +191,7 @@ def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, res
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_length_values(lengths, x.shape[0])
     name, mod = _resolve(backend, x.device.type, x.dtype)
-    _tls.last = name
+    _set_last(name)
     return mod.forward(_c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih), _c(b_hh), _c(lengths), _c(resets),
                        mode_i, bool(reset_after))
 
@@ -183,9 +205,12 @@ def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengt
                         bool(reset_after))
 
 
-for _key in ("CPU", "CUDA"):
+for _key in ("CUDA",) if _CPP_OP else ("CPU", "CUDA"):
     _lib.impl("recurrence", _recurrence_kernel, _key)
     _lib.impl("recurrence_backward", _backward_kernel, _key)
+for _key in ("CPU", "CUDA"):
+    _lib.impl("recurrence_py", _recurrence_kernel, _key)
+    _lib.impl("recurrence_backward_py", _backward_kernel, _key)
 
 
 # ----------------------------------------------------------------------------------------------

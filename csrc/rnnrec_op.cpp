@@ -1,0 +1,179 @@
+// rnnrec_fast op registration for the CPU dispatch key.
+//
+// The op schemas are defined once, in Python (rnnrec_fast/ops.py). This file registers the C++
+// CPU kernels of rnnrec_fast::recurrence and rnnrec_fast::recurrence_backward, so that a call from
+// Python goes dispatcher -> C++ without entering the interpreter again (the serving step is a few
+// microseconds of arithmetic, so per-call overhead matters). The checks and their messages mirror
+// ops._check_inputs exactly (ValueError). A call that forces another backend ("numba",
+// "reference", ...) on CPU tensors is handed to rnnrec_fast::recurrence_py, the same op with
+// Python kernels.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string>
+#include <tuple>
+
+namespace rnnrec {
+
+// Defined in rnnrec_cpu.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& resets, int64_t mode,
+    bool reset_after);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
+    bool reset_after);
+
+namespace {
+
+using Opt = c10::optional<at::Tensor>;
+using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+thread_local std::string last_backend_name;
+
+#define RNNREC_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "rnnrec_fast.recurrence: ", __VA_ARGS__)
+
+bool has(const Opt& t) { return t.has_value() && t->defined(); }
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    s += std::to_string(t.size(i));
+    if (t.dim() == 1 || i + 1 < t.dim()) s += t.dim() == 1 ? "," : ", ";
+  }
+  return s + ")";
+}
+
+// Mirrors ops._check_inputs; returns the mode index.
+int64_t check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
+                     const Opt& resets, c10::string_view mode) {
+  int64_t mode_i, gates;
+  if (mode == "rnn_tanh") {
+    mode_i = 0, gates = 1;
+  } else if (mode == "rnn_relu") {
+    mode_i = 1, gates = 1;
+  } else if (mode == "gru") {
+    mode_i = 2, gates = 3;
+  } else {
+    RNNREC_CHECK(false, "mode must be one of ('rnn_tanh', 'rnn_relu', 'gru'), got '", std::string(mode), "'");
+  }
+  RNNREC_CHECK(x.dim() == 3, "x must be 3-D (T, B, input_size), got shape ", shape_str(x));
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  RNNREC_CHECK(T != 0 && B != 0 && I != 0, "x must not be empty, got shape ", shape_str(x));
+  RNNREC_CHECK(w_hh.dim() == 2 && w_hh.size(1) != 0 && w_hh.size(0) == gates * w_hh.size(1),
+               "w_hh must be (", gates, "*H, H) for mode '", std::string(mode), "', got shape ",
+               shape_str(w_hh));
+  const int64_t H = w_hh.size(1);
+  RNNREC_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates * H && w_ih.size(1) == I, "w_ih must be (",
+               gates * H, ", ", I, ") (gates*H, input_size), got shape ", shape_str(w_ih));
+  RNNREC_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, "h0 must be (B, H) = (", B, ", ",
+               H, "), got shape ", shape_str(h0));
+  RNNREC_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
+               x.scalar_type());
+  auto same = [&](const at::Tensor& t, const char* name, bool bias) {
+    if (bias) {
+      RNNREC_CHECK(t.dim() == 1 && t.size(0) == gates * H, name, " must be (", gates * H,
+                   ",), got shape ", shape_str(t));
+    }
+    RNNREC_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(),
+                 " but x has ", x.scalar_type(), "; all must match");
+    RNNREC_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
+                 "; all must be on one device");
+  };
+  same(h0, "h0", false);
+  same(w_ih, "w_ih", false);
+  same(w_hh, "w_hh", false);
+  if (has(b_ih)) same(*b_ih, "b_ih", true);
+  if (has(b_hh)) same(*b_hh, "b_hh", true);
+  if (has(lengths)) {
+    const auto& L = *lengths;
+    RNNREC_CHECK(L.scalar_type() == at::kLong && L.dim() == 1 && L.size(0) == B,
+                 "lengths must be an int64 tensor of shape (", B, ",), got ", L.scalar_type(), " ",
+                 shape_str(L));
+    RNNREC_CHECK(L.device() == x.device(), "lengths is on ", L.device(), " but x is on ", x.device());
+    auto Lc = L.contiguous();
+    const int64_t* p = Lc.data_ptr<int64_t>();
+    int64_t lo = p[0], hi = p[0];
+    for (int64_t b = 1; b < B; ++b) lo = std::min(lo, p[b]), hi = std::max(hi, p[b]);
+    RNNREC_CHECK(lo >= 0 && hi <= T, "lengths must lie in [0, T=", T, "], got values in [", lo, ", ",
+                 hi, "]");
+  }
+  if (has(resets)) {
+    const auto& R = *resets;
+    RNNREC_CHECK(R.scalar_type() == at::kBool && R.dim() == 2 && R.size(0) == T && R.size(1) == B,
+                 "resets must be a bool tensor of shape (", T, ", ", B, "), got ", R.scalar_type(), " ",
+                 shape_str(R));
+    RNNREC_CHECK(R.device() == x.device(), "resets is on ", R.device(), " but x is on ", x.device());
+  }
+  return mode_i;
+}
+
+bool is_cpp(c10::string_view backend, const at::Tensor& x) {
+  // "auto" means the C++ kernels for float32/float64; other dtypes go to the Python layer, which
+  // picks a backend that supports them (or explains why none does).
+  if (backend == "cpp") return true;
+  return backend == "auto" && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+Opt contig(const Opt& t) { return has(t) ? Opt(t->contiguous()) : Opt(); }
+
+Fwd recurrence_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
+                   const Opt& resets, c10::string_view mode, bool reset_after, c10::string_view backend) {
+  if (!is_cpp(backend, x)) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rnnrec_fast::recurrence_py", "")
+                         .typed<Fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&,
+                                    c10::string_view, bool, c10::string_view)>();
+    return op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend);
+  }
+  const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
+  last_backend_name = "cpp";
+  return forward(x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(), contig(b_ih),
+                 contig(b_hh), contig(lengths), contig(resets), mode_i, reset_after);
+}
+
+Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+                            const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const Opt& b_ih, const Opt& b_hh, const Opt& lengths, const Opt& resets,
+                            const at::Tensor& y, const at::Tensor& ws, c10::string_view mode,
+                            bool reset_after, c10::string_view backend) {
+  if (!is_cpp(backend, x)) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rnnrec_fast::recurrence_backward_py", "")
+                         .typed<Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
+                                    const Opt&, const Opt&, const Opt&, const at::Tensor&,
+                                    const at::Tensor&, c10::string_view, bool, c10::string_view)>();
+    return op.call(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode,
+                   reset_after, backend);
+  }
+  const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
+  return backward(grad_y.contiguous(), grad_h_n.contiguous(), x.contiguous(), h0.contiguous(),
+                  w_ih.contiguous(), w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(lengths),
+                  contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after);
+}
+
+std::string get_last_backend() { return last_backend_name; }
+void set_last_backend(std::string name) { last_backend_name = std::move(name); }
+
+}  // namespace
+}  // namespace rnnrec
+
+TORCH_LIBRARY_FRAGMENT(rnnrec_fast, m) {
+  m.def("_last_backend() -> str", &rnnrec::get_last_backend);
+  m.def("_set_last_backend(str name) -> ()", &rnnrec::set_last_backend);
+}
+
+TORCH_LIBRARY_IMPL(rnnrec_fast, CPU, m) {
+  m.impl("recurrence", &rnnrec::recurrence_cpu);
+  m.impl("recurrence_backward", &rnnrec::recurrence_backward_cpu);
+}
