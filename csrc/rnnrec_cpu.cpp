@@ -16,6 +16,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "rnnrec_kernels.h"
 
 namespace rnnrec {
@@ -158,7 +162,21 @@ bool simd_enabled() {
     if (e != nullptr && e[0] != '\0' && e[0] != '0') return false;
 #if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+#else
+    return false;
+#endif
+  }();
+  return on;
+}
+
+bool avx512_enabled() {
+  static const bool on = [] {
+    if (!simd_enabled()) return false;
+    const char* e = std::getenv("RNNREC_FAST_NO_AVX512");
+    if (e != nullptr && e[0] != '\0' && e[0] != '0') return false;
+#if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("avx512f") != 0;
 #else
     return false;
 #endif
@@ -205,12 +223,124 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int6
   }
 }
 
+// Large fresh buffers: ask Linux for transparent huge pages (where THP is in "madvise" mode this
+// cuts the first-touch page-fault cost of a 50 MB workspace from ~20 ms to ~3 ms). Harmless hint.
+inline void advise_huge(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (p == nullptr || bytes < 4 * kHuge) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+inline at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  advise_huge(t.data_ptr(), t.nbytes());
+  return t;
+}
+
 // Uninitialised scratch buffer (every element is written before it is read).
 template <typename T>
 struct Buf {
   std::unique_ptr<T[]> p;
-  explicit Buf(int64_t n) : p(n > 0 ? new T[static_cast<size_t>(n)] : nullptr) {}
+  explicit Buf(int64_t n) : p(n > 0 ? new T[static_cast<size_t>(n)] : nullptr) {
+    advise_huge(p.get(), sizeof(T) * static_cast<size_t>(n > 0 ? n : 0));
+  }
   T* data() const { return p.get(); }
+};
+
+// Packed AVX-512 product over row blocks, parallel over M when the work pays.
+inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
+                        bool beta, float* C, int64_t ldc) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+  const double work = double(M) * double(N) * double(K);
+  if (work < 4.0e6 || M < 64 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    avx512_gemm_packed(M, N, K, A, si, sk, Bp, beta, C, ldc);
+    return;
+  }
+  const int64_t nblk = (M + 7) / 8;
+  at::parallel_for(0, nblk, std::max<int64_t>(1, int64_t(1.0e6 / (double(N) * double(K) * 8.0)) + 1),
+                   [&](int64_t b0, int64_t b1) {
+                     const int64_t i0 = b0 * 8, i1 = std::min(M, b1 * 8);
+                     avx512_gemm_packed(i1 - i0, N, K, A + i0 * si, si, sk, Bp, beta, C + i0 * ldc, ldc);
+                   });
+#else
+  (void)M; (void)N; (void)K; (void)A; (void)si; (void)sk; (void)Bp; (void)beta; (void)C; (void)ldc;
+#endif
+}
+
+// General product (row-major, as gemm_rm, beta 0): the AVX-512 kernel for float when M is large
+// enough to amortise packing op(B), ATen/BLAS otherwise.
+template <typename T>
+void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+              T* C, int64_t ldc) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if constexpr (std::is_same<T, float>::value) {
+    if (M >= 48 && N >= 8 && K > 0 && avx512_enabled()) {
+      const int64_t KC = 256;
+      Buf<float> pk(avx512_packed_size(std::min(K, KC), N));
+      for (int64_t kc = 0; kc < K; kc += KC) {
+        const int64_t kb = std::min(KC, K - kc);
+        avx512_pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
+        if (ta)
+          packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), kc > 0, C, ldc);
+        else
+          packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), kc > 0, C, ldc);
+      }
+      return;
+    }
+  }
+#endif
+  gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, T(0), C, ldc);
+}
+
+// A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
+// tb) or W (stored K x N). Packed once per call when the AVX-512 kernel is used.
+template <typename T>
+struct StepW {
+  bool tb = false, packed = false, small = false;
+  int64_t K = 0, N = 0, ldw = 0;
+  const T* W = nullptr;
+  Buf<float> pk{0};
+  StepW(bool tb_, int64_t K_, int64_t N_, const T* W_, int64_t ldw_, int64_t M, int64_t steps)
+      : tb(tb_), K(K_), N(N_), ldw(ldw_), W(W_) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if constexpr (std::is_same<T, float>::value) {
+      if (tb && M <= 8 && simd_enabled()) {
+        small = true;
+      } else if (avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
+        packed = true;
+        pk = Buf<float>(avx512_packed_size(K, N));
+        avx512_pack_b(tb, K, N, W, ldw, pk.data());
+      }
+    }
+#endif
+    (void)M;
+    (void)steps;
+  }
+  void run(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc) const {
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if constexpr (std::is_same<T, float>::value) {
+      if (small) {
+        if (M == 1 && avx512_enabled())
+          avx512_gemv_nt(N, K, W, ldw, A, C);
+        else
+          avx2_small_gemm_nt_f32(M, N, K, W, ldw, A, lda, C, ldc);
+        return;
+      }
+      if (packed) {
+        packed_rows(M, N, K, A, lda, 1, pk.data(), false, C, ldc);
+        return;
+      }
+    }
+#endif
+    gemm_rm<T>(false, tb, M, N, K, A, lda, W, ldw, T(0), C, ldc);
+  }
 };
 
 // out[m, n] = sum_k X[m, k] * Wt[n, k]  (Wt row-major as PyTorch stores weights). Few rows of X:
@@ -220,13 +350,28 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* 
              int64_t ldc) {
 #if defined(RNNREC_HAVE_AVX2_TU)
   if constexpr (std::is_same<T, float>::value) {
+    if (M == 1 && avx512_enabled()) {
+      avx512_gemv_nt(N, K, Wt, ldw, X, C);
+      return;
+    }
     if (M <= 8 && simd_enabled()) {
       avx2_small_gemm_nt_f32(M, N, K, Wt, ldw, X, ldx, C, ldc);
       return;
     }
+    if (M < 48 && N >= 64 && K > 0 && avx512_enabled()) {
+      // Few rows: compute C^T = Wt . X^T with the weights as the broadcast operand, so only X
+      // (small) is packed; then transpose the (N, M) result into C.
+      Buf<float> pk(avx512_packed_size(K, M));
+      avx512_pack_b(true, K, M, X, ldx, pk.data());
+      Buf<float> ct(N * M);
+      packed_rows(N, M, K, Wt, ldw, 1, pk.data(), false, ct.data(), M);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = ct.data()[n * M + m];
+      return;
+    }
   }
 #endif
-  gemm_rm<T>(false, true, M, N, K, X, ldx, Wt, ldw, T(0), C, ldc);
+  gemm_any<T>(false, true, M, N, K, X, ldx, Wt, ldw, C, ldc);
 }
 
 // Run fn(b0, b1) over batch rows, in parallel when the pointwise work is large enough to pay.
@@ -347,10 +492,13 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   const T* bi = b_ih ? b_ih : zeros.data();
   const T* bh = b_hh ? b_hh : zeros.data();
 
-  // Input projections of every step (no bias: the pointwise pass adds it).
-  Buf<T> xp_buf(T_ * B * GH);
-  T* xp = xp_buf.data();
-  gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, GH);
+  // Input projections of every step (no bias: the pointwise pass adds it), one GEMM written
+  // straight into the outputs, so no (T, B, G*H) scratch: gru puts them in the workspace's r, z, n
+  // slots (ws[t, b, H:4H], which the step's pointwise pass reads and then overwrites with r, z, n),
+  // rnn puts them in y (overwritten with h_new).
+  T* xp = gru ? ws + H : y;
+  const int64_t ldxp = gru ? W : H;
+  gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
 
   const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
   Buf<T> hp_buf(B * hp_cols);
@@ -358,12 +506,14 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   Buf<T> rh_buf(gru && !reset_after ? B * H : 0);
   T* rh = rh_buf.data();
   std::vector<const T*> cur(B);
+  const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
+  const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
   for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
 
   for (int64_t t = 0; t < T_; ++t) {
     T* ws_t = ws + t * B * W;
     T* y_t = y + t * B * H;
-    const T* xp_t = xp + t * B * GH;
+    const T* xp_t = xp + t * B * ldxp;
     // h_prev (after reset) into the workspace: it is also the recurrent GEMM's input.
     for (int64_t b = 0; b < B; ++b) {
       T* dst = ws_t + b * W;
@@ -377,12 +527,12 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       std::fill(y_t, y_t + B * H, T(0));
       continue;
     }
-    gemm_nt<T>(B, hp_cols, H, ws_t, W, w_hh, H, hp, hp_cols);
+    whh.run(B, ws_t, W, hp, hp_cols);
     if (!gru) {
       for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b)) {
-            K.rnn_fwd(H, xp_t + b * GH, hp + b * hp_cols, bi, bh, y_t + b * H, relu);
+            K.rnn_fwd(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, y_t + b * H, relu);
           } else {
             std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));  // ws row already zero
           }
@@ -392,7 +542,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       for_rows(B, 12 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b)) {
-            K.gru_fwd_ra(H, xp_t + b * GH, hp + b * hp_cols, bi, bh, ws_t + b * W, y_t + b * H);
+            K.gru_fwd_ra(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, ws_t + b * W, y_t + b * H);
           } else {
             std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
             std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
@@ -403,17 +553,17 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b))
-            K.gru_fwd_a(H, xp_t + b * GH, hp + b * hp_cols, bi, bh, ws_t + b * W, rh + b * H);
+            K.gru_fwd_a(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, ws_t + b * W, rh + b * H);
           else
             std::fill(rh + b * H, rh + (b + 1) * H, T(0));
         }
       });
       // hn = W_hn (r * h_prev), straight into the workspace's hn slot.
-      gemm_nt<T>(B, H, H, rh, H, w_hh + 2 * H * H, H, ws_t + 4 * H, W);
+      whn.run(B, rh, H, ws_t + 4 * H, W);
       for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b)) {
-            K.gru_fwd_b(H, xp_t + b * GH, bi, bh, ws_t + b * W, y_t + b * H);
+            K.gru_fwd_b(H, xp_t + b * ldxp, bi, bh, ws_t + b * W, y_t + b * H);
           } else {
             std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
             std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
@@ -458,6 +608,9 @@ void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T
   Buf<T> hin_buf(gru && !reset_after ? TB * H : 0);  // r * h_prev, every step
   Buf<T> drh(gru && !reset_after ? B * H : 0);
   Buf<T> carry(B * H);
+  // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
+  const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
+  const StepW<T> wn(false, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
 
   T* dh = gh0;
   std::memcpy(dh, ghn, sizeof(T) * B * H);
@@ -478,7 +631,7 @@ void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T
         }
       });
       if (!any) continue;
-      gemm_rm<T>(false, false, B, H, H, dgx_t, GH, w_hh, H, T(0), carry.data(), H);
+      wc.run(B, dgx_t, GH, carry.data(), H);
     } else if (reset_after) {
       T* dgh = dgh_step.data();
       T* dhn_t = dhn_buf.data() + t * B * H;
@@ -495,7 +648,7 @@ void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T
         }
       });
       if (!any) continue;
-      gemm_rm<T>(false, false, B, H, GH, dgh, GH, w_hh, H, T(0), carry.data(), H);
+      wc.run(B, dgh, GH, carry.data(), H);
     } else {
       T* hin_t = hin_buf.data() + t * B * H;
       for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) {
@@ -510,14 +663,14 @@ void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T
       });
       if (!any) continue;
       // d(r * h_prev) = dn_pre @ W_hn
-      gemm_rm<T>(false, false, B, H, H, dgx_t + 2 * H, GH, w_hh + 2 * H * H, H, T(0), drh.data(), H);
+      wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
       for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b))
             K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, ws_t + b * W, dgx_t + b * GH, hin_t + b * H);
         }
       });
-      gemm_rm<T>(false, false, B, H, 2 * H, dgx_t, GH, w_hh, H, T(0), carry.data(), H);
+      wc.run(B, dgx_t, GH, carry.data(), H);
     }
     // dh_prev = (partial, already in dh) + carry; zero where the state was reset; inactive rows
     // pass dh through unchanged.
@@ -534,26 +687,28 @@ void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T
   }
 
   // Weight / input gradients over all T*B rows at once.
-  gemm_rm<T>(false, false, TB, I, GH, dgx, GH, w_ih, I, T(0), gx, I);
-  gemm_rm<T>(true, false, GH, I, TB, dgx, GH, x, I, T(0), gw_ih, I);
+  gemm_any<T>(false, false, TB, I, GH, dgx, GH, w_ih, I, gx, I);
+  gemm_any<T>(true, false, GH, I, TB, dgx, GH, x, I, gw_ih, I);
   col_sums<T>(TB, GH, dgx, GH, gb_ih);
   if (!gru) {
-    gemm_rm<T>(true, false, H, H, TB, dgx, GH, ws, W, T(0), gw_hh, H);
+    gemm_any<T>(true, false, H, H, TB, dgx, GH, ws, W, gw_hh, H);
     std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
   } else if (reset_after) {
-    gemm_rm<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, T(0), gw_hh, H);
-    gemm_rm<T>(true, false, H, H, TB, dhn_buf.data(), H, ws, W, T(0), gw_hh + 2 * H * H, H);
+    gemm_any<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, gw_hh, H);
+    gemm_any<T>(true, false, H, H, TB, dhn_buf.data(), H, ws, W, gw_hh + 2 * H * H, H);
     std::memcpy(gb_hh, gb_ih, sizeof(T) * 2 * H);
     col_sums<T>(TB, H, dhn_buf.data(), H, gb_hh + 2 * H);
   } else {
-    gemm_rm<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, T(0), gw_hh, H);
-    gemm_rm<T>(true, false, H, H, TB, dgx + 2 * H, GH, hin_buf.data(), H, T(0), gw_hh + 2 * H * H, H);
+    gemm_any<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, gw_hh, H);
+    gemm_any<T>(true, false, H, H, TB, dgx + 2 * H, GH, hin_buf.data(), H, gw_hh + 2 * H * H, H);
     std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
   }
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------------------------
-// Bindings
+// Entry points (external linkage: rnnrec_op.cpp registers them with the dispatcher too)
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -562,9 +717,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     bool reset_after) {
   const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
   auto opts = x.options();
-  at::Tensor y = at::empty({d.T, d.B, d.H}, opts);
+  at::Tensor y = empty_big({d.T, d.B, d.H}, opts);
   at::Tensor h_n = at::empty({d.B, d.H}, opts);
-  at::Tensor ws = at::empty({d.T, d.B, d.W}, opts);
+  at::Tensor ws = empty_big({d.T, d.B, d.W}, opts);
   StepMasks m;
   m.B = d.B;
   if (auto p = opt_ptr(lengths)) m.len = p->data_ptr<int64_t>();
@@ -597,7 +752,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(ws, "ws", 3, dtype);
   check_shape(ws, "ws", {d.T, d.B, d.W});
   auto opts = x.options();
-  at::Tensor gx = at::empty({d.T, d.B, d.I}, opts);
+  at::Tensor gx = empty_big({d.T, d.B, d.I}, opts);
   at::Tensor gh0 = at::empty({d.B, d.H}, opts);
   at::Tensor gw_ih = at::empty({d.G * d.H, d.I}, opts);
   at::Tensor gw_hh = at::empty({d.G * d.H, d.H}, opts);
@@ -616,8 +771,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
 }
-
-}  // namespace
 
 template <typename T>
 RowKernels<T> scalar_row_kernels() {

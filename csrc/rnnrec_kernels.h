@@ -54,6 +54,15 @@ RowKernels<T> scalar_row_kernels();
 RowKernels<float> avx2_row_kernels_f32();
 void avx2_small_gemm_nt_f32(int64_t nb, int64_t M, int64_t K, const float* W, int64_t ldw,
                             const float* X, int64_t ldx, float* out, int64_t ldo);
+// AVX-512F float GEMM (rnnrec_avx512.cpp). Only call after the run-time check for avx512f.
+// op(B) is K x N: B[n * ldb + k] when transB, else B[k * ldb + n]; packed into 32-column panels.
+int64_t avx512_packed_size(int64_t K, int64_t N);
+void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, float* out);
+// C[M, N] = (beta ? C : 0) + A . op(B) with A(i, k) = A[i * a_si + k * a_sk].
+void avx512_gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                        const float* Bp, bool beta, float* C, int64_t ldc);
+// out[j] = W[j, :] . x, j < M (AVX-512F).
+void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out);
 #endif
 
 }  // namespace rnnrec
