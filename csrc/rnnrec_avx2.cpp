@@ -24,7 +24,8 @@ namespace {
 // polynomial for e^r (truncation error < 1e-8 relative), scaling by 2^n through the exponent bits.
 // ------------------------------------------------------------------------------------------------
 static inline __m256 v_exp(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  // operand order keeps NaN: max/min return the second operand when either is NaN
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
   const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -101,7 +102,7 @@ void v_rnn_fwd(int64_t H, const float* xp, const float* hp, const float* bi, con
                int relu) {
   for_vec(H, [&](int64_t j, const auto& A) {
     __m256 pre = _mm256_add_ps(_mm256_add_ps(A.ld(xp + j), A.ld(bi + j)), _mm256_add_ps(A.ld(hp + j), A.ld(bh + j)));
-    A.st(y + j, relu ? _mm256_max_ps(pre, _mm256_setzero_ps()) : v_tanh(pre));
+    A.st(y + j, relu ? _mm256_max_ps(_mm256_setzero_ps(), pre) : v_tanh(pre));
   });
 }
 

@@ -35,7 +35,7 @@ inline T sigmoid_s(T x) {
 
 template <typename T>
 inline T act_s(T x, int relu) {
-  return relu ? (x > T(0) ? x : T(0)) : std::tanh(x);
+  return relu ? ((x > T(0) || std::isnan(x)) ? x : T(0)) : std::tanh(x);  // relu(NaN) = NaN, as torch
 }
 
 // ------------------------------------------------------------------------------------------------
