@@ -1,0 +1,146 @@
+"""Numba backend: ``@njit`` kernels on CPU (``numba_cpu``) and ``numba.cuda`` kernels on GPU
+(``numba_cuda``), behind the same ``forward`` / ``backward`` functions as ``reference.py``.
+
+Importing this module raises ImportError (with the reason) when Numba is not installed, so the op
+layer can report it or fall back to another backend.
+"""
+from __future__ import annotations
+
+try:
+    import numba  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "rnnrec_fast: the 'numba' backend needs the numba package (pip install numba); "
+        f"importing it failed: {exc!r}") from exc
+
+import numpy as np
+import torch
+
+from . import numba_cpu
+
+MODE_RNN_TANH = 0
+MODE_RNN_RELU = 1
+MODE_GRU = 2
+
+DEVICES = ("cpu", "cuda")
+DTYPES = (torch.float32, torch.float64)
+
+_cuda_module = None
+
+
+def _cuda():
+    """numba_cuda, imported on first use (it needs a working numba.cuda)."""
+    global _cuda_module
+    if _cuda_module is None:
+        try:
+            from . import numba_cuda
+        except Exception as exc:
+            raise ImportError(
+                "rnnrec_fast: the numba backend could not load numba.cuda for CUDA tensors "
+                f"({exc!r})") from exc
+        _cuda_module = numba_cuda
+    return _cuda_module
+
+
+def _check(x, mode):
+    if x.dtype not in DTYPES:
+        raise TypeError(f"rnnrec_fast numba backend: unsupported dtype {x.dtype} "
+                        f"(supported: {', '.join(str(d) for d in DTYPES)})")
+    dev = x.device.type
+    if dev not in DEVICES:
+        raise ValueError(f"rnnrec_fast numba backend: unsupported device {x.device} "
+                         f"(supported: {', '.join(DEVICES)})")
+    if mode not in (MODE_RNN_TANH, MODE_RNN_RELU, MODE_GRU):
+        raise ValueError(f"rnnrec_fast numba backend: unknown mode {mode}")
+    return dev
+
+
+def _np(t):
+    """NumPy view of a CPU tensor (no copy when contiguous)."""
+    return t.detach().contiguous().numpy()
+
+
+def _input_projection(x, w_ih, b_ih):
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    if b_ih is None:
+        xp = torch.mm(x2, w_ih.t())
+    else:
+        xp = torch.addmm(b_ih, x2, w_ih.t())
+    return xp.view(T, B, w_ih.shape[0])
+
+
+def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_after: bool):
+    dev = _check(x, mode)
+    mode = int(mode)
+    reset_after = bool(reset_after)
+    if dev == "cuda":
+        return _cuda().forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
+    with torch.no_grad():
+        x, h0, w_ih, w_hh = (t.detach() for t in (x, h0, w_ih, w_hh))
+        T, B, _ = x.shape
+        H = h0.shape[1]
+        GH = w_hh.shape[0]
+        W = 5 * H if mode == MODE_GRU else H
+        xp = _input_projection(x, w_ih, None if b_ih is None else b_ih.detach())
+        y = torch.empty(T, B, H, dtype=x.dtype)
+        h_n = torch.empty(B, H, dtype=x.dtype)
+        ws = torch.empty(T, B, W, dtype=x.dtype)
+        h0_np = _np(h0)
+        bhh = np.zeros(GH, h0_np.dtype) if b_hh is None else _np(b_hh)
+        lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
+        rst = None if resets is None else _np(resets.to(torch.bool))
+        numba_cpu.forward_recurrence(_np(xp), h0_np, _np(w_hh), bhh, lens, rst, mode, reset_after,
+                                     y.numpy(), h_n.numpy(), ws.numpy())
+    return y, h_n, ws
+
+
+def _weight_grads(x, d_gx, d_gh, ws, h_in, w_ih, mode, H):
+    """grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh from the pre-activation gradients
+    (one GEMM each, torch; works on CPU and CUDA tensors)."""
+    T, B, I = x.shape
+    GH = d_gx.shape[2]
+    x2 = x.reshape(T * B, I)
+    dgx2 = d_gx.view(T * B, GH)
+    dgh2 = d_gh.view(T * B, GH)
+    h_prev = ws.view(T * B, ws.shape[2])[:, :H]
+    grad_x = torch.mm(dgx2, w_ih).view(T, B, I)
+    grad_w_ih = torch.mm(dgx2.t(), x2)
+    if h_in is None:
+        grad_w_hh = torch.mm(dgh2.t(), h_prev)
+    else:
+        grad_w_hh = torch.empty(GH, H, dtype=x.dtype, device=x.device)
+        torch.mm(dgh2[:, :2 * H].t(), h_prev, out=grad_w_hh[:2 * H])
+        torch.mm(dgh2[:, 2 * H:].t(), h_in.view(T * B, H), out=grad_w_hh[2 * H:])
+    return grad_x, grad_w_ih, grad_w_hh, dgx2.sum(0), dgh2.sum(0)
+
+
+def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
+             mode: int, reset_after: bool):
+    dev = _check(x, mode)
+    mode = int(mode)
+    reset_after = bool(reset_after)
+    if dev == "cuda":
+        return _cuda().backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
+                                y, ws, mode, reset_after)
+    with torch.no_grad():
+        grad_y, grad_h_n, x, w_ih, w_hh, y, ws = (
+            t.detach().contiguous() for t in (grad_y, grad_h_n, x, w_ih, w_hh, y, ws))
+        T, B, _ = x.shape
+        H = h0.shape[1]
+        GH = w_hh.shape[0]
+        split = mode == MODE_GRU and not reset_after
+        d_gx = torch.empty(T, B, GH, dtype=x.dtype)
+        d_gh = torch.empty(T, B, GH, dtype=x.dtype)
+        h_in = torch.empty(T, B, H, dtype=x.dtype) if split else None
+        grad_h0 = torch.empty(B, H, dtype=x.dtype)
+        lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
+        rst = None if resets is None else _np(resets.to(torch.bool))
+        numba_cpu.backward_recurrence(
+            grad_y.numpy(), grad_h_n.numpy(), w_hh.t().contiguous().numpy(), lens, rst,
+            y.numpy(), ws.numpy(),
+            mode, reset_after, d_gx.numpy(), d_gh.numpy(),
+            None if h_in is None else h_in.numpy(), grad_h0.numpy())
+        grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
+            x, d_gx, d_gh, ws, h_in, w_ih, mode, H)
+    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

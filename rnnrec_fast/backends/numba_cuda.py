@@ -1,0 +1,579 @@
+"""``numba.cuda`` kernels of the fused RNN / GRU recurrence (forward and backward).
+
+Each direction is ONE kernel launch that runs the whole time loop (a launch from Python costs tens
+of microseconds, far more than one step of a small RNN):
+
+  * one thread block per group of ``RB`` batch rows (rows are independent through the recurrence, so
+    blocks never wait on each other); threads loop over hidden units ``j``; ``cuda.syncthreads()``
+    separates the phases of a step;
+  * the block's state rows live in dynamic shared memory; ``W_hh`` is read from global memory (L2
+    resident for the sizes of interest), laid out so that consecutive threads read consecutive
+    addresses: ``W_hh^T`` (H, G*H) in the forward, ``W_hh`` (G*H, H) in the backward;
+  * forward, per step: (1) ``h_prev`` = state, zeroed on reset; (2) each thread computes the gate
+    pre-activations of its units (dot products with ``h_prev`` for the RB rows) and the fused gate
+    math, writing ``y``, ``ws`` and the new state; GRU with ``reset_after=False`` needs a second
+    product with ``r * h_prev``, hence a third phase;
+  * backward, per step: (1) gate gradients of each unit from ``ws`` -> ``d_gx``, ``d_gh`` (global,
+    for the weight gradients) and the block's copy of ``d_gh`` in shared memory; (2) ``dh_prev =
+    g * z (+ d(r h) * r) + d_gh W_hh`` (for ``reset_after=False`` first ``d(r h) = dn_pre W_hn``).
+
+The input projection (one GEMM) and the weight-gradient GEMMs are torch ops around the kernels.
+Semantics, layouts and the workspace follow ``reference.py`` exactly.
+
+Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported) the same code
+runs on CPU: ``forward`` / ``backward`` then take CPU tensors (handed to the kernels as NumPy views,
+which the simulator copies in and back), and ``forward_numpy`` / ``backward_numpy`` take NumPy
+arrays and go through ``cuda.to_device`` / ``copy_to_host``. That is how CI checks indexing and
+synchronisation without a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import config as _numba_config
+from numba import cuda, float32, float64
+
+MODE_RNN_TANH = 0
+MODE_RNN_RELU = 1
+MODE_GRU = 2
+
+SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+MAX_THREADS = 256
+SHARED_BYTES = 48 * 1024  # dynamic shared memory available without an opt-in
+
+_KERNELS = {}
+
+
+def _make_kernels(nbdt, RB):
+    """Forward and backward kernels for one float type and RB batch rows per block."""
+
+    @cuda.jit
+    def fwd_kernel(xp, h0, whhT, bhh, has_bias, lengths, has_lengths, resets, has_resets,
+                   mode, reset_after, y, h_n, ws):
+        T = xp.shape[0]
+        B = h0.shape[0]
+        H = h0.shape[1]
+        W = ws.shape[2]
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        row0 = cuda.blockIdx.x * RB
+        gru = mode == MODE_GRU
+        split = gru and reset_after == 0
+        sh = cuda.shared.array(0, dtype=nbdt)  # [h (RB*H) | h_prev (RB*H) | r*h_prev (RB*H)]
+        HP = RB * H
+        RH = 2 * RB * H
+        ar = cuda.local.array(RB, dtype=nbdt)
+        az = cuda.local.array(RB, dtype=nbdt)
+        an = cuda.local.array(RB, dtype=nbdt)
+
+        for q in range(tid, RB * H, nt):
+            rr = q // H
+            k = q - rr * H
+            b = row0 + rr
+            if b < B:
+                sh[q] = h0[b, k]
+        cuda.syncthreads()
+
+        for t in range(T):
+            # phase 1: h_prev = state, zeroed where the row resets at this step
+            for q in range(tid, RB * H, nt):
+                rr = q // H
+                b = row0 + rr
+                if b < B:
+                    v = sh[q]
+                    if has_resets and resets[t, b]:
+                        v = 0.0
+                    sh[HP + q] = v
+            cuda.syncthreads()
+            # phase 2: gate pre-activations of unit j and the fused gate math
+            for j in range(tid, H, nt):
+                for rr in range(RB):
+                    ar[rr] = 0.0
+                    az[rr] = 0.0
+                    an[rr] = 0.0
+                if not gru:
+                    for k in range(H):
+                        wr = whhT[k, j]
+                        for rr in range(RB):
+                            ar[rr] += wr * sh[HP + rr * H + k]
+                elif split:
+                    for k in range(H):
+                        wr = whhT[k, j]
+                        wz = whhT[k, H + j]
+                        for rr in range(RB):
+                            hv = sh[HP + rr * H + k]
+                            ar[rr] += wr * hv
+                            az[rr] += wz * hv
+                else:
+                    for k in range(H):
+                        wr = whhT[k, j]
+                        wz = whhT[k, H + j]
+                        wn = whhT[k, 2 * H + j]
+                        for rr in range(RB):
+                            hv = sh[HP + rr * H + k]
+                            ar[rr] += wr * hv
+                            az[rr] += wz * hv
+                            an[rr] += wn * hv
+                for rr in range(RB):
+                    b = row0 + rr
+                    if b >= B:
+                        continue
+                    if has_lengths and t >= lengths[b]:
+                        y[t, b, j] = 0.0
+                        for g in range(W // H):
+                            ws[t, b, g * H + j] = 0.0
+                        continue
+                    hpj = sh[HP + rr * H + j]
+                    if not gru:
+                        pre = xp[t, b, j] + ar[rr]
+                        if has_bias:
+                            pre += bhh[j]
+                        if mode == MODE_RNN_TANH:
+                            hnew = math.tanh(pre)
+                        else:
+                            hnew = pre
+                            if pre < 0:
+                                hnew = 0.0
+                        ws[t, b, j] = hpj
+                        y[t, b, j] = hnew
+                        sh[rr * H + j] = hnew
+                    else:
+                        pr = xp[t, b, j] + ar[rr]
+                        pz = xp[t, b, H + j] + az[rr]
+                        if has_bias:
+                            pr += bhh[j]
+                            pz += bhh[H + j]
+                        r = 1.0 / (1.0 + math.exp(-pr))
+                        z = 1.0 / (1.0 + math.exp(-pz))
+                        ws[t, b, j] = hpj
+                        ws[t, b, H + j] = r
+                        ws[t, b, 2 * H + j] = z
+                        if split:
+                            sh[RH + rr * H + j] = r * hpj
+                        else:
+                            hn = an[rr]
+                            if has_bias:
+                                hn += bhh[2 * H + j]
+                            n = math.tanh(xp[t, b, 2 * H + j] + r * hn)
+                            hnew = (1.0 - z) * n + z * hpj
+                            ws[t, b, 3 * H + j] = n
+                            ws[t, b, 4 * H + j] = hn
+                            y[t, b, j] = hnew
+                            sh[rr * H + j] = hnew
+            cuda.syncthreads()
+            if split:
+                # phase 3 (Cho et al. GRU): hn = W_hn (r * h_prev) + b_hn, then the new state
+                for j in range(tid, H, nt):
+                    for rr in range(RB):
+                        an[rr] = 0.0
+                    for k in range(H):
+                        wn = whhT[k, 2 * H + j]
+                        for rr in range(RB):
+                            an[rr] += wn * sh[RH + rr * H + k]
+                    for rr in range(RB):
+                        b = row0 + rr
+                        if b >= B or (has_lengths and t >= lengths[b]):
+                            continue
+                        hn = an[rr]
+                        if has_bias:
+                            hn += bhh[2 * H + j]
+                        n = math.tanh(xp[t, b, 2 * H + j] + hn)
+                        z = ws[t, b, 2 * H + j]
+                        hnew = (1.0 - z) * n + z * sh[HP + rr * H + j]
+                        ws[t, b, 3 * H + j] = n
+                        ws[t, b, 4 * H + j] = hn
+                        y[t, b, j] = hnew
+                        sh[rr * H + j] = hnew
+                cuda.syncthreads()
+
+        for q in range(tid, RB * H, nt):
+            rr = q // H
+            k = q - rr * H
+            b = row0 + rr
+            if b < B:
+                h_n[b, k] = sh[q]
+
+    @cuda.jit
+    def bwd_kernel(grad_y, grad_h_n, w_hh, lengths, has_lengths, resets, has_resets, y, ws,
+                   mode, reset_after, d_gx, d_gh, h_in, grad_h0):
+        T = grad_y.shape[0]
+        B = grad_h_n.shape[0]
+        H = grad_h_n.shape[1]
+        GH = w_hh.shape[0]
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        row0 = cuda.blockIdx.x * RB
+        gru = mode == MODE_GRU
+        split = gru and reset_after == 0
+        # [dh (RB*H): grad w.r.t. the state after step t | dn (RB*H): its direct part for the
+        #  state before step t | dg (RB*GH): d_gh of the step, the operand of the product]
+        sh = cuda.shared.array(0, dtype=nbdt)
+        DN = RB * H
+        DG = 2 * RB * H
+        acc = cuda.local.array(RB, dtype=nbdt)
+
+        for q in range(tid, RB * H, nt):
+            rr = q // H
+            k = q - rr * H
+            b = row0 + rr
+            if b < B:
+                sh[q] = grad_h_n[b, k]
+        cuda.syncthreads()
+
+        for tt in range(T):
+            t = T - 1 - tt
+            # phase 1: gate gradients of unit j
+            for j in range(tid, H, nt):
+                for rr in range(RB):
+                    b = row0 + rr
+                    if b >= B:
+                        continue
+                    dhj = sh[rr * H + j]
+                    if has_lengths and t >= lengths[b]:
+                        if gru:
+                            for g in range(3):
+                                d_gx[t, b, g * H + j] = 0.0
+                                d_gh[t, b, g * H + j] = 0.0
+                        else:
+                            d_gx[t, b, j] = 0.0
+                            d_gh[t, b, j] = 0.0
+                        if split:
+                            h_in[t, b, j] = 0.0
+                        sh[DN + rr * H + j] = dhj
+                        continue
+                    g = dhj + grad_y[t, b, j]
+                    if not gru:
+                        hnew = y[t, b, j]
+                        if mode == MODE_RNN_TANH:
+                            dg = g * (1.0 - hnew * hnew)
+                        else:
+                            dg = g if hnew > 0 else 0.0 * g
+                        d_gx[t, b, j] = dg
+                        d_gh[t, b, j] = dg
+                        sh[DG + rr * GH + j] = dg
+                        sh[DN + rr * H + j] = 0.0
+                    else:
+                        hpj = ws[t, b, j]
+                        r = ws[t, b, H + j]
+                        z = ws[t, b, 2 * H + j]
+                        n = ws[t, b, 3 * H + j]
+                        dn_pre = g * (1.0 - z) * (1.0 - n * n)
+                        dz_pre = g * (hpj - n) * z * (1.0 - z)
+                        d_gx[t, b, H + j] = dz_pre
+                        d_gx[t, b, 2 * H + j] = dn_pre
+                        d_gh[t, b, H + j] = dz_pre
+                        sh[DG + rr * GH + H + j] = dz_pre
+                        sh[DN + rr * H + j] = g * z
+                        if split:
+                            d_gh[t, b, 2 * H + j] = dn_pre
+                            sh[DG + rr * GH + 2 * H + j] = dn_pre
+                            h_in[t, b, j] = r * hpj
+                        else:
+                            hn = ws[t, b, 4 * H + j]
+                            dr_pre = dn_pre * hn * r * (1.0 - r)
+                            d_gx[t, b, j] = dr_pre
+                            d_gh[t, b, j] = dr_pre
+                            d_gh[t, b, 2 * H + j] = dn_pre * r
+                            sh[DG + rr * GH + j] = dr_pre
+                            sh[DG + rr * GH + 2 * H + j] = dn_pre * r
+            cuda.syncthreads()
+            if split:
+                # phase 1b: d(r * h_prev) = dn_pre W_hn, then the r gate
+                for j in range(tid, H, nt):
+                    for rr in range(RB):
+                        acc[rr] = 0.0
+                    for k in range(H):
+                        w = w_hh[2 * H + k, j]
+                        for rr in range(RB):
+                            acc[rr] += sh[DG + rr * GH + 2 * H + k] * w
+                    for rr in range(RB):
+                        b = row0 + rr
+                        if b >= B or (has_lengths and t >= lengths[b]):
+                            continue
+                        drh = acc[rr]
+                        hpj = ws[t, b, j]
+                        r = ws[t, b, H + j]
+                        dr_pre = drh * hpj * r * (1.0 - r)
+                        d_gx[t, b, j] = dr_pre
+                        d_gh[t, b, j] = dr_pre
+                        sh[DG + rr * GH + j] = dr_pre
+                        sh[DN + rr * H + j] += drh * r
+                cuda.syncthreads()
+            # phase 2: dh_prev = dn + d_gh W_hh (split: the r, z rows only), zeroed on reset
+            K = 2 * H if split else GH
+            for j in range(tid, H, nt):
+                for rr in range(RB):
+                    acc[rr] = 0.0
+                for k in range(K):
+                    w = w_hh[k, j]
+                    for rr in range(RB):
+                        acc[rr] += sh[DG + rr * GH + k] * w
+                for rr in range(RB):
+                    b = row0 + rr
+                    if b >= B or (has_lengths and t >= lengths[b]):
+                        continue  # inactive: the gradient passes through unchanged
+                    v = sh[DN + rr * H + j] + acc[rr]
+                    if has_resets and resets[t, b]:
+                        v = 0.0
+                    sh[rr * H + j] = v
+            cuda.syncthreads()
+
+        for q in range(tid, RB * H, nt):
+            rr = q // H
+            k = q - rr * H
+            b = row0 + rr
+            if b < B:
+                grad_h0[b, k] = sh[q]
+
+    return fwd_kernel, bwd_kernel
+
+
+def _kernels(np_dtype, RB):
+    key = (np.dtype(np_dtype).str, RB)
+    ks = _KERNELS.get(key)
+    if ks is None:
+        nbdt = float32 if np.dtype(np_dtype) == np.float32 else float64
+        ks = _make_kernels(nbdt, RB)
+        _KERNELS[key] = ks
+    return ks
+
+
+def _launch_config(B, H, GH, itemsize, threads, rows_per_block, fwd):
+    """threads per block, rows per block, blocks, dynamic shared memory bytes."""
+    per_row = (3 * H if fwd else 2 * H + GH) * itemsize
+    if rows_per_block is None:
+        rows_per_block = 1 if B < 512 else 4
+        while rows_per_block > 1 and rows_per_block * per_row > SHARED_BYTES:
+            rows_per_block //= 2
+    if rows_per_block * per_row > SHARED_BYTES:
+        raise ValueError(f"rnnrec_fast numba.cuda backend: hidden size {H} needs {per_row} bytes "
+                         f"of shared memory per batch row, more than {SHARED_BYTES}")
+    if threads is None:
+        threads = min(MAX_THREADS, max(32, -(-H // 32) * 32))
+    blocks = -(-B // rows_per_block)
+    return threads, rows_per_block, blocks, rows_per_block * per_row
+
+
+# --------------------------------------------------------------------------------------------------
+# launches on device arrays (numba device arrays, or NumPy arrays under the simulator)
+# --------------------------------------------------------------------------------------------------
+def launch_forward(xp, h0, whhT, bhh, lengths, resets, mode, reset_after, y, h_n, ws,
+                   stream=0, threads=None, rows_per_block=None, dummies=None):
+    """xp (T,B,G*H), h0 (B,H), whhT (H,G*H) = W_hh^T, bhh (G*H,) or None, lengths (B,) int64 or
+    None, resets (T,B) bool or None; writes y, h_n, ws. One launch."""
+    B, H = h0.shape
+    GH = whhT.shape[1]
+    if B == 0:
+        return
+    th, rb, blocks, shmem = _launch_config(B, H, GH, np.dtype(h0.dtype).itemsize, threads,
+                                           rows_per_block, True)
+    fwd, _ = _kernels(h0.dtype, rb)
+    d = dummies if dummies is not None else _numpy_dummies(h0.dtype)
+    fwd[blocks, th, stream, shmem](
+        xp, h0, whhT, d["vec"] if bhh is None else bhh, bhh is not None,
+        d["len"] if lengths is None else lengths, lengths is not None,
+        d["rst"] if resets is None else resets, resets is not None,
+        int(mode), int(bool(reset_after)), y, h_n, ws)
+
+
+def launch_backward(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, reset_after,
+                    d_gx, d_gh, h_in, grad_h0, stream=0, threads=None, rows_per_block=None,
+                    dummies=None):
+    """Writes d_gx, d_gh (T,B,G*H), grad_h0 (B,H) and, for GRU with reset_after=False, h_in
+    (T,B,H) = r * h_prev. One launch."""
+    B, H = grad_h_n.shape
+    GH = w_hh.shape[0]
+    if B == 0:
+        return
+    th, rb, blocks, shmem = _launch_config(B, H, GH, np.dtype(grad_h_n.dtype).itemsize, threads,
+                                           rows_per_block, False)
+    _, bwd = _kernels(grad_h_n.dtype, rb)
+    d = dummies if dummies is not None else _numpy_dummies(grad_h_n.dtype)
+    bwd[blocks, th, stream, shmem](
+        grad_y, grad_h_n, w_hh, d["len"] if lengths is None else lengths, lengths is not None,
+        d["rst"] if resets is None else resets, resets is not None, y, ws,
+        int(mode), int(bool(reset_after)), d_gx, d_gh, d["ws"] if h_in is None else h_in,
+        grad_h0)
+
+
+def _numpy_dummies(dtype):
+    return {"vec": np.zeros(1, dtype), "len": np.zeros(1, np.int64),
+            "rst": np.zeros((1, 1), np.bool_), "ws": np.zeros((1, 1, 1), dtype)}
+
+
+# --------------------------------------------------------------------------------------------------
+# NumPy entry points (copies through cuda.to_device; used by the simulator checks)
+# --------------------------------------------------------------------------------------------------
+def _to_dev(a):
+    return None if a is None else cuda.to_device(np.ascontiguousarray(a))
+
+
+def forward_numpy(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after,
+                  threads=None, rows_per_block=None):
+    """The forward on NumPy arrays: input projection with NumPy, the recurrence on the device
+    (or the simulator). Returns (y, h_n, ws) as NumPy arrays."""
+    T, B, I = x.shape
+    H = h0.shape[1]
+    GH = w_hh.shape[0]
+    W = 5 * H if mode == MODE_GRU else H
+    xp = (x.reshape(T * B, I) @ w_ih.T).reshape(T, B, GH)
+    if b_ih is not None:
+        xp = xp + b_ih
+    dt = h0.dtype
+    d_y = cuda.device_array((T, B, H), dt)
+    d_hn = cuda.device_array((B, H), dt)
+    d_ws = cuda.device_array((T, B, W), dt)
+    dummies = {k: cuda.to_device(v) for k, v in _numpy_dummies(dt).items()}
+    launch_forward(_to_dev(xp.astype(dt)), _to_dev(h0), _to_dev(w_hh.T), _to_dev(b_hh),
+                   _to_dev(lengths), _to_dev(resets), mode, reset_after, d_y, d_hn, d_ws,
+                   threads=threads, rows_per_block=rows_per_block, dummies=dummies)
+    return d_y.copy_to_host(), d_hn.copy_to_host(), d_ws.copy_to_host()
+
+
+def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
+                   mode, reset_after, threads=None, rows_per_block=None):
+    """The backward on NumPy arrays (recurrence on the device or the simulator, weight gradients
+    with NumPy). Returns the six gradients as NumPy arrays."""
+    T, B, I = x.shape
+    H = h0.shape[1]
+    GH = w_hh.shape[0]
+    dt = h0.dtype
+    split = mode == MODE_GRU and not reset_after
+    d_gx = cuda.device_array((T, B, GH), dt)
+    d_gh = cuda.device_array((T, B, GH), dt)
+    d_hin = cuda.device_array((T, B, H), dt) if split else None
+    d_g0 = cuda.device_array((B, H), dt)
+    dummies = {k: cuda.to_device(v) for k, v in _numpy_dummies(dt).items()}
+    launch_backward(_to_dev(grad_y), _to_dev(grad_h_n), _to_dev(w_hh), _to_dev(lengths),
+                    _to_dev(resets), _to_dev(y), _to_dev(ws), mode, reset_after,
+                    d_gx, d_gh, d_hin, d_g0, threads=threads, rows_per_block=rows_per_block,
+                    dummies=dummies)
+    dgx = d_gx.copy_to_host().reshape(T * B, GH)
+    dgh = d_gh.copy_to_host().reshape(T * B, GH)
+    h_prev = ws.reshape(T * B, -1)[:, :H]
+    grad_x = (dgx @ w_ih).reshape(T, B, I)
+    grad_w_ih = dgx.T @ x.reshape(T * B, I)
+    if split:
+        h_in = d_hin.copy_to_host().reshape(T * B, H)
+        grad_w_hh = np.concatenate([dgh[:, :2 * H].T @ h_prev, dgh[:, 2 * H:].T @ h_in], 0)
+    else:
+        grad_w_hh = dgh.T @ h_prev
+    return (grad_x, d_g0.copy_to_host(), grad_w_ih, grad_w_hh, dgx.sum(0), dgh.sum(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# torch entry points (CUDA tensors; CPU tensors under the simulator)
+# --------------------------------------------------------------------------------------------------
+_DUMMIES = {}
+
+
+def _dev(t):
+    if t is None:
+        return None
+    t = t.detach()
+    if SIMULATOR:
+        return t.numpy()  # the simulator copies NumPy arguments in and back
+    # sync=False: the kernel runs on torch's current stream, so no stream synchronisation is needed
+    return cuda.as_cuda_array(t, sync=False)
+
+
+def _torch_dummies(dtype, device):
+    key = (dtype, str(device))
+    d = _DUMMIES.get(key)
+    if d is None:
+        d = {"vec": torch.zeros(1, dtype=dtype, device=device),
+             "len": torch.zeros(1, dtype=torch.int64, device=device),
+             "rst": torch.zeros(1, 1, dtype=torch.bool, device=device),
+             "ws": torch.zeros(1, 1, 1, dtype=dtype, device=device)}
+        d = {k: _dev(v) for k, v in d.items()} if SIMULATOR else {
+            k: (v, _dev(v)) for k, v in d.items()}
+        _DUMMIES[key] = d
+    if SIMULATOR:
+        return d
+    return {k: v[1] for k, v in d.items()}
+
+
+_STREAMS = {}
+
+
+def _stream(device):
+    """numba view of torch's current stream (cached per stream handle)."""
+    if SIMULATOR:
+        return 0  # the simulator has no external streams
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    s = _STREAMS.get(ptr)
+    if s is None:
+        if len(_STREAMS) > 64:
+            _STREAMS.clear()
+        s = _STREAMS[ptr] = cuda.external_stream(ptr)
+    return s
+
+
+def _check_device(x):
+    if not SIMULATOR and x.device.type != "cuda":
+        raise ValueError(f"rnnrec_fast numba.cuda backend: expected CUDA tensors, got {x.device}")
+
+
+def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_after: bool,
+            threads=None, rows_per_block=None):
+    _check_device(x)
+    with torch.no_grad():
+        x, h0, w_ih, w_hh = (t.detach() for t in (x, h0, w_ih, w_hh))
+        T, B, I = x.shape
+        H = h0.shape[1]
+        GH = w_hh.shape[0]
+        W = 5 * H if mode == MODE_GRU else H
+        x2 = x.reshape(T * B, I)
+        xp = torch.mm(x2, w_ih.t()) if b_ih is None else torch.addmm(b_ih.detach(), x2, w_ih.t())
+        xp = xp.view(T, B, GH)
+        whhT = w_hh.t().contiguous()
+        y = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
+        h_n = torch.empty(B, H, dtype=x.dtype, device=x.device)
+        ws = torch.empty(T, B, W, dtype=x.dtype, device=x.device)
+        if T == 0 or B == 0:  # nothing to launch (and no zero-size arrays handed to numba)
+            return y, h0.clone(), ws
+        if lengths is not None:
+            lengths = lengths.to(torch.int64)
+        launch_forward(_dev(xp), _dev(h0), _dev(whhT), _dev(b_hh), _dev(lengths), _dev(resets),
+                       mode, reset_after, _dev(y), _dev(h_n), _dev(ws), stream=_stream(x.device),
+                       threads=threads, rows_per_block=rows_per_block,
+                       dummies=_torch_dummies(x.dtype, x.device))
+    return y, h_n, ws
+
+
+def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
+             mode: int, reset_after: bool, threads=None, rows_per_block=None):
+    _check_device(x)
+    with torch.no_grad():
+        grad_y, grad_h_n, x, w_ih, w_hh, y, ws = (
+            t.detach().contiguous() for t in (grad_y, grad_h_n, x, w_ih, w_hh, y, ws))
+        T, B, I = x.shape
+        H = h0.shape[1]
+        GH = w_hh.shape[0]
+        split = mode == MODE_GRU and not reset_after
+        kw = dict(dtype=x.dtype, device=x.device)
+        d_gx = torch.empty(T, B, GH, **kw)
+        d_gh = torch.empty(T, B, GH, **kw)
+        h_in = torch.empty(T, B, H, **kw) if split else None
+        grad_h0 = torch.empty(B, H, **kw)
+        if lengths is not None:
+            lengths = lengths.to(torch.int64)
+        if T == 0 or B == 0:
+            d_gx.zero_()
+            d_gh.zero_()
+            grad_h0.copy_(grad_h_n)
+            if h_in is not None:
+                h_in.zero_()
+        else:
+            launch_backward(_dev(grad_y), _dev(grad_h_n), _dev(w_hh), _dev(lengths),
+                            _dev(resets), _dev(y), _dev(ws), mode, reset_after, _dev(d_gx),
+                            _dev(d_gh), _dev(h_in), _dev(grad_h0), stream=_stream(x.device),
+                            threads=threads, rows_per_block=rows_per_block,
+                            dummies=_torch_dummies(x.dtype, x.device))
+        from .numba_backend import _weight_grads
+        grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
+            x, d_gx, d_gh, ws, h_in, w_ih, mode, H)
+    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

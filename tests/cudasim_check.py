@@ -1,0 +1,128 @@
+"""Check the numba.cuda kernels of the numba backend against the reference, through Numba's CUDA
+simulator (runs on CPU, no GPU needed). Run as a script; exits non-zero on the first mismatch.
+
+    python tests/cudasim_check.py            # full grid (tests/test_numba_cudasim.py runs this)
+
+NUMBA_ENABLE_CUDASIM must be set before numba is imported, so it is set here before any import and
+this file must run in its own process. Sizes are tiny: the simulator runs every thread as a Python
+thread.
+"""
+import os
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import itertools  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rnnrec_fast.backends import numba_cuda, reference  # noqa: E402
+
+MODES = [(0, False), (1, False), (2, True), (2, False)]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}
+NAMES = ["grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+
+
+def make_case(mode, bias, lengths_kind, with_resets, dtype, T=4, B=3, H=5, I=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = 3 if mode == 2 else 1
+
+    def rnd(*shape, scale=1.0):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).mul(scale).to(dtype)
+
+    x = rnd(T, B, I)
+    h0 = rnd(B, H, scale=0.5)
+    w_ih = rnd(G * H, I, scale=0.6)
+    w_hh = rnd(G * H, H, scale=0.6)
+    b_ih = rnd(G * H, scale=0.3) if bias else None
+    b_hh = rnd(G * H, scale=0.3) if bias else None
+    lengths = None
+    if lengths_kind == "mixed":  # T, 0 and in between
+        lengths = torch.tensor([(T, 0, 2)[b % 3] for b in range(B)], dtype=torch.int64)
+    resets = None
+    if with_resets:
+        resets = torch.rand(T, B, generator=g) < 0.35
+        resets[0, 0] = True
+        resets[min(1, T - 1), B - 1] = True
+    return (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets), rnd(T, B, H), rnd(B, H)
+
+
+def check(args, mode, ra, gy, ghn, dtype, label, launch):
+    tol = TOL[dtype]
+    ref_fwd = reference.forward(*args, mode, ra)
+    got_fwd = numba_cuda.forward(*args, mode, ra, **launch)
+    for name, a, b in zip(("y", "h_n", "ws"), got_fwd, ref_fwd):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{label} {n}: {m}")
+    y, ws = ref_fwd[0], ref_fwd[2]
+    ref_bwd = reference.backward(gy, ghn, *args, y, ws, mode, ra)
+    got_bwd = numba_cuda.backward(gy, ghn, *args, y, ws, mode, ra, **launch)
+    for name, a, b in zip(NAMES, got_bwd, ref_bwd):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{label} {n}: {m}")
+
+
+def check_numpy_entry(dtype):
+    """forward_numpy / backward_numpy (cuda.to_device + copy_to_host) on one case per mode."""
+    for mode, ra in MODES:
+        args, gy, ghn = make_case(mode, True, "mixed", True, dtype, seed=3)
+        npa = [None if a is None else a.numpy() for a in args]
+        y, hn, ws = numba_cuda.forward_numpy(*npa, mode, ra, threads=3, rows_per_block=2)
+        ry, rhn, rws = reference.forward(*args, mode, ra)
+        tol = TOL[dtype]
+        for name, a, b in (("y", y, ry), ("h_n", hn, rhn), ("ws", ws, rws)):
+            torch.testing.assert_close(torch.from_numpy(a), b, **tol,
+                                       msg=lambda m, n=name: f"numpy mode={mode} {n}: {m}")
+        grads = numba_cuda.backward_numpy(gy.numpy(), ghn.numpy(), *npa, ry.numpy(), rws.numpy(),
+                                          mode, ra, threads=3, rows_per_block=2)
+        rgrads = reference.backward(gy, ghn, *args, ry, rws, mode, ra)
+        for name, a, b in zip(NAMES, grads, rgrads):
+            torch.testing.assert_close(torch.from_numpy(np.asarray(a)), b, **tol,
+                                       msg=lambda m, n=name: f"numpy mode={mode} {n}: {m}")
+
+
+def main():
+    assert numba_cuda.SIMULATOR, "NUMBA_ENABLE_CUDASIM was not in effect"
+    t0 = time.time()
+    n = 0
+    # launch shapes: threads < H (strided unit loops) with 2 rows per block (B=3: a partial block),
+    # and threads > H with all 3 rows in one block (the default configuration, 32 threads and 1 row
+    # per block, is used for the tiny cases only: every simulated thread is a Python thread)
+    launches = [dict(threads=2, rows_per_block=2), dict(threads=6, rows_per_block=3)]
+    for dtype in (torch.float64, torch.float32):
+        for (mode, ra), bias, lk, rs in itertools.product(MODES, (True, False), ("none", "mixed"),
+                                                          (False, True)):
+            launch = launches[n % 2]
+            args, gy, ghn = make_case(mode, bias, lk, rs, dtype, seed=n)
+            label = (f"[{dtype} mode={mode} reset_after={ra} bias={bias} lengths={lk} "
+                     f"resets={rs} launch={launch}]")
+            check(args, mode, ra, gy, ghn, dtype, label, launch)
+            n += 1
+        check_numpy_entry(dtype)
+    # T = 1, B = 1, H = 1
+    for mode, ra in MODES:
+        args, gy, ghn = make_case(mode, True, "none", True, torch.float64, T=1, B=1, H=1, I=2)
+        check(args, mode, ra, gy, ghn, torch.float64, f"[tiny mode={mode} ra={ra}]", {})
+        n += 1
+    # empty time or batch: no launch, h_n = h0, grad_h0 = grad_h_n
+    for T, B in ((0, 2), (2, 0)):
+        for mode, ra in MODES:
+            args, gy, ghn = make_case(mode, True, "none", False, torch.float64, T=max(T, 1),
+                                      B=max(B, 1))
+            args = (args[0][:T, :B].contiguous(), args[1][:B].contiguous()) + args[2:]
+            y, hn, ws = numba_cuda.forward(*args, mode, ra)
+            assert y.shape == (T, B, args[1].shape[1]) and ws.shape[:2] == (T, B)
+            torch.testing.assert_close(hn, args[1])
+            g = numba_cuda.backward(gy[:T, :B].contiguous(), ghn[:B].contiguous(), *args, y, ws,
+                                    mode, ra)
+            torch.testing.assert_close(g[1], ghn[:B])
+            assert g[0].shape == args[0].shape and not g[3].any()
+    print(f"cudasim: {n} cases + numpy entry points OK in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

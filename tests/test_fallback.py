@@ -1,0 +1,50 @@
+"""Without a compiled extension the package still works, warns once, and says which backend ran.
+With RNNREC_FAST_REQUIRE_EXT=1 (make test, CI) a missing extension is a failure, never a skip."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rnnrec_fast
+from rnnrec_fast import backends
+
+BLOCK_EXTENSION = """
+import sys, warnings, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"{extra}):
+            raise ImportError(f"{{name}} blocked for this test")
+sys.meta_path.insert(0, Block())
+warnings.simplefilter("always")
+import torch, rnnrec_fast
+torch.manual_seed(0)
+ref = torch.nn.GRU(4, 6, num_layers=2, batch_first=True)
+ours = rnnrec_fast.from_torch(ref)
+x = torch.randn(3, 5, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        y, h = ours(x)
+msgs = [str(w.message) for w in caught if "rnnrec_fast" in str(w.message)]
+assert len(msgs) == 1, msgs
+print(msgs[0])
+torch.testing.assert_close(y, ref(x)[0], rtol=1e-5, atol=1e-6)
+print("backend", rnnrec_fast.last_backend(), ours.active_backend())
+"""
+
+
+@pytest.mark.parametrize("block_numba,expected", [(False, "numba"), (True, "reference")])
+def test_works_without_extension(block_numba, expected):
+    code = BLOCK_EXTENSION.format(extra=', "numba"' if block_numba else "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "'cpp' backend is not available" in out.stdout
+    assert f"backend {expected} {expected}" in out.stdout
+
+
+def test_extension_is_built_when_required():
+    if os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
+        pytest.skip("set RNNREC_FAST_REQUIRE_EXT=1 to require the compiled extension")
+    assert backends.available("cpp"), backends.unavailable_reason("cpp")
+    assert rnnrec_fast.resolve_backend("auto", "cpu", __import__("torch").float32) == "cpp"

@@ -1,0 +1,112 @@
+"""The Numba njit CPU backend against the pure-PyTorch reference: outputs, workspace, gradients."""
+import itertools
+
+import pytest
+import torch
+
+numba_backend = pytest.importorskip("rnnrec_fast.backends.numba_backend")
+from rnnrec_fast.backends import reference  # noqa: E402
+
+# (mode, reset_after)
+MODES = [(0, False), (1, False), (2, True), (2, False)]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}
+
+
+def make_case(mode, reset_after, bias, lengths_kind, with_resets, dtype, T=4, B=5, H=5, I=3,
+              seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = 3 if mode == 2 else 1
+
+    def rnd(*shape, scale=1.0):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).mul(scale).to(dtype)
+
+    x = rnd(T, B, I)
+    h0 = rnd(B, H, scale=0.5)
+    w_ih = rnd(G * H, I, scale=0.6)
+    w_hh = rnd(G * H, H, scale=0.6)
+    b_ih = rnd(G * H, scale=0.3) if bias else None
+    b_hh = rnd(G * H, scale=0.3) if bias else None
+    if lengths_kind == "none":
+        lengths = None
+    else:  # includes 0 and T
+        lengths = torch.tensor([(T, 0, 2, 1, T, 3, 0)[b % 7] for b in range(B)], dtype=torch.int64)
+    resets = None
+    if with_resets:
+        resets = torch.rand(T, B, generator=g) < 0.35
+        resets[0, 0] = True
+        resets[T - 1, B - 1] = True
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
+    grad_y = rnd(T, B, H)
+    grad_h_n = rnd(B, H)
+    return args, grad_y, grad_h_n
+
+
+def check_case(args, grad_y, grad_h_n, dtype):
+    tol = TOL[dtype]
+    y_r, hn_r, ws_r = reference.forward(*args)
+    y, hn, ws = numba_backend.forward(*args)
+    torch.testing.assert_close(y, y_r, **tol)
+    torch.testing.assert_close(hn, hn_r, **tol)
+    torch.testing.assert_close(ws, ws_r, **tol)
+    (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after) = args
+    gr = reference.backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
+                            y_r, ws_r, mode, reset_after)
+    gn = numba_backend.backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
+                                y_r, ws_r, mode, reset_after)
+    names = ["grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+    for name, a, b in zip(names, gn, gr):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode,reset_after", MODES, ids=["tanh", "relu", "gru_after", "gru_before"])
+def test_numba_cpu_matches_reference(mode, reset_after, dtype):
+    for bias, lengths_kind, with_resets in itertools.product(
+            (True, False), ("none", "mixed"), (False, True)):
+        args, gy, ghn = make_case(mode, reset_after, bias, lengths_kind, with_resets, dtype)
+        check_case(args, gy, ghn, dtype)
+
+
+@pytest.mark.parametrize("mode,reset_after", MODES, ids=["tanh", "relu", "gru_after", "gru_before"])
+def test_numba_cpu_parallel_chunks(mode, reset_after, monkeypatch):
+    """The batch split into chunks run by the thread pool gives the same result as one chunk."""
+    from rnnrec_fast.backends import numba_cpu
+    monkeypatch.setattr(numba_cpu, "_nchunks", lambda B: 3)  # 3 chunks of 13 rows: 4, 4, 5
+    args, gy, ghn = make_case(mode, reset_after, True, "mixed", True, torch.float64, T=3, B=13,
+                              H=6, I=2, seed=1)
+    check_case(args, gy, ghn, torch.float64)
+
+
+def test_numba_cpu_edge_shapes():
+    # T = 1, B = 1, H = 1, and a row-block of exactly 4
+    for T, B, H in ((1, 1, 1), (2, 4, 3)):
+        for mode, ra in MODES:
+            args, gy, ghn = make_case(mode, ra, True, "none", True, torch.float64, T=T, B=B, H=H,
+                                      I=2)
+            check_case(args, gy, ghn, torch.float64)
+
+
+def test_numba_backend_rejects_unsupported():
+    args, _, _ = make_case(0, False, True, "none", False, torch.float64)
+    x = args[0].to(torch.float16)
+    with pytest.raises(TypeError, match="float16"):
+        numba_backend.forward(x, *args[1:])
+    assert numba_backend.DEVICES == ("cpu", "cuda")
+    assert numba_backend.DTYPES == (torch.float32, torch.float64)
+
+
+def test_numba_cpu_empty_time_or_batch():
+    for T, B in ((0, 3), (3, 0)):
+        for mode, ra in MODES:
+            args, gy, ghn = make_case(mode, ra, True, "none", False, torch.float64, T=max(T, 1),
+                                      B=max(B, 1), H=4, I=2)
+            x, h0 = args[0][:T, :B], args[1][:B]
+            args = (x.contiguous(), h0.contiguous()) + args[2:]
+            y, hn, ws = numba_backend.forward(*args)
+            assert y.shape == (T, B, 4) and ws.shape[:2] == (T, B)
+            torch.testing.assert_close(hn, h0)
+            g = numba_backend.backward(gy[:T, :B].contiguous(), ghn[:B].contiguous(), *args[:8],
+                                       y, ws, mode, ra)
+            assert g[0].shape == x.shape
+            torch.testing.assert_close(g[1], ghn[:B])
+            assert not g[3].any() and g[5].shape == (args[3].shape[0],)
