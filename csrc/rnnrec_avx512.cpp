@@ -138,39 +138,33 @@ void avx512_gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t
   }
 }
 
-// out[j] = W[j, :] . x for j < M (one batch row): four weight rows at a time, 16-wide FMAs.
+// out[j] = W[j, :] . x for j < M (one batch row): eight weight rows at a time (eight memory
+// streams in flight), 16-wide FMAs; a masked tail for K % 16.
+static inline __m256 fold256(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps_compat(v)); }
+
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out) {
   const int64_t kf = K & ~int64_t(15);
   const __mmask16 mt = __mmask16((1u << (K - kf)) - 1u);
   int64_t j = 0;
-  for (; j + 4 <= M; j += 4) {
-    const float* w0 = W + j * ldw;
-    const float* w1 = w0 + ldw;
-    const float* w2 = w1 + ldw;
-    const float* w3 = w2 + ldw;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; j + 8 <= M; j += 8) {
+    const float* w = W + j * ldw;
+    __m512 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < kf; k += 16) {
       const __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+      for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ldw + k), xv, a[r]);
     }
     if (k < K) {
       const __m512 xv = _mm512_maskz_loadu_ps(mt, x + k);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w3 + k), xv, a3);
+      for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w + r * ldw + k), xv, a[r]);
     }
-    // 4 x 16 partial sums -> 4 sums
-    const __m256 h0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps_compat(a0));
-    const __m256 h1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps_compat(a1));
-    const __m256 h2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps_compat(a2));
-    const __m256 h3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps_compat(a3));
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(h0, h1), _mm256_hadd_ps(h2, h3));
-    _mm_storeu_ps(out + j, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+    const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(fold256(a[0]), fold256(a[1])), _mm256_hadd_ps(fold256(a[2]), fold256(a[3])));
+    const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(fold256(a[4]), fold256(a[5])), _mm256_hadd_ps(fold256(a[6]), fold256(a[7])));
+    // lo = [s0 s1 s2 s3 | s0' s1' s2' s3'] (two 128-bit halves to add), same for hi
+    const __m256 sw = _mm256_permute2f128_ps(lo, hi, 0x20);  // [lo.low, hi.low]
+    const __m256 sh = _mm256_permute2f128_ps(lo, hi, 0x31);  // [lo.high, hi.high]
+    _mm256_storeu_ps(out + j, _mm256_add_ps(sw, sh));
   }
   for (; j < M; ++j) {
     const float* w0 = W + j * ldw;

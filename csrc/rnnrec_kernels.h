@@ -48,7 +48,7 @@ using SmallGemmNT = void (*)(int64_t nb, int64_t M, int64_t K, const T* W, int64
 template <typename T>
 RowKernels<T> scalar_row_kernels();
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RNNREC_HAVE_AVX2_TU 1
 // AVX2/FMA float kernels (rnnrec_avx2.cpp). Only call after cpu_has_avx2_fma() returned true.
 RowKernels<float> avx2_row_kernels_f32();

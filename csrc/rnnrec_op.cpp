@@ -51,7 +51,7 @@ std::string shape_str(const at::Tensor& t) {
 }
 
 // Mirrors ops._check_inputs; returns the mode index.
-int64_t check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
                      const Opt& resets, c10::string_view mode) {
   int64_t mode_i, gates;
@@ -73,8 +73,10 @@ int64_t check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   const int64_t H = w_hh.size(1);
   RNNREC_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates * H && w_ih.size(1) == I, "w_ih must be (",
                gates * H, ", ", I, ") (gates*H, input_size), got shape ", shape_str(w_ih));
-  RNNREC_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, "h0 must be (B, H) = (", B, ", ",
-               H, "), got shape ", shape_str(h0));
+  if (has(h0)) {
+    RNNREC_CHECK(h0->dim() == 2 && h0->size(0) == B && h0->size(1) == H, "h0 must be (B, H) = (", B,
+                 ", ", H, "), got shape ", shape_str(*h0));
+  }
   RNNREC_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
                x.scalar_type());
   auto same = [&](const at::Tensor& t, const char* name, bool bias) {
@@ -87,7 +89,7 @@ int64_t check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     RNNREC_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
                  "; all must be on one device");
   };
-  same(h0, "h0", false);
+  if (has(h0)) same(*h0, "h0", false);
   same(w_ih, "w_ih", false);
   same(w_hh, "w_hh", false);
   if (has(b_ih)) same(*b_ih, "b_ih", true);
@@ -124,25 +126,30 @@ bool is_cpp(c10::string_view backend, const at::Tensor& x) {
 
 Opt contig(const Opt& t) { return has(t) ? Opt(t->contiguous()) : Opt(); }
 
-Fwd recurrence_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+// The zero initial state when h0 is None.
+at::Tensor state_or_zeros(const Opt& h0, const at::Tensor& x, const at::Tensor& w_hh) {
+  return has(h0) ? h0->contiguous() : at::zeros({x.size(1), w_hh.size(1)}, x.options());
+}
+
+Fwd recurrence_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
                    const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
                    const Opt& resets, c10::string_view mode, bool reset_after, c10::string_view backend) {
   if (!is_cpp(backend, x)) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("rnnrec_fast::recurrence_py", "")
-                         .typed<Fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         .typed<Fwd(const at::Tensor&, const Opt&, const at::Tensor&,
                                     const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&,
                                     c10::string_view, bool, c10::string_view)>();
     return op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend);
   }
   const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
   last_backend_name = "cpp";
-  return forward(x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(), contig(b_ih),
+  return forward(x.contiguous(), state_or_zeros(h0, x, w_hh), w_ih.contiguous(), w_hh.contiguous(), contig(b_ih),
                  contig(b_hh), contig(lengths), contig(resets), mode_i, reset_after);
 }
 
 Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
-                            const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const Opt& b_ih, const Opt& b_hh, const Opt& lengths, const Opt& resets,
                             const at::Tensor& y, const at::Tensor& ws, c10::string_view mode,
                             bool reset_after, c10::string_view backend) {
@@ -150,14 +157,14 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("rnnrec_fast::recurrence_backward_py", "")
                          .typed<Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
+                                    const Opt&, const at::Tensor&, const at::Tensor&, const Opt&,
                                     const Opt&, const Opt&, const Opt&, const at::Tensor&,
                                     const at::Tensor&, c10::string_view, bool, c10::string_view)>();
     return op.call(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode,
                    reset_after, backend);
   }
   const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
-  return backward(grad_y.contiguous(), grad_h_n.contiguous(), x.contiguous(), h0.contiguous(),
+  return backward(grad_y.contiguous(), grad_h_n.contiguous(), x.contiguous(), state_or_zeros(h0, x, w_hh),
                   w_ih.contiguous(), w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(lengths),
                   contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after);
 }
