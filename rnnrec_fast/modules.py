@@ -168,10 +168,8 @@ class _RNNBase(nn.Module):
                              f"Expected {self.input_size}, got {I}")
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
-        expected = (self.num_layers * D, B, H)
-        if hx is None:
-            hx = torch.zeros(expected, dtype=x.dtype, device=x.device)
-        else:
+        if hx is not None:
+            expected = (self.num_layers * D, B, H)
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             if not batched:
@@ -197,7 +195,8 @@ class _RNNBase(nn.Module):
         op = torch.ops.rnnrec_fast.recurrence.default
         mode, reset_after, backend = self.mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
-            out, h = op(x, hx[0], *self._layer_params(0), lengths, resets, mode, reset_after, backend)[:2]
+            out, h = op(x, None if hx is None else hx[0], *self._layer_params(0), lengths, resets, mode,
+                        reset_after, backend)[:2]
             h_n = h.unsqueeze(0)
         else:
             rev = _reverse_index(T, B, lengths, x.device) if D == 2 else None
@@ -208,8 +207,8 @@ class _RNNBase(nn.Module):
                 for direction in range(D):
                     idx = layer * D + direction
                     xin = layer_in if direction == 0 else _take_time(layer_in, rev)
-                    y, h = op(xin, hx[idx], *self._layer_params(idx), lengths, resets, mode, reset_after,
-                              backend)[:2]
+                    y, h = op(xin, None if hx is None else hx[idx], *self._layer_params(idx), lengths,
+                              resets, mode, reset_after, backend)[:2]
                     outs.append(y if direction == 0 else _take_time(y, rev))
                     hs.append(h)
                 layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
@@ -308,9 +307,7 @@ class _CellBase(nn.Module):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        if hx is None:
-            hx = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
-        else:
+        if hx is not None:
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             if hx.dim() != input.dim():

@@ -25,12 +25,12 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3}
 BACKENDS = ("auto",) + _backends.NAMES
 
 _FWD_SCHEMA = (
-    "(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+    "(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
     "Tensor? lengths, Tensor? resets, str mode, bool reset_after, str backend) "
     "-> (Tensor output, Tensor h_n, Tensor workspace)"
 )
 _BWD_SCHEMA = (
-    "(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
+    "(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor? h0, Tensor w_ih, "
     "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, Tensor output, "
     "Tensor workspace, str mode, bool reset_after, str backend) "
     "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
@@ -74,7 +74,7 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     H = w_hh.shape[1]
     if tuple(w_ih.shape) != (gates * H, I):
         _fail(f"w_ih must be ({gates * H}, {I}) (gates*H, input_size), got shape {tuple(w_ih.shape)}")
-    if tuple(h0.shape) != (B, H):
+    if h0 is not None and tuple(h0.shape) != (B, H):
         _fail(f"h0 must be (B, H) = ({B}, {H}), got shape {tuple(h0.shape)}")
     if not x.dtype.is_floating_point:
         _fail(f"x must be a floating-point tensor, got {x.dtype}")
@@ -187,9 +187,15 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _zero_state(x, w_hh):
+    return x.new_zeros(x.shape[1], w_hh.shape[1])
+
+
 def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_length_values(lengths, x.shape[0])
+    if h0 is None:
+        h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
     _set_last(name)
     return mod.forward(_c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih), _c(b_hh), _c(lengths), _c(resets),
@@ -199,6 +205,8 @@ def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, res
 def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
                      workspace, mode, reset_after, backend):
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    if h0 is None:
+        h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
     return mod.backward(_c(grad_output), _c(grad_h_n), _c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih),
                         _c(b_hh), _c(lengths), _c(resets), _c(output), _c(workspace), mode_i,
@@ -221,7 +229,7 @@ for _key in ("CPU", "CUDA"):
 def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     T, B, _ = x.shape
-    H = h0.shape[1]
+    H = w_hh.shape[1]
     ws_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, width, dtype=ws_dtype)
 
@@ -230,8 +238,8 @@ def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset
 def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
                    workspace, mode, reset_after, backend):
     _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
-    G = w_hh.shape[0]
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+    G, H = w_hh.shape
+    return (torch.empty_like(x), x.new_empty(x.shape[1], H), torch.empty_like(w_ih), torch.empty_like(w_hh),
             x.new_empty(G), x.new_empty(G))
 
 
@@ -252,11 +260,11 @@ def _backward(ctx, grad_y, grad_h_n, _grad_ws):
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     if grad_h_n is None:
-        grad_h_n = torch.zeros_like(h0)
+        grad_h_n = y.new_zeros(y.shape[1:])
     gx, gh0, gwi, gwh, gbi, gbh = torch.ops.rnnrec_fast.recurrence_backward(
         grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode, reset_after,
         backend)
-    return (gx, gh0, gwi, gwh, None if b_ih is None else gbi, None if b_hh is None else gbh,
+    return (gx, None if h0 is None else gh0, gwi, gwh, None if b_ih is None else gbi, None if b_hh is None else gbh,
             None, None, None, None, None)
 
 
@@ -272,7 +280,7 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     """Run one recurrent layer (one direction) over a whole sequence.
 
     Args:
-        x: (T, B, I) input.  h0: (B, H) initial state.
+        x: (T, B, I) input.  h0: (B, H) initial state, or None for zeros.
         w_ih: (G*H, I), w_hh: (G*H, H), b_ih / b_hh: (G*H,) or None; G = 3 for ``"gru"`` (rows r, z, n,
             as in ``torch.nn.GRU``), 1 for ``"rnn_tanh"`` / ``"rnn_relu"``.
         lengths: optional (B,) valid lengths; steps past a row's length leave its state unchanged and
@@ -284,8 +292,8 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     Returns:
         ``(output (T, B, H), h_n (B, H))``.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(h0, torch.Tensor):
-        raise TypeError("rnnrec_fast.recurrence: x and h0 must be tensors")
+    if not isinstance(x, torch.Tensor) or not (h0 is None or isinstance(h0, torch.Tensor)):
+        raise TypeError("rnnrec_fast.recurrence: x must be a tensor and h0 a tensor or None")
     if lengths is not None:
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
     if resets is not None:

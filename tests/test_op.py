@@ -139,3 +139,19 @@ def test_reset_after_forms_differ(backend):
     a = rnnrec_fast.recurrence(*args[:6], reset_after=True, backend=backend)[0]
     b = rnnrec_fast.recurrence(*args[:6], reset_after=False, backend=backend)[0]
     assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_h0_none_is_the_zero_state(backend):
+    gen = torch.Generator().manual_seed(2)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, "both", torch.float64, gen)
+    w_ih.requires_grad_()
+    y0, h_0, _ = torch.ops.rnnrec_fast.recurrence(x, None, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True, backend)
+    y1, h_1, _ = torch.ops.rnnrec_fast.recurrence(x, torch.zeros_like(h0), w_ih, w_hh, b_ih, b_hh, lengths, resets,
+                                                 "gru", True, backend)
+    assert torch.equal(y0, y1) and torch.equal(h_0, h_1)
+    g0, = torch.autograd.grad(y0.sum(), [w_ih])
+    g1, = torch.autograd.grad(y1.sum(), [w_ih])
+    torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default,
+                          (x, None, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True, backend))
