@@ -225,7 +225,6 @@ for _key in ("CPU", "CUDA"):
 # fake kernels (shape propagation for torch.compile / torch.export / meta tensors)
 
 
-@torch.library.register_fake("rnnrec_fast::recurrence")
 def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     T, B, _ = x.shape
@@ -234,7 +233,6 @@ def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset
     return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, width, dtype=ws_dtype)
 
 
-@torch.library.register_fake("rnnrec_fast::recurrence_backward")
 def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
                    workspace, mode, reset_after, backend):
     _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
@@ -242,6 +240,11 @@ def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths
     return (torch.empty_like(x), x.new_empty(x.shape[1], H), torch.empty_like(w_ih), torch.empty_like(w_hh),
             x.new_empty(G), x.new_empty(G))
 
+
+for _name in ("recurrence", "recurrence_py"):
+    torch.library.register_fake(f"rnnrec_fast::{_name}", _recurrence_fake, lib=_lib)
+for _name in ("recurrence_backward", "recurrence_backward_py"):
+    torch.library.register_fake(f"rnnrec_fast::{_name}", _backward_fake, lib=_lib)
 
 # ----------------------------------------------------------------------------------------------
 # autograd

@@ -196,3 +196,20 @@ def test_active_backend_reported():
     gru(torch.randn(2, 1, 3))
     assert rnnrec_fast.last_backend() == name
     assert rnnrec_fast.GRU(3, 4, backend="reference").active_backend() == "reference"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", KINDS)
+def test_smallest_shapes(backend, kind):
+    """T=1, B=1, H=1 (and input_size 1), float64, batch_first, with hx."""
+    torch.manual_seed(3)
+    ref, ours = make_pair(kind, backend, torch.float64, input_size=1, hidden_size=1, num_layers=2,
+                          batch_first=True)
+    x = torch.randn(1, 1, 1, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(2, 1, 1, dtype=torch.float64, requires_grad=True)
+    out, h = ours(x, hx)
+    out_ref, h_ref = ref(x, hx)
+    assert_close(out, out_ref, torch.float64, "output")
+    assert_close(h, h_ref, torch.float64, "h_n")
+    for a, b in zip(grads_of(ours, [x, hx], (out, h), None), grads_of(ref, [x, hx], (out_ref, h_ref), None)):
+        assert_close(a, b, torch.float64, "grad")

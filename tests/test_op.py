@@ -155,3 +155,18 @@ def test_h0_none_is_the_zero_state(backend):
     torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-12)
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default,
                           (x, None, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True, backend))
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_opcheck_python_twins(backend):
+    """The internal twins the C++ CPU kernel hands forced Python backends to (no autograd of their own)."""
+    if not rnnrec_fast.ops._backends.available(backend):
+        pytest.skip(f"{backend} unavailable")
+    gen = torch.Generator().manual_seed(4)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 2, 4, "gru", True, "both", torch.float64, gen)
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", False, backend)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_py.default, args, test_utils=utils)
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence_py(*args)
+    bargs = (torch.randn_like(y), torch.randn_like(h_n)) + args[:8] + (y, ws, "gru", False, backend)
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward_py.default, bargs, test_utils=utils)
