@@ -26,8 +26,66 @@ def _want_cuda():
     )
 
 
+def _torch_cxx_std():
+    """The C++ standard torch's headers need: C++20 from torch 2.14 on, C++17 before."""
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
+def _cuda_extension(cuda_sources, cxx):
+    """rnnrec_fast._C_cuda from csrc/*.cu (kernels in csrc/*.cuh).
+
+    RNNREC_FAST_CUDA_ARCHS: ';'-separated SM versions (default "80;90").
+    RNNREC_FAST_CUDA_VERBOSE=1: print ptxas register / spill reports.
+    When CUDA_HOME lacks the cuBLAS / cuSPARSE headers or libcudart.so (a toolkit with only nvcc
+    and the runtime, the libraries coming from the nvidia-* wheels), they are looked up in the
+    nvidia-* wheels and the usual toolkit directories.
+    """
+    archs = os.environ.get("RNNREC_FAST_CUDA_ARCHS", "80;90")
+    gencode = []
+    for a in archs.split(";"):
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    std = _torch_cxx_std()
+    nvcc = ["-O3", f"-std={std}", "-diag-suppress=3189"] + gencode
+    if os.environ.get("RNNREC_FAST_CUDA_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
+    cuda_cxx = [f if not f.startswith("-std=") else f"-std={std}" for f in cxx]
+    include_dirs, library_dirs = [], []
+    home = cpp_extension.CUDA_HOME or "/usr/local/cuda"
+    if not os.path.exists(os.path.join(home, "include", "cusparse.h")):
+        try:
+            import nvidia
+
+            for root in list(nvidia.__path__):
+                for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+                    if os.path.exists(os.path.join(inc, "cusparse.h")) or os.path.exists(
+                        os.path.join(inc, "cublas_v2.h")
+                    ):
+                        include_dirs.append(inc)
+        except ImportError:
+            pass
+    lib_candidates = [os.path.join(home, d) for d in ("lib64", "lib")] + [
+        "/usr/local/cuda/lib64",
+        "/usr/local/cuda/lib",
+    ]
+    if not any(os.path.exists(os.path.join(d, "libcudart.so")) for d in lib_candidates[:2]):
+        for d in lib_candidates[2:]:
+            if os.path.exists(os.path.join(d, "libcudart.so")):
+                library_dirs.append(d)
+                break
+    return cpp_extension.CUDAExtension(
+        "rnnrec_fast._C_cuda",
+        cuda_sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        extra_compile_args={"cxx": cuda_cxx, "nvcc": nvcc},
+    )
+
+
 def _extensions():
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    cxx = ["-O3", f"-std={_torch_cxx_std()}", "-fno-math-errno"]
     if os.environ.get("RNNREC_FAST_NATIVE") == "1":
         cxx.append("-march=native")
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -40,17 +98,7 @@ def _extensions():
     ]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if cuda_sources and _want_cuda():
-        archs = os.environ.get("RNNREC_FAST_CUDA_ARCHS", "80;90")
-        gencode = []
-        for a in archs.split(";"):
-            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        exts.append(
-            cpp_extension.CUDAExtension(
-                "rnnrec_fast._C_cuda",
-                cuda_sources,
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + gencode},
-            )
-        )
+        exts.append(_cuda_extension(cuda_sources, cxx))
     return exts
 
 

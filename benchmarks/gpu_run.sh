@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The one command a GPU session runs (repository root, on the H100 machine):
+#
+#     bash benchmarks/gpu_run.sh [all|build|smoke|test|bench]      (default: all)
+#
+# build : build the extension in place for sm_90 with RNNREC_FAST_CUDA=1 (ptxas register / spill
+#         report in the log); if the full build fails (e.g. the CPU extension), build only
+#         rnnrec_fast._C_cuda with setup.py's own CUDA block.
+# smoke : one forward / backward per mode on both forward paths vs the reference (seconds).
+# test  : tests/test_cuda.py (RNNREC_FAST_REQUIRE_CUDA=1: a missing CUDA backend fails, not skips).
+# bench : benchmarks/bench_cuda.py, stand-alone table + JSON, and under pytest-benchmark when
+#         it is installed.
+# Logs and JSON go to $OUT (default /tmp/rnnrec_gpu_out). Python: $PYTHON, else .venv/bin/python, else python3.
+# Each stage is separate so that a session with a 10-minute limit per command can run them one by
+# one (the in-place build stays on the machine between calls while it is warm).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGE="${1:-all}"
+OUT="${OUT:-/tmp/rnnrec_gpu_out}"
+mkdir -p "$OUT"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
+export RNNREC_FAST_CUDA=1 RNNREC_FAST_CUDA_ARCHS="${RNNREC_FAST_CUDA_ARCHS:-90}" RNNREC_FAST_CUDA_VERBOSE=1
+export MAX_JOBS="${MAX_JOBS:-8}"
+# when CUDA_HOME is not set, prefer a full toolkit directory over nvcc's parent
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+status=0
+
+env_report() {
+  {
+    echo "== date: $(date -u)"; echo "== python: $PY"
+    "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+    echo "== nvcc: $(command -v nvcc)"; nvcc --version 2>&1 | tail -2
+    echo "== CUDA_HOME=${CUDA_HOME:-}"
+    nvidia-smi 2>&1 | head -20
+    "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1
+    "$PY" -c "import pytest_benchmark; print('pytest-benchmark', pytest_benchmark.__version__)" 2>&1
+  } > "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
+build() {
+  echo "== build (log: $OUT/build.log)"
+  if "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    echo "full build ok"
+  else
+    echo "full build FAILED (tail below); building only rnnrec_fast._C_cuda"
+    tail -30 "$OUT/build.log"
+    "$PY" - build_ext --inplace > "$OUT/build_cuda_only.log" 2>&1 <<'EOF'
+# rnnrec_fast._C_cuda alone, with setup.py's own CUDA block (_cuda_extension)
+import glob, os
+src = open("setup.py").read()
+src = src[: src.rindex("setup(")]
+ns = {"__file__": os.path.abspath("setup.py"), "__name__": "setup_cuda_only"}
+exec(compile(src, "setup.py", "exec"), ns)
+from setuptools import setup
+from torch.utils import cpp_extension
+setup(name="rnnrec_fast_cuda_only",
+      ext_modules=[ns["_cuda_extension"](sorted(glob.glob(os.path.join("csrc", "*.cu"))),
+                                         ["-O3", "-std=c++17", "-fno-math-errno"])],
+      cmdclass={"build_ext": cpp_extension.BuildExtension})
+EOF
+    rc=$?
+    tail -30 "$OUT/build_cuda_only.log"
+    if [ $rc -ne 0 ]; then echo "CUDA-only build FAILED"; status=1; return; fi
+  fi
+  # ptxas register / spill report of the kernels (demangled)
+  grep -h -E "Compiling entry function|Used [0-9]+ registers|spill" "$OUT"/build*.log 2>/dev/null \
+    | sed -E "s/.*Compiling entry function '([^']+)'.*/\1/" | (c++filt 2>/dev/null || cat) > "$OUT/ptxas_report.txt"
+  grep -A2 "persistent_fwd_kernel" "$OUT/ptxas_report.txt" | head -40
+  "$PY" -c "import rnnrec_fast, rnnrec_fast._C_cuda as c; print('import ok:', c.__file__); print(rnnrec_fast.backend_info())" \
+    2>&1 | tee "$OUT/import.txt" || status=1
+}
+
+smoke() {
+  echo "== smoke (log: $OUT/smoke.txt)"
+  "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
+import torch
+from rnnrec_fast import _C_cuda
+from rnnrec_fast.backends import reference
+torch.manual_seed(0)
+dev = "cuda"
+ok = True
+for mode, ra in [(0, True), (1, True), (2, True), (2, False)]:
+    for path in (1, 2):
+        for B, H in [(1, 1), (3, 7), (8, 100), (8, 1024), (40, 33)]:
+            T, I = 6, 5
+            G = 3 if mode == 2 else 1
+            d = torch.float64
+            x = torch.randn(T, B, I, device=dev, dtype=d)
+            h0 = torch.randn(B, H, device=dev, dtype=d)
+            wi = torch.randn(G * H, I, device=dev, dtype=d) * 0.5
+            wh = torch.randn(G * H, H, device=dev, dtype=d) / H ** 0.5
+            bi = torch.randn(G * H, device=dev, dtype=d)
+            bh = torch.randn(G * H, device=dev, dtype=d)
+            L = torch.randint(0, T + 1, (B,), device=dev); L[0] = T
+            R = torch.rand(T, B, device=dev) < 0.3
+            _C_cuda.set_forward_path(path)
+            y, hn, ws = _C_cuda.forward(x, h0, wi, wh, bi, bh, L, R, mode, ra)
+            took = _C_cuda.last_forward_path()
+            ry, rh, rws = reference.forward(x, h0, wi, wh, bi, bh, L, R, mode, ra)
+            gy, gh = torch.randn_like(y), torch.randn_like(hn)
+            g = _C_cuda.backward(gy, gh, x, h0, wi, wh, bi, bh, L, R, y, ws, mode, ra)
+            rg = reference.backward(gy, gh, x, h0, wi, wh, bi, bh, L, R, ry, rws, mode, ra)
+            errs = [(a - b).abs().max().item() for a, b in zip((y, hn, ws) + tuple(g), (ry, rh, rws) + tuple(rg))]
+            bad = max(errs) > 1e-8
+            ok &= not bad
+            print(f"mode={mode} reset_after={ra} want_path={path} took={took} B={B} H={H} "
+                  f"max_err={max(errs):.2e} {'FAIL ' + str(errs) if bad else 'ok'}", flush=True)
+_C_cuda.set_forward_path(0)
+print("SMOKE", "OK" if ok else "FAILED")
+EOF
+  tail -45 "$OUT/smoke.txt"
+  grep -q "SMOKE OK" "$OUT/smoke.txt" || status=1
+}
+
+tests() {
+  echo "== tests/test_cuda.py (log: $OUT/test_cuda.log)"
+  RNNREC_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs tests/test_cuda.py -p no:cacheprovider \
+    --junitxml="$OUT/test_cuda.xml" --maxfail=100 > "$OUT/test_cuda.log" 2>&1 || status=1
+  tail -40 "$OUT/test_cuda.log"
+}
+
+bench() {
+  echo "== benchmarks/bench_cuda.py (logs: $OUT/bench_cuda*.{log,json})"
+  "$PY" benchmarks/bench_cuda.py --json "$OUT/bench_cuda_table.json" 2>&1 | tee "$OUT/bench_cuda_table.log" || status=1
+  if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+    "$PY" -m pytest -q benchmarks/bench_cuda.py --benchmark-only -p no:cacheprovider \
+      --benchmark-json="$OUT/bench_cuda.json" --benchmark-columns=min,median,mean,stddev,rounds \
+      > "$OUT/bench_cuda.log" 2>&1 || status=1
+    tail -40 "$OUT/bench_cuda.log"
+  else
+    echo "pytest-benchmark not installed: stand-alone table only" | tee "$OUT/bench_cuda.log"
+  fi
+}
+
+env_report
+case "$STAGE" in
+  build) build ;;
+  smoke) smoke ;;
+  test) tests ;;
+  bench) bench ;;
+  all) build; if [ $status -eq 0 ]; then smoke; tests; bench; fi ;;
+  *) echo "usage: $0 [all|build|smoke|test|bench]"; exit 2 ;;
+esac
+echo "== done: status=$status, outputs in $OUT"
+exit $status
