@@ -8,6 +8,8 @@ TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1
+# benchmark-only extras (never runtime dependencies): ONNX Runtime's GRU as a serving baseline
+BENCH_DEPS := onnxruntime==1.32.0 onnx==1.23.2
 DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 BUILD_STAMP := $(VENV)/.built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
@@ -38,8 +40,12 @@ test: setup
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
 
-bench: setup
+bench: setup $(VENV)/.bench-deps
 	$(PY) benchmarks/run.py
+
+$(VENV)/.bench-deps: $(DEPS_STAMP)
+	$(PY) -m pip install -q $(BENCH_DEPS)
+	touch $@
 
 clean:
 	rm -rf build $(VENV) rnnrec_fast/*.so *.egg-info
