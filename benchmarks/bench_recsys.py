@@ -1,0 +1,74 @@
+"""pytest-benchmark: GRU4Rec inference (one click step + top-20 over the whole catalogue) and
+training throughput, on the CPU.
+
+    pytest benchmarks/bench_recsys.py                       # measure
+    pytest benchmarks/bench_recsys.py --benchmark-disable   # quick smoke run (each case once)
+
+Catalogues: 3k = a model trained briefly on the YOOCHOOSE 100k sample (2,933 items; a synthetic
+3k model when the data is absent), 100k and 1M = synthetic random models (100 units, shared
+embedding). Batches: 1, 64 and 1024 concurrent sessions.
+"""
+import os
+
+import pytest
+import torch
+
+from rnnrec_fast import recsys
+from rnnrec_fast.recsys import GRU4Rec, SessionDataset, TrainConfig
+
+H = 100
+_MODELS = {}
+
+
+def _real_or_synthetic_train():
+    d = recsys.resolve_data_dir()
+    path = d and os.path.join(d, recsys.data.YOOCHOOSE_TRAIN)
+    if path and os.path.isfile(path):
+        return SessionDataset.from_log(recsys.load_yoochoose(path)), "yoochoose"
+    return SessionDataset.from_log(recsys.synthetic_clicks(6000, 3000, seed=0)), "synthetic"
+
+
+def _model(n):
+    if n not in _MODELS:
+        torch.manual_seed(0)
+        if n == "3k":
+            ds, _ = _real_or_synthetic_train()
+            cfg = TrainConfig(epochs=1, seed=0, n_sample=512, chunk_steps=8)
+            model, _ = recsys.train(ds, cfg, progress=False)
+        else:
+            model = GRU4Rec({"100k": 100_000, "1M": 1_000_000}[n], [H]).eval()
+        _MODELS[n] = model
+    return _MODELS[n]
+
+
+@pytest.mark.parametrize("batch", [1, 64, 1024])
+@pytest.mark.parametrize("catalogue", ["3k", "100k", "1M"])
+def test_inference_topk(benchmark, catalogue, batch):
+    model = _model(catalogue)
+    g = torch.Generator().manual_seed(batch)
+    items = torch.randint(0, model.n_items, (batch,), generator=g)
+    h = torch.randn(model.num_layers, batch, H, generator=g) * 0.1
+
+    def step_and_rank():
+        h2 = model.step(items, h)
+        return model.topk(h2[-1], 20)
+
+    vals, idx = benchmark.pedantic(step_and_rank, rounds=3 if catalogue == "1M" else 10, warmup_rounds=1) \
+        if catalogue == "1M" and batch == 1024 else benchmark(step_and_rank)
+    assert idx.shape == (batch, 20)
+    benchmark.extra_info.update(catalogue=model.n_items, batch=batch)
+
+
+def test_training_throughput(benchmark):
+    ds, source = _real_or_synthetic_train()
+    n = min(ds.n_sessions, 3000)  # the first 3,000 sessions: a few seconds per round
+    sub = SessionDataset(ds.items[:ds.offsets[n]], ds.offsets[:n + 1], ds.item_map)
+    cfg = TrainConfig(epochs=1, seed=0)  # GRU4Rec's RSC15 settings: XE, 100 units, batch 32, 2048 samples
+
+    def run():
+        return recsys.train(sub, cfg, progress=False)[1]
+
+    stats = benchmark.pedantic(run, rounds=2, warmup_rounds=0)
+    benchmark.extra_info.update(source=source, events=stats["events"],
+                                events_per_second=round(stats["events_per_second"]))
+    assert stats["events_per_second"] > 0

@@ -1,0 +1,66 @@
+"""Checkpoints: config + item map + weights in one file, written atomically, read with
+``torch.load(..., weights_only=True)`` (only tensors and plain Python containers inside)."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+
+import torch
+
+from .data import RecsysError
+from .model import GRU4Rec
+
+FORMAT = "rnnrec_fast.recsys.GRU4Rec"
+VERSION = 1
+
+
+def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> None:
+    """Save ``model`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config(),
+        "item_ids": list(model.item_ids),
+        "state_dict": state,
+        "extra": dict(extra or {}),
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RecsysError(f"cannot save the model: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
+    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
+    if not os.path.isfile(path):
+        raise RecsysError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint ({exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RecsysError(f"{path}: not an rnnrec_fast.recsys GRU4Rec checkpoint")
+    if payload.get("version", 0) > VERSION:
+        raise RecsysError(f"{path}: checkpoint version {payload['version']} is newer than this code")
+    cfg = dict(payload["config"])
+    model = GRU4Rec(cfg.pop("n_items"), item_ids=payload["item_ids"], **cfg)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise RecsysError(f"{path}: weights do not match the config ({exc})") from None
+    model.checkpoint_extra = payload.get("extra", {})
+    return model.to(device).eval()

@@ -1,0 +1,230 @@
+"""``python -m rnnrec_fast.recsys {train,evaluate,recommend}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .data import RecsysError
+
+
+def _layers(values):
+    out = []
+    for v in values:
+        for part in str(v).replace("/", ",").split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                n = int(part)
+            except ValueError:
+                raise RecsysError(f"bad --layers value {v!r}: give layer sizes like 100 or 100,100") from None
+            if n < 1:
+                raise RecsysError(f"bad --layers value {v!r}: sizes must be positive")
+            out.append(n)
+    if not out:
+        raise RecsysError("--layers needs at least one size")
+    return out
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _add_data_opts(p):
+    p.add_argument("--format", choices=["auto", "yoochoose", "diginetica", "columns"], default="auto",
+                   help="input format (auto: Diginetica when its header is seen, else the columns below)")
+    p.add_argument("--session-col", default="SessionId")
+    p.add_argument("--item-col", default="ItemId")
+    p.add_argument("--time-col", default="Time")
+    p.add_argument("--sep", default=None, help="field separator (default: sniffed)")
+
+
+def _load(path, a):
+    from .data import load_clicks, load_diginetica, load_yoochoose
+
+    if a.format == "yoochoose":
+        return load_yoochoose(path)
+    if a.format == "diginetica":
+        return load_diginetica(path)
+    if a.format == "auto":
+        import os
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+            if "session_id" in first and "timeframe" in first:
+                return load_diginetica(path)
+    sep = a.sep.encode().decode("unicode_escape") if a.sep else None
+    return load_clicks(path, session_col=a.session_col, item_col=a.item_col,
+                       time_col=a.time_col or None, sep=sep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m rnnrec_fast.recsys",
+                                 description="GRU4Rec session-based recommender on rnnrec_fast")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train (and evaluate when --test is given)")
+    t.add_argument("--train", required=True, help="training click log")
+    t.add_argument("--test", help="test click log (items unseen in training are dropped)")
+    t.add_argument("--loss", choices=["cross-entropy", "bpr-max", "top1-max"], default="cross-entropy")
+    t.add_argument("--layers", nargs="+", default=["100"], help="GRU layer sizes, e.g. 100 or 100,100")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--n-sample", type=int, default=2048)
+    t.add_argument("--sample-alpha", type=float, default=0.5)
+    t.add_argument("--logq", type=float, default=1.0)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--lr", type=float, default=0.2)
+    t.add_argument("--momentum", type=float, default=0.2)
+    t.add_argument("--dropout-hidden", type=float, default=0.4)
+    t.add_argument("--dropout-embed", type=float, default=0.0)
+    t.add_argument("--embedding", default="shared", help="shared | N | none")
+    t.add_argument("--bpreg", type=float, default=0.0)
+    t.add_argument("--elu-param", type=float, default=0.0, help="ELU on the scores (bpr-max/top1-max)")
+    t.add_argument("--reset-after", type=_bool, default=True,
+                   help="GRU candidate form: true (PyTorch) or false (Cho et al., original GRU4Rec)")
+    t.add_argument("--chunk-steps", type=int, default=4,
+                   help="session-parallel steps per fused GRU call / optimiser step")
+    t.add_argument("--loss-norm", choices=["step", "batch"], default="step",
+                   help="chunk loss = mean over its steps of GRU4Rec's per-step loss (step) or their sum (batch)")
+    t.add_argument("--state-dropout", type=_bool, default=True,
+                   help="carry the dropped-out top-layer output as the state across chunk boundaries, "
+                        "as GRU4Rec carries it across steps (default true)")
+    t.add_argument("--optimizer", choices=["adagradm", "adagrad", "adam", "sgd"], default="adagradm")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--threads", type=int, default=1, help="torch intra-op threads while training (0: torch's default)")
+    t.add_argument("--gemm-threads", type=int, default=None,
+                   help="threads for the score GEMMs only (default: torch's default, at most 4)")
+    t.add_argument("--device", default="cpu", help="cpu | cuda")
+    t.add_argument("--save", help="write the trained model here")
+    t.add_argument("--k", type=int, nargs="+", default=[20], help="cut-offs for Recall/MRR")
+    t.add_argument("--ties", choices=["standard", "conservative"], default="conservative")
+    t.add_argument("--json", action="store_true", help="print the results as one JSON line last")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_opts(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a saved model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--test", required=True)
+    e.add_argument("--k", type=int, nargs="+", default=[20])
+    e.add_argument("--ties", choices=["standard", "conservative"], default="conservative")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    _add_data_opts(e)
+
+    r = sub.add_parser("recommend", help="top-k next items after a click sequence")
+    r.add_argument("--model", required=True)
+    r.add_argument("--items", nargs="+", required=True, help="the session's clicks (original ids)")
+    r.add_argument("--k", type=int, default=20)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--json", action="store_true")
+    return ap
+
+
+def _check_device(dev):
+    import torch
+
+    if dev not in ("cpu",) and not dev.startswith("cuda"):
+        raise RecsysError(f"bad --device {dev!r}: use cpu or cuda")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise RecsysError("--device cuda requested but CUDA is not available")
+
+
+def _print_metrics(res, ks, out):
+    for k in ks:
+        out.write(f"Recall@{k}: {res[f'recall@{k}']:.4f}  MRR@{k}: {res[f'mrr@{k}']:.4f}\n")
+
+
+def _cmd_train(a):
+    from .checkpoint import save_checkpoint
+    from .data import SessionDataset
+    from .evaluate import evaluate
+    from .train import TrainConfig, train
+
+    _check_device(a.device)
+    if any(k < 1 for k in a.k):
+        raise RecsysError("--k values must be >= 1")
+    cfg = TrainConfig(loss=a.loss, layers=_layers(a.layers), batch_size=a.batch_size, n_sample=a.n_sample,
+                      sample_alpha=a.sample_alpha, logq=a.logq, epochs=a.epochs, lr=a.lr,
+                      momentum=a.momentum, dropout_hidden=a.dropout_hidden, dropout_embed=a.dropout_embed,
+                      embedding=a.embedding, bpreg=a.bpreg, elu_param=a.elu_param,
+                      reset_after=a.reset_after, chunk_steps=a.chunk_steps, optimizer=a.optimizer, loss_norm=a.loss_norm, state_dropout=a.state_dropout,
+                      seed=a.seed, device=a.device, threads=a.threads or None,
+                      gemm_threads=a.gemm_threads)
+    cfg.validate()
+    tr = SessionDataset.from_log(_load(a.train, a))
+    te = None
+    if a.test:
+        te = SessionDataset.from_log(_load(a.test, a), tr.item_map)
+    log = sys.stderr
+    log.write(f"train: {tr.n_events} events, {tr.n_sessions} sessions, {len(tr.item_map)} items\n")
+    model, stats = train(tr, cfg, progress=not a.quiet)
+    log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s\n")
+    res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],
+               cpu_seconds=stats["cpu_seconds"], events_per_cpu_second=stats["events_per_cpu_second"],
+               train_events=stats["events"], final_loss=stats["epoch_losses"][-1] if stats["epoch_losses"] else None)
+    if a.save:
+        save_checkpoint(model, a.save, extra={"train_seconds": stats["train_seconds"]})
+        log.write(f"saved {a.save}\n")
+    if te is not None:
+        m = evaluate(model, te, ks=a.k, ties=a.ties)
+        res = {**m, **res}
+        _print_metrics(m, a.k, sys.stdout)
+    if a.json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    return 0
+
+
+def _cmd_evaluate(a):
+    from .checkpoint import load_checkpoint
+    from .data import SessionDataset
+    from .evaluate import evaluate
+
+    _check_device(a.device)
+    if any(k < 1 for k in a.k):
+        raise RecsysError("--k values must be >= 1")
+    model = load_checkpoint(a.model, device=a.device)
+    te = SessionDataset.from_log(_load(a.test, a), model.item_map)
+    res = evaluate(model, te, ks=a.k, ties=a.ties, batch_size=a.batch_size)
+    _print_metrics(res, a.k, sys.stdout)
+    if a.json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    return 0
+
+
+def _cmd_recommend(a):
+    from .checkpoint import load_checkpoint
+
+    _check_device(a.device)
+    if a.k < 1:
+        raise RecsysError("--k must be >= 1")
+    model = load_checkpoint(a.model, device=a.device)
+    recs = model.recommend(a.items, k=a.k)
+    if a.json:
+        sys.stdout.write(json.dumps({"items": [i for i, _ in recs], "scores": [s for _, s in recs]}) + "\n")
+    else:
+        for rank, (item, s) in enumerate(recs, 1):
+            sys.stdout.write(f"{rank}\t{item}\t{s:.4f}\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "recommend": _cmd_recommend}[a.cmd](a)
+    except RecsysError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130

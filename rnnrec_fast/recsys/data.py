@@ -1,0 +1,384 @@
+"""Click-log loading, item-id mapping, time-based splitting and session datasets.
+
+A click log is held as three parallel numpy arrays (session id, item id, time), one row per click.
+Item and session ids keep their original values: Python ``int`` when every id in the column is an
+integer literal, ``str`` otherwise.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class RecsysError(Exception):
+    """Bad input (missing file, malformed row, unknown item, bad option): a clear message, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# data directory
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve_data_dir(data_dir: str | None = None) -> str | None:
+    """The shared data directory: ``data_dir``, else ``$RNNREC_FAST_DATA``, else ``<repo>/../shared/data``
+    when it exists; None when none of them is an existing directory (an explicit ``data_dir`` that
+    does not exist gives None)."""
+    if data_dir is not None:
+        return os.path.abspath(data_dir) if os.path.isdir(data_dir) else None
+    for cand in ( os.environ.get("RNNREC_FAST_DATA"),
+                 os.path.join(repo_root(), "..", "shared", "data")):
+        if cand and os.path.isdir(cand):
+            return os.path.abspath(cand)
+    return None
+
+
+YOOCHOOSE_TRAIN = "yoochoose-clicks-100k_train_full.txt"
+YOOCHOOSE_TEST = "yoochoose-clicks-100k_test.txt"
+DIGINETICA = "diginetica-sample_train-item-views.csv"
+
+
+# ----------------------------------------------------------------------------------------------
+# click logs
+
+
+@dataclass
+class ClickLog:
+    """One row per click: ``sessions[i]`` clicked ``items[i]`` at ``times[i]`` (seconds)."""
+
+    sessions: np.ndarray  # object or int64
+    items: np.ndarray  # object or int64
+    times: np.ndarray  # float64
+
+    def __len__(self):
+        return len(self.items)
+
+    @property
+    def n_sessions(self) -> int:
+        return len(np.unique(self.sessions))
+
+    @property
+    def n_items(self) -> int:
+        return len(np.unique(self.items))
+
+    def subset(self, mask) -> "ClickLog":
+        return ClickLog(self.sessions[mask], self.items[mask], self.times[mask])
+
+    def sorted(self) -> "ClickLog":
+        """Rows ordered by (session, time), stable."""
+        order = np.lexsort((self.times, self.sessions))
+        return ClickLog(self.sessions[order], self.items[order], self.times[order])
+
+
+def _typed_ids(values: list[str]) -> np.ndarray:
+    """int64 array when every value is an integer literal, else an object array of str."""
+    try:
+        return np.array([int(v) for v in values], dtype=np.int64)
+    except ValueError:
+        return np.array(values, dtype=object)
+
+
+def _parse_time(value: str, time_format: str | None) -> float:
+    if time_format:
+        return _dt.datetime.strptime(value, time_format).replace(tzinfo=_dt.timezone.utc).timestamp()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:  # ISO dates / datetimes
+        d = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"cannot parse time {value!r}") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return d.timestamp()
+
+
+def _sniff_sep(path: str, first_line: str) -> str:
+    for sep in ("\t", ";", ","):
+        if sep in first_line:
+            return sep
+    return "\t" if path.endswith((".txt", ".tsv")) else ","
+
+
+def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: str | int = "ItemId",
+                time_col: str | int | None = "Time", sep: str | None = None, header: bool = True,
+                time_format: str | None = None, extra_time_col: str | int | None = None) -> ClickLog:
+    """Load any delimited click log (TSV/CSV).
+
+    Columns are named (when the file has a header) or 0-based indices. ``sep`` is sniffed from the
+    first line when None (tab, ';' or ','). Times are numbers (seconds), ISO dates or ``time_format``
+    (strptime); ``extra_time_col`` is added to the time in milliseconds (Diginetica's timeframe).
+    Without a time column, the file order is the time order.
+    """
+    if not os.path.isfile(path):
+        raise RecsysError(f"file not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        first = f.readline()
+        if not first.strip():
+            raise RecsysError(f"{path}: the file is empty")
+        sep = sep or _sniff_sep(path, first)
+        f.seek(0)
+        reader = csv.reader(f, delimiter=sep)
+        if header:
+            names = [c.strip() for c in next(reader)]
+
+        def col_index(c, what):
+            if c is None:
+                return None
+            if isinstance(c, int) or (isinstance(c, str) and c.isdigit() and not header):
+                i = int(c)
+                return i
+            if not header:
+                raise RecsysError(f"{path}: {what} column {c!r} must be an index: the file has no header")
+            if c not in names:
+                raise RecsysError(f"{path}: no {what} column {c!r} in the header {names}")
+            return names.index(c)
+
+        si, ii = col_index(session_col, "session"), col_index(item_col, "item")
+        ti, xi = col_index(time_col, "time"), col_index(extra_time_col, "extra time")
+        need = max(i for i in (si, ii, ti, xi) if i is not None) + 1
+        sess, items, times = [], [], []
+        cache: dict[str, float] = {}
+        lineno = 1 if header else 0
+        for row in reader:
+            lineno += 1
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) < need:
+                raise RecsysError(f"{path}:{lineno}: malformed row (expected at least {need} fields "
+                                  f"separated by {sep!r}, got {len(row)}): {sep.join(row)!r}")
+            s, it = row[si].strip(), row[ii].strip()
+            if not s or not it:
+                raise RecsysError(f"{path}:{lineno}: empty session or item id")
+            sess.append(s)
+            items.append(it)
+            if ti is None:
+                times.append(float(len(times)))
+                continue
+            tv = row[ti].strip()
+            try:
+                t = cache.get(tv)
+                if t is None:
+                    t = _parse_time(tv, time_format)
+                    if time_format or not tv.replace(".", "", 1).lstrip("-").isdigit():
+                        cache[tv] = t
+                if xi is not None:
+                    t += float(row[xi]) / 1000.0
+            except ValueError as exc:
+                raise RecsysError(f"{path}:{lineno}: malformed time: {exc}") from None
+            times.append(t)
+    if not items:
+        raise RecsysError(f"{path}: no clicks in the file")
+    return ClickLog(_typed_ids(sess), _typed_ids(items), np.asarray(times, dtype=np.float64))
+
+
+def load_yoochoose(path: str) -> ClickLog:
+    """GRU4Rec-style TSV with header ``SessionId ItemId Time`` (Unix seconds)."""
+    return load_clicks(path, session_col="SessionId", item_col="ItemId", time_col="Time", sep="\t")
+
+
+def load_diginetica(path: str) -> ClickLog:
+    """CIKM Cup 2016 ``train-item-views.csv``: ``session_id;user_id;item_id;timeframe;eventdate``.
+    Time = eventdate (UTC midnight, seconds) + timeframe (ms)."""
+    return load_clicks(path, session_col="session_id", item_col="item_id", time_col="eventdate",
+                       extra_time_col="timeframe", sep=";", time_format="%Y-%m-%d")
+
+
+def load_any(path: str, **kw) -> ClickLog:
+    """Guess the format from the header: Diginetica, GRU4Rec TSV, or explicit columns in ``kw``."""
+    if kw:
+        return load_clicks(path, **kw)
+    if not os.path.isfile(path):
+        raise RecsysError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if "session_id" in first and "timeframe" in first:
+        return load_diginetica(path)
+    return load_clicks(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# item map
+
+
+class ItemMap:
+    """Original item id <-> dense index 0..n-1."""
+
+    def __init__(self, item_ids):
+        self.item_ids = list(item_ids)
+        self.item_index = {x: i for i, x in enumerate(self.item_ids)}
+        if len(self.item_index) != len(self.item_ids):
+            raise RecsysError("duplicate item ids in the item map")
+
+    @classmethod
+    def from_items(cls, items) -> "ItemMap":
+        """Ids in order of first appearance."""
+        _, first = np.unique(np.asarray(items), return_index=True)
+        arr = np.asarray(items)[np.sort(first)]
+        return cls(_py(v) for v in arr)
+
+    def __len__(self):
+        return len(self.item_ids)
+
+    def __contains__(self, item):
+        return self.lookup(item) is not None
+
+    def lookup(self, item):
+        """Index of ``item`` (int or str form), or None."""
+        i = self.item_index.get(item)
+        if i is None and isinstance(item, str):
+            try:
+                i = self.item_index.get(int(item))
+            except ValueError:
+                i = None
+        if i is None and isinstance(item, (int, np.integer)):
+            i = self.item_index.get(str(int(item)))
+        return i
+
+    def index(self, items) -> np.ndarray:
+        """Indices of ``items``; raises RecsysError naming unknown items."""
+        out, bad = [], []
+        for x in items:
+            i = self.lookup(_py(x))
+            if i is None:
+                bad.append(x)
+            out.append(-1 if i is None else i)
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            raise RecsysError(f"unknown item id(s): {shown}")
+        return np.asarray(out, dtype=np.int64)
+
+    def known_mask(self, items) -> np.ndarray:
+        return np.fromiter((self.lookup(_py(x)) is not None for x in items), dtype=bool, count=len(items))
+
+    def to_list(self) -> list:
+        return list(self.item_ids)
+
+
+def _py(v):
+    return int(v) if isinstance(v, np.integer) else v
+
+
+# ----------------------------------------------------------------------------------------------
+# splitting and filtering
+
+
+def filter_short_sessions(log: ClickLog, min_length: int = 2) -> ClickLog:
+    _, inv, counts = np.unique(log.sessions, return_inverse=True, return_counts=True)
+    return log.subset(counts[inv] >= min_length)
+
+
+def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 2):
+    """GRU4Rec-style split: sessions ending in the last ``test_days`` days are the test set; test
+    clicks on items unseen in training are dropped; sessions shorter than ``min_session_length``
+    are dropped from both parts. Returns (train, test)."""
+    if len(log) == 0:
+        raise RecsysError("cannot split an empty click log")
+    uniq, inv = np.unique(log.sessions, return_inverse=True)
+    end = np.full(len(uniq), -np.inf)
+    np.maximum.at(end, inv, log.times)
+    cut = log.times.max() - test_days * 86400.0
+    in_test = end[inv] >= cut
+    train = filter_short_sessions(log.subset(~in_test), min_session_length)
+    test = log.subset(in_test)
+    test = test.subset(np.isin(test.items, train.items))
+    test = filter_short_sessions(test, min_session_length)
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------
+# session datasets (item indices, sessions contiguous and ordered by start time)
+
+
+class SessionDataset:
+    """Item indices of a click log with each session contiguous (clicks in time order) and the
+    sessions ordered by their first click's time.  ``offsets[k]:offsets[k+1]`` is session k."""
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, item_map: ItemMap, session_ids=None):
+        self.items = np.ascontiguousarray(items, dtype=np.int64)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.item_map = item_map
+        self.session_ids = session_ids
+
+    @classmethod
+    def from_log(cls, log: ClickLog, item_map: ItemMap | None = None, *, drop_unknown: bool = True,
+                 min_length: int = 2, order: str = "time") -> "SessionDataset":
+        log = log.sorted()
+        if item_map is None:
+            item_map = ItemMap.from_items(log.items)
+        elif drop_unknown:
+            log = log.subset(item_map.known_mask(log.items))
+        idx = item_map.index(log.items)
+        if len(idx) == 0:
+            return cls(idx, np.zeros(1, np.int64), item_map, np.array([]))
+        change = np.flatnonzero(log.sessions[1:] != log.sessions[:-1]) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(idx)]])
+        keep = (ends - starts) >= min_length
+        starts, ends = starts[keep], ends[keep]
+        if order == "time":
+            o = np.argsort(log.times[starts], kind="stable")
+            starts, ends = starts[o], ends[o]
+        pieces = [idx[s:e] for s, e in zip(starts, ends)]
+        items = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+        return cls(items, offsets, item_map, log.sessions[starts])
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_events(self) -> int:
+        """Number of (input, next item) pairs = clicks minus sessions."""
+        return len(self.items) - self.n_sessions
+
+    def support(self) -> np.ndarray:
+        return np.bincount(self.items, minlength=len(self.item_map)).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic click logs (demo / tests / benchmarks when the real data is absent)
+
+
+def synthetic_clicks(n_sessions: int = 2000, n_items: int = 300, seed: int = 0,
+                     mean_length: float = 5.0) -> ClickLog:
+    """A click log with learnable structure: each item has a few likely successors (Zipf-popular
+    items), sessions follow that Markov chain with occasional random jumps."""
+    rng = np.random.default_rng(seed)
+    pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    pop /= pop.sum()
+    succ = rng.choice(n_items, size=(n_items, 4), p=pop)
+    succ_p = np.array([0.5, 0.25, 0.15, 0.1])
+    sess, items, times = [], [], []
+    t = 1_600_000_000.0
+    for s in range(n_sessions):
+        length = max(2, int(rng.geometric(1.0 / (mean_length - 1))) + 1)
+        cur = int(rng.choice(n_items, p=pop))
+        t += float(rng.exponential(60.0))
+        tt = t
+        for _ in range(length):
+            sess.append(s + 1)
+            items.append(cur + 1000)
+            times.append(tt)
+            tt += float(rng.exponential(30.0)) + 1.0
+            if rng.random() < 0.15:
+                cur = int(rng.choice(n_items, p=pop))
+            else:
+                cur = int(succ[cur, rng.choice(4, p=succ_p)])
+    return ClickLog(np.array(sess, np.int64), np.array(items, np.int64), np.array(times))
+
+
+def write_clicks(log: ClickLog, path: str) -> None:
+    """Write a GRU4Rec-style TSV (``SessionId ItemId Time``)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("SessionId\tItemId\tTime\n")
+        for s, i, t in zip(log.sessions, log.items, log.times):
+            f.write(f"{s}\t{i}\t{t:.3f}\n")

@@ -1,0 +1,72 @@
+"""Next-item evaluation: Recall@K and MRR@K with full ranking over all items.
+
+Every click of a test session but the last is a query whose only relevant item is the next click.
+The hidden state is zero at each test session's start. Ranks:
+
+* ``"standard"``: 1 + number of items scoring strictly higher than the target;
+* ``"conservative"``: number of items scoring higher than or equal to the target (the target
+  included), i.e. ties count against the model.
+
+Sessions are processed session-parallel (``batch_size`` lanes, ``chunk_steps`` steps per fused call).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .batching import session_parallel_schedule
+from .data import RecsysError, SessionDataset
+
+TIES = ("standard", "conservative")
+
+
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, ties: str = "standard") -> torch.Tensor:
+    """Rank of ``targets[r]`` within ``scores[r]`` (R, N) for every row."""
+    t = scores.gather(1, targets.view(-1, 1))
+    if ties == "standard":
+        return (scores > t).sum(1) + 1
+    if ties == "conservative":
+        return (scores >= t).sum(1)
+    raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks) -> dict:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {}
+    n = max(len(ranks), 1)
+    for k in ks:
+        hit = ranks <= k
+        out[f"recall@{k}"] = float(hit.sum() / n)
+        out[f"mrr@{k}"] = float((hit / ranks).sum() / n)
+    return out
+
+
+@torch.no_grad()
+def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_steps: int = 16,
+                  ties: str = "standard", block_elems: int = 1 << 24) -> np.ndarray:
+    if ties not in TIES:
+        raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
+    model.eval()
+    device = model.Wy.device
+    sched = session_parallel_schedule(data.items, data.offsets, batch_size).to(device)
+    h = model.init_state(batch_size)
+    out = []
+    rows_per_block = max(1, block_elems // model.n_items)
+    for inp, tgt, rst, val in sched.chunks(chunk_steps):
+        y, h = model.recur(model.embed(inp), h, rst)
+        yv, tv = y[val], tgt[val]
+        for r in range(0, yv.shape[0], rows_per_block):
+            s = model.score(yv[r:r + rows_per_block])
+            out.append(ranks_from_scores(s, tv[r:r + rows_per_block], ties).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+
+
+def evaluate(model, data: SessionDataset, ks=(20,), *, ties: str = "standard", batch_size: int = 512,
+             chunk_steps: int = 16) -> dict:
+    """{'recall@K': ..., 'mrr@K': ..., 'n_events': ...} over every next-click event of ``data``."""
+    if data.n_events <= 0:
+        raise RecsysError("the test data has no session with at least two known clicks")
+    ranks = compute_ranks(model, data, batch_size=batch_size, chunk_steps=chunk_steps, ties=ties)
+    res = metrics_from_ranks(ranks, ks)
+    res["n_events"] = int(len(ranks))
+    return res

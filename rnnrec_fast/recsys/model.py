@@ -1,0 +1,251 @@
+"""The GRU4Rec model on rnnrec_fast's fused GRU."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rnnrec_fast
+
+from .data import ItemMap, RecsysError
+
+
+def _uniform_(t: torch.Tensor, fan_a: int, fan_b: int) -> torch.Tensor:
+    """GRU4Rec's initialisation: U(-s, s) with s = sqrt(6 / (fan_a + fan_b))."""
+    s = math.sqrt(6.0 / float(fan_a + fan_b))
+    with torch.no_grad():
+        return t.uniform_(-s, s)
+
+
+def parse_embedding(value) -> str | int:
+    """'shared' (output matrix = input embedding), a positive int (separate embedding of that size),
+    or 0 / 'none' / None (one-hot input)."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("shared", "constrained"):
+            return "shared"
+        if v in ("none", "onehot", "one-hot", "0", ""):
+            return 0
+        try:
+            value = int(v)
+        except ValueError:
+            raise RecsysError(f"bad embedding {value!r}: use 'shared', a positive size, or 'none'") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RecsysError(f"bad embedding {value!r}: use 'shared', a positive size, or 'none'")
+    return value
+
+
+class GRU4Rec(nn.Module):
+    """Session-based recommender (Hidasi et al. 2016; Hidasi & Karatzoglou 2018).
+
+    Args:
+        n_items: catalogue size.
+        layers: GRU layer sizes (all equal), e.g. ``[100]``.
+        embedding: ``"shared"`` (the output item matrix doubles as the input embedding, GRU4Rec's
+            constrained embedding), a size N (a separate input embedding), or 0 (one-hot input: the
+            first layer's input weights are a per-item (3H) row, looked up instead of multiplied).
+        dropout_embed, dropout_hidden: dropout on the input embedding / on each layer's output.
+        reset_after: GRU candidate form (True: PyTorch/cuDNN; False: Cho et al., the original GRU4Rec).
+        item_ids: original item ids, index -> id (defaults to 0..n_items-1).
+    """
+
+    def __init__(self, n_items: int, layers=(100,), embedding="shared", dropout_embed: float = 0.0,
+                 dropout_hidden: float = 0.0, reset_after: bool = True, item_ids=None,
+                 backend: str = "auto"):
+        super().__init__()
+        layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else [layers])]
+        if not layers or any(x < 1 for x in layers):
+            raise RecsysError(f"bad layers {layers}: need one or more positive sizes")
+        if len(set(layers)) != 1:
+            raise RecsysError(f"bad layers {layers}: all GRU layers must have the same size")
+        if n_items < 1:
+            raise RecsysError("the model needs at least one item")
+        for name, p in (("dropout_embed", dropout_embed), ("dropout_hidden", dropout_hidden)):
+            if not 0.0 <= p < 1.0:
+                raise RecsysError(f"bad {name} {p}: must be in [0, 1)")
+        self.n_items = int(n_items)
+        self.hidden_size = H = layers[0]
+        self.num_layers = L = len(layers)
+        self.embedding = parse_embedding(embedding)
+        self.dropout_embed = float(dropout_embed)
+        self.dropout_hidden = float(dropout_hidden)
+        self.reset_after = bool(reset_after)
+        self.backend = backend
+        if item_ids is None:
+            item_ids = list(range(n_items))
+        if len(item_ids) != n_items:
+            raise RecsysError(f"item_ids has {len(item_ids)} entries but n_items is {n_items}")
+        self.set_item_map(ItemMap(item_ids))
+
+        self.Wy = nn.Parameter(torch.empty(n_items, H))  # output item matrix
+        self.By = nn.Parameter(torch.zeros(n_items, 1))  # output item bias
+        if self.embedding == "shared":
+            n_in = H
+        elif self.embedding:
+            self.E = nn.Parameter(torch.empty(n_items, self.embedding))
+            n_in = self.embedding
+        else:
+            # one-hot input: layer 0's input weights as one (3H,) row per item
+            self.W0 = nn.Parameter(torch.empty(n_items, 3 * H))
+            self.w_hh0 = nn.Parameter(torch.empty(3 * H, H))
+            self.b_ih0 = nn.Parameter(torch.zeros(3 * H))
+            self.b_hh0 = nn.Parameter(torch.zeros(3 * H))
+            self.register_buffer("eye0", torch.eye(3 * H), persistent=False)
+            n_in = H
+        n_rnn = L if self.embedding else L - 1
+        self.rnn = None
+        if n_rnn > 0:
+            self.rnn = rnnrec_fast.GRU(n_in, H, num_layers=n_rnn, dropout=self.dropout_hidden if n_rnn > 1 else 0.0,
+                                       reset_after=self.reset_after, backend=backend)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    def set_item_map(self, item_map: ItemMap):
+        self.item_map = item_map
+        self.item_ids = item_map.item_ids
+        self.item_index = item_map.item_index
+
+    def config(self) -> dict:
+        return dict(n_items=self.n_items, layers=[self.hidden_size] * self.num_layers,
+                    embedding=self.embedding, dropout_embed=self.dropout_embed,
+                    dropout_hidden=self.dropout_hidden, reset_after=self.reset_after)
+
+    def extra_repr(self) -> str:
+        emb = {"shared": "shared", 0: "one-hot"}.get(self.embedding, self.embedding)
+        return (f"n_items={self.n_items}, layers={[self.hidden_size] * self.num_layers}, embedding={emb}, "
+                f"dropout_embed={self.dropout_embed}, dropout_hidden={self.dropout_hidden}, "
+                f"reset_after={self.reset_after}")
+
+    @property
+    def item_params(self) -> list[nn.Parameter]:
+        """Parameters indexed by item (updated row-wise; sparse gradients when training)."""
+        ps = [self.Wy, self.By]
+        if self.embedding != "shared":
+            ps.append(self.E if self.embedding else self.W0)
+        return ps
+
+    def reset_parameters(self):
+        N, H = self.n_items, self.hidden_size
+        _uniform_(self.Wy, N, H)
+        nn.init.zeros_(self.By)
+        if self.embedding == "shared":
+            n_in = H
+        elif self.embedding:
+            _uniform_(self.E, N, self.embedding)
+            n_in = self.embedding
+        else:
+            for g in range(3):
+                _uniform_(self.W0.data[:, g * H:(g + 1) * H], N, H)
+                _uniform_(self.w_hh0.data[g * H:(g + 1) * H], H, H)
+            nn.init.zeros_(self.b_ih0)
+            nn.init.zeros_(self.b_hh0)
+            n_in = H
+        if self.rnn is not None:
+            for name, p in self.rnn.named_parameters():
+                if name.startswith("bias"):
+                    nn.init.zeros_(p)
+                    continue
+                fan_in = p.shape[1]
+                for g in range(3):  # per gate block, as GRU4Rec does
+                    _uniform_(p.data[g * H:(g + 1) * H], fan_in, H)
+
+    # ------------------------------------------------------------------------------------------
+    def item_rows(self, idx: torch.Tensor, sparse: bool = False):
+        """Output matrix rows and biases of items ``idx`` (any shape) -> (..., H), (...)."""
+        w = F.embedding(idx, self.Wy, sparse=sparse)
+        b = F.embedding(idx, self.By, sparse=sparse).squeeze(-1)
+        return w, b
+
+    def embed(self, items: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        """Input vectors of ``items`` (T, B) -> (T, B, E)."""
+        if self.embedding == "shared":
+            return F.embedding(items, self.Wy, sparse=sparse)
+        if self.embedding:
+            return F.embedding(items, self.E, sparse=sparse)
+        return F.embedding(items, self.W0, sparse=sparse)
+
+    def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None):
+        """Run the GRU stack over the embedded inputs x (T, B, E) from h (L, B, H).
+        Returns (top-layer outputs (T, B, H), h_n (L, B, H)). Dropout between layers when training."""
+        if self.training and self.dropout_embed > 0:
+            x = F.dropout(x, self.dropout_embed, training=True)
+        if self.embedding:
+            return self.rnn(x, h, resets=resets)
+        y0, h0n = rnnrec_fast.ops.recurrence(x, h[0], self.eye0, self.w_hh0, self.b_ih0, self.b_hh0,
+                                             resets=resets, mode="gru", reset_after=self.reset_after,
+                                             backend=self.backend)
+        if self.rnn is None:
+            return y0, h0n.unsqueeze(0)
+        if self.training and self.dropout_hidden > 0:
+            y0 = F.dropout(y0, self.dropout_hidden, training=True)
+        y, hn = self.rnn(y0, h[1:], resets=resets)
+        return y, torch.cat([h0n.unsqueeze(0), hn], 0)
+
+    def forward(self, items: torch.Tensor, h: torch.Tensor | None = None, resets=None, sparse=False):
+        """items (T, B) -> (top outputs (T, B, H) with output dropout when training, h_n (L, B, H))."""
+        if h is None:
+            h = self.init_state(items.shape[1])
+        y, hn = self.recur(self.embed(items, sparse=sparse), h, resets)
+        if self.training and self.dropout_hidden > 0:
+            y = F.dropout(y, self.dropout_hidden, training=True)
+        return y, hn
+
+    # ------------------------------------------------------------------------------------------
+    # inference interface (serving)
+    def init_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(self.num_layers, batch, self.hidden_size, device=self.Wy.device,
+                           dtype=self.Wy.dtype)
+
+    @torch.no_grad()
+    def step(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One click per row: items (B,) int64, h (L, B, H) -> new state (L, B, H). No dropout."""
+        items = torch.as_tensor(items, dtype=torch.long, device=self.Wy.device).reshape(1, -1)
+        was = self.training
+        self.train(False)
+        try:
+            _, hn = self.recur(self.embed(items), h)
+        finally:
+            self.train(was)
+        return hn
+
+    @torch.no_grad()
+    def score(self, h_top: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each row: h_top (B, H) -> (B, n_items)."""
+        return torch.addmm(self.By.t(), h_top, self.Wy.t())
+
+    @torch.no_grad()
+    def topk(self, h_top: torch.Tensor, k: int = 20, block_elems: int = 1 << 24, exclude=None):
+        """Top-k items per row (values, indices), scoring in blocks to bound memory."""
+        B = h_top.shape[0]
+        k = min(k, self.n_items)
+        rows = max(1, block_elems // self.n_items)
+        if rows >= B:
+            s = self.score(h_top)
+            if exclude is not None:
+                s.scatter_(1, exclude, float("-inf"))
+            return s.topk(k, dim=1)
+        vals, idxs = [], []
+        for r in range(0, B, rows):
+            s = self.score(h_top[r:r + rows])
+            if exclude is not None:
+                s.scatter_(1, exclude[r:r + rows], float("-inf"))
+            v, i = s.topk(k, dim=1)
+            vals.append(v)
+            idxs.append(i)
+        return torch.cat(vals), torch.cat(idxs)
+
+    @torch.no_grad()
+    def recommend(self, items, k: int = 20):
+        """Top-k (original id, score) after the click sequence ``items`` (original ids)."""
+        idx = torch.as_tensor(self.item_map.index(items), device=self.Wy.device)
+        if len(idx) == 0:
+            raise RecsysError("give at least one item")
+        h = self.init_state(1)
+        for i in idx:
+            h = self.step(i.view(1), h)
+        v, ix = self.topk(h[-1], k)
+        return [(self.item_ids[j], float(s)) for j, s in zip(ix[0].tolist(), v[0].tolist())]

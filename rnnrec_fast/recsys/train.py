@@ -1,0 +1,376 @@
+"""Session-parallel training of GRU4Rec with sampled losses.
+
+Each optimiser step covers one chunk of ``chunk_steps`` session-parallel steps of ``batch_size``
+lanes, run through the GRU stack in one fused call (the ``resets`` mask zeroes a lane's state where
+a new session starts). The loss of every step is GRU4Rec's: the lanes' outputs are scored against
+that step's in-batch targets plus ``n_sample`` shared negatives drawn from support^sample_alpha
+(one draw per chunk), and for cross-entropy the scores get the logQ correction
+``- logq * log(Q(item))``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .batching import session_parallel_schedule
+from .data import RecsysError, SessionDataset
+from .losses import LOSSES, bpr_max, cross_entropy, top1_max
+from .model import GRU4Rec, parse_embedding
+from .optim import AdagradM
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "cross-entropy"
+    layers: list = field(default_factory=lambda: [100])
+    batch_size: int = 32
+    n_sample: int = 2048
+    sample_alpha: float = 0.5
+    logq: float = 1.0
+    epochs: int = 10
+    lr: float = 0.2
+    momentum: float = 0.2
+    dropout_hidden: float = 0.4
+    dropout_embed: float = 0.0
+    embedding: object = "shared"
+    bpreg: float = 0.0
+    elu_param: float = 0.0
+    reset_after: bool = True
+    chunk_steps: int = 4
+    optimizer: str = "adagradm"
+    seed: int | None = None
+    device: str = "cpu"
+    sample_cache: int = 1 << 20
+    loss_norm: str = "step"
+    state_dropout: bool = True
+    threads: int | None = 1
+    gemm_threads: int | None = None
+
+    def validate(self):
+        if self.loss not in LOSSES:
+            raise RecsysError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        checks = [
+            (self.batch_size >= 1, "batch size must be >= 1"),
+            (self.n_sample >= 0, "n_sample must be >= 0"),
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.lr > 0, "learning rate must be > 0"),
+            (self.momentum >= 0, "momentum must be >= 0"),
+            (0 <= self.dropout_hidden < 1, "dropout_hidden must be in [0, 1)"),
+            (0 <= self.dropout_embed < 1, "dropout_embed must be in [0, 1)"),
+            (self.chunk_steps >= 1, "chunk_steps must be >= 1"),
+            (self.logq >= 0, "logq must be >= 0"),
+            (self.sample_alpha >= 0, "sample_alpha must be >= 0"),
+            (self.bpreg >= 0, "bpreg must be >= 0"),
+            (self.threads is None or self.threads >= 1, "threads must be >= 1"),
+            (self.gemm_threads is None or self.gemm_threads >= 1, "gemm_threads must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise RecsysError(msg)
+        self.embedding = parse_embedding(self.embedding)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RecsysError("--device cuda requested but CUDA is not available")
+        if self.optimizer not in ("adagradm", "adam", "adagrad", "sgd"):
+            raise RecsysError(f"unknown optimizer {self.optimizer!r}")
+        return self
+
+
+class Progress:
+    """Plain stderr progress line: epoch, %, running loss, events/s."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None, interval: float = 0.5):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n: int, loss: float):
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and self.tty and now - self.last >= self.interval:
+            self.last = now
+            self._write(loss, end="\r")
+
+    def close(self, loss: float):
+        if self.enabled:
+            self._write(loss, end="\n")
+
+    def _write(self, loss, end):
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        pct = 100.0 * self.done / max(self.total, 1)
+        self.stream.write(f"{self.desc} {pct:5.1f}% | loss {loss:.4f} | {self.done / dt:,.0f} events/s"
+                          f" | {dt:.1f}s{end}")
+        self.stream.flush()
+
+
+class NegativeSampler:
+    """Items drawn with probability proportional to support^alpha, from a pre-drawn cache."""
+
+    def __init__(self, support: np.ndarray, n_sample: int, alpha: float, generator: torch.Generator,
+                 cache_size: int = 10_000_000, device="cpu"):
+        p = np.asarray(support, dtype=np.float64) ** alpha
+        self.cdf = torch.tensor(np.cumsum(p) / p.sum(), dtype=torch.float64)
+        self.cdf[-1] = 1.0
+        self.n_sample = n_sample
+        self.gen = generator
+        self.batches = max(1, cache_size // max(n_sample, 1))
+        self.device = device
+        self._cache = None
+        self._ptr = 0
+
+    def _refill(self):
+        u = torch.rand(self.batches * self.n_sample, generator=self.gen, dtype=torch.float64)
+        idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=len(self.cdf) - 1)
+        self._cache = idx.view(self.batches, self.n_sample).to(self.device)
+        self._ptr = 0
+
+    def draw(self) -> torch.Tensor:
+        if self._cache is None or self._ptr >= self.batches:
+            self._refill()
+        s = self._cache[self._ptr]
+        self._ptr += 1
+        return s
+
+
+_GEMM_THREADS = [None]
+
+
+class _gemm_threads:
+    """Raise torch's intra-op threads for the big score GEMMs only (the rest of a chunk is small
+    tensors that run best on one thread)."""
+
+    def __enter__(self):
+        n = _GEMM_THREADS[0]
+        self.old = None
+        if n and n != torch.get_num_threads():
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+
+
+class _SampledSoftmaxXE(torch.autograd.Function):
+    """sum_r -log softmax(Y W^T + c)[r, r] over the valid rows, with masked columns; the softmax is
+    computed in place and reused by the backward pass (one score matrix, two GEMMs back)."""
+
+    @staticmethod
+    def forward(ctx, Y, W, cb, keep, rvalid):
+        R = Y.shape[0]
+        with _gemm_threads():
+            Z = torch.addmm(cb, Y, W.t())
+        if keep is not None:
+            Z[:, :keep.shape[1]].masked_fill_(~keep, float("-inf"))
+        m = Z.max(1, keepdim=True).values
+        Z.sub_(m)
+        diag = Z.diagonal()[:R].clone()
+        Z.exp_()
+        s = Z.sum(1, keepdim=True)
+        per = s.squeeze(1).log() - diag
+        if rvalid is not None:
+            per = per.masked_fill(~rvalid, 0.0)
+            s = s.masked_fill(~rvalid.unsqueeze(1), float("inf"))  # invalid rows: zero gradient
+        # Z holds exp(z - max); the softmax is Z / s, formed in the backward pass in one sweep
+        ctx.save_for_backward(Y, W, Z, s)
+        return per.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        Y, W, P, s = ctx.saved_tensors
+        R = Y.shape[0]
+        P.mul_(g / s)  # softmax * upstream gradient
+        P.diagonal()[:R].sub_(g * torch.isfinite(s.squeeze(1)))
+        with _gemm_threads():
+            dY = P @ W if ctx.needs_input_grad[0] else None
+            dW = P.t() @ Y if ctx.needs_input_grad[1] else None
+        dc = P.sum(0) if ctx.needs_input_grad[2] else None
+        return dY, dW, dc, None, None
+
+
+_BLOCKS: dict = {}
+
+
+def _block_diag(T, B, device):
+    key = (T, B, str(device))
+    m = _BLOCKS.get(key)
+    if m is None:
+        sid = torch.arange(T * B, device=device) // B
+        m = _BLOCKS[key] = sid.unsqueeze(1) == sid.unsqueeze(0)
+    return m
+
+
+def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainConfig, logp=None):
+    """GRU4Rec's loss for one chunk of T session-parallel steps.
+
+    Row (t, b) is lane b's output at step t; its candidates are step t's in-batch targets (the
+    target of row (t, b) is its own column) plus the shared negative samples. Returns
+    (loss summed over the chunk's events / batch size, new state (L, B, H), number of events)."""
+    T, B = inp.shape
+    H = model.hidden_size
+    TB = T * B
+    cols = tgt.reshape(-1) if sample is None else torch.cat([tgt.reshape(-1), sample])
+    if model.embedding == "shared":
+        idx = torch.cat([inp.reshape(-1), cols])
+        rows = F.embedding(idx, model.Wy, sparse=True)
+        x, W = rows[:TB].view(T, B, H), rows[TB:]
+    else:
+        x = model.embed(inp, sparse=True)
+        W = F.embedding(cols, model.Wy, sparse=True)
+    cb = F.embedding(cols, model.By, sparse=True).squeeze(1)
+    y, hn = model.recur(x, h, resets)
+    if cfg.dropout_hidden > 0 and cfg.state_dropout:
+        # GRU4Rec carries the dropped-out output as the next state: do that at the chunk boundary
+        # (exact for chunk_steps=1 with one layer)
+        keep_p = 1.0 - cfg.dropout_hidden
+        mask = torch.empty_like(y).bernoulli_(keep_p).div_(keep_p)
+        y = y * mask
+        hn = torch.cat([hn[:-1], (hn[-1] * mask[-1]).unsqueeze(0)], 0)
+    elif cfg.dropout_hidden > 0:
+        y = F.dropout(y, cfg.dropout_hidden, training=True)
+    Y = y.reshape(TB, H)
+    if cfg.loss == "cross-entropy" and cfg.logq > 0 and logp is not None:
+        corr = logp[tgt.reshape(-1)]
+        if sample is not None:
+            corr = torch.cat([corr, cfg.sample_alpha * logp[sample]])
+        cb = cb - cfg.logq * corr
+    all_valid = bool(valid.all())
+    keep = _block_diag(T, B, inp.device)
+    vflat = valid.reshape(-1)
+    if not all_valid:
+        keep = keep & vflat.unsqueeze(0)
+    if cfg.loss == "cross-entropy":
+        loss = _SampledSoftmaxXE.apply(Y, W, cb, keep, None if all_valid else vflat)
+        m = TB if all_valid else int(vflat.sum())
+        return loss / _norm(cfg, T, B), hn, m
+    logits = torch.addmm(cb, Y, W.t())
+    target = torch.arange(TB, device=inp.device)
+    cm = keep if sample is None else torch.cat([keep, keep.new_ones(TB, sample.shape[0])], 1)
+    if not all_valid:
+        logits, target, cm = logits[vflat], target[vflat], cm[vflat]
+    if cfg.loss == "bpr-max":
+        per = bpr_max(logits, target, cm, bpreg=cfg.bpreg, elu_param=cfg.elu_param)
+    else:
+        per = top1_max(logits, target, cm, elu_param=cfg.elu_param)
+    return per.sum() / _norm(cfg, T, B), hn, per.shape[0]
+
+
+def _norm(cfg, T, B):
+    """GRU4Rec divides each step's summed loss by the batch size. ``loss_norm="step"`` also averages
+    over the chunk's T steps, so one chunk's gradient has the scale of one GRU4Rec step (Adagrad's
+    eps makes the update depend on that scale); ``"batch"`` sums the steps."""
+    return B * T if cfg.loss_norm == "step" else B
+
+
+def _make_optimizer(model, cfg):
+    if cfg.optimizer == "adagradm":
+        return AdagradM(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    # torch optimisers: dense gradients for the item matrices
+    if cfg.optimizer == "adam":
+        return torch.optim.SparseAdam(model.item_params, lr=cfg.lr), torch.optim.Adam(
+            [p for p in model.parameters() if all(p is not q for q in model.item_params)], lr=cfg.lr)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=cfg.lr)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+
+
+class _Multi:
+    def __init__(self, opts):
+        self.opts = opts
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+
+def train(train_data: SessionDataset, cfg: TrainConfig, *, progress: bool = True,
+          model: GRU4Rec | None = None) -> tuple[GRU4Rec, dict]:
+    """Train GRU4Rec on ``train_data``. Returns (model in eval mode, stats dict).
+
+    ``cfg.threads`` (default 1) sets torch's intra-op threads for the run: most per-chunk tensors are
+    small and run best on one thread; the two or three big score GEMMs per chunk use
+    ``cfg.gemm_threads`` (default: torch's thread count at entry, at most 4)."""
+    cfg.validate()
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # default: the big score GEMMs use up to 4 of torch's threads, everything else cfg.threads
+    _GEMM_THREADS[0] = cfg.gemm_threads if cfg.gemm_threads else min(4, old_threads)
+    try:
+        return _train(train_data, cfg, progress, model)
+    finally:
+        _GEMM_THREADS[0] = None
+        torch.set_num_threads(old_threads)
+
+
+def _train(train_data, cfg, progress, model):
+    if train_data.n_events <= 0:
+        raise RecsysError("the training data has no session with at least two clicks")
+    gen = torch.Generator()
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+        gen.manual_seed(cfg.seed + 1)
+    else:
+        gen.seed()
+    device = torch.device(cfg.device)
+    n_items = len(train_data.item_map)
+    if model is None:
+        model = GRU4Rec(n_items, cfg.layers, cfg.embedding, cfg.dropout_embed, cfg.dropout_hidden,
+                        cfg.reset_after, item_ids=train_data.item_map.item_ids)
+    model.to(device)
+    model.train()
+    opt = _make_optimizer(model, cfg)
+    if isinstance(opt, tuple):
+        opt = _Multi(opt)
+    sched = session_parallel_schedule(train_data.items, train_data.offsets, cfg.batch_size).to(device)
+    support = train_data.support()
+    sampler = None
+    if cfg.n_sample > 0:
+        sampler = NegativeSampler(support, cfg.n_sample, cfg.sample_alpha, gen, cfg.sample_cache, device)
+    logp = None
+    if cfg.loss == "cross-entropy" and cfg.logq > 0:
+        logp = torch.tensor(np.log(np.maximum(support, 1.0)), dtype=torch.float32, device=device)
+    L, B, H = model.num_layers, cfg.batch_size, model.hidden_size
+    losses = []
+    t_start = time.perf_counter()
+    c_start = time.process_time()
+    for epoch in range(cfg.epochs):
+        h = torch.zeros(L, B, H, device=device)
+        bar = Progress(sched.n_events, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
+        tot, n_ev = 0.0, 0
+        loss_acc = torch.zeros((), device=device)
+        for inp, tgt, rst, val in sched.chunks(cfg.chunk_steps):
+            sample = sampler.draw() if sampler is not None else None
+            for p in model.parameters():
+                p.grad = None
+            loss, hn, m = chunk_loss(model, inp, tgt, rst, val, h, sample, cfg, logp)
+            loss.backward()
+            opt.step()
+            h = hn.detach()
+            loss_acc += loss.detach() * _norm(cfg, inp.shape[0], B)
+            n_ev += m
+            if bar.tty:
+                bar.update(m, float(loss_acc) / max(n_ev, 1))
+            else:
+                bar.done += m
+        tot = float(loss_acc) / max(n_ev, 1)
+        if not math.isfinite(tot):
+            raise RecsysError(f"training diverged (loss {tot}) in epoch {epoch + 1}; lower the learning rate")
+        bar.close(tot)
+        losses.append(tot)
+    secs = time.perf_counter() - t_start
+    cpu = time.process_time() - c_start
+    model.eval()
+    events = sched.n_events * cfg.epochs
+    stats = dict(train_seconds=secs, events=events, events_per_second=events / secs if secs > 0 else 0.0,
+                 cpu_seconds=cpu, events_per_cpu_second=events / cpu if cpu > 0 else 0.0,
+                 epoch_losses=losses, config={k: v for k, v in asdict(cfg).items()})
+    return model, stats

@@ -1,0 +1,37 @@
+"""The examples run in seconds and learn (loss goes down, beats a trivial baseline)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: one intra-op thread is fastest, and kind to a shared machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_next_action_rnn():
+    res = _load("next_action_rnn").run(epochs=10, n_users=256, verbose=False)
+    assert res["last_loss"] < res["first_loss"]
+    assert res["test_bce"] < 0.9 * res["baseline_bce"]
+    assert res["accuracy"] > res["baseline_accuracy"]
+
+
+def test_next_rating():
+    res = _load("next_rating").run(epochs=15, n_users=256, verbose=False)
+    assert res["last_loss"] < res["first_loss"]
+    assert res["test_mse"] < 0.5 * res["baseline_mse"]

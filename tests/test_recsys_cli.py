@@ -1,0 +1,104 @@
+"""CLI of rnnrec_fast.recsys: smoke runs on a tiny file and clean errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rnnrec_fast import recsys
+from rnnrec_fast.recsys.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recsys_cli")
+    log = recsys.synthetic_clicks(300, 30, seed=4)
+    train, test = recsys.time_split(log, test_days=0.1)
+    recsys.write_clicks(train, str(d / "train.txt"))
+    recsys.write_clicks(test, str(d / "test.txt"))
+    return d
+
+
+def _run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+TRAIN_ARGS = ["--epochs", "2", "--n-sample", "16", "--batch-size", "8", "--layers", "16", "--seed", "0",
+              "--quiet"]
+
+
+def test_train_evaluate_recommend(files, capsys):
+    model = files / "m.pt"
+    code, out, err = _run(["train", "--train", files / "train.txt", "--test", files / "test.txt",
+                           "--save", model, "--json", "--k", "5", "20"] + TRAIN_ARGS, capsys)
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    for key in ("recall@20", "mrr@20", "recall@5", "mrr@5", "train_seconds", "events_per_second"):
+        assert key in res
+    assert 0 <= res["mrr@20"] <= res["recall@20"] <= 1
+    assert model.exists()
+    code, out, err = _run(["evaluate", "--model", model, "--test", files / "test.txt", "--k", "1", "5",
+                           "10", "20", "--json"], capsys)
+    assert code == 0, err
+    ev = json.loads(out.strip().splitlines()[-1])
+    assert ev["recall@20"] == pytest.approx(res["recall@20"])
+    code, out, err = _run(["recommend", "--model", model, "--items", "1000", "1001", "--k", "7"], capsys)
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 7
+    code, out, err = _run(["recommend", "--model", model, "--items", "1000", "--k", "3", "--json"], capsys)
+    assert len(json.loads(out)["items"]) == 3
+
+
+@pytest.mark.parametrize("loss,emb", [("bpr-max", "8"), ("top1-max", "none")])
+def test_train_other_losses(files, capsys, loss, emb):
+    code, out, err = _run(["train", "--train", files / "train.txt", "--loss", loss, "--embedding", emb,
+                           "--bpreg", "0.5", "--layers", "16,16", "--reset-after", "false", "--epochs", "1",
+                           "--n-sample", "8", "--batch-size", "8", "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_bad_inputs(files, tmp_path, capsys):
+    cases = [
+        (["train", "--train", tmp_path / "missing.txt"], "not found"),
+        (["train", "--train", files / "train.txt", "--batch-size", "0", "--epochs", "1", "--quiet"], "batch size"),
+        (["train", "--train", files / "train.txt", "--embedding", "wide", "--epochs", "1"], "embedding"),
+        (["train", "--train", files / "train.txt", "--layers", "10,x"], "layers"),
+        (["train", "--train", files / "train.txt", "--layers", "10,20"], "same size"),
+        (["train", "--train", files / "train.txt", "--dropout-hidden", "1.5"], "dropout"),
+        (["evaluate", "--model", tmp_path / "none.pt", "--test", files / "test.txt"], "not found"),
+    ]
+    for args, msg in cases:
+        code, out, err = _run(args, capsys)
+        assert code != 0 and msg in err and "Traceback" not in err, (args, err)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("SessionId\tItemId\tTime\n1\t2\t3\n1\t2\n")
+    code, out, err = _run(["train", "--train", bad], capsys)
+    assert code != 0 and "malformed row" in err
+    model = tmp_path / "m.pt"
+    code, _, err = _run(["train", "--train", files / "train.txt", "--save", model] + TRAIN_ARGS, capsys)
+    assert code == 0, err
+    code, out, err = _run(["recommend", "--model", model, "--items", "424242"], capsys)
+    assert code != 0 and "unknown item" in err
+    with pytest.raises(SystemExit) as exc:  # argparse: bad choice
+        main(["train", "--train", str(files / "train.txt"), "--loss", "hinge"])
+    assert exc.value.code != 0
+
+
+def test_module_entry_point_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "rnnrec_fast.recsys", "evaluate", "--model",
+                        str(tmp_path / "no.pt"), "--test", str(tmp_path / "no.txt")],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode != 0 and "error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_demo_synthetic(tmp_path, capsys):
+    lines = []
+    res = recsys.demo(data_dir=str(tmp_path), epochs=1, n_sample=64, progress=False, out=lines.append)
+    assert res["source"] == "synthetic" and "events_per_second" in res
+    assert any("Recall@20" in x for x in lines)
