@@ -7,9 +7,11 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1
+DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 \
+	uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0
 # benchmark-only extras (never runtime dependencies): ONNX Runtime's GRU as a serving baseline
-BENCH_DEPS := onnxruntime==1.32.0 onnx==1.23.2
+# and FastAPI for the plain FastAPI + nn.GRUCell serving baseline
+BENCH_DEPS := onnxruntime==1.32.0 onnx==1.23.2 fastapi==0.165.0
 DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 BUILD_STAMP := $(VENV)/.built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)

@@ -1,0 +1,55 @@
+"""python -m rnnrec_fast.serving --model model.pt --host 127.0.0.1 --port 8000"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m rnnrec_fast.serving",
+                                description="Serve next-click recommendations from a session recommender checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint written by rnnrec_fast.recsys.save_checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: an ephemeral one, printed at start)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-sessions", type=int, default=100_000, help="sessions held at most (LRU beyond)")
+    p.add_argument("--ttl", type=float, default=1800.0, help="seconds of idleness before a session is dropped")
+    p.add_argument("--max-batch", type=int, default=64, help="clicks served by one fused step at most")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="how long a batch waits for more clicks (0: those arrived by the next loop pass)")
+    p.add_argument("--max-body-bytes", type=int, default=4096)
+    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
+    p.add_argument("--debug", action="store_true", help="enable GET /v1/sessions/{id} (clicks, seen items, state)")
+    p.add_argument("--log-level", default="warning")
+    a = p.parse_args(argv)
+
+    import torch
+
+    if a.torch_threads > 0:
+        torch.set_num_threads(a.torch_threads)
+    try:
+        import rnnrec_fast  # noqa: F401  (registers the custom ops the model may use)
+    except ImportError:
+        pass
+    from .app import make_app
+    from .server import bind, serve
+
+    app = make_app(a.model, device=a.device, max_sessions=a.max_sessions, ttl=a.ttl, max_batch=a.max_batch,
+                   batch_window_ms=a.batch_window_ms, max_body_bytes=a.max_body_bytes, debug=a.debug,
+                   max_k=a.max_k)
+    # everything allocated so far (model, item maps, modules) is long-lived: keep it out of the
+    # cyclic GC's full collections, which would otherwise walk it during serving (latency spikes)
+    gc.collect()
+    gc.freeze()
+    sock = bind(a.host, a.port)
+    host, port = sock.getsockname()[:2]
+    print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}; "
+          f"listening on http://{host}:{port}", flush=True)
+    serve(app, sock, log_level=a.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

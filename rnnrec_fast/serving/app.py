@@ -1,0 +1,328 @@
+"""HTTP service: a plain ASGI application (served by uvicorn) with micro-batched clicks.
+
+Endpoints::
+
+    POST   /v1/sessions/{session_id}/clicks   {"item_id": 214821371, "k": 20, "exclude_seen": false}
+                                              -> 200 {"items": [...], "scores": [...]}
+    DELETE /v1/sessions/{session_id}          -> 200 {"deleted": true} | 404
+    GET    /v1/sessions/{session_id}          -> 200 {"clicks": n, "seen": [...], "state": [[...]]}
+                                                 (only with debug=True: for load-test state checks)
+    GET    /healthz                           -> 200 {"status": "ok", ...}
+    GET    /metrics                           -> Prometheus text format 0.0.4
+
+Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with a 4xx status (400 malformed
+JSON or fields, 404 unknown route or session, 405 wrong method, 413 body too large, 422 unknown
+item or k out of range); the service keeps serving.
+
+Micro-batching: a click request is validated in its handler, then queued. The queue is flushed
+as one :meth:`SessionRecommender.step_batch` call (one fused step + one scoring GEMM + one top-k)
+when it holds ``max_batch`` clicks, or ``batch_window_ms`` after its first click arrived. With the
+default window of 0 the flush runs at the next event-loop pass, so a batch holds every click that
+arrived while the previous batch was computing (no added latency when idle). Batches run one at a
+time in arrival order, and a batch applies repeated clicks of one session in order, so clicks of a
+session are never reordered. ``DELETE`` is applied at once: a click of the same session sent
+concurrently and still queued is applied after it (to a fresh session).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+from . import metrics as _m
+from .recommender import InvalidRequestError, SessionRecommender, UnknownItemError
+
+_JSON = [(b"content-type", b"application/json")]
+_PREFIX = "/v1/sessions/"
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
+                    0.025, 0.05, 0.1, 0.25, 1.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class HTTPError(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _Click:
+    __slots__ = ("sid", "idx", "k", "excl", "fut")
+
+    def __init__(self, sid, idx, k, excl, fut):
+        self.sid = sid
+        self.idx = idx
+        self.k = k
+        self.excl = excl
+        self.fut = fut
+
+
+class ServingApp:
+    """The ASGI application.
+
+    Args:
+        rec: the :class:`SessionRecommender`.
+        max_batch: the most clicks one fused step serves.
+        batch_window_ms: how long a batch waits for more clicks after its first (0: only those
+            that arrived by the next event-loop pass; timers have about 1 ms resolution).
+        max_body_bytes: larger request bodies get 413.
+        max_session_id_len: longer session ids get 400.
+        debug: enables ``GET /v1/sessions/{id}`` (clicks, seen items and the raw state).
+    """
+
+    def __init__(self, rec: SessionRecommender, *, max_batch=64, batch_window_ms=0.0, max_body_bytes=4096,
+                 max_session_id_len=256, debug=False):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.rec = rec
+        self.max_batch = int(max_batch)
+        self.window = max(0.0, float(batch_window_ms)) / 1000.0
+        self.max_body = int(max_body_bytes)
+        self.max_sid = int(max_session_id_len)
+        self.debug = bool(debug)
+        self._pending: list[_Click] = []
+        self._flush_handle = None
+        self._loop = None
+        self._ids_json = [json.dumps(i) for i in rec.item_ids]  # item ids pre-encoded
+        reg = self.registry = _m.Registry()
+        self.m_requests = reg.add(_m.Counter("rnnrec_http_requests_total", "HTTP requests by endpoint and status.",
+                                             ("endpoint", "code")))
+        self.m_errors = reg.add(_m.Counter("rnnrec_http_errors_total", "HTTP error responses by error code.",
+                                           ("error",)))
+        self.m_latency = reg.add(_m.Histogram("rnnrec_click_latency_seconds",
+                                              "Click request latency in the service (request start to response).",
+                                              _LATENCY_BUCKETS))
+        self.m_batch = reg.add(_m.Histogram("rnnrec_batch_size", "Clicks served per fused step.", _BATCH_BUCKETS))
+        self.m_clicks = reg.add(_m.Counter("rnnrec_clicks_total", "Clicks applied."))
+        reg.add(_m.Gauge("rnnrec_sessions", "Sessions held.", lambda: len(rec.store)))
+        reg.add(_m.Gauge("rnnrec_sessions_max", "Bound on sessions held (LRU beyond).", lambda: rec.store.max_sessions))
+        reg.add(_m.Gauge("rnnrec_state_bytes", "Bytes allocated for session states.",
+                         lambda: rec.store.capacity * rec.store.slab[0].numel() * rec.store.slab.element_size()))
+        reg.add(_m.Gauge("rnnrec_state_bytes_max", "Bound on bytes for session states.",
+                         lambda: rec.store.max_sessions * rec.store.slab[0].numel() * rec.store.slab.element_size()))
+        reg.add(_m.Gauge("rnnrec_sessions_evicted_lru_total", "Sessions evicted to make room (LRU).",
+                         lambda: rec.store.evicted_lru, kind="counter"))
+        reg.add(_m.Gauge("rnnrec_sessions_expired_ttl_total", "Sessions dropped after the idle TTL.",
+                         lambda: rec.store.expired_ttl, kind="counter"))
+        reg.add(_m.Gauge("rnnrec_pending_clicks", "Clicks queued for the next batch.", lambda: len(self._pending)))
+
+    # ------------------------------------------------------------------ ASGI entry
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    self._loop = asyncio.get_running_loop()
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        # websockets etc.: not served
+
+    async def _http(self, scope, receive, send):
+        method = scope["method"]
+        path = scope["path"]
+        endpoint = "other"
+        t0 = time.perf_counter()
+        try:
+            if path.startswith(_PREFIX):
+                rest = path[len(_PREFIX):]
+                if rest.endswith("/clicks"):
+                    endpoint = "clicks"
+                    if method != "POST":
+                        raise HTTPError(405, "method_not_allowed", "use POST for clicks")
+                    sid = self._session_id(rest[:-len("/clicks")])
+                    body = await self._read_body(scope, receive)
+                    status, payload = 200, await self._click(sid, body)
+                    self.m_latency.observe(time.perf_counter() - t0)
+                else:
+                    endpoint = "session"
+                    sid = self._session_id(rest)
+                    if method == "DELETE":
+                        if not self.rec.end(sid):
+                            raise HTTPError(404, "unknown_session", f"no session {sid!r}")
+                        status, payload = 200, b'{"deleted":true}'
+                    elif method == "GET" and self.debug:
+                        status, payload = 200, self._session_debug(sid)
+                    else:
+                        raise HTTPError(405, "method_not_allowed",
+                                        "use DELETE" + (" or GET" if self.debug else "") + " on a session")
+            elif path == "/healthz":
+                endpoint = "healthz"
+                if method not in ("GET", "HEAD"):
+                    raise HTTPError(405, "method_not_allowed", "use GET")
+                status, payload = 200, json.dumps({"status": "ok", "sessions": len(self.rec.store),
+                                                   "items": self.rec.n_items}).encode()
+            elif path == "/metrics":
+                endpoint = "metrics"
+                if method not in ("GET", "HEAD"):
+                    raise HTTPError(405, "method_not_allowed", "use GET")
+                text = self.registry.expose().encode()
+                self.m_requests.inc(endpoint, "200")
+                await _respond(send, 200, text, [(b"content-type", _m.CONTENT_TYPE.encode())])
+                return
+            else:
+                raise HTTPError(404, "not_found", f"no route {method} {path}")
+        except HTTPError as e:
+            status, payload = e.status, _error(e.code, e.message)
+            self.m_errors.inc(e.code)
+        except Exception as e:  # noqa: BLE001 - the service must keep serving
+            status, payload = 500, _error("internal", f"{type(e).__name__}: {e}")
+            self.m_errors.inc("internal")
+        self.m_requests.inc(endpoint, _STATUS_STR.get(status) or str(status))
+        await _respond(send, status, payload, _JSON)
+
+    # ------------------------------------------------------------------ helpers
+    def _session_id(self, raw):
+        if not raw or "/" in raw:
+            raise HTTPError(404, "not_found", "expected /v1/sessions/{session_id}[/clicks]")
+        if len(raw) > self.max_sid:
+            raise HTTPError(400, "bad_session_id", f"session id longer than {self.max_sid} characters")
+        return raw
+
+    async def _read_body(self, scope, receive):
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    raise HTTPError(400, "bad_request", "invalid Content-Length") from None
+                if n > self.max_body:
+                    raise HTTPError(413, "body_too_large", f"request body over {self.max_body} bytes")
+        chunks = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise HTTPError(400, "disconnected", "client disconnected")
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise HTTPError(413, "body_too_large", f"request body over {self.max_body} bytes")
+                chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _click(self, sid, body):
+        try:
+            req = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPError(400, "bad_json", f"request body is not valid JSON: {e}") from None
+        if not isinstance(req, dict):
+            raise HTTPError(400, "bad_request", "request body must be a JSON object")
+        if "item_id" not in req:
+            raise HTTPError(400, "bad_request", "missing field 'item_id'")
+        k = req.get("k", 20)
+        excl = req.get("exclude_seen", False)
+        if not isinstance(excl, bool):
+            raise HTTPError(400, "bad_request", "'exclude_seen' must be true or false")
+        rec = self.rec
+        try:
+            idx = rec.item_to_index(req["item_id"])
+            rec.check_k(k)
+        except TypeError as e:
+            raise HTTPError(400, "bad_request", str(e)) from None
+        except UnknownItemError as e:
+            raise HTTPError(422, "unknown_item", str(e)) from None
+        except InvalidRequestError as e:
+            raise HTTPError(422, "bad_k", str(e)) from None
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        pending = self._pending
+        pending.append(_Click(sid, idx, k, excl, fut))
+        if len(pending) >= self.max_batch:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            self._flush()
+        elif self._flush_handle is None:
+            if self.window > 0:
+                self._flush_handle = loop.call_later(self.window, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+        vals, inds = await fut
+        ids = self._ids_json
+        return b'{"items":[%s],"scores":[%s]}' % (
+            ",".join([ids[i] for i in inds]).encode(),
+            ",".join([_num(v) for v in vals]).encode(),
+        )
+
+    def _flush(self):
+        self._flush_handle = None
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            self._run_batch(batch)
+
+    def _run_batch(self, batch):
+        n = len(batch)
+        self.m_batch.observe(n)
+        ks = [c.k for c in batch]
+        kmax = max(ks)
+        excl = [c.excl for c in batch]
+        try:
+            vals, inds = self.rec.step_batch([c.sid for c in batch], [c.idx for c in batch], kmax,
+                                             excl if any(excl) else False)
+        except Exception as e:  # noqa: BLE001
+            for c in batch:
+                if not c.fut.done():
+                    c.fut.set_exception(e)
+            return
+        self.m_clicks.inc(amount=n)
+        ninf = float("-inf")
+        for c, vr, ir in zip(batch, vals, inds):
+            if c.k < kmax:
+                vr, ir = vr[: c.k], ir[: c.k]
+            if c.excl:
+                m = sum(1 for v in vr if v != ninf)
+                vr, ir = vr[:m], ir[:m]
+            if not c.fut.done():  # the client may have gone away
+                c.fut.set_result((vr, ir))
+
+    def _session_debug(self, sid):
+        info = self.rec.session_info(sid)
+        if info is None:
+            raise HTTPError(404, "unknown_session", f"no session {sid!r}")
+        state = self.rec.state(sid)
+        info["state"] = state.tolist() if state is not None else None
+        return json.dumps(info).encode()
+
+
+_STATUS_STR = {200: "200", 400: "400", 404: "404", 405: "405", 413: "413", 422: "422", 500: "500"}
+
+
+def _num(v):
+    return repr(v) if math.isfinite(v) else "null"
+
+
+def _error(code, message):
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+async def _respond(send, status, body, headers):
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def make_app(model_or_path, *, device="cpu", max_sessions=100_000, ttl=1800.0, max_batch=64, batch_window_ms=0.0,
+             max_body_bytes=4096, debug=False, **rec_kwargs):
+    """An ASGI app from a checkpoint path, a model or a :class:`SessionRecommender`."""
+    if isinstance(model_or_path, SessionRecommender):
+        rec = model_or_path
+    elif isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        rec = SessionRecommender.load(model_or_path, device=device, max_sessions=max_sessions, ttl=ttl,
+                                      **rec_kwargs)
+    else:
+        rec = SessionRecommender(model_or_path, max_sessions=max_sessions, ttl=ttl, **rec_kwargs)
+    return ServingApp(rec, max_batch=max_batch, batch_window_ms=batch_window_ms, max_body_bytes=max_body_bytes,
+                      debug=debug)

@@ -1,0 +1,74 @@
+"""Exporting one serving step (GRU step + scores + top-k) with ``torch.export``.
+
+The exported program contains the ``rnnrec_fast::recurrence`` custom op (the model's GRU layers
+are ``rnnrec_fast.GRU``), so a process that runs it must ``import rnnrec_fast`` first to register
+the op; nothing else of this package is needed::
+
+    import torch, rnnrec_fast
+    ep = torch.export.load("step.pt2")
+    h_new, top_scores, top_items = ep.module()(items, h)   # items (B,) int64, h (L, B, H)
+
+``top_items`` are catalogue indices; map them with the model's ``item_ids`` (saved next to the
+program by :func:`export_step` as ``<path>.items.json``).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+
+class OneStepScorer(nn.Module):
+    """``(items (B,), h (L, B, H)) -> (h_new (L, B, H), top-k scores (B, k), top-k indices (B, k))``.
+
+    Wraps a ``rnnrec_fast.recsys.GRU4Rec`` (in eval mode): embedding lookup, one fused GRU step per
+    layer (``rnnrec_fast::recurrence``), the scoring GEMM and top-k.
+    """
+
+    def __init__(self, model, k=20):
+        super().__init__()
+        if not 1 <= k <= model.n_items:
+            raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
+        self.model = model
+        self.k = int(k)
+
+    def forward(self, items: torch.Tensor, h: torch.Tensor):
+        x = self.model.embed(items.reshape(1, -1))
+        _, h_new = self.model.recur(x, h)
+        scores = self.model.score(h_new[-1])
+        vals, idx = torch.topk(scores, self.k, dim=1)
+        return h_new, vals, idx
+
+
+def export_step(model, k=20, batch=None, path=None):
+    """``torch.export`` of :class:`OneStepScorer` (a dynamic batch dimension unless ``batch`` is
+    given). Saves the program to ``path`` (plus ``path + '.items.json'``) when given; returns the
+    ExportedProgram."""
+    model = model.eval()
+    scorer = OneStepScorer(model, k).eval()
+    B = 4 if batch is None else int(batch)
+    items = torch.zeros(B, dtype=torch.long, device=model.Wy.device)
+    h = model.init_state(B)
+    dynamic = None
+    if batch is None:
+        b = torch.export.Dim("batch", min=1, max=1 << 16)
+        dynamic = {"items": {0: b}, "h": {1: b}}
+    with torch.no_grad():
+        ep = torch.export.export(scorer, (items, h), dynamic_shapes=dynamic)
+    if path is not None:
+        torch.export.save(ep, path)
+        with open(str(path) + ".items.json", "w") as f:
+            json.dump(list(model.item_ids), f)
+    return ep
+
+
+def custom_ops_in(ep) -> set[str]:
+    """Names of the ``rnnrec_fast`` ops called in an exported program's graph."""
+    found = set()
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            name = str(node.target)
+            if name.startswith("rnnrec_fast."):
+                found.add(name)
+    return found

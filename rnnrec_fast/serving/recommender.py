@@ -1,0 +1,347 @@
+"""In-process session recommender: one recurrent step per click, top-k over the catalogue."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+from . import fastpath as _fastpath
+from .store import SessionStore
+
+
+class ServingError(Exception):
+    """Base class of the errors the serving API raises for bad input."""
+
+
+class UnknownItemError(ServingError, LookupError):
+    """An item id that is not in the model's catalogue."""
+
+    def __init__(self, item_id):
+        super().__init__(f"unknown item id {item_id!r} (not in the model's catalogue)")
+        self.item_id = item_id
+
+    def __str__(self):  # LookupError/KeyError would repr() the message
+        return self.args[0]
+
+
+class InvalidRequestError(ServingError, ValueError):
+    """A malformed request: bad k, mismatched lengths, too many sessions in one batch, ..."""
+
+
+def _check_session_id(sid):
+    if isinstance(sid, bool) or not isinstance(sid, (str, int)):
+        raise TypeError(f"session_id must be a str or an int, got {type(sid).__name__}")
+    return sid
+
+
+class SessionRecommender:
+    """Serves next-click recommendations from a recurrent session model.
+
+    ``model`` follows the ``rnnrec_fast.recsys`` interface: ``item_ids``, ``item_index``,
+    ``n_items``, ``hidden_size``, ``num_layers``, ``init_state(B)``, ``step(items, h)`` and
+    ``score(h_top)``.
+
+    Thread safety: one lock serialises every read-modify-write of session states (look up, step,
+    write back), so concurrent callers never see each other's state and the clicks of one session
+    are applied in the order the calls take the lock. Scoring and top-k run outside the lock, on
+    the caller's private copy of the new state.
+
+    Args:
+        model: the recommender (eval mode).
+        max_sessions, ttl, max_seen, initial_capacity: see :class:`SessionStore`.
+        max_k: the largest k a request may ask for (default: the catalogue size).
+        max_batch: the largest batch :meth:`click_many` accepts.
+        clock: monotonic clock (seconds) for the idle TTL.
+        fast: for ``rnnrec_fast.recsys.GRU4Rec`` models, call the fused op and the scoring GEMM
+            directly instead of ``model.step`` / ``model.score`` (less Python per click; used only
+            when it reproduces the model's own methods on a probe, see ``serving.fastpath``).
+    """
+
+    def __init__(self, model, *, max_sessions=100_000, ttl=1800.0, max_seen=256, max_k=None,
+                 max_batch=4096, initial_capacity=1024, clock=time.monotonic, fast=True):
+        self.model = model
+        self._fast = _fastpath.build(model) if fast else None
+        self._step = self._fast.step if self._fast is not None else model.step
+        self._score = self._fast.score if self._fast is not None else model.score
+        self.item_ids = list(model.item_ids)
+        self.item_index = model.item_index
+        self.n_items = int(model.n_items)
+        if len(self.item_ids) != self.n_items:
+            raise ValueError("model.item_ids and model.n_items disagree")
+        self.hidden_size = int(model.hidden_size)
+        self.num_layers = int(model.num_layers)
+        self.max_k = self.n_items if max_k is None else min(int(max_k), self.n_items)
+        self.max_batch = int(max_batch)
+        with torch.no_grad():
+            h0 = model.init_state(1)
+        if tuple(h0.shape) != (self.num_layers, 1, self.hidden_size):
+            raise ValueError(f"model.init_state(1) has shape {tuple(h0.shape)}, expected "
+                             f"({self.num_layers}, 1, {self.hidden_size})")
+        self._h0 = h0[:, 0].detach().clone()
+        self.device = h0.device
+        self.store = SessionStore(self.num_layers, self.hidden_size, max_sessions=max_sessions, ttl=ttl,
+                                  dtype=h0.dtype, device=h0.device, initial_capacity=initial_capacity,
+                                  max_seen=max_seen, clock=clock)
+        self.clock = clock
+        self._lock = threading.Lock()
+        # every item index as a tensor once: a click's input is a view, no allocation
+        self._all_items = torch.arange(self.n_items, dtype=torch.long, device=self.device)
+        self._neg_inf = float("-inf")
+        # item ids as a numpy array when they are all ints: batch results map to ids in one gather
+        self._ids_np = None
+        if self.device.type == "cpu" and all(type(i) is int for i in self.item_ids):
+            try:
+                self._ids_np = np.asarray(self.item_ids, dtype=np.int64)
+            except OverflowError:
+                pass
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, path, device="cpu", **kwargs):
+        """Loads a recommender checkpoint written by ``rnnrec_fast.recsys.save_checkpoint``."""
+        from rnnrec_fast.recsys import load_checkpoint
+
+        model = load_checkpoint(path, device=device)
+        model.eval()
+        return cls(model, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def item_to_index(self, item_id):
+        """The catalogue index of an original item id; UnknownItemError/TypeError otherwise."""
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
+            raise TypeError(f"item_id must be an int or a str, got {type(item_id).__name__}")
+        idx = self.item_index.get(item_id)
+        if idx is None:
+            raise UnknownItemError(item_id)
+        return idx
+
+    def check_k(self, k):
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= self.max_k:
+            raise InvalidRequestError(f"k must be in [1, {self.max_k}], got {k}")
+        return k
+
+    # ------------------------------------------------------------------ API
+    def click(self, session_id, item_id, k=20, exclude_seen=False):
+        """Advances ``session_id`` by one click on ``item_id``; returns its top-k
+        ``(item_ids, scores)`` (lists, best first). Bad input raises before any state changes."""
+        _check_session_id(session_id)
+        idx = self.item_to_index(item_id)
+        self.check_k(k)
+        vals, inds = self._click_core(session_id, idx, k, exclude_seen)
+        ids = self.item_ids
+        if exclude_seen:
+            n = sum(1 for v in vals if v != self._neg_inf)
+            vals, inds = vals[:n], inds[:n]
+        return [ids[i] for i in inds], vals
+
+    def _click_core(self, session_id, idx, k, exclude_seen):
+        """One validated click; returns the top-k (scores, indices) as lists."""
+        store = self.store
+        fast = self._fast
+        with torch.no_grad():
+            with self._lock:
+                now = self.clock()
+                if store.ttl is not None:
+                    store.expire(now)
+                e = store.touch(session_id, now)
+                new = e is None
+                if new:
+                    e = store.create(session_id, now, self._h0)
+                row = store.slab[e.slot]
+                try:
+                    if fast is not None:
+                        h = fast.step_row(idx, row)  # (L, H)
+                    else:
+                        h = self._step(self._all_items[idx:idx + 1], row.unsqueeze(1))[:, 0]
+                except BaseException:
+                    if new:
+                        store.discard(session_id)
+                    raise
+                row.copy_(h)
+                e.clicks += 1
+                seen = e.seen
+                seen.append(idx)
+                if len(seen) > store.max_seen:
+                    del seen[0]
+                if exclude_seen:
+                    seen = list(seen)
+            scores = self._score(h[-1:] if self.num_layers > 1 else h)
+            if exclude_seen:
+                scores[0, seen] = self._neg_inf
+            vals, inds = torch.topk(scores[0], k)
+        return vals.tolist(), inds.tolist()
+
+    def click_many(self, session_ids, item_ids, k=20, exclude_seen=False):
+        """A batch of clicks in one fused step and one scoring GEMM + top-k.
+
+        Returns one ``(item_ids, scores)`` per click, in input order. A session that appears more
+        than once gets its clicks applied in input order (one step per occurrence). Any bad input
+        raises before any state changes."""
+        if len(session_ids) != len(item_ids):
+            raise InvalidRequestError(
+                f"session_ids and item_ids differ in length ({len(session_ids)} vs {len(item_ids)})")
+        for s in session_ids:
+            _check_session_id(s)
+        idxs = [self.item_to_index(i) for i in item_ids]
+        self.check_k(k)
+        if not idxs:
+            return []
+        if len(idxs) == 1:
+            vals, inds = self.step_batch(list(session_ids), idxs, k, bool(exclude_seen))
+        else:
+            vals_t, inds_t = self._step_batch(list(session_ids), idxs, k, bool(exclude_seen))
+            vals = vals_t.tolist()
+            if self._ids_np is not None and not exclude_seen:
+                return list(zip(self._ids_np[inds_t.numpy()].tolist(), vals))
+            inds = inds_t.tolist()
+        ids = self.item_ids
+        out = []
+        if exclude_seen:
+            ninf = self._neg_inf
+            for vr, ir in zip(vals, inds):
+                n = sum(1 for v in vr if v != ninf)
+                out.append(([ids[i] for i in ir[:n]], vr[:n]))
+        else:
+            for vr, ir in zip(vals, inds):
+                out.append(([ids[i] for i in ir], vr))
+        return out
+
+    def step_batch(self, session_ids, idxs, k, exclude_seen=False):
+        """The batched core on already validated input (list of session ids, list of item
+        indices, k, bool or list of bools for exclude_seen). Returns ``(values, indices)`` as nested
+        lists ``(B, k)`` of the top-k scores and catalogue indices."""
+        if len(idxs) == 1:  # a lone click: the lower-overhead single-session path
+            if len(idxs) > self.max_batch:
+                raise InvalidRequestError(f"batch of 1 click exceeds max_batch={self.max_batch}")
+            excl = bool(exclude_seen[0] if isinstance(exclude_seen, (list, tuple)) else exclude_seen)
+            vals, inds = self._click_core(session_ids[0], idxs[0], k, excl)
+            return [vals], [inds]
+        vals, inds = self._step_batch(session_ids, idxs, k, exclude_seen)
+        return vals.tolist(), inds.tolist()
+
+    def _step_batch(self, session_ids, idxs, k, exclude_seen):
+        B = len(idxs)
+        if B > self.max_batch:
+            raise InvalidRequestError(f"batch of {B} clicks exceeds max_batch={self.max_batch}")
+        distinct = set(session_ids)
+        if len(distinct) > self.store.max_sessions:
+            raise InvalidRequestError(f"batch holds {len(distinct)} distinct sessions, more than "
+                                      f"max_sessions={self.store.max_sessions}")
+        rounds = None
+        if len(distinct) < B:
+            # round r holds the r-th occurrence of each session (rounds run in order)
+            occ = {}
+            rounds = [[]]
+            for p, sid in enumerate(session_ids):
+                r = occ.get(sid, 0)
+                occ[sid] = r + 1
+                if r == len(rounds):
+                    rounds.append([])
+                rounds[r].append(p)
+        per_row_excl = isinstance(exclude_seen, (list, tuple))
+        any_excl = any(exclude_seen) if per_row_excl else bool(exclude_seen)
+        store = self.store
+        step = self._step
+        dev = self.device
+        items = torch.tensor(idxs, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            with self._lock:
+                now = self.clock()
+                store.expire(now)
+                m = store._map
+                entries = {}
+                missing = []
+                for sid in distinct:  # existing sessions first, so that creating new ones never evicts them
+                    e = m.get(sid)
+                    if e is None:
+                        missing.append(sid)
+                    else:
+                        m.move_to_end(sid)
+                        e.last = now
+                        entries[sid] = e
+                for sid in missing:
+                    entries[sid] = store.create(sid, now, self._h0)
+                slab = store.slab  # after create(): it may have grown
+                try:
+                    if rounds is None:
+                        slots = torch.tensor([entries[s].slot for s in session_ids], device=dev)
+                        h = slab.index_select(0, slots).transpose(0, 1).contiguous()
+                        h = step(items, h)
+                        slab.index_copy_(0, slots, h.transpose(0, 1))
+                        top = h[-1]
+                    else:
+                        top = torch.empty(B, self.hidden_size, dtype=slab.dtype, device=dev)
+                        for pos in rounds:
+                            pos_t = torch.tensor(pos, device=dev)
+                            slots = torch.tensor([entries[session_ids[p]].slot for p in pos], device=dev)
+                            h = slab.index_select(0, slots).transpose(0, 1).contiguous()
+                            h = step(items.index_select(0, pos_t), h)
+                            slab.index_copy_(0, slots, h.transpose(0, 1))
+                            top.index_copy_(0, pos_t, h[-1])
+                except BaseException:
+                    for sid in missing:
+                        store.discard(sid)
+                    raise
+                seen_rows = [] if any_excl else None
+                max_seen = store.max_seen
+                for sid, idx in zip(session_ids, idxs):
+                    e = entries[sid]
+                    e.clicks += 1
+                    seen = e.seen
+                    seen.append(idx)
+                    if len(seen) > max_seen:
+                        del seen[0]
+                    if any_excl:
+                        seen_rows.append(seen[:] if (exclude_seen[len(seen_rows)] if per_row_excl else True) else None)
+            scores = self._score(top)
+            if any_excl:
+                rows, cols = [], []
+                for p, seen in enumerate(seen_rows):
+                    if seen:
+                        rows.extend([p] * len(seen))
+                        cols.extend(seen)
+                scores[rows, cols] = self._neg_inf
+            return torch.topk(scores, k, dim=1)
+
+    def end(self, session_id):
+        """Forgets a session. Returns True when it was held."""
+        _check_session_id(session_id)
+        with self._lock:
+            return self.store.discard(session_id)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def uses_fast_path(self):
+        return self._fast is not None
+
+    def __len__(self):
+        return len(self.store)
+
+    def session_info(self, session_id):
+        """``{"clicks": n, "seen": [item ids]}`` of a live session, or None (no LRU touch)."""
+        _check_session_id(session_id)
+        with self._lock:
+            e = self.store.get(session_id)
+            if e is None:
+                return None
+            return {"clicks": e.clicks, "seen": [self.item_ids[i] for i in e.seen]}
+
+    def state(self, session_id):
+        """A copy of a live session's state ``(num_layers, hidden_size)``, or None."""
+        _check_session_id(session_id)
+        with self._lock:
+            e = self.store.get(session_id)
+            return None if e is None else self.store.slab[e.slot].clone()
+
+    def memory(self):
+        with self._lock:
+            return self.store.memory()
+
+    def expire(self):
+        """Drops idle sessions now (they are also dropped lazily on every click)."""
+        with self._lock:
+            return self.store.expire()

@@ -1,0 +1,281 @@
+"""rnnrec_fast.serving, in process: semantics vs offline replay, LRU/TTL, threads, errors, export."""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from rnnrec_fast import recsys
+from rnnrec_fast.serving import InvalidRequestError, SessionRecommender, SessionStore, UnknownItemError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_model(n_items=50, layers=(16,), embedding="shared", seed=0):
+    torch.manual_seed(seed)
+    ids = [1000 + 7 * i for i in range(n_items)]  # original ids != indices
+    return recsys.GRU4Rec(n_items, list(layers), embedding=embedding, item_ids=ids).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("serving") / "model.pt")
+    recsys.save_checkpoint(make_model(layers=(16, 16)), path)
+    return path
+
+
+def replay(model, items):
+    """Offline: the state after clicking ``items`` (original ids) from a fresh session, and top-k."""
+    h = model.init_state(1)
+    for it in items:
+        h = model.step(torch.tensor([model.item_index[it]]), h)
+    return h[:, 0]
+
+
+def offline_topk(model, h, k):
+    s = model.score(h[-1].unsqueeze(0))[0]
+    v, i = torch.topk(s, k)
+    return [model.item_ids[j] for j in i.tolist()], v
+
+
+# ---------------------------------------------------------------------------------------------- semantics
+@pytest.mark.parametrize("embedding,layers", [("shared", (16,)), (8, (16, 16)), (0, (16,))])
+def test_click_matches_offline_replay(embedding, layers):
+    model = make_model(layers=layers, embedding=embedding)
+    rec = SessionRecommender(model)
+    ids = model.item_ids
+    seqs = {"a": [ids[3], ids[9], ids[3], ids[40]], "b": [ids[1]], 7: [ids[2], ids[2]]}
+    for sid, seq in seqs.items():
+        for it in seq:
+            got_items, got_scores = rec.click(sid, it, k=5)
+        h = replay(model, seq)
+        torch.testing.assert_close(rec.state(sid), h, **TOL)
+        exp_items, exp_scores = offline_topk(model, h, 5)
+        assert got_items == exp_items
+        torch.testing.assert_close(torch.tensor(got_scores), exp_scores, **TOL)
+        assert rec.session_info(sid)["clicks"] == len(seq)
+    assert len(rec) == 3
+
+
+def test_click_many_matches_click_and_repeats_apply_in_order():
+    model = make_model()
+    ids = model.item_ids
+    rec_a, rec_b = SessionRecommender(model), SessionRecommender(model)
+    sids = ["x", "y", "x", "z", "x", "y"]
+    items = [ids[1], ids[2], ids[3], ids[4], ids[5], ids[6]]
+    rec_a.click("y", ids[10])  # pre-existing state for y
+    rec_b.click("y", ids[10])
+    batch = rec_a.click_many(sids, items, k=4)
+    single = [rec_b.click(s, i, k=4) for s, i in zip(sids, items)]
+    assert len(batch) == len(sids)
+    for (bi, bs), (si, ss) in zip(batch, single):
+        assert bi == si
+        torch.testing.assert_close(torch.tensor(bs), torch.tensor(ss), **TOL)
+    for s, seq in (("x", [ids[1], ids[3], ids[5]]), ("y", [ids[10], ids[2], ids[6]]), ("z", [ids[4]])):
+        torch.testing.assert_close(rec_a.state(s), replay(model, seq), **TOL)
+        assert rec_a.session_info(s)["clicks"] == len(seq)
+    assert rec_a.click_many([], [], k=3) == []
+
+
+def test_exclude_seen_and_end():
+    model = make_model(n_items=6)
+    rec = SessionRecommender(model)
+    ids = model.item_ids
+    rec.click("s", ids[0], k=3)
+    items, scores = rec.click("s", ids[1], k=6, exclude_seen=True)
+    assert len(items) == 4 and ids[0] not in items and ids[1] not in items
+    assert all(s != float("-inf") for s in scores)
+    out = rec.click_many(["s", "t"], [ids[2], ids[2]], k=6, exclude_seen=True)
+    assert set(out[0][0]) == set(ids[3:]) and set(out[1][0]) == set(ids) - {ids[2]}
+    assert rec.end("s") is True and rec.end("s") is False
+    assert rec.state("s") is None
+    rec.click("s", ids[4], k=1)  # a new session from the initial state
+    torch.testing.assert_close(rec.state("s"), replay(model, [ids[4]]), **TOL)
+
+
+def test_load_from_checkpoint(checkpoint):
+    rec = SessionRecommender.load(checkpoint)
+    model = recsys.load_checkpoint(checkpoint)
+    ids = model.item_ids
+    rec.click("a", ids[1])
+    items, _ = rec.click("a", ids[2], k=3)
+    assert items == offline_topk(model, replay(model, [ids[1], ids[2]]), 3)[0]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_errors_leave_state_unchanged():
+    model = make_model()
+    rec = SessionRecommender(model, max_k=25)
+    ids = model.item_ids
+    rec.click("s", ids[1])
+    before = rec.state("s")
+    bad = [
+        (UnknownItemError, lambda: rec.click("s", 999999)),
+        (UnknownItemError, lambda: rec.click("new", 999999)),
+        (TypeError, lambda: rec.click("s", 1.5)),
+        (TypeError, lambda: rec.click("s", True)),
+        (TypeError, lambda: rec.click(None, ids[1])),
+        (TypeError, lambda: rec.click(("t",), ids[1])),
+        (InvalidRequestError, lambda: rec.click("s", ids[1], k=0)),
+        (InvalidRequestError, lambda: rec.click("s", ids[1], k=26)),
+        (TypeError, lambda: rec.click("s", ids[1], k="5")),
+        (UnknownItemError, lambda: rec.click_many(["s", "u"], [ids[2], -5])),
+        (InvalidRequestError, lambda: rec.click_many(["s", "u"], [ids[2]])),
+        (TypeError, lambda: rec.click_many(["s", 2.0], [ids[2], ids[3]])),
+        (InvalidRequestError, lambda: rec.click_many(["s"], [ids[2]], k=-1)),
+    ]
+    for exc, call in bad:
+        with pytest.raises(exc):
+            call()
+    assert isinstance(UnknownItemError(5), LookupError) and "unknown item id 5" in str(UnknownItemError(5))
+    torch.testing.assert_close(rec.state("s"), before, rtol=0, atol=0)
+    assert rec.session_info("s")["clicks"] == 1
+    assert len(rec) == 1 and rec.state("new") is None and rec.state("u") is None
+
+
+def test_batch_too_large_rejected_without_change():
+    model = make_model()
+    rec = SessionRecommender(model, max_sessions=3, max_batch=8)
+    ids = model.item_ids
+    with pytest.raises(InvalidRequestError, match="max_sessions"):
+        rec.click_many(["a", "b", "c", "d"], [ids[0]] * 4)
+    with pytest.raises(InvalidRequestError, match="max_batch"):
+        rec.click_many(["a"] * 9, [ids[0]] * 9)
+    assert len(rec) == 0
+
+
+# ---------------------------------------------------------------------------------------------- store
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_lru_eviction_and_memory_bound():
+    model = make_model()
+    ids = model.item_ids
+    rec = SessionRecommender(model, max_sessions=3, initial_capacity=1)
+    for s in "abc":
+        rec.click(s, ids[0])
+    rec.click("a", ids[1])  # a is now most recent; b is the LRU
+    rec.click("d", ids[2])
+    assert rec.state("b") is None and all(rec.state(s) is not None for s in "acd")
+    assert rec.store.evicted_lru == 1
+    # an evicted session restarts from the initial state
+    rec.click("b", ids[3])
+    torch.testing.assert_close(rec.state("b"), replay(model, [ids[3]]), **TOL)
+    mem = rec.memory()
+    row = model.num_layers * model.hidden_size * 4
+    assert mem["sessions"] == 3 and mem["bytes_per_state"] == row
+    assert mem["state_bytes"] <= mem["max_state_bytes"] == 3 * row
+    # batch: sessions of the batch are never evicted by the batch's own new sessions
+    rec.click_many(["x", "d", "y"], [ids[4], ids[5], ids[6]])
+    assert rec.state("d") is not None and len(rec) == 3
+
+
+def test_ttl_expiry():
+    model = make_model()
+    ids = model.item_ids
+    clock = FakeClock()
+    rec = SessionRecommender(model, ttl=10.0, clock=clock)
+    rec.click("a", ids[0])
+    clock.t = 5.0
+    rec.click("b", ids[0])
+    clock.t = 12.0  # a idle 12 s > ttl; b idle 7 s
+    rec.click("b", ids[1])
+    assert rec.state("a") is None and rec.state("b") is not None
+    clock.t = 30.0
+    rec.click("a", ids[2])  # b expired; a restarts fresh
+    torch.testing.assert_close(rec.state("a"), replay(model, [ids[2]]), **TOL)
+    assert rec.state("b") is None and rec.store.expired_ttl == 2
+    clock.t = 100.0
+    assert rec.expire() == 1 and len(rec) == 0
+
+
+def test_store_growth_and_validation():
+    st = SessionStore(2, 4, max_sessions=5, initial_capacity=1)
+    for i in range(5):
+        e = st.create(i, 0.0, torch.full((2, 4), float(i)))
+        assert st.slab[e.slot][0, 0].item() == i
+    assert st.capacity == 5 and len(st) == 5
+    assert all(st.slab[st.get(i).slot][1, 3].item() == i for i in range(5))
+    with pytest.raises(ValueError):
+        SessionStore(1, 4, max_sessions=0)
+    with pytest.raises(ValueError):
+        SessionStore(1, 4, ttl=-1)
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def test_thread_safety_per_session_order():
+    model = make_model(n_items=40)
+    ids = model.item_ids
+    rec = SessionRecommender(model)
+    n_threads, per_thread, clicks = 8, 3, 25
+    plans = {}
+    g = torch.Generator().manual_seed(1)
+    for t in range(n_threads):
+        for j in range(per_thread):
+            plans[f"t{t}-s{j}"] = [ids[i] for i in torch.randint(0, 40, (clicks,), generator=g).tolist()]
+    errors = []
+    barrier = threading.Barrier(n_threads)
+
+    def worker(t):
+        try:
+            barrier.wait()
+            mine = [s for s in plans if s.startswith(f"t{t}-")]
+            for c in range(clicks):
+                if c % 3 == 0:  # mix batched and single clicks; also a shared "hot" session
+                    rec.click_many(mine, [plans[s][c] for s in mine], k=3)
+                else:
+                    for s in mine:
+                        rec.click(s, plans[s][c], k=3)
+                rec.click("hot", ids[t], k=2)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors
+    for s, seq in plans.items():
+        torch.testing.assert_close(rec.state(s), replay(model, seq), **TOL)
+    assert rec.session_info("hot")["clicks"] == n_threads * clicks
+
+
+# ---------------------------------------------------------------------------------------------- export
+def test_export_round_trip_in_fresh_process(tmp_path):
+    from rnnrec_fast.serving.export import custom_ops_in, export_step
+
+    model = make_model(layers=(16,))
+    path = str(tmp_path / "step.pt2")
+    ep = export_step(model, k=5, path=path)
+    assert "rnnrec_fast.recurrence.default" in custom_ops_in(ep)
+    items = torch.tensor([3, 7, 7])
+    h = torch.randn(1, 3, 16)
+    torch.save({"items": items, "h": h}, str(tmp_path / "in.pt"))
+    code = (
+        "import sys, torch, rnnrec_fast\n"
+        f"ep = torch.export.load({path!r})\n"
+        f"d = torch.load({str(tmp_path / 'in.pt')!r})\n"
+        "out = ep.module()(d['items'], d['h'])\n"
+        "ops = {str(n.target) for n in ep.graph.nodes if n.op == 'call_function'}\n"
+        "assert 'rnnrec_fast.recurrence.default' in ops, ops\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    h_new, vals, idx = torch.load(str(tmp_path / "out.pt"))
+    exp_h = model.step(items, h)
+    torch.testing.assert_close(h_new, exp_h, **TOL)
+    exp_v, exp_i = torch.topk(model.score(exp_h[-1]), 5, dim=1)
+    torch.testing.assert_close(vals, exp_v, **TOL)
+    assert torch.equal(idx, exp_i)
+    assert os.path.exists(path + ".items.json")

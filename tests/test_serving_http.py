@@ -1,0 +1,249 @@
+"""rnnrec_fast.serving over HTTP: a real uvicorn server on 127.0.0.1 and an ephemeral port."""
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("uvicorn")
+
+from rnnrec_fast import recsys  # noqa: E402
+from rnnrec_fast.serving import SessionRecommender  # noqa: E402
+from rnnrec_fast.serving.app import ServingApp  # noqa: E402
+from rnnrec_fast.serving.server import BackgroundServer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_model(n_items=60, H=16):
+    torch.manual_seed(0)
+    return recsys.GRU4Rec(n_items, [H], item_ids=[500 + 3 * i for i in range(n_items)]).eval()
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = make_model()
+    app = ServingApp(SessionRecommender(model, max_k=50), max_batch=8, max_body_bytes=512, debug=True)
+    with BackgroundServer(app) as srv:
+        srv.model = model
+        srv.app = app
+        yield srv
+
+
+class Client:
+    def __init__(self, srv):
+        self.c = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+
+    def req(self, method, path, body=None, raw=None, headers=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        self.c.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = self.c.getresponse()
+        text = r.read()
+        ctype = r.getheader("content-type", "")
+        return r.status, (json.loads(text) if "json" in ctype else text.decode())
+
+    def close(self):
+        self.c.close()
+
+
+def replay(model, items):
+    h = model.init_state(1)
+    for it in items:
+        h = model.step(torch.tensor([model.item_index[it]]), h)
+    return h
+
+
+def test_click_delete_health(server):
+    m, c = server.model, Client(server)
+    ids = m.item_ids
+    st, r = c.req("POST", "/v1/sessions/u1/clicks", {"item_id": ids[4], "k": 5})
+    assert st == 200 and len(r["items"]) == 5 and len(r["scores"]) == 5
+    st, r = c.req("POST", "/v1/sessions/u1/clicks", {"item_id": ids[9]})
+    assert st == 200 and len(r["items"]) == 20
+    h = replay(m, [ids[4], ids[9]])
+    v, i = torch.topk(m.score(h[-1]), 20, dim=1)
+    assert r["items"] == [ids[j] for j in i[0].tolist()]
+    torch.testing.assert_close(torch.tensor(r["scores"]), v[0], **TOL)
+    st, info = c.req("GET", "/v1/sessions/u1")
+    assert st == 200 and info["clicks"] == 2 and info["seen"] == [ids[4], ids[9]]
+    torch.testing.assert_close(torch.tensor(info["state"]), h[:, 0], **TOL)
+    st, r = c.req("POST", "/v1/sessions/u1/clicks", {"item_id": ids[9], "k": 50, "exclude_seen": True})
+    assert st == 200 and ids[9] not in r["items"] and ids[4] not in r["items"]
+    assert c.req("DELETE", "/v1/sessions/u1") == (200, {"deleted": True})
+    st, r = c.req("DELETE", "/v1/sessions/u1")
+    assert st == 404 and r["error"]["code"] == "unknown_session"
+    st, r = c.req("GET", "/healthz")
+    assert st == 200 and r["status"] == "ok" and r["items"] == len(ids)
+    c.close()
+
+
+@pytest.mark.parametrize("raw,status,code", [
+    (b"{not json", 400, "bad_json"),
+    (b"\xff\xfe", 400, "bad_json"),
+    (b"[1, 2]", 400, "bad_request"),
+    (b"{}", 400, "bad_request"),
+    (b'{"item_id": 1.5}', 400, "bad_request"),
+    (b'{"item_id": true}', 400, "bad_request"),
+    (b'{"item_id": 999999}', 422, "unknown_item"),
+    (b'{"item_id": 503, "k": 0}', 422, "bad_k"),
+    (b'{"item_id": 503, "k": 51}', 422, "bad_k"),
+    (b'{"item_id": 503, "k": "3"}', 400, "bad_request"),
+    (b'{"item_id": 503, "exclude_seen": 1}', 400, "bad_request"),
+    (b'{"item_id": 503, "pad": "' + b"x" * 600 + b'"}', 413, "body_too_large"),
+])
+def test_malformed_requests_keep_serving(server, raw, status, code):
+    c = Client(server)
+    m = server.model
+    c.req("POST", "/v1/sessions/bad/clicks", {"item_id": m.item_ids[1], "k": 3})
+    before = c.req("GET", "/v1/sessions/bad")[1]
+    st, r = c.req("POST", "/v1/sessions/bad/clicks", raw=raw)
+    assert st == status and r["error"]["code"] == code and r["error"]["message"]
+    after = c.req("GET", "/v1/sessions/bad")[1]
+    assert after == before  # state unchanged
+    st, r = c.req("POST", "/v1/sessions/bad/clicks", {"item_id": m.item_ids[2], "k": 3})  # still serving
+    assert st == 200
+    c.req("DELETE", "/v1/sessions/bad")
+    c.close()
+
+
+def test_routes_and_methods(server):
+    c = Client(server)
+    assert c.req("GET", "/nope")[0] == 404
+    assert c.req("GET", "/v1/sessions/a/clicks")[0] == 405
+    assert c.req("PUT", "/v1/sessions/a")[0] == 405
+    assert c.req("POST", "/v1/sessions//clicks", {"item_id": 503})[0] == 404
+    assert c.req("POST", "/v1/sessions/a/b/clicks", {"item_id": 503})[0] == 404
+    assert c.req("POST", "/v1/sessions/" + "x" * 300 + "/clicks", {"item_id": 503})[0] == 400
+    assert c.req("POST", "/metrics")[0] == 405
+    c.close()
+
+
+def test_concurrent_clients_micro_batched_in_order(server):
+    """Many connections at once: every session's final state equals its offline replay."""
+    m = server.model
+    ids = m.item_ids
+    g = torch.Generator().manual_seed(3)
+    plans = {f"cc{s}": [ids[i] for i in torch.randint(0, len(ids), (12,), generator=g).tolist()] for s in range(24)}
+    errors = []
+
+    def worker(names):
+        c = Client(server)
+        try:
+            for step in range(12):
+                for n in names:
+                    st, _ = c.req("POST", f"/v1/sessions/{n}/clicks", {"item_id": plans[n][step], "k": 3})
+                    if st != 200:
+                        errors.append(st)
+        finally:
+            c.close()
+
+    names = list(plans)
+    threads = [threading.Thread(target=worker, args=(names[i::12],)) for i in range(12)]
+    batches_before = server.app.m_batch.count
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    c = Client(server)
+    for n, seq in plans.items():
+        st, info = c.req("GET", f"/v1/sessions/{n}")
+        assert st == 200 and info["clicks"] == 12
+        torch.testing.assert_close(torch.tensor(info["state"]), replay(m, seq)[:, 0], **TOL)
+    c.close()
+    assert server.app.m_batch.count - batches_before <= 24 * 12
+
+
+def test_same_session_in_one_batch_applies_in_order():
+    """The batcher itself: one flush holding the same session several times."""
+    import asyncio
+
+    model = make_model()
+    ids = model.item_ids
+    app = ServingApp(SessionRecommender(model), max_batch=64)
+    seq = [ids[1], ids[5], ids[2], ids[5]]
+
+    async def go():
+        async def one(it):
+            msgs = [{"type": "http.request", "body": json.dumps({"item_id": it, "k": 2}).encode(), "more_body": False}]
+            out = []
+
+            async def receive():
+                return msgs.pop(0)
+
+            async def send(m):
+                out.append(m)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/sessions/z/clicks", "headers": []}
+            await app(scope, receive, send)
+            return out
+
+        return await asyncio.gather(*(one(it) for it in seq))
+
+    outs = asyncio.run(go())
+    assert all(o[0]["status"] == 200 for o in outs)
+    assert app.m_batch.count == 1 and app.m_batch.sum == 4  # one fused batch
+    torch.testing.assert_close(app.rec.state("z"), replay(model, seq)[:, 0], **TOL)
+
+
+def test_metrics_text_format(server):
+    c = Client(server)
+    c.req("POST", "/v1/sessions/met/clicks", {"item_id": server.model.item_ids[0], "k": 2})
+    c.req("POST", "/v1/sessions/met/clicks", raw=b"{")
+    st, text = c.req("GET", "/metrics")
+    c.close()
+    assert st == 200
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.e+Inf-]+$')
+    types = {}
+    for line in text.strip().split("\n"):
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            types[name] = kind
+        elif not line.startswith("# HELP "):
+            assert sample.match(line), line
+    for name, kind in [("rnnrec_http_requests_total", "counter"), ("rnnrec_http_errors_total", "counter"),
+                       ("rnnrec_click_latency_seconds", "histogram"), ("rnnrec_batch_size", "histogram"),
+                       ("rnnrec_sessions", "gauge")]:
+        assert types.get(name) == kind
+    assert re.search(r'^rnnrec_http_requests_total\{endpoint="clicks",code="200"\} [1-9]', text, re.M)
+    assert re.search(r'^rnnrec_http_errors_total\{error="bad_json"\} [1-9]', text, re.M)
+    assert re.search(r'^rnnrec_click_latency_seconds_bucket\{le="\+Inf"\} [1-9]', text, re.M)
+    # histogram buckets are cumulative
+    buckets = [int(v) for v in re.findall(r'^rnnrec_batch_size_bucket\{le="[^"]+"\} (\d+)$', text, re.M)]
+    assert buckets == sorted(buckets) and buckets[-1] >= 1
+    assert re.search(r"^rnnrec_sessions [1-9]", text, re.M)
+
+
+def test_cli_serves_on_ephemeral_port(tmp_path):
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(make_model(), path)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "rnnrec_fast.serving", "--model", path, "--host", "127.0.0.1",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                url = int(m.group(1))
+                break
+        assert url, "the server did not start"
+        c = http.client.HTTPConnection("127.0.0.1", url, timeout=10)
+        c.request("POST", "/v1/sessions/a/clicks", body=json.dumps({"item_id": 500, "k": 3}))
+        r = c.getresponse()
+        assert r.status == 200 and len(json.loads(r.read())["items"]) == 3
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
