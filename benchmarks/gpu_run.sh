@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs (repository root, on the H100 machine):
 #
-#     bash benchmarks/gpu_run.sh [all|build|smoke|test|bench]      (default: all)
+#     bash benchmarks/gpu_run.sh [all|build|smoke|test|bench|numba]      (default: all)
 #
 # build : build the extension in place for sm_90 with RNNREC_FAST_CUDA=1 (ptxas register / spill
 #         report in the log); if the full build fails (e.g. the CPU extension), build only
@@ -10,6 +10,9 @@
 # test  : tests/test_cuda.py (RNNREC_FAST_REQUIRE_CUDA=1: a missing CUDA backend fails, not skips).
 # bench : benchmarks/bench_cuda.py, stand-alone table + JSON, and under pytest-benchmark when
 #         it is installed.
+# numba : the Numba CUDA backend on the GPU: tests/test_numba_gpu.py and benchmarks/bench_numba_cuda.py
+#         (numba 0.68 there needs numpy 2.4.6: carry the cp312 wheel in .whl/, see the device README;
+#         it is installed into /tmp/site first when present).
 # Logs and JSON go to $OUT (default /tmp/rnnrec_gpu_out). Python: $PYTHON, else .venv/bin/python, else python3.
 # Each stage is separate so that a session with a 10-minute limit per command can run them one by
 # one (the in-place build stays on the machine between calls while it is warm).
@@ -136,14 +139,28 @@ bench() {
   fi
 }
 
+numba_gpu() {
+  if ls .whl/numpy-2.4.6-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/numpy-2.4.6-*.whl && \
+      export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  echo "== tests/test_numba_gpu.py + benchmarks/bench_numba_cuda.py (logs: $OUT/numba_gpu*.log)"
+  "$PY" -m pytest -q -rs tests/test_numba_gpu.py -p no:cacheprovider > "$OUT/numba_gpu_test.log" 2>&1 || status=1
+  tail -20 "$OUT/numba_gpu_test.log"
+  "$PY" -m pytest -q benchmarks/bench_numba_cuda.py --benchmark-only -p no:cacheprovider \
+    --benchmark-json="$OUT/numba_gpu_bench.json" > "$OUT/numba_gpu_bench.log" 2>&1 || status=1
+  tail -30 "$OUT/numba_gpu_bench.log"
+}
+
 env_report
 case "$STAGE" in
   build) build ;;
   smoke) smoke ;;
   test) tests ;;
   bench) bench ;;
+  numba) numba_gpu ;;
   all) build; if [ $status -eq 0 ]; then smoke; tests; bench; fi ;;
-  *) echo "usage: $0 [all|build|smoke|test|bench]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|smoke|test|bench|numba]"; exit 2 ;;
 esac
 echo "== done: status=$status, outputs in $OUT"
 exit $status

@@ -37,9 +37,13 @@ def gemm_ceiling(threads: int, n: int = 1024) -> float:
 
 
 PEAK_CODE = """
-import resource, sys, torch, rnnrec_fast
+import sys, torch, rnnrec_fast
 torch.set_num_threads(1)
-B, T, H = 64, 20, 512
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024.0
+B, T, H = (int(v) for v in sys.argv[2:5])
 torch.manual_seed(0)
 ref = torch.nn.GRU(H, H, batch_first=True)
 module = ref if sys.argv[1] == "torch" else rnnrec_fast.from_torch(ref)
@@ -48,15 +52,20 @@ params = list(module.parameters())
 def step():
     y, h = module(x)
     return torch.autograd.grad(y.sum(), params + [x])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-step()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024.0)
+g = step(); del g                                # warm-up (first-call set-up)
+open("/proc/self/clear_refs", "w").write("5")    # reset the peak-RSS mark (VmHWM)
+base = status("VmRSS:")
+g = step()
+print(status("VmHWM:") - base)
 """
 
 
-def peak_training_mib(impl: str) -> float:
-    out = subprocess.check_output([sys.executable, "-c", PEAK_CODE, impl], text=True)
+def peak_training_mib(impl: str, B: int, T: int, H: int) -> float:
+    """Peak resident-memory growth of one training step (forward + backward) after a warm-up, in a
+    fresh process; large allocations go straight to mmap so freed memory leaves the RSS."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.check_output([sys.executable, "-c", PEAK_CODE, impl, str(B), str(T), str(H)], text=True,
+                                  env=env)
     return float(out.strip().splitlines()[-1])
 
 
@@ -74,7 +83,7 @@ def table(data, ceiling, threads, columns):
         groups.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
     rows = []
     head = ["case", "B", "T", "H", "torch.nn (µs)"] + [f"{c} (µs)" for c in columns] + \
-        [f"torch/{c}" for c in columns] + ["ours GFLOP/s", f"% of {threads}-thread GEMM", "target"]
+        [f"torch/{c}" for c in columns] + [f"{columns[0]} GFLOP/s", f"% of {threads}-thread GEMM", "target"]
     for name, impls in groups.items():
         t = impls.get("torch")
         ours = impls.get("ours") or impls.get(columns[0])
@@ -116,7 +125,10 @@ def main():
               f"- backends: {rnnrec_fast.backend_info()}",
               "- median wall time per call from Python (pytest-benchmark), same weights and inputs, same run;",
               "  inference under torch.inference_mode; training = forward + backward of a scalar loss",
-              "- ratio = torch.nn median / ours median (> 1: ours faster)", ""]
+              "- ratio = torch.nn median / ours median (> 1: ours faster)",
+              "- GEMM ceiling = torch's own 1024³ fp32 matmul (MKL) in the same run, as the issue defines it; on this",
+              "  AMD CPU MKL takes its AVX2 path, while our kernels use AVX-512, so ours can exceed 100% of it",
+              "  (checked: one thread, process CPU time = wall time)", ""]
     out = header[:]
     raw = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,15 +144,21 @@ def main():
         raw["numba_threads1"] = data
         out += ["## Numba CPU backend beside torch.nn and the C++ backend (1 thread)", "",
                 table(data, ceiling, 1, ["numba", "ours"]), ""]
-    peaks = {impl: peak_training_mib(impl) for impl in ("torch", "ours")}
-    out += ["## Peak memory of one training step (GRU B=64 T=20 H=512, growth of max RSS in a fresh process)", "",
-            "| torch.nn | ours |", "|---|---|", f"| {peaks['torch']:.1f} MiB | {peaks['ours']:.1f} MiB |", ""]
+    out += ["## Peak memory of one training step (growth of the peak RSS over the step, fresh process, after a "
+            "warm-up step)", "", "| case | torch.nn | ours |", "|---|---|---|"]
+    for B, T, H in ((32, 20, 100), (64, 20, 512)):
+        peaks = {impl: peak_training_mib(impl, B, T, H) for impl in ("torch", "ours")}
+        out.append(f"| GRU B={B} T={T} H={H} | {peaks['torch']:.1f} MiB | {peaks['ours']:.1f} MiB |")
+    out.append("")
     text = "\n".join(out)
     print("\n".join(out[-6:]))
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
         stamp = f"cpu-{date}"
         (RESULTS / f"{stamp}.md").write_text(text)
+        for run in raw.values():  # keep the statistics, not every timing sample
+            for b in run["benchmarks"]:
+                b["stats"].pop("data", None)
         (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
         print(f"saved {RESULTS / stamp}.md and .json")
 

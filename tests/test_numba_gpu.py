@@ -1,0 +1,68 @@
+"""The Numba CUDA backend on a real GPU against torch.nn (cuDNN) on cuda. Skipped without a GPU;
+in CI the same kernels run through Numba's CUDA simulator (test_numba_cudasim.py)."""
+import pytest
+import torch
+from torch import nn
+
+import rnnrec_fast
+from rnnrec_fast import backends
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _numba_cuda():
+    if not backends.available("numba"):
+        pytest.skip(f"numba backend unavailable: {backends.unavailable_reason('numba')}")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh", "RNN_relu"])
+@pytest.mark.parametrize("shape", [(1, 1, 100), (64, 20, 100), (3, 7, 33)], ids=lambda s: "B{}T{}H{}".format(*s))
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_numba_cuda_matches_torch(dtype, kind, shape, layers, bidirectional):
+    B, T, H = shape
+    torch.manual_seed(0)
+    kw = dict(num_layers=layers, bidirectional=bidirectional, batch_first=True, device="cuda", dtype=dtype)
+    if kind == "GRU":
+        ref = nn.GRU(H, H, **kw)
+    else:
+        ref = nn.RNN(H, H, nonlinearity=kind.split("_")[1], **kw)
+    ours = rnnrec_fast.from_torch(ref, backend="numba")
+    x = torch.randn(B, T, H, device="cuda", dtype=dtype, requires_grad=True)
+    hx = torch.randn(layers * (2 if bidirectional else 1), B, H, device="cuda", dtype=dtype, requires_grad=True)
+    out, h = ours(x, hx)
+    assert rnnrec_fast.last_backend() == "numba"
+    out_ref, h_ref = ref(x, hx)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_ref, **tol)
+    torch.testing.assert_close(h, h_ref, **tol)
+    gy, gh = torch.randn_like(out), torch.randn_like(h)
+    ins = [x, hx]
+    g = torch.autograd.grad((out * gy).sum() + (h * gh).sum(), ins + list(ours.parameters()))
+    g_ref = torch.autograd.grad((out_ref * gy).sum() + (h_ref * gh).sum(), ins + list(ref.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)])
+def test_numba_cuda_gradcheck_with_lengths_and_resets(mode, reset_after):
+    G = 3 if mode == "gru" else 1
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    T, B, I, H = 4, 3, 2, 3
+    args = [torch.randn(*s, device="cuda", dtype=torch.float64, generator=gen).requires_grad_()
+            for s in ((T, B, I), (B, H), (G * H, I), (G * H, H), (G * H,), (G * H,))]
+    lengths = torch.tensor([4, 2, 0], device="cuda")
+    resets = torch.zeros(T, B, dtype=torch.bool, device="cuda")
+    resets[2, 0] = True
+
+    def fn(*a):
+        y, h, _ = torch.ops.rnnrec_fast.recurrence(*a, lengths, resets, mode, reset_after, "numba")
+        return y, h
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
