@@ -522,13 +522,11 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
     _check_device(x)
     with torch.no_grad():
         x, h0, w_ih, w_hh = (t.detach() for t in (x, h0, w_ih, w_hh))
-        T, B, I = x.shape
+        T, B, _ = x.shape
         H = h0.shape[1]
-        GH = w_hh.shape[0]
         W = 5 * H if mode == MODE_GRU else H
-        x2 = x.reshape(T * B, I)
-        xp = torch.mm(x2, w_ih.t()) if b_ih is None else torch.addmm(b_ih.detach(), x2, w_ih.t())
-        xp = xp.view(T, B, GH)
+        from .numba_backend import _input_projection
+        xp = _input_projection(x, w_ih, None if b_ih is None else b_ih.detach())
         whhT = w_hh.t().contiguous()
         y = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
         h_n = torch.empty(B, H, dtype=x.dtype, device=x.device)
