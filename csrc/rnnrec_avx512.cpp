@@ -3,13 +3,17 @@
 // Compiled for AVX-512F via a target pragma so the portable build still contains it; the driver
 // calls it only after a run-time CPU check. No torch header may be included here.
 //   C[M, N] = (beta ? C : 0) + A . op(B),   A(i, k) = A[i * a_si + k * a_sk]
-// op(B) (K x N) is first packed into panels of 32 columns: panel p holds K rows of 32 floats
-// (zero padded), so the micro-kernel streams it with aligned-size vector loads.
+// op(B) (K x N) is either packed into panels of 32 columns first (panel p holds K rows of 32
+// floats, zero padded, so the micro-kernel streams it with full-width vector loads), or, when it is
+// a row-major matrix that is not transposed, read in place (no copy; masked loads in the last
+// slice only).
 #include "rnnrec_kernels.h"
 
 #if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
 
 #include <immintrin.h>
+
+#include <algorithm>
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
@@ -32,48 +36,60 @@ static inline __m256 _mm512_extractf32x8_ps_compat(__m512 v) {
 namespace {
 constexpr int MR = 8;
 
-template <int R>
-static inline void micro(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, float* C,
-                         int64_t ldc, int64_t nvalid, bool acc) {
-  __m512 c0[R], c1[R];
-  for (int i = 0; i < R; ++i) {
-    c0[i] = _mm512_setzero_ps();
-    c1[i] = _mm512_setzero_ps();
-  }
-  if (sk == 1) {
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 b0 = _mm512_loadu_ps(Bp + k * NR);
-      const __m512 b1 = _mm512_loadu_ps(Bp + k * NR + 16);
-      for (int i = 0; i < R; ++i) {
-        const __m512 a = _mm512_set1_ps(A[i * si + k]);
-        c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
-        c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 b0 = _mm512_loadu_ps(Bp + k * NR);
-      const __m512 b1 = _mm512_loadu_ps(Bp + k * NR + 16);
-      const float* ak = A + k * sk;
-      for (int i = 0; i < R; ++i) {
-        const __m512 a = _mm512_set1_ps(ak[i * si]);
-        c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
-        c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
-      }
-    }
-  }
-  const __mmask16 m0 = nvalid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nvalid) - 1u);
+static inline __mmask16 mask_lo(int64_t nvalid) {
+  return nvalid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nvalid) - 1u);
+}
+static inline __mmask16 mask_hi(int64_t nvalid) {
   const int64_t n1 = nvalid - 16;
-  const __mmask16 m1 = n1 >= 16 ? __mmask16(0xFFFF) : (n1 <= 0 ? __mmask16(0) : __mmask16((1u << n1) - 1u));
+  return n1 >= 16 ? __mmask16(0xFFFF) : (n1 <= 0 ? __mmask16(0) : __mmask16((1u << n1) - 1u));
+}
+
+// One R x 32 block of C (R <= MR). The 32-column slice of op(B) is read at Bp + k * bs: a packed
+// panel (bs = NR) or, for a row-major B that is not transposed, the matrix itself (bs = ldb; masked
+// loads stop at the last valid column there). V = 2 vectors of 16 columns, or V = 1 for a last
+// slice of at most 16 columns (half the work).
+template <int R, int V, bool kMaskedB>
+static inline void micro_impl(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs,
+                              float* C, int64_t ldc, int64_t nvalid, bool acc) {
+  __m512 c[V][R];
+  for (int v = 0; v < V; ++v)
+    for (int i = 0; i < R; ++i) c[v][i] = _mm512_setzero_ps();
+  const __mmask16 m[2] = {mask_lo(nvalid), mask_hi(nvalid)};
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[V];
+    for (int v = 0; v < V; ++v)
+      b[v] = kMaskedB ? _mm512_maskz_loadu_ps(m[v], Bp + k * bs + 16 * v) : _mm512_loadu_ps(Bp + k * bs + 16 * v);
+    const float* ak = A + k * sk;
+    for (int i = 0; i < R; ++i) {
+      const __m512 a = _mm512_set1_ps(ak[i * si]);
+      for (int v = 0; v < V; ++v) c[v][i] = _mm512_fmadd_ps(a, b[v], c[v][i]);
+    }
+  }
   for (int i = 0; i < R; ++i) {
     float* ci = C + i * ldc;
-    __m512 v0 = c0[i], v1 = c1[i];
-    if (acc) {
-      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), v0);
-      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), v1);
+    for (int v = 0; v < V; ++v) {
+      __m512 r = c[v][i];
+      if (acc) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], ci + 16 * v), r);
+      _mm512_mask_storeu_ps(ci + 16 * v, m[v], r);
     }
-    _mm512_mask_storeu_ps(ci, m0, v0);
-    _mm512_mask_storeu_ps(ci + 16, m1, v1);
+  }
+}
+
+// Full-width loads of op(B) wherever they are safe (a packed panel is zero padded; a matrix read in
+// place has all 32 columns except in its last slice): masked loads cost far more on some CPUs.
+template <int R>
+static inline void micro(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs,
+                         bool packed, float* C, int64_t ldc, int64_t nvalid, bool acc) {
+  const bool masked = !packed && nvalid < NR;
+  if (nvalid <= 16) {
+    if (masked)
+      micro_impl<R, 1, true>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+    else
+      micro_impl<R, 1, false>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+  } else if (masked) {
+    micro_impl<R, 2, true>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+  } else {
+    micro_impl<R, 2, false>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
   }
 }
 
@@ -88,9 +104,7 @@ void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ld
     const int64_t n0 = p * NR;
     const int64_t nv = N - n0 < NR ? N - n0 : NR;
     if (!transB) {  // B[k, n] at B[k * ldb + n]
-      const __mmask16 m0 = nv >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nv) - 1u);
-      const int64_t n1 = nv - 16;
-      const __mmask16 m1 = n1 >= 16 ? __mmask16(0xFFFF) : (n1 <= 0 ? __mmask16(0) : __mmask16((1u << n1) - 1u));
+      const __mmask16 m0 = mask_lo(nv), m1 = mask_hi(nv);
       for (int64_t k = 0; k < K; ++k) {
         const float* src = B + k * ldb + n0;
         _mm512_storeu_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, src));
@@ -107,35 +121,53 @@ void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ld
   }
 }
 
-void avx512_gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
-                        const float* Bp, bool beta, float* C, int64_t ldc) {
+namespace {
+// C = (beta ? C : 0) + A . op(B), op(B)'s 32-column slice p at B + p * ps, row k of it at + k * bs.
+// Rows go in groups of MC (MC x K of A about 192 KiB, so it stays in L2); within a group every
+// 32-column slice of op(B) is read once from memory and reused, from cache, by all the group's
+// 8-row blocks.
+template <int R>
+inline void block_rows(int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* B, int64_t ps,
+                       int64_t bs, bool packed, bool beta, float* C, int64_t ldc, int64_t p) {
+  const int64_t n0 = p * NR;
+  micro<R>(K, A, si, sk, B + p * ps, bs, packed, C + n0, ldc, N - n0, beta);
+}
+
+void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
+                 int64_t ps, int64_t bs, bool packed, bool beta, float* C, int64_t ldc) {
   const int64_t np = (N + NR - 1) / NR;
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR) {
-    const float* Ai = A + i * a_si;
+  const int64_t MC = std::max<int64_t>(MR, (int64_t(192 * 1024) / (4 * std::max<int64_t>(K, 1))) / MR * MR);
+  for (int64_t g = 0; g < M; g += MC) {
+    const int64_t g1 = std::min(M, g + MC);
     for (int64_t p = 0; p < np; ++p) {
-      const int64_t n0 = p * NR;
-      micro<MR>(K, Ai, a_si, a_sk, Bp + p * K * NR, C + i * ldc + n0, ldc, N - n0, beta);
-    }
-  }
-  const int64_t rem = M - i;
-  if (rem > 0) {
-    const float* Ai = A + i * a_si;
-    for (int64_t p = 0; p < np; ++p) {
-      const int64_t n0 = p * NR;
-      const float* bp = Bp + p * K * NR;
-      float* c = C + i * ldc + n0;
-      switch (rem) {
-        case 1: micro<1>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
-        case 2: micro<2>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
-        case 3: micro<3>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
-        case 4: micro<4>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
-        case 5: micro<5>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
-        case 6: micro<6>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
-        default: micro<7>(K, Ai, a_si, a_sk, bp, c, ldc, N - n0, beta); break;
+      int64_t i = g;
+      for (; i + MR <= g1; i += MR)
+        block_rows<MR>(N, K, A + i * a_si, a_si, a_sk, B, ps, bs, packed, beta, C + i * ldc, ldc, p);
+      const float* Ai = A + i * a_si;
+      float* Ci = C + i * ldc;
+      switch (g1 - i) {
+        case 0: break;
+        case 1: block_rows<1>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+        case 2: block_rows<2>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+        case 3: block_rows<3>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+        case 4: block_rows<4>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+        case 5: block_rows<5>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+        case 6: block_rows<6>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+        default: block_rows<7>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
       }
     }
   }
+}
+}  // namespace
+
+void avx512_gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                        const float* Bp, bool beta, float* C, int64_t ldc) {
+  gemm_panels(M, N, K, A, a_si, a_sk, Bp, K * NR, NR, true, beta, C, ldc);
+}
+
+void avx512_gemm_direct(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                        const float* B, int64_t ldb, bool beta, float* C, int64_t ldc) {
+  gemm_panels(M, N, K, A, a_si, a_sk, B, NR, ldb, false, beta, C, ldc);
 }
 
 // out[j] = W[j, :] . x for j < M (one batch row): eight weight rows at a time (eight memory

@@ -254,31 +254,41 @@ struct Buf {
   T* data() const { return p.get(); }
 };
 
-// Packed AVX-512 product over row blocks, parallel over M when the work pays.
-inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
-                        bool beta, float* C, int64_t ldc) {
+// AVX-512 product over row blocks of C = A . op(B), parallel over M when the work pays. op(B) is
+// a packed copy (Bp from avx512_pack_b, ldb = 0) or, with ldb > 0, a row-major K x N matrix read
+// in place.
+inline void avx512_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
+                        int64_t ldb, bool beta, float* C, int64_t ldc) {
 #if defined(RNNREC_HAVE_AVX2_TU)
+  auto block = [&](int64_t i0, int64_t i1) {
+    if (ldb > 0)
+      avx512_gemm_direct(i1 - i0, N, K, A + i0 * si, si, sk, Bp, ldb, beta, C + i0 * ldc, ldc);
+    else
+      avx512_gemm_packed(i1 - i0, N, K, A + i0 * si, si, sk, Bp, beta, C + i0 * ldc, ldc);
+  };
   const double work = double(M) * double(N) * double(K);
   if (work < 4.0e6 || M < 64 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    avx512_gemm_packed(M, N, K, A, si, sk, Bp, beta, C, ldc);
+    block(0, M);
     return;
   }
   const int64_t nblk = (M + 7) / 8;
   at::parallel_for(0, nblk, std::max<int64_t>(1, int64_t(1.0e6 / (double(N) * double(K) * 8.0)) + 1),
-                   [&](int64_t b0, int64_t b1) {
-                     const int64_t i0 = b0 * 8, i1 = std::min(M, b1 * 8);
-                     avx512_gemm_packed(i1 - i0, N, K, A + i0 * si, si, sk, Bp, beta, C + i0 * ldc, ldc);
-                   });
+                   [&](int64_t b0, int64_t b1) { block(b0 * 8, std::min(M, b1 * 8)); });
 #else
-  (void)M; (void)N; (void)K; (void)A; (void)si; (void)sk; (void)Bp; (void)beta; (void)C; (void)ldc;
+  (void)M; (void)N; (void)K; (void)A; (void)si; (void)sk; (void)Bp; (void)ldb; (void)beta; (void)C; (void)ldc;
 #endif
 }
 
-// General product (row-major, as gemm_rm, beta 0): the AVX-512 kernel for float when M is large
-// enough to amortise packing op(B), ATen/BLAS otherwise.
+inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
+                        bool beta, float* C, int64_t ldc) {
+  avx512_rows(M, N, K, A, si, sk, Bp, 0, beta, C, ldc);
+}
+
+// General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
+// AVX-512 kernel for float when M is large enough to amortise packing op(B), ATen/BLAS otherwise.
 template <typename T>
 void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-              T* C, int64_t ldc) {
+              T* C, int64_t ldc, bool acc = false) {
 #if defined(RNNREC_HAVE_AVX2_TU)
   if constexpr (std::is_same<T, float>::value) {
     if (M >= 48 && N >= 8 && K > 0 && avx512_enabled()) {
@@ -288,22 +298,23 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
         const int64_t kb = std::min(KC, K - kc);
         avx512_pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
         if (ta)
-          packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), kc > 0, C, ldc);
+          packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), acc || kc > 0, C, ldc);
         else
-          packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), kc > 0, C, ldc);
+          packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), acc || kc > 0, C, ldc);
       }
       return;
     }
   }
 #endif
-  gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, T(0), C, ldc);
+  gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
 }
 
 // A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
-// tb) or W (stored K x N). Packed once per call when the AVX-512 kernel is used.
+// tb) or W (stored K x N). With the AVX-512 kernel, W^T is packed once per call; W is read in
+// place (no copy of the weights: this is the backward pass, where memory is tight).
 template <typename T>
 struct StepW {
-  bool tb = false, packed = false, small = false;
+  bool tb = false, packed = false, direct = false, small = false;
   int64_t K = 0, N = 0, ldw = 0;
   const T* W = nullptr;
   Buf<float> pk{0};
@@ -313,6 +324,8 @@ struct StepW {
     if constexpr (std::is_same<T, float>::value) {
       if (tb && M <= 8 && simd_enabled()) {
         small = true;
+      } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
+        direct = true;
       } else if (avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         packed = true;
         pk = Buf<float>(avx512_packed_size(K, N));
@@ -333,8 +346,8 @@ struct StepW {
           avx2_small_gemm_nt_f32(M, N, K, W, ldw, A, lda, C, ldc);
         return;
       }
-      if (packed) {
-        packed_rows(M, N, K, A, lda, 1, pk.data(), false, C, ldc);
+      if (packed || direct) {
+        avx512_rows(M, N, K, A, lda, 1, packed ? pk.data() : W, packed ? 0 : ldw, false, C, ldc);
         return;
       }
     }
@@ -393,14 +406,15 @@ struct Dims {
   int64_t T, B, I, H, G, W;
 };
 
-void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype,
+                  bool strided = false) {
   TORCH_CHECK(t.defined(), "rnnrec_fast cpp: ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), "rnnrec_fast cpp: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == dim, "rnnrec_fast cpp: ", name, " must have ", dim, " dimensions, got shape ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, "rnnrec_fast cpp: ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "rnnrec_fast cpp: ", name, " must be contiguous");
+  TORCH_CHECK(strided || t.is_contiguous(), "rnnrec_fast cpp: ", name, " must be contiguous");
 }
 
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expect) {
@@ -411,14 +425,14 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expect) 
 Dims validate(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
               const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
               const c10::optional<at::Tensor>& lengths, const c10::optional<at::Tensor>& resets,
-              int64_t mode) {
+              int64_t mode, bool strided_x = false) {
   TORCH_CHECK(mode == MODE_RNN_TANH || mode == MODE_RNN_RELU || mode == MODE_GRU,
               "rnnrec_fast cpp: mode must be 0 (rnn_tanh), 1 (rnn_relu) or 2 (gru), got ", mode);
   TORCH_CHECK(x.defined(), "rnnrec_fast cpp: x is undefined");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "rnnrec_fast cpp: x must be float32 or float64, got ", dtype);
-  check_tensor(x, "x", 3, dtype);
+  check_tensor(x, "x", 3, dtype, strided_x);
   check_tensor(h0, "h0", 2, dtype);
   check_tensor(w_ih, "w_ih", 2, dtype);
   check_tensor(w_hh, "w_hh", 2, dtype);
@@ -580,34 +594,76 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
 // ------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------
-// Column sums of a (R, C) row-major block with leading dimension ld, accumulated in double.
+// A (T, B, C) tensor that may be strided (the gradient autograd hands over is often an expanded or
+// transposed view): element (t, b, c) at p[t * st + b * sb + c * sc].
 template <typename T>
-void col_sums(int64_t R, int64_t C, const T* A, int64_t ld, T* out) {
-  std::vector<double> acc(C, 0.0);
+struct View3 {
+  const T* p;
+  int64_t st, sb, sc;
+  // Step t as a row-major (B, C) block: the data itself where it already is one, else a copy.
+  const T* step(int64_t t, int64_t B, int64_t C, T* scratch) const {
+    const T* base = p + t * st;
+    if (sc == 1 && (sb == C || B == 1)) return base;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) scratch[b * C + c] = base[b * sb + c * sc];
+    return scratch;
+  }
+  // Steps [t0, t1) as (rows, C) with a uniform row stride: returns the pointer, sets ld.
+  const T* steps(int64_t t0, int64_t t1, int64_t B, int64_t C, T* scratch, int64_t& ld) const {
+    if (sc == 1 && (st == B * sb || t1 - t0 == 1)) {
+      ld = sb;
+      return p + t0 * st;
+    }
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) scratch[((t - t0) * B + b) * C + c] = p[t * st + b * sb + c * sc];
+    ld = C;
+    return scratch;
+  }
+  bool rows_uniform(int64_t B) const { return sc == 1 && st == B * sb; }
+};
+
+template <typename T>
+View3<T> view3(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Accumulates the column sums of a (R, C) row-major block (leading dimension ld) in double.
+template <typename T>
+void add_col_sums(int64_t R, int64_t C, const T* A, int64_t ld, double* acc) {
   for (int64_t r = 0; r < R; ++r) {
     const T* row = A + r * ld;
     for (int64_t c = 0; c < C; ++c) acc[c] += double(row[c]);
   }
-  for (int64_t c = 0; c < C; ++c) out[c] = T(acc[c]);
 }
 
+// Rows (time steps x batch) per backward chunk. The backward runs in chunks of steps, from the
+// last: the gate gradients of one chunk live in a (chunk, B, G*H) buffer, and the weight and
+// input gradients of the chunk are one GEMM each. This bounds the scratch memory of a training
+// step (a whole-sequence gate-gradient buffer would cost more than torch.nn.GRU's entire backward)
+// while keeping the products large enough to run near the GEMM kernel's speed.
+constexpr int64_t kBackwardChunkRows = 256;
+
 template <typename T>
-void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T* w_ih, const T* w_hh,
-                   const StepMasks& m, const T* y, const T* ws, int mode, bool reset_after, T* gx, T* gh0,
-                   T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh) {
+void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<T>& x, const T* w_ih,
+                   const T* w_hh, const StepMasks& m, const T* y, const T* ws, int mode, bool reset_after,
+                   T* gx, T* gh0, T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh) {
   const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
-  const int64_t TB = T_ * B;
   const RowKernels<T>& K = row_kernels<T>();
   const bool gru = mode == MODE_GRU;
   const int relu = mode == MODE_RNN_RELU ? 1 : 0;
+  const int64_t Tc = std::min(T_, std::max<int64_t>(1, (kBackwardChunkRows + B - 1) / B));
 
-  Buf<T> dgx_buf(TB * GH);  // d(x W_ih^T + b_ih) of every step
+  Buf<T> dgx_buf(Tc * B * GH);  // d(x W_ih^T + b_ih), this chunk
   T* dgx = dgx_buf.data();
-  Buf<T> dgh_step(gru && reset_after ? B * GH : 0);  // d(h W_hh^T + b_hh), this step
-  Buf<T> dhn_buf(gru && reset_after ? TB * H : 0);   // its n part, every step
-  Buf<T> hin_buf(gru && !reset_after ? TB * H : 0);  // r * h_prev, every step
+  Buf<T> dgh_step(gru && reset_after ? B * GH : 0);   // d(h W_hh^T + b_hh), this step
+  Buf<T> dhn_buf(gru && reset_after ? Tc * B * H : 0);  // its n part, this chunk
+  Buf<T> hin_buf(gru && !reset_after ? Tc * B * H : 0); // r * h_prev, this chunk
   Buf<T> drh(gru && !reset_after ? B * H : 0);
   Buf<T> carry(B * H);
+  Buf<T> gy_rows(B * H);                                       // gy of a step when gy is strided
+  Buf<T> x_rows(x.rows_uniform(B) ? 0 : Tc * B * I);           // x of a chunk when x is strided
+  std::vector<double> sum_i(GH, 0.0), sum_n(gru && reset_after ? H : 0, 0.0);
   // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
   const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
   const StepW<T> wn(false, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
@@ -615,94 +671,101 @@ void backward_impl(const Dims& d, const T* gy, const T* ghn, const T* x, const T
   T* dh = gh0;
   std::memcpy(dh, ghn, sizeof(T) * B * H);
 
-  for (int64_t t = T_ - 1; t >= 0; --t) {
-    const T* gy_t = gy + t * B * H;
-    const T* ws_t = ws + t * B * W;
-    T* dgx_t = dgx + t * B * GH;
-    const bool any = m.any_active(t);
-    if (!gru) {
-      const T* y_t = y + t * B * H;
-      for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b))
-            K.rnn_bwd(H, dh + b * H, gy_t + b * H, y_t + b * H, dgx_t + b * GH, relu);
-          else
-            std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
-        }
-      });
-      if (!any) continue;
-      wc.run(B, dgx_t, GH, carry.data(), H);
-    } else if (reset_after) {
-      T* dgh = dgh_step.data();
-      T* dhn_t = dhn_buf.data() + t * B * H;
-      for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b)) {
-            K.gru_bwd_ra(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH, dgh + b * GH,
-                         dhn_t + b * H);
-          } else {
-            std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
-            std::fill(dgh + b * GH, dgh + (b + 1) * GH, T(0));
-            std::fill(dhn_t + b * H, dhn_t + (b + 1) * H, T(0));
+  for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const T* gy_t = gy.step(t, B, H, gy_rows.data());
+      const T* ws_t = ws + t * B * W;
+      T* dgx_t = dgx + (t - t0) * B * GH;
+      const bool any = m.any_active(t);
+      if (!gru) {
+        const T* y_t = y + t * B * H;
+        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            if (m.active(t, b))
+              K.rnn_bwd(H, dh + b * H, gy_t + b * H, y_t + b * H, dgx_t + b * GH, relu);
+            else
+              std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
           }
-        }
-      });
-      if (!any) continue;
-      wc.run(B, dgh, GH, carry.data(), H);
-    } else {
-      T* hin_t = hin_buf.data() + t * B * H;
-      for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b)) {
-            K.gru_bwd_1(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH);
-          } else {
-            std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
-            std::fill(hin_t + b * H, hin_t + (b + 1) * H, T(0));
+        });
+        if (!any) continue;
+        wc.run(B, dgx_t, GH, carry.data(), H);
+      } else if (reset_after) {
+        T* dgh = dgh_step.data();
+        T* dhn_t = dhn_buf.data() + (t - t0) * B * H;
+        for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            if (m.active(t, b)) {
+              K.gru_bwd_ra(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH, dgh + b * GH,
+                           dhn_t + b * H);
+            } else {
+              std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+              std::fill(dgh + b * GH, dgh + (b + 1) * GH, T(0));
+              std::fill(dhn_t + b * H, dhn_t + (b + 1) * H, T(0));
+            }
           }
-        }
-      });
-      if (!any) continue;
-      // d(r * h_prev) = dn_pre @ W_hn
-      wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
-      for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b))
-            K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, ws_t + b * W, dgx_t + b * GH, hin_t + b * H);
-        }
-      });
-      wc.run(B, dgx_t, GH, carry.data(), H);
-    }
-    // dh_prev = (partial, already in dh) + carry; zero where the state was reset; inactive rows
-    // pass dh through unchanged.
-    for (int64_t b = 0; b < B; ++b) {
-      if (!m.active(t, b)) continue;
-      T* dr = dh + b * H;
-      if (m.reset(t, b)) {
-        std::fill(dr, dr + H, T(0));
+        });
+        if (!any) continue;
+        wc.run(B, dgh, GH, carry.data(), H);
       } else {
-        const T* c = carry.data() + b * H;
-        for (int64_t j = 0; j < H; ++j) dr[j] = dr[j] + c[j];
+        T* hin_t = hin_buf.data() + (t - t0) * B * H;
+        for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            if (m.active(t, b)) {
+              K.gru_bwd_1(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH);
+            } else {
+              std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+              std::fill(hin_t + b * H, hin_t + (b + 1) * H, T(0));
+            }
+          }
+        });
+        if (!any) continue;
+        // d(r * h_prev) = dn_pre @ W_hn
+        wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
+        for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            if (m.active(t, b))
+              K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, ws_t + b * W, dgx_t + b * GH, hin_t + b * H);
+          }
+        });
+        wc.run(B, dgx_t, GH, carry.data(), H);
+      }
+      // dh_prev = (partial, already in dh) + carry; zero where the state was reset; inactive rows
+      // pass dh through unchanged.
+      for (int64_t b = 0; b < B; ++b) {
+        if (!m.active(t, b)) continue;
+        T* dr = dh + b * H;
+        if (m.reset(t, b)) {
+          std::fill(dr, dr + H, T(0));
+        } else {
+          const T* c = carry.data() + b * H;
+          for (int64_t j = 0; j < H; ++j) dr[j] = dr[j] + c[j];
+        }
       }
     }
-  }
 
-  // Weight / input gradients over all T*B rows at once.
-  gemm_any<T>(false, false, TB, I, GH, dgx, GH, w_ih, I, gx, I);
-  gemm_any<T>(true, false, GH, I, TB, dgx, GH, x, I, gw_ih, I);
-  col_sums<T>(TB, GH, dgx, GH, gb_ih);
-  if (!gru) {
-    gemm_any<T>(true, false, H, H, TB, dgx, GH, ws, W, gw_hh, H);
-    std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
-  } else if (reset_after) {
-    gemm_any<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, gw_hh, H);
-    gemm_any<T>(true, false, H, H, TB, dhn_buf.data(), H, ws, W, gw_hh + 2 * H * H, H);
-    std::memcpy(gb_hh, gb_ih, sizeof(T) * 2 * H);
-    col_sums<T>(TB, H, dhn_buf.data(), H, gb_hh + 2 * H);
-  } else {
-    gemm_any<T>(true, false, 2 * H, H, TB, dgx, GH, ws, W, gw_hh, H);
-    gemm_any<T>(true, false, H, H, TB, dgx + 2 * H, GH, hin_buf.data(), H, gw_hh + 2 * H * H, H);
-    std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
+    // This chunk's input and weight gradients: one product each over its R rows.
+    const bool acc = t1 < T_;
+    const T* ws_c = ws + t0 * B * W;
+    int64_t ldx = 0;
+    const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
+    gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
+    gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
+    add_col_sums<T>(R, GH, dgx, GH, sum_i.data());
+    if (!gru) {
+      gemm_any<T>(true, false, H, H, R, dgx, GH, ws_c, W, gw_hh, H, acc);
+    } else if (reset_after) {
+      gemm_any<T>(true, false, 2 * H, H, R, dgx, GH, ws_c, W, gw_hh, H, acc);
+      gemm_any<T>(true, false, H, H, R, dhn_buf.data(), H, ws_c, W, gw_hh + 2 * H * H, H, acc);
+      add_col_sums<T>(R, H, dhn_buf.data(), H, sum_n.data());
+    } else {
+      gemm_any<T>(true, false, 2 * H, H, R, dgx, GH, ws_c, W, gw_hh, H, acc);
+      gemm_any<T>(true, false, H, H, R, dgx + 2 * H, GH, hin_buf.data(), H, gw_hh + 2 * H * H, H, acc);
+    }
   }
+  for (int64_t c = 0; c < GH; ++c) gb_ih[c] = T(sum_i[c]);
+  std::memcpy(gb_hh, gb_ih, sizeof(T) * GH);
+  for (int64_t c = 0; c < int64_t(sum_n.size()); ++c) gb_hh[2 * H + c] = T(sum_n[c]);
 }
 
 }  // namespace
@@ -741,9 +804,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
     bool reset_after) {
-  const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
+  // grad_y and x may be strided views (autograd often hands over an expanded or transposed
+  // gradient): the kernel reads them through their strides instead of copying them whole.
+  const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, /*strided_x=*/true);
   const auto dtype = x.scalar_type();
-  check_tensor(grad_y, "grad_y", 3, dtype);
+  check_tensor(grad_y, "grad_y", 3, dtype, /*strided=*/true);
   check_shape(grad_y, "grad_y", {d.T, d.B, d.H});
   check_tensor(grad_h_n, "grad_h_n", 2, dtype);
   check_shape(grad_h_n, "grad_h_n", {d.B, d.H});
@@ -763,8 +828,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (auto p = opt_ptr(lengths)) m.len = p->data_ptr<int64_t>();
   if (auto p = opt_ptr(resets)) m.rst = p->data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_cpp_backward", [&] {
-    backward_impl<scalar_t>(d, grad_y.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
-                            x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
+    backward_impl<scalar_t>(d, view3<scalar_t>(grad_y), grad_h_n.data_ptr<scalar_t>(),
+                            view3<scalar_t>(x), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
                             y.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), int(mode), reset_after,
                             gx.data_ptr<scalar_t>(), gh0.data_ptr<scalar_t>(), gw_ih.data_ptr<scalar_t>(),
                             gw_hh.data_ptr<scalar_t>(), gb_ih.data_ptr<scalar_t>(), gb_hh.data_ptr<scalar_t>());

@@ -61,6 +61,10 @@ void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ld
 // C[M, N] = (beta ? C : 0) + A . op(B) with A(i, k) = A[i * a_si + k * a_sk].
 void avx512_gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
                         const float* Bp, bool beta, float* C, int64_t ldc);
+// The same product with a row-major, not transposed B (K x N, B[k * ldb + n]) read in place,
+// without a packed copy.
+void avx512_gemm_direct(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                        const float* B, int64_t ldb, bool beta, float* C, int64_t ldc);
 // out[j] = W[j, :] . x, j < M (AVX-512F).
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out);
 #endif

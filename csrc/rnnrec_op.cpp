@@ -164,7 +164,8 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                    reset_after, backend);
   }
   const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
-  return backward(grad_y.contiguous(), grad_h_n.contiguous(), x.contiguous(), state_or_zeros(h0, x, w_hh),
+  // grad_y and x go as they are: the kernel reads strided views without a whole copy.
+  return backward(grad_y, grad_h_n.contiguous(), x, state_or_zeros(h0, x, w_hh),
                   w_ih.contiguous(), w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(lengths),
                   contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after);
 }

@@ -255,6 +255,10 @@ def _setup_context(ctx, inputs, output):
     y, _, ws = output
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws)
     ctx.args = (mode, reset_after, backend)
+    # The workspace is saved state, not a result: no gradient flows into it, and autograd must not
+    # materialise a zero (T, B, 5H) gradient for it (nor for an unused output / h_n) in backward.
+    ctx.mark_non_differentiable(ws)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, grad_h_n, _grad_ws):

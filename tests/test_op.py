@@ -107,6 +107,76 @@ def test_opcheck(backend, mode, reset_after, extras):
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
 
 
+# Longer and wider than SHAPES: the C++ backward runs in chunks of time steps (about 256 rows of
+# T*B each) and reads its weights in 32-column slices; these shapes give several chunks, a last
+# chunk shorter than the rest, and hidden sizes with full, over-16 and under-16 last slices.
+LONG_SHAPES = [(9, 40, 7, 33), (13, 24, 5, 20), (3, 300, 6, 16)]  # T, B, I, H
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, reset_after):
+    """The backward op over several time chunks, with lengths and resets, equals the reference
+    (float64), and on strided grad_y / x (as autograd hands them over: an expanded gradient, a
+    batch_first input) gives exactly what it gives on dense copies of them (both dtypes)."""
+    gen = torch.Generator().manual_seed(hash((backend, str(dtype), shape, mode, reset_after)) % 2**31)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(*shape, mode, True, "both", dtype, gen)
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
+                                                 reset_after, backend)
+    T, B, I, H = shape
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # (T, B, I) view of a (B, T, I) tensor
+    gy_cases = {
+        "contiguous": torch.randn(T, B, H, generator=gen, dtype=torch.float64).to(dtype),
+        "transposed": torch.randn(B, T, H, generator=gen, dtype=torch.float64).to(dtype).transpose(0, 1),
+        "expanded": torch.randn(H, generator=gen, dtype=torch.float64).to(dtype).expand(T, B, H),
+        "column": torch.randn(T, B, 2 * H, generator=gen, dtype=torch.float64).to(dtype)[:, :, ::2],
+    }
+    gh = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, resets]
+    ry, _, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    for kind, gy in gy_cases.items():
+        ref_grads = reference.backward(gy.double().contiguous(), gh, *ref_in, ry, rws, MODES[mode], reset_after)
+        dense = None
+        for xin, gyin in ((x, gy.contiguous()), (x_strided, gy), (x, gy)):
+            grads = torch.ops.rnnrec_fast.recurrence_backward(gyin, gh.to(dtype), xin, h0, w_ih, w_hh, b_ih, b_hh,
+                                                              lengths, resets, y, ws, mode, reset_after, backend)
+            what = f"{kind} grad_y, x contiguous={xin.is_contiguous()}: grad"
+            if dense is None:
+                dense = grads
+                if dtype == torch.float64:  # float32 rounding grows with T and H: 1e-5 is for short runs
+                    for name, g, rg in zip(names, grads, ref_grads):
+                        assert_close(g, rg, dtype, f"{what} {name}")
+            else:  # strided inputs are read in place: the very same arithmetic as on dense copies
+                for name, g, d in zip(names, grads, dense):
+                    assert torch.equal(g, d), f"{what} {name} differs from the dense-input result"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_workspace_is_not_differentiable_and_unused_outputs_cost_nothing(backend):
+    """No gradient flows into the workspace (autograd must not build a zero (T, B, 5H) gradient for
+    it), and a loss on y alone or on h_n alone gives the gradients of that output only."""
+    gen = torch.Generator().manual_seed(11)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(4, 3, 2, 5, "gru", True, "plain", torch.float64, gen)
+    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*params, None, None, "gru", True, backend)
+    assert y.requires_grad and h_n.requires_grad and not ws.requires_grad
+    ref_in = [as64(t) for t in params] + [None, None]
+    ry, _, rws = reference.forward(*ref_in, MODES["gru"], True)
+    for gy, gh in ((torch.randn(y.shape, generator=gen, dtype=torch.float64), None),
+                   (None, torch.randn(h_n.shape, generator=gen, dtype=torch.float64))):
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, "gru", True, backend)
+        loss = (y * gy).sum() if gy is not None else (h_n * gh).sum()
+        grads = torch.autograd.grad(loss, params)
+        ref_grads = reference.backward(gy if gy is not None else torch.zeros_like(ry),
+                                       gh if gh is not None else torch.zeros_like(ry[0]), *ref_in, ry, rws,
+                                       MODES["gru"], True)
+        for g, rg in zip(grads, ref_grads):
+            assert_close(g, rg, torch.float64, "grad")
+
+
 def test_padding_and_zero_lengths_keep_state():
     x = torch.randn(4, 3, 2)
     h0 = torch.randn(3, 5)
