@@ -837,6 +837,147 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Inference fast path of the modules (rnnrec_fast.modules): the whole module call in one C++ call,
+// for eager calls that need no autograd (serving). It takes the module's own input layout
+// (batch_first, unbatched, hx of all layers) and runs the layers without the dispatcher, the
+// workspace allocation or the Python-side reshaping: at the serving step (B=1, T=1, H=100) those
+// cost more than the arithmetic. Returns None for anything it does not handle exactly as the
+// module would (other dtypes/devices, bidirectional, wrong shapes...): the module then takes its
+// general path, which also raises the proper errors.
+// ------------------------------------------------------------------------------------------------
+void note_cpp_backend_ran();  // rnnrec_op.cpp: what rnnrec_fast.last_backend() reports
+
+namespace {
+
+// Reused per-thread scratch (the serving step must not allocate its workspace per call), one
+// buffer per Slot; large requests get a buffer of their own instead of growing it.
+template <typename T, int Slot>
+T* infer_scratch(int64_t n, Buf<T>& own) {
+  constexpr int64_t kKeep = (int64_t(1) << 20) / int64_t(sizeof(T));
+  if (n > kKeep) {
+    own = Buf<T>(n);
+    return own.data();
+  }
+  thread_local std::vector<T> scratch;
+  if (int64_t(scratch.size()) < n) scratch.resize(size_t(n));
+  return scratch.data();
+}
+
+template <typename T>
+void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const std::vector<at::Tensor>& w,
+                  int64_t per_layer, int mode, bool reset_after, T* y, T* h_n) {
+  const int64_t T_ = d0.T, B = d0.B, H = d0.H;
+  Buf<T> own_ws(0);
+  T* ws = infer_scratch<T, 0>(T_ * B * d0.W, own_ws);
+  // Layers before the last write their output into a scratch sequence (two when layers > 2).
+  std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * H) : 0);
+  thread_local std::vector<T> zeros;
+  if (hx == nullptr && int64_t(zeros.size()) < B * H) zeros.assign(size_t(B * H), T(0));
+  StepMasks m;
+  m.B = B;
+  const T* in = x;
+  Dims d = d0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* lw = &w[size_t(l * per_layer)];
+    const T* b_ih = per_layer == 4 ? lw[2].data_ptr<T>() : nullptr;
+    const T* b_hh = per_layer == 4 ? lw[3].data_ptr<T>() : nullptr;
+    if (l > 0) d.I = H;
+    T* out = l + 1 == layers ? y : mid.data() + (l % 2) * T_ * B * H;
+    forward_impl<T>(d, in, hx ? hx + l * B * H : zeros.data(), lw[0].data_ptr<T>(), lw[1].data_ptr<T>(), b_ih,
+                    b_hh, m, mode, reset_after, out, h_n + l * B * H, ws);
+    in = out;
+  }
+}
+
+}  // namespace
+
+py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx_opt,
+                 const std::vector<at::Tensor>& weights, int64_t mode, bool reset_after, int64_t layers,
+                 bool batch_first, bool cell) {
+  const py::object unhandled = py::none();
+  if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
+  const int64_t G = mode == MODE_GRU ? 3 : 1;
+  if (layers < 1 || weights.empty() || int64_t(weights.size()) % layers != 0) return unhandled;
+  const int64_t per_layer = int64_t(weights.size()) / layers;
+  if (per_layer != 2 && per_layer != 4) return unhandled;
+  const auto dtype = input.scalar_type();
+  // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
+  if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || at::GradMode::is_enabled())
+    return unhandled;
+  // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
+  // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
+  const int64_t nd = input.dim();
+  const bool batched = nd == (cell ? 2 : 3);
+  if (!batched && nd != (cell ? 1 : 2)) return unhandled;
+  const bool bf = batch_first && batched && !cell;
+  int64_t T_, B;
+  if (cell) {
+    T_ = 1, B = batched ? input.size(0) : 1;
+  } else if (batched) {
+    T_ = input.size(bf ? 1 : 0), B = input.size(bf ? 0 : 1);
+  } else {
+    T_ = input.size(0), B = 1;
+  }
+  const int64_t I = input.size(nd - 1);
+  if (T_ == 0 || B == 0 || I == 0) return unhandled;
+  const at::Tensor& w_hh0 = weights[1];
+  if (w_hh0.dim() != 2) return unhandled;
+  const int64_t H = w_hh0.size(1);
+  if (H == 0 || w_hh0.size(0) != G * H) return unhandled;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t in_l = l == 0 ? I : H;
+    for (int64_t k = 0; k < per_layer; ++k) {
+      const at::Tensor& t = weights[size_t(l * per_layer + k)];
+      if (t.scalar_type() != dtype || !t.device().is_cpu() || !t.is_contiguous()) return unhandled;
+      const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
+                    : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
+                             : (t.dim() == 1 && t.size(0) == G * H);
+      if (!ok) return unhandled;
+    }
+  }
+  // hx: sequence modules (layers, B, H) or unbatched (layers, H); cells (B, H) or unbatched (H,).
+  at::Tensor hx;
+  if (hx_opt.has_value() && hx_opt->defined()) {
+    hx = *hx_opt;
+    if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.dim() != nd) return unhandled;
+    const int64_t want_l = cell ? 1 : layers;
+    const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))
+                         : (hx.size(0) == want_l && hx.size(nd - 1) == H && (!batched || hx.size(1) == B));
+    if (!ok) return unhandled;
+    if (!hx.is_contiguous()) hx = hx.contiguous();
+  }
+  // The kernel reads x as (T, B, I) rows: a batch_first input is that layout already when T or B
+  // is 1; otherwise it is transposed once.
+  at::Tensor x = input;
+  if (bf && T_ > 1 && B > 1) x = x.transpose(0, 1).contiguous();
+  else if (!x.is_contiguous()) x = x.contiguous();
+  Dims d{T_, B, I, H, G, mode == MODE_GRU ? 5 * H : H};
+  auto opts = input.options();
+  // Outputs are allocated in the shape the module returns. A cell's new state is its one output
+  // step; its h_n goes to scratch. A batch_first output with T, B > 1 is the usual transposed view.
+  at::Tensor y, h_n;
+  if (cell)
+    y = batched ? at::empty({B, H}, opts) : at::empty({H}, opts);
+  else if (!batched)
+    y = at::empty({T_, H}, opts);
+  else if (bf && (T_ == 1 || B == 1))
+    y = at::empty({B, T_, H}, opts);
+  else
+    y = at::empty({T_, B, H}, opts);
+  if (!cell) h_n = batched ? at::empty({layers, B, H}, opts) : at::empty({layers, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer", [&] {
+    Buf<scalar_t> own(0);
+    scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_n.data_ptr<scalar_t>();
+    infer_layers<scalar_t>(d, layers, x.data_ptr<scalar_t>(), hx.defined() ? hx.data_ptr<scalar_t>() : nullptr,
+                           weights, per_layer, int(mode), reset_after, y.data_ptr<scalar_t>(), hn);
+  });
+  note_cpp_backend_ran();
+  if (cell) return py::cast(y);
+  if (bf && T_ > 1 && B > 1) y = y.transpose(0, 1);
+  return py::make_tuple(y, h_n);
+}
+
 template <typename T>
 RowKernels<T> scalar_row_kernels() {
   RowKernels<T> k;
@@ -860,6 +1001,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &rnnrec::forward, "fused forward -> (y, h_n, ws)", py::arg("x"), py::arg("h0"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("resets"), py::arg("mode"), py::arg("reset_after"));
+  m.def("infer", &rnnrec::infer,
+        "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
+        py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),
+        py::arg("layers"), py::arg("batch_first"), py::arg("cell"));
   m.def("backward", &rnnrec::backward,
         "fused backward -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)",
         py::arg("grad_y"), py::arg("grad_h_n"), py::arg("x"), py::arg("h0"), py::arg("w_ih"),

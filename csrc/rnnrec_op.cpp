@@ -174,6 +174,9 @@ std::string get_last_backend() { return last_backend_name; }
 void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 
 }  // namespace
+
+void note_cpp_backend_ran() { last_backend_name = "cpp"; }
+
 }  // namespace rnnrec
 
 TORCH_LIBRARY_FRAGMENT(rnnrec_fast, m) {

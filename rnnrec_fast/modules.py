@@ -19,6 +19,26 @@ from . import ops
 
 _BACKENDS = ops.BACKENDS
 
+try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer); None without the extension
+    from ._C import infer as _infer
+except ImportError:
+    _infer = None
+_FAST_BACKENDS = ("auto", "cpp")
+
+
+_is_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() returns outside TorchScript
+_is_compiling = torch.compiler.is_compiling
+
+
+def _fast_path_allowed(input, hx, backend):
+    """Whether a call may try the C++ inference fast path: plain eager tensors only (never while
+    torch.compile / torch.export / torch.jit.trace record the call: they must see the op), a
+    backend that means the C++ kernels. The fast path itself declines anything else, including
+    every call with autograd on. (is_compiling comes first: Dynamo folds it to True and never
+    reaches _is_tracing, which it cannot trace.)"""
+    return (_infer is not None and backend in _FAST_BACKENDS and type(input) is torch.Tensor
+            and (hx is None or type(hx) is torch.Tensor) and not _is_compiling() and not _is_tracing())
+
 
 def _check_backend(backend):
     if backend not in _BACKENDS:
@@ -142,6 +162,13 @@ class _RNNBase(nn.Module):
         return p[names[0]], p[names[1]], None, None
 
     def forward(self, input, hx=None, *, resets=None):
+        if resets is None and not self.bidirectional and _fast_path_allowed(input, hx, self.backend) and not (
+                self.training and self.dropout > 0):
+            p = self._parameters
+            out = _infer(input, hx, [p[n] for n in self._flat_weights_names], ops.MODES[self.mode],
+                         self.reset_after, self.num_layers, self.batch_first, False)
+            if out is not None:
+                return out
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
         lengths = None
@@ -300,6 +327,12 @@ class _CellBase(nn.Module):
         return ops.resolve_backend(self.backend, device.type, self.weight_ih.dtype)
 
     def forward(self, input, hx=None):
+        if _fast_path_allowed(input, hx, self.backend):
+            p = self._parameters
+            weights = [p["weight_ih"], p["weight_hh"]] + ([p["bias_ih"], p["bias_hh"]] if self.bias else [])
+            out = _infer(input, hx, weights, ops.MODES[self.mode], self.reset_after, 1, False, True)
+            if out is not None:
+                return out
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")

@@ -138,13 +138,21 @@ def _resolve(backend, device_type, dtype):
         else:
             raise ValueError(f"rnnrec_fast: no backend supports {dtype} on {device_type!r}")
         preferred = order[0]
-        if name != preferred and device_type not in _warned:
+        reason = _backends.unavailable_reason(preferred)
+        if name != preferred and reason is not None and device_type not in _warned:
             _warned.add(device_type)
             warnings.warn(
-                f"rnnrec_fast: the {preferred!r} backend is not available "
-                f"({_backends.unavailable_reason(preferred)}); {device_type} tensors run on the "
-                f"{name!r} backend instead. Build the extension (pip install --no-build-isolation .) "
-                "for the fused kernels.",
+                f"rnnrec_fast: the {preferred!r} backend is not available ({reason}); {device_type} "
+                f"tensors run on the {name!r} backend instead. Build the extension "
+                "(pip install --no-build-isolation .) for the fused kernels.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif name != preferred and reason is None and (device_type, dtype) not in _warned:
+            _warned.add((device_type, dtype))
+            warnings.warn(
+                f"rnnrec_fast: the {preferred!r} backend does not support {dtype}; {device_type} "
+                f"{dtype} tensors run on the {name!r} backend instead.",
                 RuntimeWarning,
                 stacklevel=4,
             )

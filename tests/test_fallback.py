@@ -48,3 +48,26 @@ def test_extension_is_built_when_required():
         pytest.skip("set RNNREC_FAST_REQUIRE_EXT=1 to require the compiled extension")
     assert backends.available("cpp"), backends.unavailable_reason("cpp")
     assert rnnrec_fast.resolve_backend("auto", "cpu", __import__("torch").float32) == "cpp"
+
+
+def test_a_dtype_the_fast_backend_lacks_warns_once_and_says_so(monkeypatch):
+    """float16 on the CPU: the C++ kernels do float32/float64 only, so another backend runs; the
+    warning says that (not that the extension is missing), once, and last_backend() names it."""
+    from rnnrec_fast import ops
+    import torch
+    import warnings
+
+    if not backends.available("cpp"):
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(ops, "_resolved", {})
+    monkeypatch.setattr(ops, "_warned", set())
+    module = rnnrec_fast.GRU(3, 4, dtype=torch.float16)
+    x = torch.randn(5, 2, 3, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            module(x)
+    msgs = [str(w.message) for w in caught if "rnnrec_fast" in str(w.message)]
+    assert len(msgs) == 1 and "does not support torch.float16" in msgs[0], msgs
+    assert rnnrec_fast.last_backend() in ("numba", "reference")
+    assert rnnrec_fast.last_backend() in msgs[0]

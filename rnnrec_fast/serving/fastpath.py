@@ -2,8 +2,9 @@
 
 ``model.step`` is general (any device, training toggles, full input validation by
 ``rnnrec_fast.GRU``); per click that Python overhead is a large part of the latency. This module
-calls the same fused op, ``torch.ops.rnnrec_fast.recurrence``, directly on detached weights, and
-scores with one GEMM on the same weights. It is used only when the model has the GRU4Rec layout
+runs all GRU layers in one call of the C++ inference path (the one the modules use without
+autograd), or of the fused op ``torch.ops.rnnrec_fast.recurrence`` where that does not apply,
+directly on detached weights, and scores with one GEMM on the same weights. It is used only when the model has the GRU4Rec layout
 it expects *and* it reproduces ``model.step`` / ``model.score`` on a random probe at construction
 (see :func:`build`); otherwise the recommender calls ``model.step`` / ``model.score``.
 """
@@ -13,6 +14,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+try:  # the modules' C++ inference fast path (csrc/rnnrec_cpu.cpp: infer)
+    from .._C import infer as _infer
+except ImportError:
+    _infer = None
 
 
 class FastGRU4Rec:
@@ -37,10 +43,20 @@ class FastGRU4Rec:
         self.by = model.By.detach().reshape(-1).contiguous()
         self.op = torch.ops.rnnrec_fast.recurrence
         self.packed = _pack_for_onednn(self.Wy, self.by)
+        # All layers in one C++ call where the extension is there (it declines, returning None,
+        # whenever it does not apply: autograd on, another device or dtype).
+        flat = [w for layer in self.layers for w in layer]
+        self.infer = _infer if (_infer is not None and self.backend in ("auto", "cpp")
+                                and all(w is not None for w in flat)) else None
+        self.flat = flat
 
     def step(self, items, h):
         """items (B,) int64, h (L, B, H) -> new state (L, B, H)."""
         x = F.embedding(items, self.emb).unsqueeze(0)
+        if self.infer is not None:
+            r = self.infer(x, h, self.flat, 2, self.reset_after, self.L, False, False)
+            if r is not None:
+                return r[1]
         op, ra, be = self.op, self.reset_after, self.backend
         if self.L == 1:
             w = self.layers[0]
@@ -53,6 +69,10 @@ class FastGRU4Rec:
 
     def step_row(self, idx, row):
         """One click of one session: item index ``idx`` (int), state ``row`` (L, H) -> new (L, H)."""
+        if self.infer is not None:  # (T=1, H) unbatched input, (L, H) state
+            r = self.infer(self.emb[idx:idx + 1], row, self.flat, 2, self.reset_after, self.L, False, False)
+            if r is not None:
+                return r[1]
         x = self.emb[idx:idx + 1].unsqueeze(0)
         op, ra, be = self.op, self.reset_after, self.backend
         if self.L == 1:
