@@ -8,6 +8,9 @@ CUDA part: built when torch has CUDA and nvcc is found, or forced with RNNREC_FA
 import glob
 import os
 import shutil
+import sys
+
+import torch
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -84,16 +87,33 @@ def _cuda_extension(cuda_sources, cxx):
     )
 
 
+def _torch_uses_openmp():
+    """Whether torch's ATen parallel backend is OpenMP (the usual Linux build), with GCC/Clang."""
+    if sys.platform not in ("linux", "linux2"):
+        return False
+    try:
+        return bool(torch.backends.openmp.is_available()) and "OpenMP" in torch.__config__.parallel_info()
+    except Exception:  # noqa: BLE001 - unknown torch build: stay serial rather than fail the build
+        return False
+
+
 def _extensions():
     cxx = ["-O3", f"-std={_torch_cxx_std()}", "-fno-math-errno"]
     if os.environ.get("RNNREC_FAST_NATIVE") == "1":
         cxx.append("-march=native")
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    link = []
+    if _torch_uses_openmp():
+        # at::parallel_for is inline code: without -fopenmp its `omp parallel` is ignored and every
+        # "parallel" loop of the kernels runs on one thread. The extension then shares torch's own
+        # OpenMP runtime (same libgomp.so.1, already loaded by torch).
+        link = ["-fopenmp"]
     exts = [
         cpp_extension.CppExtension(
             "rnnrec_fast._C",
             cpu_sources,
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx + link},
+            extra_link_args=link,
         )
     ]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))

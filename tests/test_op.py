@@ -5,11 +5,13 @@ Forward outputs, h_n and the workspace must match the reference, and so must all
 a float64 reference computed on the same (rounded) inputs.
 """
 import itertools
+import os
 
 import pytest
 import torch
 
 import rnnrec_fast
+from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 
@@ -240,3 +242,29 @@ def test_opcheck_python_twins(backend):
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence_py(*args)
     bargs = (torch.randn_like(y), torch.randn_like(h_n)) + args[:8] + (y, ws, "gru", False, backend)
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward_py.default, bargs, test_utils=utils)
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_threads_give_the_same_bits(mode, reset_after):
+    """Shapes large enough for the C++ kernels' parallel loops (rows of the per-step products and
+    of the pointwise passes, the weight-gradient GEMMs): two threads give exactly the one-thread
+    results, forward and backward (each element is computed by the same code in the same order)."""
+    if not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(21)
+    inputs = make_inputs(4, 160, 64, 128, mode, True, "both", torch.float32, gen)
+    gy = torch.randn(4, 160, 128, generator=gen)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = [t.clone() if t is not None else None for t in inputs]
+            params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, lengths, resets, mode, reset_after, "cpp")
+            grads = torch.autograd.grad((y * gy).sum() + h_n.sum(), params)
+            results.append([y.detach(), h_n.detach(), *grads])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
