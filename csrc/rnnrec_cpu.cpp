@@ -610,7 +610,7 @@ struct View3 {
   }
   // Steps [t0, t1) as (rows, C) with a uniform row stride: returns the pointer, sets ld.
   const T* steps(int64_t t0, int64_t t1, int64_t B, int64_t C, T* scratch, int64_t& ld) const {
-    if (sc == 1 && (st == B * sb || t1 - t0 == 1)) {
+    if (rows_uniform(B) || (sc == 1 && t1 - t0 == 1)) {
       ld = sb;
       return p + t0 * st;
     }
