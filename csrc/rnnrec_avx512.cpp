@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
@@ -174,7 +175,81 @@ void avx512_gemm_direct(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 // streams in flight), 16-wide FMAs; a masked tail for K % 16.
 static inline __m256 fold256(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps_compat(v)); }
 
+// The eight sums of a[0..7], in order.
+static inline __m256 sum8(const __m512* a) {
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(fold256(a[0]), fold256(a[1])), _mm256_hadd_ps(fold256(a[2]), fold256(a[3])));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(fold256(a[4]), fold256(a[5])), _mm256_hadd_ps(fold256(a[6]), fold256(a[7])));
+  // lo = [s0 s1 s2 s3 | s0' s1' s2' s3'] (two 128-bit halves to add), same for hi
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+namespace {
+
+constexpr int64_t kAlignedMaxK = 1024;  // x's shifted copy lives on the stack
+
+// The same product with 64-byte-aligned loads of W. Rows whose length is not a multiple of 16
+// floats (H = 100) start at varying offsets within a cache line, and an unaligned 64-byte load
+// that straddles two lines costs about twice an aligned one: at the serving step this made the
+// product ~1.5x slower. Rows j and j + p (p * ldw a multiple of 16) share their offset, so rows
+// are taken in p classes; within a class every row starts `off` floats past an aligned address,
+// x is copied once shifted by `off` (zeros around it), and each row is read as aligned vectors
+// from that address, masking the lanes before the row's start and after its end.
+void gemv_nt_aligned(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out,
+                     int64_t p) {
+  alignas(64) float xs[kAlignedMaxK + 32];
+  for (int64_t c = 0; c < p && c < M; ++c) {
+    const int64_t off = int64_t((reinterpret_cast<uintptr_t>(W + c * ldw) / sizeof(float)) % 16);
+    const int64_t nv = (off + K + 15) / 16;  // vectors per row
+    std::fill(xs, xs + nv * 16, 0.f);
+    std::copy(x, x + K, xs + off);
+    const __mmask16 head = __mmask16(0xFFFFu << off);
+    __mmask16 tail = mask_lo(off + K - 16 * (nv - 1));
+    if (nv == 1) tail &= head;
+    const __mmask16 first = nv == 1 ? tail : head;
+    int64_t j = c;
+    for (; j + 7 * p < M; j += 8 * p) {
+      const float* w[8];
+      __m512 a[8];
+      for (int r = 0; r < 8; ++r) w[r] = W + (j + r * p) * ldw - off;
+      const __m512 x0 = _mm512_load_ps(xs);
+      for (int r = 0; r < 8; ++r) a[r] = _mm512_mul_ps(_mm512_maskz_load_ps(first, w[r]), x0);
+      int64_t v = 1;
+      for (; v + 1 < nv; ++v) {
+        const __m512 xv = _mm512_load_ps(xs + 16 * v);
+        for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(_mm512_load_ps(w[r] + 16 * v), xv, a[r]);
+      }
+      if (v < nv) {
+        const __m512 xv = _mm512_load_ps(xs + 16 * v);
+        for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tail, w[r] + 16 * v), xv, a[r]);
+      }
+      alignas(32) float s[8];
+      _mm256_store_ps(s, sum8(a));
+      for (int r = 0; r < 8; ++r) out[j + r * p] = s[r];
+    }
+    for (; j < M; j += p) {
+      const float* w = W + j * ldw - off;
+      __m512 a0 = _mm512_mul_ps(_mm512_maskz_load_ps(first, w), _mm512_load_ps(xs));
+      int64_t v = 1;
+      for (; v + 1 < nv; ++v) a0 = _mm512_fmadd_ps(_mm512_load_ps(w + 16 * v), _mm512_load_ps(xs + 16 * v), a0);
+      if (v < nv) a0 = _mm512_fmadd_ps(_mm512_maskz_load_ps(tail, w + 16 * v), _mm512_load_ps(xs + 16 * v), a0);
+      out[j] = _mm512_reduce_add_ps(a0);
+    }
+  }
+}
+
+}  // namespace
+
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out) {
+  // Misaligned rows: the aligned form when its classes are few (p <= 4, so x is copied at most
+  // four times; with p = 16 the copies cost more than the split loads).
+  const bool misaligned = ldw % 16 != 0 || reinterpret_cast<uintptr_t>(W) % 64 != 0;
+  if (misaligned && ldw % 4 == 0 && reinterpret_cast<uintptr_t>(W) % sizeof(float) == 0 && K >= 16 &&
+      K <= kAlignedMaxK) {
+    int64_t p = 1;
+    while ((p * ldw) % 16 != 0) ++p;
+    gemv_nt_aligned(M, K, W, ldw, x, out, p);
+    return;
+  }
   const int64_t kf = K & ~int64_t(15);
   const __mmask16 mt = __mmask16((1u << (K - kf)) - 1u);
   int64_t j = 0;
@@ -191,12 +266,7 @@ void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const flo
       const __m512 xv = _mm512_maskz_loadu_ps(mt, x + k);
       for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w + r * ldw + k), xv, a[r]);
     }
-    const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(fold256(a[0]), fold256(a[1])), _mm256_hadd_ps(fold256(a[2]), fold256(a[3])));
-    const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(fold256(a[4]), fold256(a[5])), _mm256_hadd_ps(fold256(a[6]), fold256(a[7])));
-    // lo = [s0 s1 s2 s3 | s0' s1' s2' s3'] (two 128-bit halves to add), same for hi
-    const __m256 sw = _mm256_permute2f128_ps(lo, hi, 0x20);  // [lo.low, hi.low]
-    const __m256 sh = _mm256_permute2f128_ps(lo, hi, 0x31);  // [lo.high, hi.high]
-    _mm256_storeu_ps(out + j, _mm256_add_ps(sw, sh));
+    _mm256_storeu_ps(out + j, sum8(a));
   }
   for (; j < M; ++j) {
     const float* w0 = W + j * ldw;

@@ -268,3 +268,36 @@ def test_threads_give_the_same_bits(mode, reset_after):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("offset", [0, 1, 4, 7, 12])
+@pytest.mark.parametrize("T,I,H", [(1, 20, 100), (3, 33, 36), (2, 64, 64)])
+@pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)],
+                         ids=["tanh", "gru", "gru_cho"])
+def test_weights_at_any_alignment(backend, offset, T, I, H, mode, reset_after):
+    """Batch-1 products read the weights with aligned vector loads wherever a row starts within a
+    cache line (rows of 100 floats start at four different offsets; a weight that is a view into a
+    larger buffer starts anywhere): weights placed `offset` floats into a buffer give the reference's
+    outputs and gradients."""
+    gen = torch.Generator().manual_seed(offset * 1000 + T * 100 + H)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, 1, I, H, mode, True, "plain", torch.float32, gen)
+
+    def placed(w):  # scaled like torch.nn's init, so float32 rounding stays within 1e-5 at H = 100
+        buf = torch.full((offset + w.numel() + 16,), float("nan"))  # neighbours must never be read
+        out = buf[offset:offset + w.numel()].view(w.shape)
+        out.copy_(w / w.shape[1] ** 0.5)
+        return out
+
+    w_ih, w_hh = placed(w_ih), placed(w_hh)
+    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
+    ref_in = [as64(t) for t in params] + [None, None]
+    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    assert_close(y.detach().double(), ry, torch.float32, "output")
+    assert_close(h_n.detach().double(), rh, torch.float32, "h_n")
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y * gy.float()).sum() + h_n.sum(), params)
+    ref_grads = reference.backward(gy, torch.ones_like(rh), *ref_in, ry, rws, MODES[mode], reset_after)
+    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
+        assert_close(g.double(), rg, torch.float32, f"grad {name}")
