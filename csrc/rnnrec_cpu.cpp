@@ -8,11 +8,14 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -865,7 +868,7 @@ T* infer_scratch(int64_t n, Buf<T>& own) {
 }
 
 template <typename T>
-void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const std::vector<at::Tensor>& w,
+void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const at::Tensor* const* w,
                   int64_t per_layer, int mode, bool reset_after, T* y, T* h_n) {
   const int64_t T_ = d0.T, B = d0.B, H = d0.H;
   Buf<T> own_ws(0);
@@ -879,12 +882,12 @@ void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const
   const T* in = x;
   Dims d = d0;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* lw = &w[size_t(l * per_layer)];
-    const T* b_ih = per_layer == 4 ? lw[2].data_ptr<T>() : nullptr;
-    const T* b_hh = per_layer == 4 ? lw[3].data_ptr<T>() : nullptr;
+    const at::Tensor* const* lw = w + l * per_layer;
+    const T* b_ih = per_layer == 4 ? lw[2]->data_ptr<T>() : nullptr;
+    const T* b_hh = per_layer == 4 ? lw[3]->data_ptr<T>() : nullptr;
     if (l > 0) d.I = H;
     T* out = l + 1 == layers ? y : mid.data() + (l % 2) * T_ * B * H;
-    forward_impl<T>(d, in, hx ? hx + l * B * H : zeros.data(), lw[0].data_ptr<T>(), lw[1].data_ptr<T>(), b_ih,
+    forward_impl<T>(d, in, hx ? hx + l * B * H : zeros.data(), lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih,
                     b_hh, m, mode, reset_after, out, h_n + l * B * H, ws);
     in = out;
   }
@@ -892,14 +895,16 @@ void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const
 
 }  // namespace
 
-py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx_opt,
-                 const std::vector<at::Tensor>& weights, int64_t mode, bool reset_after, int64_t layers,
-                 bool batch_first, bool cell) {
+namespace {
+
+// The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
+py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
+                      int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell) {
   const py::object unhandled = py::none();
   if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
   const int64_t G = mode == MODE_GRU ? 3 : 1;
-  if (layers < 1 || weights.empty() || int64_t(weights.size()) % layers != 0) return unhandled;
-  const int64_t per_layer = int64_t(weights.size()) / layers;
+  if (layers < 1 || nw == 0 || nw % layers != 0) return unhandled;
+  const int64_t per_layer = nw / layers;
   if (per_layer != 2 && per_layer != 4) return unhandled;
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
@@ -921,14 +926,14 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx_op
   }
   const int64_t I = input.size(nd - 1);
   if (T_ == 0 || B == 0 || I == 0) return unhandled;
-  const at::Tensor& w_hh0 = weights[1];
+  const at::Tensor& w_hh0 = *weights[1];
   if (w_hh0.dim() != 2) return unhandled;
   const int64_t H = w_hh0.size(1);
   if (H == 0 || w_hh0.size(0) != G * H) return unhandled;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t in_l = l == 0 ? I : H;
     for (int64_t k = 0; k < per_layer; ++k) {
-      const at::Tensor& t = weights[size_t(l * per_layer + k)];
+      const at::Tensor& t = *weights[l * per_layer + k];
       if (t.scalar_type() != dtype || !t.device().is_cpu() || !t.is_contiguous()) return unhandled;
       const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
                     : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
@@ -938,8 +943,8 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx_op
   }
   // hx: sequence modules (layers, B, H) or unbatched (layers, H); cells (B, H) or unbatched (H,).
   at::Tensor hx;
-  if (hx_opt.has_value() && hx_opt->defined()) {
-    hx = *hx_opt;
+  if (hx_in != nullptr && hx_in->defined()) {
+    hx = *hx_in;
     if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.dim() != nd) return unhandled;
     const int64_t want_l = cell ? 1 : layers;
     const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))
@@ -953,30 +958,101 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx_op
   if (bf && T_ > 1 && B > 1) x = x.transpose(0, 1).contiguous();
   else if (!x.is_contiguous()) x = x.contiguous();
   Dims d{T_, B, I, H, G, mode == MODE_GRU ? 5 * H : H};
-  auto opts = input.options();
   // Outputs are allocated in the shape the module returns. A cell's new state is its one output
   // step; its h_n goes to scratch. A batch_first output with T, B > 1 is the usual transposed view.
+  // (CPU allocation without the dispatcher round trip of at::empty; under torch.inference_mode the
+  // new tensors are inference tensors all the same, as TensorImpl reads the mode.)
+  const auto empty = [dtype](at::IntArrayRef size) { return at::Tensor(at::detail::empty_cpu(size, dtype)); };
   at::Tensor y, h_n;
   if (cell)
-    y = batched ? at::empty({B, H}, opts) : at::empty({H}, opts);
+    y = batched ? empty({B, H}) : empty({H});
   else if (!batched)
-    y = at::empty({T_, H}, opts);
+    y = empty({T_, H});
   else if (bf && (T_ == 1 || B == 1))
-    y = at::empty({B, T_, H}, opts);
+    y = empty({B, T_, H});
   else
-    y = at::empty({T_, B, H}, opts);
-  if (!cell) h_n = batched ? at::empty({layers, B, H}, opts) : at::empty({layers, H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer", [&] {
-    Buf<scalar_t> own(0);
-    scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_n.data_ptr<scalar_t>();
-    infer_layers<scalar_t>(d, layers, x.data_ptr<scalar_t>(), hx.defined() ? hx.data_ptr<scalar_t>() : nullptr,
-                           weights, per_layer, int(mode), reset_after, y.data_ptr<scalar_t>(), hn);
-  });
+    y = empty({T_, B, H});
+  if (!cell) h_n = batched ? empty({layers, B, H}) : empty({layers, H});
+  // A large call lets other Python threads run meanwhile (the op path does too); the weights are
+  // then held by owning references, since another thread could replace a module's parameter.
+  const bool release_gil = T_ * B * G * H * (I + H) * layers >= (int64_t(1) << 20);
+  std::vector<at::Tensor> held;
+  std::vector<const at::Tensor*> held_ptrs;
+  if (release_gil) {
+    held.reserve(size_t(nw));
+    for (int64_t k = 0; k < nw; ++k) held.push_back(*weights[k]);
+    for (const auto& t : held) held_ptrs.push_back(&t);
+    weights = held_ptrs.data();
+  }
+  {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (release_gil) no_gil.emplace();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer", [&] {
+      Buf<scalar_t> own(0);
+      scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_n.data_ptr<scalar_t>();
+      infer_layers<scalar_t>(d, layers, x.data_ptr<scalar_t>(), hx.defined() ? hx.data_ptr<scalar_t>() : nullptr,
+                             weights, per_layer, int(mode), reset_after, y.data_ptr<scalar_t>(), hn);
+    });
+  }
   note_cpp_backend_ran();
   if (cell) return py::cast(y);
   if (bf && T_ > 1 && B > 1) y = y.transpose(0, 1);
   return py::make_tuple(y, h_n);
 }
+
+}  // namespace
+
+py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
+                 const std::vector<at::Tensor>& weights, int64_t mode, bool reset_after, int64_t layers,
+                 bool batch_first, bool cell) {
+  c10::SmallVector<const at::Tensor*, 16> w;
+  for (const auto& t : weights) w.push_back(&t);
+  return infer_impl(input, hx.has_value() ? &*hx : nullptr, w.data(), int64_t(w.size()), mode, reset_after,
+                    layers, batch_first, cell);
+}
+
+// A module's fast path, bound once to the module's parameter dict (nn.Module._parameters) and
+// the names of its weights in order: a call converts two arguments, looks the weights up in the
+// dict (so a replaced, reassigned or swapped parameter is seen at once; nothing is cached but
+// names), and runs infer_impl. Declines (None) what infer_impl declines, non-plain tensors,
+// missing parameters, and calls under torch.jit.trace (which must record the op).
+class InferPlan {
+ public:
+  InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
+            int64_t layers, bool batch_first, bool cell)
+      : params_(std::move(params)), mode_(mode), reset_after_(reset_after), layers_(layers),
+        batch_first_(batch_first), cell_(cell) {
+    for (const auto& n : names) {
+      py::str key(n);
+      PyUnicode_InternInPlace(&key.ptr());
+      names_.push_back(std::move(key));
+    }
+  }
+
+  py::object call(py::handle input, py::handle hx) const {
+    if (!THPVariable_CheckExact(input.ptr()) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
+        at::GradMode::is_enabled() || torch::jit::tracer::isTracing())
+      return py::none();
+    c10::SmallVector<const at::Tensor*, 16> w;
+    for (const auto& name : names_) {
+      PyObject* p = PyDict_GetItemWithError(params_.ptr(), name.ptr());  // borrowed
+      if (p == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return py::none();
+      }
+      if (!THPVariable_Check(p)) return py::none();
+      w.push_back(&THPVariable_Unpack(p));
+    }
+    return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
+                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_);
+  }
+
+ private:
+  py::dict params_;
+  std::vector<py::str> names_;
+  int64_t mode_, layers_;
+  bool reset_after_, batch_first_, cell_;
+};
 
 template <typename T>
 RowKernels<T> scalar_row_kernels() {
@@ -1005,6 +1081,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
         py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),
         py::arg("layers"), py::arg("batch_first"), py::arg("cell"));
+  py::class_<rnnrec::InferPlan>(m, "InferPlan",
+                                "a module's inference fast path bound to its parameter dict: plan(input, hx) "
+                                "-> as infer, or None (not handled)")
+      .def(py::init<py::dict, const std::vector<std::string>&, int64_t, bool, int64_t, bool, bool>(),
+           py::arg("params"), py::arg("names"), py::arg("mode"), py::arg("reset_after"), py::arg("layers"),
+           py::arg("batch_first"), py::arg("cell"))
+      .def("__call__", &rnnrec::InferPlan::call, py::arg("input"), py::arg("hx") = py::none());
   m.def("backward", &rnnrec::backward,
         "fused backward -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)",
         py::arg("grad_y"), py::arg("grad_h_n"), py::arg("x"), py::arg("h0"), py::arg("w_ih"),

@@ -19,25 +19,51 @@ from . import ops
 
 _BACKENDS = ops.BACKENDS
 
-try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer); None without the extension
-    from ._C import infer as _infer
+try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer, InferPlan); None without the extension
+    from ._C import InferPlan as _InferPlan
 except ImportError:
-    _infer = None
+    _InferPlan = None
 _FAST_BACKENDS = ("auto", "cpp")
 
-
-_is_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() returns outside TorchScript
 _is_compiling = torch.compiler.is_compiling
 
 
-def _fast_path_allowed(input, hx, backend):
-    """Whether a call may try the C++ inference fast path: plain eager tensors only (never while
-    torch.compile / torch.export / torch.jit.trace record the call: they must see the op), a
-    backend that means the C++ kernels. The fast path itself declines anything else, including
-    every call with autograd on. (is_compiling comes first: Dynamo folds it to True and never
-    reaches _is_tracing, which it cannot trace.)"""
-    return (_infer is not None and backend in _FAST_BACKENDS and type(input) is torch.Tensor
-            and (hx is None or type(hx) is torch.Tensor) and not _is_compiling() and not _is_tracing())
+class _FastPath(nn.Module):
+    """The modules' C++ inference fast path: ``self._plan`` is a ``_C.InferPlan`` bound to this
+    module's parameter dict and configuration (None where the path cannot apply: no extension,
+    another backend, bidirectional). A call tries it first where no autograd is recorded (the plan
+    itself declines calls with autograd on, under torch.jit.trace, on non-plain tensors, other
+    dtypes or devices, or whatever it does not handle exactly as the general path would); it is
+    never tried while torch.compile / torch.export trace the call (they must see the op). The
+    plan reads the parameters from the dict at every call, so reassigned, reloaded or swapped
+    parameters are seen at once; it is rebuilt when an attribute it depends on changes."""
+
+    _plan_config = frozenset()
+
+    def _plan_args(self):  # (weight names, layers, batch_first, cell) of this module's call
+        raise NotImplementedError
+
+    def _refresh_plan(self):
+        plan = None
+        if _InferPlan is not None and self.backend in _FAST_BACKENDS and not getattr(self, "bidirectional", False):
+            names, layers, batch_first, cell = self._plan_args()
+            plan = _InferPlan(self._parameters, names, ops.MODES[self.mode], self.reset_after, layers,
+                              batch_first, cell)
+        self.__dict__["_plan"] = plan
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._plan_config and "_plan" in self.__dict__:
+            self._refresh_plan()
+
+    def __getstate__(self):  # pickle / deepcopy: the plan is rebuilt, bound to the copy's parameters
+        state = super().__getstate__()
+        state.pop("_plan", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._refresh_plan()
 
 
 def _check_backend(backend):
@@ -59,9 +85,11 @@ def _take_time(x, index):
     return x.gather(0, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
 
 
-class _RNNBase(nn.Module):
+class _RNNBase(_FastPath):
     _mode: str = "gru"
     _gates: int = 3
+    _plan_config = frozenset({"backend", "mode", "reset_after", "num_layers", "batch_first", "bidirectional",
+                              "bias", "_flat_weights_names"})
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *, backend="auto",
@@ -113,6 +141,10 @@ class _RNNBase(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
+        self._refresh_plan()
+
+    def _plan_args(self):
+        return self._flat_weights_names, self.num_layers, self.batch_first, False
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -162,13 +194,12 @@ class _RNNBase(nn.Module):
         return p[names[0]], p[names[1]], None, None
 
     def forward(self, input, hx=None, *, resets=None):
-        if resets is None and not self.bidirectional and _fast_path_allowed(input, hx, self.backend) and not (
-                self.training and self.dropout > 0):
-            p = self._parameters
-            out = _infer(input, hx, [p[n] for n in self._flat_weights_names], ops.MODES[self.mode],
-                         self.reset_after, self.num_layers, self.batch_first, False)
-            if out is not None:
-                return out
+        if resets is None and not _is_compiling():  # the fast path (see _FastPath)
+            plan = self._plan
+            if plan is not None and not (self.dropout and self.training):
+                out = plan(input, hx)
+                if out is not None:
+                    return out
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
         lengths = None
@@ -282,8 +313,9 @@ class GRU(_RNNBase):
     _mode = "gru"
 
 
-class _CellBase(nn.Module):
+class _CellBase(_FastPath):
     _gates = 3
+    _plan_config = frozenset({"backend", "mode", "reset_after", "bias"})
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
                  reset_after=True, mode="gru"):
@@ -309,6 +341,11 @@ class _CellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
+        self._refresh_plan()
+
+    def _plan_args(self):
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        return names, 1, False, True
 
     reset_parameters = _RNNBase.reset_parameters
 
@@ -327,12 +364,12 @@ class _CellBase(nn.Module):
         return ops.resolve_backend(self.backend, device.type, self.weight_ih.dtype)
 
     def forward(self, input, hx=None):
-        if _fast_path_allowed(input, hx, self.backend):
-            p = self._parameters
-            weights = [p["weight_ih"], p["weight_hh"]] + ([p["bias_ih"], p["bias_hh"]] if self.bias else [])
-            out = _infer(input, hx, weights, ops.MODES[self.mode], self.reset_after, 1, False, True)
-            if out is not None:
-                return out
+        if not _is_compiling():  # the fast path (see _FastPath)
+            plan = self._plan
+            if plan is not None:
+                out = plan(input, hx)
+                if out is not None:
+                    return out
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")

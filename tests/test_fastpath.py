@@ -1,5 +1,5 @@
-"""The modules' C++ inference fast path (rnnrec_fast._C.infer) against torch.nn and against the
-modules' general path (the registered op), and the calls it must decline.
+"""The modules' C++ inference fast path (rnnrec_fast._C.InferPlan, over _C.infer) against torch.nn and
+against the modules' general path (the registered op), and the calls it must decline.
 
 Without autograd (torch.no_grad / torch.inference_mode) an eager module call on CPU float tensors
 runs the whole module in one C++ call; everything else takes the general path. These tests spy on
@@ -17,23 +17,28 @@ from rnnrec_fast import modules
 from conftest import assert_close
 
 needs_ext = pytest.mark.skipif(
-    modules._infer is None and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+    modules._InferPlan is None and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
     reason="the C++ extension is not built")
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts fast-path calls and how many it handled (returned a result)."""
+    """Counts fast-path calls and how many it handled (returned a result), over the modules built
+    after it."""
     counts = {"calls": 0, "handled": 0}
-    real = modules._infer
+    real = modules._InferPlan
 
-    def wrapped(*args):
-        counts["calls"] += 1
-        out = real(*args)
-        counts["handled"] += out is not None
-        return out
+    class CountingPlan:
+        def __init__(self, *args):
+            self.plan = real(*args)
 
-    monkeypatch.setattr(modules, "_infer", wrapped)
+        def __call__(self, *args):
+            counts["calls"] += 1
+            out = self.plan(*args)
+            counts["handled"] += out is not None
+            return out
+
+    monkeypatch.setattr(modules, "_InferPlan", CountingPlan)
     return counts
 
 
@@ -184,3 +189,121 @@ def test_bad_input_gets_the_same_errors_without_autograd(spy, call, exc, match):
         call(module)
     with pytest.raises(exc, match=match):  # the same message with autograd on
         call(module)
+
+
+def fast_and_general(module, *args):
+    with torch.inference_mode():
+        fast = module(*args)
+    return fast, general_path(module, *args)
+
+
+@needs_ext
+def test_sees_parameters_replaced_changed_or_removed(spy):
+    """The plan reads the weights from the module's parameter dict at every call: a reassigned
+    parameter, a state_dict load, a write through .data (no version bump) and a swap on dtype
+    conversion are all seen by the next call; a removed parameter makes the plan decline."""
+    torch.manual_seed(5)
+    ref, ours = pair("GRU", torch.float32, input_size=4, hidden_size=6, num_layers=2)
+    ours.eval()
+    x = torch.randn(3, 2, 4)
+
+    def check(what, module=ours, inp=x, dtype=torch.float32):
+        (out, h_n), (g_out, g_h) = fast_and_general(module, inp)
+        assert_close(out, g_out, dtype, f"{what}: output")
+        assert_close(h_n, g_h, dtype, f"{what}: h_n")
+        return out
+
+    before = check("fresh")
+    ours.weight_hh_l1 = nn.Parameter(torch.randn(18, 6))
+    after = check("reassigned")
+    assert not torch.equal(before, after)
+    ours.load_state_dict(ref.state_dict())
+    assert_close(check("reloaded"), before, torch.float32, "reloaded = fresh")
+    ours.weight_ih_l0.data.mul_(0.5)
+    assert not torch.equal(check(".data write"), before)
+    try:
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        doubled = ours.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    check("swapped to float64", doubled, x.double(), torch.float64)
+    handled = spy["handled"]
+    del ours.weight_hh_l1
+    with torch.inference_mode(), pytest.raises(Exception):
+        ours(x)
+    assert spy["handled"] == handled
+
+
+@needs_ext
+def test_copies_and_configuration_changes_rebind_the_plan(spy, tmp_path):
+    import copy
+    import pickle
+
+    torch.manual_seed(6)
+    _, ours = pair("GRU", torch.float32, input_size=4, hidden_size=5)
+    x = torch.randn(2, 3, 4)
+    with torch.inference_mode():
+        expected = ours(x)[0]
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        with torch.no_grad():
+            clone.weight_hh_l0.zero_()  # the copy's own parameters, not the original's
+        (out, _), (g_out, _) = fast_and_general(clone, x)
+        assert_close(out, g_out, torch.float32, "copy")
+        with torch.inference_mode():
+            assert torch.equal(ours(x)[0], expected)
+    torch.save(ours, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x)[0], expected)
+    ours.batch_first = True  # a changed attribute the call depends on rebuilds the plan
+    (out, h_n), (g_out, g_h) = fast_and_general(ours, x)
+    assert out.shape == (2, 3, 5)
+    assert_close(out, g_out, torch.float32, "batch_first output")
+    ours.backend = "reference"
+    calls = spy["calls"]
+    with torch.inference_mode():
+        ours(x)
+    assert spy["calls"] == calls and rnnrec_fast.last_backend() == "reference"
+
+
+@needs_ext
+def test_large_calls_from_threads():
+    """Large calls release the GIL while they compute: several threads on one module get the
+    one-thread results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(7)
+    module = rnnrec_fast.GRU(64, 64, num_layers=2, batch_first=True).eval()
+    xs = [torch.randn(16, 8, 64) for _ in range(8)]
+    with torch.inference_mode():
+        expected = [module(x) for x in xs]
+
+    def run(i):
+        with torch.inference_mode():
+            return module(xs[i % 8])
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(32)))
+    for i, (out, h_n) in enumerate(results):
+        assert torch.equal(out, expected[i % 8][0]) and torch.equal(h_n, expected[i % 8][1])
+
+
+@needs_ext
+def test_outputs_are_what_torch_nn_returns(spy):
+    """Inference tensors under torch.inference_mode, ordinary tensors under torch.no_grad (usable
+    in a later autograd graph), never aliases of each other or of the input."""
+    torch.manual_seed(8)
+    ref, ours = pair("GRU", torch.float32, input_size=3, hidden_size=3)
+    x = torch.randn(1, 1, 3)
+    for ctx, inference in ((torch.inference_mode, True), (torch.no_grad, False)):
+        with ctx():
+            out, h_n = ours(x)
+            r_out, r_h = ref(x)
+        assert out.is_inference() == r_out.is_inference() == inference
+        assert h_n.is_inference() == r_h.is_inference() == inference
+        assert not out.requires_grad and not h_n.requires_grad
+        assert out.data_ptr() != h_n.data_ptr() and out.data_ptr() != x.data_ptr()
+    w = torch.randn(3, requires_grad=True)
+    (out * w).sum().backward()  # a no_grad output feeds autograd like torch.nn's does
+    assert w.grad is not None
+    assert spy["handled"] == 2
