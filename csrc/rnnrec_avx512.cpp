@@ -278,6 +278,74 @@ void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const flo
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// 16-lane vector layer for the row kernels (rnnrec_rows.inc): the same operations as the 8-lane
+// layer of rnnrec_avx2.cpp (AVX-512F only: bit operations through the integer forms), so the
+// kernels give the same bits per element, with half the instructions and twice the registers.
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+using vf = __m512;
+using vm = __mmask16;
+static inline vf vset(float c) { return _mm512_set1_ps(c); }
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vpow2i(vf n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+static inline __m512i vbits(vf x) { return _mm512_castps_si512(x); }
+static inline vf vabs(vf x) { return _mm512_castsi512_ps(_mm512_and_si512(vbits(x), _mm512_set1_epi32(0x7fffffff))); }
+static inline vf vcopysign(vf m, vf s) {
+  const __m512i sign = _mm512_and_si512(vbits(s), _mm512_set1_epi32(int(0x80000000u)));
+  return _mm512_castsi512_ps(_mm512_or_si512(vbits(vabs(m)), sign));
+}
+static inline vm vlt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline vf vselect(vm m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }
+
+struct Full {
+  inline vf ld(const float* p) const { return _mm512_loadu_ps(p); }
+  inline void st(float* p, vf v) const { _mm512_storeu_ps(p, v); }
+};
+struct Tail {
+  __mmask16 m;
+  explicit Tail(int64_t n) : m(mask_lo(n)) {}
+  inline vf ld(const float* p) const { return _mm512_maskz_loadu_ps(m, p); }
+  inline void st(float* p, vf v) const { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+template <typename F>
+static inline void for_vec(int64_t H, const F& f) {
+  int64_t j = 0;
+  const Full full;
+  for (; j + 16 <= H; j += 16) f(j, full);
+  if (j < H) f(j, Tail(H - j));
+}
+
+#include "rnnrec_rows.inc"
+
+}  // namespace
+
+RowKernels<float> avx512_row_kernels_f32() {
+  RowKernels<float> k;
+  k.rnn_fwd = &v_rnn_fwd;
+  k.gru_fwd_ra = &v_gru_fwd_ra;
+  k.gru_fwd_a = &v_gru_fwd_a;
+  k.gru_fwd_b = &v_gru_fwd_b;
+  k.rnn_bwd = &v_rnn_bwd;
+  k.gru_bwd_ra = &v_gru_bwd_ra;
+  k.gru_bwd_1 = &v_gru_bwd_1;
+  k.gru_bwd_2 = &v_gru_bwd_2;
+  return k;
+}
+
 }  // namespace rnnrec
 
 #if defined(__clang__)

@@ -156,8 +156,9 @@ void s_gru_bwd_2(int64_t H, T* dh, const T* drh, const T* ws, T* dgx, T* hin) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Kernel selection: AVX2/FMA float kernels when the CPU has them (checked once, at run time), the
-// scalar ones otherwise. RNNREC_FAST_NO_SIMD=1 forces the scalar path (for testing).
+// Kernel selection, checked once at run time: AVX-512F float kernels (GEMM, gemv, row kernels)
+// when the CPU has them, else AVX2/FMA, else scalar. RNNREC_FAST_NO_AVX512=1 / RNNREC_FAST_NO_SIMD=1
+// step down (tests/test_simd_paths.py runs the portable paths with them).
 // ------------------------------------------------------------------------------------------------
 bool simd_enabled() {
   static const bool on = [] {
@@ -192,6 +193,7 @@ const RowKernels<T>& row_kernels() {
   static const RowKernels<T> k = [] {
 #if defined(RNNREC_HAVE_AVX2_TU)
     if constexpr (std::is_same<T, float>::value) {
+      if (avx512_enabled()) return avx512_row_kernels_f32();
       if (simd_enabled()) return avx2_row_kernels_f32();
     }
 #endif
@@ -1077,6 +1079,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &rnnrec::forward, "fused forward -> (y, h_n, ws)", py::arg("x"), py::arg("h0"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"),
         py::arg("resets"), py::arg("mode"), py::arg("reset_after"));
+  m.def("simd_level", [] { return rnnrec::avx512_enabled() ? "avx512" : rnnrec::simd_enabled() ? "avx2" : "scalar"; },
+        "the float32 CPU kernels this process runs: 'avx512', 'avx2' or 'scalar' (RNNREC_FAST_NO_AVX512=1 / "
+        "RNNREC_FAST_NO_SIMD=1 step down)");
   m.def("infer", &rnnrec::infer,
         "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
         py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),

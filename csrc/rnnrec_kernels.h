@@ -65,6 +65,8 @@ void avx512_gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 // without a packed copy.
 void avx512_gemm_direct(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
                         const float* B, int64_t ldb, bool beta, float* C, int64_t ldc);
+// The row kernels with 16 lanes (the same bits per element as the AVX2 ones).
+RowKernels<float> avx512_row_kernels_f32();
 // out[j] = W[j, :] . x, j < M (AVX-512F).
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out);
 #endif

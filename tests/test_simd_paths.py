@@ -1,0 +1,37 @@
+"""The C++ backend's portable float32 kernels, on a machine that has better ones.
+
+The kernels are chosen once per process from the CPU's instructions: AVX-512 where it has them,
+else AVX2/FMA, else scalar code. Machines without AVX-512 (or without AVX2) run the other paths,
+so those are tested here too, in child processes where RNNREC_FAST_NO_AVX512=1 /
+RNNREC_FAST_NO_SIMD=1 step the choice down: the op's and the fast path's tests must pass there.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnnrec_fast import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+                    reason="the C++ extension is not built")
+@pytest.mark.parametrize("env,level", [("RNNREC_FAST_NO_AVX512", "avx2"), ("RNNREC_FAST_NO_SIMD", "scalar")])
+def test_portable_kernel_paths(env, level):
+    from rnnrec_fast import _C
+
+    if level == "avx2" and _C.simd_level() == "scalar":
+        pytest.skip("this CPU has no AVX2/FMA")
+    child_env = dict(os.environ, **{env: "1"})
+    probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level())"],
+                           env=child_env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert probe.stdout.strip() == level, probe.stderr
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_op.py", "-k", "cpp and (float32 or alignment)",
+                          "tests/test_fastpath.py"],
+                         env=child_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
