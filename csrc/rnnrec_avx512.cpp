@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
@@ -48,9 +49,10 @@ static inline __mmask16 mask_hi(int64_t nvalid) {
 // One R x 32 block of C (R <= MR). The 32-column slice of op(B) is read at Bp + k * bs: a packed
 // panel (bs = NR) or, for a row-major B that is not transposed, the matrix itself (bs = ldb; masked
 // loads stop at the last valid column there). V = 2 vectors of 16 columns, or V = 1 for a last
-// slice of at most 16 columns (half the work).
+// slice of at most 16 columns (half the work). Not inlined: inlined into gemm_panels' dispatch, the
+// loop ran out of general registers and kept its pointers on the stack (~15% slower).
 template <int R, int V, bool kMaskedB>
-static inline void micro_impl(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs,
+__attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs,
                               float* C, int64_t ldc, int64_t nvalid, bool acc) {
   __m512 c[V][R];
   for (int v = 0; v < V; ++v)
@@ -124,38 +126,104 @@ void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ld
 
 namespace {
 // C = (beta ? C : 0) + A . op(B), op(B)'s 32-column slice p at B + p * ps, row k of it at + k * bs.
-// Rows go in groups of MC (MC x K of A about 192 KiB, so it stays in L2); within a group every
+// Rows go in groups of MC (MC x KC of A about 192 KiB, so it stays in L2); within a group every
 // 32-column slice of op(B) is read once from memory and reused, from cache, by all the group's
 // 8-row blocks.
+//
+// Operands whose layout defeats the caches are copied in blocks first: a B read in place (direct
+// mode) is copied one KC x 32 slice at a time into a small aligned buffer, and an A that is not
+// row-major (the transposed A of a weight gradient) one MC x KC block at a time, as 8-row blocks. With row strides
+// of a power of two (H = 512: 2 KiB, 6 KiB), reading them in place walks a handful of cache sets
+// and evicts itself: the products ran at a third of the packed speed. Copies are O(K (M + N)) per
+// block against O(M N K) arithmetic, and take no more than ~200 KiB of scratch per thread.
+constexpr int64_t KC = 256;
+
+struct Scratch {
+  std::unique_ptr<float[]> own;
+  float* p = nullptr;
+  int64_t n = 0;
+  float* get(int64_t want) {  // 64-byte aligned, grown on demand
+    if (want > n) {
+      own.reset(new float[size_t(want + 16)]);
+      p = own.get() + (16 - (reinterpret_cast<uintptr_t>(own.get()) / sizeof(float)) % 16) % 16;
+      n = want;
+    }
+    return p;
+  }
+};
+
 template <int R>
-inline void block_rows(int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* B, int64_t ps,
-                       int64_t bs, bool packed, bool beta, float* C, int64_t ldc, int64_t p) {
-  const int64_t n0 = p * NR;
-  micro<R>(K, A, si, sk, B + p * ps, bs, packed, C + n0, ldc, N - n0, beta);
+inline void block_rows(int64_t kb, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs, bool packed,
+                       float* C, int64_t ldc, int64_t nvalid, bool acc) {
+  micro<R>(kb, A, si, sk, Bp, bs, packed, C, ldc, nvalid, acc);
 }
 
 void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
                  int64_t ps, int64_t bs, bool packed, bool beta, float* C, int64_t ldc) {
+  thread_local Scratch a_buf, b_buf;
   const int64_t np = (N + NR - 1) / NR;
-  const int64_t MC = std::max<int64_t>(MR, (int64_t(192 * 1024) / (4 * std::max<int64_t>(K, 1))) / MR * MR);
+  const bool copy_a = a_sk != 1;
+  // B in place is fine when its rows spread over the cache sets (H = 100: 400-byte rows); rows a
+  // multiple of 512 bytes apart share a few sets, and B is copied.
+  const bool copy_b = !packed && (bs * int64_t(sizeof(float))) % 512 == 0;
+  const int64_t kc_step = (copy_a || copy_b) ? KC : std::max<int64_t>(K, 1);
+  const int64_t kmax = std::min(K, kc_step);
+  const int64_t MC = std::max<int64_t>(MR, (int64_t(192 * 1024) / (4 * std::max<int64_t>(kmax, 1))) / MR * MR);
   for (int64_t g = 0; g < M; g += MC) {
     const int64_t g1 = std::min(M, g + MC);
-    for (int64_t p = 0; p < np; ++p) {
-      int64_t i = g;
-      for (; i + MR <= g1; i += MR)
-        block_rows<MR>(N, K, A + i * a_si, a_si, a_sk, B, ps, bs, packed, beta, C + i * ldc, ldc, p);
-      const float* Ai = A + i * a_si;
-      float* Ci = C + i * ldc;
-      switch (g1 - i) {
-        case 0: break;
-        case 1: block_rows<1>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
-        case 2: block_rows<2>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
-        case 3: block_rows<3>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
-        case 4: block_rows<4>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
-        case 5: block_rows<5>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
-        case 6: block_rows<6>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
-        default: block_rows<7>(N, K, Ai, a_si, a_sk, B, ps, bs, packed, beta, Ci, ldc, p); break;
+    for (int64_t kc = 0; kc < K || kc == 0; kc += kc_step) {
+      const int64_t kb = std::min(kc_step, K - kc);
+      const bool acc = beta || kc > 0;
+      // Row block b (rows g + b*MR ...) of this k-chunk: A(i, k) at Ab + i * gsi + k * gsk.
+      const float* Ag = A + g * a_si + kc * a_sk;
+      int64_t gsi = a_si, gsk = a_sk, gbs = MR * a_si;
+      if (copy_a) {  // each block as kb rows of MR contiguous values (zero padded)
+        const int64_t nb = (g1 - g + MR - 1) / MR;
+        float* dst = a_buf.get(nb * MR * std::max<int64_t>(kb, 1));
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t rows = std::min<int64_t>(MR, g1 - g - b * MR);
+          float* d = dst + b * kb * MR;
+          for (int64_t k = 0; k < kb; ++k) {
+            const float* src = Ag + b * MR * a_si + k * a_sk;
+            for (int64_t r = 0; r < rows; ++r) d[k * MR + r] = src[r * a_si];
+            for (int64_t r = rows; r < MR; ++r) d[k * MR + r] = 0.f;
+          }
+        }
+        Ag = dst, gsi = 1, gsk = MR, gbs = kb * MR;
       }
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t n0 = p * NR, nvalid = N - n0;
+        const float* Bp = B + p * ps + kc * bs;
+        int64_t b_s = bs;
+        bool b_packed = packed;
+        if (copy_b) {  // rows kc..kc+kb of the 32-column slice, zero padded
+          float* dst = b_buf.get(KC * NR);
+          const int64_t w = std::min<int64_t>(NR, nvalid);
+          for (int64_t k = 0; k < kb; ++k) {
+            const float* src = B + (kc + k) * bs + n0;
+            std::copy(src, src + w, dst + k * NR);
+            std::fill(dst + k * NR + w, dst + (k + 1) * NR, 0.f);
+          }
+          Bp = dst, b_s = NR, b_packed = true;
+        }
+        int64_t i = g;
+        for (; i + MR <= g1; i += MR)
+          block_rows<MR>(kb, Ag + (i - g) / MR * gbs, gsi, gsk, Bp, b_s, b_packed, C + i * ldc + n0, ldc, nvalid,
+                         acc);
+        const float* Ai = Ag + (i - g) / MR * gbs;
+        float* Ci = C + i * ldc + n0;
+        switch (g1 - i) {
+          case 0: break;
+          case 1: block_rows<1>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          case 2: block_rows<2>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          case 3: block_rows<3>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          case 4: block_rows<4>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          case 5: block_rows<5>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          case 6: block_rows<6>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          default: block_rows<7>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+        }
+      }
+      if (K == 0) break;
     }
   }
 }

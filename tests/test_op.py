@@ -301,3 +301,31 @@ def test_weights_at_any_alignment(backend, offset, T, I, H, mode, reset_after):
     ref_grads = reference.backward(gy, torch.ones_like(rh), *ref_in, ry, rws, MODES[mode], reset_after)
     for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
         assert_close(g.double(), rg, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("T,B,I,H", [(3, 100, 130, 128), (2, 20, 64, 512)])
+@pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)],
+                         ids=["tanh", "gru", "gru_cho"])
+def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
+    """float32 against the reference at sizes where the C++ products split K into chunks and copy
+    operands whose rows are a multiple of 512 bytes apart (H = 128, 512) or not row-major (the
+    weight gradients' transposed operand): forward, h_n and every gradient."""
+    gen = torch.Generator().manual_seed(T * 1000 + H)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
+    with torch.no_grad():  # torch.nn's initial scale, so float32 rounding stays within 1e-5
+        w_ih.mul_(1 / I ** 0.5)
+        w_hh.mul_(1 / H ** 0.5)
+    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
+    ref_in = [as64(t) for t in params] + [None, None]
+    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    assert_close(y.detach().double(), ry, torch.float32, "output")
+    assert_close(h_n.detach().double(), rh, torch.float32, "h_n")
+    # a mean-like loss: weight gradients sum T * B terms, so O(1) gradients keep 1e-5 meaningful
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64) / (T * B) ** 0.5
+    gh = torch.full(rh.shape, 1 / (T * B) ** 0.5, dtype=torch.float64)
+    grads = torch.autograd.grad((y * gy.float()).sum() + (h_n * gh.float()).sum(), params)
+    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
+    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
+        assert_close(g.double(), rg, torch.float32, f"grad {name}")
