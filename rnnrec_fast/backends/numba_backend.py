@@ -137,7 +137,7 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
         rst = None if resets is None else _np(resets.to(torch.bool))
         numba_cpu.backward_recurrence(
-            grad_y.numpy(), grad_h_n.numpy(), w_hh.t().contiguous().numpy(), lens, rst,
+            grad_y.numpy(), grad_h_n.numpy(), w_hh.numpy(), lens, rst,
             y.numpy(), ws.numpy(),
             mode, reset_after, d_gx.numpy(), d_gh.numpy(),
             None if h_in is None else h_in.numpy(), grad_h0.numpy())

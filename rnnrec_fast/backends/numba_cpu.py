@@ -35,172 +35,260 @@ MODE_GRU = 2
 
 
 # --------------------------------------------------------------------------------------------------
-# small GEMM, "NT" form:  O[idx[i], c0 + j] += sum_k A[ar0 + idx[i], ac0 + k] * W[c0 + j, k0 + k]
-#   for i < n (rows picked through idx: the active rows), j < N, k < K.
-#   Register blocks of 4 rows x 2 columns of O (8 independent dot products sharing the loads); the
-#   k loop runs over 0-based slices and is vectorised by LLVM, which needs the reassociation
-#   allowed by fastmath (the sums are then ordered differently from torch: rounding-level only).
+# small GEMMs (written here since Numba only calls BLAS through SciPy). The rows of A and O are
+# picked through idx (the rows active at this step); the loops index the arrays directly (a slice
+# costs an atomic reference-count pair, which in these loops cost more than the arithmetic), and
+# every vectorised loop runs over range(N) from 0 so that Numba's negative-index wraparound folds
+# away. The sums are reassociated (fastmath) and so ordered differently from torch: rounding only.
+#
+# "axpy" form, on W^T: O[r, :] += A[r, k] * W^T[k, :]. The inner loop is contiguous over the
+#   output columns and needs no horizontal reduction; a block of 4 rows x 4 k shares each vector
+#   of 4 W^T rows between 16 FMAs (per vector: 4 loads of W^T, 4 loads and 4 stores of O).
+# "NT" form, on W as stored: dot products of A rows and W rows, 4 x 4 register blocks. Each output
+#   ends with a horizontal reduction, which is cheap only for long rows (large K); it needs no
+#   transposed copy of W, so the forward uses it for large H and for few row-steps.
+# Both walk W in blocks small enough to stay in L2 while every row of A uses them.
 # --------------------------------------------------------------------------------------------------
 _GEMM_FM = {"reassoc", "contract", "nsz"}
+_AXPY_KB = 128  # rows of W^T per block of the axpy form
+_NT_JB = 64  # rows of W per block of the NT form
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=_GEMM_FM)
-def _gemm_nt(A, ar0, ac0, idx, n, W, c0, N, k0, K, O):
+def _gemm_axpy(A, ar0, ac0, idx, n, WT, k0, K, N, O):
+    """O[idx[i], j] += sum_k A[ar0 + idx[i], ac0 + k] * WT[k0 + k, j] for i < n, j < N, k < K."""
+    for kb in range(0, K, _AXPY_KB):
+        ke = min(kb + _AXPY_KB, K)
+        i = 0
+        while i + 4 <= n:
+            r0 = idx[i]
+            r1 = idx[i + 1]
+            r2 = idx[i + 2]
+            r3 = idx[i + 3]
+            k = kb
+            while k + 4 <= ke:
+                a00 = A[ar0 + r0, ac0 + k]
+                a01 = A[ar0 + r0, ac0 + k + 1]
+                a02 = A[ar0 + r0, ac0 + k + 2]
+                a03 = A[ar0 + r0, ac0 + k + 3]
+                a10 = A[ar0 + r1, ac0 + k]
+                a11 = A[ar0 + r1, ac0 + k + 1]
+                a12 = A[ar0 + r1, ac0 + k + 2]
+                a13 = A[ar0 + r1, ac0 + k + 3]
+                a20 = A[ar0 + r2, ac0 + k]
+                a21 = A[ar0 + r2, ac0 + k + 1]
+                a22 = A[ar0 + r2, ac0 + k + 2]
+                a23 = A[ar0 + r2, ac0 + k + 3]
+                a30 = A[ar0 + r3, ac0 + k]
+                a31 = A[ar0 + r3, ac0 + k + 1]
+                a32 = A[ar0 + r3, ac0 + k + 2]
+                a33 = A[ar0 + r3, ac0 + k + 3]
+                w = k0 + k
+                for j in range(N):
+                    w0 = WT[w, j]
+                    w1 = WT[w + 1, j]
+                    w2 = WT[w + 2, j]
+                    w3 = WT[w + 3, j]
+                    O[r0, j] += a00 * w0 + a01 * w1 + a02 * w2 + a03 * w3
+                    O[r1, j] += a10 * w0 + a11 * w1 + a12 * w2 + a13 * w3
+                    O[r2, j] += a20 * w0 + a21 * w1 + a22 * w2 + a23 * w3
+                    O[r3, j] += a30 * w0 + a31 * w1 + a32 * w2 + a33 * w3
+                k += 4
+            while k < ke:
+                a0 = A[ar0 + r0, ac0 + k]
+                a1 = A[ar0 + r1, ac0 + k]
+                a2 = A[ar0 + r2, ac0 + k]
+                a3 = A[ar0 + r3, ac0 + k]
+                w = k0 + k
+                for j in range(N):
+                    w0 = WT[w, j]
+                    O[r0, j] += a0 * w0
+                    O[r1, j] += a1 * w0
+                    O[r2, j] += a2 * w0
+                    O[r3, j] += a3 * w0
+                k += 1
+            i += 4
+        while i < n:
+            r0 = idx[i]
+            k = kb
+            while k + 4 <= ke:
+                a0 = A[ar0 + r0, ac0 + k]
+                a1 = A[ar0 + r0, ac0 + k + 1]
+                a2 = A[ar0 + r0, ac0 + k + 2]
+                a3 = A[ar0 + r0, ac0 + k + 3]
+                w = k0 + k
+                for j in range(N):
+                    O[r0, j] += a0 * WT[w, j] + a1 * WT[w + 1, j] + a2 * WT[w + 2, j] + a3 * WT[w + 3, j]
+                k += 4
+            while k < ke:
+                a0 = A[ar0 + r0, ac0 + k]
+                w = k0 + k
+                for j in range(N):
+                    O[r0, j] += a0 * WT[w, j]
+                k += 1
+            i += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=_GEMM_FM)
+def _gemm_nt(A, idx, n, W, O):
+    """O[idx[i], j] += sum_k A[idx[i], k] * W[j, k] for i < n, j < W.shape[0], k < A.shape[1]."""
+    N = W.shape[0]
+    K = A.shape[1]
     zero = O.dtype.type(0)
-    i = 0
-    while i + 4 <= n:
-        r0 = idx[i]
-        r1 = idx[i + 1]
-        r2 = idx[i + 2]
-        r3 = idx[i + 3]
-        a0 = A[ar0 + r0, ac0:ac0 + K]
-        a1 = A[ar0 + r1, ac0:ac0 + K]
-        a2 = A[ar0 + r2, ac0:ac0 + K]
-        a3 = A[ar0 + r3, ac0:ac0 + K]
-        j = c0
-        while j + 4 <= c0 + N:  # 4 x 4 block: 8 vector loads feed 16 FMAs per k step
-            w0 = W[j, k0:k0 + K]
-            w1 = W[j + 1, k0:k0 + K]
-            w2 = W[j + 2, k0:k0 + K]
-            w3 = W[j + 3, k0:k0 + K]
-            s00 = zero
-            s01 = zero
-            s02 = zero
-            s03 = zero
-            s10 = zero
-            s11 = zero
-            s12 = zero
-            s13 = zero
-            s20 = zero
-            s21 = zero
-            s22 = zero
-            s23 = zero
-            s30 = zero
-            s31 = zero
-            s32 = zero
-            s33 = zero
+    for jb in range(0, N, _NT_JB):
+        je = min(jb + _NT_JB, N)
+        i = 0
+        while i + 4 <= n:
+            r0 = idx[i]
+            r1 = idx[i + 1]
+            r2 = idx[i + 2]
+            r3 = idx[i + 3]
+            j = jb
+            while j + 4 <= je:  # 4 x 4 block: 8 vector loads feed 16 FMAs per k step
+                s00 = zero
+                s01 = zero
+                s02 = zero
+                s03 = zero
+                s10 = zero
+                s11 = zero
+                s12 = zero
+                s13 = zero
+                s20 = zero
+                s21 = zero
+                s22 = zero
+                s23 = zero
+                s30 = zero
+                s31 = zero
+                s32 = zero
+                s33 = zero
+                for k in range(K):
+                    v0 = W[j, k]
+                    v1 = W[j + 1, k]
+                    v2 = W[j + 2, k]
+                    v3 = W[j + 3, k]
+                    x0 = A[r0, k]
+                    x1 = A[r1, k]
+                    x2 = A[r2, k]
+                    x3 = A[r3, k]
+                    s00 += x0 * v0
+                    s01 += x0 * v1
+                    s02 += x0 * v2
+                    s03 += x0 * v3
+                    s10 += x1 * v0
+                    s11 += x1 * v1
+                    s12 += x1 * v2
+                    s13 += x1 * v3
+                    s20 += x2 * v0
+                    s21 += x2 * v1
+                    s22 += x2 * v2
+                    s23 += x2 * v3
+                    s30 += x3 * v0
+                    s31 += x3 * v1
+                    s32 += x3 * v2
+                    s33 += x3 * v3
+                O[r0, j] += s00
+                O[r0, j + 1] += s01
+                O[r0, j + 2] += s02
+                O[r0, j + 3] += s03
+                O[r1, j] += s10
+                O[r1, j + 1] += s11
+                O[r1, j + 2] += s12
+                O[r1, j + 3] += s13
+                O[r2, j] += s20
+                O[r2, j + 1] += s21
+                O[r2, j + 2] += s22
+                O[r2, j + 3] += s23
+                O[r3, j] += s30
+                O[r3, j + 1] += s31
+                O[r3, j + 2] += s32
+                O[r3, j + 3] += s33
+                j += 4
+            while j < je:
+                s00 = zero
+                s10 = zero
+                s20 = zero
+                s30 = zero
+                for k in range(K):
+                    v0 = W[j, k]
+                    s00 += A[r0, k] * v0
+                    s10 += A[r1, k] * v0
+                    s20 += A[r2, k] * v0
+                    s30 += A[r3, k] * v0
+                O[r0, j] += s00
+                O[r1, j] += s10
+                O[r2, j] += s20
+                O[r3, j] += s30
+                j += 1
+            i += 4
+        while i < n:
+            r0 = idx[i]
+            j = jb
+            while j + 4 <= je:
+                s0 = zero
+                s1 = zero
+                s2 = zero
+                s3 = zero
+                for k in range(K):
+                    x = A[r0, k]
+                    s0 += x * W[j, k]
+                    s1 += x * W[j + 1, k]
+                    s2 += x * W[j + 2, k]
+                    s3 += x * W[j + 3, k]
+                O[r0, j] += s0
+                O[r0, j + 1] += s1
+                O[r0, j + 2] += s2
+                O[r0, j + 3] += s3
+                j += 4
+            while j < je:
+                s0 = zero
+                for k in range(K):
+                    s0 += A[r0, k] * W[j, k]
+                O[r0, j] += s0
+                j += 1
+            i += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _matmul_rows(A, idx, n, Wm, transposed, O):
+    """O[idx[i], :] += A[idx[i], :] @ W^T for i < n; Wm is W^T (K, N) when transposed, else W (N, K)."""
+    if transposed:
+        _gemm_axpy(A, 0, 0, idx, n, Wm, 0, Wm.shape[0], Wm.shape[1], O)
+    else:
+        _gemm_nt(A, idx, n, Wm, O)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _transposed(w, G, Hp):
+    """W^T for the axpy form: w (G*H, K), G gate blocks of H rows, becomes (K, G*Hp) with
+    out[k, g*Hp + j] = w[g*H + j, k]; the Hp - H columns after each block are zero (padding to a
+    whole number of vectors: no scalar remainder in the GEMM's inner loop). 8 rows of w at a time,
+    so that each row of the result gets 8 contiguous values per pass."""
+    GH, K = w.shape
+    H = GH // G if G > 0 else 0
+    out = np.empty((K, G * Hp), w.dtype)  # (np.zeros: calloc, fresh pages to fault in)
+    for g in range(G):
+        w0 = g * H  # first row of the block in w, first column in out
+        o0 = g * Hp
+        for k in range(K):
+            for j in range(Hp - H):
+                out[k, o0 + H + j] = 0.0
+        j = 0
+        while j + 8 <= H:
             for k in range(K):
-                v0 = w0[k]
-                v1 = w1[k]
-                v2 = w2[k]
-                v3 = w3[k]
-                x0 = a0[k]
-                x1 = a1[k]
-                x2 = a2[k]
-                x3 = a3[k]
-                s00 += x0 * v0
-                s01 += x0 * v1
-                s02 += x0 * v2
-                s03 += x0 * v3
-                s10 += x1 * v0
-                s11 += x1 * v1
-                s12 += x1 * v2
-                s13 += x1 * v3
-                s20 += x2 * v0
-                s21 += x2 * v1
-                s22 += x2 * v2
-                s23 += x2 * v3
-                s30 += x3 * v0
-                s31 += x3 * v1
-                s32 += x3 * v2
-                s33 += x3 * v3
-            O[r0, j] += s00
-            O[r0, j + 1] += s01
-            O[r0, j + 2] += s02
-            O[r0, j + 3] += s03
-            O[r1, j] += s10
-            O[r1, j + 1] += s11
-            O[r1, j + 2] += s12
-            O[r1, j + 3] += s13
-            O[r2, j] += s20
-            O[r2, j + 1] += s21
-            O[r2, j + 2] += s22
-            O[r2, j + 3] += s23
-            O[r3, j] += s30
-            O[r3, j + 1] += s31
-            O[r3, j + 2] += s32
-            O[r3, j + 3] += s33
-            j += 4
-        while j + 2 <= c0 + N:
-            w0 = W[j, k0:k0 + K]
-            w1 = W[j + 1, k0:k0 + K]
-            s00 = zero
-            s01 = zero
-            s10 = zero
-            s11 = zero
-            s20 = zero
-            s21 = zero
-            s30 = zero
-            s31 = zero
+                out[k, o0 + j] = w[w0 + j, k]
+                out[k, o0 + j + 1] = w[w0 + j + 1, k]
+                out[k, o0 + j + 2] = w[w0 + j + 2, k]
+                out[k, o0 + j + 3] = w[w0 + j + 3, k]
+                out[k, o0 + j + 4] = w[w0 + j + 4, k]
+                out[k, o0 + j + 5] = w[w0 + j + 5, k]
+                out[k, o0 + j + 6] = w[w0 + j + 6, k]
+                out[k, o0 + j + 7] = w[w0 + j + 7, k]
+            j += 8
+        while j < H:
             for k in range(K):
-                v0 = w0[k]
-                v1 = w1[k]
-                s00 += a0[k] * v0
-                s01 += a0[k] * v1
-                s10 += a1[k] * v0
-                s11 += a1[k] * v1
-                s20 += a2[k] * v0
-                s21 += a2[k] * v1
-                s30 += a3[k] * v0
-                s31 += a3[k] * v1
-            O[r0, j] += s00
-            O[r0, j + 1] += s01
-            O[r1, j] += s10
-            O[r1, j + 1] += s11
-            O[r2, j] += s20
-            O[r2, j + 1] += s21
-            O[r3, j] += s30
-            O[r3, j + 1] += s31
-            j += 2
-        if j < c0 + N:
-            w0 = W[j, k0:k0 + K]
-            s00 = zero
-            s10 = zero
-            s20 = zero
-            s30 = zero
-            for k in range(K):
-                v0 = w0[k]
-                s00 += a0[k] * v0
-                s10 += a1[k] * v0
-                s20 += a2[k] * v0
-                s30 += a3[k] * v0
-            O[r0, j] += s00
-            O[r1, j] += s10
-            O[r2, j] += s20
-            O[r3, j] += s30
-        i += 4
-    while i < n:
-        r0 = idx[i]
-        a0 = A[ar0 + r0, ac0:ac0 + K]
-        j = c0
-        while j + 4 <= c0 + N:
-            w0 = W[j, k0:k0 + K]
-            w1 = W[j + 1, k0:k0 + K]
-            w2 = W[j + 2, k0:k0 + K]
-            w3 = W[j + 3, k0:k0 + K]
-            s0 = zero
-            s1 = zero
-            s2 = zero
-            s3 = zero
-            for k in range(K):
-                x = a0[k]
-                s0 += x * w0[k]
-                s1 += x * w1[k]
-                s2 += x * w2[k]
-                s3 += x * w3[k]
-            O[r0, j] += s0
-            O[r0, j + 1] += s1
-            O[r0, j + 2] += s2
-            O[r0, j + 3] += s3
-            j += 4
-        while j < c0 + N:
-            w0 = W[j, k0:k0 + K]
-            s0 = zero
-            for k in range(K):
-                s0 += a0[k] * w0[k]
-            O[r0, j] += s0
+                out[k, o0 + j] = w[w0 + j, k]
             j += 1
-        i += 1
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +300,10 @@ def _gemm_nt(A, ar0, ac0, idx, n, W, c0, N, k0, K, O):
 # < 1e-300). NaN propagates.
 # tanh: (1 - e) / (1 + e) with e = exp(-2|x|) for |x| >= 1/16 (relative error ~1e-15), a Taylor
 # polynomial below (error < 1e-16 relative). Computed in the array's precision (float32: degree-7
-# exp polynomial, int32 exponent bits; relative errors a few float32 ulp).
+# exp polynomial, int32 exponent bits; relative errors a few float32 ulp). The polynomials use
+# FMAs (fastmath "contract": fewer roundings, half the instructions). The 2^n factor goes through
+# memory (the bits stored as integers, read back as floats); that read is folded into the
+# sigmoid / tanh pass that follows, so each activation is two passes over the data.
 # --------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125
@@ -230,12 +321,14 @@ _E11 = 1.0 / 39916800.0
 _E12 = 1.0 / 479001600.0
 
 
-@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _vexp(u, ib, fb, m):
-    """u[:m] = exp(u[:m]) in place, in u's precision. fb: scratch of u's dtype, ib: the same memory
-    viewed as the integer type of the same size (int32 / int64)."""
-    c = u.dtype.type
-    single = u.itemsize == 4
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+def _exp_parts(src, scale, absolute, dst, ib, m):
+    """exp(x_j) = dst[j] * 2^n_j for x_j = scale * src[j] (scale * |src[j]| if absolute), j < m:
+    dst[j] gets the polynomial, ib[j] the bits of the float 2^n_j (the caller reads them through
+    a float view of ib's memory and folds the product into its own pass). Computed in src's
+    precision."""
+    c = src.dtype.type
+    single = src.itemsize == 4
     lo = c(-87.0) if single else c(-708.0)
     hi = c(88.0) if single else c(709.0)
     bias = 127 if single else 1023
@@ -248,7 +341,10 @@ def _vexp(u, ib, fb, m):
     e2, e3, e4, e5, e6, e7 = c(_E2), c(_E3), c(_E4), c(_E5), c(_E6), c(_E7)
     e8, e9, e10, e11, e12 = c(_E8), c(_E9), c(_E10), c(_E11), c(_E12)
     for j in range(m):
-        v = u[j]
+        v = src[j]
+        if absolute:
+            v = abs(v)
+        v = scale * v
         x = v
         if x < lo:
             x = lo
@@ -264,40 +360,35 @@ def _vexp(u, ib, fb, m):
                 e7 + r * (e8 + r * (e9 + r * (e10 + r * (e11 + r * e12)))))))))))
         if v != v:
             p = v
-        u[j] = p
-        ib[j] = (np.int64(n) + bias) << shift
-    for j in range(m):
-        u[j] *= fb[j]
+        dst[j] = p
+        ib[j] = (np.int32(n) + bias) << shift  # |n| < 1100: the int32 conversion is faster
 
 
-@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _vsigmoid(u, ib, fb, m):
-    """u[:m] = sigmoid(u[:m]) in place."""
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+def _vsigmoid(u, e, ib, fb, m):
+    """u[:m] = sigmoid(u[:m]) = 1 / (1 + exp(-u)) in place. e, fb: scratch of u's dtype, ib: fb's
+    memory viewed as the integer type of the same size (int32 / int64)."""
     one = u.dtype.type(1.0)
+    _exp_parts(u, -one, False, e, ib, m)
     for j in range(m):
-        u[j] = -u[j]
-    _vexp(u, ib, fb, m)
-    for j in range(m):
-        u[j] = one / (one + u[j])
+        u[j] = one / (one + e[j] * fb[j])
 
 
-@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
 def _vtanh(v, e, ib, fb, m):
     """v[:m] = tanh(v[:m]) in place; e scratch of v's dtype."""
     c = v.dtype.type
     one = c(1.0)
-    m2 = c(-2.0)
     t3, t5, t7 = c(-1.0 / 3.0), c(2.0 / 15.0), c(-17.0 / 315.0)
     t9, t11 = c(62.0 / 2835.0), c(-1382.0 / 155925.0)
     small_lim = c(0.0625)
-    for j in range(m):
-        e[j] = m2 * abs(v[j])
-    _vexp(e, ib, fb, m)
+    _exp_parts(v, c(-2.0), True, e, ib, m)
     for j in range(m):
         x = v[j]
         x2 = x * x
         small = x * (one + x2 * (t3 + x2 * (t5 + x2 * (t7 + x2 * (t9 + x2 * t11)))))
-        big = (one - e[j]) / (one + e[j])
+        ex = e[j] * fb[j]
+        big = (one - ex) / (one + ex)
         if x < 0:
             big = -big
         v[j] = small if abs(x) < small_lim else big
@@ -307,36 +398,53 @@ def _vtanh(v, e, ib, fb, m):
 # forward
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _fwd_rows(xp, h0, w_hh, bhh, lengths, resets, has_resets, mode, reset_after,
+def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode, reset_after,
               y, h_n, ws, int_like, b0, b1):
     """Forward of batch rows [b0, b1) over all steps.
 
-    xp (T, B, G*H) input projections incl. b_ih; w_hh (G*H, H); bhh (G*H,).
+    xp (T, B, G*H) input projections incl. b_ih; bhh (G*H,). The recurrent weights: w1 the rows
+    of W_hh used by the first product of a step (all G*H, or the r, z rows for GRU with
+    reset_after=False), wn the n rows for that second product (else unused); each stored as is
+    (N, H) or, when transposed, as made by ``_transposed`` (H, N') with padded gate blocks.
     Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows. int_like: an array of the
     integer type of the float's size (int32 for float32, int64 for float64).
     """
     T = xp.shape[0]
+    B = xp.shape[1]
     H = h0.shape[1]
-    GH = w_hh.shape[0]
-    W = ws.shape[2]
+    GH = xp.shape[2]
+    G = GH // H if H > 0 else 1
+    WG = ws.shape[2] // H if H > 0 else 1
     nb = b1 - b0
     gru = mode == MODE_GRU
-    split = gru and not reset_after  # n rows multiply r * h_prev: a second product per step
-    nfirst = 2 * H if split else GH
-    h = np.empty((nb, H), h0.dtype)
+    split = gru and not reset_after
+    dt = h0.dtype
+    one = dt.type(1.0)
+    # (.., G, H) views: the gate blocks are indexed [.., g, j] with j from 0, no slices per row
+    xp4 = xp.reshape((T, B, G, H))
+    ws4 = ws.reshape((T, B, WG, H))
+    bhh2 = bhh.reshape((G, H))
+    # the state, updated in place: at step t it is the state entering the step (zeroed by a reset)
+    # until the last pass writes the new one (element by element, after reading the old)
+    h = np.empty((nb, H), dt)
     for i in range(nb):
         for k in range(H):
             h[i, k] = h0[b0 + i, k]
-    hp = np.empty((nb, H), h0.dtype)
-    acc = np.empty((nb, GH), h0.dtype)
-    rh = np.empty((nb, H), h0.dtype)
-    dt = h0.dtype
-    rz = np.empty((nb, 2 * H) if split else (1, 1), dt)  # r, z kept between the two products
-    u = np.empty(GH, dt)  # scratch rows for the activations
-    v = np.empty(H, dt)
-    e = np.empty(H, dt)
-    fb = np.empty(GH, dt)
+    # h_prev W_hh^T + b_hh, gate blocks padded to Hp like the columns of a transposed w1
+    Hp = w1.shape[1] // (2 if split else G) if transposed else H
+    acc = np.zeros((nb, G, Hp), dt)
+    acc2 = acc.reshape((nb, G * Hp))
+    accn = np.zeros((nb, Hp), dt)  # gru, reset_after=False: (r * h_prev) W_hn^T + b_hn
+    rh = np.empty((nb, H), dt)
+    # activations of all active rows at once (row q of these is batch row b0 + idx[q]): one long
+    # vectorised loop per step instead of short ones per row
+    rz = np.empty((nb, 2, H), dt)  # r, z
+    nv = np.empty((nb, H), dt)  # n (or the new state of an RNN)
+    e = np.empty(nb * 2 * H, dt)
+    fb = np.empty(nb * 2 * H, dt)
     ib = fb.view(int_like.dtype)
+    rz1 = rz.reshape(nb * 2 * H)
+    nv1 = nv.reshape(nb * H)
     idx = np.empty(nb, np.int64)
     for t in range(T):
         nact = 0
@@ -345,125 +453,83 @@ def _fwd_rows(xp, h0, w_hh, bhh, lengths, resets, has_resets, mode, reset_after,
             if t < lengths[b]:
                 idx[nact] = i
                 nact += 1
-                hpi = hp[i]
-                hi = h[i]
                 if has_resets and resets[t, b]:
                     for k in range(H):
-                        hpi[k] = 0.0
-                else:
-                    for k in range(H):
-                        hpi[k] = hi[k]
-                ai = acc[i]
-                for j in range(GH):
-                    ai[j] = bhh[j]
+                        h[i, k] = 0.0
+                for g in range(G):
+                    for j in range(H):
+                        acc[i, g, j] = bhh2[g, j]
             else:
-                yr = y[t, b]
-                wr = ws[t, b]
                 for k in range(H):
-                    yr[k] = 0.0
-                for k in range(W):
-                    wr[k] = 0.0
+                    y[t, b, k] = 0.0
+                for g in range(WG):
+                    for k in range(H):
+                        ws4[t, b, g, k] = 0.0
         if nact == 0:
             continue
-        _gemm_nt(hp, 0, 0, idx, nact, w_hh, 0, nfirst, 0, H, acc)
+        _matmul_rows(h, idx, nact, w1, transposed, acc2)
         if not gru:
             for q in range(nact):
                 i = idx[q]
-                b = b0 + i
-                xr = xp[t, b]
-                ai = acc[i]
-                hpi = hp[i]
-                hi = h[i]
-                yr = y[t, b]
-                wr = ws[t, b]
                 for j in range(H):
-                    v[j] = xr[j] + ai[j]
-                if mode == MODE_RNN_TANH:
-                    _vtanh(v, e, ib, fb, H)
-                else:
-                    for j in range(H):
-                        if v[j] < 0:
-                            v[j] = 0.0
-                for j in range(H):
-                    wr[j] = hpi[j]
-                    yr[j] = v[j]
-                    hi[j] = v[j]
-        elif reset_after:
+                    nv[q, j] = xp4[t, b0 + i, 0, j] + acc[i, 0, j]
+            if mode == MODE_RNN_TANH:
+                _vtanh(nv1, e, ib, fb, nact * H)
+            else:
+                for j in range(nact * H):
+                    if nv1[j] < 0:
+                        nv1[j] = 0.0
             for q in range(nact):
                 i = idx[q]
                 b = b0 + i
-                xr = xp[t, b]
-                ai = acc[i]
-                hpi = hp[i]
-                hi = h[i]
-                yr = y[t, b]
-                wr = ws[t, b]
-                for j in range(2 * H):
-                    u[j] = xr[j] + ai[j]
-                _vsigmoid(u, ib, fb, 2 * H)
-                xn = xr[2 * H:]
-                an = ai[2 * H:]
                 for j in range(H):
-                    v[j] = xn[j] + u[j] * an[j]
-                _vtanh(v, e, ib, fb, H)
-                w_h = wr[:H]
-                w_rz = wr[H:3 * H]
-                w_n = wr[3 * H:4 * H]
-                w_hn = wr[4 * H:]
-                uz = u[H:2 * H]
+                    ws4[t, b, 0, j] = h[i, j]
+                    y[t, b, j] = nv[q, j]
+                    h[i, j] = nv[q, j]
+            continue
+        for q in range(nact):
+            i = idx[q]
+            for g in range(2):
                 for j in range(H):
-                    z = uz[j]
-                    hnew = (1.0 - z) * v[j] + z * hpi[j]
-                    w_h[j] = hpi[j]
-                    w_n[j] = v[j]
-                    w_hn[j] = an[j]
-                    yr[j] = hnew
-                    hi[j] = hnew
-                for j in range(2 * H):
-                    w_rz[j] = u[j]
-        else:
+                    rz[q, g, j] = xp4[t, b0 + i, g, j] + acc[i, g, j]
+        _vsigmoid(rz1, e, ib, fb, nact * 2 * H)
+        if reset_after:
             for q in range(nact):
                 i = idx[q]
-                b = b0 + i
-                xr = xp[t, b]
-                ai = acc[i]
-                hpi = hp[i]
-                rzi = rz[i]
-                rhi = rh[i]
-                wr = ws[t, b]
-                for j in range(2 * H):
-                    rzi[j] = xr[j] + ai[j]
-                _vsigmoid(rzi, ib, fb, 2 * H)
-                w_h = wr[:H]
-                w_rz = wr[H:3 * H]
                 for j in range(H):
-                    w_h[j] = hpi[j]
-                    rhi[j] = rzi[j] * hpi[j]
-                for j in range(2 * H):
-                    w_rz[j] = rzi[j]
-            _gemm_nt(rh, 0, 0, idx, nact, w_hh, 2 * H, H, 0, H, acc)
+                    nv[q, j] = xp4[t, b0 + i, 2, j] + rz[q, 0, j] * acc[i, 2, j]
+        else:  # the n rows act on r * h_prev: a second product
             for q in range(nact):
                 i = idx[q]
-                b = b0 + i
-                xn = xp[t, b, 2 * H:]
-                an = acc[i, 2 * H:]
-                hpi = hp[i]
-                hi = h[i]
-                uz = rz[i, H:]
-                yr = y[t, b]
-                wr = ws[t, b]
-                w_n = wr[3 * H:4 * H]
-                w_hn = wr[4 * H:]
                 for j in range(H):
-                    v[j] = xn[j] + an[j]
-                _vtanh(v, e, ib, fb, H)
+                    rh[i, j] = rz[q, 0, j] * h[i, j]
+                    accn[i, j] = bhh2[2, j]
+            _matmul_rows(rh, idx, nact, wn, transposed, accn)
+            for q in range(nact):
+                i = idx[q]
                 for j in range(H):
-                    z = uz[j]
-                    hnew = (1.0 - z) * v[j] + z * hpi[j]
-                    w_n[j] = v[j]
-                    w_hn[j] = an[j]
-                    yr[j] = hnew
-                    hi[j] = hnew
+                    nv[q, j] = xp4[t, b0 + i, 2, j] + accn[i, j]
+        _vtanh(nv1, e, ib, fb, nact * H)
+        for q in range(nact):
+            i = idx[q]
+            b = b0 + i
+            for g in range(2):
+                for j in range(H):
+                    ws4[t, b, 1 + g, j] = rz[q, g, j]
+            for j in range(H):
+                ws4[t, b, 0, j] = h[i, j]
+                ws4[t, b, 3, j] = nv[q, j]
+            if reset_after:
+                for j in range(H):
+                    ws4[t, b, 4, j] = acc[i, 2, j]
+            else:
+                for j in range(H):
+                    ws4[t, b, 4, j] = accn[i, j]
+            for j in range(H):
+                z = rz[q, 1, j]
+                hnew = (one - z) * nv[q, j] + z * h[i, j]
+                y[t, b, j] = hnew
+                h[i, j] = hnew
     for i in range(nb):
         for k in range(H):
             h_n[b0 + i, k] = h[i, k]
@@ -473,20 +539,28 @@ def _fwd_rows(xp, h0, w_hh, bhh, lengths, resets, has_resets, mode, reset_after,
 # backward
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _bwd_rows(grad_y, grad_h_n, whhT, lengths, resets, has_resets, y, ws, mode, reset_after,
+def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, reset_after,
               d_gx, d_gh, h_in, grad_h0, b0, b1):
     """Backward of batch rows [b0, b1) over all steps (reverse order).
 
-    whhT (H, G*H) = W_hh^T. Writes d_gx, d_gh (T, B, G*H), grad_h0 (B, H) and, for GRU with
-    reset_after=False, h_in (T, B, H) = r * h_prev (what the n rows of W_hh multiplied).
+    w_hh (G*H, H) as stored: the products with it are in the axpy form (gradient rows times W_hh).
+    Writes d_gx, d_gh (T, B, G*H), grad_h0 (B, H) and, for GRU with reset_after=False,
+    h_in (T, B, H) = r * h_prev (what the n rows of W_hh multiplied).
     """
     T = grad_y.shape[0]
+    B = grad_y.shape[1]
     H = grad_h_n.shape[1]
-    GH = whhT.shape[1]
+    GH = w_hh.shape[0]
+    G = GH // H if H > 0 else 1
+    WG = ws.shape[2] // H if H > 0 else 1
     nb = b1 - b0
     gru = mode == MODE_GRU
     split = gru and not reset_after
     dt = grad_h_n.dtype
+    one = dt.type(1.0)
+    ws4 = ws.reshape((T, B, WG, H))
+    gx4 = d_gx.reshape((T, B, G, H))
+    gh4 = d_gh.reshape((T, B, G, H))
     dh = np.empty((nb, H), dt)
     for i in range(nb):
         for k in range(H):
@@ -495,118 +569,86 @@ def _bwd_rows(grad_y, grad_h_n, whhT, lengths, resets, has_resets, y, ws, mode, 
     drh = np.empty((nb, H), dt)  # gru / reset_after=False: gradient of r * h_prev
     idx = np.empty(nb, np.int64)
     for t in range(T - 1, -1, -1):
-        dgx_t = d_gx[t]
-        dgh_t = d_gh[t]
         nact = 0
         for i in range(nb):
             b = b0 + i
-            gx = dgx_t[b]
-            gh = dgh_t[b]
             if t >= lengths[b]:
-                for j in range(GH):
-                    gx[j] = 0.0
-                    gh[j] = 0.0
-                if split:
-                    hir = h_in[t, b]
+                for g in range(G):
                     for j in range(H):
-                        hir[j] = 0.0
+                        gx4[t, b, g, j] = 0.0
+                        gh4[t, b, g, j] = 0.0
+                if split:
+                    for j in range(H):
+                        h_in[t, b, j] = 0.0
                 continue
             idx[nact] = i
             nact += 1
-            dhi = dh[i]
-            dhni = dhn[i]
-            gyr = grad_y[t, b]
             if not gru:
-                yr = y[t, b]
                 for j in range(H):
-                    g = dhi[j] + gyr[j]
-                    hnew = yr[j]
+                    g = dh[i, j] + grad_y[t, b, j]
+                    hnew = y[t, b, j]
                     if mode == MODE_RNN_TANH:
-                        dg = g * (1.0 - hnew * hnew)
+                        dg = g * (one - hnew * hnew)
                     else:
                         dg = g if hnew > 0 else 0.0 * g
-                    gx[j] = dg
-                    gh[j] = dg
-                    dhni[j] = 0.0
+                    gx4[t, b, 0, j] = dg
+                    gh4[t, b, 0, j] = dg
+                    dhn[i, j] = 0.0
+            elif reset_after:
+                for j in range(H):
+                    g = dh[i, j] + grad_y[t, b, j]
+                    r = ws4[t, b, 1, j]
+                    z = ws4[t, b, 2, j]
+                    n = ws4[t, b, 3, j]
+                    dn_pre = g * (one - z) * (one - n * n)
+                    dz_pre = g * (ws4[t, b, 0, j] - n) * z * (one - z)
+                    dr_pre = dn_pre * ws4[t, b, 4, j] * r * (one - r)
+                    gx4[t, b, 0, j] = dr_pre
+                    gx4[t, b, 1, j] = dz_pre
+                    gx4[t, b, 2, j] = dn_pre
+                    gh4[t, b, 0, j] = dr_pre
+                    gh4[t, b, 1, j] = dz_pre
+                    gh4[t, b, 2, j] = dn_pre * r
+                    dhn[i, j] = g * z
             else:
-                wr = ws[t, b]
-                w_h = wr[:H]
-                w_r = wr[H:2 * H]
-                w_z = wr[2 * H:3 * H]
-                w_n = wr[3 * H:4 * H]
-                w_hn = wr[4 * H:]
-                gx_r = gx[:H]
-                gx_z = gx[H:2 * H]
-                gx_n = gx[2 * H:]
-                gh_r = gh[:H]
-                gh_z = gh[H:2 * H]
-                gh_n = gh[2 * H:]
-                if reset_after:
-                    for j in range(H):
-                        g = dhi[j] + gyr[j]
-                        r = w_r[j]
-                        z = w_z[j]
-                        n = w_n[j]
-                        dn_pre = g * (1.0 - z) * (1.0 - n * n)
-                        dz_pre = g * (w_h[j] - n) * z * (1.0 - z)
-                        dr_pre = dn_pre * w_hn[j] * r * (1.0 - r)
-                        gx_r[j] = dr_pre
-                        gx_z[j] = dz_pre
-                        gx_n[j] = dn_pre
-                        gh_r[j] = dr_pre
-                        gh_z[j] = dz_pre
-                        gh_n[j] = dn_pre * r
-                        dhni[j] = g * z
-                else:
-                    hir = h_in[t, b]
-                    drhi = drh[i]
-                    for j in range(H):
-                        g = dhi[j] + gyr[j]
-                        z = w_z[j]
-                        n = w_n[j]
-                        dn_pre = g * (1.0 - z) * (1.0 - n * n)
-                        dz_pre = g * (w_h[j] - n) * z * (1.0 - z)
-                        gx_z[j] = dz_pre
-                        gx_n[j] = dn_pre
-                        gh_z[j] = dz_pre
-                        gh_n[j] = dn_pre
-                        hir[j] = w_r[j] * w_h[j]
-                        dhni[j] = g * z
-                        drhi[j] = 0.0
+                for j in range(H):
+                    g = dh[i, j] + grad_y[t, b, j]
+                    z = ws4[t, b, 2, j]
+                    n = ws4[t, b, 3, j]
+                    dn_pre = g * (one - z) * (one - n * n)
+                    dz_pre = g * (ws4[t, b, 0, j] - n) * z * (one - z)
+                    gx4[t, b, 1, j] = dz_pre
+                    gx4[t, b, 2, j] = dn_pre
+                    gh4[t, b, 1, j] = dz_pre
+                    gh4[t, b, 2, j] = dn_pre
+                    h_in[t, b, j] = ws4[t, b, 1, j] * ws4[t, b, 0, j]
+                    dhn[i, j] = g * z
+                    drh[i, j] = 0.0
         if nact == 0:
             continue
+        dgh_t = d_gh[t]
         if split:
-            # d(r * h_prev) = dn_pre @ W_hn
-            _gemm_nt(dgh_t, b0, 2 * H, idx, nact, whhT, 0, H, 2 * H, H, drh)
+            _gemm_axpy(dgh_t, b0, 2 * H, idx, nact, w_hh, 2 * H, H, H, drh)  # d(r * h_prev)
             for q in range(nact):
                 i = idx[q]
                 b = b0 + i
-                wr = ws[t, b]
-                w_h = wr[:H]
-                w_r = wr[H:2 * H]
-                gx = dgx_t[b]
-                gh = dgh_t[b]
-                drhi = drh[i]
-                dhni = dhn[i]
                 for j in range(H):
-                    r = w_r[j]
-                    dr_pre = drhi[j] * w_h[j] * r * (1.0 - r)
-                    gx[j] = dr_pre
-                    gh[j] = dr_pre
-                    dhni[j] += drhi[j] * r
-            _gemm_nt(dgh_t, b0, 0, idx, nact, whhT, 0, H, 0, 2 * H, dhn)
+                    r = ws4[t, b, 1, j]
+                    dr_pre = drh[i, j] * ws4[t, b, 0, j] * r * (one - r)
+                    gx4[t, b, 0, j] = dr_pre
+                    gh4[t, b, 0, j] = dr_pre
+                    dhn[i, j] += drh[i, j] * r
+            _gemm_axpy(dgh_t, b0, 0, idx, nact, w_hh, 0, 2 * H, H, dhn)
         else:
-            _gemm_nt(dgh_t, b0, 0, idx, nact, whhT, 0, H, 0, GH, dhn)
+            _gemm_axpy(dgh_t, b0, 0, idx, nact, w_hh, 0, GH, H, dhn)
         for q in range(nact):
             i = idx[q]
-            dhi = dh[i]
-            dhni = dhn[i]
             if has_resets and resets[t, b0 + i]:
                 for k in range(H):
-                    dhi[k] = 0.0
+                    dh[i, k] = 0.0
             else:
                 for k in range(H):
-                    dhi[k] = dhni[k]
+                    dh[i, k] = dhn[i, k]
     for i in range(nb):
         for k in range(H):
             grad_h0[b0 + i, k] = dh[i, k]
@@ -651,6 +693,13 @@ def _run_chunks(fn, args, B, nch):
         f.result()
 
 
+# The forward's products use W_hh^T (the axpy form) when its transposed copy, made once per call,
+# pays: H small enough for the axpy form to beat the NT one (measured: up to H ~ 320) and enough
+# row-steps for the copy (about as costly as 2-3 single-row products) to be amortised.
+AXPY_MAX_H = 256
+AXPY_MIN_ROW_STEPS = 32
+
+
 def forward_recurrence(xp, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws):
     """Run the forward time loop. All arguments NumPy arrays, C-contiguous, one float dtype.
 
@@ -660,23 +709,32 @@ def forward_recurrence(xp, h0, w_hh, bhh, lengths, resets, mode, reset_after, y,
     has_resets = resets is not None
     if resets is None:
         resets = np.zeros((1, 1), np.bool_)
-    B = h0.shape[0]
+    T, B = xp.shape[:2]
+    H = h0.shape[1]
+    split = mode == MODE_GRU and not reset_after
+    w1 = w_hh[:2 * H] if split else w_hh  # rows of the first product of a step
+    wn = w_hh[2 * H:] if split else w1  # rows of the second (n rows on r * h_prev)
+    transposed = 0 < H <= AXPY_MAX_H and B * T >= AXPY_MIN_ROW_STEPS
+    if transposed:
+        hp = -(-H * h0.itemsize // 32) * 32 // h0.itemsize  # H rounded up to whole 32-byte vectors
+        w1 = _transposed(w1, 2 if split else w1.shape[0] // H, hp)
+        wn = _transposed(wn, 1, hp) if split else w1
     int_like = np.zeros(1, np.int32 if h0.dtype.itemsize == 4 else np.int64)
-    args = (xp, h0, w_hh, bhh, lengths, resets, has_resets, int(mode), bool(reset_after),
-            y, h_n, ws, int_like)
+    args = (xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, int(mode),
+            bool(reset_after), y, h_n, ws, int_like)
     _run_chunks(_fwd_rows, args, B, _nchunks(B))
 
 
-def backward_recurrence(grad_y, grad_h_n, whhT, lengths, resets, y, ws, mode, reset_after,
+def backward_recurrence(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, reset_after,
                         d_gx, d_gh, h_in, grad_h0):
-    """Run the backward time loop (see ``_bwd_rows``); whhT (H, G*H) = W_hh^T contiguous; h_in may
-    be None unless GRU with reset_after=False."""
+    """Run the backward time loop (see ``_bwd_rows``); w_hh (G*H, H) contiguous; h_in may be None
+    unless GRU with reset_after=False."""
     has_resets = resets is not None
     if resets is None:
         resets = np.zeros((1, 1), np.bool_)
     if h_in is None:
         h_in = np.zeros((1, 1, 1), grad_h_n.dtype)
     B = grad_h_n.shape[0]
-    args = (grad_y, grad_h_n, whhT, lengths, resets, has_resets, y, ws, int(mode),
+    args = (grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, int(mode),
             bool(reset_after), d_gx, d_gh, h_in, grad_h0)
     _run_chunks(_bwd_rows, args, B, _nchunks(B))
