@@ -259,49 +259,66 @@ struct Buf {
   T* data() const { return p.get(); }
 };
 
-// AVX-512 product over row blocks of C = A . op(B), parallel over M when the work pays. op(B) is
-// a packed copy (Bp from avx512_pack_b, ldb = 0) or, with ldb > 0, a row-major K x N matrix read
-// in place.
-inline void avx512_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
-                        int64_t ldb, bool beta, float* C, int64_t ldc) {
+// The packed-B GEMM kernels this CPU runs: AVX-512F where it has it, else AVX2/FMA, else none
+// (ATen/BLAS then does every product).
+const GemmKernels* fast_gemm() {
 #if defined(RNNREC_HAVE_AVX2_TU)
+  static const GemmKernels avx512{&avx512_packed_size, &avx512_pack_b, &avx512_gemm_packed, &avx512_gemm_direct};
+  static const GemmKernels avx2 = avx2_gemm_kernels_f32();
+  static const GemmKernels* k = avx512_enabled() ? &avx512 : simd_enabled() ? &avx2 : nullptr;
+  return k;
+#else
+  return nullptr;
+#endif
+}
+
+// Product over row blocks of C = A . op(B) with the fast_gemm() kernels (call only where it is not
+// null), parallel over M when the work pays. op(B) is a packed copy (Bp from pack_b, ldb = 0) or,
+// with ldb > 0, a row-major K x N matrix read in place.
+inline void fast_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
+                      int64_t ldb, bool beta, float* C, int64_t ldc) {
+  const GemmKernels& g = *fast_gemm();
   auto block = [&](int64_t i0, int64_t i1) {
     if (ldb > 0)
-      avx512_gemm_direct(i1 - i0, N, K, A + i0 * si, si, sk, Bp, ldb, beta, C + i0 * ldc, ldc);
+      g.gemm_direct(i1 - i0, N, K, A + i0 * si, si, sk, Bp, ldb, beta, C + i0 * ldc, ldc);
     else
-      avx512_gemm_packed(i1 - i0, N, K, A + i0 * si, si, sk, Bp, beta, C + i0 * ldc, ldc);
+      g.gemm_packed(i1 - i0, N, K, A + i0 * si, si, sk, Bp, beta, C + i0 * ldc, ldc);
   };
   const double work = double(M) * double(N) * double(K);
   if (work < 4.0e6 || M < 64 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
     block(0, M);
     return;
   }
-  const int64_t nblk = (M + 7) / 8;
-  at::parallel_for(0, nblk, std::max<int64_t>(1, int64_t(1.0e6 / (double(N) * double(K) * 8.0)) + 1),
-                   [&](int64_t b0, int64_t b1) { block(b0 * 8, std::min(M, b1 * 8)); });
-#else
-  (void)M; (void)N; (void)K; (void)A; (void)si; (void)sk; (void)Bp; (void)ldb; (void)beta; (void)C; (void)ldc;
-#endif
+  const int64_t mr = avx512_enabled() ? 8 : 6;  // rows of the micro-kernel: blocks of whole ones
+  const int64_t nblk = (M + mr - 1) / mr;
+  at::parallel_for(0, nblk, std::max<int64_t>(1, int64_t(1.0e6 / (double(N) * double(K) * double(mr))) + 1),
+                   [&](int64_t b0, int64_t b1) { block(b0 * mr, std::min(M, b1 * mr)); });
 }
 
 inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
                         bool beta, float* C, int64_t ldc) {
-  avx512_rows(M, N, K, A, si, sk, Bp, 0, beta, C, ldc);
+  fast_rows(M, N, K, A, si, sk, Bp, 0, beta, C, ldc);
 }
 
 // General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
-// AVX-512 kernel for float when M is large enough to amortise packing op(B), ATen/BLAS otherwise.
+// packed-B kernels for float when M is large enough to amortise packing op(B), ATen/BLAS otherwise.
+// With AVX2 only, the packed kernel competes with MKL's own AVX2 kernel (both ~93 GFLOP/s on a
+// 1024^3 product on the Zen 3 machine here) and wins only on a long, not transposed A with one
+// K chunk written into a strided C (the forward's input projection of a large batch, B512 T20
+// H256: 126 -> 112 ms); everywhere else it measured slower than ATen/MKL (training B32 T20 H100
+// 4.1 -> 4.4 ms, B64 T20 H512 148 -> 160 ms; B256 T1 H100 inference 501 -> 522 us), so those stay
+// with ATen.
 template <typename T>
 void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
               T* C, int64_t ldc, bool acc = false) {
-#if defined(RNNREC_HAVE_AVX2_TU)
   if constexpr (std::is_same<T, float>::value) {
-    if (M >= 48 && N >= 8 && K > 0 && avx512_enabled()) {
+    const GemmKernels* g = fast_gemm();
+    if (M >= 48 && N >= 8 && K > 0 && g != nullptr && (avx512_enabled() || (!ta && tb && K <= 256 && M >= 4096))) {
       const int64_t KC = 256;
-      Buf<float> pk(avx512_packed_size(std::min(K, KC), N));
+      Buf<float> pk(g->packed_size(std::min(K, KC), N));
       for (int64_t kc = 0; kc < K; kc += KC) {
         const int64_t kb = std::min(KC, K - kc);
-        avx512_pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
+        g->pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
         if (ta)
           packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), acc || kc > 0, C, ldc);
         else
@@ -310,13 +327,13 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
       return;
     }
   }
-#endif
   gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
 }
 
 // A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
-// tb) or W (stored K x N). With the AVX-512 kernel, W^T is packed once per call; W is read in
-// place (no copy of the weights: this is the backward pass, where memory is tight).
+// tb) or W (stored K x N). With the AVX-512 packed-B kernels, W^T is packed once per call; W is read
+// in place (no copy of the weights: this is the backward pass, where memory is tight). With AVX2
+// only, ATen/MKL measured faster per step (see gemm_any).
 template <typename T>
 struct StepW {
   bool tb = false, packed = false, direct = false, small = false;
@@ -327,14 +344,15 @@ struct StepW {
       : tb(tb_), K(K_), N(N_), ldw(ldw_), W(W_) {
 #if defined(RNNREC_HAVE_AVX2_TU)
     if constexpr (std::is_same<T, float>::value) {
+      const GemmKernels* g = fast_gemm();
       if (tb && M <= 8 && simd_enabled()) {
         small = true;
       } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         direct = true;
       } else if (avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         packed = true;
-        pk = Buf<float>(avx512_packed_size(K, N));
-        avx512_pack_b(tb, K, N, W, ldw, pk.data());
+        pk = Buf<float>(g->packed_size(K, N));
+        g->pack_b(tb, K, N, W, ldw, pk.data());
       }
     }
 #endif
@@ -352,7 +370,7 @@ struct StepW {
         return;
       }
       if (packed || direct) {
-        avx512_rows(M, N, K, A, lda, 1, packed ? pk.data() : W, packed ? 0 : ldw, false, C, ldc);
+        fast_rows(M, N, K, A, lda, 1, packed ? pk.data() : W, packed ? 0 : ldw, false, C, ldc);
         return;
       }
     }
@@ -376,11 +394,12 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* 
       avx2_small_gemm_nt_f32(M, N, K, Wt, ldw, X, ldx, C, ldc);
       return;
     }
-    if (M < 48 && N >= 64 && K > 0 && avx512_enabled()) {
+    const GemmKernels* g = fast_gemm();
+    if (M < 48 && N >= 64 && K > 0 && g != nullptr && avx512_enabled()) {
       // Few rows: compute C^T = Wt . X^T with the weights as the broadcast operand, so only X
       // (small) is packed; then transpose the (N, M) result into C.
-      Buf<float> pk(avx512_packed_size(K, M));
-      avx512_pack_b(true, K, M, X, ldx, pk.data());
+      Buf<float> pk(g->packed_size(K, M));
+      g->pack_b(true, K, M, X, ldx, pk.data());
       Buf<float> ct(N * M);
       packed_rows(N, M, K, Wt, ldw, 1, pk.data(), false, ct.data(), M);
       for (int64_t m = 0; m < M; ++m)

@@ -44,16 +44,33 @@ template <typename T>
 using SmallGemmNT = void (*)(int64_t nb, int64_t M, int64_t K, const T* W, int64_t ldw, const T* X,
                              int64_t ldx, T* out, int64_t ldo);
 
+// Packed-B float GEMM of one instruction set: AVX-512F (rnnrec_avx512.cpp, 32-column panels) or
+// AVX2/FMA (rnnrec_avx2_gemm.cpp, 16-column panels). op(B) is K x N: B[n * ldb + k] when transB,
+// else B[k * ldb + n]. gemm_packed: C[M, N] = (beta ? C : 0) + A . op(B) with A(i, k) =
+// A[i * a_si + k * a_sk] and op(B) packed by pack_b into packed_size(K, N) floats; gemm_direct: the
+// same with a row-major, not transposed B (K x N, B[k * ldb + n]) read in place (AVX-512 only:
+// null in the AVX2 set).
+struct GemmKernels {
+  int64_t (*packed_size)(int64_t K, int64_t N);
+  void (*pack_b)(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, float* out);
+  void (*gemm_packed)(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                      const float* Bp, bool beta, float* C, int64_t ldc);
+  void (*gemm_direct)(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                      const float* B, int64_t ldb, bool beta, float* C, int64_t ldc);
+};
+
 // Portable scalar versions (defined in rnnrec_cpu.cpp).
 template <typename T>
 RowKernels<T> scalar_row_kernels();
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RNNREC_HAVE_AVX2_TU 1
-// AVX2/FMA float kernels (rnnrec_avx2.cpp). Only call after cpu_has_avx2_fma() returned true.
+// AVX2/FMA float kernels (rnnrec_avx2.cpp). Only call after simd_enabled() (rnnrec_cpu.cpp) returned true.
 RowKernels<float> avx2_row_kernels_f32();
 void avx2_small_gemm_nt_f32(int64_t nb, int64_t M, int64_t K, const float* W, int64_t ldw,
                             const float* X, int64_t ldx, float* out, int64_t ldo);
+// AVX2/FMA float GEMM (rnnrec_avx2_gemm.cpp). Only call after simd_enabled() (rnnrec_cpu.cpp) returned true.
+GemmKernels avx2_gemm_kernels_f32();
 // AVX-512F float GEMM (rnnrec_avx512.cpp). Only call after the run-time check for avx512f.
 // op(B) is K x N: B[n * ldb + k] when transB, else B[k * ldb + n]; packed into 32-column panels.
 int64_t avx512_packed_size(int64_t K, int64_t N);
