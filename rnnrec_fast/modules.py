@@ -13,6 +13,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import ops
@@ -55,6 +56,28 @@ class _FastPath(nn.Module):
         super().__setattr__(name, value)
         if name in self._plan_config and "_plan" in self.__dict__:
             self._refresh_plan()
+
+    def __call__(self, *args, **kwargs):
+        # The fast path ahead of torch.nn.Module's call machinery, taken only where that machinery
+        # would call forward straight away (no hooks of any kind, no module.compile(); a call under
+        # torch.jit.trace is declined by the plan) and forward would take the fast path itself (no
+        # resets, no training-mode dropout, not compiling). On a serving step this saves two Python
+        # frames and forward's checks (about 2 of the 8 µs of a GRU call on the machine here);
+        # everything else goes through nn.Module.__call__ as usual (looked up at call time, so a
+        # patched one, as torch.fx's tracer installs, is honoured).
+        d = self.__dict__
+        plan = d.get("_plan")
+        if (plan is not None and not kwargs and 0 < len(args) <= 2 and not _is_compiling()
+                and d.get("_compiled_call_impl") is None
+                and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                         or self._backward_pre_hooks or _nn_module._global_forward_hooks
+                         or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                         or _nn_module._global_backward_pre_hooks)
+                and not (d["training"] and d.get("dropout"))):
+            out = plan(args[0], args[1] if len(args) == 2 else None)
+            if out is not None:
+                return out
+        return nn.Module.__call__(self, *args, **kwargs)
 
     def __getstate__(self):  # pickle / deepcopy: the plan is rebuilt, bound to the copy's parameters
         state = super().__getstate__()

@@ -171,7 +171,9 @@ def test_declines_what_it_does_not_handle(spy):
     half = rnnrec_fast.GRU(3, 4, dtype=torch.float16)
     with torch.inference_mode():
         half(x.half())
-    assert spy == {"calls": 1, "handled": 0}  # tried, declined: float16 is not the C++ kernels'
+    # tried (ahead of nn.Module's call machinery, then again by forward), declined: float16 is not
+    # the C++ kernels'
+    assert spy == {"calls": 2, "handled": 0}
 
 
 @needs_ext
@@ -307,3 +309,38 @@ def test_outputs_are_what_torch_nn_returns(spy):
     (out * w).sum().backward()  # a no_grad output feeds autograd like torch.nn's does
     assert w.grad is not None
     assert spy["handled"] == 2
+
+
+@needs_ext
+def test_hooks_run_with_the_fast_path(spy):
+    """A module call skips nn.Module's call machinery only where it would call forward straight
+    away: with module or global hooks registered they run as with torch.nn (and forward still takes
+    the fast path); without any, the call goes to the plan directly."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    torch.manual_seed(5)
+    m, x = rnnrec_fast.GRU(3, 4), torch.randn(5, 2, 3)
+    seen = []
+    with torch.inference_mode():
+        want = m(x)
+    assert spy == {"calls": 1, "handled": 1}
+    pre = m.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    post = m.register_forward_hook(lambda mod, args, out: seen.append("post"))
+    with torch.inference_mode():
+        out = m(x)
+    assert seen == ["pre", "post"] and spy == {"calls": 2, "handled": 2}
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    pre.remove(), post.remove()
+    glob = register_module_forward_hook(lambda mod, args, out: seen.append("global"))
+    try:
+        with torch.inference_mode():
+            m(x)
+    finally:
+        glob.remove()
+    assert seen[-1] == "global"
+    zero = m.register_forward_hook(lambda mod, args, out: (out[0] * 0, out[1]))
+    with torch.inference_mode():
+        assert m(x)[0].abs().sum() == 0
+    zero.remove()
+    with torch.inference_mode():
+        assert torch.equal(m(x)[0], want[0])
