@@ -22,6 +22,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def _simd_level() -> str:
+    try:
+        from rnnrec_fast import _C
+        return _C.simd_level()
+    except ImportError:
+        return "none (no C++ extension)"
+
+
 def gemm_ceiling(threads: int, n: int = 1024) -> float:
     code = (
         "import torch, time\n"
@@ -128,9 +136,10 @@ def main():
               "- median wall time per call from Python (pytest-benchmark), same weights and inputs, same run;",
               "  inference under torch.inference_mode; training = forward + backward of a scalar loss",
               "- ratio = torch.nn median / ours median (> 1: ours faster)",
-              "- GEMM ceiling = torch's own 1024³ fp32 matmul (MKL) in the same run, as the issue defines it; on this",
-              "  AMD CPU MKL takes its AVX2 path, while our kernels use AVX-512, so ours can exceed 100% of it",
-              "  (checked: one thread, process CPU time = wall time)", ""]
+              "- GEMM ceiling = torch's own 1024³ fp32 matmul (MKL) in the same run, as the issue defines it",
+              f"- our float32 CPU kernels here: {_simd_level()} (MKL takes its AVX2 path on AMD CPUs, so with",
+              "  AVX-512 ours can exceed 100% of the ceiling; checked: one thread, process CPU time = wall time)",
+              ""]
     out = header[:]
     raw = {}
     with tempfile.TemporaryDirectory() as tmp:
