@@ -85,7 +85,7 @@ static inline void micro(int64_t K, const float* A, int64_t si, int64_t sk, cons
 // (MC x K of A about 192 KiB, kept in L2); within a group each panel is read once and reused from
 // cache by all the group's 6-row blocks. Any strides of A give the right result; the driver passes
 // row-major ones (a_sk = 1), for which this is fast.
-void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* Bp,
+void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* Bp,
                  bool beta, float* C, int64_t ldc) {
   const int64_t np = (N + NR - 1) / NR;
   const int64_t MC = std::max<int64_t>(MR, (int64_t(192 * 1024) / (4 * std::max<int64_t>(K, 1))) / MR * MR);
@@ -129,11 +129,6 @@ void pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, floa
       for (; n < NR; ++n) d[n] = 0.0f;
     }
   }
-}
-
-void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* Bp,
-                 bool beta, float* C, int64_t ldc) {
-  gemm_panels(M, N, K, A, a_si, a_sk, Bp, beta, C, ldc);
 }
 
 }  // namespace

@@ -394,12 +394,11 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* 
       avx2_small_gemm_nt_f32(M, N, K, Wt, ldw, X, ldx, C, ldc);
       return;
     }
-    const GemmKernels* g = fast_gemm();
-    if (M < 48 && N >= 64 && K > 0 && g != nullptr && avx512_enabled()) {
+    if (M < 48 && N >= 64 && K > 0 && avx512_enabled()) {
       // Few rows: compute C^T = Wt . X^T with the weights as the broadcast operand, so only X
       // (small) is packed; then transpose the (N, M) result into C.
-      Buf<float> pk(g->packed_size(K, M));
-      g->pack_b(true, K, M, X, ldx, pk.data());
+      Buf<float> pk(avx512_packed_size(K, M));
+      avx512_pack_b(true, K, M, X, ldx, pk.data());
       Buf<float> ct(N * M);
       packed_rows(N, M, K, Wt, ldw, 1, pk.data(), false, ct.data(), M);
       for (int64_t m = 0; m < M; ++m)
