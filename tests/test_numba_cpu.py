@@ -71,10 +71,35 @@ def test_numba_cpu_matches_reference(mode, reset_after, dtype):
 def test_numba_cpu_parallel_chunks(mode, reset_after, monkeypatch):
     """The batch split into chunks run by the thread pool gives the same result as one chunk."""
     from rnnrec_fast.backends import numba_cpu
-    monkeypatch.setattr(numba_cpu, "_nchunks", lambda B: 3)  # 3 chunks of 13 rows: 4, 4, 5
+    monkeypatch.setattr(numba_cpu, "_nchunks", lambda B, work: 3)  # 3 chunks of 13 rows: 4, 4, 5
     args, gy, ghn = make_case(mode, reset_after, True, "mixed", True, torch.float64, T=3, B=13,
                               H=6, I=2, seed=1)
     check_case(args, gy, ghn, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_numba_cpu_first_product_by_blas(dtype, monkeypatch):
+    """Step 0's first product h0 W_hh^T done by BLAS before the kernel (from GH0_MIN_ROWS batch rows
+    up), with rows reset at step 0, rows of length 0, no biases, T = 1 (no product left for the
+    kernel) and T > 1; at the natural threshold and forced on for small batches."""
+    from rnnrec_fast.backends import numba_cpu
+    used = []  # whether each forward call got the precomputed product
+    real = numba_cpu.forward_recurrence
+    monkeypatch.setattr(numba_cpu, "forward_recurrence",
+                        lambda *a: used.append(a[-1] is not None) or real(*a))
+    for mode, ra in MODES:
+        for T, bias, lengths_kind, with_resets in ((1, True, "none", False), (1, False, "mixed", True),
+                                                   (3, True, "mixed", True), (3, False, "none", False)):
+            args, gy, ghn = make_case(mode, ra, bias, lengths_kind, with_resets, dtype, T=T,
+                                      B=numba_cpu.GH0_MIN_ROWS, H=7, I=3, seed=2)
+            check_case(args, gy, ghn, dtype)
+    monkeypatch.setattr(numba_cpu, "GH0_MIN_ROWS", 1)
+    for mode, ra in MODES:
+        for bias, lengths_kind, with_resets in itertools.product(
+                (True, False), ("none", "mixed"), (False, True)):
+            args, gy, ghn = make_case(mode, ra, bias, lengths_kind, with_resets, dtype)
+            check_case(args, gy, ghn, dtype)
+    assert len(used) == 4 * 4 + 4 * 8 and all(used)
 
 
 def test_numba_cpu_edge_shapes():

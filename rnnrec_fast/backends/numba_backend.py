@@ -46,7 +46,7 @@ def _check(x, mode):
     if x.dtype not in DTYPES:
         raise TypeError(f"rnnrec_fast numba backend: unsupported dtype {x.dtype} "
                         f"(supported: {', '.join(str(d) for d in DTYPES)})")
-    dev = x.device.type
+    dev = "cpu" if x.is_cpu else x.device.type
     if dev not in DEVICES:
         raise ValueError(f"rnnrec_fast numba backend: unsupported device {x.device} "
                          f"(supported: {', '.join(DEVICES)})")
@@ -77,21 +77,25 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
     if dev == "cuda":
         return _cuda().forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
     with torch.no_grad():
-        x, h0, w_ih, w_hh = (t.detach() for t in (x, h0, w_ih, w_hh))
-        T, B, _ = x.shape
+        x, h0, w_ih, w_hh = (t.detach().contiguous() for t in (x, h0, w_ih, w_hh))
+        T, B, I = x.shape
         H = h0.shape[1]
         GH = w_hh.shape[0]
-        W = 5 * H if mode == MODE_GRU else H
-        xp = _input_projection(x, w_ih, None if b_ih is None else b_ih.detach())
-        y = torch.empty(T, B, H, dtype=x.dtype)
-        h_n = torch.empty(B, H, dtype=x.dtype)
-        ws = torch.empty(T, B, W, dtype=x.dtype)
-        h0_np = _np(h0)
-        bhh = np.zeros(GH, h0_np.dtype) if b_hh is None else _np(b_hh)
+        dt = x.dtype
+        # the input projection of every step: one GEMM (the kernel adds b_ih where it reads it)
+        xp = torch.mm(x.view(T * B, I), w_ih.t()).numpy()
+        gh0 = None
+        if B >= numba_cpu.GH0_MIN_ROWS:  # step 0's first product needs only h0: one GEMM as well
+            gh0 = torch.mm(h0, w_hh[:numba_cpu.first_product_rows(H, mode, reset_after)].t()).numpy()
+        y = torch.empty(T, B, H, dtype=dt)
+        h_n = torch.empty(B, H, dtype=dt)
+        ws = torch.empty(T, B, 5 * H if mode == MODE_GRU else H, dtype=dt)
+        bih = np.zeros(GH, xp.dtype) if b_ih is None else _np(b_ih)
+        bhh = np.zeros(GH, xp.dtype) if b_hh is None else _np(b_hh)
         lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
         rst = None if resets is None else _np(resets.to(torch.bool))
-        numba_cpu.forward_recurrence(_np(xp), h0_np, _np(w_hh), bhh, lens, rst, mode, reset_after,
-                                     y.numpy(), h_n.numpy(), ws.numpy())
+        numba_cpu.forward_recurrence(xp.reshape(T, B, GH), bih, h0.numpy(), w_hh.numpy(), bhh, lens, rst,
+                                     mode, reset_after, y.numpy(), h_n.numpy(), ws.numpy(), gh0)
     return y, h_n, ws
 
 

@@ -5,10 +5,13 @@ and back). The math, the workspace layout and the handling of ``lengths`` / ``re
 ``reference.py`` exactly; see its docstring.
 
 Layout of the work:
-  * forward: the input projection of every step ``xp = x W_ih^T + b_ih`` is one GEMM done by the
-    caller; the kernel runs the whole time loop: recurrent product ``h_prev W_hh^T + b_hh`` for the
-    rows active at step t (a small register-blocked GEMM, written here since Numba only calls BLAS
-    through SciPy) and the fused gate math, writing ``y``, ``h_n`` and the workspace ``ws``.
+  * forward: the input projection of every step ``xp = x W_ih^T`` is one GEMM done by the caller
+    (BLAS, through torch), and so, for batches of GH0_MIN_ROWS rows or more, is step 0's recurrent
+    product ``h0 W_hh^T`` (it needs nothing but h0; at T = 1 it is the whole recurrent work); the
+    kernel runs the whole time loop: the biases, the recurrent product ``h_prev W_hh^T`` of the
+    other steps for the rows active at step t (a small register-blocked GEMM, written here since
+    Numba only calls BLAS through SciPy) and the fused gate math, writing ``y``, ``h_n`` and the
+    workspace ``ws``.
   * backward: the kernel runs the reverse time loop and writes the gradients of the pre-activations
     ``d_gx`` (of ``x W_ih^T + b_ih``) and ``d_gh`` (of ``h W_hh^T + b_hh``; for GRU with
     ``reset_after=False`` the n rows act on ``r * h_prev``, saved in ``h_in``) plus ``grad_h0``; the
@@ -17,6 +20,7 @@ Layout of the work:
 Batch rows are independent through the whole recurrence, so for large batches the batch is split
 into chunks run by a thread pool (the kernels release the GIL); each chunk runs the full time loop
 on its own: no synchronisation per step, and no second (parallel=True) compilation of the kernels.
+A chunk must carry enough product work to pay for the pool's hand-over (PARALLEL_MIN_WORK).
 The number of threads is ``torch.get_num_threads()`` capped by NUMBA_NUM_THREADS.
 
 Every kernel is compiled once per dtype (float32 / float64); the mode, ``reset_after`` and the
@@ -398,14 +402,16 @@ def _vtanh(v, e, ib, fb, m):
 # forward
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode, reset_after,
-              y, h_n, ws, int_like, b0, b1):
+def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, resets, has_resets, mode,
+              reset_after, y, h_n, ws, int_like, b0, b1):
     """Forward of batch rows [b0, b1) over all steps.
 
-    xp (T, B, G*H) input projections incl. b_ih; bhh (G*H,). The recurrent weights: w1 the rows
+    xp (T, B, G*H) input projections x W_ih^T (without b_ih); bih, bhh (G*H,). The recurrent weights: w1 the rows
     of W_hh used by the first product of a step (all G*H, or the r, z rows for GRU with
     reset_after=False), wn the n rows for that second product (else unused); each stored as is
     (N, H) or, when transposed, as made by ``_transposed`` (H, N') with padded gate blocks.
+    When has_gh0, gh0 (B, N1) holds the first product of step 0, h0 W1^T (N1 = the rows of w1,
+    no bias), computed by the caller with BLAS; rows reset at step 0 do not use it.
     Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows. int_like: an array of the
     integer type of the float's size (int32 for float32, int64 for float64).
     """
@@ -424,6 +430,7 @@ def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode
     xp4 = xp.reshape((T, B, G, H))
     ws4 = ws.reshape((T, B, WG, H))
     bhh2 = bhh.reshape((G, H))
+    bih2 = bih.reshape((G, H))
     # the state, updated in place: at step t it is the state entering the step (zeroed by a reset)
     # until the last pass writes the new one (element by element, after reading the old)
     h = np.empty((nb, H), dt)
@@ -453,12 +460,17 @@ def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode
             if t < lengths[b]:
                 idx[nact] = i
                 nact += 1
-                if has_resets and resets[t, b]:
+                reset = has_resets and resets[t, b]
+                if reset:
                     for k in range(H):
                         h[i, k] = 0.0
                 for g in range(G):
                     for j in range(H):
                         acc[i, g, j] = bhh2[g, j]
+                if t == 0 and has_gh0 and not reset:
+                    for g in range(2 if split else G):
+                        for j in range(H):
+                            acc[i, g, j] += gh0[b, g * H + j]
             else:
                 for k in range(H):
                     y[t, b, k] = 0.0
@@ -467,12 +479,13 @@ def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode
                         ws4[t, b, g, k] = 0.0
         if nact == 0:
             continue
-        _matmul_rows(h, idx, nact, w1, transposed, acc2)
+        if t > 0 or not has_gh0:
+            _matmul_rows(h, idx, nact, w1, transposed, acc2)
         if not gru:
             for q in range(nact):
                 i = idx[q]
                 for j in range(H):
-                    nv[q, j] = xp4[t, b0 + i, 0, j] + acc[i, 0, j]
+                    nv[q, j] = xp4[t, b0 + i, 0, j] + bih2[0, j] + acc[i, 0, j]
             if mode == MODE_RNN_TANH:
                 _vtanh(nv1, e, ib, fb, nact * H)
             else:
@@ -491,13 +504,13 @@ def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode
             i = idx[q]
             for g in range(2):
                 for j in range(H):
-                    rz[q, g, j] = xp4[t, b0 + i, g, j] + acc[i, g, j]
+                    rz[q, g, j] = xp4[t, b0 + i, g, j] + bih2[g, j] + acc[i, g, j]
         _vsigmoid(rz1, e, ib, fb, nact * 2 * H)
         if reset_after:
             for q in range(nact):
                 i = idx[q]
                 for j in range(H):
-                    nv[q, j] = xp4[t, b0 + i, 2, j] + rz[q, 0, j] * acc[i, 2, j]
+                    nv[q, j] = xp4[t, b0 + i, 2, j] + bih2[2, j] + rz[q, 0, j] * acc[i, 2, j]
         else:  # the n rows act on r * h_prev: a second product
             for q in range(nact):
                 i = idx[q]
@@ -508,7 +521,7 @@ def _fwd_rows(xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, mode
             for q in range(nact):
                 i = idx[q]
                 for j in range(H):
-                    nv[q, j] = xp4[t, b0 + i, 2, j] + accn[i, j]
+                    nv[q, j] = xp4[t, b0 + i, 2, j] + bih2[2, j] + accn[i, j]
         _vtanh(nv1, e, ib, fb, nact * H)
         for q in range(nact):
             i = idx[q]
@@ -658,6 +671,7 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
 # entry points on NumPy arrays
 # --------------------------------------------------------------------------------------------------
 PARALLEL_MIN_ROWS = 16  # rows per chunk below which splitting the batch does not pay
+PARALLEL_MIN_WORK = 1 << 21  # nor below ~2M multiply-adds of products per chunk (~50 µs here)
 
 _pool = None
 _pool_size = 0
@@ -670,8 +684,17 @@ def _num_threads():
     return max(1, min(torch.get_num_threads(), _numba_config.NUMBA_NUM_THREADS))
 
 
-def _nchunks(B):
-    return max(1, min(_num_threads(), B // PARALLEL_MIN_ROWS))
+def _nchunks(B, work):
+    """Chunks for B batch rows and `work` multiply-adds of recurrent products in all."""
+    if B < 2 * PARALLEL_MIN_ROWS or work < 2 * PARALLEL_MIN_WORK:
+        return 1
+    return max(1, min(_num_threads(), B // PARALLEL_MIN_ROWS, work // PARALLEL_MIN_WORK))
+
+
+# read-only stand-ins for absent arguments (the kernels never write them)
+_NO_RESETS = np.zeros((1, 1), np.bool_)
+_DUMMY = {4: np.zeros((1, 1), np.float32), 8: np.zeros((1, 1), np.float64)}
+_INT_LIKE = {4: np.zeros(1, np.int32), 8: np.zeros(1, np.int64)}
 
 
 def _run_chunks(fn, args, B, nch):
@@ -698,31 +721,49 @@ def _run_chunks(fn, args, B, nch):
 # row-steps for the copy (about as costly as 2-3 single-row products) to be amortised.
 AXPY_MAX_H = 256
 AXPY_MIN_ROW_STEPS = 32
+# Step 0's first product needs only h0, so the caller can do it with BLAS (one GEMM, like the input
+# projection) from this many batch rows up; below, the call overhead outweighs BLAS's speed.
+GH0_MIN_ROWS = 16
 
 
-def forward_recurrence(xp, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws):
+def first_product_rows(H, mode, reset_after):
+    """How many rows of W_hh (from the top) step 0's first product uses: all, or r and z for GRU
+    with reset_after=False (its n rows act on r * h_prev, known only inside the step)."""
+    return 2 * H if mode == MODE_GRU and not reset_after else (3 if mode == MODE_GRU else 1) * H
+
+
+def forward_recurrence(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws,
+                       gh0=None):
     """Run the forward time loop. All arguments NumPy arrays, C-contiguous, one float dtype.
 
-    xp (T, B, G*H); h0 (B, H); w_hh (G*H, H); bhh (G*H,); lengths int64 (B,);
+    xp (T, B, G*H) = x W_ih^T; bih (G*H,); h0 (B, H); w_hh (G*H, H); bhh (G*H,); lengths int64 (B,);
     resets bool (T, B) or None; outputs y (T, B, H), h_n (B, H), ws (T, B, W) written in place.
+    gh0: None, or step 0's first product h0 W1^T (B, N1), no bias, computed by the caller (see
+    ``first_product_rows``).
     """
     has_resets = resets is not None
     if resets is None:
-        resets = np.zeros((1, 1), np.bool_)
+        resets = _NO_RESETS
+    has_gh0 = gh0 is not None
+    if gh0 is None:
+        gh0 = _DUMMY[h0.dtype.itemsize]
     T, B = xp.shape[:2]
     H = h0.shape[1]
     split = mode == MODE_GRU and not reset_after
     w1 = w_hh[:2 * H] if split else w_hh  # rows of the first product of a step
     wn = w_hh[2 * H:] if split else w1  # rows of the second (n rows on r * h_prev)
-    transposed = 0 < H <= AXPY_MAX_H and B * T >= AXPY_MIN_ROW_STEPS
+    steps = T if split or not has_gh0 else T - 1  # steps whose products run in the kernel
+    if steps <= 0:  # no product left for the kernel: no copy of W_hh either
+        w1 = wn = np.zeros((0, H), h0.dtype)
+    transposed = 0 < H <= AXPY_MAX_H and B * steps >= AXPY_MIN_ROW_STEPS
     if transposed:
         hp = -(-H * h0.itemsize // 32) * 32 // h0.itemsize  # H rounded up to whole 32-byte vectors
         w1 = _transposed(w1, 2 if split else w1.shape[0] // H, hp)
         wn = _transposed(wn, 1, hp) if split else w1
-    int_like = np.zeros(1, np.int32 if h0.dtype.itemsize == 4 else np.int64)
-    args = (xp, h0, w1, wn, transposed, bhh, lengths, resets, has_resets, int(mode),
+    int_like = _INT_LIKE[h0.dtype.itemsize]
+    args = (xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, resets, has_resets, int(mode),
             bool(reset_after), y, h_n, ws, int_like)
-    _run_chunks(_fwd_rows, args, B, _nchunks(B))
+    _run_chunks(_fwd_rows, args, B, _nchunks(B, B * max(steps, 0) * w_hh.shape[0] * H))
 
 
 def backward_recurrence(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, reset_after,
@@ -731,10 +772,10 @@ def backward_recurrence(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, re
     unless GRU with reset_after=False."""
     has_resets = resets is not None
     if resets is None:
-        resets = np.zeros((1, 1), np.bool_)
+        resets = _NO_RESETS
     if h_in is None:
         h_in = np.zeros((1, 1, 1), grad_h_n.dtype)
     B = grad_h_n.shape[0]
     args = (grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, int(mode),
             bool(reset_after), d_gx, d_gh, h_in, grad_h0)
-    _run_chunks(_bwd_rows, args, B, _nchunks(B))
+    _run_chunks(_bwd_rows, args, B, _nchunks(B, B * grad_y.shape[0] * w_hh.shape[0] * w_hh.shape[1]))
