@@ -1,5 +1,6 @@
 """The modules' C++ inference fast path (rnnrec_fast._C.InferPlan, over _C.infer) against torch.nn and
-against the modules' general path (the registered op), and the calls it must decline.
+against the modules' general path (the registered op), and the calls it must decline; at the end,
+the same for the Python backends' fast path (modules._PyInferPlan: numba, reference).
 
 Without autograd (torch.no_grad / torch.inference_mode) an eager module call on CPU float tensors
 runs the whole module in one C++ call; everything else takes the general path. These tests spy on
@@ -344,3 +345,99 @@ def test_hooks_run_with_the_fast_path(spy):
     zero.remove()
     with torch.inference_mode():
         assert torch.equal(m(x)[0], want[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The Python backends' fast path (modules._PyInferPlan): backend="numba" / "reference" on CPU.
+
+@pytest.fixture
+def py_spy(monkeypatch):
+    """Like `spy`, for the Python backends' plan."""
+    counts = {"calls": 0, "handled": 0}
+    real = modules._PyInferPlan
+
+    class CountingPlan:
+        def __init__(self, *args):
+            self.plan = real(*args)
+
+        def __call__(self, *args):
+            counts["calls"] += 1
+            out = self.plan(*args)
+            counts["handled"] += out is not None
+            return out
+
+    monkeypatch.setattr(modules, "_PyInferPlan", CountingPlan)
+    return counts
+
+
+def _py_backends():
+    from rnnrec_fast import backends
+    return ["reference"] + (["numba"] if backends.available("numba") else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("T,B", [(1, 1), (5, 3), (1, 20), (3, 17)], ids=lambda v: str(v))
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("num_layers", [1, 2], ids=["L1", "L2"])
+@pytest.mark.parametrize("kind", ["GRU", "GRU_cho", "RNN_tanh", "RNN_relu"])
+@pytest.mark.parametrize("backend", _py_backends())
+def test_python_backends_sequence_modules(py_spy, backend, kind, num_layers, batch_first, T, B, dtype):
+    """Same outputs as the general path (the same backend through the op: exactly equal) and as
+    torch.nn, and the plan handled the call; B >= 16 takes the numba forward's BLAS step-0 product."""
+    salt = sum(map(ord, f"{backend}{kind}{num_layers}{batch_first}{T}{B}{dtype}"))
+    torch.manual_seed(salt)
+    bias, with_hx = salt % 2 == 0, (salt // 2) % 2 == 0
+    I, H = 7, 9
+    ref, ours = pair(kind, dtype, input_size=I, hidden_size=H, num_layers=num_layers, bias=bias,
+                     batch_first=batch_first)
+    ours.backend = backend
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+    hx = torch.randn(num_layers, B, H, dtype=dtype) if with_hx else None
+    with torch.no_grad():
+        out, h_n = ours(x, hx)
+    assert py_spy == {"calls": 1, "handled": 1}
+    assert rnnrec_fast.last_backend() == backend
+    g_out, g_h = general_path(ours, x, hx)
+    assert py_spy["handled"] == 1  # autograd on: declined
+    torch.testing.assert_close(out, g_out, rtol=0, atol=0)
+    torch.testing.assert_close(h_n, g_h, rtol=0, atol=0)
+    if ref is not None:
+        with torch.no_grad():
+            r_out, r_h = ref(x, hx)
+        assert_close(out, r_out, dtype, "output vs torch.nn")
+        assert_close(h_n, r_h, dtype, "h_n vs torch.nn")
+
+
+@pytest.mark.parametrize("backend", _py_backends())
+def test_python_backends_cells_and_declines(py_spy, backend):
+    torch.manual_seed(3)
+    ref = nn.GRUCell(5, 6)
+    cell = rnnrec_fast.from_torch(ref, backend=backend)
+    x, hx = torch.randn(4, 5), torch.randn(4, 6)
+    with torch.inference_mode():
+        assert_close(cell(x, hx), ref(x, hx), torch.float32, "GRUCell")
+        assert_close(cell(x), ref(x), torch.float32, "GRUCell, no hx")
+        assert py_spy == {"calls": 2, "handled": 2}
+        assert_close(cell(x[0], hx[0]), ref(x[0], hx[0]), torch.float32, "unbatched: declined")
+    assert py_spy["handled"] == 2
+    seq_ref = nn.RNN(5, 6, num_layers=2)
+    seq = rnnrec_fast.from_torch(seq_ref, backend=backend)
+    xs = torch.randn(3, 2, 5)
+    with torch.inference_mode():
+        assert_close(seq(xs[:, 0])[0], seq_ref(xs[:, 0])[0], torch.float32, "unbatched: declined")
+        assert_close(seq(xs.double().float())[0], seq_ref(xs)[0], torch.float32, "plain call")
+    assert py_spy["handled"] == 3
+    # bad input under no_grad: declined, so the general path raises its own errors
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="Expected hidden size"):
+            seq(xs, torch.randn(2, 3, 6))
+        with pytest.raises(ValueError, match="input.size\\(-1\\) must be equal to input_size"):
+            seq(torch.randn(3, 2, 4))
+        with pytest.raises(ValueError, match="dtype"):
+            seq(xs.double())
+        seq.weight_hh_l1.data = torch.randn(6, 5)  # a mis-shaped weight: the op's error
+        with pytest.raises(ValueError, match="w_hh must be"):
+            seq(xs)
+    assert py_spy["handled"] == 3
+    bi = rnnrec_fast.GRU(5, 6, bidirectional=True, backend=backend)
+    assert bi._plan is None
