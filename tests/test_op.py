@@ -109,7 +109,7 @@ def test_opcheck(backend, mode, reset_after, extras):
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
 
 
-# Longer and wider than SHAPES: the C++ backward runs in chunks of time steps (about 256 rows of
+# Longer and wider than SHAPES: the C++ backward runs in chunks of time steps (about 128 rows of
 # T*B each) and reads its weights in 32-column slices; these shapes give several chunks, a last
 # chunk shorter than the rest, and hidden sizes with full, over-16 and under-16 last slices.
 LONG_SHAPES = [(9, 40, 7, 33), (13, 24, 5, 20), (3, 300, 6, 16)]  # T, B, I, H
