@@ -22,12 +22,11 @@ needs_ext = pytest.mark.skipif(
     reason="the C++ extension is not built")
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts fast-path calls and how many it handled (returned a result), over the modules built
-    after it."""
+def _counting(monkeypatch, attr):
+    """Replaces modules.<attr> (a plan class) by one that counts its calls and how many it handled
+    (returned a result), over the modules built afterwards."""
     counts = {"calls": 0, "handled": 0}
-    real = modules._InferPlan
+    real = getattr(modules, attr)
 
     class CountingPlan:
         def __init__(self, *args):
@@ -39,8 +38,14 @@ def spy(monkeypatch):
             counts["handled"] += out is not None
             return out
 
-    monkeypatch.setattr(modules, "_InferPlan", CountingPlan)
+    monkeypatch.setattr(modules, attr, CountingPlan)
     return counts
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the C++ fast path's calls and results."""
+    return _counting(monkeypatch, "_InferPlan")
 
 
 def pair(kind, dtype, **kw):
@@ -353,21 +358,7 @@ def test_hooks_run_with_the_fast_path(spy):
 @pytest.fixture
 def py_spy(monkeypatch):
     """Like `spy`, for the Python backends' plan."""
-    counts = {"calls": 0, "handled": 0}
-    real = modules._PyInferPlan
-
-    class CountingPlan:
-        def __init__(self, *args):
-            self.plan = real(*args)
-
-        def __call__(self, *args):
-            counts["calls"] += 1
-            out = self.plan(*args)
-            counts["handled"] += out is not None
-            return out
-
-    monkeypatch.setattr(modules, "_PyInferPlan", CountingPlan)
-    return counts
+    return _counting(monkeypatch, "_PyInferPlan")
 
 
 def _py_backends():
