@@ -363,10 +363,23 @@ struct StepW {
 #if defined(RNNREC_HAVE_AVX2_TU)
     if constexpr (std::is_same<T, float>::value) {
       if (small) {
-        if (M == 1 && avx512_enabled())
-          avx512_gemv_nt(N, K, W, ldw, A, C);
-        else
-          avx2_small_gemm_nt_f32(M, N, K, W, ldw, A, lda, C, ldc);
+        // Output columns n0..n1 (weight rows): each reads its own slice of W once.
+        const auto cols = [&](int64_t n0, int64_t n1) {
+          if (M == 1 && avx512_enabled())
+            avx512_gemv_nt(n1 - n0, K, W + n0 * ldw, ldw, A, C + n0);
+          else
+            avx2_small_gemm_nt_f32(M, n1 - n0, K, W + n0 * ldw, ldw, A, lda, C + n0, ldc);
+        };
+        // A few rows against a large W is a stream of W (from L3 when it does not fit in L2: 3 MB
+        // at H=512): with more threads, each streams a slice of the rows of W. Below ~256K
+        // multiply-adds the hand-over costs more than it saves.
+        const int64_t nthr = at::get_num_threads();
+        if (nthr > 1 && M * N * K >= (int64_t(1) << 18) && N >= 64 && !at::in_parallel_region()) {
+          const int64_t blocks = (N + 31) / 32;  // whole 32-row blocks (multiples of the 4-row register block)
+          at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { cols(b0 * 32, std::min(N, b1 * 32)); });
+        } else {
+          cols(0, N);
+        }
         return;
       }
       if (packed || direct) {

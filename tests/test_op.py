@@ -331,3 +331,35 @@ def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
     ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
         assert_close(g.double(), rg, torch.float32, f"grad {name}")
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 520), ("gru", True, 300), ("gru", False, 300)],
+                         ids=["tanh", "gru", "gru_cho"])
+def test_few_rows_large_weights_split_over_threads(B, mode, reset_after, H):
+    """A few batch rows against a large W_hh: with more than one thread each thread streams a slice
+    of W_hh's rows at every step (the long-session case). The same bits as one thread, and the
+    reference's values, with lengths and resets (the rows that skip or restart a step)."""
+    gen = torch.Generator().manual_seed(B * 7 + H)
+    T, I = 4, 9
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
+    with torch.no_grad():
+        w_hh.mul_(1 / H ** 0.5)
+    lengths = torch.tensor([T, 2, 3][:B])
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[2, 0] = True
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, "cpp")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, h1, ws1 = torch.ops.rnnrec_fast.recurrence(*args)
+        torch.set_num_threads(2)
+        y2, h2, ws2 = torch.ops.rnnrec_fast.recurrence(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in ((y1, y2), (h1, h2), (ws1, ws2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ry, rh, _ = reference.forward(*[as64(t) for t in args[:6]], lengths, resets, MODES[mode], reset_after)
+    assert_close(y2.double(), ry, torch.float32, "output")
+    assert_close(h2.double(), rh, torch.float32, "h_n")
