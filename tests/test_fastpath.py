@@ -432,3 +432,34 @@ def test_python_backends_cells_and_declines(py_spy, backend):
     assert py_spy["handled"] == 3
     bi = rnnrec_fast.GRU(5, 6, bidirectional=True, backend=backend)
     assert bi._plan is None
+
+
+@pytest.mark.parametrize("backend", _py_backends())
+def test_python_backends_fast_path_declines_tracing_and_dispatch_modes(py_spy, backend):
+    """Under torch.jit.trace and under a torch dispatch mode the call must go through the registered
+    op (the trace records it, the mode sees it): the plan declines both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(6)
+    ref = nn.GRU(4, 5, batch_first=True)
+    ours = rnnrec_fast.from_torch(ref, backend=backend).eval()
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        mode = Seen()
+        with mode:
+            out, _ = ours(x)
+        assert any("rnnrec_fast.recurrence" in op for op in mode.ops), mode.ops
+        traced = torch.jit.trace(ours, (x,), check_trace=False)
+        assert "rnnrec_fast::recurrence" in str(traced.graph)
+        assert_close(traced(x)[0], ref(x)[0], torch.float32, "traced output")
+    assert_close(out, ref(x)[0].detach(), torch.float32, "output under the mode")
+    assert py_spy["handled"] == 0 and py_spy["calls"] >= 2
