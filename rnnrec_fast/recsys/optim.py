@@ -22,7 +22,9 @@ _sparse_kernel = None
 def _get_sparse_kernel():
     global _sparse_kernel
     if _sparse_kernel is None and _nb is not None:
-        @_nb.njit(cache=True, nogil=True)
+        # error_model="numpy": no Python division-by-zero checks inside the loops, so LLVM
+        # vectorises the per-element update (sqrt and division are IEEE either way, same bits)
+        @_nb.njit(cache=True, nogil=True, error_model="numpy")
         def kernel(idx, val, p, acc, mom, scratch, seen, lr, momentum, eps):
             # scratch (N, D) is all zero and seen (N,) all False on entry and on exit
             n, D = val.shape
@@ -36,6 +38,7 @@ def _get_sparse_kernel():
                     u += 1
                 for d in range(D):
                     scratch[r, d] += val[k, d]
+            use_mom = momentum > 0.0
             for j in range(u):
                 r = rows[j]
                 seen[r] = False
@@ -45,7 +48,7 @@ def _get_sparse_kernel():
                     a = acc[r, d] + g * g
                     acc[r, d] = a
                     step = -lr * g / np.sqrt(a + eps)
-                    if momentum > 0.0:
+                    if use_mom:
                         m = momentum * mom[r, d] + step
                         mom[r, d] = m
                         p[r, d] += m
