@@ -330,6 +330,30 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
   gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
 }
 
+#if defined(RNNREC_HAVE_AVX2_TU)
+// C[m, n] = A[m, :] . W[n, :] for a few rows of A (M <= 8; call only where simd_enabled()): the
+// hand-vectorised kernels stream W once. A few rows against a large W is a stream of W (from L3
+// when it does not fit in L2: 3 MB at H=512, 1.2 MB for a 2,933-item catalogue): with more
+// threads, each streams a slice of the rows of W. Below ~256K multiply-adds the hand-over costs
+// more than it saves.
+inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* A, int64_t lda,
+                        float* C, int64_t ldc) {
+  const auto cols = [&](int64_t n0, int64_t n1) {  // output columns n0..n1 (rows of W)
+    if (M == 1 && avx512_enabled())
+      avx512_gemv_nt(n1 - n0, K, W + n0 * ldw, ldw, A, C + n0);
+    else
+      avx2_small_gemm_nt_f32(M, n1 - n0, K, W + n0 * ldw, ldw, A, lda, C + n0, ldc);
+  };
+  const int64_t nthr = at::get_num_threads();
+  if (nthr > 1 && M * N * K >= (int64_t(1) << 18) && N >= 64 && !at::in_parallel_region()) {
+    const int64_t blocks = (N + 31) / 32;  // whole 32-row blocks (multiples of the 4-row register block)
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { cols(b0 * 32, std::min(N, b1 * 32)); });
+  } else {
+    cols(0, N);
+  }
+}
+#endif
+
 // A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
 // tb) or W (stored K x N). With the AVX-512 packed-B kernels, W^T is packed once per call; W is read
 // in place (no copy of the weights: this is the backward pass, where memory is tight). With AVX2
@@ -363,23 +387,7 @@ struct StepW {
 #if defined(RNNREC_HAVE_AVX2_TU)
     if constexpr (std::is_same<T, float>::value) {
       if (small) {
-        // Output columns n0..n1 (weight rows): each reads its own slice of W once.
-        const auto cols = [&](int64_t n0, int64_t n1) {
-          if (M == 1 && avx512_enabled())
-            avx512_gemv_nt(n1 - n0, K, W + n0 * ldw, ldw, A, C + n0);
-          else
-            avx2_small_gemm_nt_f32(M, n1 - n0, K, W + n0 * ldw, ldw, A, lda, C + n0, ldc);
-        };
-        // A few rows against a large W is a stream of W (from L3 when it does not fit in L2: 3 MB
-        // at H=512): with more threads, each streams a slice of the rows of W. Below ~256K
-        // multiply-adds the hand-over costs more than it saves.
-        const int64_t nthr = at::get_num_threads();
-        if (nthr > 1 && M * N * K >= (int64_t(1) << 18) && N >= 64 && !at::in_parallel_region()) {
-          const int64_t blocks = (N + 31) / 32;  // whole 32-row blocks (multiples of the 4-row register block)
-          at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { cols(b0 * 32, std::min(N, b1 * 32)); });
-        } else {
-          cols(0, N);
-        }
+        few_rows_nt(M, N, K, W, ldw, A, lda, C, ldc);
         return;
       }
       if (packed || direct) {
@@ -1089,6 +1097,33 @@ class InferPlan {
   bool reset_after_, batch_first_, cell_;
 };
 
+// out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
+// float32 CPU rows (at most 8) on a CPU with the vector kernels and without autograd to record go
+// to few_rows_nt (the catalogue streamed once, split over threads); anything else to ATen.
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& b) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1),
+                    "rnnrec_fast linear_rows: x (M, K) and W (N, K) expected, got ", x.sizes(), " and ", W.sizes());
+  const bool has_b = b.has_value() && b->defined();
+  if (has_b)
+    TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == W.size(0), "rnnrec_fast linear_rows: b must be (",
+                      W.size(0), ",), got ", b->sizes());
+#if defined(RNNREC_HAVE_AVX2_TU)
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || W.requires_grad() || (has_b && b->requires_grad()));
+  if (!grad && simd_enabled() && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) > 0 && x.scalar_type() == at::kFloat &&
+      W.scalar_type() == at::kFloat && x.device().is_cpu() && W.device().is_cpu() &&
+      (!has_b || (b->scalar_type() == at::kFloat && b->device().is_cpu()))) {
+    const at::Tensor xc = x.contiguous(), Wc = W.contiguous();
+    const int64_t M = xc.size(0), N = Wc.size(0), K = Wc.size(1);
+    at::Tensor out = at::empty({M, N}, xc.options());
+    few_rows_nt(M, N, K, Wc.data_ptr<float>(), K, xc.data_ptr<float>(), K, out.data_ptr<float>(), N);
+    if (has_b) out.add_(*b);
+    return out;
+  }
+#endif
+  return has_b ? at::addmm(*b, x, W.t()) : at::mm(x, W.t());
+}
+
 template <typename T>
 RowKernels<T> scalar_row_kernels() {
   RowKernels<T> k;
@@ -1115,6 +1150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_level", [] { return rnnrec::avx512_enabled() ? "avx512" : rnnrec::simd_enabled() ? "avx2" : "scalar"; },
         "the float32 CPU kernels this process runs: 'avx512', 'avx2' or 'scalar' (RNNREC_FAST_NO_AVX512=1 / "
         "RNNREC_FAST_NO_SIMD=1 step down)");
+  m.def("linear_rows", &rnnrec::linear_rows,
+        "x @ W.T (+ b) with W as stored (N, K); a few float32 rows of x stream W once through the vector "
+        "kernels (split over threads), other inputs go to torch.addmm",
+        py::arg("x"), py::arg("W"), py::arg("b") = py::none());
   m.def("infer", &rnnrec::infer,
         "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
         py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),

@@ -363,3 +363,38 @@ def test_few_rows_large_weights_split_over_threads(B, mode, reset_after, H):
     ry, rh, _ = reference.forward(*[as64(t) for t in args[:6]], lengths, resets, MODES[mode], reset_after)
     assert_close(y2.double(), ry, torch.float32, "output")
     assert_close(h2.double(), rh, torch.float32, "h_n")
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_linear_rows_matches_addmm():
+    """_C.linear_rows (the serving scores: a few rows against the whole catalogue) equals
+    torch.addmm: 1-9 rows (9 goes to ATen), with and without bias, 1 and 2 threads (the catalogue
+    split over threads), a non-contiguous x, float64 (ATen); with autograd to record it is ATen's
+    differentiable product; bad shapes raise ValueError."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(2933, 100, generator=gen)
+    b = torch.randn(2933, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        for nthr in (1, 2):
+            torch.set_num_threads(nthr)
+            for M in range(1, 10):
+                x = torch.randn(M, 100, generator=gen)
+                assert_close(_C.linear_rows(x, W, b), torch.addmm(b, x, W.t()), torch.float32, f"M={M}")
+                assert_close(_C.linear_rows(x, W), x @ W.t(), torch.float32, f"M={M}, no bias")
+    finally:
+        torch.set_num_threads(threads)
+    xt = torch.randn(100, 3, generator=gen).t()  # (3, 100), not contiguous
+    assert_close(_C.linear_rows(xt, W, b), torch.addmm(b, xt, W.t()), torch.float32, "non-contiguous x")
+    x64, W64 = torch.randn(2, 100, dtype=torch.float64), W.double()
+    torch.testing.assert_close(_C.linear_rows(x64, W64), x64 @ W64.t())
+    xg = torch.randn(2, 100, requires_grad=True)
+    (g,) = torch.autograd.grad(_C.linear_rows(xg, W, b).sum(), xg)
+    (ref,) = torch.autograd.grad(torch.addmm(b, xg, W.t()).sum(), xg)
+    torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="linear_rows"):
+        _C.linear_rows(torch.randn(2, 99), W, b)
+    with pytest.raises(ValueError, match="linear_rows"):
+        _C.linear_rows(torch.randn(2, 100), W, torch.randn(5))

@@ -60,6 +60,27 @@ def test_click_matches_offline_replay(embedding, layers):
     assert len(rec) == 3
 
 
+@pytest.mark.parametrize("threads,small", [(1, True), (2, True), (1, False), (2, False)])
+def test_fast_path_scores_every_route(threads, small, monkeypatch):
+    """The fast path's single-row scores, by the extension's few-rows product (a small catalogue,
+    or more than one thread) or by MKL's GEMV (a large one on one thread), equal model.score."""
+    from rnnrec_fast.serving import fastpath
+
+    monkeypatch.setattr(fastpath, "_ROWS_MAX_BYTES_1T", 1 << 30 if small else 0)
+    model = make_model(n_items=300, layers=(24,))
+    fast = fastpath.build(model)
+    assert fast is not None
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        h = torch.randn(3, 24)
+        with torch.no_grad():
+            for rows in (1, 2, 3):
+                torch.testing.assert_close(fast.score(h[:rows]), model.score(h[:rows]), **TOL)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_click_many_matches_click_and_repeats_apply_in_order():
     model = make_model()
     ids = model.item_ids
