@@ -12,8 +12,10 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -1124,6 +1126,68 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::opti
   return has_b ? at::addmm(*b, x, W.t()) : at::mm(x, W.t());
 }
 
+// The serving click's scores and top-k in one call: s = W h + b for one state h (H,) against the
+// catalogue W (N, H) (few_rows_nt into a per-thread buffer where the vector kernels run, else
+// at::mv), the excluded items set to -inf, then one pass that keeps the k best in a sorted array
+// (NaN ranks above every number, as in torch.topk; among equal scores the lower index comes
+// first). Returns (scores, indices) as Python lists, best first: no tensors to build or convert.
+py::tuple score_topk(const at::Tensor& h, const at::Tensor& W, const at::Tensor& b, int64_t k,
+                     const std::vector<int64_t>& exclude) {
+  TORCH_CHECK_VALUE(W.dim() == 2 && W.scalar_type() == at::kFloat && W.device().is_cpu() && W.is_contiguous(),
+                    "rnnrec_fast score_topk: W must be a contiguous float32 CPU (N, H) matrix");
+  const int64_t N = W.size(0), H = W.size(1);
+  TORCH_CHECK_VALUE(h.numel() == H && h.scalar_type() == at::kFloat && h.device().is_cpu(),
+                    "rnnrec_fast score_topk: h must hold H = ", H, " float32 values on the CPU, got ", h.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N && b.scalar_type() == at::kFloat && b.device().is_cpu(),
+                    "rnnrec_fast score_topk: b must be a float32 CPU (", N, ",) vector");
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, "rnnrec_fast score_topk: k must be in [1, ", N, "], got ", k);
+  for (const int64_t j : exclude)
+    TORCH_CHECK_VALUE(j >= 0 && j < N, "rnnrec_fast score_topk: excluded index ", j, " out of [0, ", N, ")");
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < N) buf.resize(size_t(N));
+  float* s = buf.data();
+  const at::Tensor hc = h.contiguous().view({H}), bc = b.contiguous();
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if (simd_enabled()) {
+    few_rows_nt(1, N, H, W.data_ptr<float>(), H, hc.data_ptr<float>(), H, s, N);
+  } else
+#endif
+  {
+    const at::Tensor sv = at::mv(W, hc);
+    std::memcpy(s, sv.data_ptr<float>(), sizeof(float) * size_t(N));
+  }
+  const float* bp = bc.data_ptr<float>();
+  for (int64_t j = 0; j < N; ++j) s[j] += bp[j];
+  for (const int64_t j : exclude) s[j] = -std::numeric_limits<float>::infinity();
+  const auto better = [](float a, float c) { return std::isnan(a) ? !std::isnan(c) : (!std::isnan(c) && a > c); };
+  std::vector<float> bv(static_cast<size_t>(k));
+  std::vector<int64_t> bi(static_cast<size_t>(k));
+  int64_t cnt = 0;
+  for (int64_t j = 0; j < N; ++j) {
+    const float v = s[j];
+    int64_t pos;
+    if (cnt < k) {
+      pos = cnt++;
+    } else {
+      if (!better(v, bv[size_t(k - 1)])) continue;
+      pos = k - 1;
+    }
+    while (pos > 0 && better(v, bv[size_t(pos - 1)])) {
+      bv[size_t(pos)] = bv[size_t(pos - 1)];
+      bi[size_t(pos)] = bi[size_t(pos - 1)];
+      --pos;
+    }
+    bv[size_t(pos)] = v;
+    bi[size_t(pos)] = j;
+  }
+  py::list vals(k), idx(k);
+  for (int64_t i = 0; i < k; ++i) {
+    vals[size_t(i)] = py::float_(double(bv[size_t(i)]));
+    idx[size_t(i)] = py::int_(bi[size_t(i)]);
+  }
+  return py::make_tuple(vals, idx);
+}
+
 template <typename T>
 RowKernels<T> scalar_row_kernels() {
   RowKernels<T> k;
@@ -1154,6 +1218,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W.T (+ b) with W as stored (N, K); a few float32 rows of x stream W once through the vector "
         "kernels (split over threads), other inputs go to torch.addmm",
         py::arg("x"), py::arg("W"), py::arg("b") = py::none());
+  m.def("score_topk", &rnnrec::score_topk,
+        "(scores, indices) of the k best items for one state h: W h + b, the excluded items at -inf, "
+        "best first, as Python lists (the serving click)",
+        py::arg("h"), py::arg("W"), py::arg("b"), py::arg("k"), py::arg("exclude") = std::vector<int64_t>());
   m.def("infer", &rnnrec::infer,
         "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
         py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),

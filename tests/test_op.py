@@ -398,3 +398,44 @@ def test_linear_rows_matches_addmm():
         _C.linear_rows(torch.randn(2, 99), W, b)
     with pytest.raises(ValueError, match="linear_rows"):
         _C.linear_rows(torch.randn(2, 100), W, torch.randn(5))
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_score_topk_matches_torch_topk():
+    """_C.score_topk (the serving click: W h + b, exclusions at -inf, the k best as lists) against
+    addmv + torch.topk: several k up to N, 1 and 2 threads, exclusions (repeated ones too), NaN
+    ranked first as torch.topk ranks it, equal scores in index order, and clear errors."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(5)
+    N, H = 1000, 37
+    W, b, h = torch.randn(N, H, generator=gen), torch.randn(N, generator=gen), torch.randn(H, generator=gen)
+    ref = torch.addmv(b, W, h)
+    threads = torch.get_num_threads()
+    try:
+        for nthr in (1, 2):
+            torch.set_num_threads(nthr)
+            for k in (1, 5, 20, N):
+                v, i = _C.score_topk(h, W, b, k)
+                rv, ri = torch.topk(ref, k)
+                assert i == ri.tolist(), (nthr, k)
+                assert_close(torch.tensor(v), rv, torch.float32, f"k={k}")
+    finally:
+        torch.set_num_threads(threads)
+    excl = ri[:7].tolist() + ri[:2].tolist()
+    masked = ref.clone()
+    masked[excl] = float("-inf")
+    v, i = _C.score_topk(h.view(1, H), W, b, 30, excl)
+    assert i == torch.topk(masked, 30).indices.tolist() and not set(i) & set(excl)
+    bn = b.clone()
+    bn[[3, 500]] = float("nan")
+    v, i = _C.score_topk(h, W, bn, 4)
+    assert sorted(i[:2]) == [3, 500] and all(x != x for x in v[:2])
+    assert i[2:] == [j for j in torch.topk(ref, 6).indices.tolist() if j not in (3, 500)][:2]
+    flat = torch.zeros(N)  # every score equal: the lowest indices, in order
+    assert _C.score_topk(torch.zeros(H), W, flat, 5)[1] == [0, 1, 2, 3, 4]
+    for bad in (lambda: _C.score_topk(h, W, b, 0), lambda: _C.score_topk(h, W, b, N + 1),
+                lambda: _C.score_topk(h, W, b, 3, [N]), lambda: _C.score_topk(h[:5], W, b, 3),
+                lambda: _C.score_topk(h, W, b[:5], 3), lambda: _C.score_topk(h, W.double(), b, 3)):
+        with pytest.raises(ValueError, match="score_topk"):
+            bad()

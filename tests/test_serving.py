@@ -62,8 +62,9 @@ def test_click_matches_offline_replay(embedding, layers):
 
 @pytest.mark.parametrize("threads,small", [(1, True), (2, True), (1, False), (2, False)])
 def test_fast_path_scores_every_route(threads, small, monkeypatch):
-    """The fast path's single-row scores, by the extension's few-rows product (a small catalogue,
-    or more than one thread) or by MKL's GEMV (a large one on one thread), equal model.score."""
+    """The fast path's single-row scores and a click's top-k (exclude_seen), by the extension's
+    few-rows product and one-call top-k (a small catalogue, or more than one thread) or by MKL's
+    GEMV and torch.topk (a large one on one thread), equal model.score and torch.topk."""
     from rnnrec_fast.serving import fastpath
 
     monkeypatch.setattr(fastpath, "_ROWS_MAX_BYTES_1T", 1 << 30 if small else 0)
@@ -77,6 +78,22 @@ def test_fast_path_scores_every_route(threads, small, monkeypatch):
         with torch.no_grad():
             for rows in (1, 2, 3):
                 torch.testing.assert_close(fast.score(h[:rows]), model.score(h[:rows]), **TOL)
+            top = fast.topk_row(h[0], 10, [4, 4, 7])
+            assert (top is not None) == (small or threads > 1)
+            if top is not None:
+                s = model.score(h[:1])[0]
+                s[[4, 7]] = float("-inf")
+                v, i = torch.topk(s, 10)
+                assert top[1] == i.tolist()
+                torch.testing.assert_close(torch.tensor(top[0]), v, **TOL)
+            rec = SessionRecommender(model)
+            rec._fast = fast
+            ids = model.item_ids
+            for it in (ids[3], ids[9], ids[3]):
+                got = rec.click("s", it, k=6, exclude_seen=True)
+            exp_items, exp_scores = offline_topk(model, replay(model, [ids[3], ids[9], ids[3]]), 8)
+            exp = [(i, v) for i, v in zip(exp_items, exp_scores.tolist()) if i not in (ids[3], ids[9])][:6]
+            assert got[0] == [i for i, _ in exp]
     finally:
         torch.set_num_threads(old)
 

@@ -15,10 +15,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-try:  # the modules' C++ inference fast path and the few-rows product (csrc/rnnrec_cpu.cpp)
-    from .._C import infer as _infer, linear_rows as _linear_rows
+try:  # the modules' C++ inference fast path, the few-rows product and the click's score + top-k
+    from .._C import infer as _infer, linear_rows as _linear_rows, score_topk as _score_topk
 except ImportError:
-    _infer = _linear_rows = None
+    _infer = _linear_rows = _score_topk = None
 
 
 class FastGRU4Rec:
@@ -41,7 +41,7 @@ class FastGRU4Rec:
         # (H, n_items) contiguous: a faster GEMM/GEMV layout on CPU than Wy.t() (one extra copy of Wy)
         self.Wt = self.Wy.t().contiguous()
         self.by = model.By.detach().reshape(-1).contiguous()
-        self.rows_fast = (_linear_rows is not None and self.Wy.device.type == "cpu"
+        self.rows_fast = (_linear_rows is not None and _score_topk is not None and self.Wy.device.type == "cpu"
                           and self.Wy.dtype == torch.float32 and self.Wy.is_contiguous())
         self.wy_small = self.Wy.numel() * self.Wy.element_size() <= _ROWS_MAX_BYTES_1T
         self.op = torch.ops.rnnrec_fast.recurrence
@@ -86,6 +86,14 @@ class FastGRU4Rec:
             x, hn = op(x, row[layer:layer + 1], w[0], w[1], w[2], w[3], None, None, "gru", ra, be)[:2]
             out.append(hn)
         return torch.cat(out)
+
+    def topk_row(self, h_row, k, exclude):
+        """The click's top-k for one state ``h_row`` (H,): ``(scores, indices)`` lists, best first,
+        ``exclude`` (indices) at -inf; one C++ call (scores, selection and the lists) where the
+        few-rows product applies (see :meth:`score`), else None."""
+        if self.rows_fast and (self.wy_small or torch.get_num_threads() > 1):
+            return _score_topk(h_row, self.Wy, self.by, k, exclude or [])
+        return None
 
     def score(self, h_top):
         """(B, H) -> (B, n_items). Batches of 4+ rows use oneDNN's GEMM on a prepacked copy of

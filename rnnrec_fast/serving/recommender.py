@@ -169,6 +169,10 @@ class SessionRecommender:
                     del seen[0]
                 if exclude_seen:
                     seen = list(seen)
+            if fast is not None:
+                top = fast.topk_row(h[-1], k, seen if exclude_seen else None)
+                if top is not None:
+                    return top
             scores = self._score(h[-1:] if self.num_layers > 1 else h)
             if exclude_seen:
                 scores[0, seen] = self._neg_inf
