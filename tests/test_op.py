@@ -439,3 +439,36 @@ def test_score_topk_matches_torch_topk():
                 lambda: _C.score_topk(h, W, b[:5], 3), lambda: _C.score_topk(h, W.double(), b, 3)):
         with pytest.raises(ValueError, match="score_topk"):
             bad()
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_topk_rows_matches_torch_topk():
+    """_C.topk_rows (the serving batch's top-k) equals torch.topk(scores, k, dim=1): several k up to
+    N, 1 and 2 threads, a strided input, -inf and NaN entries; clear errors."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(9)
+    s = torch.randn(37, 501, generator=gen)
+    s[3, :400] = float("-inf")
+    s[5, [7, 300]] = float("nan")
+    threads = torch.get_num_threads()
+    try:
+        for nthr in (1, 2):
+            torch.set_num_threads(nthr)
+            for k in (1, 20, 501):
+                v, i = _C.topk_rows(s, k)
+                rv, ri = torch.topk(s, k, dim=1)
+                if k < 501:  # (at k = N the many -inf ties of row 3 may come in another order)
+                    keep = torch.arange(37) != 5  # row 5's two NaNs may come in either order
+                    assert torch.equal(i[keep], ri[keep]), (nthr, k)
+                    assert set(i[5, :2].tolist()) <= {7, 300} and torch.equal(i[5, 2:], ri[5, 2:])
+                torch.testing.assert_close(v, rv, equal_nan=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(_C.topk_rows(s, 2)[1][5].tolist()) == [7, 300]
+    st = torch.randn(501, 4, generator=gen).t()
+    assert torch.equal(_C.topk_rows(st, 9)[1], torch.topk(st, 9, dim=1).indices)
+    for bad in (lambda: _C.topk_rows(s, 0), lambda: _C.topk_rows(s, 502), lambda: _C.topk_rows(s.double(), 3),
+                lambda: _C.topk_rows(s[0], 3)):
+        with pytest.raises(ValueError, match="topk_rows"):
+            bad()

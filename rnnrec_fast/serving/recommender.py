@@ -10,6 +10,11 @@ import torch
 from . import fastpath as _fastpath
 from .store import SessionStore
 
+try:  # torch.topk(scores, k, dim=1) by one selection pass per row (csrc/rnnrec_cpu.cpp)
+    from .._C import topk_rows as _topk_rows
+except ImportError:
+    _topk_rows = None
+
 
 class ServingError(Exception):
     """Base class of the errors the serving API raises for bad input."""
@@ -309,6 +314,8 @@ class SessionRecommender:
                         rows.extend([p] * len(seen))
                         cols.extend(seen)
                 scores[rows, cols] = self._neg_inf
+            if _topk_rows is not None and scores.dtype == torch.float32 and scores.device.type == "cpu":
+                return _topk_rows(scores, k)  # one selection pass per row: faster than torch.topk here
             return torch.topk(scores, k, dim=1)
 
     def end(self, session_id):
