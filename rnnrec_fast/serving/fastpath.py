@@ -91,9 +91,13 @@ class FastGRU4Rec:
         """The click's top-k for one state ``h_row`` (H,): ``(scores, indices)`` lists, best first,
         ``exclude`` (indices) at -inf; one C++ call (scores, selection and the lists) where the
         few-rows product applies (see :meth:`score`), else None."""
-        if self.rows_fast and (self.wy_small or torch.get_num_threads() > 1):
+        if self._rows_path():
             return _score_topk(h_row, self.Wy, self.by, k, exclude or [])
         return None
+
+    def _rows_path(self):
+        """Whether a few rows go through the extension's few-rows product (see :meth:`score`)."""
+        return self.rows_fast and (self.wy_small or torch.get_num_threads() > 1)
 
     def score(self, h_top):
         """(B, H) -> (B, n_items). Batches of 4+ rows use oneDNN's GEMM on a prepacked copy of
@@ -103,7 +107,7 @@ class FastGRU4Rec:
         items 28 -> 20 us; two threads: every size measured, up to 100k items), else MKL's GEMV."""
         if self.packed is not None and h_top.shape[0] >= _ONEDNN_MIN_ROWS:
             return torch.ops.mkldnn._linear_pointwise(h_top.contiguous(), self.packed, self.by, "none", [], "")
-        if self.rows_fast and (self.wy_small or torch.get_num_threads() > 1):
+        if self._rows_path():
             return _linear_rows(h_top, self.Wy, self.by)
         return torch.addmm(self.by, h_top, self.Wt)
 
