@@ -1155,8 +1155,8 @@ inline void select_topk(const float* __restrict s, int64_t N, int64_t k, float* 
 }
 
 // torch.topk(scores, k, dim=1) for a float32 CPU (M, N) matrix, by select_topk per row (in
-// parallel over rows): the serving batch's top-k, about 4x faster than torch.topk for k=20 of
-// 2,933 items here.
+// parallel over rows): the serving batch's top-k (k=20 of 2,933 items, 64 rows, one thread: ~360 us
+// against torch.topk's ~546 us, timed in a loop here; the same at two threads).
 std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k) {
   TORCH_CHECK_VALUE(scores.dim() == 2 && scores.scalar_type() == at::kFloat && scores.device().is_cpu(),
                     "rnnrec_fast topk_rows: scores must be a float32 CPU (M, N) matrix, got ", scores.sizes());
