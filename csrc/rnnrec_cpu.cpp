@@ -55,19 +55,17 @@ void s_rnn_fwd(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T*
 }
 
 template <typename T>
-void s_gru_fwd_ra(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* y) {
-  const T* hprev = ws;
-  T* r_ = ws + H;
-  T* z_ = ws + 2 * H;
-  T* n_ = ws + 3 * H;
-  T* hn_ = ws + 4 * H;
+void s_gru_fwd_ra(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, const T* hprev, T* ws, T* y) {
+  T* r_ = ws;
+  T* z_ = ws + H;
+  T* n_ = ws + 2 * H;
+  T* hn_ = ws + 3 * H;
   for (int64_t j = 0; j < H; ++j) {
     T r = sigmoid_s((xp[j] + bi[j]) + (hp[j] + bh[j]));
     T z = sigmoid_s((xp[H + j] + bi[H + j]) + (hp[H + j] + bh[H + j]));
     T hn = hp[2 * H + j] + bh[2 * H + j];
     T n = std::tanh((xp[2 * H + j] + bi[2 * H + j]) + r * hn);
-    T hp_ = hprev[j];
-    y[j] = (T(1) - z) * n + z * hp_;
+    y[j] = (T(1) - z) * n + z * hprev[j];
     r_[j] = r;
     z_[j] = z;
     n_[j] = n;
@@ -76,26 +74,25 @@ void s_gru_fwd_ra(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh,
 }
 
 template <typename T>
-void s_gru_fwd_a(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* rh) {
-  const T* hprev = ws;
+void s_gru_fwd_a(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, const T* hprev, T* ws, T* rh) {
   for (int64_t j = 0; j < H; ++j) {
     T r = sigmoid_s((xp[j] + bi[j]) + (hp[j] + bh[j]));
     T z = sigmoid_s((xp[H + j] + bi[H + j]) + (hp[H + j] + bh[H + j]));
-    ws[H + j] = r;
-    ws[2 * H + j] = z;
+    ws[j] = r;
+    ws[H + j] = z;
     rh[j] = r * hprev[j];
   }
 }
 
 template <typename T>
-void s_gru_fwd_b(int64_t H, const T* xp, const T* bi, const T* bh, T* ws, T* y) {
+void s_gru_fwd_b(int64_t H, const T* xp, const T* bi, const T* bh, const T* hprev, T* ws, T* y) {
   for (int64_t j = 0; j < H; ++j) {
-    T hn = ws[4 * H + j] + bh[2 * H + j];
+    T hn = ws[3 * H + j] + bh[2 * H + j];
     T n = std::tanh((xp[2 * H + j] + bi[2 * H + j]) + hn);
-    T z = ws[2 * H + j];
-    y[j] = (T(1) - z) * n + z * ws[j];
-    ws[3 * H + j] = n;
-    ws[4 * H + j] = hn;
+    T z = ws[H + j];
+    y[j] = (T(1) - z) * n + z * hprev[j];
+    ws[2 * H + j] = n;
+    ws[3 * H + j] = hn;
   }
 }
 
@@ -111,10 +108,10 @@ void s_rnn_bwd(int64_t H, T* dh, const T* gy, const T* y, T* dgx, int relu) {
 }
 
 template <typename T>
-void s_gru_bwd_ra(int64_t H, T* dh, const T* gy, const T* ws, T* dgx, T* dgh, T* dhn_out) {
+void s_gru_bwd_ra(int64_t H, T* dh, const T* gy, const T* hp, const T* ws, T* dgx, T* dgh) {
   for (int64_t j = 0; j < H; ++j) {
     T g = dh[j] + gy[j];
-    T hprev = ws[j], r = ws[H + j], z = ws[2 * H + j], n = ws[3 * H + j], hn = ws[4 * H + j];
+    T hprev = hp[j], r = ws[j], z = ws[H + j], n = ws[2 * H + j], hn = ws[3 * H + j];
     T dn = g * (T(1) - z);
     T dz = g * (hprev - n);
     T dn_pre = dn * (T(1) - n * n);
@@ -128,16 +125,15 @@ void s_gru_bwd_ra(int64_t H, T* dh, const T* gy, const T* ws, T* dgx, T* dgh, T*
     dgh[j] = dr_pre;
     dgh[H + j] = dz_pre;
     dgh[2 * H + j] = dhn;
-    dhn_out[j] = dhn;
     dh[j] = g * z;
   }
 }
 
 template <typename T>
-void s_gru_bwd_1(int64_t H, T* dh, const T* gy, const T* ws, T* dgx) {
+void s_gru_bwd_1(int64_t H, T* dh, const T* gy, const T* hp, const T* ws, T* dgx) {
   for (int64_t j = 0; j < H; ++j) {
     T g = dh[j] + gy[j];
-    T hprev = ws[j], z = ws[2 * H + j], n = ws[3 * H + j];
+    T hprev = hp[j], z = ws[H + j], n = ws[2 * H + j];
     T dn = g * (T(1) - z);
     T dz = g * (hprev - n);
     dgx[2 * H + j] = dn * (T(1) - n * n);
@@ -147,9 +143,9 @@ void s_gru_bwd_1(int64_t H, T* dh, const T* gy, const T* ws, T* dgx) {
 }
 
 template <typename T>
-void s_gru_bwd_2(int64_t H, T* dh, const T* drh, const T* ws, T* dgx, T* hin) {
+void s_gru_bwd_2(int64_t H, T* dh, const T* drh, const T* hp, const T* ws, T* dgx, T* hin) {
   for (int64_t j = 0; j < H; ++j) {
-    T hprev = ws[j], r = ws[H + j];
+    T hprev = hp[j], r = ws[j];
     T d = drh[j];
     dgx[j] = d * hprev * r * (T(1) - r);
     dh[j] = dh[j] + d * r;
@@ -449,8 +445,11 @@ inline void for_rows(int64_t B, int64_t work_per_row, const F& fn) {
 // Input validation
 // ------------------------------------------------------------------------------------------------
 struct Dims {
-  int64_t T, B, I, H, G, W;
+  int64_t T, B, I, H, G, W;  // W: the workspace's width (ws_width)
 };
+
+// The saved workspace per step and row: gru [r, z, n, hn]; rnn nothing (rnnrec_fast.backends.reference).
+inline int64_t ws_width(int64_t mode, int64_t H) { return mode == MODE_GRU ? 4 * H : 0; }
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype,
                   bool strided = false) {
@@ -488,7 +487,7 @@ Dims validate(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
   d.I = x.size(2);
   d.H = h0.size(1);
   d.G = mode == MODE_GRU ? 3 : 1;
-  d.W = mode == MODE_GRU ? 5 * d.H : d.H;
+  d.W = ws_width(mode, d.H);
   TORCH_CHECK(h0.size(0) == d.B, "rnnrec_fast cpp: h0 must have shape (B, H) with B = ", d.B,
               " (x.shape[1]), got ", h0.sizes());
   check_shape(w_ih, "w_ih", {d.G * d.H, d.I});
@@ -534,6 +533,13 @@ struct StepMasks {
       if (t < len[b]) return true;
     return false;
   }
+  // Every row active at step t and none reset: the state entering step t is h0 (t = 0) or y[t - 1]
+  // as it stands.
+  inline bool all_plain(int64_t t) const {
+    for (int64_t b = 0; b < B; ++b)
+      if (!active(t, b) || reset(t, b)) return false;
+    return true;
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -554,9 +560,9 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
 
   // Input projections of every step (no bias: the pointwise pass adds it), one GEMM written
   // straight into the outputs, so no (T, B, G*H) scratch: gru puts them in the workspace's r, z, n
-  // slots (ws[t, b, H:4H], which the step's pointwise pass reads and then overwrites with r, z, n),
+  // slots (ws[t, b, 0:3H], which the step's pointwise pass reads and then overwrites with r, z, n),
   // rnn puts them in y (overwritten with h_new).
-  T* xp = gru ? ws + H : y;
+  T* xp = gru ? ws : y;
   const int64_t ldxp = gru ? W : H;
   gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
 
@@ -565,6 +571,9 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   T* hp = hp_buf.data();
   Buf<T> rh_buf(gru && !reset_after ? B * H : 0);
   T* rh = rh_buf.data();
+  // The state entering a step (after resets) as (B, H) rows: h0 or the previous step's y in place
+  // when every row is active and none resets, else gathered here (zero rows where reset/inactive).
+  Buf<T> hin_buf(B * H);
   std::vector<const T*> cur(B);
   const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
   const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
@@ -574,27 +583,30 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     T* ws_t = ws + t * B * W;
     T* y_t = y + t * B * H;
     const T* xp_t = xp + t * B * ldxp;
-    // h_prev (after reset) into the workspace: it is also the recurrent GEMM's input.
-    for (int64_t b = 0; b < B; ++b) {
-      T* dst = ws_t + b * W;
-      if (m.active(t, b) && !m.reset(t, b))
-        std::memcpy(dst, cur[b], sizeof(T) * H);
-      else
-        std::fill(dst, dst + H, T(0));
-    }
     if (!m.any_active(t)) {
       std::fill(ws_t, ws_t + B * W, T(0));
       std::fill(y_t, y_t + B * H, T(0));
       continue;
     }
-    whh.run(B, ws_t, W, hp, hp_cols);
+    const T* hin = t == 0 ? h0 : y_t - B * H;  // every row active (so active at t - 1) and no reset
+    if (!m.all_plain(t)) {
+      T* dst = hin_buf.data();
+      for (int64_t b = 0; b < B; ++b) {
+        if (m.active(t, b) && !m.reset(t, b))
+          std::memcpy(dst + b * H, cur[b], sizeof(T) * H);
+        else
+          std::fill(dst + b * H, dst + (b + 1) * H, T(0));
+      }
+      hin = dst;
+    }
+    whh.run(B, hin, H, hp, hp_cols);
     if (!gru) {
       for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b)) {
             K.rnn_fwd(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, y_t + b * H, relu);
           } else {
-            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));  // ws row already zero
+            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
           }
         }
       });
@@ -602,7 +614,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       for_rows(B, 12 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b)) {
-            K.gru_fwd_ra(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, ws_t + b * W, y_t + b * H);
+            K.gru_fwd_ra(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, hin + b * H, ws_t + b * W, y_t + b * H);
           } else {
             std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
             std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
@@ -613,17 +625,17 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b))
-            K.gru_fwd_a(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, ws_t + b * W, rh + b * H);
+            K.gru_fwd_a(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, hin + b * H, ws_t + b * W, rh + b * H);
           else
             std::fill(rh + b * H, rh + (b + 1) * H, T(0));
         }
       });
       // hn = W_hn (r * h_prev), straight into the workspace's hn slot.
-      whn.run(B, rh, H, ws_t + 4 * H, W);
+      whn.run(B, rh, H, ws_t + 3 * H, W);
       for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (m.active(t, b)) {
-            K.gru_fwd_b(H, xp_t + b * ldxp, bi, bh, ws_t + b * W, y_t + b * H);
+            K.gru_fwd_b(H, xp_t + b * ldxp, bi, bh, hin + b * H, ws_t + b * W, y_t + b * H);
           } else {
             std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
             std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
@@ -657,7 +669,7 @@ struct View3 {
   // Steps [t0, t1) as (rows, C) with a uniform row stride: returns the pointer, sets ld.
   const T* steps(int64_t t0, int64_t t1, int64_t B, int64_t C, T* scratch, int64_t& ld) const {
     if (rows_uniform(B) || (sc == 1 && t1 - t0 == 1)) {
-      ld = sb;
+      ld = B == 1 && t1 - t0 > 1 ? st : sb;
       return p + t0 * st;
     }
     for (int64_t t = t0; t < t1; ++t)
@@ -666,7 +678,7 @@ struct View3 {
     ld = C;
     return scratch;
   }
-  bool rows_uniform(int64_t B) const { return sc == 1 && st == B * sb; }
+  bool rows_uniform(int64_t B) const { return sc == 1 && (st == B * sb || B == 1); }
 };
 
 template <typename T>
@@ -687,15 +699,15 @@ void add_col_sums(int64_t R, int64_t C, const T* A, int64_t ld, double* acc) {
 // last: the gate gradients of one chunk live in a (chunk, B, G*H) buffer, and the weight and
 // input gradients of the chunk are one GEMM each. This bounds the scratch memory of a training
 // step (a whole-sequence gate-gradient buffer would cost more than torch.nn.GRU's entire backward)
-// while keeping the products large enough to run near the GEMM kernel's speed. 128 rows: the
-// same training speed as 256 here (B32 T20 H100 and B64 T20 H512), with a peak ~0.25 MiB lower
-// at B32 H100; 64 rows measured 10% slower.
-constexpr int64_t kBackwardChunkRows = 128;
+// while keeping the products large enough to run near the GEMM kernel's speed. About 96 rows
+// (whole steps, so 128 at B = 64): at B32 T20 H100, 128 -> 96 rows lowered the peak by ~0.07 MiB
+// for ~0.4% more time; 64 rows cost 1-5%.
+constexpr int64_t kBackwardChunkRows = 96;
 
 template <typename T>
-void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<T>& x, const T* w_ih,
-                   const T* w_hh, const StepMasks& m, const T* y, const T* ws, int mode, bool reset_after,
-                   T* gx, T* gh0, T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh) {
+void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<T>& x, const T* h0,
+                   const T* w_ih, const T* w_hh, const StepMasks& m, const T* y, const T* ws, int mode,
+                   bool reset_after, T* gx, T* gh0, T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh) {
   const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
   const RowKernels<T>& K = row_kernels<T>();
   const bool gru = mode == MODE_GRU;
@@ -705,16 +717,44 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   Buf<T> dgx_buf(Tc * B * GH);  // d(x W_ih^T + b_ih), this chunk
   T* dgx = dgx_buf.data();
   Buf<T> dgh_step(gru && reset_after ? B * GH : 0);   // d(h W_hh^T + b_hh), this step
-  Buf<T> dhn_buf(gru && reset_after ? Tc * B * H : 0);  // its n part, this chunk
   Buf<T> hin_buf(gru && !reset_after ? Tc * B * H : 0); // r * h_prev, this chunk
   Buf<T> drh(gru && !reset_after ? B * H : 0);
   Buf<T> carry(B * H);
   Buf<T> gy_rows(B * H);                                       // gy of a step when gy is strided
-  Buf<T> x_rows(x.rows_uniform(B) ? 0 : Tc * B * I);           // x of a chunk when x is strided
+  // x of a chunk when its rows are not evenly spaced and not even a step's are (a step of a
+  // batch_first x is: its product then runs per step, without this copy)
+  Buf<T> x_rows(x.rows_uniform(B) || x.sc == 1 ? 0 : Tc * B * I);
   std::vector<double> sum_i(GH, 0.0), sum_n(gru && reset_after ? H : 0, 0.0);
   // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
   const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
   const StepW<T> wn(false, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
+
+  // The state entering step t, row b (not saved by the forward): zero where the row resets, else
+  // h0 at t = 0 and y[t - 1] after (exact at every active step, the only ones that use it).
+  const std::vector<T> zero_row(size_t(H), T(0));
+  const auto h_prev = [&](int64_t t, int64_t b) -> const T* {
+    return m.reset(t, b) ? zero_row.data() : t == 0 ? h0 + b * H : y + ((t - 1) * B + b) * H;
+  };
+  // The same as (rows, H) blocks for the weight gradients of a chunk: y read in place where no row
+  // resets; a chunk with resets is gathered into hp_rows (allocated only then).
+  bool any_reset = false;
+  for (int64_t i = 0; m.rst != nullptr && i < T_ * B && !any_reset; ++i) any_reset = m.rst[i];
+  Buf<T> hp_rows(any_reset ? Tc * B * H : 0);
+  // C (N x H) = (or += with acc) A^T . h_prev rows of steps [t0, t1); A holds (t1 - t0) * B rows, lda apart.
+  const auto gemm_hprev = [&](int64_t N, const T* A, int64_t lda, int64_t t0, int64_t t1, T* C, bool acc) {
+    const int64_t R = (t1 - t0) * B;
+    if (any_reset) {
+      T* dst = hp_rows.data();
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t b = 0; b < B; ++b) std::memcpy(dst + ((t - t0) * B + b) * H, h_prev(t, b), sizeof(T) * H);
+      gemm_any<T>(true, false, N, H, R, A, lda, dst, H, C, H, acc);
+    } else if (t0 > 0) {
+      gemm_any<T>(true, false, N, H, R, A, lda, y + (t0 - 1) * B * H, H, C, H, acc);
+    } else {  // step 0 from h0, the others from y
+      gemm_any<T>(true, false, N, H, B, A, lda, h0, H, C, H, acc);
+      if (R > B) gemm_any<T>(true, false, N, H, R - B, A + B * lda, lda, y, H, C, H, true);
+    }
+  };
 
   T* dh = gh0;
   std::memcpy(dh, ghn, sizeof(T) * B * H);
@@ -740,16 +780,13 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         wc.run(B, dgx_t, GH, carry.data(), H);
       } else if (reset_after) {
         T* dgh = dgh_step.data();
-        T* dhn_t = dhn_buf.data() + (t - t0) * B * H;
         for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             if (m.active(t, b)) {
-              K.gru_bwd_ra(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH, dgh + b * GH,
-                           dhn_t + b * H);
+              K.gru_bwd_ra(H, dh + b * H, gy_t + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH, dgh + b * GH);
             } else {
               std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
               std::fill(dgh + b * GH, dgh + (b + 1) * GH, T(0));
-              std::fill(dhn_t + b * H, dhn_t + (b + 1) * H, T(0));
             }
           }
         });
@@ -760,7 +797,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             if (m.active(t, b)) {
-              K.gru_bwd_1(H, dh + b * H, gy_t + b * H, ws_t + b * W, dgx_t + b * GH);
+              K.gru_bwd_1(H, dh + b * H, gy_t + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH);
             } else {
               std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
               std::fill(hin_t + b * H, hin_t + (b + 1) * H, T(0));
@@ -773,7 +810,8 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             if (m.active(t, b))
-              K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, ws_t + b * W, dgx_t + b * GH, hin_t + b * H);
+              K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH,
+                          hin_t + b * H);
           }
         });
         wc.run(B, dgx_t, GH, carry.data(), H);
@@ -792,22 +830,36 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
       }
     }
 
-    // This chunk's input and weight gradients: one product each over its R rows.
+    // This chunk's input and weight gradients: one product each over its R rows (the recurrent
+    // weights' two where step 0 reads h0).
     const bool acc = t1 < T_;
     const T* ws_c = ws + t0 * B * W;
-    int64_t ldx = 0;
-    const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
     gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
-    gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
+    if (x.rows_uniform(B) || x.sc != 1) {
+      int64_t ldx = 0;
+      const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
+      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
+    } else {
+      for (int64_t t = t0; t < t1; ++t)
+        gemm_any<T>(true, false, GH, I, B, dgx + (t - t0) * B * GH, GH, x.p + t * x.st, x.sb, gw_ih, I,
+                    acc || t > t0);
+    }
     add_col_sums<T>(R, GH, dgx, GH, sum_i.data());
     if (!gru) {
-      gemm_any<T>(true, false, H, H, R, dgx, GH, ws_c, W, gw_hh, H, acc);
+      gemm_hprev(H, dgx, GH, t0, t1, gw_hh, acc);
     } else if (reset_after) {
-      gemm_any<T>(true, false, 2 * H, H, R, dgx, GH, ws_c, W, gw_hh, H, acc);
-      gemm_any<T>(true, false, H, H, R, dhn_buf.data(), H, ws_c, W, gw_hh + 2 * H * H, H, acc);
-      add_col_sums<T>(R, H, dhn_buf.data(), H, sum_n.data());
+      // The n rows of W_hh act on h_prev too, with gradient dhn = dn * r: dgx's n part (dn) becomes
+      // dhn in place (the same product the step kernel formed for dgh), and W_hh's three gate
+      // blocks take one product.
+      for (int64_t i = 0; i < R; ++i) {
+        T* dn = dgx + i * GH + 2 * H;
+        const T* r = ws_c + i * W;
+        for (int64_t j = 0; j < H; ++j) dn[j] = dn[j] * r[j];
+      }
+      add_col_sums<T>(R, H, dgx + 2 * H, GH, sum_n.data());
+      gemm_hprev(GH, dgx, GH, t0, t1, gw_hh, acc);
     } else {
-      gemm_any<T>(true, false, 2 * H, H, R, dgx, GH, ws_c, W, gw_hh, H, acc);
+      gemm_hprev(2 * H, dgx, GH, t0, t1, gw_hh, acc);
       gemm_any<T>(true, false, H, H, R, dgx + 2 * H, GH, hin_buf.data(), H, gw_hh + 2 * H * H, H, acc);
     }
   }
@@ -877,7 +929,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (auto p = opt_ptr(resets)) m.rst = p->data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_cpp_backward", [&] {
     backward_impl<scalar_t>(d, view3<scalar_t>(grad_y), grad_h_n.data_ptr<scalar_t>(),
-                            view3<scalar_t>(x), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
+                            view3<scalar_t>(x), h0.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
                             y.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), int(mode), reset_after,
                             gx.data_ptr<scalar_t>(), gh0.data_ptr<scalar_t>(), gw_ih.data_ptr<scalar_t>(),
                             gw_hh.data_ptr<scalar_t>(), gb_ih.data_ptr<scalar_t>(), gb_hh.data_ptr<scalar_t>());
@@ -1002,7 +1054,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   at::Tensor x = input;
   if (bf && T_ > 1 && B > 1) x = x.transpose(0, 1).contiguous();
   else if (!x.is_contiguous()) x = x.contiguous();
-  Dims d{T_, B, I, H, G, mode == MODE_GRU ? 5 * H : H};
+  Dims d{T_, B, I, H, G, ws_width(int(mode), H)};
   // Outputs are allocated in the shape the module returns. A cell's new state is its one output
   // step; its h_n goes to scratch. A batch_first output with T, B > 1 is the usual transposed view.
   // (CPU allocation without the dispatcher round trip of at::empty; under torch.inference_mode the

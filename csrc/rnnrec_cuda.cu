@@ -14,6 +14,8 @@
 // the host, so both forward and backward can be captured in a CUDA graph.
 // half / bfloat16 inputs are computed in float32 (state, accumulation, GEMMs) with a float32
 // workspace, as the reference does.
+// Workspace: (T, B, 0) for the RNN modes, (T, B, 4H) = [r, z, n, hn] for GRU. The state entering
+// each step (h_prev) is not saved: the backward rebuilds it from h0, y and resets.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
@@ -98,7 +100,7 @@ static Dims check_inputs(const Tensor& x, const Tensor& h0, const Tensor& w_ih, 
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(1) > 0 && w_hh.size(0) == d.G * w_hh.size(1),
               "rnnrec_fast._C_cuda: w_hh must be (G*H, H), got ", w_hh.sizes());
   d.H = w_hh.size(1);
-  d.WD = mode == 2 ? 5 * d.H : d.H;
+  d.WD = mode == 2 ? 4 * d.H : 0;  // workspace width: GRU [r, z, n, hn]; nothing for the RNN modes
   TORCH_CHECK(d.T <= INT32_MAX && d.B <= INT32_MAX && d.H <= INT32_MAX / 8,
               "rnnrec_fast._C_cuda: sizes too large");
   check_same(w_ih, x, "w_ih");
@@ -215,7 +217,7 @@ static bool try_persistent(const Dims& d, const Tensor& xp, const Tensor& w_hh,
   p.resets = opt_resets(resets);
   p.y = y.data_ptr<scalar_t>();
   p.h_n = h_n.data_ptr<scalar_t>();
-  p.ws = ws.data_ptr<acc_t>();
+  p.ws = MODE >= KMODE_GRU ? ws.data_ptr<acc_t>() : nullptr;  // the RNN modes save nothing
   p.hbuf = hbuf.data_ptr<acc_t>();
   p.rh = MODE == KMODE_GRU_CHO ? rh.data_ptr<acc_t>() : nullptr;
   p.T = (int)d.T;
@@ -284,7 +286,7 @@ static void forward_impl(const Dims& d, const Tensor& x, const Tensor& h0, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const acc_t* xp_p = xp.data_ptr<acc_t>();
-  acc_t* ws_p = ws.data_ptr<acc_t>();
+  acc_t* ws_p = MODE >= KMODE_GRU ? ws.data_ptr<acc_t>() : nullptr;  // (T, B, 4H), or width 0
   scalar_t* y_p = y.data_ptr<scalar_t>();
   for (int64_t t = 0; t < T; ++t) {
     Tensor cur = hbuf[t & 1];
@@ -301,7 +303,7 @@ static void forward_impl(const Dims& d, const Tensor& x, const Tensor& h0, const
     }
     fwd_step_kernel<scalar_t, acc_t, MODE><<<blocks, kThreads, 0, stream>>>(
         xp_t, hp.data_ptr<acc_t>(), (int)hp_cols, hn_p, cur.data_ptr<acc_t>(),
-        nxt.data_ptr<acc_t>(), y_p + t * B * H, ws_p + t * B * d.WD,
+        nxt.data_ptr<acc_t>(), y_p + t * B * H, ws_p != nullptr ? ws_p + t * B * d.WD : nullptr,
         t == T - 1 ? h_n.data_ptr<scalar_t>() : nullptr, len_p, res_p, (int)t, Ti, Bi, Hi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -348,7 +350,7 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& x_, const Tensor& h0_, 
 
 template <typename scalar_t, typename acc_t, int MODE>
 static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
-    const Dims& d, const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x,
+    const Dims& d, const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& lengths, const OptTensor& resets,
     const Tensor& y, const Tensor& ws) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -363,44 +365,51 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
 
   const Tensor gy = grad_y.to(acc);  // (T, B, H)
   const Tensor w_hh_a = w_hh.to(acc);
+  // The state entering each step is not in the workspace: it is rebuilt from h0 and y (see
+  // prev_state). In acc_t: for half / bfloat16, y rounded to the input dtype and upcast (as the
+  // reference reads it); for float / double no copy. The RNN modes also take act'(pre) from y.
+  const Tensor h0_a = h0.to(acc);  // (B, H)
+  const Tensor y_a = y.to(acc);    // (T, B, H)
   // d(x W_ih^T + b_ih) per step; for the RNN modes and GRU reset_after=False this is also the
   // gradient of the W_hh products (dgh aliases dgx). GRU reset_after=True needs its own dgh.
   Tensor dgx = at::empty({T, B, G * H}, opts);
   Tensor dgh = MODE == KMODE_GRU ? at::empty({T, B, G * H}, opts) : dgx;
   Tensor carry = at::empty({B, H}, opts);
   carry.copy_(grad_h_n);
-  Tensor y_a, drh;
-  if (MODE == KMODE_TANH || MODE == KMODE_RELU) y_a = y.to(acc);
+  Tensor drh;
   if (MODE == KMODE_GRU_CHO) drh = at::empty({B, H}, opts);
 
   const acc_t* gy_p = gy.data_ptr<acc_t>();
-  const acc_t* ws_p = ws.data_ptr<acc_t>();
+  const acc_t* h0_p = h0_a.data_ptr<acc_t>();
+  const acc_t* y_p = y_a.data_ptr<acc_t>();
+  const acc_t* ws_p = MODE >= KMODE_GRU ? ws.data_ptr<acc_t>() : nullptr;  // (T, B, 4H) or width 0
   for (int64_t t = T - 1; t >= 0; --t) {
     const acc_t* gy_t = gy_p + t * B * H;
-    const acc_t* ws_t = ws_p + t * B * d.WD;
     Tensor dgx_t = dgx[t];  // (B, G*H), contiguous
     Tensor dgh_t = dgh[t];
     if constexpr (MODE == KMODE_TANH || MODE == KMODE_RELU) {
       bwd_rnn_step_kernel<acc_t, MODE><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), gy_t, y_a.data_ptr<acc_t>() + t * B * H, dgx_t.data_ptr<acc_t>(),
-          len_p, res_p, (int)t, Ti, Bi, Hi);
+          carry.data_ptr<acc_t>(), gy_t, y_p + t * B * H, dgx_t.data_ptr<acc_t>(), len_p, res_p,
+          (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       carry.addmm_(dgx_t, w_hh_a);  // carry += d_pre @ W_hh
     } else if constexpr (MODE == KMODE_GRU) {
+      const acc_t* ws_t = ws_p + t * B * d.WD;
       bwd_gru_step_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), gy_t, ws_t, dgx_t.data_ptr<acc_t>(), dgh_t.data_ptr<acc_t>(),
-          len_p, res_p, (int)t, Ti, Bi, Hi);
+          carry.data_ptr<acc_t>(), gy_t, ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(),
+          dgh_t.data_ptr<acc_t>(), len_p, res_p, (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       carry.addmm_(dgh_t, w_hh_a);  // carry = g*z + dgh @ W_hh
     } else {
+      const acc_t* ws_t = ws_p + t * B * d.WD;
       bwd_gru_cho_a_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), gy_t, ws_t, dgx_t.data_ptr<acc_t>(), len_p, res_p, (int)t, Ti,
-          Bi, Hi);
+          carry.data_ptr<acc_t>(), gy_t, ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(), len_p, res_p,
+          (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::mm_out(drh, dgx_t.narrow(1, 2 * H, H), w_hh_a.narrow(0, 2 * H, H));  // d(r * h_prev)
       bwd_gru_cho_b_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), drh.data_ptr<acc_t>(), ws_t, dgx_t.data_ptr<acc_t>(), len_p,
-          (int)t, Ti, Bi, Hi);
+          carry.data_ptr<acc_t>(), drh.data_ptr<acc_t>(), ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(),
+          len_p, res_p, (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       carry.addmm_(dgx_t.narrow(1, 0, 2 * H), w_hh_a.narrow(0, 0, 2 * H));
     }
@@ -410,26 +419,42 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
       carry.data_ptr<acc_t>(), grad_h0.data_ptr<scalar_t>(), len_p, res_p, Ti, Bi, Hi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // After the loop: one GEMM each for grad_x, grad_w_ih, grad_w_hh.
+  // After the loop: one GEMM each for grad_x and grad_w_ih; the bias gradients are column sums.
   const Tensor dgx2 = dgx.view({T * B, G * H});
   const Tensor dgh2 = dgh.view({T * B, G * H});
   const Tensor x2 = x.to(acc).view({T * B, I});
-  const Tensor h_prev_all = ws.narrow(2, 0, H).reshape({T * B, H});  // a strided view, no copy
   Tensor grad_x = at::mm(dgx2, w_ih.to(acc)).view({T, B, I});
   Tensor grad_w_ih = at::mm(dgx2.t(), x2);
-  Tensor grad_w_hh;
-  if constexpr (MODE == KMODE_GRU_CHO) {
-    // the n rows of W_hh multiplied r * h_prev (zero at inactive steps, where ws is zero)
-    const Tensor h_in = (ws.narrow(2, 0, H) * ws.narrow(2, H, H)).view({T * B, H});
-    grad_w_hh = at::empty({G * H, H}, opts);
-    Tensor top = grad_w_hh.narrow(0, 0, 2 * H), bottom = grad_w_hh.narrow(0, 2 * H, H);
-    at::mm_out(top, dgh2.narrow(1, 0, 2 * H).t(), h_prev_all);
-    at::mm_out(bottom, dgh2.narrow(1, 2 * H, H).t(), h_in);
-  } else {
-    grad_w_hh = at::mm(dgh2.t(), h_prev_all);
-  }
   Tensor grad_b_ih = dgx2.sum(0);
   Tensor grad_b_hh = dgh2.sum(0);
+
+  // grad_w_hh. MODE 3: the n rows multiplied h_in = r * h_prev (zero at inactive steps and resets).
+  Tensor h_in;
+  if constexpr (MODE == KMODE_GRU_CHO) {
+    h_in = at::empty({T, B, H}, opts);
+    gru_cho_hin_kernel<acc_t><<<pointwise_blocks(T * B * H), kThreads, 0, stream>>>(
+        ws_p, h0_p, y_p, h_in.data_ptr<acc_t>(), len_p, res_p, Ti, Bi, Hi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The rows that multiplied h_prev (all of W_hh, or its r and z rows for MODE 3):
+  //   sum over (t, b) of dgh[t, b]^T h_prev[t, b],  h_prev = 0 at a reset, h0 at t = 0, y[t - 1] after.
+  // Without building h_prev: zero the rows of dgh at resets, in place (dgh / dgx are not read
+  // after this but by the GEMMs below; grad_x, grad_w_ih and the bias sums above were taken
+  // before, on the same stream), then  dgh[0]^T h0 + dgh[1:]^T y[:-1].
+  // (At inactive steps the rows of dgh are exact zeros, whatever y[t - 1] holds.)
+  if (resets.has_value()) dgh.masked_fill_(resets->unsqueeze(2), 0);
+  const int64_t cols = MODE == KMODE_GRU_CHO ? 2 * H : G * H;
+  Tensor grad_w_hh = at::empty({G * H, H}, opts);
+  Tensor w_rows = grad_w_hh.narrow(0, 0, cols);  // contiguous rows
+  at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_a);
+  if (T > 1) {
+    w_rows.addmm_(dgh2.narrow(0, B, (T - 1) * B).narrow(1, 0, cols).t(),
+                  y_a.view({T * B, H}).narrow(0, 0, (T - 1) * B));
+  }
+  if constexpr (MODE == KMODE_GRU_CHO) {
+    Tensor bottom = grad_w_hh.narrow(0, 2 * H, H);
+    at::mm_out(bottom, dgh2.narrow(1, 2 * H, H).t(), h_in.view({T * B, H}));
+  }
   return {grad_x.to(st), grad_h0, grad_w_ih.to(st), grad_w_hh.to(st), grad_b_ih.to(st),
           grad_b_hh.to(st)};
 }
@@ -459,8 +484,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
               "rnnrec_fast._C_cuda: ws must be (T, B, ", d.WD, "), got ", ws_.sizes());
   c10::cuda::CUDAGuard guard(x_.device());
   const Tensor grad_y = grad_y_.contiguous(), grad_h_n = grad_h_n_.contiguous(),
-               x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(),
-               y = y_.contiguous(), ws = ws_.contiguous();
+               x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(),
+               w_hh = w_hh_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
   const OptTensor lengths = contig(lengths_), resets = contig(resets_);
   const int kmode = mode == 2 ? (reset_after ? KMODE_GRU : KMODE_GRU_CHO) : (int)mode;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
@@ -468,16 +493,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     using acc_t = at::opmath_type<scalar_t>;
     switch (kmode) {
       case KMODE_TANH:
-        out = backward_impl<scalar_t, acc_t, KMODE_TANH>(d, grad_y, grad_h_n, x, w_ih, w_hh, lengths, resets, y, ws);
+        out = backward_impl<scalar_t, acc_t, KMODE_TANH>(d, grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, resets, y, ws);
         break;
       case KMODE_RELU:
-        out = backward_impl<scalar_t, acc_t, KMODE_RELU>(d, grad_y, grad_h_n, x, w_ih, w_hh, lengths, resets, y, ws);
+        out = backward_impl<scalar_t, acc_t, KMODE_RELU>(d, grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, resets, y, ws);
         break;
       case KMODE_GRU:
-        out = backward_impl<scalar_t, acc_t, KMODE_GRU>(d, grad_y, grad_h_n, x, w_ih, w_hh, lengths, resets, y, ws);
+        out = backward_impl<scalar_t, acc_t, KMODE_GRU>(d, grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, resets, y, ws);
         break;
       default:
-        out = backward_impl<scalar_t, acc_t, KMODE_GRU_CHO>(d, grad_y, grad_h_n, x, w_ih, w_hh, lengths, resets, y, ws);
+        out = backward_impl<scalar_t, acc_t, KMODE_GRU_CHO>(d, grad_y, grad_h_n, x, h0, w_ih, w_hh, lengths, resets, y, ws);
         break;
     }
   });

@@ -11,6 +11,9 @@
 //     clamped to [0, T] in the kernel (no host synchronisation). Step t of row b is active iff
 //     t < clamp(lengths[b]). A reset at (t, b) zeroes the state entering step t, and only matters
 //     when step t is active for row b.
+//   * Workspace ws (T, B, WD) in acc_t: WD = 0 for the RNN modes (nothing saved), WD = 4H for GRU
+//     with ws[t, b] = [r, z, n, hn]; exact zeros at inactive steps. h_prev (the state entering
+//     step t, reset applied) is not saved: the backward rebuilds it from h0 and y (prev_state).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -73,6 +76,19 @@ __device__ __forceinline__ bool resets_at(const bool* resets, const int64_t* len
   return resets[(int64_t)t * B + b] && is_active(lengths, b, t, T);
 }
 
+// h_prev of (t, b, j), rebuilt from the forward's outputs: 0 where step t resets row b, else h0 at
+// t = 0, else y[t - 1] (an active step t follows an active step t - 1, whose output is its state).
+// Exact at every active step; at an inactive step the value is never used (its gradients are zero).
+//   h0 (B, H) and y (T, B, H) in acc_t (for half / bfloat16: y rounded to the input dtype, upcast,
+//   as the reference reads it).
+template <typename acc_t>
+__device__ __forceinline__ acc_t prev_state(const acc_t* __restrict__ h0, const acc_t* __restrict__ y,
+                                            const int64_t* lengths, const bool* resets, int t,
+                                            int64_t b, int64_t j, int T, int B, int H) {
+  if (resets_at(resets, lengths, (int)b, t, B, T)) return acc_t(0);
+  return t == 0 ? h0[b * H + j] : y[((int64_t)(t - 1) * B + b) * H + j];
+}
+
 // Grid-stride loop over n elements, 64-bit indices.
 #define RNNREC_GRID_LOOP(i, n)                                                         \
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); \
@@ -119,7 +135,8 @@ __global__ void gru_cho_rh_kernel(const acc_t* __restrict__ xp_t, const acc_t* _
 //   hcur   (B, H)          state entering step t (reset applied)
 //   hnext  (B, H)          out: state entering step t+1 (reset of step t+1 applied); unused at t = T-1
 //   y_t    (B, H)          out (scalar_t): h_new, or exact zero when inactive
-//   ws_t   (B, Wd)         out: [h_prev] or [h_prev, r, z, n, hn]; exact zeros when inactive
+//   ws_t   (B, 4H)         out, GRU only (null for the RNN modes): [r, z, n, hn]; exact zeros when
+//                          inactive
 //   h_n    (B, H)          out at the last step only (else null)
 template <typename scalar_t, typename acc_t, int MODE>
 __global__ void fwd_step_kernel(const acc_t* __restrict__ xp_t, const acc_t* __restrict__ hp,
@@ -129,20 +146,18 @@ __global__ void fwd_step_kernel(const acc_t* __restrict__ xp_t, const acc_t* __r
                                 scalar_t* __restrict__ h_n, const int64_t* __restrict__ lengths,
                                 const bool* __restrict__ resets, int t, int T, int B, int H) {
   constexpr int G = MODE >= KMODE_GRU ? 3 : 1;
-  constexpr int WD = MODE >= KMODE_GRU ? 5 : 1;  // workspace width in units of H
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
     const int64_t b = i / H, j = i - b * H;
     const bool act = is_active(lengths, (int)b, t, T);
     const acc_t h_prev = hcur[i];
     const acc_t* xr = xp_t + b * G * H;
     const acc_t* hr = hp + b * hp_cols;
-    acc_t* wsr = ws_t + b * WD * H;
     acc_t h_new;
     if constexpr (MODE == KMODE_TANH || MODE == KMODE_RELU) {
       const acc_t pre = xr[j] + hr[j];
       h_new = MODE == KMODE_TANH ? d_tanh(pre) : d_relu(pre);
-      wsr[j] = act ? h_prev : acc_t(0);
     } else {
+      acc_t* wsr = ws_t + b * 4 * H;  // [r, z, n, hn]
       const acc_t r = d_sigmoid(xr[j] + hr[j]);
       const acc_t z = d_sigmoid(xr[H + j] + hr[H + j]);
       acc_t hn, n;
@@ -154,11 +169,10 @@ __global__ void fwd_step_kernel(const acc_t* __restrict__ xp_t, const acc_t* __r
         n = d_tanh(xr[2 * H + j] + hn);
       }
       h_new = (acc_t(1) - z) * n + z * h_prev;
-      wsr[j] = act ? h_prev : acc_t(0);
-      wsr[H + j] = act ? r : acc_t(0);
-      wsr[2 * H + j] = act ? z : acc_t(0);
-      wsr[3 * H + j] = act ? n : acc_t(0);
-      wsr[4 * H + j] = act ? hn : acc_t(0);
+      wsr[j] = act ? r : acc_t(0);
+      wsr[H + j] = act ? z : acc_t(0);
+      wsr[2 * H + j] = act ? n : acc_t(0);
+      wsr[3 * H + j] = act ? hn : acc_t(0);
     }
     // Inactive: the state passes through unchanged (h_prev == the un-reset state, since a reset
     // only applies at active steps).
@@ -177,6 +191,8 @@ __global__ void fwd_step_kernel(const acc_t* __restrict__ xp_t, const acc_t* __r
 //   GEMM (g * z for GRU, 0 for RNN, or the pass-through dh at inactive steps); then the host adds
 //   d_gates @ W_hh with cuBLAS (beta = 1) in place.
 //   Rows of d_gates at inactive steps are exact zeros, so the GEMM adds exactly 0 there.
+//   h_prev is not in the workspace: the GRU kernels rebuild it from h0 / y (prev_state), and the
+//   host computes the weight gradients over h_prev rows from h0 and y directly (see backward_impl).
 // =============================================================================================
 
 // RNN modes. y_t: the forward output of step t in acc_t (act'(pre) is computed from it, exactly as
@@ -198,12 +214,14 @@ __global__ void bwd_rnn_step_kernel(acc_t* __restrict__ carry, const acc_t* __re
   }
 }
 
-// GRU reset_after=True. ws_t (B, 5H) = [h_prev, r, z, n, hn]. Writes
+// GRU reset_after=True. ws_t (B, 4H) = [r, z, n, hn] of step t; h_prev rebuilt from h0 / y
+// (prev_state). Writes
 //   dgx_t (B, 3H) = [dr_pre, dz_pre, dn_pre]   (gradient of x W_ih^T + b_ih)
 //   dgh_t (B, 3H) = [dr_pre, dz_pre, dn_pre*r] (gradient of h W_hh^T + b_hh)
 template <typename acc_t>
 __global__ void bwd_gru_step_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ gy_t,
-                                    const acc_t* __restrict__ ws_t, acc_t* __restrict__ dgx_t,
+                                    const acc_t* __restrict__ ws_t, const acc_t* __restrict__ h0,
+                                    const acc_t* __restrict__ y, acc_t* __restrict__ dgx_t,
                                     acc_t* __restrict__ dgh_t, const int64_t* __restrict__ lengths,
                                     const bool* __restrict__ resets, int t, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
@@ -211,8 +229,9 @@ __global__ void bwd_gru_step_kernel(acc_t* __restrict__ carry, const acc_t* __re
     const acc_t dh = resets_at(resets, lengths, (int)b, t + 1, B, T) ? acc_t(0) : carry[i];
     const bool act = is_active(lengths, (int)b, t, T);
     const acc_t g = dh + (act ? gy_t[i] : acc_t(0));
-    const acc_t* w = ws_t + b * 5 * H;
-    const acc_t h_prev = w[j], r = w[H + j], z = w[2 * H + j], n = w[3 * H + j], hn = w[4 * H + j];
+    const acc_t* w = ws_t + b * 4 * H;
+    const acc_t r = w[j], z = w[H + j], n = w[2 * H + j], hn = w[3 * H + j];
+    const acc_t h_prev = prev_state(h0, y, lengths, resets, t, b, j, T, B, H);
     const acc_t dn = g * (acc_t(1) - z);
     const acc_t dz = g * (h_prev - n);
     const acc_t dn_pre = dn * (acc_t(1) - n * n);
@@ -234,10 +253,11 @@ __global__ void bwd_gru_step_kernel(acc_t* __restrict__ carry, const acc_t* __re
 
 // GRU reset_after=False, pass A (before the d_rh GEMM). dg_t (B, 3H) is both d(x W_ih^T + b_ih)
 // and d(W_hh-input products): [dr_pre, dz_pre, dn_pre]. Pass A fills the z and n thirds and leaves
-// g (active) or the pass-through dh (inactive) in carry.
+// g (active) or the pass-through dh (inactive) in carry. ws_t (B, 4H) = [r, z, n, hn].
 template <typename acc_t>
 __global__ void bwd_gru_cho_a_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ gy_t,
-                                     const acc_t* __restrict__ ws_t, acc_t* __restrict__ dg_t,
+                                     const acc_t* __restrict__ ws_t, const acc_t* __restrict__ h0,
+                                     const acc_t* __restrict__ y, acc_t* __restrict__ dg_t,
                                      const int64_t* __restrict__ lengths,
                                      const bool* __restrict__ resets, int t, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
@@ -245,8 +265,9 @@ __global__ void bwd_gru_cho_a_kernel(acc_t* __restrict__ carry, const acc_t* __r
     const acc_t dh = resets_at(resets, lengths, (int)b, t + 1, B, T) ? acc_t(0) : carry[i];
     const bool act = is_active(lengths, (int)b, t, T);
     const acc_t g = dh + (act ? gy_t[i] : acc_t(0));
-    const acc_t* w = ws_t + b * 5 * H;
-    const acc_t h_prev = w[j], z = w[2 * H + j], n = w[3 * H + j];
+    const acc_t* w = ws_t + b * 4 * H;
+    const acc_t z = w[H + j], n = w[2 * H + j];
+    const acc_t h_prev = prev_state(h0, y, lengths, resets, t, b, j, T, B, H);
     const acc_t dn = g * (acc_t(1) - z);
     const acc_t dz = g * (h_prev - n);
     const acc_t dn_pre = dn * (acc_t(1) - n * n);
@@ -262,19 +283,37 @@ __global__ void bwd_gru_cho_a_kernel(acc_t* __restrict__ carry, const acc_t* __r
 // carry = g * z + d_rh * r (active) / unchanged (inactive); the host then adds dg[:, :2H] @ W_hh[:2H].
 template <typename acc_t>
 __global__ void bwd_gru_cho_b_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ drh,
-                                     const acc_t* __restrict__ ws_t, acc_t* __restrict__ dg_t,
-                                     const int64_t* __restrict__ lengths, int t, int T, int B,
-                                     int H) {
+                                     const acc_t* __restrict__ ws_t, const acc_t* __restrict__ h0,
+                                     const acc_t* __restrict__ y, acc_t* __restrict__ dg_t,
+                                     const int64_t* __restrict__ lengths,
+                                     const bool* __restrict__ resets, int t, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
     const int64_t b = i / H, j = i - b * H;
     const bool act = is_active(lengths, (int)b, t, T);
-    const acc_t* w = ws_t + b * 5 * H;
-    const acc_t h_prev = w[j], r = w[H + j], z = w[2 * H + j];
+    const acc_t* w = ws_t + b * 4 * H;
+    const acc_t r = w[j], z = w[H + j];
+    const acc_t h_prev = prev_state(h0, y, lengths, resets, t, b, j, T, B, H);
     const acc_t d_rh = drh[i];
     const acc_t dr_pre = d_rh * h_prev * r * (acc_t(1) - r);
     dg_t[b * 3 * H + j] = act ? dr_pre : acc_t(0);
     const acc_t c = carry[i];
     carry[i] = act ? c * z + d_rh * r : c;
+  }
+}
+
+// GRU reset_after=False, after the loop: h_in (T, B, H) = r * h_prev, what the n rows of W_hh
+// multiplied (zero at inactive steps, where r is zero in the workspace; zero at resets).
+// One thread per (t, b, j); i = (t * B + b) * H + j. ws (T, B, 4H).
+template <typename acc_t>
+__global__ void gru_cho_hin_kernel(const acc_t* __restrict__ ws, const acc_t* __restrict__ h0,
+                                   const acc_t* __restrict__ y, acc_t* __restrict__ h_in,
+                                   const int64_t* __restrict__ lengths,
+                                   const bool* __restrict__ resets, int T, int B, int H) {
+  RNNREC_GRID_LOOP(i, (int64_t)T * B * H) {
+    const int64_t row = i / H, j = i - row * H;  // row = t * B + b
+    const int64_t t = row / B, b = row - t * B;
+    const acc_t r = ws[row * 4 * H + j];
+    h_in[i] = r * prev_state(h0, y, lengths, resets, (int)t, b, j, T, B, H);
   }
 }
 
@@ -300,7 +339,7 @@ __global__ void bwd_final_kernel(const acc_t* __restrict__ carry, scalar_t* __re
 //   1. stage the full state entering step t (all B rows, reset applied) into shared memory hs
 //      (read with __ldcg: it was written by other blocks, so bypass the non-coherent L1);
 //   2. one warp per (gate, unit) row: B dot products of length H, warp-reduced into gsum;
-//   3. pointwise gate math for the block's (b, unit) pairs, written to y / ws / the next state;
+//   3. pointwise gate math for the block's (b, unit) pairs, written to y / ws (GRU) / the next state;
 //   4. grid.sync() (the state buffers ping-pong between steps, so one barrier per step suffices).
 // MODE 3 (Cho) needs r * h_prev of all units before W_hn: phase 1 does the r, z rows and writes
 // rh to global memory, grid.sync(), phase 2 stages rh and does the n rows: two barriers per step.
@@ -319,7 +358,7 @@ struct PersistParams {
   const bool* resets;     // (T, B) or null
   scalar_t* y;            // (T, B, H)
   scalar_t* h_n;          // (B, H)
-  acc_t* ws;              // (T, B, WD*H)
+  acc_t* ws;              // (T, B, 4H) GRU: [r, z, n, hn]; null for the RNN modes (width 0)
   acc_t* hbuf;            // (2, B, H) ping-pong state (without the next step's reset)
   acc_t* rh;              // (B, H) MODE 3 only, else null
   int T, B, H, U;
@@ -378,7 +417,6 @@ template <typename scalar_t, typename acc_t, int MODE>
 __global__ void __launch_bounds__(PB_THREADS)
     persistent_fwd_kernel(const PersistParams<scalar_t, acc_t> p) {
   constexpr int G = MODE >= KMODE_GRU ? 3 : 1;
-  constexpr int WD = MODE >= KMODE_GRU ? 5 : 1;
   constexpr int G1 = MODE == KMODE_GRU_CHO ? 2 : G;  // gates of phase 1
   cg::grid_group grid = cg::this_grid();
   const int T = p.T, B = p.B, H = p.H, U = p.U;
@@ -446,23 +484,21 @@ __global__ void __launch_bounds__(PB_THREADS)
       const acc_t h_prev = hmine[b * U + u];
       const size_t row = (size_t)t * B + b;  // (t, b) row index
       const acc_t* xr = p.xp + row * G * H;
-      acc_t* wsr = p.ws + row * WD * H;
       acc_t h_new;
       if constexpr (MODE == KMODE_TANH || MODE == KMODE_RELU) {
         const acc_t pre = xr[j] + gsum[(size_t)u * PB_MAXB + b];
         h_new = MODE == KMODE_TANH ? d_tanh(pre) : d_relu(pre);
-        wsr[j] = act ? h_prev : acc_t(0);
       } else {
+        acc_t* wsr = p.ws + row * 4 * H;  // [r, z, n, hn]
         const acc_t r = d_sigmoid(xr[j] + gsum[((size_t)0 * U + u) * PB_MAXB + b]);
         const acc_t z = d_sigmoid(xr[H + j] + gsum[((size_t)1 * U + u) * PB_MAXB + b]);
         const acc_t hn = gsum[((size_t)2 * U + u) * PB_MAXB + b];
         const acc_t n = MODE == KMODE_GRU ? d_tanh(xr[2 * H + j] + r * hn) : d_tanh(xr[2 * H + j] + hn);
         h_new = (acc_t(1) - z) * n + z * h_prev;
-        wsr[j] = act ? h_prev : acc_t(0);
-        wsr[H + j] = act ? r : acc_t(0);
-        wsr[2 * H + j] = act ? z : acc_t(0);
-        wsr[3 * H + j] = act ? n : acc_t(0);
-        wsr[4 * H + j] = act ? hn : acc_t(0);
+        wsr[j] = act ? r : acc_t(0);
+        wsr[H + j] = act ? z : acc_t(0);
+        wsr[2 * H + j] = act ? n : acc_t(0);
+        wsr[3 * H + j] = act ? hn : acc_t(0);
       }
       const acc_t state = act ? h_new : h_prev;
       p.y[row * H + j] = act ? to_scalar<scalar_t>(h_new) : to_scalar<scalar_t>(acc_t(0));

@@ -15,26 +15,29 @@ enum : int { MODE_RNN_TANH = 0, MODE_RNN_RELU = 1, MODE_GRU = 2 };
 // Per-row pointwise kernels (one batch row, H hidden units). Arguments are raw pointers into the
 // row-major buffers of the driver. Bias pointers are never null (the driver substitutes zeros).
 //   xp: input projection row without bias (G*H), hp: recurrent projection row without bias
-//   ws row: rnn [h_prev] (H), gru [h_prev, r, z, n, hn] (5H); the driver writes h_prev first.
+//   hprev: the state entering the step (after a reset: the driver points at a zero row)
+//   ws row: gru [r, z, n, hn] (4H); rnn saves nothing (its backward needs only y)
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct RowKernels {
   // rnn forward: y = act((xp + bi) + (hp + bh)); relu when relu != 0.
   void (*rnn_fwd)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* y, int relu);
-  // gru reset_after=True forward: fills ws[H:5H] and y.
-  void (*gru_fwd_ra)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* y);
+  // gru reset_after=True forward: fills ws[0:4H] and y. xp may alias ws[0:3H] (read before written).
+  void (*gru_fwd_ra)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, const T* hprev, T* ws,
+                     T* y);
   // gru reset_after=False, pass A: r, z into ws; rh = r * h_prev.
-  void (*gru_fwd_a)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, T* ws, T* rh);
-  // pass B: ws[4H:5H] holds W_hn (r*h_prev) (no bias) on entry; adds b_hn, computes n and y.
-  void (*gru_fwd_b)(int64_t H, const T* xp, const T* bi, const T* bh, T* ws, T* y);
+  void (*gru_fwd_a)(int64_t H, const T* xp, const T* hp, const T* bi, const T* bh, const T* hprev, T* ws,
+                    T* rh);
+  // pass B: ws[3H:4H] holds W_hn (r*h_prev) (no bias) on entry; adds b_hn, computes n and y.
+  void (*gru_fwd_b)(int64_t H, const T* xp, const T* bi, const T* bh, const T* hprev, T* ws, T* y);
   // rnn backward: g = dh + gy; dgx = g * act'(y); dh := 0.
   void (*rnn_bwd)(int64_t H, T* dh, const T* gy, const T* y, T* dgx, int relu);
-  // gru reset_after=True backward: dgx = [dr, dz, dn], dgh = [dr, dz, dn*r], dhn = dn*r, dh := g*z.
-  void (*gru_bwd_ra)(int64_t H, T* dh, const T* gy, const T* ws, T* dgx, T* dgh, T* dhn);
+  // gru reset_after=True backward: dgx = [dr, dz, dn], dgh = [dr, dz, dn*r], dh := g*z.
+  void (*gru_bwd_ra)(int64_t H, T* dh, const T* gy, const T* hprev, const T* ws, T* dgx, T* dgh);
   // gru reset_after=False backward pass 1: dgx[H:3H] = [dz, dn], dh := g*z.
-  void (*gru_bwd_1)(int64_t H, T* dh, const T* gy, const T* ws, T* dgx);
+  void (*gru_bwd_1)(int64_t H, T* dh, const T* gy, const T* hprev, const T* ws, T* dgx);
   // pass 2: d_rh = dn @ W_hn given; dgx[0:H] = dr; dh += d_rh * r; hin = r * h_prev.
-  void (*gru_bwd_2)(int64_t H, T* dh, const T* drh, const T* ws, T* dgx, T* hin);
+  void (*gru_bwd_2)(int64_t H, T* dh, const T* drh, const T* hprev, const T* ws, T* dgx, T* hin);
 };
 
 // Small-batch matrix products with the weights kept row-major as PyTorch stores them:

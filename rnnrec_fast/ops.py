@@ -98,7 +98,7 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
             _fail(f"resets must be a bool tensor of shape ({T}, {B}), got {resets.dtype} {tuple(resets.shape)}")
         if resets.device != x.device:
             _fail(f"resets is on {resets.device} but x is on {x.device}")
-    return MODES[mode], (5 * H if gates == 3 else H)
+    return MODES[mode], (4 * H if gates == 3 else 0)
 
 
 def _check_length_values(lengths, T):
@@ -264,7 +264,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws)
     ctx.args = (mode, reset_after, backend)
     # The workspace is saved state, not a result: no gradient flows into it, and autograd must not
-    # materialise a zero (T, B, 5H) gradient for it (nor for an unused output / h_n) in backward.
+    # materialise a zero (T, B, 4H) gradient for it (nor for an unused output / h_n) in backward.
     ctx.mark_non_differentiable(ws)
     ctx.set_materialize_grads(False)
 

@@ -57,6 +57,8 @@ def check(args, mode, ra, gy, ghn, dtype, label, launch):
     tol = TOL[dtype]
     ref_fwd = reference.forward(*args, mode, ra)
     got_fwd = numba_cuda.forward(*args, mode, ra, **launch)
+    T, B, H = ref_fwd[0].shape
+    assert got_fwd[2].shape == (T, B, 4 * H if mode == 2 else 0), f"{label} ws shape"
     for name, a, b in zip(("y", "h_n", "ws"), got_fwd, ref_fwd):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{label} {n}: {m}")
     y, ws = ref_fwd[0], ref_fwd[2]
@@ -115,7 +117,8 @@ def main():
                                       B=max(B, 1))
             args = (args[0][:T, :B].contiguous(), args[1][:B].contiguous()) + args[2:]
             y, hn, ws = numba_cuda.forward(*args, mode, ra)
-            assert y.shape == (T, B, args[1].shape[1]) and ws.shape[:2] == (T, B)
+            H = args[1].shape[1]
+            assert y.shape == (T, B, H) and ws.shape == (T, B, 4 * H if mode == 2 else 0)
             torch.testing.assert_close(hn, args[1])
             g = numba_cuda.backward(gy[:T, :B].contiguous(), ghn[:B].contiguous(), *args, y, ws,
                                     mode, ra)

@@ -139,7 +139,7 @@ def run_case(T, B, I, H, mode, reset_after, bias, extras, dtype, seed, grads=Tru
     assert rnnrec_fast.last_backend() == "cuda"
     ws_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     assert y.dtype == dtype and h_n.dtype == dtype and ws.dtype == ws_dtype
-    assert ws.shape == (T, B, 5 * H if mode == "gru" else H)
+    assert ws.shape == (T, B, 4 * H if mode == "gru" else 0)  # gru [r, z, n, hn]; rnn: nothing
     K = max(H, I, T * B)
     ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, resets]
     ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
@@ -280,6 +280,45 @@ def test_reset_after_forms_differ():
     assert (a - b).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_backward_rebuilds_h_prev_from_y(mode, reset_after, dtype):
+    """The workspace holds no h_prev: the backward takes the state entering step t from h0 (t = 0) and
+    y[t - 1], zero at a reset. Fed the reference's (y, ws) directly -- also with y moved off the
+    forward's values at active steps, which the reference reads the same way -- it matches
+    reference.backward. Resets at t = 0 and rows with no / partial steps included."""
+    ext = _cext()
+    T, B, I, H = 6, 5, 4, 7
+    gen = torch.Generator().manual_seed(17)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", dtype, gen)
+    lengths = torch.tensor([T, 0, 3, 1, T - 1], device=DEV)
+    resets = (torch.rand(T, B, generator=gen) < 0.3).to(DEV)
+    resets[0, 0] = True  # h0 of row 0 unused
+    resets[2, 2] = True
+    m = MODES[mode]
+    with torch.no_grad():
+        ry, _, rws = reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, m, reset_after)
+    assert rws.shape == (T, B, 4 * H if mode == "gru" else 0)
+    active = (torch.arange(T, device=DEV).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2)
+    bumped = torch.where(active, ry.double() + 0.05 * torch.randn(ry.shape, generator=gen,
+                                                                   dtype=torch.float64).to(DEV), 0.0).to(dtype)
+    gy = torch.randn(T, B, H, generator=gen, dtype=torch.float64).to(dtype).to(DEV)
+    gh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype).to(DEV)
+    for what, yy in (("y", ry), ("bumped y", bumped)):
+        got = ext.backward(gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, yy, rws, m, reset_after)
+        with torch.no_grad():
+            want = reference.backward(gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, yy, rws, m,
+                                      reset_after)
+        for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+            assert g.dtype == dtype and g.shape == rg.shape
+            if dtype == torch.bfloat16:
+                scale = max(1.0, rg.float().abs().max().item())
+                t = tol(dtype)
+                close(g.float(), rg.float(), f"{what}: grad {name}", rtol=t["rtol"], atol=t["atol"] * scale)
+            else:
+                close(g, rg, f"{what}: grad {name}", **tol(dtype, T * B))
+
+
 # ----------------------------------------------------------------------------------------------
 # direct calls with bad arguments raise (never crash)
 
@@ -313,10 +352,22 @@ def test_direct_bad_calls_raise():
     gy, gh = torch.randn_like(y), torch.randn_like(h_n)
     bok = (gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, 2, True)
     ext.backward(*bok)
+    assert ws.shape == (3, 2, 4 * 5)
+    old_gru_ws = torch.zeros(3, 2, 5 * 5, device=DEV)  # the former [h_prev, r, z, n, hn] layout
     for args in [(gy[:1],) + bok[1:], (gy, gh.double()) + bok[2:], bok[:11] + (ws.double(), 2, True),
-                 bok[:11] + (ws[:, :, :5], 2, True), bok[:11] + (ws.cpu(), 2, True), bok[:10] + (y[:, :1],) + bok[11:]]:
+                 bok[:11] + (ws[:, :, :5], 2, True), bok[:11] + (old_gru_ws, 2, True),
+                 bok[:11] + (ws.cpu(), 2, True), bok[:10] + (y[:, :1],) + bok[11:]]:
         with pytest.raises(RuntimeError):
             ext.backward(*args)
+    # rnn modes: the workspace is empty (T, B, 0); the former (T, B, H) one is refused
+    rok = (x, h0, w_ih[:5], w_hh[:5], b_ih[:5], b_hh[:5], lengths, resets, 0, True)
+    ry, rh, rws = ext.forward(*rok)
+    assert rws.shape == (3, 2, 0)
+    rbok = (torch.randn_like(ry), torch.randn_like(rh)) + rok[:8] + (ry, rws, 0, True)
+    ext.backward(*rbok)
+    for bad_ws in (torch.zeros(3, 2, 5, device=DEV), rws.double()):
+        with pytest.raises(RuntimeError):
+            ext.backward(*(rbok[:11] + (bad_ws, 0, True)))
     torch.cuda.synchronize()
 
 

@@ -45,6 +45,8 @@ def check_case(args, grad_y, grad_h_n, dtype):
     tol = TOL[dtype]
     y_r, hn_r, ws_r = reference.forward(*args)
     y, hn, ws = numba_backend.forward(*args)
+    T, B, H = y_r.shape
+    assert ws.shape == (T, B, 4 * H if args[8] == 2 else 0)  # gru [r, z, n, hn]; rnn: none
     torch.testing.assert_close(y, y_r, **tol)
     torch.testing.assert_close(hn, hn_r, **tol)
     torch.testing.assert_close(ws, ws_r, **tol)
@@ -128,7 +130,7 @@ def test_numba_cpu_empty_time_or_batch():
             x, h0 = args[0][:T, :B], args[1][:B]
             args = (x.contiguous(), h0.contiguous()) + args[2:]
             y, hn, ws = numba_backend.forward(*args)
-            assert y.shape == (T, B, 4) and ws.shape[:2] == (T, B)
+            assert y.shape == (T, B, 4) and ws.shape == (T, B, 16 if mode == 2 else 0)
             torch.testing.assert_close(hn, h0)
             g = numba_backend.backward(gy[:T, :B].contiguous(), ghn[:B].contiguous(), *args[:8],
                                        y, ws, mode, ra)

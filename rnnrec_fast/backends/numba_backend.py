@@ -89,7 +89,7 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
             gh0 = torch.mm(h0, w_hh[:numba_cpu.first_product_rows(H, mode, reset_after)].t()).numpy()
         y = torch.empty(T, B, H, dtype=dt)
         h_n = torch.empty(B, H, dtype=dt)
-        ws = torch.empty(T, B, 5 * H if mode == MODE_GRU else H, dtype=dt)
+        ws = torch.empty(T, B, 4 * H if mode == MODE_GRU else 0, dtype=dt)  # gru: [r, z, n, hn]
         bih = np.zeros(GH, xp.dtype) if b_ih is None else _np(b_ih)
         bhh = np.zeros(GH, xp.dtype) if b_hh is None else _np(b_hh)
         lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
@@ -99,24 +99,37 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
     return y, h_n, ws
 
 
-def _weight_grads(x, d_gx, d_gh, ws, h_in, w_ih, mode, H):
+def _weight_grads(x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     """grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh from the pre-activation gradients
-    (one GEMM each, torch; works on CPU and CUDA tensors)."""
+    (torch GEMMs; works on CPU and CUDA tensors). x, y, d_gx, d_gh, h_in contiguous.
+
+    The rows of W_hh that act on h_prev (all, or r and z for GRU with reset_after=False, whose n
+    rows act on h_in = r * h_prev) get d_gh^T h_prev, h_prev being h0 at step 0, y[t - 1] after and
+    zero where the row resets (``reference.prev_states``). It is not built: the product is
+    d_gh[0]^T h0 + d_gh[1:]^T y[:-1], with d_gh's reset rows zeroed IN PLACE first (after the bias
+    gradient is summed), so no (T, B, H) copy of y is made. Inactive steps have d_gh = 0."""
     T, B, I = x.shape
     GH = d_gx.shape[2]
     x2 = x.reshape(T * B, I)
     dgx2 = d_gx.view(T * B, GH)
     dgh2 = d_gh.view(T * B, GH)
-    h_prev = ws.view(T * B, ws.shape[2])[:, :H]
     grad_x = torch.mm(dgx2, w_ih).view(T, B, I)
     grad_w_ih = torch.mm(dgx2.t(), x2)
-    if h_in is None:
-        grad_w_hh = torch.mm(dgh2.t(), h_prev)
-    else:
-        grad_w_hh = torch.empty(GH, H, dtype=x.dtype, device=x.device)
-        torch.mm(dgh2[:, :2 * H].t(), h_prev, out=grad_w_hh[:2 * H])
+    grad_b_ih = dgx2.sum(0)
+    grad_b_hh = dgh2.sum(0)
+    K = GH if h_in is None else 2 * H  # the rows of W_hh acting on h_prev
+    grad_w_hh = torch.empty(GH, H, dtype=x.dtype, device=x.device)
+    if h_in is not None:
         torch.mm(dgh2[:, 2 * H:].t(), h_in.view(T * B, H), out=grad_w_hh[2 * H:])
-    return grad_x, grad_w_ih, grad_w_hh, dgx2.sum(0), dgh2.sum(0)
+    if T == 0:
+        grad_w_hh[:K].zero_()
+    else:
+        if resets is not None:
+            d_gh[:, :, :K].masked_fill_(resets.to(torch.bool).unsqueeze(2), 0.0)  # h_prev = 0 there
+        torch.mm(d_gh[0, :, :K].t(), h0, out=grad_w_hh[:K])
+        if T > 1:
+            grad_w_hh[:K].addmm_(dgh2[B:, :K].t(), y[:T - 1].view((T - 1) * B, H))
+    return grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
 def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
@@ -128,8 +141,8 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         return _cuda().backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
                                 y, ws, mode, reset_after)
     with torch.no_grad():
-        grad_y, grad_h_n, x, w_ih, w_hh, y, ws = (
-            t.detach().contiguous() for t in (grad_y, grad_h_n, x, w_ih, w_hh, y, ws))
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, y, ws = (
+            t.detach().contiguous() for t in (grad_y, grad_h_n, x, h0, w_ih, w_hh, y, ws))
         T, B, _ = x.shape
         H = h0.shape[1]
         GH = w_hh.shape[0]
@@ -141,10 +154,10 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
         rst = None if resets is None else _np(resets.to(torch.bool))
         numba_cpu.backward_recurrence(
-            grad_y.numpy(), grad_h_n.numpy(), w_hh.numpy(), lens, rst,
+            grad_y.numpy(), grad_h_n.numpy(), h0.numpy(), w_hh.numpy(), lens, rst,
             y.numpy(), ws.numpy(),
             mode, reset_after, d_gx.numpy(), d_gh.numpy(),
             None if h_in is None else h_in.numpy(), grad_h0.numpy())
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
-            x, d_gx, d_gh, ws, h_in, w_ih, mode, H)
+            x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H)
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

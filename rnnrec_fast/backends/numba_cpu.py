@@ -15,7 +15,9 @@ Layout of the work:
   * backward: the kernel runs the reverse time loop and writes the gradients of the pre-activations
     ``d_gx`` (of ``x W_ih^T + b_ih``) and ``d_gh`` (of ``h W_hh^T + b_hh``; for GRU with
     ``reset_after=False`` the n rows act on ``r * h_prev``, saved in ``h_in``) plus ``grad_h0``; the
-    caller turns them into ``grad_x`` / ``grad_w_*`` / ``grad_b_*`` with one GEMM each.
+    caller turns them into ``grad_x`` / ``grad_w_*`` / ``grad_b_*`` with a GEMM or two each. The
+    state entering each step, ``h_prev``, is not in the workspace: the kernel (GRU) and the caller
+    (``grad_w_hh``, see ``numba_backend._weight_grads``) take it from ``h0``, ``y`` and ``resets``.
 
 Batch rows are independent through the whole recurrence, so for large batches the batch is split
 into chunks run by a thread pool (the kernels release the GIL); each chunk runs the full time loop
@@ -412,8 +414,9 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
     (N, H) or, when transposed, as made by ``_transposed`` (H, N') with padded gate blocks.
     When has_gh0, gh0 (B, N1) holds the first product of step 0, h0 W1^T (N1 = the rows of w1,
     no bias), computed by the caller with BLAS; rows reset at step 0 do not use it.
-    Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows. int_like: an array of the
-    integer type of the float's size (int32 for float32, int64 for float64).
+    Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows: W = 4*H, [r, z, n, hn] for GRU;
+    W = 0 for the RNN modes (nothing written). int_like: an array of the integer type of the
+    float's size (int32 for float32, int64 for float64).
     """
     T = xp.shape[0]
     B = xp.shape[1]
@@ -492,11 +495,10 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
                 for j in range(nact * H):
                     if nv1[j] < 0:
                         nv1[j] = 0.0
-            for q in range(nact):
+            for q in range(nact):  # (no workspace: the backward needs only y and h_prev)
                 i = idx[q]
                 b = b0 + i
                 for j in range(H):
-                    ws4[t, b, 0, j] = h[i, j]
                     y[t, b, j] = nv[q, j]
                     h[i, j] = nv[q, j]
             continue
@@ -528,16 +530,15 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
             b = b0 + i
             for g in range(2):
                 for j in range(H):
-                    ws4[t, b, 1 + g, j] = rz[q, g, j]
+                    ws4[t, b, g, j] = rz[q, g, j]
             for j in range(H):
-                ws4[t, b, 0, j] = h[i, j]
-                ws4[t, b, 3, j] = nv[q, j]
+                ws4[t, b, 2, j] = nv[q, j]
             if reset_after:
                 for j in range(H):
-                    ws4[t, b, 4, j] = acc[i, 2, j]
+                    ws4[t, b, 3, j] = acc[i, 2, j]
             else:
                 for j in range(H):
-                    ws4[t, b, 4, j] = accn[i, j]
+                    ws4[t, b, 3, j] = accn[i, j]
             for j in range(H):
                 z = rz[q, 1, j]
                 hnew = (one - z) * nv[q, j] + z * h[i, j]
@@ -552,11 +553,14 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
 # backward
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, reset_after,
+def _bwd_rows(grad_y, grad_h_n, h0, w_hh, lengths, resets, has_resets, y, ws, mode, reset_after,
               d_gx, d_gh, h_in, grad_h0, b0, b1):
     """Backward of batch rows [b0, b1) over all steps (reverse order).
 
     w_hh (G*H, H) as stored: the products with it are in the axpy form (gradient rows times W_hh).
+    ws (T, B, 4*H) = [r, z, n, hn] for GRU (unused, width 0, for the RNN modes). The GRU's h_prev,
+    the state entering step t after a reset, is rebuilt from h0 (B, H), y and resets: zero where
+    the row resets, else h0 at t = 0 and y[t - 1] after (exact at every active step).
     Writes d_gx, d_gh (T, B, G*H), grad_h0 (B, H) and, for GRU with reset_after=False,
     h_in (T, B, H) = r * h_prev (what the n rows of W_hh multiplied).
     """
@@ -571,6 +575,7 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
     split = gru and not reset_after
     dt = grad_h_n.dtype
     one = dt.type(1.0)
+    zero = dt.type(0.0)
     ws4 = ws.reshape((T, B, WG, H))
     gx4 = d_gx.reshape((T, B, G, H))
     gh4 = d_gh.reshape((T, B, G, H))
@@ -580,8 +585,10 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
             dh[i, k] = grad_h_n[b0 + i, k]
     dhn = np.empty((nb, H), dt)  # gradient w.r.t. the state entering the step
     drh = np.empty((nb, H), dt)  # gru / reset_after=False: gradient of r * h_prev
+    hp = np.empty((nb, H), dt)  # gru: h_prev of the active rows at step t
     idx = np.empty(nb, np.int64)
     for t in range(T - 1, -1, -1):
+        prev = h0 if t == 0 else y[t - 1]  # the state entering step t, before a reset
         nact = 0
         for i in range(nb):
             b = b0 + i
@@ -596,6 +603,13 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
                 continue
             idx[nact] = i
             nact += 1
+            if gru:
+                if has_resets and resets[t, b]:
+                    for j in range(H):
+                        hp[i, j] = zero
+                else:
+                    for j in range(H):
+                        hp[i, j] = prev[b, j]
             if not gru:
                 for j in range(H):
                     g = dh[i, j] + grad_y[t, b, j]
@@ -610,12 +624,12 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
             elif reset_after:
                 for j in range(H):
                     g = dh[i, j] + grad_y[t, b, j]
-                    r = ws4[t, b, 1, j]
-                    z = ws4[t, b, 2, j]
-                    n = ws4[t, b, 3, j]
+                    r = ws4[t, b, 0, j]
+                    z = ws4[t, b, 1, j]
+                    n = ws4[t, b, 2, j]
                     dn_pre = g * (one - z) * (one - n * n)
-                    dz_pre = g * (ws4[t, b, 0, j] - n) * z * (one - z)
-                    dr_pre = dn_pre * ws4[t, b, 4, j] * r * (one - r)
+                    dz_pre = g * (hp[i, j] - n) * z * (one - z)
+                    dr_pre = dn_pre * ws4[t, b, 3, j] * r * (one - r)
                     gx4[t, b, 0, j] = dr_pre
                     gx4[t, b, 1, j] = dz_pre
                     gx4[t, b, 2, j] = dn_pre
@@ -626,15 +640,15 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
             else:
                 for j in range(H):
                     g = dh[i, j] + grad_y[t, b, j]
-                    z = ws4[t, b, 2, j]
-                    n = ws4[t, b, 3, j]
+                    z = ws4[t, b, 1, j]
+                    n = ws4[t, b, 2, j]
                     dn_pre = g * (one - z) * (one - n * n)
-                    dz_pre = g * (ws4[t, b, 0, j] - n) * z * (one - z)
+                    dz_pre = g * (hp[i, j] - n) * z * (one - z)
                     gx4[t, b, 1, j] = dz_pre
                     gx4[t, b, 2, j] = dn_pre
                     gh4[t, b, 1, j] = dz_pre
                     gh4[t, b, 2, j] = dn_pre
-                    h_in[t, b, j] = ws4[t, b, 1, j] * ws4[t, b, 0, j]
+                    h_in[t, b, j] = ws4[t, b, 0, j] * hp[i, j]
                     dhn[i, j] = g * z
                     drh[i, j] = 0.0
         if nact == 0:
@@ -646,8 +660,8 @@ def _bwd_rows(grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, mode, 
                 i = idx[q]
                 b = b0 + i
                 for j in range(H):
-                    r = ws4[t, b, 1, j]
-                    dr_pre = drh[i, j] * ws4[t, b, 0, j] * r * (one - r)
+                    r = ws4[t, b, 0, j]
+                    dr_pre = drh[i, j] * hp[i, j] * r * (one - r)
                     gx4[t, b, 0, j] = dr_pre
                     gh4[t, b, 0, j] = dr_pre
                     dhn[i, j] += drh[i, j] * r
@@ -766,16 +780,17 @@ def forward_recurrence(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_afte
     _run_chunks(_fwd_rows, args, B, _nchunks(B, B * max(steps, 0) * w_hh.shape[0] * H))
 
 
-def backward_recurrence(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, reset_after,
+def backward_recurrence(grad_y, grad_h_n, h0, w_hh, lengths, resets, y, ws, mode, reset_after,
                         d_gx, d_gh, h_in, grad_h0):
-    """Run the backward time loop (see ``_bwd_rows``); w_hh (G*H, H) contiguous; h_in may be None
-    unless GRU with reset_after=False."""
+    """Run the backward time loop (see ``_bwd_rows``); h0 (B, H) and w_hh (G*H, H) contiguous; ws
+    (T, B, 4*H) for GRU, (T, B, 0) for the RNN modes; h_in may be None unless GRU with
+    reset_after=False."""
     has_resets = resets is not None
     if resets is None:
         resets = _NO_RESETS
     if h_in is None:
         h_in = np.zeros((1, 1, 1), grad_h_n.dtype)
     B = grad_h_n.shape[0]
-    args = (grad_y, grad_h_n, w_hh, lengths, resets, has_resets, y, ws, int(mode),
+    args = (grad_y, grad_h_n, h0, w_hh, lengths, resets, has_resets, y, ws, int(mode),
             bool(reset_after), d_gx, d_gh, h_in, grad_h0)
     _run_chunks(_bwd_rows, args, B, _nchunks(B, B * grad_y.shape[0] * w_hh.shape[0] * w_hh.shape[1]))

@@ -11,11 +11,14 @@ of microseconds, far more than one step of a small RNN):
     addresses: ``W_hh^T`` (H, G*H) in the forward, ``W_hh`` (G*H, H) in the backward;
   * forward, per step: (1) ``h_prev`` = state, zeroed on reset; (2) each thread computes the gate
     pre-activations of its units (dot products with ``h_prev`` for the RB rows) and the fused gate
-    math, writing ``y``, ``ws`` and the new state; GRU with ``reset_after=False`` needs a second
-    product with ``r * h_prev``, hence a third phase;
-  * backward, per step: (1) gate gradients of each unit from ``ws`` -> ``d_gx``, ``d_gh`` (global,
-    for the weight gradients) and the block's copy of ``d_gh`` in shared memory; (2) ``dh_prev =
-    g * z (+ d(r h) * r) + d_gh W_hh`` (for ``reset_after=False`` first ``d(r h) = dn_pre W_hn``).
+    math, writing ``y``, ``ws`` (GRU: ``[r, z, n, hn]``; the RNN modes have none) and the new
+    state; GRU with ``reset_after=False`` needs a second product with ``r * h_prev``, hence a
+    third phase;
+  * backward, per step: (1) gate gradients of each unit from ``ws`` and ``h_prev`` (not saved:
+    zero where the row resets, else ``h0`` at t = 0 and ``y[t - 1]`` after) -> ``d_gx``, ``d_gh``
+    (global, for the weight gradients) and the block's copy of ``d_gh`` in shared memory;
+    (2) ``dh_prev = g * z (+ d(r h) * r) + d_gh W_hh`` (for ``reset_after=False`` first
+    ``d(r h) = dn_pre W_hn``).
 
 The input projection (one GEMM) and the weight-gradient GEMMs are torch ops around the kernels.
 Semantics, layouts and the workspace follow ``reference.py`` exactly.
@@ -56,7 +59,6 @@ def _make_kernels(nbdt, RB):
         T = xp.shape[0]
         B = h0.shape[0]
         H = h0.shape[1]
-        W = ws.shape[2]
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
         row0 = cuda.blockIdx.x * RB
@@ -123,8 +125,9 @@ def _make_kernels(nbdt, RB):
                         continue
                     if has_lengths and t >= lengths[b]:
                         y[t, b, j] = 0.0
-                        for g in range(W // H):
-                            ws[t, b, g * H + j] = 0.0
+                        if gru:  # (the RNN modes have no workspace; ws is then a dummy)
+                            for g in range(4):
+                                ws[t, b, g * H + j] = 0.0
                         continue
                     hpj = sh[HP + rr * H + j]
                     if not gru:
@@ -137,7 +140,6 @@ def _make_kernels(nbdt, RB):
                             hnew = pre
                             if pre < 0:
                                 hnew = 0.0
-                        ws[t, b, j] = hpj
                         y[t, b, j] = hnew
                         sh[rr * H + j] = hnew
                     else:
@@ -148,9 +150,8 @@ def _make_kernels(nbdt, RB):
                             pz += bhh[H + j]
                         r = 1.0 / (1.0 + math.exp(-pr))
                         z = 1.0 / (1.0 + math.exp(-pz))
-                        ws[t, b, j] = hpj
-                        ws[t, b, H + j] = r
-                        ws[t, b, 2 * H + j] = z
+                        ws[t, b, j] = r
+                        ws[t, b, H + j] = z
                         if split:
                             sh[RH + rr * H + j] = r * hpj
                         else:
@@ -159,8 +160,8 @@ def _make_kernels(nbdt, RB):
                                 hn += bhh[2 * H + j]
                             n = math.tanh(xp[t, b, 2 * H + j] + r * hn)
                             hnew = (1.0 - z) * n + z * hpj
-                            ws[t, b, 3 * H + j] = n
-                            ws[t, b, 4 * H + j] = hn
+                            ws[t, b, 2 * H + j] = n
+                            ws[t, b, 3 * H + j] = hn
                             y[t, b, j] = hnew
                             sh[rr * H + j] = hnew
             cuda.syncthreads()
@@ -181,10 +182,10 @@ def _make_kernels(nbdt, RB):
                         if has_bias:
                             hn += bhh[2 * H + j]
                         n = math.tanh(xp[t, b, 2 * H + j] + hn)
-                        z = ws[t, b, 2 * H + j]
+                        z = ws[t, b, H + j]
                         hnew = (1.0 - z) * n + z * sh[HP + rr * H + j]
-                        ws[t, b, 3 * H + j] = n
-                        ws[t, b, 4 * H + j] = hn
+                        ws[t, b, 2 * H + j] = n
+                        ws[t, b, 3 * H + j] = hn
                         y[t, b, j] = hnew
                         sh[rr * H + j] = hnew
                 cuda.syncthreads()
@@ -196,8 +197,18 @@ def _make_kernels(nbdt, RB):
             if b < B:
                 h_n[b, k] = sh[q]
 
+    @cuda.jit(device=True)
+    def prev_state(h0, y, resets, has_resets, t, b, j):
+        """h_prev[t, b, j], the state entering step t after a reset (not saved in ws): zero where
+        the row resets, else h0 at t = 0 and y[t - 1] after (exact at every active step)."""
+        if has_resets and resets[t, b]:
+            return nbdt(0.0)
+        if t == 0:
+            return h0[b, j]
+        return y[t - 1, b, j]
+
     @cuda.jit
-    def bwd_kernel(grad_y, grad_h_n, w_hh, lengths, has_lengths, resets, has_resets, y, ws,
+    def bwd_kernel(grad_y, grad_h_n, h0, w_hh, lengths, has_lengths, resets, has_resets, y, ws,
                    mode, reset_after, d_gx, d_gh, h_in, grad_h0):
         T = grad_y.shape[0]
         B = grad_h_n.shape[0]
@@ -256,10 +267,10 @@ def _make_kernels(nbdt, RB):
                         sh[DG + rr * GH + j] = dg
                         sh[DN + rr * H + j] = 0.0
                     else:
-                        hpj = ws[t, b, j]
-                        r = ws[t, b, H + j]
-                        z = ws[t, b, 2 * H + j]
-                        n = ws[t, b, 3 * H + j]
+                        hpj = prev_state(h0, y, resets, has_resets, t, b, j)
+                        r = ws[t, b, j]
+                        z = ws[t, b, H + j]
+                        n = ws[t, b, 2 * H + j]
                         dn_pre = g * (1.0 - z) * (1.0 - n * n)
                         dz_pre = g * (hpj - n) * z * (1.0 - z)
                         d_gx[t, b, H + j] = dz_pre
@@ -272,7 +283,7 @@ def _make_kernels(nbdt, RB):
                             sh[DG + rr * GH + 2 * H + j] = dn_pre
                             h_in[t, b, j] = r * hpj
                         else:
-                            hn = ws[t, b, 4 * H + j]
+                            hn = ws[t, b, 3 * H + j]
                             dr_pre = dn_pre * hn * r * (1.0 - r)
                             d_gx[t, b, j] = dr_pre
                             d_gh[t, b, j] = dr_pre
@@ -294,8 +305,8 @@ def _make_kernels(nbdt, RB):
                         if b >= B or (has_lengths and t >= lengths[b]):
                             continue
                         drh = acc[rr]
-                        hpj = ws[t, b, j]
-                        r = ws[t, b, H + j]
+                        hpj = prev_state(h0, y, resets, has_resets, t, b, j)
+                        r = ws[t, b, j]
                         dr_pre = drh * hpj * r * (1.0 - r)
                         d_gx[t, b, j] = dr_pre
                         d_gh[t, b, j] = dr_pre
@@ -363,7 +374,9 @@ def _launch_config(B, H, GH, itemsize, threads, rows_per_block, fwd):
 def launch_forward(xp, h0, whhT, bhh, lengths, resets, mode, reset_after, y, h_n, ws,
                    stream=0, threads=None, rows_per_block=None, dummies=None):
     """xp (T,B,G*H), h0 (B,H), whhT (H,G*H) = W_hh^T, bhh (G*H,) or None, lengths (B,) int64 or
-    None, resets (T,B) bool or None; writes y, h_n, ws. One launch."""
+    None, resets (T,B) bool or None; writes y, h_n and, for GRU, ws (T,B,4*H) = [r, z, n, hn]
+    (the RNN modes have no workspace: ws, (T,B,0) or None, is not handed to the kernel). One
+    launch."""
     B, H = h0.shape
     GH = whhT.shape[1]
     if B == 0:
@@ -376,14 +389,16 @@ def launch_forward(xp, h0, whhT, bhh, lengths, resets, mode, reset_after, y, h_n
         xp, h0, whhT, d["vec"] if bhh is None else bhh, bhh is not None,
         d["len"] if lengths is None else lengths, lengths is not None,
         d["rst"] if resets is None else resets, resets is not None,
-        int(mode), int(bool(reset_after)), y, h_n, ws)
+        int(mode), int(bool(reset_after)), y, h_n,
+        d["ws"] if ws is None or mode != MODE_GRU else ws)
 
 
-def launch_backward(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, reset_after,
+def launch_backward(grad_y, grad_h_n, h0, w_hh, lengths, resets, y, ws, mode, reset_after,
                     d_gx, d_gh, h_in, grad_h0, stream=0, threads=None, rows_per_block=None,
                     dummies=None):
     """Writes d_gx, d_gh (T,B,G*H), grad_h0 (B,H) and, for GRU with reset_after=False, h_in
-    (T,B,H) = r * h_prev. One launch."""
+    (T,B,H) = r * h_prev. ws (T,B,4*H) for GRU (RNN modes: not used, may be None); h_prev is
+    taken from h0 (B,H), y and resets. One launch."""
     B, H = grad_h_n.shape
     GH = w_hh.shape[0]
     if B == 0:
@@ -393,8 +408,9 @@ def launch_backward(grad_y, grad_h_n, w_hh, lengths, resets, y, ws, mode, reset_
     _, bwd = _kernels(grad_h_n.dtype, rb)
     d = dummies if dummies is not None else _numpy_dummies(grad_h_n.dtype)
     bwd[blocks, th, stream, shmem](
-        grad_y, grad_h_n, w_hh, d["len"] if lengths is None else lengths, lengths is not None,
-        d["rst"] if resets is None else resets, resets is not None, y, ws,
+        grad_y, grad_h_n, h0, w_hh, d["len"] if lengths is None else lengths, lengths is not None,
+        d["rst"] if resets is None else resets, resets is not None, y,
+        d["ws"] if ws is None or mode != MODE_GRU else ws,
         int(mode), int(bool(reset_after)), d_gx, d_gh, d["ws"] if h_in is None else h_in,
         grad_h0)
 
@@ -418,19 +434,20 @@ def forward_numpy(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_af
     T, B, I = x.shape
     H = h0.shape[1]
     GH = w_hh.shape[0]
-    W = 5 * H if mode == MODE_GRU else H
+    gru = mode == MODE_GRU
     xp = (x.reshape(T * B, I) @ w_ih.T).reshape(T, B, GH)
     if b_ih is not None:
         xp = xp + b_ih
     dt = h0.dtype
     d_y = cuda.device_array((T, B, H), dt)
     d_hn = cuda.device_array((B, H), dt)
-    d_ws = cuda.device_array((T, B, W), dt)
+    d_ws = cuda.device_array((T, B, 4 * H), dt) if gru else None  # the RNN modes: no workspace
     dummies = {k: cuda.to_device(v) for k, v in _numpy_dummies(dt).items()}
     launch_forward(_to_dev(xp.astype(dt)), _to_dev(h0), _to_dev(w_hh.T), _to_dev(b_hh),
                    _to_dev(lengths), _to_dev(resets), mode, reset_after, d_y, d_hn, d_ws,
                    threads=threads, rows_per_block=rows_per_block, dummies=dummies)
-    return d_y.copy_to_host(), d_hn.copy_to_host(), d_ws.copy_to_host()
+    ws = d_ws.copy_to_host() if gru else np.zeros((T, B, 0), dt)
+    return d_y.copy_to_host(), d_hn.copy_to_host(), ws
 
 
 def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
@@ -447,13 +464,18 @@ def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, res
     d_hin = cuda.device_array((T, B, H), dt) if split else None
     d_g0 = cuda.device_array((B, H), dt)
     dummies = {k: cuda.to_device(v) for k, v in _numpy_dummies(dt).items()}
-    launch_backward(_to_dev(grad_y), _to_dev(grad_h_n), _to_dev(w_hh), _to_dev(lengths),
-                    _to_dev(resets), _to_dev(y), _to_dev(ws), mode, reset_after,
+    launch_backward(_to_dev(grad_y), _to_dev(grad_h_n), _to_dev(h0), _to_dev(w_hh),
+                    _to_dev(lengths), _to_dev(resets), _to_dev(y),
+                    _to_dev(ws) if mode == MODE_GRU else None, mode, reset_after,
                     d_gx, d_gh, d_hin, d_g0, threads=threads, rows_per_block=rows_per_block,
                     dummies=dummies)
     dgx = d_gx.copy_to_host().reshape(T * B, GH)
     dgh = d_gh.copy_to_host().reshape(T * B, GH)
-    h_prev = ws.reshape(T * B, -1)[:, :H]
+    # h_prev (reference.prev_states): h0, then y shifted by one step, zero where the row resets
+    h_prev = np.concatenate([h0[None], y[:-1]], 0)[:T]
+    if resets is not None:
+        h_prev[resets] = 0.0
+    h_prev = h_prev.reshape(T * B, H)
     grad_x = (dgx @ w_ih).reshape(T, B, I)
     grad_w_ih = dgx.T @ x.reshape(T * B, I)
     if split:
@@ -524,7 +546,7 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
         x, h0, w_ih, w_hh = (t.detach() for t in (x, h0, w_ih, w_hh))
         T, B, _ = x.shape
         H = h0.shape[1]
-        W = 5 * H if mode == MODE_GRU else H
+        W = 4 * H if mode == MODE_GRU else 0  # gru: [r, z, n, hn]; the RNN modes: none
         from .numba_backend import _input_projection
         xp = _input_projection(x, w_ih, None if b_ih is None else b_ih.detach())
         whhT = w_hh.t().contiguous()
@@ -536,8 +558,9 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
         if lengths is not None:
             lengths = lengths.to(torch.int64)
         launch_forward(_dev(xp), _dev(h0), _dev(whhT), _dev(b_hh), _dev(lengths), _dev(resets),
-                       mode, reset_after, _dev(y), _dev(h_n), _dev(ws), stream=_stream(x.device),
-                       threads=threads, rows_per_block=rows_per_block,
+                       mode, reset_after, _dev(y), _dev(h_n),
+                       _dev(ws) if mode == MODE_GRU else None,  # the RNN modes: (T, B, 0), unused
+                       stream=_stream(x.device), threads=threads, rows_per_block=rows_per_block,
                        dummies=_torch_dummies(x.dtype, x.device))
     return y, h_n, ws
 
@@ -546,8 +569,8 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
              mode: int, reset_after: bool, threads=None, rows_per_block=None):
     _check_device(x)
     with torch.no_grad():
-        grad_y, grad_h_n, x, w_ih, w_hh, y, ws = (
-            t.detach().contiguous() for t in (grad_y, grad_h_n, x, w_ih, w_hh, y, ws))
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, y, ws = (
+            t.detach().contiguous() for t in (grad_y, grad_h_n, x, h0, w_ih, w_hh, y, ws))
         T, B, I = x.shape
         H = h0.shape[1]
         GH = w_hh.shape[0]
@@ -566,12 +589,13 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
             if h_in is not None:
                 h_in.zero_()
         else:
-            launch_backward(_dev(grad_y), _dev(grad_h_n), _dev(w_hh), _dev(lengths),
-                            _dev(resets), _dev(y), _dev(ws), mode, reset_after, _dev(d_gx),
+            launch_backward(_dev(grad_y), _dev(grad_h_n), _dev(h0), _dev(w_hh), _dev(lengths),
+                            _dev(resets), _dev(y), _dev(ws) if mode == MODE_GRU else None,
+                            mode, reset_after, _dev(d_gx),
                             _dev(d_gh), _dev(h_in), _dev(grad_h0), stream=_stream(x.device),
                             threads=threads, rows_per_block=rows_per_block,
                             dummies=_torch_dummies(x.dtype, x.device))
         from .numba_backend import _weight_grads
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
-            x, d_gx, d_gh, ws, h_in, w_ih, mode, H)
+            x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H)
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

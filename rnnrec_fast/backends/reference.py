@@ -23,11 +23,16 @@ forward(...) -> (y, h_n, ws)
     h_n (B, H)      the state after each row's last active step (h0 when a row has none)
     ws  (T, B, W)   saved for backward; exact zeros at inactive steps; float32 for half / bfloat16
                     inputs (which are computed with float32 state and accumulation)
-        rnn modes: W = H,   ws[t, b] = h_prev
-        gru:       W = 5*H, ws[t, b] = [h_prev, r, z, n, hn]
+        rnn modes: W = 0    (nothing: the backward needs only y and the state entering each step)
+        gru:       W = 4*H, ws[t, b] = [r, z, n, hn]
                    hn = W_hn h_prev + b_hn         (reset_after=True)
                    hn = W_hn (r * h_prev) + b_hn   (reset_after=False)
-        h_prev is the state entering step t, after a reset.
+    h_prev, the state entering step t after a reset, is not saved: it is h0 at t = 0, y[t - 1]
+    after (an active step t follows an active step t - 1, whose y is its state), and zero where
+    resets[t] is set. The backward rebuilds it from y, h0 and resets (``prev_states``); the
+    workspace would otherwise repeat y, and a training step's peak memory is the workspace's.
+    For half / bfloat16 inputs y is rounded to the input dtype, so the backward sees h_prev rounded
+    the same way (the gradients are rounded to that dtype too).
 
 backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode, reset_after)
     -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
@@ -59,6 +64,14 @@ def _upcast(*tensors):
     return [None if t is None else t.float() for t in tensors]
 
 
+def prev_states(y, h0, resets):
+    """(T, B, H) state entering each step after a reset: h0, then y shifted by one step; zero where
+    resets[t, b] is set. Exact at every active step (see the module docstring); what it holds at an
+    inactive step is never used (the gradients there are zero)."""
+    h_prev = torch.cat([h0.unsqueeze(0), y[:-1]], 0)
+    return h_prev if resets is None else h_prev.masked_fill(resets.unsqueeze(2), 0.0)
+
+
 def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_after: bool):
     if x.dtype in (torch.float16, torch.bfloat16):
         y, h_n, ws = forward(*_upcast(x, h0, w_ih, w_hh, b_ih, b_hh), lengths, resets, mode, reset_after)
@@ -84,11 +97,11 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
                 hn = F.linear(r * h_prev, w_hh[2 * H:], b_hn)
                 n = torch.tanh(xn + hn)
             h_new = (1.0 - z) * n + z * h_prev
-            ws_t = torch.cat([h_prev, r, z, n, hn], 1)
+            ws_t = torch.cat([r, z, n, hn], 1)
         else:
             pre = xp[t] + hp
             h_new = torch.tanh(pre) if mode == MODE_RNN_TANH else torch.relu(pre)
-            ws_t = h_prev
+            ws_t = h_new.new_empty(B, 0)
         if active is None:
             y_t = h_new
         else:
@@ -117,11 +130,13 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
     d_gh = torch.zeros_like(d_gx)  # d(h W_hh^T + b_hh); for gru/reset_after=False: n rows act on r*h
     h_in = torch.zeros(T, B, H, dtype=x.dtype, device=x.device)  # what the n rows of W_hh multiplied
     dh = grad_h_n.clone()  # gradient w.r.t. the state after step t
+    h_prev_all = prev_states(y, h0, resets)
     for t in range(T - 1, -1, -1):
         m = None if active is None else active[t]
         g = dh + grad_y[t] if m is None else dh + torch.where(m, grad_y[t], 0.0)
         if mode == MODE_GRU:
-            h_prev, r, z, n, hn = ws[t].split(H, 1)
+            h_prev = h_prev_all[t]
+            r, z, n, hn = ws[t].split(H, 1)
             dn = g * (1.0 - z)
             dz = g * (h_prev - n)
             dn_pre = dn * (1.0 - n * n)
@@ -159,7 +174,7 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
     x2 = x.reshape(T * B, -1)
     dgx2 = d_gx.reshape(T * B, -1)
     dgh2 = d_gh.reshape(T * B, -1)
-    h_prev_all = ws[:, :, :H].reshape(T * B, H)
+    h_prev_all = h_prev_all.reshape(T * B, H)
     grad_x = (dgx2 @ w_ih).reshape(x.shape)
     grad_w_ih = dgx2.t() @ x2
     if mode == MODE_GRU:
