@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <string>
 #include <tuple>
@@ -170,6 +171,73 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                   contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Autograd for CPU tensors, in C++: the same contract as ops._setup_context / ops._backward (which
+// stay registered for every other device), without the Python autograd.Function around each call
+// (~0.1 ms per forward and per backward at B32 T20 H100, measured: 7% of a training step).
+// ------------------------------------------------------------------------------------------------
+using Fwd11 = Fwd(const at::Tensor&, const Opt&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&,
+                  const Opt&, const Opt&, c10::string_view, bool, c10::string_view);
+using Bwd15 = Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&,
+                  const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, const at::Tensor&,
+                  const at::Tensor&, c10::string_view, bool, c10::string_view);
+
+at::Tensor or_undef(const Opt& t) { return has(t) ? *t : at::Tensor(); }
+Opt as_opt(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
+
+struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
+                                                const Opt& resets, c10::string_view mode, bool reset_after,
+                                                c10::string_view backend) {
+    // Below autograd, through the dispatcher: the CPU kernel, or a fake one under torch.compile.
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence", "").typed<Fwd11>();
+    at::Tensor y, h_n, ws;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, h_n, ws) = op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend);
+    }
+    ctx->save_for_backward({x, or_undef(h0), w_ih, w_hh, or_undef(b_ih), or_undef(b_hh), or_undef(lengths),
+                            or_undef(resets), y, ws});
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["reset_after"] = reset_after;
+    ctx->saved_data["backend"] = std::string(backend);
+    // The workspace is saved state, not a result: no gradient flows into it, and no zero (T, B, 4H)
+    // gradient is made for it (nor for an unused output / h_n).
+    ctx->mark_non_differentiable({ws});
+    ctx->set_materialize_grads(false);
+    return {y, h_n, ws};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence_backward", "").typed<Bwd15>();
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &b_ih = s[4], &b_hh = s[5], &y = s[8],
+                     &ws = s[9];
+    at::Tensor gy = grads[0], gh = grads[1];
+    if (!gy.defined()) gy = at::zeros_like(y);
+    if (!gh.defined()) gh = y.new_zeros({y.size(1), y.size(2)});
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    auto [gx, gh0, gwi, gwh, gbi, gbh] =
+        op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, as_opt(b_ih), as_opt(b_hh), as_opt(s[6]), as_opt(s[7]), y, ws,
+                mode, ctx->saved_data["reset_after"].toBool(), backend);
+    const at::Tensor none;
+    return {gx, h0.defined() ? gh0 : none, gwi, gwh, b_ih.defined() ? gbi : none, b_hh.defined() ? gbh : none,
+            none, none, none, none, none};
+  }
+};
+
+Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const Opt& b_ih, const Opt& b_hh, const Opt& lengths, const Opt& resets,
+                            c10::string_view mode, bool reset_after, c10::string_view backend) {
+  auto out = RecurrenceFn::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend);
+  return {out[0], out[1], out[2]};
+}
+
 std::string get_last_backend() { return last_backend_name; }
 void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 
@@ -187,4 +255,10 @@ TORCH_LIBRARY_FRAGMENT(rnnrec_fast, m) {
 TORCH_LIBRARY_IMPL(rnnrec_fast, CPU, m) {
   m.impl("recurrence", &rnnrec::recurrence_cpu);
   m.impl("recurrence_backward", &rnnrec::recurrence_backward_cpu);
+}
+
+// For CPU tensors this takes precedence over the Autograd kernel that ops.py registers in Python
+// (which serves the other devices).
+TORCH_LIBRARY_IMPL(rnnrec_fast, AutogradCPU, m) {
+  m.impl("recurrence", &rnnrec::recurrence_autograd_cpu);
 }

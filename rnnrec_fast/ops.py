@@ -6,7 +6,9 @@ Two ops live under the ``rnnrec_fast`` namespace:
     one layer, one direction, the whole sequence; returns ``(output, h_n, workspace)``.
 ``rnnrec_fast::recurrence_backward``
     its gradient; autograd for ``recurrence`` is registered with :func:`torch.library.register_autograd`,
-    so eager mode, ``torch.compile``, ``torch.export`` and TorchScript all see the same op.
+    so eager mode, ``torch.compile``, ``torch.export`` and TorchScript all see the same op. With the
+    compiled extension, CPU tensors take a C++ registration of the same autograd (the AutogradCPU
+    kernel in ``csrc/rnnrec_op.cpp``: no Python around each call); this one serves the other devices.
 
 The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, reference); the
 ``backend`` argument picks one (``"auto"``: the fastest available for the tensors' device).

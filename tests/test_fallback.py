@@ -31,6 +31,16 @@ assert len(msgs) == 1, msgs
 print(msgs[0])
 torch.testing.assert_close(y, ref(x)[0], rtol=1e-5, atol=1e-6)
 print("backend", rnnrec_fast.last_backend(), ours.active_backend())
+# gradients through the op's Python autograd registration (the C++ one comes with the extension)
+assert "RecurrenceFn" not in type(y.grad_fn).__name__ + y.grad_fn.name(), y.grad_fn.name()
+grads = []
+for m in (ours, ref):
+    xg = x.clone().requires_grad_()
+    out, hn = m(xg)
+    grads.append(torch.autograd.grad(out.square().sum() + hn.sum(), [xg] + list(m.parameters())))
+for name, g, want in zip(["x"] + [n for n, _ in ours.named_parameters()], *grads):
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {{name}}: {{m}}")
+print("gradients ok")
 """
 
 
@@ -41,6 +51,7 @@ def test_works_without_extension(block_numba, expected):
     assert out.returncode == 0, out.stderr
     assert "'cpp' backend is not available" in out.stdout
     assert f"backend {expected} {expected}" in out.stdout
+    assert "gradients ok" in out.stdout
 
 
 def test_extension_is_built_when_required():

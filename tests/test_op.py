@@ -165,6 +165,21 @@ def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, rese
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_cpu_autograd_is_registered_in_cpp(backend):
+    """With the extension, CPU calls record the C++ autograd node (csrc/rnnrec_op.cpp) whatever the
+    backend; the Python registration (ops._backward) serves the other devices and the package
+    without its extension (tests/test_fallback.py checks its gradients)."""
+    if not rnnrec_fast.ops._CPP_OP:
+        pytest.skip("needs the compiled extension")
+    gen = torch.Generator().manual_seed(5)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(3, 2, 2, 4, "gru", True, "plain", torch.float64, gen)
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x.requires_grad_(), h0, w_ih, w_hh, b_ih, b_hh, None, None, "gru",
+                                                 True, backend)
+    assert "RecurrenceFn" in y.grad_fn.name() and "RecurrenceFn" in h_n.grad_fn.name(), y.grad_fn.name()
+    assert not ws.requires_grad
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_workspace_is_not_differentiable_and_unused_outputs_cost_nothing(backend):
     """No gradient flows into the workspace (autograd must not build a zero (T, B, 4H) gradient for
     it), and a loss on y alone or on h_n alone gives the gradients of that output only."""
