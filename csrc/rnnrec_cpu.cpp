@@ -355,7 +355,12 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
 // A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
 // tb) or W (stored K x N). With the AVX-512 packed-B kernels, W^T is packed once per call; W is read
 // in place (no copy of the weights: this is the backward pass, where memory is tight). With AVX2
-// only, ATen/MKL measured faster per step (see gemm_any).
+// only, op(W) is packed once per call where it is larger than the L2 cache, used over several steps
+// and by few rows (MKL repacks it from L3 at every product, a cost its few rows do not amortise:
+// training B64 T20 H512 ~160 -> ~151 ms, A/B); otherwise ATen/MKL (B512 T20 H256 inference looked
+// ~5% slower packed; training B32 T20 H100 was 1-4% faster packed, but the packed copy costs the
+// backward 0.1 MiB of its peak; B256 T1 H100 inference was 2-5% slower).
+constexpr int64_t kL2Bytes = 512 * 1024;
 template <typename T>
 struct StepW {
   bool tb = false, packed = false, direct = false, small = false;
@@ -371,7 +376,9 @@ struct StepW {
         small = true;
       } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         direct = true;
-      } else if (avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
+      } else if (K > 0 && N > 0 && M * steps >= 32 &&
+                 (avx512_enabled() || (simd_enabled() && steps > 1 && M <= 128 &&
+                                       K * N * int64_t(sizeof(float)) > kL2Bytes))) {
         packed = true;
         pk = Buf<float>(g->packed_size(K, N));
         g->pack_b(tb, K, N, W, ldw, pk.data());
