@@ -3,8 +3,9 @@
 // Contract: rnnrec_fast/backends/reference.py (same outputs, same workspace, same gradients).
 // Design: one GEMM for the input projection of every step, one recurrent GEMM per step into a
 // preallocated buffer followed by a single pointwise pass over (B, H); the backward pass runs a
-// fused pointwise gate-gradient pass and one carry GEMM per step, then one GEMM each for grad_x,
-// grad_w_ih and grad_w_hh over all T*B rows. No per-step allocations.
+// fused pointwise gate-gradient pass and one carry GEMM per step, then, per chunk of ~96 rows of
+// steps, one GEMM each for grad_x, grad_w_ih and grad_w_hh (the state entering each step, which
+// the workspace does not hold, read from y and h0 in place). No per-step allocations.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
