@@ -71,13 +71,9 @@ def stream_us(H: int) -> float:
     return float(subprocess.check_output([sys.executable, "-c", STREAM_CODE, str(H)], text=True).strip())
 
 
-PEAK_CODE = """
-import sys, torch, rnnrec_fast
-torch.set_num_threads(1)
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024.0
+# One training step of torch.nn.GRU or ours in a fresh process (argv: impl B T H), after a warm-up
+# step; the two measures below wrap it.
+TRAINING_STEP = """
 B, T, H = (int(v) for v in sys.argv[2:5])
 torch.manual_seed(0)
 ref = torch.nn.GRU(H, H, batch_first=True)
@@ -88,6 +84,16 @@ def step():
     y, h = module(x)
     return torch.autograd.grad(y.sum(), params + [x])
 g = step(); del g                                # warm-up (first-call set-up)
+"""
+
+PEAK_CODE = """
+import sys, torch, rnnrec_fast
+torch.set_num_threads(1)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024.0
+""" + TRAINING_STEP + """
 open("/proc/self/clear_refs", "w").write("5")    # reset the peak-RSS mark (VmHWM)
 base = status("VmRSS:")
 g = step()
@@ -98,8 +104,8 @@ print(status("VmHWM:") - base)
 def peak_training_mib(impl: str, B: int, T: int, H: int) -> float:
     """Peak resident-memory growth of one training step (forward + backward) after a warm-up, in a
     fresh process. Every allocation of 4 KiB or more goes straight to mmap, so freed memory leaves
-    the RSS and reused heap does not hide any: the peak RSS then tracks the peak of live bytes for
-    both implementations (torch.nn.GRU's many small per-step tensors included)."""
+    the RSS; smaller ones (torch.nn.GRU's many per-step tensors) are served from heap pages the
+    warm-up left resident, which the growth does not count: see live_peak_mib for the live bytes."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"}
     runs = sorted(float(subprocess.check_output([sys.executable, "-c", PEAK_CODE, impl, str(B), str(T), str(H)],
                                                 text=True, env=env).strip().splitlines()[-1]) for _ in range(5))
@@ -111,16 +117,7 @@ import ctypes, sys, torch, rnnrec_fast
 torch.set_num_threads(1)
 count = ctypes.CDLL(None)  # benchmarks/memcount.c, preloaded
 count.memcount_peak.restype = count.memcount_current.restype = ctypes.c_long
-B, T, H = (int(v) for v in sys.argv[2:5])
-torch.manual_seed(0)
-ref = torch.nn.GRU(H, H, batch_first=True)
-module = ref if sys.argv[1] == "torch" else rnnrec_fast.from_torch(ref)
-x = torch.randn(B, T, H, requires_grad=True)
-params = list(module.parameters())
-def step():
-    y, h = module(x)
-    return torch.autograd.grad(y.sum(), params + [x])
-g = step(); del g                                # warm-up (first-call set-up)
+""" + TRAINING_STEP + """
 count.memcount_reset()
 base = count.memcount_current()
 g = step()
