@@ -231,6 +231,40 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
   }
 };
 
+// The backward op's own autograd: it is not differentiable (no double backward through the
+// recurrence). Without this, a backward with create_graph=True would record it through the
+// fallback that warns and then treats it as constant, and a second derivative would silently miss
+// the recurrence's part; with it, backpropagating through its outputs raises at once.
+struct RecurrenceBackwardFn : public torch::autograd::Function<RecurrenceBackwardFn> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext*, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+      const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh,
+      const Opt& lengths, const Opt& resets, const at::Tensor& y, const at::Tensor& ws, c10::string_view mode,
+      bool reset_after, c10::string_view backend) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence_backward", "").typed<Bwd15>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gh0, gwi, gwh, gbi, gbh] = op.call(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
+                                                 y, ws, mode, reset_after, backend);
+    return {gx, gh0, gwi, gwh, gbi, gbh};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                "rnnrec_fast: the gradient of rnnrec_fast::recurrence is not differentiable "
+                                "(no double backward through the recurrence, e.g. a gradient penalty)");
+  }
+};
+
+Bwd recurrence_backward_autograd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+                                 const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& b_ih,
+                                 const Opt& b_hh, const Opt& lengths, const Opt& resets, const at::Tensor& y,
+                                 const at::Tensor& ws, c10::string_view mode, bool reset_after,
+                                 c10::string_view backend) {
+  auto o = RecurrenceBackwardFn::apply(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
+                                       mode, reset_after, backend);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
 Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const Opt& b_ih, const Opt& b_hh, const Opt& lengths, const Opt& resets,
                             c10::string_view mode, bool reset_after, c10::string_view backend) {
@@ -261,4 +295,10 @@ TORCH_LIBRARY_IMPL(rnnrec_fast, CPU, m) {
 // (which serves the other devices).
 TORCH_LIBRARY_IMPL(rnnrec_fast, AutogradCPU, m) {
   m.impl("recurrence", &rnnrec::recurrence_autograd_cpu);
+}
+
+// Every device: the backward op is not differentiable (ops.py registers the same in Python when
+// the extension is absent).
+TORCH_LIBRARY_IMPL(rnnrec_fast, Autograd, m) {
+  m.impl("recurrence_backward", &rnnrec::recurrence_backward_autograd);
 }

@@ -288,6 +288,16 @@ def _backward(ctx, grad_y, grad_h_n, _grad_ws):
 torch.library.register_autograd("rnnrec_fast::recurrence", _backward, setup_context=_setup_context)
 
 
+def _backward_is_not_differentiable(ctx, *grads):
+    raise NotImplementedError("rnnrec_fast: the gradient of rnnrec_fast::recurrence is not differentiable "
+                              "(no double backward through the recurrence, e.g. a gradient penalty)")
+
+
+if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp, RecurrenceBackwardFn)
+    torch.library.register_autograd("rnnrec_fast::recurrence_backward", _backward_is_not_differentiable,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 # ----------------------------------------------------------------------------------------------
 # the Python entry point
 

@@ -40,6 +40,14 @@ for m in (ours, ref):
     grads.append(torch.autograd.grad(out.square().sum() + hn.sum(), [xg] + list(m.parameters())))
 for name, g, want in zip(["x"] + [n for n, _ in ours.named_parameters()], *grads):
     torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {{name}}: {{m}}")
+xg = x.clone().requires_grad_()
+gx, = torch.autograd.grad(ours(xg)[0].square().sum(), xg, create_graph=True)
+try:
+    torch.autograd.grad(gx.sum(), xg)
+except NotImplementedError as e:
+    assert "not differentiable" in str(e), e
+else:
+    raise AssertionError("double backward did not raise")
 print("gradients ok")
 """
 

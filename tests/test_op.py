@@ -180,6 +180,29 @@ def test_cpu_autograd_is_registered_in_cpp(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_double_backward_raises_instead_of_dropping_the_recurrence(backend):
+    """The backward op is not differentiable: gradients taken with create_graph=True are still the
+    right first-order ones, and backpropagating through them raises a clear error (instead of a
+    second derivative silently missing the recurrence's part)."""
+    gen = torch.Generator().manual_seed(9)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, "both", torch.float64, gen)
+    x.requires_grad_()
+    w_hh.requires_grad_()
+
+    def loss():
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True,
+                                                     backend)
+        return y.square().sum() + h_n.sum()
+
+    plain = torch.autograd.grad(loss(), (x, w_hh))
+    graphed = torch.autograd.grad(loss(), (x, w_hh), create_graph=True)
+    for a, b in zip(graphed, plain):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        torch.autograd.grad(graphed[0].square().sum(), (x, w_hh))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_workspace_is_not_differentiable_and_unused_outputs_cost_nothing(backend):
     """No gradient flows into the workspace (autograd must not build a zero (T, B, 4H) gradient for
     it), and a loss on y alone or on h_n alone gives the gradients of that output only."""
