@@ -589,8 +589,9 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   Buf<T> rh_buf(gru && !reset_after ? B * H : 0);
   T* rh = rh_buf.data();
   // The state entering a step (after resets) as (B, H) rows: h0 or the previous step's y in place
-  // when every row is active and none resets, else gathered here (zero rows where reset/inactive).
-  Buf<T> hin_buf(B * H);
+  // when every row is active and none resets, else gathered here (zero rows where reset/inactive;
+  // only lengths or resets make a step so).
+  Buf<T> hin_buf(m.len != nullptr || m.rst != nullptr ? B * H : 0);
   std::vector<const T*> cur(B);
   const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
   const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
@@ -738,9 +739,10 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   Buf<T> drh(gru && !reset_after ? B * H : 0);
   Buf<T> carry(B * H);
   Buf<T> gy_rows(B * H);                                       // gy of a step when gy is strided
-  // x of a chunk when its rows are not evenly spaced and not even a step's are (a step of a
-  // batch_first x is: its product then runs per step, without this copy)
-  Buf<T> x_rows(x.rows_uniform(B) || x.sc == 1 ? 0 : Tc * B * I);
+  // x of a chunk when its rows are not evenly spaced and not even a step's are; a step of a
+  // batch_first x is, so grad_w_ih then sums step by step, without this copy
+  const bool x_per_step = !x.rows_uniform(B) && x.sc == 1;
+  Buf<T> x_rows(x.rows_uniform(B) || x_per_step ? 0 : Tc * B * I);
   std::vector<double> sum_i(GH, 0.0), sum_n(gru && reset_after ? H : 0, 0.0);
   // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
   const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
@@ -852,14 +854,14 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     const bool acc = t1 < T_;
     const T* ws_c = ws + t0 * B * W;
     gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
-    if (x.rows_uniform(B) || x.sc != 1) {
-      int64_t ldx = 0;
-      const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
-      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
-    } else {
+    if (x_per_step) {
       for (int64_t t = t0; t < t1; ++t)
         gemm_any<T>(true, false, GH, I, B, dgx + (t - t0) * B * GH, GH, x.p + t * x.st, x.sb, gw_ih, I,
                     acc || t > t0);
+    } else {
+      int64_t ldx = 0;
+      const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
+      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
     }
     add_col_sums<T>(R, GH, dgx, GH, sum_i.data());
     if (!gru) {

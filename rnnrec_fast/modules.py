@@ -107,10 +107,10 @@ class _FastPath(nn.Module):
     (None where no path applies: backend "cuda", bidirectional). A call tries it first where no
     autograd is recorded (the plan itself declines calls with autograd on, under torch.jit.trace,
     on non-plain tensors, other dtypes or devices, or whatever it does not handle exactly as the
-    general path would); it is
-    never tried while torch.compile / torch.export trace the call (they must see the op). The
-    plan reads the parameters from the dict at every call, so reassigned, reloaded or swapped
-    parameters are seen at once; it is rebuilt when an attribute it depends on changes."""
+    general path would); it is never tried while torch.compile / torch.export trace the call
+    (they must see the op). The plan reads the parameters from the dict at every call, so
+    reassigned, reloaded or swapped parameters are seen at once; it is rebuilt when an attribute
+    it depends on changes."""
 
     _plan_config = frozenset()
 

@@ -38,6 +38,8 @@ import torch
 from numba import config as _numba_config
 from numba import cuda, float32, float64
 
+from . import reference
+
 MODE_RNN_TANH = 0
 MODE_RNN_RELU = 1
 MODE_GRU = 2
@@ -471,11 +473,8 @@ def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, res
                     dummies=dummies)
     dgx = d_gx.copy_to_host().reshape(T * B, GH)
     dgh = d_gh.copy_to_host().reshape(T * B, GH)
-    # h_prev (reference.prev_states): h0, then y shifted by one step, zero where the row resets
-    h_prev = np.concatenate([h0[None], y[:-1]], 0)[:T]
-    if resets is not None:
-        h_prev[resets] = 0.0
-    h_prev = h_prev.reshape(T * B, H)
+    h_prev = reference.prev_states(torch.from_numpy(y), torch.from_numpy(h0),
+                                   None if resets is None else torch.from_numpy(resets)).numpy().reshape(T * B, H)
     grad_x = (dgx @ w_ih).reshape(T, B, I)
     grad_w_ih = dgx.T @ x.reshape(T * B, I)
     if split:
