@@ -299,20 +299,30 @@ inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t
   fast_rows(M, N, K, A, si, sk, Bp, 0, beta, C, ldc);
 }
 
-// General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
-// packed-B kernels for float when M is large enough to amortise packing op(B), ATen/BLAS otherwise.
+constexpr int64_t kL2Bytes = 512 * 1024;  // the L2 cache per core of the Zen 3 machine here
+
 // With AVX2 only, the packed kernel competes with MKL's own AVX2 kernel (both ~93 GFLOP/s on a
-// 1024^3 product on the Zen 3 machine here) and wins only on a long, not transposed A with one
-// K chunk written into a strided C (the forward's input projection of a large batch, B512 T20
-// H256: 126 -> 112 ms); everywhere else it measured slower than ATen/MKL (training B32 T20 H100
-// 4.1 -> 4.4 ms, B64 T20 H512 148 -> 160 ms; B256 T1 H100 inference 501 -> 522 us), so those stay
-// with ATen.
+// 1024^3 product on the Zen 3 machine here). It wins where op(B) packed fits in a quarter of L2,
+// and for a transposed A (the weight gradients, whose A rows the kernel reads K floats apart) A
+// too: the products of H = 100 (M256 N300 K100: 162 us against MKL's ~193 us, whose B packing and
+// beta = 0 scaling of C cost it ~30 us; training B32 T20 H100 ~3.75 -> ~3.4 ms, A/B). It also wins
+// on a long, not transposed A with one K chunk written into a strided C (the forward's input
+// projection of a large batch, B512 T20 H256: 126 -> 112 ms). With larger operands MKL's cache
+// blocking wins (B64 T20 H512 training, packing the per-step weight gradients' 128 KB x: ~137 ->
+// ~143 ms).
+inline bool avx2_packed_pays(int64_t K, int64_t N) { return K * N * int64_t(sizeof(float)) <= kL2Bytes / 4; }
+
+// General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
+// packed-B kernels for float when M is large enough to amortise packing op(B) and (AVX2 only)
+// where they beat MKL (above), ATen/BLAS otherwise.
 template <typename T>
 void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
               T* C, int64_t ldc, bool acc = false) {
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
-    if (M >= 48 && N >= 8 && K > 0 && g != nullptr && (avx512_enabled() || (!ta && tb && K <= 256 && M >= 4096))) {
+    if (M >= 48 && N >= 8 && K > 0 && g != nullptr &&
+        (avx512_enabled() || (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) ||
+         (!ta && tb && K <= 256 && M >= 4096))) {
       const int64_t KC = 256;
       Buf<float> pk(g->packed_size(std::min(K, KC), N));
       for (int64_t kc = 0; kc < K; kc += KC) {
@@ -356,12 +366,11 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
 // A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
 // tb) or W (stored K x N). With the AVX-512 packed-B kernels, W^T is packed once per call; W is read
 // in place (no copy of the weights: this is the backward pass, where memory is tight). With AVX2
-// only, op(W) is packed once per call where it is larger than the L2 cache, used over several steps
-// and by few rows (MKL repacks it from L3 at every product, a cost its few rows do not amortise:
-// training B64 T20 H512 ~160 -> ~151 ms, A/B); otherwise ATen/MKL (B512 T20 H256 inference looked
-// ~5% slower packed; training B32 T20 H100 was 1-4% faster packed, but the packed copy costs the
-// backward 0.1 MiB of its peak; B256 T1 H100 inference was 2-5% slower).
-constexpr int64_t kL2Bytes = 512 * 1024;
+// only, op(W) is packed once per call where avx2_packed_pays (a quarter of L2 at most: H = 100;
+// with the peak of a B32 T20 H100 training step at 2.18 MiB against torch.nn's 3.22, live heap), and
+// where it is larger than the L2 cache, used over several steps and by few rows (MKL repacks it
+// from L3 at every product, a cost its few rows do not amortise: training B64 T20 H512 ~160 ->
+// ~151 ms, A/B); otherwise ATen/MKL (B512 T20 H256 inference looked ~5% slower packed).
 template <typename T>
 struct StepW {
   bool tb = false, packed = false, direct = false, small = false;
@@ -378,7 +387,8 @@ struct StepW {
       } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         direct = true;
       } else if (K > 0 && N > 0 && M * steps >= 32 &&
-                 (avx512_enabled() || (simd_enabled() && steps > 1 && M <= 128 &&
+                 (avx512_enabled() || (simd_enabled() && avx2_packed_pays(K, N)) ||
+                  (simd_enabled() && steps > 1 && M <= 128 &&
                                        K * N * int64_t(sizeof(float)) > kL2Bytes))) {
         packed = true;
         pk = Buf<float>(g->packed_size(K, N));
