@@ -147,6 +147,35 @@ static void gemm_nt_nb(int64_t M, int64_t K, const float* W, int64_t ldw, const 
 
 }  // namespace
 
+void avx2_col_sums_f32(int64_t R, int64_t C, const float* A, int64_t ld, double* acc) {
+  // 32 columns at a time in eight 4-lane double accumulators, then 8, then one by one; every column
+  // adds its rows in order, as the portable loop does (the same bits).
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) {
+    __m256d s[8];
+    for (int v = 0; v < 8; ++v) s[v] = _mm256_loadu_pd(acc + c + 4 * v);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = A + r * ld + c;
+      for (int v = 0; v < 8; ++v) s[v] = _mm256_add_pd(s[v], _mm256_cvtps_pd(_mm_loadu_ps(row + 4 * v)));
+    }
+    for (int v = 0; v < 8; ++v) _mm256_storeu_pd(acc + c + 4 * v, s[v]);
+  }
+  for (; c + 8 <= C; c += 8) {
+    __m256d s0 = _mm256_loadu_pd(acc + c), s1 = _mm256_loadu_pd(acc + c + 4);
+    for (int64_t r = 0; r < R; ++r) {
+      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm_loadu_ps(A + r * ld + c)));
+      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm_loadu_ps(A + r * ld + c + 4)));
+    }
+    _mm256_storeu_pd(acc + c, s0);
+    _mm256_storeu_pd(acc + c + 4, s1);
+  }
+  for (; c < C; ++c) {
+    double s = acc[c];
+    for (int64_t r = 0; r < R; ++r) s += double(A[r * ld + c]);
+    acc[c] = s;
+  }
+}
+
 RowKernels<float> avx2_row_kernels_f32() {
   RowKernels<float> k;
   k.rnn_fwd = &v_rnn_fwd;

@@ -110,8 +110,17 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
     for (int64_t p = 0; p < np; ++p) {
       const int64_t n0 = p * NR, nvalid = N - n0;
       const float* Bk = Bp + p * K * NR;
-      int64_t i = g;
-      for (; i + MR <= g1; i += MR) micro<MR>(K, A + i * a_si, a_si, a_sk, Bk, C + i * ldc + n0, ldc, nvalid, beta);
+      // Whole 6-row blocks, then the rest; a rest of one or two rows (two or four accumulators:
+      // too few chains to keep both FMA pipes busy) takes the last whole block with it, as a 4-row
+      // block and a 3- or 4-row one (M = 32: 6 6 6 6 4 4, not 6 6 6 6 6 2).
+      int64_t i = g, whole = (g1 - g) / MR;
+      if (whole > 0 && (g1 - g) % MR <= 2 && (g1 - g) % MR > 0) --whole;
+      for (const int64_t i1 = g + whole * MR; i < i1; i += MR)
+        micro<MR>(K, A + i * a_si, a_si, a_sk, Bk, C + i * ldc + n0, ldc, nvalid, beta);
+      if (g1 - i > MR) {
+        micro<4>(K, A + i * a_si, a_si, a_sk, Bk, C + i * ldc + n0, ldc, nvalid, beta);
+        i += 4;
+      }
       const float* Ai = A + i * a_si;
       float* Ci = C + i * ldc + n0;
       switch (g1 - i) {
@@ -158,6 +167,11 @@ void pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, floa
     if (transB && nv == NR) {  // a full panel of a transposed B: 8 x 8 blocks (the weights' usual case)
       for (; k0 + 8 <= K; k0 += 8)
         for (int64_t h = 0; h < NR; h += 8) transpose8(B + (n0 + h) * ldb + k0, ldb, dst + k0 * NR + h, NR);
+    } else if (!transB && nv == NR) {  // a full panel of a row-major B: two vectors per row
+      for (; k0 < K; ++k0) {
+        _mm256_storeu_ps(dst + k0 * NR, _mm256_loadu_ps(B + k0 * ldb + n0));
+        _mm256_storeu_ps(dst + k0 * NR + 8, _mm256_loadu_ps(B + k0 * ldb + n0 + 8));
+      }
     }
     for (int64_t k = k0; k < K; ++k) {
       float* d = dst + k * NR;

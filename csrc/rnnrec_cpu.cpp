@@ -690,6 +690,10 @@ struct View3 {
   const T* step(int64_t t, int64_t B, int64_t C, T* scratch) const {
     const T* base = p + t * st;
     if (sc == 1 && (sb == C || B == 1)) return base;
+    if (sc == 0) {  // a row broadcast along C (the gradient of y.sum() is all strides 0)
+      for (int64_t b = 0; b < B; ++b) std::fill(scratch + b * C, scratch + (b + 1) * C, base[b * sb]);
+      return scratch;
+    }
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c) scratch[b * C + c] = base[b * sb + c * sc];
     return scratch;
@@ -717,6 +721,14 @@ View3<T> view3(const at::Tensor& t) {
 // Accumulates the column sums of a (R, C) row-major block (leading dimension ld) in double.
 template <typename T>
 void add_col_sums(int64_t R, int64_t C, const T* A, int64_t ld, double* acc) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if constexpr (std::is_same<T, float>::value) {
+    if (simd_enabled()) {
+      avx2_col_sums_f32(R, C, A, ld, acc);
+      return;
+    }
+  }
+#endif
   for (int64_t r = 0; r < R; ++r) {
     const T* row = A + r * ld;
     for (int64_t c = 0; c < C; ++c) acc[c] += double(row[c]);

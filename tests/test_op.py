@@ -121,10 +121,11 @@ LONG_SHAPES = [(9, 40, 7, 33), (13, 24, 5, 20), (3, 300, 6, 16), (130, 1, 3, 5)]
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, reset_after):
     """The backward op over several time chunks, with lengths and resets, equals the reference
-    (float64), and on strided grad_y / x (as autograd hands them over: an expanded gradient, a
-    batch_first input) gives what it gives on dense copies of them (both dtypes): exactly, but for
-    grad_w_ih on a batch_first x, which the C++ backend sums step by step (its rows are evenly
-    spaced within a step only) instead of over a copy of the chunk: the same terms in another order."""
+    (float64), and on strided grad_y / x (as autograd hands them over: an expanded gradient, one
+    value per row, a batch_first input) gives what it gives on dense copies of them (both dtypes):
+    exactly, but for grad_w_ih on a batch_first x, which the C++ backend sums step by step (its rows
+    are evenly spaced within a step only) instead of over a copy of the chunk: the same terms in
+    another order."""
     gen = torch.Generator().manual_seed(hash((backend, str(dtype), shape, mode, reset_after)) % 2**31)
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(*shape, mode, True, "both", dtype, gen)
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
@@ -136,6 +137,8 @@ def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, rese
         "contiguous": torch.randn(T, B, H, generator=gen, dtype=torch.float64).to(dtype),
         "transposed": torch.randn(B, T, H, generator=gen, dtype=torch.float64).to(dtype).transpose(0, 1),
         "expanded": torch.randn(H, generator=gen, dtype=torch.float64).to(dtype).expand(T, B, H),
+        # one value per row (the gradient of (y.sum(-1) * w).sum(): strides (B, 1, 0))
+        "row_broadcast": torch.randn(T, B, 1, generator=gen, dtype=torch.float64).to(dtype).expand(T, B, H),
         "column": torch.randn(T, B, 2 * H, generator=gen, dtype=torch.float64).to(dtype)[:, :, ::2],
     }
     gh = torch.randn(B, H, generator=gen, dtype=torch.float64)
