@@ -36,6 +36,34 @@ static inline __m256i lanes_below(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Loads and stores of slice v of a tile: whole vectors, or the lanes below nvalid.
+struct WholeSlices {
+  inline __m256 ld(const float* p, int) const { return _mm256_loadu_ps(p); }
+  inline void st(float* p, int, __m256 r) const { _mm256_storeu_ps(p, r); }
+};
+struct MaskedSlices {
+  __m256i m[2];
+  explicit MaskedSlices(int64_t nvalid) : m{lanes_below(nvalid), lanes_below(nvalid - 8)} {}
+  inline __m256 ld(const float* p, int v) const { return _mm256_maskload_ps(p, m[v]); }
+  inline void st(float* p, int v, __m256 r) const { _mm256_maskstore_ps(p, m[v], r); }
+};
+
+// C's R x 8V tile (+)= the accumulators. The loops unroll completely, so that the accumulators
+// stay in registers through the caller's k loop.
+template <int R, int V, typename S>
+static inline void store_tile(const __m256 (&c)[V][R], float* C, int64_t ldc, bool acc, const S& s) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    float* ci = C + i * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      __m256 r = c[v][i];
+      if (acc) r = _mm256_add_ps(s.ld(ci + 8 * v, v), r);
+      s.st(ci + 8 * v, v, r);
+    }
+  }
+}
+
 // One R x 16 block of C (R <= MR), or R x 8 (V = 1) for a last slice of at most 8 columns. The
 // panel of op(B) is read with full-width loads at Bp + k * NR (zero padded past N).
 // Columns at or past nvalid are not stored. Not inlined, like the AVX-512 kernel: its loop keeps
@@ -59,33 +87,12 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
   }
   // Full slices are stored with plain loads and stores: a masked store (vmaskmovps) costs many
   // cycles on Zen 3, and twelve of them per tile held the 6x16 kernel to 79 GFLOP/s at K = 100 (M256
-  // N300: 194 us; 162 us, 95 GFLOP/s, with plain stores). Both store loops unroll completely, so
-  // that the accumulators stay in registers through the k loop.
-  if (nvalid >= 8 * V) {
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      float* ci = C + i * ldc;
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) {
-        __m256 r = c[v][i];
-        if (acc) r = _mm256_add_ps(_mm256_loadu_ps(ci + 8 * v), r);
-        _mm256_storeu_ps(ci + 8 * v, r);
-      }
-    }
-    return;
-  }
-  // A last, partial slice: lanes at or past nvalid are masked off.
-  const __m256i m[2] = {lanes_below(nvalid), lanes_below(nvalid - 8)};
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    float* ci = C + i * ldc;
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) {
-      __m256 r = c[v][i];
-      if (acc) r = _mm256_add_ps(_mm256_maskload_ps(ci + 8 * v, m[v]), r);
-      _mm256_maskstore_ps(ci + 8 * v, m[v], r);
-    }
-  }
+  // N300: 194 us; 162 us, 95 GFLOP/s, with plain stores). A last, partial slice masks off the
+  // lanes at or past nvalid.
+  if (nvalid >= 8 * V)
+    store_tile<R, V>(c, C, ldc, acc, WholeSlices());
+  else
+    store_tile<R, V>(c, C, ldc, acc, MaskedSlices(nvalid));
 }
 
 template <int R>
