@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -263,11 +264,10 @@ def main():
     print("\n".join(out[-8:]))
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        stamp = f"cpu-{date}"
-        for suffix in "bcdefgh":  # a later run on the same day gets its own file
-            if not (RESULTS / f"{stamp}.md").exists():
-                break
-            stamp = f"cpu-{date}{suffix}"
+        # a later run on the same day gets its own file (b, c, ..., z, then z2, z3, ...): never
+        # one that is there already
+        suffixes = itertools.chain([""], "bcdefghijklmnopqrstuvwxyz", (f"z{n}" for n in itertools.count(2)))
+        stamp = next(s for s in (f"cpu-{date}{x}" for x in suffixes) if not (RESULTS / f"{s}.md").exists())
         (RESULTS / f"{stamp}.md").write_text(text)
         for run in raw.values():  # keep the statistics, not every timing sample
             for b in run["benchmarks"]:
