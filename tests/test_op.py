@@ -73,7 +73,18 @@ def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_afte
     ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
     for name, g, rg in zip(names, grads, ref_grads):
-        assert_close(g.double(), rg, dtype, f"grad {name}")
+        if dtype == torch.float64:
+            assert_close(g.double(), rg, dtype, f"grad {name}")
+        else:
+            # float32: 1e-5 of each element, or of the tensor's largest one where that is above 1.
+            # These weights are unscaled (randn), so gradients reach ~100 and an element is often a
+            # sum of far larger terms that cancel: float32 rounding is then ~1e-6 of the tensor's
+            # scale, not of the element (a per-element 1e-5 failed 3 of 23 fresh draws, on the cpp,
+            # numba and reference backends; this passed 100 of 100; a 1e-4 error in one gate
+            # gradient still fails it).
+            scale = max(1.0, float(rg.abs().max()))
+            torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m: f"grad {name} (atol 1e-5 x {scale:.3g}): {m}")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
