@@ -162,7 +162,10 @@ def run_case(T, B, I, H, mode, reset_after, bias, extras, dtype, seed, grads=Tru
     names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]  # zip stops at len(params)
     for name, g, rg in zip(names, got, ref_grads):
         assert g.dtype == dtype
-        close(g.double(), rg, f"grad {name}", **tol(dtype, K))
+        t = tol(dtype, K)
+        if dtype == torch.float32:  # rounding is relative to the tensor's scale, not each element's
+            t["atol"] *= max(1.0, rg.abs().max().item())  # (see test_op.py::test_matches_reference)
+        close(g.double(), rg, f"grad {name}", **t)
 
 
 # ----------------------------------------------------------------------------------------------
