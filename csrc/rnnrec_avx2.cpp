@@ -145,30 +145,24 @@ static void gemm_nt_nb(int64_t M, int64_t K, const float* W, int64_t ldw, const 
   for (; j < M; ++j) gemm_nt_block<NB, 1>(j, K, W, ldw, X, ldx, out, ldo);
 }
 
+// acc[0, 4V) += the column sums of R rows of 4V floats (ld apart), in V double accumulators.
+template <int V>
+static inline void col_sums_block(int64_t R, const float* A, int64_t ld, double* acc) {
+  __m256d s[V];
+  for (int v = 0; v < V; ++v) s[v] = _mm256_loadu_pd(acc + 4 * v);
+  for (int64_t r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) s[v] = _mm256_add_pd(s[v], _mm256_cvtps_pd(_mm_loadu_ps(A + r * ld + 4 * v)));
+  for (int v = 0; v < V; ++v) _mm256_storeu_pd(acc + 4 * v, s[v]);
+}
+
 }  // namespace
 
 void avx2_col_sums_f32(int64_t R, int64_t C, const float* A, int64_t ld, double* acc) {
-  // 32 columns at a time in eight 4-lane double accumulators, then 8, then one by one; every column
-  // adds its rows in order, as the portable loop does (the same bits).
+  // 32 columns at a time in eight 4-lane double accumulators, then 8 in two, then one by one; every
+  // column adds its rows in order, as the portable loop does (the same bits).
   int64_t c = 0;
-  for (; c + 32 <= C; c += 32) {
-    __m256d s[8];
-    for (int v = 0; v < 8; ++v) s[v] = _mm256_loadu_pd(acc + c + 4 * v);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* row = A + r * ld + c;
-      for (int v = 0; v < 8; ++v) s[v] = _mm256_add_pd(s[v], _mm256_cvtps_pd(_mm_loadu_ps(row + 4 * v)));
-    }
-    for (int v = 0; v < 8; ++v) _mm256_storeu_pd(acc + c + 4 * v, s[v]);
-  }
-  for (; c + 8 <= C; c += 8) {
-    __m256d s0 = _mm256_loadu_pd(acc + c), s1 = _mm256_loadu_pd(acc + c + 4);
-    for (int64_t r = 0; r < R; ++r) {
-      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm_loadu_ps(A + r * ld + c)));
-      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm_loadu_ps(A + r * ld + c + 4)));
-    }
-    _mm256_storeu_pd(acc + c, s0);
-    _mm256_storeu_pd(acc + c + 4, s1);
-  }
+  for (; c + 32 <= C; c += 32) col_sums_block<8>(R, A + c, ld, acc + c);
+  for (; c + 8 <= C; c += 8) col_sums_block<2>(R, A + c, ld, acc + c);
   for (; c < C; ++c) {
     double s = acc[c];
     for (int64_t r = 0; r < R; ++r) s += double(A[r * ld + c]);

@@ -121,7 +121,8 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
       // too few chains to keep both FMA pipes busy) takes the last whole block with it, as a 4-row
       // block and a 3- or 4-row one (M = 32: 6 6 6 6 4 4, not 6 6 6 6 6 2).
       int64_t i = g, whole = (g1 - g) / MR;
-      if (whole > 0 && (g1 - g) % MR <= 2 && (g1 - g) % MR > 0) --whole;
+      const int64_t rest = (g1 - g) % MR;
+      if (whole > 0 && (rest == 1 || rest == 2)) --whole;
       for (const int64_t i1 = g + whole * MR; i < i1; i += MR)
         micro<MR>(K, A + i * a_si, a_si, a_sk, Bk, C + i * ldc + n0, ldc, nvalid, beta);
       if (g1 - i > MR) {
