@@ -272,19 +272,13 @@ Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor
   return {out[0], out[1], out[2]};
 }
 
-std::string get_last_backend() { return last_backend_name; }
-void set_last_backend(std::string name) { last_backend_name = std::move(name); }
-
 }  // namespace
 
 void note_cpp_backend_ran() { last_backend_name = "cpp"; }
+std::string last_backend() { return last_backend_name; }
+void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 
 }  // namespace rnnrec
-
-TORCH_LIBRARY_FRAGMENT(rnnrec_fast, m) {
-  m.def("_last_backend() -> str", &rnnrec::get_last_backend);
-  m.def("_set_last_backend(str name) -> ()", &rnnrec::set_last_backend);
-}
 
 TORCH_LIBRARY_IMPL(rnnrec_fast, CPU, m) {
   m.impl("recurrence", &rnnrec::recurrence_cpu);

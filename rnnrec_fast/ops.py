@@ -47,7 +47,7 @@ _lib.define("recurrence_py" + _FWD_SCHEMA)
 _lib.define("recurrence_backward_py" + _BWD_SCHEMA)
 
 try:  # loading the extension registers the C++ CPU kernels of both ops (csrc/rnnrec_op.cpp)
-    from . import _C  # noqa: F401
+    from . import _C
 
     _CPP_OP = True
 except ImportError:
@@ -173,13 +173,13 @@ def _resolve(backend, device_type, dtype):
 def last_backend() -> str | None:
     """The backend that ran this thread's latest ``recurrence`` call (None before the first)."""
     if _CPP_OP:
-        return torch.ops.rnnrec_fast._last_backend() or None
+        return _C.last_backend() or None
     return getattr(_tls, "last", None)
 
 
 def _set_last(name):
     if _CPP_OP:
-        torch.ops.rnnrec_fast._set_last_backend(name)
+        _C.set_last_backend(name)
     else:
         _tls.last = name
 
