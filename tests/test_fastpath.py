@@ -38,6 +38,9 @@ def _counting(monkeypatch, attr):
             counts["handled"] += out is not None
             return out
 
+        def __getattr__(self, name):  # the plan's other methods (forget)
+            return getattr(self.plan, name)
+
     monkeypatch.setattr(modules, attr, CountingPlan)
     return counts
 
@@ -205,6 +208,22 @@ def fast_and_general(module, *args):
     return fast, general_path(module, *args)
 
 
+def _double_then_delete(module, x, check, counts):
+    """The end of the weight-change tests: a swap of the parameters on dtype conversion is seen; a
+    deleted parameter makes the plan decline (the general path raises)."""
+    try:
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        doubled = module.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    check("swapped to float64", doubled, x.double(), torch.float64)
+    handled = counts["handled"]
+    del module.weight_hh_l1
+    with torch.inference_mode(), pytest.raises(Exception):
+        module(x.double())
+    assert counts["handled"] == handled
+
+
 @needs_ext
 def test_sees_parameters_replaced_changed_or_removed(spy):
     """The plan reads the weights from the module's parameter dict at every call: a reassigned
@@ -229,17 +248,7 @@ def test_sees_parameters_replaced_changed_or_removed(spy):
     assert_close(check("reloaded"), before, torch.float32, "reloaded = fresh")
     ours.weight_ih_l0.data.mul_(0.5)
     assert not torch.equal(check(".data write"), before)
-    try:
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        doubled = ours.double()
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(False)
-    check("swapped to float64", doubled, x.double(), torch.float64)
-    handled = spy["handled"]
-    del ours.weight_hh_l1
-    with torch.inference_mode(), pytest.raises(Exception):
-        ours(x)
-    assert spy["handled"] == handled
+    _double_then_delete(ours, x, check, spy)
 
 
 @needs_ext
@@ -463,3 +472,88 @@ def test_python_backends_fast_path_declines_tracing_and_dispatch_modes(py_spy, b
         assert_close(traced(x)[0], ref(x)[0], torch.float32, "traced output")
     assert_close(out, ref(x)[0].detach(), torch.float32, "output under the mode")
     assert py_spy["handled"] == 0 and py_spy["calls"] >= 2
+
+
+@pytest.mark.parametrize("backend", _py_backends())
+def test_python_backends_see_weight_changes(py_spy, backend):
+    """The numba plan keeps NumPy views of the weights: they must follow the module's parameters
+    through in-place writes, .data swaps (to new memory, to a non-contiguous tensor), reassigned
+    parameters, a state_dict load, a dtype swap and a deleted parameter (then it declines)."""
+    torch.manual_seed(5)
+    ref, ours = pair("GRU", torch.float32, input_size=4, hidden_size=4, num_layers=2)
+    ours.backend = backend
+    ours.eval()
+    x = torch.randn(3, 2, 4)
+
+    def check(what, module=ours, inp=x, dtype=torch.float32):
+        handled = py_spy["handled"]
+        with torch.inference_mode():
+            out, h_n = module(inp)
+        assert py_spy["handled"] == handled + 1, what
+        g_out, g_h = general_path(module, inp)
+        torch.testing.assert_close(out, g_out, rtol=0, atol=0, msg=lambda m: f"{what}: output {m}")
+        torch.testing.assert_close(h_n, g_h, rtol=0, atol=0, msg=lambda m: f"{what}: h_n {m}")
+        return out
+
+    before = check("fresh")
+    assert_close(before, ref(x)[0].detach(), torch.float32, "fresh vs torch.nn")
+    ours.weight_ih_l0.data.mul_(0.5)
+    changed = check("in-place write")
+    assert not torch.equal(changed, before)
+    ours.weight_hh_l1.data = torch.randn(12, 4)
+    assert not torch.equal(check(".data to new memory"), changed)
+    ours.weight_hh_l0.data = torch.randn(4, 12).t()  # non-contiguous
+    check(".data to a non-contiguous tensor")
+    ours.weight_hh_l0.data = ours.weight_hh_l0.data.contiguous()
+    check("and back to a contiguous one")
+    ours.weight_ih_l1 = nn.Parameter(torch.randn(12, 4))
+    if backend == "numba":
+        assert ours._plan.views == [None] * 8  # a reassigned parameter drops the views
+    check("reassigned")
+    ours.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(check("reloaded"), before, rtol=0, atol=0)
+    _double_then_delete(ours, x, check, py_spy)
+    _, rnn = pair("RNN_tanh", torch.float32, input_size=4, hidden_size=4)
+    rnn.backend = backend
+    before = check("RNN", rnn)
+    rnn.weight_hh_l0.data = rnn.weight_hh_l0.data.t()  # same memory, transposed (square)
+    assert not torch.equal(check("RNN, transposed W_hh", rnn), before)
+
+
+@pytest.mark.parametrize("backend", _py_backends())
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (4, 1), (3, 2)], ids=lambda v: str(v))
+def test_python_backends_outputs_are_what_torch_nn_returns(py_spy, backend, T, B):
+    """Inference tensors under torch.inference_mode, ordinary ones under torch.no_grad; the shapes
+    and values of torch.nn in both layouts; never aliases of each other or of the inputs; inputs
+    that require grad (under no_grad) or are not contiguous."""
+    torch.manual_seed(9)
+    for batch_first in (False, True):
+        ref, ours = pair("GRU", torch.float32, input_size=3, hidden_size=5, num_layers=2,
+                         batch_first=batch_first)
+        ours.backend = backend
+        shape = (B, T, 3) if batch_first else (T, B, 3)
+        x = torch.randn(shape[::-1]).permute(2, 1, 0)  # not contiguous
+        hx = torch.randn(2, 5, B).transpose(1, 2)  # not contiguous
+        for ctx, inference in ((torch.inference_mode, True), (torch.no_grad, False)):
+            with ctx():
+                out, h_n = ours(x, hx)
+                r_out, r_h = ref(x, hx)
+            assert out.shape == r_out.shape and h_n.shape == r_h.shape
+            assert out.is_inference() == h_n.is_inference() == inference
+            assert not out.requires_grad and not h_n.requires_grad
+            assert len({out.data_ptr(), h_n.data_ptr(), x.data_ptr(), hx.data_ptr()}) == 4
+            assert_close(out, r_out, torch.float32, "output")
+            assert_close(h_n, r_h, torch.float32, "h_n")
+        xg = x.clone().requires_grad_()
+        with torch.no_grad():
+            out_g, _ = ours(xg, hx)
+        torch.testing.assert_close(out_g, out, rtol=0, atol=0)
+    assert py_spy == {"calls": 6, "handled": 6}
+    cell_ref = nn.GRUCell(3, 5)
+    cell = rnnrec_fast.from_torch(cell_ref, backend=backend)
+    xc, hc = torch.randn(B, 3), torch.randn(B, 5)
+    with torch.inference_mode():
+        h1 = cell(xc, hc)
+        assert h1.is_inference() and h1.shape == (B, 5) and h1.data_ptr() != hc.data_ptr()
+        assert_close(h1, cell_ref(xc, hc), torch.float32, "GRUCell")
+    assert py_spy["handled"] == 7

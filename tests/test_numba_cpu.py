@@ -104,6 +104,55 @@ def test_numba_cpu_first_product_by_blas(dtype, monkeypatch):
     assert len(used) == 4 * 4 + 4 * 8 and all(used)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_numba_cpu_projection_in_the_kernel(dtype, monkeypatch):
+    """Calls of at most PROJECT_MAX_ROWS rows (T * B) do their input projection in the kernel
+    (forward_projected) instead of a BLAS call: at the natural threshold, and forced for every
+    mode, bias, lengths and resets case."""
+    from rnnrec_fast.backends import numba_cpu
+    used = []  # (T, B) of the calls that took the projection into the kernel
+    real = numba_cpu.forward_projected
+    monkeypatch.setattr(numba_cpu, "forward_projected", lambda *a: used.append(a[0].shape[:2]) or real(*a))
+    assert numba_cpu.PROJECT_MAX_ROWS == 4
+    for mode, ra in MODES:
+        for T, B in ((1, 4), (4, 1), (2, 2), (1, 5), (5, 1)):
+            args, gy, ghn = make_case(mode, ra, True, "none", True, dtype, T=T, B=B, H=6, I=3, seed=3)
+            check_case(args, gy, ghn, dtype)
+    assert used == [(1, 4), (4, 1), (2, 2)] * 4
+    monkeypatch.setattr(numba_cpu, "PROJECT_MAX_ROWS", 10 ** 9)
+    for mode, ra in MODES:
+        for bias, lengths_kind, with_resets in itertools.product(
+                (True, False), ("none", "mixed"), (False, True)):
+            args, gy, ghn = make_case(mode, ra, bias, lengths_kind, with_resets, dtype)
+            check_case(args, gy, ghn, dtype)
+    assert len(used) == 12 + 4 * 8
+
+
+@pytest.mark.parametrize("project", [False, True], ids=["blas", "kernel"])
+def test_numba_cpu_forward_without_workspace(project, monkeypatch):
+    """run_cpu with a workspace of width 0 (no backward follows: the modules' inference fast path)
+    writes the y and h_n of the full forward, and nothing through the workspace (its zero-size
+    array points into a sentinel buffer here)."""
+    import numpy as np
+    from rnnrec_fast.backends import numba_cpu
+    if project:
+        monkeypatch.setattr(numba_cpu, "PROJECT_MAX_ROWS", 10 ** 9)
+    for mode, ra in MODES:
+        for bias, lengths_kind, with_resets in ((True, "none", False), (False, "mixed", True)):
+            args, _, _ = make_case(mode, ra, bias, lengths_kind, with_resets, torch.float64, T=3, B=5)
+            y_f, hn_f, _ = numba_backend.forward(*args)
+            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = args[:8]
+            T, B, H = y_f.shape
+            y, hn = np.full((T, B, H), np.nan), np.full((B, H), np.nan)
+            sentinel = np.full(4 * H * T * B, 7.0)
+            ws = sentinel[:0].reshape(T, B, 0)
+            npy = [None if t is None else t.numpy() for t in (b_ih, b_hh, lengths, resets)]
+            numba_backend.run_cpu(x.numpy(), h0.numpy(), w_ih.numpy(), w_hh.numpy(), *npy, mode, ra, y, hn, ws)
+            torch.testing.assert_close(torch.from_numpy(y), y_f, rtol=0, atol=0)
+            torch.testing.assert_close(torch.from_numpy(hn), hn_f, rtol=0, atol=0)
+            assert (sentinel == 7.0).all()
+
+
 def test_numba_cpu_edge_shapes():
     # T = 1, B = 1, H = 1, and a row-block of exactly 4
     for T, B, H in ((1, 1, 1), (2, 4, 3)):

@@ -77,26 +77,50 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
     if dev == "cuda":
         return _cuda().forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
     with torch.no_grad():
-        x, h0, w_ih, w_hh = (t.detach().contiguous() for t in (x, h0, w_ih, w_hh))
-        T, B, I = x.shape
-        H = h0.shape[1]
-        GH = w_hh.shape[0]
-        dt = x.dtype
-        # the input projection of every step: one GEMM (the kernel adds b_ih where it reads it)
-        xp = torch.mm(x.view(T * B, I), w_ih.t()).numpy()
-        gh0 = None
-        if B >= numba_cpu.GH0_MIN_ROWS:  # step 0's first product needs only h0: one GEMM as well
-            gh0 = torch.mm(h0, w_hh[:numba_cpu.first_product_rows(H, mode, reset_after)].t()).numpy()
-        y = torch.empty(T, B, H, dtype=dt)
-        h_n = torch.empty(B, H, dtype=dt)
-        ws = torch.empty(T, B, 4 * H if mode == MODE_GRU else 0, dtype=dt)  # gru: [r, z, n, hn]
-        bih = np.zeros(GH, xp.dtype) if b_ih is None else _np(b_ih)
-        bhh = np.zeros(GH, xp.dtype) if b_hh is None else _np(b_hh)
-        lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
-        rst = None if resets is None else _np(resets.to(torch.bool))
-        numba_cpu.forward_recurrence(xp.reshape(T, B, GH), bih, h0.numpy(), w_hh.numpy(), bhh, lens, rst,
-                                     mode, reset_after, y.numpy(), h_n.numpy(), ws.numpy(), gh0)
+        return _forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
+
+
+def _forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after):
+    x, h0, w_ih, w_hh = (t.detach().contiguous() for t in (x, h0, w_ih, w_hh))
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    dt = x.dtype
+    y = torch.empty(T, B, H, dtype=dt)
+    h_n = torch.empty(B, H, dtype=dt)
+    ws = torch.empty(T, B, 4 * H if mode == MODE_GRU else 0, dtype=dt)  # gru: [r, z, n, hn]
+    run_cpu(x.numpy(), h0.numpy(), w_ih.numpy(), w_hh.numpy(), None if b_ih is None else _np(b_ih),
+            None if b_hh is None else _np(b_hh), None if lengths is None else _np(lengths.to(torch.int64)),
+            None if resets is None else _np(resets.to(torch.bool)), mode, reset_after, y.numpy(), h_n.numpy(),
+            ws.numpy())
     return y, h_n, ws
+
+
+def run_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, y, h_n, ws):
+    """The CPU forward on NumPy arrays, C-contiguous, of one float dtype (the modules' inference
+    fast path calls it directly): x (T, B, I), h0 (B, H), w_ih (G*H, I), w_hh (G*H, H); b_ih, b_hh
+    (G*H,), lengths int64 (B,), resets bool (T, B) or None. Writes y (T, B, H), h_n (B, H) and ws
+    (T, B, 4*H) for GRU, or (T, B, 0): the RNN modes, and a GRU forward no backward follows."""
+    T, B, I = x.shape
+    H = h0.shape[1]
+    GH = w_hh.shape[0]
+    if b_ih is None:
+        b_ih = np.zeros(GH, x.dtype)
+    if b_hh is None:
+        b_hh = np.zeros(GH, x.dtype)
+    if lengths is None:
+        lengths = np.full(B, T, np.int64)
+    if T * B <= numba_cpu.PROJECT_MAX_ROWS:  # a few rows: the input projection in the kernel too
+        numba_cpu.forward_projected(x, w_ih, b_ih, h0, w_hh, b_hh, lengths, resets, mode, reset_after, y, h_n,
+                                    ws)
+        return
+    # the input projection of every step: one GEMM (the kernel adds b_ih where it reads it)
+    xp = torch.mm(torch.from_numpy(x).view(T * B, I), torch.from_numpy(w_ih).t()).numpy()
+    gh0 = None
+    if B >= numba_cpu.GH0_MIN_ROWS:  # step 0's first product needs only h0: one GEMM as well
+        w1 = torch.from_numpy(w_hh[:numba_cpu.first_product_rows(H, mode, reset_after)])
+        gh0 = torch.mm(torch.from_numpy(h0), w1.t()).numpy()
+    numba_cpu.forward_recurrence(xp.reshape(T, B, GH), b_ih, h0, w_hh, b_hh, lengths, resets, mode, reset_after,
+                                 y, h_n, ws, gh0)
 
 
 def _weight_grads(x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H):

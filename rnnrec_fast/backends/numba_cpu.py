@@ -11,7 +11,8 @@ Layout of the work:
     kernel runs the whole time loop: the biases, the recurrent product ``h_prev W_hh^T`` of the
     other steps for the rows active at step t (a small register-blocked GEMM, written here since
     Numba only calls BLAS through SciPy) and the fused gate math, writing ``y``, ``h_n`` and the
-    workspace ``ws``.
+    workspace ``ws`` (width 0 when no backward follows: nothing kept). Calls of a few rows
+    (PROJECT_MAX_ROWS) do their input projection in the kernel too (``forward_projected``).
   * backward: the kernel runs the reverse time loop and writes the gradients of the pre-activations
     ``d_gx`` (of ``x W_ih^T + b_ih``) and ``d_gh`` (of ``h W_hh^T + b_hh``; for GRU with
     ``reset_after=False`` the n rows act on ``r * h_prev``, saved in ``h_in``) plus ``grad_h0``; the
@@ -415,7 +416,7 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
     When has_gh0, gh0 (B, N1) holds the first product of step 0, h0 W1^T (N1 = the rows of w1,
     no bias), computed by the caller with BLAS; rows reset at step 0 do not use it.
     Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows: W = 4*H, [r, z, n, hn] for GRU;
-    W = 0 for the RNN modes (nothing written). int_like: an array of the integer type of the
+    W = 0 for the RNN modes, and for a GRU forward that no backward follows (nothing written). int_like: an array of the integer type of the
     float's size (int32 for float32, int64 for float64).
     """
     T = xp.shape[0]
@@ -528,17 +529,18 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
         for q in range(nact):
             i = idx[q]
             b = b0 + i
-            for g in range(2):
+            if WG > 0:  # (width 0: no backward follows, nothing to keep)
+                for g in range(2):
+                    for j in range(H):
+                        ws4[t, b, g, j] = rz[q, g, j]
                 for j in range(H):
-                    ws4[t, b, g, j] = rz[q, g, j]
-            for j in range(H):
-                ws4[t, b, 2, j] = nv[q, j]
-            if reset_after:
-                for j in range(H):
-                    ws4[t, b, 3, j] = acc[i, 2, j]
-            else:
-                for j in range(H):
-                    ws4[t, b, 3, j] = accn[i, j]
+                    ws4[t, b, 2, j] = nv[q, j]
+                if reset_after:
+                    for j in range(H):
+                        ws4[t, b, 3, j] = acc[i, 2, j]
+                else:
+                    for j in range(H):
+                        ws4[t, b, 3, j] = accn[i, j]
             for j in range(H):
                 z = rz[q, 1, j]
                 hnew = (one - z) * nv[q, j] + z * h[i, j]
@@ -744,6 +746,35 @@ def first_product_rows(H, mode, reset_after):
     """How many rows of W_hh (from the top) step 0's first product uses: all, or r and z for GRU
     with reset_after=False (its n rows act on r * h_prev, known only inside the step)."""
     return 2 * H if mode == MODE_GRU and not reset_after else (3 if mode == MODE_GRU else 1) * H
+
+
+# Calls with at most this many rows of x (T * B) get their input projection from the NT kernel
+# (forward_projected) instead of a BLAS call through torch: at so few rows torch.mm's call and
+# MKL's small-M path cost more than the NT product (measured, one thread, I = H, 3H x H weights:
+# 1 row H=100 2.3 vs 6.0 us, H=512 52 vs 75 us; 4 rows H=100 7.4 vs 9.6 us, H=512 127 vs 190 us;
+# at 8 rows about even, beyond BLAS wins).
+PROJECT_MAX_ROWS = 4
+
+
+def forward_projected(x, w_ih, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws):
+    """forward_recurrence for calls of at most PROJECT_MAX_ROWS rows (T * B), given x (T, B, I) and
+    w_ih (G*H, I) instead of their product xp, which the NT kernel computes; the other arguments as
+    there. (Two kernel calls, ~1.7 us more than one kernel doing both, which would add a second
+    compilation of _fwd_rows per dtype: ~6 s at first use.)"""
+    has_resets = resets is not None
+    if resets is None:
+        resets = _NO_RESETS
+    T, B, I = x.shape
+    H = h0.shape[1]
+    GH = w_ih.shape[0]
+    n = T * B
+    xp = np.zeros((T, B, GH), x.dtype)
+    _gemm_nt(x.reshape(n, I), np.arange(n, dtype=np.int64), n, w_ih, xp.reshape(n, GH))
+    split = mode == MODE_GRU and not reset_after
+    w1 = w_hh[:2 * H] if split else w_hh
+    wn = w_hh[2 * H:] if split else w1
+    _fwd_rows(xp, bih, h0, w1, wn, False, bhh, _DUMMY[h0.dtype.itemsize], False, lengths, resets, has_resets,
+              int(mode), bool(reset_after), y, h_n, ws, _INT_LIKE[h0.dtype.itemsize], 0, B)
 
 
 def forward_recurrence(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws,
