@@ -44,7 +44,10 @@ def make_case(mode, reset_after, bias, lengths_kind, with_resets, dtype, T=4, B=
 def check_case(args, grad_y, grad_h_n, dtype):
     tol = TOL[dtype]
     y_r, hn_r, ws_r = reference.forward(*args)
+    inputs = [a.clone() if torch.is_tensor(a) else a for a in args]
     y, hn, ws = numba_backend.forward(*args)
+    for a, b in zip(args, inputs):  # the forward writes none of its inputs
+        assert not torch.is_tensor(a) or torch.equal(a, b)
     T, B, H = y_r.shape
     assert ws.shape == (T, B, 4 * H if args[8] == 2 else 0)  # gru [r, z, n, hn]; rnn: none
     torch.testing.assert_close(y, y_r, **tol)
@@ -126,6 +129,35 @@ def test_numba_cpu_projection_in_the_kernel(dtype, monkeypatch):
             args, gy, ghn = make_case(mode, ra, bias, lengths_kind, with_resets, dtype)
             check_case(args, gy, ghn, dtype)
     assert len(used) == 12 + 4 * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_numba_cpu_blas_steps(dtype, monkeypatch):
+    """Large batches and weights get every step's first product from BLAS, one kernel call per step
+    (forward_stepped): forced on small cases for every mode, bias, lengths (0 and T included) and
+    resets case, also with the batch split over threads; the natural choice at its thresholds."""
+    from rnnrec_fast.backends import numba_cpu
+    assert not numba_cpu.blas_steps(numba_cpu.GH0_MIN_ROWS - 1, 4096, 2, True)
+    monkeypatch.setattr(numba_cpu, "_num_threads", lambda: 1)
+    assert numba_cpu.blas_steps(64, 512, 2, True) and not numba_cpu.blas_steps(64, 100, 2, True)
+    monkeypatch.setattr(numba_cpu, "_num_threads", lambda: 2)
+    assert numba_cpu.blas_steps(64, 100, 2, True) and not numba_cpu.blas_steps(16, 100, 2, True)
+    steps = []  # T of the calls that ran stepped
+    real = numba_cpu.forward_stepped
+    monkeypatch.setattr(numba_cpu, "forward_stepped", lambda *a: steps.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(numba_cpu, "GH0_MIN_ROWS", 1)
+    monkeypatch.setattr(numba_cpu, "BLAS_STEP_MIN_WORK", (0, 0))
+    for mode, ra in MODES:
+        for bias, lengths_kind, with_resets in itertools.product(
+                (True, False), ("none", "mixed"), (False, True)):
+            args, gy, ghn = make_case(mode, ra, bias, lengths_kind, with_resets, dtype)
+            check_case(args, gy, ghn, dtype)
+    assert steps == [4] * 32
+    monkeypatch.setattr(numba_cpu, "_nchunks", lambda B, work: 3)  # 3 chunks of 13 rows: 4, 4, 5
+    for mode, ra in MODES:
+        args, gy, ghn = make_case(mode, ra, True, "mixed", True, dtype, T=3, B=13, H=6, I=2, seed=1)
+        check_case(args, gy, ghn, dtype)
+    assert steps == [4] * 32 + [3] * 4
 
 
 @pytest.mark.parametrize("project", [False, True], ids=["blas", "kernel"])
