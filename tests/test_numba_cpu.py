@@ -56,8 +56,12 @@ def check_case(args, grad_y, grad_h_n, dtype):
     (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after) = args
     gr = reference.backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
                             y_r, ws_r, mode, reset_after)
+    bwd_in = (grad_y, grad_h_n, y_r, ws_r) + args[:8]
+    kept = [a.clone() if torch.is_tensor(a) else a for a in bwd_in]
     gn = numba_backend.backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
                                 y_r, ws_r, mode, reset_after)
+    for a, b in zip(bwd_in, kept):  # nor does the backward
+        assert not torch.is_tensor(a) or torch.equal(a, b)
     names = ["grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
     for name, a, b in zip(names, gn, gr):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{n}: {m}")
@@ -134,7 +138,7 @@ def test_numba_cpu_projection_in_the_kernel(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_numba_cpu_blas_steps(dtype, monkeypatch):
     """Large batches and weights get every step's first product from BLAS, one kernel call per step
-    (forward_stepped): forced on small cases for every mode, bias, lengths (0 and T included) and
+    (forward_stepped; the backward likewise, backward_stepped): forced on small cases for every mode, bias, lengths (0 and T included) and
     resets case, also with the batch split over threads; the natural choice at its thresholds."""
     from rnnrec_fast.backends import numba_cpu
     assert not numba_cpu.blas_steps(numba_cpu.GH0_MIN_ROWS - 1, 4096, 2, True)
@@ -142,9 +146,10 @@ def test_numba_cpu_blas_steps(dtype, monkeypatch):
     assert numba_cpu.blas_steps(64, 512, 2, True) and not numba_cpu.blas_steps(64, 100, 2, True)
     monkeypatch.setattr(numba_cpu, "_num_threads", lambda: 2)
     assert numba_cpu.blas_steps(64, 100, 2, True) and not numba_cpu.blas_steps(16, 100, 2, True)
-    steps = []  # T of the calls that ran stepped
-    real = numba_cpu.forward_stepped
+    steps, back = [], []  # T of the forward and backward calls that ran stepped
+    real, real_back = numba_cpu.forward_stepped, numba_cpu.backward_stepped
     monkeypatch.setattr(numba_cpu, "forward_stepped", lambda *a: steps.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(numba_cpu, "backward_stepped", lambda *a: back.append(a[0].shape[0]) or real_back(*a))
     monkeypatch.setattr(numba_cpu, "GH0_MIN_ROWS", 1)
     monkeypatch.setattr(numba_cpu, "BLAS_STEP_MIN_WORK", (0, 0))
     for mode, ra in MODES:
@@ -152,12 +157,12 @@ def test_numba_cpu_blas_steps(dtype, monkeypatch):
                 (True, False), ("none", "mixed"), (False, True)):
             args, gy, ghn = make_case(mode, ra, bias, lengths_kind, with_resets, dtype)
             check_case(args, gy, ghn, dtype)
-    assert steps == [4] * 32
+    assert steps == [4] * 32 and back == [4] * 24  # (the backward of GRU reset_after=False: not stepped)
     monkeypatch.setattr(numba_cpu, "_nchunks", lambda B, work: 3)  # 3 chunks of 13 rows: 4, 4, 5
     for mode, ra in MODES:
         args, gy, ghn = make_case(mode, ra, True, "mixed", True, dtype, T=3, B=13, H=6, I=2, seed=1)
         check_case(args, gy, ghn, dtype)
-    assert steps == [4] * 32 + [3] * 4
+    assert steps == [4] * 32 + [3] * 4 and back == [4] * 24 + [3] * 3
 
 
 @pytest.mark.parametrize("project", [False, True], ids=["blas", "kernel"])

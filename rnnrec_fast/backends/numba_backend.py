@@ -182,11 +182,17 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         grad_h0 = torch.empty(B, H, dtype=x.dtype)
         lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
         rst = None if resets is None else _np(resets.to(torch.bool))
-        numba_cpu.backward_recurrence(
-            grad_y.numpy(), grad_h_n.numpy(), h0.numpy(), w_hh.numpy(), lens, rst,
-            y.numpy(), ws.numpy(),
-            mode, reset_after, d_gx.numpy(), d_gh.numpy(),
-            None if h_in is None else h_in.numpy(), grad_h0.numpy())
+        if T > 1 and not split and numba_cpu.blas_steps(B, H, mode, reset_after):  # each step's product by BLAS
+            numba_cpu.backward_stepped(
+                grad_y.numpy(), grad_h_n.numpy(), h0.numpy(), w_hh.numpy(), lens, rst, y.numpy(), ws.numpy(),
+                mode, reset_after, d_gx.numpy(), d_gh.numpy(), grad_h0.numpy(),
+                lambda d: torch.mm(torch.from_numpy(d), w_hh).numpy())
+        else:
+            numba_cpu.backward_recurrence(
+                grad_y.numpy(), grad_h_n.numpy(), h0.numpy(), w_hh.numpy(), lens, rst,
+                y.numpy(), ws.numpy(),
+                mode, reset_after, d_gx.numpy(), d_gh.numpy(),
+                None if h_in is None else h_in.numpy(), grad_h0.numpy())
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
             x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H)
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

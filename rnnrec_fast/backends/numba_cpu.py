@@ -558,8 +558,12 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def _bwd_rows(grad_y, grad_h_n, h0, w_hh, lengths, resets, has_resets, y, ws, mode, reset_after,
-              d_gx, d_gh, h_in, grad_h0, b0, b1):
+              d_gx, d_gh, h_in, grad_h0, product, b0, b1):
     """Backward of batch rows [b0, b1) over all steps (reverse order).
+
+    With product False (not for GRU with reset_after=False), the recurrent product d_gh[t] W_hh
+    is left out of the gradient passed to the state entering each step: for one step at a time
+    with the caller adding it (``backward_stepped``).
 
     w_hh (G*H, H) as stored: the products with it are in the axpy form (gradient rows times W_hh).
     ws (T, B, 4*H) = [r, z, n, hn] for GRU (unused, width 0, for the RNN modes). The GRU's h_prev,
@@ -670,7 +674,7 @@ def _bwd_rows(grad_y, grad_h_n, h0, w_hh, lengths, resets, has_resets, y, ws, mo
                     gh4[t, b, 0, j] = dr_pre
                     dhn[i, j] += drh[i, j] * r
             _gemm_axpy(dgh_t, b0, 0, idx, nact, w_hh, 0, 2 * H, H, dhn)
-        else:
+        elif product:
             _gemm_axpy(dgh_t, b0, 0, idx, nact, w_hh, 0, GH, H, dhn)
         for q in range(nact):
             i = idx[q]
@@ -865,5 +869,31 @@ def backward_recurrence(grad_y, grad_h_n, h0, w_hh, lengths, resets, y, ws, mode
         h_in = np.zeros((1, 1, 1), grad_h_n.dtype)
     B = grad_h_n.shape[0]
     args = (grad_y, grad_h_n, h0, w_hh, lengths, resets, has_resets, y, ws, int(mode),
-            bool(reset_after), d_gx, d_gh, h_in, grad_h0)
+            bool(reset_after), d_gx, d_gh, h_in, grad_h0, True)
     _run_chunks(_bwd_rows, args, B, _nchunks(B, B * grad_y.shape[0] * w_hh.shape[0] * w_hh.shape[1]))
+
+
+def backward_stepped(grad_y, grad_h_n, h0, w_hh, lengths, resets, y, ws, mode, reset_after, d_gx, d_gh, grad_h0,
+                     product):
+    """backward_recurrence (same arguments but h_in) with one kernel call per step and each step's
+    recurrent product d_gh[t] W_hh done by the caller's ``product(d_gh[t])`` -> (B, H) array
+    (BLAS): for large batches and weights (``blas_steps``); not for GRU with reset_after=False."""
+    T = grad_y.shape[0]
+    B = grad_h_n.shape[0]
+    has_resets = resets is not None
+    h_in = np.zeros((1, 1, 1), grad_h_n.dtype)
+    dh, out = grad_h_n, np.empty_like(grad_h_n)
+    steps_left = np.empty(B, np.int64)
+    for t in range(T - 1, -1, -1):
+        np.subtract(lengths, t, out=steps_left)  # the kernel's step 0 is active where > 0
+        rst = resets[t:t + 1] if has_resets else _NO_RESETS
+        # the gate gradients of step t -> d_gx[t], d_gh[t], and in out the gradient reaching the
+        # state entering it but for the product (zero where that state was reset; dh where inactive)
+        _bwd_rows(grad_y[t:t + 1], dh, h0 if t == 0 else y[t - 1], w_hh, steps_left, rst, has_resets, y[t:t + 1],
+                  ws[t:t + 1], int(mode), bool(reset_after), d_gx[t:t + 1], d_gh[t:t + 1], h_in, out, False, 0, B)
+        p = product(d_gh[t])  # rows inactive at step t: zero (so is their d_gh)
+        if has_resets:
+            p[resets[t]] = 0.0
+        out += p
+        dh, out = out, (np.empty_like(grad_h_n) if t == T - 1 else dh)
+    grad_h0[...] = dh
