@@ -1053,7 +1053,8 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (per_layer != 2 && per_layer != 4) return unhandled;
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
-  if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || at::GradMode::is_enabled())
+  if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
+      at::GradMode::is_enabled())
     return unhandled;
   // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
   // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
@@ -1079,7 +1080,8 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     const int64_t in_l = l == 0 ? I : H;
     for (int64_t k = 0; k < per_layer; ++k) {
       const at::Tensor& t = *weights[l * per_layer + k];
-      if (t.scalar_type() != dtype || !t.device().is_cpu() || !t.is_contiguous()) return unhandled;
+      if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous())
+        return unhandled;
       const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
                     : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
                              : (t.dim() == 1 && t.size(0) == G * H);
@@ -1090,7 +1092,8 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   at::Tensor hx;
   if (hx_in != nullptr && hx_in->defined()) {
     hx = *hx_in;
-    if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.dim() != nd) return unhandled;
+    if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.layout() != at::kStrided || hx.dim() != nd)
+      return unhandled;
     const int64_t want_l = cell ? 1 : layers;
     const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))
                          : (hx.size(0) == want_l && hx.size(nd - 1) == H && (!batched || hx.size(1) == B));

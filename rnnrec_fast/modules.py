@@ -64,7 +64,7 @@ class _PyInferPlan:
                 or torch._C._len_torch_dispatch_stack()):
             return None
         dt = input.dtype
-        if not input.is_cpu or dt not in (torch.float32, torch.float64):
+        if not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided:
             return None
         cell = self.cell
         if input.dim() != (2 if cell else 3):
@@ -89,12 +89,12 @@ class _PyInferPlan:
         H = w_hh0.shape[1]
         GH = self.gates * H
         for i, t in enumerate(w):
-            if t is None or t.dtype != dt or not t.is_cpu:
+            if t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided:
                 return None
             k = i % per
             if t.shape != ((GH, I if i < per else H) if k == 0 else (GH, H) if k == 1 else (GH,)):
                 return None
-        if hx is not None and (hx.dtype != dt or not hx.is_cpu
+        if hx is not None and (hx.dtype != dt or not hx.is_cpu or hx.layout != torch.strided
                                or hx.shape != ((B, H) if cell else (L, B, H))):
             return None
         out = (self._numba(backend, input, hx, w, T, B, H) if name == "numba"
@@ -251,6 +251,12 @@ class _FastPath(nn.Module):
         self._refresh_plan()
 
 
+def _check_dense(name, what, t):
+    if t.layout != torch.strided:
+        raise ValueError(f"{name}: {what} must be a dense tensor (layout torch.strided), got {t.layout}; "
+                         "convert it with .to_dense()")
+
+
 def _check_backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -396,6 +402,7 @@ class _RNNBase(_FastPath):
         else:
             if not isinstance(input, torch.Tensor):
                 raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            _check_dense(name, "input", input)
             if input.dim() not in (2, 3):
                 raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor")
             batched = input.dim() == 3
@@ -415,6 +422,7 @@ class _RNNBase(_FastPath):
             expected = (self.num_layers * D, B, H)
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            _check_dense(name, "hx", hx)
             if not batched:
                 if hx.dim() != 2:
                     raise ValueError(f"{name}: For unbatched 2-D input, hx should also be 2-D but got "
@@ -558,6 +566,7 @@ class _CellBase(_FastPath):
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        _check_dense(name, "input", input)
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         batched = input.dim() == 2
@@ -565,6 +574,7 @@ class _CellBase(_FastPath):
         if hx is not None:
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            _check_dense(name, "hx", hx)
             if hx.dim() != input.dim():
                 raise ValueError(f"{name}: Expected hidden to be {input.dim()}D, got {hx.dim()}D instead")
             if not batched:

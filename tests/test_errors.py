@@ -106,6 +106,28 @@ def test_module_forward_errors():
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_module_rejects_sparse_and_mkldnn_tensors(backend, grad):
+    """Tensors of another layout get the module's clear error with and without autograd (the fast
+    paths decline them), not a conversion failure or a dispatcher message."""
+    seq = rnnrec_fast.GRU(4, 3, backend=backend)
+    cell = rnnrec_fast.GRUCell(4, 3, backend=backend)
+    x, hx = torch.randn(2, 3, 4), torch.randn(1, 3, 3)
+    with torch.set_grad_enabled(grad):
+        for convert in (torch.Tensor.to_sparse, torch.Tensor.to_mkldnn):
+            layout = convert(torch.ones(1)).layout
+            with pytest.raises(ValueError, match=f"input must be a dense tensor.*got {layout}"):
+                seq(convert(x))
+            with pytest.raises(ValueError, match=f"hx must be a dense tensor.*got {layout}"):
+                seq(x, convert(hx))
+            with pytest.raises(ValueError, match=f"input must be a dense tensor.*got {layout}"):
+                cell(convert(x[0]))
+            with pytest.raises(ValueError, match=f"hx must be a dense tensor.*got {layout}"):
+                cell(x[0], convert(hx[0]))
+        assert seq(x, hx)[0].shape == (2, 3, 3)  # and dense ones still run
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_threads_share_a_module(backend):
     torch.manual_seed(0)
     gru = rnnrec_fast.GRU(8, 16, num_layers=2, batch_first=True, backend=backend)
