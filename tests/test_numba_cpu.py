@@ -138,8 +138,9 @@ def test_numba_cpu_projection_in_the_kernel(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_numba_cpu_blas_steps(dtype, monkeypatch):
     """Large batches and weights get every step's first product from BLAS, one kernel call per step
-    (forward_stepped; the backward likewise, backward_stepped): forced on small cases for every mode, bias, lengths (0 and T included) and
-    resets case, also with the batch split over threads; the natural choice at its thresholds."""
+    (forward_stepped; the backward likewise, backward_stepped): forced on small cases for every
+    mode, bias, lengths (0 and T included) and resets case, also with the batch split over threads;
+    the natural choice at its thresholds."""
     from rnnrec_fast.backends import numba_cpu
     assert not numba_cpu.blas_steps(numba_cpu.GH0_MIN_ROWS - 1, 4096, 2, True)
     monkeypatch.setattr(numba_cpu, "_num_threads", lambda: 1)

@@ -99,7 +99,8 @@ def run_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, y
     """The CPU forward on NumPy arrays, C-contiguous, of one float dtype (the modules' inference
     fast path calls it directly): x (T, B, I), h0 (B, H), w_ih (G*H, I), w_hh (G*H, H); b_ih, b_hh
     (G*H,), lengths int64 (B,), resets bool (T, B) or None. Writes y (T, B, H), h_n (B, H) and ws
-    (T, B, 4*H) for GRU, or (T, B, 0): the RNN modes, and a GRU forward no backward follows."""
+    (T, B, 4*H) for GRU, or (T, B, 0): the RNN modes, and a GRU forward no backward follows.
+    Nothing is checked here and the kernels do not bounds-check: the callers check the shapes."""
     T, B, I = x.shape
     H = h0.shape[1]
     GH = w_hh.shape[0]

@@ -418,8 +418,9 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
     When has_gh0, gh0 (B, N1) holds the first product of step 0, h0 W1^T (N1 = the rows of w1,
     no bias), computed by the caller with BLAS; rows reset at step 0 do not use it.
     Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows: W = 4*H, [r, z, n, hn] for GRU;
-    W = 0 for the RNN modes, and for a GRU forward that no backward follows (nothing written). int_like: an array of the integer type of the
-    float's size (int32 for float32, int64 for float64).
+    W = 0 for the RNN modes, and for a GRU forward that no backward follows (nothing written).
+    int_like: an array of the integer type of the float's size (int32 for float32, int64 for
+    float64).
     """
     T = xp.shape[0]
     B = xp.shape[1]
