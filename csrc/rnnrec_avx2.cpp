@@ -84,7 +84,6 @@ static inline void for_vec(int64_t H, const F& f) {
 
 // ------------------------------------------------------------------------------------------------
 // Small-batch product out[b, j] = W[j, :] . X[b, :] with W row-major (as stored by PyTorch).
-// RB weight rows x NB batch rows of accumulators, k in chunks of 8 (masked tail).
 // ------------------------------------------------------------------------------------------------
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -101,33 +100,40 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-template <int NB, int RB>
+// RB weight rows x NB rows of X, in RB x NB accumulators, k in chunks of 8 (masked tail). Two
+// register blockings: the NB rows of X of a chunk held in registers and each weight row loaded as
+// it is used (WRegs false: 1 x 4, 5..8 x 1), or the RB weight rows held and each row of X loaded as
+// it is used (WRegs true: 2 x 6, 3 x 4, 4 x 3 fill the 16 registers; per chunk, RB + NB loads
+// feed RB x NB FMAs).
+template <int NB, int RB, bool WRegs>
 static void gemm_nt_block(int64_t j0, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx,
                           float* out, int64_t ldo) {
   __m256 acc[RB][NB];
   for (int r = 0; r < RB; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+  const auto chunk = [&](int64_t k, const auto& L) {
+    if constexpr (WRegs) {
+      __m256 wv[RB];
+      for (int r = 0; r < RB; ++r) wv[r] = L.ld(W + (j0 + r) * ldw + k);
+      for (int b = 0; b < NB; ++b) {
+        const __m256 xv = L.ld(X + b * ldx + k);
+        for (int r = 0; r < RB; ++r) acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
+      }
+    } else {
+      __m256 xv[NB];
+      for (int b = 0; b < NB; ++b) xv[b] = L.ld(X + b * ldx + k);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 wv = L.ld(W + (j0 + r) * ldw + k);
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+      }
+    }
+  };
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[NB];
-    for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(X + b * ldx + k);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 wv = _mm256_loadu_ps(W + (j0 + r) * ldw + k);
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
-    }
-  }
-  if (k < K) {
-    const Tail T(K - k);
-    __m256 xv[NB];
-    for (int b = 0; b < NB; ++b) xv[b] = T.ld(X + b * ldx + k);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 wv = T.ld(W + (j0 + r) * ldw + k);
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
-    }
-  }
-  if (RB == 4) {
+  for (; k + 8 <= K; k += 8) chunk(k, Full());
+  if (k < K) chunk(k, Tail(K - k));
+  if constexpr (RB == 4 && !WRegs) {
     for (int b = 0; b < NB; ++b) {
-      __m128 s = hsum4(acc[0][b], acc[1 % RB][b], acc[2 % RB][b], acc[3 % RB][b]);
+      __m128 s = hsum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
       _mm_storeu_ps(out + b * ldo + j0, s);
     }
   } else {
@@ -136,45 +142,13 @@ static void gemm_nt_block(int64_t j0, int64_t K, const float* W, int64_t ldw, co
   }
 }
 
-// The other blocking: the RB weight rows of a k chunk held in registers, each of the NB rows of X
-// loaded as it is used (RB x NB accumulators + RB weight vectors + one x: 2 x 6, 3 x 4, 4 x 3 fill
-// the 16 registers). Per chunk, (RB + NB) loads feed RB x NB FMAs.
-template <int NB, int RB>
-static void gemm_nt_wblock(int64_t j0, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx,
-                           float* out, int64_t ldo) {
-  __m256 acc[RB][NB];
-  for (int r = 0; r < RB; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
-  const auto chunk = [&](int64_t k, const auto& L) {
-    __m256 wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = L.ld(W + (j0 + r) * ldw + k);
-    for (int b = 0; b < NB; ++b) {
-      const __m256 xv = L.ld(X + b * ldx + k);
-      for (int r = 0; r < RB; ++r) acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
-    }
-  };
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) chunk(k, Full());
-  if (k < K) chunk(k, Tail(K - k));
-  for (int r = 0; r < RB; ++r)
-    for (int b = 0; b < NB; ++b) out[b * ldo + j0 + r] = hsum(acc[r][b]);
-}
-
-template <int NB>
-static void gemm_nt_nb(int64_t M, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx, float* out,
-                       int64_t ldo) {
-  constexpr int RB = NB == 1 ? 4 : 1;  // (2 to 4 rows go to gemm_nt_w)
+// out[b, j] for NB rows of X and all M weight rows: blocks of RB weight rows, then one at a time.
+template <int NB, int RB, bool WRegs>
+static void gemm_nt_rows(int64_t M, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx, float* out,
+                         int64_t ldo) {
   int64_t j = 0;
-  for (; j + RB <= M; j += RB) gemm_nt_block<NB, RB>(j, K, W, ldw, X, ldx, out, ldo);
-  for (; j < M; ++j) gemm_nt_block<NB, 1>(j, K, W, ldw, X, ldx, out, ldo);
-}
-
-template <int NB, int RB>
-static void gemm_nt_w(int64_t M, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx, float* out,
-                      int64_t ldo) {
-  int64_t j = 0;
-  for (; j + RB <= M; j += RB) gemm_nt_wblock<NB, RB>(j, K, W, ldw, X, ldx, out, ldo);
-  for (; j < M; ++j) gemm_nt_block<NB, 1>(j, K, W, ldw, X, ldx, out, ldo);
+  for (; j + RB <= M; j += RB) gemm_nt_block<NB, RB, WRegs>(j, K, W, ldw, X, ldx, out, ldo);
+  for (; j < M; ++j) gemm_nt_block<NB, 1, false>(j, K, W, ldw, X, ldx, out, ldo);
 }
 
 // acc[0, 4V) += the column sums of R rows of 4V floats (ld apart), in V double accumulators.
@@ -215,9 +189,9 @@ RowKernels<float> avx2_row_kernels_f32() {
   return k;
 }
 
-// Rows of X in groups of up to 8: 2, 3 and 4 rows with the weight rows in registers (gemm_nt_w:
-// 2 x 6, 3 x 4, 4 x 3), 1 and 5 to 8 rows with the rows of X in registers, one weight row at a
-// time (gemm_nt_nb). Measured at T = 20 (forward, one thread, A/B interleaved): B = 3 153 -> 133 us
+// Rows of X in groups of up to 8: 2, 3 and 4 rows with the weight rows in registers (2 x 6, 3 x 4,
+// 4 x 3), 1 and 5 to 8 rows with the rows of X in registers (one weight row at a time; 4 for one
+// row of X). Measured at T = 20 (forward, one thread, A/B interleaved): B = 3 153 -> 133 us
 // at H = 100 and 810 -> 720 us at H = 256, B = 4 189 -> 175 and 980 -> 885 us, B = 2 -5%. Groups of 4
 // for 5 to 8 rows looked better standalone for weights larger than L2, but were 2-7% slower in the
 // forward at H = 256.
@@ -226,14 +200,14 @@ void avx2_small_gemm_nt_f32(int64_t nb, int64_t M, int64_t K, const float* W, in
   while (nb > 0) {
     const int64_t c = nb >= 8 ? 8 : nb;
     switch (c) {
-      case 1: gemm_nt_nb<1>(M, K, W, ldw, X, ldx, out, ldo); break;
-      case 2: gemm_nt_w<2, 6>(M, K, W, ldw, X, ldx, out, ldo); break;
-      case 3: gemm_nt_w<3, 4>(M, K, W, ldw, X, ldx, out, ldo); break;
-      case 4: gemm_nt_w<4, 3>(M, K, W, ldw, X, ldx, out, ldo); break;
-      case 5: gemm_nt_nb<5>(M, K, W, ldw, X, ldx, out, ldo); break;
-      case 6: gemm_nt_nb<6>(M, K, W, ldw, X, ldx, out, ldo); break;
-      case 7: gemm_nt_nb<7>(M, K, W, ldw, X, ldx, out, ldo); break;
-      default: gemm_nt_nb<8>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 1: gemm_nt_rows<1, 4, false>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 2: gemm_nt_rows<2, 6, true>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 3: gemm_nt_rows<3, 4, true>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 4: gemm_nt_rows<4, 3, true>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 5: gemm_nt_rows<5, 1, false>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 6: gemm_nt_rows<6, 1, false>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 7: gemm_nt_rows<7, 1, false>(M, K, W, ldw, X, ldx, out, ldo); break;
+      default: gemm_nt_rows<8, 1, false>(M, K, W, ldw, X, ldx, out, ldo); break;
     }
     nb -= c;
     X += c * ldx;
