@@ -116,15 +116,15 @@ def run_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, y
         return
     # the input projection of every step: one GEMM (the kernel adds b_ih where it reads it)
     xp = torch.mm(torch.from_numpy(x).view(T * B, I), torch.from_numpy(w_ih).t()).numpy()
+    w1 = numba_cpu.product_parts(w_hh, H, mode, reset_after)[0]  # the rows of a step's first product
     if T > 1 and numba_cpu.blas_steps(B, H, mode, reset_after):  # large: each step's product by BLAS
-        w1t = torch.from_numpy(w_hh[:numba_cpu.first_product_rows(H, mode, reset_after)]).t()
+        w1t = torch.from_numpy(w1).t()
         numba_cpu.forward_stepped(xp.reshape(T, B, GH), b_ih, h0, w_hh, b_hh, lengths, resets, mode, reset_after,
                                   y, h_n, ws, lambda h: torch.mm(torch.from_numpy(h), w1t).numpy())
         return
     gh0 = None
     if B >= numba_cpu.GH0_MIN_ROWS:  # step 0's first product needs only h0: one GEMM as well
-        w1 = torch.from_numpy(w_hh[:numba_cpu.first_product_rows(H, mode, reset_after)])
-        gh0 = torch.mm(torch.from_numpy(h0), w1.t()).numpy()
+        gh0 = torch.mm(torch.from_numpy(h0), torch.from_numpy(w1).t()).numpy()
     numba_cpu.forward_recurrence(xp.reshape(T, B, GH), b_ih, h0, w_hh, b_hh, lengths, resets, mode, reset_after,
                                  y, h_n, ws, gh0)
 

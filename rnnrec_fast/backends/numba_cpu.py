@@ -791,11 +791,18 @@ def forward_projected(x, w_ih, bih, h0, w_hh, bhh, lengths, resets, mode, reset_
     n = T * B
     xp = np.zeros((T, B, GH), x.dtype)
     _gemm_nt(x.reshape(n, I), np.arange(n, dtype=np.int64), n, w_ih, xp.reshape(n, GH))
-    split = mode == MODE_GRU and not reset_after
-    w1 = w_hh[:2 * H] if split else w_hh
-    wn = w_hh[2 * H:] if split else w1
+    w1, wn, _ = product_parts(w_hh, H, mode, reset_after)
     _fwd_rows(xp, bih, h0, w1, wn, False, bhh, _DUMMY[h0.dtype.itemsize], False, lengths, resets, has_resets,
               int(mode), bool(reset_after), y, h_n, ws, _INT_LIKE[h0.dtype.itemsize], 0, B)
+
+
+def product_parts(w_hh, H, mode, reset_after):
+    """(w1, wn, split): the rows of W_hh (as stored) in a step's first recurrent product (all, or
+    r and z for GRU with reset_after=False: split) and in its second (the n rows, on r * h_prev;
+    w1 again where there is none)."""
+    split = mode == MODE_GRU and not reset_after
+    w1 = w_hh[:first_product_rows(H, mode, reset_after)]
+    return w1, (w_hh[2 * H:] if split else w1), split
 
 
 def forward_recurrence(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws,
@@ -815,9 +822,7 @@ def forward_recurrence(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_afte
         gh0 = _DUMMY[h0.dtype.itemsize]
     T, B = xp.shape[:2]
     H = h0.shape[1]
-    split = mode == MODE_GRU and not reset_after
-    w1 = w_hh[:2 * H] if split else w_hh  # rows of the first product of a step
-    wn = w_hh[2 * H:] if split else w1  # rows of the second (n rows on r * h_prev)
+    w1, wn, split = product_parts(w_hh, H, mode, reset_after)
     steps = T if split or not has_gh0 else T - 1  # steps whose products run in the kernel
     if steps <= 0:  # no product left for the kernel: no copy of W_hh either
         w1 = wn = np.zeros((0, H), h0.dtype)
@@ -841,9 +846,7 @@ def forward_stepped(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, 
     T, B = xp.shape[:2]
     H = h0.shape[1]
     has_resets = resets is not None
-    split = mode == MODE_GRU and not reset_after
-    w1 = w_hh[:2 * H] if split else w_hh  # (unused by the kernel: each step's product comes in gh)
-    wn = w_hh[2 * H:] if split else w1
+    w1, wn, split = product_parts(w_hh, H, mode, reset_after)  # (w1 unused: each step's product comes in gh)
     int_like = _INT_LIKE[h0.dtype.itemsize]
     state, nxt = h0, np.empty_like(h0)
     steps_left = np.empty(B, np.int64)
