@@ -21,10 +21,9 @@ except ImportError:  # a benchmark-only extra, never a runtime dependency
 def build_torch(case):
     torch.manual_seed(0)
     H = case.H
-    if case.kind == "GRU":
-        return torch.nn.GRU(H, H, batch_first=True)
-    if case.kind == "RNN":
-        return torch.nn.RNN(H, H, batch_first=True)
+    if case.kind in ("GRU", "RNN"):
+        return getattr(torch.nn, case.kind)(H, H, num_layers=case.layers, batch_first=True,
+                                            bidirectional=case.bidirectional)
     return getattr(torch.nn, case.kind)(H, H)
 
 
@@ -32,7 +31,9 @@ def inputs(case):
     g = torch.Generator().manual_seed(1)
     if case.kind.endswith("Cell"):
         return torch.randn(case.B, case.H, generator=g), torch.randn(case.B, case.H, generator=g)
-    return torch.randn(case.B, case.T, case.H, generator=g), torch.randn(1, case.B, case.H, generator=g)
+    states = case.layers * (2 if case.bidirectional else 1)
+    return (torch.randn(case.B, case.T, case.H, generator=g),
+            torch.randn(states, case.B, case.H, generator=g))
 
 
 def onnx_session(module, x, h):

@@ -13,13 +13,20 @@ class Case:
     H: int
     train: bool = False
     target: float | None = None  # issue 3: median ratio torch.nn / ours
+    layers: int = 1
+    bidirectional: bool = False
 
     @property
     def flops(self) -> float:
-        """Multiply-adds x 2 of the GEMM work (input = hidden size); training counts forward + backward
-        as 3x the forward (the backward does the input-gradient and the weight-gradient products)."""
+        """Multiply-adds x 2 of the GEMM work (input = hidden size; a layer above a bidirectional one
+        takes both directions' outputs); training counts forward + backward as 3x the forward (the
+        backward does the input-gradient and the weight-gradient products)."""
         gates = 3 if self.kind.startswith("GRU") else 1
-        fwd = 2.0 * gates * self.H * (self.H + self.H) * self.B * self.T
+        D = 2 if self.bidirectional else 1
+        fwd = 0.0
+        for layer in range(self.layers):
+            inputs = self.H if layer == 0 else D * self.H
+            fwd += D * 2.0 * gates * self.H * (inputs + self.H) * self.B * self.T
         return 3 * fwd if self.train else fwd
 
 
@@ -34,6 +41,10 @@ CASES = [
     Case("GRU training, B32 T20 H100", "GRU", 32, 20, 100, train=True, target=3),
     Case("GRU training, B64 T20 H512", "GRU", 64, 20, 512, train=True, target=1.2),
     Case("RNN training, B32 T20 H100", "RNN", 32, 20, 100, train=True),
+    # the same kernels under deeper and bidirectional models (one op call per layer and direction)
+    Case("GRU inference, serving step, 2 layers", "GRU", 1, 1, 100, layers=2),
+    Case("GRU inference, 2 layers bidirectional", "GRU", 32, 20, 100, layers=2, bidirectional=True),
+    Case("GRU training, 2 layers bidirectional", "GRU", 32, 20, 100, train=True, layers=2, bidirectional=True),
 ]
 
 # issue 4: the Numba CPU backend beside torch.nn and the C++ backend
