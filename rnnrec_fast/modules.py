@@ -263,16 +263,19 @@ def _check_backend(backend):
     return backend
 
 
-def _reverse_index(T, B, lengths, device):
+def _reverse_index(T, lengths, device):
     """(T, B) time index that reverses each row's first lengths[b] steps and keeps the padding."""
     t = torch.arange(T, device=device).unsqueeze(1)
-    if lengths is None:
-        return (T - 1 - t).expand(T, B)
     L = lengths.unsqueeze(0)
     return torch.where(t < L, L - 1 - t, t)
 
 
-def _take_time(x, index):
+def _reverse_time(x, index):
+    """x (T, B, C) with each row's steps reversed: along the whole time axis where index is None (no
+    lengths: flip, whose backward is a flip too), else by index (_reverse_index: a gather, whose
+    backward is a scatter-add)."""
+    if index is None:
+        return x.flip(0)
     return x.gather(0, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
 
 
@@ -450,17 +453,17 @@ class _RNNBase(_FastPath):
                         reset_after, backend)[:2]
             h_n = h.unsqueeze(0)
         else:
-            rev = _reverse_index(T, B, lengths, x.device) if D == 2 else None
+            rev = _reverse_index(T, lengths, x.device) if D == 2 and lengths is not None else None
             layer_in = x
             hs = []
             for layer in range(self.num_layers):
                 outs = []
                 for direction in range(D):
                     idx = layer * D + direction
-                    xin = layer_in if direction == 0 else _take_time(layer_in, rev)
+                    xin = layer_in if direction == 0 else _reverse_time(layer_in, rev)
                     y, h = op(xin, None if hx is None else hx[idx], *self._layer_params(idx), lengths,
                               resets, mode, reset_after, backend)[:2]
-                    outs.append(y if direction == 0 else _take_time(y, rev))
+                    outs.append(y if direction == 0 else _reverse_time(y, rev))
                     hs.append(h)
                 layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:
