@@ -19,6 +19,7 @@ from torch.nn.modules import module as _nn_module
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import ops
+from .backends import reference
 
 _BACKENDS = ops.BACKENDS
 
@@ -47,7 +48,8 @@ class _PyInferPlan:
     torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) what
     InferPlan declines (autograd on, torch.jit.trace, non-plain tensors, other devices and
     dtypes, missing or mis-shaped weights, shapes that do not fit), and also unbatched inputs
-    and calls under a torch dispatch mode; the general path then runs, and raises the errors."""
+    and calls under a torch dispatch mode or autocast; the general path then runs, and raises the
+    errors."""
 
     __slots__ = ("params", "names", "mode", "mode_i", "reset_after", "layers", "batch_first", "cell",
                  "backend", "gates", "views")
@@ -61,7 +63,7 @@ class _PyInferPlan:
     def __call__(self, input, hx=None):
         if (type(input) is not torch.Tensor or (hx is not None and type(hx) is not torch.Tensor)
                 or torch.is_grad_enabled() or torch._C._get_tracing_state() is not None
-                or torch._C._len_torch_dispatch_stack()):
+                or torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu")):
             return None
         dt = input.dtype
         if not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided:
@@ -251,6 +253,26 @@ class _FastPath(nn.Module):
         self._refresh_plan()
 
 
+class InputError(ValueError, RuntimeError):
+    """A call's input or state does not fit the module. torch.nn raises RuntimeError for these
+    (sizes, sequence length, hx shape and dtype), this package ValueError for bad input: this is
+    both, so code written against either catches it."""
+
+
+def _check_hx_dtype(name, x, hx):
+    if hx is not None and hx.dtype != x.dtype:
+        raise InputError(f"{name}: hx has dtype {hx.dtype} but input has {x.dtype}; they must match")
+
+
+def _empty_batch(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
+    """The op's call for a batch of zero rows, which torch.nn accepts (the op does not): the reference
+    math on empty tensors, so the outputs are empty and still depend on the weights (zero gradients),
+    as torch.nn's do."""
+    if h0 is None:
+        h0 = x.new_zeros(0, w_hh.shape[1])
+    return reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, ops.MODES[mode], reset_after)
+
+
 def _check_dense(name, what, t):
     if t.layout != torch.strided:
         raise ValueError(f"{name}: {what} must be a dense tensor (layout torch.strided), got {t.layout}; "
@@ -292,6 +314,9 @@ class _RNNBase(_FastPath):
         name = type(self).__name__
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout should be a number in range [0, 1], got {dropout!r}")
+        for arg, value in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(value, bool):  # as torch.nn (bias=None would silently drop the biases)
+                raise TypeError(f"{name}: {arg} should be of type bool, got: {type(value).__name__}")
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
                            ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -381,11 +406,12 @@ class _RNNBase(_FastPath):
         return ops.resolve_backend(self.backend, device.type, p.dtype)
 
     def _layer_params(self, index):
-        p = self._parameters
+        # by attribute, as torch.nn reads them: a parametrized (weight_norm, parametrize), pruned or
+        # replaced weight (WeightDrop's plain tensor) is not an entry of _parameters
         names = self._all_weights[index]
         if self.bias:
-            return p[names[0]], p[names[1]], p[names[2]], p[names[3]]
-        return p[names[0]], p[names[1]], None, None
+            return tuple(getattr(self, n) for n in names)
+        return getattr(self, names[0]), getattr(self, names[1]), None, None
 
     def forward(self, input, hx=None, *, resets=None):
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
@@ -416,8 +442,10 @@ class _RNNBase(_FastPath):
             else:
                 x = input
         T, B, I = x.shape
+        if T == 0:
+            raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
         if I != self.input_size:
-            raise ValueError(f"{name}: input.size(-1) must be equal to input_size. "
+            raise InputError(f"{name}: input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {I}")
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
@@ -428,14 +456,15 @@ class _RNNBase(_FastPath):
             _check_dense(name, "hx", hx)
             if not batched:
                 if hx.dim() != 2:
-                    raise ValueError(f"{name}: For unbatched 2-D input, hx should also be 2-D but got "
+                    raise InputError(f"{name}: For unbatched 2-D input, hx should also be 2-D but got "
                                      f"{hx.dim()}-D tensor")
                 hx = hx.unsqueeze(1)
             elif hx.dim() != 3:
-                raise ValueError(f"{name}: For batched 3-D input, hx should also be 3-D but got "
+                raise InputError(f"{name}: For batched 3-D input, hx should also be 3-D but got "
                                  f"{hx.dim()}-D tensor")
             if tuple(hx.shape) != expected:
-                raise ValueError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
+                raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
+            _check_hx_dtype(name, x, hx)
         if resets is not None:
             if D == 2:
                 raise ValueError(f"{name}: resets are not defined for a bidirectional model")
@@ -446,7 +475,7 @@ class _RNNBase(_FastPath):
                 raise ValueError(f"{name}: resets must be a bool tensor of shape "
                                  f"{(B, T) if self.batch_first else (T, B)}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
-        op = torch.ops.rnnrec_fast.recurrence.default
+        op = torch.ops.rnnrec_fast.recurrence.default if B else _empty_batch
         mode, reset_after, backend = self.mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0), lengths, resets, mode,
@@ -583,12 +612,15 @@ class _CellBase(_FastPath):
             if not batched:
                 hx = hx.unsqueeze(0)
         if x.shape[1] != self.input_size:
-            raise ValueError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
+            raise InputError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
                              f"expected {self.input_size}")
-        p = self._parameters
-        _, h = torch.ops.rnnrec_fast.recurrence.default(
-            x.unsqueeze(0), hx, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], None, None,
-            self.mode, self.reset_after, self.backend)[:2]
+        if hx is not None and hx.shape[0] != x.shape[0]:
+            raise InputError(f"{name}: Input batch size {x.shape[0]} doesn't match hidden0 batch size "
+                             f"{hx.shape[0]}")
+        _check_hx_dtype(name, x, hx)
+        op = torch.ops.rnnrec_fast.recurrence.default if x.shape[0] else _empty_batch
+        _, h = op(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, None,
+                  self.mode, self.reset_after, self.backend)[:2]
         return h if batched else h.squeeze(0)
 
 
@@ -642,5 +674,7 @@ def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
             kwargs["nonlinearity"] = module.nonlinearity
         ours = cls(module.input_size, module.hidden_size, **kwargs)
     ours.load_state_dict(module.state_dict())
+    for pname, p in module.named_parameters():  # frozen weights stay frozen
+        getattr(ours, pname).requires_grad_(p.requires_grad)
     ours.train(module.training)
     return ours

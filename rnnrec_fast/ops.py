@@ -15,6 +15,8 @@ The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, re
 """
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import warnings
 
@@ -201,6 +203,15 @@ def _zero_state(x, w_hh):
     return x.new_zeros(x.shape[1], w_hh.shape[1])
 
 
+def autocast_off(device_type):
+    """The op computes in its inputs' dtype, as its fake kernel says, autocast or not: inside it the
+    Python backends' own products (torch.mm, F.linear) must not drop to bfloat16 / float16 (numba
+    cannot take such results; the reference would return another dtype than the op declares)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_length_values(lengths, x.shape[0])
@@ -208,8 +219,9 @@ def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, res
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
     _set_last(name)
-    return mod.forward(_c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih), _c(b_hh), _c(lengths), _c(resets),
-                       mode_i, bool(reset_after))
+    with autocast_off(x.device.type):
+        return mod.forward(_c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih), _c(b_hh), _c(lengths), _c(resets),
+                           mode_i, bool(reset_after))
 
 
 def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
@@ -218,9 +230,10 @@ def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengt
     if h0 is None:
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
-    return mod.backward(_c(grad_output), _c(grad_h_n), _c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih),
-                        _c(b_hh), _c(lengths), _c(resets), _c(output), _c(workspace), mode_i,
-                        bool(reset_after))
+    with autocast_off(x.device.type):
+        return mod.backward(_c(grad_output), _c(grad_h_n), _c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih),
+                            _c(b_hh), _c(lengths), _c(resets), _c(output), _c(workspace), mode_i,
+                            bool(reset_after))
 
 
 for _key in ("CUDA",) if _CPP_OP else ("CPU", "CUDA"):

@@ -75,6 +75,9 @@ def test_unavailable_backend_says_why(monkeypatch):
     ((4, 3), dict(dropout=1.5), ValueError, "dropout"),
     ((4.0, 3), {}, TypeError, "input_size should be of type int"),
     ((4, 3), dict(backend="gpu"), ValueError, "backend must be one of"),
+    ((4, 3), dict(bias=None), TypeError, "bias should be of type bool, got: NoneType"),
+    ((4, 3), dict(bias=0), TypeError, "bias should be of type bool, got: int"),
+    ((4, 3), dict(batch_first=1), TypeError, "batch_first should be of type bool, got: int"),
 ])
 def test_module_constructor_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -152,3 +155,35 @@ def test_threads_share_a_module(backend):
     assert not errors
     for (y, h), (ey, eh) in zip(results, expected):
         assert torch.equal(y, ey) and torch.equal(h, eh)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_module_errors_torch_raises_as_runtime_error(backend):
+    """Where torch.nn raises RuntimeError (sizes, sequence length, hx shape and dtype), the modules
+    raise an error that is both a RuntimeError and a ValueError: code written against torch.nn
+    (except RuntimeError) and against this package (except ValueError) both catch it, and torch.nn
+    itself raises RuntimeError on each of these calls."""
+    gru, ref = rnnrec_fast.GRU(4, 3, num_layers=2, backend=backend), torch.nn.GRU(4, 3, num_layers=2)
+    cell, ref_cell = rnnrec_fast.GRUCell(4, 3, backend=backend), torch.nn.GRUCell(4, 3)
+    calls = [
+        (lambda m: m(torch.randn(2, 3, 5)), "input.size\\(-1\\) must be equal to input_size", False),
+        (lambda m: m(torch.randn(2, 3, 4), torch.randn(2, 2, 3)), "Expected hidden size", False),
+        (lambda m: m(torch.randn(2, 3, 4), torch.randn(2, 3)), "hx should also be 3-D", False),
+        (lambda m: m(torch.randn(3, 4), torch.randn(2, 1, 3)), "hx should also be 2-D", False),
+        (lambda m: m(torch.randn(0, 3, 4)), "sequence length to be larger than 0", False),
+        (lambda m: m(torch.randn(2, 3, 4), torch.randn(2, 3, 3, dtype=torch.float64)),
+         "hx has dtype torch.float64 but input has torch.float32", False),
+        (lambda m: m(torch.randn(2, 5)), "inconsistent input_size", True),
+        (lambda m: m(torch.randn(2, 4), torch.randn(3, 3)), "Input batch size 2 doesn't match hidden0 batch size 3",
+         True),
+        (lambda m: m(torch.randn(2, 4), torch.randn(2, 3, dtype=torch.float64)),
+         "hx has dtype torch.float64 but input has torch.float32", True),
+    ]
+    for call, match, is_cell in calls:
+        with pytest.raises(RuntimeError):
+            call(ref_cell if is_cell else ref)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                with pytest.raises(RuntimeError, match=match) as info:
+                    call(cell if is_cell else gru)
+                assert isinstance(info.value, ValueError)

@@ -192,7 +192,8 @@ def test_declines_what_it_does_not_handle(spy):
     (lambda m: m(torch.randn(4, 2, 3), torch.randn(2, 4)), ValueError, "hx should also be 3-D"),
     (lambda m: m(torch.randn(4, 2, 3, 1)), ValueError, "Expected input to be 2D or 3D"),
     (lambda m: m(torch.randn(4, 2, 3).double()), ValueError, "dtype"),
-    (lambda m: m(torch.randn(0, 2, 3)), ValueError, "must not be empty"),
+    (lambda m: m(torch.randn(0, 2, 3)), ValueError, "sequence length to be larger than 0"),
+    (lambda m: m(torch.randn(4, 2, 0)), ValueError, "must be equal to input_size"),
 ])
 def test_bad_input_gets_the_same_errors_without_autograd(spy, call, exc, match):
     module = rnnrec_fast.GRU(3, 4)

@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnrec_fast
@@ -213,3 +214,115 @@ def test_smallest_shapes(backend, kind):
     assert_close(h, h_ref, torch.float64, "h_n")
     for a, b in zip(grads_of(ours, [x, hx], (out, h), None), grads_of(ref, [x, hx], (out_ref, h_ref), None)):
         assert_close(a, b, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell", "RNNCell_tanh"])
+def test_empty_batch_as_torch(backend, kind):
+    """A batch of zero rows (what a filter can leave) works as in torch.nn: empty outputs of the same
+    shapes and dtype, which still depend on the weights (their gradients are zeros, as torch.nn's)."""
+    torch.manual_seed(3)
+    if kind.endswith("Cell"):
+        ref = nn.GRUCell(4, 5) if kind == "GRUCell" else nn.RNNCell(4, 5, nonlinearity="tanh")
+        ours = rnnrec_fast.from_torch(ref, backend=backend)
+        inputs = [(torch.randn(0, 4),), (torch.randn(0, 4), torch.randn(0, 5))]
+    else:
+        kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+        ref = nn.GRU(4, 5, **kw) if kind == "GRU" else nn.RNN(4, 5, nonlinearity="relu", **kw)
+        ours = rnnrec_fast.from_torch(ref, backend=backend)
+        inputs = [(torch.randn(0, 3, 4),), (torch.randn(0, 3, 4), torch.randn(4, 0, 5))]
+    for args in inputs:
+        with torch.inference_mode():
+            for a, b in zip(torch.utils._pytree.tree_leaves(ours(*args)), torch.utils._pytree.tree_leaves(ref(*args))):
+                assert a.shape == b.shape and a.dtype == b.dtype and a.numel() == 0
+        outs = torch.utils._pytree.tree_leaves(ours(*args))
+        refs = torch.utils._pytree.tree_leaves(ref(*args))
+        assert all(o.requires_grad for o in outs)
+        loss = sum(o.sum() for o in outs)
+        grads = torch.autograd.grad(loss, list(ours.parameters()))
+        ref_grads = torch.autograd.grad(sum(o.sum() for o in refs), list(ref.parameters()))
+        for g, rg in zip(grads, ref_grads):
+            assert torch.equal(g, rg) and not g.any()
+
+
+def _weight_drop(module, name):
+    """The AWD-LSTM WeightDrop pattern: the parameter moves to name + "_raw" and a plain tensor
+    derived from it takes its place before each call."""
+    raw = getattr(module, name)
+    del module._parameters[name]
+    module.register_parameter(name + "_raw", raw)
+    module.register_forward_pre_hook(lambda m, args: setattr(m, name, getattr(m, name + "_raw") * 0.5))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("transform", ["parametrize", "weight_norm", "prune", "weight_drop"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_transformed_weights_as_torch(backend, transform, kind):
+    """torch.nn's weight transforms (parametrizations, weight_norm, pruning, WeightDrop's plain-tensor
+    weight) replace a parameter by a computed attribute: the modules read their weights as attributes,
+    as torch.nn does, so outputs and gradients match torch.nn's under each."""
+    torch.manual_seed(4)
+    if kind == "GRU":
+        ref, name, x = nn.GRU(4, 5, num_layers=2), "weight_hh_l1", torch.randn(3, 2, 4)
+    else:
+        ref, name, x = nn.GRUCell(4, 5), "weight_hh", torch.randn(2, 4)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    for m in (ref, ours):
+        if transform == "parametrize":
+            parametrize.register_parametrization(m, name, Scale())
+        elif transform == "weight_norm":
+            parametrizations.weight_norm(m, name)
+        elif transform == "prune":
+            prune.random_unstructured(m, name, amount=0.5)
+        else:
+            _weight_drop(m, name)
+    if transform == "prune":  # the same mask in both
+        ours.get_buffer(name + "_mask").copy_(ref.get_buffer(name + "_mask"))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            a = torch.utils._pytree.tree_leaves(ours(x))
+            b = torch.utils._pytree.tree_leaves(ref(x))
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(sum(o.sum() for o in a), list(ours.parameters()))
+    gb = torch.autograd.grad(sum(o.sum() for o in b), list(ref.parameters()))
+    assert len(ga) == len(gb)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_from_torch_keeps_frozen_weights_frozen():
+    ref = nn.GRU(3, 4, num_layers=2)
+    ref.weight_ih_l0.requires_grad_(False)
+    ref.bias_hh_l1.requires_grad_(False)
+    ours = rnnrec_fast.from_torch(ref)
+    assert {n: p.requires_grad for n, p in ours.named_parameters()} == \
+        {n: p.requires_grad for n, p in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh"])
+def test_autocast_computes_in_the_input_dtype(backend, kind):
+    """Under CPU autocast the op computes in its inputs' dtype on every backend (what its fake kernel
+    declares): the same outputs and gradients as without autocast (torch.nn.RNN would return bfloat16
+    there; the numba backend used to crash on the bfloat16 products autocast made)."""
+    torch.manual_seed(6)
+    ref, ours = make_pair(kind, backend, torch.float32, input_size=4, hidden_size=5, num_layers=2)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    plain = ours(x)
+    g_plain = torch.autograd.grad(plain[0].sum() + plain[1].sum(), [x] + list(ours.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            y, h = ours(x.detach())
+            assert y.dtype == h.dtype == torch.float32
+            assert torch.equal(y, plain[0].detach()) and torch.equal(h, plain[1].detach())
+        cast = ours(x)
+        assert cast[0].dtype == torch.float32
+        g_cast = torch.autograd.grad(cast[0].sum() + cast[1].sum(), [x] + list(ours.parameters()))
+    for a, b in zip(g_cast, g_plain):
+        assert torch.equal(a, b)
