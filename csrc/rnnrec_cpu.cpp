@@ -1012,14 +1012,21 @@ T* infer_scratch(int64_t n, Buf<T>& own) {
   return scratch.data();
 }
 
+// The layers (and directions) of one inference call. A layer's directions run one after the
+// other, each over the layer's whole input: the reverse one on a time-reversed copy of it, into a
+// (T, B, H) sequence of its own whose steps are then written back in time order beside the forward
+// one's (the layer's output is (T, B, 2H)). That is the general path's arithmetic (an op call per
+// direction on the flipped input, then flip and cat): the same kernels on the same rows, the same bits.
 template <typename T>
-void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const at::Tensor* const* w,
+void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, const T* hx, const at::Tensor* const* w,
                   int64_t per_layer, int mode, bool reset_after, T* y, T* h_n) {
-  const int64_t T_ = d0.T, B = d0.B, H = d0.H;
+  const int64_t T_ = d0.T, B = d0.B, H = d0.H, DH = dirs * H;
   Buf<T> own_ws(0);
   T* ws = infer_scratch<T, 0>(T_ * B * d0.W, own_ws);
   // Layers before the last write their output into a scratch sequence (two when layers > 2).
-  std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * H) : 0);
+  std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * DH) : 0);
+  std::vector<T> rev_in(dirs == 2 ? size_t(T_ * B * std::max(d0.I, DH)) : 0);
+  std::vector<T> dir_out(dirs == 2 ? size_t(T_ * B * H) : 0);
   thread_local std::vector<T> zeros;
   if (hx == nullptr && int64_t(zeros.size()) < B * H) zeros.assign(size_t(B * H), T(0));
   StepMasks m;
@@ -1027,13 +1034,34 @@ void infer_layers(const Dims& d0, int64_t layers, const T* x, const T* hx, const
   const T* in = x;
   Dims d = d0;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* const* lw = w + l * per_layer;
-    const T* b_ih = per_layer == 4 ? lw[2]->data_ptr<T>() : nullptr;
-    const T* b_hh = per_layer == 4 ? lw[3]->data_ptr<T>() : nullptr;
-    if (l > 0) d.I = H;
-    T* out = l + 1 == layers ? y : mid.data() + (l % 2) * T_ * B * H;
-    forward_impl<T>(d, in, hx ? hx + l * B * H : zeros.data(), lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih,
-                    b_hh, m, mode, reset_after, out, h_n + l * B * H, ws);
+    if (l > 0) d.I = DH;
+    const int64_t row = B * d.I;  // one step of the layer's input
+    T* out = l + 1 == layers ? y : mid.data() + (l % 2) * T_ * B * DH;
+    for (int64_t dir = 0; dir < dirs; ++dir) {
+      const int64_t k = l * dirs + dir;
+      const at::Tensor* const* lw = w + k * per_layer;
+      const T* b_ih = per_layer == 4 ? lw[2]->data_ptr<T>() : nullptr;
+      const T* b_hh = per_layer == 4 ? lw[3]->data_ptr<T>() : nullptr;
+      const T* h0 = hx ? hx + k * B * H : zeros.data();
+      if (dirs == 1) {
+        forward_impl<T>(d, in, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after, out,
+                        h_n + k * B * H, ws);
+        continue;
+      }
+      const T* src = in;
+      if (dir == 1) {
+        for (int64_t t = 0; t < T_; ++t)
+          std::memcpy(rev_in.data() + t * row, in + (T_ - 1 - t) * row, sizeof(T) * size_t(row));
+        src = rev_in.data();
+      }
+      forward_impl<T>(d, src, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after,
+                      dir_out.data(), h_n + k * B * H, ws);
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* from = dir_out.data() + (dir == 1 ? T_ - 1 - t : t) * B * H;
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(out + (t * B + b) * DH + dir * H, from + b * H, sizeof(T) * size_t(H));
+      }
+    }
     in = out;
   }
 }
@@ -1044,12 +1072,15 @@ namespace {
 
 // The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
 py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
-                      int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell) {
+                      int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
+                      int64_t dirs) {
   const py::object unhandled = py::none();
   if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
   const int64_t G = mode == MODE_GRU ? 3 : 1;
-  if (layers < 1 || nw == 0 || nw % layers != 0) return unhandled;
-  const int64_t per_layer = nw / layers;
+  if (layers < 1 || (dirs != 1 && dirs != 2) || (cell && dirs != 1) || nw == 0 || nw % (layers * dirs) != 0)
+    return unhandled;
+  const int64_t states = layers * dirs;  // (layer, direction) pairs: the weight sets and rows of hx / h_n
+  const int64_t per_layer = nw / states;
   if (per_layer != 2 && per_layer != 4) return unhandled;
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
@@ -1076,10 +1107,10 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (w_hh0.dim() != 2) return unhandled;
   const int64_t H = w_hh0.size(1);
   if (H == 0 || w_hh0.size(0) != G * H) return unhandled;
-  for (int64_t l = 0; l < layers; ++l) {
-    const int64_t in_l = l == 0 ? I : H;
+  for (int64_t s = 0; s < states; ++s) {
+    const int64_t in_l = s < dirs ? I : dirs * H;
     for (int64_t k = 0; k < per_layer; ++k) {
-      const at::Tensor& t = *weights[l * per_layer + k];
+      const at::Tensor& t = *weights[s * per_layer + k];
       if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous())
         return unhandled;
       const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
@@ -1088,13 +1119,13 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
       if (!ok) return unhandled;
     }
   }
-  // hx: sequence modules (layers, B, H) or unbatched (layers, H); cells (B, H) or unbatched (H,).
+  // hx: sequence modules (states, B, H) or unbatched (states, H); cells (B, H) or unbatched (H,).
   at::Tensor hx;
   if (hx_in != nullptr && hx_in->defined()) {
     hx = *hx_in;
     if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.layout() != at::kStrided || hx.dim() != nd)
       return unhandled;
-    const int64_t want_l = cell ? 1 : layers;
+    const int64_t want_l = cell ? 1 : states;
     const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))
                          : (hx.size(0) == want_l && hx.size(nd - 1) == H && (!batched || hx.size(1) == B));
     if (!ok) return unhandled;
@@ -1112,18 +1143,19 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   // new tensors are inference tensors all the same, as TensorImpl reads the mode.)
   const auto empty = [dtype](at::IntArrayRef size) { return at::Tensor(at::detail::empty_cpu(size, dtype)); };
   at::Tensor y, h_n;
+  const int64_t DH = dirs * H;
   if (cell)
     y = batched ? empty({B, H}) : empty({H});
   else if (!batched)
-    y = empty({T_, H});
+    y = empty({T_, DH});
   else if (bf && (T_ == 1 || B == 1))
-    y = empty({B, T_, H});
+    y = empty({B, T_, DH});
   else
-    y = empty({T_, B, H});
-  if (!cell) h_n = batched ? empty({layers, B, H}) : empty({layers, H});
+    y = empty({T_, B, DH});
+  if (!cell) h_n = batched ? empty({states, B, H}) : empty({states, H});
   // A large call lets other Python threads run meanwhile (the op path does too); the weights are
   // then held by owning references, since another thread could replace a module's parameter.
-  const bool release_gil = T_ * B * G * H * (I + H) * layers >= (int64_t(1) << 20);
+  const bool release_gil = T_ * B * G * H * (I + H) * states >= (int64_t(1) << 20);
   std::vector<at::Tensor> held;
   std::vector<const at::Tensor*> held_ptrs;
   if (release_gil) {
@@ -1138,8 +1170,9 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer", [&] {
       Buf<scalar_t> own(0);
       scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_n.data_ptr<scalar_t>();
-      infer_layers<scalar_t>(d, layers, x.data_ptr<scalar_t>(), hx.defined() ? hx.data_ptr<scalar_t>() : nullptr,
-                             weights, per_layer, int(mode), reset_after, y.data_ptr<scalar_t>(), hn);
+      infer_layers<scalar_t>(d, layers, dirs, x.data_ptr<scalar_t>(),
+                             hx.defined() ? hx.data_ptr<scalar_t>() : nullptr, weights, per_layer, int(mode),
+                             reset_after, y.data_ptr<scalar_t>(), hn);
     });
   }
   note_cpp_backend_ran();
@@ -1152,11 +1185,11 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
 
 py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
                  const std::vector<at::Tensor>& weights, int64_t mode, bool reset_after, int64_t layers,
-                 bool batch_first, bool cell) {
+                 bool batch_first, bool cell, int64_t directions) {
   c10::SmallVector<const at::Tensor*, 16> w;
   for (const auto& t : weights) w.push_back(&t);
   return infer_impl(input, hx.has_value() ? &*hx : nullptr, w.data(), int64_t(w.size()), mode, reset_after,
-                    layers, batch_first, cell);
+                    layers, batch_first, cell, directions);
 }
 
 // A module's fast path, bound once to the module's parameter dict (nn.Module._parameters) and
@@ -1167,8 +1200,8 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
 class InferPlan {
  public:
   InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
-            int64_t layers, bool batch_first, bool cell)
-      : params_(std::move(params)), mode_(mode), reset_after_(reset_after), layers_(layers),
+            int64_t layers, bool batch_first, bool cell, int64_t directions)
+      : params_(std::move(params)), mode_(mode), layers_(layers), dirs_(directions), reset_after_(reset_after),
         batch_first_(batch_first), cell_(cell) {
     for (const auto& n : names) {
       py::str key(n);
@@ -1192,13 +1225,13 @@ class InferPlan {
       w.push_back(&THPVariable_Unpack(p));
     }
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
-                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_);
+                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
   }
 
  private:
   py::dict params_;
   std::vector<py::str> names_;
-  int64_t mode_, layers_;
+  int64_t mode_, layers_, dirs_;
   bool reset_after_, batch_first_, cell_;
 };
 
@@ -1360,13 +1393,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("infer", &rnnrec::infer,
         "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
         py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),
-        py::arg("layers"), py::arg("batch_first"), py::arg("cell"));
+        py::arg("layers"), py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1);
   py::class_<rnnrec::InferPlan>(m, "InferPlan",
                                 "a module's inference fast path bound to its parameter dict: plan(input, hx) "
                                 "-> as infer, or None (not handled)")
-      .def(py::init<py::dict, const std::vector<std::string>&, int64_t, bool, int64_t, bool, bool>(),
+      .def(py::init<py::dict, const std::vector<std::string>&, int64_t, bool, int64_t, bool, bool, int64_t>(),
            py::arg("params"), py::arg("names"), py::arg("mode"), py::arg("reset_after"), py::arg("layers"),
-           py::arg("batch_first"), py::arg("cell"))
+           py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1)
       .def("__call__", &rnnrec::InferPlan::call, py::arg("input"), py::arg("hx") = py::none());
   m.def("last_backend", &rnnrec::last_backend, "the backend that ran this thread's last call ('' before any)");
   m.def("set_last_backend", &rnnrec::set_last_backend, "record the backend (a Python one) that ran this call",

@@ -179,7 +179,7 @@ class _PyInferPlan:
 class _FastPath(nn.Module):
     """The modules' inference fast path: ``self._plan`` is a ``_C.InferPlan`` bound to this
     module's parameter dict and configuration, or for the Python backends a ``_PyInferPlan``
-    (None where no path applies: backend "cuda", bidirectional). A call tries it first where no
+    (None where no path applies: backend "cuda", a bidirectional module on a Python backend). A call tries it first where no
     autograd is recorded (the plan itself declines calls with autograd on, under torch.jit.trace,
     on non-plain tensors, other dtypes or devices, or whatever it does not handle exactly as the
     general path would); it is never tried while torch.compile / torch.export trace the call
@@ -194,14 +194,14 @@ class _FastPath(nn.Module):
 
     def _refresh_plan(self):
         plan = None
-        if not getattr(self, "bidirectional", False):
-            names, layers, batch_first, cell = self._plan_args()
-            if _InferPlan is not None and self.backend in _FAST_BACKENDS:
-                plan = _InferPlan(self._parameters, names, ops.MODES[self.mode], self.reset_after, layers,
-                                  batch_first, cell)
-            elif self.backend in _PY_FAST_BACKENDS:
-                plan = _PyInferPlan(self._parameters, names, self.mode, self.reset_after, layers,
-                                    batch_first, cell, self.backend)
+        names, layers, batch_first, cell = self._plan_args()
+        bidirectional = getattr(self, "bidirectional", False)
+        if _InferPlan is not None and self.backend in _FAST_BACKENDS:
+            plan = _InferPlan(self._parameters, names, ops.MODES[self.mode], self.reset_after, layers,
+                              batch_first, cell, 2 if bidirectional else 1)
+        elif self.backend in _PY_FAST_BACKENDS and not bidirectional:
+            plan = _PyInferPlan(self._parameters, names, self.mode, self.reset_after, layers,
+                                batch_first, cell, self.backend)
         self.__dict__["_plan"] = plan
 
     def __setattr__(self, name, value):

@@ -79,24 +79,26 @@ SHAPES = [(1, 1), (5, 3), (1, 4), (4, 1)]  # (T, B)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("T,B", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 3], ids=["L1", "L3"])
 @pytest.mark.parametrize("kind", ["GRU", "GRU_cho", "RNN_tanh", "RNN_relu"])
-def test_sequence_modules(spy, kind, num_layers, batch_first, T, B, dtype, mode):
-    salt = sum(map(ord, f"{kind}{num_layers}{batch_first}{T}{B}{dtype}"))
+def test_sequence_modules(spy, kind, num_layers, bidirectional, batch_first, T, B, dtype, mode):
+    salt = sum(map(ord, f"{kind}{num_layers}{bidirectional}{batch_first}{T}{B}{dtype}"))
     torch.manual_seed(salt)
     bias, with_hx, unbatched = salt % 2 == 0, (salt // 2) % 2 == 0, (salt // 4) % 3 == 0
     I, H = 7, 9
     ref, ours = pair(kind, dtype, input_size=I, hidden_size=H, num_layers=num_layers, bias=bias,
-                     batch_first=batch_first, dropout=0.3 if num_layers > 1 else 0.0)
+                     batch_first=batch_first, dropout=0.3 if num_layers > 1 else 0.0, bidirectional=bidirectional)
+    states = num_layers * (2 if bidirectional else 1)
     ours.eval()  # dropout is off in eval mode, so the fast path may run
     if ref is not None:
         ref.eval()
     if unbatched:
         x = torch.randn(T, I, dtype=dtype)
-        hx = torch.randn(num_layers, H, dtype=dtype) if with_hx else None
+        hx = torch.randn(states, H, dtype=dtype) if with_hx else None
     else:
         x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
-        hx = torch.randn(num_layers, B, H, dtype=dtype) if with_hx else None
+        hx = torch.randn(states, B, H, dtype=dtype) if with_hx else None
     ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
     with ctx:
         out, h_n = ours(x, hx)
@@ -157,8 +159,8 @@ def test_non_contiguous_inputs(spy):
 
 @needs_ext
 def test_declines_what_it_does_not_handle(spy):
-    """Autograd on, training-mode dropout, bidirectional, resets, another backend or dtype: the
-    general path runs (with the same results as torch.nn where torch.nn has the feature)."""
+    """Autograd on, training-mode dropout, resets, another backend or dtype: the general path runs
+    (with the same results as torch.nn where torch.nn has the feature)."""
     torch.manual_seed(4)
     x = torch.randn(5, 2, 3)
     ref, ours = pair("GRU", torch.float32, input_size=3, hidden_size=4, num_layers=2, dropout=0.5)
@@ -170,9 +172,7 @@ def test_declines_what_it_does_not_handle(spy):
         r_out, _ = ref(x)
     assert_close(out, r_out, torch.float32, "dropout output")
     assert spy["calls"] == 0
-    _, bi = pair("GRU", torch.float32, input_size=3, hidden_size=4, bidirectional=True)
     with torch.inference_mode():
-        bi(x)
         rnnrec_fast.GRU(3, 4)(x, resets=torch.zeros(5, 2, dtype=torch.bool))
         rnnrec_fast.GRU(3, 4, backend="reference")(x)
         assert rnnrec_fast.last_backend() == "reference"
