@@ -78,6 +78,62 @@ def test_loader_errors(tmp_path):
         recsys.load_yoochoose(empty)
 
 
+def test_ids_only_canonical_integers_become_ints(tmp_path):
+    """"007" and "7", "1_000" and "1000", "+1", "01" and "1" are distinct ids, never merged."""
+    p = _write(tmp_path, "lz.tsv", "SessionId\tItemId\tTime\n01\t007\t1\n01\t7\t2\n1\t1_000\t3\n"
+                                   "1\t1000\t4\n+1\t5\t5\n+1\t6\t6\n")
+    log = recsys.load_any(p)
+    assert log.n_sessions == 3 and log.n_items == 6
+    assert list(log.items) == ["007", "7", "1_000", "1000", "5", "6"]
+    assert list(log.sessions) == ["01", "01", "1", "1", "+1", "+1"]
+    q = _write(tmp_path, "ok.tsv", "SessionId\tItemId\tTime\n-1\t0\t1\n-1\t-42\t2\n2\t7\t3\n")
+    log = recsys.load_any(q)  # canonical ints (a leading '-' included) stay ints
+    assert log.items.dtype == np.int64 and list(log.items) == [0, -42, 7] and list(log.sessions) == [-1, -1, 2]
+    m = ItemMap([7, 1000])  # the lookup follows the same rule
+    assert m.lookup("7") == 0 and m.lookup(np.int64(7)) == 0 and m.lookup("1000") == 1
+    for other in ("007", "+7", " 7", "7.0", "1_000", 7.0, True):
+        assert m.lookup(other) is None, other
+    ms = ItemMap(["007", "7"])
+    assert ms.lookup(7) == 1 and ms.lookup("007") == 0
+
+
+def test_ids_beyond_int64_load_as_text_ids(tmp_path):
+    big = 18446744073709551615  # an unsigned 64-bit hash
+    p = _write(tmp_path, "big.tsv", f"SessionId\tItemId\tTime\n1\t{big}\t10\n1\t5\t11\n{big}\t5\t12\n"
+                                    f"{big}\t{big}\t13\n")
+    log = recsys.load_any(p)
+    assert list(log.items) == [str(big), "5", "5", str(big)] and log.n_sessions == 2
+    ds = SessionDataset.from_log(log)
+    assert ds.n_events == 2 and ds.item_map.lookup(big) == ds.item_map.lookup(str(big)) is not None
+    assert ds.item_map.lookup(5) is not None
+    # the int64 bounds themselves are ints
+    q = _write(tmp_path, "edge.tsv", f"SessionId\tItemId\tTime\n1\t{2**63 - 1}\t1\n1\t{-2**63}\t2\n")
+    assert recsys.load_any(q).items.dtype == np.int64
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_times_rejected(tmp_path, value):
+    p = _write(tmp_path, "t.tsv", f"SessionId\tItemId\tTime\n1\t10\t1\n1\t11\t{value}\n")
+    with pytest.raises(RecsysError, match=r"t.tsv:3: malformed time.*not a finite time"):
+        recsys.load_yoochoose(p)
+    log = recsys.synthetic_clicks(50, 20, seed=0)
+    log.times[3] = float(value)
+    with pytest.raises(RecsysError, match="non-finite times"):
+        recsys.time_split(log, test_days=0.01)
+
+
+def test_loader_utf8_bom_and_other_encodings(tmp_path):
+    p = tmp_path / "bom.tsv"
+    p.write_bytes("\ufeffSessionId\tItemId\tTime\n1\t10\t1\n1\t11\t2\n".encode("utf-8"))
+    log = recsys.load_any(str(p))
+    assert list(log.items) == [10, 11] and list(log.sessions) == [1, 1]
+    assert recsys.load_yoochoose(str(p)).n_items == 2
+    q = tmp_path / "utf16.tsv"
+    q.write_bytes("SessionId\tItemId\tTime\n1\t10\t1\n".encode("utf-16"))
+    with pytest.raises(RecsysError, match="not UTF-8"):
+        recsys.load_any(str(q))
+
+
 # ---------------------------------------------------------------------------------------------- split / map
 def test_time_split():
     day = 86400.0
@@ -334,6 +390,19 @@ def test_rank_ties_hand_values():
     assert m["recall@20"] == pytest.approx(2 / 3) and m["mrr@20"] == pytest.approx(1.5 / 3)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_evaluation_rejects_non_finite_scores(bad):
+    ds = _toy_dataset(n_sessions=15, n_items=12, seed=5)
+    model = GRU4Rec(12, [8]).eval()
+    with torch.no_grad():
+        model.By[4] = bad  # one item's score is NaN / inf for every query
+    for ties in ("standard", "conservative"):
+        with pytest.raises(RecsysError, match="non-finite scores"):
+            recsys.evaluate(model, ds, ks=(20,), ties=ties, batch_size=4, chunk_steps=3)
+    with pytest.raises(RecsysError, match="non-finite"):
+        ranks_from_scores(torch.tensor([[1.0, float("nan")]]), torch.tensor([1]))
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint
 @pytest.mark.parametrize("embedding", ["shared", 5, 0])
 def test_checkpoint_round_trip(tmp_path, embedding):
@@ -370,6 +439,13 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"a": torch.zeros(1)}, str(tmp_path / "other.pt"))
     with pytest.raises(RecsysError, match="not an rnnrec_fast"):
         recsys.load_checkpoint(str(tmp_path / "other.pt"))
+    for text in ("hello\n", "SessionId\tItemId\tTime\n1\t2\t3\n", ""):  # text files given as models
+        (tmp_path / "text.pt").write_text(text)
+        with pytest.raises(RecsysError, match="not a readable rnnrec_fast checkpoint"):
+            recsys.load_checkpoint(str(tmp_path / "text.pt"))
+    torch.save({"format": recsys.checkpoint.FORMAT, "version": 1}, str(tmp_path / "part.pt"))
+    with pytest.raises(RecsysError, match="incomplete checkpoint"):
+        recsys.load_checkpoint(str(tmp_path / "part.pt"))
 
 
 # ---------------------------------------------------------------------------------------------- training

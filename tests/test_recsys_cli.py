@@ -1,6 +1,7 @@
 """CLI of rnnrec_fast.recsys: smoke runs on a tiny file and clean errors on bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -87,6 +88,41 @@ def test_bad_inputs(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: bad choice
         main(["train", "--train", str(files / "train.txt"), "--loss", "hinge"])
     assert exc.value.code != 0
+
+
+def test_ids_beyond_int64_train_and_recommend(tmp_path, capsys):
+    big = 18446744073709551615
+    data = tmp_path / "big.tsv"
+    data.write_text(f"SessionId\tItemId\tTime\n1\t{big}\t10\n1\t5\t11\n2\t5\t12\n2\t{big}\t13\n")
+    model = tmp_path / "big.pt"
+    code, _, err = _run(["train", "--train", data, "--epochs", "1", "--layers", "4", "--n-sample", "2",
+                         "--quiet", "--save", model], capsys)
+    assert code == 0, err
+    code, out, err = _run(["recommend", "--model", model, "--items", str(big), "--k", "2", "--json"], capsys)
+    assert code == 0, err
+    assert sorted(json.loads(out)["items"]) == sorted([str(big), "5"])
+
+
+def test_garbage_model_file_clean_error(files, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("hello\n")
+    for args in (["recommend", "--model", garbage, "--items", "1000"],
+                 ["evaluate", "--model", garbage, "--test", files / "test.txt"]):
+        code, out, err = _run(args, capsys)
+        assert code == 2 and "not a readable rnnrec_fast checkpoint" in err and "Traceback" not in err, err
+
+
+def test_readme_commands_name_existing_files():
+    """The data files the recsys README's commands name exist (relative to the repo root, where
+    the commands run); the CLI takes the paths as given."""
+    text = open(os.path.join(ROOT, "rnnrec_fast", "recsys", "README.md"), encoding="utf-8").read()
+    paths = re.findall(r"--(?:train|test) (\S+)", text)
+    assert paths
+    for path in paths:
+        assert not os.path.basename(path) == path, f"{path}: a bare name, the CLI would not find it"
+        if not os.path.isdir(os.path.join(ROOT, os.path.dirname(path))):
+            pytest.skip("the shared data folder is absent")
+        assert os.path.isfile(os.path.join(ROOT, path)), path
 
 
 def test_module_entry_point_no_traceback(tmp_path):

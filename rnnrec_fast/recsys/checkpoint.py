@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 
 import torch
@@ -50,12 +49,17 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
         raise RecsysError(f"model file not found: {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint ({exc})") from None
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other file: unpickling fails in many ways (KeyError, ...)
+        raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RecsysError(f"{path}: not an rnnrec_fast.recsys GRU4Rec checkpoint")
     if payload.get("version", 0) > VERSION:
         raise RecsysError(f"{path}: checkpoint version {payload['version']} is newer than this code")
+    missing = [key for key in ("config", "item_ids", "state_dict") if key not in payload]
+    if missing:
+        raise RecsysError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
     cfg = dict(payload["config"])
     model = GRU4Rec(cfg.pop("n_items"), item_ids=payload["item_ids"], **cfg)
     try:

@@ -55,7 +55,7 @@ def _load(path, a):
     if a.format == "auto":
         import os
         if os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open(path, encoding="utf-8-sig", errors="replace") as f:
                 first = f.readline()
             if "session_id" in first and "timeframe" in first:
                 return load_diginetica(path)

@@ -1,13 +1,15 @@
 """Click-log loading, item-id mapping, time-based splitting and session datasets.
 
 A click log is held as three parallel numpy arrays (session id, item id, time), one row per click.
-Item and session ids keep their original values: Python ``int`` when every id in the column is an
-integer literal, ``str`` otherwise.
+Item and session ids keep their original values: ``int`` when every id in the column is an integer
+in canonical decimal form within int64 (``7``, ``-3``; see :func:`canonical_int`), ``str`` otherwise
+(so ``007`` and ``7`` stay two ids, and unsigned 64-bit hashes above 2**63-1 stay text ids).
 """
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import math
 import os
 from dataclasses import dataclass
 
@@ -76,12 +78,30 @@ class ClickLog:
         return ClickLog(self.sessions[order], self.items[order], self.times[order])
 
 
-def _typed_ids(values: list[str]) -> np.ndarray:
-    """int64 array when every value is an integer literal, else an object array of str."""
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def canonical_int(value: str) -> int | None:
+    """``int(value)`` when ``value`` is an integer written in canonical decimal form, i.e.
+    ``str(int(value)) == value`` (``"7"``, ``"-3"``, ``"0"``), else None (``"007"``, ``"+7"``,
+    ``"1_000"``, ``" 7"``, ``"-0"``, ``"7.0"``): only then are the int and the str the same id."""
     try:
-        return np.array([int(v) for v in values], dtype=np.int64)
+        n = int(value)
     except ValueError:
-        return np.array(values, dtype=object)
+        return None
+    return n if str(n) == value else None
+
+
+def _typed_ids(values: list[str]) -> np.ndarray:
+    """int64 array when every value is a canonical decimal integer (:func:`canonical_int`) within
+    int64, else an object array of the str values as written."""
+    out = []
+    for v in values:
+        n = canonical_int(v)
+        if n is None or not _INT64_MIN <= n <= _INT64_MAX:
+            return np.array(values, dtype=object)
+        out.append(n)
+    return np.array(out, dtype=np.int64)
 
 
 def _parse_time(value: str, time_format: str | None) -> float:
@@ -115,11 +135,19 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
     Columns are named (when the file has a header) or 0-based indices. ``sep`` is sniffed from the
     first line when None (tab, ';' or ','). Times are numbers (seconds), ISO dates or ``time_format``
     (strptime); ``extra_time_col`` is added to the time in milliseconds (Diginetica's timeframe).
-    Without a time column, the file order is the time order.
+    Without a time column, the file order is the time order. Times must be finite. The file is
+    UTF-8 (a byte-order mark is skipped).
     """
     if not os.path.isfile(path):
         raise RecsysError(f"file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
+    except UnicodeDecodeError as exc:
+        raise RecsysError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col) -> ClickLog:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         first = f.readline()
         if not first.strip():
             raise RecsysError(f"{path}: the file is empty")
@@ -171,6 +199,8 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
                         cache[tv] = t
                 if xi is not None:
                     t += float(row[xi]) / 1000.0
+                if not math.isfinite(t):
+                    raise ValueError(f"{tv!r} is not a finite time")
             except ValueError as exc:
                 raise RecsysError(f"{path}:{lineno}: malformed time: {exc}") from None
             times.append(t)
@@ -197,7 +227,7 @@ def load_any(path: str, **kw) -> ClickLog:
         return load_clicks(path, **kw)
     if not os.path.isfile(path):
         raise RecsysError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         first = f.readline()
     if "session_id" in first and "timeframe" in first:
         return load_diginetica(path)
@@ -231,16 +261,21 @@ class ItemMap:
         return self.lookup(item) is not None
 
     def lookup(self, item):
-        """Index of ``item`` (int or str form), or None."""
-        i = self.item_index.get(item)
-        if i is None and isinstance(item, str):
-            try:
-                i = self.item_index.get(int(item))
-            except ValueError:
-                i = None
-        if i is None and isinstance(item, (int, np.integer)):
-            i = self.item_index.get(str(int(item)))
-        return i
+        """Index of ``item``, or None. The one id lookup of training, ``GRU4Rec.recommend``, the
+        CLI and serving: an id matches in its int form (``int`` or numpy integer) or its str form,
+        the str being the canonical decimal (:func:`canonical_int`): 7, ``np.int64(7)`` and ``"7"``
+        are one id, ``"007"`` is another. Other types (bool, float, ...) match nothing."""
+        if isinstance(item, str):
+            i = self.item_index.get(item)
+            if i is None:
+                n = canonical_int(item)
+                if n is not None:
+                    i = self.item_index.get(n)
+            return i
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            i = self.item_index.get(item)
+            return self.item_index.get(str(int(item))) if i is None else i
+        return None
 
     def index(self, items) -> np.ndarray:
         """Indices of ``items``; raises RecsysError naming unknown items."""
@@ -281,6 +316,9 @@ def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 
     are dropped from both parts. Returns (train, test)."""
     if len(log) == 0:
         raise RecsysError("cannot split an empty click log")
+    bad = np.count_nonzero(~np.isfinite(log.times))
+    if bad:
+        raise RecsysError(f"cannot split a click log with non-finite times ({bad} NaN or infinite)")
     uniq, inv = np.unique(log.sessions, return_inverse=True)
     end = np.full(len(uniq), -np.inf)
     np.maximum.at(end, inv, log.times)

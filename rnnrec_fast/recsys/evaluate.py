@@ -7,6 +7,8 @@ The hidden state is zero at each test session's start. Ranks:
 * ``"conservative"``: number of items scoring higher than or equal to the target (the target
   included), i.e. ties count against the model.
 
+A model that gives a NaN or infinite score raises RecsysError instead of getting meaningless ranks.
+
 Sessions are processed session-parallel (``batch_size`` lanes, ``chunk_steps`` steps per fused call).
 """
 from __future__ import annotations
@@ -21,7 +23,11 @@ TIES = ("standard", "conservative")
 
 
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, ties: str = "standard") -> torch.Tensor:
-    """Rank of ``targets[r]`` within ``scores[r]`` (R, N) for every row."""
+    """Rank of ``targets[r]`` within ``scores[r]`` (R, N) for every row. Non-finite scores (NaN,
+    inf) raise RecsysError: they cannot be ranked (a NaN target would count as rank 1)."""
+    if not bool(torch.isfinite(scores).all()):
+        raise RecsysError("the model gives non-finite scores (NaN or inf), which cannot be ranked: "
+                          "its weights are probably diverged or corrupt")
     t = scores.gather(1, targets.view(-1, 1))
     if ties == "standard":
         return (scores > t).sum(1) + 1
