@@ -178,11 +178,94 @@ def test_batch_too_large_rejected_without_change():
     model = make_model()
     rec = SessionRecommender(model, max_sessions=3, max_batch=8)
     ids = model.item_ids
-    with pytest.raises(InvalidRequestError, match="max_sessions"):
-        rec.click_many(["a", "b", "c", "d"], [ids[0]] * 4)
     with pytest.raises(InvalidRequestError, match="max_batch"):
         rec.click_many(["a"] * 9, [ids[0]] * 9)
     assert len(rec) == 0
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True, "per-row"])
+def test_batch_with_more_sessions_than_max_sessions_acts_as_single_clicks(exclude_seen):
+    model = make_model()
+    ids = model.item_ids
+    batch_rec = SessionRecommender(model, max_sessions=2, max_batch=16, initial_capacity=1)
+    one_rec = SessionRecommender(model, max_sessions=2, max_batch=16, initial_capacity=1)
+    for rec in (batch_rec, one_rec):
+        rec.click("b", ids[7])  # held before the batch
+    sids = ["a", "b", "a", "c", "d", "b", "e", "e", "a"]
+    items = [ids[i] for i in (1, 2, 3, 4, 5, 6, 8, 9, 10)]
+    excl = [i % 2 == 0 for i in range(len(sids))] if exclude_seen == "per-row" else exclude_seen
+    got = batch_rec.click_many(sids, items, k=6, exclude_seen=excl) if exclude_seen != "per-row" else \
+        [(i, v) for v, i in zip(*batch_rec.step_batch(sids, [model.item_index[i] for i in items], 6, excl))]
+    want = []
+    for n, (s, i) in enumerate(zip(sids, items)):
+        e = excl[n] if isinstance(excl, list) else excl
+        if exclude_seen == "per-row":
+            v, ix = one_rec.step_batch([s], [model.item_index[i]], 6, e)
+            want.append((ix[0], v[0]))
+        else:
+            want.append(one_rec.click(s, i, k=6, exclude_seen=e))
+    assert len(got) == len(want)
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert list(gi) == list(wi)
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    assert sorted(batch_rec.store._map) == sorted(one_rec.store._map) == ["a", "e"]
+    for s in ("a", "e"):
+        torch.testing.assert_close(batch_rec.state(s), one_rec.state(s), **TOL)
+        assert batch_rec.session_info(s) == one_rec.session_info(s)
+    assert batch_rec.store.evicted_lru == one_rec.store.evicted_lru
+
+
+def test_item_ids_match_as_in_the_model():
+    """Serving looks item ids up as the model does: int, numpy int or str form."""
+    import numpy as np
+
+    model = make_model()
+    ids = model.item_ids
+    rec, ref = SessionRecommender(model), SessionRecommender(model)
+    want = ref.click("s", ids[5], k=3)
+    assert rec.click("s", str(ids[5]), k=3) == want
+    assert rec.state("s") is not None and rec.session_info("s")["seen"] == [ids[5]]
+    assert rec.click("t", np.int64(ids[5]), k=3) == want
+    for got_items, got_scores in rec.click_many(["u", "v"], [str(ids[5]), np.int32(ids[5])], k=3):
+        assert got_items == want[0]
+        torch.testing.assert_close(torch.tensor(got_scores), torch.tensor(want[1]), **TOL)
+    assert rec.item_to_index(str(ids[5])) == model.item_map.lookup(str(ids[5])) == 5
+    for bad in ("0" + str(ids[5]), "+" + str(ids[5]), " " + str(ids[5])):  # not the same id
+        with pytest.raises(UnknownItemError):
+            rec.click("s", bad)
+    torch.manual_seed(0)
+    smodel = recsys.GRU4Rec(3, [8], item_ids=["x1", "3", "007"]).eval()
+    srec = SessionRecommender(smodel)
+    assert srec.click("s", 3, k=3)[0] == [i for i, _ in smodel.recommend([3], k=3)]
+    assert srec.item_to_index(3) == 1 and srec.item_to_index("007") == 2
+    with pytest.raises(UnknownItemError):
+        srec.click("s", 7)
+
+
+def test_default_k_capped_at_catalogue_and_max_k():
+    torch.manual_seed(0)
+    small = recsys.GRU4Rec(3, [8], item_ids=["a", "b", "c"]).eval()
+    rec = SessionRecommender(small)
+    items, scores = rec.click("s", "a")
+    assert sorted(items) == ["a", "b", "c"] and len(scores) == 3
+    assert [len(r[0]) for r in rec.click_many(["s", "t"], ["b", "c"])] == [3, 3]
+    with pytest.raises(InvalidRequestError):  # an explicit k out of range stays an error
+        rec.click("s", "a", k=20)
+    assert len(SessionRecommender(make_model(), max_k=7).click("s", 1000)[0]) == 7
+    assert len(SessionRecommender(make_model()).click("s", 1000)[0]) == 20
+
+
+@pytest.mark.parametrize("max_k", [0, -5, 2.5, True])
+def test_max_k_must_be_positive(max_k):
+    with pytest.raises(ValueError, match="max_k"):
+        SessionRecommender(make_model(), max_k=max_k)
+
+
+def test_load_garbage_checkpoint(tmp_path):
+    p = tmp_path / "garbage.pt"
+    p.write_text("hello\n")
+    with pytest.raises(recsys.RecsysError, match="not a readable rnnrec_fast checkpoint"):
+        SessionRecommender.load(str(p))
 
 
 # ---------------------------------------------------------------------------------------------- store

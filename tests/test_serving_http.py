@@ -193,6 +193,89 @@ def test_same_session_in_one_batch_applies_in_order():
     torch.testing.assert_close(app.rec.state("z"), replay(model, seq)[:, 0], **TOL)
 
 
+def _post_clicks(app, clicks):
+    """POSTs ``clicks`` [(session id, body dict)] to the ASGI app concurrently (one batcher flush);
+    returns [(status, parsed body)] in order."""
+    import asyncio
+
+    async def one(sid, body):
+        msgs = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+        out = []
+
+        async def receive():
+            return msgs.pop(0)
+
+        async def send(m):
+            out.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": f"/v1/sessions/{sid}/clicks", "headers": []}
+        await app(scope, receive, send)
+        return out[0]["status"], json.loads(out[1]["body"])
+
+    async def go():
+        return await asyncio.gather(*(one(sid, body) for sid, body in clicks))
+
+    return asyncio.run(go())
+
+
+def test_batch_with_more_sessions_than_max_sessions():
+    """Concurrent clicks of more distinct sessions than max_sessions in one batch: as one at a time."""
+    model = make_model()
+    ids = model.item_ids
+    app = ServingApp(SessionRecommender(model, max_sessions=2), max_batch=64)
+    sids = ["s0", "s1", "s2", "s1", "s3"]
+    outs = _post_clicks(app, [(s, {"item_id": ids[5 + n], "k": 2}) for n, s in enumerate(sids)])
+    assert [st for st, _ in outs] == [200] * 5, outs
+    assert app.m_batch.count == 1 and app.m_batch.sum == 5  # one batch of 5 clicks
+    ref = SessionRecommender(model, max_sessions=2)
+    for n, (s, (_, body)) in enumerate(zip(sids, outs)):
+        items, scores = ref.click(s, ids[5 + n], k=2)
+        assert body["items"] == items
+        torch.testing.assert_close(torch.tensor(body["scores"]), torch.tensor(scores), **TOL)
+    assert sorted(app.rec.store._map) == sorted(ref.store._map) == ["s1", "s3"]
+
+
+def test_item_id_in_str_form_and_default_k_on_small_catalogue():
+    model = make_model()
+    ids = model.item_ids
+    app = ServingApp(SessionRecommender(model), max_batch=64)
+    (st1, r1), (st2, r2), (st3, r3) = _post_clicks(app, [("a", {"item_id": ids[3], "k": 4}),
+                                                          ("b", {"item_id": str(ids[3]), "k": 4}),
+                                                          ("c", {"item_id": "0" + str(ids[3]), "k": 4})])
+    assert st1 == st2 == 200 and r1 == r2
+    assert st3 == 422 and r3["error"]["code"] == "unknown_item"
+    torch.manual_seed(0)
+    small = recsys.GRU4Rec(3, [8], item_ids=["x1", "x2", "3"]).eval()
+    app = ServingApp(SessionRecommender(small), max_batch=64)
+    (st1, r1), (st2, r2), (st3, r3) = _post_clicks(app, [("a", {"item_id": "x1"}), ("b", {"item_id": 3}),
+                                                          ("c", {"item_id": "x1", "k": 20})])
+    assert st1 == st2 == 200 and len(r1["items"]) == 3 and sorted(r2["items"]) == ["3", "x1", "x2"]
+    assert st3 == 422 and r3["error"]["code"] == "bad_k"  # an explicit k out of range stays an error
+
+
+def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
+    from rnnrec_fast.serving.__main__ import main
+
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(make_model(), path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("hello\n")
+    cases = [
+        (["--model", str(tmp_path / "nonexist.pt")], "not found"),
+        (["--model", str(garbage)], "not a readable rnnrec_fast checkpoint"),
+        (["--model", path, "--max-batch", "0"], "max_batch"),
+        (["--model", path, "--ttl", "0"], "ttl"),
+        (["--model", path, "--max-sessions", "0"], "max_sessions"),
+        (["--model", path, "--max-k", "0"], "max_k"),
+        (["--model", path, "--max-k", "-5"], "max_k"),
+        (["--model", path, "--port", "99999"], "port"),
+    ]
+    for args, msg in cases:
+        code = main(["--port", "0", "--torch-threads", "0"] + args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and msg in err, (args, err)
+
+
 def test_metrics_text_format(server):
     c = Client(server)
     c.req("POST", "/v1/sessions/met/clicks", {"item_id": server.model.item_ids[0], "k": 2})

@@ -33,17 +33,25 @@ def main(argv=None):
         import rnnrec_fast  # noqa: F401  (registers the custom ops the model may use)
     except ImportError:
         pass
+    from ..recsys.data import RecsysError
     from .app import make_app
     from .server import bind, serve
 
-    app = make_app(a.model, device=a.device, max_sessions=a.max_sessions, ttl=a.ttl, max_batch=a.max_batch,
-                   batch_window_ms=a.batch_window_ms, max_body_bytes=a.max_body_bytes, debug=a.debug,
-                   max_k=a.max_k)
+    sock = None
+    try:  # bad options and unusable model files: one line, exit 2 (as the recsys CLI)
+        sock = bind(a.host, a.port)
+        app = make_app(a.model, device=a.device, max_sessions=a.max_sessions, ttl=a.ttl, max_batch=a.max_batch,
+                       batch_window_ms=a.batch_window_ms, max_body_bytes=a.max_body_bytes, debug=a.debug,
+                       max_k=a.max_k)
+    except (RecsysError, ValueError, OSError) as exc:
+        if sock is not None:
+            sock.close()
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     # everything allocated so far (model, item maps, modules) is long-lived: keep it out of the
     # cyclic GC's full collections, which would otherwise walk it during serving (latency spikes)
     gc.collect()
     gc.freeze()
-    sock = bind(a.host, a.port)
     host, port = sock.getsockname()[:2]
     print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}; "
           f"listening on http://{host}:{port}", flush=True)

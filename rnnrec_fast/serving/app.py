@@ -4,6 +4,8 @@ Endpoints::
 
     POST   /v1/sessions/{session_id}/clicks   {"item_id": 214821371, "k": 20, "exclude_seen": false}
                                               -> 200 {"items": [...], "scores": [...]}
+                                              (item_id: int or str form, as the model matches ids;
+                                              k: default min(20, max_k))
     DELETE /v1/sessions/{session_id}          -> 200 {"deleted": true} | 404
     GET    /v1/sessions/{session_id}          -> 200 {"clicks": n, "seen": [...], "state": [[...]]}
                                                  (only with debug=True: for load-test state checks)
@@ -20,8 +22,10 @@ when it holds ``max_batch`` clicks, or ``batch_window_ms`` after its first click
 default window of 0 the flush runs at the next event-loop pass, so a batch holds every click that
 arrived while the previous batch was computing (no added latency when idle). Batches run one at a
 time in arrival order, and a batch applies repeated clicks of one session in order, so clicks of a
-session are never reordered. ``DELETE`` is applied at once: a click of the same session sent
-concurrently and still queued is applied after it (to a fresh session).
+session are never reordered. A batch holding more distinct sessions than the store's
+``max_sessions`` runs as consecutive sub-batches (as if its clicks came in that many batches).
+``DELETE`` is applied at once: a click of the same session sent concurrently and still queued is
+applied after it (to a fresh session).
 """
 from __future__ import annotations
 
@@ -219,7 +223,7 @@ class ServingApp:
             raise HTTPError(400, "bad_request", "request body must be a JSON object")
         if "item_id" not in req:
             raise HTTPError(400, "bad_request", "missing field 'item_id'")
-        k = req.get("k", 20)
+        k = req["k"] if "k" in req else self.rec.default_k
         excl = req.get("exclude_seen", False)
         if not isinstance(excl, bool):
             raise HTTPError(400, "bad_request", "'exclude_seen' must be true or false")

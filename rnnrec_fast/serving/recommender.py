@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from ..recsys.data import ItemMap
 from . import fastpath as _fastpath
 from .store import SessionStore
 
@@ -32,7 +33,10 @@ class UnknownItemError(ServingError, LookupError):
 
 
 class InvalidRequestError(ServingError, ValueError):
-    """A malformed request: bad k, mismatched lengths, too many sessions in one batch, ..."""
+    """A malformed request: bad k, mismatched lengths, a batch over max_batch, ..."""
+
+
+DEFAULT_K = 20
 
 
 def _check_session_id(sid):
@@ -46,7 +50,11 @@ class SessionRecommender:
 
     ``model`` follows the ``rnnrec_fast.recsys`` interface: ``item_ids``, ``item_index``,
     ``n_items``, ``hidden_size``, ``num_layers``, ``init_state(B)``, ``step(items, h)`` and
-    ``score(h_top)``.
+    ``score(h_top)`` (and ``item_map``, else one is built from ``item_ids``).
+
+    Item ids are looked up as the model does (``ItemMap.lookup``): an id matches in its int form
+    (``int`` or a numpy integer) or its canonical str form, so ``214826715`` and ``"214826715"``
+    are the same item.
 
     Thread safety: one lock serialises every read-modify-write of session states (look up, step,
     write back), so concurrent callers never see each other's state and the clicks of one session
@@ -56,7 +64,8 @@ class SessionRecommender:
     Args:
         model: the recommender (eval mode).
         max_sessions, ttl, max_seen, initial_capacity: see :class:`SessionStore`.
-        max_k: the largest k a request may ask for (default: the catalogue size).
+        max_k: the largest k a request may ask for (default: the catalogue size). Requests that
+            give no k get ``min(20, max_k)``.
         max_batch: the largest batch :meth:`click_many` accepts.
         clock: monotonic clock (seconds) for the idle TTL.
         fast: for ``rnnrec_fast.recsys.GRU4Rec`` models, call the fused op and the scoring GEMM
@@ -72,12 +81,18 @@ class SessionRecommender:
         self._score = self._fast.score if self._fast is not None else model.score
         self.item_ids = list(model.item_ids)
         self.item_index = model.item_index
+        self.item_map = getattr(model, "item_map", None)
+        if self.item_map is None:
+            self.item_map = ItemMap(self.item_ids)
         self.n_items = int(model.n_items)
         if len(self.item_ids) != self.n_items:
             raise ValueError("model.item_ids and model.n_items disagree")
         self.hidden_size = int(model.hidden_size)
         self.num_layers = int(model.num_layers)
+        if max_k is not None and (isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k < 1):
+            raise ValueError(f"max_k must be a positive int or None, got {max_k!r}")
         self.max_k = self.n_items if max_k is None else min(int(max_k), self.n_items)
+        self.default_k = min(DEFAULT_K, self.max_k)
         self.max_batch = int(max_batch)
         with torch.no_grad():
             h0 = model.init_state(1)
@@ -114,10 +129,11 @@ class SessionRecommender:
 
     # ------------------------------------------------------------------ validation
     def item_to_index(self, item_id):
-        """The catalogue index of an original item id; UnknownItemError/TypeError otherwise."""
-        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
+        """The catalogue index of an original item id (int or str form, see the class doc);
+        UnknownItemError/TypeError otherwise."""
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, str, np.integer)):
             raise TypeError(f"item_id must be an int or a str, got {type(item_id).__name__}")
-        idx = self.item_index.get(item_id)
+        idx = self.item_map.lookup(item_id)
         if idx is None:
             raise UnknownItemError(item_id)
         return idx
@@ -130,11 +146,14 @@ class SessionRecommender:
         return k
 
     # ------------------------------------------------------------------ API
-    def click(self, session_id, item_id, k=20, exclude_seen=False):
+    def click(self, session_id, item_id, k=None, exclude_seen=False):
         """Advances ``session_id`` by one click on ``item_id``; returns its top-k
-        ``(item_ids, scores)`` (lists, best first). Bad input raises before any state changes."""
+        ``(item_ids, scores)`` (lists, best first; k None: ``default_k``). Bad input raises before
+        any state changes."""
         _check_session_id(session_id)
         idx = self.item_to_index(item_id)
+        if k is None:
+            k = self.default_k
         self.check_k(k)
         vals, inds = self._click_core(session_id, idx, k, exclude_seen)
         ids = self.item_ids
@@ -184,18 +203,22 @@ class SessionRecommender:
             vals, inds = torch.topk(scores[0], k)
         return vals.tolist(), inds.tolist()
 
-    def click_many(self, session_ids, item_ids, k=20, exclude_seen=False):
-        """A batch of clicks in one fused step and one scoring GEMM + top-k.
+    def click_many(self, session_ids, item_ids, k=None, exclude_seen=False):
+        """A batch of clicks in one fused step and one scoring GEMM + top-k (k None: ``default_k``).
 
         Returns one ``(item_ids, scores)`` per click, in input order. A session that appears more
-        than once gets its clicks applied in input order (one step per occurrence). Any bad input
-        raises before any state changes."""
+        than once gets its clicks applied in input order (one step per occurrence). A batch with
+        more distinct sessions than ``max_sessions`` runs as consecutive sub-batches that each hold
+        at most ``max_sessions`` of them, so it gives what the same clicks one at a time give.
+        Any bad input raises before any state changes."""
         if len(session_ids) != len(item_ids):
             raise InvalidRequestError(
                 f"session_ids and item_ids differ in length ({len(session_ids)} vs {len(item_ids)})")
         for s in session_ids:
             _check_session_id(s)
         idxs = [self.item_to_index(i) for i in item_ids]
+        if k is None:
+            k = self.default_k
         self.check_k(k)
         if not idxs:
             return []
@@ -236,10 +259,23 @@ class SessionRecommender:
         B = len(idxs)
         if B > self.max_batch:
             raise InvalidRequestError(f"batch of {B} clicks exceeds max_batch={self.max_batch}")
-        distinct = set(session_ids)
-        if len(distinct) > self.store.max_sessions:
-            raise InvalidRequestError(f"batch holds {len(distinct)} distinct sessions, more than "
-                                      f"max_sessions={self.store.max_sessions}")
+        distinct = _by_last_click(session_ids)
+        if len(distinct) <= self.store.max_sessions:
+            return self._step_part(session_ids, idxs, k, exclude_seen, distinct)
+        # more sessions than the store holds: consecutive parts of at most max_sessions sessions
+        # each (a part never evicts its own sessions), in order, as if sent one part at a time
+        per_row = isinstance(exclude_seen, (list, tuple))
+        vals, inds = [], []
+        for a, b in _session_bounded_parts(session_ids, self.store.max_sessions):
+            v, i = self._step_part(session_ids[a:b], idxs[a:b], k, exclude_seen[a:b] if per_row else exclude_seen,
+                                   _by_last_click(session_ids[a:b]))
+            vals.append(v)
+            inds.append(i)
+        return torch.cat(vals), torch.cat(inds)
+
+    def _step_part(self, session_ids, idxs, k, exclude_seen, distinct):
+        """One fused batch whose ``distinct`` sessions (in order of their last click) fit in the store."""
+        B = len(idxs)
         rounds = None
         if len(distinct) < B:
             # round r holds the r-th occurrence of each session (rounds run in order)
@@ -274,6 +310,9 @@ class SessionRecommender:
                         entries[sid] = e
                 for sid in missing:
                     entries[sid] = store.create(sid, now, self._h0)
+                if missing and len(distinct) > 1:  # LRU order as after these clicks one at a time
+                    for sid in distinct:
+                        m.move_to_end(sid)
                 slab = store.slab  # after create(): it may have grown
                 try:
                     if rounds is None:
@@ -356,3 +395,21 @@ class SessionRecommender:
         """Drops idle sessions now (they are also dropped lazily on every click)."""
         with self._lock:
             return self.store.expire()
+
+
+def _by_last_click(session_ids):
+    """The distinct session ids, ordered by their last occurrence."""
+    return list(dict.fromkeys(reversed(session_ids)))[::-1]
+
+
+def _session_bounded_parts(session_ids, max_sessions):
+    """Consecutive ``(start, end)`` ranges of ``session_ids``, each holding at most
+    ``max_sessions`` distinct sessions (a range ends where one more session would not fit)."""
+    parts, start, held = [], 0, set()
+    for p, sid in enumerate(session_ids):
+        if sid not in held and len(held) == max_sessions:
+            parts.append((start, p))
+            start, held = p, set()
+        held.add(sid)
+    parts.append((start, len(session_ids)))
+    return parts

@@ -27,6 +27,8 @@ def _uvicorn_config(app, log_level="warning"):
 
 def bind(host="127.0.0.1", port=0, backlog=2048):
     """A listening TCP socket (port 0: an ephemeral port; read it back with sock.getsockname())."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
