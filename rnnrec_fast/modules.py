@@ -34,6 +34,12 @@ _is_compiling = torch.compiler.is_compiling
 
 _PY_FAST_BACKENDS = ("auto", "numba", "reference")
 
+# The op's mode of a module's ``mode``: torch.nn's names on the sequence modules ("GRU", "RNN_TANH",
+# "RNN_RELU"), the op's own on the cells (which torch.nn gives no ``mode``) and in modules pickled
+# before the sequence modules took torch.nn's names.
+_OP_MODES = {"GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu",
+             "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
+
 
 class _PyInferPlan:
     """The inference fast path for the Python backends (numba, reference) on CPU tensors: the role
@@ -192,15 +198,19 @@ class _FastPath(nn.Module):
     def _plan_args(self):  # (weight names, layers, batch_first, cell) of this module's call
         raise NotImplementedError
 
+    @property
+    def _op_mode(self):
+        return _OP_MODES[self.mode]
+
     def _refresh_plan(self):
         plan = None
         names, layers, batch_first, cell = self._plan_args()
         bidirectional = getattr(self, "bidirectional", False)
         if _InferPlan is not None and self.backend in _FAST_BACKENDS:
-            plan = _InferPlan(self._parameters, names, ops.MODES[self.mode], self.reset_after, layers,
+            plan = _InferPlan(self._parameters, names, ops.MODES[self._op_mode], self.reset_after, layers,
                               batch_first, cell, 2 if bidirectional else 1)
         elif self.backend in _PY_FAST_BACKENDS and not bidirectional:
-            plan = _PyInferPlan(self._parameters, names, self.mode, self.reset_after, layers,
+            plan = _PyInferPlan(self._parameters, names, self._op_mode, self.reset_after, layers,
                                 batch_first, cell, self.backend)
         self.__dict__["_plan"] = plan
 
@@ -329,7 +339,7 @@ class _RNNBase(_FastPath):
             warnings.warn(f"{name}: dropout option adds dropout after all but last recurrent layer, "
                           f"so non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", UserWarning, stacklevel=2)
-        self.mode = self._mode
+        self.mode = self._mode.upper()  # as torch.nn: "GRU", "RNN_TANH", "RNN_RELU"
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -393,7 +403,7 @@ class _RNNBase(_FastPath):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        if self.mode == "gru" and not self.reset_after:
+        if self._op_mode == "gru" and not self.reset_after:
             s += ", reset_after=False"
         if self.backend != "auto":
             s += ", backend={backend!r}"
@@ -476,7 +486,7 @@ class _RNNBase(_FastPath):
                                  f"{(B, T) if self.batch_first else (T, B)}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
         op = torch.ops.rnnrec_fast.recurrence.default if B else _empty_batch
-        mode, reset_after, backend = self.mode, self.reset_after, self.backend
+        mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0), lengths, resets, mode,
                         reset_after, backend)[:2]

@@ -326,3 +326,18 @@ def test_autocast_computes_in_the_input_dtype(backend, kind):
         g_cast = torch.autograd.grad(cast[0].sum() + cast[1].sum(), [x] + list(ours.parameters()))
     for a, b in zip(g_cast, g_plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mode_attribute_as_torch(kind):
+    """``mode`` reads as torch.nn's ("GRU", "RNN_TANH", "RNN_RELU"); a module pickled when it held the
+    op's name ("gru", ...) still runs."""
+    ref, ours = make_pair(kind, "auto", torch.float32, input_size=3, hidden_size=4)
+    assert ours.mode == ref.mode
+    x = torch.randn(2, 1, 3)
+    expected = ref(x)[0]
+    old = ours._op_mode
+    ours.mode = old  # the attribute as modules pickled before held it
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(ours(x)[0], expected, rtol=1e-5, atol=1e-6)
