@@ -118,11 +118,34 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
   return mode_i;
 }
 
+std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype
+  return t == at::kFloat ? "torch.float32" : t == at::kDouble ? "torch.float64" : std::string(c10::toString(t));
+}
+
+// Mirrors ops._check_backward_inputs (the C++ kernels go only float32 / float64: no half workspace).
+void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& y,
+                           const at::Tensor& ws, const at::Tensor& x, int64_t H, int64_t width) {
+  const int64_t T = x.size(0), B = x.size(1);
+  const std::pair<const char*, const at::Tensor*> args[] = {
+      {"grad_output", &grad_y}, {"grad_h_n", &grad_h_n}, {"output", &y}, {"workspace", &ws}};
+  for (const auto& [name, t] : args) {
+    const bool state = t == &grad_h_n;
+    const std::vector<int64_t> want = state ? std::vector<int64_t>{B, H}
+                                      : t == &ws ? std::vector<int64_t>{T, B, width}
+                                                 : std::vector<int64_t>{T, B, H};
+    RNNREC_CHECK(t->sizes() == at::IntArrayRef(want) && t->scalar_type() == x.scalar_type(), name, " must be a ",
+                 dtype_str(x.scalar_type()), " tensor of shape ", shape_str(at::empty(want, at::kMeta)), ", got ",
+                 dtype_str(t->scalar_type()), " ", shape_str(*t));
+    RNNREC_CHECK(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
+  }
+}
+
 bool is_cpp(c10::string_view backend, const at::Tensor& x) {
-  // "auto" means the C++ kernels for float32/float64; other dtypes go to the Python layer, which
-  // picks a backend that supports them (or explains why none does).
-  if (backend == "cpp") return true;
-  return backend == "auto" && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  // "auto" and "cpp" mean the C++ kernels for float32/float64; other dtypes go to the Python layer,
+  // which picks a backend that supports them, or explains why none does (for a forced "cpp", the
+  // same ValueError as every other backend gives for a dtype it lacks).
+  return (backend == "auto" || backend == "cpp") &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
 Opt contig(const Opt& t) { return has(t) ? Opt(t->contiguous()) : Opt(); }
@@ -165,6 +188,8 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                    reset_after, backend);
   }
   const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
+  const int64_t H = w_hh.size(1);
+  check_backward_inputs(grad_y, grad_h_n, y, ws, x, H, mode_i == 2 ? 4 * H : 0);
   // grad_y and x go as they are: the kernel reads strided views without a whole copy.
   return backward(grad_y, grad_h_n.contiguous(), x, state_or_zeros(h0, x, w_hh),
                   w_ih.contiguous(), w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(lengths),

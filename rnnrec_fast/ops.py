@@ -16,7 +16,8 @@ The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, re
 from __future__ import annotations
 
 import contextlib
-
+import os
+import sys
 import threading
 import warnings
 
@@ -105,6 +106,23 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     return MODES[mode], (4 * H if gates == 3 else 0)
 
 
+def _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, H, width):
+    """The backward's own arguments: the output's gradient and the forward's saved output and
+    workspace, as the forward made them for x (the kernels read them by shape, unchecked)."""
+    T, B, _ = x.shape
+    ws_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    for name, t, shape, dtype in (("grad_output", grad_output, (T, B, H), x.dtype),
+                                  ("grad_h_n", grad_h_n, (B, H), x.dtype),
+                                  ("output", output, (T, B, H), x.dtype),
+                                  ("workspace", workspace, (T, B, width), ws_dtype)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            _fail(f"{name} must be a {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+        if t.device != x.device:
+            _fail(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def _check_length_values(lengths, T):
     # Data-dependent, so only on the CPU (a CUDA check would synchronise and break graph capture;
     # the CUDA kernels clamp instead).
@@ -127,6 +145,16 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
     return _resolve(backend, device_type, dtype)[0]
 
 
+def _caller_stacklevel():
+    """warnings.warn's stacklevel, from the function that calls this, of the first frame outside
+    this package and torch (the user's call: the depth varies with the path taken)."""
+    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _resolve(backend, device_type, dtype):
     key = (backend, device_type, dtype)
     hit = _resolved.get(key)
@@ -145,12 +173,14 @@ def _resolve(backend, device_type, dtype):
         reason = _backends.unavailable_reason(preferred)
         if name != preferred and reason is not None and device_type not in _warned:
             _warned.add(device_type)
+            others = [b for b in order[1:] if _backends.unavailable_reason(b) is None]
             warnings.warn(
                 f"rnnrec_fast: the {preferred!r} backend is not available ({reason}); {device_type} "
-                f"tensors run on the {name!r} backend instead. Build the extension "
-                "(pip install --no-build-isolation .) for the fused kernels.",
+                f"tensors run on the fallback backends instead ({', '.join(map(repr, others))}, the first "
+                f"that supports the dtype: this {dtype} call on {name!r}; rnnrec_fast.last_backend() names "
+                "each call's). Build the extension (pip install --no-build-isolation .) for the fused kernels.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
         elif name != preferred and reason is None and (device_type, dtype) not in _warned:
             _warned.add((device_type, dtype))
@@ -158,7 +188,7 @@ def _resolve(backend, device_type, dtype):
                 f"rnnrec_fast: the {preferred!r} backend does not support {dtype}; {device_type} "
                 f"{dtype} tensors run on the {name!r} backend instead.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
     else:
         name = backend
@@ -226,7 +256,8 @@ def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, res
 
 def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
                      workspace, mode, reset_after, backend):
-    mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    mode_i, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
     if h0 is None:
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
@@ -250,6 +281,8 @@ for _key in ("CPU", "CUDA"):
 
 def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    if backend != "auto" and x.device.type != "meta":  # a forced backend that cannot run this: as the real call
+        _resolve(backend, x.device.type, x.dtype)
     T, B, _ = x.shape
     H = w_hh.shape[1]
     ws_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -258,7 +291,8 @@ def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset
 
 def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
                    workspace, mode, reset_after, backend):
-    _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
     G, H = w_hh.shape
     return (torch.empty_like(x), x.new_empty(x.shape[1], H), torch.empty_like(w_ih), torch.empty_like(w_hh),
             x.new_empty(G), x.new_empty(G))
@@ -335,7 +369,10 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     if not isinstance(x, torch.Tensor) or not (h0 is None or isinstance(h0, torch.Tensor)):
         raise TypeError("rnnrec_fast.recurrence: x must be a tensor and h0 a tensor or None")
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
+        lengths = torch.as_tensor(lengths, device=x.device)
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise ValueError(f"rnnrec_fast.recurrence: lengths must hold integers, got {lengths.dtype}")
+        lengths = lengths.to(torch.int64)
     if resets is not None:
         resets = torch.as_tensor(resets, device=x.device)
         if resets.dtype != torch.bool:

@@ -187,3 +187,58 @@ def test_module_errors_torch_raises_as_runtime_error(backend):
                 with pytest.raises(RuntimeError, match=match) as info:
                     call(cell if is_cell else gru)
                 assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_op_checks_its_own_arguments(backend):
+    """recurrence_backward is public: a gradient, saved output or workspace of the wrong shape or
+    dtype gets a clear error on every backend (the kernels read them by shape: the numba one read
+    past a too-narrow workspace and returned garbage)."""
+    torch.manual_seed(0)
+    T, B, I, H = 3, 2, 4, 5
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    w_ih, w_hh, b_ih, b_hh = torch.randn(3 * H, I), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H)
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, "gru", True, backend)
+    good = dict(grad_y=torch.randn(T, B, H), grad_h_n=torch.randn(B, H), y=y, ws=ws)
+
+    def call(**kw):
+        a = {**good, **kw}
+        return torch.ops.rnnrec_fast.recurrence_backward(a["grad_y"], a["grad_h_n"], x, h0, w_ih, w_hh, b_ih, b_hh,
+                                                         None, None, a["y"], a["ws"], "gru", True, backend)
+
+    call()  # the right arguments pass
+    for kw, match in [(dict(ws=ws[:, :, :H].contiguous()), "workspace must be a torch.float32 tensor of shape"),
+                      (dict(grad_y=torch.randn(T, B, 1)), "grad_output must be a torch.float32 tensor of shape"),
+                      (dict(grad_y=good["grad_y"].double()), "grad_output must be a torch.float32 tensor"),
+                      (dict(grad_h_n=torch.randn(B + 1, H)), "grad_h_n must be"),
+                      (dict(y=y[:-1]), "output must be")]:
+        with pytest.raises(ValueError, match=match):
+            call(**kw)
+
+
+def test_lengths_must_hold_integers():
+    x, h0 = torch.randn(3, 2, 4), torch.randn(2, 5)
+    w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
+    for lengths in ([2.9, 1.5], torch.tensor([True, False]), torch.tensor([2.0, 1.0])):
+        with pytest.raises(ValueError, match="lengths must hold integers"):
+            rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=lengths)
+    rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=[3, 1])  # Python ints and int tensors pass
+    rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=torch.tensor([3, 1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_a_forced_backend_without_the_dtype_says_so(backend):
+    """float16 forced onto a backend that lacks it: the same ValueError from every backend (the C++
+    one raised its own RuntimeError), and from the fake kernel too (torch.compile / export)."""
+    from rnnrec_fast import backends as _b
+    if _b.supports(backend, "cpu", torch.float16):
+        pytest.skip(f"{backend} runs float16")
+    x, h0 = torch.randn(3, 2, 4).half(), torch.randn(2, 5).half()
+    w_ih, w_hh = torch.randn(15, 4).half(), torch.randn(15, 5).half()
+    match = f"backend '{backend}' does not support torch.float16"
+    with pytest.raises(ValueError, match=match):
+        rnnrec_fast.recurrence(x, h0, w_ih, w_hh, backend=backend)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=match):
+        fx, fh, fi, fw = (mode.from_tensor(t) for t in (x, h0, w_ih, w_hh))
+        torch.ops.rnnrec_fast.recurrence(fx, fh, fi, fw, None, None, None, None, "gru", True, backend)

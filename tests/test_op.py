@@ -536,3 +536,30 @@ def test_topk_rows_matches_torch_topk():
                 lambda: _C.topk_rows(s[0], 3)):
         with pytest.raises(ValueError, match="topk_rows"):
             bad()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
+def test_reset_rows_ignore_what_h0_holds(backend, mode):
+    """A row reset at step 0 starts from zeros whatever h0 holds there (NaN, inf: a fresh state
+    buffer): outputs and every gradient are those of h0 with that row zeroed, on every backend."""
+    torch.manual_seed(2)
+    T, B, I, H = 4, 3, 5, 6
+    G = 3 if mode == "gru" else 1
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(G * H, I, dtype=torch.float64), torch.randn(G * H, H, dtype=torch.float64)
+    b_ih, b_hh = torch.randn(G * H, dtype=torch.float64), torch.randn(G * H, dtype=torch.float64)
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[0, 1] = True
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        h0 = torch.randn(B, H, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        h0[1] = fill
+        leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, resets=resets, mode=mode, backend=backend)
+        grads = torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)
+        results.append([y, h_n] + [g for i, g in enumerate(grads) if i != 1])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

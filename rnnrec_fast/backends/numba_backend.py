@@ -137,7 +137,8 @@ def _weight_grads(x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     rows act on h_in = r * h_prev) get d_gh^T h_prev, h_prev being h0 at step 0, y[t - 1] after and
     zero where the row resets (``reference.prev_states``). It is not built: the product is
     d_gh[0]^T h0 + d_gh[1:]^T y[:-1], with d_gh's reset rows zeroed IN PLACE first (after the bias
-    gradient is summed), so no (T, B, H) copy of y is made. Inactive steps have d_gh = 0."""
+    gradient is summed) and h0's rows that reset at step 0 zeroed, so no (T, B, H) copy of y is
+    made. Inactive steps have d_gh = 0."""
     T, B, I = x.shape
     GH = d_gx.shape[2]
     x2 = x.reshape(T * B, I)
@@ -155,7 +156,10 @@ def _weight_grads(x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H):
         grad_w_hh[:K].zero_()
     else:
         if resets is not None:
-            d_gh[:, :, :K].masked_fill_(resets.to(torch.bool).unsqueeze(2), 0.0)  # h_prev = 0 there
+            reset = resets.to(torch.bool)
+            d_gh[:, :, :K].masked_fill_(reset.unsqueeze(2), 0.0)  # h_prev = 0 there
+            # and h0 itself (0 x NaN is NaN: a reset row's h0 may hold anything, e.g. a fresh buffer)
+            h0 = h0.masked_fill(reset[0].unsqueeze(1), 0.0)
         torch.mm(d_gh[0, :, :K].t(), h0, out=grad_w_hh[:K])
         if T > 1:
             grad_w_hh[:K].addmm_(dgh2[B:, :K].t(), y[:T - 1].view((T - 1) * B, H))
