@@ -15,7 +15,7 @@ from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 
-from conftest import assert_close, cpu_backends
+from conftest import assert_close, cpu_backends, tolerances
 
 MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
 SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (6, 4, 3, 2)]  # T, B, I, H
@@ -563,3 +563,28 @@ def test_reset_rows_ignore_what_h0_holds(backend, mode):
         for a, b in zip(other, results[0]):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_non_finite_values_propagate_as_in_the_reference(backend, dtype, mode, reset_after):
+    """A state or input gone to inf / NaN gives NaN (or inf) exactly where the reference (torch's
+    math) does, and the same finite values elsewhere: no backend turns a diverged state into finite
+    outputs (the float32 vector sigmoid gave a denormal for sigmoid(-inf), and 0 * inf became
+    inf * denormal = inf, then a finite tanh; numba's did the same)."""
+    torch.manual_seed(8)
+    T, B, I, H = 3, 5, 5, 6
+    G = 3 if mode == "gru" else 1
+    x, h0 = torch.randn(T, B, I, dtype=dtype), torch.randn(B, H, dtype=dtype)
+    h0[1, 2], h0[2, 0], h0[4, 3] = float("inf"), -float("inf"), float("nan")
+    x[1, 3, 1] = float("inf")
+    w = [torch.randn(G * H, I, dtype=dtype), torch.randn(G * H, H, dtype=dtype) * 30,
+         torch.randn(G * H, dtype=dtype), torch.randn(G * H, dtype=dtype)]
+    kw = dict(mode=mode, reset_after=reset_after)
+    want = rnnrec_fast.recurrence(x, h0, *w, backend="reference", **kw)
+    got = rnnrec_fast.recurrence(x, h0, *w, backend=backend, **kw)
+    for a, b, what in zip(got, want, ("output", "h_n")):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+        assert torch.isnan(b).any() and torch.isfinite(b).any()  # the case has both
+        torch.testing.assert_close(a, b, equal_nan=True, **tolerances(dtype))

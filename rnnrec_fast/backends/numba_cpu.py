@@ -304,9 +304,10 @@ def _transposed(w, G, Hp):
 # activations, vectorised. libm's exp / tanh are scalar calls (~3 ns and ~13 ns each here) and
 # dominated the GRU step; these loops have no calls, so LLVM vectorises them.
 # exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-12 Taylor polynomial (relative
-# error ~3e-16), times 2^n built from its bits. x is clamped to [-708, 709] first
-# (exp(-708) ~ 3e-308 stands for 0: sigmoid / tanh results then differ from the exact ones by
-# < 1e-300). NaN propagates.
+# error ~3e-16), times 2^n built from its bits. Below -708 exp gives 0 (the exact value is a
+# denormal at most: sigmoid / tanh results then differ from the exact ones by < 1e-300), above 709
+# inf (float32: -87, 88), so the infinities come out exact (sigmoid(-inf) = 0, as in torch). NaN
+# propagates.
 # tanh: (1 - e) / (1 + e) with e = exp(-2|x|) for |x| >= 1/16 (relative error ~1e-15), a Taylor
 # polynomial below (error < 1e-16 relative). Computed in the array's precision (float32: degree-7
 # exp polynomial, int32 exponent bits; relative errors a few float32 ulp). The polynomials use
@@ -347,6 +348,8 @@ def _exp_parts(src, scale, absolute, dst, ib, m):
     ln2_lo = c(-2.12194440e-4) if single else c(_LN2_LO)
     half = c(0.5)
     one = c(1.0)
+    zero = c(0.0)
+    inf = c(np.inf)
     e2, e3, e4, e5, e6, e7 = c(_E2), c(_E3), c(_E4), c(_E5), c(_E6), c(_E7)
     e8, e9, e10, e11, e12 = c(_E8), c(_E9), c(_E10), c(_E11), c(_E12)
     for j in range(m):
@@ -367,6 +370,10 @@ def _exp_parts(src, scale, absolute, dst, ib, m):
         else:
             p = one + r * (one + r * (e2 + r * (e3 + r * (e4 + r * (e5 + r * (e6 + r * (
                 e7 + r * (e8 + r * (e9 + r * (e10 + r * (e11 + r * e12)))))))))))
+        if v < lo:  # exp underflows: 0 (a denormal at most), exactly 0 for -inf
+            p = zero
+        if v > hi:  # exp overflows: inf (so sigmoid(-inf) is exactly 0, as in torch)
+            p = inf
         if v != v:
             p = v
         dst[j] = p
