@@ -1,0 +1,33 @@
+"""The source distribution holds everything the extension's build reads."""
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sdist_has_every_kernel_source(tmp_path):
+    # from a copy of the source tree alone: setuptools also lists what an earlier build's
+    # *.egg-info/SOURCES.txt names, which would hide a file the manifest leaves out
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout to list the source files")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split("\n")
+    src = tmp_path / "src"
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist)], cwd=src, check=True,
+                   capture_output=True, timeout=300)
+    (sdist,) = dist.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tar.getnames() if "/" in n}
+    needed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    assert needed and needed <= names, sorted(needed - names)
+    assert {"setup.py", "pyproject.toml", "rnnrec_fast/ops.py"} <= names
