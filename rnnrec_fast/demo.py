@@ -52,7 +52,7 @@ def parity_and_speed():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rnnrec_fast.demo", description=__doc__)
     p.add_argument("--no-recsys", action="store_true", help="only the kernel comparison")
     p.add_argument("--data", default=None, help="click-log directory (default: $RNNREC_FAST_DATA or ../shared/data)")
     p.add_argument("--epochs", type=int, default=None, help="recommender training epochs")

@@ -330,3 +330,18 @@ def test_cli_serves_on_ephemeral_port(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_cli_without_uvicorn_says_which_extra(tmp_path, capsys, monkeypatch):
+    """uvicorn is the optional 'serve' extra: without it the CLI names the extra and exits 2 (it used
+    to print 'listening' and then fail with ModuleNotFoundError)."""
+    import sys as _sys
+
+    from rnnrec_fast.serving.__main__ import main
+
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(make_model(), path)
+    monkeypatch.setitem(_sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    code = main(["--model", path, "--port", "0", "--torch-threads", "0"])
+    captured = capsys.readouterr()
+    assert code == 2 and "rnnrec_fast[serve]" in captured.err and "listening" not in captured.out

@@ -23,7 +23,7 @@ def demo(data_dir: str | None = None, epochs: int = 3, *, batch_size: int = 32, 
         train_log, test_log = load_yoochoose(tr_path), load_yoochoose(te_path)
         source = "yoochoose-100k"
     else:
-        out("YOOCHOOSE sample not found (set RNNREC_FAST_DATA or pass data_dir); "
+        out("YOOCHOOSE sample not found (set RNNREC_FAST_DATA, or pass data_dir / the demo's --data); "
             "using a generated click log instead")
         train_log, test_log = time_split(synthetic_clicks(4000, 500, seed=seed), test_days=0.5)
         source = "synthetic"

@@ -25,6 +25,12 @@ def main(argv=None):
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
 
+    try:  # the HTTP stack is an optional extra: say so before loading anything
+        import uvicorn  # noqa: F401
+    except ImportError:
+        sys.stderr.write("error: the HTTP service needs uvicorn: pip install 'rnnrec_fast[serve]' "
+                         "(uvicorn, httptools, uvloop; make setup installs them)\n")
+        return 2
     import torch
 
     if a.torch_threads > 0:
