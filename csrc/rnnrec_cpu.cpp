@@ -1084,8 +1084,9 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (per_layer != 2 && per_layer != 4) return unhandled;
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
+  // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage.
   if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
-      at::GradMode::is_enabled())
+      at::GradMode::is_enabled() || !input.has_storage())
     return unhandled;
   // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
   // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
@@ -1111,7 +1112,8 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     const int64_t in_l = s < dirs ? I : dirs * H;
     for (int64_t k = 0; k < per_layer; ++k) {
       const at::Tensor& t = *weights[s * per_layer + k];
-      if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous())
+      if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous() ||
+          !t.has_storage())
         return unhandled;
       const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
                     : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
@@ -1123,7 +1125,8 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   at::Tensor hx;
   if (hx_in != nullptr && hx_in->defined()) {
     hx = *hx_in;
-    if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.layout() != at::kStrided || hx.dim() != nd)
+    if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.layout() != at::kStrided || hx.dim() != nd ||
+        !hx.has_storage())
       return unhandled;
     const int64_t want_l = cell ? 1 : states;
     const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))

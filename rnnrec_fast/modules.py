@@ -33,6 +33,8 @@ _is_compiling = torch.compiler.is_compiling
 
 
 _PY_FAST_BACKENDS = ("auto", "numba", "reference")
+# torch.func's wrappers (vmap's batched tensors, ...) have no storage of their own: no fast path
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 # The op's mode of a module's ``mode``: torch.nn's names on the sequence modules ("GRU", "RNN_TANH",
 # "RNN_RELU"), the op's own on the cells (which torch.nn gives no ``mode``) and in modules pickled
@@ -54,8 +56,8 @@ class _PyInferPlan:
     torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) what
     InferPlan declines (autograd on, torch.jit.trace, non-plain tensors, other devices and
     dtypes, missing or mis-shaped weights, shapes that do not fit), and also unbatched inputs
-    and calls under a torch dispatch mode or autocast; the general path then runs, and raises the
-    errors."""
+    and calls under a torch dispatch mode or autocast and torch.func's wrapped tensors (vmap); the
+    general path then runs, and raises the errors."""
 
     __slots__ = ("params", "names", "mode", "mode_i", "reset_after", "layers", "batch_first", "cell",
                  "backend", "gates", "views")
@@ -69,7 +71,8 @@ class _PyInferPlan:
     def __call__(self, input, hx=None):
         if (type(input) is not torch.Tensor or (hx is not None and type(hx) is not torch.Tensor)
                 or torch.is_grad_enabled() or torch._C._get_tracing_state() is not None
-                or torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu")):
+                or torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu")
+                or _functorch_wrapped(input) or (hx is not None and _functorch_wrapped(hx))):
             return None
         dt = input.dtype
         if not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided:
@@ -97,7 +100,7 @@ class _PyInferPlan:
         H = w_hh0.shape[1]
         GH = self.gates * H
         for i, t in enumerate(w):
-            if t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided:
+            if t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided or _functorch_wrapped(t):
                 return None
             k = i % per
             if t.shape != ((GH, I if i < per else H) if k == 0 else (GH, H) if k == 1 else (GH,)):
