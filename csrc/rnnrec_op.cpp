@@ -126,17 +126,21 @@ std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype
 void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& y,
                            const at::Tensor& ws, const at::Tensor& x, int64_t H, int64_t width) {
   const int64_t T = x.size(0), B = x.size(1);
-  const std::pair<const char*, const at::Tensor*> args[] = {
-      {"grad_output", &grad_y}, {"grad_h_n", &grad_h_n}, {"output", &y}, {"workspace", &ws}};
-  for (const auto& [name, t] : args) {
-    const bool state = t == &grad_h_n;
-    const std::vector<int64_t> want = state ? std::vector<int64_t>{B, H}
-                                      : t == &ws ? std::vector<int64_t>{T, B, width}
-                                                 : std::vector<int64_t>{T, B, H};
-    RNNREC_CHECK(t->sizes() == at::IntArrayRef(want) && t->scalar_type() == x.scalar_type(), name, " must be a ",
-                 dtype_str(x.scalar_type()), " tensor of shape ", shape_str(at::empty(want, at::kMeta)), ", got ",
-                 dtype_str(t->scalar_type()), " ", shape_str(*t));
-    RNNREC_CHECK(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
+  struct Arg {
+    const char* name;
+    const at::Tensor& t;
+    std::vector<int64_t> shape;
+  };
+  const Arg args[] = {{"grad_output", grad_y, {T, B, H}},
+                      {"grad_h_n", grad_h_n, {B, H}},
+                      {"output", y, {T, B, H}},
+                      {"workspace", ws, {T, B, width}}};
+  for (const Arg& a : args) {
+    RNNREC_CHECK(a.t.sizes() == at::IntArrayRef(a.shape) && a.t.scalar_type() == x.scalar_type(), a.name,
+                 " must be a ", dtype_str(x.scalar_type()), " tensor of shape ",
+                 shape_str(at::empty(a.shape, at::kMeta)), ", got ", dtype_str(a.t.scalar_type()), " ",
+                 shape_str(a.t));
+    RNNREC_CHECK(a.t.device() == x.device(), a.name, " is on ", a.t.device(), " but x is on ", x.device());
   }
 }
 

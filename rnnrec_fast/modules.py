@@ -188,11 +188,11 @@ class _PyInferPlan:
 class _FastPath(nn.Module):
     """The modules' inference fast path: ``self._plan`` is a ``_C.InferPlan`` bound to this
     module's parameter dict and configuration, or for the Python backends a ``_PyInferPlan``
-    (None where no path applies: backend "cuda", a bidirectional module on a Python backend). A call tries it first where no
-    autograd is recorded (the plan itself declines calls with autograd on, under torch.jit.trace,
-    on non-plain tensors, other dtypes or devices, or whatever it does not handle exactly as the
-    general path would); it is never tried while torch.compile / torch.export trace the call
-    (they must see the op). The plan reads the parameters from the dict at every call, so
+    (None where no path applies: backend "cuda", a bidirectional module on a Python backend). A
+    call tries it first where no autograd is recorded (the plan itself declines calls with autograd
+    on, under torch.jit.trace, on non-plain tensors, other dtypes or devices, or whatever it does
+    not handle exactly as the general path would); it is never tried while torch.compile /
+    torch.export trace the call (they must see the op). The plan reads the parameters from the dict at every call, so
     reassigned, reloaded or swapped parameters are seen at once; it is rebuilt when an attribute
     it depends on changes."""
 

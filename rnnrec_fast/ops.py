@@ -106,15 +106,19 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     return MODES[mode], (4 * H if gates == 3 else 0)
 
 
+def _workspace_dtype(dtype):
+    """The saved workspace's dtype: float32 for half-precision inputs (the reference upcasts)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, H, width):
     """The backward's own arguments: the output's gradient and the forward's saved output and
     workspace, as the forward made them for x (the kernels read them by shape, unchecked)."""
     T, B, _ = x.shape
-    ws_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     for name, t, shape, dtype in (("grad_output", grad_output, (T, B, H), x.dtype),
                                   ("grad_h_n", grad_h_n, (B, H), x.dtype),
                                   ("output", output, (T, B, H), x.dtype),
-                                  ("workspace", workspace, (T, B, width), ws_dtype)):
+                                  ("workspace", workspace, (T, B, width), _workspace_dtype(x.dtype))):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape or t.dtype != dtype:
@@ -233,7 +237,7 @@ def _zero_state(x, w_hh):
     return x.new_zeros(x.shape[1], w_hh.shape[1])
 
 
-def autocast_off(device_type):
+def _autocast_off(device_type):
     """The op computes in its inputs' dtype, as its fake kernel says, autocast or not: inside it the
     Python backends' own products (torch.mm, F.linear) must not drop to bfloat16 / float16 (numba
     cannot take such results; the reference would return another dtype than the op declares)."""
@@ -249,7 +253,7 @@ def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, res
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
     _set_last(name)
-    with autocast_off(x.device.type):
+    with _autocast_off(x.device.type):
         return mod.forward(_c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih), _c(b_hh), _c(lengths), _c(resets),
                            mode_i, bool(reset_after))
 
@@ -261,7 +265,7 @@ def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengt
     if h0 is None:
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
-    with autocast_off(x.device.type):
+    with _autocast_off(x.device.type):
         return mod.backward(_c(grad_output), _c(grad_h_n), _c(x), _c(h0), _c(w_ih), _c(w_hh), _c(b_ih),
                             _c(b_hh), _c(lengths), _c(resets), _c(output), _c(workspace), mode_i,
                             bool(reset_after))
@@ -285,8 +289,7 @@ def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset
         _resolve(backend, x.device.type, x.dtype)
     T, B, _ = x.shape
     H = w_hh.shape[1]
-    ws_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, width, dtype=ws_dtype)
+    return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, width, dtype=_workspace_dtype(x.dtype))
 
 
 def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, output,
@@ -371,7 +374,7 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=x.device)
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise ValueError(f"rnnrec_fast.recurrence: lengths must hold integers, got {lengths.dtype}")
+            _fail(f"lengths must hold integers, got {lengths.dtype}")
         lengths = lengths.to(torch.int64)
     if resets is not None:
         resets = torch.as_tensor(resets, device=x.device)
