@@ -278,11 +278,11 @@ def _check_hx_dtype(name, x, hx):
 
 
 def _empty_batch(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
-    """The op's call for a batch of zero rows, which torch.nn accepts (the op does not): the reference
-    math on empty tensors, so the outputs are empty and still depend on the weights (zero gradients),
-    as torch.nn's do."""
+    """The op's call for a batch of zero rows (or a cell of zero input or hidden size), which torch.nn
+    accepts (the op does not): the reference math on empty tensors, so the outputs are empty (or, with
+    no inputs, come from hx and the biases) and still depend on the weights, as torch.nn's do."""
     if h0 is None:
-        h0 = x.new_zeros(0, w_hh.shape[1])
+        h0 = x.new_zeros(x.shape[1], w_hh.shape[1])
     return reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, ops.MODES[mode], reset_after)
 
 
@@ -560,8 +560,9 @@ class _CellBase(_FastPath):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+            # torch.nn's cells (unlike its RNN/GRU) accept zero sizes
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: {arg} must be a non-negative int, got {value!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -631,7 +632,10 @@ class _CellBase(_FastPath):
             raise InputError(f"{name}: Input batch size {x.shape[0]} doesn't match hidden0 batch size "
                              f"{hx.shape[0]}")
         _check_hx_dtype(name, x, hx)
-        op = torch.ops.rnnrec_fast.recurrence.default if x.shape[0] else _empty_batch
+        # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
+        # empty tensors; the fast plans decline them or return the same empty result)
+        sized = x.shape[0] and self.input_size and self.hidden_size
+        op = torch.ops.rnnrec_fast.recurrence.default if sized else _empty_batch
         _, h = op(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, None,
                   self.mode, self.reset_after, self.backend)[:2]
         return h if batched else h.squeeze(0)

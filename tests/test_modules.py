@@ -245,6 +245,38 @@ def test_empty_batch_as_torch(backend, kind):
             assert torch.equal(g, rg) and not g.any()
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
+@pytest.mark.parametrize("sizes", [(0, 5), (4, 0), (0, 0)])
+def test_zero_size_cells_as_torch(backend, kind, sizes):
+    """torch.nn's cells (not its RNN/GRU) accept input_size or hidden_size 0; so do ours, with
+    torch.nn's results: batched and unbatched, hx given or not, grad on and off, gradients."""
+    torch.manual_seed(4)
+    I, H = sizes
+    ref = getattr(nn, kind)(I, H)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(-1, 1)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    for x in (torch.randn(3, I), torch.randn(I)):
+        for hx in (None, torch.randn(*x.shape[:-1], H)):
+            with torch.inference_mode():
+                a, b = ours(x, hx), ref(x, hx)
+                assert a.shape == b.shape
+                assert_close(a, b, torch.float32, "inference")
+            a, b = ours(x, hx), ref(x, hx)
+            assert_close(a, b, torch.float32, "output")
+            loss, ref_loss = (a * a.detach().sign()).sum(), (b * b.detach().sign()).sum()
+            params = [p for p in ours.parameters()]
+            for g, rg in zip(torch.autograd.grad(loss, params, allow_unused=True),
+                             torch.autograd.grad(ref_loss, list(ref.parameters()), allow_unused=True)):
+                assert (g is None) == (rg is None)
+                if g is not None:
+                    assert_close(g, rg, torch.float32, "grad")
+    with pytest.raises(ValueError, match="non-negative"):
+        getattr(rnnrec_fast, kind)(-1, 5)
+
+
 def _weight_drop(module, name):
     """The AWD-LSTM WeightDrop pattern: the parameter moves to name + "_raw" and a plain tensor
     derived from it takes its place before each call."""
