@@ -429,6 +429,78 @@ def test_checkpoint_round_trip(tmp_path, embedding):
     assert len(recs) == 3 and all(r[0].startswith("i") for r in recs)
 
 
+def test_numpy_item_ids_round_trip(tmp_path):
+    """Ids given as numpy scalars (np.arange, a numpy column) are stored as Python ints / strs: the
+    checkpoint (loaded weights-only) takes them back and recommendations return plain ids."""
+    for ids in (np.arange(100, 107), np.array([f"i{k}" for k in range(7)])):
+        model = GRU4Rec(7, [6], item_ids=ids)
+        assert all(type(v) in (int, str) for v in model.item_ids)
+        path = str(tmp_path / "np.pt")
+        recsys.save_checkpoint(model, path)
+        back = recsys.load_checkpoint(path)
+        assert back.item_ids == [v.item() for v in ids]
+        recs = back.recommend([ids[1].item()], k=3)
+        assert all(type(item) in (int, str) for item, _ in recs)
+
+
+def test_data_with_another_item_map_is_refused():
+    """Data indexed by its own item map (SessionDataset.from_log without the model's map) would be
+    scored against the wrong items: evaluate and train(model=...) refuse it; the same ids in a new
+    map object are fine."""
+    log = recsys.synthetic_clicks(200, 12, seed=3)
+    train_log, test_log = recsys.time_split(log, test_days=0.1)
+    tr = SessionDataset.from_log(train_log)
+    model = GRU4Rec(len(tr.item_map), [8], item_ids=tr.item_map.item_ids)
+    own = SessionDataset.from_log(test_log)
+    assert own.item_map.item_ids != tr.item_map.item_ids
+    with pytest.raises(RecsysError, match="another item map"):
+        recsys.evaluate(model, own)
+    with pytest.raises(RecsysError, match="another item map"):
+        compute_ranks(model, own)
+    good = SessionDataset.from_log(test_log, ItemMap(list(tr.item_map.item_ids)))
+    assert recsys.evaluate(model, good)["n_events"] == good.n_events
+    shuffled = SessionDataset.from_log(train_log, ItemMap(tr.item_map.item_ids[::-1]))
+    with pytest.raises(RecsysError, match="another item map"):
+        recsys.train(shuffled, TrainConfig(layers=[8], epochs=1, n_sample=0), progress=False, model=model)
+
+
+@pytest.mark.parametrize("layers", [[6], [6, 6]])
+def test_one_hot_dropout_as_gru4rec(layers):
+    """With one-hot input, GRU4Rec's first layer is the embedding: dropout_embed drops its output
+    (not the input rows) and dropout_hidden the layers above it only."""
+    torch.manual_seed(0)
+    items = torch.tensor([[1, 2], [3, 4], [0, 5]])
+
+    def train_equals_eval(**kw):
+        model = GRU4Rec(7, layers, embedding=0, **kw)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-0.5, 0.5)
+        model.eval()
+        y_eval = model(items)[0]
+        model.train()
+        return torch.equal(model(items)[0], y_eval)
+
+    assert not train_equals_eval(dropout_embed=0.5)
+    assert train_equals_eval(dropout_hidden=0.5) == (len(layers) == 1)
+    model = GRU4Rec(7, layers, embedding=0, dropout_embed=0.3, dropout_hidden=0.2)
+    assert model.top_dropout == (0.3 if len(layers) == 1 else 0.2)
+    # the training loss drops the top output out at the model's top_dropout
+    ds = _toy_dataset(n_sessions=8, n_items=7, seed=3)
+    inp, tgt, rst, val = next(session_parallel_schedule(ds.items, ds.offsets, 3).chunks(3))
+    cfg = TrainConfig(dropout_hidden=0.5, dropout_embed=0.0)
+    for p_embed in (0.0, 0.5):
+        m = GRU4Rec(7, layers, embedding=0, dropout_embed=p_embed, dropout_hidden=0.0).train()
+        losses = [chunk_loss(m, inp, tgt, rst, val, m.init_state(3), None, cfg)[0].item() for _ in range(2)]
+        assert (losses[0] == losses[1]) == (p_embed == 0.0)
+    if len(layers) == 2:  # layer 0's output is dropped by dropout_embed: rows of zeros reach layer 1
+        seen = []
+        model.rnn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        model.recur(model.embed(items), model.init_state(2))
+        frac = (seen[0] == 0).float().mean().item()
+        assert 0.15 < frac < 0.45
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(RecsysError, match="not found"):
         recsys.load_checkpoint(str(tmp_path / "x.pt"))

@@ -242,7 +242,9 @@ class ItemMap:
     """Original item id <-> dense index 0..n-1."""
 
     def __init__(self, item_ids):
-        self.item_ids = list(item_ids)
+        # numpy scalars become Python ints / strs: a checkpoint stores the ids (its weights-only
+        # loader takes no numpy objects) and recommendations return them
+        self.item_ids = [_py(v) for v in item_ids]
         self.item_index = {x: i for i, x in enumerate(self.item_ids)}
         if len(self.item_index) != len(self.item_ids):
             raise RecsysError("duplicate item ids in the item map")
@@ -296,9 +298,18 @@ class ItemMap:
     def to_list(self) -> list:
         return list(self.item_ids)
 
+    def check_same(self, other: "ItemMap", what: str):
+        """Raise RecsysError unless ``other`` maps the same ids to the same indices: data indexed by
+        another map than the model's gives meaningless scores and metrics, silently."""
+        if other is not self and other.item_ids != self.item_ids:
+            raise RecsysError(f"{what} is indexed by another item map than the model's ({len(other)} vs "
+                              f"{len(self)} items); build it with SessionDataset.from_log(log, model.item_map)")
+
 
 def _py(v):
-    return int(v) if isinstance(v, np.integer) else v
+    if isinstance(v, np.integer):
+        return int(v)
+    return str(v) if isinstance(v, np.str_) else v
 
 
 # ----------------------------------------------------------------------------------------------

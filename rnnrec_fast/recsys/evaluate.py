@@ -4,8 +4,12 @@ Every click of a test session but the last is a query whose only relevant item i
 The hidden state is zero at each test session's start. Ranks:
 
 * ``"standard"``: 1 + number of items scoring strictly higher than the target;
-* ``"conservative"``: number of items scoring higher than or equal to the target (the target
-  included), i.e. ties count against the model.
+* ``"conservative"`` (the default here, in the CLI and in GRU4Rec's own evaluation): number of
+  items scoring higher than or equal to the target (the target included), i.e. ties count against
+  the model.
+
+``data`` must be indexed by the model's item map (``SessionDataset.from_log(log, model.item_map)``);
+another map raises RecsysError instead of giving meaningless metrics.
 
 A model that gives a NaN or infinite score raises RecsysError instead of getting meaningless ranks.
 
@@ -22,7 +26,7 @@ from .data import RecsysError, SessionDataset
 TIES = ("standard", "conservative")
 
 
-def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, ties: str = "standard") -> torch.Tensor:
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, ties: str = "conservative") -> torch.Tensor:
     """Rank of ``targets[r]`` within ``scores[r]`` (R, N) for every row. Non-finite scores (NaN,
     inf) raise RecsysError: they cannot be ranked (a NaN target would count as rank 1)."""
     if not bool(torch.isfinite(scores).all()):
@@ -49,9 +53,10 @@ def metrics_from_ranks(ranks: np.ndarray, ks) -> dict:
 
 @torch.no_grad()
 def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_steps: int = 16,
-                  ties: str = "standard", block_elems: int = 1 << 24) -> np.ndarray:
+                  ties: str = "conservative", block_elems: int = 1 << 24) -> np.ndarray:
     if ties not in TIES:
         raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
+    model.item_map.check_same(data.item_map, "the test data")
     model.eval()
     device = model.Wy.device
     sched = session_parallel_schedule(data.items, data.offsets, batch_size).to(device)
@@ -67,7 +72,7 @@ def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_s
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
-def evaluate(model, data: SessionDataset, ks=(20,), *, ties: str = "standard", batch_size: int = 512,
+def evaluate(model, data: SessionDataset, ks=(20,), *, ties: str = "conservative", batch_size: int = 512,
              chunk_steps: int = 16) -> dict:
     """{'recall@K': ..., 'mrr@K': ..., 'n_events': ...} over every next-click event of ``data``."""
     if data.n_events <= 0:

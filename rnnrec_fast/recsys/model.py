@@ -48,7 +48,10 @@ class GRU4Rec(nn.Module):
         embedding: ``"shared"`` (the output item matrix doubles as the input embedding, GRU4Rec's
             constrained embedding), a size N (a separate input embedding), or 0 (one-hot input: the
             first layer's input weights are a per-item (3H) row, looked up instead of multiplied).
-        dropout_embed, dropout_hidden: dropout on the input embedding / on each layer's output.
+        dropout_embed, dropout_hidden: dropout on the input embedding / on each GRU layer's output.
+            As in GRU4Rec, with one-hot input (``embedding=0``) the first layer is the embedding:
+            ``dropout_embed`` applies to its output, ``dropout_hidden`` to the layers above it (and
+            to none with a single layer). ``top_dropout`` is the rate on the top layer's output.
         reset_after: GRU candidate form (True: PyTorch/cuDNN; False: Cho et al., the original GRU4Rec).
         item_ids: original item ids, index -> id (defaults to 0..n_items-1).
     """
@@ -171,17 +174,18 @@ class GRU4Rec(nn.Module):
     def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None):
         """Run the GRU stack over the embedded inputs x (T, B, E) from h (L, B, H).
         Returns (top-layer outputs (T, B, H), h_n (L, B, H)). Dropout between layers when training."""
-        if self.training and self.dropout_embed > 0:
-            x = F.dropout(x, self.dropout_embed, training=True)
         if self.embedding:
+            if self.training and self.dropout_embed > 0:
+                x = F.dropout(x, self.dropout_embed, training=True)
             return self.rnn(x, h, resets=resets)
+        # one-hot input: layer 0 is GRU4Rec's GRU embedding, its output dropped out by dropout_embed
         y0, h0n = rnnrec_fast.ops.recurrence(x, h[0], self.eye0, self.w_hh0, self.b_ih0, self.b_hh0,
                                              resets=resets, mode="gru", reset_after=self.reset_after,
                                              backend=self.backend)
-        if self.rnn is None:
+        if self.rnn is None:  # the top layer: its dropout (top_dropout) is the caller's
             return y0, h0n.unsqueeze(0)
-        if self.training and self.dropout_hidden > 0:
-            y0 = F.dropout(y0, self.dropout_hidden, training=True)
+        if self.training and self.dropout_embed > 0:
+            y0 = F.dropout(y0, self.dropout_embed, training=True)
         y, hn = self.rnn(y0, h[1:], resets=resets)
         return y, torch.cat([h0n.unsqueeze(0), hn], 0)
 
@@ -190,9 +194,15 @@ class GRU4Rec(nn.Module):
         if h is None:
             h = self.init_state(items.shape[1])
         y, hn = self.recur(self.embed(items, sparse=sparse), h, resets)
-        if self.training and self.dropout_hidden > 0:
-            y = F.dropout(y, self.dropout_hidden, training=True)
+        if self.training and self.top_dropout > 0:
+            y = F.dropout(y, self.top_dropout, training=True)
         return y, hn
+
+    @property
+    def top_dropout(self) -> float:
+        """Dropout rate on the top layer's output: dropout_hidden, or dropout_embed where the only
+        layer is the one-hot input's GRU embedding (as in GRU4Rec)."""
+        return self.dropout_embed if not self.embedding and self.rnn is None else self.dropout_hidden
 
     # ------------------------------------------------------------------------------------------
     # inference interface (serving)

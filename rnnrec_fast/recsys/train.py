@@ -227,15 +227,16 @@ def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainCon
         W = F.embedding(cols, model.Wy, sparse=True)
     cb = F.embedding(cols, model.By, sparse=True).squeeze(1)
     y, hn = model.recur(x, h, resets)
-    if cfg.dropout_hidden > 0 and cfg.state_dropout:
+    p = model.top_dropout
+    if p > 0 and cfg.state_dropout:
         # GRU4Rec carries the dropped-out output as the next state: do that at the chunk boundary
         # (exact for chunk_steps=1 with one layer)
-        keep_p = 1.0 - cfg.dropout_hidden
+        keep_p = 1.0 - p
         mask = torch.empty_like(y).bernoulli_(keep_p).div_(keep_p)
         y = y * mask
         hn = torch.cat([hn[:-1], (hn[-1] * mask[-1]).unsqueeze(0)], 0)
-    elif cfg.dropout_hidden > 0:
-        y = F.dropout(y, cfg.dropout_hidden, training=True)
+    elif p > 0:
+        y = F.dropout(y, p, training=True)
     Y = y.reshape(TB, H)
     if cfg.loss == "cross-entropy" and cfg.logq > 0 and logp is not None:
         corr = logp[tgt.reshape(-1)]
@@ -295,6 +296,10 @@ def train(train_data: SessionDataset, cfg: TrainConfig, *, progress: bool = True
           model: GRU4Rec | None = None) -> tuple[GRU4Rec, dict]:
     """Train GRU4Rec on ``train_data``. Returns (model in eval mode, stats dict).
 
+    ``model`` (optional) continues training an existing model: ``train_data`` must be indexed by
+    its item map, and its own architecture and dropout rates apply (``cfg``'s model fields, layers
+    to dropout, are used only to build a new model).
+
     ``cfg.threads`` (default 1) sets torch's intra-op threads for the run: most per-chunk tensors are
     small and run best on one thread; the two or three big score GEMMs per chunk use
     ``cfg.gemm_threads`` (default: torch's thread count at entry, at most 4)."""
@@ -325,6 +330,8 @@ def _train(train_data, cfg, progress, model):
     if model is None:
         model = GRU4Rec(n_items, cfg.layers, cfg.embedding, cfg.dropout_embed, cfg.dropout_hidden,
                         cfg.reset_after, item_ids=train_data.item_map.item_ids)
+    else:
+        model.item_map.check_same(train_data.item_map, "the training data")
     model.to(device)
     model.train()
     opt = _make_optimizer(model, cfg)
