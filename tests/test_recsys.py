@@ -146,6 +146,45 @@ def test_time_split():
     assert sorted(set(test.sessions)) == [5] and list(test.items) == [11, 10]
 
 
+def test_time_split_item_support_as_gru4rec():
+    """min_item_support: GRU4Rec's preprocessing before the split: sessions of one click go first
+    (their clicks do not count as support), then rare items, then the sessions left too short."""
+    day = 86400.0
+    # item 7: 3 clicks in sessions >= 2 plus 1 in a one-click session (support 3 after step one)
+    s = np.array([1, 1, 1, 2, 2, 3, 3, 4, 5, 5, 6, 6, 6])
+    i = np.array([7, 8, 8, 7, 8, 7, 9, 7, 8, 8, 8, 9, 8])
+    t = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5 * day, 5 * day + 1, 5 * day, 5 * day + 1, 5 * day + 2])
+    log = ClickLog(s, i, t)
+    train, test = recsys.time_split(log, test_days=1, min_item_support=4)
+    # item 7 (support 3) and item 9 (support 2) go: session 3 is left empty, session 2 with one click
+    assert sorted(set(train.sessions)) == [1] and list(train.items) == [8, 8]
+    assert sorted(set(test.sessions)) == [5, 6] and list(test.items) == [8, 8, 8, 8]
+    train3, _ = recsys.time_split(log, test_days=1, min_item_support=3)
+    assert sorted(set(train3.sessions)) == [1, 2]
+    assert list(recsys.filter_rare_items(log, 3).items) == [7, 8, 8, 7, 8, 7, 7, 8, 8, 8, 8]
+    default, _ = recsys.time_split(log, test_days=1)  # no item filter: item 9 stays
+    assert 9 in default.items
+    with pytest.raises(RecsysError, match="no session"):
+        recsys.time_split(log, test_days=1, min_item_support=100)
+
+
+def test_raw_yoochoose_format(tmp_path):
+    """yoochoose-clicks.dat as distributed (no header, ISO times, a category column that may be 'S')
+    is recognised and loaded; the other formats are told apart from their first line."""
+    raw = _write(tmp_path, "yoochoose-clicks.dat", "1,2014-04-07T10:51:09.277Z,214536502,0\n"
+                 "1,2014-04-07T10:54:09.868Z,214536500,0\n2,2014-04-07T13:56:37.614Z,214662742,S\n")
+    for log in (recsys.load_yoochoose_raw(raw), recsys.load_any(raw)):
+        assert log.sessions.tolist() == [1, 1, 2] and log.items.tolist() == [214536502, 214536500, 214662742]
+        assert log.times[0] == pytest.approx(1396867869.277, abs=1e-6)
+        assert log.times[1] - log.times[0] == pytest.approx(180.591, abs=1e-6)
+    assert recsys.sniff_format(raw) == "yoochoose-raw"
+    tsv = _write(tmp_path, "g.tsv", "SessionId\tItemId\tTime\n1\t5\t100\n")
+    digi = _write(tmp_path, "d.csv", "session_id;user_id;item_id;timeframe;eventdate\n1;NA;5;10;2016-05-09\n")
+    assert recsys.sniff_format(tsv) == "columns" and recsys.sniff_format(digi) == "diginetica"
+    with pytest.raises(RecsysError, match="not found"):
+        recsys.sniff_format(str(tmp_path / "absent.dat"))
+
+
 def test_item_map_round_trip(tmp_path):
     m = ItemMap.from_items(np.array([5, 3, 5, 7]))
     assert m.item_ids == [5, 3, 7] and m.item_index[7] == 2

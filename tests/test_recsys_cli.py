@@ -72,6 +72,11 @@ def test_bad_inputs(files, tmp_path, capsys):
         (["train", "--train", files / "train.txt", "--layers", "10,20"], "same size"),
         (["train", "--train", files / "train.txt", "--dropout-hidden", "1.5"], "dropout"),
         (["evaluate", "--model", tmp_path / "none.pt", "--test", files / "test.txt"], "not found"),
+        (["train", "--train", files / "train.txt", "--test", files / "test.txt", "--split-days", "1"],
+         "not with --test"),
+        (["train", "--train", files / "train.txt", "--min-item-support", "5"], "with --split-days"),
+        (["train", "--train", files / "train.txt", "--split-days", "0"], "must be > 0"),
+        (["train", "--train", files / "train.txt", "--split-days", "1", "--min-item-support", "0"], ">= 1"),
     ]
     for args, msg in cases:
         code, out, err = _run(args, capsys)
@@ -88,6 +93,34 @@ def test_bad_inputs(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: bad choice
         main(["train", "--train", str(files / "train.txt"), "--loss", "hinge"])
     assert exc.value.code != 0
+
+
+def test_raw_log_split_and_preprocessed(tmp_path, capsys):
+    """A raw yoochoose-clicks.dat: recognised without --format, split by --split-days with GRU4Rec's
+    --min-item-support, with the same metrics as training on the split written out and passed as
+    --train / --test."""
+    import datetime as dt
+
+    log = recsys.synthetic_clicks(300, 30, seed=4)
+    raw = tmp_path / "yoochoose-clicks.dat"
+    with open(raw, "w") as f:
+        for s, i, t in zip(log.sessions, log.items, log.times):
+            stamp = dt.datetime.fromtimestamp(float(t), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+            f.write(f"{s},{stamp[:-3]}Z,{i},0\n")
+    code, out, err = _run(["train", "--train", raw, "--split-days", "0.1", "--min-item-support", "5",
+                           "--json"] + TRAIN_ARGS, capsys)
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    train, test = recsys.time_split(recsys.load_yoochoose_raw(str(raw)), 0.1, min_item_support=5)
+    assert len(train) < len(recsys.time_split(recsys.load_yoochoose_raw(str(raw)), 0.1)[0])  # it filtered
+    recsys.write_clicks(train, str(tmp_path / "tr.txt"))
+    recsys.write_clicks(test, str(tmp_path / "te.txt"))
+    code, out, err = _run(["train", "--train", tmp_path / "tr.txt", "--test", tmp_path / "te.txt",
+                           "--json"] + TRAIN_ARGS, capsys)
+    assert code == 0, err
+    ref = json.loads(out.strip().splitlines()[-1])
+    assert res["recall@20"] == ref["recall@20"] and res["mrr@20"] == ref["mrr@20"]
+    assert res["train_events"] == ref["train_events"]
 
 
 def test_ids_beyond_int64_train_and_recommend(tmp_path, capsys):
@@ -116,8 +149,8 @@ def test_readme_commands_name_existing_files():
     """The data files the recsys README's commands name exist (relative to the repo root, where
     the commands run); the CLI takes the paths as given."""
     text = open(os.path.join(ROOT, "rnnrec_fast", "recsys", "README.md"), encoding="utf-8").read()
-    paths = re.findall(r"--(?:train|test) (\S+)", text)
-    assert paths
+    paths = [p for p in re.findall(r"--(?:train|test) (\S+)", text) if not p.startswith("/path/to/")]
+    assert paths  # /path/to/: a placeholder for the user's own download
     for path in paths:
         assert not os.path.basename(path) == path, f"{path}: a bare name, the CLI would not find it"
         if not os.path.isdir(os.path.join(ROOT, os.path.dirname(path))):

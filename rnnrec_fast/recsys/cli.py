@@ -37,8 +37,10 @@ def _bool(v: str) -> bool:
 
 
 def _add_data_opts(p):
-    p.add_argument("--format", choices=["auto", "yoochoose", "diginetica", "columns"], default="auto",
-                   help="input format (auto: Diginetica when its header is seen, else the columns below)")
+    p.add_argument("--format", choices=["auto", "yoochoose", "yoochoose-raw", "diginetica", "columns"],
+                   default="auto",
+                   help="input format (auto: Diginetica or the raw yoochoose-clicks.dat when their first "
+                        "line is seen, else the columns below)")
     p.add_argument("--session-col", default="SessionId")
     p.add_argument("--item-col", default="ItemId")
     p.add_argument("--time-col", default="Time")
@@ -46,19 +48,13 @@ def _add_data_opts(p):
 
 
 def _load(path, a):
-    from .data import load_clicks, load_diginetica, load_yoochoose
+    from .data import load_clicks, load_diginetica, load_yoochoose, load_yoochoose_raw, sniff_format
 
-    if a.format == "yoochoose":
-        return load_yoochoose(path)
-    if a.format == "diginetica":
-        return load_diginetica(path)
-    if a.format == "auto":
-        import os
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8-sig", errors="replace") as f:
-                first = f.readline()
-            if "session_id" in first and "timeframe" in first:
-                return load_diginetica(path)
+    fmt = sniff_format(path) if a.format == "auto" else a.format
+    loader = {"yoochoose": load_yoochoose, "yoochoose-raw": load_yoochoose_raw,
+              "diginetica": load_diginetica}.get(fmt)
+    if loader is not None:
+        return loader(path)
     sep = a.sep.encode().decode("unicode_escape") if a.sep else None
     return load_clicks(path, session_col=a.session_col, item_col=a.item_col,
                        time_col=a.time_col or None, sep=sep)
@@ -72,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (and evaluate when --test is given)")
     t.add_argument("--train", required=True, help="training click log")
     t.add_argument("--test", help="test click log (items unseen in training are dropped)")
+    t.add_argument("--split-days", type=float, default=None,
+                   help="without --test: hold out the sessions that end in the last D days of --train "
+                        "as the test set (GRU4Rec's time split; RSC15: 1)")
+    t.add_argument("--min-item-support", type=int, default=1,
+                   help="with --split-days: first drop the items with fewer clicks (and the sessions "
+                        "left under 2 clicks), as GRU4Rec's preprocessing (RSC15: 5; default 1: none)")
     t.add_argument("--loss", choices=["cross-entropy", "bpr-max", "top1-max"], default="cross-entropy")
     t.add_argument("--layers", nargs="+", default=["100"], help="GRU layer sizes, e.g. 100 or 100,100")
     t.add_argument("--batch-size", type=int, default=32)
@@ -143,7 +145,7 @@ def _print_metrics(res, ks, out):
 
 def _cmd_train(a):
     from .checkpoint import save_checkpoint
-    from .data import SessionDataset
+    from .data import SessionDataset, time_split
     from .evaluate import evaluate
     from .train import TrainConfig, train
 
@@ -158,12 +160,23 @@ def _cmd_train(a):
                       seed=a.seed, device=a.device, threads=a.threads or None,
                       gemm_threads=a.gemm_threads)
     cfg.validate()
-    tr = SessionDataset.from_log(_load(a.train, a))
-    te = None
-    if a.test:
-        te = SessionDataset.from_log(_load(a.test, a), tr.item_map)
+    if a.split_days is not None and a.test:
+        raise RecsysError("--split-days splits --train into training and test sets: not with --test")
+    if a.min_item_support != 1 and a.split_days is None:
+        raise RecsysError("--min-item-support applies with --split-days (the raw log's preprocessing)")
+    if a.min_item_support < 1 or (a.split_days is not None and not a.split_days > 0):
+        raise RecsysError("--split-days must be > 0 and --min-item-support >= 1")
+    train_log, test_log = _load(a.train, a), None
+    if a.split_days is not None:
+        train_log, test_log = time_split(train_log, a.split_days, min_item_support=a.min_item_support)
+    elif a.test:
+        test_log = _load(a.test, a)
+    tr = SessionDataset.from_log(train_log)
+    te = None if test_log is None else SessionDataset.from_log(test_log, tr.item_map)
     log = sys.stderr
     log.write(f"train: {tr.n_events} events, {tr.n_sessions} sessions, {len(tr.item_map)} items\n")
+    if te is not None:
+        log.write(f"test: {te.n_events} events, {te.n_sessions} sessions\n")
     model, stats = train(tr, cfg, progress=not a.quiet)
     log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s\n")
     res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],

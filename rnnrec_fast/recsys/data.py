@@ -11,6 +11,7 @@ import csv
 import datetime as _dt
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +215,13 @@ def load_yoochoose(path: str) -> ClickLog:
     return load_clicks(path, session_col="SessionId", item_col="ItemId", time_col="Time", sep="\t")
 
 
+def load_yoochoose_raw(path: str) -> ClickLog:
+    """The RecSys Challenge 2015 ``yoochoose-clicks.dat`` as distributed: no header, comma-separated
+    ``SessionId,Timestamp,ItemId,Category`` with ISO 8601 UTC times (``2014-04-07T10:51:09.277Z``).
+    GRU4Rec's RSC15 preprocessing of it: ``time_split(log, 1.0, min_item_support=5)``."""
+    return load_clicks(path, session_col=0, item_col=2, time_col=1, sep=",", header=False)
+
+
 def load_diginetica(path: str) -> ClickLog:
     """CIKM Cup 2016 ``train-item-views.csv``: ``session_id;user_id;item_id;timeframe;eventdate``.
     Time = eventdate (UTC midnight, seconds) + timeframe (ms)."""
@@ -221,16 +229,34 @@ def load_diginetica(path: str) -> ClickLog:
                        extra_time_col="timeframe", sep=";", time_format="%Y-%m-%d")
 
 
-def load_any(path: str, **kw) -> ClickLog:
-    """Guess the format from the header: Diginetica, GRU4Rec TSV, or explicit columns in ``kw``."""
-    if kw:
-        return load_clicks(path, **kw)
+_YOOCHOOSE_RAW_LINE = re.compile(r"\d+,\d{4}-\d\d-\d\dT[^,]*,\d+(,|$)")
+
+
+def sniff_format(path: str) -> str:
+    """The click-log format of ``path`` from its first line: ``"diginetica"`` (its header),
+    ``"yoochoose-raw"`` (a headerless ``yoochoose-clicks.dat`` row) or ``"columns"`` (any delimited
+    log with a header: GRU4Rec's ``SessionId ItemId Time`` TSV by default)."""
     if not os.path.isfile(path):
         raise RecsysError(f"file not found: {path}")
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline()
+        first = f.readline().strip()
     if "session_id" in first and "timeframe" in first:
+        return "diginetica"
+    if _YOOCHOOSE_RAW_LINE.match(first):
+        return "yoochoose-raw"
+    return "columns"
+
+
+def load_any(path: str, **kw) -> ClickLog:
+    """Load with the columns in ``kw`` (see :func:`load_clicks`), or else in the format that
+    :func:`sniff_format` finds: Diginetica, the raw YOOCHOOSE file, or GRU4Rec's TSV."""
+    if kw:
+        return load_clicks(path, **kw)
+    fmt = sniff_format(path)
+    if fmt == "diginetica":
         return load_diginetica(path)
+    if fmt == "yoochoose-raw":
+        return load_yoochoose_raw(path)
     return load_clicks(path)
 
 
@@ -321,8 +347,18 @@ def filter_short_sessions(log: ClickLog, min_length: int = 2) -> ClickLog:
     return log.subset(counts[inv] >= min_length)
 
 
-def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 2):
-    """GRU4Rec-style split: sessions ending in the last ``test_days`` days are the test set; test
+def filter_rare_items(log: ClickLog, min_support: int = 5) -> ClickLog:
+    """The clicks on items clicked at least ``min_support`` times in ``log``."""
+    _, inv, counts = np.unique(log.items, return_inverse=True, return_counts=True)
+    return log.subset(counts[inv] >= min_support)
+
+
+def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 2,
+               min_item_support: int = 1):
+    """GRU4Rec's split (its RSC15 preprocessing): with ``min_item_support`` > 1, first drop sessions
+    shorter than ``min_session_length``, then clicks on items with fewer than ``min_item_support``
+    clicks, then the sessions left too short (GRU4Rec: 5; the default 1 filters no items, for logs
+    already preprocessed). Then sessions ending in the last ``test_days`` days are the test set; test
     clicks on items unseen in training are dropped; sessions shorter than ``min_session_length``
     are dropped from both parts. Returns (train, test)."""
     if len(log) == 0:
@@ -330,6 +366,12 @@ def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 
     bad = np.count_nonzero(~np.isfinite(log.times))
     if bad:
         raise RecsysError(f"cannot split a click log with non-finite times ({bad} NaN or infinite)")
+    if min_item_support > 1:
+        log = filter_short_sessions(log, min_session_length)
+        log = filter_short_sessions(filter_rare_items(log, min_item_support), min_session_length)
+        if len(log) == 0:
+            raise RecsysError(f"no session of at least {min_session_length} clicks on items with at least "
+                              f"{min_item_support} clicks is left to split")
     uniq, inv = np.unique(log.sessions, return_inverse=True)
     end = np.full(len(uniq), -np.inf)
     np.maximum.at(end, inv, log.times)
