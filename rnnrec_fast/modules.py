@@ -56,8 +56,8 @@ class _PyInferPlan:
     torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) what
     InferPlan declines (autograd on, torch.jit.trace, non-plain tensors, other devices and
     dtypes, missing or mis-shaped weights, shapes that do not fit), and also unbatched inputs
-    and calls under a torch dispatch mode or autocast and torch.func's wrapped tensors (vmap); the
-    general path then runs, and raises the errors."""
+    and calls under a torch dispatch or function mode, the profiler or autocast and torch.func's
+    wrapped tensors (vmap); the general path then runs, and raises the errors."""
 
     __slots__ = ("params", "names", "mode", "mode_i", "reset_after", "layers", "batch_first", "cell",
                  "backend", "gates", "views")
@@ -71,7 +71,8 @@ class _PyInferPlan:
     def __call__(self, input, hx=None):
         if (type(input) is not torch.Tensor or (hx is not None and type(hx) is not torch.Tensor)
                 or torch.is_grad_enabled() or torch._C._get_tracing_state() is not None
-                or torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu")
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch.autograd._profiler_enabled() or torch.is_autocast_enabled("cpu")
                 or _functorch_wrapped(input) or (hx is not None and _functorch_wrapped(hx))):
             return None
         dt = input.dtype

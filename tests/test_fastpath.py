@@ -15,7 +15,7 @@ from torch import nn
 import rnnrec_fast
 from rnnrec_fast import modules
 
-from conftest import assert_close
+from conftest import assert_close, cpu_backends
 
 needs_ext = pytest.mark.skipif(
     modules._InferPlan is None and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
@@ -473,6 +473,50 @@ def test_python_backends_fast_path_declines_tracing_and_dispatch_modes(py_spy, b
         assert_close(traced(x)[0], ref(x)[0], torch.float32, "traced output")
     assert_close(out, ref(x)[0].detach(), torch.float32, "output under the mode")
     assert py_spy["handled"] == 0 and py_spy["calls"] >= 2
+
+
+@pytest.mark.parametrize("backend", ["auto"] + cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_fast_paths_visible_to_modes_and_profiler(backend, kind):
+    """A torch dispatch mode, a torch function mode and the profiler see a module's inference call
+    as the op's call (as they see torch.nn's aten calls): every fast path declines under them."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenDispatch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class SeenFunction(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(7)
+    ref = getattr(nn, kind)(4, 5)
+    ours = rnnrec_fast.from_torch(ref, backend=backend).eval()
+    x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    want = ref(x)
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        with grad_mode():
+            for mode in (SeenDispatch(), SeenFunction()):
+                with mode:
+                    out = ours(x)
+                assert any("rnnrec_fast.recurrence" in op for op in mode.ops), (type(mode), mode.ops)
+                assert_close(out[0] if kind == "GRU" else out, want[0] if kind == "GRU" else want,
+                             torch.float32, "output under the mode")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                ours(x)
+            assert "rnnrec_fast::recurrence" in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("backend", _py_backends())
