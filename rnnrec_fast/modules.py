@@ -626,8 +626,10 @@ class _CellBase(_FastPath):
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             _check_dense(name, "hx", hx)
+            if hx.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
             if hx.dim() != input.dim():
-                raise ValueError(f"{name}: Expected hidden to be {input.dim()}D, got {hx.dim()}D instead")
+                raise InputError(f"{name}: Expected hidden to be {input.dim()}D, got {hx.dim()}D instead")
             if not batched:
                 hx = hx.unsqueeze(0)
         if x.shape[1] != self.input_size:
@@ -636,6 +638,13 @@ class _CellBase(_FastPath):
         if hx is not None and hx.shape[0] != x.shape[0]:
             raise InputError(f"{name}: Input batch size {x.shape[0]} doesn't match hidden0 batch size "
                              f"{hx.shape[0]}")
+        if hx is not None and hx.shape[1] != self.hidden_size:
+            raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
+                             f"expected {self.hidden_size}")
+        w_dtype = self.weight_ih.dtype
+        if x.dtype != w_dtype:  # torch.nn's cells: a RuntimeError from their matmul
+            raise InputError(f"{name}: input dtype {x.dtype} does not match weight dtype {w_dtype}; convert "
+                             f"the input (input.to({w_dtype})) or the cell (cell.to({x.dtype}))")
         _check_hx_dtype(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)

@@ -178,6 +178,11 @@ def test_module_errors_torch_raises_as_runtime_error(backend):
          True),
         (lambda m: m(torch.randn(2, 4), torch.randn(2, 3, dtype=torch.float64)),
          "hx has dtype torch.float64 but input has torch.float32", True),
+        (lambda m: m(torch.randn(2, 4), torch.randn(2, 5)), "hidden0 has inconsistent hidden_size: got 5, expected 3",
+         True),
+        (lambda m: m(torch.randn(4), torch.randn(1, 3)), "Expected hidden to be 1D, got 2D", True),
+        (lambda m: m(torch.randn(2, 4, dtype=torch.float64)), "input dtype torch.float64 does not match", True),
+        (lambda m: m(torch.randint(0, 3, (2, 4))), "input dtype torch.int64 does not match", True),
     ]
     for call, match, is_cell in calls:
         with pytest.raises(RuntimeError):
