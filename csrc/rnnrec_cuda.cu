@@ -226,8 +226,13 @@ static bool try_persistent(const Dims& d, const Tensor& xp, const Tensor& w_hh,
   p.U = U;
   void* args[] = {(void*)&p};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel((const void*)kernel, dim3(nblk), dim3(PB_THREADS), args,
-                                             smem, stream));
+  const cudaError_t err = cudaLaunchCooperativeKernel((const void*)kernel, dim3(nblk), dim3(PB_THREADS), args,
+                                                       smem, stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than the properties say (MPS limits):
+    (void)cudaGetLastError();                        // clear it; the caller takes the GEMM path
+    return false;
+  }
+  C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -437,19 +442,25 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The rows that multiplied h_prev (all of W_hh, or its r and z rows for MODE 3):
-  //   sum over (t, b) of dgh[t, b]^T h_prev[t, b],  h_prev = 0 at a reset, h0 at t = 0, y[t - 1] after.
-  // Without building h_prev: zero the rows of dgh at resets, in place (dgh / dgx are not read
-  // after this but by the GEMMs below; grad_x, grad_w_ih and the bias sums above were taken
-  // before, on the same stream), then  dgh[0]^T h0 + dgh[1:]^T y[:-1].
-  // (At inactive steps the rows of dgh are exact zeros, whatever y[t - 1] holds.)
-  if (resets.has_value()) dgh.masked_fill_(resets->unsqueeze(2), 0);
+  //   sum over (t, b) of dgh[t, b]^T h_prev[t, b],  h_prev = 0 at a reset, h0 at t = 0, y[t - 1] after
+  // (as the reference's prev_states). Without resets that is dgh[0]^T h0 + dgh[1:]^T y[:-1], with no
+  // copy. With resets, h_prev is built with those rows zeroed: zeroing dgh's rows instead would
+  // leave 0 * h, NaN where the discarded state holds inf or NaN (a fresh state buffer).
   const int64_t cols = MODE == KMODE_GRU_CHO ? 2 * H : G * H;
   Tensor grad_w_hh = at::empty({G * H, H}, opts);
   Tensor w_rows = grad_w_hh.narrow(0, 0, cols);  // contiguous rows
-  at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_a);
-  if (T > 1) {
-    w_rows.addmm_(dgh2.narrow(0, B, (T - 1) * B).narrow(1, 0, cols).t(),
-                  y_a.view({T * B, H}).narrow(0, 0, (T - 1) * B));
+  if (resets.has_value()) {
+    Tensor h_prev = at::empty({T, B, H}, opts);
+    h_prev[0].copy_(h0_a);
+    if (T > 1) h_prev.narrow(0, 1, T - 1).copy_(y_a.narrow(0, 0, T - 1));
+    h_prev.masked_fill_(resets->unsqueeze(2), 0);
+    at::mm_out(w_rows, dgh2.narrow(1, 0, cols).t(), h_prev.view({T * B, H}));
+  } else {
+    at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_a);
+    if (T > 1) {
+      w_rows.addmm_(dgh2.narrow(0, B, (T - 1) * B).narrow(1, 0, cols).t(),
+                    y_a.view({T * B, H}).narrow(0, 0, (T - 1) * B));
+    }
   }
   if constexpr (MODE == KMODE_GRU_CHO) {
     Tensor bottom = grad_w_hh.narrow(0, 2 * H, H);

@@ -45,7 +45,7 @@ __device__ __forceinline__ acc_t d_sigmoid(acc_t v) {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t d_relu(acc_t v) {
-  return v > acc_t(0) ? v : acc_t(0);
+  return (v > acc_t(0) || v != v) ? v : acc_t(0);  // NaN stays NaN, as torch.relu (fmax would drop it)
 }
 
 template <typename scalar_t, typename acc_t>

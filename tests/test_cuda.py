@@ -322,6 +322,51 @@ def test_backward_rebuilds_h_prev_from_y(mode, reset_after, dtype):
                 close(g, rg, f"{what}: grad {name}", **tol(dtype, T * B))
 
 
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_reset_rows_ignore_what_h0_holds(path, mode, reset_after):
+    """A row reset at step 0 starts from zeros whatever h0 holds there (NaN, inf: a fresh state
+    buffer): outputs and every gradient equal those with that row zeroed (grad_w_hh was 0 * NaN)."""
+    T, B, I, H = 4, 3, 5, 6
+    gen = torch.Generator().manual_seed(2)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
+    resets = torch.zeros(T, B, dtype=torch.bool, device=DEV)
+    resets[0, 1] = True
+    resets[2, 2] = True
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        h0f = h0.clone()
+        h0f[1] = fill
+        leaves = [t.clone().requires_grad_() for t in (x, h0f, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, resets=resets, mode=mode, reset_after=reset_after,
+                                        backend="cuda")
+        grads = torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)
+        results.append([y, h_n] + [g for i, g in enumerate(grads) if i != 1])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.isfinite(a).all()
+            close(a, b, "with a non-finite discarded h0 row", rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_non_finite_values_propagate_as_in_the_reference(path, dtype, mode, reset_after):
+    """A state or input gone to inf / NaN gives NaN exactly where the reference does (relu kept NaN
+    as 0: a diverged model looked finite), and the same finite values elsewhere."""
+    T, B, I, H = 3, 5, 5, 6
+    gen = torch.Generator().manual_seed(8)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", dtype, gen)
+    h0[1, 2], h0[2, 0], h0[4, 3] = float("inf"), -float("inf"), float("nan")
+    x[1, 3, 1] = float("inf")
+    w_hh = w_hh * 30
+    kw = dict(mode=mode, reset_after=reset_after)
+    want = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, backend="reference", **kw)
+    got = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, backend="cuda", **kw)
+    for a, b, what in zip(got, want, ("output", "h_n")):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+        assert torch.isnan(b).any() and torch.isfinite(b).any()  # the case has both
+        close(a, b, what, equal_nan=True, **tol(dtype, H))
+
+
 # ----------------------------------------------------------------------------------------------
 # direct calls with bad arguments raise (never crash)
 
