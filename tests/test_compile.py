@@ -90,3 +90,79 @@ def test_torchscript_script_and_trace():
     traced = torch.jit.trace(model, (items,))
     assert "rnnrec_fast::recurrence" in str(traced.inlined_graph)
     torch.testing.assert_close(traced(items)[0], model(items)[0])
+
+
+class _CellModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = rnnrec_fast.GRUCell(8, 16)
+        self.rnn = rnnrec_fast.RNN(16, 16, nonlinearity="relu")
+
+    def forward(self, x, h):
+        h = self.cell(x, h)
+        y, h_n = self.rnn(h.unsqueeze(0), hx=h.unsqueeze(0))
+        return y, h_n
+
+
+def test_fx_symbolic_trace_keeps_modules_as_leaves():
+    """torch.fx.symbolic_trace records each module as one call_module node, as it does torch.nn's
+    RNN modules (their forward branches on the input and cannot be traced through): the graph
+    module gives the model's results, with grad and without."""
+    torch.manual_seed(0)
+    for model, inputs, names in ((Model(), (torch.randint(0, 50, (2, 5)),), {"gru"}),
+                                 (_CellModel(), (torch.randn(3, 8), torch.randn(3, 16)), {"cell", "rnn"})):
+        gm = torch.fx.symbolic_trace(model)
+        calls = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        assert names <= calls, calls
+        for out, want in zip(gm(*inputs), model(*inputs)):
+            torch.testing.assert_close(out, want)
+        with torch.inference_mode():
+            for out, want in zip(gm(*inputs), model(*inputs)):
+                torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_torchscript_script_modules(kind, tmp_path):
+    """torch.jit.script compiles the modules (and models holding them) as it compiles torch.nn's:
+    same state_dict keys, same outputs and gradients as torch.nn for Tensor inputs (batched or not,
+    hx given or not, layers, bidirectional, batch_first, no bias), and a saved script loads back."""
+    torch.manual_seed(1)
+    cell = kind.endswith("Cell")
+    configs = [dict(), dict(bias=False)] if cell else [
+        dict(), dict(num_layers=2, bidirectional=True, batch_first=True), dict(bias=False, num_layers=2)]
+    for kw in configs:
+        ref = getattr(nn, kind)(4, 5, **kw)
+        ours = rnnrec_fast.from_torch(ref)
+        scripted = torch.jit.script(ours)
+        assert list(scripted.state_dict()) == list(ref.state_dict())
+        D = 2 if kw.get("bidirectional") else 1
+        L = kw.get("num_layers", 1)
+        if cell:
+            cases = [(torch.randn(3, 4),), (torch.randn(3, 4), torch.randn(3, 5)), (torch.randn(4), torch.randn(5))]
+        else:
+            x = torch.randn(3, 2, 4)
+            cases = [(x,), (x, torch.randn(L * D, 3 if kw.get("batch_first") else 2, 5)), (x[0],)]
+        for args in cases:
+            got, want = scripted(*args), ref(*args)
+            for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                torch.testing.assert_close(a, b)
+            loss = sum((t * t).sum() for t in torch.utils._pytree.tree_leaves(got))
+            ref_loss = sum((t * t).sum() for t in torch.utils._pytree.tree_leaves(want))
+            for g, rg in zip(torch.autograd.grad(loss, list(scripted.parameters())),
+                             torch.autograd.grad(ref_loss, list(ref.parameters()))):
+                torch.testing.assert_close(g, rg)
+    path = str(tmp_path / "m.pt")
+    torch.jit.save(scripted, path)
+    loaded = torch.jit.load(path)
+    args = cases[0]
+    for a, b in zip(torch.utils._pytree.tree_leaves(loaded(*args)), torch.utils._pytree.tree_leaves(ours(*args))):
+        torch.testing.assert_close(a, b)
+
+
+def test_torchscript_script_model_holding_modules():
+    model = Model().eval()
+    scripted = torch.jit.script(model)
+    items = torch.randint(0, 50, (2, 5))
+    for a, b in zip(scripted(items), model(items)):
+        torch.testing.assert_close(a, b)
+    assert "rnnrec_fast::recurrence" in str(scripted.gru.graph)
