@@ -609,7 +609,7 @@ class _CellBase(_FastPath):
         if self.bias is not True:
             s += ", bias={bias}"
         if self.mode == "rnn_relu":
-            s += ", nonlinearity='relu'"
+            s += ", nonlinearity=relu"
         if self.mode == "gru" and not self.reset_after:
             s += ", reset_after=False"
         return s.format(**self.__dict__)

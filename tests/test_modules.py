@@ -388,3 +388,18 @@ def test_vmap_over_modules(backend, grad):
         out = torch.func.vmap(lambda x: m(x)[0])(xs)
         loop = torch.stack([m(x)[0] for x in xs])
     torch.testing.assert_close(out, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_repr_as_torch():
+    """A module prints as its torch.nn namesake (plus the options torch.nn has not: a relu RNN, whose
+    nonlinearity torch.nn's repr leaves out, reset_after=False, a forced backend)."""
+    for kw in (dict(), dict(num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True)):
+        assert repr(rnnrec_fast.GRU(3, 4, **kw)) == repr(nn.GRU(3, 4, **kw))
+        assert repr(rnnrec_fast.RNN(3, 4, **kw)) == repr(nn.RNN(3, 4, **kw))
+    for kw in (dict(), dict(bias=False)):
+        assert repr(rnnrec_fast.GRUCell(3, 4, **kw)) == repr(nn.GRUCell(3, 4, **kw))
+    for kw in (dict(), dict(bias=False, nonlinearity="relu")):
+        assert repr(rnnrec_fast.RNNCell(3, 4, **kw)) == repr(nn.RNNCell(3, 4, **kw))
+    assert repr(rnnrec_fast.RNN(3, 4, nonlinearity="relu")) == "RNN(3, 4, nonlinearity='relu')"
+    assert repr(rnnrec_fast.GRU(3, 4, reset_after=False, backend="numba")) == \
+        "GRU(3, 4, reset_after=False, backend='numba')"
