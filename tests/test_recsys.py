@@ -540,6 +540,29 @@ def test_one_hot_dropout_as_gru4rec(layers):
         assert 0.15 < frac < 0.45
 
 
+def test_serving_interface_matches_plain_math():
+    """step / score / topk (a served model's calls, with their fast paths) against the model's
+    forward and plain torch math, for a few rows and for many, in eval and in training mode."""
+    torch.manual_seed(5)
+    model = GRU4Rec(300, [16, 16], embedding="shared").eval()
+    with torch.no_grad():
+        model.By.normal_()  # zero at initialisation
+    for B in (1, 3, 40):
+        items = torch.randint(0, 300, (B,))
+        h = torch.randn(2, B, 16)
+        hn = model.step(items, h)
+        _, want = model(items.view(1, -1), h)
+        torch.testing.assert_close(hn, want)
+        want_scores = h[-1] @ model.Wy.detach().t() + model.By.detach().t()
+        torch.testing.assert_close(model.score(h[-1]), want_scores, rtol=1e-5, atol=1e-5)
+        vals, idx = model.topk(h[-1], 7)
+        torch.testing.assert_close(vals, want_scores.topk(7, dim=1).values, rtol=1e-5, atol=1e-5)
+        model.train()  # step switches dropout off and restores the mode
+        torch.testing.assert_close(model.step(items, h), hn)
+        assert model.training
+        model.eval()
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(RecsysError, match="not found"):
         recsys.load_checkpoint(str(tmp_path / "x.pt"))
