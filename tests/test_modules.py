@@ -403,3 +403,28 @@ def test_repr_as_torch():
     assert repr(rnnrec_fast.RNN(3, 4, nonlinearity="relu")) == "RNN(3, 4, nonlinearity='relu')"
     assert repr(rnnrec_fast.GRU(3, 4, reset_after=False, backend="numba")) == \
         "GRU(3, 4, reset_after=False, backend='numba')"
+
+
+def test_from_torch_refuses_transformed_modules_clearly():
+    """A parametrized or pruned torch.nn module, or a subclass, is refused with a message saying why
+    (a pruned one failed inside load_state_dict); the plain module converts."""
+    from torch.nn.utils import parametrizations, prune
+
+    wn = parametrizations.weight_norm(nn.GRU(4, 5), "weight_hh_l0")
+    pruned = nn.GRU(4, 5)
+    prune.l1_unstructured(pruned, "weight_hh_l0", 0.5)
+    for m in (wn, pruned):
+        with pytest.raises(ValueError, match="parametrized .* or pruned"):
+            rnnrec_fast.from_torch(m)
+
+    class MyGRU(nn.GRU):
+        pass
+
+    with pytest.raises(TypeError, match="a subclass of one"):
+        rnnrec_fast.from_torch(MyGRU(4, 5))
+    with pytest.raises(TypeError, match="got Linear$"):
+        rnnrec_fast.from_torch(nn.Linear(4, 5))
+    prune.remove(pruned, "weight_hh_l0")
+    ours = rnnrec_fast.from_torch(pruned)
+    x = torch.randn(3, 2, 4)
+    assert_close(ours(x)[0], pruned(x)[0], torch.float32, "converted after prune.remove")
