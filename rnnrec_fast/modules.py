@@ -577,7 +577,9 @@ class _CellBase(_FastPath):
         name = type(self).__name__
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             # torch.nn's cells (unlike its RNN/GRU) accept zero sizes
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
+            if value < 0:
                 raise ValueError(f"{name}: {arg} must be a non-negative int, got {value!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size

@@ -275,6 +275,8 @@ def test_zero_size_cells_as_torch(backend, kind, sizes):
                     assert_close(g, rg, torch.float32, "grad")
     with pytest.raises(ValueError, match="non-negative"):
         getattr(rnnrec_fast, kind)(-1, 5)
+    with pytest.raises(TypeError, match="should be of type int"):  # as torch.nn's (from torch.empty)
+        getattr(rnnrec_fast, kind)(4.0, 5)
 
 
 def _weight_drop(module, name):
