@@ -92,3 +92,45 @@ def test_a_dtype_the_fast_backend_lacks_warns_once_and_says_so(monkeypatch):
     assert len(msgs) == 1 and "does not support torch.float16" in msgs[0], msgs
     assert rnnrec_fast.last_backend() in ("numba", "reference")
     assert rnnrec_fast.last_backend() in msgs[0]
+
+
+def test_numba_backend_without_a_writable_cache(tmp_path):
+    """A read-only install with no writable user cache directory: numba refuses cache=True there
+    (it raised while numba_cpu was imported, so the backend was lost with an 'unknown' reason); the
+    kernels are then compiled per process and the backend works."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rnnrec_fast.__file__)))
+    shutil.copytree(os.path.join(root, "rnnrec_fast"), tmp_path / "rnnrec_fast",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    (tmp_path / "rnnrec_fast" / "backends" / "__pycache__").write_text("")  # no in-tree cache
+    home = tmp_path / "home"
+    home.write_text("")  # no user cache either
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "x"), PYTHONPATH=str(tmp_path))
+    code = ("import torch, rnnrec_fast\n"
+            "from rnnrec_fast import backends\n"
+            "assert rnnrec_fast.__file__.startswith(%r), rnnrec_fast.__file__\n"
+            "assert backends.available('numba'), backends.unavailable_reason('numba')\n"
+            "x, h0 = torch.randn(3, 2, 4), torch.randn(2, 5)\n"
+            "w = [torch.randn(15, 4), torch.randn(15, 5), torch.randn(15), torch.randn(15)]\n"
+            "y = rnnrec_fast.recurrence(x, h0, *w, backend='numba')[0]\n"
+            "torch.testing.assert_close(y, rnnrec_fast.recurrence(x, h0, *w, backend='reference')[0])\n"
+            "print('numba ok')\n") % str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "numba ok" in out.stdout
+
+
+def test_a_backend_failing_to_import_is_unavailable_with_its_reason(monkeypatch, tmp_path):
+    """Any error while a backend module is imported (not only ImportError) makes the backend
+    unavailable with the reason in backend_info; forcing it raises that reason."""
+    (tmp_path / "broken_backend_mod.py").write_text("raise RuntimeError('cannot set up: no locator')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends._MODULES, "broken", "broken_backend_mod")
+    monkeypatch.setattr(backends, "_errors", {})
+    assert not backends.available("broken")
+    assert backends.unavailable_reason("broken") == "RuntimeError: cannot set up: no locator"
+    with pytest.raises(RuntimeError, match="backend 'broken' is not available .*no locator"):
+        backends.load("broken")
