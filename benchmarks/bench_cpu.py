@@ -1,6 +1,7 @@
 """CPU benchmarks: every case ours beside torch.nn, same weights, same inputs, same run.
 
-pytest benchmarks/bench_cpu.py --benchmark-only [--threads N]; `make bench` prints the ratio table.
+pytest benchmarks/bench_cpu.py --benchmark-only [--threads N] [--reps R]; `make bench` prints the ratio
+table (three interleaved repetitions of every case, the ratio their median).
 """
 import io
 
@@ -76,12 +77,12 @@ def make_call(case, impl):
     return step, module
 
 
-def run(benchmark, case, impl):
+def run(benchmark, case, impl, rep):
     fn, module = make_call(case, impl)
     benchmark.group = case.name
     benchmark.extra_info.update(impl=impl, flops=case.flops, B=case.B, T=case.T, H=case.H,
                                 train=case.train, threads=torch.get_num_threads(),
-                                target=case.target)
+                                target=case.target, rep=rep)
     if case.train:
         benchmark(fn)
     else:
@@ -92,13 +93,14 @@ def run(benchmark, case, impl):
                 benchmark.extra_info["backend"] = rnnrec_fast.last_backend()
 
 
+# `rep` (--reps, benchmarks/conftest.py): each case's implementations are timed in turn, repeatedly
 @pytest.mark.parametrize("impl", ["torch", "ours", "onnxruntime"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_cpu(benchmark, case, impl):
-    run(benchmark, case, impl)
+def test_cpu(benchmark, case, impl, rep):
+    run(benchmark, case, impl, rep)
 
 
 @pytest.mark.parametrize("impl", ["torch", "ours", "numba"])
 @pytest.mark.parametrize("case", NUMBA_CASES, ids=[c.name for c in NUMBA_CASES])
-def test_numba_cpu(benchmark, case, impl):
-    run(benchmark, case, impl)
+def test_numba_cpu(benchmark, case, impl, rep):
+    run(benchmark, case, impl, rep)

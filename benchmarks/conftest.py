@@ -6,6 +6,41 @@ import torch
 def pytest_addoption(parser):
     parser.addoption("--threads", type=int, default=int(os.environ.get("RNNREC_FAST_BENCH_THREADS", "1")),
                      help="intra-op threads for torch (and the C++ kernels); default 1")
+    parser.addoption("--reps", type=int, default=1,
+                     help="time each case's implementations this many times, interleaved (torch, ours, "
+                          "..., torch, ours, ...): a burst of load on a shared machine then lands on "
+                          "one pair, not on one side of every pair; make bench uses 3")
+
+
+def pytest_generate_tests(metafunc):
+    if "rep" in metafunc.fixturenames:
+        reps = metafunc.config.getoption("--reps")
+        metafunc.parametrize("rep", range(reps), ids=[f"rep{r}" for r in range(reps)])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run each case's measurements interleaved (the tests with a `rep`): case by case in their
+    collection order, then repetition by repetition, then implementation in collection order
+    (torch.nn first); the other tests follow in their own order."""
+    def rep_params(item):
+        cs = getattr(item, "callspec", None)
+        return cs.params if cs is not None and "rep" in cs.params else None
+
+    groups, impls = {}, {}
+    for item in items:
+        p = rep_params(item)
+        if p is not None:
+            groups.setdefault((item.originalname, id(p["case"])), len(groups))
+            impls.setdefault(p["impl"], len(impls))
+
+    def key(n_item):
+        n, item = n_item
+        p = rep_params(item)
+        if p is None:
+            return (1, n, 0, 0)
+        return (0, groups[(item.originalname, id(p["case"]))], p["rep"], impls[p["impl"]])
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
 
 def pytest_configure(config):

@@ -147,38 +147,85 @@ def live_peak_mib(lib: str, impl: str, B: int, T: int, H: int) -> float:
                                          text=True, env=env).strip().splitlines()[-1])
 
 
+def fma_peak(workdir: str) -> float | None:
+    """The fp32 FMA peak of one core (benchmarks/fmapeak.c: a register-only FMA loop on vectors as
+    wide as our kernels'), median of 5; None where no C compiler is found or it does not build."""
+    import ctypes
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = str(Path(workdir) / "fmapeak.so")
+    vbytes = 64 if _simd_level() == "avx512" else 32
+    try:
+        subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=fast", f"-DVBYTES={vbytes}", "-shared", "-fPIC",
+                        "-o", out, str(HERE / "fmapeak.c")], check=True)
+    except subprocess.CalledProcessError:
+        return None
+    lib = ctypes.CDLL(out)
+    lib.fma_gflops.restype = ctypes.c_double
+    lib.fma_gflops.argtypes = [ctypes.c_long, ctypes.c_float]
+    lib.fma_gflops(2_000_000, 1.0)
+    runs = sorted(lib.fma_gflops(20_000_000, 1.0) for _ in range(5))
+    return runs[2]
+
+
+REPS = 3  # interleaved repetitions of every case (benchmarks/conftest.py --reps)
+
+
 def run_pytest(threads: int, select: str, json_path: Path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_cpu.py"), "-k", select,
-           "--benchmark-only", f"--threads={threads}", f"--benchmark-json={json_path}",
-           "--benchmark-min-rounds=20", "--benchmark-max-time=0.5", "--benchmark-warmup=on"]
+           "--benchmark-only", f"--threads={threads}", f"--reps={REPS}", f"--benchmark-json={json_path}",
+           "--benchmark-min-rounds=7", "--benchmark-max-time=0.2", "--benchmark-warmup=on"]
     subprocess.run(cmd, check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL)
-    return json.loads(json_path.read_text())
+    data = json.loads(json_path.read_text())
+    ran = {b["extra_info"]["threads"] for b in data["benchmarks"]}
+    if ran != {threads}:  # the table's thread count must be the one the cases ran on
+        raise SystemExit(f"benchmarks asked for {threads} thread(s) ran on {sorted(ran)}")
+    return data
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def table(data, ceiling, threads, columns):
+    """One row per case. Each implementation was timed in REPS interleaved repetitions: its time is
+    the median over them of pytest-benchmark's median; a ratio is the median over repetitions of
+    that repetition's torch.nn / implementation (so a burst of load on one repetition moves neither)."""
     groups = {}
     for b in data["benchmarks"]:
-        groups.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
+        groups.setdefault(b["group"], {}).setdefault(b["extra_info"]["impl"], {})[b["extra_info"].get("rep", 0)] = b
     rows = []
     head = ["case", "B", "T", "H", "torch.nn (µs)"] + [f"{c} (µs)" for c in columns] + \
-        [f"torch/{c}" for c in columns] + [f"{columns[0]} GFLOP/s", f"% of {threads}-thread GEMM",
-                                            "torch/(GEMM work at the ceiling)", "target"]
+        [f"torch/{c}" for c in columns] + [f"torch/{columns[0]} over the repetitions",
+                                           f"{columns[0]} GFLOP/s", f"% of {threads}-thread MKL GEMM",
+                                           "torch/(GEMM work at MKL's rate)", "target"]
     for name, impls in groups.items():
         t = impls.get("torch")
-        ours = impls.get("ours") or impls.get(columns[0])
-        if t is None or ours is None:
+        if t is None or impls.get(columns[0]) is None:
             continue
-        info = t["extra_info"]
-        tm = t["stats"]["median"] * 1e6
+        info = next(iter(t.values()))["extra_info"]
+        tmeds = {r: b["stats"]["median"] * 1e6 for r, b in t.items()}
+        tm = _median(tmeds.values())
         cells = [name, info["B"], info["T"], info["H"], f"{tm:.1f}"]
-        meds = [impls[c]["stats"]["median"] * 1e6 if c in impls else None for c in columns]
+        meds, ratios = [], []
+        for c in columns:
+            cm = {r: b["stats"]["median"] * 1e6 for r, b in impls.get(c, {}).items()}
+            meds.append(_median(cm.values()) if cm else None)
+            ratios.append([tmeds[r] / cm[r] for r in sorted(cm) if r in tmeds])
         cells += [f"{m:.1f}" if m else "–" for m in meds]
-        cells += [f"{tm / m:.2f}×" if m else "–" for m in meds]
+        cells += [f"{_median(r):.2f}×" if r else "–" for r in ratios]
+        cells += ["–".join(f"{x:.2f}" for x in (min(ratios[0]), max(ratios[0]))) + "×" if len(ratios[0]) > 1
+                  else "–"]
         gflops = info["flops"] / (meds[0] * 1e-6) / 1e9
         target = info.get("target")
-        # the ratio a kernel doing only the case's GEMM work, at the measured GEMM ceiling, would reach
-        bound = tm / (info["flops"] / (ceiling * 1e9) * 1e6)
-        cells += [f"{gflops:.1f}", f"{100 * gflops / ceiling:.0f}%", f"{bound:.2f}×", f"≥ {target}×" if target else ""]
+        # the ratio a kernel doing only the case's GEMM work at MKL's large-GEMM rate would reach
+        at_mkl = tm / (info["flops"] / (ceiling * 1e9) * 1e6)
+        cells += [f"{gflops:.1f}", f"{100 * gflops / ceiling:.0f}%", f"{at_mkl:.2f}×",
+                  f"≥ {target}×" if target else ""]
         rows.append(cells)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -204,52 +251,63 @@ def main():
               f"- machine: {cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
               f"- python {platform.python_version()}, torch {torch.__version__}, rnnrec_fast {rnnrec_fast.__version__}",
               f"- backends: {rnnrec_fast.backend_info()}",
-              "- median wall time per call from Python (pytest-benchmark), same weights and inputs, same run;",
+              "- wall time per call from Python (pytest-benchmark), same weights and inputs, same run;",
               "  inference under torch.inference_mode; training = forward + backward of a scalar loss",
-              "- ratio = torch.nn median / ours median (> 1: ours faster)",
-              "- GEMM ceiling = torch's own 1024³ fp32 matmul (MKL) in the same run, as the issue defines it;",
-              "  torch/(GEMM work at the ceiling) = the ratio a kernel would reach if it did nothing but the case's",
-              "  GEMM work (the FLOP count in benchmarks/cases.py) at that ceiling: no kernel doing this exact",
-              "  fp32 arithmetic on one core gets much past it",
-              f"- our float32 CPU kernels here: {_simd_level()} (MKL takes its AVX2 path on AMD CPUs, so with",
-              "  AVX-512 ours can exceed 100% of the ceiling; checked: one thread, process CPU time = wall time)",
+              f"- every case timed in {REPS} interleaved repetitions (torch.nn, ours, onnxruntime, then again):",
+              "  a time is the median over the repetitions of pytest-benchmark's median; torch/ours is the",
+              "  median over the repetitions of each one's torch.nn / ours (> 1: ours faster), with its range",
+              "- MKL GEMM = torch's own 1024³ fp32 matmul in the same run (the issue's 'GEMM ceiling');",
+              "  torch/(GEMM work at MKL's rate) = the ratio a kernel would reach doing nothing but the case's",
+              "  GEMM work (the FLOP count in benchmarks/cases.py) at that rate. Not a hard bound: the core's",
+              "  fp32 FMA peak (below) is higher, and hand-written kernels can run above MKL's rate",
+              f"- our float32 CPU kernels here: {_simd_level()} (MKL takes its AVX2 path on AMD CPUs;",
+              "  checked: one thread, process CPU time = wall time)",
               ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = fma_peak(tmp)
+    header.insert(-1, f"- fp32 FMA peak of one core (benchmarks/fmapeak.c, register-only FMA loop): "
+                      + (f"{peak:.1f} GFLOP/s" if peak else "not measured (no C compiler)"))
     out = header[:]
     raw = {}
+    ceilings = {}
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
-            ceiling = gemm_ceiling(threads)
+            ceiling = ceilings[threads] = gemm_ceiling(threads)
             data = run_pytest(threads, "test_cpu", Path(tmp) / f"cpu{threads}.json")
             raw[f"cpu_threads{threads}"] = data
-            out += [f"## {threads} thread(s); fp32 1024³ GEMM ceiling measured now: {ceiling:.1f} GFLOP/s", "",
+            out += [f"## {threads} thread(s); fp32 1024³ MKL GEMM measured now: {ceiling:.1f} GFLOP/s", "",
                     table(data, ceiling, threads, ["ours", "onnxruntime"]), ""]
             print("\n".join(out[-4:]), flush=True)
-        ceiling = gemm_ceiling(1)
+        if 1 not in ceilings:
+            ceilings[1] = gemm_ceiling(1)
+        ceiling = ceilings[1]
         data = run_pytest(1, "test_numba_cpu", Path(tmp) / "numba.json")
         raw["numba_threads1"] = data
-        out += ["## Numba CPU backend beside torch.nn and the C++ backend (1 thread)", "",
-                table(data, ceiling, 1, ["numba", "ours"]), ""]
+        out += [f"## Numba CPU backend beside torch.nn and the C++ backend (1 thread; MKL GEMM {ceiling:.1f} "
+                "GFLOP/s, as above)", "", table(data, ceiling, 1, ["numba", "ours"]), ""]
     # the long session (B=1): every step reads all of W_hh, which does not fit in the core's L2; the
     # input projection of all T steps is one product of T rows, which takes longer as GEMM work than
     # as a read of W_ih. Each phase takes at least the longer of the two.
     case = next(c for c in cases.CASES if c.B == 1 and c.T > 1)
-    t_read = stream_us(case.H)
-    t_torch = next(b["stats"]["median"] * 1e6 for b in raw["cpu_threads1"]["benchmarks"]
-                   if b["group"] == case.name and b["extra_info"]["impl"] == "torch")
-    gh = 3 * case.H
-    t_proj = 2 * case.T * gh * case.H / (ceiling * 1e3)  # µs at the 1-thread ceiling (GFLOP/s)
-    t_step = 2 * gh * case.H / (ceiling * 1e3)
-    floor = max(t_read, t_proj) + case.T * max(t_read, t_step)
-    out += [f"## Floor of the long session (B={case.B}, T={case.T}, H={case.H}, 1 thread)", "",
-            f"Each step reads all of W_hh ({gh * case.H * 4 / 2**20:.1f} MiB, more than the core's L2): reading "
-            f"one such matrix from the cache it stays in (a sum over it, minus the call overhead) took "
-            f"{t_read:.1f} µs, longer than the step's GEMM work at the 1-thread ceiling ({t_step:.1f} µs). The "
-            f"input projection of the {case.T} steps is one product of {case.T} rows: its GEMM work at the ceiling "
-            f"takes {t_proj:.0f} µs, {'longer' if t_proj > t_read else 'shorter'} than a read of W_ih. So a "
-            f"call takes at least {max(t_read, t_proj):.0f} + {case.T} × {max(t_read, t_step):.1f} = {floor:.0f} µs: "
-            f"a kernel doing this exact fp32 arithmetic on one core cannot beat torch.nn ({t_torch:.0f} µs) by "
-            f"much more than {t_torch / floor:.2f}× here, even with the steps' arithmetic hidden under their reads "
-            f"(runs before 2026-11-30j counted the projection as one read of W_ih: a looser bound).", ""]
+    t_torch = [b["stats"]["median"] * 1e6 for b in raw.get("cpu_threads1", {}).get("benchmarks", [])
+               if b["group"] == case.name and b["extra_info"]["impl"] == "torch"]
+    if t_torch:
+        t_torch = _median(t_torch)
+        t_read = stream_us(case.H)
+        gh = 3 * case.H
+        t_proj = 2 * case.T * gh * case.H / (ceiling * 1e3)  # µs at MKL's 1-thread rate (GFLOP/s)
+        t_step = 2 * gh * case.H / (ceiling * 1e3)
+        floor = max(t_read, t_proj) + case.T * max(t_read, t_step)
+        out += [f"## Estimated floor of the long session (B={case.B}, T={case.T}, H={case.H}, 1 thread)", "",
+                f"Each step reads all of W_hh ({gh * case.H * 4 / 2**20:.1f} MiB, more than the core's L2): "
+                f"reading one such matrix from the cache it stays in (a sum over it, minus the call overhead) took "
+                f"{t_read:.1f} µs, longer than the step's GEMM work at MKL's 1-thread rate ({ceiling:.1f} GFLOP/s: "
+                f"{t_step:.1f} µs). The input projection of the {case.T} steps is one product of {case.T} rows: its "
+                f"GEMM work at that rate takes {t_proj:.0f} µs, {'longer' if t_proj > t_read else 'shorter'} than "
+                f"a read of W_ih. So a call takes about {max(t_read, t_proj):.0f} + {case.T} × "
+                f"{max(t_read, t_step):.1f} = {floor:.0f} µs, {t_torch / floor:.2f}× faster than torch.nn "
+                f"({t_torch:.0f} µs). An estimate, not a hard bound: it takes every step's W_hh from outside L2 "
+                f"and the projection at MKL's rate, where the core's FMA peak is higher.", ""]
     out += ["## Peak memory of one training step (fresh process, after a warm-up step, one thread)", "",
             "live heap: the peak of the bytes held in malloc-family allocations over the step (every call "
             "counted by benchmarks/memcount.c, preloaded; the same figure in every process); RSS: the growth "

@@ -1,0 +1,38 @@
+/* The fp32 FMA peak of one core: a register-only loop of independent fused multiply-adds on
+ * vectors as wide as our kernels' (32 bytes: AVX2, 64: AVX-512), no memory traffic. benchmarks/run.py
+ * compiles it with -O2 -march=native and calls fma_gflops (ctypes) on one thread: the rate no
+ * fp32 kernel exceeds on this core, beside MKL's large-GEMM rate. */
+#include <time.h>
+
+#ifndef VBYTES
+#define VBYTES 32
+#endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+double fma_gflops(long iters, float seed) {
+  vf a, b;
+  for (int l = 0; l < VBYTES / 4; ++l) {
+    a[l] = 0.999999f;
+    b[l] = seed * 1e-7f;
+  }
+  /* twelve chains in named variables (an array would live in memory) */
+  vf c0 = a, c1 = a * 2.f, c2 = a * 3.f, c3 = a * 4.f, c4 = a * 5.f, c5 = a * 6.f;
+  vf c6 = a * 7.f, c7 = a * 8.f, c8 = a * 9.f, c9 = a * 10.f, c10 = a * 11.f, c11 = a * 12.f;
+  double t = now();
+  for (long n = 0; n < iters; ++n) { /* 12 FMAs (-ffp-contract=fast) per iteration */
+    c0 = c0 * a + b; c1 = c1 * a + b; c2 = c2 * a + b; c3 = c3 * a + b;
+    c4 = c4 * a + b; c5 = c5 * a + b; c6 = c6 * a + b; c7 = c7 * a + b;
+    c8 = c8 * a + b; c9 = c9 * a + b; c10 = c10 * a + b; c11 = c11 * a + b;
+  }
+  t = now() - t;
+  vf s = c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11;
+  volatile float sink = s[0];
+  (void)sink;
+  return 2.0 * (VBYTES / 4) * 12 * (double)iters / t / 1e9;
+}
