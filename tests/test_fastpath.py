@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnrec_fast
 from rnnrec_fast import modules
@@ -444,27 +446,40 @@ def test_python_backends_cells_and_declines(py_spy, backend):
     assert bi._plan is None
 
 
+class _SeenDispatch(TorchDispatchMode):
+    """A dispatch mode that records the ops it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _SeenFunction(TorchFunctionMode):
+    """A torch function mode that records the calls it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("backend", _py_backends())
 def test_python_backends_fast_path_declines_tracing_and_dispatch_modes(py_spy, backend):
     """Under torch.jit.trace and under a torch dispatch mode the call must go through the registered
     op (the trace records it, the mode sees it): the plan declines both."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(6)
     ref = nn.GRU(4, 5, batch_first=True)
     ours = rnnrec_fast.from_torch(ref, backend=backend).eval()
     x = torch.randn(3, 2, 4)
     with torch.no_grad():
-        mode = Seen()
+        mode = _SeenDispatch()
         with mode:
             out, _ = ours(x)
         assert any("rnnrec_fast.recurrence" in op for op in mode.ops), mode.ops
@@ -480,27 +495,6 @@ def test_python_backends_fast_path_declines_tracing_and_dispatch_modes(py_spy, b
 def test_fast_paths_visible_to_modes_and_profiler(backend, kind):
     """A torch dispatch mode, a torch function mode and the profiler see a module's inference call
     as the op's call (as they see torch.nn's aten calls): every fast path declines under them."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class SeenDispatch(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    class SeenFunction(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(7)
     ref = getattr(nn, kind)(4, 5)
     ours = rnnrec_fast.from_torch(ref, backend=backend).eval()
@@ -508,7 +502,7 @@ def test_fast_paths_visible_to_modes_and_profiler(backend, kind):
     want = ref(x)
     for grad_mode in (torch.no_grad, torch.inference_mode):
         with grad_mode():
-            for mode in (SeenDispatch(), SeenFunction()):
+            for mode in (_SeenDispatch(), _SeenFunction()):
                 with mode:
                     out = ours(x)
                 assert any("rnnrec_fast.recurrence" in op for op in mode.ops), (type(mode), mode.ops)
