@@ -4,10 +4,12 @@ training throughput, on the CPU.
     pytest benchmarks/bench_recsys.py                       # measure
     pytest benchmarks/bench_recsys.py --benchmark-disable   # quick smoke run (each case once)
 
+Inference is timed beside the same model with its GRU on torch.nn.GRU (same weights: impl=torch).
 Catalogues: 3k = a model trained briefly on the YOOCHOOSE 100k sample (2,933 items; a synthetic
 3k model when the data is absent), 100k and 1M = synthetic random models (100 units, shared
 embedding). Batches: 1, 64 and 1024 concurrent sessions.
 """
+import copy
 import os
 
 import pytest
@@ -41,10 +43,26 @@ def _model(n):
     return _MODELS[n]
 
 
+def _on_torch_nn(model):
+    """The same model with its GRU layers on torch.nn.GRU (same weights): the baseline. Its step and
+    top-k go through the same code; only the recurrence runs on torch.nn."""
+    base = copy.deepcopy(model)
+    rnn = model.rnn
+    base.rnn = torch.nn.GRU(rnn.input_size, rnn.hidden_size, num_layers=rnn.num_layers)
+    base.rnn.load_state_dict(rnn.state_dict())
+    return base.eval()
+
+
+@pytest.mark.parametrize("impl", ["ours", "torch"])
 @pytest.mark.parametrize("batch", [1, 64, 1024])
 @pytest.mark.parametrize("catalogue", ["3k", "100k", "1M"])
-def test_inference_topk(benchmark, catalogue, batch):
+def test_inference_topk(benchmark, catalogue, batch, impl):
     model = _model(catalogue)
+    if impl == "torch":
+        if catalogue == "1M" and batch == 1024:
+            pytest.skip("the scoring GEMM is the same on both sides; 10 s a round")
+        model = _on_torch_nn(model)
+    benchmark.group = f"inference {catalogue} B{batch}"
     g = torch.Generator().manual_seed(batch)
     items = torch.randint(0, model.n_items, (batch,), generator=g)
     h = torch.randn(model.num_layers, batch, H, generator=g) * 0.1
@@ -56,7 +74,7 @@ def test_inference_topk(benchmark, catalogue, batch):
     vals, idx = benchmark.pedantic(step_and_rank, rounds=3 if catalogue == "1M" else 10, warmup_rounds=1) \
         if catalogue == "1M" and batch == 1024 else benchmark(step_and_rank)
     assert idx.shape == (batch, 20)
-    benchmark.extra_info.update(catalogue=model.n_items, batch=batch)
+    benchmark.extra_info.update(catalogue=model.n_items, batch=batch, impl=impl)
 
 
 def test_training_throughput(benchmark):
