@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -259,6 +258,15 @@ class _FastPath(nn.Module):
         if args and isinstance(args[0], torch.fx.Proxy):
             return _fx_leaf_call(self, args, kwargs)
         return nn.Module.__call__(self, *args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: a clear error instead of TorchScript's, before it
+        # touches the model (a twin module returned here would replace this one in the caller's
+        # eager model too: torch writes it back into the parent's submodules)
+        raise TypeError(f"{type(self).__name__}: torch.jit.script cannot compile rnnrec_fast's modules (their "
+                        "forward takes PackedSequence and keyword inputs TorchScript cannot type); use "
+                        "torch.jit.trace, torch.compile or torch.export, or script a function that calls "
+                        "torch.ops.rnnrec_fast.recurrence")
 
     def __getstate__(self):  # pickle / deepcopy: the plan is rebuilt, bound to the copy's parameters
         state = super().__getstate__()
@@ -694,99 +702,6 @@ class GRUCell(_CellBase):
 
 
 _FROM_TORCH = {nn.GRU: GRU, nn.RNN: RNN, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
-
-
-# ----------------------------------------------------------------------------------------------
-# TorchScript: torch.jit.script compiles what __prepare_scriptable__ returns
-
-
-class _ScriptRNN(nn.Module):
-    """What ``torch.jit.script`` compiles for an RNN / GRU: the same parameters (the same tensors,
-    under the same names) and the same results, for a Tensor input and an optional hx (no
-    PackedSequence and no ``resets``, which TorchScript's typing of the module's forward rules
-    out). Errors come from the op."""
-
-    def __init__(self, m: _RNNBase):
-        super().__init__()
-        for name in m._flat_weights_names:
-            setattr(self, name, getattr(m, name))
-        self.num_layers = m.num_layers
-        self.directions = 2 if m.bidirectional else 1
-        self.batch_first = m.batch_first
-        self.dropout = float(m.dropout)
-        self.mode = m._op_mode
-        self.reset_after = m.reset_after
-        self.backend = m.backend
-        self.with_bias = m.bias
-        self.training = m.training
-        self._flat_weights = [getattr(m, name) for name in m._flat_weights_names]
-
-    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        batched = input.dim() == 3
-        x = input
-        if not batched:
-            x = input.unsqueeze(1)
-            if hx is not None:
-                hx = hx.unsqueeze(1)
-        elif self.batch_first:
-            x = input.transpose(0, 1)
-        per = 4 if self.with_bias else 2
-        hs: List[torch.Tensor] = []
-        layer_in = x
-        for layer in range(self.num_layers):
-            outs: List[torch.Tensor] = []
-            for direction in range(self.directions):
-                k = (layer * self.directions + direction) * per
-                w_ih, w_hh = self._flat_weights[k], self._flat_weights[k + 1]
-                b_ih: Optional[torch.Tensor] = None
-                b_hh: Optional[torch.Tensor] = None
-                if self.with_bias:
-                    b_ih, b_hh = self._flat_weights[k + 2], self._flat_weights[k + 3]
-                h0: Optional[torch.Tensor] = None
-                if hx is not None:
-                    h0 = hx[layer * self.directions + direction]
-                xin = layer_in if direction == 0 else layer_in.flip(0)
-                y, h, _ = torch.ops.rnnrec_fast.recurrence(xin, h0, w_ih, w_hh, b_ih, b_hh, None, None,
-                                                           self.mode, self.reset_after, self.backend)
-                outs.append(y if direction == 0 else y.flip(0))
-                hs.append(h)
-            layer_in = outs[0] if self.directions == 1 else torch.cat(outs, 2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_in = F.dropout(layer_in, self.dropout, True)
-        h_n = torch.stack(hs)
-        if not batched:
-            return layer_in.squeeze(1), h_n.squeeze(1)
-        if self.batch_first:
-            return layer_in.transpose(0, 1), h_n
-        return layer_in, h_n
-
-
-class _ScriptCell(nn.Module):
-    """What ``torch.jit.script`` compiles for an RNNCell / GRUCell: the same parameters, the same
-    results (a batched or unbatched Tensor input, an optional hx). Errors come from the op."""
-
-    def __init__(self, m: _CellBase):
-        super().__init__()
-        self.weight_ih, self.weight_hh = m.weight_ih, m.weight_hh
-        self.bias_ih, self.bias_hh = m.bias_ih, m.bias_hh
-        self.mode = m.mode
-        self.reset_after = m.reset_after
-        self.backend = m.backend
-        self.training = m.training
-
-    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        batched = input.dim() == 2
-        x = input if batched else input.unsqueeze(0)
-        if hx is not None and not batched:
-            hx = hx.unsqueeze(0)
-        _, h, _ = torch.ops.rnnrec_fast.recurrence(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih,
-                                                   self.bias_hh, None, None, self.mode, self.reset_after,
-                                                   self.backend)
-        return h if batched else h.squeeze(0)
-
-
-_RNNBase.__prepare_scriptable__ = lambda self: _ScriptRNN(self)
-_CellBase.__prepare_scriptable__ = lambda self: _ScriptCell(self)
 
 
 def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
