@@ -9,7 +9,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -1203,7 +1202,8 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
 // dict (so a replaced, reassigned or swapped parameter is seen at once; nothing is cached but
 // names), and runs infer_impl. Declines (None) what infer_impl declines, non-plain tensors,
 // missing parameters, and calls under torch.jit.trace (which must record the op), a torch dispatch
-// or function mode, or the profiler (any RecordFunction callback): those see the op's call.
+// mode, or the profiler (any RecordFunction callback): those see the op's call. (The module checks
+// torch function modes before calling the plan: modules._function_mode_sees_calls.)
 class InferPlan {
  public:
   InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
@@ -1220,8 +1220,7 @@ class InferPlan {
   py::object call(py::handle input, py::handle hx) const {
     if (!THPVariable_CheckExact(input.ptr()) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
         at::GradMode::is_enabled() || torch::jit::tracer::isTracing() ||
-        c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled() ||
-        at::hasCallbacks())
+        c10::impl::TorchDispatchModeTLS::any_modes_set() || at::hasCallbacks())
       return py::none();
     c10::SmallVector<const at::Tensor*, 16> w;
     for (const auto& name : names_) {

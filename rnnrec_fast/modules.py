@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.utils._device import DeviceContext as _DeviceContext
 
 from . import ops
 from .backends import reference
@@ -33,6 +34,15 @@ _is_compiling = torch.compiler.is_compiling
 
 
 _PY_FAST_BACKENDS = ("auto", "numba", "reference")
+
+
+def _function_mode_sees_calls():
+    """A torch function mode is active that would see the op's call (a FlopCounter, a debug or
+    logging mode): the fast paths decline for it. torch's own DeviceContext (``with
+    torch.device(...)``, ``torch.set_default_device``) only redirects factory calls and is ignored:
+    declining for it would make every call there take the general path (8 -> ~95 us a click)."""
+    return torch._C._is_torch_function_mode_enabled() and any(
+        not isinstance(m, _DeviceContext) for m in torch.overrides._get_current_function_mode_stack())
 # torch.func's wrappers (vmap's batched tensors, ...) have no storage of their own: no fast path
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
@@ -54,10 +64,11 @@ class _PyInferPlan:
     and a weight whose memory was swapped through .data is released at the next call), writes
     the outputs in place and keeps no workspace (a B=1, T=1, H=100 GRU call: 92 -> ~47 us here,
     torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) what
-    InferPlan declines (autograd on, torch.jit.trace, non-plain tensors, other devices and
-    dtypes, missing or mis-shaped weights, shapes that do not fit), and also unbatched inputs
-    and calls under a torch dispatch or function mode, the profiler or autocast and torch.func's
-    wrapped tensors (vmap); the general path then runs, and raises the errors."""
+    InferPlan declines (autograd on, torch.jit.trace, a torch dispatch mode, the profiler,
+    non-plain tensors, other devices and dtypes, missing or mis-shaped weights, shapes that do not
+    fit), and also unbatched inputs, autocast and torch.func's wrapped tensors (vmap); the general
+    path then runs, and raises the errors. (A torch function mode is checked by the module before
+    either plan: _function_mode_sees_calls.)"""
 
     __slots__ = ("params", "names", "mode", "mode_i", "reset_after", "layers", "batch_first", "cell",
                  "backend", "gates", "views")
@@ -71,8 +82,8 @@ class _PyInferPlan:
     def __call__(self, input, hx=None):
         if (type(input) is not torch.Tensor or (hx is not None and type(hx) is not torch.Tensor)
                 or torch.is_grad_enabled() or torch._C._get_tracing_state() is not None
-                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                or torch.autograd._profiler_enabled() or torch.is_autocast_enabled("cpu")
+                or torch._C._len_torch_dispatch_stack() or torch.autograd._profiler_enabled()
+                or torch.is_autocast_enabled("cpu")
                 or _functorch_wrapped(input) or (hx is not None and _functorch_wrapped(hx))):
             return None
         dt = input.dtype
@@ -251,7 +262,7 @@ class _FastPath(nn.Module):
                          or self._backward_pre_hooks or _nn_module._global_forward_hooks
                          or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
                          or _nn_module._global_backward_pre_hooks)
-                and not (d["training"] and d.get("dropout"))):
+                and not (d["training"] and d.get("dropout")) and not _function_mode_sees_calls()):
             out = plan(args[0], args[1] if len(args) == 2 else None)
             if out is not None:
                 return out
@@ -453,7 +464,7 @@ class _RNNBase(_FastPath):
     def forward(self, input, hx=None, *, resets=None):
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
-            if plan is not None and not (self.dropout and self.training):
+            if plan is not None and not (self.dropout and self.training) and not _function_mode_sees_calls():
                 out = plan(input, hx)
                 if out is not None:
                     return out
@@ -631,7 +642,7 @@ class _CellBase(_FastPath):
     def forward(self, input, hx=None):
         if not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
-            if plan is not None:
+            if plan is not None and not _function_mode_sees_calls():
                 out = plan(input, hx)
                 if out is not None:
                     return out

@@ -563,6 +563,43 @@ def test_serving_interface_matches_plain_math():
         model.eval()
 
 
+def test_score_under_tracing_modes_and_vmap():
+    """score's few-rows kernel is not a registered op: under torch.jit.trace, a dispatch mode and
+    torch.func.vmap the scores come from ATen (a trace recorded an empty tensor plus the bias)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(6)
+    model = GRU4Rec(50, [8]).eval()
+    with torch.no_grad():
+        model.By.normal_()
+    h = torch.randn(2, 8)
+    want = h @ model.Wy.detach().t() + model.By.detach().t()
+
+    class Scorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.score(x)
+
+    traced = torch.jit.trace(Scorer(), (h,), check_trace=False)
+    h2 = torch.randn(2, 8)
+    torch.testing.assert_close(traced(h2), h2 @ model.Wy.detach().t() + model.By.detach().t())
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        torch.testing.assert_close(model.score(h), want)
+    assert any("addmm" in op or "mm" in op for op in Seen.ops), Seen.ops
+    torch.testing.assert_close(torch.func.vmap(lambda r: model.score(r.unsqueeze(0))[0])(h), want)
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(RecsysError, match="not found"):
         recsys.load_checkpoint(str(tmp_path / "x.pt"))
