@@ -96,14 +96,16 @@ def test_a_dtype_the_fast_backend_lacks_warns_once_and_says_so(monkeypatch):
 
 def test_numba_backend_without_a_writable_cache(tmp_path):
     """A read-only install with no writable user cache directory: numba refuses cache=True there
-    (it raised while numba_cpu was imported, so the backend was lost with an 'unknown' reason); the
-    kernels are then compiled per process and the backend works."""
+    (it raised while numba_cpu was imported, so the backend was lost with an 'unknown' reason, and
+    the recommender's optimiser failed at its first step); the kernels are then compiled per process
+    and the backend and training work."""
     import shutil
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(rnnrec_fast.__file__)))
     shutil.copytree(os.path.join(root, "rnnrec_fast"), tmp_path / "rnnrec_fast",
                     ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
-    (tmp_path / "rnnrec_fast" / "backends" / "__pycache__").write_text("")  # no in-tree cache
+    for d in [tmp_path / "rnnrec_fast"] + [p for p in (tmp_path / "rnnrec_fast").rglob("*") if p.is_dir()]:
+        (d / "__pycache__").write_text("")  # no in-tree cache anywhere in the package
     home = tmp_path / "home"
     home.write_text("")  # no user cache either
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
@@ -116,6 +118,9 @@ def test_numba_backend_without_a_writable_cache(tmp_path):
             "w = [torch.randn(15, 4), torch.randn(15, 5), torch.randn(15), torch.randn(15)]\n"
             "y = rnnrec_fast.recurrence(x, h0, *w, backend='numba')[0]\n"
             "torch.testing.assert_close(y, rnnrec_fast.recurrence(x, h0, *w, backend='reference')[0])\n"
+            "from rnnrec_fast import recsys\n"  # the recommender's numba optimiser too
+            "ds = recsys.SessionDataset.from_log(recsys.synthetic_clicks(60, 20, seed=0))\n"
+            "recsys.train(ds, recsys.TrainConfig(layers=[8], epochs=1, n_sample=4, batch_size=4), progress=False)\n"
             "print('numba ok')\n") % str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                          cwd=str(tmp_path))

@@ -36,22 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import config as _numba_config
-from numba import njit as _numba_njit
 
-
-def njit(cache=False, **options):
-    """numba.njit, cached on disk where numba finds a writable place (the package's __pycache__ or
-    the user's cache directory); where it finds none (a read-only install without a writable HOME)
-    numba refuses cache=True outright, and the kernels are compiled in each process instead."""
-    def decorate(fn):
-        if cache:
-            try:
-                return _numba_njit(cache=True, **options)(fn)
-            except RuntimeError as exc:
-                if "cannot cache" not in str(exc):
-                    raise
-        return _numba_njit(**options)(fn)
-    return decorate
+from .._numba import njit
 
 MODE_RNN_TANH = 0
 MODE_RNN_RELU = 1

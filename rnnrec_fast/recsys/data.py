@@ -196,7 +196,9 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
                 t = cache.get(tv)
                 if t is None:
                     t = _parse_time(tv, time_format)
-                    if time_format or not tv.replace(".", "", 1).lstrip("-").isdigit():
+                    # repeated date strings (Diginetica's days) parse once; unique ISO stamps (the
+                    # raw YOOCHOOSE file: 33M of them) would only fill memory: a bounded cache
+                    if time_format or (len(cache) < 65536 and not tv.replace(".", "", 1).lstrip("-").isdigit()):
                         cache[tv] = t
                 if xi is not None:
                     t += float(row[xi]) / 1000.0

@@ -12,19 +12,19 @@ import torch
 from torch.optim import Optimizer
 
 try:  # one fused pass over the touched rows (no coalesce/sort); torch fallback otherwise
-    import numba as _nb
+    from .._numba import njit as _njit
 except ImportError:  # pragma: no cover
-    _nb = None
+    _njit = None
 
 _sparse_kernel = None
 
 
 def _get_sparse_kernel():
     global _sparse_kernel
-    if _sparse_kernel is None and _nb is not None:
+    if _sparse_kernel is None and _njit is not None:
         # error_model="numpy": no Python division-by-zero checks inside the loops, so LLVM
         # vectorises the per-element update (sqrt and division are IEEE either way, same bits)
-        @_nb.njit(cache=True, nogil=True, error_model="numpy")
+        @_njit(cache=True, nogil=True, error_model="numpy")
         def kernel(idx, val, p, acc, mom, scratch, seen, lr, momentum, eps):
             # scratch (N, D) is all zero and seen (N,) all False on entry and on exit
             n, D = val.shape
