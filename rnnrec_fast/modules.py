@@ -719,17 +719,20 @@ def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Convert a ``torch.nn`` RNN / GRU / RNNCell / GRUCell (weights included) in one call."""
     from torch.nn.utils import parametrize
 
-    if parametrize.is_parametrized(module) or any(n.endswith("_orig") for n in module._parameters):
-        raise ValueError("from_torch: the module's weights are parametrized (weight_norm, parametrize) or "
-                         "pruned; convert the plain module and apply them to the converted one (its "
-                         "weights are read as attributes, as torch.nn's), or remove them first "
-                         "(parametrize.remove_parametrizations, prune.remove)")
+    if not isinstance(module, tuple(_FROM_TORCH)):
+        raise TypeError(f"from_torch: expected torch.nn.RNN, GRU, RNNCell or GRUCell, got {type(module).__name__}")
+    names = module._parameters
+    if (parametrize.is_parametrized(module) or any(n.endswith("_orig") for n in names)
+            or any(n.endswith("_g") and n[:-2] + "_v" in names for n in names)):
+        raise ValueError("from_torch: the module's weights are parametrized (weight_norm, spectral_norm, "
+                         "parametrize) or pruned; convert the plain module and apply them to the converted one "
+                         "(its weights are read as attributes, as torch.nn's), or remove them first "
+                         "(parametrize.remove_parametrizations, prune.remove, remove_weight_norm, "
+                         "remove_spectral_norm)")
     cls = _FROM_TORCH.get(type(module))
     if cls is None:
-        extra = (" (a subclass of one: its own code would be lost)"
-                 if isinstance(module, tuple(_FROM_TORCH)) else "")
         raise TypeError(f"from_torch: expected torch.nn.RNN, GRU, RNNCell or GRUCell, got "
-                        f"{type(module).__name__}{extra}")
+                        f"{type(module).__name__} (a subclass of one: its own code would be lost)")
     p = next(module.parameters())
     factory = {"device": p.device, "dtype": p.dtype, "backend": backend}
     if cls in (GRU, RNN):

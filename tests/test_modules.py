@@ -415,7 +415,8 @@ def test_from_torch_refuses_transformed_modules_clearly():
     wn = parametrizations.weight_norm(nn.GRU(4, 5), "weight_hh_l0")
     pruned = nn.GRU(4, 5)
     prune.l1_unstructured(pruned, "weight_hh_l0", 0.5)
-    for m in (wn, pruned):
+    old_wn = torch.nn.utils.weight_norm(nn.GRU(4, 5), "weight_hh_l0")  # the hook-based one: _g, _v
+    for m in (wn, pruned, old_wn):
         with pytest.raises(ValueError, match="parametrized .* or pruned"):
             rnnrec_fast.from_torch(m)
 

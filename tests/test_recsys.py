@@ -498,6 +498,11 @@ def test_data_with_another_item_map_is_refused():
         compute_ranks(model, own)
     good = SessionDataset.from_log(test_log, ItemMap(list(tr.item_map.item_ids)))
     assert recsys.evaluate(model, good)["n_events"] == good.n_events
+    as_text = SessionDataset.from_log(test_log, ItemMap([str(v) for v in tr.item_map.item_ids]))
+    assert recsys.evaluate(model, as_text)["n_events"] == good.n_events  # 7 and "7": one id, as lookup
+    padded = ItemMap([f"0{v}" for v in tr.item_map.item_ids])  # "07" is another id than 7
+    with pytest.raises(RecsysError, match="another item map"):
+        padded.check_same(tr.item_map, "the padded ids")
     shuffled = SessionDataset.from_log(train_log, ItemMap(tr.item_map.item_ids[::-1]))
     with pytest.raises(RecsysError, match="another item map"):
         recsys.train(shuffled, TrainConfig(layers=[8], epochs=1, n_sample=0), progress=False, model=model)

@@ -329,9 +329,18 @@ class ItemMap:
     def check_same(self, other: "ItemMap", what: str):
         """Raise RecsysError unless ``other`` maps the same ids to the same indices: data indexed by
         another map than the model's gives meaningless scores and metrics, silently."""
-        if other is not self and other.item_ids != self.item_ids:
+        if other is not self and other.item_ids != self.item_ids and \
+                [_id_key(v) for v in other.item_ids] != [_id_key(v) for v in self.item_ids]:
             raise RecsysError(f"{what} is indexed by another item map than the model's ({len(other)} vs "
                               f"{len(self)} items); build it with SessionDataset.from_log(log, model.item_map)")
+
+
+def _id_key(v):
+    """An id as ItemMap.lookup matches it: 7, np.int64(7) and "7" are one id, "007" another."""
+    if isinstance(v, str):
+        n = canonical_int(v)
+        return v if n is None else n
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
 
 
 def _py(v):

@@ -203,7 +203,7 @@ class GRU4Rec(nn.Module):
             return y0, h0n.unsqueeze(0)
         if self.training and self.dropout_embed > 0:
             y0 = F.dropout(y0, self.dropout_embed, training=True)
-        y, hn = self.rnn(y0, h[1:], resets=resets)
+        y, hn = self.rnn(y0, h[1:]) if resets is None else self.rnn(y0, h[1:], resets=resets)
         return y, torch.cat([h0n.unsqueeze(0), hn], 0)
 
     def forward(self, items: torch.Tensor, h: torch.Tensor | None = None, resets=None, sparse=False):
