@@ -266,7 +266,7 @@ class _FastPath(nn.Module):
             out = plan(args[0], args[1] if len(args) == 2 else None)
             if out is not None:
                 return out
-        if args and isinstance(args[0], torch.fx.Proxy):
+        if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
             return _fx_leaf_call(self, args, kwargs)
         return nn.Module.__call__(self, *args, **kwargs)
 
@@ -313,7 +313,7 @@ def _fx_leaf_call(module, args, kwargs):
     """Under torch.fx symbolic tracing: one call_module node for the module, as the tracer records
     for torch.nn's own RNN modules (leaves to it); the forward itself branches on its input, so it
     cannot be traced through."""
-    tracer = args[0].tracer
+    tracer = next(a.tracer for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy))
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 

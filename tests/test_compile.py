@@ -99,7 +99,7 @@ class _CellModel(nn.Module):
         self.rnn = rnnrec_fast.RNN(16, 16, nonlinearity="relu")
 
     def forward(self, x, h):
-        h = self.cell(x, h)
+        h = self.cell(input=x, hx=h)  # keyword arguments too
         y, h_n = self.rnn(h.unsqueeze(0), hx=h.unsqueeze(0))
         return y, h_n
 
