@@ -43,8 +43,21 @@ def _function_mode_sees_calls():
     declining for it would make every call there take the general path (8 -> ~95 us a click)."""
     return torch._C._is_torch_function_mode_enabled() and any(
         not isinstance(m, _DeviceContext) for m in torch.overrides._get_current_function_mode_stack())
+
+
 # torch.func's wrappers (vmap's batched tensors, ...) have no storage of their own: no fast path
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _unrecorded(a, b=None):
+    """Plain tensors a (and b, when given), and nothing records the call: no torch.jit.trace, torch
+    dispatch mode or profiler, no torch.func wrapper. Only then may a kernel that is not the
+    registered op (the Python plans, GRU4Rec.score's few-rows kernel) run instead of it. (Compiling
+    and function modes are checked where the fast paths are tried.)"""
+    return (type(a) is torch.Tensor and (b is None or type(b) is torch.Tensor)
+            and torch._C._get_tracing_state() is None and not torch._C._len_torch_dispatch_stack()
+            and not torch.autograd._profiler_enabled()
+            and not _functorch_wrapped(a) and (b is None or not _functorch_wrapped(b)))
 
 # The op's mode of a module's ``mode``: torch.nn's names on the sequence modules ("GRU", "RNN_TANH",
 # "RNN_RELU"), the op's own on the cells (which torch.nn gives no ``mode``) and in modules pickled
@@ -80,11 +93,7 @@ class _PyInferPlan:
         self.views = [None] * len(self.names)  # (weight, its data_ptr, dtype, NumPy view) per weight
 
     def __call__(self, input, hx=None):
-        if (type(input) is not torch.Tensor or (hx is not None and type(hx) is not torch.Tensor)
-                or torch.is_grad_enabled() or torch._C._get_tracing_state() is not None
-                or torch._C._len_torch_dispatch_stack() or torch.autograd._profiler_enabled()
-                or torch.is_autocast_enabled("cpu")
-                or _functorch_wrapped(input) or (hx is not None and _functorch_wrapped(hx))):
+        if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not _unrecorded(input, hx):
             return None
         dt = input.dtype
         if not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided:

@@ -9,7 +9,7 @@ from torch import nn
 
 import rnnrec_fast
 
-from ..modules import _function_mode_sees_calls, _functorch_wrapped
+from ..modules import _function_mode_sees_calls, _unrecorded
 from .data import ItemMap, RecsysError
 
 try:  # x W^T + b for a few float32 rows in one pass over W (the catalogue); ATen's addmm otherwise
@@ -19,13 +19,10 @@ except ImportError:
 
 
 def _untraced(t) -> bool:
-    """Nothing records or transforms a call on t: no torch.compile / export, torch.jit.trace, torch
-    dispatch or function mode (but torch's DeviceContext), profiler, or torch.func transform. Only then
-    may a kernel that is not a registered op (linear_rows) run instead of ATen's, which they all see."""
-    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._get_tracing_state() is None and not torch._C._len_torch_dispatch_stack()
-            and not _function_mode_sees_calls() and not torch.autograd._profiler_enabled()
-            and not _functorch_wrapped(t))
+    """Nothing records or transforms a call on t (modules._unrecorded, and no torch.compile / export
+    or function mode but torch's DeviceContext): only then may linear_rows, which is not a registered
+    op, run instead of ATen's addmm, which they all see."""
+    return not torch.compiler.is_compiling() and not _function_mode_sees_calls() and _unrecorded(t)
 
 
 def _uniform_(t: torch.Tensor, fan_a: int, fan_b: int) -> torch.Tensor:
