@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,15 +127,21 @@ print((count.memcount_peak() - base) / 2**20)
 """
 
 
-def memcount_lib(workdir: str) -> str | None:
-    """benchmarks/memcount.c built into workdir (None where no C compiler is found)."""
+def shared_lib(workdir: str, name: str, *flags: str) -> str | None:
+    """benchmarks/<name>.c built as a shared library into workdir (None where no C compiler is found;
+    a failed build raises CalledProcessError)."""
     import shutil
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    out = str(Path(workdir) / "memcount.so")
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", out, str(HERE / "memcount.c")], check=True)
+    out = str(Path(workdir) / f"{name}.so")
+    subprocess.run([cc, "-O2", *flags, "-shared", "-fPIC", "-o", out, str(HERE / f"{name}.c")], check=True)
     return out
+
+
+def memcount_lib(workdir: str) -> str | None:
+    """benchmarks/memcount.c built into workdir (None where no C compiler is found)."""
+    return shared_lib(workdir, "memcount")
 
 
 def live_peak_mib(lib: str, impl: str, B: int, T: int, H: int) -> float:
@@ -151,16 +158,12 @@ def fma_peak(workdir: str) -> float | None:
     """The fp32 FMA peak of one core (benchmarks/fmapeak.c: a register-only FMA loop on vectors as
     wide as our kernels'), median of 5; None where no C compiler is found or it does not build."""
     import ctypes
-    import shutil
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    out = str(Path(workdir) / "fmapeak.so")
     vbytes = 64 if _simd_level() == "avx512" else 32
     try:
-        subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=fast", f"-DVBYTES={vbytes}", "-shared", "-fPIC",
-                        "-o", out, str(HERE / "fmapeak.c")], check=True)
+        out = shared_lib(workdir, "fmapeak", "-march=native", "-ffp-contract=fast", f"-DVBYTES={vbytes}")
     except subprocess.CalledProcessError:
+        return None
+    if out is None:
         return None
     lib = ctypes.CDLL(out)
     lib.fma_gflops.restype = ctypes.c_double
@@ -185,12 +188,6 @@ def run_pytest(threads: int, select: str, json_path: Path):
     return data
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
 def table(data, ceiling, threads, columns):
     """One row per case. Each implementation was timed in REPS interleaved repetitions: its time is
     the median over them of pytest-benchmark's median; a ratio is the median over repetitions of
@@ -209,15 +206,15 @@ def table(data, ceiling, threads, columns):
             continue
         info = next(iter(t.values()))["extra_info"]
         tmeds = {r: b["stats"]["median"] * 1e6 for r, b in t.items()}
-        tm = _median(tmeds.values())
+        tm = statistics.median(tmeds.values())
         cells = [name, info["B"], info["T"], info["H"], f"{tm:.1f}"]
         meds, ratios = [], []
         for c in columns:
             cm = {r: b["stats"]["median"] * 1e6 for r, b in impls.get(c, {}).items()}
-            meds.append(_median(cm.values()) if cm else None)
+            meds.append(statistics.median(cm.values()) if cm else None)
             ratios.append([tmeds[r] / cm[r] for r in sorted(cm) if r in tmeds])
         cells += [f"{m:.1f}" if m else "–" for m in meds]
-        cells += [f"{_median(r):.2f}×" if r else "–" for r in ratios]
+        cells += [f"{statistics.median(r):.2f}×" if r else "–" for r in ratios]
         cells += ["–".join(f"{x:.2f}" for x in (min(ratios[0]), max(ratios[0]))) + "×" if len(ratios[0]) > 1
                   else "–"]
         gflops = info["flops"] / (meds[0] * 1e-6) / 1e9
@@ -266,7 +263,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         peak = fma_peak(tmp)
     header.insert(-1, f"- fp32 FMA peak of one core (benchmarks/fmapeak.c, register-only FMA loop): "
-                      + (f"{peak:.1f} GFLOP/s" if peak else "not measured (no C compiler)"))
+                      + (f"{peak:.1f} GFLOP/s" if peak else "not measured (no C compiler, or it did not build)"))
     out = header[:]
     raw = {}
     ceilings = {}
@@ -292,7 +289,7 @@ def main():
     t_torch = [b["stats"]["median"] * 1e6 for b in raw.get("cpu_threads1", {}).get("benchmarks", [])
                if b["group"] == case.name and b["extra_info"]["impl"] == "torch"]
     if t_torch:
-        t_torch = _median(t_torch)
+        t_torch = statistics.median(t_torch)
         t_read = stream_us(case.H)
         gh = 3 * case.H
         t_proj = 2 * case.T * gh * case.H / (ceiling * 1e3)  # µs at MKL's 1-thread rate (GFLOP/s)
