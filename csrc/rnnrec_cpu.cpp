@@ -1201,9 +1201,10 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
 // the names of its weights in order: a call converts two arguments, looks the weights up in the
 // dict (so a replaced, reassigned or swapped parameter is seen at once; nothing is cached but
 // names), and runs infer_impl. Declines (None) what infer_impl declines, non-plain tensors,
-// missing parameters, and calls under torch.jit.trace (which must record the op), a torch dispatch
-// mode, or the profiler (any RecordFunction callback): those see the op's call. (The module checks
-// torch function modes before calling the plan: modules._function_mode_sees_calls.)
+// missing parameters, and calls under torch.jit.trace (which must record the op) or a torch dispatch
+// mode: those see the op's call. (The module checks torch function modes before calling the plan:
+// modules._function_mode_sees_calls.) RecordFunction observers (the profiler, a global observer)
+// see the call as an event named after the op, and the fast path stays on under them.
 class InferPlan {
  public:
   InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
@@ -1220,7 +1221,7 @@ class InferPlan {
   py::object call(py::handle input, py::handle hx) const {
     if (!THPVariable_CheckExact(input.ptr()) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
         at::GradMode::is_enabled() || torch::jit::tracer::isTracing() ||
-        c10::impl::TorchDispatchModeTLS::any_modes_set() || at::hasCallbacks())
+        c10::impl::TorchDispatchModeTLS::any_modes_set())
       return py::none();
     c10::SmallVector<const at::Tensor*, 16> w;
     for (const auto& name : names_) {
@@ -1232,8 +1233,10 @@ class InferPlan {
       if (!THPVariable_Check(p)) return py::none();
       w.push_back(&THPVariable_Unpack(p));
     }
-    return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
-                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
+    const at::Tensor& x = THPVariable_Unpack(input.ptr());
+    const at::Tensor* h = hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr());
+    RECORD_FUNCTION("rnnrec_fast::recurrence", h ? std::vector<c10::IValue>{x, *h} : std::vector<c10::IValue>{x});
+    return infer_impl(x, h, w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
   }
 
  private:

@@ -77,10 +77,10 @@ class _PyInferPlan:
     and a weight whose memory was swapped through .data is released at the next call), writes
     the outputs in place and keeps no workspace (a B=1, T=1, H=100 GRU call: 92 -> ~47 us here,
     torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) what
-    InferPlan declines (autograd on, torch.jit.trace, a torch dispatch mode, the profiler,
-    non-plain tensors, other devices and dtypes, missing or mis-shaped weights, shapes that do not
-    fit), and also unbatched inputs, autocast and torch.func's wrapped tensors (vmap); the general
-    path then runs, and raises the errors. (A torch function mode is checked by the module before
+    InferPlan declines (autograd on, torch.jit.trace, a torch dispatch mode, non-plain tensors, other devices and dtypes, missing or mis-shaped weights, shapes that do not
+    fit), and also the profiler (InferPlan records its call as an event named after the op instead),
+    unbatched inputs, autocast and torch.func's wrapped tensors (vmap); the general path then runs,
+    and raises the errors. (A torch function mode is checked by the module before
     either plan: _function_mode_sees_calls.)"""
 
     __slots__ = ("params", "names", "mode", "mode_i", "reset_after", "layers", "batch_first", "cell",

@@ -513,6 +513,35 @@ def test_fast_paths_visible_to_modes_and_profiler(backend, kind):
             assert "rnnrec_fast::recurrence" in {e.name for e in prof.events()}
 
 
+@pytest.mark.skipif(not rnnrec_fast.backend_info().get("cpp") == "available", reason="needs the C++ extension")
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+@pytest.mark.parametrize("record_shapes", [False, True])
+def test_cpp_fast_path_runs_under_profiler_as_the_op(kind, record_shapes, monkeypatch):
+    """The C++ plan stays on under RecordFunction observers (the profiler, a global observer: one
+    in a serving process would otherwise turn it off for every call) and shows its call to them as
+    an event named after the op, with the input's shape when shapes are recorded."""
+    torch.manual_seed(9)
+    ref = getattr(nn, kind)(4, 5)
+    ours = rnnrec_fast.from_torch(ref, backend="cpp").eval()
+    x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    calls = []
+    real = torch.ops.rnnrec_fast.recurrence.default
+    monkeypatch.setattr(modules.torch.ops.rnnrec_fast.recurrence, "default",
+                        lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        want = ref(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=record_shapes) as prof:
+            got = ours(x)
+    assert calls == []  # the plan ran, not the op through the general path
+    assert_close(got[0] if kind == "GRU" else got, want[0] if kind == "GRU" else want, torch.float32,
+                 "output under the profiler")
+    events = [e for e in prof.events() if e.name == "rnnrec_fast::recurrence"]
+    assert len(events) == 1
+    if record_shapes:
+        assert events[0].input_shapes[0] == list(x.shape)
+
+
 @pytest.mark.parametrize("backend", ["auto"] + cpu_backends())
 def test_fast_paths_kept_under_torch_device_context(backend, monkeypatch):
     """torch's DeviceContext (`with torch.device(...)`, set_default_device) is a function mode that
