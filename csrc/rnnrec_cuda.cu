@@ -180,6 +180,26 @@ static int persistent_blocks_per_sm(const void* kernel, int device, size_t smem,
   return nb;
 }
 
+// Cooperative grids refused as too large (cudaErrorCooperativeLaunchTooLarge: under MPS a client
+// may get fewer SMs than the device properties report), per (device, kernel, smem bytes): the
+// smallest refused block count. A grid at least that large is not tried again (every refusal is a
+// failed launch call before the GEMM path); smaller ones still are.
+using GridKey = std::tuple<int, const void*, size_t>;
+static std::mutex refused_mu;
+static std::map<GridKey, int> refused_grids;
+
+static bool grid_refused_before(const GridKey& key, int nblk) {
+  std::lock_guard<std::mutex> lock(refused_mu);
+  auto it = refused_grids.find(key);
+  return it != refused_grids.end() && nblk >= it->second;
+}
+
+static void note_refused_grid(const GridKey& key, int nblk) {
+  std::lock_guard<std::mutex> lock(refused_mu);
+  auto it = refused_grids.find(key);
+  if (it == refused_grids.end() || nblk < it->second) refused_grids[key] = nblk;
+}
+
 // Tries the persistent path; returns false (having done nothing) when it does not apply.
 template <typename scalar_t, typename acc_t, int MODE>
 static bool try_persistent(const Dims& d, const Tensor& xp, const Tensor& w_hh,
@@ -202,6 +222,8 @@ static bool try_persistent(const Dims& d, const Tensor& xp, const Tensor& w_hh,
   auto kernel = persistent_fwd_kernel<scalar_t, acc_t, MODE>;
   const int per_sm = persistent_blocks_per_sm((const void*)kernel, device, smem, smem_optin);
   if (per_sm < 1 || nblk > per_sm * num_sms) return false;
+  const GridKey grid_key = std::make_tuple(device, (const void*)kernel, smem);
+  if (grid_refused_before(grid_key, nblk)) return false;
 
   auto opts = xp.options();  // acc_t
   Tensor hbuf = at::empty({2, d.B, d.H}, opts);
@@ -230,6 +252,7 @@ static bool try_persistent(const Dims& d, const Tensor& xp, const Tensor& w_hh,
                                                        smem, stream);
   if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than the properties say (MPS limits):
     (void)cudaGetLastError();                        // clear it; the caller takes the GEMM path
+    note_refused_grid(grid_key, nblk);
     return false;
   }
   C10_CUDA_CHECK(err);
