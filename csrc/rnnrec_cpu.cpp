@@ -1273,11 +1273,47 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::opti
   return has_b ? at::addmm(*b, x, W.t()) : at::mm(x, W.t());
 }
 
-// The k largest of s[0..N) into vals/idx, best first, in one pass that keeps them in a sorted array
-// (k is small: a new entry shifts at most k - 1 others). NaN ranks above every number, as in
-// torch.topk; among equal values the lower index comes first.
+// The k largest of s[0..N) into vals/idx, best first. NaN ranks above every number, as in
+// torch.topk; among equal values the lower index comes first. Small k: one pass that keeps them in
+// a sorted array (a new entry shifts at most k - 1 others; k = 20 of 2,933 scores ~4x faster than
+// the selection below). Larger k, where that array costs O(N k) (k = 30,000 of 30,000 took 186 ms):
+// a partial sort of (score, index) keys in the same order.
+constexpr int64_t kTopkInsertMax = 32;
+
+// A 64-bit key whose ascending order is that order: the score mapped to an unsigned integer that
+// grows with it (NaN largest, -0 as +0), inverted, above the index (N < 2^32 here).
+inline uint64_t topk_key(float x, int64_t j) {
+  uint32_t u;
+  if (std::isnan(x)) {
+    u = 0xFFFFFFFFu;
+  } else {
+    std::memcpy(&u, &x, sizeof u);
+    if (x == 0.0f) u = 0;
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return (uint64_t(~u) << 32) | uint64_t(j);
+}
+
+inline void select_topk_large(const float* __restrict s, int64_t N, int64_t k, float* __restrict vals,
+                              int64_t* __restrict idx) {
+  thread_local std::vector<uint64_t> keys;
+  keys.resize(size_t(N));
+  for (int64_t j = 0; j < N; ++j) keys[size_t(j)] = topk_key(s[j], j);
+  if (4 * k <= N) {  // a heap of the k best so far: nearly every key is one comparison with its top
+    std::partial_sort(keys.begin(), keys.begin() + k, keys.end());
+  } else {
+    if (k < N) std::nth_element(keys.begin(), keys.begin() + k, keys.end());
+    std::sort(keys.begin(), keys.begin() + k);
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    idx[i] = int64_t(keys[size_t(i)] & 0xFFFFFFFFu);
+    vals[i] = s[idx[i]];
+  }
+}
+
 inline void select_topk(const float* __restrict s, int64_t N, int64_t k, float* __restrict vals,
                         int64_t* __restrict idx) {
+  if (k > kTopkInsertMax && N < (int64_t(1) << 32)) return select_topk_large(s, N, k, vals, idx);
   const auto better = [](float a, float c) { return std::isnan(a) ? !std::isnan(c) : (!std::isnan(c) && a > c); };
   int64_t cnt = 0;
   float thr = 0.0f;  // vals[k - 1] once k values are held

@@ -538,6 +538,33 @@ def test_topk_rows_matches_torch_topk():
             bad()
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_topk_selection_order_for_every_k():
+    """Both selections (a sorted array for k <= 32; a partial sort of (score, index) keys above,
+    where the array cost O(N k): k = N of 30,000 took 186 ms) give one order: NaN first, then
+    scores descending (-0 equal to +0), equal scores by lower index. Checked for k on both sides of
+    each switch, in topk_rows and score_topk, against a sort in Python."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(11)
+    N = 400
+    s = torch.round(torch.randn(N, generator=gen) * 3) / 2  # many ties
+    s[[5, 77, 200]] = float("nan")
+    s[[9, 10]] = float("inf")
+    s[[11, 12]] = float("-inf")
+    zeros = (s == 0).nonzero().flatten()
+    s[zeros[::2]] = -0.0
+    vals = s.tolist()
+    order = sorted(range(N), key=lambda j: (0, 0.0, j) if vals[j] != vals[j] else (1, -vals[j] + 0.0, j))
+    eye = torch.eye(1)
+    for k in (1, 20, 32, 33, 99, 100, 101, 250, N - 1, N):
+        v, i = _C.topk_rows(s.view(1, N), k)
+        assert i[0].tolist() == order[:k], k
+        torch.testing.assert_close(v[0], s[order[:k]], equal_nan=True, rtol=0, atol=0)
+        sv, si = _C.score_topk(eye[0], s.view(N, 1), torch.zeros(N), k)
+        assert si == order[:k], k
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
 def test_reset_rows_ignore_what_h0_holds(backend, mode):

@@ -215,6 +215,117 @@ def test_batch_with_more_sessions_than_max_sessions_acts_as_single_clicks(exclud
     assert batch_rec.store.evicted_lru == one_rec.store.evicted_lru
 
 
+def _same_as_one_at_a_time(batch_rec, one_rec, got, want):
+    assert len(got) == len(want)
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert list(gi) == list(wi)
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    assert list(batch_rec.store._map) == list(one_rec.store._map)  # same sessions, same LRU order
+    for s in one_rec.store._map:
+        torch.testing.assert_close(batch_rec.state(s), one_rec.state(s), **TOL)
+        assert batch_rec.session_info(s) == one_rec.session_info(s)
+    assert batch_rec.store.evicted_lru == one_rec.store.evicted_lru
+
+
+@pytest.mark.parametrize("sids,expect_held", [
+    (["c", "a"], ["c", "a"]),  # c's creation evicts a (then least recently used) before a's click
+    (["a", "b", "c", "a"], ["c", "a"]),  # a batch evicting its own sessions: as one at a time
+    (["c", "b"], ["c", "b"]),
+])
+def test_batch_in_a_full_store_evicts_as_single_clicks(sids, expect_held):
+    """In a full store a batch evicts what the same clicks one at a time evict, in the same order
+    (it kept the held sessions it clicked and evicted others: 'a' then had 2 clicks, not 1)."""
+    model = make_model()
+    ids = model.item_ids
+    recs = [SessionRecommender(model, max_sessions=2, initial_capacity=1) for _ in range(2)]
+    for rec in recs:
+        rec.click("a", ids[1])
+        rec.click("b", ids[2])
+    items = [ids[10 + n] for n in range(len(sids))]
+    got = recs[0].click_many(sids, items, k=5)
+    want = [recs[1].click(s, i, k=5) for s, i in zip(sids, items)]
+    _same_as_one_at_a_time(recs[0], recs[1], got, want)
+    assert list(recs[0].store._map) == expect_held
+
+
+def test_random_batches_under_lru_pressure_match_single_clicks():
+    """Random batches (repeats, held and new sessions, per-row k and exclude_seen) into a store of
+    7 sessions: every result, state, click count, LRU order and eviction count equals the clicks
+    applied one at a time."""
+    import random
+
+    model = make_model()
+    ids = model.item_ids
+    rng = random.Random(4)
+    batch_rec = SessionRecommender(model, max_sessions=7, initial_capacity=2)
+    one_rec = SessionRecommender(model, max_sessions=7, initial_capacity=2)
+    for _ in range(60):
+        B = rng.randint(1, 12)
+        sids = [rng.randint(0, 14) for _ in range(B)]
+        items = [ids[rng.randrange(len(ids))] for _ in range(B)]
+        ks = [rng.choice([1, 3, 40]) for _ in range(B)]
+        excl = [rng.random() < 0.3 for _ in range(B)]
+        idxs = [model.item_index[i] for i in items]
+        v, ix = batch_rec.step_batch(sids, idxs, ks, excl)
+        got = list(zip(ix, v))
+        want = []
+        for s, i, k, e in zip(sids, idxs, ks, excl):
+            wv, wi = one_rec.step_batch([s], [i], k, e)
+            want.append((wi[0], wv[0]))
+        assert [len(g[0]) for g in got] == ks
+        _same_as_one_at_a_time(batch_rec, one_rec, got, want)
+    assert batch_rec.store.evicted_lru > 20
+
+
+def test_per_click_k_in_a_batch():
+    """step_batch takes each click's k (the HTTP service's batches mix requests): each row gets
+    its own k, equal to the leading entries of a larger k; a wrong count of k raises."""
+    model = make_model()
+    rec = SessionRecommender(model)
+    idxs = [3, 4, 5, 6]
+    v, ix = rec.step_batch(["a", "b", "c", "d"], idxs, [2, 50, 2, 7])
+    assert [len(r) for r in v] == [len(r) for r in ix] == [2, 50, 2, 7]
+    rec2 = SessionRecommender(model)
+    v2, ix2 = rec2.step_batch(["a", "b", "c", "d"], idxs, 50)
+    for r, k in enumerate([2, 50, 2, 7]):
+        assert ix[r] == ix2[r][:k]
+        torch.testing.assert_close(torch.tensor(v[r]), torch.tensor(v2[r][:k]), rtol=0, atol=0)
+    with pytest.raises(InvalidRequestError, match="values of k"):
+        rec.step_batch(["a", "b"], [1, 2], [3])
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "reassign"])
+def test_fast_path_follows_weight_changes(change):
+    """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
+    a reassigned parameter) clicks and batches score with the new weights: the fast path held a
+    copy of the output weights (batches of 4+ rows scored with the old ones)."""
+    model = make_model(n_items=60, layers=(16,), embedding=8)
+    rec = SessionRecommender(model)
+    assert rec.uses_fast_path
+    ids = model.item_ids
+    rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)  # warm: every path used once
+    new = make_model(n_items=60, layers=(16,), embedding=8, seed=1)
+    with torch.no_grad():
+        if change == "load_state_dict":
+            model.load_state_dict(new.state_dict())
+        elif change == "optimizer":
+            for p, q in zip(model.parameters(), new.parameters()):
+                p.grad = p.detach() - q.detach()
+            torch.optim.SGD(model.parameters(), lr=1.0).step()
+        else:
+            model.Wy = torch.nn.Parameter(new.Wy.detach().clone())
+            model.By = torch.nn.Parameter(new.By.detach().clone())
+            model.rnn.weight_hh_l0 = torch.nn.Parameter(new.rnn.weight_hh_l0.detach().clone())
+    sids = ["e", "f", "g", "h"]
+    got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("i", ids[20], k=5)]
+    fresh = SessionRecommender(model)
+    want = fresh.click_many(sids, ids[10:14], k=5) + [fresh.click("i", ids[20], k=5)]
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    assert rec.uses_fast_path
+
+
 def test_item_ids_match_as_in_the_model():
     """Serving looks item ids up as the model does: int, numpy int or str form."""
     import numpy as np
@@ -316,6 +427,34 @@ def test_ttl_expiry():
     assert rec.state("b") is None and rec.store.expired_ttl == 2
     clock.t = 100.0
     assert rec.expire() == 1 and len(rec) == 0
+
+
+def test_ttl_applies_without_clicks():
+    """An idle session past the TTL is gone for every question asked without a click: len,
+    session_info, state, end (False), memory; counted as expired (it was reported as held,
+    readable and deletable until some click purged it)."""
+    model = make_model()
+    ids = model.item_ids
+    clock = FakeClock()
+    rec = SessionRecommender(model, ttl=10.0, clock=clock)
+    rec.click("a", ids[0])
+    rec.click("b", ids[1])
+    clock.t = 11.0
+    assert len(rec) == 0 and rec.store.expired_ttl == 2
+    for question in (lambda r: r.session_info("a"), lambda r: r.state("a"), lambda r: r.end("a") or None,
+                     lambda r: r.memory()["sessions"] or None):
+        rec.click("a", ids[0])
+        clock.t += 11.0
+        assert question(rec) is None
+
+
+def test_store_create_refuses_a_held_session():
+    store = SessionStore(1, 4, max_sessions=2)
+    store.create("a", 0.0, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="already held"):
+        store.create("a", 1.0, torch.zeros(1, 4))
+    store.create("b", 2.0, torch.zeros(1, 4))
+    assert list(store._map) == ["a", "b"] and store.evicted_lru == 0
 
 
 def test_store_growth_and_validation():

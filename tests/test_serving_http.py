@@ -125,6 +125,25 @@ def test_routes_and_methods(server):
     c.close()
 
 
+def test_session_ids_from_the_raw_path(server):
+    """Session ids are decoded strictly from the raw path: invalid UTF-8 escapes are a 400 (the
+    decoded path held U+FFFD for each, so %FF and %FE were one session), an escaped '/' belongs to
+    the id, a non-ASCII id works."""
+    c, ids = Client(server), server.model.item_ids
+    for sid in ("%FF", "%FE", "a%C3"):
+        st, r = c.req("POST", f"/v1/sessions/{sid}/clicks", {"item_id": ids[1]})
+        assert st == 400 and r["error"]["code"] == "bad_session_id", (sid, st, r)
+    for path, n in (("a%2Fb", 2), ("%C3%A9t%C3%A9", 1)):
+        for _ in range(n):
+            assert c.req("POST", f"/v1/sessions/{path}/clicks", {"item_id": ids[1]})[0] == 200
+    assert c.req("GET", "/v1/sessions/a%2Fb")[1]["clicks"] == 2
+    assert c.req("GET", "/v1/sessions/%C3%A9t%C3%A9")[1]["clicks"] == 1
+    assert "a/b" in server.app.rec.store and "\u00e9t\u00e9" in server.app.rec.store
+    assert c.req("DELETE", "/v1/sessions/a%2Fb")[0] == 200
+    assert c.req("GET", "/v1/sessions/a%2Fb")[0] == 404
+    c.close()
+
+
 def test_concurrent_clients_micro_batched_in_order(server):
     """Many connections at once: every session's final state equals its offline replay."""
     m = server.model
@@ -216,6 +235,93 @@ def _post_clicks(app, clicks):
         return await asyncio.gather(*(one(sid, body) for sid, body in clicks))
 
     return asyncio.run(go())
+
+
+def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST"):
+    """One request to the ASGI app in its own event loop: (status, parsed body)."""
+    import asyncio
+
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+    out = []
+
+    async def receive():
+        return msgs.pop(0)
+
+    async def send(m):
+        out.append(m)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    asyncio.run(app(scope, receive, send))
+    return out[0]["status"], json.loads(out[1]["body"])
+
+
+def test_each_click_gets_its_own_k_in_a_batch():
+    """A batch mixing requests for k = 2 and k = 40: each gets its own k, equal to single clicks
+    (the batch ran every row at the largest k: one request for a large k cost every other click)."""
+    model = make_model()
+    ids = model.item_ids
+    app = ServingApp(SessionRecommender(model), max_batch=64)
+    clicks = [("s0", 2), ("s1", 40), ("s2", 2), ("s1", 3)]
+    outs = _post_clicks(app, [(s, {"item_id": ids[7 + n], "k": k}) for n, (s, k) in enumerate(clicks)])
+    assert app.m_batch.count == 1 and app.m_batch.sum == 4
+    ref = SessionRecommender(model)
+    for n, ((s, k), (st, body)) in enumerate(zip(clicks, outs)):
+        items, scores = ref.click(s, ids[7 + n], k=k)
+        assert st == 200 and body["items"] == items and len(items) == k
+        torch.testing.assert_close(torch.tensor(body["scores"]), torch.tensor(scores), **TOL)
+
+
+def test_app_serves_under_a_new_event_loop():
+    """An app called from one event loop, then another (no lifespan events: ASGI test clients,
+    --lifespan off): both serve (the second got a 500, 'Event loop is closed')."""
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    for n in range(3):
+        st, body = _asgi_raw(app, json.dumps({"item_id": model.item_ids[n], "k": 2}).encode())
+        assert st == 200, body
+    assert app.rec.session_info("s")["clicks"] == 3
+
+
+def test_deeply_nested_json_is_a_400():
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    st, body = _asgi_raw(app, b"[" * 4000)
+    assert st == 400 and body["error"]["code"] == "bad_json", body
+
+
+@pytest.mark.parametrize("kw", [dict(batch_window_ms=float("inf")), dict(batch_window_ms=float("nan")),
+                                dict(batch_window_ms=-1), dict(batch_window_ms=5000), dict(max_body_bytes=-1),
+                                dict(max_body_bytes=0), dict(max_batch=0), dict(max_batch=2.5),
+                                dict(max_session_id_len=0), dict(max_batch=101)])
+def test_app_options_checked(kw):
+    """Options that would hang clicks (an infinite window), refuse every POST (no body fits) or
+    fail full batches (a batch over the recommender's max_batch) are refused up front."""
+    rec = SessionRecommender(make_model(), max_batch=100)
+    ServingApp(rec, max_batch=100, batch_window_ms=1000, max_body_bytes=1, max_session_id_len=1)  # the limits
+    with pytest.raises(ValueError):
+        ServingApp(rec, **kw)
+
+
+def test_make_app_batches_over_the_recommenders_default():
+    from rnnrec_fast.serving.app import make_app
+
+    app = make_app(make_model(), max_batch=5000)
+    assert app.max_batch == 5000 and app.rec.max_batch >= 5000
+
+
+def test_idle_sessions_expire_in_health_and_metrics():
+    """Sessions past the TTL are not reported as held by /healthz or /metrics and are gone for
+    GET / DELETE, without any click to purge them."""
+    model = make_model()
+    now = [0.0]
+    app = ServingApp(SessionRecommender(model, ttl=10.0, clock=lambda: now[0]), max_batch=8, debug=True)
+    for sid in ("a", "b"):
+        assert _asgi_raw(app, json.dumps({"item_id": model.item_ids[1]}).encode(), f"/v1/sessions/{sid}/clicks")[0] == 200
+    assert _asgi_raw(app, b"", "/healthz", "GET")[1]["sessions"] == 2
+    now[0] = 11.0
+    assert _asgi_raw(app, b"", "/healthz", "GET")[1]["sessions"] == 0
+    assert _asgi_raw(app, b"", "/v1/sessions/a", "GET")[0] == 404
+    assert _asgi_raw(app, b"", "/v1/sessions/b", "DELETE")[0] == 404
 
 
 def test_batch_with_more_sessions_than_max_sessions():

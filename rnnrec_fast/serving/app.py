@@ -33,12 +33,15 @@ import asyncio
 import json
 import math
 import time
+from urllib.parse import unquote_to_bytes
 
 from . import metrics as _m
 from .recommender import InvalidRequestError, SessionRecommender, UnknownItemError
 
 _JSON = [(b"content-type", b"application/json")]
 _PREFIX = "/v1/sessions/"
+_RAW_PREFIX = _PREFIX.encode()
+_MAX_WINDOW_MS = 1000.0
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
                     0.025, 0.05, 0.1, 0.25, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -78,11 +81,19 @@ class ServingApp:
 
     def __init__(self, rec: SessionRecommender, *, max_batch=64, batch_window_ms=0.0, max_body_bytes=4096,
                  max_session_id_len=256, debug=False):
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if max_batch > rec.max_batch:
+            raise ValueError(f"max_batch={max_batch} is over the recommender's max_batch={rec.max_batch}")
+        window = float(batch_window_ms)
+        if not 0.0 <= window <= _MAX_WINDOW_MS:  # (NaN fails too; inf would never flush)
+            raise ValueError(f"batch_window_ms must be in [0, {_MAX_WINDOW_MS:g}], got {batch_window_ms!r}")
+        for name, v in (("max_body_bytes", max_body_bytes), ("max_session_id_len", max_session_id_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.rec = rec
         self.max_batch = int(max_batch)
-        self.window = max(0.0, float(batch_window_ms)) / 1000.0
+        self.window = window / 1000.0
         self.max_body = int(max_body_bytes)
         self.max_sid = int(max_session_id_len)
         self.debug = bool(debug)
@@ -100,7 +111,7 @@ class ServingApp:
                                               _LATENCY_BUCKETS))
         self.m_batch = reg.add(_m.Histogram("rnnrec_batch_size", "Clicks served per fused step.", _BATCH_BUCKETS))
         self.m_clicks = reg.add(_m.Counter("rnnrec_clicks_total", "Clicks applied."))
-        reg.add(_m.Gauge("rnnrec_sessions", "Sessions held.", lambda: len(rec.store)))
+        reg.add(_m.Gauge("rnnrec_sessions", "Sessions held.", lambda: len(rec)))
         reg.add(_m.Gauge("rnnrec_sessions_max", "Bound on sessions held (LRU beyond).", lambda: rec.store.max_sessions))
         reg.add(_m.Gauge("rnnrec_state_bytes", "Bytes allocated for session states.",
                          lambda: rec.store.capacity * rec.store.slab[0].numel() * rec.store.slab.element_size()))
@@ -121,7 +132,6 @@ class ServingApp:
             while True:
                 msg = await receive()
                 if msg["type"] == "lifespan.startup":
-                    self._loop = asyncio.get_running_loop()
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
@@ -135,18 +145,16 @@ class ServingApp:
         t0 = time.perf_counter()
         try:
             if path.startswith(_PREFIX):
-                rest = path[len(_PREFIX):]
-                if rest.endswith("/clicks"):
+                sid, clicks = self._session_route(scope, path)
+                if clicks:
                     endpoint = "clicks"
                     if method != "POST":
                         raise HTTPError(405, "method_not_allowed", "use POST for clicks")
-                    sid = self._session_id(rest[:-len("/clicks")])
                     body = await self._read_body(scope, receive)
                     status, payload = 200, await self._click(sid, body)
                     self.m_latency.observe(time.perf_counter() - t0)
                 else:
                     endpoint = "session"
-                    sid = self._session_id(rest)
                     if method == "DELETE":
                         if not self.rec.end(sid):
                             raise HTTPError(404, "unknown_session", f"no session {sid!r}")
@@ -160,12 +168,13 @@ class ServingApp:
                 endpoint = "healthz"
                 if method not in ("GET", "HEAD"):
                     raise HTTPError(405, "method_not_allowed", "use GET")
-                status, payload = 200, json.dumps({"status": "ok", "sessions": len(self.rec.store),
+                status, payload = 200, json.dumps({"status": "ok", "sessions": len(self.rec),
                                                    "items": self.rec.n_items}).encode()
             elif path == "/metrics":
                 endpoint = "metrics"
                 if method not in ("GET", "HEAD"):
                     raise HTTPError(405, "method_not_allowed", "use GET")
+                self.rec.expire()  # idle sessions past the TTL are not reported as held
                 text = self.registry.expose().encode()
                 self.m_requests.inc(endpoint, "200")
                 await _respond(send, 200, text, [(b"content-type", _m.CONTENT_TYPE.encode())])
@@ -182,12 +191,30 @@ class ServingApp:
         await _respond(send, status, payload, _JSON)
 
     # ------------------------------------------------------------------ helpers
-    def _session_id(self, raw):
-        if not raw or "/" in raw:
+    def _session_route(self, scope, path):
+        """``(session_id, clicks)`` of /v1/sessions/{session_id}[/clicks]. From the raw path where
+        the server gives it: the id's percent-escapes are decoded strictly, after the path is split
+        (an id may hold an escaped '/'; invalid UTF-8 is a 400, where the decoded path holds U+FFFD
+        for it and two ids would be one session)."""
+        raw = scope.get("raw_path")
+        if raw and raw.startswith(_RAW_PREFIX):
+            seg = raw.partition(b"?")[0][len(_RAW_PREFIX):].split(b"/")
+            clicks = seg[1:] == [b"clicks"]
+            ok = len(seg) == 1 or clicks
+            try:
+                sid = unquote_to_bytes(seg[0]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "bad_session_id", "session id is not valid UTF-8") from None
+        else:
+            rest = path[len(_PREFIX):]
+            clicks = rest.endswith("/clicks")
+            sid = rest[:-len("/clicks")] if clicks else rest
+            ok = "/" not in sid
+        if not ok or not sid:
             raise HTTPError(404, "not_found", "expected /v1/sessions/{session_id}[/clicks]")
-        if len(raw) > self.max_sid:
+        if len(sid) > self.max_sid:
             raise HTTPError(400, "bad_session_id", f"session id longer than {self.max_sid} characters")
-        return raw
+        return sid, clicks
 
     async def _read_body(self, scope, receive):
         for name, value in scope["headers"]:
@@ -219,6 +246,8 @@ class ServingApp:
             req = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise HTTPError(400, "bad_json", f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise HTTPError(400, "bad_json", "request body is nested too deeply") from None
         if not isinstance(req, dict):
             raise HTTPError(400, "bad_request", "request body must be a JSON object")
         if "item_id" not in req:
@@ -237,9 +266,9 @@ class ServingApp:
             raise HTTPError(422, "unknown_item", str(e)) from None
         except InvalidRequestError as e:
             raise HTTPError(422, "bad_k", str(e)) from None
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first request, or the app runs under another loop now
+            self._new_loop(loop)
         fut = loop.create_future()
         pending = self._pending
         pending.append(_Click(sid, idx, k, excl, fut))
@@ -260,6 +289,18 @@ class ServingApp:
             ",".join([_num(v) for v in vals]).encode(),
         )
 
+    def _new_loop(self, loop):
+        """Binds the app to ``loop``: clicks still queued under an earlier loop (closed, or no
+        longer running them) fail rather than being applied later behind their requests' backs."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        stale, self._pending = self._pending, []
+        for c in stale:
+            if not c.fut.done() and not c.fut.get_loop().is_closed():
+                c.fut.set_exception(RuntimeError("the event loop serving this click changed"))
+        self._loop = loop
+
     def _flush(self):
         self._flush_handle = None
         while self._pending:
@@ -271,10 +312,9 @@ class ServingApp:
         n = len(batch)
         self.m_batch.observe(n)
         ks = [c.k for c in batch]
-        kmax = max(ks)
         excl = [c.excl for c in batch]
-        try:
-            vals, inds = self.rec.step_batch([c.sid for c in batch], [c.idx for c in batch], kmax,
+        try:  # each click's own k (one selection per distinct k)
+            vals, inds = self.rec.step_batch([c.sid for c in batch], [c.idx for c in batch], ks,
                                              excl if any(excl) else False)
         except Exception as e:  # noqa: BLE001
             for c in batch:
@@ -284,8 +324,6 @@ class ServingApp:
         self.m_clicks.inc(amount=n)
         ninf = float("-inf")
         for c, vr, ir in zip(batch, vals, inds):
-            if c.k < kmax:
-                vr, ir = vr[: c.k], ir[: c.k]
             if c.excl:
                 m = sum(1 for v in vr if v != ninf)
                 vr, ir = vr[:m], ir[:m]
@@ -321,6 +359,8 @@ async def _respond(send, status, body, headers):
 def make_app(model_or_path, *, device="cpu", max_sessions=100_000, ttl=1800.0, max_batch=64, batch_window_ms=0.0,
              max_body_bytes=4096, debug=False, **rec_kwargs):
     """An ASGI app from a checkpoint path, a model or a :class:`SessionRecommender`."""
+    if isinstance(max_batch, int):  # the recommender serves the app's batches
+        rec_kwargs.setdefault("max_batch", max(4096, max_batch))
     if isinstance(model_or_path, SessionRecommender):
         rec = model_or_path
     elif isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):

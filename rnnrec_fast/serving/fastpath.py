@@ -52,6 +52,20 @@ class FastGRU4Rec:
         self.infer = _infer if (_infer is not None and self.backend in ("auto", "cpp")
                                 and all(w is not None for w in flat)) else None
         self.flat = flat
+        # every parameter of the model as (owner's parameter dict, name, parameter) and its version:
+        # an in-place update (load_state_dict, an optimiser step) or a reassigned parameter makes
+        # this path stale (Wt and the oneDNN copy are copies; see stale())
+        self._watch = [(mod._parameters, name, p) for mod in model.modules()
+                       for name, p in mod._parameters.items() if p is not None]
+        self._versions = [p._version for _, _, p in self._watch]
+
+    def stale(self):
+        """Whether a parameter of the model changed in place or was replaced since this was built
+        (about 1 us a click): the recommender then builds a new one."""
+        for (params, name, p), v in zip(self._watch, self._versions):
+            if params.get(name) is not p or p._version != v:
+                return True
+        return False
 
     def step(self, items, h):
         """items (B,) int64, h (L, B, H) -> new state (L, B, H)."""

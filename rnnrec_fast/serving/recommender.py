@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -76,9 +77,8 @@ class SessionRecommender:
     def __init__(self, model, *, max_sessions=100_000, ttl=1800.0, max_seen=256, max_k=None,
                  max_batch=4096, initial_capacity=1024, clock=time.monotonic, fast=True):
         self.model = model
-        self._fast = _fastpath.build(model) if fast else None
-        self._step = self._fast.step if self._fast is not None else model.step
-        self._score = self._fast.score if self._fast is not None else model.score
+        self._fast = None
+        self._use_fast(_fastpath.build(model) if fast else None)
         self.item_ids = list(model.item_ids)
         self.item_index = model.item_index
         self.item_map = getattr(model, "item_map", None)
@@ -116,6 +116,25 @@ class SessionRecommender:
                 self._ids_np = np.asarray(self.item_ids, dtype=np.int64)
             except OverflowError:
                 pass
+
+    def _use_fast(self, fast):
+        self._fast = fast
+        self._step = fast.step if fast is not None else self.model.step
+        self._score = fast.score if fast is not None else self.model.score
+
+    def _fresh_fast(self):
+        """The fast path, rebuilt first when a parameter of the model changed since it was built
+        (load_state_dict, an optimiser step, a reassigned parameter: it holds copies of the output
+        weights). Call under the lock."""
+        fast = self._fast
+        if fast is not None and fast.stale():
+            self._use_fast(_fastpath.build(self.model))
+            fast = self._fast
+        return fast
+
+    def _expire_locked(self):
+        if self.store.ttl is not None:
+            self.store.expire(self.clock())
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -165,9 +184,9 @@ class SessionRecommender:
     def _click_core(self, session_id, idx, k, exclude_seen):
         """One validated click; returns the top-k (scores, indices) as lists."""
         store = self.store
-        fast = self._fast
         with torch.no_grad():
             with self._lock:
+                fast = self._fresh_fast()
                 now = self.clock()
                 if store.ttl is not None:
                     store.expire(now)
@@ -244,15 +263,25 @@ class SessionRecommender:
 
     def step_batch(self, session_ids, idxs, k, exclude_seen=False):
         """The batched core on already validated input (list of session ids, list of item
-        indices, k, bool or list of bools for exclude_seen). Returns ``(values, indices)`` as nested
-        lists ``(B, k)`` of the top-k scores and catalogue indices."""
+        indices, k (an int, or a list with each click's k), bool or list of bools for exclude_seen).
+        Returns ``(values, indices)`` as nested lists of the top-k scores and catalogue indices, one
+        list of k (that click's k) per click. Each distinct k is one selection over its rows: a
+        click asking for a large k does not make the others' top-k cost as much."""
+        if isinstance(k, (list, tuple)):
+            k = list(k)
+            if len(k) != len(idxs):
+                raise InvalidRequestError(f"{len(k)} values of k for {len(idxs)} clicks")
+            if len(set(k)) == 1:
+                k = k[0]
         if len(idxs) == 1:  # a lone click: the lower-overhead single-session path
             if len(idxs) > self.max_batch:
                 raise InvalidRequestError(f"batch of 1 click exceeds max_batch={self.max_batch}")
             excl = bool(exclude_seen[0] if isinstance(exclude_seen, (list, tuple)) else exclude_seen)
-            vals, inds = self._click_core(session_ids[0], idxs[0], k, excl)
+            vals, inds = self._click_core(session_ids[0], idxs[0], k[0] if isinstance(k, list) else k, excl)
             return [vals], [inds]
         vals, inds = self._step_batch(session_ids, idxs, k, exclude_seen)
+        if isinstance(vals, list):
+            return vals, inds
         return vals.tolist(), inds.tolist()
 
     def _step_batch(self, session_ids, idxs, k, exclude_seen):
@@ -265,13 +294,33 @@ class SessionRecommender:
         # more sessions than the store holds: consecutive parts of at most max_sessions sessions
         # each (a part never evicts its own sessions), in order, as if sent one part at a time
         per_row = isinstance(exclude_seen, (list, tuple))
+        per_row_k = isinstance(k, list)
         vals, inds = [], []
         for a, b in _session_bounded_parts(session_ids, self.store.max_sessions):
-            v, i = self._step_part(session_ids[a:b], idxs[a:b], k, exclude_seen[a:b] if per_row else exclude_seen,
-                                   _by_last_click(session_ids[a:b]))
+            v, i = self._step_part(session_ids[a:b], idxs[a:b], k[a:b] if per_row_k else k,
+                                   exclude_seen[a:b] if per_row else exclude_seen, _by_last_click(session_ids[a:b]))
             vals.append(v)
             inds.append(i)
+        if per_row_k:
+            return [r for v in vals for r in v], [r for i in inds for r in i]
         return torch.cat(vals), torch.cat(inds)
+
+    def _topk(self, scores, k):
+        """The top-k of each row of ``scores``: ``(values, indices)`` tensors (B, k) for an int k;
+        for a list of per-row k, lists of per-row lists (one selection per distinct k)."""
+        if not isinstance(k, list):
+            if _topk_rows is not None and scores.dtype == torch.float32 and scores.device.type == "cpu":
+                return _topk_rows(scores, k)  # one selection pass per row: faster than torch.topk here
+            return torch.topk(scores, k, dim=1)
+        vals, inds = [None] * len(k), [None] * len(k)
+        groups = {}
+        for p, kp in enumerate(k):
+            groups.setdefault(kp, []).append(p)
+        for kp, rows in groups.items():
+            v, i = self._topk(scores[rows], kp)
+            for p, vr, ir in zip(rows, v.tolist(), i.tolist()):
+                vals[p], inds[p] = vr, ir
+        return vals, inds
 
     def _step_part(self, session_ids, idxs, k, exclude_seen, distinct):
         """One fused batch whose ``distinct`` sessions (in order of their last click) fit in the store."""
@@ -290,14 +339,19 @@ class SessionRecommender:
         per_row_excl = isinstance(exclude_seen, (list, tuple))
         any_excl = any(exclude_seen) if per_row_excl else bool(exclude_seen)
         store = self.store
-        step = self._step
         dev = self.device
         items = torch.tensor(idxs, dtype=torch.long, device=dev)
         with torch.no_grad():
             with self._lock:
+                self._fresh_fast()
+                step = self._step
                 now = self.clock()
                 store.expire(now)
                 m = store._map
+                evict = _lru_evictions(m, session_ids, distinct, store.max_sessions)
+                for sid in evict:  # what the clicks one at a time evict before reaching them
+                    store.discard(sid)
+                store.evicted_lru += len(evict)
                 entries = {}
                 missing = []
                 for sid in distinct:  # existing sessions first, so that creating new ones never evicts them
@@ -353,14 +407,13 @@ class SessionRecommender:
                         rows.extend([p] * len(seen))
                         cols.extend(seen)
                 scores[rows, cols] = self._neg_inf
-            if _topk_rows is not None and scores.dtype == torch.float32 and scores.device.type == "cpu":
-                return _topk_rows(scores, k)  # one selection pass per row: faster than torch.topk here
-            return torch.topk(scores, k, dim=1)
+            return self._topk(scores, k)
 
     def end(self, session_id):
         """Forgets a session. Returns True when it was held."""
         _check_session_id(session_id)
         with self._lock:
+            self._expire_locked()
             return self.store.discard(session_id)
 
     # ------------------------------------------------------------------ inspection
@@ -369,12 +422,16 @@ class SessionRecommender:
         return self._fast is not None
 
     def __len__(self):
-        return len(self.store)
+        """Sessions held (idle ones past the TTL dropped first)."""
+        with self._lock:
+            self._expire_locked()
+            return len(self.store)
 
     def session_info(self, session_id):
         """``{"clicks": n, "seen": [item ids]}`` of a live session, or None (no LRU touch)."""
         _check_session_id(session_id)
         with self._lock:
+            self._expire_locked()
             e = self.store.get(session_id)
             if e is None:
                 return None
@@ -384,17 +441,49 @@ class SessionRecommender:
         """A copy of a live session's state ``(num_layers, hidden_size)``, or None."""
         _check_session_id(session_id)
         with self._lock:
+            self._expire_locked()
             e = self.store.get(session_id)
             return None if e is None else self.store.slab[e.slot].clone()
 
     def memory(self):
         with self._lock:
+            self._expire_locked()
             return self.store.memory()
 
     def expire(self):
-        """Drops idle sessions now (they are also dropped lazily on every click)."""
+        """Drops idle sessions now (also done by every click, and before answering about sessions:
+        :meth:`end`, :meth:`session_info`, :meth:`state`, ``len``, :meth:`memory`)."""
         with self._lock:
             return self.store.expire()
+
+
+def _lru_evictions(held, session_ids, distinct, max_sessions):
+    """The held sessions that these clicks, applied one at a time, would evict (the least recently
+    used, each time a new session is created in a full store), in eviction order: none while the
+    store has room for every new session. A held session evicted before its own click in the batch
+    restarts fresh there, as one at a time. ``distinct`` (the batch's sessions) must number at most
+    ``max_sessions``: then an unclicked held session is always there to evict (the clicked ones and
+    the new one would otherwise be more than that). ``held``: the store's map, least recently used
+    first (not modified)."""
+    new = sum(1 for sid in distinct if sid not in held)
+    if len(held) + new <= max_sessions:
+        return []
+    clicked = OrderedDict()  # sessions clicked so far in the batch, least recently first
+    evicted = {}
+    size = len(held)
+    oldest = iter(held)
+    for sid in session_ids:
+        if sid in clicked:
+            clicked.move_to_end(sid)
+            continue
+        if sid not in held or sid in evicted:  # created by this click
+            if size == max_sessions:
+                cand = next(c for c in oldest if c not in clicked and c not in evicted)
+                evicted[cand] = None
+                size -= 1
+            size += 1
+        clicked[sid] = None
+    return list(evicted)
 
 
 def _by_last_click(session_ids):

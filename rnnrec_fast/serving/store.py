@@ -104,7 +104,7 @@ class SessionStore:
         return sum(len(e.seen) for e in self._map.values())
 
     def get(self, sid):
-        """The entry of a live session (no LRU touch, no expiry), or None."""
+        """The entry of a held session (no LRU touch, no expiry: call :meth:`expire` first), or None."""
         return self._map.get(sid)
 
     # ------------------------------------------------------------------ mutation
@@ -136,7 +136,10 @@ class SessionStore:
         return e
 
     def create(self, sid, now, h0_row):
-        """Adds a new session with state ``h0_row`` (L, H), evicting the LRU one if full."""
+        """Adds a new session with state ``h0_row`` (L, H), evicting the LRU one if full. A session
+        already held is an error (its slot would leak)."""
+        if sid in self._map:
+            raise ValueError(f"session {sid!r} is already held")
         if not self._free:
             if self.capacity < self.max_sessions:
                 self._grow()
