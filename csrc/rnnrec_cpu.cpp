@@ -1203,7 +1203,7 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
 // names), and runs infer_impl. Declines (None) what infer_impl declines, non-plain tensors,
 // missing parameters, and calls under torch.jit.trace (which must record the op) or a torch dispatch
 // mode: those see the op's call. (The module checks torch function modes before calling the plan:
-// modules._function_mode_sees_calls.) RecordFunction observers (the profiler, a global observer)
+// modules._calls_observed.) RecordFunction observers (the profiler, a global observer)
 // see the call as an event named after the op, and the fast path stays on under them.
 class InferPlan {
  public:

@@ -51,6 +51,24 @@ std::string shape_str(const at::Tensor& t) {
   return s + ")";
 }
 
+std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype (torch.float32, torch.int64)
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 // Mirrors ops._check_inputs; returns the mode index.
 int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
@@ -79,14 +97,14 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
                  ", ", H, "), got shape ", shape_str(*h0));
   }
   RNNREC_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
-               x.scalar_type());
+               dtype_str(x.scalar_type()));
   auto same = [&](const at::Tensor& t, const char* name, bool bias) {
     if (bias) {
       RNNREC_CHECK(t.dim() == 1 && t.size(0) == gates * H, name, " must be (", gates * H,
                    ",), got shape ", shape_str(t));
     }
-    RNNREC_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(),
-                 " but x has ", x.scalar_type(), "; all must match");
+    RNNREC_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", dtype_str(t.scalar_type()),
+                 " but x has ", dtype_str(x.scalar_type()), "; all must match");
     RNNREC_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
                  "; all must be on one device");
   };
@@ -98,7 +116,7 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
   if (has(lengths)) {
     const auto& L = *lengths;
     RNNREC_CHECK(L.scalar_type() == at::kLong && L.dim() == 1 && L.size(0) == B,
-                 "lengths must be an int64 tensor of shape (", B, ",), got ", L.scalar_type(), " ",
+                 "lengths must be an int64 tensor of shape (", B, ",), got ", dtype_str(L.scalar_type()), " ",
                  shape_str(L));
     RNNREC_CHECK(L.device() == x.device(), "lengths is on ", L.device(), " but x is on ", x.device());
     auto Lc = L.contiguous();
@@ -111,16 +129,13 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
   if (has(resets)) {
     const auto& R = *resets;
     RNNREC_CHECK(R.scalar_type() == at::kBool && R.dim() == 2 && R.size(0) == T && R.size(1) == B,
-                 "resets must be a bool tensor of shape (", T, ", ", B, "), got ", R.scalar_type(), " ",
+                 "resets must be a bool tensor of shape (", T, ", ", B, "), got ", dtype_str(R.scalar_type()), " ",
                  shape_str(R));
     RNNREC_CHECK(R.device() == x.device(), "resets is on ", R.device(), " but x is on ", x.device());
   }
   return mode_i;
 }
 
-std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype
-  return t == at::kFloat ? "torch.float32" : t == at::kDouble ? "torch.float64" : std::string(c10::toString(t));
-}
 
 // Mirrors ops._check_backward_inputs (the C++ kernels go only float32 / float64: no half workspace).
 void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& y,

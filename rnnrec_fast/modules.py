@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.utils._device import DeviceContext as _DeviceContext
 
@@ -36,13 +37,15 @@ _is_compiling = torch.compiler.is_compiling
 _PY_FAST_BACKENDS = ("auto", "numba", "reference")
 
 
-def _function_mode_sees_calls():
-    """A torch function mode is active that would see the op's call (a FlopCounter, a debug or
-    logging mode): the fast paths decline for it. torch's own DeviceContext (``with
-    torch.device(...)``, ``torch.set_default_device``) only redirects factory calls and is ignored:
-    declining for it would make every call there take the general path (8 -> ~95 us a click)."""
-    return torch._C._is_torch_function_mode_enabled() and any(
-        not isinstance(m, _DeviceContext) for m in torch.overrides._get_current_function_mode_stack())
+def _calls_observed():
+    """Something must see the op's call, so the fast paths decline: a torch function mode (a
+    FlopCounter, a debug or logging mode) or forward-mode AD (inside ``forward_ad.dual_level()``
+    the op's call raises torch's error for it; a fast path dropped the tangents: silently wrong).
+    torch's own DeviceContext (``with torch.device(...)``, ``torch.set_default_device``) only
+    redirects factory calls and is ignored: declining for it would make every call there take the
+    general path (8 -> ~95 us a click)."""
+    return _forward_ad._current_level >= 0 or (torch._C._is_torch_function_mode_enabled() and any(
+        not isinstance(m, _DeviceContext) for m in torch.overrides._get_current_function_mode_stack()))
 
 
 # torch.func's wrappers (vmap's batched tensors, ...) have no storage of their own: no fast path
@@ -81,7 +84,7 @@ class _PyInferPlan:
     fit), and also the profiler (InferPlan records its call as an event named after the op instead),
     unbatched inputs, autocast and torch.func's wrapped tensors (vmap); the general path then runs,
     and raises the errors. (A torch function mode is checked by the module before
-    either plan: _function_mode_sees_calls.)"""
+    either plan: _calls_observed.)"""
 
     __slots__ = ("params", "names", "mode", "mode_i", "reset_after", "layers", "batch_first", "cell",
                  "backend", "gates", "views")
@@ -263,15 +266,18 @@ class _FastPath(nn.Module):
         # frames and forward's checks (about 2 of the 8 µs of a GRU call on the machine here);
         # everything else goes through nn.Module.__call__ as usual (looked up at call time, so a
         # patched one is honoured), but for torch.fx's symbolic tracing, which records a leaf node.
+        # A forward of the user's (a subclass's, or one set on the instance, as wrappers do) is
+        # always called: the shortcut would skip it.
         d = self.__dict__
         plan = d.get("_plan")
         if (plan is not None and not kwargs and 0 < len(args) <= 2 and not _is_compiling()
+                and type(self).forward in _OWN_FORWARDS and "forward" not in d
                 and d.get("_compiled_call_impl") is None
                 and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                          or self._backward_pre_hooks or _nn_module._global_forward_hooks
                          or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
                          or _nn_module._global_backward_pre_hooks)
-                and not (d["training"] and d.get("dropout")) and not _function_mode_sees_calls()):
+                and not (d["training"] and d.get("dropout")) and not _calls_observed()):
             out = plan(args[0], args[1] if len(args) == 2 else None)
             if out is not None:
                 return out
@@ -302,6 +308,18 @@ class InputError(ValueError, RuntimeError):
     """A call's input or state does not fit the module. torch.nn raises RuntimeError for these
     (sizes, sequence length, hx shape and dtype), this package ValueError for bad input: this is
     both, so code written against either catches it."""
+
+
+def _autocast_cast(x, hx, w_dtype):
+    """Under autocast for their device, an input (and hx) of another floating dtype than the
+    weights', as autocast's own ops make them (a bfloat16 Linear before the GRU), is taken as
+    torch.nn takes it and computed in the weights' dtype (the op computes in its inputs' dtype)."""
+    if (x.dtype != w_dtype and x.is_floating_point() and x.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(x.device.type)):
+        x = x.to(w_dtype)
+        if hx is not None and hx.is_floating_point():
+            hx = hx.to(w_dtype)
+    return x, hx
 
 
 def _check_hx_dtype(name, x, hx):
@@ -473,7 +491,7 @@ class _RNNBase(_FastPath):
     def forward(self, input, hx=None, *, resets=None):
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
-            if plan is not None and not (self.dropout and self.training) and not _function_mode_sees_calls():
+            if plan is not None and not (self.dropout and self.training) and not _calls_observed():
                 out = plan(input, hx)
                 if out is not None:
                     return out
@@ -498,6 +516,7 @@ class _RNNBase(_FastPath):
                 x = input.transpose(0, 1)
             else:
                 x = input
+        x, hx = _autocast_cast(x, hx, getattr(self, self._all_weights[0][0]).dtype)
         T, B, I = x.shape
         if T == 0:
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
@@ -526,12 +545,13 @@ class _RNNBase(_FastPath):
             if D == 2:
                 raise ValueError(f"{name}: resets are not defined for a bidirectional model")
             resets = torch.as_tensor(resets, device=x.device)
-            if self.batch_first and batched and not packed:
-                resets = resets.transpose(0, 1)
-            if resets.dtype != torch.bool or tuple(resets.shape) != (T, B):
-                raise ValueError(f"{name}: resets must be a bool tensor of shape "
-                                 f"{(B, T) if self.batch_first else (T, B)}, got {resets.dtype} "
+            # laid out as the input: (T,) unbatched, (B, T) with batch_first, else (T, B); for a
+            # PackedSequence, as the padded input in the original batch order
+            want = (T,) if not batched else (B, T) if self.batch_first else (T, B)
+            if resets.dtype != torch.bool or tuple(resets.shape) != want:
+                raise ValueError(f"{name}: resets must be a bool tensor of shape {want}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
+            resets = resets.unsqueeze(1) if not batched else resets.transpose(0, 1) if self.batch_first else resets
         op = torch.ops.rnnrec_fast.recurrence.default if B else _empty_batch
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
@@ -651,7 +671,7 @@ class _CellBase(_FastPath):
     def forward(self, input, hx=None):
         if not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
-            if plan is not None and not _function_mode_sees_calls():
+            if plan is not None and not _calls_observed():
                 out = plan(input, hx)
                 if out is not None:
                     return out
@@ -683,6 +703,7 @@ class _CellBase(_FastPath):
             raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
                              f"expected {self.hidden_size}")
         w_dtype = self.weight_ih.dtype
+        x, hx = _autocast_cast(x, hx, w_dtype)
         if x.dtype != w_dtype:  # torch.nn's cells: a RuntimeError from their matmul
             raise InputError(f"{name}: input dtype {x.dtype} does not match weight dtype {w_dtype}; convert "
                              f"the input (input.to({w_dtype})) or the cell (cell.to({x.dtype}))")
@@ -694,6 +715,9 @@ class _CellBase(_FastPath):
         _, h = op(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, None,
                   self.mode, self.reset_after, self.backend)[:2]
         return h if batched else h.squeeze(0)
+
+
+_OWN_FORWARDS = frozenset({_RNNBase.forward, _CellBase.forward})  # (see _FastPath.__call__)
 
 
 class RNNCell(_CellBase):

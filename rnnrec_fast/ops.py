@@ -297,7 +297,9 @@ def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths
     _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
     G, H = w_hh.shape
-    return (torch.empty_like(x), x.new_empty(x.shape[1], H), torch.empty_like(w_ih), torch.empty_like(w_hh),
+    # contiguous, as every backend returns them (empty_like kept a transposed x's strides: inductor
+    # then asserted on the real gradient's strides in a batch_first model's backward)
+    return (x.new_empty(x.shape), x.new_empty(x.shape[1], H), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
             x.new_empty(G), x.new_empty(G))
 
 

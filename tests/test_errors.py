@@ -22,8 +22,7 @@ def call(backend="auto", mode="gru", lengths=None, resets=None, **over):
                                             lengths, resets, mode, True, backend)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("change,match", [
+BAD_INPUTS = [
     (dict(x=torch.randn(3, 4)), "x must be 3-D"),
     (dict(x=torch.randn(0, 2, 4)), "must not be empty"),
     (dict(x=torch.randn(3, 0, 4), h0=torch.randn(0, 5)), "must not be empty"),
@@ -41,10 +40,27 @@ def call(backend="auto", mode="gru", lengths=None, resets=None, **over):
     (dict(lengths=torch.tensor([1, 2, 3])), "lengths must be an int64 tensor of shape"),
     (dict(resets=torch.zeros(3, 2)), "resets must be a bool"),
     (dict(resets=torch.zeros(2, 2, dtype=torch.bool)), "resets must be a bool tensor of shape"),
-])
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("change,match", BAD_INPUTS)
 def test_op_rejects_bad_input(backend, change, match):
     with pytest.raises(ValueError, match=match):
         call(backend=backend, **change)
+
+
+@pytest.mark.skipif(not rnnrec_fast.backends.available("cpp"), reason="needs the C++ extension")
+@pytest.mark.parametrize("change,match", BAD_INPUTS)
+def test_cpp_checks_say_what_the_python_checks_say(change, match):
+    """The C++ validation (the cpp backend's calls) words every error as the Python one (the
+    reference backend's): dtypes as torch prints them (torch.float64, not Double)."""
+    msgs = []
+    for backend in ("cpp", "reference"):
+        with pytest.raises(ValueError) as info:
+            call(backend=backend, **change)
+        msgs.append(str(info.value))
+    assert msgs[0] == msgs[1]
 
 
 def test_unknown_backend_and_wrong_device():

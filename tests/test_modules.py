@@ -1,5 +1,6 @@
 """Drop-in modules against torch.nn with the same weights, over every constructor option and input kind."""
 import itertools
+import re
 
 import pytest
 import torch
@@ -360,6 +361,110 @@ def test_autocast_computes_in_the_input_dtype(backend, kind):
         g_cast = torch.autograd.grad(cast[0].sum() + cast[1].sum(), [x] + list(ours.parameters()))
     for a, b in zip(g_cast, g_plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh", "GRUCell"])
+def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
+    """Under CPU autocast a float32 module takes a bfloat16 input (and hx), as torch.nn's take what
+    autocast's ops make (a bfloat16 Linear before the GRU), and computes in the weights' dtype: the
+    result of the input converted to float32 (it was refused: 'w_ih has dtype torch.float32 but x
+    has torch.bfloat16'). Outside autocast the mismatch is still refused."""
+    torch.manual_seed(12)
+    if kind == "GRUCell":
+        ours = rnnrec_fast.GRUCell(4, 5, backend=backend)
+        x, hx = torch.randn(2, 4).bfloat16(), torch.randn(2, 5).bfloat16()
+    else:
+        _, ours = make_pair(kind, backend, torch.float32, input_size=4, hidden_size=5, num_layers=2)
+        x, hx = torch.randn(3, 2, 4).bfloat16(), torch.randn(2, 2, 5).bfloat16()
+    want = ours(x.float(), hx.float())
+    for grad_mode in (torch.enable_grad, torch.inference_mode):
+        with grad_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(x, hx)
+        for g, w in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises((ValueError, RuntimeError), match="dtype"):
+        ours(x, hx)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_forward_ad_is_never_silently_dropped(backend, kind):
+    """Forward-mode AD (a dual input inside forward_ad.dual_level) under no_grad: the op's error
+    for it, as with autograd on (the inference fast paths returned the output without its tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(13)
+    ours = (rnnrec_fast.GRU(4, 5, backend=backend) if kind == "GRU" else rnnrec_fast.GRUCell(4, 5, backend=backend))
+    x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    for grad_mode in (torch.no_grad, torch.enable_grad):  # (inference_mode makes no dual tensors)
+        with grad_mode(), fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.randn_like(x))
+            with pytest.raises(RuntimeError, match="jvp|forward"):
+                ours(dual)
+    with torch.no_grad():
+        ours(x)  # and outside dual_level the fast path serves again
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_a_users_forward_is_always_called(how, kind):
+    """A subclass's forward, or one set on the instance (as wrappers such as accelerate's hooks
+    do), runs under no_grad / inference_mode too: the inference shortcut skipped it there."""
+    base = getattr(rnnrec_fast, kind)
+    if how == "subclass":
+        class Scaled(base):
+            def forward(self, *a, **k):
+                out = super().forward(*a, **k)
+                return (out[0] * 0 + 42.0, out[1]) if isinstance(out, tuple) else out * 0 + 42.0
+        m = Scaled(4, 5)
+    else:
+        m = base(4, 5)
+        plain = m.forward
+        m.forward = lambda *a, **k: (lambda out: (out[0] * 0 + 42.0, out[1]) if isinstance(out, tuple)
+                                     else out * 0 + 42.0)(plain(*a, **k))
+    x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    for grad_mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with grad_mode():
+            out = m(x)
+        assert torch.all((out[0] if kind == "GRU" else out) == 42.0), grad_mode
+
+
+@pytest.mark.parametrize("layout", ["unbatched", "packed_batch_first", "packed", "batch_first", "time_major"])
+def test_resets_laid_out_as_the_input(layout):
+    """resets take the input's layout: (T,) for an unbatched input, (B, T) with batch_first, else
+    (T, B), a PackedSequence as its padded form (original batch order); the wrong layout raises
+    naming the right shape. Checked against running the two halves of a sequence separately."""
+    torch.manual_seed(14)
+    T, B = 5, 2
+    bf = layout in ("packed_batch_first", "batch_first")
+    gru = rnnrec_fast.GRU(4, 6, batch_first=bf)
+    xs = torch.randn(T, B, 4)
+    r = torch.zeros(T, B, dtype=torch.bool)
+    r[3, :] = True
+    with torch.no_grad():
+        want = torch.cat([gru(xs[:3].transpose(0, 1) if bf else xs[:3])[0],
+                          gru(xs[3:].transpose(0, 1) if bf else xs[3:])[0]], dim=1 if bf else 0)
+        if layout == "unbatched":
+            x, res, want = xs[:, 0], r[:, 0], want[:, 0]
+            wrong = r[:, :1]
+        elif layout.startswith("packed"):
+            x = pack_padded_sequence(xs, torch.tensor([T, T]), enforce_sorted=False)
+            res = r.t() if bf else r
+            wrong = r if bf else r.t()
+            want = want.transpose(0, 1) if bf else want
+        else:
+            x = xs.transpose(0, 1) if bf else xs
+            res = r.t() if bf else r
+            wrong = r if bf else r.t()
+        y = gru(x, resets=res)[0]
+        if layout.startswith("packed"):
+            y = torch.nn.utils.rnn.pad_packed_sequence(y)[0]
+        torch.testing.assert_close(y, want)
+        want_shape = (T,) if layout == "unbatched" else (B, T) if bf else (T, B)
+        with pytest.raises(ValueError, match=re.escape(f"shape {want_shape}")):
+            gru(x, resets=wrong)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -120,6 +120,28 @@ def test_opcheck(backend, mode, reset_after, extras):
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
+def test_opcheck_strided_inputs(backend, mode):
+    """opcheck with a permuted x (a batch_first module's input) and transposed weights: the fake
+    kernels' outputs, the backward's gradients included, are laid out as the real ones (contiguous)."""
+    gen = torch.Generator().manual_seed(4)
+    T, B, I, H = 4, 3, 2, 5
+    G = 3 if mode == "gru" else 1
+    x = torch.randn(B, T, I, generator=gen).transpose(0, 1)
+    w_ih = torch.randn(I, G * H, generator=gen).t()
+    w_hh = torch.randn(H, G * H, generator=gen).t()
+    h0 = torch.randn(B, H, generator=gen)
+    args = (x.requires_grad_(), h0, w_ih.requires_grad_(), w_hh.requires_grad_(), None, None, None, None, mode,
+            True, backend)
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default, args)
+    with torch.no_grad():
+        y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*args)
+    bargs = (torch.randn_like(y), torch.randn_like(h_n)) + tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                                               for a in args[:8]) + (y, ws, mode, True, backend)
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
+
+
 # Longer and wider than SHAPES: the C++ backward runs in chunks of time steps (about 128 rows of
 # T*B each) and reads its weights in 32-column slices; these shapes give several chunks, a last
 # chunk shorter than the rest, and hidden sizes with full, over-16 and under-16 last slices.

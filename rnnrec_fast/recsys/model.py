@@ -9,7 +9,7 @@ from torch import nn
 
 import rnnrec_fast
 
-from ..modules import _function_mode_sees_calls, _unrecorded
+from ..modules import _calls_observed, _unrecorded
 from .data import ItemMap, RecsysError
 
 try:  # x W^T + b for a few float32 rows in one pass over W (the catalogue); ATen's addmm otherwise
@@ -22,7 +22,7 @@ def _untraced(t) -> bool:
     """Nothing records or transforms a call on t (modules._unrecorded, and no torch.compile / export
     or function mode but torch's DeviceContext): only then may linear_rows, which is not a registered
     op, run instead of ATen's addmm, which they all see."""
-    return not torch.compiler.is_compiling() and not _function_mode_sees_calls() and _unrecorded(t)
+    return not torch.compiler.is_compiling() and not _calls_observed() and _unrecorded(t)
 
 
 def _uniform_(t: torch.Tensor, fan_a: int, fan_b: int) -> torch.Tensor:
