@@ -407,6 +407,22 @@ def test_forward_ad_is_never_silently_dropped(backend, kind):
         ours(x)  # and outside dual_level the fast path serves again
 
 
+def test_recommender_score_keeps_forward_ad_tangents():
+    """GRU4Rec.score's few-rows kernel steps aside under forward-mode AD: the tangent of the scores
+    is torch's (it was dropped)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from rnnrec_fast.recsys import GRU4Rec
+
+    torch.manual_seed(15)
+    m = GRU4Rec(50, [16]).eval()
+    h, t = torch.randn(1, 16), torch.randn(1, 16)
+    with torch.no_grad(), fwAD.dual_level():
+        tangent = fwAD.unpack_dual(m.score(fwAD.make_dual(h, t))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, t @ m.Wy.detach().t())
+
+
 @pytest.mark.parametrize("how", ["subclass", "instance"])
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_a_users_forward_is_always_called(how, kind):
