@@ -715,6 +715,22 @@ struct View3 {
     ld = C;
     return scratch;
   }
+  // Steps [t0, t1) as (rows, C) row-major in scratch, zero where row b is past its length len[b]
+  // (padding the forward never read).
+  void steps_active(int64_t t0, int64_t t1, int64_t B, int64_t C, const int64_t* len, T* scratch) const {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < B; ++b) {
+        T* dst = scratch + ((t - t0) * B + b) * C;
+        const T* src = p + t * st + b * sb;
+        if (t >= len[b]) {
+          std::fill(dst, dst + C, T(0));
+        } else if (sc == 1) {
+          std::memcpy(dst, src, sizeof(T) * size_t(C));
+        } else {
+          for (int64_t c = 0; c < C; ++c) dst[c] = src[c * sc];
+        }
+      }
+  }
   bool rows_uniform(int64_t B) const { return sc == 1 && (st == B * sb || B == 1); }
 };
 
@@ -769,7 +785,11 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // x of a chunk when its rows are not evenly spaced and not even a step's are; a step of a
   // batch_first x is, so grad_w_ih then sums step by step, without this copy
   const bool x_per_step = !x.rows_uniform(B) && x.sc == 1;
-  Buf<T> x_rows(x.rows_uniform(B) || x_per_step ? 0 : Tc * B * I);
+  // With lengths, x past a row's length is padding the forward never read: a chunk holding such
+  // rows is gathered with zeros there for grad_w_ih (0 * NaN padding made all of it NaN).
+  int64_t min_len = T_;
+  for (int64_t b = 0; m.len != nullptr && b < B; ++b) min_len = std::min(min_len, m.len[b]);
+  Buf<T> x_rows((x.rows_uniform(B) || x_per_step) && min_len == T_ ? 0 : Tc * B * I);
   std::vector<double> sum_i(GH, 0.0), sum_n(gru && reset_after ? H : 0, 0.0);
   // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
   const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
@@ -881,7 +901,10 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     const bool acc = t1 < T_;
     const T* ws_c = ws + t0 * B * W;
     gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
-    if (x_per_step) {
+    if (t1 > min_len) {  // a row of the chunk is past its length
+      x.steps_active(t0, t1, B, I, m.len, x_rows.data());
+      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_rows.data(), I, gw_ih, I, acc);
+    } else if (x_per_step) {
       for (int64_t t = t0; t < t1; ++t)
         gemm_any<T>(true, false, GH, I, B, dgx + (t - t0) * B * GH, GH, x.p + t * x.st, x.sb, gw_ih, I,
                     acc || t > t0);

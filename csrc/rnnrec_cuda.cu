@@ -450,7 +450,12 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   // After the loop: one GEMM each for grad_x and grad_w_ih; the bias gradients are column sums.
   const Tensor dgx2 = dgx.view({T * B, G * H});
   const Tensor dgh2 = dgh.view({T * B, G * H});
-  const Tensor x2 = x.to(acc).view({T * B, I});
+  Tensor x_a = x.to(acc);
+  if (lengths.has_value()) {  // padding past a row's length enters grad_w_ih as zeros (0 * NaN is NaN)
+    const Tensor active = at::arange(T, lengths->options()).unsqueeze(1) < lengths->unsqueeze(0);  // (T, B)
+    x_a = x_a.masked_fill(active.logical_not().unsqueeze(2), 0);
+  }
+  const Tensor x2 = x_a.reshape({T * B, I});
   Tensor grad_x = at::mm(dgx2, w_ih.to(acc)).view({T, B, I});
   Tensor grad_w_ih = at::mm(dgx2.t(), x2);
   Tensor grad_b_ih = dgx2.sum(0);

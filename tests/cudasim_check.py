@@ -43,8 +43,9 @@ def make_case(mode, bias, lengths_kind, with_resets, dtype, T=4, B=3, H=5, I=3, 
     b_ih = rnd(G * H, scale=0.3) if bias else None
     b_hh = rnd(G * H, scale=0.3) if bias else None
     lengths = None
-    if lengths_kind == "mixed":  # T, 0 and in between
+    if lengths_kind == "mixed":  # T, 0 and in between; NaN padding past them (never read)
         lengths = torch.tensor([(T, 0, 2)[b % 3] for b in range(B)], dtype=torch.int64)
+        x = x.masked_fill((torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)).unsqueeze(2), float("nan"))
     resets = None
     if with_resets:
         resets = torch.rand(T, B, generator=g) < 0.35

@@ -347,6 +347,28 @@ def test_reset_rows_ignore_what_h0_holds(path, mode, reset_after):
             close(a, b, "with a non-finite discarded h0 row", rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_padding_past_lengths_is_never_read(path, mode, reset_after):
+    """x past a row's length (padding) holding NaN / inf gives the outputs and gradients of zero
+    padding (grad_w_ih was NaN: 0 * NaN in its product)."""
+    T, B, I, H = 6, 4, 3, 5
+    gen = torch.Generator().manual_seed(21)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
+    lengths = torch.tensor([T, 4, 0, 1], device=DEV)
+    pad = (torch.arange(T, device=DEV).unsqueeze(1) >= lengths.unsqueeze(0)).unsqueeze(2)
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        leaves = [t.clone().requires_grad_() for t in (x.masked_fill(pad, fill), h0, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, mode=mode, reset_after=reset_after,
+                                        backend="cuda")
+        grads = torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)
+        results.append([y, h_n, *grads])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.isfinite(a).all()
+            close(a, b, "with NaN / inf padding", rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
 def test_non_finite_values_propagate_as_in_the_reference(path, dtype, mode, reset_after):

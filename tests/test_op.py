@@ -121,6 +121,34 @@ def test_opcheck(backend, mode, reset_after, extras):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first"])
+def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout):
+    """x past a row's length is padding: NaN / inf there gives the outputs and gradients (grad_x
+    zero there, finite grad_w_ih) of zero padding (grad_w_ih was NaN: 0 * NaN). Long enough
+    for several backward chunks of the C++ kernels, some with every row active."""
+    gen = torch.Generator().manual_seed(21)
+    T, B, I, H = 30, 5, 3, 4
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, resets = make_inputs(T, B, I, H, mode, True, "resets", torch.float64, gen)
+    lengths = torch.tensor([T, 25, 7, 0, 29])
+    pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)  # (T, B)
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xf = x.masked_fill(pad.unsqueeze(2), fill)
+        if layout == "batch_first":  # a (T, B, I) view of (B, T, I) memory, as a batch_first module passes
+            xf = xf.transpose(0, 1).contiguous().transpose(0, 1)
+        leaves = [t.clone().requires_grad_() for t in (xf, h0, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths, resets, mode, reset_after, backend)
+        grads = torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)
+        results.append([y, h_n, *grads])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not results[0][2][pad].any()  # grad_x at the padding
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
 def test_opcheck_strided_inputs(backend, mode):
     """opcheck with a permuted x (a batch_first module's input) and transposed weights: the fake

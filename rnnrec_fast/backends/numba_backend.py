@@ -16,7 +16,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 import numpy as np
 import torch
 
-from . import numba_cpu
+from . import numba_cpu, reference
 
 MODE_RNN_TANH = 0
 MODE_RNN_RELU = 1
@@ -129,7 +129,7 @@ def run_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, y
                                  y, h_n, ws, gh0)
 
 
-def _weight_grads(x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H):
+def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     """grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh from the pre-activation gradients
     (torch GEMMs; works on CPU and CUDA tensors). x, y, d_gx, d_gh, h_in contiguous.
 
@@ -138,9 +138,11 @@ def _weight_grads(x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     zero where the row resets (``reference.prev_states``). It is not built: the product is
     d_gh[0]^T h0 + d_gh[1:]^T y[:-1], with d_gh's reset rows zeroed IN PLACE first (after the bias
     gradient is summed) and h0's rows that reset at step 0 zeroed, so no (T, B, H) copy of y is
-    made. Inactive steps have d_gh = 0."""
+    made. Inactive steps have d_gh = 0, and x there (padding) enters grad_w_ih as zeros."""
     T, B, I = x.shape
     GH = d_gx.shape[2]
+    if lengths is not None:
+        x = x.masked_fill(~reference._active_mask(lengths, T, B, x.device), 0.0)
     x2 = x.reshape(T * B, I)
     dgx2 = d_gx.view(T * B, GH)
     dgh2 = d_gh.view(T * B, GH)
@@ -199,5 +201,5 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
                 mode, reset_after, d_gx.numpy(), d_gh.numpy(),
                 None if h_in is None else h_in.numpy(), grad_h0.numpy())
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
-            x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H)
+            x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H)
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

@@ -476,6 +476,8 @@ def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, res
     h_prev = reference.prev_states(torch.from_numpy(y), torch.from_numpy(h0),
                                    None if resets is None else torch.from_numpy(resets)).numpy().reshape(T * B, H)
     grad_x = (dgx @ w_ih).reshape(T, B, I)
+    if lengths is not None:  # padding past a row's length enters grad_w_ih as zeros (reference)
+        x = np.where((np.arange(T)[:, None] < lengths[None, :])[:, :, None], x, 0).astype(x.dtype)
     grad_w_ih = dgx.T @ x.reshape(T * B, I)
     if split:
         h_in = d_hin.copy_to_host().reshape(T * B, H)
@@ -596,5 +598,5 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
                             dummies=_torch_dummies(x.dtype, x.device))
         from .numba_backend import _weight_grads
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
-            x, h0, y, resets, d_gx, d_gh, h_in, w_ih, mode, H)
+            x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H)
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

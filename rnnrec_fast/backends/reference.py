@@ -37,7 +37,8 @@ forward(...) -> (y, h_n, ws)
 backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode, reset_after)
     -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
     grad_b_* have shape (G*H,) and are returned even when the bias is None (the caller drops them).
-    grad_y at inactive steps is ignored (the output there is a constant zero).
+    grad_y at inactive steps is ignored (the output there is a constant zero), and so is x there:
+    padding the forward never read enters grad_w_ih as zeros (NaN padding gives finite gradients).
 """
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         d_gx[t] = dgx
         d_gh[t] = dgh
         dh = dh_prev
-    x2 = x.reshape(T * B, -1)
+    x2 = (x if active is None else x.masked_fill(~active, 0.0)).reshape(T * B, -1)
     dgx2 = d_gx.reshape(T * B, -1)
     dgh2 = d_gh.reshape(T * B, -1)
     h_prev_all = h_prev_all.reshape(T * B, H)
