@@ -339,9 +339,11 @@ def _empty_batch(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_aft
 def _fx_leaf_call(module, args, kwargs):
     """Under torch.fx symbolic tracing: one call_module node for the module, as the tracer records
     for torch.nn's own RNN modules (leaves to it); the forward itself branches on its input, so it
-    cannot be traced through."""
+    cannot be traced through. The call goes through the tracer's call_module (a custom tracer's
+    override and its scope bookkeeping run), with a forward that records the leaf node too."""
     tracer = next(a.tracer for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy))
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+    path = tracer.path_of_module(module)
+    return tracer.call_module(module, lambda *a, **k: tracer.create_proxy("call_module", path, a, k), args, kwargs)
 
 
 def _check_dense(name, what, t):

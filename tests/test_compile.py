@@ -128,6 +128,26 @@ def test_fx_symbolic_trace_keeps_modules_as_leaves():
                 torch.testing.assert_close(out, want)
 
 
+def test_fx_custom_tracer_sees_the_module_calls():
+    """A custom torch.fx Tracer's call_module override runs for these modules too (they are
+    recorded through it, as leaves), and the node carries the module stack the tracer keeps."""
+    seen = []
+
+    class Recording(torch.fx.Tracer):
+        def call_module(self, m, forward, args, kwargs):
+            seen.append(self.path_of_module(m))
+            return super().call_module(m, forward, args, kwargs)
+
+    model = Model()
+    graph = Recording().trace(model)
+    assert "gru" in seen
+    (node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == "gru"]
+    assert "gru" in node.meta.get("nn_module_stack", {})
+    gm = torch.fx.GraphModule(model, graph)
+    items = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(gm(items)[0], model(items)[0])
+
+
 @pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
 def test_torchscript_script_refuses_modules_clearly(kind):
     """torch.jit.script cannot type the modules' forward: a TypeError naming the alternatives, raised
