@@ -1159,6 +1159,11 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     if (!ok) return unhandled;
     if (!hx.is_contiguous()) hx = hx.contiguous();
   }
+  // Handled from here on: RecordFunction observers (the profiler, a global observer) see the call
+  // as an event named after the op, as they would see the op's.
+  RECORD_FUNCTION("rnnrec_fast::recurrence",
+                  hx_in != nullptr && hx_in->defined() ? std::vector<c10::IValue>{input, *hx_in}
+                                                       : std::vector<c10::IValue>{input});
   // The kernel reads x as (T, B, I) rows: a batch_first input is that layout already when T or B
   // is 1; otherwise it is transposed once.
   at::Tensor x = input;
@@ -1256,10 +1261,8 @@ class InferPlan {
       if (!THPVariable_Check(p)) return py::none();
       w.push_back(&THPVariable_Unpack(p));
     }
-    const at::Tensor& x = THPVariable_Unpack(input.ptr());
-    const at::Tensor* h = hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr());
-    RECORD_FUNCTION("rnnrec_fast::recurrence", h ? std::vector<c10::IValue>{x, *h} : std::vector<c10::IValue>{x});
-    return infer_impl(x, h, w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
+    return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
+                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
   }
 
  private:

@@ -311,12 +311,14 @@ class InputError(ValueError, RuntimeError):
 
 
 def _autocast_cast(x, hx, w_dtype):
-    """Under autocast for their device, an input (and hx) of another floating dtype than the
-    weights', as autocast's own ops make them (a bfloat16 Linear before the GRU), is taken as
-    torch.nn takes it and computed in the weights' dtype (the op computes in its inputs' dtype)."""
-    if (x.dtype != w_dtype and x.is_floating_point() and x.device.type in ("cpu", "cuda")
+    """Under autocast for their device, an input or hx of another floating dtype than the
+    weights', as autocast's own ops make them (a bfloat16 Linear before the GRU, or making its
+    h0), is taken as torch.nn takes it and computed in the weights' dtype (the op computes in its
+    inputs' dtype)."""
+    if ((x.dtype != w_dtype or (hx is not None and hx.dtype != w_dtype)) and x.device.type in ("cpu", "cuda")
             and torch.is_autocast_enabled(x.device.type)):
-        x = x.to(w_dtype)
+        if x.is_floating_point():
+            x = x.to(w_dtype)
         if hx is not None and hx.is_floating_point():
             hx = hx.to(w_dtype)
     return x, hx

@@ -540,6 +540,17 @@ def test_cpp_fast_path_runs_under_profiler_as_the_op(kind, record_shapes, monkey
     assert len(events) == 1
     if record_shapes:
         assert events[0].input_shapes[0] == list(x.shape)
+    # a call the plan declines (a non-contiguous weight) is one event too: the op's, not the plan's
+    # attempts as well
+    w = ours.weight_hh_l0 if kind == "GRU" else ours.weight_hh
+    t = nn.Parameter(w.detach().t().contiguous().t())
+    setattr(ours, "weight_hh_l0" if kind == "GRU" else "weight_hh", t)
+    with torch.inference_mode():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=record_shapes) as prof:
+            got = ours(x)
+    assert calls == [1]
+    assert sum(e.name == "rnnrec_fast::recurrence" for e in prof.events()) == 1
 
 
 @pytest.mark.parametrize("backend", ["auto"] + cpu_backends())

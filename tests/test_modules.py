@@ -379,11 +379,12 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
         x, hx = torch.randn(3, 2, 4).bfloat16(), torch.randn(2, 2, 5).bfloat16()
     want = ours(x.float(), hx.float())
     for grad_mode in (torch.enable_grad, torch.inference_mode):
-        with grad_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            got = ours(x, hx)
-        for g, w in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
-            assert g.dtype == torch.float32
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        for xi, hi in ((x, hx), (x.float(), hx), (x, hx.float())):  # either one or both in bfloat16
+            with grad_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                got = ours(xi, hi)
+            for g, w in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
     with pytest.raises((ValueError, RuntimeError), match="dtype"):
         ours(x, hx)
 

@@ -294,11 +294,16 @@ def test_per_click_k_in_a_batch():
         rec.step_batch(["a", "b"], [1, 2], [3])
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "reassign"])
-def test_fast_path_follows_weight_changes(change):
+@pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "reassign", "submodule", "data_swap",
+                                    "racing_update", "in_training_mode"])
+def test_fast_path_follows_weight_changes(change, monkeypatch):
     """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
-    a reassigned parameter) clicks and batches score with the new weights: the fast path held a
-    copy of the output weights (batches of 4+ rows scored with the old ones)."""
+    a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
+    landing while the fast path copies Wy, a reload done in training mode) clicks and batches
+    score with the new weights: the fast path held a copy of the output weights (batches of 4+
+    rows scored with the old ones) and views of the others."""
+    from rnnrec_fast.serving import fastpath
+
     model = make_model(n_items=60, layers=(16,), embedding=8)
     rec = SessionRecommender(model)
     assert rec.uses_fast_path
@@ -312,10 +317,34 @@ def test_fast_path_follows_weight_changes(change):
             for p, q in zip(model.parameters(), new.parameters()):
                 p.grad = p.detach() - q.detach()
             torch.optim.SGD(model.parameters(), lr=1.0).step()
-        else:
+        elif change == "reassign":
             model.Wy = torch.nn.Parameter(new.Wy.detach().clone())
             model.By = torch.nn.Parameter(new.By.detach().clone())
             model.rnn.weight_hh_l0 = torch.nn.Parameter(new.rnn.weight_hh_l0.detach().clone())
+        elif change == "submodule":
+            model.rnn = new.rnn
+        elif change == "data_swap":
+            for p, q in zip(model.parameters(), new.parameters()):
+                p.data = q.detach().clone()
+        elif change == "racing_update":  # Wy updated after the rebuild's snapshot, before its copies
+            model.By.add_(0.01)  # a change that makes the path rebuild
+            real = fastpath._pack_for_onednn
+
+            def pack_then_update(W, b):
+                out = real(W, b)
+                if not getattr(pack_then_update, "done", False):
+                    pack_then_update.done = True
+                    model.Wy.copy_(new.Wy)
+                return out
+            monkeypatch.setattr(fastpath, "_pack_for_onednn", pack_then_update)
+            rec.click("z", ids[30])  # rebuilds, racing with the update
+            assert pack_then_update.done
+        else:
+            model.train()
+            model.load_state_dict(new.state_dict())
+            rec.click("z", ids[30])  # served by the model's own methods meanwhile
+            assert not rec.uses_fast_path
+            model.eval()
     sids = ["e", "f", "g", "h"]
     got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("i", ids[20], k=5)]
     fresh = SessionRecommender(model)

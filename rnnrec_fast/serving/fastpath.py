@@ -25,6 +25,22 @@ class FastGRU4Rec:
     def __init__(self, model):
         rnn = model.rnn
         L = model.num_layers
+        # What this path reads, for stale(), taken before anything is copied (an update racing with
+        # the copies then shows as a change): each submodule and parameter as (owner's dict, key,
+        # object), to see one replaced; the parameters' storage, to see one swapped through
+        # ``p.data = ...`` (the views below would keep the old memory); the versions of the two
+        # whose values are copied (Wy into Wt and the oneDNN weight, By), to see in-place updates
+        # (load_state_dict, an optimiser step). The other tensors are views: updates show through.
+        names = [f"{w}_l{layer}" for layer in range(L) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        watch = [(model._modules, "rnn", rnn)]
+        watch += [(model._parameters, n, model._parameters[n]) for n in ("E", "Wy", "By")
+                  if model._parameters.get(n) is not None]
+        watch += [(rnn._parameters, n, rnn._parameters[n]) for n in names if rnn._parameters.get(n) is not None]
+        self._watch = watch
+        self._params = [o for _, _, o in watch[1:]]
+        self._ptrs = [p.data_ptr() for p in self._params]
+        self._copied = [model.Wy, model.By]
+        self._versions = [p._version for p in self._copied]
         self.L = L
         self.reset_after = bool(model.reset_after)
         self.backend = getattr(rnn, "backend", "auto")
@@ -52,20 +68,15 @@ class FastGRU4Rec:
         self.infer = _infer if (_infer is not None and self.backend in ("auto", "cpp")
                                 and all(w is not None for w in flat)) else None
         self.flat = flat
-        # every parameter of the model as (owner's parameter dict, name, parameter) and its version:
-        # an in-place update (load_state_dict, an optimiser step) or a reassigned parameter makes
-        # this path stale (Wt and the oneDNN copy are copies; see stale())
-        self._watch = [(mod._parameters, name, p) for mod in model.modules()
-                       for name, p in mod._parameters.items() if p is not None]
-        self._versions = [p._version for _, _, p in self._watch]
 
     def stale(self):
-        """Whether a parameter of the model changed in place or was replaced since this was built
-        (about 1 us a click): the recommender then builds a new one."""
-        for (params, name, p), v in zip(self._watch, self._versions):
-            if params.get(name) is not p or p._version != v:
+        """Whether the model's weights changed since this was built (see __init__; ~1.5 us a
+        click): the recommender then builds a new one."""
+        for owner, key, obj in self._watch:
+            if owner.get(key) is not obj:
                 return True
-        return False
+        return ([p._version for p in self._copied] != self._versions
+                or [p.data_ptr() for p in self._params] != self._ptrs)
 
     def step(self, items, h):
         """items (B,) int64, h (L, B, H) -> new state (L, B, H)."""

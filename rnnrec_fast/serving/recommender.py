@@ -78,6 +78,7 @@ class SessionRecommender:
                  max_batch=4096, initial_capacity=1024, clock=time.monotonic, fast=True):
         self.model = model
         self._fast = None
+        self._fast_retry = False  # the fast path was dropped while the model was in training mode
         self._use_fast(_fastpath.build(model) if fast else None)
         self.item_ids = list(model.item_ids)
         self.item_index = model.item_index
@@ -123,14 +124,19 @@ class SessionRecommender:
         self._score = fast.score if fast is not None else self.model.score
 
     def _fresh_fast(self):
-        """The fast path, rebuilt first when a parameter of the model changed since it was built
-        (load_state_dict, an optimiser step, a reassigned parameter: it holds copies of the output
-        weights). Call under the lock."""
+        """The fast path, rebuilt first when the model's weights changed since it was built
+        (load_state_dict, an optimiser step, a replaced parameter or submodule: it holds copies of
+        the output weights and views of the others). A change seen while the model is in training
+        mode drops it until the model is back in eval mode. Call under the lock."""
         fast = self._fast
-        if fast is not None and fast.stale():
+        if fast is not None:
+            if fast.stale():
+                self._fast_retry = self.model.training
+                self._use_fast(None if self._fast_retry else _fastpath.build(self.model))
+        elif self._fast_retry and not self.model.training:
+            self._fast_retry = False
             self._use_fast(_fastpath.build(self.model))
-            fast = self._fast
-        return fast
+        return self._fast
 
     def _expire_locked(self):
         if self.store.ttl is not None:
