@@ -5,6 +5,9 @@
 PYTHON ?= python3
 # torch is pinned: an open range would pull a multi-GB CUDA build. 2.13.0 is the CPU build on this machine.
 TORCH_VERSION ?= 2.13.0
+# Where pip finds no CPU wheel of torch by itself (this machine's pip has one at hand), PyTorch's CPU
+# index keeps the CUDA build out: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 \
@@ -25,7 +28,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS_STAMP): | $(PY)
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(DEPS)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)" $(DEPS)
 	rm -f $(VENV)/.deps-torch-*
 	touch $@
 

@@ -35,3 +35,14 @@ def test_next_rating():
     res = _load("next_rating").run(epochs=15, n_users=256, verbose=False)
     assert res["last_loss"] < res["first_loss"]
     assert res["test_mse"] < 0.5 * res["baseline_mse"]
+
+
+def test_readme_using_it_snippet_runs():
+    """The README's first code block ("Using it") runs as written: a new user's first paste."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"## Using it\s+```python\n(.*?)```", text, re.S).group(1)
+    scope = {}
+    exec(compile(block, "README.md (Using it)", "exec"), scope)
+    assert scope["y"].shape == (20, 32, 100) and scope["out"].shape == (32, 20, 100)

@@ -171,3 +171,18 @@ def test_demo_synthetic(tmp_path, capsys):
     res = recsys.demo(data_dir=str(tmp_path), epochs=1, n_sample=64, progress=False, out=lines.append)
     assert res["source"] == "synthetic" and "events_per_second" in res
     assert any("Recall@20" in x for x in lines)
+
+
+def test_help_shows_defaults(capsys):
+    """--help of the recommender and serving CLIs gives every option's default."""
+    from rnnrec_fast.recsys.cli import build_parser
+    from rnnrec_fast.serving.__main__ import main as serve_main
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 2048)" in out and "(default: 10)" in out and "(default: 0.0)" in out
+    with pytest.raises(SystemExit):
+        serve_main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 64)" in out and "(default: 0.0)" in out and "(default: 1800.0)" in out

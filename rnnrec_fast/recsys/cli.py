@@ -60,6 +60,19 @@ def _load(path, a):
                        time_col=a.time_col or None, sep=sep)
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every option of ``parser`` and its sub-commands that has a default says it in --help (where
+    its help text does not already)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif (action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+              and "default" not in (action.help or "")):
+            action.help = ((action.help + " ") if action.help else "") + "(default: %(default)s)"
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rnnrec_fast.recsys",
                                  description="GRU4Rec session-based recommender on rnnrec_fast")
@@ -126,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--k", type=int, default=20)
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true")
-    return ap
+    return show_defaults(ap)
 
 
 def _check_device(dev):
@@ -174,9 +187,11 @@ def _cmd_train(a):
     tr = SessionDataset.from_log(train_log)
     te = None if test_log is None else SessionDataset.from_log(test_log, tr.item_map)
     log = sys.stderr
-    log.write(f"train: {tr.n_events} events, {tr.n_sessions} sessions, {len(tr.item_map)} items\n")
+    # an event is a next-click prediction: a session of n clicks gives n - 1 (as GRU4Rec counts them)
+    log.write(f"train: {len(tr.items)} clicks, {tr.n_sessions} sessions, {len(tr.item_map)} items "
+              f"({tr.n_events} events: next-click targets)\n")
     if te is not None:
-        log.write(f"test: {te.n_events} events, {te.n_sessions} sessions\n")
+        log.write(f"test: {len(te.items)} clicks, {te.n_sessions} sessions ({te.n_events} events)\n")
     model, stats = train(tr, cfg, progress=not a.quiet)
     log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s\n")
     res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],

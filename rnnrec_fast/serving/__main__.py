@@ -23,7 +23,9 @@ def main(argv=None):
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--debug", action="store_true", help="enable GET /v1/sessions/{id} (clicks, seen items, state)")
     p.add_argument("--log-level", default="warning")
-    a = p.parse_args(argv)
+    from ..recsys.cli import show_defaults
+
+    a = show_defaults(p).parse_args(argv)
 
     try:  # the HTTP stack is an optional extra: say so before loading anything
         import uvicorn  # noqa: F401
