@@ -110,13 +110,17 @@ def test_gradcheck(backend, mode, reset_after, extras):
 def test_opcheck(backend, mode, reset_after, extras):
     gen = torch.Generator().manual_seed(3)
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, mode, True, extras, torch.float32, gen)
-    args = (x.requires_grad_(), h0.requires_grad_(), w_ih.requires_grad_(), w_hh.requires_grad_(),
-            b_ih.requires_grad_(), b_hh, lengths, resets, mode, reset_after, backend)
+    _opcheck_both((x.requires_grad_(), h0.requires_grad_(), w_ih.requires_grad_(), w_hh.requires_grad_(),
+                   b_ih.requires_grad_(), b_hh, lengths, resets, mode, reset_after, backend))
+
+
+def _opcheck_both(args):
+    """opcheck of the forward op on ``args``, then of the backward op on its outputs."""
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default, args)
     with torch.no_grad():
         y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*args)
     bargs = (torch.randn_like(y), torch.randn_like(h_n)) + tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                                               for a in args[:8]) + (y, ws, mode, reset_after, backend)
+                                                               for a in args[:8]) + (y, ws) + tuple(args[8:])
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
 
 
@@ -160,14 +164,8 @@ def test_opcheck_strided_inputs(backend, mode):
     w_ih = torch.randn(I, G * H, generator=gen).t()
     w_hh = torch.randn(H, G * H, generator=gen).t()
     h0 = torch.randn(B, H, generator=gen)
-    args = (x.requires_grad_(), h0, w_ih.requires_grad_(), w_hh.requires_grad_(), None, None, None, None, mode,
-            True, backend)
-    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default, args)
-    with torch.no_grad():
-        y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*args)
-    bargs = (torch.randn_like(y), torch.randn_like(h_n)) + tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                                               for a in args[:8]) + (y, ws, mode, True, backend)
-    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
+    _opcheck_both((x.requires_grad_(), h0, w_ih.requires_grad_(), w_hh.requires_grad_(), None, None, None, None,
+                   mode, True, backend))
 
 
 # Longer and wider than SHAPES: the C++ backward runs in chunks of time steps (about 128 rows of
