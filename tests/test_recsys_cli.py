@@ -182,7 +182,11 @@ def test_help_shows_defaults(capsys):
         build_parser().parse_args(["train", "--help"])
     out = capsys.readouterr().out
     assert "(default: 2048)" in out and "(default: 10)" in out and "(default: 0.0)" in out
+    flat = " ".join(out.split())
+    # helps that mention torch's default still give their own; --layers reads as typed
+    assert "(0: torch's default) (default: 1)" in flat and "100,100 (default: 100)" in flat
     with pytest.raises(SystemExit):
         serve_main(["--help"])
     out = capsys.readouterr().out
     assert "(default: 64)" in out and "(default: 0.0)" in out and "(default: 1800.0)" in out
+    assert "(0: leave torch's default) (default: 1)" in " ".join(out.split())

@@ -295,7 +295,7 @@ def test_per_click_k_in_a_batch():
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "reassign", "submodule", "data_swap",
-                                    "racing_update", "in_training_mode"])
+                                    "racing_update", "in_training_mode", "training_during_rebuild"])
 def test_fast_path_follows_weight_changes(change, monkeypatch):
     """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
     a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
@@ -339,6 +339,19 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
             monkeypatch.setattr(fastpath, "_pack_for_onednn", pack_then_update)
             rec.click("z", ids[30])  # rebuilds, racing with the update
             assert pack_then_update.done
+        elif change == "training_during_rebuild":  # training mode switched on while the path rebuilds
+            model.load_state_dict(new.state_dict())
+            real_step = model.step
+
+            def train_then_step(*a, **kw):
+                del model.step  # once
+                model.train()
+                return real_step(*a, **kw) + 1.0  # the probe disagrees
+
+            model.step = train_then_step
+            rec.click("z", ids[30])
+            assert "step" not in vars(model) and not rec.uses_fast_path
+            model.eval()
         else:
             model.train()
             model.load_state_dict(new.state_dict())
@@ -353,6 +366,34 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
         assert gi == wi
         torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
     assert rec.uses_fast_path
+
+
+@pytest.mark.parametrize("where", ["rnn", "output"])
+def test_fast_path_declines_parametrized_weights(where):
+    """A parametrized weight (torch.nn.utils.parametrize, weight_norm) is computed on each read:
+    the fast path would hold one computed copy and never see its source change. It is not used;
+    clicks follow an update of the source."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = make_model(n_items=60, layers=(16,), embedding=8)
+    owner, name = (model.rnn, "weight_hh_l0") if where == "rnn" else (model, "Wy")
+    parametrize.register_parametrization(owner, name, Double())
+    rec = SessionRecommender(model)
+    assert not rec.uses_fast_path
+    ids = model.item_ids
+    rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
+    with torch.no_grad():
+        owner.parametrizations[name].original.mul_(-0.5)
+    got = rec.click_many(["e", "f", "g", "h"], ids[10:14], k=5) + [rec.click("i", ids[20], k=5)]
+    ref = SessionRecommender(model, fast=False)
+    want = ref.click_many(["e", "f", "g", "h"], ids[10:14], k=5) + [ref.click("i", ids[20], k=5)]
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
 
 
 def test_item_ids_match_as_in_the_model():

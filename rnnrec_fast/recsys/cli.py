@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .data import RecsysError
@@ -60,15 +61,18 @@ def _load(path, a):
                        time_col=a.time_col or None, sep=sep)
 
 
+_SAYS_DEFAULT = re.compile(r"%\(default\)|\bdefault[: ]")  # not "(0: torch's default)"
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every option of ``parser`` and its sub-commands that has a default says it in --help (where
-    its help text does not already)."""
+    its help text does not already say ``default:`` or ``default N``)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 show_defaults(sub)
         elif (action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
-              and "default" not in (action.help or "")):
+              and not _SAYS_DEFAULT.search(action.help or "")):
             action.help = ((action.help + " ") if action.help else "") + "(default: %(default)s)"
     return parser
 
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split-days: first drop the items with fewer clicks (and the sessions "
                         "left under 2 clicks), as GRU4Rec's preprocessing (RSC15: 5; default 1: none)")
     t.add_argument("--loss", choices=["cross-entropy", "bpr-max", "top1-max"], default="cross-entropy")
-    t.add_argument("--layers", nargs="+", default=["100"], help="GRU layer sizes, e.g. 100 or 100,100")
+    t.add_argument("--layers", nargs="+", default=["100"], help="GRU layer sizes, e.g. 100 or 100,100 (default: 100)")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--n-sample", type=int, default=2048)
     t.add_argument("--sample-alpha", type=float, default=0.5)

@@ -160,12 +160,35 @@ def _pack_for_onednn(W, b):
 def build(model):
     """A :class:`FastGRU4Rec` for ``model`` when it applies and matches the model's own step and
     score on a probe; else None."""
+    return build_or_retry(model)[0]
+
+
+def build_or_retry(model):
+    """``(fast, retry)``: :func:`build`'s result, and whether to try again once the model is back
+    in eval mode (it was declined, and the model was in training mode when the attempt began or
+    ended: a switch during the attempt counts)."""
+    was_training = model.training
+    fast = _build(model)
+    return fast, fast is None and (was_training or model.training)
+
+
+def _build(model):
     try:
         if type(model).__name__ != "GRU4Rec" or model.embedding == 0 or model.rnn is None:
             return None
-        if model.rnn.num_layers != model.num_layers or getattr(model.rnn, "bidirectional", False):
+        rnn = model.rnn
+        if rnn.num_layers != model.num_layers or getattr(rnn, "bidirectional", False):
             return None
-        if model.training or getattr(model.rnn, "mode", "gru") not in ("gru", "GRU"):
+        if model.training or getattr(rnn, "mode", "gru") not in ("gru", "GRU"):
+            return None
+        # Only registered parameters read as themselves: a parametrized weight (parametrize,
+        # weight_norm) is computed on each read, so the copy taken here would never see its
+        # source change (stale() watches the registered ones).
+        names = [f"{w}_l{layer}" for layer in range(model.num_layers)
+                 for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in names):
+            return None
+        if any(getattr(model, n, None) is not model._parameters.get(n) for n in ("E", "Wy", "By")):
             return None
         fast = FastGRU4Rec(model)
         g = torch.Generator().manual_seed(0)
@@ -181,8 +204,9 @@ def build(model):
             got_r = fast.step_row(int(items[0]), h[:, 0])
         if not (torch.allclose(got_h, ref_h, rtol=1e-5, atol=1e-6)
                 and torch.allclose(got_r, ref_h[:, 0], rtol=1e-5, atol=1e-6) and torch.allclose(got_s, ref_s, rtol=1e-5, atol=1e-5)):
-            warnings.warn("rnnrec_fast.serving: the fast path disagrees with model.step/score; not using it",
-                          RuntimeWarning, stacklevel=3)
+            if not model.training:  # a switch to training mode during the probe explains it
+                warnings.warn("rnnrec_fast.serving: the fast path disagrees with model.step/score; not using it",
+                              RuntimeWarning, stacklevel=4)
             return None
         return fast
     except Exception:  # noqa: BLE001 - any surprise: use the model's own methods

@@ -77,9 +77,13 @@ class SessionRecommender:
     def __init__(self, model, *, max_sessions=100_000, ttl=1800.0, max_seen=256, max_k=None,
                  max_batch=4096, initial_capacity=1024, clock=time.monotonic, fast=True):
         self.model = model
-        self._fast = None
-        self._fast_retry = False  # the fast path was dropped while the model was in training mode
-        self._use_fast(_fastpath.build(model) if fast else None)
+        # whether to build the fast path again when the model is in eval mode: it was declined
+        # while the model was in training mode
+        self._fast_retry = False
+        built = None
+        if fast:
+            built, self._fast_retry = _fastpath.build_or_retry(model)
+        self._use_fast(built)
         self.item_ids = list(model.item_ids)
         self.item_index = model.item_index
         self.item_map = getattr(model, "item_map", None)
@@ -129,13 +133,9 @@ class SessionRecommender:
         the output weights and views of the others). A change seen while the model is in training
         mode drops it until the model is back in eval mode. Call under the lock."""
         fast = self._fast
-        if fast is not None:
-            if fast.stale():
-                self._fast_retry = self.model.training
-                self._use_fast(None if self._fast_retry else _fastpath.build(self.model))
-        elif self._fast_retry and not self.model.training:
-            self._fast_retry = False
-            self._use_fast(_fastpath.build(self.model))
+        if (fast is not None and fast.stale()) or (fast is None and self._fast_retry and not self.model.training):
+            built, self._fast_retry = _fastpath.build_or_retry(self.model)
+            self._use_fast(built)
         return self._fast
 
     def _expire_locked(self):
