@@ -310,16 +310,20 @@ class InputError(ValueError, RuntimeError):
     both, so code written against either catches it."""
 
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _autocast_cast(x, hx, w_dtype):
-    """Under autocast for their device, an input or hx of another floating dtype than the
-    weights', as autocast's own ops make them (a bfloat16 Linear before the GRU, or making its
-    h0), is taken as torch.nn takes it and computed in the weights' dtype (the op computes in its
-    inputs' dtype)."""
+    """Under autocast for their device, an input or hx in a lower precision than the weights', as
+    autocast's own ops make them (a bfloat16 Linear before the GRU, or making its h0), is taken as
+    torch.nn takes it and computed in the weights' dtype (the op computes in its inputs' dtype).
+    Other mismatches (a float64 input beside float32 weights, which torch.nn refuses under
+    autocast too) reach the usual dtype errors."""
     if ((x.dtype != w_dtype or (hx is not None and hx.dtype != w_dtype)) and x.device.type in ("cpu", "cuda")
             and torch.is_autocast_enabled(x.device.type)):
-        if x.is_floating_point():
+        if x.dtype in _AUTOCAST_DTYPES:
             x = x.to(w_dtype)
-        if hx is not None and hx.is_floating_point():
+        if hx is not None and hx.dtype in _AUTOCAST_DTYPES:
             hx = hx.to(w_dtype)
     return x, hx
 

@@ -369,7 +369,8 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
     """Under CPU autocast a float32 module takes a bfloat16 input (and hx), as torch.nn's take what
     autocast's ops make (a bfloat16 Linear before the GRU), and computes in the weights' dtype: the
     result of the input converted to float32 (it was refused: 'w_ih has dtype torch.float32 but x
-    has torch.bfloat16'). Outside autocast the mismatch is still refused."""
+    has torch.bfloat16'). Outside autocast the mismatch is still refused, and so is a float64
+    input or hx under autocast (torch.nn refuses it too; it was silently rounded to float32)."""
     torch.manual_seed(12)
     if kind == "GRUCell":
         ours = rnnrec_fast.GRUCell(4, 5, backend=backend)
@@ -387,6 +388,9 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
     with pytest.raises((ValueError, RuntimeError), match="dtype"):
         ours(x, hx)
+    for xi, hi in ((x.double(), hx.float()), (x.float(), hx.double())):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((ValueError, RuntimeError), match="dtype"):
+            ours(xi, hi)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
