@@ -41,6 +41,7 @@ static inline vf vpow2i(vf n) {
 static inline vf vabs(vf x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
 static inline vf vcopysign(vf m, vf s) { return _mm256_or_ps(vabs(m), _mm256_and_ps(s, _mm256_set1_ps(-0.0f))); }
 static inline vm vlt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+static inline vm vle(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
 static inline vf vselect(vm m, vf a, vf b) { return _mm256_blendv_ps(b, a, m); }
 
 struct Full {

@@ -376,6 +376,7 @@ static inline vf vcopysign(vf m, vf s) {
   return _mm512_castsi512_ps(_mm512_or_si512(vbits(vabs(m)), sign));
 }
 static inline vm vlt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline vm vle(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
 static inline vf vselect(vm m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }
 
 struct Full {

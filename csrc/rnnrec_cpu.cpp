@@ -104,8 +104,8 @@ void s_rnn_bwd(int64_t H, T* dh, const T* gy, const T* y, T* dgx, int relu) {
   for (int64_t j = 0; j < H; ++j) {
     T g = dh[j] + gy[j];
     T yy = y[j];
-    T ag = relu ? (yy > T(0) ? T(1) : T(0)) : (T(1) - yy * yy);
-    dgx[j] = g * ag;
+    // relu: torch's threshold_backward, 0 where y <= 0, else g (a NaN state passes g on)
+    dgx[j] = relu ? (yy <= T(0) ? T(0) : g) : g * (T(1) - yy * yy);
     dh[j] = T(0);
   }
 }
@@ -1109,9 +1109,11 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (per_layer != 2 && per_layer != 4) return unhandled;
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
-  // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage.
+  // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage; a
+  // tensor with the negative bit (a lazily negated view: x.conj().imag, torch._neg_view) holds the
+  // values' negation in memory, which the dispatcher resolves before the op's kernel runs.
   if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
-      at::GradMode::is_enabled() || !input.has_storage())
+      at::GradMode::is_enabled() || !input.has_storage() || input.is_neg())
     return unhandled;
   // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
   // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
@@ -1138,7 +1140,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     for (int64_t k = 0; k < per_layer; ++k) {
       const at::Tensor& t = *weights[s * per_layer + k];
       if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous() ||
-          !t.has_storage())
+          !t.has_storage() || t.is_neg())
         return unhandled;
       const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
                     : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
@@ -1151,7 +1153,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (hx_in != nullptr && hx_in->defined()) {
     hx = *hx_in;
     if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.layout() != at::kStrided || hx.dim() != nd ||
-        !hx.has_storage())
+        !hx.has_storage() || hx.is_neg())
       return unhandled;
     const int64_t want_l = cell ? 1 : states;
     const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))
@@ -1285,7 +1287,9 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::opti
 #if defined(RNNREC_HAVE_AVX2_TU)
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || W.requires_grad() || (has_b && b->requires_grad()));
-  if (!grad && simd_enabled() && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) > 0 && x.scalar_type() == at::kFloat &&
+  // (a tensor with the negative bit holds its values' negation: ATen resolves it)
+  const bool neg = x.is_neg() || W.is_neg() || (has_b && b->is_neg());
+  if (!grad && !neg && simd_enabled() && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) > 0 && x.scalar_type() == at::kFloat &&
       W.scalar_type() == at::kFloat && x.device().is_cpu() && W.device().is_cpu() &&
       (!has_b || (b->scalar_type() == at::kFloat && b->device().is_cpu()))) {
     const at::Tensor xc = x.contiguous(), Wc = W.contiguous();
@@ -1371,7 +1375,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
                     "rnnrec_fast topk_rows: scores must be a float32 CPU (M, N) matrix, got ", scores.sizes());
   const int64_t M = scores.size(0), N = scores.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "rnnrec_fast topk_rows: k must be in [1, ", N, "], got ", k);
-  const at::Tensor sc = scores.contiguous();
+  const at::Tensor sc = scores.contiguous().resolve_neg();  // (the negative bit: values negated in memory)
   at::Tensor vals = at::empty({M, k}, sc.options()), idx = at::empty({M, k}, sc.options().dtype(at::kLong));
   const float* sp = sc.data_ptr<float>();
   float* vp = vals.data_ptr<float>();
@@ -1387,8 +1391,10 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
 // at::mv), the excluded items set to -inf, then one pass that keeps the k best in a sorted array
 // (NaN ranks above every number, as in torch.topk; among equal scores the lower index comes
 // first). Returns (scores, indices) as Python lists, best first: no tensors to build or convert.
-py::tuple score_topk(const at::Tensor& h, const at::Tensor& W, const at::Tensor& b, int64_t k,
+py::tuple score_topk(const at::Tensor& h_in, const at::Tensor& W_in, const at::Tensor& b_in, int64_t k,
                      const std::vector<int64_t>& exclude) {
+  // (a tensor with the negative bit holds its values' negation in memory: resolved first)
+  const at::Tensor h = h_in.resolve_neg(), W = W_in.resolve_neg(), b = b_in.resolve_neg();
   TORCH_CHECK_VALUE(W.dim() == 2 && W.scalar_type() == at::kFloat && W.device().is_cpu() && W.is_contiguous(),
                     "rnnrec_fast score_topk: W must be a contiguous float32 CPU (N, H) matrix");
   const int64_t N = W.size(0), H = W.size(1);

@@ -208,8 +208,9 @@ __global__ void bwd_rnn_step_kernel(acc_t* __restrict__ carry, const acc_t* __re
     const bool act = is_active(lengths, b, t, T);
     const acc_t g = dh + (act ? gy_t[i] : acc_t(0));
     const acc_t h = y_t[i];
-    const acc_t ag = MODE == KMODE_TANH ? acc_t(1) - h * h : (h > acc_t(0) ? acc_t(1) : acc_t(0));
-    dg_t[i] = act ? g * ag : acc_t(0);
+    // relu: torch's threshold_backward, 0 where h <= 0, else g (a NaN state passes g on)
+    const acc_t dg = MODE == KMODE_TANH ? g * (acc_t(1) - h * h) : (h <= acc_t(0) ? acc_t(0) : g);
+    dg_t[i] = act ? dg : acc_t(0);
     carry[i] = act ? acc_t(0) : dh;
   }
 }

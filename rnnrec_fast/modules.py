@@ -99,7 +99,8 @@ class _PyInferPlan:
         if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not _unrecorded(input, hx):
             return None
         dt = input.dtype
-        if not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided:
+        if (not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided
+                or input.is_neg() or (hx is not None and hx.is_neg())):  # (negative bit: as InferPlan)
             return None
         cell = self.cell
         if input.dim() != (2 if cell else 3):
@@ -124,7 +125,8 @@ class _PyInferPlan:
         H = w_hh0.shape[1]
         GH = self.gates * H
         for i, t in enumerate(w):
-            if t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided or _functorch_wrapped(t):
+            if (t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided or t.is_neg()
+                    or _functorch_wrapped(t)):
                 return None
             k = i % per
             if t.shape != ((GH, I if i < per else H) if k == 0 else (GH, H) if k == 1 else (GH,)):
@@ -358,6 +360,47 @@ def _check_dense(name, what, t):
                          "convert it with .to_dense()")
 
 
+def _checked_weights(name, module, names, shapes, x):
+    """The weights ``names`` of ``module``, read as attributes (as torch.nn reads them: a
+    parametrized, pruned or replaced weight is not an entry of _parameters), each checked against
+    its ``shapes`` entry and ``x``'s dtype and device, with errors that name the parameter (the
+    op's name its own arguments, and infer the hidden size from w_hh: a mis-shaped weight_hh was
+    reported as a mis-shaped w_ih). None (a weight or bias set to None on a module that has it)
+    is refused as torch.nn refuses it: it was dropped, silently, for a bias."""
+    out = []
+    for n, shape in zip(names, shapes):
+        w = getattr(module, n)
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name}: {n} must be a Tensor, got {type(w).__name__}"
+                            + (" (a module built with bias=True needs its biases)" if n.startswith("bias") else ""))
+        if w.shape != shape:
+            raise InputError(f"{name}: {n} has shape {tuple(w.shape)}, expected {shape} for input_size="
+                             f"{module.input_size}, hidden_size={module.hidden_size}")
+        if w.dtype != x.dtype:
+            raise InputError(f"{name}: {n} has dtype {w.dtype} but the input has {x.dtype}; convert the "
+                             f"input (input.to({w.dtype})) or the module (module.to({x.dtype}))")
+        if w.device != x.device:
+            raise InputError(f"{name}: {n} is on {w.device} but the input is on {x.device}")
+        out.append(w)
+    return out
+
+
+def _check_packed(name, input):
+    """A PackedSequence as pack_padded_sequence makes it (torch's pad_packed_sequence aborts the
+    process on negative batch sizes)."""
+    data, bs = input.data, input.batch_sizes
+    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+        raise InputError(f"{name}: a PackedSequence's data must have 2 dimensions (steps, features), got "
+                         f"{data.dim() if isinstance(data, torch.Tensor) else type(data).__name__}")
+    if (not isinstance(bs, torch.Tensor) or bs.dim() != 1 or bs.dtype != torch.int64 or bs.device.type != "cpu"
+            or bs.numel() == 0):
+        raise InputError(f"{name}: a PackedSequence's batch_sizes must be a non-empty 1-D int64 CPU tensor")
+    if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != data.shape[0]:
+        raise InputError(f"{name}: a PackedSequence's batch_sizes must be positive and non-increasing and sum "
+                         f"to its data's {data.shape[0]} rows, got {bs.tolist()[:16]}"
+                         f"{'...' if bs.numel() > 16 else ''}; build it with pack_padded_sequence")
+
+
 def _check_backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -488,13 +531,14 @@ class _RNNBase(_FastPath):
         device = torch.device(device) if device is not None else p.device
         return ops.resolve_backend(self.backend, device.type, p.dtype)
 
-    def _layer_params(self, index):
-        # by attribute, as torch.nn reads them: a parametrized (weight_norm, parametrize), pruned or
-        # replaced weight (WeightDrop's plain tensor) is not an entry of _parameters
+    def _layer_params(self, index, x):
+        """The weights of (layer, direction) ``index``, checked (_checked_weights), as the op's
+        w_ih, w_hh, b_ih, b_hh."""
         names = self._all_weights[index]
-        if self.bias:
-            return tuple(getattr(self, n) for n in names)
-        return getattr(self, names[0]), getattr(self, names[1]), None, None
+        GH, H = self._gates * self.hidden_size, self.hidden_size
+        in_l = self.input_size if index < (2 if self.bidirectional else 1) else (2 if self.bidirectional else 1) * H
+        w = _checked_weights(type(self).__name__, self, names, ((GH, in_l), (GH, H), (GH,), (GH,)), x)
+        return tuple(w) if self.bias else (w[0], w[1], None, None)
 
     def forward(self, input, hx=None, *, resets=None):
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
@@ -507,6 +551,7 @@ class _RNNBase(_FastPath):
         packed = isinstance(input, PackedSequence)
         lengths = None
         if packed:
+            _check_packed(name, input)
             sorted_indices = input.sorted_indices
             x, lengths_cpu = pad_packed_sequence(input, batch_first=False)  # original batch order
             lengths = lengths_cpu.to(x.device)
@@ -524,7 +569,7 @@ class _RNNBase(_FastPath):
                 x = input.transpose(0, 1)
             else:
                 x = input
-        x, hx = _autocast_cast(x, hx, getattr(self, self._all_weights[0][0]).dtype)
+        x, hx = _autocast_cast(x, hx, getattr(getattr(self, self._all_weights[0][0]), "dtype", None))
         T, B, I = x.shape
         if T == 0:
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
@@ -552,7 +597,7 @@ class _RNNBase(_FastPath):
         if resets is not None:
             if D == 2:
                 raise ValueError(f"{name}: resets are not defined for a bidirectional model")
-            resets = torch.as_tensor(resets, device=x.device)
+            resets = ops.as_index_tensor(name, "resets", resets, x.device)
             # laid out as the input: (T,) unbatched, (B, T) with batch_first, else (T, B); for a
             # PackedSequence, as the padded input in the original batch order
             want = (T,) if not batched else (B, T) if self.batch_first else (T, B)
@@ -563,7 +608,7 @@ class _RNNBase(_FastPath):
         op = torch.ops.rnnrec_fast.recurrence.default if B else _empty_batch
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
-            out, h = op(x, None if hx is None else hx[0], *self._layer_params(0), lengths, resets, mode,
+            out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x), lengths, resets, mode,
                         reset_after, backend)[:2]
             h_n = h.unsqueeze(0)
         else:
@@ -575,7 +620,7 @@ class _RNNBase(_FastPath):
                 for direction in range(D):
                     idx = layer * D + direction
                     xin = layer_in if direction == 0 else _reverse_time(layer_in, rev)
-                    y, h = op(xin, None if hx is None else hx[idx], *self._layer_params(idx), lengths,
+                    y, h = op(xin, None if hx is None else hx[idx], *self._layer_params(idx, xin), lengths,
                               resets, mode, reset_after, backend)[:2]
                     outs.append(y if direction == 0 else _reverse_time(y, rev))
                     hs.append(h)
@@ -710,18 +755,18 @@ class _CellBase(_FastPath):
         if hx is not None and hx.shape[1] != self.hidden_size:
             raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
                              f"expected {self.hidden_size}")
-        w_dtype = self.weight_ih.dtype
-        x, hx = _autocast_cast(x, hx, w_dtype)
-        if x.dtype != w_dtype:  # torch.nn's cells: a RuntimeError from their matmul
-            raise InputError(f"{name}: input dtype {x.dtype} does not match weight dtype {w_dtype}; convert "
-                             f"the input (input.to({w_dtype})) or the cell (cell.to({x.dtype}))")
+        x, hx = _autocast_cast(x, hx, getattr(self.weight_ih, "dtype", None))
+        GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
+        w = _checked_weights(name, self, names, ((GH, I), (GH, H), (GH,), (GH,)), x)  # (torch.nn: RuntimeError)
+        b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
         _check_hx_dtype(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)
         sized = x.shape[0] and self.input_size and self.hidden_size
         op = torch.ops.rnnrec_fast.recurrence.default if sized else _empty_batch
-        _, h = op(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, None,
-                  self.mode, self.reset_after, self.backend)[:2]
+        _, h = op(x.unsqueeze(0), hx, w[0], w[1], b_ih, b_hh, None, None, self.mode, self.reset_after,
+                  self.backend)[:2]
         return h if batched else h.squeeze(0)
 
 

@@ -354,6 +354,16 @@ if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp,
 # the Python entry point
 
 
+def as_index_tensor(name, what, value, device):
+    """``value`` (lengths or resets: a tensor or a sequence) as a tensor on ``device``; a meta
+    tensor, which has no values to read, is refused by name (torch: 'Cannot copy out of meta
+    tensor')."""
+    if isinstance(value, torch.Tensor) and value.is_meta and device.type != "meta":
+        where = "the CPU" if device.type == "cpu" else f"the CPU or {device}"
+        raise ValueError(f"{name}: {what} is a meta tensor (no values to read); give it on {where}")
+    return torch.as_tensor(value, device=device)
+
+
 def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=None, mode="gru",
                reset_after=True, backend="auto"):
     """Run one recurrent layer (one direction) over a whole sequence.
@@ -374,12 +384,12 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     if not isinstance(x, torch.Tensor) or not (h0 is None or isinstance(h0, torch.Tensor)):
         raise TypeError("rnnrec_fast.recurrence: x must be a tensor and h0 a tensor or None")
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, device=x.device)
+        lengths = as_index_tensor("rnnrec_fast.recurrence", "lengths", lengths, x.device)
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             _fail(f"lengths must hold integers, got {lengths.dtype}")
         lengths = lengths.to(torch.int64)
     if resets is not None:
-        resets = torch.as_tensor(resets, device=x.device)
+        resets = as_index_tensor("rnnrec_fast.recurrence", "resets", resets, x.device)
         if resets.dtype != torch.bool:
             raise ValueError(f"rnnrec_fast.recurrence: resets must be a bool tensor, got {resets.dtype}")
     if backend not in BACKENDS:

@@ -54,8 +54,8 @@ def make_case(mode, bias, lengths_kind, with_resets, dtype, T=4, B=3, H=5, I=3, 
     return (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets), rnd(T, B, H), rnd(B, H)
 
 
-def check(args, mode, ra, gy, ghn, dtype, label, launch):
-    tol = TOL[dtype]
+def check(args, mode, ra, gy, ghn, dtype, label, launch, equal_nan=False):
+    tol = dict(TOL[dtype], equal_nan=equal_nan)
     ref_fwd = reference.forward(*args, mode, ra)
     got_fwd = numba_cuda.forward(*args, mode, ra, **launch)
     T, B, H = ref_fwd[0].shape
@@ -110,6 +110,12 @@ def main():
     for mode, ra in MODES:
         args, gy, ghn = make_case(mode, True, "none", True, torch.float64, T=1, B=1, H=1, I=2)
         check(args, mode, ra, gy, ghn, torch.float64, f"[tiny mode={mode} ra={ra}]", {})
+        n += 1
+    # relu through a NaN state: torch's threshold_backward passes the gradient on (0 only where h <= 0)
+    for dtype in (torch.float64, torch.float32):
+        args, gy, ghn = make_case(1, True, "none", False, dtype, seed=7)
+        args[0][1, 0, 0] = float("nan")
+        check(args, 1, False, gy, ghn, dtype, f"[relu NaN state {dtype}]", launches[0], equal_nan=True)
         n += 1
     # empty time or batch: no launch, h_n = h0, grad_h0 = grad_h_n
     for T, B in ((0, 2), (2, 0)):

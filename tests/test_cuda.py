@@ -389,6 +389,25 @@ def test_non_finite_values_propagate_as_in_the_reference(path, dtype, mode, rese
         close(a, b, what, equal_nan=True, **tol(dtype, H))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_relu_gradient_through_a_nan_state_as_the_reference(path, dtype):
+    """relu's backward is torch's threshold_backward (0 where h <= 0, else the gradient): a NaN
+    state passes the gradient on, as the reference and torch.nn do (a mask 'h > 0' dropped it)."""
+    T, B, I, H = 4, 3, 3, 5
+    gen = torch.Generator().manual_seed(9)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "rnn_relu", True, "plain", dtype, gen)
+    x[1, 0, 0] = float("nan")
+    grads = []
+    for backend in ("reference", "cuda"):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, mode="rnn_relu", backend=backend)
+        grads.append(torch.autograd.grad(y.sum() + h_n.sum(), leaves))
+    for a, b, what in zip(grads[1], grads[0], ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+        close(a, b, what, equal_nan=True, **tol(dtype, H))
+    assert torch.isfinite(grads[0][0][1, 0]).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # direct calls with bad arguments raise (never crash)
 

@@ -197,8 +197,8 @@ def test_module_errors_torch_raises_as_runtime_error(backend):
         (lambda m: m(torch.randn(2, 4), torch.randn(2, 5)), "hidden0 has inconsistent hidden_size: got 5, expected 3",
          True),
         (lambda m: m(torch.randn(4), torch.randn(1, 3)), "Expected hidden to be 1D, got 2D", True),
-        (lambda m: m(torch.randn(2, 4, dtype=torch.float64)), "input dtype torch.float64 does not match", True),
-        (lambda m: m(torch.randint(0, 3, (2, 4))), "input dtype torch.int64 does not match", True),
+        (lambda m: m(torch.randn(2, 4, dtype=torch.float64)), "weight_ih has dtype torch.float32 but the input has torch.float64", True),
+        (lambda m: m(torch.randint(0, 3, (2, 4))), "weight_ih has dtype torch.float32 but the input has torch.int64", True),
     ]
     for call, match, is_cell in calls:
         with pytest.raises(RuntimeError):
@@ -263,3 +263,50 @@ def test_a_forced_backend_without_the_dtype_says_so(backend):
     with FakeTensorMode() as mode, pytest.raises(ValueError, match=match):
         fx, fh, fi, fw = (mode.from_tensor(t) for t in (x, h0, w_ih, w_hh))
         torch.ops.rnnrec_fast.recurrence(fx, fh, fi, fw, None, None, None, None, "gru", True, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_module_weight_and_packed_errors_name_the_problem(backend):
+    """Weights replaced after construction are checked by name (a mis-shaped weight_hh was reported
+    as a mis-shaped w_ih: the op infers H from w_hh), as errors that are RuntimeErrors like torch.nn's;
+    a weight or bias set to None is a TypeError as in torch.nn (a None bias was dropped silently); a
+    malformed PackedSequence is refused before torch's pad_packed_sequence, which aborts the process
+    on a negative batch size; meta lengths / resets are named."""
+    from torch import nn
+    from torch.nn.utils.rnn import PackedSequence
+
+    for grad in (torch.no_grad, torch.enable_grad):
+        for make, wname in ((lambda: rnnrec_fast.GRU(3, 5, num_layers=2, backend=backend), "weight_hh_l1"),
+                            (lambda: rnnrec_fast.GRUCell(3, 5, backend=backend), "weight_hh")):
+            m = make()
+            x = torch.randn(4, 2, 3) if isinstance(m, rnnrec_fast.GRU) else torch.randn(2, 3)
+            setattr(m, wname, nn.Parameter(torch.randn(12, 4)))
+            with grad(), pytest.raises(RuntimeError, match=f"{wname} has shape \\(12, 4\\), expected \\(15, 5\\)"):
+                m(x)
+            setattr(m, wname, nn.Parameter(torch.randn(15, 5, dtype=torch.float64)))
+            with grad(), pytest.raises(RuntimeError, match=f"{wname} has dtype torch.float64 but the input"):
+                m(x)
+            bname = wname.replace("weight", "bias")
+            setattr(m, wname, nn.Parameter(torch.randn(15, 5)))
+            m(x)  # whole again
+            for name in (bname, wname):
+                keep = getattr(m, name)
+                setattr(m, name, None)
+                with grad(), pytest.raises(TypeError, match=f"{name} must be a Tensor, got NoneType"):
+                    m(x)
+                setattr(m, name, keep)
+    gru = rnnrec_fast.GRU(3, 4, backend=backend)
+    bad = [(PackedSequence(torch.randn(3, 3), torch.tensor([3, -1, 1])), "positive and non-increasing"),
+           (PackedSequence(torch.randn(3, 3), torch.tensor([1, 2])), "positive and non-increasing"),
+           (PackedSequence(torch.randn(4, 3), torch.tensor([2, 1])), "sum to its data's 4 rows"),
+           (PackedSequence(torch.randn(3, 2, 3), torch.tensor([2, 1])), "data must have 2 dimensions"),
+           (PackedSequence(torch.randn(3, 3), torch.tensor([2.0, 1.0])), "1-D int64 CPU tensor")]
+    for packed, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            gru(packed)
+    x = torch.randn(3, 2, 3)
+    with pytest.raises(ValueError, match="resets is a meta tensor"):
+        gru(x, resets=torch.zeros(3, 2, dtype=torch.bool, device="meta"))
+    a = good()
+    with pytest.raises(ValueError, match="lengths is a meta tensor"):
+        rnnrec_fast.recurrence(a["x"], a["h0"], a["w_ih"], a["w_hh"], lengths=torch.ones(2, dtype=torch.long, device="meta"))

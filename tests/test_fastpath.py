@@ -438,8 +438,8 @@ def test_python_backends_cells_and_declines(py_spy, backend):
             seq(torch.randn(3, 2, 4))
         with pytest.raises(ValueError, match="dtype"):
             seq(xs.double())
-        seq.weight_hh_l1.data = torch.randn(6, 5)  # a mis-shaped weight: the op's error
-        with pytest.raises(ValueError, match="w_hh must be"):
+        seq.weight_hh_l1.data = torch.randn(6, 5)  # a mis-shaped weight: the module's error, by name
+        with pytest.raises(ValueError, match="weight_hh_l1 has shape \\(6, 5\\), expected \\(6, 6\\)"):
             seq(xs)
     assert py_spy["handled"] == 3
     bi = rnnrec_fast.GRU(5, 6, bidirectional=True, backend=backend)

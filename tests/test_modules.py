@@ -394,6 +394,57 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell"])
+def test_negative_bit_tensors_read_by_value(backend, kind):
+    """An input, hx or weight with the negative bit (a lazily negated view: x.conj().imag,
+    torch._neg_view; its memory holds the values' negation) gives torch.nn's result in every grad
+    mode: the inference fast paths read the raw memory (cpp: the sign was wrong, silently; numba:
+    NumPy's 'negative bit' error); the op's path is resolved by the dispatcher."""
+    neg = torch._neg_view
+    torch.manual_seed(21)
+    if kind == "GRUCell":
+        ref = nn.GRUCell(3, 4)
+        ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
+        ours.load_state_dict(ref.state_dict())
+        x, hx, wname = torch.randn(2, 3), torch.randn(2, 4), "weight_hh"
+    else:
+        ref, ours = make_pair(kind, backend, torch.float32, input_size=3, hidden_size=4, num_layers=2)
+        x, hx, wname = torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_hh_l1"
+    w = getattr(ref, wname).detach()
+    for grad_mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        for where in ("input", "hx", "weight"):
+            xi, hi = (neg(-x) if where == "input" else x), (neg(-hx) if where == "hx" else hx)
+            setattr(ours, wname, nn.Parameter(neg(-w) if where == "weight" else w.clone()))
+            with grad_mode():
+                got, want = ours(xi, hi), ref(x, hx)
+            for g, r in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+                assert_close(g, r, torch.float32, f"{grad_mode.__name__}, {where}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_relu_gradient_through_a_nan_state_as_torch_nn(backend, dtype):
+    """RNN(nonlinearity='relu') backward as torch's threshold_backward: 0 where the state is <= 0,
+    else the incoming gradient, so a NaN state passes it on (a mask 'h > 0' dropped it: finite
+    gradients of earlier steps, h0 and the weights differed from torch.nn)."""
+    torch.manual_seed(22)
+    ref, ours = make_pair("RNN_relu", backend, dtype, input_size=2, hidden_size=3)
+    x = torch.randn(4, 2, 2, dtype=dtype)
+    x[1, 0, 0] = float("nan")
+    h0 = torch.randn(1, 2, 3, dtype=dtype)
+    grads = []
+    for m in (ref, ours):
+        xx, hh = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        y, h_n = m(xx, hh)
+        grads.append(torch.autograd.grad(y.sum() + h_n.sum(), [xx, hh] + list(m.parameters())))
+    for g, r in zip(*reversed(grads)):
+        assert torch.equal(torch.isnan(g), torch.isnan(r))
+        torch.testing.assert_close(g, r, equal_nan=True, rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-10)
+    assert torch.isfinite(grads[0][0][1, 0]).all()  # the NaN step's input gradient is finite in torch.nn
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_forward_ad_is_never_silently_dropped(backend, kind):
     """Forward-mode AD (a dual input inside forward_ad.dual_level) under no_grad: the op's error

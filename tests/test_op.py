@@ -513,6 +513,33 @@ def test_linear_rows_matches_addmm():
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_extension_helpers_read_the_negative_bit():
+    """linear_rows, score_topk and topk_rows take a tensor with the negative bit (a lazily negated
+    view: x.conj().imag, torch._neg_view; its memory holds the values' negation) by its values,
+    as ATen does (they read the raw memory: the sign was wrong)."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(6)
+    N, H = 300, 16
+    W, b, h = torch.randn(N, H, generator=gen), torch.randn(N, generator=gen), torch.randn(H, generator=gen)
+    x = torch.randn(2, H, generator=gen)
+    neg = torch._neg_view
+    for args in ((neg(x), W, b), (x, neg(W), b), (x, W, neg(b))):
+        assert args[0].is_neg() or args[1].is_neg() or args[2].is_neg()
+        want = torch.addmm(*[a.resolve_neg() for a in (args[2], args[0])], args[1].resolve_neg().t())
+        assert_close(_C.linear_rows(*args), want, torch.float32, "linear_rows")
+    for hh, WW, bb in ((neg(h), W, b), (h, neg(W), b), (h, W, neg(b))):
+        want = torch.topk(torch.addmv(bb.resolve_neg(), WW.resolve_neg(), hh.resolve_neg()), 5)
+        vals, idx = _C.score_topk(hh, WW, bb, 5, [])
+        assert idx == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor(vals), want.values, rtol=1e-5, atol=1e-5)
+    scores = neg(torch.randn(3, N, generator=gen))
+    vals, idx = _C.topk_rows(scores, 4)
+    want = torch.topk(scores.resolve_neg(), 4)
+    assert torch.equal(idx, want.indices) and torch.equal(vals, want.values)
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_score_topk_matches_torch_topk():
     """_C.score_topk (the serving click: W h + b, exclusions at -inf, the k best as lists) against
     addmv + torch.topk: several k up to N, 1 and 2 threads, exclusions (repeated ones too), NaN

@@ -634,7 +634,7 @@ def _bwd_rows(grad_y, grad_h_n, h0, w_hh, lengths, resets, has_resets, y, ws, mo
                     if mode == MODE_RNN_TANH:
                         dg = g * (one - hnew * hnew)
                     else:
-                        dg = g if hnew > 0 else 0.0 * g
+                        dg = zero if hnew <= 0 else g  # torch's threshold_backward: NaN passes g
                     gx4[t, b, 0, j] = dg
                     gh4[t, b, 0, j] = dg
                     dhn[i, j] = 0.0

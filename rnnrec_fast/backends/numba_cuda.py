@@ -263,7 +263,7 @@ def _make_kernels(nbdt, RB):
                         if mode == MODE_RNN_TANH:
                             dg = g * (1.0 - hnew * hnew)
                         else:
-                            dg = g if hnew > 0 else 0.0 * g
+                            dg = nbdt(0.0) if hnew <= 0 else g  # torch's threshold_backward
                         d_gx[t, b, j] = dg
                         d_gh[t, b, j] = dg
                         sh[DG + rr * GH + j] = dg

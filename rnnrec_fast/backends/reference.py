@@ -159,8 +159,8 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
                 h_in[t] = r * h_prev
         else:
             h_new = y[t]
-            act_grad = (1.0 - h_new * h_new) if mode == MODE_RNN_TANH else (h_new > 0).to(x.dtype)
-            dgx = g * act_grad
+            # relu: torch's threshold_backward, 0 where h <= 0, else g (a NaN state passes g on)
+            dgx = g * (1.0 - h_new * h_new) if mode == MODE_RNN_TANH else torch.where(h_new <= 0, 0.0, g)
             dgh = dgx
             dh_prev = dgx @ w_hh
         if resets is not None:
