@@ -234,7 +234,7 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
                                                 const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                 const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
                                                 const Opt& resets, c10::string_view mode, bool reset_after,
-                                                c10::string_view backend) {
+                                                c10::string_view backend, at::Tensor* ws_out) {
     // Below autograd, through the dispatcher: the CPU kernel, or a fake one under torch.compile.
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence", "").typed<Fwd11>();
     at::Tensor y, h_n, ws;
@@ -247,11 +247,13 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["reset_after"] = reset_after;
     ctx->saved_data["backend"] = std::string(backend);
-    // The workspace is saved state, not a result: no gradient flows into it, and no zero (T, B, 4H)
-    // gradient is made for it (nor for an unused output / h_n).
-    ctx->mark_non_differentiable({ws});
+    // The workspace is saved state, not a result: it is handed back beside the function's outputs
+    // (made below autograd, so no gradient flows into it and none is made for it) rather than
+    // marked non-differentiable, which compiled autograd refuses for C++ functions (an internal
+    // assert in CppNode::compiled_args). No zero gradient is made for an unused output / h_n.
     ctx->set_materialize_grads(false);
-    return {y, h_n, ws};
+    *ws_out = ws;
+    return {y, h_n};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -271,7 +273,7 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
                 mode, ctx->saved_data["reset_after"].toBool(), backend);
     const at::Tensor none;
     return {gx, h0.defined() ? gh0 : none, gwi, gwh, b_ih.defined() ? gbi : none, b_hh.defined() ? gbh : none,
-            none, none, none, none, none};
+            none, none, none, none, none, none};
   }
 };
 
@@ -312,8 +314,9 @@ Bwd recurrence_backward_autograd(const at::Tensor& grad_y, const at::Tensor& gra
 Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const Opt& b_ih, const Opt& b_hh, const Opt& lengths, const Opt& resets,
                             c10::string_view mode, bool reset_after, c10::string_view backend) {
-  auto out = RecurrenceFn::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend);
-  return {out[0], out[1], out[2]};
+  at::Tensor ws;
+  auto out = RecurrenceFn::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend, &ws);
+  return {out[0], out[1], ws};
 }
 
 }  // namespace

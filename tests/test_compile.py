@@ -1,4 +1,5 @@
 """The op under torch.compile(fullgraph=True), torch.export and TorchScript, matching eager."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -42,6 +43,38 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     torch.testing.assert_close(h, eager_h, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_autograd_runs_the_backward_of_an_eager_call():
+    """Compiled autograd (torch._dynamo.compiled_autograd) over the backward of eager calls: the
+    gradients of the eager backward (the C++ autograd marked the workspace non-differentiable,
+    which compiled autograd refuses for C++ functions: an INTERNAL ASSERT that asked the user to
+    report a PyTorch bug). The workspace output takes no gradient either way."""
+    from torch._dynamo import compiled_autograd
+
+    torch.manual_seed(3)
+    mods = [rnnrec_fast.GRU(3, 4, num_layers=2), rnnrec_fast.RNN(3, 4, nonlinearity="relu"), rnnrec_fast.GRUCell(3, 4)]
+    for m in mods:
+        x = torch.randn(5, 2, 3) if not isinstance(m, rnnrec_fast.GRUCell) else torch.randn(2, 3)
+        grads = []
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            xx = x.clone().requires_grad_()
+            params = list(m.parameters())
+            for p in params:
+                p.grad = None
+            ctx = compiled_autograd._enable(torch.compile(backend="aot_eager")) if compiled else contextlib.nullcontext()
+            with ctx:
+                out = m(xx)
+                out = out[0] if isinstance(out, tuple) else out
+                (out * out).sum().backward()
+            grads.append([xx.grad] + [p.grad for p in params])
+        for g, e in zip(*grads):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, None, torch.randn(12, 4), torch.randn(12, 4), None, None,
+                                                  None, None, "gru", True, "auto")
+    assert y.requires_grad and not ws.requires_grad and ws.grad_fn is None
 
 
 def test_torch_compile_inductor_inference():
