@@ -78,6 +78,31 @@ def test_loader_errors(tmp_path):
         recsys.load_yoochoose(empty)
 
 
+def test_loader_header_spellings_blank_lines_and_repeated_headers(tmp_path):
+    """The full CIKM Cup 2016 file's header (sessionId;userId;itemId;...) loads as Diginetica like
+    SR-GNN's sample's (session_id;...; it was taken for a generic log with a missing SessionId
+    column); blank lines before the header are skipped (the file was called empty); a header
+    repeated inside the file is an error also without a time column (it became a click)."""
+    rows = "1;;10;0;2016-01-01\n1;;11;500;2016-01-01\n2;5;10;0;2016-01-02\n"
+    snake = _write(tmp_path, "s.csv", "session_id;user_id;item_id;timeframe;eventdate\n" + rows)
+    camel = _write(tmp_path, "c.csv", "sessionId;userId;itemId;timeframe;eventdate\n" + rows)
+    want = recsys.load_diginetica(snake)
+    assert recsys.data.sniff_format(camel) == "diginetica"
+    for got in (recsys.load_diginetica(camel), recsys.load_any(camel)):
+        assert list(got.items) == list(want.items) == [10, 11, 10]
+        assert got.times.tolist() == want.times.tolist() and got.times[1] - got.times[0] == pytest.approx(0.5)
+    with pytest.raises(RecsysError, match="not a Diginetica header"):
+        recsys.load_diginetica(_write(tmp_path, "x.csv", "a;b\n1;2\n"))
+    blank = _write(tmp_path, "b.tsv", "\n  \nSessionId\tItemId\tTime\n1\t2\t3\n1\t4\t5\n")
+    assert list(recsys.load_any(blank).items) == [2, 4]
+    bad = _write(tmp_path, "b2.tsv", "\nSessionId\tItemId\tTime\n1\t2\t3\n1\t2\n")
+    with pytest.raises(RecsysError, match=r"b2.tsv:4: malformed row"):  # line numbers count the blank line
+        recsys.load_any(bad)
+    twice = _write(tmp_path, "t.tsv", "SessionId\tItemId\n1\t2\n1\t3\nSessionId\tItemId\n2\t2\n")
+    with pytest.raises(RecsysError, match=r"t.tsv:4: the header line again"):
+        recsys.load_clicks(twice, time_col=None)
+
+
 def test_ids_only_canonical_integers_become_ints(tmp_path):
     """"007" and "7", "1_000" and "1000", "+1", "01" and "1" are distinct ids, never merged."""
     p = _write(tmp_path, "lz.tsv", "SessionId\tItemId\tTime\n01\t007\t1\n01\t7\t2\n1\t1_000\t3\n"

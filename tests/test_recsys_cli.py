@@ -190,3 +190,4 @@ def test_help_shows_defaults(capsys):
     out = capsys.readouterr().out
     assert "(default: 64)" in out and "(default: 0.0)" in out and "(default: 1800.0)" in out
     assert "(0: leave torch's default) (default: 1)" in " ".join(out.split())
+    assert "(default: the catalogue size)" in " ".join(out.split())

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carry the dropped-out top-layer output as the state across chunk boundaries, "
                         "as GRU4Rec carries it across steps (default true)")
     t.add_argument("--optimizer", choices=["adagradm", "adagrad", "adam", "sgd"], default="adagradm")
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: none, a fresh random run)")
     t.add_argument("--threads", type=int, default=1, help="torch intra-op threads while training (0: torch's default)")
     t.add_argument("--gemm-threads", type=int, default=None,
                    help="threads for the score GEMMs only (default: torch's default, at most 4)")

@@ -149,11 +149,17 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
 
 def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col) -> ClickLog:
     with open(path, newline="", encoding="utf-8-sig") as f:
-        first = f.readline()
+        skipped = 0  # blank lines before the header (or first row)
+        while True:
+            start = f.tell()
+            first = f.readline()
+            if not first or first.strip():
+                break
+            skipped += 1
         if not first.strip():
             raise RecsysError(f"{path}: the file is empty")
         sep = sep or _sniff_sep(path, first)
-        f.seek(0)
+        f.seek(start)
         reader = csv.reader(f, delimiter=sep)
         if header:
             names = [c.strip() for c in next(reader)]
@@ -175,7 +181,7 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
         need = max(i for i in (si, ii, ti, xi) if i is not None) + 1
         sess, items, times = [], [], []
         cache: dict[str, float] = {}
-        lineno = 1 if header else 0
+        lineno = skipped + (1 if header else 0)
         for row in reader:
             lineno += 1
             if not row or (len(row) == 1 and not row[0].strip()):
@@ -186,6 +192,8 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
             s, it = row[si].strip(), row[ii].strip()
             if not s or not it:
                 raise RecsysError(f"{path}:{lineno}: empty session or item id")
+            if header and s == names[si] and it == names[ii]:
+                raise RecsysError(f"{path}:{lineno}: the header line again (files joined with their headers?)")
             sess.append(s)
             items.append(it)
             if ti is None:
@@ -224,11 +232,39 @@ def load_yoochoose_raw(path: str) -> ClickLog:
     return load_clicks(path, session_col=0, item_col=2, time_col=1, sep=",", header=False)
 
 
+def _diginetica_columns(header: str):
+    """The session, item, eventdate and timeframe column names of a Diginetica header, spelled as
+    the SR-GNN sample spells them (``session_id;user_id;item_id;timeframe;eventdate``) or as the
+    full CIKM Cup 2016 file does (``sessionId;userId;itemId;timeframe;eventdate``); else None."""
+    names = {n.strip().replace("_", "").lower(): n.strip() for n in header.split(";")}
+    want = ("sessionid", "itemid", "eventdate", "timeframe")
+    if not all(k in names for k in want):
+        return None
+    return tuple(names[k] for k in want)
+
+
 def load_diginetica(path: str) -> ClickLog:
-    """CIKM Cup 2016 ``train-item-views.csv``: ``session_id;user_id;item_id;timeframe;eventdate``.
+    """CIKM Cup 2016 ``train-item-views.csv``: ``sessionId;userId;itemId;timeframe;eventdate`` (the
+    full file) or ``session_id;user_id;item_id;timeframe;eventdate`` (SR-GNN's sample).
     Time = eventdate (UTC midnight, seconds) + timeframe (ms)."""
-    return load_clicks(path, session_col="session_id", item_col="item_id", time_col="eventdate",
-                       extra_time_col="timeframe", sep=";", time_format="%Y-%m-%d")
+    cols = _diginetica_columns(_first_line(path))
+    if cols is None:
+        raise RecsysError(f"{path}: not a Diginetica header (sessionId;userId;itemId;timeframe;eventdate or "
+                          "session_id;user_id;item_id;timeframe;eventdate)")
+    session, item, date, frame = cols
+    return load_clicks(path, session_col=session, item_col=item, time_col=date, extra_time_col=frame, sep=";",
+                       time_format="%Y-%m-%d")
+
+
+def _first_line(path: str) -> str:
+    """The first non-blank line of ``path`` (a header, or a first row), stripped."""
+    if not os.path.isfile(path):
+        raise RecsysError(f"file not found: {path}")
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                return line.strip()
+    return ""
 
 
 _YOOCHOOSE_RAW_LINE = re.compile(r"\d+,\d{4}-\d\d-\d\dT[^,]*,\d+(,|$)")
@@ -238,11 +274,8 @@ def sniff_format(path: str) -> str:
     """The click-log format of ``path`` from its first line: ``"diginetica"`` (its header),
     ``"yoochoose-raw"`` (a headerless ``yoochoose-clicks.dat`` row) or ``"columns"`` (any delimited
     log with a header: GRU4Rec's ``SessionId ItemId Time`` TSV by default)."""
-    if not os.path.isfile(path):
-        raise RecsysError(f"file not found: {path}")
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline().strip()
-    if "session_id" in first and "timeframe" in first:
+    first = _first_line(path)
+    if _diginetica_columns(first) is not None:
         return "diginetica"
     if _YOOCHOOSE_RAW_LINE.match(first):
         return "yoochoose-raw"

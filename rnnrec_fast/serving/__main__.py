@@ -19,7 +19,7 @@ def main(argv=None):
     p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="how long a batch waits for more clicks (0: those arrived by the next loop pass)")
     p.add_argument("--max-body-bytes", type=int, default=4096)
-    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for")
+    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default: the catalogue size)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--debug", action="store_true", help="enable GET /v1/sessions/{id} (clicks, seen items, state)")
     p.add_argument("--log-level", default="warning")
