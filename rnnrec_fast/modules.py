@@ -312,20 +312,18 @@ class InputError(ValueError, RuntimeError):
     both, so code written against either catches it."""
 
 
-_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def _autocast_cast(x, hx, w_dtype):
-    """Under autocast for their device, an input or hx in a lower precision than the weights', as
-    autocast's own ops make them (a bfloat16 Linear before the GRU, or making its h0), is taken as
-    torch.nn takes it and computed in the weights' dtype (the op computes in its inputs' dtype).
-    Other mismatches (a float64 input beside float32 weights, which torch.nn refuses under
-    autocast too) reach the usual dtype errors."""
+    """Under autocast for their device, an input or hx of another floating dtype than the
+    weights', as autocast's ops make them (a bfloat16 Linear before a float32 GRU, a float32 h0
+    beside a bfloat16 one), is taken as torch.nn takes it and computed in the weights' dtype (the
+    op computes in its inputs' dtype). Autocast leaves float64 alone, and so does this: a float64
+    input or hx beside weights of another dtype reaches the usual dtype error (torch.nn refuses it
+    under autocast too; rounding it silently would hide the mistake)."""
     if ((x.dtype != w_dtype or (hx is not None and hx.dtype != w_dtype)) and x.device.type in ("cpu", "cuda")
             and torch.is_autocast_enabled(x.device.type)):
-        if x.dtype in _AUTOCAST_DTYPES:
+        if x.is_floating_point() and x.dtype != torch.float64:
             x = x.to(w_dtype)
-        if hx is not None and hx.dtype in _AUTOCAST_DTYPES:
+        if hx is not None and hx.is_floating_point() and hx.dtype != torch.float64:
             hx = hx.to(w_dtype)
     return x, hx
 
@@ -395,6 +393,8 @@ def _check_packed(name, input):
     if (not isinstance(bs, torch.Tensor) or bs.dim() != 1 or bs.dtype != torch.int64 or bs.device.type != "cpu"
             or bs.numel() == 0):
         raise InputError(f"{name}: a PackedSequence's batch_sizes must be a non-empty 1-D int64 CPU tensor")
+    if _is_compiling():  # (reading the sizes' values would break the graph)
+        return
     if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != data.shape[0]:
         raise InputError(f"{name}: a PackedSequence's batch_sizes must be positive and non-increasing and sum "
                          f"to its data's {data.shape[0]} rows, got {bs.tolist()[:16]}"

@@ -194,3 +194,18 @@ def test_torchscript_script_refuses_modules_clearly(kind):
     with pytest.raises(TypeError, match="torch.jit.script cannot compile rnnrec_fast's modules.*torch.jit.trace"):
         torch.jit.script(model)
     assert [type(m) for m in model.modules()] == before
+
+
+def test_packed_sequence_input_compiles_without_extra_graphs():
+    """The module's PackedSequence checks read batch_sizes' values only in eager mode: compiled,
+    one graph (reading them split it into four)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch._dynamo.reset()
+    m = rnnrec_fast.GRU(3, 4)
+    packed = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
+    counter = CompileCounter()
+    got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
+    torch.testing.assert_close(got, m(packed)[0].data)
+    assert counter.frame_count == 1

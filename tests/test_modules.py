@@ -370,7 +370,8 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
     autocast's ops make (a bfloat16 Linear before the GRU), and computes in the weights' dtype: the
     result of the input converted to float32 (it was refused: 'w_ih has dtype torch.float32 but x
     has torch.bfloat16'). Outside autocast the mismatch is still refused, and so is a float64
-    input or hx under autocast (torch.nn refuses it too; it was silently rounded to float32)."""
+    input or hx under autocast (torch.nn refuses it too; it was silently rounded to float32); a
+    bfloat16 module takes float32 input and hx there, as torch.nn's does."""
     torch.manual_seed(12)
     if kind == "GRUCell":
         ours = rnnrec_fast.GRUCell(4, 5, backend=backend)
@@ -391,6 +392,16 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
     for xi, hi in ((x.double(), hx.float()), (x.float(), hx.double())):
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((ValueError, RuntimeError), match="dtype"):
             ours(xi, hi)
+    # a bfloat16 module under autocast takes float32 input and hx (torch.nn does): computed in bfloat16
+    low = ours.bfloat16()
+    low.backend = "auto"  # (half precision runs on the reference backend)
+    want = low(x, hx)
+    for xi, hi in ((x.float(), hx), (x, hx.float()), (x.float(), hx.float())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = low(xi, hi)
+        for g, w in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -91,6 +91,8 @@ def test_loader_header_spellings_blank_lines_and_repeated_headers(tmp_path):
     for got in (recsys.load_diginetica(camel), recsys.load_any(camel)):
         assert list(got.items) == list(want.items) == [10, 11, 10]
         assert got.times.tolist() == want.times.tolist() and got.times[1] - got.times[0] == pytest.approx(0.5)
+    quoted = _write(tmp_path, "q.csv", '"session_id";"user_id";"item_id";"timeframe";"eventdate"\n' + rows)
+    assert recsys.data.sniff_format(quoted) == "diginetica" and list(recsys.load_any(quoted).items) == [10, 11, 10]
     with pytest.raises(RecsysError, match="not a Diginetica header"):
         recsys.load_diginetica(_write(tmp_path, "x.csv", "a;b\n1;2\n"))
     blank = _write(tmp_path, "b.tsv", "\n  \nSessionId\tItemId\tTime\n1\t2\t3\n1\t4\t5\n")
@@ -101,6 +103,11 @@ def test_loader_header_spellings_blank_lines_and_repeated_headers(tmp_path):
     twice = _write(tmp_path, "t.tsv", "SessionId\tItemId\n1\t2\n1\t3\nSessionId\tItemId\n2\t2\n")
     with pytest.raises(RecsysError, match=r"t.tsv:4: the header line again"):
         recsys.load_clicks(twice, time_col=None)
+    bom = "\ufeffSessionId\tItemId\n1\t2\n1\t3\n"  # two BOM files joined: the second BOM mid-file
+    with pytest.raises(RecsysError, match=r"j.tsv:4: the header line again"):
+        recsys.load_clicks(_write(tmp_path, "j.tsv", bom + bom), time_col=None)
+    rows_bom = _write(tmp_path, "j2.tsv", "SessionId\tItemId\n1\t2\n1\t3\n\ufeff2\t2\n2\t3\n")
+    assert list(recsys.load_clicks(rows_bom, time_col=None).sessions) == [1, 1, 2, 2]
 
 
 def test_ids_only_canonical_integers_become_ints(tmp_path):

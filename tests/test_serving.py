@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from rnnrec_fast import recsys
+from rnnrec_fast import backends, recsys
 from rnnrec_fast.serving import InvalidRequestError, SessionRecommender, SessionStore, UnknownItemError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -394,6 +394,24 @@ def test_fast_path_declines_parametrized_weights(where):
     for (gi, gs), (wi, ws) in zip(got, want):
         assert gi == wi
         torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_equal_scores_rank_by_lower_index_on_every_route(fast):
+    """A full tie (every item scores the same): click, click_many and a batch all give the lowest
+    indices first, with or without the fast path (one click without it used torch.topk, whose
+    order of ties is open, while batches used the extension's selection)."""
+    if not backends.available("cpp"):
+        pytest.skip("the ordering of ties is the C++ extension's selection")
+    model = make_model(n_items=50, layers=(16,), embedding=8)
+    with torch.no_grad():
+        model.Wy.zero_()
+        model.By.zero_()
+    rec = SessionRecommender(model, fast=fast)
+    want = model.item_ids[:8]
+    assert rec.click("s", model.item_ids[3], k=8)[0] == want
+    assert rec.click_many(["t"], [model.item_ids[3]], k=8)[0][0] == want
+    assert [r[0] for r in rec.click_many(["u", "v"], model.item_ids[3:5], k=8)] == [want, want]
 
 
 def test_item_ids_match_as_in_the_model():

@@ -189,6 +189,8 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
             if len(row) < need:
                 raise RecsysError(f"{path}:{lineno}: malformed row (expected at least {need} fields "
                                   f"separated by {sep!r}, got {len(row)}): {sep.join(row)!r}")
+            if row[0].startswith("\ufeff"):  # a file joined after another keeps its byte-order mark
+                row[0] = row[0][1:]
             s, it = row[si].strip(), row[ii].strip()
             if not s or not it:
                 raise RecsysError(f"{path}:{lineno}: empty session or item id")
@@ -236,7 +238,8 @@ def _diginetica_columns(header: str):
     """The session, item, eventdate and timeframe column names of a Diginetica header, spelled as
     the SR-GNN sample spells them (``session_id;user_id;item_id;timeframe;eventdate``) or as the
     full CIKM Cup 2016 file does (``sessionId;userId;itemId;timeframe;eventdate``); else None."""
-    names = {n.strip().replace("_", "").lower(): n.strip() for n in header.split(";")}
+    fields = next(csv.reader([header], delimiter=";"), [])  # (quoted names too)
+    names = {n.strip().replace("_", "").lower(): n.strip() for n in fields}
     want = ("sessionid", "itemid", "eventdate", "timeframe")
     if not all(k in names for k in want):
         return None

@@ -225,8 +225,8 @@ class SessionRecommender:
             scores = self._score(h[-1:] if self.num_layers > 1 else h)
             if exclude_seen:
                 scores[0, seen] = self._neg_inf
-            vals, inds = torch.topk(scores[0], k)
-        return vals.tolist(), inds.tolist()
+            vals, inds = self._topk(scores, k)  # (the batch's selection: the same order of ties)
+        return vals[0].tolist(), inds[0].tolist()
 
     def click_many(self, session_ids, item_ids, k=None, exclude_seen=False):
         """A batch of clicks in one fused step and one scoring GEMM + top-k (k None: ``default_k``).
