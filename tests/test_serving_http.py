@@ -3,6 +3,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -375,6 +376,8 @@ def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
         (["--model", path, "--max-k", "0"], "max_k"),
         (["--model", path, "--max-k", "-5"], "max_k"),
         (["--model", path, "--port", "99999"], "port"),
+        (["--model", path, "--request-timeout", "0"], "request-timeout"),
+        (["--model", path, "--request-timeout", "inf"], "request-timeout"),
     ]
     for args, msg in cases:
         code = main(["--port", "0", "--torch-threads", "0"] + args)
@@ -433,9 +436,59 @@ def test_cli_serves_on_ephemeral_port(tmp_path):
         r = c.getresponse()
         assert r.status == 200 and len(json.loads(r.read())["items"]) == 3
         c.close()
+        # Ctrl-C: a graceful shutdown and a clean exit (it ended in a KeyboardInterrupt traceback)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0 and "Traceback" not in out, out
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_slow_requests_are_cut_off_at_the_request_timeout():
+    """A request whose head or body has not arrived within the request timeout has its connection
+    closed (slowloris: half-sent requests held their connections for ever, and ~1,000 of them made
+    the service unreachable); a keep-alive connection gets a new deadline for each request, and a
+    request that has arrived is served."""
+    import socket
+
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    click = json.dumps({"item_id": model.item_ids[0], "k": 2}).encode()
+    full = (b"POST /v1/sessions/s/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(click)) + click
+    with BackgroundServer(app, request_timeout=0.5) as srv:
+        def conn():
+            s = socket.create_connection((srv.host, srv.port), timeout=10)
+            return s
+
+        def closed_within(s, seconds):
+            t0 = time.monotonic()
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return time.monotonic() - t0 < seconds
+                data += chunk
+                assert b"200 OK" not in data
+
+        head = conn()
+        head.sendall(b"POST /v1/sessions/s/clicks HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        body = conn()
+        body.sendall(b"POST /v1/sessions/s/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"item")
+        assert closed_within(head, 5) and closed_within(body, 5)
+        keep = conn()
+        for _ in range(3):  # each request within its own deadline, 0.8 s in all
+            time.sleep(0.3)
+            keep.sendall(full)
+            assert keep.recv(4096).startswith(b"HTTP/1.1 200")
+        for s in (head, body, keep):
+            s.close()
+        c = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+        c.request("GET", "/healthz")
+        assert c.getresponse().status == 200
+    with pytest.raises(ValueError, match="request_timeout"):
+        BackgroundServer(app, request_timeout=0)
 
 
 def test_cli_without_uvicorn_says_which_extra(tmp_path, capsys, monkeypatch):

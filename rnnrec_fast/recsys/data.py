@@ -340,7 +340,12 @@ class ItemMap:
             return i
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             i = self.item_index.get(item)
-            return self.item_index.get(str(int(item))) if i is None else i
+            if i is None:
+                try:  # (ids beyond int64 are kept as text)
+                    i = self.item_index.get(str(int(item)))
+                except ValueError:  # more digits than Python converts to text: no such id
+                    return None
+            return i
         return None
 
     def index(self, items) -> np.ndarray:

@@ -20,6 +20,8 @@ def main(argv=None):
                    help="how long a batch waits for more clicks (0: those arrived by the next loop pass)")
     p.add_argument("--max-body-bytes", type=int, default=4096)
     p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default: the catalogue size)")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a request's head and body may take to arrive (slow or stalled clients are cut off)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--debug", action="store_true", help="enable GET /v1/sessions/{id} (clicks, seen items, state)")
     p.add_argument("--log-level", default="warning")
@@ -47,6 +49,8 @@ def main(argv=None):
 
     sock = None
     try:  # bad options and unusable model files: one line, exit 2 (as the recsys CLI)
+        if not 0 < a.request_timeout < float("inf"):
+            raise ValueError(f"--request-timeout must be a positive number of seconds, got {a.request_timeout}")
         sock = bind(a.host, a.port)
         app = make_app(a.model, device=a.device, max_sessions=a.max_sessions, ttl=a.ttl, max_batch=a.max_batch,
                        batch_window_ms=a.batch_window_ms, max_body_bytes=a.max_body_bytes, debug=a.debug,
@@ -63,7 +67,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}; "
           f"listening on http://{host}:{port}", flush=True)
-    serve(app, sock, log_level=a.log_level)
+    serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout)
     return 0
 
 

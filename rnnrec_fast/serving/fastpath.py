@@ -126,18 +126,38 @@ class FastGRU4Rec:
 
     def score(self, h_top):
         """(B, H) -> (B, n_items). Batches of 4+ rows use oneDNN's GEMM on a prepacked copy of
-        Wy when available (about 2x MKL's on this AMD CPU). Fewer rows use the extension's
+        Wy when available (about 2x MKL's on this AMD CPU); batches over 64 rows are padded to one
+        of a few row counts (:func:`onednn_rows`): oneDNN keeps ~0.6 MB of generated code and state
+        for each row count it sees (batches of every size up to 4096 grew the process by ~1 GB). Fewer rows use the extension's
         few-rows product, which streams Wy once and splits it over threads, where it measured
         faster than MKL's GEMV (one thread: Wy up to ~8 MiB, that is ~20k items at H=100, 2,933
         items 28 -> 20 us; two threads: every size measured, up to 100k items), else MKL's GEMV."""
-        if self.packed is not None and h_top.shape[0] >= _ONEDNN_MIN_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(h_top.contiguous(), self.packed, self.by, "none", [], "")
+        B = h_top.shape[0]
+        if self.packed is not None and B >= _ONEDNN_MIN_ROWS:
+            P = onednn_rows(B)
+            x = h_top.contiguous()
+            if P != B:  # zero rows below, their scores dropped
+                x = torch.cat([x, x.new_zeros(P - B, x.shape[1])])
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.by, "none", [], "")[:B]
         if self._rows_path():
             return _linear_rows(h_top, self.Wy, self.by)
         return torch.addmm(self.by, h_top, self.Wt)
 
 
 _ONEDNN_MIN_ROWS = 4
+
+
+_ONEDNN_EXACT_ROWS = 64  # the HTTP service's default batches (max_batch 64) keep their own row count
+
+
+def onednn_rows(B):
+    """The row count a batch of ``B`` (>= 4) rows is scored at by oneDNN: ``B`` itself up to 64,
+    beyond that the smallest of 96, 128, 192, 256, ... (2^k and 3 * 2^(k-1)) that holds it: at most
+    1.5x the rows, two row counts per doubling (73 row counts in all up to 4096)."""
+    if B <= _ONEDNN_EXACT_ROWS:
+        return B
+    p = 1 << ((B - 1).bit_length() - 1)  # the power of two with p < B <= 2p
+    return p + p // 2 if B <= p + p // 2 else 2 * p
 _ROWS_MAX_BYTES_1T = 8 << 20  # one thread: MKL's GEMV streams a larger Wy from DRAM faster
 
 

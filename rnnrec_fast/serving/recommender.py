@@ -26,7 +26,13 @@ class UnknownItemError(ServingError, LookupError):
     """An item id that is not in the model's catalogue."""
 
     def __init__(self, item_id):
-        super().__init__(f"unknown item id {item_id!r} (not in the model's catalogue)")
+        try:
+            shown = repr(item_id)
+        except ValueError:  # an int with more digits than Python writes out
+            shown = f"<an int of about {int(item_id.bit_length() * 0.30103) + 1} digits>"
+        if len(shown) > 80:
+            shown = shown[:60] + f"... ({len(shown)} characters)"
+        super().__init__(f"unknown item id {shown} (not in the model's catalogue)")
         self.item_id = item_id
 
     def __str__(self):  # LookupError/KeyError would repr() the message

@@ -6,7 +6,54 @@ import threading
 import time
 
 
-def _uvicorn_config(app, log_level="warning"):
+REQUEST_TIMEOUT = 10.0
+
+
+def _with_request_deadline(base, timeout):
+    """uvicorn's HTTP protocol class ``base`` with a deadline on each request's arrival. uvicorn
+    closes idle keep-alive connections, but not one whose request arrives slowly: half-sent
+    requests (slowloris) held their connections for ever, and a client holding enough of them
+    starved the server of connections. Here a request whose head and body have not all arrived
+    within ``timeout`` seconds of the connection opening, or of the previous response, has its
+    connection closed (the app, if it was reading the body, sees a disconnect). A request that
+    has arrived is never cut off, however long the app takes."""
+
+    class RequestDeadline(base):
+        _request_timeout = timeout
+        _request_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_request_deadline()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_request_deadline()
+
+        def connection_lost(self, exc):
+            if self._request_deadline is not None:
+                self._request_deadline.cancel()
+                self._request_deadline = None
+            super().connection_lost(exc)
+
+        def _arm_request_deadline(self):
+            if self._request_deadline is not None:
+                self._request_deadline.cancel()
+            self._request_deadline = self.loop.call_later(self._request_timeout, self._request_deadline_passed)
+
+        def _request_deadline_passed(self):
+            self._request_deadline = None
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete and not cycle.more_body:
+                return  # the request is in: the app is at work on it
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    RequestDeadline.__name__ = RequestDeadline.__qualname__ = f"RequestDeadline{base.__name__}"
+    return RequestDeadline
+
+
+def _uvicorn_config(app, log_level="warning", request_timeout=REQUEST_TIMEOUT):
     import uvicorn
 
     try:
@@ -18,11 +65,14 @@ def _uvicorn_config(app, log_level="warning"):
     try:
         import httptools  # noqa: F401
 
-        http = "httptools"
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:
-        http = "h11"
-    return uvicorn.Config(app, loop=loop, http=http, lifespan="on", log_level=log_level, access_log=False,
-                          server_header=False, date_header=False)
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    if (isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
+            or not 0 < request_timeout < float("inf")):
+        raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
+    return uvicorn.Config(app, loop=loop, http=_with_request_deadline(base, float(request_timeout)), lifespan="on",
+                          log_level=log_level, access_log=False, server_header=False, date_header=False)
 
 
 def bind(host="127.0.0.1", port=0, backlog=2048):
@@ -38,12 +88,16 @@ def bind(host="127.0.0.1", port=0, backlog=2048):
     return sock
 
 
-def serve(app, sock, log_level="warning"):
-    """Serves ``app`` on a bound socket until SIGINT/SIGTERM."""
+def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT):
+    """Serves ``app`` on a bound socket until SIGINT/SIGTERM (a graceful shutdown: requests in
+    flight are answered first). ``request_timeout``: see _with_request_deadline."""
     import uvicorn
 
-    server = uvicorn.Server(_uvicorn_config(app, log_level))
-    server.run(sockets=[sock])
+    server = uvicorn.Server(_uvicorn_config(app, log_level, request_timeout))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again once it has shut down
+        pass
 
 
 class BackgroundServer:
@@ -53,13 +107,15 @@ class BackgroundServer:
         urlopen(srv.url + "/healthz")
     """
 
-    def __init__(self, app, host="127.0.0.1", port=0, log_level="warning", start_timeout=10.0):
+    def __init__(self, app, host="127.0.0.1", port=0, log_level="warning", start_timeout=10.0,
+                 request_timeout=REQUEST_TIMEOUT):
         import uvicorn
 
+        config = _uvicorn_config(app, log_level, request_timeout)
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        self.server = uvicorn.Server(_uvicorn_config(app, log_level))
+        self.server = uvicorn.Server(config)
         self.start_timeout = start_timeout
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="rnnrec-serving")
