@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -1227,6 +1228,44 @@ py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
                     layers, batch_first, cell, directions);
 }
 
+// What InferPlan::module_call reads of Python besides the module: set once by rnnrec_fast.modules
+// (set_module_call_context). Never freed: it lives as long as the interpreter, and a static
+// py::object would be released after the interpreter has gone.
+namespace {
+struct ModuleCallContext {
+  py::tuple own_forwards;  // the modules' own forward functions (a subclass's or an instance's: declined)
+  py::object nn_module;    // torch.nn.modules.module: the global hook dicts, looked up at each call
+  py::object forward_ad;   // torch.autograd.forward_ad: _current_level >= 0 inside dual_level()
+  std::vector<PyObject*> module_hooks, global_hooks;  // interned names
+  PyObject *forward, *compiled_call_impl, *training, *dropout, *current_level;
+};
+ModuleCallContext* module_call_ctx = nullptr;
+
+PyObject* interned(const char* s) {
+  PyObject* o = PyUnicode_InternFromString(s);
+  if (o == nullptr) throw py::error_already_set();
+  return o;  // (kept for the interpreter's lifetime)
+}
+}  // namespace
+
+void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::object forward_ad) {
+  auto* c = new ModuleCallContext();
+  c->own_forwards = std::move(own_forwards);
+  c->nn_module = std::move(nn_module);
+  c->forward_ad = std::move(forward_ad);
+  for (const char* n : {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"})
+    c->module_hooks.push_back(interned(n));
+  for (const char* n : {"_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                        "_global_backward_pre_hooks"})
+    c->global_hooks.push_back(interned(n));
+  c->forward = interned("forward");
+  c->compiled_call_impl = interned("_compiled_call_impl");
+  c->training = interned("training");
+  c->dropout = interned("dropout");
+  c->current_level = interned("_current_level");
+  module_call_ctx = c;  // (a second call replaces the context; the first is kept: it may be in use)
+}
+
 // A module's fast path, bound once to the module's parameter dict (nn.Module._parameters) and
 // the names of its weights in order: a call converts two arguments, looks the weights up in the
 // dict (so a replaced, reassigned or swapped parameter is seen at once; nothing is cached but
@@ -1265,6 +1304,60 @@ class InferPlan {
     }
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                       w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
+  }
+
+  // The module's whole call, `module(*args)` (modules._FastPath.__call__, outside torch.compile):
+  // the plan's call where nn.Module.__call__ would call forward straight away and forward would
+  // take this plan, else None. The checks are the Python ones, in C++ (they took ~1.3 of the ~7.5
+  // us of a serving step there): positional input and optional hx only; no hooks on the module or
+  // global ones, no module.compile(); forward is the module's own (not a subclass's override or
+  // one set on the instance); no training-mode dropout; no torch function mode (a mode, even
+  // torch's DeviceContext, declines here: forward then tries the plan after its finer check) and
+  // no forward-mode AD level. `self` is passed at each call: the plan holds no reference to it.
+  py::object module_call(py::handle self, py::tuple args) const {
+    const ModuleCallContext* c = module_call_ctx;
+    const Py_ssize_t n = PyTuple_GET_SIZE(args.ptr());
+    if (c == nullptr || n < 1 || n > 2 || at::impl::torch_function_mode_enabled()) return py::none();
+    PyObject* d_raw = PyObject_GenericGetDict(self.ptr(), nullptr);
+    if (d_raw == nullptr) throw py::error_already_set();
+    const auto d = py::reinterpret_steal<py::object>(d_raw);
+    const auto item = [&](PyObject* key) -> PyObject* {  // borrowed, or nullptr when absent
+      PyObject* v = PyDict_GetItemWithError(d.ptr(), key);
+      if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      return v;
+    };
+    const auto truthy = [](PyObject* v) -> bool {
+      if (v == nullptr) return false;
+      const int t = PyObject_IsTrue(v);
+      if (t < 0) throw py::error_already_set();
+      return t != 0;
+    };
+    for (PyObject* key : c->module_hooks)
+      if (truthy(item(key))) return py::none();
+    if (item(c->forward) != nullptr) return py::none();
+    PyObject* compiled = item(c->compiled_call_impl);
+    if (compiled != nullptr && compiled != Py_None) return py::none();
+    if (truthy(item(c->training)) && truthy(item(c->dropout))) return py::none();
+    {
+      const auto fwd = py::reinterpret_steal<py::object>(PyObject_GetAttr((PyObject*)Py_TYPE(self.ptr()), c->forward));
+      if (!fwd) throw py::error_already_set();
+      bool own = false;
+      for (const auto& f : c->own_forwards) own = own || f.ptr() == fwd.ptr();
+      if (!own) return py::none();
+    }
+    for (PyObject* key : c->global_hooks) {
+      const auto hooks = py::reinterpret_steal<py::object>(PyObject_GetAttr(c->nn_module.ptr(), key));
+      if (!hooks) throw py::error_already_set();
+      if (truthy(hooks.ptr())) return py::none();
+    }
+    {
+      const auto level = py::reinterpret_steal<py::object>(PyObject_GetAttr(c->forward_ad.ptr(), c->current_level));
+      if (!level) throw py::error_already_set();
+      const long lv = PyLong_AsLong(level.ptr());
+      if (lv == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (lv >= 0) return py::none();
+    }
+    return call(PyTuple_GET_ITEM(args.ptr(), 0), n == 2 ? PyTuple_GET_ITEM(args.ptr(), 1) : Py_None);
   }
 
  private:
@@ -1479,7 +1572,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<py::dict, const std::vector<std::string>&, int64_t, bool, int64_t, bool, bool, int64_t>(),
            py::arg("params"), py::arg("names"), py::arg("mode"), py::arg("reset_after"), py::arg("layers"),
            py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1)
-      .def("__call__", &rnnrec::InferPlan::call, py::arg("input"), py::arg("hx") = py::none());
+      .def("__call__", &rnnrec::InferPlan::call, py::arg("input"), py::arg("hx") = py::none())
+      .def("module_call", &rnnrec::InferPlan::module_call, py::arg("module"), py::arg("args"),
+           "module(*args) on this plan where the module's call would reach it (see modules._FastPath), else None");
+  m.def("set_module_call_context", &rnnrec::set_module_call_context, py::arg("own_forwards"),
+        py::arg("nn_module"), py::arg("forward_ad"), "what InferPlan.module_call reads besides the module");
   m.def("last_backend", &rnnrec::last_backend, "the backend that ran this thread's last call ('' before any)");
   m.def("set_last_backend", &rnnrec::set_last_backend, "record the backend (a Python one) that ran this call",
         py::arg("name"));

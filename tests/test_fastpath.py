@@ -40,6 +40,13 @@ def _counting(monkeypatch, attr):
             counts["handled"] += out is not None
             return out
 
+        def module_call(self, module, args):  # the C++ plan's whole-call entry: counted when it serves
+            out = self.plan.module_call(module, args)
+            if out is not None:
+                counts["calls"] += 1
+                counts["handled"] += 1
+            return out
+
         def __getattr__(self, name):  # the plan's other methods (forget)
             return getattr(self.plan, name)
 
@@ -182,9 +189,9 @@ def test_declines_what_it_does_not_handle(spy):
     half = rnnrec_fast.GRU(3, 4, dtype=torch.float16)
     with torch.inference_mode():
         half(x.half())
-    # tried (ahead of nn.Module's call machinery, then again by forward), declined: float16 is not
-    # the C++ kernels'
-    assert spy == {"calls": 2, "handled": 0}
+    # tried (ahead of nn.Module's call machinery: counted only when it serves; then by forward),
+    # declined: float16 is not the C++ kernels'
+    assert spy == {"calls": 1, "handled": 0}
 
 
 @needs_ext
@@ -327,6 +334,30 @@ def test_outputs_are_what_torch_nn_returns(spy):
     (out * w).sum().backward()  # a no_grad output feeds autograd like torch.nn's does
     assert w.grad is not None
     assert spy["handled"] == 2
+
+
+@needs_ext
+def test_module_compile_is_honoured():
+    """After module.compile() the call goes through the compiled call (nn.Module.__call__ runs
+    _compiled_call_impl): the fast path ahead of it steps aside."""
+    m = rnnrec_fast.GRU(3, 4).eval()
+    x = torch.randn(2, 1, 3)
+    seen = []
+    m.compile(backend="eager")
+    real = m._compiled_call_impl
+
+    def counting(*args, **kwargs):
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    m._compiled_call_impl = counting
+    plain = rnnrec_fast.GRU(3, 4).eval()
+    plain.load_state_dict(m.state_dict())
+    with torch.inference_mode():
+        out, _ = m(x)
+        want, _ = plain(x)
+    assert seen == [1]
+    torch.testing.assert_close(out, want)
 
 
 @needs_ext
