@@ -504,3 +504,42 @@ def test_cli_without_uvicorn_says_which_extra(tmp_path, capsys, monkeypatch):
     code = main(["--model", path, "--port", "0", "--torch-threads", "0"])
     captured = capsys.readouterr()
     assert code == 2 and "rnnrec_fast[serve]" in captured.err and "listening" not in captured.out
+
+
+def test_request_deadline_spares_a_pipelined_request_behind_a_slow_one():
+    """A request pipelined behind one the app works on longer than the request timeout is not cut
+    off (httptools queues it and pauses reading: its body waited on the server, not the client);
+    both are answered."""
+    import asyncio
+    import socket
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                m = await receive()
+                await send({"type": m["type"] + ".complete"})
+                if m["type"] == "lifespan.shutdown":
+                    return
+        if scope["method"] == "POST":
+            while (await receive()).get("more_body"):
+                pass
+        else:
+            await asyncio.sleep(1.0)  # longer than the timeout below
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with BackgroundServer(app, request_timeout=0.5) as srv:
+        s = socket.create_connection((srv.host, srv.port), timeout=5)
+        body = b'{"item_id": 1}'
+        post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + post[:-5])
+        time.sleep(0.05)
+        s.sendall(post[-5:])
+        data = b""
+        while data.count(b"200 OK") < 2:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+    assert data.count(b"200 OK") == 2

@@ -43,6 +43,10 @@ def _with_request_deadline(base, timeout):
 
         def _request_deadline_passed(self):
             self._request_deadline = None
+            if getattr(self, "pipeline", None):
+                # a request queued behind one being served (httptools): the one ahead has arrived,
+                # and the queued one's body waits because uvicorn paused reading, not the client
+                return  # (on_response_complete arms the next deadline)
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete and not cycle.more_body:
                 return  # the request is in: the app is at work on it
