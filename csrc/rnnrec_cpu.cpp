@@ -1311,13 +1311,14 @@ class InferPlan {
   // take this plan, else None. The checks are the Python ones, in C++ (they took ~1.3 of the ~7.5
   // us of a serving step there): positional input and optional hx only; no hooks on the module or
   // global ones, no module.compile(); forward is the module's own (not a subclass's override or
-  // one set on the instance); no training-mode dropout; no torch function mode (a mode, even
-  // torch's DeviceContext, declines here: forward then tries the plan after its finer check) and
-  // no forward-mode AD level. `self` is passed at each call: the plan holds no reference to it.
+  // one set on the instance); no training-mode dropout; no forward-mode AD level. Where all that
+  // holds but a torch function mode is on, NotImplemented: the module then looks at the modes in
+  // Python (torch's DeviceContext, `with torch.device(...)`, is no reason to decline). `self` is
+  // passed at each call: the plan holds no reference to it.
   py::object module_call(py::handle self, py::tuple args) const {
     const ModuleCallContext* c = module_call_ctx;
     const Py_ssize_t n = PyTuple_GET_SIZE(args.ptr());
-    if (c == nullptr || n < 1 || n > 2 || at::impl::torch_function_mode_enabled()) return py::none();
+    if (c == nullptr || n < 1 || n > 2) return py::none();
     PyObject* d_raw = PyObject_GenericGetDict(self.ptr(), nullptr);
     if (d_raw == nullptr) throw py::error_already_set();
     const auto d = py::reinterpret_steal<py::object>(d_raw);
@@ -1357,6 +1358,7 @@ class InferPlan {
       if (lv == -1 && PyErr_Occurred()) throw py::error_already_set();
       if (lv >= 0) return py::none();
     }
+    if (at::impl::torch_function_mode_enabled()) return py::reinterpret_borrow<py::object>(Py_NotImplemented);
     return call(PyTuple_GET_ITEM(args.ptr(), 0), n == 2 ? PyTuple_GET_ITEM(args.ptr(), 1) : Py_None);
   }
 

@@ -277,6 +277,8 @@ class _FastPath(nn.Module):
         if module_call is not None:  # the C++ plan: the checks below, in C++ (~1 us less a call)
             if not kwargs and not _is_compiling():
                 out = module_call(self, args)
+                if out is NotImplemented:  # only a torch function mode stood in the way
+                    out = None if _calls_observed() else d["_plan"](*args)
                 if out is not None:
                     return out
             plan = None
