@@ -243,25 +243,49 @@ def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainCon
         if sample is not None:
             corr = torch.cat([corr, cfg.sample_alpha * logp[sample]])
         cb = cb - cfg.logq * corr
+    S = 0 if sample is None else sample.shape[0]
+    if T > 1 and TB >= _PER_STEP_MIN_ROWS and (T - 1) * B > (TB + S) // 4:
+        # The chunk's score matrix would be mostly other steps' in-batch columns, masked out
+        # (very large batches with few samples): score each step on its own columns instead.
+        loss, m = 0.0, 0
+        for t in range(T):
+            r = slice(t * B, (t + 1) * B)
+            Wt = W[r] if S == 0 else torch.cat([W[r], W[TB:]])
+            ct = cb[r] if S == 0 else torch.cat([cb[r], cb[TB:]])
+            lt, mt = _scores_loss(Y[r], Wt, ct, valid[t:t + 1], 1, B, S, cfg)
+            loss, m = loss + lt, m + mt
+    else:
+        loss, m = _scores_loss(Y, W, cb, valid, T, B, S, cfg)
+    return loss / _norm(cfg, T, B), hn, m
+
+
+# Chunks of at least this many rows (steps x batch) score each step on its own columns where other
+# steps' in-batch columns would be over a quarter of the score matrix.
+_PER_STEP_MIN_ROWS = 512
+
+
+def _scores_loss(Y, W, cb, valid, T, B, S, cfg):
+    """The summed loss of T steps' rows Y (T*B, H) against the columns W (T*B in-batch targets,
+    then S samples), a row seeing its own step's targets and the samples; and the number of events."""
+    TB = T * B
     all_valid = bool(valid.all())
-    keep = _block_diag(T, B, inp.device)
+    keep = _block_diag(T, B, Y.device)
     vflat = valid.reshape(-1)
     if not all_valid:
         keep = keep & vflat.unsqueeze(0)
     if cfg.loss == "cross-entropy":
         loss = _SampledSoftmaxXE.apply(Y, W, cb, keep, None if all_valid else vflat)
-        m = TB if all_valid else int(vflat.sum())
-        return loss / _norm(cfg, T, B), hn, m
+        return loss, (TB if all_valid else int(vflat.sum()))
     logits = torch.addmm(cb, Y, W.t())
-    target = torch.arange(TB, device=inp.device)
-    cm = keep if sample is None else torch.cat([keep, keep.new_ones(TB, sample.shape[0])], 1)
+    target = torch.arange(TB, device=Y.device)
+    cm = keep if S == 0 else torch.cat([keep, keep.new_ones(TB, S)], 1)
     if not all_valid:
         logits, target, cm = logits[vflat], target[vflat], cm[vflat]
     if cfg.loss == "bpr-max":
         per = bpr_max(logits, target, cm, bpreg=cfg.bpreg, elu_param=cfg.elu_param)
     else:
         per = top1_max(logits, target, cm, elu_param=cfg.elu_param)
-    return per.sum() / _norm(cfg, T, B), hn, per.shape[0]
+    return per.sum(), per.shape[0]
 
 
 def _norm(cfg, T, B):
