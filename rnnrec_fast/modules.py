@@ -243,7 +243,7 @@ class _FastPath(nn.Module):
                                 batch_first, cell, self.backend)
         self.__dict__["_plan"] = plan
         # the C++ plan also takes the module's whole call, its checks included (see __call__)
-        self.__dict__["_module_call"] = plan.module_call if _InferPlan is not None and isinstance(plan, _InferPlan) else None
+        self.__dict__["_module_call"] = getattr(plan, "module_call", None)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)

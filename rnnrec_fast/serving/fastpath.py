@@ -31,7 +31,7 @@ class FastGRU4Rec:
         # ``p.data = ...`` (the views below would keep the old memory); the versions of the two
         # whose values are copied (Wy into Wt and the oneDNN weight, By), to see in-place updates
         # (load_state_dict, an optimiser step). The other tensors are views: updates show through.
-        names = [f"{w}_l{layer}" for layer in range(L) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        names = _rnn_weight_names(L)
         watch = [(model._modules, "rnn", rnn)]
         watch += [(model._parameters, n, model._parameters[n]) for n in ("E", "Wy", "By")
                   if model._parameters.get(n) is not None]
@@ -50,8 +50,7 @@ class FastGRU4Rec:
             self.emb = model.E.detach()
         self.layers = []
         for layer in range(L):
-            names = [f"weight_ih_l{layer}", f"weight_hh_l{layer}", f"bias_ih_l{layer}", f"bias_hh_l{layer}"]
-            ws = [getattr(rnn, n, None) for n in names]
+            ws = [getattr(rnn, n, None) for n in names[4 * layer:4 * layer + 4]]
             self.layers.append(tuple(None if w is None else w.detach() for w in ws))
         self.Wy = model.Wy.detach()
         # (H, n_items) contiguous: a faster GEMM/GEMV layout on CPU than Wy.t() (one extra copy of Wy)
@@ -144,9 +143,12 @@ class FastGRU4Rec:
         return torch.addmm(self.by, h_top, self.Wt)
 
 
+def _rnn_weight_names(layers):
+    """The GRU's weight names, layer by layer: weight_ih, weight_hh, bias_ih, bias_hh of each."""
+    return [f"{w}_l{layer}" for layer in range(layers) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+
 _ONEDNN_MIN_ROWS = 4
-
-
 _ONEDNN_EXACT_ROWS = 64  # the HTTP service's default batches (max_batch 64) keep their own row count
 
 
@@ -158,6 +160,8 @@ def onednn_rows(B):
         return B
     p = 1 << ((B - 1).bit_length() - 1)  # the power of two with p < B <= 2p
     return p + p // 2 if B <= p + p // 2 else 2 * p
+
+
 _ROWS_MAX_BYTES_1T = 8 << 20  # one thread: MKL's GEMV streams a larger Wy from DRAM faster
 
 
@@ -204,9 +208,7 @@ def _build(model):
         # Only registered parameters read as themselves: a parametrized weight (parametrize,
         # weight_norm) is computed on each read, so the copy taken here would never see its
         # source change (stale() watches the registered ones).
-        names = [f"{w}_l{layer}" for layer in range(model.num_layers)
-                 for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in names):
+        if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in _rnn_weight_names(model.num_layers)):
             return None
         if any(getattr(model, n, None) is not model._parameters.get(n) for n in ("E", "Wy", "By")):
             return None
