@@ -54,6 +54,10 @@ _KERNELS = {}
 
 def _make_kernels(nbdt, RB):
     """Forward and backward kernels for one float type and RB batch rows per block."""
+    # typed constants: a bare 1.0 is a float64 literal, which turns float32 gate math into float64
+    # arithmetic on the GPU (tests/test_numba_cudasim.py checks the PTX for f64 instructions)
+    ONE = nbdt(1.0)
+    ZERO = nbdt(0.0)
 
     @cuda.jit
     def fwd_kernel(xp, h0, whhT, bhh, has_bias, lengths, has_lengths, resets, has_resets,
@@ -89,7 +93,7 @@ def _make_kernels(nbdt, RB):
                 if b < B:
                     v = sh[q]
                     if has_resets and resets[t, b]:
-                        v = 0.0
+                        v = ZERO
                     sh[HP + q] = v
             cuda.syncthreads()
             # phase 2: gate pre-activations of unit j and the fused gate math
@@ -141,7 +145,7 @@ def _make_kernels(nbdt, RB):
                         else:
                             hnew = pre
                             if pre < 0:
-                                hnew = 0.0
+                                hnew = ZERO
                         y[t, b, j] = hnew
                         sh[rr * H + j] = hnew
                     else:
@@ -150,8 +154,8 @@ def _make_kernels(nbdt, RB):
                         if has_bias:
                             pr += bhh[j]
                             pz += bhh[H + j]
-                        r = 1.0 / (1.0 + math.exp(-pr))
-                        z = 1.0 / (1.0 + math.exp(-pz))
+                        r = ONE / (ONE + math.exp(-pr))
+                        z = ONE / (ONE + math.exp(-pz))
                         ws[t, b, j] = r
                         ws[t, b, H + j] = z
                         if split:
@@ -161,7 +165,7 @@ def _make_kernels(nbdt, RB):
                             if has_bias:
                                 hn += bhh[2 * H + j]
                             n = math.tanh(xp[t, b, 2 * H + j] + r * hn)
-                            hnew = (1.0 - z) * n + z * hpj
+                            hnew = (ONE - z) * n + z * hpj
                             ws[t, b, 2 * H + j] = n
                             ws[t, b, 3 * H + j] = hn
                             y[t, b, j] = hnew
@@ -185,7 +189,7 @@ def _make_kernels(nbdt, RB):
                             hn += bhh[2 * H + j]
                         n = math.tanh(xp[t, b, 2 * H + j] + hn)
                         z = ws[t, b, H + j]
-                        hnew = (1.0 - z) * n + z * sh[HP + rr * H + j]
+                        hnew = (ONE - z) * n + z * sh[HP + rr * H + j]
                         ws[t, b, 2 * H + j] = n
                         ws[t, b, 3 * H + j] = hn
                         y[t, b, j] = hnew
@@ -204,7 +208,7 @@ def _make_kernels(nbdt, RB):
         """h_prev[t, b, j], the state entering step t after a reset (not saved in ws): zero where
         the row resets, else h0 at t = 0 and y[t - 1] after (exact at every active step)."""
         if has_resets and resets[t, b]:
-            return nbdt(0.0)
+            return ZERO
         if t == 0:
             return h0[b, j]
         return y[t - 1, b, j]
@@ -261,9 +265,9 @@ def _make_kernels(nbdt, RB):
                     if not gru:
                         hnew = y[t, b, j]
                         if mode == MODE_RNN_TANH:
-                            dg = g * (1.0 - hnew * hnew)
+                            dg = g * (ONE - hnew * hnew)
                         else:
-                            dg = nbdt(0.0) if hnew <= 0 else g  # torch's threshold_backward
+                            dg = ZERO if hnew <= 0 else g  # torch's threshold_backward
                         d_gx[t, b, j] = dg
                         d_gh[t, b, j] = dg
                         sh[DG + rr * GH + j] = dg
@@ -273,8 +277,8 @@ def _make_kernels(nbdt, RB):
                         r = ws[t, b, j]
                         z = ws[t, b, H + j]
                         n = ws[t, b, 2 * H + j]
-                        dn_pre = g * (1.0 - z) * (1.0 - n * n)
-                        dz_pre = g * (hpj - n) * z * (1.0 - z)
+                        dn_pre = g * (ONE - z) * (ONE - n * n)
+                        dz_pre = g * (hpj - n) * z * (ONE - z)
                         d_gx[t, b, H + j] = dz_pre
                         d_gx[t, b, 2 * H + j] = dn_pre
                         d_gh[t, b, H + j] = dz_pre
@@ -286,7 +290,7 @@ def _make_kernels(nbdt, RB):
                             h_in[t, b, j] = r * hpj
                         else:
                             hn = ws[t, b, 3 * H + j]
-                            dr_pre = dn_pre * hn * r * (1.0 - r)
+                            dr_pre = dn_pre * hn * r * (ONE - r)
                             d_gx[t, b, j] = dr_pre
                             d_gh[t, b, j] = dr_pre
                             d_gh[t, b, 2 * H + j] = dn_pre * r
@@ -309,7 +313,7 @@ def _make_kernels(nbdt, RB):
                         drh = acc[rr]
                         hpj = prev_state(h0, y, resets, has_resets, t, b, j)
                         r = ws[t, b, j]
-                        dr_pre = drh * hpj * r * (1.0 - r)
+                        dr_pre = drh * hpj * r * (ONE - r)
                         d_gx[t, b, j] = dr_pre
                         d_gh[t, b, j] = dr_pre
                         sh[DG + rr * GH + j] = dr_pre
@@ -330,7 +334,7 @@ def _make_kernels(nbdt, RB):
                         continue  # inactive: the gradient passes through unchanged
                     v = sh[DN + rr * H + j] + acc[rr]
                     if has_resets and resets[t, b]:
-                        v = 0.0
+                        v = ZERO
                     sh[rr * H + j] = v
             cuda.syncthreads()
 
