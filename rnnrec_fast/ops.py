@@ -177,7 +177,8 @@ def _resolve(backend, device_type, dtype):
         reason = _backends.unavailable_reason(preferred)
         if name != preferred and reason is not None and device_type not in _warned:
             _warned.add(device_type)
-            others = [b for b in order[1:] if _backends.unavailable_reason(b) is None]
+            others = [b for b in order[1:] if _backends.available(b)
+                      and _backends.device_unavailable(b, device_type) is None]
             warnings.warn(
                 f"rnnrec_fast: the {preferred!r} backend is not available ({reason}); {device_type} "
                 f"tensors run on the fallback backends instead ({', '.join(map(repr, others))}, the first "
@@ -199,6 +200,10 @@ def _resolve(backend, device_type, dtype):
         mod = _backends.load(name)  # RuntimeError with the reason when unavailable
         if device_type not in mod.DEVICES:
             raise ValueError(f"rnnrec_fast: backend {name!r} does not run on {device_type!r} tensors")
+        why = _backends.device_unavailable(name, device_type)
+        if why is not None:
+            raise RuntimeError(f"rnnrec_fast: backend {name!r} cannot run on {device_type!r} tensors "
+                               f"here: {why}")
         if dtype not in mod.DTYPES:
             raise ValueError(f"rnnrec_fast: backend {name!r} does not support {dtype}")
     hit = (name, _backends.load(name))
@@ -221,8 +226,16 @@ def _set_last(name):
 
 
 def backend_info() -> dict:
-    """Which backends are available here, and why the others are not."""
-    return {name: (_backends.unavailable_reason(name) or "available") for name in _backends.NAMES}
+    """Which backends are available here, and why the others are not (on a machine with a GPU,
+    also why an available backend cannot run on it)."""
+    info = {}
+    for name in _backends.NAMES:
+        info[name] = _backends.unavailable_reason(name) or "available"
+        if info[name] == "available" and "cuda" in _backends.load(name).DEVICES and torch.cuda.is_available():
+            why = _backends.device_unavailable(name, "cuda")
+            if why is not None:
+                info[name] = f"available, but not on CUDA tensors: {why}"
+    return info
 
 
 # ----------------------------------------------------------------------------------------------

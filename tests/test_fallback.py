@@ -139,3 +139,41 @@ def test_a_backend_failing_to_import_is_unavailable_with_its_reason(monkeypatch,
     assert backends.unavailable_reason("broken") == "RuntimeError: cannot set up: no locator"
     with pytest.raises(RuntimeError, match="backend 'broken' is not available .*no locator"):
         backends.load("broken")
+
+
+def test_numba_on_cuda_needs_a_usable_numba_cuda(monkeypatch):
+    """CUDA tensors without the CUDA extension: "auto" took the numba backend whenever numba
+    imported, though numba.cuda also needs a driver, NVVM and libdevice (a machine with a GPU can
+    lack the toolkit), and then failed at the first launch. Now the backend says why it cannot run
+    on CUDA here: "auto" falls back to the next one, a forced "numba" raises with the reason."""
+    import torch
+    from rnnrec_fast import ops
+    from rnnrec_fast.backends import numba_backend
+
+    if not backends.available("numba"):
+        pytest.skip("numba backend unavailable")
+    if not torch.cuda.is_available():  # the real probe on a machine without a GPU
+        assert "no usable CUDA driver" in numba_backend.device_unavailable("cuda")
+    assert numba_backend.device_unavailable("cpu") is None
+
+    monkeypatch.setattr(backends, "available", lambda name: name != "cuda")
+    for why, auto in (("numba.cuda cannot load NVVM", "reference"), (None, "numba")):
+        monkeypatch.setattr(numba_backend, "_cuda_probe", [why])
+        monkeypatch.setattr(ops, "_resolved", {})
+        monkeypatch.setattr(ops, "_warned", set())
+        with pytest.warns(RuntimeWarning, match="'cuda' backend is not available") as rec:
+            assert ops.resolve_backend("auto", "cuda", torch.float32) == auto
+        assert ("'numba'" in str(rec[0].message)) == (why is None)  # the fallbacks it names
+        assert ops.resolve_backend("auto", "cpu", torch.float32) in ("cpp", "numba")
+        if why is None:
+            assert ops.resolve_backend("numba", "cuda", torch.float32) == "numba"
+        else:
+            with pytest.raises(RuntimeError, match="backend 'numba' cannot run on 'cuda' tensors here: "
+                                                   "numba.cuda cannot load NVVM"):
+                ops.resolve_backend("numba", "cuda", torch.float32)
+            assert ops.resolve_backend("numba", "cpu", torch.float32) == "numba"
+    # on a machine with a GPU, backend_info says why numba does not run there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(numba_backend, "_cuda_probe", ["numba.cuda cannot load NVVM"])
+    assert ops.backend_info()["numba"] == "available, but not on CUDA tensors: numba.cuda cannot load NVVM"
+    assert ops.backend_info()["reference"] == "available"

@@ -63,8 +63,18 @@ def unavailable_reason(name: str) -> str | None:
     return None if available(name) else _errors.get(name, "unknown")
 
 
+def device_unavailable(name: str, device_type: str) -> str | None:
+    """Why the (available) backend ``name`` cannot run on ``device_type`` tensors here, or None.
+    A backend may say so through its own ``device_unavailable(device_type)`` (numba: numba.cuda
+    needs a driver and NVVM, which a machine with a GPU may still lack)."""
+    mod = load(name)
+    if device_type not in mod.DEVICES:
+        return f"backend {name!r} does not run on {device_type!r} tensors"
+    probe = getattr(mod, "device_unavailable", None)
+    return None if probe is None else probe(device_type)
+
+
 def supports(name: str, device_type: str, dtype: torch.dtype) -> bool:
     if not available(name):
         return False
-    mod = _loaded[name]
-    return device_type in mod.DEVICES and dtype in mod.DTYPES
+    return dtype in _loaded[name].DTYPES and device_unavailable(name, device_type) is None

@@ -42,6 +42,38 @@ def _cuda():
     return _cuda_module
 
 
+_cuda_probe: list = []  # [reason or None], once a CUDA tensor's backend has been chosen
+
+
+def device_unavailable(device_type):
+    """Why numba cannot run this backend's kernels on ``device_type`` tensors here (None: it can).
+    On CUDA it needs numba.cuda with a driver that sees a GPU, and NVVM and libdevice (from a CUDA
+    toolkit) to compile the kernels: without them "auto" falls back to the next backend, and a
+    forced "numba" says why, instead of failing at the first launch. Probed once."""
+    if device_type != "cuda":
+        return None
+    if not _cuda_probe:
+        _cuda_probe.append(_probe_cuda())
+    return _cuda_probe[0]
+
+
+def _probe_cuda():
+    try:
+        nc = _cuda()
+        if nc.SIMULATOR:
+            return None
+        from numba import cuda
+        from numba.cuda.cudadrv import nvvm
+        if not cuda.is_available():
+            return "numba.cuda finds no usable CUDA driver and GPU"
+        if not nvvm.is_available():
+            return "numba.cuda cannot load NVVM (libnvvm, from a CUDA toolkit) to compile its kernels"
+        nvvm.get_libdevice()
+    except Exception as exc:  # an ImportError from _cuda(), a missing libdevice, a driver error
+        return f"numba.cuda is not usable: {exc}"
+    return None
+
+
 def _check(x, mode):
     if x.dtype not in DTYPES:
         raise TypeError(f"rnnrec_fast numba backend: unsupported dtype {x.dtype} "
