@@ -1236,8 +1236,10 @@ struct ModuleCallContext {
   py::tuple own_forwards;  // the modules' own forward functions (a subclass's or an instance's: declined)
   py::object nn_module;    // torch.nn.modules.module: the global hook dicts, looked up at each call
   py::object forward_ad;   // torch.autograd.forward_ad: _current_level >= 0 inside dual_level()
+  py::object module_cls;   // torch.nn.Module, whose __call__ must still be torch's own:
+  py::object torch_call;   // a user's patched nn.Module.__call__ (a global call wrapper) sees every call
   std::vector<PyObject*> module_hooks, global_hooks;  // interned names
-  PyObject *forward, *compiled_call_impl, *training, *dropout, *current_level;
+  PyObject *forward, *compiled_call_impl, *training, *dropout, *current_level, *dunder_call;
 };
 ModuleCallContext* module_call_ctx = nullptr;
 
@@ -1248,11 +1250,14 @@ PyObject* interned(const char* s) {
 }
 }  // namespace
 
-void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::object forward_ad) {
+void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::object forward_ad,
+                             py::type module_cls, py::object torch_call) {
   auto* c = new ModuleCallContext();
   c->own_forwards = std::move(own_forwards);
   c->nn_module = std::move(nn_module);
   c->forward_ad = std::move(forward_ad);
+  c->module_cls = std::move(module_cls);
+  c->torch_call = std::move(torch_call);
   for (const char* n : {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"})
     c->module_hooks.push_back(interned(n));
   for (const char* n : {"_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -1263,6 +1268,7 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
   c->training = interned("training");
   c->dropout = interned("dropout");
   c->current_level = interned("_current_level");
+  c->dunder_call = interned("__call__");
   module_call_ctx = c;  // (a second call replaces the context; the first is kept: it may be in use)
 }
 
@@ -1309,7 +1315,8 @@ class InferPlan {
   // The module's whole call, `module(*args)` (modules._FastPath.__call__, outside torch.compile):
   // the plan's call where nn.Module.__call__ would call forward straight away and forward would
   // take this plan, else None. The checks are the Python ones, in C++ (they took ~1.3 of the ~7.5
-  // us of a serving step there): positional input and optional hx only; no hooks on the module or
+  // us of a serving step there): positional input and optional hx only; nn.Module.__call__ not
+  // patched by the user (the patch must see the call); no hooks on the module or
   // global ones, no module.compile(); forward is the module's own (not a subclass's override or
   // one set on the instance); no training-mode dropout; no forward-mode AD level. Where all that
   // holds but a torch function mode is on, NotImplemented: the module then looks at the modes in
@@ -1319,6 +1326,11 @@ class InferPlan {
     const ModuleCallContext* c = module_call_ctx;
     const Py_ssize_t n = PyTuple_GET_SIZE(args.ptr());
     if (c == nullptr || n < 1 || n > 2) return py::none();
+    {
+      PyObject* call = PyDict_GetItemWithError(((PyTypeObject*)c->module_cls.ptr())->tp_dict, c->dunder_call);
+      if (call == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      if (call != c->torch_call.ptr()) return py::none();
+    }
     PyObject* d_raw = PyObject_GenericGetDict(self.ptr(), nullptr);
     if (d_raw == nullptr) throw py::error_already_set();
     const auto d = py::reinterpret_steal<py::object>(d_raw);
@@ -1578,7 +1590,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("module_call", &rnnrec::InferPlan::module_call, py::arg("module"), py::arg("args"),
            "module(*args) on this plan where the module's call would reach it (see modules._FastPath), else None");
   m.def("set_module_call_context", &rnnrec::set_module_call_context, py::arg("own_forwards"),
-        py::arg("nn_module"), py::arg("forward_ad"), "what InferPlan.module_call reads besides the module");
+        py::arg("nn_module"), py::arg("forward_ad"), py::arg("module_cls"), py::arg("torch_call"), "what InferPlan.module_call reads besides the module");
   m.def("last_backend", &rnnrec::last_backend, "the backend that ran this thread's last call ('' before any)");
   m.def("set_last_backend", &rnnrec::set_last_backend, "record the backend (a Python one) that ran this call",
         py::arg("name"));

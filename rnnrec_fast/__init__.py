@@ -5,7 +5,7 @@
 >>> gru.active_backend()                                 # which kernels run: 'cpp', 'cuda', 'numba', 'reference'
 """
 from . import ops
-from .modules import GRU, RNN, GRUCell, RNNCell, from_torch
+from .modules import GRU, RNN, GRUCell, RNNCell, from_torch, to_torch
 from .ops import backend_info, last_backend, recurrence, resolve_backend
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "GRUCell",
     "RNNCell",
     "from_torch",
+    "to_torch",
     "recurrence",
     "ops",
     "backend_info",

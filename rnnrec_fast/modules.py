@@ -33,6 +33,14 @@ _FAST_BACKENDS = ("auto", "cpp")
 
 _is_compiling = torch.compiler.is_compiling
 
+# torch's own nn.Module.__call__: where a user has patched it (a global call wrapper, for logging or
+# tracing), the fast path declines so that the wrapper sees every call, as with torch.nn's modules
+_TORCH_MODULE_CALL = nn.Module.__dict__.get("_wrapped_call_impl", nn.Module.__dict__["__call__"])
+
+
+def _torch_module_call():
+    return nn.Module.__dict__.get("__call__") is _TORCH_MODULE_CALL
+
 
 _PY_FAST_BACKENDS = ("auto", "numba", "reference")
 
@@ -264,7 +272,8 @@ class _FastPath(nn.Module):
 
     def __call__(self, *args, **kwargs):
         # The fast path ahead of torch.nn.Module's call machinery, taken only where that machinery
-        # would call forward straight away (no hooks of any kind, no module.compile(); a call under
+        # would call forward straight away (no hooks of any kind, no module.compile(), no patched
+        # nn.Module.__call__ (a user's wrapper must see the call, as with torch.nn); a call under
         # torch.jit.trace is declined by the plan) and forward would take the fast path itself (no
         # resets, no training-mode dropout, not compiling). On a serving step this saves two Python
         # frames and forward's checks (about 2 of the 8 µs of a GRU call on the machine here);
@@ -291,7 +300,8 @@ class _FastPath(nn.Module):
                          or self._backward_pre_hooks or _nn_module._global_forward_hooks
                          or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
                          or _nn_module._global_backward_pre_hooks)
-                and not (d["training"] and d.get("dropout")) and not _calls_observed()):
+                and not (d["training"] and d.get("dropout")) and not _calls_observed()
+                and _torch_module_call()):
             out = plan(args[0], args[1] if len(args) == 2 else None)
             if out is not None:
                 return out
@@ -371,16 +381,16 @@ def _check_dense(name, what, t):
                          "convert it with .to_dense()")
 
 
-def _checked_weights(name, module, names, shapes, x):
-    """The weights ``names`` of ``module``, read as attributes (as torch.nn reads them: a
-    parametrized, pruned or replaced weight is not an entry of _parameters), each checked against
+def _checked_weights(name, module, names, values, shapes, x):
+    """The weights ``names`` of ``module``, ``values`` as read from its attributes (as torch.nn
+    reads them: a parametrized, pruned or replaced weight is not an entry of _parameters; read once
+    a call, so a parametrization runs once, a random one draws once), each checked against
     its ``shapes`` entry and ``x``'s dtype and device, with errors that name the parameter (the
     op's name its own arguments, and infer the hidden size from w_hh: a mis-shaped weight_hh was
     reported as a mis-shaped w_ih). None (a weight or bias set to None on a module that has it)
     is refused as torch.nn refuses it: it was dropped, silently, for a bias."""
     out = []
-    for n, shape in zip(names, shapes):
-        w = getattr(module, n)
+    for n, w, shape in zip(names, values, shapes):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{name}: {n} must be a Tensor, got {type(w).__name__}"
                             + (" (a module built with bias=True needs its biases)" if n.startswith("bias") else ""))
@@ -440,6 +450,9 @@ def _reverse_time(x, index):
     return x.reshape(T * B, C).index_select(0, index).view(T, B, C)
 
 
+_PROJ_SIZE_MSG = "proj_size argument is only supported for LSTM, not RNN or GRU"
+
+
 class _RNNBase(_FastPath):
     _mode: str = "gru"
     _gates: int = 3
@@ -447,10 +460,15 @@ class _RNNBase(_FastPath):
                               "bias", "_flat_weights_names"})
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, device=None, dtype=None, *, backend="auto",
-                 reset_after=True):
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 backend="auto", reset_after=True):
+        # (torch.nn.RNNBase's positional order: proj_size, LSTM's only, comes before device, dtype)
         super().__init__()
         name = type(self).__name__
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(f"{name}: proj_size should be a positive integer or zero to disable projections")
+        if proj_size != 0:
+            raise ValueError(_PROJ_SIZE_MSG)
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout should be a number in range [0, 1], got {dropout!r}")
         for arg, value in (("bias", bias), ("batch_first", batch_first)):
@@ -544,13 +562,14 @@ class _RNNBase(_FastPath):
         device = torch.device(device) if device is not None else p.device
         return ops.resolve_backend(self.backend, device.type, p.dtype)
 
-    def _layer_params(self, index, x):
-        """The weights of (layer, direction) ``index``, checked (_checked_weights), as the op's
-        w_ih, w_hh, b_ih, b_hh."""
+    def _layer_params(self, index, x, weights):
+        """The weights of (layer, direction) ``index`` (of ``weights``, the values of
+        _flat_weights_names), checked (_checked_weights), as the op's w_ih, w_hh, b_ih, b_hh."""
         names = self._all_weights[index]
+        values = weights[index * len(names):(index + 1) * len(names)]
         GH, H = self._gates * self.hidden_size, self.hidden_size
         in_l = self.input_size if index < (2 if self.bidirectional else 1) else (2 if self.bidirectional else 1) * H
-        w = _checked_weights(type(self).__name__, self, names, ((GH, in_l), (GH, H), (GH,), (GH,)), x)
+        w = _checked_weights(type(self).__name__, self, names, values, ((GH, in_l), (GH, H), (GH,), (GH,)), x)
         return tuple(w) if self.bias else (w[0], w[1], None, None)
 
     def forward(self, input, hx=None, *, resets=None):
@@ -582,7 +601,8 @@ class _RNNBase(_FastPath):
                 x = input.transpose(0, 1)
             else:
                 x = input
-        x, hx = _autocast_cast(x, hx, getattr(getattr(self, self._all_weights[0][0]), "dtype", None))
+        weights = [getattr(self, n) for n in self._flat_weights_names]  # (each read once a call)
+        x, hx = _autocast_cast(x, hx, getattr(weights[0], "dtype", None))
         T, B, I = x.shape
         if T == 0:
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
@@ -621,7 +641,7 @@ class _RNNBase(_FastPath):
         op = torch.ops.rnnrec_fast.recurrence.default if B else _empty_batch
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
-            out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x), lengths, resets, mode,
+            out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x, weights), lengths, resets, mode,
                         reset_after, backend)[:2]
             h_n = h.unsqueeze(0)
         else:
@@ -633,7 +653,7 @@ class _RNNBase(_FastPath):
                 for direction in range(D):
                     idx = layer * D + direction
                     xin = layer_in if direction == 0 else _reverse_time(layer_in, rev)
-                    y, h = op(xin, None if hx is None else hx[idx], *self._layer_params(idx, xin), lengths,
+                    y, h = op(xin, None if hx is None else hx[idx], *self._layer_params(idx, xin, weights), lengths,
                               resets, mode, reset_after, backend)[:2]
                     outs.append(y if direction == 0 else _reverse_time(y, rev))
                     hs.append(h)
@@ -659,6 +679,8 @@ class RNN(_RNNBase):
     _gates = 1
 
     def __init__(self, *args, nonlinearity="tanh", **kwargs):
+        if "proj_size" in kwargs:  # as torch.nn.RNN / GRU: a keyword proj_size, even 0, is refused
+            raise ValueError(_PROJ_SIZE_MSG)
         if len(args) > 3:  # torch.nn.RNN's positional order: input, hidden, layers, nonlinearity, ...
             nonlinearity, args = args[3], args[:3] + args[4:]
         if nonlinearity not in ("tanh", "relu"):
@@ -679,6 +701,11 @@ class GRU(_RNNBase):
 
     _gates = 3
     _mode = "gru"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError(_PROJ_SIZE_MSG)
+        super().__init__(*args, **kwargs)
 
 
 class _CellBase(_FastPath):
@@ -768,10 +795,11 @@ class _CellBase(_FastPath):
         if hx is not None and hx.shape[1] != self.hidden_size:
             raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
                              f"expected {self.hidden_size}")
-        x, hx = _autocast_cast(x, hx, getattr(self.weight_ih, "dtype", None))
-        GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
-        w = _checked_weights(name, self, names, ((GH, I), (GH, H), (GH,), (GH,)), x)  # (torch.nn: RuntimeError)
+        values = [getattr(self, n) for n in names]  # (each read once a call)
+        x, hx = _autocast_cast(x, hx, getattr(values[0], "dtype", None))
+        GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
+        w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x)  # (torch.nn: RuntimeError)
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
         _check_hx_dtype(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
@@ -787,7 +815,7 @@ _OWN_FORWARDS = frozenset({_RNNBase.forward, _CellBase.forward})  # (see _FastPa
 if _InferPlan is not None:
     from ._C import set_module_call_context as _set_module_call_context
 
-    _set_module_call_context(tuple(_OWN_FORWARDS), _nn_module, _forward_ad)
+    _set_module_call_context(tuple(_OWN_FORWARDS), _nn_module, _forward_ad, nn.Module, _TORCH_MODULE_CALL)
 
 
 class RNNCell(_CellBase):
@@ -818,24 +846,61 @@ class GRUCell(_CellBase):
 _FROM_TORCH = {nn.GRU: GRU, nn.RNN: RNN, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
 
 
-def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Convert a ``torch.nn`` RNN / GRU / RNNCell / GRUCell (weights included) in one call."""
+_TO_TORCH = {v: k for k, v in _FROM_TORCH.items()}
+
+
+def _check_plain(fn, module):
     from torch.nn.utils import parametrize
 
-    if not isinstance(module, tuple(_FROM_TORCH)):
-        raise TypeError(f"from_torch: expected torch.nn.RNN, GRU, RNNCell or GRUCell, got {type(module).__name__}")
     names = module._parameters
     if (parametrize.is_parametrized(module) or any(n.endswith("_orig") for n in names)
             or any(n.endswith("_g") and n[:-2] + "_v" in names for n in names)):
-        raise ValueError("from_torch: the module's weights are parametrized (weight_norm, spectral_norm, "
+        raise ValueError(f"{fn}: the module's weights are parametrized (weight_norm, spectral_norm, "
                          "parametrize) or pruned; convert the plain module and apply them to the converted one "
                          "(its weights are read as attributes, as torch.nn's), or remove them first "
                          "(parametrize.remove_parametrizations, prune.remove, remove_weight_norm, "
                          "remove_spectral_norm)")
-    cls = _FROM_TORCH.get(type(module))
-    if cls is None:
-        raise TypeError(f"from_torch: expected torch.nn.RNN, GRU, RNNCell or GRUCell, got "
-                        f"{type(module).__name__} (a subclass of one: its own code would be lost)")
+
+
+def _convert_tree(fn, model, table, convert):
+    """``model`` converted by ``convert`` where its type is a key of ``table``; any other module
+    (a model): a deep copy with each submodule of such a type converted, the original untouched. A
+    subclass of one is refused (its own code would be lost), as a model holding none."""
+    import copy
+
+    from torch.nn.utils.parametrize import type_before_parametrizations
+
+    lib = "torch.nn" if fn == "from_torch" else "rnnrec_fast"
+    names = [f"{lib}.{c.__name__}" for c in table]
+    expected = f"{fn}: expected {', '.join(names[:-1])} or {names[-1]}"
+
+    def convertible(m):
+        cls = type_before_parametrizations(m)  # (a parametrized module is refused by convert, saying so)
+        if cls not in table and isinstance(m, tuple(table)):
+            raise TypeError(f"{expected}, got {cls.__name__} (a subclass of one: its own code would be lost)")
+        return cls in table
+
+    if convertible(model):
+        return convert(model)
+    if not any([convertible(m) for m in model.modules()]):
+        raise TypeError(f"{expected} (or a model holding some), got {type(model).__name__}")
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if convertible(child):
+                setattr(parent, name, convert(child))
+    return out
+
+
+def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Convert a ``torch.nn`` RNN / GRU / RNNCell / GRUCell (weights included) in one call; given
+    any other module (a whole model), a copy of it with each of those inside converted."""
+    return _convert_tree("from_torch", module, _FROM_TORCH, lambda m: _from_torch_one(m, backend))
+
+
+def _from_torch_one(module, backend):
+    _check_plain("from_torch", module)
+    cls = _FROM_TORCH[type(module)]
     p = next(module.parameters())
     factory = {"device": p.device, "dtype": p.dtype, "backend": backend}
     if cls in (GRU, RNN):
@@ -856,3 +921,32 @@ def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
         getattr(ours, pname).requires_grad_(p.requires_grad)
     ours.train(module.training)
     return ours
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """The ``torch.nn`` twin of an rnnrec_fast RNN / GRU / RNNCell / GRUCell, weights included
+    (for what needs torch.nn's own classes: ONNX export, ``quantize_dynamic``, code that checks
+    ``isinstance(m, nn.GRU)``); given any other module (a whole model), a copy of it with each of
+    those inside converted. GRU with ``reset_after=False`` has no torch.nn form and is refused."""
+    return _convert_tree("to_torch", module, _TO_TORCH, _to_torch_one)
+
+
+def _to_torch_one(module):
+    _check_plain("to_torch", module)
+    if module._op_mode == "gru" and not module.reset_after:
+        raise ValueError(f"to_torch: {type(module).__name__}(reset_after=False), the original GRU form, has no "
+                         "torch.nn counterpart")
+    cls = _TO_TORCH[type(module)]
+    p = next(module.parameters())
+    kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype)
+    if cls in (nn.GRU, nn.RNN):
+        kwargs.update(num_layers=module.num_layers, batch_first=module.batch_first, dropout=module.dropout,
+                      bidirectional=module.bidirectional)
+    if cls in (nn.RNN, nn.RNNCell):
+        kwargs["nonlinearity"] = module.nonlinearity
+    twin = cls(module.input_size, module.hidden_size, **kwargs)
+    twin.load_state_dict(module.state_dict())
+    for pname, p in module.named_parameters():  # frozen weights stay frozen
+        getattr(twin, pname).requires_grad_(p.requires_grad)
+    twin.train(module.training)
+    return twin

@@ -322,6 +322,32 @@ for _name in ("recurrence_backward", "recurrence_backward_py"):
     torch.library.register_fake(f"rnnrec_fast::{_name}", _backward_fake, lib=_lib)
 
 # ----------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode, which counts matrix products): the
+# forward's are the input projection and the recurrent product of every step, 2*T*B*G*H*(I + H)
+# (the steps past a row's length included); the backward's twice that (the input and weight
+# gradients of both products, all four computed whatever requires grad)
+
+
+def _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
+    T, B, I = x_shape
+    GH, H = w_hh_shape
+    return 2 * T * B * GH * (I + H)
+
+
+def _backward_flops(grad_output_shape, grad_h_n_shape, x_shape, h0_shape, w_ih_shape, w_hh_shape,
+                    *args, **kwargs):
+    return 2 * _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape)
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula as _register_flop_formula
+except ImportError:  # pragma: no cover - older torch
+    _register_flop_formula = None
+if _register_flop_formula is not None:
+    _register_flop_formula(torch.ops.rnnrec_fast.recurrence)(_forward_flops)
+    _register_flop_formula(torch.ops.rnnrec_fast.recurrence_backward)(_backward_flops)
+
+# ----------------------------------------------------------------------------------------------
 # autograd
 
 

@@ -100,6 +100,22 @@ def test_module_constructor_errors(args, kwargs, exc, match):
         rnnrec_fast.GRU(*args, **kwargs)
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_constructor_positional_order_and_proj_size_as_torch(kind):
+    """torch.nn.RNNBase's positional order has proj_size (LSTM's) before device and dtype, and
+    torch.nn.GRU / RNN refuse a proj_size keyword, even 0, with a ValueError."""
+    pre = (4, 5, 1) + (("relu",) if kind == "RNN" else ()) + (True, False, 0.0, False)
+    for cls in (getattr(torch.nn, kind), getattr(rnnrec_fast, kind)):
+        m = cls(*pre, 0, "cpu", torch.float64)
+        assert m.weight_hh_l0.dtype == torch.float64 and m.proj_size == 0
+        with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+            cls(4, 5, proj_size=0)
+        with pytest.raises(ValueError, match="proj_size should be a positive integer or zero"):
+            cls(*pre, -1)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        getattr(rnnrec_fast, kind)(*pre, 2)  # (torch.nn builds a GRU with proj_size=2 that fails later)
+
+
 def test_module_forward_errors():
     gru = rnnrec_fast.GRU(4, 3, num_layers=2)
     with pytest.raises(ValueError, match="Expected input to be 2D or 3D"):

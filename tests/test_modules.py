@@ -280,6 +280,36 @@ def test_zero_size_cells_as_torch(backend, kind, sizes):
         getattr(rnnrec_fast, kind)(4.0, 5)
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_a_parametrization_runs_once_a_call(kind):
+    """Each weight is read once a call: a parametrization runs once (spectral_norm's power
+    iteration steps once, a random one draws once); the first weight was read twice."""
+    from torch.nn.utils import parametrize
+
+    calls = {}
+
+    class Count(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, w):
+            calls[self.name] = calls.get(self.name, 0) + 1
+            return w * 0.5
+
+    seq = kind in ("GRU", "RNN")
+    m = getattr(rnnrec_fast, kind)(4, 5, **(dict(num_layers=2, bidirectional=True) if seq else {}))
+    names = [n for n, _ in m.named_parameters()]
+    for n in names:
+        parametrize.register_parametrization(m, n, Count(n))
+    x = torch.randn(3, 2, 4) if seq else torch.randn(2, 4)
+    for grad_mode in (torch.enable_grad, torch.no_grad):
+        calls.clear()
+        with grad_mode():
+            m(x)
+        assert calls == {n: 1 for n in names}, (grad_mode, calls)
+
+
 def _weight_drop(module, name):
     """The AWD-LSTM WeightDrop pattern: the parameter moves to name + "_raw" and a plain tensor
     derived from it takes its place before each call."""
@@ -514,6 +544,36 @@ def test_a_users_forward_is_always_called(how, kind):
         assert torch.all((out[0] if kind == "GRU" else out) == 42.0), grad_mode
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # the C++ whole-call entry; a Python plan
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_a_patched_module_call_sees_every_call(monkeypatch, backend, kind):
+    """A global call wrapper (nn.Module.__call__ patched, for logging or tracing) sees torch.nn's
+    calls in every grad mode; the no-grad shortcut went around it."""
+    seen = []
+    torch_call = torch.nn.Module.__call__
+
+    def wrapper(self, *a, **k):
+        seen.append(type(self).__name__)
+        return torch_call(self, *a, **k)
+
+    m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
+    x = torch.randn(3, 2, 4) if kind in ("GRU", "RNN") else torch.randn(2, 4)
+    with torch.no_grad():
+        want = m(x)
+    monkeypatch.setattr(torch.nn.Module, "__call__", wrapper)
+    for grad_mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with grad_mode():
+            out = m(x)
+        assert seen == [kind], (grad_mode, seen)
+        seen.clear()
+        for got, ref in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    monkeypatch.undo()
+    with torch.no_grad():
+        m(x)
+    assert not seen
+
+
 @pytest.mark.parametrize("layout", ["unbatched", "packed_batch_first", "packed", "batch_first", "time_major"])
 def test_resets_laid_out_as_the_input(layout):
     """resets take the input's layout: (T,) for an unbatched input, (B, T) with batch_first, else
@@ -619,3 +679,104 @@ def test_from_torch_refuses_transformed_modules_clearly():
     ours = rnnrec_fast.from_torch(pruned)
     x = torch.randn(3, 2, 4)
     assert_close(ours(x)[0], pruned(x)[0], torch.float32, "converted after prune.remove")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_flop_counter_counts_the_op_as_torch_nn(backend, kind):
+    """torch.utils.flop_counter.FlopCounterMode counted 0 FLOPs for the op (no formula): it now
+    counts torch.nn's for the forward (the matrix products, 2*T*B*G*H*(I+H) a layer and direction)
+    and twice that for the op's backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    seq = kind in ("GRU", "RNN")
+    ref = getattr(torch.nn, kind)(8, 16, **(dict(num_layers=2, bidirectional=True) if seq else {}))
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    x = torch.randn(5, 3, 8) if seq else torch.randn(3, 8)
+    counts = []
+    for m in (ref, ours):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m(x)
+        counts.append(fc.get_total_flops())
+    G = 3 if kind.startswith("GRU") else 1
+    B, T = 3, (5 if seq else 1)
+    per_step = 2 * ((8 + 16) + (2 * 16 + 16)) if seq else 8 + 16  # layers x directions: input + hidden sizes
+    want = 2 * T * B * G * 16 * per_step
+    assert counts == [want, want]
+    with FlopCounterMode(display=False) as fc:
+        out = ours(x.requires_grad_())
+        (out[0] if seq else out).sum().backward()
+    assert fc.get_total_flops() == 3 * want
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_to_torch_gives_the_torch_nn_twin(kind):
+    """to_torch: the torch.nn module with the same configuration, weights, frozen flags and mode
+    (for what needs torch.nn's classes: ONNX export, quantize_dynamic, isinstance checks)."""
+    torch.manual_seed(3)
+    seq = kind in ("GRU", "RNN")
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True, dropout=0.25) if seq else {}
+    if kind.startswith("RNN"):
+        kw["nonlinearity"] = "relu"
+    ours = getattr(rnnrec_fast, kind)(4, 5, bias=False, dtype=torch.float64, **kw).eval()
+    next(ours.parameters()).requires_grad_(False)
+    twin = rnnrec_fast.to_torch(ours)
+    assert type(twin) is getattr(nn, kind) and not twin.training
+    assert repr(twin) == repr(ours).replace(", nonlinearity='relu'", "" if kind == "RNN" else ", nonlinearity='relu'")
+    assert [(n, p.requires_grad) for n, p in twin.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in ours.named_parameters()]
+    for (n, a), (_, b) in zip(twin.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n  # a copy
+    x = torch.randn(3, 2, 4, dtype=torch.float64) if seq else torch.randn(3, 4, dtype=torch.float64)
+    for got, want in zip(*(m(x) if seq else (m(x),) for m in (twin, ours))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="has no torch.nn counterpart"):
+        if kind.startswith("GRU"):
+            rnnrec_fast.to_torch(getattr(rnnrec_fast, kind)(4, 5, reset_after=False))
+        else:
+            raise ValueError("has no torch.nn counterpart")  # (the RNN kinds have no such form)
+
+
+def test_whole_models_convert_both_ways_and_export_to_onnx():
+    """from_torch / to_torch on a model: a copy with every recurrent module inside converted (others
+    kept, the original untouched); a subclass of one is refused. The torch.nn copy exports to ONNX."""
+    class Model(nn.Module):
+        def __init__(self, lib):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.rnn = lib.GRU(4, 5, num_layers=2, batch_first=True)
+            self.cells = nn.ModuleList([lib.RNNCell(5, 3)])
+            self.lstm = nn.LSTM(3, 3)
+
+        def forward(self, items):
+            out, _ = self.rnn(self.emb(items))
+            return self.cells[0](out[:, -1]), out
+
+    torch.manual_seed(4)
+    ref = Model(nn).eval()
+    ours = rnnrec_fast.from_torch(ref)
+    assert (type(ours.rnn), type(ours.cells[0]), type(ours.lstm)) == (rnnrec_fast.GRU, rnnrec_fast.RNNCell, nn.LSTM)
+    assert type(ref.rnn) is nn.GRU and ours.emb is not ref.emb
+    back = rnnrec_fast.to_torch(ours)
+    assert (type(back.rnn), type(back.cells[0])) == (nn.GRU, nn.RNNCell) and type(ours.rnn) is rnnrec_fast.GRU
+    items = torch.randint(0, 10, (2, 6))
+    for m in (ours, back):
+        for got, want in zip(m(items), ref(items)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    class MyGRU(nn.GRU):
+        pass
+    with pytest.raises(TypeError, match="got MyGRU .a subclass of one"):
+        rnnrec_fast.from_torch(nn.Sequential(MyGRU(3, 4)))
+
+    ort = pytest.importorskip("onnxruntime")  # (a benchmark extra: make bench installs it)
+    import io
+    import warnings
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(back, (items,), buf, dynamo=False, input_names=["items"])
+    got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"items": items.numpy()})
+    for g, want in zip(got, ours(items)):
+        torch.testing.assert_close(torch.from_numpy(g), want, rtol=1e-5, atol=1e-5)
