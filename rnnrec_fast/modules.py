@@ -900,27 +900,26 @@ def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 def _from_torch_one(module, backend):
     _check_plain("from_torch", module)
-    cls = _FROM_TORCH[type(module)]
+    if getattr(module, "proj_size", 0):
+        raise ValueError("from_torch: proj_size is not supported")
+    return _twin(module, _FROM_TORCH[type(module)], backend=backend)
+
+
+def _twin(module, cls, **extra):
+    """A ``cls`` with ``module``'s configuration, weights (copied), frozen flags and mode."""
     p = next(module.parameters())
-    factory = {"device": p.device, "dtype": p.dtype, "backend": backend}
-    if cls in (GRU, RNN):
-        if getattr(module, "proj_size", 0):
-            raise ValueError("from_torch: proj_size is not supported")
-        kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-                      dropout=module.dropout, bidirectional=module.bidirectional, **factory)
-        if cls is RNN:
-            kwargs["nonlinearity"] = module.nonlinearity
-        ours = cls(module.input_size, module.hidden_size, **kwargs)
-    else:
-        kwargs = dict(bias=module.bias, **factory)
-        if cls is RNNCell:
-            kwargs["nonlinearity"] = module.nonlinearity
-        ours = cls(module.input_size, module.hidden_size, **kwargs)
-    ours.load_state_dict(module.state_dict())
+    kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype, **extra)
+    if hasattr(module, "num_layers"):  # the sequence modules
+        kwargs.update(num_layers=module.num_layers, batch_first=module.batch_first, dropout=module.dropout,
+                      bidirectional=module.bidirectional)
+    if hasattr(module, "nonlinearity"):
+        kwargs["nonlinearity"] = module.nonlinearity
+    twin = cls(module.input_size, module.hidden_size, **kwargs)
+    twin.load_state_dict(module.state_dict())
     for pname, p in module.named_parameters():  # frozen weights stay frozen
-        getattr(ours, pname).requires_grad_(p.requires_grad)
-    ours.train(module.training)
-    return ours
+        getattr(twin, pname).requires_grad_(p.requires_grad)
+    twin.train(module.training)
+    return twin
 
 
 def to_torch(module: nn.Module) -> nn.Module:
@@ -936,17 +935,4 @@ def _to_torch_one(module):
     if module._op_mode == "gru" and not module.reset_after:
         raise ValueError(f"to_torch: {type(module).__name__}(reset_after=False), the original GRU form, has no "
                          "torch.nn counterpart")
-    cls = _TO_TORCH[type(module)]
-    p = next(module.parameters())
-    kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype)
-    if cls in (nn.GRU, nn.RNN):
-        kwargs.update(num_layers=module.num_layers, batch_first=module.batch_first, dropout=module.dropout,
-                      bidirectional=module.bidirectional)
-    if cls in (nn.RNN, nn.RNNCell):
-        kwargs["nonlinearity"] = module.nonlinearity
-    twin = cls(module.input_size, module.hidden_size, **kwargs)
-    twin.load_state_dict(module.state_dict())
-    for pname, p in module.named_parameters():  # frozen weights stay frozen
-        getattr(twin, pname).requires_grad_(p.requires_grad)
-    twin.train(module.training)
-    return twin
+    return _twin(module, _TO_TORCH[type(module)])
