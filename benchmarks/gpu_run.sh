@@ -144,8 +144,8 @@ numba_gpu() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/numpy-2.4.6-*.whl && \
       export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  echo "== tests/test_numba_gpu.py + benchmarks/bench_numba_cuda.py (logs: $OUT/numba_gpu*.log)"
-  "$PY" -m pytest -q -rs tests/test_numba_gpu.py -p no:cacheprovider > "$OUT/numba_gpu_test.log" 2>&1 || status=1
+  echo "== tests/test_numba_gpu.py, test_numba_ptx.py + benchmarks/bench_numba_cuda.py (logs: $OUT/numba_gpu*.log)"
+  "$PY" -m pytest -q -rs tests/test_numba_gpu.py tests/test_numba_ptx.py -p no:cacheprovider > "$OUT/numba_gpu_test.log" 2>&1 || status=1
   tail -20 "$OUT/numba_gpu_test.log"
   "$PY" -m pytest -q benchmarks/bench_numba_cuda.py --benchmark-only -p no:cacheprovider \
     --benchmark-json="$OUT/numba_gpu_bench.json" > "$OUT/numba_gpu_bench.log" 2>&1 || status=1
