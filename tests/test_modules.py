@@ -780,3 +780,25 @@ def test_whole_models_convert_both_ways_and_export_to_onnx():
     got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"items": items.numpy()})
     for g, want in zip(got, ours(items)):
         torch.testing.assert_close(torch.from_numpy(g), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_documented_migration_differences_raise_clearly(kind):
+    """What the README lists as differing from torch.nn raises instead of computing something else:
+    torch.func.grad / jvp (a custom autograd function), and an in-place change of the sequence
+    output before backward() (it is saved for the backward, as cuDNN's GRU saves it)."""
+    m = getattr(rnnrec_fast, kind)(4, 5)
+    x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    out = (lambda y: y[0] if isinstance(y, tuple) else y)
+    with pytest.raises(RuntimeError, match="setup_context|forward-mode|jvp|vmap|functorch"):
+        torch.func.grad(lambda inp: out(m(inp)).sum())(x)
+    with pytest.raises(RuntimeError, match="setup_context|forward-mode|jvp|functorch"):
+        torch.func.jvp(lambda inp: out(m(inp)), (x,), (torch.ones_like(x),))
+    if kind == "GRU":
+        for change in (lambda y: y.relu_(), lambda y: y.add_(1.0)):
+            y = out(m(x))
+            change(y)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+        y = out(m(x)).relu()  # the out-of-place form works
+        y.sum().backward()

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -413,24 +414,28 @@ def test_metrics_text_format(server):
     assert re.search(r"^rnnrec_sessions [1-9]", text, re.M)
 
 
+def _start_cli(path, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "rnnrec_fast.serving", "--model", path, "--host", "127.0.0.1",
+                             "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+    proc.kill()
+    raise AssertionError("the server did not start: " + proc.communicate(timeout=10)[0])
+
+
 def test_cli_serves_on_ephemeral_port(tmp_path):
     path = str(tmp_path / "m.pt")
     recsys.save_checkpoint(make_model(), path)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "rnnrec_fast.serving", "--model", path, "--host", "127.0.0.1",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc, url = _start_cli(path)
     try:
-        deadline = time.monotonic() + 60
-        url = None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                url = int(m.group(1))
-                break
-        assert url, "the server did not start"
         c = http.client.HTTPConnection("127.0.0.1", url, timeout=10)
         c.request("POST", "/v1/sessions/a/clicks", body=json.dumps({"item_id": 500, "k": 3}))
         r = c.getresponse()
@@ -443,6 +448,45 @@ def test_cli_serves_on_ephemeral_port(tmp_path):
     finally:
         if proc.poll() is None:
             proc.terminate()
+            proc.wait(10)
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):
+    """SIGTERM (a supervisor's stop) while a request is arriving: that request is answered, new
+    connections are refused, and the process exits with status 0 (uvicorn re-raised the signal after
+    its graceful shutdown: killed by SIGTERM, status 143)."""
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(make_model(), path)
+    proc, port = _start_cli(path)
+    try:
+        body = json.dumps({"item_id": 500, "k": 3}).encode()
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/sessions/a/clicks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still waiting for the request in flight
+        with pytest.raises(OSError):  # no new connections
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        s.sendall(body[5:])
+        reply = b""
+        while True:  # the whole response: its head, then Content-Length bytes
+            head, _, rest = reply.partition(b"\r\n\r\n")
+            n = re.search(rb"content-length: *(\d+)", head, re.I)
+            if n and len(rest) >= int(n.group(1)):
+                break
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        s.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert len(json.loads(rest)["items"]) == 3
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0 and "Traceback" not in out, (proc.returncode, out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
             proc.wait(10)
 
 

@@ -92,16 +92,34 @@ def bind(host="127.0.0.1", port=0, backlog=2048):
     return sock
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT):
-    """Serves ``app`` on a bound socket until SIGINT/SIGTERM (a graceful shutdown: requests in
-    flight are answered first). ``request_timeout``: see _with_request_deadline."""
+    """Serves ``app`` on a bound socket until SIGINT/SIGTERM: a graceful shutdown (requests in
+    flight are answered first), then a normal return (exit status 0). ``request_timeout``: see
+    _with_request_deadline."""
+    import signal
+
     import uvicorn
 
     server = uvicorn.Server(_uvicorn_config(app, log_level, request_timeout))
+    # uvicorn raises the signal it handled again once it has shut down: SIGINT as a
+    # KeyboardInterrupt, SIGTERM (a supervisor's stop) by default killed the process (status 143)
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again once it has shut down
+    except (KeyboardInterrupt, _Terminated):
         pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 class BackgroundServer:
