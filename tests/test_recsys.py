@@ -381,6 +381,31 @@ def test_chunk_loss_per_step_scoring_equals_one_matrix(loss, n_sample, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("state_dropout", [True, False])
+def test_state_dropout_carries_the_dropped_out_output(state_dropout):
+    """With state_dropout (the default), the chunk's new top-layer state is its last step's output
+    after the dropout used for scoring (GRU4Rec carries the dropped-out output as the state); without
+    it, the plain output."""
+    ds = _toy_dataset(n_sessions=8, n_items=10, seed=3)
+    model = GRU4Rec(10, [16], dropout_hidden=0.5).train()
+    assert model.top_dropout == 0.5 and TrainConfig().state_dropout
+    cfg = TrainConfig(dropout_hidden=0.5, loss_norm="batch", state_dropout=state_dropout)
+    sc = session_parallel_schedule(ds.items, ds.offsets, 3)
+    inp, tgt, rst, val = next(sc.chunks(3))
+    h0 = model.init_state(3)
+    torch.manual_seed(7)
+    _, hn, _ = chunk_loss(model, inp, tgt, rst, val, h0, None, cfg)
+    with torch.no_grad():
+        y, h_plain = model.recur(model.embed(inp), h0, rst)
+    torch.testing.assert_close(y[-1], h_plain[-1])
+    dropped = hn[-1] == 0
+    if state_dropout:
+        assert 0 < int(dropped.sum()) < dropped.numel()  # about half the units dropped
+        torch.testing.assert_close(hn[-1][~dropped], 2 * h_plain[-1][~dropped])  # kept: scaled by 1/(1-p)
+    else:
+        torch.testing.assert_close(hn.detach(), h_plain)
+
+
 def test_chunk_loss_matches_per_step_gru4rec_loss():
     """The chunk's loss = sum over steps of GRU4Rec's per-step loss (in-batch + shared samples, logQ)."""
     torch.manual_seed(2)
