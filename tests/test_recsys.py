@@ -780,3 +780,27 @@ def test_adagradm_sparse_duplicates_match_dense_rows():
     oc.step()
     expect = w0.double() - 0.2 * dense_g.double() / torch.sqrt(dense_g.double() ** 2 + 1e-6)
     torch.testing.assert_close(c.data, expect)
+
+
+@pytest.mark.parametrize("embedding", ["shared", 0])
+def test_step_on_a_training_model_keeps_its_mode(embedding):
+    """model.step on a model in training mode runs without dropout but no longer switches the model
+    to eval mode and back for the call (another thread's training or validation pass saw the mode
+    flip: dropout on in a validation pass, off in a training step)."""
+    torch.manual_seed(3)
+    model = GRU4Rec(10, [8, 8, 8], embedding=embedding, dropout_embed=0.3, dropout_hidden=0.5)
+    items, h = torch.tensor([1, 4, 7]), model.init_state(3)
+    want = model.eval().step(items, h)
+    model.train()
+    modes = []
+    for m in model.modules():
+        m.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    orig_train = model.train
+    model.train = lambda mode=True: pytest.fail("step switched the model's mode")
+    try:
+        got = model.step(items, h)
+    finally:
+        model.train = orig_train
+    assert model.training and all(m.training for m in model.modules())
+    assert all(modes)  # every submodule it called was in training mode
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # yet no dropout

@@ -184,24 +184,40 @@ class GRU4Rec(nn.Module):
             return F.embedding(items, self.E, sparse=sparse)
         return F.embedding(items, self.W0, sparse=sparse)
 
-    def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None):
+    def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None, dropout=None):
         """Run the GRU stack over the embedded inputs x (T, B, E) from h (L, B, H).
-        Returns (top-layer outputs (T, B, H), h_n (L, B, H)). Dropout between layers when training."""
+        Returns (top-layer outputs (T, B, H), h_n (L, B, H)). Dropout between layers when training
+        (``dropout``: None) or where ``dropout`` is True; never where it is False, whatever the mode."""
+        drop = self.training if dropout is None else bool(dropout)
         if self.embedding:
-            if self.training and self.dropout_embed > 0:
+            if drop and self.dropout_embed > 0:
                 x = F.dropout(x, self.dropout_embed, training=True)
-            # without resets, a positional call: the module's inference fast path takes it
-            return self.rnn(x, h) if resets is None else self.rnn(x, h, resets=resets)
+            return self._stack(x, h, resets, drop)
         # one-hot input: layer 0 is GRU4Rec's GRU embedding, its output dropped out by dropout_embed
         y0, h0n = rnnrec_fast.ops.recurrence(x, h[0], self.eye0, self.w_hh0, self.b_ih0, self.b_hh0,
                                              resets=resets, mode="gru", reset_after=self.reset_after,
                                              backend=self.backend)
         if self.rnn is None:  # the top layer: its dropout (top_dropout) is the caller's
             return y0, h0n.unsqueeze(0)
-        if self.training and self.dropout_embed > 0:
+        if drop and self.dropout_embed > 0:
             y0 = F.dropout(y0, self.dropout_embed, training=True)
-        y, hn = self.rnn(y0, h[1:]) if resets is None else self.rnn(y0, h[1:], resets=resets)
+        y, hn = self._stack(y0, h[1:], resets, drop)
         return y, torch.cat([h0n.unsqueeze(0), hn], 0)
+
+    def _stack(self, x, h, resets, drop):
+        """self.rnn over x from h; without its dropout between layers where ``drop`` is False."""
+        rnn = self.rnn
+        if drop or not (rnn.training and rnn.dropout > 0):
+            # without resets, a positional call: the module's inference fast path takes it
+            return rnn(x, h) if resets is None else rnn(x, h, resets=resets)
+        # a training-mode module without its dropout, layer by layer on the op: switching it to eval
+        # mode for the call would switch it for every other thread using the model too
+        hs = []
+        for layer, names in enumerate(rnn._all_weights):
+            x, hl = rnnrec_fast.ops.recurrence(x, h[layer], *(getattr(rnn, n) for n in names), resets=resets,
+                                               mode="gru", reset_after=rnn.reset_after, backend=rnn.backend)
+            hs.append(hl)
+        return x, torch.stack(hs)
 
     def forward(self, items: torch.Tensor, h: torch.Tensor | None = None, resets=None, sparse=False):
         """items (T, B) -> (top outputs (T, B, H) with output dropout when training, h_n (L, B, H))."""
@@ -228,14 +244,8 @@ class GRU4Rec(nn.Module):
     def step(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """One click per row: items (B,) int64, h (L, B, H) -> new state (L, B, H). No dropout."""
         items = torch.as_tensor(items, dtype=torch.long, device=self.Wy.device).reshape(1, -1)
-        if not self.training:  # the usual case, a served model: no mode switch (~12 us)
-            return self.recur(self.embed(items), h)[1]
-        self.train(False)
-        try:
-            _, hn = self.recur(self.embed(items), h)
-        finally:
-            self.train(True)
-        return hn
+        # (a model in training mode stays in it: no mode switch, which other threads would see)
+        return self.recur(self.embed(items), h, dropout=False)[1]
 
     @torch.no_grad()
     def score(self, h_top: torch.Tensor) -> torch.Tensor:
