@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -317,7 +318,8 @@ def test_per_click_k_in_a_batch():
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "reassign", "submodule", "data_swap",
-                                    "racing_update", "in_training_mode", "training_during_rebuild"])
+                                    "racing_update", "in_training_mode", "training_during_rebuild",
+                                    "update_during_probe"])
 def test_fast_path_follows_weight_changes(change, monkeypatch):
     """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
     a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
@@ -374,6 +376,21 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
             rec.click("z", ids[30])
             assert "step" not in vars(model) and not rec.uses_fast_path
             model.eval()
+        elif change == "update_during_probe":  # another update lands while the rebuild's probe runs
+            model.load_state_dict(new.state_dict())
+            real_step = model.step
+
+            def step_then_update(*a, **kw):
+                del model.step  # once
+                out = real_step(*a, **kw)
+                model.rnn.weight_hh_l0.mul_(1.5)  # the probe then disagrees: not the fast path's fault
+                return out
+
+            model.step = step_then_update
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "disagrees" warning
+                rec.click("z", ids[30])
+            assert "step" not in vars(model) and not rec.uses_fast_path  # retried at the next click
         else:
             model.train()
             model.load_state_dict(new.state_dict())

@@ -188,30 +188,38 @@ def build(model):
 
 
 def build_or_retry(model):
-    """``(fast, retry)``: :func:`build`'s result, and whether to try again once the model is back
-    in eval mode (it was declined, and the model was in training mode when the attempt began or
-    ended: a switch during the attempt counts)."""
+    """``(fast, retry)``: :func:`build`'s result, and whether to try again at the next click in
+    eval mode: it was declined, and the model was in training mode when the attempt began or ended
+    (a switch during the attempt counts), or its weights changed during the attempt (an update
+    racing with the probe: a disagreement that says nothing of the fast path)."""
     was_training = model.training
-    fast = _build(model)
-    return fast, fast is None and (was_training or model.training)
+    fast, changed = _build(model)
+    return fast, fast is None and (was_training or model.training or changed)
+
+
+def _weights_state(model):
+    """What tells that any of the model's weights changed: each one's identity, memory and version."""
+    return [(id(p), p.data_ptr(), p._version) for p in model.parameters()]
 
 
 def _build(model):
+    """``(fast or None, whether the weights changed while the probe compared it with the model)``."""
     try:
         if type(model).__name__ != "GRU4Rec" or model.embedding == 0 or model.rnn is None:
-            return None
+            return None, False
         rnn = model.rnn
         if rnn.num_layers != model.num_layers or getattr(rnn, "bidirectional", False):
-            return None
+            return None, False
         if model.training or getattr(rnn, "mode", "gru") not in ("gru", "GRU"):
-            return None
+            return None, False
         # Only registered parameters read as themselves: a parametrized weight (parametrize,
         # weight_norm) is computed on each read, so the copy taken here would never see its
         # source change (stale() watches the registered ones).
         if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in _rnn_weight_names(model.num_layers)):
-            return None
+            return None, False
         if any(getattr(model, n, None) is not model._parameters.get(n) for n in ("E", "Wy", "By")):
-            return None
+            return None, False
+        before = _weights_state(model)
         fast = FastGRU4Rec(model)
         g = torch.Generator().manual_seed(0)
         B = 3
@@ -226,10 +234,11 @@ def _build(model):
             got_r = fast.step_row(int(items[0]), h[:, 0])
         if not (torch.allclose(got_h, ref_h, rtol=1e-5, atol=1e-6)
                 and torch.allclose(got_r, ref_h[:, 0], rtol=1e-5, atol=1e-6) and torch.allclose(got_s, ref_s, rtol=1e-5, atol=1e-5)):
-            if not model.training:  # a switch to training mode during the probe explains it
+            changed = fast.stale() or _weights_state(model) != before
+            if not model.training and not changed:  # (a mode switch or an update during the probe explains it)
                 warnings.warn("rnnrec_fast.serving: the fast path disagrees with model.step/score; not using it",
                               RuntimeWarning, stacklevel=4)
-            return None
-        return fast
+            return None, changed
+        return fast, False
     except Exception:  # noqa: BLE001 - any surprise: use the model's own methods
-        return None
+        return None, False
