@@ -224,3 +224,35 @@ def test_numba_cpu_empty_time_or_batch():
             assert g[0].shape == x.shape
             torch.testing.assert_close(g[1], ghn[:B])
             assert not g[3].any() and g[5].shape == (args[3].shape[0],)
+
+
+def test_batch_split_pool_is_safe_to_grow_and_fork():
+    """The batch split's thread pool: a larger one replaces it without shutting it down (a call in
+    another thread may still be submitting to it: 'cannot schedule new futures after shutdown'),
+    and a forked child makes its own (the parent's workers do not exist there: it waited forever)."""
+    import os
+    import subprocess
+    import sys
+
+    from rnnrec_fast.backends import numba_cpu
+
+    small = numba_cpu._get_pool(2)
+    bigger = numba_cpu._get_pool(numba_cpu._pool_size + 1)
+    assert bigger is not small and numba_cpu._get_pool(1) is bigger
+    assert small.submit(lambda: 7).result(timeout=10) == 7
+    code = (
+        "import os, signal, numpy as np\n"
+        "from rnnrec_fast.backends import numba_cpu\n"
+        "out = np.zeros(8)\n"
+        "def fill(a, b0, b1): a[b0:b1] += 1\n"
+        "numba_cpu._run_chunks(fill, (out,), 8, 2)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(20)\n"
+        "    numba_cpu._run_chunks(fill, (out,), 8, 2)\n"
+        "    os._exit(0 if (out == 2).all() else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "child 0" in proc.stdout, (proc.stdout, proc.stderr)

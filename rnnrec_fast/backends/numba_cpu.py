@@ -34,6 +34,9 @@ presence of resets are run-time arguments; a missing bias / lengths / resets is 
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 from numba import config as _numba_config
 
@@ -706,6 +709,27 @@ PARALLEL_MIN_WORK = 1 << 21  # nor below ~2M multiply-adds of products per chunk
 
 _pool = None
 _pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool():  # in a forked child: the parent's worker threads do not exist there
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _get_pool(n):
+    """The shared pool, with at least n workers. A smaller one is replaced, not shut down: a call
+    in another thread may still be submitting to it (its idle workers exit once it is collected)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < n:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="rnnrec_numba")
+            _pool_size = n
+        return _pool
 
 
 def _num_threads():
@@ -731,17 +755,11 @@ _INT_LIKE = {4: np.zeros(1, np.int32), 8: np.zeros(1, np.int64)}
 def _run_chunks(fn, args, B, nch):
     """fn(*args, b0, b1) over nch chunks of the batch. The kernels release the GIL (nogil=True),
     so a thread pool runs the chunks in parallel without a separately compiled parallel variant."""
-    global _pool, _pool_size
     if nch <= 1:
         fn(*args, 0, B)
         return
-    if _pool is None or _pool_size < nch:
-        from concurrent.futures import ThreadPoolExecutor
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=nch, thread_name_prefix="rnnrec_numba")
-        _pool_size = nch
-    futs = [_pool.submit(fn, *args, c * B // nch, (c + 1) * B // nch) for c in range(1, nch)]
+    pool = _get_pool(nch)
+    futs = [pool.submit(fn, *args, c * B // nch, (c + 1) * B // nch) for c in range(1, nch)]
     fn(*args, 0, B // nch)
     for f in futs:
         f.result()
