@@ -191,3 +191,19 @@ def test_help_shows_defaults(capsys):
     assert "(default: 64)" in out and "(default: 0.0)" in out and "(default: 1800.0)" in out
     assert "(0: leave torch's default) (default: 1)" in " ".join(out.split())
     assert "(default: the catalogue size)" in " ".join(out.split())
+
+
+def test_readme_python_snippet_runs(tmp_path, monkeypatch):
+    """The recsys README's Python block runs as written against the model.pt its commands save
+    (here a small model holding the item ids it names; recsys.demo, a training run, stubbed)."""
+    text = open(os.path.join(ROOT, "rnnrec_fast", "recsys", "README.md"), encoding="utf-8").read()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    ids = [int(i) for i in re.findall(r"item_index\[(\d+)\]", block)]
+    assert ids and "recsys.demo()" in block
+    model = recsys.GRU4Rec(5, [8], item_ids=ids + [1, 2, 3, 4][:5 - len(ids)])
+    monkeypatch.chdir(tmp_path)
+    recsys.save_checkpoint(model, "model.pt")
+    monkeypatch.setattr(recsys, "demo", lambda *a, **k: None)
+    scope = {}
+    exec(compile(block, "recsys/README.md (Python)", "exec"), scope)
+    assert scope["scores"].shape == (1, 5) and not scope["model"].training
