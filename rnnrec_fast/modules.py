@@ -567,8 +567,8 @@ class _RNNBase(_FastPath):
         _flat_weights_names), checked (_checked_weights), as the op's w_ih, w_hh, b_ih, b_hh."""
         names = self._all_weights[index]
         values = weights[index * len(names):(index + 1) * len(names)]
-        GH, H = self._gates * self.hidden_size, self.hidden_size
-        in_l = self.input_size if index < (2 if self.bidirectional else 1) else (2 if self.bidirectional else 1) * H
+        GH, H, D = self._gates * self.hidden_size, self.hidden_size, 2 if self.bidirectional else 1
+        in_l = self.input_size if index < D else D * H  # layer 0's input, or the layer below's directions
         w = _checked_weights(type(self).__name__, self, names, values, ((GH, in_l), (GH, H), (GH,), (GH,)), x)
         return tuple(w) if self.bias else (w[0], w[1], None, None)
 

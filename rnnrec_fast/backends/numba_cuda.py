@@ -55,7 +55,7 @@ _KERNELS = {}
 def _make_kernels(nbdt, RB):
     """Forward and backward kernels for one float type and RB batch rows per block."""
     # typed constants: a bare 1.0 is a float64 literal, which turns float32 gate math into float64
-    # arithmetic on the GPU (tests/test_numba_cudasim.py checks the PTX for f64 instructions)
+    # arithmetic on the GPU (tests/test_numba_ptx.py checks the PTX for f64 instructions)
     ONE = nbdt(1.0)
     ZERO = nbdt(0.0)
 

@@ -83,8 +83,8 @@ class SessionRecommender:
     def __init__(self, model, *, max_sessions=100_000, ttl=1800.0, max_seen=256, max_k=None,
                  max_batch=4096, initial_capacity=1024, clock=time.monotonic, fast=True):
         self.model = model
-        # whether to build the fast path again when the model is in eval mode: it was declined
-        # while the model was in training mode
+        # whether to build the fast path again at a click in eval mode: it was declined while the
+        # model was in training mode, or while its weights changed (see fastpath.build_or_retry)
         self._fast_retry = False
         built = None
         if fast:
@@ -137,7 +137,8 @@ class SessionRecommender:
         """The fast path, rebuilt first when the model's weights changed since it was built
         (load_state_dict, an optimiser step, a replaced parameter or submodule: it holds copies of
         the output weights and views of the others). A change seen while the model is in training
-        mode drops it until the model is back in eval mode. Call under the lock."""
+        mode, or one landing during the rebuild, drops it until a later click in eval mode rebuilds
+        it. Call under the lock."""
         fast = self._fast
         if (fast is not None and fast.stale()) or (fast is None and self._fast_retry and not self.model.training):
             built, self._fast_retry = _fastpath.build_or_retry(self.model)
