@@ -261,6 +261,19 @@ struct Buf {
   T* data() const { return p.get(); }
 };
 
+// Buf for a call's small scratch: up to 4 KiB on the stack, larger on the heap. The serving step's
+// recurrent product (300 floats at H = 100) came from malloc at every call, and a request of
+// 1 KiB or more makes glibc consolidate the fast bins that the call's small frees refilled (a
+// measurable share of a ~7 us step).
+template <typename T>
+struct SmallBuf {
+  static constexpr int64_t kInline = 4096 / int64_t(sizeof(T));
+  alignas(64) T inline_[kInline];
+  Buf<T> heap;
+  explicit SmallBuf(int64_t n) : heap(n > kInline ? n : 0) {}
+  T* data() { return heap.data() != nullptr ? heap.data() : inline_; }
+};
+
 // The packed-B GEMM kernels this CPU runs: AVX-512F where it has it, else AVX2/FMA, else none
 // (ATen/BLAS then does every product).
 const GemmKernels* fast_gemm() {
@@ -600,15 +613,15 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
 
   const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
-  Buf<T> hp_buf(B * hp_cols);
+  SmallBuf<T> hp_buf(B * hp_cols);
   T* hp = hp_buf.data();
-  Buf<T> rh_buf(gru && !reset_after ? B * H : 0);
+  SmallBuf<T> rh_buf(gru && !reset_after ? B * H : 0);
   T* rh = rh_buf.data();
   // The state entering a step (after resets) as (B, H) rows: h0 or the previous step's y in place
   // when every row is active and none resets, else gathered here (zero rows where reset/inactive;
   // only lengths or resets make a step so).
-  Buf<T> hin_buf(m.len != nullptr || m.rst != nullptr ? B * H : 0);
-  std::vector<const T*> cur(B);
+  SmallBuf<T> hin_buf(m.len != nullptr || m.rst != nullptr ? B * H : 0);
+  c10::SmallVector<const T*, 16> cur(size_t(B), nullptr);
   const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
   const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
   for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
@@ -1240,6 +1253,9 @@ struct ModuleCallContext {
   py::object torch_call;   // a user's patched nn.Module.__call__ (a global call wrapper) sees every call
   std::vector<PyObject*> module_hooks, global_hooks;  // interned names
   PyObject *forward, *compiled_call_impl, *training, *dropout, *current_level, *dunder_call;
+  // the two modules' namespaces (borrowed: the modules above keep them), read as dicts: a module
+  // attribute lookup goes through the module type's getattr first
+  PyObject *nn_module_dict, *forward_ad_dict;
 };
 ModuleCallContext* module_call_ctx = nullptr;
 
@@ -1269,6 +1285,9 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
   c->dropout = interned("dropout");
   c->current_level = interned("_current_level");
   c->dunder_call = interned("__call__");
+  c->nn_module_dict = PyModule_GetDict(c->nn_module.ptr());
+  c->forward_ad_dict = PyModule_GetDict(c->forward_ad.ptr());
+  if (c->nn_module_dict == nullptr || c->forward_ad_dict == nullptr) throw py::error_already_set();
   module_call_ctx = c;  // (a second call replaces the context; the first is kept: it may be in use)
 }
 
@@ -1352,21 +1371,25 @@ class InferPlan {
     if (compiled != nullptr && compiled != Py_None) return py::none();
     if (truthy(item(c->training)) && truthy(item(c->dropout))) return py::none();
     {
-      const auto fwd = py::reinterpret_steal<py::object>(PyObject_GetAttr((PyObject*)Py_TYPE(self.ptr()), c->forward));
-      if (!fwd) throw py::error_already_set();
+      // the class attribute as stored (borrowed; a plain function's __get__ on the class returns itself)
+      PyObject* fwd = _PyType_Lookup(Py_TYPE(self.ptr()), c->forward);
       bool own = false;
-      for (const auto& f : c->own_forwards) own = own || f.ptr() == fwd.ptr();
-      if (!own) return py::none();
+      for (const auto& f : c->own_forwards) own = own || f.ptr() == fwd;
+      if (fwd == nullptr || !own) return py::none();
     }
+    const auto global = [](PyObject* dict, PyObject* key) -> PyObject* {  // borrowed; absent: decline
+      PyObject* v = PyDict_GetItemWithError(dict, key);
+      if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      return v;
+    };
     for (PyObject* key : c->global_hooks) {
-      const auto hooks = py::reinterpret_steal<py::object>(PyObject_GetAttr(c->nn_module.ptr(), key));
-      if (!hooks) throw py::error_already_set();
-      if (truthy(hooks.ptr())) return py::none();
+      PyObject* hooks = global(c->nn_module_dict, key);
+      if (hooks == nullptr || truthy(hooks)) return py::none();
     }
     {
-      const auto level = py::reinterpret_steal<py::object>(PyObject_GetAttr(c->forward_ad.ptr(), c->current_level));
-      if (!level) throw py::error_already_set();
-      const long lv = PyLong_AsLong(level.ptr());
+      PyObject* level = global(c->forward_ad_dict, c->current_level);
+      if (level == nullptr) return py::none();
+      const long lv = PyLong_AsLong(level);
       if (lv == -1 && PyErr_Occurred()) throw py::error_already_set();
       if (lv >= 0) return py::none();
     }
