@@ -98,7 +98,7 @@ def test_numba_backend_without_a_writable_cache(tmp_path):
     """A read-only install with no writable user cache directory: numba refuses cache=True there
     (it raised while numba_cpu was imported, so the backend was lost with an 'unknown' reason, and
     the recommender's optimiser failed at its first step); the kernels are then compiled per process
-    and the backend and training work."""
+    and the backend and training work, with one warning that says so and how to cache them."""
     import shutil
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(rnnrec_fast.__file__)))
@@ -126,6 +126,8 @@ def test_numba_backend_without_a_writable_cache(tmp_path):
                          cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "numba ok" in out.stdout
+    assert out.stderr.count("numba cannot cache its compiled kernels here") == 1, out.stderr
+    assert "NUMBA_CACHE_DIR" in out.stderr
 
 
 def test_a_backend_failing_to_import_is_unavailable_with_its_reason(monkeypatch, tmp_path):
