@@ -544,22 +544,24 @@ class _RNNBase(_FastPath):
         return [getattr(self, name) for name in self._flat_weights_names]
 
     def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
+        # torch.nn's text; built from attributes, not str.format(**self.__dict__), which dynamo cannot
+        # trace (torch.compile(torch.func.vmap(module)) formats the module)
+        s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
+            s += f", num_layers={self.num_layers}"
         if self.bias is not True:
-            s += ", bias={bias}"
+            s += f", bias={self.bias}"
         if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
+            s += f", batch_first={self.batch_first}"
         if self.dropout != 0:
-            s += ", dropout={dropout}"
+            s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
+            s += f", bidirectional={self.bidirectional}"
         if self._op_mode == "gru" and not self.reset_after:
             s += ", reset_after=False"
         if self.backend != "auto":
-            s += ", backend={backend!r}"
-        return s.format(**self.__dict__)
+            s += f", backend={self.backend!r}"
+        return s
 
     def active_backend(self, device=None) -> str:
         """The backend this module's calls run on for tensors on ``device`` (default: its weights')."""
@@ -609,7 +611,7 @@ class _RNNBase(_FastPath):
         weights = [getattr(self, n) for n in self._flat_weights_names]  # (each read once a call)
         x, hx = _autocast_cast(x, hx, getattr(weights[0], "dtype", None))
         T, B, I = x.shape
-        if T == 0:
+        if ops.is_zero(T):
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
         if I != self.input_size:
             raise InputError(f"{name}: input.size(-1) must be equal to input_size. "
@@ -643,7 +645,7 @@ class _RNNBase(_FastPath):
                 raise ValueError(f"{name}: resets must be a bool tensor of shape {want}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
             resets = resets.unsqueeze(1) if not batched else resets.transpose(0, 1) if self.batch_first else resets
-        op = torch.ops.rnnrec_fast.recurrence.default if B else _empty_batch
+        op = _empty_batch if ops.is_zero(B) else torch.ops.rnnrec_fast.recurrence.default
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x, weights), lengths, resets, mode,
@@ -752,15 +754,15 @@ class _CellBase(_FastPath):
 
     reset_parameters = _RNNBase.reset_parameters
 
-    def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
+    def extra_repr(self) -> str:  # (as _RNNBase.extra_repr: no str.format(**self.__dict__))
+        s = f"{self.input_size}, {self.hidden_size}"
         if self.bias is not True:
-            s += ", bias={bias}"
+            s += f", bias={self.bias}"
         if self.mode == "rnn_relu":
             s += ", nonlinearity=relu"
         if self.mode == "gru" and not self.reset_after:
             s += ", reset_after=False"
-        return s.format(**self.__dict__)
+        return s
 
     def active_backend(self, device=None) -> str:
         device = torch.device(device) if device is not None else self.weight_ih.device
@@ -809,7 +811,7 @@ class _CellBase(_FastPath):
         _check_hx_dtype(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)
-        sized = x.shape[0] and self.input_size and self.hidden_size
+        sized = not ops.is_zero(x.shape[0]) and self.input_size and self.hidden_size
         op = torch.ops.rnnrec_fast.recurrence.default if sized else _empty_batch
         _, h = op(x.unsqueeze(0), hx, w[0], w[1], b_ih, b_hh, None, None, self.mode, self.reset_after,
                   self.backend)[:2]

@@ -64,6 +64,21 @@ def _fail(msg):
     raise ValueError(f"rnnrec_fast.recurrence: {msg}")
 
 
+try:  # torch >= 2.7
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
+except ImportError:
+    _guard_or_false = bool
+
+
+def is_zero(n):
+    """n == 0 for a size; a size the tracer cannot know (an unbacked one: mark_unbacked, or a batch
+    filtered by a mask under torch.export) counts as nonzero, with no guard on it: the eager kernels
+    still refuse an empty x when such a graph runs. (Under torch.jit.trace a size is a 0-dim tensor.)"""
+    if isinstance(n, torch.Tensor):
+        return bool(n == 0)
+    return _guard_or_false(n == 0)
+
+
 def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     """Checks ranks, sizes, dtypes and devices; returns (mode index, workspace width)."""
     gates = _GATES.get(mode)
@@ -72,7 +87,7 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     if x.dim() != 3:
         _fail(f"x must be 3-D (T, B, input_size), got shape {tuple(x.shape)}")
     T, B, I = x.shape
-    if T == 0 or B == 0 or I == 0:
+    if is_zero(T) or is_zero(B) or is_zero(I):
         _fail(f"x must not be empty, got shape {tuple(x.shape)}")
     if w_hh.dim() != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != gates * w_hh.shape[1]:
         _fail(f"w_hh must be ({gates}*H, H) for mode {mode!r}, got shape {tuple(w_hh.shape)}")

@@ -1,6 +1,7 @@
-"""The op under torch.compile(fullgraph=True), torch.export and TorchScript, matching eager."""
+"""The op under torch.compile(fullgraph=True), torch.export, AOTInductor and TorchScript, matching eager."""
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -209,3 +210,100 @@ def test_packed_sequence_input_compiles_without_extra_graphs():
     got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
     torch.testing.assert_close(got, m(packed)[0].data)
     assert counter.frame_count == 1
+
+
+class _ActiveSessions(nn.Module):
+    """A batch filtered by a mask before the GRU: its size is data-dependent (unbacked) under export."""
+
+    def __init__(self, gru):
+        super().__init__()
+        self.gru = gru
+
+    def forward(self, x, active):
+        return self.gru(x[active])[1]
+
+
+def test_export_with_a_data_dependent_batch():
+    """gru(x[mask]) exports (the size checks guarded on the unknown batch: 'Could not guard on
+    data-dependent expression'); the program matches eager on other masks, and a mask that keeps
+    no row is refused by the kernel's own check when the program runs."""
+    torch.manual_seed(0)
+    model = _ActiveSessions(rnnrec_fast.GRU(4, 6, batch_first=True)).eval()
+    ep = torch.export.export(model, (torch.randn(3, 5, 4), torch.tensor([True, False, True])))
+    x = torch.randn(3, 5, 4)
+    for mask in ([True, True, True], [False, True, False], [True, True, False]):
+        active = torch.tensor(mask)
+        torch.testing.assert_close(ep.module()(x, active), model(x, active), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="must not be empty"):
+        ep.module()(x, torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+def test_compile_with_unbacked_batch_and_time(kind):
+    """mark_unbacked on the batch (and time) sizes, the remedy dynamo's recompile log suggests for
+    its 0/1 specialisation: one graph serves every size, 1 included, matching eager."""
+    from torch._dynamo.decorators import mark_unbacked
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    if kind == "op":
+        w = [torch.randn(18, 4), torch.randn(18, 6), torch.randn(18), torch.randn(18)]
+        fn = lambda x: rnnrec_fast.recurrence(x, None, *w)[0]  # noqa: E731
+        shapes, dims = [(5, 3, 4), (1, 1, 4), (2, 7, 4)], (0, 1)
+    elif kind == "GRU":
+        fn = rnnrec_fast.GRU(4, 6, batch_first=True)
+        shapes, dims = [(3, 5, 4), (1, 1, 4), (7, 2, 4)], (0, 1)
+    else:
+        fn = rnnrec_fast.GRUCell(4, 6)
+        shapes, dims = [(3, 4), (1, 4), (9, 4)], (0,)
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    for shape in shapes:
+        x = torch.randn(*shape)
+        for d in dims:
+            mark_unbacked(x, d)
+        got, expected = compiled(x), fn(x)
+        got, expected = (got[0], expected[0]) if isinstance(got, tuple) else (got, expected)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_compile_of_vmap_over_a_module(kind):
+    """torch.compile(torch.func.vmap(module), fullgraph=True): dynamo formats the module, which it
+    could not while extra_repr used str.format(**self.__dict__)."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    module = getattr(rnnrec_fast, kind)(4, 6)
+    xs = torch.randn(3, 5, 2, 4) if kind == "GRU" else torch.randn(3, 2, 4)
+    expected = torch.func.vmap(module)(xs)
+    got = torch.compile(torch.func.vmap(module), backend="eager", fullgraph=True)(xs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # (GRU: the (output, h_n) pair)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="needs a C++ compiler")
+def test_aoti_package_runs_in_a_fresh_process_that_imports_the_package(tmp_path):
+    """An AOTInductor package of a model holding the modules (dynamic batch and time) runs in a
+    fresh process after `import rnnrec_fast`, matching eager; without the import, loading it fails
+    with torch's error naming the op (as the README says)."""
+    torch.manual_seed(0)
+    model = Model().eval()
+    items = torch.randint(0, 50, (3, 5))
+    B, T = torch.export.Dim("B", min=1, max=64), torch.export.Dim("T", min=1, max=64)
+    ep = torch.export.export(model, (items,), dynamic_shapes={"items": {0: B, 1: T}})
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
+    probe = torch.randint(0, 50, (2, 9))
+    torch.save(probe, tmp_path / "items.pt")
+    torch.save(model(probe)[0].detach(), tmp_path / "expected.pt")
+    code = (
+        "import sys, torch\n"
+        "if sys.argv[1] == 'import':\n"
+        "    import rnnrec_fast\n"
+        f"runner = torch._inductor.aoti_load_package({path!r})\n"
+        f"got = runner(torch.load({str(tmp_path / 'items.pt')!r}))[0]\n"
+        f"torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}), rtol=1e-5, atol=1e-6)\n"
+        "print('aoti-ok')\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([sys.executable, "-c", code, "import"], capture_output=True, text=True, timeout=300, env=env)
+    assert ok.returncode == 0 and "aoti-ok" in ok.stdout, ok.stderr[-3000:]
+    bare = subprocess.run([sys.executable, "-c", code, "bare"], capture_output=True, text=True, timeout=300, env=env)
+    assert bare.returncode != 0 and "rnnrec_fast::recurrence" in bare.stderr, bare.stderr[-3000:]
