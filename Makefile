@@ -35,7 +35,7 @@ $(DEPS_STAMP): | $(PY)
 # A compile error fails here, and so fails `make test` and CI.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	$(PY) -c "import rnnrec_fast._C"
+	$(PY) -c "import rnnrec_fast._C, rnnrec_fast; rnnrec_fast.library_path()"
 	touch $@
 
 demo: setup

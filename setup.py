@@ -114,7 +114,18 @@ def _extensions():
             cpu_sources,
             extra_compile_args={"cxx": cxx + link},
             extra_link_args=link,
-        )
+        ),
+        # The same kernels and op registration without Python (csrc/standalone/: the sources
+        # above built with RNNREC_STANDALONE, schemas defined in C++), for libtorch programs that
+        # run an AOTInductor package or a TorchScript model holding the op. Never loaded by the
+        # Python package (both would register the op). --as-needed drops the libtorch_python that
+        # CppExtension links by default: nothing here uses it.
+        cpp_extension.CppExtension(
+            _STANDALONE,
+            sorted(glob.glob(os.path.join("csrc", "standalone", "*.cpp"))),
+            extra_compile_args={"cxx": cxx + link},
+            extra_link_args=link + ["-Wl,--as-needed"],
+        ),
     ]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if cuda_sources and _want_cuda():
@@ -122,7 +133,19 @@ def _extensions():
     return exts
 
 
+_STANDALONE = "rnnrec_fast.librnnrec_fast_ops"
+
+
+class _BuildExt(cpp_extension.BuildExtension):
+    def get_ext_filename(self, ext_name):
+        # the library without Python is no Python module: a plain library name, no ABI tag
+        # (distutils asks with the last part of the name, setuptools' in-place copy with all of it)
+        if ext_name in (_STANDALONE, _STANDALONE.rsplit(".", 1)[1]):
+            return os.path.join(*ext_name.split(".")) + ".so"
+        return super().get_ext_filename(ext_name)
+
+
 setup(
     ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": _BuildExt},
 )

@@ -6,14 +6,22 @@
 // fused pointwise gate-gradient pass and one carry GEMM per step, then, per chunk of ~96 rows of
 // steps, one GEMM each for grad_x, grad_w_ih and grad_w_hh (the state entering each step, which
 // the workspace does not hold, read from y and h0 in place). No per-step allocations.
+//
+// Built twice (setup.py): into the Python module rnnrec_fast._C, and with RNNREC_STANDALONE
+// (csrc/standalone/) into librnnrec_fast_ops.so, the op without Python for libtorch programs
+// (AOTInductor packages, TorchScript): there everything from the modules' fast path on is left out.
+#if defined(RNNREC_STANDALONE)
+#include <ATen/ATen.h>
+#else
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
+#endif
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1020,6 +1028,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
 }
 
+#if !defined(RNNREC_STANDALONE)
 // ------------------------------------------------------------------------------------------------
 // Inference fast path of the modules (rnnrec_fast.modules): the whole module call in one C++ call,
 // for eager calls that need no autograd (serving). It takes the module's own input layout
@@ -1561,6 +1570,7 @@ py::tuple score_topk(const at::Tensor& h_in, const at::Tensor& W_in, const at::T
   }
   return py::make_tuple(vals, idx);
 }
+#endif  // !RNNREC_STANDALONE
 
 template <typename T>
 RowKernels<T> scalar_row_kernels() {
@@ -1580,6 +1590,7 @@ template RowKernels<double> scalar_row_kernels<double>();
 
 }  // namespace rnnrec
 
+#if !defined(RNNREC_STANDALONE)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnrec_fast fused Elman RNN / GRU CPU kernels (contract: rnnrec_fast.backends.reference)";
   m.def("forward", &rnnrec::forward, "fused forward -> (y, h_n, ws)", py::arg("x"), py::arg("h0"),
@@ -1623,3 +1634,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"), py::arg("resets"),
         py::arg("y"), py::arg("ws"), py::arg("mode"), py::arg("reset_after"));
 }
+#endif  // !RNNREC_STANDALONE

@@ -1,6 +1,7 @@
 // rnnrec_fast op registration for the CPU dispatch key.
 //
-// The op schemas are defined once, in Python (rnnrec_fast/ops.py). This file registers the C++
+// The op schemas are defined in Python (rnnrec_fast/ops.py); the library without Python
+// (librnnrec_fast_ops.so, RNNREC_STANDALONE) defines the same two here. This file registers the C++
 // CPU kernels of rnnrec_fast::recurrence and rnnrec_fast::recurrence_backward, so that a call from
 // Python goes dispatcher -> C++ without entering the interpreter again (the serving step is a few
 // microseconds of arithmetic, so per-call overhead matters). The checks and their messages mirror
@@ -163,8 +164,15 @@ bool is_cpp(c10::string_view backend, const at::Tensor& x) {
   // "auto" and "cpp" mean the C++ kernels for float32/float64; other dtypes go to the Python layer,
   // which picks a backend that supports them, or explains why none does (for a forced "cpp", the
   // same ValueError as every other backend gives for a dtype it lacks).
-  return (backend == "auto" || backend == "cpp") &&
-         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  const bool cpp = (backend == "auto" || backend == "cpp") &&
+                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+#if defined(RNNREC_STANDALONE)
+  // no Python layer to hand the call to
+  RNNREC_CHECK(cpp, "this library without Python (librnnrec_fast_ops) runs the 'cpp' backend on float32 "
+               "and float64 CPU tensors only; got backend '", std::string(backend), "' with ",
+               dtype_str(x.scalar_type()), " (the other backends and dtypes need the Python package)");
+#endif
+  return cpp;
 }
 
 Opt contig(const Opt& t) { return has(t) ? Opt(t->contiguous()) : Opt(); }
@@ -326,6 +334,20 @@ std::string last_backend() { return last_backend_name; }
 void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 
 }  // namespace rnnrec
+
+#if defined(RNNREC_STANDALONE)
+// The two schemas, as rnnrec_fast/ops.py defines them (tests/test_compile.py compares them).
+TORCH_LIBRARY(rnnrec_fast, m) {
+  m.def(
+      "recurrence(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
+      "Tensor? resets, str mode, bool reset_after, str backend) -> (Tensor output, Tensor h_n, Tensor workspace)");
+  m.def(
+      "recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, Tensor output, Tensor workspace, str mode, "
+      "bool reset_after, str backend) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+}
+#endif
 
 TORCH_LIBRARY_IMPL(rnnrec_fast, CPU, m) {
   m.impl("recurrence", &rnnrec::recurrence_cpu);

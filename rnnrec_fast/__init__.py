@@ -6,7 +6,7 @@
 """
 from . import ops
 from .modules import GRU, RNN, GRUCell, RNNCell, from_torch, to_torch
-from .ops import backend_info, last_backend, recurrence, resolve_backend
+from .ops import backend_info, last_backend, library_path, recurrence, resolve_backend
 
 __version__ = "0.1.0"
 
@@ -21,5 +21,6 @@ __all__ = [
     "ops",
     "backend_info",
     "last_backend",
+    "library_path",
     "resolve_backend",
 ]

@@ -56,6 +56,20 @@ try:  # loading the extension registers the C++ CPU kernels of both ops (csrc/rn
 except ImportError:
     _CPP_OP = False
 
+
+def library_path() -> str:
+    """The path of ``librnnrec_fast_ops.so``: the op without Python (the C++ CPU kernels, their
+    autograd and both schemas; libtorch, libc10 and OpenMP its only torch-side dependencies), built
+    beside the extension. A libtorch program loads it (``dlopen``) before it loads an AOTInductor
+    package or a TorchScript model that holds the op; it runs the 'cpp' backend on float32 and
+    float64 CPU tensors. Never load it into a Python process that imports rnnrec_fast: both
+    register the op. FileNotFoundError where it was not built."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "librnnrec_fast_ops.so")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"rnnrec_fast: {path} was not built (pip install --no-build-isolation . "
+                                "builds it with the extension)")
+    return path
+
 # ----------------------------------------------------------------------------------------------
 # validation (shared by the real kernels and the fake ones)
 

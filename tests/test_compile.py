@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch._inductor
 from torch import nn
 
 import rnnrec_fast
@@ -279,6 +280,11 @@ def test_compile_of_vmap_over_a_module(kind):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # (GRU: the (output, h_n) pair)
 
 
+_needs_aoti = pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
+                                 reason="AOTInductor packages need a newer torch")
+
+
+@_needs_aoti
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="needs a C++ compiler")
 def test_aoti_package_runs_in_a_fresh_process_that_imports_the_package(tmp_path):
     """An AOTInductor package of a model holding the modules (dynamic batch and time) runs in a
@@ -307,3 +313,142 @@ def test_aoti_package_runs_in_a_fresh_process_that_imports_the_package(tmp_path)
     assert ok.returncode == 0 and "aoti-ok" in ok.stdout, ok.stderr[-3000:]
     bare = subprocess.run([sys.executable, "-c", code, "bare"], capture_output=True, text=True, timeout=300, env=env)
     assert bare.returncode != 0 and "rnnrec_fast::recurrence" in bare.stderr, bare.stderr[-3000:]
+
+
+def _library_or_skip():
+    try:
+        return rnnrec_fast.library_path()
+    except FileNotFoundError:
+        if os.environ.get("RNNREC_FAST_REQUIRE_EXT") == "1":
+            raise
+        pytest.skip("the library without Python was not built")
+
+
+def test_library_without_python_defines_the_same_op():
+    """librnnrec_fast_ops.so needs no Python (no libtorch_python, no Py* symbol) and, loaded in a
+    process that never imports rnnrec_fast, defines the op with the schemas ops.py defines and runs
+    its forward and backward (C++ autograd) as the package does; a Python backend or another dtype
+    is refused with a clear error there."""
+    path = _library_or_skip()
+    if shutil.which("readelf") and shutil.which("nm"):
+        needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+        assert "libtorch_python" not in needed and "libpython" not in needed, needed
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        assert not [s for s in undefined if s.startswith(("Py", "_Py"))]
+    from rnnrec_fast import ops
+
+    torch.manual_seed(0)
+    x, h0 = torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    w = [torch.randn(18, 5, dtype=torch.float64), torch.randn(18, 6, dtype=torch.float64),
+         torch.randn(18, dtype=torch.float64), torch.randn(18, dtype=torch.float64)]
+    leaves = [t.clone().requires_grad_() for t in (x, h0, *w)]
+    y, h = rnnrec_fast.recurrence(*leaves)
+    grads = torch.autograd.grad((y * y).sum() + h.sum(), leaves)
+    code = (
+        "import sys, torch\n"
+        "torch.ops.load_library(sys.argv[1])\n"
+        "assert 'rnnrec_fast' not in sys.modules\n"
+        "op = torch.ops.rnnrec_fast\n"
+        "print(op.recurrence.default._schema)\n"
+        "print(op.recurrence_backward.default._schema)\n"
+        "d = torch.load(sys.argv[2])\n"
+        "leaves = [t.clone().requires_grad_() for t in d['inputs']]\n"
+        "y, h, ws = op.recurrence(*leaves, None, None, 'gru', True, 'auto')\n"
+        "grads = torch.autograd.grad((y * y).sum() + h.sum(), leaves)\n"
+        "torch.testing.assert_close(y, d['y'], rtol=1e-12, atol=1e-12)\n"
+        "torch.testing.assert_close(h, d['h'], rtol=1e-12, atol=1e-12)\n"
+        "for g, e in zip(grads, d['grads']):\n"
+        "    torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)\n"
+        "for args in [(*d['inputs'], None, None, 'gru', True, 'numba'),\n"
+        "             (*[t.half() for t in d['inputs']], None, None, 'gru', True, 'auto')]:\n"
+        "    try:\n"
+        "        op.recurrence(*args)\n"
+        "    except ValueError as e:\n"
+        "        assert 'runs the \\'cpp\\' backend on float32 and float64 CPU tensors only' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError('not refused')\n"
+        "print('standalone-ok')\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data.pt")
+        torch.save({"inputs": (x, h0, *w), "y": y.detach(), "h": h.detach(), "grads": grads}, data)
+        out = subprocess.run([sys.executable, "-c", code, path, data], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    schemas = [torch._C.parse_schema("rnnrec_fast::recurrence" + ops._FWD_SCHEMA),
+               torch._C.parse_schema("rnnrec_fast::recurrence_backward" + ops._BWD_SCHEMA)]
+    assert lines[:2] == [str(s) for s in schemas]
+    assert lines[-1] == "standalone-ok"
+
+
+_CPP_RUNNER = r"""
+#include <dlfcn.h>
+#include <iostream>
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/script.h>
+// argv: library ('-' for none), model, B, T: runs the model on items (arange(B*T) % 50).view(B, T);
+// a model whose name ends in .pt is a TorchScript one (its first output printed), else an AOTI package
+int main(int argc, char** argv) {
+  if (std::string(argv[1]) != "-" && !dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL)) {
+    std::cerr << dlerror() << "\n";
+    return 2;
+  }
+  try {
+    const std::string model = argv[2];
+    const int64_t B = std::stoll(argv[3]), T = std::stoll(argv[4]);
+    const at::Tensor items = at::arange(B * T, at::kLong).remainder(50).view({B, T});
+    at::Tensor y;
+    if (model.size() > 3 && model.substr(model.size() - 3) == ".pt") {
+      torch::jit::Module m = torch::jit::load(model);
+      y = m.forward({items}).toTuple()->elements()[0].toTensor().contiguous();
+    } else {
+      torch::inductor::AOTIModelPackageLoader loader(model);
+      y = loader.run({items})[0].contiguous();
+    }
+    std::cout.precision(9);
+    for (int64_t i = 0; i < y.numel(); ++i) std::cout << y.data_ptr<float>()[i] << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 3;
+  }
+  return 0;
+}
+"""
+
+
+@_needs_aoti
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_aoti_package_and_torchscript_run_from_a_cpp_program_with_the_library(tmp_path):
+    """A libtorch program with no Python at all: it dlopens librnnrec_fast_ops.so, loads an
+    AOTInductor package of a model holding the GRU (dynamic batch and time), and a torch.jit.trace
+    of it, and matches eager; without the library neither loads."""
+    path = _library_or_skip()
+    torch.manual_seed(0)
+    model = Model().eval()
+    B, T = torch.export.Dim("B", min=1, max=64), torch.export.Dim("T", min=1, max=64)
+    ep = torch.export.export(model, (torch.randint(0, 50, (3, 5)),), dynamic_shapes={"items": {0: B, 1: T}})
+    package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
+    tdir = os.path.dirname(torch.__file__)
+    (tmp_path / "run.cpp").write_text(_CPP_RUNNER)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    std = "c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14) else "c++17"  # (as setup.py)
+    subprocess.run(["g++", f"-std={std}", "-O1", "run.cpp", "-o", "run",
+                    f"-I{tdir}/include", f"-I{tdir}/include/torch/csrc/api/include", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                    f"-L{tdir}/lib", f"-Wl,-rpath,{tdir}/lib", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    scripted = str(tmp_path / "traced.pt")
+    torch.jit.trace(model, (torch.randint(0, 50, (3, 5)),)).save(scripted)
+    for name, b, t in ((package, 2, 7), (package, 1, 1), (scripted, 2, 7), (scripted, 1, 1)):
+        out = subprocess.run([str(tmp_path / "run"), path, name, str(b), str(t)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = torch.tensor([float(v) for v in out.stdout.split()])
+        expected = model((torch.arange(b * t) % 50).view(b, t))[0].detach().flatten()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name in (package, scripted):
+        bare = subprocess.run([str(tmp_path / "run"), "-", name, "2", "7"], capture_output=True, text=True, timeout=120)
+        assert bare.returncode != 0 and "rnnrec_fast" in bare.stderr, bare.stderr[-3000:]

@@ -28,6 +28,6 @@ def test_sdist_has_every_kernel_source(tmp_path):
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tar.getnames() if "/" in n}
-    needed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    needed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert needed and needed <= names, sorted(needed - names)
     assert {"setup.py", "pyproject.toml", "rnnrec_fast/ops.py"} <= names

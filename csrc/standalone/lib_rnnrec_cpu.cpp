@@ -1,0 +1,3 @@
+// rnnrec_cpu.cpp built into librnnrec_fast_ops.so, the op without Python (setup.py; see rnnrec_cpu.cpp)
+#define RNNREC_STANDALONE 1
+#include "../rnnrec_cpu.cpp"
