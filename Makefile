@@ -17,7 +17,7 @@ DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 p
 BENCH_DEPS := onnxruntime==1.32.0 onnx==1.23.2 fastapi==0.165.0
 DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 BUILD_STAMP := $(VENV)/.built
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*.cu csrc/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*.cu csrc/*.cuh csrc/standalone/*.cpp)
 export RNNREC_FAST_REQUIRE_EXT := 1
 
 .PHONY: setup demo test bench clean

@@ -118,15 +118,17 @@ def _extensions():
         # The same kernels and op registration without Python (csrc/standalone/: the sources
         # above built with RNNREC_STANDALONE, schemas defined in C++), for libtorch programs that
         # run an AOTInductor package or a TorchScript model holding the op. Never loaded by the
-        # Python package (both would register the op). --as-needed drops the libtorch_python that
-        # CppExtension links by default: nothing here uses it.
+        # Python package.
         cpp_extension.CppExtension(
             _STANDALONE,
             sorted(glob.glob(os.path.join("csrc", "standalone", "*.cpp"))),
             extra_compile_args={"cxx": cxx + link},
-            extra_link_args=link + ["-Wl,--as-needed"],
+            extra_link_args=link,
         ),
     ]
+    # CppExtension links libtorch_python by default: nothing in the library uses it, and a
+    # libtorch program has no Python to load it with
+    exts[1].libraries = [lib for lib in exts[1].libraries if lib != "torch_python"]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if cuda_sources and _want_cuda():
         exts.append(_cuda_extension(cuda_sources, cxx))

@@ -607,8 +607,8 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   const bool gru = mode == MODE_GRU;
   const int relu = mode == MODE_RNN_RELU ? 1 : 0;
 
-  std::vector<T> zeros;
-  if (b_ih == nullptr || b_hh == nullptr) zeros.assign(GH, T(0));
+  SmallBuf<T> zeros(b_ih == nullptr || b_hh == nullptr ? GH : 0);
+  if (b_ih == nullptr || b_hh == nullptr) std::fill(zeros.data(), zeros.data() + GH, T(0));
   const T* bi = b_ih ? b_ih : zeros.data();
   const T* bh = b_hh ? b_hh : zeros.data();
 

@@ -10,6 +10,7 @@
 // Python kernels.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <optional>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -335,33 +336,63 @@ void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 
 }  // namespace rnnrec
 
-#if defined(RNNREC_STANDALONE)
-// The two schemas, as rnnrec_fast/ops.py defines them (tests/test_compile.py compares them).
-TORCH_LIBRARY(rnnrec_fast, m) {
-  m.def(
-      "recurrence(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
-      "Tensor? resets, str mode, bool reset_after, str backend) -> (Tensor output, Tensor h_n, Tensor workspace)");
-  m.def(
-      "recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, Tensor output, Tensor workspace, str mode, "
-      "bool reset_after, str backend) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh)");
+namespace rnnrec {
+namespace {
+
+// The kernels' registrations (kept for the process's lifetime), made once at load time.
+void register_kernels() {
+  static torch::Library cpu(torch::Library::IMPL, "rnnrec_fast", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  static torch::Library autograd_cpu(torch::Library::IMPL, "rnnrec_fast", c10::DispatchKey::AutogradCPU, __FILE__,
+                                     __LINE__);
+  static torch::Library autograd(torch::Library::IMPL, "rnnrec_fast", c10::DispatchKey::Autograd, __FILE__, __LINE__);
+  cpu.impl("recurrence", &recurrence_cpu);
+  cpu.impl("recurrence_backward", &recurrence_backward_cpu);
+  // For CPU tensors this takes precedence over the Autograd kernel that ops.py registers in Python
+  // (which serves the other devices).
+  autograd_cpu.impl("recurrence", &recurrence_autograd_cpu);
+  // Every device: the backward op is not differentiable (ops.py registers the same in Python when
+  // the extension is absent).
+  autograd.impl("recurrence_backward", &recurrence_backward_autograd);
 }
+
+#if defined(RNNREC_STANDALONE)
+Fwd cuda_refused(const at::Tensor&, const Opt&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&,
+                 const Opt&, const Opt&, c10::string_view, bool, c10::string_view) {
+  RNNREC_CHECK(false, "this library without Python (librnnrec_fast_ops) runs on CPU tensors only; CUDA "
+               "tensors need the Python package and its CUDA extension");
+}
+
+// The library without Python defines both schemas (as rnnrec_fast/ops.py does; tests/test_compile.py
+// compares them) and registers the kernels at load time, unless the op is already there (the
+// Python package imported in this process): TORCH_LIBRARY would then throw during the library's
+// static initialisation and abort the process. Loaded first, it makes `import rnnrec_fast` fail
+// with ops.py's clear error instead. The registrations live as long as the process.
+struct StandaloneRegistration {
+  StandaloneRegistration() {
+    if (c10::Dispatcher::singleton().findSchema({"rnnrec_fast::recurrence", ""}).has_value()) return;
+    static torch::Library def(torch::Library::DEF, "rnnrec_fast", std::nullopt, __FILE__, __LINE__);
+    def.def(
+        "recurrence(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
+        "Tensor? resets, str mode, bool reset_after, str backend) -> (Tensor output, Tensor h_n, Tensor workspace)");
+    def.def(
+        "recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, "
+        "Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, Tensor output, Tensor workspace, str mode, "
+        "bool reset_after, str backend) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
+        "Tensor grad_b_ih, Tensor grad_b_hh)");
+    register_kernels();
+    // CUDA tensors in a libtorch program: a clear error rather than the dispatcher's "could not run"
+    static torch::Library cuda(torch::Library::IMPL, "rnnrec_fast", c10::DispatchKey::CUDA, __FILE__, __LINE__);
+    cuda.impl("recurrence", &cuda_refused);
+  }
+};
+const StandaloneRegistration standalone_registration;
+#else
+// The Python package's extension: ops.py has defined the schemas before it imports _C.
+struct PackageRegistration {
+  PackageRegistration() { register_kernels(); }
+};
+const PackageRegistration package_registration;
 #endif
 
-TORCH_LIBRARY_IMPL(rnnrec_fast, CPU, m) {
-  m.impl("recurrence", &rnnrec::recurrence_cpu);
-  m.impl("recurrence_backward", &rnnrec::recurrence_backward_cpu);
-}
-
-// For CPU tensors this takes precedence over the Autograd kernel that ops.py registers in Python
-// (which serves the other devices).
-TORCH_LIBRARY_IMPL(rnnrec_fast, AutogradCPU, m) {
-  m.impl("recurrence", &rnnrec::recurrence_autograd_cpu);
-}
-
-// Every device: the backward op is not differentiable (ops.py registers the same in Python when
-// the extension is absent).
-TORCH_LIBRARY_IMPL(rnnrec_fast, Autograd, m) {
-  m.impl("recurrence_backward", &rnnrec::recurrence_backward_autograd);
-}
+}  // namespace
+}  // namespace rnnrec

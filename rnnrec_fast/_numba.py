@@ -26,9 +26,10 @@ def njit(cache=False, **options):
                 if not _warned:
                     _warned = True
                     warnings.warn(
-                        f"rnnrec_fast: numba cannot cache its compiled kernels here ({exc}); they are "
-                        "compiled again in every process (seconds at the first call of each kind). "
-                        "Set NUMBA_CACHE_DIR to a writable directory to cache them.",
+                        f"rnnrec_fast: numba cannot cache its compiled kernels here ({exc}); every process "
+                        "that uses the numba backend (or the recommender's numba optimiser) compiles them "
+                        "again, seconds at the first call of each kind. Set NUMBA_CACHE_DIR to a writable "
+                        "directory to cache them.",
                         RuntimeWarning, stacklevel=2)
         return _numba_njit(**options)(fn)
     return decorate

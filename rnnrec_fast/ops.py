@@ -41,7 +41,12 @@ _BWD_SCHEMA = (
     "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
     "Tensor grad_b_hh)"
 )
-_lib = torch.library.Library("rnnrec_fast", "DEF")
+try:
+    _lib = torch.library.Library("rnnrec_fast", "DEF")
+except RuntimeError as exc:  # (the only other definer: librnnrec_fast_ops.so, see library_path)
+    raise ImportError("rnnrec_fast: the rnnrec_fast op namespace is already defined in this process, by "
+                      "librnnrec_fast_ops.so (the library for programs without Python); import rnnrec_fast "
+                      f"instead of loading that library in Python ({exc})") from exc
 _lib.define("recurrence" + _FWD_SCHEMA)
 _lib.define("recurrence_backward" + _BWD_SCHEMA)
 # Twins with Python kernels only: the C++ CPU kernel of `recurrence` hands calls that force a
@@ -62,8 +67,10 @@ def library_path() -> str:
     autograd and both schemas; libtorch, libc10 and OpenMP its only torch-side dependencies), built
     beside the extension. A libtorch program loads it (``dlopen``) before it loads an AOTInductor
     package or a TorchScript model that holds the op; it runs the 'cpp' backend on float32 and
-    float64 CPU tensors. Never load it into a Python process that imports rnnrec_fast: both
-    register the op. FileNotFoundError where it was not built."""
+    float64 CPU tensors, with the torch it was built against (same version and C++ ABI). In a
+    Python process use the package instead: loaded after ``import rnnrec_fast`` the library
+    registers nothing, and loaded before it, the import fails. FileNotFoundError where it was
+    not built."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "librnnrec_fast_ops.so")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"rnnrec_fast: {path} was not built (pip install --no-build-isolation . "

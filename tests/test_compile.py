@@ -328,7 +328,8 @@ def test_library_without_python_defines_the_same_op():
     """librnnrec_fast_ops.so needs no Python (no libtorch_python, no Py* symbol) and, loaded in a
     process that never imports rnnrec_fast, defines the op with the schemas ops.py defines and runs
     its forward and backward (C++ autograd) as the package does; a Python backend or another dtype
-    is refused with a clear error there."""
+    is refused with a clear error there, and importing the package afterwards too. Loaded after
+    the package, it leaves the op as it is."""
     path = _library_or_skip()
     if shutil.which("readelf") and shutil.which("nm"):
         needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
@@ -368,6 +369,13 @@ def test_library_without_python_defines_the_same_op():
         "        assert 'runs the \\'cpp\\' backend on float32 and float64 CPU tensors only' in str(e), e\n"
         "    else:\n"
         "        raise AssertionError('not refused')\n"
+        "assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnrec_fast::recurrence', 'CUDA')\n"  # (a clear refusal)
+        "try:\n"
+        "    import rnnrec_fast\n"
+        "except ImportError as e:\n"
+        "    assert 'already defined in this process, by librnnrec_fast_ops.so' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('imported over the library')\n"
         "print('standalone-ok')\n"
     )
     import tempfile
@@ -382,6 +390,15 @@ def test_library_without_python_defines_the_same_op():
                torch._C.parse_schema("rnnrec_fast::recurrence_backward" + ops._BWD_SCHEMA)]
     assert lines[:2] == [str(s) for s in schemas]
     assert lines[-1] == "standalone-ok"
+    # the other order: loaded after the package it registers nothing (it used to abort the process
+    # in its static initialisation: 'Only a single TORCH_LIBRARY ...') and the package runs on
+    after = ("import sys, torch, rnnrec_fast\n"
+             "torch.ops.load_library(rnnrec_fast.library_path())\n"
+             "rnnrec_fast.GRU(4, 5)(torch.randn(3, 2, 4))\n"
+             "assert rnnrec_fast.last_backend() == 'cpp'\n"
+             "print('after-ok')\n")
+    out = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "after-ok" in out.stdout, out.stderr[-3000:]
 
 
 _CPP_RUNNER = r"""
