@@ -4,6 +4,8 @@ CPU part: always built (a compile failure fails the build). The kernels are comp
 portable x86-64 baseline; set RNNREC_FAST_NATIVE=1 to tune for the build machine (-march=native).
 CUDA part: built when torch has CUDA and nvcc is found, or forced with RNNREC_FAST_CUDA=1
 (RNNREC_FAST_CUDA=0 disables it).
+librnnrec_fast_ops.so (the op without Python, for libtorch programs): always built, but with
+RNNREC_FAST_STANDALONE=0.
 """
 import glob
 import os
@@ -129,6 +131,8 @@ def _extensions():
     # CppExtension links libtorch_python by default: nothing in the library uses it, and a
     # libtorch program has no Python to load it with
     exts[1].libraries = [lib for lib in exts[1].libraries if lib != "torch_python"]
+    if os.environ.get("RNNREC_FAST_STANDALONE") == "0":  # (the GPU check's build: its minutes are few)
+        del exts[1]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if cuda_sources and _want_cuda():
         exts.append(_cuda_extension(cuda_sources, cxx))

@@ -31,3 +31,23 @@ def test_sdist_has_every_kernel_source(tmp_path):
     needed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert needed and needed <= names, sorted(needed - names)
     assert {"setup.py", "pyproject.toml", "rnnrec_fast/ops.py"} <= names
+
+
+@pytest.mark.parametrize("flag, expected", [(None, {"rnnrec_fast._C", "rnnrec_fast.librnnrec_fast_ops"}),
+                                            ("0", {"rnnrec_fast._C"})])
+def test_setup_builds_the_library_without_python_unless_told_not_to(monkeypatch, flag, expected):
+    """setup.py's extensions (CUDA off): the Python module and librnnrec_fast_ops, which links no
+    libtorch_python; RNNREC_FAST_STANDALONE=0 (the GPU check's build) leaves the library out."""
+    monkeypatch.setenv("RNNREC_FAST_CUDA", "0")
+    if flag is None:
+        monkeypatch.delenv("RNNREC_FAST_STANDALONE", raising=False)
+    else:
+        monkeypatch.setenv("RNNREC_FAST_STANDALONE", flag)
+    src = (ROOT / "setup.py").read_text()
+    ns = {"__file__": str(ROOT / "setup.py"), "__name__": "setup_under_test"}
+    exec(compile(src[: src.rindex("setup(")], "setup.py", "exec"), ns)
+    exts = {e.name: e for e in ns["_extensions"]()}
+    assert set(exts) == expected
+    if "rnnrec_fast.librnnrec_fast_ops" in exts:
+        assert "torch_python" not in exts["rnnrec_fast.librnnrec_fast_ops"].libraries
+        assert "torch_python" in exts["rnnrec_fast._C"].libraries
