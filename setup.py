@@ -116,23 +116,23 @@ def _extensions():
             cpu_sources,
             extra_compile_args={"cxx": cxx + link},
             extra_link_args=link,
-        ),
+        )
+    ]
+    if os.environ.get("RNNREC_FAST_STANDALONE") != "0":  # (=0: the GPU check's build, its minutes are few)
         # The same kernels and op registration without Python (csrc/standalone/: the sources
         # above built with RNNREC_STANDALONE, schemas defined in C++), for libtorch programs that
         # run an AOTInductor package or a TorchScript model holding the op. Never loaded by the
         # Python package.
-        cpp_extension.CppExtension(
+        lib = cpp_extension.CppExtension(
             _STANDALONE,
             sorted(glob.glob(os.path.join("csrc", "standalone", "*.cpp"))),
             extra_compile_args={"cxx": cxx + link},
             extra_link_args=link,
-        ),
-    ]
-    # CppExtension links libtorch_python by default: nothing in the library uses it, and a
-    # libtorch program has no Python to load it with
-    exts[1].libraries = [lib for lib in exts[1].libraries if lib != "torch_python"]
-    if os.environ.get("RNNREC_FAST_STANDALONE") == "0":  # (the GPU check's build: its minutes are few)
-        del exts[1]
+        )
+        # CppExtension links libtorch_python by default: nothing in the library uses it, and a
+        # libtorch program has no Python to load it with
+        lib.libraries = [name for name in lib.libraries if name != "torch_python"]
+        exts.append(lib)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if cuda_sources and _want_cuda():
         exts.append(_cuda_extension(cuda_sources, cxx))

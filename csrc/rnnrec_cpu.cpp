@@ -607,8 +607,9 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   const bool gru = mode == MODE_GRU;
   const int relu = mode == MODE_RNN_RELU ? 1 : 0;
 
-  SmallBuf<T> zeros(b_ih == nullptr || b_hh == nullptr ? GH : 0);
-  if (b_ih == nullptr || b_hh == nullptr) std::fill(zeros.data(), zeros.data() + GH, T(0));
+  const int64_t nz = b_ih == nullptr || b_hh == nullptr ? GH : 0;  // zero biases where one is missing
+  SmallBuf<T> zeros(nz);
+  std::fill(zeros.data(), zeros.data() + nz, T(0));
   const T* bi = b_ih ? b_ih : zeros.data();
   const T* bh = b_hh ? b_hh : zeros.data();
 
@@ -1362,11 +1363,12 @@ class InferPlan {
     PyObject* d_raw = PyObject_GenericGetDict(self.ptr(), nullptr);
     if (d_raw == nullptr) throw py::error_already_set();
     const auto d = py::reinterpret_steal<py::object>(d_raw);
-    const auto item = [&](PyObject* key) -> PyObject* {  // borrowed, or nullptr when absent
-      PyObject* v = PyDict_GetItemWithError(d.ptr(), key);
+    const auto lookup = [](PyObject* dict, PyObject* key) -> PyObject* {  // borrowed, or nullptr when absent
+      PyObject* v = PyDict_GetItemWithError(dict, key);
       if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
       return v;
     };
+    const auto item = [&](PyObject* key) { return lookup(d.ptr(), key); };
     const auto truthy = [](PyObject* v) -> bool {
       if (v == nullptr) return false;
       const int t = PyObject_IsTrue(v);
@@ -1382,21 +1384,16 @@ class InferPlan {
     {
       // the class attribute as stored (borrowed; a plain function's __get__ on the class returns itself)
       PyObject* fwd = _PyType_Lookup(Py_TYPE(self.ptr()), c->forward);
-      bool own = false;
+      bool own = false;  // (a missing forward, nullptr, is none of them)
       for (const auto& f : c->own_forwards) own = own || f.ptr() == fwd;
-      if (fwd == nullptr || !own) return py::none();
+      if (!own) return py::none();
     }
-    const auto global = [](PyObject* dict, PyObject* key) -> PyObject* {  // borrowed; absent: decline
-      PyObject* v = PyDict_GetItemWithError(dict, key);
-      if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      return v;
-    };
-    for (PyObject* key : c->global_hooks) {
-      PyObject* hooks = global(c->nn_module_dict, key);
+    for (PyObject* key : c->global_hooks) {  // (a global missing from its module: decline)
+      PyObject* hooks = lookup(c->nn_module_dict, key);
       if (hooks == nullptr || truthy(hooks)) return py::none();
     }
     {
-      PyObject* level = global(c->forward_ad_dict, c->current_level);
+      PyObject* level = lookup(c->forward_ad_dict, c->current_level);
       if (level == nullptr) return py::none();
       const long lv = PyLong_AsLong(level);
       if (lv == -1 && PyErr_Occurred()) throw py::error_already_set();

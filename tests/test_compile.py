@@ -324,7 +324,7 @@ def _library_or_skip():
         pytest.skip("the library without Python was not built")
 
 
-def test_library_without_python_defines_the_same_op():
+def test_library_without_python_defines_the_same_op(tmp_path):
     """librnnrec_fast_ops.so needs no Python (no libtorch_python, no Py* symbol) and, loaded in a
     process that never imports rnnrec_fast, defines the op with the schemas ops.py defines and runs
     its forward and backward (C++ autograd) as the package does; a Python backend or another dtype
@@ -378,12 +378,9 @@ def test_library_without_python_defines_the_same_op():
         "    raise AssertionError('imported over the library')\n"
         "print('standalone-ok')\n"
     )
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "data.pt")
-        torch.save({"inputs": (x, h0, *w), "y": y.detach(), "h": h.detach(), "grads": grads}, data)
-        out = subprocess.run([sys.executable, "-c", code, path, data], capture_output=True, text=True, timeout=120)
+    data = str(tmp_path / "data.pt")
+    torch.save({"inputs": (x, h0, *w), "y": y.detach(), "h": h.detach(), "grads": grads}, data)
+    out = subprocess.run([sys.executable, "-c", code, path, data], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     schemas = [torch._C.parse_schema("rnnrec_fast::recurrence" + ops._FWD_SCHEMA),
