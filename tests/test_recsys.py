@@ -406,6 +406,20 @@ def test_state_dropout_carries_the_dropped_out_output(state_dropout):
         torch.testing.assert_close(hn.detach(), h_plain)
 
 
+def test_step_mask_cache_is_bounded():
+    """The in-batch mask of a chunk (a row sees its own step's targets) is right for each shape, and
+    only the last few shapes stay cached: a process that trains with many batch / chunk sizes does
+    not keep one (T*B)^2 mask per shape for good (67 MB at T=16, B=512)."""
+    import importlib
+    train_mod = importlib.import_module("rnnrec_fast.recsys.train")
+    for T, B in [(1, 1), (3, 2), (2, 5), (4, 3), (5, 4), (6, 7), (7, 2), (2, 9)]:
+        m = train_mod._block_diag(T, B, torch.device("cpu"))
+        sid = np.arange(T * B) // B
+        np.testing.assert_array_equal(m.numpy(), sid[:, None] == sid[None, :])
+        assert m is train_mod._block_diag(T, B, "cpu")  # reused within a run
+    assert train_mod._block_diag_cached.cache_info().currsize <= 4
+
+
 def test_chunk_loss_matches_per_step_gru4rec_loss():
     """The chunk's loss = sum over steps of GRU4Rec's per-step loss (in-batch + shared samples, logQ)."""
     torch.manual_seed(2)

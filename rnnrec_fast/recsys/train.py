@@ -9,6 +9,7 @@ that step's in-batch targets plus ``n_sample`` shared negatives drawn from suppo
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -196,16 +197,17 @@ class _SampledSoftmaxXE(torch.autograd.Function):
         return dY, dW, dc, None, None
 
 
-_BLOCKS: dict = {}
-
-
 def _block_diag(T, B, device):
-    key = (T, B, str(device))
-    m = _BLOCKS.get(key)
-    if m is None:
-        sid = torch.arange(T * B, device=device) // B
-        m = _BLOCKS[key] = sid.unsqueeze(1) == sid.unsqueeze(0)
-    return m
+    """(T*B, T*B) bool mask of the rows of one step (row t*B + b is step t's): cached for the few
+    chunk shapes a training run uses (a full chunk and a shorter last one), not for every shape a
+    process ever trained with (one mask at T=16, B=512 is 67 MB)."""
+    return _block_diag_cached(T, B, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _block_diag_cached(T, B, device):
+    sid = torch.arange(T * B, device=device) // B
+    return sid.unsqueeze(1) == sid.unsqueeze(0)
 
 
 def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainConfig, logp=None):
