@@ -1029,6 +1029,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
 }
 
+// Bytes from the start of t's storage to the end of its last element (0 for an empty tensor). A
+// storage freed or shrunk after the tensor was made (untyped_storage().resize_(0), as FSDP frees
+// parameters) falls short of it, and a kernel would read past its end: the op refuses such a tensor
+// (rnnrec_op.cpp, check_memory; ops._check_memory in Python) and the fast path declines it.
+int64_t storage_reach(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return (last + 1) * int64_t(t.element_size());
+}
+
+bool within_storage(const at::Tensor& t) {
+  return t.numel() == 0 || (t.has_storage() && storage_reach(t) <= int64_t(t.storage().nbytes()));
+}
+
 #if !defined(RNNREC_STANDALONE)
 // ------------------------------------------------------------------------------------------------
 // Inference fast path of the modules (rnnrec_fast.modules): the whole module call in one C++ call,
@@ -1135,9 +1150,14 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
   // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage; a
   // tensor with the negative bit (a lazily negated view: x.conj().imag, torch._neg_view) holds the
-  // values' negation in memory, which the dispatcher resolves before the op's kernel runs.
+  // values' negation in memory, and an efficient zero tensor (torch._efficientzerotensor) none:
+  // the dispatcher resolves both before the op's kernel runs. A tensor reaching past its storage
+  // (freed or shrunk) goes to the op, which refuses it.
+  const auto plain_memory = [](const at::Tensor& t) {
+    return t.has_storage() && !t.is_neg() && !t._is_zerotensor() && within_storage(t);
+  };
   if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
-      at::GradMode::is_enabled() || !input.has_storage() || input.is_neg())
+      at::GradMode::is_enabled() || !plain_memory(input))
     return unhandled;
   // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
   // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
@@ -1164,7 +1184,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     for (int64_t k = 0; k < per_layer; ++k) {
       const at::Tensor& t = *weights[s * per_layer + k];
       if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous() ||
-          !t.has_storage() || t.is_neg())
+          !plain_memory(t))
         return unhandled;
       const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
                     : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
@@ -1177,7 +1197,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (hx_in != nullptr && hx_in->defined()) {
     hx = *hx_in;
     if (hx.scalar_type() != dtype || !hx.device().is_cpu() || hx.layout() != at::kStrided || hx.dim() != nd ||
-        !hx.has_storage() || hx.is_neg())
+        !plain_memory(hx))
       return unhandled;
     const int64_t want_l = cell ? 1 : states;
     const bool ok = cell ? (hx.size(nd - 1) == H && (!batched || hx.size(0) == B))

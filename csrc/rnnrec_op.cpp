@@ -32,6 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
     bool reset_after);
 
+// Defined in rnnrec_cpu.cpp: bytes from the start of t's storage to the end of its last element.
+int64_t storage_reach(const at::Tensor& t);
+
 namespace {
 
 using Opt = c10::optional<at::Tensor>;
@@ -69,6 +72,15 @@ std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype (to
     case at::kComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(t);
   }
+}
+
+// Mirrors ops._check_memory: t's sizes, strides and offset stay within its storage (one freed or
+// shrunk after the tensor was made would be read past its end).
+void check_memory(const char* name, const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage()) return;
+  const int64_t need = storage_reach(t), have = int64_t(t.storage().nbytes());
+  RNNREC_CHECK(need <= have, name, " reaches ", need, " bytes into its storage, which holds ", have,
+               ": its memory was freed or shrunk (untyped_storage().resize_())");
 }
 
 // Mirrors ops._check_inputs; returns the mode index.
@@ -115,12 +127,19 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
   same(w_hh, "w_hh", false);
   if (has(b_ih)) same(*b_ih, "b_ih", true);
   if (has(b_hh)) same(*b_hh, "b_hh", true);
+  check_memory("x", x);
+  if (has(h0)) check_memory("h0", *h0);
+  check_memory("w_ih", w_ih);
+  check_memory("w_hh", w_hh);
+  if (has(b_ih)) check_memory("b_ih", *b_ih);
+  if (has(b_hh)) check_memory("b_hh", *b_hh);
   if (has(lengths)) {
     const auto& L = *lengths;
     RNNREC_CHECK(L.scalar_type() == at::kLong && L.dim() == 1 && L.size(0) == B,
                  "lengths must be an int64 tensor of shape (", B, ",), got ", dtype_str(L.scalar_type()), " ",
                  shape_str(L));
     RNNREC_CHECK(L.device() == x.device(), "lengths is on ", L.device(), " but x is on ", x.device());
+    check_memory("lengths", L);
     auto Lc = L.contiguous();
     const int64_t* p = Lc.data_ptr<int64_t>();
     int64_t lo = p[0], hi = p[0];
@@ -134,6 +153,7 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
                  "resets must be a bool tensor of shape (", T, ", ", B, "), got ", dtype_str(R.scalar_type()), " ",
                  shape_str(R));
     RNNREC_CHECK(R.device() == x.device(), "resets is on ", R.device(), " but x is on ", x.device());
+    check_memory("resets", R);
   }
   return mode_i;
 }
@@ -158,6 +178,7 @@ void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                  shape_str(at::empty(a.shape, at::kMeta)), ", got ", dtype_str(a.t.scalar_type()), " ",
                  shape_str(a.t));
     RNNREC_CHECK(a.t.device() == x.device(), a.name, " is on ", a.t.device(), " but x is on ", x.device());
+    check_memory(a.name, a.t);
   }
 }
 

@@ -65,6 +65,15 @@ def _calls_observed():
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
+def _plain_memory(t):
+    """t's values are its memory, all of it there, as the Python fast path reads them: strided,
+    no negative bit (a lazily negated view), not an efficient zero tensor (no memory), not reaching
+    past a freed or shrunk storage (the op refuses that). The op's dispatcher resolves the negative
+    bit and zero tensors; other layouts get the module's error."""
+    return (t.layout == torch.strided and not t.is_neg() and not t._is_zerotensor()
+            and ops.within_storage(t))
+
+
 def _unrecorded(a, b=None):
     """Plain tensors a (and b, when given), and nothing records the call: no torch.jit.trace, torch
     dispatch mode or profiler, no torch.func wrapper. Only then may a kernel that is not the
@@ -113,7 +122,7 @@ class _PyInferPlan:
             return None
         dt = input.dtype
         if (not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided
-                or input.is_neg() or (hx is not None and hx.is_neg())):  # (negative bit: as InferPlan)
+                or not _plain_memory(input) or (hx is not None and not _plain_memory(hx))):
             return None
         cell = self.cell
         if input.dim() != (2 if cell else 3):
@@ -138,8 +147,8 @@ class _PyInferPlan:
         H = w_hh0.shape[1]
         GH = self.gates * H
         for i, t in enumerate(w):
-            if (t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided or t.is_neg()
-                    or _functorch_wrapped(t)):
+            if (t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided or _functorch_wrapped(t)
+                    or not _plain_memory(t)):
                 return None
             k = i % per
             if t.shape != ((GH, I if i < per else H) if k == 0 else (GH, H) if k == 1 else (GH,)):

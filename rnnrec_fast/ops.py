@@ -142,6 +142,34 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     return MODES[mode], (4 * H if gates == 3 else 0)
 
 
+def storage_reach(t):
+    """Bytes from the start of t's storage to the end of its last element (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0
+    if t.is_contiguous():
+        return (t.storage_offset() + t.numel()) * t.element_size()
+    return (t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def within_storage(t):
+    """False for a tensor whose storage was freed or shrunk after it was made."""
+    return storage_reach(t) <= t.untyped_storage().nbytes()
+
+
+def _check_memory(*named):
+    """Each (name, tensor)'s sizes, strides and offset stay within its storage: one freed or shrunk
+    after the tensor was made (untyped_storage().resize_(0), as FSDP frees parameters) would be read
+    past its end (garbage, or a crash). For the real kernels only (a fake tensor's storage is not
+    sized). Mirrors the C++ op's check_memory."""
+    for name, t in named:
+        if t is None:
+            continue
+        need, have = storage_reach(t), t.untyped_storage().nbytes()
+        if need > have:
+            _fail(f"{name} reaches {need} bytes into its storage, which holds {have}: its memory was freed "
+                  "or shrunk (untyped_storage().resize_())")
+
+
 def _workspace_dtype(dtype):
     """The saved workspace's dtype: float32 for half-precision inputs (the reference upcasts)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -297,6 +325,8 @@ def _autocast_off(device_type):
 
 def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    _check_memory(("x", x), ("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
+                  ("lengths", lengths), ("resets", resets))
     _check_length_values(lengths, x.shape[0])
     if h0 is None:
         h0 = _zero_state(x, w_hh)
@@ -311,6 +341,9 @@ def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengt
                      workspace, mode, reset_after, backend):
     mode_i, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
+    _check_memory(("x", x), ("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
+                  ("lengths", lengths), ("resets", resets), ("grad_output", grad_output),
+                  ("grad_h_n", grad_h_n), ("output", output), ("workspace", workspace))
     if h0 is None:
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)

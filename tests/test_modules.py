@@ -463,6 +463,72 @@ def test_negative_bit_tensors_read_by_value(backend, kind):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_efficient_zero_tensors_read_by_value(backend, kind):
+    """An efficient zero tensor (torch._efficientzerotensor: no memory behind it) as input, hx or
+    weight gives torch.nn's result in every grad mode: the inference fast paths declined nothing
+    of it (cpp: 'data is not allocated yet'; numba: 'Cannot convert a ZeroTensor to numpy'); the
+    op's dispatcher makes it zeros."""
+    z = torch._efficientzerotensor
+    torch.manual_seed(23)
+    if kind == "GRUCell":
+        ref = nn.GRUCell(3, 4)
+        ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
+        ours.load_state_dict(ref.state_dict())
+        x, hx, wname = torch.randn(2, 3), torch.randn(2, 4), "weight_hh"
+    else:
+        ref, ours = make_pair("GRU", backend, torch.float32, input_size=3, hidden_size=4, num_layers=2)
+        x, hx, wname = torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_hh_l1"
+    w = getattr(ref, wname).detach()
+    for grad_mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        for where in ("input", "hx", "weight"):
+            xi, hi = (z(x.shape) if where == "input" else x), (z(hx.shape) if where == "hx" else hx)
+            wi = z(w.shape) if where == "weight" else w
+            setattr(ours, wname, nn.Parameter(wi, requires_grad=False) if where == "weight" else nn.Parameter(w.clone()))
+            setattr(ref, wname, nn.Parameter(torch.zeros_like(w) if where == "weight" else w.clone()))
+            with grad_mode():
+                got = ours(xi, hi)
+                want = ref(torch.zeros_like(x) if where == "input" else x, torch.zeros_like(hx) if where == "hx" else hx)
+            for g, r in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+                assert_close(g, r, torch.float32, f"{grad_mode.__name__}, {where}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell"])
+def test_freed_or_shrunk_storage_is_refused(backend, kind):
+    """A weight, input or hx whose storage was freed or shrunk after it was made (FSDP frees
+    parameters with untyped_storage().resize_(0)) is an error naming it in every grad mode, as
+    torch.nn raises one: the kernels read past the end of the memory (NaN, or a crash for a large
+    x). The op's own checks are tested in test_errors.py."""
+    torch.manual_seed(24)
+    if kind == "GRUCell":
+        ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
+        x, hx, wname, opname = torch.randn(2, 3), torch.randn(2, 4), "weight_hh", "w_hh"
+    else:
+        _, ours = make_pair(kind, backend, torch.float32, input_size=3, hidden_size=4, num_layers=2)
+        x, hx, wname, opname = torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_ih_l1", "w_ih"
+    w = getattr(ours, wname).detach().clone()
+
+    def shrunk(t, nbytes):
+        t = t.clone()
+        t.untyped_storage().resize_(nbytes)
+        return t
+
+    for grad_mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        for where, name in (("input", "x"), ("hx", "h0"), ("weight", opname), ("freed weight", opname)):
+            xi = shrunk(x, 8) if where == "input" else x
+            hi = shrunk(hx, 8) if where == "hx" else hx
+            wi = shrunk(w, 0 if where == "freed weight" else 8) if "weight" in where else w
+            setattr(ours, wname, nn.Parameter(wi))
+            n = 0 if where == "freed weight" else 8
+            # (ours, or torch's own error where the module's view of the input or hx sees it first)
+            with grad_mode(), pytest.raises((ValueError, RuntimeError),
+                                            match=f"({name} reaches .* bytes into its storage, which holds {n}: "
+                                                  f"its memory was freed|out of bounds for storage of size {n})"):
+                ours(xi, hi)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_relu_gradient_through_a_nan_state_as_torch_nn(backend, dtype):
     """RNN(nonlinearity='relu') backward as torch's threshold_backward: 0 where the state is <= 0,
