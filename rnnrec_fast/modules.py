@@ -589,6 +589,10 @@ class _RNNBase(_FastPath):
         return tuple(w) if self.bias else (w[0], w[1], None, None)
 
     def forward(self, input, hx=None, *, resets=None):
+        """``(output, h_n)`` for ``input`` (T, B, I), (B, T, I) with batch_first, unbatched (T, I) or a
+        PackedSequence, ``hx`` (layers * directions, B, H) or None (zeros); ``resets``: bool (T, B)
+        ((B, T) with batch_first, (T,) unbatched), True zeroes that row's state in every layer
+        before that step."""
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
             if plan is not None and not (self.dropout and self.training) and not _calls_observed():
@@ -690,7 +694,22 @@ class _RNNBase(_FastPath):
 
 
 class RNN(_RNNBase):
-    """Drop-in ``torch.nn.RNN`` (Elman, tanh or relu) on the fused op."""
+    """Drop-in ``torch.nn.RNN`` (Elman, tanh or relu) on the fused op.
+
+    Arguments as torch.nn's, in its positional order: ``input_size, hidden_size, num_layers=1,
+    nonlinearity='tanh' (or 'relu'), bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0`` (0 only),
+    ``device=None, dtype=None``; then keyword-only:
+
+    * ``backend="auto"``: ``"cpp"``, ``"cuda"``, ``"numba"`` or ``"reference"`` to force one (see
+      ``rnnrec_fast.resolve_backend``; ``active_backend()`` names the one that runs).
+
+    ``forward(input, hx=None, *, resets=None)`` returns ``(output, h_n)`` as torch.nn's, for
+    ``input`` of shape (T, B, input_size), (B, T, input_size) with ``batch_first``, unbatched
+    (T, input_size), or a ``PackedSequence``; ``hx`` is (num_layers * directions, B, hidden_size).
+    ``resets``, a bool tensor (T, B) ((B, T) with ``batch_first``, (T,) unbatched), zeroes a row's
+    state in every layer before step t (session-parallel training). Parameter names, initialisation
+    and ``state_dict`` are torch.nn's, so ``load_state_dict`` takes either's.
+    """
 
     _gates = 1
 
@@ -713,7 +732,25 @@ class RNN(_RNNBase):
 
 
 class GRU(_RNNBase):
-    """Drop-in ``torch.nn.GRU`` on the fused op; ``reset_after=False`` gives the original GRU form."""
+    """Drop-in ``torch.nn.GRU`` on the fused op (gates r, z, n in torch's order and math).
+
+    Arguments as torch.nn's, in its positional order: ``input_size, hidden_size, num_layers=1,
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0`` (0 only),
+    ``device=None, dtype=None``; then keyword-only:
+
+    * ``backend="auto"``: ``"cpp"``, ``"cuda"``, ``"numba"`` or ``"reference"`` to force one (see
+      ``rnnrec_fast.resolve_backend``; ``active_backend()`` names the one that runs).
+    * ``reset_after=True``: torch's GRU, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``;
+      ``False`` gives the original form (Cho et al. 2014, the original GRU4Rec),
+      ``n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)``, which torch.nn lacks.
+
+    ``forward(input, hx=None, *, resets=None)`` returns ``(output, h_n)`` as torch.nn's, for
+    ``input`` of shape (T, B, input_size), (B, T, input_size) with ``batch_first``, unbatched
+    (T, input_size), or a ``PackedSequence``; ``hx`` is (num_layers * directions, B, hidden_size).
+    ``resets``, a bool tensor (T, B) ((B, T) with ``batch_first``, (T,) unbatched), zeroes a row's
+    state in every layer before step t (session-parallel training). Parameter names, initialisation
+    and ``state_dict`` are torch.nn's, so ``load_state_dict`` takes either's.
+    """
 
     _gates = 3
     _mode = "gru"
@@ -778,6 +815,7 @@ class _CellBase(_FastPath):
         return ops.resolve_backend(self.backend, device.type, self.weight_ih.dtype)
 
     def forward(self, input, hx=None):
+        """The new state (B, H) or unbatched (H,), for ``input`` (B, I) or (I,) and ``hx`` or None (zeros)."""
         if not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
             if plan is not None and not _calls_observed():
@@ -835,7 +873,13 @@ if _InferPlan is not None:
 
 
 class RNNCell(_CellBase):
-    """Drop-in ``torch.nn.RNNCell`` on the fused op."""
+    """Drop-in ``torch.nn.RNNCell`` on the fused op.
+
+    Arguments as torch.nn's: ``input_size, hidden_size, bias=True, nonlinearity='tanh' (or 'relu'), device=None,
+    dtype=None``; then keyword-only ``backend="auto"`` (or ``"cpp"``, ``"cuda"``, ``"numba"``,
+    ``"reference"``). ``forward(input, hx=None)`` takes (B, input_size) or unbatched
+    (input_size,) input and returns the new state, (B, hidden_size) or (hidden_size,).
+    """
 
     _gates = 1
 
@@ -849,7 +893,14 @@ class RNNCell(_CellBase):
 
 
 class GRUCell(_CellBase):
-    """Drop-in ``torch.nn.GRUCell`` on the fused op."""
+    """Drop-in ``torch.nn.GRUCell`` on the fused op.
+
+    Arguments as torch.nn's: ``input_size, hidden_size, bias=True, device=None,
+    dtype=None``; then keyword-only ``backend="auto"`` (or ``"cpp"``, ``"cuda"``, ``"numba"``,
+    ``"reference"``) and ``reset_after=True`` (``False``: the original GRU form, as
+    for ``GRU``). ``forward(input, hx=None)`` takes (B, input_size) or unbatched
+    (input_size,) input and returns the new state, (B, hidden_size) or (hidden_size,).
+    """
 
     _gates = 3
 

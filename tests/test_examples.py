@@ -46,3 +46,21 @@ def test_readme_using_it_snippet_runs():
     scope = {}
     exec(compile(block, "README.md (Using it)", "exec"), scope)
     assert scope["y"].shape == (20, 32, 100) and scope["out"].shape == (32, 20, 100)
+
+
+def test_readme_export_snippet_runs(tmp_path, monkeypatch):
+    """The README's serving-export block runs as written against a model.pt of the train command's
+    shape (one GRU layer of 100), in a scratch directory."""
+    import re
+
+    from rnnrec_fast import recsys
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"```python\n(from rnnrec_fast import recsys\nfrom rnnrec_fast.serving.export.*?)```",
+                      text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    recsys.save_checkpoint(recsys.GRU4Rec(30, [100], item_ids=list(range(100, 130))), "model.pt")
+    scope = {}
+    exec(compile(block, "README.md (export)", "exec"), scope)
+    assert scope["top_items"].shape == (2, 20) and scope["h_new"].shape == (1, 2, 100)
+    assert (tmp_path / "step.pt2.items.json").exists()
