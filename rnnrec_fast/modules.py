@@ -589,10 +589,10 @@ class _RNNBase(_FastPath):
         return tuple(w) if self.bias else (w[0], w[1], None, None)
 
     def forward(self, input, hx=None, *, resets=None):
-        """``(output, h_n)`` for ``input`` (T, B, I), (B, T, I) with batch_first, unbatched (T, I) or a
-        PackedSequence, ``hx`` (layers * directions, B, H) or None (zeros); ``resets``: bool (T, B)
-        ((B, T) with batch_first, (T,) unbatched), True zeroes that row's state in every layer
-        before that step."""
+        """``(output, h_n)`` as torch.nn's, for ``input`` (T, B, I), (B, T, I) with batch_first,
+        unbatched (T, I) or a PackedSequence, and ``hx`` (layers * directions, B, H) or None (zeros).
+        ``resets``, a bool tensor (T, B) ((B, T) with batch_first, (T,) unbatched): True zeroes that
+        row's state in every layer before that step (session-parallel training)."""
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
             if plan is not None and not (self.dropout and self.training) and not _calls_observed():
@@ -703,12 +703,8 @@ class RNN(_RNNBase):
     * ``backend="auto"``: ``"cpp"``, ``"cuda"``, ``"numba"`` or ``"reference"`` to force one (see
       ``rnnrec_fast.resolve_backend``; ``active_backend()`` names the one that runs).
 
-    ``forward(input, hx=None, *, resets=None)`` returns ``(output, h_n)`` as torch.nn's, for
-    ``input`` of shape (T, B, input_size), (B, T, input_size) with ``batch_first``, unbatched
-    (T, input_size), or a ``PackedSequence``; ``hx`` is (num_layers * directions, B, hidden_size).
-    ``resets``, a bool tensor (T, B) ((B, T) with ``batch_first``, (T,) unbatched), zeroes a row's
-    state in every layer before step t (session-parallel training). Parameter names, initialisation
-    and ``state_dict`` are torch.nn's, so ``load_state_dict`` takes either's.
+    Parameter names, initialisation and ``state_dict`` are torch.nn's (``load_state_dict`` takes
+    either's); ``forward(input, hx=None, *, resets=None)`` is torch.nn's with per-step state resets.
     """
 
     _gates = 1
@@ -744,12 +740,8 @@ class GRU(_RNNBase):
       ``False`` gives the original form (Cho et al. 2014, the original GRU4Rec),
       ``n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)``, which torch.nn lacks.
 
-    ``forward(input, hx=None, *, resets=None)`` returns ``(output, h_n)`` as torch.nn's, for
-    ``input`` of shape (T, B, input_size), (B, T, input_size) with ``batch_first``, unbatched
-    (T, input_size), or a ``PackedSequence``; ``hx`` is (num_layers * directions, B, hidden_size).
-    ``resets``, a bool tensor (T, B) ((B, T) with ``batch_first``, (T,) unbatched), zeroes a row's
-    state in every layer before step t (session-parallel training). Parameter names, initialisation
-    and ``state_dict`` are torch.nn's, so ``load_state_dict`` takes either's.
+    Parameter names, initialisation and ``state_dict`` are torch.nn's (``load_state_dict`` takes
+    either's); ``forward(input, hx=None, *, resets=None)`` is torch.nn's with per-step state resets.
     """
 
     _gates = 3

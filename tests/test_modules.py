@@ -434,61 +434,45 @@ def test_autocast_takes_a_bfloat16_input_as_torch_nn(backend, kind):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def _memory_case_pair(kind, backend):
+    """torch.nn's module and ours with its weights (a 2-layer sequence module or a cell of 3 -> 4),
+    an input, an hx and the name of a recurrent weight, for the tests of unusual tensor memory."""
+    if kind == "GRUCell":
+        ref = nn.GRUCell(3, 4)
+        ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
+        ours.load_state_dict(ref.state_dict())
+        return ref, ours, torch.randn(2, 3), torch.randn(2, 4), "weight_hh"
+    ref, ours = make_pair(kind, backend, torch.float32, input_size=3, hidden_size=4, num_layers=2)
+    return ref, ours, torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_hh_l1"
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell"])
-def test_negative_bit_tensors_read_by_value(backend, kind):
-    """An input, hx or weight with the negative bit (a lazily negated view: x.conj().imag,
-    torch._neg_view; its memory holds the values' negation) gives torch.nn's result in every grad
-    mode: the inference fast paths read the raw memory (cpp: the sign was wrong, silently; numba:
-    NumPy's 'negative bit' error); the op's path is resolved by the dispatcher."""
-    neg = torch._neg_view
+@pytest.mark.parametrize("form", ["negative bit", "zero tensor"])
+def test_unusual_tensor_memory_read_by_value(backend, kind, form):
+    """An input, hx or weight whose memory is not its values gives torch.nn's result in every grad
+    mode: one with the negative bit (a lazily negated view: x.conj().imag, torch._neg_view; its
+    memory holds the values' negation), or an efficient zero tensor (torch._efficientzerotensor: no
+    memory behind it). The inference fast paths read raw memory (cpp: the sign was wrong, silently,
+    and 'data is not allocated yet'; numba: NumPy's 'negative bit' error, 'Cannot convert a
+    ZeroTensor to numpy'); the op's dispatcher resolves both."""
+    ours_form, torch_form = {"negative bit": (lambda v: torch._neg_view(-v), lambda v: v),
+                             "zero tensor": (lambda v: torch._efficientzerotensor(v.shape), torch.zeros_like)}[form]
     torch.manual_seed(21)
-    if kind == "GRUCell":
-        ref = nn.GRUCell(3, 4)
-        ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
-        ours.load_state_dict(ref.state_dict())
-        x, hx, wname = torch.randn(2, 3), torch.randn(2, 4), "weight_hh"
-    else:
-        ref, ours = make_pair(kind, backend, torch.float32, input_size=3, hidden_size=4, num_layers=2)
-        x, hx, wname = torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_hh_l1"
-    w = getattr(ref, wname).detach()
+    ref, ours, x, hx, wname = _memory_case_pair(kind, backend)
+    w = getattr(ref, wname).detach().clone()
     for grad_mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
         for where in ("input", "hx", "weight"):
-            xi, hi = (neg(-x) if where == "input" else x), (neg(-hx) if where == "hx" else hx)
-            setattr(ours, wname, nn.Parameter(neg(-w) if where == "weight" else w.clone()))
+            xi, hi = (ours_form(x) if where == "input" else x), (ours_form(hx) if where == "hx" else hx)
+            xr, hr = (torch_form(x) if where == "input" else x), (torch_form(hx) if where == "hx" else hx)
+            if where == "weight":  # (a zero tensor cannot require grad)
+                setattr(ours, wname, nn.Parameter(ours_form(w), requires_grad=form == "negative bit"))
+                setattr(ref, wname, nn.Parameter(torch_form(w)))
+            else:
+                setattr(ours, wname, nn.Parameter(w.clone()))
+                setattr(ref, wname, nn.Parameter(w.clone()))
             with grad_mode():
-                got, want = ours(xi, hi), ref(x, hx)
-            for g, r in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
-                assert_close(g, r, torch.float32, f"{grad_mode.__name__}, {where}")
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
-def test_efficient_zero_tensors_read_by_value(backend, kind):
-    """An efficient zero tensor (torch._efficientzerotensor: no memory behind it) as input, hx or
-    weight gives torch.nn's result in every grad mode: the inference fast paths declined nothing
-    of it (cpp: 'data is not allocated yet'; numba: 'Cannot convert a ZeroTensor to numpy'); the
-    op's dispatcher makes it zeros."""
-    z = torch._efficientzerotensor
-    torch.manual_seed(23)
-    if kind == "GRUCell":
-        ref = nn.GRUCell(3, 4)
-        ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
-        ours.load_state_dict(ref.state_dict())
-        x, hx, wname = torch.randn(2, 3), torch.randn(2, 4), "weight_hh"
-    else:
-        ref, ours = make_pair("GRU", backend, torch.float32, input_size=3, hidden_size=4, num_layers=2)
-        x, hx, wname = torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_hh_l1"
-    w = getattr(ref, wname).detach()
-    for grad_mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
-        for where in ("input", "hx", "weight"):
-            xi, hi = (z(x.shape) if where == "input" else x), (z(hx.shape) if where == "hx" else hx)
-            wi = z(w.shape) if where == "weight" else w
-            setattr(ours, wname, nn.Parameter(wi, requires_grad=False) if where == "weight" else nn.Parameter(w.clone()))
-            setattr(ref, wname, nn.Parameter(torch.zeros_like(w) if where == "weight" else w.clone()))
-            with grad_mode():
-                got = ours(xi, hi)
-                want = ref(torch.zeros_like(x) if where == "input" else x, torch.zeros_like(hx) if where == "hx" else hx)
+                got, want = ours(xi, hi), ref(xr, hr)
             for g, r in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
                 assert_close(g, r, torch.float32, f"{grad_mode.__name__}, {where}")
 
