@@ -1044,6 +1044,15 @@ bool within_storage(const at::Tensor& t) {
   return t.numel() == 0 || (t.has_storage() && storage_reach(t) <= int64_t(t.storage().nbytes()));
 }
 
+// A ValueError, "<where><name> reaches N bytes into its storage, which holds M: ...", for a tensor
+// reaching past its storage (the op's check_memory and the scoring entry points below).
+void check_within_storage(const char* where, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage()) return;
+  const int64_t need = storage_reach(t), have = int64_t(t.storage().nbytes());
+  TORCH_CHECK_VALUE(need <= have, where, name, " reaches ", need, " bytes into its storage, which holds ", have,
+                    ": its memory was freed or shrunk (untyped_storage().resize_())");
+}
+
 #if !defined(RNNREC_STANDALONE)
 // ------------------------------------------------------------------------------------------------
 // Inference fast path of the modules (rnnrec_fast.modules): the whole module call in one C++ call,
@@ -1151,10 +1160,14 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage; a
   // tensor with the negative bit (a lazily negated view: x.conj().imag, torch._neg_view) holds the
   // values' negation in memory, and an efficient zero tensor (torch._efficientzerotensor) none:
-  // the dispatcher resolves both before the op's kernel runs. A tensor reaching past its storage
-  // (freed or shrunk) goes to the op, which refuses it.
+  // the dispatcher resolves both before the op's kernel runs; a Python tensor subclass
+  // (_make_wrapper_subclass) or a functionalized tensor (torch.func.functionalize) has no memory
+  // of its values either: the op's call goes through their dispatch. A tensor reaching past its
+  // storage (freed or shrunk) goes to the op, which refuses it.
   const auto plain_memory = [](const at::Tensor& t) {
-    return t.has_storage() && !t.is_neg() && !t._is_zerotensor() && within_storage(t);
+    const c10::DispatchKeySet ks = t.key_set();
+    return t.has_storage() && !t.is_neg() && !t._is_zerotensor() && !ks.has(c10::DispatchKey::Python) &&
+           !ks.has(c10::DispatchKey::Functionalize) && within_storage(t);
   };
   if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
       at::GradMode::is_enabled() || !plain_memory(input))
@@ -1440,11 +1453,16 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::opti
   if (has_b)
     TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == W.size(0), "rnnrec_fast linear_rows: b must be (",
                       W.size(0), ",), got ", b->sizes());
+  check_within_storage("rnnrec_fast linear_rows: ", "x", x);
+  check_within_storage("rnnrec_fast linear_rows: ", "W", W);
+  if (has_b) check_within_storage("rnnrec_fast linear_rows: ", "b", *b);
 #if defined(RNNREC_HAVE_AVX2_TU)
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || W.requires_grad() || (has_b && b->requires_grad()));
-  // (a tensor with the negative bit holds its values' negation: ATen resolves it)
-  const bool neg = x.is_neg() || W.is_neg() || (has_b && b->is_neg());
+  // (a tensor with the negative bit holds its values' negation, an efficient zero tensor no memory:
+  // ATen resolves both)
+  const auto unusual = [](const at::Tensor& t) { return t.is_neg() || t._is_zerotensor(); };
+  const bool neg = unusual(x) || unusual(W) || (has_b && unusual(*b));
   if (!grad && !neg && simd_enabled() && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) > 0 && x.scalar_type() == at::kFloat &&
       W.scalar_type() == at::kFloat && x.device().is_cpu() && W.device().is_cpu() &&
       (!has_b || (b->scalar_type() == at::kFloat && b->device().is_cpu()))) {
@@ -1531,6 +1549,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
                     "rnnrec_fast topk_rows: scores must be a float32 CPU (M, N) matrix, got ", scores.sizes());
   const int64_t M = scores.size(0), N = scores.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "rnnrec_fast topk_rows: k must be in [1, ", N, "], got ", k);
+  check_within_storage("rnnrec_fast topk_rows: ", "scores", scores);
   const at::Tensor sc = scores.contiguous().resolve_neg();  // (the negative bit: values negated in memory)
   at::Tensor vals = at::empty({M, k}, sc.options()), idx = at::empty({M, k}, sc.options().dtype(at::kLong));
   const float* sp = sc.data_ptr<float>();
@@ -1549,6 +1568,9 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
 // first). Returns (scores, indices) as Python lists, best first: no tensors to build or convert.
 py::tuple score_topk(const at::Tensor& h_in, const at::Tensor& W_in, const at::Tensor& b_in, int64_t k,
                      const std::vector<int64_t>& exclude) {
+  check_within_storage("rnnrec_fast score_topk: ", "h", h_in);
+  check_within_storage("rnnrec_fast score_topk: ", "W", W_in);
+  check_within_storage("rnnrec_fast score_topk: ", "b", b_in);
   // (a tensor with the negative bit holds its values' negation in memory: resolved first)
   const at::Tensor h = h_in.resolve_neg(), W = W_in.resolve_neg(), b = b_in.resolve_neg();
   TORCH_CHECK_VALUE(W.dim() == 2 && W.scalar_type() == at::kFloat && W.device().is_cpu() && W.is_contiguous(),

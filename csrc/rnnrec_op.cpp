@@ -32,8 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
     bool reset_after);
 
-// Defined in rnnrec_cpu.cpp: bytes from the start of t's storage to the end of its last element.
-int64_t storage_reach(const at::Tensor& t);
+// Defined in rnnrec_cpu.cpp: a ValueError for a tensor reaching past its storage.
+void check_within_storage(const char* where, const char* name, const at::Tensor& t);
 
 namespace {
 
@@ -77,10 +77,7 @@ std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype (to
 // Mirrors ops._check_memory: t's sizes, strides and offset stay within its storage (one freed or
 // shrunk after the tensor was made would be read past its end).
 void check_memory(const char* name, const at::Tensor& t) {
-  if (t.numel() == 0 || !t.has_storage()) return;
-  const int64_t need = storage_reach(t), have = int64_t(t.storage().nbytes());
-  RNNREC_CHECK(need <= have, name, " reaches ", need, " bytes into its storage, which holds ", have,
-               ": its memory was freed or shrunk (untyped_storage().resize_())");
+  check_within_storage("rnnrec_fast.recurrence: ", name, t);
 }
 
 // Mirrors ops._check_inputs; returns the mode index.

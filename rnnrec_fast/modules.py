@@ -66,12 +66,11 @@ _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
 
 
 def _plain_memory(t):
-    """t's values are its memory, all of it there, as the Python fast path reads them: strided,
-    no negative bit (a lazily negated view), not an efficient zero tensor (no memory), not reaching
-    past a freed or shrunk storage (the op refuses that). The op's dispatcher resolves the negative
-    bit and zero tensors; other layouts get the module's error."""
-    return (t.layout == torch.strided and not t.is_neg() and not t._is_zerotensor()
-            and ops.within_storage(t))
+    """t's values are its memory as the Python fast path reads them: strided, no negative bit (a
+    lazily negated view), not an efficient zero tensor (no memory). The op's dispatcher resolves
+    both; other layouts get the module's error. (Whether all of it is there, not freed or shrunk,
+    is ops.within_storage: checked for each input, and for a weight when its view is made.)"""
+    return t.layout == torch.strided and not t.is_neg() and not t._is_zerotensor()
 
 
 def _unrecorded(a, b=None):
@@ -121,8 +120,9 @@ class _PyInferPlan:
         if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not _unrecorded(input, hx):
             return None
         dt = input.dtype
-        if (not input.is_cpu or dt not in (torch.float32, torch.float64) or input.layout != torch.strided
-                or not _plain_memory(input) or (hx is not None and not _plain_memory(hx))):
+        if (not input.is_cpu or dt not in (torch.float32, torch.float64) or not _plain_memory(input)
+                or not ops.within_storage(input)
+                or (hx is not None and not (_plain_memory(hx) and ops.within_storage(hx)))):
             return None
         cell = self.cell
         if input.dim() != (2 if cell else 3):
@@ -147,18 +147,23 @@ class _PyInferPlan:
         H = w_hh0.shape[1]
         GH = self.gates * H
         for i, t in enumerate(w):
-            if (t is None or t.dtype != dt or not t.is_cpu or t.layout != torch.strided or _functorch_wrapped(t)
-                    or not _plain_memory(t)):
-                return None
+            if (t is None or (type(t) is not nn.Parameter and type(t) is not torch.Tensor) or t.dtype != dt
+                    or not t.is_cpu or _functorch_wrapped(t) or not _plain_memory(t)):
+                return None  # (a tensor subclass: its own dispatch must see the op's call)
             k = i % per
             if t.shape != ((GH, I if i < per else H) if k == 0 else (GH, H) if k == 1 else (GH,)):
                 return None
         if hx is not None and (hx.dtype != dt or not hx.is_cpu or hx.layout != torch.strided
                                or hx.shape != ((B, H) if cell else (L, B, H))):
             return None
-        out = (self._numba(backend, input, hx, w, T, B, H) if name == "numba"
-               else self._reference(backend, input, hx, w, B, H))
-        ops._set_last(name)
+        if name == "numba":
+            out = self._numba(backend, input, hx, w, T, B, H)
+        elif all(ops.within_storage(t) for t in w):
+            out = self._reference(backend, input, hx, w, B, H)
+        else:
+            return None
+        if out is not None:
+            ops._set_last(name)
         return out
 
     def _reference(self, backend, input, hx, w, B, H):
@@ -183,7 +188,10 @@ class _PyInferPlan:
         self.views = [None] * len(self.names)
 
     def _arrays(self, w):
-        """C-contiguous NumPy views of the weights (copies of non-contiguous ones, not kept)."""
+        """C-contiguous NumPy views of the weights (copies of non-contiguous ones, not kept); None
+        where a weight reaches past its storage (freed or shrunk: the op refuses it). A kept view is
+        of the same tensor at the same address: a storage resized since has moved (resize_ copies
+        into new memory while the old is still held)."""
         views = self.views
         out = []
         for i, t in enumerate(w):
@@ -192,6 +200,8 @@ class _PyInferPlan:
                     and t.is_contiguous()):
                 out.append(v[3])
                 continue
+            if not ops.within_storage(t):
+                return None
             a = t.detach().contiguous().numpy()
             if t.is_contiguous():
                 views[i] = (t, t.data_ptr(), t.dtype, a)
@@ -202,6 +212,8 @@ class _PyInferPlan:
         cell, L, bf = self.cell, self.layers, self.batch_first
         dt = input.dtype
         arrays = self._arrays(w)
+        if arrays is None:
+            return None
         per = len(arrays) // L
         x = (input.detach() if input.requires_grad else input).numpy()
         x = x[None] if cell else x.transpose(1, 0, 2) if bf else x

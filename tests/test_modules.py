@@ -477,6 +477,47 @@ def test_unusual_tensor_memory_read_by_value(backend, kind, form):
                 assert_close(g, r, torch.float32, f"{grad_mode.__name__}, {where}")
 
 
+class _Wrapped(torch.Tensor):
+    """A tensor subclass holding another tensor (torch.Tensor._make_wrapper_subclass: no memory of
+    its own), unwrapping it for every op, as DTensor-like subclasses do."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                   device=inner.device, requires_grad=False)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda a: a.inner if isinstance(a, _Wrapped) else a  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return _Wrapped(out) if func is torch.ops.aten.detach.default else out  # (nn.Parameter detaches)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_subclass_weights_and_functionalize_as_torch_nn(backend, kind):
+    """A weight that is a wrapper tensor subclass, and a call under torch.func.functionalize, give
+    torch.nn's result without autograd: the inference fast paths read such tensors' memory, which
+    they have none of (cpp: 'data is not allocated yet'; numba: '.numpy() is not supported for
+    tensor subclasses'); the op's call goes through their dispatch."""
+    torch.manual_seed(25)
+    ref, ours, x, hx, wname = _memory_case_pair(kind, backend)
+    if kind != "GRUCell":
+        hx = hx[:ours.num_layers]
+    want = ref(x, hx)
+    with torch.no_grad():
+        got = torch.func.functionalize(lambda a, b: ours(a, b))(x, hx)
+        for g, r in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+            assert_close(g, r, torch.float32, "functionalize")
+        setattr(ours, wname, nn.Parameter(_Wrapped(getattr(ref, wname).detach().clone()), requires_grad=False))
+        got = ours(x, hx)
+    for g, r in zip(got if kind != "GRUCell" else [got], want if kind != "GRUCell" else [want]):
+        assert_close(g, r, torch.float32, "wrapper subclass weight")
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell"])
 def test_freed_or_shrunk_storage_is_refused(backend, kind):

@@ -540,6 +540,42 @@ def test_extension_helpers_read_the_negative_bit():
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_extension_helpers_refuse_freed_storage_and_read_zero_tensors():
+    """linear_rows, score_topk and topk_rows refuse a tensor whose storage was freed or shrunk after
+    it was made (they read past its end: a GRU4Rec whose item matrix was freed scored garbage),
+    with a ValueError naming it; linear_rows takes an efficient zero tensor as zeros (its kernel
+    read the missing memory: 'data is not allocated')."""
+    from rnnrec_fast import _C
+    from rnnrec_fast.recsys import GRU4Rec
+
+    def shrunk(t):
+        t.untyped_storage().resize_(8)
+        return t
+
+    N, H = 300, 16
+    W, b, h, x = torch.randn(N, H), torch.randn(N), torch.randn(H), torch.randn(2, H)
+    with pytest.raises(ValueError, match="linear_rows: W reaches 19200 bytes into its storage, which holds 8"):
+        _C.linear_rows(x, shrunk(W.clone()), b)
+    with pytest.raises(ValueError, match="linear_rows: x reaches 128 bytes"):
+        _C.linear_rows(shrunk(x.clone()), W, b)
+    with pytest.raises(ValueError, match="linear_rows: b reaches"):
+        _C.linear_rows(x, W, shrunk(b.clone()))
+    with pytest.raises(ValueError, match="score_topk: W reaches"):
+        _C.score_topk(h, shrunk(W.clone()), b, 5, [])
+    with pytest.raises(ValueError, match="score_topk: h reaches"):
+        _C.score_topk(shrunk(h.clone()), W, b, 5, [])
+    with pytest.raises(ValueError, match="topk_rows: scores reaches"):
+        _C.topk_rows(shrunk(torch.randn(3, N)), 4)
+    z = torch._efficientzerotensor
+    assert_close(_C.linear_rows(z(2, H), W, b), b.expand(2, N), torch.float32, "linear_rows, zero x")
+    assert_close(_C.linear_rows(x, z(N, H), b), b.expand(2, N), torch.float32, "linear_rows, zero W")
+    model = GRU4Rec(N, [H]).eval()
+    shrunk(model.Wy.data)
+    with pytest.raises(ValueError, match="W reaches"):
+        model.score(torch.randn(1, H))
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_score_topk_matches_torch_topk():
     """_C.score_topk (the serving click: W h + b, exclusions at -inf, the k best as lists) against
     addmv + torch.topk: several k up to N, 1 and 2 threads, exclusions (repeated ones too), NaN
