@@ -156,6 +156,12 @@ def within_storage(t):
     return storage_reach(t) <= t.untyped_storage().nbytes()
 
 
+def _named_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets):
+    """The op's tensor arguments with their names, for _check_memory."""
+    return (("x", x), ("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
+            ("lengths", lengths), ("resets", resets))
+
+
 def _check_memory(*named):
     """Each (name, tensor)'s sizes, strides and offset stay within its storage: one freed or shrunk
     after the tensor was made (untyped_storage().resize_(0), as FSDP frees parameters) would be read
@@ -325,8 +331,7 @@ def _autocast_off(device_type):
 
 def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
-    _check_memory(("x", x), ("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
-                  ("lengths", lengths), ("resets", resets))
+    _check_memory(*_named_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets))
     _check_length_values(lengths, x.shape[0])
     if h0 is None:
         h0 = _zero_state(x, w_hh)
@@ -341,8 +346,7 @@ def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengt
                      workspace, mode, reset_after, backend):
     mode_i, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
-    _check_memory(("x", x), ("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
-                  ("lengths", lengths), ("resets", resets), ("grad_output", grad_output),
+    _check_memory(*_named_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets), ("grad_output", grad_output),
                   ("grad_h_n", grad_h_n), ("output", output), ("workspace", workspace))
     if h0 is None:
         h0 = _zero_state(x, w_hh)

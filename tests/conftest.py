@@ -27,6 +27,13 @@ def cpu_backends():
     return params
 
 
+def shrunk(t, nbytes=8):
+    """t with its storage shrunk to nbytes after it was made (untyped_storage().resize_, as FSDP
+    frees parameters): its sizes now reach past its memory."""
+    t.untyped_storage().resize_(nbytes)
+    return t
+
+
 def tolerances(dtype):
     return dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 

@@ -6,7 +6,7 @@ import torch
 
 import rnnrec_fast
 
-from conftest import cpu_backends
+from conftest import cpu_backends, shrunk
 
 
 def good(T=3, B=2, I=4, H=5, G=3, dtype=torch.float32):
@@ -20,12 +20,6 @@ def call(backend="auto", mode="gru", lengths=None, resets=None, **over):
     a.update(over)
     return torch.ops.rnnrec_fast.recurrence(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
                                             lengths, resets, mode, True, backend)
-
-
-def shrunk(t, nbytes=8):
-    """t with its storage shrunk after it was made (as untyped_storage().resize_ frees memory)."""
-    t.untyped_storage().resize_(nbytes)
-    return t
 
 
 BAD_INPUTS = [

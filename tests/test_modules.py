@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnrec_fast
 
-from conftest import assert_close, cpu_backends
+from conftest import assert_close, cpu_backends, shrunk
 
 KINDS = ["RNN_tanh", "RNN_relu", "GRU"]
 INPUTS = ["batched", "unbatched", "packed_sorted", "packed_unsorted"]
@@ -534,16 +534,11 @@ def test_freed_or_shrunk_storage_is_refused(backend, kind):
         x, hx, wname, opname = torch.randn(5, 2, 3), torch.randn(2, 2, 4), "weight_ih_l1", "w_ih"
     w = getattr(ours, wname).detach().clone()
 
-    def shrunk(t, nbytes):
-        t = t.clone()
-        t.untyped_storage().resize_(nbytes)
-        return t
-
     for grad_mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
         for where, name in (("input", "x"), ("hx", "h0"), ("weight", opname), ("freed weight", opname)):
-            xi = shrunk(x, 8) if where == "input" else x
-            hi = shrunk(hx, 8) if where == "hx" else hx
-            wi = shrunk(w, 0 if where == "freed weight" else 8) if "weight" in where else w
+            xi = shrunk(x.clone(), 8) if where == "input" else x
+            hi = shrunk(hx.clone(), 8) if where == "hx" else hx
+            wi = shrunk(w.clone(), 0 if where == "freed weight" else 8) if "weight" in where else w
             setattr(ours, wname, nn.Parameter(wi))
             n = 0 if where == "freed weight" else 8
             # (ours, or torch's own error where the module's view of the input or hx sees it first)

@@ -15,7 +15,7 @@ from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 
-from conftest import assert_close, cpu_backends, tolerances
+from conftest import assert_close, cpu_backends, shrunk, tolerances
 
 MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
 SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (6, 4, 3, 2)]  # T, B, I, H
@@ -547,10 +547,6 @@ def test_extension_helpers_refuse_freed_storage_and_read_zero_tensors():
     read the missing memory: 'data is not allocated')."""
     from rnnrec_fast import _C
     from rnnrec_fast.recsys import GRU4Rec
-
-    def shrunk(t):
-        t.untyped_storage().resize_(8)
-        return t
 
     N, H = 300, 16
     W, b, h, x = torch.randn(N, H), torch.randn(N), torch.randn(H), torch.randn(2, H)
