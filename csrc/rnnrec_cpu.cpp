@@ -17,6 +17,7 @@
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #endif
@@ -1385,23 +1386,28 @@ class InferPlan {
   // Python (torch's DeviceContext, `with torch.device(...)`, is no reason to decline). `self` is
   // passed at each call: the plan holds no reference to it.
   py::object module_call(py::handle self, py::tuple args) const {
+    PyObject* d = PyObject_GenericGetDict(self.ptr(), nullptr);
+    if (d == nullptr) throw py::error_already_set();
+    const auto dict = py::reinterpret_steal<py::object>(d);
+    return module_call_in(self.ptr(), args.ptr(), d);
+  }
+
+  // module_call given the module's __dict__ d (the call slot below has it already).
+  py::object module_call_in(PyObject* self, PyObject* args, PyObject* d) const {
     const ModuleCallContext* c = module_call_ctx;
-    const Py_ssize_t n = PyTuple_GET_SIZE(args.ptr());
+    const Py_ssize_t n = PyTuple_GET_SIZE(args);
     if (c == nullptr || n < 1 || n > 2) return py::none();
     {
       PyObject* call = PyDict_GetItemWithError(((PyTypeObject*)c->module_cls.ptr())->tp_dict, c->dunder_call);
       if (call == nullptr && PyErr_Occurred()) throw py::error_already_set();
       if (call != c->torch_call.ptr()) return py::none();
     }
-    PyObject* d_raw = PyObject_GenericGetDict(self.ptr(), nullptr);
-    if (d_raw == nullptr) throw py::error_already_set();
-    const auto d = py::reinterpret_steal<py::object>(d_raw);
     const auto lookup = [](PyObject* dict, PyObject* key) -> PyObject* {  // borrowed, or nullptr when absent
       PyObject* v = PyDict_GetItemWithError(dict, key);
       if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
       return v;
     };
-    const auto item = [&](PyObject* key) { return lookup(d.ptr(), key); };
+    const auto item = [&](PyObject* key) { return lookup(d, key); };
     const auto truthy = [](PyObject* v) -> bool {
       if (v == nullptr) return false;
       const int t = PyObject_IsTrue(v);
@@ -1416,7 +1422,7 @@ class InferPlan {
     if (truthy(item(c->training)) && truthy(item(c->dropout))) return py::none();
     {
       // the class attribute as stored (borrowed; a plain function's __get__ on the class returns itself)
-      PyObject* fwd = _PyType_Lookup(Py_TYPE(self.ptr()), c->forward);
+      PyObject* fwd = _PyType_Lookup(Py_TYPE(self), c->forward);
       bool own = false;  // (a missing forward, nullptr, is none of them)
       for (const auto& f : c->own_forwards) own = own || f.ptr() == fwd;
       if (!own) return py::none();
@@ -1433,7 +1439,7 @@ class InferPlan {
       if (lv >= 0) return py::none();
     }
     if (at::impl::torch_function_mode_enabled()) return py::reinterpret_borrow<py::object>(Py_NotImplemented);
-    return call(PyTuple_GET_ITEM(args.ptr(), 0), n == 2 ? PyTuple_GET_ITEM(args.ptr(), 1) : Py_None);
+    return call(PyTuple_GET_ITEM(args, 0), n == 2 ? PyTuple_GET_ITEM(args, 1) : Py_None);
   }
 
  private:
@@ -1442,6 +1448,71 @@ class InferPlan {
   int64_t mode_, layers_, dirs_;
   bool reset_after_, batch_first_, cell_;
 };
+
+// The call slot of rnnrec_fast's own module classes (RNN, GRU, RNNCell, GRUCell; not their
+// subclasses). `module(x, h)` runs the type's tp_call; a Python class's is CPython's slot_tp_call,
+// which looks __call__ up and runs its Python frame (~0.6 us of a ~7 us serving step here).
+// install_call_slot gives the classes module_call_slot instead, which does in C++ what
+// modules._FastPath.__call__ does first (the plan's module_call, for calls without keyword
+// arguments) and hands every other call on as it would: the rest of the call to
+// _FastPath._call_after, or, where the module's plan is not an InferPlan (a Python backend's, or
+// none), the whole call to _FastPath.__call__. That Python __call__ stays the classes' attribute:
+// torch.compile traces it (the slot only ever sees eager calls), subclasses run it, and assigning
+// a class's __call__ makes CPython reset the slot to the assigned one.
+namespace {
+struct CallSlot {
+  PyTypeObject* plan_type;  // InferPlan's
+  PyObject* py_call;        // _FastPath.__call__
+  PyObject* call_after;     // _FastPath._call_after(module, args, kwargs, tried)
+  PyObject* plan_key;       // "_plan"
+};
+const CallSlot* call_slot = nullptr;  // never freed: it lives as long as the interpreter
+
+PyObject* module_call_slot(PyObject* self, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  const CallSlot* s = call_slot;
+  PyObject* d = PyObject_GenericGetDict(self, nullptr);
+  if (d == nullptr) throw py::error_already_set();
+  const auto dict = py::reinterpret_steal<py::object>(d);
+  PyObject* plan = PyDict_GetItemWithError(d, s->plan_key);  // borrowed
+  if (plan == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  if (plan == nullptr || Py_TYPE(plan) != s->plan_type) {  // _FastPath.__call__(self, *args, **kwargs)
+    const Py_ssize_t n = PyTuple_GET_SIZE(args);
+    c10::SmallVector<PyObject*, 4> argv{self};
+    for (Py_ssize_t i = 0; i < n; ++i) argv.push_back(PyTuple_GET_ITEM(args, i));
+    return PyObject_VectorcallDict(s->py_call, argv.data(), size_t(n + 1), kwargs);
+  }
+  const bool no_kwargs = kwargs == nullptr || PyDict_GET_SIZE(kwargs) == 0;
+  py::object tried = py::none();
+  if (no_kwargs) {
+    tried = py::handle(plan).cast<const InferPlan&>().module_call_in(self, args, d);
+    if (!tried.is_none() && tried.ptr() != Py_NotImplemented) return tried.release().ptr();
+  }
+  const py::object kw = no_kwargs ? py::dict() : py::reinterpret_borrow<py::object>(kwargs);
+  PyObject* argv[4] = {self, args, kw.ptr(), tried.ptr()};
+  return PyObject_Vectorcall(s->call_after, argv, 4, nullptr);
+  END_HANDLE_TH_ERRORS
+}
+}  // namespace
+
+void install_call_slot(py::tuple classes, py::object py_call, py::object call_after) {
+  auto* s = new CallSlot();
+  s->plan_type = reinterpret_cast<PyTypeObject*>(py::type::of<InferPlan>().ptr());
+  s->py_call = py_call.release().ptr();
+  s->call_after = call_after.release().ptr();
+  s->plan_key = PyUnicode_InternFromString("_plan");
+  if (s->plan_key == nullptr) throw py::error_already_set();
+  call_slot = s;  // (a second call, a reloaded rnnrec_fast.modules, replaces it; the first is kept: it may be in use)
+  for (const auto& cls : classes) {
+    TORCH_CHECK_TYPE(PyType_Check(cls.ptr()) && (reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_flags & Py_TPFLAGS_HEAPTYPE),
+                     "install_call_slot: Python classes expected");
+    reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_call = module_call_slot;
+  }
+}
+
+bool has_call_slot(py::handle cls) {
+  return PyType_Check(cls.ptr()) && reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_call == module_call_slot;
+}
 
 // out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
 // float32 CPU rows (at most 8) on a CPU with the vector kernels and without autograd to record go
@@ -1664,6 +1735,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "module(*args) on this plan where the module's call would reach it (see modules._FastPath), else None");
   m.def("set_module_call_context", &rnnrec::set_module_call_context, py::arg("own_forwards"),
         py::arg("nn_module"), py::arg("forward_ad"), py::arg("module_cls"), py::arg("torch_call"), "what InferPlan.module_call reads besides the module");
+  m.def("install_call_slot", &rnnrec::install_call_slot, py::arg("classes"), py::arg("py_call"),
+        py::arg("call_after"), "give the module classes the C++ call slot (module_call_slot; see modules)");
+  m.def("has_call_slot", &rnnrec::has_call_slot, py::arg("cls"), "whether calls of cls's instances start in C++");
   m.def("last_backend", &rnnrec::last_backend, "the backend that ran this thread's last call ('' before any)");
   m.def("set_last_backend", &rnnrec::set_last_backend, "record the backend (a Python one) that ran this call",
         py::arg("name"));

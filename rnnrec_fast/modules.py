@@ -33,7 +33,8 @@ _FAST_BACKENDS = ("auto", "cpp")
 
 _is_compiling = torch.compiler.is_compiling
 # The C++ shortcut in _FastPath.__call__ needs only dynamo's test (dynamo traces that Python code
-# and must not reach the C++ call); under the other tracers (non-strict torch.export, make_fx) the
+# and must not reach the C++ call; the classes' C++ call slot runs only for eager calls, which
+# dynamo does not trace); under the other tracers (non-strict torch.export, make_fx) the
 # inputs are fake or a dispatch mode is on, and the C++ call declines by itself. A third of the
 # cost of is_compiling, which also asks torch.jit.is_scripting (~60 ns of a ~7 us serving step).
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
@@ -307,18 +308,26 @@ class _FastPath(nn.Module):
         # patched one is honoured), but for torch.fx's symbolic tracing, which records a leaf node.
         # A forward of the user's (a subclass's, or one set on the instance, as wrappers do) is
         # always called: the shortcut would skip it.
+        # Instances of the four public classes do not come here with the C++ plan: their calls
+        # start in the classes' C++ call slot (_C.install_call_slot, at the end of this module),
+        # which does the first lines below in C++ and goes on to _call_after as they do.
+        module_call = self.__dict__.get("_module_call")
+        tried = None
+        if module_call is not None and not kwargs and not _is_dynamo_compiling():
+            tried = module_call(self, args)  # the checks of _call_after's Python plan branch, in C++
+            if tried is not None and tried is not NotImplemented:
+                return tried
+        return self._call_after(args, kwargs, tried)
+
+    def _call_after(self, args, kwargs, tried):
+        """The module's call after the C++ plan's module_call: ``tried`` is what it returned (None:
+        declined, or not tried; NotImplemented: only a torch function mode stood in its way)."""
         d = self.__dict__
-        module_call = d.get("_module_call")
-        if module_call is not None:  # the C++ plan: the checks below, in C++ (~1 us less a call)
-            if not kwargs and not _is_dynamo_compiling():
-                out = module_call(self, args)
-                if out is NotImplemented:  # only a torch function mode stood in the way
-                    out = None if _calls_observed() else d["_plan"](*args)
-                if out is not None:
-                    return out
-            plan = None
-        else:
-            plan = d.get("_plan")
+        if tried is NotImplemented:
+            out = None if _calls_observed() else d["_plan"](*args)
+            if out is not None:
+                return out
+        plan = d.get("_plan") if d.get("_module_call") is None else None
         if (plan is not None and not kwargs and 0 < len(args) <= 2 and not _is_compiling()
                 and type(self).forward in _OWN_FORWARDS and "forward" not in d
                 and d.get("_compiled_call_impl") is None
@@ -912,6 +921,14 @@ class GRUCell(_CellBase):
                  reset_after=True):
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend,
                          reset_after=reset_after, mode="gru")
+
+
+if _InferPlan is not None:
+    # Calls of these classes' instances start in C++ (see _FastPath.__call__); their subclasses'
+    # run __call__ (CPython gives a new class the slot of its __call__ attribute)
+    from ._C import install_call_slot as _install_call_slot
+
+    _install_call_slot((RNN, GRU, RNNCell, GRUCell), _FastPath.__call__, _FastPath._call_after)
 
 
 _FROM_TORCH = {nn.GRU: GRU, nn.RNN: RNN, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}

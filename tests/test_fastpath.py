@@ -18,6 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rnnrec_fast
 from rnnrec_fast import modules
 
+try:
+    from rnnrec_fast import _C
+except ImportError:
+    _C = None
+
 from conftest import assert_close, cpu_backends
 
 needs_ext = pytest.mark.skipif(
@@ -398,6 +403,88 @@ def test_hooks_run_with_the_fast_path(spy):
         assert torch.equal(m(x)[0], want[0])
 
 
+def _python_frames(call):
+    """(the names of the Python functions that call() runs, but its own frame; its result)."""
+    names = []
+    sys.setprofile(lambda frame, event, arg: names.append(frame.f_code.co_name) if event == "call" else None)
+    try:
+        out = call()
+    finally:
+        sys.setprofile(None)
+    return names[1:], out
+
+
+@needs_ext
+@pytest.mark.parametrize("cls", [rnnrec_fast.RNN, rnnrec_fast.GRU, rnnrec_fast.RNNCell, rnnrec_fast.GRUCell],
+                         ids=lambda c: c.__name__)
+def test_calls_start_in_the_call_slot(cls):
+    """A call of one of the four public classes' instances starts in their C++ call slot
+    (_C.install_call_slot): on the fast path no Python runs at all, with what the Python __call__
+    gives (which their subclasses run); every other call goes on where __call__ would send it."""
+    torch.manual_seed(3)
+    cell = cls in (rnnrec_fast.RNNCell, rnnrec_fast.GRUCell)
+    m = cls(3, 4).eval()
+
+    class Sub(cls):
+        pass
+
+    sub = Sub(3, 4).eval()
+    sub.load_state_dict(m.state_dict())
+    x, h = (torch.randn(2, 3), torch.randn(2, 4)) if cell else (torch.randn(5, 2, 3), torch.randn(1, 2, 4))
+    assert _C.has_call_slot(cls) and not _C.has_call_slot(Sub)
+    with torch.inference_mode():
+        frames, out = _python_frames(lambda: m(x, h))
+        assert frames == [] and rnnrec_fast.last_backend() == "cpp"
+        frames, sub_out = _python_frames(lambda: sub(x, h))
+        assert frames[0] == "__call__" and rnnrec_fast.last_backend() == "cpp"
+        torch.testing.assert_close(out, sub_out, rtol=0, atol=0)
+        # keyword arguments: on to _call_after, and through nn.Module's call to forward
+        frames, kw_out = _python_frames(lambda: m(x, hx=h))
+        assert frames[0] == "_call_after" and "forward" in frames and "__call__" not in frames
+        torch.testing.assert_close(kw_out, out, rtol=0, atol=0)
+        # only a torch function mode in the way: _call_after looks at it and runs the plan
+        with torch.device("cpu"):
+            frames, dev_out = _python_frames(lambda: m(x, h))
+        assert frames[0] == "_call_after" and "forward" not in frames and rnnrec_fast.last_backend() == "cpp"
+        torch.testing.assert_close(dev_out, out, rtol=0, atol=0)
+        # a plan that is not the C++ one (a Python backend's): the whole call to __call__
+        m.backend = "reference"
+        frames, ref_out = _python_frames(lambda: m(x, h))
+        assert frames[0] == "__call__" and rnnrec_fast.last_backend() == "reference"
+        assert_close(ref_out, out, torch.float32, "reference backend")
+        m.backend = "auto"
+        # errors keep their types and messages
+        with pytest.raises(modules.InputError, match="got 7"):
+            m(torch.randn(2, 7) if cell else torch.randn(5, 2, 7))
+    frames, grad_out = _python_frames(lambda: m(x, h))  # autograd on: the op, through forward
+    assert frames[0] == "_call_after" and "forward" in frames and grad_out[0].requires_grad
+    torch.testing.assert_close(grad_out, out, rtol=0, atol=0)
+
+
+@needs_ext
+def test_a_class_call_assigned_by_the_user_replaces_the_slot():
+    """Assigning a class's __call__ (a user's wrapper) makes CPython reset the class's call slot, as
+    for any class: the wrapper sees every call."""
+    seen = []
+    real = rnnrec_fast.GRU.__call__
+
+    def wrapper(self, *args, **kwargs):
+        seen.append(1)
+        return real(self, *args, **kwargs)
+
+    m, x = rnnrec_fast.GRU(3, 4).eval(), torch.randn(5, 2, 3)
+    try:
+        rnnrec_fast.GRU.__call__ = wrapper
+        assert not _C.has_call_slot(rnnrec_fast.GRU)
+        with torch.inference_mode():
+            m(x)
+        assert seen == [1] and rnnrec_fast.last_backend() == "cpp"
+    finally:
+        del rnnrec_fast.GRU.__call__
+        _C.install_call_slot((rnnrec_fast.GRU,), modules._FastPath.__call__, modules._FastPath._call_after)
+    assert _C.has_call_slot(rnnrec_fast.GRU)
+
+
 # ------------------------------------------------------------------------------------------------
 # The Python backends' fast path (modules._PyInferPlan): backend="numba" / "reference" on CPU.
 
@@ -617,7 +704,7 @@ def test_fast_paths_kept_under_torch_device_context(backend, monkeypatch):
                 sys.setprofile(None)
     assert_close(got, want, torch.float32, "output under torch.device")
     assert calls == []  # a fast path ran, not the op through the general path
-    # served from the module's __call__, as without the context (it went through nn.Module.__call__
+    # served ahead of nn.Module's call machinery, as without the context (it went through nn.Module.__call__
     # and forward: ~12 against ~7 us a click)
     assert forwards == []
 
