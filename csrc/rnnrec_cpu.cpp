@@ -1375,7 +1375,8 @@ class InferPlan {
                       w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
   }
 
-  // The module's whole call, `module(*args)` (modules._FastPath.__call__, outside torch.compile):
+  // The module's whole call, `module(*args)` (the classes' call slot below, or
+  // modules._FastPath.__call__ outside torch.compile):
   // the plan's call where nn.Module.__call__ would call forward straight away and forward would
   // take this plan, else None. The checks are the Python ones, in C++ (they took ~1.3 of the ~7.5
   // us of a serving step there): positional input and optional hx only; nn.Module.__call__ not
@@ -1458,7 +1459,8 @@ class InferPlan {
 // _FastPath._call_after, or, where the module's plan is not an InferPlan (a Python backend's, or
 // none), the whole call to _FastPath.__call__. That Python __call__ stays the classes' attribute:
 // torch.compile traces it (the slot only ever sees eager calls), subclasses run it, and assigning
-// a class's __call__ makes CPython reset the slot to the assigned one.
+// or deleting a class's __call__ makes CPython reset the slot to the Python one (__call__ installs
+// this slot again at the class's next call where the class's __call__ is _FastPath's again).
 namespace {
 struct CallSlot {
   PyTypeObject* plan_type;  // InferPlan's
@@ -1474,8 +1476,10 @@ PyObject* module_call_slot(PyObject* self, PyObject* args, PyObject* kwargs) {
   PyObject* d = PyObject_GenericGetDict(self, nullptr);
   if (d == nullptr) throw py::error_already_set();
   const auto dict = py::reinterpret_steal<py::object>(d);
-  PyObject* plan = PyDict_GetItemWithError(d, s->plan_key);  // borrowed
+  PyObject* plan = PyDict_GetItemWithError(d, s->plan_key);
   if (plan == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  // (held: a large call lets other threads run, and one could replace the module's plan meanwhile)
+  const auto plan_ref = py::reinterpret_borrow<py::object>(plan);
   if (plan == nullptr || Py_TYPE(plan) != s->plan_type) {  // _FastPath.__call__(self, *args, **kwargs)
     const Py_ssize_t n = PyTuple_GET_SIZE(args);
     c10::SmallVector<PyObject*, 4> argv{self};
@@ -1488,7 +1492,9 @@ PyObject* module_call_slot(PyObject* self, PyObject* args, PyObject* kwargs) {
     tried = py::handle(plan).cast<const InferPlan&>().module_call_in(self, args, d);
     if (!tried.is_none() && tried.ptr() != Py_NotImplemented) return tried.release().ptr();
   }
-  const py::object kw = no_kwargs ? py::dict() : py::reinterpret_borrow<py::object>(kwargs);
+  // (a copy, as a Python **kwargs parameter would get: the caller's dict is not handed on)
+  const py::object kw = no_kwargs ? py::dict() : py::reinterpret_steal<py::object>(PyDict_Copy(kwargs));
+  if (!kw) throw py::error_already_set();
   PyObject* argv[4] = {self, args, kw.ptr(), tried.ptr()};
   return PyObject_Vectorcall(s->call_after, argv, 4, nullptr);
   END_HANDLE_TH_ERRORS
@@ -1496,6 +1502,9 @@ PyObject* module_call_slot(PyObject* self, PyObject* args, PyObject* kwargs) {
 }  // namespace
 
 void install_call_slot(py::tuple classes, py::object py_call, py::object call_after) {
+  for (const auto& cls : classes)
+    TORCH_CHECK_TYPE(PyType_Check(cls.ptr()) && (reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_flags & Py_TPFLAGS_HEAPTYPE),
+                     "install_call_slot: Python classes expected");
   auto* s = new CallSlot();
   s->plan_type = reinterpret_cast<PyTypeObject*>(py::type::of<InferPlan>().ptr());
   s->py_call = py_call.release().ptr();
@@ -1503,11 +1512,8 @@ void install_call_slot(py::tuple classes, py::object py_call, py::object call_af
   s->plan_key = PyUnicode_InternFromString("_plan");
   if (s->plan_key == nullptr) throw py::error_already_set();
   call_slot = s;  // (a second call, a reloaded rnnrec_fast.modules, replaces it; the first is kept: it may be in use)
-  for (const auto& cls : classes) {
-    TORCH_CHECK_TYPE(PyType_Check(cls.ptr()) && (reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_flags & Py_TPFLAGS_HEAPTYPE),
-                     "install_call_slot: Python classes expected");
+  for (const auto& cls : classes)
     reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_call = module_call_slot;
-  }
 }
 
 bool has_call_slot(py::handle cls) {

@@ -308,12 +308,16 @@ class _FastPath(nn.Module):
         # patched one is honoured), but for torch.fx's symbolic tracing, which records a leaf node.
         # A forward of the user's (a subclass's, or one set on the instance, as wrappers do) is
         # always called: the shortcut would skip it.
-        # Instances of the four public classes do not come here with the C++ plan: their calls
-        # start in the classes' C++ call slot (_C.install_call_slot, at the end of this module),
-        # which does the first lines below in C++ and goes on to _call_after as they do.
+        # Calls of the four public classes' instances normally start in the classes' C++ call slot
+        # (_C.install_call_slot, at the end of this module), which does the first lines below in
+        # C++ and goes on to _call_after as they do; they come here where CPython has reset the
+        # slot (a class's __call__ assigned, then deleted: mock.patch.object), and put it back.
         module_call = self.__dict__.get("_module_call")
         tried = None
         if module_call is not None and not kwargs and not _is_dynamo_compiling():
+            cls = type(self)
+            if cls in _CALL_SLOT_CLASSES and not _has_call_slot(cls) and cls.__call__ is _FASTPATH_CALL:
+                _install_call_slot((cls,), _FASTPATH_CALL, _FastPath._call_after)
             tried = module_call(self, args)  # the checks of _call_after's Python plan branch, in C++
             if tried is not None and tried is not NotImplemented:
                 return tried
@@ -923,12 +927,16 @@ class GRUCell(_CellBase):
                          reset_after=reset_after, mode="gru")
 
 
+_CALL_SLOT_CLASSES = frozenset()
+_FASTPATH_CALL = _FastPath.__call__
 if _InferPlan is not None:
     # Calls of these classes' instances start in C++ (see _FastPath.__call__); their subclasses'
     # run __call__ (CPython gives a new class the slot of its __call__ attribute)
+    from ._C import has_call_slot as _has_call_slot
     from ._C import install_call_slot as _install_call_slot
 
-    _install_call_slot((RNN, GRU, RNNCell, GRUCell), _FastPath.__call__, _FastPath._call_after)
+    _CALL_SLOT_CLASSES = frozenset({RNN, GRU, RNNCell, GRUCell})
+    _install_call_slot(tuple(_CALL_SLOT_CLASSES), _FASTPATH_CALL, _FastPath._call_after)
 
 
 _FROM_TORCH = {nn.GRU: GRU, nn.RNN: RNN, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}

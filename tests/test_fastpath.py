@@ -462,27 +462,37 @@ def test_calls_start_in_the_call_slot(cls):
 
 
 @needs_ext
-def test_a_class_call_assigned_by_the_user_replaces_the_slot():
-    """Assigning a class's __call__ (a user's wrapper) makes CPython reset the class's call slot, as
-    for any class: the wrapper sees every call."""
+@pytest.mark.parametrize("where", ["class", "base"])
+def test_a_call_assigned_by_the_user_replaces_the_slot_until_removed(where):
+    """Assigning __call__ on a class or on _FastPath (a user's wrapper, mock.patch.object) makes
+    CPython reset the classes' call slots, as for any class: the wrapper sees every call. Once the
+    wrapper is gone, a class's next call puts its slot back."""
+    from unittest import mock
+
     seen = []
-    real = rnnrec_fast.GRU.__call__
+    real = modules._FastPath.__call__
 
     def wrapper(self, *args, **kwargs):
         seen.append(1)
         return real(self, *args, **kwargs)
 
     m, x = rnnrec_fast.GRU(3, 4).eval(), torch.randn(5, 2, 3)
-    try:
-        rnnrec_fast.GRU.__call__ = wrapper
+    with mock.patch.object(rnnrec_fast.GRU if where == "class" else modules._FastPath, "__call__", wrapper):
         assert not _C.has_call_slot(rnnrec_fast.GRU)
         with torch.inference_mode():
             m(x)
-        assert seen == [1] and rnnrec_fast.last_backend() == "cpp"
-    finally:
-        del rnnrec_fast.GRU.__call__
-        _C.install_call_slot((rnnrec_fast.GRU,), modules._FastPath.__call__, modules._FastPath._call_after)
-    assert _C.has_call_slot(rnnrec_fast.GRU)
+            m(x)
+        assert seen == [1, 1] and rnnrec_fast.last_backend() == "cpp"
+        assert not _C.has_call_slot(rnnrec_fast.GRU)
+    assert not _C.has_call_slot(rnnrec_fast.GRU)
+    with torch.inference_mode():
+        frames, _ = _python_frames(lambda: m(x))
+        assert frames[0] == "__call__" and _C.has_call_slot(rnnrec_fast.GRU)
+        frames, _ = _python_frames(lambda: m(x))
+        assert frames == []
+    for cls in modules._CALL_SLOT_CLASSES:  # (the other classes, for the tests after this one)
+        cls(3, 4).eval()(torch.randn(2, 3) if "Cell" in cls.__name__ else x)
+        assert _C.has_call_slot(cls)
 
 
 # ------------------------------------------------------------------------------------------------
