@@ -13,7 +13,7 @@ from rnnrec_fast.recsys.batching import session_parallel_schedule
 from rnnrec_fast.recsys.evaluate import compute_ranks, metrics_from_ranks, ranks_from_scores
 from rnnrec_fast.recsys.losses import bpr_max, cross_entropy, top1_max
 from rnnrec_fast.recsys.optim import AdagradM
-from rnnrec_fast.recsys.train import chunk_loss
+from rnnrec_fast.recsys.train import NegativeSampler, chunk_loss
 
 DATA = recsys.resolve_data_dir()
 YC_TRAIN = DATA and os.path.join(DATA, "yoochoose-clicks-100k_train_full.txt")
@@ -819,3 +819,98 @@ def test_step_on_a_training_model_keeps_its_mode(embedding):
     assert model.training and all(m.training for m in model.modules())
     assert all(modes)  # every submodule it called was in training mode
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # yet no dropout
+
+
+# ---- from a mutation review of the tests (each of these failed on a mutant the suite let through)
+
+def test_negative_sampler_follows_support_pow_alpha():
+    """Negatives are drawn with probability support ** alpha (alpha = 1 would give 1/21, 4/21,
+    16/21 here), and never an item of zero support."""
+    support = np.array([1.0, 4.0, 0.0, 16.0])
+    g = torch.Generator().manual_seed(0)
+    s = NegativeSampler(support, n_sample=1000, alpha=0.5, generator=g, cache_size=200_000)
+    draws = torch.cat([s.draw() for _ in range(200)])
+    freq = np.bincount(draws.numpy(), minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [1 / 7, 2 / 7, 0, 4 / 7], atol=0.01)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
+def test_chunk_loss_with_idle_lanes_matches_brute_force(loss):
+    """A chunk with idle lanes (the tail of an epoch): the loss is the per-step brute force over the
+    valid rows and their own targets only (an idle lane's target, item 0, is no negative)."""
+    torch.manual_seed(2)
+    rng = np.random.default_rng(3)
+    lens = np.array([5, 2, 2])
+    ds = SessionDataset(rng.integers(1, 10, size=int(lens.sum())), np.r_[0, np.cumsum(lens)], ItemMap(range(10)))
+    model = GRU4Rec(10, [8]).train()
+    cfg = TrainConfig(loss=loss, dropout_hidden=0.0, logq=0.0, n_sample=0, loss_norm="batch")
+    sc = session_parallel_schedule(ds.items, ds.offsets, 3)
+    inp, tgt, rst, val = next(sc.chunks(4))
+    assert not bool(val.all())
+    out, _, m = chunk_loss(model, inp, tgt, rst, val, model.init_state(3), None, cfg)
+    with torch.no_grad():
+        y, _ = model.recur(model.embed(inp), model.init_state(3), rst)
+        total = 0.0
+        for t in range(inp.shape[0]):
+            cols = tgt[t][val[t]]
+            logits = y[t][val[t]] @ model.Wy[cols].t() + model.By[cols, 0]
+            target = torch.arange(len(cols))
+            if loss == "cross-entropy":
+                total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            else:
+                total += float(bpr_max(logits, target).sum())
+    assert m == int(val.sum())
+    assert out.item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_schedule_is_compact_and_skips_one_click_sessions():
+    """A lane takes its next session at once (no idle step between two), one-click sessions (no
+    next click to predict) are skipped, free lanes are filled in lane order with the sessions in
+    the dataset's order."""
+    items = np.array([1, 2, 3, 4, 5, 6, 7])
+    sc = session_parallel_schedule(items, np.array([0, 3, 6, 7]), 1)  # sessions [1,2,3], [4,5,6], [7]
+    assert sc.n_steps == 4 and bool(sc.valid.all()) and sc.n_events == 4
+    assert sc.inputs[:, 0].tolist() == [1, 2, 4, 5] and sc.targets[:, 0].tolist() == [2, 3, 5, 6]
+    assert sc.resets[:, 0].tolist() == [True, False, True, False]
+    sc = session_parallel_schedule(np.arange(1, 8), np.array([0, 3, 5, 7]), 2)
+    assert sc.inputs.tolist() == [[1, 4], [2, 6]]
+
+
+def test_time_split_cut_in_days_inclusive():
+    """test_days is in days, and a session that ends exactly test_days before the log's last click
+    is a test session (GRU4Rec's split: train is what ends before tmax - 86400 * days)."""
+    day = 86400.0
+    T = 10 * day
+    s = np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    i = np.array([10, 11, 10, 11, 10, 11, 10, 11, 11, 10])
+    t = np.array([0, 1, T - day - 10, T - day - 1, T - day - 5, T - day, T - 3 * 3600, T - 2 * 3600, T - 1, T])
+    train, test = recsys.time_split(ClickLog(s, i, t), test_days=1)
+    assert sorted(set(train.sessions.tolist())) == [1, 2]
+    assert sorted(set(test.sessions.tolist())) == [3, 4, 5]
+
+
+def test_sessions_ordered_by_start_time():
+    """Sessions are ordered by their first click's time, not their last."""
+    log = ClickLog(np.array([1, 1, 2, 2]), np.array([5, 6, 7, 8]), np.array([0.0, 100.0, 10.0, 20.0]))
+    assert list(SessionDataset.from_log(log).session_ids) == [1, 2]
+
+
+def test_recommend_uses_top_layer():
+    """GRU4Rec.recommend scores from the top layer's state of a multi-layer model."""
+    torch.manual_seed(0)
+    model = GRU4Rec(20, [8, 8], embedding=6).eval()
+    h = model.init_state(1)
+    for it in (3, 7):
+        h = model.step(torch.tensor([it]), h)
+    _, ix = torch.topk(model.score(h[-1]), 5)
+    assert [g[0] for g in model.recommend([3, 7], k=5)] == ix[0].tolist()
+
+
+@pytest.mark.parametrize("fn", [bpr_max, top1_max])
+def test_elu_param_applies(fn):
+    """elu_param puts the scores through ELU(alpha = elu_param) first, for both losses."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 6) * 3, torch.tensor([0, 2, 5, 1])
+    torch.testing.assert_close(fn(logits, target, elu_param=0.5),
+                               fn(torch.nn.functional.elu(logits, 0.5), target))
+    assert not torch.allclose(fn(logits, target, elu_param=0.5), fn(logits, target))

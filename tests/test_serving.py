@@ -666,3 +666,33 @@ def test_export_round_trip_in_fresh_process(tmp_path):
     torch.testing.assert_close(vals, exp_v, **TOL)
     assert torch.equal(idx, exp_i)
     assert os.path.exists(path + ".items.json")
+
+
+# ---- from a mutation review of the tests (each of these failed on a mutant the suite let through)
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_max_seen_keeps_exactly_the_last_n(batched):
+    """A session remembers exactly its last max_seen items (click and click_many alike), and
+    exclude_seen excludes those and the click's own item."""
+    torch.manual_seed(0)
+    model = recsys.GRU4Rec(10, [8], item_ids=list(range(100, 110))).eval()
+    rec = SessionRecommender(model, max_seen=2)
+    for it in (100, 101, 102):
+        if batched:
+            rec.click_many(["s", "t"], [it, it])
+        else:
+            rec.click("s", it)
+    assert rec.session_info("s")["seen"] == [101, 102]
+    ids, _ = rec.click("s", 103, k=10, exclude_seen=True)
+    assert sorted(set(range(100, 110)) - set(ids)) == [102, 103]
+
+
+def test_ttl_boundary():
+    """A session idle for ttl seconds is forgotten; one idle for less is kept."""
+    t = [0.0]
+    rec = SessionRecommender(recsys.GRU4Rec(5, [4]).eval(), ttl=10.0, clock=lambda: t[0])
+    rec.click("a", 1)
+    t[0] = 9.999
+    assert rec.session_info("a") is not None
+    t[0] = 10.0
+    assert rec.session_info("a") is None

@@ -239,7 +239,7 @@ def _post_clicks(app, clicks):
     return asyncio.run(go())
 
 
-def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST"):
+def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
     """One request to the ASGI app in its own event loop: (status, parsed body)."""
     import asyncio
 
@@ -252,9 +252,22 @@ def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST"):
     async def send(m):
         out.append(m)
 
-    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
     asyncio.run(app(scope, receive, send))
     return out[0]["status"], json.loads(out[1]["body"])
+
+
+def test_body_of_exactly_max_body_bytes_is_accepted():
+    """Only a body larger than max_body_bytes gets 413, with or without a Content-Length header.
+    (From a mutation review.)"""
+    model = make_model(n_items=5, H=4)
+    body = json.dumps({"item_id": model.item_ids[0], "k": 3}).encode()
+    app = ServingApp(SessionRecommender(model), max_body_bytes=len(body))
+    for headers in ([], [(b"content-length", str(len(body)).encode())]):
+        status, out = _asgi_raw(app, body, headers=headers)
+        assert status == 200 and len(out["items"]) == 3, out
+    status, _ = _asgi_raw(ServingApp(SessionRecommender(model), max_body_bytes=len(body) - 1), body)
+    assert status == 413
 
 
 def test_each_click_gets_its_own_k_in_a_batch():

@@ -109,7 +109,7 @@ class SessionStore:
 
     # ------------------------------------------------------------------ mutation
     def expire(self, now=None):
-        """Drops sessions idle longer than ttl. Returns how many were dropped."""
+        """Drops sessions idle for ttl seconds or more. Returns how many were dropped."""
         if self.ttl is None or not self._map:
             return 0
         if now is None:
