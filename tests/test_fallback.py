@@ -3,8 +3,10 @@ With RNNREC_FAST_REQUIRE_EXT=1 (make test, CI) a missing extension is a failure,
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 import rnnrec_fast
 from rnnrec_fast import backends
@@ -216,3 +218,37 @@ def test_python_autograd_gives_h0_grad_and_handles_unused_h_n():
     out = subprocess.run([sys.executable, "-c", PY_AUTOGRAD], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "python autograd ok" in out.stdout
+
+
+def test_the_missing_extension_warning_comes_once_per_device(monkeypatch):
+    """With the C++ backend unavailable, float32 then float64 CPU calls warn once in all. (This and
+    the next are from a mutation review: each failed on a mutant the suite let through.)"""
+    from rnnrec_fast import ops
+
+    monkeypatch.setattr(ops, "_resolved", {})
+    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.delitem(backends._loaded, "cpp", raising=False)
+    monkeypatch.setitem(backends._errors, "cpp", "ImportError: blocked for this test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in (torch.float32, torch.float64, torch.float32):
+            assert ops.resolve_backend("auto", "cpu", dtype) != "cpp"
+    msgs = [str(w.message) for w in caught if "rnnrec_fast" in str(w.message)]
+    assert len(msgs) == 1 and "'cpp' backend is not available" in msgs[0], msgs
+
+
+def test_each_dtype_the_fast_backend_lacks_warns_once(monkeypatch):
+    """float16 then bfloat16 on the CPU: one
+    warning for each dtype, none repeated."""
+    from rnnrec_fast import ops
+
+    if not backends.available("cpp"):
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(ops, "_resolved", {})
+    monkeypatch.setattr(ops, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in (torch.float16, torch.bfloat16, torch.float16, torch.bfloat16):
+            ops.resolve_backend("auto", "cpu", dtype)
+    msgs = [str(w.message) for w in caught if "rnnrec_fast" in str(w.message)]
+    assert len(msgs) == 2 and "torch.float16" in msgs[0] and "torch.bfloat16" in msgs[1], msgs

@@ -888,3 +888,14 @@ def test_documented_migration_differences_raise_clearly(kind):
                 y.sum().backward()
         y = out(m(x)).relu()  # the out-of-place form works
         y.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_active_backend_honours_the_device_argument(kind):
+    """active_backend(device) answers for that device (a device type no backend runs on: refused).
+    (From a mutation review: the argument was ignored and the suite, whose only such test needs a
+    GPU, passed.)"""
+    m = getattr(rnnrec_fast, kind)(3, 4)
+    assert m.active_backend("cpu") == m.active_backend()
+    with pytest.raises(ValueError, match="meta"):
+        m.active_backend("meta")

@@ -1,4 +1,6 @@
 """rnnrec_fast.serving, in process: semantics vs offline replay, LRU/TTL, threads, errors, export."""
+import json
+import math
 import os
 import subprocess
 import sys
@@ -15,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def make_model(n_items=50, layers=(16,), embedding="shared", seed=0):
+def make_model(n_items=50, layers=(16,), embedding="shared", seed=0, **kwargs):
     torch.manual_seed(seed)
     ids = [1000 + 7 * i for i in range(n_items)]  # original ids != indices
-    return recsys.GRU4Rec(n_items, list(layers), embedding=embedding, item_ids=ids).eval()
+    return recsys.GRU4Rec(n_items, list(layers), embedding=embedding, item_ids=ids, **kwargs).eval()
 
 
 @pytest.fixture(scope="module")
@@ -696,3 +698,109 @@ def test_ttl_boundary():
     assert rec.session_info("a") is not None
     t[0] = 10.0
     assert rec.session_info("a") is None
+
+
+def test_cpp_topk_ranks_nan_first_and_ties_by_lower_index_as_torch_topk():
+    """_C.topk_rows and _C.score_topk (k <= 32: the insertion pass; k > 32: the key sort) put NaN
+    above every number, as torch.topk, and equal scores by lower index; an excluded item scores
+    -inf. (This and the tests below are from a mutation review: each failed on a mutant the suite
+    let through.)"""
+    _C = pytest.importorskip("rnnrec_fast._C")
+
+    def order(row):  # NaN first, then by value descending, ties by lower index
+        return sorted(range(len(row)), key=lambda j: (0, 0, j) if math.isnan(row[j]) else (1, -row[j], j))
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 6, (3, 80), generator=g).float()  # many ties
+    s[0, [5, 40]] = float("nan")
+    s[1, 79] = float("nan")
+    for k in (1, 3, 10, 40, 80):
+        vals, idx = _C.topk_rows(s, k)
+        for r in range(3):
+            key = order(s[r].tolist())[:k]
+            assert idx[r].tolist() == key, (k, r)
+            torch.testing.assert_close(vals[r], s[r, key], equal_nan=True)
+        # scores = eye @ h + b: the NaNs come from the bias (0 * NaN in the product would spread them)
+        h, b = torch.nan_to_num(s[0], nan=0.0), torch.where(s[0].isnan(), s[0], torch.zeros(80))
+        _, i = _C.score_topk(h, torch.eye(80), b, k, [40, 7])
+        row = s[0].tolist()
+        row[40] = row[7] = float("-inf")
+        assert i == order(row)[:k], k
+
+
+def test_fast_path_sees_the_embedding_swapped_through_data():
+    """Only E's memory swapped (p.data = ...): the
+    fast path's view of the old E must be dropped."""
+    model = make_model(n_items=60, layers=(16,), embedding=8)
+    rec = SessionRecommender(model)
+    assert rec.uses_fast_path
+    ids = model.item_ids
+    rec.click("a", ids[0])
+    new = make_model(n_items=60, layers=(16,), embedding=8, seed=1)
+    with torch.no_grad():
+        model.E.data = new.E.detach().clone()
+    got = rec.click("b", ids[5], k=5)
+    want = SessionRecommender(model).click("b", ids[5], k=5)
+    assert got[0] == want[0]
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(want[1]), **TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_fast_path_applies_to_multilayer_models_on_python_backends(backend):
+    """Without
+    the C++ all-layers call (a backend other than auto/cpp) a 2-layer model still gets the fast path,
+    and its single-row step equals model.step."""
+    from rnnrec_fast.serving import fastpath
+
+    if not backends.available(backend):
+        pytest.skip(f"{backend} backend not available")
+    model = make_model(n_items=40, layers=(12, 12), embedding=6, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "disagrees" warning
+        fast = fastpath.build(model)
+    assert fast is not None and fast.infer is None
+    h = torch.randn(2, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.step_row(7, h[:, 1]), model.step(torch.tensor([7]), h[:, 1:2])[:, 0], **TOL)
+
+
+def test_onednn_rows_is_the_smallest_allowed_count():
+    """The padded row count is the smallest of 96, 128, 192, 256, ...
+    that holds the batch (96 rows stay 96)."""
+    from rnnrec_fast.serving.fastpath import onednn_rows
+
+    allowed = sorted({p for k in range(6, 13) for p in (1 << k, 3 << (k - 1))})
+    for B in range(65, 4097):
+        assert onednn_rows(B) == min(p for p in allowed if p >= B), B
+
+
+def test_build_retries_when_training_mode_ends_during_the_attempt(monkeypatch):
+    """A model in training mode when the
+    attempt began, switched to eval while it ran: declined, and to be retried."""
+    from rnnrec_fast.serving import fastpath
+
+    model = make_model()
+    model.train()
+    real = fastpath._build
+
+    def build_then_eval(m):
+        out = real(m)
+        m.eval()
+        return out
+    monkeypatch.setattr(fastpath, "_build", build_then_eval)
+    fast, retry = fastpath.build_or_retry(model)
+    assert fast is None and retry
+
+
+def test_export_writes_the_item_ids_and_takes_k_up_to_the_catalogue(tmp_path):
+    """"""
+    from rnnrec_fast.serving.export import OneStepScorer, export_step
+
+    model = make_model(n_items=12, layers=(8,))
+    OneStepScorer(model, k=12)  # the whole catalogue is a valid k
+    with pytest.raises(ValueError):
+        OneStepScorer(model, k=13)
+    path = str(tmp_path / "step.pt2")
+    export_step(model, k=3, batch=2, path=path)
+    with open(path + ".items.json") as f:
+        assert json.load(f) == list(model.item_ids)

@@ -600,3 +600,25 @@ def test_request_deadline_spares_a_pipelined_request_behind_a_slow_one():
             data += chunk
         s.close()
     assert data.count(b"200 OK") == 2
+
+
+def test_metrics_histogram_counter_and_label_text():
+    """The metrics' text (from a mutation review): an observation on a bucket's bound counts in that
+    bucket, +Inf counts every observation, quantile() takes the first bucket that reaches it, and
+    a label value's backslash and quote are escaped."""
+    from rnnrec_fast.serving import metrics as m
+
+    h = m.Histogram("lat", "x", [0.1, 1.0])
+    for v in (0.1, 0.5, 5.0):
+        h.observe(v)
+    lines = h.expose()
+    assert 'lat_bucket{le="0.1"} 1' in lines
+    assert 'lat_bucket{le="1.0"} 2' in lines
+    assert 'lat_bucket{le="+Inf"} 3' in lines and "lat_count 3" in lines
+    h2 = m.Histogram("q", "x", [1, 2, 3, 4])
+    for v in (1, 2, 3, 4):
+        h2.observe(v)
+    assert h2.quantile(0.5) == 2.0 and h2.quantile(1.0) == 4.0
+    c = m.Counter("c_total", "x", ["path"])
+    c.inc('a\\b"c', amount=2)
+    assert 'c_total{path="a\\\\b\\"c"} 2' in c.expose()
