@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -420,6 +421,18 @@ def _check_dense(name, what, t):
                          "convert it with .to_dense()")
 
 
+def _differs(a, b):
+    """a != b for the sizes an input check compares before it raises, without torch.jit.trace's
+    warning that converting a tensor to a Python boolean may make the trace incorrect (a size is a
+    traced 0-dim tensor there): the answer only decides whether to raise, nothing of it enters
+    the trace. (Checks whose answer picks what the trace records keep the warning.)"""
+    if torch._C._get_tracing_state() is None:
+        return a != b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return bool(a != b)
+
+
 def _checked_weights(name, module, names, values, shapes, x):
     """The weights ``names`` of ``module``, ``values`` as read from its attributes (as torch.nn
     reads them: a parametrized, pruned or replaced weight is not an entry of _parameters; read once
@@ -433,7 +446,7 @@ def _checked_weights(name, module, names, values, shapes, x):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{name}: {n} must be a Tensor, got {type(w).__name__}"
                             + (" (a module built with bias=True needs its biases)" if n.startswith("bias") else ""))
-        if w.shape != shape:
+        if _differs(w.shape, shape):
             raise InputError(f"{name}: {n} has shape {tuple(w.shape)}, expected {shape} for input_size="
                              f"{module.input_size}, hidden_size={module.hidden_size}")
         if w.dtype != x.dtype:
@@ -651,7 +664,7 @@ class _RNNBase(_FastPath):
         T, B, I = x.shape
         if ops.is_zero(T):
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
-        if I != self.input_size:
+        if _differs(I, self.input_size):
             raise InputError(f"{name}: input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {I}")
         D = 2 if self.bidirectional else 1
@@ -669,7 +682,7 @@ class _RNNBase(_FastPath):
             elif hx.dim() != 3:
                 raise InputError(f"{name}: For batched 3-D input, hx should also be 3-D but got "
                                  f"{hx.dim()}-D tensor")
-            if tuple(hx.shape) != expected:
+            if _differs(tuple(hx.shape), expected):
                 raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
             _check_hx_dtype(name, x, hx)
         if resets is not None:
@@ -857,13 +870,13 @@ class _CellBase(_FastPath):
                 raise InputError(f"{name}: Expected hidden to be {input.dim()}D, got {hx.dim()}D instead")
             if not batched:
                 hx = hx.unsqueeze(0)
-        if x.shape[1] != self.input_size:
+        if _differs(x.shape[1], self.input_size):
             raise InputError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
                              f"expected {self.input_size}")
-        if hx is not None and hx.shape[0] != x.shape[0]:
+        if hx is not None and _differs(hx.shape[0], x.shape[0]):
             raise InputError(f"{name}: Input batch size {x.shape[0]} doesn't match hidden0 batch size "
                              f"{hx.shape[0]}")
-        if hx is not None and hx.shape[1] != self.hidden_size:
+        if hx is not None and _differs(hx.shape[1], self.hidden_size):
             raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
                              f"expected {self.hidden_size}")
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -132,6 +133,36 @@ def test_torchscript_script_and_trace():
     traced = torch.jit.trace(model, (items,))
     assert "rnnrec_fast::recurrence" in str(traced.inlined_graph)
     torch.testing.assert_close(traced(items)[0], model(items)[0])
+
+
+@pytest.mark.parametrize("kind,kw,x_shape,h_shape", [
+    ("GRU", dict(num_layers=2), (5, 2, 3), (2, 2, 4)),
+    ("RNN", dict(batch_first=True, bidirectional=True), (2, 5, 3), (2, 2, 4)),
+    ("GRU", {}, (5, 2, 3), None),
+    ("GRUCell", {}, (2, 3), (2, 4)),
+    ("RNNCell", {}, (2, 3), None),
+])
+def test_jit_trace_warns_only_where_the_trace_depends_on_a_size(kind, kw, x_shape, h_shape):
+    """Under torch.jit.trace the modules' input checks, which only decide whether to raise, add no
+    "converting a tensor to a Python boolean" TracerWarning (the weights' shapes gave one per
+    weight: 12 for a 2-layer GRU, against torch.nn's 4); the ones left are ops.is_zero's: the empty
+    batch's branch, which picks what the trace records, and the sequence-length check. The
+    sequence modules warn less than torch.nn's."""
+    torch.manual_seed(0)
+    args = (torch.randn(*x_shape),) + ((torch.randn(*h_shape),) if h_shape else ())
+    counts = []
+    for m in (getattr(rnnrec_fast, kind)(3, 4, **kw), getattr(nn, kind)(3, 4, **kw)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            traced = torch.jit.trace(m, args, check_trace=False)
+        tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        counts.append(len(tracer))
+        if isinstance(m, (rnnrec_fast.RNN, rnnrec_fast.GRU, rnnrec_fast.RNNCell, rnnrec_fast.GRUCell)):
+            assert all(w.filename.endswith(os.path.join("rnnrec_fast", "ops.py")) for w in tracer), \
+                [(w.filename, w.lineno) for w in tracer]
+            torch.testing.assert_close(traced(*args), m(*args))
+    if "Cell" not in kind:
+        assert counts[0] < counts[1], counts
 
 
 class _CellModel(nn.Module):
