@@ -127,14 +127,20 @@ def _opcheck_both(args):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 @pytest.mark.parametrize("layout", ["time_major", "batch_first"])
-def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout):
+@pytest.mark.parametrize("lengths", [[30, 25, 7, 0, 29], [30, 25, 9, 12, 29]], ids=["len0", "chunk_edge"])
+def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, lengths):
     """x past a row's length is padding: NaN / inf there gives the outputs and gradients (grad_x
     zero there, finite grad_w_ih) of zero padding (grad_w_ih was NaN: 0 * NaN). Long enough
-    for several backward chunks of the C++ kernels, some with every row active."""
+    for several backward chunks of the C++ kernels, some with every row active. chunk_edge has no
+    row of length 0 (which sends every chunk to the masked branch): its shortest row (9) ends one
+    step before the end of the C++ backward's first chunk in time (B=5: chunks of ceil(96/5)=20
+    steps, [10, 30) then [0, 10)), so that chunk holds exactly one padded step (from a mutation
+    review: `t1 > min_len` -> `t1 - 1 > min_len` in backward_impl gave a NaN grad_w_ih, and len0
+    passed)."""
     gen = torch.Generator().manual_seed(21)
     T, B, I, H = 30, 5, 3, 4
     x, h0, w_ih, w_hh, b_ih, b_hh, _, resets = make_inputs(T, B, I, H, mode, True, "resets", torch.float64, gen)
-    lengths = torch.tensor([T, 25, 7, 0, 29])
+    lengths = torch.tensor(lengths)
     pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)  # (T, B)
     results = []
     for fill in (0.0, float("nan"), float("inf")):
@@ -150,31 +156,6 @@ def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not results[0][2][pad].any()  # grad_x at the padding
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)])
-def test_padding_never_read_when_shortest_row_ends_at_a_chunk_edge(backend, mode, reset_after):
-    """As test_padding_past_lengths_is_never_read, but with no row of length 0: the shortest row
-    (9) ends exactly one step before the end of the C++ backward's first chunk in time (B=5:
-    chunks of ceil(96/5)=20 steps, [10, 30) then [0, 10)), so that chunk holds exactly one padded
-    step. (From a mutation review: `t1 > min_len` -> `t1 - 1 > min_len` in backward_impl gave a
-    NaN grad_w_ih, and the test above, whose row of length 0 sends every chunk to the masked
-    branch, passed.)"""
-    gen = torch.Generator().manual_seed(5)
-    T, B, I, H = 30, 5, 3, 4
-    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
-    lengths = torch.tensor([T, 25, 9, 12, 29])
-    pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)
-    results = []
-    for fill in (0.0, float("nan")):
-        leaves = [t.clone().requires_grad_() for t in (x.masked_fill(pad.unsqueeze(2), fill), h0, w_ih, w_hh,
-                                                       b_ih, b_hh)]
-        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths, None, mode, reset_after, backend)
-        results.append([y, h_n, *torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)])
-    for a, b in zip(results[1], results[0]):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
