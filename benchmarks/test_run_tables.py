@@ -41,7 +41,8 @@ def test_table_takes_the_median_of_per_repetition_ratios_and_their_range():
 
 
 def test_run_pytest_refuses_cases_run_on_another_thread_count(monkeypatch, tmp_path):
-    """"""
+    """The cases behind an N-thread table must have run on N threads (results of another count are
+    refused, not tabled under N)."""
 
     def fake_run(cmd, **kw):
         path = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
