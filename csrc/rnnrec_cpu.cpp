@@ -395,7 +395,7 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
 // tb) or W (stored K x N). With the AVX-512 packed-B kernels, W^T is packed once per call; W is read
 // in place (no copy of the weights: this is the backward pass, where memory is tight). With AVX2
 // only, op(W) is packed once per call where avx2_packed_pays (a quarter of L2 at most: H = 100;
-// with the peak of a B32 T20 H100 training step at 2.18 MiB against torch.nn's 3.22, live heap), and
+// with the peak of a B32 T20 H100 training step at 2.24 MiB against torch.nn's 3.22, live heap), and
 // where it is larger than the L2 cache, used over several steps and by few rows (MKL repacks it
 // from L3 at every product, a cost its few rows do not amortise: training B64 T20 H512 ~160 ->
 // ~151 ms, A/B); otherwise ATen/MKL (B512 T20 H256 inference looked ~5% slower packed).
