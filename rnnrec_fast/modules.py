@@ -461,7 +461,9 @@ def _checked_weights(name, module, names, values, shapes, x):
 def _check_packed(name, input):
     """A PackedSequence as pack_padded_sequence makes it (torch's pad_packed_sequence aborts the
     process on negative batch sizes)."""
-    data, bs = input.data, input.batch_sizes
+    # (fields by index: torch 2.4's dynamo read a PackedSequence's named fields as the namedtuple's
+    # descriptors, so that compiling a call raised this error)
+    data, bs = input[0], input[1]
     if not isinstance(data, torch.Tensor) or data.dim() != 2:
         raise InputError(f"{name}: a PackedSequence's data must have 2 dimensions (steps, features), got "
                          f"{data.dim() if isinstance(data, torch.Tensor) else type(data).__name__}")
@@ -642,7 +644,7 @@ class _RNNBase(_FastPath):
         lengths = None
         if packed:
             _check_packed(name, input)
-            sorted_indices = input.sorted_indices
+            sorted_indices = input[2]  # (by index: see _check_packed)
             x, lengths_cpu = pad_packed_sequence(input, batch_first=False)  # original batch order
             lengths = lengths_cpu.to(x.device)
             batched = True
@@ -660,7 +662,7 @@ class _RNNBase(_FastPath):
             else:
                 x = input
         weights = [getattr(self, n) for n in self._flat_weights_names]  # (each read once a call)
-        x, hx = _autocast_cast(x, hx, getattr(weights[0], "dtype", None))
+        x, hx = _autocast_cast(x, hx, weights[0].dtype if isinstance(weights[0], torch.Tensor) else None)
         T, B, I = x.shape
         if ops.is_zero(T):
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
@@ -723,7 +725,7 @@ class _RNNBase(_FastPath):
             if sorted_indices is not None:
                 out, lengths_cpu = out.index_select(1, sorted_indices), lengths_cpu[sorted_indices.cpu()]
             data = pack_padded_sequence(out, lengths_cpu, enforce_sorted=True).data
-            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), h_n
+            return PackedSequence(data, input[1], input[2], input[3]), h_n  # (batch_sizes, sorted, unsorted)
         if not batched:
             return out.squeeze(1), h_n.squeeze(1)
         if self.batch_first:
@@ -881,7 +883,7 @@ class _CellBase(_FastPath):
                              f"expected {self.hidden_size}")
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
         values = [getattr(self, n) for n in names]  # (each read once a call)
-        x, hx = _autocast_cast(x, hx, getattr(values[0], "dtype", None))
+        x, hx = _autocast_cast(x, hx, values[0].dtype if isinstance(values[0], torch.Tensor) else None)
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
         w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x)  # (torch.nn: RuntimeError)
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)

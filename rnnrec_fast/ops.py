@@ -87,8 +87,8 @@ def _fail(msg):
 
 try:  # torch >= 2.7
     from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
-except ImportError:
-    _guard_or_false = bool
+except ImportError:  # torch 2.4-2.6: an unbacked size taken as nonzero too (as >= 2)
+    from torch.fx.experimental.symbolic_shapes import guard_size_oblivious as _guard_or_false
 
 
 def is_zero(n):
@@ -417,8 +417,14 @@ try:
 except ImportError:  # pragma: no cover - older torch
     _register_flop_formula = None
 if _register_flop_formula is not None:
-    _register_flop_formula(torch.ops.rnnrec_fast.recurrence)(_forward_flops)
-    _register_flop_formula(torch.ops.rnnrec_fast.recurrence_backward)(_backward_flops)
+    import torch.utils.flop_counter as _flop_counter
+
+    for _packet, _formula in ((torch.ops.rnnrec_fast.recurrence, _forward_flops),
+                              (torch.ops.rnnrec_fast.recurrence_backward, _backward_flops)):
+        _wrapped = _register_flop_formula(_packet)(_formula)
+        # torch 2.4 registers a packet's overloads while FlopCounterMode looks up the packet: the
+        # op counted 0 there (newer torch registers the packet itself)
+        _flop_counter.flop_registry.setdefault(_packet, _wrapped)
 
 # ----------------------------------------------------------------------------------------------
 # autograd

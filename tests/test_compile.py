@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo
 import torch._inductor
 from torch import nn
 
@@ -66,11 +67,17 @@ def test_compiled_autograd_runs_the_backward_of_an_eager_call():
             params = list(m.parameters())
             for p in params:
                 p.grad = None
-            ctx = compiled_autograd._enable(torch.compile(backend="aot_eager")) if compiled else contextlib.nullcontext()
-            with ctx:
-                out = m(xx)
-                out = out[0] if isinstance(out, tuple) else out
-                (out * out).sum().backward()
+            enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # (torch < 2.6)
+            ctx = enable(torch.compile(backend="aot_eager")) if compiled else contextlib.nullcontext()
+            try:
+                with ctx:
+                    out = m(xx)
+                    out = out[0] if isinstance(out, tuple) else out
+                    (out * out).sum().backward()
+            except RuntimeError as e:  # torch 2.4's compiled autograd refuses every C++ autograd function
+                if "compiled_args not implemented for non-traceable node: torch::autograd::CppNode" in str(e):
+                    pytest.skip("this torch's compiled autograd takes no C++ autograd function (CppNode)")
+                raise
             grads.append([xx.grad] + [p.grad for p in params])
         for g, e in zip(*grads):
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
@@ -270,6 +277,8 @@ def test_export_with_a_data_dependent_batch():
         ep.module()(x, torch.zeros(3, dtype=torch.bool))
 
 
+@pytest.mark.skipif(not hasattr(torch._dynamo.decorators, "mark_unbacked"),
+                    reason="this torch has no torch._dynamo.decorators.mark_unbacked")
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
 def test_compile_with_unbacked_batch_and_time(kind):
     """mark_unbacked on the batch (and time) sizes, the remedy dynamo's recompile log suggests for
@@ -303,6 +312,11 @@ def test_compile_of_vmap_over_a_module(kind):
     """torch.compile(torch.func.vmap(module), fullgraph=True): dynamo formats the module, which it
     could not while extra_repr used str.format(**self.__dict__)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
+    try:  # older torch (2.4) compiles no vmap over a module, torch.nn's own included
+        torch.compile(torch.func.vmap(nn.Linear(4, 2)), backend="eager", fullgraph=True)(torch.randn(3, 4))
+    except Exception as e:  # noqa: BLE001 - whatever dynamo raises there
+        pytest.skip(f"this torch cannot compile vmap over torch.nn.Linear: {type(e).__name__}")
     torch._dynamo.reset()
     module = getattr(rnnrec_fast, kind)(4, 6)
     xs = torch.randn(3, 5, 2, 4) if kind == "GRU" else torch.randn(3, 2, 4)
