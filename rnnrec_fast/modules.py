@@ -313,9 +313,10 @@ class _FastPath(nn.Module):
         # (_C.install_call_slot, at the end of this module), which does the first lines below in
         # C++ and goes on to _call_after as they do; they come here where CPython has reset the
         # slot (a class's __call__ assigned, then deleted: mock.patch.object), and put it back.
-        module_call = self.__dict__.get("_module_call")
         tried = None
-        if module_call is not None and not kwargs and not _is_dynamo_compiling():
+        # (compiling is asked first: torch 2.6's dynamo fails on reading the C++ plan's bound method)
+        module_call = None if kwargs or _is_dynamo_compiling() else self.__dict__.get("_module_call")
+        if module_call is not None:
             cls = type(self)
             if cls in _CALL_SLOT_CLASSES and not _has_call_slot(cls) and cls.__call__ is _FASTPATH_CALL:
                 _install_call_slot((cls,), _FASTPATH_CALL, _FastPath._call_after)
@@ -332,8 +333,9 @@ class _FastPath(nn.Module):
             out = None if _calls_observed() else d["_plan"](*args)
             if out is not None:
                 return out
-        plan = d.get("_plan") if d.get("_module_call") is None else None
-        if (plan is not None and not kwargs and 0 < len(args) <= 2 and not _is_compiling()
+        # (compiling is asked before the C++ plan is read: torch 2.6's dynamo fails on its methods)
+        plan = None if _is_compiling() or d.get("_module_call") is not None else d.get("_plan")
+        if (plan is not None and not kwargs and 0 < len(args) <= 2
                 and type(self).forward in _OWN_FORWARDS and "forward" not in d
                 and d.get("_compiled_call_impl") is None
                 and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks

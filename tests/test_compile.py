@@ -67,15 +67,16 @@ def test_compiled_autograd_runs_the_backward_of_an_eager_call():
             params = list(m.parameters())
             for p in params:
                 p.grad = None
-            enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # (torch < 2.6)
+            enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # (older torch)
             ctx = enable(torch.compile(backend="aot_eager")) if compiled else contextlib.nullcontext()
             try:
                 with ctx:
                     out = m(xx)
                     out = out[0] if isinstance(out, tuple) else out
                     (out * out).sum().backward()
-            except RuntimeError as e:  # torch 2.4's compiled autograd refuses every C++ autograd function
-                if "compiled_args not implemented for non-traceable node: torch::autograd::CppNode" in str(e):
+            except RuntimeError as e:  # torch 2.4 and 2.6: their compiled autograd refuses C++ autograd functions
+                if ("compiled_args not implemented for non-traceable node: torch::autograd::CppNode" in str(e)
+                        or "Attempting to trace a potentially unsafe C++ autograd function" in str(e)):
                     pytest.skip("this torch's compiled autograd takes no C++ autograd function (CppNode)")
                 raise
             grads.append([xx.grad] + [p.grad for p in params])
@@ -242,9 +243,16 @@ def test_packed_sequence_input_compiles_without_extra_graphs():
     from torch._dynamo.testing import CompileCounter
     from torch.nn.utils.rnn import pack_padded_sequence
 
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    packed = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
+    torch._dynamo.reset()
+    try:  # torch 2.6's dynamo runs torch's own pad_packed_sequence on fake tensors, which fails
+        torch.compile(lambda p: pad_packed_sequence(p)[0], backend="eager")(packed)
+    except Exception as e:  # noqa: BLE001 - whatever dynamo raises there
+        pytest.skip(f"this torch cannot compile torch's own pad_packed_sequence: {type(e).__name__}")
     torch._dynamo.reset()
     m = rnnrec_fast.GRU(3, 4)
-    packed = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
     counter = CompileCounter()
     got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
     torch.testing.assert_close(got, m(packed)[0].data)
