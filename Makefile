@@ -18,7 +18,8 @@ DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 p
 # benchmark-only extras (never runtime dependencies): ONNX Runtime's GRU as a serving baseline
 # and FastAPI for the plain FastAPI + nn.GRUCell serving baseline
 BENCH_DEPS := onnxruntime==1.32.0 onnx==1.23.2 fastapi==0.165.0
-DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
+# the stamp names torch's version and a checksum of the pins: a changed pin reaches existing venvs
+DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)-$(shell printf '%s' '$(DEPS)' | cksum | cut -d' ' -f1)
 BUILD_STAMP := $(VENV)/.built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*.cu csrc/*.cuh csrc/standalone/*.cpp)
 export RNNREC_FAST_REQUIRE_EXT := 1
@@ -30,7 +31,7 @@ setup: $(BUILD_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): Makefile | $(PY)
+$(DEPS_STAMP): | $(PY)
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)" $(DEPS)
 	rm -f $(VENV)/.deps-torch-*
 	touch $@

@@ -823,7 +823,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // it every time: training B32 T20 H100 3.34 -> 3.29 ms, A/B in one process). A larger one stays
   // with gemm_any: a copy held through the backward adds its size to the step's peak (3 MiB at
   // H = 512: 25.9 -> 28.9 MiB, live heap, against torch.nn's 31.1) for ~0.7% (B64 T20 H512).
-  const bool wi_once = GH * I * int64_t(sizeof(T)) <= kL2Bytes / 4;
+  const bool wi_once = avx2_packed_pays(GH, I);
   const StepW<T> wi(false, GH, wi_once ? I : 0, w_ih, I, Tc * B, (T_ + Tc - 1) / Tc);
 
   // The state entering step t, row b (not saved by the forward): zero where the row resets, else

@@ -377,13 +377,16 @@ class InputError(ValueError, RuntimeError):
     both, so code written against either catches it."""
 
 
-def _autocast_cast(x, hx, w_dtype):
+def _autocast_cast(x, hx, w):
     """Under autocast for their device, an input or hx of another floating dtype than the
     weights', as autocast's ops make them (a bfloat16 Linear before a float32 GRU, a float32 h0
     beside a bfloat16 one), is taken as torch.nn takes it and computed in the weights' dtype (the
     op computes in its inputs' dtype). Autocast leaves float64 alone, and so does this: a float64
     input or hx beside weights of another dtype reaches the usual dtype error (torch.nn refuses it
     under autocast too; rounding it silently would hide the mistake)."""
+    # w: the first weight as read (not a tensor: _checked_weights raises); isinstance, not getattr
+    # with a default, which torch 2.4's dynamo refuses on a tensor
+    w_dtype = w.dtype if isinstance(w, torch.Tensor) else None
     if ((x.dtype != w_dtype or (hx is not None and hx.dtype != w_dtype)) and x.device.type in ("cpu", "cuda")
             and torch.is_autocast_enabled(x.device.type)):
         if x.is_floating_point() and x.dtype != torch.float64:
@@ -664,7 +667,7 @@ class _RNNBase(_FastPath):
             else:
                 x = input
         weights = [getattr(self, n) for n in self._flat_weights_names]  # (each read once a call)
-        x, hx = _autocast_cast(x, hx, weights[0].dtype if isinstance(weights[0], torch.Tensor) else None)
+        x, hx = _autocast_cast(x, hx, weights[0])
         T, B, I = x.shape
         if ops.is_zero(T):
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
@@ -885,7 +888,7 @@ class _CellBase(_FastPath):
                              f"expected {self.hidden_size}")
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
         values = [getattr(self, n) for n in names]  # (each read once a call)
-        x, hx = _autocast_cast(x, hx, values[0].dtype if isinstance(values[0], torch.Tensor) else None)
+        x, hx = _autocast_cast(x, hx, values[0])
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
         w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x)  # (torch.nn: RuntimeError)
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
