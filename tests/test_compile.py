@@ -56,6 +56,7 @@ def test_compiled_autograd_runs_the_backward_of_an_eager_call():
     report a PyTorch bug). The workspace output takes no gradient either way."""
     from torch._dynamo import compiled_autograd
 
+    enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # (older torch)
     torch.manual_seed(3)
     mods = [rnnrec_fast.GRU(3, 4, num_layers=2), rnnrec_fast.RNN(3, 4, nonlinearity="relu"), rnnrec_fast.GRUCell(3, 4)]
     for m in mods:
@@ -67,7 +68,6 @@ def test_compiled_autograd_runs_the_backward_of_an_eager_call():
             params = list(m.parameters())
             for p in params:
                 p.grad = None
-            enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # (older torch)
             ctx = enable(torch.compile(backend="aot_eager")) if compiled else contextlib.nullcontext()
             try:
                 with ctx:
@@ -237,21 +237,26 @@ def test_torchscript_script_refuses_modules_clearly(kind):
     assert [type(m) for m in model.modules()] == before
 
 
+def _skip_unless_torch_compiles(what, fn, *args, **compile_kwargs):
+    """Skips the test where this torch cannot compile ``fn(*args)`` (a case of torch's own code,
+    standing for what the test compiles of ours), naming what and the error; dynamo reset after."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend="eager", **compile_kwargs)(*args)
+    except Exception as e:  # noqa: BLE001 - whatever dynamo raises there
+        pytest.skip(f"this torch cannot compile {what}: {type(e).__name__}")
+    torch._dynamo.reset()
+
+
 def test_packed_sequence_input_compiles_without_extra_graphs():
     """The module's PackedSequence checks read batch_sizes' values only in eager mode: compiled,
     one graph (reading them split it into four)."""
     from torch._dynamo.testing import CompileCounter
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    from torch.nn.utils.rnn import pad_packed_sequence
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     packed = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
-    torch._dynamo.reset()
-    try:  # torch 2.6's dynamo runs torch's own pad_packed_sequence on fake tensors, which fails
-        torch.compile(lambda p: pad_packed_sequence(p)[0], backend="eager")(packed)
-    except Exception as e:  # noqa: BLE001 - whatever dynamo raises there
-        pytest.skip(f"this torch cannot compile torch's own pad_packed_sequence: {type(e).__name__}")
-    torch._dynamo.reset()
+    # torch 2.6's dynamo runs torch's own pad_packed_sequence on fake tensors, which fails
+    _skip_unless_torch_compiles("torch's own pad_packed_sequence", lambda p: pad_packed_sequence(p)[0], packed)
     m = rnnrec_fast.GRU(3, 4)
     counter = CompileCounter()
     got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
@@ -320,12 +325,9 @@ def test_compile_of_vmap_over_a_module(kind):
     """torch.compile(torch.func.vmap(module), fullgraph=True): dynamo formats the module, which it
     could not while extra_repr used str.format(**self.__dict__)."""
     torch.manual_seed(0)
-    torch._dynamo.reset()
-    try:  # older torch (2.4) compiles no vmap over a module, torch.nn's own included
-        torch.compile(torch.func.vmap(nn.Linear(4, 2)), backend="eager", fullgraph=True)(torch.randn(3, 4))
-    except Exception as e:  # noqa: BLE001 - whatever dynamo raises there
-        pytest.skip(f"this torch cannot compile vmap over torch.nn.Linear: {type(e).__name__}")
-    torch._dynamo.reset()
+    # older torch (2.4, 2.6) compiles no vmap over a module, torch.nn's own included
+    _skip_unless_torch_compiles("vmap over torch.nn.Linear", torch.func.vmap(nn.Linear(4, 2)), torch.randn(3, 4),
+                                fullgraph=True)
     module = getattr(rnnrec_fast, kind)(4, 6)
     xs = torch.randn(3, 5, 2, 4) if kind == "GRU" else torch.randn(3, 2, 4)
     expected = torch.func.vmap(module)(xs)
