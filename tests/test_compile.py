@@ -363,7 +363,8 @@ def test_aoti_package_runs_in_a_fresh_process_that_imports_the_package(tmp_path)
         f"torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}), rtol=1e-5, atol=1e-6)\n"
         "print('aoti-ok')\n"
     )
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # TMPDIR: torch's package loader unpacks into a temporary folder it never removes
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path)}
     ok = subprocess.run([sys.executable, "-c", code, "import"], capture_output=True, text=True, timeout=300, env=env)
     assert ok.returncode == 0 and "aoti-ok" in ok.stdout, ok.stderr[-3000:]
     bare = subprocess.run([sys.executable, "-c", code, "bare"], capture_output=True, text=True, timeout=300, env=env)
@@ -511,13 +512,15 @@ def test_aoti_package_and_torchscript_run_from_a_cpp_program_with_the_library(tm
                    cwd=tmp_path, check=True, capture_output=True, timeout=300)
     scripted = str(tmp_path / "traced.pt")
     torch.jit.trace(model, (torch.randint(0, 50, (3, 5)),)).save(scripted)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # (where the loader unpacks the package and leaves it)
     for name, b, t in ((package, 2, 7), (package, 1, 1), (scripted, 2, 7), (scripted, 1, 1)):
         out = subprocess.run([str(tmp_path / "run"), path, name, str(b), str(t)], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         got = torch.tensor([float(v) for v in out.stdout.split()])
         expected = model((torch.arange(b * t) % 50).view(b, t))[0].detach().flatten()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for name in (package, scripted):
-        bare = subprocess.run([str(tmp_path / "run"), "-", name, "2", "7"], capture_output=True, text=True, timeout=120)
+        bare = subprocess.run([str(tmp_path / "run"), "-", name, "2", "7"], capture_output=True, text=True, timeout=120,
+                              env=env)
         assert bare.returncode != 0 and "rnnrec_fast" in bare.stderr, bare.stderr[-3000:]
