@@ -11,10 +11,11 @@ TORCH_INDEX ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # setuptools: the build runs without isolation, so the venv's own must build wheels (bdist_wheel,
-# built in from 70.1); a new venv's is Python's bundled one (65.5 for 3.11), which cannot, and only
-# some torch releases (2.13) pull a newer one in
+# built in from 70.1); a new venv's is Python's bundled one (65.5 for 3.11), which cannot. The pin
+# also has to suit every torch make may install: 2.11 and 2.12 require setuptools<82, 2.13 and 2.14
+# >=77.0.3
 DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 \
-	uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 setuptools==84.2.1
+	uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 setuptools==81.0.0
 # benchmark-only extras (never runtime dependencies): ONNX Runtime's GRU as a serving baseline
 # and FastAPI for the plain FastAPI + nn.GRUCell serving baseline
 BENCH_DEPS := onnxruntime==1.32.0 onnx==1.23.2 fastapi==0.165.0
