@@ -540,8 +540,6 @@ class _RNNBase(_FastPath):
             if value <= 0:
                 raise ValueError(f"{name}: {arg} must be greater than zero, got {value}")
         if dropout > 0 and num_layers == 1:
-            import warnings
-
             warnings.warn(f"{name}: dropout option adds dropout after all but last recurrent layer, "
                           f"so non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", UserWarning, stacklevel=2)
@@ -588,6 +586,14 @@ class _RNNBase(_FastPath):
 
     def flatten_parameters(self) -> None:
         """No-op, for code written against ``torch.nn.RNNBase``."""
+
+    # torch.nn.RNNBase's argument checks and hidden-state permutation, for code that calls them
+    # (they read only attributes these modules share with it)
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
 
     @property
     def all_weights(self):
@@ -708,7 +714,9 @@ class _RNNBase(_FastPath):
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x, weights), lengths, resets, mode,
                         reset_after, backend)[:2]
-            h_n = h.unsqueeze(0)
+            # in place, as torch.nn's is, h_n is no view: `h_n.detach_()` between batches works
+            # (nothing saved h); traced by dynamo as the plain view
+            h_n = h.unsqueeze(0) if _is_compiling() else h.unsqueeze_(0)
         else:
             rev = _reverse_index(T, lengths, x.device) if D == 2 and lengths is not None else None
             layer_in = x
@@ -808,10 +816,12 @@ class _CellBase(_FastPath):
         name = type(self).__name__
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             # torch.nn's cells (unlike its RNN/GRU) accept zero sizes
-            if not isinstance(value, int) or isinstance(value, bool):
+            # (any integer, NumPy's too, as torch.nn's cells take them; not a bool)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
             if value < 0:
-                raise ValueError(f"{name}: {arg} must be a non-negative int, got {value!r}")
+                raise InputError(f"{name}: {arg} must be a non-negative int, got {value!r}")
+        input_size, hidden_size = int(input_size), int(hidden_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -924,9 +934,18 @@ class RNNCell(_CellBase):
                  *, backend="auto"):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNNCell: Unknown nonlinearity: {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend,
                          mode="rnn_" + nonlinearity)
+
+    @property
+    def nonlinearity(self) -> str:
+        return self.mode[4:]
+
+    @nonlinearity.setter
+    def nonlinearity(self, value):  # torch.nn's cell reads it at every call: a change takes effect
+        if value not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: Unknown nonlinearity: {value!r}")
+        self.mode = "rnn_" + value  # (rebuilds the inference plan)
 
 
 class GRUCell(_CellBase):

@@ -871,8 +871,9 @@ def test_whole_models_convert_both_ways_and_export_to_onnx():
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_documented_migration_differences_raise_clearly(kind):
     """What the README lists as differing from torch.nn raises instead of computing something else:
-    torch.func.grad / jvp (a custom autograd function), and an in-place change of the sequence
-    output before backward() (it is saved for the backward, as cuDNN's GRU saves it)."""
+    torch.func.grad / jvp (a custom autograd function), an in-place change of the sequence
+    output before backward() (it is saved for the backward, as cuDNN's GRU saves it), and
+    detach_() of a batch_first sequence output."""
     m = getattr(rnnrec_fast, kind)(4, 5)
     x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
     out = (lambda y: y[0] if isinstance(y, tuple) else y)
@@ -888,6 +889,13 @@ def test_documented_migration_differences_raise_clearly(kind):
                 y.sum().backward()
         y = out(m(x)).relu()  # the out-of-place form works
         y.sum().backward()
+        # a batch_first output is a transposed view of the saved (T, B, H) one: detach_() refuses it
+        # in place (torch.nn's is a tensor of its own), detach() works; h_n detaches in place
+        y, h = rnnrec_fast.GRU(4, 5, batch_first=True)(x)
+        with pytest.raises(RuntimeError, match="Can't detach views in-place"):
+            y.detach_()
+        assert not y.detach().requires_grad
+        h.detach_()
 
 
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
@@ -899,3 +907,91 @@ def test_active_backend_honours_the_device_argument(kind):
     assert m.active_backend("cpu") == m.active_backend()
     with pytest.raises(ValueError, match="meta"):
         m.active_backend("meta")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_truncated_bptt_detaches_h_n_in_place_as_torch_nn(backend, num_layers, packed):
+    """The truncated-BPTT loop `out, h = m(x, h); loss.backward(); h.detach_()` runs as on torch.nn,
+    with its gradients: h_n is no view (a one-layer module's was `h.unsqueeze(0)`, and
+    detach_() refused it: 'Can't detach views in-place')."""
+    torch.manual_seed(5)
+    ref = nn.GRU(3, 4, num_layers=num_layers, batch_first=True)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    chunks = [torch.randn(2, 5, 3) for _ in range(3)]
+    lengths = torch.tensor([5, 3])
+    h_ref = h_ours = None
+    for x in chunks:
+        grads = []
+        for m, h in ((ref, h_ref), (ours, h_ours)):
+            m.zero_grad()
+            inp = pack_padded_sequence(x, lengths, batch_first=True) if packed else x
+            out, h = m(inp, h)
+            ((out.data if packed else out) ** 2).sum().add(h.sum()).backward()
+            h.detach_()
+            assert not h.requires_grad and h.grad_fn is None
+            grads.append([p.grad.clone() for p in m.parameters()] + [h])
+        h_ref, h_ours = grads[0][-1], grads[1][-1]
+        for g, rg in zip(grads[1], grads[0]):
+            assert_close(g, rg, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_rnncell_nonlinearity_change_takes_effect_as_torch_nn(backend):
+    """torch.nn's RNNCell reads `nonlinearity` at every call, so changing it switches the activation;
+    so does ours (it kept running tanh, silently), with and without autograd; a bad value is refused."""
+    torch.manual_seed(6)
+    ref = nn.RNNCell(3, 4)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    x, hx = torch.randn(5, 3), torch.randn(5, 4)
+    for nl in ("relu", "tanh", "relu"):
+        ref.nonlinearity = ours.nonlinearity = nl
+        assert ours.nonlinearity == nl and ours.mode == "rnn_" + nl
+        with torch.no_grad():
+            assert_close(ours(x, hx), ref(x, hx), torch.float32, "inference")
+        assert_close(ours(x, hx), ref(x, hx), torch.float32, "output")
+    assert (ref(x, hx) == 0).any()  # (relu did clip something)
+    assert rnnrec_fast.to_torch(ours).nonlinearity == "relu"
+    with pytest.raises(ValueError, match="nonlinearity"):
+        ours.nonlinearity = "sigmoid"
+
+
+@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
+def test_cell_sizes_take_numpy_integers_as_torch_nn(kind):
+    """torch.nn's cells take any integer size (NumPy's, from np.max or a shape computation); so do
+    ours, stored as int; a negative size raises an error that is a RuntimeError (torch.nn's type)
+    and a ValueError; a float or bool size is refused."""
+    np = pytest.importorskip("numpy")
+    cell = getattr(rnnrec_fast, kind)(np.int64(3), np.int32(4))
+    ref = getattr(nn, kind)(np.int64(3), np.int32(4))
+    assert type(cell.input_size) is int and type(cell.hidden_size) is int
+    assert cell(torch.randn(2, 3)).shape == ref(torch.randn(2, 3)).shape == (2, 4)
+    with pytest.raises(RuntimeError, match="non-negative"):
+        getattr(rnnrec_fast, kind)(3, np.int64(-1))
+    for bad in (4.0, True):
+        with pytest.raises(TypeError, match="should be of type int"):
+            getattr(rnnrec_fast, kind)(bad, 4)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_rnnbase_checks_and_permute_hidden_as_torch_nn(kind):
+    """torch.nn.RNNBase's check_forward_args / check_input / get_expected_hidden_size /
+    check_hidden_size / permute_hidden, which user code calls (e.g. to reorder a state by a
+    PackedSequence's indices), exist and answer as torch.nn's."""
+    ref = getattr(nn, kind)(3, 4, num_layers=2, batch_first=True)
+    ours = rnnrec_fast.from_torch(ref)
+    x, h = torch.randn(5, 6, 3), torch.randn(2, 5, 4)
+    perm = torch.tensor([4, 0, 3, 1, 2])
+    for m in (ref, ours):
+        assert m.get_expected_hidden_size(x, None) == (2, 5, 4)
+        assert m.get_expected_hidden_size(x[0], torch.tensor([3, 2])) == (2, 3, 4)
+        m.check_forward_args(x, h, None)
+        assert torch.equal(m.permute_hidden(h, perm), h[:, perm]) and m.permute_hidden(h, None) is h
+    for bad_x, bad_h in ((x, h[:, :4]), (x[..., :2], h), (x.double(), h)):
+        errors = []
+        for m in (ref, ours):
+            with pytest.raises((RuntimeError, ValueError)) as info:
+                m.check_forward_args(bad_x, bad_h, None)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1]
