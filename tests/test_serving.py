@@ -323,12 +323,12 @@ def test_per_click_k_in_a_batch():
         rec.step_batch(["a", "b"], [1, 2], [3])
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "reassign", "submodule", "data_swap",
+@pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "adagradm", "reassign", "submodule", "data_swap",
                                     "racing_update", "in_training_mode", "training_during_rebuild",
                                     "update_during_probe"])
 def test_fast_path_follows_weight_changes(change, monkeypatch):
     """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
-    a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
+    AdagradM's too (its sparse update writes through NumPy: it bumped no version), a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
     landing while the fast path copies Wy, a reload done in training mode) clicks and batches
     score with the new weights: the fast path held a copy of the output weights (batches of 4+
     rows scored with the old ones) and views of the others."""
@@ -347,6 +347,13 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
             for p, q in zip(model.parameters(), new.parameters()):
                 p.grad = p.detach() - q.detach()
             torch.optim.SGD(model.parameters(), lr=1.0).step()
+        elif change == "adagradm":  # the package's own optimiser: its sparse update writes through NumPy
+            from rnnrec_fast.recsys.optim import AdagradM
+
+            for p, q in zip(model.parameters(), new.parameters()):
+                g = (p.detach() - q.detach()) * 10.0
+                p.grad = g.to_sparse(1) if p.dim() == 2 else g  # (the item tables' gradients are sparse)
+            AdagradM(model.parameters(), lr=1.0).step()
         elif change == "reassign":
             model.Wy = torch.nn.Parameter(new.Wy.detach().clone())
             model.By = torch.nn.Parameter(new.By.detach().clone())

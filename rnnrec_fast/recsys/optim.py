@@ -92,6 +92,9 @@ class AdagradM(Optimizer):
         mom = st["mom"].numpy() if momentum > 0 else st["acc"].numpy()
         kernel(idx, val, p.detach().numpy(), st["acc"].numpy(), mom, st["scratch"].numpy(),
                st["seen"].numpy(), float(lr), float(momentum), float(eps))
+        # written through NumPy, which torch does not see: its version counter tells autograd and
+        # whoever holds a copy of the weights (the serving fast path) that they changed
+        torch.autograd.graph.increment_version(p)
         return True
 
     @torch.no_grad()
