@@ -78,6 +78,24 @@ def test_loader_errors(tmp_path):
         recsys.load_yoochoose(empty)
 
 
+def test_loader_quote_characters(tmp_path):
+    """A tab-separated log has no quoting: quote characters are part of the ids (they joined the
+    rows between two quotes into one click, silently). In a CSV a stray quote that would join lines
+    into one field is refused with its line, and one whose field outgrows the csv module's limit
+    gives a clear error, not csv's traceback; quoted fields on one line still read."""
+    tsv = _write(tmp_path, "q.txt", 'SessionId\tItemId\tTime\n1\t"A\t1\n1\tB\t2\n2\tC\t3\n2\t"D\t4\n')
+    log = recsys.load_yoochoose(tsv)
+    assert list(log.items) == ['"A', "B", "C", '"D'] and log.times.tolist() == [1, 2, 3, 4]
+    csv_ok = _write(tmp_path, "ok.csv", 'a,b,c\n1,"x,y",1\n1,"z",2\n')
+    assert list(recsys.load_clicks(csv_ok, session_col="a", item_col="b", time_col="c").items) == ["x,y", "z"]
+    joined = _write(tmp_path, "j.csv", 'a,b,c\n1,p,0\n1,"x,1\n1,y,2\n2,z",3\n')
+    with pytest.raises(RecsysError, match=r"j.csv:3: a quoted field runs over 3 lines"):
+        recsys.load_clicks(joined, session_col="a", item_col="b", time_col="c")
+    long = _write(tmp_path, "l.csv", 'a,b,c\n1,"x,1\n' + "1,y,2\n" * 30000)
+    with pytest.raises(RecsysError, match=r"l.csv:2: unreadable row .*field larger than field limit"):
+        recsys.load_clicks(long, session_col="a", item_col="b", time_col="c")
+
+
 def test_loader_header_spellings_blank_lines_and_repeated_headers(tmp_path):
     """The full CIKM Cup 2016 file's header (sessionId;userId;itemId;...) loads as Diginetica like
     SR-GNN's sample's (session_id;...; it was taken for a generic log with a missing SessionId

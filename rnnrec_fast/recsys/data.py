@@ -160,7 +160,9 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
             raise RecsysError(f"{path}: the file is empty")
         sep = sep or _sniff_sep(path, first)
         f.seek(start)
-        reader = csv.reader(f, delimiter=sep)
+        # a tab-separated log (GRU4Rec's format) has no quoting: a quote is part of an id; in a CSV
+        # a stray one would join the lines up to the next quote into one field (refused below)
+        reader = csv.reader(f, delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
         if header:
             names = [c.strip() for c in next(reader)]
 
@@ -182,8 +184,19 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
         sess, items, times = [], [], []
         cache: dict[str, float] = {}
         lineno = skipped + (1 if header else 0)
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows, None)
+            except csv.Error as exc:  # e.g. a stray quote's field outgrowing the csv module's limit
+                raise RecsysError(f"{path}:{lineno + 1}: unreadable row ({exc}; a stray quote "
+                                  f"character?)") from None
+            if row is None:
+                break
             lineno += 1
+            if skipped + reader.line_num != lineno:  # one record read over several lines
+                raise RecsysError(f"{path}:{lineno}: a quoted field runs over {skipped + reader.line_num - lineno + 1} "
+                                  f"lines (a stray quote character?)")
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) < need:
