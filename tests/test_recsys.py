@@ -744,6 +744,15 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"format": recsys.checkpoint.FORMAT, "version": 1}, str(tmp_path / "part.pt"))
     with pytest.raises(RecsysError, match="incomplete checkpoint"):
         recsys.load_checkpoint(str(tmp_path / "part.pt"))
+    model = GRU4Rec(5, [4], embedding=3)
+    recsys.save_checkpoint(model, str(tmp_path / "ok.pt"))
+    with pytest.raises(RecsysError, match="bad device 'foo'"):  # (said: 'not a readable checkpoint')
+        recsys.load_checkpoint(str(tmp_path / "ok.pt"), device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(RecsysError, match="CUDA is not available"):
+            recsys.load_checkpoint(str(tmp_path / "ok.pt"), device="cuda")
+    with pytest.raises(RecsysError, match="is a folder"):  # (os.replace's 'Is a directory' on a temp file)
+        recsys.save_checkpoint(model, str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -922,6 +931,15 @@ def test_recommend_uses_top_layer():
         h = model.step(torch.tensor([it]), h)
     _, ix = torch.topk(model.score(h[-1]), 5)
     assert [g[0] for g in model.recommend([3, 7], k=5)] == ix[0].tolist()
+    # the same clicks as a tensor or an array; bad k or items: a RecsysError saying what is wrong
+    assert model.recommend(torch.tensor([3, 7]), k=5) == model.recommend(np.array([3, 7]), k=5) == \
+        model.recommend([3, 7], k=5)
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(RecsysError, match="k must be an int >= 1"):
+            model.recommend([3, 7], k=k)
+    for items in (3, "37"):
+        with pytest.raises(RecsysError, match="items must be a sequence of item ids"):
+            model.recommend(items, k=5)
 
 
 @pytest.mark.parametrize("fn", [bpr_max, top1_max])

@@ -227,3 +227,25 @@ def test_evaluate_defaults_to_conservative_ties(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recall@1"] == 0.0
     assert main(args + ["--ties", "standard"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recall@1"] == 1.0
+
+
+def test_train_checks_save_path_and_test_set_before_training(files, tmp_path, capsys, monkeypatch):
+    """--save into a missing folder, onto a folder, or into a read-only one, and a --test log with no
+    usable session, are refused before training starts (a whole run was lost at the end)."""
+    def no_training(*a, **kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sys.modules["rnnrec_fast.recsys.train"], "train", no_training)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    cases = [(tmp_path / "missing" / "m.pt", "does not exist"), (tmp_path, "is a folder")]
+    if os.geteuid() != 0:  # (root writes anywhere)
+        cases.append((ro / "m.pt", "not writable"))
+    for save, msg in cases:
+        code, _, err = _run(["train", "--train", files / "train.txt", "--save", save] + TRAIN_ARGS, capsys)
+        assert code == 2 and msg in err and "Traceback" not in err, err
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("SessionId\tItemId\tTime\n1\t999991\t1\n1\t999992\t2\n")
+    code, _, err = _run(["train", "--train", files / "train.txt", "--test", unknown] + TRAIN_ARGS, capsys)
+    assert code == 2 and "no session with at least two known clicks" in err, err

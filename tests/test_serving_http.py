@@ -392,11 +392,17 @@ def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
         (["--model", path, "--port", "99999"], "port"),
         (["--model", path, "--request-timeout", "0"], "request-timeout"),
         (["--model", path, "--request-timeout", "inf"], "request-timeout"),
+        (["--model", path, "--device", "foo"], "bad device 'foo'"),  # (said: 'not a readable checkpoint')
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--model", path, "--device", "cuda"], "CUDA is not available"))
     for args, msg in cases:
         code = main(["--port", "0", "--torch-threads", "0"] + args)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and msg in err, (args, err)
+    with pytest.raises(SystemExit) as exc:  # (uvicorn failed on it after 'listening on ...')
+        main(["--model", path, "--port", "0", "--log-level", "bogus"])
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
 def test_metrics_text_format(server):

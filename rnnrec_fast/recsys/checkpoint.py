@@ -25,9 +25,7 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         "state_dict": state,
         "extra": dict(extra or {}),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RecsysError(f"cannot save the model: folder {folder} does not exist")
+    folder = check_save_path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -43,8 +41,27 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         raise
 
 
+def check_save_path(path: str) -> str:
+    """RecsysError unless :func:`save_checkpoint` can write ``path`` (a file in an existing,
+    writable folder; callers check before hours of training). Returns the folder."""
+    if os.path.isdir(path):
+        raise RecsysError(f"cannot save the model: {path} is a folder (give a file name in it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RecsysError(f"cannot save the model: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RecsysError(f"cannot save the model: folder {folder} is not writable")
+    return folder
+
+
 def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RecsysError(f"bad device {device!r}: use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecsysError("device cuda requested but CUDA is not available")
     if not os.path.isfile(path):
         raise RecsysError(f"model file not found: {path}")
     try:

@@ -161,7 +161,7 @@ def _print_metrics(res, ks, out):
 
 
 def _cmd_train(a):
-    from .checkpoint import save_checkpoint
+    from .checkpoint import check_save_path, save_checkpoint
     from .data import SessionDataset, time_split
     from .evaluate import evaluate
     from .train import TrainConfig, train
@@ -183,6 +183,8 @@ def _cmd_train(a):
         raise RecsysError("--min-item-support applies with --split-days (the raw log's preprocessing)")
     if a.min_item_support < 1 or (a.split_days is not None and not a.split_days > 0):
         raise RecsysError("--split-days must be > 0 and --min-item-support >= 1")
+    if a.save:  # (before training, not after it)
+        check_save_path(a.save)
     train_log, test_log = _load(a.train, a), None
     if a.split_days is not None:
         train_log, test_log = time_split(train_log, a.split_days, min_item_support=a.min_item_support)
@@ -196,6 +198,8 @@ def _cmd_train(a):
               f"({tr.n_events} events: next-click targets)\n")
     if te is not None:
         log.write(f"test: {len(te.items)} clicks, {te.n_sessions} sessions ({te.n_events} events)\n")
+        if te.n_events <= 0:  # (evaluate's own check, made before training)
+            raise RecsysError("the test data has no session with at least two known clicks")
     model, stats = train(tr, cfg, progress=not a.quiet)
     log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s\n")
     res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],

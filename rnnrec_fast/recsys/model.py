@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -279,7 +280,15 @@ class GRU4Rec(nn.Module):
 
     @torch.no_grad()
     def recommend(self, items, k: int = 20):
-        """Top-k (original id, score) after the click sequence ``items`` (original ids)."""
+        """Top-k (original id, score) after the click sequence ``items`` (original ids: a list, a
+        NumPy array or a tensor of them); ``k`` in [1, n_items] (more gives all items)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise RecsysError(f"k must be an int >= 1, got {k!r}")
+        if isinstance(items, torch.Tensor):
+            items = items.tolist()
+        if isinstance(items, (str, bytes, int, np.integer)) or not hasattr(items, "__iter__"):
+            raise RecsysError(f"items must be a sequence of item ids (the session's clicks in order), got "
+                              f"{type(items).__name__} {items!r}")
         idx = torch.as_tensor(self.item_map.index(items), device=self.Wy.device)
         if len(idx) == 0:
             raise RecsysError("give at least one item")

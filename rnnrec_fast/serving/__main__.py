@@ -12,7 +12,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="checkpoint written by rnnrec_fast.recsys.save_checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0: an ephemeral one, printed at start)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-sessions", type=int, default=100_000, help="sessions held at most (LRU beyond)")
     p.add_argument("--ttl", type=float, default=1800.0, help="seconds of idleness before a session is dropped")
     p.add_argument("--max-batch", type=int, default=64, help="clicks served by one fused step at most")
@@ -24,7 +24,8 @@ def main(argv=None):
                    help="seconds a request's head and body may take to arrive (slow or stalled clients are cut off)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--debug", action="store_true", help="enable GET /v1/sessions/{id} (clicks, seen items, state)")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level")
     from ..recsys.cli import show_defaults
 
     a = show_defaults(p).parse_args(argv)
