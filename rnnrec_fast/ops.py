@@ -348,6 +348,7 @@ def _backward_kernel(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengt
     _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
     _check_memory(*_named_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets), ("grad_output", grad_output),
                   ("grad_h_n", grad_h_n), ("output", output), ("workspace", workspace))
+    _check_length_values(lengths, x.shape[0])  # (as the forward and the C++ backward)
     if h0 is None:
         h0 = _zero_state(x, w_hh)
     name, mod = _resolve(backend, x.device.type, x.dtype)
@@ -369,10 +370,22 @@ for _key in ("CPU", "CUDA"):
 # fake kernels (shape propagation for torch.compile / torch.export / meta tensors)
 
 
+def _check_fake_backend(backend, x):
+    """A forced backend that cannot run this is refused as by the real call (torch.compile and
+    export would otherwise trace what fails when it runs). Meta tensors run nowhere: there only an
+    unknown name, or a dtype the backend never runs, is refused."""
+    if backend == "auto":
+        return
+    if x.device.type != "meta":
+        _resolve(backend, x.device.type, x.dtype)
+    elif backend not in _backends.NAMES or _backends.available(backend):
+        if x.dtype not in _backends.load(backend).DTYPES:  # (load: ValueError for an unknown name)
+            raise ValueError(f"rnnrec_fast: backend {backend!r} does not support {x.dtype}")
+
+
 def _recurrence_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
-    if backend != "auto" and x.device.type != "meta":  # a forced backend that cannot run this: as the real call
-        _resolve(backend, x.device.type, x.dtype)
+    _check_fake_backend(backend, x)
     T, B, _ = x.shape
     H = w_hh.shape[1]
     return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(T, B, width, dtype=_workspace_dtype(x.dtype))
@@ -382,6 +395,7 @@ def _backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths
                    workspace, mode, reset_after, backend):
     _, width = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, w_hh.shape[1], width)
+    _check_fake_backend(backend, x)
     G, H = w_hh.shape
     # contiguous, as every backend returns them (empty_like kept a transposed x's strides: inductor
     # then asserted on the real gradient's strides in a batch_first model's backward)

@@ -346,3 +346,49 @@ def test_module_weight_and_packed_errors_name_the_problem(backend):
     a = good()
     with pytest.raises(ValueError, match="lengths is a meta tensor"):
         rnnrec_fast.recurrence(a["x"], a["h0"], a["w_ih"], a["w_hh"], lengths=torch.ones(2, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_refuses_lengths_out_of_range_on_every_backend(backend):
+    """The backward op, public as the forward, refuses lengths outside [0, T] on every backend
+    (the C++ one did; numba and reference ran them as clamped)."""
+    a = good()
+    T, B, H = 3, 2, 5
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                                  None, None, "gru", True, backend)
+    for lengths in ([5, 2], [-3, 2]):
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=3\]"):
+            torch.ops.rnnrec_fast.recurrence_backward(
+                torch.randn(T, B, H), torch.randn(B, H), a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                a["b_hh"], torch.tensor(lengths), None, y, ws, "gru", True, backend)
+
+
+def test_fake_and_meta_kernels_refuse_a_backend_as_the_real_call():
+    """Under FakeTensorMode (torch.compile, export) the backward's fake kernel refuses a forced
+    backend that the real call refuses, as the forward's does (it traced what fails when it runs);
+    on meta tensors an unknown backend name, or a dtype the backend never runs, is refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    a = good()
+    T, B, H = 3, 2, 5
+    cases = [("bogus", torch.float32, ValueError, "unknown backend 'bogus'"),
+             ("numba", torch.float16, ValueError, "does not support torch.float16"),
+             ("cpp", torch.float16, ValueError, "does not support torch.float16")]
+    if rnnrec_fast.backend_info()["cuda"] != "available":
+        cases.append(("cuda", torch.float32, RuntimeError, "backend 'cuda'"))
+    for backend, dt, exc, match in cases:
+        args = [a[k].to(dt) for k in ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")]
+        grads = [torch.randn(T, B, H, dtype=dt), torch.randn(B, H, dtype=dt)]
+        out = [torch.randn(T, B, H, dtype=dt), torch.empty(T, B, 4 * H, dtype=torch.float32 if dt == torch.float16 else dt)]
+        with FakeTensorMode() as mode:
+            fa, fg, fo = ([mode.from_tensor(t) for t in ts] for ts in (args, grads, out))
+            with pytest.raises(exc, match=match):
+                torch.ops.rnnrec_fast.recurrence(*fa, None, None, "gru", True, backend)
+            with pytest.raises(exc, match=match):
+                torch.ops.rnnrec_fast.recurrence_backward(*fg, *fa, None, None, *fo, "gru", True, backend)
+    meta = [a[k].to("meta") for k in ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")]
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        torch.ops.rnnrec_fast.recurrence(*meta, None, None, "gru", True, "bogus")
+    with pytest.raises(ValueError, match="does not support torch.float16"):
+        torch.ops.rnnrec_fast.recurrence(*[t.half() for t in meta], None, None, "gru", True, "numba")
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*meta, None, None, "gru", True, "cpp")  # (runs nowhere: shapes)
+    assert y.shape == (T, B, H) and y.device.type == "meta"
