@@ -404,6 +404,10 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   Tensor dgh = MODE == KMODE_GRU ? at::empty({T, B, G * H}, opts) : dgx;
   Tensor carry = at::empty({B, H}, opts);
   carry.copy_(grad_h_n);
+  // an inactive step's pass-through gradient, kept out of the carry's GEMM (see incoming()); only
+  // read with lengths
+  Tensor pass = lengths.has_value() ? at::empty({B, H}, opts) : Tensor();
+  acc_t* pass_p = lengths.has_value() ? pass.data_ptr<acc_t>() : nullptr;
   Tensor drh;
   if (MODE == KMODE_GRU_CHO) drh = at::empty({B, H}, opts);
 
@@ -417,21 +421,21 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     Tensor dgh_t = dgh[t];
     if constexpr (MODE == KMODE_TANH || MODE == KMODE_RELU) {
       bwd_rnn_step_kernel<acc_t, MODE><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), gy_t, y_p + t * B * H, dgx_t.data_ptr<acc_t>(), len_p, res_p,
+          carry.data_ptr<acc_t>(), pass_p, gy_t, y_p + t * B * H, dgx_t.data_ptr<acc_t>(), len_p, res_p,
           (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       carry.addmm_(dgx_t, w_hh_a);  // carry += d_pre @ W_hh
     } else if constexpr (MODE == KMODE_GRU) {
       const acc_t* ws_t = ws_p + t * B * d.WD;
       bwd_gru_step_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), gy_t, ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(),
+          carry.data_ptr<acc_t>(), pass_p, gy_t, ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(),
           dgh_t.data_ptr<acc_t>(), len_p, res_p, (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       carry.addmm_(dgh_t, w_hh_a);  // carry = g*z + dgh @ W_hh
     } else {
       const acc_t* ws_t = ws_p + t * B * d.WD;
       bwd_gru_cho_a_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          carry.data_ptr<acc_t>(), gy_t, ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(), len_p, res_p,
+          carry.data_ptr<acc_t>(), pass_p, gy_t, ws_t, h0_p, y_p, dgx_t.data_ptr<acc_t>(), len_p, res_p,
           (int)t, Ti, Bi, Hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::mm_out(drh, dgx_t.narrow(1, 2 * H, H), w_hh_a.narrow(0, 2 * H, H));  // d(r * h_prev)
@@ -444,7 +448,7 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   }
   Tensor grad_h0 = at::empty({B, H}, x.options());
   bwd_final_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-      carry.data_ptr<acc_t>(), grad_h0.data_ptr<scalar_t>(), len_p, res_p, Ti, Bi, Hi);
+      carry.data_ptr<acc_t>(), pass_p, grad_h0.data_ptr<scalar_t>(), len_p, res_p, Ti, Bi, Hi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // After the loop: one GEMM each for grad_x and grad_w_ih; the bias gradients are column sums.

@@ -76,6 +76,20 @@ __device__ __forceinline__ bool resets_at(const bool* resets, const int64_t* len
   return resets[(int64_t)t * B + b] && is_active(lengths, b, t, T);
 }
 
+// The gradient reaching row b's state after step t (t = -1: h0's) from the steps after it: zero
+// where step t + 1 resets the row; the carry where step t + 1 is active (its partial plus the
+// host's dg_{t+1} @ W_hh); else the pass-through `pass`, what an inactive step leaves unchanged.
+// That one is kept apart because the host's GEMM adds 0 @ W_hh to an inactive row's carry, NaN
+// wherever W_hh holds an inf or NaN (IEEE 0 * inf), where the reference selects (torch.where) and
+// never reads the discarded branch. pass is only read with lengths (else every step is active).
+template <typename acc_t>
+__device__ __forceinline__ acc_t incoming(const acc_t* __restrict__ carry, const acc_t* __restrict__ pass,
+                                          const int64_t* lengths, const bool* resets, int64_t i, int b,
+                                          int t, int T, int B) {
+  if (resets_at(resets, lengths, b, t + 1, B, T)) return acc_t(0);
+  return (t + 1 < T && !is_active(lengths, b, t + 1, T)) ? pass[i] : carry[i];
+}
+
 // h_prev of (t, b, j), rebuilt from the forward's outputs: 0 where step t resets row b, else h0 at
 // t = 0, else y[t - 1] (an active step t follows an active step t - 1, whose output is its state).
 // Exact at every active step; at an inactive step the value is never used (its gradients are zero).
@@ -198,20 +212,22 @@ __global__ void fwd_step_kernel(const acc_t* __restrict__ xp_t, const acc_t* __r
 // RNN modes. y_t: the forward output of step t in acc_t (act'(pre) is computed from it, exactly as
 // the reference does). dg_t (B, H): d(pre) = d(x W_ih^T + b_ih) = d(h W_hh^T + b_hh).
 template <typename acc_t, int MODE>
-__global__ void bwd_rnn_step_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ gy_t,
+__global__ void bwd_rnn_step_kernel(acc_t* __restrict__ carry, acc_t* __restrict__ pass,
+                                    const acc_t* __restrict__ gy_t,
                                     const acc_t* __restrict__ y_t, acc_t* __restrict__ dg_t,
                                     const int64_t* __restrict__ lengths,
                                     const bool* __restrict__ resets, int t, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
     const int b = (int)(i / H);
-    const acc_t dh = resets_at(resets, lengths, b, t + 1, B, T) ? acc_t(0) : carry[i];
+    const acc_t dh = incoming(carry, pass, lengths, resets, i, b, t, T, B);
     const bool act = is_active(lengths, b, t, T);
     const acc_t g = dh + (act ? gy_t[i] : acc_t(0));
     const acc_t h = y_t[i];
     // relu: torch's threshold_backward, 0 where h <= 0, else g (a NaN state passes g on)
     const acc_t dg = MODE == KMODE_TANH ? g * (acc_t(1) - h * h) : (h <= acc_t(0) ? acc_t(0) : g);
     dg_t[i] = act ? dg : acc_t(0);
-    carry[i] = act ? acc_t(0) : dh;
+    carry[i] = acc_t(0);  // (+ dg @ W_hh by the host)
+    if (!act) pass[i] = dh;
   }
 }
 
@@ -220,14 +236,15 @@ __global__ void bwd_rnn_step_kernel(acc_t* __restrict__ carry, const acc_t* __re
 //   dgx_t (B, 3H) = [dr_pre, dz_pre, dn_pre]   (gradient of x W_ih^T + b_ih)
 //   dgh_t (B, 3H) = [dr_pre, dz_pre, dn_pre*r] (gradient of h W_hh^T + b_hh)
 template <typename acc_t>
-__global__ void bwd_gru_step_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ gy_t,
+__global__ void bwd_gru_step_kernel(acc_t* __restrict__ carry, acc_t* __restrict__ pass,
+                                    const acc_t* __restrict__ gy_t,
                                     const acc_t* __restrict__ ws_t, const acc_t* __restrict__ h0,
                                     const acc_t* __restrict__ y, acc_t* __restrict__ dgx_t,
                                     acc_t* __restrict__ dgh_t, const int64_t* __restrict__ lengths,
                                     const bool* __restrict__ resets, int t, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
     const int64_t b = i / H, j = i - b * H;
-    const acc_t dh = resets_at(resets, lengths, (int)b, t + 1, B, T) ? acc_t(0) : carry[i];
+    const acc_t dh = incoming(carry, pass, lengths, resets, i, (int)b, t, T, B);
     const bool act = is_active(lengths, (int)b, t, T);
     const acc_t g = dh + (act ? gy_t[i] : acc_t(0));
     const acc_t* w = ws_t + b * 4 * H;
@@ -248,22 +265,24 @@ __global__ void bwd_gru_step_kernel(acc_t* __restrict__ carry, const acc_t* __re
     gh[j] = act ? dr_pre : acc_t(0);
     gh[H + j] = act ? dz_pre : acc_t(0);
     gh[2 * H + j] = act ? dhn : acc_t(0);
-    carry[i] = act ? g * z : dh;
+    carry[i] = act ? g * z : acc_t(0);  // (+ dgh @ W_hh by the host)
+    if (!act) pass[i] = dh;
   }
 }
 
 // GRU reset_after=False, pass A (before the d_rh GEMM). dg_t (B, 3H) is both d(x W_ih^T + b_ih)
 // and d(W_hh-input products): [dr_pre, dz_pre, dn_pre]. Pass A fills the z and n thirds and leaves
-// g (active) or the pass-through dh (inactive) in carry. ws_t (B, 4H) = [r, z, n, hn].
+// g in carry (active), or the pass-through dh in pass (inactive). ws_t (B, 4H) = [r, z, n, hn].
 template <typename acc_t>
-__global__ void bwd_gru_cho_a_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ gy_t,
+__global__ void bwd_gru_cho_a_kernel(acc_t* __restrict__ carry, acc_t* __restrict__ pass,
+                                     const acc_t* __restrict__ gy_t,
                                      const acc_t* __restrict__ ws_t, const acc_t* __restrict__ h0,
                                      const acc_t* __restrict__ y, acc_t* __restrict__ dg_t,
                                      const int64_t* __restrict__ lengths,
                                      const bool* __restrict__ resets, int t, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
     const int64_t b = i / H, j = i - b * H;
-    const acc_t dh = resets_at(resets, lengths, (int)b, t + 1, B, T) ? acc_t(0) : carry[i];
+    const acc_t dh = incoming(carry, pass, lengths, resets, i, (int)b, t, T, B);
     const bool act = is_active(lengths, (int)b, t, T);
     const acc_t g = dh + (act ? gy_t[i] : acc_t(0));
     const acc_t* w = ws_t + b * 4 * H;
@@ -276,12 +295,13 @@ __global__ void bwd_gru_cho_a_kernel(acc_t* __restrict__ carry, const acc_t* __r
     acc_t* d = dg_t + b * 3 * H;
     d[H + j] = act ? dz_pre : acc_t(0);
     d[2 * H + j] = act ? dn_pre : acc_t(0);
-    carry[i] = act ? g : dh;
+    carry[i] = act ? g : acc_t(0);
+    if (!act) pass[i] = dh;
   }
 }
 
 // GRU reset_after=False, pass B (after d_rh = dn_pre @ W_hn). Fills the r third of dg_t and sets
-// carry = g * z + d_rh * r (active) / unchanged (inactive); the host then adds dg[:, :2H] @ W_hh[:2H].
+// carry = g * z + d_rh * r (active) / 0 (inactive); the host then adds dg[:, :2H] @ W_hh[:2H].
 template <typename acc_t>
 __global__ void bwd_gru_cho_b_kernel(acc_t* __restrict__ carry, const acc_t* __restrict__ drh,
                                      const acc_t* __restrict__ ws_t, const acc_t* __restrict__ h0,
@@ -297,8 +317,7 @@ __global__ void bwd_gru_cho_b_kernel(acc_t* __restrict__ carry, const acc_t* __r
     const acc_t d_rh = drh[i];
     const acc_t dr_pre = d_rh * h_prev * r * (acc_t(1) - r);
     dg_t[b * 3 * H + j] = act ? dr_pre : acc_t(0);
-    const acc_t c = carry[i];
-    carry[i] = act ? c * z + d_rh * r : c;
+    carry[i] = act ? carry[i] * z + d_rh * r : acc_t(0);  // (+ dg[:, :2H] @ W_hh[:2H] by the host)
   }
 }
 
@@ -320,13 +339,12 @@ __global__ void gru_cho_hin_kernel(const acc_t* __restrict__ ws, const acc_t* __
 
 // grad_h0[b, j] = reset(0, b) ? 0 : carry[b, j]   (cast to scalar_t).
 template <typename scalar_t, typename acc_t>
-__global__ void bwd_final_kernel(const acc_t* __restrict__ carry, scalar_t* __restrict__ grad_h0,
-                                 const int64_t* __restrict__ lengths,
+__global__ void bwd_final_kernel(const acc_t* __restrict__ carry, const acc_t* __restrict__ pass,
+                                 scalar_t* __restrict__ grad_h0, const int64_t* __restrict__ lengths,
                                  const bool* __restrict__ resets, int T, int B, int H) {
   RNNREC_GRID_LOOP(i, (int64_t)B * H) {
     const int b = (int)(i / H);
-    grad_h0[i] = resets_at(resets, lengths, b, 0, B, T) ? to_scalar<scalar_t>(acc_t(0))
-                                                        : to_scalar<scalar_t>(carry[i]);
+    grad_h0[i] = to_scalar<scalar_t>(incoming(carry, pass, lengths, resets, i, b, -1, T, B));
   }
 }
 

@@ -389,6 +389,30 @@ def test_non_finite_values_propagate_as_in_the_reference(path, dtype, mode, rese
         close(a, b, what, equal_nan=True, **tol(dtype, H))
 
 
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_rows_past_their_length_pass_gradients_beside_a_non_finite_w_hh(mode, reset_after):
+    """A row's steps past its length pass the gradient through unchanged, as the reference selects
+    it: an inf in W_hh does not reach it (the backward added 0 @ W_hh to such rows in its per-step
+    GEMM: NaN by IEEE 0 * inf, in h0's gradient of a length-0 row and, carried on, at a shorter
+    row's last step; the pass-through is now kept apart). The CPU backends' twin is in test_op.py."""
+    T, B, I, H = 4, 3, 3, 5
+    gen = torch.Generator().manual_seed(12)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
+    w_hh[0, 0] = float("inf")
+    lengths = torch.tensor([T, 0, 2], device=DEV)
+    grads = []
+    for backend in ("reference", "cuda"):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, mode=mode, reset_after=reset_after,
+                                        backend=backend)
+        grads.append(torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves))
+    want, got = grads
+    assert torch.isfinite(want[1][1]).all() and torch.isfinite(want[0][1, 2]).all()  # (what the case checks)
+    for a, b, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+        close(a, b, what, equal_nan=True, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_relu_gradient_through_a_nan_state_as_the_reference(path, dtype):
     """relu's backward is torch's threshold_backward (0 where h <= 0, else the gradient): a NaN

@@ -66,3 +66,22 @@ def test_numba_cuda_gradcheck_with_lengths_and_resets(mode, reset_after):
         return y, h
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_numba_cuda_on_the_second_gpu():
+    """Tensors on cuda:1 while torch's current device is 0: the kernels launch in numba's context of
+    cuda:1 on its stream (numba wraps pointers and launches in device 0's context unless told)."""
+    assert torch.cuda.current_device() == 0
+    torch.manual_seed(0)
+    ref = nn.GRU(8, 8, device="cuda:1", dtype=torch.float64)
+    ours = rnnrec_fast.from_torch(ref, backend="numba")
+    x = torch.randn(5, 3, 8, device="cuda:1", dtype=torch.float64, requires_grad=True)
+    out, h = ours(x)
+    out_ref, h_ref = ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9)
+    g = torch.autograd.grad(out.sum() + h.sum(), [x] + list(ours.parameters()))
+    g_ref = torch.autograd.grad(out_ref.sum() + h_ref.sum(), [x] + list(ref.parameters()))
+    for a, b in zip(g, g_ref):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

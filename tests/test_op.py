@@ -728,3 +728,30 @@ def test_non_finite_values_propagate_as_in_the_reference(backend, dtype, mode, r
         assert torch.equal(torch.isnan(a), torch.isnan(b)), what
         assert torch.isnan(b).any() and torch.isfinite(b).any()  # the case has both
         torch.testing.assert_close(a, b, equal_nan=True, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_rows_past_their_length_pass_gradients_beside_a_non_finite_w_hh(backend, mode, reset_after):
+    """A row's steps past its length pass the gradient through unchanged (the reference selects it,
+    torch.where): an inf in W_hh never reaches it there, so h0's gradient of a length-0 row and the
+    gradients at a shorter row's last step stay finite, as in the reference. (The CUDA backward
+    added 0 @ W_hh to such rows, NaN by IEEE 0 * inf; test_cuda.py holds its twin.)"""
+    torch.manual_seed(12)
+    T, B, I, H = 4, 3, 3, 5
+    G = 3 if mode == "gru" else 1
+    x, h0 = torch.randn(T, B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    w = [torch.randn(G * H, I, dtype=torch.float64), torch.randn(G * H, H, dtype=torch.float64),
+         torch.randn(G * H, dtype=torch.float64), torch.randn(G * H, dtype=torch.float64)]
+    w[1][0, 0] = float("inf")
+    lengths = torch.tensor([T, 0, 2])
+    grads = []
+    for b in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, *w)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, mode=mode, reset_after=reset_after, backend=b)
+        grads.append(torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves))
+    want, got = grads
+    assert torch.isfinite(want[1][1]).all() and torch.isfinite(want[0][1, 2]).all()  # (what the case checks)
+    for a, b, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-9, atol=1e-9, msg=what)

@@ -31,6 +31,7 @@ synchronisation without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -527,16 +528,25 @@ _STREAMS = {}
 
 
 def _stream(device):
-    """numba view of torch's current stream (cached per stream handle)."""
+    """numba view of torch's current stream (cached per device and stream handle)."""
     if SIMULATOR:
         return 0  # the simulator has no external streams
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    s = _STREAMS.get(ptr)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    s = _STREAMS.get(key)
     if s is None:
         if len(_STREAMS) > 64:
             _STREAMS.clear()
-        s = _STREAMS[ptr] = cuda.external_stream(ptr)
+        s = _STREAMS[key] = cuda.external_stream(key[1])
     return s
+
+
+def _on_device(device):
+    """numba's context of the tensors' GPU, for the launch: numba wraps torch's pointers and
+    launches in its current context, device 0's unless told, whatever torch's current device is
+    (tensors on cuda:1 would be launched on in device 0's context)."""
+    if SIMULATOR:
+        return contextlib.nullcontext()
+    return cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def _check_device(x):
@@ -562,11 +572,12 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
             return y, h0.clone(), ws
         if lengths is not None:
             lengths = lengths.to(torch.int64)
-        launch_forward(_dev(xp), _dev(h0), _dev(whhT), _dev(b_hh), _dev(lengths), _dev(resets),
-                       mode, reset_after, _dev(y), _dev(h_n),
-                       _dev(ws) if mode == MODE_GRU else None,  # the RNN modes: (T, B, 0), unused
-                       stream=_stream(x.device), threads=threads, rows_per_block=rows_per_block,
-                       dummies=_torch_dummies(x.dtype, x.device))
+        with _on_device(x.device):
+            launch_forward(_dev(xp), _dev(h0), _dev(whhT), _dev(b_hh), _dev(lengths), _dev(resets),
+                           mode, reset_after, _dev(y), _dev(h_n),
+                           _dev(ws) if mode == MODE_GRU else None,  # the RNN modes: (T, B, 0), unused
+                           stream=_stream(x.device), threads=threads, rows_per_block=rows_per_block,
+                           dummies=_torch_dummies(x.dtype, x.device))
     return y, h_n, ws
 
 
@@ -594,12 +605,13 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
             if h_in is not None:
                 h_in.zero_()
         else:
-            launch_backward(_dev(grad_y), _dev(grad_h_n), _dev(h0), _dev(w_hh), _dev(lengths),
-                            _dev(resets), _dev(y), _dev(ws) if mode == MODE_GRU else None,
-                            mode, reset_after, _dev(d_gx),
-                            _dev(d_gh), _dev(h_in), _dev(grad_h0), stream=_stream(x.device),
-                            threads=threads, rows_per_block=rows_per_block,
-                            dummies=_torch_dummies(x.dtype, x.device))
+            with _on_device(x.device):
+                launch_backward(_dev(grad_y), _dev(grad_h_n), _dev(h0), _dev(w_hh), _dev(lengths),
+                                _dev(resets), _dev(y), _dev(ws) if mode == MODE_GRU else None,
+                                mode, reset_after, _dev(d_gx),
+                                _dev(d_gh), _dev(h_in), _dev(grad_h0), stream=_stream(x.device),
+                                threads=threads, rows_per_block=rows_per_block,
+                                dummies=_torch_dummies(x.dtype, x.device))
         from .numba_backend import _weight_grads
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _weight_grads(
             x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H)
