@@ -194,9 +194,10 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
             if row is None:
                 break
             lineno += 1
-            if skipped + reader.line_num != lineno:  # one record read over several lines
-                raise RecsysError(f"{path}:{lineno}: a quoted field runs over {skipped + reader.line_num - lineno + 1} "
-                                  f"lines (a stray quote character?)")
+            spanned = skipped + reader.line_num - lineno + 1  # lines this record was read from
+            if spanned != 1:
+                raise RecsysError(f"{path}:{lineno}: a quoted field runs over {spanned} lines (a stray quote "
+                                  f"character?)")
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) < need:
