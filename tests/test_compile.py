@@ -335,6 +335,19 @@ def test_compile_of_vmap_over_a_module(kind):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # (GRU: the (output, h_n) pair)
 
 
+def _skip_unless_torch_loads_aoti_packages(tmp_path, env):
+    """Skips the test where this torch cannot load an AOTInductor package of torch.nn.Linear in a
+    fresh process either (torch 2.10's aoti_load_package there: "module 'torch._inductor' has no
+    attribute 'codecache'"), naming torch's error."""
+    ep = torch.export.export(nn.Linear(3, 2), (torch.randn(1, 3),))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "linear.pt2"))
+    code = f"import torch\ntorch._inductor.aoti_load_package({path!r})\n"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        pytest.skip(f"this torch cannot load an AOTInductor package in a fresh process: {lines[-1] if lines else ''}")
+
+
 _needs_aoti = pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
                                  reason="AOTInductor packages need a newer torch")
 
@@ -366,6 +379,8 @@ def test_aoti_package_runs_in_a_fresh_process_that_imports_the_package(tmp_path)
     # TMPDIR: torch's package loader unpacks into a temporary folder it never removes
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path)}
     ok = subprocess.run([sys.executable, "-c", code, "import"], capture_output=True, text=True, timeout=300, env=env)
+    if ok.returncode != 0:
+        _skip_unless_torch_loads_aoti_packages(tmp_path, env)
     assert ok.returncode == 0 and "aoti-ok" in ok.stdout, ok.stderr[-3000:]
     bare = subprocess.run([sys.executable, "-c", code, "bare"], capture_output=True, text=True, timeout=300, env=env)
     assert bare.returncode != 0 and "rnnrec_fast::recurrence" in bare.stderr, bare.stderr[-3000:]
