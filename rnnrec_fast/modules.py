@@ -932,10 +932,14 @@ class RNNCell(_CellBase):
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
                  *, backend="auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend,
+                         mode=self._mode_of(nonlinearity))
+
+    @staticmethod
+    def _mode_of(nonlinearity):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNNCell: Unknown nonlinearity: {nonlinearity!r}")
-        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend,
-                         mode="rnn_" + nonlinearity)
+        return "rnn_" + nonlinearity
 
     @property
     def nonlinearity(self) -> str:
@@ -943,9 +947,7 @@ class RNNCell(_CellBase):
 
     @nonlinearity.setter
     def nonlinearity(self, value):  # torch.nn's cell reads it at every call: a change takes effect
-        if value not in ("tanh", "relu"):
-            raise ValueError(f"RNNCell: Unknown nonlinearity: {value!r}")
-        self.mode = "rnn_" + value  # (rebuilds the inference plan)
+        self.mode = self._mode_of(value)  # (rebuilds the inference plan)
 
 
 class GRUCell(_CellBase):

@@ -77,6 +77,8 @@ def test_bad_inputs(files, tmp_path, capsys):
         (["train", "--train", files / "train.txt", "--min-item-support", "5"], "with --split-days"),
         (["train", "--train", files / "train.txt", "--split-days", "0"], "must be > 0"),
         (["train", "--train", files / "train.txt", "--split-days", "1", "--min-item-support", "0"], ">= 1"),
+        (["recommend", "--model", tmp_path / "none.pt", "--items", "1", "--device", "meta"],
+         "bad --device 'meta': use cpu or cuda"),
     ]
     for args, msg in cases:
         code, out, err = _run(args, capsys)

@@ -54,14 +54,22 @@ def check_save_path(path: str) -> str:
     return folder
 
 
-def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
-    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
+def check_device(device, what: str = "device") -> None:
+    """RecsysError unless ``device`` is the CPU or a CUDA device with CUDA available (``what``: how
+    the caller names the option in the message)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise RecsysError(f"bad device {device!r}: use cpu or cuda") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise RecsysError(f"bad {what} {device!r}: use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecsysError("device cuda requested but CUDA is not available")
+        raise RecsysError(f"{what} cuda requested but CUDA is not available")
+
+
+def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
+    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
+    check_device(device)
     if not os.path.isfile(path):
         raise RecsysError(f"model file not found: {path}")
     try:

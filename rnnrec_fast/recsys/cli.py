@@ -147,12 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_device(dev):
-    import torch
+    from .checkpoint import check_device  # (imports torch: not at --help)
 
-    if dev not in ("cpu",) and not dev.startswith("cuda"):
-        raise RecsysError(f"bad --device {dev!r}: use cpu or cuda")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise RecsysError("--device cuda requested but CUDA is not available")
+    check_device(dev, "--device")
 
 
 def _print_metrics(res, ks, out):
@@ -163,7 +160,7 @@ def _print_metrics(res, ks, out):
 def _cmd_train(a):
     from .checkpoint import check_save_path, save_checkpoint
     from .data import SessionDataset, time_split
-    from .evaluate import evaluate
+    from .evaluate import check_events, evaluate
     from .train import TrainConfig, train
 
     _check_device(a.device)
@@ -198,8 +195,7 @@ def _cmd_train(a):
               f"({tr.n_events} events: next-click targets)\n")
     if te is not None:
         log.write(f"test: {len(te.items)} clicks, {te.n_sessions} sessions ({te.n_events} events)\n")
-        if te.n_events <= 0:  # (evaluate's own check, made before training)
-            raise RecsysError("the test data has no session with at least two known clicks")
+        check_events(te)  # (evaluate's own check, made before training)
     model, stats = train(tr, cfg, progress=not a.quiet)
     log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s\n")
     res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],

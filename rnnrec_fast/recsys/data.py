@@ -184,10 +184,9 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
         sess, items, times = [], [], []
         cache: dict[str, float] = {}
         lineno = skipped + (1 if header else 0)
-        rows = iter(reader)
         while True:
             try:
-                row = next(rows, None)
+                row = next(reader, None)
             except csv.Error as exc:  # e.g. a stray quote's field outgrowing the csv module's limit
                 raise RecsysError(f"{path}:{lineno + 1}: unreadable row ({exc}; a stray quote "
                                   f"character?)") from None

@@ -72,11 +72,16 @@ def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_s
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
+def check_events(data: SessionDataset) -> None:
+    """RecsysError unless ``data`` has a next-click event to evaluate."""
+    if data.n_events <= 0:
+        raise RecsysError("the test data has no session with at least two known clicks")
+
+
 def evaluate(model, data: SessionDataset, ks=(20,), *, ties: str = "conservative", batch_size: int = 512,
              chunk_steps: int = 16) -> dict:
     """{'recall@K': ..., 'mrr@K': ..., 'n_events': ...} over every next-click event of ``data``."""
-    if data.n_events <= 0:
-        raise RecsysError("the test data has no session with at least two known clicks")
+    check_events(data)
     ranks = compute_ranks(model, data, batch_size=batch_size, chunk_steps=chunk_steps, ties=ties)
     res = metrics_from_ranks(ranks, ks)
     res["n_events"] = int(len(ranks))
