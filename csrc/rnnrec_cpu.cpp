@@ -826,11 +826,23 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   const bool wi_once = avx2_packed_pays(GH, I);
   const StepW<T> wi(false, GH, wi_once ? I : 0, w_ih, I, Tc * B, (T_ + Tc - 1) / Tc);
 
+  // A row of length 0 never read its h0, which may hold anything (a fresh buffer): it enters the
+  // weight gradients as zeros (its zero gradients times NaN are NaN), as x's padding does.
+  Buf<T> h0_rows(m.len != nullptr && min_len == 0 ? B * H : 0);
+  const T* h0w = h0;
+  if (h0_rows.data() != nullptr) {
+    for (int64_t b = 0; b < B; ++b) {
+      T* dst = h0_rows.data() + b * H;
+      if (m.len[b] == 0) std::fill(dst, dst + H, T(0));
+      else std::memcpy(dst, h0 + b * H, sizeof(T) * H);
+    }
+    h0w = h0_rows.data();
+  }
   // The state entering step t, row b (not saved by the forward): zero where the row resets, else
   // h0 at t = 0 and y[t - 1] after (exact at every active step, the only ones that use it).
   const std::vector<T> zero_row(size_t(H), T(0));
   const auto h_prev = [&](int64_t t, int64_t b) -> const T* {
-    return m.reset(t, b) ? zero_row.data() : t == 0 ? h0 + b * H : y + ((t - 1) * B + b) * H;
+    return m.reset(t, b) ? zero_row.data() : t == 0 ? h0w + b * H : y + ((t - 1) * B + b) * H;
   };
   // The same as (rows, H) blocks for the weight gradients of a chunk: y read in place where no row
   // resets; a chunk with resets is gathered into hp_rows (allocated only then).
@@ -848,7 +860,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     } else if (t0 > 0) {
       gemm_any<T>(true, false, N, H, R, A, lda, y + (t0 - 1) * B * H, H, C, H, acc);
     } else {  // step 0 from h0, the others from y
-      gemm_any<T>(true, false, N, H, B, A, lda, h0, H, C, H, acc);
+      gemm_any<T>(true, false, N, H, B, A, lda, h0w, H, C, H, acc);
       if (R > B) gemm_any<T>(true, false, N, H, R - B, A + B * lda, lda, y, H, C, H, true);
     }
   };

@@ -479,16 +479,19 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   // copy. With resets, h_prev is built with those rows zeroed: zeroing dgh's rows instead would
   // leave 0 * h, NaN where the discarded state holds inf or NaN (a fresh state buffer).
   const int64_t cols = MODE == KMODE_GRU_CHO ? 2 * H : G * H;
+  // A row of length 0 never read its h0, which may hold anything: zeros in its place (as x's padding).
+  Tensor h0_w = h0_a;
+  if (lengths.has_value()) h0_w = h0_a.masked_fill(lengths->eq(0).unsqueeze(1), 0);
   Tensor grad_w_hh = at::empty({G * H, H}, opts);
   Tensor w_rows = grad_w_hh.narrow(0, 0, cols);  // contiguous rows
   if (resets.has_value()) {
     Tensor h_prev = at::empty({T, B, H}, opts);
-    h_prev[0].copy_(h0_a);
+    h_prev[0].copy_(h0_w);
     if (T > 1) h_prev.narrow(0, 1, T - 1).copy_(y_a.narrow(0, 0, T - 1));
     h_prev.masked_fill_(resets->unsqueeze(2), 0);
     at::mm_out(w_rows, dgh2.narrow(1, 0, cols).t(), h_prev.view({T * B, H}));
   } else {
-    at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_a);
+    at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_w);
     if (T > 1) {
       w_rows.addmm_(dgh2.narrow(0, B, (T - 1) * B).narrow(1, 0, cols).t(),
                     y_a.view({T * B, H}).narrow(0, 0, (T - 1) * B));

@@ -322,7 +322,7 @@ __global__ void bwd_gru_cho_b_kernel(acc_t* __restrict__ carry, const acc_t* __r
 }
 
 // GRU reset_after=False, after the loop: h_in (T, B, H) = r * h_prev, what the n rows of W_hh
-// multiplied (zero at inactive steps, where r is zero in the workspace; zero at resets).
+// multiplied (zero at inactive steps and at resets).
 // One thread per (t, b, j); i = (t * B + b) * H + j. ws (T, B, 4H).
 template <typename acc_t>
 __global__ void gru_cho_hin_kernel(const acc_t* __restrict__ ws, const acc_t* __restrict__ h0,
@@ -332,8 +332,11 @@ __global__ void gru_cho_hin_kernel(const acc_t* __restrict__ ws, const acc_t* __
   RNNREC_GRID_LOOP(i, (int64_t)T * B * H) {
     const int64_t row = i / H, j = i - row * H;  // row = t * B + b
     const int64_t t = row / B, b = row - t * B;
-    const acc_t r = ws[row * 4 * H + j];
-    h_in[i] = r * prev_state(h0, y, lengths, resets, (int)t, b, j, T, B, H);
+    // zero at an inactive step, not r * h_prev: its r is zero in the workspace, but its h_prev may
+    // be NaN (the h0 of a row of length 0, which may hold anything)
+    h_in[i] = is_active(lengths, (int)b, (int)t, T)
+                  ? ws[row * 4 * H + j] * prev_state(h0, y, lengths, resets, (int)t, b, j, T, B, H)
+                  : acc_t(0);
   }
 }
 

@@ -28,7 +28,7 @@ _BACKENDS = ops.BACKENDS
 
 try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer, InferPlan); None without the extension
     from ._C import InferPlan as _InferPlan
-except ImportError:
+except Exception:  # (as ops.py: not built, or failed to load)
     _InferPlan = None
 _FAST_BACKENDS = ("auto", "cpp")
 
@@ -404,7 +404,12 @@ def _check_hx_dtype(name, x, hx):
 def _empty_batch(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     """The op's call for a batch of zero rows (or a cell of zero input or hidden size), which torch.nn
     accepts (the op does not): the reference math on empty tensors, so the outputs are empty (or, with
-    no inputs, come from hx and the biases) and still depend on the weights, as torch.nn's do."""
+    no inputs, come from hx and the biases) and still depend on the weights, as torch.nn's do. A
+    forced backend is checked as at any size (one that cannot run these tensors is refused), and
+    last_backend() says "reference"."""
+    if not _is_compiling():  # (traced, the graph holds the reference math only)
+        ops._resolve(backend, x.device.type, x.dtype)
+        ops._set_last("reference")
     if h0 is None:
         h0 = x.new_zeros(x.shape[1], w_hh.shape[1])
     return reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, ops.MODES[mode], reset_after)

@@ -58,7 +58,7 @@ try:  # loading the extension registers the C++ CPU kernels of both ops (csrc/rn
     from . import _C
 
     _CPP_OP = True
-except ImportError:
+except Exception:  # not built (ImportError), or failed to load: the backends' registry says why
     _CPP_OP = False
 
 

@@ -43,9 +43,10 @@ def make_case(mode, bias, lengths_kind, with_resets, dtype, T=4, B=3, H=5, I=3, 
     b_ih = rnd(G * H, scale=0.3) if bias else None
     b_hh = rnd(G * H, scale=0.3) if bias else None
     lengths = None
-    if lengths_kind == "mixed":  # T, 0 and in between; NaN padding past them (never read)
+    if lengths_kind == "mixed":  # T, 0 and in between; NaN padding past them and NaN h0 rows of length 0 (never read)
         lengths = torch.tensor([(T, 0, 2)[b % 3] for b in range(B)], dtype=torch.int64)
         x = x.masked_fill((torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)).unsqueeze(2), float("nan"))
+        h0 = h0.masked_fill((lengths == 0).unsqueeze(1), float("nan"))
     resets = None
     if with_resets:
         resets = torch.rand(T, B, generator=g) < 0.35
@@ -55,18 +56,58 @@ def make_case(mode, bias, lengths_kind, with_resets, dtype, T=4, B=3, H=5, I=3, 
 
 
 def check(args, mode, ra, gy, ghn, dtype, label, launch, equal_nan=False):
+    """numba_cuda's forward and backward against the reference. With lengths (make_case's
+    "mixed"), the NaN h0 of a row of length 0 is h_n there and nothing else: every gradient finite."""
     tol = dict(TOL[dtype], equal_nan=equal_nan)
     ref_fwd = reference.forward(*args, mode, ra)
     got_fwd = numba_cuda.forward(*args, mode, ra, **launch)
     T, B, H = ref_fwd[0].shape
     assert got_fwd[2].shape == (T, B, 4 * H if mode == 2 else 0), f"{label} ws shape"
+    lengths = args[6]
     for name, a, b in zip(("y", "h_n", "ws"), got_fwd, ref_fwd):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{label} {n}: {m}")
+        torch.testing.assert_close(a, b, **dict(tol, equal_nan=equal_nan or (name == "h_n" and lengths is not None)),
+                                   msg=lambda m, n=name: f"{label} {n}: {m}")
     y, ws = ref_fwd[0], ref_fwd[2]
     ref_bwd = reference.backward(gy, ghn, *args, y, ws, mode, ra)
     got_bwd = numba_cuda.backward(gy, ghn, *args, y, ws, mode, ra, **launch)
     for name, a, b in zip(NAMES, got_bwd, ref_bwd):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{label} {n}: {m}")
+        assert lengths is None or torch.isfinite(a).all(), f"{label} {name}: not finite"
+
+
+def check_too_large_for_shared_memory():
+    """A hidden size whose batch row does not fit the kernels' shared memory (the backward's limit
+    is lower than the forward's) runs that pass on the reference's math, with one warning a size,
+    instead of a ValueError at backward() (SHARED_BYTES shrunk: the simulator would take minutes at
+    the real limits). GRU, H = 5, float64: the forward needs 120 bytes a row, the backward 200."""
+    import warnings
+
+    import rnnrec_fast
+
+    saved = numba_cuda.SHARED_BYTES
+    try:
+        for limit, fwd_kernel in ((150, True), (100, False)):
+            numba_cuda.SHARED_BYTES = limit
+            numba_cuda._WARNED_TOO_LARGE.clear()
+            args, gy, ghn = make_case(2, True, "mixed", True, torch.float64, seed=11)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rnnrec_fast.ops._set_last("numba")
+                got_fwd = numba_cuda.forward(*args, 2, True)
+                assert rnnrec_fast.last_backend() == ("numba" if fwd_kernel else "reference")
+                got_bwd = numba_cuda.backward(gy, ghn, *args, *got_fwd[::2], 2, True)
+                numba_cuda.backward(gy, ghn, *args, *got_fwd[::2], 2, True)  # (warned once)
+            msgs = [str(w.message) for w in caught]
+            assert len(msgs) == (1 if fwd_kernel else 2), msgs
+            assert all("shared memory" in m and "reference" in m for m in msgs), msgs
+            ref_fwd = reference.forward(*args, 2, True)
+            ref_bwd = reference.backward(gy, ghn, *args, *ref_fwd[::2], 2, True)
+            for name, a, b in zip(("y", "h_n", "ws") + tuple(NAMES), got_fwd + got_bwd, ref_fwd + ref_bwd):
+                torch.testing.assert_close(a, b, **TOL[torch.float64], equal_nan=name == "h_n",
+                                           msg=lambda m, n=name: f"[too large, limit {limit}] {n}: {m}")
+    finally:
+        numba_cuda.SHARED_BYTES = saved
+        numba_cuda._WARNED_TOO_LARGE.clear()
 
 
 def check_numpy_entry(dtype):
@@ -78,7 +119,7 @@ def check_numpy_entry(dtype):
         ry, rhn, rws = reference.forward(*args, mode, ra)
         tol = TOL[dtype]
         for name, a, b in (("y", y, ry), ("h_n", hn, rhn), ("ws", ws, rws)):
-            torch.testing.assert_close(torch.from_numpy(a), b, **tol,
+            torch.testing.assert_close(torch.from_numpy(a), b, **tol, equal_nan=name == "h_n",
                                        msg=lambda m, n=name: f"numpy mode={mode} {n}: {m}")
         grads = numba_cuda.backward_numpy(gy.numpy(), ghn.numpy(), *npa, ry.numpy(), rws.numpy(),
                                           mode, ra, threads=3, rows_per_block=2)
@@ -86,6 +127,7 @@ def check_numpy_entry(dtype):
         for name, a, b in zip(NAMES, grads, rgrads):
             torch.testing.assert_close(torch.from_numpy(np.asarray(a)), b, **tol,
                                        msg=lambda m, n=name: f"numpy mode={mode} {n}: {m}")
+            assert np.isfinite(a).all(), f"numpy mode={mode} {name}: not finite"  # (h0's NaN row: length 0)
 
 
 def main():
@@ -106,6 +148,7 @@ def main():
             check(args, mode, ra, gy, ghn, dtype, label, launch)
             n += 1
         check_numpy_entry(dtype)
+    check_too_large_for_shared_memory()
     # T = 1, B = 1, H = 1
     for mode, ra in MODES:
         args, gy, ghn = make_case(mode, True, "none", True, torch.float64, T=1, B=1, H=1, I=2)

@@ -350,19 +350,22 @@ def test_reset_rows_ignore_what_h0_holds(path, mode, reset_after):
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
 def test_padding_past_lengths_is_never_read(path, mode, reset_after):
     """x past a row's length (padding) holding NaN / inf gives the outputs and gradients of zero
-    padding (grad_w_ih was NaN: 0 * NaN in its product)."""
+    padding (grad_w_ih was NaN: 0 * NaN in its product); so does the h0 of a row of length 0, which
+    only passes through to h_n (grad_w_hh was NaN)."""
     T, B, I, H = 6, 4, 3, 5
     gen = torch.Generator().manual_seed(21)
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
     lengths = torch.tensor([T, 4, 0, 1], device=DEV)
     pad = (torch.arange(T, device=DEV).unsqueeze(1) >= lengths.unsqueeze(0)).unsqueeze(2)
+    unread = (lengths == 0).unsqueeze(1)
     results = []
     for fill in (0.0, float("nan"), float("inf")):
-        leaves = [t.clone().requires_grad_() for t in (x.masked_fill(pad, fill), h0, w_ih, w_hh, b_ih, b_hh)]
+        leaves = [t.clone().requires_grad_() for t in (x.masked_fill(pad, fill), h0.masked_fill(unread, fill),
+                                                        w_ih, w_hh, b_ih, b_hh)]
         y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, mode=mode, reset_after=reset_after,
                                         backend="cuda")
         grads = torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)
-        results.append([y, h_n, *grads])
+        results.append([y, h_n.masked_fill(unread, 0.0), *grads])
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert torch.isfinite(a).all()

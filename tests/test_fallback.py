@@ -16,10 +16,11 @@ import sys, warnings, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"{extra}):
-            raise ImportError(f"{{name}} blocked for this test")
+            raise {exc}(f"{{name}} blocked for this test")
 sys.meta_path.insert(0, Block())
 warnings.simplefilter("always")
 import torch, rnnrec_fast
+import rnnrec_fast.recsys, rnnrec_fast.serving.fastpath, rnnrec_fast.serving.recommender  # (their own _C imports)
 torch.manual_seed(0)
 ref = torch.nn.GRU(4, 6, num_layers=2, batch_first=True)
 ours = rnnrec_fast.from_torch(ref)
@@ -63,9 +64,11 @@ print("gradients ok")
 """
 
 
-@pytest.mark.parametrize("block_numba,expected", [(False, "numba"), (True, "reference")])
-def test_works_without_extension(block_numba, expected):
-    code = BLOCK_EXTENSION.format(extra=', "numba"' if block_numba else "")
+# (an extension failing to load with another error than ImportError falls back the same way)
+@pytest.mark.parametrize("block_numba,expected,exc", [(False, "numba", "ImportError"), (True, "reference", "ImportError"),
+                                                      (False, "numba", "RuntimeError")])
+def test_works_without_extension(block_numba, expected, exc):
+    code = BLOCK_EXTENSION.format(extra=', "numba"' if block_numba else "", exc=exc)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "'cpp' backend is not available" in out.stdout

@@ -236,7 +236,9 @@ def test_empty_batch_as_torch(backend, kind):
         with torch.inference_mode():
             for a, b in zip(torch.utils._pytree.tree_leaves(ours(*args)), torch.utils._pytree.tree_leaves(ref(*args))):
                 assert a.shape == b.shape and a.dtype == b.dtype and a.numel() == 0
+        ours(torch.randn(2, 4) if kind.endswith("Cell") else torch.randn(2, 3, 4))  # (last_backend: the backend)
         outs = torch.utils._pytree.tree_leaves(ours(*args))
+        assert rnnrec_fast.last_backend() == "reference"  # what ran (it said the previous call's backend)
         refs = torch.utils._pytree.tree_leaves(ref(*args))
         assert all(o.requires_grad for o in outs)
         loss = sum(o.sum() for o in outs)
@@ -244,6 +246,24 @@ def test_empty_batch_as_torch(backend, kind):
         ref_grads = torch.autograd.grad(sum(o.sum() for o in refs), list(ref.parameters()))
         for g, rg in zip(grads, ref_grads):
             assert torch.equal(g, rg) and not g.any()
+
+
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.float32), ("numba", torch.float16), ("cpp", torch.float16)])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_empty_batch_refuses_a_forced_backend_as_any_batch(backend, dtype, kind):
+    """A forced backend that cannot run the tensors (a device it lacks, or a dtype) is refused for a
+    batch of zero rows as for any other (it ran the reference math silently)."""
+    if backend == "cpp" and not rnnrec_fast.backends.available("cpp"):
+        pytest.skip("the cpp backend is not built")
+    cell = kind.endswith("Cell")
+    ours = getattr(rnnrec_fast, kind)(3, 4, backend=backend, dtype=dtype)
+    full, empty = ((torch.randn(2, 3, dtype=dtype), torch.randn(0, 3, dtype=dtype)) if cell else
+                   (torch.randn(5, 2, 3, dtype=dtype), torch.randn(5, 0, 3, dtype=dtype)))
+    with pytest.raises((RuntimeError, ValueError)) as want:
+        ours(full)
+    with pytest.raises(type(want.value)) as got:
+        ours(empty)
+    assert str(got.value) == str(want.value)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -45,7 +45,7 @@ def as64(t):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("extras", EXTRAS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -136,21 +136,25 @@ def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, 
     step before the end of the C++ backward's first chunk in time (B=5: chunks of ceil(96/5)=20
     steps, [10, 30) then [0, 10)), so that chunk holds exactly one padded step (from a mutation
     review: `t1 > min_len` -> `t1 - 1 > min_len` in backward_impl gave a NaN grad_w_ih, and len0
-    passed)."""
+    passed). Nor is the h0 of a row of length 0, which only passes through to h_n: NaN / inf there
+    made grad_w_hh NaN (0 * NaN in its step-0 product; from a review of the numba backend)."""
     gen = torch.Generator().manual_seed(21)
     T, B, I, H = 30, 5, 3, 4
     x, h0, w_ih, w_hh, b_ih, b_hh, _, resets = make_inputs(T, B, I, H, mode, True, "resets", torch.float64, gen)
     lengths = torch.tensor(lengths)
     pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)  # (T, B)
+    unread = (lengths == 0).unsqueeze(1)  # (B, 1): h0 rows no step reads
     results = []
     for fill in (0.0, float("nan"), float("inf")):
         xf = x.masked_fill(pad.unsqueeze(2), fill)
         if layout == "batch_first":  # a (T, B, I) view of (B, T, I) memory, as a batch_first module passes
             xf = xf.transpose(0, 1).contiguous().transpose(0, 1)
-        leaves = [t.clone().requires_grad_() for t in (xf, h0, w_ih, w_hh, b_ih, b_hh)]
+        h0f = h0.masked_fill(unread, fill)
+        leaves = [t.clone().requires_grad_() for t in (xf, h0f, w_ih, w_hh, b_ih, b_hh)]
         y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths, resets, mode, reset_after, backend)
         grads = torch.autograd.grad((y * 1.5).sum() + h_n.sum(), leaves)
-        results.append([y, h_n, *grads])
+        torch.testing.assert_close(h_n, torch.where(unread, h0f, h_n), rtol=0, atol=0, equal_nan=True)
+        results.append([y, h_n.masked_fill(unread, 0.0), *grads])
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert torch.isfinite(a).all()
@@ -181,7 +185,7 @@ LONG_SHAPES = [(9, 40, 7, 33), (13, 24, 5, 20), (3, 300, 6, 16), (130, 1, 3, 5)]
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", LONG_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, reset_after):
@@ -706,7 +710,7 @@ def test_reset_rows_ignore_what_h0_holds(backend, mode):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_non_finite_values_propagate_as_in_the_reference(backend, dtype, mode, reset_after):
     """A state or input gone to inf / NaN gives NaN (or inf) exactly where the reference (torch's

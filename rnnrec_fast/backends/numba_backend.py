@@ -170,11 +170,14 @@ def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     zero where the row resets (``reference.prev_states``). It is not built: the product is
     d_gh[0]^T h0 + d_gh[1:]^T y[:-1], with d_gh's reset rows zeroed IN PLACE first (after the bias
     gradient is summed) and h0's rows that reset at step 0 zeroed, so no (T, B, H) copy of y is
-    made. Inactive steps have d_gh = 0, and x there (padding) enters grad_w_ih as zeros."""
+    made. Inactive steps have d_gh = 0, and x there (padding) enters grad_w_ih as zeros, as does the
+    h0 of a row of length 0."""
     T, B, I = x.shape
     GH = d_gx.shape[2]
     if lengths is not None:
         x = x.masked_fill(~reference._active_mask(lengths, T, B, x.device), 0.0)
+        # a row of length 0 never read its h0 (which may hold anything): zeros in its place
+        h0 = h0.masked_fill((lengths.to(h0.device) == 0).unsqueeze(1), 0.0)
     x2 = x.reshape(T * B, I)
     dgx2 = d_gx.view(T * B, GH)
     dgh2 = d_gh.view(T * B, GH)

@@ -359,9 +359,41 @@ def _kernels(np_dtype, RB):
     return ks
 
 
+def _row_bytes(H, GH, itemsize, fwd):
+    """Shared memory a batch row's state takes in the forward (3H values) or the backward (2H + G*H)."""
+    return (3 * H if fwd else 2 * H + GH) * itemsize
+
+
+_WARNED_TOO_LARGE = set()
+
+
+def _reference_if_too_large(H, GH, dtype, fwd):
+    """True where a batch row's state does not fit the kernels' shared memory (float32 GRU: the
+    forward up to H = 4096, the backward up to H = 2457; float64 half that): the call then runs the
+    reference backend's math on the same tensors (same contract: a forward on the kernels and a
+    backward on the reference mix), with one warning a size; for a forward, last_backend() says so."""
+    per_row = _row_bytes(H, GH, torch.empty(0, dtype=dtype).element_size(), fwd)
+    if per_row <= SHARED_BYTES:
+        return False
+    if fwd:
+        from .. import ops
+
+        ops._set_last("reference")
+    key = (fwd, H, GH, dtype)
+    if key not in _WARNED_TOO_LARGE:
+        _WARNED_TOO_LARGE.add(key)
+        import warnings
+
+        warnings.warn(f"rnnrec_fast numba.cuda backend: hidden size {H} ({dtype}) needs {per_row} bytes of "
+                      f"shared memory per batch row in the {'forward' if fwd else 'backward'}, more than its "
+                      f"kernel has ({SHARED_BYTES}); that pass runs on the reference backend's math "
+                      "(slower; the 'cuda' backend has no such limit)", RuntimeWarning, stacklevel=3)
+    return True
+
+
 def _launch_config(B, H, GH, itemsize, threads, rows_per_block, fwd):
     """threads per block, rows per block, blocks, dynamic shared memory bytes."""
-    per_row = (3 * H if fwd else 2 * H + GH) * itemsize
+    per_row = _row_bytes(H, GH, itemsize, fwd)
     if rows_per_block is None:
         rows_per_block = 1 if B < 512 else 4
         while rows_per_block > 1 and rows_per_block * per_row > SHARED_BYTES:
@@ -479,10 +511,13 @@ def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, res
     dgx = d_gx.copy_to_host().reshape(T * B, GH)
     dgh = d_gh.copy_to_host().reshape(T * B, GH)
     h_prev = reference.prev_states(torch.from_numpy(y), torch.from_numpy(h0),
-                                   None if resets is None else torch.from_numpy(resets)).numpy().reshape(T * B, H)
+                                   None if resets is None else torch.from_numpy(resets)).numpy()
     grad_x = (dgx @ w_ih).reshape(T, B, I)
-    if lengths is not None:  # padding past a row's length enters grad_w_ih as zeros (reference)
-        x = np.where((np.arange(T)[:, None] < lengths[None, :])[:, :, None], x, 0).astype(x.dtype)
+    if lengths is not None:  # what inactive steps read (padding, a length-0 row's h0) enters as zeros (reference)
+        active = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
+        x = np.where(active, x, 0).astype(x.dtype)
+        h_prev = np.where(active, h_prev, 0).astype(h_prev.dtype)
+    h_prev = h_prev.reshape(T * B, H)
     grad_w_ih = dgx.T @ x.reshape(T * B, I)
     if split:
         h_in = d_hin.copy_to_host().reshape(T * B, H)
@@ -557,6 +592,12 @@ def _check_device(x):
 def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_after: bool,
             threads=None, rows_per_block=None):
     _check_device(x)
+    if threads is None and rows_per_block is None and _reference_if_too_large(h0.shape[1], w_hh.shape[0],
+                                                                              x.dtype, True):
+        with torch.no_grad():
+            return reference.forward(x.detach(), h0.detach(), w_ih.detach(), w_hh.detach(),
+                                     None if b_ih is None else b_ih.detach(),
+                                     None if b_hh is None else b_hh.detach(), lengths, resets, mode, reset_after)
     with torch.no_grad():
         x, h0, w_ih, w_hh = (t.detach() for t in (x, h0, w_ih, w_hh))
         T, B, _ = x.shape
@@ -584,6 +625,12 @@ def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_aft
 def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
              mode: int, reset_after: bool, threads=None, rows_per_block=None):
     _check_device(x)
+    if threads is None and rows_per_block is None and _reference_if_too_large(h0.shape[1], w_hh.shape[0],
+                                                                              x.dtype, False):
+        with torch.no_grad():
+            return reference.backward(*(None if t is None else t.detach() for t in (
+                grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh)), lengths, resets, y.detach(), ws.detach(),
+                mode, reset_after)
     with torch.no_grad():
         grad_y, grad_h_n, x, h0, w_ih, w_hh, y, ws = (
             t.detach().contiguous() for t in (grad_y, grad_h_n, x, h0, w_ih, w_hh, y, ws))

@@ -172,7 +172,11 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         d_gx[t] = dgx
         d_gh[t] = dgh
         dh = dh_prev
-    x2 = (x if active is None else x.masked_fill(~active, 0.0)).reshape(T * B, -1)
+    # inactive steps have zero gradients: what they read (padding of x, the h0 of a row of length
+    # 0, which may hold anything) enters the weight gradients as zeros (0 * NaN is NaN)
+    if active is not None:
+        x, h_prev_all, h_in = (v.masked_fill(~active, 0.0) for v in (x, h_prev_all, h_in))
+    x2 = x.reshape(T * B, -1)
     dgx2 = d_gx.reshape(T * B, -1)
     dgh2 = d_gh.reshape(T * B, -1)
     h_prev_all = h_prev_all.reshape(T * B, H)

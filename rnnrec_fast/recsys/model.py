@@ -15,7 +15,7 @@ from .data import ItemMap, RecsysError
 
 try:  # x W^T + b for a few float32 rows in one pass over W (the catalogue); ATen's addmm otherwise
     from .._C import linear_rows as _linear_rows
-except ImportError:
+except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
     _linear_rows = None
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 try:  # the modules' C++ inference fast path, the few-rows product and the click's score + top-k
     from .._C import infer as _infer, linear_rows as _linear_rows, score_topk as _score_topk
-except ImportError:
+except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
     _infer = _linear_rows = _score_topk = None
 
 

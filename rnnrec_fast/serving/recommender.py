@@ -14,7 +14,7 @@ from .store import SessionStore
 
 try:  # torch.topk(scores, k, dim=1) by one selection pass per row (csrc/rnnrec_cpu.cpp)
     from .._C import topk_rows as _topk_rows
-except ImportError:
+except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
     _topk_rows = None
 
 
