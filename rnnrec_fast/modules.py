@@ -744,10 +744,18 @@ class _RNNBase(_FastPath):
                 out, lengths_cpu = out.index_select(1, sorted_indices), lengths_cpu[sorted_indices.cpu()]
             data = pack_padded_sequence(out, lengths_cpu, enforce_sorted=True).data
             return PackedSequence(data, input[1], input[2], input[3]), h_n  # (batch_sizes, sorted, unsorted)
+        # One direction: out is the op's y, which its backward reads (saved). Eager autograd refuses
+        # a change in place of it or of a view of it before backward(); a compiled graph returning
+        # a view of it (batch_first, unbatched) does not check (the backward read the changed values:
+        # wrong gradients, no error), so under torch.compile with grad on that view is a copy.
+        copy = D == 1 and _is_compiling() and torch.is_grad_enabled()
         if not batched:
-            return out.squeeze(1), h_n.squeeze(1)
+            out = out.squeeze(1)
+            return (out.clone() if copy else out), h_n.squeeze(1)
         if self.batch_first:
             out = out.transpose(0, 1)
+            if copy:
+                out = out.clone(memory_format=torch.contiguous_format)
         return out, h_n
 
 

@@ -264,6 +264,29 @@ def test_packed_sequence_input_compiles_without_extra_graphs():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("kind,kw,shape", [("GRU", dict(batch_first=True), (2, 5, 3)), ("GRU", {}, (5, 3)),
+                                            ("RNN", dict(batch_first=True, num_layers=2), (2, 5, 3))],
+                         ids=["batch_first", "unbatched", "rnn_2_layers_batch_first"])
+def test_compiled_output_changed_in_place_gets_torch_nn_gradients(kind, kw, shape):
+    """A compiled module's output changed in place before backward() (out.relu_()): torch.nn's
+    gradients. Its batch_first and unbatched outputs were views of the sequence output the op saves
+    for the backward, and a compiled graph returning such a view loses autograd's check: the
+    backward read the changed values (grad_x off by up to 0.6, no error; from a review of the
+    compiled paths). Eager raises that check's error instead (README; test_modules)."""
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(3, 4, **kw)
+    compiled = torch.compile(rnnrec_fast.from_torch(ref), backend="aot_eager", fullgraph=True)
+    x0 = torch.randn(*shape)
+    grads = []
+    for m in (ref, compiled):
+        x = x0.clone().requires_grad_()
+        out = m(x)[0].relu_()
+        out.pow(2).sum().backward()
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    for got, want in zip(*reversed(grads)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 class _ActiveSessions(nn.Module):
     """A batch filtered by a mask before the GRU: its size is data-dependent (unbacked) under export."""
 
