@@ -1,16 +1,42 @@
+import collections
 import os
+import random
+import sys
+import zlib
 
 import pytest
 import torch
 
-import rnnrec_fast
-from rnnrec_fast import backends
+if os.environ.get("RNNREC_FAST_TEST_BLOCK_EXT") == "1":  # (test_fallback: this suite's op tests without _C)
+    import importlib.abc
+
+    class _BlockExtension(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"):
+                raise ImportError(f"{name} blocked (RNNREC_FAST_TEST_BLOCK_EXT=1)")
+
+    sys.meta_path.insert(0, _BlockExtension())
+
+import rnnrec_fast  # noqa: E402
+from rnnrec_fast import backends  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
 
+# Fresh inputs at each run, reproducible: the cases that draw from case_seed() mix this run's seed
+# (printed in the header; RNNREC_FAST_TEST_SEED=<it> draws the same again) with their parameters.
+RUN_SEED = int(os.environ.get("RNNREC_FAST_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def case_seed(*parts) -> int:
+    """A seed for one parametrised case: this run's seed and the case's parameters (zlib.crc32 of
+    their repr, the same in every process, unlike hash() of a str)."""
+    return (zlib.crc32(repr(parts).encode()) ^ RUN_SEED) % 2**31
+
+
 def pytest_report_header(config):
-    return f"rnnrec_fast backends: {rnnrec_fast.backend_info()}"
+    return [f"rnnrec_fast backends: {rnnrec_fast.backend_info()}",
+            f"rnnrec_fast test seed: RNNREC_FAST_TEST_SEED={RUN_SEED} (fresh inputs each run; set it to repeat these)"]
 
 
 def cpu_backends():
@@ -51,3 +77,39 @@ def data_dir():
     if not (path / "yoochoose-clicks-100k_train_full.txt").exists():
         pytest.skip(f"click-log samples not found in {path}")
     return path
+
+
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """Counts the calls of the Python backends' entry points, {(backend, function): n}: their
+    forward and backward (the op's kernels call them; not numba's run_cpu, which its forward and
+    the inference plan call). Calls on the C++ kernels show as none of these. Lets a test check that a forced backend is the one that
+    ran, in every layer and direction and in the backward (last_backend() names a forward's only)."""
+    from rnnrec_fast.backends import reference
+
+    counts = collections.Counter()
+
+    def spy(name, module, fn):
+        orig = getattr(module, fn)
+
+        def counted(*args, **kwargs):
+            counts[(name, fn)] += 1
+            return orig(*args, **kwargs)
+
+        monkeypatch.setattr(module, fn, counted)
+
+    for fn in ("forward", "backward"):
+        spy("reference", reference, fn)
+    if backends.available("numba"):
+        from rnnrec_fast.backends import numba_backend
+
+        for fn in ("forward", "backward"):
+            spy("numba", numba_backend, fn)
+    return counts
+
+
+def expected_calls(backend, forward=0, backward=0):
+    """backend_calls' counts when only ``backend`` ran, ``forward`` and ``backward`` times."""
+    if backend not in ("numba", "reference"):
+        return {}
+    return {k: v for k, v in {(backend, "forward"): forward, (backend, "backward"): backward}.items() if v}

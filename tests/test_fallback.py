@@ -1,6 +1,7 @@
 """Without a compiled extension the package still works, warns once, and says which backend ran.
 With RNNREC_FAST_REQUIRE_EXT=1 (make test, CI) a missing extension is a failure, never a skip."""
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -225,3 +226,23 @@ def test_each_dtype_the_fast_backend_lacks_warns_once(monkeypatch):
             ops.resolve_backend("auto", "cpu", dtype)
     msgs = [str(w.message) for w in caught if "rnnrec_fast" in str(w.message)]
     assert len(msgs) == 2 and "torch.float16" in msgs[0] and "torch.bfloat16" in msgs[1], msgs
+
+
+def test_op_and_module_tests_pass_through_the_python_registrations():
+    """Without the extension the op's autograd is the Python registration (ops._backward,
+    _setup_context: what CUDA tensors and installs without _C use), which the in-process tests
+    never reach on a CPU machine (the C++ AutogradCPU kernel takes CPU calls). The op's reference,
+    gradcheck, padding and opcheck tests and the modules' parity tests run here with _C blocked
+    (conftest: RNNREC_FAST_TEST_BLOCK_EXT=1). (From a review: the Python backward dropping resets
+    passed the whole suite.)"""
+    env = {k: v for k, v in os.environ.items() if k != "RNNREC_FAST_REQUIRE_EXT"}
+    env["RNNREC_FAST_TEST_BLOCK_EXT"] = "1"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+                          "tests/test_op.py", "tests/test_modules.py", "-k",
+                          "matches_reference or gradcheck or padding_past or opcheck or parity_with_torch or test_cells"],
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "backend cpp unavailable: ImportError: rnnrec_fast._C blocked" in out.stdout  # (its skips)
+    passed = re.search(r"(\d+) passed", out.stdout)
+    assert passed and int(passed.group(1)) >= 800, out.stdout[-3000:]

@@ -9,13 +9,14 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import rnnrec_fast
 from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 
-from conftest import assert_close, cpu_backends, shrunk, tolerances
+from conftest import assert_close, case_seed, cpu_backends, expected_calls, shrunk, tolerances
 
 MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
 SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (6, 4, 3, 2)]  # T, B, I, H
@@ -50,14 +51,15 @@ def as64(t):
 @pytest.mark.parametrize("extras", EXTRAS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
-def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_after):
-    gen = torch.Generator().manual_seed(hash((backend, str(dtype), shape, extras, bias, mode, reset_after)) % 2**31)
+def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_after, backend_calls):
+    gen = torch.Generator().manual_seed(case_seed(backend, str(dtype), shape, extras, bias, mode, reset_after))
     inputs = make_inputs(*shape, mode, bias, extras, dtype, gen)
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = inputs
     params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh) if t is not None]
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
                                                  reset_after, backend)
     assert rnnrec_fast.last_backend() == backend
+    assert backend_calls == expected_calls(backend, forward=1)
     ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, resets]
     ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
     assert_close(y.detach().double(), ry, dtype, "output")
@@ -69,7 +71,9 @@ def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_afte
 
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     gh = torch.randn(h_n.shape, generator=gen, dtype=torch.float64)
+    backend_calls.clear()
     grads = torch.autograd.grad((y * gy.to(dtype)).sum() + (h_n * gh.to(dtype)).sum(), params)
+    assert backend_calls == expected_calls(backend, backward=1)  # the gradients come from the same backend
     ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
     for name, g, rg in zip(names, grads, ref_grads):
@@ -90,7 +94,7 @@ def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_afte
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 @pytest.mark.parametrize("extras", ["plain", "both"])
-def test_gradcheck(backend, mode, reset_after, extras):
+def test_gradcheck(backend, mode, reset_after, extras, backend_calls):
     gen = torch.Generator().manual_seed(7)
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 2, 3, mode, True, extras, torch.float64, gen)
     if mode == "rnn_relu":  # keep pre-activations away from the kink
@@ -102,6 +106,8 @@ def test_gradcheck(backend, mode, reset_after, extras):
         return y, h
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # (the analytical gradients were the forced backend's)
+    assert set(backend_calls) == set(expected_calls(backend, forward=1, backward=1))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -195,7 +201,7 @@ def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, rese
     exactly, but for grad_w_ih on a batch_first x, which the C++ backend sums step by step (its rows
     are evenly spaced within a step only) instead of over a copy of the chunk: the same terms in
     another order."""
-    gen = torch.Generator().manual_seed(hash((backend, str(dtype), shape, mode, reset_after)) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(backend, str(dtype), shape, mode, reset_after))
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(*shape, mode, True, "both", dtype, gen)
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
                                                  reset_after, backend)
@@ -307,18 +313,70 @@ def test_padding_and_zero_lengths_keep_state():
     assert torch.equal(h_n[2], y[1, 2]) and torch.equal(h_n[0], y[3, 0])
 
 
-def test_resets_match_separate_sessions():
-    """A reset before step t gives the same states as starting a fresh sequence at t from zero."""
-    torch.manual_seed(0)
-    x = torch.randn(6, 1, 3, dtype=torch.float64)
-    w_ih, w_hh = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
-    h0 = torch.randn(1, 4, dtype=torch.float64)
-    resets = torch.zeros(6, 1, dtype=torch.bool)
-    resets[3] = True
-    y, _ = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, resets=resets)
-    y1, _ = rnnrec_fast.recurrence(x[:3], h0, w_ih, w_hh)
-    y2, _ = rnnrec_fast.recurrence(x[3:], torch.zeros_like(h0), w_ih, w_hh)
-    torch.testing.assert_close(y, torch.cat([y1, y2]), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu", "gru"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_resets_match_separate_sessions_in_torch_nn(backend, mode, with_lengths):
+    """A reset before step t is a fresh session starting at t from the zero state: outputs, h_n and
+    the gradients of x, h0 and every weight equal torch.nn run on each row's sessions one by one (an
+    oracle of its own for resets: the reference's reset logic is otherwise only checked against
+    itself). Resets at step 0, at consecutive steps, past a row's length (ignored), none in a row."""
+    gen = torch.Generator().manual_seed(23)
+    T, B, I, H = 7, 4, 3, 5
+    ref = (nn.GRU(I, H) if mode == "gru" else nn.RNN(I, H, nonlinearity=mode[4:])).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    x = torch.randn(T, B, I, generator=gen, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[[3, 0, 1, 2, 5, 6], [0, 1, 1, 1, 2, 2]] = True  # row 3: no reset
+    lengths = torch.tensor([T, 6, 5, 2]) if with_lengths else None  # row 2's reset at step 6: past its end
+    gy = torch.randn(T, B, H, generator=gen, dtype=torch.float64)
+    gh = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    weights = list(ref.parameters())  # weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0: the op's order
+
+    leaves = [x, h0] + [w.detach().clone().requires_grad_() for w in weights]
+    y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, resets=resets, mode=mode, backend=backend)
+    got = [y, h_n, *torch.autograd.grad((y * gy).sum() + (h_n * gh).sum(), leaves)]
+
+    loss, ys, hs = 0.0, torch.zeros(T, B, H, dtype=torch.float64), []
+    for b in range(B):
+        end = T if lengths is None else int(lengths[b])
+        starts = [0] + [t for t in range(1, end) if resets[t, b]]
+        h = torch.zeros(1, 1, H, dtype=torch.float64) if resets[0, b] else h0[b].view(1, 1, H)
+        for k, t0 in enumerate(starts):
+            t1 = starts[k + 1] if k + 1 < len(starts) else end
+            out, h = ref(x[t0:t1, b:b + 1], h if k == 0 else torch.zeros(1, 1, H, dtype=torch.float64))
+            ys[t0:t1, b] = out[:, 0]
+        hs.append(h.view(H) if end > 0 else h0[b])
+    want_h_n = torch.stack(hs)
+    loss = (ys * gy).sum() + (want_h_n * gh).sum()
+    want = [ys, want_h_n, *torch.autograd.grad(loss, [x, h0] + weights)]
+    for name, a, b in zip(["y", "h_n", "grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"],
+                          got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+@pytest.mark.parametrize("extras", EXTRAS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_reference_backward_is_autograd_of_the_reference_forward(mode, reset_after, extras, bias):
+    """The reference's hand-written backward (the oracle of every backend's gradients) equals
+    torch.autograd through the reference's forward, plain torch ops (from a review: the reference's
+    test cases compared it with itself, so dropping its reset masking failed only gradcheck)."""
+    gen = torch.Generator().manual_seed(29)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(6, 4, 3, 5, mode, bias, extras, torch.float64, gen)
+    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    y, h_n, ws = reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, MODES[mode], reset_after)
+    gy, gh = torch.randn(y.shape, generator=gen, dtype=torch.float64), torch.randn(h_n.shape, generator=gen,
+                                                                                  dtype=torch.float64)
+    want = torch.autograd.grad((y * gy).sum() + (h_n * gh).sum(), leaves)
+    got = reference.backward(gy, gh, *(t.detach() if t is not None else None for t in (x, h0, w_ih, w_hh, b_ih, b_hh)),
+                             lengths, resets, y.detach(), ws.detach(), MODES[mode], reset_after)
+    got = [g for g, t in zip(got, (x, h0, w_ih, w_hh, b_ih, b_hh)) if t is not None]
+    for name, a, b in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
