@@ -405,11 +405,12 @@ def _empty_batch(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_aft
     """The op's call for a batch of zero rows (or a cell of zero input or hidden size), which torch.nn
     accepts (the op does not): the reference math on empty tensors, so the outputs are empty (or, with
     no inputs, come from hx and the biases) and still depend on the weights, as torch.nn's do. A
-    forced backend is checked as at any size (one that cannot run these tensors is refused), and
-    last_backend() says "reference"."""
+    forced backend is checked as the op's fake kernel checks it (one that cannot run these tensors is
+    refused; meta tensors run nowhere), and last_backend() says "reference"."""
     if not _is_compiling():  # (traced, the graph holds the reference math only)
-        ops._resolve(backend, x.device.type, x.dtype)
-        ops._set_last("reference")
+        ops._check_fake_backend(backend, x)
+        if x.device.type != "meta":
+            ops._set_last("reference")
     if h0 is None:
         h0 = x.new_zeros(x.shape[1], w_hh.shape[1])
     return reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, ops.MODES[mode], reset_after)

@@ -275,6 +275,10 @@ def test_empty_batch_refuses_a_forced_backend_as_any_batch(backend, dtype, kind)
     with pytest.raises(type(want.value)) as got:
         ours(empty)
     assert str(got.value) == str(want.value)
+    # on meta tensors (which no backend runs) a zero batch still gives torch.nn's empty outputs
+    meta = getattr(rnnrec_fast, kind)(3, 4, device="meta")
+    out = meta(empty.to("meta", torch.float32))
+    assert (out[0] if isinstance(out, tuple) else out).shape == ((0, 4) if cell else (5, 0, 4))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
