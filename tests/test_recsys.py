@@ -950,3 +950,22 @@ def test_elu_param_applies(fn):
     torch.testing.assert_close(fn(logits, target, elu_param=0.5),
                                fn(torch.nn.functional.elu(logits, 0.5), target))
     assert not torch.allclose(fn(logits, target, elu_param=0.5), fn(logits, target))
+
+
+def test_catalogue_holds_only_the_items_of_trained_sessions():
+    """An item clicked only in sessions too short to train on (one click: no next click) is left out
+    of the catalogue built from a training log: it would be scored at every step with its random
+    initial weights and never trained (no input, target or negative sample; from a review: 365 of
+    the Diginetica sample's 7,139 items). GRU4Rec's preprocessing drops such sessions before it
+    counts items. A map given keeps its items; the test log's clicks on others are dropped."""
+    s = np.array([1, 1, 1, 2, 3, 3, 4])  # session 2 and 4: one click each
+    i = np.array([10, 11, 12, 99, 11, 13, 98])
+    log = ClickLog(s, i, np.arange(7, dtype=np.float64))
+    ds = SessionDataset.from_log(log)
+    assert sorted(ds.item_map.item_ids) == [10, 11, 12, 13]
+    assert ds.n_sessions == 2 and ds.n_events == 3
+    assert float(ds.support().min()) > 0  # every catalogue item is trained on
+    kept = SessionDataset.from_log(log, ItemMap([10, 11, 12, 13, 98, 99]))
+    assert len(kept.item_map) == 6 and kept.n_sessions == 2
+    one_click = ClickLog(np.array([5, 6]), np.array([1, 2]), np.array([0.0, 1.0]))
+    assert len(SessionDataset.from_log(one_click).item_map) == 0

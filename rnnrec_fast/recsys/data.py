@@ -468,6 +468,13 @@ class SessionDataset:
                  min_length: int = 2, order: str = "time") -> "SessionDataset":
         log = log.sorted()
         if item_map is None:
+            # the catalogue: the items of the sessions kept (an item clicked only in shorter ones
+            # would be scored at every step and never trained: no input, target or negative sample;
+            # GRU4Rec's preprocessing drops such sessions before it counts items)
+            if len(log.items):
+                change = np.flatnonzero(log.sessions[1:] != log.sessions[:-1]) + 1
+                lengths = np.diff(np.concatenate([[0], change, [len(log.items)]]))
+                log = log.subset(np.repeat(lengths >= min_length, lengths))
             item_map = ItemMap.from_items(log.items)
         elif drop_unknown:
             log = log.subset(item_map.known_mask(log.items))
