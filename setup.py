@@ -110,12 +110,19 @@ def _extensions():
         # "parallel" loop of the kernels runs on one thread. The extension then shares torch's own
         # OpenMP runtime (same libgomp.so.1, already loaded by torch).
         link = ["-fopenmp"]
+    san = []
+    if os.environ.get("RNNREC_FAST_SANITIZE") == "1":
+        # `make sanitize`: AddressSanitizer + UndefinedBehaviorSanitizer, any report fatal. -fno-wrapv
+        # undoes Python's -fwrapv, under which signed overflow is defined and never reported. Such a
+        # build loads only with the sanitizer runtimes preloaded (LD_PRELOAD).
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-fno-wrapv"] + san
     exts = [
         cpp_extension.CppExtension(
             "rnnrec_fast._C",
             cpu_sources,
             extra_compile_args={"cxx": cxx + link},
-            extra_link_args=link,
+            extra_link_args=link + san,
         )
     ]
     if os.environ.get("RNNREC_FAST_STANDALONE") != "0":  # (=0: the GPU check's build, its minutes are few)
