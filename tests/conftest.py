@@ -83,8 +83,9 @@ def data_dir():
 def backend_calls(monkeypatch):
     """Counts the calls of the Python backends' entry points, {(backend, function): n}: their
     forward and backward (the op's kernels call them; not numba's run_cpu, which its forward and
-    the inference plan call). Calls on the C++ kernels show as none of these. Lets a test check that a forced backend is the one that
-    ran, in every layer and direction and in the backward (last_backend() names a forward's only)."""
+    the inference plan call). Calls on the C++ kernels show as none of these. Lets a test check
+    that a forced backend is the one that ran, in every layer and direction and in the backward
+    (last_backend() names a forward's only)."""
     from rnnrec_fast.backends import reference
 
     counts = collections.Counter()

@@ -12,6 +12,8 @@ import torch
 import rnnrec_fast
 from rnnrec_fast import backends
 
+from conftest import RUN_SEED
+
 BLOCK_EXTENSION = """
 import sys, warnings, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
@@ -236,7 +238,7 @@ def test_op_and_module_tests_pass_through_the_python_registrations():
     (conftest: RNNREC_FAST_TEST_BLOCK_EXT=1). (From a review: the Python backward dropping resets
     passed the whole suite.)"""
     env = {k: v for k, v in os.environ.items() if k != "RNNREC_FAST_REQUIRE_EXT"}
-    env["RNNREC_FAST_TEST_BLOCK_EXT"] = "1"
+    env.update(RNNREC_FAST_TEST_BLOCK_EXT="1", RNNREC_FAST_TEST_SEED=str(RUN_SEED))  # (this run's inputs)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
                           "tests/test_op.py", "tests/test_modules.py", "-k",
                           "matches_reference or gradcheck or padding_past or opcheck or parity_with_torch or test_cells"],

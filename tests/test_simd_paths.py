@@ -15,6 +15,8 @@ import pytest
 
 from rnnrec_fast import backends
 
+from conftest import RUN_SEED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def test_portable_kernel_paths(env, level):
 
     if level == "avx2" and _C.simd_level() == "scalar":
         pytest.skip("this CPU has no AVX2/FMA")
-    child_env = dict(os.environ, **{env: "1"})
+    child_env = dict(os.environ, **{env: "1"}, RNNREC_FAST_TEST_SEED=str(RUN_SEED))  # (this run's inputs)
     probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level())"],
                            env=child_env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.stdout.strip() == level, probe.stderr
