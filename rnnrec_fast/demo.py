@@ -46,7 +46,8 @@ def parity_and_speed(reps=3):
 def _table(reps):
     print(f"rnnrec_fast {rnnrec_fast.__version__}, torch {torch.__version__}, one thread "
           f"(median of {reps} interleaved repetitions; `make bench` for the recorded tables)")
-    print(f"backends: {rnnrec_fast.backend_info()}")
+    for name, state in rnnrec_fast.backend_info().items():
+        print(f"  backend {name}: {state}")
     print(f"{'case':32s} {'B':>4s} {'T':>3s} {'H':>4s}  {'max |diff|':>10s}  {'torch.nn':>10s}  "
           f"{'ours':>10s}  ratio  backend")
     for what, B, T, H in SHAPES:
@@ -69,8 +70,10 @@ def _table(reps):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m rnnrec_fast.demo", description=__doc__)
     p.add_argument("--no-recsys", action="store_true", help="only the kernel comparison")
-    p.add_argument("--data", default=None, help="click-log directory (default: $RNNREC_FAST_DATA or ../shared/data)")
-    p.add_argument("--epochs", type=int, default=None, help="recommender training epochs")
+    p.add_argument("--data", default=None, help="folder holding the YOOCHOOSE 100k sample (default: "
+                   "$RNNREC_FAST_DATA, else ../shared/data beside a source checkout; without the sample the "
+                   "demo trains on a generated click log)")
+    p.add_argument("--epochs", type=int, default=None, help="recommender training epochs (default: 3)")
     args = p.parse_args(argv)
     parity_and_speed()
     if not args.no_recsys:

@@ -940,6 +940,14 @@ def test_recommend_uses_top_layer():
     for items in (3, "37"):
         with pytest.raises(RecsysError, match="items must be a sequence of item ids"):
             model.recommend(items, k=5)
+    # exclude_seen: the clicked items left out, the others in the same order; k past what is left
+    # gives all that is left; every item clicked gives none
+    full = [g[0] for g in model.recommend([3, 7, 3], k=20)]
+    assert [g[0] for g in model.recommend([3, 7, 3], k=20, exclude_seen=True)] == [i for i in full if i not in (3, 7)]
+    assert len(model.recommend([3, 7], k=5, exclude_seen=True)) == 5
+    assert model.recommend(list(range(20)), k=3, exclude_seen=True) == []
+    with pytest.raises(RecsysError, match="exclude_seen"):
+        model.recommend([3], exclude_seen=1)
 
 
 @pytest.mark.parametrize("fn", [bpr_max, top1_max])
@@ -969,3 +977,36 @@ def test_catalogue_holds_only_the_items_of_trained_sessions():
     assert len(kept.item_map) == 6 and kept.n_sessions == 2
     one_click = ClickLog(np.array([5, 6]), np.array([1, 2]), np.array([0.0, 1.0]))
     assert len(SessionDataset.from_log(one_click).item_map) == 0
+
+
+def test_checkpoint_file_mode_follows_the_umask(tmp_path):
+    """A checkpoint gets the mode a plain open() would give (0o666 less the umask; mkstemp's 0600
+    kept a serving account from loading what a training one saved), and one replaced keeps its own."""
+    model = GRU4Rec(5, [4], item_ids=list(range(5)))
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "model.pt"
+        recsys.save_checkpoint(model, str(path))
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o600)
+        recsys.save_checkpoint(model, str(path))
+        assert path.stat().st_mode & 0o777 == 0o600
+        os.umask(0o077)
+        recsys.save_checkpoint(model, str(tmp_path / "private.pt"))
+        assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_data_folder_named_by_the_variable_is_never_replaced_by_the_default(tmp_path, monkeypatch):
+    """RNNREC_FAST_DATA naming a missing folder resolves to None, not to ../shared/data (a user who
+    pointed it elsewhere got the default silently), and the demo says which folder it looked in."""
+    monkeypatch.setenv("RNNREC_FAST_DATA", str(tmp_path / "missing"))
+    assert recsys.resolve_data_dir() is None
+    assert recsys.resolve_data_dir(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setenv("RNNREC_FAST_DATA", str(tmp_path))
+    assert recsys.resolve_data_dir() == str(tmp_path)
+    lines = []
+    recsys.demo(epochs=1, progress=False, out=lines.append)
+    assert str(tmp_path) in lines[0] and "yoochoose-clicks-100k_train_full.txt" in lines[0], lines[0]
+    assert "generated click log" in lines[0]

@@ -53,6 +53,13 @@ def test_train_evaluate_recommend(files, capsys):
     assert len(out.strip().splitlines()) == 7
     code, out, err = _run(["recommend", "--model", model, "--items", "1000", "--k", "3", "--json"], capsys)
     assert len(json.loads(out)["items"]) == 3
+    # --exclude-seen: the session's own clicks left out (k past the catalogue: all the others)
+    code, out, err = _run(["recommend", "--model", model, "--items", "1000", "1001", "--k", "50", "--json"], capsys)
+    every = json.loads(out)["items"]
+    assert code == 0 and {1000, 1001} <= set(every)
+    code, out, err = _run(["recommend", "--model", model, "--items", "1000", "1001", "--k", "50", "--json",
+                           "--exclude-seen"], capsys)
+    assert code == 0 and json.loads(out)["items"] == [i for i in every if i not in (1000, 1001)]
 
 
 @pytest.mark.parametrize("loss,emb", [("bpr-max", "8"), ("top1-max", "none")])

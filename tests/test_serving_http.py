@@ -98,6 +98,7 @@ def test_click_delete_health(server):
     (b'{"item_id": 503, "k": 51}', 422, "bad_k"),
     (b'{"item_id": 503, "k": "3"}', 400, "bad_request"),
     (b'{"item_id": 503, "exclude_seen": 1}', 400, "bad_request"),
+    (b'{"item_id": 503, "exclude_sen": true}', 400, "bad_request"),  # a misspelt field (was ignored: 200)
     (b'{"item_id": 503, "pad": "' + b"x" * 600 + b'"}', 413, "body_too_large"),
 ])
 def test_malformed_requests_keep_serving(server, raw, status, code):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 import torch
@@ -28,6 +29,9 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
     folder = check_save_path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
+        # mkstemp's file is owner-only (0600): give it the mode a plain open() would (a checkpoint
+        # replaced keeps its own), so that a serving account can read what a training one saved
+        os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -39,6 +43,16 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         except OSError:
             pass
         raise
+
+
+def _file_mode(path: str) -> int:
+    """The permission bits of the file at ``path``, or for a new file 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mask = os.umask(0o022)  # (read by setting it: there is no other call)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def check_save_path(path: str) -> str:

@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("--items", nargs="+", required=True, help="the session's clicks (original ids)")
     r.add_argument("--k", type=int, default=20)
+    r.add_argument("--exclude-seen", action="store_true", help="leave the session's own clicks out of the list")
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true")
     return show_defaults(ap)
@@ -237,7 +238,7 @@ def _cmd_recommend(a):
     if a.k < 1:
         raise RecsysError("--k must be >= 1")
     model = load_checkpoint(a.model, device=a.device)
-    recs = model.recommend(a.items, k=a.k)
+    recs = model.recommend(a.items, k=a.k, exclude_seen=a.exclude_seen)
     if a.json:
         sys.stdout.write(json.dumps({"items": [i for i, _ in recs], "scores": [s for _, s in recs]}) + "\n")
     else:

@@ -29,17 +29,20 @@ def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def default_data_dir() -> str:
+    """``<repo>/../shared/data``: the shared samples beside a source checkout."""
+    return os.path.join(repo_root(), "..", "shared", "data")
+
+
 def resolve_data_dir(data_dir: str | None = None) -> str | None:
-    """The shared data directory: ``data_dir``, else ``$RNNREC_FAST_DATA``, else ``<repo>/../shared/data``
-    when it exists; None when none of them is an existing directory (an explicit ``data_dir`` that
-    does not exist gives None)."""
-    if data_dir is not None:
-        return os.path.abspath(data_dir) if os.path.isdir(data_dir) else None
-    for cand in ( os.environ.get("RNNREC_FAST_DATA"),
-                 os.path.join(repo_root(), "..", "shared", "data")):
-        if cand and os.path.isdir(cand):
-            return os.path.abspath(cand)
-    return None
+    """The shared data directory: ``data_dir``, else ``$RNNREC_FAST_DATA``, else ``<repo>/../shared/data``;
+    None where the one chosen is no existing directory (a folder named by the argument or the
+    variable is never replaced by the default)."""
+    if data_dir is None:
+        data_dir = os.environ.get("RNNREC_FAST_DATA") or None
+    if data_dir is None:
+        data_dir = default_data_dir()
+    return os.path.abspath(data_dir) if os.path.isdir(data_dir) else None
 
 
 YOOCHOOSE_TRAIN = "yoochoose-clicks-100k_train_full.txt"

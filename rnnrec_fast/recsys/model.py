@@ -279,9 +279,10 @@ class GRU4Rec(nn.Module):
         return torch.cat(vals), torch.cat(idxs)
 
     @torch.no_grad()
-    def recommend(self, items, k: int = 20):
+    def recommend(self, items, k: int = 20, exclude_seen: bool = False):
         """Top-k (original id, score) after the click sequence ``items`` (original ids: a list, a
-        NumPy array or a tensor of them); ``k`` in [1, n_items] (more gives all items)."""
+        NumPy array or a tensor of them); ``k`` in [1, n_items] (more gives all items).
+        ``exclude_seen``: leave the sequence's own items out (as serving's click does)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RecsysError(f"k must be an int >= 1, got {k!r}")
         if isinstance(items, torch.Tensor):
@@ -292,8 +293,14 @@ class GRU4Rec(nn.Module):
         idx = torch.as_tensor(self.item_map.index(items), device=self.Wy.device)
         if len(idx) == 0:
             raise RecsysError("give at least one item")
+        if not isinstance(exclude_seen, bool):
+            raise RecsysError(f"exclude_seen must be True or False, got {exclude_seen!r}")
         h = self.init_state(1)
         for i in idx:
             h = self.step(i.view(1), h)
-        v, ix = self.topk(h[-1], k)
+        exclude = idx.unique().view(1, -1) if exclude_seen else None
+        k = min(k, self.n_items - (0 if exclude is None else exclude.shape[1]))
+        if k == 0:  # every item was clicked
+            return []
+        v, ix = self.topk(h[-1], k, exclude=exclude)
         return [(self.item_ids[j], float(s)) for j, s in zip(ix[0].tolist(), v[0].tolist())]

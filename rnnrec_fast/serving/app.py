@@ -47,6 +47,8 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+_CLICK_FIELDS = frozenset({"item_id", "k", "exclude_seen"})  # a click's JSON body
+
 class HTTPError(Exception):
     def __init__(self, status, code, message):
         super().__init__(message)
@@ -250,6 +252,10 @@ class ServingApp:
             raise HTTPError(400, "bad_json", "request body is nested too deeply") from None
         if not isinstance(req, dict):
             raise HTTPError(400, "bad_request", "request body must be a JSON object")
+        unknown = sorted(set(req) - _CLICK_FIELDS)
+        if unknown:  # (a misspelt "exclude_seen" would otherwise fall back to its default, silently)
+            raise HTTPError(400, "bad_request", f"unknown field {unknown[0]!r}; a click takes "
+                            "'item_id', 'k' and 'exclude_seen'")
         if "item_id" not in req:
             raise HTTPError(400, "bad_request", "missing field 'item_id'")
         k = req["k"] if "k" in req else self.rec.default_k
