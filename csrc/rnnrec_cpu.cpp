@@ -1123,8 +1123,23 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
   std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * DH) : 0);
   std::vector<T> rev_in(dirs == 2 ? size_t(T_ * B * std::max(d0.I, DH)) : 0);
   std::vector<T> dir_out(dirs == 2 ? size_t(T_ * B * H) : 0);
-  thread_local std::vector<T> zeros;
-  if (hx == nullptr && int64_t(zeros.size()) < B * H) zeros.assign(size_t(B * H), T(0));
+  // h0 = 0 where no hx is given: a per-thread block of zeros up to 1 MiB (reused: the serving step
+  // allocates nothing), a call's own above it (a thread kept its largest call's zeros for good:
+  // 80 MB after one B = 20000, H = 1000 call)
+  Buf<T> own_zeros(0);
+  const T* zeros = nullptr;
+  if (hx == nullptr) {
+    constexpr int64_t kKeep = (int64_t(1) << 20) / int64_t(sizeof(T));
+    if (B * H > kKeep) {
+      own_zeros = Buf<T>(B * H);
+      std::fill(own_zeros.data(), own_zeros.data() + B * H, T(0));
+      zeros = own_zeros.data();
+    } else {
+      thread_local std::vector<T> kept;
+      if (int64_t(kept.size()) < B * H) kept.assign(size_t(B * H), T(0));
+      zeros = kept.data();
+    }
+  }
   StepMasks m;
   m.B = B;
   const T* in = x;
@@ -1138,7 +1153,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
       const at::Tensor* const* lw = w + k * per_layer;
       const T* b_ih = per_layer == 4 ? lw[2]->data_ptr<T>() : nullptr;
       const T* b_hh = per_layer == 4 ? lw[3]->data_ptr<T>() : nullptr;
-      const T* h0 = hx ? hx + k * B * H : zeros.data();
+      const T* h0 = hx ? hx + k * B * H : zeros;
       if (dirs == 1) {
         forward_impl<T>(d, in, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after, out,
                         h_n + k * B * H, ws);

@@ -802,3 +802,25 @@ def test_python_backends_outputs_are_what_torch_nn_returns(py_spy, backend, T, B
         assert h1.is_inference() and h1.shape == (B, 5) and h1.data_ptr() != hc.data_ptr()
         assert_close(h1, cell_ref(xc, hc), torch.float32, "GRUCell")
     assert py_spy["handled"] == 7
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the process's RSS from /proc")
+def test_inference_without_hx_keeps_no_buffer_of_a_large_call():
+    """The C++ inference path's zero state (no hx given) comes from a per-thread block only up to
+    1 MiB, a call's own buffer above it (from a leak review: the thread kept its largest call's
+    zeros for good, 80 MB after one B = 20000, H = 1000 call, per thread and dtype)."""
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    m = rnnrec_fast.RNN(8, 1000)
+    x = torch.randn(1, 10000, 8)  # zeros of 40 MB, above glibc's largest mmap threshold (32 MB)
+    with torch.inference_mode():
+        m(x[:, :2])
+        assert rnnrec_fast.last_backend() == "cpp"
+        before = rss()
+        out = m(x)
+        assert out[0].shape == (1, 10000, 1000)
+        del out
+        grown = rss() - before
+    assert grown < 20e6, f"RSS grew by {grown / 1e6:.1f} MB after the call's outputs were freed"
