@@ -45,9 +45,8 @@ _MAX_WINDOW_MS = 1000.0
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
                     0.025, 0.05, 0.1, 0.25, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
 _CLICK_FIELDS = frozenset({"item_id", "k", "exclude_seen"})  # a click's JSON body
+
 
 class HTTPError(Exception):
     def __init__(self, status, code, message):
