@@ -1095,7 +1095,8 @@ void set_last_backend(std::string name);
 namespace {
 
 // Reused per-thread scratch (the serving step must not allocate its workspace per call), one
-// buffer per Slot; large requests get a buffer of their own instead of growing it.
+// buffer per Slot (0: infer_layers' workspace, 1: a cell's h_n, 2: infer_layers' zero state); large
+// requests get a buffer of their own instead of growing it.
 template <typename T, int Slot>
 T* infer_scratch(int64_t n, Buf<T>& own) {
   constexpr int64_t kKeep = (int64_t(1) << 20) / int64_t(sizeof(T));
@@ -1123,22 +1124,13 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
   std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * DH) : 0);
   std::vector<T> rev_in(dirs == 2 ? size_t(T_ * B * std::max(d0.I, DH)) : 0);
   std::vector<T> dir_out(dirs == 2 ? size_t(T_ * B * H) : 0);
-  // h0 = 0 where no hx is given: a per-thread block of zeros up to 1 MiB (reused: the serving step
-  // allocates nothing), a call's own above it (a thread kept its largest call's zeros for good:
-  // 80 MB after one B = 20000, H = 1000 call)
+  // h0 = 0 where no hx is given, in scratch of its own (a thread once kept its largest call's zeros
+  // for good: 80 MB after one B = 20000, H = 1000 call)
   Buf<T> own_zeros(0);
-  const T* zeros = nullptr;
+  T* zeros = nullptr;
   if (hx == nullptr) {
-    constexpr int64_t kKeep = (int64_t(1) << 20) / int64_t(sizeof(T));
-    if (B * H > kKeep) {
-      own_zeros = Buf<T>(B * H);
-      std::fill(own_zeros.data(), own_zeros.data() + B * H, T(0));
-      zeros = own_zeros.data();
-    } else {
-      thread_local std::vector<T> kept;
-      if (int64_t(kept.size()) < B * H) kept.assign(size_t(B * H), T(0));
-      zeros = kept.data();
-    }
+    zeros = infer_scratch<T, 2>(B * H, own_zeros);
+    std::fill(zeros, zeros + B * H, T(0));
   }
   StepMasks m;
   m.B = B;

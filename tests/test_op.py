@@ -340,7 +340,7 @@ def test_resets_match_separate_sessions_in_torch_nn(backend, mode, with_lengths)
     y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, resets=resets, mode=mode, backend=backend)
     got = [y, h_n, *torch.autograd.grad((y * gy).sum() + (h_n * gh).sum(), leaves)]
 
-    loss, ys, hs = 0.0, torch.zeros(T, B, H, dtype=torch.float64), []
+    ys, hs = torch.zeros(T, B, H, dtype=torch.float64), []
     for b in range(B):
         end = T if lengths is None else int(lengths[b])
         starts = [0] + [t for t in range(1, end) if resets[t, b]]

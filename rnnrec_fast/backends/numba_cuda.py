@@ -372,7 +372,7 @@ def _reference_if_too_large(H, GH, dtype, fwd):
     forward up to H = 4096, the backward up to H = 2457; float64 half that): the call then runs the
     reference backend's math on the same tensors (same contract: a forward on the kernels and a
     backward on the reference mix), with one warning a size; for a forward, last_backend() says so."""
-    per_row = _row_bytes(H, GH, torch.empty(0, dtype=dtype).element_size(), fwd)
+    per_row = _row_bytes(H, GH, dtype.itemsize, fwd)
     if per_row <= SHARED_BYTES:
         return False
     if fwd:

@@ -474,10 +474,7 @@ class SessionDataset:
             # the catalogue: the items of the sessions kept (an item clicked only in shorter ones
             # would be scored at every step and never trained: no input, target or negative sample;
             # GRU4Rec's preprocessing drops such sessions before it counts items)
-            if len(log.items):
-                change = np.flatnonzero(log.sessions[1:] != log.sessions[:-1]) + 1
-                lengths = np.diff(np.concatenate([[0], change, [len(log.items)]]))
-                log = log.subset(np.repeat(lengths >= min_length, lengths))
+            log = filter_short_sessions(log, min_length)
             item_map = ItemMap.from_items(log.items)
         elif drop_unknown:
             log = log.subset(item_map.known_mask(log.items))
