@@ -424,6 +424,42 @@ def test_state_dropout_carries_the_dropped_out_output(state_dropout):
         torch.testing.assert_close(hn.detach(), h_plain)
 
 
+@pytest.mark.parametrize("layers, embedding", [([16, 16, 16], "shared"), ([16, 16], 0)])
+@pytest.mark.parametrize("state_dropout", [True, False])
+def test_state_dropout_carries_every_layers_dropped_out_output(layers, embedding, state_dropout):
+    """With two or more layers, every layer's new state is its output as dropped out on its way up
+    (GRU4Rec's H[i] = dropout(G[i](...))): a one-step chunk is replayed layer by layer, each layer fed
+    the state carried by the layer below, its kept units scaled by 1/(1-p), the others zero. Without
+    state_dropout no state is dropped (the layers are still dropped out on their way up)."""
+    import rnnrec_fast
+    ds = _toy_dataset(n_sessions=8, n_items=10, seed=3)
+    model = GRU4Rec(10, layers, embedding=embedding, dropout_embed=0.5 if embedding == 0 else 0.0,
+                    dropout_hidden=0.5).train()
+    cfg = TrainConfig(dropout_hidden=0.5, loss_norm="batch", state_dropout=state_dropout)
+    inp, tgt, rst, val = next(session_parallel_schedule(ds.items, ds.offsets, 4).chunks(1))
+    h0 = torch.rand(len(layers), 4, 16) - 0.5
+    rst = torch.zeros_like(rst)  # keep h0: it enters every layer's step
+    torch.manual_seed(7)
+    _, hn, _ = chunk_loss(model, inp, tgt, rst, val, h0, None, cfg)
+    hn = hn.detach()
+    assert hn.shape == (len(layers), 4, 16)
+    stack = [(model.eye0, model.w_hh0, model.b_ih0, model.b_hh0)] if embedding == 0 else []
+    stack += [tuple(getattr(model.rnn, n) for n in names) for names in model.rnn._all_weights]
+    x = model.embed(inp).detach()
+    with torch.no_grad():
+        for layer, weights in enumerate(stack):
+            _, h = rnnrec_fast.ops.recurrence(x, h0[layer], *weights, mode="gru", backend="reference")
+            kept = hn[layer] != 0
+            if state_dropout:
+                assert 0 < int(kept.sum()) < kept.numel(), layer  # about half the units dropped
+                torch.testing.assert_close(hn[layer][kept], 2 * h[kept], rtol=1e-5, atol=1e-6)
+                x = hn[layer].unsqueeze(0)  # what the layer above was fed
+            else:  # a layer above was fed its own mask's dropout of the output: unknown here
+                assert bool((hn != 0).all())
+                torch.testing.assert_close(hn[0], h, rtol=1e-5, atol=1e-6)
+                break
+
+
 def test_step_mask_cache_is_bounded():
     """The in-batch mask of a chunk (a row sees its own step's targets) is right for each shape, and
     only the last few shapes stay cached: a process that trains with many batch / chunk sizes does

@@ -53,6 +53,16 @@ def parse_embedding(value) -> str | int:
     return value
 
 
+def _dropout_carried(y: torch.Tensor, h_n: torch.Tensor, p: float, carry: bool):
+    """Dropout at rate p on a layer's outputs y (T, B, H); with ``carry``, its h_n (B, H) (the last
+    step's output) gets the last step's mask too: the state carried on is the dropped-out output."""
+    if not carry:
+        return F.dropout(y, p, training=True), h_n
+    keep = 1.0 - p
+    mask = torch.empty_like(y).bernoulli_(keep).div_(keep)
+    return y * mask, h_n * mask[-1]
+
+
 class GRU4Rec(nn.Module):
     """Session-based recommender (Hidasi et al. 2016; Hidasi & Karatzoglou 2018).
 
@@ -185,15 +195,18 @@ class GRU4Rec(nn.Module):
             return F.embedding(items, self.E, sparse=sparse)
         return F.embedding(items, self.W0, sparse=sparse)
 
-    def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None, dropout=None):
+    def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None, dropout=None,
+              carry_dropped: bool = False):
         """Run the GRU stack over the embedded inputs x (T, B, E) from h (L, B, H).
         Returns (top-layer outputs (T, B, H), h_n (L, B, H)). Dropout between layers when training
-        (``dropout``: None) or where ``dropout`` is True; never where it is False, whatever the mode."""
+        (``dropout``: None) or where ``dropout`` is True; never where it is False, whatever the mode.
+        With ``carry_dropped``, a lower layer's h_n is its last output as dropped out on its way up
+        (GRU4Rec carries the dropped-out output as the state); the top layer's is never dropped here."""
         drop = self.training if dropout is None else bool(dropout)
         if self.embedding:
             if drop and self.dropout_embed > 0:
                 x = F.dropout(x, self.dropout_embed, training=True)
-            return self._stack(x, h, resets, drop)
+            return self._stack(x, h, resets, drop, carry_dropped)
         # one-hot input: layer 0 is GRU4Rec's GRU embedding, its output dropped out by dropout_embed
         y0, h0n = rnnrec_fast.ops.recurrence(x, h[0], self.eye0, self.w_hh0, self.b_ih0, self.b_hh0,
                                              resets=resets, mode="gru", reset_after=self.reset_after,
@@ -201,22 +214,26 @@ class GRU4Rec(nn.Module):
         if self.rnn is None:  # the top layer: its dropout (top_dropout) is the caller's
             return y0, h0n.unsqueeze(0)
         if drop and self.dropout_embed > 0:
-            y0 = F.dropout(y0, self.dropout_embed, training=True)
-        y, hn = self._stack(y0, h[1:], resets, drop)
+            y0, h0n = _dropout_carried(y0, h0n, self.dropout_embed, carry_dropped)
+        y, hn = self._stack(y0, h[1:], resets, drop, carry_dropped)
         return y, torch.cat([h0n.unsqueeze(0), hn], 0)
 
-    def _stack(self, x, h, resets, drop):
+    def _stack(self, x, h, resets, drop, carry_dropped=False):
         """self.rnn over x from h; without its dropout between layers where ``drop`` is False."""
         rnn = self.rnn
-        if drop or not (rnn.training and rnn.dropout > 0):
+        inner = rnn.training and rnn.dropout > 0  # the module drops out between its layers
+        if (drop and not carry_dropped) or not inner:
             # without resets, a positional call: the module's inference fast path takes it
             return rnn(x, h) if resets is None else rnn(x, h, resets=resets)
-        # a training-mode module without its dropout, layer by layer on the op: switching it to eval
-        # mode for the call would switch it for every other thread using the model too
+        # layer by layer on the op: a training-mode module without its dropout (switching it to
+        # eval mode for the call would switch it for every other thread using the model too), or
+        # with it, the dropped-out output carried as the lower layers' state
         hs = []
         for layer, names in enumerate(rnn._all_weights):
             x, hl = rnnrec_fast.ops.recurrence(x, h[layer], *(getattr(rnn, n) for n in names), resets=resets,
                                                mode="gru", reset_after=rnn.reset_after, backend=rnn.backend)
+            if drop and layer < rnn.num_layers - 1:
+                x, hl = _dropout_carried(x, hl, rnn.dropout, True)
             hs.append(hl)
         return x, torch.stack(hs)
 

@@ -228,11 +228,11 @@ def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainCon
         x = model.embed(inp, sparse=True)
         W = F.embedding(cols, model.Wy, sparse=True)
     cb = F.embedding(cols, model.By, sparse=True).squeeze(1)
-    y, hn = model.recur(x, h, resets)
+    # GRU4Rec carries every layer's dropped-out output as its next state: the lower layers' here
+    # (recur), the top layer's below; at the chunk boundary (exact for chunk_steps=1)
+    y, hn = model.recur(x, h, resets, carry_dropped=cfg.state_dropout)
     p = model.top_dropout
     if p > 0 and cfg.state_dropout:
-        # GRU4Rec carries the dropped-out output as the next state: do that at the chunk boundary
-        # (exact for chunk_steps=1 with one layer)
         keep_p = 1.0 - p
         mask = torch.empty_like(y).bernoulli_(keep_p).div_(keep_p)
         y = y * mask
