@@ -269,8 +269,10 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(y, h_n, ws) = op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend);
     }
-    ctx->save_for_backward({x, or_undef(h0), w_ih, w_hh, or_undef(b_ih), or_undef(b_hh), or_undef(lengths),
-                            or_undef(resets), y, ws});
+    // Not the biases: the backward never reads them (see ops._setup_context)
+    ctx->save_for_backward({x, or_undef(h0), w_ih, w_hh, or_undef(lengths), or_undef(resets), y, ws});
+    ctx->saved_data["b_ih"] = has(b_ih);
+    ctx->saved_data["b_hh"] = has(b_hh);
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["reset_after"] = reset_after;
     ctx->saved_data["backend"] = std::string(backend);
@@ -288,19 +290,18 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence_backward", "").typed<Bwd15>();
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &b_ih = s[4], &b_hh = s[5], &y = s[8],
-                     &ws = s[9];
+    const at::Tensor &x = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &y = s[6], &ws = s[7];
     at::Tensor gy = grads[0], gh = grads[1];
     if (!gy.defined()) gy = at::zeros_like(y);
     if (!gh.defined()) gh = y.new_zeros({y.size(1), y.size(2)});
     const std::string mode = ctx->saved_data["mode"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
     auto [gx, gh0, gwi, gwh, gbi, gbh] =
-        op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, as_opt(b_ih), as_opt(b_hh), as_opt(s[6]), as_opt(s[7]), y, ws,
-                mode, ctx->saved_data["reset_after"].toBool(), backend);
+        op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, Opt(), Opt(), as_opt(s[4]), as_opt(s[5]), y, ws, mode,
+                ctx->saved_data["reset_after"].toBool(), backend);
     const at::Tensor none;
-    return {gx, h0.defined() ? gh0 : none, gwi, gwh, b_ih.defined() ? gbi : none, b_hh.defined() ? gbh : none,
-            none, none, none, none, none, none};
+    return {gx, h0.defined() ? gh0 : none, gwi, gwh, ctx->saved_data["b_ih"].toBool() ? gbi : none,
+            ctx->saved_data["b_hh"].toBool() ? gbh : none, none, none, none, none, none, none};
   }
 };
 

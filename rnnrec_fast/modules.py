@@ -7,6 +7,7 @@ They deliberately do not subclass ``torch.nn.RNNBase``: ``torch.compile`` refuse
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -269,9 +270,12 @@ class _FastPath(nn.Module):
 
     def _refresh_plan(self):
         plan = None
-        names, layers, batch_first, cell = self._plan_args()
+        args = self._plan_args()  # (None: no fast path for this configuration)
+        names, layers, batch_first, cell = args or (None, 0, False, False)
         bidirectional = getattr(self, "bidirectional", False)
-        if _InferPlan is not None and self.backend in _FAST_BACKENDS:
+        if args is None:
+            pass
+        elif _InferPlan is not None and self.backend in _FAST_BACKENDS:
             plan = _InferPlan(self._parameters, names, ops.MODES[self._op_mode], self.reset_after, layers,
                               batch_first, cell, 2 if bidirectional else 1)
         elif self.backend in _PY_FAST_BACKENDS and not bidirectional:
@@ -370,6 +374,17 @@ class _FastPath(nn.Module):
         super().__setstate__(state)
         self._refresh_plan()
 
+    def __deepcopy__(self, memo):
+        # as deepcopy through __getstate__ / __setstate__ would; defined here because a module with
+        # a parametrized weight gets torch's own __deepcopy__ otherwise, which copies __dict__ whole
+        # (the C++ plan cannot be copied)
+        new = self.__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_module_call")}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._refresh_plan()
+        return new
+
 
 class InputError(ValueError, RuntimeError):
     """A call's input or state does not fit the module. torch.nn raises RuntimeError for these
@@ -444,16 +459,20 @@ def _differs(a, b):
         return bool(a != b)
 
 
-def _checked_weights(name, module, names, values, shapes, x):
+def _checked_weights(name, module, names, values, shapes, x, none_bias=False):
     """The weights ``names`` of ``module``, ``values`` as read from its attributes (as torch.nn
     reads them: a parametrized, pruned or replaced weight is not an entry of _parameters; read once
     a call, so a parametrization runs once, a random one draws once), each checked against
     its ``shapes`` entry and ``x``'s dtype and device, with errors that name the parameter (the
     op's name its own arguments, and infer the hidden size from w_hh: a mis-shaped weight_hh was
     reported as a mis-shaped w_ih). None (a weight or bias set to None on a module that has it)
-    is refused as torch.nn refuses it: it was dropped, silently, for a bias."""
+    is refused as torch.nn's RNN/GRU refuse it (it was dropped, silently, for a bias); with
+    ``none_bias``, a None bias is no bias, as torch.nn's cells take it."""
     out = []
     for n, w, shape in zip(names, values, shapes):
+        if w is None and none_bias and n.startswith("bias"):
+            out.append(None)
+            continue
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{name}: {n} must be a Tensor, got {type(w).__name__}"
                             + (" (a module built with bias=True needs its biases)" if n.startswith("bias") else ""))
@@ -583,7 +602,13 @@ class _RNNBase(_FastPath):
         self._refresh_plan()
 
     def _plan_args(self):
+        if not self._bias_matches():
+            return None  # the general path raises
         return self._flat_weights_names, self.num_layers, self.batch_first, False
+
+    def _bias_matches(self):
+        # the weights are made at construction; torch.nn's call refuses a bias flag set otherwise later
+        return bool(self.bias) == (len(self._all_weights[0]) == 4)
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -639,6 +664,9 @@ class _RNNBase(_FastPath):
         """The weights of (layer, direction) ``index`` (of ``weights``, the values of
         _flat_weights_names), checked (_checked_weights), as the op's w_ih, w_hh, b_ih, b_hh."""
         names = self._all_weights[index]
+        if not self._bias_matches():
+            raise InputError(f"{type(self).__name__}: bias={self.bias!r} but the module was built with"
+                             f"{'' if len(names) == 4 else 'out'} biases (set at construction, as torch.nn's)")
         values = weights[index * len(names):(index + 1) * len(names)]
         GH, H, D = self._gates * self.hidden_size, self.hidden_size, 2 if self.bidirectional else 1
         in_l = self.input_size if index < D else D * H  # layer 0's input, or the layer below's directions
@@ -822,7 +850,7 @@ class GRU(_RNNBase):
 
 class _CellBase(_FastPath):
     _gates = 3
-    _plan_config = frozenset({"backend", "mode", "reset_after", "bias"})
+    _plan_config = frozenset({"backend", "mode", "reset_after", "bias_ih", "bias_hh"})
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
                  reset_after=True, mode="gru"):
@@ -856,8 +884,11 @@ class _CellBase(_FastPath):
         self._refresh_plan()
 
     def _plan_args(self):
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
-        return names, 1, False, True
+        # as torch.nn's cells, the biases the module holds, whatever self.bias says: none where both
+        # are None (a plan given the names of None or missing ones declines: the general path runs)
+        p = self._parameters
+        no_bias = all(n in p and p[n] is None for n in ("bias_ih", "bias_hh"))
+        return ["weight_ih", "weight_hh"] + ([] if no_bias else ["bias_ih", "bias_hh"]), 1, False, True
 
     reset_parameters = _RNNBase.reset_parameters
 
@@ -910,12 +941,14 @@ class _CellBase(_FastPath):
         if hx is not None and _differs(hx.shape[1], self.hidden_size):
             raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
                              f"expected {self.hidden_size}")
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
+        # as torch.nn's cells: the biases the module holds (a None one: none), whatever self.bias says
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         values = [getattr(self, n) for n in names]  # (each read once a call)
         x, hx = _autocast_cast(x, hx, values[0])
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
-        w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x)  # (torch.nn: RuntimeError)
-        b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+        w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x,
+                             none_bias=True)  # (torch.nn: RuntimeError)
+        b_ih, b_hh = w[2], w[3]
         _check_hx_dtype(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)

@@ -447,8 +447,11 @@ if _register_flop_formula is not None:
 def _setup_context(ctx, inputs, output):
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend = inputs
     y, _, ws = output
-    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws)
-    ctx.args = (mode, reset_after, backend)
+    # The biases are not saved: the backward never reads them (their gradients are sums of the
+    # gates' gradients), and a saved bias changed in place before backward() (a bias-only optimiser
+    # step, a constraint) would raise there, where torch.nn's backward runs
+    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, resets, y, ws)
+    ctx.args = (mode, reset_after, backend, b_ih is not None, b_hh is not None)
     # The workspace is saved state, not a result: no gradient flows into it, and autograd must not
     # materialise a zero (T, B, 4H) gradient for it (nor for an unused output / h_n) in backward.
     ctx.mark_non_differentiable(ws)
@@ -456,16 +459,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_h_n, _grad_ws):
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws = ctx.saved_tensors
-    mode, reset_after, backend = ctx.args
+    x, h0, w_ih, w_hh, lengths, resets, y, ws = ctx.saved_tensors
+    mode, reset_after, backend, has_b_ih, has_b_hh = ctx.args
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     if grad_h_n is None:
         grad_h_n = y.new_zeros(y.shape[1:])
     gx, gh0, gwi, gwh, gbi, gbh = torch.ops.rnnrec_fast.recurrence_backward(
-        grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, mode, reset_after,
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, None, None, lengths, resets, y, ws, mode, reset_after,
         backend)
-    return (gx, None if h0 is None else gh0, gwi, gwh, None if b_ih is None else gbi, None if b_hh is None else gbh,
+    return (gx, None if h0 is None else gh0, gwi, gwh, gbi if has_b_ih else None, gbh if has_b_hh else None,
             None, None, None, None, None)
 
 

@@ -308,7 +308,8 @@ def test_a_forced_backend_without_the_dtype_says_so(backend):
 def test_module_weight_and_packed_errors_name_the_problem(backend):
     """Weights replaced after construction are checked by name (a mis-shaped weight_hh was reported
     as a mis-shaped w_ih: the op infers H from w_hh), as errors that are RuntimeErrors like torch.nn's;
-    a weight or bias set to None is a TypeError as in torch.nn (a None bias was dropped silently); a
+    a weight or bias set to None is a TypeError as in torch.nn's GRU (a None bias was dropped silently),
+    a cell's None bias no bias, as in torch.nn's cells; a
     malformed PackedSequence is refused before torch's pad_packed_sequence, which aborts the process
     on a negative batch size; meta lengths / resets are named."""
     from torch import nn
@@ -328,11 +329,19 @@ def test_module_weight_and_packed_errors_name_the_problem(backend):
             bname = wname.replace("weight", "bias")
             setattr(m, wname, nn.Parameter(torch.randn(15, 5)))
             m(x)  # whole again
+            cell = isinstance(m, rnnrec_fast.GRUCell)
             for name in (bname, wname):
                 keep = getattr(m, name)
                 setattr(m, name, None)
-                with grad(), pytest.raises(TypeError, match=f"{name} must be a Tensor, got NoneType"):
-                    m(x)
+                if cell and name == bname:  # torch.nn's cells take a None bias as no bias
+                    ref = nn.GRUCell(3, 5)
+                    ref.load_state_dict(m.state_dict(), strict=False)
+                    ref.bias_hh = None
+                    with grad():
+                        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+                else:
+                    with grad(), pytest.raises(TypeError, match=f"{name} must be a Tensor, got NoneType"):
+                        m(x)
                 setattr(m, name, keep)
     gru = rnnrec_fast.GRU(3, 4, backend=backend)
     bad = [(PackedSequence(torch.randn(3, 3), torch.tensor([3, -1, 1])), "positive and non-increasing"),

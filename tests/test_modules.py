@@ -1030,3 +1030,92 @@ def test_rnnbase_checks_and_permute_hidden_as_torch_nn(kind):
                 m.check_forward_args(bad_x, bad_h, None)
             errors.append((type(info.value), str(info.value)))
         assert errors[0] == errors[1]
+
+
+def _pair_of(kind, backend, **kw):
+    """torch.nn's module of ``kind`` (GRU, RNN, GRUCell, RNNCell) and ours with its weights."""
+    torch.manual_seed(5)
+    ref = getattr(nn, kind)(3, 4, **kw)
+    ours = getattr(rnnrec_fast, kind)(3, 4, backend=backend, **kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3) if kind in ("GRU", "RNN") else torch.randn(2, 3)
+    return ref, ours, x
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_bias_changed_in_place_before_backward(kind, backend, backend_calls):
+    """A bias changed in place between the forward and backward() (a bias-only optimiser step, a
+    constraint): the backward runs, as torch.nn's does (the biases are not saved for it: it never
+    reads them), with torch.nn's gradients. (From a review: it raised autograd's in-place error.)"""
+    ref, ours, x = _pair_of(kind, backend)
+    suffix = "_l0" if kind in ("GRU", "RNN") else ""
+    grads = []
+    for m in (ref, ours):
+        y = _out(m(x))
+        with torch.no_grad():
+            getattr(m, "bias_hh" + suffix).add_(1.0)
+            getattr(m, "bias_ih" + suffix).mul_(0.5)
+        grads.append(torch.autograd.grad((y * y).sum(), list(m.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    if backend != "cpp":
+        assert backend_calls[(backend, "backward")] == 1
+    # the weights and the input are still checked, as torch.nn's are
+    y = _out(ours(x))
+    with torch.no_grad():
+        getattr(ours, "weight_hh" + suffix).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_deepcopy_of_a_parametrized_module(kind):
+    """copy.deepcopy of a module with a parametrized weight (weight_norm, orthogonal: what
+    AveragedModel / EMA / best-model copies do) works and computes as the original and as torch.nn's
+    copy, in grad and inference mode. (From a review: torch's parametrize copies __dict__ whole,
+    the C++ plan with it: TypeError.)"""
+    import copy
+    ref, ours, x = _pair_of(kind, "auto")
+    name = "weight_hh_l0" if kind in ("GRU", "RNN") else "weight_hh"
+    for m in (ref, ours):
+        parametrizations.weight_norm(m, name)
+    ours.load_state_dict(ref.state_dict())
+    ref_copy, ours_copy = copy.deepcopy(ref), copy.deepcopy(ours)
+    assert type(ours_copy) is type(ours) and ours_copy is not ours
+    with torch.no_grad():  # the copy's weights are its own
+        getattr(ours.parametrizations, name).original0.mul_(2.0)
+        getattr(ref.parametrizations, name).original0.mul_(2.0)
+    for mode in (torch.enable_grad, torch.inference_mode):
+        with mode():
+            for a, b in ((ref_copy, ours_copy), (ref, ours)):
+                torch.testing.assert_close(_out(b(x)), _out(a(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_bias_flag_set_after_construction(kind, backend):
+    """``m.bias`` set after construction: torch.nn's RNN/GRU refuse the call (their weights were made
+    with the other flag), ours too, with grad on or off; torch.nn's cells ignore the flag and use the
+    biases they hold, ours too. (From a review: the general path dropped the biases while the fast
+    path kept them: two results for one module and input.)"""
+    for built, flag in ((True, False), (False, True)):
+        ref, ours, x = _pair_of(kind, backend, bias=built)
+        ref.bias, ours.bias = flag, flag
+        for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            with mode():
+                if kind in ("GRU", "RNN"):
+                    with pytest.raises(RuntimeError):
+                        ref(x)
+                    with pytest.raises(RuntimeError, match=f"bias={flag} but the module was built with"):
+                        ours(x)
+                else:
+                    torch.testing.assert_close(_out(ours(x)), _out(ref(x)), rtol=1e-5, atol=1e-6)
+        ref.bias, ours.bias = built, built  # and back
+        for mode in (torch.enable_grad, torch.inference_mode):
+            with mode():
+                torch.testing.assert_close(_out(ours(x)), _out(ref(x)), rtol=1e-5, atol=1e-6)
