@@ -78,6 +78,68 @@ def test_loader_errors(tmp_path):
         recsys.load_yoochoose(empty)
 
 
+def test_loader_option_errors_and_time_zones(tmp_path):
+    """From a review: a separator of two characters (csv's TypeError), a negative column index
+    (IndexError), a Diginetica timeframe that is not finite (the date was blamed), and a
+    time_format with %z (its UTC offset was dropped: the time shifted by the offset)."""
+    p = _write(tmp_path, "c.csv", "s,i,t\n1,10,2014-04-07T10:00:00+0200\n1,11,2014-04-07T10:00:00+0000\n")
+    for sep in ("ab", "", "\n", '"', "x"):
+        with pytest.raises(RecsysError, match="bad separator"):
+            recsys.load_clicks(p, session_col="s", item_col="i", time_col="t", sep=sep)
+    with pytest.raises(RecsysError, match="bad session column -5"):
+        recsys.load_clicks(p, session_col=-5, item_col=1, time_col=2, header=False)
+    log = recsys.load_clicks(p, session_col="s", item_col="i", time_col="t", time_format="%Y-%m-%dT%H:%M:%S%z")
+    assert log.times.tolist() == [1396857600.0, 1396864800.0]
+    assert recsys.load_clicks(p, session_col="s", item_col="i", time_col="t").times.tolist() == log.times.tolist()
+    naive = _write(tmp_path, "n.csv", "s,i,t\n1,10,2014-04-07 10:00\n")  # no zone: UTC, as before
+    assert recsys.load_clicks(naive, session_col="s", item_col="i", time_col="t",
+                              time_format="%Y-%m-%d %H:%M").times.tolist() == [1396864800.0]
+    digi = _write(tmp_path, "d.csv", "sessionId;userId;itemId;timeframe;eventdate\n1;NA;81766;nan;2016-05-09\n")
+    with pytest.raises(RecsysError, match="extra time 'nan'"):
+        recsys.load_diginetica(digi)
+
+
+def test_training_and_evaluation_options_checked():
+    """From a review: options the CLI checks but the Python API took (a loss_norm typo treated as
+    'batch', elu_param < 0 or NaN ignored, an infinite sample_alpha, fractional sizes, a meta
+    device; evaluate's cut-offs 0, negative, fractional or True, chunk_steps 0) are RecsysErrors."""
+    from rnnrec_fast.recsys.evaluate import evaluate
+    from rnnrec_fast.recsys.train import train
+    bad = [dict(loss_norm="bogus"), dict(elu_param=-1.0), dict(elu_param=float("nan")),
+           dict(sample_alpha=float("inf")), dict(batch_size=2.5), dict(epochs=1.5), dict(chunk_steps=1.5),
+           dict(n_sample=1.5), dict(batch_size=True), dict(device="meta"), dict(layers=[8.7])]
+    ds = _toy_dataset()
+    for kw in bad:
+        with pytest.raises(RecsysError):
+            train(ds, TrainConfig(**{"layers": [8], "epochs": 1, **kw}))
+    model, _ = train(ds, TrainConfig(layers=[8], epochs=1, n_sample=4, batch_size=3, seed=0))
+    for ks in ((0,), (-3,), (2.5,), (True,), ("a",), ()):
+        with pytest.raises(RecsysError, match="bad cut-offs"):
+            evaluate(model, ds, ks=ks)
+    with pytest.raises(RecsysError, match="bad chunk_steps 0"):
+        evaluate(model, ds, chunk_steps=0)
+    assert set(evaluate(model, ds, ks=5)) == {"recall@5", "mrr@5", "n_events"}
+
+
+def test_lanes_capped_at_the_number_of_sessions():
+    """A batch size past the number of sessions: the extra lanes would stay idle, yet each was a
+    state row and a row and column of every score matrix ((T*B)^2 masks: 3.6 GB at B = 60000 for one
+    session). Lanes are capped; the loss is the same (still normalised by the batch size asked for),
+    in training and in evaluation."""
+    from rnnrec_fast.recsys.evaluate import compute_ranks
+    from rnnrec_fast.recsys.train import train
+    ds = _toy_dataset(n_sessions=6)
+    n = ds.n_sessions
+    # (a learning rate too small to move the weights: the same losses whatever the loss's scale)
+    runs = [train(ds, TrainConfig(layers=[8], epochs=2, n_sample=4, batch_size=b, seed=1, dropout_hidden=0.0,
+                                  lr=1e-9))
+            for b in (n, 10**7)]
+    (m1, s1), (m2, s2) = runs
+    assert s2["events"] == s1["events"] > 0
+    np.testing.assert_allclose(s2["epoch_losses"], s1["epoch_losses"], rtol=1e-6)
+    np.testing.assert_array_equal(compute_ranks(m1, ds, batch_size=10**7), compute_ranks(m1, ds, batch_size=n))
+
+
 def test_loader_quote_characters(tmp_path):
     """A tab-separated log has no quoting: quote characters are part of the ids (they joined the
     rows between two quotes into one click, silently). In a CSV a stray quote that would join lines

@@ -248,7 +248,8 @@ def test_train_checks_save_path_and_test_set_before_training(files, tmp_path, ca
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    cases = [(tmp_path / "missing" / "m.pt", "does not exist"), (tmp_path, "is a folder")]
+    cases = [(tmp_path / "missing" / "m.pt", "does not exist"), (tmp_path, "is a folder"),
+             (str(tmp_path / "newdir") + os.sep, "names a folder"), ("", "no file name given")]
     if os.geteuid() != 0:  # (root writes anywhere)
         cases.append((ro / "m.pt", "not writable"))
     for save, msg in cases:
@@ -258,3 +259,69 @@ def test_train_checks_save_path_and_test_set_before_training(files, tmp_path, ca
     unknown.write_text("SessionId\tItemId\tTime\n1\t999991\t1\n1\t999992\t2\n")
     code, _, err = _run(["train", "--train", files / "train.txt", "--test", unknown] + TRAIN_ARGS, capsys)
     assert code == 2 and "no session with at least two known clicks" in err, err
+
+
+def _damaged_checkpoints(model, d):
+    """(file, what the error names) for checkpoints cut short or with a malformed payload."""
+    import torch
+    data = model.read_bytes()
+    out = []
+    for frac in (0.1, 0.5, 0.99):
+        p = d / f"cut{frac}.pt"
+        p.write_bytes(data[:int(len(data) * frac)])
+        out.append((p, "truncated or another file"))
+    good = torch.load(model, weights_only=True)
+    edits = {
+        "no_n_items": (lambda c: c["config"].pop("n_items"), "malformed checkpoint"),
+        "extra_key": (lambda c: c["config"].update(foo=1), "malformed checkpoint"),
+        "config_int": (lambda c: c.update(config=5), "malformed checkpoint"),
+        "version_str": (lambda c: c.update(version="2"), "malformed checkpoint"),
+        "state_list": (lambda c: c.update(state_dict=[1]), "malformed checkpoint"),
+        "items_int": (lambda c: c.update(item_ids=5), "malformed checkpoint"),
+        "layers_str": (lambda c: c["config"].update(layers="x"), "malformed checkpoint config"),
+        "nan_weights": (lambda c: c["state_dict"]["Wy"].fill_(float("nan")), "Wy hold NaN or infinite"),
+    }
+    for name, (edit, msg) in edits.items():
+        c = torch.load(model, weights_only=True)
+        edit(c)
+        torch.save(c, d / f"{name}.pt")
+        out.append((d / f"{name}.pt", msg))
+    del good
+    return out
+
+
+def test_damaged_checkpoints_clean_errors(files, tmp_path, capsys):
+    """A checkpoint cut short, with a malformed payload (config keys missing or foreign, wrong
+    types) or with NaN weights is a one-line error naming the file, from the API (RecsysError) and
+    both CLIs, never a traceback or NaN-ranked recommendations. (From a review: truncated gave
+    'error: [Errno 22] Invalid argument', malformed ones tracebacks, NaN weights loaded.)"""
+    from rnnrec_fast.recsys.checkpoint import load_checkpoint
+    model = tmp_path / "m.pt"
+    code, _, err = _run(["train", "--train", files / "train.txt", "--save", model] + TRAIN_ARGS, capsys)
+    assert code == 0, err
+    load_checkpoint(str(model))
+    for path, msg in _damaged_checkpoints(model, tmp_path):
+        with pytest.raises(recsys.RecsysError, match=re.escape(msg)) as exc:
+            load_checkpoint(str(path))
+        assert str(path) in str(exc.value)
+        code, out, err = _run(["recommend", "--model", path, "--items", "1000"], capsys)
+        assert code == 2 and msg in err and "Traceback" not in err and not out, (path, err)
+    path = tmp_path / "no_n_items.pt"
+    out = subprocess.run([sys.executable, "-m", "rnnrec_fast.serving", "--model", str(path), "--port", "0"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "malformed checkpoint" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_more_bad_options_clean_errors(files, tmp_path, capsys):
+    """From a review: a separator of two characters (a traceback), a split leaving no training data
+    (it blamed the test data), batch size 1 without samples (no negatives: a loss of 0 trained
+    nothing, exit 0)."""
+    cases = [
+        (["train", "--train", files / "train.txt", "--sep", "ab"], "bad separator 'ab'"),
+        (["train", "--train", files / "train.txt", "--split-days", "100000"], "nothing is left to train on"),
+        (["train", "--train", files / "train.txt", "--batch-size", "1", "--n-sample", "0", "--epochs", "1",
+          "--quiet"], "no negative examples"),
+    ]
+    for args, msg in cases:
+        code, out, err = _run(args, capsys)
+        assert code == 2 and msg in err and "Traceback" not in err, (args, err)

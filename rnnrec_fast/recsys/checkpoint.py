@@ -58,7 +58,12 @@ def _file_mode(path: str) -> int:
 def check_save_path(path: str) -> str:
     """RecsysError unless :func:`save_checkpoint` can write ``path`` (a file in an existing,
     writable folder; callers check before hours of training). Returns the folder."""
-    if os.path.isdir(path):
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise RecsysError(f"cannot save the model: no file name given ({path!r})")
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(os.sep):
+        if not os.path.isdir(path):
+            raise RecsysError(f"cannot save the model: {path} names a folder (give a file name in it)")
         raise RecsysError(f"cannot save the model: {path} is a folder (give a file name in it)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -86,24 +91,40 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     check_device(device)
     if not os.path.isfile(path):
         raise RecsysError(f"model file not found: {path}")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any other file: unpickling fails in many ways (KeyError, ...)
-        raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint ({type(exc).__name__}: {exc})") from None
+    with open(path, "rb") as f:  # (the OS's own errors, a permission refused, as they are)
+        try:
+            payload = torch.load(f, map_location=device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - unpickling / unzipping fail in many ways (KeyError, OSError, ...)
+            raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint, truncated or another file "
+                              f"({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RecsysError(f"{path}: not an rnnrec_fast.recsys GRU4Rec checkpoint")
-    if payload.get("version", 0) > VERSION:
-        raise RecsysError(f"{path}: checkpoint version {payload['version']} is newer than this code")
+    version = payload.get("version", 0)
+    if type(version) is not int:
+        raise RecsysError(f"{path}: malformed checkpoint (version {version!r})")
+    if version > VERSION:
+        raise RecsysError(f"{path}: checkpoint version {version} is newer than this code")
     missing = [key for key in ("config", "item_ids", "state_dict") if key not in payload]
     if missing:
         raise RecsysError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
-    cfg = dict(payload["config"])
-    model = GRU4Rec(cfg.pop("n_items"), item_ids=payload["item_ids"], **cfg)
+    cfg, item_ids, state = payload["config"], payload["item_ids"], payload["state_dict"]
+    if not isinstance(cfg, dict) or "n_items" not in cfg or not set(cfg) <= set(GRU4Rec.CONFIG_KEYS):
+        got = sorted(map(str, cfg)) if isinstance(cfg, dict) else type(cfg).__name__
+        raise RecsysError(f"{path}: malformed checkpoint (config {got}; its keys are n_items and some of "
+                          f"{list(GRU4Rec.CONFIG_KEYS[1:])})")
+    if not isinstance(item_ids, list) or not isinstance(state, dict):
+        raise RecsysError(f"{path}: malformed checkpoint (item_ids must be a list, state_dict a dict)")
+    cfg = dict(cfg)
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
+        model = GRU4Rec(cfg.pop("n_items"), item_ids=item_ids, **cfg)
+    except (TypeError, ValueError, RecsysError) as exc:
+        raise RecsysError(f"{path}: malformed checkpoint config ({exc})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         raise RecsysError(f"{path}: weights do not match the config ({exc})") from None
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RecsysError(f"{path}: the weights {name} hold NaN or infinite values (a diverged training?)")
     model.checkpoint_extra = payload.get("extra", {})
     return model.to(device).eval()

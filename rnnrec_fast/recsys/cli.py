@@ -181,7 +181,7 @@ def _cmd_train(a):
         raise RecsysError("--min-item-support applies with --split-days (the raw log's preprocessing)")
     if a.min_item_support < 1 or (a.split_days is not None and not a.split_days > 0):
         raise RecsysError("--split-days must be > 0 and --min-item-support >= 1")
-    if a.save:  # (before training, not after it)
+    if a.save is not None:  # (before training, not after it; an empty name is refused there)
         check_save_path(a.save)
     train_log, test_log = _load(a.train, a), None
     if a.split_days is not None:
@@ -202,7 +202,7 @@ def _cmd_train(a):
     res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],
                cpu_seconds=stats["cpu_seconds"], events_per_cpu_second=stats["events_per_cpu_second"],
                train_events=stats["events"], final_loss=stats["epoch_losses"][-1] if stats["epoch_losses"] else None)
-    if a.save:
+    if a.save is not None:
         save_checkpoint(model, a.save, extra={"train_seconds": stats["train_seconds"]})
         log.write(f"saved {a.save}\n")
     if te is not None:
@@ -257,6 +257,9 @@ def main(argv=None) -> int:
         return 2
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except MemoryError:
+        sys.stderr.write("error: out of memory (a smaller --batch-size, --n-sample or model?)\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -110,7 +110,8 @@ def _typed_ids(values: list[str]) -> np.ndarray:
 
 def _parse_time(value: str, time_format: str | None) -> float:
     if time_format:
-        return _dt.datetime.strptime(value, time_format).replace(tzinfo=_dt.timezone.utc).timestamp()
+        d = _dt.datetime.strptime(value, time_format)
+        return (d if d.tzinfo is not None else d.replace(tzinfo=_dt.timezone.utc)).timestamp()  # (%z kept)
     try:
         return float(value)
     except ValueError:
@@ -144,6 +145,11 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
     """
     if not os.path.isfile(path):
         raise RecsysError(f"file not found: {path}")
+    if sep is not None and (not isinstance(sep, str) or len(sep) != 1 or sep in "\r\n\"" or sep.isalnum()):
+        raise RecsysError(f"bad separator {sep!r}: must be one character, not a letter, digit, quote or newline")
+    for what, c in (("session", session_col), ("item", item_col), ("time", time_col), ("extra time", extra_time_col)):
+        if isinstance(c, bool) or (isinstance(c, int) and c < 0):
+            raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
     try:
         return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
     except UnicodeDecodeError as exc:
@@ -226,10 +232,13 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
                     # raw YOOCHOOSE file: 33M of them) would only fill memory: a bounded cache
                     if time_format or (len(cache) < 65536 and not tv.replace(".", "", 1).lstrip("-").isdigit()):
                         cache[tv] = t
-                if xi is not None:
-                    t += float(row[xi]) / 1000.0
                 if not math.isfinite(t):
                     raise ValueError(f"{tv!r} is not a finite time")
+                if xi is not None:
+                    xv = row[xi].strip()
+                    t += float(xv) / 1000.0
+                    if not math.isfinite(t):
+                        raise ValueError(f"extra time {xv!r} (ms) is not finite")
             except ValueError as exc:
                 raise RecsysError(f"{path}:{lineno}: malformed time: {exc}") from None
             times.append(t)
@@ -449,6 +458,9 @@ def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 
     test = log.subset(in_test)
     test = test.subset(np.isin(test.items, train.items))
     test = filter_short_sessions(test, min_session_length)
+    if len(train) == 0:
+        raise RecsysError(f"no training session of at least {min_session_length} clicks ends before the last "
+                          f"{test_days:g} days of the log: nothing is left to train on")
     return train, test
 
 

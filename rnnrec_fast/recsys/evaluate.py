@@ -40,7 +40,16 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, ties: str = "
     raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
 
 
+def check_ks(ks) -> list:
+    """The cut-offs ``ks`` as a list of ints >= 1, or RecsysError."""
+    ks = [ks] if isinstance(ks, (int, np.integer)) else list(ks)
+    if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise RecsysError(f"bad cut-offs {ks!r}: need one or more integers >= 1")
+    return [int(k) for k in ks]
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks) -> dict:
+    ks = check_ks(ks)
     ranks = np.asarray(ranks, dtype=np.float64)
     out = {}
     n = max(len(ranks), 1)
@@ -56,9 +65,14 @@ def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_s
                   ties: str = "conservative", block_elems: int = 1 << 24) -> np.ndarray:
     if ties not in TIES:
         raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
+    for name, v in (("batch_size", batch_size), ("chunk_steps", chunk_steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise RecsysError(f"bad {name} {v!r}: must be an integer >= 1")
     model.item_map.check_same(data.item_map, "the test data")
     model.eval()
     device = model.Wy.device
+    # lanes past the number of sessions would stay idle: not more (a state row each)
+    batch_size = max(1, min(int(batch_size), data.n_sessions))
     sched = session_parallel_schedule(data.items, data.offsets, batch_size).to(device)
     h = model.init_state(batch_size)
     out = []
@@ -82,6 +96,7 @@ def evaluate(model, data: SessionDataset, ks=(20,), *, ties: str = "conservative
              chunk_steps: int = 16) -> dict:
     """{'recall@K': ..., 'mrr@K': ..., 'n_events': ...} over every next-click event of ``data``."""
     check_events(data)
+    ks = check_ks(ks)
     ranks = compute_ranks(model, data, batch_size=batch_size, chunk_steps=chunk_steps, ties=ties)
     res = metrics_from_ranks(ranks, ks)
     res["n_events"] = int(len(ranks))

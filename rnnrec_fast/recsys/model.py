@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -84,7 +85,10 @@ class GRU4Rec(nn.Module):
                  dropout_hidden: float = 0.0, reset_after: bool = True, item_ids=None,
                  backend: str = "auto"):
         super().__init__()
-        layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else [layers])]
+        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
+            raise RecsysError(f"bad layers {layers}: sizes must be integers")
+        layers = [int(x) for x in layers]
         if not layers or any(x < 1 for x in layers):
             raise RecsysError(f"bad layers {layers}: need one or more positive sizes")
         if len(set(layers)) != 1:
@@ -135,6 +139,8 @@ class GRU4Rec(nn.Module):
         self.item_map = item_map
         self.item_ids = item_map.item_ids
         self.item_index = item_map.item_index
+
+    CONFIG_KEYS = ("n_items", "layers", "embedding", "dropout_embed", "dropout_hidden", "reset_after")
 
     def config(self) -> dict:
         return dict(n_items=self.n_items, layers=[self.hidden_size] * self.num_layers,

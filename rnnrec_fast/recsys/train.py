@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import session_parallel_schedule
+from .checkpoint import check_device
 from .data import RecsysError, SessionDataset
 from .losses import LOSSES, bpr_max, cross_entropy, top1_max
 from .model import GRU4Rec, parse_embedding
@@ -56,6 +57,17 @@ class TrainConfig:
     def validate(self):
         if self.loss not in LOSSES:
             raise RecsysError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        for name in ("batch_size", "n_sample", "epochs", "chunk_steps", "sample_cache"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise RecsysError(f"{name} must be an integer, got {v!r}")
+        for name in ("sample_alpha", "logq", "lr", "momentum", "bpreg", "elu_param", "dropout_hidden",
+                     "dropout_embed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+                raise RecsysError(f"{name} must be a finite number, got {v!r}")
+        if self.loss_norm not in ("step", "batch"):
+            raise RecsysError(f"unknown loss_norm {self.loss_norm!r}; choose step or batch")
         checks = [
             (self.batch_size >= 1, "batch size must be >= 1"),
             (self.n_sample >= 0, "n_sample must be >= 0"),
@@ -68,6 +80,8 @@ class TrainConfig:
             (self.logq >= 0, "logq must be >= 0"),
             (self.sample_alpha >= 0, "sample_alpha must be >= 0"),
             (self.bpreg >= 0, "bpreg must be >= 0"),
+            (self.elu_param >= 0, "elu_param must be >= 0"),
+            (self.sample_cache >= 1, "sample_cache must be >= 1"),
             (self.threads is None or self.threads >= 1, "threads must be >= 1"),
             (self.gemm_threads is None or self.gemm_threads >= 1, "gemm_threads must be >= 1"),
         ]
@@ -75,8 +89,7 @@ class TrainConfig:
             if not ok:
                 raise RecsysError(msg)
         self.embedding = parse_embedding(self.embedding)
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RecsysError("--device cuda requested but CUDA is not available")
+        check_device(self.device)
         if self.optimizer not in ("adagradm", "adam", "adagrad", "sgd"):
             raise RecsysError(f"unknown optimizer {self.optimizer!r}")
         return self
@@ -210,12 +223,13 @@ def _block_diag_cached(T, B, device):
     return sid.unsqueeze(1) == sid.unsqueeze(0)
 
 
-def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainConfig, logp=None):
+def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainConfig, logp=None, norm_batch=None):
     """GRU4Rec's loss for one chunk of T session-parallel steps.
 
     Row (t, b) is lane b's output at step t; its candidates are step t's in-batch targets (the
     target of row (t, b) is its own column) plus the shared negative samples. Returns
-    (loss summed over the chunk's events / batch size, new state (L, B, H), number of events)."""
+    (loss summed over the chunk's events / batch size (``norm_batch``, default B), new state
+    (L, B, H), number of events)."""
     T, B = inp.shape
     H = model.hidden_size
     TB = T * B
@@ -258,7 +272,7 @@ def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainCon
             loss, m = loss + lt, m + mt
     else:
         loss, m = _scores_loss(Y, W, cb, valid, T, B, S, cfg)
-    return loss / _norm(cfg, T, B), hn, m
+    return loss / _norm(cfg, T, B if norm_batch is None else norm_batch), hn, m
 
 
 # Chunks of at least this many rows (steps x batch) score each step on its own columns where other
@@ -363,7 +377,13 @@ def _train(train_data, cfg, progress, model):
     opt = _make_optimizer(model, cfg)
     if isinstance(opt, tuple):
         opt = _Multi(opt)
-    sched = session_parallel_schedule(train_data.items, train_data.offsets, cfg.batch_size).to(device)
+    # lanes past the number of sessions would stay idle (a state row and score rows and columns
+    # each, masked out): not more; the loss is still normalised by cfg.batch_size
+    lanes = min(cfg.batch_size, int(np.count_nonzero(np.diff(train_data.offsets) >= 2)))
+    if lanes == 1 and cfg.n_sample == 0:
+        raise RecsysError("no negative examples: with n_sample=0 the negatives are the other sessions of the "
+                          "batch, and batch size 1 (or a single training session) leaves none")
+    sched = session_parallel_schedule(train_data.items, train_data.offsets, lanes).to(device)
     support = train_data.support()
     sampler = None
     if cfg.n_sample > 0:
@@ -371,7 +391,7 @@ def _train(train_data, cfg, progress, model):
     logp = None
     if cfg.loss == "cross-entropy" and cfg.logq > 0:
         logp = torch.tensor(np.log(np.maximum(support, 1.0)), dtype=torch.float32, device=device)
-    L, B, H = model.num_layers, cfg.batch_size, model.hidden_size
+    L, B, H = model.num_layers, lanes, model.hidden_size
     losses = []
     t_start = time.perf_counter()
     c_start = time.process_time()
@@ -384,11 +404,11 @@ def _train(train_data, cfg, progress, model):
             sample = sampler.draw() if sampler is not None else None
             for p in model.parameters():
                 p.grad = None
-            loss, hn, m = chunk_loss(model, inp, tgt, rst, val, h, sample, cfg, logp)
+            loss, hn, m = chunk_loss(model, inp, tgt, rst, val, h, sample, cfg, logp, norm_batch=cfg.batch_size)
             loss.backward()
             opt.step()
             h = hn.detach()
-            loss_acc += loss.detach() * _norm(cfg, inp.shape[0], B)
+            loss_acc += loss.detach() * _norm(cfg, inp.shape[0], cfg.batch_size)
             n_ev += m
             if bar.tty:
                 bar.update(m, float(loss_acc) / max(n_ev, 1))
