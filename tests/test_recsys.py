@@ -522,6 +522,38 @@ def test_state_dropout_carries_every_layers_dropped_out_output(layers, embedding
                 break
 
 
+@pytest.mark.parametrize("backend", ["cpp", "numba", "reference"])
+@pytest.mark.parametrize("embedding", ["shared", 0])
+def test_step_has_no_dropout_when_the_mode_flips_during_the_call(backend, embedding):
+    """model.step runs without dropout even when another thread switches the model to train() during
+    the call (continued training of a served model): the no-dropout decision is made once, the
+    module's mode is not read again. A profile hook stands in for the other thread, switching the
+    model to train() at every call into rnnrec_fast/modules.py, after the model's own check. (From a
+    concurrency review: the module read its mode again and dropped out between layers, 0.6 off.)"""
+    import sys
+    from rnnrec_fast import backends
+    if not backends.available(backend):
+        pytest.skip(f"backend {backend} unavailable")
+    torch.manual_seed(0)
+    model = GRU4Rec(50, [16, 16, 16], embedding=embedding, dropout_hidden=0.5, dropout_embed=0.5,
+                    backend=backend).eval()
+    model.rnn.register_forward_hook(lambda *a: None)  # (keeps the cpp call out of its C++ call slot)
+    items, h = torch.tensor([3, 7]), torch.randn(3, 2, 16)
+    want = model.step(items, h)
+
+    def flip(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith(os.path.join("rnnrec_fast", "modules.py")):
+            model.train()
+
+    sys.setprofile(flip)
+    try:
+        got = model.step(items, h)
+    finally:
+        sys.setprofile(None)
+    assert model.training  # (the hook ran)
+    assert torch.equal(got, want)
+
+
 def test_step_mask_cache_is_bounded():
     """The in-batch mask of a chunk (a row sees its own step's targets) is right for each shape, and
     only the last few shapes stay cached: a process that trains with many batch / chunk sizes does

@@ -225,21 +225,26 @@ class GRU4Rec(nn.Module):
         return y, torch.cat([h0n.unsqueeze(0), hn], 0)
 
     def _stack(self, x, h, resets, drop, carry_dropped=False):
-        """self.rnn over x from h; without its dropout between layers where ``drop`` is False."""
+        """self.rnn over x from h, with its dropout between layers where ``drop`` is True and never
+        where it is False, decided here once: the module's mode is not read again (another thread
+        may switch the model between train() and eval() during the call)."""
         rnn = self.rnn
-        inner = rnn.training and rnn.dropout > 0  # the module drops out between its layers
-        if (drop and not carry_dropped) or not inner:
+        if rnn.dropout == 0 or rnn.num_layers == 1:  # no dropout between its layers in any mode
             # without resets, a positional call: the module's inference fast path takes it
             return rnn(x, h) if resets is None else rnn(x, h, resets=resets)
-        # layer by layer on the op: a training-mode module without its dropout (switching it to
-        # eval mode for the call would switch it for every other thread using the model too), or
-        # with it, the dropped-out output carried as the lower layers' state
+        if not drop and resets is None and not _calls_observed():
+            plan = rnn.__dict__.get("_plan")  # the module's inference fast path, without its mode check
+            out = None if plan is None else plan(x, h)  # (None: declined, e.g. autograd on)
+            if out is not None:
+                return out
+        # layer by layer on the op, with this call's dropout; with carry_dropped, a lower layer's
+        # state is its dropped-out output
         hs = []
         for layer, names in enumerate(rnn._all_weights):
             x, hl = rnnrec_fast.ops.recurrence(x, h[layer], *(getattr(rnn, n) for n in names), resets=resets,
                                                mode="gru", reset_after=rnn.reset_after, backend=rnn.backend)
             if drop and layer < rnn.num_layers - 1:
-                x, hl = _dropout_carried(x, hl, rnn.dropout, True)
+                x, hl = _dropout_carried(x, hl, rnn.dropout, carry_dropped)
             hs.append(hl)
         return x, torch.stack(hs)
 
