@@ -838,21 +838,28 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     }
     h0w = h0_rows.data();
   }
-  // The state entering step t, row b (not saved by the forward): zero where the row resets, else
-  // h0 at t = 0 and y[t - 1] after (exact at every active step, the only ones that use it).
+  // The state entering step t, row b (not saved by the forward): zero where the row resets or the
+  // step is inactive, else h0 at t = 0 and y[t - 1] after (as the reference's prev_states).
   const std::vector<T> zero_row(size_t(H), T(0));
   const auto h_prev = [&](int64_t t, int64_t b) -> const T* {
-    return m.reset(t, b) ? zero_row.data() : t == 0 ? h0w + b * H : y + ((t - 1) * B + b) * H;
+    return m.reset(t, b) || !m.active(t, b) ? zero_row.data() : t == 0 ? h0w + b * H : y + ((t - 1) * B + b) * H;
   };
-  // The same as (rows, H) blocks for the weight gradients of a chunk: y read in place where no row
-  // resets; a chunk with resets is gathered into hp_rows (allocated only then).
-  bool any_reset = false;
-  for (int64_t i = 0; m.rst != nullptr && i < T_ * B && !any_reset; ++i) any_reset = m.rst[i];
-  Buf<T> hp_rows(any_reset ? Tc * B * H : 0);
+  // The same as (rows, H) blocks for the weight gradients of a chunk: y read in place where that is
+  // the same; gathered into hp_rows (allocated only then) where a row resets, or where the first
+  // step past a row's length would read its last output and that is not finite (its zero gradient
+  // times inf or NaN would make the weight gradient NaN; zero times a finite output is zero).
+  bool gather = false;
+  for (int64_t i = 0; m.rst != nullptr && i < T_ * B && !gather; ++i) gather = m.rst[i];
+  for (int64_t b = 0; m.len != nullptr && b < B && !gather; ++b) {
+    if (m.len[b] <= 0 || m.len[b] >= T_) continue;
+    const T* last = y + ((m.len[b] - 1) * B + b) * H;
+    for (int64_t j = 0; j < H && !gather; ++j) gather = !std::isfinite(last[j]);
+  }
+  Buf<T> hp_rows(gather ? Tc * B * H : 0);
   // C (N x H) = (or += with acc) A^T . h_prev rows of steps [t0, t1); A holds (t1 - t0) * B rows, lda apart.
   const auto gemm_hprev = [&](int64_t N, const T* A, int64_t lda, int64_t t0, int64_t t1, T* C, bool acc) {
     const int64_t R = (t1 - t0) * B;
-    if (any_reset) {
+    if (gather) {
       T* dst = hp_rows.data();
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t b = 0; b < B; ++b) std::memcpy(dst + ((t - t0) * B + b) * H, h_prev(t, b), sizeof(T) * H);

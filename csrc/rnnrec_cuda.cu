@@ -474,24 +474,26 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The rows that multiplied h_prev (all of W_hh, or its r and z rows for MODE 3):
-  //   sum over (t, b) of dgh[t, b]^T h_prev[t, b],  h_prev = 0 at a reset, h0 at t = 0, y[t - 1] after
-  // (as the reference's prev_states). Without resets that is dgh[0]^T h0 + dgh[1:]^T y[:-1], with no
-  // copy. With resets, h_prev is built with those rows zeroed: zeroing dgh's rows instead would
-  // leave 0 * h, NaN where the discarded state holds inf or NaN (a fresh state buffer).
+  //   sum over (t, b) of dgh[t, b]^T h_prev[t, b],  h_prev = 0 at a reset or an inactive step, h0 at
+  // t = 0, y[t - 1] after (as the reference's prev_states and its active mask). Without lengths or
+  // resets that is dgh[0]^T h0 + dgh[1:]^T y[:-1], with no copy. With them, h_prev is built with
+  // those rows zeroed: the discarded state may hold anything (a fresh state buffer's NaN, a row's h0
+  // of length 0 or less, the last output of a row past its length that overflowed to inf), and
+  // their zero dgh rows times it would be NaN.
   const int64_t cols = MODE == KMODE_GRU_CHO ? 2 * H : G * H;
-  // A row of length 0 never read its h0, which may hold anything: zeros in its place (as x's padding).
-  Tensor h0_w = h0_a;
-  if (lengths.has_value()) h0_w = h0_a.masked_fill(lengths->eq(0).unsqueeze(1), 0);
   Tensor grad_w_hh = at::empty({G * H, H}, opts);
   Tensor w_rows = grad_w_hh.narrow(0, 0, cols);  // contiguous rows
-  if (resets.has_value()) {
+  if (resets.has_value() || lengths.has_value()) {
     Tensor h_prev = at::empty({T, B, H}, opts);
-    h_prev[0].copy_(h0_w);
+    h_prev[0].copy_(h0_a);
     if (T > 1) h_prev.narrow(0, 1, T - 1).copy_(y_a.narrow(0, 0, T - 1));
-    h_prev.masked_fill_(resets->unsqueeze(2), 0);
+    Tensor discard = resets.has_value() ? resets->to(at::kBool) : at::zeros({T, B}, opts.dtype(at::kBool));
+    if (lengths.has_value())
+      discard = discard.logical_or(at::arange(T, lengths->options()).unsqueeze(1) >= lengths->unsqueeze(0));
+    h_prev.masked_fill_(discard.unsqueeze(2), 0);
     at::mm_out(w_rows, dgh2.narrow(1, 0, cols).t(), h_prev.view({T * B, H}));
   } else {
-    at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_w);
+    at::mm_out(w_rows, dgh[0].narrow(1, 0, cols).t(), h0_a);
     if (T > 1) {
       w_rows.addmm_(dgh2.narrow(0, B, (T - 1) * B).narrow(1, 0, cols).t(),
                     y_a.view({T * B, H}).narrow(0, 0, (T - 1) * B));

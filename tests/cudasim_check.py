@@ -160,6 +160,29 @@ def main():
         args[0][1, 0, 0] = float("nan")
         check(args, 1, False, gy, ghn, dtype, f"[relu NaN state {dtype}]", launches[0], equal_nan=True)
         n += 1
+    # a discarded state: a relu state overflowed to inf whose row is then past its length or resets,
+    # or the h0 of a row of negative length (CUDA lengths are clamped, not checked): the reference's
+    # h_prev is zero there and W_hh's gradient finite (zero gradients times the state were NaN)
+    for dtype in (torch.float32, torch.float64):
+        for kind in ("lengths", "resets", "negative"):
+            (x, h0, w_ih, w_hh, b_ih, b_hh, _, _), gy, ghn = make_case(1, True, "none", False, dtype, T=2, B=2,
+                                                                       H=3, I=2, seed=5)
+            lengths = resets = None
+            if kind == "negative":
+                lengths = torch.tensor([2, -3])
+                h0[1] = float("nan")
+            else:
+                w_ih = (w_ih.abs() + 0.5) * 1e10
+                x = x.abs()
+                x[0, 0] = 1e30 if dtype == torch.float32 else 1e300
+                if kind == "lengths":
+                    lengths = torch.tensor([1, 2])
+                else:
+                    resets = torch.tensor([[False, False], [True, False]])
+            args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets)
+            assert kind == "negative" or torch.isinf(reference.forward(*args, 1, False)[0][0, 0]).all()
+            check(args, 1, False, gy, ghn, dtype, f"[discarded state {kind} {dtype}]", launches[0])
+            n += 1
     # empty time or batch: no launch, h_n = h0, grad_h0 = grad_h_n
     for T, B in ((0, 2), (2, 0)):
         for mode, ra in MODES:

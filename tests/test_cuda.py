@@ -419,6 +419,39 @@ def test_rows_past_their_length_pass_gradients_beside_a_non_finite_w_hh(mode, re
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["lengths", "resets", "negative"])
+def test_a_discarded_state_stays_out_of_grad_w_hh(path, dtype, kind):
+    """A relu state overflowed to inf whose row is then past its length or resets, or the NaN h0 of a
+    row of negative length (clamped to 0): the reference's h_prev is zero there and W_hh's gradient
+    finite; the backward multiplied those steps' zero gradients by the discarded state (NaN). The
+    CPU backends' twin is in test_op.py, numba.cuda's in tests/cudasim_check.py."""
+    gen = torch.Generator().manual_seed(5)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(2, 2, 2, 3, "rnn_relu", True, "plain", dtype, gen)
+    lengths = resets = None
+    if kind == "negative":
+        lengths = torch.tensor([2, -3], device=DEV)
+        h0[1] = float("nan")
+    else:
+        w_ih = (w_ih.abs() + 0.5) * 1e10
+        x = x.abs()
+        x[0, 0] = 1e30 if dtype == torch.float32 else 1e300
+        if kind == "lengths":
+            lengths = torch.tensor([1, 2], device=DEV)
+        else:
+            resets = torch.tensor([[False, False], [True, False]], device=DEV)
+    grads = []
+    clamped = None if lengths is None else lengths.clamp(0, 2)  # (what the CUDA kernels read)
+    for backend, lens in (("reference", clamped), ("cuda", lengths)):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        y, _ = rnnrec_fast.recurrence(*leaves, lengths=lens, resets=resets, mode="rnn_relu", backend=backend)
+        grads.append(torch.autograd.grad(y[:, 1].sum(), leaves))
+    want, got = grads
+    assert torch.isfinite(want[3]).all()
+    for a, b, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+        close(a, b, what, equal_nan=True, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_relu_gradient_through_a_nan_state_as_the_reference(path, dtype):
     """relu's backward is torch's threshold_backward (0 where h <= 0, else the gradient): a NaN
     state passes the gradient on, as the reference and torch.nn do (a mask 'h > 0' dropped it)."""

@@ -817,3 +817,36 @@ def test_rows_past_their_length_pass_gradients_beside_a_non_finite_w_hh(backend,
     for a, b, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
         assert torch.equal(torch.isnan(a), torch.isnan(b)), what
         torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-9, atol=1e-9, msg=what)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["lengths", "resets"])
+def test_an_overflowed_state_discarded_stays_out_of_grad_w_hh(backend, dtype, kind):
+    """A relu state that overflowed to inf, then discarded: the row's next step is past its length,
+    or the row resets there. The reference's h_prev is zero at such steps, so W_hh's gradient stays
+    finite; a fast path multiplying the step's zero gradient by the discarded inf made it NaN (the
+    C++ backward past a length, the numba backward at a reset; the CUDA backends too: test_cuda.py
+    and the simulator check hold their twins). (From a review of the CUDA code.)"""
+    T, B, I, H = 2, 2, 2, 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(T, B, I, generator=g, dtype=torch.float64).to(dtype)
+    x[0, 0] = 1e30 if dtype == torch.float32 else 1e300
+    w = [t.to(dtype) for t in (torch.rand(H, I, generator=g, dtype=torch.float64) + 0.5,
+                               torch.rand(H, H, generator=g, dtype=torch.float64) * 0.1,
+                               torch.rand(H, generator=g, dtype=torch.float64),
+                               torch.rand(H, generator=g, dtype=torch.float64))]
+    w[0] = w[0] * (1e10 if dtype == torch.float32 else 1e10)
+    h0 = torch.rand(B, H, generator=g, dtype=torch.float64).to(dtype)
+    extra = dict(lengths=torch.tensor([1, 2])) if kind == "lengths" else \
+        dict(resets=torch.tensor([[False, False], [True, False]]))
+    grads = []
+    for b in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, *w)]
+        y, h_n = rnnrec_fast.recurrence(*leaves, mode="rnn_relu", backend=b, **extra)
+        assert torch.isinf(y[0, 0]).all()  # (what the case is about)
+        grads.append(torch.autograd.grad(y[:, 1].sum() + y[0, 0, :0].sum(), leaves, allow_unused=True))
+    want, got = grads
+    assert torch.isfinite(want[3]).all()
+    for a, b_, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+        torch.testing.assert_close(a, b_, equal_nan=True, rtol=1e-5, atol=1e-5, msg=what)

@@ -167,17 +167,17 @@ def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
 
     The rows of W_hh that act on h_prev (all, or r and z for GRU with reset_after=False, whose n
     rows act on h_in = r * h_prev) get d_gh^T h_prev, h_prev being h0 at step 0, y[t - 1] after and
-    zero where the row resets (``reference.prev_states``). It is not built: the product is
-    d_gh[0]^T h0 + d_gh[1:]^T y[:-1], with d_gh's reset rows zeroed IN PLACE first (after the bias
-    gradient is summed) and h0's rows that reset at step 0 zeroed, so no (T, B, H) copy of y is
-    made. Inactive steps have d_gh = 0, and x there (padding) enters grad_w_ih as zeros, as does the
-    h0 of a row of length 0."""
+    zero where the row resets or the step is inactive (``reference.prev_states`` and its active
+    mask: the state it discards may hold anything, inf or NaN, and 0 * inf is NaN). Without lengths
+    or resets it is not built: the product is d_gh[0]^T h0 + d_gh[1:]^T y[:-1], no (T, B, H) copy of
+    y. Inactive steps have d_gh = 0, and x there (padding) enters grad_w_ih as zeros, as does the h0
+    of a row of length 0 (or less: CUDA lengths are clamped, not checked)."""
     T, B, I = x.shape
     GH = d_gx.shape[2]
+    active = None
     if lengths is not None:
-        x = x.masked_fill(~reference._active_mask(lengths, T, B, x.device), 0.0)
-        # a row of length 0 never read its h0 (which may hold anything): zeros in its place
-        h0 = h0.masked_fill((lengths.to(h0.device) == 0).unsqueeze(1), 0.0)
+        active = reference._active_mask(lengths, T, B, x.device)
+        x = x.masked_fill(~active, 0.0)
     x2 = x.reshape(T * B, I)
     dgx2 = d_gx.view(T * B, GH)
     dgh2 = d_gh.view(T * B, GH)
@@ -191,15 +191,18 @@ def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
         torch.mm(dgh2[:, 2 * H:].t(), h_in.view(T * B, H), out=grad_w_hh[2 * H:])
     if T == 0:
         grad_w_hh[:K].zero_()
-    else:
-        if resets is not None:
-            reset = resets.to(torch.bool)
-            d_gh[:, :, :K].masked_fill_(reset.unsqueeze(2), 0.0)  # h_prev = 0 there
-            # and h0 itself (0 x NaN is NaN: a reset row's h0 may hold anything, e.g. a fresh buffer)
-            h0 = h0.masked_fill(reset[0].unsqueeze(1), 0.0)
+    elif lengths is None and resets is None:
         torch.mm(d_gh[0, :, :K].t(), h0, out=grad_w_hh[:K])
         if T > 1:
             grad_w_hh[:K].addmm_(dgh2[B:, :K].t(), y[:T - 1].view((T - 1) * B, H))
+    else:
+        discard = torch.zeros(T, B, dtype=torch.bool, device=x.device)
+        if resets is not None:
+            discard |= resets.to(device=x.device, dtype=torch.bool)
+        if active is not None:
+            discard |= ~active.squeeze(2)
+        h_prev = torch.cat([h0.unsqueeze(0), y[:T - 1]]).masked_fill_(discard.unsqueeze(2), 0.0)
+        torch.mm(dgh2[:, :K].t(), h_prev.view(T * B, H), out=grad_w_hh[:K])
     return grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
