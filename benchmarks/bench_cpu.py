@@ -53,7 +53,30 @@ def onnx_session(module, x, h):
     binding.bind_cpu_input("h", h.numpy())
     binding.bind_output("y")
     binding.bind_output("h_n")
-    return lambda: sess.run_with_iobinding(binding)
+
+    def call():
+        sess.run_with_iobinding(binding)
+    call.binding = binding
+    return call
+
+
+# Each timed call's results against torch.nn's, once, before timing: a case computing something
+# else (other weights, inputs or a missing output) would otherwise be timed as if it were the same
+# work, and CI's single --benchmark-disable pass would check nothing. float32: inference results
+# to torch's default tolerance for it; training gradients (sums over B*T rows) looser.
+TOL = {False: dict(rtol=1.3e-6, atol=1e-5), True: dict(rtol=1e-4, atol=1e-4)}
+
+
+def check_against_torch(case, fn, want_fn):
+    ctx = torch.enable_grad if case.train else torch.inference_mode
+    with ctx():
+        got, want = fn(), want_fn()
+    if not isinstance(got, (tuple, list)):
+        got, want = (got,), (want,)
+    assert len(got) == len(want), (case.name, len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(torch.as_tensor(g), w, **TOL[case.train],
+                                   msg=lambda m: f"{case.name}: result {i} differs from torch.nn's: {m}")
 
 
 def make_call(case, impl):
@@ -62,7 +85,14 @@ def make_call(case, impl):
     if impl == "onnxruntime":
         if onnxruntime is None or case.kind != "GRU" or case.train:
             pytest.skip("onnxruntime column: GRU inference only, needs onnxruntime installed")
-        return onnx_session(ref, x, h), ref
+        call = onnx_session(ref, x, h)
+
+        def outputs():  # its y and h_n, as torch.nn's
+            call()
+            return tuple(call.binding.copy_outputs_to_cpu())
+
+        check_against_torch(case, outputs, lambda: ref(x, h))
+        return call, ref
     if impl == "torch":
         module = ref
     else:
@@ -72,15 +102,25 @@ def make_call(case, impl):
         module = rnnrec_fast.from_torch(ref, backend=backend)
     if not case.train:
         module.eval()
-        return (lambda: module(x, h)), module
+        ref.eval()
+        call = (lambda: module(x, h))
+        if module is not ref:
+            check_against_torch(case, call, lambda: ref(x, h))
+        return call, module
     x = x.clone().requires_grad_()
-    params = list(module.parameters())
 
-    def step():
-        out = module(x, h)
-        y = out[0] if isinstance(out, tuple) else out
-        return torch.autograd.grad(y.sum(), params + [x])
+    def training_step(m):
+        params = list(m.parameters())
 
+        def step():
+            out = m(x, h)
+            y = out[0] if isinstance(out, tuple) else out
+            return torch.autograd.grad(y.sum(), params + [x])
+        return step
+
+    step = training_step(module)
+    if module is not ref:
+        check_against_torch(case, step, training_step(ref))
     return step, module
 
 
@@ -93,6 +133,8 @@ def run(benchmark, case, impl, rep):
     if case.train:
         fn()  # warm up (first-call set-up), as below: pytest-benchmark's own warm-up is off by default
         benchmark(fn)
+        if impl not in ("torch", "onnxruntime"):
+            benchmark.extra_info["backend"] = rnnrec_fast.last_backend()
     else:
         with torch.inference_mode():
             fn()  # warm up (first-call set-up, numba compilation)

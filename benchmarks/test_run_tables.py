@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +54,47 @@ def test_run_pytest_refuses_cases_run_on_another_thread_count(monkeypatch, tmp_p
     with pytest.raises(SystemExit, match="ran on"):
         run.run_pytest(2, "test_cpu", tmp_path / "x.json")
     assert run.run_pytest(1, "test_cpu", tmp_path / "y.json")["benchmarks"]
+
+
+def test_a_case_computing_something_else_fails_before_timing(monkeypatch):
+    """bench_cpu checks each case's results against torch.nn's once before timing (from a review:
+    no case compared them, and CI's --benchmark-disable pass checked nothing): other weights in
+    ours fail a case, for inference and training alike."""
+    import bench_cpu
+    import rnnrec_fast
+    from cases import CASES
+
+    real = rnnrec_fast.from_torch
+
+    def off_by_a_bit(module, **kw):
+        ours = real(module, **kw)
+        with torch.no_grad():
+            next(ours.parameters()).mul_(1.001)
+        return ours
+
+    monkeypatch.setattr(rnnrec_fast, "from_torch", off_by_a_bit)
+    for case in (CASES[0], next(c for c in CASES if c.train and c.H == 100)):
+        with pytest.raises(AssertionError, match="differs from torch.nn's"):
+            bench_cpu.make_call(case, "ours")
+    monkeypatch.setattr(rnnrec_fast, "from_torch", real)
+    bench_cpu.make_call(CASES[0], "ours")
+
+
+def test_rows_above_the_ceiling_or_on_another_backend_are_flagged():
+    """From a review: tables showed ours at 103-121% of a 2-thread MKL rate measured low, without a
+    word; a training row did not record its backend (a fallback would be timed as ours)."""
+    def bench(impl, median_us, backend=None, group="case1"):
+        b = _bench(impl, 0, median_us, flops=2e6)
+        b["group"] = group
+        if backend:
+            b["extra_info"]["backend"] = backend
+        return b
+
+    fine = {"benchmarks": [bench("torch", 100), bench("ours", 50, "cpp")]}
+    assert run.run_notes(fine, 80.0, ["ours", "onnxruntime"]) == []
+    fast = {"benchmarks": [bench("torch", 100), bench("ours", 20, "cpp")]}  # 100 GFLOP/s > 80
+    assert "above this table's measured MKL rate" in run.run_notes(fast, 80.0, ["ours", "onnxruntime"])[0]
+    other = {"benchmarks": [bench("torch", 100), bench("ours", 50, "numba", group="case2")]}
+    note = run.run_notes(other, 80.0, ["ours", "onnxruntime"])
+    assert len(note) == 2 and "case2 (ours: numba)" in note[0]
+    assert run.run_notes({"benchmarks": [bench("numba", 50, "numba")]}, 80.0, ["numba", "ours"]) == []
