@@ -57,6 +57,24 @@ def _skip_reason():
     return None
 
 
+def check_against_torch(case, module, ref, x, h):
+    """Ours against torch.nn (cuDNN, TF32 off for the check) once, before timing, as bench_cpu does:
+    outputs and h_n, and for training every gradient."""
+    tol = dict(rtol=1e-4, atol=1e-4) if case.train else dict(rtol=1e-5, atol=2e-5)
+    results = []
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for m in (module, ref):
+            xi = x.detach().clone().requires_grad_(case.train)
+            with torch.set_grad_enabled(case.train):
+                out, hn = m(xi, h)
+                res = [out, hn]
+                if case.train:
+                    res += list(torch.autograd.grad(out.sum() + hn.sum(), [xi] + list(m.parameters())))
+            results.append(res)
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda msg: f"{case.name}: result {i} differs from torch.nn's: {msg}")
+
+
 def make_call(case: CudaCase, impl: str):
     """A zero-argument callable doing one timed unit of work (ending in torch.cuda.synchronize())."""
     dev = "cuda"
@@ -70,6 +88,8 @@ def make_call(case: CudaCase, impl: str):
     g = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(case.B, case.T, case.H, device=dev, generator=g)
     h = torch.randn(1, case.B, case.H, device=dev, generator=g)
+    if module is not ref:
+        check_against_torch(case, module, ref, x, h)
 
     if case.train:
         x.requires_grad_()
