@@ -1,9 +1,14 @@
 """`make bench`: run the CPU benchmarks at 1 and 2 threads and print/save the ratio table.
 
-For each case: torch.nn median, ours median, ratio (torch / ours), our GFLOP/s and its share of the
-single-thread (or N-thread) fp32 GEMM ceiling measured in the same run (a 1024^3 matmul), plus the
-onnxruntime column where it is installed, the numba grid, and the peak memory of a training step.
-Writes benchmarks/results/cpu-<date>.json (raw pytest-benchmark output) and cpu-<date>.md.
+Every case is timed in REPS interleaved repetitions (torch.nn, ours, onnxruntime, then again), each
+implementation checked against torch.nn once before it is timed (bench_cpu.py). For each case: the
+median over the repetitions of torch.nn's and ours' median times, the median of the per-repetition
+ratios (torch / ours) with their range, our GFLOP/s and its share of the single-thread (or
+N-thread) fp32 GEMM ceiling measured in the same run (a 1024^3 matmul), plus the onnxruntime column
+where it is installed, the numba grid, and the peak memory of a training step; each table with its
+run's process CPU time / wall time and notes for rows above the ceiling or on another backend.
+Writes benchmarks/results/cpu-<date>.json (raw pytest-benchmark output and the derived figures) and
+cpu-<date>.md.
 """
 from __future__ import annotations
 
