@@ -98,3 +98,20 @@ def test_rows_above_the_ceiling_or_on_another_backend_are_flagged():
     note = run.run_notes(other, 80.0, ["ours", "onnxruntime"])
     assert len(note) == 2 and "case2 (ours: numba)" in note[0]
     assert run.run_notes({"benchmarks": [bench("numba", 50, "numba")]}, 80.0, ["numba", "ours"]) == []
+    # onnxruntime's rows are neither ours nor held to the MKL rate
+    onnx = {"benchmarks": [bench("torch", 100), bench("ours", 50, "cpp"), bench("onnxruntime", 10)]}
+    assert run.run_notes(onnx, 80.0, ["ours", "onnxruntime"]) == []
+
+
+def test_the_parity_check_compares_every_result():
+    """check_against_torch compares each result, not only the first: an h_n or a gradient alone
+    differing fails."""
+    import bench_cpu
+    from cases import CASES
+    case = next(c for c in CASES if c.train and c.H == 100)
+    good = (torch.ones(3), torch.ones(2), torch.ones(4))
+    for i in range(3):
+        bad = tuple(t + (0.1 if j == i else 0.0) for j, t in enumerate(good))
+        with pytest.raises(AssertionError, match=f"result {i} differs"):
+            bench_cpu.check_against_torch(case, lambda b=bad: b, lambda: good)
+    bench_cpu.check_against_torch(case, lambda: good, lambda: good)

@@ -1119,3 +1119,68 @@ def test_bias_flag_set_after_construction(kind, backend):
         for mode in (torch.enable_grad, torch.inference_mode):
             with mode():
                 torch.testing.assert_close(_out(ours(x)), _out(ref(x)), rtol=1e-5, atol=1e-6)
+
+
+# ---- a second mutation review (each of these failed on a mutant the suite let through)
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_cell_with_only_bias_ih_removed_as_torch_nn(backend):
+    """A GRUCell with bias_ih set to None (bias_hh kept) computes as torch.nn's with the same
+    weights, with grad on and off: the plan keeps the bias it holds."""
+    torch.manual_seed(3)
+    ref = nn.GRUCell(3, 4)
+    ours = rnnrec_fast.GRUCell(3, 4, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        ref.bias_hh.add_(0.5)  # a bias large enough to matter
+        ours.bias_hh.copy_(ref.bias_hh)
+    ref.bias_ih = None
+    ours.bias_ih = None
+    x, hx = torch.randn(2, 3), torch.randn(2, 4)
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            for h in (None, hx):
+                torch.testing.assert_close(ours(x, h), ref(x, h), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(ours(x[0], None if h is None else h[0]), ref(x[0], None if h is None else h[0]),
+                                           rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_deepcopy_of_a_module_referring_to_itself(kind):
+    """copy.deepcopy of a module whose __dict__ refers back to it (a bound method kept on it)
+    works, as torch.nn's does, the reference pointing at the copy, which computes as the original."""
+    import copy
+    ref, ours, x = _pair_of(kind, "auto")
+    for m in (ref, ours):
+        m.fwd = m.forward
+    ref_copy, ours_copy = copy.deepcopy(ref), copy.deepcopy(ours)
+    assert ours_copy is not ours and ours_copy.fwd.__self__ is ours_copy
+    for mode in (torch.enable_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(_out(ours_copy(x)), _out(ours(x)))
+            torch.testing.assert_close(_out(ours_copy.fwd(x)), _out(ref_copy(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_training_dropout_applies_without_grad(backend):
+    """A 2-layer GRU in training mode with dropout drops between its layers under torch.no_grad
+    too (as torch.nn's), on the Python backends' inference path: two calls differ, and from eval."""
+    if not rnnrec_fast.backends.available(backend):
+        pytest.skip(f"{backend} backend not available")
+    torch.manual_seed(0)
+    m = rnnrec_fast.GRU(3, 4, num_layers=2, dropout=0.9, backend=backend)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        m.eval()
+        y_eval = m(x)[0]
+        m.train()
+        torch.manual_seed(1)
+        y1 = m(x)[0]
+        y2 = m(x)[0]
+        ref = nn.GRU(3, 4, num_layers=2, dropout=0.9)
+        ref.load_state_dict(m.state_dict())
+        torch.manual_seed(1)
+        y_ref = ref(x)[0]
+    assert not torch.equal(y1, y_eval) and not torch.equal(y1, y2)
+    torch.testing.assert_close(y1, y_ref, rtol=1e-5, atol=1e-6)  # torch.nn's masks, drawn in the same order
+

@@ -1140,3 +1140,134 @@ def test_data_folder_named_by_the_variable_is_never_replaced_by_the_default(tmp_
     recsys.demo(epochs=1, progress=False, out=lines.append)
     assert str(tmp_path) in lines[0] and "yoochoose-clicks-100k_train_full.txt" in lines[0], lines[0]
     assert "generated click log" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# gaps a mutation review of 2026-12-02 found (each test fails with its mutation)
+
+
+def test_no_negatives_counts_only_sessions_that_train():
+    """One training session of 4 clicks beside a one-click one, batch 32, no samples: a single lane
+    trains, so there are no negatives (the loss would be 0): refused, whatever the batch size."""
+    from rnnrec_fast.recsys.train import train
+    ds = SessionDataset(np.array([0, 1, 2, 3, 1]), np.array([0, 4, 5]), ItemMap(list(range(4))))
+    with pytest.raises(RecsysError, match="no negative examples"):
+        train(ds, TrainConfig(layers=[4], epochs=1, n_sample=0, batch_size=32))
+
+
+def test_training_divergence_and_threads_restored():
+    """A loss gone non-finite is a RecsysError naming the divergence; train() restores torch's
+    thread count, whatever it ran on."""
+    from rnnrec_fast.recsys.train import train
+    ds = _toy_dataset()
+    with pytest.raises(RecsysError, match="diverged"):
+        train(ds, TrainConfig(layers=[4], epochs=1, n_sample=4, batch_size=3, lr=3e38, seed=0))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(ds, TrainConfig(layers=[4], epochs=1, n_sample=4, batch_size=3, seed=0, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_more_bad_options_are_refused():
+    """sample_cache < 1, a bool layer size, a bool batch size for compute_ranks, a two-character
+    separator, a column index of -1."""
+    from rnnrec_fast.recsys.train import train
+    ds = _toy_dataset()
+    for kw in (dict(sample_cache=0), dict(sample_cache=-5)):
+        with pytest.raises(RecsysError, match="sample_cache"):
+            train(ds, TrainConfig(layers=[4], epochs=1, **kw))
+    with pytest.raises(RecsysError, match="integers"):
+        GRU4Rec(5, [True])
+    model = GRU4Rec(len(ds.item_map), [4], item_ids=ds.item_map.item_ids)
+    with pytest.raises(RecsysError, match="bad batch_size True"):
+        compute_ranks(model, ds, batch_size=True)
+
+
+def test_loader_separator_and_negative_column(tmp_path):
+    p = _write(tmp_path, "c.csv", "s;i;t\n1;10;1\n1;11;2\n")
+    with pytest.raises(RecsysError, match="bad separator"):
+        recsys.load_clicks(p, session_col="s", item_col="i", time_col="t", sep=";;")
+    with pytest.raises(RecsysError, match="bad session column -1"):
+        recsys.load_clicks(p, session_col=-1, item_col=1, time_col=2, header=False, sep=";")
+
+
+def test_training_mode_model_drops_out_between_layers_under_no_grad():
+    """A model in training mode (recur's dropout=None) drops out between its layers even under
+    no_grad, where the module's inference plan would accept the call (it has no dropout)."""
+    torch.manual_seed(0)
+    model = GRU4Rec(20, [8, 8, 8], dropout_hidden=0.5)
+    x, h = model.embed(torch.tensor([[1, 2, 3]])), torch.zeros(3, 3, 8)
+    with torch.no_grad():
+        _, h_eval = model.eval().recur(x, h)
+        _, h_train = model.train().recur(x, h)
+    assert not torch.equal(h_train, h_eval)
+    torch.testing.assert_close(h_train[0], h_eval[0])  # (the first layer's input is not dropped out)
+
+
+def test_input_dropout_uses_dropout_embed(monkeypatch):
+    """With a learned embedding, the input is dropped out at dropout_embed, the layers' outputs at
+    dropout_hidden."""
+    import torch.nn.functional as F
+    rates = []
+    real = F.dropout
+
+    def spy(x, p=0.5, training=True, inplace=False):
+        rates.append(p)
+        return real(x, p, training, inplace)
+
+    monkeypatch.setattr(F, "dropout", spy)
+    model = GRU4Rec(20, [8, 8], embedding=6, dropout_embed=0.2, dropout_hidden=0.5).train()
+    model.recur(model.embed(torch.tensor([[1, 2]])), torch.zeros(2, 2, 8))
+    assert rates == [0.2, 0.5]
+
+
+def test_evaluation_lanes_capped(monkeypatch):
+    """compute_ranks asks the schedule for at most as many lanes as there are sessions."""
+    import importlib
+    ev = importlib.import_module("rnnrec_fast.recsys.evaluate")
+    asked = []
+    real = ev.session_parallel_schedule
+
+    def spy(items, offsets, batch_size, *a, **kw):
+        asked.append(batch_size)
+        return real(items, offsets, batch_size, *a, **kw)
+
+    monkeypatch.setattr(ev, "session_parallel_schedule", spy)
+    ds = _toy_dataset(n_sessions=5)
+    model = GRU4Rec(len(ds.item_map), [4], item_ids=ds.item_map.item_ids)
+    compute_ranks(model, ds, batch_size=10**6)
+    assert asked == [ds.n_sessions]
+
+
+def test_bpr_max_and_top1_max_give_zero_for_a_row_without_negatives():
+    """A row whose only candidate is its own target (an epoch's tail without samples) adds 0."""
+    logits = torch.tensor([[1.0, 2.0], [0.5, -0.5]])
+    target = torch.tensor([0, 0])
+    mask = torch.tensor([[True, False], [True, True]])
+    for fn in (bpr_max, top1_max):
+        loss = fn(logits, target, mask)
+        assert loss[0] == 0 and loss[1] > 0
+
+
+def test_adagradm_torch_sparse_path_matches_the_numba_kernel(monkeypatch):
+    """The torch sparse update (CUDA tensors, or without numba) equals the numba kernel's on CPU:
+    repeated indices summed before the non-linear update, Adagrad's sum of squares, momentum."""
+    torch.manual_seed(0)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(AdagradM, "_fast_sparse", lambda *a, **kw: False)
+        w = torch.nn.Parameter(torch.randn(6, 3, dtype=torch.float64))
+        with torch.no_grad():
+            w.copy_(torch.arange(18, dtype=torch.float64).view(6, 3) / 10)
+        opt = AdagradM([w], lr=0.1, momentum=0.3)
+        for step in range(3):
+            idx = torch.tensor([[1, 4, 1, 5 - step]])
+            vals = torch.arange(12, dtype=torch.float64).view(4, 3) / 7 - 0.5 + step
+            w.grad = torch.sparse_coo_tensor(idx, vals, (6, 3))
+            opt.step()
+        results.append(w.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)

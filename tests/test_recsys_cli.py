@@ -280,6 +280,11 @@ def _damaged_checkpoints(model, d):
         "items_int": (lambda c: c.update(item_ids=5), "malformed checkpoint"),
         "layers_str": (lambda c: c["config"].update(layers="x"), "malformed checkpoint config"),
         "nan_weights": (lambda c: c["state_dict"]["Wy"].fill_(float("nan")), "Wy hold NaN or infinite"),
+        "one_nan": (lambda c: c["state_dict"]["Wy"].view(-1)[3].fill_(float("nan")), "Wy hold NaN or infinite"),
+        "backend_key": (lambda c: c["config"].update(backend="reference"), "malformed checkpoint"),
+        "items_str": (lambda c: c.update(item_ids="abcde"), "malformed checkpoint"),
+        "items_tuple": (lambda c: c.update(item_ids=tuple(c["item_ids"])), "malformed checkpoint"),
+        "int_key": (lambda c: c["state_dict"].update({1: torch.zeros(1)}), "weights do not match"),
     }
     for name, (edit, msg) in edits.items():
         c = torch.load(model, weights_only=True)
@@ -325,3 +330,25 @@ def test_more_bad_options_clean_errors(files, tmp_path, capsys):
     for args, msg in cases:
         code, out, err = _run(args, capsys)
         assert code == 2 and msg in err and "Traceback" not in err, (args, err)
+
+
+def test_checkpoint_keeps_extra_and_refuses_a_read_only_folder(files, tmp_path, monkeypatch):
+    """What was saved beside the weights (extra) comes back; a folder the process cannot write is
+    refused before training (checked through os.access: root writes anywhere)."""
+    from rnnrec_fast.recsys.checkpoint import check_save_path, load_checkpoint, save_checkpoint
+    model = recsys.GRU4Rec(4, [3])
+    save_checkpoint(model, str(tmp_path / "m.pt"), extra={"epochs": 3, "note": "x"})
+    assert load_checkpoint(str(tmp_path / "m.pt")).checkpoint_extra == {"epochs": 3, "note": "x"}
+    monkeypatch.setattr(os, "access", lambda *a, **kw: False)
+    with pytest.raises(recsys.RecsysError, match="not writable"):
+        check_save_path(str(tmp_path / "n.pt"))
+
+
+def test_out_of_memory_is_a_one_line_error(files, capsys, monkeypatch):
+    import rnnrec_fast.recsys.cli as cli
+
+    def oom(a):
+        raise MemoryError()
+    monkeypatch.setattr(cli, "_cmd_train", oom)
+    code, out, err = _run(["train", "--train", files / "train.txt"], capsys)
+    assert code == 2 and "out of memory" in err and "Traceback" not in err

@@ -805,3 +805,154 @@ def test_export_takes_k_up_to_the_catalogue():
     OneStepScorer(model, k=12)
     with pytest.raises(ValueError):
         OneStepScorer(model, k=13)
+
+
+# ---- a second mutation review (each of these failed on a mutant the suite let through)
+
+def test_expired_sessions_free_their_slots():
+    """Sessions dropped by the TTL give their slots back: a full store whose sessions all expired
+    takes as many new sessions again, without evicting any."""
+    clock = FakeClock()
+    store = SessionStore(1, 4, max_sessions=2, ttl=10.0, clock=clock)
+    store.create("a", 0.0, torch.zeros(1, 4))
+    store.create("b", 0.0, torch.zeros(1, 4))
+    assert store.expire(10.0) == 2 and len(store) == 0
+    store.create("c", 10.0, torch.zeros(1, 4))
+    store.create("d", 10.0, torch.zeros(1, 4))
+    assert list(store._map) == ["c", "d"] and store.evicted_lru == 0
+    assert sorted(store.get(s).slot for s in "cd") == [0, 1]
+
+
+def test_store_clear_frees_every_slot():
+    """After clear(), max_sessions new sessions fit without an eviction (no slot leaked)."""
+    store = SessionStore(1, 4, max_sessions=3)
+    for s in "abc":
+        store.create(s, 0.0, torch.zeros(1, 4))
+    store.clear()
+    assert len(store) == 0 and len(store._free) == store.capacity == 3
+    for s in "xyz":
+        store.create(s, 1.0, torch.zeros(1, 4))
+    assert list(store._map) == ["x", "y", "z"] and store.evicted_lru == 0
+
+
+def test_bookkeeping_estimate_counts_the_seen_items():
+    """A click on a held session adds one remembered item: the estimate grows by its 8 bytes."""
+    model = make_model()
+    ids = model.item_ids
+    rec = SessionRecommender(model, max_seen=4)
+    rec.click("a", ids[0])
+    before = rec.memory()["bookkeeping_bytes_estimate"]
+    rec.click("a", ids[1])
+    assert rec.memory()["bookkeeping_bytes_estimate"] - before == 8
+
+
+def test_negative_max_seen_refused():
+    """max_seen=-1 is refused (store and recommender alike)."""
+    with pytest.raises(ValueError, match="max_seen"):
+        SessionStore(1, 4, max_seen=-1)
+    with pytest.raises(ValueError, match="max_seen"):
+        SessionRecommender(make_model(), max_seen=-1)
+
+
+def test_max_k_above_the_catalogue_capped():
+    """max_k over the catalogue size is capped at it: the default k gives the whole catalogue and a
+    k past it is refused."""
+    model = make_model(n_items=5)
+    rec = SessionRecommender(model, max_k=100)
+    assert rec.max_k == 5 and rec.default_k == 5
+    items, scores = rec.click("s", model.item_ids[0])
+    assert sorted(items) == sorted(model.item_ids) and len(scores) == 5
+    assert [len(r[0]) for r in rec.click_many(["s", "t"], model.item_ids[:2])] == [5, 5]
+    with pytest.raises(InvalidRequestError, match=r"\[1, 5\]"):
+        rec.click("s", model.item_ids[0], k=6)
+
+
+def _failing(*args, **kwargs):
+    raise RuntimeError("step failed")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_failed_first_click_holds_no_session(fast):
+    """A new session's click whose step raises leaves no session held (and an existing session's
+    failed click keeps it, unchanged)."""
+    model = make_model()
+    ids = model.item_ids
+    rec = SessionRecommender(model, fast=fast)
+    assert rec.uses_fast_path == fast
+    rec.click("old", ids[0])
+    h_old = rec.state("old")
+    if fast:
+        rec._fast.step_row = _failing
+    else:
+        rec._step = _failing
+    for sid in ("new", "old"):
+        with pytest.raises(RuntimeError, match="step failed"):
+            rec.click(sid, ids[1])
+    assert len(rec) == 1 and rec.session_info("new") is None
+    assert rec.session_info("old")["clicks"] == 1
+    torch.testing.assert_close(rec.state("old"), h_old)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_failed_batch_holds_none_of_its_new_sessions(fast):
+    """click_many with new sessions whose step raises leaves none of them held; the batch's held
+    session stays, unchanged."""
+    model = make_model()
+    ids = model.item_ids
+    rec = SessionRecommender(model, fast=fast)
+    rec.click("old", ids[0])
+    h_old = rec.state("old")
+    rec._step = _failing  # the batch's step (the fast path's too: _use_fast set it from there)
+    with pytest.raises(RuntimeError, match="step failed"):
+        rec.click_many(["n1", "old", "n2", "n1"], [ids[1], ids[2], ids[3], ids[4]])
+    with pytest.raises(RuntimeError, match="step failed"):
+        rec.click_many(["n3", "n4"], [ids[1], ids[2]])
+    assert len(rec) == 1 and all(rec.session_info(s) is None for s in ("n1", "n2", "n3", "n4"))
+    assert rec.session_info("old")["clicks"] == 1
+    torch.testing.assert_close(rec.state("old"), h_old)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_click_past_the_ttl_starts_a_new_session(batched):
+    """A click after the TTL (nothing asked in between) starts the session afresh: one click, the
+    initial state stepped once."""
+    model = make_model()
+    ids = model.item_ids
+    clock = FakeClock()
+    rec = SessionRecommender(model, ttl=10.0, clock=clock)
+    rec.click("a", ids[0])
+    clock.t = 10.5
+    if batched:
+        rec.click_many(["a", "b"], [ids[1], ids[2]])
+    else:
+        rec.click("a", ids[1])
+    assert rec.session_info("a") == {"clicks": 1, "seen": [ids[1]]}
+    torch.testing.assert_close(rec.state("a"), replay(model, [ids[1]]), **TOL)
+    assert rec.store.expired_ttl == 1
+
+
+def test_fast_path_build_probes_step_row(monkeypatch):
+    """A fast path whose single-row step disagrees with model.step is declined at build (with the
+    'disagrees' warning)."""
+    from rnnrec_fast.serving import fastpath
+
+    model = make_model(layers=(16, 16), embedding=8)
+    assert fastpath.build(model) is not None
+    real = fastpath.FastGRU4Rec.step_row
+    monkeypatch.setattr(fastpath.FastGRU4Rec, "step_row", lambda self, idx, row: real(self, idx, row) + 1e-3)
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        assert fastpath.build(model) is None
+
+
+def test_fast_path_disagreeing_score_warns(monkeypatch):
+    """A fast path whose scores disagree with model.score is declined with a RuntimeWarning saying so."""
+    from rnnrec_fast.serving import fastpath
+
+    model = make_model()
+    real = fastpath.FastGRU4Rec.score
+    monkeypatch.setattr(fastpath.FastGRU4Rec, "score", lambda self, h: real(self, h) + 1e-2)
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        assert fastpath.build(model) is None
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        rec = SessionRecommender(model)
+    assert not rec.uses_fast_path
