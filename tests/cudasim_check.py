@@ -24,6 +24,9 @@ import torch  # noqa: E402
 
 from rnnrec_fast.backends import numba_cuda, reference  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from discarded_state import discarded_state_case  # noqa: E402
+
 MODES = [(0, False), (1, False), (2, True), (2, False)]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}
 NAMES = ["grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
@@ -167,18 +170,7 @@ def main():
         for kind in ("lengths", "resets", "negative"):
             (x, h0, w_ih, w_hh, b_ih, b_hh, _, _), gy, ghn = make_case(1, True, "none", False, dtype, T=2, B=2,
                                                                        H=3, I=2, seed=5)
-            lengths = resets = None
-            if kind == "negative":
-                lengths = torch.tensor([2, -3])
-                h0[1] = float("nan")
-            else:
-                w_ih = (w_ih.abs() + 0.5) * 1e10
-                x = x.abs()
-                x[0, 0] = 1e30 if dtype == torch.float32 else 1e300
-                if kind == "lengths":
-                    lengths = torch.tensor([1, 2])
-                else:
-                    resets = torch.tensor([[False, False], [True, False]])
+            x, h0, w_ih, lengths, resets = discarded_state_case(kind, x, h0, w_ih)
             args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets)
             assert kind == "negative" or torch.isinf(reference.forward(*args, 1, False)[0][0, 0]).all()
             check(args, 1, False, gy, ghn, dtype, f"[discarded state {kind} {dtype}]", launches[0])

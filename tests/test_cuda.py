@@ -23,6 +23,7 @@ from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 
 from conftest import case_seed
+from discarded_state import discarded_state_case
 
 
 def _skip_reason():
@@ -427,18 +428,7 @@ def test_a_discarded_state_stays_out_of_grad_w_hh(path, dtype, kind):
     CPU backends' twin is in test_op.py, numba.cuda's in tests/cudasim_check.py."""
     gen = torch.Generator().manual_seed(5)
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(2, 2, 2, 3, "rnn_relu", True, "plain", dtype, gen)
-    lengths = resets = None
-    if kind == "negative":
-        lengths = torch.tensor([2, -3], device=DEV)
-        h0[1] = float("nan")
-    else:
-        w_ih = (w_ih.abs() + 0.5) * 1e10
-        x = x.abs()
-        x[0, 0] = 1e30 if dtype == torch.float32 else 1e300
-        if kind == "lengths":
-            lengths = torch.tensor([1, 2], device=DEV)
-        else:
-            resets = torch.tensor([[False, False], [True, False]], device=DEV)
+    x, h0, w_ih, lengths, resets = discarded_state_case(kind, x, h0, w_ih, device=DEV)
     grads = []
     clamped = None if lengths is None else lengths.clamp(0, 2)  # (what the CUDA kernels read)
     for backend, lens in (("reference", clamped), ("cuda", lengths)):
