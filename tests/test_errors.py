@@ -404,3 +404,38 @@ def test_fake_and_meta_kernels_refuse_a_backend_as_the_real_call():
         torch.ops.rnnrec_fast.recurrence(*[t.half() for t in meta], None, None, "gru", True, "numba")
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*meta, None, None, "gru", True, "cpp")  # (runs nowhere: shapes)
     assert y.shape == (T, B, H) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_python_kernel_refuses_zero_input_size(backend):
+    """x with input_size 0 (and a matching (G*H, 0) w_ih) is refused as empty on the Python kernels
+    too, not run."""
+    with pytest.raises(ValueError, match="x must not be empty"):
+        call(backend=backend, x=torch.randn(3, 2, 0), w_ih=torch.randn(15, 0))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_b_hh_shape_is_checked(backend):
+    """A mis-shaped b_hh (not only b_ih) is refused by name, with a ValueError."""
+    with pytest.raises(ValueError, match=r"b_hh must be \(15,\)"):
+        call(backend=backend, b_hh=torch.randn(14))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("which", ["h0", "w_hh", "b_ih"])
+def test_a_meta_tensor_beside_cpu_inputs_is_refused(backend, which):
+    """One input on the meta device beside CPU ones is refused by name (the call would otherwise
+    take the fake kernel and return meta tensors, no values)."""
+    with pytest.raises(ValueError, match=f"{which} is on meta but x is on cpu; all must be on one device"):
+        call(backend=backend, **{which: good()[which].to("meta")})
+
+
+def test_packed_sequence_with_a_zero_batch_size_is_refused():
+    """batch_sizes holding a 0 (summing to the data's rows, non-increasing) is refused, not run."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    m = rnnrec_fast.GRU(3, 4)
+    for bs in ([2, 0], [2, 1, 0]):
+        packed = PackedSequence(torch.randn(sum(bs), 3), torch.tensor(bs), None, None)
+        with pytest.raises(ValueError, match="batch_sizes must be positive"):
+            m(packed)

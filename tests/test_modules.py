@@ -1184,3 +1184,35 @@ def test_training_dropout_applies_without_grad(backend):
     assert not torch.equal(y1, y_eval) and not torch.equal(y1, y2)
     torch.testing.assert_close(y1, y_ref, rtol=1e-5, atol=1e-6)  # torch.nn's masks, drawn in the same order
 
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh"])
+def test_inference_plan_with_hx_layers_and_batch_first_as_torch_nn(backend, kind):
+    """The Python inference plan (no grad) matches torch.nn for two layers with a given hx (each
+    layer its own h0) and batch_first shapes with B = 1 or T = 1."""
+    torch.manual_seed(5)
+    ref, ours = make_pair(kind, backend, torch.float64, input_size=3, hidden_size=4, num_layers=2,
+                          batch_first=True)
+    for B, T in ((1, 4), (3, 1), (3, 4)):
+        x, hx = torch.randn(B, T, 3, dtype=torch.float64), torch.randn(2, B, 4, dtype=torch.float64)
+        with torch.no_grad():
+            (y, h), (ry, rh) = ours(x, hx), ref(x, hx)
+        assert y.shape == ry.shape and h.shape == rh.shape, (B, T, y.shape, h.shape)
+        assert_close(y, ry, torch.float64, f"y B={B} T={T}")
+        assert_close(h, rh, torch.float64, f"h_n B={B} T={T}")
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh"])
+def test_numba_inference_plan_serves_plain_no_grad_calls(kind, backend_calls):
+    """A no-grad call on ordinary (contiguous, storage-filling) tensors runs on the numba inference
+    plan (run_cpu directly, no op forward); with grad on, the op's forward runs once."""
+    ref, ours = make_pair(kind, "numba", torch.float32, input_size=3, hidden_size=4)
+    x, hx = torch.randn(5, 2, 3), torch.randn(1, 2, 4)
+    with torch.no_grad():
+        y, h = ours(x, hx)
+        ry, rh = ref(x, hx)
+    assert_close(y, ry, torch.float32, "y")
+    assert dict(backend_calls) == {}, dict(backend_calls)
+    ours(x, hx)
+    assert dict(backend_calls) == expected_calls("numba", forward=1)

@@ -1271,3 +1271,14 @@ def test_adagradm_torch_sparse_path_matches_the_numba_kernel(monkeypatch):
             opt.step()
         results.append(w.detach().clone())
     torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
+
+
+def test_schedule_refuses_a_batch_size_under_one():
+    """batch_size 0 (or negative) is a ValueError naming batch_size, not an error from inside the
+    lane heap; batch_size 1 runs the sessions one after another."""
+    items, offsets = np.array([1, 2, 3, 4, 5]), np.array([0, 2, 5])
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            session_parallel_schedule(items, offsets, bad)
+    sc = session_parallel_schedule(items, offsets, 1)
+    assert sc.inputs[:, 0].tolist() == [1, 3, 4] and sc.resets[:, 0].tolist() == [True, True, False]

@@ -629,3 +629,34 @@ def test_metrics_histogram_counter_and_label_text():
     c = m.Counter("c_total", "x", ["path"])
     c.inc('a\\b"c', amount=2)
     assert 'c_total{path="a\\\\b\\"c"} 2' in c.expose()
+
+
+def test_declared_content_length_over_the_limit_is_a_413_up_front():
+    """A Content-Length one byte over max_body_bytes gets 413 from the header alone (the body sent
+    here fits: only the declared length is over)."""
+    model = make_model(n_items=5, H=4)
+    body = json.dumps({"item_id": model.item_ids[0], "k": 3}).encode()
+    app = ServingApp(SessionRecommender(model), max_body_bytes=len(body))
+    status, out = _asgi_raw(app, body, headers=[(b"content-length", str(len(body) + 1).encode())])
+    assert status == 413 and out["error"]["code"] == "body_too_large", out
+
+
+def test_session_id_of_exactly_max_session_id_len_is_accepted():
+    """Only a session id longer than max_session_id_len gets 400 bad_session_id."""
+    model = make_model(n_items=5, H=4)
+    app = ServingApp(SessionRecommender(model), max_session_id_len=4)
+    body = json.dumps({"item_id": model.item_ids[0], "k": 2}).encode()
+    status, out = _asgi_raw(app, body, path="/v1/sessions/abcd/clicks")
+    assert status == 200 and len(out["items"]) == 2, out
+    status, out = _asgi_raw(app, body, path="/v1/sessions/abcde/clicks")
+    assert status == 400 and out["error"]["code"] == "bad_session_id", out
+
+
+def test_healthz_takes_get_and_head_only():
+    """/healthz answers GET and HEAD with 200 and any other method with 405 method_not_allowed."""
+    app = ServingApp(SessionRecommender(make_model(n_items=5, H=4)))
+    for method in ("GET", "HEAD"):
+        assert _asgi_raw(app, b"", path="/healthz", method=method)[0] == 200
+    for method in ("POST", "DELETE", "PUT"):
+        status, out = _asgi_raw(app, b"", path="/healthz", method=method)
+        assert status == 405 and out["error"]["code"] == "method_not_allowed", (method, out)
