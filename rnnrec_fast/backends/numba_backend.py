@@ -196,13 +196,10 @@ def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
         if T > 1:
             grad_w_hh[:K].addmm_(dgh2[B:, :K].t(), y[:T - 1].view((T - 1) * B, H))
     else:
-        discard = torch.zeros(T, B, dtype=torch.bool, device=x.device)
-        if resets is not None:
-            discard |= resets.to(device=x.device, dtype=torch.bool)
+        h_prev = reference.prev_states(y, h0, None if resets is None else resets.to(device=x.device, dtype=torch.bool))
         if active is not None:
-            discard |= ~active.squeeze(2)
-        h_prev = torch.cat([h0.unsqueeze(0), y[:T - 1]]).masked_fill_(discard.unsqueeze(2), 0.0)
-        torch.mm(dgh2[:, :K].t(), h_prev.view(T * B, H), out=grad_w_hh[:K])
+            h_prev = h_prev.masked_fill(~active, 0.0)
+        torch.mm(dgh2[:, :K].t(), h_prev.reshape(T * B, H), out=grad_w_hh[:K])
     return grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 

@@ -61,10 +61,10 @@ def check_save_path(path: str) -> str:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise RecsysError(f"cannot save the model: no file name given ({path!r})")
     path = os.fspath(path)
-    if os.path.isdir(path) or path.endswith(os.sep):
-        if not os.path.isdir(path):
-            raise RecsysError(f"cannot save the model: {path} names a folder (give a file name in it)")
+    if os.path.isdir(path):
         raise RecsysError(f"cannot save the model: {path} is a folder (give a file name in it)")
+    if path.endswith(os.sep):
+        raise RecsysError(f"cannot save the model: {path} names a folder (give a file name in it)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise RecsysError(f"cannot save the model: folder {folder} does not exist")

@@ -34,15 +34,22 @@ def default_data_dir() -> str:
     return os.path.join(repo_root(), "..", "shared", "data")
 
 
+def choose_data_dir(data_dir: str | None = None) -> tuple[str, str]:
+    """(absolute path, where it came from): ``data_dir`` ("argument"), else ``$RNNREC_FAST_DATA``
+    ("environment"), else ``<repo>/../shared/data`` ("default"), whether or not it exists."""
+    if data_dir is not None:
+        return os.path.abspath(data_dir), "argument"
+    env = os.environ.get("RNNREC_FAST_DATA") or None
+    if env is not None:
+        return os.path.abspath(env), "environment"
+    return os.path.abspath(default_data_dir()), "default"
+
+
 def resolve_data_dir(data_dir: str | None = None) -> str | None:
-    """The shared data directory: ``data_dir``, else ``$RNNREC_FAST_DATA``, else ``<repo>/../shared/data``;
-    None where the one chosen is no existing directory (a folder named by the argument or the
-    variable is never replaced by the default)."""
-    if data_dir is None:
-        data_dir = os.environ.get("RNNREC_FAST_DATA") or None
-    if data_dir is None:
-        data_dir = default_data_dir()
-    return os.path.abspath(data_dir) if os.path.isdir(data_dir) else None
+    """The shared data directory :func:`choose_data_dir` chooses; None where it is no existing
+    directory (a folder named by the argument or the variable is never replaced by the default)."""
+    path, _ = choose_data_dir(data_dir)
+    return path if os.path.isdir(path) else None
 
 
 YOOCHOOSE_TRAIN = "yoochoose-clicks-100k_train_full.txt"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .data import (YOOCHOOSE_TEST, YOOCHOOSE_TRAIN, SessionDataset, default_data_dir, load_yoochoose,
+from .data import (YOOCHOOSE_TEST, YOOCHOOSE_TRAIN, SessionDataset, choose_data_dir, load_yoochoose,
                    resolve_data_dir, synthetic_clicks, time_split)
 
 
@@ -23,14 +23,10 @@ def demo(data_dir: str | None = None, epochs: int = 3, *, batch_size: int = 32, 
         train_log, test_log = load_yoochoose(tr_path), load_yoochoose(te_path)
         source = "yoochoose-100k"
     else:
-        if folder:
-            where = f"{folder} holds no {YOOCHOOSE_TRAIN} and {YOOCHOOSE_TEST}"
-        elif data_dir is not None:
-            where = f"no folder {os.path.abspath(data_dir)}"
-        else:
-            env = os.environ.get("RNNREC_FAST_DATA")
-            where = (f"no folder {os.path.abspath(env)} ($RNNREC_FAST_DATA)" if env else
-                     f"$RNNREC_FAST_DATA unset, no folder {os.path.abspath(default_data_dir())}")
+        path, source = choose_data_dir(data_dir)
+        where = (f"{folder} holds no {YOOCHOOSE_TRAIN} and {YOOCHOOSE_TEST}" if folder else
+                 {"argument": f"no folder {path}", "environment": f"no folder {path} ($RNNREC_FAST_DATA)",
+                  "default": f"$RNNREC_FAST_DATA unset, no folder {path}"}[source])
         out(f"YOOCHOOSE sample not found ({where}; set RNNREC_FAST_DATA or pass the demo's --data to the "
             "folder holding it); using a generated click log instead")
         train_log, test_log = time_split(synthetic_clicks(4000, 500, seed=seed), test_days=0.5)
