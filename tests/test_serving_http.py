@@ -287,6 +287,18 @@ def test_each_click_gets_its_own_k_in_a_batch():
         torch.testing.assert_close(torch.tensor(body["scores"]), torch.tensor(scores), **TOL)
 
 
+def test_a_full_batch_is_served_at_once_not_after_the_window():
+    """A batch is flushed the moment it holds max_batch clicks, not when the window ends: 8
+    concurrent clicks with max_batch 4 and a 1 s window are two batches of 4 (flushing only past
+    max_batch made them 4, 1 and 3, the 3 after the window). (From a mutation review.)"""
+    model = make_model()
+    ids = model.item_ids
+    app = ServingApp(SessionRecommender(model), max_batch=4, batch_window_ms=1000)
+    outs = _post_clicks(app, [(f"s{n}", {"item_id": ids[n], "k": 2}) for n in range(8)])
+    assert [st for st, _ in outs] == [200] * 8, outs
+    assert app.m_batch.count == 2 and app.m_batch.sum == 8
+
+
 def test_app_serves_under_a_new_event_loop():
     """An app called from one event loop, then another (no lifespan events: ASGI test clients,
     --lifespan off): both serve (the second got a 500, 'Event loop is closed')."""
