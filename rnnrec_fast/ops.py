@@ -22,6 +22,7 @@ import threading
 import warnings
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import backends as _backends
 
@@ -206,6 +207,27 @@ def _check_length_values(lengths, T):
             _fail(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
 
 
+def refuse_forward_ad(name, *tensors):
+    """Forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) is refused
+    where a tangent rides on one of ``tensors``: the op's autograd is reverse-mode only. The C++
+    registration (CPU tensors with the extension) raised torch's error for a C++ custom Function,
+    which names neither the op nor a way out; the Python one (CUDA tensors, and CPU without the
+    extension) calls the kernel without its autograd function where nothing requires grad (no_grad,
+    and every torch.func.jvp), which dropped the tangents: zeros, no error. A dual level with no
+    tangent on these tensors (forward AD elsewhere in the program) passes. The modules and
+    ``recurrence`` call this where the tangents are still visible (under torch.func.jvp they are
+    not below the autograd key); the Python kernels call it too, for torch.ops calls under
+    torch.autograd.forward_ad."""
+    if _forward_ad._current_level < 0:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+                "supported by rnnrec_fast::recurrence, whose autograd is reverse-mode only; use reverse mode "
+                "(torch.autograd.grad, jacobian) or convert the model with rnnrec_fast.to_torch(model)")
+
+
 # ----------------------------------------------------------------------------------------------
 # backend choice
 
@@ -330,6 +352,12 @@ def _autocast_off(device_type):
 
 
 def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
+    # (torch.ops calls through the Python autograd registration; not below the C++ one, which
+    # refuses dual inputs itself and also excludes ADInplaceOrView, without which unpack_dual
+    # reaches _fw_primal's inference-only kernel)
+    if _forward_ad._current_level >= 0 and not torch._C._dispatch_tls_is_dispatch_key_excluded(
+            torch._C.DispatchKey.ADInplaceOrView):
+        refuse_forward_ad("rnnrec_fast::recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_memory(*_named_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets))
     _check_length_values(lengths, x.shape[0])
@@ -529,6 +557,8 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
             raise ValueError(f"rnnrec_fast.recurrence: resets must be a bool tensor, got {resets.dtype}")
     if backend not in BACKENDS:
         raise ValueError(f"rnnrec_fast.recurrence: backend must be one of {BACKENDS}, got {backend!r}")
+    if not torch.compiler.is_compiling():
+        refuse_forward_ad("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
     y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
                                                  reset_after, backend)
     return y, h_n

@@ -161,6 +161,18 @@ def test_module_forward_errors():
         rnnrec_fast.RNN(4, 3, nonlinearity="sigmoid")
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_lstm_style_state_pair_is_refused_by_name(kind, grad):
+    """An LSTM's (h, c) pair given as hx (a model migrated from nn.LSTM) is a TypeError naming hx,
+    with or without autograd (it was "'tuple' object has no attribute 'dtype'" from the autocast
+    check, which read hx before its type was checked; torch.nn's is as obscure)."""
+    m = getattr(rnnrec_fast, kind)(4, 3)
+    h = torch.zeros(1, 2, 3)
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=r"hx must be a Tensor, got tuple .*LSTM"):
+        m(torch.randn(5, 2, 4), (h, h))
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 def test_module_rejects_sparse_and_mkldnn_tensors(backend, grad):

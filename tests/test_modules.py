@@ -625,6 +625,55 @@ def test_forward_ad_is_never_silently_dropped(backend, kind):
         ours(x)  # and outside dual_level the fast path serves again
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind):
+    """torch.func.jvp / jacfwd (a tangent on the input or, through functional_call, on a weight)
+    and torch.autograd.forward_ad raise an error that names the package and the way out
+    (rnnrec_fast.to_torch), whichever autograd registration serves the call: the C++ one (CPU with
+    the extension: torch's "c++ API of custom Function" error said neither) or the Python one (CUDA
+    tensors, and CPU without the extension, where torch.library's autograd wrapper skips the
+    autograd function when nothing requires grad: the tangents came back as zeros, no error; the
+    Python-registration run of test_fallback.py runs this test too). A dual_level with no tangent
+    on the call's tensors still runs it."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    torch.manual_seed(17)
+    if kind == "op":
+        m = rnnrec_fast.GRU(4, 5, backend=backend)
+
+        def call(x, params=None):
+            p = dict(m.named_parameters()) if params is None else params
+            return rnnrec_fast.recurrence(x, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                          p["bias_hh_l0"], backend=backend)[0]
+        x = torch.randn(3, 2, 4)
+    else:
+        m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
+
+        def call(x, params=None):
+            out = m(x) if params is None else functional_call(m, params, (x,))
+            return out[0] if isinstance(out, tuple) else out
+        x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    w_hh = "weight_hh" if kind == "GRUCell" else "weight_hh_l0"
+    attempts = [
+        lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)),
+        lambda: torch.func.jacfwd(call)(x),
+        lambda: torch.func.jvp(lambda w: call(x, {**params, w_hh: w}), (params[w_hh],), (torch.ones_like(params[w_hh]),)),
+    ]
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        def dual_call(grad_mode=grad_mode):
+            with grad_mode(), fwAD.dual_level():
+                return fwAD.unpack_dual(call(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+        attempts.append(dual_call)
+    for attempt in attempts:
+        with pytest.raises(NotImplementedError, match=r"forward-mode AD .*rnnrec_fast\.to_torch"):
+            attempt()
+    with fwAD.dual_level():  # forward AD elsewhere in a program: no tangent here, so the call runs
+        assert torch.equal(call(x), call(x.clone()))
+
+
 def test_recommender_score_keeps_forward_ad_tangents():
     """GRU4Rec.score's few-rows kernel steps aside under forward-mode AD: the tangent of the scores
     is torch's (it was dropped)."""
