@@ -711,7 +711,7 @@ class _RNNBase(_FastPath):
             raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
                             + (" (an LSTM's (h, c) pair? RNN and GRU take h alone)" if isinstance(hx, tuple) else ""))
         if not _is_compiling():
-            ops.refuse_forward_ad(name, x, hx, *weights)
+            ops.refuse_unsupported_ad(name, x, hx, *weights)
         x, hx = _autocast_cast(x, hx, weights[0])
         T, B, I = x.shape
         if ops.is_zero(T):
@@ -950,7 +950,7 @@ class _CellBase(_FastPath):
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         values = [getattr(self, n) for n in names]  # (each read once a call)
         if not _is_compiling():
-            ops.refuse_forward_ad(name, x, hx, *values)
+            ops.refuse_unsupported_ad(name, x, hx, *values)
         x, hx = _autocast_cast(x, hx, values[0])
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
         w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x,

@@ -228,6 +228,35 @@ def refuse_forward_ad(name, *tensors):
                 "(torch.autograd.grad, jacobian) or convert the model with rnnrec_fast.to_torch(model)")
 
 
+_ft = torch._C._functorch
+_ft_wrapped = getattr(_ft, "is_functorch_wrapped_tensor", None)
+
+
+def _grad_tracked(t):
+    """Whether ``t`` is, at any level of functorch's wrappers, a tensor a torch.func.grad / vjp
+    transform tracks."""
+    while _ft_wrapped(t):
+        if _ft.is_gradtrackingtensor(t):
+            return True
+        t = _ft.get_unwrapped(t)
+    return False
+
+
+def refuse_unsupported_ad(name, *tensors):
+    """refuse_forward_ad, and torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian):
+    torch refuses a custom autograd function under them ("cannot use C++ torch::autograd::Function
+    with functorch transforms", or on the Python registration "it must override the setup_context
+    staticmethod"), naming neither the op nor what works instead. vmap alone runs (through torch's
+    per-sample fallback) and passes."""
+    refuse_forward_ad(name, *tensors)
+    if _ft_wrapped is not None and any(isinstance(t, torch.Tensor) and _grad_tracked(t) for t in tensors):
+        raise NotImplementedError(
+            f"{name}: torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) are not supported by "
+            "rnnrec_fast::recurrence, a custom autograd function; use torch.autograd.grad or "
+            "torch.autograd.functional.jacobian (per-sample gradients: backward with is_grads_batched), "
+            "or convert the model with rnnrec_fast.to_torch(model)")
+
+
 # ----------------------------------------------------------------------------------------------
 # backend choice
 
@@ -558,7 +587,7 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     if backend not in BACKENDS:
         raise ValueError(f"rnnrec_fast.recurrence: backend must be one of {BACKENDS}, got {backend!r}")
     if not torch.compiler.is_compiling():
-        refuse_forward_ad("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
+        refuse_unsupported_ad("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
     y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
                                                  reset_after, backend)
     return y, h_n

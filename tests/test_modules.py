@@ -1,5 +1,6 @@
 """Drop-in modules against torch.nn with the same weights, over every constructor option and input kind."""
 import itertools
+import warnings
 import re
 
 import pytest
@@ -674,6 +675,59 @@ def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind
         assert torch.equal(call(x), call(x.clone()))
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+def test_reverse_mode_func_transforms_are_refused_clearly(backend, kind):
+    """torch.func.grad / vjp / jacrev, composed with vmap either way round, and through
+    functional_call on the weights, raise a NotImplementedError naming the package and what works
+    instead (torch.autograd.grad, rnnrec_fast.to_torch), on every autograd registration (torch's
+    error named neither: "cannot use C++ torch::autograd::Function with functorch transforms", or
+    on the Python one "must override the setup_context staticmethod"); vmap alone still runs, and
+    torch.autograd.functional.jacobian gives torch.nn's Jacobian."""
+    from torch.func import functional_call
+
+    torch.manual_seed(19)
+    if kind == "op":
+        m = rnnrec_fast.GRU(4, 5, backend=backend)
+
+        def call(x, params=None):
+            p = dict(m.named_parameters()) if params is None else params
+            return rnnrec_fast.recurrence(x, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                          p["bias_hh_l0"], backend=backend)[0]
+        x = torch.randn(3, 2, 4)
+    else:
+        m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
+
+        def call(x, params=None):
+            out = m(x) if params is None else functional_call(m, params, (x,))
+            return out[0] if isinstance(out, tuple) else out
+        x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    bdim = 1 if x.dim() == 3 else 0
+    one = (lambda xi: call(xi.unsqueeze(bdim)).sum())
+    attempts = [
+        lambda: torch.func.grad(lambda i: call(i).sum())(x),
+        lambda: torch.func.vjp(call, x),
+        lambda: torch.func.jacrev(call)(x),
+        lambda: torch.func.vmap(torch.func.grad(one), in_dims=bdim)(x),
+        lambda: torch.func.grad(lambda i: torch.func.vmap(one, in_dims=bdim)(i).sum())(x),
+        lambda: torch.func.grad(lambda p: call(x, p).sum())(dict(m.named_parameters())),
+    ]
+    for attempt in attempts:
+        with pytest.raises(NotImplementedError, match=r"reverse-mode transforms .*torch\.autograd\.grad.*to_torch"):
+            attempt()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch's per-sample fallback warning)
+        got = torch.func.vmap(lambda xi: call(xi.unsqueeze(bdim)), in_dims=bdim)(x)
+    want = torch.stack([call(x.narrow(bdim, b, 1)) for b in range(x.shape[bdim])])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if kind == "GRU":
+        ref = nn.GRU(4, 5)
+        ref.load_state_dict(m.state_dict())
+        jac = torch.autograd.functional.jacobian(call, x)
+        torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda i: ref(i)[0], x),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_recommender_score_keeps_forward_ad_tangents():
     """GRU4Rec.score's few-rows kernel steps aside under forward-mode AD: the tangent of the scores
     is torch's (it was dropped)."""
@@ -961,7 +1015,7 @@ def test_documented_migration_differences_raise_clearly(kind):
     m = getattr(rnnrec_fast, kind)(4, 5)
     x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
     out = (lambda y: y[0] if isinstance(y, tuple) else y)
-    with pytest.raises(RuntimeError, match="setup_context|forward-mode|jvp|vmap|functorch"):
+    with pytest.raises(NotImplementedError, match="reverse-mode transforms"):
         torch.func.grad(lambda inp: out(m(inp)).sum())(x)
     with pytest.raises(RuntimeError, match="setup_context|forward-mode|jvp|functorch"):
         torch.func.jvp(lambda inp: out(m(inp)), (x,), (torch.ones_like(x),))
