@@ -63,6 +63,8 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 # built there (an instrumented _C loads only with the runtimes preloaded), and the tests that run
 # the C++ kernels run from there, on the AVX2/AVX-512 paths and on the portable scalar one.
 SAN_DIR := build/sanitize
+# test_op.py's tests that reach the C++ kernels (tests/test_simd_paths.py's CPP_OP_TESTS)
+SAN_OP_TESTS := cpp or topk or linear_rows or extension_helpers or threads_give or few_rows or zero_lengths_keep
 SAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1
 sanitize: setup
@@ -72,11 +74,11 @@ sanitize: setup
 		$(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c \
 		"import rnnrec_fast, os; assert rnnrec_fast.__file__.startswith(os.getcwd()), rnnrec_fast.__file__"
-	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_op.py -k cpp
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_op.py -k "$(SAN_OP_TESTS)"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
 		tests/test_modules.py tests/test_errors.py tests/test_serving.py tests/test_recsys.py
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_SIMD=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
-		tests/test_op.py -k cpp
+		tests/test_op.py -k "$(SAN_OP_TESTS)"
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_SIMD=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
 		tests/test_fastpath.py
 

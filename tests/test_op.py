@@ -483,7 +483,8 @@ def test_weights_at_any_alignment(backend, offset, T, I, H, mode, reset_after):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("T,B,I,H", [(3, 100, 130, 128), (2, 20, 64, 512), (64, 64, 48, 7), (6, 2, 300, 200)])
+@pytest.mark.parametrize("T,B,I,H", [(3, 100, 130, 128), (2, 20, 64, 512), (64, 64, 48, 7), (6, 2, 300, 200),
+                                     (2, 24, 300, 32), (1, 300, 20, 16)])
 @pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)],
                          ids=["tanh", "gru", "gru_cho"])
 def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
@@ -492,7 +493,12 @@ def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
     weight gradients' transposed operand), and where the input projection of T * B >= 4096 rows
     runs the packed kernel on AVX2 machines too, with a last panel narrower than a vector (G * H =
     21 or 7 columns) written into the strided workspace, and where 12 rows of input meet a W_ih
-    larger than L2 (the 8-row kernel in chunks, on AVX2): forward, h_n and every gradient."""
+    larger than L2 (the 8-row kernel in chunks, on AVX2), and where the packed kernel's products
+    run in chunks of K = 256 that must add up: an input size of 300 in the forward's input
+    projection (48 rows, G * H <= 96), and a batch of 300 rows in the weight gradients' products
+    (the transposed A of one step of B = 300: float32 was otherwise only checked against itself at
+    B = 300, and dropping the sum over the K chunks passed every test; from a mutation review):
+    forward, h_n and every gradient."""
     gen = torch.Generator().manual_seed(T * 1000 + H)
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
     with torch.no_grad():  # torch.nn's initial scale, so float32 rounding stays within 1e-5
