@@ -113,6 +113,45 @@ def check_too_large_for_shared_memory():
         numba_cuda._WARNED_TOO_LARGE.clear()
 
 
+def check_shared_memory_limits():
+    """The kernels' limits on the hidden size hold exactly at SHARED_BYTES: a batch row that needs just
+    that much shared memory still runs on the kernels (float32: the forward up to H = 4096, any mode,
+    and the RNN modes' backward up to H = 4096; float64 the forward up to H = 2048), with one row per
+    block and no ValueError from the launch configuration; one unit more runs on the reference. Only
+    the sizes are computed (no launch: the simulator would take minutes). From a mutation review: a
+    '<' for '<=' in either check (the H = 4096 float32 GRU forward sent to the reference, or
+    refused) went unnoticed."""
+    import warnings
+
+    import rnnrec_fast
+
+    assert numba_cuda.SHARED_BYTES == 48 * 1024
+    cases = [(torch.float32, True, 4096, 3), (torch.float32, True, 4096, 1), (torch.float32, False, 4096, 1),
+             (torch.float64, True, 2048, 3), (torch.float64, False, 2048, 1)]  # (dtype, forward, H, gates)
+    try:
+        for dtype, fwd, H, G in cases:
+            label = f"[shared memory limit {dtype} {'forward' if fwd else 'backward'} H={H} G={G}]"
+            assert numba_cuda._row_bytes(H, G * H, dtype.itemsize, fwd) == numba_cuda.SHARED_BYTES, label
+            rnnrec_fast.ops._set_last("numba")
+            assert not numba_cuda._reference_if_too_large(H, G * H, dtype, fwd), label
+            assert rnnrec_fast.last_backend() == "numba", label
+            for B in (1, 3, 600):  # (from 512 rows the default is 4 rows per block, halved to fit)
+                threads, rows, blocks, shmem = numba_cuda._launch_config(B, H, G * H, dtype.itemsize, None,
+                                                                         None, fwd)
+                assert (threads, rows, blocks, shmem) == (256, 1, B, numba_cuda.SHARED_BYTES), label
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                assert numba_cuda._reference_if_too_large(H + 1, G * (H + 1), dtype, fwd), label
+            try:
+                numba_cuda._launch_config(1, H + 1, G * (H + 1), dtype.itemsize, None, None, fwd)
+            except ValueError as e:
+                assert "shared memory" in str(e), label
+            else:
+                raise AssertionError(f"{label} H + 1 was not refused")
+    finally:
+        numba_cuda._WARNED_TOO_LARGE.clear()
+
+
 def check_numpy_entry(dtype):
     """forward_numpy / backward_numpy (cuda.to_device + copy_to_host) on one case per mode."""
     for mode, ra in MODES:
@@ -152,6 +191,7 @@ def main():
             n += 1
         check_numpy_entry(dtype)
     check_too_large_for_shared_memory()
+    check_shared_memory_limits()
     # T = 1, B = 1, H = 1
     for mode, ra in MODES:
         args, gy, ghn = make_case(mode, True, "none", True, torch.float64, T=1, B=1, H=1, I=2)

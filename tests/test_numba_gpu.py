@@ -68,6 +68,36 @@ def test_numba_cuda_gradcheck_with_lengths_and_resets(mode, reset_after):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_numba_cuda_runs_on_torchs_current_stream():
+    """The kernels launch on torch's current stream (a side stream here: torch's are non-blocking), so
+    they run after the work queued before them there: x is written on the side stream behind a long
+    GPU sleep, and the forward and backward must see it (launched on another stream they read x and
+    the input projection before they are written). The simulator has no streams. From a mutation
+    review: the forward launched on numba's default stream (stream=0) went unnoticed. (Written
+    without a GPU at hand: check that it fails with that change.)"""
+    torch.manual_seed(0)
+    ref = nn.GRU(8, 8, device="cuda", dtype=torch.float64)
+    ours = rnnrec_fast.from_torch(ref, backend="numba")
+    x_true = torch.randn(5, 3, 8, device="cuda", dtype=torch.float64)
+    out_ref, h_ref = ref(x_true)
+    g_ref = torch.autograd.grad(out_ref.sum() + h_ref.sum(), list(ref.parameters()))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x = torch.zeros_like(x_true)
+        torch.cuda._sleep(500_000_000)  # a few hundred ms of GPU time queued ahead on the side stream
+        x.copy_(x_true)
+        out, h = ours(x)
+        assert rnnrec_fast.last_backend() == "numba"
+        torch.cuda._sleep(500_000_000)
+        g = torch.autograd.grad(out.sum() + h.sum(), list(ours.parameters()))
+    side.synchronize()
+    torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_numba_cuda_on_the_second_gpu():
     """Tensors on cuda:1 while torch's current device is 0: the kernels launch in numba's context of
