@@ -390,6 +390,29 @@ def test_reset_after_forms_differ(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)],
+                         ids=["tanh", "gru", "gru_cho"])
+def test_tanh_of_tiny_values_keeps_relative_accuracy(backend, dtype, mode, reset_after):
+    """Pre-activations near 1e-6 (every input, weight and bias positive and scaled by 1e-6, so no
+    sum cancels): outputs and states to a few ulp relative, against the float64 reference, with no
+    absolute tolerance. tanh as (1 - e) / (1 + e), e = exp(-2|x|), loses the leading digits there
+    (float32: ~3% at 1e-6), which the other tests' absolute tolerances hide; the kernels take a
+    polynomial near zero. H = 11: a vector and a tail. (From a mutation review: the numba CPU
+    kernel's polynomial branch removed passed every other test.)"""
+    gen = torch.Generator().manual_seed(case_seed(backend, str(dtype), mode, reset_after, "tiny"))
+    T, B, I, H = 3, 3, 5, 11
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "none", dtype, gen)
+    args = [t.abs() * 1e-6 for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    y, h_n = rnnrec_fast.recurrence(*args, mode=mode, reset_after=reset_after, backend=backend)
+    y64, h_n64, _ = reference.forward(*[as64(t) for t in args], None, None, MODES[mode], reset_after)
+    assert 1e-7 < y64.min() and y64.max() < 1e-5
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=0)
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(h_n.double(), h_n64, **tol)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_h0_none_is_the_zero_state(backend):
     gen = torch.Generator().manual_seed(2)
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, "both", torch.float64, gen)
