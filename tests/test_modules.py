@@ -626,6 +626,27 @@ def test_forward_ad_is_never_silently_dropped(backend, kind):
         ours(x)  # and outside dual_level the fast path serves again
 
 
+def _transform_case(kind, backend):
+    """(module, call(x, params=None) -> the sequence output, x) for the torch.func tests: a GRU, a
+    GRUCell or the op called with a GRU's weights (params: functional_call's mapping)."""
+    from torch.func import functional_call
+
+    if kind == "op":
+        m = rnnrec_fast.GRU(4, 5, backend=backend)
+
+        def call(x, params=None):
+            p = dict(m.named_parameters()) if params is None else params
+            return rnnrec_fast.recurrence(x, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                          p["bias_hh_l0"], backend=backend)[0]
+        return m, call, torch.randn(3, 2, 4)
+    m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
+
+    def call(x, params=None):
+        out = m(x) if params is None else functional_call(m, params, (x,))
+        return out[0] if isinstance(out, tuple) else out
+    return m, call, torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
 def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind):
@@ -638,24 +659,9 @@ def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind
     Python-registration run of test_fallback.py runs this test too). A dual_level with no tangent
     on the call's tensors still runs it."""
     import torch.autograd.forward_ad as fwAD
-    from torch.func import functional_call
 
     torch.manual_seed(17)
-    if kind == "op":
-        m = rnnrec_fast.GRU(4, 5, backend=backend)
-
-        def call(x, params=None):
-            p = dict(m.named_parameters()) if params is None else params
-            return rnnrec_fast.recurrence(x, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
-                                          p["bias_hh_l0"], backend=backend)[0]
-        x = torch.randn(3, 2, 4)
-    else:
-        m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
-
-        def call(x, params=None):
-            out = m(x) if params is None else functional_call(m, params, (x,))
-            return out[0] if isinstance(out, tuple) else out
-        x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    m, call, x = _transform_case(kind, backend)
     params = {n: p.detach() for n, p in m.named_parameters()}
     w_hh = "weight_hh" if kind == "GRUCell" else "weight_hh_l0"
     attempts = [
@@ -684,24 +690,8 @@ def test_reverse_mode_func_transforms_are_refused_clearly(backend, kind):
     error named neither: "cannot use C++ torch::autograd::Function with functorch transforms", or
     on the Python one "must override the setup_context staticmethod"); vmap alone still runs, and
     torch.autograd.functional.jacobian gives torch.nn's Jacobian."""
-    from torch.func import functional_call
-
     torch.manual_seed(19)
-    if kind == "op":
-        m = rnnrec_fast.GRU(4, 5, backend=backend)
-
-        def call(x, params=None):
-            p = dict(m.named_parameters()) if params is None else params
-            return rnnrec_fast.recurrence(x, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
-                                          p["bias_hh_l0"], backend=backend)[0]
-        x = torch.randn(3, 2, 4)
-    else:
-        m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
-
-        def call(x, params=None):
-            out = m(x) if params is None else functional_call(m, params, (x,))
-            return out[0] if isinstance(out, tuple) else out
-        x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    m, call, x = _transform_case(kind, backend)
     bdim = 1 if x.dim() == 3 else 0
     one = (lambda xi: call(xi.unsqueeze(bdim)).sum())
     attempts = [
