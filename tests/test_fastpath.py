@@ -175,6 +175,30 @@ def test_non_contiguous_inputs(spy):
 
 
 @needs_ext
+def test_infer_declines_while_autograd_is_on():
+    """_C.infer (the fast path's C++ call under InferPlan) returns None, not handled, while autograd
+    is on, whoever calls it: it records no graph, so outputs made there would carry no gradient.
+    With autograd off it runs and gives torch.nn's results. (From a mutation review: InferPlan
+    checks the mode before calling it, so dropping infer's own check passed every test.)"""
+    torch.manual_seed(3)
+    ref = nn.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    weights = [p.detach() for p in ref._flat_weights]  # w_ih, w_hh, b_ih, b_hh
+
+    def infer(inp):  # gru (mode 2), reset_after, 1 layer, time-major, not a cell
+        return _C.infer(inp, None, weights, 2, True, 1, False, False)
+
+    with torch.enable_grad():
+        assert infer(x) is None
+        assert infer(x.clone().requires_grad_()) is None
+    with torch.no_grad():
+        out, h_n = infer(x)
+        r_out, r_h = ref(x)
+    assert_close(out, r_out, torch.float32, "output")
+    assert_close(h_n, r_h, torch.float32, "h_n")
+
+
+@needs_ext
 def test_declines_what_it_does_not_handle(spy):
     """Autograd on, training-mode dropout, resets, another backend or dtype: the general path runs
     (with the same results as torch.nn where torch.nn has the feature)."""

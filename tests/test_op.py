@@ -314,6 +314,35 @@ def test_padding_and_zero_lengths_keep_state():
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_zero_length_rows_keep_their_h0_out_of_the_gradients(backend, dtype, mode, reset_after):
+    """A row of length 0 never reads its h0, which may hold anything (a fresh state buffer): NaN or
+    inf there gives exactly the outputs and gradients of zeros there, but for that row's h_n (its h0,
+    passed through). (From a mutation review: the backward copying such a row's h0 into the weight
+    gradients' operand, where its zero gradient times NaN made grad_w_hh NaN, passed every test: the
+    padding tests put NaN in x only, and the reset tests in rows that reset.)"""
+    gen = torch.Generator().manual_seed(case_seed(backend, str(dtype), mode, reset_after))
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(5, 3, 4, 6, mode, True, "plain", dtype, gen)
+    lengths = torch.tensor([5, 0, 3])
+    gy = torch.randn(5, 3, 6, generator=gen, dtype=torch.float64).to(dtype)
+    gh = torch.randn(3, 6, generator=gen, dtype=torch.float64).to(dtype)
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        h = h0.clone()
+        h[1] = fill
+        params = [t.clone().requires_grad_() for t in (x, h, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, lengths, None, mode, reset_after, backend)
+        grads = torch.autograd.grad([y, h_n], params, [gy, gh])
+        results.append([y.detach(), h_n.detach()[[0, 2]], *grads])
+        torch.testing.assert_close(h_n.detach()[1], h[1], rtol=0, atol=0, equal_nan=True)
+    names = ["output", "h_n", "grad x", "grad h0", "grad w_ih", "grad w_hh", "grad b_ih", "grad b_hh"]
+    for fill, res in zip(("nan", "inf"), results[1:]):
+        for name, a, b in zip(names, res, results[0]):
+            assert torch.equal(a, b), f"{name} with {fill} in the h0 of a row of length 0"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu", "gru"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_resets_match_separate_sessions_in_torch_nn(backend, mode, with_lengths):
@@ -406,7 +435,7 @@ def test_tanh_of_tiny_values_keeps_relative_accuracy(backend, dtype, mode, reset
     args = [t.abs() * 1e-6 for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     y, h_n = rnnrec_fast.recurrence(*args, mode=mode, reset_after=reset_after, backend=backend)
     y64, h_n64, _ = reference.forward(*[as64(t) for t in args], None, None, MODES[mode], reset_after)
-    assert 1e-7 < y64.min() and y64.max() < 1e-5
+    assert 0 < y64.min() and y64.max() < 1e-5
     tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=0)
     torch.testing.assert_close(y.double(), y64, **tol)
     torch.testing.assert_close(h_n.double(), h_n64, **tol)
@@ -426,6 +455,40 @@ def test_h0_none_is_the_zero_state(backend):
     torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-12)
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default,
                           (x, None, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True, backend))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("given", ["b_ih", "b_hh"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_one_bias_without_the_other(backend, dtype, given, mode, reset_after):
+    """Only one of b_ih / b_hh given (the op takes either alone): outputs, the workspace and the
+    gradients equal the reference's, the missing bias acting as zeros, and the given bias gets its
+    gradient. (From a mutation review: the op's tests gave both biases or neither, so swapping the
+    two 'has a bias' flags that the C++ autograd saves passed every test.)"""
+    gen = torch.Generator().manual_seed(case_seed(backend, str(dtype), given, mode, reset_after))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(5, 3, 4, 6, mode, True, "both", dtype, gen)
+    if given == "b_ih":
+        b_hh = None
+    else:
+        b_ih = None
+    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih if given == "b_ih" else b_hh)]
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
+                                                 reset_after, backend)
+    ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, resets]
+    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    assert_close(y.detach().double(), ry, dtype, "output")
+    assert_close(h_n.detach().double(), rh, dtype, "h_n")
+    assert_close(ws.detach().double(), rws, dtype, "workspace")
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    gh = torch.randn(h_n.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y * gy.to(dtype)).sum() + (h_n * gh.to(dtype)).sum(), params)
+    rg = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
+    ref_grads = list(rg[:4]) + [rg[4] if given == "b_ih" else rg[5]]
+    for name, g, r in zip(["x", "h0", "w_ih", "w_hh", given], grads, ref_grads):
+        scale = 1.0 if dtype == torch.float64 else max(1.0, float(r.abs().max()))  # (as test_matches_reference)
+        tol = tolerances(dtype)["rtol"]
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * scale, msg=lambda m: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])
@@ -507,7 +570,7 @@ def test_weights_at_any_alignment(backend, offset, T, I, H, mode, reset_after):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("T,B,I,H", [(3, 100, 130, 128), (2, 20, 64, 512), (64, 64, 48, 7), (6, 2, 300, 200),
-                                     (2, 24, 300, 32), (1, 300, 20, 16)])
+                                     (2, 24, 300, 32), (1, 300, 20, 16), (5, 11, 20, 16)])
 @pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)],
                          ids=["tanh", "gru", "gru_cho"])
 def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
@@ -520,8 +583,11 @@ def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
     run in chunks of K = 256 that must add up: an input size of 300 in the forward's input
     projection (48 rows, G * H <= 96), and a batch of 300 rows in the weight gradients' products
     (the transposed A of one step of B = 300: float32 was otherwise only checked against itself at
-    B = 300, and dropping the sum over the K chunks passed every test; from a mutation review):
-    forward, h_n and every gradient."""
+    B = 300, and dropping the sum over the K chunks passed every test; from a mutation review), and
+    where the packed kernel's 6-row blocks leave 5 rows (B = 11) or 1 (T * B = 55, taken as 4 + 3
+    with the last whole block): no other shape here leaves either, and a last block of 5 computing 4
+    rows, or 7 rows taken as one block of 5, passed every test (from a mutation review): forward,
+    h_n and every gradient."""
     gen = torch.Generator().manual_seed(T * 1000 + H)
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
     with torch.no_grad():  # torch.nn's initial scale, so float32 rounding stays within 1e-5
