@@ -528,6 +528,13 @@ class FakeClock:
         return self.t
 
 
+def ttl_recommender():
+    """(model, its item ids, a FakeClock at 0, a SessionRecommender with a 10 s TTL on that clock)."""
+    model = make_model()
+    clock = FakeClock()
+    return model, model.item_ids, clock, SessionRecommender(model, ttl=10.0, clock=clock)
+
+
 def test_lru_eviction_and_memory_bound():
     model = make_model()
     ids = model.item_ids
@@ -555,10 +562,7 @@ def test_lru_eviction_and_memory_bound():
 
 
 def test_ttl_expiry():
-    model = make_model()
-    ids = model.item_ids
-    clock = FakeClock()
-    rec = SessionRecommender(model, ttl=10.0, clock=clock)
+    model, ids, clock, rec = ttl_recommender()
     rec.click("a", ids[0])
     clock.t = 5.0
     rec.click("b", ids[0])
@@ -577,10 +581,7 @@ def test_ttl_applies_without_clicks():
     """An idle session past the TTL is gone for every question asked without a click: len,
     session_info, state, end (False), memory; counted as expired (it was reported as held,
     readable and deletable until some click purged it)."""
-    model = make_model()
-    ids = model.item_ids
-    clock = FakeClock()
-    rec = SessionRecommender(model, ttl=10.0, clock=clock)
+    _, ids, clock, rec = ttl_recommender()
     rec.click("a", ids[0])
     rec.click("b", ids[1])
     clock.t = 11.0
@@ -916,10 +917,7 @@ def test_failed_batch_holds_none_of_its_new_sessions(fast):
 def test_click_past_the_ttl_starts_a_new_session(batched):
     """A click after the TTL (nothing asked in between) starts the session afresh: one click, the
     initial state stepped once."""
-    model = make_model()
-    ids = model.item_ids
-    clock = FakeClock()
-    rec = SessionRecommender(model, ttl=10.0, clock=clock)
+    model, ids, clock, rec = ttl_recommender()
     rec.click("a", ids[0])
     clock.t = 10.5
     if batched:
