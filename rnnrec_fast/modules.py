@@ -723,8 +723,6 @@ class _RNNBase(_FastPath):
         H = self.hidden_size
         if hx is not None:
             expected = (self.num_layers * D, B, H)
-            if not isinstance(hx, torch.Tensor):
-                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             _check_dense(name, "hx", hx)
             if not batched:
                 if hx.dim() != 2:
