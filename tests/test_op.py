@@ -45,6 +45,21 @@ def as64(t):
     return None if t is None or not t.is_floating_point() else t.detach().double()
 
 
+def assert_grad_close(g, rg, dtype, name):
+    """A gradient against the float64 reference's: float64 as assert_close; float32 to 1e-5 of each
+    element, or of the tensor's largest one where that is above 1. The op tests' weights are
+    unscaled (randn), so gradients reach ~100 and an element is often a sum of far larger terms
+    that cancel: float32 rounding is then ~1e-6 of the tensor's scale, not of the element (a
+    per-element 1e-5 failed 3 of 23 fresh draws, on the cpp, numba and reference backends; this
+    passed 100 of 100; a 1e-4 error in one gate gradient still fails it)."""
+    if dtype == torch.float64:
+        assert_close(g.double(), rg, dtype, f"grad {name}")
+    else:
+        scale = max(1.0, float(rg.abs().max()))
+        torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"grad {name} (atol 1e-5 x {scale:.3g}): {m}")
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
@@ -77,18 +92,7 @@ def test_matches_reference(backend, dtype, shape, extras, bias, mode, reset_afte
     ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
     for name, g, rg in zip(names, grads, ref_grads):
-        if dtype == torch.float64:
-            assert_close(g.double(), rg, dtype, f"grad {name}")
-        else:
-            # float32: 1e-5 of each element, or of the tensor's largest one where that is above 1.
-            # These weights are unscaled (randn), so gradients reach ~100 and an element is often a
-            # sum of far larger terms that cancel: float32 rounding is then ~1e-6 of the tensor's
-            # scale, not of the element (a per-element 1e-5 failed 3 of 23 fresh draws, on the cpp,
-            # numba and reference backends; this passed 100 of 100; a 1e-4 error in one gate
-            # gradient still fails it).
-            scale = max(1.0, float(rg.abs().max()))
-            torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-5 * scale,
-                                       msg=lambda m: f"grad {name} (atol 1e-5 x {scale:.3g}): {m}")
+        assert_grad_close(g, rg, dtype, name)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -486,9 +490,7 @@ def test_one_bias_without_the_other(backend, dtype, given, mode, reset_after):
     rg = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     ref_grads = list(rg[:4]) + [rg[4] if given == "b_ih" else rg[5]]
     for name, g, r in zip(["x", "h0", "w_ih", "w_hh", given], grads, ref_grads):
-        scale = 1.0 if dtype == torch.float64 else max(1.0, float(r.abs().max()))  # (as test_matches_reference)
-        tol = tolerances(dtype)["rtol"]
-        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * scale, msg=lambda m: f"grad {name}: {m}")
+        assert_grad_close(g, r, dtype, name)
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])
