@@ -63,7 +63,7 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 # built there (an instrumented _C loads only with the runtimes preloaded), and the tests that run
 # the C++ kernels run from there, on the AVX2/AVX-512 paths and on the portable scalar one.
 SAN_DIR := build/sanitize
-# test_op.py's tests that reach the C++ kernels (tests/test_simd_paths.py's CPP_OP_TESTS)
+# test_op.py's tests that reach the C++ kernels (tests/test_simd_paths.py reads this line too)
 SAN_OP_TESTS := cpp or topk or linear_rows or extension_helpers or threads_give or few_rows or zero_lengths_keep
 SAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1

@@ -19,9 +19,9 @@ from conftest import RUN_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_op.py's tests that reach the C++ kernels: the cpp cases, the scoring helpers', and those that
-# call the C++ kernels by name without a backend parameter (the Makefile's sanitize target runs the
-# same selection)
-CPP_OP_TESTS = "cpp or topk or linear_rows or extension_helpers or threads_give or few_rows or zero_lengths_keep"
+# call the C++ kernels by name without a backend parameter; named once, in the Makefile, whose
+# sanitize target runs the same selection
+CPP_OP_TESTS = re.search(r"^SAN_OP_TESTS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
 @pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
