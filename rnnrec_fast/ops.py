@@ -5,9 +5,9 @@ Two ops live under the ``rnnrec_fast`` namespace:
 ``rnnrec_fast::recurrence``
     one layer, one direction, the whole sequence; returns ``(output, h_n, workspace)``.
 ``rnnrec_fast::recurrence_backward``
-    its gradient; autograd for ``recurrence`` is registered with :func:`torch.library.register_autograd`,
-    so eager mode, ``torch.compile``, ``torch.export`` and TorchScript all see the same op. With the
-    compiled extension, CPU tensors take a C++ registration of the same autograd (the AutogradCPU
+    its gradient; autograd for ``recurrence`` is the kernel :func:`torch.library.register_autograd`
+    makes, behind a check that refuses forward-mode AD, so eager mode, ``torch.compile``,
+    ``torch.export`` and TorchScript all see the same op. With the compiled extension, CPU tensors take a C++ registration of the same autograd (the AutogradCPU
     kernel in ``csrc/rnnrec_op.cpp``: no Python around each call); this one serves the other devices.
 
 The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, reference); the
@@ -215,9 +215,9 @@ def refuse_forward_ad(name, *tensors):
     extension) calls the kernel without its autograd function where nothing requires grad (no_grad,
     and every torch.func.jvp), which dropped the tangents: zeros, no error. A dual level with no
     tangent on these tensors (forward AD elsewhere in the program) passes. The modules and
-    ``recurrence`` call this where the tangents are still visible (under torch.func.jvp they are
-    not below the autograd key); the Python kernels call it too, for torch.ops calls under
-    torch.autograd.forward_ad."""
+    ``recurrence`` call this (their errors name them), and so does the Python registration's
+    Autograd kernel, for bare torch.ops calls: the tangents are visible down to the autograd key,
+    not below it (_register_reverse_mode_autograd)."""
     if _forward_ad._current_level < 0:
         return
     for t in tensors:
@@ -381,12 +381,6 @@ def _autocast_off(device_type):
 
 
 def _recurrence_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
-    # (torch.ops calls through the Python autograd registration; not below the C++ one, which
-    # refuses dual inputs itself and also excludes ADInplaceOrView, without which unpack_dual
-    # reaches _fw_primal's inference-only kernel)
-    if _forward_ad._current_level >= 0 and not torch._C._dispatch_tls_is_dispatch_key_excluded(
-            torch._C.DispatchKey.ADInplaceOrView):
-        refuse_forward_ad("rnnrec_fast::recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
     mode_i, _ = _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_memory(*_named_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets))
     _check_length_values(lengths, x.shape[0])
@@ -529,7 +523,28 @@ def _backward(ctx, grad_y, grad_h_n, _grad_ws):
             None, None, None, None, None)
 
 
-torch.library.register_autograd("rnnrec_fast::recurrence", _backward, setup_context=_setup_context)
+def _register_reverse_mode_autograd(name, backward, setup_context):
+    """torch.library.register_autograd's Autograd kernel for ``rnnrec_fast::<name>``, behind a check
+    that refuses forward-mode AD (refuse_forward_ad). torch's kernel redispatches below autograd
+    where nothing requires grad, and a tangent alone requires none: every torch.func.jvp / jacfwd of
+    a bare torch.ops call came back with zero tangents, no error. The tangents are visible only at
+    this key (the kernels below see plain tensors)."""
+    kernel = getattr(getattr(torch._library, "autograd", None), "make_autograd_impl", None)
+    if kernel is None:  # (a torch without it: its public registration, tangents unchecked)
+        torch.library.register_autograd(f"rnnrec_fast::{name}", backward, setup_context=setup_context)
+        return
+    kernel = kernel(getattr(torch.ops.rnnrec_fast, name).default,
+                    torch._library.autograd.Info(backward, setup_context))
+    what = f"rnnrec_fast::{name}"
+
+    def autograd_kernel(keyset, *args):
+        if _forward_ad._current_level >= 0:
+            refuse_forward_ad(what, *args)
+        return kernel(keyset, *args)
+    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+_register_reverse_mode_autograd("recurrence", _backward, _setup_context)
 
 
 def _backward_is_not_differentiable(ctx, *grads):
@@ -538,8 +553,8 @@ def _backward_is_not_differentiable(ctx, *grads):
 
 
 if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp, RecurrenceBackwardFn)
-    torch.library.register_autograd("rnnrec_fast::recurrence_backward", _backward_is_not_differentiable,
-                                    setup_context=lambda ctx, inputs, output: None)
+    _register_reverse_mode_autograd("recurrence_backward", _backward_is_not_differentiable,
+                                    lambda ctx, inputs, output: None)
 
 
 # ----------------------------------------------------------------------------------------------

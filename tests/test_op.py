@@ -285,6 +285,55 @@ def test_double_backward_raises_instead_of_dropping_the_recurrence(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_forward_mode_ad_of_bare_op_calls_is_refused(backend):
+    """A bare torch.ops call of either op under torch.func.jvp / jacfwd or inside
+    forward_ad.dual_level (no_grad or not), with a tangent on any tensor argument, raises. On the
+    Python registration (CUDA tensors; CPU without the extension: test_fallback.py runs this
+    there) the error names forward-mode AD and rnnrec_fast.to_torch: torch.library's autograd
+    kernel redispatched below autograd, where the tangents are invisible, and returned zero
+    tangents, no error; there a tangent the op never sees (another tensor of the function) still
+    gets its derivative. The C++ registration raises torch's error for a C++ autograd function."""
+    import torch.autograd.forward_ad as fwAD
+    from rnnrec_fast import ops
+
+    gen = torch.Generator().manual_seed(21)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, "both", torch.float64, gen)
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True,
+                                                  backend)
+    forward = [x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True, backend]
+    backward = [torch.ones_like(y), torch.ones_like(h_n), x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
+                "gru", True, backend]
+
+    def call(op, args, at, t):
+        return op(*args[:at], t, *args[at + 1:])[0]
+
+    attempts = []
+    for op, args, ats in ((torch.ops.rnnrec_fast.recurrence, forward, (0, 1, 3, 5)),
+                          (torch.ops.rnnrec_fast.recurrence_backward, backward, (0, 2, 5, 10))):
+        for at in ats:
+            f = (lambda t, op=op, args=args, at=at: call(op, args, at, t))
+            attempts += [lambda f=f, t=args[at]: torch.func.jvp(f, (t,), (torch.ones_like(t),)),
+                         lambda f=f, t=args[at]: torch.func.jacfwd(f)(t)]
+            for grad_mode in (torch.no_grad, torch.enable_grad):
+                def dual(f=f, t=args[at], grad_mode=grad_mode):
+                    with grad_mode(), fwAD.dual_level():
+                        return fwAD.unpack_dual(f(fwAD.make_dual(t, torch.ones_like(t)))).tangent
+                attempts.append(dual)
+    python_registration = not ops._CPP_OP
+    message = r"forward-mode AD .*rnnrec_fast\.to_torch" if python_registration else "functorch transforms|jvp|forward"
+    for attempt in attempts:
+        with pytest.raises(RuntimeError, match=message):
+            attempt()
+    if not python_registration:  # (a C++ autograd function refuses every torch.func transform)
+        return
+    other = torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    primal, tangent = torch.func.jvp(lambda o: o.sin() + call(torch.ops.rnnrec_fast.recurrence, forward, 0, x)[0],
+                                     (other,), (torch.ones_like(other),))
+    torch.testing.assert_close(primal, other.sin() + y[0], rtol=0, atol=0)
+    torch.testing.assert_close(tangent, other.cos(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_workspace_is_not_differentiable_and_unused_outputs_cost_nothing(backend):
     """No gradient flows into the workspace (autograd must not build a zero (T, B, 4H) gradient for
     it), and a loss on y alone or on h_n alone gives the gradients of that output only."""
