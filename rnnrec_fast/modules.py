@@ -710,8 +710,7 @@ class _RNNBase(_FastPath):
         if hx is not None and not isinstance(hx, torch.Tensor):  # (before _autocast_cast reads its dtype)
             raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
                             + (" (an LSTM's (h, c) pair? RNN and GRU take h alone)" if isinstance(hx, tuple) else ""))
-        if not _is_compiling():
-            ops.refuse_unsupported_ad(name, x, hx, *weights)
+        op = torch.ops.rnnrec_fast.recurrence.default if _is_compiling() else ops.op_for(name, x, hx, *weights)
         x, hx = _autocast_cast(x, hx, weights[0])
         T, B, I = x.shape
         if ops.is_zero(T):
@@ -746,14 +745,17 @@ class _RNNBase(_FastPath):
                 raise ValueError(f"{name}: resets must be a bool tensor of shape {want}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
             resets = resets.unsqueeze(1) if not batched else resets.transpose(0, 1) if self.batch_first else resets
-        op = _empty_batch if ops.is_zero(B) else torch.ops.rnnrec_fast.recurrence.default
+        if ops.is_zero(B):
+            op = _empty_batch
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x, weights), lengths, resets, mode,
                         reset_after, backend)[:2]
             # in place, as torch.nn's is, h_n is no view: `h_n.detach_()` between batches works
-            # (nothing saved h); traced by dynamo as the plain view
-            h_n = h.unsqueeze(0) if _is_compiling() else h.unsqueeze_(0)
+            # (nothing saved h); traced by dynamo as the plain view, and a view under torch.func
+            # (vmap's outputs refuse the change in place)
+            in_place = op is torch.ops.rnnrec_fast.recurrence.default and not _is_compiling()
+            h_n = h.unsqueeze_(0) if in_place else h.unsqueeze(0)
         else:
             rev = _reverse_index(T, lengths, x.device) if D == 2 and lengths is not None else None
             layer_in = x
@@ -947,8 +949,7 @@ class _CellBase(_FastPath):
         # as torch.nn's cells: the biases the module holds (a None one: none), whatever self.bias says
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         values = [getattr(self, n) for n in names]  # (each read once a call)
-        if not _is_compiling():
-            ops.refuse_unsupported_ad(name, x, hx, *values)
+        op = torch.ops.rnnrec_fast.recurrence.default if _is_compiling() else ops.op_for(name, x, hx, *values)
         x, hx = _autocast_cast(x, hx, values[0])
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
         w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x,
@@ -958,7 +959,8 @@ class _CellBase(_FastPath):
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)
         sized = not ops.is_zero(x.shape[0]) and self.input_size and self.hidden_size
-        op = torch.ops.rnnrec_fast.recurrence.default if sized else _empty_batch
+        if not sized:
+            op = _empty_batch
         _, h = op(x.unsqueeze(0), hx, w[0], w[1], b_ih, b_hh, None, None, self.mode, self.reset_after,
                   self.backend)[:2]
         return h if batched else h.squeeze(0)

@@ -222,39 +222,18 @@ def refuse_forward_ad(name, *tensors):
         return
     for t in tensors:
         if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(
-                f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
-                "supported by rnnrec_fast::recurrence, whose autograd is reverse-mode only; use reverse mode "
-                "(torch.autograd.grad, jacobian) or convert the model with rnnrec_fast.to_torch(model)")
+            raise _forward_ad_error(name)
+
+
+def _forward_ad_error(name):
+    return NotImplementedError(
+        f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+        "supported by rnnrec_fast::recurrence, whose autograd is reverse-mode only; use reverse mode "
+        "(torch.autograd.grad, jacobian) or convert the model with rnnrec_fast.to_torch(model)")
 
 
 _ft = torch._C._functorch
-_ft_wrapped = getattr(_ft, "is_functorch_wrapped_tensor", None)
-
-
-def _grad_tracked(t):
-    """Whether ``t`` is, at any level of functorch's wrappers, a tensor a torch.func.grad / vjp
-    transform tracks."""
-    while _ft_wrapped(t):
-        if _ft.is_gradtrackingtensor(t):
-            return True
-        t = _ft.get_unwrapped(t)
-    return False
-
-
-def refuse_unsupported_ad(name, *tensors):
-    """refuse_forward_ad, and torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian):
-    torch refuses a custom autograd function under them ("cannot use C++ torch::autograd::Function
-    with functorch transforms", or on the Python registration "it must override the setup_context
-    staticmethod"), naming neither the op nor what works instead. vmap alone runs (through torch's
-    per-sample fallback) and passes."""
-    refuse_forward_ad(name, *tensors)
-    if _ft_wrapped is not None and any(isinstance(t, torch.Tensor) and _grad_tracked(t) for t in tensors):
-        raise NotImplementedError(
-            f"{name}: torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) are not supported by "
-            "rnnrec_fast::recurrence, a custom autograd function; use torch.autograd.grad or "
-            "torch.autograd.functional.jacobian (per-sample gradients: backward with is_grads_batched), "
-            "or convert the model with rnnrec_fast.to_torch(model)")
+from torch._C._functorch import TransformType as _TransformType  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,14 +488,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_y, grad_h_n, _grad_ws):
+def _backward(ctx, grad_y, grad_h_n, _grad_ws, backward_op=None):
     x, h0, w_ih, w_hh, lengths, resets, y, ws = ctx.saved_tensors
     mode, reset_after, backend, has_b_ih, has_b_hh = ctx.args
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     if grad_h_n is None:
         grad_h_n = y.new_zeros(y.shape[1:])
-    gx, gh0, gwi, gwh, gbi, gbh = torch.ops.rnnrec_fast.recurrence_backward(
+    gx, gh0, gwi, gwh, gbi, gbh = (backward_op or torch.ops.rnnrec_fast.recurrence_backward.default)(
         grad_y, grad_h_n, x, h0, w_ih, w_hh, None, None, lengths, resets, y, ws, mode, reset_after,
         backend)
     return (gx, None if h0 is None else gh0, gwi, gwh, gbi if has_b_ih else None, gbh if has_b_hh else None,
@@ -555,6 +534,76 @@ def _backward_is_not_differentiable(ctx, *grads):
 if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp, RecurrenceBackwardFn)
     _register_reverse_mode_autograd("recurrence_backward", _backward_is_not_differentiable,
                                     lambda ctx, inputs, output: None)
+
+
+# torch.func's reverse-mode transforms (grad, vjp, jacrev, and with vmap) refuse both registered
+# autograd kernels: a C++ autograd function ("cannot use C++ torch::autograd::Function with
+# functorch transforms") and torch.library's (an old-style autograd.Function: "must override the
+# setup_context staticmethod"). The modules and ``recurrence`` call the op through these two
+# instead while such a transform is active: functorch runs their forward one level down (plain
+# tensors, below the transform: the registered kernels serve it) and their backward at the
+# transform's level. vmap runs them through the op's per-sample fallback (generate_vmap_rule).
+
+
+class _FuncRecurrenceBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.rnnrec_fast.recurrence_backward.default(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _backward_is_not_differentiable(ctx, *grads)
+
+
+class _FuncRecurrence(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.rnnrec_fast.recurrence.default(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        # (zeros for the unused gradients: torch 2.4's vmap of the backward fails on a None one)
+        ctx.set_materialize_grads(True)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_n, grad_ws):
+        return _backward(ctx, grad_y, grad_h_n, grad_ws, _FuncRecurrenceBackward.apply)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # (a forward-mode transform around the reverse one: hessian = jacfwd(jacrev))
+        raise _forward_ad_error("rnnrec_fast::recurrence")
+
+
+def _func_recurrence(*args):
+    if not torch.is_grad_enabled():
+        # functorch runs an autograd function's forward with grad mode on at the levels below the
+        # transform: under a no_grad inside it the call would be recorded there (for the weights
+        # of an outer backward), where torch.nn's operations record nothing. detach() reaches
+        # every level.
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    return _FuncRecurrence.apply(*args)
+
+
+def _grad_transform_active():
+    stack = torch._C._functorch.get_interpreter_stack()  # (None when empty)
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
+
+
+def op_for(name, *tensors):
+    """The recurrence op a module or ``recurrence`` calls with ``tensors`` (refuse_forward_ad first):
+    ``torch.ops.rnnrec_fast.recurrence.default``, or while one of torch.func's reverse-mode
+    transforms is active, the autograd function above, which they run."""
+    refuse_forward_ad(name, *tensors)
+    return _func_recurrence if _grad_transform_active() else torch.ops.rnnrec_fast.recurrence.default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,8 +650,7 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
             raise ValueError(f"rnnrec_fast.recurrence: resets must be a bool tensor, got {resets.dtype}")
     if backend not in BACKENDS:
         raise ValueError(f"rnnrec_fast.recurrence: backend must be one of {BACKENDS}, got {backend!r}")
-    if not torch.compiler.is_compiling():
-        refuse_unsupported_ad("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
-    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
-                                                 reset_after, backend)
+    op = (torch.ops.rnnrec_fast.recurrence.default if torch.compiler.is_compiling()
+          else op_for("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh))
+    y, h_n, _ = op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend)
     return y, h_n

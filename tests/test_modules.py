@@ -681,41 +681,77 @@ def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind
         assert torch.equal(call(x), call(x.clone()))
 
 
+def _torch_twin(kind, m):
+    """call(x, params=None) as _transform_case's, on the torch.nn module with m's weights."""
+    from torch.func import functional_call
+
+    ref = nn.GRUCell(4, 5) if kind == "GRUCell" else nn.GRU(4, 5)
+    ref.load_state_dict(m.state_dict())
+
+    def call(x, params=None):
+        out = ref(x) if params is None else functional_call(ref, params, (x,))
+        return out[0] if isinstance(out, tuple) else out
+    return call
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
-def test_reverse_mode_func_transforms_are_refused_clearly(backend, kind):
-    """torch.func.grad / vjp / jacrev, composed with vmap either way round, and through
-    functional_call on the weights, raise a NotImplementedError naming the package and what works
-    instead (torch.autograd.grad, rnnrec_fast.to_torch), on every autograd registration (torch's
-    error named neither: "cannot use C++ torch::autograd::Function with functorch transforms", or
-    on the Python one "must override the setup_context staticmethod"); vmap alone still runs, and
-    torch.autograd.functional.jacobian gives torch.nn's Jacobian."""
+def test_reverse_mode_func_transforms_match_torch_nn(backend, kind):
+    """torch.func.grad / vjp / jacrev, composed with vmap either way round (per-sample gradients),
+    through functional_call on the weights, under a no_grad inside the transform, and on tensors
+    the transform does not track, give torch.nn's results, on every autograd registration (the
+    Python-registration run of test_fallback.py runs this test too). torch refused both registered
+    autograd kernels there ("cannot use C++ torch::autograd::Function with functorch transforms";
+    "must override the setup_context staticmethod"): the modules and rnnrec_fast.recurrence call
+    the op through an autograd function functorch runs. Second derivatives raise as double
+    backward does; vmap alone and torch.autograd.functional.jacobian match too."""
     torch.manual_seed(19)
     m, call, x = _transform_case(kind, backend)
+    twin = _torch_twin(kind, m)
     bdim = 1 if x.dim() == 3 else 0
-    one = (lambda xi: call(xi.unsqueeze(bdim)).sum())
-    attempts = [
-        lambda: torch.func.grad(lambda i: call(i).sum())(x),
-        lambda: torch.func.vjp(call, x),
-        lambda: torch.func.jacrev(call)(x),
-        lambda: torch.func.vmap(torch.func.grad(one), in_dims=bdim)(x),
-        lambda: torch.func.grad(lambda i: torch.func.vmap(one, in_dims=bdim)(i).sum())(x),
-        lambda: torch.func.grad(lambda p: call(x, p).sum())(dict(m.named_parameters())),
-    ]
-    for attempt in attempts:
-        with pytest.raises(NotImplementedError, match=r"reverse-mode transforms .*torch\.autograd\.grad.*to_torch"):
-            attempt()
+    params = dict(m.named_parameters())
+
+    def cases(f):
+        one = (lambda xi: f(xi.unsqueeze(bdim)).sum())
+        # (torch.nn's GRU has no batching rule: a loop over the samples stands in for vmap there)
+        vmap_one = (torch.func.vmap(one, in_dims=bdim) if f is call else
+                    lambda i: torch.stack([one(xi) for xi in i.unbind(bdim)]))
+        per_sample = (torch.func.vmap(torch.func.grad(one), in_dims=bdim, out_dims=bdim)(x) if f is call else
+                      torch.stack([torch.func.grad(one)(xi) for xi in x.unbind(bdim)], bdim))
+
+        def under_no_grad(i):
+            with torch.no_grad():
+                y = f(i)
+            return (i.sin().sum() * y).sum()
+        return [
+            torch.func.grad(lambda i: f(i).square().sum())(x),
+            torch.func.vjp(f, x)[1](torch.linspace(-1, 1, f(x).numel()).reshape(f(x).shape))[0],
+            torch.func.jacrev(f)(x),
+            per_sample,
+            torch.func.grad(lambda i: vmap_one(i).square().sum())(x),
+            torch.func.grad(lambda p: f(x, p).square().sum())(params),
+            torch.func.grad(under_no_grad)(x),
+            torch.func.grad(lambda i: (i.cos() * f(torch.ones_like(x)).sum()).sum())(x),  # (an untracked call)
+        ]
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # (torch's per-sample fallback warning)
+        got, want = cases(call), cases(twin)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda msg: f"case {i}: {msg}")
+    assert got[6].grad_fn is None and got[7].grad_fn is not None  # (the weights: recorded only with grad on)
+    assert want[6].grad_fn is None and want[7].grad_fn is not None
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        torch.func.jacrev(torch.func.jacrev(lambda i: call(i).sum()))(x)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.hessian(lambda i: call(i).sum())(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         got = torch.func.vmap(lambda xi: call(xi.unsqueeze(bdim)), in_dims=bdim)(x)
-    want = torch.stack([call(x.narrow(bdim, b, 1)) for b in range(x.shape[bdim])])
+    want = torch.stack([twin(x.narrow(bdim, b, 1)) for b in range(x.shape[bdim])])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    if kind == "GRU":
-        ref = nn.GRU(4, 5)
-        ref.load_state_dict(m.state_dict())
-        jac = torch.autograd.functional.jacobian(call, x)
-        torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda i: ref(i)[0], x),
-                                   rtol=1e-5, atol=1e-6)
+    jac = torch.autograd.functional.jacobian(call, x)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(twin, x), rtol=1e-5, atol=1e-6)
 
 
 def test_recommender_score_keeps_forward_ad_tangents():
@@ -999,15 +1035,13 @@ def test_whole_models_convert_both_ways_and_export_to_onnx():
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_documented_migration_differences_raise_clearly(kind):
     """What the README lists as differing from torch.nn raises instead of computing something else:
-    torch.func.grad / jvp (a custom autograd function), an in-place change of the sequence
-    output before backward() (it is saved for the backward, as cuDNN's GRU saves it), and
-    detach_() of a batch_first sequence output."""
+    torch.func.jvp (forward mode), an in-place change of the sequence output before backward()
+    (it is saved for the backward, as cuDNN's GRU saves it), and detach_() of a batch_first
+    sequence output."""
     m = getattr(rnnrec_fast, kind)(4, 5)
     x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
     out = (lambda y: y[0] if isinstance(y, tuple) else y)
-    with pytest.raises(NotImplementedError, match="reverse-mode transforms"):
-        torch.func.grad(lambda inp: out(m(inp)).sum())(x)
-    with pytest.raises(RuntimeError, match="setup_context|forward-mode|jvp|functorch"):
+    with pytest.raises(NotImplementedError, match="forward-mode"):
         torch.func.jvp(lambda inp: out(m(inp)), (x,), (torch.ones_like(x),))
     if kind == "GRU":
         for change in (lambda y: y.relu_(), lambda y: y.add_(1.0)):

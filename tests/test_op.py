@@ -327,8 +327,12 @@ def test_forward_mode_ad_of_bare_op_calls_is_refused(backend):
     if not python_registration:  # (a C++ autograd function refuses every torch.func transform)
         return
     other = torch.randn(3, 5, dtype=torch.float64, generator=gen)
-    primal, tangent = torch.func.jvp(lambda o: o.sin() + call(torch.ops.rnnrec_fast.recurrence, forward, 0, x)[0],
-                                     (other,), (torch.ones_like(other),))
+    try:
+        primal, tangent = torch.func.jvp(lambda o: o.sin() + call(torch.ops.rnnrec_fast.recurrence, forward, 0, x)[0],
+                                         (other,), (torch.ones_like(other),))
+    except RuntimeError as exc:  # (torch 2.4's autograd kernel refuses functorch's transforms: seen there)
+        assert "setup_context" in str(exc) and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 13), exc
+        return
     torch.testing.assert_close(primal, other.sin() + y[0], rtol=0, atol=0)
     torch.testing.assert_close(tangent, other.cos(), rtol=0, atol=0)
 
