@@ -639,12 +639,15 @@ def _transform_case(kind, backend):
             return rnnrec_fast.recurrence(x, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
                                           p["bias_hh_l0"], backend=backend)[0]
         return m, call, torch.randn(3, 2, 4)
-    m = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
+    m = getattr(rnnrec_fast, kind.split("-")[0])(4, 5, backend=backend, **_TRANSFORM_KWARGS.get(kind, {}))
 
     def call(x, params=None):
         out = m(x) if params is None else functional_call(m, params, (x,))
         return out[0] if isinstance(out, tuple) else out
-    return m, call, torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    return m, call, torch.randn(2, 4) if kind == "GRUCell" else torch.randn(3, 2, 4)
+
+
+_TRANSFORM_KWARGS = {"RNN-relu-2-bi": dict(nonlinearity="relu", num_layers=2, bidirectional=True)}
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -685,7 +688,7 @@ def _torch_twin(kind, m):
     """call(x, params=None) as _transform_case's, on the torch.nn module with m's weights."""
     from torch.func import functional_call
 
-    ref = nn.GRUCell(4, 5) if kind == "GRUCell" else nn.GRU(4, 5)
+    ref = getattr(nn, "GRU" if kind == "op" else kind.split("-")[0])(4, 5, **_TRANSFORM_KWARGS.get(kind, {}))
     ref.load_state_dict(m.state_dict())
 
     def call(x, params=None):
@@ -695,7 +698,7 @@ def _torch_twin(kind, m):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op", "RNN-relu-2-bi"])
 def test_reverse_mode_func_transforms_match_torch_nn(backend, kind):
     """torch.func.grad / vjp / jacrev, composed with vmap either way round (per-sample gradients),
     through functional_call on the weights, under a no_grad inside the transform, and on tensors
