@@ -890,6 +890,148 @@ def test_topk_selection_order_for_every_k():
         assert si == order[:k], k
 
 
+# Opt-in big-memory tests (RNNREC_FAST_BIGMEM=1): sizes whose element offsets pass 2^31 although
+# every dimension is small, where index arithmetic done in 32 bits would wrap (a catalogue of 19.3M
+# items x H = 128; a GRU workspace of T = 65 x B = 65537 x 4H = 512), with a row, a step or a
+# thread's share of the work starting past element 2^31 (a wrapped start offset shows there, not
+# only a wrapped offset within a kernel). Each needs ~12 GB of free RAM and 1-2 min on 2 cores; run
+# one such process at a time. The test_op.py selection that test_simd_paths.py re-runs on the AVX2
+# and scalar kernels takes the scoring ones with it (their names hold "linear_rows" / "topk") when
+# the variable is set. (A signed 32-bit offset there crashed each of these tests, a segfault at the
+# call, in a scratch build; an unsigned one would need 2^32 elements, 16 GiB, to show.)
+bigmem = pytest.mark.skipif(os.environ.get("RNNREC_FAST_BIGMEM") != "1" or not backends.available("cpp"),
+                            reason="big-memory test (~12 GB of RAM, minutes; needs the C++ extension): "
+                                   "set RNNREC_FAST_BIGMEM=1 to run it")
+_BIG_CHUNK = 1 << 20
+
+
+def _uniform_big(shape, gen):
+    """A float32 tensor of U(-1, 1) values, filled in chunks of rows (no temporaries of its size)."""
+    t = torch.empty(shape)
+    flat = t.view(-1, shape[-1])
+    for r in range(0, flat.shape[0], _BIG_CHUNK):
+        flat[r:r + _BIG_CHUNK].uniform_(-1, 1, generator=gen)
+    return t
+
+
+@bigmem
+def test_bigmem_linear_rows_and_score_topk_past_2_31_elements():
+    """linear_rows and score_topk on an item matrix of N * H > 2^31 elements (19.3M items x 128,
+    9.2 GiB): the scores of the items past element 2^31 equal torch's (addmm over chunks of items),
+    and the top-k, with the best items planted there, equals torch.topk's. On one thread (offsets
+    within the kernel pass 2^31) and on eight (the catalogue split over threads: the last shares
+    start past 2^31)."""
+    from rnnrec_fast import _C
+
+    H = 128
+    N = (1 << 31) // H * 23 // 20  # 1.15 x 2^31 elements: the last of 8 thread shares starts past 2^31
+    wrap = (1 << 31) // H
+    gen = torch.Generator().manual_seed(21)
+    W = _uniform_big((N, H), gen)
+    b = torch.empty(N).uniform_(-1, 1, generator=gen)
+    x = torch.randn(3, H, generator=gen)
+    hot = [N - 1, wrap + 1, N - 2000, 7]  # row 0's best items (equal rows, told apart by b): three past the wrap
+    W[hot] = x[0] / x[0].norm() * 40
+    ref = torch.empty(N)  # row 0's scores, as torch computes them
+    for r in range(0, N, _BIG_CHUNK):
+        ref[r:r + _BIG_CHUNK] = torch.addmv(b[r:r + _BIG_CHUNK], W[r:r + _BIG_CHUNK], x[0])
+    threads = torch.get_num_threads()
+    try:
+        for nthr in (1, 8):
+            torch.set_num_threads(nthr)
+            for M in (1, 3):  # M = 1: the AVX-512 gemv where the CPU has it; M = 3: the small-batch kernel
+                got = _C.linear_rows(x[:M], W, b)
+                for r in range(0, N, _BIG_CHUNK):
+                    want = torch.addmm(b[r:r + _BIG_CHUNK], x[:M], W[r:r + _BIG_CHUNK].t())
+                    torch.testing.assert_close(got[:, r:r + _BIG_CHUNK], want, rtol=1e-4, atol=1e-4,
+                                               msg=lambda m: f"linear_rows M={M}, {nthr} threads, items from {r}: {m}")
+                del got
+            for k, excl in ((20, []), (100, []), (20, [N - 1, 3])):  # k <= 32 and k > 32: both selections
+                masked = ref.clone()
+                masked[excl] = float("-inf")
+                rv, _ = torch.topk(masked, k)
+                v, i = _C.score_topk(x[0], W, b, k, excl)
+                want_hot = sorted(set(hot) - set(excl), key=lambda j: -float(b[j]))  # (equal rows: b decides)
+                assert i[:len(want_hot)] == want_hot, (nthr, k, excl, i[:len(want_hot)])
+                assert len(set(i)) == k and not set(i) & set(excl), (nthr, k, excl)
+                # (the tail of the k may order two near-equal scores otherwise than torch: compared by value)
+                torch.testing.assert_close(torch.tensor(v), rv, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(masked[i], torch.tensor(v), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@bigmem
+def test_bigmem_topk_rows_past_2_31_elements():
+    """topk_rows on a (129, 16.8M) score matrix (M * N > 2^31, 8.1 GiB; the last row starts past
+    element 2^31): every row's top-k equals torch.topk's values, at the indices of those values
+    (torch's order among equal scores is unspecified); both selections (k <= 32 and k > 32)."""
+    from rnnrec_fast import _C
+
+    M = 129
+    N = (1 << 31) // (M - 1) + 1000
+    gen = torch.Generator().manual_seed(22)
+    s = _uniform_big((M, N), gen)
+    s[-1, [N - 1, N - 5, 3]] = torch.tensor([5.0, 4.0, 3.0])
+    s[0, N - 2] = 6.0
+    for k in (20, 100):
+        v, i = _C.topk_rows(s, k)
+        assert i[-1, :3].tolist() == [N - 1, N - 5, 3] and i[0, 0].item() == N - 2, k
+        for r0 in range(0, M, 8):
+            rv, _ = torch.topk(s[r0:r0 + 8], k, dim=1)
+            assert torch.equal(v[r0:r0 + 8], rv), (k, r0)
+            assert torch.equal(s[r0:r0 + 8].gather(1, i[r0:r0 + 8]), rv), (k, r0)
+        assert all(len(set(row)) == k for row in i.tolist()), k
+
+
+@bigmem
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_bigmem_gru_workspace_past_2_31_elements(reset_after):
+    """The C++ GRU forward and backward with a workspace (T, B, 4H) of more than 2^31 elements
+    (T = 65, B = 65537, H = 128: 8.1 GiB; the last step starts past element 2^31). The
+    rows are independent: outputs, workspace, h_n, grad_x and grad_h0 of rows 0, 1 and the last 64
+    equal the reference backend's on those rows; the weight and bias gradients (sums over all rows)
+    equal the sum of the C++ backward over the two halves of the batch (each below 2^31), to the
+    float32 rounding of sums of 4.2M terms (grad_w_ih cancels: ~6e-4 of its largest element)."""
+    from rnnrec_fast import _C
+
+    T, B, I, H = 65, 65537, 1, 128
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(T, B, I, generator=gen)
+    h0 = torch.randn(B, H, generator=gen) * 0.5
+    w_ih = torch.randn(3 * H, I, generator=gen) * 0.3
+    w_hh = torch.randn(3 * H, H, generator=gen) / H ** 0.5
+    b_ih, b_hh = torch.randn(3 * H, generator=gen) * 0.1, torch.randn(3 * H, generator=gen) * 0.1
+    gy, ghn = torch.ones(1, 1, 1).expand(T, B, H), torch.zeros(B, H)
+    y, hn, ws = _C.forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, 2, reset_after)
+    assert (T - 1) * B * ws.shape[2] >= 1 << 31
+    rows = [0, 1] + list(range(B - 64, B))
+    xr = x[:, rows].contiguous()
+    ry, rhn, rws = reference.forward(xr, h0[rows], w_ih, w_hh, b_ih, b_hh, None, None, 2, reset_after)
+    for name, got, want in (("y", y[:, rows], ry), ("h_n", hn[rows], rhn), ("ws", ws[:, rows], rws)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    grads = _C.backward(gy, ghn, x, h0, w_ih, w_hh, b_ih, b_hh, None, None, y, ws, 2, reset_after)
+    rg = reference.backward(gy[:, rows], ghn[rows], xr, h0[rows], w_ih, w_hh, b_ih, b_hh, None, None, ry, rws, 2,
+                            reset_after)
+    for name, got, want in (("grad_x", grads[0][:, rows], rg[0]), ("grad_h0", grads[1][rows], rg[1])):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+    full = [g.clone() for g in grads[2:]]
+    del y, hn, ws, grads
+    halves = [torch.zeros_like(g, dtype=torch.float64) for g in full]
+    for b0, b1 in ((0, B // 2), (B // 2, B)):
+        xs = x[:, b0:b1].contiguous()
+        yh, _, wsh = _C.forward(xs, h0[b0:b1], w_ih, w_hh, b_ih, b_hh, None, None, 2, reset_after)
+        gh = _C.backward(gy[:, b0:b1], ghn[b0:b1], xs, h0[b0:b1], w_ih, w_hh, b_ih, b_hh, None, None, yh, wsh, 2,
+                         reset_after)
+        for acc, g in zip(halves, gh[2:]):
+            acc += g.double()
+        del yh, wsh, gh
+    for name, got, want in zip(("grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"), full, halves):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-3 * scale,
+                                   msg=lambda m: f"{name} (atol 5e-3 x {scale:.3g}): {m}")
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
 def test_reset_rows_ignore_what_h0_holds(backend, mode):
