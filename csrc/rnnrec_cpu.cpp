@@ -1209,6 +1209,10 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
       at::GradMode::is_enabled() || !plain_memory(input))
     return unhandled;
+  // Nor inside a torch.func transform, plain tensors or not: a grad / jvp level wraps what the ATen
+  // calls below make there (a batch_first input's transposed copy, a contiguous hx), and the wrapper
+  // has no memory ("Cannot access data pointer of Tensor that doesn't have storage")
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return unhandled;
   // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
   // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
   const int64_t nd = input.dim();

@@ -66,6 +66,11 @@ def _calls_observed():
 
 # torch.func's wrappers (vmap's batched tensors, ...) have no storage of their own: no fast path
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+# and none inside a torch.func transform at all: a grad / jvp level wraps what every ATen call makes
+# there, plain inputs or not (the Python plan's detach() of a weight, the C++ plan's transposed copy of
+# a batch_first input), and a wrapper's memory cannot be read ("Cannot access data pointer of Tensor
+# that doesn't have storage" for a no_grad call on untracked tensors inside torch.func.grad)
+_peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
 def _plain_memory(t):
@@ -78,13 +83,14 @@ def _plain_memory(t):
 
 def _unrecorded(a, b=None):
     """Plain tensors a (and b, when given), and nothing records the call: no torch.jit.trace, torch
-    dispatch mode or profiler, no torch.func wrapper. Only then may a kernel that is not the
+    dispatch mode or profiler, no torch.func wrapper or transform. Only then may a kernel that is not the
     registered op (the Python plans, GRU4Rec.score's few-rows kernel) run instead of it. (Compiling
     and function modes are checked where the fast paths are tried.)"""
     return (type(a) is torch.Tensor and (b is None or type(b) is torch.Tensor)
             and torch._C._get_tracing_state() is None and not torch._C._len_torch_dispatch_stack()
             and not torch.autograd._profiler_enabled()
-            and not _functorch_wrapped(a) and (b is None or not _functorch_wrapped(b)))
+            and not _functorch_wrapped(a) and (b is None or not _functorch_wrapped(b))
+            and _peek_transform() is None)
 
 # The op's mode of a module's ``mode``: torch.nn's names on the sequence modules ("GRU", "RNN_TANH",
 # "RNN_RELU"), the op's own on the cells (which torch.nn gives no ``mode``) and in modules pickled
@@ -752,9 +758,10 @@ class _RNNBase(_FastPath):
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x, weights), lengths, resets, mode,
                         reset_after, backend)[:2]
             # in place, as torch.nn's is, h_n is no view: `h_n.detach_()` between batches works
-            # (nothing saved h); traced by dynamo as the plain view, and a view under torch.func
-            # (vmap's outputs refuse the change in place)
-            in_place = op is torch.ops.rnnrec_fast.recurrence.default and not _is_compiling()
+            # (nothing saved h; an empty batch's, and under torch.func.grad, too); traced by dynamo as
+            # the plain view, and a view where vmap runs the autograd function of torch.func's
+            # transforms (its rule returns views, which refuse the change in place)
+            in_place = not _is_compiling() and not (op is ops._func_recurrence and ops._vmap_active())
             h_n = h.unsqueeze_(0) if in_place else h.unsqueeze(0)
         else:
             rev = _reverse_index(T, lengths, x.device) if D == 2 and lengths is not None else None

@@ -22,6 +22,7 @@ import threading
 import warnings
 
 import torch
+from torch._C._functorch import TransformType as _TransformType
 from torch.autograd import forward_ad as _forward_ad
 
 from . import backends as _backends
@@ -221,8 +222,20 @@ def refuse_forward_ad(name, *tensors):
     if _forward_ad._current_level < 0:
         return
     for t in tensors:
-        if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+        if isinstance(t, torch.Tensor) and _tangent_of(t) is not None:
             raise _forward_ad_error(name)
+
+
+def _tangent_of(t):
+    # vmap's batched tensor has no batching rule for _unpack_dual (torch.func.jvp(vmap(f)): torch's
+    # "Batching rule not implemented for aten::_unpack_dual"); the tensor it holds carries the tangent
+    while True:
+        try:
+            return _forward_ad.unpack_dual(t).tangent
+        except RuntimeError:
+            if not torch._C._functorch.is_batchedtensor(t):
+                raise
+            t = torch._C._functorch.get_unwrapped(t)
 
 
 def _forward_ad_error(name):
@@ -230,10 +243,6 @@ def _forward_ad_error(name):
         f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
         "supported by rnnrec_fast::recurrence, whose autograd is reverse-mode only; use reverse mode "
         "(torch.autograd.grad, jacobian) or convert the model with rnnrec_fast.to_torch(model)")
-
-
-_ft = torch._C._functorch
-from torch._C._functorch import TransformType as _TransformType  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,17 +602,41 @@ def _func_recurrence(*args):
     return _FuncRecurrence.apply(*args)
 
 
-def _grad_transform_active():
+_AUTOGRAD_TRANSFORMS = (_TransformType.Grad, _TransformType.Jvp)
+
+
+def _grad_transform_active(name=None):
+    """Whether one of torch.func's autograd-based transforms is active: grad / vjp / jacrev, or
+    jvp / jacfwd (whose level refuses the registered kernels too, also for a call on tensors it
+    does not track, where the autograd function runs and torch.nn's answer comes back; a tangent
+    reaching it is refused by its jvp). With ``name``, functionalize around or inside one raises:
+    torch has no functionalize rule for an autograd function."""
     stack = torch._C._functorch.get_interpreter_stack()  # (None when empty)
-    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
+    if not stack:
+        return False
+    keys = [i.key() for i in stack]
+    if not any(k in _AUTOGRAD_TRANSFORMS for k in keys):
+        return False
+    if name is not None and _TransformType.Functionalize in keys:
+        raise NotImplementedError(
+            f"{name}: torch.func.functionalize combined with torch.func.grad, vjp, jacrev or jvp is not "
+            "supported by rnnrec_fast::recurrence (torch has no functionalize rule for the autograd "
+            "function those transforms run it through); use either transform alone, or convert the "
+            "model with rnnrec_fast.to_torch(model)")
+    return True
+
+
+def _vmap_active():
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(i.key() == _TransformType.Vmap for i in stack)
 
 
 def op_for(name, *tensors):
     """The recurrence op a module or ``recurrence`` calls with ``tensors`` (refuse_forward_ad first):
-    ``torch.ops.rnnrec_fast.recurrence.default``, or while one of torch.func's reverse-mode
+    ``torch.ops.rnnrec_fast.recurrence.default``, or while one of torch.func's autograd-based
     transforms is active, the autograd function above, which they run."""
     refuse_forward_ad(name, *tensors)
-    return _func_recurrence if _grad_transform_active() else torch.ops.rnnrec_fast.recurrence.default
+    return _func_recurrence if _grad_transform_active(name) else torch.ops.rnnrec_fast.recurrence.default
 
 
 # ----------------------------------------------------------------------------------------------

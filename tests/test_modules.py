@@ -670,6 +670,8 @@ def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind
     attempts = [
         lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)),
         lambda: torch.func.jacfwd(call)(x),
+        # (vmap's batched tensor: torch's "Batching rule not implemented for aten::_unpack_dual")
+        lambda: torch.func.jvp(torch.func.vmap(call), (x.unsqueeze(0),), (torch.ones_like(x).unsqueeze(0),)),
         lambda: torch.func.jvp(lambda w: call(x, {**params, w_hh: w}), (params[w_hh],), (torch.ones_like(params[w_hh]),)),
     ]
     for grad_mode in (torch.no_grad, torch.enable_grad):
@@ -755,6 +757,105 @@ def test_reverse_mode_func_transforms_match_torch_nn(backend, kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     jac = torch.autograd.functional.jacobian(call, x)
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(twin, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto"] + cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU-batch_first", "GRU-hx", "GRU-2", "RNN-relu-batch_first", "GRUCell", "GRUCell-hx"])
+def test_reverse_mode_func_untracked_no_grad_calls_match_torch_nn(backend, kind):
+    """Inside torch.func.grad / vjp / jvp, a no_grad call on tensors the transform does not track
+    (a frozen model, a target network) gives torch.nn's result: the inference fast paths step aside
+    there (a grad or jvp level wraps the result of every ATen call made inside it, plain inputs or
+    not, and the Python plan's detached weights, the C++ plan's transposed batch_first input or
+    contiguous hx, were such wrappers: "Cannot access data pointer of Tensor that doesn't have
+    storage"); vmap alone too."""
+    torch.manual_seed(23)
+    base, *rest = kind.split("-")
+    kw = dict(batch_first=True) if "batch_first" in rest else dict(num_layers=2) if "2" in rest else {}
+    if "relu" in rest:
+        kw["nonlinearity"] = "relu"
+    ours = getattr(rnnrec_fast, base)(3, 4, backend=backend, **kw)
+    ref = getattr(nn, base)(3, 4, **kw)
+    ref.load_state_dict(ours.state_dict())
+    cell = base.endswith("Cell")
+    x = torch.randn(2, 3) if cell else torch.randn(2, 5, 3) if kw.get("batch_first") else torch.randn(5, 2, 3)
+    hx = None
+    if "hx" in rest:  # a non-contiguous hx
+        hx = torch.randn(4, 2).t() if cell else torch.randn(1, 4, 2).transpose(1, 2)
+    w = torch.randn(4)
+
+    def results(m):
+        def f(v):
+            with torch.no_grad():
+                out = m(x) if hx is None else m(x, hx)
+            return ((out if cell else out[0]) * v).sum()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return [torch.func.grad(f)(w), torch.func.vjp(f, w)[1](torch.tensor(2.0))[0],
+                    torch.func.jvp(f, (w,), (torch.ones(4),))[1], torch.func.vmap(f)(torch.stack([w, 2 * w]))]
+    for i, (got, want) in enumerate(zip(results(ours), results(ref))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"case {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+def test_forward_mode_func_jvp_runs_calls_without_a_tangent_as_torch_nn(backend, kind):
+    """torch.func.jvp / jacfwd of a function whose recurrent call gets no tangent (the tangent is on a
+    head's weights, the RNN's inputs and weights are not the transform's) give torch.nn's result, with
+    grad on and under no_grad: the jvp level refused both registered autograd kernels there ("cannot
+    use C++ torch::autograd::Function with functorch transforms"), so the call goes through the
+    autograd function as under grad, whose jvp refuses only a tangent that reaches it."""
+    torch.manual_seed(29)
+    m, call, x = _transform_case(kind, backend)
+    twin = _torch_twin(kind, m)
+    head = torch.randn(5)
+    for grad_mode in (torch.enable_grad, torch.no_grad):
+        def results(f):
+            def features():
+                with grad_mode():
+                    return f(x)
+            return [torch.func.jvp(lambda w: (features() * w).sum(-1), (head,), (torch.ones(5),))[1],
+                    torch.func.jacfwd(lambda w: (features() * w).sum(-1))(head)]
+        for got, want in zip(results(call), results(twin)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+def test_reverse_mode_func_transforms_with_functionalize_are_refused_clearly(backend, kind):
+    """torch.func.functionalize around or inside grad / jacrev raises an error naming the package and
+    the way out (torch's was "NYI: Functionalize rule for custom_function_call", for the autograd
+    function those transforms run the op through); functionalize alone runs and matches torch.nn."""
+    torch.manual_seed(31)
+    m, call, x = _transform_case(kind, backend)
+    twin = _torch_twin(kind, m)
+    for attempt in (lambda: torch.func.grad(lambda i: torch.func.functionalize(call)(i).sum())(x),
+                    lambda: torch.func.functionalize(torch.func.grad(lambda i: call(i).sum()))(x),
+                    lambda: torch.func.functionalize(torch.func.jacrev(call))(x)):
+        with pytest.raises(NotImplementedError, match=r"functionalize .*rnnrec_fast\.to_torch"):
+            attempt()
+    torch.testing.assert_close(torch.func.functionalize(call)(x), twin(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_reverse_mode_func_keeps_h_n_in_place(backend):
+    """h_n is no view, as torch.nn's: `h_n.detach_()` works for a batch of zero rows (as before the
+    autograd function of torch.func's transforms came in) and inside torch.func.grad (a view there)."""
+    torch.manual_seed(37)
+    ours = rnnrec_fast.GRU(3, 4, backend=backend)
+    ref = nn.GRU(3, 4)
+    ref.load_state_dict(ours.state_dict())
+    for m in (ours, ref):
+        _, h_n = m(torch.randn(5, 0, 3, requires_grad=True))
+        assert h_n._base is None
+        h_n.detach_()
+
+    def loss(m):
+        def f(i):
+            y, h_n = m(i)
+            return y.square().sum() + h_n.detach_().sum()
+        return f
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(torch.func.grad(loss(ours))(x), torch.func.grad(loss(ref))(x), rtol=1e-5, atol=1e-6)
 
 
 def test_recommender_score_keeps_forward_ad_tangents():
