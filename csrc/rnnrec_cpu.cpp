@@ -339,6 +339,13 @@ constexpr int64_t kL2Bytes = 512 * 1024;  // the L2 cache per core of the Zen 3 
 // blocking wins (B64 T20 H512 training, packing the per-step weight gradients' 128 KB x: ~137 ->
 // ~143 ms).
 inline bool avx2_packed_pays(int64_t K, int64_t N) { return K * N * int64_t(sizeof(float)) <= kL2Bytes / 4; }
+// AVX-512: packing op(B) pays where it is small (a quarter of L2) or used by enough rows. Packing
+// the 3 MB of a H=512 weight for the 64 rows of a one-step batch made that call 1.76x slower than
+// MKL's path (B64 T1 H512 inference, one thread, Zen 4: 4272 -> 2450 us, A/B, not a saved run;
+// T=20 and training, whose products have 640+ rows, keep the packed kernels)
+inline bool avx512_packed_pays(int64_t M, int64_t K, int64_t N) {
+  return K * N * int64_t(sizeof(float)) <= kL2Bytes / 4 || M >= 256;
+}
 
 // General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
 // packed-B kernels for float when M is large enough to amortise packing op(B) and (AVX2 only)
@@ -349,7 +356,7 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
     if (M >= 48 && N >= 8 && K > 0 && g != nullptr &&
-        (avx512_enabled() || (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) ||
+        ((avx512_enabled() && avx512_packed_pays(M, K, N)) || (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) ||
          (!ta && tb && K <= 256 && M >= 4096))) {
       const int64_t KC = 256;
       Buf<float> pk(g->packed_size(std::min(K, KC), N));
@@ -415,7 +422,7 @@ struct StepW {
       } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         direct = true;
       } else if (K > 0 && N > 0 && M * steps >= 32 &&
-                 (avx512_enabled() || (simd_enabled() && avx2_packed_pays(K, N)) ||
+                 ((avx512_enabled() && avx512_packed_pays(M * steps, K, N)) || (simd_enabled() && avx2_packed_pays(K, N)) ||
                   (simd_enabled() && steps > 1 && M <= 128 &&
                                        K * N * int64_t(sizeof(float)) > kL2Bytes))) {
         packed = true;
