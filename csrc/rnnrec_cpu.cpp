@@ -356,7 +356,8 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
     if (M >= 48 && N >= 8 && K > 0 && g != nullptr &&
-        ((avx512_enabled() && avx512_packed_pays(M, K, N)) || (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) ||
+        ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
+         (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) ||
          (!ta && tb && K <= 256 && M >= 4096))) {
       const int64_t KC = 256;
       Buf<float> pk(g->packed_size(std::min(K, KC), N));
@@ -422,7 +423,8 @@ struct StepW {
       } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32) {
         direct = true;
       } else if (K > 0 && N > 0 && M * steps >= 32 &&
-                 ((avx512_enabled() && avx512_packed_pays(M * steps, K, N)) || (simd_enabled() && avx2_packed_pays(K, N)) ||
+                 ((avx512_enabled() && avx512_packed_pays(M * steps, K, N)) ||
+                  (simd_enabled() && avx2_packed_pays(K, N)) ||
                   (simd_enabled() && steps > 1 && M <= 128 &&
                                        K * N * int64_t(sizeof(float)) > kL2Bytes))) {
         packed = true;

@@ -7,8 +7,10 @@ Two ops live under the ``rnnrec_fast`` namespace:
 ``rnnrec_fast::recurrence_backward``
     its gradient; autograd for ``recurrence`` is the kernel :func:`torch.library.register_autograd`
     makes, behind a check that refuses forward-mode AD, so eager mode, ``torch.compile``,
-    ``torch.export`` and TorchScript all see the same op. With the compiled extension, CPU tensors take a C++ registration of the same autograd (the AutogradCPU
-    kernel in ``csrc/rnnrec_op.cpp``: no Python around each call); this one serves the other devices.
+    ``torch.export`` and TorchScript all see the same op. With the compiled extension, CPU tensors
+    take a C++ registration of the same autograd (the AutogradCPU kernel in ``csrc/rnnrec_op.cpp``:
+    no Python around each call); this one serves the other devices. Under torch.func's transforms
+    the modules and :func:`recurrence` call the op through an autograd function (``op_for``).
 
 The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, reference); the
 ``backend`` argument picks one (``"auto"``: the fastest available for the tensors' device).
@@ -545,13 +547,14 @@ if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp,
                                     lambda ctx, inputs, output: None)
 
 
-# torch.func's reverse-mode transforms (grad, vjp, jacrev, and with vmap) refuse both registered
-# autograd kernels: a C++ autograd function ("cannot use C++ torch::autograd::Function with
-# functorch transforms") and torch.library's (an old-style autograd.Function: "must override the
-# setup_context staticmethod"). The modules and ``recurrence`` call the op through these two
-# instead while such a transform is active: functorch runs their forward one level down (plain
-# tensors, below the transform: the registered kernels serve it) and their backward at the
-# transform's level. vmap runs them through the op's per-sample fallback (generate_vmap_rule).
+# torch.func's autograd-based transforms (grad, vjp, jacrev, also with vmap; jvp / jacfwd for the
+# calls that carry no tangent) refuse both registered autograd kernels: a C++ autograd function
+# ("cannot use C++ torch::autograd::Function with functorch transforms") and torch.library's (an
+# old-style autograd.Function: "must override the setup_context staticmethod"). The modules and
+# ``recurrence`` call the op through these two instead while such a transform is active: functorch
+# runs their forward one level down (plain tensors, below the transform: the registered kernels
+# serve it) and their backward at the transform's level. vmap runs them through the op's
+# per-sample fallback (generate_vmap_rule).
 
 
 class _FuncRecurrenceBackward(torch.autograd.Function):
