@@ -716,7 +716,7 @@ class _RNNBase(_FastPath):
         if hx is not None and not isinstance(hx, torch.Tensor):  # (before _autocast_cast reads its dtype)
             raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
                             + (" (an LSTM's (h, c) pair? RNN and GRU take h alone)" if isinstance(hx, tuple) else ""))
-        op = torch.ops.rnnrec_fast.recurrence.default if _is_compiling() else ops.op_for(name, x, hx, *weights)
+        op = ops.op_for(name, x, hx, *weights)
         x, hx = _autocast_cast(x, hx, weights[0])
         T, B, I = x.shape
         if ops.is_zero(T):
@@ -956,7 +956,7 @@ class _CellBase(_FastPath):
         # as torch.nn's cells: the biases the module holds (a None one: none), whatever self.bias says
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         values = [getattr(self, n) for n in names]  # (each read once a call)
-        op = torch.ops.rnnrec_fast.recurrence.default if _is_compiling() else ops.op_for(name, x, hx, *values)
+        op = ops.op_for(name, x, hx, *values)
         x, hx = _autocast_cast(x, hx, values[0])
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
         w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x,

@@ -519,12 +519,11 @@ def _register_reverse_mode_autograd(name, backward, setup_context):
     where nothing requires grad, and a tangent alone requires none: every torch.func.jvp / jacfwd of
     a bare torch.ops call came back with zero tangents, no error. The tangents are visible only at
     this key (the kernels below see plain tensors)."""
-    kernel = getattr(getattr(torch._library, "autograd", None), "make_autograd_impl", None)
-    if kernel is None:  # (a torch without it: its public registration, tangents unchecked)
+    make = getattr(getattr(torch._library, "autograd", None), "make_autograd_impl", None)
+    if make is None:  # (a torch without it: its public registration, tangents unchecked)
         torch.library.register_autograd(f"rnnrec_fast::{name}", backward, setup_context=setup_context)
         return
-    kernel = kernel(getattr(torch.ops.rnnrec_fast, name).default,
-                    torch._library.autograd.Info(backward, setup_context))
+    kernel = make(getattr(torch.ops.rnnrec_fast, name).default, torch._library.autograd.Info(backward, setup_context))
     what = f"rnnrec_fast::{name}"
 
     def autograd_kernel(keyset, *args):
@@ -636,8 +635,11 @@ def _vmap_active():
 
 def op_for(name, *tensors):
     """The recurrence op a module or ``recurrence`` calls with ``tensors`` (refuse_forward_ad first):
-    ``torch.ops.rnnrec_fast.recurrence.default``, or while one of torch.func's autograd-based
-    transforms is active, the autograd function above, which they run."""
+    ``torch.ops.rnnrec_fast.recurrence.default`` (always while compiling: dynamo traces the op), or
+    while one of torch.func's autograd-based transforms is active, the autograd function above,
+    which they run."""
+    if torch.compiler.is_compiling():
+        return torch.ops.rnnrec_fast.recurrence.default
     refuse_forward_ad(name, *tensors)
     return _func_recurrence if _grad_transform_active(name) else torch.ops.rnnrec_fast.recurrence.default
 
@@ -686,7 +688,6 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
             raise ValueError(f"rnnrec_fast.recurrence: resets must be a bool tensor, got {resets.dtype}")
     if backend not in BACKENDS:
         raise ValueError(f"rnnrec_fast.recurrence: backend must be one of {BACKENDS}, got {backend!r}")
-    op = (torch.ops.rnnrec_fast.recurrence.default if torch.compiler.is_compiling()
-          else op_for("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh))
+    op = op_for("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
     y, h_n, _ = op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend)
     return y, h_n
