@@ -340,9 +340,9 @@ constexpr int64_t kL2Bytes = 512 * 1024;  // the L2 cache per core of the Zen 3 
 // ~143 ms).
 inline bool avx2_packed_pays(int64_t K, int64_t N) { return K * N * int64_t(sizeof(float)) <= kL2Bytes / 4; }
 // AVX-512: packing op(B) pays where it is small (a quarter of L2) or used by enough rows. Packing
-// the 3 MB of a H=512 weight for the 64 rows of a one-step batch made that call 1.76x slower than
-// MKL's path (B64 T1 H512 inference, one thread, Zen 4: 4272 -> 2450 us, A/B, not a saved run;
-// T=20 and training, whose products have 640+ rows, keep the packed kernels)
+// the 3 MB of a H=512 weight for the 64 rows of a one-step batch made that call slower than MKL's
+// path (B64 T1 H512 inference, one thread, Zen 4: 4,760 us in run cpu-2026-12-02b, 2,647 us in
+// 12-02c after this; T=20 and training, whose products have 640+ rows, keep the packed kernels)
 inline bool avx512_packed_pays(int64_t M, int64_t K, int64_t N) {
   return K * N * int64_t(sizeof(float)) <= kL2Bytes / 4 || M >= 256;
 }
