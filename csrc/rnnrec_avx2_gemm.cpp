@@ -145,25 +145,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
 
 int64_t packed_size(int64_t K, int64_t N) { return K * ((N + NR - 1) / NR) * NR; }
 
-// dst[j * ld + i] = src[i * lds + j] for an 8 x 8 block (eight row loads, eight stores).
-static inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ld) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    _mm256_storeu_ps(dst + j * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
-    _mm256_storeu_ps(dst + (j + 4) * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
-  }
-}
+#include "rnnrec_transpose.inc"
 
 void pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, float* out) {
   const int64_t np = (N + NR - 1) / NR;
@@ -171,24 +153,21 @@ void pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, floa
     float* dst = out + p * K * NR;
     const int64_t n0 = p * NR;
     const int64_t nv = N - n0 < NR ? N - n0 : NR;
+    if (transB) {  // B[k, n] at B[n * ldb + k]
+      pack_panel_trans(K, nv, NR, B + n0 * ldb, ldb, dst);
+      continue;
+    }
     int64_t k0 = 0;
-    if (transB && nv == NR) {  // a full panel of a transposed B: 8 x 8 blocks (the weights' usual case)
-      for (; k0 + 8 <= K; k0 += 8)
-        for (int64_t h = 0; h < NR; h += 8) transpose8(B + (n0 + h) * ldb + k0, ldb, dst + k0 * NR + h, NR);
-    } else if (!transB && nv == NR) {  // a full panel of a row-major B: two vectors per row
+    if (nv == NR) {  // a full panel of a row-major B: two vectors per row
       for (; k0 < K; ++k0) {
         _mm256_storeu_ps(dst + k0 * NR, _mm256_loadu_ps(B + k0 * ldb + n0));
         _mm256_storeu_ps(dst + k0 * NR + 8, _mm256_loadu_ps(B + k0 * ldb + n0 + 8));
       }
     }
-    for (int64_t k = k0; k < K; ++k) {
+    for (int64_t k = k0; k < K; ++k) {  // B[k, n] at B[k * ldb + n]
       float* d = dst + k * NR;
       int64_t n = 0;
-      if (!transB) {  // B[k, n] at B[k * ldb + n]
-        for (; n < nv; ++n) d[n] = B[k * ldb + n0 + n];
-      } else {  // B[k, n] at B[n * ldb + k]
-        for (; n < nv; ++n) d[n] = B[(n0 + n) * ldb + k];
-      }
+      for (; n < nv; ++n) d[n] = B[k * ldb + n0 + n];
       for (; n < NR; ++n) d[n] = 0.0f;
     }
   }

@@ -98,6 +98,10 @@ static inline void micro(int64_t K, const float* A, int64_t si, int64_t sk, cons
 
 }  // namespace
 
+namespace {
+#include "rnnrec_transpose.inc"
+}  // namespace
+
 int64_t avx512_packed_size(int64_t K, int64_t N) { return K * ((N + NR - 1) / NR) * NR; }
 
 void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, float* out) {
@@ -114,12 +118,7 @@ void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ld
         _mm512_storeu_ps(dst + k * NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
       }
     } else {  // B[k, n] at B[n * ldb + k]: transpose 32 weight rows into the panel
-      for (int64_t k = 0; k < K; ++k) {
-        float* d = dst + k * NR;
-        int64_t n = 0;
-        for (; n < nv; ++n) d[n] = B[(n0 + n) * ldb + k];
-        for (; n < NR; ++n) d[n] = 0.0f;
-      }
+      pack_panel_trans(K, nv, NR, B + n0 * ldb, ldb, dst);
     }
   }
 }
