@@ -190,7 +190,9 @@ class _PyInferPlan:
             hs.append(h_n)
         if cell:
             return hs[0]
-        return (x.transpose(0, 1) if self.batch_first else x), (hs[0].unsqueeze(0) if L == 1 else torch.stack(hs))
+        # h_n in place, as the general path's: no view (`h_n.detach_()` between chunks works; the
+        # backend's h_n is a tensor of its own)
+        return (x.transpose(0, 1) if self.batch_first else x), (hs[0].unsqueeze_(0) if L == 1 else torch.stack(hs))
 
     def forget(self):
         """Drops the views of the weights (their module replaced or removed one)."""
@@ -566,12 +568,17 @@ class _RNNBase(_FastPath):
                 raise TypeError(f"{name}: {arg} should be of type bool, got: {type(value).__name__}")
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
                            ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool):
+            # (torch.nn takes any integer num_layers, NumPy's too: np.random.choice([1, 2, 3]) in a
+            # hyperparameter search; its sizes must be Python ints)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if arg == "num_layers" else int):
                 raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name}: {arg} must be greater than zero, got {value}")
+        num_layers = int(num_layers)
         if dropout > 0 and num_layers == 1:
-            warnings.warn(f"{name}: dropout option adds dropout after all but last recurrent layer, "
+            # torch.nn's text, unprefixed: warnings.filterwarnings("ignore", message="dropout option adds
+            # dropout") matches the start of the message
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, "
                           f"so non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", UserWarning, stacklevel=2)
         self.mode = self._mode.upper()  # as torch.nn: "GRU", "RNN_TANH", "RNN_RELU"
@@ -638,7 +645,31 @@ class _RNNBase(_FastPath):
 
     @property
     def _flat_weights(self):
-        return [getattr(self, name) for name in self._flat_weights_names]
+        # (as torch.nn's list: None for a weight the module does not hold, as WeightDrop wrappers leave
+        # one between deleting the parameter and setting its replacement)
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @_flat_weights.setter
+    def _flat_weights(self, value):
+        # torch.nn.RNNBase keeps this list, and code written against it refreshes the list after
+        # replacing weights (`m._flat_weights = [getattr(m, n) for n in m._flat_weights_names]`:
+        # WeightDrop wrappers, diffq's quantizer). These modules read their weights from the
+        # attributes at every call, so such a refresh has nothing to do. A list of other tensors,
+        # which torch.nn's forward would run on until a weight attribute changes, is refused: it
+        # would be ignored here. (A parametrized weight is a new tensor at every read: torch.nn re-reads
+        # it at every call too, whatever the list holds.)
+        from torch.nn.utils import parametrize
+
+        names = self._flat_weights_names
+        value = list(value)
+        refresh = len(value) == len(names) and all(
+            parametrize.is_parametrized(self, n) or v is getattr(self, n, None) for n, v in zip(names, value))
+        if not refresh:
+            raise NotImplementedError(
+                f"{type(self).__name__}: _flat_weights can only be refreshed from the weight attributes "
+                "([getattr(m, n) for n in m._flat_weights_names]), which this module reads at every call; "
+                "to run on other weights assign them as attributes (m.weight_hh_l0 = ...), or use "
+                "torch.func.functional_call")
 
     def extra_repr(self) -> str:
         # torch.nn's text; built from attributes, not str.format(**self.__dict__), which dynamo cannot
@@ -816,11 +847,15 @@ class RNN(_RNNBase):
 
     _gates = 1
 
-    def __init__(self, *args, nonlinearity="tanh", **kwargs):
+    def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:  # as torch.nn.RNN / GRU: a keyword proj_size, even 0, is refused
             raise ValueError(_PROJ_SIZE_MSG)
         if len(args) > 3:  # torch.nn.RNN's positional order: input, hidden, layers, nonlinearity, ...
+            if "nonlinearity" in kwargs:  # (torch.nn raises TypeError too; the keyword was dropped silently)
+                raise TypeError("RNN: got multiple values for argument 'nonlinearity'")
             nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'.")
         if "reset_after" in kwargs:

@@ -1204,6 +1204,96 @@ def test_truncated_bptt_detaches_h_n_in_place_as_torch_nn(backend, num_layers, p
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_h_n_of_an_inference_call_detaches_in_place_as_torch_nn(backend, num_layers, mode):
+    """h_n of a call without autograd (each backend's inference plan) is no view either: `h.detach_()`
+    works as on torch.nn (the reference backend's plan returned a one-layer module's h_n as
+    `h.unsqueeze(0)`: 'Can't detach views in-place')."""
+    torch.manual_seed(5)
+    ref = nn.GRU(3, 4, num_layers=num_layers)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    x = torch.randn(5, 2, 3)
+    for m in (ref, ours):
+        with getattr(torch, mode)():
+            out, h = m(x)
+        assert h._base is None
+        h.detach_()
+    assert_close(h, ref(x)[1], torch.float32, "h_n")
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_constructor_argument_types_as_torch_nn(kind):
+    """num_layers may be any integer, NumPy's too (np.random.choice in a hyperparameter search), as
+    torch.nn takes it; the sizes must be Python ints, as torch.nn requires."""
+    np = pytest.importorskip("numpy")
+    for cls in (getattr(nn, kind), getattr(rnnrec_fast, kind)):
+        m = cls(3, 4, num_layers=np.int64(2))
+        assert m.num_layers == 2 and repr(m) == f"{kind}(3, 4, num_layers=2)" and len(m.all_weights) == 2
+        with pytest.raises(TypeError, match="hidden_size should be of type int"):
+            cls(3, np.int64(4))
+        with pytest.raises(ValueError, match="num_layers must be greater than zero"):
+            cls(3, 4, num_layers=np.int64(0))
+
+
+def test_rnn_nonlinearity_given_twice_is_refused_as_torch_nn():
+    """torch.nn.RNN refuses a nonlinearity given both positionally and as a keyword (TypeError);
+    ours ran the positional one, silently dropping the keyword."""
+    for cls in (nn.RNN, rnnrec_fast.RNN):
+        with pytest.raises(TypeError, match="nonlinearity"):
+            cls(3, 4, 1, "tanh", nonlinearity="relu")
+        assert cls(3, 4, 1, "relu").nonlinearity == "relu" and cls(3, 4, nonlinearity="relu").nonlinearity == "relu"
+        with pytest.raises(ValueError, match="Unknown nonlinearity"):
+            cls(3, 4, nonlinearity=None)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_dropout_warning_filtered_as_torch_nn(kind):
+    """The one-layer dropout warning has torch.nn's text, so a filter written for it
+    (`filterwarnings("ignore", message="dropout option adds dropout")`, which matches the start of
+    the message) silences ours too (it began with "GRU: ")."""
+    for cls in (getattr(nn, kind), getattr(rnnrec_fast, kind)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cls(3, 4, dropout=0.5)
+        assert [str(w.message)[:28] for w in caught] == ["dropout option adds dropout "]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warnings.filterwarnings("ignore", message="dropout option adds dropout", category=UserWarning)
+            cls(3, 4, dropout=0.5)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_flat_weights_refresh_as_torch_nn(kind):
+    """Code written against torch.nn.RNNBase refreshes its _flat_weights list after replacing a weight
+    (WeightDrop wrappers, diffq's quantizer: `m._flat_weights = [getattr(m, n) if hasattr(m, n) else None
+    for n in m._flat_weights_names]`), and reads it while a weight is missing; both raised
+    AttributeError here. The refresh is accepted (these modules read the attributes at every call); a list
+    of other tensors, which torch.nn would run on, is refused rather than ignored."""
+    torch.manual_seed(5)
+    ref = getattr(nn, kind)(3, 4, num_layers=2)
+    ours = rnnrec_fast.from_torch(ref)
+    x = torch.randn(5, 2, 3)
+    outs = []
+    for m in (ref, ours):
+        raw = m.weight_hh_l1
+        del m._parameters["weight_hh_l1"]  # WeightDrop: the weight becomes weight_hh_l1_raw
+        m.register_parameter("weight_hh_l1_raw", nn.Parameter(raw.detach()))
+        assert len(m._flat_weights) == 8 and m._flat_weights[0] is m.weight_ih_l0
+        m.weight_hh_l1 = torch.nn.functional.dropout(m.weight_hh_l1_raw, 0.5, training=False) * 0.5
+        m._flat_weights = [getattr(m, n) if hasattr(m, n) else None for n in m._flat_weights_names]
+        outs.append(m(x))
+    for a, b in zip(outs[1], outs[0]):
+        assert_close(a, b, torch.float32, "refreshed")
+    parametrizations.weight_norm(ours, "weight_hh_l0")  # a parametrized weight: read anew at each call anyway
+    ours._flat_weights = ours._flat_weights
+    with pytest.raises(NotImplementedError, match="_flat_weights can only be refreshed"):
+        ours._flat_weights = [w * 2 for w in ours._flat_weights]
+    with pytest.raises(NotImplementedError, match="_flat_weights can only be refreshed"):
+        ours._flat_weights = []
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_rnncell_nonlinearity_change_takes_effect_as_torch_nn(backend):
     """torch.nn's RNNCell reads `nonlinearity` at every call, so changing it switches the activation;
     so does ours (it kept running tanh, silently), with and without autograd; a bad value is refused."""
