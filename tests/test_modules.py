@@ -759,8 +759,19 @@ def test_reverse_mode_func_transforms_match_torch_nn(backend, kind):
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(twin, x), rtol=1e-5, atol=1e-6)
 
 
+# (class, constructor keywords, a non-contiguous hx) of test_reverse_mode_func_untracked_no_grad_calls
+_UNTRACKED_CASES = {
+    "GRU-batch_first": ("GRU", dict(batch_first=True), False),
+    "GRU-hx": ("GRU", {}, True),
+    "GRU-2": ("GRU", dict(num_layers=2), False),
+    "RNN-relu-batch_first": ("RNN", dict(batch_first=True, nonlinearity="relu"), False),
+    "GRUCell": ("GRUCell", {}, False),
+    "GRUCell-hx": ("GRUCell", {}, True),
+}
+
+
 @pytest.mark.parametrize("backend", ["auto"] + cpu_backends())
-@pytest.mark.parametrize("kind", ["GRU-batch_first", "GRU-hx", "GRU-2", "RNN-relu-batch_first", "GRUCell", "GRUCell-hx"])
+@pytest.mark.parametrize("kind", list(_UNTRACKED_CASES))
 def test_reverse_mode_func_untracked_no_grad_calls_match_torch_nn(backend, kind):
     """Inside torch.func.grad / vjp / jvp, a no_grad call on tensors the transform does not track
     (a frozen model, a target network) gives torch.nn's result: the inference fast paths step aside
@@ -769,17 +780,14 @@ def test_reverse_mode_func_untracked_no_grad_calls_match_torch_nn(backend, kind)
     contiguous hx, were such wrappers: "Cannot access data pointer of Tensor that doesn't have
     storage"); vmap alone too."""
     torch.manual_seed(23)
-    base, *rest = kind.split("-")
-    kw = dict(batch_first=True) if "batch_first" in rest else dict(num_layers=2) if "2" in rest else {}
-    if "relu" in rest:
-        kw["nonlinearity"] = "relu"
+    base, kw, odd_hx = _UNTRACKED_CASES[kind]
     ours = getattr(rnnrec_fast, base)(3, 4, backend=backend, **kw)
     ref = getattr(nn, base)(3, 4, **kw)
     ref.load_state_dict(ours.state_dict())
     cell = base.endswith("Cell")
     x = torch.randn(2, 3) if cell else torch.randn(2, 5, 3) if kw.get("batch_first") else torch.randn(5, 2, 3)
     hx = None
-    if "hx" in rest:  # a non-contiguous hx
+    if odd_hx:  # a non-contiguous hx
         hx = torch.randn(4, 2).t() if cell else torch.randn(1, 4, 2).transpose(1, 2)
     w = torch.randn(4)
 
