@@ -59,18 +59,24 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 	touch $@
 
 # The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer, any report a failure (not
-# CI: ~5 min on 2 cores, building included). The tracked sources are copied to $(SAN_DIR) and
-# built there (an instrumented _C loads only with the runtimes preloaded), and the tests that run
-# the C++ kernels run from there, on the AVX2/AVX-512 paths and on the portable scalar one.
+# CI: 10-15 min on 2 cores, 3-5 of them building). The tracked sources are copied to $(SAN_DIR) and
+# built there, the extension _C and librnnrec_fast_ops.so (each loads only with the runtimes
+# preloaded), and the tests that run the C++ kernels run from there, on the AVX2/AVX-512 paths and
+# on the portable scalar one; last, test_compile.py's tests of librnnrec_fast_ops.so
+# (SAN_LIB_TESTS: a fresh Python process loads it, a libtorch program dlopens it). Their
+# subprocesses, the C++ program the test compiles included, inherit LD_PRELOAD and the options,
+# and a report ends the process with a failing status, which fails the test.
 SAN_DIR := build/sanitize
 # test_op.py's tests that reach the C++ kernels (tests/test_simd_paths.py reads this line too)
 SAN_OP_TESTS := cpp or topk or linear_rows or extension_helpers or threads_give or few_rows or zero_lengths_keep
+# test_compile.py's tests that load librnnrec_fast_ops.so (rnnrec_fast.library_path())
+SAN_LIB_TESTS := library
 SAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1
 sanitize: setup
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
 	git ls-files -z | xargs -0 cp --parents -t $(SAN_DIR)
-	cd $(SAN_DIR) && RNNREC_FAST_SANITIZE=1 RNNREC_FAST_CUDA=0 RNNREC_FAST_STANDALONE=0 MAX_JOBS=2 \
+	cd $(SAN_DIR) && RNNREC_FAST_SANITIZE=1 RNNREC_FAST_CUDA=0 MAX_JOBS=2 \
 		$(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c \
 		"import rnnrec_fast, os; assert rnnrec_fast.__file__.startswith(os.getcwd()), rnnrec_fast.__file__"
@@ -81,6 +87,10 @@ sanitize: setup
 		tests/test_op.py -k "$(SAN_OP_TESTS)"
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_SIMD=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
 		tests/test_fastpath.py
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c "import rnnrec_fast, os; p = rnnrec_fast.library_path(); \
+		assert p.startswith(os.getcwd()), p; b = open(p, 'rb').read(); assert b'__asan_' in b and b'__ubsan_' in b, p"
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_compile.py \
+		-k "$(SAN_LIB_TESTS)"
 
 clean:
 	rm -rf build $(VENV) rnnrec_fast/*.so *.egg-info

@@ -134,6 +134,11 @@ def _extensions():
             _STANDALONE,
             sorted(glob.glob(os.path.join("csrc", "standalone", "*.cpp"))),
             extra_compile_args={"cxx": cxx + link},
+            # (RNNREC_FAST_SANITIZE: cxx instruments it, but the link takes no -fsanitize. With it,
+            # GCC drops its default --as-needed (Debian's specs) and the library would then need
+            # libtorch.so, an empty shim, by name and with no path to it: dlopen fails in a libtorch
+            # program linked --as-needed, which never loaded it. The preloaded runtimes resolve the
+            # sanitizers' symbols.)
             extra_link_args=link,
         )
         # CppExtension links libtorch_python by default: nothing in the library uses it, and a
