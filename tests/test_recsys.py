@@ -1282,3 +1282,70 @@ def test_schedule_refuses_a_batch_size_under_one():
             session_parallel_schedule(items, offsets, bad)
     sc = session_parallel_schedule(items, offsets, 1)
     assert sc.inputs[:, 0].tolist() == [1, 3, 4] and sc.resets[:, 0].tolist() == [True, True, False]
+
+
+# ---- an adversarial review (each failed before its fix)
+
+def test_step_refuses_float_and_bool_item_indices():
+    """model.step takes integer item indices: a float or bool tensor (or list) was cast to int64,
+    1.7 -> item 1, True -> item 1, silently."""
+    model = GRU4Rec(10, [4]).eval()
+    h = model.init_state(2)
+    for bad in (torch.tensor([1.7, 2.2]), torch.tensor([True, False]), [1.9, 0.5]):
+        with pytest.raises(TypeError, match="integer item indices"):
+            model.step(bad, h)
+    want = model.step(torch.tensor([1, 2]), h)
+    torch.testing.assert_close(model.step([1, 2], h), want)
+    torch.testing.assert_close(model.step(torch.tensor([1, 2], dtype=torch.int32), h), want)
+    assert model.step([], model.init_state(0)).shape == (1, 0, 4)
+
+
+def test_damaged_checkpoint_weights_are_an_error(tmp_path):
+    """Bytes damaged inside a checkpoint's weights (finite floats all the same) loaded as other
+    weights, silently: torch.load does not check the archive's CRC-32s. They are checked now."""
+    model = GRU4Rec(20, [8], item_ids=list(range(100, 120)))
+    path = tmp_path / "m.pt"
+    recsys.save_checkpoint(model, str(path))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(model.Wy.detach().numpy().tobytes()[:64])  # Wy's bytes, stored uncompressed
+    raw[start + 4 * 7 + 2] ^= 0x01  # one low mantissa bit of one weight: still finite
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(RecsysError, match=r"bad\.pt: damaged checkpoint \(.*CRC-32"):
+        recsys.load_checkpoint(str(bad))
+    back = recsys.load_checkpoint(str(path))  # the intact file still loads
+    torch.testing.assert_close(back.Wy, model.Wy, rtol=0, atol=0)
+
+
+def test_item_ids_must_be_ints_or_strs_and_distinct_as_lookup_sees_them(tmp_path):
+    """An item map (a checkpoint's too) takes int and str ids only: a NaN id from a damaged
+    checkpoint loaded, and serving wrote it into JSON as the invalid token NaN; bytes made the
+    service fail at start with a traceback. 7 and "7" (one id to lookup) were two items, one of
+    them never reachable by its id."""
+    for bad in ([1, float("nan")], [1, None], [1, b"x"], [1, True], [1.0, 2.0]):
+        with pytest.raises(RecsysError, match="item ids must be ints or strs"):
+            ItemMap(bad)
+    with pytest.raises(RecsysError, match="7 and '7'"):
+        ItemMap([7, "7"])
+    ItemMap([7, "007", "x"])  # distinct ids
+    assert ItemMap(np.array([3, 4])).item_ids == [3, 4] and ItemMap(np.array(["a", "b"])).item_ids == ["a", "b"]
+    model = GRU4Rec(3, [4], item_ids=[10, 11, 12])
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(model, path)
+    for name, ids in (("nan", [10, 11, float("nan")]), ("clash", [10, 11, "10"])):
+        payload = torch.load(path, weights_only=True)
+        payload["item_ids"] = ids
+        torch.save(payload, str(tmp_path / f"{name}.pt"))
+        with pytest.raises(RecsysError, match=f"{name}.pt: malformed checkpoint"):
+            recsys.load_checkpoint(str(tmp_path / f"{name}.pt"))
+
+
+def test_checkpoint_reset_after_must_be_a_bool(tmp_path):
+    """A checkpoint's reset_after is true or false: the text "no" read as true (its truth value)."""
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(GRU4Rec(3, [4]), path)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["reset_after"] = "no"
+    torch.save(payload, path)
+    with pytest.raises(RecsysError, match="reset_after"):
+        recsys.load_checkpoint(path)

@@ -352,3 +352,18 @@ def test_out_of_memory_is_a_one_line_error(files, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_train", oom)
     code, out, err = _run(["train", "--train", files / "train.txt"], capsys)
     assert code == 2 and "out of memory" in err and "Traceback" not in err
+
+
+def test_non_ascii_separator_kept_escapes_decoded(files, tmp_path, capsys):
+    """From an adversarial review: --sep '§' was decoded as 'Â§' (its UTF-8 bytes read as Latin-1
+    by the escape decoding) and refused as two characters; escapes such as '\\t' still work."""
+    log = recsys.load_clicks(str(files / "train.txt"))
+    for sep, name in (("§", "para.txt"), ("€", "euro.txt"), ("\\t", "tab.txt"), ("\\x3b", "semi.txt")):
+        real = sep.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        with open(tmp_path / name, "w", encoding="utf-8") as f:
+            f.write(real.join(["SessionId", "ItemId", "Time"]) + "\n")
+            for s, i, t in zip(log.sessions, log.items, log.times):
+                f.write(real.join([str(s), str(i), f"{t:.3f}"]) + "\n")
+        code, out, err = _run(["train", "--train", tmp_path / name, "--sep", sep, "--epochs", "1",
+                               "--n-sample", "4", "--layers", "4", "--quiet"], capsys)
+        assert code == 0 and "train: " in err, (sep, err)

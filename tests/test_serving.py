@@ -954,3 +954,55 @@ def test_fast_path_disagreeing_score_warns(monkeypatch):
     with pytest.warns(RuntimeWarning, match="disagree"):
         rec = SessionRecommender(model)
     assert not rec.uses_fast_path
+
+
+# ---- an adversarial review (each failed before its fix)
+
+def test_exclude_seen_must_be_a_bool():
+    """exclude_seen takes True or False: its truth value took "no", None or a list of flags as an
+    answer ("no" excluded the seen items), silently; it is a TypeError now, before any state change."""
+    import numpy as np
+
+    model = make_model()
+    ids = model.item_ids
+    rec = SessionRecommender(model)
+    for bad in ("no", None, 1, [True, False]):
+        with pytest.raises(TypeError, match="exclude_seen"):
+            rec.click("s", ids[1], k=5, exclude_seen=bad)
+        with pytest.raises(TypeError, match="exclude_seen"):
+            rec.click_many(["s", "t"], [ids[1], ids[2]], k=5, exclude_seen=bad)
+    assert len(rec) == 0
+    got = rec.click("s", ids[1], k=50, exclude_seen=np.bool_(True))
+    assert ids[1] not in got[0] and len(got[0]) == 49
+
+
+def test_recommender_options_and_numpy_k_checked():
+    """max_batch must be a positive int (0, -1 and 2.5 were taken: -1 let single clicks through and
+    refused every batch); a bool is no TTL or max_seen (ttl=True was a 1 s TTL); k may be a NumPy
+    integer, as item ids and max_k may (it was a TypeError)."""
+    import numpy as np
+
+    model = make_model()
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match="max_batch"):
+            SessionRecommender(model, max_batch=bad)
+    with pytest.raises(ValueError, match="ttl"):
+        SessionRecommender(model, ttl=True)
+    with pytest.raises(ValueError, match="max_seen"):
+        SessionRecommender(model, max_seen=True)
+    rec = SessionRecommender(model, max_batch=np.int64(8))
+    assert rec.max_batch == 8
+    want = SessionRecommender(model).click("s", model.item_ids[3], k=4)
+    assert rec.click("s", model.item_ids[3], k=np.int64(4)) == want
+    assert [r[0] for r in rec.click_many(["a", "b"], model.item_ids[:2], k=np.int32(3))] == \
+        [r[0] for r in SessionRecommender(model).click_many(["a", "b"], model.item_ids[:2], k=3)]
+
+
+def test_export_k_must_be_an_int():
+    """The exported step's k is an int: 2.5 was exported as k=2, True as k=1."""
+    from rnnrec_fast.serving.export import OneStepScorer
+
+    model = make_model(n_items=12, layers=(8,))
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ValueError, match="k must be an int"):
+            OneStepScorer(model, k=bad)

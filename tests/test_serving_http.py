@@ -99,6 +99,7 @@ def test_click_delete_health(server):
     (b'{"item_id": 503, "k": "3"}', 400, "bad_request"),
     (b'{"item_id": 503, "exclude_seen": 1}', 400, "bad_request"),
     (b'{"item_id": 503, "exclude_sen": true}', 400, "bad_request"),  # a misspelt field (was ignored: 200)
+    (b'{"item_id": 503, "item_id": 506}', 400, "bad_request"),  # a repeated field (the last one was taken)
     (b'{"item_id": 503, "pad": "' + b"x" * 600 + b'"}', 413, "body_too_large"),
 ])
 def test_malformed_requests_keep_serving(server, raw, status, code):
@@ -672,3 +673,110 @@ def test_healthz_takes_get_and_head_only():
     for method in ("POST", "DELETE", "PUT"):
         status, out = _asgi_raw(app, b"", path="/healthz", method=method)
         assert status == 405 and out["error"]["code"] == "method_not_allowed", (method, out)
+
+
+# ---- an adversarial review (each failed before its fix)
+
+@pytest.fixture(params=["default", "h11"])
+def http_stack(request, monkeypatch):
+    """The HTTP stack the service runs on: httptools + uvloop where installed ("default"), or
+    uvicorn's h11 protocol on the asyncio loop (without them)."""
+    if request.param == "h11":
+        monkeypatch.setitem(sys.modules, "httptools", None)
+        monkeypatch.setitem(sys.modules, "uvloop", None)
+    return request.param
+
+
+def _read_all(s):
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_requests_sent_before_a_half_close_are_answered(http_stack):
+    """A client that sends its requests and then half-closes (shutdown(SHUT_WR): it still reads)
+    gets every response, then the connection closes. uvicorn closed it at once: no response, the
+    first click applied all the same, and an 'Exception in ASGI application' logged. A body cut
+    short by the half-close still closes the connection at once (it can never complete)."""
+    import socket
+
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    ids = model.item_ids
+
+    def post(sid, item):
+        body = json.dumps({"item_id": item, "k": 2}).encode()
+        return b"POST /v1/sessions/%s/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            sid.encode(), len(body), body)
+
+    with BackgroundServer(app, request_timeout=5.0) as srv:
+        for n in (1, 3):
+            s = socket.create_connection((srv.host, srv.port), timeout=10)
+            s.sendall(b"".join(post(f"hc{n}", ids[i]) for i in range(n)))
+            s.shutdown(socket.SHUT_WR)
+            data = _read_all(s)
+            s.close()
+            assert data.count(b"HTTP/1.1 200 OK") == n, data
+            assert app.rec.session_info(f"hc{n}")["clicks"] == n
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(post("cut", ids[0])[:-4])
+        s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        assert _read_all(s) == b"" and time.monotonic() - t0 < 3
+        s.close()
+        assert app.rec.session_info("cut") is None
+
+
+def test_request_head_is_bounded(http_stack):
+    """A request head without end is refused (400, connection closed) after 64 KiB (at most one
+    read more) instead of being buffered for the whole request timeout: with httptools, one
+    client had the server buffer 56 MiB in 4 s. Pipelined requests beyond that size in one write
+    are no head: all are answered."""
+    import socket
+
+    from rnnrec_fast.serving.server import MAX_HEAD_BYTES
+
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    with BackgroundServer(app, request_timeout=30.0) as srv:
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        sent, data = 0, b""
+        t0 = time.monotonic()
+        try:
+            while sent < 64 * MAX_HEAD_BYTES:  # (4 MiB: a few reads' worth over the bound)
+                s.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:  # (reset: the server closed with unread data)
+            pass
+        try:
+            data = _read_all(s)
+        except OSError:
+            pass
+        s.close()
+        assert time.monotonic() - t0 < 20  # (not the request timeout)
+        assert sent < 64 * MAX_HEAD_BYTES or data.startswith(b"HTTP/1.1 400"), (sent, data[:80])
+        n = 800
+        body = json.dumps({"item_id": model.item_ids[1], "k": 1}).encode()
+        one = b"POST /v1/sessions/burst/clicks HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            b"p" * 60, len(body), body)
+        assert n * len(one) > 2 * MAX_HEAD_BYTES
+        s = socket.create_connection((srv.host, srv.port), timeout=20)
+        got = bytearray()
+
+        def reader():
+            while got.count(b"HTTP/1.1 200 OK") < n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        s.sendall(one * n)
+        t.join(60)
+        s.close()
+        assert got.count(b"HTTP/1.1 200 OK") == n and app.rec.session_info("burst")["clicks"] == n

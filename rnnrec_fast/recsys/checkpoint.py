@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import zipfile
 
 import torch
 
@@ -86,12 +87,33 @@ def check_device(device, what: str = "device") -> None:
         raise RecsysError(f"{what} cuda requested but CUDA is not available")
 
 
+def _check_crcs(f, path) -> None:
+    """RecsysError unless every member of the zip archive ``f`` (what torch.save writes) matches the
+    CRC-32 stored with it. torch.load does not check them: damage inside the weights' bytes (a
+    flipped bit, a bad sector, a partial copy overwritten in place) loaded as other, still finite,
+    weights, silently. A file that is not a zip archive is left to torch.load (its own error)."""
+    try:
+        if not zipfile.is_zipfile(f):
+            return
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, OSError) as exc:
+        raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint, truncated or another file "
+                          f"({type(exc).__name__}: {exc})") from None
+    finally:
+        f.seek(0)
+    if bad is not None:
+        raise RecsysError(f"{path}: damaged checkpoint ({bad} does not match its CRC-32 checksum)")
+
+
 def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
     check_device(device)
     if not os.path.isfile(path):
         raise RecsysError(f"model file not found: {path}")
     with open(path, "rb") as f:  # (the OS's own errors, a permission refused, as they are)
+        _check_crcs(f, path)
         try:
             payload = torch.load(f, map_location=device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - unpickling / unzipping fail in many ways (KeyError, OSError, ...)
@@ -115,6 +137,9 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     if not isinstance(item_ids, list) or not isinstance(state, dict):
         raise RecsysError(f"{path}: malformed checkpoint (item_ids must be a list, state_dict a dict)")
     cfg = dict(cfg)
+    if not isinstance(cfg.get("reset_after", True), bool):  # (its truth value would pick a GRU form)
+        raise RecsysError(f"{path}: malformed checkpoint config (reset_after {cfg['reset_after']!r}: "
+                          f"must be true or false)")
     try:
         model = GRU4Rec(cfg.pop("n_items"), item_ids=item_ids, **cfg)
     except (TypeError, ValueError, RecsysError) as exc:

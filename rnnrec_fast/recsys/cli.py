@@ -56,7 +56,9 @@ def _load(path, a):
               "diginetica": load_diginetica}.get(fmt)
     if loader is not None:
         return loader(path)
-    sep = a.sep.encode().decode("unicode_escape") if a.sep else None
+    # backslash escapes decoded ('\\t': a tab); any other character kept as it is (UTF-8 encoded
+    # and decoded as Latin-1 by "unicode_escape" alone, a '§' became 'Â§', refused as two characters)
+    sep = a.sep.encode("latin-1", "backslashreplace").decode("unicode_escape") if a.sep else None
     return load_clicks(path, session_col=a.session_col, item_col=a.item_col,
                        time_col=a.time_col or None, sep=sep)
 

@@ -341,9 +341,21 @@ class ItemMap:
         # numpy scalars become Python ints / strs: a checkpoint stores the ids (its weights-only
         # loader takes no numpy objects) and recommendations return them
         self.item_ids = [_py(v) for v in item_ids]
+        # ids are ints or strs, as the loaders give them and lookup() matches them: another type
+        # (a float, None, bytes: from a damaged checkpoint) could never be looked up, and a NaN
+        # id would be written into JSON responses as the invalid token NaN
+        kinds = set(map(type, self.item_ids))
+        if not kinds <= {int, str}:
+            bad = next(v for v in self.item_ids if type(v) not in (int, str))
+            raise RecsysError(f"item ids must be ints or strs, got {type(bad).__name__} {bad!r}")
         self.item_index = {x: i for i, x in enumerate(self.item_ids)}
         if len(self.item_index) != len(self.item_ids):
             raise RecsysError("duplicate item ids in the item map")
+        if len(kinds) == 2 and len({_id_key(v) for v in self.item_ids}) != len(self.item_ids):
+            # 7 and "7" are one id to lookup(): one of the two items could never be recommended
+            # to, or clicked, by its own id
+            raise RecsysError("duplicate item ids in the item map (an int and its decimal text, "
+                              "such as 7 and '7', are one id)")
 
     @classmethod
     def from_items(cls, items) -> "ItemMap":

@@ -271,8 +271,13 @@ class GRU4Rec(nn.Module):
 
     @torch.no_grad()
     def step(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One click per row: items (B,) int64, h (L, B, H) -> new state (L, B, H). No dropout."""
-        items = torch.as_tensor(items, dtype=torch.long, device=self.Wy.device).reshape(1, -1)
+        """One click per row: items (B,) int64, h (L, B, H) -> new state (L, B, H). No dropout.
+        Item indices of another dtype than an integer one (float, bool) are a TypeError (a cast
+        would truncate 1.7 to item 1, True to item 1, silently)."""
+        items = torch.as_tensor(items, device=self.Wy.device)
+        if items.numel() and (items.dtype == torch.bool or items.is_floating_point() or items.is_complex()):
+            raise TypeError(f"items must be integer item indices, got dtype {items.dtype}")
+        items = items.to(torch.long).reshape(1, -1)
         # (a model in training mode stays in it: no mode switch, which other threads would see)
         return self.recur(self.embed(items), h, dropout=False)[1]
 

@@ -244,7 +244,9 @@ class ServingApp:
 
     async def _click(self, sid, body):
         try:
-            req = json.loads(body)
+            req = json.loads(body, object_pairs_hook=_unique_fields)
+        except _DuplicateField as e:
+            raise HTTPError(400, "bad_request", str(e)) from None
         except (ValueError, UnicodeDecodeError) as e:
             raise HTTPError(400, "bad_json", f"request body is not valid JSON: {e}") from None
         except RecursionError:
@@ -345,6 +347,21 @@ class ServingApp:
 
 
 _STATUS_STR = {200: "200", 400: "400", 404: "404", 405: "405", 413: "413", 422: "422", 500: "500"}
+
+
+class _DuplicateField(ValueError):
+    pass
+
+
+def _unique_fields(pairs):
+    """A JSON object as a dict, ValueError where a field repeats: json.loads would keep the last
+    value silently ({"item_id": 1, "item_id": 2} clicked item 2); RFC 8259 leaves it open."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateField(f"field {dup!r} appears more than once in the request body")
+    return d
 
 
 def _num(v):

@@ -14,6 +14,7 @@ program by :func:`export_step` as ``<path>.items.json``).
 from __future__ import annotations
 
 import json
+import numbers
 
 import torch
 from torch import nn
@@ -28,8 +29,8 @@ class OneStepScorer(nn.Module):
 
     def __init__(self, model, k=20):
         super().__init__()
-        if not 1 <= k <= model.n_items:
-            raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= model.n_items:
+            raise ValueError(f"k must be an int in [1, {model.n_items}], got {k!r}")  # (2.5 was taken as 2)
         self.model = model
         self.k = int(k)
 

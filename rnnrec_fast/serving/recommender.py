@@ -52,6 +52,14 @@ def _check_session_id(sid):
     return sid
 
 
+def _check_exclude_seen(excl):
+    """``exclude_seen`` as a bool: True or False (a NumPy bool too), nothing else (its truth value
+    would take "no", 0.0 or a list of flags as an answer, silently)."""
+    if not isinstance(excl, (bool, np.bool_)):
+        raise TypeError(f"exclude_seen must be True or False, got {type(excl).__name__}")
+    return bool(excl)
+
+
 class SessionRecommender:
     """Serves next-click recommendations from a recurrent session model.
 
@@ -104,6 +112,8 @@ class SessionRecommender:
             raise ValueError(f"max_k must be a positive int or None, got {max_k!r}")
         self.max_k = self.n_items if max_k is None else min(int(max_k), self.n_items)
         self.default_k = min(DEFAULT_K, self.max_k)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         self.max_batch = int(max_batch)
         with torch.no_grad():
             h0 = model.init_state(1)
@@ -171,11 +181,13 @@ class SessionRecommender:
         return idx
 
     def check_k(self, k):
-        if isinstance(k, bool) or not isinstance(k, int):
+        """``k`` as an int (a Python or NumPy integer in [1, max_k]); TypeError/InvalidRequestError
+        otherwise."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= self.max_k:
             raise InvalidRequestError(f"k must be in [1, {self.max_k}], got {k}")
-        return k
+        return int(k)
 
     # ------------------------------------------------------------------ API
     def click(self, session_id, item_id, k=None, exclude_seen=False):
@@ -184,9 +196,8 @@ class SessionRecommender:
         any state changes."""
         _check_session_id(session_id)
         idx = self.item_to_index(item_id)
-        if k is None:
-            k = self.default_k
-        self.check_k(k)
+        k = self.check_k(self.default_k if k is None else k)
+        exclude_seen = _check_exclude_seen(exclude_seen)
         vals, inds = self._click_core(session_id, idx, k, exclude_seen)
         ids = self.item_ids
         if exclude_seen:
@@ -249,9 +260,8 @@ class SessionRecommender:
         for s in session_ids:
             _check_session_id(s)
         idxs = [self.item_to_index(i) for i in item_ids]
-        if k is None:
-            k = self.default_k
-        self.check_k(k)
+        k = self.check_k(self.default_k if k is None else k)
+        exclude_seen = _check_exclude_seen(exclude_seen)
         if not idxs:
             return []
         if len(idxs) == 1:

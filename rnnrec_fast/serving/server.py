@@ -7,6 +7,11 @@ import time
 
 
 REQUEST_TIMEOUT = 10.0
+# The most bytes a request's head (request line and headers) may take. uvicorn's h11 protocol
+# refuses a head over 16 KiB, its httptools protocol (the one used where httptools is installed)
+# had no bound: one client sending a header without end for the request timeout had the server
+# buffer it all (56 MiB in 4 s on loopback), and a few such clients ran it out of memory.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def _with_request_deadline(base, timeout):
@@ -28,7 +33,52 @@ def _with_request_deadline(base, timeout):
 
         def on_response_complete(self):
             super().on_response_complete()
+            if self._client_done_sending and self._no_request_left():
+                self.transport.close()  # (the last request the client sent before its half-close)
+                return
             self._arm_request_deadline()
+
+        _client_done_sending = False
+
+        def eof_received(self):
+            """The client half-closed (``shutdown(SHUT_WR)``: it sends no more, it still reads).
+            uvicorn closes the connection there, and the response to a request that had fully
+            arrived was lost (its click applied all the same) and the app's write on the closed
+            transport logged an error. As the HTTP specs recommend, the requests that arrived are
+            answered and the connection closed after the last one; one still arriving (its body
+            cut short) can never be completed, and closes it at once, as before."""
+            if self._no_request_left() or self.cycle.more_body:
+                return None  # (asyncio closes the transport)
+            self._client_done_sending = True
+            return True  # keep the transport open for the responses
+
+        def _no_request_left(self):
+            """Whether no request is in progress or queued behind the one in progress."""
+            cycle = self.cycle
+            return (cycle is None or cycle.response_complete) and not getattr(self, "pipeline", None)
+
+        if hasattr(base, "on_message_begin"):  # httptools: bound the head (h11 bounds its own)
+            _head_bytes = 0  # bytes of the head still arriving, read after the read it began in
+            _head_began = False
+            _in_head = True  # (a connection opens with a request's head)
+
+            def on_message_begin(self):
+                super().on_message_begin()
+                self._in_head, self._head_began = True, True
+
+            def on_headers_complete(self):
+                self._in_head = False
+                super().on_headers_complete()
+
+            def data_received(self, data):
+                self._head_began = False
+                super().data_received(data)
+                if self._in_head and not self.transport.is_closing():  # a head is still arriving
+                    # counted from the read after the one it began in (that read may hold many
+                    # whole pipelined requests before it): at most one read (256 KiB) more
+                    self._head_bytes = 0 if self._head_began else self._head_bytes + len(data)
+                    if self._head_bytes > MAX_HEAD_BYTES:
+                        self.send_400_response(f"Request head over {MAX_HEAD_BYTES} bytes")
 
         def connection_lost(self, exc):
             if self._request_deadline is not None:

@@ -54,9 +54,9 @@ class SessionStore:
                  clock=time.monotonic):
         if not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1:
             raise ValueError(f"max_sessions must be a positive int, got {max_sessions!r}")
-        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
+        if ttl is not None and not (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0):
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-        if not isinstance(max_seen, int) or max_seen < 0:
+        if isinstance(max_seen, bool) or not isinstance(max_seen, int) or max_seen < 0:
             raise ValueError(f"max_seen must be a non-negative int, got {max_seen!r}")
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
