@@ -74,6 +74,36 @@ std::string dtype_str(at::ScalarType t) {  // as Python prints a torch.dtype (to
   }
 }
 
+// A str as Python's repr() writes it (ASCII escapes; other bytes as they are), as ops._check_inputs
+// words the mode: a NUL inside the string cut the C++ message short there ("got 'gru"), and a
+// newline or a quote came out raw where Python's message escapes it.
+std::string py_repr(c10::string_view s) {
+  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
+  const char q = dq ? '"' : '\'';
+  std::string r(1, q);
+  for (const char c : s) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (c == q || c == '\\') {
+      r += '\\';
+      r += c;
+    } else if (c == '\n') {
+      r += "\\n";
+    } else if (c == '\r') {
+      r += "\\r";
+    } else if (c == '\t') {
+      r += "\\t";
+    } else if (u < 0x20 || u == 0x7f) {
+      const char* hex = "0123456789abcdef";
+      r += "\\x";
+      r += hex[u >> 4];
+      r += hex[u & 15];
+    } else {
+      r += c;
+    }
+  }
+  return r + q;
+}
+
 // Mirrors ops._check_memory: t's sizes, strides and offset stay within its storage (one freed or
 // shrunk after the tensor was made would be read past its end).
 void check_memory(const char* name, const at::Tensor& t) {
@@ -92,7 +122,7 @@ int64_t check_inputs(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih,
   } else if (mode == "gru") {
     mode_i = 2, gates = 3;
   } else {
-    RNNREC_CHECK(false, "mode must be one of ('rnn_tanh', 'rnn_relu', 'gru'), got '", std::string(mode), "'");
+    RNNREC_CHECK(false, "mode must be one of ('rnn_tanh', 'rnn_relu', 'gru'), got ", py_repr(mode));
   }
   RNNREC_CHECK(x.dim() == 3, "x must be 3-D (T, B, input_size), got shape ", shape_str(x));
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
@@ -188,7 +218,7 @@ bool is_cpp(c10::string_view backend, const at::Tensor& x) {
 #if defined(RNNREC_STANDALONE)
   // no Python layer to hand the call to
   RNNREC_CHECK(cpp, "this library without Python (librnnrec_fast_ops) runs the 'cpp' backend on float32 "
-               "and float64 CPU tensors only; got backend '", std::string(backend), "' with ",
+               "and float64 CPU tensors only; got backend ", py_repr(backend), " with ",
                dtype_str(x.scalar_type()), " (the other backends and dtypes need the Python package)");
 #endif
   return cpp;

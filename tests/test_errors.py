@@ -81,6 +81,20 @@ def test_cpp_checks_say_what_the_python_checks_say(change, match):
     assert msgs[0] == msgs[1]
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru\x00junk", "gru\n", "it's", "a\"b'c", "back\\slash", "g\x7fru"])
+def test_unknown_mode_is_quoted_as_python_quotes_it(mode):
+    """Every backend names an unknown mode as repr() writes it (from a review: the C++ check
+    printed the raw string, so a NUL cut its message short, "got 'gru", and a newline or a quote
+    came out unescaped, where the Python registration's message said 'gru\\x00junk')."""
+    expected = f"rnnrec_fast.recurrence: mode must be one of ('rnn_tanh', 'rnn_relu', 'gru'), got {mode!r}"
+    for backend in ("cpp", "numba", "reference", "auto"):
+        if backend != "auto" and not rnnrec_fast.backends.available(backend):
+            continue
+        with pytest.raises(ValueError) as info:
+            call(backend=backend, mode=mode)
+        assert str(info.value) == expected, backend
+
+
 def test_unknown_backend_and_wrong_device():
     with pytest.raises(ValueError, match="backend must be one of"):
         rnnrec_fast.recurrence(*good().values(), backend="fortran")
