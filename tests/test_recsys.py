@@ -1298,6 +1298,9 @@ def test_step_refuses_float_and_bool_item_indices():
     torch.testing.assert_close(model.step([1, 2], h), want)
     torch.testing.assert_close(model.step(torch.tensor([1, 2], dtype=torch.int32), h), want)
     assert model.step([], model.init_state(0)).shape == (1, 0, 4)
+    for bad, shown in (([3, 10], 10), ([-1, 2], -1)):  # (the embedding said "index out of range in self")
+        with pytest.raises(IndexError, match=f"item index {shown} out of range: the catalogue has 10 items"):
+            model.step(bad, h)
 
 
 def test_damaged_checkpoint_weights_are_an_error(tmp_path):
