@@ -1303,6 +1303,17 @@ def test_step_refuses_float_and_bool_item_indices():
             model.step(bad, h)
 
 
+@pytest.mark.parametrize("embedding", ["shared", 0, 8])
+@pytest.mark.parametrize("layers", [[4], [4, 4]])
+def test_step_on_an_empty_batch_in_every_embedding_mode(embedding, layers):
+    """A step of no sessions gives the (L, 0, H) state in every input mode (one-hot input raised the
+    op's 'x must not be empty', where the embedding modes' modules return empty outputs)."""
+    model = GRU4Rec(10, layers, embedding=embedding).eval()
+    assert model.step([], model.init_state(0)).shape == (len(layers), 0, 4)
+    y, h = model.recur(model.embed(torch.zeros(3, 0, dtype=torch.long)), model.init_state(0))
+    assert y.shape == (3, 0, 4) and h.shape == (len(layers), 0, 4)
+
+
 def test_damaged_checkpoint_weights_are_an_error(tmp_path):
     """Bytes damaged inside a checkpoint's weights (finite floats all the same) loaded as other
     weights, silently: torch.load does not check the archive's CRC-32s. They are checked now."""

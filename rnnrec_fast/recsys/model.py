@@ -214,9 +214,12 @@ class GRU4Rec(nn.Module):
                 x = F.dropout(x, self.dropout_embed, training=True)
             return self._stack(x, h, resets, drop, carry_dropped)
         # one-hot input: layer 0 is GRU4Rec's GRU embedding, its output dropped out by dropout_embed
-        y0, h0n = rnnrec_fast.ops.recurrence(x, h[0], self.eye0, self.w_hh0, self.b_ih0, self.b_hh0,
-                                             resets=resets, mode="gru", reset_after=self.reset_after,
-                                             backend=self.backend)
+        if x.shape[0] == 0 or x.shape[1] == 0:  # (no steps or no rows: what the modules give; the op refuses it)
+            y0, h0n = h.new_zeros(x.shape[0], x.shape[1], h.shape[2]), h[0].clone()
+        else:
+            y0, h0n = rnnrec_fast.ops.recurrence(x, h[0], self.eye0, self.w_hh0, self.b_ih0, self.b_hh0,
+                                                 resets=resets, mode="gru", reset_after=self.reset_after,
+                                                 backend=self.backend)
         if self.rnn is None:  # the top layer: its dropout (top_dropout) is the caller's
             return y0, h0n.unsqueeze(0)
         if drop and self.dropout_embed > 0:
