@@ -166,6 +166,33 @@ def test_numba_cpu_blas_steps(dtype, monkeypatch):
     assert steps == [4] * 32 + [3] * 4 and back == [4] * 24 + [3] * 3
 
 
+@pytest.mark.parametrize("path", ["gh0", "stepped"])
+def test_numba_cpu_reset_row_product_of_nonfinite_weights(path, monkeypatch):
+    """A row that resets takes its step's first product of the zeroed state, 0 W_hh^T: NaN where
+    W_hh holds NaN or inf, as in the reference, also where that product comes from BLAS before the
+    kernel (step 0's, from GH0_MIN_ROWS rows; every step's, forward_stepped), which used to skip it
+    for reset rows (finite y where the reference has NaN)."""
+    from rnnrec_fast.backends import numba_cpu
+    if path == "stepped":
+        monkeypatch.setattr(numba_cpu, "BLAS_STEP_MIN_WORK", (0, 0))
+    B = numba_cpu.GH0_MIN_ROWS
+    for mode, ra in MODES:
+        args, gy, ghn = make_case(mode, ra, True, "none", False, torch.float64, T=3, B=B, H=5, I=3, seed=4)
+        args = list(args)
+        w_hh = args[3].clone()
+        w_hh[0, 0] = float("nan")
+        w_hh[1, 1] = float("inf")
+        args[3] = w_hh
+        resets = torch.zeros(3, B, dtype=torch.bool)
+        resets[0, 1] = resets[1, 2] = resets[2, 3] = True
+        args[7] = resets
+        y_r, hn_r, _ = reference.forward(*args)
+        y, hn, _ = numba_backend.forward(*args)
+        assert y_r[0, 1].isnan().any()  # (the case tests what it means to)
+        torch.testing.assert_close(y, y_r, rtol=1e-10, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(hn, hn_r, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
 @pytest.mark.parametrize("project", [False, True], ids=["blas", "kernel"])
 def test_numba_cpu_forward_without_workspace(project, monkeypatch):
     """run_cpu with a workspace of width 0 (no backward follows: the modules' inference fast path)

@@ -156,7 +156,7 @@ def run_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, y
         return
     gh0 = None
     if B >= numba_cpu.GH0_MIN_ROWS:  # step 0's first product needs only h0: one GEMM as well
-        gh0 = torch.mm(torch.from_numpy(h0), torch.from_numpy(w1).t()).numpy()
+        gh0 = torch.mm(torch.from_numpy(numba_cpu.reset_state(h0, resets, 0)), torch.from_numpy(w1).t()).numpy()
     numba_cpu.forward_recurrence(xp.reshape(T, B, GH), b_ih, h0, w_hh, b_hh, lengths, resets, mode, reset_after,
                                  y, h_n, ws, gh0)
 

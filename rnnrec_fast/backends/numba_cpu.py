@@ -427,7 +427,8 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
     reset_after=False), wn the n rows for that second product (else unused); each stored as is
     (N, H) or, when transposed, as made by ``_transposed`` (H, N') with padded gate blocks.
     When has_gh0, gh0 (B, N1) holds the first product of step 0, h0 W1^T (N1 = the rows of w1,
-    no bias), computed by the caller with BLAS; rows reset at step 0 do not use it.
+    no bias), computed by the caller with BLAS on h0 zeroed where the row resets at step 0 (the
+    product of a reset state is 0 W1^T, NaN where W1 holds inf or NaN, as in the reference).
     Writes y (T, B, H), h_n (B, H) and ws (T, B, W) for these rows: W = 4*H, [r, z, n, hn] for GRU;
     W = 0 for the RNN modes, and for a GRU forward that no backward follows (nothing written).
     int_like: an array of the integer type of the float's size (int32 for float32, int64 for
@@ -485,7 +486,7 @@ def _fwd_rows(xp, bih, h0, w1, wn, transposed, bhh, gh0, has_gh0, lengths, reset
                 for g in range(G):
                     for j in range(H):
                         acc[i, g, j] = bhh2[g, j]
-                if t == 0 and has_gh0 and not reset:
+                if t == 0 and has_gh0:  # (computed on the state zeroed where it resets)
                     for g in range(2 if split else G):
                         for j in range(H):
                             acc[i, g, j] += gh0[b, g * H + j]
@@ -863,6 +864,17 @@ def forward_recurrence(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_afte
     _run_chunks(_fwd_rows, args, B, _nchunks(B, B * max(steps, 0) * w_hh.shape[0] * H))
 
 
+def reset_state(h, resets, t):
+    """h (B, H), or a copy of it zeroed in the rows that reset at step t (resets (T, B) or None):
+    the state a step's first product is taken of, so that a reset row's product is 0 W^T exactly
+    as the reference's (NaN where W holds inf or NaN), not skipped."""
+    if resets is None or not resets[t].any():
+        return h
+    h = h.copy()
+    h[resets[t]] = 0.0
+    return h
+
+
 def forward_stepped(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, y, h_n, ws, first_product):
     """forward_recurrence (same arguments but gh0), one kernel call per step, each step's first
     recurrent product ``h W1^T`` (``first_product_rows``) done by the caller's
@@ -879,7 +891,8 @@ def forward_stepped(xp, bih, h0, w_hh, bhh, lengths, resets, mode, reset_after, 
     nch = _nchunks(B, B * wn.shape[0] * H if split else 0)
     for t in range(T):
         np.subtract(lengths, t, out=steps_left)  # the kernel's step 0 is active where > 0
-        args = (xp[t:t + 1], bih, state, w1, wn, False, bhh, first_product(state), True, steps_left,
+        args = (xp[t:t + 1], bih, state, w1, wn, False, bhh, first_product(reset_state(state, resets, t)), True,
+                steps_left,
                 resets[t:t + 1] if has_resets else _NO_RESETS, has_resets, int(mode), bool(reset_after),
                 y[t:t + 1], nxt, ws[t:t + 1], int_like)
         _run_chunks(_fwd_rows, args, B, nch)
