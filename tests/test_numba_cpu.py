@@ -193,6 +193,30 @@ def test_numba_cpu_reset_row_product_of_nonfinite_weights(path, monkeypatch):
         torch.testing.assert_close(hn, hn_r, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
+@pytest.mark.parametrize("with_resets", [False, True], ids=["lengths", "lengths+resets"])
+def test_numba_cpu_stepped_backward_skips_the_product_of_inactive_rows(with_resets, monkeypatch):
+    """The stepped backward (each step's recurrent product by BLAS) adds no product to a row inactive
+    at that step (past its length) or reset there: their gate gradients are zero, but 0 W_hh is NaN
+    where W_hh holds NaN or inf, and grad_h0 (and a relu RNN's grad_x) came out NaN where the
+    reference passes the gradient through them (a review: B = 40, H = 300)."""
+    from rnnrec_fast.backends import numba_cpu
+    monkeypatch.setattr(numba_cpu, "BLAS_STEP_MIN_WORK", (0, 0))
+    B = numba_cpu.GH0_MIN_ROWS
+    for mode, ra in MODES:
+        if mode == 2 and not ra:
+            continue  # (the stepped backward is not used for the original GRU form)
+        args, gy, ghn = make_case(mode, ra, True, "mixed", with_resets, torch.float64, T=4, B=B, H=5, I=3, seed=6)
+        args = list(args)
+        args[3] = args[3].clone()
+        args[3][0, 0] = float("nan")
+        y, hn, ws = reference.forward(*args)
+        want = reference.backward(gy, ghn, *args[:8], y, ws, *args[8:])
+        got = numba_backend.backward(gy, ghn, *args[:8], y, ws, *args[8:])
+        assert not want[1][1].isnan().any()  # (a row of length 0: its gradient passes through)
+        for name, a, b in zip(("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("project", [False, True], ids=["blas", "kernel"])
 def test_numba_cpu_forward_without_workspace(project, monkeypatch):
     """run_cpu with a workspace of width 0 (no backward follows: the modules' inference fast path)

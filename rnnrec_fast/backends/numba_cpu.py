@@ -934,9 +934,13 @@ def backward_stepped(grad_y, grad_h_n, h0, w_hh, lengths, resets, y, ws, mode, r
         # state entering it but for the product (zero where that state was reset; dh where inactive)
         _bwd_rows(grad_y[t:t + 1], dh, h0 if t == 0 else y[t - 1], w_hh, steps_left, rst, has_resets, y[t:t + 1],
                   ws[t:t + 1], int(mode), bool(reset_after), d_gx[t:t + 1], d_gh[t:t + 1], h_in, out, False, 0, B)
-        p = product(d_gh[t])  # rows inactive at step t: zero (so is their d_gh)
+        p = product(d_gh[t])
+        # no product reaches a row inactive at step t or reset there: zeroed (their d_gh is zero,
+        # but 0 W_hh is NaN where W_hh holds inf or NaN; the reference passes dh through them)
+        skip = steps_left <= 0
         if has_resets:
-            p[resets[t]] = 0.0
+            skip |= resets[t]
+        p[skip] = 0.0
         out += p
         dh, out = out, (np.empty_like(grad_h_n) if t == T - 1 else dh)
     grad_h0[...] = dh
