@@ -215,6 +215,23 @@ def main():
             assert kind == "negative" or torch.isinf(reference.forward(*args, 1, False)[0][0, 0]).all()
             check(args, 1, False, gy, ghn, dtype, f"[discarded state {kind} {dtype}]", launches[0])
             n += 1
+    # NaN and inf in W_hh beside lengths and resets: as the reference, a reset row's product is
+    # 0 W_hh (NaN) and a row past its length takes none (its gradient passes through): the numba
+    # CPU backend's BLAS-computed products got both wrong (fixed 2026-12-02)
+    for mode, ra in MODES:
+        args, gy, ghn = make_case(mode, True, "mixed", True, torch.float64, T=3, B=4, H=3, I=2, seed=5)
+        w_hh = args[3].clone()
+        w_hh[0, 0], w_hh[1, 1] = float("nan"), float("inf")
+        args = args[:3] + (w_hh,) + args[4:]
+        ref_fwd = reference.forward(*args, mode, ra)
+        got_fwd = numba_cuda.forward(*args, mode, ra, **launches[1])
+        ref_bwd = reference.backward(gy, ghn, *args, ref_fwd[0], ref_fwd[2], mode, ra)
+        got_bwd = numba_cuda.backward(gy, ghn, *args, ref_fwd[0], ref_fwd[2], mode, ra, **launches[1])
+        assert ref_fwd[0].isnan().any() and torch.isfinite(ref_bwd[1]).any()  # (both effects present)
+        for name, a, b in zip(["y", "h_n", "ws"] + NAMES, [*got_fwd, *got_bwd], [*ref_fwd, *ref_bwd]):
+            torch.testing.assert_close(a, b, **TOL[torch.float64], equal_nan=True,
+                                       msg=lambda m, n=name: f"[non-finite W_hh mode={mode} ra={ra}] {n}: {m}")
+        n += 1
     # empty time or batch: no launch, h_n = h0, grad_h0 = grad_h_n
     for T, B in ((0, 2), (2, 0)):
         for mode, ra in MODES:
