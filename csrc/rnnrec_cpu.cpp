@@ -356,28 +356,28 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
               T* C, int64_t ldc, bool acc = false) {
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
-    if (M >= 48 && N >= 8 && K > 0 && g != nullptr &&
-        ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
-         (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) ||
-         (!ta && tb && K <= 256 && M >= 4096))) {
-      const int64_t KC = 256;
-      Buf<float> pk(g->packed_size(std::min(K, KC), N));
-      for (int64_t kc = 0; kc < K; kc += KC) {
-        const int64_t kb = std::min(KC, K - kc);
-        g->pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
-        if (ta)
-          packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), acc || kc > 0, C, ldc);
-        else
-          packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), acc || kc > 0, C, ldc);
+    if (M >= 48 && N >= 8 && K > 0 && g != nullptr) {
+      if ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
+          (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096)) {
+        const int64_t KC = 256;
+        Buf<float> pk(g->packed_size(std::min(K, KC), N));
+        for (int64_t kc = 0; kc < K; kc += KC) {
+          const int64_t kb = std::min(KC, K - kc);
+          g->pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
+          if (ta)
+            packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), acc || kc > 0, C, ldc);
+          else
+            packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), acc || kc > 0, C, ldc);
+        }
+        return;
       }
-      return;
-    }
-    if (!tb && M >= 48 && N >= 8 && K > 0 && avx512_enabled() && g != nullptr && g->gemm_direct != nullptr) {
-      // AVX-512, a row-major op(B) too large to pack for these rows: the kernel reads it in place
-      // (the backward's input gradient per chunk at H = 512, 128 x 512 x 1536: ~2.1 ms against
-      // MKL's ~2.7 in standalone timings on the Zen 4 VM, where MKL runs its AVX2 path)
-      fast_rows(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, acc, C, ldc);
-      return;
+      if (!tb && avx512_enabled() && g->gemm_direct != nullptr) {
+        // AVX-512, a row-major op(B) too large to pack for these rows: the kernel reads it in place
+        // (the backward's input gradient per chunk at H = 512, 128 x 512 x 1536: ~2.1 ms against
+        // MKL's ~2.7 in standalone timings on the Zen 4 VM, where MKL runs its AVX2 path)
+        fast_rows(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, acc, C, ldc);
+        return;
+      }
     }
   }
   gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);

@@ -278,15 +278,15 @@ class GRU4Rec(nn.Module):
         Item indices of another dtype than an integer one (float, bool) are a TypeError (a cast
         would truncate 1.7 to item 1, True to item 1, silently)."""
         items = torch.as_tensor(items, device=self.Wy.device)
-        if items.numel() and (items.dtype == torch.bool or items.is_floating_point() or items.is_complex()):
-            raise TypeError(f"items must be integer item indices, got dtype {items.dtype}")
-        items = items.to(torch.long).reshape(1, -1)
-        if items.numel():  # (the embedding's own error says only "index out of range in self")
-            lo, hi = (int(v) for v in torch.aminmax(items))
+        if items.numel():  # (an empty list is a float tensor: no indices to check)
+            if items.dtype == torch.bool or items.is_floating_point() or items.is_complex():
+                raise TypeError(f"items must be integer item indices, got dtype {items.dtype}")
+            lo, hi = (int(v) for v in torch.aminmax(items))  # (the embedding says "index out of range in self")
             if lo < 0 or hi >= self.n_items:
                 raise IndexError(f"item index {lo if lo < 0 else hi} out of range: the catalogue has "
                                  f"{self.n_items} items (indices 0..{self.n_items - 1}; map item ids with "
                                  "model.item_map.index)")
+        items = items.to(torch.long).reshape(1, -1)
         # (a model in training mode stays in it: no mode switch, which other threads would see)
         return self.recur(self.embed(items), h, dropout=False)[1]
 
