@@ -69,7 +69,9 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
       _mm_prefetch(ci + 64 * V - 4, _MM_HINT_T0);
     }
   }
+#pragma GCC unroll 2
   for (int v = 0; v < V; ++v)
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) c[v][i] = _mm512_setzero_ps();
   const __mmask16 m[2] = {mask_lo(nvalid), mask_hi(nvalid)};
   for (int64_t k = 0; k < K; ++k) {
@@ -82,8 +84,27 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
       for (int v = 0; v < V; ++v) c[v][i] = _mm512_fmadd_ps(a, b[v], c[v][i]);
     }
   }
+  // The loops over the tile unroll completely (as in the AVX2 kernel): rolled, GCC kept the
+  // accumulators in a stack array and spilled all 16 after the k loop; and a full tile is stored
+  // without masks. Products of K = 100 (M256 N300, the batch of sessions) 109 -> 114.6 GFLOP/s,
+  // standalone C++ on the Zen 4 VM; module A/B B256 T1 H100 ~353 -> ~338 us (best of 8 runs each).
+  if (nvalid >= 16 * V) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      float* ci = C + i * ldc;
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        __m512 r = c[v][i];
+        if (acc) r = _mm512_add_ps(_mm512_loadu_ps(ci + 16 * v), r);
+        _mm512_storeu_ps(ci + 16 * v, r);
+      }
+    }
+    return;
+  }
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     float* ci = C + i * ldc;
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
       __m512 r = c[v][i];
       if (acc) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], ci + 16 * v), r);
