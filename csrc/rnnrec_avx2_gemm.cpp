@@ -73,8 +73,9 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
                                                  float* C, int64_t ldc, int64_t nvalid, bool acc) {
   __m256 c[V][R];
   // C's tile fetched before the k loop, as in the AVX-512 kernel (a weight gradient's C cold from
-  // L3 or memory: M1536 N512 K128 62 -> 90 GFLOP/s, standalone C++ on the Zen 4 VM; not for K < 128)
-  if (K >= 128) {
+  // L3 or memory: M1536 N512 K128 62 -> 90 GFLOP/s, standalone C++ on the Zen 4 VM): for a += and
+  // for K >= 128, not for short loops that only store)
+  if (acc || K >= 128) {
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const char* ci = reinterpret_cast<const char*>(C + i * ldc);

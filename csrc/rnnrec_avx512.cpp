@@ -60,8 +60,10 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
   // backward) comes from L3 or memory, and its 16 misses at the end of each tile stalled the kernel
   // (M1536 N512 K128 with C cold: 85 -> 100 GFLOP/s, standalone C++ on the Zen 4 VM; training
   // B64 T20 H512 135-143 -> 128-130 ms, ad hoc A/B). Every line the tile touches (unaligned: 3).
-  // Not for short loops (K < 128), whose C is small and cached (B256 T1 H100: ~1% slower with it).
-  if (K >= 128) {
+  // For a += (the weight gradients; with a batch_first input the backward's x takes one product
+  // per step, K = 64 rows at B = 64: cold C 68 -> 88 GFLOP/s) and for long loops; not for short
+  // ones that only store, whose C is small and cached (B256 T1 H100, K = 100: ~1% slower with it).
+  if (acc || K >= 128) {
     for (int i = 0; i < R; ++i) {
       const char* ci = reinterpret_cast<const char*>(C + i * ldc);
       _mm_prefetch(ci, _MM_HINT_T0);
