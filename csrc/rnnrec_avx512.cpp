@@ -46,6 +46,37 @@ static inline __mmask16 mask_hi(int64_t nvalid) {
   return n1 >= 16 ? __mmask16(0xFFFF) : (n1 <= 0 ? __mmask16(0) : __mmask16((1u << n1) - 1u));
 }
 
+// How a tile's slices of C are read and written: whole (16 columns each) or masked to the columns
+// of a last, partial slice.
+struct WholeSlices {
+  inline __m512 ld(const float* p, int) const { return _mm512_loadu_ps(p); }
+  inline void st(float* p, int, __m512 r) const { _mm512_storeu_ps(p, r); }
+};
+struct MaskedSlices {
+  __mmask16 m[2];
+  inline __m512 ld(const float* p, int v) const { return _mm512_maskz_loadu_ps(m[v], p); }
+  inline void st(float* p, int v, __m512 r) const { _mm512_mask_storeu_ps(p, m[v], r); }
+};
+
+// C's R x 16V tile (+)= the accumulators. The loops unroll completely (as in the AVX2 kernel):
+// rolled, GCC kept the accumulators in a stack array and spilled all 16 after the k loop. With a
+// full tile stored without masks, products of K = 100 (M256 N300, the batch of sessions) went 109 ->
+// 114.6 GFLOP/s, standalone C++ on the Zen 4 VM; module A/B B256 T1 H100 ~353 -> ~338 us (best of 8
+// runs each).
+template <int R, int V, typename S>
+static inline void store_tile(const __m512 (&c)[V][R], float* C, int64_t ldc, bool acc, const S& s) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    float* ci = C + i * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      __m512 r = c[v][i];
+      if (acc) r = _mm512_add_ps(s.ld(ci + 16 * v, v), r);
+      s.st(ci + 16 * v, v, r);
+    }
+  }
+}
+
 // One R x 32 block of C (R <= MR). The 32-column slice of op(B) is read at Bp + k * bs: a packed
 // panel (bs = NR) or, for a row-major B that is not transposed, the matrix itself (bs = ldb; masked
 // loads stop at the last valid column there). V = 2 vectors of 16 columns, or V = 1 for a last
@@ -86,33 +117,10 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
       for (int v = 0; v < V; ++v) c[v][i] = _mm512_fmadd_ps(a, b[v], c[v][i]);
     }
   }
-  // The loops over the tile unroll completely (as in the AVX2 kernel): rolled, GCC kept the
-  // accumulators in a stack array and spilled all 16 after the k loop; and a full tile is stored
-  // without masks. Products of K = 100 (M256 N300, the batch of sessions) 109 -> 114.6 GFLOP/s,
-  // standalone C++ on the Zen 4 VM; module A/B B256 T1 H100 ~353 -> ~338 us (best of 8 runs each).
-  if (nvalid >= 16 * V) {
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      float* ci = C + i * ldc;
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) {
-        __m512 r = c[v][i];
-        if (acc) r = _mm512_add_ps(_mm512_loadu_ps(ci + 16 * v), r);
-        _mm512_storeu_ps(ci + 16 * v, r);
-      }
-    }
-    return;
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    float* ci = C + i * ldc;
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) {
-      __m512 r = c[v][i];
-      if (acc) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], ci + 16 * v), r);
-      _mm512_mask_storeu_ps(ci + 16 * v, m[v], r);
-    }
-  }
+  if (nvalid >= 16 * V)
+    store_tile<R, V>(c, C, ldc, acc, WholeSlices());
+  else
+    store_tile<R, V>(c, C, ldc, acc, MaskedSlices{{m[0], m[1]}});
 }
 
 // Full-width loads of op(B) wherever they are safe (a packed panel is zero padded; a matrix read in
