@@ -746,8 +746,7 @@ struct View3 {
       for (int64_t b = 0; b < B; ++b) std::fill(scratch + b * C, scratch + (b + 1) * C, base[b * sb]);
       return scratch;
     }
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c) scratch[b * C + c] = base[b * sb + c * sc];
+    for (int64_t b = 0; b < B; ++b) copy_row(scratch + b * C, base + b * sb, C);
     return scratch;
   }
   // Steps [t0, t1) as (rows, C) with a uniform row stride: returns the pointer, sets ld.
@@ -757,14 +756,7 @@ struct View3 {
       return p + t0 * st;
     }
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = 0; b < B; ++b) {
-        T* dst = scratch + ((t - t0) * B + b) * C;
-        const T* src = p + t * st + b * sb;
-        if (sc == 1)
-          std::memcpy(dst, src, sizeof(T) * size_t(C));
-        else
-          for (int64_t c = 0; c < C; ++c) dst[c] = src[c * sc];
-      }
+      for (int64_t b = 0; b < B; ++b) copy_row(scratch + ((t - t0) * B + b) * C, p + t * st + b * sb, C);
     ld = C;
     return scratch;
   }
@@ -775,16 +767,20 @@ struct View3 {
       for (int64_t b = 0; b < B; ++b) {
         T* dst = scratch + ((t - t0) * B + b) * C;
         const T* src = p + t * st + b * sb;
-        if (t >= len[b]) {
+        if (t >= len[b])
           std::fill(dst, dst + C, T(0));
-        } else if (sc == 1) {
-          std::memcpy(dst, src, sizeof(T) * size_t(C));
-        } else {
-          for (int64_t c = 0; c < C; ++c) dst[c] = src[c * sc];
-        }
+        else
+          copy_row(dst, src, C);
       }
   }
   bool rows_uniform(int64_t B) const { return sc == 1 && (st == B * sb || B == 1); }
+  // The C values of one row at src (sc apart) into dst, contiguous.
+  void copy_row(T* dst, const T* src, int64_t C) const {
+    if (sc == 1)
+      std::memcpy(dst, src, sizeof(T) * size_t(C));
+    else
+      for (int64_t c = 0; c < C; ++c) dst[c] = src[c * sc];
+  }
 };
 
 template <typename T>
