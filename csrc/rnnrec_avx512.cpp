@@ -295,6 +295,14 @@ static inline __m256 sum8(const __m512* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+// The sum of one a, added in sum8's order (so a row gets the same bits in a group of 8 or alone:
+// a product split into blocks differently, by threads or direction, gives the same result).
+static inline float sum1(__m512 a) {
+  const __m256 f = fold256(a);
+  const __m256 q = _mm256_hadd_ps(_mm256_hadd_ps(f, f), _mm256_hadd_ps(f, f));
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
+}
+
 namespace {
 
 constexpr int64_t kAlignedMaxK = 1024;  // x's shifted copy lives on the stack
@@ -344,7 +352,7 @@ void gemv_nt_aligned(int64_t M, int64_t K, const float* W, int64_t ldw, const fl
       int64_t v = 1;
       for (; v + 1 < nv; ++v) a0 = _mm512_fmadd_ps(_mm512_load_ps(w + 16 * v), _mm512_load_ps(xs + 16 * v), a0);
       if (v < nv) a0 = _mm512_fmadd_ps(_mm512_maskz_load_ps(tail, w + 16 * v), _mm512_load_ps(xs + 16 * v), a0);
-      out[j] = _mm512_reduce_add_ps(a0);
+      out[j] = sum1(a0);
     }
   }
 }
@@ -386,7 +394,7 @@ void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const flo
     int64_t k = 0;
     for (; k < kf; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), _mm512_loadu_ps(x + k), a0);
     if (k < K) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mt, w0 + k), _mm512_maskz_loadu_ps(mt, x + k), a0);
-    out[j] = _mm512_reduce_add_ps(a0);
+    out[j] = sum1(a0);
   }
 }
 
