@@ -664,6 +664,28 @@ def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("T,B", [(17, 1), (20, 1), (11, 3), (5, 8), (7, 2)])
+@pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 64), ("gru", True, 96), ("gru", False, 96)],
+                         ids=["tanh", "gru", "gru_cho"])
+def test_input_projection_of_few_rows(T, B, mode, reset_after, H):
+    """The forward's input projection of 17-47 rows (T * B), which the AVX-512 kernels take as
+    16 rows to a vector and a last 1-8 through the few-rows kernel (17 = 16 + 1, 20 = 16 + 4: one
+    long session, 33 = 32 + 1, 40 = 32 + 8; 14 rows in one vector): output and h_n against the
+    reference in float32, every row of every step."""
+    gen = torch.Generator().manual_seed(T * 100 + B + H)
+    I = 70
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
+    with torch.no_grad():
+        w_ih.mul_(1 / I ** 0.5)
+        w_hh.mul_(1 / H ** 0.5)
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, mode, reset_after, "cpp")
+    ry, rh, _ = reference.forward(*[as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)], None, None, MODES[mode],
+                                  reset_after)
+    assert_close(y.double(), ry, torch.float32, "output")
+    assert_close(h_n.double(), rh, torch.float32, "h_n")
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 520), ("gru", True, 300), ("gru", False, 300)],
                          ids=["tanh", "gru", "gru_cho"])
