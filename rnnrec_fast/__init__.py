@@ -6,7 +6,7 @@
 """
 from . import ops
 from .modules import GRU, RNN, GRUCell, RNNCell, from_torch, to_torch
-from .ops import backend_info, last_backend, library_path, recurrence, resolve_backend
+from .ops import backend_info, empty_cache, last_backend, library_path, recurrence, resolve_backend, scratch_bytes
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,8 @@ __all__ = [
     "recurrence",
     "ops",
     "backend_info",
+    "empty_cache",
+    "scratch_bytes",
     "last_backend",
     "library_path",
     "resolve_backend",

@@ -336,6 +336,20 @@ def _set_last(name):
         _tls.last = name
 
 
+def empty_cache() -> int:
+    """Free the scratch memory the C++ CPU kernels keep between calls, and return its size in bytes.
+    Blocks of 64 KiB or more (packed weights, gradient chunks) are kept for the next call, up to
+    32 MiB in all, instead of going back to the system and being faulted in again page by page
+    (B16 T20 H512 inference on the Zen 4 VM: ~1,600 page faults a call; 13.7-13.9 ms -> 10.4-11.2). As
+    ``torch.cuda.empty_cache``: the kernels allocate again as they need."""
+    return int(_C.release_scratch()) if _CPP_OP else 0
+
+
+def scratch_bytes() -> int:
+    """Bytes of scratch memory the C++ CPU kernels keep between calls (see ``empty_cache``)."""
+    return int(_C.scratch_bytes()) if _CPP_OP else 0
+
+
 def backend_info() -> dict:
     """Which backends are available here, and why the others are not (on a machine with a GPU,
     also why an available backend cannot run on it)."""
