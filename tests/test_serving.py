@@ -979,7 +979,8 @@ def test_exclude_seen_must_be_a_bool():
 def test_recommender_options_and_numpy_k_checked():
     """max_batch must be a positive int (0, -1 and 2.5 were taken: -1 let single clicks through and
     refused every batch); a bool is no TTL or max_seen (ttl=True was a 1 s TTL); k may be a NumPy
-    integer, as item ids and max_k may (it was a TypeError)."""
+    integer, as item ids and max_k may (it was a TypeError), and so may the store's max_sessions and
+    max_seen (refused before, where max_batch and max_k took them)."""
     import numpy as np
 
     model = make_model()
@@ -992,6 +993,13 @@ def test_recommender_options_and_numpy_k_checked():
         SessionRecommender(model, max_seen=True)
     rec = SessionRecommender(model, max_batch=np.int64(8))
     assert rec.max_batch == 8
+    # the store's sizes take NumPy integers too (they were refused there, unlike max_batch and max_k)
+    other = SessionRecommender(model, max_sessions=np.int64(5), max_seen=np.int32(2))
+    assert type(other.store.max_sessions) is int and other.store.max_sessions == 5
+    assert type(other.store.max_seen) is int and other.store.max_seen == 2
+    for bad in (0, True, 2.5, np.float64(3.0)):
+        with pytest.raises(ValueError, match="max_sessions"):
+            SessionRecommender(model, max_sessions=bad)
     want = SessionRecommender(model).click("s", model.item_ids[3], k=4)
     assert rec.click("s", model.item_ids[3], k=np.int64(4)) == want
     assert [r[0] for r in rec.click_many(["a", "b"], model.item_ids[:2], k=np.int32(3))] == \

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._checks import is_int_at_least
 from .batching import session_parallel_schedule
 from .data import RecsysError, SessionDataset
 
@@ -43,7 +44,7 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, ties: str = "
 def check_ks(ks) -> list:
     """The cut-offs ``ks`` as a list of ints >= 1, or RecsysError."""
     ks = [ks] if isinstance(ks, (int, np.integer)) else list(ks)
-    if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    if not ks or any(not is_int_at_least(k, 1) for k in ks):
         raise RecsysError(f"bad cut-offs {ks!r}: need one or more integers >= 1")
     return [int(k) for k in ks]
 
@@ -66,7 +67,7 @@ def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_s
     if ties not in TIES:
         raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
     for name, v in (("batch_size", batch_size), ("chunk_steps", chunk_steps)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not is_int_at_least(v, 1):
             raise RecsysError(f"bad {name} {v!r}: must be an integer >= 1")
     model.item_map.check_same(data.item_map, "the test data")
     model.eval()

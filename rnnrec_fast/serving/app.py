@@ -35,6 +35,7 @@ import math
 import time
 from urllib.parse import unquote_to_bytes
 
+from .._checks import is_int_at_least
 from . import metrics as _m
 from .recommender import InvalidRequestError, SessionRecommender, UnknownItemError
 
@@ -82,7 +83,7 @@ class ServingApp:
 
     def __init__(self, rec: SessionRecommender, *, max_batch=64, batch_window_ms=0.0, max_body_bytes=4096,
                  max_session_id_len=256, debug=False):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        if not is_int_at_least(max_batch, 1):
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if max_batch > rec.max_batch:
             raise ValueError(f"max_batch={max_batch} is over the recommender's max_batch={rec.max_batch}")
@@ -90,7 +91,7 @@ class ServingApp:
         if not 0.0 <= window <= _MAX_WINDOW_MS:  # (NaN fails too; inf would never flush)
             raise ValueError(f"batch_window_ms must be in [0, {_MAX_WINDOW_MS:g}], got {batch_window_ms!r}")
         for name, v in (("max_body_bytes", max_body_bytes), ("max_session_id_len", max_session_id_len)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int_at_least(v, 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.rec = rec
         self.max_batch = int(max_batch)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .._checks import is_int_at_least
 from ..recsys.data import ItemMap
 from . import fastpath as _fastpath
 from .store import SessionStore
@@ -108,11 +109,11 @@ class SessionRecommender:
             raise ValueError("model.item_ids and model.n_items disagree")
         self.hidden_size = int(model.hidden_size)
         self.num_layers = int(model.num_layers)
-        if max_k is not None and (isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k < 1):
+        if max_k is not None and not is_int_at_least(max_k, 1):
             raise ValueError(f"max_k must be a positive int or None, got {max_k!r}")
         self.max_k = self.n_items if max_k is None else min(int(max_k), self.n_items)
         self.default_k = min(DEFAULT_K, self.max_k)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+        if not is_int_at_least(max_batch, 1):
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         self.max_batch = int(max_batch)
         with torch.no_grad():

@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 
+from .._checks import is_int_at_least
 
 _ENTRY_BYTES = 240  # (measured: ~218 bytes of Python objects a session, its id apart)
 
@@ -52,19 +53,19 @@ class SessionStore:
     def __init__(self, num_layers, hidden_size, *, max_sessions=100_000, ttl=1800.0,
                  dtype=torch.float32, device="cpu", initial_capacity=1024, max_seen=256,
                  clock=time.monotonic):
-        if not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1:
+        if not is_int_at_least(max_sessions, 1):
             raise ValueError(f"max_sessions must be a positive int, got {max_sessions!r}")
         if ttl is not None and not (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0):
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-        if isinstance(max_seen, bool) or not isinstance(max_seen, int) or max_seen < 0:
+        if not is_int_at_least(max_seen, 0):
             raise ValueError(f"max_seen must be a non-negative int, got {max_seen!r}")
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
-        self.max_sessions = max_sessions
+        self.max_sessions = int(max_sessions)
         self.ttl = None if ttl is None else float(ttl)
-        self.max_seen = max_seen
+        self.max_seen = int(max_seen)
         self.clock = clock
-        cap = max(1, min(int(initial_capacity), max_sessions))
+        cap = max(1, min(int(initial_capacity), self.max_sessions))
         self.slab = torch.zeros(cap, self.num_layers, self.hidden_size, dtype=dtype, device=device)
         self._free = list(range(cap - 1, -1, -1))  # stack; pops the lowest slot first
         self._map: OrderedDict = OrderedDict()
