@@ -329,22 +329,28 @@ def test_copies_and_configuration_changes_rebind_the_plan(spy, tmp_path):
 def test_large_calls_from_threads():
     """Large calls release the GIL while they compute: several threads on one module get the
     one-thread results."""
-    from concurrent.futures import ThreadPoolExecutor
-
     torch.manual_seed(7)
     module = rnnrec_fast.GRU(64, 64, num_layers=2, batch_first=True).eval()
     xs = [torch.randn(16, 8, 64) for _ in range(8)]
     with torch.inference_mode():
         expected = [module(x) for x in xs]
 
+    assert_same_from_threads(module, xs, expected, calls=32)
+
+
+def assert_same_from_threads(module, xs, expected, calls):
+    """`calls` inference calls of module on xs (in turn) from four threads give expected's outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
     def run(i):
         with torch.inference_mode():
-            return module(xs[i % 8])
+            return module(xs[i % len(xs)])
 
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(run, range(32)))
+        results = list(pool.map(run, range(calls)))
     for i, (out, h_n) in enumerate(results):
-        assert torch.equal(out, expected[i % 8][0]) and torch.equal(h_n, expected[i % 8][1])
+        want = expected[i % len(xs)]
+        assert torch.equal(out, want[0]) and torch.equal(h_n, want[1])
 
 
 @needs_ext
@@ -858,8 +864,6 @@ def test_scratch_kept_between_calls_is_bounded_reused_and_released():
     all: calls of two sizes, alternating (each taking the kept blocks that fit), and from several
     threads, give the same bits as their first run; blocks past the bound are not kept (packed
     weights of 27 MB, then of 12 MB); empty_cache() frees them all."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from rnnrec_fast import _C
 
     bound = 32 << 20
@@ -881,14 +885,7 @@ def test_scratch_kept_between_calls_is_bounded_reused_and_released():
             want = expected_big if i % 2 else expected[i]
             assert torch.equal(y, want[0]) and torch.equal(h, want[1])
 
-        def run(i):
-            with torch.inference_mode():
-                return small(xs[i % 4])
-
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(run, range(16)))
-        for i, (out, h_n) in enumerate(results):
-            assert torch.equal(out, expected[i % 4][0]) and torch.equal(h_n, expected[i % 4][1])
+        assert_same_from_threads(small, xs, expected, calls=16)
         assert rnnrec_fast.scratch_bytes() <= bound
         rnnrec_fast.GRU(1500, 1500, batch_first=True).eval()(torch.randn(16, 20, 1500))
         assert rnnrec_fast.scratch_bytes() <= bound
