@@ -137,6 +137,11 @@ static void gemm_nt_block(int64_t j0, int64_t K, const float* W, int64_t ldw, co
       __m128 s = hsum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
       _mm_storeu_ps(out + b * ldo + j0, s);
     }
+  } else if constexpr (NB == 1) {
+    // one row of X: a weight row left over from the groups of 4 adds its lanes in hsum4's order, so
+    // an output's bits do not depend on where its row falls (thread slices, the gemv's blocks)
+    const __m256 z = _mm256_setzero_ps();
+    for (int r = 0; r < RB; ++r) out[j0 + r] = _mm_cvtss_f32(hsum4(acc[r][0], z, z, z));
   } else {
     for (int r = 0; r < RB; ++r)
       for (int b = 0; b < NB; ++b) out[b * ldo + j0 + r] = hsum(acc[r][b]);

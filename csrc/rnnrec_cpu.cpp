@@ -507,7 +507,9 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
 // direction step by step starts each step on the rows the previous one read last, still in L2,
 // where the same direction every step finds each row evicted (LRU over a W larger than L2). W_hh
 // at H = 512 (3 MiB), one thread, Zen 4 (1 MiB of L2), 20 steps of the gemv in a standalone C++
-// loop: ~40 -> ~36 us a step. Each output is the same dot product either way (same bits).
+// loop: ~40 -> ~36 us a step. Each output is the same dot product either way, added in the same order
+// whichever block or thread slice holds its row (the kernels' reductions do not depend on where a
+// row falls in their register blocks): the same bits in both directions and with any thread count.
 inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* A, int64_t lda,
                         float* C, int64_t ldc, bool backward = false) {
   const auto rows = [&](int64_t n0, int64_t n1) {
@@ -521,8 +523,9 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
       rows(n0, n1);
       return;
     }
+    // blocks aligned to n0 as a forward pass's groups of 4 rows are (the ragged block stays last)
     constexpr int64_t kBlock = 64;
-    for (int64_t e = n1; e > n0; e -= kBlock) rows(std::max(n0, e - kBlock), e);
+    for (int64_t b = (n1 - n0 - 1) / kBlock; b >= 0; --b) rows(n0 + b * kBlock, std::min(n1, n0 + (b + 1) * kBlock));
   };
   const int64_t nthr = at::get_num_threads();
   if (nthr > 1 && M * N * K >= (int64_t(1) << 18) && N >= 64 && !at::in_parallel_region()) {
