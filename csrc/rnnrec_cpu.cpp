@@ -35,6 +35,16 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define RNNREC_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RNNREC_ASAN 1
+#endif
+#endif
+#if defined(RNNREC_ASAN)
+#include <sanitizer/asan_interface.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <pthread.h>
@@ -267,9 +277,14 @@ inline at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts
 // GRU inference B16 T20 H512 grew and trimmed the heap by ~6 MiB at every call (~1,600 page
 // faults; one thread on the Zen 4 VM, medians of three runs each: 13.7-13.9 ms, 10.4-11.2 with
 // this pool, no page fault). Freed blocks of 64 KiB or more are kept, up to kHeld bytes in all
-// (the oldest freed first beyond that), and the smallest that fits serves the next request;
-// release() frees them (rnnrec_fast.empty_cache()). One pool for every thread, under a lock (a
-// call takes a handful of blocks).
+// (the oldest freed first beyond that), and the smallest that fits serves the next request, if it
+// is at most twice the request (a small request does not pin a large block that the next large
+// one would then allocate again); release() frees them (rnnrec_fast.empty_cache()). One pool for
+// every thread, under a lock (a call takes a handful of blocks). give() never allocates (it runs
+// in destructors): the table of kept blocks has room for kHeld / kMinBytes of them. Under
+// AddressSanitizer (make sanitize) a kept block is poisoned, and a block handed out is
+// addressable only up to the bytes asked for: a use after give() or a read past the request
+// reports as it would with malloc.
 class ScratchPool {
  public:
   static constexpr size_t kMinBytes = size_t(64) << 10;
@@ -286,60 +301,64 @@ class ScratchPool {
     }();
     return *pool;
   }
-  // A block of at least bytes (rounded up to 64), 64-byte aligned; *cap gets its size.
+  // A block of at least bytes, 64-byte aligned; *cap gets its size (bytes rounded up to 64, or the
+  // kept block's).
   void* take(size_t bytes, size_t* cap) {
-    bytes = (bytes + 63) & ~size_t(63);
-    if (bytes >= kMinBytes) {
+    if (bytes > std::numeric_limits<size_t>::max() - 64) throw std::bad_alloc();
+    const size_t want = (bytes + 63) & ~size_t(63);
+    void* p = nullptr;
+    if (want >= kMinBytes) {
       std::lock_guard<std::mutex> lock(mu_);
-      size_t best = blocks_.size();
-      for (size_t i = 0; i < blocks_.size(); ++i)
-        if (blocks_[i].bytes >= bytes && (best == blocks_.size() || blocks_[i].bytes < blocks_[best].bytes)) best = i;
-      if (best < blocks_.size()) {
-        const Block b = blocks_[best];
-        blocks_.erase(blocks_.begin() + std::ptrdiff_t(best));
-        held_ -= b.bytes;
-        *cap = b.bytes;
-        return b.p;
+      size_t best = n_;
+      for (size_t i = 0; i < n_; ++i)
+        if (blocks_[i].bytes >= want && blocks_[i].bytes / 2 <= want &&
+            (best == n_ || blocks_[i].bytes < blocks_[best].bytes))
+          best = i;
+      if (best < n_) {
+        p = blocks_[best].p;
+        *cap = blocks_[best].bytes;
+        held_ -= blocks_[best].bytes;
+        std::copy(blocks_ + best + 1, blocks_ + n_, blocks_ + best);
+        --n_;
       }
     }
-    void* p = std::aligned_alloc(64, bytes);
-    if (p == nullptr) throw std::bad_alloc();
-    advise_huge(p, bytes);
-    *cap = bytes;
+    if (p == nullptr) {
+      p = std::aligned_alloc(64, want);
+      if (p == nullptr) throw std::bad_alloc();
+      advise_huge(p, want);
+      *cap = want;
+    }
+    poison(p, *cap);
+    unpoison(p, bytes);
     return p;
   }
-  void give(void* p, size_t bytes) {
+  void give(void* p, size_t bytes) noexcept {
     if (p == nullptr) return;
     if (bytes >= kMinBytes && bytes <= kHeld) {
-      std::vector<void*> evicted;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        while (!blocks_.empty() && held_ + bytes > kHeld) {
-          evicted.push_back(blocks_.front().p);
-          held_ -= blocks_.front().bytes;
-          blocks_.erase(blocks_.begin());
-        }
-        blocks_.push_back({p, bytes});
-        held_ += bytes;
+      poison(p, bytes);
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t drop = 0;  // the oldest, beyond the bound
+      for (size_t held = held_; drop < n_ && held + bytes > kHeld; ++drop) held -= blocks_[drop].bytes;
+      for (size_t i = 0; i < drop; ++i) {
+        held_ -= blocks_[i].bytes;
+        free_block(blocks_[i]);
       }
-      for (void* e : evicted) std::free(e);
+      std::copy(blocks_ + drop, blocks_ + n_, blocks_);
+      n_ -= drop;
+      blocks_[n_++] = {p, bytes};  // (room: every kept block has kMinBytes or more, kHeld in all)
+      held_ += bytes;
       return;
     }
+    unpoison(p, bytes);
     std::free(p);
   }
   // Frees every kept block; returns their bytes.
   size_t release() {
-    std::vector<Block> all;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      all.swap(blocks_);
-      held_ = 0;
-    }
-    size_t n = 0;
-    for (const Block& b : all) {
-      n += b.bytes;
-      std::free(b.p);
-    }
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t n = held_;
+    for (size_t i = 0; i < n_; ++i) free_block(blocks_[i]);
+    n_ = 0;
+    held_ = 0;
     return n;
   }
   size_t held() {
@@ -352,8 +371,25 @@ class ScratchPool {
     void* p;
     size_t bytes;
   };
+  static void poison(void* p, size_t bytes) {
+#if defined(RNNREC_ASAN)
+    ASAN_POISON_MEMORY_REGION(p, bytes);
+#endif
+    (void)p, (void)bytes;
+  }
+  static void unpoison(void* p, size_t bytes) {
+#if defined(RNNREC_ASAN)
+    ASAN_UNPOISON_MEMORY_REGION(p, bytes);
+#endif
+    (void)p, (void)bytes;
+  }
+  static void free_block(const Block& b) {
+    unpoison(b.p, b.bytes);
+    std::free(b.p);
+  }
   std::mutex mu_;
-  std::vector<Block> blocks_;  // oldest first
+  Block blocks_[kHeld / kMinBytes];  // kept blocks, oldest first
+  size_t n_ = 0;
   size_t held_ = 0;
 };
 
@@ -363,7 +399,9 @@ class Buf {
  public:
   Buf() = default;
   explicit Buf(int64_t n) {
-    if (n > 0) p_ = static_cast<T*>(ScratchPool::get().take(sizeof(T) * size_t(n), &cap_));
+    if (n <= 0) return;
+    if (uint64_t(n) > (std::numeric_limits<size_t>::max() - 64) / sizeof(T)) throw std::bad_alloc();
+    p_ = static_cast<T*>(ScratchPool::get().take(sizeof(T) * size_t(n), &cap_));
   }
   Buf(Buf&& o) noexcept : p_(o.p_), cap_(o.cap_) { o.p_ = nullptr, o.cap_ = 0; }
   Buf& operator=(Buf&& o) noexcept {
