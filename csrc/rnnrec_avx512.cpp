@@ -398,6 +398,79 @@ void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const flo
   }
 }
 
+// out[b, j] = W[j, :] . X[b, :] for 2 to 8 rows of X (b < nb) and j < M. Blocks of RB weight rows
+// x NB rows of X in RB x NB 16-lane accumulators, k in chunks of 16 (a masked tail); the RB weight
+// vectors of a chunk held in registers and each row of X loaded as it is used: RB x NB FMAs for
+// RB + NB loads, within the 32 registers. Each accumulator adds its lanes in sum8's order (in groups
+// of 8 accumulators; a group's unused slots are zeros, which do not touch the others' lanes), so
+// an output's bits do not depend on its row's place in a block, a thread's slice or a backward
+// pass's block. On Zen 4 (AVX-512 at half rate, the same FLOPs a cycle as AVX2) the gain over the
+// 8-lane kernel is fewer instructions and twice the registers (figures at small_nt, rnnrec_cpu.cpp).
+// The blocks were chosen on the Zen 4 VM from 2 x 6..8, 3 x 4..8, 4 x 5..6, 7 x 2..3 and 8 x 2..3.
+namespace {
+
+template <int NB, int RB, bool Tail>
+static inline void small_chunk(const float* w, int64_t ldw, const float* X, int64_t ldx, __mmask16 m, __m512* acc) {
+  __m512 wv[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) wv[r] = Tail ? _mm512_maskz_loadu_ps(m, w + r * ldw) : _mm512_loadu_ps(w + r * ldw);
+#pragma GCC unroll 8
+  for (int b = 0; b < NB; ++b) {
+    const __m512 xv = Tail ? _mm512_maskz_loadu_ps(m, X + b * ldx) : _mm512_loadu_ps(X + b * ldx);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) acc[r * NB + b] = _mm512_fmadd_ps(wv[r], xv, acc[r * NB + b]);
+  }
+}
+
+template <int NB, int RB>
+void small_block(int64_t j0, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx, float* out,
+                 int64_t ldo) {
+  constexpr int kN = RB * NB, kG = (kN + 7) / 8;
+  __m512 acc[kG * 8];
+#pragma GCC unroll 32
+  for (int i = 0; i < kG * 8; ++i) acc[i] = _mm512_setzero_ps();
+  const float* w = W + j0 * ldw;
+  const int64_t kf = K & ~int64_t(15);
+  for (int64_t k = 0; k < kf; k += 16) small_chunk<NB, RB, false>(w + k, ldw, X + k, ldx, 0, acc);
+  if (kf < K) small_chunk<NB, RB, true>(w + kf, ldw, X + kf, ldx, mask_lo(K - kf), acc);
+  // the sums in groups of 8 (r-major: acc[r * NB + b] -> out[b, j0 + r]; the slots past kN are zeros)
+  alignas(32) float s[kG * 8];
+#pragma GCC unroll 4
+  for (int g = 0; g < kG; ++g) _mm256_store_ps(s + 8 * g, sum8(acc + 8 * g));
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) out[b * ldo + j0 + r] = s[r * NB + b];
+}
+
+template <int NB, int RB>
+void small_rows(int64_t M, int64_t K, const float* W, int64_t ldw, const float* X, int64_t ldx, float* out,
+                int64_t ldo) {
+  int64_t j = 0;
+  for (; j + RB <= M; j += RB) small_block<NB, RB>(j, K, W, ldw, X, ldx, out, ldo);
+  for (; j < M; ++j) small_block<NB, 1>(j, K, W, ldw, X, ldx, out, ldo);
+}
+
+}  // namespace
+
+void avx512_small_gemm_nt(int64_t nb, int64_t M, int64_t K, const float* W, int64_t ldw, const float* X,
+                          int64_t ldx, float* out, int64_t ldo) {
+  while (nb > 0) {
+    const int64_t c = nb >= 7 ? 4 : nb;  // 7 = 4 + 3, 8 = 4 + 4 (W streamed twice: faster than 7 x 3, 8 x 3)
+    switch (c) {  // RB x NB accumulators + RB weight vectors + one of X: at most 29 of 32 registers
+      case 1: avx512_gemv_nt(M, K, W, ldw, X, out); break;
+      case 2: small_rows<2, 8>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 3: avx2_small_gemm_nt_f32(3, M, K, W, ldw, X, ldx, out, ldo); break;  // (faster, 3 x 6 to 3 x 8 tried)
+      case 4: small_rows<4, 5>(M, K, W, ldw, X, ldx, out, ldo); break;
+      case 5: small_rows<5, 4>(M, K, W, ldw, X, ldx, out, ldo); break;
+      default: small_rows<6, 4>(M, K, W, ldw, X, ldx, out, ldo); break;
+    }
+    nb -= c;
+    X += c * ldx;
+    out += c * ldo;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // 16-lane vector layer for the row kernels (rnnrec_rows.inc): the same operations as the 8-lane
 // layer of rnnrec_avx2.cpp (AVX-512F only: bit operations through the integer forms), so the

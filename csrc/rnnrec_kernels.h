@@ -91,6 +91,9 @@ void avx512_gemm_direct(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 RowKernels<float> avx512_row_kernels_f32();
 // out[j] = W[j, :] . x, j < M (AVX-512F).
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out);
+// out[b, j] = W[j, :] . X[b, :] for b < nb <= 8 (nb = 1: avx512_gemv_nt), j < M.
+void avx512_small_gemm_nt(int64_t nb, int64_t M, int64_t K, const float* W, int64_t ldw, const float* X,
+                          int64_t ldx, float* out, int64_t ldo);
 #endif
 
 }  // namespace rnnrec

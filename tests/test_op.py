@@ -722,6 +722,60 @@ def test_few_rows_large_weights_split_over_threads(B, mode, reset_after, H):
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("B", range(2, 9))
+def test_few_rows_every_batch_size(B):
+    """2 to 8 batch rows, whose recurrent product (and, at T = 1, input projection) runs a few-rows
+    kernel with a register block per row count (AVX-512 where the weights' rows start on cache
+    lines, as here at H = I = 256; 7 and 8 rows as 4 + 3 and 4 + 4): the reference's values, and
+    1 and 2 threads (W_hh's rows split between them; at T = 2 the second step reads W_hh
+    backwards) the same bits. (T * B stays at most 20, where the AVX2 build's input projection of
+    weights larger than L2 is its own few-rows kernel: MKL's small GEMM, 9 x 48 x 768, gave one
+    thread and two different bits in a row; in the scalar build every product is ATen's, whose bits
+    may depend on the thread count, so there only the values are checked.)"""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(B * 31)
+    H, I = 256, 256
+    for T in (1, 2):
+        x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "gru", True, "plain", torch.float32, gen)
+        with torch.no_grad():
+            w_hh.mul_(1 / H ** 0.5)
+            w_ih.mul_(1 / I ** 0.5)
+        args = (x, h0, w_ih, w_hh, b_ih, b_hh, None, None, "gru", True, "cpp")
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            y1, h1, _ = torch.ops.rnnrec_fast.recurrence(*args)
+            torch.set_num_threads(2)
+            y2, h2, _ = torch.ops.rnnrec_fast.recurrence(*args)
+        finally:
+            torch.set_num_threads(threads)
+        if _C.simd_level() != "scalar":
+            torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+            torch.testing.assert_close(h1, h2, rtol=0, atol=0)
+        assert_close(y2.double(), y1.double(), torch.float32, f"2 threads, T={T}")
+        ry, rh, _ = reference.forward(*[as64(t) for t in args[:6]], None, None, MODES["gru"], True)
+        assert_close(y1.double(), ry, torch.float32, f"output, T={T}")
+        assert_close(h1.double(), rh, torch.float32, f"h_n, T={T}")
+    # the product itself (_C.linear_rows runs the same kernels; the outputs above pass a gate's last
+    # bit through a sigmoid, which may round it away): a weight row's place in a block or a thread's
+    # slice does not change its sums (N = 771: 3 rows past the last register block)
+    W = torch.randn(771, 256, generator=gen) / 16
+    xb = torch.randn(B, 256, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p1 = _C.linear_rows(xb, W)
+        torch.set_num_threads(2)
+        p2 = _C.linear_rows(xb, W)
+    finally:
+        torch.set_num_threads(threads)
+    if _C.simd_level() != "scalar":
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+    assert_close(p1.double(), xb.double() @ W.double().t(), torch.float32, "product")
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_linear_rows_matches_addmm():
     """_C.linear_rows (the serving scores: a few rows against the whole catalogue) equals
     torch.addmm: 1-9 rows (9 goes to ATen), with and without bias, 1 and 2 threads (the catalogue
