@@ -685,6 +685,18 @@ def test_input_projection_of_few_rows(T, B, mode, reset_after, H):
     assert_close(h_n.double(), rh, torch.float32, "h_n")
 
 
+def one_and_two_threads(fn):
+    """fn() with one intra-op thread, then with two (the thread count restored)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 520), ("gru", True, 300), ("gru", False, 300),
@@ -706,14 +718,7 @@ def test_few_rows_large_weights_split_over_threads(B, mode, reset_after, H):
     resets = torch.zeros(T, B, dtype=torch.bool)
     resets[2, 0] = True
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, "cpp")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1, h1, ws1 = torch.ops.rnnrec_fast.recurrence(*args)
-        torch.set_num_threads(2)
-        y2, h2, ws2 = torch.ops.rnnrec_fast.recurrence(*args)
-    finally:
-        torch.set_num_threads(threads)
+    (y1, h1, ws1), (y2, h2, ws2) = one_and_two_threads(lambda: torch.ops.rnnrec_fast.recurrence(*args))
     for a, b in ((y1, y2), (h1, h2), (ws1, ws2)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     ry, rh, _ = reference.forward(*[as64(t) for t in args[:6]], lengths, resets, MODES[mode], reset_after)
@@ -742,14 +747,7 @@ def test_few_rows_every_batch_size(B):
             w_hh.mul_(1 / H ** 0.5)
             w_ih.mul_(1 / I ** 0.5)
         args = (x, h0, w_ih, w_hh, b_ih, b_hh, None, None, "gru", True, "cpp")
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            y1, h1, _ = torch.ops.rnnrec_fast.recurrence(*args)
-            torch.set_num_threads(2)
-            y2, h2, _ = torch.ops.rnnrec_fast.recurrence(*args)
-        finally:
-            torch.set_num_threads(threads)
+        (y1, h1, _), (y2, h2, _) = one_and_two_threads(lambda: torch.ops.rnnrec_fast.recurrence(*args))
         if _C.simd_level() != "scalar":
             torch.testing.assert_close(y1, y2, rtol=0, atol=0)
             torch.testing.assert_close(h1, h2, rtol=0, atol=0)
@@ -762,14 +760,7 @@ def test_few_rows_every_batch_size(B):
     # slice does not change its sums (N = 771: 3 rows past the last register block)
     W = torch.randn(771, 256, generator=gen) / 16
     xb = torch.randn(B, 256, generator=gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        p1 = _C.linear_rows(xb, W)
-        torch.set_num_threads(2)
-        p2 = _C.linear_rows(xb, W)
-    finally:
-        torch.set_num_threads(threads)
+    p1, p2 = one_and_two_threads(lambda: _C.linear_rows(xb, W))
     if _C.simd_level() != "scalar":
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)
     assert_close(p1.double(), xb.double() @ W.double().t(), torch.float32, "product")
