@@ -556,10 +556,8 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
 // the change was within this VM's noise.
 inline void small_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* A, int64_t lda,
                      float* C, int64_t ldc) {
-  if (M == 1 && avx512_enabled())
-    avx512_gemv_nt(N, K, W, ldw, A, C);
-  else if (avx512_enabled() && ldw % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 64 == 0)
-    avx512_small_gemm_nt(M, N, K, W, ldw, A, lda, C, ldc);
+  if (avx512_enabled() && (M == 1 || (ldw % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 64 == 0)))
+    avx512_small_gemm_nt(M, N, K, W, ldw, A, lda, C, ldc);  // (one row: avx512_gemv_nt)
   else
     avx2_small_gemm_nt_f32(M, N, K, W, ldw, A, lda, C, ldc);
 }
