@@ -375,6 +375,106 @@ def test_outputs_are_what_torch_nn_returns(spy):
 
 
 @needs_ext
+def test_small_outputs_never_share_memory_while_alive(spy):
+    """The fast path's small outputs (up to 4 KiB) come from a per-thread cache of blocks: a block
+    goes back only when its tensor dies, so outputs kept alive, dropped out of order, freed on other
+    threads or outliving the thread that made them always hold their own values."""
+    import threading
+
+    torch.manual_seed(21)
+    ref, ours = pair("GRU", torch.float32, input_size=6, hidden_size=6, batch_first=True)
+    xs = [torch.randn(1, 1, 6) for _ in range(40)]
+    with torch.no_grad():  # each call's values, copied out at once
+        want = [tuple(t.clone() for t in ours(x)) for x in xs]
+        for w, x in zip(want, xs):
+            assert_close(w[0], ref(x)[0], torch.float32, "output")
+
+    def check(kept):
+        for i, (out, h_n) in kept.items():
+            assert torch.equal(out, want[i][0]) and torch.equal(h_n, want[i][1]), i
+
+    with torch.inference_mode():
+        kept = {i: ours(x) for i, x in enumerate(xs)}
+        check(kept)
+        ptrs = {t.data_ptr() for pair_ in kept.values() for t in pair_}
+        assert len(ptrs) == 2 * len(xs)
+        for i in range(0, len(xs), 2):  # every other one dies; new calls reuse their blocks
+            del kept[i]
+        for i in range(0, len(xs), 2):
+            kept[i] = ours(xs[i])
+        check(kept)
+
+        # freed on another thread, then made again here
+        doomed = [kept.pop(i) for i in range(0, 10)]
+        t = threading.Thread(target=doomed.clear)
+        t.start()
+        t.join()
+        for i in range(0, 10):
+            kept[i] = ours(xs[i])
+        check(kept)
+
+        # made on a thread that exits before they are used and freed
+        made = {}
+
+        def make():
+            with torch.inference_mode():
+                for i in range(10, 20):
+                    made[i] = ours(xs[i])
+
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+        for i in range(10, 20):
+            kept[i] = made.pop(i)
+        check(kept)
+    assert spy["handled"] >= 80
+
+
+@needs_ext
+def test_small_outputs_are_ordinary_tensors(spy):
+    """Outputs from the small-block cache resize, share memory, pickle and convert like any tensor."""
+    import io
+    import pickle
+
+    torch.manual_seed(22)
+    ref, ours = pair("GRU", torch.float32, input_size=5, hidden_size=5)
+    x = torch.randn(1, 1, 5)
+    with torch.no_grad():
+        out, h_n = ours(x)
+        want_out, want_h = out.clone(), h_n.clone()
+        assert_close(out, ref(x)[0], torch.float32, "output")
+    grown = h_n.clone()
+    h_n.resize_(4096)  # its storage grows past the cache's sizes: c10's allocator takes it
+    assert torch.equal(h_n[:5], grown.flatten())
+    h_n.fill_(3.0)
+    assert out.numpy().tolist() == want_out.numpy().tolist()  # a view of the tensor's own memory
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), want_out)
+    assert torch.equal(pickle.loads(pickle.dumps(out)), want_out)
+    out.share_memory_()
+    assert out.is_shared() and torch.equal(out, want_out)
+    assert spy["handled"] == 1
+
+
+@needs_ext
+def test_profiler_counts_the_outputs_memory():
+    """Under torch's memory profiler the outputs come from c10's CPU allocator, which reports them:
+    the call's event shows their bytes."""
+    torch.manual_seed(23)
+    ours = rnnrec_fast.GRU(25, 25, batch_first=True).eval()
+    x = torch.randn(1, 1, 25)
+    with torch.inference_mode():
+        ours(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            ours(x)
+    events = [e for e in prof.events() if e.name == "rnnrec_fast::recurrence"]
+    assert len(events) == 1 and events[0].cpu_memory_usage >= 2 * 25 * 4
+
+
+@needs_ext
 def test_module_compile_is_honoured():
     """After module.compile() the call goes through the compiled call (nn.Module.__call__ runs
     _compiled_call_impl): the fast path ahead of it steps aside."""
