@@ -2083,6 +2083,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_level", [] { return rnnrec::avx512_enabled() ? "avx512" : rnnrec::simd_enabled() ? "avx2" : "scalar"; },
         "the float32 CPU kernels this process runs: 'avx512', 'avx2' or 'scalar' (RNNREC_FAST_NO_AVX512=1 / "
         "RNNREC_FAST_NO_SIMD=1 step down)");
+  m.def("_set_gemv_loads", [](int64_t choice) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+    rnnrec::set_gemv_loads(int(choice));
+#else
+    (void)choice;
+#endif
+  }, "tests: the AVX-512 batch-1 product's loads for weight rows off cache lines: 1 aligned (in classes of "
+     "rows), 0 plain unaligned, -1 as the CPU prefers (plain on AMD)", py::arg("choice"));
   m.def("linear_rows", &rnnrec::linear_rows,
         "x @ W.T (+ b) with W as stored (N, K); a few float32 rows of x stream W once through the vector "
         "kernels (split over threads), other inputs go to torch.addmm",

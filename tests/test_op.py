@@ -590,16 +590,41 @@ def test_threads_give_the_same_bits(mode, reset_after, H):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+def _backends_and_loads():
+    """Every CPU backend with its own choice of loads (-1), and the C++ one with each of its AVX-512
+    batch-1 product's two forms forced: aligned loads in classes of rows (1), plain loads (0)."""
+    cases = [pytest.param(b, -1, id=b) for b in cpu_backends()]
+    if "cpp" in cpu_backends():
+        cases += [pytest.param("cpp", 1, id="cpp-aligned"), pytest.param("cpp", 0, id="cpp-plain")]
+    return cases
+
+
+@pytest.fixture
+def gemv_loads(request):
+    """Sets the C++ batch-1 product's loads for the test (see _backends_and_loads), then back."""
+    choice = request.node.callspec.params["loads"]
+    if choice == -1:
+        yield
+        return
+    from rnnrec_fast import _C
+
+    _C._set_gemv_loads(choice)
+    try:
+        yield
+    finally:
+        _C._set_gemv_loads(-1)
+
+
+@pytest.mark.parametrize("backend,loads", _backends_and_loads())
 @pytest.mark.parametrize("offset", [0, 1, 4, 7, 12])
 @pytest.mark.parametrize("T,I,H", [(1, 20, 100), (3, 33, 36), (2, 64, 64)])
 @pytest.mark.parametrize("mode,reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False)],
                          ids=["tanh", "gru", "gru_cho"])
-def test_weights_at_any_alignment(backend, offset, T, I, H, mode, reset_after):
-    """Batch-1 products read the weights with aligned vector loads wherever a row starts within a
-    cache line (rows of 100 floats start at four different offsets; a weight that is a view into a
-    larger buffer starts anywhere): weights placed `offset` floats into a buffer give the reference's
-    outputs and gradients."""
+def test_weights_at_any_alignment(gemv_loads, backend, loads, offset, T, I, H, mode, reset_after):
+    """Batch-1 products read weights whose rows start anywhere within a cache line (rows of 100
+    floats start at four different offsets; a weight that is a view into a larger buffer starts
+    anywhere), with aligned loads in classes of rows or plain ones (AVX-512: by CPU, both forced
+    here): weights placed `offset` floats into a buffer give the reference's outputs and gradients."""
     gen = torch.Generator().manual_seed(offset * 1000 + T * 100 + H)
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, 1, I, H, mode, True, "plain", torch.float32, gen)
 
