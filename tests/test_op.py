@@ -603,15 +603,14 @@ def _backends_and_loads():
 
 
 @pytest.fixture
-def gemv_loads(request):
+def gemv_loads(loads):
     """Sets the C++ batch-1 product's loads for the test (see _backends_and_loads), then back."""
-    choice = request.node.callspec.params["loads"]
-    if choice == -1:
+    if loads == -1:
         yield
         return
     from rnnrec_fast import _C
 
-    _C._set_gemv_loads(choice)
+    _C._set_gemv_loads(loads)
     try:
         yield
     finally:
