@@ -533,6 +533,111 @@ def test_hooks_run_with_the_fast_path(spy):
         assert torch.equal(m(x)[0], want[0])
 
 
+_CHANGES = ["module_hook", "global_hook", "hooks_replaced", "instance_forward", "module_compile",
+            "train_with_dropout", "nn_module_call_patched", "forward_ad", "parameter_replaced",
+            "another_module", "plan_rebuilt"]
+
+
+@needs_ext
+@pytest.mark.parametrize("change", _CHANGES)
+def test_changes_after_fast_calls_are_seen(change):
+    """The call slot and the plan keep what they looked up (the plan, the parameters, the hook
+    dicts, the outcome of the module's and torch's checks) while the dicts they read it from are
+    unchanged (CPython's dict versions; the hook dicts' sizes are read at every call). Each change
+    that decides a call's path, made after fast calls, is seen by the next call; undone, the fast
+    path serves again."""
+    import collections
+    from unittest import mock
+
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.modules.module import register_module_forward_hook
+
+    torch.manual_seed(11)
+    m = rnnrec_fast.GRU(3, 4, num_layers=2, dropout=0.5).eval()
+    x = torch.randn(5, 2, 3)
+    seen = []
+
+    def served_fast():
+        for _ in range(3):  # (the first call after a change looks up; the next ones use what it kept)
+            frames, out = _python_frames(lambda: m(x))
+            assert frames == [], f"{change}: the call left C++: {frames}"
+            assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+    with torch.no_grad():
+        want = m(x)
+        served_fast()
+        if change == "module_hook":
+            handle = m.register_forward_hook(lambda mod, args, out: seen.append(1))
+            m(x)
+            handle.remove()
+        elif change == "global_hook":
+            handle = register_module_forward_hook(lambda mod, args, out: seen.append(1))
+            try:
+                m(x)
+            finally:
+                handle.remove()
+        elif change == "hooks_replaced":
+            class Hooks(collections.OrderedDict):
+                pass
+            real = m._forward_hooks
+            m._forward_hooks = Hooks({0: lambda mod, args, out: seen.append(1)})
+            m(x)
+            m._forward_hooks = Hooks()  # (empty, but not a plain dict: declined, same result)
+            assert torch.equal(m(x)[0], want[0])
+            m._forward_hooks = real
+        elif change == "instance_forward":
+            m.forward = lambda *args: seen.append(1)
+            assert m(x) is None
+            del m.forward
+        elif change == "module_compile":
+            m.compile(backend="eager")
+            real = m._compiled_call_impl
+            m._compiled_call_impl = lambda *args, **kwargs: (seen.append(1), real(*args, **kwargs))[1]
+            assert torch.equal(m(x)[0], want[0])
+            m._compiled_call_impl = None
+        elif change == "train_with_dropout":
+            m.train()
+            seen.append(int(not torch.equal(m(x)[0], want[0])))  # dropout between the layers
+            m.eval()
+        elif change == "nn_module_call_patched":
+            torch_call = nn.Module.__call__
+
+            def wrapper(self, *args, **kwargs):
+                seen.append(1)
+                return torch_call(self, *args, **kwargs)
+
+            with mock.patch.object(nn.Module, "__call__", wrapper):
+                assert torch.equal(m(x)[0], want[0])
+        elif change == "forward_ad":
+            with fwAD.dual_level():
+                with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                    m(fwAD.make_dual(x, torch.ones_like(x)))
+            seen.append(1)
+        elif change == "parameter_replaced":
+            real = m.weight_hh_l1
+            m.weight_hh_l1 = nn.Parameter(torch.zeros_like(real))
+            out = m(x)
+            assert not torch.equal(out[0], want[0])
+            assert_close(out[0], general_path(m, x)[0], torch.float32, "replaced parameter")
+            seen.append(1)
+            m.weight_hh_l1 = real
+        elif change == "another_module":
+            other = rnnrec_fast.GRU(3, 4, num_layers=2).eval()
+            other_want = general_path(other, x)
+            for _ in range(3):
+                assert_close(other(x)[0], other_want[0], torch.float32, "the other module")
+                assert torch.equal(m(x)[0], want[0])
+            seen.append(1)
+        elif change == "plan_rebuilt":
+            m.batch_first = True
+            assert m(x)[0].shape == (5, 2, 4) and m(x.transpose(0, 1))[0].shape == (2, 5, 4)
+            assert torch.equal(m(x.transpose(0, 1))[0], want[0].transpose(0, 1))
+            m.batch_first = False
+            seen.append(1)
+        assert seen == [1], f"{change}: not seen by the next call"
+        served_fast()
+
+
 def _python_frames(call):
     """(the names of the Python functions that call() runs, but its own frame; its result)."""
     names = []
