@@ -1417,10 +1417,17 @@ class OutputAllocator final : public c10::Allocator {
     static OutputAllocator* a = new OutputAllocator();  // never destroyed: storages keep a pointer
     return a;
   }
+  // Whether allocate(n) hands out one of this allocator's blocks now (else c10's CPU allocator's memory).
+  static bool serves(size_t n) {
+    return size_class(n) >= 0 && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator() &&
+           !c10::memoryProfilingEnabled();
+  }
+  // Whether d is memory of this allocator's.
+  static bool owns(const c10::DataPtr& d) { return d.get_deleter() == &OutputAllocator::release; }
   c10::DataPtr allocate(size_t n) override {
     c10::Allocator* cpu = c10::GetCPUAllocator();
     const int c = size_class(n);
-    if (c < 0 || cpu != c10::GetDefaultCPUAllocator() || c10::memoryProfilingEnabled()) return cpu->allocate(n);
+    if (!serves(n)) return cpu->allocate(n);
     void* base = nullptr;
     Cache* cache = Cache::mine();
     if (cache != nullptr && cache->n[c] > 0) base = cache->blocks[c][--cache->n[c]];
@@ -1475,10 +1482,122 @@ class OutputAllocator final : public c10::Allocator {
   }
 };
 
+// The small outputs a plan handed out, kept so that a later call of the same plan can hand the same
+// tensor objects out again once no one else holds them: at the serving step, making two output
+// tensors (TensorImpl, storage, Python object) and freeing them again (torch frees a tensor's
+// memory with the GIL released) cost ~0.4 of a ~1.6 us RNN call (ad hoc, Zen 4 VM). In a serving
+// loop, `out, h = m(x, h)`, call k's outputs are the objects of call k - 2, which the caller let go
+// of when it rebound out and h after call k - 1. A kept output is taken only where nothing can
+// tell it from a new one: no reference but the ring's to the object, its tensor or its memory (no
+// view, storage object, NumPy array, DLPack capsule, weak reference), nothing added to it (no
+// attribute, hook, grad, requires_grad, changed dispatch keys: conj / neg bits), and its shape,
+// strides, dtype and memory (a block of OutputAllocator's, the size made) as made; a tensor with a
+// version counter gets a fresh one where its count moved. The memory profiler, or another CPU
+// allocator set, turns the reuse off with OutputAllocator's blocks. Touched only with the GIL held.
+class OutputRing {
+ public:
+  OutputRing() = default;
+  OutputRing(const OutputRing&) = delete;
+  OutputRing& operator=(const OutputRing&) = delete;
+  ~OutputRing() {  // (with the GIL: the plan is freed with its Python object)
+    for (auto& s : slots_) Py_XDECREF(s.obj);
+    release();
+  }
+
+  // Drops the references let go of since the last release: the call's very end, as freeing a
+  // tensor can run Python code (weak references' callbacks; torch frees its memory with the GIL
+  // released), which must not run between the call's lookups and its kernel.
+  void release() {
+    while (!doomed_.empty()) {
+      PyObject* o = doomed_.back();
+      doomed_.pop_back();
+      Py_DECREF(o);
+    }
+  }
+
+  // A kept output, no one else's (so not one taken for this call), of these sizes (C-contiguous)
+  // and dtype, made in this mode (torch.inference_mode or not): a new reference, or nullptr. A kept output
+  // that only the ring holds but that something was done to is let go of on the way (release()).
+  PyObject* take(at::IntArrayRef sizes, at::ScalarType dtype, bool inference) {
+    for (auto& s : slots_) {
+      if (s.obj == nullptr || Py_REFCNT(s.obj) != 1) continue;
+      if (!pristine(s)) {
+        doomed_.push_back(s.obj);
+        s.obj = nullptr;
+        continue;
+      }
+      const at::Tensor& t = THPVariable_Unpack(s.obj);
+      if (s.inference != inference || t.scalar_type() != dtype || t.sizes() != sizes) continue;
+      at::TensorImpl* impl = t.unsafeGetTensorImpl();
+      if (!inference && impl->version_counter().current_version() != 0)
+        impl->set_version_counter(c10::VariableVersion(0));
+      Py_INCREF(s.obj);
+      return s.obj;
+    }
+    return nullptr;
+  }
+
+  // Keeps o (a new output; its dispatch keys as made), in place of the oldest one kept.
+  void keep(PyObject* o) {
+    Slot& s = slots_[next_];
+    next_ = (next_ + 1) % kSlots;
+    Py_INCREF(o);
+    if (s.obj != nullptr) doomed_.push_back(s.obj);
+    s.obj = o;
+    s.keys = THPVariable_Unpack(o).key_set();
+    s.inference = THPVariable_Unpack(o).is_inference();
+  }
+
+ private:
+  static constexpr int kSlots = 4;  // two calls' (output, h_n)
+  struct Slot {
+    PyObject* obj = nullptr;
+    c10::DispatchKeySet keys;  // as made
+    bool inference = false;
+  };
+  Slot slots_[kSlots];
+  int next_ = 0;
+  c10::SmallVector<PyObject*, 2 * kSlots> doomed_;
+
+  // Whether s's object (which only the ring holds) is as it was made: nothing else refers to its
+  // tensor or memory, nothing was added to it, its layout and memory are the ones it was made with.
+  static bool pristine(const Slot& s) {
+    PyObject* o = s.obj;
+    if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
+    const auto* v = reinterpret_cast<const THPVariable*>(o);
+    if (v->backward_hooks != nullptr || v->post_accumulate_grad_hooks != nullptr) return false;
+    const Py_ssize_t wl = Py_TYPE(o)->tp_weaklistoffset;  // (3.12 on: managed, a negative offset)
+    if (wl != 0 && *reinterpret_cast<PyObject* const*>(reinterpret_cast<const char*>(o) + wl) != nullptr) return false;
+    const at::Tensor& t = v->cdata;
+    const at::TensorImpl* impl = t.unsafeGetTensorImpl();
+    if (t.use_count() != 1 || t.weak_use_count() != 1 || t.key_set() != s.keys || impl->autograd_meta() != nullptr ||
+        !t.device().is_cpu() || t.layout() != at::kStrided || t.storage_offset() != 0 || !impl->has_storage())
+      return false;
+    int64_t numel = 1;
+    const auto sizes = t.sizes(), strides = t.strides();
+    for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+      if (strides[d] != numel) return false;
+      numel *= sizes[d];
+    }
+    const c10::Storage& st = impl->storage();
+    if (st.use_count() != 1 || !OutputAllocator::owns(st.data_ptr()) || st.nbytes() != size_t(numel) * t.element_size())
+      return false;
+    // no attribute set on the object (last: this makes its __dict__ once)
+    PyObject* d = PyObject_GenericGetDict(o, nullptr);
+    if (d == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const bool bare = PyDict_GET_SIZE(d) == 0;
+    Py_DECREF(d);
+    return bare;
+  }
+};
+
 // The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
 py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
                       int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
-                      int64_t dirs) {
+                      int64_t dirs, OutputRing* ring = nullptr) {
   const py::object unhandled = py::none();
   if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
   const int64_t G = mode == MODE_GRU ? 3 : 1;
@@ -1590,17 +1709,38 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     return at::Tensor(at::detail::empty_generic(size, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                                 dtype, std::nullopt));
   };
-  at::Tensor y, h_n;
   const int64_t DH = dirs * H;
+  c10::SmallVector<int64_t, 3> y_size, h_size;
   if (cell)
-    y = batched ? empty({B, H}) : empty({H});
+    y_size = batched ? c10::SmallVector<int64_t, 3>{B, H} : c10::SmallVector<int64_t, 3>{H};
   else if (!batched)
-    y = empty({T_, DH});
+    y_size = {T_, DH};
   else if (bf && (T_ == 1 || B == 1))
-    y = empty({B, T_, DH});
+    y_size = {B, T_, DH};
   else
-    y = empty({T_, B, DH});
-  if (!cell) h_n = batched ? empty({states, B, H}) : empty({states, H});
+    y_size = {T_, B, DH};
+  if (!cell) h_size = batched ? c10::SmallVector<int64_t, 3>{states, B, H} : c10::SmallVector<int64_t, 3>{states, H};
+  // Each output is a kept one of the plan's (OutputRing) where one is free, else made.
+  const bool transposed = bf && T_ > 1 && B > 1;
+  const bool inference = c10::InferenceMode::is_enabled();
+  const auto take = [&](at::IntArrayRef size) {
+    if (ring == nullptr || transposed || !OutputAllocator::serves(size_t(c10::multiply_integers(size)) * c10::elementSize(dtype)))
+      return py::object();
+    return py::reinterpret_steal<py::object>(ring->take(size, dtype, inference));
+  };
+  struct Release {  // (last: after the outputs are made, on every way out)
+    OutputRing* r;
+    ~Release() {
+      if (r != nullptr) r->release();
+    }
+  } release{ring};
+  py::object y_kept = take(y_size);
+  py::object h_kept = cell ? py::object() : take(h_size);
+  at::Tensor y, h_n;  // (made)
+  if (!y_kept) y = empty(y_size);
+  if (!cell && !h_kept) h_n = empty(h_size);
+  const at::Tensor& y_out = y_kept ? THPVariable_Unpack(y_kept.ptr()) : y;
+  const at::Tensor& h_out = h_kept ? THPVariable_Unpack(h_kept.ptr()) : h_n;
   // A large call lets other Python threads run meanwhile (the op path does too); the weights are
   // then held by owning references, since another thread could replace a module's parameter.
   const bool release_gil = T_ * B * G * H * (I + H) * states >= (int64_t(1) << 20);
@@ -1617,24 +1757,26 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     if (release_gil) no_gil.emplace();
     AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer", [&] {
       Buf<scalar_t> own(0);
-      scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_n.data_ptr<scalar_t>();
+      scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_out.data_ptr<scalar_t>();
       infer_layers<scalar_t>(d, layers, dirs, x->data_ptr<scalar_t>(),
                              hx != nullptr ? hx->data_ptr<scalar_t>() : nullptr, weights, per_layer, int(mode),
-                             reset_after, y.data_ptr<scalar_t>(), hn);
+                             reset_after, y_out.data_ptr<scalar_t>(), hn);
     });
   }
   note_cpp_backend_ran();
-  if (bf && T_ > 1 && B > 1) y = y.transpose(0, 1);
-  // The outputs are moved into their Python objects (a copy would take the GIL again to drop the
-  // C++ reference, as above).
-  auto wrap = [](at::Tensor&& t) {
+  if (transposed) y = y.transpose(0, 1);
+  // The made outputs are moved into their Python objects (a copy would take the GIL again to drop
+  // the C++ reference, as above), and kept by the plan where their memory is OutputAllocator's.
+  auto wrap = [&](at::Tensor&& t) {
+    const bool keep = ring != nullptr && !transposed && t.has_storage() && OutputAllocator::owns(t.storage().data_ptr());
     PyObject* o = THPVariable_Wrap(std::move(t));
     if (o == nullptr) throw py::error_already_set();
+    if (keep) ring->keep(o);
     return py::reinterpret_steal<py::object>(o);
   };
-  py::object out_y = wrap(std::move(y));
+  py::object out_y = y_kept ? std::move(y_kept) : wrap(std::move(y));
   if (cell) return out_y;
-  py::object out_h = wrap(std::move(h_n));
+  py::object out_h = h_kept ? std::move(h_kept) : wrap(std::move(h_n));
   PyObject* pair = PyTuple_New(2);
   if (pair == nullptr) throw py::error_already_set();
   PyTuple_SET_ITEM(pair, 0, out_y.release().ptr());
@@ -1773,7 +1915,8 @@ class InferPlan {
       w.push_back(&THPVariable_Unpack(p));
     }
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
-                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_);
+                      w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
+                      &outputs_);
   }
 
   // The module's whole call, `module(*args)` (the classes' call slot below, or
@@ -1900,6 +2043,7 @@ class InferPlan {
     c10::SmallVector<PyObject*, 4> hooks, global_hooks;
   };
   mutable CallChecks checks_;
+  mutable OutputRing outputs_;  // (see OutputRing)
   mutable uint64_t params_tag_ = 0;
   mutable c10::SmallVector<PyObject*, 16> params_found_;
   py::dict params_;

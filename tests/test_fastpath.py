@@ -458,6 +458,106 @@ def test_small_outputs_are_ordinary_tensors(spy):
     assert spy["handled"] == 1
 
 
+_HOLDERS = ["object", "view", "storage", "numpy", "dlpack", "weakref", "attribute", "grad", "requires_grad",
+            "in_place", "resize", "as_strided", "set_", "share_memory", "neg_bit"]
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("holder", _HOLDERS)
+def test_dropped_outputs_come_back_only_untouched(holder, mode):
+    """A plan keeps the small outputs it hands out and hands an object out again once no one else
+    holds it (in a serving loop, `out, h = m(x, h)`, call k's outputs are call k - 2's objects).
+    Whatever still refers to a dropped output, its tensor or its memory keeps seeing the values it
+    saw, and whatever was done to an output (an attribute, grad, an in-place change, a new layout
+    or memory) is not seen on a later call's outputs: those look fresh (version 0, no attributes,
+    the usual strides) and hold that call's values."""
+    import weakref
+
+    torch.manual_seed(31)
+    ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    m = rnnrec_fast.GRU(6, 6, batch_first=True).eval()
+    xs = [torch.randn(1, 1, 6) for _ in range(12)]
+    with torch.enable_grad():
+        want = [tuple(t.detach() for t in m(x)) for x in xs]  # (the general path: fresh tensors)
+
+    def fresh(outs, i, what):
+        for t, w in zip(outs, want[i]):
+            assert torch.equal(t, w), f"{what}: call {i}'s values"
+            assert t.stride() == (6, 6, 1) and t.storage_offset() == 0 and not t.requires_grad
+            assert t.grad is None and t.__dict__ == {} and not t.is_neg() and not t.is_shared(), what
+            assert t.is_inference() == (mode == "inference_mode")
+            if mode == "no_grad":
+                assert t._version == 0, what
+
+    with ctx():
+        # a serving loop hands the same objects out again (the ring is in use)
+        ids = []
+        for i in range(6):
+            outs = m(xs[i])
+            fresh(outs, i, "loop")
+            ids.append((id(outs[0]), id(outs[1])))
+            del outs
+        assert len(set(ids)) < len(ids), "dropped outputs were not handed out again"
+
+        out, h_n = m(xs[0])
+        fresh((out, h_n), 0, "first")
+        seen = out.clone()
+        probe = None  # what the holder sees of the dropped output, read back at the end
+        if holder == "object":
+            probe = lambda kept=out: kept
+        elif holder == "view":
+            probe = lambda v=out[0, 0]: v.view(1, 1, 6)
+        elif holder == "storage":
+            st = out.untyped_storage()
+            probe = lambda: torch.empty(0).set_(st).view(1, 1, 6)
+        elif holder == "numpy":
+            probe = lambda a=out.numpy(): torch.from_numpy(a)
+        elif holder == "dlpack":
+            cap = torch.utils.dlpack.to_dlpack(out)
+            probe = lambda: torch.utils.dlpack.from_dlpack(cap)
+        elif holder == "weakref":
+            gone = []
+            ref = weakref.ref(out, lambda r: gone.append(1))
+        elif holder == "attribute":
+            out.tag = "mine"
+        elif holder == "grad":
+            if mode == "inference_mode":
+                pytest.skip("an inference tensor takes no grad")
+            out.grad = torch.ones_like(out)
+        elif holder == "requires_grad":
+            if mode == "inference_mode":
+                pytest.skip("an inference tensor cannot require grad")
+            out.requires_grad_()
+        elif holder == "in_place":
+            out.add_(1.0)
+        elif holder == "resize":
+            out.resize_(3)
+        elif holder == "as_strided":
+            out.as_strided_((1, 1, 6), (1, 1, 1))
+        elif holder == "set_":
+            out.set_(torch.zeros(6).view(1, 1, 6))
+        elif holder == "share_memory":
+            out.share_memory_()
+        elif holder == "neg_bit":
+            torch._C._set_neg(out, True)
+        del out, h_n
+        for i in range(1, 12):  # calls dropping their outputs, then calls keeping them
+            outs = m(xs[i])
+            fresh(outs, i, holder)
+            if i < 6:
+                del outs
+        if probe is not None:
+            assert torch.equal(probe(), seen), f"{holder}: the dropped output's memory changed"
+        if holder == "weakref":
+            assert gone == [1] and ref() is None, "an output let go of still lives"
+        del outs
+    with (torch.no_grad if mode == "inference_mode" else torch.inference_mode)():  # the other mode's
+        outs = m(xs[0])
+        assert all(t.is_inference() == (mode != "inference_mode") for t in outs)
+        assert torch.equal(outs[0], want[0][0]) and torch.equal(outs[1], want[0][1])
+
+
 @needs_ext
 def test_profiler_counts_the_outputs_memory():
     """Under torch's memory profiler the outputs come from c10's CPU allocator, which reports them:
