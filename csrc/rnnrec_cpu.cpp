@@ -1492,8 +1492,9 @@ class OutputAllocator final : public c10::Allocator {
 // view, storage object, NumPy array, DLPack capsule, weak reference), nothing added to it (no
 // attribute, hook, grad, requires_grad, changed dispatch keys: conj / neg bits), and its shape,
 // strides, dtype and memory (a block of OutputAllocator's, the size made) as made; a tensor with a
-// version counter gets a fresh one where its count moved. The memory profiler, or another CPU
-// allocator set, turns the reuse off with OutputAllocator's blocks. Touched only with the GIL held.
+// version counter gets a fresh one where its count moved. Under torch's memory profiler, or with
+// another CPU allocator set, no output is taken (OutputAllocator::serves). Touched only with the
+// GIL held.
 class OutputRing {
  public:
   OutputRing() = default;
@@ -1516,8 +1517,9 @@ class OutputRing {
   }
 
   // A kept output, no one else's (so not one taken for this call), of these sizes (C-contiguous)
-  // and dtype, made in this mode (torch.inference_mode or not): a new reference, or nullptr. A kept output
-  // that only the ring holds but that something was done to is let go of on the way (release()).
+  // and dtype, made in this mode (torch.inference_mode or not): a new reference, or nullptr. A
+  // kept output that only the ring holds but that something was done to is let go of on the way
+  // (release()).
   PyObject* take(at::IntArrayRef sizes, at::ScalarType dtype, bool inference) {
     for (auto& s : slots_) {
       if (s.obj == nullptr || Py_REFCNT(s.obj) != 1) continue;
