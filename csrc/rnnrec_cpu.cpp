@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/ScopeExit.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1418,16 +1419,13 @@ class OutputAllocator final : public c10::Allocator {
     return a;
   }
   // Whether allocate(n) hands out one of this allocator's blocks now (else c10's CPU allocator's memory).
-  static bool serves(size_t n) {
-    return size_class(n) >= 0 && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator() &&
-           !c10::memoryProfilingEnabled();
-  }
+  static bool serves(size_t n) { return size_class(n) >= 0 && in_use(); }
   // Whether d is memory of this allocator's.
   static bool owns(const c10::DataPtr& d) { return d.get_deleter() == &OutputAllocator::release; }
   c10::DataPtr allocate(size_t n) override {
     c10::Allocator* cpu = c10::GetCPUAllocator();
     const int c = size_class(n);
-    if (!serves(n)) return cpu->allocate(n);
+    if (c < 0 || !in_use()) return cpu->allocate(n);
     void* base = nullptr;
     Cache* cache = Cache::mine();
     if (cache != nullptr && cache->n[c] > 0) base = cache->blocks[c][--cache->n[c]];
@@ -1447,6 +1445,10 @@ class OutputAllocator final : public c10::Allocator {
   static constexpr size_t kHeader = 64;  // holds the block's size class; keeps the data aligned
   static constexpr int kClasses = 7;     // 64 B << c, up to 4 KiB
   static constexpr int kKeep = 8;
+  // c10's default CPU allocator is the process's, and torch's memory profiler is off
+  static bool in_use() {
+    return c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator() && !c10::memoryProfilingEnabled();
+  }
   static int size_class(size_t n) {
     for (int c = 0; c < kClasses; ++c)
       if (n <= (size_t(64) << c)) return c;
@@ -1730,12 +1732,10 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
       return py::object();
     return py::reinterpret_steal<py::object>(ring->take(size, dtype, inference));
   };
-  struct Release {  // (last: after the outputs are made, on every way out)
-    OutputRing* r;
-    ~Release() {
-      if (r != nullptr) r->release();
-    }
-  } release{ring};
+  // (last: after the outputs are made, on every way out)
+  const auto release = c10::make_scope_exit([ring] {
+    if (ring != nullptr) ring->release();
+  });
   py::object y_kept = take(y_size);
   py::object h_kept = cell ? py::object() : take(h_size);
   at::Tensor y, h_n;  // (made)
@@ -1873,11 +1873,12 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
 // the names of its weights in order: a call converts two arguments, takes the weights from the
 // dict (looked up again whenever the dict has changed since the last call, by its dict_version: a
 // replaced, reassigned or swapped parameter is seen at once; the tensors themselves are read at
-// every call, so are changes made in place), and runs infer_impl. Declines (None) what infer_impl declines, non-plain tensors,
-// missing parameters, and calls under torch.jit.trace (which must record the op) or a torch dispatch
-// mode: those see the op's call. (The module checks torch function modes before calling the plan:
-// modules._calls_observed.) RecordFunction observers (the profiler, a global observer)
-// see the call as an event named after the op, and the fast path stays on under them.
+// every call, so are changes made in place), and runs infer_impl. Declines (None) what infer_impl
+// declines, non-plain tensors, missing parameters, and calls under torch.jit.trace (which must
+// record the op) or a torch dispatch mode: those see the op's call. (The module checks torch
+// function modes before calling the plan: modules._calls_observed.) RecordFunction observers (the
+// profiler, a global observer) see the call as an event named after the op, and the fast path
+// stays on under them.
 class InferPlan {
  public:
   InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
