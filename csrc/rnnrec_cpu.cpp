@@ -665,8 +665,9 @@ struct StepW {
   }
 };
 
-// out[m, n] = sum_k X[m, k] * Wt[n, k]  (Wt row-major as PyTorch stores weights). Few rows of X:
-// the hand-vectorised kernel (no BLAS call overhead, weights streamed once per 8 rows).
+// out[m, n] = sum_k X[m, k] * Wt[n, k]  (Wt row-major as PyTorch stores weights). Up to 8 rows of
+// X: the hand-vectorised kernel (no BLAS call overhead, the weights streamed once); 9-47: the
+// transposed packed product below (9-12 rows on AVX2 with large weights: the few-rows kernel).
 template <typename T>
 void gemm_nt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* Wt, int64_t ldw, T* C,
              int64_t ldc) {
@@ -676,30 +677,36 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* 
       small_nt(M, N, K, Wt, ldw, X, ldx, C, ldc);
       return;
     }
-    if (M <= 20 && simd_enabled() && !avx512_enabled() && N * K * int64_t(sizeof(float)) > kL2Bytes) {
-      // A few rows against weights larger than L2 (the input projection of one long session): the
-      // 8-row kernel, once per 8 rows, streams them 2-3 times and still beats MKL's small-M GEMM
-      // (W_ih 1536 x 512: 20 rows 457 -> 424 us, 12 rows 354 -> 262 us, one thread; not with
-      // L2-resident weights, nor from ~32 rows on).
-      for (int64_t m0 = 0; m0 < M; m0 += 8)
-        few_rows_nt(std::min<int64_t>(8, M - m0), N, K, Wt, ldw, X + m0 * ldx, ldx, C + m0 * ldc, ldc);
-      return;
-    }
-    if (M < 48 && N >= 64 && K > 0 && avx512_enabled()) {
-      // Few rows: compute C^T = Wt . X^T with the weights as the broadcast operand, so only X
-      // (small) is packed; then transpose the (N, M) result into C. The rows of X are the
-      // columns of C^T, taken 16 to a vector: past 16, a last 1-8 (20 = 16 + 4: the input
-      // projection of one long session) would fill a vector of 16 to half at most, and go to the
-      // few-rows kernel instead (M20 N1536 K512, standalone C++ on the Zen 4 VM: 477 -> 301 us;
-      // M33 707 -> 527, M40 757 -> 706, M20 N300 K100 18.7 -> 14.6).
+    if (M < 48 && N >= 64 && K > 0 && simd_enabled() && (M > 12 || avx512_enabled())) {
+      // Few rows (9-47: the input projection of one long session, or of a few short ones):
+      // compute C^T = Wt . X^T with the weights as the broadcast operand, so that only X (small)
+      // is packed and the weights are streamed once; then transpose the (N, M) result into C. The
+      // rows of X are the columns of C^T, taken 16 to a panel: past 16, a last 1-8 (20 = 16 + 4)
+      // would fill a panel to half at most, and go to the few-rows kernel instead. Standalone C++,
+      // one thread, this against what ran before (M20 N1536 K512): Zen 4, AVX-512 against the
+      // product with X as the broadcast operand, 477 -> 301 us (M33 707 -> 527, M40 757 -> 706,
+      // M20 N300 K100 18.7 -> 14.6); Zen 3, AVX2 against the few-rows kernel 8 rows at a time
+      // (which streamed the weights 3 times at M20), interleaved in one process on a noisy VM:
+      // M20 564 -> 363 us, M16 479 -> 282, M24 727 -> 527, M40 1263 -> 834 (MKL's small-M product
+      // took ~500 us at M20 there).
+      const GemmKernels& g = *fast_gemm();
       const int64_t rest = M > 16 && M % 16 <= 8 ? M % 16 : 0, Mv = M - rest;
-      Buf<float> pk(avx512_packed_size(K, Mv));
-      avx512_pack_b(true, K, Mv, X, ldx, pk.data());
+      Buf<float> pk(g.packed_size(K, Mv));
+      g.pack_b(true, K, Mv, X, ldx, pk.data());
       Buf<float> ct(N * Mv);
       packed_rows(N, Mv, K, Wt, ldw, 1, pk.data(), false, ct.data(), Mv);
       for (int64_t m = 0; m < Mv; ++m)
         for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = ct.data()[n * Mv + m];
       if (rest > 0) few_rows_nt(rest, N, K, Wt, ldw, X + Mv * ldx, ldx, C + Mv * ldc, ldc);
+      return;
+    }
+    if (M <= 12 && simd_enabled() && N * K * int64_t(sizeof(float)) > kL2Bytes) {
+      // AVX2, 9-12 rows against weights larger than L2: the few-rows kernel, 8 rows at a time
+      // (it streams the weights twice, and still beats MKL's small-M product: 12 rows 354 -> 262
+      // us; and the transposed product above, whose 16-column panel would be at most 3/4 full:
+      // GRU B1 T12 H512, one thread, Zen 3, ~765 against ~840 us a call)
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        few_rows_nt(std::min<int64_t>(8, M - m0), N, K, Wt, ldw, X + m0 * ldx, ldx, C + m0 * ldc, ldc);
       return;
     }
   }

@@ -695,10 +695,10 @@ def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
 @pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 64), ("gru", True, 96), ("gru", False, 96)],
                          ids=["tanh", "gru", "gru_cho"])
 def test_input_projection_of_few_rows(T, B, mode, reset_after, H):
-    """The forward's input projection of 17-47 rows (T * B), which the AVX-512 kernels take as
-    16 rows to a vector and a last 1-8 through the few-rows kernel (17 = 16 + 1, 20 = 16 + 4: one
-    long session, 33 = 32 + 1, 40 = 32 + 8; 14 rows in one vector): output and h_n against the
-    reference in float32, every row of every step."""
+    """The forward's input projection of 13-47 rows (T * B), which the packed kernels (AVX-512 and
+    AVX2) take as the columns of a transposed product, 16 rows to a panel and a last 1-8 through the
+    few-rows kernel (17 = 16 + 1, 20 = 16 + 4: one long session, 33 = 32 + 1, 40 = 32 + 8; 14 rows
+    in one panel): output and h_n against the reference in float32, every row of every step."""
     gen = torch.Generator().manual_seed(T * 100 + B + H)
     I = 70
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
@@ -760,10 +760,11 @@ def test_few_rows_every_batch_size(B):
     kernel with a register block per row count (AVX-512 where the weights' rows start on cache
     lines, as here at H = I = 256; 7 and 8 rows as 4 + 3 and 4 + 4): the reference's values, and
     1 and 2 threads (W_hh's rows split between them; at T = 2 the second step reads W_hh
-    backwards) the same bits. (T * B stays at most 20, where the AVX2 build's input projection of
-    weights larger than L2 is its own few-rows kernel: MKL's small GEMM, 9 x 48 x 768, gave one
-    thread and two different bits in a row; in the scalar build every product is ATen's, whose bits
-    may depend on the thread count, so there only the values are checked.)"""
+    backwards) the same bits. (T * B stays at most 16, where the input projection is ours: the
+    few-rows kernel, or the transposed packed product from 13 rows, each output one sum whatever the
+    thread count. MKL's small GEMM, 9 x 48 x 768, gave one thread and two different bits in a row;
+    in the scalar build every product is ATen's, whose bits may depend on the thread count, so there
+    only the values are checked.)"""
     from rnnrec_fast import _C
 
     gen = torch.Generator().manual_seed(B * 31)
