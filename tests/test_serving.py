@@ -172,6 +172,71 @@ def test_load_from_checkpoint(checkpoint):
     assert items == offline_topk(model, replay(model, [ids[1], ids[2]]), 3)[0]
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("embedding,layers,reset_after,max_seen",
+                         [("shared", (16,), True, 3), (8, (16, 16), True, 256), (32, (24,), False, 0),
+                          ("shared", (16, 16, 16), False, 1)])
+def test_one_call_click_matches_the_separate_calls(embedding, layers, reset_after, max_seen):
+    """The fast path's one C++ call for a click (_C.click_topk: the step, the state written back,
+    the scores and top-k) gives what its separate calls give (step_row, the copy back, topk_row),
+    bit for bit: items, scores, states, seen items; with and without exclude_seen (the excluded
+    items as they are after the click: the last max_seen, 0 to 256), any k up to the catalogue,
+    new and held sessions, one to three layers, an embedding of its own (I != H)."""
+    model = make_model(n_items=40, layers=layers, embedding=embedding, reset_after=reset_after)
+    one = SessionRecommender(model, max_seen=max_seen)
+    sep = SessionRecommender(model, max_seen=max_seen)
+    calls = []
+    fused = one._fast.click
+    one._fast.click = lambda *a: calls.append(1) or fused(*a)
+    sep._fast.click = None  # (click_row declines: the separate calls)
+    ids = model.item_ids
+    gen = torch.Generator().manual_seed(len(layers) * 10 + max_seen)
+    for i in range(60):
+        sid = int(torch.randint(0, 5, (), generator=gen))
+        it = ids[int(torch.randint(0, 40, (), generator=gen))]
+        k = int(torch.randint(1, 41, (), generator=gen))
+        excl = bool(torch.randint(0, 2, (), generator=gen))
+        got, want = one.click(sid, it, k=k, exclude_seen=excl), sep.click(sid, it, k=k, exclude_seen=excl)
+        assert got[0] == want[0] and got[1] == want[1], i
+        assert torch.equal(one.state(sid), sep.state(sid)), i
+        assert one.session_info(sid) == sep.session_info(sid), i
+    assert len(calls) == 60
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_one_call_click_refuses_or_declines_without_change():
+    """_C.click_topk raises a ValueError for a bad item index, slot, k or excluded index, and
+    declines (None) tensors it does not take (another dtype, a non-contiguous one, shapes that do
+    not fit, a missing bias), in each case before it changes the state."""
+    from rnnrec_fast import _C
+
+    if _C.simd_level() == "scalar":
+        pytest.skip("without the vector kernels click_topk declines every call")
+    model = make_model(n_items=30, layers=(16, 16), embedding=8)
+    fast = SessionRecommender(model)._fast
+    slab = torch.randn(4, 2, 16)
+    before = slab.clone()
+    args = dict(emb=fast.emb, idx=3, slab=slab, slot=1, weights=fast.flat, reset_after=True, W=fast.Wy, b=fast.by,
+                k=5, exclude=[])
+    for bad, match in [(dict(idx=30), "item index 30"), (dict(idx=-1), "item index -1"), (dict(slot=4), "slot 4"),
+                       (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[2, 30]), "excluded index 30")]:
+        with pytest.raises(ValueError, match=match):
+            _C.click_topk(**{**args, **bad})
+        assert torch.equal(slab, before)
+    w = list(fast.flat)
+    for other in [dict(slab=slab.double()), dict(slab=torch.randn(4, 16, 2).transpose(1, 2)),
+                  dict(slab=torch.randn(4, 1, 16)), dict(emb=fast.emb.t().contiguous().t()),
+                  dict(W=fast.Wy[:, :8]), dict(b=fast.by[:-1]), dict(weights=w[:7]),
+                  dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:])]:
+        assert _C.click_topk(**{**args, **other}) is None
+        assert torch.equal(slab, before)
+    version = slab._version
+    vals, idx = _C.click_topk(**args)
+    assert len(vals) == len(idx) == 5 and not torch.equal(slab[1], before[1])
+    assert slab._version > version  # (written in place, as row.copy_ would have)
+    assert torch.equal(slab[[0, 2, 3]], before[[0, 2, 3]])
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_errors_leave_state_unchanged():
     model = make_model()
@@ -872,17 +937,23 @@ def _failing(*args, **kwargs):
     raise RuntimeError("step failed")
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_failed_first_click_holds_no_session(fast):
+@pytest.mark.parametrize("path", ["one call", "fast", "model"])
+def test_failed_first_click_holds_no_session(path):
     """A new session's click whose step raises leaves no session held (and an existing session's
-    failed click keeps it, unchanged)."""
+    failed click keeps it, unchanged): the fast path's one C++ call for the whole click, its
+    separate step (where that call declines), the model's step."""
     model = make_model()
     ids = model.item_ids
+    fast = path != "model"
     rec = SessionRecommender(model, fast=fast)
     assert rec.uses_fast_path == fast
     rec.click("old", ids[0])
     h_old = rec.state("old")
-    if fast:
+    if path == "one call":
+        assert rec._fast.click is not None or not backends.available("cpp")
+        rec._fast.click_row = _failing
+    elif path == "fast":
+        rec._fast.click_row = lambda *args: None
         rec._fast.step_row = _failing
     else:
         rec._step = _failing

@@ -4,7 +4,9 @@
 ``rnnrec_fast.GRU``); per click that Python overhead is a large part of the latency. This module
 runs all GRU layers in one call of the C++ inference path (the one the modules use without
 autograd), or of the fused op ``torch.ops.rnnrec_fast.recurrence`` where that does not apply,
-directly on detached weights, and scores with one GEMM on the same weights. It is used only when the model has the GRU4Rec layout
+directly on detached weights, and scores with one GEMM on the same weights; a lone click (one session
+one step) runs as one C++ call from its stored state to its top-k (``click_row``: ``_C.click_topk``).
+It is used only when the model has the GRU4Rec layout
 it expects *and* it reproduces ``model.step`` / ``model.score`` on a random probe at construction
 (see :func:`build`); otherwise the recommender calls ``model.step`` / ``model.score``.
 """
@@ -15,10 +17,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-try:  # the modules' C++ inference fast path, the few-rows product and the click's score + top-k
-    from .._C import infer as _infer, linear_rows as _linear_rows, score_topk as _score_topk
+try:  # the modules' C++ inference fast path, the few-rows product, the click's score + top-k, all three
+    from .._C import click_topk as _click_topk, infer as _infer, linear_rows as _linear_rows, score_topk as _score_topk
 except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
-    _infer = _linear_rows = _score_topk = None
+    _click_topk = _infer = _linear_rows = _score_topk = None
 
 
 class FastGRU4Rec:
@@ -67,6 +69,7 @@ class FastGRU4Rec:
         self.infer = _infer if (_infer is not None and self.backend in ("auto", "cpp")
                                 and all(w is not None for w in flat)) else None
         self.flat = flat
+        self.click = _click_topk if self.infer is not None and _click_topk is not None else None
 
     def stale(self):
         """Whether the model's weights changed since this was built (see __init__; ~1.5 us a
@@ -110,6 +113,16 @@ class FastGRU4Rec:
             x, hn = op(x, row[layer:layer + 1], w[0], w[1], w[2], w[3], None, None, "gru", ra, be)[:2]
             out.append(hn)
         return torch.cat(out)
+
+    def click_row(self, idx, slab, slot, k, exclude):
+        """One click of one session in one C++ call: the step of item index ``idx`` from the state
+        ``slab[slot]`` (L, H), the new state written back there, and :meth:`topk_row`'s top-k of its
+        top layer (``exclude``: a list of indices): ``(scores, indices)`` lists, the same as
+        :meth:`step_row`, the copy back and :meth:`topk_row`; or None, nothing changed, where it
+        does not apply (then take those)."""
+        if self.click is not None and self._rows_path():
+            return self.click(self.emb, idx, slab, slot, self.flat, self.reset_after, self.Wy, self.by, k, exclude)
+        return None
 
     def topk_row(self, h_row, k, exclude):
         """The click's top-k for one state ``h_row`` (H,): ``(scores, indices)`` lists, best first,

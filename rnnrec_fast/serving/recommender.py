@@ -75,7 +75,9 @@ class SessionRecommender:
     Thread safety: one lock serialises every read-modify-write of session states (look up, step,
     write back), so concurrent callers never see each other's state and the clicks of one session
     are applied in the order the calls take the lock. Scoring and top-k run outside the lock, on
-    the caller's private copy of the new state.
+    the caller's private copy of the new state; but for a one-click call on the C++ fast path
+    (``serving.fastpath``), whose step, write-back, scoring and top-k are one C++ call that holds
+    the GIL throughout as the separate scoring call does.
 
     Args:
         model: the recommender (eval mode).
@@ -209,36 +211,41 @@ class SessionRecommender:
     def _click_core(self, session_id, idx, k, exclude_seen):
         """One validated click; returns the top-k (scores, indices) as lists."""
         store = self.store
-        with torch.no_grad():
-            with self._lock:
-                fast = self._fresh_fast()
-                now = self.clock()
-                if store.ttl is not None:
-                    store.expire(now)
-                e = store.touch(session_id, now)
-                new = e is None
-                if new:
-                    e = store.create(session_id, now, self._h0)
-                row = store.slab[e.slot]
-                try:
+        with self._lock:
+            fast = self._fresh_fast()
+            now = self.clock()
+            if store.ttl is not None:
+                store.expire(now)
+            e = store.touch(session_id, now)
+            new = e is None
+            if new:
+                e = store.create(session_id, now, self._h0)
+            try:
+                if fast is not None:
+                    # the whole click in one C++ call where it applies (its scoring then runs under
+                    # the lock, holding the GIL as the separate call does); the items to exclude:
+                    # the session's seen items as they will be after this click
+                    excl = ((e.seen + [idx])[-store.max_seen:] if store.max_seen else []) if exclude_seen else []
+                    top = fast.click_row(idx, store.slab, e.slot, k, excl)
+                    if top is not None:
+                        self._clicked(e, idx)
+                        return top
+                with torch.no_grad():
+                    row = store.slab[e.slot]
                     if fast is not None:
                         h = fast.step_row(idx, row)  # (L, H)
                     else:
                         h = self._step(self._all_items[idx:idx + 1], row.unsqueeze(1))[:, 0]
-                except BaseException:
-                    if new:
-                        store.discard(session_id)
-                    raise
-                row.copy_(h)
-                e.clicks += 1
-                seen = e.seen
-                seen.append(idx)
-                if len(seen) > store.max_seen:
-                    del seen[0]
-                if exclude_seen:
-                    seen = list(seen)
+                    row.copy_(h)
+            except BaseException:
+                if new:
+                    store.discard(session_id)
+                raise
+            self._clicked(e, idx)
+            seen = list(e.seen) if exclude_seen else None
+        with torch.no_grad():
             if fast is not None:
-                top = fast.topk_row(h[-1], k, seen if exclude_seen else None)
+                top = fast.topk_row(h[-1], k, seen)
                 if top is not None:
                     return top
             scores = self._score(h[-1:] if self.num_layers > 1 else h)
@@ -246,6 +253,14 @@ class SessionRecommender:
                 scores[0, seen] = self._neg_inf
             vals, inds = self._topk(scores, k)  # (the batch's selection: the same order of ties)
         return vals[0].tolist(), inds[0].tolist()
+
+    def _clicked(self, e, idx):
+        """A click on item index ``idx`` applied to session entry ``e``: its count and seen items."""
+        e.clicks += 1
+        seen = e.seen
+        seen.append(idx)
+        if len(seen) > self.store.max_seen:
+            del seen[0]
 
     def click_many(self, session_ids, item_ids, k=None, exclude_seen=False):
         """A batch of clicks in one fused step and one scoring GEMM + top-k (k None: ``default_k``).
