@@ -2227,6 +2227,9 @@ inline void select_topk_large(const float* __restrict s, int64_t N, int64_t k, f
 inline void select_topk(const float* __restrict s, int64_t N, int64_t k, float* __restrict vals,
                         int64_t* __restrict idx) {
   if (k > kTopkInsertMax && N < (int64_t(1) << 32)) return select_topk_large(s, N, k, vals, idx);
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if (simd_enabled()) return avx2_select_topk_f32(s, N, k, vals, idx);  // (this pass, 8 scores at a time)
+#endif
   const auto better = [](float a, float c) { return std::isnan(a) ? !std::isnan(c) : (!std::isnan(c) && a > c); };
   int64_t cnt = 0;
   float thr = 0.0f;  // vals[k - 1] once k values are held

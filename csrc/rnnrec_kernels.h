@@ -74,6 +74,9 @@ void avx2_small_gemm_nt_f32(int64_t nb, int64_t M, int64_t K, const float* W, in
                             const float* X, int64_t ldx, float* out, int64_t ldo);
 // acc[c] += A[r, c] summed over the R rows of a (R, C) block in double (rows ld apart), row by row.
 void avx2_col_sums_f32(int64_t R, int64_t C, const float* A, int64_t ld, double* acc);
+// The k (>= 1) largest of s[0..N) into vals / idx, best first (select_topk in rnnrec_cpu.cpp: NaN
+// above every number, among equals the lower index first), its rejection test on 8 scores at a time.
+void avx2_select_topk_f32(const float* s, int64_t N, int64_t k, float* vals, int64_t* idx);
 // AVX2/FMA float GEMM (rnnrec_avx2_gemm.cpp). Only call after simd_enabled() (rnnrec_cpu.cpp) returned true.
 GemmKernels avx2_gemm_kernels_f32();
 // AVX-512F float GEMM (rnnrec_avx512.cpp). Only call after the run-time check for avx512f.

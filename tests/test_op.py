@@ -989,6 +989,44 @@ def test_topk_selection_order_for_every_k():
         assert si == order[:k], k
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", ["ties", "tail", "nan", "constant", "descending"])
+def test_topk_selection_of_many_scores(case):
+    """From 1,024 scores and k = 10 the vector selection first bounds the k-th score from below by
+    the maxima of 64 interleaved groups and offers only the scores not below it: the same order as
+    a sort (NaN first, scores descending, -0 equal to +0, equal scores by lower index) for k on both
+    sides of 10 and up to 32, N = 2,933 (not a multiple of 64: the last 53 scores are in no group):
+    many ties; the best finite scores among the last 53, the best of all among the last 5; a NaN (no bound: every score offered); all
+    scores equal; scores in descending order (every score in a group's maximum's place)."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(17)
+    N = 2933
+    s = torch.round(torch.randn(N, generator=gen) * 4) / 2  # many ties
+    s[[9, 2000]] = float("inf")
+    s[[11, 2931]] = float("-inf")
+    zeros = (s == 0).nonzero().flatten()
+    s[zeros[::2]] = -0.0
+    if case == "tail":
+        s[N - 53:] = s[s.isfinite()].max() + torch.arange(53, 0, -1) % 7  # (ties among them too)
+        s[N - 3] = s[N - 53:].max() + 1  # (among the last 5, past the last whole vector)
+    elif case == "nan":
+        s[[1500, 2870, 2920]] = float("nan")  # (2870: in the last whole group of 64)
+    elif case == "constant":
+        s = torch.full((N,), 0.25)
+    elif case == "descending":
+        s = torch.arange(N, 0, -1, dtype=torch.float32) / 8
+    vals = s.tolist()
+    order = sorted(range(N), key=lambda j: (0, 0.0, j) if vals[j] != vals[j] else (1, -vals[j] + 0.0, j))
+    eye = torch.eye(1)
+    for k in (1, 4, 9, 10, 11, 20, 31, 32):
+        v, i = _C.topk_rows(s.view(1, N), k)
+        assert i[0].tolist() == order[:k], k
+        torch.testing.assert_close(v[0], s[order[:k]], equal_nan=True, rtol=0, atol=0)
+        sv, si = _C.score_topk(eye[0], s.view(N, 1), torch.zeros(N), k)
+        assert si == order[:k], k
+
+
 # Opt-in big-memory tests (RNNREC_FAST_BIGMEM=1): sizes whose element offsets pass 2^31 although
 # every dimension is small, where index arithmetic done in 32 bits would wrap (a catalogue of 19.3M
 # items x H = 128; a GRU workspace of T = 65 x B = 65537 x 4H = 512), with a row, a step or a
