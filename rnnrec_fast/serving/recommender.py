@@ -428,16 +428,11 @@ class SessionRecommender:
                         store.discard(sid)
                     raise
                 seen_rows = [] if any_excl else None
-                max_seen = store.max_seen
                 for sid, idx in zip(session_ids, idxs):
                     e = entries[sid]
-                    e.clicks += 1
-                    seen = e.seen
-                    seen.append(idx)
-                    if len(seen) > max_seen:
-                        del seen[0]
+                    self._clicked(e, idx)
                     if any_excl:
-                        seen_rows.append(seen[:] if (exclude_seen[len(seen_rows)] if per_row_excl else True) else None)
+                        seen_rows.append(e.seen[:] if (exclude_seen[len(seen_rows)] if per_row_excl else True) else None)
             scores = self._score(top)
             if any_excl:
                 rows, cols = [], []
