@@ -1614,6 +1614,27 @@ class OutputRing {
   }
 };
 
+// Whether the weights of `states` (layer, direction) pairs, `per_layer` each (w_ih, w_hh[, b_ih,
+// b_hh]), are plain contiguous CPU tensors of dtype in a recurrence's shapes: w_ih (G H, I) for
+// the first layer's directions and (G H, dirs H) above them, w_hh (G H, H), the biases (G H,).
+bool weights_fit(const at::Tensor* const* weights, int64_t states, int64_t dirs, int64_t per_layer, int64_t G,
+                 int64_t I, int64_t H, at::ScalarType dtype) {
+  for (int64_t s = 0; s < states; ++s) {
+    const int64_t in_l = s < dirs ? I : dirs * H;
+    for (int64_t k = 0; k < per_layer; ++k) {
+      const at::Tensor& t = *weights[s * per_layer + k];
+      if (!t.defined() || t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided ||
+          !t.is_contiguous() || !plain_memory(t))
+        return false;
+      const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
+                    : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
+                             : (t.dim() == 1 && t.size(0) == G * H);
+      if (!ok) return false;
+    }
+  }
+  return true;
+}
+
 // The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
 py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
                       int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
@@ -1662,19 +1683,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (w_hh0.dim() != 2) return unhandled;
   const int64_t H = w_hh0.size(1);
   if (H == 0 || w_hh0.size(0) != G * H) return unhandled;
-  for (int64_t s = 0; s < states; ++s) {
-    const int64_t in_l = s < dirs ? I : dirs * H;
-    for (int64_t k = 0; k < per_layer; ++k) {
-      const at::Tensor& t = *weights[s * per_layer + k];
-      if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous() ||
-          !plain_memory(t))
-        return unhandled;
-      const bool ok = k == 0 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == in_l)
-                    : k == 1 ? (t.dim() == 2 && t.size(0) == G * H && t.size(1) == H)
-                             : (t.dim() == 1 && t.size(0) == G * H);
-      if (!ok) return unhandled;
-    }
-  }
+  if (!weights_fit(weights, states, dirs, per_layer, G, I, H, dtype)) return unhandled;
   // hx: sequence modules (states, B, H) or unbatched (states, H); cells (B, H) or unbatched (H,).
   // The caller's tensors are read through pointers, not copied: a C++ copy of a tensor that Python
   // holds takes a reference to its Python object too, and dropping it again takes the GIL
@@ -2357,16 +2366,8 @@ py::object click_topk(const at::Tensor& emb, int64_t idx, const at::Tensor& slab
   const int64_t I = emb.size(1), N = W.size(0), H = W.size(1), G = 3;
   if (H == 0 || I == 0 || N == 0 || slab.size(1) != L || slab.size(2) != H || b.size(0) != N) return declined;
   c10::SmallVector<const at::Tensor*, 16> w;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t in_l = l == 0 ? I : H;
-    for (int64_t j = 0; j < 4; ++j) {
-      const at::Tensor& t = weights[size_t(4 * l + j)];
-      const bool ok = j < 2 ? usable(t, 2) && t.size(0) == G * H && t.size(1) == (j == 0 ? in_l : H)
-                            : usable(t, 1) && t.size(0) == G * H;
-      if (!ok) return declined;
-      w.push_back(&t);
-    }
-  }
+  for (const at::Tensor& t : weights) w.push_back(&t);
+  if (!weights_fit(w.data(), L, 1, 4, G, I, H, at::kFloat)) return declined;
   TORCH_CHECK_VALUE(idx >= 0 && idx < emb.size(0), "rnnrec_fast click_topk: item index ", idx, " out of [0, ",
                     emb.size(0), ")");
   TORCH_CHECK_VALUE(slot >= 0 && slot < slab.size(0), "rnnrec_fast click_topk: slot ", slot, " out of [0, ",
