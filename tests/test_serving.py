@@ -207,7 +207,8 @@ def test_one_call_click_matches_the_separate_calls(embedding, layers, reset_afte
 def test_one_call_click_refuses_or_declines_without_change():
     """_C.click_topk raises a ValueError for a bad item index, slot, k or excluded index, and
     declines (None) tensors it does not take (another dtype, a non-contiguous one, shapes that do
-    not fit, a missing bias), in each case before it changes the state."""
+    not fit, a missing bias, a state slab that needs autograd: it was written in place, where
+    autograd refuses an in-place change of a leaf), in each case before it changes the state."""
     from rnnrec_fast import _C
 
     if _C.simd_level() == "scalar":
@@ -227,7 +228,8 @@ def test_one_call_click_refuses_or_declines_without_change():
     for other in [dict(slab=slab.double()), dict(slab=torch.randn(4, 16, 2).transpose(1, 2)),
                   dict(slab=torch.randn(4, 1, 16)), dict(emb=fast.emb.t().contiguous().t()),
                   dict(W=fast.Wy[:, :8]), dict(b=fast.by[:-1]), dict(weights=w[:7]),
-                  dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:])]:
+                  dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
+                  dict(slab=slab.clone().requires_grad_())]:
         assert _C.click_topk(**{**args, **other}) is None
         assert torch.equal(slab, before)
     version = slab._version
@@ -235,6 +237,174 @@ def test_one_call_click_refuses_or_declines_without_change():
     assert len(vals) == len(idx) == 5 and not torch.equal(slab[1], before[1])
     assert slab._version > version  # (written in place, as row.copy_ would have)
     assert torch.equal(slab[[0, 2, 3]], before[[0, 2, 3]])
+
+
+def _exact_scoring_case(N, H, M, seed):
+    """Integer-valued W (N, H), bias and states (M, H): every score is exact in float32 whatever
+    the order of its sums (so the GEMM kernel and ATen's agree bit for bit), with many ties; a NaN,
+    +inf and -inf among the biases."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randint(-3, 4, (N, H), generator=g).float()
+    b = torch.randint(-8, 9, (N,), generator=g).float()
+    b[5], b[7], b[N - 1] = float("nan"), float("inf"), float("-inf")
+    h = torch.randint(-2, 3, (M, H), generator=g).float()
+    return W, b, h
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_scores_and_topk_in_one_call(threads):
+    """_C.score_topk_rows (the batch's scores against the catalogue with the packed GEMM kernel,
+    each row's excluded items at -inf, its k best) gives topk_rows of the same scores made by
+    ATen, bit for bit: values, indices, the order of ties (lower index first) and of NaN (first);
+    for k from 1 to the catalogue (the sorted-array selection to 32, the partial sort past it, the
+    vector pass's bound from 1,024 scores), 1 to 64 rows, with and without exclude lists (empty
+    ones, repeated indices), on one and two threads."""
+    from rnnrec_fast import _C
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for N, H in ((300, 24), (2933, 16)):
+            W, b, h_all = _exact_scoring_case(N, H, 64, seed=N)
+            packed = _C.pack_scores_weights(W)
+            if packed is None:
+                assert _C.simd_level() == "scalar"
+                pytest.skip("without the vector kernels there is no packed GEMM")
+            for M in (1, 7, 64):
+                h = h_all[:M].contiguous()
+                exact = torch.addmm(b, h, W.t())
+                g = torch.Generator().manual_seed(M)
+                excl = [torch.randint(0, N, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist()
+                        for _ in range(M)]
+                excl[0] = excl[0] + excl[0][:1] + [5]  # (a repeated index; the NaN item excluded)
+                for k in (1, 4, 20, 32, 33, N):
+                    for ex in ([], excl):
+                        vals, idx = _C.score_topk_rows(h, W, packed, b, k, ex)
+                        s = exact.clone()
+                        for r, row in enumerate(ex):
+                            s[r, row] = float("-inf")
+                        want_v, want_i = _C.topk_rows(s, k)
+                        assert torch.equal(idx, want_i), (N, M, k, bool(ex))
+                        torch.testing.assert_close(vals, want_v, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_batch_scores_and_topk_refuses_or_declines():
+    """_C.score_topk_rows raises a ValueError for a bad k, W not of the bias's and states' sizes,
+    packed weights of another size, not one exclude list per row, an excluded index out of range;
+    and declines (None) what it does not take: another dtype, a non-contiguous state, states that
+    need autograd, more than 4M scores."""
+    from rnnrec_fast import _C
+
+    W, b, h = _exact_scoring_case(40, 8, 3, seed=1)
+    packed = _C.pack_scores_weights(W)
+    if packed is None:
+        pytest.skip("without the vector kernels there is no packed GEMM")
+    args = dict(h=h, W=W, packed=packed, b=b, k=5, exclude=[])
+    for bad, match in [(dict(k=0), "k must be"), (dict(k=41), "k must be"), (dict(W=W[:, :7]), "W must be"),
+                       (dict(W=W[:39]), "W must be"), (dict(packed=packed[:-1]), "packed weights for"),
+                       (dict(exclude=[[1], [2]]), "2 exclude lists for 3 rows"),
+                       (dict(exclude=[[1], [40], []]), "excluded index 40"),
+                       (dict(exclude=[[-1], [], []]), "excluded index -1")]:
+        with pytest.raises(ValueError, match=match):
+            _C.score_topk_rows(**{**args, **bad})
+    for other in [dict(h=h.double()), dict(h=h.t().contiguous().t()), dict(b=b.double()),
+                  dict(packed=packed.double()), dict(h=h.clone().requires_grad_()),
+                  dict(h=torch.zeros(4 * 2**20 // 40 + 1, 8))]:
+        assert _C.score_topk_rows(**{**args, **other}) is None
+    assert _C.pack_scores_weights(W.double()) is None and _C.pack_scores_weights(W.t()) is None
+    with torch.no_grad():  # (states that require grad, where no autograd is recorded)
+        assert _C.score_topk_rows(**{**args, "h": h.clone().requires_grad_()}) is not None
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("embedding,layers,reset_after,max_seen",
+                         [("shared", (16,), True, 3), (8, (16, 16), True, 256), (32, (24,), False, 0),
+                          ("shared", (16, 16, 16), False, 1)])
+def test_one_call_batch_matches_the_separate_calls(embedding, layers, reset_after, max_seen):
+    """The fast path's one C++ call for a batch of clicks of distinct sessions (_C.click_rows_topk:
+    the step of the gathered states, the states written back, the scores and top-k) gives what its
+    separate calls give (step, the copy back, score_topk_rows), bit for bit: items, scores, states,
+    seen items; with and without exclude_seen, any k up to the catalogue, new and held sessions,
+    one to three layers, an embedding of its own (I != H); batches with a session twice take the
+    step in rounds in both."""
+    model = make_model(n_items=40, layers=layers, embedding=embedding, reset_after=reset_after)
+    one = SessionRecommender(model, max_seen=max_seen)
+    sep = SessionRecommender(model, max_seen=max_seen)
+    assert one._fast.click_batch is not None or _C_scalar()
+    calls = []
+    fused = one._fast.click_batch
+    if fused is not None:
+        one._fast.click_batch = lambda *a: calls.append(1) or fused(*a)
+    sep._fast.click_batch = None  # (click_rows declines: the separate calls)
+    ids = model.item_ids
+    gen = torch.Generator().manual_seed(len(layers) * 10 + max_seen)
+    distinct = 0
+    for i in range(40):
+        B = int(torch.randint(1, 9, (), generator=gen))
+        sids = torch.randint(0, 10, (B,), generator=gen).tolist()
+        items = [ids[int(j)] for j in torch.randint(0, 40, (B,), generator=gen)]
+        k = int(torch.randint(1, 41, (), generator=gen))
+        excl = bool(torch.randint(0, 2, (), generator=gen))
+        got, want = one.click_many(sids, items, k=k, exclude_seen=excl), sep.click_many(sids, items, k=k, exclude_seen=excl)
+        assert got == want, i
+        distinct += B > 1 and len(set(sids)) == B
+        for sid in set(sids):
+            assert torch.equal(one.state(sid), sep.state(sid)), i
+            assert one.session_info(sid) == sep.session_info(sid), i
+    assert distinct > 5 and (len(calls) == distinct or fused is None)
+
+
+def _C_scalar():
+    from rnnrec_fast import _C
+
+    return _C.simd_level() == "scalar"
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_one_call_batch_refuses_or_declines_without_change():
+    """_C.click_rows_topk raises a ValueError for a bad item index or slot, a slot given twice,
+    items and slots of different counts, a bad k or exclude list, W not of the catalogue's size;
+    and declines (None) tensors it does not take (another dtype, a non-contiguous one, shapes that
+    do not fit, a state slab that needs autograd); in each case before it changes the state."""
+    from rnnrec_fast import _C
+
+    if _C_scalar():
+        pytest.skip("without the vector kernels click_rows_topk declines every call")
+    model = make_model(n_items=30, layers=(16, 16), embedding=8)
+    fast = SessionRecommender(model)._fast
+    slab = torch.randn(6, 2, 16)
+    before = slab.clone()
+    args = dict(emb=fast.emb, idxs=[3, 4, 5], slab=slab, slots=[1, 4, 2], weights=fast.flat, reset_after=True,
+                W=fast.Wy, packed=fast.packed_rows, b=fast.by, k=5, exclude=[])
+    for bad, match in [(dict(idxs=[3, 30, 1]), "item index 30"), (dict(idxs=[-1, 2, 3]), "item index -1"),
+                       (dict(slots=[1, 6, 2]), "slot 6"), (dict(slots=[1, -1, 2]), "slot -1"),
+                       (dict(slots=[1, 4, 1]), "a slot appears more than once"), (dict(slots=[1, 4]), "3 items for 2 slots"),
+                       (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[[1]]), "1 exclude lists for 3 rows"),
+                       (dict(exclude=[[2], [30], []]), "excluded index 30"), (dict(W=fast.Wy[:-1]), "W must be")]:
+        with pytest.raises(ValueError, match=match):
+            _C.click_rows_topk(**{**args, **bad})
+        assert torch.equal(slab, before)
+    w = list(fast.flat)
+    for other in [dict(slab=slab.double()), dict(slab=torch.randn(6, 16, 2).transpose(1, 2)),
+                  dict(slab=torch.randn(6, 1, 16)), dict(emb=fast.emb.t().contiguous().t()),
+                  dict(b=fast.by.double()), dict(packed=fast.packed_rows.double()), dict(weights=w[:7]),
+                  dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
+                  dict(slab=slab.clone().requires_grad_())]:
+        assert _C.click_rows_topk(**{**args, **other}) is None
+        assert torch.equal(slab, before)
+    version = slab._version
+    vals, idx = _C.click_rows_topk(**args)
+    assert vals.shape == idx.shape == (3, 5)
+    assert all(not torch.equal(slab[s], before[s]) for s in (1, 4, 2))
+    assert slab._version > version  # (written in place, as index_copy_ would have)
+    assert torch.equal(slab[[0, 3, 5]], before[[0, 3, 5]])
+    grad_slab = before.clone().requires_grad_()
+    with torch.no_grad():  # (a slab that requires grad, where autograd records nothing: written)
+        assert _C.click_rows_topk(**{**args, "slab": grad_slab}) is not None
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -965,16 +1135,23 @@ def test_failed_first_click_holds_no_session(path):
     torch.testing.assert_close(rec.state("old"), h_old)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_failed_batch_holds_none_of_its_new_sessions(fast):
+@pytest.mark.parametrize("path", ["one call", "fast", "model"])
+def test_failed_batch_holds_none_of_its_new_sessions(path):
     """click_many with new sessions whose step raises leaves none of them held; the batch's held
-    session stays, unchanged."""
+    session stays, unchanged: the fast path's one C++ call for a batch of distinct sessions (and
+    its step for repeated ones), its separate step (where that call declines), the model's step."""
     model = make_model()
     ids = model.item_ids
+    fast = path != "model"
     rec = SessionRecommender(model, fast=fast)
     rec.click("old", ids[0])
     h_old = rec.state("old")
     rec._step = _failing  # the batch's step (the fast path's too: _use_fast set it from there)
+    if path == "one call":
+        assert rec._fast.click_batch is not None or not backends.available("cpp")
+        rec._fast.click_rows = _failing
+    elif path == "fast":
+        rec._fast.click_rows = lambda *args: None
     with pytest.raises(RuntimeError, match="step failed"):
         rec.click_many(["n1", "old", "n2", "n1"], [ids[1], ids[2], ids[3], ids[4]])
     with pytest.raises(RuntimeError, match="step failed"):
@@ -1025,6 +1202,26 @@ def test_fast_path_disagreeing_score_warns(monkeypatch):
     with pytest.warns(RuntimeWarning, match="disagree"):
         rec = SessionRecommender(model)
     assert not rec.uses_fast_path
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_fast_path_disagreeing_batch_topk_warns(monkeypatch):
+    """The build's probe checks the batch's scores from the packed copy of the output weights
+    (score_topk_rows) too: a copy that disagrees with model.score declines the fast path."""
+    from rnnrec_fast.serving import fastpath
+
+    if _C_scalar():
+        pytest.skip("without the vector kernels there is no packed copy")
+    model = make_model()
+    monkeypatch.setattr(fastpath, "_pack_scores_weights", lambda W: _real_pack(W * 1.01))
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        assert fastpath.build(model) is None
+
+
+def _real_pack(W):
+    from rnnrec_fast import _C
+
+    return _C.pack_scores_weights(W)
 
 
 # ---- an adversarial review (each failed before its fix)

@@ -5,7 +5,9 @@
 runs all GRU layers in one call of the C++ inference path (the one the modules use without
 autograd), or of the fused op ``torch.ops.rnnrec_fast.recurrence`` where that does not apply,
 directly on detached weights, and scores with one GEMM on the same weights; a lone click (one session
-one step) runs as one C++ call from its stored state to its top-k (``click_row``: ``_C.click_topk``).
+one step) runs as one C++ call from its stored state to its top-k (``click_row``: ``_C.click_topk``),
+and so does a batch of clicks of distinct sessions (``click_rows``: ``_C.click_rows_topk``, its
+scores and top-k by the extension's GEMM kernel on a packed copy of the output weights).
 It is used only when the model has the GRU4Rec layout
 it expects *and* it reproduces ``model.step`` / ``model.score`` on a random probe at construction
 (see :func:`build`); otherwise the recommender calls ``model.step`` / ``model.score``.
@@ -19,8 +21,11 @@ import torch.nn.functional as F
 
 try:  # the modules' C++ inference fast path, the few-rows product, the click's score + top-k, all three
     from .._C import click_topk as _click_topk, infer as _infer, linear_rows as _linear_rows, score_topk as _score_topk
+    from .._C import click_rows_topk as _click_rows_topk, pack_scores_weights as _pack_scores_weights
+    from .._C import score_topk_rows as _score_topk_rows
 except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
     _click_topk = _infer = _linear_rows = _score_topk = None
+    _click_rows_topk = _pack_scores_weights = _score_topk_rows = None
 
 
 class FastGRU4Rec:
@@ -63,6 +68,9 @@ class FastGRU4Rec:
         self.wy_small = self.Wy.numel() * self.Wy.element_size() <= _ROWS_MAX_BYTES_1T
         self.op = torch.ops.rnnrec_fast.recurrence
         self.packed = _pack_for_onednn(self.Wy, self.by)
+        # Wy packed for the extension's GEMM kernel: a batch's scores and top-k in one call
+        # (score_topk_rows); None where that kernel does not run
+        self.packed_rows = _pack_scores_weights(self.Wy) if _pack_scores_weights is not None else None
         # All layers in one C++ call where the extension is there (it declines, returning None,
         # whenever it does not apply: autograd on, another device or dtype).
         flat = [w for layer in self.layers for w in layer]
@@ -70,6 +78,8 @@ class FastGRU4Rec:
                                 and all(w is not None for w in flat)) else None
         self.flat = flat
         self.click = _click_topk if self.infer is not None and _click_topk is not None else None
+        self.click_batch = (_click_rows_topk if self.infer is not None and self.packed_rows is not None
+                            and _click_rows_topk is not None else None)
 
     def stale(self):
         """Whether the model's weights changed since this was built (see __init__; ~1.5 us a
@@ -124,6 +134,17 @@ class FastGRU4Rec:
             return self.click(self.emb, idx, slab, slot, self.flat, self.reset_after, self.Wy, self.by, k, exclude)
         return None
 
+    def click_rows(self, idxs, slab, slots, k, exclude):
+        """A batch of clicks of distinct sessions in one C++ call: row p steps ``slab[slots[p]]``
+        (L, H) with item index ``idxs[p]``, the new states are written back, and the top-k of their
+        top layers are returned as :meth:`score_topk_rows` gives them (``exclude``: one index list
+        per row, or empty): the same as :meth:`step` on the gathered states, the copy back and
+        :meth:`score_topk_rows`; or None, nothing changed, where it does not apply."""
+        if self.click_batch is not None:
+            return self.click_batch(self.emb, idxs, slab, slots, self.flat, self.reset_after, self.Wy,
+                                    self.packed_rows, self.by, k, exclude)
+        return None
+
     def topk_row(self, h_row, k, exclude):
         """The click's top-k for one state ``h_row`` (H,): ``(scores, indices)`` lists, best first,
         ``exclude`` (indices) at -inf; one C++ call (scores, selection and the lists) where the
@@ -131,6 +152,16 @@ class FastGRU4Rec:
         if self._rows_path():
             return _score_topk(h_row, self.Wy, self.by, k, exclude or [])
         return None
+
+    def score_topk_rows(self, h_top, k, exclude):
+        """The top-k of a batch's scores in one C++ call: ``h_top`` (B, H) -> ``(values, indices)``
+        (B, k) tensors, as ``torch.topk(score(h_top), k)`` with each row's ``exclude`` (a list of
+        index lists, one per row, or empty for none) at -inf first (NaN first, equal scores in index
+        order); the scores are never materialised as a tensor. None where it does not apply (no
+        packed weights, a tensor it does not take, more than 4M scores): then score and select."""
+        if self.packed_rows is None:
+            return None
+        return _score_topk_rows(h_top, self.Wy, self.packed_rows, self.by, k, exclude)
 
     def _rows_path(self):
         """Whether a few rows go through the extension's few-rows product (see :meth:`score`)."""
@@ -245,7 +276,10 @@ def _build(model):
             got_h = fast.step(items, h)
             got_s = fast.score(got_h[-1])
             got_r = fast.step_row(int(items[0]), h[:, 0])
-        if not (torch.allclose(got_h, ref_h, rtol=1e-5, atol=1e-6)
+            k = min(5, model.n_items)
+            got_t = fast.score_topk_rows(got_h[-1], k, [])  # (the batch's scores from the packed copy)
+            top_ok = got_t is None or torch.allclose(got_t[0], torch.topk(ref_s, k).values, rtol=1e-5, atol=1e-5)
+        if not (torch.allclose(got_h, ref_h, rtol=1e-5, atol=1e-6) and top_ok
                 and torch.allclose(got_r, ref_h[:, 0], rtol=1e-5, atol=1e-6) and torch.allclose(got_s, ref_s, rtol=1e-5, atol=1e-5)):
             changed = fast.stale() or _weights_state(model) != before
             if not model.training and not changed:  # (a mode switch or an update during the probe explains it)

@@ -47,6 +47,9 @@ class InvalidRequestError(ServingError, ValueError):
 DEFAULT_K = 20
 
 
+_ID_TYPES = frozenset((int, str))  # exact types: bool (an int subclass) is refused
+
+
 def _check_session_id(sid):
     if isinstance(sid, bool) or not isinstance(sid, (str, int)):
         raise TypeError(f"session_id must be a str or an int, got {type(sid).__name__}")
@@ -106,6 +109,8 @@ class SessionRecommender:
         self.item_map = getattr(model, "item_map", None)
         if self.item_map is None:
             self.item_map = ItemMap(self.item_ids)
+        # the id -> index dict that ItemMap.lookup tries first (batches look ids up there directly)
+        self._item_dict = self.item_map.item_index if type(self.item_map) is ItemMap else None
         self.n_items = int(model.n_items)
         if len(self.item_ids) != self.n_items:
             raise ValueError("model.item_ids and model.n_items disagree")
@@ -182,6 +187,18 @@ class SessionRecommender:
         if idx is None:
             raise UnknownItemError(item_id)
         return idx
+
+    def _indices(self, item_ids):
+        """:meth:`item_to_index` of each id, as a list. Ints and strs found as they are in the
+        item map's dict (what ``ItemMap.lookup`` tries first) take one C-level pass; any other id,
+        or one not found that way, goes through :meth:`item_to_index` (the same answers, and its
+        errors)."""
+        index = self._item_dict
+        if index is not None and set(map(type, item_ids)) <= _ID_TYPES:
+            idxs = list(map(index.get, item_ids))
+            if None not in idxs:
+                return idxs
+        return [self.item_to_index(i) for i in item_ids]
 
     def check_k(self, k):
         """``k`` as an int (a Python or NumPy integer in [1, max_k]); TypeError/InvalidRequestError
@@ -273,9 +290,10 @@ class SessionRecommender:
         if len(session_ids) != len(item_ids):
             raise InvalidRequestError(
                 f"session_ids and item_ids differ in length ({len(session_ids)} vs {len(item_ids)})")
-        for s in session_ids:
-            _check_session_id(s)
-        idxs = [self.item_to_index(i) for i in item_ids]
+        if not set(map(type, session_ids)) <= _ID_TYPES:  # (the common case in one C pass)
+            for s in session_ids:
+                _check_session_id(s)
+        idxs = self._indices(item_ids)
         k = self.check_k(self.default_k if k is None else k)
         exclude_seen = _check_exclude_seen(exclude_seen)
         if not idxs:
@@ -382,7 +400,7 @@ class SessionRecommender:
         items = torch.tensor(idxs, dtype=torch.long, device=dev)
         with torch.no_grad():
             with self._lock:
-                self._fresh_fast()
+                fast = self._fresh_fast()
                 step = self._step
                 now = self.clock()
                 store.expire(now)
@@ -408,6 +426,22 @@ class SessionRecommender:
                         m.move_to_end(sid)
                 slab = store.slab  # after create(): it may have grown
                 try:
+                    if rounds is None and fast is not None and not isinstance(k, list):
+                        # the whole batch in one C++ call where it applies (step, write-back, scores
+                        # and top-k, under the lock); each row's items to exclude: its session's
+                        # seen items as they will be after this click
+                        excl = []
+                        if any_excl:
+                            ms = store.max_seen
+                            excl = [((entries[sid].seen + [idx])[-ms:] if ms else [])
+                                    if (not per_row_excl or exclude_seen[p]) else []
+                                    for p, (sid, idx) in enumerate(zip(session_ids, idxs))]
+                        top_k = fast.click_rows(idxs, slab, [entries[s].slot for s in session_ids], k, excl)
+                        if top_k is not None:
+                            clicked = self._clicked
+                            for sid, idx in zip(session_ids, idxs):
+                                clicked(entries[sid], idx)
+                            return top_k
                     if rounds is None:
                         slots = torch.tensor([entries[s].slot for s in session_ids], device=dev)
                         h = slab.index_select(0, slots).transpose(0, 1).contiguous()
@@ -433,6 +467,12 @@ class SessionRecommender:
                     self._clicked(e, idx)
                     if any_excl:
                         seen_rows.append(e.seen[:] if (exclude_seen[len(seen_rows)] if per_row_excl else True) else None)
+            if fast is not None and not isinstance(k, list):
+                # scores and top-k in one call (no scores tensor): each row's seen items excluded
+                excl = [s or [] for s in seen_rows] if any_excl else []
+                top_k = fast.score_topk_rows(top, k, excl)
+                if top_k is not None:
+                    return top_k
             scores = self._score(top)
             if any_excl:
                 rows, cols = [], []
