@@ -549,7 +549,7 @@ class _RNNBase(_FastPath):
     _mode: str = "gru"
     _gates: int = 3
     _plan_config = frozenset({"backend", "mode", "reset_after", "num_layers", "batch_first", "bidirectional",
-                              "bias", "_flat_weights_names"})
+                              "bias", "_flat_weights_names", "input_size", "hidden_size"})
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
@@ -615,13 +615,34 @@ class _RNNBase(_FastPath):
         self._refresh_plan()
 
     def _plan_args(self):
-        if not self._bias_matches():
+        if not self._bias_matches() or self._layout_error() is not None:
             return None  # the general path raises
         return self._flat_weights_names, self.num_layers, self.batch_first, False
 
     def _bias_matches(self):
         # the weights are made at construction; torch.nn's call refuses a bias flag set otherwise later
         return bool(self.bias) == (len(self._all_weights[0]) == 4)
+
+    def _layout_error(self, shapes=True):
+        """Why the sizes set on the module (num_layers, bidirectional, input_size, hidden_size,
+        changed after construction) do not fit the weights it was built with, or None. torch.nn's
+        call refuses such a module (the weights are made at construction); so do both paths here.
+        ``shapes`` False: the count of weight sets alone (the general path, whose weight checks
+        compare the shapes with the sizes at every call; under torch.jit.trace a comparison of
+        sizes here would add a TracerWarning)."""
+        D = 2 if self.bidirectional else 1
+        if len(self._all_weights) != self.num_layers * D:
+            return (f"num_layers={self.num_layers}, bidirectional={self.bidirectional} but the module holds "
+                    f"{len(self._all_weights)} layer and direction weight sets")
+        if not shapes:
+            return None
+        G, H = self._gates, self.hidden_size
+        w_ih, w_hh = (self._parameters.get(n) for n in self._all_weights[0][:2])
+        if w_hh is not None and tuple(w_hh.shape) != (G * H, H):
+            return f"hidden_size={H} but weight_hh_l0 has shape {tuple(w_hh.shape)}"
+        if w_ih is not None and w_ih.dim() == 2 and w_ih.shape[1] != self.input_size:
+            return f"input_size={self.input_size} but weight_ih_l0 has shape {tuple(w_ih.shape)}"
+        return None
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -700,6 +721,9 @@ class _RNNBase(_FastPath):
     def _layer_params(self, index, x, weights):
         """The weights of (layer, direction) ``index`` (of ``weights``, the values of
         _flat_weights_names), checked (_checked_weights), as the op's w_ih, w_hh, b_ih, b_hh."""
+        layout = self._layout_error(shapes=False)
+        if layout is not None:
+            raise InputError(f"{type(self).__name__}: {layout} (sizes are set at construction, as torch.nn's)")
         names = self._all_weights[index]
         if not self._bias_matches():
             raise InputError(f"{type(self).__name__}: bias={self.bias!r} but the module was built with"

@@ -465,3 +465,91 @@ def test_packed_sequence_with_a_zero_batch_size_is_refused():
         packed = PackedSequence(torch.randn(sum(bs), 3), torch.tensor(bs), None, None)
         with pytest.raises(ValueError, match="batch_sizes must be positive"):
             m(packed)
+
+
+def _backend_args(T=3, B=2, I=4, H=5):
+    a = good(T=T, B=B, I=I, H=H)
+    return [a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None, None, 2, True]
+
+
+@pytest.mark.skipif(not rnnrec_fast.backends.available("cpp"), reason="needs the C++ extension")
+def test_cpp_backend_entry_points_check_memory_and_the_negative_bit():
+    """The cpp backend's forward / backward called directly (not through the op, whose dispatcher
+    resolves the negative bit and whose checks see a shrunk storage first) refuse a tensor past its
+    storage (one of 2000 x 64 x 512 floats read through a 4-byte storage crashed the process) and
+    one with the negative bit (its memory holds the values negated: read as it was, the results
+    were silently wrong), each with a ValueError naming it."""
+    cpp = rnnrec_fast.backends.load("cpp")
+    args = _backend_args()
+    y, h_n, ws = cpp.forward(*args)
+    T, B, H = y.shape
+    for i, name in ((0, "x"), (1, "h0"), (2, "w_ih"), (3, "w_hh"), (4, "b_ih")):
+        for bad, match in ((shrunk(args[i].clone()), f"{name} reaches"), (torch._neg_view(args[i]), f"{name} has the negative bit")):
+            a = list(args)
+            a[i] = bad
+            with pytest.raises(ValueError, match=match):
+                cpp.forward(*a)
+    lengths = torch.tensor([3, 2])
+    with pytest.raises(ValueError, match="lengths reaches"):
+        cpp.forward(*args[:6], shrunk(lengths), *args[7:])
+    gy, ghn = torch.randn(T, B, H), torch.randn(B, H)
+    bwd = [gy, ghn] + args[:8] + [y, ws] + args[8:]
+    cpp.backward(*bwd)  # (the right arguments pass)
+    for i, name in ((0, "grad_y"), (1, "grad_h_n"), (10, "y"), (11, "ws")):
+        for bad, match in ((shrunk(bwd[i].clone()), f"{name} reaches"), (torch._neg_view(bwd[i]), f"{name} has the negative bit")):
+            a = list(bwd)
+            a[i] = bad
+            with pytest.raises(ValueError, match=match):
+                cpp.backward(*a)
+
+
+def test_numba_backend_entry_points_check_the_shapes_their_kernels_read_by():
+    """The numba backend's forward / backward called directly check the shapes their kernels read
+    by without bounds checks: a (1,) lengths for 4M rows crashed the process, and for 64 rows gave
+    8 rows of garbage; a (1, 1) resets for T = 2 failed only by luck."""
+    pytest.importorskip("numba")
+    nb = rnnrec_fast.backends.load("numba")
+    args = _backend_args()
+    y, h_n, ws = nb.forward(*args)
+    T, B, H = y.shape
+    for i, bad, match in ((6, torch.tensor([1]), r"lengths must be \(2,\)"), (7, torch.zeros(1, 1, dtype=torch.bool), r"resets must be \(3, 2\)"),
+                          (1, torch.randn(3, 5), r"h0 must be \(2, H\)"), (3, torch.randn(15, 4), r"w_hh must be \(15, 5\)"),
+                          (2, torch.randn(15, 3), r"w_ih must be \(15, 4\)"), (5, torch.randn(14), r"b_hh must be \(15,\)")):
+        a = list(args)
+        a[i] = bad
+        with pytest.raises(ValueError, match=match):
+            nb.forward(*a)
+    gy, ghn = torch.randn(T, B, H), torch.randn(B, H)
+    bwd = [gy, ghn] + args[:8] + [y, ws] + args[8:]
+    nb.backward(*bwd)  # (the right arguments pass)
+    for i, bad, match in ((0, gy[:, :1], "grad_y must be"), (1, ghn[:1], "grad_h_n must be"), (10, y[:2], "y must be"),
+                          (11, ws[..., :H], "ws must be"), (8, torch.tensor([1]), "lengths must be")):
+        a = list(bwd)
+        a[i] = bad
+        with pytest.raises(ValueError, match=match):
+            nb.backward(*a)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("attr,value,match", [
+    ("hidden_size", 9, r"weight_ih_l0 has shape \(\d+, 5\), expected \(\d+, 5\) for input_size=5, hidden_size=9"),
+    ("num_layers", 2, r"num_layers=2, bidirectional=False but the module holds 1 layer"),
+    ("bidirectional", True, r"num_layers=1, bidirectional=True but the module holds 1 layer"),
+    ("input_size", 6, r"input.size\(-1\) must be equal to input_size"),
+])
+def test_sizes_changed_after_construction_are_refused_on_both_paths(kind, grad, attr, value, match):
+    """Sizes set on a module after construction (its weights are made there) make its call raise,
+    as torch.nn's does (a RuntimeError; ours also a ValueError), with autograd and without: the
+    inference fast path ran with the weights' own sizes (hidden_size), the general path raised an
+    IndexError (num_layers, bidirectional). Setting the size back makes it work again."""
+    m = getattr(rnnrec_fast, kind)(5, 7)
+    x = torch.randn(3, 4, 5)
+    old = getattr(m, attr)
+    setattr(m, attr, value)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=match) as info:
+        m(x)
+    assert isinstance(info.value, ValueError)
+    setattr(m, attr, old)
+    with torch.set_grad_enabled(grad):
+        assert m(x)[0].shape == (3, 4, 7)

@@ -87,6 +87,32 @@ def _check(x, mode):
     return dev
 
 
+def _check_shapes(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, saved=()):
+    """The shapes the kernels read by, unchecked (they do not bounds-check): the op checks them
+    before it calls a backend, and this repeats the few that keep a direct call of ``forward`` /
+    ``backward`` inside its tensors (``saved``: the backward's (name, tensor, shape) triples; a
+    length's value only compares with step indices, and none is out of bounds). A ValueError names
+    the first that does not fit."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"rnnrec_fast numba backend: {what}")
+    need(x.dim() == 3 and h0.dim() == 2 and w_hh.dim() == 2, "x must be (T, B, I), h0 (B, H), w_hh (G*H, H)")
+    T, B, I = x.shape
+    H = h0.shape[1]
+    GH = (3 if mode == MODE_GRU else 1) * H
+    need(tuple(h0.shape) == (B, H), f"h0 must be ({B}, H), got {tuple(h0.shape)}")
+    need(tuple(w_hh.shape) == (GH, H), f"w_hh must be ({GH}, {H}), got {tuple(w_hh.shape)}")
+    need(tuple(w_ih.shape) == (GH, I), f"w_ih must be ({GH}, {I}), got {tuple(w_ih.shape)}")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        need(b is None or tuple(b.shape) == (GH,), f"{name} must be ({GH},), got {None if b is None else tuple(b.shape)}")
+    need(resets is None or tuple(resets.shape) == (T, B),
+         f"resets must be ({T}, {B}), got {None if resets is None else tuple(resets.shape)}")
+    need(lengths is None or tuple(lengths.shape) == (B,),
+         f"lengths must be ({B},), got {None if lengths is None else tuple(lengths.shape)}")
+    for name, t, shape in saved:
+        need(tuple(t.shape) == shape, f"{name} must be {shape}, got {tuple(t.shape)}")
+
+
 def _np(t):
     """NumPy view of a CPU tensor (no copy when contiguous)."""
     return t.detach().contiguous().numpy()
@@ -105,6 +131,7 @@ def _input_projection(x, w_ih, b_ih):
 def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode: int, reset_after: bool):
     dev = _check(x, mode)
     mode = int(mode)
+    _check_shapes(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     reset_after = bool(reset_after)
     if dev == "cuda":
         return _cuda().forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
@@ -208,6 +235,13 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
     dev = _check(x, mode)
     mode = int(mode)
     reset_after = bool(reset_after)
+    if x.dim() == 3 and h0.dim() == 2:
+        (T, B, _), H = x.shape, h0.shape[1]
+        saved = (("grad_y", grad_y, (T, B, H)), ("grad_h_n", grad_h_n, (B, H)), ("y", y, (T, B, H)),
+                 ("ws", ws, (T, B, 4 * H if mode == MODE_GRU else 0)))
+    else:
+        saved = ()
+    _check_shapes(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, saved)
     if dev == "cuda":
         return _cuda().backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets,
                                 y, ws, mode, reset_after)
