@@ -68,6 +68,13 @@ def test_loader_errors(tmp_path):
     bad = _write(tmp_path, "bad.txt", "SessionId\tItemId\tTime\n1\t2\t3\n1\t2\n")
     with pytest.raises(RecsysError, match=r"bad.txt:3: malformed row"):
         recsys.load_yoochoose(bad)
+    # more fields than the header names: refused (it was read as a click, the extra field dropped),
+    # but for empty ones after the last column (trailing separators)
+    extra = _write(tmp_path, "extra.txt", "SessionId\tItemId\tTime\n1\t10\t100\n1\t11\t101\t999\n")
+    with pytest.raises(RecsysError, match=r"extra.txt:3: malformed row \(the header names 3 fields"):
+        recsys.load_yoochoose(extra)
+    trailing = _write(tmp_path, "trail.csv", "SessionId,ItemId,Time\n1,10,100,\n1,11,101,,\n")
+    assert list(recsys.load_any(trailing).items) == [10, 11]
     badt = _write(tmp_path, "badt.txt", "SessionId\tItemId\tTime\n1\t2\tyesterday\n")
     with pytest.raises(RecsysError, match="malformed time"):
         recsys.load_yoochoose(badt)
@@ -244,6 +251,14 @@ def test_loader_utf8_bom_and_other_encodings(tmp_path):
     q.write_bytes("SessionId\tItemId\tTime\n1\t10\t1\n".encode("utf-16"))
     with pytest.raises(RecsysError, match="not UTF-8"):
         recsys.load_any(str(q))
+    # a bad byte deep in a file: its line, and its offset in the file (the decoder's own message
+    # counts from the start of its read buffer: 'position 2590' for byte 551,452, from a review)
+    rows = b"".join(b"%d\t%d\t%d\n" % (n // 3, n % 7, n) for n in range(40000))
+    head = b"SessionId\tItemId\tTime\n" + rows
+    r = tmp_path / "late.tsv"
+    r.write_bytes(head + b"9\t1\xff\t5\n")
+    with pytest.raises(RecsysError, match=f"late.tsv:40002: not UTF-8 text \\(byte 0xff at byte {len(head) + 3} of the file"):
+        recsys.load_any(str(r))
 
 
 # ---------------------------------------------------------------------------------------------- split / map
@@ -820,6 +835,19 @@ def test_serving_interface_matches_plain_math():
         model.eval()
 
 
+def test_topk_checks_k():
+    """GRU4Rec.topk takes k as recommend does (an int >= 1; more than the catalogue gives all of
+    it): k = 0 gave an empty result, k = -1 torch's error without the argument's name."""
+    model = GRU4Rec(30, [8]).eval()
+    h = torch.randn(2, 8)
+    for k in (0, -1, 2.0, True, "3"):
+        with pytest.raises(RecsysError, match="k must be an int >= 1"):
+            model.topk(h, k)
+    with pytest.raises(RecsysError, match="block_elems must be"):
+        model.topk(h, 3, block_elems=0)
+    assert model.topk(h, np.int64(3))[1].shape == (2, 3) and model.topk(h, 99)[1].shape == (2, 30)
+
+
 def test_score_under_tracing_modes_and_vmap():
     """score's few-rows kernel is not a registered op: under torch.jit.trace, a dispatch mode and
     torch.func.vmap the scores come from ATen (a trace recorded an empty tensor plus the bias)."""
@@ -1031,6 +1059,21 @@ def test_schedule_is_compact_and_skips_one_click_sessions():
     assert sc.resets[:, 0].tolist() == [True, False, True, False]
     sc = session_parallel_schedule(np.arange(1, 8), np.array([0, 3, 5, 7]), 2)
     assert sc.inputs.tolist() == [[1, 4], [2, 6]]
+
+
+def test_time_split_places_the_cut_after_dropping_one_click_sessions():
+    """A one-click session is dropped before the cut is placed, with or without the item filter
+    (GRU4Rec's preprocessing): a stray late one moved the cut past every real session before, and
+    the test set came out empty, without a word (from a review)."""
+    day = 86400.0
+    log = ClickLog(np.array([1, 1, 2, 2, 3]), np.array([10, 11, 10, 11, 10]),
+                   np.array([0, 10, 3 * day, 3 * day + 5, 10 * day]))
+    for support in (1, 2):
+        train, test = recsys.time_split(log, test_days=1, min_item_support=support)
+        assert sorted(set(train.sessions.tolist())) == [1], support
+        assert sorted(set(test.sessions.tolist())) == [2], support
+    with pytest.raises(RecsysError, match="no session of at least 2 clicks is left"):
+        recsys.time_split(ClickLog(np.array([1, 2]), np.array([10, 11]), np.array([0.0, 1.0])))
 
 
 def test_time_split_cut_in_days_inclusive():

@@ -159,8 +159,23 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
     try:
         return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
-    except UnicodeDecodeError as exc:
-        raise RecsysError(f"{path}: not UTF-8 text ({exc})") from None
+    except UnicodeDecodeError:
+        raise RecsysError(_not_utf8(path)) from None
+
+
+def _not_utf8(path):
+    """Where a file is not UTF-8: ``path:line: not UTF-8 text (...)`` with the byte's offset in the
+    file (the decoder's own message counts from the start of its read buffer)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at byte {offset + exc.start} "
+                        f"of the file: {exc.reason})")
+            offset += len(line)
+    return f"{path}: not UTF-8 text"
 
 
 def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col) -> ClickLog:
@@ -217,6 +232,10 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
                 continue
             if len(row) < need:
                 raise RecsysError(f"{path}:{lineno}: malformed row (expected at least {need} fields "
+                                  f"separated by {sep!r}, got {len(row)}): {sep.join(row)!r}")
+            if header and len(row) > len(names) and any(v.strip() for v in row[len(names):]):
+                # (empty fields after the last column, from trailing separators, are let through)
+                raise RecsysError(f"{path}:{lineno}: malformed row (the header names {len(names)} fields "
                                   f"separated by {sep!r}, got {len(row)}): {sep.join(row)!r}")
             if row[0].startswith("\ufeff"):  # a file joined after another keeps its byte-order mark
                 row[0] = row[0][1:]
@@ -451,23 +470,25 @@ def filter_rare_items(log: ClickLog, min_support: int = 5) -> ClickLog:
 
 def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 2,
                min_item_support: int = 1):
-    """GRU4Rec's split (its RSC15 preprocessing): with ``min_item_support`` > 1, first drop sessions
-    shorter than ``min_session_length``, then clicks on items with fewer than ``min_item_support``
-    clicks, then the sessions left too short (GRU4Rec: 5; the default 1 filters no items, for logs
-    already preprocessed). Then sessions ending in the last ``test_days`` days are the test set; test
-    clicks on items unseen in training are dropped; sessions shorter than ``min_session_length``
-    are dropped from both parts. Returns (train, test)."""
+    """GRU4Rec's split (its RSC15 preprocessing): first drop sessions shorter than
+    ``min_session_length``; with ``min_item_support`` > 1, then clicks on items with fewer than
+    ``min_item_support`` clicks, then the sessions left too short (GRU4Rec: 5; the default 1 filters
+    no items, for logs already preprocessed). Then sessions ending in the last ``test_days`` days
+    (counted back from the last click left) are the test set; test clicks on items unseen in
+    training are dropped; sessions shorter than ``min_session_length`` are dropped from both parts.
+    Returns (train, test). (A one-click session is dropped before the cut is placed: a stray late
+    one would otherwise move the cut past every real session, and leave the test set empty.)"""
     if len(log) == 0:
         raise RecsysError("cannot split an empty click log")
     bad = np.count_nonzero(~np.isfinite(log.times))
     if bad:
         raise RecsysError(f"cannot split a click log with non-finite times ({bad} NaN or infinite)")
+    log = filter_short_sessions(log, min_session_length)
     if min_item_support > 1:
-        log = filter_short_sessions(log, min_session_length)
         log = filter_short_sessions(filter_rare_items(log, min_item_support), min_session_length)
-        if len(log) == 0:
-            raise RecsysError(f"no session of at least {min_session_length} clicks on items with at least "
-                              f"{min_item_support} clicks is left to split")
+    if len(log) == 0:
+        on_items = f" on items with at least {min_item_support} clicks" if min_item_support > 1 else ""
+        raise RecsysError(f"no session of at least {min_session_length} clicks{on_items} is left to split")
     uniq, inv = np.unique(log.sessions, return_inverse=True)
     end = np.full(len(uniq), -np.inf)
     np.maximum.at(end, inv, log.times)

@@ -301,9 +301,14 @@ class GRU4Rec(nn.Module):
 
     @torch.no_grad()
     def topk(self, h_top: torch.Tensor, k: int = 20, block_elems: int = 1 << 24, exclude=None):
-        """Top-k items per row (values, indices), scoring in blocks to bound memory."""
+        """Top-k items per row (values, indices), scoring in blocks to bound memory; ``k`` an int
+        >= 1 (more than the catalogue gives all of it), ``block_elems`` a positive int."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise RecsysError(f"k must be an int >= 1, got {k!r}")
+        if isinstance(block_elems, bool) or not isinstance(block_elems, (int, np.integer)) or block_elems < 1:
+            raise RecsysError(f"block_elems must be an int >= 1, got {block_elems!r}")
         B = h_top.shape[0]
-        k = min(k, self.n_items)
+        k = min(int(k), self.n_items)
         rows = max(1, block_elems // self.n_items)
         if rows >= B:
             s = self.score(h_top)
