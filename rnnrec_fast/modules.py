@@ -833,7 +833,10 @@ class _RNNBase(_FastPath):
                     hs.append(h)
                 layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                    layer_in = F.dropout(layer_in, self.dropout, training=True)
+                    if packed:  # the mask drawn over the packed rows, as torch.nn's (its layers' output)
+                        layer_in = _packed_dropout(layer_in, self.dropout, input[1], sorted_indices)
+                    else:
+                        layer_in = F.dropout(layer_in, self.dropout, training=True)
             out, h_n = layer_in, torch.stack(hs)
         if packed:
             if sorted_indices is not None:
@@ -853,6 +856,22 @@ class _RNNBase(_FastPath):
             if copy:
                 out = out.clone(memory_format=torch.contiguous_format)
         return out, h_n
+
+
+def _packed_dropout(y, p, batch_sizes, sorted_indices):
+    """Dropout of a layer's padded output ``y`` (T, B, DH; batch in the original order) with the
+    mask torch.nn's layers draw over their packed output: ``F.dropout`` of the packed rows (time
+    major, each step's rows in the sorted batch order, ``batch_sizes[t]`` of them), so that the same
+    seed drops the same units as torch.nn.GRU / RNN on the same PackedSequence. The padded steps
+    stay zero (no step reads them)."""
+    T, B, DH = y.shape
+    order = torch.arange(B, device=y.device) if sorted_indices is None else sorted_indices.to(y.device)
+    rows = torch.arange(T, device=y.device).unsqueeze(1) * B + order.unsqueeze(0)  # (T, B): step t, j-th sorted row
+    live = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B) on the CPU, as batch_sizes
+    idx = rows[live.to(y.device)]  # the packed rows' places in y, in packed order
+    flat = y.reshape(T * B, DH)
+    kept = F.dropout(flat.index_select(0, idx), p, training=True)
+    return flat.new_zeros(T * B, DH).index_copy(0, idx, kept).view(T, B, DH)
 
 
 class RNN(_RNNBase):

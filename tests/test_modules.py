@@ -155,6 +155,30 @@ def test_from_torch_and_modes():
         rnnrec_fast.from_torch(nn.LSTM(2, 3))
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_dropout_of_a_packed_sequence_as_torch(kind, bidirectional, enforce_sorted):
+    """With a PackedSequence, the dropout between layers draws its mask over the packed rows, as
+    torch.nn's does: the same seed drops the same units, so outputs, h_n and every gradient equal
+    torch.nn's (they differed: the mask was drawn over the padded output)."""
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(3, 4, num_layers=3, dropout=0.5, bidirectional=bidirectional, dtype=torch.float64)
+    ours = rnnrec_fast.from_torch(ref)
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 5, 3, 1]) if enforce_sorted else torch.tensor([3, 6, 1, 5])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    grads = []
+    for m in (ref, ours):
+        torch.manual_seed(1)
+        y, h = m(packed)
+        grads.append((y.data, h) + torch.autograd.grad(y.data.square().sum() + h.sum(), [x] + list(m.parameters()),
+                                                       retain_graph=True))
+    assert not torch.equal(grads[0][0], ref(packed)[0].data)  # (masks were drawn)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
 def test_dropout_between_layers():
     torch.manual_seed(0)
     ref = nn.GRU(3, 4, num_layers=3, dropout=0.5, dtype=torch.float64)
