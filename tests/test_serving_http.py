@@ -730,6 +730,39 @@ def test_requests_sent_before_a_half_close_are_answered(http_stack):
         assert app.rec.session_info("cut") is None
 
 
+@pytest.mark.parametrize("raw", [
+    b"POST /v1/sessions/a/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /v1/sessions/a/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}",
+    b"POST /v1/sessions/a/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /v1/sessions/a/clicks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+], ids=["length-text", "length-negative", "length-twice", "chunk-size", "nul-in-header"])
+def test_requests_malformed_below_the_app_get_the_json_error(http_stack, raw):
+    """A request uvicorn's parser refuses (a bad, negative or conflicting Content-Length, a bad
+    chunk size, a NUL in a header) gets a 400 with the service's JSON error body, as every other
+    error (uvicorn's own answer was the plain text "Invalid HTTP request received."; from an
+    audit), and the connection closes; the service goes on serving."""
+    import socket
+
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    with BackgroundServer(app, request_timeout=5.0) as srv:
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(raw)
+        data = _read_all(s)
+        s.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), data[:200]
+        assert b"content-type: application/json" in head.lower(), head
+        err = json.loads(body)["error"]
+        assert err["code"] == "bad_request" and err["message"], err
+        assert app.rec.session_info("a") is None
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _read_all(s).startswith(b"HTTP/1.1 200")
+        s.close()
+
+
 def test_request_head_is_bounded(http_stack):
     """A request head without end is refused (400, connection closed) after 64 KiB (at most one
     read more) instead of being buffered for the whole request timeout: with httptools, one
@@ -759,6 +792,9 @@ def test_request_head_is_bounded(http_stack):
         s.close()
         assert time.monotonic() - t0 < 20  # (not the request timeout)
         assert sent < 64 * MAX_HEAD_BYTES or data.startswith(b"HTTP/1.1 400"), (sent, data[:80])
+        if data:  # (the answer, where the client read it before the reset: the JSON error; h11
+            # refuses a head over its own 16 KiB bound first)
+            assert b'{"error": {"code": "bad_request", "message": ' in data, data[:300]
         n = 800
         body = json.dumps({"item_id": model.item_ids[1], "k": 1}).encode()
         one = b"POST /v1/sessions/burst/clicks HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\nContent-Length: %d\r\n\r\n%s" % (

@@ -1,6 +1,7 @@
 """Running the ASGI app under uvicorn: in the foreground (the CLI) or in a background thread."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -79,6 +80,21 @@ def _with_request_deadline(base, timeout):
                     self._head_bytes = 0 if self._head_began else self._head_bytes + len(data)
                     if self._head_bytes > MAX_HEAD_BYTES:
                         self.send_400_response(f"Request head over {MAX_HEAD_BYTES} bytes")
+
+        def send_400_response(self, msg):
+            """A request malformed below the app (uvicorn's parser refused it: a bad or conflicting
+            Content-Length, bad chunked encoding, a control character in a header; or a head over
+            MAX_HEAD_BYTES) answered as the app answers every error, ``{"error": {"code":
+            "bad_request", "message": ...}}``, instead of uvicorn's plain text; the connection then
+            closes, as uvicorn closes it."""
+            body = json.dumps({"error": {"code": "bad_request", "message": str(msg)}}).encode()
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
 
         def connection_lost(self, exc):
             if self._request_deadline is not None:
