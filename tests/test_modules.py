@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnrec_fast
 
-from conftest import assert_close, cpu_backends, expected_calls, shrunk
+from conftest import assert_close, case_seed, cpu_backends, expected_calls, shrunk, tolerances
 
 KINDS = ["RNN_tanh", "RNN_relu", "GRU"]
 INPUTS = ["batched", "unbatched", "packed_sorted", "packed_unsorted"]
@@ -54,7 +54,7 @@ def test_parity_with_torch(backend, kind, num_layers, bidirectional, batch_first
     salt = sum(map(ord, f"{kind}{num_layers}{bidirectional}{batch_first}{input_kind}"))
     flip = dtype == torch.float32
     bias, with_hx, noncontig = (salt % 2 == 0) != flip, ((salt // 2) % 2 == 0) != flip, (salt // 4) % 2 == 0
-    torch.manual_seed(salt)
+    torch.manual_seed(case_seed("parity", backend, salt, str(dtype)))  # fresh weights and inputs each run
     T, B, I, H = 5, 3, 4, 6
     ref, ours = make_pair(kind, backend, dtype, input_size=I, hidden_size=H, num_layers=num_layers,
                           bias=bias, batch_first=batch_first, bidirectional=bidirectional)
@@ -104,7 +104,7 @@ def test_parity_with_torch(backend, kind, num_layers, bidirectional, batch_first
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_cells(backend, kind, batched, bias, dtype, backend_calls):
-    torch.manual_seed(5)
+    torch.manual_seed(case_seed("cells", backend, kind, batched, bias, str(dtype)))
     if kind == "GRUCell":
         ref, ours = nn.GRUCell(3, 4, bias=bias, dtype=dtype), rnnrec_fast.GRUCell(3, 4, bias=bias, dtype=dtype, backend=backend)
     else:
@@ -195,6 +195,112 @@ def test_dropout_between_layers():
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-9, atol=1e-9)  # no dropout in eval mode
     ours.train()
     assert not torch.equal(ours(x)[0], ours(x)[0])
+
+
+def _cho_step(x, h, w_ih, w_hh, b_ih, b_hh):
+    """One step of the original GRU (Cho et al. 2014: the reset gate applied before W_hn), written
+    out from its formula (the oracle of the tests below, by autograd)."""
+    gi = x @ w_ih.T + (0 if b_ih is None else b_ih)
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    W_hr, W_hz, W_hn = w_hh.chunk(3)
+    b_hr, b_hz, b_hn = (0, 0, 0) if b_hh is None else b_hh.chunk(3)
+    r = torch.sigmoid(i_r + h @ W_hr.T + b_hr)
+    z = torch.sigmoid(i_z + h @ W_hz.T + b_hz)
+    n = torch.tanh(i_n + (r * h) @ W_hn.T + b_hn)
+    return (1 - z) * n + z * h
+
+
+def _cho_module(m, x, hx, lengths):
+    """rnnrec_fast.GRU(reset_after=False)'s (output, h_n) by _cho_step: x (T, B, I), hx (L*D, B,
+    H) or None, lengths (B,) or None (a row's steps past its length leave its state, and give 0)."""
+    T, B, _ = x.shape
+    D = 2 if m.bidirectional else 1
+    H = m.hidden_size
+    lengths = [T] * B if lengths is None else lengths.tolist()
+    layer_in, hs = x, []
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w = [getattr(m, f"{n}{sfx}", None) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            rows, finals = [], []
+            for b in range(B):
+                h = torch.zeros(H, dtype=x.dtype) if hx is None else hx[layer * D + d, b]
+                steps = range(lengths[b] - 1, -1, -1) if d else range(lengths[b])
+                ys = [None] * T
+                for t in steps:
+                    h = _cho_step(layer_in[t, b], h, *w)
+                    ys[t] = h
+                rows.append(torch.stack([y if y is not None else torch.zeros(H, dtype=x.dtype) for y in ys]))
+                finals.append(h)
+            outs.append(torch.stack(rows, 1))
+            hs.append(torch.stack(finals))
+        layer_in = torch.cat(outs, 2)
+    return layer_in, torch.stack(hs)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("num_layers,bidirectional,packed", [(1, False, False), (2, True, False), (2, False, True),
+                                                              (1, True, True)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cho_form_gru_against_its_formula(backend, num_layers, bidirectional, packed, bias, dtype):
+    """GRU(reset_after=False) on every backend, one and two layers, one and two directions, dense
+    and packed input, with and without biases: output, h_n and the gradients of the input, hx and
+    every weight equal the Cho-form formula run step by step under autograd (torch.nn has no such
+    GRU to compare with), and so does its inference fast path (no_grad)."""
+    torch.manual_seed(case_seed("cho", backend, num_layers, bidirectional, packed, bias, str(dtype)))
+    T, B, I, H = 5, 3, 4, 7
+    m = rnnrec_fast.GRU(I, H, num_layers=num_layers, bias=bias, bidirectional=bidirectional, reset_after=False,
+                        dtype=dtype, backend=backend)
+    D = 2 if bidirectional else 1
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    hx = torch.randn(num_layers * D, B, H, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4]) if packed else None
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+    y, h_n = m(inp, hx)
+    if packed:
+        y = torch.nn.utils.rnn.pad_packed_sequence(y, total_length=T)[0]
+    want_y, want_h = _cho_module(m, x, hx, lengths)
+    tol = tolerances(dtype)
+    torch.testing.assert_close(y, want_y, **tol)
+    torch.testing.assert_close(h_n, want_h, **tol)
+    g = torch.Generator().manual_seed(3)
+    gy, gh = torch.randn(y.shape, generator=g, dtype=dtype), torch.randn(h_n.shape, generator=g, dtype=dtype)
+    leaves = [x, hx] + list(m.parameters())
+    got = torch.autograd.grad((y * gy).sum() + (h_n * gh).sum(), leaves)
+    want = torch.autograd.grad((want_y * gy).sum() + (want_h * gh).sum(), leaves)
+    for name, a, b in zip(["x", "hx"] + [n for n, _ in m.named_parameters()], got, want):
+        torch.testing.assert_close(a, b, **tol, msg=lambda s, n=name: f"grad {n}: {s}")
+    with torch.no_grad():  # (the inference fast path)
+        y2, h2 = m(inp, hx)
+    torch.testing.assert_close(h2, want_h, **tol)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cho_form_gru_cell_against_its_formula(backend, batched, bias, dtype):
+    """GRUCell(reset_after=False) on every backend: the new state and the gradients of the input,
+    the state and every weight equal the Cho-form formula under autograd, with autograd and on the
+    inference fast path (no_grad), with and without the state given (a review found the cell's
+    reset_after could be ignored without any test noticing)."""
+    torch.manual_seed(case_seed("cho cell", backend, batched, bias, str(dtype)))
+    m = rnnrec_fast.GRUCell(4, 7, bias=bias, reset_after=False, dtype=dtype, backend=backend)
+    shape = (3,) if batched else ()
+    x = torch.randn(*shape, 4, dtype=dtype, requires_grad=True)
+    h = torch.randn(*shape, 7, dtype=dtype, requires_grad=True)
+    w = [m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh]
+    tol = tolerances(dtype)
+    got, want = m(x, h), _cho_step(x, h, *w)
+    torch.testing.assert_close(got, want, **tol)
+    leaves = [x, h] + list(m.parameters())
+    for a, b in zip(torch.autograd.grad(got.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, h), want, **tol)
+        torch.testing.assert_close(m(x), _cho_step(x, torch.zeros_like(h), *w), **tol)
 
 
 def test_reset_after_false_is_the_cho_form():
