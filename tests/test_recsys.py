@@ -112,12 +112,18 @@ def test_training_and_evaluation_options_checked():
     device; evaluate's cut-offs 0, negative, fractional or True, chunk_steps 0) are RecsysErrors."""
     from rnnrec_fast.recsys.evaluate import evaluate
     from rnnrec_fast.recsys.train import train
-    bad = [dict(loss_norm="bogus"), dict(elu_param=-1.0), dict(elu_param=float("nan")),
-           dict(sample_alpha=float("inf")), dict(batch_size=2.5), dict(epochs=1.5), dict(chunk_steps=1.5),
-           dict(n_sample=1.5), dict(batch_size=True), dict(device="meta"), dict(layers=[8.7])]
+    bad = [(dict(loss_norm="bogus"), "unknown loss_norm 'bogus'"), (dict(elu_param=-1.0), "elu_param must be >= 0"),
+           (dict(elu_param=float("nan")), "elu_param must be a finite number, got nan"),
+           (dict(sample_alpha=float("inf")), "sample_alpha must be a finite number, got inf"),
+           (dict(batch_size=2.5), "batch_size must be an integer, got 2.5"),
+           (dict(epochs=1.5), "epochs must be an integer, got 1.5"),
+           (dict(chunk_steps=1.5), "chunk_steps must be an integer, got 1.5"),
+           (dict(n_sample=1.5), "n_sample must be an integer, got 1.5"),
+           (dict(batch_size=True), "batch_size must be an integer, got True"),
+           (dict(device="meta"), "bad device 'meta'"), (dict(layers=[8.7]), r"bad layers \[8.7\]")]
     ds = _toy_dataset()
-    for kw in bad:
-        with pytest.raises(RecsysError):
+    for kw, match in bad:
+        with pytest.raises(RecsysError, match=match):
             train(ds, TrainConfig(**{"layers": [8], "epochs": 1, **kw}))
     model, _ = train(ds, TrainConfig(layers=[8], epochs=1, n_sample=4, batch_size=3, seed=0))
     for ks in ((0,), (-3,), (2.5,), (True,), ("a",), ()):

@@ -447,22 +447,23 @@ def test_errors_leave_state_unchanged():
     rec.click("s", ids[1])
     before = rec.state("s")
     bad = [
-        (UnknownItemError, lambda: rec.click("s", 999999)),
-        (UnknownItemError, lambda: rec.click("new", 999999)),
-        (TypeError, lambda: rec.click("s", 1.5)),
-        (TypeError, lambda: rec.click("s", True)),
-        (TypeError, lambda: rec.click(None, ids[1])),
-        (TypeError, lambda: rec.click(("t",), ids[1])),
-        (InvalidRequestError, lambda: rec.click("s", ids[1], k=0)),
-        (InvalidRequestError, lambda: rec.click("s", ids[1], k=26)),
-        (TypeError, lambda: rec.click("s", ids[1], k="5")),
-        (UnknownItemError, lambda: rec.click_many(["s", "u"], [ids[2], -5])),
-        (InvalidRequestError, lambda: rec.click_many(["s", "u"], [ids[2]])),
-        (TypeError, lambda: rec.click_many(["s", 2.0], [ids[2], ids[3]])),
-        (InvalidRequestError, lambda: rec.click_many(["s"], [ids[2]], k=-1)),
+        (UnknownItemError, "unknown item id 999999", lambda: rec.click("s", 999999)),
+        (UnknownItemError, "unknown item id 999999", lambda: rec.click("new", 999999)),
+        (TypeError, "item_id must be an int or a str, got float", lambda: rec.click("s", 1.5)),
+        (TypeError, "item_id must be an int or a str, got bool", lambda: rec.click("s", True)),
+        (TypeError, "session_id must be a str or an int, got NoneType", lambda: rec.click(None, ids[1])),
+        (TypeError, "session_id must be a str or an int, got tuple", lambda: rec.click(("t",), ids[1])),
+        (InvalidRequestError, r"k must be in \[1, 25\], got 0", lambda: rec.click("s", ids[1], k=0)),
+        (InvalidRequestError, r"k must be in \[1, 25\], got 26", lambda: rec.click("s", ids[1], k=26)),
+        (TypeError, "k must be an int, got str", lambda: rec.click("s", ids[1], k="5")),
+        (UnknownItemError, "unknown item id -5", lambda: rec.click_many(["s", "u"], [ids[2], -5])),
+        (InvalidRequestError, r"differ in length \(2 vs 1\)", lambda: rec.click_many(["s", "u"], [ids[2]])),
+        (TypeError, "session_id must be a str or an int, got float", lambda: rec.click_many(["s", 2.0], [ids[2], ids[3]])),
+        (InvalidRequestError, r"k must be in \[1, 25\], got -1", lambda: rec.click_many(["s"], [ids[2]], k=-1)),
+        (TypeError, "item_id must be an int or a str, got float", lambda: rec.click_many(["s", "u"], [ids[2], 2.0])),
     ]
-    for exc, call in bad:
-        with pytest.raises(exc):
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
             call()
     assert isinstance(UnknownItemError(5), LookupError) and "unknown item id 5" in str(UnknownItemError(5))
     torch.testing.assert_close(rec.state("s"), before, rtol=0, atol=0)

@@ -51,3 +51,19 @@ def test_portable_kernel_paths(env, level):
         passed = re.search(r"(\d+) passed", out.stdout)
         assert passed and " failed" not in out.stdout, out.stdout[-3000:]
         assert int(passed.group(1)) >= least, out.stdout[-3000:]  # (373 and 867 when written)
+
+
+@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+                    reason="the C++ extension is not built")
+def test_avx512_kernels_run_where_the_cpu_has_them():
+    """Where the CPU has AVX-512F the default choice is the AVX-512 kernels (the whole suite then
+    tests them; the portable paths are tested above); elsewhere this says, as a skip, that nothing
+    on this machine runs them (csrc/rnnrec_avx512.cpp is compiled in all the same)."""
+    from rnnrec_fast import _C
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not re.search(r"^flags\s*:.*\bavx512f\b", flags, re.M):
+        pytest.skip("this CPU has no AVX-512F: the AVX-512 kernels are not run or tested on this machine")
+    if os.environ.get("RNNREC_FAST_NO_AVX512") == "1" or os.environ.get("RNNREC_FAST_NO_SIMD") == "1":
+        pytest.skip("the AVX-512 kernels are switched off in this run's environment")
+    assert _C.simd_level() == "avx512"
