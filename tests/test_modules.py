@@ -322,16 +322,38 @@ def test_reset_after_false_is_the_cho_form():
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_resets_in_multilayer_module(backend):
-    """resets zero every layer's state: equal to running the two halves as separate sequences."""
-    torch.manual_seed(0)
-    gru = rnnrec_fast.GRU(3, 4, num_layers=2, batch_first=True, dtype=torch.float64, backend=backend)
-    x = torch.randn(2, 6, 3, dtype=torch.float64)
-    resets = torch.zeros(2, 6, dtype=torch.bool)
-    resets[1, 2] = True
-    y, _ = gru(x, resets=resets)
-    torch.testing.assert_close(y[0], gru(x[:1])[0][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(y[1, 2:], gru(x[1:, 2:])[0][0], rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh"])
+def test_resets_in_multilayer_module(backend, kind):
+    """resets zero every layer's state: a 2-layer module with resets gives what torch.nn gives on
+    each row's sessions run one by one (the first from hx, the others from zeros): output, h_n and
+    the gradients of the input, hx and every weight."""
+    torch.manual_seed(case_seed("resets module", backend, kind))
+    T, B, I, H = 6, 3, 3, 4
+    ref, ours = make_pair(kind, backend, torch.float64, input_size=I, hidden_size=H, num_layers=2, batch_first=True)
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(2, B, H, dtype=torch.float64, requires_grad=True)
+    resets = torch.zeros(B, T, dtype=torch.bool)
+    resets[1, 2] = resets[2, 0] = resets[2, 4] = resets[2, 5] = True  # row 0: none
+    y, h_n = ours(x, hx, resets=resets)
+    outs, finals = [], []
+    for b in range(B):
+        starts = [0] + [t for t in range(1, T) if resets[b, t]]
+        h, pieces = (torch.zeros(2, 1, H, dtype=torch.float64) if resets[b, 0] else hx[:, b:b + 1]), []
+        for k, t0 in enumerate(starts):
+            t1 = starts[k + 1] if k + 1 < len(starts) else T
+            out, h = ref(x[b:b + 1, t0:t1], h if k == 0 else torch.zeros(2, 1, H, dtype=torch.float64))
+            pieces.append(out[0])
+        outs.append(torch.cat(pieces))
+        finals.append(h[:, 0])
+    want_y, want_h = torch.stack(outs), torch.stack(finals, 1)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_n, want_h, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(1)
+    gy, gh = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(h_n.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((y * gy).sum() + (h_n * gh).sum(), [x, hx] + list(ours.parameters()))
+    want = torch.autograd.grad((want_y * gy).sum() + (want_h * gh).sum(), [x, hx] + list(ref.parameters()))
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
 
 
 def test_active_backend_reported():
