@@ -397,7 +397,6 @@ class SessionRecommender:
         any_excl = any(exclude_seen) if per_row_excl else bool(exclude_seen)
         store = self.store
         dev = self.device
-        items = torch.tensor(idxs, dtype=torch.long, device=dev)
         with torch.no_grad():
             with self._lock:
                 fast = self._fresh_fast()
@@ -442,6 +441,7 @@ class SessionRecommender:
                             for sid, idx in zip(session_ids, idxs):
                                 clicked(entries[sid], idx)
                             return top_k
+                    items = torch.tensor(idxs, dtype=torch.long, device=dev)
                     if rounds is None:
                         slots = torch.tensor([entries[s].slot for s in session_ids], device=dev)
                         h = slab.index_select(0, slots).transpose(0, 1).contiguous()
