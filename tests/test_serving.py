@@ -205,6 +205,22 @@ def test_one_call_click_matches_the_separate_calls(embedding, layers, reset_afte
     assert len(calls) == 60
 
 
+def _refusals_and_declines_without_change(fn, args, slab, refused, declined):
+    """fn(**args) changed by each of ``refused`` ((changes, message)) raises a ValueError with that
+    message, and changed by each of ``declined`` returns None; none of them writes ``slab`` (the
+    one in args) or the slab it was given instead (its values and its version)."""
+    before = slab.clone()
+    for bad, match in refused:
+        with pytest.raises(ValueError, match=match):
+            fn(**{**args, **bad})
+        assert torch.equal(slab, before)
+    for other in declined:
+        given = other.get("slab", slab)
+        kept, version = given.detach().clone(), given._version
+        assert fn(**{**args, **other}) is None
+        assert torch.equal(slab, before) and torch.equal(given.detach(), kept) and given._version == version
+
+
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_one_call_click_refuses_or_declines_without_change():
     """_C.click_topk raises a ValueError for a bad item index, slot, k or excluded index, and
@@ -221,21 +237,14 @@ def test_one_call_click_refuses_or_declines_without_change():
     before = slab.clone()
     args = dict(emb=fast.emb, idx=3, slab=slab, slot=1, weights=fast.flat, reset_after=True, W=fast.Wy, b=fast.by,
                 k=5, exclude=[])
-    for bad, match in [(dict(idx=30), "item index 30"), (dict(idx=-1), "item index -1"), (dict(slot=4), "slot 4"),
-                       (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[2, 30]), "excluded index 30")]:
-        with pytest.raises(ValueError, match=match):
-            _C.click_topk(**{**args, **bad})
-        assert torch.equal(slab, before)
     w = list(fast.flat)
-    for other in [dict(slab=slab.double()), dict(slab=torch.randn(4, 16, 2).transpose(1, 2)),
-                  dict(slab=torch.randn(4, 1, 16)), dict(emb=fast.emb.t().contiguous().t()),
-                  dict(W=fast.Wy[:, :8]), dict(b=fast.by[:-1]), dict(weights=w[:7]),
-                  dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
-                  dict(slab=slab.clone().requires_grad_())]:
-        given = other.get("slab", slab)  # (the slab passed, written by nothing either)
-        kept, version = given.detach().clone(), given._version
-        assert _C.click_topk(**{**args, **other}) is None
-        assert torch.equal(slab, before) and torch.equal(given.detach(), kept) and given._version == version
+    _refusals_and_declines_without_change(_C.click_topk, args, slab, refused=[
+        (dict(idx=30), "item index 30"), (dict(idx=-1), "item index -1"), (dict(slot=4), "slot 4"),
+        (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[2, 30]), "excluded index 30")], declined=[
+        dict(slab=slab.double()), dict(slab=torch.randn(4, 16, 2).transpose(1, 2)), dict(slab=torch.randn(4, 1, 16)),
+        dict(emb=fast.emb.t().contiguous().t()), dict(W=fast.Wy[:, :8]), dict(b=fast.by[:-1]), dict(weights=w[:7]),
+        dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
+        dict(slab=slab.clone().requires_grad_())])
     version = slab._version
     vals, idx = _C.click_topk(**args)
     assert len(vals) == len(idx) == 5 and not torch.equal(slab[1], before[1])
@@ -410,24 +419,17 @@ def test_one_call_batch_refuses_or_declines_without_change():
     before = slab.clone()
     args = dict(emb=fast.emb, idxs=[3, 4, 5], slab=slab, slots=[1, 4, 2], weights=fast.flat, reset_after=True,
                 W=fast.Wy, packed=fast.packed_rows, b=fast.by, k=5, exclude=[])
-    for bad, match in [(dict(idxs=[3, 30, 1]), "item index 30"), (dict(idxs=[-1, 2, 3]), "item index -1"),
-                       (dict(slots=[1, 6, 2]), "slot 6"), (dict(slots=[1, -1, 2]), "slot -1"),
-                       (dict(slots=[1, 4, 1]), "a slot appears more than once"), (dict(slots=[1, 4]), "3 items for 2 slots"),
-                       (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[[1]]), "1 exclude lists for 3 rows"),
-                       (dict(exclude=[[2], [30], []]), "excluded index 30"), (dict(W=fast.Wy[:-1]), "W must be")]:
-        with pytest.raises(ValueError, match=match):
-            _C.click_rows_topk(**{**args, **bad})
-        assert torch.equal(slab, before)
     w = list(fast.flat)
-    for other in [dict(slab=slab.double()), dict(slab=torch.randn(6, 16, 2).transpose(1, 2)),
-                  dict(slab=torch.randn(6, 1, 16)), dict(emb=fast.emb.t().contiguous().t()),
-                  dict(b=fast.by.double()), dict(packed=fast.packed_rows.double()), dict(weights=w[:7]),
-                  dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
-                  dict(slab=slab.clone().requires_grad_())]:
-        given = other.get("slab", slab)  # (the slab passed, written by nothing either)
-        kept, version = given.detach().clone(), given._version
-        assert _C.click_rows_topk(**{**args, **other}) is None
-        assert torch.equal(slab, before) and torch.equal(given.detach(), kept) and given._version == version
+    _refusals_and_declines_without_change(_C.click_rows_topk, args, slab, refused=[
+        (dict(idxs=[3, 30, 1]), "item index 30"), (dict(idxs=[-1, 2, 3]), "item index -1"),
+        (dict(slots=[1, 6, 2]), "slot 6"), (dict(slots=[1, -1, 2]), "slot -1"),
+        (dict(slots=[1, 4, 1]), "a slot appears more than once"), (dict(slots=[1, 4]), "3 items for 2 slots"),
+        (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[[1]]), "1 exclude lists for 3 rows"),
+        (dict(exclude=[[2], [30], []]), "excluded index 30"), (dict(W=fast.Wy[:-1]), "W must be")], declined=[
+        dict(slab=slab.double()), dict(slab=torch.randn(6, 16, 2).transpose(1, 2)), dict(slab=torch.randn(6, 1, 16)),
+        dict(emb=fast.emb.t().contiguous().t()), dict(b=fast.by.double()), dict(packed=fast.packed_rows.double()),
+        dict(weights=w[:7]), dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
+        dict(slab=slab.clone().requires_grad_())])
     version = slab._version
     vals, idx = _C.click_rows_topk(**args)
     assert vals.shape == idx.shape == (3, 5)
