@@ -247,6 +247,26 @@ def test_non_finite_times_rejected(tmp_path, value):
         recsys.time_split(log, test_days=0.01)
 
 
+def test_diginetica_session_across_midnight_keeps_its_timeframes(tmp_path):
+    """A Diginetica session that crosses midnight (its later views dated the next day; timeframe
+    counts from its first view) keeps its views' timeframes apart, not a day more: each time is the
+    session's first date + timeframe (with each view's own date the sample's sessions 629 and 2205
+    spanned 24 hours, and ended a day late for a time split; from an audit)."""
+    rows = ("session_id;user_id;item_id;timeframe;eventdate\n"
+            "1;NA;10;500000;2016-03-20\n1;NA;11;1166856;2016-03-21\n1;NA;12;551953;2016-03-20\n"
+            "2;NA;10;1000;2016-03-21\n2;NA;12;61000;2016-03-21\n")
+    log = recsys.load_diginetica(_write(tmp_path, "d.csv", rows))
+    day = 1458432000.0  # 2016-03-20 00:00 UTC
+    assert log.times.tolist() == [day + 500.0, day + 1166.856, day + 551.953, day + 86400 + 1.0, day + 86400 + 61.0]
+    if DIGI and os.path.isfile(DIGI):
+        real = recsys.load_diginetica(DIGI)
+        _, inv = np.unique(real.sessions, return_inverse=True)
+        lo, hi = np.full(inv.max() + 1, np.inf), np.full(inv.max() + 1, -np.inf)
+        np.minimum.at(lo, inv, real.times)
+        np.maximum.at(hi, inv, real.times)
+        assert (hi - lo).max() < 3600  # (the longest session of the sample: 20 minutes)
+
+
 def test_loader_utf8_bom_and_other_encodings(tmp_path):
     p = tmp_path / "bom.tsv"
     p.write_bytes("\ufeffSessionId\tItemId\tTime\n1\t10\t1\n1\t11\t2\n".encode("utf-8"))

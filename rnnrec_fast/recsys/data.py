@@ -300,14 +300,32 @@ def _diginetica_columns(header: str):
 def load_diginetica(path: str) -> ClickLog:
     """CIKM Cup 2016 ``train-item-views.csv``: ``sessionId;userId;itemId;timeframe;eventdate`` (the
     full file) or ``session_id;user_id;item_id;timeframe;eventdate`` (SR-GNN's sample).
-    Time = eventdate (UTC midnight, seconds) + timeframe (ms)."""
+    Time = the session's first eventdate (UTC midnight, seconds) + timeframe (ms since the session's
+    first event). Each view's own eventdate would add a day to the views of a session after it
+    crossed midnight (2 sessions of the sample: a 24-hour gap inside the session, and its end a day
+    late for a time split); a timeframe is taken to be under a day."""
     cols = _diginetica_columns(_first_line(path))
     if cols is None:
         raise RecsysError(f"{path}: not a Diginetica header (sessionId;userId;itemId;timeframe;eventdate or "
                           "session_id;user_id;item_id;timeframe;eventdate)")
     session, item, date, frame = cols
-    return load_clicks(path, session_col=session, item_col=item, time_col=date, extra_time_col=frame, sep=";",
-                       time_format="%Y-%m-%d")
+    log = load_clicks(path, session_col=session, item_col=item, time_col=date, extra_time_col=frame, sep=";",
+                      time_format="%Y-%m-%d")
+    return _from_session_start_dates(log)
+
+
+def _from_session_start_dates(log: ClickLog) -> ClickLog:
+    """Diginetica's times (each view's date + its timeframe under a day) re-based on the date of
+    each session's first view (the one of smallest timeframe)."""
+    day = np.floor(log.times / 86400.0) * 86400.0  # the view's own date (its timeframe is under a day)
+    frame = log.times - day
+    _, inv = np.unique(log.sessions, return_inverse=True)
+    order = np.lexsort((frame, inv))  # by session, then timeframe
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = inv[order][1:] != inv[order][:-1]
+    start_day = np.empty(inv.max() + 1 if len(inv) else 0)
+    start_day[inv[order][first]] = day[order][first]
+    return ClickLog(log.sessions, log.items, start_day[inv] + frame)
 
 
 def _first_line(path: str) -> str:
