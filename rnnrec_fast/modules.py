@@ -299,10 +299,19 @@ class _FastPath(nn.Module):
             self._refresh_plan()
         elif name in self.__dict__.get("_parameters", ()):
             self._forget_weights()
+            # (after construction) a weight of other sizes than the module's declines the plan, so
+            # that the general path raises as torch.nn's call does; one that fits again brings it back
+            if "_plan" in self.__dict__ and (self.__dict__["_plan"] is None or not self._weights_fit_sizes()):
+                self._refresh_plan()
 
     def __delattr__(self, name):
         super().__delattr__(name)
         self._forget_weights()
+
+    def _weights_fit_sizes(self):
+        """Whether the registered weights have the shapes the module's sizes say (a weight replaced
+        by one of another size makes the call raise, as torch.nn's does; see _plan_args)."""
+        return True
 
     def _forget_weights(self):
         # a Python plan's views of replaced or removed weights would keep their memory alive
@@ -623,6 +632,9 @@ class _RNNBase(_FastPath):
         # the weights are made at construction; torch.nn's call refuses a bias flag set otherwise later
         return bool(self.bias) == (len(self._all_weights[0]) == 4)
 
+    def _weights_fit_sizes(self):
+        return self._layout_error() is None
+
     def _layout_error(self, shapes=True):
         """Why the sizes set on the module (num_layers, bidirectional, input_size, hidden_size,
         changed after construction) do not fit the weights it was built with, or None. torch.nn's
@@ -637,11 +649,12 @@ class _RNNBase(_FastPath):
         if not shapes:
             return None
         G, H = self._gates, self.hidden_size
-        w_ih, w_hh = (self._parameters.get(n) for n in self._all_weights[0][:2])
-        if w_hh is not None and tuple(w_hh.shape) != (G * H, H):
-            return f"hidden_size={H} but weight_hh_l0 has shape {tuple(w_hh.shape)}"
-        if w_ih is not None and w_ih.dim() == 2 and w_ih.shape[1] != self.input_size:
-            return f"input_size={self.input_size} but weight_ih_l0 has shape {tuple(w_ih.shape)}"
+        for index, names in enumerate(self._all_weights):
+            in_l = self.input_size if index < D else D * H
+            for name, shape in zip(names, ((G * H, in_l), (G * H, H), (G * H,), (G * H,))):
+                w = self._parameters.get(name)
+                if w is not None and tuple(w.shape) != shape:
+                    return f"{name} has shape {tuple(w.shape)}, expected {shape} for input_size={self.input_size}, hidden_size={H}"
         return None
 
     def reset_parameters(self) -> None:
@@ -940,7 +953,7 @@ class GRU(_RNNBase):
 
 class _CellBase(_FastPath):
     _gates = 3
-    _plan_config = frozenset({"backend", "mode", "reset_after", "bias_ih", "bias_hh"})
+    _plan_config = frozenset({"backend", "mode", "reset_after", "bias_ih", "bias_hh", "input_size", "hidden_size"})
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
                  reset_after=True, mode="gru"):
@@ -973,9 +986,20 @@ class _CellBase(_FastPath):
         self.reset_parameters()
         self._refresh_plan()
 
+    def _weights_fit_sizes(self):
+        G, H, p = self._gates, self.hidden_size, self._parameters
+        for name, shape in (("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H)),
+                            ("bias_ih", (G * H,)), ("bias_hh", (G * H,))):
+            w = p.get(name)
+            if w is not None and tuple(w.shape) != shape:
+                return False
+        return True
+
     def _plan_args(self):
         # as torch.nn's cells, the biases the module holds, whatever self.bias says: none where both
         # are None (a plan given the names of None or missing ones declines: the general path runs)
+        if not self._weights_fit_sizes():
+            return None  # (sizes changed after construction, or weights of other sizes: the general path raises)
         p = self._parameters
         no_bias = all(n in p and p[n] is None for n in ("bias_ih", "bias_hh"))
         return ["weight_ih", "weight_hh"] + ([] if no_bias else ["bias_ih", "bias_hh"]), 1, False, True

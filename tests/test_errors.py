@@ -553,3 +553,32 @@ def test_sizes_changed_after_construction_are_refused_on_both_paths(kind, grad, 
     setattr(m, attr, old)
     with torch.set_grad_enabled(grad):
         assert m(x)[0].shape == (3, 4, 7)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_weights_or_cell_sizes_changed_after_construction_are_refused(grad):
+    """Weights replaced by ones of other sizes (all four of a layer, consistent among themselves),
+    and a cell's hidden_size or input_size changed, make the call raise as torch.nn's does, with
+    autograd and without (the inference fast path ran with the new weights' sizes: a (5, 3, 20)
+    output from a GRU(8, 10), from a review); weights that fit again bring the fast path back."""
+    x = torch.randn(5, 3, 8)
+    m = rnnrec_fast.GRU(8, 10)
+    kept = {n: getattr(m, n) for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")}
+    for n, shape in (("weight_ih_l0", (60, 8)), ("weight_hh_l0", (60, 20)), ("bias_ih_l0", (60,)), ("bias_hh_l0", (60,))):
+        setattr(m, n, torch.nn.Parameter(torch.randn(shape)))
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"weight_ih_l0 has shape \(60, 8\), expected \(30, 8\)"):
+        m(x)
+    for n, p in kept.items():
+        setattr(m, n, p)
+    assert m._plan is not None
+    with torch.set_grad_enabled(grad):
+        assert m(x)[0].shape == (5, 3, 10)
+    for attr, value, match in (("hidden_size", 20, r"weight_ih has shape \(30, 8\), expected \(60, 8\)"),
+                               ("input_size", 9, "input has inconsistent input_size: got 8 expected 9")):
+        c = rnnrec_fast.GRUCell(8, 10)
+        setattr(c, attr, value)
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=match):
+            c(torch.randn(3, 8))
+        setattr(c, attr, 10 if attr == "hidden_size" else 8)
+        with torch.set_grad_enabled(grad):
+            assert c(torch.randn(3, 8)).shape == (3, 10)

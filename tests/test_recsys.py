@@ -285,6 +285,11 @@ def test_loader_utf8_bom_and_other_encodings(tmp_path):
     r.write_bytes(head + b"9\t1\xff\t5\n")
     with pytest.raises(RecsysError, match=f"late.tsv:40002: not UTF-8 text \\(byte 0xff at byte {len(head) + 3} of the file"):
         recsys.load_any(str(r))
+    for name, nl in (("cr.tsv", b"\r"), ("crlf.tsv", b"\r\n")):  # (lines counted as the loader counts them)
+        c = tmp_path / name
+        c.write_bytes(nl.join([b"SessionId\tItemId\tTime", b"1\t10\t1", b"1\t1\xff\t2", b""]))
+        with pytest.raises(RecsysError, match=f"{name}:3: not UTF-8 text \\(byte 0xff at byte {30 + 2 * len(nl)} "):
+            recsys.load_any(str(c))
 
 
 # ---------------------------------------------------------------------------------------------- split / map

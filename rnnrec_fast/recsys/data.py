@@ -166,15 +166,20 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
 def _not_utf8(path):
     """Where a file is not UTF-8: ``path:line: not UTF-8 text (...)`` with the byte's offset in the
     file (the decoder's own message counts from the start of its read buffer)."""
-    offset = 0
+    offset = lineno = 0
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at byte {offset + exc.start} "
-                        f"of the file: {exc.reason})")
-            offset += len(line)
+        for raw in f:  # (split at \n; each piece split again at a lone \r, as the loader's reader ends lines)
+            for m in re.finditer(rb"[^\r\n]*(?:\r\n|\n|\r|$)", raw):
+                line = m.group()
+                if not line:
+                    continue
+                lineno += 1
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at byte "
+                            f"{offset + exc.start} of the file: {exc.reason})")
+                offset += len(line)
     return f"{path}: not UTF-8 text"
 
 
