@@ -476,6 +476,15 @@ def _differs(a, b):
         return bool(a != b)
 
 
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _fits(params, names, shapes):
+    """Whether each registered parameter of ``names`` (a parameter dict; None or absent ones
+    pass) has its ``shapes`` entry."""
+    return all(params.get(n) is None or tuple(params[n].shape) == shape for n, shape in zip(names, shapes))
+
+
 def _checked_weights(name, module, names, values, shapes, x, none_bias=False):
     """The weights ``names`` of ``module``, ``values`` as read from its attributes (as torch.nn
     reads them: a parametrized, pruned or replaced weight is not an entry of _parameters; read once
@@ -624,7 +633,7 @@ class _RNNBase(_FastPath):
         self._refresh_plan()
 
     def _plan_args(self):
-        if not self._bias_matches() or self._layout_error() is not None:
+        if not self._bias_matches() or not self._weights_fit_sizes():
             return None  # the general path raises
         return self._flat_weights_names, self.num_layers, self.batch_first, False
 
@@ -633,29 +642,24 @@ class _RNNBase(_FastPath):
         return bool(self.bias) == (len(self._all_weights[0]) == 4)
 
     def _weights_fit_sizes(self):
-        return self._layout_error() is None
+        return self._count_error() is None and all(
+            _fits(self._parameters, names, self._weight_shapes(index)) for index, names in enumerate(self._all_weights))
 
-    def _layout_error(self, shapes=True):
-        """Why the sizes set on the module (num_layers, bidirectional, input_size, hidden_size,
-        changed after construction) do not fit the weights it was built with, or None. torch.nn's
-        call refuses such a module (the weights are made at construction); so do both paths here.
-        ``shapes`` False: the count of weight sets alone (the general path, whose weight checks
-        compare the shapes with the sizes at every call; under torch.jit.trace a comparison of
-        sizes here would add a TracerWarning)."""
+    def _count_error(self):
+        """Why num_layers / bidirectional (changed after construction) do not fit the weight sets the
+        module was built with, or None. torch.nn's call refuses such a module (the weights are made
+        at construction); so do both paths here (sizes changed otherwise: _weights_fit_sizes)."""
         D = 2 if self.bidirectional else 1
         if len(self._all_weights) != self.num_layers * D:
             return (f"num_layers={self.num_layers}, bidirectional={self.bidirectional} but the module holds "
                     f"{len(self._all_weights)} layer and direction weight sets")
-        if not shapes:
-            return None
-        G, H = self._gates, self.hidden_size
-        for index, names in enumerate(self._all_weights):
-            in_l = self.input_size if index < D else D * H
-            for name, shape in zip(names, ((G * H, in_l), (G * H, H), (G * H,), (G * H,))):
-                w = self._parameters.get(name)
-                if w is not None and tuple(w.shape) != shape:
-                    return f"{name} has shape {tuple(w.shape)}, expected {shape} for input_size={self.input_size}, hidden_size={H}"
         return None
+
+    def _weight_shapes(self, index):
+        """The shapes of (layer, direction) ``index``'s w_ih, w_hh, b_ih, b_hh its sizes say."""
+        GH, H, D = self._gates * self.hidden_size, self.hidden_size, 2 if self.bidirectional else 1
+        in_l = self.input_size if index < D else D * H  # layer 0's input, or the layer below's directions
+        return (GH, in_l), (GH, H), (GH,), (GH,)
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -734,17 +738,15 @@ class _RNNBase(_FastPath):
     def _layer_params(self, index, x, weights):
         """The weights of (layer, direction) ``index`` (of ``weights``, the values of
         _flat_weights_names), checked (_checked_weights), as the op's w_ih, w_hh, b_ih, b_hh."""
-        layout = self._layout_error(shapes=False)
-        if layout is not None:
-            raise InputError(f"{type(self).__name__}: {layout} (sizes are set at construction, as torch.nn's)")
+        count = self._count_error()
+        if count is not None:
+            raise InputError(f"{type(self).__name__}: {count} (sizes are set at construction, as torch.nn's)")
         names = self._all_weights[index]
         if not self._bias_matches():
             raise InputError(f"{type(self).__name__}: bias={self.bias!r} but the module was built with"
                              f"{'' if len(names) == 4 else 'out'} biases (set at construction, as torch.nn's)")
         values = weights[index * len(names):(index + 1) * len(names)]
-        GH, H, D = self._gates * self.hidden_size, self.hidden_size, 2 if self.bidirectional else 1
-        in_l = self.input_size if index < D else D * H  # layer 0's input, or the layer below's directions
-        w = _checked_weights(type(self).__name__, self, names, values, ((GH, in_l), (GH, H), (GH,), (GH,)), x)
+        w = _checked_weights(type(self).__name__, self, names, values, self._weight_shapes(index), x)
         return tuple(w) if self.bias else (w[0], w[1], None, None)
 
     def forward(self, input, hx=None, *, resets=None):
@@ -987,13 +989,12 @@ class _CellBase(_FastPath):
         self._refresh_plan()
 
     def _weights_fit_sizes(self):
-        G, H, p = self._gates, self.hidden_size, self._parameters
-        for name, shape in (("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H)),
-                            ("bias_ih", (G * H,)), ("bias_hh", (G * H,))):
-            w = p.get(name)
-            if w is not None and tuple(w.shape) != shape:
-                return False
-        return True
+        return _fits(self._parameters, _CELL_WEIGHTS, self._weight_shapes())
+
+    def _weight_shapes(self):
+        """The shapes of weight_ih, weight_hh, bias_ih, bias_hh the cell's sizes say."""
+        GH = self._gates * self.hidden_size
+        return (GH, self.input_size), (GH, self.hidden_size), (GH,), (GH,)
 
     def _plan_args(self):
         # as torch.nn's cells, the biases the module holds, whatever self.bias says: none where both
@@ -1056,12 +1057,10 @@ class _CellBase(_FastPath):
             raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
                              f"expected {self.hidden_size}")
         # as torch.nn's cells: the biases the module holds (a None one: none), whatever self.bias says
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        values = [getattr(self, n) for n in names]  # (each read once a call)
+        values = [getattr(self, n) for n in _CELL_WEIGHTS]  # (each read once a call)
         op = ops.op_for(name, x, hx, *values)
         x, hx = _autocast_cast(x, hx, values[0])
-        GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
-        w = _checked_weights(name, self, names, values, ((GH, I), (GH, H), (GH,), (GH,)), x,
+        w = _checked_weights(name, self, _CELL_WEIGHTS, values, self._weight_shapes(), x,
                              none_bias=True)  # (torch.nn: RuntimeError)
         b_ih, b_hh = w[2], w[3]
         _check_hx_dtype(name, x, hx)
