@@ -242,7 +242,7 @@ class SessionRecommender:
                     # the whole click in one C++ call where it applies (its scoring then runs under
                     # the lock, holding the GIL as the separate call does); the items to exclude:
                     # the session's seen items as they will be after this click
-                    excl = ((e.seen + [idx])[-store.max_seen:] if store.max_seen else []) if exclude_seen else []
+                    excl = self._seen_after(e, idx) if exclude_seen else []
                     top = fast.click_row(idx, store.slab, e.slot, k, excl)
                     if top is not None:
                         self._clicked(e, idx)
@@ -270,6 +270,12 @@ class SessionRecommender:
                 scores[0, seen] = self._neg_inf
             vals, inds = self._topk(scores, k)  # (the batch's selection: the same order of ties)
         return vals[0].tolist(), inds[0].tolist()
+
+    def _seen_after(self, e, idx):
+        """Session entry ``e``'s seen items as :meth:`_clicked` will leave them after a click on
+        ``idx`` (the items a one-call click excludes before its bookkeeping runs)."""
+        max_seen = self.store.max_seen
+        return (e.seen + [idx])[-max_seen:] if max_seen else []
 
     def _clicked(self, e, idx):
         """A click on item index ``idx`` applied to session entry ``e``: its count and seen items."""
@@ -431,9 +437,7 @@ class SessionRecommender:
                         # seen items as they will be after this click
                         excl = []
                         if any_excl:
-                            ms = store.max_seen
-                            excl = [((entries[sid].seen + [idx])[-ms:] if ms else [])
-                                    if (not per_row_excl or exclude_seen[p]) else []
+                            excl = [self._seen_after(entries[sid], idx) if (not per_row_excl or exclude_seen[p]) else []
                                     for p, (sid, idx) in enumerate(zip(session_ids, idxs))]
                         top_k = fast.click_rows(idxs, slab, [entries[s].slot for s in session_ids], k, excl)
                         if top_k is not None:
