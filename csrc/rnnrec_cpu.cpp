@@ -2467,6 +2467,26 @@ py::object score_topk_rows(const at::Tensor& h, const at::Tensor& W, const at::T
 #endif
 }
 
+#if defined(RNNREC_HAVE_AVX2_TU)
+// The declines click_topk and click_rows_topk share (false: the caller returns None, nothing
+// changed): the vector kernels off, a torch.func transform, the embeddings (items x I), the slab
+// (slots x L x H) or the bias (N) not plain contiguous float32 CPU tensors, a slab not writable
+// here, an I, H or N of 0, a slab of other than L = weights / 4 layers, weights not L GRU layers
+// (w_ih, w_hh, b_ih, b_hh) of float32 for (I, H). Where it takes the call, w holds the weights.
+static bool click_takes(const at::Tensor& emb, const at::Tensor& slab, const at::Tensor& b,
+                        const std::vector<at::Tensor>& weights, c10::SmallVector<const at::Tensor*, 16>& w) {
+  const int64_t nw = int64_t(weights.size()), L = nw / 4;
+  if (!simd_enabled() || nw == 0 || nw % 4 != 0 ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
+    return false;
+  if (!plain_f32(emb, 2) || !plain_f32(slab, 3) || !plain_f32(b, 1) || !writable_here(slab)) return false;
+  const int64_t I = emb.size(1), H = slab.size(2);
+  if (H == 0 || I == 0 || b.size(0) == 0 || slab.size(1) != L) return false;
+  for (const at::Tensor& t : weights) w.push_back(&t);
+  return weights_fit(w.data(), L, 1, 4, 3, I, H, at::kFloat);
+}
+#endif
+
 // The serving click in one call (SessionRecommender.click through serving.fastpath): one step of
 // a GRU4Rec's GRU layers for one session from its state row in the store's slab (slab[slot], L x
 // H), the new state written back there, then score_topk's scores and top k for its top layer's new
@@ -2483,17 +2503,10 @@ py::object click_topk(const at::Tensor& emb, int64_t idx, const at::Tensor& slab
                       const at::Tensor& b, int64_t k, const std::vector<int64_t>& exclude) {
   const py::object declined = py::none();
 #if defined(RNNREC_HAVE_AVX2_TU)
-  const int64_t nw = int64_t(weights.size()), L = nw / 4;
-  if (!simd_enabled() || nw == 0 || nw % 4 != 0 ||
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
-    return declined;
-  if (!plain_f32(emb, 2) || !plain_f32(slab, 3) || !plain_f32(W, 2) || !plain_f32(b, 1)) return declined;
-  if (!writable_here(slab)) return declined;
-  const int64_t I = emb.size(1), N = W.size(0), H = W.size(1), G = 3;
-  if (H == 0 || I == 0 || N == 0 || slab.size(1) != L || slab.size(2) != H || b.size(0) != N) return declined;
   c10::SmallVector<const at::Tensor*, 16> w;
-  for (const at::Tensor& t : weights) w.push_back(&t);
-  if (!weights_fit(w.data(), L, 1, 4, G, I, H, at::kFloat)) return declined;
+  if (!click_takes(emb, slab, b, weights, w)) return declined;
+  const int64_t L = slab.size(1), I = emb.size(1), H = slab.size(2), N = b.size(0), G = 3;
+  if (!plain_f32(W, 2) || W.size(0) != N || W.size(1) != H) return declined;
   TORCH_CHECK_VALUE(idx >= 0 && idx < emb.size(0), "rnnrec_fast click_topk: item index ", idx, " out of [0, ",
                     emb.size(0), ")");
   TORCH_CHECK_VALUE(slot >= 0 && slot < slab.size(0), "rnnrec_fast click_topk: slot ", slot, " out of [0, ",
@@ -2538,17 +2551,10 @@ py::object click_rows_topk(const at::Tensor& emb, const std::vector<int64_t>& id
 #if defined(RNNREC_HAVE_AVX2_TU)
   const char* where = "rnnrec_fast click_rows_topk: ";
   const GemmKernels* g = fast_gemm();
-  const int64_t nw = int64_t(weights.size()), L = nw / 4, B = int64_t(idxs.size());
-  if (!simd_enabled() || g == nullptr || nw == 0 || nw % 4 != 0 ||
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
-    return declined;
-  if (!plain_f32(emb, 2) || !plain_f32(slab, 3) || !plain_f32(packed, 1) || !plain_f32(b, 1)) return declined;
-  if (!writable_here(slab)) return declined;
-  const int64_t I = emb.size(1), H = slab.size(2), N = b.size(0), G = 3;
-  if (H == 0 || I == 0 || N == 0 || slab.size(1) != L || B * N > kRowsTopkMaxScores) return declined;
   c10::SmallVector<const at::Tensor*, 16> w;
-  for (const at::Tensor& t : weights) w.push_back(&t);
-  if (!weights_fit(w.data(), L, 1, 4, G, I, H, at::kFloat)) return declined;
+  if (g == nullptr || !click_takes(emb, slab, b, weights, w)) return declined;
+  const int64_t L = slab.size(1), I = emb.size(1), H = slab.size(2), N = b.size(0), G = 3, B = int64_t(idxs.size());
+  if (!plain_f32(packed, 1) || B * N > kRowsTopkMaxScores) return declined;
   TORCH_CHECK_VALUE(int64_t(slots.size()) == B, where, B, " items for ", slots.size(), " slots");
   for (const int64_t i : idxs)
     TORCH_CHECK_VALUE(i >= 0 && i < emb.size(0), where, "item index ", i, " out of [0, ", emb.size(0), ")");

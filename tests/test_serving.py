@@ -242,7 +242,8 @@ def test_one_call_click_refuses_or_declines_without_change():
         (dict(idx=30), "item index 30"), (dict(idx=-1), "item index -1"), (dict(slot=4), "slot 4"),
         (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(exclude=[2, 30]), "excluded index 30")], declined=[
         dict(slab=slab.double()), dict(slab=torch.randn(4, 16, 2).transpose(1, 2)), dict(slab=torch.randn(4, 1, 16)),
-        dict(emb=fast.emb.t().contiguous().t()), dict(W=fast.Wy[:, :8]), dict(b=fast.by[:-1]), dict(weights=w[:7]),
+        dict(emb=fast.emb.t().contiguous().t()), dict(W=fast.Wy[:, :8]), dict(W=fast.Wy[:, :8].contiguous()),
+        dict(W=fast.Wy[:-1].contiguous()), dict(b=fast.by[:-1]), dict(weights=w[:7]),
         dict(weights=[w[1]] + w[1:]), dict(weights=w[:3] + [w[3].double()] + w[4:]),
         dict(slab=slab.clone().requires_grad_())])
     version = slab._version
