@@ -258,6 +258,12 @@ def test_diginetica_session_across_midnight_keeps_its_timeframes(tmp_path):
     log = recsys.load_diginetica(_write(tmp_path, "d.csv", rows))
     day = 1458432000.0  # 2016-03-20 00:00 UTC
     assert log.times.tolist() == [day + 500.0, day + 1166.856, day + 551.953, day + 86400 + 1.0, day + 86400 + 61.0]
+    # a timeframe of a day or more counts from the first view's date all the same (it was split into
+    # whole days and a remainder, and the remainder taken for the timeframe: the views reordered)
+    rows = ("session_id;user_id;item_id;timeframe;eventdate\n"
+            "3;NA;10;0;2016-03-20\n3;NA;11;90000000;2016-03-21\n3;NA;12;180000000;2016-03-22\n")
+    log = recsys.load_diginetica(_write(tmp_path, "long.csv", rows))
+    assert log.times.tolist() == [day, day + 90000.0, day + 180000.0]
     if DIGI and os.path.isfile(DIGI):
         real = recsys.load_diginetica(DIGI)
         _, inv = np.unique(real.sessions, return_inverse=True)

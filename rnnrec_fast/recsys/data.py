@@ -158,7 +158,7 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
         if isinstance(c, bool) or (isinstance(c, int) and c < 0):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
     try:
-        return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
+        return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
     except UnicodeDecodeError:
         raise RecsysError(_not_utf8(path)) from None
 
@@ -183,7 +183,10 @@ def _not_utf8(path):
     return f"{path}: not UTF-8 text"
 
 
-def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col) -> ClickLog:
+def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col,
+                 keep_extra=False):
+    """load_clicks' work: (the log, None), or with keep_extra (the log of the time column's times
+    alone, the extra times in seconds) for a caller that combines them itself."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         skipped = 0  # blank lines before the header (or first row)
         while True:
@@ -217,7 +220,7 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
         si, ii = col_index(session_col, "session"), col_index(item_col, "item")
         ti, xi = col_index(time_col, "time"), col_index(extra_time_col, "extra time")
         need = max(i for i in (si, ii, ti, xi) if i is not None) + 1
-        sess, items, times = [], [], []
+        sess, items, times, extras = [], [], [], []
         cache: dict[str, float] = {}
         lineno = skipped + (1 if header else 0)
         while True:
@@ -267,15 +270,20 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
                     raise ValueError(f"{tv!r} is not a finite time")
                 if xi is not None:
                     xv = row[xi].strip()
-                    t += float(xv) / 1000.0
-                    if not math.isfinite(t):
+                    x = float(xv) / 1000.0
+                    if not math.isfinite(t + x):
                         raise ValueError(f"extra time {xv!r} (ms) is not finite")
+                    if keep_extra:
+                        extras.append(x)
+                    else:
+                        t += x
             except ValueError as exc:
                 raise RecsysError(f"{path}:{lineno}: malformed time: {exc}") from None
             times.append(t)
     if not items:
         raise RecsysError(f"{path}: no clicks in the file")
-    return ClickLog(_typed_ids(sess), _typed_ids(items), np.asarray(times, dtype=np.float64))
+    log = ClickLog(_typed_ids(sess), _typed_ids(items), np.asarray(times, dtype=np.float64))
+    return log, (np.asarray(extras, dtype=np.float64) if keep_extra else None)
 
 
 def load_yoochoose(path: str) -> ClickLog:
@@ -308,29 +316,30 @@ def load_diginetica(path: str) -> ClickLog:
     Time = the session's first eventdate (UTC midnight, seconds) + timeframe (ms since the session's
     first event). Each view's own eventdate would add a day to the views of a session after it
     crossed midnight (2 sessions of the sample: a 24-hour gap inside the session, and its end a day
-    late for a time split); a timeframe is taken to be under a day."""
+    late for a time split)."""
     cols = _diginetica_columns(_first_line(path))
     if cols is None:
         raise RecsysError(f"{path}: not a Diginetica header (sessionId;userId;itemId;timeframe;eventdate or "
                           "session_id;user_id;item_id;timeframe;eventdate)")
     session, item, date, frame = cols
-    log = load_clicks(path, session_col=session, item_col=item, time_col=date, extra_time_col=frame, sep=";",
-                      time_format="%Y-%m-%d")
-    return _from_session_start_dates(log)
+    try:
+        dates, frames = _load_clicks(path, session, item, date, ";", True, "%Y-%m-%d", frame, keep_extra=True)
+    except UnicodeDecodeError:
+        raise RecsysError(_not_utf8(path)) from None
+    return _from_session_start_dates(dates, frames)
 
 
-def _from_session_start_dates(log: ClickLog) -> ClickLog:
-    """Diginetica's times (each view's date + its timeframe under a day) re-based on the date of
-    each session's first view (the one of smallest timeframe)."""
-    day = np.floor(log.times / 86400.0) * 86400.0  # the view's own date (its timeframe is under a day)
-    frame = log.times - day
-    _, inv = np.unique(log.sessions, return_inverse=True)
+def _from_session_start_dates(dates: ClickLog, frame) -> ClickLog:
+    """Diginetica's times: each view's timeframe (``frame``, seconds since the session's first
+    view, any length) after the date (``dates.times``) of its session's first view (the one of
+    smallest timeframe)."""
+    _, inv = np.unique(dates.sessions, return_inverse=True)
     order = np.lexsort((frame, inv))  # by session, then timeframe
     first = np.ones(len(order), dtype=bool)
     first[1:] = inv[order][1:] != inv[order][:-1]
     start_day = np.empty(inv.max() + 1 if len(inv) else 0)
-    start_day[inv[order][first]] = day[order][first]
-    return ClickLog(log.sessions, log.items, start_day[inv] + frame)
+    start_day[inv[order][first]] = dates.times[order][first]
+    return ClickLog(dates.sessions, dates.items, start_day[inv] + frame)
 
 
 def _first_line(path: str) -> str:
