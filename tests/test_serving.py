@@ -91,6 +91,29 @@ def test_batch_scores_use_few_onednn_row_counts():
             torch.testing.assert_close(got, model.score(h), **TOL)
 
 
+def test_fast_path_makes_its_other_copies_of_wy_at_first_use():
+    """Wy.t() and oneDNN's reordered Wy (each one more copy of Wy: 40 MB at 100k items x 100) are
+    made when score() first takes their route, not when the fast path is built: clicks and batches
+    that take the one-call paths never make them; once made they score as model.score does."""
+    from rnnrec_fast.serving import fastpath
+
+    model = make_model(n_items=300, layers=(24,))
+    rec = SessionRecommender(model)
+    ids = model.item_ids
+    rec.click("a", ids[1])
+    rec.click_many([f"s{i}" for i in range(8)], [ids[i] for i in range(8)], k=5)
+    fast = rec._fast
+    assert fast is not None
+    if not _C_scalar():  # (the one-call click and batch ran: neither copy is made)
+        assert fast._Wt is None and fast._packed is fastpath._UNSET
+    h = torch.randn(8, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.score(h), model.score(h), **TOL)  # (oneDNN's route where it is there)
+        assert fast._packed is not fastpath._UNSET
+        assert fast.Wt.is_contiguous() and torch.equal(fast.Wt, model.Wy.detach().t())
+        assert fast.Wt is fast.Wt  # (made once)
+
+
 @pytest.mark.parametrize("threads,small", [(1, True), (2, True), (1, False), (2, False)])
 def test_fast_path_scores_every_route(threads, small, monkeypatch):
     """The fast path's single-row scores and a click's top-k (exclude_seen), by the extension's
@@ -636,15 +659,15 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
                 p.data = q.detach().clone()
         elif change == "racing_update":  # Wy updated after the rebuild's snapshot, before its copies
             model.By.add_(0.01)  # a change that makes the path rebuild
-            real = fastpath._pack_for_onednn
+            real = fastpath._pack_scores_weights  # (the copy made as the path is built)
 
-            def pack_then_update(W, b):
-                out = real(W, b)
+            def pack_then_update(W):
+                out = real(W) if real is not None else None
                 if not getattr(pack_then_update, "done", False):
                     pack_then_update.done = True
                     model.Wy.copy_(new.Wy)
                 return out
-            monkeypatch.setattr(fastpath, "_pack_for_onednn", pack_then_update)
+            monkeypatch.setattr(fastpath, "_pack_scores_weights", pack_then_update)
             rec.click("z", ids[30])  # rebuilds, racing with the update
             assert pack_then_update.done
         elif change == "training_during_rebuild":  # training mode switched on while the path rebuilds

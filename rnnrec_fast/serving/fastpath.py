@@ -36,8 +36,10 @@ class FastGRU4Rec:
         # the copies then shows as a change): each submodule and parameter as (owner's dict, key,
         # object), to see one replaced; the parameters' storage, to see one swapped through
         # ``p.data = ...`` (the views below would keep the old memory); the versions of the two
-        # whose values are copied (Wy into Wt and the oneDNN weight, By), to see in-place updates
+        # whose values are copied (Wy into its packed copies, By), to see in-place updates
         # (load_state_dict, an optimiser step). The other tensors are views: updates show through.
+        # (Wt and the oneDNN copy are made at their first use, after a stale() check has passed:
+        # from the Wy this was built from.)
         names = _rnn_weight_names(L)
         watch = [(model._modules, "rnn", rnn)]
         watch += [(model._parameters, n, model._parameters[n]) for n in ("E", "Wy", "By")
@@ -60,14 +62,12 @@ class FastGRU4Rec:
             ws = [getattr(rnn, n, None) for n in names[4 * layer:4 * layer + 4]]
             self.layers.append(tuple(None if w is None else w.detach() for w in ws))
         self.Wy = model.Wy.detach()
-        # (H, n_items) contiguous: a faster GEMM/GEMV layout on CPU than Wy.t() (one extra copy of Wy)
-        self.Wt = self.Wy.t().contiguous()
+        self._Wt, self._packed = None, _UNSET
         self.by = model.By.detach().reshape(-1).contiguous()
         self.rows_fast = (_linear_rows is not None and _score_topk is not None and self.Wy.device.type == "cpu"
                           and self.Wy.dtype == torch.float32 and self.Wy.is_contiguous())
         self.wy_small = self.Wy.numel() * self.Wy.element_size() <= _ROWS_MAX_BYTES_1T
         self.op = torch.ops.rnnrec_fast.recurrence
-        self.packed = _pack_for_onednn(self.Wy, self.by)
         # Wy packed for the extension's GEMM kernel: a batch's scores and top-k in one call
         # (score_topk_rows); None where that kernel does not run
         self.packed_rows = _pack_scores_weights(self.Wy) if _pack_scores_weights is not None else None
@@ -80,6 +80,24 @@ class FastGRU4Rec:
         self.click = _click_topk if self.infer is not None and _click_topk is not None else None
         self.click_batch = (_click_rows_topk if self.infer is not None and self.packed_rows is not None
                             and _click_rows_topk is not None else None)
+
+    @property
+    def Wt(self):
+        """Wy.t() contiguous, (H, n_items): a faster GEMM/GEMV layout on CPU than Wy.t(), for
+        :meth:`score`'s few rows off the few-rows product; one more copy of Wy, made at its first
+        use (most set-ups never take that path)."""
+        if self._Wt is None:
+            self._Wt = self.Wy.t().contiguous()
+        return self._Wt
+
+    @property
+    def packed(self):
+        """Wy reordered for oneDNN's GEMM (:func:`_pack_for_onednn`), or None; for :meth:`score`'s
+        batches of 4+ rows, which the packed kernel's score_topk_rows mostly spares: one more copy
+        of Wy, made at its first use."""
+        if self._packed is _UNSET:
+            self._packed = _pack_for_onednn(self.Wy, self.by)
+        return self._packed
 
     def stale(self):
         """Whether the model's weights changed since this was built (see __init__; ~1.5 us a
@@ -176,7 +194,7 @@ class FastGRU4Rec:
         faster than MKL's GEMV (one thread: Wy up to ~8 MiB, that is ~20k items at H=100, 2,933
         items 28 -> 20 us; two threads: every size measured, up to 100k items), else MKL's GEMV."""
         B = h_top.shape[0]
-        if self.packed is not None and B >= _ONEDNN_MIN_ROWS:
+        if B >= _ONEDNN_MIN_ROWS and self.packed is not None:
             P = onednn_rows(B)
             x = h_top.contiguous()
             if P != B:  # zero rows below, their scores dropped
@@ -193,6 +211,7 @@ def _rnn_weight_names(layers):
 
 
 _ONEDNN_MIN_ROWS = 4
+_UNSET = object()  # (a copy of Wy not made yet)
 _ONEDNN_EXACT_ROWS = 64  # the HTTP service's default batches (max_batch 64) keep their own row count
 
 
