@@ -352,11 +352,38 @@ def test_batch_scores_and_topk_of_real_values(N, H):
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("N,M", [(40, 4 * 2**20 // 40 + 1), (70_000, 130), (70_000, 59), (70_000, 60)])
+def test_batch_scores_and_topk_past_the_scratch_in_blocks(N, M):
+    """Over 4M scores (16 MiB) _C.score_topk_rows scores the batch a block of rows at a time (it
+    declined such batches, which then took oneDNN and topk_rows: slower, and one more copy of Wy):
+    the same values and indices as topk_rows of ATen's scores, bit for bit on exact data, each row's
+    exclude list kept to its row: one row past the limit, three blocks with a shorter last one,
+    the largest batch of one block and the smallest of two."""
+    from rnnrec_fast import _C
+
+    W, b, h = _exact_scoring_case(N, 8, M, seed=N + M)
+    packed = _C.pack_scores_weights(W)
+    if packed is None:
+        pytest.skip("without the vector kernels there is no packed GEMM")
+    scores = torch.addmm(b, h, W.t())
+    # each row's own four best (the NaN and +inf biases' items and two of its own) excluded: a row
+    # given another row's list shows
+    exclude = _C.topk_rows(scores, 4)[1].tolist()
+    for r, ex in enumerate(exclude):
+        scores[r, ex] = float("-inf")
+    want = _C.topk_rows(scores, 10)
+    got = _C.score_topk_rows(h, W, packed, b, 10, exclude)
+    assert got is not None
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_batch_scores_and_topk_refuses_or_declines():
     """_C.score_topk_rows raises a ValueError for a bad k, W not of the bias's and states' sizes,
     packed weights of another size, not one exclude list per row, an excluded index out of range;
     and declines (None) what it does not take: another dtype, a non-contiguous state, states that
-    need autograd, more than 4M scores."""
+    need autograd."""
     from rnnrec_fast import _C
 
     W, b, h = _exact_scoring_case(40, 8, 3, seed=1)
@@ -372,8 +399,7 @@ def test_batch_scores_and_topk_refuses_or_declines():
         with pytest.raises(ValueError, match=match):
             _C.score_topk_rows(**{**args, **bad})
     for other in [dict(h=h.double()), dict(h=h.t().contiguous().t()), dict(b=b.double()),
-                  dict(packed=packed.double()), dict(h=h.clone().requires_grad_()),
-                  dict(h=torch.zeros(4 * 2**20 // 40 + 1, 8))]:
+                  dict(packed=packed.double()), dict(h=h.clone().requires_grad_())]:
         assert _C.score_topk_rows(**{**args, **other}) is None
     assert _C.pack_scores_weights(W.double()) is None and _C.pack_scores_weights(W.t()) is None
     with torch.no_grad():  # (states that require grad, where no autograd is recorded)
@@ -419,6 +445,30 @@ def test_one_call_batch_matches_the_separate_calls(embedding, layers, reset_afte
                 assert torch.equal(one.state(sid), sep.state(sid)), i
     assert distinct > 5 and (len(calls) == distinct or fused is None)
     assert sep._fast is sep_fast and sep_fast.click_batch is None  # (the separate calls all along)
+
+
+def test_one_call_batch_past_the_scratch_matches_the_separate_calls():
+    """A batch whose scores pass 4M (64 sessions over 70,000 items) takes the one C++ call too (it
+    declined them: the separate calls and oneDNN's scores served) and gives what the separate calls
+    give, bit for bit: items, scores and states, new and held sessions, with exclude_seen."""
+    model = make_model(n_items=70_000, layers=(8,), embedding=8)
+    one, sep = SessionRecommender(model), SessionRecommender(model)
+    fused = one._fast.click_batch
+    if fused is None:
+        assert _C_scalar()
+        pytest.skip("without the vector kernels there is no one-call batch")
+    taken = []
+    one._fast.click_batch = lambda *a: taken.append(fused(*a)) or taken[-1]
+    sep._fast.click_batch = None
+    ids = model.item_ids
+    sids = [f"s{i}" for i in range(64)]
+    for r in range(2):
+        items = [ids[(i * 1093 + r * 17) % 70_000] for i in range(64)]
+        got = one.click_many(sids, items, k=10, exclude_seen=True)
+        assert got == sep.click_many(sids, items, k=10, exclude_seen=True), r
+    assert len(taken) == 2 and all(t is not None for t in taken)
+    for sid in sids:
+        assert torch.equal(one.state(sid), sep.state(sid)), sid
 
 
 def _C_scalar():

@@ -176,7 +176,8 @@ class FastGRU4Rec:
         (B, k) tensors, as ``torch.topk(score(h_top), k)`` with each row's ``exclude`` (a list of
         index lists, one per row, or empty for none) at -inf first (NaN first, equal scores in index
         order); the scores are never materialised as a tensor. None where it does not apply (no
-        packed weights, a tensor it does not take, more than 4M scores): then score and select."""
+        packed weights, a tensor it does not take): then score and select. Over 4M scores, it scores
+        a block of rows at a time."""
         if self.packed_rows is None:
             return None
         return _score_topk_rows(h_top, self.Wy, self.packed_rows, self.by, k, exclude)
