@@ -964,8 +964,8 @@ def test_topk_rows_matches_torch_topk():
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_topk_selection_order_for_every_k():
-    """Both selections (a sorted array for k <= 32; a partial sort of (score, index) keys above,
-    where the array cost O(N k): k = N of 30,000 took 186 ms) give one order: NaN first, then
+    """Both selections (a sorted array for k <= 32, k <= 64 on the AVX2 path; a partial sort of
+    (score, index) keys above, where the array cost O(N k): k = N of 30,000 took 186 ms) give one order: NaN first, then
     scores descending (-0 equal to +0), equal scores by lower index. Checked for k on both sides of
     each switch, in topk_rows and score_topk, against a sort in Python."""
     from rnnrec_fast import _C
@@ -981,7 +981,7 @@ def test_topk_selection_order_for_every_k():
     vals = s.tolist()
     order = sorted(range(N), key=lambda j: (0, 0.0, j) if vals[j] != vals[j] else (1, -vals[j] + 0.0, j))
     eye = torch.eye(1)
-    for k in (1, 20, 32, 33, 99, 100, 101, 250, N - 1, N):
+    for k in (1, 20, 32, 33, 64, 65, 99, 100, 101, 250, N - 1, N):
         v, i = _C.topk_rows(s.view(1, N), k)
         assert i[0].tolist() == order[:k], k
         torch.testing.assert_close(v[0], s[order[:k]], equal_nan=True, rtol=0, atol=0)
@@ -995,7 +995,7 @@ def test_topk_selection_of_many_scores(case):
     """From 1,024 scores and k = 10 the vector selection first bounds the k-th score from below by
     the maxima of 64 interleaved groups and offers only the scores not below it: the same order as
     a sort (NaN first, scores descending, -0 equal to +0, equal scores by lower index) for k on both
-    sides of 10 and up to 32, N = 2,933 (not a multiple of 64: the last 53 scores are in no group):
+    sides of 10 and of 64 (the bound's and the AVX2 path's limit), N = 2,933 (not a multiple of 64: the last 53 scores are in no group):
     many ties; the best finite scores among the last 53, the best of all among the last 5; a NaN (no bound: every score offered); all
     scores equal; scores in descending order (every score in a group's maximum's place)."""
     from rnnrec_fast import _C
@@ -1019,7 +1019,7 @@ def test_topk_selection_of_many_scores(case):
     vals = s.tolist()
     order = sorted(range(N), key=lambda j: (0, 0.0, j) if vals[j] != vals[j] else (1, -vals[j] + 0.0, j))
     eye = torch.eye(1)
-    for k in (1, 4, 9, 10, 11, 20, 31, 32):
+    for k in (1, 4, 9, 10, 11, 20, 31, 32, 33, 48, 63, 64, 65):
         v, i = _C.topk_rows(s.view(1, N), k)
         assert i[0].tolist() == order[:k], k
         torch.testing.assert_close(v[0], s[order[:k]], equal_nan=True, rtol=0, atol=0)

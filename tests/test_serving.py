@@ -91,6 +91,7 @@ def test_batch_scores_use_few_onednn_row_counts():
             torch.testing.assert_close(got, model.score(h), **TOL)
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_fast_path_makes_its_other_copies_of_wy_at_first_use():
     """Wy.t() and oneDNN's reordered Wy (each one more copy of Wy: 40 MB at 100k items x 100) are
     made when score() first takes their route, not when the fast path is built: clicks and batches
@@ -447,6 +448,7 @@ def test_one_call_batch_matches_the_separate_calls(embedding, layers, reset_afte
     assert sep._fast is sep_fast and sep_fast.click_batch is None  # (the separate calls all along)
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_one_call_batch_past_the_scratch_matches_the_separate_calls():
     """A batch whose scores pass 4M (64 sessions over 70,000 items) takes the one C++ call too (it
     declined them: the separate calls and oneDNN's scores served) and gives what the separate calls
@@ -652,12 +654,23 @@ def test_random_batches_under_lru_pressure_match_single_clicks():
 
 def test_per_click_k_in_a_batch():
     """step_batch takes each click's k (the HTTP service's batches mix requests): each row gets
-    its own k, equal to the leading entries of a larger k; a wrong count of k raises."""
+    its own k, equal to the leading entries of a larger k; a wrong count of k raises. Such a batch
+    takes the one C++ call too, selecting each row's max(k) best (it went to oneDNN's scores and a
+    selection per distinct k, and made the oneDNN copy of Wy)."""
+    from rnnrec_fast.serving import fastpath
+
     model = make_model()
     rec = SessionRecommender(model)
+    one_call = backends.available("cpp") and not _C_scalar()
+    taken = []
+    if one_call:
+        fused = rec._fast.click_batch
+        rec._fast.click_batch = lambda *a: taken.append(fused(*a)) or taken[-1]
     idxs = [3, 4, 5, 6]
     v, ix = rec.step_batch(["a", "b", "c", "d"], idxs, [2, 50, 2, 7])
     assert [len(r) for r in v] == [len(r) for r in ix] == [2, 50, 2, 7]
+    if one_call:
+        assert len(taken) == 1 and taken[0] is not None and rec._fast._packed is fastpath._UNSET
     rec2 = SessionRecommender(model)
     v2, ix2 = rec2.step_batch(["a", "b", "c", "d"], idxs, 50)
     for r, k in enumerate([2, 50, 2, 7]):

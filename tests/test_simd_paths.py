@@ -47,7 +47,7 @@ def test_portable_kernel_paths(env, level):
     out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
                           "tests/test_op.py", "tests/test_fastpath.py", "tests/test_serving.py",
                           "-k", f"test_fastpath or (test_serving and not fresh_process) or ({CPP_OP_TESTS})"],
-                         env=child_env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+                         env=child_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.search(r"\d+ passed", out.stdout) and " failed" not in out.stdout, out.stdout[-3000:]
     for name, least in (("test_op", 360), ("test_fastpath", 800), ("test_serving", 80)):

@@ -321,7 +321,7 @@ class ServingApp:
         self.m_batch.observe(n)
         ks = [c.k for c in batch]
         excl = [c.excl for c in batch]
-        try:  # each click's own k (one selection per distinct k)
+        try:  # each click's own k
             vals, inds = self.rec.step_batch([c.sid for c in batch], [c.idx for c in batch], ks,
                                              excl if any(excl) else False)
         except Exception as e:  # noqa: BLE001

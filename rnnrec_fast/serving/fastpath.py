@@ -38,8 +38,9 @@ class FastGRU4Rec:
         # ``p.data = ...`` (the views below would keep the old memory); the versions of the two
         # whose values are copied (Wy into its packed copies, By), to see in-place updates
         # (load_state_dict, an optimiser step). The other tensors are views: updates show through.
-        # (Wt and the oneDNN copy are made at their first use, after a stale() check has passed:
-        # from the Wy this was built from.)
+        # (Wt and the oneDNN copy are made at their first use, from Wy as it is then: an update
+        # landing between a click's stale() check and that use is in them for that click, as in
+        # the views, and the next click's check rebuilds.)
         names = _rnn_weight_names(L)
         watch = [(model._modules, "rnn", rnn)]
         watch += [(model._parameters, n, model._parameters[n]) for n in ("E", "Wy", "By")

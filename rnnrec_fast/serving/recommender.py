@@ -328,8 +328,9 @@ class SessionRecommender:
         """The batched core on already validated input (list of session ids, list of item
         indices, k (an int, or a list with each click's k), bool or list of bools for exclude_seen).
         Returns ``(values, indices)`` as nested lists of the top-k scores and catalogue indices, one
-        list of k (that click's k) per click. Each distinct k is one selection over its rows: a
-        click asking for a large k does not make the others' top-k cost as much."""
+        list of k (that click's k) per click. Where the one C++ call scores the batch, each row
+        takes the first k of its max(k) best (the selection is the same total order); elsewhere each
+        distinct k is one selection over its rows."""
         if isinstance(k, (list, tuple)):
             k = list(k)
             if len(k) != len(idxs):
@@ -401,6 +402,7 @@ class SessionRecommender:
                 rounds[r].append(p)
         per_row_excl = isinstance(exclude_seen, (list, tuple))
         any_excl = any(exclude_seen) if per_row_excl else bool(exclude_seen)
+        k_top = max(k) if isinstance(k, list) else k  # (the one-call paths select each row's max(k))
         store = self.store
         dev = self.device
         with torch.no_grad():
@@ -431,7 +433,7 @@ class SessionRecommender:
                         m.move_to_end(sid)
                 slab = store.slab  # after create(): it may have grown
                 try:
-                    if rounds is None and fast is not None and not isinstance(k, list):
+                    if rounds is None and fast is not None:
                         # the whole batch in one C++ call where it applies (step, write-back, scores
                         # and top-k, under the lock); each row's items to exclude: its session's
                         # seen items as they will be after this click
@@ -439,12 +441,12 @@ class SessionRecommender:
                         if any_excl:
                             excl = [self._seen_after(entries[sid], idx) if (not per_row_excl or exclude_seen[p]) else []
                                     for p, (sid, idx) in enumerate(zip(session_ids, idxs))]
-                        top_k = fast.click_rows(idxs, slab, [entries[s].slot for s in session_ids], k, excl)
+                        top_k = fast.click_rows(idxs, slab, [entries[s].slot for s in session_ids], k_top, excl)
                         if top_k is not None:
                             clicked = self._clicked
                             for sid, idx in zip(session_ids, idxs):
                                 clicked(entries[sid], idx)
-                            return top_k
+                            return _each_rows_k(top_k, k)
                     items = torch.tensor(idxs, dtype=torch.long, device=dev)
                     if rounds is None:
                         slots = torch.tensor([entries[s].slot for s in session_ids], device=dev)
@@ -471,12 +473,12 @@ class SessionRecommender:
                     self._clicked(e, idx)
                     if any_excl:
                         seen_rows.append(e.seen[:] if (exclude_seen[len(seen_rows)] if per_row_excl else True) else None)
-            if fast is not None and not isinstance(k, list):
+            if fast is not None:
                 # scores and top-k in one call (no scores tensor): each row's seen items excluded
                 excl = [s or [] for s in seen_rows] if any_excl else []
-                top_k = fast.score_topk_rows(top, k, excl)
+                top_k = fast.score_topk_rows(top, k_top, excl)
                 if top_k is not None:
-                    return top_k
+                    return _each_rows_k(top_k, k)
             scores = self._score(top)
             if any_excl:
                 rows, cols = [], []
@@ -562,6 +564,17 @@ def _lru_evictions(held, session_ids, distinct, max_sessions):
             size += 1
         clicked[sid] = None
     return list(evicted)
+
+
+def _each_rows_k(top_k, k):
+    """The one-call paths' ``(values, indices)`` (B, max k) tensors as :meth:`SessionRecommender._topk`
+    gives them: as they are for an int ``k``; for a list of each row's k, each row's first k as
+    lists. The selection is a total order (NaN first, then by score, equal scores by index), so a
+    row's k best are the first k of its max(k) best."""
+    if not isinstance(k, list):
+        return top_k
+    vals, inds = top_k
+    return [v[:kp] for v, kp in zip(vals.tolist(), k)], [i[:kp] for i, kp in zip(inds.tolist(), k)]
 
 
 def _by_last_click(session_ids):
