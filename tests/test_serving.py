@@ -96,8 +96,6 @@ def test_fast_path_makes_its_other_copies_of_wy_at_first_use():
     """Wy.t() and oneDNN's reordered Wy (each one more copy of Wy: 40 MB at 100k items x 100) are
     made when score() first takes their route, not when the fast path is built: clicks and batches
     that take the one-call paths never make them; once made they score as model.score does."""
-    from rnnrec_fast.serving import fastpath
-
     model = make_model(n_items=300, layers=(24,))
     rec = SessionRecommender(model)
     ids = model.item_ids
@@ -106,11 +104,11 @@ def test_fast_path_makes_its_other_copies_of_wy_at_first_use():
     fast = rec._fast
     assert fast is not None
     if not _C_scalar():  # (the one-call click and batch ran: neither copy is made)
-        assert fast._Wt is None and fast._packed is fastpath._UNSET
+        assert "Wt" not in vars(fast) and "packed" not in vars(fast)
     h = torch.randn(8, 24)
     with torch.no_grad():
         torch.testing.assert_close(fast.score(h), model.score(h), **TOL)  # (oneDNN's route where it is there)
-        assert fast._packed is not fastpath._UNSET
+        assert "packed" in vars(fast)
         assert fast.Wt.is_contiguous() and torch.equal(fast.Wt, model.Wy.detach().t())
         assert fast.Wt is fast.Wt  # (made once)
 
@@ -657,8 +655,6 @@ def test_per_click_k_in_a_batch():
     its own k, equal to the leading entries of a larger k; a wrong count of k raises. Such a batch
     takes the one C++ call too, selecting each row's max(k) best (it went to oneDNN's scores and a
     selection per distinct k, and made the oneDNN copy of Wy)."""
-    from rnnrec_fast.serving import fastpath
-
     model = make_model()
     rec = SessionRecommender(model)
     one_call = backends.available("cpp") and not _C_scalar()
@@ -670,7 +666,7 @@ def test_per_click_k_in_a_batch():
     v, ix = rec.step_batch(["a", "b", "c", "d"], idxs, [2, 50, 2, 7])
     assert [len(r) for r in v] == [len(r) for r in ix] == [2, 50, 2, 7]
     if one_call:
-        assert len(taken) == 1 and taken[0] is not None and rec._fast._packed is fastpath._UNSET
+        assert len(taken) == 1 and taken[0] is not None and "packed" not in vars(rec._fast)
     rec2 = SessionRecommender(model)
     v2, ix2 = rec2.step_batch(["a", "b", "c", "d"], idxs, 50)
     for r, k in enumerate([2, 50, 2, 7]):

@@ -15,6 +15,7 @@ it expects *and* it reproduces ``model.step`` / ``model.score`` on a random prob
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,6 @@ class FastGRU4Rec:
             ws = [getattr(rnn, n, None) for n in names[4 * layer:4 * layer + 4]]
             self.layers.append(tuple(None if w is None else w.detach() for w in ws))
         self.Wy = model.Wy.detach()
-        self._Wt, self._packed = None, _UNSET
         self.by = model.By.detach().reshape(-1).contiguous()
         self.rows_fast = (_linear_rows is not None and _score_topk is not None and self.Wy.device.type == "cpu"
                           and self.Wy.dtype == torch.float32 and self.Wy.is_contiguous())
@@ -82,23 +82,19 @@ class FastGRU4Rec:
         self.click_batch = (_click_rows_topk if self.infer is not None and self.packed_rows is not None
                             and _click_rows_topk is not None else None)
 
-    @property
+    @cached_property
     def Wt(self):
         """Wy.t() contiguous, (H, n_items): a faster GEMM/GEMV layout on CPU than Wy.t(), for
         :meth:`score`'s few rows off the few-rows product; one more copy of Wy, made at its first
         use (most set-ups never take that path)."""
-        if self._Wt is None:
-            self._Wt = self.Wy.t().contiguous()
-        return self._Wt
+        return self.Wy.t().contiguous()
 
-    @property
+    @cached_property
     def packed(self):
         """Wy reordered for oneDNN's GEMM (:func:`_pack_for_onednn`), or None; for :meth:`score`'s
         batches of 4+ rows, which the packed kernel's score_topk_rows mostly spares: one more copy
         of Wy, made at its first use."""
-        if self._packed is _UNSET:
-            self._packed = _pack_for_onednn(self.Wy, self.by)
-        return self._packed
+        return _pack_for_onednn(self.Wy, self.by)
 
     def stale(self):
         """Whether the model's weights changed since this was built (see __init__; ~1.5 us a
@@ -213,7 +209,6 @@ def _rnn_weight_names(layers):
 
 
 _ONEDNN_MIN_ROWS = 4
-_UNSET = object()  # (a copy of Wy not made yet)
 _ONEDNN_EXACT_ROWS = 64  # the HTTP service's default batches (max_batch 64) keep their own row count
 
 
