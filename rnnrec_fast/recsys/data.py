@@ -157,10 +157,7 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
     for what, c in (("session", session_col), ("item", item_col), ("time", time_col), ("extra time", extra_time_col)):
         if isinstance(c, bool) or (isinstance(c, int) and c < 0):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
-    try:
-        return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
-    except UnicodeDecodeError:
-        raise RecsysError(_not_utf8(path)) from None
+    return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
 
 
 def _not_utf8(path):
@@ -186,7 +183,16 @@ def _not_utf8(path):
 def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col,
                  keep_extra=False):
     """load_clicks' work: (the log, None), or with keep_extra (the log of the time column's times
-    alone, the extra times in seconds) for a caller that combines them itself."""
+    alone, the extra times in seconds) for a caller that combines them itself. A file not UTF-8 is
+    a RecsysError naming its line and byte."""
+    try:
+        return _read_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col,
+                            keep_extra)
+    except UnicodeDecodeError:
+        raise RecsysError(_not_utf8(path)) from None
+
+
+def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col, keep_extra):
     with open(path, newline="", encoding="utf-8-sig") as f:
         skipped = 0  # blank lines before the header (or first row)
         while True:
@@ -322,10 +328,7 @@ def load_diginetica(path: str) -> ClickLog:
         raise RecsysError(f"{path}: not a Diginetica header (sessionId;userId;itemId;timeframe;eventdate or "
                           "session_id;user_id;item_id;timeframe;eventdate)")
     session, item, date, frame = cols
-    try:
-        dates, frames = _load_clicks(path, session, item, date, ";", True, "%Y-%m-%d", frame, keep_extra=True)
-    except UnicodeDecodeError:
-        raise RecsysError(_not_utf8(path)) from None
+    dates, frames = _load_clicks(path, session, item, date, ";", True, "%Y-%m-%d", frame, keep_extra=True)
     return _from_session_start_dates(dates, frames)
 
 
