@@ -309,6 +309,22 @@ void avx2_select_topk_f32(const float* s, int64_t N, int64_t k, float* vals, int
     if (!(s[j] < (cnt == k ? thr : lo))) offer(j);
 }
 
+int64_t avx2_collect_above_f32(const float* s, int64_t j, int64_t N, float thr, uint64_t* keys, int64_t* n,
+                               int64_t cap) {
+  const __m256 t = _mm256_set1_ps(thr);
+  int64_t m = *n;
+  for (; j + 8 <= N && m + 8 <= cap; j += 8) {
+    // (not <= thr: above it, or NaN)
+    unsigned pass = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j), t, _CMP_NLE_UQ)));
+    for (; pass != 0; pass &= pass - 1) {
+      const int64_t l = j + __builtin_ctz(pass);
+      keys[m++] = topk_key(s[l], l);
+    }
+  }
+  *n = m;
+  return j;
+}
+
 }  // namespace rnnrec
 
 #if defined(__clang__)

@@ -2208,40 +2208,58 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::opti
 // torch.topk; among equal values the lower index comes first. Small k: one pass that keeps them in
 // a sorted array (a new entry shifts at most k - 1 others; k = 20 of 2,933 scores ~4x faster than
 // the selection below). Larger k, where that array costs O(N k) (k = 30,000 of 30,000 took 186 ms):
-// a partial sort of (score, index) keys in the same order. The AVX2 pass (a first pass bounds the
-// k-th score for k <= 64) keeps the sorted array up to k = 64: standalone C++, Zen 3, rows of 2,933
-// N(0, 1) scores, per row k = 33 2.6 against 12.3 us for the partial sort, k = 48 4.5 / 14.0, k = 64
-// 8.6 / 17.5 (k = 65, past the first pass: 14.9 / 17.2; with NaN and many ties, even).
+// select_topk_large. The AVX2 pass (a first pass bounds the k-th score for k <= 64) keeps the
+// sorted array up to k = 64: standalone C++, Zen 3, rows of 2,933 N(0, 1) scores, per row k = 33
+// 2.6 against 12.3 us for a partial sort of keys, k = 48 4.5 / 14.0, k = 64 8.6 / 17.5.
 constexpr int64_t kTopkInsertMax = 32;
 constexpr int64_t kTopkInsertMaxAvx2 = 64;
 
-// A 64-bit key whose ascending order is that order: the score mapped to an unsigned integer that
-// grows with it (NaN largest, -0 as +0), inverted, above the index (N < 2^32 here).
-inline uint64_t topk_key(float x, int64_t j) {
-  uint32_t u;
-  if (std::isnan(x)) {
-    u = 0xFFFFFFFFu;
-  } else {
-    std::memcpy(&u, &x, sizeof u);
-    if (x == 0.0f) u = 0;
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// Scores s[j], j from j0 on, above thr or NaN, appended to keys[n..cap) as topk_key(s[j], j) in
+// index order until cap are held; returns the first j not looked at. (The scalar pass; where the
+// vector kernels run, avx2_collect_above_f32 takes the whole vectors first and this the rest.)
+inline int64_t collect_above(const float* __restrict s, int64_t j0, int64_t N, float thr, uint64_t* __restrict keys,
+                             int64_t& n, int64_t cap) {
+  int64_t j = j0;
+  for (; j < N && n < cap; ++j) {
+    const float v = s[j];
+    if (v > thr || std::isnan(v)) keys[n++] = topk_key(v, j);
   }
-  return (uint64_t(~u) << 32) | uint64_t(j);
+  return j;
 }
 
+// select_topk for larger k (N < 2^32): a buffer of keys (topk_key: their ascending order is the
+// selection's) for cap = 3k scores. It is filled with the first cap scores; then, until every
+// score has been looked at, the k best of the buffer are moved to its front (nth_element), the
+// k-th of them is the bound thr, and the buffer is refilled from the scores still to come that
+// beat it: a later score equal to thr ranks below it (its index is higher), so only scores above
+// thr, or NaN, can enter the k best. Scores in random order enter ~k ln(N / k) times; in ascending
+// order every score enters, and each round of nth_element over 3k keys takes in 2k new ones: O(N)
+// even then. The scan is the cost: avx2_collect_above_f32 tests 8 scores at a time. The k best are
+// sorted last. Standalone C++, one thread, Zen 3, per row of N(0, 1) scores, against the partial
+// sort of all N keys this replaced: N = 2,933 k = 100 15 against 37 us, k = 500 44 / 93, k = 1,000
+// 70 / 71 (cap >= N: one nth_element); N = 100,000 k = 100 49 / 696 us, k = 1,000 210 / 979.
 inline void select_topk_large(const float* __restrict s, int64_t N, int64_t k, float* __restrict vals,
                               int64_t* __restrict idx) {
-  thread_local std::vector<uint64_t> keys;
-  keys.resize(size_t(N));
-  for (int64_t j = 0; j < N; ++j) keys[size_t(j)] = topk_key(s[j], j);
-  if (4 * k <= N) {  // a heap of the k best so far: nearly every key is one comparison with its top
-    std::partial_sort(keys.begin(), keys.begin() + k, keys.end());
-  } else {
-    if (k < N) std::nth_element(keys.begin(), keys.begin() + k, keys.end());
-    std::sort(keys.begin(), keys.begin() + k);
+  thread_local std::vector<uint64_t> buf;
+  const int64_t cap = std::min(N, std::max<int64_t>(3 * k, 64));
+  buf.resize(size_t(cap));
+  uint64_t* keys = buf.data();
+  int64_t n = 0, j = 0;
+  for (; j < cap; ++j) keys[n++] = topk_key(s[j], j);
+  while (j < N) {
+    std::nth_element(keys, keys + (k - 1), keys + n);
+    n = k;
+    const float thr = s[keys[k - 1] & 0xFFFFFFFFu];
+    if (std::isnan(thr)) break;  // k NaN held: a later NaN ranks below them, anything else too
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if (simd_enabled()) j = avx2_collect_above_f32(s, j, N, thr, keys, &n, cap);
+#endif
+    j = collect_above(s, j, N, thr, keys, n, cap);
   }
+  if (n > k) std::nth_element(keys, keys + (k - 1), keys + n);
+  std::sort(keys, keys + k);
   for (int64_t i = 0; i < k; ++i) {
-    idx[i] = int64_t(keys[size_t(i)] & 0xFFFFFFFFu);
+    idx[i] = int64_t(keys[i] & 0xFFFFFFFFu);
     vals[i] = s[idx[i]];
   }
 }

@@ -6,10 +6,27 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace rnnrec {
 
 enum : int { MODE_RNN_TANH = 0, MODE_RNN_RELU = 1, MODE_GRU = 2 };
+
+// The top-k selection's order (select_topk in rnnrec_cpu.cpp: NaN above every number, -0 equal to
+// +0, among equal scores the lower index first) as a 64-bit key that ascends with it: the score
+// mapped to an unsigned integer that grows with it (NaN largest, -0 as +0), inverted, above the
+// index (j < 2^32).
+inline uint64_t topk_key(float x, int64_t j) {
+  uint32_t u;
+  if (std::isnan(x)) {
+    u = 0xFFFFFFFFu;
+  } else {
+    std::memcpy(&u, &x, sizeof u);
+    if (x == 0.0f) u = 0;
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return (uint64_t(~u) << 32) | uint64_t(j);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Per-row pointwise kernels (one batch row, H hidden units). Arguments are raw pointers into the
@@ -77,6 +94,11 @@ void avx2_col_sums_f32(int64_t R, int64_t C, const float* A, int64_t ld, double*
 // The k (>= 1) largest of s[0..N) into vals / idx, best first (select_topk in rnnrec_cpu.cpp: NaN
 // above every number, among equals the lower index first), its rejection test on 8 scores at a time.
 void avx2_select_topk_f32(const float* s, int64_t N, int64_t k, float* vals, int64_t* idx);
+// select_topk_large's scan (rnnrec_cpu.cpp: collect_above) on whole vectors of 8 scores: from j on,
+// the scores above thr or NaN appended to keys[*n..cap) as topk_key(s[j], j) in index order while
+// 8 more fit; returns the first j not looked at (the scalar pass takes the rest).
+int64_t avx2_collect_above_f32(const float* s, int64_t j, int64_t N, float thr, uint64_t* keys, int64_t* n,
+                               int64_t cap);
 // AVX2/FMA float GEMM (rnnrec_avx2_gemm.cpp). Only call after simd_enabled() (rnnrec_cpu.cpp) returned true.
 GemmKernels avx2_gemm_kernels_f32();
 // AVX-512F float GEMM (rnnrec_avx512.cpp). Only call after the run-time check for avx512f.

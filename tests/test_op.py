@@ -4,6 +4,7 @@ Forward outputs, h_n and the workspace must match the reference, and so must all
 (through autograd, i.e. the registered backward). float64 to 1e-9, float32 to 1e-5 relative, against
 a float64 reference computed on the same (rounded) inputs.
 """
+import heapq
 import itertools
 import os
 
@@ -964,8 +965,8 @@ def test_topk_rows_matches_torch_topk():
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_topk_selection_order_for_every_k():
-    """Both selections (a sorted array for k <= 32, k <= 64 on the AVX2 path; a partial sort of
-    (score, index) keys above, where the array cost O(N k): k = N of 30,000 took 186 ms) give one order: NaN first, then
+    """Both selections (a sorted array for k <= 32, k <= 64 on the AVX2 path; above, where the array
+    cost O(N k), a buffer of (score, index) keys refilled with the scores that beat its k-th) give one order: NaN first, then
     scores descending (-0 equal to +0), equal scores by lower index. Checked for k on both sides of
     each switch, in topk_rows and score_topk, against a sort in Python."""
     from rnnrec_fast import _C
@@ -990,14 +991,17 @@ def test_topk_selection_order_for_every_k():
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
-@pytest.mark.parametrize("case", ["ties", "tail", "nan", "constant", "descending"])
+@pytest.mark.parametrize("case", ["ties", "distinct", "tail", "nan", "many_nan", "constant", "descending", "ascending"])
 def test_topk_selection_of_many_scores(case):
     """From 1,024 scores and k = 10 the vector selection first bounds the k-th score from below by
-    the maxima of 64 interleaved groups and offers only the scores not below it: the same order as
-    a sort (NaN first, scores descending, -0 equal to +0, equal scores by lower index) for k on both
-    sides of 10 and of 64 (the bound's and the AVX2 path's limit), N = 2,933 (not a multiple of 64: the last 53 scores are in no group):
-    many ties; the best finite scores among the last 53, the best of all among the last 5; a NaN (no bound: every score offered); all
-    scores equal; scores in descending order (every score in a group's maximum's place)."""
+    the maxima of 64 interleaved groups and offers only the scores not below it; above k = 64 (32
+    without AVX2) a buffer of 3k keys is cut to its k best and refilled with the later scores above
+    its k-th, 8 at a time where AVX2 runs. The same order as a sort (NaN first, scores descending,
+    -0 equal to +0, equal scores by lower index) for k on both sides of 10, 32, 64 and of 978 (where the buffer
+    holds every score), N = 2,933 (not a multiple of 64 or 8: the last 53 scores are in no group):
+    many ties (at the buffer's k-th too); N(0, 1) scores (no ties); the best finite scores among the last 53, the best of all among the last 5; a NaN
+    (no bound: every score offered); 155 NaN (k of them held: the scan stops); all scores equal; scores in
+    descending order (every score in a group's maximum's place; none refills the buffer); in ascending order (every score does)."""
     from rnnrec_fast import _C
 
     gen = torch.Generator().manual_seed(17)
@@ -1007,24 +1011,53 @@ def test_topk_selection_of_many_scores(case):
     s[[11, 2931]] = float("-inf")
     zeros = (s == 0).nonzero().flatten()
     s[zeros[::2]] = -0.0
-    if case == "tail":
+    if case == "distinct":
+        s = torch.randn(N, generator=gen)
+    elif case == "tail":
         s[N - 53:] = s[s.isfinite()].max() + torch.arange(53, 0, -1) % 7  # (ties among them too)
         s[N - 3] = s[N - 53:].max() + 1  # (among the last 5, past the last whole vector)
     elif case == "nan":
         s[[1500, 2870, 2920]] = float("nan")  # (2870: in the last whole group of 64)
     elif case == "constant":
         s = torch.full((N,), 0.25)
+    elif case == "many_nan":
+        s[::19] = float("nan")
     elif case == "descending":
         s = torch.arange(N, 0, -1, dtype=torch.float32) / 8
+    elif case == "ascending":
+        s = torch.arange(N, dtype=torch.float32) / 8
     vals = s.tolist()
     order = sorted(range(N), key=lambda j: (0, 0.0, j) if vals[j] != vals[j] else (1, -vals[j] + 0.0, j))
     eye = torch.eye(1)
-    for k in (1, 4, 9, 10, 11, 20, 31, 32, 33, 48, 63, 64, 65):
+    for k in (1, 4, 9, 10, 11, 20, 31, 32, 33, 48, 63, 64, 65, 100, 154, 155, 156, 500, 977, 978, N - 1, N):
         v, i = _C.topk_rows(s.view(1, N), k)
         assert i[0].tolist() == order[:k], k
         torch.testing.assert_close(v[0], s[order[:k]], equal_nan=True, rtol=0, atol=0)
         sv, si = _C.score_topk(eye[0], s.view(N, 1), torch.zeros(N), k)
         assert si == order[:k], k
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_topk_selection_of_a_large_catalogue():
+    """The selection of k > 64 among 100,003 scores (a catalogue's; many rounds of the key buffer),
+    N(0, 1) in one row, with ties and NaN in the other, in the order of a sort, in topk_rows (rows in
+    parallel) and score_topk."""
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(23)
+    N = 100_003
+    s = torch.randn(2, N, generator=gen)
+    s[1] = torch.round(s[1] * 64) / 8
+    s[1, [17, 50_000, N - 1]] = float("nan")
+    eye = torch.eye(1)
+    for k in (65, 100, 1000, 5000):
+        v, i = _C.topk_rows(s, k)
+        for r in range(2):
+            vals = s[r].tolist()
+            order = heapq.nsmallest(k, range(N), key=lambda j: (0, 0.0, j) if vals[j] != vals[j] else (1, -vals[j] + 0.0, j))
+            assert i[r].tolist() == order, (k, r)
+            torch.testing.assert_close(v[r], s[r, order], equal_nan=True, rtol=0, atol=0)
+        assert _C.score_topk(eye[0], s[1].view(N, 1), torch.zeros(N), k)[1] == i[1].tolist(), k
 
 
 # Opt-in big-memory tests (RNNREC_FAST_BIGMEM=1): sizes whose element offsets pass 2^31 although
