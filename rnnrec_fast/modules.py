@@ -8,6 +8,7 @@ They deliberately do not subclass ``torch.nn.RNNBase``: ``torch.compile`` refuse
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import warnings
@@ -428,9 +429,13 @@ def _autocast_cast(x, hx, w):
     return x, hx
 
 
-def _check_hx_dtype(name, x, hx):
+def _check_hx(name, x, hx):
+    """hx of the input's dtype and device (torch.nn: RuntimeError; the op's own device check raised
+    a plain ValueError naming its arguments)."""
     if hx is not None and hx.dtype != x.dtype:
         raise InputError(f"{name}: hx has dtype {hx.dtype} but input has {x.dtype}; they must match")
+    if hx is not None and hx.device != x.device:
+        raise InputError(f"{name}: hx is on {hx.device} but the input is on {x.device}; they must be on one device")
 
 
 def _empty_batch(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
@@ -809,7 +814,7 @@ class _RNNBase(_FastPath):
                                  f"{hx.dim()}-D tensor")
             if _differs(tuple(hx.shape), expected):
                 raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
-            _check_hx_dtype(name, x, hx)
+            _check_hx(name, x, hx)
         if resets is not None:
             if D == 2:
                 raise ValueError(f"{name}: resets are not defined for a bidirectional model")
@@ -1063,7 +1068,7 @@ class _CellBase(_FastPath):
         w = _checked_weights(name, self, _CELL_WEIGHTS, values, self._weight_shapes(), x,
                              none_bias=True)  # (torch.nn: RuntimeError)
         b_ih, b_hh = w[2], w[3]
-        _check_hx_dtype(name, x, hx)
+        _check_hx(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)
         sized = not ops.is_zero(x.shape[0]) and self.input_size and self.hidden_size
@@ -1164,7 +1169,10 @@ def _check_plain(fn, module):
 def _convert_tree(fn, model, table, convert):
     """``model`` converted by ``convert`` where its type is a key of ``table``; any other module
     (a model): a deep copy with each submodule of such a type converted, the original untouched. A
-    subclass of one is refused (its own code would be lost), as a model holding none."""
+    subclass of one is refused (its own code would be lost), as a model holding none. ``convert``
+    is given the deep copy's modules, whose parameters the converted ones take over (_twin): a
+    module held in two places is converted once and stays one, and a weight tied between modules
+    stays tied, as in the copy."""
     import copy
 
     from torch.nn.utils.parametrize import type_before_parametrizations
@@ -1179,15 +1187,25 @@ def _convert_tree(fn, model, table, convert):
             raise TypeError(f"{expected}, got {cls.__name__} (a subclass of one: its own code would be lost)")
         return cls in table
 
-    if convertible(model):
-        return convert(model)
-    if not any([convertible(m) for m in model.modules()]):
+    found = [m for m in model.modules() if convertible(m)]
+    if not found:
         raise TypeError(f"{expected} (or a model holding some), got {type(model).__name__}")
+    for m in found:  # (before the copy: the hook-based weight_norm's weights refuse deepcopy)
+        _check_plain(fn, m)
     out = copy.deepcopy(model)
+    done = {}  # id of a module of the copy -> its conversion
+
+    def converted(m):
+        if id(m) not in done:
+            done[id(m)] = convert(m)
+        return done[id(m)]
+
+    if convertible(out):
+        return converted(out)
     for parent in list(out.modules()):
-        for name, child in list(parent.named_children()):
-            if convertible(child):
-                setattr(parent, name, convert(child))
+        for name, child in list(parent._modules.items()):  # (named_children names a shared child once)
+            if child is not None and convertible(child):
+                setattr(parent, name, converted(child))
     return out
 
 
@@ -1205,7 +1223,9 @@ def _from_torch_one(module, backend):
 
 
 def _twin(module, cls, **extra):
-    """A ``cls`` with ``module``'s configuration, weights (copied), frozen flags and mode."""
+    """A ``cls`` with ``module``'s configuration, parameters (the same Parameter objects: ``module``
+    is _convert_tree's deep copy), mode, hooks and attributes of its own (those that neither
+    class's modules have: a user's)."""
     p = next(module.parameters())
     kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype, **extra)
     if hasattr(module, "num_layers"):  # the sequence modules
@@ -1214,11 +1234,21 @@ def _twin(module, cls, **extra):
     if hasattr(module, "nonlinearity"):
         kwargs["nonlinearity"] = module.nonlinearity
     twin = cls(module.input_size, module.hidden_size, **kwargs)
-    twin.load_state_dict(module.state_dict())
-    for pname, p in module.named_parameters():  # frozen weights stay frozen
-        getattr(twin, pname).requires_grad_(p.requires_grad)
+    for pname, p in module.named_parameters(recurse=False):  # (frozen ones stay frozen, tied ones tied)
+        setattr(twin, pname, p)
+    own = _standard_attributes(type(module)) | _standard_attributes(cls)
+    for key, value in module.__dict__.items():
+        # the hooks (forward, backward, state_dict's; their dicts are every module's) and the rest
+        if "_hook" in key or key not in own:
+            twin.__dict__[key] = value
     twin.train(module.training)
     return twin
+
+
+@functools.cache
+def _standard_attributes(cls):
+    """The instance attributes every module of ``cls`` has (a 1 x 1 one's)."""
+    return frozenset(vars(cls(1, 1)))
 
 
 def to_torch(module: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnrec_fast
+from rnnrec_fast.modules import InputError
 
 from conftest import assert_close, case_seed, cpu_backends, expected_calls, shrunk, tolerances
 
@@ -556,6 +557,59 @@ def test_from_torch_keeps_frozen_weights_frozen():
     ours = rnnrec_fast.from_torch(ref)
     assert {n: p.requires_grad for n, p in ours.named_parameters()} == \
         {n: p.requires_grad for n, p in ref.named_parameters()}
+
+
+def test_from_torch_and_to_torch_keep_shared_modules_tied_weights_hooks_and_attributes():
+    """Converting a model keeps its structure as a deep copy does: a module held in two places
+    stays one module (the second place was left a torch.nn module), a weight tied between a GRU and
+    a cell stays one Parameter (it became two copies), and the converted modules keep their hooks and
+    a user's attributes (they were dropped); the original model is untouched."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(4, 4)
+            self.again = self.gru
+            self.cell = nn.GRUCell(4, 4)
+            self.cell.weight_hh = self.gru.weight_hh_l0
+
+    torch.manual_seed(3)
+    model = Model()
+    calls = []
+    model.gru.register_forward_hook(lambda mod, args, out: calls.append(type(mod).__module__))
+    model.gru.note = "kept"
+    ours = rnnrec_fast.from_torch(model)
+    back = rnnrec_fast.to_torch(ours)
+    for m, lib in ((ours, rnnrec_fast.GRU), (back, nn.GRU)):
+        assert type(m.gru) is lib and m.again is m.gru and m.cell.weight_hh is m.gru.weight_hh_l0
+        assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in model.parameters())
+        assert m.gru.note == "kept"
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in ours.parameters()}
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(ours.gru(x)[0], model.gru(x)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        back.gru(x)
+    assert calls == ["rnnrec_fast.modules", "torch.nn.modules.rnn", "torch.nn.modules.rnn"]
+    one = nn.GRUCell(3, 4)
+    one.register_forward_pre_hook(lambda mod, args: calls.append("pre"))
+    cell = rnnrec_fast.from_torch(one)
+    assert cell.weight_hh is not one.weight_hh and torch.equal(cell.weight_hh, one.weight_hh)
+    with torch.no_grad():
+        cell(torch.randn(2, 3))
+    assert calls[-1] == "pre"
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
+def test_hx_on_another_device_is_refused_as_torch_nn_refuses_it(kind):
+    """An hx on another device than the input raises InputError (a RuntimeError, as torch.nn's; it
+    was the op's plain ValueError naming its own arguments). The meta device stands in for a GPU."""
+    cell = kind.endswith("Cell")
+    x = torch.randn(2, 3) if cell else torch.randn(2, 1, 3)
+    hx = torch.zeros((2, 4) if cell else (1, 1, 4), device="meta")
+    with pytest.raises(RuntimeError):
+        getattr(nn, kind)(3, 4)(x, hx)
+    with pytest.raises(InputError, match=rf"{kind}: hx is on meta but the input is on cpu"):
+        getattr(rnnrec_fast, kind)(3, 4)(x, hx)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
