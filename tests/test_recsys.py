@@ -1056,6 +1056,59 @@ def test_negative_sampler_follows_support_pow_alpha():
     np.testing.assert_allclose(freq, [1 / 7, 2 / 7, 0, 4 / 7], atol=0.01)
 
 
+def test_negative_sampler_with_a_large_alpha():
+    """support ** alpha is taken from logs: past alpha ~ 709 / ln(max support) it overflowed, the
+    distribution came out NaN and every draw went to one item (the least popular, silently); the
+    draws follow support ** alpha still (here nearly all the most popular item), never an item of
+    zero support. No item of positive support: a clear error."""
+    support = np.array([3.0, 700.0, 5.0, 0.0, 690.0])
+    g = torch.Generator().manual_seed(0)
+    for alpha in (150.0, 1e6):
+        s = NegativeSampler(support, n_sample=1000, alpha=alpha, generator=g, cache_size=100_000)
+        freq = np.bincount(torch.cat([s.draw() for _ in range(100)]).numpy(), minlength=5) / 100_000
+        want = np.exp(alpha * (np.log(support[[0, 1, 2, 4]]) - np.log(700.0)))
+        np.testing.assert_allclose(freq[[0, 1, 2, 4]], want / want.sum(), atol=0.01)
+        assert freq[3] == 0
+    s = NegativeSampler(np.array([1.0, 4.0, 0.0, 16.0]), n_sample=4, alpha=0, generator=g, cache_size=4000)
+    freq = np.bincount(torch.cat([s.draw() for _ in range(1000)]).numpy(), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.25] * 4, atol=0.03)  # (alpha 0: uniform, as support ** 0)
+    with pytest.raises(RecsysError, match="no item has a positive weight"):
+        NegativeSampler(np.zeros(3), n_sample=4, alpha=0.5, generator=g)
+
+
+def test_bad_arguments_of_time_split_and_from_log_are_refused():
+    """time_split's test_days must be a number > 0 (NaN, a negative or zero one gave an empty or
+    near-empty test set without a word; the CLI refused them); from_log's order must be one it
+    knows (another fell back to session-id order silently)."""
+    log = ClickLog(np.array([1, 1, 2, 2]), np.array([10, 11, 10, 11]), np.array([0.0, 1.0, 2 * 86400.0, 2 * 86400.0 + 1]))
+    for bad in (float("nan"), float("inf"), -2.0, 0, "1", True, None):
+        with pytest.raises(RecsysError, match="test_days must be a number of days > 0"):
+            recsys.time_split(log, test_days=bad)
+    train, test = recsys.time_split(log, test_days=np.float32(1.0))
+    assert len(train) == len(test) == 2
+    with pytest.raises(RecsysError, match='order must be "time" or "session"'):
+        SessionDataset.from_log(log, order="Time")
+    assert list(SessionDataset.from_log(log, order="session").session_ids) == [1, 2]
+
+
+@pytest.mark.parametrize("embedding", [0, "shared", 4])
+@pytest.mark.parametrize("layers", [[5], [5, 5]])
+def test_a_state_of_the_wrong_shape_is_refused(embedding, layers):
+    """step and forward refuse a state h that is not (layers, batch, hidden) in every input mode:
+    the one-hot model of one layer read h[0] alone and took a state of any number of layers."""
+    from rnnrec_fast.modules import InputError
+
+    model = GRU4Rec(10, layers, embedding=embedding).eval()
+    items = torch.tensor([1, 2])
+    L = len(layers)
+    assert model.step(items, torch.zeros(L, 2, 5)).shape == (L, 2, 5)
+    for shape in ((L + 1, 2, 5), (L, 3, 5), (L, 2, 4), (2, 5)):
+        with pytest.raises(InputError, match="Expected hidden size|should also be 3-D"):
+            model.step(items, torch.zeros(shape))
+        with pytest.raises(InputError, match="Expected hidden size|should also be 3-D"):
+            model(items.view(1, 2), torch.zeros(shape))
+
+
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
 def test_chunk_loss_with_idle_lanes_matches_brute_force(loss):
     """A chunk with idle lanes (the tail of an epoch): the loss is the per-step brute force over the

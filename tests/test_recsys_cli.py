@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rnnrec_fast import recsys
 from rnnrec_fast.recsys.cli import main
@@ -352,6 +353,19 @@ def test_out_of_memory_is_a_one_line_error(files, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_train", oom)
     code, out, err = _run(["train", "--train", files / "train.txt"], capsys)
     assert code == 2 and "out of memory" in err and "Traceback" not in err
+
+    def torch_oom(a):  # (1 EiB: past any address space, whatever the overcommit policy)
+        torch.empty(2**60, dtype=torch.uint8)
+    # torch's allocators raise RuntimeErrors (the handler above never saw them: a traceback)
+    monkeypatch.setattr(cli, "_cmd_train", torch_oom)
+    code, out, err = _run(["train", "--train", files / "train.txt"], capsys)
+    assert code == 2 and "out of memory" in err and "Traceback" not in err
+
+    def other(a):
+        raise RuntimeError("some other failure")
+    monkeypatch.setattr(cli, "_cmd_train", other)
+    with pytest.raises(RuntimeError, match="some other failure"):  # (not taken for memory)
+        _run(["train", "--train", files / "train.txt"], capsys)
 
 
 def test_non_ascii_separator_kept_escapes_decoded(files, tmp_path, capsys):

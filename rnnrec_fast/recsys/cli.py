@@ -249,6 +249,14 @@ def _cmd_recommend(a):
     return 0
 
 
+def _out_of_memory(exc) -> bool:
+    """Whether ``exc`` says an allocation failed: Python's MemoryError, or torch's, which are
+    RuntimeErrors (CUDA's OutOfMemoryError; the CPU allocator's "can't allocate memory")."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(exc)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -260,7 +268,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
         sys.stderr.write("error: out of memory (a smaller --batch-size, --n-sample or model?)\n")
         return 2
     except KeyboardInterrupt:

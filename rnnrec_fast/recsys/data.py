@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -513,6 +514,9 @@ def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 
     training are dropped; sessions shorter than ``min_session_length`` are dropped from both parts.
     Returns (train, test). (A one-click session is dropped before the cut is placed: a stray late
     one would otherwise move the cut past every real session, and leave the test set empty.)"""
+    if not isinstance(test_days, numbers.Real) or isinstance(test_days, bool) or not math.isfinite(test_days) \
+            or test_days <= 0:
+        raise RecsysError(f"test_days must be a number of days > 0, got {test_days!r}")
     if len(log) == 0:
         raise RecsysError("cannot split an empty click log")
     bad = np.count_nonzero(~np.isfinite(log.times))
@@ -556,6 +560,12 @@ class SessionDataset:
     @classmethod
     def from_log(cls, log: ClickLog, item_map: ItemMap | None = None, *, drop_unknown: bool = True,
                  min_length: int = 2, order: str = "time") -> "SessionDataset":
+        """The sessions of ``log`` with at least ``min_length`` clicks, their items as indices of
+        ``item_map`` (by default the catalogue of those sessions; clicks on items it lacks dropped
+        with ``drop_unknown``), ordered by their first click's time (``order="time"``) or by
+        session id (``"session"``)."""
+        if order not in ("time", "session"):
+            raise RecsysError(f'order must be "time" or "session", got {order!r}')
         log = log.sorted()
         if item_map is None:
             # the catalogue: the items of the sessions kept (an item clicked only in shorter ones

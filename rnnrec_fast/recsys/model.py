@@ -11,7 +11,7 @@ from torch import nn
 
 import rnnrec_fast
 
-from ..modules import _calls_observed, _unrecorded
+from ..modules import InputError, _calls_observed, _unrecorded
 from .data import ItemMap, RecsysError
 
 try:  # x W^T + b for a few float32 rows in one pass over W (the catalogue); ATen's addmm otherwise
@@ -214,6 +214,10 @@ class GRU4Rec(nn.Module):
                 x = F.dropout(x, self.dropout_embed, training=True)
             return self._stack(x, h, resets, drop, carry_dropped)
         # one-hot input: layer 0 is GRU4Rec's GRU embedding, its output dropped out by dropout_embed
+        # (h whole checked here: the op reads h[0] alone, and with one layer nothing else reads h)
+        if h.dim() != 3 or tuple(h.shape) != (self.num_layers, x.shape[1], self.hidden_size):
+            raise InputError(f"GRU4Rec: Expected hidden size {(self.num_layers, x.shape[1], self.hidden_size)}, "
+                             f"got {tuple(h.shape)}")
         if x.shape[0] == 0 or x.shape[1] == 0:  # (no steps or no rows: what the modules give; the op refuses it)
             y0, h0n = h.new_zeros(x.shape[0], x.shape[1], h.shape[2]), h[0].clone()
         else:

@@ -130,8 +130,17 @@ class NegativeSampler:
 
     def __init__(self, support: np.ndarray, n_sample: int, alpha: float, generator: torch.Generator,
                  cache_size: int = 10_000_000, device="cpu"):
-        p = np.asarray(support, dtype=np.float64) ** alpha
-        self.cdf = torch.tensor(np.cumsum(p) / p.sum(), dtype=torch.float64)
+        s = np.asarray(support, dtype=np.float64)
+        if alpha == 0:
+            p = np.ones_like(s)
+        else:  # support^alpha / max^alpha, from logs: support^alpha itself overflows (a NaN distribution
+            # that sent every draw to one item) from alpha ~ 709 / ln(max support) on
+            with np.errstate(divide="ignore", invalid="ignore"):
+                p = np.exp(alpha * (np.log(s) - np.log(s.max())))
+        total = p.sum()
+        if not (np.isfinite(total) and total > 0):
+            raise RecsysError(f"cannot sample negatives: no item has a positive weight support^{alpha}")
+        self.cdf = torch.tensor(np.cumsum(p) / total, dtype=torch.float64)
         self.cdf[-1] = 1.0
         self.n_sample = n_sample
         self.gen = generator
