@@ -41,7 +41,6 @@ from .recommender import InvalidRequestError, SessionRecommender, UnknownItemErr
 
 _JSON = [(b"content-type", b"application/json")]
 _PREFIX = "/v1/sessions/"
-_RAW_PREFIX = _PREFIX.encode()
 _MAX_WINDOW_MS = 1000.0
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
                     0.025, 0.05, 0.1, 0.25, 1.0)
@@ -199,14 +198,14 @@ class ServingApp:
         (an id may hold an escaped '/'; invalid UTF-8 is a 400, where the decoded path holds U+FFFD
         for it and two ids would be one session)."""
         raw = scope.get("raw_path")
-        if raw and raw.startswith(_RAW_PREFIX):
-            seg = raw.partition(b"?")[0][len(_RAW_PREFIX):].split(b"/")
-            clicks = seg[1:] == [b"clicks"]
-            ok = len(seg) == 1 or clicks
+        if raw:  # (every segment decoded: /v1/%73essions/... is the same route, RFC 3986)
             try:
-                sid = unquote_to_bytes(seg[0]).decode("utf-8")
+                seg = [unquote_to_bytes(s).decode("utf-8") for s in raw.partition(b"?")[0].split(b"/")]
             except UnicodeDecodeError:
                 raise HTTPError(400, "bad_session_id", "session id is not valid UTF-8") from None
+            sid = seg[3] if len(seg) > 3 else ""
+            clicks = seg[4:] == ["clicks"]
+            ok = seg[:3] == ["", "v1", "sessions"] and (len(seg) == 4 or clicks)
         else:
             rest = path[len(_PREFIX):]
             clicks = rest.endswith("/clicks")

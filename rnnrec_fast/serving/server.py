@@ -15,6 +15,13 @@ REQUEST_TIMEOUT = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 
 
+_HEAD_TOO_LARGE = f"Request head over {MAX_HEAD_BYTES} bytes"
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
 def _with_request_deadline(base, timeout):
     """uvicorn's HTTP protocol class ``base`` with a deadline on each request's arrival. uvicorn
     closes idle keep-alive connections, but not one whose request arrives slowly: half-sent
@@ -34,8 +41,19 @@ def _with_request_deadline(base, timeout):
 
         def on_response_complete(self):
             super().on_response_complete()
-            if self._client_done_sending and self._no_request_left():
-                self.transport.close()  # (the last request the client sent before its half-close)
+            if self.transport.is_closing():
+                return
+            if getattr(self, "pipeline", None):
+                # uvicorn resumes reading after every response: a client pipelining requests
+                # without end had each response let another read of them in (1 GB queued in 7 s
+                # from one connection, the other clients' clicks ~1 s). Reading resumes once the
+                # queued requests are answered (at most one read of them is queued).
+                self.flow.pause_reading()
+            if self._no_request_left() and (self._client_done_sending or self._pending_400 is not None):
+                if self._pending_400 is not None:
+                    self._write_400(self._pending_400)
+                # (the last request the client sent before its half-close or a malformed request)
+                self.transport.close()
                 return
             self._arm_request_deadline()
 
@@ -65,28 +83,63 @@ def _with_request_deadline(base, timeout):
 
             def on_message_begin(self):
                 super().on_message_begin()
-                self._in_head, self._head_began = True, True
+                self._in_head, self._head_began, self._head_parsed = True, True, 0
+
+            # (a head that arrives whole within reads is measured as httptools parses it; the
+            # exception makes the parser refuse the request, and send_400_response says why)
+            def on_url(self, url):
+                self._count_head(len(url))
+                super().on_url(url)
+
+            def on_header(self, name, value):
+                self._count_head(len(name) + len(value))
+                super().on_header(name, value)
+
+            def _count_head(self, n):
+                self._head_parsed += n
+                if self._head_parsed > MAX_HEAD_BYTES:
+                    raise _HeadTooLarge
 
             def on_headers_complete(self):
                 self._in_head = False
                 super().on_headers_complete()
 
             def data_received(self, data):
+                if self._pending_400 is not None:
+                    return  # (the parser refused the stream: what follows is not read)
                 self._head_began = False
                 super().data_received(data)
-                if self._in_head and not self.transport.is_closing():  # a head is still arriving
-                    # counted from the read after the one it began in (that read may hold many
-                    # whole pipelined requests before it): at most one read (256 KiB) more
+                if self._in_head and not self.transport.is_closing() and self._pending_400 is None:
+                    # a head still arriving (one header without end is held by httptools until
+                    # it ends: no callback sees it), counted from the read after the one it began
+                    # in (that read may hold many whole pipelined requests before it)
                     self._head_bytes = 0 if self._head_began else self._head_bytes + len(data)
                     if self._head_bytes > MAX_HEAD_BYTES:
-                        self.send_400_response(f"Request head over {MAX_HEAD_BYTES} bytes")
+                        self.send_400_response(_HEAD_TOO_LARGE)
+
+        _pending_400 = None  # the 400 to send once the requests ahead of the malformed one are answered
+        _head_parsed = 0  # bytes of the head's URL and headers parsed so far (httptools)
 
         def send_400_response(self, msg):
             """A request malformed below the app (uvicorn's parser refused it: a bad or conflicting
             Content-Length, bad chunked encoding, a control character in a header; or a head over
             MAX_HEAD_BYTES) answered as the app answers every error, ``{"error": {"code":
             "bad_request", "message": ...}}``, instead of uvicorn's plain text; the connection then
-            closes, as uvicorn closes it."""
+            closes, as uvicorn closes it. Requests pipelined ahead of it that arrived whole are
+            answered first (uvicorn closed at once: their clicks applied, their responses lost, the
+            client reading the 400 as the first one's); reading stops at the malformed one."""
+            if self._head_parsed > MAX_HEAD_BYTES:
+                msg = _HEAD_TOO_LARGE
+            cycle = self.cycle
+            cut_short = cycle is not None and not cycle.response_complete and cycle.more_body
+            if self._no_request_left() or cut_short:  # (a body cut short by the error: never completed)
+                self._write_400(msg)
+                self.transport.close()
+                return
+            self._pending_400 = msg
+            self.flow.pause_reading()
+
+        def _write_400(self, msg):
             body = json.dumps({"error": {"code": "bad_request", "message": str(msg)}}).encode()
             head = [b"HTTP/1.1 400 Bad Request\r\n"]
             for name, value in self.server_state.default_headers:
@@ -94,7 +147,6 @@ def _with_request_deadline(base, timeout):
             head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
                      b"connection: close\r\n\r\n"]
             self.transport.write(b"".join(head) + body)
-            self.transport.close()
 
         def connection_lost(self, exc):
             if self._request_deadline is not None:
