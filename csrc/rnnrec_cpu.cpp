@@ -27,6 +27,7 @@
 #include <c10/util/ScopeExit.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -189,10 +191,23 @@ void s_gru_bwd_2(int64_t H, T* dh, const T* drh, const T* hp, const T* ws, T* dg
 // when the CPU has them, else AVX2/FMA, else scalar. RNNREC_FAST_NO_AVX512=1 / RNNREC_FAST_NO_SIMD=1
 // step down (tests/test_simd_paths.py runs the portable paths with them).
 // ------------------------------------------------------------------------------------------------
+// A run-time switch from the environment: unset, "", "0", "false", "no", "off" (any case) are off;
+// "1", "true", "yes", "on" on; anything else on, with a warning (any value but "0" was on, silently:
+// RNNREC_FAST_NO_SIMD=false switched the vector kernels off).
+bool env_switch(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return false;
+  std::string v(e);
+  for (auto& c : v) c = char(std::tolower(static_cast<unsigned char>(c)));
+  if (v.empty() || v == "0" || v == "false" || v == "no" || v == "off") return false;
+  if (v != "1" && v != "true" && v != "yes" && v != "on")
+    TORCH_WARN(name, "=", e, " is none of 1/0, true/false, yes/no, on/off: taken as 1");
+  return true;
+}
+
 bool simd_enabled() {
   static const bool on = [] {
-    const char* e = std::getenv("RNNREC_FAST_NO_SIMD");
-    if (e != nullptr && e[0] != '\0' && e[0] != '0') return false;
+    if (env_switch("RNNREC_FAST_NO_SIMD")) return false;
 #if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
@@ -206,8 +221,7 @@ bool simd_enabled() {
 bool avx512_enabled() {
   static const bool on = [] {
     if (!simd_enabled()) return false;
-    const char* e = std::getenv("RNNREC_FAST_NO_AVX512");
-    if (e != nullptr && e[0] != '\0' && e[0] != '0') return false;
+    if (env_switch("RNNREC_FAST_NO_AVX512")) return false;
 #if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
     return __builtin_cpu_supports("avx512f") != 0;
 #else
@@ -1284,6 +1298,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gw_hh = at::empty({d.G * d.H, d.H}, opts);
   at::Tensor gb_ih = at::empty({d.G * d.H}, opts);
   at::Tensor gb_hh = at::empty({d.G * d.H}, opts);
+  if (d.T == 0 || d.B == 0) {  // no step (h_n is h0) or no row: the kernel's chunking divides by both
+    gh0.copy_(grad_h_n);       // (the op refuses these sizes; a direct call of backward reaches here)
+    for (at::Tensor* g : {&gw_ih, &gw_hh, &gb_ih, &gb_hh}) g->zero_();
+    return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
+  }
   StepMasks m;
   m.B = d.B;
   if (auto p = opt_ptr(lengths)) m.len = p->data_ptr<int64_t>();

@@ -1,4 +1,5 @@
 """Bad input raises a clear ValueError / TypeError / RuntimeError naming the problem, never a crash."""
+import os
 import threading
 
 import pytest
@@ -501,6 +502,26 @@ def test_cpp_backend_entry_points_check_memory_and_the_negative_bit():
             a[i] = bad
             with pytest.raises(ValueError, match=match):
                 cpp.backward(*a)
+
+
+@pytest.mark.parametrize("T,B", [(0, 2), (3, 0), (0, 0)])
+def test_backend_entry_points_take_no_step_or_no_row(T, B):
+    """The compiled backends' forward / backward called directly with no step or no row (the op
+    refuses these sizes, and the modules give torch.nn's results without calling them): the cpp
+    backward divided by both (SIGFPE: the process died; from an audit); now cpp and numba give
+    h_n = h0, grad_h0 = grad_h_n, zero weight and bias gradients, empty outputs."""
+    names = [n for n in ("cpp", "numba") if rnnrec_fast.backends.available(n)]
+    assert "cpp" in names or os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1"
+    args = _backend_args(T=T, B=B)
+    gy, ghn = torch.randn(T, B, 5), torch.randn(B, 5)
+    for name in names:
+        be = rnnrec_fast.backends.load(name)
+        y, h_n, ws = be.forward(*args)
+        assert y.shape == (T, B, 5) and torch.equal(h_n, args[1]), name
+        g = be.backward(gy, ghn, *args[:8], y, ws, *args[8:])
+        assert g[0].shape == (T, B, 4) and torch.equal(g[1], ghn), name
+        for grad, w in zip(g[2:], args[2:6]):
+            assert grad.shape == w.shape and not grad.any(), name
 
 
 def test_numba_backend_entry_points_check_the_shapes_their_kernels_read_by():

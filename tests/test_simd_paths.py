@@ -59,6 +59,36 @@ def test_portable_kernel_paths(env, level):
 
 @pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
                     reason="the C++ extension is not built")
+def test_switch_values():
+    """RNNREC_FAST_NO_SIMD=false / off / 0 leave the vector kernels on, true / On switch them off,
+    another value switches them off with a warning naming it (any value but 0 switched them off,
+    silently: =false ran the scalar kernels; from an audit)."""
+    from rnnrec_fast import _C
+
+    if _C.simd_level() == "scalar":
+        pytest.skip("this CPU has no AVX2/FMA")
+    probe = "import warnings; warnings.simplefilter('always'); from rnnrec_fast import _C; print(_C.simd_level())"
+    for value, scalar, warned in (("false", False, False), ("Off", False, False), ("0", False, False),
+                                  ("On", True, False), ("2", True, True)):
+        env = {k: v for k, v in os.environ.items() if k not in ("RNNREC_FAST_NO_SIMD", "RNNREC_FAST_NO_AVX512")}
+        out = subprocess.run([sys.executable, "-c", probe], env=dict(env, RNNREC_FAST_NO_SIMD=value),
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert (out.stdout.strip() == "scalar") == scalar, (value, out.stdout, out.stderr[-2000:])
+        assert ("RNNREC_FAST_NO_SIMD=2 is none of" in out.stderr) == warned, (value, out.stderr[-2000:])
+
+
+def test_cuda_path_names():
+    """RNNREC_FAST_CUDA_PATH names a CUDA forward path in any case; another value is auto, with a
+    warning (the extension took only the exact lower-case names, and any other as auto silently).
+    (Read by rnnrec_fast.backends.cuda at import where the CUDA extension is built.)"""
+    for value, path in ((None, 0), ("", 0), ("auto", 0), ("persistent", 1), ("GEMM", 2), (" Gemm ", 2)):
+        assert backends.cuda_forward_path(value) == path, value
+    with pytest.warns(RuntimeWarning, match="RNNREC_FAST_CUDA_PATH='persistant' is none of auto, persistent, gemm"):
+        assert backends.cuda_forward_path("persistant") == 0
+
+
+@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+                    reason="the C++ extension is not built")
 def test_avx512_kernels_run_where_the_cpu_has_them():
     """Where the CPU has AVX-512F the default choice is the AVX-512 kernels (the whole suite then
     tests them; the portable paths are tested above); elsewhere this says, as a skip, that nothing
@@ -68,6 +98,7 @@ def test_avx512_kernels_run_where_the_cpu_has_them():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if not re.search(r"^flags\s*:.*\bavx512f\b", flags, re.M):
         pytest.skip("this CPU has no AVX-512F: the AVX-512 kernels are not run or tested on this machine")
-    if os.environ.get("RNNREC_FAST_NO_AVX512") == "1" or os.environ.get("RNNREC_FAST_NO_SIMD") == "1":
+    if os.environ.get("RNNREC_FAST_NO_AVX512", "0").lower() not in ("", "0", "false", "no", "off") or \
+            os.environ.get("RNNREC_FAST_NO_SIMD", "0").lower() not in ("", "0", "false", "no", "off"):
         pytest.skip("the AVX-512 kernels are switched off in this run's environment")
     assert _C.simd_level() == "avx512"

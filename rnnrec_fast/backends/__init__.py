@@ -30,6 +30,24 @@ _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _errors: dict[str, str] = {}
 
+CUDA_PATHS = {"auto": 0, "persistent": 1, "gemm": 2}
+
+
+def cuda_forward_path(value: str | None) -> int:
+    """The CUDA forward path (``_C_cuda.set_forward_path``'s number) that RNNREC_FAST_CUDA_PATH's
+    ``value`` names, in any case; unset or empty: auto. Another value is auto too, with a warning
+    (the extension's own reading took only the exact lower-case names, and any other silently)."""
+    if not value:
+        return 0
+    path = CUDA_PATHS.get(value.strip().lower())
+    if path is None:
+        import warnings
+
+        warnings.warn(f"RNNREC_FAST_CUDA_PATH={value!r} is none of {', '.join(CUDA_PATHS)}: taken as auto",
+                      RuntimeWarning, stacklevel=2)
+        return 0
+    return path
+
 
 def load(name: str):
     """The backend module ``name``; raises RuntimeError saying why when it is unavailable."""

@@ -5,7 +5,7 @@ gradients) for CUDA tensors in float32, float64, float16 and bfloat16 (half type
 float32 state and accumulation and a float32 workspace).
 
 Forward paths (``_C_cuda.set_forward_path``: 0 auto, 1 persistent when possible, 2 GEMM; or the
-environment variable ``RNNREC_FAST_CUDA_PATH=auto|persistent|gemm`` read at import):
+environment variable ``RNNREC_FAST_CUDA_PATH=auto|persistent|gemm``, any case, read at import):
 
 * persistent: batch <= 8 and the recurrent weights fit in shared memory -> one cooperative kernel
   for the whole sequence, each block keeping its slice of ``W_hh`` on chip;
@@ -19,7 +19,11 @@ or a CPU-only torch).
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+from . import cuda_forward_path
 
 try:
     from rnnrec_fast import _C_cuda
@@ -30,6 +34,9 @@ except ImportError as exc:  # not built / not loadable: propagate, saying why
         why = ("the extension rnnrec_fast._C_cuda is not built or cannot be loaded (build it with nvcc on "
                "PATH, or RNNREC_FAST_CUDA=1: pip install --no-build-isolation .)")
     raise ImportError(f"{why}: {exc}") from exc
+
+if os.environ.get("RNNREC_FAST_CUDA_PATH"):  # (the extension read exact lower-case names alone)
+    _C_cuda.set_forward_path(cuda_forward_path(os.environ["RNNREC_FAST_CUDA_PATH"]))
 
 DEVICES = ("cuda",)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
