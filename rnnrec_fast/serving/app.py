@@ -199,13 +199,13 @@ class ServingApp:
         for it and two ids would be one session)."""
         raw = scope.get("raw_path")
         if raw:  # (every segment decoded: /v1/%73essions/... is the same route, RFC 3986)
+            seg = [unquote_to_bytes(s) for s in raw.partition(b"?")[0].split(b"/")]
+            clicks = seg[4:] == [b"clicks"]
+            ok = seg[:3] == [b"", b"v1", b"sessions"] and (len(seg) == 4 or clicks)
             try:
-                seg = [unquote_to_bytes(s).decode("utf-8") for s in raw.partition(b"?")[0].split(b"/")]
+                sid = seg[3].decode("utf-8") if ok else ""  # (another route: a 404 below)
             except UnicodeDecodeError:
                 raise HTTPError(400, "bad_session_id", "session id is not valid UTF-8") from None
-            sid = seg[3] if len(seg) > 3 else ""
-            clicks = seg[4:] == ["clicks"]
-            ok = seg[:3] == ["", "v1", "sessions"] and (len(seg) == 4 or clicks)
         else:
             rest = path[len(_PREFIX):]
             clicks = rest.endswith("/clicks")

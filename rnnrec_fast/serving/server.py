@@ -30,6 +30,24 @@ def _with_request_deadline(base, timeout):
     within ``timeout`` seconds of the connection opening, or of the previous response, has its
     connection closed (the app, if it was reading the body, sees a disconnect). A request that
     has arrived is never cut off, however long the app takes."""
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    class HeldFlow(FlowControl):
+        """uvicorn's flow control of a connection, whose reading stays paused while requests are
+        queued behind the one being answered (httptools' pipeline) or a malformed request's 400
+        waits for them. uvicorn resumed reading after every response and at every body read of
+        the app: a client pipelining requests without end (reading the responses) had each
+        response let another read of them in, 1 GB queued in 7 s from one connection, the other
+        clients' clicks ~1 s. Now at most about one read of them (256 KiB) is queued."""
+
+        def __init__(self, transport, protocol):
+            super().__init__(transport)
+            self._protocol = protocol
+
+        def resume_reading(self):
+            p = self._protocol
+            if not getattr(p, "pipeline", None) and p._pending_400 is None:
+                super().resume_reading()
 
     class RequestDeadline(base):
         _request_timeout = timeout
@@ -37,18 +55,13 @@ def _with_request_deadline(base, timeout):
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            self.flow = HeldFlow(transport, self)
             self._arm_request_deadline()
 
         def on_response_complete(self):
             super().on_response_complete()
             if self.transport.is_closing():
                 return
-            if getattr(self, "pipeline", None):
-                # uvicorn resumes reading after every response: a client pipelining requests
-                # without end had each response let another read of them in (1 GB queued in 7 s
-                # from one connection, the other clients' clicks ~1 s). Reading resumes once the
-                # queued requests are answered (at most one read of them is queued).
-                self.flow.pause_reading()
             if self._no_request_left() and (self._client_done_sending or self._pending_400 is not None):
                 if self._pending_400 is not None:
                     self._write_400(self._pending_400)
@@ -85,14 +98,15 @@ def _with_request_deadline(base, timeout):
                 super().on_message_begin()
                 self._in_head, self._head_began, self._head_parsed = True, True, 0
 
-            # (a head that arrives whole within reads is measured as httptools parses it; the
+            # (a head that arrives whole within reads is measured as httptools parses it, to a few
+            # bytes: the request line as its URL + 20, each header with its ": " and CRLF; the
             # exception makes the parser refuse the request, and send_400_response says why)
             def on_url(self, url):
-                self._count_head(len(url))
+                self._count_head(len(url) + 20 * (not self._head_parsed))
                 super().on_url(url)
 
             def on_header(self, name, value):
-                self._count_head(len(name) + len(value))
+                self._count_head(len(name) + len(value) + 4)
                 super().on_header(name, value)
 
             def _count_head(self, n):
@@ -102,6 +116,7 @@ def _with_request_deadline(base, timeout):
 
             def on_headers_complete(self):
                 self._in_head = False
+                self._cycle_before = self.cycle  # (uvicorn's own field: the request's cycle, next)
                 super().on_headers_complete()
 
             def data_received(self, data):
@@ -119,6 +134,7 @@ def _with_request_deadline(base, timeout):
 
         _pending_400 = None  # the 400 to send once the requests ahead of the malformed one are answered
         _head_parsed = 0  # bytes of the head's URL and headers parsed so far (httptools)
+        _cycle_before = None  # the cycle of the request before the latest (httptools)
 
         def send_400_response(self, msg):
             """A request malformed below the app (uvicorn's parser refused it: a bad or conflicting
@@ -131,8 +147,16 @@ def _with_request_deadline(base, timeout):
             if self._head_parsed > MAX_HEAD_BYTES:
                 msg = _HEAD_TOO_LARGE
             cycle = self.cycle
-            cut_short = cycle is not None and not cycle.response_complete and cycle.more_body
-            if self._no_request_left() or cut_short:  # (a body cut short by the error: never completed)
+            if cycle is not None and not cycle.response_complete and cycle.more_body:  # its body cut short
+                pipeline = getattr(self, "pipeline", None)
+                if pipeline and pipeline[0][0] is cycle:  # queued behind others: never started, dropped
+                    pipeline.popleft()
+                    self.cycle = self._cycle_before
+                else:  # (the app at work on it sees the disconnect: it can never be completed)
+                    self._write_400(msg)
+                    self.transport.close()
+                    return
+            if self._no_request_left():
                 self._write_400(msg)
                 self.transport.close()
                 return
