@@ -1173,8 +1173,6 @@ def _convert_tree(fn, model, table, convert):
     is given the deep copy's modules, whose parameters the converted ones take over (_twin): a
     module held in two places is converted once and stays one, and a weight tied between modules
     stays tied, as in the copy."""
-    import copy
-
     from torch.nn.utils.parametrize import type_before_parametrizations
 
     lib = "torch.nn" if fn == "from_torch" else "rnnrec_fast"
@@ -1190,8 +1188,8 @@ def _convert_tree(fn, model, table, convert):
     found = [m for m in model.modules() if convertible(m)]
     if not found:
         raise TypeError(f"{expected} (or a model holding some), got {type(model).__name__}")
-    for m in found:  # (before the copy: the hook-based weight_norm's weights refuse deepcopy)
-        _check_plain(fn, m)
+    for m in found:  # (the converters' own check, before the copy: the hook-based weight_norm's
+        _check_plain(fn, m)  # weights refuse deepcopy)
     out = copy.deepcopy(model)
     done = {}  # id of a module of the copy -> its conversion
 
@@ -1216,7 +1214,6 @@ def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 
 def _from_torch_one(module, backend):
-    _check_plain("from_torch", module)
     if getattr(module, "proj_size", 0):
         raise ValueError("from_torch: proj_size is not supported")
     return _twin(module, _FROM_TORCH[type(module)], backend=backend)
@@ -1260,7 +1257,6 @@ def to_torch(module: nn.Module) -> nn.Module:
 
 
 def _to_torch_one(module):
-    _check_plain("to_torch", module)
     if module._op_mode == "gru" and not module.reset_after:
         raise ValueError(f"to_torch: {type(module).__name__}(reset_after=False), the original GRU form, has no "
                          "torch.nn counterpart")

@@ -63,10 +63,8 @@ def _with_request_deadline(base, timeout):
             if self.transport.is_closing():
                 return
             if self._no_request_left() and (self._client_done_sending or self._pending_400 is not None):
-                if self._pending_400 is not None:
-                    self._write_400(self._pending_400)
                 # (the last request the client sent before its half-close or a malformed request)
-                self.transport.close()
+                self._close(self._pending_400)
                 return
             self._arm_request_deadline()
 
@@ -153,24 +151,23 @@ def _with_request_deadline(base, timeout):
                     pipeline.popleft()
                     self.cycle = self._cycle_before
                 else:  # (the app at work on it sees the disconnect: it can never be completed)
-                    self._write_400(msg)
-                    self.transport.close()
-                    return
+                    return self._close(msg)
             if self._no_request_left():
-                self._write_400(msg)
-                self.transport.close()
-                return
+                return self._close(msg)
             self._pending_400 = msg
             self.flow.pause_reading()
 
-        def _write_400(self, msg):
-            body = json.dumps({"error": {"code": "bad_request", "message": str(msg)}}).encode()
-            head = [b"HTTP/1.1 400 Bad Request\r\n"]
-            for name, value in self.server_state.default_headers:
-                head += [name, b": ", value, b"\r\n"]
-            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
-                     b"connection: close\r\n\r\n"]
-            self.transport.write(b"".join(head) + body)
+        def _close(self, msg=None):
+            """Closes the connection, after the JSON 400 saying ``msg`` where one is given."""
+            if msg is not None:
+                body = json.dumps({"error": {"code": "bad_request", "message": str(msg)}}).encode()
+                head = [b"HTTP/1.1 400 Bad Request\r\n"]
+                for name, value in self.server_state.default_headers:
+                    head += [name, b": ", value, b"\r\n"]
+                head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                         b"connection: close\r\n\r\n"]
+                self.transport.write(b"".join(head) + body)
+            self.transport.close()
 
         def connection_lost(self, exc):
             if self._request_deadline is not None:
