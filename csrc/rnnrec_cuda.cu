@@ -25,8 +25,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -42,7 +40,8 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
 // Forward path selection: 0 auto, 1 persistent whenever it is possible, 2 always gemm.
-// Set from Python with set_forward_path() (tests, benchmarks) or RNNREC_FAST_CUDA_PATH at import.
+// Set from Python with set_forward_path(): tests, benchmarks, and rnnrec_fast.backends.cuda at
+// import from RNNREC_FAST_CUDA_PATH (parsed there, in any case, with a warning on a bad value).
 static std::atomic<int> g_path_override{0};
 // The path the latest forward call took: 0 none yet, 1 persistent, 2 gemm.
 static std::atomic<int> g_last_path{0};
@@ -586,9 +585,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_forward_path", &rnnrec_cuda::get_forward_path);
   m.def("last_forward_path", &rnnrec_cuda::last_forward_path,
         "path of the latest forward call: 0 none yet, 1 persistent, 2 gemm");
-  // Environment override at import: RNNREC_FAST_CUDA_PATH = auto | persistent | gemm.
-  if (const char* env = std::getenv("RNNREC_FAST_CUDA_PATH")) {
-    if (std::strcmp(env, "persistent") == 0) rnnrec_cuda::g_path_override = 1;
-    else if (std::strcmp(env, "gemm") == 0) rnnrec_cuda::g_path_override = 2;
-  }
 }

@@ -35,7 +35,7 @@ except ImportError as exc:  # not built / not loadable: propagate, saying why
                "PATH, or RNNREC_FAST_CUDA=1: pip install --no-build-isolation .)")
     raise ImportError(f"{why}: {exc}") from exc
 
-if os.environ.get("RNNREC_FAST_CUDA_PATH"):  # (the extension read exact lower-case names alone)
+if os.environ.get("RNNREC_FAST_CUDA_PATH"):  # (the one place it is read)
     _C_cuda.set_forward_path(cuda_forward_path(os.environ["RNNREC_FAST_CUDA_PATH"]))
 
 DEVICES = ("cuda",)
