@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs (repository root, on the H100 machine):
 #
-#     bash benchmarks/gpu_run.sh [all|build|smoke|test|bench|numba]      (default: all)
+#     bash benchmarks/gpu_run.sh [all|build|smoke|sanitize|test|bench|numba]      (default: all)
 #
 # build : build the extension in place for sm_90 with RNNREC_FAST_CUDA=1 (ptxas register / spill
 #         report in the log); if the full build fails (e.g. the CPU extension), build only
 #         rnnrec_fast._C_cuda with setup.py's own CUDA block.
-# smoke : one forward / backward per mode on both forward paths vs the reference (seconds).
+# smoke : one forward / backward per mode on both forward paths vs the reference (seconds;
+#         benchmarks/gpu_smoke.py).
+# sanitize: the smoke check's small sizes under compute-sanitizer memcheck, racecheck and synccheck
+#         (skipped, with a line saying so, where compute-sanitizer is not installed).
 # test  : tests/test_cuda.py (RNNREC_FAST_REQUIRE_CUDA=1: a missing CUDA backend fails, not skips).
 # bench : benchmarks/bench_cuda.py, stand-alone table + JSON, and under pytest-benchmark when
 #         it is installed.
@@ -80,44 +83,28 @@ EOF
 
 smoke() {
   echo "== smoke (log: $OUT/smoke.txt)"
-  "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
-import torch
-from rnnrec_fast import _C_cuda
-from rnnrec_fast.backends import reference
-torch.manual_seed(0)
-dev = "cuda"
-ok = True
-for mode, ra in [(0, True), (1, True), (2, True), (2, False)]:
-    for path in (1, 2):
-        for B, H in [(1, 1), (3, 7), (8, 100), (8, 1024), (40, 33)]:
-            T, I = 6, 5
-            G = 3 if mode == 2 else 1
-            d = torch.float64
-            x = torch.randn(T, B, I, device=dev, dtype=d)
-            h0 = torch.randn(B, H, device=dev, dtype=d)
-            wi = torch.randn(G * H, I, device=dev, dtype=d) * 0.5
-            wh = torch.randn(G * H, H, device=dev, dtype=d) / H ** 0.5
-            bi = torch.randn(G * H, device=dev, dtype=d)
-            bh = torch.randn(G * H, device=dev, dtype=d)
-            L = torch.randint(0, T + 1, (B,), device=dev); L[0] = T
-            R = torch.rand(T, B, device=dev) < 0.3
-            _C_cuda.set_forward_path(path)
-            y, hn, ws = _C_cuda.forward(x, h0, wi, wh, bi, bh, L, R, mode, ra)
-            took = _C_cuda.last_forward_path()
-            ry, rh, rws = reference.forward(x, h0, wi, wh, bi, bh, L, R, mode, ra)
-            gy, gh = torch.randn_like(y), torch.randn_like(hn)
-            g = _C_cuda.backward(gy, gh, x, h0, wi, wh, bi, bh, L, R, y, ws, mode, ra)
-            rg = reference.backward(gy, gh, x, h0, wi, wh, bi, bh, L, R, ry, rws, mode, ra)
-            errs = [(a - b).abs().max().item() for a, b in zip((y, hn, ws) + tuple(g), (ry, rh, rws) + tuple(rg))]
-            bad = max(errs) > 1e-8
-            ok &= not bad
-            print(f"mode={mode} reset_after={ra} want_path={path} took={took} B={B} H={H} "
-                  f"max_err={max(errs):.2e} {'FAIL ' + str(errs) if bad else 'ok'}", flush=True)
-_C_cuda.set_forward_path(0)
-print("SMOKE", "OK" if ok else "FAILED")
-EOF
+  "$PY" benchmarks/gpu_smoke.py > "$OUT/smoke.txt" 2>&1
   tail -45 "$OUT/smoke.txt"
   grep -q "SMOKE OK" "$OUT/smoke.txt" || status=1
+}
+
+sanitize() {
+  # compute-sanitizer's memcheck (out-of-bounds and misaligned accesses; torch's caching allocator
+  # off, so that a read past a tensor is not hidden inside a pooled block), racecheck (shared-memory
+  # hazards) and synccheck (barriers: the persistent kernel's grid.sync, __syncthreads) over the
+  # smoke check's small sizes, both forward paths
+  local cs
+  cs="$(command -v compute-sanitizer || true)"
+  for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+    if [ -z "$cs" ] && [ -x "$d/bin/compute-sanitizer" ]; then cs="$d/bin/compute-sanitizer"; fi
+  done
+  if [ -z "$cs" ]; then echo "== sanitize: compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda*): skipped"; return; fi
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool (log: $OUT/sanitize_$tool.log)"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$tool" --error-exitcode 9 \
+      "$PY" benchmarks/gpu_smoke.py --quick > "$OUT/sanitize_$tool.log" 2>&1 || status=1
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SMOKE" "$OUT/sanitize_$tool.log" | tail -3
+  done
 }
 
 tests() {
@@ -157,11 +144,12 @@ env_report
 case "$STAGE" in
   build) build ;;
   smoke) smoke ;;
+  sanitize) sanitize ;;
   test) tests ;;
   bench) bench ;;
   numba) numba_gpu ;;
   all) build; if [ $status -eq 0 ]; then smoke; tests; bench; fi ;;
-  *) echo "usage: $0 [all|build|smoke|test|bench|numba]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|smoke|sanitize|test|bench|numba]"; exit 2 ;;
 esac
 echo "== done: status=$status, outputs in $OUT"
 exit $status
