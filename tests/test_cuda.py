@@ -7,8 +7,10 @@ backend failed to build fails instead of skipping.
 Both forward paths are covered: "persistent" (one cooperative kernel for the whole sequence, used
 for batch <= 8) and "gemm" (cuBLAS per step); the `path` fixture forces one of them.
 Tolerances: float64 1e-9; float32 1e-5 relative with an absolute floor of 1e-5 that grows with the
-reduction length (sqrt(K / 64)); float16 / bfloat16 a few units of their precision (outputs are
-rounded to the dtype on both sides), their float32 workspace to float32 precision.
+reduction length (sqrt(K / 64)) and with the tensor's largest magnitude (rounding is relative to a
+tensor's scale: a relu state grows to hundreds over a few steps); float16 / bfloat16 a few units of
+their precision (outputs are rounded to the dtype on both sides), their float32 workspace to
+float32 precision.
 """
 import math
 import os
@@ -146,9 +148,11 @@ def run_case(T, B, I, H, mode, reset_after, bias, extras, dtype, seed, grads=Tru
     K = max(H, I, T * B)
     ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, resets]
     ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
-    close(y.detach().double(), ry, "output", **tol(dtype, K))
-    close(h_n.detach().double(), rh, "h_n", **tol(dtype, K))
-    close(ws.detach().double(), rws, "workspace", **tol(ws_dtype, K))
+    for name, got, ref, dt in (("output", y, ry, dtype), ("h_n", h_n, rh, dtype), ("workspace", ws, rws, ws_dtype)):
+        t = tol(dt, K)
+        if dt == torch.float32 and ref.numel():  # relative to the tensor's scale, as for the grads below:
+            t["atol"] *= max(1.0, ref.abs().max().item())  # a relu state grows to ~300 by T = 12 here
+        close(got.detach().double(), ref, name, **t)
     if lengths is not None:  # padding is exactly zero, in the output and the workspace
         pad = torch.arange(T, device=DEV).unsqueeze(1) >= lengths.unsqueeze(0)
         assert (y.detach()[pad] == 0).all()
