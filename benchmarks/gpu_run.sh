@@ -10,7 +10,8 @@
 #         benchmarks/gpu_smoke.py).
 # sanitize: the smoke check's small sizes under compute-sanitizer memcheck, racecheck and synccheck
 #         (skipped, with a line saying so, where compute-sanitizer is not installed).
-# test  : tests/test_cuda.py (RNNREC_FAST_REQUIRE_CUDA=1: a missing CUDA backend fails, not skips).
+# test  : tests/test_cuda.py (RNNREC_FAST_REQUIRE_CUDA=1: a missing CUDA backend fails, not skips), then
+#         the gpu-marked end-to-end tests of the recommender and serving (training, clicks on cuda).
 # bench : benchmarks/bench_cuda.py, stand-alone table + JSON, and under pytest-benchmark when
 #         it is installed.
 # numba : the Numba CUDA backend on the GPU: tests/test_numba_gpu.py and benchmarks/bench_numba_cuda.py
@@ -108,10 +109,13 @@ sanitize() {
 }
 
 tests() {
-  echo "== tests/test_cuda.py (log: $OUT/test_cuda.log)"
+  echo "== tests/test_cuda.py + the recommender and serving on cuda (log: $OUT/test_cuda.log)"
   RNNREC_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs tests/test_cuda.py -p no:cacheprovider \
     --junitxml="$OUT/test_cuda.xml" --maxfail=100 > "$OUT/test_cuda.log" 2>&1 || status=1
   tail -40 "$OUT/test_cuda.log"
+  RNNREC_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs -m gpu tests/test_recsys.py tests/test_serving.py \
+    -p no:cacheprovider > "$OUT/test_gpu_recsys.log" 2>&1 || status=1
+  tail -10 "$OUT/test_gpu_recsys.log"
 }
 
 bench() {

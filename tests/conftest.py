@@ -21,6 +21,9 @@ import rnnrec_fast  # noqa: E402
 from rnnrec_fast import backends  # noqa: E402
 
 GPU = torch.cuda.is_available()
+# end-to-end tests parametrised over devices: on the CPU (CI) they check the test itself, on a GPU the
+# cuda path under the same assertions
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")])]
 
 
 # Fresh inputs at each run, reproducible: the cases that draw from case_seed() mix this run's seed

@@ -1,5 +1,6 @@
 """rnnrec_fast.recsys: loaders, split, item map, session-parallel batching, losses, optimiser,
 evaluation, checkpoints."""
+import copy
 import math
 import os
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import rnnrec_fast
 from rnnrec_fast import recsys
 from rnnrec_fast.recsys import (ClickLog, GRU4Rec, ItemMap, RecsysError, SessionDataset, TrainConfig)
 from rnnrec_fast.recsys.batching import session_parallel_schedule
@@ -14,6 +16,8 @@ from rnnrec_fast.recsys.evaluate import compute_ranks, metrics_from_ranks, ranks
 from rnnrec_fast.recsys.losses import bpr_max, cross_entropy, top1_max
 from rnnrec_fast.recsys.optim import AdagradM
 from rnnrec_fast.recsys.train import NegativeSampler, chunk_loss
+
+from conftest import DEVICES
 
 DATA = recsys.resolve_data_dir()
 YC_TRAIN = DATA and os.path.join(DATA, "yoochoose-clicks-100k_train_full.txt")
@@ -965,6 +969,38 @@ def test_training_learns_synthetic(loss):
     assert res["recall@5"] > 3 * 5 / len(tr.item_map)
     assert stats["epoch_losses"][-1] < stats["epoch_losses"][0]
     assert stats["events_per_second"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_evaluate_and_serve_on_a_device(device):
+    """End to end on a device: session-parallel training with sampled negatives, evaluation, and the
+    serving calls (step, score, topk) of the trained model against the same model on the CPU."""
+    log = recsys.synthetic_clicks(600, 40, seed=1)
+    train_log, test_log = recsys.time_split(log, test_days=0.1)
+    tr = SessionDataset.from_log(train_log)
+    te = SessionDataset.from_log(test_log, tr.item_map)
+    cfg = TrainConfig(loss="cross-entropy", layers=[32], epochs=3, n_sample=32, batch_size=16, seed=0, lr=0.1,
+                      device=device)
+    model, stats = recsys.train(tr, cfg, progress=False)
+    assert model.Wy.device.type == device
+    if device == "cuda":
+        assert rnnrec_fast.last_backend() == "cuda"
+    assert stats["epoch_losses"][-1] < stats["epoch_losses"][0]
+    res = recsys.evaluate(model, te, ks=(5,))
+    assert res["recall@5"] > 3 * 5 / len(tr.item_map)
+    on_cpu = copy.deepcopy(model).to("cpu")
+    # the same ranks but where float32 rounding reorders near-equal scores
+    assert recsys.evaluate(on_cpu, te, ks=(5,))["recall@5"] == pytest.approx(res["recall@5"], abs=0.02)
+    torch.manual_seed(3)
+    items, h = torch.randint(0, len(tr.item_map), (5,)), torch.randn(1, 5, 32)
+    hn, want = model.step(items.to(device), h.to(device)), on_cpu.step(items, h)
+    assert hn.device.type == device
+    torch.testing.assert_close(hn.cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.score(hn[-1]).cpu(), on_cpu.score(want[-1]), rtol=1e-5, atol=1e-4)
+    vals, idx = model.topk(hn[-1], 5)
+    want_vals, want_idx = on_cpu.topk(want[-1], 5)
+    torch.testing.assert_close(vals.cpu(), want_vals, rtol=1e-5, atol=1e-4)
+    assert (idx.cpu() == want_idx).float().mean() >= 0.9  # (an index may swap with a near-equal score)
 
 
 def test_fused_sampled_softmax_gradients():

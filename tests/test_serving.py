@@ -13,7 +13,7 @@ import torch
 from rnnrec_fast import backends, recsys
 from rnnrec_fast.serving import InvalidRequestError, SessionRecommender, SessionStore, UnknownItemError
 
-from conftest import case_seed
+from conftest import DEVICES, case_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -185,6 +185,32 @@ def test_exclude_seen_and_end():
     assert rec.state("s") is None
     rec.click("s", ids[4], k=1)  # a new session from the initial state
     torch.testing.assert_close(rec.state("s"), replay(model, [ids[4]]), **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clicks_on_a_device_match_an_offline_replay_on_the_cpu(device, checkpoint):
+    """A recommender on a device (its session store and every click's step, scores and top-k there),
+    click by click and in batches, against the checkpoint's model replayed offline on the CPU."""
+    rec = SessionRecommender.load(checkpoint, device=device)
+    model = recsys.load_checkpoint(checkpoint)
+    assert rec.device.type == device
+    ids = model.item_ids
+    seqs = {"a": [ids[3], ids[9], ids[3], ids[40]], "b": [ids[1]], 7: [ids[2], ids[2]]}
+    for sid, seq in seqs.items():
+        for it in seq:
+            got_items, got_scores = rec.click(sid, it, k=5)
+        h = replay(model, seq)
+        assert rec.state(sid).device.type == device
+        torch.testing.assert_close(rec.state(sid).cpu(), h, **TOL)
+        want_items, want_scores = offline_topk(model, h, 5)
+        assert got_items == want_items
+        torch.testing.assert_close(torch.tensor(got_scores), want_scores, **TOL)
+    batch = rec.click_many(["a", "b", "c"], [ids[5], ids[6], ids[7]], k=3)
+    for (items, scores), (sid, seq) in zip(batch, (("a", seqs["a"] + [ids[5]]), ("b", [ids[1], ids[6]]),
+                                                   ("c", [ids[7]]))):
+        h = replay(model, seq)
+        torch.testing.assert_close(rec.state(sid).cpu(), h, **TOL)
+        assert items == offline_topk(model, h, 3)[0]
 
 
 def test_load_from_checkpoint(checkpoint):
