@@ -51,18 +51,27 @@ def offline_topk(model, h, k):
 def test_click_matches_offline_replay(embedding, layers):
     model = make_model(layers=layers, embedding=embedding)
     rec = SessionRecommender(model)
+    clicks_match_replay(rec, model)
+    assert len(rec) == 3
+
+
+def clicks_match_replay(rec, model):
+    """Three sessions clicked one click at a time in ``rec``: after each session's clicks, its state
+    (on the recommender's device) and top-5 are those of ``model`` (on the CPU) replayed offline.
+    Returns the sessions' clicks."""
     ids = model.item_ids
     seqs = {"a": [ids[3], ids[9], ids[3], ids[40]], "b": [ids[1]], 7: [ids[2], ids[2]]}
     for sid, seq in seqs.items():
         for it in seq:
             got_items, got_scores = rec.click(sid, it, k=5)
         h = replay(model, seq)
-        torch.testing.assert_close(rec.state(sid), h, **TOL)
+        assert rec.state(sid).device == rec.device
+        torch.testing.assert_close(rec.state(sid).cpu(), h, **TOL)
         exp_items, exp_scores = offline_topk(model, h, 5)
         assert got_items == exp_items
         torch.testing.assert_close(torch.tensor(got_scores), exp_scores, **TOL)
         assert rec.session_info(sid)["clicks"] == len(seq)
-    assert len(rec) == 3
+    return seqs
 
 
 def test_batch_scores_use_few_onednn_row_counts():
@@ -195,16 +204,7 @@ def test_clicks_on_a_device_match_an_offline_replay_on_the_cpu(device, checkpoin
     model = recsys.load_checkpoint(checkpoint)
     assert rec.device.type == device
     ids = model.item_ids
-    seqs = {"a": [ids[3], ids[9], ids[3], ids[40]], "b": [ids[1]], 7: [ids[2], ids[2]]}
-    for sid, seq in seqs.items():
-        for it in seq:
-            got_items, got_scores = rec.click(sid, it, k=5)
-        h = replay(model, seq)
-        assert rec.state(sid).device.type == device
-        torch.testing.assert_close(rec.state(sid).cpu(), h, **TOL)
-        want_items, want_scores = offline_topk(model, h, 5)
-        assert got_items == want_items
-        torch.testing.assert_close(torch.tensor(got_scores), want_scores, **TOL)
+    seqs = clicks_match_replay(rec, model)
     batch = rec.click_many(["a", "b", "c"], [ids[5], ids[6], ids[7]], k=3)
     for (items, scores), (sid, seq) in zip(batch, (("a", seqs["a"] + [ids[5]]), ("b", [ids[1], ids[6]]),
                                                    ("c", [ids[7]]))):
