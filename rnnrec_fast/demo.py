@@ -5,6 +5,7 @@ python -m rnnrec_fast.demo [--no-recsys] [--data DIR] [--epochs N]
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -75,16 +76,23 @@ def main(argv=None):
                    "demo trains on a generated click log)")
     p.add_argument("--epochs", type=int, default=None, help="recommender training epochs (default: 3)")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 0:  # (before the kernel table, not after it)
+        p.error(f"--epochs must be >= 0, got {args.epochs}")
     parity_and_speed()
     if not args.no_recsys:
         try:
             from rnnrec_fast import recsys
         except ImportError as exc:  # pragma: no cover
             print(f"(recommender demo unavailable: {exc})")
-            return
+            return 0
         kwargs = {} if args.epochs is None else {"epochs": args.epochs}
-        recsys.demo(data_dir=args.data, **kwargs)
+        try:
+            recsys.demo(data_dir=args.data, **kwargs)
+        except recsys.RecsysError as exc:  # bad data in the data folder: its message, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

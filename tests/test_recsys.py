@@ -3,6 +3,7 @@ evaluation, checkpoints."""
 import copy
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +54,84 @@ def test_diginetica_real_file():
     assert len(log) > 1000 and log.n_sessions > 100
     assert np.isfinite(log.times).all()
     assert recsys.load_any(DIGI).n_items == log.n_items
+
+
+def test_click_logs_and_item_maps_check_their_columns():
+    """From a review: a hand-built log with NaN times was ordered by them silently; columns of other
+    lengths or shapes, mixed int / str ids (a pandas object column) and bool ids failed deep inside
+    NumPy (np.unique's TypeError) or not at all. Each is a RecsysError naming the fault."""
+    s, i, t = np.array([1, 1, 2]), np.array([5, 6, 5]), np.array([0.0, 1.0, 2.0])
+    assert len(ClickLog(s, i, t)) == 3
+    assert len(ClickLog(s.astype(object), np.array(["a", "b", "a"], dtype=object), t)) == 3
+    cases = [
+        ((s, i, np.array([0.0, np.nan, 1.0])), "must be finite: 1 NaN"),
+        ((s, i, np.array([0.0, np.inf, 1.0])), "must be finite"),
+        ((s, i[:2], t), "different lengths: 3 sessions, 2 items, 3 times"),
+        ((list(s), i, t), "sessions must be a 1-D NumPy array, got list"),
+        ((s, i.reshape(3, 1), t), "items must be a 1-D NumPy array, got ndarray of shape (3, 1)"),
+        ((s, np.array([5, "a", 6], dtype=object), t), "ids must be all integers or all strings"),
+        ((np.array([True, True, False], dtype=object), i, t), "ids must be all integers or all strings"),
+        ((s, np.array([5.0, 6.0, 5.0]), t), "ids must be all integers or all strings (got float64"),
+        ((s, i, np.array(["0", "1", "2"])), "times must be numbers"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RecsysError, match=re.escape(msg)):
+            ClickLog(*args)
+    with pytest.raises(RecsysError, match="all integers or all strings"):
+        ItemMap.from_items(np.array([1, "a"], dtype=object))
+    assert ItemMap.from_items([3, 1, 3]).item_ids == [3, 1]
+
+
+def test_generator_and_filters_check_their_arguments():
+    """synthetic_clicks' arguments (numpy's errors, a ZeroDivisionError, or an empty log for
+    n_sessions=-5 before) and the minimum lengths of time_split / from_log (a numpy UFuncTypeError
+    for '2')."""
+    for kw in (dict(n_items=0), dict(mean_length=1), dict(mean_length=1.5), dict(mean_length=float("nan")),
+               dict(seed=-1), dict(n_sessions=2.5), dict(n_sessions=-5), dict(n_items=True)):
+        with pytest.raises(RecsysError, match="synthetic_clicks: "):
+            recsys.synthetic_clicks(**kw)
+    assert len(recsys.synthetic_clicks(0)) == 0
+    log = recsys.synthetic_clicks(60, 10, seed=0)
+    for kw in (dict(min_session_length="2"), dict(min_session_length=0), dict(min_item_support=0),
+               dict(min_item_support=2.0)):
+        with pytest.raises(RecsysError, match="must be an integer >= 1"):
+            recsys.time_split(log, 0.1, **kw)
+    with pytest.raises(RecsysError, match="min_length must be an integer >= 1"):
+        SessionDataset.from_log(log, min_length="2")
+
+
+def test_loader_refuses_one_column_read_as_two_and_unreadable_headers(tmp_path):
+    """From a review: a session column named as the item column made each item a session (trained
+    on, silently); a header whose stray quote ran to the csv module's field limit was a raw
+    _csv.Error (and a shorter one's message held the whole file); a folder was 'file not found'."""
+    p = _write(tmp_path, "c.tsv", "SessionId\tItemId\tTime\n1\t10\t1\n1\t11\t2\n")
+    with pytest.raises(RecsysError, match=r"the session and item columns are the same column \(1: 'ItemId'\)"):
+        recsys.load_clicks(p, session_col="ItemId")
+    with pytest.raises(RecsysError, match="the item and time columns are the same column"):
+        recsys.load_clicks(p, time_col="ItemId")
+    with pytest.raises(RecsysError, match=r"the session and item columns are the same column \(0\)"):
+        recsys.load_clicks(p, session_col=0, item_col=0, time_col=2, header=False)
+    with pytest.raises(RecsysError, match="the time and extra time columns"):
+        recsys.load_clicks(p, extra_time_col="Time")
+    for col in ("session_col", "item_col"):
+        with pytest.raises(RecsysError, match=f"bad {col.split('_')[0]} column None"):
+            recsys.load_clicks(p, **{col: None})
+    with pytest.raises(RecsysError, match="is a folder, not a click-log file"):
+        recsys.load_clicks(str(tmp_path))
+    with pytest.raises(RecsysError, match="is a folder"):
+        recsys.load_any(str(tmp_path))
+    q = _write(tmp_path, "q.csv", 'SessionId,ItemId,"Time\n' + "".join(f"{k // 3},{k % 7},{k}\n" for k in range(20000)))
+    with pytest.raises(RecsysError, match=r"q.csv:1: unreadable header \(field larger.*stray quote"):
+        recsys.load_clicks(q)
+    q2 = _write(tmp_path, "q2.csv", 'SessionId,ItemId,"Time\n1,10,1\n1,11,2\n')
+    with pytest.raises(RecsysError, match="a quoted field of the header runs over 3 lines") as exc:
+        recsys.load_clicks(q2)
+    assert "1,11,2" not in str(exc.value)
+    wide = _write(tmp_path, "w.tsv", "S" * 140000 + "\tItemId\tTime\n1\t10\t1\n")  # (no quoting in a TSV)
+    for load in (recsys.load_clicks, recsys.load_any):
+        with pytest.raises(RecsysError, match="w.tsv:1: unreadable header") as exc:
+            load(wide)
+        assert "quote" not in str(exc.value)
 
 
 def test_generic_loader_columns_and_separators(tmp_path):

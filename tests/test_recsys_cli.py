@@ -333,6 +333,61 @@ def test_more_bad_options_clean_errors(files, tmp_path, capsys):
         assert code == 2 and msg in err and "Traceback" not in err, (args, err)
 
 
+def test_options_that_would_be_ignored_or_read_nonsense_are_refused(files, tmp_path, capsys):
+    """From a review (each trained on nonsense, exit 0): a column option with a fixed format (ignored:
+    the format reads its own columns), one column named for two things (each item its own session),
+    --split-days without times (row numbers as seconds); and a cut-short --sep escape, a folder as
+    the file, a header whose stray quote runs to the csv module's field limit (tracebacks or
+    misleading messages)."""
+    raw = tmp_path / "raw.dat"  # the raw yoochoose-clicks.dat, detected by --format auto
+    raw.write_text("".join(f"{s},2014-04-07T10:5{s % 10}:0{i}.000Z,{214536500 + i},0\n"
+                           for s in range(1, 6) for i in range(3)))
+    long_quote = tmp_path / "q.csv"
+    long_quote.write_text('SessionId,ItemId,"Time\n' + "".join(f"{i // 3},{i % 7},{i}\n" for i in range(20000)))
+    short_quote = tmp_path / "q2.csv"
+    short_quote.write_text('SessionId,ItemId,"Time\n1,10,1\n1,11,2\n')
+    train = files / "train.txt"
+    cases = [
+        (["train", "--train", train, "--format", "yoochoose", "--item-col", "Bogus"],
+         "--item-col applies to --format columns, but the file is read as yoochoose (--format yoochoose)"),
+        (["train", "--train", raw, "--session-col", "S", "--sep", ";"],
+         "--session-col, --sep apply to --format columns, but the file is read as yoochoose-raw (detected"),
+        (["train", "--train", train, "--session-col", "ItemId"], "the session and item columns are the same column"),
+        (["train", "--train", train, "--time-col", "SessionId"], "the session and time columns are the same column"),
+        (["train", "--train", train, "--time-col", "", "--split-days", "1"], "--split-days splits by time"),
+        (["train", "--train", train, "--sep", "\\"], "bad --sep '\\\\': an incomplete backslash escape"),
+        (["train", "--train", train, "--sep", "\\x"], "an incomplete backslash escape"),
+        (["train", "--train", tmp_path], "is a folder, not a click-log file"),
+        (["train", "--train", long_quote], "q.csv:1: unreadable header (field larger than field limit"),
+        (["train", "--train", short_quote], "q2.csv:1: a quoted field of the header runs over 3 lines"),
+    ]
+    for args, msg in cases:
+        code, out, err = _run(args + ["--epochs", "1", "--quiet"] if args[0] == "train" else args, capsys)
+        assert code == 2 and msg in err and "Traceback" not in err, (args, err)
+        assert len(err) < 400  # (the stray-quote header's message held the whole file)
+
+
+def test_demo_says_bad_data_and_bad_epochs_without_a_traceback(tmp_path):
+    """The demo on a data folder whose sample is damaged (an empty training file) or with a negative
+    --epochs: an error line and exit code 2, not a traceback (--epochs before the kernel table)."""
+    (tmp_path / "yoochoose-clicks-100k_train_full.txt").write_text("")
+    (tmp_path / "yoochoose-clicks-100k_test.txt").write_text("SessionId\tItemId\tTime\n1\t2\t3\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               RNNREC_FAST_DATA=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "rnnrec_fast.demo", "--epochs", "-1"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and "--epochs must be >= 0" in p.stderr and "backend" not in p.stdout
+    from rnnrec_fast import demo  # noqa: PLC0415 - in process: the kernel table replaced by nothing
+
+    demo_parity = demo.parity_and_speed
+    try:
+        demo.parity_and_speed = lambda: None
+        code = demo.main(["--data", str(tmp_path), "--epochs", "1"])
+    finally:
+        demo.parity_and_speed = demo_parity
+    assert code == 2
+
+
 def test_checkpoint_keeps_extra_and_refuses_a_read_only_folder(files, tmp_path, monkeypatch):
     """What was saved beside the weights (extra) comes back; a folder the process cannot write is
     refused before training (checked through os.access: root writes anywhere)."""

@@ -48,6 +48,10 @@ def _add_data_opts(p):
     p.add_argument("--sep", default=None, help="field separator (default: sniffed)")
 
 
+# the column options and their defaults: they apply to --format columns (or auto's fallback) alone
+_COLUMN_OPTS = (("session_col", "SessionId"), ("item_col", "ItemId"), ("time_col", "Time"), ("sep", None))
+
+
 def _load(path, a):
     from .data import load_clicks, load_diginetica, load_yoochoose, load_yoochoose_raw, sniff_format
 
@@ -55,10 +59,21 @@ def _load(path, a):
     loader = {"yoochoose": load_yoochoose, "yoochoose-raw": load_yoochoose_raw,
               "diginetica": load_diginetica}.get(fmt)
     if loader is not None:
+        # a fixed format reads its own columns: a column option given with it would be ignored
+        given = ["--" + name.replace("_", "-") for name, default in _COLUMN_OPTS if getattr(a, name) != default]
+        if given:
+            how = "detected from its first line" if a.format == "auto" else "--format " + fmt
+            raise RecsysError(f"{path}: {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --format "
+                              f"columns, but the file is read as "
+                              f"{fmt} ({how}), whose columns are fixed")
         return loader(path)
     # backslash escapes decoded ('\\t': a tab); any other character kept as it is (UTF-8 encoded
     # and decoded as Latin-1 by "unicode_escape" alone, a '§' became 'Â§', refused as two characters)
-    sep = a.sep.encode("latin-1", "backslashreplace").decode("unicode_escape") if a.sep else None
+    try:
+        sep = a.sep.encode("latin-1", "backslashreplace").decode("unicode_escape") if a.sep else None
+    except UnicodeDecodeError:  # ('\\', '\\x', '\\u': an escape cut short)
+        raise RecsysError(f"bad --sep {a.sep!r}: an incomplete backslash escape (give one character, "
+                          f"or an escape such as '\\t')") from None
     return load_clicks(path, session_col=a.session_col, item_col=a.item_col,
                        time_col=a.time_col or None, sep=sep)
 
@@ -183,6 +198,8 @@ def _cmd_train(a):
         raise RecsysError("--min-item-support applies with --split-days (the raw log's preprocessing)")
     if a.min_item_support < 1 or (a.split_days is not None and not a.split_days > 0):
         raise RecsysError("--split-days must be > 0 and --min-item-support >= 1")
+    if a.split_days is not None and not a.time_col and a.format in ("auto", "columns"):
+        raise RecsysError("--split-days splits by time: not with --time-col '' (the file order, no times)")
     if a.save is not None:  # (before training, not after it; an empty name is refused there)
         check_save_path(a.save)
     train_log, test_log = _load(a.train, a), None

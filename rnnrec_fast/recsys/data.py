@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._checks import is_int_at_least
+
 
 class RecsysError(Exception):
     """Bad input (missing file, malformed row, unknown item, bad option): a clear message, no traceback."""
@@ -62,6 +64,13 @@ DIGINETICA = "diginetica-sample_train-item-views.csv"
 # click logs
 
 
+def _mixed_ids(a: np.ndarray) -> bool:
+    """Whether an object array of ids holds anything but integers alone or strings alone."""
+    kinds = {str if isinstance(v, str) else int if isinstance(v, numbers.Integral) and not isinstance(v, bool)
+             else None for v in a}
+    return len(kinds) > 1 or None in kinds
+
+
 @dataclass
 class ClickLog:
     """One row per click: ``sessions[i]`` clicked ``items[i]`` at ``times[i]`` (seconds)."""
@@ -69,6 +78,28 @@ class ClickLog:
     sessions: np.ndarray  # object or int64
     items: np.ndarray  # object or int64
     times: np.ndarray  # float64
+
+    def __post_init__(self):
+        """RecsysError unless the columns are 1-D NumPy arrays of one length, the ids all integers or
+        all strings, and the times finite numbers: a hand-built log with NaN times was ordered by them
+        silently, and the other faults failed deep inside NumPy (the loaders' logs always pass)."""
+        cols = (("sessions", self.sessions), ("items", self.items), ("times", self.times))
+        for name, v in cols:
+            if not isinstance(v, np.ndarray) or v.ndim != 1:
+                raise RecsysError(f"ClickLog.{name} must be a 1-D NumPy array, got "
+                                  f"{type(v).__name__}{'' if not isinstance(v, np.ndarray) else f' of shape {v.shape}'}")
+        if not len(self.sessions) == len(self.items) == len(self.times):
+            raise RecsysError(f"ClickLog columns of different lengths: {len(self.sessions)} sessions, "
+                              f"{len(self.items)} items, {len(self.times)} times")
+        for name, v in cols[:2]:
+            if v.dtype.kind not in "iuOUS" or (v.dtype == object and _mixed_ids(v)):
+                raise RecsysError(f"ClickLog.{name}: ids must be all integers or all strings (got {v.dtype}"
+                                  f"{' holding ' + ', '.join(sorted({type(x).__name__ for x in v})) if v.dtype == object else ''})")
+        if self.times.dtype.kind not in "fiu":
+            raise RecsysError(f"ClickLog.times must be numbers (seconds), got {self.times.dtype}")
+        bad = np.count_nonzero(~np.isfinite(self.times))
+        if bad:
+            raise RecsysError(f"ClickLog.times must be finite: {bad} NaN or infinite")
 
     def __len__(self):
         return len(self.items)
@@ -151,14 +182,22 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
     Without a time column, the file order is the time order. Times must be finite. The file is
     UTF-8 (a byte-order mark is skipped).
     """
-    if not os.path.isfile(path):
-        raise RecsysError(f"file not found: {path}")
+    _check_file(path)
     if sep is not None and (not isinstance(sep, str) or len(sep) != 1 or sep in "\r\n\"" or sep.isalnum()):
         raise RecsysError(f"bad separator {sep!r}: must be one character, not a letter, digit, quote or newline")
     for what, c in (("session", session_col), ("item", item_col), ("time", time_col), ("extra time", extra_time_col)):
-        if isinstance(c, bool) or (isinstance(c, int) and c < 0):
+        if ((c is None and what in ("session", "item")) or isinstance(c, bool)
+                or (isinstance(c, int) and c < 0) or not isinstance(c, (str, int, type(None)))):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
     return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
+
+
+def _check_file(path) -> None:
+    """RecsysError unless ``path`` is a regular file (a folder named as the file says so)."""
+    if os.path.isdir(path):
+        raise RecsysError(f"{path} is a folder, not a click-log file")
+    if not os.path.isfile(path):
+        raise RecsysError(f"file not found: {path}")
 
 
 def _not_utf8(path):
@@ -210,7 +249,14 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
         # a stray one would join the lines up to the next quote into one field (refused below)
         reader = csv.reader(f, delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
         if header:
-            names = [c.strip() for c in next(reader)]
+            try:
+                names = [c.strip() for c in next(reader)]
+            except csv.Error as exc:  # a stray quote's field outgrowing the csv module's limit
+                raise RecsysError(f"{path}:{skipped + 1}: unreadable header ({exc}"
+                                  f"{'; a stray quote character?' if sep != chr(9) else ''})") from None
+            if reader.line_num != 1:
+                raise RecsysError(f"{path}:{skipped + 1}: a quoted field of the header runs over "
+                                  f"{reader.line_num} lines (a stray quote character?)")
 
         def col_index(c, what):
             if c is None:
@@ -226,6 +272,14 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
 
         si, ii = col_index(session_col, "session"), col_index(item_col, "item")
         ti, xi = col_index(time_col, "time"), col_index(extra_time_col, "extra time")
+        named = [(what, i) for what, i in (("session", si), ("item", ii), ("time", ti), ("extra time", xi))
+                 if i is not None]
+        for k, (what, i) in enumerate(named):  # one column read as two things would train on nonsense
+            for other, j in named[k + 1:]:
+                if i == j:
+                    raise RecsysError(f"{path}: the {what} and {other} columns are the same column ({i}: "
+                                      f"{names[i]!r})" if header and i < len(names) else
+                                      f"{path}: the {what} and {other} columns are the same column ({i})")
         need = max(i for i in (si, ii, ti, xi) if i is not None) + 1
         sess, items, times, extras = [], [], [], []
         cache: dict[str, float] = {}
@@ -234,8 +288,8 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             try:
                 row = next(reader, None)
             except csv.Error as exc:  # e.g. a stray quote's field outgrowing the csv module's limit
-                raise RecsysError(f"{path}:{lineno + 1}: unreadable row ({exc}; a stray quote "
-                                  f"character?)") from None
+                raise RecsysError(f"{path}:{lineno + 1}: unreadable row ({exc}"
+                                  f"{'; a stray quote character?' if sep != chr(9) else ''})") from None
             if row is None:
                 break
             lineno += 1
@@ -309,7 +363,10 @@ def _diginetica_columns(header: str):
     """The session, item, eventdate and timeframe column names of a Diginetica header, spelled as
     the SR-GNN sample spells them (``session_id;user_id;item_id;timeframe;eventdate``) or as the
     full CIKM Cup 2016 file does (``sessionId;userId;itemId;timeframe;eventdate``); else None."""
-    fields = next(csv.reader([header], delimiter=";"), [])  # (quoted names too)
+    try:
+        fields = next(csv.reader([header], delimiter=";"), [])  # (quoted names too)
+    except csv.Error:  # (a field past the csv module's limit: no Diginetica header)
+        return None
     names = {n.strip().replace("_", "").lower(): n.strip() for n in fields}
     want = ("sessionid", "itemid", "eventdate", "timeframe")
     if not all(k in names for k in want):
@@ -348,8 +405,7 @@ def _from_session_start_dates(dates: ClickLog, frame) -> ClickLog:
 
 def _first_line(path: str) -> str:
     """The first non-blank line of ``path`` (a header, or a first row), stripped."""
-    if not os.path.isfile(path):
-        raise RecsysError(f"file not found: {path}")
+    _check_file(path)
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
@@ -415,8 +471,12 @@ class ItemMap:
     @classmethod
     def from_items(cls, items) -> "ItemMap":
         """Ids in order of first appearance."""
-        _, first = np.unique(np.asarray(items), return_index=True)
-        arr = np.asarray(items)[np.sort(first)]
+        arr = np.asarray(items)
+        if arr.ndim != 1 or arr.dtype.kind not in "iuOUS" or (arr.dtype == object and _mixed_ids(arr)):
+            raise RecsysError(f"item ids must be a 1-D sequence of all integers or all strings (got {arr.dtype}, "
+                              f"shape {arr.shape})")
+        _, first = np.unique(arr, return_index=True)
+        arr = arr[np.sort(first)]
         return cls(_py(v) for v in arr)
 
     def __len__(self):
@@ -494,12 +554,17 @@ def _py(v):
 
 
 def filter_short_sessions(log: ClickLog, min_length: int = 2) -> ClickLog:
+    """The clicks of the sessions with at least ``min_length`` clicks in ``log``."""
+    if not is_int_at_least(min_length, 1):
+        raise RecsysError(f"a minimum session length must be an integer >= 1, got {min_length!r}")
     _, inv, counts = np.unique(log.sessions, return_inverse=True, return_counts=True)
     return log.subset(counts[inv] >= min_length)
 
 
 def filter_rare_items(log: ClickLog, min_support: int = 5) -> ClickLog:
     """The clicks on items clicked at least ``min_support`` times in ``log``."""
+    if not is_int_at_least(min_support, 1):
+        raise RecsysError(f"a minimum item support must be an integer >= 1, got {min_support!r}")
     _, inv, counts = np.unique(log.items, return_inverse=True, return_counts=True)
     return log.subset(counts[inv] >= min_support)
 
@@ -517,6 +582,9 @@ def time_split(log: ClickLog, test_days: float = 1.0, min_session_length: int = 
     if not isinstance(test_days, numbers.Real) or isinstance(test_days, bool) or not math.isfinite(test_days) \
             or test_days <= 0:
         raise RecsysError(f"test_days must be a number of days > 0, got {test_days!r}")
+    for name, v in (("min_session_length", min_session_length), ("min_item_support", min_item_support)):
+        if not is_int_at_least(v, 1):
+            raise RecsysError(f"{name} must be an integer >= 1, got {v!r}")
     if len(log) == 0:
         raise RecsysError("cannot split an empty click log")
     bad = np.count_nonzero(~np.isfinite(log.times))
@@ -566,6 +634,8 @@ class SessionDataset:
         session id (``"session"``)."""
         if order not in ("time", "session"):
             raise RecsysError(f'order must be "time" or "session", got {order!r}')
+        if not is_int_at_least(min_length, 1):
+            raise RecsysError(f"min_length must be an integer >= 1, got {min_length!r}")
         log = log.sorted()
         if item_map is None:
             # the catalogue: the items of the sessions kept (an item clicked only in shorter ones
@@ -611,7 +681,13 @@ class SessionDataset:
 def synthetic_clicks(n_sessions: int = 2000, n_items: int = 300, seed: int = 0,
                      mean_length: float = 5.0) -> ClickLog:
     """A click log with learnable structure: each item has a few likely successors (Zipf-popular
-    items), sessions follow that Markov chain with occasional random jumps."""
+    items), sessions follow that Markov chain with occasional random jumps. Sessions have 2 or more
+    clicks, ``mean_length`` (>= 2) on average."""
+    for name, v, least in (("n_sessions", n_sessions, 0), ("n_items", n_items, 1), ("seed", seed, 0)):
+        if not is_int_at_least(v, least):
+            raise RecsysError(f"synthetic_clicks: {name} must be an integer >= {least}, got {v!r}")
+    if not isinstance(mean_length, numbers.Real) or isinstance(mean_length, bool) or not 2 <= mean_length < math.inf:
+        raise RecsysError(f"synthetic_clicks: mean_length must be a number >= 2, got {mean_length!r}")
     rng = np.random.default_rng(seed)
     pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
     pop /= pop.sum()
