@@ -163,7 +163,16 @@ class _BuildExt(cpp_extension.BuildExtension):
         return super().get_ext_filename(ext_name)
 
 
+def _install_requires():
+    """The wheel's runtime requirements: the torch it is built against, exactly (its extension links
+    that torch's C++ ABI: under another torch it fails to load and the package falls back to numba;
+    a range let pip pair the wheel with the newest torch, a multi-GB CUDA build), numpy and numba.
+    ``torch==2.13.0`` also matches the local builds 2.13.0+cpu and 2.13.0+cu130."""
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "numba"]
+
+
 setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": _BuildExt},
+    install_requires=_install_requires(),
 )

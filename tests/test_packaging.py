@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +29,37 @@ def test_sdist_has_every_kernel_source(tmp_path):
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tar.getnames() if "/" in n}
+        (pkg_info,) = [m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")]
+        requires = [line.split(":", 1)[1].strip() for line in tar.extractfile(pkg_info).read().decode().splitlines()
+                    if line.startswith("Requires-Dist:")]
     needed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert needed and needed <= names, sorted(needed - names)
     assert {"setup.py", "pyproject.toml", "rnnrec_fast/ops.py"} <= names
+    # what `make test` runs from an unpacked sdist (a review found the test files without their
+    # conftest.py and helpers, and no benchmark folder or examples): all of the git tree's
+    # tests/, benchmarks/ (but its recorded results) and examples/
+    for folder in ("tests", "benchmarks", "examples"):
+        tracked = {n for n in filter(None, files) if n.startswith(folder + "/") and (ROOT / n).is_file()
+                   and not n.startswith("benchmarks/results/")}
+        assert tracked and tracked <= names, sorted(tracked - names)
+    assert {".ci/run", "rnnrec_fast/recsys/README.md", "Makefile"} <= names
+    assert not any(n.startswith("benchmarks/results/") or n.endswith((".so", ".pyc")) for n in names)
+    # its metadata requires the torch it was built from, exactly (see test_wheel_requires_...)
+    assert f"torch=={torch.__version__.split('+')[0]}" in requires, requires
+
+
+def test_wheel_requires_the_torch_it_is_built_against():
+    """A built extension links one torch's C++ ABI: the package's requirements pin that torch (a
+    range let pip install a wheel built against 2.13.0 beside torch 2.14.1+cu130, 5.7 GB, under which
+    the extension failed to load: undefined symbol), while pyproject.toml leaves them to setup.py."""
+    import tomllib  # noqa: PLC0415
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "dependencies" not in project and "dependencies" in project["dynamic"]
+    src = (ROOT / "setup.py").read_text()
+    ns = {"__file__": str(ROOT / "setup.py"), "__name__": "setup_under_test"}
+    exec(compile(src[: src.rindex("setup(")], "setup.py", "exec"), ns)
+    assert ns["_install_requires"]() == [f"torch=={torch.__version__.split('+')[0]}", "numpy", "numba"]
 
 
 @pytest.mark.parametrize("flag, expected", [(None, {"rnnrec_fast._C", "rnnrec_fast.librnnrec_fast_ops"}),
