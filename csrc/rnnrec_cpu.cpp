@@ -510,6 +510,7 @@ inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 }
 
 constexpr int64_t kL2Bytes = 512 * 1024;  // the L2 cache per core of the Zen 3 machine here
+constexpr int64_t kPackKC = 256;          // gemm_any packs op(B) and runs its product in K chunks of this
 
 // With AVX2 only, the packed kernel competes with MKL's own AVX2 kernel (both ~93 GFLOP/s on a
 // 1024^3 product on the Zen 3 machine here). It wins where op(B) packed fits in a quarter of L2,
@@ -541,7 +542,7 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
     if (M >= 48 && N >= 8 && K > 0 && g != nullptr) {
       if ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
           (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096)) {
-        const int64_t KC = 256;
+        const int64_t KC = kPackKC;
         Buf<float> pk(g->packed_size(std::min(K, KC), N));
         for (int64_t kc = 0; kc < K; kc += KC) {
           const int64_t kb = std::min(KC, K - kc);
@@ -616,6 +617,29 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
     cols(0, N);
   }
 }
+#endif
+
+#if defined(RNNREC_HAVE_AVX2_TU)
+// C = A . Wt^T (Wt: N x K row-major, as PyTorch stores weights) for several blocks of rows of A,
+// with Wt packed once: each block's product is gemm_any's packed one (the same K chunks, the same
+// kernel), so a block's outputs have the same bits as if all blocks were one product that takes
+// the packed path (call only with fast_gemm() and, for every block and for all of them together,
+// a product gemm_any would pack: AVX-512 and at least 256 rows). The input projections of a GRU's
+// steps in chunks (forward_impl).
+struct PackedNT {
+  int64_t N, K, per;
+  Buf<float> pk{0};
+  PackedNT(int64_t N_, int64_t K_, const float* Wt, int64_t ldw)
+      : N(N_), K(K_), per(fast_gemm()->packed_size(std::min(K_, kPackKC), N_)) {
+    pk = Buf<float>(per * ((K + kPackKC - 1) / kPackKC));
+    for (int64_t kc = 0; kc < K; kc += kPackKC)
+      fast_gemm()->pack_b(true, std::min(kPackKC, K - kc), N, Wt + kc, ldw, pk.data() + kc / kPackKC * per);
+  }
+  void run(int64_t M, const float* A, int64_t lda, float* C, int64_t ldc) const {
+    for (int64_t kc = 0; kc < K; kc += kPackKC)
+      packed_rows(M, N, std::min(kPackKC, K - kc), A + kc, lda, 1, pk.data() + kc / kPackKC * per, kc > 0, C, ldc);
+  }
+};
 #endif
 
 // A weight used by one product per step: out[M, N] = A[M, K] . op(W), op(W) = W^T (W stored N x K,
@@ -853,9 +877,34 @@ struct StepMasks {
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
+// The steps per chunk of a GRU inference's input projections (forward_impl), 0 for one product of
+// all steps: on AVX-512 (the packed kernel takes every product of 256 rows or more there), where
+// the whole workspace would be larger than kChunkedWsBytes, chunks of at least 256 rows. GRU
+// inference, one thread, the Intel Xeon VM (2 MiB of L2), ad hoc, medians of calls in alternating
+// processes, whole -> chunked, the same bits: B512 T20 H256 (40 MiB) 78-82 -> 61-69 ms, B32 T100
+// H256 (13 MiB) 21.4-21.8 -> 18.1-20.5, B64 T20 H512 (10 MiB) 30.3-31.4 -> 28.7-29.4, B128 T20 H256
+// 15.5-16.9 -> 14.8-16.7; B256 T20 H100 (8 MiB) within the noise (5.9-6.8 against 6.6).
+constexpr int64_t kChunkedWsBytes = int64_t(4) << 20;
+template <typename T>
+int64_t projection_chunk(const Dims& d, int mode) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if constexpr (std::is_same<T, float>::value) {
+    if (mode == MODE_GRU && avx512_enabled() && fast_gemm() != nullptr && d.I > 0 && d.H >= 3 &&
+        d.T * d.B * d.W * int64_t(sizeof(float)) > kChunkedWsBytes) {
+      const int64_t c = (256 + d.B - 1) / d.B;
+      if (d.T >= 2 * c) return c;
+    }
+  }
+#endif
+  (void)d;
+  (void)mode;
+  return 0;
+}
+
 template <typename T>
 void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T* w_hh, const T* b_ih,
-                  const T* b_hh, const StepMasks& m, int mode, bool reset_after, T* y, T* h_n, T* ws) {
+                  const T* b_hh, const StepMasks& m, int mode, bool reset_after, T* y, T* h_n, T* ws,
+                  int64_t chunk = 0) {
   const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
   const RowKernels<T>& K = row_kernels<T>();
   const bool gru = mode == MODE_GRU;
@@ -871,9 +920,29 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   // straight into the outputs, so no (T, B, G*H) scratch: gru puts them in the workspace's r, z, n
   // slots (ws[t, b, 0:3H], which the step's pointwise pass reads and then overwrites with r, z, n),
   // rnn puts them in y (overwritten with h_new).
+  //
+  // chunk > 0 (a GRU's inference on AVX-512, see infer_layers; float only): ws holds 2 * chunk - 1
+  // steps, and the projections are made chunk steps at a time (the last chunk takes the rest, up to
+  // 2 * chunk - 1 steps) with W_ih packed once, each just before its steps, which read it while it
+  // is still in cache. The same bits as one product (PackedNT), without the (T, B, 4H) workspace:
+  // at B512 T20 H256 40 MiB, allocated at every call (page faults) and written to memory and read
+  // back. chunk B rows are at least 256: the packed kernel's rate (M512 N768 K256 ~160 GFLOP/s,
+  // M10240 ~142: C itself goes to memory; standalone C++, the Intel Xeon VM, one thread).
   T* xp = gru ? ws : y;
   const int64_t ldxp = gru ? W : H;
-  gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
+  bool chunked = false;
+#if defined(RNNREC_HAVE_AVX2_TU)
+  std::unique_ptr<PackedNT> proj;
+  if constexpr (std::is_same<T, float>::value) {
+    if (chunk > 0 && chunk == projection_chunk<T>(d, mode)) {
+      chunked = true;
+      proj.reset(new PackedNT(GH, I, w_ih, I));
+    }
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(chunked || chunk == 0, "rnnrec_fast cpp: a chunked workspace for an unchunked forward");
+  if (!chunked) gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
+  int64_t c0 = 0, c1 = T_;  // the steps whose projections xp holds (from its start)
 
   const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
   SmallBuf<T> hp_buf(B * hp_cols);
@@ -890,9 +959,18 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
 
   for (int64_t t = 0; t < T_; ++t) {
-    T* ws_t = ws + t * B * W;
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if constexpr (std::is_same<T, float>::value) {
+      if (chunked && (t == 0 || t == c1)) {
+        c0 = t;
+        c1 = T_ - t < 2 * chunk ? T_ : t + chunk;
+        proj->run((c1 - c0) * B, x + c0 * B * I, I, ws, W);
+      }
+    }
+#endif
+    T* ws_t = ws + (t - c0) * B * W;
     T* y_t = y + t * B * H;
-    const T* xp_t = xp + t * B * ldxp;
+    const T* xp_t = xp + (t - c0) * B * ldxp;
     if (!m.any_active(t)) {
       std::fill(ws_t, ws_t + B * W, T(0));
       std::fill(y_t, y_t + B * H, T(0));
@@ -1394,7 +1472,9 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
                   int64_t per_layer, int mode, bool reset_after, T* y, T* h_n) {
   const int64_t T_ = d0.T, B = d0.B, H = d0.H, DH = dirs * H;
   Buf<T> own_ws(0);
-  T* ws = infer_scratch<T, 0>(T_ * B * d0.W, own_ws);
+  // (a chunked workspace holds at most 2 * chunk - 1 steps, see forward_impl)
+  const int64_t chunk = projection_chunk<T>(d0, mode);
+  T* ws = infer_scratch<T, 0>((chunk > 0 ? 2 * chunk - 1 : T_) * B * d0.W, own_ws);
   // Layers before the last write their output into a scratch sequence (two when layers > 2).
   std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * DH) : 0);
   std::vector<T> rev_in(dirs == 2 ? size_t(T_ * B * std::max(d0.I, DH)) : 0);
@@ -1423,7 +1503,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
       const T* h0 = hx ? hx + k * B * H : zeros;
       if (dirs == 1) {
         forward_impl<T>(d, in, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after, out,
-                        h_n + k * B * H, ws);
+                        h_n + k * B * H, ws, chunk);
         continue;
       }
       const T* src = in;
@@ -1433,7 +1513,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
         src = rev_in.data();
       }
       forward_impl<T>(d, src, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after,
-                      dir_out.data(), h_n + k * B * H, ws);
+                      dir_out.data(), h_n + k * B * H, ws, chunk);
       for (int64_t t = 0; t < T_; ++t) {
         const T* from = dir_out.data() + (dir == 1 ? T_ - 1 - t : t) * B * H;
         for (int64_t b = 0; b < B; ++b)

@@ -1200,3 +1200,40 @@ def test_scratch_kept_between_calls_is_bounded_reused_and_released():
     held = rnnrec_fast.scratch_bytes()
     assert rnnrec_fast.empty_cache() == held
     assert rnnrec_fast.scratch_bytes() == 0 and rnnrec_fast.empty_cache() == 0
+
+
+@needs_ext
+@pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)], ids=["L1", "L2bi"])
+@pytest.mark.parametrize("kind", ["GRU", "GRU_cho"])
+def test_large_gru_inference_projects_its_steps_in_chunks(kind, num_layers, bidirectional, batch_first, with_hx):
+    """A GRU inference whose (T, B, 4H) workspace would pass 4 MiB projects its inputs a chunk of
+    steps at a time on AVX-512 (rnnrec_cpu.cpp, projection_chunk: chunks of 256 rows, here 4 steps
+    of 64 rows, the last 6 steps), with W_ih packed once: the same bits as the general path's one
+    product of all steps, and no workspace of the whole call kept (elsewhere, one product: the
+    workspace goes back to the scratch pool)."""
+    salt = sum(map(ord, f"{kind}{num_layers}{batch_first}{with_hx}"))
+    torch.manual_seed(salt)
+    T, B, H = 42, 64, 128  # workspace 42 x 64 x 512 floats: 5.25 MiB
+    ref, ours = pair(kind, torch.float32, input_size=H, hidden_size=H, num_layers=num_layers,
+                     batch_first=batch_first, bidirectional=bidirectional)
+    ours.eval()
+    x = torch.randn((B, T, H) if batch_first else (T, B, H))
+    hx = torch.randn(num_layers * (2 if bidirectional else 1), B, H) if with_hx else None
+    rnnrec_fast.empty_cache()
+    with torch.inference_mode():
+        out, h_n = ours(x, hx)
+    assert rnnrec_fast.last_backend() == "cpp"
+    whole = T * B * 4 * H * 4
+    if _C.simd_level() == "avx512":
+        assert rnnrec_fast.scratch_bytes() < whole / 2  # packed weights only
+    else:
+        assert rnnrec_fast.scratch_bytes() >= whole
+    g_out, g_h = general_path(ours, x, hx)
+    assert torch.equal(out, g_out) and torch.equal(h_n, g_h)
+    if ref is not None:
+        with torch.no_grad():
+            r_out, r_h = ref(x, hx)
+        assert_close(out, r_out, torch.float32, "output vs torch.nn")
+        assert_close(h_n, r_h, torch.float32, "h_n vs torch.nn")
