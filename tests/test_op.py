@@ -736,7 +736,11 @@ def test_few_rows_large_weights_split_over_threads(B, mode, reset_after, H):
     reference's values, with lengths and resets (the rows that skip or restart a step). H = 513 and
     3H = 903 rows are not a multiple of the kernels' 4-row blocks: the ragged rows fall elsewhere in
     a thread's slice and in the steps that read W_hh backwards (from a review: on AVX2 one thread and
-    two then differed in the last bits)."""
+    two then differed in the last bits). In the scalar build every product is ATen's, whose bits may
+    depend on the thread count (MKL's on the Intel Xeon VM split the B = 1 product over two threads
+    and differed in the last bit), so there only the values are checked."""
+    from rnnrec_fast import _C
+
     gen = torch.Generator().manual_seed(B * 7 + H)
     T, I = 4, 9
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
@@ -748,7 +752,9 @@ def test_few_rows_large_weights_split_over_threads(B, mode, reset_after, H):
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, "cpp")
     (y1, h1, ws1), (y2, h2, ws2) = one_and_two_threads(lambda: torch.ops.rnnrec_fast.recurrence(*args))
     for a, b in ((y1, y2), (h1, h2), (ws1, ws2)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if _C.simd_level() != "scalar":
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close(b.double(), a.double(), torch.float32, "2 threads")
     ry, rh, _ = reference.forward(*[as64(t) for t in args[:6]], lengths, resets, MODES[mode], reset_after)
     assert_close(y2.double(), ry, torch.float32, "output")
     assert_close(h2.double(), rh, torch.float32, "h_n")
