@@ -889,8 +889,10 @@ template <typename T>
 int64_t projection_chunk(const Dims& d, int mode) {
 #if defined(RNNREC_HAVE_AVX2_TU)
   if constexpr (std::is_same<T, float>::value) {
+    // (W_ih packed whole, ~I x 3H floats, at most a quarter of the workspace it saves: an input of
+    // thousands of features keeps the one product, whose packed K chunks are small)
     if (mode == MODE_GRU && avx512_enabled() && fast_gemm() != nullptr && d.I > 0 && d.H >= 3 &&
-        d.T * d.B * d.W * int64_t(sizeof(float)) > kChunkedWsBytes) {
+        d.T * d.B * d.W * int64_t(sizeof(float)) > kChunkedWsBytes && 4 * d.I * 3 * d.H <= d.T * d.B * d.W) {
       const int64_t c = (256 + d.B - 1) / d.B;
       if (d.T >= 2 * c) return c;
     }
@@ -1472,9 +1474,16 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
                   int64_t per_layer, int mode, bool reset_after, T* y, T* h_n) {
   const int64_t T_ = d0.T, B = d0.B, H = d0.H, DH = dirs * H;
   Buf<T> own_ws(0);
-  // (a chunked workspace holds at most 2 * chunk - 1 steps, see forward_impl)
-  const int64_t chunk = projection_chunk<T>(d0, mode);
-  T* ws = infer_scratch<T, 0>((chunk > 0 ? 2 * chunk - 1 : T_) * B * d0.W, own_ws);
+  // (a chunked workspace holds at most 2 * chunk - 1 steps, see forward_impl; a layer's chunking
+  // depends on its input size, so the workspace serves the layer that needs the most)
+  int64_t ws_steps = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    Dims dl = d0;
+    if (l > 0) dl.I = DH;
+    const int64_t c = projection_chunk<T>(dl, mode);
+    ws_steps = std::max(ws_steps, c > 0 ? 2 * c - 1 : T_);
+  }
+  T* ws = infer_scratch<T, 0>(ws_steps * B * d0.W, own_ws);
   // Layers before the last write their output into a scratch sequence (two when layers > 2).
   std::vector<T> mid(layers > 1 ? size_t((layers > 2 ? 2 : 1) * T_ * B * DH) : 0);
   std::vector<T> rev_in(dirs == 2 ? size_t(T_ * B * std::max(d0.I, DH)) : 0);
@@ -1503,7 +1512,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
       const T* h0 = hx ? hx + k * B * H : zeros;
       if (dirs == 1) {
         forward_impl<T>(d, in, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after, out,
-                        h_n + k * B * H, ws, chunk);
+                        h_n + k * B * H, ws, projection_chunk<T>(d, mode));
         continue;
       }
       const T* src = in;
@@ -1513,7 +1522,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
         src = rev_in.data();
       }
       forward_impl<T>(d, src, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after,
-                      dir_out.data(), h_n + k * B * H, ws, chunk);
+                      dir_out.data(), h_n + k * B * H, ws, projection_chunk<T>(d, mode));
       for (int64_t t = 0; t < T_; ++t) {
         const T* from = dir_out.data() + (dir == 1 ? T_ - 1 - t : t) * B * H;
         for (int64_t b = 0; b < B; ++b)

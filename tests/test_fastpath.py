@@ -1237,3 +1237,26 @@ def test_large_gru_inference_projects_its_steps_in_chunks(kind, num_layers, bidi
             r_out, r_h = ref(x, hx)
         assert_close(out, r_out, torch.float32, "output vs torch.nn")
         assert_close(h_n, r_h, torch.float32, "h_n vs torch.nn")
+
+
+@needs_ext
+@pytest.mark.parametrize("T,B,I,H,bidirectional", [(10, 64, 200, 512, True), (42, 64, 1000, 100, False)],
+                         ids=["first_layer_chunked", "second_layer_chunked"])
+def test_large_gru_inference_chunks_layer_by_layer(T, B, I, H, bidirectional):
+    """Whether a layer's projections go in chunks depends on its input size too (W_ih packed whole
+    must be at most a quarter of the workspace): here one of two layers chunks and the other does
+    not, the workspace serving both; the same bits as the general path, and torch.nn's values."""
+    torch.manual_seed(T + I)
+    ref, ours = pair("GRU", torch.float32, input_size=I, hidden_size=H, num_layers=2, batch_first=True,
+                     bidirectional=bidirectional)
+    ours.eval()
+    x = torch.randn(B, T, I)
+    with torch.inference_mode():
+        out, h_n = ours(x)
+    assert rnnrec_fast.last_backend() == "cpp"
+    g_out, g_h = general_path(ours, x)
+    assert torch.equal(out, g_out) and torch.equal(h_n, g_h)
+    with torch.no_grad():
+        r_out, r_h = ref(x)
+    assert_close(out, r_out, torch.float32, "output vs torch.nn")
+    assert_close(h_n, r_h, torch.float32, "h_n vs torch.nn")
