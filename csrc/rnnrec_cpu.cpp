@@ -881,7 +881,8 @@ struct StepMasks {
 // all steps: on AVX-512 (the packed kernel takes every product of 256 rows or more there), where
 // the whole workspace would be larger than kChunkedWsBytes, chunks of at least 256 rows. GRU
 // inference, one thread, the Intel Xeon VM (2 MiB of L2), ad hoc, medians of calls in alternating
-// processes, whole -> chunked, the same bits: B512 T20 H256 (40 MiB) 78-82 -> 61-69 ms, B32 T100
+// processes, whole -> chunked, the same bits: B512 T20 H256 (40 MiB) 72.3-72.5 -> 60.4-62.0 ms
+// (three processes of each build, in turn; 78-82 -> 61-69 in a noisier hour), B32 T100
 // H256 (13 MiB) 21.4-21.8 -> 18.1-20.5, B64 T20 H512 (10 MiB) 30.3-31.4 -> 28.7-29.4, B128 T20 H256
 // 15.5-16.9 -> 14.8-16.7; B256 T20 H100 (8 MiB) within the noise (5.9-6.8 against 6.6).
 constexpr int64_t kChunkedWsBytes = int64_t(4) << 20;
