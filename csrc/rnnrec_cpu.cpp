@@ -530,6 +530,30 @@ inline bool avx512_packed_pays(int64_t M, int64_t K, int64_t N) {
   return K * N * int64_t(sizeof(float)) <= kL2Bytes / 4 || M >= 256;
 }
 
+// Whether MKL takes a product that our AVX-512 packed kernel would otherwise run: on Intel CPUs,
+// where MKL runs AVX-512 kernels of its own (on AMD's it takes its AVX2 path, which ours beats),
+// for products whose K is at least 512 and whose op(A) and op(B) each pass 512 KiB. Our kernel's
+// 32-column panels of K >= 512 rows no longer fit in L1 (48 KiB) there; standalone C++ against
+// torch.mm, the Intel Xeon VM, one thread, fastest of 200: M1280 N1536 K512 ours 13.5 ms, MKL 11.6;
+// M1024^3 14.8 / 11.6 ms; but M512 N768 K256 1.21 / 1.12 ms and M256 N300 K100 93 / 100 us. Training
+// B64 T20 H512 (its input projection, input gradient and weight gradients), one thread, three
+// processes of each in turn: 97-100 -> 91-94 ms.
+inline bool intel_cpu() {
+#if defined(__GNUC__) || defined(__clang__)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+inline bool mkl_takes(int64_t M, int64_t N, int64_t K) {
+  const int64_t limit = 512 * 1024 / int64_t(sizeof(float));
+  return K >= 512 && K * N > limit && M * K > limit && avx512_enabled() && intel_cpu();
+}
+
 // General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
 // packed-B kernels for float when M is large enough to amortise packing op(B) and (AVX2 only)
 // where they beat MKL (above); with AVX-512, a row-major op(B) not worth packing is read in place;
@@ -539,7 +563,7 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
               T* C, int64_t ldc, bool acc = false) {
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
-    if (M >= 48 && N >= 8 && K > 0 && g != nullptr) {
+    if (M >= 48 && N >= 8 && K > 0 && g != nullptr && !mkl_takes(M, N, K)) {
       if ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
           (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096)) {
         const int64_t KC = kPackKC;
@@ -879,7 +903,8 @@ struct StepMasks {
 // ------------------------------------------------------------------------------------------------
 // The steps per chunk of a GRU inference's input projections (forward_impl), 0 for one product of
 // all steps: on AVX-512 (the packed kernel takes every product of 256 rows or more there), where
-// the whole workspace would be larger than kChunkedWsBytes, chunks of at least 256 rows. GRU
+// the whole workspace would be larger than kChunkedWsBytes and the one product would be ours (not
+// mkl_takes: the chunks must give its bits), chunks of at least 256 rows. GRU
 // inference, one thread, the Intel Xeon VM (2 MiB of L2), ad hoc, medians of calls in alternating
 // processes, whole -> chunked, the same bits: B512 T20 H256 (40 MiB) 72.3-72.5 -> 60.4-62.0 ms
 // (three processes of each build, in turn; 78-82 -> 61-69 in a noisier hour), B32 T100
@@ -893,7 +918,8 @@ int64_t projection_chunk(const Dims& d, int mode) {
     // (W_ih packed whole, ~I x 3H floats, at most a quarter of the workspace it saves: an input of
     // thousands of features keeps the one product, whose packed K chunks are small)
     if (mode == MODE_GRU && avx512_enabled() && fast_gemm() != nullptr && d.I > 0 && d.H >= 3 &&
-        d.T * d.B * d.W * int64_t(sizeof(float)) > kChunkedWsBytes && 4 * d.I * 3 * d.H <= d.T * d.B * d.W) {
+        d.T * d.B * d.W * int64_t(sizeof(float)) > kChunkedWsBytes && 4 * d.I * 3 * d.H <= d.T * d.B * d.W &&
+        !mkl_takes(d.T * d.B, 3 * d.H, d.I)) {
       const int64_t c = (256 + d.B - 1) / d.B;
       if (d.T >= 2 * c) return c;
     }
