@@ -371,15 +371,7 @@ bool gemv_aligned_loads() {
   // thread, min of 400 bursts of 500 calls, Zen 4 VM, ad hoc) 4.16 -> 3.84 us a call. The aligned
   // classes are kept for the others (the Intel AVX-512 machine of 2026-11-23: the straddling
   // loads ~1.5x slower there).
-  static const bool not_amd = [] {
-#if defined(__GNUC__) || defined(__clang__)
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") == 0;
-#else
-    return true;
-#endif
-  }();
-  return not_amd;
+  return cpu_vendor() != CpuVendor::kAmd;
 }
 
 void set_gemv_loads(int choice) { gemv_loads_choice.store(choice < 0 ? -1 : choice > 0 ? 1 : 0); }

@@ -538,20 +538,9 @@ inline bool avx512_packed_pays(int64_t M, int64_t K, int64_t N) {
 // M1024^3 14.8 / 11.6 ms; but M512 N768 K256 1.21 / 1.12 ms and M256 N300 K100 93 / 100 us. Training
 // B64 T20 H512 (its input projection, input gradient and weight gradients), one thread, three
 // processes of each in turn: 97-100 -> 91-94 ms.
-inline bool intel_cpu() {
-#if defined(__GNUC__) || defined(__clang__)
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-  }();
-  return intel;
-#else
-  return false;
-#endif
-}
 inline bool mkl_takes(int64_t M, int64_t N, int64_t K) {
   const int64_t limit = 512 * 1024 / int64_t(sizeof(float));
-  return K >= 512 && K * N > limit && M * K > limit && avx512_enabled() && intel_cpu();
+  return K >= 512 && K * N > limit && M * K > limit && avx512_enabled() && cpu_vendor() == CpuVendor::kIntel;
 }
 
 // General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
@@ -963,7 +952,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
 #if defined(RNNREC_HAVE_AVX2_TU)
   std::unique_ptr<PackedNT> proj;
   if constexpr (std::is_same<T, float>::value) {
-    if (chunk > 0 && chunk == projection_chunk<T>(d, mode)) {
+    if (chunk > 0) {  // (projection_chunk's, from infer_layers)
       chunked = true;
       proj.reset(new PackedNT(GH, I, w_ih, I));
     }

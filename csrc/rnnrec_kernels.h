@@ -79,6 +79,21 @@ struct GemmKernels {
                       const float* B, int64_t ldb, bool beta, float* C, int64_t ldc);
 };
 
+// The CPU's vendor (__builtin_cpu_is, read once): AMD's and Intel's AVX-512 cores differ in what
+// pays (split 64-byte loads, MKL's own AVX-512 kernels).
+enum class CpuVendor { kOther, kIntel, kAmd };
+inline CpuVendor cpu_vendor() {
+#if defined(__GNUC__) || defined(__clang__)
+  static const CpuVendor v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") ? CpuVendor::kIntel : __builtin_cpu_is("amd") ? CpuVendor::kAmd : CpuVendor::kOther;
+  }();
+  return v;
+#else
+  return CpuVendor::kOther;
+#endif
+}
+
 // Portable scalar versions (defined in rnnrec_cpu.cpp).
 template <typename T>
 RowKernels<T> scalar_row_kernels();
