@@ -71,6 +71,11 @@ def _mixed_ids(a: np.ndarray) -> bool:
     return len(kinds) > 1 or None in kinds
 
 
+def _ids_ok(a: np.ndarray) -> bool:
+    """Whether an array's ids are all integers or all strings (its dtype's, or each of an object array's)."""
+    return a.dtype.kind in "iuOUS" and not (a.dtype == object and _mixed_ids(a))
+
+
 @dataclass
 class ClickLog:
     """One row per click: ``sessions[i]`` clicked ``items[i]`` at ``times[i]`` (seconds)."""
@@ -92,7 +97,7 @@ class ClickLog:
             raise RecsysError(f"ClickLog columns of different lengths: {len(self.sessions)} sessions, "
                               f"{len(self.items)} items, {len(self.times)} times")
         for name, v in cols[:2]:
-            if v.dtype.kind not in "iuOUS" or (v.dtype == object and _mixed_ids(v)):
+            if not _ids_ok(v):
                 raise RecsysError(f"ClickLog.{name}: ids must be all integers or all strings (got {v.dtype}"
                                   f"{' holding ' + ', '.join(sorted({type(x).__name__ for x in v})) if v.dtype == object else ''})")
         if self.times.dtype.kind not in "fiu":
@@ -476,7 +481,7 @@ class ItemMap:
     def from_items(cls, items) -> "ItemMap":
         """Ids in order of first appearance."""
         arr = np.asarray(items)
-        if arr.ndim != 1 or arr.dtype.kind not in "iuOUS" or (arr.dtype == object and _mixed_ids(arr)):
+        if arr.ndim != 1 or not _ids_ok(arr):
             raise RecsysError(f"item ids must be a 1-D sequence of all integers or all strings (got {arr.dtype}, "
                               f"shape {arr.shape})")
         _, first = np.unique(arr, return_index=True)
