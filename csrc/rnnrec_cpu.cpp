@@ -2796,8 +2796,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     (void)choice;
 #endif
-  }, "tests: the AVX-512 batch-1 product's loads for weight rows off cache lines: 1 aligned (in classes of "
-     "rows), 0 plain unaligned, -1 as the CPU prefers (plain on AMD)", py::arg("choice"));
+  }, "tests: the AVX-512 batch-1 product's loads for weight rows off cache lines: 2 aligned in groups of rows "
+     "where they apply, 1 aligned in classes of rows, 0 plain unaligned, -1 as the CPU prefers (plain on AMD, "
+     "else the groups where they apply)", py::arg("choice"));
+  m.def("_gemv_form", [](const at::Tensor& W) -> std::string {
+    TORCH_CHECK_VALUE(W.dim() == 2 && W.scalar_type() == at::kFloat && W.device().is_cpu() && W.stride(1) == 1,
+                      "_gemv_form: a float32 CPU matrix with unit column stride expected");
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if (rnnrec::avx512_enabled()) return rnnrec::gemv_form(W.size(0), W.size(1), W.data_ptr<float>(), W.stride(0));
+#endif
+    return "none";
+  }, "tests: the form the AVX-512 batch-1 product takes for the weight W (its rows, columns, row stride and "
+     "address): 'grouped', 'classes' or 'plain'; 'none' where the AVX-512 kernels do not run", py::arg("W"));
   m.def("linear_rows", &rnnrec::linear_rows,
         "x @ W.T (+ b) with W as stored (N, K); a few float32 rows of x stream W once through the vector "
         "kernels (split over threads), other inputs go to torch.addmm",

@@ -593,13 +593,15 @@ def test_threads_give_the_same_bits(mode, reset_after, H):
 
 def _backends_and_loads():
     """Every CPU backend with its own choice of loads (-1), and the C++ one with each of its AVX-512
-    batch-1 product's two forms forced: aligned loads in classes of rows (1), plain loads (0)."""
+    batch-1 product's three forms forced: aligned loads in groups of rows where they apply (2), in
+    classes of rows (1), plain loads (0)."""
     cases = []
     for b in cpu_backends():  # (a name, or a pytest.param carrying a skip mark)
         name, marks = (b, ()) if isinstance(b, str) else (b.values[0], b.marks)
         cases.append(pytest.param(name, -1, id=name, marks=marks))
         if name == "cpp":
-            cases += [pytest.param(name, c, id=f"cpp-{form}", marks=marks) for c, form in ((1, "aligned"), (0, "plain"))]
+            cases += [pytest.param(name, c, id=f"cpp-{form}", marks=marks)
+                      for c, form in ((2, "grouped"), (1, "aligned"), (0, "plain"))]
     return cases
 
 
@@ -834,6 +836,62 @@ def test_linear_rows_matches_addmm():
         _C.linear_rows(torch.randn(2, 99), W, b)
     with pytest.raises(ValueError, match="linear_rows"):
         _C.linear_rows(torch.randn(2, 100), W, torch.randn(5))
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("K", [20, 24, 36, 52, 88, 100, 120, 200])
+def test_grouped_rows_give_the_classes_bits(K):
+    """The AVX-512 batch-1 product of a weight whose rows lie back to back, K a multiple of 4 but
+    not of 16 (H = 100), read in groups of rows that fill whole cache lines (gemv_grouped), gives
+    each row the bits of the classes' form (gemv_nt_aligned), which takes the rows that cannot be
+    grouped (the last M % 8, a weight off a cache line): so a row's sum does not depend on which
+    form or thread slice reads it. Random values; zero weights against negative x (every product
+    -0: the classes' form makes the lanes past a row's end +0); zeros of both signs; infinities,
+    NaN, denormals and huge values in x and in W (a neighbouring row's values must not leak into a
+    row's first or last vector); 8 to 39 rows. The forms are asserted taken (_C._gemv_form), and
+    finite results match float64."""
+    from rnnrec_fast import _C
+
+    if _C.simd_level() != "avx512":
+        pytest.skip("the AVX-512 kernels do not run on this CPU")
+    gen = torch.Generator().manual_seed(K)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 3e38, -3e38])
+
+    def pick(n):
+        return specials[torch.randint(0, len(specials), (n,), generator=gen)]
+
+    for trial in range(36):
+        M = 8 * (1 + trial % 4) + trial % 8
+        W = torch.randn(M, K, generator=gen) / K ** 0.5
+        x = torch.randn(1, K, generator=gen)
+        kind = trial % 6
+        if kind == 1:
+            W.zero_()
+            x = -x.abs()
+        elif kind == 2:
+            W[torch.rand(M, K, generator=gen) < 0.5] = -0.0
+            x[torch.rand(1, K, generator=gen) < 0.3] = 0.0
+        elif kind == 3:
+            x = -x.abs()
+        if kind >= 4:
+            x.view(-1)[torch.randint(0, K, (2,), generator=gen)] = pick(2)
+        if kind == 5:
+            W.view(-1)[torch.randint(0, M * K, (6,), generator=gen)] = pick(6)
+        outs, forms = {}, {}
+        for loads in (2, 1):
+            _C._set_gemv_loads(loads)
+            try:
+                forms[loads] = _C._gemv_form(W)
+                outs[loads] = _C.linear_rows(x, W)
+            finally:
+                _C._set_gemv_loads(-1)
+        assert forms == {2: "grouped", 1: "classes"}, forms
+        g, c = outs[2], outs[1]
+        same = (g.view(torch.int32) == c.view(torch.int32)) | (g.isnan() & c.isnan())
+        assert bool(same.all()), (f"K={K} M={M} kind={kind}: rows {same.logical_not().nonzero()[:, 1].tolist()}: "
+                                  f"{g[~same].tolist()} against {c[~same].tolist()}")
+        if kind in (0, 3):
+            assert_close(g.double(), x.double() @ W.double().t(), torch.float32, f"K={K} M={M}")
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
