@@ -679,6 +679,11 @@ struct StepW {
       const GemmKernels* g = fast_gemm();
       if (tb && M <= 8 && simd_enabled()) {
         small = true;
+      } else if (!tb && M > 8 && steps > 1 && mkl_takes(M * steps, N, K)) {
+        // Intel AVX-512 (mkl_takes), a large row-major W over many steps: MKL's product reading W
+        // in place (its "nocopy" kernel) beats ours packed there: the backward's d(h) . W_hh at
+        // B = 64, H = 512 (M64 N512 K1536) ~593 us against 672-740 (standalone, ours without
+        // packing); B64 T20 H512 training ~1% (ad hoc), and no 3 MiB packed copy of W_hh held
       } else if (!tb && avx512_enabled() && K > 0 && N > 0 && M * steps >= 32 &&
                  !(steps > 1 && (ldw * int64_t(sizeof(float))) % 512 == 0)) {
         // (W read in place, but for rows a multiple of 512 bytes apart, which the kernel copies
