@@ -235,6 +235,11 @@ void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t rows = std::min<int64_t>(MR, g1 - g - b * MR);
           float* d = dst + b * kb * MR;
+          if (a_si == 1 && rows == MR) {  // (a transposed A, the weight gradients': 8 floats in a row)
+            static_assert(MR == 8, "one 8-float vector per k");
+            for (int64_t k = 0; k < kb; ++k) _mm256_storeu_ps(d + k * MR, _mm256_loadu_ps(Ag + b * MR + k * a_sk));
+            continue;
+          }
           for (int64_t k = 0; k < kb; ++k) {
             const float* src = Ag + b * MR * a_si + k * a_sk;
             for (int64_t r = 0; r < rows; ++r) d[k * MR + r] = src[r * a_si];
