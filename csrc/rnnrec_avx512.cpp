@@ -463,24 +463,24 @@ static bool gemv_grouped_rows() {
 
 void set_gemv_loads(int choice) { gemv_loads_choice.store(choice < 0 ? -1 : choice > 2 ? 2 : choice); }
 
-const char* gemv_form(int64_t M, int64_t K, const float* W, int64_t ldw) {
+GemvForm gemv_form(int64_t M, int64_t K, const float* W, int64_t ldw) {
   const bool misaligned = ldw % 16 != 0 || reinterpret_cast<uintptr_t>(W) % 64 != 0;
   if (!misaligned || !gemv_aligned_loads() || ldw % 4 != 0 || reinterpret_cast<uintptr_t>(W) % sizeof(float) != 0 ||
       K < 16 || K > kAlignedMaxK)
-    return "plain";
+    return GemvForm::kPlain;
   if (gemv_grouped_rows() && ldw == K && K <= kGroupedMaxK && kGrouped[size_t(K / 4)] != nullptr &&
       reinterpret_cast<uintptr_t>(W) % 64 == 0 && M >= 8)
-    return "grouped";
-  return "classes";
+    return GemvForm::kGrouped;
+  return GemvForm::kClasses;
 }
 
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out) {
   // Misaligned rows: the aligned form when its classes are few (p <= 4, so x is copied at most
   // four times; with p = 16 the copies cost more than the split loads), where the CPU prefers it.
-  const char* form = gemv_form(M, K, W, ldw);
-  if (form[0] != 'p') {
+  const GemvForm form = gemv_form(M, K, W, ldw);
+  if (form != GemvForm::kPlain) {
     int64_t done = 0;
-    if (form[0] == 'g') {  // whole blocks of 8 rows grouped, the last M % 8 rows in classes
+    if (form == GemvForm::kGrouped) {  // whole blocks of 8 rows grouped, the last M % 8 rows in classes
       done = M & ~int64_t(7);
       kGrouped[size_t(K / 4)](done, W, x, out);
       if (done == M) return;

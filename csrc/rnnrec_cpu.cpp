@@ -2811,7 +2811,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK_VALUE(W.dim() == 2 && W.scalar_type() == at::kFloat && W.device().is_cpu() && W.stride(1) == 1,
                       "_gemv_form: a float32 CPU matrix with unit column stride expected");
 #if defined(RNNREC_HAVE_AVX2_TU)
-    if (rnnrec::avx512_enabled()) return rnnrec::gemv_form(W.size(0), W.size(1), W.data_ptr<float>(), W.stride(0));
+    if (rnnrec::avx512_enabled()) {
+      switch (rnnrec::gemv_form(W.size(0), W.size(1), W.data_ptr<float>(), W.stride(0))) {
+        case rnnrec::GemvForm::kGrouped: return "grouped";
+        case rnnrec::GemvForm::kClasses: return "classes";
+        case rnnrec::GemvForm::kPlain: return "plain";
+      }
+    }
 #endif
     return "none";
   }, "tests: the form the AVX-512 batch-1 product takes for the weight W (its rows, columns, row stride and "

@@ -134,11 +134,12 @@ RowKernels<float> avx512_row_kernels_f32();
 // back to back and K suits it; else in classes of rows, gemv_nt_aligned) or with plain unaligned
 // loads, as gemv_aligned_loads() says: by CPU (plain on AMD's cores), or as set_gemv_loads(2 / 1 /
 // 0) forces: 2 the groups where they apply, 1 the classes, 0 plain (-1: by CPU again; the tests
-// run each). The groups and the classes give the same bits. gemv_form names the form a product
-// takes: "grouped" (its last M % 8 rows in classes), "classes" or "plain".
+// run each). The groups and the classes give the same bits. gemv_form says which form a product
+// takes (kGrouped: its last M % 8 rows in classes).
+enum class GemvForm { kPlain, kClasses, kGrouped };
 bool gemv_aligned_loads();
 void set_gemv_loads(int choice);
-const char* gemv_form(int64_t M, int64_t K, const float* W, int64_t ldw);
+GemvForm gemv_form(int64_t M, int64_t K, const float* W, int64_t ldw);
 void avx512_gemv_nt(int64_t M, int64_t K, const float* W, int64_t ldw, const float* x, float* out);
 // out[b, j] = W[j, :] . X[b, :] for b < nb <= 8 (nb = 1: avx512_gemv_nt), j < M.
 void avx512_small_gemm_nt(int64_t nb, int64_t M, int64_t K, const float* W, int64_t ldw, const float* X,

@@ -4,6 +4,7 @@ Forward outputs, h_n and the workspace must match the reference, and so must all
 (through autograd, i.e. the registered backward). float64 to 1e-9, float32 to 1e-5 relative, against
 a float64 reference computed on the same (rounded) inputs.
 """
+import contextlib
 import heapq
 import itertools
 import os
@@ -605,9 +606,9 @@ def _backends_and_loads():
     return cases
 
 
-@pytest.fixture
-def gemv_loads(loads):
-    """Sets the C++ batch-1 product's loads for the test (see _backends_and_loads), then back."""
+@contextlib.contextmanager
+def forced_gemv_loads(loads):
+    """The C++ batch-1 product's loads set (see _backends_and_loads; -1: left as they are), then back."""
     if loads == -1:
         yield
         return
@@ -618,6 +619,13 @@ def gemv_loads(loads):
         yield
     finally:
         _C._set_gemv_loads(-1)
+
+
+@pytest.fixture
+def gemv_loads(loads):
+    """Sets the C++ batch-1 product's loads for the test, then back."""
+    with forced_gemv_loads(loads):
+        yield
 
 
 @pytest.mark.parametrize("backend,loads", _backends_and_loads())
@@ -879,12 +887,9 @@ def test_grouped_rows_give_the_classes_bits(K):
             W.view(-1)[torch.randint(0, M * K, (6,), generator=gen)] = pick(6)
         outs, forms = {}, {}
         for loads in (2, 1):
-            _C._set_gemv_loads(loads)
-            try:
+            with forced_gemv_loads(loads):
                 forms[loads] = _C._gemv_form(W)
                 outs[loads] = _C.linear_rows(x, W)
-            finally:
-                _C._set_gemv_loads(-1)
         assert forms == {2: "grouped", 1: "classes"}, forms
         g, c = outs[2], outs[1]
         same = (g.view(torch.int32) == c.view(torch.int32)) | (g.isnan() & c.isnan())
