@@ -45,10 +45,12 @@ constexpr int MR = 8;
 static inline __mmask16 mask_lo(int64_t nvalid) {
   return nvalid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nvalid) - 1u);
 }
-static inline __mmask16 mask_hi(int64_t nvalid) {
-  const int64_t n1 = nvalid - 16;
+// The lanes of vector v (columns 16v .. 16v + 15) that lie within nvalid columns.
+static inline __mmask16 mask_at(int64_t nvalid, int v) {
+  const int64_t n1 = nvalid - 16 * v;
   return n1 >= 16 ? __mmask16(0xFFFF) : (n1 <= 0 ? __mmask16(0) : __mmask16((1u << n1) - 1u));
 }
+static inline __mmask16 mask_hi(int64_t nvalid) { return mask_at(nvalid, 1); }
 
 // How a tile's slices of C are read and written: whole (16 columns each) or masked to the columns
 // of a last, partial slice.
@@ -57,7 +59,7 @@ struct WholeSlices {
   inline void st(float* p, int, __m512 r) const { _mm512_storeu_ps(p, r); }
 };
 struct MaskedSlices {
-  __mmask16 m[2];
+  __mmask16 m[3];
   inline __m512 ld(const float* p, int v) const { return _mm512_maskz_loadu_ps(m[v], p); }
   inline void st(float* p, int v, __m512 r) const { _mm512_mask_storeu_ps(p, m[v], r); }
 };
@@ -72,7 +74,7 @@ static inline void store_tile(const __m512 (&c)[V][R], float* C, int64_t ldc, bo
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     float* ci = C + i * ldc;
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < V; ++v) {
       __m512 r = c[v][i];
       if (acc) r = _mm512_add_ps(s.ld(ci + 16 * v, v), r);
@@ -84,37 +86,41 @@ static inline void store_tile(const __m512 (&c)[V][R], float* C, int64_t ldc, bo
 // One R x 32 block of C (R <= MR). The 32-column slice of op(B) is read at Bp + k * bs: a packed
 // panel (bs = NR) or, for a row-major B that is not transposed, the matrix itself (bs = ldb; masked
 // loads stop at the last valid column there). V = 2 vectors of 16 columns, or V = 1 for a last
-// slice of at most 16 columns (half the work). Not inlined: inlined into gemm_panels' dispatch, the
+// slice of at most 16 columns (half the work), or V = 3: a full slice and the last one, of at most
+// 16 columns, in one R x 48 block, whose third vector is read at Bq + k * bs (the next packed
+// panel, or Bp + 32 in place). Not inlined: inlined into gemm_panels' dispatch, the
 // loop ran out of general registers and kept its pointers on the stack (~15% slower).
 template <int R, int V, bool kMaskedB>
-__attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs,
-                              float* C, int64_t ldc, int64_t nvalid, bool acc) {
+__attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp,
+                                                 const float* Bq, int64_t bs, float* C, int64_t ldc, int64_t nvalid,
+                                                 bool acc) {
+  static_assert(V >= 1 && V <= 3, "R x 16V blocks, V <= 3 (R * V accumulators, V vectors of B and one of A)");
   __m512 c[V][R];
   // The tile of C is loaded (acc) and stored only after the k loop: fetched now, its lines arrive
   // during the loop. A weight gradient's C (3 MiB at H = 512, += once per ~128-row chunk of the
   // backward) comes from L3 or memory, and its 16 misses at the end of each tile stalled the kernel
   // (M1536 N512 K128 with C cold: 85 -> 100 GFLOP/s, standalone C++ on the Zen 4 VM; training
-  // B64 T20 H512 135-143 -> 128-130 ms, ad hoc A/B). Every line the tile touches (unaligned: 3).
+  // B64 T20 H512 135-143 -> 128-130 ms, ad hoc A/B). Every line the tile touches (unaligned: V + 1).
   // For a += (the weight gradients; with a batch_first input the backward's x takes one product
   // per step, K = 64 rows at B = 64: cold C 68 -> 88 GFLOP/s) and for long loops; not for short
   // ones that only store, whose C is small and cached (B256 T1 H100, K = 100: ~1% slower with it).
   if (acc || K >= 128) {
     for (int i = 0; i < R; ++i) {
       const char* ci = reinterpret_cast<const char*>(C + i * ldc);
-      _mm_prefetch(ci, _MM_HINT_T0);
-      if (V == 2) _mm_prefetch(ci + 64, _MM_HINT_T0);
+      for (int v = 0; v < V; ++v) _mm_prefetch(ci + 64 * v, _MM_HINT_T0);
       _mm_prefetch(ci + 64 * V - 4, _MM_HINT_T0);
     }
   }
-#pragma GCC unroll 2
+#pragma GCC unroll 3
   for (int v = 0; v < V; ++v)
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) c[v][i] = _mm512_setzero_ps();
-  const __mmask16 m[2] = {mask_lo(nvalid), mask_hi(nvalid)};
+  const __mmask16 m[3] = {mask_at(nvalid, 0), mask_at(nvalid, 1), mask_at(nvalid, 2)};
+  const float* const base[3] = {Bp, Bp + 16, Bq};
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[V];
     for (int v = 0; v < V; ++v)
-      b[v] = kMaskedB ? _mm512_maskz_loadu_ps(m[v], Bp + k * bs + 16 * v) : _mm512_loadu_ps(Bp + k * bs + 16 * v);
+      b[v] = kMaskedB && v == V - 1 ? _mm512_maskz_loadu_ps(m[v], base[v] + k * bs) : _mm512_loadu_ps(base[v] + k * bs);
     const float* ak = A + k * sk;
     for (int i = 0; i < R; ++i) {
       const __m512 a = _mm512_set1_ps(ak[i * si]);
@@ -124,24 +130,32 @@ __attribute__((noinline)) static void micro_impl(int64_t K, const float* A, int6
   if (nvalid >= 16 * V)
     store_tile<R, V>(c, C, ldc, acc, WholeSlices());
   else
-    store_tile<R, V>(c, C, ldc, acc, MaskedSlices{{m[0], m[1]}});
+    store_tile<R, V>(c, C, ldc, acc, MaskedSlices{{m[0], m[1], m[2]}});
 }
 
 // Full-width loads of op(B) wherever they are safe (a packed panel is zero padded; a matrix read in
 // place has all 32 columns except in its last slice): masked loads cost far more on some CPUs.
+// wide: the block is a full slice and the last one (nvalid in 33..48 columns), Bq the last one's.
 template <int R>
-static inline void micro(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs,
-                         bool packed, float* C, int64_t ldc, int64_t nvalid, bool acc) {
+static inline void micro(int64_t K, const float* A, int64_t si, int64_t sk, const float* Bp, const float* Bq,
+                         int64_t bs, bool packed, bool wide, float* C, int64_t ldc, int64_t nvalid, bool acc) {
+  if (wide) {
+    if (!packed && nvalid < 48)
+      micro_impl<R, 3, true>(K, A, si, sk, Bp, Bq, bs, C, ldc, nvalid, acc);
+    else
+      micro_impl<R, 3, false>(K, A, si, sk, Bp, Bq, bs, C, ldc, nvalid, acc);
+    return;
+  }
   const bool masked = !packed && nvalid < NR;
   if (nvalid <= 16) {
     if (masked)
-      micro_impl<R, 1, true>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+      micro_impl<R, 1, true>(K, A, si, sk, Bp, Bq, bs, C, ldc, nvalid, acc);
     else
-      micro_impl<R, 1, false>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+      micro_impl<R, 1, false>(K, A, si, sk, Bp, Bq, bs, C, ldc, nvalid, acc);
   } else if (masked) {
-    micro_impl<R, 2, true>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+    micro_impl<R, 2, true>(K, A, si, sk, Bp, Bq, bs, C, ldc, nvalid, acc);
   } else {
-    micro_impl<R, 2, false>(K, A, si, sk, Bp, bs, C, ldc, nvalid, acc);
+    micro_impl<R, 2, false>(K, A, si, sk, Bp, Bq, bs, C, ldc, nvalid, acc);
   }
 }
 
@@ -201,9 +215,9 @@ struct Scratch {
 };
 
 template <int R>
-inline void block_rows(int64_t kb, const float* A, int64_t si, int64_t sk, const float* Bp, int64_t bs, bool packed,
-                       float* C, int64_t ldc, int64_t nvalid, bool acc) {
-  micro<R>(kb, A, si, sk, Bp, bs, packed, C, ldc, nvalid, acc);
+inline void block_rows(int64_t kb, const float* A, int64_t si, int64_t sk, const float* Bp, const float* Bq, int64_t bs,
+                       bool packed, bool wide, float* C, int64_t ldc, int64_t nvalid, bool acc) {
+  micro<R>(kb, A, si, sk, Bp, Bq, bs, packed, wide, C, ldc, nvalid, acc);
 }
 
 void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
@@ -217,8 +231,10 @@ void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
   // K in chunks of KC wherever it is longer (a packed op(B) too: the 32-column slice of a K = 1536
   // product, 192 KiB, was streamed from L2 by every 8-row block; a KC x 32 chunk, 32 KiB, stays in
   // L1): M128 N512 K1536 1.48 -> 1.30-1.43 ms, M64 N512 K1536 740 -> 672-686 us (standalone, Intel
-  // Xeon VM); B64 T20 H512 training ~1.5% (ad hoc, alternating processes)
-  const int64_t kc_step = (copy_a || copy_b || K > KC) ? KC : std::max<int64_t>(K, 1);
+  // Xeon VM); B64 T20 H512 training ~1.5% (ad hoc, alternating processes). Chunks of equal length
+  // (k_chunk): K = 300 as 2 x 150, not 256 + 44 (the backward's d(h) . W_hh at B32 H100, read in
+  // place, M32 N100 K300; backward 1.37 -> 1.34 ms with the 48-column blocks below, A/B)
+  const int64_t kc_step = K > KC ? k_chunk(K, KC) : (copy_a || copy_b) ? KC : std::max<int64_t>(K, 1);
   const int64_t kmax = std::min(K, kc_step);
   const int64_t MC = std::max<int64_t>(MR, (int64_t(192 * 1024) / (4 * std::max<int64_t>(kmax, 1))) / MR * MR);
   for (int64_t g = 0; g < M; g += MC) {
@@ -251,6 +267,13 @@ void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
       for (int64_t p = 0; p < np; ++p) {
         const int64_t n0 = p * NR, nvalid = N - n0;
         const float* Bp = B + p * ps + kc * bs;
+        // A last slice of at most 16 columns goes with the full one before it, as R x 48 blocks
+        // (V = 3): alone it took V = 1 blocks, whose FMAs wait on one broadcast of A each, at
+        // about half the rate: N = 100 (3 x 32 + 4, the backward's products at H = 100) cost as
+        // 4 full slices, now 3.5; N = 300 (9 x 32 + 12) 10 -> 9.5. The same bits (each element
+        // of C sums the same products in the same order in any block).
+        const bool wide = p + 2 == np && nvalid - NR <= 16 && !copy_b;
+        const float* Bq = wide ? Bp + ps : Bp;  // (the next slice: packed, or 32 columns on)
         int64_t b_s = bs;
         bool b_packed = packed;
         if (copy_b) {  // rows kc..kc+kb of the 32-column slice, zero padded
@@ -265,20 +288,21 @@ void gemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, 
         }
         int64_t i = g;
         for (; i + MR <= g1; i += MR)
-          block_rows<MR>(kb, Ag + (i - g) / MR * gbs, gsi, gsk, Bp, b_s, b_packed, C + i * ldc + n0, ldc, nvalid,
-                         acc);
+          block_rows<MR>(kb, Ag + (i - g) / MR * gbs, gsi, gsk, Bp, Bq, b_s, b_packed, wide, C + i * ldc + n0, ldc,
+                         nvalid, acc);
         const float* Ai = Ag + (i - g) / MR * gbs;
         float* Ci = C + i * ldc + n0;
         switch (g1 - i) {
           case 0: break;
-          case 1: block_rows<1>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
-          case 2: block_rows<2>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
-          case 3: block_rows<3>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
-          case 4: block_rows<4>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
-          case 5: block_rows<5>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
-          case 6: block_rows<6>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
-          default: block_rows<7>(kb, Ai, gsi, gsk, Bp, b_s, b_packed, Ci, ldc, nvalid, acc); break;
+          case 1: block_rows<1>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
+          case 2: block_rows<2>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
+          case 3: block_rows<3>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
+          case 4: block_rows<4>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
+          case 5: block_rows<5>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
+          case 6: block_rows<6>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
+          default: block_rows<7>(kb, Ai, gsi, gsk, Bp, Bq, b_s, b_packed, wide, Ci, ldc, nvalid, acc); break;
         }
+        if (wide) ++p;  // (the last slice is done)
       }
       if (K == 0) break;
     }

@@ -510,7 +510,7 @@ inline void packed_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 }
 
 constexpr int64_t kL2Bytes = 512 * 1024;  // the L2 cache per core of the Zen 3 machine here
-constexpr int64_t kPackKC = 256;          // gemm_any packs op(B) and runs its product in K chunks of this
+constexpr int64_t kPackKC = 256;          // gemm_any packs op(B) and runs its product in K chunks of at most this (k_chunk)
 
 // With AVX2 only, the packed kernel competes with MKL's own AVX2 kernel (both ~93 GFLOP/s on a
 // 1024^3 product on the Zen 3 machine here). It wins where op(B) packed fits in a quarter of L2,
@@ -558,8 +558,8 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
     if (M >= 48 && N >= 8 && K > 0 && g != nullptr && !mkl_takes(M, N, K, ta)) {
       if ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
           (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096)) {
-        const int64_t KC = kPackKC;
-        Buf<float> pk(g->packed_size(std::min(K, KC), N));
+        const int64_t KC = k_chunk(K, kPackKC);
+        Buf<float> pk(g->packed_size(KC, N));
         for (int64_t kc = 0; kc < K; kc += KC) {
           const int64_t kb = std::min(KC, K - kc);
           g->pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
@@ -643,17 +643,17 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
 // a product gemm_any would pack: AVX-512 and at least 256 rows). The input projections of a GRU's
 // steps in chunks (forward_impl).
 struct PackedNT {
-  int64_t N, K, per;
+  int64_t N, K, KC, per;
   Buf<float> pk{0};
   PackedNT(int64_t N_, int64_t K_, const float* Wt, int64_t ldw)
-      : N(N_), K(K_), per(fast_gemm()->packed_size(std::min(K_, kPackKC), N_)) {
-    pk = Buf<float>(per * ((K + kPackKC - 1) / kPackKC));
-    for (int64_t kc = 0; kc < K; kc += kPackKC)
-      fast_gemm()->pack_b(true, std::min(kPackKC, K - kc), N, Wt + kc, ldw, pk.data() + kc / kPackKC * per);
+      : N(N_), K(K_), KC(k_chunk(K_, kPackKC)), per(fast_gemm()->packed_size(KC, N_)) {
+    pk = Buf<float>(per * ((K + KC - 1) / KC));
+    for (int64_t kc = 0; kc < K; kc += KC)
+      fast_gemm()->pack_b(true, std::min(KC, K - kc), N, Wt + kc, ldw, pk.data() + kc / KC * per);
   }
   void run(int64_t M, const float* A, int64_t lda, float* C, int64_t ldc) const {
-    for (int64_t kc = 0; kc < K; kc += kPackKC)
-      packed_rows(M, N, std::min(kPackKC, K - kc), A + kc, lda, 1, pk.data() + kc / kPackKC * per, kc > 0, C, ldc);
+    for (int64_t kc = 0; kc < K; kc += KC)
+      packed_rows(M, N, std::min(KC, K - kc), A + kc, lda, 1, pk.data() + kc / KC * per, kc > 0, C, ldc);
   }
 };
 #endif
