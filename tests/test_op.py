@@ -847,6 +847,73 @@ def test_linear_rows_matches_addmm():
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_large_outputs_come_from_the_scratch_pool_and_act_as_tensors():
+    """The op's large outputs (y, the workspace; grad_x and the weight gradients in the backward) come
+    from the scratch pool that the kernels keep between calls (from glibc, a training step's outputs
+    came back as fresh pages at every step, each faulted in again): freed, they are kept for the next call; alive, a
+    later call leaves them alone; they resize, share memory and pickle as any CPU tensor, and
+    gradients accumulate into them; under torch's memory profiler they come from c10's CPU
+    allocator, which reports them."""
+    import io
+    import pickle
+
+    gen = torch.Generator().manual_seed(31)
+    T, B, H = 20, 16, 128  # y and grad_x 160 KiB, the workspace 640 KiB: blocks the pool keeps
+    args = make_inputs(T, B, H, H, "gru", True, "none", torch.float32, gen)[:6]
+    other = make_inputs(T, B, H, H, "gru", True, "none", torch.float32, gen)[:6]
+
+    def call(a):
+        return torch.ops.rnnrec_fast.recurrence(*a, None, None, "gru", True, "cpp")
+
+    rnnrec_fast.empty_cache()
+    y, h_n, ws = call(args)
+    kept = (y.clone(), h_n.clone(), ws.clone())
+    before = rnnrec_fast.scratch_bytes()
+    y2, h2, ws2 = call(other)  # while the first call's outputs live
+    assert all(torch.equal(a, b) for a, b in zip((y, h_n, ws), kept))
+    assert not torch.equal(y2, y)
+    freed = y2.nbytes + ws2.nbytes
+    del y2, h2, ws2
+    assert rnnrec_fast.scratch_bytes() >= before + freed
+    y3, _, ws3 = call(args)  # from the kept blocks: the same values as the first call's
+    assert rnnrec_fast.scratch_bytes() <= before + freed - ws3.nbytes
+    assert torch.equal(y3, kept[0]) and torch.equal(ws3, kept[2])
+
+    # ordinary tensors: resized (in place and through the storage), shared, pickled
+    n = y.numel()
+    y.resize_(2 * n)
+    assert torch.equal(y[:n], kept[0].reshape(-1))
+    ws.untyped_storage().resize_(ws.nbytes * 3)
+    assert torch.equal(ws, kept[2])
+    h3 = y3.share_memory_()
+    assert h3.is_shared() and torch.equal(h3, kept[0])
+    buf = io.BytesIO()
+    torch.save(ws3, buf)
+    assert torch.equal(torch.load(io.BytesIO(buf.getvalue())), kept[2])
+    assert torch.equal(pickle.loads(pickle.dumps(ws3)), kept[2])
+
+    # grad_x and the weight gradients: from the pool, back to it when freed; two backward passes
+    # accumulate into x.grad
+    x, w_ih, w_hh = (t.clone().requires_grad_() for t in args[:1] + args[2:4])
+    loss = lambda: (call((x, args[1], w_ih, w_hh) + tuple(args[4:]))[0] ** 2).sum()  # noqa: E731
+    grads = torch.autograd.grad(loss(), (x, w_ih, w_hh))
+    g1 = grads[0].clone()
+    before = rnnrec_fast.scratch_bytes()
+    freed = sum(g.nbytes for g in grads)
+    del grads
+    assert rnnrec_fast.scratch_bytes() >= before + freed
+    loss().backward()
+    loss().backward()
+    assert_close(x.grad.double(), 2 * g1.double(), torch.float32, "accumulated grad_x")
+
+    # torch's memory profiler sees them (c10's CPU allocator, which reports to it)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        call(args)
+    events = [e for e in prof.events() if e.name == "rnnrec_fast::recurrence"]
+    assert events and max(e.cpu_memory_usage for e in events) >= kept[0].nbytes + kept[2].nbytes
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 @pytest.mark.parametrize("K", [20, 24, 36, 52, 88, 100, 120, 200])
 def test_grouped_rows_give_the_classes_bits(K):
     """The AVX-512 batch-1 product of a weight whose rows lie back to back, K a multiple of 4 but
