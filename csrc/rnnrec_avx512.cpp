@@ -634,7 +634,6 @@ static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
-static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // p * 2^n in one instruction (vscalefps: the product rounded once, as the 8-lane layer's multiply
 // by 2^n; the gate pass at B=256, H=100 ~10% faster than through the exponent bits, standalone)
 static inline vf vldexp(vf p, vf n) { return _mm512_scalef_ps(p, n); }
