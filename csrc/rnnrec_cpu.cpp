@@ -501,7 +501,7 @@ inline at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts
     return t;
   }
   return at::detail::empty_generic(sizes, PoolAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(opts.dtype()), c10::nullopt);
+                                   c10::typeMetaToScalarType(opts.dtype()), std::nullopt);
 }
 
 // Buf for a call's small scratch: up to 4 KiB on the stack, larger on the heap. The serving step's
