@@ -661,6 +661,29 @@ def test_weights_at_any_alignment(gemv_loads, backend, loads, offset, T, I, H, m
         assert_close(g.double(), rg, torch.float32, f"grad {name}")
 
 
+def check_large_products_float32(backend, T, B, I, H, mode, reset_after):
+    """float32 forward, h_n and every gradient against the float64 reference, with torch.nn's
+    initial weight scale and a mean-like loss, so that float32 rounding stays within 1e-5."""
+    gen = torch.Generator().manual_seed(T * 1000 + H)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
+    with torch.no_grad():  # torch.nn's initial scale, so float32 rounding stays within 1e-5
+        w_ih.mul_(1 / I ** 0.5)
+        w_hh.mul_(1 / H ** 0.5)
+    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
+    ref_in = [as64(t) for t in params] + [None, None]
+    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    assert_close(y.detach().double(), ry, torch.float32, "output")
+    assert_close(h_n.detach().double(), rh, torch.float32, "h_n")
+    # weight gradients sum T * B terms: O(1) gradients keep 1e-5 meaningful
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64) / (T * B) ** 0.5
+    gh = torch.full(rh.shape, 1 / (T * B) ** 0.5, dtype=torch.float64)
+    grads = torch.autograd.grad((y * gy.float()).sum() + (h_n * gh.float()).sum(), params)
+    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
+    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
+        assert_close(g.double(), rg, torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("T,B,I,H", [(3, 100, 130, 128), (2, 20, 64, 512), (64, 64, 48, 7), (6, 2, 300, 200),
                                      (2, 24, 300, 32), (1, 300, 20, 16), (5, 11, 20, 16)])
@@ -681,24 +704,16 @@ def test_large_products_float32(backend, T, B, I, H, mode, reset_after):
     with the last whole block): no other shape here leaves either, and a last block of 5 computing 4
     rows, or 7 rows taken as one block of 5, passed every test (from a mutation review): forward,
     h_n and every gradient."""
-    gen = torch.Generator().manual_seed(T * 1000 + H)
-    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
-    with torch.no_grad():  # torch.nn's initial scale, so float32 rounding stays within 1e-5
-        w_ih.mul_(1 / I ** 0.5)
-        w_hh.mul_(1 / H ** 0.5)
-    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
-    ref_in = [as64(t) for t in params] + [None, None]
-    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
-    assert_close(y.detach().double(), ry, torch.float32, "output")
-    assert_close(h_n.detach().double(), rh, torch.float32, "h_n")
-    # a mean-like loss: weight gradients sum T * B terms, so O(1) gradients keep 1e-5 meaningful
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64) / (T * B) ** 0.5
-    gh = torch.full(rh.shape, 1 / (T * B) ** 0.5, dtype=torch.float64)
-    grads = torch.autograd.grad((y * gy.float()).sum() + (h_n * gh.float()).sum(), params)
-    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
-    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
-        assert_close(g.double(), rg, torch.float32, f"grad {name}")
+    check_large_products_float32(backend, T, B, I, H, mode, reset_after)
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_training_products_of_the_b64_h512_case():
+    """The benchmark's B64 T20 H512 training step, float32, against the reference: on Intel CPUs
+    MKL takes its large products (the input projection, the backward's d(h) . W_hh at each step,
+    the chunks' input and weight gradients: mkl_takes), which no smaller shape here reaches; on
+    other CPUs our kernels take them, their K chunks of 256 among them."""
+    check_large_products_float32("cpp", 20, 64, 512, 512, "gru", True)
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
