@@ -493,8 +493,8 @@ class PoolAllocator final : public c10::Allocator {
 // An uninitialised CPU tensor of these sizes and opts' dtype, from PoolAllocator; from c10's CPU
 // allocator (as at::empty) while torch's memory profiler is on, which sees its allocations, or
 // where the process has set another CPU allocator (c10::SetCPUAllocator).
-inline at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  TORCH_INTERNAL_ASSERT(opts.device().is_cpu(), "rnnrec_fast cpp: empty_big makes CPU tensors");
+inline at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  TORCH_INTERNAL_ASSERT(opts.device().is_cpu(), "rnnrec_fast cpp: empty_pooled makes CPU tensors");
   if (c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator() || c10::memoryProfilingEnabled()) {
     at::Tensor t = at::empty(sizes, opts);
     advise_huge(t.data_ptr(), t.nbytes());
@@ -1411,9 +1411,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     bool reset_after) {
   const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
   auto opts = x.options();
-  at::Tensor y = empty_big({d.T, d.B, d.H}, opts);
+  at::Tensor y = empty_pooled({d.T, d.B, d.H}, opts);
   at::Tensor h_n = at::empty({d.B, d.H}, opts);
-  at::Tensor ws = empty_big({d.T, d.B, d.W}, opts);
+  at::Tensor ws = empty_pooled({d.T, d.B, d.W}, opts);
   StepMasks m;
   m.B = d.B;
   if (auto p = opt_ptr(lengths)) m.len = p->data_ptr<int64_t>();
@@ -1448,10 +1448,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(ws, "ws", 3, dtype);
   check_shape(ws, "ws", {d.T, d.B, d.W});
   auto opts = x.options();
-  at::Tensor gx = empty_big({d.T, d.B, d.I}, opts);
+  at::Tensor gx = empty_pooled({d.T, d.B, d.I}, opts);
   at::Tensor gh0 = at::empty({d.B, d.H}, opts);
-  at::Tensor gw_ih = empty_big({d.G * d.H, d.I}, opts);
-  at::Tensor gw_hh = empty_big({d.G * d.H, d.H}, opts);
+  at::Tensor gw_ih = empty_pooled({d.G * d.H, d.I}, opts);
+  at::Tensor gw_hh = empty_pooled({d.G * d.H, d.H}, opts);
   at::Tensor gb_ih = at::empty({d.G * d.H}, opts);
   at::Tensor gb_hh = at::empty({d.G * d.H}, opts);
   if (d.T == 0 || d.B == 0) {  // no step (h_n is h0) or no row: the kernel's chunking divides by both
