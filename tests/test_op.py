@@ -648,40 +648,38 @@ def test_weights_at_any_alignment(gemv_loads, backend, loads, offset, T, I, H, m
         return out
 
     w_ih, w_hh = placed(w_ih), placed(w_hh)
-    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    assert_float32_matches_reference([x, h0, w_ih, w_hh, b_ih, b_hh], mode, reset_after, backend, gen, 1.0)
+
+
+def assert_float32_matches_reference(tensors, mode, reset_after, backend, gen, scale):
+    """The op's float32 output, h_n and every gradient (of x, h0, w_ih, w_hh, b_ih, b_hh: tensors)
+    against the float64 reference, for the loss sum(y * gy) + sum(h_n) * scale with gy random,
+    times scale."""
+    params = [t.requires_grad_() for t in tensors]
     y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
     ref_in = [as64(t) for t in params] + [None, None]
     ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
     assert_close(y.detach().double(), ry, torch.float32, "output")
     assert_close(h_n.detach().double(), rh, torch.float32, "h_n")
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad((y * gy.float()).sum() + h_n.sum(), params)
-    ref_grads = reference.backward(gy, torch.ones_like(rh), *ref_in, ry, rws, MODES[mode], reset_after)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64) * scale
+    gh = torch.full(rh.shape, scale, dtype=torch.float64)
+    grads = torch.autograd.grad((y * gy.float()).sum() + (h_n * gh.float()).sum(), params)
+    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
         assert_close(g.double(), rg, torch.float32, f"grad {name}")
 
 
 def check_large_products_float32(backend, T, B, I, H, mode, reset_after):
-    """float32 forward, h_n and every gradient against the float64 reference, with torch.nn's
-    initial weight scale and a mean-like loss, so that float32 rounding stays within 1e-5."""
+    """float32 against the reference with torch.nn's initial weight scale and a mean-like loss, so
+    that float32 rounding stays within 1e-5."""
     gen = torch.Generator().manual_seed(T * 1000 + H)
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
     with torch.no_grad():  # torch.nn's initial scale, so float32 rounding stays within 1e-5
         w_ih.mul_(1 / I ** 0.5)
         w_hh.mul_(1 / H ** 0.5)
-    params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
-    ref_in = [as64(t) for t in params] + [None, None]
-    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
-    assert_close(y.detach().double(), ry, torch.float32, "output")
-    assert_close(h_n.detach().double(), rh, torch.float32, "h_n")
     # weight gradients sum T * B terms: O(1) gradients keep 1e-5 meaningful
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64) / (T * B) ** 0.5
-    gh = torch.full(rh.shape, 1 / (T * B) ** 0.5, dtype=torch.float64)
-    grads = torch.autograd.grad((y * gy.float()).sum() + (h_n * gh.float()).sum(), params)
-    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
-    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
-        assert_close(g.double(), rg, torch.float32, f"grad {name}")
+    assert_float32_matches_reference([x, h0, w_ih, w_hh, b_ih, b_hh], mode, reset_after, backend, gen,
+                                     1 / (T * B) ** 0.5)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
