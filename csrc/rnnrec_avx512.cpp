@@ -42,15 +42,12 @@ static inline __m256 _mm512_extractf32x8_ps_compat(__m512 v) {
 namespace {
 constexpr int MR = 8;
 
-static inline __mmask16 mask_lo(int64_t nvalid) {
-  return nvalid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nvalid) - 1u);
-}
 // The lanes of vector v (columns 16v .. 16v + 15) that lie within nvalid columns.
 static inline __mmask16 mask_at(int64_t nvalid, int v) {
   const int64_t n1 = nvalid - 16 * v;
   return n1 >= 16 ? __mmask16(0xFFFF) : (n1 <= 0 ? __mmask16(0) : __mmask16((1u << n1) - 1u));
 }
-static inline __mmask16 mask_hi(int64_t nvalid) { return mask_at(nvalid, 1); }
+static inline __mmask16 mask_lo(int64_t nvalid) { return mask_at(nvalid, 0); }
 
 // How a tile's slices of C are read and written: whole (16 columns each) or masked to the columns
 // of a last, partial slice.
@@ -174,7 +171,7 @@ void avx512_pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ld
     const int64_t n0 = p * NR;
     const int64_t nv = N - n0 < NR ? N - n0 : NR;
     if (!transB) {  // B[k, n] at B[k * ldb + n]
-      const __mmask16 m0 = mask_lo(nv), m1 = mask_hi(nv);
+      const __mmask16 m0 = mask_at(nv, 0), m1 = mask_at(nv, 1);
       for (int64_t k = 0; k < K; ++k) {
         const float* src = B + k * ldb + n0;
         _mm512_storeu_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, src));

@@ -64,12 +64,6 @@ template <typename T>
 using SmallGemmNT = void (*)(int64_t nb, int64_t M, int64_t K, const T* W, int64_t ldw, const T* X,
                              int64_t ldx, T* out, int64_t ldo);
 
-// Packed-B float GEMM of one instruction set: AVX-512F (rnnrec_avx512.cpp, 32-column panels) or
-// AVX2/FMA (rnnrec_avx2_gemm.cpp, 16-column panels). op(B) is K x N: B[n * ldb + k] when transB,
-// else B[k * ldb + n]. gemm_packed: C[M, N] = (beta ? C : 0) + A . op(B) with A(i, k) =
-// A[i * a_si + k * a_sk] and op(B) packed by pack_b into packed_size(K, N) floats; gemm_direct: the
-// same with a row-major, not transposed B (K x N, B[k * ldb + n]) read in place (AVX-512 only:
-// null in the AVX2 set).
 // The length of the K chunks that a product of depth K takes, where chunks are at most kc long:
 // K in as few chunks as that allows, of equal length (the last one shorter by what is left):
 // K = 300 with kc = 256 as 150 + 150, where 256 + 44 ran a short second pass over C (the
@@ -80,6 +74,12 @@ inline int64_t k_chunk(int64_t K, int64_t kc) {
   return (K + n - 1) / n;
 }
 
+// Packed-B float GEMM of one instruction set: AVX-512F (rnnrec_avx512.cpp, 32-column panels) or
+// AVX2/FMA (rnnrec_avx2_gemm.cpp, 16-column panels). op(B) is K x N: B[n * ldb + k] when transB,
+// else B[k * ldb + n]. gemm_packed: C[M, N] = (beta ? C : 0) + A . op(B) with A(i, k) =
+// A[i * a_si + k * a_sk] and op(B) packed by pack_b into packed_size(K, N) floats; gemm_direct: the
+// same with a row-major, not transposed B (K x N, B[k * ldb + n]) read in place (AVX-512 only:
+// null in the AVX2 set).
 struct GemmKernels {
   int64_t (*packed_size)(int64_t K, int64_t N);
   void (*pack_b)(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, float* out);

@@ -653,7 +653,7 @@ def test_weights_at_any_alignment(gemv_loads, backend, loads, offset, T, I, H, m
 
 def assert_float32_matches_reference(tensors, mode, reset_after, backend, gen, scale):
     """The op's float32 output, h_n and every gradient (of x, h0, w_ih, w_hh, b_ih, b_hh: tensors)
-    against the float64 reference, for the loss sum(y * gy) + sum(h_n) * scale with gy random,
+    against the float64 reference, for the loss sum(y * gy) + scale * sum(h_n), gy random values
     times scale."""
     params = [t.requires_grad_() for t in tensors]
     y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, None, mode, reset_after, backend)
@@ -863,10 +863,10 @@ def test_linear_rows_matches_addmm():
 def test_large_outputs_come_from_the_scratch_pool_and_act_as_tensors():
     """The op's large outputs (y, the workspace; grad_x and the weight gradients in the backward) come
     from the scratch pool that the kernels keep between calls (from glibc, a training step's outputs
-    came back as fresh pages at every step, each faulted in again): freed, they are kept for the next call; alive, a
-    later call leaves them alone; they resize, share memory and pickle as any CPU tensor, and
-    gradients accumulate into them; under torch's memory profiler they come from c10's CPU
-    allocator, which reports them."""
+    came back as fresh pages at every step, each faulted in again): freed, they are kept for the
+    next call; alive, a later call leaves them alone; they resize, share memory and pickle as any
+    CPU tensor, and gradients accumulate into them; under torch's memory profiler they come from
+    c10's CPU allocator, which reports them."""
     import io
     import pickle
 
