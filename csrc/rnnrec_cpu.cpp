@@ -598,6 +598,15 @@ inline bool mkl_takes(int64_t M, int64_t N, int64_t K, bool ta = false) {
   return (K >= 512 && K * N > limit && M * K > limit) || (ta && K >= 64 && M * N > limit);
 }
 
+// Whether gemm_any runs a float product as the packed one (op(B) packed in K chunks of
+// k_chunk(K, kPackKC), each chunk's product by packed_rows): M large enough to amortise packing
+// op(B), and (AVX2 only) where that beats MKL (below).
+inline bool gemm_any_packs(bool ta, bool tb, int64_t M, int64_t N, int64_t K) {
+  return M >= 48 && N >= 8 && K > 0 && fast_gemm() != nullptr && !mkl_takes(M, N, K, ta) &&
+         ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
+          (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096));
+}
+
 // General product (row-major, as gemm_rm): C = op(A) op(B), or C += op(A) op(B) with acc. The
 // packed-B kernels for float when M is large enough to amortise packing op(B) and (AVX2 only)
 // where they beat MKL (above); with AVX-512, a row-major op(B) not worth packing is read in place;
@@ -608,8 +617,7 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
     if (M >= 48 && N >= 8 && K > 0 && g != nullptr && !mkl_takes(M, N, K, ta)) {
-      if ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
-          (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096)) {
+      if (gemm_any_packs(ta, tb, M, N, K)) {
         const int64_t KC = k_chunk(K, kPackKC);
         Buf<float> pk(g->packed_size(KC, N));
         for (int64_t kc = 0; kc < K; kc += KC) {
@@ -691,9 +699,9 @@ inline void few_rows_nt(int64_t M, int64_t N, int64_t K, const float* W, int64_t
 // C = A . Wt^T (Wt: N x K row-major, as PyTorch stores weights) for several blocks of rows of A,
 // with Wt packed once: each block's product is gemm_any's packed one (the same K chunks, the same
 // kernel), so a block's outputs have the same bits as if all blocks were one product that takes
-// the packed path (call only with fast_gemm() and, for every block and for all of them together,
-// a product gemm_any would pack: AVX-512 and at least 256 rows). The input projections of a GRU's
-// steps in chunks (forward_impl).
+// the packed path (call only with fast_gemm(), and where gemm_any would pack the product of all
+// the blocks together: gemm_any_packs). The input projections of a GRU's steps in chunks
+// (forward_impl), of a step's rows in blocks (one_step_rows).
 struct PackedNT {
   int64_t N, K, KC, per;
   Buf<float> pk{0};
@@ -727,6 +735,8 @@ struct StepW {
   const T* W = nullptr;
   Buf<float> pk{0};
   mutable bool flip = false;  // the few-rows product alternates its direction over W, step by step
+  // Whether run() is our packed or in-place kernel: the same bits for any rows, in any blocks.
+  bool ours() const { return packed || direct; }
   StepW(bool tb_, int64_t K_, int64_t N_, const T* W_, int64_t ldw_, int64_t M, int64_t steps)
       : tb(tb_), K(K_), N(N_), ldw(ldw_), W(W_) {
 #if defined(RNNREC_HAVE_AVX2_TU)
@@ -979,10 +989,63 @@ int64_t projection_chunk(const Dims& d, int mode) {
   return 0;
 }
 
+// Inference of one step (T = 1, no workspace kept) of a GRU (reset_after, as torch.nn's) or an Elman
+// RNN, every row active and none reset, where both products run on our packed kernels: the rows in
+// blocks of kStepRows, each block's input projection (W_ih packed once: PackedNT, whose bits are
+// those of the one product forward_impl makes otherwise), recurrent product (StepW, any rows: the
+// same bits) and pointwise pass in turn, from scratch of the block's size that stays in cache, the
+// pass's r, z and n in one row's scratch (no (B, 4H) workspace written and dropped), and the block's
+// h_n copied while it is in cache. In parallel over blocks (a thread's products and passes on its
+// own rows, no hand-over between them). Returns false, having done nothing, where that does not
+// apply. The batch of sessions, B256 T1 H100 GRU, one thread, the Intel Xeon VM (ad hoc, medians of
+// alternating runs in one process): 260-266 -> 250-254 us; of that ~12 us is the two weights'
+// packing at each call, ~2 x 93 the products and ~47 the pointwise pass.
+constexpr int64_t kStepRows = 32;
+template <typename T>
+bool one_step_rows(const Dims& d, const T* x, const T* h0, const T* w_ih, const StepW<T>& whh, const T* bi,
+                   const T* bh, int mode, T* y, T* h_n) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t B = d.B, I = d.I, H = d.H, GH = d.G * H;
+    if (d.T != 1 || B < 2 * kStepRows || !whh.ours() || !gemm_any_packs(false, true, B, GH, I)) return false;
+    const RowKernels<float>& K = row_kernels<float>();
+    const bool gru = mode == MODE_GRU;
+    const int relu = mode == MODE_RNN_RELU ? 1 : 0;
+    const PackedNT proj(GH, I, w_ih, I);
+    const auto blocks = [&](int64_t k0, int64_t k1) {
+      Buf<float> gx(kStepRows * GH), gh(kStepRows * GH), rz(gru ? d.W : 0);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b0 = k * kStepRows, n = std::min(kStepRows, B - b0);
+        proj.run(n, x + b0 * I, I, gx.data(), GH);
+        whh.run(n, h0 + b0 * H, H, gh.data(), GH);
+        for (int64_t r = 0; r < n; ++r) {
+          const float *gxr = gx.data() + r * GH, *ghr = gh.data() + r * GH;
+          float* yr = y + (b0 + r) * H;
+          if (gru)
+            K.gru_fwd_ra(H, gxr, ghr, bi, bh, h0 + (b0 + r) * H, rz.data(), yr);
+          else
+            K.rnn_fwd(H, gxr, ghr, bi, bh, yr, relu);
+        }
+        std::memcpy(h_n + b0 * H, y + b0 * H, sizeof(float) * size_t(n * H));
+      }
+    };
+    const int64_t nblk = (B + kStepRows - 1) / kStepRows;
+    // (threads from ~1M multiply-adds, as fast_rows' products: a block is ~0.3M at H = 100)
+    if (double(B) * double(GH) * double(I + H) < 1.0e6 || at::get_num_threads() <= 1 || at::in_parallel_region())
+      blocks(0, nblk);
+    else
+      at::parallel_for(0, nblk, 1, blocks);
+    return true;
+  }
+#endif
+  (void)d, (void)x, (void)h0, (void)w_ih, (void)whh, (void)bi, (void)bh, (void)mode, (void)y, (void)h_n;
+  return false;
+}
+
 template <typename T>
 void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T* w_hh, const T* b_ih,
                   const T* b_hh, const StepMasks& m, int mode, bool reset_after, T* y, T* h_n, T* ws,
-                  int64_t chunk = 0) {
+                  int64_t chunk = 0, bool keep_ws = true) {
   const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
   const RowKernels<T>& K = row_kernels<T>();
   const bool gru = mode == MODE_GRU;
@@ -1006,6 +1069,13 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   // at B512 T20 H256 40 MiB, allocated at every call (page faults) and written to memory and read
   // back. chunk B rows are at least 256: the packed kernel's rate (M512 N768 K256 ~160 GFLOP/s,
   // M10240 ~142: C itself goes to memory; standalone C++, the Intel Xeon VM, one thread).
+  const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
+  const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
+  // (keep_ws false: inference, whose workspace is scratch)
+  if (!keep_ws && chunk == 0 && m.len == nullptr && m.rst == nullptr && (!gru || reset_after) &&
+      one_step_rows<T>(d, x, h0, w_ih, whh, bi, bh, mode, y, h_n))
+    return;
+
   T* xp = gru ? ws : y;
   const int64_t ldxp = gru ? W : H;
   bool chunked = false;
@@ -1022,7 +1092,6 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   if (!chunked) gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
   int64_t c0 = 0, c1 = T_;  // the steps whose projections xp holds (from its start)
 
-  const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
   SmallBuf<T> hp_buf(B * hp_cols);
   T* hp = hp_buf.data();
   SmallBuf<T> rh_buf(gru && !reset_after ? B * H : 0);
@@ -1032,7 +1101,6 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   // only lengths or resets make a step so).
   SmallBuf<T> hin_buf(m.len != nullptr || m.rst != nullptr ? B * H : 0);
   c10::SmallVector<const T*, 16> cur(size_t(B), nullptr);
-  const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
   const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
   for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
 
@@ -1588,7 +1656,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
       const T* h0 = hx ? hx + k * B * H : zeros;
       if (dirs == 1) {
         forward_impl<T>(d, in, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after, out,
-                        h_n + k * B * H, ws, projection_chunk<T>(d, mode));
+                        h_n + k * B * H, ws, projection_chunk<T>(d, mode), false);
         continue;
       }
       const T* src = in;
@@ -1598,7 +1666,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
         src = rev_in.data();
       }
       forward_impl<T>(d, src, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after,
-                      dir_out.data(), h_n + k * B * H, ws, projection_chunk<T>(d, mode));
+                      dir_out.data(), h_n + k * B * H, ws, projection_chunk<T>(d, mode), false);
       for (int64_t t = 0; t < T_; ++t) {
         const T* from = dir_out.data() + (dir == 1 ? T_ - 1 - t : t) * B * H;
         for (int64_t b = 0; b < B; ++b)

@@ -1260,3 +1260,39 @@ def test_large_gru_inference_chunks_layer_by_layer(T, B, I, H, bidirectional):
         r_out, r_h = ref(x)
     assert_close(out, r_out, torch.float32, "output vs torch.nn")
     assert_close(h_n, r_h, torch.float32, "h_n vs torch.nn")
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,num_layers,bidirectional", [(64, 1, False), (250, 1, False), (97, 2, True)],
+                         ids=["B64", "B250", "B97_L2bi"])
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh", "RNN_relu"])
+def test_one_step_inference_in_row_blocks(kind, B, num_layers, bidirectional, threads):
+    """One step (T = 1) of a GRU or RNN inference whose products run on the packed kernels goes in
+    blocks of 32 rows (rnnrec_cpu.cpp, one_step_rows: each block's input projection, recurrent
+    product and pointwise pass in turn, in parallel over blocks, no workspace): the same bits as the
+    general path's whole products, with any number of threads and a last block of any size
+    (B250: 26 rows), and torch.nn's values. Input and hidden sizes differ (the projection's K is 60)."""
+    salt = sum(map(ord, f"{kind}{B}{num_layers}{threads}"))
+    torch.manual_seed(salt)
+    ref, ours = pair(kind, torch.float32, input_size=60, hidden_size=100, num_layers=num_layers,
+                     batch_first=salt % 2 == 0, bidirectional=bidirectional, bias=salt % 3 != 0)
+    ours.eval()
+    D = num_layers * (2 if bidirectional else 1)
+    x, hx = torch.randn(B, 1, 60), torch.randn(D, B, 100)
+    if not ours.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out, h_n = ours(x, hx)
+        assert rnnrec_fast.last_backend() == "cpp"
+        g_out, g_h = general_path(ours, x, hx)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, g_out) and torch.equal(h_n, g_h)
+    with torch.no_grad():
+        r_out, r_h = ref(x, hx)
+    assert_close(out, r_out, torch.float32, "output vs torch.nn")
+    assert_close(h_n, r_h, torch.float32, "h_n vs torch.nn")
