@@ -989,6 +989,14 @@ int64_t projection_chunk(const Dims& d, int mode) {
   return 0;
 }
 
+// The threads a recurrence's rows are split over (forward_impl): one where the step's products
+// are too small to pay for another (fast_rows' ~1M multiply-adds a step), else as many as give
+// each at least one 8-row block of the micro-kernel.
+inline int64_t row_threads(int64_t B, int64_t N, int64_t K) {
+  if (at::get_num_threads() <= 1 || at::in_parallel_region() || double(B) * double(N) * double(K) < 5.0e5) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 8));
+}
+
 // Inference of one step (T = 1, no workspace kept) of a GRU (reset_after, as torch.nn's) or an Elman
 // RNN, every row active and none reset, where both products run on our packed kernels: the rows in
 // blocks of kStepRows, each block's input projection (W_ih packed once: PackedNT, whose bits are
@@ -1104,6 +1112,76 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
   for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
 
+  // Step t's pointwise work on rows [b0, b1), whose recurrent product is in hp (Cho's form: up to
+  // its second product, which gru_b's rows read from the workspace): the state entering the step
+  // at hin (rows H apart), xp_t its input projections, ws_t and y_t its outputs.
+  const auto rnn_rows = [&](int64_t t, int64_t b0, int64_t b1, const T* xp_t, T* y_t) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b))
+        K.rnn_fwd(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, y_t + b * H, relu);
+      else
+        std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
+    }
+  };
+  const auto gru_ra_rows = [&](int64_t t, int64_t b0, int64_t b1, const T* xp_t, const T* hin, T* ws_t, T* y_t) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b)) {
+        K.gru_fwd_ra(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, hin + b * H, ws_t + b * W, y_t + b * H);
+      } else {
+        std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
+        std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
+      }
+    }
+  };
+  const auto gru_a_rows = [&](int64_t t, int64_t b0, int64_t b1, const T* xp_t, const T* hin, T* ws_t) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b))
+        K.gru_fwd_a(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, hin + b * H, ws_t + b * W, rh + b * H);
+      else
+        std::fill(rh + b * H, rh + (b + 1) * H, T(0));
+    }
+  };
+  const auto gru_b_rows = [&](int64_t t, int64_t b0, int64_t b1, const T* xp_t, const T* hin, T* ws_t, T* y_t) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b)) {
+        K.gru_fwd_b(H, xp_t + b * ldxp, bi, bh, hin + b * H, ws_t + b * W, y_t + b * H);
+      } else {
+        std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
+        std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
+      }
+    }
+  };
+
+  // Several threads, every row active and none reset, every product on our kernels (the same bits
+  // for any rows): each thread runs every step for its own rows, which need no other row's state,
+  // instead of a parallel region for each step's product and another for its pointwise pass.
+  if (!chunked && m.len == nullptr && m.rst == nullptr && whh.ours() && (whn.N == 0 || whn.ours()) &&
+      row_threads(B, hp_cols, H) > 1) {
+    const int64_t per = (B + row_threads(B, hp_cols, H) - 1) / row_threads(B, hp_cols, H);
+    const int64_t rows = (per + 7) / 8 * 8;  // whole 8-row blocks of the micro-kernel
+    at::parallel_for(0, (B + rows - 1) / rows, 1, [&](int64_t k0, int64_t k1) {
+      const int64_t b0 = k0 * rows, b1 = std::min(B, k1 * rows), n = b1 - b0;
+      for (int64_t t = 0; t < T_; ++t) {
+        T* ws_t = ws + t * B * W;
+        T* y_t = y + t * B * H;
+        const T* xp_t = xp + t * B * ldxp;
+        const T* hin = t == 0 ? h0 : y_t - B * H;
+        whh.run(n, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
+        if (!gru) {
+          rnn_rows(t, b0, b1, xp_t, y_t);
+        } else if (reset_after) {
+          gru_ra_rows(t, b0, b1, xp_t, hin, ws_t, y_t);
+        } else {
+          gru_a_rows(t, b0, b1, xp_t, hin, ws_t);
+          whn.run(n, rh + b0 * H, H, ws_t + b0 * W + 3 * H, W);
+          gru_b_rows(t, b0, b1, xp_t, hin, ws_t, y_t);
+        }
+      }
+    });
+    std::memcpy(h_n, y + (T_ - 1) * B * H, sizeof(T) * size_t(B * H));
+    return;
+  }
+
   for (int64_t t = 0; t < T_; ++t) {
 #if defined(RNNREC_HAVE_AVX2_TU)
     if constexpr (std::is_same<T, float>::value) {
@@ -1135,47 +1213,14 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     }
     whh.run(B, hin, H, hp, hp_cols);
     if (!gru) {
-      for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b)) {
-            K.rnn_fwd(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, y_t + b * H, relu);
-          } else {
-            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
-          }
-        }
-      });
+      for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_rows(t, b0, b1, xp_t, y_t); });
     } else if (reset_after) {
-      for_rows(B, 12 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b)) {
-            K.gru_fwd_ra(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, hin + b * H, ws_t + b * W, y_t + b * H);
-          } else {
-            std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
-            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
-          }
-        }
-      });
+      for_rows(B, 12 * H, [&](int64_t b0, int64_t b1) { gru_ra_rows(t, b0, b1, xp_t, hin, ws_t, y_t); });
     } else {
-      for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b))
-            K.gru_fwd_a(H, xp_t + b * ldxp, hp + b * hp_cols, bi, bh, hin + b * H, ws_t + b * W, rh + b * H);
-          else
-            std::fill(rh + b * H, rh + (b + 1) * H, T(0));
-        }
-      });
+      for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) { gru_a_rows(t, b0, b1, xp_t, hin, ws_t); });
       // hn = W_hn (r * h_prev), straight into the workspace's hn slot.
       whn.run(B, rh, H, ws_t + 3 * H, W);
-      for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (m.active(t, b)) {
-            K.gru_fwd_b(H, xp_t + b * ldxp, bi, bh, hin + b * H, ws_t + b * W, y_t + b * H);
-          } else {
-            std::fill(ws_t + b * W, ws_t + (b + 1) * W, T(0));
-            std::fill(y_t + b * H, y_t + (b + 1) * H, T(0));
-          }
-        }
-      });
+      for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_b_rows(t, b0, b1, xp_t, hin, ws_t, y_t); });
     }
     for (int64_t b = 0; b < B; ++b)
       if (m.active(t, b)) cur[b] = y_t + b * H;
