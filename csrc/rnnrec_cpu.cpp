@@ -1272,6 +1272,18 @@ struct View3 {
           copy_row(dst, src, C);
       }
   }
+  // Row b of step t as C contiguous values: the data itself where they are (sc == 1), else a copy
+  // in scratch (C values).
+  const T* row(int64_t t, int64_t b, int64_t C, T* scratch) const {
+    const T* src = p + t * st + b * sb;
+    if (sc == 1) return src;
+    if (sc == 0) {
+      std::fill(scratch, scratch + C, src[0]);
+      return scratch;
+    }
+    copy_row(scratch, src, C);
+    return scratch;
+  }
   bool rows_uniform(int64_t B) const { return sc == 1 && (st == B * sb || B == 1); }
   // The C values of one row at src (sc apart) into dst, contiguous.
   void copy_row(T* dst, const T* src, int64_t C) const {
@@ -1401,75 +1413,117 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   T* dh = gh0;
   std::memcpy(dh, ghn, sizeof(T) * B * H);
 
+  // Step t's gate gradients on rows [b0, b1), by mode (gyr(b): row b of gy at step t; dgx_t and
+  // hin_t the step's rows in this chunk's buffers), and dh_prev = (partial, already in dh) +
+  // carry on those rows: zero where the state was reset; inactive rows pass dh through unchanged.
+  const auto rnn_bwd_rows = [&](int64_t t, int64_t b0, int64_t b1, const auto& gyr, T* dgx_t) {
+    const T* y_t = y + t * B * H;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b))
+        K.rnn_bwd(H, dh + b * H, gyr(b), y_t + b * H, dgx_t + b * GH, relu);
+      else
+        std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+    }
+  };
+  const auto gru_ra_bwd_rows = [&](int64_t t, int64_t b0, int64_t b1, const auto& gyr, T* dgx_t) {
+    const T* ws_t = ws + t * B * W;
+    T* dgh = dgh_step.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b)) {
+        K.gru_bwd_ra(H, dh + b * H, gyr(b), h_prev(t, b), ws_t + b * W, dgx_t + b * GH, dgh + b * GH);
+      } else {
+        std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+        std::fill(dgh + b * GH, dgh + (b + 1) * GH, T(0));
+      }
+    }
+  };
+  const auto gru_bwd_1_rows = [&](int64_t t, int64_t b0, int64_t b1, const auto& gyr, T* dgx_t, T* hin_t) {
+    const T* ws_t = ws + t * B * W;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b)) {
+        K.gru_bwd_1(H, dh + b * H, gyr(b), h_prev(t, b), ws_t + b * W, dgx_t + b * GH);
+      } else {
+        std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
+        std::fill(hin_t + b * H, hin_t + (b + 1) * H, T(0));
+      }
+    }
+  };
+  const auto gru_bwd_2_rows = [&](int64_t t, int64_t b0, int64_t b1, T* dgx_t, T* hin_t) {
+    const T* ws_t = ws + t * B * W;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b))
+        K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH, hin_t + b * H);
+    }
+  };
+  const auto dh_rows = [&](int64_t t, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (!m.active(t, b)) continue;
+      T* dr = dh + b * H;
+      if (m.reset(t, b)) {
+        std::fill(dr, dr + H, T(0));
+      } else {
+        const T* c = carry.data() + b * H;
+        for (int64_t j = 0; j < H; ++j) dr[j] = dr[j] + c[j];
+      }
+    }
+  };
+  // Several threads, every row active and none reset, the step products on our kernels: each
+  // thread runs a chunk's steps for its own rows (a row's dh needs no other row's), as the forward
+  // does (row_threads), instead of parallel regions for each step; the chunk's input and weight
+  // gradients stay one product each.
+  const int64_t bwd_threads = m.len == nullptr && m.rst == nullptr && wc.ours() && (wn.N == 0 || wn.ours())
+                                  ? row_threads(B, H, GH) : 1;
+  const int64_t bwd_rows = (((B + bwd_threads - 1) / bwd_threads) + 7) / 8 * 8;
+
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
-    for (int64_t t = t1 - 1; t >= t0; --t) {
+    if (bwd_threads > 1) {
+      at::parallel_for(0, (B + bwd_rows - 1) / bwd_rows, 1, [&](int64_t k0, int64_t k1) {
+        const int64_t b0 = k0 * bwd_rows, b1 = std::min(B, k1 * bwd_rows), n = b1 - b0;
+        Buf<T> gy_row(H);
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const auto gyr = [&](int64_t b) { return gy.row(t, b, H, gy_row.data()); };
+          T* dgx_t = dgx + (t - t0) * B * GH;
+          if (!gru) {
+            rnn_bwd_rows(t, b0, b1, gyr, dgx_t);
+            wc.run(n, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
+          } else if (reset_after) {
+            gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t);
+            wc.run(n, dgh_step.data() + b0 * GH, GH, carry.data() + b0 * H, H);
+          } else {
+            T* hin_t = hin_buf.data() + (t - t0) * B * H;
+            gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t);
+            wn.run(n, dgx_t + b0 * GH + 2 * H, GH, drh.data() + b0 * H, H);
+            gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t);
+            wc.run(n, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
+          }
+          dh_rows(t, b0, b1);
+        }
+      });
+    }
+    for (int64_t t = t1 - 1; t >= t0 && bwd_threads <= 1; --t) {
       const T* gy_t = gy.step(t, B, H, gy_rows.data());
-      const T* ws_t = ws + t * B * W;
+      const auto gyr = [&](int64_t b) { return gy_t + b * H; };
       T* dgx_t = dgx + (t - t0) * B * GH;
       const bool any = m.any_active(t);
       if (!gru) {
-        const T* y_t = y + t * B * H;
-        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            if (m.active(t, b))
-              K.rnn_bwd(H, dh + b * H, gy_t + b * H, y_t + b * H, dgx_t + b * GH, relu);
-            else
-              std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
-          }
-        });
+        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_bwd_rows(t, b0, b1, gyr, dgx_t); });
         if (!any) continue;
         wc.run(B, dgx_t, GH, carry.data(), H);
       } else if (reset_after) {
-        T* dgh = dgh_step.data();
-        for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            if (m.active(t, b)) {
-              K.gru_bwd_ra(H, dh + b * H, gy_t + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH, dgh + b * GH);
-            } else {
-              std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
-              std::fill(dgh + b * GH, dgh + (b + 1) * GH, T(0));
-            }
-          }
-        });
+        for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) { gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t); });
         if (!any) continue;
-        wc.run(B, dgh, GH, carry.data(), H);
+        wc.run(B, dgh_step.data(), GH, carry.data(), H);
       } else {
         T* hin_t = hin_buf.data() + (t - t0) * B * H;
-        for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            if (m.active(t, b)) {
-              K.gru_bwd_1(H, dh + b * H, gy_t + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH);
-            } else {
-              std::fill(dgx_t + b * GH, dgx_t + (b + 1) * GH, T(0));
-              std::fill(hin_t + b * H, hin_t + (b + 1) * H, T(0));
-            }
-          }
-        });
+        for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) { gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t); });
         if (!any) continue;
         // d(r * h_prev) = dn_pre @ W_hn
         wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
-        for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            if (m.active(t, b))
-              K.gru_bwd_2(H, dh + b * H, drh.data() + b * H, h_prev(t, b), ws_t + b * W, dgx_t + b * GH,
-                          hin_t + b * H);
-          }
-        });
+        for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t); });
         wc.run(B, dgx_t, GH, carry.data(), H);
       }
-      // dh_prev = (partial, already in dh) + carry; zero where the state was reset; inactive rows
-      // pass dh through unchanged.
-      for (int64_t b = 0; b < B; ++b) {
-        if (!m.active(t, b)) continue;
-        T* dr = dh + b * H;
-        if (m.reset(t, b)) {
-          std::fill(dr, dr + H, T(0));
-        } else {
-          const T* c = carry.data() + b * H;
-          for (int64_t j = 0; j < H; ++j) dr[j] = dr[j] + c[j];
-        }
-      }
+      dh_rows(t, 0, B);
     }
 
     // This chunk's input and weight gradients: one product each over its R rows (the recurrent

@@ -572,8 +572,8 @@ def test_threads_give_the_same_bits(mode, reset_after, H, extras):
     transposed-A weight gradients' runs the packed kernel on AVX2 machines too, split over rows):
     two threads give exactly the one-thread results, forward and backward (each element is
     computed by the same code in the same order). Without lengths or resets (plain) the forward
-    splits the rows over the threads for all its steps (forward_impl, row_threads: 160 rows as
-    80 + 80)."""
+    splits the rows over the threads for all its steps, and the backward for each chunk's steps
+    (forward_impl, backward_impl, row_threads: 160 rows as 80 + 80)."""
     if not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
         pytest.skip("the C++ extension is not built")
     gen = torch.Generator().manual_seed(21)
