@@ -1152,11 +1152,10 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     }
   };
 
-  // Several threads, every row active and none reset, every product on our kernels (the same bits
+  // Several threads, every row active (resets allowed), every product on our kernels (the same bits
   // for any rows): each thread runs every step for its own rows, which need no other row's state,
   // instead of a parallel region for each step's product and another for its pointwise pass.
-  if (!chunked && m.len == nullptr && m.rst == nullptr && whh.ours() && (whn.N == 0 || whn.ours()) &&
-      row_threads(B, hp_cols, H) > 1) {
+  if (!chunked && m.len == nullptr && whh.ours() && (whn.N == 0 || whn.ours()) && row_threads(B, hp_cols, H) > 1) {
     const int64_t per = (B + row_threads(B, hp_cols, H) - 1) / row_threads(B, hp_cols, H);
     const int64_t rows = (per + 7) / 8 * 8;  // whole 8-row blocks of the micro-kernel
     at::parallel_for(0, (B + rows - 1) / rows, 1, [&](int64_t k0, int64_t k1) {
@@ -1166,6 +1165,18 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
         T* y_t = y + t * B * H;
         const T* xp_t = xp + t * B * ldxp;
         const T* hin = t == 0 ? h0 : y_t - B * H;
+        bool reset = false;
+        for (int64_t b = b0; b < b1 && !reset; ++b) reset = m.reset(t, b);
+        if (reset) {  // this thread's rows of the state entering the step, zero where a row resets
+          T* dst = hin_buf.data();
+          for (int64_t b = b0; b < b1; ++b) {
+            if (m.reset(t, b))
+              std::fill(dst + b * H, dst + (b + 1) * H, T(0));
+            else
+              std::memcpy(dst + b * H, hin + b * H, sizeof(T) * H);
+          }
+          hin = dst;
+        }
         whh.run(n, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
         if (!gru) {
           rnn_rows(t, b0, b1, xp_t, y_t);
@@ -1467,12 +1478,11 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
       }
     }
   };
-  // Several threads, every row active and none reset, the step products on our kernels: each
+  // Several threads, every row active (resets allowed), the step products on our kernels: each
   // thread runs a chunk's steps for its own rows (a row's dh needs no other row's), as the forward
   // does (row_threads), instead of parallel regions for each step; the chunk's input and weight
   // gradients stay one product each.
-  const int64_t bwd_threads = m.len == nullptr && m.rst == nullptr && wc.ours() && (wn.N == 0 || wn.ours())
-                                  ? row_threads(B, H, GH) : 1;
+  const int64_t bwd_threads = m.len == nullptr && wc.ours() && (wn.N == 0 || wn.ours()) ? row_threads(B, H, GH) : 1;
   const int64_t bwd_rows = (((B + bwd_threads - 1) / bwd_threads) + 7) / 8 * 8;
 
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {

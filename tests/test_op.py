@@ -563,7 +563,7 @@ def test_opcheck_python_twins(backend):
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward_py.default, bargs, test_utils=utils)
 
 
-@pytest.mark.parametrize("extras", ["both", None], ids=["masks", "plain"])
+@pytest.mark.parametrize("extras", ["both", "resets", None], ids=["masks", "resets", "plain"])
 @pytest.mark.parametrize("H", [128, 48])
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_threads_give_the_same_bits(mode, reset_after, H, extras):
@@ -571,7 +571,7 @@ def test_threads_give_the_same_bits(mode, reset_after, H, extras):
     of the pointwise passes, the weight-gradient GEMMs; at H = 48 every product but the
     transposed-A weight gradients' runs the packed kernel on AVX2 machines too, split over rows):
     two threads give exactly the one-thread results, forward and backward (each element is
-    computed by the same code in the same order). Without lengths or resets (plain) the forward
+    computed by the same code in the same order). Without lengths (resets, plain) the forward
     splits the rows over the threads for all its steps, and the backward for each chunk's steps
     (forward_impl, backward_impl, row_threads: 160 rows as 80 + 80)."""
     if not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
