@@ -598,11 +598,15 @@ inline bool mkl_takes(int64_t M, int64_t N, int64_t K, bool ta = false) {
   return (K >= 512 && K * N > limit && M * K > limit) || (ta && K >= 64 && M * N > limit);
 }
 
+// Whether gemm_any may run a float product on our kernels at all (else ATen/BLAS).
+inline bool gemm_any_ours(bool ta, int64_t M, int64_t N, int64_t K) {
+  return M >= 48 && N >= 8 && K > 0 && fast_gemm() != nullptr && !mkl_takes(M, N, K, ta);
+}
 // Whether gemm_any runs a float product as the packed one (op(B) packed in K chunks of
 // k_chunk(K, kPackKC), each chunk's product by packed_rows): M large enough to amortise packing
 // op(B), and (AVX2 only) where that beats MKL (below).
 inline bool gemm_any_packs(bool ta, bool tb, int64_t M, int64_t N, int64_t K) {
-  return M >= 48 && N >= 8 && K > 0 && fast_gemm() != nullptr && !mkl_takes(M, N, K, ta) &&
+  return gemm_any_ours(ta, M, N, K) &&
          ((avx512_enabled() && avx512_packed_pays(M, K, N)) ||
           (avx2_packed_pays(K, N) && (!ta || avx2_packed_pays(K, M))) || (!ta && tb && K <= 256 && M >= 4096));
 }
@@ -616,27 +620,25 @@ void gemm_any(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int
               T* C, int64_t ldc, bool acc = false) {
   if constexpr (std::is_same<T, float>::value) {
     const GemmKernels* g = fast_gemm();
-    if (M >= 48 && N >= 8 && K > 0 && g != nullptr && !mkl_takes(M, N, K, ta)) {
-      if (gemm_any_packs(ta, tb, M, N, K)) {
-        const int64_t KC = k_chunk(K, kPackKC);
-        Buf<float> pk(g->packed_size(KC, N));
-        for (int64_t kc = 0; kc < K; kc += KC) {
-          const int64_t kb = std::min(KC, K - kc);
-          g->pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
-          if (ta)
-            packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), acc || kc > 0, C, ldc);
-          else
-            packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), acc || kc > 0, C, ldc);
-        }
-        return;
+    if (gemm_any_packs(ta, tb, M, N, K)) {
+      const int64_t KC = k_chunk(K, kPackKC);
+      Buf<float> pk(g->packed_size(KC, N));
+      for (int64_t kc = 0; kc < K; kc += KC) {
+        const int64_t kb = std::min(KC, K - kc);
+        g->pack_b(tb, kb, N, tb ? B + kc : B + kc * ldb, ldb, pk.data());
+        if (ta)
+          packed_rows(M, N, kb, A + kc * lda, 1, lda, pk.data(), acc || kc > 0, C, ldc);
+        else
+          packed_rows(M, N, kb, A + kc, lda, 1, pk.data(), acc || kc > 0, C, ldc);
       }
-      if (!tb && avx512_enabled() && g->gemm_direct != nullptr) {
-        // AVX-512, a row-major op(B) too large to pack for these rows: the kernel reads it in place
-        // (the backward's input gradient per chunk at H = 512, 128 x 512 x 1536: ~2.1 ms against
-        // MKL's ~2.7 in standalone timings on the Zen 4 VM, where MKL runs its AVX2 path)
-        fast_rows(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, acc, C, ldc);
-        return;
-      }
+      return;
+    }
+    if (gemm_any_ours(ta, M, N, K) && !tb && avx512_enabled() && g->gemm_direct != nullptr) {
+      // AVX-512, a row-major op(B) too large to pack for these rows: the kernel reads it in place
+      // (the backward's input gradient per chunk at H = 512, 128 x 512 x 1536: ~2.1 ms against
+      // MKL's ~2.7 in standalone timings on the Zen 4 VM, where MKL runs its AVX2 path)
+      fast_rows(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, acc, C, ldc);
+      return;
     }
   }
   gemm_rm<T>(ta, tb, M, N, K, A, lda, B, ldb, acc ? T(1) : T(0), C, ldc);
@@ -996,6 +998,8 @@ inline int64_t row_threads(int64_t B, int64_t N, int64_t K) {
   if (at::get_num_threads() <= 1 || at::in_parallel_region() || double(B) * double(N) * double(K) < 5.0e5) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 8));
 }
+// The rows each of `threads` takes: its share rounded up to whole 8-row blocks of the micro-kernel.
+inline int64_t thread_rows(int64_t B, int64_t threads) { return ((B + threads - 1) / threads + 7) / 8 * 8; }
 
 // Inference of one step (T = 1, no workspace kept) of a GRU (reset_after, as torch.nn's) or an Elman
 // RNN, every row active and none reset, where both products run on our packed kernels: the rows in
@@ -1112,6 +1116,19 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   const StepW<T> whn(true, H, gru && !reset_after ? H : 0, w_hh + 2 * H * H, H, B, T_);
   for (int64_t b = 0; b < B; ++b) cur[b] = h0 + b * H;
 
+  // The state entering step t for rows [b0, b1) into hin_buf: row b from src(b), zero where the
+  // row resets or is inactive.
+  const auto gather_state = [&](int64_t t, int64_t b0, int64_t b1, const auto& src) {
+    T* dst = hin_buf.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m.active(t, b) && !m.reset(t, b))
+        std::memcpy(dst + b * H, src(b), sizeof(T) * H);
+      else
+        std::fill(dst + b * H, dst + (b + 1) * H, T(0));
+    }
+    return static_cast<const T*>(dst);
+  };
+
   // Step t's pointwise work on rows [b0, b1), whose recurrent product is in hp (Cho's form: up to
   // its second product, which gru_b's rows read from the workspace): the state entering the step
   // at hin (rows H apart), xp_t its input projections, ws_t and y_t its outputs.
@@ -1155,9 +1172,10 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   // Several threads, every row active (resets allowed), every product on our kernels (the same bits
   // for any rows): each thread runs every step for its own rows, which need no other row's state,
   // instead of a parallel region for each step's product and another for its pointwise pass.
-  if (!chunked && m.len == nullptr && whh.ours() && (whn.N == 0 || whn.ours()) && row_threads(B, hp_cols, H) > 1) {
-    const int64_t per = (B + row_threads(B, hp_cols, H) - 1) / row_threads(B, hp_cols, H);
-    const int64_t rows = (per + 7) / 8 * 8;  // whole 8-row blocks of the micro-kernel
+  const int64_t threads = !chunked && m.len == nullptr && whh.ours() && (whn.N == 0 || whn.ours())
+                              ? row_threads(B, hp_cols, H) : 1;
+  if (threads > 1) {
+    const int64_t rows = thread_rows(B, threads);
     at::parallel_for(0, (B + rows - 1) / rows, 1, [&](int64_t k0, int64_t k1) {
       const int64_t b0 = k0 * rows, b1 = std::min(B, k1 * rows), n = b1 - b0;
       for (int64_t t = 0; t < T_; ++t) {
@@ -1167,15 +1185,9 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
         const T* hin = t == 0 ? h0 : y_t - B * H;
         bool reset = false;
         for (int64_t b = b0; b < b1 && !reset; ++b) reset = m.reset(t, b);
-        if (reset) {  // this thread's rows of the state entering the step, zero where a row resets
-          T* dst = hin_buf.data();
-          for (int64_t b = b0; b < b1; ++b) {
-            if (m.reset(t, b))
-              std::fill(dst + b * H, dst + (b + 1) * H, T(0));
-            else
-              std::memcpy(dst + b * H, hin + b * H, sizeof(T) * H);
-          }
-          hin = dst;
+        if (reset) {  // (this thread's rows)
+          const T* prev = hin;
+          hin = gather_state(t, b0, b1, [&](int64_t b) { return prev + b * H; });
         }
         whh.run(n, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
         if (!gru) {
@@ -1212,16 +1224,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       continue;
     }
     const T* hin = t == 0 ? h0 : y_t - B * H;  // every row active (so active at t - 1) and no reset
-    if (!m.all_plain(t)) {
-      T* dst = hin_buf.data();
-      for (int64_t b = 0; b < B; ++b) {
-        if (m.active(t, b) && !m.reset(t, b))
-          std::memcpy(dst + b * H, cur[b], sizeof(T) * H);
-        else
-          std::fill(dst + b * H, dst + (b + 1) * H, T(0));
-      }
-      hin = dst;
-    }
+    if (!m.all_plain(t)) hin = gather_state(t, 0, B, [&](int64_t b) { return cur[b]; });
     whh.run(B, hin, H, hp, hp_cols);
     if (!gru) {
       for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_rows(t, b0, b1, xp_t, y_t); });
@@ -1483,7 +1486,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // does (row_threads), instead of parallel regions for each step; the chunk's input and weight
   // gradients stay one product each.
   const int64_t bwd_threads = m.len == nullptr && wc.ours() && (wn.N == 0 || wn.ours()) ? row_threads(B, H, GH) : 1;
-  const int64_t bwd_rows = (((B + bwd_threads - 1) / bwd_threads) + 7) / 8 * 8;
+  const int64_t bwd_rows = thread_rows(B, bwd_threads);
 
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
@@ -1510,30 +1513,31 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
           dh_rows(t, b0, b1);
         }
       });
-    }
-    for (int64_t t = t1 - 1; t >= t0 && bwd_threads <= 1; --t) {
-      const T* gy_t = gy.step(t, B, H, gy_rows.data());
-      const auto gyr = [&](int64_t b) { return gy_t + b * H; };
-      T* dgx_t = dgx + (t - t0) * B * GH;
-      const bool any = m.any_active(t);
-      if (!gru) {
-        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_bwd_rows(t, b0, b1, gyr, dgx_t); });
-        if (!any) continue;
-        wc.run(B, dgx_t, GH, carry.data(), H);
-      } else if (reset_after) {
-        for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) { gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t); });
-        if (!any) continue;
-        wc.run(B, dgh_step.data(), GH, carry.data(), H);
-      } else {
-        T* hin_t = hin_buf.data() + (t - t0) * B * H;
-        for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) { gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t); });
-        if (!any) continue;
-        // d(r * h_prev) = dn_pre @ W_hn
-        wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
-        for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t); });
-        wc.run(B, dgx_t, GH, carry.data(), H);
+    } else {
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        const T* gy_t = gy.step(t, B, H, gy_rows.data());
+        const auto gyr = [&](int64_t b) { return gy_t + b * H; };
+        T* dgx_t = dgx + (t - t0) * B * GH;
+        const bool any = m.any_active(t);
+        if (!gru) {
+          for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_bwd_rows(t, b0, b1, gyr, dgx_t); });
+          if (!any) continue;
+          wc.run(B, dgx_t, GH, carry.data(), H);
+        } else if (reset_after) {
+          for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) { gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t); });
+          if (!any) continue;
+          wc.run(B, dgh_step.data(), GH, carry.data(), H);
+        } else {
+          T* hin_t = hin_buf.data() + (t - t0) * B * H;
+          for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) { gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t); });
+          if (!any) continue;
+          // d(r * h_prev) = dn_pre @ W_hn
+          wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
+          for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t); });
+          wc.run(B, dgx_t, GH, carry.data(), H);
+        }
+        dh_rows(t, 0, B);
       }
-      dh_rows(t, 0, B);
     }
 
     // This chunk's input and weight gradients: one product each over its R rows (the recurrent
