@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnrec_fast
 from rnnrec_fast import backends
@@ -83,7 +84,7 @@ def make_call(case, impl):
     ref = build_torch(case)
     x, h = inputs(case)
     if impl == "onnxruntime":
-        if onnxruntime is None or case.kind != "GRU" or case.train:
+        if onnxruntime is None or case.kind != "GRU" or case.train or case.packed:
             pytest.skip("onnxruntime column: GRU inference only, needs onnxruntime installed")
         call = onnx_session(ref, x, h)
 
@@ -100,12 +101,24 @@ def make_call(case, impl):
         if backend == "numba" and not backends.available("numba"):
             pytest.skip("numba backend unavailable")
         module = rnnrec_fast.from_torch(ref, backend=backend)
+    # packed cases: the PackedSequence is made once for inference, in each training step (its
+    # graph is the step's); both implementations take the same one
+    lengths = case.lengths() if case.packed else None
+
+    def pack(t):
+        return pack_padded_sequence(t, lengths, batch_first=True, enforce_sorted=False)
+
     if not case.train:
         module.eval()
         ref.eval()
-        call = (lambda: module(x, h))
+        feed = pack(x) if case.packed else x
+        call = (lambda: module(feed, h))
         if module is not ref:
-            check_against_torch(case, call, lambda: ref(x, h))
+            if case.packed:  # (the output's data and h_n)
+                check_against_torch(case, lambda: (call()[0].data, call()[1]),
+                                    lambda: (ref(feed, h)[0].data, ref(feed, h)[1]))
+            else:
+                check_against_torch(case, call, lambda: ref(x, h))
         return call, module
     x = x.clone().requires_grad_()
 
@@ -113,9 +126,9 @@ def make_call(case, impl):
         params = list(m.parameters())
 
         def step():
-            out = m(x, h)
+            out = m(pack(x) if case.packed else x, h)
             y = out[0] if isinstance(out, tuple) else out
-            return torch.autograd.grad(y.sum(), params + [x])
+            return torch.autograd.grad((y.data if case.packed else y).sum(), params + [x])
         return step
 
     step = training_step(module)

@@ -15,6 +15,14 @@ class Case:
     target: float | None = None  # issue 3: median ratio torch.nn / ours
     layers: int = 1
     bidirectional: bool = False
+    packed: bool = False  # a PackedSequence of B sessions of lengths drawn in 1..T (lengths())
+
+    def lengths(self):
+        """The packed cases' session lengths: uniform in 1..T (one of length T), a fixed draw."""
+        import torch
+        lengths = torch.randint(1, self.T + 1, (self.B,), generator=torch.Generator().manual_seed(2))
+        lengths[0] = self.T
+        return lengths
 
     @property
     def flops(self) -> float:
@@ -27,6 +35,8 @@ class Case:
         for layer in range(self.layers):
             inputs = self.H if layer == 0 else D * self.H
             fwd += D * 2.0 * gates * self.H * (inputs + self.H) * self.B * self.T
+        if self.packed:  # the steps the sessions have, not the padded T of each
+            fwd *= float(self.lengths().sum()) / (self.B * self.T)
         return 3 * fwd if self.train else fwd
 
 
@@ -45,6 +55,9 @@ CASES = [
     Case("GRU inference, serving step, 2 layers", "GRU", 1, 1, 100, layers=2),
     Case("GRU inference, 2 layers bidirectional", "GRU", 32, 20, 100, layers=2, bidirectional=True),
     Case("GRU training, 2 layers bidirectional", "GRU", 32, 20, 100, train=True, layers=2, bidirectional=True),
+    # sessions of different lengths as a PackedSequence (pack_padded_sequence, enforce_sorted=False)
+    Case("GRU inference, packed sessions of 1-20 clicks", "GRU", 32, 20, 100, packed=True),
+    Case("GRU training, packed sessions of 1-20 clicks", "GRU", 32, 20, 100, train=True, packed=True),
 ]
 
 # issue 4: the Numba CPU backend beside torch.nn and the C++ backend

@@ -957,6 +957,20 @@ struct StepMasks {
       if (!active(t, b) || reset(t, b)) return false;
     return true;
   }
+  // Lengths that never increase from a row to the next, and no resets (a PackedSequence's sorted
+  // batch, as the modules pass it): the rows active at step t are the first live(t), and each of
+  // them was active at t - 1, so the state entering step t is h0 or y[t - 1] as it stands for them.
+  inline bool prefix() const {
+    if (len == nullptr || rst != nullptr) return false;
+    for (int64_t b = 1; b < B; ++b)
+      if (len[b] > len[b - 1]) return false;
+    return true;
+  }
+  inline int64_t live(int64_t t) const {  // (prefix() only)
+    int64_t n = B;
+    while (n > 0 && len[n - 1] <= t) --n;
+    return n;
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -1090,18 +1104,25 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
 
   T* xp = gru ? ws : y;
   const int64_t ldxp = gru ? W : H;
-  bool chunked = false;
+  // Lengths that never increase (m.prefix(): a PackedSequence's sorted batch) and our packed
+  // kernels: each step's input projections are made for its live rows only, with W_ih packed once
+  // (the padding's, up to half of the product at uniformly drawn lengths, are not made).
+  const bool prefix = m.prefix();
+  bool chunked = false, live_rows = false;
 #if defined(RNNREC_HAVE_AVX2_TU)
   std::unique_ptr<PackedNT> proj;
   if constexpr (std::is_same<T, float>::value) {
     if (chunk > 0) {  // (projection_chunk's, from infer_layers)
       chunked = true;
       proj.reset(new PackedNT(GH, I, w_ih, I));
+    } else if (prefix && fast_gemm() != nullptr && I > 0) {
+      live_rows = true;
+      proj.reset(new PackedNT(GH, I, w_ih, I));
     }
   }
 #endif
   TORCH_INTERNAL_ASSERT(chunked || chunk == 0, "rnnrec_fast cpp: a chunked workspace for an unchunked forward");
-  if (!chunked) gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
+  if (!chunked && !live_rows) gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
   int64_t c0 = 0, c1 = T_;  // the steps whose projections xp holds (from its start)
 
   SmallBuf<T> hp_buf(B * hp_cols);
@@ -1224,8 +1245,16 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
       continue;
     }
     const T* hin = t == 0 ? h0 : y_t - B * H;  // every row active (so active at t - 1) and no reset
-    if (!m.all_plain(t)) hin = gather_state(t, 0, B, [&](int64_t b) { return cur[b]; });
-    whh.run(B, hin, H, hp, hp_cols);
+    if (!prefix && !m.all_plain(t)) hin = gather_state(t, 0, B, [&](int64_t b) { return cur[b]; });
+    // (with prefix, the products take the live rows only: what follows reads no other row of
+    // their outputs, and their rows' values are the same for any rows the product takes)
+    const int64_t live = prefix ? m.live(t) : B;
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if constexpr (std::is_same<T, float>::value) {
+      if (live_rows) proj->run(live, x + t * B * I, I, xp + (t - c0) * B * ldxp, ldxp);
+    }
+#endif
+    whh.run(live, hin, H, hp, hp_cols);
     if (!gru) {
       for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_rows(t, b0, b1, xp_t, y_t); });
     } else if (reset_after) {
@@ -1233,7 +1262,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     } else {
       for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) { gru_a_rows(t, b0, b1, xp_t, hin, ws_t); });
       // hn = W_hn (r * h_prev), straight into the workspace's hn slot.
-      whn.run(B, rh, H, ws_t + 3 * H, W);
+      whn.run(live, rh, H, ws_t + 3 * H, W);
       for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_b_rows(t, b0, b1, xp_t, hin, ws_t, y_t); });
     }
     for (int64_t b = 0; b < B; ++b)
@@ -1486,6 +1515,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // does (row_threads), instead of parallel regions for each step; the chunk's input and weight
   // gradients stay one product each.
   const int64_t bwd_threads = m.len == nullptr && wc.ours() && (wn.N == 0 || wn.ours()) ? row_threads(B, H, GH) : 1;
+  const bool prefix = m.prefix();
   const int64_t bwd_rows = thread_rows(B, bwd_threads);
 
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
@@ -1519,22 +1549,25 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         const auto gyr = [&](int64_t b) { return gy_t + b * H; };
         T* dgx_t = dgx + (t - t0) * B * GH;
         const bool any = m.any_active(t);
+        // (lengths that never increase: the products take the step's live rows only, the others'
+        // carry and d(r * h_prev) being read nowhere, as in the forward)
+        const int64_t live = prefix ? m.live(t) : B;
         if (!gru) {
           for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_bwd_rows(t, b0, b1, gyr, dgx_t); });
           if (!any) continue;
-          wc.run(B, dgx_t, GH, carry.data(), H);
+          wc.run(live, dgx_t, GH, carry.data(), H);
         } else if (reset_after) {
           for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) { gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t); });
           if (!any) continue;
-          wc.run(B, dgh_step.data(), GH, carry.data(), H);
+          wc.run(live, dgh_step.data(), GH, carry.data(), H);
         } else {
           T* hin_t = hin_buf.data() + (t - t0) * B * H;
           for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) { gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t); });
           if (!any) continue;
           // d(r * h_prev) = dn_pre @ W_hn
-          wn.run(B, dgx_t + 2 * H, GH, drh.data(), H);
+          wn.run(live, dgx_t + 2 * H, GH, drh.data(), H);
           for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t); });
-          wc.run(B, dgx_t, GH, carry.data(), H);
+          wc.run(live, dgx_t, GH, carry.data(), H);
         }
         dh_rows(t, 0, B);
       }

@@ -139,7 +139,8 @@ def _opcheck_both(args):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 @pytest.mark.parametrize("layout", ["time_major", "batch_first"])
-@pytest.mark.parametrize("lengths", [[30, 25, 7, 0, 29], [30, 25, 9, 12, 29]], ids=["len0", "chunk_edge"])
+@pytest.mark.parametrize("lengths", [[30, 25, 7, 0, 29], [30, 25, 9, 12, 29], [30, 29, 25, 7, 0], [30, 29, 12, 9, 9]],
+                         ids=["len0", "chunk_edge", "sorted_len0", "sorted_chunk_edge"])
 def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, lengths):
     """x past a row's length is padding: NaN / inf there gives the outputs and gradients (grad_x
     zero there, finite grad_w_ih) of zero padding (grad_w_ih was NaN: 0 * NaN). Long enough
@@ -149,7 +150,8 @@ def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, 
     steps, [10, 30) then [0, 10)), so that chunk holds exactly one padded step (from a mutation
     review: `t1 > min_len` -> `t1 - 1 > min_len` in backward_impl gave a NaN grad_w_ih, and len0
     passed). Nor is the h0 of a row of length 0, which only passes through to h_n: NaN / inf there
-    made grad_w_hh NaN (0 * NaN in its step-0 product; from a review of the numba backend)."""
+    made grad_w_hh NaN (0 * NaN in its step-0 product; from a review of the numba backend). The
+    sorted cases (lengths that never increase) take the C++ kernels' live-rows products."""
     gen = torch.Generator().manual_seed(21)
     T, B, I, H = 30, 5, 3, 4
     x, h0, w_ih, w_hh, b_ih, b_hh, _, resets = make_inputs(T, B, I, H, mode, True, "resets", torch.float64, gen)
@@ -172,6 +174,56 @@ def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, 
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not results[0][2][pad].any()  # grad_x at the padding
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sorted_lengths_match_the_same_rows_unsorted(backend, mode, reset_after, dtype, threads):
+    """Lengths that never increase from a row to the next (a PackedSequence's sorted batch, as the
+    modules pass it): the C++ kernels then run each step's products, the input projections
+    included, on its live rows only. The outputs and every gradient are those of the same rows in
+    a shuffled order (the general masked path), row for row, and the float64 reference's. Steps
+    of many live counts, a row of length 0, a live count of 1 and two last steps where none is
+    live; B = 40 for products of several register blocks."""
+    gen = torch.Generator().manual_seed(case_seed("sorted_lengths", backend, mode, reset_after, str(dtype), threads))
+    T, B, I, H = 11, 40, 6, 20
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", dtype, gen)
+    w_ih, w_hh = w_ih * 0.4, w_hh * 0.4  # (states of order 1 over the steps, relu's too)
+    lengths = torch.randint(2, T - 3, (B,), generator=gen).sort(descending=True).values
+    lengths[0], lengths[1], lengths[-1] = T - 2, T - 3, 0  # steps T-3 (one live row), T-2, T-1 (none)
+    assert (lengths[1:] <= lengths[:-1]).all()
+    perm = torch.randperm(B, generator=gen)
+    inv = torch.argsort(perm)
+    gy = torch.randn(T, B, H, generator=gen, dtype=torch.float64)
+    gh = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for order, back in ((torch.arange(B), torch.arange(B)), (perm, inv)):
+            leaves = [x.index_select(1, order).requires_grad_(), h0.index_select(0, order).requires_grad_()] + [
+                t.clone().requires_grad_() for t in (w_ih, w_hh, b_ih, b_hh)]
+            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths.index_select(0, order), None, mode,
+                                                         reset_after, backend)
+            grads = torch.autograd.grad((y * gy.index_select(1, order).to(dtype)).sum()
+                                        + (h_n * gh.index_select(0, order).to(dtype)).sum(), leaves)
+            results.append([y.detach().index_select(1, back), h_n.detach().index_select(0, back),
+                            grads[0].index_select(1, back), grads[1].index_select(0, back), *grads[2:]])
+    finally:
+        torch.set_num_threads(before)
+    names = ["y", "h_n", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    for name, a, b in zip(names, *results):  # (float32: to 1e-5 of the tensor's scale, as assert_grad_close)
+        scale = 1e-12 if dtype == torch.float64 else 1e-5 * max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=0, atol=scale, msg=lambda m, name=name: f"{name}: {m}")
+    ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [lengths, None]
+    ry, rh, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    assert_close(results[0][0].double(), ry, dtype, "output")
+    assert_close(results[0][1].double(), rh, dtype, "h_n")
+    ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
+    for name, g, rg in zip(names[2:], results[0][2:], ref_grads):
+        assert_grad_close(g, rg, dtype, name)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
