@@ -1518,6 +1518,60 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   const bool prefix = m.prefix();
   const int64_t bwd_rows = thread_rows(B, bwd_threads);
 
+  // A chunk's input and weight gradients over its `live` rows active (with lengths; at uniformly
+  // drawn ones about half of them, a PackedSequence's padding the rest): their rows of dgx (and for
+  // Cho's form of r * h_prev) moved together in place, in (step, row) order, x's and h_prev's
+  // gathered beside them, each product over those rows, and the input gradients scattered back
+  // (zero at the others). The same sums as over every row without the zero rows.
+  Buf<T> live_gx(m.len != nullptr ? Tc * B * I : 0), live_hp(m.len != nullptr ? Tc * B * H : 0);
+  Buf<T> live_x(m.len != nullptr ? Tc * B * I : 0);
+  std::vector<int64_t> live_src;
+  const auto live_products = [&](int64_t t0, int64_t t1, int64_t live, bool acc) {
+    live_src.clear();
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < B; ++b) {
+        if (!m.active(t, b)) continue;
+        const int64_t i = int64_t(live_src.size()), src = (t - t0) * B + b;
+        live_src.push_back(t * B + b);
+        if (i != src) {
+          std::memmove(dgx + i * GH, dgx + src * GH, sizeof(T) * GH);
+          if (gru && !reset_after) std::memmove(hin_buf.data() + i * H, hin_buf.data() + src * H, sizeof(T) * H);
+        }
+        T* xi = live_x.data() + i * I;
+        const T* xr = x.row(t, b, I, xi);  // (xi itself where x is strided)
+        if (xr != xi) std::memcpy(xi, xr, sizeof(T) * I);
+        std::memcpy(live_hp.data() + i * H, h_prev(t, b), sizeof(T) * H);
+      }
+    if (wi_once)
+      wi.run(live, dgx, GH, live_gx.data(), I);
+    else
+      gemm_any<T>(false, false, live, I, GH, dgx, GH, w_ih, I, live_gx.data(), I);
+    for (int64_t t = t0, i = 0; t < t1; ++t)
+      for (int64_t b = 0; b < B; ++b) {
+        T* dst = gx + (t * B + b) * I;
+        if (m.active(t, b))
+          std::memcpy(dst, live_gx.data() + (i++) * I, sizeof(T) * I);
+        else
+          std::fill(dst, dst + I, T(0));
+      }
+    gemm_any<T>(true, false, GH, I, live, dgx, GH, live_x.data(), I, gw_ih, I, acc);
+    add_col_sums<T>(live, GH, dgx, GH, sum_i.data());
+    if (!gru) {
+      gemm_any<T>(true, false, H, H, live, dgx, GH, live_hp.data(), H, gw_hh, H, acc);
+    } else if (reset_after) {  // (dn * r in place, as below)
+      for (int64_t i = 0; i < live; ++i) {
+        T* dn = dgx + i * GH + 2 * H;
+        const T* r = ws + live_src[i] * W;
+        for (int64_t j = 0; j < H; ++j) dn[j] = dn[j] * r[j];
+      }
+      add_col_sums<T>(live, H, dgx + 2 * H, GH, sum_n.data());
+      gemm_any<T>(true, false, GH, H, live, dgx, GH, live_hp.data(), H, gw_hh, H, acc);
+    } else {
+      gemm_any<T>(true, false, 2 * H, H, live, dgx, GH, live_hp.data(), H, gw_hh, H, acc);
+      gemm_any<T>(true, false, H, H, live, dgx + 2 * H, GH, hin_buf.data(), H, gw_hh + 2 * H * H, H, acc);
+    }
+  };
+
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
     if (bwd_threads > 1) {
@@ -1577,6 +1631,18 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     // weights' two where step 0 reads h0).
     const bool acc = t1 < T_;
     const T* ws_c = ws + t0 * B * W;
+    // With lengths, a chunk holding rows past their length: the products take its live rows only
+    // (live_products); the others' gradients are zero.
+    int64_t live = R;
+    if (m.len != nullptr && t1 > min_len) {
+      live = 0;
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t b = 0; b < B; ++b) live += m.active(t, b) ? 1 : 0;
+    }
+    if (live < R) {
+      live_products(t0, t1, live, acc);
+      continue;
+    }
     if (wi_once)
       wi.run(R, dgx, GH, gx + t0 * B * I, I);
     else
