@@ -29,9 +29,9 @@ from .backends import reference
 _BACKENDS = ops.BACKENDS
 
 try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer, InferPlan); None without the extension
-    from ._C import InferPlan as _InferPlan
+    from ._C import InferPlan as _InferPlan, pad_packed_sorted as _pad_packed_sorted
 except Exception:  # (as ops.py: not built, or failed to load)
-    _InferPlan = None
+    _InferPlan = _pad_packed_sorted = None
 _FAST_BACKENDS = ("auto", "cpp")
 
 _is_compiling = torch.compiler.is_compiling
@@ -918,8 +918,13 @@ def _pad_packed(input):
     (_packed_rows) that take the padded output back to packed order. One index_copy (its gradient
     one index_select), where torch's pad_packed_sequence copies a slice per distinct length, each a
     node of the graph whose backward clones the whole gradient (B32 T20 H100, 15 lengths: ~1 ms of
-    a ~4 ms training step)."""
+    a ~4 ms training step). Where nothing records the padding (no gradient to the data, no trace,
+    dispatch or function mode), the same in one C++ call (_C.pad_packed_sorted)."""
     data, batch_sizes = input[0], input[1]
+    if (_pad_packed_sorted is not None and data.device.type == "cpu" and data.is_floating_point()
+            and not (data.requires_grad and torch.is_grad_enabled()) and not _calls_observed()
+            and _unrecorded(data, batch_sizes)):  # (nothing for autograd or a trace to see: in C++)
+        return _pad_packed_sorted(data, batch_sizes)
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
     rows, live = _packed_rows(batch_sizes, None, T, B, data.device)
     x = data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, data.shape[1])

@@ -156,6 +156,44 @@ def test_from_torch_and_modes():
         rnnrec_fast.from_torch(nn.LSTM(2, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("shape", [(6, 5, 3), (1, 4, 2), (7, 1, 3), (2, 3, 1)], ids=["B6T5", "B1", "T1", "I1"])
+def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
+    """Where nothing records a PackedSequence's padding for autograd, the modules pad it in C++
+    (_C.pad_packed_sorted): the same padded data, lengths and packed rows as their Python path, bit
+    for bit, for fresh lengths (sorted or not, a full one, ones of 1); a module's packed inference
+    then gives torch.nn's outputs; malformed batch sizes are refused by name."""
+    from rnnrec_fast import modules
+    if modules._pad_packed_sorted is None:
+        pytest.skip("the C++ extension is not built")
+    B, T, I = shape
+    torch.manual_seed(case_seed("pad_packed", str(dtype), shape))
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[torch.randint(0, B, ())] = T
+    x = torch.randn(B, T, I).to(dtype)
+    for enforce_sorted in (False, True):
+        lens = lengths.sort(descending=True).values if enforce_sorted else lengths
+        packed = pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=enforce_sorted)
+        got = modules._pad_packed(packed)
+        with monkeypatch.context() as mp:
+            mp.setattr(modules, "_pad_packed_sorted", None)
+            want = modules._pad_packed(packed)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    if I > 0 and dtype != torch.bfloat16:
+        ref = nn.GRU(I, 4, batch_first=True, dtype=dtype)
+        ours = rnnrec_fast.from_torch(ref)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        with torch.inference_mode():
+            (out, h), (out_ref, h_ref) = ours(packed), ref(packed)
+        assert_close(out.data, out_ref.data, dtype, "packed output")
+        assert_close(h, h_ref, dtype, "h_n")
+    with pytest.raises(ValueError, match="non-increasing"):
+        modules._pad_packed_sorted(torch.zeros(3, 2), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="sum to 3"):
+        modules._pad_packed_sorted(torch.zeros(4, 2), torch.tensor([2, 1]))
+
+
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
