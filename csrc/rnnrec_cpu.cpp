@@ -1014,6 +1014,36 @@ inline int64_t row_threads(int64_t B, int64_t N, int64_t K) {
 }
 // The rows each of `threads` takes: its share rounded up to whole 8-row blocks of the micro-kernel.
 inline int64_t thread_rows(int64_t B, int64_t threads) { return ((B + threads - 1) / threads + 7) / 8 * 8; }
+// The rows of a recurrence split over `threads` (row_threads) as [bounds[k], bounds[k + 1]): whole
+// 8-row blocks of the micro-kernel, thread_rows() each; with lengths that never increase
+// (m.prefix(), the first rows the longest), about equal shares of the summed lengths instead, the
+// boundaries the block ends nearest to them (32 sessions of 1-20 steps: 8 + 24 rows, where 16 + 16
+// gave the first thread ~3/4 of the steps).
+inline std::vector<int64_t> thread_bounds(int64_t B, int64_t threads, const StepMasks& m, bool prefix) {
+  std::vector<int64_t> bounds{0};
+  if (!prefix) {
+    const int64_t rows = thread_rows(B, threads);
+    for (int64_t b = rows; b < B; b += rows) bounds.push_back(b);
+  } else {
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; ++b) total += m.len[b];
+    int64_t b = 0, cum = 0;
+    for (int64_t k = 1; k < threads; ++k) {
+      const double share = double(total) * double(k) / double(threads);
+      while (b < B) {
+        const int64_t e = std::min(B, b + 8);
+        int64_t add = 0;
+        for (int64_t i = b; i < e; ++i) add += m.len[i];
+        if (std::abs(double(cum + add) - share) > std::abs(double(cum) - share)) break;
+        cum += add;
+        b = e;
+      }
+      if (b > bounds.back() && b < B) bounds.push_back(b);
+    }
+  }
+  bounds.push_back(B);
+  return bounds;
+}
 
 // Inference of one step (T = 1, no workspace kept) of a GRU (reset_after, as torch.nn's) or an Elman
 // RNN, every row active and none reset, where both products run on our packed kernels: the rows in
@@ -1193,12 +1223,14 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   // Several threads, every row active (resets allowed), every product on our kernels (the same bits
   // for any rows): each thread runs every step for its own rows, which need no other row's state,
   // instead of a parallel region for each step's product and another for its pointwise pass.
-  const int64_t threads = !chunked && m.len == nullptr && whh.ours() && (whn.N == 0 || whn.ours())
+  // (with lengths that never increase too: each thread's live rows are the first of its own, as
+  // in the one-thread path below; the rows split by their lengths, thread_bounds)
+  const int64_t threads = !chunked && (m.len == nullptr || prefix) && whh.ours() && (whn.N == 0 || whn.ours())
                               ? row_threads(B, hp_cols, H) : 1;
   if (threads > 1) {
-    const int64_t rows = thread_rows(B, threads);
-    at::parallel_for(0, (B + rows - 1) / rows, 1, [&](int64_t k0, int64_t k1) {
-      const int64_t b0 = k0 * rows, b1 = std::min(B, k1 * rows), n = b1 - b0;
+    const std::vector<int64_t> bounds = thread_bounds(B, threads, m, prefix);
+    at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t k0, int64_t k1) {
+      const int64_t b0 = bounds[k0], b1 = bounds[k1], n = b1 - b0;
       for (int64_t t = 0; t < T_; ++t) {
         T* ws_t = ws + t * B * W;
         T* y_t = y + t * B * H;
@@ -1210,19 +1242,32 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
           const T* prev = hin;
           hin = gather_state(t, b0, b1, [&](int64_t b) { return prev + b * H; });
         }
-        whh.run(n, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
+        const int64_t live = prefix ? std::min(n, std::max<int64_t>(0, m.live(t) - b0)) : n;
+        if (live > 0) {
+#if defined(RNNREC_HAVE_AVX2_TU)
+          if constexpr (std::is_same<T, float>::value) {
+            if (live_rows) proj->run(live, x + (t * B + b0) * I, I, xp + (t * B + b0) * ldxp, ldxp);
+          }
+#endif
+          whh.run(live, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
+        }
         if (!gru) {
           rnn_rows(t, b0, b1, xp_t, y_t);
         } else if (reset_after) {
           gru_ra_rows(t, b0, b1, xp_t, hin, ws_t, y_t);
         } else {
           gru_a_rows(t, b0, b1, xp_t, hin, ws_t);
-          whn.run(n, rh + b0 * H, H, ws_t + b0 * W + 3 * H, W);
+          if (live > 0) whn.run(live, rh + b0 * H, H, ws_t + b0 * W + 3 * H, W);
           gru_b_rows(t, b0, b1, xp_t, hin, ws_t, y_t);
         }
       }
     });
-    std::memcpy(h_n, y + (T_ - 1) * B * H, sizeof(T) * size_t(B * H));
+    if (!prefix) {
+      std::memcpy(h_n, y + (T_ - 1) * B * H, sizeof(T) * size_t(B * H));
+    } else {  // each row's state after its last step (h0 for a row of length 0)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(h_n + b * H, m.len[b] > 0 ? y + ((m.len[b] - 1) * B + b) * H : h0 + b * H, sizeof(T) * H);
+    }
     return;
   }
 
@@ -1514,9 +1559,10 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // thread runs a chunk's steps for its own rows (a row's dh needs no other row's), as the forward
   // does (row_threads), instead of parallel regions for each step; the chunk's input and weight
   // gradients stay one product each.
-  const int64_t bwd_threads = m.len == nullptr && wc.ours() && (wn.N == 0 || wn.ours()) ? row_threads(B, H, GH) : 1;
   const bool prefix = m.prefix();
-  const int64_t bwd_rows = thread_rows(B, bwd_threads);
+  const int64_t bwd_threads =
+      (m.len == nullptr || prefix) && wc.ours() && (wn.N == 0 || wn.ours()) ? row_threads(B, H, GH) : 1;
+  const std::vector<int64_t> bwd_bounds = thread_bounds(B, bwd_threads, m, prefix);
 
   // A chunk's input and weight gradients over its `live` rows active (with lengths; at uniformly
   // drawn ones about half of them, a PackedSequence's padding the rest): their rows of dgx (and for
@@ -1575,24 +1621,25 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
     if (bwd_threads > 1) {
-      at::parallel_for(0, (B + bwd_rows - 1) / bwd_rows, 1, [&](int64_t k0, int64_t k1) {
-        const int64_t b0 = k0 * bwd_rows, b1 = std::min(B, k1 * bwd_rows), n = b1 - b0;
+      at::parallel_for(0, int64_t(bwd_bounds.size()) - 1, 1, [&](int64_t k0, int64_t k1) {
+        const int64_t b0 = bwd_bounds[k0], b1 = bwd_bounds[k1], n = b1 - b0;
         Buf<T> gy_row(H);
         for (int64_t t = t1 - 1; t >= t0; --t) {
           const auto gyr = [&](int64_t b) { return gy.row(t, b, H, gy_row.data()); };
           T* dgx_t = dgx + (t - t0) * B * GH;
+          const int64_t live = prefix ? std::min(n, std::max<int64_t>(0, m.live(t) - b0)) : n;
           if (!gru) {
             rnn_bwd_rows(t, b0, b1, gyr, dgx_t);
-            wc.run(n, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
+            if (live > 0) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
           } else if (reset_after) {
             gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t);
-            wc.run(n, dgh_step.data() + b0 * GH, GH, carry.data() + b0 * H, H);
+            if (live > 0) wc.run(live, dgh_step.data() + b0 * GH, GH, carry.data() + b0 * H, H);
           } else {
             T* hin_t = hin_buf.data() + (t - t0) * B * H;
             gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t);
-            wn.run(n, dgx_t + b0 * GH + 2 * H, GH, drh.data() + b0 * H, H);
+            if (live > 0) wn.run(live, dgx_t + b0 * GH + 2 * H, GH, drh.data() + b0 * H, H);
             gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t);
-            wc.run(n, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
+            if (live > 0) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
           }
           dh_rows(t, b0, b1);
         }

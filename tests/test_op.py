@@ -615,7 +615,7 @@ def test_opcheck_python_twins(backend):
     torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward_py.default, bargs, test_utils=utils)
 
 
-@pytest.mark.parametrize("extras", ["both", "resets", None], ids=["masks", "resets", "plain"])
+@pytest.mark.parametrize("extras", ["both", "resets", None, "sorted"], ids=["masks", "resets", "plain", "sorted"])
 @pytest.mark.parametrize("H", [128, 48])
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_threads_give_the_same_bits(mode, reset_after, H, extras):
@@ -625,11 +625,14 @@ def test_threads_give_the_same_bits(mode, reset_after, H, extras):
     two threads give exactly the one-thread results, forward and backward (each element is
     computed by the same code in the same order). Without lengths (resets, plain) the forward
     splits the rows over the threads for all its steps, and the backward for each chunk's steps
-    (forward_impl, backward_impl, row_threads: 160 rows as 80 + 80)."""
+    (forward_impl, backward_impl, row_threads: 160 rows as 80 + 80); so with lengths that never
+    increase (sorted, a PackedSequence's), the rows split by their summed lengths (thread_bounds)."""
     if not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
         pytest.skip("the C++ extension is not built")
     gen = torch.Generator().manual_seed(21)
-    inputs = make_inputs(4, 160, 64, H, mode, True, extras, torch.float32, gen)
+    inputs = make_inputs(4, 160, 64, H, mode, True, "lengths" if extras == "sorted" else extras, torch.float32, gen)
+    if extras == "sorted":
+        inputs = inputs[:6] + (inputs[6].sort(descending=True).values, None)
     gy = torch.randn(4, 160, H, generator=gen)
     results = []
     before = torch.get_num_threads()
