@@ -1347,19 +1347,6 @@ struct View3 {
     ld = C;
     return scratch;
   }
-  // Steps [t0, t1) as (rows, C) row-major in scratch, zero where row b is past its length len[b]
-  // (padding the forward never read).
-  void steps_active(int64_t t0, int64_t t1, int64_t B, int64_t C, const int64_t* len, T* scratch) const {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = 0; b < B; ++b) {
-        T* dst = scratch + ((t - t0) * B + b) * C;
-        const T* src = p + t * st + b * sb;
-        if (t >= len[b])
-          std::fill(dst, dst + C, T(0));
-        else
-          copy_row(dst, src, C);
-      }
-  }
   // Row b of step t as C contiguous values: the data itself where they are (sc == 1), else a copy
   // in scratch (C values).
   const T* row(int64_t t, int64_t b, int64_t C, T* scratch) const {
@@ -1434,12 +1421,12 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // grad_w_ih takes one product per chunk. (Summed step by step, without this copy, its products
   // had K = B rows, each a pass over the whole of grad_w_ih: at B64 T20 H512, 20 passes over 3 MiB
   // instead of 10, ~88 against ~100 GFLOP/s in standalone timings; the copy is Tc * B * I floats,
-  // 256 KiB there.)
-  // With lengths, x past a row's length is padding the forward never read: a chunk holding such
-  // rows is gathered with zeros there for grad_w_ih (0 * NaN padding made all of it NaN).
+  // 256 KiB there.) With lengths, a chunk holding rows past their length goes to live_products
+  // (below), which gathers x's live rows only: x past a row's length is padding the forward never
+  // read (0 * NaN padding made all of grad_w_ih NaN).
   int64_t min_len = T_;
   for (int64_t b = 0; m.len != nullptr && b < B; ++b) min_len = std::min(min_len, m.len[b]);
-  Buf<T> x_rows(x.rows_uniform(B) && min_len == T_ ? 0 : Tc * B * I);
+  Buf<T> x_rows(x.rows_uniform(B) ? 0 : Tc * B * I);
   std::vector<double> sum_i(GH, 0.0), sum_n(gru && reset_after ? H : 0, 0.0);
   // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
   const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
@@ -1470,17 +1457,13 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   const auto h_prev = [&](int64_t t, int64_t b) -> const T* {
     return m.reset(t, b) || !m.active(t, b) ? zero_row.data() : t == 0 ? h0w + b * H : y + ((t - 1) * B + b) * H;
   };
-  // The same as (rows, H) blocks for the weight gradients of a chunk: y read in place where that is
-  // the same; gathered into hp_rows (allocated only then) where a row resets, or where the first
-  // step past a row's length would read its last output and that is not finite (its zero gradient
-  // times inf or NaN would make the weight gradient NaN; zero times a finite output is zero).
+  // The same as (rows, H) blocks for the weight gradients of a chunk whose rows are all active: y
+  // read in place where that is the same; gathered into hp_rows (allocated only then) where a row
+  // resets. (A chunk with rows past their length takes live_products, which reads only the live
+  // rows' states: never a last output past its length, whose zero gradient times inf or NaN made
+  // the weight gradient NaN, nor x's padding.)
   bool gather = false;
   for (int64_t i = 0; m.rst != nullptr && i < T_ * B && !gather; ++i) gather = m.rst[i];
-  for (int64_t b = 0; m.len != nullptr && b < B && !gather; ++b) {
-    if (m.len[b] <= 0 || m.len[b] >= T_) continue;
-    const T* last = y + ((m.len[b] - 1) * B + b) * H;
-    for (int64_t j = 0; j < H && !gather; ++j) gather = !std::isfinite(last[j]);
-  }
   Buf<T> hp_rows(gather ? Tc * B * H : 0);
   // C (N x H) = (or += with acc) A^T . h_prev rows of steps [t0, t1); A holds (t1 - t0) * B rows, lda apart.
   const auto gemm_hprev = [&](int64_t N, const T* A, int64_t lda, int64_t t0, int64_t t1, T* C, bool acc) {
@@ -1694,14 +1677,9 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
       wi.run(R, dgx, GH, gx + t0 * B * I, I);
     else
       gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
-    if (t1 > min_len) {  // a row of the chunk is past its length
-      x.steps_active(t0, t1, B, I, m.len, x_rows.data());
-      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_rows.data(), I, gw_ih, I, acc);
-    } else {
-      int64_t ldx = 0;
-      const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
-      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
-    }
+    int64_t ldx = 0;
+    const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
+    gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
     add_col_sums<T>(R, GH, dgx, GH, sum_i.data());
     if (!gru) {
       gemm_hprev(H, dgx, GH, t0, t1, gw_hh, acc);

@@ -899,10 +899,11 @@ class _RNNBase(_FastPath):
 
 
 def _packed_rows(batch_sizes, sorted_indices, T, B, device):
-    """For a PackedSequence of T steps over B sequences: each packed row's place in the padded
-    (T, B) layout (original batch order), flattened (t * B + b), in packed order (time major, each
-    step's rows in the sorted batch order, ``batch_sizes[t]`` of them); and the (T, B) mask of the
-    live entries of the sorted batch (CPU, as batch_sizes)."""
+    """For a PackedSequence of T steps over B sequences: each packed row's place in a padded (T, B)
+    layout, flattened (t * B + b), in packed order (time major, each step's rows in the sorted batch
+    order, ``batch_sizes[t]`` of them): the original batch order where ``sorted_indices`` is given,
+    the sorted one where it is None; and the (T, B) mask of the live entries of the sorted batch
+    (CPU, as batch_sizes)."""
     live = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B) on the CPU, as batch_sizes
     if sorted_indices is None:  # (t * B + j: the live entries' places, in order)
         return live.view(-1).nonzero().view(-1).to(device), live
