@@ -115,8 +115,9 @@ def make_call(case, impl):
         call = (lambda: module(feed, h))
         if module is not ref:
             if case.packed:  # (the output's data and h_n)
-                check_against_torch(case, lambda: (call()[0].data, call()[1]),
-                                    lambda: (ref(feed, h)[0].data, ref(feed, h)[1]))
+                def data_and_h(out):
+                    return out[0].data, out[1]
+                check_against_torch(case, lambda: data_and_h(call()), lambda: data_and_h(ref(feed, h)))
             else:
                 check_against_torch(case, call, lambda: ref(x, h))
         return call, module

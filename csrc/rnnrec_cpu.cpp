@@ -971,6 +971,11 @@ struct StepMasks {
     while (n > 0 && len[n - 1] <= t) --n;
     return n;
   }
+  // The rows of [b0, b1) a step's products take: with prefix, the live ones (the first of them);
+  // else all.
+  inline int64_t live_in(int64_t t, int64_t b0, int64_t b1, bool prefix) const {
+    return prefix ? std::min(b1 - b0, std::max<int64_t>(0, live(t) - b0)) : b1 - b0;
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -1220,6 +1225,18 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     }
   };
 
+  // Step t's products on its rows [b0, b0 + live) (hin: the state entering it, rows H apart): the
+  // input projections where they are made step by step (live_rows), then the recurrent product.
+  const auto step_products = [&](int64_t t, int64_t b0, int64_t live, const T* hin) {
+    if (live <= 0) return;
+#if defined(RNNREC_HAVE_AVX2_TU)
+    if constexpr (std::is_same<T, float>::value) {  // (live_rows: never chunked, so xp holds every step)
+      if (live_rows) proj->run(live, x + (t * B + b0) * I, I, xp + (t * B + b0) * ldxp, ldxp);
+    }
+#endif
+    whh.run(live, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
+  };
+
   // Several threads, every row active (resets allowed), every product on our kernels (the same bits
   // for any rows): each thread runs every step for its own rows, which need no other row's state,
   // instead of a parallel region for each step's product and another for its pointwise pass.
@@ -1230,7 +1247,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   if (threads > 1) {
     const std::vector<int64_t> bounds = thread_bounds(B, threads, m, prefix);
     at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t k0, int64_t k1) {
-      const int64_t b0 = bounds[k0], b1 = bounds[k1], n = b1 - b0;
+      const int64_t b0 = bounds[k0], b1 = bounds[k1];
       for (int64_t t = 0; t < T_; ++t) {
         T* ws_t = ws + t * B * W;
         T* y_t = y + t * B * H;
@@ -1242,15 +1259,8 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
           const T* prev = hin;
           hin = gather_state(t, b0, b1, [&](int64_t b) { return prev + b * H; });
         }
-        const int64_t live = prefix ? std::min(n, std::max<int64_t>(0, m.live(t) - b0)) : n;
-        if (live > 0) {
-#if defined(RNNREC_HAVE_AVX2_TU)
-          if constexpr (std::is_same<T, float>::value) {
-            if (live_rows) proj->run(live, x + (t * B + b0) * I, I, xp + (t * B + b0) * ldxp, ldxp);
-          }
-#endif
-          whh.run(live, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
-        }
+        const int64_t live = m.live_in(t, b0, b1, prefix);
+        step_products(t, b0, live, hin);
         if (!gru) {
           rnn_rows(t, b0, b1, xp_t, y_t);
         } else if (reset_after) {
@@ -1293,13 +1303,8 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     if (!prefix && !m.all_plain(t)) hin = gather_state(t, 0, B, [&](int64_t b) { return cur[b]; });
     // (with prefix, the products take the live rows only: what follows reads no other row of
     // their outputs, and their rows' values are the same for any rows the product takes)
-    const int64_t live = prefix ? m.live(t) : B;
-#if defined(RNNREC_HAVE_AVX2_TU)
-    if constexpr (std::is_same<T, float>::value) {
-      if (live_rows) proj->run(live, x + t * B * I, I, xp + (t - c0) * B * ldxp, ldxp);
-    }
-#endif
-    whh.run(live, hin, H, hp, hp_cols);
+    const int64_t live = m.live_in(t, 0, B, prefix);
+    step_products(t, 0, live, hin);
     if (!gru) {
       for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_rows(t, b0, b1, xp_t, y_t); });
     } else if (reset_after) {
@@ -1439,23 +1444,14 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   const bool wi_once = avx2_packed_pays(GH, I);
   const StepW<T> wi(false, GH, wi_once ? I : 0, w_ih, I, Tc * B, (T_ + Tc - 1) / Tc);
 
-  // A row of length 0 never read its h0, which may hold anything (a fresh buffer): it enters the
-  // weight gradients as zeros (its zero gradients times NaN are NaN), as x's padding does.
-  Buf<T> h0_rows(m.len != nullptr && min_len == 0 ? B * H : 0);
-  const T* h0w = h0;
-  if (h0_rows.data() != nullptr) {
-    for (int64_t b = 0; b < B; ++b) {
-      T* dst = h0_rows.data() + b * H;
-      if (m.len[b] == 0) std::fill(dst, dst + H, T(0));
-      else std::memcpy(dst, h0 + b * H, sizeof(T) * H);
-    }
-    h0w = h0_rows.data();
-  }
+  // (A row of length 0 never read its h0, which may hold anything, a fresh buffer: its zero
+  // gradients times NaN would be NaN. Every chunk from step 0 then holds an inactive row and goes
+  // to live_products, which reads the live rows' states only.)
   // The state entering step t, row b (not saved by the forward): zero where the row resets or the
   // step is inactive, else h0 at t = 0 and y[t - 1] after (as the reference's prev_states).
   const std::vector<T> zero_row(size_t(H), T(0));
   const auto h_prev = [&](int64_t t, int64_t b) -> const T* {
-    return m.reset(t, b) || !m.active(t, b) ? zero_row.data() : t == 0 ? h0w + b * H : y + ((t - 1) * B + b) * H;
+    return m.reset(t, b) || !m.active(t, b) ? zero_row.data() : t == 0 ? h0 + b * H : y + ((t - 1) * B + b) * H;
   };
   // The same as (rows, H) blocks for the weight gradients of a chunk whose rows are all active: y
   // read in place where that is the same; gathered into hp_rows (allocated only then) where a row
@@ -1476,7 +1472,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     } else if (t0 > 0) {
       gemm_any<T>(true, false, N, H, R, A, lda, y + (t0 - 1) * B * H, H, C, H, acc);
     } else {  // step 0 from h0, the others from y
-      gemm_any<T>(true, false, N, H, B, A, lda, h0w, H, C, H, acc);
+      gemm_any<T>(true, false, N, H, B, A, lda, h0, H, C, H, acc);
       if (R > B) gemm_any<T>(true, false, N, H, R - B, A + B * lda, lda, y, H, C, H, true);
     }
   };
@@ -1605,12 +1601,12 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
     if (bwd_threads > 1) {
       at::parallel_for(0, int64_t(bwd_bounds.size()) - 1, 1, [&](int64_t k0, int64_t k1) {
-        const int64_t b0 = bwd_bounds[k0], b1 = bwd_bounds[k1], n = b1 - b0;
+        const int64_t b0 = bwd_bounds[k0], b1 = bwd_bounds[k1];
         Buf<T> gy_row(H);
         for (int64_t t = t1 - 1; t >= t0; --t) {
           const auto gyr = [&](int64_t b) { return gy.row(t, b, H, gy_row.data()); };
           T* dgx_t = dgx + (t - t0) * B * GH;
-          const int64_t live = prefix ? std::min(n, std::max<int64_t>(0, m.live(t) - b0)) : n;
+          const int64_t live = m.live_in(t, b0, b1, prefix);
           if (!gru) {
             rnn_bwd_rows(t, b0, b1, gyr, dgx_t);
             if (live > 0) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
@@ -1635,7 +1631,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         const bool any = m.any_active(t);
         // (lengths that never increase: the products take the step's live rows only, the others'
         // carry and d(r * h_prev) being read nowhere, as in the forward)
-        const int64_t live = prefix ? m.live(t) : B;
+        const int64_t live = m.live_in(t, 0, B, prefix);
         if (!gru) {
           for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_bwd_rows(t, b0, b1, gyr, dgx_t); });
           if (!any) continue;
@@ -2659,7 +2655,6 @@ bool has_call_slot(py::handle cls) {
   return PyType_Check(cls.ptr()) && reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_call == module_call_slot;
 }
 
-// out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
 // A PackedSequence's data (N, C) padded to (T, B, C) in its sorted batch order (step t's rows are
 // its first batch_sizes[t], zeros after them), each sorted entry's length (B,), and each packed
 // row's place t * B + j among the padded rows (N,): the modules' padding of a PackedSequence where
@@ -2707,6 +2702,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_packed_sorted(const at::Tenso
   return {x, lengths, rows};
 }
 
+// out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
 // float32 CPU rows (at most 8) on a CPU with the vector kernels and without autograd to record go
 // to few_rows_nt (the catalogue streamed once, split over threads); anything else to ATen.
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& b) {
