@@ -468,6 +468,21 @@ def test_packed_sequence_with_a_zero_batch_size_is_refused():
             m(packed)
 
 
+def test_packed_sequence_with_indices_of_another_batch_is_refused():
+    """sorted_indices / unsorted_indices of another size than the batch (batch_sizes[0]) are refused
+    by name (the modules permute hx and h_n with them), not run on rows that are not there."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    m = rnnrec_fast.GRU(3, 4)
+    good = pack_padded_sequence(torch.randn(3, 3, 3), torch.tensor([2, 3, 1]), enforce_sorted=False)
+    for i, name in ((2, "sorted_indices"), (3, "unsorted_indices")):
+        fields = list(good)
+        fields[i] = torch.arange(2)
+        with pytest.raises(ValueError, match=f"{name} must hold one index per sequence"):
+            m(PackedSequence(*fields))
+    m(good)  # (the well-formed one runs)
+
+
 def _backend_args(T=3, B=2, I=4, H=5):
     a = good(T=T, B=B, I=I, H=H)
     return [a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None, None, 2, True]
