@@ -1846,9 +1846,13 @@ T* infer_scratch(int64_t n, Buf<T>& own) {
 // (T, B, H) sequence of its own whose steps are then written back in time order beside the forward
 // one's (the layer's output is (T, B, 2H)). That is the general path's arithmetic (an op call per
 // direction on the flipped input, then flip and cat): the same kernels on the same rows, the same bits.
+// With lengths (B,) that never increase (a PackedSequence's sorted batch, infer_packed), row b
+// runs its first lengths[b] steps (StepMasks::prefix: each step's products on its live rows); the
+// reverse direction then reverses each row's own steps (modules._reverse_index), its padding
+// zero, and h_n holds each row's state after its last step.
 template <typename T>
 void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, const T* hx, const at::Tensor* const* w,
-                  int64_t per_layer, int mode, bool reset_after, T* y, T* h_n) {
+                  int64_t per_layer, int mode, bool reset_after, T* y, T* h_n, const int64_t* lengths = nullptr) {
   const int64_t T_ = d0.T, B = d0.B, H = d0.H, DH = dirs * H;
   Buf<T> own_ws(0);
   // (a chunked workspace holds at most 2 * chunk - 1 steps, see forward_impl; a layer's chunking
@@ -1875,6 +1879,10 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
   }
   StepMasks m;
   m.B = B;
+  m.len = lengths;
+  // step t of row b in the reverse direction's time: the row's own steps turned round
+  const auto rev_step = [&](int64_t t, int64_t b) { return lengths == nullptr ? T_ - 1 - t : lengths[b] - 1 - t; };
+  const auto rev_row = [&](int64_t t, int64_t b) { return lengths == nullptr || t < lengths[b]; };
   const T* in = x;
   Dims d = d0;
   for (int64_t l = 0; l < layers; ++l) {
@@ -1893,17 +1901,31 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
         continue;
       }
       const T* src = in;
-      if (dir == 1) {
+      if (dir == 1 && lengths == nullptr) {
         for (int64_t t = 0; t < T_; ++t)
           std::memcpy(rev_in.data() + t * row, in + (T_ - 1 - t) * row, sizeof(T) * size_t(row));
+        src = rev_in.data();
+      } else if (dir == 1) {
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t b = 0; b < B; ++b) {
+            T* to = rev_in.data() + t * row + b * d.I;
+            if (rev_row(t, b))
+              std::memcpy(to, in + rev_step(t, b) * row + b * d.I, sizeof(T) * size_t(d.I));
+            else
+              std::fill(to, to + d.I, T(0));
+          }
         src = rev_in.data();
       }
       forward_impl<T>(d, src, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after,
                       dir_out.data(), h_n + k * B * H, ws, projection_chunk<T>(d, mode), false);
       for (int64_t t = 0; t < T_; ++t) {
-        const T* from = dir_out.data() + (dir == 1 ? T_ - 1 - t : t) * B * H;
-        for (int64_t b = 0; b < B; ++b)
-          std::memcpy(out + (t * B + b) * DH + dir * H, from + b * H, sizeof(T) * size_t(H));
+        for (int64_t b = 0; b < B; ++b) {
+          T* to = out + (t * B + b) * DH + dir * H;
+          if (dir == 0 || rev_row(t, b))
+            std::memcpy(to, dir_out.data() + ((dir == 1 ? rev_step(t, b) : t) * B + b) * H, sizeof(T) * size_t(H));
+          else
+            std::fill(to, to + H, T(0));
+        }
       }
     }
     in = out;
@@ -2129,6 +2151,47 @@ bool weights_fit(const at::Tensor* const* weights, int64_t states, int64_t dirs,
   return true;
 }
 
+// RecordFunction observers (the profiler, a global observer) see a fast-path call as an event
+// named after the op, as they would see the op's. (a RecordFunction only where a callback is
+// registered: at::RecordFunction's construction looks the callbacks up too, and its destruction
+// costs as much again)
+void record_infer_call(std::optional<at::RecordFunction>& record, const at::Tensor& input, const at::Tensor* hx) {
+  if (auto callbacks = at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION); C10_UNLIKELY(callbacks.has_value())) {
+    record.emplace(std::move(*callbacks));
+    if (record->isActive()) {
+      const std::vector<c10::IValue> inputs = hx != nullptr && hx->defined() ? std::vector<c10::IValue>{input, *hx}
+                                                                            : std::vector<c10::IValue>{input};
+      at::detail::record_function_with_scope(*record, "rnnrec_fast::recurrence", inputs);
+    }
+  }
+}
+
+// An output of the fast path: CPU memory without the dispatcher round trip of at::empty, small
+// blocks from OutputAllocator's cache. (Under torch.inference_mode the new tensors are inference
+// tensors all the same, as TensorImpl reads the mode.)
+at::Tensor empty_output(at::IntArrayRef size, at::ScalarType dtype) {
+  return at::Tensor(at::detail::empty_generic(size, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                              dtype, std::nullopt));
+}
+
+// run(weights) for a fast-path call whose products take `work` multiply-adds: a large call lets
+// other Python threads run meanwhile (the op path does too), the weights then held by owning
+// references, since another thread could replace a module's parameter.
+template <typename F>
+void with_weights_held(int64_t work, const at::Tensor* const* weights, int64_t nw, const F& run) {
+  if (work < (int64_t(1) << 20)) {
+    run(weights);
+    return;
+  }
+  std::vector<at::Tensor> held;
+  std::vector<const at::Tensor*> ptrs;
+  held.reserve(size_t(nw));
+  for (int64_t k = 0; k < nw; ++k) held.push_back(*weights[k]);
+  for (const auto& t : held) ptrs.push_back(&t);
+  py::gil_scoped_release no_gil;
+  run(ptrs.data());
+}
+
 // The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
 py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
                       int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
@@ -2199,18 +2262,8 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   }
   // Handled from here on: RecordFunction observers (the profiler, a global observer) see the call
   // as an event named after the op, as they would see the op's.
-  // (a RecordFunction only where a callback is registered: at::RecordFunction's construction looks
-  // the callbacks up too, and its destruction costs as much again)
   std::optional<at::RecordFunction> record;
-  if (auto callbacks = at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION); C10_UNLIKELY(callbacks.has_value())) {
-    record.emplace(std::move(*callbacks));
-    if (record->isActive()) {
-      const std::vector<c10::IValue> inputs = hx_in != nullptr && hx_in->defined()
-                                                  ? std::vector<c10::IValue>{input, *hx_in}
-                                                  : std::vector<c10::IValue>{input};
-      at::detail::record_function_with_scope(*record, "rnnrec_fast::recurrence", inputs);
-    }
-  }
+  record_infer_call(record, input, hx_in);
   // The kernel reads x as (T, B, I) rows: a batch_first input is that layout already when T or B
   // is 1; otherwise it is transposed once.
   const at::Tensor* x = &input;
@@ -2220,13 +2273,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   Dims d{T_, B, I, H, G, ws_width(int(mode), H)};
   // Outputs are allocated in the shape the module returns. A cell's new state is its one output
   // step; its h_n goes to scratch. A batch_first output with T, B > 1 is the usual transposed view.
-  // (CPU allocation without the dispatcher round trip of at::empty, small ones from
-  // OutputAllocator's cache; under torch.inference_mode the new tensors are inference tensors all
-  // the same, as TensorImpl reads the mode.)
-  const auto empty = [dtype](at::IntArrayRef size) {
-    return at::Tensor(at::detail::empty_generic(size, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                dtype, std::nullopt));
-  };
+  const auto empty = [dtype](at::IntArrayRef size) { return empty_output(size, dtype); };
   const int64_t DH = dirs * H;
   c10::SmallVector<int64_t, 3> y_size, h_size;
   if (cell)
@@ -2257,28 +2304,15 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (!cell && !h_kept) h_n = empty(h_size);
   const at::Tensor& y_out = y_kept ? THPVariable_Unpack(y_kept.ptr()) : y;
   const at::Tensor& h_out = h_kept ? THPVariable_Unpack(h_kept.ptr()) : h_n;
-  // A large call lets other Python threads run meanwhile (the op path does too); the weights are
-  // then held by owning references, since another thread could replace a module's parameter.
-  const bool release_gil = T_ * B * G * H * (I + H) * states >= (int64_t(1) << 20);
-  std::vector<at::Tensor> held;
-  std::vector<const at::Tensor*> held_ptrs;
-  if (release_gil) {
-    held.reserve(size_t(nw));
-    for (int64_t k = 0; k < nw; ++k) held.push_back(*weights[k]);
-    for (const auto& t : held) held_ptrs.push_back(&t);
-    weights = held_ptrs.data();
-  }
-  {
-    std::optional<py::gil_scoped_release> no_gil;
-    if (release_gil) no_gil.emplace();
+  with_weights_held(T_ * B * G * H * (I + H) * states, weights, nw, [&](const at::Tensor* const* w) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer", [&] {
       Buf<scalar_t> own(0);
       scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_out.data_ptr<scalar_t>();
       infer_layers<scalar_t>(d, layers, dirs, x->data_ptr<scalar_t>(),
-                             hx != nullptr ? hx->data_ptr<scalar_t>() : nullptr, weights, per_layer, int(mode),
+                             hx != nullptr ? hx->data_ptr<scalar_t>() : nullptr, w, per_layer, int(mode),
                              reset_after, y_out.data_ptr<scalar_t>(), hn);
     });
-  }
+  });
   note_cpp_backend_ran();
   if (transposed) y = y.transpose(0, 1);
   // The made outputs are moved into their Python objects (a copy would take the GIL again to drop
@@ -2326,8 +2360,16 @@ struct ModuleCallContext {
   // the two modules' namespaces (borrowed: the modules above keep them), read as dicts: a module
   // attribute lookup goes through the module type's getattr first
   PyObject *nn_module_dict, *forward_ad_dict;
+  py::object packed_cls;  // torch.nn.utils.rnn.PackedSequence: InferPlan's call takes one (infer_packed)
 };
 ModuleCallContext* module_call_ctx = nullptr;
+
+// Whether o is a torch PackedSequence, exactly (a subclass's fields could mean something else)
+inline bool is_packed_sequence(PyObject* o) {
+  const ModuleCallContext* c = module_call_ctx;
+  return c != nullptr && c->packed_cls && reinterpret_cast<PyObject*>(Py_TYPE(o)) == c->packed_cls.ptr() &&
+         PyTuple_Check(o) && PyTuple_GET_SIZE(o) == 4;
+}
 
 // A dict's version: CPython 3.11 and 3.12 give every dict a tag (ma_version_tag) that each
 // insertion, deletion or value change replaces with a new one from a process-wide counter, and a
@@ -2359,8 +2401,9 @@ PyObject* interned(const char* s) {
 }  // namespace
 
 void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::object forward_ad,
-                             py::type module_cls, py::object torch_call) {
+                             py::type module_cls, py::object torch_call, py::object packed_cls) {
   auto* c = new ModuleCallContext();
+  c->packed_cls = std::move(packed_cls);
   c->own_forwards = std::move(own_forwards);
   c->nn_module = std::move(nn_module);
   c->forward_ad = std::move(forward_ad);
@@ -2383,12 +2426,141 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
   module_call_ctx = c;  // (a second call replaces the context; the first is kept: it may be in use)
 }
 
+namespace {
+// A sequence module's inference on a PackedSequence (InferPlan's call with one): the modules'
+// packed branch (_check_packed, _pad_packed, the permuted hx, the op, the gather of the output
+// rows and h_n back to the batch's order) in one C++ call. The data is padded in its sorted batch
+// order, whose lengths never increase (infer_layers then runs each step's products on its live
+// rows); hx is read in that order (hx[:, sorted_indices], as torch.nn permutes it); the output's
+// packed rows are each step's first batch_sizes[t] rows of the padded output, and h_n goes back
+// to the batch's order (h_n[:, unsorted_indices]). Declines (None) all the module's packed branch
+// would refuse or treat otherwise: malformed batch sizes or indices (out-of-range indices too),
+// another dtype or device, a subclass's or non-plain tensors, weights or hx that do not fit; the
+// general path then raises the errors. B32 T20 H100, one thread, Zen 3 VM (ad hoc): the general
+// path's packed inference ~730 us, of which ~180 outside the kernels (Python, the op's dispatch,
+// ATen's index ops).
+py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
+                        int64_t mode, bool reset_after, int64_t layers, int64_t dirs) {
+  const py::object unhandled = py::none();
+  if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
+  const int64_t G = mode == MODE_GRU ? 3 : 1;
+  const int64_t states = layers * dirs;
+  if (layers < 1 || (dirs != 1 && dirs != 2) || nw == 0 || nw % states != 0) return unhandled;
+  const int64_t per_layer = nw / states;
+  if (per_layer != 2 && per_layer != 4) return unhandled;
+  PyObject* f[4];
+  for (int i = 0; i < 4; ++i) f[i] = PyTuple_GET_ITEM(packed, i);
+  const bool perm = f[2] != Py_None;  // (sorted_indices None: the batch was sorted already)
+  if (!THPVariable_CheckExact(f[0]) || !THPVariable_CheckExact(f[1]) || perm != (f[3] != Py_None) ||
+      (perm && (!THPVariable_CheckExact(f[2]) || !THPVariable_CheckExact(f[3]))) ||
+      (hx_obj != Py_None && !THPVariable_CheckExact(hx_obj)))
+    return unhandled;
+  const at::Tensor& data = THPVariable_Unpack(f[0]);
+  const at::Tensor& bs_t = THPVariable_Unpack(f[1]);
+  const auto dtype = data.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || !data.device().is_cpu() || data.layout() != at::kStrided ||
+      data.dim() != 2 || !plain_memory(data) ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
+    return unhandled;
+  const auto index_fits = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kLong && t.device().is_cpu() && t.layout() == at::kStrided && t.dim() == 1 &&
+           t.is_contiguous() && plain_memory(t);
+  };
+  if (!index_fits(bs_t) || bs_t.numel() == 0) return unhandled;
+  const int64_t* bs = bs_t.data_ptr<int64_t>();
+  const int64_t T_ = bs_t.numel(), B = bs[0], N = data.size(0), I = data.size(1);
+  int64_t sum = 0;
+  for (int64_t t = 0; t < T_; ++t) {
+    if (bs[t] < 1 || (t > 0 && bs[t] > bs[t - 1])) return unhandled;
+    sum += bs[t];
+  }
+  if (sum != N || I == 0) return unhandled;
+  const int64_t* sorted = nullptr;
+  const int64_t* unsorted = nullptr;
+  if (perm) {
+    const at::Tensor& si = THPVariable_Unpack(f[2]);
+    const at::Tensor& ui = THPVariable_Unpack(f[3]);
+    if (!index_fits(si) || !index_fits(ui) || si.numel() != B || ui.numel() != B) return unhandled;
+    sorted = si.data_ptr<int64_t>(), unsorted = ui.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      if (sorted[b] < 0 || sorted[b] >= B || unsorted[b] < 0 || unsorted[b] >= B) return unhandled;
+  }
+  const at::Tensor& w_hh0 = *weights[1];
+  if (w_hh0.dim() != 2) return unhandled;
+  const int64_t H = w_hh0.size(1);
+  if (H == 0 || w_hh0.size(0) != G * H || !weights_fit(weights, states, dirs, per_layer, G, I, H, dtype))
+    return unhandled;
+  const at::Tensor* hx = nullptr;
+  if (hx_obj != Py_None) {
+    hx = &THPVariable_Unpack(hx_obj);
+    if (hx->scalar_type() != dtype || !hx->device().is_cpu() || hx->layout() != at::kStrided || hx->dim() != 3 ||
+        hx->size(0) != states || hx->size(1) != B || hx->size(2) != H || !plain_memory(*hx))
+      return unhandled;
+  }
+  // handled from here on
+  std::optional<at::RecordFunction> record;
+  record_infer_call(record, data, hx);
+  const at::Tensor xc = data.contiguous();
+  const at::Tensor hc = hx != nullptr ? hx->contiguous() : at::Tensor();
+  const int64_t DH = dirs * H;
+  at::Tensor out = empty_output({N, DH}, dtype);
+  at::Tensor h_n = empty_output({states, B, H}, dtype);
+  with_weights_held(T_ * B * G * H * (I + H) * states, weights, nw, [&](const at::Tensor* const* w) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "rnnrec_fast_infer_packed", [&] {
+      using S = scalar_t;
+      Buf<S> x(T_ * B * I), y(T_ * B * DH), h0(perm && hx != nullptr ? states * B * H : 0), hs(perm ? states * B * H : 0);
+      std::vector<int64_t> lengths(size_t(B), 0);
+      const S* src = xc.data_ptr<S>();
+      for (int64_t t = 0; t < T_; ++t) {  // step t: its rows, then zeros
+        S* dst = x.data() + t * B * I;
+        std::memcpy(dst, src, sizeof(S) * size_t(bs[t] * I));
+        std::fill(dst + bs[t] * I, dst + B * I, S(0));
+        src += bs[t] * I;
+        for (int64_t j = 0; j < bs[t]; ++j) lengths[size_t(j)] += 1;
+      }
+      const S* h_in = hx != nullptr ? hc.data_ptr<S>() : nullptr;
+      if (perm && h_in != nullptr) {
+        for (int64_t k = 0; k < states; ++k)
+          for (int64_t j = 0; j < B; ++j)
+            std::memcpy(h0.data() + (k * B + j) * H, h_in + (k * B + sorted[j]) * H, sizeof(S) * size_t(H));
+        h_in = h0.data();
+      }
+      S* hn = perm ? hs.data() : h_n.data_ptr<S>();
+      infer_layers<S>(Dims{T_, B, I, H, G, ws_width(int(mode), H)}, layers, dirs, x.data(), h_in, w, per_layer,
+                      int(mode), reset_after, y.data(), hn, lengths.data());
+      S* o = out.data_ptr<S>();
+      for (int64_t t = 0; t < T_; ++t) {  // (packed order: step t's first bs[t] sorted rows)
+        std::memcpy(o, y.data() + t * B * DH, sizeof(S) * size_t(bs[t] * DH));
+        o += bs[t] * DH;
+      }
+      if (perm) {
+        S* h = h_n.data_ptr<S>();
+        for (int64_t k = 0; k < states; ++k)
+          for (int64_t b = 0; b < B; ++b)
+            std::memcpy(h + (k * B + b) * H, hs.data() + (k * B + unsorted[b]) * H, sizeof(S) * size_t(H));
+      }
+    });
+  });
+  note_cpp_backend_ran();
+  PyObject* o = THPVariable_Wrap(std::move(out));
+  if (o == nullptr) throw py::error_already_set();
+  const auto data_out = py::reinterpret_steal<py::object>(o);
+  o = THPVariable_Wrap(std::move(h_n));
+  if (o == nullptr) throw py::error_already_set();
+  const auto h_out = py::reinterpret_steal<py::object>(o);
+  // PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), as the module's
+  const py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
+      data_out, py::handle(f[1]), py::handle(f[2]), py::handle(f[3]));
+  return py::make_tuple(result, h_out);
+}
+}  // namespace
+
 // A module's fast path, bound once to the module's parameter dict (nn.Module._parameters) and
 // the names of its weights in order: a call converts two arguments, takes the weights from the
 // dict (looked up again whenever the dict has changed since the last call, by its dict_version: a
 // replaced, reassigned or swapped parameter is seen at once; the tensors themselves are read at
-// every call, so are changes made in place), and runs infer_impl. Declines (None) what infer_impl
-// declines, non-plain tensors, missing parameters, and calls under torch.jit.trace (which must
+// every call, so are changes made in place), and runs infer_impl (infer_packed for a
+// PackedSequence). Declines (None) what those decline, non-plain tensors, missing parameters, and calls under torch.jit.trace (which must
 // record the op) or a torch dispatch mode: those see the op's call. (The module checks torch
 // function modes before calling the plan: modules._calls_observed.) RecordFunction observers (the
 // profiler, a global observer) see the call as an event named after the op, and the fast path
@@ -2407,7 +2579,8 @@ class InferPlan {
   }
 
   py::object call(py::handle input, py::handle hx) const {
-    if (!THPVariable_CheckExact(input.ptr()) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
+    const bool packed = !cell_ && is_packed_sequence(input.ptr());
+    if ((!packed && !THPVariable_CheckExact(input.ptr())) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
         at::GradMode::is_enabled() || torch::jit::tracer::isTracing() ||
         c10::impl::TorchDispatchModeTLS::any_modes_set())
       return py::none();
@@ -2431,6 +2604,7 @@ class InferPlan {
       if (!THPVariable_Check(p)) return py::none();
       w.push_back(&THPVariable_Unpack(p));
     }
+    if (packed) return infer_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), mode_, reset_after_, layers_, dirs_);
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                       w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
                       &outputs_);
@@ -3270,7 +3444,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("module_call", &rnnrec::InferPlan::module_call, py::arg("module"), py::arg("args"),
            "module(*args) on this plan where the module's call would reach it (see modules._FastPath), else None");
   m.def("set_module_call_context", &rnnrec::set_module_call_context, py::arg("own_forwards"),
-        py::arg("nn_module"), py::arg("forward_ad"), py::arg("module_cls"), py::arg("torch_call"), "what InferPlan.module_call reads besides the module");
+        py::arg("nn_module"), py::arg("forward_ad"), py::arg("module_cls"), py::arg("torch_call"),
+        py::arg("packed_cls") = py::none(), "what InferPlan.module_call reads besides the module");
   m.def("install_call_slot", &rnnrec::install_call_slot, py::arg("classes"), py::arg("py_call"),
         py::arg("call_after"), "give the module classes the C++ call slot (module_call_slot; see modules)");
   m.def("has_call_slot", &rnnrec::has_call_slot, py::arg("cls"), "whether calls of cls's instances start in C++");

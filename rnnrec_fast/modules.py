@@ -264,7 +264,8 @@ class _FastPath(nn.Module):
     call tries it first where no autograd is recorded (the plan itself declines calls with autograd
     on, under torch.jit.trace, on non-plain tensors, other dtypes or devices, or whatever it does
     not handle exactly as the general path would); it is never tried while torch.compile /
-    torch.export trace the call (they must see the op). The plan reads the parameters from the dict at every call, so
+    torch.export trace the call (they must see the op). The C++ plan of a sequence module also
+    takes a PackedSequence (rnnrec_cpu.cpp, infer_packed: the packed branch of forward in one call). The plan reads the parameters from the dict at every call, so
     reassigned, reloaded or swapped parameters are seen at once; it is rebuilt when an attribute
     it depends on changes."""
 
@@ -1134,7 +1135,7 @@ _OWN_FORWARDS = frozenset({_RNNBase.forward, _CellBase.forward})  # (see _FastPa
 if _InferPlan is not None:
     from ._C import set_module_call_context as _set_module_call_context
 
-    _set_module_call_context(tuple(_OWN_FORWARDS), _nn_module, _forward_ad, nn.Module, _TORCH_MODULE_CALL)
+    _set_module_call_context(tuple(_OWN_FORWARDS), _nn_module, _forward_ad, nn.Module, _TORCH_MODULE_CALL, PackedSequence)
 
 
 class RNNCell(_CellBase):

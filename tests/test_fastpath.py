@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -85,7 +86,11 @@ def general_path(module, *args):
     """The same call through the registered op (autograd on, so the fast path declines)."""
     with torch.enable_grad():
         out = module(*args)
-    return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+
+    def detach(o):
+        return PackedSequence(o.data.detach(), *o[1:]) if isinstance(o, PackedSequence) else o.detach()
+
+    return tuple(detach(o) for o in out) if isinstance(out, tuple) else out.detach()
 
 
 SHAPES = [(1, 1), (5, 3), (1, 4), (4, 1)]  # (T, B)
@@ -1296,3 +1301,99 @@ def test_one_step_inference_in_row_blocks(kind, B, num_layers, bidirectional, th
         r_out, r_h = ref(x, hx)
     assert_close(out, r_out, torch.float32, "output vs torch.nn")
     assert_close(h_n, r_h, torch.float32, "h_n vs torch.nn")
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)],
+                         ids=["L1", "L2", "L1bi", "L2bi"])
+@pytest.mark.parametrize("kind", ["GRU", "GRU_cho", "RNN_tanh", "RNN_relu"])
+def test_packed_sequences_in_one_call(spy, kind, num_layers, bidirectional, dtype, threads):
+    """A PackedSequence's inference runs in one C++ call (rnnrec_cpu.cpp, infer_packed: the data
+    padded in its sorted order, hx read in it, the live rows' products, the packed rows and h_n
+    gathered back): the same bits as the general path (the op on the padded input, ATen's index
+    ops) and torch.nn's values, for fresh lengths (unsorted and sorted batches, a length of 1, one
+    of T), with and without hx, bias or not, on one thread and two (rows split by their lengths)."""
+    salt = sum(map(ord, f"{kind}{num_layers}{bidirectional}{dtype}{threads}"))
+    torch.manual_seed(salt)
+    B, T, I, H = 9, 6, 5, 7
+    ref, ours = pair(kind, dtype, input_size=I, hidden_size=H, num_layers=num_layers, bias=salt % 2 == 0,
+                     batch_first=salt % 3 == 0, bidirectional=bidirectional)
+    ours.eval()
+    states = num_layers * (2 if bidirectional else 1)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[salt % B], lengths[(salt + 1) % B] = T, 1
+    x = torch.randn(B, T, I, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for enforce_sorted in (False, True):
+            lens = lengths.sort(descending=True).values if enforce_sorted else lengths
+            packed = pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=enforce_sorted)
+            for hx in (None, torch.randn(states, B, H, dtype=dtype)):
+                spy.update(calls=0, handled=0)
+                with torch.inference_mode():
+                    out, h_n = ours(packed, hx)
+                assert spy == {"calls": 1, "handled": 1}
+                assert rnnrec_fast.last_backend() == "cpp"
+                assert type(out) is PackedSequence
+                for a, b in zip(out[1:], packed[1:]):
+                    assert a is b
+                g_out, g_h = general_path(ours, packed, hx)
+                assert torch.equal(out.data, g_out.data) and torch.equal(h_n, g_h)
+                if ref is not None:
+                    with torch.no_grad():
+                        r_out, r_h = ref(packed, hx)
+                    assert_close(out.data, r_out.data, dtype, "packed output vs torch.nn")
+                    assert_close(h_n, r_h, dtype, "h_n vs torch.nn")
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ext
+def test_packed_sequences_the_plan_does_not_take(spy):
+    """What the packed fast path declines goes to the general path, which refuses it by name (or
+    runs it, as torch.nn does): malformed batch sizes, indices of another size or out of range (the
+    plan reads them by pointer: such an index must never be read; unread, as sorted_indices is
+    without hx, it does not matter, as in torch.nn), hx of the wrong size, another dtype; a
+    PackedSequence subclass runs on the general path; non-contiguous data is copied, then handled."""
+    m = rnnrec_fast.GRU(3, 4)
+    m.eval()
+    good = pack_padded_sequence(torch.randn(3, 4, 3), torch.tensor([2, 4, 1]), batch_first=True,
+                                enforce_sorted=False)
+    hx = torch.randn(1, 3, 4)
+    with torch.inference_mode():
+        want_out, want_h = m(good, hx)
+        bad = [
+            (PackedSequence(good[0], torch.tensor([3, 0, 1, 1, 2]), None, None), None, "batch_sizes must be positive"),
+            (PackedSequence(good[0], torch.tensor([2, 3, 1, 1]), None, None), None, "non-increasing"),
+            (PackedSequence(good[0], torch.tensor([3, 2, 1]), None, None), None, "sum to its data's 7 rows"),
+            (PackedSequence(good[0], good[1], torch.arange(2), torch.arange(2)), None, "one index per sequence"),
+            (PackedSequence(good[0], good[1], torch.tensor([0, 1, 7]), good[3]), hx, "out of DATA bounds, id=7"),
+            (PackedSequence(good[0], good[1], good[2], torch.tensor([-1, 1, 2])), None, "out of DATA bounds, id=-1"),
+            (PackedSequence(good[0].double(), good[1], good[2], good[3]), None, "has dtype torch.float32 but"),
+            (good, torch.zeros(1, 2, 4), "Expected hidden size"),
+        ]
+        for packed, h, match in bad:
+            spy.update(calls=0, handled=0)
+            with pytest.raises(RuntimeError, match=match):
+                m(packed, h)
+            assert spy["handled"] == 0
+        spy.update(calls=0, handled=0)
+        unread = PackedSequence(good[0], good[1], torch.tensor([0, 1, 7]), good[3])  # (no hx: never read)
+        out, h = m(unread)
+        assert spy["handled"] == 0 and torch.equal(h, m(good)[1])
+
+        class Sub(PackedSequence):
+            pass
+
+        spy.update(calls=0, handled=0)
+        out, h = m(Sub(*good), hx)
+        assert spy["handled"] == 0 and torch.equal(out.data, want_out.data) and torch.equal(h, want_h)
+        strided = torch.randn(7, 6)[:, ::2]
+        spy.update(calls=0, handled=0)
+        out, h = m(PackedSequence(strided, good[1], good[2], good[3]), hx)
+        assert spy == {"calls": 1, "handled": 1}
+    out2, h2 = general_path(m, PackedSequence(strided.contiguous(), good[1], good[2], good[3]), hx)
+    assert torch.equal(out.data, out2.data) and torch.equal(h, h2)
