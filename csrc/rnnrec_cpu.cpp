@@ -2829,51 +2829,87 @@ bool has_call_slot(py::handle cls) {
   return PyType_Check(cls.ptr()) && reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_call == module_call_slot;
 }
 
-// A PackedSequence's data (N, C) padded to (T, B, C) in its sorted batch order (step t's rows are
-// its first batch_sizes[t], zeros after them), each sorted entry's length (B,), and each packed
-// row's place t * B + j among the padded rows (N,): the modules' padding of a PackedSequence where
-// nothing records it for autograd (CPU; one copy and one fill a step, ~40-80 us of ATen ops at
-// B32 T20 H100 before). Refuses batch sizes that are not positive, non-increasing and summing to N.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_packed_sorted(const at::Tensor& data, const at::Tensor& batch_sizes) {
-  TORCH_CHECK_VALUE(data.dim() == 2 && data.device().is_cpu() && data.is_floating_point() && data.layout() == at::kStrided,
-                    "rnnrec_fast pad_packed_sorted: data must be a 2-D floating CPU tensor, got ", data.sizes(), " ",
-                    data.scalar_type(), " on ", data.device());
+namespace {
+// A PackedSequence's batch_sizes (checked as pad_packed_sorted / unpad_packed_sorted take them),
+// contiguous: positive, non-increasing, summing to the packed rows N (N < 0: any sum, returned).
+at::Tensor checked_batch_sizes(const char* where, const at::Tensor& batch_sizes, int64_t& N) {
   TORCH_CHECK_VALUE(batch_sizes.dim() == 1 && batch_sizes.numel() > 0 && batch_sizes.scalar_type() == at::kLong &&
                     batch_sizes.device().is_cpu(),
-                    "rnnrec_fast pad_packed_sorted: batch_sizes must be a non-empty 1-D int64 CPU tensor");
-  check_within_storage("rnnrec_fast pad_packed_sorted: ", "data", data);
-  check_within_storage("rnnrec_fast pad_packed_sorted: ", "batch_sizes", batch_sizes);
-  const at::Tensor bsc = batch_sizes.contiguous();
+                    where, "batch_sizes must be a non-empty 1-D int64 CPU tensor");
+  check_within_storage(where, "batch_sizes", batch_sizes);
+  at::Tensor bsc = batch_sizes.contiguous();
   const int64_t* bs = bsc.data_ptr<int64_t>();
-  const int64_t T = bsc.numel(), B = bs[0], N = data.size(0), C = data.size(1);
   int64_t sum = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK_VALUE(bs[t] >= 1 && (t == 0 || bs[t] <= bs[t - 1]),
-                      "rnnrec_fast pad_packed_sorted: batch_sizes must be positive and non-increasing");
+  for (int64_t t = 0; t < bsc.numel(); ++t) {
+    TORCH_CHECK_VALUE(bs[t] >= 1 && (t == 0 || bs[t] <= bs[t - 1]), where,
+                      "batch_sizes must be positive and non-increasing");
     sum += bs[t];
   }
-  TORCH_CHECK_VALUE(sum == N, "rnnrec_fast pad_packed_sorted: batch_sizes sum to ", sum, ", data has ", N, " rows");
+  TORCH_CHECK_VALUE(N < 0 || sum == N, where, "batch_sizes sum to ", sum, ", the packed data has ", N, " rows");
+  N = sum;
+  return bsc;
+}
+}  // namespace
+
+// A PackedSequence's data (N, C) padded to (T, B, C) in its sorted batch order (step t's rows are
+// its first batch_sizes[t], zeros after them), and each sorted entry's length (B,): the modules'
+// padding of a PackedSequence on the CPU (one copy and one fill a step, ~40-80 us of ATen ops at
+// B32 T20 H100 before; with autograd, modules._PackedPad, whose backward is unpad_packed_sorted).
+// Refuses batch sizes that are not positive, non-increasing and summing to N.
+std::tuple<at::Tensor, at::Tensor> pad_packed_sorted(const at::Tensor& data, const at::Tensor& batch_sizes) {
+  const char* where = "rnnrec_fast pad_packed_sorted: ";
+  TORCH_CHECK_VALUE(data.dim() == 2 && data.device().is_cpu() && data.is_floating_point() && data.layout() == at::kStrided,
+                    where, "data must be a 2-D floating CPU tensor, got ", data.sizes(), " ", data.scalar_type(),
+                    " on ", data.device());
+  check_within_storage(where, "data", data);
+  int64_t N = data.size(0);
+  const at::Tensor bsc = checked_batch_sizes(where, batch_sizes, N);
+  const int64_t* bs = bsc.data_ptr<int64_t>();
+  const int64_t T = bsc.numel(), B = bs[0], C = data.size(1);
   const at::Tensor dc = data.contiguous();
   at::Tensor x = empty_pooled({T, B, C}, dc.options());
   at::Tensor lengths = at::zeros({B}, bsc.options());
-  at::Tensor rows = at::empty({N}, bsc.options());
   const size_t row_bytes = size_t(C) * dc.element_size();
   const char* src = static_cast<const char*>(dc.data_ptr());
   char* dst = static_cast<char*>(x.data_ptr());
   int64_t* len = lengths.data_ptr<int64_t>();
-  int64_t* r = rows.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
     if (row_bytes > 0) {
       std::memcpy(dst + size_t(t * B) * row_bytes, src, size_t(bs[t]) * row_bytes);
       std::memset(dst + size_t(t * B + bs[t]) * row_bytes, 0, size_t(B - bs[t]) * row_bytes);  // (0.0 in every float type)
     }
     src += size_t(bs[t]) * row_bytes;
-    for (int64_t j = 0; j < bs[t]; ++j) {
-      len[j] += 1;
-      *r++ = t * B + j;
-    }
+    for (int64_t j = 0; j < bs[t]; ++j) len[j] += 1;
   }
-  return {x, lengths, rows};
+  return {x, lengths};
+}
+
+// The inverse: a padded (T, B, C) sequence in a PackedSequence's sorted batch order back to its
+// packed rows (N, C), step t's first batch_sizes[t] (a copy a step): the modules' output of a
+// PackedSequence, and the gradient of pad_packed_sorted (modules._PackedUnpad / _PackedPad).
+at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch_sizes) {
+  const char* where = "rnnrec_fast unpad_packed_sorted: ";
+  TORCH_CHECK_VALUE(padded.dim() == 3 && padded.device().is_cpu() && padded.is_floating_point() &&
+                    padded.layout() == at::kStrided,
+                    where, "padded must be a 3-D floating CPU tensor, got ", padded.sizes(), " ", padded.scalar_type(),
+                    " on ", padded.device());
+  check_within_storage(where, "padded", padded);
+  int64_t N = -1;
+  const at::Tensor bsc = checked_batch_sizes(where, batch_sizes, N);
+  const int64_t* bs = bsc.data_ptr<int64_t>();
+  const int64_t T = bsc.numel(), B = padded.size(1), C = padded.size(2);
+  TORCH_CHECK_VALUE(padded.size(0) == T && bs[0] == B, where, "padded must be (", T, ", ", bs[0], ", C) for these ",
+                    "batch_sizes, got ", padded.sizes());
+  const at::Tensor pc = padded.contiguous();
+  at::Tensor data = at::empty({N, C}, pc.options());
+  const size_t row_bytes = size_t(C) * pc.element_size();
+  const char* src = static_cast<const char*>(pc.data_ptr());
+  char* dst = static_cast<char*>(data.data_ptr());
+  for (int64_t t = 0; t < T && row_bytes > 0; ++t) {
+    std::memcpy(dst, src + size_t(t * B) * row_bytes, size_t(bs[t]) * row_bytes);
+    dst += size_t(bs[t]) * row_bytes;
+  }
+  return data;
 }
 
 // out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
@@ -3401,9 +3437,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kernels (split over threads), other inputs go to torch.addmm",
         py::arg("x"), py::arg("W"), py::arg("b") = py::none());
   m.def("pad_packed_sorted", &rnnrec::pad_packed_sorted,
-        "a PackedSequence's (data, batch_sizes) as (padded (T, B, C) in its sorted batch order, lengths (B,), "
-        "each packed row's place t * B + j among the padded rows (N,)); no autograd",
-        py::arg("data"), py::arg("batch_sizes"));
+        "a PackedSequence's (data, batch_sizes) as (padded (T, B, C) in its sorted batch order, lengths (B,)); "
+        "no autograd", py::arg("data"), py::arg("batch_sizes"));
+  m.def("unpad_packed_sorted", &rnnrec::unpad_packed_sorted,
+        "padded (T, B, C) in a PackedSequence's sorted batch order -> its packed rows (N, C); no autograd",
+        py::arg("padded"), py::arg("batch_sizes"));
   m.def("topk_rows", &rnnrec::topk_rows,
         "torch.topk(scores, k, dim=1) for a float32 CPU (M, N) matrix: (values, indices), best first; NaN "
         "first, equal scores in index order", py::arg("scores"), py::arg("k"));

@@ -30,8 +30,9 @@ _BACKENDS = ops.BACKENDS
 
 try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer, InferPlan); None without the extension
     from ._C import InferPlan as _InferPlan, pad_packed_sorted as _pad_packed_sorted
+    from ._C import unpad_packed_sorted as _unpad_packed_sorted
 except Exception:  # (as ops.py: not built, or failed to load)
-    _InferPlan = _pad_packed_sorted = None
+    _InferPlan = _pad_packed_sorted = _unpad_packed_sorted = None
 _FAST_BACKENDS = ("auto", "cpp")
 
 _is_compiling = torch.compiler.is_compiling
@@ -780,11 +781,11 @@ class _RNNBase(_FastPath):
             _check_packed(name, input)
             sorted_indices = input[2]  # (by index: see _check_packed)
             if _is_compiling():  # (torch's own padding, which dynamo traces in one graph)
-                rows = None
+                unpad = None
                 x, lengths_cpu = pad_packed_sequence(input, batch_first=False)  # original batch order
                 lengths = lengths_cpu.to(x.device)
             else:  # in the sorted batch order (hx and resets permuted to it below, h_n back)
-                x, lengths, rows = _pad_packed(input)
+                x, lengths, unpad = _pad_packed(input)
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
@@ -838,7 +839,7 @@ class _RNNBase(_FastPath):
                 raise ValueError(f"{name}: resets must be a bool tensor of shape {want}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
             resets = resets.unsqueeze(1) if not batched else resets.transpose(0, 1) if self.batch_first else resets
-        if packed and rows is not None and sorted_indices is not None:  # (as torch.nn permutes hx)
+        if packed and unpad is not None and sorted_indices is not None:  # (as torch.nn permutes hx)
             hx = None if hx is None else hx.index_select(1, sorted_indices)
             resets = None if resets is None else resets.index_select(1, sorted_indices)
         if ops.is_zero(B):
@@ -870,13 +871,13 @@ class _RNNBase(_FastPath):
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                     if packed:  # the mask drawn over the packed rows, as torch.nn's (its layers' output)
                         layer_in = _packed_dropout(layer_in, self.dropout, input[1],
-                                                   sorted_indices if rows is None else None)
+                                                   sorted_indices if unpad is None else None)
                     else:
                         layer_in = F.dropout(layer_in, self.dropout, training=True)
             out, h_n = layer_in, torch.stack(hs)
         if packed:
-            if rows is not None:
-                data = out.reshape(-1, out.shape[-1]).index_select(0, rows)
+            if unpad is not None:
+                data = unpad(out)
                 if sorted_indices is not None:
                     h_n = h_n.index_select(1, input[3])
             else:
@@ -916,21 +917,71 @@ def _pad_packed(input):
     """A PackedSequence (checked) as the op takes it, in the sorted batch order (longest first, as
     its data holds each step's rows): the data padded to (T, B, I) (zeros past each sequence's end),
     the lengths (B,) on the data's device, non-increasing (the C++ kernels then run each step's
-    products on its live rows only, as torch.nn's packed kernels do), and the rows
-    (_packed_rows) that take the padded output back to packed order. One index_copy (its gradient
-    one index_select), where torch's pad_packed_sequence copies a slice per distinct length, each a
-    node of the graph whose backward clones the whole gradient (B32 T20 H100, 15 lengths: ~1 ms of
-    a ~4 ms training step). Where nothing records the padding (no gradient to the data, no trace,
-    dispatch or function mode), the same in one C++ call (_C.pad_packed_sorted)."""
+    products on its live rows only, as torch.nn's packed kernels do), and ``unpad``, which takes a
+    padded output (T, B, C) of that order back to its packed rows. On the CPU, where no trace,
+    dispatch or function mode must see the calls: C++ copies (_C.pad_packed_sorted and
+    unpad_packed_sorted), in the autograd Functions _PackedPad and _PackedUnpad where autograd records
+    them (B32 T20 H100 training, one thread, Zen 3 VM, ad hoc: ATen's index ops and their backward,
+    scatter_add and zero fills, took ~0.5 of ~3 ms). Else one index_copy (its gradient one
+    index_select) and an index_select back, where torch's pad_packed_sequence copies a slice per
+    distinct length, each a node of the graph whose backward clones the whole gradient (~1 ms of a
+    ~4 ms training step)."""
     data, batch_sizes = input[0], input[1]
     if (_pad_packed_sorted is not None and data.device.type == "cpu" and data.is_floating_point()
-            and not (data.requires_grad and torch.is_grad_enabled()) and not _calls_observed()
-            and _unrecorded(data, batch_sizes)):  # (nothing for autograd or a trace to see: in C++)
-        return _pad_packed_sorted(data, batch_sizes)
+            and not _calls_observed() and _unrecorded(data, batch_sizes)):
+        if data.requires_grad and torch.is_grad_enabled():
+            x, lengths = _PackedPad.apply(data, batch_sizes)
+        else:
+            x, lengths = _pad_packed_sorted(data, batch_sizes)
+        return x, lengths, functools.partial(_unpad_cpu, batch_sizes=batch_sizes)
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
     rows, live = _packed_rows(batch_sizes, None, T, B, data.device)
     x = data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, data.shape[1])
-    return x, live.sum(0).to(data.device), rows
+    return x, live.sum(0).to(data.device), lambda out: out.reshape(-1, out.shape[-1]).index_select(0, rows)
+
+
+def _unpad_cpu(out, batch_sizes):
+    """A padded CPU output (T, B, C) in a PackedSequence's sorted order back to its packed rows, in
+    C++ (with _PackedUnpad where autograd records it, or ATen's index ops where something else must
+    see the call)."""
+    if _calls_observed() or not _unrecorded(out):
+        T, B = batch_sizes.shape[0], int(batch_sizes[0])
+        rows, _ = _packed_rows(batch_sizes, None, T, B, out.device)
+        return out.reshape(-1, out.shape[-1]).index_select(0, rows)
+    if out.requires_grad and torch.is_grad_enabled():
+        return _PackedUnpad.apply(out, batch_sizes)
+    return _unpad_packed_sorted(out, batch_sizes)
+
+
+class _PackedPad(torch.autograd.Function):
+    """_C.pad_packed_sorted with autograd: (data (N, C), batch_sizes) -> (padded (T, B, C),
+    lengths); the gradient of the data is the padded gradient's packed rows (_PackedUnpad, itself
+    differentiable: the two are each other's adjoints)."""
+
+    @staticmethod
+    def forward(ctx, data, batch_sizes):
+        ctx.batch_sizes = batch_sizes
+        x, lengths = _pad_packed_sorted(data, batch_sizes)
+        ctx.mark_non_differentiable(lengths)
+        return x, lengths
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_lengths):
+        return _PackedUnpad.apply(grad_x, ctx.batch_sizes), None
+
+
+class _PackedUnpad(torch.autograd.Function):
+    """_C.unpad_packed_sorted with autograd: (padded (T, B, C), batch_sizes) -> packed rows (N, C);
+    the gradient of the padded sequence is the packed gradient padded (zeros past each length)."""
+
+    @staticmethod
+    def forward(ctx, padded, batch_sizes):
+        ctx.batch_sizes = batch_sizes
+        return _unpad_packed_sorted(padded, batch_sizes)
+
+    @staticmethod
+    def backward(ctx, grad_data):
+        return _PackedPad.apply(grad_data, ctx.batch_sizes)[0], None
 
 
 def _packed_dropout(y, p, batch_sizes, sorted_indices):

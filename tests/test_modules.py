@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnrec_fast
 from rnnrec_fast.modules import InputError
@@ -159,10 +159,11 @@ def test_from_torch_and_modes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("shape", [(6, 5, 3), (1, 4, 2), (7, 1, 3), (2, 3, 1)], ids=["B6T5", "B1", "T1", "I1"])
 def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
-    """Where nothing records a PackedSequence's padding for autograd, the modules pad it in C++
-    (_C.pad_packed_sorted): the same padded data, lengths and packed rows as their Python path, bit
-    for bit, for fresh lengths (sorted or not, a full one, ones of 1); a module's packed inference
-    then gives torch.nn's outputs; malformed batch sizes are refused by name."""
+    """On the CPU the modules pad a PackedSequence and take the padded output back to its packed
+    rows in C++ (_C.pad_packed_sorted, unpad_packed_sorted): the same padded data, lengths and
+    packed rows as their Python path (index ops), bit for bit, for fresh lengths (sorted or not, a
+    full one, ones of 1); a module's packed inference then gives torch.nn's outputs; malformed
+    batch sizes and padded sizes are refused by name."""
     from rnnrec_fast import modules
     if modules._pad_packed_sorted is None:
         pytest.skip("the C++ extension is not built")
@@ -178,8 +179,11 @@ def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
         with monkeypatch.context() as mp:
             mp.setattr(modules, "_pad_packed_sorted", None)
             want = modules._pad_packed(packed)
-        for a, b in zip(got, want):
+        for a, b in zip(got[:2], want[:2]):
             assert a.dtype == b.dtype and torch.equal(a, b)
+        padded = torch.randn(got[0].shape).to(dtype)  # (fresh values, padding too: unpad must skip it)
+        a, b = got[2](padded), want[2](padded)
+        assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(got[2](got[0]), packed.data)
     if I > 0 and dtype != torch.bfloat16:
         ref = nn.GRU(I, 4, batch_first=True, dtype=dtype)
         ours = rnnrec_fast.from_torch(ref)
@@ -192,6 +196,40 @@ def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
         modules._pad_packed_sorted(torch.zeros(3, 2), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="sum to 3"):
         modules._pad_packed_sorted(torch.zeros(4, 2), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="non-increasing"):
+        modules._unpad_packed_sorted(torch.zeros(2, 2, 3), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"padded must be \(2, 2, C\)"):
+        modules._unpad_packed_sorted(torch.zeros(2, 3, 3), torch.tensor([2, 1]))
+
+
+def test_packed_padding_gradients_in_cpp():
+    """With autograd the C++ padding and its inverse run as autograd Functions (modules._PackedPad,
+    _PackedUnpad), each the other's adjoint: gradcheck and gradgradcheck in float64 for fresh
+    lengths, and a training step of a packed GRU records them (not ATen's index ops)."""
+    from rnnrec_fast import modules
+    if modules._pad_packed_sorted is None:
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(case_seed("pad_packed_grad"))
+    lengths = torch.randint(1, 6, (5,))
+    lengths[2] = 6
+    packed = pack_padded_sequence(torch.randn(5, 6, 3, dtype=torch.float64), lengths, batch_first=True,
+                                  enforce_sorted=False)
+    data, bs = packed.data.clone().requires_grad_(), packed.batch_sizes
+    padded = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
+    for f, inp in ((lambda d: modules._PackedPad.apply(d, bs)[0], data),
+                   (lambda p: modules._PackedUnpad.apply(p, bs), padded)):
+        assert torch.autograd.gradcheck(f, (inp,))
+        assert torch.autograd.gradgradcheck(f, (inp,))
+    m = rnnrec_fast.GRU(3, 4, dtype=torch.float64)
+    out, h = m(PackedSequence(data, *packed[1:]))
+    names = set()
+    stack = [out.data.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert {"_PackedPadBackward", "_PackedUnpadBackward"} <= names and not any("Index" in n for n in names)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
