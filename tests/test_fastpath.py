@@ -341,6 +341,12 @@ def test_large_calls_from_threads():
         expected = [module(x) for x in xs]
 
     assert_same_from_threads(module, xs, expected, calls=32)
+    # (and sessions of different lengths: infer_packed releases the GIL too)
+    packed = [pack_padded_sequence(x, torch.randint(1, 9, (16,)), batch_first=True, enforce_sorted=False)
+              for x in xs]
+    with torch.inference_mode():
+        expected = [module(p) for p in packed]
+    assert_same_from_threads(module, packed, expected, calls=32)
 
 
 def assert_same_from_threads(module, xs, expected, calls):
@@ -355,6 +361,8 @@ def assert_same_from_threads(module, xs, expected, calls):
         results = list(pool.map(run, range(calls)))
     for i, (out, h_n) in enumerate(results):
         want = expected[i % len(xs)]
+        if isinstance(out, PackedSequence):
+            out, want = out.data, (want[0].data, want[1])
         assert torch.equal(out, want[0]) and torch.equal(h_n, want[1])
 
 
