@@ -2151,6 +2151,49 @@ bool weights_fit(const at::Tensor* const* weights, int64_t states, int64_t dirs,
   return true;
 }
 
+// The structure of a fast-path call's weights: G gates, `states` (layer, direction) pairs (the
+// weight sets and rows of hx / h_n), per_layer weights each (w_ih, w_hh[, b_ih, b_hh]), hidden size H.
+struct LayerShape {
+  int64_t G, states, per_layer, H;
+};
+
+// Whether the `nw` weights fit a call of `mode` over layers x dirs (a cell: one direction) on I
+// input features of dtype (weights_fit), with its LayerShape in s; false: the fast path declines.
+bool layer_shape(int64_t mode, int64_t layers, int64_t dirs, bool cell, const at::Tensor* const* weights, int64_t nw,
+                 int64_t I, at::ScalarType dtype, LayerShape& s) {
+  if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return false;
+  if (layers < 1 || (dirs != 1 && dirs != 2) || (cell && dirs != 1) || nw == 0 || nw % (layers * dirs) != 0)
+    return false;
+  s.G = mode == MODE_GRU ? 3 : 1;
+  s.states = layers * dirs;
+  s.per_layer = nw / s.states;
+  if (s.per_layer != 2 && s.per_layer != 4) return false;
+  const at::Tensor& w_hh0 = *weights[1];
+  if (w_hh0.dim() != 2) return false;
+  s.H = w_hh0.size(1);
+  return s.H > 0 && w_hh0.size(0) == s.G * s.H && weights_fit(weights, s.states, dirs, s.per_layer, s.G, I, s.H, dtype);
+}
+
+// A PackedSequence's packed rows (bs[t] rows of row_bytes at step t, in its sorted batch order)
+// padded to T steps of B rows at dst, zeros after each step's rows; len (B, zeroed) gets each
+// sorted entry's length. unpad_steps: the inverse copy.
+void pad_steps(const int64_t* bs, int64_t T, int64_t B, size_t row_bytes, const char* src, char* dst, int64_t* len) {
+  for (int64_t t = 0; t < T; ++t) {
+    if (row_bytes > 0) {
+      std::memcpy(dst + size_t(t * B) * row_bytes, src, size_t(bs[t]) * row_bytes);
+      std::memset(dst + size_t(t * B + bs[t]) * row_bytes, 0, size_t(B - bs[t]) * row_bytes);  // (0.0 in every float type)
+    }
+    src += size_t(bs[t]) * row_bytes;
+    for (int64_t j = 0; j < bs[t]; ++j) len[j] += 1;
+  }
+}
+void unpad_steps(const int64_t* bs, int64_t T, int64_t B, size_t row_bytes, const char* src, char* dst) {
+  for (int64_t t = 0; t < T && row_bytes > 0; ++t) {
+    std::memcpy(dst, src + size_t(t * B) * row_bytes, size_t(bs[t]) * row_bytes);
+    dst += size_t(bs[t]) * row_bytes;
+  }
+}
+
 // RecordFunction observers (the profiler, a global observer) see a fast-path call as an event
 // named after the op, as they would see the op's. (a RecordFunction only where a callback is
 // registered: at::RecordFunction's construction looks the callbacks up too, and its destruction
@@ -2197,13 +2240,6 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
                       int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
                       int64_t dirs, OutputRing* ring = nullptr) {
   const py::object unhandled = py::none();
-  if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
-  const int64_t G = mode == MODE_GRU ? 3 : 1;
-  if (layers < 1 || (dirs != 1 && dirs != 2) || (cell && dirs != 1) || nw == 0 || nw % (layers * dirs) != 0)
-    return unhandled;
-  const int64_t states = layers * dirs;  // (layer, direction) pairs: the weight sets and rows of hx / h_n
-  const int64_t per_layer = nw / states;
-  if (per_layer != 2 && per_layer != 4) return unhandled;
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
   // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage; a
@@ -2236,11 +2272,9 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   }
   const int64_t I = input.size(nd - 1);
   if (T_ == 0 || B == 0 || I == 0) return unhandled;
-  const at::Tensor& w_hh0 = *weights[1];
-  if (w_hh0.dim() != 2) return unhandled;
-  const int64_t H = w_hh0.size(1);
-  if (H == 0 || w_hh0.size(0) != G * H) return unhandled;
-  if (!weights_fit(weights, states, dirs, per_layer, G, I, H, dtype)) return unhandled;
+  LayerShape ls;
+  if (!layer_shape(mode, layers, dirs, cell, weights, nw, I, dtype, ls)) return unhandled;
+  const int64_t G = ls.G, states = ls.states, per_layer = ls.per_layer, H = ls.H;
   // hx: sequence modules (states, B, H) or unbatched (states, H); cells (B, H) or unbatched (H,).
   // The caller's tensors are read through pointers, not copied: a C++ copy of a tensor that Python
   // holds takes a reference to its Python object too, and dropping it again takes the GIL
@@ -2442,12 +2476,6 @@ namespace {
 py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
                         int64_t mode, bool reset_after, int64_t layers, int64_t dirs) {
   const py::object unhandled = py::none();
-  if (mode != MODE_RNN_TANH && mode != MODE_RNN_RELU && mode != MODE_GRU) return unhandled;
-  const int64_t G = mode == MODE_GRU ? 3 : 1;
-  const int64_t states = layers * dirs;
-  if (layers < 1 || (dirs != 1 && dirs != 2) || nw == 0 || nw % states != 0) return unhandled;
-  const int64_t per_layer = nw / states;
-  if (per_layer != 2 && per_layer != 4) return unhandled;
   PyObject* f[4];
   for (int i = 0; i < 4; ++i) f[i] = PyTuple_GET_ITEM(packed, i);
   const bool perm = f[2] != Py_None;  // (sorted_indices None: the batch was sorted already)
@@ -2485,11 +2513,9 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
     for (int64_t b = 0; b < B; ++b)
       if (sorted[b] < 0 || sorted[b] >= B || unsorted[b] < 0 || unsorted[b] >= B) return unhandled;
   }
-  const at::Tensor& w_hh0 = *weights[1];
-  if (w_hh0.dim() != 2) return unhandled;
-  const int64_t H = w_hh0.size(1);
-  if (H == 0 || w_hh0.size(0) != G * H || !weights_fit(weights, states, dirs, per_layer, G, I, H, dtype))
-    return unhandled;
+  LayerShape ls;
+  if (!layer_shape(mode, layers, dirs, false, weights, nw, I, dtype, ls)) return unhandled;
+  const int64_t G = ls.G, states = ls.states, per_layer = ls.per_layer, H = ls.H;
   const at::Tensor* hx = nullptr;
   if (hx_obj != Py_None) {
     hx = &THPVariable_Unpack(hx_obj);
@@ -2510,14 +2536,8 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
       using S = scalar_t;
       Buf<S> x(T_ * B * I), y(T_ * B * DH), h0(perm && hx != nullptr ? states * B * H : 0), hs(perm ? states * B * H : 0);
       std::vector<int64_t> lengths(size_t(B), 0);
-      const S* src = xc.data_ptr<S>();
-      for (int64_t t = 0; t < T_; ++t) {  // step t: its rows, then zeros
-        S* dst = x.data() + t * B * I;
-        std::memcpy(dst, src, sizeof(S) * size_t(bs[t] * I));
-        std::fill(dst + bs[t] * I, dst + B * I, S(0));
-        src += bs[t] * I;
-        for (int64_t j = 0; j < bs[t]; ++j) lengths[size_t(j)] += 1;
-      }
+      pad_steps(bs, T_, B, sizeof(S) * size_t(I), reinterpret_cast<const char*>(xc.data_ptr<S>()),
+                reinterpret_cast<char*>(x.data()), lengths.data());
       const S* h_in = hx != nullptr ? hc.data_ptr<S>() : nullptr;
       if (perm && h_in != nullptr) {
         for (int64_t k = 0; k < states; ++k)
@@ -2528,11 +2548,8 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
       S* hn = perm ? hs.data() : h_n.data_ptr<S>();
       infer_layers<S>(Dims{T_, B, I, H, G, ws_width(int(mode), H)}, layers, dirs, x.data(), h_in, w, per_layer,
                       int(mode), reset_after, y.data(), hn, lengths.data());
-      S* o = out.data_ptr<S>();
-      for (int64_t t = 0; t < T_; ++t) {  // (packed order: step t's first bs[t] sorted rows)
-        std::memcpy(o, y.data() + t * B * DH, sizeof(S) * size_t(bs[t] * DH));
-        o += bs[t] * DH;
-      }
+      unpad_steps(bs, T_, B, sizeof(S) * size_t(DH), reinterpret_cast<const char*>(y.data()),
+                  reinterpret_cast<char*>(out.data_ptr<S>()));
       if (perm) {
         S* h = h_n.data_ptr<S>();
         for (int64_t k = 0; k < states; ++k)
@@ -2869,18 +2886,8 @@ std::tuple<at::Tensor, at::Tensor> pad_packed_sorted(const at::Tensor& data, con
   const at::Tensor dc = data.contiguous();
   at::Tensor x = empty_pooled({T, B, C}, dc.options());
   at::Tensor lengths = at::zeros({B}, bsc.options());
-  const size_t row_bytes = size_t(C) * dc.element_size();
-  const char* src = static_cast<const char*>(dc.data_ptr());
-  char* dst = static_cast<char*>(x.data_ptr());
-  int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    if (row_bytes > 0) {
-      std::memcpy(dst + size_t(t * B) * row_bytes, src, size_t(bs[t]) * row_bytes);
-      std::memset(dst + size_t(t * B + bs[t]) * row_bytes, 0, size_t(B - bs[t]) * row_bytes);  // (0.0 in every float type)
-    }
-    src += size_t(bs[t]) * row_bytes;
-    for (int64_t j = 0; j < bs[t]; ++j) len[j] += 1;
-  }
+  pad_steps(bs, T, B, size_t(C) * dc.element_size(), static_cast<const char*>(dc.data_ptr()),
+            static_cast<char*>(x.data_ptr()), lengths.data_ptr<int64_t>());
   return {x, lengths};
 }
 
@@ -2902,13 +2909,8 @@ at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch
                     "batch_sizes, got ", padded.sizes());
   const at::Tensor pc = padded.contiguous();
   at::Tensor data = at::empty({N, C}, pc.options());
-  const size_t row_bytes = size_t(C) * pc.element_size();
-  const char* src = static_cast<const char*>(pc.data_ptr());
-  char* dst = static_cast<char*>(data.data_ptr());
-  for (int64_t t = 0; t < T && row_bytes > 0; ++t) {
-    std::memcpy(dst, src + size_t(t * B) * row_bytes, size_t(bs[t]) * row_bytes);
-    dst += size_t(bs[t]) * row_bytes;
-  }
+  unpad_steps(bs, T, B, size_t(C) * pc.element_size(), static_cast<const char*>(pc.data_ptr()),
+              static_cast<char*>(data.data_ptr()));
   return data;
 }
 
