@@ -1815,8 +1815,9 @@ void check_within_storage(const char* where, const char* name, const at::Tensor&
 // (batch_first, unbatched, hx of all layers) and runs the layers without the dispatcher, the
 // workspace allocation or the Python-side reshaping: at the serving step (B=1, T=1, H=100) those
 // cost more than the arithmetic. Returns None for anything it does not handle exactly as the
-// module would (other dtypes/devices, bidirectional, wrong shapes...): the module then takes its
-// general path, which also raises the proper errors.
+// module would (other dtypes or devices, wrong shapes...): the module then takes its
+// general path, which also raises the proper errors. A call that autograd records goes from the
+// same plan to train_impl, which makes the Python forward's op calls from C++.
 // ------------------------------------------------------------------------------------------------
 // rnnrec_op.cpp: the backend that ran this thread's last call (what rnnrec_fast.last_backend()
 // reports; a plain pybind call from Python, ~10x cheaper than a torch.ops round trip)
@@ -2235,6 +2236,59 @@ void with_weights_held(int64_t work, const at::Tensor* const* weights, int64_t n
   run(ptrs.data());
 }
 
+// A module call's sizes as the fast paths read them (call_shape).
+struct CallShape {
+  int64_t T = 0, B = 0, I = 0;
+  bool batched = false, bf = false;  // bf: a batched sequence module's batch_first input
+  LayerShape ls;
+};
+
+// Whether the fast paths take a module call's input, hx and `nw` weights (the layers' w_ih, w_hh[,
+// b_ih, b_hh]; infer_impl's and train_impl's: everything the modules' Python forward checks would
+// pass), with the call's sizes in s; false: declined, the general path takes the call (and raises
+// where it should). Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has
+// no storage; a tensor with the negative bit (a lazily negated view: x.conj().imag,
+// torch._neg_view) holds the values' negation in memory, and an efficient zero tensor
+// (torch._efficientzerotensor) none: the dispatcher resolves both before the op's kernel runs; a
+// Python tensor subclass (_make_wrapper_subclass) or a functionalized tensor
+// (torch.func.functionalize) has no memory of its values either: the op's call goes through their
+// dispatch. A tensor reaching past its storage (freed or shrunk) goes to the op, which refuses it.
+bool call_shape(const at::Tensor& input, const at::Tensor* hx, const at::Tensor* const* weights, int64_t nw,
+                int64_t mode, int64_t layers, bool batch_first, bool cell, int64_t dirs, CallShape& s) {
+  const auto dtype = input.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
+      !plain_memory(input))
+    return false;
+  // Nor inside a torch.func transform, plain tensors or not: a grad / jvp level wraps what the ATen
+  // calls make there (a batch_first input's transposed copy, a contiguous hx), and the wrapper has
+  // no memory ("Cannot access data pointer of Tensor that doesn't have storage")
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return false;
+  // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
+  // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
+  const int64_t nd = input.dim();
+  s.batched = nd == (cell ? 2 : 3);
+  if (!s.batched && nd != (cell ? 1 : 2)) return false;
+  s.bf = batch_first && s.batched && !cell;
+  if (cell) {
+    s.T = 1, s.B = s.batched ? input.size(0) : 1;
+  } else if (s.batched) {
+    s.T = input.size(s.bf ? 1 : 0), s.B = input.size(s.bf ? 0 : 1);
+  } else {
+    s.T = input.size(0), s.B = 1;
+  }
+  s.I = input.size(nd - 1);
+  if (s.T == 0 || s.B == 0 || s.I == 0) return false;
+  if (!layer_shape(mode, layers, dirs, cell, weights, nw, s.I, dtype, s.ls)) return false;
+  // hx: sequence modules (states, B, H) or unbatched (states, H); cells (B, H) or unbatched (H,).
+  if (hx == nullptr || !hx->defined()) return true;
+  if (hx->scalar_type() != dtype || !hx->device().is_cpu() || hx->layout() != at::kStrided || hx->dim() != nd ||
+      !plain_memory(*hx))
+    return false;
+  const int64_t H = s.ls.H;
+  return cell ? (hx->size(nd - 1) == H && (!s.batched || hx->size(0) == s.B))
+              : (hx->size(0) == s.ls.states && hx->size(nd - 1) == H && (!s.batched || hx->size(1) == s.B));
+}
+
 // The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
 py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
                       int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
@@ -2242,40 +2296,12 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   const py::object unhandled = py::none();
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
-  // Plain tensors only: a functorch wrapper (torch.func.vmap's batched tensor) has no storage; a
-  // tensor with the negative bit (a lazily negated view: x.conj().imag, torch._neg_view) holds the
-  // values' negation in memory, and an efficient zero tensor (torch._efficientzerotensor) none:
-  // the dispatcher resolves both before the op's kernel runs; a Python tensor subclass
-  // (_make_wrapper_subclass) or a functionalized tensor (torch.func.functionalize) has no memory
-  // of its values either: the op's call goes through their dispatch. A tensor reaching past its
-  // storage (freed or shrunk) goes to the op, which refuses it.
-  if ((dtype != at::kFloat && dtype != at::kDouble) || !input.device().is_cpu() || input.layout() != at::kStrided ||
-      at::GradMode::is_enabled() || !plain_memory(input))
+  CallShape cs;
+  if (at::GradMode::is_enabled() || !call_shape(input, hx_in, weights, nw, mode, layers, batch_first, cell, dirs, cs))
     return unhandled;
-  // Nor inside a torch.func transform, plain tensors or not: a grad / jvp level wraps what the ATen
-  // calls below make there (a batch_first input's transposed copy, a contiguous hx), and the wrapper
-  // has no memory ("Cannot access data pointer of Tensor that doesn't have storage")
-  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return unhandled;
-  // Sequence modules: (T, B, I), (B, T, I) or unbatched (T, I); cells: (B, I) or unbatched (I,).
-  // Shapes are read, not reshaped: view ops cost as much as the arithmetic at the serving step.
-  const int64_t nd = input.dim();
-  const bool batched = nd == (cell ? 2 : 3);
-  if (!batched && nd != (cell ? 1 : 2)) return unhandled;
-  const bool bf = batch_first && batched && !cell;
-  int64_t T_, B;
-  if (cell) {
-    T_ = 1, B = batched ? input.size(0) : 1;
-  } else if (batched) {
-    T_ = input.size(bf ? 1 : 0), B = input.size(bf ? 0 : 1);
-  } else {
-    T_ = input.size(0), B = 1;
-  }
-  const int64_t I = input.size(nd - 1);
-  if (T_ == 0 || B == 0 || I == 0) return unhandled;
-  LayerShape ls;
-  if (!layer_shape(mode, layers, dirs, cell, weights, nw, I, dtype, ls)) return unhandled;
-  const int64_t G = ls.G, states = ls.states, per_layer = ls.per_layer, H = ls.H;
-  // hx: sequence modules (states, B, H) or unbatched (states, H); cells (B, H) or unbatched (H,).
+  const int64_t T_ = cs.T, B = cs.B, I = cs.I;
+  const bool batched = cs.batched, bf = cs.bf;
+  const int64_t G = cs.ls.G, states = cs.ls.states, per_layer = cs.ls.per_layer, H = cs.ls.H;
   // The caller's tensors are read through pointers, not copied: a C++ copy of a tensor that Python
   // holds takes a reference to its Python object too, and dropping it again takes the GIL
   // (c10::intrusive_ptr's 1 <-> 2 transitions: with the outputs' below, ~0.16 of a ~1.8 us call
@@ -2285,13 +2311,6 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   at::Tensor hx_copy;
   if (hx_in != nullptr && hx_in->defined()) {
     hx = hx_in;
-    if (hx->scalar_type() != dtype || !hx->device().is_cpu() || hx->layout() != at::kStrided || hx->dim() != nd ||
-        !plain_memory(*hx))
-      return unhandled;
-    const int64_t want_l = cell ? 1 : states;
-    const bool ok = cell ? (hx->size(nd - 1) == H && (!batched || hx->size(0) == B))
-                         : (hx->size(0) == want_l && hx->size(nd - 1) == H && (!batched || hx->size(1) == B));
-    if (!ok) return unhandled;
     if (!hx->is_contiguous()) hx_copy = hx->contiguous(), hx = &hx_copy;
   }
   // Handled from here on: RecordFunction observers (the profiler, a global observer) see the call
@@ -2365,6 +2384,98 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (pair == nullptr) throw py::error_already_set();
   PyTuple_SET_ITEM(pair, 0, out_y.release().ptr());
   PyTuple_SET_ITEM(pair, 1, out_h.release().ptr());
+  return py::reinterpret_steal<py::object>(pair);
+}
+
+// A module call that autograd records (grad mode on; a dense input): the op calls and views of the
+// modules' Python forward (_RNNBase.forward without lengths or resets, _CellBase.forward), made
+// here: the same ATen views (transpose, unsqueeze, select, flip), the op through the dispatcher
+// (its autograd kernel records the node, as the Python call's does), the same outputs (h_n of one
+// layer made by unsqueeze_ in place, of several by stack). What the Python forward would have
+// spent on its frame, attribute reads and checks around those calls (~70 of a ~95 us call at H =
+// 4, one thread, Zen 3 VM, ad hoc) is left out. Takes exactly what infer_impl takes (call_shape)
+// with weights that are plain tensors or Parameters (a subclass's __torch_function__ must see the
+// call: `exact` false declines); the caller declines what the Python forward would not hand to
+// a plan (dropout in training mode, observed calls, tracing, dispatch modes). The GIL is released
+// around the calls, as the op's call from Python releases it.
+py::object train_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights, int64_t nw,
+                      bool exact, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
+                      int64_t dirs, const std::string& backend) {
+  CallShape cs;
+  if (!exact || !at::GradMode::is_enabled() ||
+      !call_shape(input, hx_in, weights, nw, mode, layers, batch_first, cell, dirs, cs))
+    return py::none();
+  using Opt = std::optional<at::Tensor>;
+  using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, const at::Tensor&,
+                                                             const at::Tensor&, const Opt&, const Opt&, const Opt&,
+                                                             const Opt&, c10::string_view, bool, c10::string_view);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence", "").typed<Fwd>();
+  const char* mode_name = mode == MODE_GRU ? "gru" : mode == MODE_RNN_RELU ? "rnn_relu" : "rnn_tanh";
+  const int64_t per_layer = cs.ls.per_layer;
+  // held here (another thread may replace a module's parameter while the GIL is released) and let
+  // go of after it is taken again
+  std::vector<at::Tensor> w;
+  w.reserve(size_t(nw));
+  for (int64_t k = 0; k < nw; ++k) w.push_back(*weights[k]);
+  at::Tensor in = input, hx = hx_in != nullptr ? *hx_in : at::Tensor(), out_y, out_h;
+  {
+    py::gil_scoped_release no_gil;
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); };
+    // layer-direction k's op call: (output, h_n)
+    const auto call = [&](const at::Tensor& x, const at::Tensor& h0, int64_t k) {
+      const at::Tensor* lw = w.data() + k * per_layer;
+      auto r = op.call(x, opt(h0), lw[0], lw[1], per_layer == 4 ? opt(lw[2]) : Opt(),
+                       per_layer == 4 ? opt(lw[3]) : Opt(), Opt(), Opt(), mode_name, reset_after, backend);
+      return std::make_pair(std::move(std::get<0>(r)), std::move(std::get<1>(r)));
+    };
+    if (cell) {  // (x.unsqueeze(0): one step)
+      const at::Tensor x = cs.batched ? in : in.unsqueeze(0);
+      const at::Tensor h0 = !hx.defined() ? hx : cs.batched ? hx : hx.unsqueeze(0);
+      at::Tensor h = call(x.unsqueeze(0), h0, 0).second;
+      out_y = cs.batched ? std::move(h) : h.squeeze(0);
+    } else {
+      const at::Tensor x = !cs.batched ? in.unsqueeze(1) : cs.bf ? in.transpose(0, 1) : in;
+      if (hx.defined() && !cs.batched) hx = hx.unsqueeze(1);
+      const auto h0 = [&](int64_t k) { return hx.defined() ? hx.select(0, k) : at::Tensor(); };
+      if (layers == 1 && dirs == 1) {
+        auto r = call(x, h0(0), 0);
+        out_y = std::move(r.first);
+        out_h = r.second.unsqueeze_(0);
+      } else {
+        at::Tensor layer_in = x;
+        std::vector<at::Tensor> hs;
+        for (int64_t l = 0; l < layers; ++l) {
+          std::vector<at::Tensor> outs;
+          for (int64_t dir = 0; dir < dirs; ++dir) {
+            auto r = call(dir == 0 ? layer_in : layer_in.flip(0), h0(l * dirs + dir), l * dirs + dir);
+            outs.push_back(dir == 0 ? std::move(r.first) : r.first.flip(0));
+            hs.push_back(std::move(r.second));
+          }
+          layer_in = dirs == 1 ? outs[0] : at::cat(outs, 2);
+        }
+        out_y = std::move(layer_in);
+        out_h = at::stack(hs);
+      }
+      if (!cs.batched) {
+        out_y = out_y.squeeze(1);
+        out_h = out_h.squeeze(1);
+      } else if (cs.bf) {
+        out_y = out_y.transpose(0, 1);
+      }
+    }
+  }
+  const auto wrap = [](at::Tensor&& t) {
+    PyObject* o = THPVariable_Wrap(std::move(t));
+    if (o == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(o);
+  };
+  py::object y_obj = wrap(std::move(out_y));
+  if (cell) return y_obj;
+  py::object h_obj = wrap(std::move(out_h));
+  PyObject* pair = PyTuple_New(2);
+  if (pair == nullptr) throw py::error_already_set();
+  PyTuple_SET_ITEM(pair, 0, y_obj.release().ptr());
+  PyTuple_SET_ITEM(pair, 1, h_obj.release().ptr());
   return py::reinterpret_steal<py::object>(pair);
 }
 
@@ -2585,9 +2696,9 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
 class InferPlan {
  public:
   InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
-            int64_t layers, bool batch_first, bool cell, int64_t directions)
-      : params_(std::move(params)), mode_(mode), layers_(layers), dirs_(directions), reset_after_(reset_after),
-        batch_first_(batch_first), cell_(cell) {
+            int64_t layers, bool batch_first, bool cell, int64_t directions, std::string backend)
+      : params_(std::move(params)), backend_(std::move(backend)), mode_(mode), layers_(layers), dirs_(directions),
+        reset_after_(reset_after), batch_first_(batch_first), cell_(cell) {
     for (const auto& n : names) {
       py::str key(n);
       PyUnicode_InternInPlace(&key.ptr());
@@ -2597,9 +2708,9 @@ class InferPlan {
 
   py::object call(py::handle input, py::handle hx) const {
     const bool packed = !cell_ && is_packed_sequence(input.ptr());
+    const bool grad = at::GradMode::is_enabled();  // (train_impl's, where autograd records the call)
     if ((!packed && !THPVariable_CheckExact(input.ptr())) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
-        at::GradMode::is_enabled() || torch::jit::tracer::isTracing() ||
-        c10::impl::TorchDispatchModeTLS::any_modes_set())
+        (grad && packed) || torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::any_modes_set())
       return py::none();
     // the parameters as looked up at an earlier call while the dict is unchanged since
     const uint64_t tag = dict_version(params_.ptr());
@@ -2617,10 +2728,16 @@ class InferPlan {
       params_tag_ = tag;
     }
     c10::SmallVector<const at::Tensor*, 16> w;
+    bool exact = true;  // (plain tensors or Parameters: no __torch_function__ of a subclass's)
     for (PyObject* p : params_found_) {
       if (!THPVariable_Check(p)) return py::none();
+      exact = exact && THPVariable_CheckExact(p);
       w.push_back(&THPVariable_Unpack(p));
     }
+    if (grad)
+      return train_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
+                        w.data(), int64_t(w.size()), exact, mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
+                        backend_);
     if (packed) return infer_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), mode_, reset_after_, layers_, dirs_);
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                       w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
@@ -2756,6 +2873,7 @@ class InferPlan {
   mutable c10::SmallVector<PyObject*, 16> params_found_;
   py::dict params_;
   std::vector<py::str> names_;
+  std::string backend_;  // the module's ("auto" or "cpp"): the op's argument in train_impl's calls
   int64_t mode_, layers_, dirs_;
   bool reset_after_, batch_first_, cell_;
 };
@@ -3477,9 +3595,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<rnnrec::InferPlan>(m, "InferPlan",
                                 "a module's inference fast path bound to its parameter dict: plan(input, hx) "
                                 "-> as infer, or None (not handled)")
-      .def(py::init<py::dict, const std::vector<std::string>&, int64_t, bool, int64_t, bool, bool, int64_t>(),
+      .def(py::init<py::dict, const std::vector<std::string>&, int64_t, bool, int64_t, bool, bool, int64_t,
+                    std::string>(),
            py::arg("params"), py::arg("names"), py::arg("mode"), py::arg("reset_after"), py::arg("layers"),
-           py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1)
+           py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1, py::arg("backend") = "auto")
       .def("__call__", &rnnrec::InferPlan::call, py::arg("input"), py::arg("hx") = py::none())
       .def("module_call", &rnnrec::InferPlan::module_call, py::arg("module"), py::arg("args"),
            "module(*args) on this plan where the module's call would reach it (see modules._FastPath), else None");

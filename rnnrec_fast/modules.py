@@ -111,8 +111,9 @@ class _PyInferPlan:
     updates show through them; the module drops them when a parameter is reassigned or deleted,
     and a weight whose memory was swapped through .data is released at the next call), writes
     the outputs in place and keeps no workspace (a B=1, T=1, H=100 GRU call: 92 -> ~47 us here,
-    torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) what
-    InferPlan declines (autograd on, torch.jit.trace, a torch dispatch mode, non-plain tensors, other devices and dtypes, missing or mis-shaped weights, shapes that do not
+    torch.nn ~70; the rest is mostly Python and numba's dispatch). Declines (None) calls with
+    autograd on and what InferPlan declines (torch.jit.trace, a torch dispatch mode, non-plain
+    tensors, other devices and dtypes, missing or mis-shaped weights, shapes that do not
     fit), and also the profiler (InferPlan records its call as an event named after the op instead),
     unbatched inputs, autocast and torch.func's wrapped tensors (vmap); the general path then runs,
     and raises the errors. (A torch function mode is checked by the module before
@@ -262,11 +263,14 @@ class _FastPath(nn.Module):
     """The modules' inference fast path: ``self._plan`` is a ``_C.InferPlan`` bound to this
     module's parameter dict and configuration, or for the Python backends a ``_PyInferPlan``
     (None where no path applies: backend "cuda", a bidirectional module on a Python backend). A
-    call tries it first where no autograd is recorded (the plan itself declines calls with autograd
-    on, under torch.jit.trace, on non-plain tensors, other dtypes or devices, or whatever it does
-    not handle exactly as the general path would); it is never tried while torch.compile /
+    call tries it first (the plan itself declines calls under torch.jit.trace, on non-plain
+    tensors, other dtypes or devices, or whatever it does not handle exactly as the general path
+    would; the Python plans also those with autograd on); it is never tried while torch.compile /
     torch.export trace the call (they must see the op). The C++ plan of a sequence module also
-    takes a PackedSequence (rnnrec_cpu.cpp, infer_packed: the packed branch of forward in one call). The plan reads the parameters from the dict at every call, so
+    takes a PackedSequence (rnnrec_cpu.cpp, infer_packed: the packed branch of forward in one call),
+    and a dense call that autograd records it makes as forward would: forward's op calls and
+    views, made from C++ (train_impl: the same graph, outputs and gradients, without forward's
+    Python). The plan reads the parameters from the dict at every call, so
     reassigned, reloaded or swapped parameters are seen at once; it is rebuilt when an attribute
     it depends on changes."""
 
@@ -288,7 +292,7 @@ class _FastPath(nn.Module):
             pass
         elif _InferPlan is not None and self.backend in _FAST_BACKENDS:
             plan = _InferPlan(self._parameters, names, ops.MODES[self._op_mode], self.reset_after, layers,
-                              batch_first, cell, 2 if bidirectional else 1)
+                              batch_first, cell, 2 if bidirectional else 1, self.backend)
         elif self.backend in _PY_FAST_BACKENDS and not bidirectional:
             plan = _PyInferPlan(self._parameters, names, self._op_mode, self.reset_after, layers,
                                 batch_first, cell, self.backend)
