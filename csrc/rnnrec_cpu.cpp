@@ -1824,6 +1824,11 @@ void check_within_storage(const char* where, const char* name, const at::Tensor&
 void note_cpp_backend_ran();
 std::string last_backend();
 void set_last_backend(std::string name);
+// (below: a PackedSequence's padding and its inverse, without and with autograd)
+std::tuple<at::Tensor, at::Tensor> pad_packed_sorted(const at::Tensor& data, const at::Tensor& batch_sizes);
+at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch_sizes);
+std::tuple<at::Tensor, at::Tensor> pad_packed_autograd(const at::Tensor& data, const at::Tensor& batch_sizes);
+at::Tensor unpad_packed_autograd(const at::Tensor& padded, const at::Tensor& batch_sizes);
 
 namespace {
 
@@ -2387,6 +2392,43 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   return py::reinterpret_steal<py::object>(pair);
 }
 
+// The op's calls as the modules' Python forward makes them (train_impl, train_packed), through the
+// dispatcher (its autograd kernel records the node, as the Python call's does): call(x, h0, k[,
+// lengths]) runs layer-direction k on x from h0 (undefined: None) -> (output, h_n). It holds the
+// weights (another thread may replace a module's parameter while the GIL is released); made and
+// dropped with the GIL held.
+class OpCalls {
+ public:
+  OpCalls(const at::Tensor* const* weights, int64_t nw, int64_t per_layer, int64_t mode, bool reset_after,
+          const std::string& backend)
+      : per_layer_(per_layer), reset_after_(reset_after), backend_(backend),
+        mode_(mode == MODE_GRU ? "gru" : mode == MODE_RNN_RELU ? "rnn_relu" : "rnn_tanh") {
+    w_.reserve(size_t(nw));
+    for (int64_t k = 0; k < nw; ++k) w_.push_back(*weights[k]);
+  }
+
+  std::pair<at::Tensor, at::Tensor> operator()(const at::Tensor& x, const at::Tensor& h0, int64_t k,
+                                               const at::Tensor& lengths = at::Tensor()) const {
+    using Opt = std::optional<at::Tensor>;
+    using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, const at::Tensor&,
+                                                               const at::Tensor&, const Opt&, const Opt&, const Opt&,
+                                                               const Opt&, c10::string_view, bool, c10::string_view);
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence", "").typed<Fwd>();
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); };
+    const at::Tensor* lw = w_.data() + k * per_layer_;
+    auto r = op.call(x, opt(h0), lw[0], lw[1], per_layer_ == 4 ? opt(lw[2]) : Opt(),
+                     per_layer_ == 4 ? opt(lw[3]) : Opt(), opt(lengths), Opt(), mode_, reset_after_, backend_);
+    return {std::move(std::get<0>(r)), std::move(std::get<1>(r))};
+  }
+
+ private:
+  std::vector<at::Tensor> w_;
+  int64_t per_layer_;
+  bool reset_after_;
+  const std::string& backend_;
+  const char* mode_;
+};
+
 // A module call that autograd records (grad mode on; a dense input): the op calls and views of the
 // modules' Python forward (_RNNBase.forward without lengths or resets, _CellBase.forward), made
 // here: the same ATen views (transpose, unsqueeze, select, flip), the op through the dispatcher
@@ -2405,29 +2447,10 @@ py::object train_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   if (!exact || !at::GradMode::is_enabled() ||
       !call_shape(input, hx_in, weights, nw, mode, layers, batch_first, cell, dirs, cs))
     return py::none();
-  using Opt = std::optional<at::Tensor>;
-  using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, const at::Tensor&,
-                                                             const at::Tensor&, const Opt&, const Opt&, const Opt&,
-                                                             const Opt&, c10::string_view, bool, c10::string_view);
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rnnrec_fast::recurrence", "").typed<Fwd>();
-  const char* mode_name = mode == MODE_GRU ? "gru" : mode == MODE_RNN_RELU ? "rnn_relu" : "rnn_tanh";
-  const int64_t per_layer = cs.ls.per_layer;
-  // held here (another thread may replace a module's parameter while the GIL is released) and let
-  // go of after it is taken again
-  std::vector<at::Tensor> w;
-  w.reserve(size_t(nw));
-  for (int64_t k = 0; k < nw; ++k) w.push_back(*weights[k]);
+  const OpCalls call(weights, nw, cs.ls.per_layer, mode, reset_after, backend);
   at::Tensor in = input, hx = hx_in != nullptr ? *hx_in : at::Tensor(), out_y, out_h;
   {
     py::gil_scoped_release no_gil;
-    const auto opt = [](const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); };
-    // layer-direction k's op call: (output, h_n)
-    const auto call = [&](const at::Tensor& x, const at::Tensor& h0, int64_t k) {
-      const at::Tensor* lw = w.data() + k * per_layer;
-      auto r = op.call(x, opt(h0), lw[0], lw[1], per_layer == 4 ? opt(lw[2]) : Opt(),
-                       per_layer == 4 ? opt(lw[3]) : Opt(), Opt(), Opt(), mode_name, reset_after, backend);
-      return std::make_pair(std::move(std::get<0>(r)), std::move(std::get<1>(r)));
-    };
     if (cell) {  // (x.unsqueeze(0): one step)
       const at::Tensor x = cs.batched ? in : in.unsqueeze(0);
       const at::Tensor h0 = !hx.defined() ? hx : cs.batched ? hx : hx.unsqueeze(0);
@@ -2584,56 +2607,85 @@ namespace {
 // general path then raises the errors. B32 T20 H100, one thread, Zen 3 VM (ad hoc): the general
 // path's packed inference ~730 us, of which ~180 outside the kernels (Python, the op's dispatch,
 // ATen's index ops).
-py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
-                        int64_t mode, bool reset_after, int64_t layers, int64_t dirs) {
-  const py::object unhandled = py::none();
-  PyObject* f[4];
+// What the fast paths read of a PackedSequence call (packed_shape).
+struct PackedShape {
+  PyObject* f[4];  // (data, batch_sizes, sorted_indices, unsorted_indices), borrowed
+  const at::Tensor* data = nullptr;
+  const at::Tensor* hx = nullptr;
+  const int64_t* bs = nullptr;
+  const int64_t* sorted = nullptr;  // (both null: sorted_indices None, the batch was sorted already)
+  const int64_t* unsorted = nullptr;
+  int64_t T = 0, B = 0, N = 0, I = 0;
+  LayerShape ls;
+};
+
+// Whether the fast paths take a sequence module's call on a PackedSequence (infer_packed's and
+// train_packed's), with what they read in s; false for all the module's packed branch would refuse
+// or treat otherwise: malformed batch sizes or indices (out-of-range indices too), another dtype or
+// device, a subclass's or non-plain tensors, weights or hx that do not fit (the general path then
+// raises the errors).
+bool packed_shape(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw, int64_t mode,
+                  int64_t layers, int64_t dirs, PackedShape& s) {
+  PyObject** f = s.f;
   for (int i = 0; i < 4; ++i) f[i] = PyTuple_GET_ITEM(packed, i);
   const bool perm = f[2] != Py_None;  // (sorted_indices None: the batch was sorted already)
   if (!THPVariable_CheckExact(f[0]) || !THPVariable_CheckExact(f[1]) || perm != (f[3] != Py_None) ||
       (perm && (!THPVariable_CheckExact(f[2]) || !THPVariable_CheckExact(f[3]))) ||
       (hx_obj != Py_None && !THPVariable_CheckExact(hx_obj)))
-    return unhandled;
+    return false;
   const at::Tensor& data = THPVariable_Unpack(f[0]);
   const at::Tensor& bs_t = THPVariable_Unpack(f[1]);
   const auto dtype = data.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kDouble) || !data.device().is_cpu() || data.layout() != at::kStrided ||
       data.dim() != 2 || !plain_memory(data) ||
       c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
-    return unhandled;
+    return false;
   const auto index_fits = [](const at::Tensor& t) {
     return t.scalar_type() == at::kLong && t.device().is_cpu() && t.layout() == at::kStrided && t.dim() == 1 &&
            t.is_contiguous() && plain_memory(t);
   };
-  if (!index_fits(bs_t) || bs_t.numel() == 0) return unhandled;
+  if (!index_fits(bs_t) || bs_t.numel() == 0) return false;
   const int64_t* bs = bs_t.data_ptr<int64_t>();
   const int64_t T_ = bs_t.numel(), B = bs[0], N = data.size(0), I = data.size(1);
   int64_t sum = 0;
   for (int64_t t = 0; t < T_; ++t) {
-    if (bs[t] < 1 || (t > 0 && bs[t] > bs[t - 1])) return unhandled;
+    if (bs[t] < 1 || (t > 0 && bs[t] > bs[t - 1])) return false;
     sum += bs[t];
   }
-  if (sum != N || I == 0) return unhandled;
-  const int64_t* sorted = nullptr;
-  const int64_t* unsorted = nullptr;
+  if (sum != N || I == 0) return false;
   if (perm) {
     const at::Tensor& si = THPVariable_Unpack(f[2]);
     const at::Tensor& ui = THPVariable_Unpack(f[3]);
-    if (!index_fits(si) || !index_fits(ui) || si.numel() != B || ui.numel() != B) return unhandled;
-    sorted = si.data_ptr<int64_t>(), unsorted = ui.data_ptr<int64_t>();
+    if (!index_fits(si) || !index_fits(ui) || si.numel() != B || ui.numel() != B) return false;
+    s.sorted = si.data_ptr<int64_t>(), s.unsorted = ui.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
-      if (sorted[b] < 0 || sorted[b] >= B || unsorted[b] < 0 || unsorted[b] >= B) return unhandled;
+      if (s.sorted[b] < 0 || s.sorted[b] >= B || s.unsorted[b] < 0 || s.unsorted[b] >= B) return false;
   }
-  LayerShape ls;
-  if (!layer_shape(mode, layers, dirs, false, weights, nw, I, dtype, ls)) return unhandled;
-  const int64_t G = ls.G, states = ls.states, per_layer = ls.per_layer, H = ls.H;
-  const at::Tensor* hx = nullptr;
+  if (!layer_shape(mode, layers, dirs, false, weights, nw, I, dtype, s.ls)) return false;
   if (hx_obj != Py_None) {
-    hx = &THPVariable_Unpack(hx_obj);
+    const at::Tensor* hx = &THPVariable_Unpack(hx_obj);
     if (hx->scalar_type() != dtype || !hx->device().is_cpu() || hx->layout() != at::kStrided || hx->dim() != 3 ||
-        hx->size(0) != states || hx->size(1) != B || hx->size(2) != H || !plain_memory(*hx))
-      return unhandled;
+        hx->size(0) != s.ls.states || hx->size(1) != B || hx->size(2) != s.ls.H || !plain_memory(*hx))
+      return false;
+    s.hx = hx;
   }
+  s.data = &data, s.bs = bs, s.T = T_, s.B = B, s.N = N, s.I = I;
+  return true;
+}
+
+py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
+                        int64_t mode, bool reset_after, int64_t layers, int64_t dirs) {
+  PackedShape ps;
+  if (!packed_shape(packed, hx_obj, weights, nw, mode, layers, dirs, ps)) return py::none();
+  PyObject** f = ps.f;
+  const bool perm = ps.sorted != nullptr;
+  const at::Tensor& data = *ps.data;
+  const at::Tensor* hx = ps.hx;
+  const auto dtype = data.scalar_type();
+  const int64_t* bs = ps.bs;
+  const int64_t *sorted = ps.sorted, *unsorted = ps.unsorted;
+  const int64_t T_ = ps.T, B = ps.B, N = ps.N, I = ps.I;
+  const int64_t G = ps.ls.G, states = ps.ls.states, per_layer = ps.ls.per_layer, H = ps.ls.H;
   // handled from here on
   std::optional<at::RecordFunction> record;
   record_infer_call(record, data, hx);
@@ -2681,6 +2733,64 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
       data_out, py::handle(f[1]), py::handle(f[2]), py::handle(f[3]));
   return py::make_tuple(result, h_out);
 }
+
+// A sequence module's call on a PackedSequence that autograd records: the Python forward's packed
+// branch (modules._pad_packed and _unpad_cpu on the CPU) made from C++ as train_impl makes the
+// dense one: the data padded in its sorted batch order (pad_packed_autograd where it requires
+// grad), hx in that order (index_select), the op with the lengths layer by layer, the output's
+// packed rows (unpad_packed_autograd) and h_n back in the batch's order (index_select); the same
+// graph, outputs and gradients. Declines what packed_shape declines, bidirectional modules (forward
+// reverses each row by an index it builds) and calls that RecordFunction observers see (forward's
+// padding is then ATen's index ops, which they see). B=2, T=3, H=4, one thread, Zen 3 VM (ad hoc):
+// a packed forward's ~150 us of Python around ~20 us of work.
+py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw, bool exact,
+                        int64_t mode, bool reset_after, int64_t layers, int64_t dirs, const std::string& backend) {
+  PackedShape ps;
+  if (!exact || dirs != 1 || !at::GradMode::is_enabled() ||
+      at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value() ||
+      !packed_shape(packed, hx_obj, weights, nw, mode, layers, dirs, ps))
+    return py::none();
+  const OpCalls call(weights, nw, ps.ls.per_layer, mode, reset_after, backend);
+  const bool perm = ps.sorted != nullptr;
+  const at::Tensor data = *ps.data, bs = THPVariable_Unpack(ps.f[1]);
+  const at::Tensor si = perm ? THPVariable_Unpack(ps.f[2]) : at::Tensor();
+  const at::Tensor ui = perm ? THPVariable_Unpack(ps.f[3]) : at::Tensor();
+  at::Tensor hx = ps.hx != nullptr ? *ps.hx : at::Tensor(), out_data, h_n;
+  {
+    py::gil_scoped_release no_gil;
+    at::Tensor x, lengths;
+    std::tie(x, lengths) = data.requires_grad() ? pad_packed_autograd(data, bs) : pad_packed_sorted(data, bs);
+    if (hx.defined() && perm) hx = hx.index_select(1, si);
+    const auto h0 = [&](int64_t k) { return hx.defined() ? hx.select(0, k) : at::Tensor(); };
+    at::Tensor out;
+    if (layers == 1) {
+      auto r = call(x, h0(0), 0, lengths);
+      out = std::move(r.first);
+      h_n = r.second.unsqueeze_(0);
+    } else {
+      std::vector<at::Tensor> hs;
+      out = std::move(x);
+      for (int64_t l = 0; l < layers; ++l) {
+        auto r = call(out, h0(l), l, lengths);
+        out = std::move(r.first);
+        hs.push_back(std::move(r.second));
+      }
+      h_n = at::stack(hs);
+    }
+    out_data = out.requires_grad() ? unpad_packed_autograd(out, bs) : unpad_packed_sorted(out, bs);
+    if (perm) h_n = h_n.index_select(1, ui);
+  }
+  PyObject* o = THPVariable_Wrap(std::move(out_data));
+  if (o == nullptr) throw py::error_already_set();
+  const auto data_out = py::reinterpret_steal<py::object>(o);
+  o = THPVariable_Wrap(std::move(h_n));
+  if (o == nullptr) throw py::error_already_set();
+  const auto h_out = py::reinterpret_steal<py::object>(o);
+  // PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), as the module's
+  const py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
+      data_out, py::handle(ps.f[1]), py::handle(ps.f[2]), py::handle(ps.f[3]));
+  return py::make_tuple(result, h_out);
+}
 }  // namespace
 
 // A module's fast path, bound once to the module's parameter dict (nn.Module._parameters) and
@@ -2710,7 +2820,7 @@ class InferPlan {
     const bool packed = !cell_ && is_packed_sequence(input.ptr());
     const bool grad = at::GradMode::is_enabled();  // (train_impl's, where autograd records the call)
     if ((!packed && !THPVariable_CheckExact(input.ptr())) || (!hx.is_none() && !THPVariable_CheckExact(hx.ptr())) ||
-        (grad && packed) || torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::any_modes_set())
+        torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::any_modes_set())
       return py::none();
     // the parameters as looked up at an earlier call while the dict is unchanged since
     const uint64_t tag = dict_version(params_.ptr());
@@ -2734,6 +2844,9 @@ class InferPlan {
       exact = exact && THPVariable_CheckExact(p);
       w.push_back(&THPVariable_Unpack(p));
     }
+    if (grad && packed)
+      return train_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), exact, mode_, reset_after_, layers_,
+                          dirs_, backend_);
     if (grad)
       return train_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                         w.data(), int64_t(w.size()), exact, mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
@@ -3030,6 +3143,51 @@ at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch
   unpad_steps(bs, T, B, size_t(C) * pc.element_size(), static_cast<const char*>(pc.data_ptr()),
               static_cast<char*>(data.data_ptr()));
   return data;
+}
+
+// With autograd (the modules' PackedSequence calls where autograd records them: modules._pad_packed,
+// _unpad_cpu, and train_impl): the padding and its inverse as C++ autograd functions, each the
+// other's adjoint, so each backward is differentiable again. (They were Python autograd Functions:
+// each call and each backward was a Python frame, ~30 us a piece on the Zen 3 VM, ad hoc.)
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct PackedUnpadFn;
+struct PackedPadFn : public torch::autograd::Function<PackedPadFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& data, const at::Tensor& batch_sizes) {
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    auto [x, lengths] = pad_packed_sorted(data, batch_sizes);
+    ctx->mark_non_differentiable({lengths});
+    return {x, lengths};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads);
+};
+
+struct PackedUnpadFn : public torch::autograd::Function<PackedUnpadFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& padded, const at::Tensor& batch_sizes) {
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    return {unpad_packed_sorted(padded, batch_sizes)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    return {PackedPadFn::apply(grads[0], ctx->saved_data["batch_sizes"].toTensor())[0], at::Tensor()};
+  }
+};
+
+variable_list PackedPadFn::backward(AutogradContext* ctx, variable_list grads) {
+  if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+  return {PackedUnpadFn::apply(grads[0], ctx->saved_data["batch_sizes"].toTensor())[0], at::Tensor()};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pad_packed_autograd(const at::Tensor& data, const at::Tensor& batch_sizes) {
+  auto r = PackedPadFn::apply(data, batch_sizes);
+  return {r[0], r[1]};
+}
+
+at::Tensor unpad_packed_autograd(const at::Tensor& padded, const at::Tensor& batch_sizes) {
+  return PackedUnpadFn::apply(padded, batch_sizes)[0];
 }
 
 // out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
@@ -3562,6 +3720,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpad_packed_sorted", &rnnrec::unpad_packed_sorted,
         "padded (T, B, C) in a PackedSequence's sorted batch order -> its packed rows (N, C); no autograd",
         py::arg("padded"), py::arg("batch_sizes"));
+  m.def("pad_packed_autograd", &rnnrec::pad_packed_autograd,
+        "pad_packed_sorted with autograd (its backward: unpad_packed_autograd)", py::arg("data"),
+        py::arg("batch_sizes"));
+  m.def("unpad_packed_autograd", &rnnrec::unpad_packed_autograd,
+        "unpad_packed_sorted with autograd (its backward: pad_packed_autograd)", py::arg("padded"),
+        py::arg("batch_sizes"));
   m.def("topk_rows", &rnnrec::topk_rows,
         "torch.topk(scores, k, dim=1) for a float32 CPU (M, N) matrix: (values, indices), best first; NaN "
         "first, equal scores in index order", py::arg("scores"), py::arg("k"));

@@ -31,8 +31,9 @@ _BACKENDS = ops.BACKENDS
 try:  # the C++ inference fast path (csrc/rnnrec_cpu.cpp: infer, InferPlan); None without the extension
     from ._C import InferPlan as _InferPlan, pad_packed_sorted as _pad_packed_sorted
     from ._C import unpad_packed_sorted as _unpad_packed_sorted
+    from ._C import pad_packed_autograd as _pad_packed_autograd, unpad_packed_autograd as _unpad_packed_autograd
 except Exception:  # (as ops.py: not built, or failed to load)
-    _InferPlan = _pad_packed_sorted = _unpad_packed_sorted = None
+    _InferPlan = _pad_packed_sorted = _unpad_packed_sorted = _pad_packed_autograd = _unpad_packed_autograd = None
 _FAST_BACKENDS = ("auto", "cpp")
 
 _is_compiling = torch.compiler.is_compiling
@@ -268,9 +269,9 @@ class _FastPath(nn.Module):
     would; the Python plans also those with autograd on); it is never tried while torch.compile /
     torch.export trace the call (they must see the op). The C++ plan of a sequence module also
     takes a PackedSequence (rnnrec_cpu.cpp, infer_packed: the packed branch of forward in one call),
-    and a dense call that autograd records it makes as forward would: forward's op calls and
-    views, made from C++ (train_impl: the same graph, outputs and gradients, without forward's
-    Python). The plan reads the parameters from the dict at every call, so
+    and a call that autograd records it makes as forward would: forward's op calls and views
+    (and for a one-direction module's PackedSequence its padding), made from C++ (train_impl,
+    train_packed: the same graph, outputs and gradients, without forward's Python). The plan reads the parameters from the dict at every call, so
     reassigned, reloaded or swapped parameters are seen at once; it is rebuilt when an attribute
     it depends on changes."""
 
@@ -924,8 +925,8 @@ def _pad_packed(input):
     products on its live rows only, as torch.nn's packed kernels do), and ``unpad``, which takes a
     padded output (T, B, C) of that order back to its packed rows. On the CPU, where no trace,
     dispatch or function mode must see the calls: C++ copies (_C.pad_packed_sorted and
-    unpad_packed_sorted), in the autograd Functions _PackedPad and _PackedUnpad where autograd records
-    them (B32 T20 H100 training, one thread, Zen 3 VM, ad hoc: ATen's index ops and their backward,
+    unpad_packed_sorted), as C++ autograd functions (_C.pad_packed_autograd, unpad_packed_autograd)
+    where autograd records them (B32 T20 H100 training, one thread, Zen 3 VM, ad hoc: ATen's index ops and their backward,
     scatter_add and zero fills, took ~0.5 of ~3 ms). Else one index_copy (its gradient one
     index_select) and an index_select back, where torch's pad_packed_sequence copies a slice per
     distinct length, each a node of the graph whose backward clones the whole gradient (~1 ms of a
@@ -934,7 +935,7 @@ def _pad_packed(input):
     if (_pad_packed_sorted is not None and data.device.type == "cpu" and data.is_floating_point()
             and not _calls_observed() and _unrecorded(data, batch_sizes)):
         if data.requires_grad and torch.is_grad_enabled():
-            x, lengths = _PackedPad.apply(data, batch_sizes)
+            x, lengths = _pad_packed_autograd(data, batch_sizes)
         else:
             x, lengths = _pad_packed_sorted(data, batch_sizes)
         return x, lengths, functools.partial(_unpad_cpu, batch_sizes=batch_sizes)
@@ -946,46 +947,15 @@ def _pad_packed(input):
 
 def _unpad_cpu(out, batch_sizes):
     """A padded CPU output (T, B, C) in a PackedSequence's sorted order back to its packed rows, in
-    C++ (with _PackedUnpad where autograd records it, or ATen's index ops where something else must
+    C++ (with _C.unpad_packed_autograd where autograd records it, or ATen's index ops where something else must
     see the call)."""
     if _calls_observed() or not _unrecorded(out):
         T, B = batch_sizes.shape[0], int(batch_sizes[0])
         rows, _ = _packed_rows(batch_sizes, None, T, B, out.device)
         return out.reshape(-1, out.shape[-1]).index_select(0, rows)
     if out.requires_grad and torch.is_grad_enabled():
-        return _PackedUnpad.apply(out, batch_sizes)
+        return _unpad_packed_autograd(out, batch_sizes)
     return _unpad_packed_sorted(out, batch_sizes)
-
-
-class _PackedPad(torch.autograd.Function):
-    """_C.pad_packed_sorted with autograd: (data (N, C), batch_sizes) -> (padded (T, B, C),
-    lengths); the gradient of the data is the padded gradient's packed rows (_PackedUnpad, itself
-    differentiable: the two are each other's adjoints)."""
-
-    @staticmethod
-    def forward(ctx, data, batch_sizes):
-        ctx.batch_sizes = batch_sizes
-        x, lengths = _pad_packed_sorted(data, batch_sizes)
-        ctx.mark_non_differentiable(lengths)
-        return x, lengths
-
-    @staticmethod
-    def backward(ctx, grad_x, grad_lengths):
-        return _PackedUnpad.apply(grad_x, ctx.batch_sizes), None
-
-
-class _PackedUnpad(torch.autograd.Function):
-    """_C.unpad_packed_sorted with autograd: (padded (T, B, C), batch_sizes) -> packed rows (N, C);
-    the gradient of the padded sequence is the packed gradient padded (zeros past each length)."""
-
-    @staticmethod
-    def forward(ctx, padded, batch_sizes):
-        ctx.batch_sizes = batch_sizes
-        return _unpad_packed_sorted(padded, batch_sizes)
-
-    @staticmethod
-    def backward(ctx, grad_data):
-        return _PackedPad.apply(grad_data, ctx.batch_sizes)[0], None
 
 
 def _packed_dropout(y, p, batch_sizes, sorted_indices):

@@ -258,9 +258,13 @@ def test_packed_sequence_input_compiles_without_extra_graphs():
     # torch 2.6's dynamo runs torch's own pad_packed_sequence on fake tensors, which fails
     _skip_unless_torch_compiles("torch's own pad_packed_sequence", lambda p: pad_packed_sequence(p)[0], packed)
     m = rnnrec_fast.GRU(3, 4)
+    want = m(packed)[0].data
+    # (dynamo does not trace torch's pad_packed_sequence: the call runs past a graph break, eagerly,
+    # where the C++ plan would take it whole; put aside, the Python forward runs and is compiled)
+    m.__dict__["_plan"] = m.__dict__["_module_call"] = None
     counter = CompileCounter()
     got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
-    torch.testing.assert_close(got, m(packed)[0].data)
+    torch.testing.assert_close(got, want)
     assert counter.frame_count == 1
 
 

@@ -233,15 +233,20 @@ def _graph(t):
     return names
 
 
-def _autograd_call(module, x, hx, python):
-    """module(x, hx) with autograd recording (x and hx, if given, as new leaves), through the C++
-    plan (train_impl) or, with ``python``, the module's Python forward; its outputs, the gradients
-    of x, hx and every parameter for fixed random output gradients, and the outputs' graphs."""
+def _autograd_call(module, x, hx, python, pack=None):
+    """module(x, hx) with autograd recording (x and hx, if given, as new leaves; ``pack``, if given,
+    makes the input a PackedSequence of x), through the C++ plan (train_impl, train_packed) or, with
+    ``python``, the module's Python forward; its outputs (a PackedSequence's data), the gradients of
+    x, hx and every parameter for fixed random output gradients, and the outputs' graphs."""
     x = x.clone().requires_grad_()
     hx = None if hx is None else hx.clone().requires_grad_()
+    inp = x if pack is None else pack(x)
     with python_forward(module) if python else contextlib.nullcontext(), torch.enable_grad():
-        out = module(x) if hx is None else module(x, hx)
+        out = module(inp) if hx is None else module(inp, hx)
     outs = out if isinstance(out, tuple) else (out,)
+    if isinstance(outs[0], PackedSequence):
+        assert outs[0][1] is inp[1] and outs[0][2] is inp[2] and outs[0][3] is inp[3]
+        outs = (outs[0].data,) + outs[1:]
     gen = torch.Generator().manual_seed(11)
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
     leaves = [x] + ([] if hx is None else [hx]) + list(module.parameters())
@@ -249,13 +254,13 @@ def _autograd_call(module, x, hx, python):
     return outs, grads, [_graph(o) for o in outs], [o._is_view() for o in outs]
 
 
-def assert_same_autograd_call(module, x, hx, spy):
+def assert_same_autograd_call(module, x, hx, spy, pack=None):
     """The C++ plan takes the call (spy) and gives the Python forward's outputs, views, graph and
     gradients, bit for bit."""
     before = dict(spy)
-    fast = _autograd_call(module, x, hx, python=False)
+    fast = _autograd_call(module, x, hx, python=False, pack=pack)
     assert spy["handled"] == before["handled"] + 1, "not taken by the C++ plan"
-    general = _autograd_call(module, x, hx, python=True)
+    general = _autograd_call(module, x, hx, python=True, pack=pack)
     assert spy["calls"] == before["calls"] + 1, "the plan was asked for the Python forward's call"
     assert fast[2] == general[2], "autograd graph"
     assert fast[3] == general[3], "outputs that are views"
@@ -315,11 +320,50 @@ def test_autograd_cell_calls_in_cpp(spy, kind, bias, with_hx, batched, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+@pytest.mark.parametrize("layers", [1, 2], ids=["L1", "L2"])
+@pytest.mark.parametrize("kind", ["GRU", "GRU_cho", "RNN_tanh", "RNN_relu"])
+def test_autograd_packed_calls_in_cpp(spy, kind, layers, order, dtype):
+    """A PackedSequence call that autograd records (one direction) runs the Python forward's packed
+    branch from C++ (train_packed): the padding and its inverse as the C++ autograd functions, hx
+    and h_n permuted by index_select, the op with the lengths: the same outputs, graph and
+    gradients, bit for bit, as through the Python forward; with an hx or without, a data that
+    needs no gradient too. A bidirectional module's goes to the Python forward."""
+    salt = sum(map(ord, f"{kind}{layers}{order}{dtype}"))
+    torch.manual_seed(salt)
+    T, B, I, H = 6, 5, 4, 3
+    _, ours = pair(kind, dtype, input_size=I, hidden_size=H, num_layers=layers, bias=salt % 2 == 0,
+                   batch_first=True)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[salt % B] = T
+    if order == "sorted":
+        lengths = lengths.sort(descending=True).values
+
+    def pack(x):
+        return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=order == "sorted")
+
+    x = torch.randn(B, T, I, dtype=dtype)
+    hx = torch.randn(layers, B, H, dtype=dtype)
+    assert_same_autograd_call(ours, x, hx, spy, pack=pack)
+    assert_same_autograd_call(ours, x, None, spy, pack=pack)
+    with torch.enable_grad():  # the data needs no gradient (the weights do): the plain copies
+        out, _ = ours(pack(x))
+        want, _ = general_path(ours, pack(x))
+    assert torch.equal(out.data, want.data) and out.data.requires_grad
+    bi = rnnrec_fast.GRU(I, H, bidirectional=True, batch_first=True, dtype=dtype)
+    handled = spy["handled"]
+    with torch.enable_grad():
+        bi(pack(x))
+    assert spy["handled"] == handled
+
+
+@needs_ext
 def test_autograd_calls_the_plan_does_not_take(spy):
     """Where autograd records a call, the C++ plan declines what the Python forward must see or
-    refuse: a weight of a tensor subclass (its __torch_function__ sees the op's call), a
-    PackedSequence, inputs of other dtypes or shapes (the Python forward's errors), a torch
-    function mode; and autograd off goes to the inference path, not here."""
+    refuse: a weight of a tensor subclass (its __torch_function__ sees the op's call), inputs of
+    other dtypes or shapes (the Python forward's errors), a torch function mode, a PackedSequence
+    under the profiler; and autograd off goes to the inference path, not here."""
     torch.manual_seed(4)
     m, x = rnnrec_fast.GRU(3, 4), torch.randn(5, 2, 3)
 
@@ -341,7 +385,7 @@ def test_autograd_calls_the_plan_does_not_take(spy):
         assert torch.equal(out2, out) and spy["handled"] == 1
         m.weight_hh_l0 = w
         packed = pack_padded_sequence(x, [5, 3], enforce_sorted=False)
-        m(packed)
+        m(packed)  # (taken: train_packed)
         with pytest.raises(modules.InputError, match="dtype torch.float32 but the input has torch.float64"):
             m(x.double())
         with pytest.raises(modules.InputError, match="input_size"):
@@ -355,12 +399,15 @@ def test_autograd_calls_the_plan_does_not_take(spy):
 
         with Seen():
             m(x)
-        assert spy["handled"] == 1
-        m(x)
         assert spy["handled"] == 2
+        m(x)
+        assert spy["handled"] == 3
+        with torch.autograd.profiler.profile():  # (a packed call: forward's padding is then ATen's)
+            m(packed)
+        assert spy["handled"] == 3
     with torch.no_grad():
         m(x)
-    assert spy["handled"] == 3
+    assert spy["handled"] == 4
 
 
 @needs_ext

@@ -241,7 +241,7 @@ class GRU4Rec(nn.Module):
             return rnn(x, h) if resets is None else rnn(x, h, resets=resets)
         if not drop and resets is None and not _calls_observed():
             plan = rnn.__dict__.get("_plan")  # the module's inference fast path, without its mode check
-            out = None if plan is None else plan(x, h)  # (None: declined, e.g. autograd on)
+            out = None if plan is None else plan(x, h)  # (None: declined; with autograd on, the op calls from C++)
             if out is not None:
                 return out
         # layer by layer on the op, with this call's dropout; with carry_dropped, a lower layer's
