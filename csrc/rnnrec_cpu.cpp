@@ -2673,11 +2673,25 @@ bool packed_shape(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* w
   return true;
 }
 
+// A packed call's result, as the module's: (PackedSequence(data, batch_sizes, sorted_indices,
+// unsorted_indices) of the call's PackedSequence type and fields, h_n).
+py::object packed_result(PyObject* packed, at::Tensor&& data, at::Tensor&& h_n) {
+  const auto wrap = [](at::Tensor&& t) {
+    PyObject* o = THPVariable_Wrap(std::move(t));
+    if (o == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(o);
+  };
+  const py::object data_out = wrap(std::move(data)), h_out = wrap(std::move(h_n));
+  const py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
+      data_out, py::handle(PyTuple_GET_ITEM(packed, 1)), py::handle(PyTuple_GET_ITEM(packed, 2)),
+      py::handle(PyTuple_GET_ITEM(packed, 3)));
+  return py::make_tuple(result, h_out);
+}
+
 py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
                         int64_t mode, bool reset_after, int64_t layers, int64_t dirs) {
   PackedShape ps;
   if (!packed_shape(packed, hx_obj, weights, nw, mode, layers, dirs, ps)) return py::none();
-  PyObject** f = ps.f;
   const bool perm = ps.sorted != nullptr;
   const at::Tensor& data = *ps.data;
   const at::Tensor* hx = ps.hx;
@@ -2722,16 +2736,7 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
     });
   });
   note_cpp_backend_ran();
-  PyObject* o = THPVariable_Wrap(std::move(out));
-  if (o == nullptr) throw py::error_already_set();
-  const auto data_out = py::reinterpret_steal<py::object>(o);
-  o = THPVariable_Wrap(std::move(h_n));
-  if (o == nullptr) throw py::error_already_set();
-  const auto h_out = py::reinterpret_steal<py::object>(o);
-  // PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), as the module's
-  const py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
-      data_out, py::handle(f[1]), py::handle(f[2]), py::handle(f[3]));
-  return py::make_tuple(result, h_out);
+  return packed_result(packed, std::move(out), std::move(h_n));
 }
 
 // A sequence module's call on a PackedSequence that autograd records: the Python forward's packed
@@ -2780,16 +2785,7 @@ py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
     out_data = out.requires_grad() ? unpad_packed_autograd(out, bs) : unpad_packed_sorted(out, bs);
     if (perm) h_n = h_n.index_select(1, ui);
   }
-  PyObject* o = THPVariable_Wrap(std::move(out_data));
-  if (o == nullptr) throw py::error_already_set();
-  const auto data_out = py::reinterpret_steal<py::object>(o);
-  o = THPVariable_Wrap(std::move(h_n));
-  if (o == nullptr) throw py::error_already_set();
-  const auto h_out = py::reinterpret_steal<py::object>(o);
-  // PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), as the module's
-  const py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
-      data_out, py::handle(ps.f[1]), py::handle(ps.f[2]), py::handle(ps.f[3]));
-  return py::make_tuple(result, h_out);
+  return packed_result(packed, std::move(out_data), std::move(h_n));
 }
 }  // namespace
 

@@ -155,12 +155,19 @@ def test_sequence_modules(spy, kind, num_layers, bidirectional, batch_first, T, 
         assert_close(h_n, r_h, dtype, "h_n vs torch.nn")
 
 
+def cell_cases(test):
+    """The cells' cases: kind x bias x hx x batched x dtype."""
+    for mark in (pytest.mark.parametrize("kind", ["GRUCell", "RNNCell_tanh", "RNNCell_relu"]),
+                 pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"]),
+                 pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"]),
+                 pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"]),
+                 pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])):
+        test = mark(test)
+    return test
+
+
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell_tanh", "RNNCell_relu"])
+@cell_cases
 def test_cells(spy, kind, bias, with_hx, batched, dtype):
     torch.manual_seed(5)
     I, H, B = 6, 11, 4
@@ -301,11 +308,7 @@ def test_autograd_calls_in_cpp(spy, kind, layers, bidirectional, layout, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell_tanh", "RNNCell_relu"])
+@cell_cases
 def test_autograd_cell_calls_in_cpp(spy, kind, bias, with_hx, batched, dtype):
     """A cell's call that autograd records, from C++ as the sequence modules' (above)."""
     torch.manual_seed(6)
