@@ -166,11 +166,8 @@ def cell_cases(test):
     return test
 
 
-@needs_ext
-@cell_cases
-def test_cells(spy, kind, bias, with_hx, batched, dtype):
-    torch.manual_seed(5)
-    I, H, B = 6, 11, 4
+def cell_case(kind, bias, with_hx, batched, dtype, I, H, B):
+    """A cell case: torch.nn's cell, ours with its weights, an input and an hx (or None)."""
     if kind == "GRUCell":
         ref, ours = nn.GRUCell(I, H, bias=bias, dtype=dtype), rnnrec_fast.GRUCell(I, H, bias=bias, dtype=dtype)
     else:
@@ -180,6 +177,14 @@ def test_cells(spy, kind, bias, with_hx, batched, dtype):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(B, I, dtype=dtype) if batched else torch.randn(I, dtype=dtype)
     hx = (torch.randn(B, H, dtype=dtype) if batched else torch.randn(H, dtype=dtype)) if with_hx else None
+    return ref, ours, x, hx
+
+
+@needs_ext
+@cell_cases
+def test_cells(spy, kind, bias, with_hx, batched, dtype):
+    torch.manual_seed(5)
+    ref, ours, x, hx = cell_case(kind, bias, with_hx, batched, dtype, I=6, H=11, B=4)
     with torch.inference_mode():
         h = ours(x, hx)
         r = ref(x, hx)
@@ -312,13 +317,7 @@ def test_autograd_calls_in_cpp(spy, kind, layers, bidirectional, layout, dtype):
 def test_autograd_cell_calls_in_cpp(spy, kind, bias, with_hx, batched, dtype):
     """A cell's call that autograd records, from C++ as the sequence modules' (above)."""
     torch.manual_seed(6)
-    I, H, B = 5, 7, 3
-    if kind == "GRUCell":
-        ours = rnnrec_fast.GRUCell(I, H, bias=bias, dtype=dtype)
-    else:
-        ours = rnnrec_fast.RNNCell(I, H, bias=bias, nonlinearity=kind.split("_")[1], dtype=dtype)
-    x = torch.randn(B, I, dtype=dtype) if batched else torch.randn(I, dtype=dtype)
-    hx = (torch.randn(B, H, dtype=dtype) if batched else torch.randn(H, dtype=dtype)) if with_hx else None
+    _, ours, x, hx = cell_case(kind, bias, with_hx, batched, dtype, I=5, H=7, B=3)
     assert_same_autograd_call(ours, x, hx, spy)
 
 
