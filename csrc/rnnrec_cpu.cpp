@@ -2425,7 +2425,7 @@ class OpCalls {
   std::vector<at::Tensor> w_;
   int64_t per_layer_;
   bool reset_after_;
-  const std::string& backend_;
+  const std::string backend_;  // (a copy: the plan may be replaced by another thread while the GIL is released)
   const char* mode_;
 };
 
