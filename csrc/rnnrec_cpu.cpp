@@ -2595,18 +2595,6 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
 }
 
 namespace {
-// A sequence module's inference on a PackedSequence (InferPlan's call with one): the modules'
-// packed branch (_check_packed, _pad_packed, the permuted hx, the op, the gather of the output
-// rows and h_n back to the batch's order) in one C++ call. The data is padded in its sorted batch
-// order, whose lengths never increase (infer_layers then runs each step's products on its live
-// rows); hx is read in that order (hx[:, sorted_indices], as torch.nn permutes it); the output's
-// packed rows are each step's first batch_sizes[t] rows of the padded output, and h_n goes back
-// to the batch's order (h_n[:, unsorted_indices]). Declines (None) all the module's packed branch
-// would refuse or treat otherwise: malformed batch sizes or indices (out-of-range indices too),
-// another dtype or device, a subclass's or non-plain tensors, weights or hx that do not fit; the
-// general path then raises the errors. B32 T20 H100, one thread, Zen 3 VM (ad hoc): the general
-// path's packed inference ~730 us, of which ~180 outside the kernels (Python, the op's dispatch,
-// ATen's index ops).
 // What the fast paths read of a PackedSequence call (packed_shape).
 struct PackedShape {
   PyObject* f[4];  // (data, batch_sizes, sorted_indices, unsorted_indices), borrowed
@@ -2688,6 +2676,18 @@ py::object packed_result(PyObject* packed, at::Tensor&& data, at::Tensor&& h_n) 
   return py::make_tuple(result, h_out);
 }
 
+// A sequence module's inference on a PackedSequence (InferPlan's call with one): the modules'
+// packed branch (_check_packed, _pad_packed, the permuted hx, the op, the gather of the output
+// rows and h_n back to the batch's order) in one C++ call. The data is padded in its sorted batch
+// order, whose lengths never increase (infer_layers then runs each step's products on its live
+// rows); hx is read in that order (hx[:, sorted_indices], as torch.nn permutes it); the output's
+// packed rows are each step's first batch_sizes[t] rows of the padded output, and h_n goes back
+// to the batch's order (h_n[:, unsorted_indices]). Declines (None) all the module's packed branch
+// would refuse or treat otherwise: malformed batch sizes or indices (out-of-range indices too),
+// another dtype or device, a subclass's or non-plain tensors, weights or hx that do not fit; the
+// general path then raises the errors. B32 T20 H100, one thread, Zen 3 VM (ad hoc): the general
+// path's packed inference ~730 us, of which ~180 outside the kernels (Python, the op's dispatch,
+// ATen's index ops).
 py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
                         int64_t mode, bool reset_after, int64_t layers, int64_t dirs) {
   PackedShape ps;

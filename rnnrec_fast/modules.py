@@ -271,9 +271,9 @@ class _FastPath(nn.Module):
     takes a PackedSequence (rnnrec_cpu.cpp, infer_packed: the packed branch of forward in one call),
     and a call that autograd records it makes as forward would: forward's op calls and views
     (and for a one-direction module's PackedSequence its padding), made from C++ (train_impl,
-    train_packed: the same graph, outputs and gradients, without forward's Python). The plan reads the parameters from the dict at every call, so
-    reassigned, reloaded or swapped parameters are seen at once; it is rebuilt when an attribute
-    it depends on changes."""
+    train_packed: the same graph, outputs and gradients, without forward's Python). The plan
+    reads the parameters from the dict at every call, so reassigned, reloaded or swapped
+    parameters are seen at once; it is rebuilt when an attribute it depends on changes."""
 
     _plan_config = frozenset()
 
@@ -926,8 +926,8 @@ def _pad_packed(input):
     padded output (T, B, C) of that order back to its packed rows. On the CPU, where no trace,
     dispatch or function mode must see the calls: C++ copies (_C.pad_packed_sorted and
     unpad_packed_sorted), as C++ autograd functions (_C.pad_packed_autograd, unpad_packed_autograd)
-    where autograd records them (B32 T20 H100 training, one thread, Zen 3 VM, ad hoc: ATen's index ops and their backward,
-    scatter_add and zero fills, took ~0.5 of ~3 ms). Else one index_copy (its gradient one
+    where autograd records them (B32 T20 H100 training, one thread, Zen 3 VM, ad hoc: ATen's index
+    ops and their backward, scatter_add and zero fills, took ~0.5 of ~3 ms). Else one index_copy (its gradient one
     index_select) and an index_select back, where torch's pad_packed_sequence copies a slice per
     distinct length, each a node of the graph whose backward clones the whole gradient (~1 ms of a
     ~4 ms training step)."""
