@@ -2242,6 +2242,22 @@ void with_weights_held(int64_t work, const at::Tensor* const* weights, int64_t n
 }
 
 // A module call's sizes as the fast paths read them (call_shape).
+// A made tensor moved into its Python object (a copy would take a reference that, dropped in C++
+// again, takes the GIL: see infer_impl), and two such objects as a (first, second) tuple.
+py::object wrapped(at::Tensor&& t) {
+  PyObject* o = THPVariable_Wrap(std::move(t));
+  if (o == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
+}
+
+py::object pair_of(py::object&& first, py::object&& second) {
+  PyObject* pair = PyTuple_New(2);
+  if (pair == nullptr) throw py::error_already_set();
+  PyTuple_SET_ITEM(pair, 0, first.release().ptr());
+  PyTuple_SET_ITEM(pair, 1, second.release().ptr());
+  return py::reinterpret_steal<py::object>(pair);
+}
+
 struct CallShape {
   int64_t T = 0, B = 0, I = 0;
   bool batched = false, bf = false;  // bf: a batched sequence module's batch_first input
@@ -2377,19 +2393,13 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   // the C++ reference, as above), and kept by the plan where their memory is OutputAllocator's.
   auto wrap = [&](at::Tensor&& t) {
     const bool keep = ring != nullptr && !transposed && t.has_storage() && OutputAllocator::owns(t.storage().data_ptr());
-    PyObject* o = THPVariable_Wrap(std::move(t));
-    if (o == nullptr) throw py::error_already_set();
-    if (keep) ring->keep(o);
-    return py::reinterpret_steal<py::object>(o);
+    py::object o = wrapped(std::move(t));
+    if (keep) ring->keep(o.ptr());
+    return o;
   };
   py::object out_y = y_kept ? std::move(y_kept) : wrap(std::move(y));
   if (cell) return out_y;
-  py::object out_h = h_kept ? std::move(h_kept) : wrap(std::move(h_n));
-  PyObject* pair = PyTuple_New(2);
-  if (pair == nullptr) throw py::error_already_set();
-  PyTuple_SET_ITEM(pair, 0, out_y.release().ptr());
-  PyTuple_SET_ITEM(pair, 1, out_h.release().ptr());
-  return py::reinterpret_steal<py::object>(pair);
+  return pair_of(std::move(out_y), h_kept ? std::move(h_kept) : wrap(std::move(h_n)));
 }
 
 // The op's calls as the modules' Python forward makes them (train_impl, train_packed), through the
@@ -2419,6 +2429,33 @@ class OpCalls {
     auto r = op.call(x, opt(h0), lw[0], lw[1], per_layer_ == 4 ? opt(lw[2]) : Opt(),
                      per_layer_ == 4 ? opt(lw[3]) : Opt(), opt(lengths), Opt(), mode_, reset_after_, backend_);
     return {std::move(std::get<0>(r)), std::move(std::get<1>(r))};
+  }
+
+  // The forward's layer loop on x (T, B, I) from hx (states, B, H; undefined: None) -> (output,
+  // h_n): each layer-direction's call (a reverse direction's on x.flip(0), its output flipped
+  // back), the directions' outputs joined by cat, h_n of one layer-direction by unsqueeze_ in
+  // place, of several by stack.
+  std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& hx, int64_t layers, int64_t dirs,
+                                           const at::Tensor& lengths = at::Tensor()) const {
+    const auto h0 = [&](int64_t k) { return hx.defined() ? hx.select(0, k) : at::Tensor(); };
+    if (layers == 1 && dirs == 1) {
+      auto r = (*this)(x, h0(0), 0, lengths);
+      r.second.unsqueeze_(0);
+      return r;
+    }
+    at::Tensor layer_in = x;
+    std::vector<at::Tensor> hs;
+    for (int64_t l = 0; l < layers; ++l) {
+      std::vector<at::Tensor> outs;
+      for (int64_t dir = 0; dir < dirs; ++dir) {
+        const int64_t k = l * dirs + dir;
+        auto r = (*this)(dir == 0 ? layer_in : layer_in.flip(0), h0(k), k, lengths);
+        outs.push_back(dir == 0 ? std::move(r.first) : r.first.flip(0));
+        hs.push_back(std::move(r.second));
+      }
+      layer_in = dirs == 1 ? std::move(outs[0]) : at::cat(outs, 2);
+    }
+    return {std::move(layer_in), at::stack(hs)};
   }
 
  private:
@@ -2459,26 +2496,7 @@ py::object train_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
     } else {
       const at::Tensor x = !cs.batched ? in.unsqueeze(1) : cs.bf ? in.transpose(0, 1) : in;
       if (hx.defined() && !cs.batched) hx = hx.unsqueeze(1);
-      const auto h0 = [&](int64_t k) { return hx.defined() ? hx.select(0, k) : at::Tensor(); };
-      if (layers == 1 && dirs == 1) {
-        auto r = call(x, h0(0), 0);
-        out_y = std::move(r.first);
-        out_h = r.second.unsqueeze_(0);
-      } else {
-        at::Tensor layer_in = x;
-        std::vector<at::Tensor> hs;
-        for (int64_t l = 0; l < layers; ++l) {
-          std::vector<at::Tensor> outs;
-          for (int64_t dir = 0; dir < dirs; ++dir) {
-            auto r = call(dir == 0 ? layer_in : layer_in.flip(0), h0(l * dirs + dir), l * dirs + dir);
-            outs.push_back(dir == 0 ? std::move(r.first) : r.first.flip(0));
-            hs.push_back(std::move(r.second));
-          }
-          layer_in = dirs == 1 ? outs[0] : at::cat(outs, 2);
-        }
-        out_y = std::move(layer_in);
-        out_h = at::stack(hs);
-      }
+      std::tie(out_y, out_h) = call.forward(x, hx, layers, dirs);
       if (!cs.batched) {
         out_y = out_y.squeeze(1);
         out_h = out_h.squeeze(1);
@@ -2487,19 +2505,9 @@ py::object train_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
       }
     }
   }
-  const auto wrap = [](at::Tensor&& t) {
-    PyObject* o = THPVariable_Wrap(std::move(t));
-    if (o == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(o);
-  };
-  py::object y_obj = wrap(std::move(out_y));
+  py::object y_obj = wrapped(std::move(out_y));
   if (cell) return y_obj;
-  py::object h_obj = wrap(std::move(out_h));
-  PyObject* pair = PyTuple_New(2);
-  if (pair == nullptr) throw py::error_already_set();
-  PyTuple_SET_ITEM(pair, 0, y_obj.release().ptr());
-  PyTuple_SET_ITEM(pair, 1, h_obj.release().ptr());
-  return py::reinterpret_steal<py::object>(pair);
+  return pair_of(std::move(y_obj), wrapped(std::move(out_h)));
 }
 
 }  // namespace
@@ -2664,16 +2672,11 @@ bool packed_shape(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* w
 // A packed call's result, as the module's: (PackedSequence(data, batch_sizes, sorted_indices,
 // unsorted_indices) of the call's PackedSequence type and fields, h_n).
 py::object packed_result(PyObject* packed, at::Tensor&& data, at::Tensor&& h_n) {
-  const auto wrap = [](at::Tensor&& t) {
-    PyObject* o = THPVariable_Wrap(std::move(t));
-    if (o == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(o);
-  };
-  const py::object data_out = wrap(std::move(data)), h_out = wrap(std::move(h_n));
-  const py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
-      data_out, py::handle(PyTuple_GET_ITEM(packed, 1)), py::handle(PyTuple_GET_ITEM(packed, 2)),
+  py::object h_out = wrapped(std::move(h_n));
+  py::object result = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(packed)))(
+      wrapped(std::move(data)), py::handle(PyTuple_GET_ITEM(packed, 1)), py::handle(PyTuple_GET_ITEM(packed, 2)),
       py::handle(PyTuple_GET_ITEM(packed, 3)));
-  return py::make_tuple(result, h_out);
+  return pair_of(std::move(result), std::move(h_out));
 }
 
 // A sequence module's inference on a PackedSequence (InferPlan's call with one): the modules'
@@ -2766,22 +2769,8 @@ py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
     at::Tensor x, lengths;
     std::tie(x, lengths) = data.requires_grad() ? pad_packed_autograd(data, bs) : pad_packed_sorted(data, bs);
     if (hx.defined() && perm) hx = hx.index_select(1, si);
-    const auto h0 = [&](int64_t k) { return hx.defined() ? hx.select(0, k) : at::Tensor(); };
     at::Tensor out;
-    if (layers == 1) {
-      auto r = call(x, h0(0), 0, lengths);
-      out = std::move(r.first);
-      h_n = r.second.unsqueeze_(0);
-    } else {
-      std::vector<at::Tensor> hs;
-      out = std::move(x);
-      for (int64_t l = 0; l < layers; ++l) {
-        auto r = call(out, h0(l), l, lengths);
-        out = std::move(r.first);
-        hs.push_back(std::move(r.second));
-      }
-      h_n = at::stack(hs);
-    }
+    std::tie(out, h_n) = call.forward(x, hx, layers, dirs, lengths);
     out_data = out.requires_grad() ? unpad_packed_autograd(out, bs) : unpad_packed_sorted(out, bs);
     if (perm) h_n = h_n.index_select(1, ui);
   }
