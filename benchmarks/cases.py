@@ -58,6 +58,8 @@ CASES = [
     # sessions of different lengths as a PackedSequence (pack_padded_sequence, enforce_sorted=False)
     Case("GRU inference, packed sessions of 1-20 clicks", "GRU", 32, 20, 100, packed=True),
     Case("GRU training, packed sessions of 1-20 clicks", "GRU", 32, 20, 100, train=True, packed=True),
+    Case("GRU training, packed sessions, bidirectional", "GRU", 32, 20, 100, train=True, packed=True,
+         bidirectional=True),
 ]
 
 # issue 4: the Numba CPU backend beside torch.nn and the C++ backend

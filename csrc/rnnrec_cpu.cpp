@@ -1829,6 +1829,8 @@ std::tuple<at::Tensor, at::Tensor> pad_packed_sorted(const at::Tensor& data, con
 at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch_sizes);
 std::tuple<at::Tensor, at::Tensor> pad_packed_autograd(const at::Tensor& data, const at::Tensor& batch_sizes);
 at::Tensor unpad_packed_autograd(const at::Tensor& padded, const at::Tensor& batch_sizes);
+at::Tensor reverse_padded(const at::Tensor& x, const at::Tensor& lengths);
+at::Tensor reverse_padded_autograd(const at::Tensor& x, const at::Tensor& lengths);
 
 namespace {
 
@@ -2432,12 +2434,18 @@ class OpCalls {
   }
 
   // The forward's layer loop on x (T, B, I) from hx (states, B, H; undefined: None) -> (output,
-  // h_n): each layer-direction's call (a reverse direction's on x.flip(0), its output flipped
-  // back), the directions' outputs joined by cat, h_n of one layer-direction by unsqueeze_ in
-  // place, of several by stack.
+  // h_n): each layer-direction's call (a reverse direction's on x reversed in time, its output
+  // reversed back: by flip(0), or with lengths each row's steps by reverse_padded, as
+  // modules._Reversal), the directions' outputs joined by cat, h_n of one layer-direction by
+  // unsqueeze_ in place, of several by stack.
   std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& hx, int64_t layers, int64_t dirs,
                                            const at::Tensor& lengths = at::Tensor()) const {
     const auto h0 = [&](int64_t k) { return hx.defined() ? hx.select(0, k) : at::Tensor(); };
+    const auto reverse = [&](const at::Tensor& t) {
+      if (!lengths.defined()) return t.flip(0);
+      return t.requires_grad() && at::GradMode::is_enabled() ? reverse_padded_autograd(t, lengths)
+                                                             : reverse_padded(t, lengths);
+    };
     if (layers == 1 && dirs == 1) {
       auto r = (*this)(x, h0(0), 0, lengths);
       r.second.unsqueeze_(0);
@@ -2449,8 +2457,8 @@ class OpCalls {
       std::vector<at::Tensor> outs;
       for (int64_t dir = 0; dir < dirs; ++dir) {
         const int64_t k = l * dirs + dir;
-        auto r = (*this)(dir == 0 ? layer_in : layer_in.flip(0), h0(k), k, lengths);
-        outs.push_back(dir == 0 ? std::move(r.first) : r.first.flip(0));
+        auto r = (*this)(dir == 0 ? layer_in : reverse(layer_in), h0(k), k, lengths);
+        outs.push_back(dir == 0 ? std::move(r.first) : reverse(r.first));
         hs.push_back(std::move(r.second));
       }
       layer_in = dirs == 1 ? std::move(outs[0]) : at::cat(outs, 2);
@@ -2747,14 +2755,15 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
 // dense one: the data padded in its sorted batch order (pad_packed_autograd where it requires
 // grad), hx in that order (index_select), the op with the lengths layer by layer, the output's
 // packed rows (unpad_packed_autograd) and h_n back in the batch's order (index_select); the same
-// graph, outputs and gradients. Declines what packed_shape declines, bidirectional modules (forward
-// reverses each row by an index it builds) and calls that RecordFunction observers see (forward's
-// padding is then ATen's index ops, which they see). B=2, T=3, H=4, one thread, Zen 3 VM (ad hoc):
+// graph, outputs and gradients (a bidirectional module's reverse directions on each row's steps
+// reversed by reverse_padded, as forward's _Reversal). Declines what packed_shape declines and
+// calls that RecordFunction observers see (forward's padding and reversal are then ATen's index
+// ops, which they see). B=2, T=3, H=4, one thread, Zen 3 VM (ad hoc):
 // a packed forward's ~150 us of Python around ~20 us of work.
 py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw, bool exact,
                         int64_t mode, bool reset_after, int64_t layers, int64_t dirs, const std::string& backend) {
   PackedShape ps;
-  if (!exact || dirs != 1 || !at::GradMode::is_enabled() ||
+  if (!exact || !at::GradMode::is_enabled() ||
       at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value() ||
       !packed_shape(packed, hx_obj, weights, nw, mode, layers, dirs, ps))
     return py::none();
@@ -3130,9 +3139,46 @@ at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch
   return data;
 }
 
+// Each row's first lengths[b] steps of a padded sequence x (T, B, C) in reverse order, its padding
+// steps (t >= lengths[b]) where they are: the input and the output of a bidirectional module's
+// reverse direction on a padded PackedSequence (modules._Reversal, train_packed). A
+// permutation of x's (T * B) C-vectors that is its own inverse (and so its own adjoint: the
+// backward of reverse_padded_autograd is itself). Where ATen's index_select over a per-row index
+// had an index_add as its backward (~160 us a call at B32 T20 H100, one thread, Zen 3 VM, ad hoc).
+// Refuses lengths that are not a 1-D int64 CPU tensor of B entries in [0, T].
+at::Tensor reverse_padded(const at::Tensor& x, const at::Tensor& lengths) {
+  const char* where = "rnnrec_fast reverse_padded: ";
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.device().is_cpu() && x.layout() == at::kStrided, where,
+                    "x must be a 3-D strided CPU tensor (T, B, C), got ", x.sizes(), " on ", x.device());
+  const int64_t T = x.size(0), B = x.size(1), C = x.size(2);
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.numel() == B && lengths.scalar_type() == at::kLong &&
+                    lengths.device().is_cpu() && lengths.layout() == at::kStrided,
+                    where, "lengths must be a 1-D int64 CPU tensor of ", B, " entries (x's batch), got ",
+                    lengths.sizes(), " ", lengths.scalar_type(), " on ", lengths.device());
+  check_within_storage(where, "x", x);
+  check_within_storage(where, "lengths", lengths);
+  const at::Tensor lc = lengths.contiguous();
+  const int64_t* len = lc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] <= T, where, "lengths must lie in [0, ", T, "] (x's steps), got ",
+                      len[b], " at ", b);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({T, B, C}, xc.options());
+  const size_t row = size_t(C) * xc.element_size();
+  const char* src = static_cast<const char*>(xc.data_ptr());
+  char* dst = static_cast<char*>(y.data_ptr());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t from = t < len[b] ? len[b] - 1 - t : t;
+      std::memcpy(dst + size_t(t * B + b) * row, src + size_t(from * B + b) * row, row);
+    }
+  return y;
+}
+
 // With autograd (the modules' PackedSequence calls where autograd records them: modules._pad_packed,
-// _unpad_cpu, and train_impl): the padding and its inverse as C++ autograd functions, each the
-// other's adjoint, so each backward is differentiable again. (They were Python autograd Functions:
+// _unpad_cpu, _Reversal, and train_packed): the padding and its inverse as C++ autograd
+// functions, each the other's adjoint, and the per-row reversal, its own, so each backward is
+// differentiable again. (They were Python autograd Functions:
 // each call and each backward was a Python frame, ~30 us a piece on the Zen 3 VM, ad hoc.)
 namespace {
 using torch::autograd::AutogradContext;
@@ -3164,6 +3210,17 @@ variable_list PackedPadFn::backward(AutogradContext* ctx, variable_list grads) {
   if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
   return {PackedUnpadFn::apply(grads[0], ctx->saved_data["batch_sizes"].toTensor())[0], at::Tensor()};
 }
+
+struct ReversePaddedFn : public torch::autograd::Function<ReversePaddedFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lengths) {
+    ctx->saved_data["lengths"] = lengths;
+    return reverse_padded(x, lengths);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    return {ReversePaddedFn::apply(grads[0], ctx->saved_data["lengths"].toTensor()), at::Tensor()};
+  }
+};
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pad_packed_autograd(const at::Tensor& data, const at::Tensor& batch_sizes) {
@@ -3173,6 +3230,10 @@ std::tuple<at::Tensor, at::Tensor> pad_packed_autograd(const at::Tensor& data, c
 
 at::Tensor unpad_packed_autograd(const at::Tensor& padded, const at::Tensor& batch_sizes) {
   return PackedUnpadFn::apply(padded, batch_sizes)[0];
+}
+
+at::Tensor reverse_padded_autograd(const at::Tensor& x, const at::Tensor& lengths) {
+  return ReversePaddedFn::apply(x, lengths);
 }
 
 // out = x W^T (+ b) for a few rows of x: the serving path's scores against the whole catalogue.
@@ -3711,6 +3772,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpad_packed_autograd", &rnnrec::unpad_packed_autograd,
         "unpad_packed_sorted with autograd (its backward: pad_packed_autograd)", py::arg("padded"),
         py::arg("batch_sizes"));
+  m.def("reverse_padded", &rnnrec::reverse_padded,
+        "x (T, B, C) with each row's first lengths[b] steps reversed, its padding in place", py::arg("x"),
+        py::arg("lengths"));
+  m.def("reverse_padded_autograd", &rnnrec::reverse_padded_autograd,
+        "reverse_padded with autograd (its backward: itself)", py::arg("x"), py::arg("lengths"));
   m.def("topk_rows", &rnnrec::topk_rows,
         "torch.topk(scores, k, dim=1) for a float32 CPU (M, N) matrix: (values, indices), best first; NaN "
         "first, equal scores in index order", py::arg("scores"), py::arg("k"));
