@@ -156,6 +156,22 @@ def test_from_torch_and_modes():
         rnnrec_fast.from_torch(nn.LSTM(2, 3))
 
 
+def cpp_modules():
+    """rnnrec_fast.modules, whose packed helpers (_C.pad_packed_sorted, reverse_padded, ...) these
+    tests check; skips without the C++ extension."""
+    from rnnrec_fast import modules
+    if modules._pad_packed_sorted is None or modules._reverse_padded is None:
+        pytest.skip("the C++ extension is not built")
+    return modules
+
+
+def fresh_lengths(B, T, shortest):
+    """B sequence lengths drawn in shortest..T, one of them T."""
+    lengths = torch.randint(shortest, T + 1, (B,))
+    lengths[torch.randint(0, B, ())] = T
+    return lengths
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("shape", [(6, 5, 3), (1, 4, 2), (7, 1, 3), (2, 3, 1)], ids=["B6T5", "B1", "T1", "I1"])
 def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
@@ -164,13 +180,10 @@ def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
     packed rows as their Python path (index ops), bit for bit, for fresh lengths (sorted or not, a
     full one, ones of 1); a module's packed inference then gives torch.nn's outputs; malformed
     batch sizes and padded sizes are refused by name."""
-    from rnnrec_fast import modules
-    if modules._pad_packed_sorted is None:
-        pytest.skip("the C++ extension is not built")
+    modules = cpp_modules()
     B, T, I = shape
     torch.manual_seed(case_seed("pad_packed", str(dtype), shape))
-    lengths = torch.randint(1, T + 1, (B,))
-    lengths[torch.randint(0, B, ())] = T
+    lengths = fresh_lengths(B, T, 1)
     x = torch.randn(B, T, I).to(dtype)
     for enforce_sorted in (False, True):
         lens = lengths.sort(descending=True).values if enforce_sorted else lengths
@@ -202,14 +215,24 @@ def test_packed_padding_in_cpp_matches_python(monkeypatch, dtype, shape):
         modules._unpad_packed_sorted(torch.zeros(2, 3, 3), torch.tensor([2, 1]))
 
 
+def graph_node_names(t):
+    """The names of the autograd nodes t's gradient runs through (a C++ function's without its
+    namespaces)."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(fn.name().rstrip(">").rsplit("::", 1)[-1])
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 def test_packed_padding_gradients_in_cpp():
     """With autograd the C++ padding and its inverse run as C++ autograd functions
     (_C.pad_packed_autograd, unpad_packed_autograd), each the other's adjoint: gradcheck and
     gradgradcheck in float64 for fresh lengths, and a training step of a packed GRU records them
     (not ATen's index ops)."""
-    from rnnrec_fast import modules
-    if modules._pad_packed_sorted is None:
-        pytest.skip("the C++ extension is not built")
+    modules = cpp_modules()
     torch.manual_seed(case_seed("pad_packed_grad"))
     lengths = torch.randint(1, 6, (5,))
     lengths[2] = 6
@@ -223,13 +246,7 @@ def test_packed_padding_gradients_in_cpp():
         assert torch.autograd.gradgradcheck(f, (inp,))
     m = rnnrec_fast.GRU(3, 4, dtype=torch.float64)
     out, h = m(PackedSequence(data, *packed[1:]))
-    names = set()
-    stack = [out.data.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is not None:
-            names.add(fn.name().rstrip(">").rsplit("::", 1)[-1])
-            stack.extend(f for f, _ in fn.next_functions)
+    names = graph_node_names(out.data)
     assert {"PackedPadFn", "PackedUnpadFn"} <= names and not any("Index" in n for n in names), names
 
 
@@ -242,13 +259,10 @@ def test_reverse_padded_in_cpp_matches_python(monkeypatch, dtype, shape):
     x back; with autograd (_C.reverse_padded_autograd, its own adjoint) gradcheck and
     gradgradcheck pass in float64, and a bidirectional packed training step records it, not ATen's
     index ops; malformed lengths are refused by name."""
-    from rnnrec_fast import modules
-    if modules._reverse_padded is None:
-        pytest.skip("the C++ extension is not built")
+    modules = cpp_modules()
     T, B, C = shape
     torch.manual_seed(case_seed("reverse_padded", str(dtype), shape))
-    lengths = torch.randint(0, T + 1, (B,))
-    lengths[torch.randint(0, B, ())] = T
+    lengths = fresh_lengths(B, T, 0)
     x = torch.randn(T, B, 2 * C)[..., ::2].to(dtype)  # (strided)
     got = modules._Reversal(T, lengths, x.device)(x)
     with monkeypatch.context() as mp:
@@ -267,13 +281,7 @@ def test_reverse_padded_in_cpp_matches_python(monkeypatch, dtype, shape):
         packed = pack_padded_sequence(torch.randn(B, T, C, dtype=dtype), lengths.clamp(min=1), batch_first=True,
                                       enforce_sorted=False)
         out, _ = m(PackedSequence(packed.data.requires_grad_(), *packed[1:]))  # (a leaf: no sort node)
-        names = set()
-        stack = [out.data.grad_fn]
-        while stack:
-            fn = stack.pop()
-            if fn is not None:
-                names.add(fn.name().rstrip(">").rsplit("::", 1)[-1])
-                stack.extend(f for f, _ in fn.next_functions)
+        names = graph_node_names(out.data)
         assert "ReversePaddedFn" in names and not any("Index" in n for n in names), names
     for bad, match in ((lengths[:-1], f"lengths must be a 1-D int64 CPU tensor of {B} entries"),
                        (lengths.to(torch.int32), "int64"), (lengths + T + 1, rf"lie in \[0, {T}\]"),
