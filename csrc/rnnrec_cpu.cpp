@@ -2243,7 +2243,6 @@ void with_weights_held(int64_t work, const at::Tensor* const* weights, int64_t n
   run(ptrs.data());
 }
 
-// A module call's sizes as the fast paths read them (call_shape).
 // A made tensor moved into its Python object (a copy would take a reference that, dropped in C++
 // again, takes the GIL: see infer_impl), and two such objects as a (first, second) tuple.
 py::object wrapped(at::Tensor&& t) {
@@ -2260,6 +2259,7 @@ py::object pair_of(py::object&& first, py::object&& second) {
   return py::reinterpret_steal<py::object>(pair);
 }
 
+// A module call's sizes as the fast paths read them (call_shape).
 struct CallShape {
   int64_t T = 0, B = 0, I = 0;
   bool batched = false, bf = false;  // bf: a batched sequence module's batch_first input
@@ -3074,6 +3074,14 @@ bool has_call_slot(py::handle cls) {
 namespace {
 // A PackedSequence's batch_sizes (checked as pad_packed_sorted / unpad_packed_sorted take them),
 // contiguous: positive, non-increasing, summing to the packed rows N (N < 0: any sum, returned).
+// t's values in a contiguous tensor of plain memory, for the copies below that read it by pointer:
+// a tensor with the negative or conjugate bit (a lazily negated view: torch._neg_view) resolved, an
+// efficient zero tensor (torch._efficientzerotensor, no memory) made of zeros.
+at::Tensor contiguous_values(const at::Tensor& t) {
+  if (t._is_zerotensor()) return at::zeros(t.sizes(), t.options());
+  return t.resolve_conj().resolve_neg().contiguous();
+}
+
 at::Tensor checked_batch_sizes(const char* where, const at::Tensor& batch_sizes, int64_t& N) {
   TORCH_CHECK_VALUE(batch_sizes.dim() == 1 && batch_sizes.numel() > 0 && batch_sizes.scalar_type() == at::kLong &&
                     batch_sizes.device().is_cpu(),
@@ -3108,7 +3116,7 @@ std::tuple<at::Tensor, at::Tensor> pad_packed_sorted(const at::Tensor& data, con
   const at::Tensor bsc = checked_batch_sizes(where, batch_sizes, N);
   const int64_t* bs = bsc.data_ptr<int64_t>();
   const int64_t T = bsc.numel(), B = bs[0], C = data.size(1);
-  const at::Tensor dc = data.contiguous();
+  const at::Tensor dc = contiguous_values(data);
   at::Tensor x = empty_pooled({T, B, C}, dc.options());
   at::Tensor lengths = at::zeros({B}, bsc.options());
   pad_steps(bs, T, B, size_t(C) * dc.element_size(), static_cast<const char*>(dc.data_ptr()),
@@ -3132,7 +3140,7 @@ at::Tensor unpad_packed_sorted(const at::Tensor& padded, const at::Tensor& batch
   const int64_t T = bsc.numel(), B = padded.size(1), C = padded.size(2);
   TORCH_CHECK_VALUE(padded.size(0) == T && bs[0] == B, where, "padded must be (", T, ", ", bs[0], ", C) for these ",
                     "batch_sizes, got ", padded.sizes());
-  const at::Tensor pc = padded.contiguous();
+  const at::Tensor pc = contiguous_values(padded);
   at::Tensor data = at::empty({N, C}, pc.options());
   unpad_steps(bs, T, B, size_t(C) * pc.element_size(), static_cast<const char*>(pc.data_ptr()),
               static_cast<char*>(data.data_ptr()));
@@ -3162,7 +3170,7 @@ at::Tensor reverse_padded(const at::Tensor& x, const at::Tensor& lengths) {
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_VALUE(len[b] >= 0 && len[b] <= T, where, "lengths must lie in [0, ", T, "] (x's steps), got ",
                       len[b], " at ", b);
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = contiguous_values(x);
   at::Tensor y = at::empty({T, B, C}, xc.options());
   const size_t row = size_t(C) * xc.element_size();
   const char* src = static_cast<const char*>(xc.data_ptr());

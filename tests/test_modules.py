@@ -292,6 +292,29 @@ def test_reverse_padded_in_cpp_matches_python(monkeypatch, dtype, shape):
         modules._reverse_padded(x[0], lengths)
 
 
+@pytest.mark.parametrize("lazy", ["neg", "zero"])
+def test_packed_helpers_read_lazily_held_values(lazy):
+    """The C++ padding, its inverse and the reversal read their input by pointer: a tensor with the
+    negative bit (torch._neg_view: memory holding the values' negation) gives the values it stands
+    for, and an efficient zero tensor (no memory at all) zeros (the reversal had returned the
+    memory's values, and a zero tensor crashed the process)."""
+    modules = cpp_modules()
+    torch.manual_seed(case_seed("lazy_values", lazy))
+
+    def lazily(t):  # (the same values as t, lazily held; or zeros)
+        return torch._neg_view(t.neg()) if lazy == "neg" else torch._efficientzerotensor(t.shape, dtype=t.dtype)
+
+    def values(t):
+        return t if lazy == "neg" else torch.zeros_like(t)
+
+    x, data, bs, lengths = torch.randn(3, 2, 4), torch.randn(4, 3), torch.tensor([2, 1, 1]), torch.tensor([3, 1])
+    assert lazily(x).is_neg() if lazy == "neg" else lazily(x)._is_zerotensor()
+    for f, t in ((lambda t: modules._reverse_padded(t, lengths), x),
+                 (lambda t: modules._pad_packed_sorted(t, bs)[0], data),
+                 (lambda t: modules._unpad_packed_sorted(t, bs), x)):
+        assert torch.equal(f(lazily(t)), f(values(t)))
+
+
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
