@@ -3072,8 +3072,6 @@ bool has_call_slot(py::handle cls) {
 }
 
 namespace {
-// A PackedSequence's batch_sizes (checked as pad_packed_sorted / unpad_packed_sorted take them),
-// contiguous: positive, non-increasing, summing to the packed rows N (N < 0: any sum, returned).
 // t's values in a contiguous tensor of plain memory, for the copies below that read it by pointer:
 // a tensor with the negative or conjugate bit (a lazily negated view: torch._neg_view) resolved, an
 // efficient zero tensor (torch._efficientzerotensor, no memory) made of zeros.
@@ -3082,6 +3080,8 @@ at::Tensor contiguous_values(const at::Tensor& t) {
   return t.resolve_conj().resolve_neg().contiguous();
 }
 
+// A PackedSequence's batch_sizes (checked as pad_packed_sorted / unpad_packed_sorted take them),
+// contiguous: positive, non-increasing, summing to the packed rows N (N < 0: any sum, returned).
 at::Tensor checked_batch_sizes(const char* where, const at::Tensor& batch_sizes, int64_t& N) {
   TORCH_CHECK_VALUE(batch_sizes.dim() == 1 && batch_sizes.numel() > 0 && batch_sizes.scalar_type() == at::kLong &&
                     batch_sizes.device().is_cpu(),

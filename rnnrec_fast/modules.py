@@ -272,8 +272,8 @@ class _FastPath(nn.Module):
     torch.export trace the call (they must see the op). The C++ plan of a sequence module also
     takes a PackedSequence (rnnrec_cpu.cpp, infer_packed: the packed branch of forward in one call),
     and a call that autograd records it makes as forward would: forward's op calls and views
-    (and for a one-direction module's PackedSequence its padding), made from C++ (train_impl,
-    train_packed: the same graph, outputs and gradients, without forward's Python). The plan
+    (and for a PackedSequence its padding and, bidirectional, its per-row reversal), made from C++
+    (train_impl, train_packed: the same graph, outputs and gradients, without forward's Python). The plan
     reads the parameters from the dict at every call, so reassigned, reloaded or swapped
     parameters are seen at once; it is rebuilt when an attribute it depends on changes."""
 
