@@ -3075,10 +3075,12 @@ namespace {
 // t's values in a contiguous tensor of plain memory, for the copies below that read it by pointer:
 // a tensor with the negative or conjugate bit (a lazily negated view: torch._neg_view) resolved, an
 // efficient zero tensor (torch._efficientzerotensor, no memory) made of zeros.
-at::Tensor contiguous_values(const at::Tensor& t) {
+// plain_values: the same, in t's own layout (where a caller checks the layout itself).
+at::Tensor plain_values(const at::Tensor& t) {
   if (t._is_zerotensor()) return at::zeros(t.sizes(), t.options());
-  return t.resolve_conj().resolve_neg().contiguous();
+  return t.resolve_conj().resolve_neg();
 }
+at::Tensor contiguous_values(const at::Tensor& t) { return plain_values(t).contiguous(); }
 
 // A PackedSequence's batch_sizes (checked as pad_packed_sorted / unpad_packed_sorted take them),
 // contiguous: positive, non-increasing, summing to the packed rows N (N < 0: any sum, returned).
@@ -3377,7 +3379,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
   const int64_t M = scores.size(0), N = scores.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "rnnrec_fast topk_rows: k must be in [1, ", N, "], got ", k);
   check_within_storage("rnnrec_fast topk_rows: ", "scores", scores);
-  const at::Tensor sc = scores.contiguous().resolve_neg();  // (the negative bit: values negated in memory)
+  const at::Tensor sc = contiguous_values(scores);
   at::Tensor vals = at::empty({M, k}, sc.options()), idx = at::empty({M, k}, sc.options().dtype(at::kLong));
   const float* sp = sc.data_ptr<float>();
   float* vp = vals.data_ptr<float>();
@@ -3414,8 +3416,7 @@ py::tuple score_topk(const at::Tensor& h_in, const at::Tensor& W_in, const at::T
   check_within_storage("rnnrec_fast score_topk: ", "h", h_in);
   check_within_storage("rnnrec_fast score_topk: ", "W", W_in);
   check_within_storage("rnnrec_fast score_topk: ", "b", b_in);
-  // (a tensor with the negative bit holds its values' negation in memory: resolved first)
-  const at::Tensor h = h_in.resolve_neg(), W = W_in.resolve_neg(), b = b_in.resolve_neg();
+  const at::Tensor h = plain_values(h_in), W = plain_values(W_in), b = plain_values(b_in);
   TORCH_CHECK_VALUE(W.dim() == 2 && W.scalar_type() == at::kFloat && W.device().is_cpu() && W.is_contiguous(),
                     "rnnrec_fast score_topk: W must be a contiguous float32 CPU (N, H) matrix");
   const int64_t N = W.size(0), H = W.size(1);

@@ -1068,8 +1068,9 @@ def test_extension_helpers_read_the_negative_bit():
 def test_extension_helpers_refuse_freed_storage_and_read_zero_tensors():
     """linear_rows, score_topk and topk_rows refuse a tensor whose storage was freed or shrunk after
     it was made (they read past its end: a GRU4Rec whose item matrix was freed scored garbage),
-    with a ValueError naming it; linear_rows takes an efficient zero tensor as zeros (its kernel
-    read the missing memory: 'data is not allocated')."""
+    with a ValueError naming it; they take an efficient zero tensor as zeros (linear_rows' kernel
+    read the missing memory: 'data is not allocated'; score_topk and topk_rows raised ATen's
+    RuntimeError saying so)."""
     from rnnrec_fast import _C
     from rnnrec_fast.recsys import GRU4Rec
 
@@ -1090,6 +1091,14 @@ def test_extension_helpers_refuse_freed_storage_and_read_zero_tensors():
     z = torch._efficientzerotensor
     assert_close(_C.linear_rows(z(2, H), W, b), b.expand(2, N), torch.float32, "linear_rows, zero x")
     assert_close(_C.linear_rows(x, z(N, H), b), b.expand(2, N), torch.float32, "linear_rows, zero W")
+    for hh, WW, bb in ((z(H), W, b), (h, z(N, H), b), (h, W, z(N))):
+        want = torch.addmv(bb if bb is b else torch.zeros(N), WW if WW is W else torch.zeros(N, H),
+                           hh if hh is h else torch.zeros(H))
+        vals, idx = _C.score_topk(hh, WW, bb, 5, [])
+        assert idx == torch.topk(want, 5).indices.tolist()
+        torch.testing.assert_close(torch.tensor(vals), torch.topk(want, 5).values, rtol=1e-5, atol=1e-5)
+    vals, idx = _C.topk_rows(z(3, N), 4)  # (ties: the lower index first)
+    assert torch.equal(vals, torch.zeros(3, 4)) and torch.equal(idx, torch.arange(4).expand(3, 4))
     model = GRU4Rec(N, [H]).eval()
     shrunk(model.Wy.data)
     with pytest.raises(ValueError, match="W reaches"):
