@@ -3072,10 +3072,10 @@ bool has_call_slot(py::handle cls) {
 }
 
 namespace {
-// t's values in a contiguous tensor of plain memory, for the copies below that read it by pointer:
-// a tensor with the negative or conjugate bit (a lazily negated view: torch._neg_view) resolved, an
-// efficient zero tensor (torch._efficientzerotensor, no memory) made of zeros.
-// plain_values: the same, in t's own layout (where a caller checks the layout itself).
+// t's values in plain memory, for the calls below that read it by pointer: a tensor with the
+// negative or conjugate bit (a lazily negated view: torch._neg_view) resolved, an efficient zero
+// tensor (torch._efficientzerotensor, no memory) made of zeros; in t's own layout (plain_values,
+// where the caller checks the layout itself) or contiguous (contiguous_values).
 at::Tensor plain_values(const at::Tensor& t) {
   if (t._is_zerotensor()) return at::zeros(t.sizes(), t.options());
   return t.resolve_conj().resolve_neg();

@@ -1091,12 +1091,14 @@ def test_extension_helpers_refuse_freed_storage_and_read_zero_tensors():
     z = torch._efficientzerotensor
     assert_close(_C.linear_rows(z(2, H), W, b), b.expand(2, N), torch.float32, "linear_rows, zero x")
     assert_close(_C.linear_rows(x, z(N, H), b), b.expand(2, N), torch.float32, "linear_rows, zero W")
+    def values(t):  # (a zero tensor's values as a plain tensor)
+        return torch.zeros(t.shape) if t._is_zerotensor() else t
+
     for hh, WW, bb in ((z(H), W, b), (h, z(N, H), b), (h, W, z(N))):
-        want = torch.addmv(bb if bb is b else torch.zeros(N), WW if WW is W else torch.zeros(N, H),
-                           hh if hh is h else torch.zeros(H))
+        want = torch.topk(torch.addmv(values(bb), values(WW), values(hh)), 5)
         vals, idx = _C.score_topk(hh, WW, bb, 5, [])
-        assert idx == torch.topk(want, 5).indices.tolist()
-        torch.testing.assert_close(torch.tensor(vals), torch.topk(want, 5).values, rtol=1e-5, atol=1e-5)
+        assert idx == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor(vals), want.values, rtol=1e-5, atol=1e-5)
     vals, idx = _C.topk_rows(z(3, N), 4)  # (ties: the lower index first)
     assert torch.equal(vals, torch.zeros(3, 4)) and torch.equal(idx, torch.arange(4).expand(3, 4))
     model = GRU4Rec(N, [H]).eval()
