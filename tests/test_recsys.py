@@ -203,7 +203,19 @@ def test_training_and_evaluation_options_checked():
            (dict(chunk_steps=1.5), "chunk_steps must be an integer, got 1.5"),
            (dict(n_sample=1.5), "n_sample must be an integer, got 1.5"),
            (dict(batch_size=True), "batch_size must be an integer, got True"),
-           (dict(device="meta"), "bad device 'meta'"), (dict(layers=[8.7]), r"bad layers \[8.7\]")]
+           (dict(device="meta"), "bad device 'meta'"), (dict(layers=[8.7]), r"bad layers \[8.7\]"),
+           # (a later review: a seed torch or seed + 1 cannot take, sizes past int64, an ELU alpha past
+           # float32, and options the loss or optimizer would ignore)
+           (dict(seed=1.5), "seed must be an integer"), (dict(seed=True), "seed must be an integer"),
+           (dict(seed=2 ** 64 - 1), "seed must be an integer"), (dict(seed=-(2 ** 63) - 1), "seed must be an integer"),
+           (dict(batch_size=10 ** 20), r"batch_size must be at most 2\*\*63 - 1"),
+           (dict(loss="top1-max", elu_param=1e300), "elu_param must be within float32's range"),
+           (dict(lr=1e39), "lr must be within float32's range"),
+           (dict(bpreg=0.5), "bpreg applies to loss bpr-max only"),
+           (dict(loss="top1-max", bpreg=0.5), "bpreg applies to loss bpr-max only"),
+           (dict(elu_param=1.0), "elu_param applies to losses bpr-max and top1-max only"),
+           (dict(optimizer="sgd", momentum=0.9), "momentum applies to optimizer adagradm only"),
+           (dict(optimizer="adagrad", momentum=0.0), "momentum applies to optimizer adagradm only")]
     ds = _toy_dataset()
     for kw, match in bad:
         with pytest.raises(RecsysError, match=match):
@@ -215,6 +227,16 @@ def test_training_and_evaluation_options_checked():
     with pytest.raises(RecsysError, match="bad chunk_steps 0"):
         evaluate(model, ds, chunk_steps=0)
     assert set(evaluate(model, ds, ks=5)) == {"recall@5", "mrr@5", "n_events"}
+    # evaluate leaves the model in the caller's mode (it left a training model in eval mode:
+    # dropout off for the epochs after an evaluation between them)
+    model.train()
+    evaluate(model, ds, ks=5)
+    assert model.training
+    model.eval()
+    evaluate(model, ds, ks=5)
+    assert not model.training
+    for seed in (-5, 2 ** 64 - 2):  # torch's seed range, less one at the top (seed + 1)
+        train(ds, TrainConfig(layers=[8], epochs=1, n_sample=4, batch_size=3, seed=seed))
 
 
 def test_lanes_capped_at_the_number_of_sessions():
@@ -1577,6 +1599,56 @@ def test_damaged_checkpoint_weights_are_an_error(tmp_path):
         recsys.load_checkpoint(str(bad))
     back = recsys.load_checkpoint(str(path))  # the intact file still loads
     torch.testing.assert_close(back.Wy, model.Wy, rtol=0, atol=0)
+
+
+def test_damaged_checkpoint_archive_records_are_errors(tmp_path):
+    """From a review: one bit of a zip central-directory record that Python's zipfile passes and
+    torch.load's reader (miniz) reads otherwise: the MS-DOS folder bit (0x10 of the external
+    attributes) made a weights member a "folder" that torch.load filled from nothing (weights of
+    1e28, no error); the encryption flag raised zipfile's RuntimeError, not a RecsysError, and the
+    CLI printed a traceback. A compression method flipped to deflate must fail cleanly too. Every
+    member is tried; the intact file still loads."""
+    import zipfile
+    model = GRU4Rec(20, [8], item_ids=list(range(100, 120)))
+    path = tmp_path / "m.pt"
+    recsys.save_checkpoint(model, str(path))
+    raw = path.read_bytes()
+    names = [i.filename.encode() for i in zipfile.ZipFile(path).infolist()]
+    assert any(n.endswith(b"/data/0") for n in names)
+    directory = raw.index(b"PK\x01\x02")  # the first central record
+    for name in names:
+        rec = raw.index(name, directory) - 46  # this member's central record (its name follows 46 fixed bytes)
+        assert raw[rec:rec + 4] == b"PK\x01\x02"
+        for offset, bit, what in ((38, 0x10, "marked as a folder"), (8, 0x01, "marked as encrypted"),
+                                  (10, 0x08, "not a readable|does not match its CRC-32")):
+            bad = bytearray(raw)
+            bad[rec + offset] ^= bit
+            (tmp_path / "bad.pt").write_bytes(bytes(bad))
+            with pytest.raises(RecsysError, match=what):
+                recsys.load_checkpoint(str(tmp_path / "bad.pt"))
+    back = recsys.load_checkpoint(str(path))
+    torch.testing.assert_close(back.Wy, model.Wy, rtol=0, atol=0)
+
+
+def test_checkpoint_extra_is_checked_when_saved(tmp_path):
+    """From a review: save_checkpoint(extra=...) wrote what load_checkpoint's weights-only reader
+    then refused, blaming the file ("truncated or another file"), for a NumPy metric. NumPy scalars
+    are stored as Python numbers now, and a value that cannot be loaded back is refused before the
+    file is written (an existing checkpoint at the path is kept)."""
+    model = GRU4Rec(5, [4])
+    path = tmp_path / "m.pt"
+    recsys.save_checkpoint(model, str(path), extra={"recall": np.float64(0.5), "n": [np.int64(3), (np.float32(1.5),)],
+                                                    "t": torch.ones(2), "tag": "x"})
+    extra = recsys.load_checkpoint(str(path)).checkpoint_extra
+    assert extra["recall"] == 0.5 and type(extra["recall"]) is float and extra["n"] == [3, (1.5,)]
+    assert type(extra["n"][0]) is int and extra["tag"] == "x" and torch.equal(extra["t"], torch.ones(2))
+    before = path.read_bytes()
+    import datetime
+    for bad, match in (({"a": np.zeros(2)}, "numpy"), ({"when": datetime.datetime(2026, 1, 1)}, "datetime.datetime is not one"),
+                       ([("a", 1)], "extra must be a dict, got list")):
+        with pytest.raises(RecsysError, match=match):
+            recsys.save_checkpoint(model, str(path), extra=bad)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["m.pt"]
 
 
 def test_item_ids_must_be_ints_or_strs_and_distinct_as_lookup_sees_them(tmp_path):

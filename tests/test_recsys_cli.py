@@ -63,11 +63,33 @@ def test_train_evaluate_recommend(files, capsys):
     assert code == 0 and json.loads(out)["items"] == [i for i in every if i not in (1000, 1001)]
 
 
-@pytest.mark.parametrize("loss,emb", [("bpr-max", "8"), ("top1-max", "none")])
-def test_train_other_losses(files, capsys, loss, emb):
-    code, out, err = _run(["train", "--train", files / "train.txt", "--loss", loss, "--embedding", emb,
-                           "--bpreg", "0.5", "--layers", "16,16", "--reset-after", "false", "--epochs", "1",
+@pytest.mark.parametrize("loss,emb,opt", [("bpr-max", "8", ["--bpreg", "0.5"]), ("top1-max", "none", ["--elu-param", "1"])])
+def test_train_other_losses(files, capsys, loss, emb, opt):
+    code, out, err = _run(["train", "--train", files / "train.txt", "--loss", loss, "--embedding", emb, *opt,
+                           "--layers", "16,16", "--reset-after", "false", "--epochs", "1",
                            "--n-sample", "8", "--batch-size", "8", "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_train_refuses_options_it_would_ignore_and_out_of_range_values(files, capsys):
+    """From a review: --bpreg with a loss other than bpr-max, --elu-param with cross-entropy and
+    --momentum with an optimizer other than adagradm trained as if they were not given; a seed past
+    int64 (or 2**64 - 1) failed after the data was read ("Overflow when unpacking long long"); a batch
+    size of 1e20 and an --elu-param of 1e300 ended in tracebacks. Each is a one-line error (exit 2)."""
+    base = ["train", "--train", str(files / "train.txt"), "--epochs", "1", "--quiet"]
+    for extra, match in ((["--bpreg", "0.5"], "bpreg applies to loss bpr-max only"),
+                         (["--loss", "top1-max", "--bpreg", "0.5"], "bpreg applies to loss bpr-max only"),
+                         (["--elu-param", "1"], "elu_param applies to losses bpr-max and top1-max only"),
+                         (["--optimizer", "sgd", "--momentum", "0.9"], "momentum applies to optimizer adagradm only"),
+                         (["--optimizer", "adam", "--momentum", "0.2"], "momentum applies to optimizer adagradm only"),
+                         (["--seed", str(2 ** 64 - 1)], "seed must be an integer from"),
+                         (["--seed", str(10 ** 20)], "seed must be an integer from"),
+                         (["--batch-size", str(10 ** 20)], "batch_size must be at most 2"),
+                         (["--loss", "top1-max", "--elu-param", "1e300"], "elu_param must be within float32's range")):
+        code, out, err = _run(base + extra, capsys)
+        assert code == 2 and match in err and "Traceback" not in err, (extra, err)
+    code, out, err = _run(base + ["--optimizer", "adagradm", "--momentum", "0.3", "--seed", str(2 ** 64 - 2),
+                                  "--n-sample", "8", "--batch-size", "8", "--layers", "8"], capsys)
     assert code == 0, err
 
 

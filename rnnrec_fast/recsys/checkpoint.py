@@ -2,11 +2,14 @@
 ``torch.load(..., weights_only=True)`` (only tensors and plain Python containers inside)."""
 from __future__ import annotations
 
+import io
 import os
+import re
 import stat
 import tempfile
 import zipfile
 
+import numpy as np
 import torch
 
 from .data import RecsysError
@@ -17,7 +20,11 @@ VERSION = 1
 
 
 def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> None:
-    """Save ``model`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
+    """Save ``model`` to ``path`` atomically (temporary file in the same folder + os.replace).
+    ``extra``: a dict of what :func:`load_checkpoint` may read back (``model.checkpoint_extra``):
+    tensors and plain Python values and containers; NumPy scalars are stored as Python numbers.
+    Anything else (a NumPy array, a datetime, an object) is a RecsysError here, before the file is
+    written, where torch.load's weights-only reader would refuse the file that held it."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -25,7 +32,7 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         "config": model.config(),
         "item_ids": list(model.item_ids),
         "state_dict": state,
-        "extra": dict(extra or {}),
+        "extra": _loadable_extra(extra),
     }
     folder = check_save_path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
@@ -44,6 +51,39 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         except OSError:
             pass
         raise
+
+
+def _python_scalars(value):
+    """``value`` with its NumPy scalars (an np.float64 metric) as Python numbers, through dicts,
+    lists and tuples."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {_python_scalars(k): _python_scalars(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_python_scalars(v) for v in value)
+    return value
+
+
+def _loadable_extra(extra) -> dict:
+    """``extra`` as save_checkpoint stores it, after checking that torch.load(weights_only=True)
+    reads it back (the loader's own check: a checkpoint it would refuse is never written)."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise RecsysError(f"cannot save the model: extra must be a dict, got {type(extra).__name__}")
+    extra = _python_scalars(dict(extra))
+    buf = io.BytesIO()
+    try:
+        torch.save(extra, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickling and the weights-only reader fail in many ways
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = f"{found.group(1)} is not one" if found else f"{type(exc).__name__}: {exc}"
+        raise RecsysError(f"cannot save the model: extra holds a value a checkpoint cannot load back "
+                          f"(tensors and plain Python values only; {why})") from None
+    return extra
 
 
 def _file_mode(path: str) -> int:
@@ -89,16 +129,27 @@ def check_device(device, what: str = "device") -> None:
 
 def _check_crcs(f, path) -> None:
     """RecsysError unless every member of the zip archive ``f`` (what torch.save writes) matches the
-    CRC-32 stored with it. torch.load does not check them: damage inside the weights' bytes (a
-    flipped bit, a bad sector, a partial copy overwritten in place) loaded as other, still finite,
-    weights, silently. A file that is not a zip archive is left to torch.load (its own error)."""
+    CRC-32 stored with it and is a plain file. torch.load does not check the CRCs: damage inside the
+    weights' bytes (a flipped bit, a bad sector, a partial copy overwritten in place) loaded as
+    other, still finite, weights, silently. Nor does it refuse a member its zip reader (miniz) takes
+    for a folder, as a set MS-DOS folder bit (0x10 of the external attributes) makes it, where
+    Python's zipfile looks only for a name ending in '/': it reads no bytes for it, and the weights
+    held whatever memory the tensor got. torch.save writes neither folders nor encrypted members.
+    A file that is not a zip archive is left to torch.load (its own error)."""
     try:
         if not zipfile.is_zipfile(f):
             return
         f.seek(0)
         with zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                if info.is_dir() or info.external_attr & 0x10:
+                    raise RecsysError(f"{path}: damaged checkpoint ({info.filename} is marked as a folder)")
+                if info.flag_bits & 0x1:
+                    raise RecsysError(f"{path}: damaged checkpoint ({info.filename} is marked as encrypted)")
             bad = z.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, OSError) as exc:
+    except RecsysError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways (zlib.error, RuntimeError, ...)
         raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint, truncated or another file "
                           f"({type(exc).__name__}: {exc})") from None
     finally:

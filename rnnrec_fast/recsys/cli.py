@@ -116,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--logq", type=float, default=1.0)
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.2)
-    t.add_argument("--momentum", type=float, default=0.2)
+    t.add_argument("--momentum", type=float, default=None, help="AdagradM's momentum (default: 0.2; adagradm only)")
     t.add_argument("--dropout-hidden", type=float, default=0.4)
     t.add_argument("--dropout-embed", type=float, default=0.0)
     t.add_argument("--embedding", default="shared", help="shared | N | none")
-    t.add_argument("--bpreg", type=float, default=0.0)
+    t.add_argument("--bpreg", type=float, default=0.0, help="score regularisation of bpr-max (default: 0.0)")
     t.add_argument("--elu-param", type=float, default=0.0, help="ELU on the scores (bpr-max/top1-max)")
     t.add_argument("--reset-after", type=_bool, default=True,
                    help="GRU candidate form: true (PyTorch) or false (Cho et al., original GRU4Rec)")

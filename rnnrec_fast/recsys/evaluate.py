@@ -70,7 +70,15 @@ def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_s
         if not is_int_at_least(v, 1):
             raise RecsysError(f"bad {name} {v!r}: must be an integer >= 1")
     model.item_map.check_same(data.item_map, "the test data")
+    training = model.training
     model.eval()
+    try:  # (the caller's mode comes back: a model evaluated between epochs goes on training)
+        return _ranks(model, data, batch_size, chunk_steps, ties, block_elems)
+    finally:
+        model.train(training)
+
+
+def _ranks(model, data, batch_size, chunk_steps, ties, block_elems):
     device = model.Wy.device
     # lanes past the number of sessions would stay idle: not more (a state row each)
     batch_size = max(1, min(int(batch_size), data.n_sessions))

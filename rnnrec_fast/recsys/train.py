@@ -27,6 +27,10 @@ from .model import GRU4Rec, parse_embedding
 from .optim import AdagradM
 
 
+_INT_MAX = 2 ** 63 - 1  # the integer options' bound (int64)
+_FLOAT_MAX = float(np.finfo(np.float32).max)  # the float options' bound: they meet float32 tensors
+
+
 @dataclass
 class TrainConfig:
     loss: str = "cross-entropy"
@@ -37,7 +41,7 @@ class TrainConfig:
     logq: float = 1.0
     epochs: int = 10
     lr: float = 0.2
-    momentum: float = 0.2
+    momentum: float | None = None  # AdagradM's (the other optimizers take none); None: 0.2
     dropout_hidden: float = 0.4
     dropout_embed: float = 0.0
     embedding: object = "shared"
@@ -61,11 +65,22 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise RecsysError(f"{name} must be an integer, got {v!r}")
+            if v > _INT_MAX:  # (a batch size of 1e20 overflowed in the loss's normalisation)
+                raise RecsysError(f"{name} must be at most 2**63 - 1, got {v!r}")
         for name in ("sample_alpha", "logq", "lr", "momentum", "bpreg", "elu_param", "dropout_hidden",
                      "dropout_embed"):
             v = getattr(self, name)
+            if name == "momentum" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
                 raise RecsysError(f"{name} must be a finite number, got {v!r}")
+            if abs(v) > _FLOAT_MAX:  # (an ELU alpha of 1e300: torch's "cannot be converted to type float")
+                raise RecsysError(f"{name} must be within float32's range (at most {_FLOAT_MAX:.4g}), got {v!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not -(2 ** 63) <= seed <= 2 ** 64 - 2):
+            # (torch's seeds span [-2**63, 2**64 - 1]; the sampler's generator takes seed + 1)
+            raise RecsysError(f"seed must be an integer from -2**63 to 2**64 - 2, got {seed!r}")
         if self.loss_norm not in ("step", "batch"):
             raise RecsysError(f"unknown loss_norm {self.loss_norm!r}; choose step or batch")
         checks = [
@@ -73,7 +88,7 @@ class TrainConfig:
             (self.n_sample >= 0, "n_sample must be >= 0"),
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.lr > 0, "learning rate must be > 0"),
-            (self.momentum >= 0, "momentum must be >= 0"),
+            (self.momentum is None or self.momentum >= 0, "momentum must be >= 0"),
             (0 <= self.dropout_hidden < 1, "dropout_hidden must be in [0, 1)"),
             (0 <= self.dropout_embed < 1, "dropout_embed must be in [0, 1)"),
             (self.chunk_steps >= 1, "chunk_steps must be >= 1"),
@@ -92,6 +107,13 @@ class TrainConfig:
         check_device(self.device)
         if self.optimizer not in ("adagradm", "adam", "adagrad", "sgd"):
             raise RecsysError(f"unknown optimizer {self.optimizer!r}")
+        # options the chosen loss or optimizer would ignore, silently (from a review)
+        if self.bpreg and self.loss != "bpr-max":
+            raise RecsysError(f"bpreg applies to loss bpr-max only (the loss is {self.loss})")
+        if self.elu_param and self.loss == "cross-entropy":
+            raise RecsysError("elu_param applies to losses bpr-max and top1-max only (the loss is cross-entropy)")
+        if self.momentum is not None and self.optimizer != "adagradm":
+            raise RecsysError(f"momentum applies to optimizer adagradm only (the optimizer is {self.optimizer})")
         return self
 
 
@@ -317,12 +339,12 @@ def _norm(cfg, T, B):
     """GRU4Rec divides each step's summed loss by the batch size. ``loss_norm="step"`` also averages
     over the chunk's T steps, so one chunk's gradient has the scale of one GRU4Rec step (Adagrad's
     eps makes the update depend on that scale); ``"batch"`` sums the steps."""
-    return B * T if cfg.loss_norm == "step" else B
+    return float(B * T if cfg.loss_norm == "step" else B)
 
 
 def _make_optimizer(model, cfg):
     if cfg.optimizer == "adagradm":
-        return AdagradM(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        return AdagradM(model.parameters(), lr=cfg.lr, momentum=0.2 if cfg.momentum is None else cfg.momentum)
     # torch optimisers: dense gradients for the item matrices
     if cfg.optimizer == "adam":
         return torch.optim.SparseAdam(model.item_params, lr=cfg.lr), torch.optim.Adam(
