@@ -1426,3 +1426,48 @@ def test_export_k_must_be_an_int():
     for bad in (2.5, True, "3"):
         with pytest.raises(ValueError, match="k must be an int"):
             OneStepScorer(model, k=bad)
+
+
+# ---- a review of 2026-12-05 (each failed before its fix)
+
+def test_export_step_keeps_the_models_mode():
+    """export_step traced the model in eval mode and left it there: a snapshot exported between
+    training epochs turned dropout off for the rest of the training, without a word. It is traced
+    in eval mode still (the same outputs as the model in eval mode) and the mode comes back."""
+    from rnnrec_fast.serving.export import export_step
+
+    torch.manual_seed(0)
+    model = recsys.GRU4Rec(20, [8], dropout_hidden=0.5)
+    model.train()
+    ep = export_step(model, k=3)
+    assert model.training
+    items, h = torch.tensor([1, 5]), model.init_state(2)
+    model.eval()
+    h_new, vals, idx = ep.module()(items, h)
+    want = model.step(items, h)
+    torch.testing.assert_close(h_new, want)
+    torch.testing.assert_close(vals, torch.topk(model.score(want[-1]), 3).values)
+    export_step(model, k=3)
+    assert not model.training
+
+
+def test_huge_k_is_an_invalid_request():
+    """k of more than 4,300 digits raised Python's ValueError while its message was formed (the int
+    cannot be written out), not the InvalidRequestError a caller catching ServingError expects."""
+    from rnnrec_fast.serving.recommender import InvalidRequestError
+
+    model = make_model()
+    rec = SessionRecommender(model)
+    for k in (10 ** 5000, -(10 ** 5000), 10 ** 30):
+        with pytest.raises(InvalidRequestError, match="k must be in"):
+            rec.click("s", model.item_ids[0], k=k)
+    assert rec.session_info("s") is None
+
+
+def test_server_url_of_an_ipv6_host_is_bracketed():
+    """The URL of an IPv6 host was written http://::1:PORT; RFC 3986 brackets it."""
+    from rnnrec_fast.serving.server import url
+
+    assert url("::1", 8080) == "http://[::1]:8080"
+    assert url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
+    assert url("localhost", 1) == "http://localhost:1"

@@ -689,6 +689,36 @@ def test_healthz_takes_get_and_head_only():
         assert status == 405 and out["error"]["code"] == "method_not_allowed", (method, out)
 
 
+def test_405_says_allow_and_errors_are_counted_under_their_route(server):
+    """From a review: a 405 carries the Allow header RFC 9110 requires (it had none); HEAD works
+    where GET does (the debug session route refused it); a click refused for its session id (bad
+    UTF-8, too long) is counted under endpoint "clicks" (it was "other")."""
+    c = Client(server)
+    for method, path, allow in (("GET", "/v1/sessions/a/clicks", "POST"), ("PUT", "/v1/sessions/a", "DELETE, GET, HEAD"),
+                                ("POST", "/metrics", "GET, HEAD"), ("DELETE", "/healthz", "GET, HEAD")):
+        c.c.request(method, path)
+        r = c.c.getresponse()
+        r.read()
+        assert r.status == 405 and r.getheader("allow") == allow, (method, path, r.getheaders())
+    c.req("POST", "/v1/sessions/head405/clicks", {"item_id": server.model.item_ids[0], "k": 2})
+    c.c.request("HEAD", "/v1/sessions/head405")
+    r = c.c.getresponse()
+    assert r.status == 200 and r.read() == b""
+    before = server.app.registry.expose()
+    assert c.req("POST", "/v1/sessions/%FF/clicks", {"item_id": 503})[0] == 400
+    assert c.req("POST", "/v1/sessions/" + "y" * 300 + "/clicks", {"item_id": 503})[0] == 400
+    assert c.req("DELETE", "/v1/sessions/" + "y" * 300)[0] == 400
+    c.close()
+
+    def count(text, labels):
+        found = re.search(r"^rnnrec_http_requests_total\{%s\} (\d+)$" % re.escape(labels), text, re.M)
+        return int(found.group(1)) if found else 0
+    after = server.app.registry.expose()
+    assert count(after, 'endpoint="clicks",code="400"') - count(before, 'endpoint="clicks",code="400"') == 2
+    assert count(after, 'endpoint="session",code="400"') - count(before, 'endpoint="session",code="400"') == 1
+    assert count(after, 'endpoint="other",code="400"') == count(before, 'endpoint="other",code="400"')
+
+
 # ---- an adversarial review (each failed before its fix)
 
 @pytest.fixture(params=["default", "h11"])
@@ -771,6 +801,10 @@ def test_requests_malformed_below_the_app_get_the_json_error(http_stack, raw):
         err = json.loads(body)["error"]
         assert err["code"] == "bad_request" and err["message"], err
         assert app.rec.session_info("a") is None
+        # counted in the app's metrics as its own 400s are (from a review: they were not counted)
+        text = app.registry.expose()
+        assert re.search(r'^rnnrec_http_requests_total\{endpoint="other",code="400"\} 1$', text, re.M), text
+        assert re.search(r'^rnnrec_http_errors_total\{error="bad_request"\} 1$', text, re.M), text
         s = socket.create_connection((srv.host, srv.port), timeout=10)
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert _read_all(s).startswith(b"HTTP/1.1 200")

@@ -46,7 +46,7 @@ def main(argv=None):
         pass
     from ..recsys.data import RecsysError
     from .app import make_app
-    from .server import bind, serve
+    from .server import bind, serve, url
 
     sock = None
     try:  # bad options and unusable model files: one line, exit 2 (as the recsys CLI)
@@ -67,7 +67,7 @@ def main(argv=None):
     gc.freeze()
     host, port = sock.getsockname()[:2]
     print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}; "
-          f"listening on http://{host}:{port}", flush=True)
+          f"listening on {url(host, port)}", flush=True)
     serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout)
     return 0
 

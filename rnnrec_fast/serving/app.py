@@ -49,11 +49,17 @@ _CLICK_FIELDS = frozenset({"item_id", "k", "exclude_seen"})  # a click's JSON bo
 
 
 class HTTPError(Exception):
-    def __init__(self, status, code, message):
+    """An error response: ``allow`` the methods a 405's route takes (its Allow header, which RFC 9110
+    requires there); ``endpoint`` the metrics' endpoint label where the route is known before the
+    handler's own label is set (a click's session id refused)."""
+
+    def __init__(self, status, code, message, *, allow=None, endpoint=None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.allow = allow
+        self.endpoint = endpoint
 
 
 class _Click:
@@ -150,7 +156,7 @@ class ServingApp:
                 if clicks:
                     endpoint = "clicks"
                     if method != "POST":
-                        raise HTTPError(405, "method_not_allowed", "use POST for clicks")
+                        raise HTTPError(405, "method_not_allowed", "use POST for clicks", allow="POST")
                     body = await self._read_body(scope, receive)
                     status, payload = 200, await self._click(sid, body)
                     self.m_latency.observe(time.perf_counter() - t0)
@@ -160,21 +166,22 @@ class ServingApp:
                         if not self.rec.end(sid):
                             raise HTTPError(404, "unknown_session", f"no session {sid!r}")
                         status, payload = 200, b'{"deleted":true}'
-                    elif method == "GET" and self.debug:
+                    elif method in ("GET", "HEAD") and self.debug:
                         status, payload = 200, self._session_debug(sid)
                     else:
                         raise HTTPError(405, "method_not_allowed",
-                                        "use DELETE" + (" or GET" if self.debug else "") + " on a session")
+                                        "use DELETE" + (" or GET" if self.debug else "") + " on a session",
+                                        allow="DELETE, GET, HEAD" if self.debug else "DELETE")
             elif path == "/healthz":
                 endpoint = "healthz"
                 if method not in ("GET", "HEAD"):
-                    raise HTTPError(405, "method_not_allowed", "use GET")
+                    raise HTTPError(405, "method_not_allowed", "use GET", allow="GET, HEAD")
                 status, payload = 200, json.dumps({"status": "ok", "sessions": len(self.rec),
                                                    "items": self.rec.n_items}).encode()
             elif path == "/metrics":
                 endpoint = "metrics"
                 if method not in ("GET", "HEAD"):
-                    raise HTTPError(405, "method_not_allowed", "use GET")
+                    raise HTTPError(405, "method_not_allowed", "use GET", allow="GET, HEAD")
                 self.rec.expire()  # idle sessions past the TTL are not reported as held
                 text = self.registry.expose().encode()
                 self.m_requests.inc(endpoint, "200")
@@ -184,12 +191,23 @@ class ServingApp:
                 raise HTTPError(404, "not_found", f"no route {method} {path}")
         except HTTPError as e:
             status, payload = e.status, _error(e.code, e.message)
+            endpoint = e.endpoint or endpoint
             self.m_errors.inc(e.code)
+            if e.allow is not None:
+                self.m_requests.inc(endpoint, _STATUS_STR.get(status) or str(status))
+                await _respond(send, status, payload, _JSON + [(b"allow", e.allow.encode())])
+                return
         except Exception as e:  # noqa: BLE001 - the service must keep serving
             status, payload = 500, _error("internal", f"{type(e).__name__}: {e}")
             self.m_errors.inc("internal")
         self.m_requests.inc(endpoint, _STATUS_STR.get(status) or str(status))
         await _respond(send, status, payload, _JSON)
+
+    def count_refused(self):
+        """Counts a request that the server refused below the app (server.py: a malformed head or
+        Content-Length, answered with a 400 there) as the app counts its own 400s."""
+        self.m_requests.inc("other", "400")
+        self.m_errors.inc("bad_request")
 
     # ------------------------------------------------------------------ helpers
     def _session_route(self, scope, path):
@@ -205,7 +223,8 @@ class ServingApp:
             try:
                 sid = seg[3].decode("utf-8") if ok else ""  # (another route: a 404 below)
             except UnicodeDecodeError:
-                raise HTTPError(400, "bad_session_id", "session id is not valid UTF-8") from None
+                raise HTTPError(400, "bad_session_id", "session id is not valid UTF-8",
+                                endpoint="clicks" if clicks else "session") from None
         else:
             rest = path[len(_PREFIX):]
             clicks = rest.endswith("/clicks")
@@ -214,7 +233,8 @@ class ServingApp:
         if not ok or not sid:
             raise HTTPError(404, "not_found", "expected /v1/sessions/{session_id}[/clicks]")
         if len(sid) > self.max_sid:
-            raise HTTPError(400, "bad_session_id", f"session id longer than {self.max_sid} characters")
+            raise HTTPError(400, "bad_session_id", f"session id longer than {self.max_sid} characters",
+                            endpoint="clicks" if clicks else "session")
         return sid, clicks
 
     async def _read_body(self, scope, receive):

@@ -45,8 +45,16 @@ class OneStepScorer(nn.Module):
 def export_step(model, k=20, batch=None, path=None):
     """``torch.export`` of :class:`OneStepScorer` (a dynamic batch dimension unless ``batch`` is
     given). Saves the program to ``path`` (plus ``path + '.items.json'``) when given; returns the
-    ExportedProgram."""
-    model = model.eval()
+    ExportedProgram. The model is traced in eval mode, and left in the mode it came in (a snapshot
+    exported between training epochs leaves dropout on for the next)."""
+    training = model.training
+    try:
+        return _export_step(model.eval(), k, batch, path)
+    finally:
+        model.train(training)
+
+
+def _export_step(model, k, batch, path):
     scorer = OneStepScorer(model, k).eval()
     B = 4 if batch is None else int(batch)
     items = torch.zeros(B, dtype=torch.long, device=model.Wy.device)

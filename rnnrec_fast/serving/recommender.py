@@ -19,6 +19,16 @@ except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
     _topk_rows = None
 
 
+def _shown(value) -> str:
+    """repr(value) for an error message, cut to about 80 characters; an int too long for Python to
+    write out (ValueError past 4,300 digits) by its size."""
+    try:
+        shown = repr(value)
+    except ValueError:
+        return f"<an int of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    return shown[:60] + f"... ({len(shown)} characters)" if len(shown) > 80 else shown
+
+
 class ServingError(Exception):
     """Base class of the errors the serving API raises for bad input."""
 
@@ -27,13 +37,7 @@ class UnknownItemError(ServingError, LookupError):
     """An item id that is not in the model's catalogue."""
 
     def __init__(self, item_id):
-        try:
-            shown = repr(item_id)
-        except ValueError:  # an int with more digits than Python writes out
-            shown = f"<an int of about {int(item_id.bit_length() * 0.30103) + 1} digits>"
-        if len(shown) > 80:
-            shown = shown[:60] + f"... ({len(shown)} characters)"
-        super().__init__(f"unknown item id {shown} (not in the model's catalogue)")
+        super().__init__(f"unknown item id {_shown(item_id)} (not in the model's catalogue)")
         self.item_id = item_id
 
     def __str__(self):  # LookupError/KeyError would repr() the message
@@ -206,7 +210,7 @@ class SessionRecommender:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= self.max_k:
-            raise InvalidRequestError(f"k must be in [1, {self.max_k}], got {k}")
+            raise InvalidRequestError(f"k must be in [1, {self.max_k}], got {_shown(int(k))}")
         return int(k)
 
     # ------------------------------------------------------------------ API

@@ -22,14 +22,15 @@ class _HeadTooLarge(Exception):
     pass
 
 
-def _with_request_deadline(base, timeout):
+def _with_request_deadline(base, timeout, count_refused=None):
     """uvicorn's HTTP protocol class ``base`` with a deadline on each request's arrival. uvicorn
     closes idle keep-alive connections, but not one whose request arrives slowly: half-sent
     requests (slowloris) held their connections for ever, and a client holding enough of them
     starved the server of connections. Here a request whose head and body have not all arrived
     within ``timeout`` seconds of the connection opening, or of the previous response, has its
     connection closed (the app, if it was reading the body, sees a disconnect). A request that
-    has arrived is never cut off, however long the app takes."""
+    has arrived is never cut off, however long the app takes. ``count_refused`` (the app's, where
+    it has one) is called for each request refused here with a 400, for the app's metrics."""
     from uvicorn.protocols.http.flow_control import FlowControl
 
     class HeldFlow(FlowControl):
@@ -160,6 +161,8 @@ def _with_request_deadline(base, timeout):
         def _close(self, msg=None):
             """Closes the connection, after the JSON 400 saying ``msg`` where one is given."""
             if msg is not None:
+                if count_refused is not None:
+                    count_refused()
                 body = json.dumps({"error": {"code": "bad_request", "message": str(msg)}}).encode()
                 head = [b"HTTP/1.1 400 Bad Request\r\n"]
                 for name, value in self.server_state.default_headers:
@@ -214,8 +217,14 @@ def _uvicorn_config(app, log_level="warning", request_timeout=REQUEST_TIMEOUT):
     if (isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
             or not 0 < request_timeout < float("inf")):
         raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
-    return uvicorn.Config(app, loop=loop, http=_with_request_deadline(base, float(request_timeout)), lifespan="on",
+    http = _with_request_deadline(base, float(request_timeout), getattr(app, "count_refused", None))
+    return uvicorn.Config(app, loop=loop, http=http, lifespan="on",
                           log_level=log_level, access_log=False, server_header=False, date_header=False)
+
+
+def url(host, port):
+    """The http URL of ``host`` and ``port``: an IPv6 address in brackets (RFC 3986)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def bind(host="127.0.0.1", port=0, backlog=2048):
@@ -275,7 +284,7 @@ class BackgroundServer:
         config = _uvicorn_config(app, log_level, request_timeout)
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = url(self.host, self.port)
         self.server = uvicorn.Server(config)
         self.start_timeout = start_timeout
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
