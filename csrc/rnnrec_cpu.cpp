@@ -2539,8 +2539,11 @@ struct ModuleCallContext {
   py::object forward_ad;   // torch.autograd.forward_ad: _current_level >= 0 inside dual_level()
   py::object module_cls;   // torch.nn.Module, whose __call__ must still be torch's own:
   py::object torch_call;   // a user's patched nn.Module.__call__ (a global call wrapper) sees every call
+  // torch's nn.Module._call_impl, which __call__ calls: one patched on nn.Module, overridden by a
+  // subclass or set on the instance (a wrapper checking every module call) must see every call too
+  py::object torch_call_impl;
   std::vector<PyObject*> module_hooks, global_hooks;  // interned names
-  PyObject *forward, *compiled_call_impl, *training, *dropout, *current_level, *dunder_call;
+  PyObject *forward, *compiled_call_impl, *training, *dropout, *current_level, *dunder_call, *call_impl;
   // the two modules' namespaces (borrowed: the modules above keep them), read as dicts: a module
   // attribute lookup goes through the module type's getattr first
   PyObject *nn_module_dict, *forward_ad_dict;
@@ -2585,7 +2588,8 @@ PyObject* interned(const char* s) {
 }  // namespace
 
 void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::object forward_ad,
-                             py::type module_cls, py::object torch_call, py::object packed_cls) {
+                             py::type module_cls, py::object torch_call, py::object torch_call_impl,
+                             py::object packed_cls) {
   auto* c = new ModuleCallContext();
   c->packed_cls = std::move(packed_cls);
   c->own_forwards = std::move(own_forwards);
@@ -2593,6 +2597,7 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
   c->forward_ad = std::move(forward_ad);
   c->module_cls = std::move(module_cls);
   c->torch_call = std::move(torch_call);
+  c->torch_call_impl = std::move(torch_call_impl);
   for (const char* n : {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"})
     c->module_hooks.push_back(interned(n));
   for (const char* n : {"_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -2604,6 +2609,7 @@ void set_module_call_context(py::tuple own_forwards, py::object nn_module, py::o
   c->dropout = interned("dropout");
   c->current_level = interned("_current_level");
   c->dunder_call = interned("__call__");
+  c->call_impl = interned("_call_impl");
   c->nn_module_dict = PyModule_GetDict(c->nn_module.ptr());
   c->forward_ad_dict = PyModule_GetDict(c->forward_ad.ptr());
   if (c->nn_module_dict == nullptr || c->forward_ad_dict == nullptr) throw py::error_already_set();
@@ -2911,7 +2917,7 @@ class InferPlan {
         k.module_tag = 0;
         k.module_dict = nullptr;
         k.hooks.clear();
-        if (lookup(d, c->forward) != nullptr) return py::none();
+        if (lookup(d, c->forward) != nullptr || lookup(d, c->call_impl) != nullptr) return py::none();
         PyObject* compiled = lookup(d, c->compiled_call_impl);
         if (compiled != nullptr && compiled != Py_None) return py::none();
         if (truthy(lookup(d, c->training)) && truthy(lookup(d, c->dropout))) return py::none();
@@ -2931,6 +2937,8 @@ class InferPlan {
       bool own = false;  // (a missing forward, nullptr, is none of them)
       for (const auto& f : c->own_forwards) own = own || f.ptr() == fwd;
       if (!own) return py::none();
+      // (torch's _call_impl, as found along the class's MRO: nn.Module's, unpatched)
+      if (_PyType_Lookup(Py_TYPE(self), c->call_impl) != c->torch_call_impl.ptr()) return py::none();
     }
     {
       // torch's global module hooks (a global missing from its module: declined)
@@ -3828,7 +3836,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "module(*args) on this plan where the module's call would reach it (see modules._FastPath), else None");
   m.def("set_module_call_context", &rnnrec::set_module_call_context, py::arg("own_forwards"),
         py::arg("nn_module"), py::arg("forward_ad"), py::arg("module_cls"), py::arg("torch_call"),
-        py::arg("packed_cls") = py::none(), "what InferPlan.module_call reads besides the module");
+        py::arg("torch_call_impl"), py::arg("packed_cls") = py::none(),
+        "what InferPlan.module_call reads besides the module");
   m.def("install_call_slot", &rnnrec::install_call_slot, py::arg("classes"), py::arg("py_call"),
         py::arg("call_after"), "give the module classes the C++ call slot (module_call_slot; see modules)");
   m.def("has_call_slot", &rnnrec::has_call_slot, py::arg("cls"), "whether calls of cls's instances start in C++");

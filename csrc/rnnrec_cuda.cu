@@ -454,12 +454,15 @@ static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const Tensor dgx2 = dgx.view({T * B, G * H});
   const Tensor dgh2 = dgh.view({T * B, G * H});
   Tensor x_a = x.to(acc);
+  Tensor inactive;  // (T, B, 1), where lengths are given
   if (lengths.has_value()) {  // padding past a row's length enters grad_w_ih as zeros (0 * NaN is NaN)
     const Tensor active = at::arange(T, lengths->options()).unsqueeze(1) < lengths->unsqueeze(0);  // (T, B)
-    x_a = x_a.masked_fill(active.logical_not().unsqueeze(2), 0);
+    inactive = active.logical_not().unsqueeze(2);
+    x_a = x_a.masked_fill(inactive, 0);
   }
   const Tensor x2 = x_a.reshape({T * B, I});
   Tensor grad_x = at::mm(dgx2, w_ih.to(acc)).view({T, B, I});
+  if (inactive.defined()) grad_x.masked_fill_(inactive, 0);  // (exactly zero there, whatever W_ih holds)
   Tensor grad_w_ih = at::mm(dgx2.t(), x2);
   Tensor grad_b_ih = dgx2.sum(0);
   Tensor grad_b_hh = dgh2.sum(0);

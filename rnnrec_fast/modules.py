@@ -46,13 +46,17 @@ _is_compiling = torch.compiler.is_compiling
 # cost of is_compiling, which also asks torch.jit.is_scripting (~60 ns of a ~7 us serving step).
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
 
-# torch's own nn.Module.__call__: where a user has patched it (a global call wrapper, for logging or
-# tracing), the fast path declines so that the wrapper sees every call, as with torch.nn's modules
+# torch's own nn.Module.__call__ and the _call_impl it calls: where a user has patched either (a
+# global call wrapper, for logging, tracing or NaN checks), or a subclass or the instance has its
+# own _call_impl, the fast path declines so that the wrapper sees every call, as with torch.nn's
+# modules
 _TORCH_MODULE_CALL = nn.Module.__dict__.get("_wrapped_call_impl", nn.Module.__dict__["__call__"])
+_TORCH_CALL_IMPL = nn.Module.__dict__["_call_impl"]
 
 
-def _torch_module_call():
-    return nn.Module.__dict__.get("__call__") is _TORCH_MODULE_CALL
+def _torch_module_call(module):
+    return (nn.Module.__dict__.get("__call__") is _TORCH_MODULE_CALL and type(module)._call_impl is _TORCH_CALL_IMPL
+            and "_call_impl" not in module.__dict__)
 
 
 _PY_FAST_BACKENDS = ("auto", "numba", "reference")
@@ -374,7 +378,7 @@ class _FastPath(nn.Module):
                          or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
                          or _nn_module._global_backward_pre_hooks)
                 and not (d["training"] and d.get("dropout")) and not _calls_observed()
-                and _torch_module_call()):
+                and _torch_module_call(self)):
             out = plan(args[0], args[1] if len(args) == 2 else None)
             if out is not None:
                 return out
@@ -543,8 +547,9 @@ def _check_packed(name, input):
     if _is_compiling():  # (reading the sizes' values would break the graph)
         return
     sizes = bs.tolist()  # (one read of the values, then Python: a tensor op each was ~3 us)
-    if min(sizes) < 1 or any(a < b for a, b in zip(sizes, sizes[1:])) or sum(sizes) != data.shape[0]:
-        raise InputError(f"{name}: a PackedSequence's batch_sizes must be positive and non-increasing and sum "
+    # (zeros may end them, as torch.nn takes: see _plain_packed)
+    if sizes[0] < 1 or sizes[-1] < 0 or any(a < b for a, b in zip(sizes, sizes[1:])) or sum(sizes) != data.shape[0]:
+        raise InputError(f"{name}: a PackedSequence's batch_sizes must be non-increasing, the first positive, and sum "
                          f"to its data's {data.shape[0]} rows, got {sizes[:16]}"
                          f"{'...' if len(sizes) > 16 else ''}; build it with pack_padded_sequence")
     for what, idx in (("sorted_indices", input[2]), ("unsorted_indices", input[3])):
@@ -553,6 +558,21 @@ def _check_packed(name, input):
                              f"({sizes[0]}, batch_sizes[0]), got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}; "
                              "build it with pack_padded_sequence")
+
+
+def _plain_packed(input):
+    """None where the modules' packed branch takes ``input`` (checked) as it is; else the
+    PackedSequence it runs instead, for two forms that pack_padded_sequence never builds, read as
+    torch.nn reads them: batch_sizes ending in zeros (steps without rows: dropped, the output keeps
+    them), and sorted_indices None with unsorted_indices given (the rows in their packed order, as
+    is hx; the caller puts h_n in unsorted_indices' order). (Under torch.compile the sizes are not
+    read: torch's padding, which runs there, takes zero steps.)"""
+    data, bs, si, ui = input
+    uneven = si is None and ui is not None
+    zeros = 0 if _is_compiling() else int((bs == 0).sum())  # (non-increasing, checked: zeros end it)
+    if not uneven and not zeros:
+        return None
+    return PackedSequence(data, bs[:bs.shape[0] - zeros], None if uneven else si, None if uneven else ui)
 
 
 def _check_backend(backend):
@@ -803,6 +823,16 @@ class _RNNBase(_FastPath):
         lengths = None
         if packed:
             _check_packed(name, input)
+            plain = _plain_packed(input)
+            if plain is not None:
+                if resets is not None:
+                    raise ValueError(f"{name}: resets are taken with a PackedSequence that pack_padded_sequence "
+                                     "builds (this one has batch_sizes ending in zeros, or unsorted_indices "
+                                     "without sorted_indices)")
+                out, h_n = self.forward(plain, hx)
+                if input[2] is None and input[3] is not None:  # (torch.nn's permute_hidden of h_n)
+                    h_n = h_n.index_select(1, input[3])
+                return PackedSequence(out.data, input[1], input[2], input[3]), h_n
             sorted_indices = input[2]  # (by index: see _check_packed)
             if _is_compiling():  # (torch's own padding, which dynamo traces in one graph)
                 unpad = None
@@ -1179,7 +1209,8 @@ _OWN_FORWARDS = frozenset({_RNNBase.forward, _CellBase.forward})  # (see _FastPa
 if _InferPlan is not None:
     from ._C import set_module_call_context as _set_module_call_context
 
-    _set_module_call_context(tuple(_OWN_FORWARDS), _nn_module, _forward_ad, nn.Module, _TORCH_MODULE_CALL, PackedSequence)
+    _set_module_call_context(tuple(_OWN_FORWARDS), _nn_module, _forward_ad, nn.Module, _TORCH_MODULE_CALL,
+                             _TORCH_CALL_IMPL, PackedSequence)
 
 
 class RNNCell(_CellBase):

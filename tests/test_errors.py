@@ -4,10 +4,11 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
 import rnnrec_fast
 
-from conftest import cpu_backends, shrunk
+from conftest import assert_close, cpu_backends, shrunk
 
 
 def good(T=3, B=2, I=4, H=5, G=3, dtype=torch.float32):
@@ -371,8 +372,9 @@ def test_module_weight_and_packed_errors_name_the_problem(backend):
                         m(x)
                 setattr(m, name, keep)
     gru = rnnrec_fast.GRU(3, 4, backend=backend)
-    bad = [(PackedSequence(torch.randn(3, 3), torch.tensor([3, -1, 1])), "positive and non-increasing"),
-           (PackedSequence(torch.randn(3, 3), torch.tensor([1, 2])), "positive and non-increasing"),
+    bad = [(PackedSequence(torch.randn(3, 3), torch.tensor([3, -1, 1])), "must be non-increasing, the first positive"),
+           (PackedSequence(torch.randn(3, 3), torch.tensor([1, 2])), "must be non-increasing, the first positive"),
+           (PackedSequence(torch.randn(0, 3), torch.tensor([0, 0])), "must be non-increasing, the first positive"),
            (PackedSequence(torch.randn(4, 3), torch.tensor([2, 1])), "sum to its data's 4 rows"),
            (PackedSequence(torch.randn(3, 2, 3), torch.tensor([2, 1])), "data must have 2 dimensions"),
            (PackedSequence(torch.randn(3, 3), torch.tensor([2.0, 1.0])), "1-D int64 CPU tensor")]
@@ -411,7 +413,9 @@ def test_fake_and_meta_kernels_refuse_a_backend_as_the_real_call():
     T, B, H = 3, 2, 5
     cases = [("bogus", torch.float32, ValueError, "unknown backend 'bogus'"),
              ("numba", torch.float16, ValueError, "does not support torch.float16"),
-             ("cpp", torch.float16, ValueError, "does not support torch.float16")]
+             # (without the extension, cpp is refused as unavailable before its dtypes are asked)
+             ("cpp", torch.float16, *((ValueError, "does not support torch.float16") if rnnrec_fast.backends.available("cpp")
+                                      else (RuntimeError, "backend 'cpp' is not available")))]
     if rnnrec_fast.backend_info()["cuda"] != "available":
         cases.append(("cuda", torch.float32, RuntimeError, "backend 'cuda'"))
     for backend, dt, exc, match in cases:
@@ -457,15 +461,44 @@ def test_a_meta_tensor_beside_cpu_inputs_is_refused(backend, which):
         call(backend=backend, **{which: good()[which].to("meta")})
 
 
-def test_packed_sequence_with_a_zero_batch_size_is_refused():
-    """batch_sizes holding a 0 (summing to the data's rows, non-increasing) is refused, not run."""
-    from torch.nn.utils.rnn import PackedSequence
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_packed_sequences_pack_padded_sequence_never_builds_run_as_torch_nn(backend):
+    """Two hand-built PackedSequence forms that torch.nn runs: batch_sizes ending in zeros (refused
+    here before) and sorted_indices None with unsorted_indices given (h_n came back unpermuted:
+    torch.nn puts it in unsorted_indices' order; under torch.compile the re-packing failed), from a
+    review. Outputs, h_n and gradients as torch.nn's, with and without autograd, one and two
+    layers, bidirectional; resets are refused with them (torch.nn has none); a first size of 0 is
+    still refused (as torch.nn refuses it)."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-    m = rnnrec_fast.GRU(3, 4)
-    for bs in ([2, 0], [2, 1, 0]):
-        packed = PackedSequence(torch.randn(sum(bs), 3), torch.tensor(bs), None, None)
-        with pytest.raises(ValueError, match="batch_sizes must be positive"):
-            m(packed)
+    torch.manual_seed(5)
+    p = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([2, 5, 3]), enforce_sorted=False)
+    zeros = torch.cat([p.batch_sizes, torch.zeros(2, dtype=torch.int64)])
+    forms = [PackedSequence(p.data, zeros, p.sorted_indices, p.unsorted_indices),
+             PackedSequence(p.data, p.batch_sizes, None, p.unsorted_indices),
+             PackedSequence(p.data, zeros, None, p.unsorted_indices), PackedSequence(p.data, zeros, None, None)]
+    for layers, bidirectional in ((1, False), (2, True)):
+        ref = nn.GRU(3, 4, num_layers=layers, bidirectional=bidirectional)
+        m = rnnrec_fast.from_torch(ref, backend=backend)
+        h0 = torch.randn(layers * (1 + bidirectional), 3, 4)
+        for q in forms:
+            for h in (None, h0):
+                with torch.no_grad():
+                    want, got = ref(q, h), m(q, h)
+                assert torch.equal(got[0].batch_sizes, q.batch_sizes)
+                assert got[0].sorted_indices is q.sorted_indices and got[0].unsorted_indices is q.unsorted_indices
+                assert_close(got[0].data, want[0].data, torch.float32, "packed output")
+                assert_close(got[1], want[1], torch.float32, "h_n")
+                x = q.data.clone().requires_grad_()
+                grads = []
+                for mod in (ref, m):
+                    out = mod(PackedSequence(x, *q[1:]), h)
+                    grads.append(torch.autograd.grad(out[0].data.square().sum() + out[1].sum(),
+                                                     [x, *mod.parameters()]))
+                for a, b in zip(*grads):
+                    assert_close(b, a, torch.float32, "gradient")
+        with pytest.raises(ValueError, match="resets are taken with a PackedSequence that pack_padded_sequence"):
+            rnnrec_fast.GRU(3, 4, backend=backend)(forms[1], resets=torch.zeros(5, 3, dtype=torch.bool))
 
 
 def test_packed_sequence_with_indices_of_another_batch_is_refused():

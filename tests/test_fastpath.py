@@ -7,6 +7,7 @@ runs the whole module in one C++ call; everything else takes the general path. T
 the fast path to be sure which path ran.
 """
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -20,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnrec_fast
-from rnnrec_fast import modules
+from rnnrec_fast import backends, modules
 
 try:
     from rnnrec_fast import _C
@@ -902,7 +903,8 @@ def test_hooks_run_with_the_fast_path(spy):
 
 _CHANGES = ["module_hook", "global_hook", "hooks_replaced", "instance_forward", "module_compile",
             "train_with_dropout", "nn_module_call_patched", "forward_ad", "parameter_replaced",
-            "another_module", "plan_rebuilt"]
+            "another_module", "plan_rebuilt", "nn_module_call_impl_patched", "instance_call_impl",
+            "subclass_call_impl"]
 
 
 @needs_ext
@@ -975,6 +977,27 @@ def test_changes_after_fast_calls_are_seen(change):
 
             with mock.patch.object(nn.Module, "__call__", wrapper):
                 assert torch.equal(m(x)[0], want[0])
+        elif change in ("nn_module_call_impl_patched", "instance_call_impl", "subclass_call_impl"):
+            # (from a review: a wrapper of nn.Module._call_impl, which torch's __call__ calls, on
+            # the class, on the instance or in a subclass, saw none of the fast path's calls)
+            torch_impl = nn.Module._call_impl
+
+            def wrapper(self, *args, **kwargs):
+                seen.append(1)
+                return torch_impl(self, *args, **kwargs)
+
+            if change == "nn_module_call_impl_patched":
+                with mock.patch.object(nn.Module, "_call_impl", wrapper):
+                    assert torch.equal(m(x)[0], want[0])
+            elif change == "instance_call_impl":
+                m._call_impl = functools.partial(wrapper, m)
+                assert torch.equal(m(x)[0], want[0])
+                del m._call_impl
+            else:
+                cls = type(m)
+                m.__class__ = type("Watched", (cls,), {"_call_impl": wrapper})
+                assert torch.equal(m(x)[0], want[0])
+                m.__class__ = cls
         elif change == "forward_ad":
             with fwAD.dual_level():
                 with pytest.raises(NotImplementedError, match="forward-mode AD"):
@@ -1411,6 +1434,7 @@ def test_python_backends_outputs_are_what_torch_nn_returns(py_spy, backend, T, B
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the process's RSS from /proc")
 @pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
                     reason="AddressSanitizer (make sanitize) keeps freed memory in quarantine: RSS grows")
+@needs_ext
 def test_inference_without_hx_keeps_no_buffer_of_a_large_call():
     """The C++ inference path's zero state (no hx given) comes from a per-thread block only up to
     1 MiB, a call's own buffer above it (from a leak review: the thread kept its largest call's
@@ -1630,7 +1654,7 @@ def test_packed_sequences_the_plan_does_not_take(spy):
     with torch.inference_mode():
         want_out, want_h = m(good, hx)
         bad = [
-            (PackedSequence(good[0], torch.tensor([3, 0, 1, 1, 2]), None, None), None, "batch_sizes must be positive"),
+            (PackedSequence(good[0], torch.tensor([3, 0, 1, 1, 2]), None, None), None, "must be non-increasing, the first positive"),
             (PackedSequence(good[0], torch.tensor([2, 3, 1, 1]), None, None), None, "non-increasing"),
             (PackedSequence(good[0], torch.tensor([3, 2, 1]), None, None), None, "sum to its data's 7 rows"),
             (PackedSequence(good[0], good[1], torch.arange(2), torch.arange(2)), None, "one index per sequence"),
@@ -1661,3 +1685,34 @@ def test_packed_sequences_the_plan_does_not_take(spy):
         assert spy == {"calls": 1, "handled": 1}
     out2, h2 = general_path(m, PackedSequence(strided.contiguous(), good[1], good[2], good[3]), hx)
     assert torch.equal(out.data, out2.data) and torch.equal(h, h2)
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_python_plans_decline_a_patched_call_impl(backend):
+    """The Python backends' inference plan (_PyInferPlan) declines where nn.Module._call_impl is
+    patched, overridden or set on the instance, as the C++ plan does: a wrapper of it (NaN checks,
+    call counters) saw the grad-mode calls only (from a review)."""
+    from unittest import mock
+
+    if backend == "numba" and not backends.available("numba"):
+        pytest.skip("numba backend unavailable")
+    torch.manual_seed(3)
+    m = rnnrec_fast.GRU(3, 4, backend=backend).eval()
+    x = torch.randn(5, 2, 3)
+    torch_impl = nn.Module._call_impl
+    seen = []
+
+    def wrapper(self, *args, **kwargs):
+        seen.append(1)
+        return torch_impl(self, *args, **kwargs)
+
+    with torch.no_grad():
+        want = m(x)
+        with mock.patch.object(nn.Module, "_call_impl", wrapper):
+            assert torch.equal(m(x)[0], want[0])
+        m._call_impl = functools.partial(wrapper, m)
+        assert torch.equal(m(x)[0], want[0])
+        del m._call_impl
+        assert seen == [1, 1]
+        m(x)
+    assert seen == [1, 1]

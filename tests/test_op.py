@@ -178,6 +178,31 @@ def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, 
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_grad_x_past_lengths_is_zero_whatever_w_ih_holds(backend, mode, reset_after):
+    """grad_x past a row's length is exactly zero (x there is never read) also where W_ih holds NaN
+    or inf: the reference and numba backends gave NaN there (their input gradient, one product over
+    every step, multiplied the inactive steps' zero gradients by W_ih), where the C++ kernels give
+    zero (from a review). The other gradients are those of the reference, NaN where it has NaN."""
+    gen = torch.Generator().manual_seed(23)
+    T, B, I, H = 6, 3, 3, 4
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, None, torch.float64, gen)
+    lengths = torch.tensor([6, 2, 0])
+    pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)
+    for special in (float("nan"), float("inf")):
+        w = w_ih.clone()
+        w[1, 1] = special
+        got = []
+        for name in (backend, "reference"):
+            leaves = [t.clone().requires_grad_() for t in (x, h0, w, w_hh, b_ih, b_hh)]
+            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths, None, mode, reset_after, name)
+            got.append(torch.autograd.grad(y.sum() + h_n.sum(), leaves))
+        assert torch.equal(got[0][0][pad], torch.zeros_like(got[0][0][pad])), got[0][0][pad]
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sorted_lengths_match_the_same_rows_unsorted(backend, mode, reset_after, dtype, threads):

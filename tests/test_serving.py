@@ -141,7 +141,8 @@ def test_fast_path_scores_every_route(threads, small, monkeypatch):
             for rows in (1, 2, 3):
                 torch.testing.assert_close(fast.score(h[:rows]), model.score(h[:rows]), **TOL)
             top = fast.topk_row(h[0], 10, [4, 4, 7])
-            assert (top is not None) == (small or threads > 1)
+            # (the extension's one-call top-k; without it, torch.topk: None)
+            assert (top is not None) == ((small or threads > 1) and backends.available("cpp"))
             if top is not None:
                 s = model.score(h[:1])[0]
                 s[[4, 7]] = float("-inf")

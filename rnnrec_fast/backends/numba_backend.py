@@ -209,6 +209,8 @@ def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     dgx2 = d_gx.view(T * B, GH)
     dgh2 = d_gh.view(T * B, GH)
     grad_x = torch.mm(dgx2, w_ih).view(T, B, I)
+    if active is not None:  # (exact zeros past a row's length, whatever W_ih holds: reference.backward)
+        grad_x.masked_fill_(~active, 0.0)
     grad_w_ih = torch.mm(dgx2.t(), x2)
     grad_b_ih = dgx2.sum(0)
     grad_b_hh = dgh2.sum(0)

@@ -515,6 +515,7 @@ def backward_numpy(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, res
     grad_x = (dgx @ w_ih).reshape(T, B, I)
     if lengths is not None:  # what inactive steps read (padding, a length-0 row's h0) enters as zeros (reference)
         active = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
+        grad_x = np.where(active, grad_x, 0).astype(grad_x.dtype)  # (and their grad_x is exactly zero)
         x = np.where(active, x, 0).astype(x.dtype)
         h_prev = np.where(active, h_prev, 0).astype(h_prev.dtype)
     h_prev = h_prev.reshape(T * B, H)

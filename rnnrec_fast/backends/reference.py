@@ -38,7 +38,8 @@ backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws
     -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
     grad_b_* have shape (G*H,) and are returned even when the bias is None (the caller drops them).
     grad_y at inactive steps is ignored (the output there is a constant zero), and so is x there:
-    padding the forward never read enters grad_w_ih as zeros (NaN padding gives finite gradients).
+    padding the forward never read enters grad_w_ih as zeros (NaN padding gives finite gradients),
+    and its gradient, grad_x there, is exactly zero (whatever W_ih holds).
 """
 from __future__ import annotations
 
@@ -181,6 +182,8 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
     dgh2 = d_gh.reshape(T * B, -1)
     h_prev_all = h_prev_all.reshape(T * B, H)
     grad_x = (dgx2 @ w_ih).reshape(x.shape)
+    if active is not None:  # (exact zeros: x there is never read, even where W_ih holds inf or NaN)
+        grad_x = grad_x.masked_fill(~active, 0.0)
     grad_w_ih = dgx2.t() @ x2
     if mode == MODE_GRU:
         grad_w_hh = torch.cat([dgh2[:, :2 * H].t() @ h_prev_all,
