@@ -1441,7 +1441,8 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // it every time: training B32 T20 H100 3.34 -> 3.29 ms, A/B in one process). A larger one stays
   // with gemm_any: a copy held through the backward adds its size to the step's peak (3 MiB at
   // H = 512: 25.9 -> 28.9 MiB, live heap, against torch.nn's 31.1) for ~0.7% (B64 T20 H512).
-  const bool wi_once = avx2_packed_pays(GH, I);
+  // (gx null: no input gradient is wanted, x requires none, and none of its products runs)
+  const bool wi_once = avx2_packed_pays(GH, I) && gx != nullptr;
   const StepW<T> wi(false, GH, wi_once ? I : 0, w_ih, I, Tc * B, (T_ + Tc - 1) / Tc);
 
   // (A row of length 0 never read its h0, which may hold anything, a fresh buffer: its zero
@@ -1548,7 +1549,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // Cho's form of r * h_prev) moved together in place, in (step, row) order, x's and h_prev's
   // gathered beside them, each product over those rows, and the input gradients scattered back
   // (zero at the others). The same sums as over every row without the zero rows.
-  Buf<T> live_gx(m.len != nullptr ? Tc * B * I : 0), live_hp(m.len != nullptr ? Tc * B * H : 0);
+  Buf<T> live_gx(m.len != nullptr && gx != nullptr ? Tc * B * I : 0), live_hp(m.len != nullptr ? Tc * B * H : 0);
   Buf<T> live_x(m.len != nullptr ? Tc * B * I : 0);
   std::vector<int64_t> live_src;
   const auto live_products = [&](int64_t t0, int64_t t1, int64_t live, bool acc) {
@@ -1567,18 +1568,20 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         if (xr != xi) std::memcpy(xi, xr, sizeof(T) * I);
         std::memcpy(live_hp.data() + i * H, h_prev(t, b), sizeof(T) * H);
       }
-    if (wi_once)
-      wi.run(live, dgx, GH, live_gx.data(), I);
-    else
-      gemm_any<T>(false, false, live, I, GH, dgx, GH, w_ih, I, live_gx.data(), I);
-    for (int64_t t = t0, i = 0; t < t1; ++t)
-      for (int64_t b = 0; b < B; ++b) {
-        T* dst = gx + (t * B + b) * I;
-        if (m.active(t, b))
-          std::memcpy(dst, live_gx.data() + (i++) * I, sizeof(T) * I);
-        else
-          std::fill(dst, dst + I, T(0));
-      }
+    if (gx != nullptr) {
+      if (wi_once)
+        wi.run(live, dgx, GH, live_gx.data(), I);
+      else
+        gemm_any<T>(false, false, live, I, GH, dgx, GH, w_ih, I, live_gx.data(), I);
+      for (int64_t t = t0, i = 0; t < t1; ++t)
+        for (int64_t b = 0; b < B; ++b) {
+          T* dst = gx + (t * B + b) * I;
+          if (m.active(t, b))
+            std::memcpy(dst, live_gx.data() + (i++) * I, sizeof(T) * I);
+          else
+            std::fill(dst, dst + I, T(0));
+        }
+    }
     gemm_any<T>(true, false, GH, I, live, dgx, GH, live_x.data(), I, gw_ih, I, acc);
     add_col_sums<T>(live, GH, dgx, GH, sum_i.data());
     if (!gru) {
@@ -1669,10 +1672,12 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
       live_products(t0, t1, live, acc);
       continue;
     }
-    if (wi_once)
+    if (gx == nullptr) {
+    } else if (wi_once) {
       wi.run(R, dgx, GH, gx + t0 * B * I, I);
-    else
+    } else {
       gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
+    }
     int64_t ldx = 0;
     const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
     gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
@@ -1735,9 +1740,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
-    bool reset_after) {
+    bool reset_after, bool need_gx) {
   // grad_y and x may be strided views (autograd often hands over an expanded or transposed
   // gradient): the kernel reads them through their strides instead of copying them whole.
+  // need_gx false: no input gradient is computed (the product dgx . W_ih, a sixth of a training
+  // step's products), and grad_x comes back as zeros of its shape without memory (an expanded
+  // scalar), for a caller that drops it (the op's autograd, where x requires no gradient).
   const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, /*strided_x=*/true);
   const auto dtype = x.scalar_type();
   check_tensor(grad_y, "grad_y", 3, dtype, /*strided=*/true);
@@ -1749,7 +1757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(ws, "ws", 3, dtype);
   check_shape(ws, "ws", {d.T, d.B, d.W});
   auto opts = x.options();
-  at::Tensor gx = empty_pooled({d.T, d.B, d.I}, opts);
+  at::Tensor gx = need_gx ? empty_pooled({d.T, d.B, d.I}, opts) : at::zeros({}, opts).expand({d.T, d.B, d.I});
   at::Tensor gh0 = at::empty({d.B, d.H}, opts);
   at::Tensor gw_ih = empty_pooled({d.G * d.H, d.I}, opts);
   at::Tensor gw_hh = empty_pooled({d.G * d.H, d.H}, opts);
@@ -1768,7 +1776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     backward_impl<scalar_t>(d, view3<scalar_t>(grad_y), grad_h_n.data_ptr<scalar_t>(),
                             view3<scalar_t>(x), h0.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
                             y.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), int(mode), reset_after,
-                            gx.data_ptr<scalar_t>(), gh0.data_ptr<scalar_t>(), gw_ih.data_ptr<scalar_t>(),
+                            need_gx ? gx.data_ptr<scalar_t>() : nullptr, gh0.data_ptr<scalar_t>(), gw_ih.data_ptr<scalar_t>(),
                             gw_hh.data_ptr<scalar_t>(), gb_ih.data_ptr<scalar_t>(), gb_hh.data_ptr<scalar_t>());
   });
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
@@ -1822,6 +1830,7 @@ void check_within_storage(const char* where, const char* name, const at::Tensor&
 // rnnrec_op.cpp: the backend that ran this thread's last call (what rnnrec_fast.last_backend()
 // reports; a plain pybind call from Python, ~10x cheaper than a torch.ops round trip)
 void note_cpp_backend_ran();
+bool backward_skips_grad_x();
 std::string last_backend();
 void set_last_backend(std::string name);
 // (below: a PackedSequence's padding and its inverse, without and with autograd)
@@ -3848,6 +3857,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused backward -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)",
         py::arg("grad_y"), py::arg("grad_h_n"), py::arg("x"), py::arg("h0"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"), py::arg("resets"),
-        py::arg("y"), py::arg("ws"), py::arg("mode"), py::arg("reset_after"));
+        py::arg("y"), py::arg("ws"), py::arg("mode"), py::arg("reset_after"), py::arg("need_gx") = true);
+  m.def("backward_skips_grad_x", &rnnrec::backward_skips_grad_x,
+        "whether this thread's op backward under way leaves out the input gradient (x requires none)");
 }
 #endif  // !RNNREC_STANDALONE

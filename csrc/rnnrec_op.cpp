@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
-    bool reset_after);
+    bool reset_after, bool need_gx = true);
 
 // Defined in rnnrec_cpu.cpp: a ValueError for a tensor reaching past its storage.
 void check_within_storage(const char* where, const char* name, const at::Tensor& t);
@@ -42,6 +42,18 @@ using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 thread_local std::string last_backend_name;
+// Set by RecurrenceFn::backward around its call of the backward op where x requires no gradient:
+// the C++ kernel then leaves out the input gradient (its product is a sixth of a training step's),
+// which the function drops. The op's schema and its other kernels are unchanged (they compute
+// grad_x; a call from anywhere else, or a compiled graph's, gets it), and the dispatcher still
+// sees the call (profiler, dispatch modes: the FLOP formula asks backward_skips_grad_x).
+thread_local bool skip_grad_x = false;
+
+struct SkipGradX {
+  bool before;
+  explicit SkipGradX(bool skip) : before(skip_grad_x) { skip_grad_x = skip; }
+  ~SkipGradX() { skip_grad_x = before; }
+};
 
 #define RNNREC_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "rnnrec_fast.recurrence: ", __VA_ARGS__)
 
@@ -269,7 +281,7 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   // grad_y and x go as they are: the kernel reads strided views without a whole copy.
   return backward(grad_y, grad_h_n.contiguous(), x, state_or_zeros(h0, x, w_hh),
                   w_ih.contiguous(), w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(lengths),
-                  contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after);
+                  contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after, !skip_grad_x);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -326,11 +338,13 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     if (!gh.defined()) gh = y.new_zeros({y.size(1), y.size(2)});
     const std::string mode = ctx->saved_data["mode"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
+    const bool need_gx = ctx->needs_input_grad(0);
+    const SkipGradX skip(!need_gx && is_cpp(backend, x));  // (the Python backends compute it all)
     auto [gx, gh0, gwi, gwh, gbi, gbh] =
         op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, Opt(), Opt(), as_opt(s[4]), as_opt(s[5]), y, ws, mode,
                 ctx->saved_data["reset_after"].toBool(), backend);
     const at::Tensor none;
-    return {gx, h0.defined() ? gh0 : none, gwi, gwh, ctx->saved_data["b_ih"].toBool() ? gbi : none,
+    return {need_gx ? gx : none, h0.defined() ? gh0 : none, gwi, gwh, ctx->saved_data["b_ih"].toBool() ? gbi : none,
             ctx->saved_data["b_hh"].toBool() ? gbh : none, none, none, none, none, none, none};
   }
 };
@@ -380,6 +394,7 @@ Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor
 }  // namespace
 
 void note_cpp_backend_ran() { last_backend_name = "cpp"; }
+bool backward_skips_grad_x() { return skip_grad_x; }
 std::string last_backend() { return last_backend_name; }
 void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 

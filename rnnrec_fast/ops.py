@@ -469,7 +469,8 @@ for _name in ("recurrence_backward", "recurrence_backward_py"):
 # FLOP formulas (torch.utils.flop_counter.FlopCounterMode, which counts matrix products): the
 # forward's are the input projection and the recurrent product of every step, 2*T*B*G*H*(I + H)
 # (the steps past a row's length included); the backward's twice that (the input and weight
-# gradients of both products, all four computed whatever requires grad)
+# gradients of both products), less the input gradient's product where the C++ kernel leaves it
+# out (the op's autograd on the CPU, x requiring no gradient: _C.backward_skips_grad_x)
 
 
 def _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
@@ -480,7 +481,9 @@ def _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
 
 def _backward_flops(grad_output_shape, grad_h_n_shape, x_shape, h0_shape, w_ih_shape, w_hh_shape,
                     *args, **kwargs):
-    return 2 * _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape)
+    T, B, I = x_shape
+    skipped = 2 * T * B * w_hh_shape[0] * I if _CPP_OP and _C.backward_skips_grad_x() else 0
+    return 2 * _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape) - skipped
 
 
 try:
