@@ -173,7 +173,8 @@ def test_numba_on_cuda_needs_a_usable_numba_cuda(monkeypatch):
         assert "no usable CUDA driver" in numba_backend.device_unavailable("cuda")
     assert numba_backend.device_unavailable("cpu") is None
 
-    monkeypatch.setattr(backends, "available", lambda name: name != "cuda")
+    real = backends.available  # (the others as they are: without the extension, cpp is not)
+    monkeypatch.setattr(backends, "available", lambda name: name != "cuda" and real(name))
     for why, auto in (("numba.cuda cannot load NVVM", "reference"), (None, "numba")):
         monkeypatch.setattr(numba_backend, "_cuda_probe", [why])
         monkeypatch.setattr(ops, "_resolved", {})
@@ -246,6 +247,6 @@ def test_op_and_module_tests_pass_through_the_python_registrations():
                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "backend cpp unavailable: ImportError: rnnrec_fast._C blocked" in out.stdout  # (its skips)
+    assert "backend cpp unavailable: ImportError: cannot import name '_C'" in out.stdout  # (its skips, as a missing build's)
     passed = re.search(r"(\d+) passed", out.stdout)
     assert passed and int(passed.group(1)) >= 800, out.stdout[-3000:]
