@@ -533,8 +533,9 @@ def _checked_weights(name, module, names, values, shapes, x, none_bias=False):
 
 
 def _check_packed(name, input):
-    """A PackedSequence as pack_padded_sequence makes it (torch's pad_packed_sequence aborts the
-    process on negative batch sizes)."""
+    """A PackedSequence as pack_padded_sequence makes it, or as torch.nn also takes it (torch's
+    pad_packed_sequence aborts the process on negative batch sizes). Returns its batch sizes as a
+    list (None under torch.compile, which does not read them)."""
     # (fields by index: torch 2.4's dynamo read a PackedSequence's named fields as the namedtuple's
     # descriptors, so that compiling a call raised this error)
     data, bs = input[0], input[1]
@@ -545,7 +546,7 @@ def _check_packed(name, input):
             or bs.numel() == 0):
         raise InputError(f"{name}: a PackedSequence's batch_sizes must be a non-empty 1-D int64 CPU tensor")
     if _is_compiling():  # (reading the sizes' values would break the graph)
-        return
+        return None
     sizes = bs.tolist()  # (one read of the values, then Python: a tensor op each was ~3 us)
     # (zeros may end them, as torch.nn takes: see _plain_packed)
     if sizes[0] < 1 or sizes[-1] < 0 or any(a < b for a, b in zip(sizes, sizes[1:])) or sum(sizes) != data.shape[0]:
@@ -558,18 +559,20 @@ def _check_packed(name, input):
                              f"({sizes[0]}, batch_sizes[0]), got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}; "
                              "build it with pack_padded_sequence")
+    return sizes
 
 
-def _plain_packed(input):
+def _plain_packed(input, sizes):
     """None where the modules' packed branch takes ``input`` (checked) as it is; else the
     PackedSequence it runs instead, for two forms that pack_padded_sequence never builds, read as
     torch.nn reads them: batch_sizes ending in zeros (steps without rows: dropped, the output keeps
     them), and sorted_indices None with unsorted_indices given (the rows in their packed order, as
-    is hx; the caller puts h_n in unsorted_indices' order). (Under torch.compile the sizes are not
-    read: torch's padding, which runs there, takes zero steps.)"""
+    is hx; the caller puts h_n in unsorted_indices' order). ``sizes``: what _check_packed returned,
+    None under torch.compile, which does not read them (torch's padding, which runs there, takes
+    zero steps)."""
     data, bs, si, ui = input
     uneven = si is None and ui is not None
-    zeros = 0 if _is_compiling() else int((bs == 0).sum())  # (non-increasing, checked: zeros end it)
+    zeros = 0 if sizes is None or sizes[-1] else len(sizes) - sizes.index(0)  # (non-increasing: zeros end it)
     if not uneven and not zeros:
         return None
     return PackedSequence(data, bs[:bs.shape[0] - zeros], None if uneven else si, None if uneven else ui)
@@ -822,8 +825,7 @@ class _RNNBase(_FastPath):
         packed = isinstance(input, PackedSequence)
         lengths = None
         if packed:
-            _check_packed(name, input)
-            plain = _plain_packed(input)
+            plain = _plain_packed(input, _check_packed(name, input))
             if plain is not None:
                 if resets is not None:
                     raise ValueError(f"{name}: resets are taken with a PackedSequence that pack_padded_sequence "

@@ -149,6 +149,7 @@ class ServingApp:
         method = scope["method"]
         path = scope["path"]
         endpoint = "other"
+        headers = _JSON
         t0 = time.perf_counter()
         try:
             if path.startswith(_PREFIX):
@@ -194,14 +195,12 @@ class ServingApp:
             endpoint = e.endpoint or endpoint
             self.m_errors.inc(e.code)
             if e.allow is not None:
-                self.m_requests.inc(endpoint, _STATUS_STR.get(status) or str(status))
-                await _respond(send, status, payload, _JSON + [(b"allow", e.allow.encode())])
-                return
+                headers = _JSON + [(b"allow", e.allow.encode())]
         except Exception as e:  # noqa: BLE001 - the service must keep serving
             status, payload = 500, _error("internal", f"{type(e).__name__}: {e}")
             self.m_errors.inc("internal")
         self.m_requests.inc(endpoint, _STATUS_STR.get(status) or str(status))
-        await _respond(send, status, payload, _JSON)
+        await _respond(send, status, payload, headers)
 
     def count_refused(self):
         """Counts a request that the server refused below the app (server.py: a malformed head or
