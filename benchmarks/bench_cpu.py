@@ -121,15 +121,15 @@ def make_call(case, impl):
             else:
                 check_against_torch(case, call, lambda: ref(x, h))
         return call, module
-    x = x.clone().requires_grad_()
+    x = x.clone().requires_grad_(case.x_grad)
 
     def training_step(m):
-        params = list(m.parameters())
+        wrt = list(m.parameters()) + ([x] if case.x_grad else [])
 
         def step():
             out = m(pack(x) if case.packed else x, h)
             y = out[0] if isinstance(out, tuple) else out
-            return torch.autograd.grad((y.data if case.packed else y).sum(), params + [x])
+            return torch.autograd.grad((y.data if case.packed else y).sum(), wrt)
         return step
 
     step = training_step(module)

@@ -16,6 +16,7 @@ class Case:
     layers: int = 1
     bidirectional: bool = False
     packed: bool = False  # a PackedSequence of B sessions of lengths drawn in 1..T (lengths())
+    x_grad: bool = True  # training: whether the input requires a gradient (False: data, e.g. features)
 
     def lengths(self):
         """The packed cases' session lengths: uniform in 1..T (one of length T), a fixed draw."""
@@ -28,7 +29,8 @@ class Case:
     def flops(self) -> float:
         """Multiply-adds x 2 of the GEMM work (input = hidden size; a layer above a bidirectional one
         takes both directions' outputs); training counts forward + backward as 3x the forward (the
-        backward does the input-gradient and the weight-gradient products)."""
+        backward does the input-gradient and the weight-gradient products), less the first layer's
+        input gradient where x requires none."""
         gates = 3 if self.kind.startswith("GRU") else 1
         D = 2 if self.bidirectional else 1
         fwd = 0.0
@@ -37,7 +39,10 @@ class Case:
             fwd += D * 2.0 * gates * self.H * (inputs + self.H) * self.B * self.T
         if self.packed:  # the steps the sessions have, not the padded T of each
             fwd *= float(self.lengths().sum()) / (self.B * self.T)
-        return 3 * fwd if self.train else fwd
+        if not self.train:
+            return fwd
+        skipped = 0.0 if self.x_grad else D * 2.0 * gates * self.H * self.H * self.B * self.T
+        return 3 * fwd - skipped
 
 
 CASES = [
@@ -51,6 +56,10 @@ CASES = [
     Case("GRU training, B32 T20 H100", "GRU", 32, 20, 100, train=True, target=3),
     Case("GRU training, B64 T20 H512", "GRU", 64, 20, 512, train=True, target=1.2),
     Case("RNN training, B32 T20 H100", "RNN", 32, 20, 100, train=True),
+    # an input that is data (features, one-hot rows): no input gradient; and session-parallel
+    # training's step (GRU4Rec: one click of B sessions, from a detached state)
+    Case("GRU training, B32 T20 H100, x without grad", "GRU", 32, 20, 100, train=True, x_grad=False),
+    Case("GRU training, one step, B32 H100", "GRU", 32, 1, 100, train=True),
     # the same kernels under deeper and bidirectional models (one op call per layer and direction)
     Case("GRU inference, serving step, 2 layers", "GRU", 1, 1, 100, layers=2),
     Case("GRU inference, 2 layers bidirectional", "GRU", 32, 20, 100, layers=2, bidirectional=True),

@@ -1408,7 +1408,10 @@ constexpr int64_t kBackwardChunkRows = 96;
 template <typename T>
 void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<T>& x, const T* h0,
                    const T* w_ih, const T* w_hh, const StepMasks& m, const T* y, const T* ws, int mode,
-                   bool reset_after, T* gx, T* gh0, T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh) {
+                   bool reset_after, T* gx, T* gh0, T* gw_ih, T* gw_hh, T* gb_ih, T* gb_hh, bool need_gh0) {
+  // gx, gw_ih or gw_hh null: that gradient is not wanted, and its products (and the gathers that
+  // feed only them) do not run. need_gh0 false: the carry of step 0 (dh through W_hh into h0's
+  // gradient: the whole recurrent product of a one-step call) does not run, and gh0 holds scratch.
   const int64_t T_ = d.T, B = d.B, I = d.I, H = d.H, G = d.G, W = d.W, GH = G * H;
   const RowKernels<T>& K = row_kernels<T>();
   const bool gru = mode == MODE_GRU;
@@ -1431,7 +1434,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // read (0 * NaN padding made all of grad_w_ih NaN).
   int64_t min_len = T_;
   for (int64_t b = 0; m.len != nullptr && b < B; ++b) min_len = std::min(min_len, m.len[b]);
-  Buf<T> x_rows(x.rows_uniform(B) ? 0 : Tc * B * I);
+  Buf<T> x_rows(x.rows_uniform(B) || gw_ih == nullptr ? 0 : Tc * B * I);
   std::vector<double> sum_i(GH, 0.0), sum_n(gru && reset_after ? H : 0, 0.0);
   // carry weights: rnn W_hh (H x H); gru/reset_after W_hh (3H x H); gru/Cho W_hh[:2H] and W_hn
   const StepW<T> wc(false, gru && !reset_after ? 2 * H : GH, H, w_hh, H, B, T_);
@@ -1461,7 +1464,7 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // the weight gradient NaN, nor x's padding.)
   bool gather = false;
   for (int64_t i = 0; m.rst != nullptr && i < T_ * B && !gather; ++i) gather = m.rst[i];
-  Buf<T> hp_rows(gather ? Tc * B * H : 0);
+  Buf<T> hp_rows(gather && gw_hh != nullptr ? Tc * B * H : 0);
   // C (N x H) = (or += with acc) A^T . h_prev rows of steps [t0, t1); A holds (t1 - t0) * B rows, lda apart.
   const auto gemm_hprev = [&](int64_t N, const T* A, int64_t lda, int64_t t0, int64_t t1, T* C, bool acc) {
     const int64_t R = (t1 - t0) * B;
@@ -1549,8 +1552,9 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
   // Cho's form of r * h_prev) moved together in place, in (step, row) order, x's and h_prev's
   // gathered beside them, each product over those rows, and the input gradients scattered back
   // (zero at the others). The same sums as over every row without the zero rows.
-  Buf<T> live_gx(m.len != nullptr && gx != nullptr ? Tc * B * I : 0), live_hp(m.len != nullptr ? Tc * B * H : 0);
-  Buf<T> live_x(m.len != nullptr ? Tc * B * I : 0);
+  Buf<T> live_gx(m.len != nullptr && gx != nullptr ? Tc * B * I : 0);
+  Buf<T> live_hp(m.len != nullptr && gw_hh != nullptr ? Tc * B * H : 0);
+  Buf<T> live_x(m.len != nullptr && gw_ih != nullptr ? Tc * B * I : 0);
   std::vector<int64_t> live_src;
   const auto live_products = [&](int64_t t0, int64_t t1, int64_t live, bool acc) {
     live_src.clear();
@@ -1563,10 +1567,12 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
           std::memmove(dgx + i * GH, dgx + src * GH, sizeof(T) * GH);
           if (gru && !reset_after) std::memmove(hin_buf.data() + i * H, hin_buf.data() + src * H, sizeof(T) * H);
         }
-        T* xi = live_x.data() + i * I;
-        const T* xr = x.row(t, b, I, xi);  // (xi itself where x is strided)
-        if (xr != xi) std::memcpy(xi, xr, sizeof(T) * I);
-        std::memcpy(live_hp.data() + i * H, h_prev(t, b), sizeof(T) * H);
+        if (gw_ih != nullptr) {
+          T* xi = live_x.data() + i * I;
+          const T* xr = x.row(t, b, I, xi);  // (xi itself where x is strided)
+          if (xr != xi) std::memcpy(xi, xr, sizeof(T) * I);
+        }
+        if (gw_hh != nullptr) std::memcpy(live_hp.data() + i * H, h_prev(t, b), sizeof(T) * H);
       }
     if (gx != nullptr) {
       if (wi_once)
@@ -1582,23 +1588,26 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
             std::fill(dst, dst + I, T(0));
         }
     }
-    gemm_any<T>(true, false, GH, I, live, dgx, GH, live_x.data(), I, gw_ih, I, acc);
+    if (gw_ih != nullptr) gemm_any<T>(true, false, GH, I, live, dgx, GH, live_x.data(), I, gw_ih, I, acc);
     add_col_sums<T>(live, GH, dgx, GH, sum_i.data());
-    if (!gru) {
-      gemm_any<T>(true, false, H, H, live, dgx, GH, live_hp.data(), H, gw_hh, H, acc);
-    } else if (reset_after) {  // (dn * r in place, as below)
+    if (gru && reset_after) {  // (dn * r in place, as below)
       for (int64_t i = 0; i < live; ++i) {
         T* dn = dgx + i * GH + 2 * H;
         const T* r = ws + live_src[i] * W;
         for (int64_t j = 0; j < H; ++j) dn[j] = dn[j] * r[j];
       }
       add_col_sums<T>(live, H, dgx + 2 * H, GH, sum_n.data());
+    }
+    if (gw_hh == nullptr) return;
+    if (!gru || reset_after) {
       gemm_any<T>(true, false, GH, H, live, dgx, GH, live_hp.data(), H, gw_hh, H, acc);
     } else {
       gemm_any<T>(true, false, 2 * H, H, live, dgx, GH, live_hp.data(), H, gw_hh, H, acc);
       gemm_any<T>(true, false, H, H, live, dgx + 2 * H, GH, hin_buf.data(), H, gw_hh + 2 * H * H, H, acc);
     }
   };
+  // (step 0's carry only feeds h0's gradient)
+  const auto carries = [&](int64_t t) { return t > 0 || need_gh0; };
 
   for (int64_t t1 = T_; t1 > 0; t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), R = (t1 - t0) * B;
@@ -1610,20 +1619,21 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
           const auto gyr = [&](int64_t b) { return gy.row(t, b, H, gy_row.data()); };
           T* dgx_t = dgx + (t - t0) * B * GH;
           const int64_t live = m.live_in(t, b0, b1, prefix);
+          const bool carried = live > 0 && carries(t);
           if (!gru) {
             rnn_bwd_rows(t, b0, b1, gyr, dgx_t);
-            if (live > 0) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
+            if (carried) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
           } else if (reset_after) {
             gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t);
-            if (live > 0) wc.run(live, dgh_step.data() + b0 * GH, GH, carry.data() + b0 * H, H);
+            if (carried) wc.run(live, dgh_step.data() + b0 * GH, GH, carry.data() + b0 * H, H);
           } else {
             T* hin_t = hin_buf.data() + (t - t0) * B * H;
             gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t);
             if (live > 0) wn.run(live, dgx_t + b0 * GH + 2 * H, GH, drh.data() + b0 * H, H);
             gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t);
-            if (live > 0) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
+            if (carried) wc.run(live, dgx_t + b0 * GH, GH, carry.data() + b0 * H, H);
           }
-          dh_rows(t, b0, b1);
+          if (carries(t)) dh_rows(t, b0, b1);
         }
       });
     } else {
@@ -1635,14 +1645,13 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         // (lengths that never increase: the products take the step's live rows only, the others'
         // carry and d(r * h_prev) being read nowhere, as in the forward)
         const int64_t live = m.live_in(t, 0, B, prefix);
+        const bool carried = any && carries(t);
         if (!gru) {
           for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { rnn_bwd_rows(t, b0, b1, gyr, dgx_t); });
-          if (!any) continue;
-          wc.run(live, dgx_t, GH, carry.data(), H);
+          if (carried) wc.run(live, dgx_t, GH, carry.data(), H);
         } else if (reset_after) {
           for_rows(B, 16 * H, [&](int64_t b0, int64_t b1) { gru_ra_bwd_rows(t, b0, b1, gyr, dgx_t); });
-          if (!any) continue;
-          wc.run(live, dgh_step.data(), GH, carry.data(), H);
+          if (carried) wc.run(live, dgh_step.data(), GH, carry.data(), H);
         } else {
           T* hin_t = hin_buf.data() + (t - t0) * B * H;
           for_rows(B, 10 * H, [&](int64_t b0, int64_t b1) { gru_bwd_1_rows(t, b0, b1, gyr, dgx_t, hin_t); });
@@ -1650,9 +1659,9 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
           // d(r * h_prev) = dn_pre @ W_hn
           wn.run(live, dgx_t + 2 * H, GH, drh.data(), H);
           for_rows(B, 6 * H, [&](int64_t b0, int64_t b1) { gru_bwd_2_rows(t, b0, b1, dgx_t, hin_t); });
-          wc.run(live, dgx_t, GH, carry.data(), H);
+          if (carried) wc.run(live, dgx_t, GH, carry.data(), H);
         }
-        dh_rows(t, 0, B);
+        if (carried) dh_rows(t, 0, B);
       }
     }
 
@@ -1672,19 +1681,19 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
       live_products(t0, t1, live, acc);
       continue;
     }
-    if (gx == nullptr) {
-    } else if (wi_once) {
-      wi.run(R, dgx, GH, gx + t0 * B * I, I);
-    } else {
-      gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
+    if (gx != nullptr) {
+      if (wi_once)
+        wi.run(R, dgx, GH, gx + t0 * B * I, I);
+      else
+        gemm_any<T>(false, false, R, I, GH, dgx, GH, w_ih, I, gx + t0 * B * I, I);
     }
-    int64_t ldx = 0;
-    const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
-    gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
+    if (gw_ih != nullptr) {
+      int64_t ldx = 0;
+      const T* x_c = x.steps(t0, t1, B, I, x_rows.data(), ldx);
+      gemm_any<T>(true, false, GH, I, R, dgx, GH, x_c, ldx, gw_ih, I, acc);
+    }
     add_col_sums<T>(R, GH, dgx, GH, sum_i.data());
-    if (!gru) {
-      gemm_hprev(H, dgx, GH, t0, t1, gw_hh, acc);
-    } else if (reset_after) {
+    if (gru && reset_after) {
       // The n rows of W_hh act on h_prev too, with gradient dhn = dn * r: dgx's n part (dn) becomes
       // dhn in place (the same product the step kernel formed for dgh), and W_hh's three gate
       // blocks take one product.
@@ -1694,6 +1703,9 @@ void backward_impl(const Dims& d, const View3<T>& gy, const T* ghn, const View3<
         for (int64_t j = 0; j < H; ++j) dn[j] = dn[j] * r[j];
       }
       add_col_sums<T>(R, H, dgx + 2 * H, GH, sum_n.data());
+    }
+    if (gw_hh == nullptr) continue;
+    if (!gru || reset_after) {
       gemm_hprev(GH, dgx, GH, t0, t1, gw_hh, acc);
     } else {
       gemm_hprev(2 * H, dgx, GH, t0, t1, gw_hh, acc);
@@ -1740,12 +1752,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
-    bool reset_after, bool need_gx) {
+    bool reset_after, bool need_gx, bool need_gh0, bool need_gw_ih, bool need_gw_hh) {
   // grad_y and x may be strided views (autograd often hands over an expanded or transposed
   // gradient): the kernel reads them through their strides instead of copying them whole.
-  // need_gx false: no input gradient is computed (the product dgx . W_ih, a sixth of a training
-  // step's products), and grad_x comes back as zeros of its shape without memory (an expanded
-  // scalar), for a caller that drops it (the op's autograd, where x requires no gradient).
+  // A need_* false: that gradient is not computed, for a caller that drops it (the op's autograd,
+  // where its input requires none), and comes back as zeros of its shape without memory (an
+  // expanded scalar). Each is a product left out: grad_x's (dgx . W_ih) and a weight's gradient a
+  // sixth of a training step's products each; h0's the last step's carry (dh . W_hh), the whole
+  // recurrent product of a one-step call.
   const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, /*strided_x=*/true);
   const auto dtype = x.scalar_type();
   check_tensor(grad_y, "grad_y", 3, dtype, /*strided=*/true);
@@ -1757,15 +1771,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(ws, "ws", 3, dtype);
   check_shape(ws, "ws", {d.T, d.B, d.W});
   auto opts = x.options();
-  at::Tensor gx = need_gx ? empty_pooled({d.T, d.B, d.I}, opts) : at::zeros({}, opts).expand({d.T, d.B, d.I});
-  at::Tensor gh0 = at::empty({d.B, d.H}, opts);
-  at::Tensor gw_ih = empty_pooled({d.G * d.H, d.I}, opts);
-  at::Tensor gw_hh = empty_pooled({d.G * d.H, d.H}, opts);
+  const auto zeros = [&](at::IntArrayRef shape) { return at::zeros({}, opts).expand(shape); };
+  at::Tensor gx = need_gx ? empty_pooled({d.T, d.B, d.I}, opts) : zeros({d.T, d.B, d.I});
+  at::Tensor gh0 = at::empty({d.B, d.H}, opts);  // (the kernel's dh: scratch where not wanted)
+  at::Tensor gw_ih = need_gw_ih ? empty_pooled({d.G * d.H, d.I}, opts) : zeros({d.G * d.H, d.I});
+  at::Tensor gw_hh = need_gw_hh ? empty_pooled({d.G * d.H, d.H}, opts) : zeros({d.G * d.H, d.H});
   at::Tensor gb_ih = at::empty({d.G * d.H}, opts);
   at::Tensor gb_hh = at::empty({d.G * d.H}, opts);
   if (d.T == 0 || d.B == 0) {  // no step (h_n is h0) or no row: the kernel's chunking divides by both
     gh0.copy_(grad_h_n);       // (the op refuses these sizes; a direct call of backward reaches here)
-    for (at::Tensor* g : {&gw_ih, &gw_hh, &gb_ih, &gb_hh}) g->zero_();
+    if (need_gw_ih) gw_ih.zero_();
+    if (need_gw_hh) gw_hh.zero_();
+    gb_ih.zero_();
+    gb_hh.zero_();
     return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
   }
   StepMasks m;
@@ -1776,9 +1794,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     backward_impl<scalar_t>(d, view3<scalar_t>(grad_y), grad_h_n.data_ptr<scalar_t>(),
                             view3<scalar_t>(x), h0.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), m,
                             y.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), int(mode), reset_after,
-                            need_gx ? gx.data_ptr<scalar_t>() : nullptr, gh0.data_ptr<scalar_t>(), gw_ih.data_ptr<scalar_t>(),
-                            gw_hh.data_ptr<scalar_t>(), gb_ih.data_ptr<scalar_t>(), gb_hh.data_ptr<scalar_t>());
+                            need_gx ? gx.data_ptr<scalar_t>() : nullptr, gh0.data_ptr<scalar_t>(),
+                            need_gw_ih ? gw_ih.data_ptr<scalar_t>() : nullptr,
+                            need_gw_hh ? gw_hh.data_ptr<scalar_t>() : nullptr, gb_ih.data_ptr<scalar_t>(),
+                            gb_hh.data_ptr<scalar_t>(), need_gh0);
   });
+  if (!need_gh0) gh0 = zeros({d.B, d.H});
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
 }
 
@@ -1830,7 +1851,7 @@ void check_within_storage(const char* where, const char* name, const at::Tensor&
 // rnnrec_op.cpp: the backend that ran this thread's last call (what rnnrec_fast.last_backend()
 // reports; a plain pybind call from Python, ~10x cheaper than a torch.ops round trip)
 void note_cpp_backend_ran();
-bool backward_skips_grad_x();
+std::tuple<bool, bool, bool, bool> backward_skips();
 std::string last_backend();
 void set_last_backend(std::string name);
 // (below: a PackedSequence's padding and its inverse, without and with autograd)
@@ -3857,8 +3878,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused backward -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)",
         py::arg("grad_y"), py::arg("grad_h_n"), py::arg("x"), py::arg("h0"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("lengths"), py::arg("resets"),
-        py::arg("y"), py::arg("ws"), py::arg("mode"), py::arg("reset_after"), py::arg("need_gx") = true);
-  m.def("backward_skips_grad_x", &rnnrec::backward_skips_grad_x,
-        "whether this thread's op backward under way leaves out the input gradient (x requires none)");
+        py::arg("y"), py::arg("ws"), py::arg("mode"), py::arg("reset_after"), py::arg("need_gx") = true,
+        py::arg("need_gh0") = true, py::arg("need_gw_ih") = true, py::arg("need_gw_hh") = true);
+  m.def("backward_skips", &rnnrec::backward_skips,
+        "the gradients this thread's op backward under way leaves out, as a tuple of four bools (grad_x, "
+        "grad_h0, grad_w_ih, grad_w_hh: their inputs require none)");
 }
 #endif  // !RNNREC_STANDALONE

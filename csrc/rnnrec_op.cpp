@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& resets, const at::Tensor& y, const at::Tensor& ws, int64_t mode,
-    bool reset_after, bool need_gx = true);
+    bool reset_after, bool need_gx = true, bool need_gh0 = true, bool need_gw_ih = true, bool need_gw_hh = true);
 
 // Defined in rnnrec_cpu.cpp: a ValueError for a tensor reaching past its storage.
 void check_within_storage(const char* where, const char* name, const at::Tensor& t);
@@ -42,17 +42,22 @@ using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 thread_local std::string last_backend_name;
-// Set by RecurrenceFn::backward around its call of the backward op where x requires no gradient:
-// the C++ kernel then leaves out the input gradient (its product is a sixth of a training step's),
-// which the function drops. The op's schema and its other kernels are unchanged (they compute
-// grad_x; a call from anywhere else, or a compiled graph's, gets it), and the dispatcher still
-// sees the call (profiler, dispatch modes: the FLOP formula asks backward_skips_grad_x).
-thread_local bool skip_grad_x = false;
+// Set by RecurrenceFn::backward around its call of the backward op: the gradients whose inputs
+// require none (x, h0, W_ih, W_hh), which the C++ kernel then leaves out and the function drops
+// (x's and each weight's product a sixth of a training step's; h0's the last step's carry, all of
+// a one-step call's recurrent product, as in session-parallel training from a detached state).
+// The op's schema and its other kernels are unchanged (they compute every gradient; a call from
+// anywhere else, or a compiled graph's, gets them all), and the dispatcher still sees the call
+// (profiler, dispatch modes: the FLOP formula asks backward_skips).
+struct Skips {
+  bool gx = false, gh0 = false, gw_ih = false, gw_hh = false;
+};
+thread_local Skips skips;
 
-struct SkipGradX {
-  bool before;
-  explicit SkipGradX(bool skip) : before(skip_grad_x) { skip_grad_x = skip; }
-  ~SkipGradX() { skip_grad_x = before; }
+struct SkipGrads {
+  Skips before;
+  explicit SkipGrads(Skips now) : before(skips) { skips = now; }
+  ~SkipGrads() { skips = before; }
 };
 
 #define RNNREC_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "rnnrec_fast.recurrence: ", __VA_ARGS__)
@@ -281,7 +286,8 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
   // grad_y and x go as they are: the kernel reads strided views without a whole copy.
   return backward(grad_y, grad_h_n.contiguous(), x, state_or_zeros(h0, x, w_hh),
                   w_ih.contiguous(), w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(lengths),
-                  contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after, !skip_grad_x);
+                  contig(resets), y.contiguous(), ws.contiguous(), mode_i, reset_after, !skips.gx, !skips.gh0,
+                  !skips.gw_ih, !skips.gw_hh);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -338,14 +344,20 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     if (!gh.defined()) gh = y.new_zeros({y.size(1), y.size(2)});
     const std::string mode = ctx->saved_data["mode"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
-    const bool need_gx = ctx->needs_input_grad(0);
-    const SkipGradX skip(!need_gx && is_cpp(backend, x));  // (the Python backends compute it all)
+    // (needs_input_grad counts the inputs that are tensors: an absent h0 has no index)
+    const bool need_gx = ctx->needs_input_grad(0), need_gh0 = h0.defined() && ctx->needs_input_grad(1);
+    const size_t w = h0.defined() ? 2 : 1;
+    const bool need_gwi = ctx->needs_input_grad(w), need_gwh = ctx->needs_input_grad(w + 1);
+    Skips skip;  // (the Python backends compute them all)
+    if (is_cpp(backend, x)) skip = {!need_gx, !need_gh0, !need_gwi, !need_gwh};
+    const SkipGrads guard(skip);
     auto [gx, gh0, gwi, gwh, gbi, gbh] =
         op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, Opt(), Opt(), as_opt(s[4]), as_opt(s[5]), y, ws, mode,
                 ctx->saved_data["reset_after"].toBool(), backend);
     const at::Tensor none;
-    return {need_gx ? gx : none, h0.defined() ? gh0 : none, gwi, gwh, ctx->saved_data["b_ih"].toBool() ? gbi : none,
-            ctx->saved_data["b_hh"].toBool() ? gbh : none, none, none, none, none, none, none};
+    return {need_gx ? gx : none, need_gh0 ? gh0 : none, need_gwi ? gwi : none, need_gwh ? gwh : none,
+            ctx->saved_data["b_ih"].toBool() ? gbi : none, ctx->saved_data["b_hh"].toBool() ? gbh : none,
+            none, none, none, none, none, none};
   }
 };
 
@@ -394,7 +406,7 @@ Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor
 }  // namespace
 
 void note_cpp_backend_ran() { last_backend_name = "cpp"; }
-bool backward_skips_grad_x() { return skip_grad_x; }
+std::tuple<bool, bool, bool, bool> backward_skips() { return {skips.gx, skips.gh0, skips.gw_ih, skips.gw_hh}; }
 std::string last_backend() { return last_backend_name; }
 void set_last_backend(std::string name) { last_backend_name = std::move(name); }
 

@@ -469,8 +469,10 @@ for _name in ("recurrence_backward", "recurrence_backward_py"):
 # FLOP formulas (torch.utils.flop_counter.FlopCounterMode, which counts matrix products): the
 # forward's are the input projection and the recurrent product of every step, 2*T*B*G*H*(I + H)
 # (the steps past a row's length included); the backward's twice that (the input and weight
-# gradients of both products), less the input gradient's product where the C++ kernel leaves it
-# out (the op's autograd on the CPU, x requiring no gradient: _C.backward_skips_grad_x)
+# gradients of both products), less the products the C++ kernel leaves out (the op's autograd on
+# the CPU, for inputs requiring no gradient: _C.backward_skips): x's and W_ih's gradients one
+# input projection each, W_hh's one recurrent product, h0's the last step's carry (dh . W_hh, the
+# rows of W_hh that act on h_prev itself: all but Cho's W_hn, whose product the r gate needs)
 
 
 def _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
@@ -482,8 +484,14 @@ def _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
 def _backward_flops(grad_output_shape, grad_h_n_shape, x_shape, h0_shape, w_ih_shape, w_hh_shape,
                     *args, **kwargs):
     T, B, I = x_shape
-    skipped = 2 * T * B * w_hh_shape[0] * I if _CPP_OP and _C.backward_skips_grad_x() else 0
-    return 2 * _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape) - skipped
+    GH, H = w_hh_shape
+    total = 2 * _forward_flops(x_shape, h0_shape, w_ih_shape, w_hh_shape)
+    if not _CPP_OP:
+        return total
+    gx, gh0, gw_ih, gw_hh = _C.backward_skips()
+    cho = GH == 3 * H and not args[7]  # (args: b_ih, b_hh, lengths, resets, y, ws, mode, reset_after)
+    carry0 = 2 * B * (GH - H if cho else GH) * H
+    return total - 2 * T * B * GH * (I * (gx + gw_ih) + H * gw_hh) - carry0 * gh0
 
 
 try:

@@ -1413,7 +1413,8 @@ def test_from_torch_refuses_transformed_modules_clearly():
 def test_flop_counter_counts_the_op_as_torch_nn(backend, kind):
     """torch.utils.flop_counter.FlopCounterMode counted 0 FLOPs for the op (no formula): it now
     counts torch.nn's for the forward (the matrix products, 2*T*B*G*H*(I+H) a layer and direction)
-    and twice that for the op's backward."""
+    and twice that for the op's backward, less the products the C++ kernel leaves out for inputs
+    requiring no gradient (the other backends compute every gradient)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -1426,22 +1427,37 @@ def test_flop_counter_counts_the_op_as_torch_nn(backend, kind):
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             m(x)
         counts.append(fc.get_total_flops())
-    G = 3 if kind.startswith("GRU") else 1
+    G, H = (3 if kind.startswith("GRU") else 1), 16
     B, T = 3, (5 if seq else 1)
-    per_step = 2 * ((8 + 16) + (2 * 16 + 16)) if seq else 8 + 16  # layers x directions: input + hidden sizes
-    want = 2 * T * B * G * 16 * per_step
+    inputs = [8, 8, 32, 32] if seq else [8]  # each layer and direction's input size
+    want = sum(2 * T * B * G * H * (i + H) for i in inputs)
     assert counts == [want, want]
+
+    def backward_flops(x_grad=True, weights_grad=True):
+        for p in ours.parameters():
+            p.requires_grad_(weights_grad)
+        with FlopCounterMode(display=False) as fc:
+            out = ours(x.detach().requires_grad_(x_grad))
+            (out[0] if seq else out).sum().backward()
+        return fc.get_total_flops() - want
+
+    cpp = ours.active_backend() == "cpp"
+    # left out on the C++ kernel: h0's gradient, the first step's carry (no hx given: its state is
+    # zeros requiring none), 2*B*G*H*H each layer and direction; x's, the first layer's input
+    # gradient 2*T*B*G*H*I; the weights', 2*T*B*G*H*(I + H) each layer and direction
+    carry0 = cpp * 2 * B * G * H * H * len(inputs)
+    assert backward_flops() == 2 * want - carry0
+    gx = 2 * T * B * G * H * 8 * (2 if seq else 1)
+    assert backward_flops(x_grad=False) == 2 * want - carry0 - cpp * gx
+    assert backward_flops(weights_grad=False) == 2 * want - carry0 - cpp * want
+    # an hx requiring a gradient: its carry is computed (and counted)
+    h = torch.zeros(len(inputs), B, H) if seq else torch.zeros(B, H)
+    for p in ours.parameters():
+        p.requires_grad_(True)
     with FlopCounterMode(display=False) as fc:
-        out = ours(x.requires_grad_())
+        out = ours(x.detach().requires_grad_(), h.requires_grad_())
         (out[0] if seq else out).sum().backward()
     assert fc.get_total_flops() == 3 * want
-    # x requiring no gradient: the C++ kernel leaves out the first layer's input gradient, and the
-    # count says so (2*T*B*G*H*I for each direction of the first layer); the other backends compute it
-    with FlopCounterMode(display=False) as fc:
-        out = ours(x.detach())
-        (out[0] if seq else out).sum().backward()
-    skipped = 2 * T * B * G * 16 * 8 * (2 if seq else 1) if ours.active_backend() == "cpp" else 0
-    assert fc.get_total_flops() == 3 * want - skipped
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])

@@ -180,34 +180,49 @@ def test_padding_past_lengths_is_never_read(backend, mode, reset_after, layout, 
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 @pytest.mark.parametrize("masks", [None, "lengths", "resets", "both"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_x_without_grad_gives_the_same_other_gradients(backend, mode, reset_after, masks, dtype):
-    """Where x requires no gradient, the C++ kernel leaves out the input gradient (a sixth of a
-    training step's products: B32 T20 H100 ~3.2 -> ~2.7 ms, ad hoc); h0's and the weights'
-    gradients are the same bits as with x's (large enough for several backward chunks, with W_ih
-    packed once (H = 40) and not (H = 200); both thread counts); the op itself, called outside
-    autograd, still returns grad_x."""
+def test_inputs_without_grad_give_the_same_other_gradients(backend, mode, reset_after, masks, dtype):
+    """Where an input requires no gradient, the C++ kernel leaves out its product: x's and W_ih's
+    (an input projection each), W_hh's (a recurrent product), h0's (the first step's carry; x's
+    alone: B32 T20 H100 ~3.2 -> ~2.7 ms, ad hoc). The gradients still wanted are the same bits as
+    with every input requiring one, for each input left out alone, for all four, and without h0
+    (an absent h0 shifts autograd's input indices: W_ih is then input 1). Large enough for several
+    backward chunks, with W_ih packed once (H = 40) and not (H = 200), both thread counts. The op
+    itself, called outside autograd, still returns every gradient."""
     gen = torch.Generator().manual_seed(29)
     old = torch.get_num_threads()
+    names = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
     try:
         for T, B, I, H, threads in ((30, 5, 3, 40, 1), (7, 16, 24, 200, 2)):
             torch.set_num_threads(threads)
             x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(T, B, I, H, mode, True, masks, dtype, gen)
-            got = []
-            for x_grad in (True, False):
-                leaves = [x.clone().requires_grad_(x_grad)] + [t.clone().requires_grad_() for t in (h0, w_ih, w_hh, b_ih, b_hh)]
-                y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths, resets, mode, reset_after, backend)
-                (y * torch.linspace(-1, 1, H, dtype=dtype)).sum().add(h_n.sum()).backward()
-                got.append([t.grad for t in leaves])
-            assert got[1][0] is None
-            for a, b in zip(got[0][1:], got[1][1:]):
-                assert torch.equal(a, b)
+            gy = torch.linspace(-1, 1, H, dtype=dtype)
+            for with_h0 in (True, False):
+                def grads(frozen):
+                    leaves = [t.clone().requires_grad_(n not in frozen)
+                              for n, t in zip(names, (x, h0 if with_h0 else None, w_ih, w_hh, b_ih, b_hh))
+                              if t is not None]
+                    args = leaves if with_h0 else leaves[:1] + [None] + leaves[1:]
+                    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*args, lengths, resets, mode, reset_after, backend)
+                    (y * gy).sum().add(h_n.sum()).backward()
+                    return {n: t.grad for n, t in zip([n for n in names if with_h0 or n != "h0"], leaves)}
+
+                full = grads(())
+                assert all(g is not None and g.abs().sum() > 0 for g in full.values())
+                for frozen in (("x",), ("h0",), ("w_ih",), ("w_hh",), ("x", "h0", "w_ih", "w_hh")):
+                    got = grads(frozen)
+                    for n, g in got.items():
+                        if n in frozen:
+                            assert g is None, n
+                        else:
+                            assert torch.equal(g, full[n]), (frozen, n, with_h0)
     finally:
         torch.set_num_threads(old)
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after,
                                                   backend)
-    gx = torch.ops.rnnrec_fast.recurrence_backward(torch.ones_like(y), torch.zeros_like(h_n), x, h0, w_ih, w_hh, b_ih,
-                                                   b_hh, lengths, resets, y, ws, mode, reset_after, backend)[0]
-    assert gx.shape == x.shape and gx.stride() == x.contiguous().stride() and gx.abs().sum() > 0
+    out = torch.ops.rnnrec_fast.recurrence_backward(torch.ones_like(y), torch.zeros_like(h_n), x, h0, w_ih, w_hh, b_ih,
+                                                    b_hh, lengths, resets, y, ws, mode, reset_after, backend)
+    for g, t in zip(out, (x, h0, w_ih, w_hh, b_ih, b_hh)):
+        assert g.shape == t.shape and g.stride() == t.contiguous().stride() and g.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
