@@ -47,12 +47,23 @@ def offline_topk(model, h, k):
 
 
 # ---------------------------------------------------------------------------------------------- semantics
-@pytest.mark.parametrize("embedding,layers", [("shared", (16,)), (8, (16, 16)), (0, (16,))])
+@pytest.mark.parametrize("embedding,layers", [("shared", (16,)), (8, (16, 16)), (0, (16,)), (0, (16, 16, 16))])
 def test_click_matches_offline_replay(embedding, layers):
+    """Clicks give the model's own step and scores; the fast path serves every model layout,
+    one-hot input included (its first layer's input the item's row of W0 through the identity
+    W_ih: it had declined those models, ~6x slower a click)."""
     model = make_model(layers=layers, embedding=embedding)
     rec = SessionRecommender(model)
+    assert rec.uses_fast_path
     clicks_match_replay(rec, model)
     assert len(rec) == 3
+    batch = SessionRecommender(model)  # the batched route, from fresh sessions
+    ids = model.item_ids
+    got = batch.click_many(["p", "q", "r", "s"], [ids[3], ids[9], ids[0], ids[49]], k=5)
+    for (items, scores), it in zip(got, [ids[3], ids[9], ids[0], ids[49]]):
+        want_items, want_scores = offline_topk(model, replay(model, [it]), 5)
+        assert items == want_items
+        torch.testing.assert_close(torch.tensor(scores), want_scores, **TOL)
 
 
 def clicks_match_replay(rec, model):
@@ -226,13 +237,14 @@ def test_load_from_checkpoint(checkpoint):
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 @pytest.mark.parametrize("embedding,layers,reset_after,max_seen",
                          [("shared", (16,), True, 3), (8, (16, 16), True, 256), (32, (24,), False, 0),
-                          ("shared", (16, 16, 16), False, 1)])
+                          ("shared", (16, 16, 16), False, 1), (0, (16,), True, 3), (0, (16, 16), False, 256)])
 def test_one_call_click_matches_the_separate_calls(embedding, layers, reset_after, max_seen):
     """The fast path's one C++ call for a click (_C.click_topk: the step, the state written back,
     the scores and top-k) gives what its separate calls give (step_row, the copy back, topk_row),
     bit for bit: items, scores, states, seen items; with and without exclude_seen (the excluded
     items as they are after the click: the last max_seen, 0 to 256), any k up to the catalogue,
-    new and held sessions, one to three layers, an embedding of its own (I != H)."""
+    new and held sessions, one to three layers, an embedding of its own (I != H), one-hot input
+    (I = 3H, through the identity W_ih)."""
     model = make_model(n_items=40, layers=layers, embedding=embedding, reset_after=reset_after)
     one = SessionRecommender(model, max_seen=max_seen)
     sep = SessionRecommender(model, max_seen=max_seen)
@@ -706,7 +718,8 @@ def test_per_click_k_in_a_batch():
 @pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "adagradm", "reassign", "submodule", "data_swap",
                                     "racing_update", "in_training_mode", "training_during_rebuild",
                                     "update_during_probe"])
-def test_fast_path_follows_weight_changes(change, monkeypatch):
+@pytest.mark.parametrize("embedding", [8, 0])
+def test_fast_path_follows_weight_changes(change, embedding, monkeypatch):
     """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
     AdagradM's too (its sparse update writes through NumPy: it bumped no version), a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
     landing while the fast path copies Wy, a reload done in training mode) clicks and batches
@@ -714,12 +727,13 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
     rows scored with the old ones) and views of the others."""
     from rnnrec_fast.serving import fastpath
 
-    model = make_model(n_items=60, layers=(16,), embedding=8)
+    layers = (16,) if embedding else (16, 16)  # (one-hot: its first layer is the model's own)
+    model = make_model(n_items=60, layers=layers, embedding=embedding)
     rec = SessionRecommender(model)
     assert rec.uses_fast_path
     ids = model.item_ids
     rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)  # warm: every path used once
-    new = make_model(n_items=60, layers=(16,), embedding=8, seed=1)
+    new = make_model(n_items=60, layers=layers, embedding=embedding, seed=1)
     with torch.no_grad():
         if change == "load_state_dict":
             model.load_state_dict(new.state_dict())
@@ -738,6 +752,9 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
             model.Wy = torch.nn.Parameter(new.Wy.detach().clone())
             model.By = torch.nn.Parameter(new.By.detach().clone())
             model.rnn.weight_hh_l0 = torch.nn.Parameter(new.rnn.weight_hh_l0.detach().clone())
+            if not embedding:
+                model.W0 = torch.nn.Parameter(new.W0.detach().clone())
+                model.w_hh0 = torch.nn.Parameter(new.w_hh0.detach().clone())
         elif change == "submodule":
             model.rnn = new.rnn
         elif change == "data_swap":
@@ -800,7 +817,38 @@ def test_fast_path_follows_weight_changes(change, monkeypatch):
     assert rec.uses_fast_path
 
 
-@pytest.mark.parametrize("where", ["rnn", "output"])
+@pytest.mark.parametrize("name", ["W0", "w_hh0", "b_ih0", "b_hh0"])
+@pytest.mark.parametrize("how", ["reassign", "data_swap", "in_place"])
+def test_fast_path_follows_a_one_hot_layers_own_weights(name, how):
+    """A one-hot model's first layer is the model's own (W0, w_hh0, b_ih0, b_hh0, not the rnn
+    module's): one of them reassigned, its memory swapped through .data or changed in place, and
+    clicks follow it (each alone: a change elsewhere would make the path rebuild anyway)."""
+    model = make_model(n_items=60, layers=(16,), embedding=0)
+    rec = SessionRecommender(model)
+    assert rec.uses_fast_path
+    ids = model.item_ids
+    rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
+    rec.click("e", ids[5], k=5)
+    p = getattr(model, name)
+    new = p.detach() * -1.5 + 0.25
+    with torch.no_grad():
+        if how == "reassign":
+            setattr(model, name, torch.nn.Parameter(new))
+        elif how == "data_swap":
+            p.data = new
+        else:
+            p.copy_(new)
+    sids = ["f", "g", "h", "i"]
+    got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("j", ids[20], k=5)]
+    ref = SessionRecommender(model, fast=False)
+    want = ref.click_many(sids, ids[10:14], k=5) + [ref.click("j", ids[20], k=5)]
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    assert rec.uses_fast_path
+
+
+@pytest.mark.parametrize("where", ["rnn", "output", "one-hot layer"])
 def test_fast_path_declines_parametrized_weights(where):
     """A parametrized weight (torch.nn.utils.parametrize, weight_norm) is computed on each read:
     the fast path would hold one computed copy and never see its source change. It is not used;
@@ -811,8 +859,8 @@ def test_fast_path_declines_parametrized_weights(where):
         def forward(self, w):
             return 2 * w
 
-    model = make_model(n_items=60, layers=(16,), embedding=8)
-    owner, name = (model.rnn, "weight_hh_l0") if where == "rnn" else (model, "Wy")
+    model = make_model(n_items=60, layers=(16,), embedding=0 if where == "one-hot layer" else 8)
+    owner, name = {"rnn": (model.rnn, "weight_hh_l0"), "output": (model, "Wy")}.get(where, (model, "w_hh0"))
     parametrize.register_parametrization(owner, name, Double())
     rec = SessionRecommender(model)
     assert not rec.uses_fast_path

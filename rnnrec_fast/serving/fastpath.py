@@ -42,11 +42,18 @@ class FastGRU4Rec:
         # (Wt and the oneDNN copy are made at their first use, from Wy as it is then: an update
         # landing between a click's stale() check and that use is in them for that click, as in
         # the views, and the next click's check rebuilds.)
-        names = _rnn_weight_names(L)
+        # A one-hot model's first layer is GRU4Rec's GRU embedding: its input is the item's row of
+        # W0 (already the input projection), taken through an identity W_ih (eye0, a buffer); its
+        # other layers, if any, are the rnn module's.
+        onehot = model.embedding == 0
+        names = _rnn_weight_names(L - 1 if onehot else L)
+        own = ("W0", "w_hh0", "b_ih0", "b_hh0", "Wy", "By") if onehot else ("E", "Wy", "By")
         watch = [(model._modules, "rnn", rnn)]
-        watch += [(model._parameters, n, model._parameters[n]) for n in ("E", "Wy", "By")
-                  if model._parameters.get(n) is not None]
-        watch += [(rnn._parameters, n, rnn._parameters[n]) for n in names if rnn._parameters.get(n) is not None]
+        watch += [(model._parameters, n, model._parameters[n]) for n in own if model._parameters.get(n) is not None]
+        if onehot:
+            watch.append((model._buffers, "eye0", model._buffers["eye0"]))
+        if rnn is not None:
+            watch += [(rnn._parameters, n, rnn._parameters[n]) for n in names if rnn._parameters.get(n) is not None]
         self._watch = watch
         self._params = [o for _, _, o in watch[1:]]
         self._ptrs = [p.data_ptr() for p in self._params]
@@ -54,13 +61,17 @@ class FastGRU4Rec:
         self._versions = [p._version for p in self._copied]
         self.L = L
         self.reset_after = bool(model.reset_after)
-        self.backend = getattr(rnn, "backend", "auto")
-        if model.embedding == "shared":
+        self.backend = getattr(rnn if rnn is not None else model, "backend", "auto")
+        if onehot:
+            self.emb = model.W0.detach()
+        elif model.embedding == "shared":
             self.emb = model.Wy.detach()
         else:
             self.emb = model.E.detach()
         self.layers = []
-        for layer in range(L):
+        if onehot:
+            self.layers.append(tuple(w.detach() for w in (model.eye0, model.w_hh0, model.b_ih0, model.b_hh0)))
+        for layer in range(len(names) // 4):
             ws = [getattr(rnn, n, None) for n in names[4 * layer:4 * layer + 4]]
             self.layers.append(tuple(None if w is None else w.detach() for w in ws))
         self.Wy = model.Wy.detach()
@@ -265,19 +276,27 @@ def _weights_state(model):
 def _build(model):
     """``(fast or None, whether the weights changed while the probe compared it with the model)``."""
     try:
-        if type(model).__name__ != "GRU4Rec" or model.embedding == 0 or model.rnn is None:
+        if type(model).__name__ != "GRU4Rec" or model.training:
             return None, False
+        onehot = model.embedding == 0
         rnn = model.rnn
-        if rnn.num_layers != model.num_layers or getattr(rnn, "bidirectional", False):
+        n_rnn = model.num_layers - 1 if onehot else model.num_layers
+        if (rnn is None) != (n_rnn == 0):
             return None, False
-        if model.training or getattr(rnn, "mode", "gru") not in ("gru", "GRU"):
+        if rnn is not None:
+            if rnn.num_layers != n_rnn or getattr(rnn, "bidirectional", False):
+                return None, False
+            if getattr(rnn, "mode", "gru") not in ("gru", "GRU"):
+                return None, False
+            # Only registered parameters read as themselves: a parametrized weight (parametrize,
+            # weight_norm) is computed on each read, so the copy taken here would never see its
+            # source change (stale() watches the registered ones).
+            if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in _rnn_weight_names(n_rnn)):
+                return None, False
+        own = ("W0", "w_hh0", "b_ih0", "b_hh0", "Wy", "By") if onehot else ("E", "Wy", "By")
+        if any(getattr(model, n, None) is not model._parameters.get(n) for n in own):
             return None, False
-        # Only registered parameters read as themselves: a parametrized weight (parametrize,
-        # weight_norm) is computed on each read, so the copy taken here would never see its
-        # source change (stale() watches the registered ones).
-        if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in _rnn_weight_names(model.num_layers)):
-            return None, False
-        if any(getattr(model, n, None) is not model._parameters.get(n) for n in ("E", "Wy", "By")):
+        if onehot and getattr(model, "eye0", None) is not model._buffers.get("eye0"):
             return None, False
         before = _weights_state(model)
         fast = FastGRU4Rec(model)
