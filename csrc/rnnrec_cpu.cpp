@@ -1756,10 +1756,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // grad_y and x may be strided views (autograd often hands over an expanded or transposed
   // gradient): the kernel reads them through their strides instead of copying them whole.
   // A need_* false: that gradient is not computed, for a caller that drops it (the op's autograd,
-  // where its input requires none), and comes back as zeros of its shape without memory (an
-  // expanded scalar). Each is a product left out: grad_x's (dgx . W_ih) and a weight's gradient a
-  // sixth of a training step's products each; h0's the last step's carry (dh . W_hh), the whole
-  // recurrent product of a one-step call.
+  // where its input requires none), and comes back as zeros, contiguous as the op's fake kernel
+  // says its outputs are (an expanded scalar, without memory, failed the dispatcher-level check
+  // of torch's CrossRefFakeMode; the memory is what the gradient would have taken, and the memset
+  // is far cheaper than the product). Each is a product left out: grad_x's (dgx . W_ih) and a
+  // weight's gradient a sixth of a training step's products each; h0's the first step's carry
+  // (dh . W_hh), the whole recurrent product of a one-step call.
   const Dims d = validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, /*strided_x=*/true);
   const auto dtype = x.scalar_type();
   check_tensor(grad_y, "grad_y", 3, dtype, /*strided=*/true);
@@ -1771,7 +1773,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(ws, "ws", 3, dtype);
   check_shape(ws, "ws", {d.T, d.B, d.W});
   auto opts = x.options();
-  const auto zeros = [&](at::IntArrayRef shape) { return at::zeros({}, opts).expand(shape); };
+  const auto zeros = [&](at::IntArrayRef shape) { return empty_pooled(shape, opts).zero_(); };
   at::Tensor gx = need_gx ? empty_pooled({d.T, d.B, d.I}, opts) : zeros({d.T, d.B, d.I});
   at::Tensor gh0 = at::empty({d.B, d.H}, opts);  // (the kernel's dh: scratch where not wanted)
   at::Tensor gw_ih = need_gw_ih ? empty_pooled({d.G * d.H, d.I}, opts) : zeros({d.G * d.H, d.I});
@@ -1780,10 +1782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gb_hh = at::empty({d.G * d.H}, opts);
   if (d.T == 0 || d.B == 0) {  // no step (h_n is h0) or no row: the kernel's chunking divides by both
     gh0.copy_(grad_h_n);       // (the op refuses these sizes; a direct call of backward reaches here)
-    if (need_gw_ih) gw_ih.zero_();
-    if (need_gw_hh) gw_hh.zero_();
-    gb_ih.zero_();
-    gb_hh.zero_();
+    for (at::Tensor* g : {&gw_ih, &gw_hh, &gb_ih, &gb_hh}) g->zero_();
     return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
   }
   StepMasks m;
@@ -1799,7 +1798,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             need_gw_hh ? gw_hh.data_ptr<scalar_t>() : nullptr, gb_ih.data_ptr<scalar_t>(),
                             gb_hh.data_ptr<scalar_t>(), need_gh0);
   });
-  if (!need_gh0) gh0 = zeros({d.B, d.H});
+  if (!need_gh0) gh0.zero_();
   return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
 }
 

@@ -225,6 +225,35 @@ def test_inputs_without_grad_give_the_same_other_gradients(backend, mode, reset_
         assert g.shape == t.shape and g.stride() == t.contiguous().stride() and g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("frozen", ["none", "h0 absent", "h0", "x", "w_ih", "w_hh", "all four"])
+def test_backward_outputs_match_the_fake_kernel_where_gradients_are_left_out(frozen):
+    """torch's CrossRefFakeMode runs the fake kernel beside each real call and compares their
+    outputs' metadata: the gradients the C++ kernel leaves out (inputs requiring none) come back
+    contiguous, as the fake kernel says (they were expanded zeros, stride 0: a MetadataMismatchError
+    for an absent h0, the modules' usual call, from a review), and the gradients are still right."""
+    from torch._subclasses.fake_utils import CrossRefFakeMode
+
+    gen = torch.Generator().manual_seed(31)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(3, 2, 3, 4, "gru", True, None, torch.float64, gen)
+    off = {"all four": ("x", "h0", "w_ih", "w_hh")}.get(frozen, (frozen,))
+    names = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
+    leaves = [t.clone().requires_grad_(n not in off) for n, t in zip(names, (x, h0, w_ih, w_hh, b_ih, b_hh))]
+    args = list(leaves)
+    if frozen == "h0 absent":
+        args[1] = None
+    got = []
+    for check in (True, False):
+        for t in leaves:
+            t.grad = None
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*args, None, None, "gru", True, "auto")
+        with CrossRefFakeMode() if check else contextlib.nullcontext():
+            (y.sum() + h_n.sum()).backward()
+        got.append([t.grad for t in leaves])
+    for a, b in zip(*got):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    assert [g is None for g in got[0]] == [n in off or (frozen == "h0 absent" and n == "h0") for n in names]
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_grad_x_past_lengths_is_zero_whatever_w_ih_holds(backend, mode, reset_after):
