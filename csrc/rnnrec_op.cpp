@@ -44,7 +44,7 @@ using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 thread_local std::string last_backend_name;
 // Set by RecurrenceFn::backward around its call of the backward op: the gradients whose inputs
 // require none (x, h0, W_ih, W_hh), which the C++ kernel then leaves out and the function drops
-// (x's and each weight's product a sixth of a training step's; h0's the last step's carry, all of
+// (x's and each weight's product a sixth of a training step's; h0's the first step's carry, all of
 // a one-step call's recurrent product, as in session-parallel training from a detached state).
 // The op's schema and its other kernels are unchanged (they compute every gradient; a call from
 // anywhere else, or a compiled graph's, gets them all), and the dispatcher still sees the call

@@ -471,7 +471,7 @@ for _name in ("recurrence_backward", "recurrence_backward_py"):
 # (the steps past a row's length included); the backward's twice that (the input and weight
 # gradients of both products), less the products the C++ kernel leaves out (the op's autograd on
 # the CPU, for inputs requiring no gradient: _C.backward_skips): x's and W_ih's gradients one
-# input projection each, W_hh's one recurrent product, h0's the last step's carry (dh . W_hh, the
+# input projection each, W_hh's one recurrent product, h0's the first step's carry (dh . W_hh, the
 # rows of W_hh that act on h_prev itself: all but Cho's W_hn, whose product the r gate needs)
 
 

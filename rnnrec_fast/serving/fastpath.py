@@ -45,9 +45,8 @@ class FastGRU4Rec:
         # A one-hot model's first layer is GRU4Rec's GRU embedding: its input is the item's row of
         # W0 (already the input projection), taken through an identity W_ih (eye0, a buffer); its
         # other layers, if any, are the rnn module's.
-        onehot = model.embedding == 0
-        names = _rnn_weight_names(L - 1 if onehot else L)
-        own = ("W0", "w_hh0", "b_ih0", "b_hh0", "Wy", "By") if onehot else ("E", "Wy", "By")
+        onehot, own, n_rnn = _layout(model)
+        names = _rnn_weight_names(n_rnn)
         watch = [(model._modules, "rnn", rnn)]
         watch += [(model._parameters, n, model._parameters[n]) for n in own if model._parameters.get(n) is not None]
         if onehot:
@@ -214,6 +213,15 @@ class FastGRU4Rec:
         return torch.addmm(self.by, h_top, self.Wt)
 
 
+def _layout(model):
+    """``(onehot, own, n_rnn)``: whether the model takes one-hot input (its first layer then the
+    model's own), the names of the model's own parameters the path reads, and its rnn module's
+    layer count."""
+    onehot = model.embedding == 0
+    own = ("W0", "w_hh0", "b_ih0", "b_hh0", "Wy", "By") if onehot else ("E", "Wy", "By")
+    return onehot, own, model.num_layers - 1 if onehot else model.num_layers
+
+
 def _rnn_weight_names(layers):
     """The GRU's weight names, layer by layer: weight_ih, weight_hh, bias_ih, bias_hh of each."""
     return [f"{w}_l{layer}" for layer in range(layers) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -278,9 +286,8 @@ def _build(model):
     try:
         if type(model).__name__ != "GRU4Rec" or model.training:
             return None, False
-        onehot = model.embedding == 0
+        onehot, own, n_rnn = _layout(model)
         rnn = model.rnn
-        n_rnn = model.num_layers - 1 if onehot else model.num_layers
         if (rnn is None) != (n_rnn == 0):
             return None, False
         if rnn is not None:
@@ -293,7 +300,6 @@ def _build(model):
             # source change (stale() watches the registered ones).
             if any(getattr(rnn, n, None) is not rnn._parameters.get(n) for n in _rnn_weight_names(n_rnn)):
                 return None, False
-        own = ("W0", "w_hh0", "b_ih0", "b_hh0", "Wy", "By") if onehot else ("E", "Wy", "By")
         if any(getattr(model, n, None) is not model._parameters.get(n) for n in own):
             return None, False
         if onehot and getattr(model, "eye0", None) is not model._buffers.get("eye0"):
