@@ -122,9 +122,12 @@ def make_call(case, impl):
                 check_against_torch(case, call, lambda: ref(x, h))
         return call, module
     x = x.clone().requires_grad_(case.x_grad)
+    if not case.weights_grad:
+        for p in list(module.parameters()) + list(ref.parameters()):
+            p.requires_grad_(False)
 
     def training_step(m):
-        wrt = list(m.parameters()) + ([x] if case.x_grad else [])
+        wrt = [p for p in m.parameters() if p.requires_grad] + ([x] if case.x_grad else [])
 
         def step():
             out = m(pack(x) if case.packed else x, h)

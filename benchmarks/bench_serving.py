@@ -10,8 +10,10 @@ and the FastAPI baseline in the same run) under benchmarks/results/serving-<date
     python benchmarks/bench_serving.py --report [--model model.pt] [--loadtest]
 
 Models: the "3k-item sample model" is GRU4Rec with H=100 over the YOOCHOOSE sample's 2,933 items
-(weights do not change the timing; --model uses a trained checkpoint instead); the 100k catalogue
-is the same architecture over 100,000 synthetic item ids.
+(weights do not change the timing; --model uses a trained checkpoint instead); its one-hot variant
+(embedding='none': GRU4Rec's GRU embedding, each item a row of the first layer's input weights) the
+same over the same items; the 100k catalogue is the shared-embedding architecture over 100,000
+synthetic item ids.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ H = 100
 SAMPLE_ITEMS = 2933
 
 
-def sample_model(path=None):
+def sample_model(path=None, embedding="shared"):
     if path:
         return recsys.load_checkpoint(path)
     torch.manual_seed(0)
-    return recsys.GRU4Rec(SAMPLE_ITEMS, [H], item_ids=[214500000 + 17 * i for i in range(SAMPLE_ITEMS)]).eval()
+    return recsys.GRU4Rec(SAMPLE_ITEMS, [H], embedding=embedding,
+                          item_ids=[214500000 + 17 * i for i in range(SAMPLE_ITEMS)]).eval()
 
 
 def big_model(n=100_000):
@@ -85,6 +88,10 @@ if pytest is not None:
         return SessionRecommender(sample_model(os.environ.get("RNNREC_SERVING_MODEL")))
 
     @pytest.fixture(scope="module")
+    def rec_one_hot():
+        return SessionRecommender(sample_model(embedding="none"))
+
+    @pytest.fixture(scope="module")
     def rec_big():
         return SessionRecommender(big_model())
 
@@ -95,6 +102,15 @@ if pytest is not None:
     def test_click_3k_model_step(benchmark, rec_sample):
         """Same, through model.step / model.score (no fast path)."""
         d = Driver(SessionRecommender(rec_sample.model, fast=False))
+        benchmark(d.click)
+
+    def test_click_3k_one_hot(benchmark, rec_one_hot):
+        assert rec_one_hot.uses_fast_path
+        d = Driver(rec_one_hot)
+        benchmark(d.click)
+
+    def test_click_3k_one_hot_model_step(benchmark, rec_one_hot):
+        d = Driver(SessionRecommender(rec_one_hot.model, fast=False))
         benchmark(d.click)
 
     def test_click_many_64_3k(benchmark, rec_sample):
@@ -136,7 +152,8 @@ def pct(v, q):
 
 def inprocess_rows(model_path, seconds, threads_list):
     rows = []
-    models = {"3k sample (2,933 items)": sample_model(model_path), "100k synthetic items": big_model()}
+    models = {"3k sample (2,933 items)": sample_model(model_path),
+              "3k sample, one-hot input": sample_model(embedding="none"), "100k synthetic items": big_model()}
     for threads in threads_list:
         torch.set_num_threads(threads)
         for mname, model in models.items():

@@ -17,6 +17,7 @@ class Case:
     bidirectional: bool = False
     packed: bool = False  # a PackedSequence of B sessions of lengths drawn in 1..T (lengths())
     x_grad: bool = True  # training: whether the input requires a gradient (False: data, e.g. features)
+    weights_grad: bool = True  # training: whether the weights do (False: a frozen recurrent layer)
 
     def lengths(self):
         """The packed cases' session lengths: uniform in 1..T (one of length T), a fixed draw."""
@@ -30,7 +31,7 @@ class Case:
         """Multiply-adds x 2 of the GEMM work (input = hidden size; a layer above a bidirectional one
         takes both directions' outputs); training counts forward + backward as 3x the forward (the
         backward does the input-gradient and the weight-gradient products), less the first layer's
-        input gradient where x requires none."""
+        input gradient where x requires none, and the weight gradients where the weights are frozen."""
         gates = 3 if self.kind.startswith("GRU") else 1
         D = 2 if self.bidirectional else 1
         fwd = 0.0
@@ -42,6 +43,8 @@ class Case:
         if not self.train:
             return fwd
         skipped = 0.0 if self.x_grad else D * 2.0 * gates * self.H * self.H * self.B * self.T
+        if not self.weights_grad:  # (each weight's gradient one product the size of its forward's)
+            skipped += fwd
         return 3 * fwd - skipped
 
 
@@ -60,6 +63,8 @@ CASES = [
     # training's step (GRU4Rec: one click of B sessions, from a detached state)
     Case("GRU training, B32 T20 H100, x without grad", "GRU", 32, 20, 100, train=True, x_grad=False),
     Case("GRU training, one step, B32 H100", "GRU", 32, 1, 100, train=True),
+    # a frozen recurrent layer under trained inputs (fine-tuning what feeds it): x's gradient only
+    Case("GRU training, B32 T20 H100, frozen weights", "GRU", 32, 20, 100, train=True, weights_grad=False),
     # the same kernels under deeper and bidirectional models (one op call per layer and direction)
     Case("GRU inference, serving step, 2 layers", "GRU", 1, 1, 100, layers=2),
     Case("GRU inference, 2 layers bidirectional", "GRU", 32, 20, 100, layers=2, bidirectional=True),
