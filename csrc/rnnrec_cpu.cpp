@@ -1130,15 +1130,22 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
   // at B512 T20 H256 40 MiB, allocated at every call (page faults) and written to memory and read
   // back. chunk B rows are at least 256: the packed kernel's rate (M512 N768 K256 ~160 GFLOP/s,
   // M10240 ~142: C itself goes to memory; standalone C++, the Intel Xeon VM, one thread).
+  //
+  // w_ih null: x is already the input projection (I = G*H: the identity as W_ih, GRU4Rec's one-hot
+  // input, each item's row of its first layer's input weights; the serving fast path's projected0):
+  // the pointwise passes read it in place, no product, no copy.
   const int64_t hp_cols = gru ? (reset_after ? 3 * H : 2 * H) : H;
   const StepW<T> whh(true, H, hp_cols, w_hh, H, B, T_);
+  TORCH_INTERNAL_ASSERT(w_ih != nullptr || (I == GH && chunk == 0), "rnnrec_fast cpp: a projected input of ", I,
+                        " features for ", GH, " gate rows");
   // (keep_ws false: inference, whose workspace is scratch)
-  if (!keep_ws && chunk == 0 && m.len == nullptr && m.rst == nullptr && (!gru || reset_after) &&
+  if (!keep_ws && chunk == 0 && w_ih != nullptr && m.len == nullptr && m.rst == nullptr && (!gru || reset_after) &&
       one_step_rows<T>(d, x, h0, w_ih, whh, bi, bh, mode, y, h_n))
     return;
 
-  T* xp = gru ? ws : y;
-  const int64_t ldxp = gru ? W : H;
+  T* const proj_out = gru ? ws : y;  // where the projections are made (xp itself, unless x is them)
+  const T* const xp = w_ih == nullptr ? x : proj_out;
+  const int64_t ldxp = w_ih == nullptr ? GH : gru ? W : H;
   // Lengths that never increase (m.prefix(): a PackedSequence's sorted batch) and our packed
   // kernels: each step's input projections are made for its live rows only, with W_ih packed once
   // (the padding's, up to half of the product at uniformly drawn lengths, are not made).
@@ -1150,14 +1157,14 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     if (chunk > 0) {  // (projection_chunk's, from infer_layers)
       chunked = true;
       proj.reset(new PackedNT(GH, I, w_ih, I));
-    } else if (prefix && fast_gemm() != nullptr && I > 0) {
+    } else if (prefix && fast_gemm() != nullptr && I > 0 && w_ih != nullptr) {
       live_rows = true;
       proj.reset(new PackedNT(GH, I, w_ih, I));
     }
   }
 #endif
   TORCH_INTERNAL_ASSERT(chunked || chunk == 0, "rnnrec_fast cpp: a chunked workspace for an unchunked forward");
-  if (!chunked && !live_rows) gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, xp, ldxp);
+  if (!chunked && !live_rows && w_ih != nullptr) gemm_nt<T>(T_ * B, GH, I, x, I, w_ih, I, proj_out, ldxp);
   int64_t c0 = 0, c1 = T_;  // the steps whose projections xp holds (from its start)
 
   SmallBuf<T> hp_buf(B * hp_cols);
@@ -1231,7 +1238,7 @@ void forward_impl(const Dims& d, const T* x, const T* h0, const T* w_ih, const T
     if (live <= 0) return;
 #if defined(RNNREC_HAVE_AVX2_TU)
     if constexpr (std::is_same<T, float>::value) {  // (live_rows: never chunked, so xp holds every step)
-      if (live_rows) proj->run(live, x + (t * B + b0) * I, I, xp + (t * B + b0) * ldxp, ldxp);
+      if (live_rows) proj->run(live, x + (t * B + b0) * I, I, proj_out + (t * B + b0) * ldxp, ldxp);
     }
 #endif
     whh.run(live, hin + b0 * H, H, hp + b0 * hp_cols, hp_cols);
@@ -1887,9 +1894,14 @@ T* infer_scratch(int64_t n, Buf<T>& own) {
 // runs its first lengths[b] steps (StepMasks::prefix: each step's products on its live rows); the
 // reverse direction then reverses each row's own steps (modules._reverse_index), its padding
 // zero, and h_n holds each row's state after its last step.
+// projected0: x is already layer 0's input projection (one direction, I = G*H: its W_ih, w[0], is
+// the identity and is not read; see forward_impl's null w_ih).
 template <typename T>
 void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, const T* hx, const at::Tensor* const* w,
-                  int64_t per_layer, int mode, bool reset_after, T* y, T* h_n, const int64_t* lengths = nullptr) {
+                  int64_t per_layer, int mode, bool reset_after, T* y, T* h_n, const int64_t* lengths = nullptr,
+                  bool projected0 = false) {
+  TORCH_INTERNAL_ASSERT(!projected0 || (dirs == 1 && d0.I == d0.G * d0.H), "rnnrec_fast cpp: projected0 for ",
+                        dirs, " directions, I ", d0.I, ", ", d0.G * d0.H, " gate rows");
   const int64_t T_ = d0.T, B = d0.B, H = d0.H, DH = dirs * H;
   Buf<T> own_ws(0);
   // (a chunked workspace holds at most 2 * chunk - 1 steps, see forward_impl; a layer's chunking
@@ -1933,8 +1945,10 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
       const T* b_hh = per_layer == 4 ? lw[3]->data_ptr<T>() : nullptr;
       const T* h0 = hx ? hx + k * B * H : zeros;
       if (dirs == 1) {
-        forward_impl<T>(d, in, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after, out,
-                        h_n + k * B * H, ws, projection_chunk<T>(d, mode), false);
+        const bool projected = projected0 && l == 0;
+        forward_impl<T>(d, in, h0, projected ? nullptr : lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m,
+                        mode, reset_after, out, h_n + k * B * H, ws, projected ? 0 : projection_chunk<T>(d, mode),
+                        false);
         continue;
       }
       const T* src = in;
@@ -2344,7 +2358,7 @@ bool call_shape(const at::Tensor& input, const at::Tensor* hx, const at::Tensor*
 // The fast path proper: `weights` holds `nw` pointers (the layers' w_ih, w_hh[, b_ih, b_hh]).
 py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights,
                       int64_t nw, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
-                      int64_t dirs, OutputRing* ring = nullptr) {
+                      int64_t dirs, OutputRing* ring = nullptr, bool projected0 = false) {
   const py::object unhandled = py::none();
   const auto dtype = input.scalar_type();
   // Only where autograd is off (torch.no_grad / torch.inference_mode): nothing is recorded here.
@@ -2354,6 +2368,9 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
   const int64_t T_ = cs.T, B = cs.B, I = cs.I;
   const bool batched = cs.batched, bf = cs.bf;
   const int64_t G = cs.ls.G, states = cs.ls.states, per_layer = cs.ls.per_layer, H = cs.ls.H;
+  TORCH_CHECK_VALUE(!projected0 || (dirs == 1 && I == G * H), "rnnrec_fast infer: projected0 takes one direction "
+                    "and an input of ", G * H, " features (the first layer's projection), got ", dirs,
+                    " direction(s) and ", I);
   // The caller's tensors are read through pointers, not copied: a C++ copy of a tensor that Python
   // holds takes a reference to its Python object too, and dropping it again takes the GIL
   // (c10::intrusive_ptr's 1 <-> 2 transitions: with the outputs' below, ~0.16 of a ~1.8 us call
@@ -2415,7 +2432,7 @@ py::object infer_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
       scalar_t* hn = cell ? infer_scratch<scalar_t, 1>(B * H, own) : h_out.data_ptr<scalar_t>();
       infer_layers<scalar_t>(d, layers, dirs, x->data_ptr<scalar_t>(),
                              hx != nullptr ? hx->data_ptr<scalar_t>() : nullptr, w, per_layer, int(mode),
-                             reset_after, y_out.data_ptr<scalar_t>(), hn);
+                             reset_after, y_out.data_ptr<scalar_t>(), hn, nullptr, projected0);
     });
   });
   note_cpp_backend_ran();
@@ -2551,11 +2568,11 @@ py::object train_impl(const at::Tensor& input, const at::Tensor* hx_in, const at
 
 py::object infer(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
                  const std::vector<at::Tensor>& weights, int64_t mode, bool reset_after, int64_t layers,
-                 bool batch_first, bool cell, int64_t directions) {
+                 bool batch_first, bool cell, int64_t directions, bool projected0) {
   c10::SmallVector<const at::Tensor*, 16> w;
   for (const auto& t : weights) w.push_back(&t);
   return infer_impl(input, hx.has_value() ? &*hx : nullptr, w.data(), int64_t(w.size()), mode, reset_after,
-                    layers, batch_first, cell, directions);
+                    layers, batch_first, cell, directions, nullptr, projected0);
 }
 
 // What InferPlan::module_call reads of Python besides the module: set once by rnnrec_fast.modules
@@ -3596,8 +3613,7 @@ py::object pack_scores_weights(const at::Tensor& W) {
 // as before. exclude: empty, or one list per row. Bad shapes, k or
 // excluded indices raise a ValueError.
 py::object score_topk_rows(const at::Tensor& h, const at::Tensor& W, const at::Tensor& packed, const at::Tensor& b,
-                           int64_t k,
-                           const std::vector<std::vector<int64_t>>& exclude) {
+                           int64_t k, const std::vector<std::vector<int64_t>>& exclude, bool projected0) {
 #if defined(RNNREC_HAVE_AVX2_TU)
   const GemmKernels* g = fast_gemm();
   if (g == nullptr || !plain_f32(h, 2) || !plain_f32(packed, 1) || !plain_f32(b, 1)) return py::none();
@@ -3634,6 +3650,13 @@ static bool click_takes(const at::Tensor& emb, const at::Tensor& slab, const at:
   for (const at::Tensor& t : weights) w.push_back(&t);
   return weights_fit(w.data(), L, 1, 4, 3, I, H, at::kFloat);
 }
+
+// projected0 (GRU4Rec's one-hot input: each item's embedding row is already the first layer's
+// input projection, its W_ih the identity, which is then not read) needs rows of the gates' width.
+static void check_projected0(const char* where, bool projected0, int64_t I, int64_t GH) {
+  TORCH_CHECK_VALUE(!projected0 || I == GH, where, "projected0 needs embedding rows of ", GH,
+                    " values (the first layer's input projection), got ", I);
+}
 #endif
 
 // The serving click in one call (SessionRecommender.click through serving.fastpath): one step of
@@ -3643,19 +3666,21 @@ static bool click_takes(const at::Tensor& emb, const at::Tensor& slab, const at:
 // and selection), so the same bits; without the Python and ATen glue between them (torch.no_grad,
 // the embedding row's and the state row's views, the state's copy back, the top layer's view, a
 // second argument parsing): ~10 us of a ~60 us click over 2,933 items at H = 100 on the Zen 3 VM.
-// weights: each layer's w_ih, w_hh, b_ih, b_hh. Declines (None, nothing changed) what it does not
+// weights: each layer's w_ih, w_hh, b_ih, b_hh; projected0: emb's rows are the first layer's input
+// projection (a one-hot GRU4Rec's W0, its w_ih the identity, which is not read). Declines (None, nothing changed) what it does not
 // handle: anything but plain contiguous float32 CPU tensors of the expected shapes, a CPU without
 // the vector kernels, a torch.func transform; the caller then takes its general path. A bad item,
 // slot, k or excluded index raises a ValueError before anything changes.
 py::object click_topk(const at::Tensor& emb, int64_t idx, const at::Tensor& slab, int64_t slot,
                       const std::vector<at::Tensor>& weights, bool reset_after, const at::Tensor& W,
-                      const at::Tensor& b, int64_t k, const std::vector<int64_t>& exclude) {
+                      const at::Tensor& b, int64_t k, const std::vector<int64_t>& exclude, bool projected0) {
   const py::object declined = py::none();
 #if defined(RNNREC_HAVE_AVX2_TU)
   c10::SmallVector<const at::Tensor*, 16> w;
   if (!click_takes(emb, slab, b, weights, w)) return declined;
   const int64_t L = slab.size(1), I = emb.size(1), H = slab.size(2), N = b.size(0), G = 3;
   if (!plain_f32(W, 2) || W.size(0) != N || W.size(1) != H) return declined;
+  check_projected0("rnnrec_fast click_topk: ", projected0, I, G * H);
   TORCH_CHECK_VALUE(idx >= 0 && idx < emb.size(0), "rnnrec_fast click_topk: item index ", idx, " out of [0, ",
                     emb.size(0), ")");
   TORCH_CHECK_VALUE(slot >= 0 && slot < slab.size(0), "rnnrec_fast click_topk: slot ", slot, " out of [0, ",
@@ -3667,7 +3692,7 @@ py::object click_topk(const at::Tensor& emb, int64_t idx, const at::Tensor& slab
   SmallBuf<float> y(H), hn(L * H);
   const Dims d{1, 1, I, H, G, ws_width(MODE_GRU, H)};
   infer_layers<float>(d, L, 1, emb.data_ptr<float>() + idx * I, state, w.data(), 4, MODE_GRU, reset_after, y.data(),
-                      hn.data());
+                      hn.data(), nullptr, projected0);
   std::memcpy(state, hn.data(), sizeof(float) * size_t(L * H));
   if (!slab.is_inference()) slab.unsafeGetTensorImpl()->bump_version();  // (as row.copy_ would)
   note_cpp_backend_ran();
@@ -3677,7 +3702,7 @@ py::object click_topk(const at::Tensor& emb, int64_t idx, const at::Tensor& slab
   return scores_topk_lists(buf.data(), N, b.data_ptr<float>(), k, exclude);
 #else
   (void)emb, (void)idx, (void)slab, (void)slot, (void)weights, (void)reset_after, (void)W, (void)b, (void)k,
-      (void)exclude;
+      (void)exclude, (void)projected0;
   return declined;
 #endif
 }
@@ -3694,8 +3719,7 @@ py::object click_topk(const at::Tensor& emb, int64_t idx, const at::Tensor& slab
 py::object click_rows_topk(const at::Tensor& emb, const std::vector<int64_t>& idxs, const at::Tensor& slab,
                            const std::vector<int64_t>& slots, const std::vector<at::Tensor>& weights,
                            bool reset_after, const at::Tensor& W, const at::Tensor& packed, const at::Tensor& b,
-                           int64_t k,
-                           const std::vector<std::vector<int64_t>>& exclude) {
+                           int64_t k, const std::vector<std::vector<int64_t>>& exclude, bool projected0) {
   const py::object declined = py::none();
 #if defined(RNNREC_HAVE_AVX2_TU)
   const char* where = "rnnrec_fast click_rows_topk: ";
@@ -3704,6 +3728,7 @@ py::object click_rows_topk(const at::Tensor& emb, const std::vector<int64_t>& id
   if (g == nullptr || !click_takes(emb, slab, b, weights, w)) return declined;
   const int64_t L = slab.size(1), I = emb.size(1), H = slab.size(2), N = b.size(0), G = 3, B = int64_t(idxs.size());
   if (!plain_f32(packed, 1)) return declined;
+  check_projected0(where, projected0, I, G * H);
   TORCH_CHECK_VALUE(int64_t(slots.size()) == B, where, B, " items for ", slots.size(), " slots");
   for (const int64_t i : idxs)
     TORCH_CHECK_VALUE(i >= 0 && i < emb.size(0), where, "item index ", i, " out of [0, ", emb.size(0), ")");
@@ -3727,7 +3752,8 @@ py::object click_rows_topk(const at::Tensor& emb, const std::vector<int64_t>& id
       std::memcpy(hx.data() + (l * B + p) * H, sp + (slots[size_t(p)] * L + l) * H, sizeof(float) * size_t(H));
   }
   const Dims d{1, B, I, H, G, ws_width(MODE_GRU, H)};
-  infer_layers<float>(d, L, 1, x.data(), hx.data(), w.data(), 4, MODE_GRU, reset_after, y.data(), hn.data());
+  infer_layers<float>(d, L, 1, x.data(), hx.data(), w.data(), 4, MODE_GRU, reset_after, y.data(), hn.data(), nullptr,
+                      projected0);
   for (int64_t p = 0; p < B; ++p)
     for (int64_t l = 0; l < L; ++l)
       std::memcpy(sp + (slots[size_t(p)] * L + l) * H, hn.data() + (l * B + p) * H, sizeof(float) * size_t(H));
@@ -3741,7 +3767,7 @@ py::object click_rows_topk(const at::Tensor& emb, const std::vector<int64_t>& id
 #else
   (void)emb, (void)idxs, (void)slab, (void)slots, (void)weights, (void)reset_after, (void)W, (void)packed, (void)b,
       (void)k,
-      (void)exclude;
+      (void)exclude, (void)projected0;
   return declined;
 #endif
 }
@@ -3837,22 +3863,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(values, indices) (M, k) of the k best items for each row of h (M, H): h W^T + b, read from W's copy "
         "packed by pack_scores_weights, each row's excluded items at -inf; None where it does not apply",
         py::arg("h"), py::arg("W"), py::arg("packed"), py::arg("b"), py::arg("k"),
-        py::arg("exclude") = std::vector<std::vector<int64_t>>());
+        py::arg("exclude") = std::vector<std::vector<int64_t>>(), py::arg("projected0") = false);
   m.def("click_topk", &rnnrec::click_topk,
         "the serving click in one call: one GRU step of the state slab[slot] (written back) for item idx, then "
-        "score_topk's (scores, indices) for its top layer; None (nothing changed) where it does not apply",
+        "score_topk's (scores, indices) for its top layer; None (nothing changed) where it does not apply; "
+        "projected0: emb's rows are the first layer's input projection (its w_ih, the identity, is not read)",
         py::arg("emb"), py::arg("idx"), py::arg("slab"), py::arg("slot"), py::arg("weights"), py::arg("reset_after"),
-        py::arg("W"), py::arg("b"), py::arg("k"), py::arg("exclude") = std::vector<int64_t>());
+        py::arg("W"), py::arg("b"), py::arg("k"), py::arg("exclude") = std::vector<int64_t>(),
+        py::arg("projected0") = false);
   m.def("click_rows_topk", &rnnrec::click_rows_topk,
         "a serving batch in one call: one GRU step of each state slab[slots[p]] (written back) for item idxs[p], "
-        "then score_topk_rows' (values, indices) for their top layer; None (nothing changed) where it does not apply",
+        "then score_topk_rows' (values, indices) for their top layer; None (nothing changed) where it does not "
+        "apply; projected0 as click_topk's",
         py::arg("emb"), py::arg("idxs"), py::arg("slab"), py::arg("slots"), py::arg("weights"),
         py::arg("reset_after"), py::arg("W"), py::arg("packed"), py::arg("b"), py::arg("k"),
-        py::arg("exclude") = std::vector<std::vector<int64_t>>());
+        py::arg("exclude") = std::vector<std::vector<int64_t>>(), py::arg("projected0") = false);
   m.def("infer", &rnnrec::infer,
-        "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled)",
+        "the modules' inference fast path -> (output, h_n), the new state (cells) or None (not handled); "
+        "projected0: the input is the first layer's projection (one direction; its w_ih, the identity, is not read)",
         py::arg("input"), py::arg("hx"), py::arg("weights"), py::arg("mode"), py::arg("reset_after"),
-        py::arg("layers"), py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1);
+        py::arg("layers"), py::arg("batch_first"), py::arg("cell"), py::arg("directions") = 1,
+        py::arg("projected0") = false);
   py::class_<rnnrec::InferPlan>(m, "InferPlan",
                                 "a module's inference fast path bound to its parameter dict: plan(input, hx) "
                                 "-> as infer, or None (not handled)")

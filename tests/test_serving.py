@@ -817,12 +817,13 @@ def test_fast_path_follows_weight_changes(change, embedding, monkeypatch):
     assert rec.uses_fast_path
 
 
-@pytest.mark.parametrize("name", ["W0", "w_hh0", "b_ih0", "b_hh0"])
+@pytest.mark.parametrize("name", ["W0", "w_hh0", "b_ih0", "b_hh0", "eye0"])
 @pytest.mark.parametrize("how", ["reassign", "data_swap", "in_place"])
 def test_fast_path_follows_a_one_hot_layers_own_weights(name, how):
     """A one-hot model's first layer is the model's own (W0, w_hh0, b_ih0, b_hh0, not the rnn
     module's): one of them reassigned, its memory swapped through .data or changed in place, and
-    clicks follow it (each alone: a change elsewhere would make the path rebuild anyway)."""
+    clicks follow it (each alone: a change elsewhere would make the path rebuild anyway); its
+    identity W_ih too (the buffer eye0, whose product the fast path skips while it is the identity)."""
     model = make_model(n_items=60, layers=(16,), embedding=0)
     rec = SessionRecommender(model)
     assert rec.uses_fast_path
@@ -832,8 +833,8 @@ def test_fast_path_follows_a_one_hot_layers_own_weights(name, how):
     p = getattr(model, name)
     new = p.detach() * -1.5 + 0.25
     with torch.no_grad():
-        if how == "reassign":
-            setattr(model, name, torch.nn.Parameter(new))
+        if how == "reassign":  # (a buffer as a plain tensor: a Parameter would take the buffer's place)
+            setattr(model, name, new if name == "eye0" else torch.nn.Parameter(new))
         elif how == "data_swap":
             p.data = new
         else:
@@ -846,6 +847,58 @@ def test_fast_path_follows_a_one_hot_layers_own_weights(name, how):
         assert gi == wi
         torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
     assert rec.uses_fast_path
+    assert rec._fast.projected0 == (name != "eye0")
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("layers,reset_after", [((16,), True), ((16, 16), False), ((12, 12, 12), True)])
+def test_one_hot_first_layer_skips_its_identity_with_the_same_bits(layers, reset_after):
+    """A one-hot model's first layer takes the item's W0 row through the identity W_ih (eye0); the
+    fast path's C++ calls leave that product out (projected0): click_topk, click_rows_topk and
+    infer give the same bits as with it (results and states), eye0 itself is never read (another
+    matrix in its place changes nothing, where with the product it changes the results), and an
+    input of another width than the gates' is refused."""
+    from rnnrec_fast import _C
+
+    if _C_scalar():
+        pytest.skip("without the vector kernels the one-call paths decline every call")
+    model = make_model(n_items=40, layers=layers, embedding=0, reset_after=reset_after)
+    fast = SessionRecommender(model)._fast
+    assert fast.projected0
+    L, H = len(layers), layers[0]
+    w = list(fast.flat)
+    other = [torch.randn_like(w[0])] + w[1:]
+    slab0 = torch.randn(5, L, H)
+    idxs, slots = [3, 9, 7], [0, 4, 1]
+
+    def calls(weights, projected0):
+        slab = slab0.clone()
+        one = _C.click_topk(fast.emb, 7, slab, 2, weights, reset_after, fast.Wy, fast.by, 10, [], projected0)
+        rows = _C.click_rows_topk(fast.emb, idxs, slab, slots, weights, reset_after, fast.Wy, fast.packed_rows,
+                                  fast.by, 10, [], projected0)
+        with torch.no_grad():
+            seq = _C.infer(fast.emb[idxs].unsqueeze(0), slab0[slots].transpose(0, 1).contiguous(), weights, 2,
+                           reset_after, L, False, False, 1, projected0)
+        return one, rows, slab, seq
+
+    def same(a, b):
+        (one_a, rows_a, slab_a, seq_a), (one_b, rows_b, slab_b, seq_b) = a, b
+        return (one_a == one_b and all(torch.equal(x, y) for x, y in zip(rows_a + seq_a, rows_b + seq_b))
+                and torch.equal(slab_a, slab_b))
+
+    with_product = calls(w, False)
+    assert same(calls(w, True), with_product)
+    assert same(calls(other, True), with_product)
+    assert not same(calls(other, False), with_product)  # (the comparison sees a difference)
+    shared = SessionRecommender(make_model(n_items=40, layers=(16,)))._fast  # (I = H: no projection)
+    with pytest.raises(ValueError, match="projected0 needs embedding rows of 48"):
+        _C.click_topk(shared.emb, 1, torch.zeros(2, 1, 16), 0, shared.flat, True, shared.Wy, shared.by, 3, [], True)
+    with pytest.raises(ValueError, match="projected0 needs embedding rows of 48"):
+        _C.click_rows_topk(shared.emb, [1], torch.zeros(2, 1, 16), [0], shared.flat, True, shared.Wy,
+                           shared.packed_rows, shared.by, 3, [], True)
+    with pytest.raises(ValueError, match="projected0 takes one direction and an input of 48"):
+        with torch.no_grad():
+            _C.infer(shared.emb[:2].unsqueeze(0), torch.zeros(1, 2, 16), shared.flat, 2, True, 1, False, False, 1, True)
 
 
 @pytest.mark.parametrize("where", ["rnn", "output", "one-hot layer"])

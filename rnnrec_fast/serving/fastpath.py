@@ -57,6 +57,12 @@ class FastGRU4Rec:
         self._params = [o for _, _, o in watch[1:]]
         self._ptrs = [p.data_ptr() for p in self._params]
         self._copied = [model.Wy, model.By]
+        # A one-hot first layer's identity W_ih (eye0) is not multiplied by where it is exactly the
+        # identity (projected0: the item's W0 row is the projection as it stands): its version is
+        # watched, as the copied ones', so that a change in place is seen.
+        self.projected0 = bool(onehot) and _is_identity(model.eye0)
+        if onehot:
+            self._copied.append(model.eye0)
         self._versions = [p._version for p in self._copied]
         self.L = L
         self.reset_after = bool(model.reset_after)
@@ -119,7 +125,7 @@ class FastGRU4Rec:
         """items (B,) int64, h (L, B, H) -> new state (L, B, H)."""
         x = F.embedding(items, self.emb).unsqueeze(0)
         if self.infer is not None:
-            r = self.infer(x, h, self.flat, 2, self.reset_after, self.L, False, False)
+            r = self.infer(x, h, self.flat, 2, self.reset_after, self.L, False, False, 1, self.projected0)
             if r is not None:
                 return r[1]
         op, ra, be = self.op, self.reset_after, self.backend
@@ -135,7 +141,8 @@ class FastGRU4Rec:
     def step_row(self, idx, row):
         """One click of one session: item index ``idx`` (int), state ``row`` (L, H) -> new (L, H)."""
         if self.infer is not None:  # (T=1, H) unbatched input, (L, H) state
-            r = self.infer(self.emb[idx:idx + 1], row, self.flat, 2, self.reset_after, self.L, False, False)
+            r = self.infer(self.emb[idx:idx + 1], row, self.flat, 2, self.reset_after, self.L, False, False, 1,
+                           self.projected0)
             if r is not None:
                 return r[1]
         x = self.emb[idx:idx + 1].unsqueeze(0)
@@ -156,7 +163,8 @@ class FastGRU4Rec:
         :meth:`step_row`, the copy back and :meth:`topk_row`; or None, nothing changed, where it
         does not apply (then take those)."""
         if self.click is not None and self._rows_path():
-            return self.click(self.emb, idx, slab, slot, self.flat, self.reset_after, self.Wy, self.by, k, exclude)
+            return self.click(self.emb, idx, slab, slot, self.flat, self.reset_after, self.Wy, self.by, k, exclude,
+                              self.projected0)
         return None
 
     def click_rows(self, idxs, slab, slots, k, exclude):
@@ -167,7 +175,7 @@ class FastGRU4Rec:
         :meth:`score_topk_rows`; or None, nothing changed, where it does not apply."""
         if self.click_batch is not None:
             return self.click_batch(self.emb, idxs, slab, slots, self.flat, self.reset_after, self.Wy,
-                                    self.packed_rows, self.by, k, exclude)
+                                    self.packed_rows, self.by, k, exclude, self.projected0)
         return None
 
     def topk_row(self, h_row, k, exclude):
@@ -220,6 +228,12 @@ def _layout(model):
     onehot = model.embedding == 0
     own = ("W0", "w_hh0", "b_ih0", "b_hh0", "Wy", "By") if onehot else ("E", "Wy", "By")
     return onehot, own, model.num_layers - 1 if onehot else model.num_layers
+
+
+def _is_identity(w):
+    """Whether ``w`` is exactly a square identity matrix."""
+    return w.dim() == 2 and w.shape[0] == w.shape[1] and bool(torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype,
+                                                                                         device=w.device)))
 
 
 def _rnn_weight_names(layers):
