@@ -186,6 +186,10 @@ void pack_b(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, floa
 
 }  // namespace
 
+void avx2_transpose_f32(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose_block(R, C, src, lds, dst, ldd);
+}
+
 GemmKernels avx2_gemm_kernels_f32() {
   GemmKernels k;
   k.packed_size = &packed_size;

@@ -116,6 +116,9 @@ void avx2_small_gemm_nt_f32(int64_t nb, int64_t M, int64_t K, const float* W, in
                             const float* X, int64_t ldx, float* out, int64_t ldo);
 // acc[c] += A[r, c] summed over the R rows of a (R, C) block in double (rows ld apart), row by row.
 void avx2_col_sums_f32(int64_t R, int64_t C, const float* A, int64_t ld, double* acc);
+// dst[c * ldd + r] = src[r * lds + c] for a (R, C) block (rnnrec_transpose.inc's transpose_block,
+// which also packs the GEMM's transposed panels).
+void avx2_transpose_f32(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd);
 // The k (>= 1) largest of s[0..N) into vals / idx, best first (select_topk in rnnrec_cpu.cpp: NaN
 // above every number, among equals the lower index first), its rejection test on 8 scores at a time.
 void avx2_select_topk_f32(const float* s, int64_t N, int64_t k, float* vals, int64_t* idx);

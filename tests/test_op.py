@@ -877,13 +877,15 @@ def test_training_products_of_the_b64_h512_case():
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 @pytest.mark.parametrize("T,B", [(17, 1), (20, 1), (11, 3), (5, 8), (7, 2)])
-@pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 64), ("gru", True, 96), ("gru", False, 96)],
-                         ids=["tanh", "gru", "gru_cho"])
+@pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 64), ("gru", True, 96), ("gru", False, 96),
+                                                 ("gru", True, 101)],
+                         ids=["tanh", "gru", "gru_cho", "gru_ragged"])
 def test_input_projection_of_few_rows(T, B, mode, reset_after, H):
     """The forward's input projection of 13-47 rows (T * B), which the packed kernels (AVX-512 and
     AVX2) take as the columns of a transposed product, 16 rows to a panel and a last 1-8 through the
     few-rows kernel (17 = 16 + 1, 20 = 16 + 4: one long session, 33 = 32 + 1, 40 = 32 + 8; 14 rows
-    in one panel): output and h_n against the reference in float32, every row of every step."""
+    in one panel), then transpose back (8 x 8 blocks, the gate rows past a multiple of 8 one by
+    one: H = 101): output and h_n against the reference in float32, every row of every step."""
     gen = torch.Generator().manual_seed(T * 100 + B + H)
     I = 70
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
