@@ -231,9 +231,11 @@ def _layout(model):
 
 
 def _is_identity(w):
-    """Whether ``w`` is exactly a square identity matrix."""
-    return w.dim() == 2 and w.shape[0] == w.shape[1] and bool(torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype,
-                                                                                         device=w.device)))
+    """Whether ``w`` is exactly a square identity matrix (ones on its diagonal, zeros elsewhere;
+    no identity of its size is made to compare with)."""
+    with torch.no_grad():
+        return (w.dim() == 2 and w.shape[0] == w.shape[1] and bool((w.diagonal() == 1).all())
+                and int(torch.count_nonzero(w)) == w.shape[0])
 
 
 def _rnn_weight_names(layers):
