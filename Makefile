@@ -62,7 +62,8 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 # CI: 10-15 min on 2 cores, 3-5 of them building). The tracked sources are copied to $(SAN_DIR) and
 # built there, the extension _C and librnnrec_fast_ops.so (each loads only with the runtimes
 # preloaded), and the tests that run the C++ kernels run from there, on the AVX2/AVX-512 paths and
-# on the portable scalar one; last, test_compile.py's tests of librnnrec_fast_ops.so
+# on the portable scalar one, and the chunked projection of large GRU inferences on AVX2 (which
+# only AVX-512 takes by itself: RNNREC_FAST_CHUNKED_PROJECTION); last, test_compile.py's tests of librnnrec_fast_ops.so
 # (SAN_LIB_TESTS: a fresh Python process loads it, a libtorch program dlopens it). Their
 # subprocesses, the C++ program the test compiles included, inherit LD_PRELOAD and the options,
 # and a report ends the process with a failing status, which fails the test.
@@ -87,6 +88,8 @@ sanitize: setup
 		tests/test_op.py -k "$(SAN_OP_TESTS)"
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_SIMD=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
 		tests/test_fastpath.py
+	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_AVX512=1 RNNREC_FAST_CHUNKED_PROJECTION=1 $(abspath $(PY)) -m pytest \
+		-q -p no:cacheprovider tests/test_fastpath.py tests/test_serving.py -k "chunk or projected_first_layer"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c "import rnnrec_fast, os; p = rnnrec_fast.library_path(); \
 		assert p.startswith(os.getcwd()), p; b = open(p, 'rb').read(); assert b'__asan_' in b and b'__ubsan_' in b, p"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_compile.py \

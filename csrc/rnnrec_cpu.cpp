@@ -232,6 +232,14 @@ bool avx512_enabled() {
   return on;
 }
 
+// Whether a large GRU inference projects its inputs a chunk of steps at a time
+// (projection_chunk): on AVX-512, where it pays; on AVX2 too where RNNREC_FAST_CHUNKED_PROJECTION=1
+// (tests/test_simd_paths.py: the chunked path's tests on a machine without AVX-512).
+bool chunked_projection() {
+  static const bool on = avx512_enabled() || (simd_enabled() && env_switch("RNNREC_FAST_CHUNKED_PROJECTION"));
+  return on;
+}
+
 template <typename T>
 const RowKernels<T>& row_kernels() {
   static const RowKernels<T> k = [] {
@@ -998,9 +1006,10 @@ int64_t projection_chunk(const Dims& d, int mode) {
   if constexpr (std::is_same<T, float>::value) {
     // (W_ih packed whole, ~I x 3H floats, at most a quarter of the workspace it saves: an input of
     // thousands of features keeps the one product, whose packed K chunks are small)
-    if (mode == MODE_GRU && avx512_enabled() && fast_gemm() != nullptr && d.I > 0 && d.H >= 3 &&
+    if (mode == MODE_GRU && chunked_projection() && fast_gemm() != nullptr && d.I > 0 && d.H >= 3 &&
         d.T * d.B * d.W * int64_t(sizeof(float)) > kChunkedWsBytes && 4 * d.I * 3 * d.H <= d.T * d.B * d.W &&
-        !mkl_takes(d.T * d.B, 3 * d.H, d.I)) {
+        !mkl_takes(d.T * d.B, 3 * d.H, d.I) &&
+        (avx512_enabled() || gemm_any_packs(false, true, d.T * d.B, 3 * d.H, d.I))) {  // (AVX2: for tests)
       const int64_t c = (256 + d.B - 1) / d.B;
       if (d.T >= 2 * c) return c;
     }
@@ -1906,12 +1915,16 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
   const int64_t T_ = d0.T, B = d0.B, H = d0.H, DH = dirs * H;
   Buf<T> own_ws(0);
   // (a chunked workspace holds at most 2 * chunk - 1 steps, see forward_impl; a layer's chunking
-  // depends on its input size, so the workspace serves the layer that needs the most)
+  // depends on its input size, so the workspace serves the layer that needs the most; a projected
+  // layer 0 makes no projection and takes every step's workspace)
+  const auto chunk_of = [&](int64_t l, const Dims& dl) {
+    return projected0 && l == 0 ? int64_t(0) : projection_chunk<T>(dl, mode);
+  };
   int64_t ws_steps = 0;
   for (int64_t l = 0; l < layers; ++l) {
     Dims dl = d0;
     if (l > 0) dl.I = DH;
-    const int64_t c = projection_chunk<T>(dl, mode);
+    const int64_t c = chunk_of(l, dl);
     ws_steps = std::max(ws_steps, c > 0 ? 2 * c - 1 : T_);
   }
   T* ws = infer_scratch<T, 0>(ws_steps * B * d0.W, own_ws);
@@ -1946,10 +1959,8 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
       const T* b_hh = per_layer == 4 ? lw[3]->data_ptr<T>() : nullptr;
       const T* h0 = hx ? hx + k * B * H : zeros;
       if (dirs == 1) {
-        const bool projected = projected0 && l == 0;
-        forward_impl<T>(d, in, h0, projected ? nullptr : lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m,
-                        mode, reset_after, out, h_n + k * B * H, ws, projected ? 0 : projection_chunk<T>(d, mode),
-                        false);
+        forward_impl<T>(d, in, h0, projected0 && l == 0 ? nullptr : lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih,
+                        b_hh, m, mode, reset_after, out, h_n + k * B * H, ws, chunk_of(l, d), false);
         continue;
       }
       const T* src = in;
@@ -1969,7 +1980,7 @@ void infer_layers(const Dims& d0, int64_t layers, int64_t dirs, const T* x, cons
         src = rev_in.data();
       }
       forward_impl<T>(d, src, h0, lw[0]->data_ptr<T>(), lw[1]->data_ptr<T>(), b_ih, b_hh, m, mode, reset_after,
-                      dir_out.data(), h_n + k * B * H, ws, projection_chunk<T>(d, mode), false);
+                      dir_out.data(), h_n + k * B * H, ws, chunk_of(l, d), false);
       for (int64_t t = 0; t < T_; ++t) {
         for (int64_t b = 0; b < B; ++b) {
           T* to = out + (t * B + b) * DH + dir * H;
@@ -3614,7 +3625,7 @@ py::object pack_scores_weights(const at::Tensor& W) {
 // as before. exclude: empty, or one list per row. Bad shapes, k or
 // excluded indices raise a ValueError.
 py::object score_topk_rows(const at::Tensor& h, const at::Tensor& W, const at::Tensor& packed, const at::Tensor& b,
-                           int64_t k, const std::vector<std::vector<int64_t>>& exclude, bool projected0) {
+                           int64_t k, const std::vector<std::vector<int64_t>>& exclude) {
 #if defined(RNNREC_HAVE_AVX2_TU)
   const GemmKernels* g = fast_gemm();
   if (g == nullptr || !plain_f32(h, 2) || !plain_f32(packed, 1) || !plain_f32(b, 1)) return py::none();
@@ -3668,7 +3679,9 @@ static void check_projected0(const char* where, bool projected0, int64_t I, int6
 // the embedding row's and the state row's views, the state's copy back, the top layer's view, a
 // second argument parsing): ~10 us of a ~60 us click over 2,933 items at H = 100 on the Zen 3 VM.
 // weights: each layer's w_ih, w_hh, b_ih, b_hh; projected0: emb's rows are the first layer's input
-// projection (a one-hot GRU4Rec's W0, its w_ih the identity, which is not read). Declines (None, nothing changed) what it does not
+// projection (a one-hot GRU4Rec's W0, its w_ih the identity, which is not read: the same bits as
+// with the product for finite rows; a non-finite value's products with the identity's zeros would
+// have made every gate NaN). Declines (None, nothing changed) what it does not
 // handle: anything but plain contiguous float32 CPU tensors of the expected shapes, a CPU without
 // the vector kernels, a torch.func transform; the caller then takes its general path. A bad item,
 // slot, k or excluded index raises a ValueError before anything changes.
@@ -3805,6 +3818,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_level", [] { return rnnrec::avx512_enabled() ? "avx512" : rnnrec::simd_enabled() ? "avx2" : "scalar"; },
         "the float32 CPU kernels this process runs: 'avx512', 'avx2' or 'scalar' (RNNREC_FAST_NO_AVX512=1 / "
         "RNNREC_FAST_NO_SIMD=1 step down)");
+  m.def("chunked_projection", &rnnrec::chunked_projection,
+        "whether a large GRU inference projects its inputs a chunk of steps at a time (AVX-512; on AVX2 "
+        "where RNNREC_FAST_CHUNKED_PROJECTION=1, for tests)");
   m.def("_set_gemv_loads", [](int64_t choice) {
 #if defined(RNNREC_HAVE_AVX2_TU)
     rnnrec::set_gemv_loads(int(choice));
@@ -3864,7 +3880,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(values, indices) (M, k) of the k best items for each row of h (M, H): h W^T + b, read from W's copy "
         "packed by pack_scores_weights, each row's excluded items at -inf; None where it does not apply",
         py::arg("h"), py::arg("W"), py::arg("packed"), py::arg("b"), py::arg("k"),
-        py::arg("exclude") = std::vector<std::vector<int64_t>>(), py::arg("projected0") = false);
+        py::arg("exclude") = std::vector<std::vector<int64_t>>());
   m.def("click_topk", &rnnrec::click_topk,
         "the serving click in one call: one GRU step of the state slab[slot] (written back) for item idx, then "
         "score_topk's (scores, indices) for its top layer; None (nothing changed) where it does not apply; "

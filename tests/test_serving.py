@@ -901,6 +901,36 @@ def test_one_hot_first_layer_skips_its_identity_with_the_same_bits(layers, reset
             _C.infer(shared.emb[:2].unsqueeze(0), torch.zeros(1, 2, 16), shared.flat, 2, True, 1, False, False, 1, True)
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("layers", [1, 2])
+def test_projected_first_layer_of_a_large_call(layers):
+    """_C.infer with projected0 over many steps and rows (T22 B256 H48: a workspace over 4 MiB,
+    which a GRU inference projects a chunk of steps at a time where _C.chunked_projection(): on
+    AVX-512, and in tests/test_simd_paths.py's child run on AVX2): the projected first layer makes
+    no projection to chunk and takes every step's workspace, which is sized for it (it was sized by
+    the layer's chunk, one step here, and written past its end: ASan); the same bits as with the
+    identity's product."""
+    import rnnrec_fast
+    from rnnrec_fast import _C
+
+    T, B, H = 22, 256, 48
+    gen = torch.Generator().manual_seed(layers)
+    w = [torch.eye(3 * H), torch.randn(3 * H, H, generator=gen) * 0.2, torch.randn(3 * H, generator=gen),
+         torch.randn(3 * H, generator=gen)]
+    for _ in range(layers - 1):
+        w += [torch.randn(3 * H, H, generator=gen) * 0.2 for _ in range(2)] + [torch.randn(3 * H, generator=gen)
+                                                                             for _ in range(2)]
+    x, h = torch.randn(T, B, 3 * H, generator=gen), torch.randn(layers, B, H, generator=gen)
+    rnnrec_fast.empty_cache()
+    with torch.no_grad():
+        want = _C.infer(x, h, w, 2, True, layers, False, False, 1, False)
+        if _C.chunked_projection():  # (the product of the identity went in chunks: a small workspace)
+            assert rnnrec_fast.scratch_bytes() < T * B * 4 * H * 4 / 2
+        got = _C.infer(x, h, w, 2, True, layers, False, False, 1, True)
+    assert want is not None and got is not None
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("where", ["rnn", "output", "one-hot layer"])
 def test_fast_path_declines_parametrized_weights(where):
     """A parametrized weight (torch.nn.utils.parametrize, weight_norm) is computed on each read:

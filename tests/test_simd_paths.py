@@ -59,6 +59,33 @@ def test_portable_kernel_paths(env, level):
 
 @pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
                     reason="the C++ extension is not built")
+def test_chunked_projection_on_avx2():
+    """A large GRU inference projects its inputs a chunk of steps at a time on AVX-512 only (where
+    it pays); RNNREC_FAST_CHUNKED_PROJECTION=1 has the AVX2 kernels take that path too, where the
+    one product would be our packed kernel's (the same bits), so that its tests run on a machine
+    without AVX-512: the large-call tests of the fast path and of the serving calls, in a child
+    process (a workspace sized for the chunks and written past its end showed only on AVX-512)."""
+    from rnnrec_fast import _C
+
+    if _C.simd_level() == "scalar":
+        pytest.skip("this CPU has no AVX2/FMA")
+    env = {k: v for k, v in os.environ.items() if k not in ("RNNREC_FAST_NO_SIMD",)}
+    env.update(RNNREC_FAST_NO_AVX512="1", RNNREC_FAST_CHUNKED_PROJECTION="1", RNNREC_FAST_TEST_SEED=str(RUN_SEED))
+    probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level(), "
+                            "_C.chunked_projection())"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert probe.stdout.split() == ["avx2", "True"], probe.stdout + probe.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
+                          "tests/test_fastpath.py", "tests/test_serving.py",
+                          "-k", "chunk or projected_first_layer or scratch or one_step_inference"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name, least in (("test_fastpath", 10), ("test_serving", 2)):
+        passed = len(re.findall(rf"^tests/{name}\.py::\S+ PASSED", out.stdout, re.M))
+        assert passed >= least, f"{name}: {passed} passed\n" + out.stdout[-3000:]
+
+
+@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+                    reason="the C++ extension is not built")
 def test_switch_values():
     """RNNREC_FAST_NO_SIMD=false / off / 0 leave the vector kernels on, true / On switch them off,
     another value switches them off with a warning naming it (any value but 0 switched them off,

@@ -56,14 +56,13 @@ class FastGRU4Rec:
         self._watch = watch
         self._params = [o for _, _, o in watch[1:]]
         self._ptrs = [p.data_ptr() for p in self._params]
-        self._copied = [model.Wy, model.By]
         # A one-hot first layer's identity W_ih (eye0) is not multiplied by where it is exactly the
-        # identity (projected0: the item's W0 row is the projection as it stands): its version is
-        # watched, as the copied ones', so that a change in place is seen.
-        self.projected0 = bool(onehot) and _is_identity(model.eye0)
-        if onehot:
-            self._copied.append(model.eye0)
+        # identity (projected0: the item's W0 row is the projection as it stands; the same bits for
+        # finite rows): its version is watched, as the copied ones', so that a change in place is
+        # seen (taken before it is looked at; a write through .data or NumPy is not seen, as for Wy).
+        self._copied = [model.Wy, model.By] + ([model.eye0] if onehot else [])
         self._versions = [p._version for p in self._copied]
+        self.projected0 = bool(onehot) and _is_identity(model.eye0)
         self.L = L
         self.reset_after = bool(model.reset_after)
         self.backend = getattr(rnn if rnn is not None else model, "backend", "auto")
