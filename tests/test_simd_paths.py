@@ -44,17 +44,24 @@ def test_portable_kernel_paths(env, level):
     # fresh process of its own. One child process for the three files: a child each took ~30 s
     # more a level on 2 cores, and the two levels side by side took 3x longer still (two torch
     # thread pools spinning on 2 cores).
+    # (528, 912 and 83-91 when counted; test_op.py's -k selection once matched the dtype ids
+    # nowhere and filtered test_fastpath.py too: 64 cases ran, and a broken AVX2 relu backward passed)
+    _child_tests(child_env, f"test_fastpath or (test_serving and not fresh_process) or ({CPP_OP_TESTS})",
+                 {"test_op": 360, "test_fastpath": 800, "test_serving": 80})
+
+
+def _child_tests(env, select, least):
+    """pytest on the test files named in ``least`` (name: the fewest of their tests that must pass)
+    with ``-k select``, in a child process with ``env``: every selected test passes, and enough of
+    each file's ran."""
     out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
-                          "tests/test_op.py", "tests/test_fastpath.py", "tests/test_serving.py",
-                          "-k", f"test_fastpath or (test_serving and not fresh_process) or ({CPP_OP_TESTS})"],
-                         env=child_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          *[f"tests/{name}.py" for name in least], "-k", select],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.search(r"\d+ passed", out.stdout) and " failed" not in out.stdout, out.stdout[-3000:]
-    for name, least in (("test_op", 360), ("test_fastpath", 800), ("test_serving", 80)):
-        # (528, 912 and 83-91 when counted; test_op.py's -k selection once matched the dtype ids
-        # nowhere and filtered test_fastpath.py too: 64 cases ran, and a broken AVX2 relu backward passed)
+    for name, fewest in least.items():
         passed = len(re.findall(rf"^tests/{name}\.py::\S+ PASSED", out.stdout, re.M))
-        assert passed >= least, f"{name}: {passed} passed\n" + out.stdout[-3000:]
+        assert passed >= fewest, f"{name}: {passed} passed\n" + out.stdout[-3000:]
 
 
 @pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
@@ -74,14 +81,8 @@ def test_chunked_projection_on_avx2():
     probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level(), "
                             "_C.chunked_projection())"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.stdout.split() == ["avx2", "True"], probe.stdout + probe.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
-                          "tests/test_fastpath.py", "tests/test_serving.py",
-                          "-k", "chunk or projected_first_layer or scratch or one_step_inference"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for name, least in (("test_fastpath", 10), ("test_serving", 2)):
-        passed = len(re.findall(rf"^tests/{name}\.py::\S+ PASSED", out.stdout, re.M))
-        assert passed >= least, f"{name}: {passed} passed\n" + out.stdout[-3000:]
+    _child_tests(env, "chunk or projected_first_layer or scratch or one_step_inference",
+                 {"test_fastpath": 10, "test_serving": 2})
 
 
 @pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
