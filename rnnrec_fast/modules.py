@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import warnings
+import weakref
 
 import numpy as np
 
@@ -503,7 +504,7 @@ def _fits(params, names, shapes):
     return all(params.get(n) is None or tuple(params[n].shape) == shape for n, shape in zip(names, shapes))
 
 
-def _checked_weights(name, module, names, values, shapes, x, none_bias=False):
+def _checked_weights(name, module, names, values, shapes, x, none_bias=False, sizes=None):
     """The weights ``names`` of ``module``, ``values`` as read from its attributes (as torch.nn
     reads them: a parametrized, pruned or replaced weight is not an entry of _parameters; read once
     a call, so a parametrization runs once, a random one draws once), each checked against
@@ -511,7 +512,9 @@ def _checked_weights(name, module, names, values, shapes, x, none_bias=False):
     op's name its own arguments, and infer the hidden size from w_hh: a mis-shaped weight_hh was
     reported as a mis-shaped w_ih). None (a weight or bias set to None on a module that has it)
     is refused as torch.nn's RNN/GRU refuse it (it was dropped, silently, for a bias); with
-    ``none_bias``, a None bias is no bias, as torch.nn's cells take it."""
+    ``none_bias``, a None bias is no bias, as torch.nn's cells take it. ``sizes``: the (input, hidden)
+    sizes the shapes come from (default: the module's attributes)."""
+    I, H = sizes if sizes is not None else (module.input_size, module.hidden_size)
     out = []
     for n, w, shape in zip(names, values, shapes):
         if w is None and none_bias and n.startswith("bias"):
@@ -521,8 +524,8 @@ def _checked_weights(name, module, names, values, shapes, x, none_bias=False):
             raise TypeError(f"{name}: {n} must be a Tensor, got {type(w).__name__}"
                             + (" (a module built with bias=True needs its biases)" if n.startswith("bias") else ""))
         if _differs(w.shape, shape):
-            raise InputError(f"{name}: {n} has shape {tuple(w.shape)}, expected {shape} for input_size="
-                             f"{module.input_size}, hidden_size={module.hidden_size}")
+            raise InputError(f"{name}: {n} has shape {tuple(w.shape)}, expected {shape} for input_size={I}, "
+                             f"hidden_size={H}")
         if w.dtype != x.dtype:
             raise InputError(f"{name}: {n} has dtype {w.dtype} but the input has {x.dtype}; convert the "
                              f"input (input.to({w.dtype})) or the module (module.to({x.dtype}))")
@@ -729,6 +732,22 @@ class _RNNBase(_FastPath):
 
     def flatten_parameters(self) -> None:
         """No-op, for code written against ``torch.nn.RNNBase``."""
+
+    # torch.nn.RNNBase's refresh of its weight list, which code written against it calls after
+    # replacing weights (pruning sweeps, quantizers, weight swaps): these modules keep no list, they
+    # read the weight attributes at every call, so there is nothing to refresh or to find changed
+    def _init_flat_weights(self) -> None:
+        """No-op (see above)."""
+
+    _update_flat_weights = _init_flat_weights
+
+    def _weights_have_changed(self) -> bool:
+        """False: no weight list to be out of date (see above)."""
+        return False
+
+    @property
+    def _flat_weight_refs(self):
+        return [None if w is None else weakref.ref(w) for w in self._flat_weights]
 
     # torch.nn.RNNBase's argument checks and hidden-state permutation, for code that calls them
     # (they read only attributes these modules share with it)
@@ -1122,12 +1141,26 @@ class _CellBase(_FastPath):
         self._refresh_plan()
 
     def _weights_fit_sizes(self):
-        return _fits(self._parameters, _CELL_WEIGHTS, self._weight_shapes())
+        # (and a weight_hh of hidden_size: else the general path, where a call without hx raises)
+        shapes = self._weight_shapes()
+        return _fits(self._parameters, _CELL_WEIGHTS, shapes) and shapes[1][1] == self.hidden_size
 
-    def _weight_shapes(self):
-        """The shapes of weight_ih, weight_hh, bias_ih, bias_hh the cell's sizes say."""
-        GH = self._gates * self.hidden_size
-        return (GH, self.input_size), (GH, self.hidden_size), (GH,), (GH,)
+    def _weight_sizes(self, w_ih, w_hh):
+        """(input size, hidden size) of a call: as torch.nn's cells, weight_ih's and weight_hh's
+        (the attributes where a weight is not a matrix, for the errors). torch.nn's cells do not
+        read input_size, and read hidden_size only for the zero state of a call without hx: a weight
+        surgery that keeps the four weights consistent works, as there."""
+        I = w_ih.shape[1] if isinstance(w_ih, torch.Tensor) and w_ih.dim() == 2 else self.input_size
+        H = w_hh.shape[1] if isinstance(w_hh, torch.Tensor) and w_hh.dim() == 2 else self.hidden_size
+        return I, H
+
+    def _weight_shapes(self, values=None):
+        """The shapes of weight_ih, weight_hh, bias_ih, bias_hh that fit the weights' sizes
+        (``values``: the four as a call read them; default the registered ones)."""
+        w_ih, w_hh = values[:2] if values is not None else map(self._parameters.get, _CELL_WEIGHTS[:2])
+        I, H = self._weight_sizes(w_ih, w_hh)
+        GH = self._gates * H
+        return (GH, I), (GH, H), (GH,), (GH,)
 
     def _plan_args(self):
         # as torch.nn's cells, the biases the module holds, whatever self.bias says: none where both
@@ -1180,26 +1213,28 @@ class _CellBase(_FastPath):
                 raise InputError(f"{name}: Expected hidden to be {input.dim()}D, got {hx.dim()}D instead")
             if not batched:
                 hx = hx.unsqueeze(0)
-        if _differs(x.shape[1], self.input_size):
-            raise InputError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
-                             f"expected {self.input_size}")
+        # as torch.nn's cells: the biases the module holds (a None one: none), whatever self.bias says
+        values = [getattr(self, n) for n in _CELL_WEIGHTS]  # (each read once a call)
+        I, H = self._weight_sizes(values[0], values[1])  # (the weights' sizes, as torch.nn's cells)
+        if _differs(x.shape[1], I):
+            raise InputError(f"{name}: input has inconsistent input_size: got {x.shape[1]} expected {I}")
         if hx is not None and _differs(hx.shape[0], x.shape[0]):
             raise InputError(f"{name}: Input batch size {x.shape[0]} doesn't match hidden0 batch size "
                              f"{hx.shape[0]}")
-        if hx is not None and _differs(hx.shape[1], self.hidden_size):
-            raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
-                             f"expected {self.hidden_size}")
-        # as torch.nn's cells: the biases the module holds (a None one: none), whatever self.bias says
-        values = [getattr(self, n) for n in _CELL_WEIGHTS]  # (each read once a call)
+        hidden = self.hidden_size if hx is None else hx.shape[1]  # (torch.nn's zero state is hidden_size wide)
+        if _differs(hidden, H):
+            why = "" if hx is not None else (f" (a call without hx starts from zeros of hidden_size={hidden}; "
+                                             f"weight_hh has shape {tuple(values[1].shape)})")
+            raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hidden}, expected {H}{why}")
         op = ops.op_for(name, x, hx, *values)
         x, hx = _autocast_cast(x, hx, values[0])
-        w = _checked_weights(name, self, _CELL_WEIGHTS, values, self._weight_shapes(), x,
-                             none_bias=True)  # (torch.nn: RuntimeError)
+        w = _checked_weights(name, self, _CELL_WEIGHTS, values, self._weight_shapes(values), x,
+                             none_bias=True, sizes=(I, H))  # (torch.nn: RuntimeError)
         b_ih, b_hh = w[2], w[3]
         _check_hx(name, x, hx)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)
-        sized = not ops.is_zero(x.shape[0]) and self.input_size and self.hidden_size
+        sized = not ops.is_zero(x.shape[0]) and I and H
         if not sized:
             op = _empty_batch
         _, h = op(x.unsqueeze(0), hx, w[0], w[1], b_ih, b_hh, None, None, self.mode, self.reset_after,
@@ -1358,7 +1393,11 @@ def _twin(module, cls, **extra):
         kwargs.update(num_layers=module.num_layers, batch_first=module.batch_first, dropout=module.dropout,
                       bidirectional=module.bidirectional)
     if hasattr(module, "nonlinearity"):
-        kwargs["nonlinearity"] = module.nonlinearity
+        # (the sequence RNNs' forward follows mode, which nonlinearity only sets at construction: a
+        # mode set later is what the module runs)
+        mode = getattr(module, "mode", None) if hasattr(module, "num_layers") else None
+        mode = _OP_MODES.get(mode) if isinstance(mode, str) else None
+        kwargs["nonlinearity"] = mode[4:] if mode in ("rnn_tanh", "rnn_relu") else module.nonlinearity
     twin = cls(module.input_size, module.hidden_size, **kwargs)
     for pname, p in module.named_parameters(recurse=False):  # (frozen ones stay frozen, tied ones tied)
         setattr(twin, pname, p)

@@ -8,7 +8,7 @@ from torch import nn
 
 import rnnrec_fast
 
-from conftest import assert_close, cpu_backends, shrunk
+from conftest import assert_close, case_seed, cpu_backends, shrunk
 
 
 def good(T=3, B=2, I=4, H=5, G=3, dtype=torch.float32):
@@ -349,7 +349,10 @@ def test_module_weight_and_packed_errors_name_the_problem(backend):
             m = make()
             x = torch.randn(4, 2, 3) if isinstance(m, rnnrec_fast.GRU) else torch.randn(2, 3)
             setattr(m, wname, nn.Parameter(torch.randn(12, 4)))
-            with grad(), pytest.raises(RuntimeError, match=f"{wname} has shape \\(12, 4\\), expected \\(15, 5\\)"):
+            # (a cell, as torch.nn's, takes its hidden size from weight_hh: its zero state does not fit)
+            match = ("hidden0 has inconsistent hidden_size: got 5, expected 4 .*weight_hh has shape \\(12, 4\\)"
+                     if wname == "weight_hh" else f"{wname} has shape \\(12, 4\\), expected \\(15, 5\\)")
+            with grad(), pytest.raises(RuntimeError, match=match):
                 m(x)
             setattr(m, wname, nn.Parameter(torch.randn(15, 5, dtype=torch.float64)))
             with grad(), pytest.raises(RuntimeError, match=f"{wname} has dtype torch.float64 but the input"):
@@ -625,11 +628,11 @@ def test_sizes_changed_after_construction_are_refused_on_both_paths(kind, grad, 
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-def test_weights_or_cell_sizes_changed_after_construction_are_refused(grad):
-    """Weights replaced by ones of other sizes (all four of a layer, consistent among themselves),
-    and a cell's hidden_size or input_size changed, make the call raise as torch.nn's does, with
-    autograd and without (the inference fast path ran with the new weights' sizes: a (5, 3, 20)
-    output from a GRU(8, 10), from a review); weights that fit again bring the fast path back."""
+def test_weights_changed_to_other_sizes_are_refused(grad):
+    """Weights replaced by ones of other sizes (all four of a layer, consistent among themselves)
+    make the call raise as torch.nn's does, with autograd and without (the inference fast path ran
+    with the new weights' sizes: a (5, 3, 20) output from a GRU(8, 10), from a review); weights that
+    fit again bring the fast path back."""
     x = torch.randn(5, 3, 8)
     m = rnnrec_fast.GRU(8, 10)
     kept = {n: getattr(m, n) for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")}
@@ -642,12 +645,59 @@ def test_weights_or_cell_sizes_changed_after_construction_are_refused(grad):
     assert m._plan is not None
     with torch.set_grad_enabled(grad):
         assert m(x)[0].shape == (5, 3, 10)
-    for attr, value, match in (("hidden_size", 20, r"weight_ih has shape \(30, 8\), expected \(60, 8\)"),
-                               ("input_size", 9, "input has inconsistent input_size: got 8 expected 9")):
-        c = rnnrec_fast.GRUCell(8, 10)
-        setattr(c, attr, value)
-        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=match):
-            c(torch.randn(3, 8))
-        setattr(c, attr, 10 if attr == "hidden_size" else 8)
-        with torch.set_grad_enabled(grad):
-            assert c(torch.randn(3, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("change", ["input_size", "hidden_size", "hidden_size_hx", "weight_ih", "all_four",
+                                    "all_four_hx", "mismatched"])
+def test_cells_take_their_sizes_from_their_weights_as_torch_nn(kind, grad, change):
+    """torch.nn's cells read their sizes from weight_ih and weight_hh, not from their attributes
+    (hidden_size only for the zero state of a call without hx): an input_size set after
+    construction changes nothing, a weight surgery that keeps the four weights consistent runs
+    (weight_ih for a wider input; a new hidden size with an hx of it), and a call without hx
+    whose hidden_size differs from weight_hh's raises. Ours do the same, with the same outputs and
+    gradients (both refused these, from a review), on the fast path and the general one."""
+    G = 3 if kind == "GRUCell" else 1
+    g = torch.Generator().manual_seed(case_seed(kind, grad, change))
+    ref = getattr(torch.nn, kind)(3, 4).double()
+    ours = rnnrec_fast.from_torch(ref)
+    x, hx, weights = torch.randn(2, 3, generator=g, dtype=torch.float64), None, {}
+    if change == "weight_ih":
+        weights["weight_ih"] = torch.randn(G * 4, 5, generator=g, dtype=torch.float64)
+        x = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    elif change.startswith("all_four") or change == "mismatched":
+        H = 6
+        for n, shape in (("weight_ih", (G * H, 3)), ("weight_hh", (G * H, H)), ("bias_ih", (G * H,)),
+                         ("bias_hh", (G * H if change != "mismatched" else G * H + 1,))):
+            weights[n] = torch.randn(shape, generator=g, dtype=torch.float64)
+        if change == "all_four_hx":
+            hx = torch.randn(2, H, generator=g, dtype=torch.float64)
+    elif change == "hidden_size_hx":
+        hx = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        for n, w in weights.items():
+            setattr(m, n, torch.nn.Parameter(w.clone()))
+        if change == "input_size":
+            m.input_size = 7
+        elif change.startswith("hidden_size"):
+            m.hidden_size = 5
+        xi = x.clone().requires_grad_(grad)
+        try:
+            with torch.set_grad_enabled(grad):
+                out = m(xi, hx)
+        except RuntimeError as exc:
+            results.append(exc)
+            continue
+        grads = torch.autograd.grad(out.sum(), [xi, *m.parameters()]) if grad else ()
+        results.append((out, grads))
+    if isinstance(results[0], Exception) or change == "mismatched":
+        assert isinstance(results[1], RuntimeError), results  # (torch.nn's a RuntimeError; ours an InputError)
+        if change != "mismatched":  # (torch.nn's error comes from its products there)
+            assert str(results[0]) in str(results[1])
+        return
+    assert not isinstance(results[1], Exception), results[1]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    for ours_g, ref_g in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(ours_g, ref_g, rtol=1e-12, atol=1e-12)

@@ -1689,6 +1689,46 @@ def test_flat_weights_refresh_as_torch_nn(kind):
         ours._flat_weights = []
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_flat_weights_init_and_update_as_torch_nn(kind):
+    """torch.nn.RNNBase's _init_flat_weights / _update_flat_weights, which pruning sweeps, quantizers
+    and weight swaps call after replacing a weight, and _weights_have_changed / _flat_weight_refs
+    (AttributeError here, from a review): callable, and the call then runs on the new weight as
+    torch.nn's does (these modules read the attributes at every call: nothing to refresh)."""
+    torch.manual_seed(7)
+    ref = getattr(nn, kind)(3, 4, num_layers=2)
+    ours = rnnrec_fast.from_torch(ref)
+    x = torch.randn(5, 2, 3)
+    new = torch.randn_like(ref.weight_hh_l1)
+    outs = []
+    for m in (ref, ours):
+        m.weight_hh_l1 = nn.Parameter(new.clone())
+        m._init_flat_weights()
+        m._update_flat_weights()
+        assert m._weights_have_changed() is False
+        assert [r() for r in m._flat_weight_refs] == m._flat_weights
+        outs.append(m(x))
+    for a, b in zip(outs[1], outs[0]):
+        assert_close(a, b, torch.float32, "after _init_flat_weights")
+
+
+@pytest.mark.parametrize("direction", ["to_torch", "from_torch"])
+def test_conversion_follows_a_sequence_rnns_mode(direction):
+    """torch.nn.RNN's forward runs the activation its ``mode`` names (RNN_TANH / RNN_RELU), and so
+    does ours; ``nonlinearity`` sets it at construction only. The conversions built the twin from
+    ``nonlinearity``: a module whose mode was set later converted to one computing the other
+    activation, silently (from a review). They follow the mode now."""
+    torch.manual_seed(8)
+    x = torch.randn(5, 2, 3)
+    for mode, nonlinearity in (("RNN_RELU", "tanh"), ("RNN_TANH", "relu")):
+        m = (nn.RNN if direction == "from_torch" else rnnrec_fast.RNN)(3, 4, nonlinearity=nonlinearity)
+        m.mode = mode
+        twin = getattr(rnnrec_fast, direction)(m)
+        assert twin.mode == mode and twin.nonlinearity == mode[4:].lower()
+        for a, b in zip(twin(x), m(x)):
+            assert_close(a, b, torch.float32, direction)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_rnncell_nonlinearity_change_takes_effect_as_torch_nn(backend):
     """torch.nn's RNNCell reads `nonlinearity` at every call, so changing it switches the activation;
