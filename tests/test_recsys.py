@@ -3,7 +3,9 @@ evaluation, checkpoints."""
 import copy
 import math
 import os
+import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -1039,8 +1041,21 @@ def test_checkpoint_errors(tmp_path):
         recsys.load_checkpoint(str(tmp_path / "other.pt"))
     for text in ("hello\n", "SessionId\tItemId\tTime\n1\t2\t3\n", ""):  # text files given as models
         (tmp_path / "text.pt").write_text(text)
-        with pytest.raises(RecsysError, match="not a readable rnnrec_fast checkpoint"):
+        with pytest.raises(RecsysError, match="not a readable rnnrec_fast checkpoint") as info:
             recsys.load_checkpoint(str(tmp_path / "text.pt"))
+        # one line, without torch's advice to load it with weights_only=False (which would run what a
+        # file of unknown origin holds) and to file an issue (from a review)
+        assert "weights_only" not in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with open(tmp_path / "pickled.pt", "wb") as f:  # a plain pickle (protocol 4): no warning either
+        pickle.dump({"a": object}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RecsysError, match="not a readable rnnrec_fast checkpoint") as info:
+            recsys.load_checkpoint(str(tmp_path / "pickled.pt"))
+    assert "weights_only" not in str(info.value), str(info.value)
+    for bad in (5.0, "5", None):  # (a float n_items: "empty() takes 1 positional argument but 2 were given")
+        with pytest.raises(RecsysError, match="bad n_items"):
+            GRU4Rec(bad, [4])
     torch.save({"format": recsys.checkpoint.FORMAT, "version": 1}, str(tmp_path / "part.pt"))
     with pytest.raises(RecsysError, match="incomplete checkpoint"):
         recsys.load_checkpoint(str(tmp_path / "part.pt"))

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -302,6 +303,7 @@ def _damaged_checkpoints(model, d):
         "state_list": (lambda c: c.update(state_dict=[1]), "malformed checkpoint"),
         "items_int": (lambda c: c.update(item_ids=5), "malformed checkpoint"),
         "layers_str": (lambda c: c["config"].update(layers="x"), "malformed checkpoint config"),
+        "n_items_float": (lambda c: c["config"].update(n_items=float(c["config"]["n_items"])), "bad n_items"),
         "nan_weights": (lambda c: c["state_dict"]["Wy"].fill_(float("nan")), "Wy hold NaN or infinite"),
         "one_nan": (lambda c: c["state_dict"]["Wy"].view(-1)[3].fill_(float("nan")), "Wy hold NaN or infinite"),
         "backend_key": (lambda c: c["config"].update(backend="reference"), "malformed checkpoint"),
@@ -419,6 +421,17 @@ def test_checkpoint_keeps_extra_and_refuses_a_read_only_folder(files, tmp_path, 
     assert load_checkpoint(str(tmp_path / "m.pt")).checkpoint_extra == {"epochs": 3, "note": "x"}
     monkeypatch.setattr(os, "access", lambda *a, **kw: False)
     with pytest.raises(recsys.RecsysError, match="not writable"):
+        check_save_path(str(tmp_path / "n.pt"))
+    monkeypatch.undo()
+    # where os.access says yes but nothing can be written (root on /proc, a read-only mount): a trial
+    # file (training ran to its end, then failed to save, from a review); it leaves nothing behind
+    assert check_save_path(str(tmp_path / "n.pt")) == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+    def read_only(*a, **kw):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(recsys.RecsysError, match=r"cannot write in folder .* \(Read-only file system\)"):
         check_save_path(str(tmp_path / "n.pt"))
 
 

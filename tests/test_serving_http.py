@@ -420,6 +420,7 @@ def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
         (["--model", path, "--port", "99999"], "port"),
         (["--model", path, "--request-timeout", "0"], "request-timeout"),
         (["--model", path, "--request-timeout", "inf"], "request-timeout"),
+        (["--model", path, "--torch-threads", "-3"], "--torch-threads must be 0"),  # (was taken as 0, silently)
         (["--model", path, "--device", "foo"], "bad device 'foo'"),  # (said: 'not a readable checkpoint')
     ]
     if not torch.cuda.is_available():

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -111,6 +112,12 @@ def check_save_path(path: str) -> str:
         raise RecsysError(f"cannot save the model: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RecsysError(f"cannot save the model: folder {folder} is not writable")
+    try:  # (and a trial file: os.access says yes to root, or on a read-only mount it does not see)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    except OSError as exc:
+        raise RecsysError(f"cannot save the model: cannot write in folder {folder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
     return folder
 
 
@@ -158,6 +165,15 @@ def _check_crcs(f, path) -> None:
         raise RecsysError(f"{path}: damaged checkpoint ({bad} does not match its CRC-32 checksum)")
 
 
+def _load_failure(exc) -> str:
+    """torch.load's error, without its weights-only reader's advice (re-run with weights_only=False,
+    which would run whatever code the file holds, and file an issue): the reader's own reason."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(exc), re.S)
+    if found is None:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{found.group(1)}: not what torch.save writes for tensors and plain Python values"
+
+
 def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
     check_device(device)
@@ -166,10 +182,12 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     with open(path, "rb") as f:  # (the OS's own errors, a permission refused, as they are)
         _check_crcs(f, path)
         try:
-            payload = torch.load(f, map_location=device, weights_only=True)
+            with warnings.catch_warnings():  # (another file's pickle protocol: its error below says enough)
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                payload = torch.load(f, map_location=device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - unpickling / unzipping fail in many ways (KeyError, OSError, ...)
             raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint, truncated or another file "
-                              f"({type(exc).__name__}: {exc})") from None
+                              f"({_load_failure(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RecsysError(f"{path}: not an rnnrec_fast.recsys GRU4Rec checkpoint")
     version = payload.get("version", 0)

@@ -93,9 +93,13 @@ class GRU4Rec(nn.Module):
             raise RecsysError(f"bad layers {layers}: need one or more positive sizes")
         if len(set(layers)) != 1:
             raise RecsysError(f"bad layers {layers}: all GRU layers must have the same size")
+        if isinstance(n_items, bool) or not isinstance(n_items, numbers.Integral):
+            raise RecsysError(f"bad n_items {n_items!r}: the catalogue size must be an integer")
         if n_items < 1:
             raise RecsysError("the model needs at least one item")
         for name, p in (("dropout_embed", dropout_embed), ("dropout_hidden", dropout_hidden)):
+            if isinstance(p, bool) or not isinstance(p, numbers.Real):
+                raise RecsysError(f"bad {name} {p!r}: must be a number in [0, 1)")
             if not 0.0 <= p < 1.0:
                 raise RecsysError(f"bad {name} {p}: must be in [0, 1)")
         self.n_items = int(n_items)

@@ -50,6 +50,8 @@ def main(argv=None):
 
     sock = None
     try:  # bad options and unusable model files: one line, exit 2 (as the recsys CLI)
+        if a.torch_threads < 0:  # (as the recsys CLI's --threads)
+            raise ValueError(f"--torch-threads must be 0 (torch's default) or a number of threads, got {a.torch_threads}")
         if not 0 < a.request_timeout < float("inf"):
             raise ValueError(f"--request-timeout must be a positive number of seconds, got {a.request_timeout}")
         sock = bind(a.host, a.port)
