@@ -1603,3 +1603,18 @@ def test_server_url_of_an_ipv6_host_is_bracketed():
     assert url("::1", 8080) == "http://[::1]:8080"
     assert url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
     assert url("localhost", 1) == "http://localhost:1"
+
+
+def test_session_ids_are_kept_as_given_and_item_ids_match_in_either_form():
+    """As the README says: 42 and "42" are two sessions (a str or an int, kept as given), while an
+    item id matches in its int or its text form; other session id types are refused."""
+    rec = SessionRecommender(make_model())  # (item ids 1000, 1007, ...: ints)
+    a = rec.click(42, 1007, k=5)
+    b = rec.click("42", "1007", k=5)
+    assert a == b  # (the same item, each session's first click)
+    assert rec.session_info(42)["clicks"] == rec.session_info("42")["clicks"] == 1
+    rec.end(42)
+    assert rec.session_info(42) is None and rec.session_info("42")["clicks"] == 1
+    for bad in (4.2, None, True, ("s",)):
+        with pytest.raises(TypeError, match="session_id must be a str or an int"):
+            rec.click(bad, 1007)
