@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import rnnrec_fast
 from rnnrec_fast import recsys
@@ -1698,3 +1699,64 @@ def test_checkpoint_reset_after_must_be_a_bool(tmp_path):
     torch.save(payload, path)
     with pytest.raises(RecsysError, match="reset_after"):
         recsys.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("embedding", ["shared", 6, 0])
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
+def test_idle_lanes_look_up_no_item(monkeypatch, embedding, loss):
+    """Lanes left idle at the end of the data (input and target 0) add no row to the sparse
+    gradients: AdagradM moved the rows it was given by their momentum even where their gradient
+    was zero, so item 0's rows drifted at every idle step (GRU4Rec drops such lanes; from a
+    review). The loss and the dense gradients are the same as with the idle rows looked up."""
+    import importlib
+
+    train_mod = importlib.import_module("rnnrec_fast.recsys.train")  # (recsys.train is the function)
+    ds = _toy_dataset(n_sessions=12, n_items=10, seed=4)
+    sc = session_parallel_schedule(ds.items, ds.offsets, 5)
+    inp, tgt, rst, val = max(sc.chunks(4), key=lambda c: int((~c[3]).sum()))
+    assert not bool(val.all())
+    sample = torch.tensor([1, 4, 9])
+    live_items = set(inp[val].tolist()) | set(tgt[val].tolist()) | set(sample.tolist())
+    cfg = TrainConfig(loss=loss, dropout_hidden=0.0, n_sample=3, loss_norm="batch", embedding=embedding)
+    results = []
+    for live_rows in (True, False):  # ours; every row looked up, as before
+        if not live_rows:
+            monkeypatch.setattr(train_mod, "_live_rows", lambda idx, w, live: F.embedding(idx, w, sparse=True))
+        torch.manual_seed(5)
+        model = GRU4Rec(10, [8], embedding=embedding).train()
+        out, _, _ = chunk_loss(model, inp, tgt, rst, val, model.init_state(5), sample, cfg)
+        params = [p for n, p in model.named_parameters()]
+        grads = torch.autograd.grad(out, params)
+        results.append((out, grads))
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                looked_up = set(g.coalesce().indices()[0].tolist())
+                assert looked_up <= live_items or not live_rows, (looked_up, live_items)
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.to_dense() if a.is_sparse else a, b.to_dense() if b.is_sparse else b,
+                                   rtol=1e-5, atol=1e-7)
+    # the idle rows were looked up before, and item 0 with them (so AdagradM's momentum moved it)
+    assert 0 in set(results[1][1][0].coalesce().indices()[0].tolist())
+    if 0 not in live_items:
+        assert 0 not in set(results[0][1][0].coalesce().indices()[0].tolist())
+
+
+def test_without_negative_samples_an_epoch_ends_where_fewer_than_two_lanes_are_left():
+    """n_sample=0: the only negatives are the other lanes' targets, so GRU4Rec ends an epoch where
+    fewer than two lanes are left; so does train (those steps had a zero loss and moved their items'
+    rows by the optimiser's momentum). With samples every step is trained."""
+    ds = _toy_dataset(n_sessions=12, n_items=10, seed=4)
+    sc = session_parallel_schedule(ds.items, ds.offsets, 4)
+    lanes = sc.valid.sum(1)
+    assert int(lanes.min()) < 2  # (the toy data ends with a lone lane)
+    cut = sc.until_fewer_lanes(2)
+    first = int((lanes < 2).nonzero()[0, 0])
+    assert cut.n_steps == first and cut.n_events == int(sc.valid[:first].sum()) < sc.n_events
+    assert torch.equal(cut.inputs, sc.inputs[:first]) and torch.equal(cut.resets, sc.resets[:first])
+    assert sc.until_fewer_lanes(1) is sc
+    for n_sample, events in ((0, cut.n_events), (2, sc.n_events)):
+        _, stats = recsys.train(ds, TrainConfig(epochs=1, layers=[4], batch_size=4, n_sample=n_sample, seed=1),
+                                progress=False)
+        assert stats["events"] == events

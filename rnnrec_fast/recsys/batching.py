@@ -39,6 +39,16 @@ class Schedule:
             e = min(s + steps, self.n_steps)
             yield self.inputs[s:e], self.targets[s:e], self.resets[s:e], self.valid[s:e]
 
+    def until_fewer_lanes(self, n: int) -> "Schedule":
+        """The steps before the first with fewer than ``n`` lanes holding an event (all where
+        there is none)."""
+        short = (self.valid.sum(1) < n).nonzero()
+        if len(short) == 0:
+            return self
+        S = int(short[0, 0])
+        valid = self.valid[:S]
+        return Schedule(self.inputs[:S], self.targets[:S], self.resets[:S], valid, int(valid.sum()))
+
     def to(self, device) -> "Schedule":
         return Schedule(self.inputs.to(device), self.targets.to(device), self.resets.to(device),
                         self.valid.to(device), self.n_events)

@@ -197,13 +197,16 @@ class GRU4Rec(nn.Module):
         b = F.embedding(idx, self.By, sparse=sparse).squeeze(-1)
         return w, b
 
+    @property
+    def input_weight(self) -> nn.Parameter:
+        """The matrix whose rows are the items' input vectors: Wy (shared), E, or W0 (one-hot)."""
+        if self.embedding == "shared":
+            return self.Wy
+        return self.E if self.embedding else self.W0
+
     def embed(self, items: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         """Input vectors of ``items`` (T, B) -> (T, B, E)."""
-        if self.embedding == "shared":
-            return F.embedding(items, self.Wy, sparse=sparse)
-        if self.embedding:
-            return F.embedding(items, self.E, sparse=sparse)
-        return F.embedding(items, self.W0, sparse=sparse)
+        return F.embedding(items, self.input_weight, sparse=sparse)
 
     def recur(self, x: torch.Tensor, h: torch.Tensor, resets: torch.Tensor | None = None, dropout=None,
               carry_dropped: bool = False):

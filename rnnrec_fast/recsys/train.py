@@ -254,6 +254,16 @@ def _block_diag_cached(T, B, device):
     return sid.unsqueeze(1) == sid.unsqueeze(0)
 
 
+def _live_rows(idx, weight, live):
+    """``F.embedding(idx, weight, sparse=True)``, with zero rows where ``live`` (bool, idx's shape;
+    None: all) is False, which the sparse gradient then does not index."""
+    if live is None:
+        return F.embedding(idx, weight, sparse=True)
+    pos = live.nonzero().squeeze(1)
+    out = weight.new_zeros(idx.shape[0], weight.shape[1])
+    return out.index_copy(0, pos, F.embedding(idx[pos], weight, sparse=True))
+
+
 def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainConfig, logp=None, norm_batch=None):
     """GRU4Rec's loss for one chunk of T session-parallel steps.
 
@@ -265,14 +275,19 @@ def chunk_loss(model: GRU4Rec, inp, tgt, resets, valid, h, sample, cfg: TrainCon
     H = model.hidden_size
     TB = T * B
     cols = tgt.reshape(-1) if sample is None else torch.cat([tgt.reshape(-1), sample])
+    # idle lanes (the sessions ran out) look up no item: zero rows, out of the sparse gradients,
+    # whose rows the optimiser moves by their momentum even where the gradient is zero (GRU4Rec
+    # drops such lanes; their item 0 here had its row moved, a review found)
+    live = None if bool(valid.all()) else valid.reshape(-1)
+    live_cols = None if live is None else torch.cat([live, live.new_ones(cols.shape[0] - TB)])
     if model.embedding == "shared":
         idx = torch.cat([inp.reshape(-1), cols])
-        rows = F.embedding(idx, model.Wy, sparse=True)
+        rows = _live_rows(idx, model.Wy, None if live is None else torch.cat([live, live_cols]))
         x, W = rows[:TB].view(T, B, H), rows[TB:]
     else:
-        x = model.embed(inp, sparse=True)
-        W = F.embedding(cols, model.Wy, sparse=True)
-    cb = F.embedding(cols, model.By, sparse=True).squeeze(1)
+        x = _live_rows(inp.reshape(-1), model.input_weight, live).view(T, B, -1)
+        W = _live_rows(cols, model.Wy, live_cols)
+    cb = _live_rows(cols, model.By, live_cols).squeeze(1)
     # GRU4Rec carries every layer's dropped-out output as its next state: the lower layers' here
     # (recur), the top layer's below; at the chunk boundary (exact for chunk_steps=1)
     y, hn = model.recur(x, h, resets, carry_dropped=cfg.state_dropout)
@@ -414,7 +429,12 @@ def _train(train_data, cfg, progress, model):
     if lanes == 1 and cfg.n_sample == 0:
         raise RecsysError("no negative examples: with n_sample=0 the negatives are the other sessions of the "
                           "batch, and batch size 1 (or a single training session) leaves none")
-    sched = session_parallel_schedule(train_data.items, train_data.offsets, lanes).to(device)
+    sched = session_parallel_schedule(train_data.items, train_data.offsets, lanes)
+    if cfg.n_sample == 0:
+        # as GRU4Rec, the epoch ends where fewer than two lanes are left: a lone lane has no
+        # negative (its loss and gradient zero, its rows still moved by the optimiser's momentum)
+        sched = sched.until_fewer_lanes(2)
+    sched = sched.to(device)
     support = train_data.support()
     sampler = None
     if cfg.n_sample > 0:
