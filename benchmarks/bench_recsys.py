@@ -1,7 +1,7 @@
 """pytest-benchmark: GRU4Rec inference (one click step + top-20 over the whole catalogue) and
 training throughput, on the CPU.
 
-    pytest benchmarks/bench_recsys.py                       # measure
+    pytest benchmarks/bench_recsys.py --reps 3              # measure (torch.nn and ours interleaved)
     pytest benchmarks/bench_recsys.py --benchmark-disable   # quick smoke run (each case once)
 
 Inference is timed beside the same model with its GRU on torch.nn.GRU (same weights: impl=torch).
@@ -59,10 +59,11 @@ def _on_torch_nn(model):
     return _MODELS[key]
 
 
-@pytest.mark.parametrize("impl", ["ours", "torch"])
+# `rep` (--reps, benchmarks/conftest.py): each case's two implementations timed in turn, repeatedly
+@pytest.mark.parametrize("impl", ["torch", "ours"])
 @pytest.mark.parametrize("batch", [1, 64, 1024])
 @pytest.mark.parametrize("catalogue", ["3k", "100k", "1M"])
-def test_inference_topk(benchmark, catalogue, batch, impl):
+def test_inference_topk(benchmark, catalogue, batch, impl, rep):
     model = _model(catalogue)
     if impl == "torch":
         if catalogue == "1M" and batch == 1024:
@@ -85,7 +86,7 @@ def test_inference_topk(benchmark, catalogue, batch, impl):
         with torch.no_grad():
             want = base.topk(base.step(items, h)[-1], 20)[0]
         torch.testing.assert_close(vals, want, rtol=1e-5, atol=1e-5)
-    benchmark.extra_info.update(catalogue=model.n_items, batch=batch, impl=impl)
+    benchmark.extra_info.update(catalogue=model.n_items, batch=batch, impl=impl, rep=rep)
 
 
 def test_training_throughput(benchmark):

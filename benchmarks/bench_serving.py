@@ -239,8 +239,12 @@ def main(argv=None):
             lines += [f"`{' '.join(['python benchmarks/loadtest.py'] + cmd[2:])}`", ""] + table + [""]
             print("\n".join(table), flush=True)
     if a.report:
-        out = a.out or os.path.join(ROOT, "benchmarks", "results",
-                                    f"serving-{datetime.date.today().isoformat()}.md")
+        if a.out is None:  # (a later report on the same day gets its own file, as make bench's)
+            sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+            from run import RESULTS, free_stem
+            out = str(RESULTS / f"{free_stem(f'serving-{datetime.date.today().isoformat()}')}.md")
+        else:
+            out = a.out
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -30,19 +30,24 @@ class Case:
     def flops(self) -> float:
         """Multiply-adds x 2 of the GEMM work (input = hidden size; a layer above a bidirectional one
         takes both directions' outputs); training counts forward + backward as 3x the forward (the
-        backward does the input-gradient and the weight-gradient products), less the first layer's
-        input gradient where x requires none, and the weight gradients where the weights are frozen."""
+        backward does the input-gradient and the weight-gradient products), less the products
+        neither side does: h0's gradient (the first step's carry of the recurrent gradient, one
+        step's product per layer and direction: h0 requires none in every case), the first layer's
+        input gradient where x requires none, and the weight gradients where the weights are frozen.
+        The packed cases count the steps the sessions have, not the padded T of each."""
         gates = 3 if self.kind.startswith("GRU") else 1
         D = 2 if self.bidirectional else 1
-        fwd = 0.0
+        steps = float(self.lengths().sum()) / self.B if self.packed else float(self.T)  # a row's mean
+        fwd = carry0 = 0.0
         for layer in range(self.layers):
             inputs = self.H if layer == 0 else D * self.H
-            fwd += D * 2.0 * gates * self.H * (inputs + self.H) * self.B * self.T
-        if self.packed:  # the steps the sessions have, not the padded T of each
-            fwd *= float(self.lengths().sum()) / (self.B * self.T)
+            fwd += D * 2.0 * gates * self.H * (inputs + self.H) * self.B * steps
+            carry0 += D * 2.0 * gates * self.H * self.H * self.B  # (every row has a first step)
         if not self.train:
             return fwd
-        skipped = 0.0 if self.x_grad else D * 2.0 * gates * self.H * self.H * self.B * self.T
+        skipped = carry0
+        if not self.x_grad:
+            skipped += D * 2.0 * gates * self.H * self.H * self.B * steps
         if not self.weights_grad:  # (each weight's gradient one product the size of its forward's)
             skipped += fwd
         return 3 * fwd - skipped

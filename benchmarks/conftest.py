@@ -26,11 +26,15 @@ def pytest_collection_modifyitems(config, items):
         cs = getattr(item, "callspec", None)
         return cs.params if cs is not None and "rep" in cs.params else None
 
+    def case_of(item, p):  # (the test and its parameters but rep and impl: a Case by identity)
+        return (item.originalname,) + tuple(sorted(
+            (k, v if isinstance(v, (int, float, str)) else id(v)) for k, v in p.items() if k not in ("rep", "impl")))
+
     groups, impls = {}, {}
     for item in items:
         p = rep_params(item)
         if p is not None:
-            groups.setdefault((item.originalname, id(p["case"])), len(groups))
+            groups.setdefault(case_of(item, p), len(groups))
             impls.setdefault(p["impl"], len(impls))
 
     def key(n_item):
@@ -38,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
         p = rep_params(item)
         if p is None:
             return (1, n, 0, 0)
-        return (0, groups[(item.originalname, id(p["case"]))], p["rep"], impls[p["impl"]])
+        return (0, groups[case_of(item, p)], p["rep"], impls[p["impl"]])
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 

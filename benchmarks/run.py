@@ -32,6 +32,13 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def free_stem(prefix: str, folder: Path = RESULTS) -> str:
+    """``prefix`` with the first suffix that names no results file yet: a later run on the same day
+    gets its own file (b, c, ..., z, then z2, z3, ...), never one that is there already."""
+    suffixes = itertools.chain([""], "bcdefghijklmnopqrstuvwxyz", (f"z{n}" for n in itertools.count(2)))
+    return next(s for s in (f"{prefix}{x}" for x in suffixes) if not any(folder.glob(f"{s}.*")))
+
+
 def _simd_level() -> str:
     try:
         from rnnrec_fast import _C
@@ -420,10 +427,7 @@ def main():
     print("\n".join(out[-8:]))
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        # a later run on the same day gets its own file (b, c, ..., z, then z2, z3, ...): never
-        # one that is there already
-        suffixes = itertools.chain([""], "bcdefghijklmnopqrstuvwxyz", (f"z{n}" for n in itertools.count(2)))
-        stamp = next(s for s in (f"cpu-{date}{x}" for x in suffixes) if not (RESULTS / f"{s}.md").exists())
+        stamp = free_stem(f"cpu-{date}")
         (RESULTS / f"{stamp}.md").write_text(text)
         for run in raw.values():  # keep the statistics, not every timing sample
             for b in run["benchmarks"]:

@@ -115,3 +115,55 @@ def test_the_parity_check_compares_every_result():
         with pytest.raises(AssertionError, match=f"result {i} differs"):
             bench_cpu.check_against_torch(case, lambda b=bad: b, lambda: good)
     bench_cpu.check_against_torch(case, lambda: good, lambda: good)
+
+
+def _cases():
+    import cases
+    return cases.CASES + cases.NUMBA_CASES
+
+
+@pytest.mark.parametrize("case", _cases(), ids=[c.name for c in _cases()])
+def test_each_cases_flop_count_is_the_products_torch_nn_runs(case):
+    """A case's FLOP count (the GFLOP/s and '% of MKL' columns) is what torch.nn does in products on
+    the benchmark's modules and inputs, counted by torch's FlopCounterMode: a review found the
+    training counts crediting h0's gradient (the first step's carry), which neither side computes
+    (a fifth of the one-step case's count). torch.nn's packed reverse direction also carries the
+    gradient into the h0 rows of the sessions shorter than the longest (they join its batch
+    later): work ours leaves out, not counted."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench_cpu
+
+    m = bench_cpu.build_torch(case)
+    x, h = bench_cpu.inputs(case)
+    extra = 0.0
+    if case.train:
+        x.requires_grad_(case.x_grad)
+        for p in m.parameters():
+            p.requires_grad_(case.weights_grad)
+        if case.packed and case.bidirectional:
+            late = int((case.lengths() < case.T).sum())
+            extra = case.layers * 2.0 * 3 * case.H * case.H * late
+    feed = pack_padded_sequence(x, case.lengths(), batch_first=True, enforce_sorted=False) if case.packed else x
+    with FlopCounterMode(display=False) as fc, torch.set_grad_enabled(case.train):
+        out = m(feed, h)
+        y = out[0] if isinstance(out, tuple) else out
+        if case.train:  # (backward, not autograd.grad, which FlopCounterMode's module hooks refuse)
+            (y.data if case.packed else y).sum().backward()
+    assert fc.get_total_flops() == pytest.approx(case.flops + extra, rel=1e-12), case.name
+
+
+def test_results_files_are_never_overwritten(tmp_path):
+    """A later run on the same day gets its own file stem (make bench's, and bench_serving's report,
+    which overwrote the day's file, a review found): b, c, ..., z, then z2, ..."""
+    assert run.free_stem("cpu-2026-12-05", tmp_path) == "cpu-2026-12-05"
+    (tmp_path / "cpu-2026-12-05.md").write_text("")
+    assert run.free_stem("cpu-2026-12-05", tmp_path) == "cpu-2026-12-05b"
+    (tmp_path / "cpu-2026-12-05b.json").write_text("")  # (any file of the stem)
+    assert run.free_stem("cpu-2026-12-05", tmp_path) == "cpu-2026-12-05c"
+    for x in "cdefghijklmnopqrstuvwxyz":
+        (tmp_path / f"serving-1{x}.md").write_text("")
+    (tmp_path / "serving-1.md").write_text("")
+    (tmp_path / "serving-1b.md").write_text("")
+    assert run.free_stem("serving-1", tmp_path) == "serving-1z2"
