@@ -77,8 +77,13 @@ def path(request):
     afterwards."""
     ext = _cext()
     ext.set_forward_path(PATHS[request.param])
+    _FORCED[0] = request.param
     yield request.param
+    _FORCED[0] = None
     ext.set_forward_path(0)
+
+
+_FORCED = [None]  # the path the `path` fixture forces (run_case checks that it ran)
 
 
 def test_backend_loads():
@@ -142,6 +147,14 @@ def run_case(T, B, I, H, mode, reset_after, bias, extras, dtype, seed, grads=Tru
     y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode,
                                                  reset_after, "cuda")
     assert rnnrec_fast.last_backend() == "cuda"
+    # the forced path ran (a persistent case that fell back to the GEMM path passed as one, a review
+    # noted): the GEMM path always; the persistent one where it surely applies (B <= 8, and W_hh
+    # small enough for one block's shared memory, whatever the card)
+    ran = _cext().last_forward_path()
+    if _FORCED[0] == "gemm":
+        assert ran == PATHS["gemm"], ran
+    elif _FORCED[0] == "persistent" and B <= 8 and H <= 33:
+        assert ran == PATHS["persistent"], ran
     ws_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     assert y.dtype == dtype and h_n.dtype == dtype and ws.dtype == ws_dtype
     assert ws.shape == (T, B, 4 * H if mode == "gru" else 0)  # gru [r, z, n, hn]; rnn: nothing
