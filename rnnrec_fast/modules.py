@@ -483,6 +483,17 @@ def _check_dense(name, what, t):
                          "convert it with .to_dense()")
 
 
+def _weight_size(n):
+    """A weight's size as an int. Under torch.jit.trace a size is a traced 0-dim tensor, but a
+    weight's is a constant of the trace (the weights are), so its conversion, which would warn
+    that the trace may be wrong for other inputs, does so silently."""
+    if torch._C._get_tracing_state() is None or not isinstance(n, torch.Tensor):
+        return n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(n)
+
+
 def _differs(a, b):
     """a != b for the sizes an input check compares before it raises, without torch.jit.trace's
     warning that converting a tensor to a Python boolean may make the trace incorrect (a size is a
@@ -1150,8 +1161,8 @@ class _CellBase(_FastPath):
         (the attributes where a weight is not a matrix, for the errors). torch.nn's cells do not
         read input_size, and read hidden_size only for the zero state of a call without hx: a weight
         surgery that keeps the four weights consistent works, as there."""
-        I = w_ih.shape[1] if isinstance(w_ih, torch.Tensor) and w_ih.dim() == 2 else self.input_size
-        H = w_hh.shape[1] if isinstance(w_hh, torch.Tensor) and w_hh.dim() == 2 else self.hidden_size
+        I = _weight_size(w_ih.shape[1]) if isinstance(w_ih, torch.Tensor) and w_ih.dim() == 2 else self.input_size
+        H = _weight_size(w_hh.shape[1]) if isinstance(w_hh, torch.Tensor) and w_hh.dim() == 2 else self.hidden_size
         return I, H
 
     def _weight_shapes(self, values=None):
