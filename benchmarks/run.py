@@ -390,7 +390,7 @@ def main():
         derived["long_session"] = dict(w_hh_read_us=t_read, w_hh_read_same_direction_us=t_same,
                                        projection_us=t_proj, step_gemm_us=t_step, floor_us=floor,
                                        torch_us=t_torch)
-        out += [f"## Estimated floor of the long session (B={case.B}, T={case.T}, H={case.H}, 1 thread)", "",
+        out += [f"## Estimated time of the long session (B={case.B}, T={case.T}, H={case.H}, 1 thread)", "",
                 f"Each step reads all of W_hh ({gh * case.H * 4 / 2**20:.1f} MiB, more than the core's L2): "
                 f"reading one such matrix from the cache it stays in (sums over it, minus the call overhead) took "
                 f"{t_read:.1f} µs with the order of its row blocks turned round at each read, as our step product "
