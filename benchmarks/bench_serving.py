@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -224,6 +225,7 @@ def main(argv=None):
         lines.append(f"| {r['op']} | {r['model']} | {r['path']} | {r['threads']} | {r['calls']} | {r['p50']:.1f} | "
                      f"{r['p95']:.1f} | {r['p99']:.1f} | {per} |")
     print("\n".join(lines), flush=True)
+    loadtests = []
     if a.loadtest:
         if not a.model:
             raise SystemExit("--loadtest needs --model (a checkpoint)")
@@ -237,6 +239,7 @@ def main(argv=None):
             table = [ln for ln in r.stdout.splitlines() if ln.startswith("|") or ln.startswith("# load test")]
             table = [ln.lstrip('# ') if ln.startswith('#') else ln for ln in table]
             lines += [f"`{' '.join(['python benchmarks/loadtest.py'] + cmd[2:])}`", ""] + table + [""]
+            loadtests.append(dict(command=cmd[2:], table=table))
             print("\n".join(table), flush=True)
     if a.report:
         if a.out is None:  # (a later report on the same day gets its own file, as make bench's)
@@ -248,7 +251,10 @@ def main(argv=None):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+        # beside it, the figures the Markdown rounds (as make bench keeps its raw results)
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump(dict(environment=env, inprocess=rows, loadtests=loadtests), f, indent=1)
+        print(f"wrote {out} and its .json")
 
 
 if __name__ == "__main__":
