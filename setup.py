@@ -6,6 +6,8 @@ CUDA part: built when torch has CUDA and nvcc is found, or forced with RNNREC_FA
 (RNNREC_FAST_CUDA=0 disables it).
 librnnrec_fast_ops.so (the op without Python, for libtorch programs): always built, but with
 RNNREC_FAST_STANDALONE=0.
+RNNREC_FAST_EXT=0: no compiled part at all (a machine without a C++ compiler): the package runs on
+its numba or reference backend, with one warning saying so.
 """
 import glob
 import os
@@ -100,6 +102,8 @@ def _torch_uses_openmp():
 
 
 def _extensions():
+    if os.environ.get("RNNREC_FAST_EXT") == "0":  # (pure Python: the numba / reference backends)
+        return []
     cxx = ["-O3", f"-std={_torch_cxx_std()}", "-fno-math-errno"]
     if os.environ.get("RNNREC_FAST_NATIVE") == "1":
         cxx.append("-march=native")
@@ -155,6 +159,15 @@ _STANDALONE = "rnnrec_fast.librnnrec_fast_ops"
 
 
 class _BuildExt(cpp_extension.BuildExtension):
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # (a failed build still fails: the hint is for a machine without a compiler)
+            raise RuntimeError(
+                f"rnnrec_fast: building the compiled extension failed ({type(exc).__name__}: {exc}). On a "
+                "machine without a working C++ compiler, RNNREC_FAST_EXT=0 installs the package without it: it "
+                "then runs on its numba or reference backend (slower), with one warning saying so.") from exc
+
     def get_ext_filename(self, ext_name):
         # the library without Python is no Python module: a plain library name, no ABI tag
         # (distutils asks with the last part of the name, setuptools' in-place copy with all of it)

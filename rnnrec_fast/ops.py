@@ -290,11 +290,16 @@ def _resolve(backend, device_type, dtype):
             _warned.add(device_type)
             others = [b for b in order[1:] if _backends.available(b)
                       and _backends.device_unavailable(b, device_type) is None]
+            skipped = [f"{b!r} passed over: {why}" for b in others
+                       if (why := getattr(_backends.load(b), "auto_skip", lambda d: None)(device_type))]
+            compiles = (" The first calls compile the Numba kernels (up to ~20 s in all, once: they are cached "
+                        "on disk)." if name == "numba" else "")
             warnings.warn(
                 f"rnnrec_fast: the {preferred!r} backend is not available ({reason}); {device_type} "
                 f"tensors run on the fallback backends instead ({', '.join(map(repr, others))}, the first "
-                f"that supports the dtype: this {dtype} call on {name!r}; rnnrec_fast.last_backend() names "
-                "each call's). Build the extension (pip install --no-build-isolation .) for the fused kernels.",
+                f"that supports the dtype{''.join('; ' + k for k in skipped)}: this {dtype} call on {name!r}; "
+                f"rnnrec_fast.last_backend() names each call's).{compiles} Build the extension (pip install "
+                "--no-build-isolation .) for the fused kernels.",
                 RuntimeWarning,
                 stacklevel=_caller_stacklevel(),
             )

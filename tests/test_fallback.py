@@ -79,6 +79,50 @@ def test_works_without_extension(block_numba, expected, exc):
     assert "gradients ok" in out.stdout
 
 
+NUMBA_INTERPRETED = """
+import sys, warnings, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"):
+            raise ImportError(f"{{name}} blocked for this test")
+sys.meta_path.insert(0, Block())
+import torch, rnnrec_fast
+torch.manual_seed({seed})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for dtype in (torch.float32, torch.float64):
+        ref = torch.nn.GRU(4, 3, dtype=dtype)
+        x = torch.randn(3, 2, 4, dtype=dtype)
+        for backend in ("auto", "numba"):
+            m = rnnrec_fast.from_torch(ref, backend=backend)
+            xs = [x.clone().requires_grad_() for _ in range(2)]
+            outs = [mod(xi)[0] for mod, xi in zip((m, ref), xs)]
+            print(dtype, backend, rnnrec_fast.last_backend())
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(outs[0], outs[1], **tol)
+            g = [torch.autograd.grad(o.square().sum(), [xi] + list(mod.parameters()))
+                 for o, xi, mod in zip(outs, xs, (m, ref))]
+            for a, b in zip(*g):
+                torch.testing.assert_close(a, b, **tol)
+mine = [str(w.message) for w in caught if "rnnrec_fast" in str(w.message)]
+assert len(mine) == 1 and "'numba' passed over: NUMBA_DISABLE_JIT=1" in mine[0], mine
+print("ok")
+"""
+
+
+def test_numba_with_its_jit_disabled():
+    """NUMBA_DISABLE_JIT=1 (numba installed, its kernels run as Python): "auto" takes the reference
+    backend, saying why in its one warning (the kernels run hundreds of times slower interpreted), and
+    a forced "numba" gives torch.nn's results in both dtypes: float64 ones were wrong by up to ~5
+    there (an int32 sum that compiled code widens overflowed in NumPy; from a review)."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    out = subprocess.run([sys.executable, "-c", NUMBA_INTERPRETED.format(seed=RUN_SEED)], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.float64 auto reference" in out.stdout and "torch.float64 numba numba" in out.stdout, out.stdout
+    assert out.stdout.rstrip().endswith("ok")
+
+
 def test_extension_is_built_when_required():
     if os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
         pytest.skip("set RNNREC_FAST_REQUIRE_EXT=1 to require the compiled extension")

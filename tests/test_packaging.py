@@ -80,3 +80,35 @@ def test_setup_builds_the_library_without_python_unless_told_not_to(monkeypatch,
     if "rnnrec_fast.librnnrec_fast_ops" in exts:
         assert "torch_python" not in exts["rnnrec_fast.librnnrec_fast_ops"].libraries
         assert "torch_python" in exts["rnnrec_fast._C"].libraries
+
+
+def test_a_machine_without_a_compiler_installs_the_package_without_its_extension(tmp_path):
+    """Without a C++ compiler the build fails, saying how to install without it (a review found only
+    torch's compiler-check traceback); RNNREC_FAST_EXT=0 installs the pure-Python package, which
+    imports and runs on a fallback backend with its one warning."""
+    import os
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.so", "*.egg-info",
+                                                              "__pycache__", "benchmarks", "tests", "examples"))
+    env = dict(os.environ, CC="/bin/false", CXX="/bin/false", RNNREC_FAST_CUDA="0")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+           "--target", str(tmp_path / "site"), str(src)]
+    failed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0
+    assert "RNNREC_FAST_EXT=0 installs the package without it" in failed.stdout + failed.stderr, \
+        (failed.stdout + failed.stderr)[-3000:]
+    env["RNNREC_FAST_EXT"] = "0"
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert not list((tmp_path / "site").rglob("*.so")), list((tmp_path / "site").rglob("*.so"))
+    code = ("import warnings, torch, rnnrec_fast; warnings.simplefilter('always'); "
+            "y, h = rnnrec_fast.GRU(3, 4)(torch.randn(2, 1, 3)); print(rnnrec_fast.last_backend())")
+    # (-S: no .pth files, so not the editable install's finder, which would find this checkout's
+    # compiled modules for the installed package; torch and numba from this environment's site-packages)
+    import sysconfig
+    path = os.pathsep.join([str(tmp_path / "site"), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    run = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, PYTHONPATH=path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() in ("numba", "reference") and "'cpp' backend is not available" in run.stderr

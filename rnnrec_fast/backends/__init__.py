@@ -93,6 +93,11 @@ def device_unavailable(name: str, device_type: str) -> str | None:
 
 
 def supports(name: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether backend="auto" may take ``name`` for these tensors (a backend may pass itself over
+    through its ``auto_skip(device_type)``: numba under NUMBA_DISABLE_JIT=1)."""
     if not available(name):
+        return False
+    skip = getattr(_loaded[name], "auto_skip", None)
+    if skip is not None and skip(device_type) is not None:
         return False
     return dtype in _loaded[name].DTYPES and device_unavailable(name, device_type) is None

@@ -45,6 +45,16 @@ def _cuda():
 _cuda_probe: list = []  # [reason or None], once a CUDA tensor's backend has been chosen
 
 
+def auto_skip(device_type):
+    """Why backend="auto" passes this backend over for ``device_type`` tensors (None: it does not).
+    With NUMBA_DISABLE_JIT=1 the CPU kernels run interpreted, hundreds of times slower than the
+    reference backend's torch calls (a GRU step of B=8, T=5, H=100: ~270 ms against ~1 ms): "auto"
+    takes the reference backend then, and a forced "numba" still runs them (to debug them)."""
+    if device_type == "cpu" and numba.config.DISABLE_JIT:
+        return "NUMBA_DISABLE_JIT=1: numba's CPU kernels would run interpreted"
+    return None
+
+
 def device_unavailable(device_type):
     """Why numba cannot run this backend's kernels on ``device_type`` tensors here (None: it can).
     On CUDA it needs numba.cuda with a driver that sees a GPU, and NVVM and libdevice (from a CUDA

@@ -381,7 +381,9 @@ def _exp_parts(src, scale, absolute, dst, ib, m):
         if v != v:
             p = v
         dst[j] = p
-        ib[j] = (np.int32(n) + bias) << shift  # |n| < 1100: the int32 conversion is faster
+        # |n| < 1100: the int32 conversion is faster; the sum in int64 (as compiled, where the int
+        # literal widens it; interpreted, NUMBA_DISABLE_JIT=1, NumPy kept int32 and << 52 overflowed)
+        ib[j] = (np.int64(np.int32(n)) + bias) << shift
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
