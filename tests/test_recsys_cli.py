@@ -9,6 +9,8 @@ import tempfile
 import pytest
 import torch
 
+import rnnrec_fast
+
 from rnnrec_fast import recsys
 from rnnrec_fast.recsys.cli import main
 
@@ -44,6 +46,9 @@ def test_train_evaluate_recommend(files, capsys):
     for key in ("recall@20", "mrr@20", "recall@5", "mrr@5", "train_seconds", "events_per_second"):
         assert key in res
     assert 0 <= res["mrr@20"] <= res["recall@20"] <= 1
+    # which backend ran the GRU, said beside the throughput (a review: only the fallback warning did)
+    assert res["backend"] == rnnrec_fast.resolve_backend("auto", "cpu", torch.float32), res
+    assert f"(the GRU on the {res['backend']!r} backend)" in err
     assert model.exists()
     code, out, err = _run(["evaluate", "--model", model, "--test", files / "test.txt", "--k", "1", "5",
                            "10", "20", "--json"], capsys)

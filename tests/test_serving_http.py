@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+import rnnrec_fast
+
 pytest.importorskip("uvicorn")
 
 from rnnrec_fast import recsys  # noqa: E402
@@ -83,6 +85,8 @@ def test_click_delete_health(server):
     assert st == 404 and r["error"]["code"] == "unknown_session"
     st, r = c.req("GET", "/healthz")
     assert st == 200 and r["status"] == "ok" and r["items"] == len(ids)
+    assert r["backend"] == server.app.rec.backend == ("cpp" if server.app.rec.uses_fast_path else
+                                                   rnnrec_fast.resolve_backend("auto", "cpu", torch.float32))
     c.close()
 
 
@@ -474,6 +478,7 @@ def _start_cli(path, *args):
             break
         m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
         if m:
+            assert re.search(r"backend (cpp|numba|reference);", line), line  # (which kernels serve)
             return proc, int(m.group(1))
     proc.kill()
     raise AssertionError("the server did not start: " + proc.communicate(timeout=10)[0])

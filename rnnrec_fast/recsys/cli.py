@@ -217,8 +217,11 @@ def _cmd_train(a):
         log.write(f"test: {len(te.items)} clicks, {te.n_sessions} sessions ({te.n_events} events)\n")
         check_events(te)  # (evaluate's own check, made before training)
     model, stats = train(tr, cfg, progress=not a.quiet)
-    log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s\n")
-    res = dict(train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],
+    from .. import ops
+    backend = ops.last_backend()  # (the GRU's, as the training thread's latest op call ran it)
+    log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s "
+              f"(the GRU on the {backend!r} backend)\n")
+    res = dict(backend=backend, train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],
                cpu_seconds=stats["cpu_seconds"], events_per_cpu_second=stats["events_per_cpu_second"],
                train_events=stats["events"], final_loss=stats["epoch_losses"][-1] if stats["epoch_losses"] else None)
     if a.save is not None:

@@ -68,8 +68,8 @@ def main(argv=None):
     gc.collect()
     gc.freeze()
     host, port = sock.getsockname()[:2]
-    print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}; "
-          f"listening on {url(host, port)}", flush=True)
+    print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}, "
+          f"backend {app.rec.backend}; listening on {url(host, port)}", flush=True)
     serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout)
     return 0
 

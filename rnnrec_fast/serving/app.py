@@ -178,7 +178,7 @@ class ServingApp:
                 if method not in ("GET", "HEAD"):
                     raise HTTPError(405, "method_not_allowed", "use GET", allow="GET, HEAD")
                 status, payload = 200, json.dumps({"status": "ok", "sessions": len(self.rec),
-                                                   "items": self.rec.n_items}).encode()
+                                                   "items": self.rec.n_items, "backend": self.rec.backend}).encode()
             elif path == "/metrics":
                 endpoint = "metrics"
                 if method not in ("GET", "HEAD"):

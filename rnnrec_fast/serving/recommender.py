@@ -505,6 +505,17 @@ class SessionRecommender:
     def uses_fast_path(self):
         return self._fast is not None
 
+    @property
+    def backend(self) -> str:
+        """The kernels a click runs on: "cpp" on the fast path (one C++ call a click), else the
+        recurrence op's backend for the model's tensors (its fallback warning, where it has one)."""
+        if self.uses_fast_path:
+            return "cpp"
+        from .. import ops
+
+        w = self.model.Wy
+        return ops.resolve_backend(getattr(self.model, "backend", "auto"), w.device.type, w.dtype)
+
     def __len__(self):
         """Sessions held (idle ones past the TTL dropped first)."""
         with self._lock:
