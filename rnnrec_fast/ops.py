@@ -262,12 +262,25 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
 
 def _caller_stacklevel():
     """warnings.warn's stacklevel, from the function that calls this, of the first frame outside
-    this package and torch (the user's call: the depth varies with the path taken)."""
-    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+    this package and torch, the code torch.compile generates (in its cache folder:
+    TORCHINDUCTOR_CACHE_DIR or a torchinductor_<user> one) and Python's frozen modules (runpy's):
+    the user's call (the depth varies with the path taken). Where there is none (this package's
+    command line, run with python -m), the outermost frame of this package."""
+    own_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    skip = (own_dir, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    generated = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    generated = os.path.abspath(generated) + os.sep if generated else None
+    frame, level, own = sys._getframe(1), 1, None
+    while frame is not None:
+        path = frame.f_code.co_filename
+        path = path if path.startswith("<") else os.path.abspath(path)
+        if path.startswith(own_dir):
+            own = level
+        elif not (path.startswith(skip) or path.startswith("<frozen ") or f"{os.sep}torchinductor_" in path
+                  or (generated is not None and path.startswith(generated))):
+            return level
         frame, level = frame.f_back, level + 1
-    return level
+    return own if own is not None else 1
 
 
 def _resolve(backend, device_type, dtype):

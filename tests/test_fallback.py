@@ -294,3 +294,38 @@ def test_op_and_module_tests_pass_through_the_python_registrations():
     assert "backend cpp unavailable: ImportError: cannot import name '_C'" in out.stdout  # (its skips, as a missing build's)
     passed = re.search(r"(\d+) passed", out.stdout)
     assert passed and int(passed.group(1)) >= 800, out.stdout[-3000:]
+
+
+_SITE_BLOCKER = """
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"):
+            raise ModuleNotFoundError(f"{name} blocked for this test", name=name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.mark.parametrize("how", ["compiled first call", "python -m CLI"])
+def test_the_fallback_warning_points_at_the_callers_line(tmp_path, how):
+    """The one warning names the user's line also where the first call is a torch.compile'd one
+    (it named the code torch.compile generated, in its cache folder) and, for this package's
+    command line run with python -m, the CLI's entry (it named <frozen runpy>); from a review."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_SITE_BLOCKER)  # (the blocker before any import)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    if how == "python -m CLI":
+        data = tmp_path / "clicks.tsv"
+        data.write_text("SessionId\tItemId\tTime\n1\t5\t1\n1\t6\t2\n1\t7\t3\n2\t5\t4\n2\t7\t5\n3\t6\t6\n3\t5\t7\n")
+        cmd = [sys.executable, "-m", "rnnrec_fast.recsys", "train", "--train", str(data), "--epochs", "1",
+               "--layers", "4", "--n-sample", "2", "--batch-size", "2", "--quiet"]
+        where = os.path.join("rnnrec_fast", "recsys", "__main__.py")
+    else:
+        cmd = [sys.executable, "-c", "import torch, rnnrec_fast\n"
+               "m = rnnrec_fast.GRU(8, 6, batch_first=True)\n"
+               "torch.compile(m, fullgraph=True)(torch.randn(4, 5, 8))\n"]
+        where = "<string>:3"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stderr.splitlines() if "RuntimeWarning: rnnrec_fast: the 'cpp' backend" in ln]
+    assert len(lines) == 1 and where in lines[0].split(": RuntimeWarning")[0], out.stderr[-3000:]
