@@ -38,10 +38,19 @@ $(DEPS_STAMP): | $(PY)
 	rm -f $(VENV)/.deps-torch-*
 	touch $@
 
+# The editable install builds the extension into the source tree, where every venv finds it: the
+# venv and torch it was last built for are recorded beside it, and another venv's build (make test
+# TORCH_VERSION=2.4.1 VENV=.venv-torch2.4.1) makes this venv's build stale, so that it runs again.
+BUILT_FOR := rnnrec_fast/.built-for
+ifneq ($(shell cat $(BUILT_FOR) 2>/dev/null),$(abspath $(VENV)) $(TORCH_VERSION))
+$(shell rm -f $(BUILD_STAMP))
+endif
+
 # A compile error fails here, and so fails `make test` and CI.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import rnnrec_fast._C, rnnrec_fast; rnnrec_fast.library_path()"
+	echo '$(abspath $(VENV)) $(TORCH_VERSION)' > $(BUILT_FOR)
 	touch $@
 
 demo: setup
