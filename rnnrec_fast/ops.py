@@ -304,7 +304,7 @@ def _resolve(backend, device_type, dtype):
             others = [b for b in order[1:] if _backends.available(b)
                       and _backends.device_unavailable(b, device_type) is None]
             skipped = [f"{b!r} passed over: {why}" for b in others
-                       if (why := getattr(_backends.load(b), "auto_skip", lambda d: None)(device_type))]
+                       if (why := _backends.auto_skip(b, device_type)) is not None]
             compiles = (" The first calls compile the Numba kernels (up to ~20 s in all, once: they are cached "
                         "on disk)." if name == "numba" else "")
             warnings.warn(

@@ -79,15 +79,20 @@ def test_works_without_extension(block_numba, expected, exc):
     assert "gradients ok" in out.stdout
 
 
-NUMBA_INTERPRETED = """
-import sys, warnings, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
+# the extension blocked before anything imports it (a script's start, or a sitecustomize.py)
+_SITE_BLOCKER = """
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"):
-            raise ImportError(f"{{name}} blocked for this test")
-sys.meta_path.insert(0, Block())
+            raise ModuleNotFoundError(f"{name} blocked for this test", name=name)
+sys.meta_path.insert(0, _Block())
+"""
+
+NUMBA_INTERPRETED = _SITE_BLOCKER + """
+import warnings
 import torch, rnnrec_fast
-torch.manual_seed({seed})
+torch.manual_seed(SEED)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for dtype in (torch.float32, torch.float64):
@@ -116,7 +121,7 @@ def test_numba_with_its_jit_disabled():
     a forced "numba" gives torch.nn's results in both dtypes: float64 ones were wrong by up to ~5
     there (an int32 sum that compiled code widens overflowed in NumPy; from a review)."""
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    out = subprocess.run([sys.executable, "-c", NUMBA_INTERPRETED.format(seed=RUN_SEED)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", NUMBA_INTERPRETED.replace("SEED", str(RUN_SEED))], capture_output=True,
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch.float64 auto reference" in out.stdout and "torch.float64 numba numba" in out.stdout, out.stdout
@@ -294,16 +299,6 @@ def test_op_and_module_tests_pass_through_the_python_registrations():
     assert "backend cpp unavailable: ImportError: cannot import name '_C'" in out.stdout  # (its skips, as a missing build's)
     passed = re.search(r"(\d+) passed", out.stdout)
     assert passed and int(passed.group(1)) >= 800, out.stdout[-3000:]
-
-
-_SITE_BLOCKER = """
-import sys, importlib.abc
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name in ("rnnrec_fast._C", "rnnrec_fast._C_cuda"):
-            raise ModuleNotFoundError(f"{name} blocked for this test", name=name)
-sys.meta_path.insert(0, _Block())
-"""
 
 
 @pytest.mark.parametrize("how", ["compiled first call", "python -m CLI"])

@@ -92,12 +92,16 @@ def device_unavailable(name: str, device_type: str) -> str | None:
     return None if probe is None else probe(device_type)
 
 
+def auto_skip(name: str, device_type: str) -> str | None:
+    """Why backend="auto" passes the available backend ``name`` over for ``device_type`` tensors, or
+    None: a backend says so through its own ``auto_skip(device_type)`` (numba under
+    NUMBA_DISABLE_JIT=1)."""
+    skip = getattr(load(name), "auto_skip", None)
+    return None if skip is None else skip(device_type)
+
+
 def supports(name: str, device_type: str, dtype: torch.dtype) -> bool:
-    """Whether backend="auto" may take ``name`` for these tensors (a backend may pass itself over
-    through its ``auto_skip(device_type)``: numba under NUMBA_DISABLE_JIT=1)."""
-    if not available(name):
-        return False
-    skip = getattr(_loaded[name], "auto_skip", None)
-    if skip is not None and skip(device_type) is not None:
+    """Whether backend="auto" may take ``name`` for these tensors."""
+    if not available(name) or auto_skip(name, device_type) is not None:
         return False
     return dtype in _loaded[name].DTYPES and device_unavailable(name, device_type) is None
