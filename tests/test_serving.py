@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import rnnrec_fast
 from rnnrec_fast import backends, recsys
 from rnnrec_fast.serving import InvalidRequestError, SessionRecommender, SessionStore, UnknownItemError
 
@@ -719,21 +720,23 @@ def test_per_click_k_in_a_batch():
                                     "racing_update", "in_training_mode", "training_during_rebuild",
                                     "update_during_probe"])
 @pytest.mark.parametrize("embedding", [8, 0])
-def test_fast_path_follows_weight_changes(change, embedding, monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_fast_path_follows_weight_changes(change, embedding, backend, monkeypatch):
     """After the model's weights change (a hot reload through load_state_dict, an optimiser step,
     AdagradM's too (its sparse update writes through NumPy: it bumped no version), a reassigned parameter or submodule, a parameter's memory swapped through .data, an update
     landing while the fast path copies Wy, a reload done in training mode) clicks and batches
     score with the new weights: the fast path held a copy of the output weights (batches of 4+
-    rows scored with the old ones) and views of the others."""
+    rows scored with the old ones) and views of the others (on numba's kernels, NumPy views)."""
     from rnnrec_fast.serving import fastpath
 
+    _need_backend(backend)
     layers = (16,) if embedding else (16, 16)  # (one-hot: its first layer is the model's own)
-    model = make_model(n_items=60, layers=layers, embedding=embedding)
+    model = make_model(n_items=60, layers=layers, embedding=embedding, backend=backend)
     rec = SessionRecommender(model)
     assert rec.uses_fast_path
     ids = model.item_ids
     rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)  # warm: every path used once
-    new = make_model(n_items=60, layers=layers, embedding=embedding, seed=1)
+    new = make_model(n_items=60, layers=layers, embedding=embedding, seed=1, backend=backend)
     with torch.no_grad():
         if change == "load_state_dict":
             model.load_state_dict(new.state_dict())
@@ -815,16 +818,24 @@ def test_fast_path_follows_weight_changes(change, embedding, monkeypatch):
         assert gi == wi
         torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
     assert rec.uses_fast_path
+    assert (rec._fast.np_layers is not None) == (rnnrec_fast.resolve_backend(backend, "cpu", torch.float32) == "numba")
+
+
+def _need_backend(backend):
+    if backend != "auto" and not backends.available(backend):
+        pytest.skip(f"{backend} backend not available")
 
 
 @pytest.mark.parametrize("name", ["W0", "w_hh0", "b_ih0", "b_hh0", "eye0"])
 @pytest.mark.parametrize("how", ["reassign", "data_swap", "in_place"])
-def test_fast_path_follows_a_one_hot_layers_own_weights(name, how):
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_fast_path_follows_a_one_hot_layers_own_weights(name, how, backend):
     """A one-hot model's first layer is the model's own (W0, w_hh0, b_ih0, b_hh0, not the rnn
     module's): one of them reassigned, its memory swapped through .data or changed in place, and
     clicks follow it (each alone: a change elsewhere would make the path rebuild anyway); its
     identity W_ih too (the buffer eye0, whose product the fast path skips while it is the identity)."""
-    model = make_model(n_items=60, layers=(16,), embedding=0)
+    _need_backend(backend)
+    model = make_model(n_items=60, layers=(16,), embedding=0, backend=backend)
     rec = SessionRecommender(model)
     assert rec.uses_fast_path
     ids = model.item_ids
@@ -1274,21 +1285,48 @@ def test_fast_path_sees_the_embedding_swapped_through_data():
 
 
 @pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_fast_path_applies_to_multilayer_models_on_python_backends(backend):
-    """Without the C++ all-layers call (a backend other than auto/cpp) a 2-layer model still gets the fast path,
-    and its single-row step equals model.step."""
+@pytest.mark.parametrize("embedding", [6, "shared", 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_applies_to_multilayer_models_on_python_backends(backend, embedding, dtype):
+    """Without the C++ all-layers call (a backend other than auto/cpp) a 2-layer model still gets the fast path
+    (numba: its kernels called directly on NumPy views of the weights, as the modules' inference
+    path does; the op's dispatch and checks took ~85% of a click's step), its steps of one row and
+    of a batch equal model.step, and the recommender says which kernels ran."""
     from rnnrec_fast.serving import fastpath
 
-    if not backends.available(backend):
-        pytest.skip(f"{backend} backend not available")
-    model = make_model(n_items=40, layers=(12, 12), embedding=6, backend=backend)
+    _need_backend(backend)
+    model = make_model(n_items=40, layers=(12, 12), embedding=embedding, backend=backend).to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "disagrees" warning
         fast = fastpath.build(model)
-    assert fast is not None and fast.infer is None
-    h = torch.randn(2, 3, 12)
+    assert fast is not None and fast.infer is None and fast.kernels == backend
+    assert (fast.np_layers is not None) == (backend == "numba")
+    h = torch.randn(2, 3, 12, dtype=dtype)
+    items = torch.tensor([7, 39, 0])
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(fast.step_row(7, h[:, 1]), model.step(torch.tensor([7]), h[:, 1:2])[:, 0], **TOL)
+        torch.testing.assert_close(fast.step_row(7, h[:, 1]), model.step(items[:1], h[:, 1:2])[:, 0], **tol)
+        torch.testing.assert_close(fast.step(items, h), model.step(items, h), **tol)
+        torch.testing.assert_close(fast.step(items, h.transpose(1, 2).contiguous().transpose(1, 2)),
+                                   model.step(items, h), **tol)  # (a state of other strides)
+    rec = SessionRecommender(model)
+    assert rec.uses_fast_path and rec.backend == backend
+    rnnrec_fast.ops._set_last("")
+    rec.click("a", model.item_ids[3])
+    assert rnnrec_fast.last_backend() == backend
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_recommender_names_the_kernels_of_its_dtype(dtype):
+    """backend names the kernels the clicks run on for the model's dtype (it said "cpp" wherever
+    the fast path was built: also for a bfloat16 model, whose steps the reference backend runs)."""
+    model = make_model(n_items=30, layers=(8,)).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (bfloat16: the one fallback warning)
+        rec = SessionRecommender(model)
+        rnnrec_fast.ops._set_last("")
+        rec.click("a", model.item_ids[2])
+    assert rec.backend == rnnrec_fast.resolve_backend("auto", "cpu", dtype) == rnnrec_fast.last_backend()
 
 
 def test_build_retries_when_training_mode_ends_during_the_attempt(monkeypatch):

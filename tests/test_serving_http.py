@@ -85,8 +85,7 @@ def test_click_delete_health(server):
     assert st == 404 and r["error"]["code"] == "unknown_session"
     st, r = c.req("GET", "/healthz")
     assert st == 200 and r["status"] == "ok" and r["items"] == len(ids)
-    assert r["backend"] == server.app.rec.backend == ("cpp" if server.app.rec.uses_fast_path else
-                                                   rnnrec_fast.resolve_backend("auto", "cpu", torch.float32))
+    assert r["backend"] == server.app.rec.backend == rnnrec_fast.resolve_backend("auto", "cpu", torch.float32)
     c.close()
 
 

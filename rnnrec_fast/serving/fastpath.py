@@ -7,7 +7,9 @@ autograd), or of the fused op ``torch.ops.rnnrec_fast.recurrence`` where that do
 directly on detached weights, and scores with one GEMM on the same weights; a lone click (one session
 one step) runs as one C++ call from its stored state to its top-k (``click_row``: ``_C.click_topk``),
 and so does a batch of clicks of distinct sessions (``click_rows``: ``_C.click_rows_topk``, its
-scores and top-k by the extension's GEMM kernel on a packed copy of the output weights).
+scores and top-k by the extension's GEMM kernel on a packed copy of the output weights). Without
+the extension, on the numba backend, the steps call numba's CPU kernels directly on NumPy views of
+the weights (``_numba_layers``), as the modules' inference path does.
 It is used only when the model has the GRU4Rec layout
 it expects *and* it reproduces ``model.step`` / ``model.score`` on a random probe at construction
 (see :func:`build`); otherwise the recommender calls ``model.step`` / ``model.score``.
@@ -17,8 +19,11 @@ from __future__ import annotations
 import warnings
 from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .. import ops
 
 try:  # the modules' C++ inference fast path, the few-rows product, the click's score + top-k, all three
     from .._C import click_topk as _click_topk, infer as _infer, linear_rows as _linear_rows, score_topk as _score_topk
@@ -27,6 +32,9 @@ try:  # the modules' C++ inference fast path, the few-rows product, the click's 
 except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
     _click_topk = _infer = _linear_rows = _score_topk = None
     _click_rows_topk = _pack_scores_weights = _score_topk_rows = None
+
+
+_GRU = ops.MODES["gru"]
 
 
 class FastGRU4Rec:
@@ -96,6 +104,20 @@ class FastGRU4Rec:
         self.click = _click_topk if self.infer is not None and _click_topk is not None else None
         self.click_batch = (_click_rows_topk if self.infer is not None and self.packed_rows is not None
                             and _click_rows_topk is not None else None)
+        # The recurrence kernels a step runs on (the op's resolution of the model's backend for
+        # these tensors: "cpp" where the C++ call above runs, as the op would pick it).
+        self.kernels = ops.resolve_backend(self.backend, self.Wy.device.type, self.Wy.dtype)
+        # Without that C++ call, numba's CPU kernels on NumPy views of the weights, as the modules'
+        # _PyInferPlan calls them, where the op's dispatch and checks would be most of a click
+        # (B1 H100 one layer, extension absent: ~157 us a step through the op, ~25 directly).
+        self.np_layers = None
+        if self.infer is None and self.kernels == "numba" and self.Wy.device.type == "cpu":
+            arrays = (self.emb, *flat)
+            if all(w is not None and w.dtype == self.Wy.dtype and w.is_contiguous() for w in arrays):
+                from ..backends import numba_backend
+                self.run_numba = numba_backend.run_cpu
+                self.np_emb = self.emb.numpy()
+                self.np_layers = [tuple(w.numpy() for w in layer) for layer in self.layers]
 
     @cached_property
     def Wt(self):
@@ -123,6 +145,8 @@ class FastGRU4Rec:
     def step(self, items, h):
         """items (B,) int64, h (L, B, H) -> new state (L, B, H)."""
         x = F.embedding(items, self.emb).unsqueeze(0)
+        if self.np_layers is not None and h.dtype == self.Wy.dtype and h.is_cpu and not h.requires_grad:
+            return self._numba_layers(x.numpy(), h.numpy())
         if self.infer is not None:
             r = self.infer(x, h, self.flat, 2, self.reset_after, self.L, False, False, 1, self.projected0)
             if r is not None:
@@ -144,6 +168,8 @@ class FastGRU4Rec:
                            self.projected0)
             if r is not None:
                 return r[1]
+        if self.np_layers is not None:
+            return self._numba_layers(self.np_emb[None, idx:idx + 1], row.numpy()[:, None])[:, 0]
         x = self.emb[idx:idx + 1].unsqueeze(0)
         op, ra, be = self.op, self.reset_after, self.backend
         if self.L == 1:
@@ -154,6 +180,21 @@ class FastGRU4Rec:
             x, hn = op(x, row[layer:layer + 1], w[0], w[1], w[2], w[3], None, None, "gru", ra, be)[:2]
             out.append(hn)
         return torch.cat(out)
+
+    def _numba_layers(self, x, h):
+        """Every layer's step on numba's CPU kernels: x (1, B, I) and h (L, B, H) NumPy arrays ->
+        the new state, a (L, B, H) tensor."""
+        L, B, H = h.shape
+        out = torch.empty(L, B, H, dtype=self.Wy.dtype)
+        hn = out.numpy()
+        ws = np.empty((1, B, 0), hn.dtype)  # (no workspace: no backward follows)
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.np_layers):
+            y = np.empty((1, B, H), hn.dtype)
+            self.run_numba(np.ascontiguousarray(x), np.ascontiguousarray(h[layer]), w_ih, w_hh, b_ih, b_hh, None,
+                           None, _GRU, self.reset_after, y, hn[layer], ws)
+            x = y
+        ops._set_last("numba")
+        return out
 
     def click_row(self, idx, slab, slot, k, exclude):
         """One click of one session in one C++ call: the step of item index ``idx`` from the state

@@ -507,10 +507,11 @@ class SessionRecommender:
 
     @property
     def backend(self) -> str:
-        """The kernels a click runs on: "cpp" on the fast path (one C++ call a click), else the
-        recurrence op's backend for the model's tensors (its fallback warning, where it has one)."""
-        if self.uses_fast_path:
-            return "cpp"
+        """The recurrence kernels a click runs on: the op's backend for the model's backend setting
+        and tensors (its fallback warning, where it has one), the fast path's as the model's."""
+        fast = self._fast
+        if fast is not None:
+            return fast.kernels
         from .. import ops
 
         w = self.model.Wy
