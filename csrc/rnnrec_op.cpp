@@ -321,6 +321,16 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     ctx->save_for_backward({x, or_undef(h0), w_ih, w_hh, or_undef(lengths), or_undef(resets), y, ws});
     ctx->saved_data["b_ih"] = has(b_ih);
     ctx->saved_data["b_hh"] = has(b_hh);
+    // ... held, with their versions, for a backward with create_graph=True alone, which recomputes
+    // the forward (see backward)
+    if (has(b_ih)) {
+      ctx->saved_data["b_ih_t"] = *b_ih;
+      ctx->saved_data["b_ih_v"] = static_cast<int64_t>(b_ih->_version());
+    }
+    if (has(b_hh)) {
+      ctx->saved_data["b_hh_t"] = *b_hh;
+      ctx->saved_data["b_hh_v"] = static_cast<int64_t>(b_hh->_version());
+    }
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["reset_after"] = reset_after;
     ctx->saved_data["backend"] = std::string(backend);
@@ -348,23 +358,53 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     const bool need_gx = ctx->needs_input_grad(0), need_gh0 = h0.defined() && ctx->needs_input_grad(1);
     const size_t w = h0.defined() ? 2 : 1;
     const bool need_gwi = ctx->needs_input_grad(w), need_gwh = ctx->needs_input_grad(w + 1);
-    Skips skip;  // (the Python backends compute them all)
-    if (is_cpp(backend, x)) skip = {!need_gx, !need_gh0, !need_gwi, !need_gwh};
-    const SkipGrads guard(skip);
-    auto [gx, gh0, gwi, gwh, gbi, gbh] =
-        op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, Opt(), Opt(), as_opt(s[4]), as_opt(s[5]), y, ws, mode,
-                ctx->saved_data["reset_after"].toBool(), backend);
+    const bool reset_after = ctx->saved_data["reset_after"].toBool();
     const at::Tensor none;
+    at::Tensor gx, gh0, gwi, gwh, gbi, gbh;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: gradients that autograd records, to be differentiated again (a gradient
+      // penalty, second-order methods): ops.py's rnnrec_fast::recurrence_backward_differentiable,
+      // the forward recomputed in torch operations, with the biases as they were (checked)
+      static const auto diff = c10::Dispatcher::singleton().findSchema(
+          {"rnnrec_fast::recurrence_backward_differentiable", ""});
+      TORCH_CHECK_NOT_IMPLEMENTED(diff.has_value(),
+                                  "rnnrec_fast: a backward with create_graph=True (double backward) needs the "
+                                  "Python package (import rnnrec_fast), which this library without Python lacks");
+      Opt b[2];
+      const char* names[2] = {"b_ih", "b_hh"};
+      for (int i = 0; i < 2; ++i) {
+        const std::string key = names[i];
+        if (!ctx->saved_data.count(key + "_t")) continue;
+        b[i] = ctx->saved_data[key + "_t"].toTensor();
+        const int64_t was = ctx->saved_data[key + "_v"].toInt(), now = static_cast<int64_t>(b[i]->_version());
+        TORCH_CHECK(was == now, "rnnrec_fast: ", key, " of a recurrence was modified by an inplace operation (version ",
+                    was, " -> ", now, ") between its forward and a backward with create_graph=True, which "
+                    "recomputes the forward with it; change it after the backward, or out of place");
+      }
+      using Diff12 = Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&,
+                         const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, c10::string_view, bool);
+      std::tie(gx, gh0, gwi, gwh, gbi, gbh) = diff->typed<Diff12>().call(
+          gy, gh, x, as_opt(h0), w_ih, w_hh, b[0], b[1], as_opt(s[4]), as_opt(s[5]), mode, reset_after);
+    } else {
+      Skips skip;  // (the Python backends compute them all)
+      if (is_cpp(backend, x)) skip = {!need_gx, !need_gh0, !need_gwi, !need_gwh};
+      const SkipGrads guard(skip);
+      std::tie(gx, gh0, gwi, gwh, gbi, gbh) = op.call(gy, gh, x, as_opt(h0), w_ih, w_hh, Opt(), Opt(), as_opt(s[4]),
+                                                      as_opt(s[5]), y, ws, mode, reset_after, backend);
+    }
     return {need_gx ? gx : none, need_gh0 ? gh0 : none, need_gwi ? gwi : none, need_gwh ? gwh : none,
             ctx->saved_data["b_ih"].toBool() ? gbi : none, ctx->saved_data["b_hh"].toBool() ? gbh : none,
             none, none, none, none, none, none};
   }
 };
 
-// The backward op's own autograd: it is not differentiable (no double backward through the
-// recurrence). Without this, a backward with create_graph=True would record it through the
-// fallback that warns and then treats it as constant, and a second derivative would silently miss
-// the recurrence's part; with it, backpropagating through its outputs raises at once.
+// The backward op's own autograd: it is not differentiable. RecurrenceFn's backward with
+// create_graph=True does not call it (it calls recurrence_backward_differentiable); what records it
+// is a direct call of the backward op with grad mode on, and torch.func's autograd function
+// (ops._FuncRecurrenceBackward), whose second derivatives are not supported. Without this, such a
+// call would be recorded through the fallback that warns and then treats it as constant, and a
+// second derivative would silently miss the recurrence's part; with it, backpropagating through
+// its outputs raises at once.
 struct RecurrenceBackwardFn : public torch::autograd::Function<RecurrenceBackwardFn> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext*, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
@@ -380,8 +420,9 @@ struct RecurrenceBackwardFn : public torch::autograd::Function<RecurrenceBackwar
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
     TORCH_CHECK_NOT_IMPLEMENTED(false,
-                                "rnnrec_fast: the gradient of rnnrec_fast::recurrence is not differentiable "
-                                "(no double backward through the recurrence, e.g. a gradient penalty)");
+                                "rnnrec_fast: rnnrec_fast::recurrence_backward is not differentiable: second "
+                                "derivatives through torch.func's transforms (jacrev(jacrev(f)), hessian) are not "
+                                "supported; an eager backward with create_graph=True is (torch.autograd.grad)");
   }
 };
 

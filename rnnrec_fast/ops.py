@@ -28,6 +28,7 @@ from torch._C._functorch import TransformType as _TransformType
 from torch.autograd import forward_ad as _forward_ad
 
 from . import backends as _backends
+from .backends import reference as _reference
 
 MODES = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2}
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3}
@@ -53,6 +54,12 @@ except RuntimeError as exc:  # (the only other definer: librnnrec_fast_ops.so, s
                       f"instead of loading that library in Python ({exc})") from exc
 _lib.define("recurrence" + _FWD_SCHEMA)
 _lib.define("recurrence_backward" + _BWD_SCHEMA)
+# The backward as operations autograd records (for a backward taken with create_graph=True: see
+# _backward_differentiable); the C++ autograd calls it through the dispatcher.
+_lib.define(
+    "recurrence_backward_differentiable(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor? h0, Tensor w_ih, "
+    "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor? resets, str mode, bool reset_after) "
+    "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)")
 # Twins with Python kernels only: the C++ CPU kernel of `recurrence` hands calls that force a
 # Python backend (numba, reference) on CPU tensors to these. Not part of the public API.
 _lib.define("recurrence_py" + _FWD_SCHEMA)
@@ -535,9 +542,13 @@ def _setup_context(ctx, inputs, output):
     y, _, ws = output
     # The biases are not saved: the backward never reads them (their gradients are sums of the
     # gates' gradients), and a saved bias changed in place before backward() (a bias-only optimiser
-    # step, a constraint) would raise there, where torch.nn's backward runs
+    # step, a constraint) would raise there, where torch.nn's backward runs. A backward with
+    # create_graph=True recomputes the forward, with them: they are held with their versions, which
+    # only that backward checks (check_bias_versions).
     ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, resets, y, ws)
     ctx.args = (mode, reset_after, backend, b_ih is not None, b_hh is not None)
+    ctx.biases = (b_ih, b_hh)
+    ctx.bias_versions = tuple(None if b is None else b._version for b in (b_ih, b_hh))
     # The workspace is saved state, not a result: no gradient flows into it, and autograd must not
     # materialise a zero (T, B, 4H) gradient for it (nor for an unused output / h_n) in backward.
     ctx.mark_non_differentiable(ws)
@@ -551,6 +562,13 @@ def _backward(ctx, grad_y, grad_h_n, _grad_ws, backward_op=None):
         grad_y = torch.zeros_like(y)
     if grad_h_n is None:
         grad_h_n = y.new_zeros(y.shape[1:])
+    if backward_op is None and torch.is_grad_enabled():  # create_graph=True: a backward autograd records
+        b_ih, b_hh = ctx.biases
+        check_bias_versions((b_ih, b_hh), ctx.bias_versions)
+        gx, gh0, gwi, gwh, gbi, gbh = torch.ops.rnnrec_fast.recurrence_backward_differentiable.default(
+            grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
+        return (gx, None if h0 is None else gh0, gwi, gwh, gbi if has_b_ih else None, gbh if has_b_hh else None,
+                None, None, None, None, None)
     gx, gh0, gwi, gwh, gbi, gbh = (backward_op or torch.ops.rnnrec_fast.recurrence_backward.default)(
         grad_y, grad_h_n, x, h0, w_ih, w_hh, None, None, lengths, resets, y, ws, mode, reset_after,
         backend)
@@ -581,9 +599,54 @@ def _register_reverse_mode_autograd(name, backward, setup_context):
 _register_reverse_mode_autograd("recurrence", _backward, _setup_context)
 
 
+def check_bias_versions(biases, versions):
+    """A bias changed in place since the forward is refused by a backward that recomputes the
+    forward (as autograd refuses a saved tensor changed in place): it would differentiate another
+    function."""
+    for name, b, v in zip(("b_ih", "b_hh"), biases, versions):
+        if b is not None and b._version != v:
+            raise RuntimeError(
+                f"rnnrec_fast: {name} of a recurrence was modified by an inplace operation (version {v} -> "
+                f"{b._version}) between its forward and a backward with create_graph=True, which recomputes "
+                "the forward with it; change it after the backward, or out of place")
+
+
+def _backward_differentiable(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after):
+    """The op's backward as operations autograd records, for a backward taken with
+    create_graph=True (a gradient penalty, a Hessian-vector product, second-order meta-learning):
+    the forward recomputed by the reference backend, the op's specification in torch operations, on
+    any device, and differentiated with create_graph=True, so that its gradients are differentiable
+    again (to any order). Gradients of inputs that require none come back as zeros (the caller drops
+    them). Padding past a row's length is left out of the recomputation (zeros), as the kernels
+    never read it. A Python loop over the steps: slow, as a second derivative of torch.nn's CPU GRU
+    is."""
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    state = h0 if h0 is not None else x.new_zeros(B, H)
+    xr = x if lengths is None else x.masked_fill(~_reference._active_mask(lengths, T, B, x.device), 0.0)
+    inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(())
+    if wrt:
+        with torch.enable_grad(), _autocast_off(x.device.type):
+            y, h_n, _ = _reference.forward(xr, state, w_ih, w_hh, b_ih, b_hh, lengths, resets, MODES[mode],
+                                                    reset_after)
+            got = iter(torch.autograd.grad((y, h_n), wrt, (grad_y, grad_h_n), create_graph=True, allow_unused=True))
+    G = w_hh.shape[0]
+    out = []
+    for t, like in zip(inputs, (x, state, w_ih, w_hh, w_hh.new_empty(G), w_hh.new_empty(G))):
+        g = next(got) if t is not None and t.requires_grad else None
+        out.append(torch.zeros_like(like) if g is None else g)
+    return tuple(out)
+
+
+_lib.impl("recurrence_backward_differentiable", _backward_differentiable, "CompositeImplicitAutograd")
+
+
 def _backward_is_not_differentiable(ctx, *grads):
-    raise NotImplementedError("rnnrec_fast: the gradient of rnnrec_fast::recurrence is not differentiable "
-                              "(no double backward through the recurrence, e.g. a gradient penalty)")
+    raise NotImplementedError("rnnrec_fast: rnnrec_fast::recurrence_backward is not differentiable: second "
+                              "derivatives through torch.func's transforms (jacrev(jacrev(f)), hessian) are not "
+                              "supported; an eager backward with create_graph=True is (torch.autograd.grad)")
 
 
 if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp, RecurrenceBackwardFn)

@@ -419,26 +419,95 @@ def test_cpu_autograd_is_registered_in_cpp(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_double_backward_raises_instead_of_dropping_the_recurrence(backend):
-    """The backward op is not differentiable: gradients taken with create_graph=True are still the
-    right first-order ones, and backpropagating through them raises a clear error (instead of a
-    second derivative silently missing the recurrence's part)."""
-    gen = torch.Generator().manual_seed(9)
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, "both", torch.float64, gen)
-    x.requires_grad_()
-    w_hh.requires_grad_()
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+@pytest.mark.parametrize("extras", ["plain", "both"])
+def test_gradgradcheck(backend, mode, reset_after, extras):
+    """Second derivatives (a backward taken with create_graph=True, differentiated again) against
+    finite differences of the first ones, float64, with and without lengths and resets; h0 given
+    and not (zeros)."""
+    gen = torch.Generator().manual_seed(case_seed(11))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 2, 3, mode, True, extras, torch.float64, gen)
+    if mode == "rnn_relu":  # keep pre-activations away from the kink
+        b_ih = b_ih.abs() + 1.0
+    for with_h0 in (True, False):
+        args = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        if not with_h0:
+            args[1] = None
 
-    def loss():
-        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True,
-                                                     backend)
-        return y.square().sum() + h_n.sum()
+        def fn(x, h0, *w):
+            y, h, _ = torch.ops.rnnrec_fast.recurrence(x, h0 if with_h0 else None, *w, lengths, resets, mode,
+                                                       reset_after, backend)
+            return y, h
 
-    plain = torch.autograd.grad(loss(), (x, w_hh))
-    graphed = torch.autograd.grad(loss(), (x, w_hh), create_graph=True)
-    for a, b in zip(graphed, plain):
-        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        torch.autograd.grad(graphed[0].square().sum(), (x, w_hh))
+        inputs = args if with_h0 else [args[0], torch.zeros(0)] + args[2:]
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("extras", ["plain", "both"])
+def test_double_backward_of_a_gradient_penalty(backend, extras):
+    """A gradient penalty through the op (create_graph=True, then backward): its first-order
+    gradients equal the plain backward's, and its second derivatives equal those of the op's
+    specification (the reference forward as plain torch operations, differentiated twice by
+    autograd), for every input, including the upstream gradients' own dependence on the weights."""
+    gen = torch.Generator().manual_seed(case_seed(9))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, extras, torch.float64, gen)
+    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    c = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+
+    def loss(run):
+        y, h_n = run(*leaves)
+        return (y.square() * c).sum() + (h_n * leaves[2].sum()).sum()  # (grad_h_n depends on w_ih)
+
+    def ours(*a):
+        return torch.ops.rnnrec_fast.recurrence(*a, lengths, resets, "gru", True, backend)[:2]
+
+    def spec(x, *a):  # (x's padding left out, as the kernels never read it)
+        if lengths is not None:
+            x = x.masked_fill(torch.arange(4).unsqueeze(1).unsqueeze(2) >= lengths.view(1, -1, 1), 0.0)
+        return reference.forward(x, *a, lengths, resets, 2, True)[:2]
+
+    plain = torch.autograd.grad(loss(ours), leaves)
+    results = []
+    for run in (ours, spec):
+        g = torch.autograd.grad(loss(run), leaves, create_graph=True)
+        penalty = sum((gi * torch.linspace(-1, 1, gi.numel(), dtype=gi.dtype).view(gi.shape)).sum() for gi in g)
+        results.append((g, torch.autograd.grad(penalty, leaves)))
+    (g, gg), (rg, rgg) = results
+    names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    for name, a, b, r in zip(names, g, plain, rg):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a.detach(), r.detach(), rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+    for name, a, r in zip(names, gg, rgg):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"second derivative, {name}: {m}")
+    assert any(float(a.abs().max()) > 1e-3 for a in gg)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_double_backward_refuses_a_bias_changed_in_place(backend):
+    """A backward with create_graph=True recomputes the forward with the biases, which are not saved
+    (a plain backward never reads them, and runs after such a change, as torch.nn's does): one
+    changed in place since the forward is refused, as autograd refuses a saved tensor changed in
+    place, and the plain backward still runs."""
+    gen = torch.Generator().manual_seed(case_seed(10))
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(3, 2, 2, 4, "gru", True, "plain", torch.float64, gen)
+    leaves = [t.requires_grad_() for t in (x, w_hh, b_ih, b_hh)]
+
+    def fwd():
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, "gru", True, backend)
+        return y.square().sum()
+
+    for b in (b_ih, b_hh):
+        loss = fwd()
+        with torch.no_grad():
+            b.add_(0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss, leaves, create_graph=True)
+        torch.autograd.grad(fwd(), leaves)  # (a fresh forward)
+        loss = fwd()
+        with torch.no_grad():
+            b.sub_(0.5)
+        assert all(g is not None for g in torch.autograd.grad(loss, leaves))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
