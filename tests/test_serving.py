@@ -1176,6 +1176,106 @@ def test_thread_safety_per_session_order():
     assert rec.session_info("hot")["clicks"] == n_threads * clicks
 
 
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_weight_updates_inside_updating_never_mix_with_clicks(backend):
+    """A thread switching the model between two weight sets with rec.load_state_dict (updating())
+    while others click fresh sessions, one click each, singly and in batches: every top-k is the
+    first set's or the second's, never a mix (with model.load_state_dict from that thread about a
+    third of the clicks were neither, and the sessions kept states neither set gives; from a
+    review). numba: the step's and the score's calls apart, the score outside the lock."""
+    _need_backend(backend)
+    a = make_model(n_items=300, layers=(32, 32), embedding=16, backend=backend)
+    b = make_model(n_items=300, layers=(32, 32), embedding=16, backend=backend, seed=1)
+    sets = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
+    ids = a.item_ids
+    answers = [SessionRecommender(m, fast=False) for m in (a, b)]
+    want = {i: [tuple(r.click(f"w{i}", ids[i], k=5)[0]) for r in answers] for i in range(0, 300, 7)}
+    rec = SessionRecommender(a)
+    stop, errors, got = threading.Event(), [], []
+
+    def updater():
+        n = 0
+        while not stop.is_set():
+            rec.load_state_dict(sets[n % 2])
+            n += 1
+
+    def clicker(t):
+        try:
+            for j in range(150):
+                i = list(want)[(j + t) % len(want)]
+                if j % 3:
+                    got.append((i, tuple(rec.click(f"c{t}-{j}", ids[i], k=5)[0])))
+                else:
+                    out = rec.click_many([f"b{t}-{j}-{q}" for q in range(4)], [ids[i]] * 4, k=5)
+                    got.extend((i, tuple(r[0])) for r in out)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=updater)] + [threading.Thread(target=clicker, args=(t,)) for t in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads[1:]:
+        th.join(120)
+    stop.set()
+    threads[0].join(60)
+    assert not errors
+    mixed = [(i, top) for i, top in got if top not in want[i]]
+    assert not mixed, f"{len(mixed)} of {len(got)} top-k neither weight set's"
+    assert len(got) == 2 * (100 + 50 * 4)
+
+
+def test_updating_waits_for_a_click_scoring_outside_the_lock(monkeypatch):
+    """updating() enters only after a click whose scoring runs outside the lock has ended, and a
+    click started inside the block waits for its end; the thread inside it may click itself."""
+    model = make_model(n_items=50, layers=(16,))
+    rec = SessionRecommender(model, fast=False)  # (model.step, then model.score outside the lock)
+    ids = model.item_ids
+    scoring, release = threading.Event(), threading.Event()
+    real_score = model.score
+
+    def slow_score(h):
+        scoring.set()
+        assert release.wait(30)
+        return real_score(h)
+
+    monkeypatch.setattr(model, "score", slow_score)
+    rec._score = model.score
+    order = []
+    th = threading.Thread(target=lambda: order.append(("click", rec.click("a", ids[1]))))
+    th.start()
+    assert scoring.wait(30)
+
+    def update():
+        with rec.updating() as m:
+            order.append(("update", m is model))
+            rec._score = real_score
+            rec.click("mine", ids[2])  # (reentrant)
+            order.append(("clicked inside", rec.session_info("mine")["clicks"]))
+    up = threading.Thread(target=update)
+    up.start()
+    up.join(0.3)
+    assert up.is_alive() and not any(o[0] == "update" for o in order)  # held back by the click in flight
+    release.set()
+    th.join(30)
+    up.join(30)
+    assert [o[0] for o in order] == ["click", "update", "clicked inside"]
+    assert order[1][1] and order[2][1] == 1
+
+
+def test_session_info_with_state_is_one_look():
+    """session_info(sid, state=True): clicks, seen and the state at one moment (the debug GET took
+    them in two calls, and a session expiring between them came back with a null state)."""
+    model = make_model(n_items=30, layers=(8, 8))
+    now = [0.0]
+    rec = SessionRecommender(model, ttl=10.0, clock=lambda: now[0])
+    rec.click("s", model.item_ids[3])
+    info = rec.session_info("s", state=True)
+    assert info["clicks"] == 1 and info["seen"] == [model.item_ids[3]]
+    torch.testing.assert_close(info["state"], rec.state("s"), rtol=0, atol=0)
+    now[0] = 11.0
+    assert rec.session_info("s", state=True) is None
+
+
 # ---------------------------------------------------------------------------------------------- export
 def test_export_round_trip_in_fresh_process(tmp_path):
     from rnnrec_fast.serving.export import custom_ops_in, export_step

@@ -357,11 +357,10 @@ class ServingApp:
                 c.fut.set_result((vr, ir))
 
     def _session_debug(self, sid):
-        info = self.rec.session_info(sid)
+        info = self.rec.session_info(sid, state=True)  # (one look: a click or expiry may come between two)
         if info is None:
             raise HTTPError(404, "unknown_session", f"no session {sid!r}")
-        state = self.rec.state(sid)
-        info["state"] = state.tolist() if state is not None else None
+        info["state"] = info["state"].tolist()
         return json.dumps(info).encode()
 
 

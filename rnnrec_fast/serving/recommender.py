@@ -1,6 +1,7 @@
 """In-process session recommender: one recurrent step per click, top-k over the catalogue."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -84,7 +85,10 @@ class SessionRecommender:
     are applied in the order the calls take the lock. Scoring and top-k run outside the lock, on
     the caller's private copy of the new state; but for a one-click call on the C++ fast path
     (``serving.fastpath``), whose step, write-back, scoring and top-k are one C++ call that holds
-    the GIL throughout as the separate scoring call does.
+    the GIL throughout as the separate scoring call does. The model's weights are not the lock's:
+    change them while other threads click inside :meth:`updating` (or with :meth:`load_state_dict`),
+    which waits for the clicks in flight and holds the others back, else a click racing with the
+    change steps or scores with some weights old and others new.
 
     Args:
         model: the recommender (eval mode).
@@ -138,7 +142,12 @@ class SessionRecommender:
                                   dtype=h0.dtype, device=h0.device, initial_capacity=initial_capacity,
                                   max_seen=max_seen, clock=clock)
         self.clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: a thread inside updating() may click (its own writes seen as they stand).
+        self._lock = threading.RLock()
+        # Calls whose scoring runs after their step, outside the lock (the model's weights still
+        # read): updating() waits for them to end.
+        self._scoring = 0
+        self._scored = threading.Condition(self._lock)
         # every item index as a tensor once: a click's input is a view, no allocation
         self._all_items = torch.arange(self.n_items, dtype=torch.long, device=self.device)
         self._neg_inf = float("-inf")
@@ -264,16 +273,50 @@ class SessionRecommender:
                 raise
             self._clicked(e, idx)
             seen = list(e.seen) if exclude_seen else None
-        with torch.no_grad():
-            if fast is not None:
-                top = fast.topk_row(h[-1], k, seen)
-                if top is not None:
-                    return top
-            scores = self._score(h[-1:] if self.num_layers > 1 else h)
-            if exclude_seen:
-                scores[0, seen] = self._neg_inf
-            vals, inds = self._topk(scores, k)  # (the batch's selection: the same order of ties)
-        return vals[0].tolist(), inds[0].tolist()
+            self._scoring += 1
+        try:
+            with torch.no_grad():
+                if fast is not None:
+                    top = fast.topk_row(h[-1], k, seen)
+                    if top is not None:
+                        return top
+                scores = self._score(h[-1:] if self.num_layers > 1 else h)
+                if exclude_seen:
+                    scores[0, seen] = self._neg_inf
+                vals, inds = self._topk(scores, k)  # (the batch's selection: the same order of ties)
+            return vals[0].tolist(), inds[0].tolist()
+        finally:
+            self._scoring_done()
+
+    def _scoring_done(self):
+        with self._lock:
+            self._scoring -= 1
+            if not self._scoring:
+                self._scored.notify_all()
+
+    @contextlib.contextmanager
+    def updating(self):
+        """A block in which the model's weights may change while other threads click: no click
+        then steps or scores with some weights old and others new (a click racing with
+        ``load_state_dict`` or an optimiser step did, and a session kept the state it stepped to).
+        It waits for the clicks in flight to end, holds every click and batch back until the block
+        ends, then rebuilds the fast path from the new weights (where it applies, the model in eval
+        mode), so that the first click after it does not. Yields the model::
+
+            with rec.updating() as model:
+                model.load_state_dict(new_weights)
+
+        The thread inside the block may click too (the lock is reentrant)."""
+        with self._lock:
+            self._scored.wait_for(lambda: self._scoring == 0)
+            yield self.model
+            self._fresh_fast()
+
+    def load_state_dict(self, state_dict, strict=True):
+        """``model.load_state_dict(state_dict, strict)`` inside :meth:`updating`: a hot reload of
+        the weights while other threads serve clicks."""
+        with self.updating() as model:
+            return model.load_state_dict(state_dict, strict=strict)
 
     def _seen_after(self, e, idx):
         """Session entry ``e``'s seen items as :meth:`_clicked` will leave them after a click on
@@ -477,21 +520,25 @@ class SessionRecommender:
                     self._clicked(e, idx)
                     if any_excl:
                         seen_rows.append(e.seen[:] if (exclude_seen[len(seen_rows)] if per_row_excl else True) else None)
-            if fast is not None:
-                # scores and top-k in one call (no scores tensor): each row's seen items excluded
-                excl = [s or [] for s in seen_rows] if any_excl else []
-                top_k = fast.score_topk_rows(top, k_top, excl)
-                if top_k is not None:
-                    return _each_rows_k(top_k, k)
-            scores = self._score(top)
-            if any_excl:
-                rows, cols = [], []
-                for p, seen in enumerate(seen_rows):
-                    if seen:
-                        rows.extend([p] * len(seen))
-                        cols.extend(seen)
-                scores[rows, cols] = self._neg_inf
-            return self._topk(scores, k)
+                self._scoring += 1
+            try:
+                if fast is not None:
+                    # scores and top-k in one call (no scores tensor): each row's seen items excluded
+                    excl = [s or [] for s in seen_rows] if any_excl else []
+                    top_k = fast.score_topk_rows(top, k_top, excl)
+                    if top_k is not None:
+                        return _each_rows_k(top_k, k)
+                scores = self._score(top)
+                if any_excl:
+                    rows, cols = [], []
+                    for p, seen in enumerate(seen_rows):
+                        if seen:
+                            rows.extend([p] * len(seen))
+                            cols.extend(seen)
+                    scores[rows, cols] = self._neg_inf
+                return self._topk(scores, k)
+            finally:
+                self._scoring_done()
 
     def end(self, session_id):
         """Forgets a session. Returns True when it was held."""
@@ -523,15 +570,20 @@ class SessionRecommender:
             self._expire_locked()
             return len(self.store)
 
-    def session_info(self, session_id):
-        """``{"clicks": n, "seen": [item ids]}`` of a live session, or None (no LRU touch)."""
+    def session_info(self, session_id, state=False):
+        """``{"clicks": n, "seen": [item ids]}`` of a live session, or None (no LRU touch); with
+        ``state``, also ``"state"``: a copy of its state, as :meth:`state` gives, taken at the same
+        moment (two calls could straddle a click or the session's expiry)."""
         _check_session_id(session_id)
         with self._lock:
             self._expire_locked()
             e = self.store.get(session_id)
             if e is None:
                 return None
-            return {"clicks": e.clicks, "seen": [self.item_ids[i] for i in e.seen]}
+            info = {"clicks": e.clicks, "seen": [self.item_ids[i] for i in e.seen]}
+            if state:
+                info["state"] = self.store.slab[e.slot].clone()
+            return info
 
     def state(self, session_id):
         """A copy of a live session's state ``(num_layers, hidden_size)``, or None."""
