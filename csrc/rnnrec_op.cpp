@@ -361,15 +361,14 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     const bool reset_after = ctx->saved_data["reset_after"].toBool();
     const at::Tensor none;
     at::Tensor gx, gh0, gwi, gwh, gbi, gbh;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: gradients that autograd records, to be differentiated again (a gradient
-      // penalty, second-order methods): ops.py's rnnrec_fast::recurrence_backward_differentiable,
-      // the forward recomputed in torch operations, with the biases as they were (checked)
-      static const auto diff = c10::Dispatcher::singleton().findSchema(
-          {"rnnrec_fast::recurrence_backward_differentiable", ""});
-      TORCH_CHECK_NOT_IMPLEMENTED(diff.has_value(),
-                                  "rnnrec_fast: a backward with create_graph=True (double backward) needs the "
-                                  "Python package (import rnnrec_fast), which this library without Python lacks");
+    // create_graph=True: gradients that autograd records, to be differentiated again (a gradient
+    // penalty, second-order methods): ops.py's rnnrec_fast::recurrence_backward_differentiable, the
+    // forward recomputed in torch operations, with the biases as they were (checked). Not in the
+    // library without Python (which does not define it): there the backward op runs, and its own
+    // autograd refuses a second derivative (RecurrenceBackwardFn).
+    static const auto diff =
+        c10::Dispatcher::singleton().findSchema({"rnnrec_fast::recurrence_backward_differentiable", ""});
+    if (at::GradMode::is_enabled() && diff.has_value()) {
       Opt b[2];
       const char* names[2] = {"b_ih", "b_hh"};
       for (int i = 0; i < 2; ++i) {
@@ -421,8 +420,9 @@ struct RecurrenceBackwardFn : public torch::autograd::Function<RecurrenceBackwar
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
     TORCH_CHECK_NOT_IMPLEMENTED(false,
                                 "rnnrec_fast: rnnrec_fast::recurrence_backward is not differentiable: second "
-                                "derivatives through torch.func's transforms (jacrev(jacrev(f)), hessian) are not "
-                                "supported; an eager backward with create_graph=True is (torch.autograd.grad)");
+                                "derivatives through torch.func's transforms (jacrev(jacrev(f)), hessian), and in "
+                                "the library without Python, are not supported; with the Python package an eager "
+                                "backward with create_graph=True is (torch.autograd.grad)");
   }
 };
 

@@ -459,6 +459,18 @@ def test_library_without_python_defines_the_same_op(tmp_path):
         "torch.testing.assert_close(h, d['h'], rtol=1e-12, atol=1e-12)\n"
         "for g, e in zip(grads, d['grads']):\n"
         "    torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)\n"
+        # no second derivative without the package's Python recomputation: the first-order gradients
+        # with create_graph=True, then a clear refusal
+        "y, h, ws = op.recurrence(*leaves, None, None, 'gru', True, 'auto')\n"
+        "g1 = torch.autograd.grad((y * y).sum() + h.sum(), leaves, create_graph=True)\n"
+        "for g, e in zip(g1, d['grads']):\n"
+        "    torch.testing.assert_close(g.detach(), e, rtol=1e-12, atol=1e-12)\n"
+        "try:\n"
+        "    torch.autograd.grad(g1[0].square().sum(), leaves)\n"
+        "except NotImplementedError as e:\n"
+        "    assert 'in the library without Python, are not supported' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('second derivative not refused')\n"
         "for args in [(*d['inputs'], None, None, 'gru', True, 'numba'),\n"
         "             (*[t.half() for t in d['inputs']], None, None, 'gru', True, 'auto')]:\n"
         "    try:\n"
