@@ -148,6 +148,49 @@ def test_generic_loader_columns_and_separators(tmp_path):
     assert list(log2.items) == [10, 11] and log2.times.tolist() == [5.5, 6.0]
 
 
+def test_loader_reads_gzip_millisecond_times_and_refuses_a_data_line_as_header(tmp_path):
+    """From a review of the loaders: a gzip-compressed log loads as its text (by its first bytes,
+    whatever its name; it was 'not UTF-8 text'); times in milliseconds (GRU4Rec's newer
+    preprocessing, RetailRocket) are taken as such where the largest is 1e11 or more, with a warning
+    (read as seconds, a 1-day split held out ~86 s of data), or as the time_unit says; and a first
+    line that reads as a click, loaded with a header, is refused (the first click was dropped)."""
+    import gzip
+
+    text = "SessionId\tItemId\tTime\n1\t10\t1396310400000\n1\t11\t1396310460500\n2\t10\t1396396800000\n"
+    plain = _write(tmp_path, "ms.tsv", text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = recsys.load_clicks(plain)
+    assert len(caught) == 1 and "milliseconds" in str(caught[0].message)
+    assert log.times.tolist() == [1396310400.0, 1396310460.5, 1396396800.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert recsys.load_clicks(plain, time_unit="s").times[0] == 1396310400000.0
+        assert recsys.load_clicks(plain, time_unit="ms").times.tolist() == log.times.tolist()
+        secs = _write(tmp_path, "s.tsv", text.replace("000\n", "\n").replace("460500", "460.5"))
+        assert recsys.load_clicks(secs).times.tolist() == log.times.tolist()  # (seconds: unchanged)
+        assert recsys.load_clicks(secs, time_unit="ms").times[0] == pytest.approx(1396310.4)
+        assert recsys.load_yoochoose(plain, time_unit="ms").times.tolist() == log.times.tolist()
+    with pytest.raises(RecsysError, match="time_unit"):
+        recsys.load_clicks(plain, time_unit="us")
+    for name in ("log.tsv.gz", "log.tsv"):  # (named as plain text: its bytes say gzip)
+        packed = tmp_path / ("gz-" + name)
+        packed.write_bytes(gzip.compress(text.encode()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = recsys.load_clicks(str(packed))
+        assert got.times.tolist() == log.times.tolist() and list(got.items) == [10, 11, 10]
+        assert recsys.data.sniff_format(str(packed)) == "columns"
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(gzip.compress(b"SessionId\tItemId\tTime\n1\t\xff\t5\n"))
+    with pytest.raises(RecsysError, match="not UTF-8 text"):
+        recsys.load_clicks(str(bad))
+    headless = _write(tmp_path, "h.tsv", "1\t10\t5.5\n1\t11\t6\n")
+    with pytest.raises(RecsysError, match="looks like a click, not a header"):
+        recsys.load_clicks(headless, session_col=0, item_col=1, time_col=2)
+    assert len(recsys.load_clicks(headless, session_col=0, item_col=1, time_col=2, header=False)) == 2
+
+
 def test_loader_errors(tmp_path):
     with pytest.raises(RecsysError, match="not found"):
         recsys.load_yoochoose(str(tmp_path / "nope.txt"))

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -476,3 +477,38 @@ def test_non_ascii_separator_kept_escapes_decoded(files, tmp_path, capsys):
         code, out, err = _run(["train", "--train", tmp_path / name, "--sep", sep, "--epochs", "1",
                                "--n-sample", "4", "--layers", "4", "--quiet"], capsys)
         assert code == 0 and "train: " in err, (sep, err)
+
+
+def test_headerless_and_millisecond_logs(files, tmp_path, capsys):
+    """--no-header reads a log without a header line (columns 0, 1, 2 by default, or the indices
+    given; it could not be read at all: '--session-col 0' was looked up as a name), and --time-unit
+    says the unit of numeric times (auto: milliseconds, with a warning, where they pass 1e11; a log
+    in milliseconds read as seconds held out minutes under --split-days); a fixed date format
+    refuses it. From a review of the loaders."""
+    log = recsys.load_clicks(str(files / "train.txt"))
+    plain = tmp_path / "plain.txt"
+    with open(plain, "w") as f:
+        for s, i, t in zip(log.sessions, log.items, log.times):
+            f.write(f"{i}\t{s}\t{int(t * 1000)}\n")  # (item first: the indices below)
+    days = (log.times.max() - log.times.min()) / 86400 / 3  # (the last third of the log)
+    base = ["train", "--train", plain, "--no-header", "--epochs", "1", "--n-sample", "4", "--layers", "4", "--quiet",
+            "--split-days", f"{days:.6f}", "--session-col", "1", "--item-col", "0"]
+    with pytest.warns(UserWarning, match="times read as milliseconds"):
+        code, out, err = _run(base, capsys)
+    assert code == 0, err
+    held_auto = re.search(r"test: (\d+) clicks", err + out).group(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = _run(base + ["--time-unit", "ms"], capsys)
+        assert code == 0 and re.search(r"test: (\d+) clicks", err + out).group(1) == held_auto, err
+        code, out, err = _run(base + ["--time-unit", "s"], capsys)  # (a split of the last ~seconds)
+    assert code != 0 or re.search(r"test: (\d+) clicks", err + out).group(1) != held_auto, err
+    base = base[:-4]
+    code, out, err = _run(base + ["--session-col", "sid"], capsys)
+    assert code == 2 and "must be an index" in err, err
+    code, out, err = _run(["train", "--train", plain, "--epochs", "1", "--quiet"], capsys)
+    assert code == 2 and "looks like a click, not a header" in err and "--no-header" in err, err
+    raw = tmp_path / "raw.dat"
+    raw.write_text("1,2014-04-07T10:51:09.277Z,214536502,0\n1,2014-04-07T10:54:09.868Z,214536500,0\n")
+    code, out, err = _run(["train", "--train", raw, "--time-unit", "ms", "--epochs", "1", "--quiet"], capsys)
+    assert code == 2 and "--time-unit applies to numeric times" in err, err

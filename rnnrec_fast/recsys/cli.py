@@ -46,10 +46,16 @@ def _add_data_opts(p):
     p.add_argument("--item-col", default="ItemId")
     p.add_argument("--time-col", default="Time")
     p.add_argument("--sep", default=None, help="field separator (default: sniffed)")
+    p.add_argument("--no-header", action="store_true",
+                   help="the file has no header line: the columns are 0-based indices (default 0, 1, 2)")
+    p.add_argument("--time-unit", choices=["auto", "s", "ms"], default="auto",
+                   help="numeric times in seconds or milliseconds (auto: milliseconds where the largest is "
+                        "1e11 or more, with a warning)")
 
 
 # the column options and their defaults: they apply to --format columns (or auto's fallback) alone
-_COLUMN_OPTS = (("session_col", "SessionId"), ("item_col", "ItemId"), ("time_col", "Time"), ("sep", None))
+_COLUMN_OPTS = (("session_col", "SessionId"), ("item_col", "ItemId"), ("time_col", "Time"), ("sep", None),
+                ("no_header", False))
 
 
 def _load(path, a):
@@ -66,6 +72,11 @@ def _load(path, a):
             raise RecsysError(f"{path}: {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --format "
                               f"columns, but the file is read as "
                               f"{fmt} ({how}), whose columns are fixed")
+        if a.time_unit != "auto":
+            if fmt != "yoochoose":
+                raise RecsysError(f"{path}: --time-unit applies to numeric times, but the file is read as {fmt}, "
+                                  "whose times are dates")
+            return loader(path, time_unit=a.time_unit)
         return loader(path)
     # backslash escapes decoded ('\\t': a tab); any other character kept as it is (UTF-8 encoded
     # and decoded as Latin-1 by "unicode_escape" alone, a '§' became 'Â§', refused as two characters)
@@ -74,8 +85,11 @@ def _load(path, a):
     except UnicodeDecodeError:  # ('\\', '\\x', '\\u': an escape cut short)
         raise RecsysError(f"bad --sep {a.sep!r}: an incomplete backslash escape (give one character, "
                           f"or an escape such as '\\t')") from None
-    return load_clicks(path, session_col=a.session_col, item_col=a.item_col,
-                       time_col=a.time_col or None, sep=sep)
+    cols = [a.session_col, a.item_col, a.time_col or None]
+    if a.no_header:  # (the defaults' names: GRU4Rec's column order)
+        cols = [str(i) if c == default else c for i, (c, (_, default)) in enumerate(zip(cols, _COLUMN_OPTS))]
+    return load_clicks(path, session_col=cols[0], item_col=cols[1], time_col=cols[2], sep=sep,
+                       header=not a.no_header, time_unit=a.time_unit)
 
 
 _SAYS_DEFAULT = re.compile(r"%\(default\)|\bdefault[: ]")  # not "(0: torch's default)"

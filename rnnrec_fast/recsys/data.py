@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import gzip
 import math
 import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +177,25 @@ def _parse_time(value: str, time_format: str | None) -> float:
     return d.timestamp()
 
 
+def _number(v: str) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except ValueError:
+        return False
+
+
+def _looks_like_data(session: str, item: str, time: str) -> bool:
+    """Whether a header's session, item and time fields read as a click: two integers and a number
+    (no header names its columns so)."""
+    return canonical_int(session) is not None and canonical_int(item) is not None and _number(time)
+
+
+def _data_as_header(path, skipped, sep, names):
+    return RecsysError(f"{path}:{skipped + 1}: the first line looks like a click, not a header "
+                       f"({sep.join(names)!r}); a file without a header: header=False (--no-header), the "
+                       "columns as 0-based indices")
+
+
 def _sniff_sep(path: str, first_line: str) -> str:
     for sep in ("\t", ";", ","):
         if sep in first_line:
@@ -184,23 +205,43 @@ def _sniff_sep(path: str, first_line: str) -> str:
 
 def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: str | int = "ItemId",
                 time_col: str | int | None = "Time", sep: str | None = None, header: bool = True,
-                time_format: str | None = None, extra_time_col: str | int | None = None) -> ClickLog:
+                time_format: str | None = None, extra_time_col: str | int | None = None,
+                time_unit: str = "auto") -> ClickLog:
     """Load any delimited click log (TSV/CSV).
 
     Columns are named (when the file has a header) or 0-based indices. ``sep`` is sniffed from the
-    first line when None (tab, ';' or ','). Times are numbers (seconds), ISO dates or ``time_format``
+    first line when None (tab, ';' or ','). Times are numbers, ISO dates or ``time_format``
     (strptime); ``extra_time_col`` is added to the time in milliseconds (Diginetica's timeframe).
-    Without a time column, the file order is the time order. Times must be finite. The file is
-    UTF-8 (a byte-order mark is skipped).
+    Numbers are seconds (``time_unit="s"``) or milliseconds (``"ms"``); ``"auto"`` takes them as
+    milliseconds, with a warning, where the largest is 1e11 or more (past the year 5000 in seconds,
+    1973 in milliseconds: GRU4Rec's newer preprocessing and RetailRocket write milliseconds, and a
+    split by days would otherwise hold out minutes). Without a time column, the file order is the
+    time order. Times must be finite. The file is UTF-8 (a byte-order mark is skipped), or gzip-
+    compressed UTF-8. With ``header`` a first line whose session and item fields are integers and
+    whose time field is a number is refused as data, not a header.
     """
     _check_file(path)
+    if time_unit not in ("auto", "s", "ms"):
+        raise RecsysError(f"bad time_unit {time_unit!r}: 'auto', 's' or 'ms'")
     if sep is not None and (not isinstance(sep, str) or len(sep) != 1 or sep in "\r\n\"" or sep.isalnum()):
         raise RecsysError(f"bad separator {sep!r}: must be one character, not a letter, digit, quote or newline")
     for what, c in (("session", session_col), ("item", item_col), ("time", time_col), ("extra time", extra_time_col)):
         if ((c is None and what in ("session", "item")) or isinstance(c, bool)
                 or (isinstance(c, int) and c < 0) or not isinstance(c, (str, int, type(None)))):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
-    return _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
+    log = _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
+    if time_col is not None and time_format is None and time_unit != "s":
+        top = float(np.abs(log.times).max())
+        if time_unit == "ms" or top >= _MS_TIMES:
+            if time_unit == "auto":
+                warnings.warn(f"{path}: times read as milliseconds (the largest, {top:.17g}, is past the year "
+                              "5000 in seconds); pass time_unit='s' or 'ms' (--time-unit) to say which",
+                              UserWarning, stacklevel=2)
+            log = ClickLog(log.sessions, log.items, log.times / 1000.0)
+    return log
+
+
+_MS_TIMES = 1e11  # seconds past the year 5138; milliseconds past 1973
 
 
 def _check_file(path) -> None:
@@ -211,11 +252,24 @@ def _check_file(path) -> None:
         raise RecsysError(f"file not found: {path}")
 
 
+def _is_gzip(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _open(path, mode="r", **kw):
+    """``open(path, mode, **kw)``, or for a gzip-compressed file (by its first two bytes, whatever
+    its name) ``gzip.open`` in the same mode: its text read as the file's."""
+    if _is_gzip(path):
+        return gzip.open(path, mode if "b" in mode else mode + "t", **kw)
+    return open(path, mode, **kw)
+
+
 def _not_utf8(path):
     """Where a file is not UTF-8: ``path:line: not UTF-8 text (...)`` with the byte's offset in the
     file (the decoder's own message counts from the start of its read buffer)."""
     offset = lineno = 0
-    with open(path, "rb") as f:
+    with _open(path, "rb") as f:
         for raw in f:  # (split at \n; each piece split again at a lone \r, as the loader's reader ends lines)
             for m in re.finditer(rb"[^\r\n]*(?:\r\n|\n|\r|$)", raw):
                 line = m.group()
@@ -244,7 +298,7 @@ def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format
 
 
 def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col, keep_extra):
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _open(path, newline="", encoding="utf-8-sig") as f:
         skipped = 0  # blank lines before the header (or first row)
         while True:
             start = f.tell()
@@ -278,11 +332,15 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             if not header:
                 raise RecsysError(f"{path}: {what} column {c!r} must be an index: the file has no header")
             if c not in names:
+                if all(_number(v) for v in names):
+                    raise _data_as_header(path, skipped, sep, names)
                 raise RecsysError(f"{path}: no {what} column {c!r} in the header {names}")
             return names.index(c)
 
         si, ii = col_index(session_col, "session"), col_index(item_col, "item")
         ti, xi = col_index(time_col, "time"), col_index(extra_time_col, "extra time")
+        if header and ti is not None and max(si, ii, ti) < len(names) and _looks_like_data(names[si], names[ii], names[ti]):
+            raise _data_as_header(path, skipped, sep, names)
         named = [(what, i) for what, i in (("session", si), ("item", ii), ("time", ti), ("extra time", xi))
                  if i is not None]
         for k, (what, i) in enumerate(named):  # one column read as two things would train on nonsense
@@ -356,9 +414,11 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
     return log, (np.asarray(extras, dtype=np.float64) if keep_extra else None)
 
 
-def load_yoochoose(path: str) -> ClickLog:
-    """GRU4Rec-style TSV with header ``SessionId ItemId Time`` (Unix seconds)."""
-    return load_clicks(path, session_col="SessionId", item_col="ItemId", time_col="Time", sep="\t")
+def load_yoochoose(path: str, time_unit: str = "auto") -> ClickLog:
+    """GRU4Rec-style TSV with header ``SessionId ItemId Time`` (Unix seconds, or milliseconds: see
+    :func:`load_clicks`'s ``time_unit``)."""
+    return load_clicks(path, session_col="SessionId", item_col="ItemId", time_col="Time", sep="\t",
+                       time_unit=time_unit)
 
 
 def load_yoochoose_raw(path: str) -> ClickLog:
@@ -415,7 +475,7 @@ def _from_session_start_dates(dates: ClickLog, frame) -> ClickLog:
 def _first_line(path: str) -> str:
     """The first non-blank line of ``path`` (a header, or a first row), stripped."""
     _check_file(path)
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    with _open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
                 return line.strip()
