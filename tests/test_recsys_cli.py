@@ -288,7 +288,8 @@ def test_train_checks_save_path_and_test_set_before_training(files, tmp_path, ca
     unknown = tmp_path / "unknown.txt"
     unknown.write_text("SessionId\tItemId\tTime\n1\t999991\t1\n1\t999992\t2\n")
     code, _, err = _run(["train", "--train", files / "train.txt", "--test", unknown] + TRAIN_ARGS, capsys)
-    assert code == 2 and "no session with at least two known clicks" in err, err
+    assert code == 2 and "no session with at least two clicks on items the model knows" in err, err
+    assert "0 of 2 clicks are on known items ('999991' is not one)" in err, err  # (from a review: it said no more)
 
 
 def _damaged_checkpoints(model, d):

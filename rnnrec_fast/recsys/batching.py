@@ -24,6 +24,9 @@ class Schedule:
     resets: torch.Tensor  # (S, B) bool: zero the lane's state before step s
     valid: torch.Tensor  # (S, B) bool: the lane has a real event at step s
     n_events: int
+    # (S, B) int64: each event's index in the data's order (session by session, click by click),
+    # -1 where idle; built on request (with_events)
+    event_ids: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -47,18 +50,21 @@ class Schedule:
             return self
         S = int(short[0, 0])
         valid = self.valid[:S]
-        return Schedule(self.inputs[:S], self.targets[:S], self.resets[:S], valid, int(valid.sum()))
+        return Schedule(self.inputs[:S], self.targets[:S], self.resets[:S], valid, int(valid.sum()),
+                        None if self.event_ids is None else self.event_ids[:S])
 
     def to(self, device) -> "Schedule":
         return Schedule(self.inputs.to(device), self.targets.to(device), self.resets.to(device),
-                        self.valid.to(device), self.n_events)
+                        self.valid.to(device), self.n_events,
+                        None if self.event_ids is None else self.event_ids.to(device))
 
 
 def session_parallel_schedule(items: np.ndarray, offsets: np.ndarray, batch_size: int,
-                              session_order: np.ndarray | None = None) -> Schedule:
+                              session_order: np.ndarray | None = None, with_events: bool = False) -> Schedule:
     """Build the session-parallel schedule for sessions ``items[offsets[k]:offsets[k+1]]``.
 
-    Sessions with fewer than two clicks contribute nothing and are skipped.
+    Sessions with fewer than two clicks contribute nothing and are skipped. ``with_events``: also
+    each event's index in the data's order (``Schedule.event_ids``).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -83,6 +89,7 @@ def session_parallel_schedule(items: np.ndarray, offsets: np.ndarray, batch_size
     targets = np.zeros((S, B), dtype=np.int64)
     resets = np.zeros((S, B), dtype=bool)
     valid = np.zeros((S, B), dtype=bool)
+    event_ids = np.full((S, B), -1, dtype=np.int64) if with_events else None
     if len(order):
         n_pairs = lengths[order] - 1
         # flat (step, lane, source position) for every event, vectorised
@@ -95,5 +102,8 @@ def session_parallel_schedule(items: np.ndarray, offsets: np.ndarray, batch_size
         targets[step, lane] = items[src + 1]
         valid[step, lane] = True
         resets[starts_step, lanes] = True
+        if with_events:  # a session's first event comes after the events of the sessions before it
+            pairs = np.maximum(lengths - 1, 0)
+            event_ids[step, lane] = (np.cumsum(pairs) - pairs)[order][rep_k] + within
     return Schedule(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(resets),
-                    torch.from_numpy(valid), n_events)
+                    torch.from_numpy(valid), n_events, None if event_ids is None else torch.from_numpy(event_ids))

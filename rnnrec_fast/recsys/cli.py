@@ -192,7 +192,7 @@ def _print_metrics(res, ks, out):
 def _cmd_train(a):
     from .checkpoint import check_save_path, save_checkpoint
     from .data import SessionDataset, time_split
-    from .evaluate import check_events, evaluate
+    from .evaluate import evaluate
     from .train import TrainConfig, train
 
     _check_device(a.device)
@@ -222,14 +222,13 @@ def _cmd_train(a):
     elif a.test:
         test_log = _load(a.test, a)
     tr = SessionDataset.from_log(train_log)
-    te = None if test_log is None else SessionDataset.from_log(test_log, tr.item_map)
+    te = None if test_log is None else _test_data(test_log, tr.item_map, a.test or "the test split")
     log = sys.stderr
     # an event is a next-click prediction: a session of n clicks gives n - 1 (as GRU4Rec counts them)
     log.write(f"train: {len(tr.items)} clicks, {tr.n_sessions} sessions, {len(tr.item_map)} items "
               f"({tr.n_events} events: next-click targets)\n")
     if te is not None:
         log.write(f"test: {len(te.items)} clicks, {te.n_sessions} sessions ({te.n_events} events)\n")
-        check_events(te)  # (evaluate's own check, made before training)
     model, stats = train(tr, cfg, progress=not a.quiet)
     from .. import ops
     backend = ops.last_backend()  # (the GRU's, as the training thread's latest op call ran it)
@@ -259,12 +258,28 @@ def _cmd_evaluate(a):
     if any(k < 1 for k in a.k):
         raise RecsysError("--k values must be >= 1")
     model = load_checkpoint(a.model, device=a.device)
-    te = SessionDataset.from_log(_load(a.test, a), model.item_map)
+    te = _test_data(_load(a.test, a), model.item_map, a.test)
     res = evaluate(model, te, ks=a.k, ties=a.ties, batch_size=a.batch_size)
     _print_metrics(res, a.k, sys.stdout)
     if a.json:
         sys.stdout.write(json.dumps(res) + "\n")
     return 0
+
+
+def _test_data(log, item_map, what):
+    """The test log as a dataset on ``item_map`` (clicks on other items dropped), or RecsysError
+    where no event is left, saying how many clicks were on known items (an unrelated file, or ids
+    written otherwise, e.g. '214536502.0', leave none)."""
+    from .data import SessionDataset
+
+    te = SessionDataset.from_log(log, item_map)
+    if te.n_events <= 0:
+        known = item_map.known_mask(log.items)
+        unknown = log.items[~known]
+        example = f" ({str(unknown[0])!r} is not one)" if len(unknown) else ""
+        raise RecsysError(f"{what}: no session with at least two clicks on items the model knows: "
+                          f"{int(known.sum())} of {len(log)} clicks are on known items{example}")
+    return te
 
 
 def _cmd_recommend(a):

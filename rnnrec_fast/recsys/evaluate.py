@@ -64,6 +64,10 @@ def metrics_from_ranks(ranks: np.ndarray, ks) -> dict:
 @torch.no_grad()
 def compute_ranks(model, data: SessionDataset, *, batch_size: int = 512, chunk_steps: int = 16,
                   ties: str = "conservative", block_elems: int = 1 << 24) -> np.ndarray:
+    """The rank of the next click of every next-click event of ``data`` (int64, one per event), in
+    the data's order: session by session, and within a session click by click (its k-th element
+    the k-th prediction of the sessions of two or more clicks taken in order), whatever
+    ``batch_size`` and ``chunk_steps`` (which set only how the sessions run side by side)."""
     if ties not in TIES:
         raise RecsysError(f"unknown ties mode {ties!r}; choose one of {TIES}")
     for name, v in (("batch_size", batch_size), ("chunk_steps", chunk_steps)):
@@ -82,17 +86,24 @@ def _ranks(model, data, batch_size, chunk_steps, ties, block_elems):
     device = model.Wy.device
     # lanes past the number of sessions would stay idle: not more (a state row each)
     batch_size = max(1, min(int(batch_size), data.n_sessions))
-    sched = session_parallel_schedule(data.items, data.offsets, batch_size).to(device)
+    sched = session_parallel_schedule(data.items, data.offsets, batch_size, with_events=True)
+    events = sched.event_ids
+    sched = sched.to(device)
     h = model.init_state(batch_size)
-    out = []
+    out, ids = [], []
     rows_per_block = max(1, block_elems // model.n_items)
-    for inp, tgt, rst, val in sched.chunks(chunk_steps):
+    S = sched.n_steps
+    for s0, (inp, tgt, rst, val) in zip(range(0, S, chunk_steps), sched.chunks(chunk_steps)):
         y, h = model.recur(model.embed(inp), h, rst)
         yv, tv = y[val], tgt[val]
+        ids.append(events[s0:s0 + chunk_steps][val.cpu()])
         for r in range(0, yv.shape[0], rows_per_block):
             s = model.score(yv[r:r + rows_per_block])
             out.append(ranks_from_scores(s, tv[r:r + rows_per_block], ties).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+    ranks = np.zeros(sched.n_events, np.int64)
+    if out:  # (the schedule's order, step by step, to the data's)
+        ranks[torch.cat(ids).numpy()] = torch.cat(out).numpy()
+    return ranks
 
 
 def check_events(data: SessionDataset) -> None:
