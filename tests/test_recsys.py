@@ -191,6 +191,34 @@ def test_loader_reads_gzip_millisecond_times_and_refuses_a_data_line_as_header(t
     assert len(recsys.load_clicks(headless, session_col=0, item_col=1, time_col=2, header=False)) == 2
 
 
+def test_loader_chunks_give_what_one_pass_gives(tmp_path, monkeypatch):
+    """The loader turns every _CHUNK rows into arrays (memory: ~250 bytes a row as Python objects);
+    with chunks of 3 rows it gives what one chunk gives: int ids where every chunk's are, else
+    every id as written (a later chunk's '007' makes the earlier ints text), the file order as
+    the time order without a time column, Diginetica's timeframes."""
+    from rnnrec_fast.recsys import data
+
+    rows = [("1", "10", "5"), ("1", "11", "6"), ("2", "12", "7"), ("2", "10", "8"), ("3", "13", "9"),
+            ("3", "10", "10"), ("4", "11", "11")]
+    ints = _write(tmp_path, "i.tsv", "SessionId\tItemId\tTime\n" + "".join("\t".join(r) + "\n" for r in rows))
+    mixed = _write(tmp_path, "m.tsv", "SessionId\tItemId\tTime\n" + "".join("\t".join(r) + "\n" for r in rows)
+                   + "5\t007\t12\n")
+    digi = os.path.join(recsys.resolve_data_dir() or "", data.DIGINETICA)
+    loads = [lambda: recsys.load_clicks(ints), lambda: recsys.load_clicks(mixed),
+             lambda: recsys.load_clicks(ints, time_col=None)]
+    if os.path.exists(digi):
+        loads.append(lambda: recsys.load_diginetica(digi))
+    whole = [f() for f in loads]
+    monkeypatch.setattr(data, "_CHUNK", 3)
+    for want, f in zip(whole, loads):
+        got = f()
+        for a, b in ((got.sessions, want.sessions), (got.items, want.items)):
+            assert a.dtype == b.dtype and a.tolist() == b.tolist()
+        np.testing.assert_array_equal(got.times, want.times)
+    assert whole[1].items.dtype == object and whole[1].items.tolist()[-2:] == ["11", "007"]
+    assert whole[2].times.tolist() == [float(i) for i in range(7)]
+
+
 def test_loader_errors(tmp_path):
     with pytest.raises(RecsysError, match="not found"):
         recsys.load_yoochoose(str(tmp_path / "nope.txt"))
