@@ -219,6 +219,27 @@ def test_loader_chunks_give_what_one_pass_gives(tmp_path, monkeypatch):
     assert whole[2].times.tolist() == [float(i) for i in range(7)]
 
 
+def test_loader_small_review_findings(tmp_path):
+    """Lines of separators alone are blank lines (a tab-only line was a malformed row, ',,' an
+    empty id); a pipe names itself (it was 'file not found'); a header spelling the column in
+    another case or with underscores is named in the error; the YOOCHOOSE buys file (5 fields) is
+    not taken for the raw clicks (4)."""
+    p = _write(tmp_path, "b.tsv", "SessionId\tItemId\tTime\n1\t10\t5\n\t\n  \t \n1\t11\t6\n")
+    assert len(recsys.load_clicks(p)) == 2
+    c = _write(tmp_path, "b.csv", "SessionId,ItemId,Time\n1,10,5\n,,\n1,11,6\n")
+    assert len(recsys.load_clicks(c)) == 2
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RecsysError, match="not a regular file"):
+        recsys.load_clicks(str(fifo))
+    low = _write(tmp_path, "low.tsv", "session_id\titemid\tTime\n1\t10\t5\n")
+    with pytest.raises(RecsysError, match="it has 'session_id'"):
+        recsys.load_clicks(low)
+    buys = _write(tmp_path, "yoochoose-buys.dat", "420374,2014-04-06T18:44:58.314Z,214537888,12462,1\n")
+    raw = _write(tmp_path, "yoochoose-clicks.dat", "1,2014-04-07T10:51:09.277Z,214536502,0\n")
+    assert recsys.data.sniff_format(buys) == "columns" and recsys.data.sniff_format(raw) == "yoochoose-raw"
+
+
 def test_loader_errors(tmp_path):
     with pytest.raises(RecsysError, match="not found"):
         recsys.load_yoochoose(str(tmp_path / "nope.txt"))

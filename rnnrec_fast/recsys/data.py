@@ -249,6 +249,8 @@ def _check_file(path) -> None:
     if os.path.isdir(path):
         raise RecsysError(f"{path} is a folder, not a click-log file")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # (the loader reads a file twice: its first line, then the whole)
+            raise RecsysError(f"{path} is not a regular file (a pipe or a device?): write the log to a file first")
         raise RecsysError(f"file not found: {path}")
 
 
@@ -334,7 +336,9 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             if c not in names:
                 if all(_number(v) for v in names):
                     raise _data_as_header(path, skipped, sep, names)
-                raise RecsysError(f"{path}: no {what} column {c!r} in the header {names}")
+                alike = [n for n in names if n.lower().replace("_", "") == str(c).lower().replace("_", "")]
+                hint = (f"; it has {alike[0]!r} (give it as the {what} column: --{what}-col)" if alike else "")
+                raise RecsysError(f"{path}: no {what} column {c!r} in the header {names}{hint}")
             return names.index(c)
 
         si, ii = col_index(session_col, "session"), col_index(item_col, "item")
@@ -378,7 +382,7 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             if spanned != 1:
                 raise RecsysError(f"{path}:{lineno}: a quoted field runs over {spanned} lines (a stray quote "
                                   f"character?)")
-            if not row or (len(row) == 1 and not row[0].strip()):
+            if not any(v.strip() for v in row):  # (a blank line, or separators alone)
                 continue
             if len(row) < need:
                 raise RecsysError(f"{path}:{lineno}: malformed row (expected at least {need} fields "
@@ -510,7 +514,7 @@ def _first_line(path: str) -> str:
     return ""
 
 
-_YOOCHOOSE_RAW_LINE = re.compile(r"\d+,\d{4}-\d\d-\d\dT[^,]*,\d+(,|$)")
+_YOOCHOOSE_RAW_LINE = re.compile(r"\d+,\d{4}-\d\d-\d\dT[^,]*,\d+(,[^,]*)?$")  # (4 fields: not the buys file's 5)
 
 
 def sniff_format(path: str) -> str:
