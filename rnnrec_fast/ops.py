@@ -617,27 +617,40 @@ def _backward_differentiable(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, le
     the forward recomputed by the reference backend, the op's specification in torch operations, on
     any device, and differentiated with create_graph=True, so that its gradients are differentiable
     again (to any order). Gradients of inputs that require none come back as zeros (the caller drops
-    them). Padding past a row's length is left out of the recomputation (zeros), as the kernels
-    never read it. A Python loop over the steps: slow, as a second derivative of torch.nn's CPU GRU
-    is."""
+    them). A Python loop over the steps: slow, as a second derivative of torch.nn's CPU GRU is.
+
+    Each input requiring a gradient enters the recomputation as an alias of its own (a view), and
+    the gradient taken is the alias's: an argument's own, as the kernels give it, where one tensor is
+    passed twice (tied weights) or one input is computed from another (h0 from x), whose total
+    derivatives would count the shared paths twice. What the kernels never read stays out of the
+    recomputation, so that a NaN there gives no NaN gradient: x past a row's length (zeros), and the
+    h0 of a row of length 0 (zeros, its h_n h0 itself)."""
     T, B, _ = x.shape
     H = w_hh.shape[1]
-    state = h0 if h0 is not None else x.new_zeros(B, H)
-    xr = x if lengths is None else x.masked_fill(~_reference._active_mask(lengths, T, B, x.device), 0.0)
     inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
-    wrt = [t for t in inputs if t is not None and t.requires_grad]
-    got = iter(())
-    if wrt:
+    want = [t is not None and t.requires_grad for t in inputs]
+    out = [None] * 6
+    if any(want):
         with torch.enable_grad(), _autocast_off(x.device.type):
-            y, h_n, _ = _reference.forward(xr, state, w_ih, w_hh, b_ih, b_hh, lengths, resets, MODES[mode],
-                                                    reset_after)
+            alias = [t.view_as(t) if w else t for t, w in zip(inputs, want)]
+            xa, h0a, wi, wh, bi, bh = alias
+            state = h0a if h0a is not None else x.new_zeros(B, H)
+            empty = None
+            if lengths is not None:
+                xa = xa.masked_fill(~_reference._active_mask(lengths, T, B, x.device), 0.0)
+                empty = (lengths.to(x.device) == 0).unsqueeze(1)
+                state_in = state.masked_fill(empty, 0.0)
+            else:
+                state_in = state
+            y, h_n, _ = _reference.forward(xa, state_in, wi, wh, bi, bh, lengths, resets, MODES[mode], reset_after)
+            if empty is not None:
+                h_n = torch.where(empty, state, h_n)
+            wrt = [a for a, w in zip(alias, want) if w]
             got = iter(torch.autograd.grad((y, h_n), wrt, (grad_y, grad_h_n), create_graph=True, allow_unused=True))
+            out = [next(got) if w else None for w in want]
     G = w_hh.shape[0]
-    out = []
-    for t, like in zip(inputs, (x, state, w_ih, w_hh, w_hh.new_empty(G), w_hh.new_empty(G))):
-        g = next(got) if t is not None and t.requires_grad else None
-        out.append(torch.zeros_like(like) if g is None else g)
-    return tuple(out)
+    likes = (x, x.new_empty(B, H), w_ih, w_hh, w_hh.new_empty(G), w_hh.new_empty(G))
+    return tuple(torch.zeros_like(like) if g is None else g for g, like in zip(out, likes))
 
 
 _lib.impl("recurrence_backward_differentiable", _backward_differentiable, "CompositeImplicitAutograd")

@@ -484,6 +484,72 @@ def test_double_backward_of_a_gradient_penalty(backend, extras):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", ["w_hh is w_ih", "b_hh is b_ih", "h0 from x", "x from w_ih"])
+def test_double_backward_with_tied_or_dependent_inputs(backend, case):
+    """One tensor passed as two arguments, or one argument computed from another: the gradients
+    taken with create_graph=True and the second derivatives equal those of the specification run on
+    the same tensors (autograd through the reference forward). They were the total derivatives
+    counted once per argument (the gradients themselves off by ~2, the second derivatives ~100;
+    from a review)."""
+    gen = torch.Generator().manual_seed(case_seed(12, case))
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(4, 3, 5, 5, "gru", True, "plain", torch.float64, gen)
+    base = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+
+    def args():
+        x, h0, w_ih, w_hh, b_ih, b_hh = base
+        if case == "w_hh is w_ih":
+            w_hh = w_ih
+        elif case == "b_hh is b_ih":
+            b_hh = b_ih
+        elif case == "h0 from x":
+            h0 = torch.tanh(x[0] * 0.7 + h0)
+        else:
+            x = x + w_ih[:5].t().sum(0)
+        return x, h0, w_ih, w_hh, b_ih, b_hh
+
+    def ours(*a):
+        return torch.ops.rnnrec_fast.recurrence(*a, None, None, "gru", True, backend)[:2]
+
+    def spec(*a):
+        return reference.forward(*a, None, None, 2, True)[:2]
+
+    results = []
+    for run in (ours, spec):
+        y, h_n = run(*args())
+        g = torch.autograd.grad(y.sin().sum() + h_n.square().sum(), base, create_graph=True, materialize_grads=True)
+        results.append((g, torch.autograd.grad(sum(gi.square().sum() for gi in g), base, materialize_grads=True)))
+    for name, a, b in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], results[0][0] + results[0][1],
+                          results[1][0] + results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{case}, {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_double_backward_ignores_what_the_kernels_never_read(backend):
+    """The h0 of a row of length 0 and x past a row's length are never read: NaN there gives the
+    plain backward's finite gradients with create_graph=True too (the recomputation read that h0:
+    NaN in grad_w_hh; from a review), and finite second derivatives."""
+    gen = torch.Generator().manual_seed(case_seed(13))
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(4, 3, 2, 5, "gru", True, "plain", torch.float64, gen)
+    lengths = torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        h0[1] = float("nan")
+        x[2:, 2] = float("nan")
+    leaves = [t.requires_grad_() for t in (w_ih, w_hh, b_ih, b_hh)]
+
+    def loss():
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, *leaves, lengths, None, "gru", True, backend)
+        return y.square().sum() + h_n[[0, 2]].sum()
+
+    plain = torch.autograd.grad(loss(), leaves)
+    graphed = torch.autograd.grad(loss(), leaves, create_graph=True)
+    for a, b in zip(graphed, plain):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-10)
+    second = torch.autograd.grad(sum(g.square().sum() for g in graphed), leaves)
+    assert all(torch.isfinite(g).all() for g in second)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_double_backward_refuses_a_bias_changed_in_place(backend):
     """A backward with create_graph=True recomputes the forward with the biases, which are not saved
     (a plain backward never reads them, and runs after such a change, as torch.nn's does): one
