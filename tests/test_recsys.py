@@ -185,6 +185,20 @@ def test_loader_reads_gzip_millisecond_times_and_refuses_a_data_line_as_header(t
     bad.write_bytes(gzip.compress(b"SessionId\tItemId\tTime\n1\t\xff\t5\n"))
     with pytest.raises(RecsysError, match="not UTF-8 text"):
         recsys.load_clicks(str(bad))
+    whole = gzip.compress(text.encode() * 50)
+    for cut, name in ((whole[:len(whole) // 2], "cut.gz"), (whole[:12] + b"\0" * 40 + whole[52:], "bad.gz")):
+        (tmp_path / name).write_bytes(cut)
+        with pytest.raises(RecsysError, match="damaged or truncated gzip file"):
+            recsys.load_any(str(tmp_path / name))
+    # the unit scales the numbers alone: dates stay (a date read as milliseconds was in 1970)
+    dates = _write(tmp_path, "d.tsv", "SessionId\tItemId\tTime\n1\t10\t2014-04-01T00:00:00\n"
+                                      "1\t11\t1396310460500\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = recsys.load_clicks(dates).times.tolist()
+    assert got == [1396310400.0, 1396310460.5] and len(caught) == 1
+    iso = _write(tmp_path, "iso.tsv", "SessionId\tItemId\tTime\n1\t10\t2014-04-01T00:00:00\n")
+    assert recsys.load_clicks(iso, time_unit="ms").times.tolist() == [1396310400.0]
     headless = _write(tmp_path, "h.tsv", "1\t10\t5.5\n1\t11\t6\n")
     with pytest.raises(RecsysError, match="looks like a click, not a header"):
         recsys.load_clicks(headless, session_col=0, item_col=1, time_col=2)

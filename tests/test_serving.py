@@ -1236,12 +1236,14 @@ def test_updating_waits_for_a_click_scoring_outside_the_lock(monkeypatch):
     def slow_score(h):
         scoring.set()
         assert release.wait(30)
-        return real_score(h)
+        out = real_score(h)
+        order.append(("scored",))  # (before the click counts as ended: the update may enter then)
+        return out
 
     monkeypatch.setattr(model, "score", slow_score)
     rec._score = model.score
     order = []
-    th = threading.Thread(target=lambda: order.append(("click", rec.click("a", ids[1]))))
+    th = threading.Thread(target=lambda: rec.click("a", ids[1]))
     th.start()
     assert scoring.wait(30)
 
@@ -1258,8 +1260,80 @@ def test_updating_waits_for_a_click_scoring_outside_the_lock(monkeypatch):
     release.set()
     th.join(30)
     up.join(30)
-    assert [o[0] for o in order] == ["click", "update", "clicked inside"]
+    assert [o[0] for o in order] == ["scored", "update", "clicked inside"]
     assert order[1][1] and order[2][1] == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_updating_rebuilds_whatever_changed(backend):
+    """A write through .data inside updating() (no version counter moves) is seen by single clicks
+    and batches after the block, and so is a change made before an exception in the block (the
+    rebuild ran only where stale() saw a change; from a review)."""
+    _need_backend(backend)
+    model = make_model(n_items=60, layers=(16,), embedding=8, backend=backend)
+    new = make_model(n_items=60, layers=(16,), embedding=8, backend=backend, seed=1)
+    rec = SessionRecommender(model)
+    ids = model.item_ids
+    rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
+    rec.click("e", ids[5], k=5)
+    with rec.updating() as m:
+        m.Wy.data.copy_(new.Wy.data)
+        m.By.data.copy_(new.By.data)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rec.updating() as m:
+            m.rnn.weight_hh_l0.data.copy_(new.rnn.weight_hh_l0.data)
+            raise RuntimeError("boom")
+    sids = ["f", "g", "h", "i"]
+    got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("j", ids[20], k=5)]
+    ref = SessionRecommender(model, fast=False)
+    want = ref.click_many(sids, ids[10:14], k=5) + [ref.click("j", ids[20], k=5)]
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    assert rec.uses_fast_path and rec._updates_waiting == 0 and rec._scoring == 0
+
+
+def test_updating_is_not_starved_by_clicking_threads(monkeypatch):
+    """New clicks wait behind an updating() that waits for the clicks in flight (three threads
+    clicking through the split path kept the in-flight count above 0: load_state_dict waited up
+    to seconds; from a review). Checked without timing: an updater waiting for a click held in its
+    scoring, other threads' new clicks do not start until the update has run."""
+    model = make_model(n_items=50, layers=(16,))
+    rec = SessionRecommender(model, fast=False)
+    ids = model.item_ids
+    real_score = model.score
+    first, release = threading.Event(), threading.Event()
+    events = []
+
+    def score(h):
+        if not first.is_set():
+            first.set()
+            assert release.wait(30)
+        events.append("scored")
+        return real_score(h)
+
+    monkeypatch.setattr(model, "score", score)
+    rec._score = model.score
+    held = threading.Thread(target=lambda: rec.click("held", ids[1]))
+    held.start()
+    assert first.wait(30)
+    def update():
+        with rec.updating() as m:
+            m.load_state_dict(m.state_dict())
+            events.append("updated")  # (in the block: a late click may run as soon as it ends)
+    up = threading.Thread(target=update)
+    up.start()
+    while not rec._updates_waiting:  # (the updater is waiting for the held click)
+        up.join(0.01)
+    late = [threading.Thread(target=lambda t=t: rec.click(f"late{t}", ids[2])) for t in range(3)]
+    for th in late:
+        th.start()
+    up.join(0.2)
+    assert events == [] and up.is_alive()  # (the late clicks wait too: none has scored)
+    release.set()
+    for th in [held, up] + late:
+        th.join(30)
+    assert events[0] == "scored" and events[1] == "updated" and events[2:] == ["scored"] * 3, events
 
 
 def test_session_info_with_state_is_one_look():

@@ -15,6 +15,7 @@ import numbers
 import os
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,12 +161,14 @@ def _typed_ids(values: list[str]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def _parse_time(value: str, time_format: str | None) -> float:
+def _parse_time(value: str, time_format: str | None) -> tuple[float, bool]:
+    """``(seconds, whether the value was a number)``: a number (whose unit the caller decides),
+    an ISO date or a ``time_format`` date."""
     if time_format:
         d = _dt.datetime.strptime(value, time_format)
-        return (d if d.tzinfo is not None else d.replace(tzinfo=_dt.timezone.utc)).timestamp()  # (%z kept)
+        return (d if d.tzinfo is not None else d.replace(tzinfo=_dt.timezone.utc)).timestamp(), False  # (%z kept)
     try:
-        return float(value)
+        return float(value), True
     except ValueError:
         pass
     try:  # ISO dates / datetimes
@@ -174,7 +177,7 @@ def _parse_time(value: str, time_format: str | None) -> float:
         raise ValueError(f"cannot parse time {value!r}") from None
     if d.tzinfo is None:
         d = d.replace(tzinfo=_dt.timezone.utc)
-    return d.timestamp()
+    return d.timestamp(), False
 
 
 def _number(v: str) -> bool:
@@ -212,8 +215,9 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
     Columns are named (when the file has a header) or 0-based indices. ``sep`` is sniffed from the
     first line when None (tab, ';' or ','). Times are numbers, ISO dates or ``time_format``
     (strptime); ``extra_time_col`` is added to the time in milliseconds (Diginetica's timeframe).
-    Numbers are seconds (``time_unit="s"``) or milliseconds (``"ms"``); ``"auto"`` takes them as
-    milliseconds, with a warning, where the largest is 1e11 or more (past the year 5000 in seconds,
+    Numbers are seconds (``time_unit="s"``) or milliseconds (``"ms"``; dates, and numbers with an
+    ``extra_time_col``, are not scaled); ``"auto"`` takes them as milliseconds, with a warning,
+    where the largest is 1e11 or more (past the year 5000 in seconds,
     1973 in milliseconds: GRU4Rec's newer preprocessing and RetailRocket write milliseconds, and a
     split by days would otherwise hold out minutes). Without a time column, the file order is the
     time order. Times must be finite. The file is UTF-8 (a byte-order mark is skipped), or gzip-
@@ -229,15 +233,17 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
         if ((c is None and what in ("session", "item")) or isinstance(c, bool)
                 or (isinstance(c, int) and c < 0) or not isinstance(c, (str, int, type(None)))):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
-    log = _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)[0]
-    if time_col is not None and time_format is None and time_unit != "s":
-        top = float(np.abs(log.times).max())
+    log, _, numbers = _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
+    if time_col is not None and time_unit != "s" and numbers.any():  # (the unit of the numbers alone, not of dates)
+        top = float(np.abs(log.times[numbers]).max())
         if time_unit == "ms" or top >= _MS_TIMES:
             if time_unit == "auto":
                 warnings.warn(f"{path}: times read as milliseconds (the largest, {top:.17g}, is past the year "
                               "5000 in seconds); pass time_unit='s' or 'ms' (--time-unit) to say which",
                               UserWarning, stacklevel=2)
-            log = ClickLog(log.sessions, log.items, log.times / 1000.0)
+            times = log.times.copy()
+            times[numbers] /= 1000.0
+            log = ClickLog(log.sessions, log.items, times)
     return log
 
 
@@ -282,21 +288,32 @@ def _not_utf8(path):
                     line.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at byte "
-                            f"{offset + exc.start} of the file: {exc.reason})")
+                            f"{offset + exc.start} of the {'decompressed text' if _is_gzip(path) else 'file'}: "
+                            f"{exc.reason})")
                 offset += len(line)
     return f"{path}: not UTF-8 text"
 
 
 def _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col,
                  keep_extra=False):
-    """load_clicks' work: (the log, None), or with keep_extra (the log of the time column's times
-    alone, the extra times in seconds) for a caller that combines them itself. A file not UTF-8 is
-    a RecsysError naming its line and byte."""
+    """load_clicks' work: (the log, None, which times were numbers), or with keep_extra (the log of
+    the time column's times alone, the extra times in seconds, ...) for a caller that combines them
+    itself. A file not UTF-8 is a RecsysError naming its line and byte; a damaged gzip file one
+    naming the file."""
     try:
         return _read_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col,
                             keep_extra)
     except UnicodeDecodeError:
         raise RecsysError(_not_utf8(path)) from None
+    except _GZIP_ERRORS as exc:
+        raise _damaged_gzip(path, exc) from None
+
+
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _damaged_gzip(path, exc):
+    return RecsysError(f"{path}: a damaged or truncated gzip file ({type(exc).__name__}: {exc})")
 
 
 def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col, keep_extra):
@@ -353,7 +370,7 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
                     col = f"{i}: {names[i]!r}" if header and i < len(names) else str(i)
                     raise RecsysError(f"{path}: the {what} and {other} columns are the same column ({col})")
         need = max(i for i in (si, ii, ti, xi) if i is not None) + 1
-        sess, items, times, extras = [], [], [], []
+        sess, items, times, extras, numbers = [], [], [], [], []  # (numbers: the time was a number)
         # every _CHUNK rows the lists become arrays (a row's strs and floats as Python objects took
         # ~250 bytes: ~7.6 GiB for the raw YOOCHOOSE file's 33M rows; int64 ids and times 24)
         chunks = []
@@ -361,8 +378,8 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
         def flush():
             if times:
                 chunks.append((_typed_ids(sess), _typed_ids(items), np.asarray(times, dtype=np.float64),
-                               np.asarray(extras, dtype=np.float64)))
-                for part in (sess, items, times, extras):
+                               np.asarray(extras, dtype=np.float64), np.asarray(numbers, dtype=bool)))
+                for part in (sess, items, times, extras, numbers):
                     part.clear()
         base = 0  # rows in the chunks
         cache: dict[str, float] = {}
@@ -402,16 +419,19 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             items.append(it)
             if ti is None:
                 times.append(float(base + len(times)))
+                numbers.append(False)
                 continue
             tv = row[ti].strip()
             try:
-                t = cache.get(tv)
-                if t is None:
-                    t = _parse_time(tv, time_format)
+                hit = cache.get(tv)
+                if hit is None:
+                    t, number = _parse_time(tv, time_format)
                     # repeated date strings (Diginetica's days) parse once; unique ISO stamps (the
                     # raw YOOCHOOSE file: 33M of them) would only fill memory: a bounded cache
-                    if time_format or (len(cache) < 65536 and not tv.replace(".", "", 1).lstrip("-").isdigit()):
-                        cache[tv] = t
+                    if time_format or (len(cache) < 65536 and not number):
+                        cache[tv] = (t, number)
+                else:
+                    t, number = hit
                 if not math.isfinite(t):
                     raise ValueError(f"{tv!r} is not a finite time")
                 if xi is not None:
@@ -426,13 +446,14 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             except ValueError as exc:
                 raise RecsysError(f"{path}:{lineno}: malformed time: {exc}") from None
             times.append(t)
+            numbers.append(number and xi is None)  # (time_unit: a number alone, no extra column added)
         flush()
     if not chunks:
         raise RecsysError(f"{path}: no clicks in the file")
-    sessions, items, times, extras = (list(part) for part in zip(*chunks))
+    sessions, items, times, extras, numbers = (list(part) for part in zip(*chunks))
     del chunks
     log = ClickLog(_join_ids(sessions), _join_ids(items), np.concatenate(times))
-    return log, (np.concatenate(extras) if keep_extra else None)
+    return log, (np.concatenate(extras) if keep_extra else None), np.concatenate(numbers)
 
 
 _CHUNK = 1 << 18
@@ -487,7 +508,7 @@ def load_diginetica(path: str) -> ClickLog:
         raise RecsysError(f"{path}: not a Diginetica header (sessionId;userId;itemId;timeframe;eventdate or "
                           "session_id;user_id;item_id;timeframe;eventdate)")
     session, item, date, frame = cols
-    dates, frames = _load_clicks(path, session, item, date, ";", True, "%Y-%m-%d", frame, keep_extra=True)
+    dates, frames, _ = _load_clicks(path, session, item, date, ";", True, "%Y-%m-%d", frame, keep_extra=True)
     return _from_session_start_dates(dates, frames)
 
 
@@ -507,10 +528,13 @@ def _from_session_start_dates(dates: ClickLog, frame) -> ClickLog:
 def _first_line(path: str) -> str:
     """The first non-blank line of ``path`` (a header, or a first row), stripped."""
     _check_file(path)
-    with _open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                return line.strip()
+    try:
+        with _open(path, encoding="utf-8-sig", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    return line.strip()
+    except _GZIP_ERRORS as exc:
+        raise _damaged_gzip(path, exc) from None
     return ""
 
 

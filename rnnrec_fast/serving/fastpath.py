@@ -168,7 +168,7 @@ class FastGRU4Rec:
                            self.projected0)
             if r is not None:
                 return r[1]
-        if self.np_layers is not None:
+        if self.np_layers is not None and row.dtype == self.Wy.dtype:
             return self._numba_layers(self.np_emb[None, idx:idx + 1], row.numpy()[:, None])[:, 0]
         x = self.emb[idx:idx + 1].unsqueeze(0)
         op, ra, be = self.op, self.reset_after, self.backend

@@ -108,6 +108,7 @@ class SessionRecommender:
         # whether to build the fast path again at a click in eval mode: it was declined while the
         # model was in training mode, or while its weights changed (see fastpath.build_or_retry)
         self._fast_retry = False
+        self._fast_wanted = bool(fast)
         built = None
         if fast:
             built, self._fast_retry = _fastpath.build_or_retry(model)
@@ -148,6 +149,10 @@ class SessionRecommender:
         # read): updating() waits for them to end.
         self._scoring = 0
         self._scored = threading.Condition(self._lock)
+        # updating() blocks waiting for them: new clicks wait for it (else a stream of clicks from
+        # several threads kept the count above 0 for seconds); the thread inside the block clicks on
+        self._updates_waiting = 0
+        self._updater = None
         # every item index as a tensor once: a click's input is a view, no allocation
         self._all_items = torch.arange(self.n_items, dtype=torch.long, device=self.device)
         self._neg_inf = float("-inf")
@@ -242,6 +247,8 @@ class SessionRecommender:
         """One validated click; returns the top-k (scores, indices) as lists."""
         store = self.store
         with self._lock:
+            if self._updates_waiting:
+                self._let_update_pass()
             fast = self._fresh_fast()
             now = self.clock()
             if store.ttl is not None:
@@ -294,6 +301,12 @@ class SessionRecommender:
             if not self._scoring:
                 self._scored.notify_all()
 
+    def _let_update_pass(self):
+        """Under the lock, an updating() waiting for the clicks in flight: wait until it is done
+        (but in the thread inside an updating() block)."""
+        if self._updater != threading.get_ident():
+            self._scored.wait_for(lambda: not self._updates_waiting)
+
     @contextlib.contextmanager
     def updating(self):
         """A block in which the model's weights may change while other threads click: no click
@@ -306,11 +319,25 @@ class SessionRecommender:
             with rec.updating() as model:
                 model.load_state_dict(new_weights)
 
-        The thread inside the block may click too (the lock is reentrant)."""
+        The fast path is rebuilt after the block whatever changed (also a write through ``.data``,
+        which the version counters do not show, and after an exception in the block). The thread
+        inside the block may click too (the lock is reentrant)."""
         with self._lock:
-            self._scored.wait_for(lambda: self._scoring == 0)
-            yield self.model
-            self._fresh_fast()
+            outer = self._updater
+            self._updates_waiting += 1
+            try:
+                self._scored.wait_for(lambda: self._scoring == 0)
+                self._updater = threading.get_ident()
+                yield self.model
+            finally:
+                try:
+                    if self._fast_wanted:
+                        built, self._fast_retry = _fastpath.build_or_retry(self.model)
+                        self._use_fast(built)
+                finally:
+                    self._updater = outer
+                    self._updates_waiting -= 1
+                    self._scored.notify_all()
 
     def load_state_dict(self, state_dict, strict=True):
         """``model.load_state_dict(state_dict, strict)`` inside :meth:`updating`: a hot reload of
@@ -454,6 +481,8 @@ class SessionRecommender:
         dev = self.device
         with torch.no_grad():
             with self._lock:
+                if self._updates_waiting:
+                    self._let_update_pass()
                 fast = self._fresh_fast()
                 step = self._step
                 now = self.clock()
