@@ -826,6 +826,19 @@ def _need_backend(backend):
         pytest.skip(f"{backend} backend not available")
 
 
+def _assert_clicks_as_the_models(rec, model):
+    """A batch of fresh sessions' clicks and a single click give what the model's own step and
+    score give (a recommender without the fast path)."""
+    ids = model.item_ids
+    sids = ["f", "g", "h", "i"]
+    got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("j", ids[20], k=5)]
+    ref = SessionRecommender(model, fast=False)
+    want = ref.click_many(sids, ids[10:14], k=5) + [ref.click("j", ids[20], k=5)]
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+
+
 @pytest.mark.parametrize("name", ["W0", "w_hh0", "b_ih0", "b_hh0", "eye0"])
 @pytest.mark.parametrize("how", ["reassign", "data_swap", "in_place"])
 @pytest.mark.parametrize("backend", ["auto", "numba"])
@@ -850,13 +863,7 @@ def test_fast_path_follows_a_one_hot_layers_own_weights(name, how, backend):
             p.data = new
         else:
             p.copy_(new)
-    sids = ["f", "g", "h", "i"]
-    got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("j", ids[20], k=5)]
-    ref = SessionRecommender(model, fast=False)
-    want = ref.click_many(sids, ids[10:14], k=5) + [ref.click("j", ids[20], k=5)]
-    for (gi, gs), (wi, ws) in zip(got, want):
-        assert gi == wi
-        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    _assert_clicks_as_the_models(rec, model)
     assert rec.uses_fast_path
     assert rec._fast.projected0 == (name != "eye0")
 
@@ -1283,13 +1290,7 @@ def test_updating_rebuilds_whatever_changed(backend):
         with rec.updating() as m:
             m.rnn.weight_hh_l0.data.copy_(new.rnn.weight_hh_l0.data)
             raise RuntimeError("boom")
-    sids = ["f", "g", "h", "i"]
-    got = rec.click_many(sids, ids[10:14], k=5) + [rec.click("j", ids[20], k=5)]
-    ref = SessionRecommender(model, fast=False)
-    want = ref.click_many(sids, ids[10:14], k=5) + [ref.click("j", ids[20], k=5)]
-    for (gi, gs), (wi, ws) in zip(got, want):
-        assert gi == wi
-        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    _assert_clicks_as_the_models(rec, model)
     assert rec.uses_fast_path and rec._updates_waiting == 0 and rec._scoring == 0
 
 
