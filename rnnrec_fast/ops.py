@@ -1,6 +1,6 @@
 """The ``rnnrec_fast`` op family: registration, fake (meta) kernels, autograd and backend choice.
 
-Two ops live under the ``rnnrec_fast`` namespace:
+The public ops under the ``rnnrec_fast`` namespace:
 
 ``rnnrec_fast::recurrence``
     one layer, one direction, the whole sequence; returns ``(output, h_n, workspace)``.
@@ -11,6 +11,10 @@ Two ops live under the ``rnnrec_fast`` namespace:
     take a C++ registration of the same autograd (the AutogradCPU kernel in ``csrc/rnnrec_op.cpp``:
     no Python around each call); this one serves the other devices. Under torch.func's transforms
     the modules and :func:`recurrence` call the op through an autograd function (``op_for``).
+``rnnrec_fast::recurrence_backward_differentiable``
+    the same gradient as torch operations that autograd records (the forward recomputed by the
+    reference backend): what a backward with ``create_graph=True`` runs, so that second derivatives
+    (a gradient penalty, a Hessian-vector product) work in eager mode.
 
 The kernels themselves live in :mod:`rnnrec_fast.backends` (C++, CUDA, Numba, reference); the
 ``backend`` argument picks one (``"auto"``: the fastest available for the tensors' device).
