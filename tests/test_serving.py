@@ -1522,6 +1522,20 @@ def test_build_retries_when_training_mode_ends_during_the_attempt(monkeypatch):
     assert fast is None and retry
 
 
+def test_export_takes_a_positive_int_batch():
+    """export_step's batch: a positive int or None (2.5 exported batch 2, True batch 1, "3" batch 3,
+    0 a program for empty batches only; from a review)."""
+    from rnnrec_fast.serving.export import export_step
+
+    model = make_model(n_items=12, layers=(8,))
+    for bad in (2.5, True, "3", 0, -1):
+        with pytest.raises(ValueError, match="batch must be a positive int or None"):
+            export_step(model, k=3, batch=bad)
+    ep = export_step(model, k=3, batch=2)
+    _, _, top = ep.module()(torch.tensor([1, 2]), torch.zeros(1, 2, 8))
+    assert top.shape == (2, 3)
+
+
 def test_export_takes_k_up_to_the_catalogue():
     """The exported step's k may be the whole catalogue, not more."""
     from rnnrec_fast.serving.export import OneStepScorer

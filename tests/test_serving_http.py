@@ -415,11 +415,17 @@ def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
     cases = [
         (["--model", str(tmp_path / "nonexist.pt")], "not found"),
         (["--model", str(garbage)], "not a readable rnnrec_fast checkpoint"),
-        (["--model", path, "--max-batch", "0"], "max_batch"),
-        (["--model", path, "--ttl", "0"], "ttl"),
-        (["--model", path, "--max-sessions", "0"], "max_sessions"),
-        (["--model", path, "--max-k", "0"], "max_k"),
-        (["--model", path, "--max-k", "-5"], "max_k"),
+        (["--model", path, "--max-batch", "0"], "--max-batch must be a positive int, got 0"),
+        (["--model", path, "--ttl", "0"], "--ttl must be a positive number of seconds (inf: never)"),
+        (["--model", path, "--ttl", "nan"], "--ttl"),
+        (["--model", path, "--max-sessions", "0"], "--max-sessions"),
+        (["--model", path, "--max-k", "0"], "--max-k"),
+        (["--model", path, "--max-k", "-5"], "--max-k"),
+        (["--model", path, "--batch-window-ms", "nan"], "--batch-window-ms must be in [0, 1000]"),
+        (["--model", path, "--max-body-bytes", "0"], "--max-body-bytes"),
+        # (the options are checked before the model loads: a missing model is not reached)
+        (["--model", str(tmp_path / "nonexist.pt"), "--max-batch", "0"], "--max-batch"),
+        (["--model", str(tmp_path)], "is a folder, not a model file"),  # (said: 'not found')
         (["--model", path, "--port", "99999"], "port"),
         (["--model", path, "--request-timeout", "0"], "request-timeout"),
         (["--model", path, "--request-timeout", "inf"], "request-timeout"),
@@ -435,6 +441,42 @@ def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # (uvicorn failed on it after 'listening on ...')
         main(["--model", path, "--port", "0", "--log-level", "bogus"])
     assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    from rnnrec_fast.serving.export import export_step
+
+    export_step(make_model(), k=3, path=str(tmp_path / "step.pt2"))
+    assert main(["--model", str(tmp_path / "step.pt2"), "--port", "0"]) == 2
+    assert "a torch.export program" in capsys.readouterr().err  # (it said: truncated, or corrupt)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    try:  # the address in the message (it was '[Errno 98] Address already in use' alone)
+        port = held.getsockname()[1]
+        assert main(["--model", path, "--port", str(port), "--host", "127.0.0.1"]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    finally:
+        held.close()
+
+
+def test_bind_takes_names_and_bracketed_ipv6_and_listens_when_asked():
+    """bind() resolves a host name, takes an IPv6 address in brackets as url() writes it (both
+    were 'Name or service not known'), and with listen=False refuses connections until it listens
+    (the service listens once its model is loaded)."""
+    from rnnrec_fast.serving.server import bind
+
+    for host in ("localhost", "127.0.0.1", "[::1]"):
+        try:
+            sock = bind(host, 0, listen=False)
+        except OSError as e:
+            assert host == "[::1]" and "cannot listen on" in str(e)  # (a host without IPv6)
+            continue
+        try:
+            addr = sock.getsockname()[:2]
+            with pytest.raises(OSError):
+                socket.create_connection(addr, timeout=5).close()
+            sock.listen(8)
+            socket.create_connection(addr, timeout=5).close()
+        finally:
+            sock.close()
 
 
 def test_metrics_text_format(server):
@@ -501,6 +543,25 @@ def test_cli_serves_on_ephemeral_port(tmp_path):
         if proc.poll() is None:
             proc.terminate()
             proc.wait(10)
+
+
+def test_a_signal_right_after_the_start_up_line_exits_0(tmp_path):
+    """The start-up line is printed once the server accepts requests, its signal handling in
+    place: a supervisor that stops it as soon as it reads the line gets the graceful exit 0 (the
+    line came before the HTTP stack was imported and the handler installed: killed, status 143,
+    or a KeyboardInterrupt traceback; from a review)."""
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(make_model(), path)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc, port = _start_cli(path)
+        try:
+            proc.send_signal(sig)
+            out = proc.communicate(timeout=30)[0]
+            assert proc.returncode == 0 and "Traceback" not in out, (sig, proc.returncode, out)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):

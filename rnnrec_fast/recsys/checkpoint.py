@@ -174,9 +174,20 @@ def _load_failure(exc) -> str:
     return f"{found.group(1)}: not what torch.save writes for tensors and plain Python values"
 
 
+def _is_exported_program(path) -> bool:
+    """Whether ``path`` is a zip archive as torch.export.save writes one (its exported program)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
     check_device(device)
+    if os.path.isdir(path):
+        raise RecsysError(f"{path} is a folder, not a model file")
     if not os.path.isfile(path):
         raise RecsysError(f"model file not found: {path}")
     with open(path, "rb") as f:  # (the OS's own errors, a permission refused, as they are)
@@ -186,6 +197,9 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 payload = torch.load(f, map_location=device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - unpickling / unzipping fail in many ways (KeyError, OSError, ...)
+            if _is_exported_program(path):
+                raise RecsysError(f"{path}: a torch.export program (serving.export.export_step's), not a "
+                                  "checkpoint: give the file save_checkpoint wrote (recsys train --save)") from None
             raise RecsysError(f"{path}: not a readable rnnrec_fast checkpoint, truncated or another file "
                               f"({_load_failure(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

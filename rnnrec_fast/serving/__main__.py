@@ -14,11 +14,12 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000, help="port (0: an ephemeral one, printed at start)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-sessions", type=int, default=100_000, help="sessions held at most (LRU beyond)")
-    p.add_argument("--ttl", type=float, default=1800.0, help="seconds of idleness before a session is dropped")
+    p.add_argument("--ttl", type=float, default=1800.0,
+                   help="seconds of idleness before a session is dropped (inf: never)")
     p.add_argument("--max-batch", type=int, default=64, help="clicks served by one fused step at most")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="how long a batch waits for more clicks (0: those arrived by the next loop pass)")
-    p.add_argument("--max-body-bytes", type=int, default=4096)
+    p.add_argument("--max-body-bytes", type=int, default=4096, help="largest request body accepted (413 beyond)")
     p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default: the catalogue size)")
     p.add_argument("--request-timeout", type=float, default=10.0,
                    help="seconds a request's head and body may take to arrive (slow or stalled clients are cut off)")
@@ -46,18 +47,16 @@ def main(argv=None):
         pass
     from ..recsys.data import RecsysError
     from .app import make_app
-    from .server import bind, serve, url
+    from .server import BACKLOG, bind, serve, url
 
     sock = None
     try:  # bad options and unusable model files: one line, exit 2 (as the recsys CLI)
-        if a.torch_threads < 0:  # (as the recsys CLI's --threads)
-            raise ValueError(f"--torch-threads must be 0 (torch's default) or a number of threads, got {a.torch_threads}")
-        if not 0 < a.request_timeout < float("inf"):
-            raise ValueError(f"--request-timeout must be a positive number of seconds, got {a.request_timeout}")
-        sock = bind(a.host, a.port)
+        _check_options(a)  # (before the model loads, by their flags)
+        sock = bind(a.host, a.port, listen=False)  # (a port in use is said at once)
         app = make_app(a.model, device=a.device, max_sessions=a.max_sessions, ttl=a.ttl, max_batch=a.max_batch,
                        batch_window_ms=a.batch_window_ms, max_body_bytes=a.max_body_bytes, debug=a.debug,
                        max_k=a.max_k)
+        sock.listen(BACKLOG)
     except (RecsysError, ValueError, OSError) as exc:
         if sock is not None:
             sock.close()
@@ -68,11 +67,34 @@ def main(argv=None):
     gc.collect()
     gc.freeze()
     host, port = sock.getsockname()[:2]
-    print(f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}, "
-          f"backend {app.rec.backend}; listening on {url(host, port)}", flush=True)
-    serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout)
+    line = (f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}, "
+            f"backend {app.rec.backend}; listening on {url(host, port)}")
+    # (printed once the server accepts requests: a supervisor taking it as "ready" may stop it at once)
+    serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout, ready=lambda: print(line, flush=True))
     return 0
 
 
+def _check_options(a):
+    """The numeric options' ranges, named by their flags (the recommender and app check the same
+    by their parameters' names, after the model has loaded)."""
+    checks = [
+        ("--torch-threads", a.torch_threads >= 0, "0 (torch's default) or a number of threads"),
+        ("--request-timeout", 0 < a.request_timeout < float("inf"), "a positive number of seconds"),
+        ("--max-sessions", a.max_sessions >= 1, "a positive int"),
+        ("--ttl", a.ttl > 0, "a positive number of seconds (inf: never)"),
+        ("--max-batch", a.max_batch >= 1, "a positive int"),
+        ("--batch-window-ms", 0 <= a.batch_window_ms <= 1000, "in [0, 1000]"),
+        ("--max-body-bytes", a.max_body_bytes >= 1, "a positive int"),
+        ("--max-k", a.max_k is None or a.max_k >= 1, "a positive int"),
+    ]
+    for flag, ok, what in checks:
+        if not ok:  # (NaN fails every comparison)
+            value = getattr(a, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag} must be {what}, got {value}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (Ctrl-C before the server runs, while the model loads: no traceback)
+        sys.exit(130)

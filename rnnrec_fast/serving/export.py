@@ -8,8 +8,10 @@ the op; nothing else of this package is needed::
     ep = torch.export.load("step.pt2")
     h_new, top_scores, top_items = ep.module()(items, h)   # items (B,) int64, h (L, B, H)
 
-``top_items`` are catalogue indices; map them with the model's ``item_ids`` (saved next to the
-program by :func:`export_step` as ``<path>.items.json``).
+``items`` are catalogue indices in ``[0, n_items)`` (an index out of range gets torch's
+``IndexError: index out of range in self``) and ``top_items`` too; map them with the model's
+``item_ids`` (saved next to the program by :func:`export_step` as ``<path>.items.json``). A
+dynamic batch runs 1 to ``MAX_BATCH`` rows.
 """
 from __future__ import annotations
 
@@ -42,11 +44,16 @@ class OneStepScorer(nn.Module):
         return h_new, vals, idx
 
 
+MAX_BATCH = 1 << 16  # the dynamic batch dimension's upper bound
+
+
 def export_step(model, k=20, batch=None, path=None):
-    """``torch.export`` of :class:`OneStepScorer` (a dynamic batch dimension unless ``batch`` is
-    given). Saves the program to ``path`` (plus ``path + '.items.json'``) when given; returns the
+    """``torch.export`` of :class:`OneStepScorer` (a dynamic batch dimension of 1 to
+    :data:`MAX_BATCH` rows, unless ``batch``, a positive int, fixes it). Saves the program to ``path`` (plus ``path + '.items.json'``) when given; returns the
     ExportedProgram. The model is traced in eval mode, and left in the mode it came in (a snapshot
     exported between training epochs leaves dropout on for the next)."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1):
+        raise ValueError(f"batch must be a positive int or None (dynamic), got {batch!r}")  # (2.5 was taken as 2)
     training = model.training
     try:
         return _export_step(model.eval(), k, batch, path)
@@ -61,7 +68,7 @@ def _export_step(model, k, batch, path):
     h = model.init_state(B)
     dynamic = None
     if batch is None:
-        b = torch.export.Dim("batch", min=1, max=1 << 16)
+        b = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         dynamic = {"items": {0: b}, "h": {1: b}}
     with torch.no_grad():
         ep = torch.export.export(scorer, (items, h), dynamic_shapes=dynamic)

@@ -227,15 +227,29 @@ def url(host, port):
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def bind(host="127.0.0.1", port=0, backlog=2048):
-    """A listening TCP socket (port 0: an ephemeral port; read it back with sock.getsockname())."""
+BACKLOG = 2048
+
+
+def bind(host="127.0.0.1", port=0, backlog=BACKLOG, listen=True):
+    """A TCP socket bound to ``host`` (an address or a name; an IPv6 address in brackets too, as
+    :func:`url` writes it) and ``port`` (0: an ephemeral port; read it back with
+    sock.getsockname()), listening unless ``listen`` is False (the service listens once its model
+    is loaded: until then a connection is refused, not left waiting). An OSError names the address."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    sock = None
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        if listen:
+            sock.listen(backlog)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise OSError(e.errno, f"cannot listen on {url(name, port)[7:]}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -248,15 +262,22 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT):
+def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT, ready=None):
     """Serves ``app`` on a bound socket until SIGINT/SIGTERM: a graceful shutdown (requests in
     flight are answered first), then a normal return (exit status 0). ``request_timeout``: see
-    _with_request_deadline."""
+    _with_request_deadline. ``ready()`` is called once the server accepts requests (after the
+    signal handling is in place: a signal from then on shuts it down gracefully)."""
     import signal
 
     import uvicorn
 
-    server = uvicorn.Server(_uvicorn_config(app, log_level, request_timeout))
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if ready is not None and self.started:
+                ready()
+
+    server = Server(_uvicorn_config(app, log_level, request_timeout))
     # uvicorn raises the signal it handled again once it has shut down: SIGINT as a
     # KeyboardInterrupt, SIGTERM (a supervisor's stop) by default killed the process (status 143)
     main = threading.current_thread() is threading.main_thread()
