@@ -680,3 +680,25 @@ def test_cuda_graph_serving_single_step():
             ye, he = rnnrec_fast.recurrence(x, h, w_ih, w_hh, b_ih, b_hh, backend="cuda")
             close(h_n, he, "h_n", rtol=1e-6, atol=1e-6)
             h = he
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_double_backward_matches_torch_nn(kind):
+    """A gradient penalty through a CUDA module (the Python autograd's differentiable backward,
+    the reference forward recomputed on the GPU) against torch.nn's, float64: the gradients taken
+    with create_graph=True and the second derivatives of x, hx and every weight."""
+    torch.manual_seed(case_seed("cuda double backward", kind))
+    ref = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True, batch_first=True).double().to(DEV)
+    ours = rnnrec_fast.from_torch(ref)
+    results = []
+    for m in (ref, ours):
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+        hx = torch.randn(4, 3, 4, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+        leaves = [x, hx] + list(m.parameters())
+        with torch.backends.cudnn.flags(enabled=False):  # (cuDNN's RNN backward is not differentiable)
+            out, h = m(x, hx)
+            grads = torch.autograd.grad(out.sin().sum() + (h * h).sum(), leaves, create_graph=True)
+            results.append((grads, torch.autograd.grad(sum(gi.square().sum() for gi in grads), leaves)))
+    for a, b in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
