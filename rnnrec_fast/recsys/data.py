@@ -233,16 +233,16 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
         if ((c is None and what in ("session", "item")) or isinstance(c, bool)
                 or (isinstance(c, int) and c < 0) or not isinstance(c, (str, int, type(None)))):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
-    log, _, numbers = _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
-    if time_col is not None and time_unit != "s" and numbers.any():  # (the unit of the numbers alone, not of dates)
-        top = float(np.abs(log.times[numbers]).max())
+    log, _, numeric = _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
+    if time_col is not None and time_unit != "s" and numeric.any():  # (the unit of the numbers alone, not of dates)
+        top = float(np.abs(log.times[numeric]).max())
         if time_unit == "ms" or top >= _MS_TIMES:
             if time_unit == "auto":
                 warnings.warn(f"{path}: times read as milliseconds (the largest, {top:.17g}, is past the year "
                               "5000 in seconds); pass time_unit='s' or 'ms' (--time-unit) to say which",
                               UserWarning, stacklevel=2)
             times = log.times.copy()
-            times[numbers] /= 1000.0
+            times[numeric] /= 1000.0
             log = ClickLog(log.sessions, log.items, times)
     return log
 
@@ -370,7 +370,7 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
                     col = f"{i}: {names[i]!r}" if header and i < len(names) else str(i)
                     raise RecsysError(f"{path}: the {what} and {other} columns are the same column ({col})")
         need = max(i for i in (si, ii, ti, xi) if i is not None) + 1
-        sess, items, times, extras, numbers = [], [], [], [], []  # (numbers: the time was a number)
+        sess, items, times, extras, numeric = [], [], [], [], []  # (numeric: the time was a number)
         # every _CHUNK rows the lists become arrays (a row's strs and floats as Python objects took
         # ~250 bytes: ~7.6 GiB for the raw YOOCHOOSE file's 33M rows; int64 ids and times 24)
         chunks = []
@@ -378,8 +378,8 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
         def flush():
             if times:
                 chunks.append((_typed_ids(sess), _typed_ids(items), np.asarray(times, dtype=np.float64),
-                               np.asarray(extras, dtype=np.float64), np.asarray(numbers, dtype=bool)))
-                for part in (sess, items, times, extras, numbers):
+                               np.asarray(extras, dtype=np.float64), np.asarray(numeric, dtype=bool)))
+                for part in (sess, items, times, extras, numeric):
                     part.clear()
         base = 0  # rows in the chunks
         cache: dict[str, float] = {}
@@ -419,7 +419,7 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             items.append(it)
             if ti is None:
                 times.append(float(base + len(times)))
-                numbers.append(False)
+                numeric.append(False)
                 continue
             tv = row[ti].strip()
             try:
@@ -446,14 +446,14 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             except ValueError as exc:
                 raise RecsysError(f"{path}:{lineno}: malformed time: {exc}") from None
             times.append(t)
-            numbers.append(number and xi is None)  # (time_unit: a number alone, no extra column added)
+            numeric.append(number and xi is None)  # (time_unit: a number alone, no extra column added)
         flush()
     if not chunks:
         raise RecsysError(f"{path}: no clicks in the file")
-    sessions, items, times, extras, numbers = (list(part) for part in zip(*chunks))
+    sessions, items, times, extras, numeric = (list(part) for part in zip(*chunks))
     del chunks
     log = ClickLog(_join_ids(sessions), _join_ids(items), np.concatenate(times))
-    return log, (np.concatenate(extras) if keep_extra else None), np.concatenate(numbers)
+    return log, (np.concatenate(extras) if keep_extra else None), np.concatenate(numeric)
 
 
 _CHUNK = 1 << 18
