@@ -110,8 +110,6 @@ def is_zero(n):
     """n == 0 for a size; a size the tracer cannot know (an unbacked one: mark_unbacked, or a batch
     filtered by a mask under torch.export) counts as nonzero, with no guard on it: the eager kernels
     still refuse an empty x when such a graph runs. (Under torch.jit.trace a size is a 0-dim tensor.)"""
-    if type(n) is int:  # (eager sizes: the symbolic-shape helper costs ~1 us a call)
-        return n == 0
     if isinstance(n, torch.Tensor):
         return bool(n == 0)
     return _guard_or_false(n == 0)
