@@ -463,7 +463,7 @@ def test_bind_takes_names_and_bracketed_ipv6_and_listens_when_asked():
     (the service listens once its model is loaded)."""
     from rnnrec_fast.serving.server import bind
 
-    for host in ("localhost", "127.0.0.1", "[::1]"):
+    for host in ("localhost", "127.0.0.1", "[::1]", ""):
         try:
             sock = bind(host, 0, listen=False)
         except OSError as e:
@@ -471,6 +471,9 @@ def test_bind_takes_names_and_bracketed_ipv6_and_listens_when_asked():
             continue
         try:
             addr = sock.getsockname()[:2]
+            if host == "":  # (every IPv4 address, as before names were resolved)
+                assert addr[0] == "0.0.0.0"
+                addr = ("127.0.0.1", addr[1])
             with pytest.raises(OSError):
                 socket.create_connection(addr, timeout=5).close()
             sock.listen(8)

@@ -237,7 +237,7 @@ def bind(host="127.0.0.1", port=0, backlog=BACKLOG, listen=True):
     is loaded: until then a connection is refused, not left waiting). An OSError names the address."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
-    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host or "0.0.0.0"  # ("": every IPv4 address)
     sock = None
     try:
         family, _, _, _, addr = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
