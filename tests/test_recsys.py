@@ -249,6 +249,8 @@ def test_loader_small_review_findings(tmp_path):
     low = _write(tmp_path, "low.tsv", "session_id\titemid\tTime\n1\t10\t5\n")
     with pytest.raises(RecsysError, match="it has 'session_id'"):
         recsys.load_clicks(low)
+    sci = _write(tmp_path, "sci.tsv", "SessionId\tItemId\tTime\n1\t10\t123e-5\n1\t11\t2014-04-07\n")
+    assert recsys.load_clicks(sci).times.tolist() == [0.00123, 1396828800.0]  # (numbers and dates told apart)
     buys = _write(tmp_path, "yoochoose-buys.dat", "420374,2014-04-06T18:44:58.314Z,214537888,12462,1\n")
     raw = _write(tmp_path, "yoochoose-clicks.dat", "1,2014-04-07T10:51:09.277Z,214536502,0\n")
     assert recsys.data.sniff_format(buys) == "columns" and recsys.data.sniff_format(raw) == "yoochoose-raw"

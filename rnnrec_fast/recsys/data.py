@@ -167,10 +167,11 @@ def _parse_time(value: str, time_format: str | None) -> tuple[float, bool]:
     if time_format:
         d = _dt.datetime.strptime(value, time_format)
         return (d if d.tzinfo is not None else d.replace(tzinfo=_dt.timezone.utc)).timestamp(), False  # (%z kept)
-    try:
-        return float(value), True
-    except ValueError:
-        pass
+    if not (len(value) > 4 and value[4] == "-" and value[:4].isdigit()):  # (YYYY-: a date; a failing float() ~1 us)
+        try:
+            return float(value), True
+        except ValueError:
+            pass
     try:  # ISO dates / datetimes
         d = _dt.datetime.fromisoformat(value)
     except ValueError:
@@ -399,7 +400,7 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
             if spanned != 1:
                 raise RecsysError(f"{path}:{lineno}: a quoted field runs over {spanned} lines (a stray quote "
                                   f"character?)")
-            if not any(v.strip() for v in row):  # (a blank line, or separators alone)
+            if not row or (not row[0].strip() and not any(v.strip() for v in row)):  # (blank, or separators alone)
                 continue
             if len(row) < need:
                 raise RecsysError(f"{path}:{lineno}: malformed row (expected at least {need} fields "
