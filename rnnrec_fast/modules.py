@@ -14,8 +14,6 @@ import numbers
 import warnings
 import weakref
 
-import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -253,15 +251,9 @@ class _PyInferPlan:
             else:
                 y = torch.empty(T, B, H, dtype=dt)
                 yv = y.numpy()
-        ws = np.empty((T, B, 0), x.dtype)
-        for l in range(L):
-            lw = arrays[l * per:(l + 1) * per]
-            b_ih, b_hh = (lw[2], lw[3]) if per == 4 else (None, None)
-            h0 = np.zeros((B, H), x.dtype) if h is None else h if cell else h[l]
-            out = yv if l == L - 1 and yv is not None else np.empty((T, B, H), x.dtype)
-            backend.run_cpu(np.ascontiguousarray(x), np.ascontiguousarray(h0), lw[0], lw[1], b_ih, b_hh, None, None,
-                            self.mode_i, self.reset_after, out, hv if cell else hv[l], ws)
-            x = out
+        layers = [tuple(arrays[l * per:(l + 1) * per]) + ((None, None) if per == 2 else ()) for l in range(L)]
+        h0 = [None] * L if h is None else [h] if cell else h
+        backend.run_layers_cpu(x, h0, layers, self.mode_i, self.reset_after, [hv] if cell else hv, yv)
         if cell:
             return h_n
         return (y.transpose(0, 1) if bf and T > 1 and B > 1 else y), h_n

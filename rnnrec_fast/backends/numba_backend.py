@@ -204,6 +204,26 @@ def run_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, y
                                  y, h_n, ws, gh0)
 
 
+def run_layers_cpu(x, h0, layers, mode, reset_after, h_n, y=None):
+    """Stacked layers' inference on the CPU kernels (the modules' inference path and the serving
+    fast path call it): x (T, B, I) a NumPy array; ``h0[l]`` layer l's (B, H) initial state, or
+    None for zeros; ``layers`` one ``(w_ih, w_hh, b_ih, b_hh)`` of C-contiguous arrays per layer
+    (biases None where absent). Writes each layer's final state into ``h_n[l]`` and, where ``y``
+    (T, B, H) is given, the last layer's outputs into it; returns the last layer's outputs. No
+    workspace: no backward follows."""
+    T, B = x.shape[:2]
+    ws = np.empty((T, B, 0), x.dtype)
+    last = len(layers) - 1
+    for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        H = w_hh.shape[1]
+        state = np.zeros((B, H), x.dtype) if h0[l] is None else h0[l]
+        out = y if l == last and y is not None else np.empty((T, B, H), x.dtype)
+        run_cpu(np.ascontiguousarray(x), np.ascontiguousarray(state), w_ih, w_hh, b_ih, b_hh, None, None, mode,
+                reset_after, out, h_n[l], ws)
+        x = out
+    return x
+
+
 def _weight_grads(x, h0, y, lengths, resets, d_gx, d_gh, h_in, w_ih, mode, H):
     """grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh from the pre-activation gradients
     (torch GEMMs; works on CPU and CUDA tensors). x, y, d_gx, d_gh, h_in contiguous.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from functools import cached_property
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -115,7 +114,7 @@ class FastGRU4Rec:
             arrays = (self.emb, *flat)
             if all(w is not None and w.dtype == self.Wy.dtype and w.is_contiguous() for w in arrays):
                 from ..backends import numba_backend
-                self.run_numba = numba_backend.run_cpu
+                self.run_numba = numba_backend.run_layers_cpu
                 self.np_emb = self.emb.numpy()
                 self.np_layers = [tuple(w.numpy() for w in layer) for layer in self.layers]
 
@@ -184,15 +183,8 @@ class FastGRU4Rec:
     def _numba_layers(self, x, h):
         """Every layer's step on numba's CPU kernels: x (1, B, I) and h (L, B, H) NumPy arrays ->
         the new state, a (L, B, H) tensor."""
-        L, B, H = h.shape
-        out = torch.empty(L, B, H, dtype=self.Wy.dtype)
-        hn = out.numpy()
-        ws = np.empty((1, B, 0), hn.dtype)  # (no workspace: no backward follows)
-        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.np_layers):
-            y = np.empty((1, B, H), hn.dtype)
-            self.run_numba(np.ascontiguousarray(x), np.ascontiguousarray(h[layer]), w_ih, w_hh, b_ih, b_hh, None,
-                           None, _GRU, self.reset_after, y, hn[layer], ws)
-            x = y
+        out = torch.empty(h.shape, dtype=self.Wy.dtype)
+        self.run_numba(x, h, self.np_layers, _GRU, self.reset_after, out.numpy())
         ops._set_last("numba")
         return out
 
