@@ -222,9 +222,14 @@ def _uvicorn_config(app, log_level="warning", request_timeout=REQUEST_TIMEOUT):
                           log_level=log_level, access_log=False, server_header=False, date_header=False)
 
 
+def address(host, port):
+    """``host:port``, an IPv6 address in brackets (RFC 3986)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def url(host, port):
-    """The http URL of ``host`` and ``port``: an IPv6 address in brackets (RFC 3986)."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """The http URL of ``host`` and ``port``."""
+    return "http://" + address(host, port)
 
 
 BACKLOG = 2048
@@ -249,7 +254,7 @@ def bind(host="127.0.0.1", port=0, backlog=BACKLOG, listen=True):
     except OSError as e:
         if sock is not None:
             sock.close()
-        raise OSError(e.errno, f"cannot listen on {url(name, port)[7:]}: {e.strerror or e}") from None
+        raise OSError(e.errno, f"cannot listen on {address(name, port)}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
