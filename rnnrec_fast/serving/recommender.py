@@ -177,9 +177,12 @@ class SessionRecommender:
         it. Call under the lock."""
         fast = self._fast
         if (fast is not None and fast.stale()) or (fast is None and self._fast_retry and not self.model.training):
-            built, self._fast_retry = _fastpath.build_or_retry(self.model)
-            self._use_fast(built)
+            self._rebuild_fast()
         return self._fast
+
+    def _rebuild_fast(self):
+        built, self._fast_retry = _fastpath.build_or_retry(self.model)
+        self._use_fast(built)
 
     def _expire_locked(self):
         if self.store.ttl is not None:
@@ -312,16 +315,15 @@ class SessionRecommender:
         """A block in which the model's weights may change while other threads click: no click
         then steps or scores with some weights old and others new (a click racing with
         ``load_state_dict`` or an optimiser step did, and a session kept the state it stepped to).
-        It waits for the clicks in flight to end, holds every click and batch back until the block
-        ends, then rebuilds the fast path from the new weights (where it applies, the model in eval
-        mode), so that the first click after it does not. Yields the model::
+        It waits for the clicks in flight to end (new clicks wait behind it), holds every click and
+        batch back until the block ends, then rebuilds the fast path (where the recommender uses one,
+        the model in eval mode) whatever changed: also a write through ``.data``, which the version
+        counters do not show, and after an exception in the block. Yields the model::
 
             with rec.updating() as model:
                 model.load_state_dict(new_weights)
 
-        The fast path is rebuilt after the block whatever changed (also a write through ``.data``,
-        which the version counters do not show, and after an exception in the block). The thread
-        inside the block may click too (the lock is reentrant)."""
+        The thread inside the block may click too (the lock is reentrant)."""
         with self._lock:
             outer = self._updater
             self._updates_waiting += 1
@@ -332,8 +334,7 @@ class SessionRecommender:
             finally:
                 try:
                     if self._fast_wanted:
-                        built, self._fast_retry = _fastpath.build_or_retry(self.model)
-                        self._use_fast(built)
+                        self._rebuild_fast()
                 finally:
                     self._updater = outer
                     self._updates_waiting -= 1
