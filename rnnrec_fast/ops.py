@@ -571,11 +571,10 @@ def _backward(ctx, grad_y, grad_h_n, _grad_ws, backward_op=None):
         check_bias_versions((b_ih, b_hh), ctx.bias_versions)
         gx, gh0, gwi, gwh, gbi, gbh = torch.ops.rnnrec_fast.recurrence_backward_differentiable.default(
             grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
-        return (gx, None if h0 is None else gh0, gwi, gwh, gbi if has_b_ih else None, gbh if has_b_hh else None,
-                None, None, None, None, None)
-    gx, gh0, gwi, gwh, gbi, gbh = (backward_op or torch.ops.rnnrec_fast.recurrence_backward.default)(
-        grad_y, grad_h_n, x, h0, w_ih, w_hh, None, None, lengths, resets, y, ws, mode, reset_after,
-        backend)
+    else:
+        gx, gh0, gwi, gwh, gbi, gbh = (backward_op or torch.ops.rnnrec_fast.recurrence_backward.default)(
+            grad_y, grad_h_n, x, h0, w_ih, w_hh, None, None, lengths, resets, y, ws, mode, reset_after,
+            backend)
     return (gx, None if h0 is None else gh0, gwi, gwh, gbi if has_b_ih else None, gbh if has_b_hh else None,
             None, None, None, None, None)
 
