@@ -11,6 +11,7 @@ import copy
 import functools
 import math
 import numbers
+import sys
 import warnings
 import weakref
 
@@ -51,6 +52,28 @@ _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compil
 # modules
 _TORCH_MODULE_CALL = nn.Module.__dict__.get("_wrapped_call_impl", nn.Module.__dict__["__call__"])
 _TORCH_CALL_IMPL = nn.Module.__dict__["_call_impl"]
+
+
+def _onnx_exporting():
+    """Whether torch.onnx.export is capturing the model where Python runs: the trace of its
+    TorchScript-based exporter, or the torch.export capture (strict=False) of the newer one (dynamo
+    folds the question to False). torch.onnx is imported by its user, not by torch."""
+    if _is_dynamo_compiling():
+        return False
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def _onnx_refusal(module, resets=None):
+    """What ONNX cannot express: per-step resets, the GRU with reset_after=False (ONNX's GRU has
+    linear_before_reset, but torch's exporters translate torch.nn's GRU, which has it always on)."""
+    name = type(module).__name__
+    if resets is not None:
+        raise ValueError(f"{name}: resets cannot be exported to ONNX (its GRU and RNN operators restart no "
+                         "state within a sequence); export the model called without them")
+    if module._op_mode == "gru" and not module.reset_after:
+        raise ValueError(f"{name}(reset_after=False), the original GRU form, cannot be exported to ONNX "
+                         "through torch.nn's GRU, which the exporters translate")
 
 
 def _torch_module_call(module):
@@ -832,11 +855,45 @@ class _RNNBase(_FastPath):
         w = _checked_weights(type(self).__name__, self, names, values, self._weight_shapes(index), x)
         return tuple(w) if self.bias else (w[0], w[1], None, None)
 
-    def forward(self, input, hx=None, *, resets=None):
+    def _torch_op(self):
+        """torch.nn's operator for this module's mode: torch._VF.gru, rnn_tanh or rnn_relu."""
+        return getattr(torch._VF, self._op_mode)
+
+    def _torch_packed(self, input, hx):
+        """forward of a PackedSequence (checked) under torch.onnx.export, as torch.nn's forward
+        calls its operator: the packed form, hx in the sorted batch order, h_n back in the input's."""
+        name = type(self).__name__
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        D = 2 if self.bidirectional else 1
+        if hx is None:  # (sized by batch_sizes[0] itself, as torch.nn's: a traced size)
+            hx = torch.zeros(self.num_layers * D, batch_sizes[0], self.hidden_size, dtype=data.dtype,
+                             device=data.device)
+        else:
+            if not isinstance(hx, torch.Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            expected = (self.num_layers * D, int(batch_sizes[0]), self.hidden_size)
+            if tuple(hx.shape) != expected:
+                raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
+            if sorted_indices is not None:
+                hx = hx.index_select(1, sorted_indices)
+        weights = [getattr(self, n) for n in self._flat_weights_names]
+        out, h_n = self._torch_op()(data, batch_sizes, hx, weights, self.bias, self.num_layers, self.dropout,
+                                    self.training, self.bidirectional)
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h_n
+
+    def forward(self, input, hx=None, resets=None):
         """``(output, h_n)`` as torch.nn's, for ``input`` (T, B, I), (B, T, I) with batch_first,
         unbatched (T, I) or a PackedSequence, and ``hx`` (layers * directions, B, H) or None (zeros).
         ``resets``, a bool tensor (T, B) ((B, T) with batch_first, (T,) unbatched): True zeroes that
-        row's state in every layer before that step (session-parallel training)."""
+        row's state in every layer before that step (session-parallel training). (A third
+        parameter, not keyword-only: torch.onnx.export's TorchScript-based exporter passes every
+        parameter of a model's forward by position.)
+
+        Under torch.onnx.export the module calls torch.nn's own operator (torch._VF.gru /
+        rnn_tanh / rnn_relu, as torch.nn.GRU / RNN do), which the exporters know: the model
+        exports as one holding torch.nn's modules would."""
         if resets is None and not _is_compiling():  # the fast path (see _FastPath)
             plan = self._plan
             if plan is not None and not (self.dropout and self.training) and not _calls_observed():
@@ -845,9 +902,15 @@ class _RNNBase(_FastPath):
                     return out
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
+        onnx = _onnx_exporting()
+        if onnx:
+            _onnx_refusal(self, resets)
         lengths = None
         if packed:
-            plain = _plain_packed(input, _check_packed(name, input))
+            sizes = _check_packed(name, input)
+            if onnx:
+                return self._torch_packed(input, hx)
+            plain = _plain_packed(input, sizes)
             if plain is not None:
                 if resets is not None:
                     raise ValueError(f"{name}: resets are taken with a PackedSequence that pack_padded_sequence "
@@ -923,7 +986,16 @@ class _RNNBase(_FastPath):
         if ops.is_zero(B):
             op = _empty_batch
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
-        if D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
+        if onnx:  # (a batch_first input given to the operator as it is, as torch.nn's forward does)
+            if hx is None:
+                hx = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
+            bf = batched and self.batch_first
+            out, h_n = self._torch_op()((input if input.dtype == x.dtype else x.transpose(0, 1)) if bf else x, hx,
+                                        weights, self.bias, self.num_layers, self.dropout, self.training,
+                                        self.bidirectional, bf)
+            if bf:
+                return out, h_n
+        elif D == 1 and self.num_layers == 1:  # the common case, kept short: one fused call
             out, h = op(x, None if hx is None else hx[0], *self._layer_params(0, x, weights), lengths, resets, mode,
                         reset_after, backend)[:2]
             # in place, as torch.nn's is, h_n is no view: `h_n.detach_()` between batches works
@@ -967,7 +1039,7 @@ class _RNNBase(_FastPath):
         # a change in place of it or of a view of it before backward(); a compiled graph returning
         # a view of it (batch_first, unbatched) does not check (the backward read the changed values:
         # wrong gradients, no error), so under torch.compile with grad on that view is a copy.
-        copy = D == 1 and _is_compiling() and torch.is_grad_enabled()
+        copy = D == 1 and _is_compiling() and torch.is_grad_enabled() and not onnx
         if not batched:
             out = out.squeeze(1)
             return (out.clone() if copy else out), h_n.squeeze(1)
@@ -1055,7 +1127,7 @@ class RNN(_RNNBase):
       ``rnnrec_fast.resolve_backend``; ``active_backend()`` names the one that runs).
 
     Parameter names, initialisation and ``state_dict`` are torch.nn's (``load_state_dict`` takes
-    either's); ``forward(input, hx=None, *, resets=None)`` is torch.nn's with per-step state resets.
+    either's); ``forward(input, hx=None, resets=None)`` is torch.nn's with per-step state resets.
     """
 
     _gates = 1
@@ -1096,7 +1168,7 @@ class GRU(_RNNBase):
       ``n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)``, which torch.nn lacks.
 
     Parameter names, initialisation and ``state_dict`` are torch.nn's (``load_state_dict`` takes
-    either's); ``forward(input, hx=None, *, resets=None)`` is torch.nn's with per-step state resets.
+    either's); ``forward(input, hx=None, resets=None)`` is torch.nn's with per-step state resets.
     """
 
     _gates = 3
@@ -1235,6 +1307,12 @@ class _CellBase(_FastPath):
                              none_bias=True, sizes=(I, H))  # (torch.nn: RuntimeError)
         b_ih, b_hh = w[2], w[3]
         _check_hx(name, x, hx)
+        if _onnx_exporting():  # torch.nn's operator, which the ONNX exporters know (see _RNNBase.forward)
+            _onnx_refusal(self)
+            if hx is None:
+                hx = torch.zeros(x.shape[0], H, dtype=x.dtype, device=x.device)
+            h = getattr(torch._VF, self._op_mode + "_cell")(x, hx, w[0], w[1], b_ih, b_hh)
+            return h if batched else h.squeeze(0)
         # zero rows, inputs or hidden units: torch.nn's results from the reference math (the op refuses
         # empty tensors; the fast plans decline them or return the same empty result)
         sized = not ops.is_zero(x.shape[0]) and I and H

@@ -1561,7 +1561,7 @@ def test_whole_models_convert_both_ways_and_export_to_onnx():
     with pytest.raises(TypeError, match="got MyGRU .a subclass of one"):
         rnnrec_fast.from_torch(nn.Sequential(MyGRU(3, 4)))
 
-    ort = pytest.importorskip("onnxruntime")  # (a benchmark extra: make bench installs it)
+    ort = pytest.importorskip("onnxruntime")  # (make test installs it)
     import io
     import warnings
     buf = io.BytesIO()

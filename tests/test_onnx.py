@@ -1,0 +1,191 @@
+"""ONNX export of models holding the drop-in modules: under torch.onnx.export they call torch.nn's
+own operators (torch._VF.gru / rnn_tanh / rnn_relu and the cells'), so a model exports as one
+holding torch.nn's modules does: the same ONNX graph, run here with ONNX Runtime on inputs of other
+sizes than the export's and compared with torch.nn's twin. What ONNX cannot express (per-step
+resets, the GRU's reset_after=False) is refused by name."""
+import io
+import warnings
+
+import pytest
+import torch
+import torch.onnx
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnrec_fast
+
+SEQ_CONFIGS = [
+    ("GRU", {}),
+    ("RNN", {}),
+    ("RNN", {"nonlinearity": "relu", "bias": False}),
+    ("GRU", {"num_layers": 2, "bidirectional": True, "batch_first": True}),
+    ("RNN", {"num_layers": 3, "batch_first": True}),
+]
+I, H = 6, 7
+
+
+def _export(model, args, **kw):
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the TorchScript-based exporter's deprecation and tracer notes)
+        torch.onnx.export(model, args, buf, dynamo=False, **kw)
+    return buf.getvalue()
+
+
+def _ops(blob):
+    onnx = pytest.importorskip("onnx")
+    return [n.op_type for n in onnx.load_from_string(blob).graph.node]
+
+
+def _run(blob, feeds):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in feeds.items()})]
+
+
+@pytest.fixture
+def onnx_exporting(monkeypatch):
+    """torch.onnx.is_in_onnx_export() true, as during an export (for what needs no onnx package)."""
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+
+
+@pytest.mark.parametrize("kind,kw", SEQ_CONFIGS + [("GRUCell", {}), ("RNNCell", {"nonlinearity": "relu"})])
+def test_under_export_the_modules_call_torch_nn_operators(kind, kw, onnx_exporting):
+    """The traced graph holds torch.nn's operator and none of ours, and gives torch.nn's results
+    bit for bit; so does torch.export's non-strict capture (the newer exporter's first)."""
+    torch.manual_seed(0)
+    ours = getattr(rnnrec_fast, kind)(I, H, **kw).eval()
+    twin = rnnrec_fast.to_torch(ours)
+    cell = kind.endswith("Cell")
+    x = torch.randn(4, I) if cell else torch.randn(3, 4, I)
+    traced, traced_twin = (torch.jit.trace(m, (x,), check_trace=False) for m in (ours, twin))
+    kinds, twin_kinds = ({n.kind() for n in t.inlined_graph.nodes()} for t in (traced, traced_twin))
+    # (the cells' operators are composite: the trace holds what they call, as torch.nn's does; a
+    # batch_first input's transpose for our own path is traced, unused: the export drops it)
+    assert kinds - {"aten::transpose"} == twin_kinds, (sorted(kinds), sorted(twin_kinds))
+    want = "aten::" + ours._op_mode + ("_cell" if cell else "")
+    assert cell or want in kinds
+    fresh = torch.randn(x.shape)
+    for got, ref in zip(*(m(fresh) if not cell else (m(fresh),) for m in (traced, twin))):
+        assert torch.equal(got, ref)
+    program = torch.export.export(ours, (x,), strict=False)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert f"aten.{want[6:]}.input" in targets or f"aten.{want[6:]}.default" in targets, sorted(targets)
+    assert not any("rnnrec_fast" in t for t in targets), sorted(targets)
+
+
+@pytest.mark.parametrize("kind,kw", SEQ_CONFIGS)
+def test_sequence_modules_export_as_torch_nn_does(kind, kw):
+    """A bare module (its forward's three parameters passed by position) exports to the graph
+    torch.nn's twin gives (ONNX GRU / RNN nodes), which ONNX Runtime runs on other batch and time
+    sizes (dynamic axes) and another h0 with torch.nn's results."""
+    torch.manual_seed(1)
+    ours = getattr(rnnrec_fast, kind)(I, H, **kw).eval()
+    twin = rnnrec_fast.to_torch(ours)
+    bf = kw.get("batch_first", False)
+    L = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    x, h0 = (torch.randn(2, 3, I) if bf else torch.randn(3, 2, I)), torch.randn(L, 2, H)
+    axes = {"x": {0: "batch", 1: "time"} if bf else {0: "time", 1: "batch"}, "h0": {1: "batch"},
+            "y": {0: "batch", 1: "time"} if bf else {0: "time", 1: "batch"}, "h_n": {1: "batch"}}
+    names = dict(input_names=["x", "h0"], output_names=["y", "h_n"], dynamic_axes=axes)
+    blob = _export(ours, (x, h0), **names)
+    assert _ops(blob) == _ops(_export(twin, (x, h0), **names))
+    assert ("GRU" if kind == "GRU" else "RNN") in _ops(blob)
+    x, h0 = (torch.randn(5, 9, I) if bf else torch.randn(9, 5, I)), torch.randn(L, 5, H)
+    with torch.no_grad():
+        want = twin(x, h0)
+    for got, ref in zip(_run(blob, {"x": x, "h0": h0}), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
+def test_cells_export_as_torch_nn_does(kind):
+    torch.manual_seed(2)
+    ours = getattr(rnnrec_fast, kind)(I, H).eval()
+    twin = rnnrec_fast.to_torch(ours)
+    names = dict(input_names=["x", "h"], output_names=["h1"], dynamic_axes={"x": {0: "b"}, "h": {0: "b"}})
+    blob = _export(ours, (torch.randn(2, I), torch.randn(2, H)), **names)
+    assert _ops(blob) == _ops(_export(twin, (torch.randn(2, I), torch.randn(2, H)), **names))
+    x, h = torch.randn(6, I), torch.randn(6, H)
+    with torch.no_grad():
+        want = twin(x, h)
+    torch.testing.assert_close(_run(blob, {"x": x, "h": h})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_packing_its_sequences_exports_as_torch_nn_does():
+    """pack_padded_sequence (unsorted lengths) -> GRU -> pad_packed_sequence: ONNX's GRU with
+    sequence lengths, as for torch.nn's, run with other lengths than the export's."""
+    class Model(nn.Module):
+        def __init__(self, lib):
+            super().__init__()
+            self.emb = nn.Embedding(20, I)
+            self.gru = lib.GRU(I, H, num_layers=2, batch_first=True)
+
+        def forward(self, items, lengths):
+            packed = pack_padded_sequence(self.emb(items), lengths, batch_first=True, enforce_sorted=False)
+            out, h_n = self.gru(packed)
+            return pad_packed_sequence(out, batch_first=True, total_length=items.shape[1])[0], h_n
+
+    torch.manual_seed(3)
+    ref = Model(nn).eval()
+    ours = rnnrec_fast.from_torch(ref)
+    names = dict(input_names=["items", "lengths"], output_names=["y", "h_n"],
+                 dynamic_axes={"items": {0: "b", 1: "t"}, "lengths": {0: "b"}, "y": {0: "b", 1: "t"},
+                               "h_n": {1: "b"}})
+    args = (torch.randint(0, 20, (3, 6)), torch.tensor([6, 2, 4]))
+    blob = _export(ours, args, **names)
+    assert _ops(blob) == _ops(_export(ref, args, **names)) and "GRU" in _ops(blob)
+    items, lengths = torch.randint(0, 20, (4, 8)), torch.tensor([3, 8, 1, 5])
+    with torch.no_grad():
+        want = ref(items, lengths)
+    for got, r in zip(_run(blob, {"items": items, "lengths": lengths}), want):
+        torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-5)
+
+
+def test_what_onnx_cannot_express_is_refused_by_name(onnx_exporting):
+    """Traced as the TorchScript-based exporter traces (no fast path then)."""
+    class Call(nn.Module):
+        def __init__(self, module, *args, **kwargs):
+            super().__init__()
+            self.module, self.args, self.kwargs = module, args, kwargs
+
+        def forward(self, x):
+            return self.module(x, *self.args, **self.kwargs)
+
+    x = torch.randn(3, 2, I)
+    resets = torch.zeros(3, 2, dtype=torch.bool)
+    gru = rnnrec_fast.GRU(I, H)
+    for call in (Call(gru, resets=resets), Call(gru, None, resets)):
+        with pytest.raises(ValueError, match="resets cannot be exported to ONNX"):
+            torch.jit.trace(call, (x,), check_trace=False)
+    for m, arg in ((rnnrec_fast.GRU(I, H, reset_after=False), x), (rnnrec_fast.GRUCell(I, H, reset_after=False), x[0])):
+        with pytest.raises(ValueError, match=r"reset_after=False\), the original GRU form, cannot be exported"):
+            torch.jit.trace(Call(m), (arg,), check_trace=False)
+
+
+def test_resets_may_be_passed_by_position():
+    """forward(input, hx, resets): the third parameter by position is the keyword's."""
+    torch.manual_seed(4)
+    m = rnnrec_fast.GRU(I, H, batch_first=True)
+    x, h0 = torch.randn(2, 5, I), torch.randn(1, 2, H)
+    resets = torch.tensor([[False, False, True, False, False], [False, True, False, False, True]])
+    for got, want in zip(m(x, h0, resets), m(x, h0, resets=resets)):
+        assert torch.equal(got, want)
+    assert not torch.equal(m(x, h0, resets)[0], m(x, h0)[0])
+
+
+def test_newer_exporter_where_onnxscript_is_installed(tmp_path):
+    """torch.onnx.export(dynamo=True), the default from torch 2.9 (it needs onnxscript, which make
+    test does not install): its torch.export capture sees torch.nn's operator."""
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(5)
+    ours = rnnrec_fast.GRU(I, H, batch_first=True).eval()
+    x = torch.randn(2, 4, I)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(ours, (x,), dynamo=True, input_names=["x"])
+    program.save(str(tmp_path / "gru.onnx"))
+    with torch.no_grad():
+        want = rnnrec_fast.to_torch(ours)(x)
+    for got, ref in zip(_run((tmp_path / "gru.onnx").read_bytes(), {"x": x}), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
