@@ -11,7 +11,6 @@ import copy
 import functools
 import math
 import numbers
-import sys
 import warnings
 import weakref
 
@@ -52,28 +51,6 @@ _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compil
 # modules
 _TORCH_MODULE_CALL = nn.Module.__dict__.get("_wrapped_call_impl", nn.Module.__dict__["__call__"])
 _TORCH_CALL_IMPL = nn.Module.__dict__["_call_impl"]
-
-
-def _onnx_exporting():
-    """Whether torch.onnx.export is capturing the model where Python runs: the trace of its
-    TorchScript-based exporter, or the torch.export capture (strict=False) of the newer one (dynamo
-    folds the question to False). torch.onnx is imported by its user, not by torch."""
-    if _is_dynamo_compiling():
-        return False
-    onnx = sys.modules.get("torch.onnx")
-    return onnx is not None and onnx.is_in_onnx_export()
-
-
-def _onnx_refusal(module, resets=None):
-    """What ONNX cannot express: per-step resets, the GRU with reset_after=False (ONNX's GRU has
-    linear_before_reset, but torch's exporters translate torch.nn's GRU, which has it always on)."""
-    name = type(module).__name__
-    if resets is not None:
-        raise ValueError(f"{name}: resets cannot be exported to ONNX (its GRU and RNN operators restart no "
-                         "state within a sequence); export the model called without them")
-    if module._op_mode == "gru" and not module.reset_after:
-        raise ValueError(f"{name}(reset_after=False), the original GRU form, cannot be exported to ONNX "
-                         "through torch.nn's GRU, which the exporters translate")
 
 
 def _torch_module_call(module):
@@ -902,9 +879,9 @@ class _RNNBase(_FastPath):
                     return out
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
-        onnx = _onnx_exporting()
+        onnx = ops.onnx_exporting()
         if onnx:
-            _onnx_refusal(self, resets)
+            ops.refuse_for_onnx(name, self._op_mode, self.reset_after, resets)
         lengths = None
         if packed:
             sizes = _check_packed(name, input)
@@ -987,9 +964,9 @@ class _RNNBase(_FastPath):
             op = _empty_batch
         mode, reset_after, backend = self._op_mode, self.reset_after, self.backend
         if onnx:  # (a batch_first input given to the operator as it is, as torch.nn's forward does)
-            if hx is None:
-                hx = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
             bf = batched and self.batch_first
+            if hx is None:  # (sized from the input itself: the transposed x would stay in the graph)
+                hx = torch.zeros(self.num_layers * D, input.size(0) if bf else B, H, dtype=x.dtype, device=x.device)
             out, h_n = self._torch_op()((input if input.dtype == x.dtype else x.transpose(0, 1)) if bf else x, hx,
                                         weights, self.bias, self.num_layers, self.dropout, self.training,
                                         self.bidirectional, bf)
@@ -1307,8 +1284,8 @@ class _CellBase(_FastPath):
                              none_bias=True, sizes=(I, H))  # (torch.nn: RuntimeError)
         b_ih, b_hh = w[2], w[3]
         _check_hx(name, x, hx)
-        if _onnx_exporting():  # torch.nn's operator, which the ONNX exporters know (see _RNNBase.forward)
-            _onnx_refusal(self)
+        if ops.onnx_exporting():  # torch.nn's operator, which the ONNX exporters know (see _RNNBase.forward)
+            ops.refuse_for_onnx(name, self._op_mode, self.reset_after)
             if hx is None:
                 hx = torch.zeros(x.shape[0], H, dtype=x.dtype, device=x.device)
             h = getattr(torch._VF, self._op_mode + "_cell")(x, hx, w[0], w[1], b_ih, b_hh)

@@ -775,11 +775,62 @@ def op_for(name, *tensors):
 def as_index_tensor(name, what, value, device):
     """``value`` (lengths or resets: a tensor or a sequence) as a tensor on ``device``; a meta
     tensor, which has no values to read, is refused by name (torch: 'Cannot copy out of meta
-    tensor')."""
-    if isinstance(value, torch.Tensor) and value.is_meta and device.type != "meta":
-        where = "the CPU" if device.type == "cpu" else f"the CPU or {device}"
-        raise ValueError(f"{name}: {what} is a meta tensor (no values to read); give it on {where}")
-    return torch.as_tensor(value, device=device)
+    tensor'), as is what torch cannot make a tensor of (a str, a tuple of tensors)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_meta and device.type != "meta":
+            where = "the CPU" if device.type == "cpu" else f"the CPU or {device}"
+            raise ValueError(f"{name}: {what} is a meta tensor (no values to read); give it on {where}")
+        return value.to(device)
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: {what} must be a tensor, got {type(value).__name__} ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX export: torch.nn's own operators, which torch.onnx's exporters translate
+
+_MODE_KEYS = getattr(torch._C, "_TorchDispatchModeKey", None)
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export is capturing this call where Python runs: the trace of its
+    TorchScript-based exporter, or the non-strict torch.export capture (fake tensors) of the newer
+    one (dynamo folds the question to False). The exporters' flag is process-wide: a call of
+    another thread meanwhile is neither traced nor under a fake tensor mode (thread-local both).
+    torch.onnx is imported by its user, not by torch."""
+    if _is_dynamo_compiling():
+        return False
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is None or not onnx.is_in_onnx_export():
+        return False
+    return torch.jit.is_tracing() or (_MODE_KEYS is not None
+                                      and torch._C._get_dispatch_mode(_MODE_KEYS.FAKE) is not None)
+
+
+def refuse_for_onnx(name, mode, reset_after, resets=None, lengths=None):
+    """What torch.nn's operators cannot express under torch.onnx.export, refused by name."""
+    if resets is not None:
+        raise ValueError(f"{name}: resets cannot be exported to ONNX (its GRU and RNN operators restart no "
+                         "state within a sequence); export the model called without them")
+    if lengths is not None:
+        raise ValueError(f"{name}: lengths cannot be exported to ONNX from the op; give the modules a "
+                         "PackedSequence (pack_padded_sequence), which exports as ONNX's sequence lengths")
+    if mode == "gru" and not reset_after:
+        raise ValueError(f"{name}(reset_after=False), the original GRU form, cannot be exported to ONNX: the "
+                         "exporters translate torch.nn's GRU, whose form is reset_after=True")
+
+
+def _torch_layer(x, h0, w_ih, w_hh, b_ih, b_hh, mode):
+    """One layer, one direction, on torch.nn's operator (torch._VF.gru / rnn_tanh / rnn_relu)."""
+    if h0 is None:
+        h0 = torch.zeros(x.shape[1], w_hh.shape[1], dtype=x.dtype, device=x.device)
+    biased = b_ih is not None or b_hh is not None
+    weights = [w_ih, w_hh] + ([torch.zeros_like(b_hh) if b_ih is None else b_ih,
+                               torch.zeros_like(b_ih) if b_hh is None else b_hh] if biased else [])
+    y, h_n = getattr(torch._VF, mode)(x, h0.unsqueeze(0), weights, biased, 1, 0.0, False, False, False)
+    return y, h_n[0]
 
 
 def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=None, mode="gru",
@@ -812,6 +863,9 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
             raise ValueError(f"rnnrec_fast.recurrence: resets must be a bool tensor, got {resets.dtype}")
     if backend not in BACKENDS:
         raise ValueError(f"rnnrec_fast.recurrence: backend must be one of {BACKENDS}, got {backend!r}")
+    if onnx_exporting() and mode in MODES:  # (the recommender's layer loops call this)
+        refuse_for_onnx("rnnrec_fast.recurrence", mode, reset_after, resets, lengths)
+        return _torch_layer(x, h0, w_ih, w_hh, b_ih, b_hh, mode)
     op = op_for("rnnrec_fast.recurrence", x, h0, w_ih, w_hh, b_ih, b_hh)
     y, h_n, _ = op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend)
     return y, h_n

@@ -91,6 +91,9 @@ def test_sequence_modules_export_as_torch_nn_does(kind, kw):
     blob = _export(ours, (x, h0), **names)
     assert _ops(blob) == _ops(_export(twin, (x, h0), **names))
     assert ("GRU" if kind == "GRU" else "RNN") in _ops(blob)
+    # without h0: the zero state sized from the input, as torch.nn's
+    names = dict(input_names=["x"], output_names=["y", "h_n"], dynamic_axes={k: axes[k] for k in ("x", "y", "h_n")})
+    assert _ops(_export(ours, (x,), **names)) == _ops(_export(twin, (x,), **names))
     x, h0 = (torch.randn(5, 9, I) if bf else torch.randn(9, 5, I)), torch.randn(L, 5, H)
     with torch.no_grad():
         want = twin(x, h0)
@@ -161,6 +164,54 @@ def test_what_onnx_cannot_express_is_refused_by_name(onnx_exporting):
     for m, arg in ((rnnrec_fast.GRU(I, H, reset_after=False), x), (rnnrec_fast.GRUCell(I, H, reset_after=False), x[0])):
         with pytest.raises(ValueError, match=r"reset_after=False\), the original GRU form, cannot be exported"):
             torch.jit.trace(Call(m), (arg,), check_trace=False)
+    for kw in ({"resets": resets[:, :1]}, {"lengths": torch.tensor([3])}, {"reset_after": False}):
+        with pytest.raises(ValueError, match="cannot be exported to ONNX"):
+            torch.jit.trace(lambda x: rnnrec_fast.ops.recurrence(x, None, gru.weight_ih_l0, gru.weight_hh_l0, **kw),
+                            (x[:, :1],), check_trace=False)
+
+
+def test_calls_outside_the_export_are_left_alone(onnx_exporting):
+    """torch.onnx's flag is process-wide: while one thread exports, another's calls (neither traced
+    nor under a fake tensor mode) run the package's op as usual, resets and all."""
+    torch.manual_seed(6)
+    m = rnnrec_fast.GRU(I, H, num_layers=2, dropout=0.3, reset_after=False)
+    x, resets = torch.randn(4, 3, I), torch.rand(4, 3) < 0.3
+    assert torch.onnx.is_in_onnx_export()
+    out, h_n = m(x, resets=resets)
+    (out.sum() + h_n.sum()).backward()
+    with torch.no_grad():
+        y, _ = rnnrec_fast.ops.recurrence(x, None, m.weight_ih_l0, m.weight_hh_l0, resets=resets, reset_after=False)
+    assert y.shape == (4, 3, H)
+
+
+@pytest.mark.parametrize("config", [dict(layers=[8, 8], dropout_hidden=0.4), dict(layers=[8, 8], embedding=0),
+                                    dict(layers=[8])])
+def test_the_recommenders_network_exports(config):
+    """GRU4Rec's forward (its layer loop calls the op with dropout between layers; a one-hot first
+    layer runs the op on an identity matrix) and its scores, run by ONNX Runtime on other sizes."""
+    from rnnrec_fast.recsys.model import GRU4Rec
+
+    class Scores(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, items, h):
+            y, h_n = self.net(items, h)
+            return self.net.score(y[-1]), h_n
+
+    torch.manual_seed(7)
+    net = GRU4Rec(50, **config).eval()
+    L = len(config["layers"])
+    names = dict(input_names=["items", "h"], output_names=["scores", "h_n"],
+                 dynamic_axes={"items": {0: "t", 1: "b"}, "h": {1: "b"}, "scores": {0: "b"}, "h_n": {1: "b"}})
+    blob = _export(Scores(net).eval(), (torch.randint(0, 50, (3, 2)), torch.randn(L, 2, 8)), **names)
+    assert "GRU" in _ops(blob)
+    items, h = torch.randint(0, 50, (6, 5)), torch.randn(L, 5, 8)
+    with torch.no_grad():
+        want = Scores(net)(items, h)
+    for got, ref in zip(_run(blob, {"items": items, "h": h}), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_resets_may_be_passed_by_position():
@@ -172,6 +223,9 @@ def test_resets_may_be_passed_by_position():
     for got, want in zip(m(x, h0, resets), m(x, h0, resets=resets)):
         assert torch.equal(got, want)
     assert not torch.equal(m(x, h0, resets)[0], m(x, h0)[0])
+    for wrong in ("x", (h0, h0)):  # (torch.as_tensor's own message named neither)
+        with pytest.raises(TypeError, match=f"GRU: resets must be a tensor, got {type(wrong).__name__}"):
+            m(x, h0, wrong)
 
 
 def test_newer_exporter_where_onnxscript_is_installed(tmp_path):
