@@ -2281,8 +2281,10 @@ at::Tensor empty_output(at::IntArrayRef size, at::ScalarType dtype) {
 }
 
 // run(weights) for a fast-path call whose products take `work` multiply-adds: a large call lets
-// other Python threads run meanwhile (the op path does too), the weights then held by owning
-// references, since another thread could replace a module's parameter.
+// other Python threads run meanwhile (the op path does too), the weights then held as snapshots
+// (new TensorImpls on the same memory, taken under the GIL): another thread may replace a module's
+// parameter, or give it other memory (`p.data = ...`, `p.set_(...)`, which free the old memory: a
+// reference to the parameter's TensorImpl alone would read freed memory).
 template <typename F>
 void with_weights_held(int64_t work, const at::Tensor* const* weights, int64_t nw, const F& run) {
   if (work < (int64_t(1) << 20)) {
@@ -2292,7 +2294,7 @@ void with_weights_held(int64_t work, const at::Tensor* const* weights, int64_t n
   std::vector<at::Tensor> held;
   std::vector<const at::Tensor*> ptrs;
   held.reserve(size_t(nw));
-  for (int64_t k = 0; k < nw; ++k) held.push_back(*weights[k]);
+  for (int64_t k = 0; k < nw; ++k) held.push_back(weights[k]->defined() ? weights[k]->variable_data() : *weights[k]);
   for (const auto& t : held) ptrs.push_back(&t);
   py::gil_scoped_release no_gil;
   run(ptrs.data());

@@ -325,3 +325,18 @@ def test_the_fallback_warning_points_at_the_callers_line(tmp_path, how):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stderr.splitlines() if "RuntimeWarning: rnnrec_fast: the 'cpp' backend" in ln]
     assert len(lines) == 1 and where in lines[0].split(": RuntimeWarning")[0], out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_a_backend_loads_leaves_the_child_a_free_lock():
+    """A fork while another thread loads a backend (numba's import takes seconds, under the
+    backends' lock; a DataLoader worker forked then): the child's lock is a new one (it was held by
+    a thread the child does not have: the child's first call of that backend waited forever)."""
+    from rnnrec_fast import backends
+
+    with backends._lock:
+        pid = os.fork()
+        if pid == 0:  # (the child: nothing but the lock, then out)
+            os._exit(0 if backends._lock.acquire(timeout=5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

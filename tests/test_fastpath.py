@@ -1722,3 +1722,59 @@ def test_python_plans_decline_a_patched_call_impl(backend):
         assert seen == [1, 1]
         m(x)
     assert seen == [1, 1]
+
+
+_SWAP_RACE = r"""
+import sys, threading, time
+import torch, rnnrec_fast
+kind, grad = sys.argv[1], sys.argv[2] == "grad"
+torch.manual_seed(0)
+H = 2048  # (W_hh 48 MiB: freed memory goes back to the system at once, and a read of it faults)
+m = rnnrec_fast.GRUCell(64, H) if kind == "cell" else rnnrec_fast.GRU(64, H)
+ref = rnnrec_fast.to_torch(m)
+x = torch.randn(2, 64) if kind == "cell" else torch.randn(1, 2, 64)
+stop, calls, bad = threading.Event(), [0], []
+with torch.no_grad():
+    want = ref(x)
+    want = want[0] if isinstance(want, tuple) else want
+def caller():
+    with torch.set_grad_enabled(grad):
+        while not stop.is_set():
+            out = m(x)
+            out = out[0] if isinstance(out, tuple) else out
+            if grad:
+                out.sum().backward()
+            if not torch.allclose(out.detach(), want, rtol=1e-5, atol=1e-6):
+                bad.append(calls[0])
+            calls[0] += 1
+t = threading.Thread(target=caller)
+t.start()
+end, swaps = time.monotonic() + 2.0, 0
+while time.monotonic() < end or calls[0] < 3:
+    p = m.weight_hh if kind == "cell" else m.weight_hh_l0
+    if swaps % 2:
+        p.data = p.data.clone()  # the same values in other memory; the old memory is freed
+    else:
+        with torch.no_grad():
+            p.set_(p.clone())
+    swaps += 1
+    time.sleep(0.002)
+stop.set()
+t.join()
+print(f"calls={calls[0]} swaps={swaps} bad={bad[:5]}")
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.skipif(modules._InferPlan is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("kind,grad", [("seq", "nograd"), ("seq", "grad"), ("cell", "nograd")])
+def test_weights_given_other_memory_while_another_thread_calls(kind, grad):
+    """A parameter given other memory (`p.data = ...`, `p.set_(...)`: the old memory freed) while
+    another thread's call runs without the GIL: the call reads the memory it started with (it read
+    freed memory: a segfault), its results torch.nn's, as torch.nn's own kernels survive it."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _SWAP_RACE, kind, grad], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])

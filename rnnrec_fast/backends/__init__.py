@@ -9,6 +9,7 @@ require the cpp and numba backends instead of skipping them.
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 
 import torch
@@ -29,6 +30,16 @@ AUTO_ORDER = {
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _errors: dict[str, str] = {}
+
+
+def _new_lock_in_child():
+    # a fork while another thread loads a backend (numba's import: ~1-2 s, under _lock) left the
+    # child a lock held by a thread it does not have: its first call of that backend waited forever
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 CUDA_PATHS = {"auto": 0, "persistent": 1, "gemm": 2}
 
