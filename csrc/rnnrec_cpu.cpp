@@ -3635,9 +3635,12 @@ py::object score_topk_rows(const at::Tensor& h, const at::Tensor& W, const at::T
   const int64_t M = h.size(0), H = h.size(1), N = b.size(0);
   check_rows_topk_args("rnnrec_fast score_topk_rows: ", *g, M, H, W, packed, N, k, exclude);
   RowsTopk out(M, k, N);
+  // (snapshots, on the same memory, which they keep alive: another thread may give a tensor other
+  // memory meanwhile, as for with_weights_held)
+  const at::Tensor h_held = h.variable_data(), packed_held = packed.variable_data(), b_held = b.variable_data();
   {
     py::gil_scoped_release no_gil;  // (the scores and selection: ~0.5 ms at 64 x 2,933)
-    out.run(h.data_ptr<float>(), M, H, packed.data_ptr<float>(), b.data_ptr<float>(), N, k, exclude);
+    out.run(h_held.data_ptr<float>(), M, H, packed_held.data_ptr<float>(), b_held.data_ptr<float>(), N, k, exclude);
   }
   return out.result();
 #else
@@ -3775,9 +3778,11 @@ py::object click_rows_topk(const at::Tensor& emb, const std::vector<int64_t>& id
       std::memcpy(sp + (slots[size_t(p)] * L + l) * H, hn.data() + (l * B + p) * H, sizeof(float) * size_t(H));
   if (!slab.is_inference()) slab.unsafeGetTensorImpl()->bump_version();  // (as index_copy_ would)
   note_cpp_backend_ran();
+  const at::Tensor packed_held = packed.variable_data(), b_held = b.variable_data();  // (as score_topk_rows)
   {
     py::gil_scoped_release no_gil;  // (the scores and selection; the caller's lock keeps the store)
-    out.run(hn.data() + (L - 1) * B * H, B, H, packed.data_ptr<float>(), b.data_ptr<float>(), N, k, exclude);
+    out.run(hn.data() + (L - 1) * B * H, B, H, packed_held.data_ptr<float>(), b_held.data_ptr<float>(), N, k,
+            exclude);
   }
   return out.result();
 #else
