@@ -248,57 +248,54 @@ at::Tensor state_or_zeros(const Opt& h0, const at::Tensor& x, const at::Tensor& 
   return has(h0) ? h0->contiguous() : at::zeros({x.size(1), w_hh.size(1)}, x.options());
 }
 
-// A tensor argument as the C++ kernels read it: a new TensorImpl on the same memory (storage, sizes,
-// strides, offset). The op runs without the GIL (torch releases it around a call from Python), so
-// another thread may meanwhile give the caller's tensor other memory (`p.data = ...`, `p.set_(...)`,
-// vector_to_parameters: a parameter updated while a model serves), freeing the memory the kernel
-// reads: a segfault. The snapshot keeps that memory alive to the end of the call, and its sizes are
-// the ones checked. (~0.1 us a tensor, after the GIL-free window in which torch's own kernels read
-// their arguments too)
+// A weight as the C++ kernels read it: a new TensorImpl on the same memory (storage, sizes, strides,
+// offset). The op runs without the GIL (torch releases it around a call from Python), so another
+// thread may meanwhile give a module's parameter other memory (`p.data = ...`, `p.set_(...)`,
+// vector_to_parameters: a model updated while it serves), freeing the memory the kernel reads: a
+// segfault. The snapshot keeps that memory alive to the end of the call, and its sizes are the ones
+// checked. (The weights alone: ~0.15 us each; the other arguments are the caller's inputs or the
+// op's own saved outputs.)
 at::Tensor held(const at::Tensor& t) { return t.defined() ? t.variable_data() : t; }
 Opt held(const Opt& t) { return has(t) ? Opt(t->variable_data()) : t; }
 
-Fwd recurrence_cpu(const at::Tensor& x_arg, const Opt& h0_arg, const at::Tensor& w_ih_arg,
-                   const at::Tensor& w_hh_arg, const Opt& b_ih_arg, const Opt& b_hh_arg, const Opt& lengths_arg,
-                   const Opt& resets_arg, c10::string_view mode, bool reset_after, c10::string_view backend) {
-  const at::Tensor x = held(x_arg), w_ih = held(w_ih_arg), w_hh = held(w_hh_arg);
-  const Opt h0 = held(h0_arg), b_ih = held(b_ih_arg), b_hh = held(b_hh_arg), lengths = held(lengths_arg),
-            resets = held(resets_arg);
+Fwd recurrence_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih_arg, const at::Tensor& w_hh_arg,
+                   const Opt& b_ih_arg, const Opt& b_hh_arg, const Opt& lengths, const Opt& resets,
+                   c10::string_view mode, bool reset_after, c10::string_view backend) {
   if (!is_cpp(backend, x)) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("rnnrec_fast::recurrence_py", "")
                          .typed<Fwd(const at::Tensor&, const Opt&, const at::Tensor&,
                                     const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&,
                                     c10::string_view, bool, c10::string_view)>();
-    return op.call(x_arg, h0_arg, w_ih_arg, w_hh_arg, b_ih_arg, b_hh_arg, lengths_arg, resets_arg, mode, reset_after,
-                   backend);
+    return op.call(x, h0, w_ih_arg, w_hh_arg, b_ih_arg, b_hh_arg, lengths, resets, mode, reset_after, backend);
   }
+  const at::Tensor w_ih = held(w_ih_arg), w_hh = held(w_hh_arg);
+  const Opt b_ih = held(b_ih_arg), b_hh = held(b_hh_arg);
   const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
   last_backend_name = "cpp";
   return forward(x.contiguous(), state_or_zeros(h0, x, w_hh), w_ih.contiguous(), w_hh.contiguous(), contig(b_ih),
                  contig(b_hh), contig(lengths), contig(resets), mode_i, reset_after);
 }
 
-Bwd recurrence_backward_cpu(const at::Tensor& grad_y_arg, const at::Tensor& grad_h_n_arg, const at::Tensor& x_arg,
-                            const Opt& h0_arg, const at::Tensor& w_ih_arg, const at::Tensor& w_hh_arg,
-                            const Opt& b_ih_arg, const Opt& b_hh_arg, const Opt& lengths_arg, const Opt& resets_arg,
-                            const at::Tensor& y_arg, const at::Tensor& ws_arg, c10::string_view mode,
+Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+                            const Opt& h0, const at::Tensor& w_ih_arg, const at::Tensor& w_hh_arg,
+                            const Opt& b_ih_arg, const Opt& b_hh_arg, const Opt& lengths, const Opt& resets,
+                            const at::Tensor& y, const at::Tensor& ws, c10::string_view mode,
                             bool reset_after, c10::string_view backend) {
-  if (!is_cpp(backend, x_arg)) {
+  if (!is_cpp(backend, x)) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("rnnrec_fast::recurrence_backward_py", "")
                          .typed<Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const Opt&, const at::Tensor&, const at::Tensor&, const Opt&,
                                     const Opt&, const Opt&, const Opt&, const at::Tensor&,
                                     const at::Tensor&, c10::string_view, bool, c10::string_view)>();
-    return op.call(grad_y_arg, grad_h_n_arg, x_arg, h0_arg, w_ih_arg, w_hh_arg, b_ih_arg, b_hh_arg, lengths_arg,
-                   resets_arg, y_arg, ws_arg, mode, reset_after, backend);
+    return op.call(grad_y, grad_h_n, x, h0, w_ih_arg, w_hh_arg, b_ih_arg, b_hh_arg, lengths, resets, y, ws, mode,
+                   reset_after, backend);
   }
-  // (snapshots, as recurrence_cpu's: a weight saved for the backward may be given other memory meanwhile too)
-  const at::Tensor grad_y = held(grad_y_arg), grad_h_n = held(grad_h_n_arg), x = held(x_arg), w_ih = held(w_ih_arg),
-                   w_hh = held(w_hh_arg), y = held(y_arg), ws = held(ws_arg);
-  const Opt h0 = held(h0_arg), b_ih = held(b_ih_arg), b_hh = held(b_hh_arg), lengths = held(lengths_arg),
-            resets = held(resets_arg);
+  // (the weights as snapshots, as recurrence_cpu's: a weight saved for the backward may be given
+  // other memory meanwhile too)
+  const at::Tensor w_ih = held(w_ih_arg), w_hh = held(w_hh_arg);
+  const Opt b_ih = held(b_ih_arg), b_hh = held(b_hh_arg);
   const int64_t mode_i = check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode);
   const int64_t H = w_hh.size(1);
   check_backward_inputs(grad_y, grad_h_n, y, ws, x, H, mode_i == 2 ? 4 * H : 0);
