@@ -1476,8 +1476,8 @@ def _standard_attributes(cls):
 
 def to_torch(module: nn.Module) -> nn.Module:
     """The ``torch.nn`` twin of an rnnrec_fast RNN / GRU / RNNCell / GRUCell, weights included
-    (for what needs torch.nn's own classes: ONNX export, ``quantize_dynamic``, code that checks
-    ``isinstance(m, nn.GRU)``); given any other module (a whole model), a copy of it with each of
+    (for what needs torch.nn's own classes: ``quantize_dynamic``, code that checks
+    ``isinstance(m, nn.GRU)``; ONNX export needs none); given any other module (a whole model), a copy of it with each of
     those inside converted. GRU with ``reset_after=False`` has no torch.nn form and is refused."""
     return _convert_tree("to_torch", module, _TO_TORCH, _to_torch_one)
 

@@ -552,7 +552,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, resets, y, ws)
     ctx.args = (mode, reset_after, backend, b_ih is not None, b_hh is not None)
     ctx.biases = (b_ih, b_hh)
-    ctx.bias_versions = tuple(None if b is None else b._version for b in (b_ih, b_hh))
+    ctx.bias_versions = tuple(None if b is None or b.is_inference() else b._version for b in (b_ih, b_hh))
     # The workspace is saved state, not a result: no gradient flows into it, and autograd must not
     # materialise a zero (T, B, 4H) gradient for it (nor for an unused output / h_n) in backward.
     ctx.mark_non_differentiable(ws)
@@ -607,7 +607,7 @@ def check_bias_versions(biases, versions):
     forward (as autograd refuses a saved tensor changed in place): it would differentiate another
     function."""
     for name, b, v in zip(("b_ih", "b_hh"), biases, versions):
-        if b is not None and b._version != v:
+        if b is not None and v is not None and b._version != v:  # (None: no counter, an inference tensor)
             raise RuntimeError(
                 f"rnnrec_fast: {name} of a recurrence was modified by an inplace operation (version {v} -> "
                 f"{b._version}) between its forward and a backward with create_graph=True, which recomputes "
@@ -797,16 +797,18 @@ _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.comp
 def onnx_exporting() -> bool:
     """Whether torch.onnx.export is capturing this call where Python runs: the trace of its
     TorchScript-based exporter, or the non-strict torch.export capture (fake tensors) of the newer
-    one (dynamo folds the question to False). The exporters' flag is process-wide: a call of
-    another thread meanwhile is neither traced nor under a fake tensor mode (thread-local both).
-    torch.onnx is imported by its user, not by torch."""
+    one (dynamo folds the question to False). The exporters' flag is process-wide: an eager call of
+    another thread meanwhile is neither traced nor under a fake tensor mode (thread-local both), but
+    a trace or torch.export of another thread's at the very moment of an export cannot be told from
+    the export's own (it takes torch.nn's operators too). torch.onnx is imported by its user, not
+    by torch; the thread-local checks come first (is_in_onnx_export() costs ~2 us a call)."""
     if _is_dynamo_compiling():
         return False
-    onnx = sys.modules.get("torch.onnx")
-    if onnx is None or not onnx.is_in_onnx_export():
+    if not (torch.jit.is_tracing()
+            or (_MODE_KEYS is not None and torch._C._get_dispatch_mode(_MODE_KEYS.FAKE) is not None)):
         return False
-    return torch.jit.is_tracing() or (_MODE_KEYS is not None
-                                      and torch._C._get_dispatch_mode(_MODE_KEYS.FAKE) is not None)
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def refuse_for_onnx(name, mode, reset_after, resets=None, lengths=None):

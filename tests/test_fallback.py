@@ -328,15 +328,27 @@ def test_the_fallback_warning_points_at_the_callers_line(tmp_path, how):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_fork_while_a_backend_loads_leaves_the_child_a_free_lock():
-    """A fork while another thread loads a backend (numba's import takes seconds, under the
-    backends' lock; a DataLoader worker forked then): the child's lock is a new one (it was held by
-    a thread the child does not have: the child's first call of that backend waited forever)."""
-    from rnnrec_fast import backends
+def test_a_fork_while_a_backend_loads_waits_for_it(tmp_path, monkeypatch):
+    """A fork while another thread loads a backend (numba's import takes seconds; a DataLoader
+    worker forked then): the fork waits for the load, and the child's first call of that backend
+    returns (it waited forever on the backends' lock and on Python's lock of the module being
+    imported, held by a thread the child does not have)."""
+    import threading
+    import time
 
-    with backends._lock:
-        pid = os.fork()
-        if pid == 0:  # (the child: nothing but the lock, then out)
-            os._exit(0 if backends._lock.acquire(timeout=5) else 1)
+    (tmp_path / "rnnrec_slow_backend_for_test.py").write_text("import time\ntime.sleep(0.6)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends._MODULES, "slow", "rnnrec_slow_backend_for_test")
+    loader = threading.Thread(target=backends.load, args=("slow",))
+    loader.start()
+    time.sleep(0.2)  # (the load under way: its import sleeping)
+    pid = os.fork()
+    if pid == 0:  # (the child: the load, then out; a watchdog ends a wait that would last forever)
+        threading.Timer(20, lambda: os._exit(3)).start()
+        backends.load("slow")
+        os._exit(0)
+    loader.join()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    monkeypatch.delitem(sys.modules, "rnnrec_slow_backend_for_test", raising=False)
+    backends._loaded.pop("slow", None)

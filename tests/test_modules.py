@@ -1504,7 +1504,7 @@ def test_flop_counter_counts_the_op_as_torch_nn(backend, kind):
 @pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
 def test_to_torch_gives_the_torch_nn_twin(kind):
     """to_torch: the torch.nn module with the same configuration, weights, frozen flags and mode
-    (for what needs torch.nn's classes: ONNX export, quantize_dynamic, isinstance checks)."""
+    (for what needs torch.nn's classes: quantize_dynamic, isinstance checks)."""
     torch.manual_seed(3)
     seq = kind in ("GRU", "RNN")
     kw = dict(num_layers=2, bidirectional=True, batch_first=True, dropout=0.25) if seq else {}
@@ -2014,3 +2014,25 @@ def test_numba_inference_plan_serves_plain_no_grad_calls(kind, backend_calls):
     assert dict(backend_calls) == {}, dict(backend_calls)
     ours(x, hx)
     assert dict(backend_calls) == expected_calls("numba", forward=1)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_a_module_made_under_inference_mode(kind, backend):
+    """Weights made under torch.inference_mode (inference tensors): calls without autograd run as
+    torch.nn's do, and one that autograd would record raises torch's own refusal to save them for
+    backward, as torch.nn.GRU's does (the biases' version counters, which inference tensors lack,
+    were read first: 'Inference tensors do not track version counter'). torch.nn.GRUCell's
+    composite ops save no weight where the input and state need no gradient; the op saves them."""
+    torch.manual_seed(8)
+    with torch.inference_mode():
+        ref = getattr(nn, kind)(4, 5)
+        ours = getattr(rnnrec_fast, kind)(4, 5, backend=backend)
+        ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    with torch.no_grad():
+        for got, want in zip(*((m(x) if kind == "GRU" else (m(x),)) for m in (ours, ref))):
+            assert_close(got, want, torch.float32)
+    for m in (ref, ours) if kind == "GRU" else (ours,):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            m(x)

@@ -27,19 +27,29 @@ AUTO_ORDER = {
     "cuda": ("cuda", "numba", "reference"),
 }
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # (reentrant: a fork from inside a load, in its own thread, must not wait on itself)
 _loaded: dict[str, object] = {}
 _errors: dict[str, str] = {}
 
 
-def _new_lock_in_child():
-    # a fork while another thread loads a backend (numba's import: ~1-2 s, under _lock) left the
-    # child a lock held by a thread it does not have: its first call of that backend waited forever
+# A fork while another thread loads a backend (numba's import: ~1-2 s, under _lock) left the child
+# the lock, and Python's lock of the module being imported, held by a thread it does not have: its
+# first call of that backend waited forever. A fork waits for a load in progress (the lock taken
+# around it), and the child starts with a lock of its own.
+def _before_fork():
+    _lock.acquire()
+
+
+def _after_fork_in_parent():
+    _lock.release()
+
+
+def _after_fork_in_child():
     global _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_new_lock_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 CUDA_PATHS = {"auto": 0, "persistent": 1, "gemm": 2}
 
