@@ -3635,8 +3635,9 @@ py::object score_topk_rows(const at::Tensor& h, const at::Tensor& W, const at::T
   const int64_t M = h.size(0), H = h.size(1), N = b.size(0);
   check_rows_topk_args("rnnrec_fast score_topk_rows: ", *g, M, H, W, packed, N, k, exclude);
   RowsTopk out(M, k, N);
-  // (snapshots, on the same memory, which they keep alive: another thread may give a tensor other
-  // memory meanwhile, as for with_weights_held)
+  // (snapshots on the same memory, which they keep alive, as with_weights_held's: the serving fast
+  // path passes copies of its own, but a direct caller's tensor may be given other memory by
+  // another thread meanwhile)
   const at::Tensor h_held = h.variable_data(), packed_held = packed.variable_data(), b_held = b.variable_data();
   {
     py::gil_scoped_release no_gil;  // (the scores and selection: ~0.5 ms at 64 x 2,933)

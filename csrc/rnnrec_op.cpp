@@ -255,6 +255,11 @@ at::Tensor state_or_zeros(const Opt& h0, const at::Tensor& x, const at::Tensor& 
 // segfault. The snapshot keeps that memory alive to the end of the call, and its sizes are the ones
 // checked. (The weights alone: ~0.15 us each; the other arguments are the caller's inputs or the
 // op's own saved outputs.)
+// A tensor's version counter, -1 for an inference tensor, which has none (torch.inference_mode's:
+// reading it raised "Inference tensors do not track version counter" before torch's own clearer
+// refusal to save one for backward).
+int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
+
 at::Tensor held(const at::Tensor& t) { return t.defined() ? t.variable_data() : t; }
 Opt held(const Opt& t) { return has(t) ? Opt(t->variable_data()) : t; }
 
@@ -341,11 +346,11 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     // the forward (see backward)
     if (has(b_ih)) {
       ctx->saved_data["b_ih_t"] = *b_ih;
-      ctx->saved_data["b_ih_v"] = static_cast<int64_t>(b_ih->_version());
+      ctx->saved_data["b_ih_v"] = version_of(*b_ih);
     }
     if (has(b_hh)) {
       ctx->saved_data["b_hh_t"] = *b_hh;
-      ctx->saved_data["b_hh_v"] = static_cast<int64_t>(b_hh->_version());
+      ctx->saved_data["b_hh_v"] = version_of(*b_hh);
     }
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["reset_after"] = reset_after;
@@ -391,7 +396,7 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
         const std::string key = names[i];
         if (!ctx->saved_data.count(key + "_t")) continue;
         b[i] = ctx->saved_data[key + "_t"].toTensor();
-        const int64_t was = ctx->saved_data[key + "_v"].toInt(), now = static_cast<int64_t>(b[i]->_version());
+        const int64_t was = ctx->saved_data[key + "_v"].toInt(), now = version_of(*b[i]);
         TORCH_CHECK(was == now, "rnnrec_fast: ", key, " of a recurrence was modified by an inplace operation (version ",
                     was, " -> ", now, ") between its forward and a backward with create_graph=True, which "
                     "recomputes the forward with it; change it after the backward, or out of place");
