@@ -43,7 +43,7 @@ _is_compiling = torch.compiler.is_compiling
 # dynamo does not trace); under the other tracers (non-strict torch.export, make_fx) the
 # inputs are fake or a dispatch mode is on, and the C++ call declines by itself. A third of the
 # cost of is_compiling, which also asks torch.jit.is_scripting (~60 ns of a ~7 us serving step).
-_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
+_is_dynamo_compiling = ops._is_dynamo_compiling
 
 # torch's own nn.Module.__call__ and the _call_impl it calls: where a user has patched either (a
 # global call wrapper, for logging, tracing or NaN checks), or a subclass or the instance has its
