@@ -15,10 +15,12 @@ PY := $(VENV)/bin/python
 # built in from 70.1); a new venv's is Python's bundled one (65.5 for 3.11), which cannot. The pin
 # also has to suit every torch make may install: 2.11 and 2.12 require setuptools<82, 2.13 and 2.14
 # >=77.0.3
-# onnx and onnxruntime (never runtime dependencies): the tests export models to ONNX and run them,
+# onnx, onnxruntime and onnxscript (never runtime dependencies): the tests export models to ONNX with
+# both of torch's exporters (the default one, dynamo=True, needs onnxscript) and run them,
 # and ONNX Runtime's GRU is a benchmark baseline
 DEPS := numpy==2.4.6 numba==0.68.1 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 \
-	uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 setuptools==81.0.0 onnx==1.23.2 onnxruntime==1.32.0
+	uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 setuptools==81.0.0 onnx==1.23.2 onnxruntime==1.32.0 \
+	onnxscript==0.7.2 onnx-ir==1.1.0
 # benchmark-only extra: FastAPI for the plain FastAPI + nn.GRUCell serving baseline
 BENCH_DEPS := fastapi==0.165.0
 # the stamp names torch's version and a checksum of the pins: a changed pin reaches existing venvs

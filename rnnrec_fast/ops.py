@@ -795,20 +795,32 @@ _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.comp
 
 
 def onnx_exporting() -> bool:
-    """Whether torch.onnx.export is capturing this call where Python runs: the trace of its
-    TorchScript-based exporter, or the non-strict torch.export capture (fake tensors) of the newer
-    one (dynamo folds the question to False). The exporters' flag is process-wide: an eager call of
-    another thread meanwhile is neither traced nor under a fake tensor mode (thread-local both), but
-    a trace or torch.export of another thread's at the very moment of an export cannot be told from
-    the export's own (it takes torch.nn's operators too). torch.onnx is imported by its user, not
-    by torch; the thread-local checks come first (is_in_onnx_export() costs ~2 us a call)."""
+    """Whether torch.onnx.export is capturing this call: the trace of its TorchScript-based exporter,
+    or the torch.export capture of the newer one, non-strict (fake tensors) or the strict one (dynamo)
+    it falls back to when that fails. The exporters' flag is process-wide: an eager call of another
+    thread meanwhile is neither traced nor under a fake tensor mode (thread-local both), nor
+    exporting, but a trace or non-strict torch.export of another thread's at the very moment of an
+    export cannot be told from the export's own (it takes torch.nn's operators too). torch.onnx is
+    imported by its user, not by torch; the thread-local checks come first (is_in_onnx_export()
+    costs ~2 us a call)."""
     if _is_dynamo_compiling():
-        return False
+        # (dynamo folds is_in_onnx_export() to False: it reads the newer exporter's flag as a global,
+        # which it guards on; a torch.compile outside an export is not exporting)
+        return _is_exporting() and _onnx_exporter_flag()
     if not (torch.jit.is_tracing()
             or (_MODE_KEYS is not None and torch._C._get_dispatch_mode(_MODE_KEYS.FAKE) is not None)):
         return False
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)  # (torch < 2.5: the flag alone)
+
+
+def _onnx_exporter_flag() -> bool:
+    """The torch.export-based exporter's flag (torch.onnx._internal: False where it is not there)."""
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return flags is not None and bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 def refuse_for_onnx(name, mode, reset_after, resets=None, lengths=None):

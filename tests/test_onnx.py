@@ -228,18 +228,114 @@ def test_resets_may_be_passed_by_position():
             m(x, h0, wrong)
 
 
-def test_newer_exporter_where_onnxscript_is_installed(tmp_path):
-    """torch.onnx.export(dynamo=True), the default from torch 2.9 (it needs onnxscript, which make
-    test does not install): its torch.export capture sees torch.nn's operator."""
+def _export_default(model, args, **kw):
+    """torch.onnx.export's default exporter from torch 2.9 (dynamo=True: torch.export, then ONNX
+    Script's translation; onnxscript is a test pin), as an ONNX model's bytes."""
     pytest.importorskip("onnxscript")
-    torch.manual_seed(5)
-    ours = rnnrec_fast.GRU(I, H, batch_first=True).eval()
-    x = torch.randn(2, 4, I)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(ours, (x,), dynamo=True, input_names=["x"])
-    program.save(str(tmp_path / "gru.onnx"))
+        program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kw)
+    return program.model_proto.SerializeToString()
+
+
+def _run_positional(blob, args):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+    return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+
+@pytest.mark.parametrize("kind,kw", SEQ_CONFIGS + [("GRUCell", {}), ("RNNCell", {"nonlinearity": "relu"})])
+def test_default_exporter_gives_torch_nns_graph(kind, kw):
+    """The default exporter (torch.export, then ONNX Script): the same ONNX operators as the torch.nn
+    twin's export, with h0 and a dynamic batch, run by ONNX Runtime on another batch size."""
+    torch.manual_seed(5)
+    ours = getattr(rnnrec_fast, kind)(I, H, **kw).eval()
+    twin = rnnrec_fast.to_torch(ours).eval()
+    cell = kind.endswith("Cell")
+    first = kw.get("batch_first", False)
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+
+    def args(b):
+        if cell:
+            return torch.randn(b, I), torch.randn(b, H)
+        return torch.randn(b, 4, I) if first else torch.randn(4, b, I), torch.randn(layers, b, H)
+
+    batch = torch.export.Dim("batch")
+    dims = ({0: batch}, {0: batch}) if cell else ({0 if first else 1: batch}, {1: batch})
+    ours_blob, twin_blob = (_export_default(m, args(3), dynamic_shapes=dims) for m in (ours, twin))
+    assert _ops(ours_blob) == _ops(twin_blob)
+    assert cell or kind in _ops(ours_blob) or "MatMul" in _ops(ours_blob)  # (RNN: torch's unrolled steps)
+    fresh = args(5)
     with torch.no_grad():
-        want = rnnrec_fast.to_torch(ours)(x)
-    for got, ref in zip(_run((tmp_path / "gru.onnx").read_bytes(), {"x": x}), want):
+        want = twin(*fresh)
+    for got, ref in zip(_run_positional(ours_blob, fresh), (want,) if cell else want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_exporter_refuses_by_name():
+    """What ONNX cannot express is refused by name by the default exporter too: its torch.export
+    capture fails on the refusal, and so does the strict (dynamo) capture it falls back to, which
+    had captured the package's op and failed later without naming the cause."""
+    class Call(nn.Module):
+        def __init__(self, m, **kw):
+            super().__init__()
+            self.m, self.kw = m, kw
+
+        def forward(self, x):
+            return self.m(x, **self.kw)
+
+    torch.manual_seed(6)
+    x = torch.randn(4, 3, I)
+    for model, arg, why in ((Call(rnnrec_fast.GRU(I, H), resets=torch.rand(4, 3) < 0.3), x, "resets cannot be"),
+                            (Call(rnnrec_fast.GRU(I, H, reset_after=False)), x, "original GRU form"),
+                            (Call(rnnrec_fast.GRUCell(I, H, reset_after=False)), x[0], "original GRU form")):
+        with pytest.raises(Exception) as info:
+            _export_default(model, (arg,))
+        assert why in str(info.value), str(info.value)[-2000:]
+
+
+def test_default_exporters_strict_capture_takes_torch_nns_operator():
+    """torch.export's strict (dynamo) capture under the exporter's flag holds torch.nn's operator;
+    without the flag (a plain torch.export, torch.compile) it holds the package's op."""
+    flags = pytest.importorskip("torch.onnx._internal.exporter._flags")
+    torch.manual_seed(8)
+    m = rnnrec_fast.GRU(I, H).eval()
+    x = torch.randn(4, 3, I)
+
+    def targets(program):
+        return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+
+    exported = flags.set_onnx_exporting_flag(lambda: torch.export.export(m, (x,), strict=True))()
+    assert "aten.gru.input" in targets(exported) and not any("rnnrec_fast" in t for t in targets(exported))
+    assert any("rnnrec_fast" in t for t in targets(torch.export.export(m, (x,), strict=True)))
+
+
+@pytest.mark.parametrize("config", [dict(layers=[8, 8], dropout_hidden=0.4), dict(layers=[8, 8], embedding=0),
+                                    dict(layers=[8])])
+def test_the_recommenders_network_exports_by_default(config):
+    """GRU4Rec's network and scores through the default exporter, a dynamic batch, run by ONNX
+    Runtime on another batch size."""
+    from rnnrec_fast.recsys.model import GRU4Rec
+
+    class Scores(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, items, h):
+            y, h_n = self.net(items, h)
+            return self.net.score(y[-1]), h_n
+
+    torch.manual_seed(7)
+    model = Scores(GRU4Rec(50, **config).eval()).eval()
+    L = len(config["layers"])
+    batch = torch.export.Dim("batch")
+    blob = _export_default(model, (torch.randint(0, 50, (3, 2)), torch.randn(L, 2, 8)),
+                           dynamic_shapes=({1: batch}, {1: batch}))
+    assert "GRU" in _ops(blob)
+    items, h = torch.randint(0, 50, (3, 5)), torch.randn(L, 5, 8)
+    with torch.no_grad():
+        want = model(items, h)
+    for got, ref in zip(_run_positional(blob, (items, h)), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
