@@ -184,32 +184,36 @@ def test_calls_outside_the_export_are_left_alone(onnx_exporting):
     assert y.shape == (4, 3, H)
 
 
-@pytest.mark.parametrize("config", [dict(layers=[8, 8], dropout_hidden=0.4), dict(layers=[8, 8], embedding=0),
-                                    dict(layers=[8])])
+GRU4REC_CONFIGS = [dict(layers=[8, 8], dropout_hidden=0.4), dict(layers=[8, 8], embedding=0), dict(layers=[8])]
+
+
+class _Scores(nn.Module):
+    """GRU4Rec's network and its scores of the last step (what a served model computes)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from rnnrec_fast.recsys.model import GRU4Rec
+        self.net = GRU4Rec(50, **config).eval()
+
+    def forward(self, items, h):
+        y, h_n = self.net(items, h)
+        return self.net.score(y[-1]), h_n
+
+
+@pytest.mark.parametrize("config", GRU4REC_CONFIGS)
 def test_the_recommenders_network_exports(config):
     """GRU4Rec's forward (its layer loop calls the op with dropout between layers; a one-hot first
     layer runs the op on an identity matrix) and its scores, run by ONNX Runtime on other sizes."""
-    from rnnrec_fast.recsys.model import GRU4Rec
-
-    class Scores(nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, items, h):
-            y, h_n = self.net(items, h)
-            return self.net.score(y[-1]), h_n
-
     torch.manual_seed(7)
-    net = GRU4Rec(50, **config).eval()
+    model = _Scores(config).eval()
     L = len(config["layers"])
     names = dict(input_names=["items", "h"], output_names=["scores", "h_n"],
                  dynamic_axes={"items": {0: "t", 1: "b"}, "h": {1: "b"}, "scores": {0: "b"}, "h_n": {1: "b"}})
-    blob = _export(Scores(net).eval(), (torch.randint(0, 50, (3, 2)), torch.randn(L, 2, 8)), **names)
+    blob = _export(model, (torch.randint(0, 50, (3, 2)), torch.randn(L, 2, 8)), **names)
     assert "GRU" in _ops(blob)
     items, h = torch.randint(0, 50, (6, 5)), torch.randn(L, 5, 8)
     with torch.no_grad():
-        want = Scores(net)(items, h)
+        want = model(items, h)
     for got, ref in zip(_run(blob, {"items": items, "h": h}), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -311,24 +315,12 @@ def test_default_exporters_strict_capture_takes_torch_nns_operator():
     assert any("rnnrec_fast" in t for t in targets(torch.export.export(m, (x,), strict=True)))
 
 
-@pytest.mark.parametrize("config", [dict(layers=[8, 8], dropout_hidden=0.4), dict(layers=[8, 8], embedding=0),
-                                    dict(layers=[8])])
+@pytest.mark.parametrize("config", GRU4REC_CONFIGS)
 def test_the_recommenders_network_exports_by_default(config):
     """GRU4Rec's network and scores through the default exporter, a dynamic batch, run by ONNX
     Runtime on another batch size."""
-    from rnnrec_fast.recsys.model import GRU4Rec
-
-    class Scores(nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, items, h):
-            y, h_n = self.net(items, h)
-            return self.net.score(y[-1]), h_n
-
     torch.manual_seed(7)
-    model = Scores(GRU4Rec(50, **config).eval()).eval()
+    model = _Scores(config).eval()
     L = len(config["layers"])
     batch = torch.export.Dim("batch")
     blob = _export_default(model, (torch.randint(0, 50, (3, 2)), torch.randn(L, 2, 8)),
