@@ -799,8 +799,8 @@ def onnx_exporting() -> bool:
     or the torch.export capture of the newer one, non-strict (fake tensors) or the strict one (dynamo)
     it falls back to when that fails. The exporters' flag is process-wide: an eager call of another
     thread meanwhile is neither traced nor under a fake tensor mode (thread-local both), nor
-    exporting, but a trace or non-strict torch.export of another thread's at the very moment of an
-    export cannot be told from the export's own (it takes torch.nn's operators too). torch.onnx is
+    exporting, but a trace or torch.export (strict or not) of another thread's at the very moment of
+    an export cannot be told from the export's own (it takes torch.nn's operators too). torch.onnx is
     imported by its user, not by torch; the thread-local checks come first (is_in_onnx_export()
     costs ~2 us a call)."""
     if _is_dynamo_compiling():

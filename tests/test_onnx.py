@@ -280,7 +280,9 @@ def test_default_exporter_gives_torch_nns_graph(kind, kw):
 def test_default_exporter_refuses_by_name():
     """What ONNX cannot express is refused by name by the default exporter too: its torch.export
     capture fails on the refusal, and so does the strict (dynamo) capture it falls back to, which
-    had captured the package's op and failed later without naming the cause."""
+    had captured the package's op and failed later without naming the cause. So is a
+    PackedSequence, which torch.export makes data (its batch_sizes a fake tensor of unknown size;
+    the refusal had been a wrong-input error)."""
     class Call(nn.Module):
         def __init__(self, m, **kw):
             super().__init__()
@@ -289,13 +291,22 @@ def test_default_exporter_refuses_by_name():
         def forward(self, x):
             return self.m(x, **self.kw)
 
+    class Packs(nn.Module):  # (torch.nn's modules fail there too, on a fake tensor: a TypeError)
+        def __init__(self):
+            super().__init__()
+            self.gru = rnnrec_fast.GRU(I, H)
+
+        def forward(self, x, lengths):
+            return self.gru(pack_padded_sequence(x, lengths, enforce_sorted=False))[1]
+
     torch.manual_seed(6)
     x = torch.randn(4, 3, I)
-    for model, arg, why in ((Call(rnnrec_fast.GRU(I, H), resets=torch.rand(4, 3) < 0.3), x, "resets cannot be"),
-                            (Call(rnnrec_fast.GRU(I, H, reset_after=False)), x, "original GRU form"),
-                            (Call(rnnrec_fast.GRUCell(I, H, reset_after=False)), x[0], "original GRU form")):
+    for model, args, why in ((Call(rnnrec_fast.GRU(I, H), resets=torch.rand(4, 3) < 0.3), (x,), "resets cannot be"),
+                             (Call(rnnrec_fast.GRU(I, H, reset_after=False)), (x,), "original GRU form"),
+                             (Call(rnnrec_fast.GRUCell(I, H, reset_after=False)), (x[0],), "original GRU form"),
+                             (Packs(), (x, torch.tensor([4, 2, 3])), "PackedSequence cannot be exported by")):
         with pytest.raises(Exception) as info:
-            _export_default(model, (arg,))
+            _export_default(model, args)
         assert why in str(info.value), str(info.value)[-2000:]
 
 
