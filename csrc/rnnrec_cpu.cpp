@@ -2167,7 +2167,7 @@ class OutputRing {
     if (v->backward_hooks != nullptr || v->post_accumulate_grad_hooks != nullptr) return false;
     const Py_ssize_t wl = Py_TYPE(o)->tp_weaklistoffset;  // (3.12 on: managed, a negative offset)
     if (wl != 0 && *reinterpret_cast<PyObject* const*>(reinterpret_cast<const char*>(o) + wl) != nullptr) return false;
-    const at::Tensor& t = v->cdata;
+    const at::Tensor& t = THPVariable_Unpack(o);  // (torch 2.4: cdata is a MaybeOwned<Tensor>)
     const at::TensorImpl* impl = t.unsafeGetTensorImpl();
     if (t.use_count() != 1 || t.weak_use_count() != 1 || t.key_set() != s.keys || impl->autograd_meta() != nullptr ||
         !t.device().is_cpu() || t.layout() != at::kStrided || t.storage_offset() != 0 || !impl->has_storage())

@@ -3,6 +3,7 @@ own operators (torch._VF.gru / rnn_tanh / rnn_relu and the cells'), so a model e
 holding torch.nn's modules does: the same ONNX graph, run here with ONNX Runtime on inputs of other
 sizes than the export's and compared with torch.nn's twin. What ONNX cannot express (per-step
 resets, the GRU's reset_after=False) is refused by name."""
+import inspect
 import io
 import warnings
 
@@ -236,6 +237,9 @@ def _export_default(model, args, **kw):
     """torch.onnx.export's default exporter from torch 2.9 (dynamo=True: torch.export, then ONNX
     Script's translation; onnxscript is a test pin), as an ONNX model's bytes."""
     pytest.importorskip("onnxscript")
+    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+        pytest.skip(f"torch {torch.__version__}: dynamo=True is torch.onnx.dynamo_export, not the torch.export-based "
+                    "exporter (torch 2.5 on)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kw)
