@@ -271,8 +271,16 @@ def test_default_exporter_gives_torch_nns_graph(kind, kw):
 
     batch = torch.export.Dim("batch")
     dims = ({0: batch}, {0: batch}) if cell else ({0 if first else 1: batch}, {1: batch})
-    ours_blob, twin_blob = (_export_default(m, args(3), dynamic_shapes=dims) for m in (ours, twin))
-    assert _ops(ours_blob) == _ops(twin_blob)
+    ours_blob = _export_default(ours, args(3), dynamic_shapes=dims)
+    try:
+        twin_blob = _export_default(twin, args(3), dynamic_shapes=dims)
+    except Exception:
+        # torch.nn's own modules fail this export on older releases, where ours export (torch 2.9.1:
+        # NameError in its guards, its _flat_weights "assigned during export"): nothing to compare with
+        if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+            raise
+    else:
+        assert _ops(ours_blob) == _ops(twin_blob)
     assert cell or kind in _ops(ours_blob) or "MatMul" in _ops(ours_blob)  # (RNN: torch's unrolled steps)
     fresh = args(5)
     with torch.no_grad():
