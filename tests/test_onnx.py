@@ -3,6 +3,7 @@ own operators (torch._VF.gru / rnn_tanh / rnn_relu and the cells'), so a model e
 holding torch.nn's modules does: the same ONNX graph, run here with ONNX Runtime on inputs of other
 sizes than the export's and compared with torch.nn's twin. What ONNX cannot express (per-step
 resets, the GRU's reset_after=False) is refused by name."""
+import importlib
 import inspect
 import io
 import warnings
@@ -240,10 +241,21 @@ def _export_default(model, args, **kw):
     if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
         pytest.skip(f"torch {torch.__version__}: dynamo=True is torch.onnx.dynamo_export, not the torch.export-based "
                     "exporter (torch 2.5 on)")
+    if not hasattr(_exporter_flags(), "_is_onnx_exporting"):
+        pytest.skip(f"torch {torch.__version__}: its torch.export-based exporter sets no flag the modules can read "
+                    "(they export with dynamo=False)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kw)
     return program.model_proto.SerializeToString()
+
+
+def _exporter_flags():
+    """torch.onnx's module of the torch.export-based exporter's flag (ops.onnx_exporting reads it), or None."""
+    try:
+        return importlib.import_module("torch.onnx._internal.exporter._flags")
+    except ImportError:
+        return None
 
 
 def _run_positional(blob, args):
@@ -325,7 +337,9 @@ def test_default_exporter_refuses_by_name():
 def test_default_exporters_strict_capture_takes_torch_nns_operator():
     """torch.export's strict (dynamo) capture under the exporter's flag holds torch.nn's operator;
     without the flag (a plain torch.export, torch.compile) it holds the package's op."""
-    flags = pytest.importorskip("torch.onnx._internal.exporter._flags")
+    flags = _exporter_flags()
+    if not hasattr(flags, "set_onnx_exporting_flag"):
+        pytest.skip(f"torch {torch.__version__}: its torch.export-based exporter sets no flag")
     torch.manual_seed(8)
     m = rnnrec_fast.GRU(I, H).eval()
     x = torch.randn(4, 3, I)
