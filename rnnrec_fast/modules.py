@@ -881,13 +881,9 @@ class _RNNBase(_FastPath):
         packed = isinstance(input, PackedSequence)
         onnx = ops.onnx_exporting()
         if onnx:
-            ops.refuse_for_onnx(name, self._op_mode, self.reset_after, resets)
+            ops.refuse_for_onnx(name, self._op_mode, self.reset_after, resets, packed=packed)
         lengths = None
         if packed:
-            if onnx and not torch.jit.is_tracing():  # (torch.export: batch_sizes are data there)
-                raise ValueError(f"{name}: a PackedSequence cannot be exported by torch.onnx.export's "
-                                 "torch.export-based exporter (dynamo=True; nor can torch.nn's modules): export "
-                                 "with dynamo=False, which gives ONNX's sequence lengths, or give the padded input")
             sizes = _check_packed(name, input)
             if onnx:
                 return self._torch_packed(input, hx)

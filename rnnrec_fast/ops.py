@@ -823,7 +823,7 @@ def _onnx_exporter_flag() -> bool:
     return flags is not None and bool(getattr(flags, "_is_onnx_exporting", False))
 
 
-def refuse_for_onnx(name, mode, reset_after, resets=None, lengths=None):
+def refuse_for_onnx(name, mode, reset_after, resets=None, lengths=None, packed=False):
     """What torch.nn's operators cannot express under torch.onnx.export, refused by name."""
     if resets is not None:
         raise ValueError(f"{name}: resets cannot be exported to ONNX (its GRU and RNN operators restart no "
@@ -834,6 +834,10 @@ def refuse_for_onnx(name, mode, reset_after, resets=None, lengths=None):
     if mode == "gru" and not reset_after:
         raise ValueError(f"{name}(reset_after=False), the original GRU form, cannot be exported to ONNX: the "
                          "exporters translate torch.nn's GRU, whose form is reset_after=True")
+    if packed and not torch.jit.is_tracing():  # (torch.export makes a PackedSequence's batch_sizes data)
+        raise ValueError(f"{name}: a PackedSequence cannot be exported by torch.onnx.export's torch.export-based "
+                         "exporter (dynamo=True; nor can torch.nn's modules): export with dynamo=False, which gives "
+                         "ONNX's sequence lengths, or give the padded input")
 
 
 def _torch_layer(x, h0, w_ih, w_hh, b_ih, b_hh, mode):
