@@ -248,6 +248,11 @@ at::Tensor state_or_zeros(const Opt& h0, const at::Tensor& x, const at::Tensor& 
   return has(h0) ? h0->contiguous() : at::zeros({x.size(1), w_hh.size(1)}, x.options());
 }
 
+// A tensor's version counter, -1 for an inference tensor, which has none (torch.inference_mode's:
+// reading it raised "Inference tensors do not track version counter" before torch's own clearer
+// refusal to save one for backward).
+int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
+
 // A weight as the C++ kernels read it: a new TensorImpl on the same memory (storage, sizes, strides,
 // offset). The op runs without the GIL (torch releases it around a call from Python), so another
 // thread may meanwhile give a module's parameter other memory (`p.data = ...`, `p.set_(...)`,
@@ -255,11 +260,6 @@ at::Tensor state_or_zeros(const Opt& h0, const at::Tensor& x, const at::Tensor& 
 // segfault. The snapshot keeps that memory alive to the end of the call, and its sizes are the ones
 // checked. (The weights alone: ~0.15 us each; the other arguments are the caller's inputs or the
 // op's own saved outputs.)
-// A tensor's version counter, -1 for an inference tensor, which has none (torch.inference_mode's:
-// reading it raised "Inference tensors do not track version counter" before torch's own clearer
-// refusal to save one for backward).
-int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
-
 at::Tensor held(const at::Tensor& t) { return t.defined() ? t.variable_data() : t; }
 Opt held(const Opt& t) { return has(t) ? Opt(t->variable_data()) : t; }
 
