@@ -16,7 +16,9 @@ it expects *and* it reproduces ``model.step`` / ``model.score`` on a random prob
 """
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from functools import cached_property
 
 import torch
@@ -36,6 +38,46 @@ except Exception:  # not built, or failed to load (as rnnrec_fast.ops)
 _GRU = ops.MODES["gru"]
 
 
+# Optimiser steps over the tensors a fast path copies (Wy, By, eye0), counted by id. torch.optim's
+# fused optimisers (fused=True: Adam, AdamW, SGD, Adagrad) update parameters in place without
+# raising their version counters (each stays at 0 through step(), torch 2.13), and so does an
+# optimiser of one's own writing through ``p.data``: stale() would miss those updates, and batches
+# would score with the old Wy's packed copy while a lone click reads the new Wy. A global
+# post-step hook (torch.optim.optimizer's register_optimizer_step_post_hook: every Optimizer
+# subclass's step), registered with the first fast path, counts the steps of every optimiser
+# holding a watched tensor (~50 ns a parameter a step, for any optimiser in the process).
+_steps: dict[int, int] = {}
+_steps_lock = threading.Lock()
+_steps_hook = None
+
+
+def _count_steps(optimizer, args, kwargs):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            k = id(p)
+            if k in _steps:
+                _steps[k] += 1
+
+
+def _watch_steps(tensors):
+    """Counts from now on the optimiser steps over ``tensors``; returns their counts."""
+    global _steps_hook
+    with _steps_lock:
+        if _steps_hook is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            _steps_hook = register_optimizer_step_post_hook(_count_steps)
+        for t in tensors:
+            if id(t) not in _steps:
+                _steps[id(t)] = 0
+                weakref.finalize(t, _steps.pop, id(t), None)  # (an id is reused once t is gone)
+    return steps_of(tensors)
+
+
+def steps_of(tensors):
+    return [_steps.get(id(t), 0) for t in tensors]
+
+
 class FastGRU4Rec:
     def __init__(self, model):
         rnn = model.rnn
@@ -45,7 +87,8 @@ class FastGRU4Rec:
         # object), to see one replaced; the parameters' storage, to see one swapped through
         # ``p.data = ...`` (the views below would keep the old memory); the versions of the two
         # whose values are copied (Wy into its packed copies, By), to see in-place updates
-        # (load_state_dict, an optimiser step). The other tensors are views: updates show through.
+        # (load_state_dict, an optimiser step), and the optimiser steps over them (_watch_steps: a
+        # fused optimiser's raise no version). The other tensors are views: updates show through.
         # (Wt and the oneDNN copy are made at their first use, from Wy as it is then: an update
         # landing between a click's stale() check and that use is in them for that click, as in
         # the views, and the next click's check rebuilds.)
@@ -69,6 +112,7 @@ class FastGRU4Rec:
         # seen (taken before it is looked at; a write through .data or NumPy is not seen, as for Wy).
         self._copied = [model.Wy, model.By] + ([model.eye0] if onehot else [])
         self._versions = [p._version for p in self._copied]
+        self._steps = _watch_steps(self._copied)  # (the updates that raise no version: above)
         self.projected0 = bool(onehot) and _is_identity(model.eye0)
         self.L = L
         self.reset_after = bool(model.reset_after)
@@ -139,7 +183,8 @@ class FastGRU4Rec:
             if owner.get(key) is not obj:
                 return True
         return ([p._version for p in self._copied] != self._versions
-                or [p.data_ptr() for p in self._params] != self._ptrs)
+                or [p.data_ptr() for p in self._params] != self._ptrs
+                or steps_of(self._copied) != self._steps)
 
     def step(self, items, h):
         """items (B,) int64, h (L, B, H) -> new state (L, B, H)."""
@@ -326,7 +371,8 @@ def build_or_retry(model):
 
 def _weights_state(model):
     """What tells that any of the model's weights changed: each one's identity, memory and version."""
-    return [(id(p), p.data_ptr(), p._version) for p in model.parameters()]
+    params = list(model.parameters())
+    return [(id(p), p.data_ptr(), p._version) for p in params] + steps_of(params)
 
 
 def _build(model):
