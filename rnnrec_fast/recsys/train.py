@@ -67,6 +67,10 @@ class TrainConfig:
                 raise RecsysError(f"{name} must be an integer, got {v!r}")
             if v > _INT_MAX:  # (a batch size of 1e20 overflowed in the loss's normalisation)
                 raise RecsysError(f"{name} must be at most 2**63 - 1, got {v!r}")
+        for name in ("threads", "gemm_threads"):  # (None: torch's own thread count)
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise RecsysError(f"{name} must be an integer or None, got {v!r}")
         for name in ("sample_alpha", "logq", "lr", "momentum", "bpreg", "elu_param", "dropout_hidden",
                      "dropout_embed"):
             v = getattr(self, name)
@@ -447,7 +451,7 @@ def _train(train_data, cfg, progress, model):
     t_start = time.perf_counter()
     c_start = time.process_time()
     for epoch in range(cfg.epochs):
-        h = torch.zeros(L, B, H, device=device)
+        h = torch.zeros(L, B, H, device=device, dtype=model.Wy.dtype)  # (a float64 model continued)
         bar = Progress(sched.n_events, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
         tot, n_ev = 0.0, 0
         loss_acc = torch.zeros((), device=device)
