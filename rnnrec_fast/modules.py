@@ -469,10 +469,16 @@ def _fx_leaf_call(module, args, kwargs):
     return tracer.call_module(module, lambda *a, **k: tracer.create_proxy("call_module", path, a, k), args, kwargs)
 
 
+_SPARSE = frozenset(getattr(torch, n) for n in ("sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc")
+                    if hasattr(torch, n))
+
+
 def _check_dense(name, what, t):
     if t.layout != torch.strided:
+        cells = ("; or, for a cell, leave the backend to choose (backend='auto'), which runs torch.nn's cell "
+                 "operator on a sparse input" if name.endswith("Cell") and t.layout in _SPARSE else "")
         raise ValueError(f"{name}: {what} must be a dense tensor (layout torch.strided), got {t.layout}; "
-                         "convert it with .to_dense()")
+                         f"convert it with .to_dense(){cells}")
 
 
 def _weight_size(n):
@@ -1250,7 +1256,13 @@ class _CellBase(_FastPath):
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
-        _check_dense(name, "input", input)
+        # a sparse input or hx (one-hot rows, say), which torch.nn's cells take: torch.nn's cell
+        # operator runs it (below), where the backend is left to choose (a forced one takes dense
+        # tensors only)
+        sparse = self.backend == "auto" and (input.layout in _SPARSE or (
+            isinstance(hx, torch.Tensor) and hx.layout in _SPARSE))
+        if not sparse:
+            _check_dense(name, "input", input)
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         batched = input.dim() == 2
@@ -1258,7 +1270,8 @@ class _CellBase(_FastPath):
         if hx is not None:
             if not isinstance(hx, torch.Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
-            _check_dense(name, "hx", hx)
+            if not sparse:
+                _check_dense(name, "hx", hx)
             if hx.dim() not in (1, 2):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
             if hx.dim() != input.dim():
@@ -1284,8 +1297,11 @@ class _CellBase(_FastPath):
                              none_bias=True, sizes=(I, H))  # (torch.nn: RuntimeError)
         b_ih, b_hh = w[2], w[3]
         _check_hx(name, x, hx)
-        if ops.onnx_exporting():  # torch.nn's operator, which the ONNX exporters know (see _RNNBase.forward)
-            ops.refuse_for_onnx(name, self._op_mode, self.reset_after)
+        if sparse or ops.onnx_exporting():  # torch.nn's operator (ONNX: which the exporters know, see _RNNBase.forward)
+            if sparse:
+                ops._set_last("torch.nn")
+            else:
+                ops.refuse_for_onnx(name, self._op_mode, self.reset_after)
             if hx is None:
                 hx = torch.zeros(x.shape[0], H, dtype=x.dtype, device=x.device)
             h = getattr(torch._VF, self._op_mode + "_cell")(x, hx, w[0], w[1], b_ih, b_hh)

@@ -193,7 +193,8 @@ def test_lstm_style_state_pair_is_refused_by_name(kind, grad):
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 def test_module_rejects_sparse_and_mkldnn_tensors(backend, grad):
     """Tensors of another layout get the module's clear error with and without autograd (the fast
-    paths decline them), not a conversion failure or a dispatcher message."""
+    paths decline them), not a conversion failure or a dispatcher message. (A cell whose backend
+    is left to choose runs torch.nn's cell operator on a sparse input: test_modules.py.)"""
     seq = rnnrec_fast.GRU(4, 3, backend=backend)
     cell = rnnrec_fast.GRUCell(4, 3, backend=backend)
     x, hx = torch.randn(2, 3, 4), torch.randn(1, 3, 3)

@@ -1791,6 +1791,41 @@ def test_rnncell_nonlinearity_change_takes_effect_as_torch_nn(backend):
 
 
 @pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_cells_take_sparse_input_as_torch_nn(kind, layout, grad):
+    """torch.nn's cells take a sparse input (one-hot rows, say; and RNNCell a sparse hx): ours,
+    their backend left to choose, run torch.nn's cell operator on it, with its results and
+    gradients, and last_backend() says so; with a forced backend, whose kernels take dense
+    tensors, they refuse it by name (test_errors.py). (From a review: they refused it.)"""
+    torch.manual_seed(case_seed(kind, layout, grad, "sparse"))
+    ref = getattr(nn, kind)(6, 4)
+    ours = rnnrec_fast.from_torch(ref)
+    x = torch.zeros(3, 6)
+    x[torch.arange(3), torch.randint(0, 6, (3,))] = 1.0
+    sparse = x.to_sparse() if layout == "coo" else x.to_sparse_csr()
+    hxs = [None, torch.randn(3, 4)] + ([torch.randn(3, 4).to_sparse()] if kind == "RNNCell" and layout == "coo" else [])
+    for hx in hxs:
+        got, want = [], []
+        for m, out in ((ours, got), (ref, want)):
+            m.zero_grad()
+            with torch.set_grad_enabled(grad):
+                h = m(sparse, hx)
+                out.append(h.detach())
+                if grad:
+                    h.square().sum().backward()
+                    out.extend(p.grad for p in m.parameters())
+        assert rnnrec_fast.last_backend() == "torch.nn"
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[0], ours(x, None if hx is None else hx.to_dense()).detach(),
+                                   rtol=1e-5, atol=1e-6)
+    assert ours(x[0].to_sparse()).shape == (4,)  # unbatched
+    with pytest.raises(ValueError, match="input must be a dense tensor"):
+        getattr(rnnrec_fast, kind)(6, 4, backend="reference")(sparse)
+
+
+@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
 def test_cell_sizes_take_numpy_integers_as_torch_nn(kind):
     """torch.nn's cells take any integer size (NumPy's, from np.max or a shape computation); so do
     ours, stored as int; a negative size raises an error that is a RuntimeError (torch.nn's type)
