@@ -1258,9 +1258,13 @@ class _CellBase(_FastPath):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         # a sparse input or hx (one-hot rows, say), which torch.nn's cells take: torch.nn's cell
         # operator runs it (below), where the backend is left to choose (a forced one takes dense
-        # tensors only)
+        # tensors only; reset_after=False, below)
         sparse = self.backend == "auto" and (input.layout in _SPARSE or (
             isinstance(hx, torch.Tensor) and hx.layout in _SPARSE))
+        if sparse and not self.reset_after:  # (torch.nn has no cell of GRU's original form: dense, our kernels)
+            input = input.to_dense() if input.layout in _SPARSE else input
+            hx = hx.to_dense() if isinstance(hx, torch.Tensor) and hx.layout in _SPARSE else hx
+            sparse = False
         if not sparse:
             _check_dense(name, "input", input)
         if input.dim() not in (1, 2):

@@ -1797,7 +1797,8 @@ def test_cells_take_sparse_input_as_torch_nn(kind, layout, grad):
     """torch.nn's cells take a sparse input (one-hot rows, say; and RNNCell a sparse hx): ours,
     their backend left to choose, run torch.nn's cell operator on it, with its results and
     gradients, and last_backend() says so; with a forced backend, whose kernels take dense
-    tensors, they refuse it by name (test_errors.py). (From a review: they refused it.)"""
+    tensors, they refuse it by name (test_errors.py); GRUCell(reset_after=False), which torch.nn
+    has no cell for, runs our kernels on it made dense. (From a review: they refused it.)"""
     torch.manual_seed(case_seed(kind, layout, grad, "sparse"))
     ref = getattr(nn, kind)(6, 4)
     ours = rnnrec_fast.from_torch(ref)
@@ -1823,6 +1824,11 @@ def test_cells_take_sparse_input_as_torch_nn(kind, layout, grad):
     assert ours(x[0].to_sparse()).shape == (4,)  # unbatched
     with pytest.raises(ValueError, match="input must be a dense tensor"):
         getattr(rnnrec_fast, kind)(6, 4, backend="reference")(sparse)
+    if kind == "GRUCell":  # GRU's original form, which no torch.nn cell computes: our kernels, on it densified
+        cho = rnnrec_fast.GRUCell(6, 4, reset_after=False)
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(cho(sparse), cho(x), rtol=0, atol=0)
+        assert rnnrec_fast.last_backend() != "torch.nn"
 
 
 @pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
