@@ -370,7 +370,8 @@ def build_or_retry(model):
 
 
 def _weights_state(model):
-    """What tells that any of the model's weights changed: each one's identity, memory and version."""
+    """What tells that any of the model's weights changed: each one's identity, memory and version,
+    and the optimiser steps counted over the watched ones (_watch_steps)."""
     params = list(model.parameters())
     return [(id(p), p.data_ptr(), p._version) for p in params] + steps_of(params)
 
