@@ -493,15 +493,17 @@ def _weight_size(n):
 
 
 def _differs(a, b):
-    """a != b for the sizes an input check compares before it raises, without torch.jit.trace's
-    warning that converting a tensor to a Python boolean may make the trace incorrect (a size is a
-    traced 0-dim tensor there): the answer only decides whether to raise, nothing of it enters
-    the trace. (Checks whose answer picks what the trace records keep the warning.)"""
+    """a != b for the sizes or shapes an input check compares before it raises (ops.sizes_differ:
+    an unbacked size under torch.compile / torch.export counts as equal, with no guard), without
+    torch.jit.trace's warning that converting a tensor to a Python boolean may make the trace
+    incorrect (a size is a traced 0-dim tensor there): the answer only decides whether to raise,
+    nothing of it enters the trace. (Checks whose answer picks what the trace records keep the
+    warning.)"""
     if torch._C._get_tracing_state() is None:
-        return a != b
+        return ops.sizes_differ(a, b)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return bool(a != b)
+        return ops.sizes_differ(a, b)
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

@@ -102,8 +102,16 @@ def _fail(msg):
 
 try:  # torch >= 2.7
     from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
+    _surely = _guard_or_false
 except ImportError:  # torch 2.4-2.6: an unbacked size taken as nonzero too (as >= 2)
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols as _free_unbacked
     from torch.fx.experimental.symbolic_shapes import guard_size_oblivious as _guard_or_false
+
+    def _surely(expr):
+        """guard_or_false: False, with no guard, where the answer depends on an unbacked size."""
+        if isinstance(expr, torch.SymBool) and _free_unbacked(expr):
+            return False
+        return bool(expr)
 
 
 def is_zero(n):
@@ -113,6 +121,20 @@ def is_zero(n):
     if isinstance(n, torch.Tensor):
         return bool(n == 0)
     return _guard_or_false(n == 0)
+
+
+def sizes_differ(a, b):
+    """a != b for two sizes or shapes (ints, SymInts; under torch.jit.trace 0-dim tensors), True only
+    where they surely differ: where the answer depends on a size the tracer cannot know (an unbacked
+    one: mark_unbacked, or a batch filtered by a mask under torch.export) they count as equal, with
+    no guard on them (a guard there fails the compile), and the kernels check the real sizes when
+    the graph runs."""
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        a, b = tuple(a), tuple(b)
+        return len(a) != len(b) or any(sizes_differ(p, q) for p, q in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(a != b)
+    return _surely(a != b)
 
 
 def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
@@ -128,9 +150,9 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     if w_hh.dim() != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != gates * w_hh.shape[1]:
         _fail(f"w_hh must be ({gates}*H, H) for mode {mode!r}, got shape {tuple(w_hh.shape)}")
     H = w_hh.shape[1]
-    if tuple(w_ih.shape) != (gates * H, I):
+    if sizes_differ(w_ih.shape, (gates * H, I)):
         _fail(f"w_ih must be ({gates * H}, {I}) (gates*H, input_size), got shape {tuple(w_ih.shape)}")
-    if h0 is not None and tuple(h0.shape) != (B, H):
+    if h0 is not None and sizes_differ(h0.shape, (B, H)):
         _fail(f"h0 must be (B, H) = ({B}, {H}), got shape {tuple(h0.shape)}")
     if not x.dtype.is_floating_point:
         _fail(f"x must be a floating-point tensor, got {x.dtype}")
@@ -138,19 +160,19 @@ def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
     for name, t in named:
         if t is None:
             continue
-        if name.startswith("b_") and tuple(t.shape) != (gates * H,):
+        if name.startswith("b_") and sizes_differ(t.shape, (gates * H,)):
             _fail(f"{name} must be ({gates * H},), got shape {tuple(t.shape)}")
         if t.dtype != x.dtype:
             _fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; all must match")
         if t.device != x.device:
             _fail(f"{name} is on {t.device} but x is on {x.device}; all must be on one device")
     if lengths is not None:
-        if lengths.dtype != torch.int64 or tuple(lengths.shape) != (B,):
+        if lengths.dtype != torch.int64 or sizes_differ(lengths.shape, (B,)):
             _fail(f"lengths must be an int64 tensor of shape ({B},), got {lengths.dtype} {tuple(lengths.shape)}")
         if lengths.device != x.device:
             _fail(f"lengths is on {lengths.device} but x is on {x.device}")
     if resets is not None:
-        if resets.dtype != torch.bool or tuple(resets.shape) != (T, B):
+        if resets.dtype != torch.bool or sizes_differ(resets.shape, (T, B)):
             _fail(f"resets must be a bool tensor of shape ({T}, {B}), got {resets.dtype} {tuple(resets.shape)}")
         if resets.device != x.device:
             _fail(f"resets is on {resets.device} but x is on {x.device}")

@@ -319,19 +319,26 @@ def test_export_with_a_data_dependent_batch():
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.decorators, "mark_unbacked"),
                     reason="this torch has no torch._dynamo.decorators.mark_unbacked")
-@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op", "GRU with hx", "GRUCell with hx",
+                                  "op with h0, lengths and resets"])
 def test_compile_with_unbacked_batch_and_time(kind):
     """mark_unbacked on the batch (and time) sizes, the remedy dynamo's recompile log suggests for
-    its 0/1 specialisation: one graph serves every size, 1 included, matching eager."""
+    its 0/1 specialisation: one graph serves every size, 1 included, matching eager; with a state,
+    lengths and resets too, whose size checks had guarded on the unbacked batch ('Could not guard on
+    data-dependent expression', from a review): the kernels check the real sizes as it runs."""
     from torch._dynamo.decorators import mark_unbacked
 
     torch.manual_seed(0)
     torch._dynamo.reset()
-    if kind == "op":
+    state = kind.endswith("hx") or kind.startswith("op with")
+    if kind.startswith("op"):
         w = [torch.randn(18, 4), torch.randn(18, 6), torch.randn(18), torch.randn(18)]
-        fn = lambda x: rnnrec_fast.recurrence(x, None, *w)[0]  # noqa: E731
+        if state:  # (x, h0, lengths, resets), B unbacked in each, T in x and resets
+            fn = lambda x, h: rnnrec_fast.recurrence(x, h[0], *w, lengths=h[1], resets=h[2])[0]  # noqa: E731
+        else:
+            fn = lambda x: rnnrec_fast.recurrence(x, None, *w)[0]  # noqa: E731
         shapes, dims = [(5, 3, 4), (1, 1, 4), (2, 7, 4)], (0, 1)
-    elif kind == "GRU":
+    elif kind in ("GRU", "GRU with hx"):
         fn = rnnrec_fast.GRU(4, 6, batch_first=True)
         shapes, dims = [(3, 5, 4), (1, 1, 4), (7, 2, 4)], (0, 1)
     else:
@@ -342,7 +349,19 @@ def test_compile_with_unbacked_batch_and_time(kind):
         x = torch.randn(*shape)
         for d in dims:
             mark_unbacked(x, d)
-        got, expected = compiled(x), fn(x)
+        args = (x,)
+        if state:
+            if kind.startswith("op"):
+                T, B = shape[0], shape[1]
+                h = (torch.randn(B, 6), torch.randint(1, T + 1, (B,)), torch.rand(T, B) < 0.3)
+                for t, ds in zip(h, ((0,), (0,), (0, 1))):
+                    for d in ds:
+                        mark_unbacked(t, d)
+            else:
+                h = torch.randn(*(((1,) if kind.startswith("GRU ") else ()) + (shape[0], 6)))
+                mark_unbacked(h, h.dim() - 2)
+            args = (x, h)
+        got, expected = compiled(*args), fn(*args)
         got, expected = (got[0], expected[0]) if isinstance(got, tuple) else (got, expected)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
