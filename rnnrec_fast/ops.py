@@ -129,9 +129,16 @@ def sizes_differ(a, b):
     one: mark_unbacked, or a batch filtered by a mask under torch.export) they count as equal, with
     no guard on them (a guard there fails the compile), and the kernels check the real sizes when
     the graph runs."""
+    # eager, plain ints: ~0.5 us, against ~1.3 through the loop below (dynamo takes a SymInt's type
+    # for int: not while compiling)
+    plain = not torch.compiler.is_compiling()
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         a, b = tuple(a), tuple(b)
+        if plain and all(type(n) is int for n in a + b):
+            return a != b
         return len(a) != len(b) or any(sizes_differ(p, q) for p, q in zip(a, b))
+    if plain and type(a) is int and type(b) is int:
+        return a != b
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return bool(a != b)
     return _surely(a != b)
