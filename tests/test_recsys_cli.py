@@ -248,6 +248,27 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     assert scope["scores"].shape == (1, 5) and not scope["model"].training
 
 
+def test_readme_training_snippet_runs(tmp_path, monkeypatch):
+    """The recsys README's second Python block (training and saving from Python) runs as written,
+    from a repository root beside ../shared/data (here a generated log under that name), and what
+    it saves serves through SessionRecommender.load, as its comment says."""
+    from rnnrec_fast.serving import SessionRecommender
+
+    text = open(os.path.join(ROOT, "rnnrec_fast", "recsys", "README.md"), encoding="utf-8").read()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    path = re.search(r'load_clicks\("([^"]+)"\)', block).group(1)
+    repo = tmp_path / "repo"
+    (tmp_path / os.path.dirname(path.replace("../", ""))).mkdir(parents=True)
+    repo.mkdir()
+    recsys.write_clicks(recsys.synthetic_clicks(60, 15, seed=4), str(tmp_path / path.replace("../", "")))
+    monkeypatch.chdir(repo)
+    scope = {}
+    exec(compile(block, "recsys/README.md (Python, training)", "exec"), scope)
+    assert not scope["model"].training and len(scope["stats"]["epoch_losses"]) == 2
+    rec = SessionRecommender.load("model.pt")
+    assert len(rec.click("s", scope["model"].item_ids[0], k=3)[0]) == 3
+
+
 def test_evaluate_defaults_to_conservative_ties(tmp_path, capsys):
     """evaluate ranks ties conservatively unless told otherwise (a model whose scores all tie: the
     target ranks last, recall@1 = 0; 1 with --ties standard). (From a mutation review.)"""
