@@ -40,8 +40,6 @@ static inline vf vfnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline vf vldexp(vf p, vf n) {  // p * 2^n through 2^n's exponent bits
   return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
 }
-static inline vf vabs(vf x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
-static inline vf vcopysign(vf m, vf s) { return _mm256_or_ps(vabs(m), _mm256_and_ps(s, _mm256_set1_ps(-0.0f))); }
 static inline vm vlt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 static inline vm vle(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
 static inline vf vselect(vm m, vf a, vf b) { return _mm256_blendv_ps(b, a, m); }

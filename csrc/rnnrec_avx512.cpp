@@ -662,7 +662,7 @@ void avx512_small_gemm_nt(int64_t nb, int64_t M, int64_t K, const float* W, int6
 
 // ------------------------------------------------------------------------------------------------
 // 16-lane vector layer for the row kernels (rnnrec_rows.inc): the same operations as the 8-lane
-// layer of rnnrec_avx2.cpp (AVX-512F only: bit operations through the integer forms), so the
+// layer of rnnrec_avx2.cpp (AVX-512F only), so the
 // kernels give the same bits per element, with half the instructions and twice the registers.
 // ------------------------------------------------------------------------------------------------
 namespace {
@@ -682,12 +682,6 @@ static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
 // p * 2^n in one instruction (vscalefps: the product rounded once, as the 8-lane layer's multiply
 // by 2^n; the gate pass at B=256, H=100 ~10% faster than through the exponent bits, standalone)
 static inline vf vldexp(vf p, vf n) { return _mm512_scalef_ps(p, n); }
-static inline __m512i vbits(vf x) { return _mm512_castps_si512(x); }
-static inline vf vabs(vf x) { return _mm512_castsi512_ps(_mm512_and_si512(vbits(x), _mm512_set1_epi32(0x7fffffff))); }
-static inline vf vcopysign(vf m, vf s) {
-  const __m512i sign = _mm512_and_si512(vbits(s), _mm512_set1_epi32(int(0x80000000u)));
-  return _mm512_castsi512_ps(_mm512_or_si512(vbits(vabs(m)), sign));
-}
 static inline vm vlt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 static inline vm vle(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
 static inline vf vselect(vm m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }
