@@ -210,14 +210,15 @@ class _PyInferPlan:
     def _arrays(self, w):
         """C-contiguous NumPy views of the weights (copies of non-contiguous ones, not kept); None
         where a weight reaches past its storage (freed or shrunk: the op refuses it). A kept view is
-        of the same tensor at the same address: a storage resized since has moved (resize_ copies
-        into new memory while the old is still held)."""
+        of the same tensor at the same address and of the same shape: a storage resized since has
+        moved (resize_ copies into new memory while the old is still held); set_ onto the same
+        storage, or .data = a view of it, keeps the address and may change the shape."""
         views = self.views
         out = []
         for i, t in enumerate(w):
             v = views[i]
             if (v is not None and v[0] is t and v[1] == t.data_ptr() and v[2] is t.dtype
-                    and t.is_contiguous()):
+                    and v[3].shape == t.shape and t.is_contiguous()):
                 out.append(v[3])
                 continue
             if not ops.within_storage(t):

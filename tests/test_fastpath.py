@@ -1399,6 +1399,32 @@ def test_python_backends_see_weight_changes(py_spy, backend):
 
 
 @pytest.mark.parametrize("backend", _py_backends())
+@pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
+def test_python_backends_see_a_new_shape_at_the_same_address(py_spy, backend, kind):
+    """set_ onto a parameter's own storage with another shape keeps its object and its address:
+    the numba plan's kept NumPy views (of the old shape) must not be reused (a ValueError from
+    NumPy's reshape, where torch.nn runs)."""
+    torch.manual_seed(6)
+    ref = getattr(nn, kind)(4, 6)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    with torch.no_grad():
+        ours.load_state_dict(ref.state_dict())
+        ours(torch.randn(3, 4), torch.randn(3, 6))  # the plan keeps its views
+    G = ref.weight_ih.shape[0] // 6
+    for m in (ours, ref):
+        with torch.no_grad():
+            for p in m.parameters():  # hidden size 4, in the same memory
+                p.set_(p.untyped_storage(), 0, (G * 4, 4) if p.dim() == 2 else (G * 4,))
+    x, h = torch.randn(3, 4), torch.randn(3, 4)
+    for ctx in (torch.inference_mode, torch.no_grad):
+        handled = py_spy["handled"]
+        with ctx():
+            got, want = ours(x, h), ref(x, h)
+        assert py_spy["handled"] == handled + 1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", _py_backends())
 @pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (4, 1), (3, 2)], ids=lambda v: str(v))
 def test_python_backends_outputs_are_what_torch_nn_returns(py_spy, backend, T, B):
     """Inference tensors under torch.inference_mode, ordinary ones under torch.no_grad; the shapes
