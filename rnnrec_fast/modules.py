@@ -657,8 +657,11 @@ class _RNNBase(_FastPath):
             raise ValueError(_PROJ_SIZE_MSG)
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout should be a number in range [0, 1], got {dropout!r}")
-        for arg, value in (("bias", bias), ("batch_first", batch_first)):
-            if not isinstance(value, bool):  # as torch.nn (bias=None would silently drop the biases)
+        for arg, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional),
+                           ("reset_after", reset_after)):
+            # as torch.nn's bias and batch_first (bias=None would silently drop the biases; torch.nn
+            # refuses a bidirectional=2 at its first call); reset_after="False" would be True
+            if not isinstance(value, bool):
                 raise TypeError(f"{name}: {arg} should be of type bool, got: {type(value).__name__}")
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
                            ("num_layers", num_layers)):
@@ -1182,6 +1185,8 @@ class _CellBase(_FastPath):
             if value < 0:
                 raise InputError(f"{name}: {arg} must be a non-negative int, got {value!r}")
         input_size, hidden_size = int(input_size), int(hidden_size)
+        if not isinstance(reset_after, bool):  # ("False" would be True)
+            raise TypeError(f"{name}: reset_after should be of type bool, got: {type(reset_after).__name__}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias

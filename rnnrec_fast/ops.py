@@ -897,8 +897,11 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     Returns:
         ``(output (T, B, H), h_n (B, H))``.
     """
-    if not isinstance(x, torch.Tensor) or not (h0 is None or isinstance(h0, torch.Tensor)):
-        raise TypeError("rnnrec_fast.recurrence: x must be a tensor and h0 a tensor or None")
+    for name, t, optional in (("x", x, False), ("h0", h0, True), ("w_ih", w_ih, False), ("w_hh", w_hh, False),
+                              ("b_ih", b_ih, True), ("b_hh", b_hh, True)):
+        if not (isinstance(t, torch.Tensor) or (optional and t is None)):
+            raise TypeError(f"rnnrec_fast.recurrence: {name} must be a tensor{' or None' if optional else ''}, "
+                            f"got {type(t).__name__}")
     if lengths is not None:
         lengths = as_index_tensor("rnnrec_fast.recurrence", "lengths", lengths, x.device)
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:

@@ -131,10 +131,28 @@ def test_unavailable_backend_says_why(monkeypatch):
     ((4, 3), dict(bias=None), TypeError, "bias should be of type bool, got: NoneType"),
     ((4, 3), dict(bias=0), TypeError, "bias should be of type bool, got: int"),
     ((4, 3), dict(batch_first=1), TypeError, "batch_first should be of type bool, got: int"),
+    ((4, 3), dict(bidirectional=2), TypeError, "bidirectional should be of type bool, got: int"),
+    ((4, 3), dict(reset_after="False"), TypeError, "reset_after should be of type bool, got: str"),
 ])
 def test_module_constructor_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         rnnrec_fast.GRU(*args, **kwargs)
+
+
+def test_cell_reset_after_must_be_a_bool():
+    with pytest.raises(TypeError, match="reset_after should be of type bool, got: int"):
+        rnnrec_fast.GRUCell(4, 3, reset_after=0)
+
+
+@pytest.mark.parametrize("which", ["w_ih", "w_hh", "b_ih", "h0", "x"])
+def test_op_arguments_that_are_not_tensors_are_named(which):
+    """A None (or a list) where the op wants a tensor: a TypeError naming the argument (a None
+    weight reached the dispatcher as an undefined tensor: 'tensor does not have a device')."""
+    args = dict(x=torch.randn(3, 2, 4), h0=torch.randn(2, 5), w_ih=torch.randn(15, 4), w_hh=torch.randn(15, 5),
+                b_ih=None)
+    args[which] = [1.0] if which in ("b_ih", "h0", "x") else None
+    with pytest.raises(TypeError, match=f"{which} must be a tensor"):
+        rnnrec_fast.recurrence(**args)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
