@@ -100,18 +100,12 @@ def _fail(msg):
     raise ValueError(f"rnnrec_fast.recurrence: {msg}")
 
 
-try:  # torch >= 2.7
-    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
-    _surely = _guard_or_false
-except ImportError:  # torch 2.4-2.6: an unbacked size taken as nonzero too (as >= 2)
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols as _free_unbacked
-    from torch.fx.experimental.symbolic_shapes import guard_size_oblivious as _guard_or_false
-
-    def _surely(expr):
-        """guard_or_false: False, with no guard, where the answer depends on an unbacked size."""
-        if isinstance(expr, torch.SymBool) and _free_unbacked(expr):
-            return False
-        return bool(expr)
+try:  # torch >= 2.7: False, with no guard, where the answer depends on an unbacked size
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _surely
+except ImportError:  # torch 2.4-2.6: an unbacked size taken as >= 2 (a size-oblivious guard). (Not
+    # bool(expr) beside free_unbacked_symbols: their dynamo refuses bool() of a symbolic value and
+    # did not see an unbacked size through it.)
+    from torch.fx.experimental.symbolic_shapes import guard_size_oblivious as _surely
 
 
 def is_zero(n):
@@ -120,7 +114,7 @@ def is_zero(n):
     still refuse an empty x when such a graph runs. (Under torch.jit.trace a size is a 0-dim tensor.)"""
     if isinstance(n, torch.Tensor):
         return bool(n == 0)
-    return _guard_or_false(n == 0)
+    return _surely(n == 0)
 
 
 def sizes_differ(a, b):

@@ -327,10 +327,14 @@ def test_compile_with_unbacked_batch_and_time(kind):
     lengths and resets too, whose size checks had guarded on the unbacked batch ('Could not guard on
     data-dependent expression', from a review): the kernels check the real sizes as it runs."""
     from torch._dynamo.decorators import mark_unbacked
+    from torch.fx.experimental import symbolic_shapes
 
     torch.manual_seed(0)
     torch._dynamo.reset()
     state = kind.endswith("hx") or kind.startswith("op with")
+    if state and not hasattr(symbolic_shapes, "guard_or_false"):
+        pytest.skip("torch < 2.7 has no guard_or_false: a state's size check beside an unbacked batch guards "
+                    "on it (torch.nn.GRUCell's fails alike, on every version)")
     if kind.startswith("op"):
         w = [torch.randn(18, 4), torch.randn(18, 6), torch.randn(18), torch.randn(18)]
         if state:  # (x, h0, lengths, resets), B unbacked in each, T in x and resets

@@ -9,7 +9,6 @@ import heapq
 import itertools
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -817,8 +816,12 @@ def test_activations_to_a_few_ulp(backend, dtype):
 
     def ulp_error(got, x, exact):
         want = exact(x.double())
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        ulp = torch.from_numpy(np.spacing(np.abs(want.numpy()).astype(np_dtype)).astype(np.float64))
+        # the spacing of |want| in dtype, computed in float64: 2^(e - 24) (float32) or 2^(e - 53) for
+        # |want| in [2^(e-1), 2^e). (np.spacing in float32 read 0 near 1e-38, 'inf ulp', in a process
+        # where a library had set the CPU's flush-to-zero modes: torch 2.4.1's inductor, compiled
+        # code loaded by earlier tests)
+        _, e = torch.frexp(want.abs())
+        ulp = torch.ldexp(torch.ones_like(want), e - (24 if dtype == torch.float32 else 53))
         err = (got.double() - want).abs() / ulp
         worst = int(err.argmax())
         return float(err.flatten()[worst]), float(x.flatten()[worst])
