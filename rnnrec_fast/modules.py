@@ -991,7 +991,7 @@ class _RNNBase(_FastPath):
             # (nothing saved h; an empty batch's, and under torch.func.grad, too); traced by dynamo as
             # the plain view, and a view where vmap runs the autograd function of torch.func's
             # transforms (its rule returns views, which refuse the change in place)
-            in_place = not _is_compiling() and not (op is ops._func_recurrence and ops._vmap_active())
+            in_place = not _is_compiling() and not (op in (ops._func_recurrence, ops._reference_op) and ops._vmap_active())
             h_n = h.unsqueeze_(0) if in_place else h.unsqueeze(0)
         else:
             reverse = _Reversal(T, lengths, x.device)

@@ -10,7 +10,9 @@ The public ops under the ``rnnrec_fast`` namespace:
     ``torch.export`` and TorchScript all see the same op. With the compiled extension, CPU tensors
     take a C++ registration of the same autograd (the AutogradCPU kernel in ``csrc/rnnrec_op.cpp``:
     no Python around each call); this one serves the other devices. Under torch.func's transforms
-    the modules and :func:`recurrence` call the op through an autograd function (``op_for``).
+    the modules and :func:`recurrence` call the op through an autograd function, and where forward
+    mode or nested transforms need derivatives its autograd does not give, as the reference
+    backend's torch operations (``op_for``).
 ``rnnrec_fast::recurrence_backward_differentiable``
     the same gradient as torch operations that autograd records (the forward recomputed by the
     reference backend): what a backward with ``create_graph=True`` runs, so that second derivatives
@@ -277,8 +279,9 @@ def _tangent_of(t):
 def _forward_ad_error(name):
     return NotImplementedError(
         f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
-        "supported by rnnrec_fast::recurrence, whose autograd is reverse-mode only; use reverse mode "
-        "(torch.autograd.grad, jacobian) or convert the model with rnnrec_fast.to_torch(model)")
+        "supported by a bare call of the op, whose autograd is reverse-mode only: call rnnrec_fast.recurrence "
+        "or the modules, which run the op's torch operations (the reference backend) under it, or convert "
+        "the model with rnnrec_fast.to_torch(model)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,21 +640,54 @@ def check_bias_versions(biases, versions):
                 "the forward with it; change it after the backward, or out of place")
 
 
+def _reference_recompute(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after):
+    """The op's outputs (y, h_n, workspace) recomputed by the reference backend, the op's
+    specification in torch operations, which autograd and torch.func differentiate in either mode
+    and to any order. What the kernels never read stays out of it, so that a NaN there gives no NaN
+    derivative: x past a row's length (zeros), and the h0 of a row of length 0 (zeros; its h_n is
+    h0 itself)."""
+    T, B, _ = x.shape
+    state = h0 if h0 is not None else x.new_zeros(B, w_hh.shape[1])
+    empty = None
+    state_in = state
+    if lengths is not None:
+        x = x.masked_fill(~_reference._active_mask(lengths, T, B, x.device), 0.0)
+        empty = (lengths.to(x.device) == 0).unsqueeze(1)
+        state_in = state.masked_fill(empty, 0.0)
+    y, h_n, ws = _reference.forward(x, state_in, w_ih, w_hh, b_ih, b_hh, lengths, resets, MODES[mode], reset_after)
+    if empty is not None:
+        h_n = torch.where(empty, state, h_n)
+    return y, h_n, ws
+
+
+def _reference_op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
+    """The op as torch operations (_reference_recompute), with the op's checks, where its own
+    autograd cannot serve: forward-mode AD (a tangent on an input: torch.func.jvp, jacfwd, hessian,
+    torch.autograd.forward_ad) and torch.func's reverse transforms nested (grad(grad(f)),
+    jacrev(jacrev(f))). The modules and ``recurrence`` call it there (op_for); correct to any order,
+    not fast (a Python loop over the steps); last_backend() says 'reference'. A forced backend is
+    still checked (refused where it cannot run these tensors)."""
+    _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
+    _check_length_values(lengths, x.shape[0])
+    _resolve(backend, x.device.type, x.dtype)
+    _set_last("reference")
+    with _autocast_off(x.device.type):
+        return _reference_recompute(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
+
+
 def _backward_differentiable(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after):
     """The op's backward as operations autograd records, for a backward taken with
     create_graph=True (a gradient penalty, a Hessian-vector product, second-order meta-learning):
-    the forward recomputed by the reference backend, the op's specification in torch operations, on
-    any device, and differentiated with create_graph=True, so that its gradients are differentiable
-    again (to any order). Gradients of inputs that require none come back as zeros (the caller drops
-    them). A Python loop over the steps: slow, as a second derivative of torch.nn's CPU GRU is.
+    the forward recomputed in torch operations (_reference_recompute), on any device, and
+    differentiated with create_graph=True, so that its gradients are differentiable again (to any
+    order). Gradients of inputs that require none come back as zeros (the caller drops them). A
+    Python loop over the steps: slow, as a second derivative of torch.nn's CPU GRU is.
 
     Each input requiring a gradient enters the recomputation as an alias of its own (a view), and
     the gradient taken is the alias's: an argument's own, as the kernels give it, where one tensor is
     passed twice (tied weights) or one input is computed from another (h0 from x), whose total
-    derivatives would count the shared paths twice. What the kernels never read stays out of the
-    recomputation, so that a NaN there gives no NaN gradient: x past a row's length (zeros), and the
-    h0 of a row of length 0 (zeros, its h_n h0 itself)."""
-    T, B, _ = x.shape
+    derivatives would count the shared paths twice."""
+    B = x.shape[1]
     H = w_hh.shape[1]
     inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
     want = [t is not None and t.requires_grad for t in inputs]
@@ -659,18 +695,7 @@ def _backward_differentiable(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, le
     if any(want):
         with torch.enable_grad(), _autocast_off(x.device.type):
             alias = [t.view_as(t) if w else t for t, w in zip(inputs, want)]
-            xa, h0a, wi, wh, bi, bh = alias
-            state = h0a if h0a is not None else x.new_zeros(B, H)
-            empty = None
-            if lengths is not None:
-                xa = xa.masked_fill(~_reference._active_mask(lengths, T, B, x.device), 0.0)
-                empty = (lengths.to(x.device) == 0).unsqueeze(1)
-                state_in = state.masked_fill(empty, 0.0)
-            else:
-                state_in = state
-            y, h_n, _ = _reference.forward(xa, state_in, wi, wh, bi, bh, lengths, resets, MODES[mode], reset_after)
-            if empty is not None:
-                h_n = torch.where(empty, state, h_n)
+            y, h_n, _ = _reference_recompute(*alias, lengths, resets, mode, reset_after)
             wrt = [a for a, w in zip(alias, want) if w]
             got = iter(torch.autograd.grad((y, h_n), wrt, (grad_y, grad_h_n), create_graph=True, allow_unused=True))
             out = [next(got) if w else None for w in want]
@@ -684,8 +709,9 @@ _lib.impl("recurrence_backward_differentiable", _backward_differentiable, "Compo
 
 def _backward_is_not_differentiable(ctx, *grads):
     raise NotImplementedError("rnnrec_fast: rnnrec_fast::recurrence_backward is not differentiable: second "
-                              "derivatives through torch.func's transforms (jacrev(jacrev(f)), hessian) are not "
-                              "supported; an eager backward with create_graph=True is (torch.autograd.grad)")
+                              "derivatives through torch.func's transforms of a bare call of the op are not "
+                              "supported; rnnrec_fast.recurrence and the modules give them (they run the op's "
+                              "torch operations there), and so does an eager backward with create_graph=True")
 
 
 if not _CPP_OP:  # (the extension registers the same in C++: csrc/rnnrec_op.cpp, RecurrenceBackwardFn)
@@ -737,7 +763,7 @@ class _FuncRecurrence(torch.autograd.Function):
         return _backward(ctx, grad_y, grad_h_n, grad_ws, _FuncRecurrenceBackward.apply)
 
     @staticmethod
-    def jvp(ctx, *tangents):  # (a forward-mode transform around the reverse one: hessian = jacfwd(jacrev))
+    def jvp(ctx, *tangents):  # (op_for sends calls with tangents to _reference_op: a tangent missed there)
         raise _forward_ad_error("rnnrec_fast::recurrence")
 
 
@@ -757,8 +783,9 @@ _AUTOGRAD_TRANSFORMS = (_TransformType.Grad, _TransformType.Jvp)
 def _grad_transform_active(name=None):
     """Whether one of torch.func's autograd-based transforms is active: grad / vjp / jacrev, or
     jvp / jacfwd (whose level refuses the registered kernels too, also for a call on tensors it
-    does not track, where the autograd function runs and torch.nn's answer comes back; a tangent
-    reaching it is refused by its jvp). With ``name``, functionalize around or inside one raises:
+    does not track, where the autograd function runs and torch.nn's answer comes back; a call a
+    tangent reaches goes to _reference_op instead: op_for). With ``name``, functionalize around or
+    inside one raises:
     torch has no functionalize rule for an autograd function."""
     stack = torch._C._functorch.get_interpreter_stack()  # (None when empty)
     if not stack:
@@ -780,14 +807,32 @@ def _vmap_active():
     return bool(stack) and any(i.key() == _TransformType.Vmap for i in stack)
 
 
+def _reference_needed(tensors):
+    """Whether a call on ``tensors`` needs derivatives the op's autograd does not give: a tangent on
+    one of them (forward-mode AD: torch.func.jvp, jacfwd, torch.autograd.forward_ad), or torch.func
+    transforms nested around it, two reverse ones (grad(grad(f)), jacrev(jacrev(f))) or a forward one
+    and a reverse one (hessian = jacfwd(jacrev(f)): inside the reverse level the tangents of the
+    forward one are not visible)."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack:
+        keys = [i.key() for i in stack]
+        grads = keys.count(_TransformType.Grad)
+        if grads >= 2 or (grads and _TransformType.Jvp in keys):
+            return True
+    return _forward_ad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _tangent_of(t) is not None for t in tensors)
+
+
 def op_for(name, *tensors):
-    """The recurrence op a module or ``recurrence`` calls with ``tensors`` (refuse_forward_ad first):
-    ``torch.ops.rnnrec_fast.recurrence.default`` (always while compiling: dynamo traces the op), or
-    while one of torch.func's autograd-based transforms is active, the autograd function above,
-    which they run."""
+    """The recurrence op a module or ``recurrence`` calls with ``tensors``:
+    ``torch.ops.rnnrec_fast.recurrence.default`` (always while compiling: dynamo traces the op);
+    _reference_op, the op in torch operations, where a derivative its autograd does not give is
+    wanted (_reference_needed: forward mode, nested reverse transforms); or while one of torch.func's
+    autograd-based transforms is active, the autograd function above, which they run."""
     if torch.compiler.is_compiling():
         return torch.ops.rnnrec_fast.recurrence.default
-    refuse_forward_ad(name, *tensors)
+    if _reference_needed(tensors):
+        return _reference_op
     return _func_recurrence if _grad_transform_active(name) else torch.ops.rnnrec_fast.recurrence.default
 
 

@@ -1016,20 +1016,32 @@ def test_relu_gradient_through_a_nan_state_as_torch_nn(backend, dtype):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_forward_ad_is_never_silently_dropped(backend, kind):
-    """Forward-mode AD (a dual input inside forward_ad.dual_level) under no_grad: the op's error
-    for it, as with autograd on (the inference fast paths returned the output without its tangent)."""
+    """Forward-mode AD (a dual input inside forward_ad.dual_level), under no_grad as with autograd
+    on: the output carries torch.nn's tangent (the inference fast paths had returned the output
+    without its tangent; then the op refused forward mode), from the op's torch operations
+    (last_backend() 'reference'); outside dual_level the fast path serves again."""
     import torch.autograd.forward_ad as fwAD
 
     torch.manual_seed(13)
     ours = (rnnrec_fast.GRU(4, 5, backend=backend) if kind == "GRU" else rnnrec_fast.GRUCell(4, 5, backend=backend))
+    ref = getattr(nn, kind)(4, 5)
+    ref.load_state_dict(ours.state_dict())
     x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
+    t = torch.randn_like(x)
     for grad_mode in (torch.no_grad, torch.enable_grad):  # (inference_mode makes no dual tensors)
-        with grad_mode(), fwAD.dual_level():
-            dual = fwAD.make_dual(x, torch.randn_like(x))
-            with pytest.raises(RuntimeError, match="jvp|forward"):
-                ours(dual)
+        got = []
+        for m in (ours, ref):
+            with grad_mode(), fwAD.dual_level():
+                out = m(fwAD.make_dual(x, t))
+                out = out[0] if isinstance(out, tuple) else out
+                got.append(fwAD.unpack_dual(out))
+        assert rnnrec_fast.last_backend() == "reference" or backend == "reference"
+        assert got[0].tangent is not None
+        torch.testing.assert_close(got[0].primal, got[1].primal, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[0].tangent, got[1].tangent, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         ours(x)  # and outside dual_level the fast path serves again
+    assert rnnrec_fast.last_backend() == backend
 
 
 def _transform_case(kind, backend):
@@ -1057,39 +1069,53 @@ _TRANSFORM_KWARGS = {"RNN-relu-2-bi": dict(nonlinearity="relu", num_layers=2, bi
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op"])
-def test_forward_mode_ad_is_refused_clearly_on_every_autograd_path(backend, kind):
-    """torch.func.jvp / jacfwd (a tangent on the input or, through functional_call, on a weight)
-    and torch.autograd.forward_ad raise an error that names the package and the way out
-    (rnnrec_fast.to_torch), whichever autograd registration serves the call: the C++ one (CPU with
-    the extension: torch's "c++ API of custom Function" error said neither) or the Python one (CUDA
-    tensors, and CPU without the extension, where torch.library's autograd wrapper skips the
-    autograd function when nothing requires grad: the tangents came back as zeros, no error; the
-    Python-registration run of test_fallback.py runs this test too). A dual_level with no tangent
-    on the call's tensors still runs it."""
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op", "RNN-relu-2-bi"])
+def test_forward_mode_ad_matches_torch_nn_on_every_autograd_path(backend, kind):
+    """torch.func.jvp / jacfwd (a tangent on the input or, through functional_call, on a weight,
+    also around vmap) and torch.autograd.forward_ad (no_grad or not) give torch.nn's tangents,
+    whichever autograd registration would serve the call (the C++ one, CPU with the extension; the
+    Python one, CUDA tensors and CPU without the extension: the Python-registration run of
+    test_fallback.py runs this test too): the modules and rnnrec_fast.recurrence run the op's torch
+    operations there (last_backend() 'reference'; before, a NotImplementedError, and before that
+    zeros from the Python registration). A dual_level with no tangent on the call's tensors runs
+    the kernels."""
     import torch.autograd.forward_ad as fwAD
 
     torch.manual_seed(17)
     m, call, x = _transform_case(kind, backend)
+    twin = _torch_twin(kind, m)
     params = {n: p.detach() for n, p in m.named_parameters()}
     w_hh = "weight_hh" if kind == "GRUCell" else "weight_hh_l0"
-    attempts = [
-        lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)),
-        lambda: torch.func.jacfwd(call)(x),
-        # (vmap's batched tensor: torch's "Batching rule not implemented for aten::_unpack_dual")
-        lambda: torch.func.jvp(torch.func.vmap(call), (x.unsqueeze(0),), (torch.ones_like(x).unsqueeze(0),)),
-        lambda: torch.func.jvp(lambda w: call(x, {**params, w_hh: w}), (params[w_hh],), (torch.ones_like(params[w_hh]),)),
-    ]
-    for grad_mode in (torch.no_grad, torch.enable_grad):
-        def dual_call(grad_mode=grad_mode):
+    ones = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+    bdim = 1 if x.dim() == 3 else 0
+
+    def attempts(f):
+        per_sample = [torch.func.jvp(lambda xi: f(xi.unsqueeze(bdim)), (xi,), (ti,))[1]
+                      for xi, ti in zip(x.unbind(bdim), ones.unbind(bdim))]
+        out = [
+            torch.func.jvp(f, (x,), (ones,))[1],
+            torch.func.jacfwd(f)(x),
+            # (vmap's batched tensor: torch's "Batching rule not implemented for aten::_unpack_dual";
+            # torch.nn's GRU has no batching rule: its samples one by one)
+            (torch.func.jvp(torch.func.vmap(lambda xi: f(xi.unsqueeze(bdim)), in_dims=bdim), (x,), (ones,))[1]
+             if f is call else torch.stack(per_sample)),
+            torch.func.jvp(lambda w: f(x, {**params, w_hh: w}), (params[w_hh],),
+                           (torch.ones_like(params[w_hh]),))[1],
+        ]
+        for grad_mode in (torch.no_grad, torch.enable_grad):
             with grad_mode(), fwAD.dual_level():
-                return fwAD.unpack_dual(call(fwAD.make_dual(x, torch.ones_like(x)))).tangent
-        attempts.append(dual_call)
-    for attempt in attempts:
-        with pytest.raises(NotImplementedError, match=r"forward-mode AD .*rnnrec_fast\.to_torch"):
-            attempt()
-    with fwAD.dual_level():  # forward AD elsewhere in a program: no tangent here, so the call runs
+                out.append(fwAD.unpack_dual(f(fwAD.make_dual(x, ones))).tangent)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch's per-sample fallback warning)
+        got, want = attempts(call), attempts(twin)
+    assert rnnrec_fast.last_backend() == "reference"
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda msg: f"case {i}: {msg}")
+    with fwAD.dual_level():  # forward AD elsewhere in a program: no tangent here, so the kernels run
         assert torch.equal(call(x), call(x.clone()))
+    assert rnnrec_fast.last_backend() == backend
 
 
 def _torch_twin(kind, m):
@@ -1152,10 +1178,13 @@ def test_reverse_mode_func_transforms_match_torch_nn(backend, kind):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda msg: f"case {i}: {msg}")
     assert got[6].grad_fn is None and got[7].grad_fn is not None  # (the weights: recorded only with grad on)
     assert want[6].grad_fn is None and want[7].grad_fn is not None
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        torch.func.jacrev(torch.func.jacrev(lambda i: call(i).sum()))(x)
-    with pytest.raises(NotImplementedError, match="forward-mode AD"):
-        torch.func.hessian(lambda i: call(i).sum())(x)
+    # second derivatives (the op's torch operations run there): jacrev of jacrev, hessian (jacfwd of
+    # jacrev), grad of grad, as torch.nn's
+    for second in (lambda f: torch.func.jacrev(torch.func.jacrev(lambda i: f(i).square().sum()))(x),
+                   lambda f: torch.func.hessian(lambda i: f(i).square().sum())(x),
+                   lambda f: torch.func.grad(lambda i: torch.func.grad(lambda j: f(j).square().sum())(i).sin().sum())(x)):
+        torch.testing.assert_close(second(call), second(twin), rtol=1e-5, atol=1e-6)
+        assert rnnrec_fast.last_backend() == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         got = torch.func.vmap(lambda xi: call(xi.unsqueeze(bdim)), in_dims=bdim)(x)
@@ -1576,14 +1605,12 @@ def test_whole_models_convert_both_ways_and_export_to_onnx():
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_documented_migration_differences_raise_clearly(kind):
     """What the README lists as differing from torch.nn raises instead of computing something else:
-    torch.func.jvp (forward mode), an in-place change of the sequence output before backward()
-    (it is saved for the backward, as cuDNN's GRU saves it), and detach_() of a batch_first
-    sequence output."""
+    an in-place change of the sequence output before backward() (it is saved for the backward, as
+    cuDNN's GRU saves it), and detach_() of a batch_first sequence output. (Forward mode, once
+    here, now gives torch.nn's tangents: test_forward_mode_ad_matches_torch_nn_on_every_autograd_path.)"""
     m = getattr(rnnrec_fast, kind)(4, 5)
     x = torch.randn(3, 2, 4) if kind == "GRU" else torch.randn(2, 4)
     out = (lambda y: y[0] if isinstance(y, tuple) else y)
-    with pytest.raises(NotImplementedError, match="forward-mode"):
-        torch.func.jvp(lambda inp: out(m(inp)), (x,), (torch.ones_like(x),))
     if kind == "GRU":
         for change in (lambda y: y.relu_(), lambda y: y.add_(1.0)):
             y = out(m(x))

@@ -577,6 +577,72 @@ def test_double_backward_refuses_a_bias_changed_in_place(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode,reset_after", [("gru", True), ("gru", False), ("rnn_tanh", True), ("rnn_relu", True)])
+def test_forward_mode_and_second_derivatives_against_finite_differences(backend, mode, reset_after):
+    """rnnrec_fast.recurrence under forward mode (torch.func.jvp; torch.autograd.forward_ad, no_grad
+    or not) and second derivatives (hessian-vector products by jvp of grad, and grad of grad), which
+    run the op's torch operations, against central differences of the kernels themselves (float64,
+    eps 1e-6: truncation ~1e-12, rounding ~1e-10), with lengths, resets and NaN in x past each
+    row's length (never read: no NaN in any derivative). Before, a NotImplementedError."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(case_seed(backend, mode, str(reset_after), "forward mode"))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(5, 4, 3, 6, mode, True, "both", torch.float64, gen)
+    active = reference._active_mask(lengths, 5, 4, x.device)
+    x = x.masked_fill(~active, float("nan"))
+    primals = (x, h0, w_ih, w_hh, b_ih, b_hh)
+    tangents = tuple(torch.randn(p.shape, generator=gen, dtype=torch.float64).masked_fill(~active, 0.0)
+                     if p is x else torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in primals)
+
+    def f(*p):
+        return rnnrec_fast.recurrence(*p, lengths=lengths, resets=resets, mode=mode, reset_after=reset_after,
+                                      backend=backend)
+
+    def central(fn, eps=1e-6):
+        with torch.no_grad():
+            plus = fn(*[p + eps * t.nan_to_num() for p, t in zip(primals, tangents)])
+            minus = fn(*[p - eps * t.nan_to_num() for p, t in zip(primals, tangents)])
+        return [(a - b) / (2 * eps) for a, b in zip(plus, minus)]
+
+    out, tan = torch.func.jvp(f, primals, tangents)
+    assert rnnrec_fast.last_backend() == "reference"
+    want = central(f)
+    for got, w in zip(tan, want):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, f(*primals), rtol=1e-12, atol=1e-12)  # (the primal: the kernels' to rounding)
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        with grad_mode(), fwAD.dual_level():
+            duals = f(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+            for d, t in zip(duals, tan):
+                torch.testing.assert_close(fwAD.unpack_dual(d).tangent, t, rtol=1e-12, atol=1e-12)
+
+    # second derivatives of a scalar loss: the gradient (eager: the kernels' backward) differenced
+    cy = torch.randn(out[0].shape, generator=gen, dtype=torch.float64)
+    ch = torch.randn(out[1].shape, generator=gen, dtype=torch.float64)
+
+    def loss(*p):
+        y, h_n = f(*p)
+        return (y.sin() * cy).sum() + (h_n * ch).sum()
+
+    def grads(*p):
+        p = [t.detach().requires_grad_() for t in p]
+        with torch.enable_grad():
+            return torch.autograd.grad(loss(*p), p)
+
+    hvp = torch.func.jvp(torch.func.grad(loss, argnums=tuple(range(6))), primals, tangents)[1]
+    for got, w in zip(hvp, central(grads)):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    # grad of grad: d/dp <grad loss(p), v> = H v, the same product by reverse mode twice
+    tv = tuple(t.nan_to_num() for t in tangents)
+    gg = torch.func.grad(lambda *p: sum((g * v).sum() for g, v in zip(torch.func.grad(loss, argnums=tuple(range(6)))(*p), tv)),
+                         argnums=tuple(range(6)))(*primals)
+    for got, w in zip(gg, hvp):
+        torch.testing.assert_close(got, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_forward_mode_ad_of_bare_op_calls_is_refused(backend):
     """A bare torch.ops call of either op under torch.func.jvp / jacfwd or inside
     forward_ad.dual_level (no_grad or not), with a tangent on any tensor argument, raises. On the
@@ -817,11 +883,11 @@ def test_activations_to_a_few_ulp(backend, dtype):
     def ulp_error(got, x, exact):
         want = exact(x.double())
         # the spacing of |want| in dtype, computed in float64: 2^(e - 24) (float32) or 2^(e - 53) for
-        # |want| in [2^(e-1), 2^e). (np.spacing in float32 read 0 near 1e-38, 'inf ulp', in a process
-        # where a library had set the CPU's flush-to-zero modes: torch 2.4.1's inductor, compiled
-        # code loaded by earlier tests)
+        # |want| in [2^(e-1), 2^e). (np.spacing in float32, and torch.ldexp, whose power of two is
+        # a float32, read 0 near 1e-38, 'inf ulp', in a process whose compiled code had set the CPU's
+        # flush-to-zero modes: torch 2.4.1's inductor, run by earlier tests)
         _, e = torch.frexp(want.abs())
-        ulp = torch.ldexp(torch.ones_like(want), e - (24 if dtype == torch.float32 else 53))
+        ulp = torch.exp2((e - (24 if dtype == torch.float32 else 53)).to(torch.float64))
         err = (got.double() - want).abs() / ulp
         worst = int(err.argmax())
         return float(err.flatten()[worst]), float(x.flatten()[worst])
