@@ -811,16 +811,17 @@ def _reference_needed(tensors):
     """Whether a call on ``tensors`` needs derivatives the op's autograd does not give: a tangent on
     one of them (forward-mode AD: torch.func.jvp, jacfwd, torch.autograd.forward_ad), or torch.func
     transforms nested around it, two reverse ones (grad(grad(f)), jacrev(jacrev(f))) or a forward one
-    and a reverse one (hessian = jacfwd(jacrev(f)): inside the reverse level the tangents of the
-    forward one are not visible)."""
+    and a reverse one (hessian = jacfwd(jacrev(f)); also torch.func.grad inside a forward_ad
+    dual_level): inside a reverse level the tangents of a forward one are not visible, so such a
+    nesting counts whether or not a tangent reaches the call."""
+    forward = _forward_ad._current_level >= 0
     stack = torch._C._functorch.get_interpreter_stack()
     if stack:
         keys = [i.key() for i in stack]
         grads = keys.count(_TransformType.Grad)
-        if grads >= 2 or (grads and _TransformType.Jvp in keys):
+        if grads >= 2 or (grads and (forward or _TransformType.Jvp in keys)):
             return True
-    return _forward_ad._current_level >= 0 and any(
-        isinstance(t, torch.Tensor) and _tangent_of(t) is not None for t in tensors)
+    return forward and any(isinstance(t, torch.Tensor) and _tangent_of(t) is not None for t in tensors)
 
 
 def op_for(name, *tensors):

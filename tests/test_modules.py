@@ -1105,6 +1105,12 @@ def test_forward_mode_ad_matches_torch_nn_on_every_autograd_path(backend, kind):
         for grad_mode in (torch.no_grad, torch.enable_grad):
             with grad_mode(), fwAD.dual_level():
                 out.append(fwAD.unpack_dual(f(fwAD.make_dual(x, ones))).tangent)
+        # torch.func.grad inside a dual_level, the tangent on x (invisible inside the grad level: the
+        # call took the autograd function, whose jvp raised; from a review)
+        with fwAD.dual_level():
+            xd = fwAD.make_dual(x, ones)
+            g = torch.func.grad(lambda w: f(xd, {**params, w_hh: w}).square().sum())(params[w_hh])
+            out.append(fwAD.unpack_dual(g).tangent)
         return out
 
     with warnings.catch_warnings():
