@@ -247,16 +247,16 @@ def _check_length_values(lengths, T):
 
 
 def refuse_forward_ad(name, *tensors):
-    """Forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) is refused
-    where a tangent rides on one of ``tensors``: the op's autograd is reverse-mode only. The C++
-    registration (CPU tensors with the extension) raised torch's error for a C++ custom Function,
-    which names neither the op nor a way out; the Python one (CUDA tensors, and CPU without the
-    extension) calls the kernel without its autograd function where nothing requires grad (no_grad,
-    and every torch.func.jvp), which dropped the tangents: zeros, no error. A dual level with no
-    tangent on these tensors (forward AD elsewhere in the program) passes. The modules and
-    ``recurrence`` call this (their errors name them), and so does the Python registration's
-    Autograd kernel, for bare torch.ops calls: the tangents are visible down to the autograd key,
-    not below it (_register_reverse_mode_autograd)."""
+    """Forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) of a bare
+    torch.ops call is refused where a tangent rides on one of ``tensors``: the op's autograd is
+    reverse-mode only (the modules and ``recurrence`` run the op's torch operations there instead:
+    op_for). The Python registration's Autograd kernel calls this (CUDA tensors, and CPU without the
+    extension): torch.library's kernel calls the kernel without its autograd function where nothing
+    requires grad (no_grad, and every torch.func.jvp), which dropped the tangents: zeros, no error.
+    The tangents are visible down to the autograd key, not below it
+    (_register_reverse_mode_autograd). (The C++ registration, CPU tensors with the extension, raises
+    torch's error for a C++ custom Function.) A dual level with no tangent on these tensors (forward
+    AD elsewhere in the program) passes."""
     if _forward_ad._current_level < 0:
         return
     for t in tensors:
