@@ -257,11 +257,14 @@ def refuse_forward_ad(name, *tensors):
     (_register_reverse_mode_autograd). (The C++ registration, CPU tensors with the extension, raises
     torch's error for a C++ custom Function.) A dual level with no tangent on these tensors (forward
     AD elsewhere in the program) passes."""
-    if _forward_ad._current_level < 0:
-        return
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and _tangent_of(t) is not None:
-            raise _forward_ad_error(name)
+    if _has_tangent(tensors):
+        raise _forward_ad_error(name)
+
+
+def _has_tangent(tensors):
+    """Whether a forward-mode tangent rides on one of ``tensors`` (none outside a dual level)."""
+    return _forward_ad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _tangent_of(t) is not None for t in tensors)
 
 
 def _tangent_of(t):
@@ -814,14 +817,13 @@ def _reference_needed(tensors):
     and a reverse one (hessian = jacfwd(jacrev(f)); also torch.func.grad inside a forward_ad
     dual_level): inside a reverse level the tangents of a forward one are not visible, so such a
     nesting counts whether or not a tangent reaches the call."""
-    forward = _forward_ad._current_level >= 0
     stack = torch._C._functorch.get_interpreter_stack()
     if stack:
         keys = [i.key() for i in stack]
         grads = keys.count(_TransformType.Grad)
-        if grads >= 2 or (grads and (forward or _TransformType.Jvp in keys)):
+        if grads >= 2 or (grads and (_forward_ad._current_level >= 0 or _TransformType.Jvp in keys)):
             return True
-    return forward and any(isinstance(t, torch.Tensor) and _tangent_of(t) is not None for t in tensors)
+    return _has_tangent(tensors)
 
 
 def op_for(name, *tensors):
