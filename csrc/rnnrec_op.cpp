@@ -14,7 +14,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <tuple>
 
 namespace rnnrec {
@@ -125,6 +127,23 @@ std::string py_repr(c10::string_view s) {
 // shrunk after the tensor was made would be read past its end).
 void check_memory(const char* name, const at::Tensor& t) {
   check_within_storage("rnnrec_fast.recurrence: ", name, t);
+}
+
+// Mirrors ops.check_tensor_args: a None given for a tensor arrives as an undefined tensor, which
+// the checks below would read as empty ("got torch.UNKNOWN_SCALAR (0,)") and at which torch's
+// autograd stopped with "tensor does not have a device", naming nothing. Every kernel (the
+// autograd ones first) calls it.
+void check_given(std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  for (const auto& a : args)
+    TORCH_CHECK_TYPE(a.second->defined(), "rnnrec_fast.recurrence: ", a.first, " must be a tensor, got None");
+}
+void check_given_fwd(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  check_given({{"x", &x}, {"w_ih", &w_ih}, {"w_hh", &w_hh}});
+}
+void check_given_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y, const at::Tensor& ws) {
+  check_given_fwd(x, w_ih, w_hh);
+  check_given({{"grad_output", &grad_y}, {"grad_h_n", &grad_h_n}, {"output", &y}, {"workspace", &ws}});
 }
 
 // Mirrors ops._check_inputs; returns the mode index.
@@ -266,6 +285,7 @@ Opt held(const Opt& t) { return has(t) ? Opt(t->variable_data()) : t; }
 Fwd recurrence_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih_arg, const at::Tensor& w_hh_arg,
                    const Opt& b_ih_arg, const Opt& b_hh_arg, const Opt& lengths, const Opt& resets,
                    c10::string_view mode, bool reset_after, c10::string_view backend) {
+  check_given_fwd(x, w_ih_arg, w_hh_arg);
   if (!is_cpp(backend, x)) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("rnnrec_fast::recurrence_py", "")
@@ -287,6 +307,7 @@ Bwd recurrence_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n
                             const Opt& b_ih_arg, const Opt& b_hh_arg, const Opt& lengths, const Opt& resets,
                             const at::Tensor& y, const at::Tensor& ws, c10::string_view mode,
                             bool reset_after, c10::string_view backend) {
+  check_given_bwd(grad_y, grad_h_n, x, w_ih_arg, w_hh_arg, y, ws);
   if (!is_cpp(backend, x)) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("rnnrec_fast::recurrence_backward_py", "")
@@ -452,6 +473,7 @@ Bwd recurrence_backward_autograd(const at::Tensor& grad_y, const at::Tensor& gra
                                  const Opt& b_hh, const Opt& lengths, const Opt& resets, const at::Tensor& y,
                                  const at::Tensor& ws, c10::string_view mode, bool reset_after,
                                  c10::string_view backend) {
+  check_given_bwd(grad_y, grad_h_n, x, w_ih, w_hh, y, ws);
   auto o = RecurrenceBackwardFn::apply(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws,
                                        mode, reset_after, backend);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
@@ -460,6 +482,7 @@ Bwd recurrence_backward_autograd(const at::Tensor& grad_y, const at::Tensor& gra
 Fwd recurrence_autograd_cpu(const at::Tensor& x, const Opt& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const Opt& b_ih, const Opt& b_hh, const Opt& lengths, const Opt& resets,
                             c10::string_view mode, bool reset_after, c10::string_view backend) {
+  check_given_fwd(x, w_ih, w_hh);
   at::Tensor ws;
   auto out = RecurrenceFn::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend, &ws);
   return {out[0], out[1], ws};

@@ -140,8 +140,23 @@ def sizes_differ(a, b):
     return _surely(a != b)
 
 
+def check_tensor_args(where, required=(), optional=()):
+    """A None (or any other object) where the op wants a tensor: a TypeError naming the argument.
+    ``required`` and ``optional`` are (name, value) pairs; an optional one may be None. Through the
+    dispatcher a None for a tensor becomes an undefined tensor, at which torch's autograd stopped
+    with "tensor does not have a device" and the Python kernels' checks with an AttributeError."""
+    for name, t in required:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {'None' if t is None else type(t).__name__}")
+    for name, t in optional:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor or None, got {type(t).__name__}")
+
+
 def _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode):
-    """Checks ranks, sizes, dtypes and devices; returns (mode index, workspace width)."""
+    """Checks types, ranks, sizes, dtypes and devices; returns (mode index, workspace width)."""
+    check_tensor_args("rnnrec_fast.recurrence", (("x", x), ("w_ih", w_ih), ("w_hh", w_hh)),
+                      (("h0", h0), ("b_ih", b_ih), ("b_hh", b_hh), ("lengths", lengths), ("resets", resets)))
     gates = _GATES.get(mode)
     if gates is None:
         _fail(f"mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -224,13 +239,13 @@ def _workspace_dtype(dtype):
 def _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, H, width):
     """The backward's own arguments: the output's gradient and the forward's saved output and
     workspace, as the forward made them for x (the kernels read them by shape, unchecked)."""
+    check_tensor_args("rnnrec_fast.recurrence", (("grad_output", grad_output), ("grad_h_n", grad_h_n),
+                                                 ("output", output), ("workspace", workspace)))
     T, B, _ = x.shape
     for name, t, shape, dtype in (("grad_output", grad_output, (T, B, H), x.dtype),
                                   ("grad_h_n", grad_h_n, (B, H), x.dtype),
                                   ("output", output, (T, B, H), x.dtype),
                                   ("workspace", workspace, (T, B, width), _workspace_dtype(x.dtype))):
-        if not isinstance(t, torch.Tensor):
-            _fail(f"{name} must be a tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape or t.dtype != dtype:
             _fail(f"{name} must be a {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
         if t.device != x.device:
@@ -939,11 +954,8 @@ def recurrence(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, resets=
     Returns:
         ``(output (T, B, H), h_n (B, H))``.
     """
-    for name, t, optional in (("x", x, False), ("h0", h0, True), ("w_ih", w_ih, False), ("w_hh", w_hh, False),
-                              ("b_ih", b_ih, True), ("b_hh", b_hh, True)):
-        if not (isinstance(t, torch.Tensor) or (optional and t is None)):
-            raise TypeError(f"rnnrec_fast.recurrence: {name} must be a tensor{' or None' if optional else ''}, "
-                            f"got {type(t).__name__}")
+    check_tensor_args("rnnrec_fast.recurrence", (("x", x), ("w_ih", w_ih), ("w_hh", w_hh)),
+                      (("h0", h0), ("b_ih", b_ih), ("b_hh", b_hh)))
     if lengths is not None:
         lengths = as_index_tensor("rnnrec_fast.recurrence", "lengths", lengths, x.device)
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:

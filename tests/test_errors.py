@@ -1,4 +1,5 @@
 """Bad input raises a clear ValueError / TypeError / RuntimeError naming the problem, never a crash."""
+import contextlib
 import os
 import threading
 
@@ -153,6 +154,36 @@ def test_op_arguments_that_are_not_tensors_are_named(which):
     args[which] = [1.0] if which in ("b_ih", "h0", "x") else None
     with pytest.raises(TypeError, match=f"{which} must be a tensor"):
         rnnrec_fast.recurrence(**args)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bare_op_calls_name_a_tensor_given_as_none(backend, mode):
+    """torch.ops calls of both ops with None for each tensor they require: a TypeError naming it,
+    from the autograd kernels and the kernels below them alike, on every backend (it was torch's
+    'tensor does not have a device' through autograd, an AttributeError from the Python kernels,
+    and 'grad_output must be a torch.float32 tensor of shape (3, 2, 5), got torch.UNKNOWN_SCALAR
+    (0,)' below autograd)."""
+    T, B, I, H = 3, 2, 4, 5
+    w = dict(x=torch.randn(T, B, I), h0=torch.randn(B, H), w_ih=torch.randn(3 * H, I), w_hh=torch.randn(3 * H, H))
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(w["x"], w["h0"], w["w_ih"], w["w_hh"], None, None, None, None,
+                                                  "gru", True, backend)
+    if mode == "grad":
+        w = {k: v.clone().requires_grad_() for k, v in w.items()}
+    ctx = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    fwd = dict(w)
+    bwd = dict(grad_output=torch.randn(T, B, H), grad_h_n=torch.randn(B, H), **w, output=y, workspace=ws)
+    for name in ("x", "w_ih", "w_hh"):
+        a = {**fwd, name: None}
+        with ctx(), pytest.raises(TypeError, match=f"^rnnrec_fast.recurrence: {name} must be a tensor, got None$"):
+            torch.ops.rnnrec_fast.recurrence(a["x"], a["h0"], a["w_ih"], a["w_hh"], None, None, None, None, "gru",
+                                             True, backend)
+    for name in ("grad_output", "grad_h_n", "x", "w_ih", "w_hh", "output", "workspace"):
+        a = {**bwd, name: None}
+        with ctx(), pytest.raises(TypeError, match=f"^rnnrec_fast.recurrence: {name} must be a tensor, got None$"):
+            torch.ops.rnnrec_fast.recurrence_backward(a["grad_output"], a["grad_h_n"], a["x"], a["h0"], a["w_ih"],
+                                                      a["w_hh"], None, None, None, None, a["output"],
+                                                      a["workspace"], "gru", True, backend)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])

@@ -63,6 +63,26 @@ for m in (ours, ref):
 for g, want in zip(*second):
     torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 print("gradients ok")
+# a None for a tensor either op requires: a TypeError naming it, through the Python autograd
+# registrations and kernels (an AttributeError from the kernels' checks before)
+xt, wi, wh = x.transpose(0, 1), ours.weight_ih_l0, ours.weight_hh_l0
+y0, hn0, ws0 = torch.ops.rnnrec_fast.recurrence(xt, None, wi, wh, None, None, None, None, "gru", True, "auto")
+fwd = dict(x=xt, w_ih=wi, w_hh=wh)
+bwd = dict(grad_output=torch.ones_like(y0), grad_h_n=torch.zeros_like(hn0), **fwd, output=y0, workspace=ws0)
+for op, given, names in ((torch.ops.rnnrec_fast.recurrence, fwd, ("x", "w_ih", "w_hh")),
+                         (torch.ops.rnnrec_fast.recurrence_backward, bwd, tuple(bwd))):
+    for name in names:
+        a = {{**given, name: None}}
+        args = ((a["x"], None, a["w_ih"], a["w_hh"], None, None, None, None) if op is torch.ops.rnnrec_fast.recurrence
+                else (a["grad_output"], a["grad_h_n"], a["x"], None, a["w_ih"], a["w_hh"], None, None, None, None,
+                      a["output"], a["workspace"]))
+        try:
+            op(*args, "gru", True, "auto")
+        except TypeError as e:
+            assert f"rnnrec_fast.recurrence: {{name}} must be a tensor, got None" == str(e), e
+        else:
+            raise AssertionError(f"{{op}}: {{name}} None passed")
+print("None refused")
 """
 
 
@@ -76,6 +96,7 @@ def test_works_without_extension(block_numba, expected, exc):
     assert "'cpp' backend is not available" in out.stdout
     assert f"backend {expected} {expected}" in out.stdout
     assert "gradients ok" in out.stdout
+    assert "None refused" in out.stdout
 
 
 # the extension blocked before anything imports it (a script's start, or a sitecustomize.py)
