@@ -385,6 +385,39 @@ def test_compile_of_vmap_over_a_module(kind):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # (GRU: the (output, h_n) pair)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian", "grad_of_grad"])
+def test_torch_func_transforms_of_a_compiled_module(transform):
+    """torch.func's forward-mode and second-order transforms of a compiled module (jvp, jacfwd,
+    hessian, grad(grad(f))): torch.nn's answers (the same transform of the eager torch.nn twin).
+    (Inside a compiled function, torch.compile(jvp(f)), they fail: the README says so.)"""
+    torch.manual_seed(0)
+    module = rnnrec_fast.GRU(4, 5, batch_first=True).double()
+    twin = rnnrec_fast.to_torch(module)
+    x, t = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def apply(m, compiled):
+        torch._dynamo.reset()
+        f = (lambda x: m(x)[0]) if transform in ("jvp", "jacfwd") else (lambda x: m(x)[0].square().sum())
+        f = torch.compile(f, backend="aot_eager") if compiled else f
+        if transform == "jvp":
+            return torch.func.jvp(f, (x,), (t,))
+        if transform == "jacfwd":
+            return torch.func.jacfwd(f)(x)
+        if transform == "hessian":
+            return torch.func.hessian(f)(x)
+        return torch.func.grad(lambda x: torch.func.grad(f)(x).sin().sum())(x)
+
+    try:
+        apply(twin, compiled=True)
+    except Exception as e:  # noqa: BLE001 - whatever this torch raises there
+        pytest.skip(f"this torch cannot run {transform} of a compiled torch.nn.GRU: {type(e).__name__}")
+    expected = apply(twin, compiled=False)
+    got = apply(module, compiled=True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert rnnrec_fast.last_backend() == "reference"  # (derivatives the op's autograd does not give)
+
+
 def _skip_unless_torch_loads_aoti_packages(tmp_path, env):
     """Skips the test where this torch cannot load an AOTInductor package of torch.nn.Linear in a
     fresh process either (torch 2.10's aoti_load_package there: "module 'torch._inductor' has no
