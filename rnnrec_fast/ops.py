@@ -102,12 +102,22 @@ def _fail(msg):
     raise ValueError(f"rnnrec_fast.recurrence: {msg}")
 
 
-try:  # torch >= 2.7: False, with no guard, where the answer depends on an unbacked size
-    from torch.fx.experimental.symbolic_shapes import guard_or_false as _surely
-except ImportError:  # torch 2.4-2.6: an unbacked size taken as >= 2 (a size-oblivious guard). (Not
-    # bool(expr) beside free_unbacked_symbols: their dynamo refuses bool() of a symbolic value and
-    # did not see an unbacked size through it.)
-    from torch.fx.experimental.symbolic_shapes import guard_size_oblivious as _surely
+# torch >= 2.7: guard_or_false, False with no guard where the answer depends on an unbacked size;
+# torch 2.4-2.6: guard_size_oblivious, an unbacked size taken as >= 2. (Not bool(expr) beside
+# free_unbacked_symbols: their dynamo refuses bool() of a symbolic value and did not see an unbacked
+# size through it.)
+_GUARD_OR_FALSE = torch.__version__ >= (2, 7)
+
+
+def _surely(cond):
+    """cond (a bool, or a SymBool of symbolic sizes) where it surely holds. A plain bool is itself;
+    a SymBool comes from torch's symbolic shapes, whose module is imported by then: read there at
+    the call, not imported with the package (it imports sympy: ~0.28 s of `import rnnrec_fast`'s
+    ~0.3 s beyond torch's own, on the Intel Xeon VM)."""
+    if not torch.compiler.is_compiling() and isinstance(cond, bool):  # (traced, isinstance guarded on cond)
+        return cond
+    shapes = torch.fx.experimental.symbolic_shapes
+    return shapes.guard_or_false(cond) if _GUARD_OR_FALSE else shapes.guard_size_oblivious(cond)
 
 
 def is_zero(n):

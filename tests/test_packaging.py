@@ -112,3 +112,16 @@ def test_a_machine_without_a_compiler_installs_the_package_without_its_extension
                          timeout=600, env=dict(os.environ, PYTHONPATH=path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() in ("numba", "reference") and "'cpp' backend is not available" in run.stderr
+
+
+def test_import_leaves_sympy_alone():
+    """`import rnnrec_fast` (and a module's eager call) does not import torch's symbolic shapes,
+    which import sympy: ~0.28 s, nine tenths of the package's import time beyond torch's own; the
+    size checks read that module only where symbolic sizes exist (ops._surely)."""
+    code = ("import sys, torch, rnnrec_fast\n"
+            "rnnrec_fast.recurrence(torch.randn(2, 1, 3), None, torch.randn(12, 3), torch.randn(12, 4))\n"
+            "rnnrec_fast.GRU(3, 4)(torch.randn(2, 1, 3))\n"
+            "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
