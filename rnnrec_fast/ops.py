@@ -853,12 +853,15 @@ def _reference_needed(tensors):
 
 def op_for(name, *tensors):
     """The recurrence op a module or ``recurrence`` calls with ``tensors``:
-    ``torch.ops.rnnrec_fast.recurrence.default`` (always while compiling: dynamo traces the op);
+    ``torch.ops.rnnrec_fast.recurrence.default`` (while compiling, dynamo traces the op; but where a
+    tangent reaches the call, torch.compile(jvp(f)) and jacfwd, whose tangents dynamo traces: there
+    the nestings that _reference_needed reads from torch.func's interpreter stack, which dynamo does
+    not trace, are not seen);
     _reference_op, the op in torch operations, where a derivative its autograd does not give is
     wanted (_reference_needed: forward mode, nested reverse transforms); or while one of torch.func's
     autograd-based transforms is active, the autograd function above, which they run."""
     if torch.compiler.is_compiling():
-        return torch.ops.rnnrec_fast.recurrence.default
+        return _reference_op if _has_tangent(tensors) else torch.ops.rnnrec_fast.recurrence.default
     if _reference_needed(tensors):
         return _reference_op
     return _func_recurrence if _grad_transform_active(name) else torch.ops.rnnrec_fast.recurrence.default

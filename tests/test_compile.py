@@ -385,32 +385,41 @@ def test_compile_of_vmap_over_a_module(kind):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # (GRU: the (output, h_n) pair)
 
 
-@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian", "grad_of_grad"])
-def test_torch_func_transforms_of_a_compiled_module(transform):
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian", "grad_of_grad", "compiled_jvp",
+                                       "compiled_jacfwd"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_torch_func_transforms_of_a_compiled_module(kind, transform):
     """torch.func's forward-mode and second-order transforms of a compiled module (jvp, jacfwd,
-    hessian, grad(grad(f))): torch.nn's answers (the same transform of the eager torch.nn twin).
-    (Inside a compiled function, torch.compile(jvp(f)), they fail: the README says so.)"""
+    hessian, grad(grad(f))), and jvp / jacfwd inside a compiled function (where a tangent reaches
+    the module, traced: ops.op_for takes the op's torch operations): torch.nn's answers (the same
+    transform of the eager torch.nn twin). (hessian and grad inside a compiled function fail, and a
+    dual tensor given to a compiled module, as for torch.nn.Linear: the README says so.)"""
     torch.manual_seed(0)
-    module = rnnrec_fast.GRU(4, 5, batch_first=True).double()
+    module = getattr(rnnrec_fast, kind)(4, 5, **({"batch_first": True} if kind == "GRU" else {})).double()
     twin = rnnrec_fast.to_torch(module)
-    x, t = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    shape = (2, 3, 4) if kind == "GRU" else (2, 4)
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
 
     def apply(m, compiled):
         torch._dynamo.reset()
-        f = (lambda x: m(x)[0]) if transform in ("jvp", "jacfwd") else (lambda x: m(x)[0].square().sum())
-        f = torch.compile(f, backend="aot_eager") if compiled else f
-        if transform == "jvp":
-            return torch.func.jvp(f, (x,), (t,))
-        if transform == "jacfwd":
-            return torch.func.jacfwd(f)(x)
-        if transform == "hessian":
-            return torch.func.hessian(f)(x)
-        return torch.func.grad(lambda x: torch.func.grad(f)(x).sin().sum())(x)
+        out = (lambda x: m(x)[0]) if kind == "GRU" else m
+        f = out if "jvp" in transform or "jacfwd" in transform else (lambda x: out(x).square().sum())
+        inside = transform.startswith("compiled_")
+        f = torch.compile(f, backend="aot_eager") if compiled and not inside else f
+        if transform.endswith("jvp"):
+            g = lambda x, t: torch.func.jvp(f, (x,), (t,))  # noqa: E731
+        elif transform.endswith("jacfwd"):
+            g = lambda x, t: torch.func.jacfwd(f)(x)  # noqa: E731
+        elif transform == "hessian":
+            g = lambda x, t: torch.func.hessian(f)(x)  # noqa: E731
+        else:
+            g = lambda x, t: torch.func.grad(lambda x: torch.func.grad(f)(x).sin().sum())(x)  # noqa: E731
+        return (torch.compile(g, backend="aot_eager") if compiled and inside else g)(x, t)
 
     try:
         apply(twin, compiled=True)
     except Exception as e:  # noqa: BLE001 - whatever this torch raises there
-        pytest.skip(f"this torch cannot run {transform} of a compiled torch.nn.GRU: {type(e).__name__}")
+        pytest.skip(f"this torch cannot run {transform} of a compiled torch.nn.{kind}: {type(e).__name__}")
     expected = apply(twin, compiled=False)
     got = apply(module, compiled=True)
     torch._dynamo.reset()
