@@ -114,7 +114,7 @@ def _surely(cond):
     a SymBool comes from torch's symbolic shapes, whose module is imported by then: read there at
     the call, not imported with the package (it imports sympy: ~0.28 s of `import rnnrec_fast`'s
     ~0.3 s beyond torch's own, on the Intel Xeon VM)."""
-    if not torch.compiler.is_compiling() and isinstance(cond, bool):  # (traced, isinstance guarded on cond)
+    if not torch.compiler.is_compiling() and isinstance(cond, bool):  # (dynamo's isinstance guards on a SymBool)
         return cond
     shapes = torch.fx.experimental.symbolic_shapes
     return shapes.guard_or_false(cond) if _GUARD_OR_FALSE else shapes.guard_size_oblivious(cond)
@@ -853,10 +853,10 @@ def _reference_needed(tensors):
 
 def op_for(name, *tensors):
     """The recurrence op a module or ``recurrence`` calls with ``tensors``:
-    ``torch.ops.rnnrec_fast.recurrence.default`` (while compiling, dynamo traces the op; but where a
-    tangent reaches the call, torch.compile(jvp(f)) and jacfwd, whose tangents dynamo traces: there
-    the nestings that _reference_needed reads from torch.func's interpreter stack, which dynamo does
-    not trace, are not seen);
+    ``torch.ops.rnnrec_fast.recurrence.default`` (while compiling too: dynamo traces the op, but
+    where a tangent reaches the call, as in torch.compile(jvp(f)) or jacfwd, which dynamo traces,
+    it takes _reference_op; the nestings that _reference_needed reads from torch.func's interpreter
+    stack, which dynamo cannot trace, are not looked for there);
     _reference_op, the op in torch operations, where a derivative its autograd does not give is
     wanted (_reference_needed: forward mode, nested reverse transforms); or while one of torch.func's
     autograd-based transforms is active, the autograd function above, which they run."""
