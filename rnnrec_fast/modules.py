@@ -242,15 +242,16 @@ class _PyInferPlan:
         # the outputs: torch tensors (inference tensors under inference_mode, as torch.nn's), the
         # kernels writing into their NumPy views; the last layer's y is written in the layout
         # returned where (T, B, H) and (B, T, H) order the memory alike (T = 1 or B = 1)
-        h_n = torch.empty((B, H) if cell else (L, B, H), dtype=dt)
+        # (on the CPU, as the inputs: not a default device that torch.set_default_device set)
+        h_n = torch.empty((B, H) if cell else (L, B, H), dtype=dt, device="cpu")
         hv = h_n.numpy()
         y = yv = None
         if not cell:
             if bf and (T == 1 or B == 1):
-                y = torch.empty(B, T, H, dtype=dt)
+                y = torch.empty(B, T, H, dtype=dt, device="cpu")
                 yv = y.numpy().reshape(T, B, H)
             else:
-                y = torch.empty(T, B, H, dtype=dt)
+                y = torch.empty(T, B, H, dtype=dt, device="cpu")
                 yv = y.numpy()
         layers = [tuple(arrays[l * per:(l + 1) * per]) + ((None, None) if per == 2 else ()) for l in range(L)]
         h0 = [None] * L if h is None else [h] if cell else h
@@ -1045,7 +1046,7 @@ def _packed_rows(batch_sizes, sorted_indices, T, B, device):
     order, ``batch_sizes[t]`` of them): the original batch order where ``sorted_indices`` is given,
     the sorted one where it is None; and the (T, B) mask of the live entries of the sorted batch
     (CPU, as batch_sizes)."""
-    live = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B) on the CPU, as batch_sizes
+    live = torch.arange(B, device=batch_sizes.device).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B) on the CPU
     if sorted_indices is None:  # (t * B + j: the live entries' places, in order)
         return live.view(-1).nonzero().view(-1).to(device), live
     rows = torch.arange(T, device=device).unsqueeze(1) * B + sorted_indices.to(device).unsqueeze(0)  # (T, B): step t, j-th sorted row
@@ -1473,7 +1474,9 @@ def _twin(module, cls, **extra):
     """A ``cls`` with ``module``'s configuration, parameters (the same Parameter objects: ``module``
     is _convert_tree's deep copy), mode, hooks and attributes of its own (those that neither
     class's modules have: a user's)."""
-    p = next(module.parameters())
+    p = next(module.parameters(), None)
+    if p is None:  # (every weight a plain tensor)
+        p = next(v for v in vars(module).values() if isinstance(v, torch.Tensor))
     kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype, **extra)
     if hasattr(module, "num_layers"):  # the sequence modules
         kwargs.update(num_layers=module.num_layers, batch_first=module.batch_first, dropout=module.dropout,
@@ -1485,12 +1488,28 @@ def _twin(module, cls, **extra):
         mode = _OP_MODES.get(mode) if isinstance(mode, str) else None
         kwargs["nonlinearity"] = mode[4:] if mode in ("rnn_tanh", "rnn_relu") else module.nonlinearity
     twin = cls(module.input_size, module.hidden_size, **kwargs)
-    for pname, p in module.named_parameters(recurse=False):  # (frozen ones stay frozen, tied ones tied)
-        setattr(twin, pname, p)
+    # The weights as the module holds them (frozen ones stay frozen, tied ones tied): every name of
+    # its _parameters (named_parameters lists a Parameter tied under two names once: the other
+    # name kept the twin's random weight), and a weight it holds as a plain tensor (deleted and set
+    # again, as WeightDrop does), or not at all, loses the twin's Parameter of that name first, as
+    # `del` did on the module (a plain tensor set over a Parameter is refused: torch's TypeError)
+    plain = [name for name in twin._parameters if name not in module._parameters]
+    for name in plain:
+        delattr(twin, name)
+    for name, p in module._parameters.items():
+        setattr(twin, name, p)
+    for name in plain:
+        if name in module.__dict__:
+            setattr(twin, name, module.__dict__[name])
+    # buffers and submodules a user registered on it (neither class's modules have any of their own)
+    for name, b in module._buffers.items():
+        twin.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
+    for name, child in module._modules.items():
+        twin.add_module(name, child)
     own = _standard_attributes(type(module)) | _standard_attributes(cls)
     for key, value in module.__dict__.items():
         # the hooks (forward, backward, state_dict's; their dicts are every module's) and the rest
-        if "_hook" in key or key not in own:
+        if ("_hook" in key or key not in own) and key not in plain:
             twin.__dict__[key] = value
     twin.train(module.training)
     return twin

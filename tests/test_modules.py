@@ -759,6 +759,85 @@ def test_from_torch_keeps_frozen_weights_frozen():
         {n: p.requires_grad for n, p in ref.named_parameters()}
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_cpu_modules_run_while_another_default_device_is_set(backend):
+    """CPU modules called while torch.set_default_device names another device ('meta' standing
+    for 'cuda' here): what torch.nn computes. Scratch and outputs made without a device went there:
+    the numba inference path raised "can't convert meta device type tensor to numpy", the packed
+    rows of a multi-layer training-mode call with dropout "not on the expected device meta"."""
+    torch.manual_seed(case_seed(backend))
+    x = torch.randn(7, 3, 5)
+    lengths = torch.tensor([7, 5, 2])
+    gru = rnnrec_fast.GRU(5, 16, num_layers=2, dropout=0.2, backend=backend)
+    cell = rnnrec_fast.GRUCell(5, 16, backend=backend)
+    rnn = rnnrec_fast.RNN(5, 16, nonlinearity="relu", backend=backend)
+    calls = {
+        "gru eval no_grad": lambda: gru.eval()(x)[0],
+        "cell no_grad": lambda: cell(x[0]),
+        "rnn inference": lambda: rnn(x)[1],
+        "gru packed, training-mode dropout": lambda: gru.train()(pack_padded_sequence(x, lengths))[0].data,
+        "op backward": lambda: torch.autograd.grad(rnn(x.requires_grad_())[0].sum(), [x] + list(rnn.parameters())),
+    }
+    for name, call in calls.items():
+        modes = [torch.inference_mode] if name == "rnn inference" else [torch.no_grad] if "no_grad" in name \
+            else [torch.enable_grad]
+        with modes[0]():
+            torch.manual_seed(1)
+            want = call()
+            torch.set_default_device("meta")
+            try:
+                torch.manual_seed(1)
+                got = call()
+            finally:
+                torch.set_default_device(None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        x.requires_grad_(False)
+
+
+@pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
+@pytest.mark.parametrize("case", ["tied_in_one_module", "plain_tensor_weight", "buffer_and_child"])
+def test_conversion_keeps_a_modules_own_weight_layout_buffers_and_children(direction, case):
+    """A weight tied under two names of one module stays one Parameter (named_parameters lists it
+    once: the second name kept the twin's random weight, wrong outputs), a weight held as a plain
+    tensor (deleted and set again, as WeightDrop does) stays a plain tensor that can be set again
+    (the twin kept a random Parameter of that name too: wrong outputs, an extra state_dict key,
+    torch's TypeError at the next assignment), and buffers and submodules registered on it are kept
+    (they were dropped); the converted module computes what the original does."""
+    torch.manual_seed(case_seed(direction, case))
+    src_lib = nn if direction == "from_torch" else rnnrec_fast
+    convert = getattr(rnnrec_fast, direction)
+    x = torch.randn(5, 2, 6)
+    m = src_lib.GRU(6, 6, num_layers=2)
+    if case == "tied_in_one_module":
+        m.weight_hh_l1 = m.weight_hh_l0
+        m.weight_ih_l1 = m.weight_hh_l0
+    elif case == "plain_tensor_weight":
+        w = m.weight_hh_l0.detach() * 0.5
+        del m.weight_hh_l0
+        m.weight_hh_l0 = w
+    else:
+        m.register_buffer("step", torch.tensor(7))
+        m.register_buffer("scratch", torch.ones(3), persistent=False)
+        m.adapter = nn.Linear(6, 2)
+    c = convert(m)
+    assert type(c).__module__ != type(m).__module__
+    assert list(c.state_dict()) == list(m.state_dict())
+    for (name, got), want in zip(c.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(got, want), name
+    torch.testing.assert_close(c(x)[0], m(x)[0], rtol=1e-5, atol=1e-6)
+    if case == "tied_in_one_module":
+        assert c.weight_hh_l1 is c.weight_hh_l0 and c.weight_ih_l1 is c.weight_hh_l0
+        assert len(list(c.parameters())) == len(list(m.parameters()))
+    elif case == "plain_tensor_weight":
+        assert "weight_hh_l0" not in c._parameters and not isinstance(c.weight_hh_l0, nn.Parameter)
+        for mod in (m, c):
+            mod.weight_hh_l0 = w * 2  # (a WeightDrop's step)
+        torch.testing.assert_close(c(x)[0], m(x)[0], rtol=1e-5, atol=1e-6)
+    else:
+        assert set(dict(c.named_buffers())) == {"step", "scratch"} and c.adapter is not m.adapter
+        assert "scratch" not in c.state_dict()
+
+
 def test_from_torch_and_to_torch_keep_shared_modules_tied_weights_hooks_and_attributes():
     """Converting a model keeps its structure as a deep copy does: a module held in two places
     stays one module (the second place was left a torch.nn module), a weight tied between a GRU and

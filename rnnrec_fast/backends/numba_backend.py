@@ -160,9 +160,9 @@ def _forward_cpu(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_aft
     T, B, _ = x.shape
     H = h0.shape[1]
     dt = x.dtype
-    y = torch.empty(T, B, H, dtype=dt)
-    h_n = torch.empty(B, H, dtype=dt)
-    ws = torch.empty(T, B, 4 * H if mode == MODE_GRU else 0, dtype=dt)  # gru: [r, z, n, hn]
+    y = torch.empty(T, B, H, dtype=dt, device="cpu")  # (the CPU by name: the kernels write NumPy views)
+    h_n = torch.empty(B, H, dtype=dt, device="cpu")
+    ws = torch.empty(T, B, 4 * H if mode == MODE_GRU else 0, dtype=dt, device="cpu")  # gru: [r, z, n, hn]
     run_cpu(x.numpy(), h0.numpy(), w_ih.numpy(), w_hh.numpy(), None if b_ih is None else _np(b_ih),
             None if b_hh is None else _np(b_hh), None if lengths is None else _np(lengths.to(torch.int64)),
             None if resets is None else _np(resets.to(torch.bool)), mode, reset_after, y.numpy(), h_n.numpy(),
@@ -290,10 +290,10 @@ def backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y
         H = h0.shape[1]
         GH = w_hh.shape[0]
         split = mode == MODE_GRU and not reset_after
-        d_gx = torch.empty(T, B, GH, dtype=x.dtype)
-        d_gh = torch.empty(T, B, GH, dtype=x.dtype)
-        h_in = torch.empty(T, B, H, dtype=x.dtype) if split else None
-        grad_h0 = torch.empty(B, H, dtype=x.dtype)
+        d_gx = torch.empty(T, B, GH, dtype=x.dtype, device="cpu")
+        d_gh = torch.empty(T, B, GH, dtype=x.dtype, device="cpu")
+        h_in = torch.empty(T, B, H, dtype=x.dtype, device="cpu") if split else None
+        grad_h0 = torch.empty(B, H, dtype=x.dtype, device="cpu")
         lens = np.full(B, T, np.int64) if lengths is None else _np(lengths.to(torch.int64))
         rst = None if resets is None else _np(resets.to(torch.bool))
         if T > 1 and not split and numba_cpu.blas_steps(B, H, mode, reset_after):  # each step's product by BLAS

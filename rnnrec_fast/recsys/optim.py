@@ -86,7 +86,7 @@ class AdagradM(Optimizer):
             return False
         if "scratch" not in st:
             st["scratch"] = torch.zeros_like(p)
-            st["seen"] = torch.zeros(p.shape[0], dtype=torch.bool)
+            st["seen"] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
         idx = g._indices()[0].contiguous().numpy()
         val = g._values().contiguous().numpy()
         mom = st["mom"].numpy() if momentum > 0 else st["acc"].numpy()

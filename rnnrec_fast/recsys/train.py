@@ -166,7 +166,7 @@ class NegativeSampler:
         total = p.sum()
         if not (np.isfinite(total) and total > 0):
             raise RecsysError(f"cannot sample negatives: no item has a positive weight support^{alpha}")
-        self.cdf = torch.tensor(np.cumsum(p) / total, dtype=torch.float64)
+        self.cdf = torch.tensor(np.cumsum(p) / total, dtype=torch.float64, device="cpu")  # (as the generator)
         self.cdf[-1] = 1.0
         self.n_sample = n_sample
         self.gen = generator
@@ -176,7 +176,7 @@ class NegativeSampler:
         self._ptr = 0
 
     def _refill(self):
-        u = torch.rand(self.batches * self.n_sample, generator=self.gen, dtype=torch.float64)
+        u = torch.rand(self.batches * self.n_sample, generator=self.gen, dtype=torch.float64, device="cpu")
         idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=len(self.cdf) - 1)
         self._cache = idx.view(self.batches, self.n_sample).to(self.device)
         self._ptr = 0

@@ -228,7 +228,7 @@ class FastGRU4Rec:
     def _numba_layers(self, x, h):
         """Every layer's step on numba's CPU kernels: x (1, B, I) and h (L, B, H) NumPy arrays ->
         the new state, a (L, B, H) tensor."""
-        out = torch.empty(h.shape, dtype=self.Wy.dtype)
+        out = torch.empty(h.shape, dtype=self.Wy.dtype, device="cpu")
         self.run_numba(x, h, self.np_layers, _GRU, self.reset_after, out.numpy())
         ops._set_last("numba")
         return out
