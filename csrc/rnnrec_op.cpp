@@ -393,7 +393,9 @@ struct RecurrenceFn : public torch::autograd::Function<RecurrenceFn> {
     const at::Tensor &x = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &y = s[6], &ws = s[7];
     at::Tensor gy = grads[0], gh = grads[1];
     if (!gy.defined()) gy = at::zeros_like(y);
-    if (!gh.defined()) gh = y.new_zeros({y.size(1), y.size(2)});
+    // (zeros like one step of y: its sizes may be symbolic, an unbacked batch under torch.compile,
+    // which y.size() refuses)
+    if (!gh.defined()) gh = at::zeros_like(y.select(0, 0), at::MemoryFormat::Contiguous);
     const std::string mode = ctx->saved_data["mode"].toStringRef();
     const std::string backend = ctx->saved_data["backend"].toStringRef();
     // (needs_input_grad counts the inputs that are tensors: an absent h0 has no index)

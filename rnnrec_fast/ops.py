@@ -102,13 +102,6 @@ def _fail(msg):
     raise ValueError(f"rnnrec_fast.recurrence: {msg}")
 
 
-# torch >= 2.7: guard_or_false, False with no guard where the answer depends on an unbacked size;
-# torch 2.4-2.6: guard_size_oblivious, an unbacked size taken as >= 2. (Not bool(expr) beside
-# free_unbacked_symbols: their dynamo refuses bool() of a symbolic value and did not see an unbacked
-# size through it.)
-_GUARD_OR_FALSE = torch.__version__ >= (2, 7)
-
-
 def _surely(cond):
     """cond (a bool, or a SymBool of symbolic sizes) where it surely holds. A plain bool is itself;
     a SymBool comes from torch's symbolic shapes, whose module is imported by then: read there at
@@ -116,8 +109,12 @@ def _surely(cond):
     ~0.3 s beyond torch's own, on the Intel Xeon VM)."""
     if not torch.compiler.is_compiling() and isinstance(cond, bool):  # (dynamo's isinstance guards on a SymBool)
         return cond
+    # guard_or_false (torch >= 2.7): False with no guard where the answer depends on an unbacked
+    # size; before it, guard_size_oblivious: an unbacked size taken as >= 2. (Not bool(expr) beside
+    # free_unbacked_symbols: the older dynamo refuses bool() of a symbolic value and did not see an
+    # unbacked size through it.) Looked up, not by version number: a 2.7 pre-release has it.
     shapes = torch.fx.experimental.symbolic_shapes
-    return shapes.guard_or_false(cond) if _GUARD_OR_FALSE else shapes.guard_size_oblivious(cond)
+    return getattr(shapes, "guard_or_false", shapes.guard_size_oblivious)(cond)
 
 
 def is_zero(n):
@@ -715,6 +712,9 @@ def _backward_differentiable(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, le
     the gradient taken is the alias's: an argument's own, as the kernels give it, where one tensor is
     passed twice (tied weights) or one input is computed from another (h0 from x), whose total
     derivatives would count the shared paths twice."""
+    check_tensor_args("rnnrec_fast.recurrence", (("grad_output", grad_y), ("grad_h_n", grad_h_n), ("x", x),
+                                                 ("w_ih", w_ih), ("w_hh", w_hh)),
+                      (("h0", h0), ("b_ih", b_ih), ("b_hh", b_hh), ("lengths", lengths), ("resets", resets)))
     B = x.shape[1]
     H = w_hh.shape[1]
     inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
@@ -854,14 +854,16 @@ def _reference_needed(tensors):
 def op_for(name, *tensors):
     """The recurrence op a module or ``recurrence`` calls with ``tensors``:
     ``torch.ops.rnnrec_fast.recurrence.default`` (while compiling too: dynamo traces the op, but
-    where a tangent reaches the call, as in torch.compile(jvp(f)) or jacfwd, which dynamo traces,
-    it takes _reference_op; the nestings that _reference_needed reads from torch.func's interpreter
-    stack, which dynamo cannot trace, are not looked for there);
+    inside a forward-mode level, torch.compile(jvp(f)) or jacfwd, which dynamo traces, it takes
+    _reference_op whether or not a tangent reaches the call: the op there met a wrapped tensor
+    torch refuses, and reading a tangent of a vmap-batched tensor fails in dynamo's fake run. The
+    nestings that _reference_needed reads from torch.func's interpreter stack, which dynamo cannot
+    trace, are not looked for there);
     _reference_op, the op in torch operations, where a derivative its autograd does not give is
     wanted (_reference_needed: forward mode, nested reverse transforms); or while one of torch.func's
     autograd-based transforms is active, the autograd function above, which they run."""
     if torch.compiler.is_compiling():
-        return _reference_op if _has_tangent(tensors) else torch.ops.rnnrec_fast.recurrence.default
+        return _reference_op if _forward_ad._current_level >= 0 else torch.ops.rnnrec_fast.recurrence.default
     if _reference_needed(tensors):
         return _reference_op
     return _func_recurrence if _grad_transform_active(name) else torch.ops.rnnrec_fast.recurrence.default

@@ -421,10 +421,64 @@ def test_torch_func_transforms_of_a_compiled_module(kind, transform):
     except Exception as e:  # noqa: BLE001 - whatever this torch raises there
         pytest.skip(f"this torch cannot run {transform} of a compiled torch.nn.{kind}: {type(e).__name__}")
     expected = apply(twin, compiled=False)
+    rnnrec_fast.ops._set_last("cpp")  # (what a call of the op would leave)
     got = apply(module, compiled=True)
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     assert rnnrec_fast.last_backend() == "reference"  # (derivatives the op's autograd does not give)
+
+
+@pytest.mark.parametrize("case", ["tangent_beside_the_module", "jvp_of_vmap"])
+def test_compiled_forward_mode_where_the_module_holds_no_tangent_of_its_own(case):
+    """torch.compile of a function calling jvp where the tangent does not reach the module (it
+    scales the cell's output), and of jvp over vmap of a cell: torch.nn's answers (the first met a
+    wrapped tensor the op refuses; the second read a tangent through a vmap-batched tensor, which
+    fails in dynamo's fake run: 'Batching rule not implemented for aten::_unpack_dual')."""
+    torch.manual_seed(0)
+    cell = rnnrec_fast.GRUCell(3, 4).double()
+    twin = rnnrec_fast.to_torch(cell)
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+
+    def make(m):
+        if case == "tangent_beside_the_module":
+            return (lambda s, ds: torch.func.jvp(lambda s: m(x, h) * s, (s,), (ds,))), \
+                (torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        xs = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        return (lambda xs, ts: torch.func.jvp(torch.func.vmap(lambda x: m(x, h)), (xs,), (ts,))), \
+            (xs, torch.randn(xs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+
+    f, args = make(twin)
+    _skip_unless_torch_compiles(f"this jvp of a torch.nn.GRUCell ({case})", f, *args)
+    expected = f(*args)
+    f, args = make(cell)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager")(*args)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_compiled_training_step_with_a_data_dependent_batch_and_no_gradient_into_h_n():
+    """A compiled training step whose batch is chosen by a mask (a data-dependent size) and whose
+    loss takes the output alone: torch.nn's gradients (the C++ autograd's backward made h_n's zero
+    gradient from y.size(), which refuses the unbacked size: GuardOnDataDependentSymNode)."""
+    torch.manual_seed(0)
+    gru = rnnrec_fast.GRU(3, 4)
+    twin = rnnrec_fast.to_torch(gru)
+    x, mask = torch.randn(5, 6, 3), torch.tensor([True, False, True, True, False, True])
+    cfg = torch._dynamo.config
+    if not hasattr(cfg, "capture_dynamic_output_shape_ops"):
+        pytest.skip("this torch has no capture_dynamic_output_shape_ops")
+    before = cfg.capture_dynamic_output_shape_ops
+    cfg.capture_dynamic_output_shape_ops = True
+    try:
+        torch._dynamo.reset()
+        torch.compile(lambda x, m: gru(x[:, m])[0], backend="aot_eager")(x, mask).sum().backward()
+    finally:
+        cfg.capture_dynamic_output_shape_ops = before
+        torch._dynamo.reset()
+    twin(x[:, mask])[0].sum().backward()
+    for (name, p), q in zip(gru.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def _skip_unless_torch_loads_aoti_packages(tmp_path, env):
