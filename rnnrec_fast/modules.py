@@ -1442,20 +1442,22 @@ def _convert_tree(fn, model, table, convert):
     for m in found:  # (the converters' own check, before the copy: the hook-based weight_norm's
         _check_plain(fn, m)  # weights refuse deepcopy)
     out = copy.deepcopy(model)
-    done = {}  # id of a module of the copy -> its conversion
+    done = {}  # id of a module of the copy -> its conversion (or itself)
 
-    def converted(m):
+    def rebuilt(m):
+        """m with its submodules rebuilt first (a converted module takes its children as they are
+        then: a convertible one registered on another is converted too), then converted itself
+        where it is convertible; once per module (a module held in two places stays one)."""
         if id(m) not in done:
-            done[id(m)] = convert(m)
+            done[id(m)] = m  # (against a cycle)
+            for name, child in list(m._modules.items()):  # (named_children names a shared child once)
+                if child is not None and rebuilt(child) is not child:
+                    setattr(m, name, done[id(child)])
+            if convertible(m):
+                done[id(m)] = convert(m)
         return done[id(m)]
 
-    if convertible(out):
-        return converted(out)
-    for parent in list(out.modules()):
-        for name, child in list(parent._modules.items()):  # (named_children names a shared child once)
-            if child is not None and convertible(child):
-                setattr(parent, name, converted(child))
-    return out
+    return rebuilt(out)
 
 
 def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -1474,9 +1476,13 @@ def _twin(module, cls, **extra):
     """A ``cls`` with ``module``'s configuration, parameters (the same Parameter objects: ``module``
     is _convert_tree's deep copy), mode, hooks and attributes of its own (those that neither
     class's modules have: a user's)."""
-    p = next(module.parameters(), None)
-    if p is None:  # (every weight a plain tensor)
-        p = next(v for v in vars(module).values() if isinstance(v, torch.Tensor))
+    # dtype and device from its own weights (Parameters, or plain tensors where it holds them so;
+    # not a submodule's)
+    weights = [t for t in module._parameters.values() if t is not None] + \
+        [v for k, v in vars(module).items() if k.startswith(("weight_", "bias_")) and isinstance(v, torch.Tensor)]
+    if not weights:
+        raise ValueError(f"{type(module).__name__} holds none of its weights: nothing to convert")
+    p = weights[0]
     kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype, **extra)
     if hasattr(module, "num_layers"):  # the sequence modules
         kwargs.update(num_layers=module.num_layers, batch_first=module.batch_first, dropout=module.dropout,
@@ -1501,6 +1507,11 @@ def _twin(module, cls, **extra):
     for name in plain:
         if name in module.__dict__:
             setattr(twin, name, module.__dict__[name])
+    # in the module's order (named_parameters, state_dict, an optimizer's state by position), the
+    # dict reordered in place (the modules' plans hold it)
+    ordered = [(name, twin._parameters[name]) for name in module._parameters]
+    twin._parameters.clear()
+    twin._parameters.update(ordered)
     # buffers and submodules a user registered on it (neither class's modules have any of their own)
     for name, b in module._buffers.items():
         twin.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
@@ -1511,7 +1522,7 @@ def _twin(module, cls, **extra):
         # the hooks (forward, backward, state_dict's; their dicts are every module's) and the rest
         if ("_hook" in key or key not in own) and key not in plain:
             twin.__dict__[key] = value
-    twin.train(module.training)
+    twin.training = module.training  # (its own mode: the submodules keep theirs)
     return twin
 
 

@@ -795,14 +795,17 @@ def test_cpu_modules_run_while_another_default_device_is_set(backend):
 
 
 @pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
-@pytest.mark.parametrize("case", ["tied_in_one_module", "plain_tensor_weight", "buffer_and_child"])
+@pytest.mark.parametrize("case", ["tied_in_one_module", "plain_tensor_weight", "buffer_and_child",
+                                  "re_registered_weight", "convertible_child"])
 def test_conversion_keeps_a_modules_own_weight_layout_buffers_and_children(direction, case):
     """A weight tied under two names of one module stays one Parameter (named_parameters lists it
     once: the second name kept the twin's random weight, wrong outputs), a weight held as a plain
     tensor (deleted and set again, as WeightDrop does) stays a plain tensor that can be set again
     (the twin kept a random Parameter of that name too: wrong outputs, an extra state_dict key,
-    torch's TypeError at the next assignment), and buffers and submodules registered on it are kept
-    (they were dropped); the converted module computes what the original does."""
+    torch's TypeError at the next assignment), a weight registered again keeps its place in the
+    parameters' order, and buffers and submodules registered on it are kept (they were dropped),
+    each in its own train / eval mode, a convertible one converted too, and one held in two places
+    stays one; the converted module computes what the original does."""
     torch.manual_seed(case_seed(direction, case))
     src_lib = nn if direction == "from_torch" else rnnrec_fast
     convert = getattr(rnnrec_fast, direction)
@@ -815,12 +818,22 @@ def test_conversion_keeps_a_modules_own_weight_layout_buffers_and_children(direc
         w = m.weight_hh_l0.detach() * 0.5
         del m.weight_hh_l0
         m.weight_hh_l0 = w
-    else:
+    elif case == "buffer_and_child":
         m.register_buffer("step", torch.tensor(7))
         m.register_buffer("scratch", torch.ones(3), persistent=False)
         m.adapter = nn.Linear(6, 2)
-    c = convert(m)
+        m.drop = nn.Dropout(0.5).eval()  # (the module itself in training mode)
+    elif case == "re_registered_weight":  # (now last in _parameters: named_parameters', state_dict's order)
+        w = m.weight_ih_l0
+        del m.weight_ih_l0
+        m.weight_ih_l0 = nn.Parameter(w.detach().clone())
+    else:
+        m.cell = src_lib.GRUCell(6, 6)
+    model = nn.ModuleDict({"gru": m, "cell": m.cell}) if case == "convertible_child" else m
+    c = convert(model)
+    c = c["gru"] if case == "convertible_child" else c
     assert type(c).__module__ != type(m).__module__
+    assert [n for n, _ in c.named_parameters()] == [n for n, _ in m.named_parameters()]
     assert list(c.state_dict()) == list(m.state_dict())
     for (name, got), want in zip(c.state_dict().items(), m.state_dict().values()):
         assert torch.equal(got, want), name
@@ -833,9 +846,14 @@ def test_conversion_keeps_a_modules_own_weight_layout_buffers_and_children(direc
         for mod in (m, c):
             mod.weight_hh_l0 = w * 2  # (a WeightDrop's step)
         torch.testing.assert_close(c(x)[0], m(x)[0], rtol=1e-5, atol=1e-6)
-    else:
+    elif case == "buffer_and_child":
         assert set(dict(c.named_buffers())) == {"step", "scratch"} and c.adapter is not m.adapter
         assert "scratch" not in c.state_dict()
+        assert c.training and not c.drop.training
+    elif case == "convertible_child":
+        whole = convert(nn.ModuleDict({"gru": m, "cell": m.cell}))
+        assert type(whole["gru"].cell).__module__ == type(c).__module__ and whole["gru"].cell is whole["cell"]
+        assert type(convert(m).cell).__module__ == type(c).__module__
 
 
 def test_from_torch_and_to_torch_keep_shared_modules_tied_weights_hooks_and_attributes():
