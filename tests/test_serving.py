@@ -67,6 +67,28 @@ def test_click_matches_offline_replay(embedding, layers):
         torch.testing.assert_close(torch.tensor(scores), want_scores, **TOL)
 
 
+def test_fast_path_serves_while_another_default_device_is_set():
+    """A CPU model's recommender built and clicked while torch.set_default_device names another
+    device ('meta' standing for 'cuda'): the fast path serves it (its probe drew its inputs on
+    that device: the recommender declined it, slower, its answers still the model's)."""
+    model = make_model(layers=(16,), embedding="shared")
+    seq = [model.item_ids[3], model.item_ids[9], model.item_ids[40]]
+    torch.set_default_device("meta")
+    try:
+        rec = SessionRecommender(model)
+        fast = rec.uses_fast_path
+        got = [rec.click("s", it, k=5) for it in seq][-1]
+        state = rec.state("s").clone()
+    finally:
+        torch.set_default_device(None)
+    assert fast
+    h = replay(model, seq)
+    torch.testing.assert_close(state, h, **TOL)
+    want_items, want_scores = offline_topk(model, h, 5)
+    assert got[0] == want_items
+    torch.testing.assert_close(torch.tensor(got[1]), want_scores, **TOL)
+
+
 def clicks_match_replay(rec, model):
     """Three sessions clicked one click at a time in ``rec``: after each session's clicks, its state
     (on the recommender's device) and top-5 are those of ``model`` (on the CPU) replayed offline.

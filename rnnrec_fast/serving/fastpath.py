@@ -344,7 +344,7 @@ def _pack_for_onednn(W, b):
         if W.device.type != "cpu" or W.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return None
         packed = torch.ops.mkldnn._reorder_linear_weight(W)
-        x = torch.randn(_ONEDNN_MIN_ROWS + 3, W.shape[1], generator=torch.Generator().manual_seed(1))
+        x = torch.randn(_ONEDNN_MIN_ROWS + 3, W.shape[1], generator=torch.Generator().manual_seed(1), device="cpu")
         got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         if not torch.allclose(got, F.linear(x, W, b), rtol=1e-4, atol=1e-4):
             return None
@@ -404,8 +404,9 @@ def _build(model):
         g = torch.Generator().manual_seed(0)
         B = 3
         dev = model.Wy.device
-        items = torch.randint(0, model.n_items, (B,), generator=g).to(dev)
-        h = (torch.rand(model.num_layers, B, model.hidden_size, generator=g) - 0.5).to(dev, model.Wy.dtype)
+        # (the probe's inputs drawn on the CPU, as its generator: not on a default device set elsewhere)
+        items = torch.randint(0, model.n_items, (B,), generator=g, device="cpu").to(dev)
+        h = (torch.rand(model.num_layers, B, model.hidden_size, generator=g, device="cpu") - 0.5).to(dev, model.Wy.dtype)
         with torch.no_grad():
             ref_h = model.step(items, h)
             ref_s = model.score(ref_h[-1])
