@@ -1437,27 +1437,40 @@ def _convert_tree(fn, model, table, convert):
         return cls in table
 
     found = [m for m in model.modules() if convertible(m)]
+    keeper = next((m for m in model.modules() if getattr(m, "_keeps_rnnrec_fast_modules", False)), None)
+    if fn == "to_torch" and keeper is not None:
+        raise TypeError(f"to_torch: {type(keeper).__name__}'s own code calls its recurrent layers with what only "
+                        "rnnrec_fast's modules take (resets, reset_after, the backend): it keeps them")
     if not found:
         raise TypeError(f"{expected} (or a model holding some), got {type(model).__name__}")
     for m in found:  # (the converters' own check, before the copy: the hook-based weight_norm's
         _check_plain(fn, m)  # weights refuse deepcopy)
     out = copy.deepcopy(model)
-    done = {}  # id of a module of the copy -> its conversion (or itself)
+    done = {}  # id of a module of the copy -> (the module, its conversion or itself)
 
     def rebuilt(m):
         """m with its submodules rebuilt first (a converted module takes its children as they are
         then: a convertible one registered on another is converted too), then converted itself
         where it is convertible; once per module (a module held in two places stays one)."""
         if id(m) not in done:
-            done[id(m)] = m  # (against a cycle)
+            done[id(m)] = (m, m)  # (a cycle back to m meets m itself: repointed below)
             for name, child in list(m._modules.items()):  # (named_children names a shared child once)
                 if child is not None and rebuilt(child) is not child:
-                    setattr(m, name, done[id(child)])
+                    setattr(m, name, done[id(child)][1])
             if convertible(m):
-                done[id(m)] = convert(m)
-        return done[id(m)]
+                done[id(m)] = (m, convert(m))
+        return done[id(m)][1]
 
-    return rebuilt(out)
+    result = rebuilt(out)
+    # a child that points back at a module whose conversion was under way (a cycle in the module
+    # graph, which torch allows) still holds that module: repointed at its conversion (the entries
+    # keep the copy's modules alive, so an id still names its module)
+    for m in list(result.modules()):
+        for name, child in list(m._modules.items()):
+            entry = done.get(id(child))
+            if child is not None and entry is not None and entry[0] is child and entry[1] is not child:
+                setattr(m, name, entry[1])
+    return result
 
 
 def from_torch(module: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -1481,7 +1494,8 @@ def _twin(module, cls, **extra):
     weights = [t for t in module._parameters.values() if t is not None] + \
         [v for k, v in vars(module).items() if k.startswith(("weight_", "bias_")) and isinstance(v, torch.Tensor)]
     if not weights:
-        raise ValueError(f"{type(module).__name__} holds none of its weights: nothing to convert")
+        raise ValueError(f"{type(module).__module__}.{type(module).__name__} holds none of its weights: nothing "
+                         "to convert")
     p = weights[0]
     kwargs = dict(bias=module.bias, device=p.device, dtype=p.dtype, **extra)
     if hasattr(module, "num_layers"):  # the sequence modules

@@ -856,6 +856,35 @@ def test_conversion_keeps_a_modules_own_weight_layout_buffers_and_children(direc
         assert type(convert(m).cell).__module__ == type(c).__module__
 
 
+@pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
+def test_conversion_of_a_module_graph_with_a_cycle_keeps_one_module(direction):
+    """A module registered under itself, or under a child that points back at it (torch allows
+    cycles in the module graph): the converted model points back at the converted module (it kept
+    the unconverted copy there, one module made two of different libraries)."""
+    src_lib = nn if direction == "from_torch" else rnnrec_fast
+    convert = getattr(rnnrec_fast, direction)
+    g = src_lib.GRU(3, 4)
+    g.add_module("me", g)
+    c = convert(g)
+    assert c.me is c and [n for n, _ in c.named_modules()] == [""]
+    r = src_lib.GRU(3, 4)
+    r.add_module("c", nn.Module())
+    r.c.add_module("back", r)
+    seq = convert(nn.Sequential(r))
+    assert seq[0].c.back is seq[0] and type(seq[0]).__module__ != type(r).__module__
+    assert r.c.back is r  # (the original untouched)
+
+
+def test_to_torch_refuses_a_gru4rec_model():
+    """GRU4Rec's own code calls its recurrent layers with what only rnnrec_fast's modules take
+    (resets; reset_after and the backend read from them): to_torch of a model holding one is
+    refused by name (the converted model failed at its first call with an AttributeError)."""
+    from rnnrec_fast.recsys.model import GRU4Rec
+
+    with pytest.raises(TypeError, match="to_torch: GRU4Rec's own code calls its recurrent layers"):
+        rnnrec_fast.to_torch(nn.Sequential(GRU4Rec(20, layers=[8, 8])))
+
+
 def test_from_torch_and_to_torch_keep_shared_modules_tied_weights_hooks_and_attributes():
     """Converting a model keeps its structure as a deep copy does: a module held in two places
     stays one module (the second place was left a torch.nn module), a weight tied between a GRU and

@@ -81,6 +81,10 @@ class GRU4Rec(nn.Module):
         item_ids: original item ids, index -> id (defaults to 0..n_items-1).
     """
 
+    # rnnrec_fast.to_torch refuses a model holding one: its code calls the recurrent layers with
+    # what rnnrec_fast's modules alone take (resets; reset_after, the backend read from them)
+    _keeps_rnnrec_fast_modules = True
+
     def __init__(self, n_items: int, layers=(100,), embedding="shared", dropout_embed: float = 0.0,
                  dropout_hidden: float = 0.0, reset_after: bool = True, item_ids=None,
                  backend: str = "auto"):
