@@ -658,12 +658,10 @@ class _RNNBase(_FastPath):
             raise ValueError(_PROJ_SIZE_MSG)
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout should be a number in range [0, 1], got {dropout!r}")
-        for arg, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional),
-                           ("reset_after", reset_after)):
-            # as torch.nn's bias and batch_first (bias=None would silently drop the biases; torch.nn
-            # refuses a bidirectional=2 at its first call); reset_after="False" would be True
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: {arg} should be of type bool, got: {type(value).__name__}")
+        # as torch.nn's bias and batch_first (bias=None would silently drop the biases; torch.nn
+        # refuses a bidirectional=2 at its first call)
+        _check_bools(name, ("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional),
+                     ("reset_after", reset_after))
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
                            ("num_layers", num_layers)):
             # (torch.nn takes any integer num_layers, NumPy's too: np.random.choice([1, 2, 3]) in a
@@ -1170,6 +1168,14 @@ class GRU(_RNNBase):
         super().__init__(*args, **kwargs)
 
 
+def _check_bools(name, *args):
+    """(arg, value) pairs whose value must be a bool, as torch.nn's flags (reset_after="False" would
+    be True): a TypeError naming the first that is not."""
+    for arg, value in args:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {arg} should be of type bool, got: {type(value).__name__}")
+
+
 class _CellBase(_FastPath):
     _gates = 3
     _plan_config = frozenset({"backend", "mode", "reset_after", "bias_ih", "bias_hh", "input_size", "hidden_size"})
@@ -1186,8 +1192,7 @@ class _CellBase(_FastPath):
             if value < 0:
                 raise InputError(f"{name}: {arg} must be a non-negative int, got {value!r}")
         input_size, hidden_size = int(input_size), int(hidden_size)
-        if not isinstance(reset_after, bool):  # ("False" would be True)
-            raise TypeError(f"{name}: reset_after should be of type bool, got: {type(reset_after).__name__}")
+        _check_bools(name, ("reset_after", reset_after))
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -1437,8 +1442,9 @@ def _convert_tree(fn, model, table, convert):
         return cls in table
 
     found = [m for m in model.modules() if convertible(m)]
-    keeper = next((m for m in model.modules() if getattr(m, "_keeps_rnnrec_fast_modules", False)), None)
-    if fn == "to_torch" and keeper is not None:
+    keeper = None if fn != "to_torch" else next(
+        (m for m in model.modules() if getattr(m, "_keeps_rnnrec_fast_modules", False)), None)
+    if keeper is not None:
         raise TypeError(f"to_torch: {type(keeper).__name__}'s own code calls its recurrent layers with what only "
                         "rnnrec_fast's modules take (resets, reset_after, the backend): it keeps them")
     if not found:

@@ -107,8 +107,10 @@ def _surely(cond):
     a SymBool comes from torch's symbolic shapes, whose module is imported by then: read there at
     the call, not imported with the package (it imports sympy: ~0.28 s of `import rnnrec_fast`'s
     ~0.3 s beyond torch's own, on the Intel Xeon VM)."""
-    if not torch.compiler.is_compiling() and not isinstance(cond, torch.SymBool):  # (traced, isinstance
-        return bool(cond)  # guards on a SymBool; a NumPy bool is a plain one too)
+    # eager, a plain truth value (a NumPy bool too) is itself; not while tracing, where dynamo's
+    # isinstance() of a SymBool guards on its value
+    if not torch.compiler.is_compiling() and not isinstance(cond, torch.SymBool):
+        return bool(cond)
     # guard_or_false (torch >= 2.7): False with no guard where the answer depends on an unbacked
     # size; before it, guard_size_oblivious: an unbacked size taken as >= 2. (Not bool(expr) beside
     # free_unbacked_symbols: the older dynamo refuses bool() of a symbolic value and did not see an
