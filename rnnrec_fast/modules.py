@@ -687,7 +687,7 @@ class _RNNBase(_FastPath):
         self.bidirectional = bidirectional
         self.proj_size = 0
         self.backend = _check_backend(backend)
-        self.reset_after = bool(reset_after)
+        self.reset_after = reset_after
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
         G = self._gates
@@ -1198,7 +1198,7 @@ class _CellBase(_FastPath):
         self.bias = bias
         self.mode = mode
         self.backend = _check_backend(backend)
-        self.reset_after = bool(reset_after)
+        self.reset_after = reset_after
         factory = {"device": device, "dtype": dtype}
         G = self._gates
         self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size, **factory))
