@@ -385,6 +385,29 @@ def test_more_bad_options_clean_errors(files, tmp_path, capsys):
         assert code == 2 and msg in err and "Traceback" not in err, (args, err)
 
 
+def test_config_errors_come_before_the_data_is_read(tmp_path, capsys):
+    """From a review: layers of different sizes and batch size 1 without samples were refused only
+    after the training log had been read (minutes on the 33M-row raw YOOCHOOSE log); now by
+    TrainConfig.validate(), before the file is opened (here a file that does not exist). And --logq
+    with a loss that takes no logQ correction (ignored, silently)."""
+    from rnnrec_fast.recsys.train import TrainConfig
+    missing = tmp_path / "missing.txt"
+    for args, msg in [(["--layers", "100", "50"], "all GRU layers must have the same size"),
+                      (["--batch-size", "1", "--n-sample", "0"], "no negative examples"),
+                      (["--loss", "bpr-max", "--logq", "0.5"], "--logq applies to loss cross-entropy only")]:
+        code, out, err = _run(["train", "--train", missing, "--epochs", "1", "--quiet"] + args, capsys)
+        assert code == 2 and msg in err and "missing.txt" not in err and "Traceback" not in err, (args, err)
+    with pytest.raises(recsys.RecsysError, match="all GRU layers must have the same size"):
+        TrainConfig(layers=[8, 4]).validate()
+    with pytest.raises(recsys.RecsysError, match="no negative examples"):
+        TrainConfig(batch_size=1, n_sample=0).validate()
+    TrainConfig(layers=8, batch_size=2, n_sample=0).validate()
+    # (--logq: refused with the other losses only where given; TrainConfig's default stays 1.0)
+    for args in ([], ["--logq", "0"]):  # (--logq 0 in the README's BPR-max settings)
+        code, out, err = _run(["train", "--train", missing, "--loss", "bpr-max", "--quiet"] + args, capsys)
+        assert code == 2 and "missing.txt" in err, err
+
+
 def test_options_that_would_be_ignored_or_read_nonsense_are_refused(files, tmp_path, capsys):
     """From a review (each trained on nonsense, exit 0): a column option with a fixed format (ignored:
     the format reads its own columns), one column named for two things (each item its own session),

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--n-sample", type=int, default=2048)
     t.add_argument("--sample-alpha", type=float, default=0.5)
-    t.add_argument("--logq", type=float, default=1.0)
+    t.add_argument("--logq", type=float, default=None,
+                   help="weight of the logQ correction of the cross-entropy loss's negatives (default: 1.0; cross-entropy only)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.2)
     t.add_argument("--momentum", type=float, default=None, help="AdagradM's momentum (default: 0.2; adagradm only)")
@@ -198,8 +199,12 @@ def _cmd_train(a):
     _check_device(a.device)
     if any(k < 1 for k in a.k):
         raise RecsysError("--k values must be >= 1")
+    # (the other losses take no logQ correction: a --logq given with them would be ignored, silently;
+    # --logq 0 says so, as GRU4Rec's published BPR-max settings write it)
+    if a.logq and a.loss != "cross-entropy":
+        raise RecsysError(f"--logq applies to loss cross-entropy only (the loss is {a.loss})")
     cfg = TrainConfig(loss=a.loss, layers=_layers(a.layers), batch_size=a.batch_size, n_sample=a.n_sample,
-                      sample_alpha=a.sample_alpha, logq=a.logq, epochs=a.epochs, lr=a.lr,
+                      sample_alpha=a.sample_alpha, logq=1.0 if a.logq is None else a.logq, epochs=a.epochs, lr=a.lr,
                       momentum=a.momentum, dropout_hidden=a.dropout_hidden, dropout_embed=a.dropout_embed,
                       embedding=a.embedding, bpreg=a.bpreg, elu_param=a.elu_param,
                       reset_after=a.reset_after, chunk_steps=a.chunk_steps, optimizer=a.optimizer, loss_norm=a.loss_norm, state_dropout=a.state_dropout,

@@ -64,6 +64,20 @@ def _dropout_carried(y: torch.Tensor, h_n: torch.Tensor, p: float, carry: bool):
     return y * mask, h_n * mask[-1]
 
 
+def check_layers(layers) -> list[int]:
+    """The GRU layer sizes (an int, or a list or tuple of them) as a list, or a RecsysError saying why
+    not: TrainConfig.validate() asks before any data is loaded, the model again when it is built."""
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
+        raise RecsysError(f"bad layers {layers}: sizes must be integers")
+    layers = [int(x) for x in layers]
+    if not layers or any(x < 1 for x in layers):
+        raise RecsysError(f"bad layers {layers}: need one or more positive sizes")
+    if len(set(layers)) != 1:
+        raise RecsysError(f"bad layers {layers}: all GRU layers must have the same size")
+    return layers
+
+
 class GRU4Rec(nn.Module):
     """Session-based recommender (Hidasi et al. 2016; Hidasi & Karatzoglou 2018).
 
@@ -89,14 +103,7 @@ class GRU4Rec(nn.Module):
                  dropout_hidden: float = 0.0, reset_after: bool = True, item_ids=None,
                  backend: str = "auto"):
         super().__init__()
-        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
-            raise RecsysError(f"bad layers {layers}: sizes must be integers")
-        layers = [int(x) for x in layers]
-        if not layers or any(x < 1 for x in layers):
-            raise RecsysError(f"bad layers {layers}: need one or more positive sizes")
-        if len(set(layers)) != 1:
-            raise RecsysError(f"bad layers {layers}: all GRU layers must have the same size")
+        layers = check_layers(layers)
         if isinstance(n_items, bool) or not isinstance(n_items, numbers.Integral):
             raise RecsysError(f"bad n_items {n_items!r}: the catalogue size must be an integer")
         if n_items < 1:

@@ -23,7 +23,7 @@ from .batching import session_parallel_schedule
 from .checkpoint import check_device
 from .data import RecsysError, SessionDataset
 from .losses import LOSSES, bpr_max, cross_entropy, top1_max
-from .model import GRU4Rec, parse_embedding
+from .model import GRU4Rec, check_layers, parse_embedding
 from .optim import AdagradM
 
 
@@ -107,6 +107,9 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise RecsysError(msg)
+        if self.batch_size == 1 and self.n_sample == 0:
+            raise RecsysError(_NO_NEGATIVES)
+        check_layers(self.layers)
         self.embedding = parse_embedding(self.embedding)
         check_device(self.device)
         if self.optimizer not in ("adagradm", "adam", "adagrad", "sgd"):
@@ -119,6 +122,10 @@ class TrainConfig:
         if self.momentum is not None and self.optimizer != "adagradm":
             raise RecsysError(f"momentum applies to optimizer adagradm only (the optimizer is {self.optimizer})")
         return self
+
+
+_NO_NEGATIVES = ("no negative examples: with n_sample=0 the negatives are the other sessions of the batch, "
+                 "and batch size 1 (or a single training session) leaves none")
 
 
 class Progress:
@@ -431,8 +438,7 @@ def _train(train_data, cfg, progress, model):
     # each, masked out): not more; the loss is still normalised by cfg.batch_size
     lanes = min(cfg.batch_size, int(np.count_nonzero(np.diff(train_data.offsets) >= 2)))
     if lanes == 1 and cfg.n_sample == 0:
-        raise RecsysError("no negative examples: with n_sample=0 the negatives are the other sessions of the "
-                          "batch, and batch size 1 (or a single training session) leaves none")
+        raise RecsysError(_NO_NEGATIVES)
     sched = session_parallel_schedule(train_data.items, train_data.offsets, lanes)
     if cfg.n_sample == 0:
         # as GRU4Rec, the epoch ends where fewer than two lanes are left: a lone lane has no
