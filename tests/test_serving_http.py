@@ -328,6 +328,50 @@ def test_app_serves_under_a_new_event_loop():
     assert app.rec.session_info("s")["clicks"] == 3
 
 
+def test_one_app_serves_one_running_loop_at_a_time():
+    """From a review: one app under two servers at once failed most requests with a 500 (each loop
+    failed the other's queued clicks). The second server's requests now get a 500 saying why, the
+    first server's are served, and once the first has stopped the second serves; two apps sharing
+    one SessionRecommender serve under two servers at once."""
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+    with BackgroundServer(app) as a:
+        with BackgroundServer(app) as b:
+            ca, cb = Client(a), Client(b)
+            for n in range(3):
+                st, body = ca.req("POST", "/v1/sessions/s/clicks", {"item_id": model.item_ids[n], "k": 2})
+                assert st == 200, body
+                st, body = cb.req("POST", "/v1/sessions/t/clicks", {"item_id": model.item_ids[n], "k": 2})
+                assert st == 500 and body["error"]["code"] == "app_serves_another_loop", body
+                assert "one server at a time" in body["error"]["message"]
+            ca.close()
+        assert app.rec.session_info("s")["clicks"] == 3 and app.rec.session_info("t") is None
+    with BackgroundServer(app) as b:
+        c = Client(b)
+        st, body = c.req("POST", "/v1/sessions/t/clicks", {"item_id": model.item_ids[0], "k": 2})
+        assert st == 200, body
+        c.close()
+    rec = SessionRecommender(model)
+    apps = [ServingApp(rec, max_batch=8) for _ in range(2)]
+    with BackgroundServer(apps[0]) as a, BackgroundServer(apps[1]) as b:
+        errors = []
+
+        def client(srv, sid):
+            c = Client(srv)
+            for n in range(10):
+                st, body = c.req("POST", f"/v1/sessions/{sid}/clicks", {"item_id": model.item_ids[n], "k": 2})
+                if st != 200:
+                    errors.append((st, body))
+            c.close()
+        threads = [threading.Thread(target=client, args=(srv, f"u{i}")) for i, srv in enumerate([a, b, a, b])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert all(rec.session_info(f"u{i}")["clicks"] == 10 for i in range(4))
+
+
 def test_deeply_nested_json_is_a_400():
     model = make_model()
     app = ServingApp(SessionRecommender(model), max_batch=8)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 from urllib.parse import unquote_to_bytes
 
@@ -107,6 +108,7 @@ class ServingApp:
         self._pending: list[_Click] = []
         self._flush_handle = None
         self._loop = None
+        self._bind_lock = threading.Lock()
         self._ids_json = [json.dumps(i) for i in rec.item_ids]  # item ids pre-encoded
         reg = self.registry = _m.Registry()
         self.m_requests = reg.add(_m.Counter("rnnrec_http_requests_total", "HTTP requests by endpoint and status.",
@@ -294,7 +296,7 @@ class ServingApp:
             raise HTTPError(422, "bad_k", str(e)) from None
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first request, or the app runs under another loop now
-            self._new_loop(loop)
+            self._bind(loop)
         fut = loop.create_future()
         pending = self._pending
         pending.append(_Click(sid, idx, k, excl, fut))
@@ -314,6 +316,22 @@ class ServingApp:
             ",".join([ids[i] for i in inds]).encode(),
             ",".join([_num(v) for v in vals]).encode(),
         )
+
+    def _bind(self, loop):
+        """Binds the app to ``loop`` unless another loop is still running it: one app serves one
+        event loop at a time (its batch queue and timer are that loop's). From a review: one app
+        under two servers at once failed most requests with a 500, each loop failing the other's
+        queued clicks and completing its futures from the wrong thread."""
+        with self._bind_lock:
+            old = self._loop
+            if old is loop:
+                return
+            if old is not None and old.is_running() and not old.is_closed():
+                raise HTTPError(500, "app_serves_another_loop",
+                                "this app is serving the event loop of another server, which is still running: "
+                                "an app serves one server at a time (make one app per server; they may share "
+                                "one SessionRecommender)")
+            self._new_loop(loop)
 
     def _new_loop(self, loop):
         """Binds the app to ``loop``: clicks still queued under an earlier loop (closed, or no
