@@ -650,6 +650,17 @@ def test_numba_backend_entry_points_check_the_shapes_their_kernels_read_by():
         a[i] = bad
         with pytest.raises(ValueError, match=match):
             nb.backward(*a)
+    # one dtype (from a review: float64 weights beside a float32 x gave float32 results, no error)
+    for i, name in ((1, "h0"), (2, "w_ih"), (3, "w_hh"), (4, "b_ih")):
+        a = list(args)
+        a[i] = a[i].double()
+        with pytest.raises(ValueError, match=f"{name} must have x's dtype torch.float32, got torch.float64"):
+            nb.forward(*a)
+    for i, name in ((0, "grad_y"), (11, "ws")):
+        a = list(bwd)
+        a[i] = a[i].double()
+        with pytest.raises(ValueError, match=f"{name} must have x's dtype torch.float32"):
+            nb.backward(*a)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])

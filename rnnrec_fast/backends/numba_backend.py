@@ -101,9 +101,9 @@ def _check_shapes(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, saved=()
     """The shapes the kernels read by, unchecked (they do not bounds-check): the op checks them
     before it calls a backend, and this repeats the few that keep a direct call of ``forward`` /
     ``backward`` inside its tensors (``saved``: the backward's (name, tensor, shape) triples; a
-    length's value only compares with step indices, and none is out of bounds). A ValueError names
-    the first that does not fit. (The messages are formatted on failure alone: formatting them all
-    took ~10 us a call, most of the check.)"""
+    length's value only compares with step indices, and none is out of bounds), and that every float
+    tensor has x's dtype. A ValueError names the first that does not fit. (The messages are formatted
+    on failure alone: formatting them all took ~10 us a call, most of the check.)"""
     def fail(what):
         raise ValueError(f"rnnrec_fast numba backend: {what}")
     if not (x.dim() == 3 and h0.dim() == 2 and w_hh.dim() == 2):
@@ -127,6 +127,13 @@ def _check_shapes(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, saved=()
     for name, t, shape in saved:
         if tuple(t.shape) != tuple(shape):
             fail(f"{name} must be {shape}, got {tuple(t.shape)}")
+    # one dtype: the kernels would cast another on the way in and give x's (from a review: float64
+    # weights beside a float32 x returned float32 results, no error)
+    dt = x.dtype
+    for name, t in (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)) + \
+            tuple((name, t) for name, t, _ in saved):
+        if t is not None and t.dtype != dt:
+            fail(f"{name} must have x's dtype {dt}, got {t.dtype}")
 
 
 def _np(t):
