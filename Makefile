@@ -95,11 +95,11 @@ sanitize: setup
 		"import rnnrec_fast, os; assert rnnrec_fast.__file__.startswith(os.getcwd()), rnnrec_fast.__file__"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_op.py -k "$(SAN_OP_TESTS)"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
-		tests/test_modules.py tests/test_errors.py tests/test_serving.py tests/test_recsys.py
+		tests/test_kernel_paths.py tests/test_modules.py tests/test_errors.py tests/test_serving.py tests/test_recsys.py
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_SIMD=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
 		tests/test_op.py -k "$(SAN_OP_TESTS)"
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_SIMD=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
-		tests/test_fastpath.py
+		tests/test_fastpath.py tests/test_kernel_paths.py
 	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_NO_AVX512=1 RNNREC_FAST_CHUNKED_PROJECTION=1 $(abspath $(PY)) -m pytest \
 		-q -p no:cacheprovider tests/test_fastpath.py tests/test_serving.py -k "chunk or projected_first_layer"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c "import rnnrec_fast, os; p = rnnrec_fast.library_path(); \
