@@ -203,6 +203,14 @@ def test_loader_reads_gzip_millisecond_times_and_refuses_a_data_line_as_header(t
     with pytest.raises(RecsysError, match="looks like a click, not a header"):
         recsys.load_clicks(headless, session_col=0, item_col=1, time_col=2)
     assert len(recsys.load_clicks(headless, session_col=0, item_col=1, time_col=2, header=False)) == 2
+    # (from a review: header=False alone refused the default names; they stand for 0, 1, 2, as the
+    # CLI's --no-header reads them; a name that is not a default is still refused)
+    a = recsys.load_clicks(headless, header=False)
+    assert (a.sessions.tolist(), a.items.tolist(), a.times.tolist()) == ([1, 1], [10, 11], [5.5, 6.0])
+    b = recsys.load_clicks(headless, header=False, time_col=None)
+    assert b.items.tolist() == [10, 11]
+    with pytest.raises(RecsysError, match="session column 'Session' must be an index"):
+        recsys.load_clicks(headless, header=False, session_col="Session")
 
 
 def test_loader_chunks_give_what_one_pass_gives(tmp_path, monkeypatch):

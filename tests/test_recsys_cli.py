@@ -408,6 +408,17 @@ def test_config_errors_come_before_the_data_is_read(tmp_path, capsys):
         assert code == 2 and "missing.txt" in err, err
 
 
+def test_zero_epochs_says_nothing_was_trained(files, tmp_path, capsys):
+    """From a review: --epochs 0 printed "trained in 0.0 s, 0 events/s (the GRU on the None
+    backend)"; it says that nothing was trained, and still saves and evaluates the initial model."""
+    model = tmp_path / "m.pt"
+    code, out, err = _run(["train", "--train", files / "train.txt", "--test", files / "test.txt", "--epochs", "0",
+                           "--layers", "4", "--n-sample", "4", "--quiet", "--save", model], capsys)
+    assert code == 0, err
+    assert "trained nothing (--epochs 0)" in err and "None" not in err and "events/s" not in err, err
+    assert "Recall@20" in out and model.exists(), out
+
+
 def test_options_that_would_be_ignored_or_read_nonsense_are_refused(files, tmp_path, capsys):
     """From a review (each trained on nonsense, exit 0): a column option with a fixed format (ignored:
     the format reads its own columns), one column named for two things (each item its own session),

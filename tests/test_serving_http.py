@@ -470,7 +470,8 @@ def test_cli_bad_options_and_model_files_exit_2(tmp_path, capsys):
         # (the options are checked before the model loads: a missing model is not reached)
         (["--model", str(tmp_path / "nonexist.pt"), "--max-batch", "0"], "--max-batch"),
         (["--model", str(tmp_path)], "is a folder, not a model file"),  # (said: 'not found')
-        (["--model", path, "--port", "99999"], "port"),
+        (["--model", path, "--port", "99999"], "--port must be a port number in [0, 65535]"),  # (said 'port')
+        (["--model", str(tmp_path / "nonexist.pt"), "--port", "-1"], "--port must be"),
         (["--model", path, "--request-timeout", "0"], "request-timeout"),
         (["--model", path, "--request-timeout", "inf"], "request-timeout"),
         (["--model", path, "--torch-threads", "-3"], "--torch-threads must be 0"),  # (was taken as 0, silently)

@@ -85,9 +85,7 @@ def _load(path, a):
     except UnicodeDecodeError:  # ('\\', '\\x', '\\u': an escape cut short)
         raise RecsysError(f"bad --sep {a.sep!r}: an incomplete backslash escape (give one character, "
                           f"or an escape such as '\\t')") from None
-    cols = [a.session_col, a.item_col, a.time_col or None]
-    if a.no_header:  # (the defaults' names: GRU4Rec's column order)
-        cols = [str(i) if c == default else c for i, (c, (_, default)) in enumerate(zip(cols, _COLUMN_OPTS))]
+    cols = [a.session_col, a.item_col, a.time_col or None]  # (--no-header: load_clicks reads the defaults as 0, 1, 2)
     return load_clicks(path, session_col=cols[0], item_col=cols[1], time_col=cols[2], sep=sep,
                        header=not a.no_header, time_unit=a.time_unit)
 
@@ -237,8 +235,12 @@ def _cmd_train(a):
     model, stats = train(tr, cfg, progress=not a.quiet)
     from .. import ops
     backend = ops.last_backend()  # (the GRU's, as the training thread's latest op call ran it)
-    log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s "
-              f"(the GRU on the {backend!r} backend)\n")
+    if stats["events"]:
+        log.write(f"trained in {stats['train_seconds']:.1f} s, {stats['events_per_second']:,.0f} events/s "
+                  f"(the GRU on the {backend!r} backend)\n")
+    else:  # (it said "0 events/s (the GRU on the None backend)")
+        backend = None
+        log.write("trained nothing (--epochs 0): the model keeps its initial weights\n")
     res = dict(backend=backend, train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],
                cpu_seconds=stats["cpu_seconds"], events_per_cpu_second=stats["events_per_cpu_second"],
                train_events=stats["events"], final_loss=stats["epoch_losses"][-1] if stats["epoch_losses"] else None)

@@ -213,7 +213,8 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
                 time_unit: str = "auto") -> ClickLog:
     """Load any delimited click log (TSV/CSV).
 
-    Columns are named (when the file has a header) or 0-based indices. ``sep`` is sniffed from the
+    Columns are named (when the file has a header) or 0-based indices; with ``header=False`` the
+    default names stand for columns 0, 1 and 2 (GRU4Rec's order). ``sep`` is sniffed from the
     first line when None (tab, ';' or ','). Times are numbers, ISO dates or ``time_format``
     (strptime); ``extra_time_col`` is added to the time in milliseconds (Diginetica's timeframe).
     Numbers are seconds (``time_unit="s"``) or milliseconds (``"ms"``; dates, and numbers with an
@@ -234,6 +235,9 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
         if ((c is None and what in ("session", "item")) or isinstance(c, bool)
                 or (isinstance(c, int) and c < 0) or not isinstance(c, (str, int, type(None)))):
             raise RecsysError(f"bad {what} column {c!r}: a name or a 0-based index")
+    if not header:  # the default names as GRU4Rec's column order: 0, 1, 2 (as the CLI's --no-header)
+        session_col, item_col, time_col = (i if isinstance(c, str) and c == name else c for i, (c, name) in
+                                           enumerate(((session_col, "SessionId"), (item_col, "ItemId"), (time_col, "Time"))))
     log, _, numeric = _load_clicks(path, session_col, item_col, time_col, sep, header, time_format, extra_time_col)
     if time_col is not None and time_unit != "s" and numeric.any():  # (the unit of the numbers alone, not of dates)
         top = float(np.abs(log.times[numeric]).max())

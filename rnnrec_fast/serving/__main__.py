@@ -78,6 +78,7 @@ def _check_options(a):
     """The numeric options' ranges, named by their flags (the recommender and app check the same
     by their parameters' names, after the model has loaded)."""
     checks = [
+        ("--port", 0 <= a.port <= 65535, "a port number in [0, 65535] (0: an ephemeral one)"),
         ("--torch-threads", a.torch_threads >= 0, "0 (torch's default) or a number of threads"),
         ("--request-timeout", 0 < a.request_timeout < float("inf"), "a positive number of seconds"),
         ("--max-sessions", a.max_sessions >= 1, "a positive int"),
