@@ -2236,3 +2236,52 @@ def test_a_module_made_under_inference_mode(kind, backend):
     for m in (ref, ours) if kind == "GRU" else (ours,):
         with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
             m(x)
+
+
+def test_to_torch_refuses_a_gru4rec_model_given_itself():
+    """to_torch of a GRU4Rec itself (not held in another module) is refused by name too (mutation
+    review: the refusal looked only at the modules under the model given, and passed a test that
+    wraps it in a Sequential)."""
+    from rnnrec_fast.recsys.model import GRU4Rec
+
+    with pytest.raises(TypeError, match="to_torch: GRU4Rec's own code calls its recurrent layers"):
+        rnnrec_fast.to_torch(GRU4Rec(20, layers=[8]))
+
+
+
+@pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
+def test_conversion_of_a_module_whose_weight_is_deleted_and_not_set_again(direction):
+    """A weight deleted and not set again (WeightDrop before its first forward: it sets the weight
+    at each call) is absent from the converted module too, which takes it when set, as the
+    original does (mutation review: reading it unconditionally raised a KeyError)."""
+    src_lib = nn if direction == "from_torch" else rnnrec_fast
+    torch.manual_seed(5)
+    m = src_lib.GRU(4, 5)
+    w = m.weight_hh_l0.detach().clone()
+    del m.weight_hh_l0
+    c = getattr(rnnrec_fast, direction)(m)
+    assert "weight_hh_l0" not in c._parameters and "weight_hh_l0" not in vars(c)
+    assert [n for n, _ in c.named_parameters()] == [n for n, _ in m.named_parameters()]
+    x = torch.randn(3, 2, 4)
+    for mod in (m, c):
+        mod.weight_hh_l0 = w * 0.5
+    torch.testing.assert_close(c(x)[0], m(x)[0], rtol=1e-5, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.float32), ("numba", torch.float16)])
+def test_forward_mode_ad_refuses_a_forced_backend_as_without_it(backend, dtype):
+    """A forced backend that cannot run the tensors is refused under forward-mode AD (where the op's
+    torch operations run) with the error it gets without a tangent (mutation review: dropping the
+    check in _reference_op computed silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    if backend == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    gru = rnnrec_fast.GRU(3, 4, backend=backend, dtype=dtype)
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    with pytest.raises((RuntimeError, ValueError)) as want:
+        gru(x)
+    with fwAD.dual_level(), pytest.raises(type(want.value)) as got:
+        gru(fwAD.make_dual(x, torch.randn_like(x)))
+    assert str(got.value) == str(want.value)

@@ -1886,3 +1886,20 @@ def test_an_overflowed_state_discarded_stays_out_of_grad_w_hh(backend, dtype, ki
     assert torch.isfinite(want[3]).all()
     for a, b_, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
         torch.testing.assert_close(a, b_, equal_nan=True, rtol=1e-5, atol=1e-5, msg=what)
+
+
+def test_forward_mode_ad_checks_length_values():
+    """recurrence() under forward-mode AD (the op's torch operations) refuses lengths past T or
+    below 0, as without a tangent (mutation review: dropping the check there computed silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(7)
+    gru = rnnrec_fast.GRU(3, 4)
+    w = [p.detach() for p in gru.parameters()]
+    x = torch.randn(5, 2, 3)
+    for bad in ([6, 2], [-1, 2]):
+        lengths = torch.tensor(bad)
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
+            rnnrec_fast.recurrence(x, None, *w, lengths=lengths)
+        with fwAD.dual_level(), pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
+            rnnrec_fast.recurrence(fwAD.make_dual(x, torch.randn_like(x)), None, *w, lengths=lengths)

@@ -1905,3 +1905,33 @@ def test_training_continues_a_float64_model(embedding):
         torch.testing.assert_close(m32.state_dict()[k], v.float(), rtol=1e-4, atol=1e-4)
     assert any(not torch.equal(v, before[k]) for k, v in m64.state_dict().items())
     assert recsys.evaluate(m64, ds, ks=5)["n_events"] == ds.n_events
+
+
+def test_sampler_and_sparse_adagradm_step_under_another_default_device():
+    """NegativeSampler's draws and AdagradM's sparse step on CPU parameters are the same while
+    torch.set_default_device names another device ('meta' standing for 'cuda') (mutation review:
+    the sampler's CDF and the step's row mask made there passed the suite)."""
+    torch.manual_seed(11)
+    support = np.array([1.0, 4.0, 0.0, 16.0])
+    w0, vals = torch.randn(6, 4), torch.randn(3, 4)
+    grad = torch.sparse_coo_tensor(torch.tensor([[0, 3, 3]]), vals, (6, 4), check_invariants=True)
+
+    def run():
+        draws = NegativeSampler(support, n_sample=50, alpha=0.5, generator=torch.Generator().manual_seed(0),
+                                cache_size=1000).draw()
+        p = torch.nn.Parameter(w0.clone())
+        opt = AdagradM([p], lr=0.2, momentum=0.2)
+        for _ in range(2):
+            p.grad = grad.clone()
+            opt.step()
+        return draws, p.detach()
+
+    want = run()
+    torch.set_default_device("meta")
+    try:
+        got = run()
+    finally:
+        torch.set_default_device(None)
+    for g, w in zip(got, want):
+        assert g.device.type == "cpu"
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -568,3 +568,39 @@ def test_headerless_and_millisecond_logs(files, tmp_path, capsys):
     raw.write_text("1,2014-04-07T10:51:09.277Z,214536502,0\n1,2014-04-07T10:54:09.868Z,214536500,0\n")
     code, out, err = _run(["train", "--train", raw, "--time-unit", "ms", "--epochs", "1", "--quiet"], capsys)
     assert code == 2 and "--time-unit applies to numeric times" in err, err
+
+
+def test_logq_given_reaches_the_training_config(tmp_path, capsys, monkeypatch):
+    """--logq 0 with cross-entropy trains without the logQ correction (mutation review: `a.logq or
+    1.0` made it 1.0 and passed); absent, 1.0."""
+    import importlib
+
+    train_mod = importlib.import_module("rnnrec_fast.recsys.train")  # (recsys.train is the function)
+
+    seen = []
+    validate = train_mod.TrainConfig.validate
+    monkeypatch.setattr(train_mod.TrainConfig, "validate", lambda self: (seen.append(self.logq), validate(self))[1])
+    for args, want in (([], 1.0), (["--logq", "0"], 0.0), (["--logq", "0.25"], 0.25)):
+        seen.clear()
+        code, out, err = _run(["train", "--train", tmp_path / "missing.txt", "--loss", "cross-entropy", "--quiet"]
+                              + args, capsys)
+        assert code == 2 and "missing.txt" in err and seen == [want], (args, seen, err)
+
+
+def test_zero_epochs_reports_no_backend_after_an_earlier_op_call(tmp_path, capsys):
+    """--epochs 0 reports backend null in its JSON even where an earlier call in the thread ran the
+    op (mutation review: the JSON took last_backend() of that earlier call)."""
+    from rnnrec_fast import recsys
+
+    log = recsys.synthetic_clicks(300, 30, seed=4)
+    train, test = recsys.time_split(log, test_days=0.1)
+    recsys.write_clicks(train, str(tmp_path / "train.txt"))
+    recsys.write_clicks(test, str(tmp_path / "test.txt"))
+    with torch.no_grad():
+        rnnrec_fast.GRU(3, 4)(torch.randn(2, 1, 3))
+    assert rnnrec_fast.last_backend() is not None
+    code, out, err = _run(["train", "--train", tmp_path / "train.txt", "--test", tmp_path / "test.txt", "--epochs",
+                           "0", "--layers", "4", "--n-sample", "4", "--quiet", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["backend"] is None and res["train_events"] == 0, res

@@ -1079,3 +1079,48 @@ def test_a_whole_request_head_over_the_bound_is_refused():
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\nConnection: close\r\n\r\n")
             assert _read_all(s).startswith(b"HTTP/1.1 200")
             s.close()
+
+
+def test_app_serves_a_new_loop_once_the_old_one_has_stopped_unclosed():
+    """An app bound to a loop that has stopped running but was never closed (run_until_complete
+    returned) serves the next loop: only a loop still running keeps it (mutation review: refusing
+    any unclosed old loop passed the suite)."""
+    import asyncio
+
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8)
+
+    def request(loop, n):
+        msgs = [{"type": "http.request", "body": json.dumps({"item_id": model.item_ids[n], "k": 2}).encode(),
+                 "more_body": False}]
+        out = []
+
+        async def receive():
+            return msgs.pop(0)
+
+        async def send(m):
+            out.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/sessions/s/clicks", "headers": []}
+        loop.run_until_complete(app(scope, receive, send))
+        return out[0]["status"], json.loads(out[1]["body"])
+
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        assert request(first, 0)[0] == 200
+        assert not first.is_running() and not first.is_closed()
+        st, body = request(second, 1)
+        assert st == 200, body
+    finally:
+        first.close()
+        second.close()
+    assert app.rec.session_info("s")["clicks"] == 2
+
+
+def test_port_65535_is_accepted(tmp_path, capsys):
+    """--port takes the whole range [0, 65535], its top included (mutation review: < 65535 passed)."""
+    from rnnrec_fast.serving.__main__ import main
+
+    code = main(["--model", str(tmp_path / "nonexist.pt"), "--port", "65535"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not found" in err and "--port" not in err, err
