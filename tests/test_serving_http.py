@@ -203,32 +203,13 @@ def test_concurrent_clients_micro_batched_in_order(server):
 
 def test_same_session_in_one_batch_applies_in_order():
     """The batcher itself: one flush holding the same session several times."""
-    import asyncio
-
     model = make_model()
     ids = model.item_ids
     app = ServingApp(SessionRecommender(model), max_batch=64)
     seq = [ids[1], ids[5], ids[2], ids[5]]
 
-    async def go():
-        async def one(it):
-            msgs = [{"type": "http.request", "body": json.dumps({"item_id": it, "k": 2}).encode(), "more_body": False}]
-            out = []
-
-            async def receive():
-                return msgs.pop(0)
-
-            async def send(m):
-                out.append(m)
-
-            scope = {"type": "http", "method": "POST", "path": "/v1/sessions/z/clicks", "headers": []}
-            await app(scope, receive, send)
-            return out
-
-        return await asyncio.gather(*(one(it) for it in seq))
-
-    outs = asyncio.run(go())
-    assert all(o[0]["status"] == 200 for o in outs)
+    outs = _post_clicks(app, [("z", {"item_id": it, "k": 2}) for it in seq])
+    assert all(status == 200 for status, _ in outs)
     assert app.m_batch.count == 1 and app.m_batch.sum == 4  # one fused batch
     torch.testing.assert_close(app.rec.state("z"), replay(model, seq)[:, 0], **TOL)
 
@@ -238,30 +219,15 @@ def _post_clicks(app, clicks):
     returns [(status, parsed body)] in order."""
     import asyncio
 
-    async def one(sid, body):
-        msgs = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-        out = []
-
-        async def receive():
-            return msgs.pop(0)
-
-        async def send(m):
-            out.append(m)
-
-        scope = {"type": "http", "method": "POST", "path": f"/v1/sessions/{sid}/clicks", "headers": []}
-        await app(scope, receive, send)
-        return out[0]["status"], json.loads(out[1]["body"])
-
     async def go():
-        return await asyncio.gather(*(one(sid, body) for sid, body in clicks))
+        return await asyncio.gather(*(_asgi_request(app, json.dumps(body).encode(), f"/v1/sessions/{sid}/clicks")
+                                     for sid, body in clicks))
 
     return asyncio.run(go())
 
 
-def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
-    """One request to the ASGI app in its own event loop: (status, parsed body)."""
-    import asyncio
-
+async def _asgi_request(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
+    """One request to the ASGI app in the running loop: (status, parsed body)."""
     msgs = [{"type": "http.request", "body": body, "more_body": False}]
     out = []
 
@@ -272,8 +238,15 @@ def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()
         out.append(m)
 
     scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     return out[0]["status"], json.loads(out[1]["body"])
+
+
+def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
+    """One request to the ASGI app in its own event loop: (status, parsed body)."""
+    import asyncio
+
+    return asyncio.run(_asgi_request(app, body, path, method, headers))
 
 
 def test_body_of_exactly_max_body_bytes_is_accepted():
@@ -1091,19 +1064,8 @@ def test_app_serves_a_new_loop_once_the_old_one_has_stopped_unclosed():
     app = ServingApp(SessionRecommender(model), max_batch=8)
 
     def request(loop, n):
-        msgs = [{"type": "http.request", "body": json.dumps({"item_id": model.item_ids[n], "k": 2}).encode(),
-                 "more_body": False}]
-        out = []
-
-        async def receive():
-            return msgs.pop(0)
-
-        async def send(m):
-            out.append(m)
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/sessions/s/clicks", "headers": []}
-        loop.run_until_complete(app(scope, receive, send))
-        return out[0]["status"], json.loads(out[1]["body"])
+        body = json.dumps({"item_id": model.item_ids[n], "k": 2}).encode()
+        return loop.run_until_complete(_asgi_request(app, body))
 
     first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
     try:
