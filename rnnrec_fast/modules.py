@@ -1461,8 +1461,9 @@ def _convert_tree(fn, model, table, convert):
         if id(m) not in done:
             done[id(m)] = (m, m)  # (a cycle back to m meets m itself: repointed below)
             for name, child in list(m._modules.items()):  # (named_children names a shared child once)
-                if child is not None and rebuilt(child) is not child:
-                    setattr(m, name, done[id(child)][1])
+                new = None if child is None else rebuilt(child)
+                if new is not child:
+                    setattr(m, name, new)
             if convertible(m):
                 done[id(m)] = (m, convert(m))
         return done[id(m)][1]
