@@ -217,8 +217,11 @@ def test_loader_chunks_give_what_one_pass_gives(tmp_path, monkeypatch):
     """The loader turns every _CHUNK rows into arrays (memory: ~250 bytes a row as Python objects);
     with chunks of 3 rows it gives what one chunk gives: int ids where every chunk's are, else
     every id as written (a later chunk's '007' makes the earlier ints text), the file order as
-    the time order without a time column, Diginetica's timeframes."""
+    the time order without a time column, Diginetica's timeframes. (The row-by-row reader's
+    chunks: the fast path, which reads these files by blocks, is off; tests/test_fastread.py.)"""
     from rnnrec_fast.recsys import data
+
+    monkeypatch.setattr(data, "_FAST_READ", False)
 
     rows = [("1", "10", "5"), ("1", "11", "6"), ("2", "12", "7"), ("2", "10", "8"), ("3", "13", "9"),
             ("3", "10", "10"), ("4", "11", "11")]

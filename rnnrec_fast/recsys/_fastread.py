@@ -1,0 +1,230 @@
+"""The click-log loader's fast path: a plain log read block by block with NumPy.
+
+``data._read_clicks`` reads a log row by row (the csv module, then every check a malformed file
+needs, each error naming its line): the reference. This module reads the common plain file, whose
+rows are all alike (ASCII; the same number of fields on every line; the session and item ids
+integers in canonical decimal form; the times all decimal numbers or all ISO 8601 UTC stamps of
+the widths below), several MiB at a time: the structure checked with array operations, the numbers
+converted by NumPy's C reader (``np.loadtxt``). At the first thing it does not handle it gives up
+(``read`` returns None) and the row-by-row reader reads the whole file as before, with its
+errors. What it accepts, that reader accepts too and reads to the same bits
+(tests/test_fastread.py compare the two on generated and mutated files):
+
+- ids: int64 where each field is as long as ``str()`` writes its value (no sign, zero or space
+  more): the canonical integers ``_typed_ids`` keeps as int64;
+- numbers: NumPy's reader and ``float()`` both call CPython's ``PyOS_string_to_double`` on the
+  field (NumPy's takes a subset: no underscores), so the same double; non-finite ones are left to
+  the reader's error;
+- stamps: microseconds since the epoch (below 2**53 in magnitude) over 10**6, the division
+  ``datetime.timestamp()`` makes of the same integers.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+_BLOCK = 1 << 20  # bytes read at a time (a block's arrays take a few times that)
+_NL, _CR, _QUOTE, _MINUS = 10, 13, 34, 45
+_POW10_INT = np.array([10 ** i for i in range(19)], dtype=np.int64)
+_EXACT = 1 << 53
+_C_READER = np.lib.NumpyVersion(np.__version__) >= "1.23.0"  # (np.loadtxt's C reader; before it, Python's)
+
+# ISO 8601 stamps read here, by width: (a template, 'd' a digit and any other character itself;
+# the digits of the fraction of a second)
+_STAMPS = {}
+for _frac in (0, 3, 6):
+    for _z in ("", "Z"):
+        _t = "dddd-dd-ddTdd:dd:dd" + ("." + "d" * _frac if _frac else "") + _z
+        _STAMPS[len(_t)] = (_t, _frac)
+_STAMPS[10] = ("dddd-dd-dd", 0)
+_DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
+
+
+class _Unhandled(Exception):
+    """Something the fast path does not read: the row-by-row reader reads the file instead."""
+
+
+def read(f, sep: str, skip_lines: int, n_fields: int | None, si: int, ii: int, ti: int | None,
+         xi: int | None, time_format: str | None, keep_extra: bool):
+    """The rows of the open binary file ``f`` after its first ``skip_lines`` lines, as
+    ``(sessions, items, times, extras or None, numeric)`` arrays (``data._read_clicks``' meaning),
+    or None where the fast path does not handle the file. ``n_fields``: the header's field count
+    (every row must have as many), None without a header (every row as many as the first, at
+    least the columns named)."""
+    if (not _C_READER or len(sep) != 1 or not sep.isascii() or sep in "0123456789-.:TZ\"\r\n \x0b\x0c" or
+            time_format not in (None, "%Y-%m-%d")):
+        return None
+    try:
+        return _read(f, ord(sep), skip_lines, n_fields, si, ii, ti, xi, time_format is not None, keep_extra)
+    except _Unhandled:
+        return None
+
+
+def _read(f, sep, skip_lines, n_fields, si, ii, ti, xi, dates_only, keep_extra):
+    need = max(c for c in (si, ii, ti, xi) if c is not None) + 1
+    head = f.read(_BLOCK)
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]
+    pos = 0
+    for _ in range(skip_lines):  # (blank lines and the header, which the caller has read)
+        end = head.find(b"\n", pos)
+        if end < 0:
+            raise _Unhandled
+        line = head[pos:end]
+        if b"\r" in (line[:-1] if line.endswith(b"\r") else line):  # (a lone CR ends a line for the text reader)
+            raise _Unhandled
+        pos = end + 1
+    parts = []
+    carry = head[pos:]
+    rows = 0
+    while True:
+        more = f.read(_BLOCK)
+        data = carry + more if more else carry
+        if more:
+            cut = data.rfind(b"\n") + 1
+            data, carry = data[:cut], data[cut:]
+        elif data and not data.endswith(b"\n"):
+            data += b"\n"  # (the last line without its newline)
+        if data:
+            block = _block(np.frombuffer(data, np.uint8), sep, n_fields, need, si, ii, ti, xi, dates_only,
+                           keep_extra, rows)
+            n_fields = block[-1]  # (without a header: the first row's count, for every block)
+            rows += len(block[0])
+            parts.append(block[:-1])
+        if not more:
+            break
+    if rows == 0:
+        raise _Unhandled  # (no rows: the reader says so)
+    cols = list(zip(*parts))
+    extras = np.concatenate(cols[3]) if keep_extra else None
+    return np.concatenate(cols[0]), np.concatenate(cols[1]), np.concatenate(cols[2]), extras, np.concatenate(cols[4])
+
+
+def _block(buf, sep, k, need, si, ii, ti, xi, dates_only, keep_extra, base):
+    """One block's rows (whole lines, the last ending in a newline) as arrays, and the field count."""
+    if (buf >= 128).any() or not buf.all() or (sep != 9 and (buf == _QUOTE).any()):
+        raise _Unhandled  # (non-ASCII or NUL bytes, which the ASCII reader below would refuse too; a
+        # quote in a CSV, where the csv module unquotes)
+    cr = np.flatnonzero(buf == _CR)
+    if len(cr):
+        if (buf[cr + 1] != _NL).any():
+            raise _Unhandled
+        buf = np.delete(buf, cr)  # (CRLF line ends)
+    delim = np.flatnonzero((buf == sep) | (buf == _NL))
+    kinds = buf[delim]
+    n = int(np.count_nonzero(kinds == _NL))
+    if k is None:
+        k = int(np.argmax(kinds == _NL)) + 1  # (the first row's fields)
+        if k < need:
+            raise _Unhandled
+    if len(delim) != n * k:
+        raise _Unhandled
+    kinds = kinds.reshape(n, k)
+    if not ((kinds[:, -1] == _NL).all() and (kinds[:, :-1] == sep).all()):
+        raise _Unhandled  # (a row of another field count: blank lines among them)
+    starts = np.empty_like(delim)
+    starts[0] = 0
+    starts[1:] = delim[:-1] + 1
+    starts = starts.reshape(n, k)
+    length = delim.reshape(n, k) - starts
+    # the time column: all stamps (read here) or all numbers (read with the ids)
+    stamp = None
+    if ti is not None:
+        s, w = starts[:, ti], length[:, ti]
+        stamp = (w >= 10) & (buf[np.minimum(s + 4, len(buf) - 1)] == _MINUS)  # (YYYY-: as _parse_time tells)
+        if stamp.all():
+            stamp = True
+        elif dates_only:
+            raise _Unhandled
+        else:  # (a stamp among the numbers: NumPy's float reader refuses it, and the file is handed back)
+            stamp = False
+    cols = [si, ii] + ([ti] if stamp is False else []) + ([xi] if xi is not None else [])
+    try:  # numpy's C reader; a field it cannot convert: the row reader's turn
+        rec = np.loadtxt(io.BytesIO(buf.tobytes()), dtype=[(f"f{j}", "i8" if j < 2 else "f8") for j in range(len(cols))],
+                         delimiter=chr(sep), comments=None, usecols=cols, ndmin=1, encoding="ascii")
+    except ValueError:
+        raise _Unhandled from None
+    if len(rec) != n:
+        raise _Unhandled
+    fields = [np.ascontiguousarray(rec[f"f{j}"]) for j in range(len(cols))]
+    for c, v in zip((si, ii), fields):  # canonical: as long as str() writes it (no sign, zero or space more)
+        if (length[:, c] != _canonical_length(v)).any():
+            raise _Unhandled
+    if ti is None:
+        times = np.arange(base, base + n, dtype=np.float64)
+        numeric = np.zeros(n, dtype=bool)
+    elif stamp:
+        times, numeric = _stamps(buf, starts[:, ti], length[:, ti], dates_only), np.zeros(n, dtype=bool)
+    else:
+        times, numeric = _finite(fields[2]), np.ones(n, dtype=bool)
+    extras = None
+    if xi is not None:
+        extras = _finite(fields[-1]) / 1000.0
+        numeric = np.zeros(n, dtype=bool)  # (a number plus the extra time: no unit to decide)
+        if not keep_extra:
+            times = times + extras
+    return fields[0], fields[1], times, extras, numeric, k
+
+
+def _canonical_length(v):
+    """len(str(v)) of each int64 value (2 for the smallest, whose abs() stays negative: never its
+    field's 20, so handed back)."""
+    digits = np.maximum(np.searchsorted(_POW10_INT, np.abs(v), side="right"), 1)
+    return digits + (v < 0)
+
+
+def _finite(t):
+    """numpy's float reader and ``float()`` both call CPython's ``PyOS_string_to_double`` (numpy
+    takes a subset: no underscores): the same double. Non-finite times are the reader's error."""
+    if not np.isfinite(t).all():
+        raise _Unhandled
+    return t
+
+
+def _stamps(buf, s, length, dates_only):
+    """``YYYY-MM-DD[THH:MM:SS[.fff|.ffffff]][Z]``, UTC, as seconds since the epoch (the fields
+    [s, s + length) of ``buf``)."""
+    width = int(length.max())
+    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
+    g = np.lib.stride_tricks.sliding_window_view(padded, width)[s]  # (each field's bytes and what follows)
+    widths = np.unique(length)
+    for w in widths:  # (each field matches its width's template: digits where it has 'd', else its bytes)
+        if int(w) not in _STAMPS or (dates_only and w != 10):
+            raise _Unhandled
+        template = np.frombuffer(_STAMPS[int(w)][0].encode(), np.uint8)
+        rows = g[:, :w] if len(widths) == 1 else g[length == w, :w]
+        if not np.where(template == ord("d"), (rows - 48) < 10, rows == template).all():
+            raise _Unhandled
+
+    def num(a, b):  # the digits [a, b) of each field as a number
+        v = g[:, a].astype(np.int64) - 48
+        for p in range(a + 1, b):
+            v = v * 10 + (g[:, p].astype(np.int64) - 48)
+        return v
+    year, month, day = num(0, 4), num(5, 7), num(8, 10)
+    if width >= 19:
+        timed = length >= 19
+        hour, minute, sec = (np.where(timed, num(a, a + 2), 0) for a in (11, 14, 17))
+    else:
+        hour = minute = sec = 0
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = _DAYS_IN_MONTH[np.clip(month, 0, 12)] + (leap & (month == 2))
+    if ((year < 1) | (month < 1) | (month > 12) | (day < 1) | (day > month_days) | (hour > 23) | (minute > 59)
+            | (sec > 59)).any():
+        raise _Unhandled  # (the reader's error)
+    us = 0
+    for w in widths:
+        nf = _STAMPS[int(w)][1]
+        if nf:
+            us = us + np.where(length == w, num(20, 20 + nf) * 10 ** (6 - nf), 0)
+    # days since 1970-01-01 of the proleptic Gregorian date (the civil-from-days inverse, in int64)
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+    total = ((days * 86400 + hour * 3600 + minute * 60 + sec) * 1_000_000) + us
+    if np.abs(total).max() >= _EXACT:
+        raise _Unhandled
+    return total / 1e6
