@@ -2,16 +2,17 @@
 
 ``data._read_clicks`` reads a log row by row (the csv module, then every check a malformed file
 needs, each error naming its line): the reference. This module reads the common plain file, whose
-rows are all alike (ASCII; the same number of fields on every line; the session and item ids
-integers in canonical decimal form; the times all decimal numbers or all ISO 8601 UTC stamps of
-the widths below), several MiB at a time: the structure checked with array operations, the numbers
-converted by NumPy's C reader (``np.loadtxt``). At the first thing it does not handle it gives up
-(``read`` returns None) and the row-by-row reader reads the whole file as before, with its
-errors. What it accepts, that reader accepts too and reads to the same bits
-(tests/test_fastread.py compare the two on generated and mutated files):
+rows are all alike (ASCII; the same number of fields on every line; ids without spaces or control
+characters; the times all decimal numbers or all ISO 8601 UTC stamps of the widths below), a MiB
+at a time: the structure checked with array operations, the numbers converted by NumPy's C reader
+(``np.loadtxt``). At the first thing it does not handle it gives up (``read`` returns None) and
+the row-by-row reader reads the whole file as before, with its errors. What it accepts, that
+reader accepts too and reads to the same bits (tests/test_fastread.py compare the two on
+generated and randomly edited files):
 
-- ids: int64 where each field is as long as ``str()`` writes its value (no sign, zero or space
-  more): the canonical integers ``_typed_ids`` keeps as int64;
+- ids: a block's column int64 where each field is as long as ``str()`` writes its value (no sign,
+  zero or space more), the canonical integers ``_typed_ids`` keeps as int64; else the text of
+  each, as written (no spaces or control characters: the reader's ``strip()`` leaves it so);
 - numbers: NumPy's reader and ``float()`` both call CPython's ``PyOS_string_to_double`` on the
   field (NumPy's takes a subset: no underscores), so the same double; non-finite ones are left to
   the reader's error;
@@ -26,7 +27,7 @@ import numpy as np
 
 _BLOCK = 1 << 20  # bytes read at a time (a block's arrays take a few times that)
 _NL, _CR, _QUOTE, _MINUS = 10, 13, 34, 45
-_POW10_INT = np.array([10 ** i for i in range(19)], dtype=np.int64)
+_POW10_U64 = np.array([10 ** i for i in range(20)], dtype=np.uint64)
 _EXACT = 1 << 53
 _C_READER = np.lib.NumpyVersion(np.__version__) >= "1.23.0"  # (np.loadtxt's C reader; before it, Python's)
 
@@ -45,23 +46,24 @@ class _Unhandled(Exception):
     """Something the fast path does not read: the row-by-row reader reads the file instead."""
 
 
-def read(f, sep: str, skip_lines: int, n_fields: int | None, si: int, ii: int, ti: int | None,
+def read(f, sep: str, skip_lines: int, names: list[str] | None, si: int, ii: int, ti: int | None,
          xi: int | None, time_format: str | None, keep_extra: bool):
     """The rows of the open binary file ``f`` after its first ``skip_lines`` lines, as
-    ``(sessions, items, times, extras or None, numeric)`` arrays (``data._read_clicks``' meaning),
-    or None where the fast path does not handle the file. ``n_fields``: the header's field count
-    (every row must have as many), None without a header (every row as many as the first, at
-    least the columns named)."""
+    ``(session id blocks, item id blocks, times, extras or None, numeric)`` (``data._read_clicks``'
+    meaning; a block's ids int64 where all are canonical integers, else their text, as
+    ``data._typed_ids`` gives a chunk's), or None where the fast path does not handle the file.
+    ``names``: the header's (every row must have as many fields), None without a header (every row
+    as many as the first, at least the columns named)."""
     if (not _C_READER or len(sep) != 1 or not sep.isascii() or sep in "0123456789-.:TZ\"\r\n \x0b\x0c" or
             time_format not in (None, "%Y-%m-%d")):
         return None
     try:
-        return _read(f, ord(sep), skip_lines, n_fields, si, ii, ti, xi, time_format is not None, keep_extra)
+        return _read(f, ord(sep), skip_lines, names, si, ii, ti, xi, time_format is not None, keep_extra)
     except _Unhandled:
         return None
 
 
-def _read(f, sep, skip_lines, n_fields, si, ii, ti, xi, dates_only, keep_extra):
+def _read(f, sep, skip_lines, names, si, ii, ti, xi, dates_only, keep_extra):
     need = max(c for c in (si, ii, ti, xi) if c is not None) + 1
     head = f.read(_BLOCK)
     if head.startswith(b"\xef\xbb\xbf"):
@@ -76,6 +78,7 @@ def _read(f, sep, skip_lines, n_fields, si, ii, ti, xi, dates_only, keep_extra):
             raise _Unhandled
         pos = end + 1
     parts = []
+    n_fields = None if names is None else len(names)
     carry = head[pos:]
     rows = 0
     while True:
@@ -87,7 +90,7 @@ def _read(f, sep, skip_lines, n_fields, si, ii, ti, xi, dates_only, keep_extra):
         elif data and not data.endswith(b"\n"):
             data += b"\n"  # (the last line without its newline)
         if data:
-            block = _block(np.frombuffer(data, np.uint8), sep, n_fields, need, si, ii, ti, xi, dates_only,
+            block = _block(np.frombuffer(data, np.uint8), sep, n_fields, names, need, si, ii, ti, xi, dates_only,
                            keep_extra, rows)
             n_fields = block[-1]  # (without a header: the first row's count, for every block)
             rows += len(block[0])
@@ -98,10 +101,10 @@ def _read(f, sep, skip_lines, n_fields, si, ii, ti, xi, dates_only, keep_extra):
         raise _Unhandled  # (no rows: the reader says so)
     cols = list(zip(*parts))
     extras = np.concatenate(cols[3]) if keep_extra else None
-    return np.concatenate(cols[0]), np.concatenate(cols[1]), np.concatenate(cols[2]), extras, np.concatenate(cols[4])
+    return list(cols[0]), list(cols[1]), np.concatenate(cols[2]), extras, np.concatenate(cols[4])
 
 
-def _block(buf, sep, k, need, si, ii, ti, xi, dates_only, keep_extra, base):
+def _block(buf, sep, k, names, need, si, ii, ti, xi, dates_only, keep_extra, base):
     """One block's rows (whole lines, the last ending in a newline) as arrays, and the field count."""
     if (buf >= 128).any() or not buf.all() or (sep != 9 and (buf == _QUOTE).any()):
         raise _Unhandled  # (non-ASCII or NUL bytes, which the ASCII reader below would refuse too; a
@@ -139,38 +142,87 @@ def _block(buf, sep, k, need, si, ii, ti, xi, dates_only, keep_extra, base):
             raise _Unhandled
         else:  # (a stamp among the numbers: NumPy's float reader refuses it, and the file is handed back)
             stamp = False
-    cols = [si, ii] + ([ti] if stamp is False else []) + ([xi] if xi is not None else [])
-    try:  # numpy's C reader; a field it cannot convert: the row reader's turn
-        rec = np.loadtxt(io.BytesIO(buf.tobytes()), dtype=[(f"f{j}", "i8" if j < 2 else "f8") for j in range(len(cols))],
-                         delimiter=chr(sep), comments=None, usecols=cols, ndmin=1, encoding="ascii")
-    except ValueError:
-        raise _Unhandled from None
-    if len(rec) != n:
-        raise _Unhandled
-    fields = [np.ascontiguousarray(rec[f"f{j}"]) for j in range(len(cols))]
-    for c, v in zip((si, ii), fields):  # canonical: as long as str() writes it (no sign, zero or space more)
-        if (length[:, c] != _canonical_length(v)).any():
+    text = buf.tobytes()
+
+    def numbers(cols, dtypes):  # numpy's C reader; a field it cannot convert: ValueError
+        rec = np.loadtxt(io.BytesIO(text), dtype=[(f"f{j}", t) for j, t in enumerate(dtypes)], delimiter=chr(sep),
+                         comments=None, usecols=cols, ndmin=1, encoding="ascii")
+        if len(rec) != n:
             raise _Unhandled
+        return [np.ascontiguousarray(rec[f"f{j}"]) for j in range(len(cols))]
+
+    def canonical(v, c):  # as long as str() writes it: no sign, zero or space more
+        return bool((length[:, c] == _canonical_length(v)).all())
+
+    timed = ([ti] if stamp is False else []) + ([xi] if xi is not None else [])
+    try:  # (the common file: integer ids and numbers, one pass)
+        fields = numbers([si, ii] + timed, ["i8", "i8"] + ["f8"] * len(timed))
+        ids = fields[:2] if canonical(fields[0], si) and canonical(fields[1], ii) else None
+    except ValueError:
+        ids = None
+    if ids is None:  # text ids, in one column or both: each column on its own
+        try:
+            fields = [None, None] + (numbers(timed, ["f8"] * len(timed)) if timed else [])
+        except ValueError:
+            raise _Unhandled from None
+        ids = [_id_column(buf, starts[:, c], length[:, c], numbers, canonical, c) for c in (si, ii)]
+        if names is not None and (_equal(ids[0], names[si]) & _equal(ids[1], names[ii])).any():
+            raise _Unhandled  # (the header line again: the reader's error)
     if ti is None:
         times = np.arange(base, base + n, dtype=np.float64)
         numeric = np.zeros(n, dtype=bool)
     elif stamp:
         times, numeric = _stamps(buf, starts[:, ti], length[:, ti], dates_only), np.zeros(n, dtype=bool)
     else:
-        times, numeric = _finite(fields[2]), np.ones(n, dtype=bool)
+        times, numeric = _finite(fields[2]), np.ones(n, dtype=bool)  # (numbers read with the ids)
     extras = None
     if xi is not None:
         extras = _finite(fields[-1]) / 1000.0
         numeric = np.zeros(n, dtype=bool)  # (a number plus the extra time: no unit to decide)
         if not keep_extra:
             times = times + extras
-    return fields[0], fields[1], times, extras, numeric, k
+    return ids[0], ids[1], times, extras, numeric, k
+
+
+def _id_column(buf, s, length, numbers, canonical, c):
+    """A block's ids in column c: int64 where all are canonical integers, else the text of each
+    (ASCII without spaces or control characters: the reader's ``strip()`` leaves it as it is)."""
+    try:
+        v = numbers([c], ["i8"])[0]
+        if canonical(v, c):
+            return v
+    except ValueError:
+        pass
+    width = int(length.max())
+    if length.min() < 1 or width > 256:
+        raise _Unhandled  # (an empty id: the reader's error)
+    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
+    g = np.lib.stride_tricks.sliding_window_view(padded, width)[s]
+    g = np.where(np.arange(width) < length[:, None], g, 0)
+    inside = g[g != 0]
+    if ((inside <= 32) | (inside == 127)).any():
+        raise _Unhandled
+    return np.ascontiguousarray(g).view(f"S{width}")[:, 0].astype(str).astype(object)
+
+
+def _equal(ids, name):
+    """Which ids are the header's name (int64 ids: the name's canonical integer)."""
+    if ids.dtype == object:
+        return ids == name
+    return ids == int(name) if name == str(_int_or_none(name)) else np.zeros(len(ids), dtype=bool)
+
+
+def _int_or_none(name):
+    try:
+        return int(name)
+    except ValueError:
+        return None
 
 
 def _canonical_length(v):
-    """len(str(v)) of each int64 value (2 for the smallest, whose abs() stays negative: never its
-    field's 20, so handed back)."""
-    digits = np.maximum(np.searchsorted(_POW10_INT, np.abs(v), side="right"), 1)
+    """len(str(v)) of each int64 value."""
+    magnitude = np.abs(v).view(np.uint64)  # (the smallest int64's abs() wraps to itself: as uint64, 2**63)
+    digits = np.maximum(np.searchsorted(_POW10_U64, magnitude, side="right"), 1)
     return digits + (v < 0)
 
 

@@ -479,10 +479,10 @@ def _fast_read(path, sep, skip_lines, names, si, ii, ti, xi, time_format, keep_e
         return None
     try:
         with _open(path, "rb") as f:
-            return _fastread.read(f, sep, skip_lines, None if names is None else len(names), si, ii, ti, xi,
-                                  time_format, keep_extra)
+            out = _fastread.read(f, sep, skip_lines, names, si, ii, ti, xi, time_format, keep_extra)
     except (OSError, EOFError, zlib.error):  # (a damaged gzip file: the reader names the fault)
         return None
+    return None if out is None else (_join_ids(out[0]), _join_ids(out[1])) + out[2:]
 
 
 def _join_ids(parts) -> np.ndarray:
