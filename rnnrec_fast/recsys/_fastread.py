@@ -3,7 +3,7 @@
 ``data._read_clicks`` reads a log row by row (the csv module, then every check a malformed file
 needs, each error naming its line): the reference. This module reads the common plain file, whose
 rows are all alike (ASCII; the same number of fields on every line; ids without spaces or control
-characters; the times all decimal numbers or all ISO 8601 UTC stamps of the widths below), a MiB
+characters; the times all decimal numbers or all ISO 8601 UTC stamps of ``_FORMATS``), a MiB
 at a time: the structure checked with array operations, the numbers converted by NumPy's C reader
 (``np.loadtxt``). At the first thing it does not handle it gives up (``read`` returns None) and
 the row-by-row reader reads the whole file as before, with its errors. What it accepts, that
@@ -31,14 +31,16 @@ _POW10_U64 = np.array([10 ** i for i in range(20)], dtype=np.uint64)
 _EXACT = 1 << 53
 _C_READER = np.lib.NumpyVersion(np.__version__) >= "1.23.0"  # (np.loadtxt's C reader; before it, Python's)
 
-# ISO 8601 stamps read here, by width: (a template, 'd' a digit and any other character itself;
-# the digits of the fraction of a second)
-_STAMPS = {}
+# The stamps read here, by the loader's time_format: {width: (a template, the digits of the
+# fraction of a second)}; in a template 'd' is a digit, 'S' the date-time separator 'T' or a space
+# (as datetime.fromisoformat reads it), any other character itself.
+_ISO = {10: ("dddd-dd-dd", 0)}
 for _frac in (0, 3, 6):
     for _z in ("", "Z"):
-        _t = "dddd-dd-ddTdd:dd:dd" + ("." + "d" * _frac if _frac else "") + _z
-        _STAMPS[len(_t)] = (_t, _frac)
-_STAMPS[10] = ("dddd-dd-dd", 0)
+        _t = "dddd-dd-ddSdd:dd:dd" + ("." + "d" * _frac if _frac else "") + _z
+        _ISO[len(_t)] = (_t, _frac)
+_FORMATS = {None: _ISO, "%Y-%m-%d": {10: _ISO[10]},  # (strptime's, for these widths: the same datetimes)
+            "%Y-%m-%d %H:%M:%S": {19: ("dddd-dd-dd dd:dd:dd", 0)}, "%Y-%m-%dT%H:%M:%S": {19: ("dddd-dd-ddTdd:dd:dd", 0)}}
 _DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
 
 
@@ -55,15 +57,16 @@ def read(f, sep: str, skip_lines: int, names: list[str] | None, si: int, ii: int
     ``names``: the header's (every row must have as many fields), None without a header (every row
     as many as the first, at least the columns named)."""
     if (not _C_READER or len(sep) != 1 or not sep.isascii() or sep in "0123456789-.:TZ\"\r\n \x0b\x0c" or
-            time_format not in (None, "%Y-%m-%d")):
+            time_format not in _FORMATS):
         return None
     try:
-        return _read(f, ord(sep), skip_lines, names, si, ii, ti, xi, time_format is not None, keep_extra)
+        return _read(f, ord(sep), skip_lines, names, si, ii, ti, xi, _FORMATS[time_format], time_format is None,
+                     keep_extra)
     except _Unhandled:
         return None
 
 
-def _read(f, sep, skip_lines, names, si, ii, ti, xi, dates_only, keep_extra):
+def _read(f, sep, skip_lines, names, si, ii, ti, xi, stamps, numbers_too, keep_extra):
     need = max(c for c in (si, ii, ti, xi) if c is not None) + 1
     head = f.read(_BLOCK)
     if head.startswith(b"\xef\xbb\xbf"):
@@ -90,8 +93,8 @@ def _read(f, sep, skip_lines, names, si, ii, ti, xi, dates_only, keep_extra):
         elif data and not data.endswith(b"\n"):
             data += b"\n"  # (the last line without its newline)
         if data:
-            block = _block(np.frombuffer(data, np.uint8), sep, n_fields, names, need, si, ii, ti, xi, dates_only,
-                           keep_extra, rows)
+            block = _block(np.frombuffer(data, np.uint8), sep, n_fields, names, need, si, ii, ti, xi, stamps,
+                           numbers_too, keep_extra, rows)
             n_fields = block[-1]  # (without a header: the first row's count, for every block)
             rows += len(block[0])
             parts.append(block[:-1])
@@ -104,7 +107,7 @@ def _read(f, sep, skip_lines, names, si, ii, ti, xi, dates_only, keep_extra):
     return list(cols[0]), list(cols[1]), np.concatenate(cols[2]), extras, np.concatenate(cols[4])
 
 
-def _block(buf, sep, k, names, need, si, ii, ti, xi, dates_only, keep_extra, base):
+def _block(buf, sep, k, names, need, si, ii, ti, xi, stamps, numbers_too, keep_extra, base):
     """One block's rows (whole lines, the last ending in a newline) as arrays, and the field count."""
     if (buf >= 128).any() or not buf.all() or (sep != 9 and (buf == _QUOTE).any()):
         raise _Unhandled  # (non-ASCII or NUL bytes, which the ASCII reader below would refuse too; a
@@ -138,7 +141,7 @@ def _block(buf, sep, k, names, need, si, ii, ti, xi, dates_only, keep_extra, bas
         stamp = (w >= 10) & (buf[np.minimum(s + 4, len(buf) - 1)] == _MINUS)  # (YYYY-: as _parse_time tells)
         if stamp.all():
             stamp = True
-        elif dates_only:
+        elif not numbers_too:
             raise _Unhandled
         else:  # (a stamp among the numbers: NumPy's float reader refuses it, and the file is handed back)
             stamp = False
@@ -172,7 +175,7 @@ def _block(buf, sep, k, names, need, si, ii, ti, xi, dates_only, keep_extra, bas
         times = np.arange(base, base + n, dtype=np.float64)
         numeric = np.zeros(n, dtype=bool)
     elif stamp:
-        times, numeric = _stamps(buf, starts[:, ti], length[:, ti], dates_only), np.zeros(n, dtype=bool)
+        times, numeric = _stamps(buf, starts[:, ti], length[:, ti], stamps), np.zeros(n, dtype=bool)
     else:
         times, numeric = _finite(fields[2]), np.ones(n, dtype=bool)  # (numbers read with the ids)
     extras = None
@@ -234,19 +237,21 @@ def _finite(t):
     return t
 
 
-def _stamps(buf, s, length, dates_only):
-    """``YYYY-MM-DD[THH:MM:SS[.fff|.ffffff]][Z]``, UTC, as seconds since the epoch (the fields
-    [s, s + length) of ``buf``)."""
+def _stamps(buf, s, length, stamps):
+    """The fields [s, s + length) of ``buf``, each of one of the ``stamps`` (a ``_FORMATS`` entry),
+    UTC, as seconds since the epoch."""
     width = int(length.max())
     padded = np.concatenate([buf, np.zeros(width, np.uint8)])
     g = np.lib.stride_tricks.sliding_window_view(padded, width)[s]  # (each field's bytes and what follows)
     widths = np.unique(length)
-    for w in widths:  # (each field matches its width's template: digits where it has 'd', else its bytes)
-        if int(w) not in _STAMPS or (dates_only and w != 10):
+    for w in widths:  # (each field matches its width's template)
+        if int(w) not in stamps:
             raise _Unhandled
-        template = np.frombuffer(_STAMPS[int(w)][0].encode(), np.uint8)
+        template = np.frombuffer(stamps[int(w)][0].encode(), np.uint8)
         rows = g[:, :w] if len(widths) == 1 else g[length == w, :w]
-        if not np.where(template == ord("d"), (rows - 48) < 10, rows == template).all():
+        match = np.where(template == ord("d"), (rows - 48) < 10,
+                         np.where(template == ord("S"), (rows == ord("T")) | (rows == ord(" ")), rows == template))
+        if not match.all():
             raise _Unhandled
 
     def num(a, b):  # the digits [a, b) of each field as a number
@@ -267,7 +272,7 @@ def _stamps(buf, s, length, dates_only):
         raise _Unhandled  # (the reader's error)
     us = 0
     for w in widths:
-        nf = _STAMPS[int(w)][1]
+        nf = stamps[int(w)][1]
         if nf:
             us = us + np.where(length == w, num(20, 20 + nf) * 10 ** (6 - nf), 0)
     # days since 1970-01-01 of the proleptic Gregorian date (the civil-from-days inverse, in int64)
