@@ -2,6 +2,7 @@
 (data._read_clicks without it): on every file, the same log to the bit (ids, their dtype, times) and
 the same warnings, or the same error. Files are generated from a seeded RNG in the common formats,
 then mutated byte by byte; the valid ones must be read by the fast path itself, not handed back."""
+import csv
 import gzip
 import warnings
 
@@ -323,3 +324,32 @@ def test_fast_path_reads_the_shared_samples_as_the_reader_does(reads):
     for name in names:
         got, want, taken = reads(data.load_any, os.path.join(folder, name))
         assert got == want and taken and got[0][0] == "log", name
+
+
+_LONG = "x" * (csv.field_size_limit() + 1)
+_ONCE = [
+    ("session-past.tsv", "SessionId\tItemId\tTime\n1\t2\t3\n", dict(session_col=5)),
+    ("time-past.tsv", "SessionId\tItemId\tTime\n1\t2\t3\n", dict(time_col=5)),
+    ("extra-past.tsv", "SessionId\tItemId\tTime\n1\t2\t3\n", dict(extra_time_col=3)),
+    ("extra-no-time.tsv", "SessionId\tItemId\tx\n1\t2\t5000\n3\t4\t7000\n", dict(time_col=None, extra_time_col="x")),
+    ("extra-overflow.tsv", "s\ti\tt\tx\n1\t2\t1.7976931348623157e308\t1e308\n",
+     dict(session_col="s", item_col="i", time_col="t", extra_time_col="x")),
+    ("long-unread.tsv", f"SessionId\tItemId\tTime\tNote\n1\t2\t3\t{_LONG}\n", {}),
+    ("long-unread.csv", f"1,2,3,{_LONG}\n", dict(header=False)),
+    ("long-time.tsv", "SessionId\tItemId\tTime\n1\t2\t0." + "0" * len(_LONG) + "1\n", {}),
+]
+
+
+@pytest.mark.parametrize("name, text, kw", _ONCE, ids=[c[0] for c in _ONCE])
+def test_fast_path_gives_the_readers_answer_where_it_once_did_not(reads, tmp_path, name, text, kw):
+    """Files the fast path once read otherwise than the reader: a column past the header's (an
+    IndexError, not the reader's malformed-row error), an extra time without a time column (the
+    reader reads no extra time then: the row order), a time plus its extra past the largest double
+    (the reader's error naming the line, not ClickLog's and a RuntimeWarning), and a field longer
+    than the csv module's limit, in a column read or not (the reader's error)."""
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+    got, want, taken = reads(lambda p: data.load_clicks(p, **kw), str(path))
+    assert got == want
+    if name == "extra-no-time.tsv":
+        assert got[0][6] == np.array([0.0, 1.0]).view(np.int64).tolist()

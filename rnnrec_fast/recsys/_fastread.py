@@ -21,6 +21,7 @@ generated and randomly edited files):
 """
 from __future__ import annotations
 
+import csv
 import io
 
 import numpy as np
@@ -68,6 +69,8 @@ def read(f, sep: str, skip_lines: int, names: list[str] | None, si: int, ii: int
 
 def _read(f, sep, skip_lines, names, si, ii, ti, xi, stamps, numbers_too, keep_extra):
     need = max(c for c in (si, ii, ti, xi) if c is not None) + 1
+    if ti is None:  # (without a time column the reader reads no extra time, but counts its field in need)
+        xi = None
     head = f.read(_BLOCK)
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:]
@@ -81,6 +84,7 @@ def _read(f, sep, skip_lines, names, si, ii, ti, xi, stamps, numbers_too, keep_e
             raise _Unhandled
         pos = end + 1
     parts = []
+    limit = csv.field_size_limit()  # (a longer field, in any column, is the csv module's error to the reader)
     n_fields = None if names is None else len(names)
     carry = head[pos:]
     rows = 0
@@ -94,7 +98,7 @@ def _read(f, sep, skip_lines, names, si, ii, ti, xi, stamps, numbers_too, keep_e
             data += b"\n"  # (the last line without its newline)
         if data:
             block = _block(np.frombuffer(data, np.uint8), sep, n_fields, names, need, si, ii, ti, xi, stamps,
-                           numbers_too, keep_extra, rows)
+                           numbers_too, keep_extra, rows, limit)
             n_fields = block[-1]  # (without a header: the first row's count, for every block)
             rows += len(block[0])
             parts.append(block[:-1])
@@ -107,7 +111,7 @@ def _read(f, sep, skip_lines, names, si, ii, ti, xi, stamps, numbers_too, keep_e
     return list(cols[0]), list(cols[1]), np.concatenate(cols[2]), extras, np.concatenate(cols[4])
 
 
-def _block(buf, sep, k, names, need, si, ii, ti, xi, stamps, numbers_too, keep_extra, base):
+def _block(buf, sep, k, names, need, si, ii, ti, xi, stamps, numbers_too, keep_extra, base, limit):
     """One block's rows (whole lines, the last ending in a newline) as arrays, and the field count."""
     if (buf >= 128).any() or not buf.all() or (sep != 9 and (buf == _QUOTE).any()):
         raise _Unhandled  # (non-ASCII or NUL bytes, which the ASCII reader below would refuse too; a
@@ -134,6 +138,8 @@ def _block(buf, sep, k, names, need, si, ii, ti, xi, stamps, numbers_too, keep_e
     starts[1:] = delim[:-1] + 1
     starts = starts.reshape(n, k)
     length = delim.reshape(n, k) - starts
+    if int(length.max()) > limit:
+        raise _Unhandled  # (the csv module's "field larger than field limit": the reader's error)
     # the time column: all stamps (read here) or all numbers (read with the ids)
     stamp = None
     if ti is not None:
@@ -182,8 +188,12 @@ def _block(buf, sep, k, names, need, si, ii, ti, xi, stamps, numbers_too, keep_e
     if xi is not None:
         extras = _finite(fields[-1]) / 1000.0
         numeric = np.zeros(n, dtype=bool)  # (a number plus the extra time: no unit to decide)
+        with np.errstate(over="ignore"):
+            total = times + extras
+        if not np.isfinite(total).all():
+            raise _Unhandled  # (a time plus its extra past the largest double: the reader's error, kept or not)
         if not keep_extra:
-            times = times + extras
+            times = total
     return ids[0], ids[1], times, extras, numeric, k
 
 

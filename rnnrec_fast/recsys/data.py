@@ -473,9 +473,10 @@ _FAST_READ = True  # (tests turn it off to compare the two readers)
 def _fast_read(path, sep, skip_lines, names, si, ii, ti, xi, time_format, keep_extra):
     """The rows as the fast path (``recsys/_fastread.py``) reads them, or None where it does not
     handle the file and the row-by-row reader reads it. Not tried where the header's session and
-    item names are integers (a row equal to them is the header again, an error the reader reports)."""
-    if not _FAST_READ or (names is not None and canonical_int(names[si]) is not None
-                          and canonical_int(names[ii]) is not None):
+    item names are integers (a row equal to them is the header again, an error the reader reports), nor
+    where a column lies past the header's (every row is then the reader's malformed-row error)."""
+    if not _FAST_READ or (names is not None and (max(i for i in (si, ii, ti, xi) if i is not None) >= len(names) or (
+            canonical_int(names[si]) is not None and canonical_int(names[ii]) is not None))):
         return None
     try:
         with _open(path, "rb") as f:
