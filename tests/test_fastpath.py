@@ -1781,9 +1781,9 @@ while time.monotonic() < end or calls[0] < 3:
     p = m.weight_hh if kind == "cell" else m.weight_hh_l0
     if swaps % 2:
         p.data = p.data.clone()  # the same values in other memory; the old memory is freed
-    else:
-        with torch.no_grad():
-            p.set_(p.clone())
+    else:  # (as vector_to_parameters gives a parameter other memory: .data, from a flat vector)
+        flat = torch.nn.utils.parameters_to_vector([p]).clone()
+        torch.nn.utils.vector_to_parameters(flat, [p])
     swaps += 1
     time.sleep(0.002)
 stop.set()
@@ -1796,12 +1796,16 @@ sys.exit(1 if bad else 0)
 @pytest.mark.skipif(modules._InferPlan is None, reason="needs the C++ extension")
 @pytest.mark.parametrize("kind,grad", [("seq", "nograd"), ("seq", "grad"), ("cell", "nograd")])
 def test_weights_given_other_memory_while_another_thread_calls(kind, grad):
-    """A parameter given other memory (`p.data = ...`, `p.set_(...)`: the old memory freed) while
-    another thread's call runs without the GIL: the call reads the memory it started with (it read
-    freed memory: a segfault), its results torch.nn's, as torch.nn's own kernels survive it."""
+    """A parameter given other memory (`p.data = ...`, `vector_to_parameters`: the old memory freed)
+    while another thread's call runs without the GIL: the call reads the memory it started with (it
+    read freed memory: a segfault), its results torch.nn's, as torch.nn's own kernels survive it.
+    Not `p.set_(...)`, which this test once made too: torch runs it without the GIL, writing the
+    tensor's storage while the other thread's call may be copying it, a data race in torch that no
+    caller can close (one run in hundreds crashed on the AVX2 kernels, 2026-12-06; README, threads)."""
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", _SWAP_RACE, kind, grad], capture_output=True, text=True,
-                         timeout=300, env=env)
+    # (-X faulthandler: a crash prints every thread's Python stack)
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _SWAP_RACE, kind, grad],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
