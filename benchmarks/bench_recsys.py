@@ -1,5 +1,5 @@
-"""pytest-benchmark: GRU4Rec inference (one click step + top-20 over the whole catalogue) and
-training throughput, on the CPU.
+"""pytest-benchmark: GRU4Rec inference (one click step + top-20 over the whole catalogue),
+training throughput and click-log loading, on the CPU.
 
     pytest benchmarks/bench_recsys.py --reps 3              # measure (torch.nn and ours interleaved)
     pytest benchmarks/bench_recsys.py --benchmark-disable   # quick smoke run (each case once)
@@ -7,16 +7,19 @@ training throughput, on the CPU.
 Inference is timed beside the same model with its GRU on torch.nn.GRU (same weights: impl=torch).
 Catalogues: 3k = a model trained briefly on the YOOCHOOSE 100k sample (2,933 items; a synthetic
 3k model when the data is absent), 100k and 1M = synthetic random models (100 units, shared
-embedding). Batches: 1, 64 and 1024 concurrent sessions.
+embedding). Batches: 1, 64 and 1024 concurrent sessions. Loading: generated logs of 300k rows in
+GRU4Rec's TSV and the raw yoochoose-clicks.dat format, the fast path (impl=ours) beside the row
+reader it falls back to (impl=rows).
 """
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from rnnrec_fast import recsys
-from rnnrec_fast.recsys import GRU4Rec, SessionDataset, TrainConfig
+from rnnrec_fast.recsys import GRU4Rec, SessionDataset, TrainConfig, data
 
 H = 100
 _MODELS = {}
@@ -102,3 +105,38 @@ def test_training_throughput(benchmark):
     benchmark.extra_info.update(source=source, events=stats["events"],
                                 events_per_second=round(stats["events_per_second"]))
     assert stats["events_per_second"] > 0
+
+
+_ROWS = 300_000
+
+
+@pytest.fixture(scope="module")
+def click_files(tmp_path_factory):
+    """Generated click logs: GRU4Rec's TSV (Unix seconds) and the raw YOOCHOOSE format (ISO times)."""
+    rng = np.random.default_rng(0)
+    sessions = np.sort(rng.integers(1, 2_000_000, _ROWS)).tolist()
+    items = rng.integers(214_500_000, 214_900_000, _ROWS).tolist()
+    seconds = 1_396_000_000 + np.sort(rng.random(_ROWS) * 1.6e7)
+    stamps = np.datetime_as_string((seconds * 1000).astype(np.int64).astype("datetime64[ms]"), unit="ms").tolist()
+    folder = tmp_path_factory.mktemp("clicks")
+    tsv, raw = folder / "clicks.tsv", folder / "yoochoose-clicks.dat"
+    tsv.write_text("SessionId\tItemId\tTime\n" + "".join(
+        f"{s}\t{i}\t{t:.3f}\n" for s, i, t in zip(sessions, items, seconds.tolist())))
+    raw.write_text("".join(f"{s},{t}Z,{i},0\n" for s, i, t in zip(sessions, items, stamps)))
+    return {"tsv": (str(tsv), recsys.load_clicks), "raw": (str(raw), recsys.load_yoochoose_raw)}
+
+
+@pytest.mark.parametrize("impl", ["rows", "ours"])
+@pytest.mark.parametrize("fmt", ["tsv", "raw"])
+def test_load_clicks(benchmark, click_files, monkeypatch, fmt, impl, rep):
+    path, load = click_files[fmt]
+    monkeypatch.setattr(data, "_FAST_READ", impl == "ours")
+    benchmark.group = f"load {fmt} {_ROWS // 1000}k rows"
+    log = benchmark.pedantic(load, args=(path,), rounds=3, warmup_rounds=0)
+    assert len(log) == _ROWS
+    if impl == "ours":  # (the row reader's log to the bit)
+        monkeypatch.setattr(data, "_FAST_READ", False)
+        want = load(path)
+        assert np.array_equal(log.sessions, want.sessions) and np.array_equal(log.items, want.items)
+        assert np.array_equal(log.times.view(np.int64), want.times.view(np.int64))
+    benchmark.extra_info.update(rows=_ROWS, impl=impl, rep=rep)
