@@ -353,3 +353,18 @@ def test_fast_path_gives_the_readers_answer_where_it_once_did_not(reads, tmp_pat
     assert got == want
     if name == "extra-no-time.tsv":
         assert got[0][6] == np.array([0.0, 1.0]).view(np.int64).tolist()
+
+
+def test_keep_extra_without_extra_times_is_the_readers(tmp_path, monkeypatch):
+    """The internal reader's keep_extra (Diginetica's loader) with no extra time read: the reader's
+    answer (an empty array of extras), as the fast path hands the file back."""
+    path = tmp_path / "k.tsv"
+    path.write_text("SessionId\tItemId\tTime\tx\n1\t2\t3\t4\n", encoding="utf-8")
+    for kw in (dict(time_col=None, extra_time_col=3), dict(time_col=2, extra_time_col=None)):
+        outs = []
+        for fast in (True, False):
+            monkeypatch.setattr(data, "_FAST_READ", fast)
+            log, extras, numeric = data._load_clicks(str(path), 0, 1, kw["time_col"], "\t", True, None,
+                                                     kw["extra_time_col"], keep_extra=True)
+            outs.append((log.times.tolist(), None if extras is None else extras.tolist(), numeric.tolist()))
+        assert outs[0] == outs[1], kw

@@ -71,6 +71,8 @@ def _read(f, sep, skip_lines, names, si, ii, ti, xi, stamps, numbers_too, keep_e
     need = max(c for c in (si, ii, ti, xi) if c is not None) + 1
     if ti is None:  # (without a time column the reader reads no extra time, but counts its field in need)
         xi = None
+    if keep_extra and xi is None:
+        raise _Unhandled  # (no extra times to keep: the reader's empty list)
     head = f.read(_BLOCK)
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:]
