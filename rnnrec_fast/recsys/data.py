@@ -225,7 +225,9 @@ def load_clicks(path: str, *, session_col: str | int = "SessionId", item_col: st
     split by days would otherwise hold out minutes). Without a time column, the file order is the
     time order. Times must be finite. The file is UTF-8 (a byte-order mark is skipped), or gzip-
     compressed UTF-8. With ``header`` a first line whose session and item fields are integers and
-    whose time field is a number is refused as data, not a header.
+    whose time field is a number is refused as data, not a header. A plain file (ASCII, rows alike,
+    numbers or ISO stamps) is read by a vectorised fast path (``_fastread.py``), any other row by
+    row; the two give the same log (and the same errors, which name the line).
     """
     _check_file(path)
     if time_unit not in ("auto", "s", "ms"):
