@@ -1782,7 +1782,7 @@ while time.monotonic() < end or calls[0] < 3:
     if swaps % 2:
         p.data = p.data.clone()  # the same values in other memory; the old memory is freed
     else:  # (as vector_to_parameters gives a parameter other memory: .data, from a flat vector)
-        flat = torch.nn.utils.parameters_to_vector([p]).clone()
+        flat = torch.nn.utils.parameters_to_vector([p])  # (a new tensor: cat of p's view)
         torch.nn.utils.vector_to_parameters(flat, [p])
     swaps += 1
     time.sleep(0.002)

@@ -211,9 +211,7 @@ def _id_column(buf, s, length, numbers, canonical, c):
     width = int(length.max())
     if length.min() < 1 or width > 256:
         raise _Unhandled  # (an empty id: the reader's error)
-    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
-    g = np.lib.stride_tricks.sliding_window_view(padded, width)[s]
-    g = np.where(np.arange(width) < length[:, None], g, 0)
+    g = np.where(np.arange(width) < length[:, None], _field_bytes(buf, s, width), 0)
     inside = g[g != 0]
     if ((inside <= 32) | (inside == 127)).any():
         raise _Unhandled
@@ -224,14 +222,16 @@ def _equal(ids, name):
     """Which ids are the header's name (int64 ids: the name's canonical integer)."""
     if ids.dtype == object:
         return ids == name
-    return ids == int(name) if name == str(_int_or_none(name)) else np.zeros(len(ids), dtype=bool)
+    from .data import canonical_int  # (data imports this module)
+    n = canonical_int(name)
+    return ids == n if n is not None else np.zeros(len(ids), dtype=bool)
 
 
-def _int_or_none(name):
-    try:
-        return int(name)
-    except ValueError:
-        return None
+def _field_bytes(buf, s, width):
+    """The ``width`` bytes of ``buf`` from each of the offsets ``s``, (n, width) (past the end:
+    zeros)."""
+    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
+    return np.lib.stride_tricks.sliding_window_view(padded, width)[s]
 
 
 def _canonical_length(v):
@@ -253,8 +253,7 @@ def _stamps(buf, s, length, stamps):
     """The fields [s, s + length) of ``buf``, each of one of the ``stamps`` (a ``_FORMATS`` entry),
     UTC, as seconds since the epoch."""
     width = int(length.max())
-    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
-    g = np.lib.stride_tricks.sliding_window_view(padded, width)[s]  # (each field's bytes and what follows)
+    g = _field_bytes(buf, s, width)  # (each field's bytes and what follows)
     widths = np.unique(length)
     for w in widths:  # (each field matches its width's template)
         if int(w) not in stamps:
