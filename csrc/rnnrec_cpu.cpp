@@ -2911,6 +2911,9 @@ class InferPlan {
       return train_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                         w.data(), int64_t(w.size()), exact, mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
                         backend_);
+    // (without autograd too: a weight of a subclass with __torch_function__ must see the op's call,
+    // and torch.nn's result is of its class; this path's outputs are plain tensors)
+    if (!exact) return py::none();
     if (packed) return infer_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), mode_, reset_after_, layers_, dirs_);
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                       w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_,

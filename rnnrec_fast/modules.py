@@ -100,6 +100,14 @@ def _unrecorded(a, b=None):
             and not _functorch_wrapped(a) and (b is None or not _functorch_wrapped(b))
             and _peek_transform() is None)
 
+def _cpp_copy_ok(a, b=None):
+    """Whether a C++ copy (_C.reverse_padded, pad_packed_sorted, unpad_packed_sorted and their
+    autograd forms) may stand in for ATen's index ops on CPU tensors a (and b): nothing compiles,
+    observes or records the call (a trace, mode, profiler or torch.func transform must see ATen's
+    calls). The callers check the extension, the device and the dtype."""
+    return not _is_compiling() and not _calls_observed() and _unrecorded(a, b)
+
+
 # The op's mode of a module's ``mode``: torch.nn's names on the sequence modules ("GRU", "RNN_TANH",
 # "RNN_RELU"), the op's own on the cells (which torch.nn gives no ``mode``) and in modules pickled
 # before the sequence modules took torch.nn's names.
@@ -627,7 +635,7 @@ class _Reversal:
         if lengths is None:
             return x.flip(0)
         if (_reverse_padded is not None and x.device.type == "cpu" and lengths.device.type == "cpu"
-                and not _is_compiling() and not _calls_observed() and _unrecorded(x, lengths)):
+                and _cpp_copy_ok(x, lengths)):
             if x.requires_grad and torch.is_grad_enabled():
                 return _reverse_padded_autograd(x, lengths)
             return _reverse_padded(x, lengths)
@@ -1066,7 +1074,7 @@ def _pad_packed(input):
     ~4 ms training step)."""
     data, batch_sizes = input[0], input[1]
     if (_pad_packed_sorted is not None and data.device.type == "cpu" and data.is_floating_point()
-            and not _calls_observed() and _unrecorded(data, batch_sizes)):
+            and _cpp_copy_ok(data, batch_sizes)):
         if data.requires_grad and torch.is_grad_enabled():
             x, lengths = _pad_packed_autograd(data, batch_sizes)
         else:
@@ -1082,7 +1090,7 @@ def _unpad_cpu(out, batch_sizes):
     """A padded CPU output (T, B, C) in a PackedSequence's sorted order back to its packed rows, in
     C++ (with _C.unpad_packed_autograd where autograd records it, or ATen's index ops where something else must
     see the call)."""
-    if _calls_observed() or not _unrecorded(out):
+    if not _cpp_copy_ok(out):
         T, B = batch_sizes.shape[0], int(batch_sizes[0])
         rows, _ = _packed_rows(batch_sizes, None, T, B, out.device)
         return out.reshape(-1, out.shape[-1]).index_select(0, rows)

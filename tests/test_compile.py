@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 import torch._inductor
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnrec_fast
 
@@ -173,6 +174,39 @@ def test_jit_trace_warns_only_where_the_trace_depends_on_a_size(kind, kw, x_shap
         assert counts[0] < counts[1], counts
 
 
+class _PackedModel(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, data, batch_sizes, sorted_indices, unsorted_indices):
+        out, h_n = self.rnn(PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices))
+        return out.data, h_n
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_jit_trace_of_a_packed_bidirectional_input_replays_on_new_data(kind):
+    """torch.jit.trace of a model feeding a PackedSequence to a bidirectional module records ATen's
+    padding, per-row reversal and unpadding, not the C++ copies that stand in for them in eager
+    calls (a trace cannot see those: with them the traced model replayed values from the trace,
+    ~1e110 off, from a mutation check), so it gives torch.nn's outputs on other data of the same
+    lengths."""
+    torch.manual_seed(23)
+    ours = getattr(rnnrec_fast, kind)(3, 4, bidirectional=True, dtype=torch.float64)
+    ref = getattr(nn, kind)(3, 4, bidirectional=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    lengths = torch.tensor([5, 2, 4])
+    first, other = (pack_padded_sequence(torch.randn(5, 3, 3, dtype=torch.float64), lengths, enforce_sorted=False)
+                    for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(_PackedModel(ours), tuple(first), check_trace=False)
+    got = traced(*other)
+    out, h_n = ref(other)
+    torch.testing.assert_close(got[0], out.data, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], h_n, rtol=1e-10, atol=1e-12)
+
+
 class _CellModel(nn.Module):
     def __init__(self):
         super().__init__()
@@ -252,7 +286,7 @@ def test_packed_sequence_input_compiles_without_extra_graphs():
     """The module's PackedSequence checks read batch_sizes' values only in eager mode: compiled,
     one graph (reading them split it into four)."""
     from torch._dynamo.testing import CompileCounter
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    from torch.nn.utils.rnn import pad_packed_sequence
 
     packed = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
     # torch 2.6's dynamo runs torch's own pad_packed_sequence on fake tensors, which fails

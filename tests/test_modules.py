@@ -1086,6 +1086,41 @@ def test_subclass_weights_and_functionalize_as_torch_nn(backend, kind):
         assert_close(g, r, torch.float32, "wrapper subclass weight")
 
 
+class _Seen(torch.Tensor):
+    """A __torch_function__ subclass: what torch computes with it keeps the subclass."""
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_function_subclass_weights_as_torch_nn(backend, kind):
+    """Weights of a __torch_function__ subclass (Parameters of it) on a bidirectional module, given a
+    tensor or a PackedSequence, with or without autograd: the outputs are of the subclass and equal
+    to torch.nn's. The C++ inference plan steps aside for such weights, as its autograd path did
+    (it returned plain tensors without autograd, the subclass never seeing the call), and a
+    packed output's unpadding is ATen's (which keeps the subclass), not the C++ copy that serves
+    plain tensors (which returned a plain tensor: from a mutation check)."""
+    torch.manual_seed(29)
+    mods = [getattr(rnnrec_fast, kind)(3, 4, bidirectional=True, dtype=torch.float64, backend=backend)]
+    mods.append(getattr(nn, kind)(3, 4, bidirectional=True, dtype=torch.float64))
+    mods[1].load_state_dict(mods[0].state_dict())
+    for m in mods:
+        for name, p in list(m.named_parameters()):
+            setattr(m, name, nn.Parameter(p.detach().as_subclass(_Seen)))
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    plain = lambda t: t.as_subclass(torch.Tensor)  # noqa: E731
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        for inp in (x, packed):
+            with grad_mode():
+                (out, h_n), (want_out, want_h) = (m(inp) for m in mods)
+            if inp is packed:
+                out, want_out = out.data, want_out.data
+            assert type(want_out) is _Seen and type(want_h) is _Seen  # (torch.nn's)
+            assert type(out) is _Seen and type(h_n) is _Seen, (grad_mode.__name__, type(inp).__name__)
+            torch.testing.assert_close(plain(out), plain(want_out), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(plain(h_n), plain(want_h), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell"])
 def test_freed_or_shrunk_storage_is_refused(backend, kind):
@@ -1168,6 +1203,36 @@ def test_forward_ad_is_never_silently_dropped(backend, kind):
     with torch.no_grad():
         ours(x)  # and outside dual_level the fast path serves again
     assert rnnrec_fast.last_backend() == backend
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_forward_ad_through_a_packed_bidirectional_module(kind):
+    """Forward-mode AD through a PackedSequence into a bidirectional module: its padding, the
+    reverse direction's per-row reversal and its unpadding (C++ copies on the CPU, which carry no
+    tangent) step aside for ATen's index ops inside dual_level, so out.data and h_n carry
+    torch.nn's tangents, under no_grad and with autograd on (with the copies taken there the
+    tangent was dropped: None, from a mutation check)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(19)
+    ours = getattr(rnnrec_fast, kind)(3, 4, bidirectional=True, dtype=torch.float64)
+    ref = getattr(nn, kind)(3, 4, bidirectional=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    lengths = torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(torch.randn(5, 3, 3, dtype=torch.float64), lengths, enforce_sorted=False)
+    tangent = torch.randn_like(packed.data)
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        got = []
+        for m in (ours, ref):
+            with grad_mode(), fwAD.dual_level():
+                dual = PackedSequence(fwAD.make_dual(packed.data, tangent), packed.batch_sizes,
+                                      packed.sorted_indices, packed.unsorted_indices)
+                out, h_n = m(dual)
+                got.append([fwAD.unpack_dual(out.data), fwAD.unpack_dual(h_n)])
+        for (mine, theirs) in zip(*got):
+            assert mine.tangent is not None
+            torch.testing.assert_close(mine.primal, theirs.primal, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(mine.tangent, theirs.tangent, rtol=1e-10, atol=1e-12)
 
 
 def _transform_case(kind, backend):
