@@ -1035,6 +1035,106 @@ def test_changes_after_fast_calls_are_seen(change):
         served_fast()
 
 
+_PY_PLAN_CASES = ["forward_pre_hook", "forward_hook", "global_forward_pre_hook", "global_forward_hook",
+                   "hx_keyword", "resets_positional", "no_input", "subclass_forward", "instance_forward",
+                   "module_compile", "hx_function_subclass", "torch_compile_fullgraph", "inside_func_grad"]
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("case", _PY_PLAN_CASES)
+def test_python_plans_take_only_the_calls_forward_would(backend, case):
+    """The Python backends' inference plan (no autograd; taken in modules._FastPath._call_after)
+    serves a call only where nn.Module.__call__ would call the module's own forward at once with
+    (input[, hx]) and nothing must see the call: hooks (the module's, global ones) run, hx by
+    keyword and a third positional argument (resets) are honoured, a call without input is torch's
+    TypeError, a subclass's or an instance's forward and module.compile() run, an hx of a
+    __torch_function__ subclass keeps its class, torch.compile traces the op, and a call inside a
+    torch.func transform gives torch.nn's result. (From a mutation check: each of those guards,
+    taken away, passed every test before.)"""
+    from torch.nn.modules import module as nn_module
+
+    if not backends.available(backend):
+        pytest.skip(f"{backend} backend unavailable")
+    torch.manual_seed(31)
+    ref = nn.GRU(3, 4).eval()
+    m = rnnrec_fast.from_torch(ref, backend=backend).eval()
+    x, h = torch.randn(5, 2, 3), torch.randn(1, 2, 4)
+    with torch.no_grad():
+        want, want_h = ref(x, h)
+        want_no_h = ref(x)[0]
+    seen = []
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6)
+    if case in ("forward_pre_hook", "forward_hook", "global_forward_pre_hook", "global_forward_hook"):
+        register = {"forward_pre_hook": m.register_forward_pre_hook, "forward_hook": m.register_forward_hook,
+                    "global_forward_pre_hook": nn_module.register_module_forward_pre_hook,
+                    "global_forward_hook": nn_module.register_module_forward_hook}[case]
+        handle = register(lambda *args: seen.append(1))
+        try:
+            with torch.no_grad():
+                close(m(x, h)[0], want)
+        finally:
+            handle.remove()
+        assert seen == [1], "the hook did not run"
+    elif case == "hx_keyword":
+        with torch.no_grad():
+            close(m(x, hx=h)[0], want)
+    elif case == "resets_positional":
+        resets = torch.zeros(5, 2, dtype=torch.bool)
+        resets[2] = True
+        with torch.no_grad():
+            assert torch.equal(m(x, h, resets)[0], m.forward(x, h, resets)[0])
+            assert not torch.equal(m(x, h, resets)[0], m(x, h)[0])
+    elif case == "no_input":
+        with torch.no_grad(), pytest.raises(TypeError, match="input"):
+            m()
+    elif case in ("subclass_forward", "instance_forward"):
+        if case == "subclass_forward":
+            class Shifted(type(m)):
+                def forward(self, input, hx=None):
+                    out, h_n = super().forward(input, hx)
+                    return out + 100, h_n
+            m = Shifted(3, 4, backend=backend).eval()
+            m.load_state_dict(ref.state_dict())
+        else:
+            plain_forward = m.forward
+            m.forward = lambda input, hx=None: (plain_forward(input, hx)[0] + 100, None)
+        with torch.no_grad():
+            close(m(x, h)[0], want + 100)
+    elif case == "module_compile":
+        def counting(gm, inputs):
+            seen.append(1)
+            return gm.forward
+        m.compile(backend=counting)
+        with torch.no_grad():
+            close(m(x, h)[0], want)
+        assert seen, "module.compile()'s backend was not used"
+    elif case == "hx_function_subclass":
+        class Seen(torch.Tensor):
+            pass
+        with torch.no_grad():
+            out, h_n = m(x, h.as_subclass(Seen))
+            want_sub = ref(x, h.as_subclass(Seen))[0]
+        assert type(want_sub) is Seen and type(out) is Seen and type(h_n) is Seen
+        close(out.as_subclass(torch.Tensor), want)
+    elif case == "torch_compile_fullgraph":
+        import torch._dynamo as dynamo
+        dynamo.reset()
+        targets = []
+
+        def recording(gm, inputs):
+            targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+        with torch.no_grad():
+            close(torch.compile(m, backend=recording, fullgraph=True)(x)[0], want_no_h)
+        assert any("recurrence" in t for t in targets), targets
+    elif case == "inside_func_grad":
+        def f(w):
+            with torch.no_grad():
+                y = m(x, h)[0]
+            return y.sum() * w
+        close(torch.func.grad(f)(torch.tensor(1.0)), want.sum())
+
+
 def _python_frames(call):
     """(the names of the Python functions that call() runs, but its own frame; its result)."""
     names = []
