@@ -1037,7 +1037,8 @@ def test_changes_after_fast_calls_are_seen(change):
 
 _PY_PLAN_CASES = ["forward_pre_hook", "forward_hook", "global_forward_pre_hook", "global_forward_hook",
                    "hx_keyword", "resets_positional", "no_input", "subclass_forward", "instance_forward",
-                   "module_compile", "hx_function_subclass", "torch_compile_fullgraph", "inside_func_grad"]
+                   "module_compile", "hx_function_subclass", "torch_compile_fullgraph", "inside_func_grad",
+                   "hx_other_dtype", "weight_refit"]
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])
@@ -1049,8 +1050,10 @@ def test_python_plans_take_only_the_calls_forward_would(backend, case):
     keyword and a third positional argument (resets) are honoured, a call without input is torch's
     TypeError, a subclass's or an instance's forward and module.compile() run, an hx of a
     __torch_function__ subclass keeps its class, torch.compile traces the op, and a call inside a
-    torch.func transform gives torch.nn's result. (From a mutation check: each of those guards,
-    taken away, passed every test before.)"""
+    torch.func transform gives torch.nn's result; an hx of another dtype is the general path's
+    error, and a weight of other sizes set back to fitting ones brings the plan back (forward no
+    longer runs). (From a mutation check: each of those guards, taken away, passed every test
+    before.)"""
     from torch.nn.modules import module as nn_module
 
     if not backends.available(backend):
@@ -1127,6 +1130,24 @@ def test_python_plans_take_only_the_calls_forward_would(backend, case):
         with torch.no_grad():
             close(torch.compile(m, backend=recording, fullgraph=True)(x)[0], want_no_h)
         assert any("recurrence" in t for t in targets), targets
+    elif case == "hx_other_dtype":
+        with torch.no_grad(), pytest.raises(ValueError, match="hx has dtype torch.float64"):
+            m(x, h.double())
+    elif case == "weight_refit":
+        fitting = m.weight_hh_l0
+        m.weight_hh_l0 = nn.Parameter(torch.randn(12, 5))
+        with torch.no_grad(), pytest.raises(ValueError):
+            m(x, h)
+        m.weight_hh_l0 = fitting
+        codes = []
+        sys.setprofile(lambda frame, event, arg: codes.append(frame.f_code) if event == "call" else None)
+        try:
+            with torch.no_grad():
+                out = m(x, h)
+        finally:
+            sys.setprofile(None)
+        assert type(m).forward.__code__ not in codes, "the module's forward ran: no plan"
+        close(out[0], want)
     elif case == "inside_func_grad":
         def f(w):
             with torch.no_grad():
