@@ -2540,16 +2540,15 @@ class OpCalls {
 // (its autograd kernel records the node, as the Python call's does), the same outputs (h_n of one
 // layer made by unsqueeze_ in place, of several by stack). What the Python forward would have
 // spent on its frame, attribute reads and checks around those calls (~70 of a ~95 us call at H =
-// 4, one thread, Zen 3 VM, ad hoc) is left out. Takes exactly what infer_impl takes (call_shape)
-// with weights that are plain tensors or Parameters (a subclass's __torch_function__ must see the
-// call: `exact` false declines); the caller declines what the Python forward would not hand to
-// a plan (dropout in training mode, observed calls, tracing, dispatch modes). The GIL is released
+// 4, one thread, Zen 3 VM, ad hoc) is left out. Takes exactly what infer_impl takes (call_shape);
+// the caller declines what the Python forward would not hand to a plan (weights of a tensor
+// subclass, dropout in training mode, observed calls, tracing, dispatch modes). The GIL is released
 // around the calls, as the op's call from Python releases it.
 py::object train_impl(const at::Tensor& input, const at::Tensor* hx_in, const at::Tensor* const* weights, int64_t nw,
-                      bool exact, int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
+                      int64_t mode, bool reset_after, int64_t layers, bool batch_first, bool cell,
                       int64_t dirs, const std::string& backend) {
   CallShape cs;
-  if (!exact || !at::GradMode::is_enabled() ||
+  if (!at::GradMode::is_enabled() ||
       !call_shape(input, hx_in, weights, nw, mode, layers, batch_first, cell, dirs, cs))
     return py::none();
   const OpCalls call(weights, nw, cs.ls.per_layer, mode, reset_after, backend);
@@ -2826,10 +2825,10 @@ py::object infer_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
 // calls that RecordFunction observers see (forward's padding and reversal are then ATen's index
 // ops, which they see). B=2, T=3, H=4, one thread, Zen 3 VM (ad hoc):
 // a packed forward's ~150 us of Python around ~20 us of work.
-py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw, bool exact,
+py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* const* weights, int64_t nw,
                         int64_t mode, bool reset_after, int64_t layers, int64_t dirs, const std::string& backend) {
   PackedShape ps;
-  if (!exact || !at::GradMode::is_enabled() ||
+  if (!at::GradMode::is_enabled() ||
       at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value() ||
       !packed_shape(packed, hx_obj, weights, nw, mode, layers, dirs, ps))
     return py::none();
@@ -2898,22 +2897,20 @@ class InferPlan {
       params_tag_ = tag;
     }
     c10::SmallVector<const at::Tensor*, 16> w;
-    bool exact = true;  // (plain tensors or Parameters: no __torch_function__ of a subclass's)
+    // plain tensors or Parameters only, with autograd or without: a weight of a subclass with
+    // __torch_function__ must see the op's call, and torch.nn's result is of its class (the
+    // plan's outputs are plain tensors)
     for (PyObject* p : params_found_) {
-      if (!THPVariable_Check(p)) return py::none();
-      exact = exact && THPVariable_CheckExact(p);
+      if (!THPVariable_CheckExact(p)) return py::none();
       w.push_back(&THPVariable_Unpack(p));
     }
     if (grad && packed)
-      return train_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), exact, mode_, reset_after_, layers_,
+      return train_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), mode_, reset_after_, layers_,
                           dirs_, backend_);
     if (grad)
       return train_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
-                        w.data(), int64_t(w.size()), exact, mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
+                        w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
                         backend_);
-    // (without autograd too: a weight of a subclass with __torch_function__ must see the op's call,
-    // and torch.nn's result is of its class; this path's outputs are plain tensors)
-    if (!exact) return py::none();
     if (packed) return infer_packed(input.ptr(), hx.ptr(), w.data(), int64_t(w.size()), mode_, reset_after_, layers_, dirs_);
     return infer_impl(THPVariable_Unpack(input.ptr()), hx.is_none() ? nullptr : &THPVariable_Unpack(hx.ptr()),
                       w.data(), int64_t(w.size()), mode_, reset_after_, layers_, batch_first_, cell_, dirs_,
