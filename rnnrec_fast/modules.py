@@ -100,6 +100,7 @@ def _unrecorded(a, b=None):
             and not _functorch_wrapped(a) and (b is None or not _functorch_wrapped(b))
             and _peek_transform() is None)
 
+
 def _cpp_copy_ok(a, b=None):
     """Whether a C++ copy (_C.reverse_padded, pad_packed_sorted, unpad_packed_sorted and their
     autograd forms) may stand in for ATen's index ops on CPU tensors a (and b): nothing compiles,

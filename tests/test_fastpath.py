@@ -1139,13 +1139,8 @@ def test_python_plans_take_only_the_calls_forward_would(backend, case):
         with torch.no_grad(), pytest.raises(ValueError):
             m(x, h)
         m.weight_hh_l0 = fitting
-        codes = []
-        sys.setprofile(lambda frame, event, arg: codes.append(frame.f_code) if event == "call" else None)
-        try:
-            with torch.no_grad():
-                out = m(x, h)
-        finally:
-            sys.setprofile(None)
+        with torch.no_grad():
+            codes, out = _python_codes(lambda: m(x, h))
         assert type(m).forward.__code__ not in codes, "the module's forward ran: no plan"
         close(out[0], want)
     elif case == "inside_func_grad":
@@ -1156,15 +1151,21 @@ def test_python_plans_take_only_the_calls_forward_would(backend, case):
         close(torch.func.grad(f)(torch.tensor(1.0)), want.sum())
 
 
-def _python_frames(call):
-    """(the names of the Python functions that call() runs, but its own frame; its result)."""
-    names = []
-    sys.setprofile(lambda frame, event, arg: names.append(frame.f_code.co_name) if event == "call" else None)
+def _python_codes(call):
+    """(the code objects of the Python functions that call() runs, but its own frame; its result)."""
+    codes = []
+    sys.setprofile(lambda frame, event, arg: codes.append(frame.f_code) if event == "call" else None)
     try:
         out = call()
     finally:
         sys.setprofile(None)
-    return names[1:], out
+    return codes[1:], out
+
+
+def _python_frames(call):
+    """(the names of the Python functions that call() runs, but its own frame; its result)."""
+    codes, out = _python_codes(call)
+    return [c.co_name for c in codes], out
 
 
 @needs_ext
