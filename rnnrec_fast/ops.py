@@ -687,6 +687,15 @@ def _reference_recompute(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, r
     return y, h_n, ws
 
 
+@torch.compiler.assume_constant_result
+def _resolve_traced(backend, device_type, dtype):
+    """_reference_op's backend check and last_backend() while dynamo traces it: once, at the trace
+    (dynamo cannot trace the backends' loading lock)."""
+    _resolve(backend, device_type, dtype)
+    _set_last("reference")
+    return True
+
+
 def _reference_op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after, backend):
     """The op as torch operations (_reference_recompute), with the op's checks, where its own
     autograd cannot serve: forward-mode AD (a tangent on an input: torch.func.jvp, jacfwd, hessian,
@@ -696,8 +705,11 @@ def _reference_op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_af
     still checked (refused where it cannot run these tensors)."""
     _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_length_values(lengths, x.shape[0])
-    _resolve(backend, x.device.type, x.dtype)
-    _set_last("reference")
+    if torch.compiler.is_compiling():  # (once, while tracing: dynamo cannot trace the lookups)
+        _resolve_traced(backend, x.device.type, x.dtype)
+    else:
+        _resolve(backend, x.device.type, x.dtype)
+        _set_last("reference")
     with _autocast_off(x.device.type):
         return _reference_recompute(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
 
@@ -832,6 +844,14 @@ def _grad_transform_active(name=None):
     return True
 
 
+@torch.compiler.assume_constant_result
+def _grad_transform_traced():
+    """_grad_transform_active() read once while dynamo traces (it cannot trace the interpreter
+    stack): the transforms a traced call is nested in are fixed by the traced code, and dynamo
+    guards a compiled frame on the stack it was entered with."""
+    return _grad_transform_active()
+
+
 def _vmap_active():
     stack = torch._C._functorch.get_interpreter_stack()
     return bool(stack) and any(i.key() == _TransformType.Vmap for i in stack)
@@ -858,14 +878,17 @@ def op_for(name, *tensors):
     ``torch.ops.rnnrec_fast.recurrence.default`` (while compiling too: dynamo traces the op, but
     inside a forward-mode level, torch.compile(jvp(f)) or jacfwd, which dynamo traces, it takes
     _reference_op whether or not a tangent reaches the call: the op there met a wrapped tensor
-    torch refuses, and reading a tangent of a vmap-batched tensor fails in dynamo's fake run. The
-    nestings that _reference_needed reads from torch.func's interpreter stack, which dynamo cannot
-    trace, are not looked for there);
+    torch refuses, and reading a tangent of a vmap-batched tensor fails in dynamo's fake run; so it
+    does inside torch.func.grad, vjp or jacrev that dynamo traces (torch.compile(grad(f))), where
+    the op's registered autograd is refused at the transform's level and dynamo cannot trace the
+    autograd function: _grad_transform_traced, a constant of the trace);
     _reference_op, the op in torch operations, where a derivative its autograd does not give is
     wanted (_reference_needed: forward mode, nested reverse transforms); or while one of torch.func's
     autograd-based transforms is active, the autograd function above, which they run."""
     if torch.compiler.is_compiling():
-        return _reference_op if _forward_ad._current_level >= 0 else torch.ops.rnnrec_fast.recurrence.default
+        if _forward_ad._current_level >= 0 or _grad_transform_traced():
+            return _reference_op
+        return torch.ops.rnnrec_fast.recurrence.default
     if _reference_needed(tensors):
         return _reference_op
     return _func_recurrence if _grad_transform_active(name) else torch.ops.rnnrec_fast.recurrence.default

@@ -425,9 +425,10 @@ def test_compile_of_vmap_over_a_module(kind):
 def test_torch_func_transforms_of_a_compiled_module(kind, transform):
     """torch.func's forward-mode and second-order transforms of a compiled module (jvp, jacfwd,
     hessian, grad(grad(f))), and jvp / jacfwd inside a compiled function (where a tangent reaches
-    the module, traced: ops.op_for takes the op's torch operations): torch.nn's answers (the same
-    transform of the eager torch.nn twin). (hessian and grad inside a compiled function fail, and a
-    dual tensor given to a compiled module, as for torch.nn.Linear: the README says so.)"""
+    the module, traced: ops.op_for takes the op's torch operations, in one graph: fullgraph=True
+    failed on the backends' loading lock): torch.nn's answers (the same transform of the eager
+    torch.nn twin). (A dual tensor given to a compiled module fails, as for
+    torch.nn.Linear: the README says so. The reverse transforms inside a compiled function: below.)"""
     torch.manual_seed(0)
     module = getattr(rnnrec_fast, kind)(4, 5, **({"batch_first": True} if kind == "GRU" else {})).double()
     twin = rnnrec_fast.to_torch(module)
@@ -448,7 +449,8 @@ def test_torch_func_transforms_of_a_compiled_module(kind, transform):
             g = lambda x, t: torch.func.hessian(f)(x)  # noqa: E731
         else:
             g = lambda x, t: torch.func.grad(lambda x: torch.func.grad(f)(x).sin().sum())(x)  # noqa: E731
-        return (torch.compile(g, backend="aot_eager") if compiled and inside else g)(x, t)
+        # (ours inside a compiled function in one graph: torch.nn.GRU's has graph breaks)
+        return (torch.compile(g, backend="aot_eager", fullgraph=m is module) if compiled and inside else g)(x, t)
 
     try:
         apply(twin, compiled=True)
@@ -462,12 +464,67 @@ def test_torch_func_transforms_of_a_compiled_module(kind, transform):
     assert rnnrec_fast.last_backend() == "reference"  # (derivatives the op's autograd does not give)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "hessian", "grad_of_grad", "vmap_of_grad"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell", "RNN_relu_2_bidirectional"])
+def test_torch_func_reverse_transforms_inside_a_compiled_function(kind, transform):
+    """torch.compile(fullgraph=True) of a function that calls torch.func's reverse-mode transforms
+    on a module (grad, vjp, jacrev, hessian, grad(grad(f)), per-sample vmap(grad(f))): torch.nn's
+    answers (the same transform of the eager torch.nn twin) from one graph, the module traced as
+    the op's torch operations (ops.op_for). grad, vjp and jacrev failed there ('RuntimeError when
+    making fake tensor call': dynamo traced the op at the transform's level, where torch refuses its
+    registered autograd). torch.nn's RNN modules compile only with graph breaks (dynamo runs them
+    eagerly), torch.nn.GRUCell whole."""
+    torch.manual_seed(0)
+    if kind == "RNN_relu_2_bidirectional":
+        module = rnnrec_fast.RNN(4, 5, num_layers=2, bidirectional=True, nonlinearity="relu").double()
+    else:
+        module = getattr(rnnrec_fast, kind)(4, 5, **({"batch_first": True} if kind == "GRU" else {})).double()
+    twin = rnnrec_fast.to_torch(module)
+    shape = (2, 4) if kind == "GRUCell" else (3, 2, 4)
+    x = torch.randn(shape, dtype=torch.float64)
+    bdim = 1 if kind.startswith("RNN") else 0  # (the batch dimension)
+
+    def make(m):
+        out = m if kind == "GRUCell" else (lambda x: m(x)[0])
+        f = lambda x: out(x).square().sum()  # noqa: E731
+        if transform == "grad":
+            return lambda x: torch.func.grad(f)(x)
+        if transform == "vjp":
+            return lambda x: torch.func.vjp(out, x)[1](x.sin().sum(-1, keepdim=True).expand(
+                *x.shape[:-1], 5 * (2 if "bidirectional" in kind else 1)))[0]
+        if transform == "jacrev":
+            return lambda x: torch.func.jacrev(out)(x)
+        if transform == "hessian":
+            return lambda x: torch.func.hessian(f)(x)
+        if transform == "grad_of_grad":
+            return lambda x: torch.func.grad(lambda x: torch.func.grad(f)(x).sin().sum())(x)
+        return lambda x: torch.func.vmap(torch.func.grad(f), in_dims=bdim, out_dims=bdim)(x)  # (unbatched samples)
+
+    if transform == "vmap_of_grad":  # (torch.nn's RNN modules have no batching rule: one sample at a time)
+        f = lambda xi: (twin(xi) if kind == "GRUCell" else twin(xi)[0]).square().sum()  # noqa: E731
+        expected = torch.stack([torch.func.grad(f)(x.select(bdim, i)) for i in range(x.shape[bdim])], dim=bdim)
+    else:
+        try:
+            torch._dynamo.reset()
+            torch.compile(make(twin), backend="aot_eager")(x)
+        except Exception as e:  # noqa: BLE001 - whatever this torch raises there
+            pytest.skip(f"this torch cannot compile {transform} of a torch.nn {kind}: {type(e).__name__}")
+        expected = make(twin)(x)
+    rnnrec_fast.ops._set_last("cpp")  # (what a call of the op would leave)
+    torch._dynamo.reset()
+    got = torch.compile(make(module), backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert rnnrec_fast.last_backend() == "reference"
+
+
 @pytest.mark.parametrize("case", ["tangent_beside_the_module", "jvp_of_vmap"])
 def test_compiled_forward_mode_where_the_module_holds_no_tangent_of_its_own(case):
     """torch.compile of a function calling jvp where the tangent does not reach the module (it
     scales the cell's output), and of jvp over vmap of a cell: torch.nn's answers (the first met a
     wrapped tensor the op refuses; the second read a tangent through a vmap-batched tensor, which
-    fails in dynamo's fake run: 'Batching rule not implemented for aten::_unpack_dual')."""
+    fails in dynamo's fake run: 'Batching rule not implemented for aten::_unpack_dual'), in one
+    graph (fullgraph=True: it broke on the backends' loading lock)."""
     torch.manual_seed(0)
     cell = rnnrec_fast.GRUCell(3, 4).double()
     twin = rnnrec_fast.to_torch(cell)
@@ -486,7 +543,37 @@ def test_compiled_forward_mode_where_the_module_holds_no_tangent_of_its_own(case
     expected = f(*args)
     f, args = make(cell)
     torch._dynamo.reset()
-    got = torch.compile(f, backend="aot_eager")(*args)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["outside_and_inside_jvp", "outside_and_inside_grad",
+                                  "jacfwd_of_a_module_compiled_before"])
+def test_compiled_function_mixing_transformed_and_plain_calls(case):
+    """A compiled function that calls a module both outside a transform and inside it (jvp, grad),
+    and jacfwd inside a compiled function on a module that was given to torch.compile before:
+    torch.nn's answers in one graph (each failed: 'RuntimeError when making fake tensor call' where
+    the op was traced inside the transform, and a dynamo assertion, 'Expected attribute mutation for
+    UserFunctionVariable', for the module compiled before)."""
+    torch.manual_seed(0)
+    cell = rnnrec_fast.GRUCell(3, 4).double()
+    twin = rnnrec_fast.to_torch(cell)
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+
+    def make(m):
+        if case == "outside_and_inside_jvp":
+            return lambda x: m(x, h).sum() + torch.func.jvp(lambda x: m(x, h), (x,), (x.cos(),))[1].sum()
+        if case == "outside_and_inside_grad":
+            return lambda x: m(x, h) + torch.func.grad(lambda x: m(x, h).square().sum())(x).sum(-1, keepdim=True)
+        return lambda x: torch.func.jacfwd(m)(x, h)
+
+    f = make(twin)
+    _skip_unless_torch_compiles(f"this function of a torch.nn.GRUCell ({case})", f, x)
+    expected = f(x)
+    if case == "jacfwd_of_a_module_compiled_before":
+        torch.compile(cell, backend="aot_eager")(x, h)  # (dynamo not reset after it)
+    got = torch.compile(make(cell), backend="aot_eager", fullgraph=True)(x)
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
