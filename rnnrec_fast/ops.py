@@ -687,7 +687,15 @@ def _reference_recompute(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, r
     return y, h_n, ws
 
 
-@torch.compiler.assume_constant_result
+def _constant_of_the_trace(fn):
+    """torch.compiler.assume_constant_result(fn) (dynamo calls fn while tracing and puts its
+    result in the graph as a constant) without its import of torch._dynamo, which imports sympy
+    (~0.3 s of `import rnnrec_fast`): the mark it sets (tests/test_compile.py checks that they agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_of_the_trace
 def _resolve_traced(backend, device_type, dtype):
     """_reference_op's backend check and last_backend() while dynamo traces it: once, at the trace
     (dynamo cannot trace the backends' loading lock)."""
@@ -844,7 +852,7 @@ def _grad_transform_active(name=None):
     return True
 
 
-@torch.compiler.assume_constant_result
+@_constant_of_the_trace
 def _grad_transform_traced():
     """_grad_transform_active() read once while dynamo traces (it cannot trace the interpreter
     stack): the transforms a traced call is nested in are fixed by the traced code, and dynamo

@@ -548,6 +548,17 @@ def test_compiled_forward_mode_where_the_module_holds_no_tangent_of_its_own(case
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
 
+def test_constants_of_the_trace_carry_torchs_own_mark():
+    """ops marks the functions dynamo is to call once while tracing as torch's
+    assume_constant_result would, without importing torch._dynamo (test_packaging: no sympy at
+    import): the marks must be torch's."""
+    marked = torch.compiler.assume_constant_result(lambda: True)
+    mark = dict(vars(marked))
+    assert mark
+    for fn in (rnnrec_fast.ops._resolve_traced, rnnrec_fast.ops._grad_transform_traced):
+        assert {k: vars(fn).get(k) for k in mark} == mark, fn.__name__
+
+
 @pytest.mark.parametrize("case", ["outside_and_inside_jvp", "outside_and_inside_grad",
                                   "jacfwd_of_a_module_compiled_before"])
 def test_compiled_function_mixing_transformed_and_plain_calls(case):
