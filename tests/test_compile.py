@@ -174,6 +174,34 @@ def test_jit_trace_warns_only_where_the_trace_depends_on_a_size(kind, kw, x_shap
         assert counts[0] < counts[1], counts
 
 
+@pytest.mark.parametrize("kind,x_shape,h_shape", [("GRU", (5, 0, 3), (1, 0, 4)), ("RNN", (5, 0, 3), None),
+                                                  ("GRUCell", (0, 3), (0, 4)), ("RNNCell", (0, 3), None)])
+def test_compiled_empty_batch_in_one_graph(kind, x_shape, h_shape):
+    """A batch of zero rows, which torch.nn accepts and the modules run as the reference math on
+    empty tensors (modules._empty_batch), compiles in one graph (fullgraph=True) with torch.nn's
+    outputs and weight gradients (the eager-only backend check and last_backend() kept out of the
+    trace: in it, dynamo refused the graph, from a mutation check)."""
+    torch.manual_seed(0)
+    ours = getattr(rnnrec_fast, kind)(3, 4)
+    ref = rnnrec_fast.to_torch(ours)
+    args = (torch.randn(*x_shape),) + ((torch.randn(*h_shape),) if h_shape else ())
+    torch._dynamo.reset()
+    got = torch.compile(ours, backend="aot_eager", fullgraph=True)(*args)
+    torch._dynamo.reset()
+    want = ref(*args)
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    loss = lambda outs: sum(o.sum() for o in outs)  # noqa: E731
+    g_ours = torch.autograd.grad(loss(got), list(ours.parameters()), allow_unused=True)
+    g_ref = torch.autograd.grad(loss(want), list(ref.parameters()), allow_unused=True)
+    for name, g, w in zip([n for n, _ in ours.named_parameters()], g_ours, g_ref):
+        g = torch.zeros_like(w) if g is None and w is not None else g
+        w = torch.zeros_like(g) if w is None and g is not None else w
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 class _PackedModel(nn.Module):
     def __init__(self, rnn):
         super().__init__()
