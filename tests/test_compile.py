@@ -202,6 +202,32 @@ def test_compiled_empty_batch_in_one_graph(kind, x_shape, h_shape):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_compiled_python_backend_module_without_grad_in_one_graph(backend, kind, grad_mode):
+    """A module on a Python backend (numba, reference) compiled and called without autograd, where
+    eagerly its inference plan (_FastPath._call_after) would run: dynamo must trace forward's op
+    call instead (tracing the plan, it refused the graph: 'torch.* op returned non-Tensor'; from a
+    mutation check), one graph with torch.nn's outputs."""
+    from rnnrec_fast import backends
+
+    if not backends.available(backend):
+        pytest.skip(f"backend {backend!r} unavailable: {backends.unavailable_reason(backend)}")
+    torch.manual_seed(0)
+    ours = getattr(rnnrec_fast, kind)(3, 4, backend=backend)
+    ref = rnnrec_fast.to_torch(ours)
+    x = torch.randn(5, 2, 3) if kind == "GRU" else torch.randn(2, 3)
+    torch._dynamo.reset()
+    with getattr(torch, grad_mode)():
+        got = torch.compile(ours, backend="aot_eager", fullgraph=True)(x)
+        want = ref(x)
+    torch._dynamo.reset()
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 class _PackedModel(nn.Module):
     def __init__(self, rnn):
         super().__init__()
