@@ -572,6 +572,13 @@ def test_torch_func_reverse_transforms_inside_a_compiled_function(kind, transfor
     assert rnnrec_fast.last_backend() == "reference"
 
 
+def _float64_cell_twin_and_inputs():
+    """A float64 GRUCell(3, 4), its torch.nn twin, an input (2, 3) and a state (2, 4); seed 0."""
+    torch.manual_seed(0)
+    cell = rnnrec_fast.GRUCell(3, 4).double()
+    return cell, rnnrec_fast.to_torch(cell), torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("case", ["tangent_beside_the_module", "jvp_of_vmap"])
 def test_compiled_forward_mode_where_the_module_holds_no_tangent_of_its_own(case):
     """torch.compile of a function calling jvp where the tangent does not reach the module (it
@@ -579,10 +586,7 @@ def test_compiled_forward_mode_where_the_module_holds_no_tangent_of_its_own(case
     wrapped tensor the op refuses; the second read a tangent through a vmap-batched tensor, which
     fails in dynamo's fake run: 'Batching rule not implemented for aten::_unpack_dual'), in one
     graph (fullgraph=True: it broke on the backends' loading lock)."""
-    torch.manual_seed(0)
-    cell = rnnrec_fast.GRUCell(3, 4).double()
-    twin = rnnrec_fast.to_torch(cell)
-    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    cell, twin, x, h = _float64_cell_twin_and_inputs()
 
     def make(m):
         if case == "tangent_beside_the_module":
@@ -621,10 +625,7 @@ def test_compiled_function_mixing_transformed_and_plain_calls(case):
     torch.nn's answers in one graph (each failed: 'RuntimeError when making fake tensor call' where
     the op was traced inside the transform, and a dynamo assertion, 'Expected attribute mutation for
     UserFunctionVariable', for the module compiled before)."""
-    torch.manual_seed(0)
-    cell = rnnrec_fast.GRUCell(3, 4).double()
-    twin = rnnrec_fast.to_torch(cell)
-    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    cell, twin, x, h = _float64_cell_twin_and_inputs()
 
     def make(m):
         if case == "outside_and_inside_jvp":
