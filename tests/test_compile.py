@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 import torch._inductor
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnrec_fast
@@ -618,13 +619,15 @@ def test_constants_of_the_trace_carry_torchs_own_mark():
 
 
 @pytest.mark.parametrize("case", ["outside_and_inside_jvp", "outside_and_inside_grad",
-                                  "jacfwd_of_a_module_compiled_before"])
+                                  "jacfwd_of_a_module_compiled_before", "forward_ad_dual_level_inside"])
 def test_compiled_function_mixing_transformed_and_plain_calls(case):
     """A compiled function that calls a module both outside a transform and inside it (jvp, grad),
-    and jacfwd inside a compiled function on a module that was given to torch.compile before:
-    torch.nn's answers in one graph (each failed: 'RuntimeError when making fake tensor call' where
-    the op was traced inside the transform, and a dynamo assertion, 'Expected attribute mutation for
-    UserFunctionVariable', for the module compiled before)."""
+    jacfwd inside a compiled function on a module that was given to torch.compile before, and a
+    forward_ad.dual_level opened inside a compiled function around the module's call on a dual
+    input: torch.nn's answers in one graph (each failed: 'RuntimeError when making fake tensor
+    call' where the op was traced inside the transform or level, the last from a mutation check of
+    ops.op_for, and a dynamo assertion, 'Expected attribute mutation for UserFunctionVariable', for
+    the module compiled before)."""
     cell, twin, x, h = _float64_cell_twin_and_inputs()
 
     def make(m):
@@ -632,6 +635,11 @@ def test_compiled_function_mixing_transformed_and_plain_calls(case):
             return lambda x: m(x, h).sum() + torch.func.jvp(lambda x: m(x, h), (x,), (x.cos(),))[1].sum()
         if case == "outside_and_inside_grad":
             return lambda x: m(x, h) + torch.func.grad(lambda x: m(x, h).square().sum())(x).sum(-1, keepdim=True)
+        if case == "forward_ad_dual_level_inside":
+            def tangent(x):
+                with forward_ad.dual_level():
+                    return forward_ad.unpack_dual(m(forward_ad.make_dual(x, x.cos()), h)).tangent
+            return tangent
         return lambda x: torch.func.jacfwd(m)(x, h)
 
     f = make(twin)
