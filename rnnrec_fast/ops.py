@@ -696,9 +696,9 @@ def _constant_of_the_trace(fn):
 
 
 @_constant_of_the_trace
-def _resolve_traced(backend, device_type, dtype):
-    """_reference_op's backend check and last_backend() while dynamo traces it: once, at the trace
-    (dynamo cannot trace the backends' loading lock)."""
+def _reference_backend_check(backend, device_type, dtype):
+    """_reference_op's backend check and last_backend(): at every eager call, and once where dynamo
+    traces it (a constant of the trace: dynamo cannot trace the backends' loading lock)."""
     _resolve(backend, device_type, dtype)
     _set_last("reference")
     return True
@@ -713,11 +713,7 @@ def _reference_op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_af
     still checked (refused where it cannot run these tensors)."""
     _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     _check_length_values(lengths, x.shape[0])
-    if torch.compiler.is_compiling():  # (once, while tracing: dynamo cannot trace the lookups)
-        _resolve_traced(backend, x.device.type, x.dtype)
-    else:
-        _resolve(backend, x.device.type, x.dtype)
-        _set_last("reference")
+    _reference_backend_check(backend, x.device.type, x.dtype)
     with _autocast_off(x.device.type):
         return _reference_recompute(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode, reset_after)
 
