@@ -7,6 +7,7 @@ import sys
 import tempfile
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -604,3 +605,41 @@ def test_zero_epochs_reports_no_backend_after_an_earlier_op_call(tmp_path, capsy
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert res["backend"] is None and res["train_events"] == 0, res
+
+
+def test_train_resume_goes_on_as_one_longer_run(files, tmp_path, capsys):
+    """train --resume MODEL goes on from the saved model's training state: 1 epoch, saved, and 1
+    more give the weights a 2-epoch run gives, to the bit (the resumed run's --seed plays no part).
+    Its architecture and item map are the model's (an architecture option that differs is refused,
+    as it would be ignored; the same value is fine); clicks on items it does not know are dropped,
+    and said so; a file without a training state is refused."""
+    args = ["train", "--train", files / "train.txt", "--n-sample", "16", "--batch-size", "8", "--quiet"]
+    two, one, more = (str(tmp_path / n) for n in ("two.pt", "one.pt", "more.pt"))
+    assert _run(args + ["--layers", "16", "--seed", "0", "--epochs", "2", "--save", two], capsys)[0] == 0
+    assert _run(args + ["--layers", "16", "--seed", "0", "--epochs", "1", "--save", one], capsys)[0] == 0
+    code, _, err = _run(args + ["--seed", "5", "--epochs", "1", "--resume", one, "--save", more], capsys)
+    assert code == 0 and f"resumed {one} after 1 epoch\n" in err
+    a, b = recsys.load_checkpoint(two), recsys.load_checkpoint(more)
+    assert b.train_state["epochs"] == 2
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # the same file resumed and saved in place; the same --layers given again
+    code, _, err = _run(args + ["--layers", "16", "--epochs", "1", "--resume", more, "--save", more], capsys)
+    assert code == 0 and "after 2 epochs" in err and recsys.load_checkpoint(more).train_state["epochs"] == 3
+    for opt, value in [("--layers", "32"), ("--embedding", "8"), ("--dropout-hidden", "0.1"), ("--reset-after", "false")]:
+        code, _, err = _run(args + [opt, value, "--resume", one], capsys)
+        assert code == 2 and f"{opt} {value} differs from the resumed model's" in err, err
+    # a log with clicks on new items: those dropped, and counted
+    log = recsys.load_clicks(str(files / "train.txt"))
+    extra = recsys.ClickLog(np.concatenate([log.sessions, [10 ** 6, 10 ** 6]]),
+                            np.concatenate([log.items, [10 ** 7 + 1, 10 ** 7 + 2]]),
+                            np.concatenate([log.times, [1.0, 2.0]]))
+    recsys.write_clicks(extra, str(tmp_path / "extra.txt"))
+    code, _, err = _run(["train", "--train", tmp_path / "extra.txt", "--n-sample", "16", "--batch-size", "8",
+                         "--quiet", "--epochs", "1", "--resume", one], capsys)
+    assert code == 0 and "(2 training clicks on items the model does not know dropped)" in err
+    bare = str(tmp_path / "bare.pt")
+    recsys.save_checkpoint(recsys.load_checkpoint(one), bare, train_state=False)
+    code, _, err = _run(args + ["--epochs", "1", "--resume", bare], capsys)
+    assert code == 2 and "holds no training state" in err
+    code, _, err = _run(args + ["--epochs", "1", "--resume", tmp_path / "missing.pt"], capsys)
+    assert code == 2 and "model file not found" in err

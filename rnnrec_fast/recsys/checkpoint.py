@@ -20,12 +20,16 @@ FORMAT = "rnnrec_fast.recsys.GRU4Rec"
 VERSION = 1
 
 
-def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> None:
+def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None, *, train_state: bool = True) -> None:
     """Save ``model`` to ``path`` atomically (temporary file in the same folder + os.replace).
     ``extra``: a dict of what :func:`load_checkpoint` may read back (``model.checkpoint_extra``):
     tensors and plain Python values and containers; NumPy scalars are stored as Python numbers.
     Anything else (a NumPy array, a datetime, an object) is a RecsysError here, before the file is
-    written, where torch.load's weights-only reader would refuse the file that held it."""
+    written, where torch.load's weights-only reader would refuse the file that held it.
+    ``train_state``: also save the model's training state (``model.train_state``, which
+    :func:`train` leaves on the models it returns: the optimiser's state, about twice the weights'
+    size with AdagradM, and where the random streams stand), so that training the loaded model goes
+    on as one longer run would; False saves the weights alone (a smaller file to serve)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -35,6 +39,12 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         "state_dict": state,
         "extra": _loadable_extra(extra),
     }
+    ts = getattr(model, "train_state", None) if train_state else None
+    if ts is not None:
+        from .train import check_train_state
+
+        check_train_state(ts)
+        payload["train_state"] = _to_cpu(ts)
     folder = check_save_path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
@@ -52,6 +62,17 @@ def save_checkpoint(model: GRU4Rec, path: str, extra: dict | None = None) -> Non
         except OSError:
             pass
         raise
+
+
+def _to_cpu(value):
+    """``value`` with its tensors copied to the CPU, through dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _python_scalars(value):
@@ -183,8 +204,11 @@ def _is_exported_program(path) -> bool:
         return False
 
 
-def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
-    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode."""
+def load_checkpoint(path: str, device="cpu", *, train_state: bool = True) -> GRU4Rec:
+    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode, with the
+    training state the file holds as ``model.train_state`` (None where it holds none, or with
+    ``train_state=False``, which serving and evaluation use: the state is checked either way, and
+    kept on the CPU)."""
     check_device(device)
     if os.path.isdir(path):
         raise RecsysError(f"{path} is a folder, not a model file")
@@ -195,7 +219,7 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
         try:
             with warnings.catch_warnings():  # (another file's pickle protocol: its error below says enough)
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-                payload = torch.load(f, map_location=device, weights_only=True)
+                payload = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - unpickling / unzipping fail in many ways (KeyError, OSError, ...)
             if _is_exported_program(path):
                 raise RecsysError(f"{path}: a torch.export program (serving.export.export_step's), not a "
@@ -234,5 +258,15 @@ def load_checkpoint(path: str, device="cpu") -> GRU4Rec:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise RecsysError(f"{path}: the weights {name} hold NaN or infinite values (a diverged training?)")
+    ts = payload.get("train_state")
+    if ts is not None:
+        from .train import check_train_state
+
+        try:
+            check_train_state(ts)
+        except RecsysError as exc:
+            raise RecsysError(f"{path}: {exc}") from None
     model.checkpoint_extra = payload.get("extra", {})
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.train_state = ts if train_state else None
+    return model

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split-days: first drop the items with fewer clicks (and the sessions "
                         "left under 2 clicks), as GRU4Rec's preprocessing (RSC15: 5; default 1: none)")
     t.add_argument("--loss", choices=["cross-entropy", "bpr-max", "top1-max"], default="cross-entropy")
-    t.add_argument("--layers", nargs="+", default=["100"], help="GRU layer sizes, e.g. 100 or 100,100 (default: 100)")
+    t.add_argument("--layers", nargs="+", default=None, help="GRU layer sizes, e.g. 100 or 100,100 (default: 100)")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--n-sample", type=int, default=2048)
     t.add_argument("--sample-alpha", type=float, default=0.5)
@@ -130,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.2)
     t.add_argument("--momentum", type=float, default=None, help="AdagradM's momentum (default: 0.2; adagradm only)")
-    t.add_argument("--dropout-hidden", type=float, default=0.4)
-    t.add_argument("--dropout-embed", type=float, default=0.0)
-    t.add_argument("--embedding", default="shared", help="shared | N | none")
+    t.add_argument("--dropout-hidden", type=float, default=None, help="(default: 0.4)")
+    t.add_argument("--dropout-embed", type=float, default=None, help="(default: 0.0)")
+    t.add_argument("--embedding", default=None, help="shared | N | none (default: shared)")
     t.add_argument("--bpreg", type=float, default=0.0, help="score regularisation of bpr-max (default: 0.0)")
     t.add_argument("--elu-param", type=float, default=0.0, help="ELU on the scores (bpr-max/top1-max)")
-    t.add_argument("--reset-after", type=_bool, default=True,
-                   help="GRU candidate form: true (PyTorch) or false (Cho et al., original GRU4Rec)")
+    t.add_argument("--reset-after", type=_bool, default=None,
+                   help="GRU candidate form: true (PyTorch) or false (Cho et al., original GRU4Rec) (default: true)")
     t.add_argument("--chunk-steps", type=int, default=4,
                    help="session-parallel steps per fused GRU call / optimiser step")
     t.add_argument("--loss-norm", choices=["step", "batch"], default="step",
@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gemm-threads", type=int, default=None,
                    help="threads for the score GEMMs only (default: torch's default, at most 4)")
     t.add_argument("--device", default="cpu", help="cpu | cuda")
-    t.add_argument("--save", help="write the trained model here")
+    t.add_argument("--save", help="write the trained model here (its training state included: --resume goes on from it)")
+    t.add_argument("--resume", metavar="MODEL",
+                   help="go on training the model saved there (--save's file; the same name may be given to "
+                        "both): its architecture and item map, its optimizer's state and random streams, "
+                        "--epochs more epochs (N and then M epochs of one config give the model N + M give); "
+                        "--train's clicks on items it does not know are dropped")
     t.add_argument("--k", type=int, nargs="+", default=[20], help="cut-offs for Recall/MRR")
     t.add_argument("--ties", choices=["standard", "conservative"], default="conservative")
     t.add_argument("--json", action="store_true", help="print the results as one JSON line last")
@@ -183,6 +188,41 @@ def _check_device(dev):
     check_device(dev, "--device")
 
 
+# the model options of train (their TrainConfig fields) and their defaults
+_ARCH_OPTS = (("layers", ["100"]), ("embedding", "shared"), ("dropout_hidden", 0.4), ("dropout_embed", 0.0),
+              ("reset_after", True))
+
+
+def _architecture(a, resumed) -> dict:
+    """The model options: as given, else the resumed model's, else the defaults."""
+    out = {}
+    for name, default in _ARCH_OPTS:
+        v = getattr(a, name)
+        if v is None:
+            v = resumed.config()[name] if resumed is not None else default
+        out[name] = _layers(v) if name == "layers" else v
+    return out
+
+
+def _check_resumed_architecture(a, resumed) -> None:
+    """With --resume the model's own architecture applies: a model option given with another value
+    than the model's would be ignored, silently: refused."""
+    from .model import parse_embedding
+
+    cfg = resumed.config()
+    for name, _ in _ARCH_OPTS:
+        v = getattr(a, name)
+        if v is None:
+            continue
+        given = _layers(v) if name == "layers" else parse_embedding(v) if name == "embedding" else v
+        if given != cfg[name]:
+            opt = "--" + name.replace("_", "-")
+            shown = " ".join(map(str, v)) if name == "layers" else str(v).lower() if isinstance(v, bool) else v
+            raise RecsysError(f"{opt} {shown} differs from the resumed "
+                              f"model's ({cfg[name]}): with --resume the model's own architecture applies "
+                              f"(leave {opt} out)")
+
+
 def _print_metrics(res, ks, out):
     for k in ks:
         out.write(f"Recall@{k}: {res[f'recall@{k}']:.4f}  MRR@{k}: {res[f'mrr@{k}']:.4f}\n")
@@ -201,11 +241,21 @@ def _cmd_train(a):
     # --logq 0 says so, as GRU4Rec's published BPR-max settings write it)
     if a.logq and a.loss != "cross-entropy":
         raise RecsysError(f"--logq applies to loss cross-entropy only (the loss is {a.loss})")
-    cfg = TrainConfig(loss=a.loss, layers=_layers(a.layers), batch_size=a.batch_size, n_sample=a.n_sample,
+    resumed = None
+    if a.resume is not None:
+        from .checkpoint import load_checkpoint
+
+        resumed = load_checkpoint(a.resume, device=a.device)
+        if resumed.train_state is None:
+            raise RecsysError(f"--resume {a.resume}: the file holds no training state (saved with "
+                              "train_state=False, or by an older version): nothing to go on from")
+        _check_resumed_architecture(a, resumed)
+    arch = _architecture(a, resumed)
+    cfg = TrainConfig(loss=a.loss, layers=arch["layers"], batch_size=a.batch_size, n_sample=a.n_sample,
                       sample_alpha=a.sample_alpha, logq=1.0 if a.logq is None else a.logq, epochs=a.epochs, lr=a.lr,
-                      momentum=a.momentum, dropout_hidden=a.dropout_hidden, dropout_embed=a.dropout_embed,
-                      embedding=a.embedding, bpreg=a.bpreg, elu_param=a.elu_param,
-                      reset_after=a.reset_after, chunk_steps=a.chunk_steps, optimizer=a.optimizer, loss_norm=a.loss_norm, state_dropout=a.state_dropout,
+                      momentum=a.momentum, dropout_hidden=arch["dropout_hidden"], dropout_embed=arch["dropout_embed"],
+                      embedding=arch["embedding"], bpreg=a.bpreg, elu_param=a.elu_param,
+                      reset_after=arch["reset_after"], chunk_steps=a.chunk_steps, optimizer=a.optimizer, loss_norm=a.loss_norm, state_dropout=a.state_dropout,
                       seed=a.seed, device=a.device, threads=a.threads or None,
                       gemm_threads=a.gemm_threads)
     cfg.validate()
@@ -224,15 +274,24 @@ def _cmd_train(a):
         train_log, test_log = time_split(train_log, a.split_days, min_item_support=a.min_item_support)
     elif a.test:
         test_log = _load(a.test, a)
-    tr = SessionDataset.from_log(train_log)
+    if resumed is None:
+        tr = SessionDataset.from_log(train_log)
+    else:
+        tr = _test_data(train_log, resumed.item_map, a.train)
     te = None if test_log is None else _test_data(test_log, tr.item_map, a.test or "the test split")
     log = sys.stderr
     # an event is a next-click prediction: a session of n clicks gives n - 1 (as GRU4Rec counts them)
     log.write(f"train: {len(tr.items)} clicks, {tr.n_sessions} sessions, {len(tr.item_map)} items "
               f"({tr.n_events} events: next-click targets)\n")
+    if resumed is not None:
+        dropped = len(train_log) - int(resumed.item_map.known_mask(train_log.items).sum())
+        n_ep = resumed.train_state["epochs"]
+        log.write(f"resumed {a.resume} after {n_ep} epoch{'' if n_ep == 1 else 's'}"
+                  + (f" ({dropped} training clicks on items the model does not know dropped)" if dropped else "")
+                  + "\n")
     if te is not None:
         log.write(f"test: {len(te.items)} clicks, {te.n_sessions} sessions ({te.n_events} events)\n")
-    model, stats = train(tr, cfg, progress=not a.quiet)
+    model, stats = train(tr, cfg, progress=not a.quiet, model=resumed)
     from .. import ops
     backend = ops.last_backend()  # (the GRU's, as the training thread's latest op call ran it)
     if stats["events"]:
@@ -264,7 +323,7 @@ def _cmd_evaluate(a):
     _check_device(a.device)
     if any(k < 1 for k in a.k):
         raise RecsysError("--k values must be >= 1")
-    model = load_checkpoint(a.model, device=a.device)
+    model = load_checkpoint(a.model, device=a.device, train_state=False)
     te = _test_data(_load(a.test, a), model.item_map, a.test)
     res = evaluate(model, te, ks=a.k, ties=a.ties, batch_size=a.batch_size)
     _print_metrics(res, a.k, sys.stdout)
@@ -295,7 +354,7 @@ def _cmd_recommend(a):
     _check_device(a.device)
     if a.k < 1:
         raise RecsysError("--k must be >= 1")
-    model = load_checkpoint(a.model, device=a.device)
+    model = load_checkpoint(a.model, device=a.device, train_state=False)
     recs = model.recommend(a.items, k=a.k, exclude_seen=a.exclude_seen)
     if a.json:
         sys.stdout.write(json.dumps({"items": [i for i, _ in recs], "scores": [s for _, s in recs]}) + "\n")

@@ -364,7 +364,11 @@ def _read_clicks(path, session_col, item_col, time_col, sep, header, time_format
                 alike = [n for n in names if n.lower().replace("_", "") == str(c).lower().replace("_", "")]
                 hint = (f"; it has {alike[0]!r} (give it as the {what} column: --{what}-col)" if alike else "")
                 raise RecsysError(f"{path}: no {what} column {c!r} in the header {names}{hint}")
-            return names.index(c)
+            at = [i for i, n in enumerate(names) if n == c]
+            if len(at) > 1:  # (the first was read, silently: a joined file's other Time, say)
+                raise RecsysError(f"{path}: the header names {len(at)} columns {c!r} (columns {', '.join(map(str, at))}): "
+                                  f"which is the {what} column is ambiguous (rename one of them)")
+            return at[0]
 
         si, ii = col_index(session_col, "session"), col_index(item_col, "item")
         ti, xi = col_index(time_col, "time"), col_index(extra_time_col, "extra time")

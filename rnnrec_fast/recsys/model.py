@@ -103,6 +103,7 @@ class GRU4Rec(nn.Module):
                  dropout_hidden: float = 0.0, reset_after: bool = True, item_ids=None,
                  backend: str = "auto"):
         super().__init__()
+        self.train_state = None  # what train() leaves to go on from (see train's docstring)
         layers = check_layers(layers)
         if isinstance(n_items, bool) or not isinstance(n_items, numbers.Integral):
             raise RecsysError(f"bad n_items {n_items!r}: the catalogue size must be an integer")

@@ -72,8 +72,8 @@ class AdagradM(Optimizer):
         st = self.state[p]
         if "acc" not in st:
             st["acc"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if momentum > 0:
-                st["mom"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if momentum > 0 and "mom" not in st:  # (also a state loaded from a run without momentum)
+            st["mom"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
     def _fast_sparse(self, p, g, st, lr, momentum, eps) -> bool:

@@ -13,6 +13,8 @@ import functools
 import math
 import sys
 import time
+import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -181,8 +183,10 @@ class NegativeSampler:
         self.device = device
         self._cache = None
         self._ptr = 0
+        self._refill_state = None  # the generator's state before the cache was drawn
 
     def _refill(self):
+        self._refill_state = self.gen.get_state()
         u = torch.rand(self.batches * self.n_sample, generator=self.gen, dtype=torch.float64, device="cpu")
         idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=len(self.cdf) - 1)
         self._cache = idx.view(self.batches, self.n_sample).to(self.device)
@@ -194,6 +198,27 @@ class NegativeSampler:
         s = self._cache[self._ptr]
         self._ptr += 1
         return s
+
+    def state(self) -> dict:
+        """Where the draws stand: enough for :meth:`restore` to go on with the same draws (the cache
+        is drawn again from the generator's state before it, not stored)."""
+        return dict(n_sample=self.n_sample, batches=self.batches, cdf=self._fingerprint(),
+                    refill_gen=self._refill_state, ptr=self._ptr)
+
+    def _fingerprint(self) -> int:
+        return zlib.crc32(self.cdf.numpy().tobytes()) ^ (len(self.cdf) << 32)
+
+    def restore(self, st: dict) -> bool:
+        """Go on from :meth:`state`'s ``st`` where it describes this sampler's draws (the same sample
+        size, cache and distribution), drawing the cache again; False, leaving the sampler as it
+        is (its generator's state continued), where it does not."""
+        if (st is None or st["refill_gen"] is None or st["n_sample"] != self.n_sample
+                or st["batches"] != self.batches or st["cdf"] != self._fingerprint()):
+            return False
+        _set_rng(self.gen.set_state, st["refill_gen"], "sampler")
+        self._refill()
+        self._ptr = st["ptr"]
+        return True
 
 
 _GEMM_THREADS = [None]
@@ -389,13 +414,113 @@ class _Multi:
             o.step()
 
 
+# ------------------------------------------------------------------------------------------------
+# The training state a model carries from one train() call to the next (model.train_state; saved
+# in checkpoints): the optimiser's accumulators and momentum and where the random streams stand, so
+# that training continued gives the model one longer run would have given
+# ------------------------------------------------------------------------------------------------
+TRAIN_STATE_VERSION = 1
+_OPT_SCRATCH = ("scratch", "seen")  # AdagradM's work buffers (all zero between steps): not state
+
+
+def _optimizers(opt):
+    return opt.opts if isinstance(opt, _Multi) else [opt]
+
+
+def _train_state(cfg, opt, gen, sampler, device, epochs) -> dict:
+    opt_states = []
+    for o in _optimizers(opt):
+        sd = o.state_dict()
+        sd["state"] = {i: {k: v for k, v in st.items() if k not in _OPT_SCRATCH} for i, st in sd["state"].items()}
+        opt_states.append(sd)
+    return dict(version=TRAIN_STATE_VERSION, optimizer=cfg.optimizer, optimizer_state=opt_states,
+                rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                gen=gen.get_state(), sampler=None if sampler is None else sampler.state(), epochs=epochs)
+
+
+def _is_rng_state(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1
+
+
+def check_train_state(state) -> None:
+    """RecsysError unless ``state`` has the form :func:`train` gives ``model.train_state`` (its
+    tensors' sizes are checked against the model where training goes on)."""
+    def bad(what):
+        raise RecsysError(f"malformed training state ({what})")
+    if not isinstance(state, dict):
+        bad(f"a {type(state).__name__}, not a dict")
+    missing = [k for k in ("version", "optimizer", "optimizer_state", "rng", "cuda_rng", "gen", "sampler", "epochs")
+               if k not in state]
+    if missing:
+        bad(f"no {', '.join(missing)}")
+    if type(state["version"]) is not int or state["version"] > TRAIN_STATE_VERSION:
+        bad(f"version {state['version']!r}: this code reads up to {TRAIN_STATE_VERSION}")
+    if state["optimizer"] not in ("adagradm", "adam", "adagrad", "sgd"):
+        bad(f"optimizer {state['optimizer']!r}")
+    if not (isinstance(state["optimizer_state"], list)
+            and all(isinstance(d, dict) and isinstance(d.get("state"), dict) and isinstance(d.get("param_groups"), list)
+                    for d in state["optimizer_state"])):
+        bad("optimizer_state must be a list of optimizer state dicts")
+    if not _is_rng_state(state["rng"]) or not _is_rng_state(state["gen"]):
+        bad("rng and gen must be random generator states (1-D uint8 tensors)")
+    if state["cuda_rng"] is not None and not _is_rng_state(state["cuda_rng"]):
+        bad("cuda_rng must be a random generator state or None")
+    if type(state["epochs"]) is not int or state["epochs"] < 0:
+        bad(f"epochs {state['epochs']!r}")
+    sm = state["sampler"]
+    if sm is not None:
+        if not (isinstance(sm, dict) and {"n_sample", "batches", "cdf", "refill_gen", "ptr"} <= set(sm)
+                and all(type(sm[k]) is int for k in ("n_sample", "batches", "cdf", "ptr"))
+                and (sm["refill_gen"] is None or _is_rng_state(sm["refill_gen"]))
+                and 0 <= sm["ptr"] <= sm["batches"]):
+            bad("sampler")
+
+
+def _set_rng(setter, state, what) -> None:
+    try:
+        setter(state.cpu())
+    except RuntimeError as exc:  # (a state of another size)
+        raise RecsysError(f"malformed training state ({what}: {exc})") from None
+
+
+def _restore_optimizer(opt, saved) -> None:
+    """Load the saved optimiser states into ``opt`` (made for the model from the config), keeping
+    the config's hyperparameters (a learning rate changed for the continued run applies)."""
+    opts = _optimizers(opt)
+    if len(saved) != len(opts):
+        raise RecsysError(f"the training state holds {len(saved)} optimizer states where this optimizer has {len(opts)}")
+    for o, sd in zip(opts, saved):
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+        params = [p for g in o.param_groups for p in g["params"]]
+        try:
+            o.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise RecsysError(f"the training state does not fit this model's optimizer ({exc})") from None
+        for g, f in zip(o.param_groups, fresh):
+            g.update(f)
+        for p in params:
+            for k, v in o.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and (v.shape != p.shape or not bool(torch.isfinite(v).all())):
+                    what = "is not finite" if v.shape == p.shape else f"has shape {tuple(v.shape)}"
+                    raise RecsysError(f"the training state does not fit this model: the optimizer's {k} of a "
+                                      f"weight of shape {tuple(p.shape)} {what}")
+
+
 def train(train_data: SessionDataset, cfg: TrainConfig, *, progress: bool = True,
           model: GRU4Rec | None = None) -> tuple[GRU4Rec, dict]:
     """Train GRU4Rec on ``train_data``. Returns (model in eval mode, stats dict).
 
     ``model`` (optional) continues training an existing model: ``train_data`` must be indexed by
     its item map, and its own architecture and dropout rates apply (``cfg``'s model fields, layers
-    to dropout, are used only to build a new model).
+    to dropout, are used only to build a new model). The model returned carries its training state,
+    ``model.train_state`` (the optimiser's accumulators and momentum, where the random streams of
+    dropout and negative sampling stand, the epochs run; :func:`save_checkpoint` saves it), and a
+    model given with one goes on from it: the same config's N epochs and then M more give the model
+    one run of N + M epochs gives, to the bit (``cfg.seed`` then plays no part: the streams go on
+    from the state; a config with other hyperparameters, such as the learning rate, applies them to
+    the continued run). A model given without a training state (``model.train_state = None``) or
+    with another optimizer's starts the optimiser afresh, with a warning: a warm start.
 
     ``cfg.threads`` (default 1) sets torch's intra-op threads for the run: most per-chunk tensors are
     small and run best on one thread; the two or three big score GEMMs per chunk use
@@ -416,24 +541,42 @@ def train(train_data: SessionDataset, cfg: TrainConfig, *, progress: bool = True
 def _train(train_data, cfg, progress, model):
     if train_data.n_events <= 0:
         raise RecsysError("the training data has no session with at least two clicks")
+    device = torch.device(cfg.device)
+    resume = None
+    if model is not None:
+        model.item_map.check_same(train_data.item_map, "the training data")
+        resume = getattr(model, "train_state", None)
+        if resume is not None:
+            check_train_state(resume)
+        else:
+            warnings.warn("the model carries no training state (model.train_state): training goes on from its "
+                          "weights with the optimizer's state afresh (a warm start, not a resumed run)", stacklevel=3)
     gen = torch.Generator()
-    if cfg.seed is not None:
+    if resume is not None:  # the random streams go on where they stopped
+        _set_rng(torch.set_rng_state, resume["rng"], "rng")
+        if device.type == "cuda" and resume["cuda_rng"] is not None:
+            _set_rng(lambda st: torch.cuda.set_rng_state(st, device), resume["cuda_rng"], "cuda_rng")
+        _set_rng(gen.set_state, resume["gen"], "gen")
+    elif cfg.seed is not None:
         torch.manual_seed(cfg.seed)
         gen.manual_seed(cfg.seed + 1)
     else:
         gen.seed()
-    device = torch.device(cfg.device)
     n_items = len(train_data.item_map)
     if model is None:
         model = GRU4Rec(n_items, cfg.layers, cfg.embedding, cfg.dropout_embed, cfg.dropout_hidden,
                         cfg.reset_after, item_ids=train_data.item_map.item_ids)
-    else:
-        model.item_map.check_same(train_data.item_map, "the training data")
     model.to(device)
     model.train()
     opt = _make_optimizer(model, cfg)
     if isinstance(opt, tuple):
         opt = _Multi(opt)
+    if resume is not None:
+        if resume["optimizer"] == cfg.optimizer:
+            _restore_optimizer(opt, resume["optimizer_state"])
+        else:
+            warnings.warn(f"the model's training state holds optimizer {resume['optimizer']}'s state and the config "
+                          f"asks for {cfg.optimizer}: its state starts afresh", stacklevel=3)
     # lanes past the number of sessions would stay idle (a state row and score rows and columns
     # each, masked out): not more; the loss is still normalised by cfg.batch_size
     lanes = min(cfg.batch_size, int(np.count_nonzero(np.diff(train_data.offsets) >= 2)))
@@ -449,6 +592,8 @@ def _train(train_data, cfg, progress, model):
     sampler = None
     if cfg.n_sample > 0:
         sampler = NegativeSampler(support, cfg.n_sample, cfg.sample_alpha, gen, cfg.sample_cache, device)
+        if resume is not None:
+            sampler.restore(resume["sampler"])
     logp = None
     if cfg.loss == "cross-entropy" and cfg.logq > 0:
         logp = torch.tensor(np.log(np.maximum(support, 1.0)), dtype=torch.float32, device=device)
@@ -482,6 +627,7 @@ def _train(train_data, cfg, progress, model):
         losses.append(tot)
     secs = time.perf_counter() - t_start
     cpu = time.process_time() - c_start
+    model.train_state = _train_state(cfg, opt, gen, sampler, device, cfg.epochs + (resume["epochs"] if resume else 0))
     model.eval()
     events = sched.n_events * cfg.epochs
     stats = dict(train_seconds=secs, events=events, events_per_second=events / secs if secs > 0 else 0.0,

@@ -194,7 +194,7 @@ class SessionRecommender:
         """Loads a recommender checkpoint written by ``rnnrec_fast.recsys.save_checkpoint``."""
         from rnnrec_fast.recsys import load_checkpoint
 
-        model = load_checkpoint(path, device=device)
+        model = load_checkpoint(path, device=device, train_state=False)
         model.eval()
         return cls(model, **kwargs)
 
