@@ -251,14 +251,23 @@ def _check_backward_inputs(grad_output, grad_h_n, output, workspace, x, H, width
     check_tensor_args("rnnrec_fast.recurrence", (("grad_output", grad_output), ("grad_h_n", grad_h_n),
                                                  ("output", output), ("workspace", workspace)))
     T, B, _ = x.shape
-    for name, t, shape, dtype in (("grad_output", grad_output, (T, B, H), x.dtype),
-                                  ("grad_h_n", grad_h_n, (B, H), x.dtype),
-                                  ("output", output, (T, B, H), x.dtype),
-                                  ("workspace", workspace, (T, B, width), _workspace_dtype(x.dtype))):
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            _fail(f"{name} must be a {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
-        if t.device != x.device:
-            _fail(f"{name} is on {t.device} but x is on {x.device}")
+    _check_grads(grad_output, grad_h_n, x, H)
+    _check_like("output", output, (T, B, H), x.dtype, x)
+    _check_like("workspace", workspace, (T, B, width), _workspace_dtype(x.dtype), x)
+
+
+def _check_grads(grad_output, grad_h_n, x, H):
+    """The gradients given to a backward: (T, B, H) and (B, H) in x's dtype, on x's device."""
+    T, B, _ = x.shape
+    _check_like("grad_output", grad_output, (T, B, H), x.dtype, x)
+    _check_like("grad_h_n", grad_h_n, (B, H), x.dtype, x)
+
+
+def _check_like(name, t, shape, dtype, x):
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        _fail(f"{name} must be a {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    if t.device != x.device:
+        _fail(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def _check_length_values(lengths, T):
@@ -730,11 +739,13 @@ def _backward_differentiable(grad_y, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, le
     the gradient taken is the alias's: an argument's own, as the kernels give it, where one tensor is
     passed twice (tied weights) or one input is computed from another (h0 from x), whose total
     derivatives would count the shared paths twice."""
-    check_tensor_args("rnnrec_fast.recurrence", (("grad_output", grad_y), ("grad_h_n", grad_h_n), ("x", x),
-                                                 ("w_ih", w_ih), ("w_hh", w_hh)),
-                      (("h0", h0), ("b_ih", b_ih), ("b_hh", b_hh), ("lengths", lengths), ("resets", resets)))
+    check_tensor_args("rnnrec_fast.recurrence", (("grad_output", grad_y), ("grad_h_n", grad_h_n)))
+    # (public as the other two: the same checks, though autograd passes what the forward checked)
+    _check_inputs(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, mode)
     B = x.shape[1]
     H = w_hh.shape[1]
+    _check_grads(grad_y, grad_h_n, x, H)
+    _check_length_values(lengths, x.shape[0])
     inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
     want = [t is not None and t.requires_grad for t in inputs]
     out = [None] * 6

@@ -354,6 +354,43 @@ def test_backward_op_checks_its_own_arguments(backend):
             call(**kw)
 
 
+def test_differentiable_backward_op_checks_its_arguments():
+    """recurrence_backward_differentiable is public too (what a backward with create_graph=True
+    runs): the forward's checks and the gradients' (from a review: lengths out of range, float
+    lengths, a broadcast bias, a float32 gradient beside float64 inputs ran silently; mode 'lstm',
+    a mis-shaped weight or resets failed inside torch; with nothing requiring grad any garbage came
+    back as zero gradients)."""
+    T, B, I, H = 4, 3, 5, 6
+    f = dict(dtype=torch.float64, requires_grad=True)
+    x, h0 = torch.randn(T, B, I, **f), torch.randn(B, H, **f)
+    w_ih, w_hh, b_ih, b_hh = torch.randn(3 * H, I, **f), torch.randn(3 * H, H, **f), torch.randn(3 * H, **f), torch.randn(3 * H, **f)
+    gy, gh = torch.randn(T, B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    good = dict(gy=gy, gh=gh, x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, lengths=None, resets=None, mode="gru")
+
+    def call(**kw):
+        a = {**good, **kw}
+        return torch.ops.rnnrec_fast.recurrence_backward_differentiable(
+            a["gy"], a["gh"], a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], a["resets"],
+            a["mode"], True)
+
+    ref = torch.autograd.grad(rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, backend="reference")[:2],
+                              (x, h0, w_ih, w_hh, b_ih, b_hh), (gy, gh))
+    for got, want in zip(call(), ref):  # the right arguments pass
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for kw, match in [(dict(lengths=torch.tensor([-1, 99, 3])), r"lengths must lie in \[0, T=4\]"),
+                      (dict(lengths=torch.tensor([4.0, 1.0, 3.0])), "lengths must be an int64 tensor"),
+                      (dict(b_ih=torch.ones(1, **f)), r"b_ih must be \(18,\)"),
+                      (dict(gh=gh.float()), "grad_h_n must be a torch.float64 tensor of shape"),
+                      (dict(gy=gy[:, :, :2]), "grad_output must be a torch.float64 tensor of shape"),
+                      (dict(mode="lstm"), "mode must be one of"),
+                      (dict(w_hh=torch.randn(18, 7, **f)), "w_hh must be"),
+                      (dict(resets=torch.zeros(1, 3, dtype=torch.bool)), "resets must be a bool tensor of shape"),
+                      (dict(x=x.detach().long(), h0=None, w_ih=w_ih.detach(), w_hh=w_hh.detach(), b_ih=None,
+                            b_hh=None), "x must be a floating-point tensor")]:
+        with pytest.raises(ValueError, match=match):
+            call(**kw)
+
+
 def test_lengths_must_hold_integers():
     x, h0 = torch.randn(3, 2, 4), torch.randn(2, 5)
     w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
