@@ -113,7 +113,8 @@ class ServingApp:
         reg = self.registry = _m.Registry()
         self.m_requests = reg.add(_m.Counter("rnnrec_http_requests_total", "HTTP requests by endpoint and status.",
                                              ("endpoint", "code")))
-        self.m_errors = reg.add(_m.Counter("rnnrec_http_errors_total", "HTTP error responses by error code.",
+        self.m_errors = reg.add(_m.Counter("rnnrec_http_errors_total", "HTTP error responses by error code, and clients gone before their request arrived whole "
+                                           "(error=\"disconnected\": no response, not in rnnrec_http_requests_total).",
                                            ("error",)))
         self.m_latency = reg.add(_m.Histogram("rnnrec_click_latency_seconds",
                                               "Click request latency in the service (request start to response).",
@@ -193,9 +194,11 @@ class ServingApp:
             else:
                 raise HTTPError(404, "not_found", f"no route {method} {path}")
         except HTTPError as e:
+            self.m_errors.inc(e.code)
+            if e.code == "disconnected":  # (nothing to answer: not counted as a response sent)
+                return
             status, payload = e.status, _error(e.code, e.message)
             endpoint = e.endpoint or endpoint
-            self.m_errors.inc(e.code)
             if e.allow is not None:
                 headers = _JSON + [(b"allow", e.allow.encode())]
         except Exception as e:  # noqa: BLE001 - the service must keep serving
