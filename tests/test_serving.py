@@ -1896,3 +1896,19 @@ def test_session_ids_are_kept_as_given_and_item_ids_match_in_either_form():
     for bad in (4.2, None, True, ("s",)):
         with pytest.raises(TypeError, match="session_id must be a str or an int"):
             rec.click(bad, 1007)
+
+
+def test_initial_capacity_must_be_a_positive_int():
+    """initial_capacity -5 or 2.5 was taken as 1 or 2, silently (a review); 1 and more are fine."""
+    model = make_model()
+    for bad in (-5, 0, 2.5, "8", True):
+        with pytest.raises(ValueError, match="initial_capacity must be a positive int"):
+            SessionRecommender(model, initial_capacity=bad)
+    assert SessionRecommender(model, initial_capacity=3).store.capacity == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null")
+def test_a_model_path_that_is_not_a_regular_file_says_so():
+    """--model /dev/null said 'model file not found' (a review)."""
+    with pytest.raises(recsys.RecsysError, match="/dev/null is not a regular file"):
+        SessionRecommender.load("/dev/null")

@@ -395,7 +395,8 @@ def test_deeply_nested_json_is_a_400():
 @pytest.mark.parametrize("kw", [dict(batch_window_ms=float("inf")), dict(batch_window_ms=float("nan")),
                                 dict(batch_window_ms=-1), dict(batch_window_ms=5000), dict(max_body_bytes=-1),
                                 dict(max_body_bytes=0), dict(max_batch=0), dict(max_batch=2.5),
-                                dict(max_session_id_len=0), dict(max_batch=101)])
+                                dict(max_session_id_len=0), dict(max_batch=101), dict(batch_window_ms="5"),
+                                dict(batch_window_ms=True), dict(batch_window_ms=None)])
 def test_app_options_checked(kw):
     """Options that would hang clicks (an infinite window), refuse every POST (no body fits) or
     fail full batches (a batch over the recommender's max_batch) are refused up front."""
@@ -623,6 +624,33 @@ def test_a_signal_right_after_the_start_up_line_exits_0(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_a_second_ctrl_c_forces_the_exit_with_status_130(tmp_path):
+    """Ctrl-C, and Ctrl-C again while the graceful shutdown waits for a request still arriving:
+    that request gets the service's JSON 503 and the process exits with status 130, no traceback
+    (it exited 0 after uvicorn's plain-text 500 and four CancelledError tracebacks; a review)."""
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(make_model(), path)
+    proc, port = _start_cli(path)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b'POST /v1/sessions/a/clicks HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n{"item')
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # waiting for the request
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+        reply = _read_all(s)
+        s.close()
+        assert proc.returncode == 130 and "Traceback" not in out and "ERROR" not in out, (proc.returncode, out)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["error"]["code"] == "shutting_down", reply
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):

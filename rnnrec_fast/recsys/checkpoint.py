@@ -213,6 +213,8 @@ def load_checkpoint(path: str, device="cpu", *, train_state: bool = True) -> GRU
     if os.path.isdir(path):
         raise RecsysError(f"{path} is a folder, not a model file")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # (/dev/null, a FIFO: "not found" misled)
+            raise RecsysError(f"{path} is not a regular file, not a model file")
         raise RecsysError(f"model file not found: {path}")
     with open(path, "rb") as f:  # (the OS's own errors, a permission refused, as they are)
         _check_crcs(f, path)

@@ -70,8 +70,8 @@ def main(argv=None):
     line = (f"rnnrec_fast.serving: {app.rec.n_items} items, H={app.rec.hidden_size}, L={app.rec.num_layers}, "
             f"backend {app.rec.backend}; listening on {url(host, port)}")
     # (printed once the server accepts requests: a supervisor taking it as "ready" may stop it at once)
-    serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout, ready=lambda: print(line, flush=True))
-    return 0
+    return serve(app, sock, log_level=a.log_level, request_timeout=a.request_timeout,
+                 ready=lambda: print(line, flush=True))
 
 
 def _check_options(a):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import numbers
 import threading
 import time
 from urllib.parse import unquote_to_bytes
@@ -93,6 +94,8 @@ class ServingApp:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if max_batch > rec.max_batch:
             raise ValueError(f"max_batch={max_batch} is over the recommender's max_batch={rec.max_batch}")
+        if isinstance(batch_window_ms, bool) or not isinstance(batch_window_ms, numbers.Real):  # ("5" was read as 5)
+            raise ValueError(f"batch_window_ms must be a number of milliseconds, got {batch_window_ms!r}")
         window = float(batch_window_ms)
         if not 0.0 <= window <= _MAX_WINDOW_MS:  # (NaN fails too; inf would never flush)
             raise ValueError(f"batch_window_ms must be in [0, {_MAX_WINDOW_MS:g}], got {batch_window_ms!r}")
@@ -137,15 +140,29 @@ class ServingApp:
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            try:
+                await self._http(scope, receive, send)
+            except asyncio.CancelledError:
+                # a forced shutdown (a second Ctrl-C: the event loop cancels what still runs): the
+                # request still waiting gets the service's JSON error, not uvicorn's plain-text 500
+                # and an 'Exception in ASGI application' traceback; what went to the socket by then
+                # stands (a failed write: the client is gone)
+                self.m_errors.inc("shutting_down")
+                try:
+                    await _respond(send, 503, _error("shutting_down", "the server was stopped"), _JSON)
+                except Exception:  # noqa: BLE001 - a response already started, or the transport closed
+                    pass
         elif kind == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            try:
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif msg["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            except asyncio.CancelledError:  # (a forced shutdown skips the shutdown event: nothing to do)
+                return
         # websockets etc.: not served
 
     async def _http(self, scope, receive, send):

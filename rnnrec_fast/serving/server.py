@@ -280,11 +280,13 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT, ready=None):
+def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT, ready=None) -> int:
     """Serves ``app`` on a bound socket until SIGINT/SIGTERM: a graceful shutdown (requests in
-    flight are answered first), then a normal return (exit status 0). ``request_timeout``: see
-    _with_request_deadline. ``ready()`` is called once the server accepts requests (after the
-    signal handling is in place: a signal from then on shuts it down gracefully)."""
+    flight are answered first), then returns 0. A second SIGINT while it waits for them forces the
+    exit (uvicorn's): the requests still waiting get a 503, and it returns 130, the status of a
+    process stopped by SIGINT. ``request_timeout``: see _with_request_deadline. ``ready()`` is
+    called once the server accepts requests (after the signal handling is in place: a signal from
+    then on shuts it down gracefully)."""
     import signal
 
     import uvicorn
@@ -307,6 +309,7 @@ def serve(app, sock, log_level="warning", request_timeout=REQUEST_TIMEOUT, ready
     finally:
         if main:
             signal.signal(signal.SIGTERM, old)
+    return 130 if server.force_exit else 0
 
 
 class BackgroundServer:

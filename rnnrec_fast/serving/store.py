@@ -59,6 +59,8 @@ class SessionStore:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         if not is_int_at_least(max_seen, 0):
             raise ValueError(f"max_seen must be a non-negative int, got {max_seen!r}")
+        if not is_int_at_least(initial_capacity, 1):  # (-5 and 2.5 were taken as 1 and 2)
+            raise ValueError(f"initial_capacity must be a positive int, got {initial_capacity!r}")
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
         self.max_sessions = int(max_sessions)
