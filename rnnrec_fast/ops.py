@@ -925,7 +925,10 @@ def as_index_tensor(name, what, value, device):
     try:
         return torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name}: {what} must be a tensor, got {type(value).__name__} ({exc})") from None
+        if "Overflow" in str(exc):  # (a list of ints is taken: one of them is past int64)
+            raise ValueError(f"{name}: {what} holds a value outside int64's range ({exc})") from None
+        raise TypeError(f"{name}: {what} must be a tensor or a sequence of numbers, got "
+                        f"{type(value).__name__} ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------

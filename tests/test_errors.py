@@ -399,6 +399,11 @@ def test_lengths_must_hold_integers():
             rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=lengths)
     rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=[3, 1])  # Python ints and int tensors pass
     rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=torch.tensor([3, 1], dtype=torch.int32))
+    # a list past int64 said 'must be a tensor, got list' (lists are taken; from a review)
+    with pytest.raises(ValueError, match="lengths holds a value outside int64's range"):
+        rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=[2 ** 70, 1])
+    with pytest.raises(TypeError, match="lengths must be a tensor or a sequence of numbers, got str"):
+        rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths="ab")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

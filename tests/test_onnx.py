@@ -230,7 +230,7 @@ def test_resets_may_be_passed_by_position():
         assert torch.equal(got, want)
     assert not torch.equal(m(x, h0, resets)[0], m(x, h0)[0])
     for wrong in ("x", (h0, h0)):  # (torch.as_tensor's own message named neither)
-        with pytest.raises(TypeError, match=f"GRU: resets must be a tensor, got {type(wrong).__name__}"):
+        with pytest.raises(TypeError, match=f"GRU: resets must be a tensor or a sequence of numbers, got {type(wrong).__name__}"):
             m(x, h0, wrong)
 
 
