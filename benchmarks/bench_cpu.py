@@ -126,18 +126,29 @@ def make_call(case, impl):
         for p in list(module.parameters()) + list(ref.parameters()):
             p.requires_grad_(False)
 
-    def training_step(m):
+    def training_step(m, check=False):
         wrt = [p for p in m.parameters() if p.requires_grad] + ([x] if case.x_grad else [])
 
         def step():
             out = m(pack(x) if case.packed else x, h)
-            y = out[0] if isinstance(out, tuple) else out
-            return torch.autograd.grad((y.data if case.packed else y).sum(), wrt)
+            y, hn = out if isinstance(out, tuple) else (out, None)
+            y = y.data if case.packed else y
+            if not check:  # (the timed step)
+                return torch.autograd.grad(y.sum(), wrt)
+            # the check: y and h_n, and the gradients of y and h_n weighted by fixed random tensors
+            # (a gradient of ones cannot tell a gradient turned round in time or batch, or
+            # transposed, from the right one, and y.sum() leaves h_n out)
+            gen = torch.Generator().manual_seed(7)
+            loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
+            if hn is not None:
+                loss = loss + (hn * torch.randn(hn.shape, generator=gen, dtype=hn.dtype)).sum()
+            grads = torch.autograd.grad(loss, wrt)
+            return (y.detach(),) + (() if hn is None else (hn.detach(),)) + grads
         return step
 
     step = training_step(module)
     if module is not ref:
-        check_against_torch(case, step, training_step(ref))
+        check_against_torch(case, training_step(module, check=True), training_step(ref, check=True))
     return step, module
 
 

@@ -60,9 +60,13 @@ def _skip_reason():
 
 def check_against_torch(case, module, ref, x, h):
     """Ours against torch.nn (cuDNN, TF32 off for the check) once, before timing, as bench_cpu does:
-    outputs and h_n, and for training every gradient."""
+    outputs and h_n, and for training every gradient, of y and h_n weighted by fixed random tensors
+    (a gradient of ones cannot tell a gradient turned round in time or batch from the right one)."""
     tol = dict(rtol=1e-4, atol=1e-4) if case.train else dict(rtol=1e-5, atol=2e-5)
     results = []
+    gen = torch.Generator(device=x.device).manual_seed(7)
+    gy = torch.randn(case.B, case.T, case.H, device=x.device, generator=gen)
+    gh = torch.randn(1, case.B, case.H, device=x.device, generator=gen)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for m in (module, ref):
             xi = x.detach().clone().requires_grad_(case.train)
@@ -70,9 +74,13 @@ def check_against_torch(case, module, ref, x, h):
                 out, hn = m(xi, h)
                 res = [out, hn]
                 if case.train:
-                    res += list(torch.autograd.grad(out.sum() + hn.sum(), [xi] + list(m.parameters())))
+                    res += list(torch.autograd.grad((out * gy).sum() + (hn * gh).sum(), [xi] + list(m.parameters())))
             results.append(res)
-    for i, (a, b) in enumerate(zip(*results)):
+    compare(case, results[0], results[1], tol)
+
+
+def compare(case, got, want, tol):
+    for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, **tol, msg=lambda msg: f"{case.name}: result {i} differs from torch.nn's: {msg}")
 
 
@@ -81,11 +89,15 @@ def make_call(case: CudaCase, impl: str):
     dev = "cuda"
     torch.manual_seed(0)
     ref = torch.nn.GRU(case.H, case.H, batch_first=True, device=dev)
+    # inference: both in eval mode, as bench_cpu's (torch.nn passes its training flag to cuDNN, whose
+    # training forward keeps a reserve buffer for the backward, no_grad or not)
+    ref.train(case.train)
     if impl == "torch":
         module = ref
     else:
         module = rnnrec_fast.GRU(case.H, case.H, batch_first=True, device=dev, backend="cuda")
         module.load_state_dict(ref.state_dict())
+        module.train(case.train)
     g = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(case.B, case.T, case.H, device=dev, generator=g)
     h = torch.randn(1, case.B, case.H, device=dev, generator=g)
@@ -120,14 +132,20 @@ def make_call(case: CudaCase, impl: str):
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            module(x, h)
+            captured = module(x, h)
     torch.cuda.synchronize()
+    # what is timed is the replay: its outputs checked against torch.nn's too (a capture missing a
+    # kernel would replay fast and wrong)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        compare(case, [t.clone() for t in captured], list(ref(x, h)), dict(rtol=1e-5, atol=2e-5))
 
     def call():
         graph.replay()
         torch.cuda.synchronize()
 
-    call._keep = (graph, module, x, h)  # keep the graph's memory alive
+    call._keep = (graph, module, x, h, captured)  # keep the graph's memory alive
     return call
 
 

@@ -75,6 +75,27 @@ class Driver:
         return self.rec.click_many(sids, items, k=20)
 
 
+def check_paths_agree(model, clicks=40, batch=8):
+    """The fast path's answers against the model.step / model.score path's (what the tables set side
+    by side), before timing: the same clicks, one at a time and in batches, give the same items and
+    scores (a broken fast path must not time fast). Returns whether the model has a fast path."""
+    fast, slow = SessionRecommender(model, fast=True), SessionRecommender(model, fast=False)
+    if not fast.uses_fast_path:
+        return False
+    for make in (lambda r: Driver(r, n_sessions=7).click, lambda r: Driver(r, n_sessions=11, batch=batch).click_many):
+        a, b = make(fast), make(slow)
+        for _ in range(clicks // 4):
+            got, want = a(), b()
+            pairs = zip(got, want) if isinstance(got, list) else [(got, want)]
+            for (items, scores), (w_items, w_scores) in pairs:
+                torch.testing.assert_close(torch.tensor(scores), torch.tensor(w_scores), rtol=1e-5, atol=1e-5)
+                # (the items where their scores are not tied within rounding)
+                s = torch.tensor(w_scores)
+                apart = torch.cat([s[:-1] - s[1:] > 1e-5, torch.tensor([True])])
+                assert [i for i, ok in zip(items, apart) if ok] == [i for i, ok in zip(w_items, apart) if ok]
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- pytest-benchmark
 try:
     import pytest
@@ -86,15 +107,21 @@ if pytest is not None:
     # torch threads: benchmarks/conftest.py's --threads (default 1)
     @pytest.fixture(scope="module")
     def rec_sample():
-        return SessionRecommender(sample_model(os.environ.get("RNNREC_SERVING_MODEL")))
+        model = sample_model(os.environ.get("RNNREC_SERVING_MODEL"))
+        check_paths_agree(model)
+        return SessionRecommender(model)
 
     @pytest.fixture(scope="module")
     def rec_one_hot():
-        return SessionRecommender(sample_model(embedding="none"))
+        model = sample_model(embedding="none")
+        check_paths_agree(model)
+        return SessionRecommender(model)
 
     @pytest.fixture(scope="module")
     def rec_big():
-        return SessionRecommender(big_model())
+        model = big_model()
+        check_paths_agree(model)
+        return SessionRecommender(model)
 
     def test_click_3k(benchmark, rec_sample):
         d = Driver(rec_sample)
@@ -158,7 +185,7 @@ def inprocess_rows(model_path, seconds, threads_list):
     for threads in threads_list:
         torch.set_num_threads(threads)
         for mname, model in models.items():
-            has_fast = SessionRecommender(model).uses_fast_path
+            has_fast = check_paths_agree(model)
             for fast in ((True, False) if has_fast else (False,)):
                 rec = SessionRecommender(model, fast=fast)
                 path = "fast path" if rec.uses_fast_path else "model.step/score"

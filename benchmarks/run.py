@@ -302,6 +302,30 @@ def table(data, ceiling, threads, columns):
     return "\n".join(lines)
 
 
+def _code_and_versions():
+    """The header lines naming the code measured (its commit, and whether tracked files differ from
+    it), the command, and the versions of the libraries the columns time."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    code = ("unknown (not a git checkout)" if commit is None
+            else commit + (" with uncommitted changes to tracked files" if dirty else ""))
+    versions = []
+    for name in ("numpy", "numba", "onnxruntime"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            versions.append(f"{name} not installed" + (" (its column empty: '–')" if name == "onnxruntime" else ""))
+    cmd = " ".join([os.path.relpath(sys.argv[0], HERE.parent)] + sys.argv[1:])
+    return [f"- code: commit {code}; command: `python {cmd}` (make bench runs it with no options)",
+            f"- {', '.join(versions)}"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -320,6 +344,7 @@ def main():
     header = [f"# CPU benchmarks, {date}", "",
               f"- machine: {cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
               f"- python {platform.python_version()}, torch {torch.__version__}, rnnrec_fast {rnnrec_fast.__version__}",
+              *_code_and_versions(),
               f"- backends: {rnnrec_fast.backend_info()}",
               "- wall time per call from Python (pytest-benchmark), same weights and inputs, same run;",
               "  inference under torch.inference_mode; training = forward + backward of a scalar loss, the",
