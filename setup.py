@@ -11,21 +11,44 @@ its numba or reference backend, with one warning saying so.
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
-import torch
+try:
+    import torch
+except ImportError:  # (pip's isolated build environment has no torch: pyproject.toml does not ask for one)
+    sys.exit("rnnrec_fast: building it needs the torch it will run with, installed first: the compiled "
+             "extension links that torch's C++ ABI, and the package then requires it exactly. Install torch, "
+             "then build without pip's build isolation: pip install --no-build-isolation . (or RNNREC_FAST_EXT=0 "
+             "pip install --no-build-isolation . for the pure-Python package). An isolated build would fetch the "
+             "newest torch from the index, build against it and pin it, replacing yours with it.")
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(name, default):
+    """A build switch: 1 / true / yes / on or 0 / false / no / off (any case); unset or empty: the
+    default. Another value stops the build (a typo in RNNREC_FAST_CUDA=ture turned CUDA off, silently)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    sys.exit(f"rnnrec_fast: {name}={os.environ[name]!r} is none of 1, true, yes, on, 0, false, no, off")
+
 
 def _want_cuda():
-    flag = os.environ.get("RNNREC_FAST_CUDA")
+    flag = _flag("RNNREC_FAST_CUDA", None)
     if flag is not None:
-        return flag == "1"
+        return flag
     import torch
 
     return torch.version.cuda is not None and (
@@ -50,13 +73,10 @@ def _cuda_extension(cuda_sources, cxx):
     and the runtime, the libraries coming from the nvidia-* wheels), they are looked up in the
     nvidia-* wheels and the usual toolkit directories.
     """
-    archs = os.environ.get("RNNREC_FAST_CUDA_ARCHS", "80;90")
-    gencode = []
-    for a in archs.split(";"):
-        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    gencode = _gencode(_cuda_archs(os.environ.get("RNNREC_FAST_CUDA_ARCHS") or "80;90"))
     std = _torch_cxx_std()
     nvcc = ["-O3", f"-std={std}", "-diag-suppress=3189"] + gencode
-    if os.environ.get("RNNREC_FAST_CUDA_VERBOSE") == "1":
+    if _flag("RNNREC_FAST_CUDA_VERBOSE", False):
         nvcc.append("-Xptxas=-v")
     cuda_cxx = [f if not f.startswith("-std=") else f"-std={std}" for f in cxx]
     include_dirs, library_dirs = [], []
@@ -91,6 +111,35 @@ def _cuda_extension(cuda_sources, cxx):
     )
 
 
+def _cuda_archs(value):
+    """RNNREC_FAST_CUDA_ARCHS as SM versions ("80;90", or torch's "8.0;9.0" style; "90a" too), sorted
+    by version. Another value stops the build ('' or "80,90" made nvcc flags it refused with the
+    compiler hint of a failed build)."""
+    out = []
+    for part in value.replace(" ", ";").split(";"):
+        if not part:
+            continue
+        found = re.fullmatch(r"(\d+)\.(\d)([af]?)|(\d{2,3})([af]?)", part)
+        if found is None:
+            sys.exit(f"rnnrec_fast: RNNREC_FAST_CUDA_ARCHS={value!r}: {part!r} is not an SM version; give them "
+                     "separated by ';', as 80;90 (or 8.0;9.0)")
+        out.append(found.group(1) + found.group(2) + found.group(3) if found.group(1) else
+                   found.group(4) + found.group(5))
+    if not out:
+        sys.exit(f"rnnrec_fast: RNNREC_FAST_CUDA_ARCHS={value!r} names no SM version (as 80;90)")
+    return sorted(set(out), key=lambda a: (int(re.match(r"\d+", a).group()), a))
+
+
+def _gencode(archs):
+    """nvcc's -gencode flags: machine code for each SM version, and the newest one's PTX, which the
+    driver compiles for a newer GPU than the list names (sm_ codes alone: "no kernel image is
+    available" there)."""
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return flags + ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
 def _torch_uses_openmp():
     """Whether torch's ATen parallel backend is OpenMP (the usual Linux build), with GCC/Clang."""
     if sys.platform not in ("linux", "linux2"):
@@ -102,10 +151,11 @@ def _torch_uses_openmp():
 
 
 def _extensions():
-    if os.environ.get("RNNREC_FAST_EXT") == "0":  # (pure Python: the numba / reference backends)
+    if not _flag("RNNREC_FAST_EXT", True):  # (pure Python: the numba / reference backends)
         return []
-    cxx = ["-O3", f"-std={_torch_cxx_std()}", "-fno-math-errno"]
-    if os.environ.get("RNNREC_FAST_NATIVE") == "1":
+    # -g0: no debug information (Python's own CFLAGS carry -g: 38 of the installed 41 MB were DWARF)
+    cxx = ["-O3", f"-std={_torch_cxx_std()}", "-fno-math-errno", "-g0"]
+    if _flag("RNNREC_FAST_NATIVE", False):
         cxx.append("-march=native")
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     link = []
@@ -115,12 +165,12 @@ def _extensions():
         # OpenMP runtime (same libgomp.so.1, already loaded by torch).
         link = ["-fopenmp"]
     san = []
-    if os.environ.get("RNNREC_FAST_SANITIZE") == "1":
+    if _flag("RNNREC_FAST_SANITIZE", False):
         # `make sanitize`: AddressSanitizer + UndefinedBehaviorSanitizer, any report fatal. -fno-wrapv
         # undoes Python's -fwrapv, under which signed overflow is defined and never reported. Such a
         # build loads only with the sanitizer runtimes preloaded (LD_PRELOAD).
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
-        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-fno-wrapv"] + san
+        cxx = [f for f in cxx if f not in ("-O3", "-g0")] + ["-O1", "-fno-wrapv"] + san
     exts = [
         cpp_extension.CppExtension(
             "rnnrec_fast._C",
@@ -129,7 +179,7 @@ def _extensions():
             extra_link_args=link + san,
         )
     ]
-    if os.environ.get("RNNREC_FAST_STANDALONE") != "0":  # (=0: the GPU check's build, its minutes are few)
+    if _flag("RNNREC_FAST_STANDALONE", True):  # (=0: the GPU check's build, its minutes are few)
         # The same kernels and op registration without Python (csrc/standalone/: the sources
         # above built with RNNREC_STANDALONE, schemas defined in C++), for libtorch programs that
         # run an AOTInductor package or a TorchScript model holding the op. Never loaded by the

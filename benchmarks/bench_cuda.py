@@ -26,6 +26,7 @@ if __name__ == "__main__":  # run as a script: import the package from this chec
 
 import rnnrec_fast  # noqa: E402
 from rnnrec_fast import backends  # noqa: E402
+from rnnrec_fast._checks import env_flag  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def main(argv=None):
     if reason:
         # a GPU session (benchmarks/gpu_run.sh) whose CUDA build failed must not pass as "skipped"
         print(f"skipped: {reason}")
-        return 1 if os.environ.get("RNNREC_FAST_REQUIRE_CUDA") == "1" else 0
+        return 1 if env_flag("RNNREC_FAST_REQUIRE_CUDA") else 0
     rows = []
     failed = 0
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")

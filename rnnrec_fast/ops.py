@@ -378,8 +378,17 @@ def _resolve(backend, device_type, dtype):
                       and _backends.device_unavailable(b, device_type) is None]
             skipped = [f"{b!r} passed over: {why}" for b in others
                        if (why := _backends.auto_skip(b, device_type)) is not None]
-            compiles = (" The first calls compile the Numba kernels (up to ~20 s in all, once: they are cached "
-                        "on disk)." if name == "numba" else "")
+            # (and the fallbacks that are not available themselves: a missing or broken numba is why
+            # the reference backend runs, ~2x slower than numba's)
+            skipped += [f"{b!r} not available: {_backends.unavailable_reason(b)}" for b in order[1:]
+                        if not _backends.available(b)]
+            compiles = ""
+            if name == "numba":
+                from . import _numba
+                compiles = (" The first calls compile the Numba kernels (up to ~20 s in all, in every process: "
+                            "numba cannot cache them here, as its warning said)." if _numba.cache_failed else
+                            " The first calls compile the Numba kernels (up to ~20 s in all, once: they are "
+                            "cached on disk).")
             warnings.warn(
                 f"rnnrec_fast: the {preferred!r} backend is not available ({reason}); {device_type} "
                 f"tensors run on the fallback backends instead ({', '.join(map(repr, others))}, the first "

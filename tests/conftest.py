@@ -20,6 +20,7 @@ if os.environ.get("RNNREC_FAST_TEST_BLOCK_EXT") == "1":  # (test_fallback: this 
 
 import rnnrec_fast  # noqa: E402
 from rnnrec_fast import backends  # noqa: E402
+from rnnrec_fast._checks import env_flag  # noqa: E402
 
 GPU = torch.cuda.is_available()
 # end-to-end tests parametrised over devices: on the CPU (CI) they check the test itself, on a GPU the
@@ -49,7 +50,7 @@ def cpu_backends():
     skipping them."""
     params = []
     for name in ("cpp", "numba", "reference"):
-        if backends.available(name) or (name in ("cpp", "numba") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") == "1"):
+        if backends.available(name) or (name in ("cpp", "numba") and env_flag("RNNREC_FAST_REQUIRE_EXT")):
             params.append(name)
         else:
             params.append(pytest.param(name, marks=pytest.mark.skip(

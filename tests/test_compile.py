@@ -15,6 +15,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnrec_fast
+from rnnrec_fast._checks import env_flag
 
 
 class Model(nn.Module):
@@ -730,7 +731,7 @@ def _library_or_skip():
     try:
         return rnnrec_fast.library_path()
     except FileNotFoundError:
-        if os.environ.get("RNNREC_FAST_REQUIRE_EXT") == "1":
+        if env_flag("RNNREC_FAST_REQUIRE_EXT"):
             raise
         pytest.skip("the library without Python was not built")
 

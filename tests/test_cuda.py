@@ -23,6 +23,7 @@ import rnnrec_fast
 from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
+from rnnrec_fast._checks import env_flag
 
 from conftest import case_seed
 from discarded_state import discarded_state_case
@@ -32,7 +33,7 @@ def _skip_reason():
     if not torch.cuda.is_available():
         return "CUDA is not available"
     if not backends.available("cuda"):
-        if os.environ.get("RNNREC_FAST_REQUIRE_CUDA") == "1":
+        if env_flag("RNNREC_FAST_REQUIRE_CUDA"):
             return None  # fail loudly below instead of skipping
         return f"cuda backend unavailable: {backends.unavailable_reason('cuda')}"
     return None

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import rnnrec_fast
+from rnnrec_fast._checks import env_flag
 
 from conftest import assert_close, case_seed, cpu_backends, shrunk
 
@@ -654,7 +655,7 @@ def test_backend_entry_points_take_no_step_or_no_row(T, B):
     backward divided by both (SIGFPE: the process died; from an audit); now cpp and numba give
     h_n = h0, grad_h0 = grad_h_n, zero weight and bias gradients, empty outputs."""
     names = [n for n in ("cpp", "numba") if rnnrec_fast.backends.available(n)]
-    assert "cpp" in names or os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1"
+    assert "cpp" in names or not env_flag("RNNREC_FAST_REQUIRE_EXT")
     args = _backend_args(T=T, B=B)
     gy, ghn = torch.randn(T, B, 5), torch.randn(B, 5)
     for name in names:
@@ -804,3 +805,18 @@ def test_cells_take_their_sizes_from_their_weights_as_torch_nn(kind, grad, chang
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
     for ours_g, ref_g in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(ours_g, ref_g, rtol=1e-12, atol=1e-12)
+
+
+def test_test_switches_read_the_run_time_words_and_refuse_others(monkeypatch):
+    """RNNREC_FAST_REQUIRE_EXT and the other test switches read 1 / true / yes / on as set and
+    refuse a value that is none of the words (from a review: only "1" was read, so =true skipped the
+    tests a missing extension should fail)."""
+    for value, want in [("1", True), ("True", True), ("yes", True), ("ON", True), ("", False), ("0", False),
+                        ("false", False), ("off", False)]:
+        monkeypatch.setenv("RNNREC_FAST_REQUIRE_X", value)
+        assert env_flag("RNNREC_FAST_REQUIRE_X") is want, value
+    monkeypatch.delenv("RNNREC_FAST_REQUIRE_X")
+    assert env_flag("RNNREC_FAST_REQUIRE_X") is False
+    monkeypatch.setenv("RNNREC_FAST_REQUIRE_X", "2")
+    with pytest.raises(ValueError, match="RNNREC_FAST_REQUIRE_X='2' is none of"):
+        env_flag("RNNREC_FAST_REQUIRE_X")

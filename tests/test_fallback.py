@@ -11,6 +11,7 @@ import torch
 
 import rnnrec_fast
 from rnnrec_fast import backends
+from rnnrec_fast._checks import env_flag
 
 from conftest import RUN_SEED
 
@@ -97,6 +98,19 @@ def test_works_without_extension(block_numba, expected, exc):
     assert f"backend {expected} {expected}" in out.stdout
     assert "gradients ok" in out.stdout
     assert "None refused" in out.stdout
+    # numba missing: the warning says why the slower reference backend runs (it did not; a review)
+    assert ("'numba' not available: " in out.stdout) == block_numba, out.stdout
+
+
+def test_a_numba_that_fails_to_import_is_not_called_missing():
+    """numba installed, its import failing (NUMBA_NUM_THREADS=0: numba's ValueError): the numba
+    backend's reason says its import failed, not 'needs the numba package (pip install numba)'."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="0")
+    out = subprocess.run([sys.executable, "-c", "from rnnrec_fast import backends; "
+                          "print(backends.unavailable_reason('numba'))"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "importing numba failed: ValueError(" in out.stdout and "pip install numba" not in out.stdout, out.stdout
 
 
 # the extension blocked before anything imports it (a script's start, or a sitecustomize.py)
@@ -149,7 +163,7 @@ def test_numba_with_its_jit_disabled():
 
 
 def test_extension_is_built_when_required():
-    if os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
+    if not env_flag("RNNREC_FAST_REQUIRE_EXT"):
         pytest.skip("set RNNREC_FAST_REQUIRE_EXT=1 to require the compiled extension")
     assert backends.available("cpp"), backends.unavailable_reason("cpp")
     assert rnnrec_fast.resolve_backend("auto", "cpu", __import__("torch").float32) == "cpp"
@@ -212,6 +226,15 @@ def test_numba_backend_without_a_writable_cache(tmp_path):
     assert "numba ok" in out.stdout
     assert out.stderr.count("numba cannot cache its compiled kernels here") == 1, out.stderr
     assert "NUMBA_CACHE_DIR" in out.stderr
+    # the fallback warning (the extension missing) then does not promise a cache (a review: it said
+    # "once: they are cached on disk" right after numba's own warning said they are not); an
+    # unwritable NUMBA_CACHE_DIR is named as the problem
+    code = _SITE_BLOCKER + "import torch, rnnrec_fast\nrnnrec_fast.GRU(3, 4)(torch.randn(2, 1, 3))\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(env, NUMBA_CACHE_DIR=str(home / "x")), cwd=str(tmp_path))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert "in every process: numba cannot cache them here" in out.stderr and "cached on disk" not in out.stderr
+    assert f"NUMBA_CACHE_DIR={str(home / 'x')!r} is not a writable directory" in out.stderr, out.stderr[-3000:]
 
 
 def test_a_backend_failing_to_import_is_unavailable_with_its_reason(monkeypatch, tmp_path):

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnrec_fast
 from rnnrec_fast import backends, modules
+from rnnrec_fast._checks import env_flag
 
 try:
     from rnnrec_fast import _C
@@ -32,7 +33,7 @@ except ImportError:
 from conftest import assert_close, cpu_backends
 
 needs_ext = pytest.mark.skipif(
-    modules._InferPlan is None and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+    modules._InferPlan is None and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
     reason="the C++ extension is not built")
 
 

@@ -22,10 +22,11 @@ import rnnrec_fast
 from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
+from rnnrec_fast._checks import env_flag
 
 from conftest import RUN_SEED, case_seed
 
-pytestmark = pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+pytestmark = pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                                 reason="the C++ extension is not built")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ import rnnrec_fast
 from rnnrec_fast import backends
 from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
+from rnnrec_fast._checks import env_flag
 
 from conftest import assert_close, case_seed, cpu_backends, expected_calls, shrunk, tolerances
 
@@ -981,7 +982,7 @@ def test_threads_give_the_same_bits(mode, reset_after, H, extras):
     splits the rows over the threads for all its steps, and the backward for each chunk's steps
     (forward_impl, backward_impl, row_threads: 160 rows as 80 + 80); so with lengths that never
     increase (sorted, a PackedSequence's), the rows split by their summed lengths (thread_bounds)."""
-    if not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1":
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
         pytest.skip("the C++ extension is not built")
     gen = torch.Generator().manual_seed(21)
     inputs = make_inputs(4, 160, 64, H, mode, True, "lengths" if extras == "sorted" else extras, torch.float32, gen)
@@ -1643,7 +1644,7 @@ def test_topk_selection_of_a_large_catalogue():
 # and scalar kernels takes the scoring ones with it (their names hold "linear_rows" / "topk") when
 # the variable is set. (A signed 32-bit offset there crashed each of these tests, a segfault at the
 # call, in a scratch build; an unsigned one would need 2^32 elements, 16 GiB, to show.)
-bigmem = pytest.mark.skipif(os.environ.get("RNNREC_FAST_BIGMEM") != "1" or not backends.available("cpp"),
+bigmem = pytest.mark.skipif(not env_flag("RNNREC_FAST_BIGMEM") or not backends.available("cpp"),
                             reason="big-memory test (~12 GB of RAM, minutes; needs the C++ extension): "
                                    "set RNNREC_FAST_BIGMEM=1 to run it")
 _BIG_CHUNK = 1 << 20

@@ -82,6 +82,65 @@ def test_setup_builds_the_library_without_python_unless_told_not_to(monkeypatch,
         assert "torch_python" in exts["rnnrec_fast._C"].libraries
 
 
+def _setup_namespace():
+    """setup.py's definitions, without its setup() call."""
+    src = (ROOT / "setup.py").read_text()
+    ns = {"__file__": str(ROOT / "setup.py"), "__name__": "setup_under_test"}
+    exec(compile(src[: src.rindex("setup(")], "setup.py", "exec"), ns)
+    return ns
+
+
+def test_build_switches_take_the_run_time_switches_words_and_refuse_others(monkeypatch):
+    """The build's switches read 1 / true / yes / on and 0 / false / no / off in any case, unset or
+    empty as their default, and stop the build on another value (from a review: only "1" / "0"
+    were read, so RNNREC_FAST_CUDA=true turned CUDA off and RNNREC_FAST_EXT=false built it, silently)."""
+    flag = _setup_namespace()["_flag"]
+    for value, want in [("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False), ("false", False),
+                        ("No", False), ("off", False), ("", "default")]:
+        monkeypatch.setenv("RNNREC_FAST_X", value)
+        assert flag("RNNREC_FAST_X", "default") == want, value
+    monkeypatch.delenv("RNNREC_FAST_X")
+    assert flag("RNNREC_FAST_X", None) is None
+    monkeypatch.setenv("RNNREC_FAST_X", "ture")
+    with pytest.raises(SystemExit, match="RNNREC_FAST_X='ture' is none of 1, true, yes, on, 0, false, no, off"):
+        flag("RNNREC_FAST_X", True)
+    monkeypatch.setenv("RNNREC_FAST_CUDA", "no")
+    monkeypatch.setenv("RNNREC_FAST_EXT", "false")
+    assert _setup_namespace()["_extensions"]() == []
+
+
+def test_cuda_archs_are_checked_and_the_newest_ships_ptx():
+    """RNNREC_FAST_CUDA_ARCHS: SM versions separated by ';' (torch's 8.0 style too), sorted; a value
+    that names none or holds another word stops the build (from a review: '' and '80,90' became nvcc
+    flags it refused, under the failed build's compiler hint). The newest also ships as PTX, which
+    the driver compiles for a newer GPU (an sm_ code alone: 'no kernel image is available')."""
+    ns = _setup_namespace()
+    archs = ns["_cuda_archs"]
+    assert archs("80;90") == ["80", "90"] and archs("9.0;8.0;") == ["80", "90"] and archs("90a;80") == ["80", "90a"]
+    assert archs("75 86") == ["75", "86"] and archs("100;90") == ["90", "100"]
+    for bad in ("80,90", "sm_90", "compute_90", ";", "x"):
+        with pytest.raises(SystemExit, match="RNNREC_FAST_CUDA_ARCHS"):
+            archs(bad)
+    flags = ns["_gencode"](archs("80;90"))
+    assert flags[1::2] == ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
+                           "arch=compute_90,code=compute_90"] and set(flags[::2]) == {"-gencode"}
+
+
+def test_an_isolated_build_without_torch_says_how_to_build():
+    """pyproject.toml asks for no torch in the build: pip's isolated build (the default) then sees
+    none and stops, saying to install torch and build with --no-build-isolation (from a review: with
+    torch>=2.4 there, the isolated build fetched the newest torch, built against it and pinned it,
+    and pip replaced the user's torch with that multi-GB build). Here: setup.py run where torch is
+    not importable (python -S: no site-packages)."""
+    import tomllib  # noqa: PLC0415
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert not [r for r in requires if r.startswith("torch")], requires
+    out = subprocess.run([sys.executable, "-S", "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "pip install --no-build-isolation ." in out.stderr, out.stderr[-2000:]
+
+
 def test_a_machine_without_a_compiler_installs_the_package_without_its_extension(tmp_path):
     """Without a C++ compiler the build fails, saying how to install without it (a review found only
     torch's compiler-check traceback); RNNREC_FAST_EXT=0 installs the pure-Python package, which

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rnnrec_fast import backends
+from rnnrec_fast._checks import env_flag
 
 from conftest import RUN_SEED
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPP_OP_TESTS = re.search(r"^SAN_OP_TESTS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
-@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+@pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                     reason="the C++ extension is not built")
 @pytest.mark.parametrize("env,level", [("RNNREC_FAST_NO_AVX512", "avx2"), ("RNNREC_FAST_NO_SIMD", "scalar")])
 def test_portable_kernel_paths(env, level):
@@ -64,7 +65,7 @@ def _child_tests(env, select, least):
         assert passed >= fewest, f"{name}: {passed} passed\n" + out.stdout[-3000:]
 
 
-@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+@pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                     reason="the C++ extension is not built")
 def test_chunked_projection_on_avx2():
     """A large GRU inference projects its inputs a chunk of steps at a time on AVX-512 only (where
@@ -85,7 +86,7 @@ def test_chunked_projection_on_avx2():
                  {"test_fastpath": 10, "test_serving": 2})
 
 
-@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+@pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                     reason="the C++ extension is not built")
 def test_switch_values():
     """RNNREC_FAST_NO_SIMD=false / off / 0 leave the vector kernels on, true / On switch them off,
@@ -115,7 +116,7 @@ def test_cuda_path_names():
         assert backends.cuda_forward_path("persistant") == 0
 
 
-@pytest.mark.skipif(not backends.available("cpp") and os.environ.get("RNNREC_FAST_REQUIRE_EXT") != "1",
+@pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                     reason="the C++ extension is not built")
 def test_avx512_kernels_run_where_the_cpu_has_them():
     """Where the CPU has AVX-512F the default choice is the AVX-512 kernels (the whole suite then

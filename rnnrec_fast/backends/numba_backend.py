@@ -9,9 +9,11 @@ from __future__ import annotations
 try:
     import numba  # noqa: F401
 except Exception as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "rnnrec_fast: the 'numba' backend needs the numba package (pip install numba); "
-        f"importing it failed: {exc!r}") from exc
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "numba":
+        raise ImportError("rnnrec_fast: the 'numba' backend needs the numba package (pip install numba)") from exc
+    # installed, and its import failed (NUMBA_NUM_THREADS=0, a numpy it does not support): not a
+    # missing package
+    raise ImportError(f"rnnrec_fast: the 'numba' backend cannot run: importing numba failed: {exc!r}") from exc
 
 import numpy as np
 import torch
