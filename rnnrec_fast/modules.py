@@ -1072,7 +1072,7 @@ def _pad_packed(input):
     ops and their backward, scatter_add and zero fills, took ~0.5 of ~3 ms). Else one index_copy (its gradient one
     index_select) and an index_select back, where torch's pad_packed_sequence copies a slice per
     distinct length, each a node of the graph whose backward clones the whole gradient (~1 ms of a
-    ~4 ms training step)."""
+    ~4 ms training step); under torch.jit.trace torch's own operators (B a traced size there)."""
     data, batch_sizes = input[0], input[1]
     if (_pad_packed_sorted is not None and data.device.type == "cpu" and data.is_floating_point()
             and _cpp_copy_ok(data, batch_sizes)):
@@ -1081,6 +1081,15 @@ def _pad_packed(input):
         else:
             x, lengths = _pad_packed_sorted(data, batch_sizes)
         return x, lengths, functools.partial(_unpad_cpu, batch_sizes=batch_sizes)
+    if torch._C._get_tracing_state() is not None:
+        # under torch.jit.trace, torch's own padding and packing operators (torch.nn's
+        # pad_packed_sequence and pack_padded_sequence run them): B is read from batch_sizes inside
+        # the operator, so that the trace records it as the input's, not as a constant
+        # (int(batch_sizes[0]) below made a traced model refuse a larger batch: "index_copy_():
+        # Number of indices (9) should be equal to source.size(dim) (10)"; a review)
+        x, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.shape[0])
+        return (x, lengths.to(data.device),
+                lambda out: torch._VF._pack_padded_sequence(out, lengths, False)[0])
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
     rows, live = _packed_rows(batch_sizes, None, T, B, data.device)
     x = data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, data.shape[1])
@@ -1092,7 +1101,7 @@ def _unpad_cpu(out, batch_sizes):
     C++ (with _C.unpad_packed_autograd where autograd records it, or ATen's index ops where something else must
     see the call)."""
     if not _cpp_copy_ok(out):
-        T, B = batch_sizes.shape[0], int(batch_sizes[0])
+        T, B = out.shape[0], out.shape[1]  # (sizes, not batch_sizes' values: traced as sizes)
         rows, _ = _packed_rows(batch_sizes, None, T, B, out.device)
         return out.reshape(-1, out.shape[-1]).index_select(0, rows)
     if out.requires_grad and torch.is_grad_enabled():

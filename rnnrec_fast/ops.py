@@ -274,6 +274,12 @@ def _check_length_values(lengths, T):
     # Data-dependent, so only on the CPU (a CUDA check would synchronise and break graph capture;
     # the CUDA kernels clamp instead).
     if lengths is not None and lengths.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            # (dynamo traces the op's torch operations here, inside torch.func's transforms: reading
+            # the values would guard on them, "Could not guard on data-dependent expression" with
+            # fullgraph=True; the check runs in the graph instead, a RuntimeError when it runs)
+            torch._assert_async(((lengths >= 0) & (lengths <= T)).all(), "rnnrec_fast: lengths must lie in [0, T]")
+            return
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > T:
             _fail(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")

@@ -12,7 +12,7 @@ import torch._dynamo
 import torch._inductor
 from torch import nn
 from torch.autograd import forward_ad
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnrec_fast
 from rnnrec_fast._checks import env_flag
@@ -257,6 +257,54 @@ def test_jit_trace_of_a_packed_bidirectional_input_replays_on_new_data(kind):
     out, h_n = ref(other)
     torch.testing.assert_close(got[0], out.data, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[1], h_n, rtol=1e-10, atol=1e-12)
+
+
+class _PackedEncoder(nn.Module):
+    """The usual variable-length encoder: pack, the recurrent module, pad back."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, lengths):
+        y, h_n = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])[0], h_n
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_jit_trace_of_a_packed_input_takes_other_batch_sizes(kind):
+    """A traced variable-length encoder (pack_padded_sequence, the module, pad_packed_sequence) runs
+    on batches larger and smaller than the trace's example, as torch.nn's traced one does, and so
+    does its saved and loaded form: the padding read the batch size from batch_sizes' values, a
+    trace constant ('index_copy_(): Number of indices (9) should be equal to source.size(dim) (10)'
+    at one more row; a review). Gradients through the traced model too."""
+    import io
+
+    torch.manual_seed(31)
+    ours = getattr(rnnrec_fast, kind)(5, 6, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
+    ref = getattr(nn, kind)(5, 6, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    example = (torch.randn(3, 4, 5, dtype=torch.float64), torch.tensor([4, 2, 3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(_PackedEncoder(ours), example, check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    for lengths in ([4, 1, 3, 2, 4], [2, 4], [4, 4, 1, 2, 3, 1, 4]):
+        x = torch.randn(len(lengths), 4, 5, dtype=torch.float64)
+        want = _PackedEncoder(ref)(x, torch.tensor(lengths))
+        for model in (traced, loaded):
+            xg = x.clone().requires_grad_()
+            got = model(xg, torch.tensor(lengths))
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+            gx, = torch.autograd.grad(got[0].sum() + got[1].square().sum(), xg)
+            xr = x.clone().requires_grad_()
+            ref_out = _PackedEncoder(ref)(xr, torch.tensor(lengths))
+            wx, = torch.autograd.grad(ref_out[0].sum() + ref_out[1].square().sum(), xr)
+            torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)
 
 
 class _CellModel(nn.Module):
@@ -892,3 +940,58 @@ def test_aoti_package_and_torchscript_run_from_a_cpp_program_with_the_library(tm
         bare = subprocess.run([str(tmp_path / "run"), "-", name, "2", "7"], capture_output=True, text=True, timeout=120,
                               env=env)
         assert bare.returncode != 0 and "rnnrec_fast" in bare.stderr, bare.stderr[-3000:]
+
+
+@pytest.mark.parametrize("embedding", ["shared", 4, 0])
+def test_a_multi_layer_gru4rec_with_hidden_dropout_compiles_in_one_graph(embedding):
+    """GRU4Rec with 2+ GRU layers and hidden dropout, in eval mode: its step and scoring compile
+    with fullgraph=True and export strictly, with eager's answers (its layer stack took the
+    module's C++ inference plan while dynamo traced it: 'Dynamo does not know how to trace method
+    __call__ of class InferPlan', two graph breaks by default; a review)."""
+    from rnnrec_fast.recsys import GRU4Rec
+    from rnnrec_fast.serving.export import OneStepScorer
+
+    torch.manual_seed(5)
+    m = GRU4Rec(40, layers=(6, 6, 6), embedding=embedding, dropout_hidden=0.25).eval()
+    items, h = torch.tensor([1, 2, 3]), m.init_state(3)
+    h = torch.randn_like(h)
+
+    def f(items, h):
+        y, hn = m(items.unsqueeze(0), h)
+        return m.score(hn[-1]).topk(5), hn
+    torch._dynamo.reset()
+    (vals, idx), hn = torch.compile(f, backend="aot_eager", fullgraph=True)(items, h)
+    (want_vals, want_idx), want_hn = f(items, h)
+    torch.testing.assert_close(hn, want_hn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-6)
+    assert torch.equal(idx, want_idx)
+    torch._dynamo.reset()
+    ep = torch.export.export(OneStepScorer(m, k=5), (items, h), strict=True)
+    for got, want in zip(ep.module()(items, h), OneStepScorer(m, k=5)(items, h)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_transforms_of_the_op_with_lengths_in_one_graph():
+    """torch.func.grad / jacrev of rnnrec_fast.recurrence with lengths compile with fullgraph=True
+    (the lengths' range check read their values while dynamo traced: 'Could not guard on
+    data-dependent expression'; a review), with eager's gradients; lengths out of range are still
+    refused, by a check in the graph (a RuntimeError when it runs)."""
+    torch.manual_seed(41)
+    x, w_ih, w_hh = (torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(15, 3, dtype=torch.float64),
+                     torch.randn(15, 5, dtype=torch.float64))
+
+    def make(lengths):
+        def loss(w_hh):
+            return rnnrec_fast.recurrence(x, None, w_ih, w_hh, lengths=lengths)[1].square().sum()
+        return loss
+    loss = make(torch.tensor([4, 2]))
+    for transform in (torch.func.grad, torch.func.jacrev):
+        torch._dynamo.reset()
+        got = torch.compile(transform(loss), backend="aot_eager", fullgraph=True)(w_hh)
+        torch.testing.assert_close(got, transform(loss)(w_hh), rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
+        torch.compile(torch.func.grad(make(torch.tensor([4, 7]))), backend="aot_eager", fullgraph=True)(w_hh)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\]"):  # (eager: the op's own error)
+        torch.func.grad(make(torch.tensor([4, 7])))(w_hh)
+    torch._dynamo.reset()

@@ -11,7 +11,7 @@ from torch import nn
 
 import rnnrec_fast
 
-from ..modules import InputError, _calls_observed, _unrecorded
+from ..modules import InputError, _calls_observed, _is_compiling, _unrecorded
 from .data import ItemMap, RecsysError
 
 try:  # x W^T + b for a few float32 rows in one pass over W (the catalogue); ATen's addmm otherwise
@@ -258,7 +258,10 @@ class GRU4Rec(nn.Module):
         if rnn.dropout == 0 or rnn.num_layers == 1:  # no dropout between its layers in any mode
             # without resets, a positional call: the module's inference fast path takes it
             return rnn(x, h) if resets is None else rnn(x, h, resets=resets)
-        if not drop and resets is None and not _calls_observed():
+        # (not while dynamo traces: it cannot trace the C++ plan, as the modules' forward knows; with
+        # hidden dropout on 2+ layers a compiled GRU4Rec broke its graph here, fullgraph=True and a
+        # strict export failed; a review)
+        if not drop and resets is None and not _is_compiling() and not _calls_observed():
             plan = rnn.__dict__.get("_plan")  # the module's inference fast path, without its mode check
             out = None if plan is None else plan(x, h)  # (None: declined; with autograd on, the op calls from C++)
             if out is not None:
