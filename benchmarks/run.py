@@ -312,9 +312,11 @@ def _code_and_versions():
         except (OSError, subprocess.CalledProcessError):
             return None
     commit = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    # (the code's files: a notes file edited during a run is no change to what runs)
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "rnnrec_fast", "setup.py",
+                "benchmarks/*.py", "benchmarks/*.c")
     code = ("unknown (not a git checkout)" if commit is None
-            else commit + (" with uncommitted changes to tracked files" if dirty else ""))
+            else commit + (" with uncommitted changes to its code" if dirty else ""))
     versions = []
     for name in ("numpy", "numba", "onnxruntime"):
         try:
