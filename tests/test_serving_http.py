@@ -79,15 +79,20 @@ def uvicorn_errors():
         log.removeHandler(handler)
 
 
+async def _lifespan(receive, send):
+    """A test app's ASGI lifespan protocol: each event acknowledged, until the shutdown."""
+    while True:
+        msg = await receive()
+        await send({"type": msg["type"] + ".complete"})
+        if msg["type"] == "lifespan.shutdown":
+            return
+
+
 def test_uvicorn_errors_sees_what_uvicorn_logs():
     """The check the tests below rely on sees an app's exception as uvicorn logs it."""
     async def failing(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                await send({"type": msg["type"] + ".complete"})
-                if msg["type"] == "lifespan.shutdown":
-                    return
+            return await _lifespan(receive, send)
         raise RuntimeError("boom")
     with BackgroundServer(failing) as srv, uvicorn_errors() as errors:
         c = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
@@ -761,11 +766,7 @@ def test_request_deadline_spares_a_pipelined_request_behind_a_slow_one():
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                await send({"type": m["type"] + ".complete"})
-                if m["type"] == "lifespan.shutdown":
-                    return
+            return await _lifespan(receive, send)
         if scope["method"] == "POST":
             while (await receive()).get("more_body"):
                 pass
