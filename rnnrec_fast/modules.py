@@ -973,7 +973,8 @@ class _RNNBase(_FastPath):
             # laid out as the input: (T,) unbatched, (B, T) with batch_first, else (T, B); for a
             # PackedSequence, as the padded input in the original batch order
             want = (T,) if not batched else (B, T) if self.batch_first else (T, B)
-            if resets.dtype != torch.bool or tuple(resets.shape) != want:
+            # (_differs: no guard on an unbacked batch, as hx's check; the kernels check the real size)
+            if resets.dtype != torch.bool or _differs(tuple(resets.shape), want):
                 raise ValueError(f"{name}: resets must be a bool tensor of shape {want}, got {resets.dtype} "
                                  f"{tuple(resets.shape)}")
             resets = resets.unsqueeze(1) if not batched else resets.transpose(0, 1) if self.batch_first else resets

@@ -454,7 +454,7 @@ def test_export_with_a_data_dependent_batch():
 @pytest.mark.skipif(not hasattr(torch._dynamo.decorators, "mark_unbacked"),
                     reason="this torch has no torch._dynamo.decorators.mark_unbacked")
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell", "op", "GRU with hx", "GRUCell with hx",
-                                  "op with h0, lengths and resets"])
+                                  "op with h0, lengths and resets", "GRU with resets"])
 def test_compile_with_unbacked_batch_and_time(kind):
     """mark_unbacked on the batch (and time) sizes, the remedy dynamo's recompile log suggests for
     its 0/1 specialisation: one graph serves every size, 1 included, matching eager; with a state,
@@ -465,7 +465,7 @@ def test_compile_with_unbacked_batch_and_time(kind):
 
     torch.manual_seed(0)
     torch._dynamo.reset()
-    state = kind.endswith("hx") or kind.startswith("op with")
+    state = kind.endswith("hx") or kind.startswith("op with") or kind.endswith("resets")
     if state and not hasattr(symbolic_shapes, "guard_or_false"):
         pytest.skip("torch < 2.7 has no guard_or_false: a state's size check beside an unbacked batch guards "
                     "on it (torch.nn.GRUCell's fails alike, on every version)")
@@ -478,6 +478,10 @@ def test_compile_with_unbacked_batch_and_time(kind):
         shapes, dims = [(5, 3, 4), (1, 1, 4), (2, 7, 4)], (0, 1)
     elif kind in ("GRU", "GRU with hx"):
         fn = rnnrec_fast.GRU(4, 6, batch_first=True)
+        shapes, dims = [(3, 5, 4), (1, 1, 4), (7, 2, 4)], (0, 1)
+    elif kind == "GRU with resets":  # (the module's resets check guarded on the batch; a review)
+        gru = rnnrec_fast.GRU(4, 6, batch_first=True)
+        fn = lambda x, r: gru(x, resets=r)  # noqa: E731
         shapes, dims = [(3, 5, 4), (1, 1, 4), (7, 2, 4)], (0, 1)
     else:
         fn = rnnrec_fast.GRUCell(4, 6)
@@ -495,6 +499,10 @@ def test_compile_with_unbacked_batch_and_time(kind):
                 for t, ds in zip(h, ((0,), (0,), (0, 1))):
                     for d in ds:
                         mark_unbacked(t, d)
+            elif kind.endswith("resets"):  # (B, T), as the batch_first input
+                h = torch.rand(shape[0], shape[1]) < 0.3
+                for d in (0, 1):
+                    mark_unbacked(h, d)
             else:
                 h = torch.randn(*(((1,) if kind.startswith("GRU ") else ()) + (shape[0], 6)))
                 mark_unbacked(h, h.dim() - 2)
