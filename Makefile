@@ -71,7 +71,7 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 	touch $@
 
 # The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer, any report a failure (not
-# CI: 10-15 min on 2 cores, 3-5 of them building). The tracked sources are copied to $(SAN_DIR) and
+# CI: 10-20 min on 2 cores, 3-5 of them building). The tracked sources are copied to $(SAN_DIR) and
 # built there, the extension _C and librnnrec_fast_ops.so (each loads only with the runtimes
 # preloaded), and the tests that run the C++ kernels run from there, on the AVX2/AVX-512 paths and
 # on the portable scalar one, and the chunked projection of large GRU inferences on AVX2 (which
