@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk loss = mean over its steps of GRU4Rec's per-step loss (step) or their sum (batch)")
     t.add_argument("--state-dropout", type=_bool, default=True,
                    help="carry each layer's dropped-out output as its state across chunk boundaries, "
-                        "as GRU4Rec carries it across steps (default true)")
+                        "as GRU4Rec carries it across steps (default: true)")
     t.add_argument("--optimizer", choices=["adagradm", "adagrad", "adam", "sgd"], default="adagradm")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: none, a fresh random run)")
     t.add_argument("--threads", type=int, default=1, help="torch intra-op threads while training (0: torch's default)")
