@@ -117,6 +117,7 @@ def _cuda_archs(value):
     compiler hint of a failed build)."""
     out = []
     for part in value.replace(" ", ";").split(";"):
+        part = part[:-4] if part.endswith("+PTX") else part  # (torch's style: the newest ships PTX anyway)
         if not part:
             continue
         found = re.fullmatch(r"(\d+)\.(\d)([af]?)|(\d{2,3})([af]?)", part)
@@ -137,7 +138,10 @@ def _gencode(archs):
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    return flags + ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    # (the PTX of the newest version without an a / f suffix: suffixed PTX runs on its own
+    # generation only, not on a newer GPU)
+    ptx = [a for a in archs if a.isdigit()] or [archs[-1].rstrip("af")]
+    return flags + ["-gencode", f"arch=compute_{ptx[-1]},code=compute_{ptx[-1]}"]
 
 
 def _torch_uses_openmp():

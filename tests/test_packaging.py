@@ -124,6 +124,10 @@ def test_cuda_archs_are_checked_and_the_newest_ships_ptx():
     flags = ns["_gencode"](archs("80;90"))
     assert flags[1::2] == ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
                            "arch=compute_90,code=compute_90"] and set(flags[::2]) == {"-gencode"}
+    # a suffixed version's PTX runs on its own generation only: the newest plain one's ships (a review)
+    assert archs("8.6+PTX;9.0") == ["86", "90"]
+    assert ns["_gencode"](archs("80;90a"))[-1] == "arch=compute_80,code=compute_80"
+    assert ns["_gencode"](archs("90a"))[-1] == "arch=compute_90,code=compute_90"
 
 
 def test_an_isolated_build_without_torch_says_how_to_build():

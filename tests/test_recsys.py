@@ -2001,7 +2001,8 @@ def test_continued_training_takes_the_new_config_hyperparameters():
     assert all("mom" not in st for st in first.train_state["optimizer_state"][0]["state"].values())
     snap = copy.deepcopy(first)
     a, _ = recsys.train(ds, TrainConfig(epochs=1, lr=0.2, momentum=0.0, **base), progress=False, model=first)
-    b, _ = recsys.train(ds, TrainConfig(epochs=1, lr=0.01, momentum=0.5, **base), progress=False, model=snap)
+    with pytest.warns(UserWarning, match=r"config differs .*lr 0.01 \(was 0.2\), momentum 0.5 \(was 0.0\)"):
+        b, _ = recsys.train(ds, TrainConfig(epochs=1, lr=0.01, momentum=0.5, **base), progress=False, model=snap)
     groups = b.train_state["optimizer_state"][0]["param_groups"]
     assert all(g["lr"] == 0.01 and g["momentum"] == 0.5 for g in groups)
     assert all("mom" in st for st in b.train_state["optimizer_state"][0]["state"].values())
@@ -2069,3 +2070,77 @@ def test_training_state_in_checkpoints(tmp_path):
     m = recsys.load_checkpoint(saved_with(lambda ts: ts["optimizer_state"][0]["param_groups"].append({"params": []})))
     with pytest.raises(RecsysError, match="does not fit this model's optimizer"):
         recsys.train(ds, TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3), progress=False, model=m)
+
+
+def test_a_training_state_is_never_changed_by_a_run_resumed_from_it(tmp_path):
+    """The optimiser's tensors of a state handed out are the state's own: a run resumed from it
+    leaves it as it was (they were updated in place: a second model given the same state object went
+    on from the first one's later state, and an interrupted run left a half-updated state; a
+    review), so two models resumed from one state both give the one longer run's model."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = lambda epochs: TrainConfig(layers=[8], epochs=epochs, n_sample=5, batch_size=3, seed=3)  # noqa: E731
+    whole, _ = recsys.train(ds, cfg(2), progress=False)
+    first, _ = recsys.train(ds, cfg(1), progress=False)
+    state = first.train_state
+    before = copy.deepcopy(state)
+    twin = copy.deepcopy(first)
+    twin.train_state = state  # (the same object as first's)
+    a, _ = recsys.train(ds, cfg(1), progress=False, model=first)
+    b, _ = recsys.train(ds, cfg(1), progress=False, model=twin)
+    assert _weights_equal(a, whole) and _weights_equal(b, whole)
+    for sd, sd0 in zip(state["optimizer_state"], before["optimizer_state"]):
+        for i, per in sd["state"].items():
+            assert all(torch.equal(v, sd0["state"][i][k]) for k, v in per.items())
+
+
+def test_a_float64_model_resumes_through_a_checkpoint_in_float64(tmp_path):
+    """A float64 model's checkpoint loads as float64 (it came back float32, and its float64
+    optimiser state was cast down: not the run it resumed; a review), and resumes to the bit."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=3)
+    m = GRU4Rec(len(ds.item_map), [8], item_ids=ds.item_map.item_ids).double()
+    with pytest.warns(UserWarning, match="no training state"):
+        m, _ = recsys.train(ds, cfg, progress=False, model=m)
+    path = str(tmp_path / "m64.pt")
+    recsys.save_checkpoint(m, path)
+    loaded = recsys.load_checkpoint(path)
+    assert all(v.dtype == torch.float64 for v in loaded.state_dict().values() if v.is_floating_point())
+    a, _ = recsys.train(ds, cfg, progress=False, model=m)
+    b, _ = recsys.train(ds, cfg, progress=False, model=loaded)
+    assert _weights_equal(a, b)
+
+
+def test_hand_edited_optimizer_states_are_refused_by_name(tmp_path):
+    """Every entry of a saved optimiser state is checked against the model's weights before the
+    run sets anything from it (a review: a non-dict entry, a list or 0-dim 'acc', a negative step
+    failed deep inside; an unknown weight id, an integer or negative 'acc' trained on silently or
+    as 'training diverged'); a newer format's state does not keep serving from the weights."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = lambda opt="adagradm": TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=0,  # noqa: E731
+                                             optimizer=opt, lr=0.2 if opt == "adagradm" else 0.05)
+    for opt, edit, match in [
+            ("adagradm", lambda st: st["state"].update({0: [1, 2]}), "of weight 0 is a list, not a dict"),
+            ("adagradm", lambda st: st["state"][0].update(acc=[1.0]), "acc of a weight of shape .* is a list"),
+            ("adagradm", lambda st: st["state"][0].update(acc=torch.tensor(1.0)), r"acc of .* has shape \(\)"),
+            ("adagradm", lambda st: st["state"][0].update(acc=st["state"][0]["acc"].long()), "torch.int64, not a floating"),
+            ("adagradm", lambda st: st["state"][0]["acc"].fill_(-1.0), "acc of .* holds negative values"),
+            ("adagradm", lambda st: st["state"].update({"zero": {}}), "names weight 'zero', which its param_groups do not"),
+            ("adam", lambda st: st["state"][0].update(step=torch.tensor(-5.0)), "step of a weight .* is tensor"),
+            ("adam", lambda st: st["state"][0].update(step=float("nan")), "step of a weight .* is nan")]:
+        m, _ = recsys.train(ds, cfg(opt), progress=False)
+        edit(m.train_state["optimizer_state"][-1])
+        epochs = m.train_state["epochs"]
+        with pytest.raises(RecsysError, match="does not fit this model: .*" + match):
+            recsys.train(ds, cfg(opt), progress=False, model=m)
+        assert m.train_state["epochs"] == epochs and not m.training  # (nothing set from it)
+    m, _ = recsys.train(ds, cfg(), progress=False)
+    path = str(tmp_path / "future.pt")
+    recsys.save_checkpoint(m, path)
+    payload = torch.load(path, weights_only=True)
+    payload["train_state"]["version"] = 2
+    torch.save(payload, path)
+    with pytest.raises(RecsysError, match=r"version 2: this code reads up to 1"):
+        recsys.load_checkpoint(path)
+    assert recsys.load_checkpoint(path, train_state=False).train_state is None
+    from rnnrec_fast.serving import SessionRecommender
+    assert SessionRecommender.load(path).n_items == len(ds.item_map)

@@ -609,7 +609,7 @@ def test_zero_epochs_reports_no_backend_after_an_earlier_op_call(tmp_path, capsy
 
 def test_train_resume_goes_on_as_one_longer_run(files, tmp_path, capsys):
     """train --resume MODEL goes on from the saved model's training state: 1 epoch, saved, and 1
-    more give the weights a 2-epoch run gives, to the bit (the resumed run's --seed plays no part).
+    more give the weights a 2-epoch run gives, to the bit.
     Its architecture and item map are the model's (an architecture option that differs is refused,
     as it would be ignored; the same value is fine); clicks on items it does not know are dropped,
     and said so; a file without a training state is refused."""
@@ -617,7 +617,7 @@ def test_train_resume_goes_on_as_one_longer_run(files, tmp_path, capsys):
     two, one, more = (str(tmp_path / n) for n in ("two.pt", "one.pt", "more.pt"))
     assert _run(args + ["--layers", "16", "--seed", "0", "--epochs", "2", "--save", two], capsys)[0] == 0
     assert _run(args + ["--layers", "16", "--seed", "0", "--epochs", "1", "--save", one], capsys)[0] == 0
-    code, _, err = _run(args + ["--seed", "5", "--epochs", "1", "--resume", one, "--save", more], capsys)
+    code, _, err = _run(args + ["--epochs", "1", "--resume", one, "--save", more], capsys)
     assert code == 0 and f"resumed {one} after 1 epoch\n" in err
     a, b = recsys.load_checkpoint(two), recsys.load_checkpoint(more)
     assert b.train_state["epochs"] == 2
@@ -643,3 +643,32 @@ def test_train_resume_goes_on_as_one_longer_run(files, tmp_path, capsys):
     assert code == 2 and "holds no training state" in err
     code, _, err = _run(args + ["--epochs", "1", "--resume", tmp_path / "missing.pt"], capsys)
     assert code == 2 and "model file not found" in err
+
+
+def test_train_resume_takes_the_resumed_runs_training_options(files, tmp_path, capsys):
+    """With --resume the training options not given are the resumed run's, saved in its training
+    state (they fell back to the defaults: a bpr-max / Adam / lr 0.05 run went on as cross-entropy,
+    AdagradM and lr 0.2, its optimiser state dropped; a review): resumed without repeating them, it
+    gives the one longer run's weights. --seed with --resume is refused (it plays no part), and
+    --epochs 0 keeps the resumed weights, as it says."""
+    opts = ["--layers", "8", "--n-sample", "12", "--batch-size", "6", "--loss", "bpr-max", "--logq", "0",
+            "--lr", "0.05", "--optimizer", "adam", "--chunk-steps", "2", "--quiet"]
+    two, one, more = (str(tmp_path / n) for n in ("two.pt", "one.pt", "more.pt"))
+    base = ["train", "--train", files / "train.txt"]
+    assert _run(base + opts + ["--seed", "5", "--epochs", "2", "--save", two], capsys)[0] == 0
+    assert _run(base + opts + ["--seed", "5", "--epochs", "1", "--save", one], capsys)[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no config-change or optimizer warning)
+        code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--save", more, "--quiet"], capsys)
+    assert code == 0, err
+    a, b = recsys.load_checkpoint(two), recsys.load_checkpoint(more)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert b.train_state["config"]["loss"] == "bpr-max" and b.train_state["optimizer"] == "adam"
+    code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--seed", "3", "--quiet"], capsys)
+    assert code == 2 and "--seed plays no part with --resume" in err
+    code, _, err = _run(base + ["--epochs", "0", "--resume", one, "--quiet"], capsys)
+    assert code == 0 and "the model keeps its resumed weights" in err
+    # an option given anew applies, with the library's warning that the run is no longer one run
+    with pytest.warns(UserWarning, match=r"config differs .*lr 0.01 \(was 0.05\)"):
+        code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--lr", "0.01", "--quiet"], capsys)
+    assert code == 0, err

@@ -205,10 +205,10 @@ def _is_exported_program(path) -> bool:
 
 
 def load_checkpoint(path: str, device="cpu", *, train_state: bool = True) -> GRU4Rec:
-    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode, with the
-    training state the file holds as ``model.train_state`` (None where it holds none, or with
-    ``train_state=False``, which serving and evaluation use: the state is checked either way, and
-    kept on the CPU)."""
+    """Load a model saved by :func:`save_checkpoint`; returned on ``device`` in eval mode, in its
+    weights' dtype, with the training state the file holds as ``model.train_state`` (checked, kept
+    on the CPU; None where it holds none, or with ``train_state=False``, which serving and
+    evaluation use: the state is then not read)."""
     check_device(device)
     if os.path.isdir(path):
         raise RecsysError(f"{path} is a folder, not a model file")
@@ -253,6 +253,11 @@ def load_checkpoint(path: str, device="cpu", *, train_state: bool = True) -> GRU
         model = GRU4Rec(cfg.pop("n_items"), item_ids=item_ids, **cfg)
     except (TypeError, ValueError, RecsysError) as exc:
         raise RecsysError(f"{path}: malformed checkpoint config ({exc})") from None
+    # the weights' own floating dtype (a float64 model came back float32, and training it on cast
+    # its float64 optimizer state down: not the run it resumed)
+    dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float64, torch.float16, torch.bfloat16):
+        model.to(next(iter(dtypes)))
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
@@ -260,7 +265,8 @@ def load_checkpoint(path: str, device="cpu", *, train_state: bool = True) -> GRU
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise RecsysError(f"{path}: the weights {name} hold NaN or infinite values (a diverged training?)")
-    ts = payload.get("train_state")
+    ts = payload.get("train_state") if train_state else None  # (not read where it is dropped: a newer
+    # format's state does not keep serving or evaluation from the weights)
     if ts is not None:
         from .train import check_train_state
 
@@ -270,5 +276,5 @@ def load_checkpoint(path: str, device="cpu", *, train_state: bool = True) -> GRU
             raise RecsysError(f"{path}: {exc}") from None
     model.checkpoint_extra = payload.get("extra", {})
     model = model.to(device).eval()
-    model.train_state = ts if train_state else None
+    model.train_state = ts
     return model

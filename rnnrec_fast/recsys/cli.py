@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="MODEL",
                    help="go on training the model saved there (--save's file; the same name may be given to "
                         "both): its architecture and item map, its optimizer's state and random streams, "
-                        "--epochs more epochs (N and then M epochs of one config give the model N + M give); "
+                        "--epochs more epochs (N and then M epochs of one config give the model N + M give; the "
+                        "training options not given are the resumed run's, --seed is refused); "
                         "--train's clicks on items it does not know are dropped")
     t.add_argument("--k", type=int, nargs="+", default=[20], help="cut-offs for Recall/MRR")
     t.add_argument("--ties", choices=["standard", "conservative"], default="conservative")
@@ -186,6 +187,24 @@ def _check_device(dev):
     from .checkpoint import check_device  # (imports torch: not at --help)
 
     check_device(dev, "--device")
+
+
+# train's options that --resume takes from the resumed run's training state where not given
+# (their names are TrainConfig's and the options' dests alike)
+_RESUMED_OPTIONS = ("loss", "batch_size", "n_sample", "sample_alpha", "logq", "lr", "momentum", "bpreg", "elu_param",
+                    "chunk_steps", "optimizer", "loss_norm", "state_dropout")
+
+
+def _given_options(argv) -> set:
+    """The dests of the train options given on the command line ``argv`` (parsed again with no
+    defaults: argparse keeps no record of what was typed)."""
+    ap = build_parser()
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for a in sub._actions:
+                    a.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv)))
 
 
 # the model options of train (their TrainConfig fields) and their defaults
@@ -245,11 +264,22 @@ def _cmd_train(a):
     if a.resume is not None:
         from .checkpoint import load_checkpoint
 
+        given = getattr(a, "given", None) or set()
+        if "seed" in given:
+            raise RecsysError("--seed plays no part with --resume: the random streams go on from the saved "
+                              "training state (leave --seed out)")
         resumed = load_checkpoint(a.resume, device=a.device)
         if resumed.train_state is None:
             raise RecsysError(f"--resume {a.resume}: the file holds no training state (saved with "
                               "train_state=False, or by an older version): nothing to go on from")
         _check_resumed_architecture(a, resumed)
+        # the training options not given are the resumed run's (they fell back to the defaults: a
+        # run of other options, silently; a review)
+        for name, value in (resumed.train_state.get("config") or {}).items():
+            if name in _RESUMED_OPTIONS and name not in given:
+                setattr(a, name, value)
+        if "logq" in given and a.logq and a.loss != "cross-entropy":
+            raise RecsysError(f"--logq applies to loss cross-entropy only (the resumed run's loss is {a.loss})")
     arch = _architecture(a, resumed)
     cfg = TrainConfig(loss=a.loss, layers=arch["layers"], batch_size=a.batch_size, n_sample=a.n_sample,
                       sample_alpha=a.sample_alpha, logq=1.0 if a.logq is None else a.logq, epochs=a.epochs, lr=a.lr,
@@ -299,7 +329,7 @@ def _cmd_train(a):
                   f"(the GRU on the {backend!r} backend)\n")
     else:  # (it said "0 events/s (the GRU on the None backend)")
         backend = None
-        log.write("trained nothing (--epochs 0): the model keeps its initial weights\n")
+        log.write(f"trained nothing (--epochs 0): the model keeps its {'resumed' if resumed else 'initial'} weights\n")
     res = dict(backend=backend, train_seconds=stats["train_seconds"], events_per_second=stats["events_per_second"],
                cpu_seconds=stats["cpu_seconds"], events_per_cpu_second=stats["events_per_cpu_second"],
                train_events=stats["events"], final_loss=stats["epoch_losses"][-1] if stats["epoch_losses"] else None)
@@ -375,6 +405,8 @@ def _out_of_memory(exc) -> bool:
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.cmd == "train" and a.resume is not None:
+        a.given = _given_options(sys.argv[1:] if argv is None else [str(v) for v in argv])
     try:
         return {"train": _cmd_train, "evaluate": _cmd_evaluate, "recommend": _cmd_recommend}[a.cmd](a)
     except RecsysError as exc:

@@ -9,6 +9,7 @@ that step's in-batch targets plus ``n_sample`` shared negatives drawn from suppo
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -427,13 +428,31 @@ def _optimizers(opt):
     return opt.opts if isinstance(opt, _Multi) else [opt]
 
 
+# the config fields that shape the training (a continued run with others is not one longer run)
+_TRAINING_FIELDS = ("loss", "batch_size", "n_sample", "sample_alpha", "logq", "lr", "momentum", "bpreg", "elu_param",
+                    "chunk_steps", "optimizer", "sample_cache", "loss_norm", "state_dropout")
+
+
+def _config_changes(saved, cfg) -> str:
+    """The training fields of ``cfg`` that differ from the ``saved`` config (the state's), as
+    'lr 0.01 (was 0.2), ...'; '' where none does or no config was saved."""
+    if not isinstance(saved, dict):
+        return ""
+    now = asdict(cfg)
+    return ", ".join(f"{k} {now[k]!r} (was {saved[k]!r})" for k in _TRAINING_FIELDS if k in saved and saved[k] != now[k])
+
+
 def _train_state(cfg, opt, gen, sampler, device, epochs) -> dict:
     opt_states = []
     for o in _optimizers(opt):
         sd = o.state_dict()
         sd["state"] = {i: {k: v for k, v in st.items() if k not in _OPT_SCRATCH} for i, st in sd["state"].items()}
         opt_states.append(sd)
+    # (copies: the optimiser's tensors are its own, so that a later run restoring from this state,
+    # or a run it is restored into, never changes a state already handed out)
+    opt_states = copy.deepcopy(opt_states)
     return dict(version=TRAIN_STATE_VERSION, optimizer=cfg.optimizer, optimizer_state=opt_states,
+                config={k: v for k, v in asdict(cfg).items() if k in _TRAINING_FIELDS},
                 rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 gen=gen.get_state(), sampler=None if sampler is None else sampler.state(), epochs=epochs)
@@ -454,7 +473,7 @@ def check_train_state(state) -> None:
                if k not in state]
     if missing:
         bad(f"no {', '.join(missing)}")
-    if type(state["version"]) is not int or state["version"] > TRAIN_STATE_VERSION:
+    if type(state["version"]) is not int or not 1 <= state["version"] <= TRAIN_STATE_VERSION:
         bad(f"version {state['version']!r}: this code reads up to {TRAIN_STATE_VERSION}")
     if state["optimizer"] not in ("adagradm", "adam", "adagrad", "sgd"):
         bad(f"optimizer {state['optimizer']!r}")
@@ -466,8 +485,10 @@ def check_train_state(state) -> None:
         bad("rng and gen must be random generator states (1-D uint8 tensors)")
     if state["cuda_rng"] is not None and not _is_rng_state(state["cuda_rng"]):
         bad("cuda_rng must be a random generator state or None")
-    if type(state["epochs"]) is not int or state["epochs"] < 0:
+    if type(state["epochs"]) is not int or not 0 <= state["epochs"] < 2 ** 63:
         bad(f"epochs {state['epochs']!r}")
+    if state.get("config") is not None and not isinstance(state["config"], dict):
+        bad("config must be a dict")
     sm = state["sampler"]
     if sm is not None:
         if not (isinstance(sm, dict) and {"n_sample", "batches", "cdf", "refill_gen", "ptr"} <= set(sm)
@@ -486,25 +507,64 @@ def _set_rng(setter, state, what) -> None:
 
 def _restore_optimizer(opt, saved) -> None:
     """Load the saved optimiser states into ``opt`` (made for the model from the config), keeping
-    the config's hyperparameters (a learning rate changed for the continued run applies)."""
+    the config's hyperparameters (a learning rate changed for the continued run applies). The
+    saved tensors are copied (the state handed in is never changed by the run), and every entry
+    is checked first: a RecsysError for one that does not fit this model's weights."""
     opts = _optimizers(opt)
     if len(saved) != len(opts):
         raise RecsysError(f"the training state holds {len(saved)} optimizer states where this optimizer has {len(opts)}")
     for o, sd in zip(opts, saved):
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
         params = [p for g in o.param_groups for p in g["params"]]
+        _check_optimizer_state(sd, params)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
         try:
-            o.load_state_dict(sd)
-        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            o.load_state_dict(copy.deepcopy(sd))
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
             raise RecsysError(f"the training state does not fit this model's optimizer ({exc})") from None
         for g, f in zip(o.param_groups, fresh):
             g.update(f)
-        for p in params:
-            for k, v in o.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and (v.shape != p.shape or not bool(torch.isfinite(v).all())):
-                    what = "is not finite" if v.shape == p.shape else f"has shape {tuple(v.shape)}"
-                    raise RecsysError(f"the training state does not fit this model: the optimizer's {k} of a "
-                                      f"weight of shape {tuple(p.shape)} {what}")
+
+
+# the optimisers' state entries that hold sums of squares (never negative)
+_SQUARES = ("acc", "exp_avg_sq", "sum")
+
+
+def _check_optimizer_state(sd, params) -> None:
+    """RecsysError unless the optimizer state dict ``sd`` fits ``params`` (in its param groups'
+    order): each state entry a dict, keyed by one of its groups' indices, holding finite floating
+    tensors of its weight's shape (sums of squares not negative), or a 'step' count (a number or
+    a 0-dim tensor, not negative), or SGD's momentum_buffer None."""
+    def bad(what):
+        raise RecsysError(f"the training state does not fit this model: {what}")
+    try:
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+    except (TypeError, KeyError):
+        bad("its param_groups do not list their weights")
+    if len(ids) != len(params) or len(set(ids)) != len(ids):
+        bad(f"its param_groups list {len(ids)} weights where the optimizer has {len(params)}")
+    where = dict(zip(ids, params))
+    for i, per in sd["state"].items():
+        if i not in where:
+            bad(f"the optimizer's state names weight {i!r}, which its param_groups do not list")
+        if not isinstance(per, dict):
+            bad(f"the optimizer's state of weight {i!r} is a {type(per).__name__}, not a dict")
+        p = where[i]
+        for k, v in per.items():
+            if k == "step":
+                n = v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+                if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 <= n < float("inf"):
+                    bad(f"the optimizer's step of a weight of shape {tuple(p.shape)} is {v!r}")
+            elif k == "momentum_buffer" and v is None:
+                continue
+            elif not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                bad(f"the optimizer's {k} of a weight of shape {tuple(p.shape)} is a "
+                    f"{type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}, not a floating tensor")
+            elif v.shape != p.shape:
+                bad(f"the optimizer's {k} of a weight of shape {tuple(p.shape)} has shape {tuple(v.shape)}")
+            elif not bool(torch.isfinite(v).all()):
+                bad(f"the optimizer's {k} of a weight of shape {tuple(p.shape)} is not finite")
+            elif k in _SQUARES and bool((v < 0).any()):
+                bad(f"the optimizer's {k} of a weight of shape {tuple(p.shape)} holds negative values")
 
 
 def train(train_data: SessionDataset, cfg: TrainConfig, *, progress: bool = True,
@@ -518,8 +578,8 @@ def train(train_data: SessionDataset, cfg: TrainConfig, *, progress: bool = True
     dropout and negative sampling stand, the epochs run; :func:`save_checkpoint` saves it), and a
     model given with one goes on from it: the same config's N epochs and then M more give the model
     one run of N + M epochs gives, to the bit (``cfg.seed`` then plays no part: the streams go on
-    from the state; a config with other hyperparameters, such as the learning rate, applies them to
-    the continued run). A model given without a training state (``model.train_state = None``) or
+    from the state; a config with other training options, such as the learning rate, applies them
+    to the continued run, with a warning naming them; the state handed in is never changed). A model given without a training state (``model.train_state = None``) or
     with another optimizer's starts the optimiser afresh, with a warning: a warm start.
 
     ``cfg.threads`` (default 1) sets torch's intra-op threads for the run: most per-chunk tensors are
@@ -552,31 +612,37 @@ def _train(train_data, cfg, progress, model):
             warnings.warn("the model carries no training state (model.train_state): training goes on from its "
                           "weights with the optimizer's state afresh (a warm start, not a resumed run)", stacklevel=3)
     gen = torch.Generator()
-    if resume is not None:  # the random streams go on where they stopped
-        _set_rng(torch.set_rng_state, resume["rng"], "rng")
-        if device.type == "cuda" and resume["cuda_rng"] is not None:
-            _set_rng(lambda st: torch.cuda.set_rng_state(st, device), resume["cuda_rng"], "cuda_rng")
-        _set_rng(gen.set_state, resume["gen"], "gen")
-    elif cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-        gen.manual_seed(cfg.seed + 1)
-    else:
-        gen.seed()
+    if resume is None:
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+            gen.manual_seed(cfg.seed + 1)
+        else:
+            gen.seed()
     n_items = len(train_data.item_map)
     if model is None:
         model = GRU4Rec(n_items, cfg.layers, cfg.embedding, cfg.dropout_embed, cfg.dropout_hidden,
                         cfg.reset_after, item_ids=train_data.item_map.item_ids)
     model.to(device)
-    model.train()
     opt = _make_optimizer(model, cfg)
     if isinstance(opt, tuple):
         opt = _Multi(opt)
-    if resume is not None:
+    if resume is not None:  # (all of the state checked before anything is set from it)
         if resume["optimizer"] == cfg.optimizer:
             _restore_optimizer(opt, resume["optimizer_state"])
         else:
             warnings.warn(f"the model's training state holds optimizer {resume['optimizer']}'s state and the config "
                           f"asks for {cfg.optimizer}: its state starts afresh", stacklevel=3)
+        changed = _config_changes(resume.get("config"), cfg)
+        if changed:
+            warnings.warn(f"the continued run's config differs from the one its training state was trained with "
+                          f"({changed}): it applies them, so the model is not what one longer run would give",
+                          stacklevel=3)
+        # the random streams go on where they stopped
+        _set_rng(torch.set_rng_state, resume["rng"], "rng")
+        if device.type == "cuda" and resume["cuda_rng"] is not None:
+            _set_rng(lambda st: torch.cuda.set_rng_state(st, device), resume["cuda_rng"], "cuda_rng")
+        _set_rng(gen.set_state, resume["gen"], "gen")
+    model.train()
     # lanes past the number of sessions would stay idle (a state row and score rows and columns
     # each, masked out): not more; the loss is still normalised by cfg.batch_size
     lanes = min(cfg.batch_size, int(np.count_nonzero(np.diff(train_data.offsets) >= 2)))
