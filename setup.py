@@ -120,15 +120,14 @@ def _cuda_archs(value):
         part = part[:-4] if part.endswith("+PTX") else part  # (torch's style: the newest ships PTX anyway)
         if not part:
             continue
-        found = re.fullmatch(r"(\d+)\.(\d)([af]?)|(\d{2,3})([af]?)", part)
+        found = re.fullmatch(r"(\d{1,2})\.?(\d)([af]?)", part)  # major, minor, suffix
         if found is None:
             sys.exit(f"rnnrec_fast: RNNREC_FAST_CUDA_ARCHS={value!r}: {part!r} is not an SM version; give them "
                      "separated by ';', as 80;90 (or 8.0;9.0)")
-        out.append(found.group(1) + found.group(2) + found.group(3) if found.group(1) else
-                   found.group(4) + found.group(5))
+        out.append("".join(found.groups()))
     if not out:
         sys.exit(f"rnnrec_fast: RNNREC_FAST_CUDA_ARCHS={value!r} names no SM version (as 80;90)")
-    return sorted(set(out), key=lambda a: (int(re.match(r"\d+", a).group()), a))
+    return sorted(set(out), key=lambda a: (int(a.rstrip("af")), a))
 
 
 def _gencode(archs):

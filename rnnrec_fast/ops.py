@@ -391,10 +391,9 @@ def _resolve(backend, device_type, dtype):
             compiles = ""
             if name == "numba":
                 from . import _numba
-                compiles = (" The first calls compile the Numba kernels (up to ~20 s in all, in every process: "
-                            "numba cannot cache them here, as its warning said)." if _numba.cache_failed else
-                            " The first calls compile the Numba kernels (up to ~20 s in all, once: they are "
-                            "cached on disk).")
+                how = ("in every process: numba cannot cache them here, as its warning said" if _numba.cache_failed
+                       else "once: they are cached on disk")
+                compiles = f" The first calls compile the Numba kernels (up to ~20 s in all, {how})."
             warnings.warn(
                 f"rnnrec_fast: the {preferred!r} backend is not available ({reason}); {device_type} "
                 f"tensors run on the fallback backends instead ({', '.join(map(repr, others))}, the first "

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split-days: first drop the items with fewer clicks (and the sessions "
                         "left under 2 clicks), as GRU4Rec's preprocessing (RSC15: 5; default 1: none)")
     t.add_argument("--loss", choices=["cross-entropy", "bpr-max", "top1-max"], default="cross-entropy")
-    t.add_argument("--layers", nargs="+", default=None, help="GRU layer sizes, e.g. 100 or 100,100 (default: 100)")
+    t.add_argument("--layers", nargs="+", default=["100"], help="GRU layer sizes, e.g. 100 or 100,100 (default: 100)")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--n-sample", type=int, default=2048)
     t.add_argument("--sample-alpha", type=float, default=0.5)
@@ -130,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.2)
     t.add_argument("--momentum", type=float, default=None, help="AdagradM's momentum (default: 0.2; adagradm only)")
-    t.add_argument("--dropout-hidden", type=float, default=None, help="(default: 0.4)")
-    t.add_argument("--dropout-embed", type=float, default=None, help="(default: 0.0)")
-    t.add_argument("--embedding", default=None, help="shared | N | none (default: shared)")
+    t.add_argument("--dropout-hidden", type=float, default=0.4)
+    t.add_argument("--dropout-embed", type=float, default=0.0)
+    t.add_argument("--embedding", default="shared", help="shared | N | none")
     t.add_argument("--bpreg", type=float, default=0.0, help="score regularisation of bpr-max (default: 0.0)")
     t.add_argument("--elu-param", type=float, default=0.0, help="ELU on the scores (bpr-max/top1-max)")
-    t.add_argument("--reset-after", type=_bool, default=None,
-                   help="GRU candidate form: true (PyTorch) or false (Cho et al., original GRU4Rec) (default: true)")
+    t.add_argument("--reset-after", type=_bool, default=True,
+                   help="GRU candidate form: true (PyTorch) or false (Cho et al., original GRU4Rec)")
     t.add_argument("--chunk-steps", type=int, default=4,
                    help="session-parallel steps per fused GRU call / optimiser step")
     t.add_argument("--loss-norm", choices=["step", "batch"], default="step",
@@ -207,34 +207,22 @@ def _given_options(argv) -> set:
     return set(vars(ap.parse_args(argv)))
 
 
-# the model options of train (their TrainConfig fields) and their defaults
-_ARCH_OPTS = (("layers", ["100"]), ("embedding", "shared"), ("dropout_hidden", 0.4), ("dropout_embed", 0.0),
-              ("reset_after", True))
+# train's model options (their names are the model config's): with --resume, the model's own
+_ARCH_OPTIONS = ("layers", "embedding", "dropout_hidden", "dropout_embed", "reset_after")
 
 
-def _architecture(a, resumed) -> dict:
-    """The model options: as given, else the resumed model's, else the defaults."""
-    out = {}
-    for name, default in _ARCH_OPTS:
-        v = getattr(a, name)
-        if v is None:
-            v = resumed.config()[name] if resumed is not None else default
-        out[name] = _layers(v) if name == "layers" else v
-    return out
-
-
-def _check_resumed_architecture(a, resumed) -> None:
+def _check_resumed_architecture(a, resumed, given) -> None:
     """With --resume the model's own architecture applies: a model option given with another value
     than the model's would be ignored, silently: refused."""
     from .model import parse_embedding
 
     cfg = resumed.config()
-    for name, _ in _ARCH_OPTS:
-        v = getattr(a, name)
-        if v is None:
+    for name in _ARCH_OPTIONS:
+        if name not in given:
             continue
-        given = _layers(v) if name == "layers" else parse_embedding(v) if name == "embedding" else v
-        if given != cfg[name]:
+        v = getattr(a, name)
+        value = _layers(v) if name == "layers" else parse_embedding(v) if name == "embedding" else v
+        if value != cfg[name]:
             opt = "--" + name.replace("_", "-")
             shown = " ".join(map(str, v)) if name == "layers" else str(v).lower() if isinstance(v, bool) else v
             raise RecsysError(f"{opt} {shown} differs from the resumed "
@@ -256,15 +244,11 @@ def _cmd_train(a):
     _check_device(a.device)
     if any(k < 1 for k in a.k):
         raise RecsysError("--k values must be >= 1")
-    # (the other losses take no logQ correction: a --logq given with them would be ignored, silently;
-    # --logq 0 says so, as GRU4Rec's published BPR-max settings write it)
-    if a.logq and a.loss != "cross-entropy":
-        raise RecsysError(f"--logq applies to loss cross-entropy only (the loss is {a.loss})")
-    resumed = None
+    resumed, given = None, None
     if a.resume is not None:
         from .checkpoint import load_checkpoint
 
-        given = getattr(a, "given", None) or set()
+        given = a.given
         if "seed" in given:
             raise RecsysError("--seed plays no part with --resume: the random streams go on from the saved "
                               "training state (leave --seed out)")
@@ -272,20 +256,22 @@ def _cmd_train(a):
         if resumed.train_state is None:
             raise RecsysError(f"--resume {a.resume}: the file holds no training state (saved with "
                               "train_state=False, or by an older version): nothing to go on from")
-        _check_resumed_architecture(a, resumed)
-        # the training options not given are the resumed run's (they fell back to the defaults: a
-        # run of other options, silently; a review)
-        for name, value in (resumed.train_state.get("config") or {}).items():
-            if name in _RESUMED_OPTIONS and name not in given:
-                setattr(a, name, value)
-        if "logq" in given and a.logq and a.loss != "cross-entropy":
-            raise RecsysError(f"--logq applies to loss cross-entropy only (the resumed run's loss is {a.loss})")
-    arch = _architecture(a, resumed)
-    cfg = TrainConfig(loss=a.loss, layers=arch["layers"], batch_size=a.batch_size, n_sample=a.n_sample,
+        _check_resumed_architecture(a, resumed, given)
+        # the options not given are the resumed model's and run's (the training ones fell back to
+        # the defaults: a run of other options, silently; a review)
+        saved = {**(resumed.train_state.get("config") or {}), **resumed.config()}
+        for name in _ARCH_OPTIONS + _RESUMED_OPTIONS:
+            if name in saved and name not in given:
+                setattr(a, name, saved[name])
+    # (the other losses take no logQ correction: a --logq given with them would be ignored, silently;
+    # --logq 0 says so, as GRU4Rec's published BPR-max settings write it)
+    if (given is None or "logq" in given) and a.logq and a.loss != "cross-entropy":
+        raise RecsysError(f"--logq applies to loss cross-entropy only (the loss is {a.loss})")
+    cfg = TrainConfig(loss=a.loss, layers=_layers(a.layers), batch_size=a.batch_size, n_sample=a.n_sample,
                       sample_alpha=a.sample_alpha, logq=1.0 if a.logq is None else a.logq, epochs=a.epochs, lr=a.lr,
-                      momentum=a.momentum, dropout_hidden=arch["dropout_hidden"], dropout_embed=arch["dropout_embed"],
-                      embedding=arch["embedding"], bpreg=a.bpreg, elu_param=a.elu_param,
-                      reset_after=arch["reset_after"], chunk_steps=a.chunk_steps, optimizer=a.optimizer, loss_norm=a.loss_norm, state_dropout=a.state_dropout,
+                      momentum=a.momentum, dropout_hidden=a.dropout_hidden, dropout_embed=a.dropout_embed,
+                      embedding=a.embedding, bpreg=a.bpreg, elu_param=a.elu_param,
+                      reset_after=a.reset_after, chunk_steps=a.chunk_steps, optimizer=a.optimizer, loss_norm=a.loss_norm, state_dropout=a.state_dropout,
                       seed=a.seed, device=a.device, threads=a.threads or None,
                       gemm_threads=a.gemm_threads)
     cfg.validate()

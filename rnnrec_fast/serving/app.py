@@ -116,8 +116,10 @@ class ServingApp:
         reg = self.registry = _m.Registry()
         self.m_requests = reg.add(_m.Counter("rnnrec_http_requests_total", "HTTP requests by endpoint and status.",
                                              ("endpoint", "code")))
-        self.m_errors = reg.add(_m.Counter("rnnrec_http_errors_total", "HTTP error responses by error code, and clients gone before their request arrived whole "
-                                           "(error=\"disconnected\": no response, not in rnnrec_http_requests_total).",
+        self.m_errors = reg.add(_m.Counter("rnnrec_http_errors_total",
+                                           "HTTP error responses by error code, and clients gone before their request "
+                                           "arrived whole (error=\"disconnected\": no response, not in "
+                                           "rnnrec_http_requests_total).",
                                            ("error",)))
         self.m_latency = reg.add(_m.Histogram("rnnrec_click_latency_seconds",
                                               "Click request latency in the service (request start to response).",
