@@ -398,3 +398,18 @@ def test_a_fork_while_a_backend_loads_waits_for_it(tmp_path, monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
     monkeypatch.delitem(sys.modules, "rnnrec_slow_backend_for_test", raising=False)
     backends._loaded.pop("slow", None)
+
+
+def test_a_missing_numba_is_called_missing():
+    """numba not installed (importing it a ModuleNotFoundError for numba itself): the numba
+    backend's reason says to install it; a package numba needs missing (llvmlite) is numba failing
+    to import, not numba missing (mutation check: neither message was pinned; the first clause
+    could go, and every missing numba read 'cannot run: importing numba failed')."""
+    for blocked, want, not_want in [("numba", "needs the numba package (pip install numba)", "importing numba failed"),
+                                    ("llvmlite", "importing numba failed: ModuleNotFoundError(", "pip install numba")]:
+        code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+                "from rnnrec_fast import backends\n"
+                "print(backends.unavailable_reason('numba'))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert want in out.stdout and not_want not in out.stdout, (blocked, out.stdout)

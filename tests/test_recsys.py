@@ -2144,3 +2144,149 @@ def test_hand_edited_optimizer_states_are_refused_by_name(tmp_path):
     assert recsys.load_checkpoint(path, train_state=False).train_state is None
     from rnnrec_fast.serving import SessionRecommender
     assert SessionRecommender.load(path).n_items == len(ds.item_map)
+
+
+def test_a_state_of_zero_epochs_resumes_as_the_one_run():
+    """A model trained for 0 epochs (its sampler never drew: the state has no cache to draw again)
+    goes on as one run would: 0 and then 2 epochs give the 2-epoch model (mutation check: the
+    sampler restored from a state without a cache failed with an AttributeError)."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = lambda epochs: TrainConfig(layers=[8], epochs=epochs, n_sample=5, batch_size=3, seed=4,  # noqa: E731
+                                     dropout_hidden=0.3, sample_cache=10)
+    whole, _ = recsys.train(ds, cfg(2), progress=False)
+    none, _ = recsys.train(ds, cfg(0), progress=False)
+    assert none.train_state["sampler"]["refill_gen"] is None
+    more, _ = recsys.train(ds, cfg(2), progress=False, model=none)
+    assert more.train_state["epochs"] == 2 and _weights_equal(more, whole)
+
+
+@pytest.mark.parametrize("change", [dict(n_sample=4), dict(sample_cache=30), dict(sample_alpha=0.75)])
+def test_a_sampler_state_of_other_draws_is_not_restored(change):
+    """A continued run whose negatives are drawn otherwise (another sample size with the same number
+    of cached batches, another cache size, another distribution) does not draw its cache again from
+    the saved sampler state (those were another sampler's draws, partly used already): its sampler
+    goes on from the generator's state, as with no sampler state (mutation check: each of the
+    three conditions of NegativeSampler.restore could go)."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    base = dict(layers=[8], n_sample=5, sample_cache=10, batch_size=3, seed=2)
+    first, _ = recsys.train(ds, TrainConfig(epochs=1, **base), progress=False)
+    twin = copy.deepcopy(first)
+    twin.train_state = {**first.train_state, "sampler": None}
+    cfg = TrainConfig(epochs=1, **{**base, **change})
+    with pytest.warns(UserWarning, match="config differs"):
+        a, _ = recsys.train(ds, cfg, progress=False, model=first)
+    with pytest.warns(UserWarning, match="config differs"):
+        b, _ = recsys.train(ds, cfg, progress=False, model=twin)
+    assert _weights_equal(a, b)
+
+
+@pytest.mark.parametrize("config", ["absent", None, "lr only"])
+def test_a_training_state_without_a_whole_config_resumes_without_a_warning(config):
+    """The saved config is optional in a training state (check_train_state takes a state without
+    one, or with some of the fields): the fields it does not hold are not compared, none is a
+    change, and the run goes on as the one longer run (mutation check: a state without a config
+    failed with a TypeError, one with some fields with a KeyError)."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = lambda epochs: TrainConfig(layers=[8], epochs=epochs, n_sample=5, batch_size=3, seed=2)  # noqa: E731
+    whole, _ = recsys.train(ds, cfg(2), progress=False)
+    part, _ = recsys.train(ds, cfg(1), progress=False)
+    st = part.train_state
+    if config == "absent":
+        del st["config"]
+    else:
+        st["config"] = None if config is None else {"lr": st["config"]["lr"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        more, _ = recsys.train(ds, cfg(1), progress=False, model=part)
+    assert _weights_equal(more, whole)
+
+
+def test_a_malformed_training_state_in_memory_is_refused_before_training():
+    """train() checks a model's training state itself, not only load_checkpoint: a state set by
+    hand that is not train()'s form is a RecsysError naming what is wrong, before anything is set
+    from it (mutation check: without the check a KeyError or a TypeError came after the epochs)."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=0)
+    for edit, match in [(lambda ts: ts.pop("gen"), "no gen"),
+                        (lambda ts: ts.update(epochs="three"), "epochs 'three'"),
+                        (lambda ts: ts.update(config=[1]), "config must be a dict")]:
+        m, _ = recsys.train(ds, cfg, progress=False)
+        edit(m.train_state)
+        with pytest.raises(RecsysError, match=r"malformed training state \(" + match):
+            recsys.train(ds, cfg, progress=False, model=m)
+        assert not m.training
+
+
+def test_more_hand_edited_optimizer_states_are_refused_by_name():
+    """The optimiser-state checks not pinned by test_hand_edited_optimizer_states_are_refused_by_name
+    (mutation check: each could go): the number of optimizer states (Adam's two), param_groups
+    listing too few weights or one twice, a step True or infinite, negative sums of squares of
+    Adam (exp_avg_sq) and Adagrad (sum): each refused by name, where without its check the run
+    trained silently, failed elsewhere or said 'training diverged'."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = lambda opt: TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=0,  # noqa: E731
+                                  optimizer=opt, lr=0.2 if opt == "adagradm" else 0.05)
+
+    def twice(ts):
+        ids = ts["optimizer_state"][0]["param_groups"][0]["params"]
+        ids[1] = ids[0]
+    for opt, edit, match in [
+            ("adam", lambda ts: ts["optimizer_state"].pop(),
+             "the training state holds 1 optimizer states where this optimizer has 2"),
+            ("adagradm", lambda ts: ts["optimizer_state"][0]["param_groups"][0]["params"].pop(),
+             "does not fit this model: its param_groups list 5 weights where the optimizer has 6"),
+            ("adagradm", twice, "does not fit this model: its param_groups list 6 weights where the optimizer has 6"),
+            ("adam", lambda ts: ts["optimizer_state"][-1]["state"][0].update(step=True),
+             "does not fit this model: the optimizer's step of a weight .* is True"),
+            ("adam", lambda ts: ts["optimizer_state"][-1]["state"][0].update(step=float("inf")),
+             "does not fit this model: the optimizer's step of a weight .* is inf"),
+            ("adam", lambda ts: ts["optimizer_state"][-1]["state"][0]["exp_avg_sq"].fill_(-1.0),
+             "does not fit this model: the optimizer's exp_avg_sq of .* holds negative values"),
+            ("adagrad", lambda ts: ts["optimizer_state"][0]["state"][0]["sum"].fill_(-1.0),
+             "does not fit this model: the optimizer's sum of .* holds negative values")]:
+        m, _ = recsys.train(ds, cfg(opt), progress=False)
+        edit(m.train_state)
+        with pytest.raises(RecsysError, match=match):
+            recsys.train(ds, cfg(opt), progress=False, model=m)
+        assert not m.training
+
+
+def test_an_sgd_state_with_momentum_buffers_none_resumes():
+    """SGD's state as torch releases before 2.1 saved it without momentum (momentum_buffer None for
+    each weight) resumes as the state without them does (mutation check: dropping the None clause
+    refused it as 'a NoneType, not a floating tensor')."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=0, optimizer="sgd", lr=0.05)
+    first, _ = recsys.train(ds, cfg, progress=False)
+    twin = copy.deepcopy(first)
+    sd = twin.train_state["optimizer_state"][0]
+    sd["state"] = {i: {"momentum_buffer": None} for g in sd["param_groups"] for i in g["params"]}
+    a, _ = recsys.train(ds, cfg, progress=False, model=first)
+    b, _ = recsys.train(ds, cfg, progress=False, model=twin)
+    assert _weights_equal(a, b)
+
+
+def test_save_checkpoint_refuses_a_malformed_training_state(tmp_path):
+    """save_checkpoint checks the training state before writing (a file load_checkpoint would refuse
+    is never written; mutation check: without the check it was written, and an older file at the
+    path replaced)."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    m, _ = recsys.train(ds, TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=0), progress=False)
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(m, path)
+    m.train_state["epochs"] = -1
+    with pytest.raises(RecsysError, match=r"malformed training state \(epochs -1\)"):
+        recsys.save_checkpoint(m, path)
+    assert recsys.load_checkpoint(path).train_state["epochs"] == 1  # (the file before, untouched)
+    recsys.save_checkpoint(m, path, train_state=False)  # (the weights alone: the state not read)
+
+
+def test_a_float16_checkpoint_loads_in_float16(tmp_path):
+    """A half-precision model's checkpoint loads in float16, its own dtype (as float64's; mutation
+    check: float16 could go from the dtypes kept, the model coming back float32)."""
+    m = GRU4Rec(12, [8], item_ids=list(range(12))).half()
+    path = str(tmp_path / "m16.pt")
+    recsys.save_checkpoint(m, path)
+    loaded = recsys.load_checkpoint(path)
+    assert all(v.dtype == torch.float16 for v in loaded.state_dict().values() if v.is_floating_point())
+    assert _weights_equal(loaded, m)

@@ -672,3 +672,86 @@ def test_train_resume_takes_the_resumed_runs_training_options(files, tmp_path, c
     with pytest.warns(UserWarning, match=r"config differs .*lr 0.01 \(was 0.05\)"):
         code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--lr", "0.01", "--quiet"], capsys)
     assert code == 0, err
+
+
+def test_train_resume_takes_every_training_option_from_the_resumed_run(files, tmp_path, capsys):
+    """Each training option --resume takes from the saved run where not given, every one of them
+    given a value other than its default in the first run (the existing test leaves sample_alpha,
+    momentum, bpreg, elu_param, loss_norm and state_dropout at their defaults: a mutation check
+    dropped momentum or state_dropout from the options resumed and passed): resumed without
+    repeating them, no config-change warning and the one longer run's weights. --dropout-embed
+    with another value than the model's is refused as the other architecture options are."""
+    opts = ["--layers", "8", "--n-sample", "12", "--batch-size", "6", "--loss", "bpr-max", "--logq", "0",
+            "--bpreg", "0.5", "--elu-param", "0.5", "--sample-alpha", "0.75", "--lr", "0.1", "--momentum", "0.1",
+            "--chunk-steps", "2", "--loss-norm", "batch", "--state-dropout", "false", "--dropout-hidden", "0.2",
+            "--quiet"]
+    two, one, more = (str(tmp_path / n) for n in ("two.pt", "one.pt", "more.pt"))
+    base = ["train", "--train", files / "train.txt"]
+    assert _run(base + opts + ["--seed", "5", "--epochs", "2", "--save", two], capsys)[0] == 0
+    assert _run(base + opts + ["--seed", "5", "--epochs", "1", "--save", one], capsys)[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no config-change warning)
+        code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--save", more, "--quiet"], capsys)
+    assert code == 0, err
+    a, b = recsys.load_checkpoint(two), recsys.load_checkpoint(more)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--dropout-embed", "0.1", "--quiet"], capsys)
+    assert code == 2 and "--dropout-embed 0.1 differs from the resumed model's" in err, err
+
+
+def test_train_resume_with_another_loss_keeps_the_runs_logq_without_refusing_it(files, tmp_path, capsys):
+    """--logq is refused with a loss other than cross-entropy only where it is given: a cross-entropy
+    run (logq 1) resumed with --loss bpr-max goes on, with the library's warning that the config
+    changed (mutation check: checking the logq taken from the saved run refused it, '--logq applies
+    to loss cross-entropy only', though --logq was not given)."""
+    one = str(tmp_path / "one.pt")
+    base = ["train", "--train", files / "train.txt", "--quiet"]
+    assert _run(base + ["--layers", "8", "--n-sample", "12", "--batch-size", "6", "--seed", "5", "--epochs", "1",
+                        "--save", one], capsys)[0] == 0
+    with pytest.warns(UserWarning, match=r"config differs .*loss 'bpr-max' \(was 'cross-entropy'\)"):
+        code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--loss", "bpr-max"], capsys)
+    assert code == 0, err
+    code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--loss", "bpr-max", "--logq", "1"], capsys)
+    assert code == 2 and "--logq applies to loss cross-entropy only" in err, err
+
+
+def test_evaluate_and_recommend_do_not_read_the_training_state(files, tmp_path, capsys):
+    """evaluate and recommend load the weights alone (train_state=False): a file whose training
+    state is of a newer format (or damaged) is evaluated and recommends (mutation check: both read
+    and refused it, as serving's loader does not)."""
+    path = str(tmp_path / "m.pt")
+    assert _run(["train", "--train", files / "train.txt", "--layers", "8", "--n-sample", "12", "--batch-size", "6",
+                 "--seed", "5", "--epochs", "1", "--quiet", "--save", path], capsys)[0] == 0
+    payload = torch.load(path, weights_only=True)
+    payload["train_state"]["version"] = 2
+    torch.save(payload, path)
+    code, _, err = _run(["train", "--train", files / "train.txt", "--epochs", "1", "--quiet", "--resume", path], capsys)
+    assert code == 2 and "version 2: this code reads up to 1" in err, err
+    code, out, err = _run(["evaluate", "--model", path, "--test", files / "test.txt"], capsys)
+    assert code == 0 and "Recall@20" in out, err
+    item = recsys.load_checkpoint(path, train_state=False).item_ids[0]
+    code, out, err = _run(["recommend", "--model", path, "--items", item, "--k", "3", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["items"]) == 3, err
+
+
+def test_train_resume_with_another_optimizer_or_loss_carries_no_option_they_take_no_part_in(files, tmp_path, capsys):
+    """A run saved with adagradm's --momentum and bpr-max's --bpreg, --elu-param and --logq 0, resumed
+    with --optimizer adam and --loss cross-entropy, goes on: the options carried over that the new
+    optimizer or loss takes no part in, or the old one took none in (logq), take their defaults, and
+    train() names each change (a review: refused with 'momentum applies to optimizer adagradm only'
+    for a momentum not typed, and a bpr-max run's --logq 0 went on into cross-entropy). Given, such
+    an option is still refused."""
+    one = str(tmp_path / "one.pt")
+    base = ["train", "--train", files / "train.txt", "--quiet"]
+    assert _run(base + ["--layers", "8", "--n-sample", "12", "--batch-size", "6", "--loss", "bpr-max", "--logq", "0",
+                        "--bpreg", "0.5", "--elu-param", "0.5", "--momentum", "0.1", "--seed", "5", "--epochs", "1",
+                        "--save", one], capsys)[0] == 0
+    with pytest.warns(UserWarning, match="config differs") as record:
+        code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--optimizer", "adam", "--lr", "0.01",
+                                    "--loss", "cross-entropy"], capsys)
+    assert code == 0, err
+    said = " ".join(str(w.message) for w in record)
+    for change in ("momentum None (was 0.1)", "bpreg 0.0 (was 0.5)", "elu_param 0.0 (was 0.5)", "logq 1.0 (was 0.0)"):
+        assert change in said, said
+    code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--optimizer", "adam", "--momentum", "0.1"], capsys)
+    assert code == 2 and "momentum applies to optimizer adagradm only" in err, err

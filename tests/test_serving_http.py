@@ -1209,3 +1209,47 @@ def test_a_client_gone_mid_body_is_not_counted_as_a_response(server):
             before, "rnnrec_http_requests_total{%s}" % labels)
     assert count(after, 'rnnrec_http_errors_total{error="disconnected"}') == count(
         before, 'rnnrec_http_errors_total{error="disconnected"}') + 3
+
+
+def test_a_request_cancelled_by_a_forced_shutdown_gets_the_json_503_and_is_counted():
+    """In process, what a second Ctrl-C does to the app (the event loop cancels what still runs): a
+    request still arriving gets the service's JSON 503 'shutting_down', counted in
+    rnnrec_http_errors_total, and the cancelled call returns; a lifespan cancelled before its
+    shutdown event returns quietly too (mutation check: the count could go; the subprocess test
+    sees only the exit)."""
+    import asyncio
+
+    app = ServingApp(SessionRecommender(make_model()))
+    out = []
+
+    async def go():
+        async def never():  # (the body never arrives / no shutdown event)
+            await asyncio.Event().wait()
+
+        async def send(m):
+            out.append(m)
+        scope = {"type": "http", "method": "POST", "path": "/v1/sessions/a/clicks", "headers": []}
+        for call in (app(scope, never, send), app({"type": "lifespan"}, never, send)):
+            task = asyncio.ensure_future(call)
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.wait_for(task, 5)  # (returns: the app took the cancellation)
+
+    asyncio.run(go())
+    assert out[0]["status"] == 503 and json.loads(out[1]["body"])["error"]["code"] == "shutting_down", out
+    assert len(out) == 2
+    assert 'rnnrec_http_errors_total{error="shutting_down"} 1' in app.registry.expose()
+
+
+def test_a_keep_alive_connection_keeps_no_record_of_the_requests_answered():
+    """A connection keeps the requests it has not answered yet, to mark them disconnected if the
+    client goes (the pipelined requests' fix); those answered are dropped as the next one arrives,
+    so a keep-alive connection of many requests holds one, not one per request served (mutation
+    check: never pruned, the list grew with every request of the connection)."""
+    with BackgroundServer(ServingApp(SessionRecommender(make_model())), request_timeout=30.0) as srv:
+        c = Client(srv)
+        for _ in range(50):
+            assert c.req("GET", "/healthz")[0] == 200
+        held = [len(p._open_cycles) for p in list(srv.server.server_state.connections)]
+        c.close()
+    assert held == [1], held  # (the last request's: dropped when the next arrives)
