@@ -737,10 +737,11 @@ def test_evaluate_and_recommend_do_not_read_the_training_state(files, tmp_path, 
 def test_train_resume_with_another_optimizer_or_loss_carries_no_option_they_take_no_part_in(files, tmp_path, capsys):
     """A run saved with adagradm's --momentum and bpr-max's --bpreg, --elu-param and --logq 0, resumed
     with --optimizer adam and --loss cross-entropy, goes on: the options carried over that the new
-    optimizer or loss takes no part in, or the old one took none in (logq), take their defaults, and
-    train() names each change (a review: refused with 'momentum applies to optimizer adagradm only'
-    for a momentum not typed, and a bpr-max run's --logq 0 went on into cross-entropy). Given, such
-    an option is still refused."""
+    optimizer or loss takes no part in take their defaults, logq too where the loss turns to
+    cross-entropy, and train() names each change (a review: refused with 'momentum applies to
+    optimizer adagradm only' for a momentum not typed, and a bpr-max run's --logq 0 went on into
+    cross-entropy), also from a saved config without the loss and optimizer. Given, such an option
+    is still refused."""
     one = str(tmp_path / "one.pt")
     base = ["train", "--train", files / "train.txt", "--quiet"]
     assert _run(base + ["--layers", "8", "--n-sample", "12", "--batch-size", "6", "--loss", "bpr-max", "--logq", "0",
@@ -755,3 +756,11 @@ def test_train_resume_with_another_optimizer_or_loss_carries_no_option_they_take
         assert change in said, said
     code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--optimizer", "adam", "--momentum", "0.1"], capsys)
     assert code == 2 and "momentum applies to optimizer adagradm only" in err, err
+    # a saved config without the loss and optimizer (a partial config is a valid state): the same
+    payload = torch.load(one, weights_only=True)
+    del payload["train_state"]["config"]["loss"], payload["train_state"]["config"]["optimizer"]
+    torch.save(payload, one)
+    with pytest.warns(UserWarning, match="config differs"):
+        code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--optimizer", "adam", "--lr", "0.01",
+                                    "--loss", "cross-entropy"], capsys)
+    assert code == 0, err

@@ -195,16 +195,6 @@ _RESUMED_OPTIONS = ("loss", "batch_size", "n_sample", "sample_alpha", "logq", "l
                     "chunk_steps", "optimizer", "loss_norm", "state_dropout")
 
 
-# train's options that one loss or optimizer takes (TrainConfig refuses them given to the others,
-# but logq, which the other losses leave alone)
-_LOSS_OR_OPTIMIZER_OPTIONS = ("momentum", "bpreg", "elu_param", "logq")
-
-
-def _applies(name, loss, optimizer) -> bool:
-    return {"momentum": optimizer == "adagradm", "bpreg": loss == "bpr-max", "elu_param": loss != "cross-entropy",
-            "logq": loss == "cross-entropy"}[name]
-
-
 def _given_options(argv) -> set:
     """The dests of the train options given on the command line ``argv`` (parsed again with no
     defaults: argparse keeps no record of what was typed)."""
@@ -273,15 +263,18 @@ def _cmd_train(a):
         for name in _ARCH_OPTIONS + _RESUMED_OPTIONS:
             if name in saved and name not in given:
                 setattr(a, name, saved[name])
-        # an option that the resumed run's loss or optimizer took part in and the ones given take none
-        # in, or the other way round, is not carried over: its default (a run saved with --momentum
-        # 0.1 and resumed with --optimizer adam was refused for a momentum not typed; one saved with
-        # --loss bpr-max --logq 0 went on with cross-entropy without its logQ correction; a review).
+        # an option carried over that the loss or optimizer given takes no part in is its default
+        # (TrainConfig refuses momentum, bpreg and elu_param there: a run saved with --momentum 0.1
+        # and resumed with --optimizer adam was refused for a momentum not typed; a review), and so is
+        # logq where the loss turns to cross-entropy (a bpr-max run's --logq 0 went on into it).
         # train() warns of each change.
-        for name in _LOSS_OR_OPTIMIZER_OPTIONS:
-            before = _applies(name, saved.get("loss", a.loss), saved.get("optimizer", a.optimizer))
-            if name not in given and _applies(name, a.loss, a.optimizer) != before:
+        applies = {"momentum": a.optimizer == "adagradm", "bpreg": a.loss == "bpr-max",
+                   "elu_param": a.loss != "cross-entropy"}
+        for name, used in applies.items():
+            if not used and name not in given:
                 setattr(a, name, getattr(TrainConfig, name))
+        if "logq" not in given and a.loss == "cross-entropy" and saved.get("loss", a.loss) != "cross-entropy":
+            a.logq = TrainConfig.logq
     # (the other losses take no logQ correction: a --logq given with them would be ignored, silently;
     # --logq 0 says so, as GRU4Rec's published BPR-max settings write it)
     if (given is None or "logq" in given) and a.logq and a.loss != "cross-entropy":
