@@ -44,6 +44,18 @@ def pytest_report_header(config):
             f"rnnrec_fast test seed: RNNREC_FAST_TEST_SEED={RUN_SEED} (fresh inputs each run; set it to repeat these)"]
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A failed run names its seed again at its end, after the short summary of the failures (CI
+    shows a log's end: the header's seed line had scrolled out of the excerpt of a failure on a rare
+    draw, 2026-12-07). (The outermost wrapper: the terminal reporter writes the short summary after
+    its own yield.)"""
+    yield
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"rnnrec_fast test seed: RNNREC_FAST_TEST_SEED={RUN_SEED} repeats this "
+                                    "run's draws")
+
+
 def cpu_backends():
     """The CPU backends to test. With RNNREC_FAST_REQUIRE_EXT=1 (make test, CI) a missing C++
     extension or numba backend (numba is a pinned dependency there) fails its tests instead of

@@ -1,4 +1,5 @@
 """The source distribution holds everything the extension's build reads."""
+import os
 import shutil
 import subprocess
 import sys
@@ -226,3 +227,19 @@ def test_default_build_flags_are_portable_and_carry_no_debug_information(monkeyp
     for e in ns["_extensions"]():
         assert "-march=native" in e.extra_compile_args["cxx"], e.name
     assert ns["_cuda_archs"]("90;9.0;80") == ["80", "90"]
+
+
+def test_a_failed_test_run_names_its_seed_at_its_end(tmp_path):
+    """A run with a failure prints its RNNREC_FAST_TEST_SEED again after the short summary (CI shows
+    a log's end: the header's line had scrolled out of the excerpt of a failure on a rare draw); a
+    run that passes does not."""
+    tests = Path(__file__).parent
+    for body, printed in (("def test_it():\n    assert False\n", True), ("def test_it():\n    pass\n", False)):
+        (tmp_path / "test_seeded.py").write_text(body)
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                              str(tmp_path / "test_seeded.py")], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{tests.parent}",
+                                                "RNNREC_FAST_TEST_SEED": "424242"})
+        assert out.returncode == (1 if printed else 0), out.stdout[-2000:] + out.stderr[-2000:]
+        tail = out.stdout.strip().splitlines()[-3:]
+        assert any("RNNREC_FAST_TEST_SEED=424242 repeats" in line for line in tail) == printed, tail
