@@ -239,7 +239,7 @@ def _cmd_train(a):
     from .checkpoint import check_save_path, save_checkpoint
     from .data import SessionDataset, time_split
     from .evaluate import evaluate
-    from .train import TrainConfig, train
+    from .train import TrainConfig, option_applies, train
 
     _check_device(a.device)
     if any(k < 1 for k in a.k):
@@ -268,16 +268,15 @@ def _cmd_train(a):
         # and resumed with --optimizer adam was refused for a momentum not typed; a review), and so is
         # logq where the loss turns to cross-entropy (a bpr-max run's --logq 0 went on into it).
         # train() warns of each change.
-        applies = {"momentum": a.optimizer == "adagradm", "bpreg": a.loss == "bpr-max",
-                   "elu_param": a.loss != "cross-entropy"}
-        for name, used in applies.items():
-            if not used and name not in given:
+        for name in ("momentum", "bpreg", "elu_param"):
+            if name not in given and not option_applies(name, a.loss, a.optimizer):
                 setattr(a, name, getattr(TrainConfig, name))
-        if "logq" not in given and a.loss == "cross-entropy" and saved.get("loss", a.loss) != "cross-entropy":
+        if "logq" not in given and option_applies("logq", a.loss, a.optimizer) and not option_applies(
+                "logq", saved.get("loss", a.loss), saved.get("optimizer", a.optimizer)):
             a.logq = TrainConfig.logq
     # (the other losses take no logQ correction: a --logq given with them would be ignored, silently;
     # --logq 0 says so, as GRU4Rec's published BPR-max settings write it)
-    if (given is None or "logq" in given) and a.logq and a.loss != "cross-entropy":
+    if (given is None or "logq" in given) and a.logq and not option_applies("logq", a.loss, a.optimizer):
         raise RecsysError(f"--logq applies to loss cross-entropy only (the loss is {a.loss})")
     cfg = TrainConfig(loss=a.loss, layers=_layers(a.layers), batch_size=a.batch_size, n_sample=a.n_sample,
                       sample_alpha=a.sample_alpha, logq=1.0 if a.logq is None else a.logq, epochs=a.epochs, lr=a.lr,

@@ -118,13 +118,21 @@ class TrainConfig:
         if self.optimizer not in ("adagradm", "adam", "adagrad", "sgd"):
             raise RecsysError(f"unknown optimizer {self.optimizer!r}")
         # options the chosen loss or optimizer would ignore, silently (from a review)
-        if self.bpreg and self.loss != "bpr-max":
+        if self.bpreg and not option_applies("bpreg", self.loss, self.optimizer):
             raise RecsysError(f"bpreg applies to loss bpr-max only (the loss is {self.loss})")
-        if self.elu_param and self.loss == "cross-entropy":
+        if self.elu_param and not option_applies("elu_param", self.loss, self.optimizer):
             raise RecsysError("elu_param applies to losses bpr-max and top1-max only (the loss is cross-entropy)")
-        if self.momentum is not None and self.optimizer != "adagradm":
+        if self.momentum is not None and not option_applies("momentum", self.loss, self.optimizer):
             raise RecsysError(f"momentum applies to optimizer adagradm only (the optimizer is {self.optimizer})")
         return self
+
+
+def option_applies(name, loss, optimizer) -> bool:
+    """Whether the training option ``name`` (momentum, bpreg, elu_param or logq) plays a part with
+    this loss and optimizer (TrainConfig refuses the first three set for the others; logq is left
+    alone by the other losses)."""
+    return {"momentum": optimizer == "adagradm", "bpreg": loss == "bpr-max", "elu_param": loss != "cross-entropy",
+            "logq": loss == "cross-entropy"}[name]
 
 
 _NO_NEGATIVES = ("no negative examples: with n_sample=0 the negatives are the other sessions of the batch, "
