@@ -70,6 +70,26 @@ def cpu_backends():
     return params
 
 
+def relu_recurrence_float64(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, resets=None, reverse=False):
+    """An Elman relu recurrence over x (T, B, I) from h0 (B, H), in float64, rows of ``lengths``
+    (their later steps inactive: the state kept, the output 0), states zeroed where ``resets``
+    (T, B), the steps in reverse with ``reverse``: (the outputs (T, B, H), the pre-activations of
+    the active steps, flat). The relu tests' guard against the kink: a finite-difference step
+    across it, or float32 rounding that gives a pre-activation near 0 the other sign than another
+    computation's, changes a gradient by O(1) with no kernel at fault."""
+    x, h, w_ih, w_hh, b_ih, b_hh = (None if t is None else t.detach().double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    T, B, _ = x.shape
+    live = torch.ones(T, B, dtype=torch.bool) if lengths is None else torch.arange(T).unsqueeze(1) < lengths
+    out, pres = torch.zeros(T, B, w_hh.shape[1], dtype=torch.float64), []
+    for t in (reversed(range(T)) if reverse else range(T)):
+        h_prev = h if resets is None else h.masked_fill(resets[t].unsqueeze(1), 0.0)
+        pre = torch.nn.functional.linear(x[t], w_ih, b_ih) + torch.nn.functional.linear(h_prev, w_hh, b_hh)
+        pres.append(pre[live[t]].flatten())
+        h = torch.where(live[t].unsqueeze(1), pre.relu(), h)
+        out[t] = torch.where(live[t].unsqueeze(1), h, 0.0)
+    return out, torch.cat(pres)
+
+
 def shrunk(t, nbytes=8):
     """t with its storage shrunk to nbytes after it was made (untyped_storage().resize_, as FSDP
     frees parameters): its sizes now reach past its memory."""

@@ -12,7 +12,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnnrec_fast
 from rnnrec_fast.modules import InputError
 
-from conftest import assert_close, case_seed, cpu_backends, expected_calls, shrunk, tolerances
+from conftest import (assert_close, case_seed, cpu_backends, expected_calls, relu_recurrence_float64, shrunk,
+                      tolerances)
 
 KINDS = ["RNN_tanh", "RNN_relu", "GRU"]
 INPUTS = ["batched", "unbatched", "packed_sorted", "packed_unsorted"]
@@ -36,28 +37,21 @@ def relu_rnn_float64(m, x, hx, lengths=None):
     with zeros, and the pre-activations of every active step, flat). The parity tests' guard: a
     float32 pre-activation within rounding of the kink can take one sign in torch.nn and the other
     in ours, and a gradient then differs by O(1) with no kernel at fault."""
-    w = {n: p.detach().double() for n, p in m.named_parameters()}
     X = x.detach().double()
     if X.dim() == 2:
         X, hx = X.unsqueeze(1), None if hx is None else hx.unsqueeze(1)
     elif m.batch_first:
         X = X.transpose(0, 1)
-    T, B, _ = X.shape
-    live = torch.ones(T, B, dtype=torch.bool) if lengths is None else torch.arange(T).unsqueeze(1) < lengths
     D, pres = 2 if m.bidirectional else 1, []
     for layer in range(m.num_layers):
         outs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            h = torch.zeros(B, m.hidden_size, dtype=torch.float64) if hx is None else hx[layer * D + d].detach().double()
-            out = torch.zeros(T, B, m.hidden_size, dtype=torch.float64)
-            for t in (range(T) if d == 0 else reversed(range(T))):
-                pre = (nn.functional.linear(X[t], w[f"weight_ih{sfx}"], w.get(f"bias_ih{sfx}"))
-                       + nn.functional.linear(h, w[f"weight_hh{sfx}"], w.get(f"bias_hh{sfx}")))
-                pres.append(pre[live[t]].flatten())
-                h = torch.where(live[t].unsqueeze(1), pre.relu(), h)
-                out[t] = torch.where(live[t].unsqueeze(1), h, 0.0)
+            h = torch.zeros(X.shape[1], m.hidden_size) if hx is None else hx[layer * D + d]
+            w = [getattr(m, f"{n}{sfx}", None) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            out, pre = relu_recurrence_float64(X, h, *w, lengths, reverse=d == 1)
             outs.append(out)
+            pres.append(pre)
         X = torch.cat(outs, 2)
     return X, torch.cat(pres)
 

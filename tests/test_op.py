@@ -19,7 +19,8 @@ from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 from rnnrec_fast._checks import env_flag
 
-from conftest import assert_close, case_seed, cpu_backends, expected_calls, shrunk, tolerances
+from conftest import (assert_close, case_seed, cpu_backends, expected_calls, relu_recurrence_float64, shrunk,
+                      tolerances)
 
 MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
 SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (6, 4, 3, 2)]  # T, B, I, H
@@ -46,33 +47,19 @@ def clear_draw(draw, mode, margin):
     raise AssertionError(f"no draw in 100 kept its relu pre-activations {margin} from 0")
 
 
-def relu_pre_activations(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets):
-    """The pre-activations of an rnn_relu recurrence at its active steps, flat, in float64 (its own
-    loop: the backend_calls spy counts the reference's forward)."""
-    x, h, w_ih, w_hh, b_ih, b_hh = (as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
-    T, B, _ = x.shape
-    live = torch.ones(T, B, dtype=torch.bool) if lengths is None else torch.arange(T).unsqueeze(1) < lengths
-    pres = []
-    for t in range(T):
-        h_prev = h if resets is None else h.masked_fill(resets[t].unsqueeze(1), 0.0)
-        pre = nn.functional.linear(x[t], w_ih, b_ih) + nn.functional.linear(h_prev, w_hh, b_hh)
-        pres.append(pre[live[t]].flatten())
-        h = torch.where(live[t].unsqueeze(1), pre.relu(), h)
-    return torch.cat(pres)
-
-
 def kink_distance(*inputs):
-    """The smallest |pre-activation| of an rnn_relu recurrence over its active steps."""
-    pre = relu_pre_activations(*inputs)
+    """The smallest |pre-activation| of an rnn_relu recurrence over its active steps (float64: its
+    own loop, which the backend_calls spy does not count as the reference's forward)."""
+    pre = relu_recurrence_float64(*inputs)[1]
     return float(pre.abs().min()) if pre.numel() else float("inf")
 
 
 def clear_of_the_kink(primals, tangents, lengths, resets, h):
     """Whether every rnn_relu pre-activation lies more than twice as far from the kink as a step of
     +-h along the tangents moves it (a finite difference across the kink is no derivative's fault)."""
-    pre = relu_pre_activations(*primals, lengths, resets)
-    return all(bool((pre.abs() > 2 * (relu_pre_activations(*[p + s * t for p, t in zip(primals, tangents)],
-                                                            lengths, resets) - pre).abs()).all())
+    pre = relu_recurrence_float64(*primals, lengths, resets)[1]
+    return all(bool((pre.abs() > 2 * (relu_recurrence_float64(*[p + s * t for p, t in zip(primals, tangents)],
+                                                               lengths, resets)[1] - pre).abs()).all())
                for s in (h, -h))
 
 
