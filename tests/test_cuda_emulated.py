@@ -1,0 +1,443 @@
+"""The CUDA backend's own code, csrc/rnnrec_cuda.cu and its kernels, run on the CPU.
+
+CI has no GPU, and tests/test_cuda.py skips there. This file compiles the CUDA sources unchanged
+for the CPU against the emulator of tests/cuda_emu (every CUDA thread a fiber; __syncthreads,
+warp shuffles and a cooperative grid's grid.sync as barriers; threads resumed in a shuffled order;
+shared-memory bounds and launch limits checked: see tests/cuda_emu/include/cuda_emu.h) and runs
+both forward paths (the persistent cooperative kernel and the per-step GEMM path) and the backward
+against the reference backend, on fresh random inputs. Device pointers are CPU pointers, so ATen's
+CPU GEMMs stand in for cuBLAS; what this cannot see is what only a GPU shows (memory ordering
+across blocks beyond the barriers, real shared-memory limits and occupancy, speed): that is
+test_cuda.py's, on a GPU.
+
+The emulated device has 4 SMs unless a test says otherwise, so that small H already spreads the
+persistent kernel over several blocks (H = 33: four blocks of 9, 9, 9 and 6 units). Every buffer
+at::empty gives the host code is filled with NaN (torch's deterministic mode), so a read of
+anything not written first shows. Tolerances as test_cuda.py's.
+"""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+import rnnrec_fast
+from rnnrec_fast import backends, ops
+from rnnrec_fast.backends import reference
+from rnnrec_fast.ops import MODES
+
+from conftest import case_seed
+from discarded_state import discarded_state_case
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
+MODE_IDS = ["tanh", "relu", "gru", "gru_cho"]
+PERSISTENT, GEMM = 1, 2
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("cuda_emu_build", os.path.join(HERE, "cuda_emu", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The emulated extension (built once into build/cuda_emu; a build failure fails the tests)."""
+    return _load_build().load()
+
+
+@pytest.fixture(autouse=True)
+def _device(emu):
+    """Each test starts from the default emulated device and the automatic path; buffers from
+    at::empty are NaN-filled."""
+    emu.emu_configure()
+    emu.set_forward_path(0)
+    emu.emu_reset_stats()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+    emu.emu_configure()
+    emu.set_forward_path(0)
+
+
+@pytest.fixture
+def as_cuda_backend(emu, monkeypatch):
+    """The emulated module as the registry's "cuda" backend, for CPU tensors: the op (its checks,
+    autograd, the C++ op handing a forced backend to the Python one) runs the CUDA code."""
+    fake = type("EmulatedCuda", (), dict(forward=staticmethod(emu.forward), backward=staticmethod(emu.backward),
+                                          DEVICES=("cpu",), DTYPES=(torch.float32, torch.float64)))
+    monkeypatch.setitem(backends._loaded, "cuda", fake)
+    ops._resolved.clear()
+    yield emu
+    ops._resolved.clear()
+
+
+def make_inputs(T, B, I, H, mode, bias, extras, dtype, gen):
+    G = 3 if mode == "gru" else 1
+    ws = min(0.7, 2.0 / math.sqrt(H))
+    wi = min(0.7, 2.0 / math.sqrt(I))
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    x, h0 = rnd(T, B, I), rnd(B, H)
+    w_ih, w_hh = rnd(G * H, I, scale=wi), rnd(G * H, H, scale=ws)
+    b_ih, b_hh = (rnd(G * H, scale=0.5), rnd(G * H, scale=0.5)) if bias else (None, None)
+    lengths = resets = None
+    if extras in ("lengths", "both"):
+        # out of range too: the kernels clamp to [0, T] (the host does not look at device lengths)
+        lengths = torch.randint(-2, T + 3, (B,), generator=gen)
+        lengths[0] = T
+    if extras in ("resets", "both"):
+        resets = torch.rand(T, B, generator=gen) < 0.3
+    return x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets
+
+
+def tol(dtype, K=1):
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-9)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5 * max(1.0, math.sqrt(K / 64.0)))
+    if dtype == torch.float16:
+        return dict(rtol=2e-3, atol=2e-3)
+    return dict(rtol=1.6e-2, atol=1.6e-2)  # bfloat16
+
+
+def close(actual, expected, what, **kw):
+    torch.testing.assert_close(actual, expected, **kw, msg=lambda m: f"{what}: {m}")
+
+
+def as64(t):
+    return None if t is None else t.double()
+
+
+def run_case(emu, T, B, I, H, mode, reset_after, bias, extras, dtype, seed, path):
+    gen = torch.Generator().manual_seed(seed)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(T, B, I, H, mode, bias, extras, dtype, gen)
+    emu.set_forward_path(path)
+    m = MODES[mode]
+    y, h_n, ws = emu.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, m, reset_after)
+    # the forced path ran: the GEMM path always, the persistent one wherever it applies (B <= 8)
+    assert emu.last_forward_path() == (PERSISTENT if path == PERSISTENT and B <= 8 else GEMM)
+    assert y.dtype == dtype and h_n.dtype == dtype and ws.dtype == dtype
+    assert ws.shape == (T, B, 4 * H if mode == "gru" else 0)
+    K = max(H, I, T * B)
+    clamped = None if lengths is None else lengths.clamp(0, T)
+    ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [clamped, resets]
+    ry, rh, rws = reference.forward(*ref_in, m, reset_after)
+    for name, got, ref in (("output", y, ry), ("h_n", h_n, rh), ("workspace", ws, rws)):
+        t = tol(dtype, K)
+        if dtype == torch.float32 and ref.numel():  # relative to the tensor's scale (a relu state grows)
+            t["atol"] *= max(1.0, ref.abs().max().item())
+        close(got.double(), ref, name, **t)
+    if lengths is not None:  # padding is exactly zero, in the output and the workspace
+        pad = torch.arange(T).unsqueeze(1) >= clamped.unsqueeze(0)
+        assert (y[pad] == 0).all() and (ws[pad] == 0).all()
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    gh = torch.randn(h_n.shape, generator=gen, dtype=torch.float64)
+    got = emu.backward(gy.to(dtype), gh.to(dtype), x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, m,
+                       reset_after)
+    # the reference backward gets our y (relu's mask is computed from it, as test_cuda.py's)
+    want = reference.backward(gy.to(dtype).double(), gh.to(dtype).double(), *ref_in, y.double(), rws, m,
+                              reset_after)
+    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+        assert g.dtype == dtype, name
+        t = tol(dtype, K)
+        if dtype == torch.float32:
+            t["atol"] *= max(1.0, rg.abs().max().item())
+        close(g.double(), rg, f"grad {name}", **t)
+    return y, h_n, ws, got
+
+
+# T, B, I, H: one step of one unit; a few units in one block; four blocks, the last one partly
+# filled; more rows than the persistent kernel takes (the GEMM path, even when persistent is asked)
+SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (4, 8, 5, 33), (3, 11, 4, 10)]
+SHAPE_ID = "T{}B{}I{}H{}".format
+
+
+@pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: SHAPE_ID(*s))
+@pytest.mark.parametrize("extras", ["plain", "lengths", "resets", "both"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_float64_matches_reference(emu, path, shape, extras, bias, mode, reset_after):
+    seed = case_seed("emu64", shape, extras, bias, mode, reset_after, path)
+    run_case(emu, *shape, mode, reset_after, bias, extras, torch.float64, seed, path)
+
+
+@pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: SHAPE_ID(*s))
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_float32_matches_reference(emu, path, shape, mode, reset_after):
+    seed = case_seed("emu32", shape, mode, reset_after, path)
+    run_case(emu, *shape, mode, reset_after, True, "both", torch.float32, seed, path)
+
+
+@pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_half_types_match_reference(emu, path, dtype, mode, reset_after):
+    """half / bfloat16: computed in float32 (state, accumulation, workspace), outputs rounded; the
+    reference upcasts the same inputs and rounds its outputs back."""
+    T, B, I, H = 5, 4, 5, 12
+    gen = torch.Generator().manual_seed(case_seed("emu-half", str(dtype), mode, reset_after, path))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(T, B, I, H, mode, True, "both", dtype, gen)
+    emu.set_forward_path(path)
+    m = MODES[mode]
+    y, h_n, ws = emu.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, m, reset_after)
+    assert emu.last_forward_path() == path
+    assert ws.dtype == torch.float32 and y.dtype == dtype
+    clamped = lengths.clamp(0, T)
+    ry, rh, rws = reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, clamped, resets, m, reset_after)
+    close(y.float(), ry.float(), "output", **tol(dtype))
+    close(h_n.float(), rh.float(), "h_n", **tol(dtype))
+    close(ws, rws, "workspace", rtol=1e-4, atol=1e-4)
+    gy = torch.randn(y.shape, generator=gen).to(dtype)
+    gh = torch.randn(h_n.shape, generator=gen).to(dtype)
+    got = emu.backward(gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, m, reset_after)
+    want = reference.backward(gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, clamped, resets, y, rws, m, reset_after)
+    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+        assert g.dtype == dtype
+        t = tol(dtype)
+        close(g.float(), rg.float(), f"grad {name}", rtol=t["rtol"],
+              atol=t["atol"] * max(1.0, rg.float().abs().max().item()))
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_no_schedule_changes_a_bit(emu, mode, reset_after):
+    """Every output element is computed by one thread in a fixed order, so the order the emulator
+    resumes threads in (in order, or shuffled by three seeds) changes no bit: a race between
+    threads (a barrier missing) would."""
+    gen = torch.Generator().manual_seed(case_seed("emu-schedule", mode, reset_after))
+    args = make_inputs(6, 5, 4, 33, mode, True, "both", torch.float32, gen)
+    emu.set_forward_path(PERSISTENT)
+    outs = []
+    for seed in (0, 1, 2, 3):
+        emu.emu_configure(seed=seed)
+        outs.append(emu.forward(*args, MODES[mode], reset_after))
+        assert emu.last_forward_path() == PERSISTENT
+    for other in outs[1:]:
+        for a, b in zip(other, outs[0]):
+            assert torch.equal(a, b)
+    assert emu.emu_stats()["max_grid_blocks"] == 4
+
+
+def test_paths_agree(emu):
+    gen = torch.Generator().manual_seed(case_seed("emu-paths"))
+    for mode, reset_after in MODE_FORMS:
+        args = make_inputs(7, 6, 5, 21, mode, True, "both", torch.float64, gen)
+        outs = []
+        for p in (PERSISTENT, GEMM):
+            emu.set_forward_path(p)
+            outs.append(emu.forward(*args, MODES[mode], reset_after))
+            assert emu.last_forward_path() == p
+        for a, b, what in zip(outs[0], outs[1], ("y", "h_n", "ws")):
+            close(a, b, f"{mode}/{reset_after} {what}", rtol=1e-12, atol=1e-12)
+
+
+def _gru(gen, B=3, H=33, T=3):
+    return make_inputs(T, B, 4, H, "gru", True, "plain", torch.float64, gen) + (MODES["gru"], True)
+
+
+def test_auto_path_takes_the_persistent_kernel_where_it_applies(emu):
+    """Auto: persistent for B <= 8 when the block's W_hh rows fit in shared memory and the device
+    can launch the grid cooperatively; else the GEMM path, with the same results."""
+    gen = torch.Generator().manual_seed(case_seed("emu-auto"))
+    args = _gru(gen)
+    want = emu.forward(*args)
+    assert emu.last_forward_path() == PERSISTENT
+    for setting in (dict(cooperative=False), dict(smem_optin=1024)):
+        emu.emu_configure(**setting)
+        got = emu.forward(*args)
+        assert emu.last_forward_path() == GEMM, setting
+        for a, b in zip(got, want):
+            close(a, b, str(setting), rtol=1e-12, atol=1e-12)
+    emu.emu_configure()
+    emu.forward(*make_inputs(3, 9, 4, 33, "gru", True, "plain", torch.float64, gen), MODES["gru"], True)
+    assert emu.last_forward_path() == GEMM
+
+
+def test_a_grid_refused_as_too_large_is_not_tried_again(emu):
+    """Under MPS a client may get fewer SMs than the properties report: the cooperative launch
+    fails (cudaErrorCooperativeLaunchTooLarge), the call takes the GEMM path with the same results,
+    the error is cleared, and a grid that large is not tried again; a smaller one still is."""
+    gen = torch.Generator().manual_seed(case_seed("emu-mps"))
+    # 16 SMs reported, 1 usable: 8 blocks of 256 threads fit at once; H = 64 needs 16 blocks of 4 units
+    emu.emu_configure(num_sms=16, usable_sms=1)
+    big = _gru(gen, H=64)
+    emu.emu_configure(num_sms=16, usable_sms=-1)
+    want = emu.forward(*big)
+    assert emu.last_forward_path() == PERSISTENT
+    emu.emu_configure(num_sms=16, usable_sms=1)
+    for _ in range(2):
+        got = emu.forward(*big)
+        assert emu.last_forward_path() == GEMM
+        for a, b in zip(got, want):
+            close(a, b, "after a refused grid", rtol=1e-12, atol=1e-12)
+    assert emu.emu_stats()["cooperative_refused"] == 1  # (the second call did not try)
+    emu.forward(*_gru(gen, H=24))  # 6 blocks: fits
+    assert emu.last_forward_path() == PERSISTENT
+
+
+def test_bad_direct_calls_raise(emu):
+    """The extension's own checks (what test_cuda.py's test_direct_bad_calls_raise checks on a GPU,
+    but for the device: here every tensor is a CPU tensor)."""
+    gen = torch.Generator().manual_seed(0)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 4, 5, "gru", True, "both", torch.float32, gen)
+    ok = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, 2, True)
+    y, h_n, ws = emu.forward(*ok)
+    bad = [
+        (x, h0.double()) + ok[2:], (x, h0[:1]) + ok[2:], (x, h0, w_ih[:, :3]) + ok[3:],
+        (x, h0, w_ih, w_hh[:, :4]) + ok[4:], (x, h0, w_ih, w_hh, b_ih[:4]) + ok[5:],
+        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths.int()) + ok[7:],
+        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets.float()) + ok[8:],
+        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets[:2]) + ok[8:],
+        ok[:8] + (3, True), ok[:8] + (0, True), (x.int(),) + ok[1:], (x[:0],) + ok[1:],
+    ]
+    for args in bad:
+        with pytest.raises(RuntimeError, match="rnnrec_fast._C_cuda"):
+            emu.forward(*args)
+    gy, gh = torch.randn_like(y), torch.randn_like(h_n)
+    bok = (gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, 2, True)
+    emu.backward(*bok)
+    for args in [(gy[:1],) + bok[1:], (gy, gh.double()) + bok[2:], bok[:11] + (ws.double(), 2, True),
+                 bok[:11] + (ws[:, :, :5], 2, True), bok[:10] + (y[:, :1],) + bok[11:]]:
+        with pytest.raises(RuntimeError, match="rnnrec_fast._C_cuda"):
+            emu.backward(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# through the op: autograd, non-finite values, discarded states (test_cuda.py's twins)
+
+
+@pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_gradcheck_through_the_op(as_cuda_backend, path, mode, reset_after):
+    as_cuda_backend.set_forward_path(path)
+    gen = torch.Generator().manual_seed(case_seed("emu-gradcheck", mode, reset_after, path))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 3, 2, 4, mode, True, "both", torch.float64, gen)
+    lengths = lengths.clamp(0, 3)  # (the op checks lengths on the host)
+    if mode == "rnn_relu":  # keep the pre-activations off relu's kink, where a difference is not a slope
+        b_ih = b_ih.abs() + 1.0
+    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+
+    def f(*a):
+        y, h_n = rnnrec_fast.recurrence(*a, lengths=lengths, resets=resets, mode=mode, reset_after=reset_after,
+                                        backend="cuda")
+        return y, h_n
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert rnnrec_fast.last_backend() == "cuda"
+    assert as_cuda_backend.last_forward_path() == path
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_non_finite_values_propagate_as_in_the_reference(as_cuda_backend, mode, reset_after):
+    T, B, I, H = 3, 5, 5, 6
+    gen = torch.Generator().manual_seed(8)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
+    h0[1, 2], h0[2, 0], h0[4, 3] = float("inf"), -float("inf"), float("nan")
+    x[1, 3, 1] = float("inf")
+    w_hh = w_hh * 30
+    kw = dict(mode=mode, reset_after=reset_after)
+    want = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, backend="reference", **kw)
+    for path in (PERSISTENT, GEMM):
+        as_cuda_backend.set_forward_path(path)
+        got = rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, backend="cuda", **kw)
+        for a, b, what in zip(got, want, ("output", "h_n")):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+            assert torch.isnan(b).any() and torch.isfinite(b).any()
+            close(a, b, what, equal_nan=True, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_rows_past_their_length_and_reset_rows_as_in_the_reference(as_cuda_backend, mode, reset_after):
+    """A non-finite W_hh entry beside rows past their length, NaN / inf padding and h0 rows that are
+    never read (a row of length 0, a row reset at step 0): gradients and outputs as the reference's,
+    NaN exactly where it has NaN."""
+    T, B, I, H = 4, 4, 3, 5
+    gen = torch.Generator().manual_seed(case_seed("emu-discard", mode, reset_after))
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float64, gen)
+    lengths = torch.tensor([T, 0, 2, 3])
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[0, 3] = True
+    x = x.masked_fill((torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)).unsqueeze(2), float("nan"))
+    h0[1], h0[3] = float("inf"), float("nan")
+    for w_fill in (None, float("inf")):
+        w = w_hh.clone()
+        if w_fill is not None:
+            w[0, 0] = w_fill
+        grads = []
+        for backend in ("reference", "cuda"):
+            leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w, b_ih, b_hh)]
+            y, h_n = rnnrec_fast.recurrence(*leaves, lengths=lengths, resets=resets, mode=mode,
+                                            reset_after=reset_after, backend=backend)
+            grads.append([y, h_n, *torch.autograd.grad((y * 1.5).sum() + h_n[[0, 2, 3]].sum(), leaves)])
+        for a, b, what in zip(grads[1], grads[0], ("y", "h_n", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+            close(a, b, f"{what} (W_hh[0, 0] = {w_fill})", equal_nan=True, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lengths", "resets", "negative"])
+def test_a_discarded_state_stays_out_of_grad_w_hh(emu, kind):
+    gen = torch.Generator().manual_seed(5)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(2, 2, 2, 3, "rnn_relu", True, "plain", torch.float64, gen)
+    x, h0, w_ih, lengths, resets = discarded_state_case(kind, x, h0, w_ih)
+    clamped = None if lengths is None else lengths.clamp(0, 2)
+    m = MODES["rnn_relu"]
+    gy = torch.zeros(2, 2, 3, dtype=torch.float64)
+    gy[:, 1] = 1.0
+    gh = torch.zeros(2, 3, dtype=torch.float64)
+    for path in (PERSISTENT, GEMM):
+        emu.set_forward_path(path)
+        y, h_n, ws = emu.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, m, True)
+        got = emu.backward(gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, m, True)
+        ry, _, rws = reference.forward(x, h0, w_ih, w_hh, b_ih, b_hh, clamped, resets, m, True)
+        want = reference.backward(gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, clamped, resets, ry, rws, m, True)
+        assert torch.isfinite(want[3]).all()
+        for a, b, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+            close(a, b, what, equal_nan=True, **tol(torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulator itself (tests/cuda_emu/selftest.cu): what it must catch, and what it must run
+
+
+def test_emulator_runs_warp_shuffles_and_barriers(emu):
+    assert torch.equal(emu.selftest_warp_sum(3, 64, 0.5), torch.full((192,), 32 * 33 / 2 * 0.5))
+    for seed in (0, 1, 7):
+        emu.emu_configure(seed=seed)
+        got = emu.selftest_neighbours(2, 64, True).view(2, 64)
+        assert torch.equal(got, ((torch.arange(64) + 1) % 64).float().expand(2, 64))
+        # without the barrier some thread reads its neighbour's slot before it is written, whatever
+        # the order the threads run in
+        assert emu.selftest_neighbours(2, 64, False).isnan().any()
+    assert torch.equal(emu.selftest_grid(5, True, True), torch.tensor([2.0, 3.0, 4.0, 5.0, 1.0]))
+    assert emu.selftest_grid(5, False, True).isnan().any()
+
+
+def test_emulator_reports_what_a_gpu_would_get_wrong(emu):
+    with pytest.raises(RuntimeError, match=r"deadlock(.|\n)*__syncthreads\(\) of block 0: 5 of 64 arrived"):
+        emu.selftest_divergent(64, 5)
+    emu.selftest_shared_write(8, 7)
+    with pytest.raises(RuntimeError, match="wrote past its 32 bytes of dynamic shared memory"):
+        emu.selftest_shared_write(8, 8)
+    with pytest.raises(RuntimeError, match="not launched cooperatively"):
+        emu.selftest_grid(4, True, False)
+    emu.emu_configure(num_sms=1)  # 32 blocks of 64 threads at once
+    emu.selftest_grid(32, True, True)
+    with pytest.raises(RuntimeError, match="too many blocks in cooperative launch"):
+        emu.selftest_grid(33, True, True)
+    # launch configurations CUDA refuses: 1025 threads, no blocks, over 48 KiB of dynamic shared
+    # memory without the kernel's attribute raised
+    assert emu.selftest_launch_error(1, 1024, 48 * 1024) == 0
+    assert emu.selftest_launch_error(1, 1025, 0) == 9
+    assert emu.selftest_launch_error(0, 32, 0) == 9
+    assert emu.selftest_launch_error(1, 32, 48 * 1024 + 1) == 1
+    # and the module works on after each of them
+    assert torch.equal(emu.selftest_warp_sum(1, 32, 1.0), torch.full((32,), 528.0))
