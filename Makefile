@@ -71,12 +71,13 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 	touch $@
 
 # The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer, any report a failure (not
-# CI: 10-20 min on 2 cores, 3-5 of them building). The tracked sources are copied to $(SAN_DIR) and
+# CI: 15-25 min on 2 cores, 4-6 of them building). The tracked sources are copied to $(SAN_DIR) and
 # built there, the extension _C and librnnrec_fast_ops.so (each loads only with the runtimes
 # preloaded), and the tests that run the C++ kernels run from there, on the AVX2/AVX-512 paths and
 # on the portable scalar one, and the chunked projection of large GRU inferences on AVX2 (which
 # only AVX-512 takes by itself: RNNREC_FAST_CHUNKED_PROJECTION); last, test_compile.py's tests of librnnrec_fast_ops.so
-# (SAN_LIB_TESTS: a fresh Python process loads it, a libtorch program dlopens it). Their
+# (SAN_LIB_TESTS: a fresh Python process loads it, a libtorch program dlopens it); then the CUDA
+# backend's code on the CPU emulator (tests/test_cuda_emulated.py, the emulator built with them). Their
 # subprocesses, the C++ program the test compiles included, inherit LD_PRELOAD and the options,
 # and a report ends the process with a failing status, which fails the test.
 SAN_DIR := build/sanitize
@@ -106,6 +107,8 @@ sanitize: setup
 		assert p.startswith(os.getcwd()), p; b = open(p, 'rb').read(); assert b'__asan_' in b and b'__ubsan_' in b, p"
 	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_compile.py \
 		-k "$(SAN_LIB_TESTS)"
+	cd $(SAN_DIR) && $(SAN_ENV) RNNREC_FAST_SANITIZE=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
+		tests/test_cuda_emulated.py
 
 clean:
 	rm -rf build $(VENV) rnnrec_fast/*.so *.egg-info

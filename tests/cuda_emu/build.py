@@ -91,15 +91,30 @@ def sources(build_dir):
     return tu
 
 
+def sanitized():
+    """RNNREC_FAST_SANITIZE=1 (make sanitize): build with AddressSanitizer and
+    UndefinedBehaviorSanitizer, as setup.py builds the extension then (the module loads only with
+    their runtimes preloaded)."""
+    return os.environ.get("RNNREC_FAST_SANITIZE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def load(build_dir=None, verbose=False):
     """Build (ninja skips an unchanged build) and import the emulated CUDA extension."""
     from torch.utils.cpp_extension import load as load_extension  # noqa: PLC0415
 
-    build_dir = build_dir or os.path.join(ROOT, "build", "cuda_emu")
+    san = sanitized()
+    build_dir = build_dir or os.path.join(ROOT, "build", "cuda_emu_sanitize" if san else "cuda_emu")
     tu = sources(build_dir)
+    flags = ["-O1", "-Wno-unknown-pragmas", "-Wno-pedantic"]
+    link = []
+    if san:  # (-fno-wrapv: Python's -fwrapv would define signed overflow, which UBSan then never reports)
+        link = ["-fsanitize=address,undefined"]
+        flags += link + ["-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fno-wrapv", "-g"]
+    else:
+        flags.append("-g0")
     return load_extension(
-        name=NAME, sources=[tu], build_directory=build_dir, extra_include_paths=[INCLUDE],
-        extra_cflags=["-O1", "-g0", "-Wno-unknown-pragmas", "-Wno-pedantic"], verbose=verbose)
+        name=NAME, sources=[tu], build_directory=build_dir, extra_include_paths=[INCLUDE], extra_cflags=flags,
+        extra_ldflags=link, verbose=verbose)
 
 
 if __name__ == "__main__":

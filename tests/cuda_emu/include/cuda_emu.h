@@ -21,6 +21,8 @@
 //     cudaErrorCooperativeLaunchTooLarge (usable_sms models an MPS client given fewer SMs than the
 //     device properties report);
 //   * the device properties the host code reads, from rnnrec_emu::config (set from Python).
+// Built with RNNREC_FAST_SANITIZE=1 (make sanitize) it runs under AddressSanitizer and
+// UndefinedBehaviorSanitizer: a kernel's read or write past a tensor is then reported.
 // What it does not model: memory spaces (device pointers are CPU pointers), streams (all work is
 // synchronous, in order), warp-synchronous code without __shfl_*_sync, atomics, textures, 2-D and
 // 3-D launches (refused), timing.
@@ -29,6 +31,9 @@
 #include <ucontext.h>
 #include <setjmp.h>
 #include <sys/mman.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -173,6 +178,11 @@ struct StackPool {
     if (!free_list.empty()) {
       char* s = free_list.back();
       free_list.pop_back();
+#if defined(__SANITIZE_ADDRESS__)
+      // (make sanitize) a thread's frames are never returned from (it ends by a jump, or is
+      // abandoned at a fault): their redzones stay poisoned in the stack's shadow until cleared
+      ASAN_UNPOISON_MEMORY_REGION(s, kStackBytes);
+#endif
       return s;
     }
     void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
