@@ -1,14 +1,15 @@
 """The CUDA backend's own code, csrc/rnnrec_cuda.cu and its kernels, run on the CPU.
 
-CI has no GPU, and tests/test_cuda.py skips there. This file compiles the CUDA sources unchanged
-for the CPU against the emulator of tests/cuda_emu (every CUDA thread a fiber; __syncthreads,
-warp shuffles and a cooperative grid's grid.sync as barriers; threads resumed in a shuffled order;
-shared-memory bounds and launch limits checked: see tests/cuda_emu/include/cuda_emu.h) and runs
-both forward paths (the persistent cooperative kernel and the per-step GEMM path) and the backward
-against the reference backend, on fresh random inputs. Device pointers are CPU pointers, so ATen's
-CPU GEMMs stand in for cuBLAS; what this cannot see is what only a GPU shows (memory ordering
-across blocks beyond the barriers, real shared-memory limits and occupancy, speed): that is
-test_cuda.py's, on a GPU.
+CI has no GPU, and tests/test_cuda.py skips there. This file compiles the CUDA sources for the CPU
+against the emulator of tests/cuda_emu (every CUDA thread a fiber; __syncthreads, warp shuffles
+and a cooperative grid's grid.sync as barriers; the order threads run in chosen by a schedule:
+launch order, block by block in a random order or from either end; shared-memory canaries and CUDA's launch
+limits checked: see tests/cuda_emu/include/cuda_emu.h) and runs both forward paths (the persistent
+cooperative kernel and the per-step GEMM path) and the backward against the reference backend, on
+fresh random inputs; the persistent kernel under every schedule, which must change no bit. Device
+pointers are CPU pointers, so ATen's CPU GEMMs stand in for cuBLAS; what this cannot see is what
+only a GPU shows (whether the device code compiles for it: nvcc's, memory ordering and caches
+beyond the barriers, registers, real occupancy, speed): that is test_cuda.py's, on a GPU.
 
 The emulated device has 4 SMs unless a test says otherwise, so that small H already spreads the
 persistent kernel over several blocks (H = 33: four blocks of 9, 9, 9 and 6 units). Every buffer
@@ -57,6 +58,7 @@ def _device(emu):
     emu.emu_configure()
     emu.set_forward_path(0)
     emu.emu_reset_stats()
+    emu.emu_forget_refused_grids()
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
@@ -121,6 +123,8 @@ def run_case(emu, T, B, I, H, mode, reset_after, bias, extras, dtype, seed, path
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(T, B, I, H, mode, bias, extras, dtype, gen)
     emu.set_forward_path(path)
     m = MODES[mode]
+    inputs = [t for t in (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets) if t is not None]
+    before = [t.clone() for t in inputs]
     y, h_n, ws = emu.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, m, reset_after)
     # the forced path ran: the GEMM path always, the persistent one wherever it applies (B <= 8)
     assert emu.last_forward_path() == (PERSISTENT if path == PERSISTENT and B <= 8 else GEMM)
@@ -151,6 +155,8 @@ def run_case(emu, T, B, I, H, mode, reset_after, bias, extras, dtype, seed, path
         if dtype == torch.float32:
             t["atol"] *= max(1.0, rg.abs().max().item())
         close(g.double(), rg, f"grad {name}", **t)
+    for a, b in zip(inputs, before):  # nothing written into the inputs
+        assert torch.equal(a, b)
     return y, h_n, ws, got
 
 
@@ -211,20 +217,22 @@ def test_half_types_match_reference(emu, path, dtype, mode, reset_after):
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
 def test_no_schedule_changes_a_bit(emu, mode, reset_after):
     """Every output element is computed by one thread in a fixed order, so the order the emulator
-    resumes threads in (in order, or shuffled by three seeds) changes no bit: a race between
-    threads (a barrier missing) would."""
+    runs threads in (launch order; block by block in three random orders, from either end)
+    changes no bit: a race between threads (a barrier missing, within a block or across blocks)
+    would. H = 12 splits evenly, three blocks of four units, so no block waits on work the others
+    lack."""
     gen = torch.Generator().manual_seed(case_seed("emu-schedule", mode, reset_after))
-    args = make_inputs(6, 5, 4, 33, mode, True, "both", torch.float32, gen)
+    args = make_inputs(6, 5, 4, 12, mode, True, "both", torch.float32, gen)
     emu.set_forward_path(PERSISTENT)
     outs = []
-    for seed in (0, 1, 2, 3):
-        emu.emu_configure(seed=seed)
+    for schedule, seed in ((0, 0), (1, 1), (1, 2), (1, 3), (2, 4), (3, 5)):
+        emu.emu_configure(schedule=schedule, seed=seed)
         outs.append(emu.forward(*args, MODES[mode], reset_after))
         assert emu.last_forward_path() == PERSISTENT
     for other in outs[1:]:
         for a, b in zip(other, outs[0]):
             assert torch.equal(a, b)
-    assert emu.emu_stats()["max_grid_blocks"] == 4
+    assert emu.emu_stats()["max_grid_blocks"] == 3
 
 
 def test_paths_agree(emu):
@@ -260,6 +268,46 @@ def test_auto_path_takes_the_persistent_kernel_where_it_applies(emu):
     emu.emu_configure()
     emu.forward(*make_inputs(3, 9, 4, 33, "gru", True, "plain", torch.float64, gen), MODES["gru"], True)
     assert emu.last_forward_path() == GEMM
+
+
+def test_more_than_48_kib_of_shared_memory(emu):
+    """The persistent kernel past the default 48 KiB of dynamic shared memory (one block holding all
+    of a float64 GRU's W_hh, H = 64: ~116 KiB), which only the kernel's raised limit allows."""
+    emu.emu_configure(num_sms=1)
+    run_case(emu, 4, 8, 3, 64, "gru", True, True, "both", torch.float64, case_seed("emu-smem"), PERSISTENT)
+    assert emu.emu_stats()["cooperative_launches"] == 1
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_non_contiguous_inputs(emu, mode, reset_after):
+    """The extension takes views in any layout (it makes them contiguous): the same results as from
+    contiguous copies, forward and backward, on both paths."""
+    gen = torch.Generator().manual_seed(case_seed("emu-strides", mode, reset_after))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(5, 3, 4, 6, mode, True, "both", torch.float64, gen)
+
+    def strided(t):  # the same values, every dimension's stride doubled
+        big = torch.zeros(*(2 * n for n in t.shape), dtype=t.dtype)
+        view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+        view.copy_(t)
+        assert not view.is_contiguous() and torch.equal(view, t)
+        return view
+
+    plain = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets)
+    views = tuple(strided(t) for t in plain)
+    m = MODES[mode]
+    for path in (PERSISTENT, GEMM):
+        emu.set_forward_path(path)
+        want = emu.forward(*plain, m, reset_after)
+        got = emu.forward(*views, m, reset_after)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        gy = torch.randn(want[0].shape, generator=gen, dtype=torch.float64)
+        gh = torch.randn(want[1].shape, generator=gen, dtype=torch.float64)
+        gw = emu.backward(gy, gh, *plain, want[0], want[2], m, reset_after)
+        ws_view = want[2] if want[2].numel() == 0 else strided(want[2])
+        gv = emu.backward(strided(gy), strided(gh), *views, strided(want[0]), ws_view, m, reset_after)
+        for a, b in zip(gv, gw):
+            assert torch.equal(a, b)
 
 
 def test_a_grid_refused_as_too_large_is_not_tried_again(emu):
@@ -305,10 +353,21 @@ def test_bad_direct_calls_raise(emu):
     gy, gh = torch.randn_like(y), torch.randn_like(h_n)
     bok = (gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, 2, True)
     emu.backward(*bok)
+    old_gru_ws = torch.zeros(3, 2, 5 * 5)  # the former [h_prev, r, z, n, hn] layout
     for args in [(gy[:1],) + bok[1:], (gy, gh.double()) + bok[2:], bok[:11] + (ws.double(), 2, True),
-                 bok[:11] + (ws[:, :, :5], 2, True), bok[:10] + (y[:, :1],) + bok[11:]]:
+                 bok[:11] + (ws[:, :, :5], 2, True), bok[:11] + (old_gru_ws, 2, True),
+                 bok[:10] + (y[:, :1],) + bok[11:]]:
         with pytest.raises(RuntimeError, match="rnnrec_fast._C_cuda"):
             emu.backward(*args)
+    # rnn modes: the workspace is empty (T, B, 0); the former (T, B, H) one is refused
+    rok = (x, h0, w_ih[:5], w_hh[:5], b_ih[:5], b_hh[:5], lengths, resets, 0, True)
+    ry, rh, rws = emu.forward(*rok)
+    assert rws.shape == (3, 2, 0)
+    rbok = (torch.randn_like(ry), torch.randn_like(rh)) + rok[:8] + (ry, rws, 0, True)
+    emu.backward(*rbok)
+    for bad_ws in (torch.zeros(3, 2, 5), rws.double()):
+        with pytest.raises(RuntimeError, match="rnnrec_fast._C_cuda"):
+            emu.backward(*(rbok[:11] + (bad_ws, 0, True)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +427,8 @@ def test_rows_past_their_length_and_reset_rows_as_in_the_reference(as_cuda_backe
     resets[0, 3] = True
     x = x.masked_fill((torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)).unsqueeze(2), float("nan"))
     h0[1], h0[3] = float("inf"), float("nan")
-    for w_fill in (None, float("inf")):
+    for path, w_fill in ((PERSISTENT, None), (GEMM, None), (PERSISTENT, float("inf")), (GEMM, float("inf"))):
+        as_cuda_backend.set_forward_path(path)
         w = w_hh.clone()
         if w_fill is not None:
             w[0, 0] = w_fill
@@ -380,7 +440,7 @@ def test_rows_past_their_length_and_reset_rows_as_in_the_reference(as_cuda_backe
             grads.append([y, h_n, *torch.autograd.grad((y * 1.5).sum() + h_n[[0, 2, 3]].sum(), leaves)])
         for a, b, what in zip(grads[1], grads[0], ("y", "h_n", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
             assert torch.equal(torch.isnan(a), torch.isnan(b)), what
-            close(a, b, f"{what} (W_hh[0, 0] = {w_fill})", equal_nan=True, rtol=1e-9, atol=1e-9)
+            close(a, b, f"{what} (path {path}, W_hh[0, 0] = {w_fill})", equal_nan=True, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["lengths", "resets", "negative"])
@@ -410,29 +470,46 @@ def test_a_discarded_state_stays_out_of_grad_w_hh(emu, kind):
 
 def test_emulator_runs_warp_shuffles_and_barriers(emu):
     assert torch.equal(emu.selftest_warp_sum(3, 64, 0.5), torch.full((192,), 32 * 33 / 2 * 0.5))
-    for seed in (0, 1, 7):
-        emu.emu_configure(seed=seed)
+    for schedule, seed in ((0, 0), (1, 1), (1, 7), (2, 1), (3, 1)):
+        emu.emu_configure(schedule=schedule, seed=seed)
         got = emu.selftest_neighbours(2, 64, True).view(2, 64)
         assert torch.equal(got, ((torch.arange(64) + 1) % 64).float().expand(2, 64))
         # without the barrier some thread reads its neighbour's slot before it is written, whatever
         # the order the threads run in
         assert emu.selftest_neighbours(2, 64, False).isnan().any()
-    assert torch.equal(emu.selftest_grid(5, True, True), torch.tensor([2.0, 3.0, 4.0, 5.0, 1.0]))
-    assert emu.selftest_grid(5, False, True).isnan().any()
+        assert torch.equal(emu.selftest_grid(5, 3, True), torch.tensor([2.0, 3.0, 4.0, 5.0, 1.0]))
+        assert emu.selftest_grid(5, 0, True).isnan().any()
+    # a block's own barrier (__syncthreads, a warp shuffle) where grid.sync() belongs: run block by
+    # block, the first block reads its neighbour's slot before that block has started
+    for schedule in (2, 3):
+        emu.emu_configure(schedule=schedule)
+        for barrier in (1, 2):
+            assert emu.selftest_grid(5, barrier, True).isnan().any(), (schedule, barrier)
+    # in a random order of blocks, some block runs before its neighbour: most seeds show it
+    seen = 0
+    for seed in range(1, 11):
+        emu.emu_configure(schedule=1, seed=seed)
+        seen += bool(emu.selftest_grid(5, 1, True).isnan().any())
+    assert seen >= 5
 
 
 def test_emulator_reports_what_a_gpu_would_get_wrong(emu):
     with pytest.raises(RuntimeError, match=r"deadlock(.|\n)*__syncthreads\(\) of block 0: 5 of 64 arrived"):
         emu.selftest_divergent(64, 5)
     emu.selftest_shared_write(8, 7)
+    emu.selftest_shared_write(8, 0)
     with pytest.raises(RuntimeError, match="wrote past its 32 bytes of dynamic shared memory"):
         emu.selftest_shared_write(8, 8)
+    with pytest.raises(RuntimeError, match="wrote past its 32 bytes of dynamic shared memory"):
+        emu.selftest_shared_write(8, 23)  # (the last float of the canary)
+    with pytest.raises(RuntimeError, match="wrote before its dynamic shared memory"):
+        emu.selftest_shared_write(8, -1)
     with pytest.raises(RuntimeError, match="not launched cooperatively"):
-        emu.selftest_grid(4, True, False)
+        emu.selftest_grid(4, 3, False)
     emu.emu_configure(num_sms=1)  # 32 blocks of 64 threads at once
-    emu.selftest_grid(32, True, True)
+    emu.selftest_grid(32, 3, True)
     with pytest.raises(RuntimeError, match="too many blocks in cooperative launch"):
-        emu.selftest_grid(33, True, True)
+        emu.selftest_grid(33, 3, True)
     # launch configurations CUDA refuses: 1025 threads, no blocks, over 48 KiB of dynamic shared
     # memory without the kernel's attribute raised
     assert emu.selftest_launch_error(1, 1024, 48 * 1024) == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -105,7 +106,11 @@ def load(build_dir=None, verbose=False):
     san = sanitized()
     build_dir = build_dir or os.path.join(ROOT, "build", "cuda_emu_sanitize" if san else "cuda_emu")
     tu = sources(build_dir)
-    flags = ["-O1", "-Wno-unknown-pragmas", "-Wno-pedantic"]
+    # a build killed midway leaves torch's lock file, and the next load would wait on it for ever
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
+        os.remove(lock)
+    flags = ["-O1", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-Wno-pedantic"]
     link = []
     if san:  # (-fno-wrapv: Python's -fwrapv would define signed overflow, which UBSan then never reports)
         link = ["-fsanitize=address,undefined"]

@@ -30,23 +30,26 @@ __global__ void divergent_kernel(int reach) {
   if ((int)threadIdx.x < reach) __syncthreads();
 }
 
-// thread 0 writes the float at `index` of the dynamic shared memory
+// thread 0 writes the float at `index` of the dynamic shared memory (-1: the one before it)
 __global__ void shared_write_kernel(int index) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* s = reinterpret_cast<float*>(smem_raw);
   if (threadIdx.x == 0) s[index] = 1.0f;
 }
 
-// block b writes its slot, then reads block b + 1's: right only after grid.sync()
+// block b writes its slot, crosses a barrier (0 none, 1 __syncthreads, 2 a warp shuffle, 3
+// grid.sync), then reads block b + 1's: right only after grid.sync()
 struct GridArgs {
   float* slots;
   float* out;
-  bool sync;
+  int barrier;
 };
 __global__ void grid_kernel(const GridArgs a) {
   cg::grid_group grid = cg::this_grid();
   if (threadIdx.x == 0) a.slots[blockIdx.x] = (float)blockIdx.x + 1;
-  if (a.sync) grid.sync();
+  if (a.barrier == 1) __syncthreads();
+  if (a.barrier == 2) (void)__shfl_xor_sync(0xffffffffu, 1.0f, 1);
+  if (a.barrier == 3) grid.sync();
   if (threadIdx.x == 0) a.out[blockIdx.x] = a.slots[(blockIdx.x + 1) % gridDim.x];
 }
 
@@ -81,9 +84,9 @@ inline int64_t launch_error(int64_t blocks, int64_t threads, int64_t smem) {
   return (int64_t)cudaGetLastError();
 }
 
-inline Tensor grid(int64_t blocks, bool sync, bool cooperative) {
+inline Tensor grid(int64_t blocks, int64_t barrier, bool cooperative) {
   Tensor slots = at::full({blocks}, NAN, at::kFloat), out = at::full({blocks}, NAN, at::kFloat);
-  GridArgs a{slots.data_ptr<float>(), out.data_ptr<float>(), sync};
+  GridArgs a{slots.data_ptr<float>(), out.data_ptr<float>(), (int)barrier};
   if (cooperative) {
     void* args[] = {(void*)&a};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel((const void*)grid_kernel, dim3((unsigned)blocks), dim3(64),
@@ -95,7 +98,15 @@ inline Tensor grid(int64_t blocks, bool sync, bool cooperative) {
   return out;
 }
 
+// The host code's memory of cooperative grids refused as too large (rnnrec_cuda.cu), cleared so
+// that a test sees a first refusal whatever ran before it in the process.
+inline void forget_refused_grids() {
+  std::lock_guard<std::mutex> lock(rnnrec_cuda::refused_mu);
+  rnnrec_cuda::refused_grids.clear();
+}
+
 inline void bind(pybind11::module_& m) {
+  m.def("emu_forget_refused_grids", &forget_refused_grids);
   m.def("selftest_warp_sum", &warp_sum);
   m.def("selftest_neighbours", &neighbours);
   m.def("selftest_divergent", &divergent);

@@ -8,13 +8,17 @@
 //   * every CUDA thread is a fiber (ucontext stacks, switched with _setjmp/_longjmp); a launch runs
 //     all of its threads to the end before it returns (the host sees a synchronous device);
 //   * __syncthreads(), __shfl_xor_sync() (full warps) and a cooperative grid's grid.sync() are
-//     barriers: a thread waits there until every thread it synchronises with has arrived, and the
-//     threads released are resumed in a shuffled order (the seed is set from Python), so a missing
-//     barrier shows up as a read of a value not yet written, or not overwritten yet;
+//     barriers: a thread waits there until every thread it synchronises with has arrived. Which
+//     ready thread runs next is the schedule's choice (set from Python): in launch order, or block
+//     by block: the first block in an order (random from a seed, lowest first or highest first)
+//     that has a thread ready runs one of them, picked at random, so each block runs as far as its
+//     own barriers let it before the next moves. A barrier missing, within a block or across
+//     blocks, then shows as a read of a value not yet written, or already overwritten;
 //   * a barrier that some threads never reach (a divergent __syncthreads, a thread that returns
 //     early) is reported as a deadlock, naming the barrier;
 //   * dynamic shared memory: one buffer per block of exactly the launch's size, filled with 0xFF
-//     bytes (NaN as float or double) and followed by canary bytes checked after the launch;
+//     bytes (NaN as float or double), between two 64-byte canaries checked after the launch (a
+//     write further off is heap memory: AddressSanitizer's, under make sanitize);
 //   * launch checks as CUDA makes them: 1 to 1024 threads a block, at least one block, dynamic shared
 //     memory over 48 KiB only after cudaFuncSetAttribute raised the kernel's limit, and at most the
 //     device's opt-in limit; a cooperative grid larger than the device holds at once fails with
@@ -23,9 +27,12 @@
 //   * the device properties the host code reads, from rnnrec_emu::config (set from Python).
 // Built with RNNREC_FAST_SANITIZE=1 (make sanitize) it runs under AddressSanitizer and
 // UndefinedBehaviorSanitizer: a kernel's read or write past a tensor is then reported.
-// What it does not model: memory spaces (device pointers are CPU pointers), streams (all work is
-// synchronous, in order), warp-synchronous code without __shfl_*_sync, atomics, textures, 2-D and
-// 3-D launches (refused), timing.
+// What it does not model: memory spaces (device pointers are CPU pointers: host code reading device
+// memory, or a kernel calling host-only code, builds and runs here), streams (all work is
+// synchronous, in order), caches (__ldcg is a plain load), memory ordering beyond the barriers,
+// registers and __launch_bounds__, warp-synchronous code without __shfl_*_sync, atomics, textures,
+// 2-D and 3-D launches (refused), timing. Each thread holds a fiber of ~250 bytes and, once started,
+// a 64 KiB stack: launches of a few thousand threads, not an H100-sized grid.
 #pragma once
 
 #include <ucontext.h>
@@ -102,7 +109,10 @@ struct Config {
   size_t smem_per_sm = 228 * 1024;
   int max_threads_per_sm = 2048;
   int max_blocks_per_sm = 32;
-  uint64_t seed = 1;                // 0: threads resumed in order; else shuffled with this seed
+  // the schedule: 0 launch order; block by block, 1 in a random order of blocks (from seed), 2 the
+  // lowest first, 3 the highest first (within a block the ready thread to run is picked at random)
+  int schedule = 1;
+  uint64_t seed = 1;
 };
 inline Config config;
 
@@ -154,7 +164,6 @@ inline int blocks_per_sm(int threads, size_t smem) {
 struct Fiber {
   unsigned block = 0, thread = 0;
   char* stack = nullptr;
-  ucontext_t uctx;
   jmp_buf jb;
   bool started = false, done = false;
 };
@@ -168,6 +177,7 @@ struct Barrier {
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr size_t kGuardBytes = 4096;  // a PROT_NONE page below each stack: an overflow faults
 constexpr size_t kCanaryBytes = 64;
+constexpr unsigned char kCanary = 0xA5;  // (not the 0xFF fill: a write of NaN is seen too)
 
 struct StackPool {
   std::vector<char*> free_list;
@@ -206,7 +216,9 @@ struct Grid {
   std::vector<Barrier> warp_bar;                  // per (block, warp)
   std::vector<std::array<uint64_t, 32>> warp_slot;
   Barrier grid_bar;
-  std::vector<Fiber*> ready;
+  std::vector<std::vector<Fiber*>> ready;  // per block: the threads that may run
+  size_t n_ready = 0;
+  std::vector<unsigned> block_order;        // schedules 1 to 3: which block's threads run first
   jmp_buf sched;
   Fiber* cur = nullptr;
   std::mt19937_64 rng;
@@ -235,11 +247,11 @@ inline Grid& grid_now() {
   TORCH_CHECK(g_grid != nullptr && g_grid->cur != nullptr, "cuda_emu: a device builtin used outside a kernel");
   return *g_grid;
 }
-inline dim3 thread_idx() { return dim3(grid_now().cur->thread); }
-inline dim3 block_idx() { return dim3(grid_now().cur->block); }
+inline dim3 thread_idx() { return dim3(grid_now().cur->thread, 0, 0); }
+inline dim3 block_idx() { return dim3(grid_now().cur->block, 0, 0); }
 
 inline unsigned char* dynamic_shared_of(Grid& g, unsigned block) {
-  unsigned char* base = g.shared[block].data();
+  unsigned char* base = g.shared[block].data() + kCanaryBytes;
   return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(base) + 15) & ~uintptr_t(15));
 }
 inline unsigned char* dynamic_shared() {
@@ -254,27 +266,54 @@ inline void yield_to_scheduler() {
   if (!_setjmp(f->jb)) _longjmp(g.sched, 1);
 }
 
-// Wait until every thread of the barrier has arrived. The last one to arrive releases the others,
-// and all of them (itself too) are resumed by the scheduler in its next, shuffled, round.
+inline void make_ready(Grid& g, Fiber* f) {
+  g.ready[f->block].push_back(f);
+  ++g.n_ready;
+}
+
+// Wait until every thread of the barrier has arrived. The last one to arrive makes them all ready
+// (itself too): the schedule picks which runs next.
 inline void barrier_wait(Barrier& b) {
   Grid& g = grid_now();
   ++stats.barrier_waits;
   b.waiting.push_back(g.cur);
   if (++b.arrived == b.expected) {
     b.arrived = 0;
-    for (Fiber* w : b.waiting) g.ready.push_back(w);
+    for (Fiber* w : b.waiting) make_ready(g, w);
     b.waiting.clear();
   }
   yield_to_scheduler();
 }
 
+// The next thread to run, taken out of the ready lists (n_ready > 0): the first block in
+// block_order with a ready thread; in it, the oldest (schedule 0) or one at random.
+inline Fiber* pick(Grid& g) {
+  size_t k = 0;
+  while (g.ready[g.block_order[k]].empty()) ++k;
+  const unsigned b = g.block_order[k];
+  size_t i = 0;
+  if (config.schedule != 0) i = std::uniform_int_distribution<size_t>(0, g.ready[b].size() - 1)(g.rng);
+  std::vector<Fiber*>& r = g.ready[b];
+  Fiber* f = r[i];
+  if (config.schedule == 0) {
+    r.erase(r.begin());
+  } else {
+    r[i] = r.back();
+    r.pop_back();
+  }
+  --g.n_ready;
+  return f;
+}
+
 inline void fiber_main() {
   Grid& g = *g_grid;
   std::string error;
-  try {
+  try {  // (an exception cannot leave a fiber's first frame)
     g.body();
-  } catch (const std::exception& e) {  // (an exception cannot leave a fiber's first frame)
+  } catch (const std::exception& e) {
     error = e.what();
+  } catch (...) {
+    error = "cuda_emu: a kernel threw an exception that is not a std::exception";
   }
   if (!error.empty()) device_fault(error);
   g.cur->done = true;
@@ -288,12 +327,15 @@ inline void resume(Grid& g, Fiber* f) {
     if (!f->started) {
       f->started = true;
       f->stack = stack_pool.get();
-      getcontext(&f->uctx);
-      f->uctx.uc_stack.ss_sp = f->stack;
-      f->uctx.uc_stack.ss_size = kStackBytes;
-      f->uctx.uc_link = nullptr;
-      makecontext(&f->uctx, (void (*)())fiber_main, 0);
-      setcontext(&f->uctx);
+      // (read only by setcontext: the thread never returns through uc_link, so the context need
+      // not outlive this call)
+      ucontext_t uctx;
+      getcontext(&uctx);
+      uctx.uc_stack.ss_sp = f->stack;
+      uctx.uc_stack.ss_size = kStackBytes;
+      uctx.uc_link = nullptr;
+      makecontext(&uctx, (void (*)())fiber_main, 0);
+      setcontext(&uctx);
     } else {
       _longjmp(f->jb, 1);
     }
@@ -332,10 +374,17 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, bool cooperative, std::
   g.fibers.resize(n);
   g.shared.resize(nb);
   g.block_bar.resize(nb);
+  g.ready.resize(nb);
+  g.block_order.resize(nb);
+  for (unsigned b = 0; b < nb; ++b) g.block_order[b] = config.schedule == 3 ? nb - 1 - b : b;
+  if (config.schedule == 1) std::shuffle(g.block_order.begin(), g.block_order.end(), g.rng);
   g.warp_bar.resize((size_t)nb * wpb);
   g.warp_slot.resize((size_t)nb * wpb);
   for (unsigned b = 0; b < nb; ++b) {
-    g.shared[b].assign(smem + 16 + kCanaryBytes, 0xFF);  // NaN until written
+    // canary, (alignment), smem bytes of 0xFF (NaN until written), canary
+    std::vector<unsigned char>& sh = g.shared[b];
+    sh.assign(kCanaryBytes + 16 + smem + kCanaryBytes, kCanary);
+    std::fill_n(dynamic_shared_of(g, b), smem, (unsigned char)0xFF);
     g.block_bar[b].what = "__syncthreads()";
     g.block_bar[b].expected = nt;
     for (unsigned w = 0; w < wpb; ++w) {
@@ -349,7 +398,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, bool cooperative, std::
   for (size_t i = 0; i < n; ++i) {
     g.fibers[i].block = (unsigned)(i / nt);
     g.fibers[i].thread = (unsigned)(i % nt);
-    g.ready.push_back(&g.fibers[i]);
+    make_ready(g, &g.fibers[i]);
   }
   struct Reset {  // leave no dangling state behind, also when raising
     Grid& g;
@@ -361,27 +410,25 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, bool cooperative, std::
   } reset{g};
   g_grid = &g;
   size_t remaining = n;
-  std::vector<Fiber*> round;
   while (remaining > 0) {
-    TORCH_CHECK(!g.ready.empty(), deadlock_report(g));
-    round.swap(g.ready);
-    g.ready.clear();
-    if (config.seed != 0) std::shuffle(round.begin(), round.end(), g.rng);
-    for (Fiber* f : round) {
-      resume(g, f);
-      TORCH_CHECK(g.fault.empty(), g.fault, " (block ", f->block, ", thread ", f->thread, ")");
-      if (f->done) {
-        --remaining;
-        stack_pool.put(f->stack);
-        f->stack = nullptr;
-      }
+    TORCH_CHECK(g.n_ready > 0, deadlock_report(g));
+    Fiber* f = pick(g);
+    resume(g, f);
+    TORCH_CHECK(g.fault.empty(), g.fault, " (block ", f->block, ", thread ", f->thread, ")");
+    if (f->done) {
+      --remaining;
+      stack_pool.put(f->stack);
+      f->stack = nullptr;
     }
-    round.clear();
   }
   for (unsigned b = 0; b < nb; ++b) {
-    const unsigned char* base = dynamic_shared_of(g, b);
+    const unsigned char* sh = dynamic_shared_of(g, b);
+    const unsigned char* first = g.shared[b].data();
+    for (const unsigned char* c = first; c < first + kCanaryBytes; ++c)
+      TORCH_CHECK(*c == kCanary, "cuda_emu: block ", b, " wrote before its dynamic shared memory (byte ",
+                  c - sh, ")");
     for (size_t k = 0; k < kCanaryBytes; ++k)
-      TORCH_CHECK(base[smem + k] == 0xFF, "cuda_emu: block ", b, " wrote past its ", smem,
+      TORCH_CHECK(sh[smem + k] == kCanary, "cuda_emu: block ", b, " wrote past its ", smem,
                   " bytes of dynamic shared memory (byte ", smem + k, ")");
   }
 }
@@ -540,17 +587,20 @@ inline void bind(pybind11::module_& m) {
   namespace py = pybind11;
   m.def(
       "emu_configure",
-      [](int num_sms, int usable_sms, bool cooperative, int64_t smem_optin, uint64_t seed) {
-        TORCH_CHECK(num_sms >= 1 && smem_optin >= 0, "emu_configure: bad settings");
+      [](int num_sms, int usable_sms, bool cooperative, int64_t smem_optin, int schedule, uint64_t seed) {
+        TORCH_CHECK(num_sms >= 1 && smem_optin >= 0 && schedule >= 0 && schedule <= 3,
+                    "emu_configure: bad settings");
+        config.schedule = schedule;
         config.num_sms = num_sms;
         config.usable_sms = usable_sms;
         config.cooperative = cooperative ? 1 : 0;
         config.smem_optin = (size_t)smem_optin;
         config.seed = seed;
       },
-      "set the emulated device (usable_sms -1: all of them; seed 0: threads resumed in order)",
+      "set the emulated device (usable_sms -1: all of them) and the schedule (0 launch order; block "
+      "by block, 1 in a random order from seed, 2 the lowest first, 3 the highest first)",
       py::arg("num_sms") = 4, py::arg("usable_sms") = -1, py::arg("cooperative") = true,
-      py::arg("smem_optin") = 227 * 1024, py::arg("seed") = 1);
+      py::arg("smem_optin") = 227 * 1024, py::arg("schedule") = 1, py::arg("seed") = 1);
   m.def("emu_stats", [] {
     py::dict d;
     d["launches"] = stats.launches;
