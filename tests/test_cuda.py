@@ -26,6 +26,7 @@ from rnnrec_fast.ops import MODES
 from rnnrec_fast._checks import env_flag
 
 from conftest import case_seed
+from cuda_bad_calls import assert_bad_direct_calls_raise
 from discarded_state import discarded_state_case
 
 
@@ -483,50 +484,9 @@ def test_relu_gradient_through_a_nan_state_as_the_reference(path, dtype):
 
 
 def test_direct_bad_calls_raise():
-    ext = _cext()
     gen = torch.Generator().manual_seed(0)
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 4, 5, "gru", True, "both", torch.float32, gen)
-    ok = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, 2, True)
-    ext.forward(*ok)
-    bad = [
-        (x.cpu(),) + ok[1:],
-        (x, h0.double()) + ok[2:],
-        (x, h0[:1]) + ok[2:],
-        (x, h0, w_ih[:, :3]) + ok[3:],
-        (x, h0, w_ih, w_hh[:, :4]) + ok[4:],
-        (x, h0, w_ih, w_hh, b_ih[:4]) + ok[5:],
-        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths.int()) + ok[7:],
-        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths.cpu()) + ok[7:],
-        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets.float()) + ok[8:],
-        (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets[:2]) + ok[8:],
-        ok[:8] + (3, True),
-        ok[:8] + (0, True),  # rnn mode with gru-shaped weights
-        (x.int(),) + ok[1:],
-        (x[:0],) + ok[1:],
-    ]
-    for args in bad:
-        with pytest.raises(RuntimeError):
-            ext.forward(*args)
-    y, h_n, ws = ext.forward(*ok)
-    gy, gh = torch.randn_like(y), torch.randn_like(h_n)
-    bok = (gy, gh, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, y, ws, 2, True)
-    ext.backward(*bok)
-    assert ws.shape == (3, 2, 4 * 5)
-    old_gru_ws = torch.zeros(3, 2, 5 * 5, device=DEV)  # the former [h_prev, r, z, n, hn] layout
-    for args in [(gy[:1],) + bok[1:], (gy, gh.double()) + bok[2:], bok[:11] + (ws.double(), 2, True),
-                 bok[:11] + (ws[:, :, :5], 2, True), bok[:11] + (old_gru_ws, 2, True),
-                 bok[:11] + (ws.cpu(), 2, True), bok[:10] + (y[:, :1],) + bok[11:]]:
-        with pytest.raises(RuntimeError):
-            ext.backward(*args)
-    # rnn modes: the workspace is empty (T, B, 0); the former (T, B, H) one is refused
-    rok = (x, h0, w_ih[:5], w_hh[:5], b_ih[:5], b_hh[:5], lengths, resets, 0, True)
-    ry, rh, rws = ext.forward(*rok)
-    assert rws.shape == (3, 2, 0)
-    rbok = (torch.randn_like(ry), torch.randn_like(rh)) + rok[:8] + (ry, rws, 0, True)
-    ext.backward(*rbok)
-    for bad_ws in (torch.zeros(3, 2, 5, device=DEV), rws.double()):
-        with pytest.raises(RuntimeError):
-            ext.backward(*(rbok[:11] + (bad_ws, 0, True)))
+    inputs = make_inputs(3, 2, 4, 5, "gru", True, "both", torch.float32, gen)
+    assert_bad_direct_calls_raise(_cext(), inputs, elsewhere=lambda t: t.cpu())
     torch.cuda.synchronize()
 
 

@@ -92,18 +92,15 @@ def sources(build_dir):
     return tu
 
 
-def sanitized():
-    """RNNREC_FAST_SANITIZE=1 (make sanitize): build with AddressSanitizer and
-    UndefinedBehaviorSanitizer, as setup.py builds the extension then (the module loads only with
-    their runtimes preloaded)."""
-    return os.environ.get("RNNREC_FAST_SANITIZE", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def load(build_dir=None, verbose=False):
     """Build (ninja skips an unchanged build) and import the emulated CUDA extension."""
     from torch.utils.cpp_extension import load as load_extension  # noqa: PLC0415
 
-    san = sanitized()
+    from rnnrec_fast._checks import env_flag  # noqa: PLC0415
+
+    # RNNREC_FAST_SANITIZE=1 (make sanitize): AddressSanitizer and UndefinedBehaviorSanitizer, as
+    # setup.py builds the extension then (the module loads only with their runtimes preloaded)
+    san = env_flag("RNNREC_FAST_SANITIZE")
     build_dir = build_dir or os.path.join(ROOT, "build", "cuda_emu_sanitize" if san else "cuda_emu")
     tu = sources(build_dir)
     # a build killed midway leaves torch's lock file, and the next load would wait on it for ever

@@ -99,7 +99,7 @@ struct cudaDeviceProp {
 
 namespace rnnrec_emu {
 
-// The emulated device (set from Python through bind()'s configure()).
+// The emulated device (set from Python: emu_configure, in bind()).
 struct Config {
   int num_sms = 4;                  // multiProcessorCount
   int usable_sms = -1;              // SMs a cooperative launch may really use (-1: all; MPS: fewer)
@@ -207,7 +207,6 @@ inline StackPool stack_pool;
 
 struct Grid {
   dim3 grid, block;
-  size_t smem = 0;
   bool cooperative = false;
   std::function<void()> body;
   std::vector<Fiber> fibers;
@@ -362,10 +361,14 @@ inline std::string deadlock_report(const Grid& g) {
 // dynamic shared memory; the launch's configuration was checked by the caller.
 inline void run_grid(dim3 grid, dim3 block, size_t smem, bool cooperative, std::function<void()> body) {
   device_check(g_grid == nullptr, "a kernel launched from inside a kernel");
+  ++stats.launches;
+  if (cooperative) {
+    ++stats.cooperative_launches;
+    stats.max_grid_blocks = std::max<int64_t>(stats.max_grid_blocks, grid.x);
+  }
   Grid g;
   g.grid = grid;
   g.block = block;
-  g.smem = smem;
   g.cooperative = cooperative;
   g.body = std::move(body);
   g.rng.seed(config.seed);
@@ -465,7 +468,6 @@ struct Launch {
     }
     std::tuple<P...> args(std::forward<A>(a)...);  // copied, as a launch copies its arguments
     auto k = kernel;
-    ++stats.launches;
     run_grid(grid, block, smem, false, [&] { std::apply(k, args); });
   }
 };
@@ -499,9 +501,6 @@ cudaError_t launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, void
   }
   std::tuple<P...> t = unpack_args<P...>(args, std::index_sequence_for<P...>{});
   auto k = kernel;
-  ++stats.launches;
-  ++stats.cooperative_launches;
-  stats.max_grid_blocks = std::max<int64_t>(stats.max_grid_blocks, grid.x);
   run_grid(grid, block, smem, true, [&] { std::apply(k, t); });
   return cudaSuccess;
 }
