@@ -1,15 +1,17 @@
 """The CUDA backend's own code, csrc/rnnrec_cuda.cu and its kernels, run on the CPU.
 
 CI has no GPU, and tests/test_cuda.py skips there. This file compiles the CUDA sources for the CPU
-against the emulator of tests/cuda_emu (every CUDA thread a fiber; __syncthreads, warp shuffles
-and a cooperative grid's grid.sync as barriers; the order threads run in chosen by a schedule:
-launch order, block by block in a random order or from either end; shared-memory canaries and CUDA's launch
+against the emulator of tests/cuda_emu (every CUDA thread a fiber; __syncthreads, warp shuffles and
+a cooperative grid's grid.sync as barriers; the order threads run in chosen by a schedule: launch
+order, block by block in a random order or from either end; shared-memory canaries and CUDA's launch
 limits checked: see tests/cuda_emu/include/cuda_emu.h) and runs both forward paths (the persistent
 cooperative kernel and the per-step GEMM path) and the backward against the reference backend, on
-fresh random inputs; the persistent kernel under every schedule, which must change no bit. Device
-pointers are CPU pointers, so ATen's CPU GEMMs stand in for cuBLAS; what this cannot see is what
-only a GPU shows (whether the device code compiles for it: nvcc's, memory ordering and caches
-beyond the barriers, registers, real occupancy, speed): that is test_cuda.py's, on a GPU.
+fresh random inputs; the persistent kernel under every schedule, which must change no bit; and,
+through the op with the "cuda" backend forced, gradcheck, opcheck and the drop-in modules against
+torch.nn. Device pointers are CPU pointers, so ATen's CPU GEMMs stand in for cuBLAS; what this
+cannot see is what only a GPU shows (whether the device code compiles for it: nvcc's, memory
+ordering and caches beyond the barriers, registers, real occupancy, speed): that is test_cuda.py's,
+on a GPU.
 
 The emulated device has 4 SMs unless a test says otherwise, so that small H already spreads the
 persistent kernel over several blocks (H = 33: four blocks of 9, 9, 9 and 6 units). Every buffer
@@ -22,6 +24,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import rnnrec_fast
 from rnnrec_fast import backends, ops
@@ -432,6 +435,112 @@ def test_a_discarded_state_stays_out_of_grad_w_hh(emu, kind):
         assert torch.isfinite(want[3]).all()
         for a, b, what in zip(got, want, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
             close(a, b, what, equal_nan=True, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=MODE_IDS)
+def test_opcheck_through_the_op(as_cuda_backend, mode, reset_after):
+    """torch.library.opcheck of the forward and backward ops with the "cuda" backend forced: the
+    schema, the fake kernels, the autograd registration and the AOT dispatch, against the CUDA code."""
+    gen = torch.Generator().manual_seed(case_seed("emu-opcheck", mode, reset_after))
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, mode, True, "both", torch.float32, gen)
+    lengths = lengths.clamp(0, 4)
+    args = (x.requires_grad_(), h0.requires_grad_(), w_ih.requires_grad_(), w_hh.requires_grad_(),
+            b_ih.requires_grad_(), b_hh, lengths, resets, mode, reset_after, "cuda")
+    as_cuda_backend.emu_reset_stats()
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence.default, args)
+    with torch.no_grad():
+        y, h_n, ws = torch.ops.rnnrec_fast.recurrence(*args)
+    assert as_cuda_backend.emu_stats()["launches"] > 0  # (the emulated kernels ran, not a stand-in)
+    bargs = (torch.randn(y.shape, generator=gen), torch.randn(h_n.shape, generator=gen)) + tuple(
+        a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8]) + (y, ws, mode, reset_after, "cuda")
+    torch.library.opcheck(torch.ops.rnnrec_fast.recurrence_backward.default, bargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the drop-in modules with backend="cuda" against torch.nn (test_cuda.py's twins): layers, both
+# directions, h0, a PackedSequence, and a gradient penalty's second derivatives
+
+
+def _module_pair(kind, backend, **kw):
+    if kind == "GRU":
+        return nn.GRU(**kw), rnnrec_fast.GRU(backend=backend, **kw)
+    nl = kind.split("_")[1]
+    return nn.RNN(nonlinearity=nl, **kw), rnnrec_fast.RNN(nonlinearity=nl, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("B", [1, 4, 37])
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh", "RNN_relu"])
+def test_modules_match_torch_nn(as_cuda_backend, kind, B, dtype, path):
+    if path == PERSISTENT and B > 8:
+        pytest.skip("the persistent kernel is for B <= 8")
+    as_cuda_backend.set_forward_path(path)
+    torch.manual_seed(case_seed("emu-modules", kind, B, str(dtype), path))
+    ref, ours = _module_pair(kind, "cuda", input_size=6, hidden_size=20, num_layers=2, batch_first=True,
+                             bidirectional=True, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.active_backend() == "cuda"
+    x = torch.randn(B, 7, 6, dtype=dtype, requires_grad=True)
+    hx = torch.randn(4, B, 20, dtype=dtype, requires_grad=True)
+    out_r, h_r = ref(x, hx)
+    as_cuda_backend.emu_reset_stats()
+    out_o, h_o = ours(x, hx)
+    assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.emu_stats()["launches"] > 0
+    assert as_cuda_backend.last_forward_path() == path
+    t = tol(dtype, 64)
+    close(out_o, out_r, "output", **t)
+    close(h_o, h_r, "h_n", **t)
+    gy, gh = torch.randn_like(out_r), torch.randn_like(h_r)
+    g_r = torch.autograd.grad((out_r * gy).sum() + (h_r * gh).sum(), [x, hx] + list(ref.parameters()))
+    g_o = torch.autograd.grad((out_o * gy).sum() + (h_o * gh).sum(), [x, hx] + list(ours.parameters()))
+    for i, (a, b) in enumerate(zip(g_o, g_r)):
+        close(a, b, f"grad {i}", rtol=t["rtol"] * 10, atol=t["atol"] * 10)
+
+
+@pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
+def test_module_packed_sequence_matches_torch_nn(as_cuda_backend, path):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    as_cuda_backend.set_forward_path(path)
+    torch.manual_seed(case_seed("emu-packed", path))
+    ref, ours = _module_pair("GRU", "cuda", input_size=5, hidden_size=16, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(9, 6, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([9, 3, 7, 1, 9, 4])
+    (pr, hr), (po, ho) = (m(pack_padded_sequence(x, lengths, enforce_sorted=False)) for m in (ref, ours))
+    assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.last_forward_path() == path
+    out_r, out_o = pad_packed_sequence(pr)[0], pad_packed_sequence(po)[0]
+    close(out_o, out_r, "output", **tol(torch.float64))
+    close(ho, hr, "h_n", **tol(torch.float64))
+    gy, gh = torch.randn_like(out_r), torch.randn_like(hr)
+    g_r = torch.autograd.grad((out_r * gy).sum() + (hr * gh).sum(), [x] + list(ref.parameters()))
+    g_o = torch.autograd.grad((out_o * gy).sum() + (ho * gh).sum(), [x] + list(ours.parameters()))
+    for i, (a, b) in enumerate(zip(g_o, g_r)):
+        close(a, b, f"grad {i}", **tol(torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_double_backward_matches_torch_nn(as_cuda_backend, kind):
+    """A gradient penalty through a module on the "cuda" backend against torch.nn's, float64: the
+    gradients taken with create_graph=True and the second derivatives of x, hx and every weight."""
+    torch.manual_seed(case_seed("emu double backward", kind))
+    ref = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    ours = rnnrec_fast.from_torch(ref, backend="cuda")
+    results = []
+    for m in (ref, ours):
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64).requires_grad_()
+        hx = torch.randn(4, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+        leaves = [x, hx] + list(m.parameters())
+        as_cuda_backend.emu_reset_stats()
+        out, h = m(x, hx)
+        if m is ours:
+            assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.emu_stats()["launches"] > 0
+        grads = torch.autograd.grad(out.sin().sum() + (h * h).sum(), leaves, create_graph=True)
+        results.append((grads, torch.autograd.grad(sum(gi.square().sum() for gi in grads), leaves)))
+    for a, b in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------
