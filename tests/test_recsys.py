@@ -2290,3 +2290,141 @@ def test_a_float16_checkpoint_loads_in_float16(tmp_path):
     loaded = recsys.load_checkpoint(path)
     assert all(v.dtype == torch.float16 for v in loaded.state_dict().values() if v.is_floating_point())
     assert _weights_equal(loaded, m)
+
+
+# ---- a mutation review of the numeric core (evaluate, losses, batching, optim): each test below
+# fails on a one-line change to the product code that every test above let through
+
+def test_metrics_of_no_ranks_are_zero():
+    """metrics_from_ranks over no events gives 0.0 for every metric (it divides by at least 1), not
+    NaN."""
+    m = metrics_from_ranks(np.array([], dtype=np.int64), [1, 20])
+    assert m == {"recall@1": 0.0, "mrr@1": 0.0, "recall@20": 0.0, "mrr@20": 0.0}
+
+
+def test_ranks_scored_in_blocks_of_rows_are_the_ranks_of_one_block():
+    """compute_ranks scores block_elems scores at a time (at least one row, even where a row is
+    longer): every block size gives the ranks of one block, ties included."""
+    torch.manual_seed(3)
+    ds = _toy_dataset(n_sessions=15, n_items=12, seed=5)
+    model = GRU4Rec(12, [8]).eval()
+    with torch.no_grad():  # exact ties, as in test_evaluation_matches_brute_force_with_ties
+        model.Wy[1:4] = model.Wy[0]
+        model.By[:] = 0.0
+    for ties in ("standard", "conservative"):
+        want = compute_ranks(model, ds, batch_size=4, chunk_steps=3, ties=ties)
+        assert want.tolist() == _brute_ranks(model, ds, ties).tolist()
+        for block_elems in (1, 12, 3 * 12 + 5):  # 1, 1 and 3 rows a block
+            got = compute_ranks(model, ds, batch_size=4, chunk_steps=3, ties=ties, block_elems=block_elems)
+            assert got.tolist() == want.tolist(), (ties, block_elems)
+
+
+def test_evaluation_of_data_without_events_is_refused():
+    """Test data whose sessions have one click each has nothing to rank: evaluate raises instead of
+    reporting recall 0 over no events, and compute_ranks gives no ranks but still refuses an unknown
+    ties mode."""
+    ds = SessionDataset(np.array([1, 2, 3]), np.array([0, 1, 2, 3]), ItemMap(range(12)))
+    model = GRU4Rec(12, [8]).eval()
+    assert ds.n_events == 0
+    with pytest.raises(RecsysError, match="no session with at least two known clicks"):
+        recsys.evaluate(model, ds, ks=(20,))
+    assert compute_ranks(model, ds).shape == (0,)
+    with pytest.raises(RecsysError, match="unknown ties mode 'optimistic'"):
+        compute_ranks(model, ds, ties="optimistic")
+
+
+@pytest.mark.parametrize("fn, kw", [(bpr_max, {}), (bpr_max, {"bpreg": 0.5}), (bpr_max, {"elu_param": 0.5}),
+                                    (top1_max, {})])
+def test_a_row_without_negatives_has_a_zero_gradient(fn, kw):
+    """A row whose only candidate is its own target adds 0 to the loss and exactly 0 to the
+    gradient, not NaN (its softmax over no negatives is 0/0); the other rows' gradients are theirs
+    alone."""
+    torch.manual_seed(0)
+    lg = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 2, 4])
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    mask[1, 2] = True
+    g, = torch.autograd.grad(fn(lg, target, mask, **kw).sum(), lg)
+    assert torch.equal(g[1], torch.zeros(5, dtype=torch.float64))
+    rows = torch.tensor([0, 2])
+    lg2 = lg.detach()[rows].requires_grad_()
+    g2, = torch.autograd.grad(fn(lg2, target[rows], mask[rows], **kw).sum(), lg2)
+    torch.testing.assert_close(g[rows], g2, rtol=1e-12, atol=1e-15)
+
+
+def test_bpr_max_follows_the_sigmoid_far_into_its_tail():
+    """BPR-max's stabiliser (1e-24 inside the log, as GRU4Rec's) is negligible down to a score gap of
+    -30 (float64: the loss is -log sigmoid(-30) to 1e-9) and bounds a hopeless row's loss at
+    -log(1e-24) instead of inf."""
+    t = torch.tensor([0])
+    x = torch.tensor([[-30.0, 0.0]], dtype=torch.float64)
+    assert float(bpr_max(x, t)) == pytest.approx(30 + math.log1p(math.exp(-30)), rel=1e-9)
+    far = float(bpr_max(torch.tensor([[-1000.0, 0.0]], dtype=torch.float64), t))
+    assert far == pytest.approx(-math.log(1e-24), rel=1e-12)
+
+
+def test_get_loss_names_each_loss():
+    from rnnrec_fast.recsys.losses import LOSSES, get_loss
+
+    assert [get_loss(n) for n in LOSSES] == [cross_entropy, bpr_max, top1_max]
+    with pytest.raises(ValueError, match="unknown loss 'bpr'"):
+        get_loss("bpr")
+
+
+def test_schedule_follows_the_session_order_given():
+    """session_order: lanes take the sessions in that order (one-click sessions still skipped), and
+    event_ids still number the events in the data's order."""
+    items = np.arange(1, 9)
+    offsets = np.array([0, 3, 4, 6, 8])  # sessions [1, 2, 3], [4], [5, 6], [7, 8]
+    sc = session_parallel_schedule(items, offsets, 1, session_order=np.array([3, 1, 0, 2]), with_events=True)
+    assert sc.inputs[:, 0].tolist() == [7, 1, 2, 5] and sc.targets[:, 0].tolist() == [8, 2, 3, 6]
+    assert sc.resets[:, 0].tolist() == [True, True, False, True]
+    assert sc.event_ids[:, 0].tolist() == [3, 0, 1, 2] and sc.n_events == 4
+
+
+def test_until_fewer_lanes_cuts_the_event_ids_too():
+    ds = _toy_dataset(n_sessions=12, n_items=10, seed=4)
+    sc = session_parallel_schedule(ds.items, ds.offsets, 4, with_events=True)
+    cut = sc.until_fewer_lanes(2)
+    assert 0 < cut.n_steps < sc.n_steps
+    assert torch.equal(cut.event_ids, sc.event_ids[:cut.n_steps])
+
+
+def test_adagradm_refuses_bad_hyperparameters():
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    for kw, what in ((dict(lr=0.0), "learning rate"), (dict(lr=-0.1), "learning rate"),
+                     (dict(momentum=-0.1), "momentum"), (dict(eps=0.0), "eps"), (dict(eps=-1e-6), "eps")):
+        with pytest.raises(ValueError, match=f"invalid {what}"):
+            AdagradM([w], **kw)
+    AdagradM([w], lr=1e-9, momentum=0.0, eps=1e-12)  # (the smallest values allowed)
+
+
+def test_adagradm_dense_without_momentum():
+    """momentum 0, a dense gradient: p -= lr * g / sqrt(acc + eps), acc the running sum of squares
+    (gradients ~1e-3, so that eps weighs as much as acc; float64, tight)."""
+    torch.manual_seed(6)
+    w0 = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.nn.Parameter(w0.clone())
+    opt = AdagradM([w], lr=0.3, momentum=0.0, eps=1e-6)
+    acc, want = torch.zeros_like(w0), w0.clone()
+    for _ in range(3):
+        g = 1e-3 * torch.randn(4, 3, dtype=torch.float64)
+        w.grad = g.clone()
+        opt.step()
+        acc += g * g
+        want -= 0.3 * g / torch.sqrt(acc + 1e-6)
+    torch.testing.assert_close(w.data, want, rtol=1e-12, atol=1e-15)
+
+
+def test_adagradm_sparse_update_is_seen_by_autograd():
+    """The numba sparse update writes through NumPy; it raises the parameter's version, so a graph
+    that saved the old weights refuses to backpropagate instead of silently using the new ones."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(2, 3, requires_grad=True)
+    out = (x @ w.t()).sum()  # (saves w for x's gradient)
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3), check_invariants=True)
+    AdagradM([w], lr=0.1).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
