@@ -1912,3 +1912,96 @@ def test_a_model_path_that_is_not_a_regular_file_says_so():
     """--model /dev/null said 'model file not found' (a review)."""
     with pytest.raises(recsys.RecsysError, match="/dev/null is not a regular file"):
         SessionRecommender.load("/dev/null")
+
+
+# ---- a third mutation review (each of these failed on a mutant the suite let through)
+
+def test_a_batch_of_exactly_max_batch_clicks_is_served():
+    """max_batch is the largest batch accepted, not the first refused: a batch of exactly max_batch
+    clicks is served (one click past it is refused)."""
+    model = make_model()
+    ids = model.item_ids
+    rec = SessionRecommender(model, max_batch=8)
+    out = rec.click_many([f"s{n}" for n in range(8)], ids[:8], k=3)
+    assert [len(items) for items, _ in out] == [3] * 8 and len(rec) == 8
+    with pytest.raises(InvalidRequestError, match="max_batch=8"):
+        rec.click_many(["x"] * 9, [ids[0]] * 9)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_click_keeps_its_session_alive_past_the_first_clicks_ttl(batched):
+    """The idle TTL counts from a session's last click, not its first: a session clicked at 0 and 8
+    (alone, or in a batch) is held at 15 with both clicks, and forgotten 10 s after its last click."""
+    model, ids, clock, rec = ttl_recommender()
+    rec.click("a", ids[0])
+    clock.t = 8.0
+    if batched:
+        rec.click_many(["a", "b"], [ids[1], ids[2]])  # (a held session touched by a batch)
+    else:
+        rec.click("a", ids[1])
+    clock.t = 15.0
+    assert rec.session_info("a") == {"clicks": 2, "seen": [ids[0], ids[1]]}
+    assert rec.store.expired_ttl == 0
+    clock.t = 18.0
+    assert rec.session_info("a") is None
+
+
+def test_batch_exclude_seen_without_the_fast_path():
+    """click_many with exclude_seen on the model's own step and score (fast=False: the batch's
+    scores tensor gets the seen items at -inf) excludes each session's seen items, the click's
+    own included, as single clicks do."""
+    model = make_model(n_items=8)
+    ids = model.item_ids
+    batch_rec = SessionRecommender(model, fast=False)
+    one_rec = SessionRecommender(model, fast=False)
+    assert not batch_rec.uses_fast_path
+    for rec in (batch_rec, one_rec):
+        rec.click("s", ids[0])
+    got = batch_rec.click_many(["s", "t", "s"], [ids[1], ids[2], ids[3]], k=8, exclude_seen=True)
+    want = [one_rec.click(s, i, k=8, exclude_seen=True) for s, i in (("s", ids[1]), ("t", ids[2]), ("s", ids[3]))]
+    assert set(got[0][0]) == set(ids) - {ids[0], ids[1]}
+    assert set(got[1][0]) == set(ids) - {ids[2]}
+    assert set(got[2][0]) == set(ids) - {ids[0], ids[1], ids[3]}
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi and all(v != float("-inf") for v in gs)
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+
+
+def test_ttl_of_zero_is_refused():
+    """ttl must be a positive number of seconds or None: 0 is refused (it forgot every session at
+    once) as -1 is."""
+    for bad in (0, 0.0, -1):
+        with pytest.raises(ValueError, match="ttl must be a positive number"):
+            SessionStore(1, 4, ttl=bad)
+        with pytest.raises(ValueError, match="ttl must be a positive number"):
+            SessionRecommender(make_model(), ttl=bad)
+    assert SessionStore(1, 4, ttl=1e-9).ttl == 1e-9
+
+
+def test_memory_bound_is_at_max_sessions_not_the_slab_allocated():
+    """memory()'s max_state_bytes is the bound at max_sessions rows, whatever the slab holds now
+    (the slab grows by doubling: 2 rows allocated, 10 allowed)."""
+    model = make_model()
+    rec = SessionRecommender(model, max_sessions=10, initial_capacity=2)
+    rec.click("a", model.item_ids[0])
+    mem = rec.memory()
+    row = model.num_layers * model.hidden_size * 4
+    assert mem["capacity_rows"] == 2 and mem["state_bytes"] == 2 * row
+    assert mem["max_state_bytes"] == 10 * row
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not available")
+def test_fast_path_scores_four_rows_with_onednn():
+    """score() takes oneDNN's GEMM from 4 rows on (its packed copy of Wy made then), the few-rows
+    product below: 3 rows leave no packed copy, 4 make it; both as model.score."""
+    from rnnrec_fast.serving import fastpath
+
+    model = make_model(n_items=300, layers=(24,))
+    fast = fastpath.build(model)
+    assert fast is not None
+    h = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.score(h[:3]), model.score(h[:3]), **TOL)
+        assert "packed" not in vars(fast)
+        torch.testing.assert_close(fast.score(h), model.score(h), **TOL)
+    assert "packed" in vars(fast) and fast.packed is not None

@@ -1254,3 +1254,135 @@ def test_a_keep_alive_connection_keeps_no_record_of_the_requests_answered():
         held = [len(p._open_cycles) for p in list(srv.server.server_state.connections)]
         c.close()
     assert held == [1], held  # (the last request's: dropped when the next arrives)
+
+
+# ---- a third mutation review (each of these failed on a mutant the suite let through)
+
+def test_session_route_without_debug_takes_delete_only():
+    """Without debug=True, GET and HEAD on /v1/sessions/{id} are a 405 (Allow: DELETE), not the
+    session's clicks, seen items and raw state."""
+    model = make_model(n_items=5, H=4)
+    app = ServingApp(SessionRecommender(model))
+    assert _asgi_raw(app, json.dumps({"item_id": model.item_ids[0], "k": 2}).encode())[0] == 200
+    for method in ("GET", "HEAD"):
+        status, out = _asgi_raw(app, b"", path="/v1/sessions/s", method=method)
+        assert status == 405 and out["error"]["code"] == "method_not_allowed", (method, out)
+        assert "state" not in out
+    assert _asgi_raw(app, b"", path="/v1/sessions/s", method="DELETE") == (200, {"deleted": True})
+
+
+def test_metrics_count_their_own_scrapes():
+    """A /metrics request is counted as rnnrec_http_requests_total{endpoint="metrics",code="200"}:
+    the second scrape shows the first."""
+    app = ServingApp(SessionRecommender(make_model(n_items=5, H=4)))
+    pattern = r'^rnnrec_http_requests_total\{endpoint="metrics",code="200"\} (\d+)$'
+
+    def scrape():
+        import asyncio
+
+        out = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(m):
+            out.append(m)
+
+        asyncio.run(app({"type": "http", "method": "GET", "path": "/metrics", "headers": []}, receive, send))
+        assert out[0]["status"] == 200
+        return out[1]["body"].decode()
+
+    assert re.search(pattern, scrape(), re.M) is None
+    assert re.search(pattern, scrape(), re.M).group(1) == "1"
+    assert re.search(pattern, scrape(), re.M).group(1) == "2"
+
+
+def test_exclude_seen_drops_the_excluded_items_from_the_answer():
+    """A click with exclude_seen answers only the items not seen: fewer than k where the catalogue
+    runs out (k=3 after two clicks of a 3-item catalogue: one item), none where every item was seen
+    (k=1 too), never an excluded item with a null score."""
+    model = make_model(n_items=3, H=4)
+    ids = model.item_ids
+    app = ServingApp(SessionRecommender(model))
+    assert _asgi_raw(app, json.dumps({"item_id": ids[0], "k": 3}).encode())[0] == 200
+    status, out = _asgi_raw(app, json.dumps({"item_id": ids[1], "k": 3, "exclude_seen": True}).encode())
+    assert status == 200 and out["items"] == [ids[2]] and len(out["scores"]) == 1 and out["scores"][0] is not None
+    status, out = _asgi_raw(app, json.dumps({"item_id": ids[2], "k": 1, "exclude_seen": True}).encode())
+    assert status == 200 and out == {"items": [], "scores": []}, out
+
+
+def test_scores_of_minus_infinity_are_null_in_valid_json():
+    """A score that is not finite (an item the model's bias rules out: -inf) is written as null,
+    which JSON takes; -Infinity or -inf would not parse."""
+    model = make_model(n_items=5, H=4)
+    with torch.no_grad():
+        model.By[4] = float("-inf")
+    app = ServingApp(SessionRecommender(model))
+    msgs = []
+
+    async def run():
+        async def receive():
+            return {"type": "http.request", "body": json.dumps({"item_id": model.item_ids[0], "k": 5}).encode(),
+                    "more_body": False}
+
+        async def send(m):
+            msgs.append(m)
+
+        await app({"type": "http", "method": "POST", "path": "/v1/sessions/s/clicks", "headers": []}, receive, send)
+
+    import asyncio
+
+    asyncio.run(run())
+    assert msgs[0]["status"] == 200
+    out = json.loads(msgs[1]["body"], parse_constant=lambda c: pytest.fail(f"{c} in the JSON body"))
+    assert out["items"][-1] == model.item_ids[4] and out["scores"][-1] is None
+    assert all(isinstance(s, float) for s in out["scores"][:-1])
+
+
+def test_clicks_queued_under_a_stopped_loop_fail_when_a_new_loop_binds():
+    """A click queued under a loop that stopped before its batch ran (never closed) is failed when
+    the app binds a new loop: its request is answered (500 internal, 'the event loop serving this
+    click changed') once its loop runs again, and never applied later (its future was left pending:
+    the request hung)."""
+    import asyncio
+
+    model = make_model()
+    app = ServingApp(SessionRecommender(model), max_batch=8, batch_window_ms=1000)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        body = json.dumps({"item_id": model.item_ids[0], "k": 2}).encode()
+        task = first.create_task(_asgi_request(app, body, "/v1/sessions/old/clicks"))
+
+        async def until_queued():
+            while not app._pending:
+                await asyncio.sleep(0)
+        first.run_until_complete(until_queued())  # (the batch waits for its 1 s window)
+        queued = list(app._pending)
+        assert len(queued) == 1 and not queued[0].fut.done()
+        st, out = second.run_until_complete(_asgi_request(app, body, "/v1/sessions/new/clicks"))
+        assert st == 200, out
+        assert queued[0].fut.done() and isinstance(queued[0].fut.exception(), RuntimeError)
+        st, out = first.run_until_complete(task)
+        assert st == 500 and "the event loop serving this click changed" in out["error"]["message"], out
+        assert app.rec.session_info("old") is None and app.rec.session_info("new")["clicks"] == 1
+    finally:
+        first.close()
+        second.close()
+
+
+def test_metrics_text_of_non_finite_values_unlabelled_series_and_weighted_observations():
+    """_fmt writes +Inf, -Inf and NaN as the text format spells them; a series without labels is
+    written without braces ('name value'); observe(v, n) counts n observations of v (sum v * n)."""
+    from rnnrec_fast.serving import metrics as m
+
+    for v, text in ((float("inf"), "+Inf"), (float("-inf"), "-Inf"), (float("nan"), "NaN"), (3, "3"), (0.5, "0.5")):
+        assert m.Gauge("g", "x", lambda v=v: v).expose()[-1] == f"g {text}"
+    c = m.Counter("c_total", "x")
+    c.inc(amount=3)
+    assert c.expose()[-1] == "c_total 3"
+    h = m.Histogram("lat", "x", [1.0])
+    h.observe(0.5, n=3)
+    h.observe(2.0)
+    lines = h.expose()
+    assert 'lat_bucket{le="1.0"} 3' in lines and 'lat_bucket{le="+Inf"} 4' in lines
+    assert "lat_sum 3.5" in lines and "lat_count 4" in lines
