@@ -2428,3 +2428,319 @@ def test_adagradm_sparse_update_is_seen_by_autograd():
     AdagradM([w], lr=0.1).step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+# ---- a mutation review of the model, training loop and checkpoints (model.py, train.py,
+# checkpoint.py): each test below fails on a one-line change to the product code that every test
+# above let through
+
+def test_initialisation_is_gru4rec_s_uniform_per_gate_block_and_zero_biases():
+    """Every weight matrix (per gate block for the GRU's) is U(-s, s) with s = sqrt(6 / (fan_in +
+    fan_out)), GRU4Rec's initialisation, and every bias starts at zero (rnnrec_fast.GRU's own are
+    not: about U(-0.5, 0.5) here). The largest |w| of each block lies within [0.9 s, s]: a scale
+    from one fan alone (s' = sqrt(6 / fan_in), 1.2 s to 1.4 s here) falls outside."""
+    torch.manual_seed(0)
+    N, H, E = 40, 16, 24
+    for embedding in ("shared", E, 0):
+        model = GRU4Rec(N, [H, H], embedding=embedding)
+        blocks = [(model.Wy, N, H)]
+        if embedding == E:
+            blocks.append((model.E, N, E))
+        if embedding == 0:
+            blocks += [(model.W0[:, g * H:(g + 1) * H], N, H) for g in range(3)]
+            blocks += [(model.w_hh0[g * H:(g + 1) * H], H, H) for g in range(3)]
+        for name, p in model.rnn.named_parameters():
+            if name.startswith("weight"):
+                blocks += [(p[g * H:(g + 1) * H], p.shape[1], H) for g in range(3)]
+        for w, fan_a, fan_b in blocks:
+            s = math.sqrt(6.0 / (fan_a + fan_b))
+            top = float(w.detach().abs().max())
+            assert 0.9 * s <= top <= s, (embedding, tuple(w.shape), top, s)
+        biases = [p for n, p in model.named_parameters() if n.startswith(("By", "b_", "rnn.bias"))]
+        assert len(biases) == 1 + (2 if embedding == 0 else 0) + 2 * model.rnn.num_layers
+        assert all(bool((p == 0).all()) for p in biases), embedding
+
+
+def test_embedding_spellings_and_the_models_own_argument_checks():
+    """'constrained' (GRU4Rec's name for it) is the shared embedding, 'none' / 'onehot' / '0' one-hot
+    input; GRU4Rec itself refuses a layer size of 0 and a dropout rate of 1 (TrainConfig checks its
+    own fields; a model built directly or from a checkpoint's config is checked here)."""
+    from rnnrec_fast.recsys.model import check_layers, parse_embedding
+    for spelling in ("shared", "Constrained", " constrained "):
+        assert parse_embedding(spelling) == "shared"
+        assert GRU4Rec(5, [4], embedding=spelling).input_weight is not None
+    assert TrainConfig(embedding="constrained").validate().embedding == "shared"
+    for spelling in ("none", "onehot", "one-hot", "0", "", None, 0):
+        assert parse_embedding(spelling) == 0
+    assert parse_embedding("12") == 12
+    for bad in ([0], [4, 0], (0,)):
+        with pytest.raises(RecsysError, match="need one or more positive sizes"):
+            check_layers(bad)
+        with pytest.raises(RecsysError, match="need one or more positive sizes"):
+            GRU4Rec(5, bad)
+    for kw in (dict(dropout_hidden=1.0), dict(dropout_embed=1.0)):
+        with pytest.raises(RecsysError, match=r"must be in \[0, 1\)"):
+            GRU4Rec(5, [4], **kw)
+    GRU4Rec(5, [4], dropout_hidden=0.999, dropout_embed=0.0)  # (just under 1: taken)
+
+
+@pytest.mark.parametrize("state_dropout", [True, False])
+def test_each_state_carried_is_the_last_step_as_the_layer_above_or_the_loss_saw_it(monkeypatch, state_dropout):
+    """A chunk of three steps through three layers at dropout 0.2 (at 0.5 the keep probability and
+    the rate are one number): with state_dropout each lower layer's new state is the last step's row
+    of what the layer above was fed (that step's mask, not the first step's), the top layer's the
+    last step's rows the loss scored; about 80% of the units are kept, each scaled by 1/0.8. Without
+    state_dropout the states are the layers' plain outputs, and the rows scored are still dropped
+    out at 0.2."""
+    import importlib
+
+    train_mod = importlib.import_module("rnnrec_fast.recsys.train")
+    fed, scored = [], []
+    real_rec, real_scores = rnnrec_fast.ops.recurrence, train_mod._scores_loss
+
+    def rec(x, *a, **kw):
+        fed.append(x.detach().clone())
+        return real_rec(x, *a, **kw)
+
+    def scores(Y, *a):
+        scored.append(Y.detach().clone())
+        return real_scores(Y, *a)
+
+    monkeypatch.setattr(rnnrec_fast.ops, "recurrence", rec)
+    monkeypatch.setattr(train_mod, "_scores_loss", scores)
+    ds = _toy_dataset(n_sessions=40, n_items=30, seed=3)
+    B, H, p = 8, 32, 0.2
+    inp, tgt, rst, val = next(session_parallel_schedule(ds.items, ds.offsets, B).chunks(3))
+    assert inp.shape == (3, B)
+    torch.manual_seed(1)
+    model = GRU4Rec(30, [H] * 3, dropout_hidden=p).train()
+    h0 = torch.rand(3, B, H) - 0.5
+    cfg = TrainConfig(dropout_hidden=p, loss_norm="batch", state_dropout=state_dropout)
+    torch.manual_seed(7)
+    _, hn, _ = chunk_loss(model, inp, tgt, rst, val, h0, None, cfg)
+    hn = hn.detach()
+    assert len(fed) == 3 and len(scored) == 1
+    Y = scored[0].view(3, B, H)
+    seen_above = [fed[1], fed[2], Y]  # what layer l's output became on its way up
+    monkeypatch.setattr(rnnrec_fast.ops, "recurrence", real_rec)
+    with torch.no_grad():
+        for layer, names in enumerate(model.rnn._all_weights):
+            y, h = real_rec(fed[layer], h0[layer], *(getattr(model.rnn, n) for n in names), resets=rst,
+                            mode="gru", reset_after=model.rnn.reset_after, backend="reference")
+            above = seen_above[layer]
+            kept = above != 0
+            assert 0.7 < float(kept.float().mean()) < 0.9, layer
+            torch.testing.assert_close(above[kept], y[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+            if state_dropout:
+                torch.testing.assert_close(hn[layer], above[-1], rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(hn[layer], h, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_in_eval_mode_has_no_top_dropout():
+    """forward drops the top layer's output out in training mode only: in eval mode two calls give
+    the same outputs, whose last step is the top layer's state."""
+    torch.manual_seed(0)
+    model = GRU4Rec(20, [8], dropout_hidden=0.5).eval()
+    items = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    y1, h1 = model(items)
+    y2, _ = model(items)
+    assert torch.equal(y1, y2) and bool((y1 != 0).all())
+    torch.testing.assert_close(y1[-1], h1[-1], rtol=1e-6, atol=1e-7)
+    model.train()
+    assert not torch.equal(model(items)[0], y1)  # (in training mode it does drop out)
+
+
+def test_topk_scored_in_blocks_leaves_out_each_rows_own_exclusions():
+    """topk with block_elems under the batch's scores scores a few rows at a time: each block leaves
+    out its own rows' excluded items, and every block size gives the one-block result."""
+    torch.manual_seed(2)
+    model = GRU4Rec(30, [8]).eval()
+    with torch.no_grad():
+        model.By.normal_()
+    h = torch.randn(5, 8)
+    exclude = torch.stack([torch.randperm(30)[:4] for _ in range(5)])
+    want_v, want_i = model.topk(h, 6, exclude=exclude)
+    for r in range(5):
+        assert not set(want_i[r].tolist()) & set(exclude[r].tolist())
+    for block_elems in (1, 30, 2 * 30 + 7):  # 1, 1 and 2 rows a block
+        v, i = model.topk(h, 6, block_elems=block_elems, exclude=exclude)
+        assert torch.equal(i, want_i), block_elems
+        torch.testing.assert_close(v, want_v, rtol=1e-6, atol=1e-6)  # (one row's kernel: an ulp off)
+
+
+def test_a_sample_cache_smaller_than_one_sample_still_draws():
+    """sample_cache below n_sample (TrainConfig takes any size >= 1) caches one sample at a time."""
+    g = torch.Generator().manual_seed(0)
+    s = NegativeSampler(np.array([1.0, 4.0, 0.0, 16.0]), n_sample=5, alpha=0.5, generator=g, cache_size=3)
+    draws = [s.draw() for _ in range(3)]
+    assert s.batches == 1 and all(d.shape == (5,) for d in draws)
+    assert all(2 not in d.tolist() for d in draws)  # (never the item of zero support)
+    ds = _toy_dataset()
+    _, stats = recsys.train(ds, TrainConfig(layers=[4], epochs=1, n_sample=4, batch_size=3, seed=0, sample_cache=1),
+                            progress=False)
+    assert stats["events"] == ds.n_events
+
+
+@pytest.mark.parametrize("logq", [0.5, 2.0])
+def test_chunk_loss_scales_the_logq_correction_by_logq(logq):
+    """The cross-entropy's scores get -logq * log(Q) (the samples' Q taken to sample_alpha): the
+    chunk's loss against the per-step brute force at a logq other than 1."""
+    torch.manual_seed(2)
+    ds = _toy_dataset(n_sessions=8, n_items=10, seed=3)
+    model = GRU4Rec(10, [8]).train()
+    with torch.no_grad():
+        model.By.normal_()
+    cfg = TrainConfig(dropout_hidden=0.0, logq=logq, sample_alpha=0.75, loss_norm="batch")
+    inp, tgt, rst, val = next(session_parallel_schedule(ds.items, ds.offsets, 3).chunks(2))
+    assert bool(val.all())
+    sample = torch.tensor([1, 4, 4, 9])
+    logp = torch.tensor(ds.support(), dtype=torch.float32).clamp(min=1).log()
+    loss, _, _ = chunk_loss(model, inp, tgt, rst, val, model.init_state(3), sample, cfg, logp)
+    with torch.no_grad():
+        y, _ = model.recur(model.embed(inp), model.init_state(3), rst)
+        total = 0.0
+        for t in range(inp.shape[0]):
+            cols = torch.cat([tgt[t], sample])
+            z = y[t] @ model.Wy[cols].t() + model.By[cols, 0] - logq * torch.cat([logp[tgt[t]], 0.75 * logp[sample]])
+            total += float(torch.nn.functional.cross_entropy(z.double(), torch.arange(3), reduction="sum"))
+    assert loss.item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_train_state_holds_the_optimizers_hyperparameters():
+    """AdagradM's momentum defaults to 0.2 (GRU4Rec's) where the config gives none, and every
+    optimizer gets the config's learning rate (Adam: its sparse half for the item matrices too)."""
+    ds = _toy_dataset()
+    base = dict(layers=[4], epochs=1, n_sample=4, batch_size=3, seed=0)
+    m, _ = recsys.train(ds, TrainConfig(**base), progress=False)
+    groups = [g for sd in m.train_state["optimizer_state"] for g in sd["param_groups"]]
+    assert groups and all(g["momentum"] == 0.2 and g["lr"] == 0.2 for g in groups)
+    for opt, n_opts in (("adam", 2), ("adagrad", 1), ("sgd", 1)):
+        m, _ = recsys.train(ds, TrainConfig(optimizer=opt, lr=0.03, **base), progress=False)
+        sds = m.train_state["optimizer_state"]
+        assert len(sds) == n_opts and all(g["lr"] == 0.03 for sd in sds for g in sd["param_groups"]), opt
+
+
+def test_epoch_loss_is_the_mean_event_loss_whatever_the_chunking():
+    """The state goes on from one chunk to the next (a session spans chunks), so with weights that do
+    not move (a learning rate of 1e-9) and no sampled negatives every chunk_steps gives the same
+    per-event losses; the epoch's reported loss is their mean, whatever chunk_steps and loss_norm
+    (each chunk's loss is scaled back by its own number of steps); stats' events count every epoch."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    one_epoch = session_parallel_schedule(ds.items, ds.offsets, 3).until_fewer_lanes(2).n_events
+    runs = []
+    for chunk_steps, loss_norm in ((1, "step"), (3, "step"), (4, "batch")):
+        _, stats = recsys.train(ds, TrainConfig(layers=[8], epochs=2, n_sample=0, batch_size=3, seed=1, lr=1e-9,
+                                                dropout_hidden=0.0, chunk_steps=chunk_steps, loss_norm=loss_norm),
+                                progress=False)
+        assert stats["events"] == 2 * one_epoch
+        runs.append(stats["epoch_losses"])
+    for losses in runs[1:]:
+        np.testing.assert_allclose(losses, runs[0], rtol=1e-6)
+
+
+def test_a_continued_run_trains_in_training_mode():
+    """train() switches a model given in eval mode (as train and load_checkpoint return it) to
+    training mode: a two-layer model's dropout between its layers applies in the continued epochs,
+    which then give the one longer run's model."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = lambda epochs: TrainConfig(layers=[8, 8], epochs=epochs, n_sample=5, batch_size=3, seed=6,  # noqa: E731
+                                     dropout_hidden=0.3)
+    whole, _ = recsys.train(ds, cfg(2), progress=False)
+    part, _ = recsys.train(ds, cfg(1), progress=False)
+    assert not part.training
+    more, _ = recsys.train(ds, cfg(1), progress=False, model=part)
+    assert _weights_equal(more, whole)
+
+
+def test_a_training_state_of_version_0_is_refused():
+    """Training states start at version 1: 0 (or True) is malformed."""
+    ds = _toy_dataset(n_sessions=14, n_items=12, seed=5)
+    cfg = TrainConfig(layers=[8], epochs=1, n_sample=5, batch_size=3, seed=0)
+    for bad in (0, True, -1):
+        m, _ = recsys.train(ds, cfg, progress=False)
+        m.train_state["version"] = bad
+        with pytest.raises(RecsysError, match=rf"malformed training state \(version {bad!r}: this code reads up to 1"):
+            recsys.train(ds, cfg, progress=False, model=m)
+
+
+def test_unseeded_runs_draw_other_negatives():
+    """Without a seed the sampler's generator is seeded from the OS: two runs draw other negatives
+    (a generator left at torch's fixed default seed drew the same ones in every unseeded run)."""
+    ds = _toy_dataset()
+    cfg = TrainConfig(layers=[4], epochs=1, n_sample=4, batch_size=3, seed=None)
+    a, _ = recsys.train(ds, cfg, progress=False)
+    b, _ = recsys.train(ds, cfg, progress=False)
+    assert not torch.equal(a.train_state["gen"], b.train_state["gen"])
+    assert a.train_state["sampler"]["refill_gen"] is not None
+    assert not torch.equal(a.train_state["sampler"]["refill_gen"], b.train_state["sampler"]["refill_gen"])
+
+
+def test_uniform_samples_of_unclicked_items_keep_the_logq_correction_finite():
+    """sample_alpha 0 draws every catalogue item alike, those of zero support (in the model's item
+    map, never clicked in this data) too: their log Q is taken at support 1 (log 0 made the
+    corrected score 0 * -inf = NaN, and the run 'diverged')."""
+    ds0 = _toy_dataset()
+    ds = SessionDataset(ds0.items, ds0.offsets, ItemMap(range(15)))  # items 12..14: no click
+    assert (ds.support()[12:] == 0).all()
+    _, stats = recsys.train(ds, TrainConfig(layers=[4], epochs=2, n_sample=8, batch_size=3, seed=0, sample_alpha=0.0),
+                            progress=False)
+    assert all(math.isfinite(v) for v in stats["epoch_losses"])
+
+
+def test_saving_a_checkpoint_leaves_the_process_umask_as_it_was(tmp_path):
+    """The new file's mode is read from the umask, which can only be read by setting it: it is set
+    back (it was left at 0o022, widening every file the process created afterwards)."""
+    old = os.umask(0o027)
+    try:
+        recsys.save_checkpoint(GRU4Rec(5, [4]), str(tmp_path / "new.pt"))
+        assert os.umask(0o027) == 0o027
+        assert (tmp_path / "new.pt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_checkpoint_version_and_config_fields_are_checked(tmp_path):
+    """A checkpoint's version must be an int not past this code's (a text '1' failed with a
+    TypeError), its config must name n_items and only the model's keys (without n_items: a KeyError),
+    its item ids be a list; a file without a version (older) loads."""
+    path = str(tmp_path / "m.pt")
+    recsys.save_checkpoint(GRU4Rec(3, [4], item_ids=[10, 11, 12]), path)
+
+    def saved_with(edit):
+        payload = torch.load(path, weights_only=True)
+        edit(payload)
+        torch.save(payload, str(tmp_path / "edited.pt"))
+        return str(tmp_path / "edited.pt")
+    for edit, match in [(lambda p: p.update(version="1"), r"malformed checkpoint \(version '1'\)"),
+                        (lambda p: p.update(version=1.0), r"malformed checkpoint \(version 1.0\)"),
+                        (lambda p: p.update(version=2), "checkpoint version 2 is newer than this code"),
+                        (lambda p: p["config"].pop("n_items"), r"malformed checkpoint \(config \[.*\]; its keys are"),
+                        (lambda p: p["config"].update(bogus=1), r"malformed checkpoint \(config \[.*'bogus'"),
+                        (lambda p: p.update(item_ids=(10, 11, 12)), r"malformed checkpoint \(item_ids must be a list")]:
+        with pytest.raises(RecsysError, match="edited.pt: " + match):
+            recsys.load_checkpoint(saved_with(edit))
+    assert recsys.load_checkpoint(saved_with(lambda p: p.pop("version"))).item_ids == [10, 11, 12]
+
+
+def test_a_bfloat16_checkpoint_loads_in_bfloat16(tmp_path):
+    """As float16's and float64's: a bfloat16 model comes back in bfloat16, to the bit."""
+    m = GRU4Rec(12, [8], item_ids=list(range(12))).to(torch.bfloat16)
+    path = str(tmp_path / "mbf16.pt")
+    recsys.save_checkpoint(m, path)
+    loaded = recsys.load_checkpoint(path)
+    assert all(v.dtype == torch.bfloat16 for v in loaded.state_dict().values() if v.is_floating_point())
+    assert _weights_equal(loaded, m)
+
+
+@pytest.mark.parametrize("embedding", ["shared", 6, 0])
+def test_adam_trains_every_input_mode_with_the_item_matrices_on_sparse_adam(embedding):
+    """Adam is SparseAdam for the matrices indexed by item (their gradients are sparse: Wy, By and E
+    or the one-hot input's W0) and Adam for the rest, in every input mode."""
+    ds = _toy_dataset()
+    m, _ = recsys.train(ds, TrainConfig(layers=[4, 4], embedding=embedding, epochs=1, n_sample=4, batch_size=3,
+                                        seed=0, optimizer="adam", lr=0.05), progress=False)
+    sparse, dense = m.train_state["optimizer_state"]
+    n_item = 3 if embedding != "shared" else 2
+    assert [len(g["params"]) for g in sparse["param_groups"]] == [n_item]
+    assert sum(len(g["params"]) for g in dense["param_groups"]) == len(list(m.parameters())) - n_item
