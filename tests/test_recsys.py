@@ -539,6 +539,82 @@ def test_loader_utf8_bom_and_other_encodings(tmp_path):
             recsys.load_any(str(c))
 
 
+def test_millisecond_times_start_at_exactly_1e11(tmp_path):
+    """time_unit="auto": the largest number 1e11 itself is milliseconds (the documented "1e11 or
+    more", 1973 in milliseconds), one less is seconds; a log in milliseconds of the 1970s-2000s
+    (1e11..1e12) is milliseconds too. (From a mutation review: `>` for `>=`, or the threshold at
+    1e12, passed every test.)"""
+    at = _write(tmp_path, "at.tsv", "SessionId\tItemId\tTime\n1\t10\t99999999000\n1\t11\t100000000000\n")
+    with pytest.warns(UserWarning, match="times read as milliseconds"):
+        assert recsys.load_clicks(at).times.tolist() == [99999999.0, 100000000.0]
+    below = _write(tmp_path, "below.tsv", "SessionId\tItemId\tTime\n1\t10\t99999999000\n1\t11\t99999999999\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert recsys.load_clicks(below).times.tolist() == [99999999000.0, 99999999999.0]
+    y2001 = _write(tmp_path, "y2001.tsv", "SessionId\tItemId\tTime\n1\t10\t978307200000\n1\t11\t978307260000\n")
+    with pytest.warns(UserWarning, match="times read as milliseconds"):
+        assert recsys.load_clicks(y2001).times.tolist() == [978307200.0, 978307260.0]
+
+
+def test_sniffed_separator_prefers_tab_then_semicolon_to_comma(tmp_path):
+    """The separator is sniffed from the first line in the order tab, ';', ',': a header name with a
+    comma in it does not make a TSV (or a ';' file) a CSV (from a mutation review)."""
+    tsv = _write(tmp_path, "t.tsv", "SessionId\tItemId\tTime\tcategory, subcategory\n1\t10\t5\ta\n1\t11\t6\tb\n")
+    semi = _write(tmp_path, "s.csv", "SessionId;ItemId;Time;a,b\n1;10;5;x\n1;11;6;y\n")
+    for p in (tsv, semi):
+        log = recsys.load_clicks(p)
+        assert (log.sessions.tolist(), log.items.tolist(), log.times.tolist()) == ([1, 1], [10, 11], [5.0, 6.0]), p
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_iso_times_without_a_zone_are_utc_whatever_the_local_zone(tmp_path, monkeypatch, fast):
+    """An ISO time (or date) without a UTC offset is UTC, not the machine's local time, in both
+    readers (from a mutation review: dropping the reader's UTC default passed every test on a
+    machine whose zone is UTC)."""
+    import time
+
+    from rnnrec_fast.recsys import data
+
+    monkeypatch.setattr(data, "_FAST_READ", fast)
+    p = _write(tmp_path, "iso.tsv", "SessionId\tItemId\tTime\n1\t10\t2014-04-07T10:00:00\n1\t11\t2014-04-07\n")
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "EST+5"  # (a POSIX zone: no tz database needed)
+    time.tzset()
+    try:
+        assert time.timezone == 5 * 3600
+        assert recsys.load_clicks(p).times.tolist() == [1396864800.0, 1396828800.0]
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+def test_loader_refuses_an_empty_item_and_a_quoted_field_over_two_lines(tmp_path):
+    """An empty item id (as an empty session id) is an error naming its line, and so is a CSV
+    quoted field that runs over just two lines (from a mutation review: only three lines were
+    tested, and only the session id)."""
+    for name, text in (("e.tsv", "SessionId\tItemId\tTime\n1\t\t5\n1\t10\t6\n"),
+                       ("e.csv", "SessionId,ItemId,Time\n1, ,5\n1,10,6\n")):
+        with pytest.raises(RecsysError, match=f"{name}:2: empty session or item id"):
+            recsys.load_clicks(_write(tmp_path, name, text))
+    two = _write(tmp_path, "two.csv", 'a,b,c\n1,"x\ny",0\n1,z,2\n')
+    with pytest.raises(RecsysError, match=r"two.csv:2: a quoted field runs over 2 lines"):
+        recsys.load_clicks(two, session_col="a", item_col="b", time_col="c")
+
+
+def test_load_any_reads_the_columns_given(tmp_path):
+    """load_any with column options reads those columns (load_clicks), not the sniffed format's
+    defaults (from a mutation review)."""
+    p = _write(tmp_path, "c.csv", "user,sid,ts,item\nu,s1,1,a\nu,s1,2,b\nu,s2,3,a\n")
+    log = recsys.load_any(p, session_col="sid", item_col="item", time_col="ts")
+    assert log.sessions.tolist() == ["s1", "s1", "s2"] and log.items.tolist() == ["a", "b", "a"]
+    assert log.times.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(RecsysError, match="no session column 'SessionId'"):
+        recsys.load_any(p)
+
+
 # ---------------------------------------------------------------------------------------------- split / map
 def test_time_split():
     day = 86400.0
@@ -1466,6 +1542,22 @@ def test_time_split_cut_in_days_inclusive():
     train, test = recsys.time_split(ClickLog(s, i, t), test_days=1)
     assert sorted(set(train.sessions.tolist())) == [1, 2]
     assert sorted(set(test.sessions.tolist())) == [3, 4, 5]
+
+
+def test_time_split_item_support_of_two_and_sessions_it_leaves_short():
+    """min_item_support=2 drops the items clicked once; a session the item filter leaves with one
+    click is dropped before the cut is placed (GRU4Rec's preprocessing): a late one moved the cut
+    past every real session, and the test set came out empty (from a mutation review)."""
+    day = 86400.0
+    # item 99: one click, in session 3 (the last), which the filter leaves with one click
+    log = ClickLog(np.array([1, 1, 2, 2, 3, 3]), np.array([10, 11, 10, 11, 10, 99]),
+                   np.array([0, 10, 3 * day, 3 * day + 5, 10 * day, 10 * day + 1]))
+    train, test = recsys.time_split(log, test_days=1, min_item_support=2)
+    assert train.sessions.tolist() == [1, 1] and test.sessions.tolist() == [2, 2]
+    assert 99 not in train.items and 99 not in test.items
+    # without the item filter session 3 keeps both clicks and is the test set (99: unseen, dropped)
+    train1, test1 = recsys.time_split(log, test_days=1)
+    assert sorted(set(train1.sessions.tolist())) == [1, 2] and len(test1) == 0
 
 
 def test_sessions_ordered_by_start_time():

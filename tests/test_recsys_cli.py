@@ -764,3 +764,84 @@ def test_train_resume_with_another_optimizer_or_loss_carries_no_option_they_take
         code, _, err = _run(base + ["--epochs", "1", "--resume", one, "--optimizer", "adam", "--lr", "0.01",
                                     "--loss", "cross-entropy"], capsys)
     assert code == 0, err
+
+
+def test_option_checks_come_before_the_files_are_read(tmp_path, capsys):
+    """From a mutation review: --k 0, --min-item-support 0 with --split-days, --layers 0 or ','
+    are refused by the CLI's own checks, naming the option, before the training log (here a file
+    that does not exist) or the model is read; --threads 0 (torch's default) is taken, and reaches
+    the file."""
+    missing = tmp_path / "missing.txt"
+    for args, msg in [(["--k", "0"], "--k values must be >= 1"),
+                      (["--k", "5", "-1"], "--k values must be >= 1"),
+                      (["--split-days", "1", "--min-item-support", "0"], "--min-item-support >= 1"),
+                      (["--layers", "0"], "bad --layers value '0': sizes must be positive"),
+                      (["--layers", ","], "--layers needs at least one size")]:
+        code, out, err = _run(["train", "--train", missing, "--quiet"] + args, capsys)
+        assert code == 2 and msg in err and "missing.txt" not in err and "Traceback" not in err, (args, err)
+    code, out, err = _run(["train", "--train", missing, "--quiet", "--threads", "0"], capsys)
+    assert code == 2 and "file not found" in err and "missing.txt" in err, err
+    code, out, err = _run(["recommend", "--model", tmp_path / "missing.pt", "--items", "1", "--k", "0"], capsys)
+    assert code == 2 and "--k must be >= 1" in err and "missing.pt" not in err, err
+
+
+def test_bool_options_and_defaults_as_documented():
+    """--reset-after / --state-dropout take true/false, 1/0, yes/no, on/off in any case; train and
+    evaluate rank ties conservatively by default, recommend gives 20 items (from a mutation review:
+    the train --ties default and recommend's --k default were untested)."""
+    from rnnrec_fast.recsys.cli import build_parser
+
+    ap = build_parser()
+    for value, want in (("ON", True), ("True", True), ("yes", True), ("1", True), ("off", False),
+                        ("FALSE", False), ("No", False), ("0", False)):
+        a = ap.parse_args(["train", "--train", "x", "--reset-after", value, "--state-dropout", value])
+        assert a.reset_after is want and a.state_dropout is want, value
+    with pytest.raises(SystemExit):
+        ap.parse_args(["train", "--train", "x", "--reset-after", "maybe"])
+    assert ap.parse_args(["train", "--train", "x"]).ties == "conservative"
+    assert ap.parse_args(["evaluate", "--model", "m", "--test", "t"]).ties == "conservative"
+    assert ap.parse_args(["recommend", "--model", "m", "--items", "1"]).k == 20
+
+
+def test_recommend_lists_ranks_from_one_and_twenty_items_by_default(tmp_path, capsys):
+    """recommend's text output: one line per item, 'rank<TAB>item<TAB>score', ranks 1..k, 20 items
+    without --k (from a mutation review)."""
+    model = recsys.GRU4Rec(30, [4], item_ids=list(range(100, 130)))
+    recsys.save_checkpoint(model, str(tmp_path / "m.pt"))
+    code, out, err = _run(["recommend", "--model", tmp_path / "m.pt", "--items", "100", "101"], capsys)
+    assert code == 0, err
+    rows = [line.split("\t") for line in out.strip().splitlines()]
+    assert [int(r[0]) for r in rows] == list(range(1, 21))
+    assert all(100 <= int(r[1]) < 130 for r in rows)
+
+
+def test_a_fixed_format_refuses_no_header_and_time_col_empty_reads_the_file_order(files, tmp_path, capsys):
+    """--no-header with a fixed format (whose columns are its own) is refused, as the other column
+    options are; --time-col '' (no time column: the file order is the time order) trains (from a
+    mutation review: --no-header was ignored with --format yoochoose; '' was looked up as a column
+    name)."""
+    code, out, err = _run(["train", "--train", files / "train.txt", "--format", "yoochoose", "--no-header",
+                           "--epochs", "0", "--quiet"], capsys)
+    assert code == 2 and "--no-header applies to --format columns" in err, err
+    code, out, err = _run(["train", "--train", files / "train.txt", "--time-col", "", "--epochs", "0",
+                           "--layers", "4", "--quiet"], capsys)
+    assert code == 0 and "train: " in err and "trained nothing" in err, err
+
+
+def test_value_errors_and_interrupts_end_without_a_traceback(files, capsys, monkeypatch):
+    """A ValueError or OSError from a command is a one-line error, exit 2; Ctrl-C says 'interrupted'
+    and exits 130, as a shell's SIGINT (from a mutation review)."""
+    import rnnrec_fast.recsys.cli as cli
+
+    for exc in (ValueError("a bad value"), OSError("a disk fault")):
+        def fail(a, exc=exc):
+            raise exc
+        monkeypatch.setattr(cli, "_cmd_train", fail)
+        code, out, err = _run(["train", "--train", files / "train.txt"], capsys)
+        assert code == 2 and err == f"error: {exc}\n", err
+
+    def interrupt(a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_cmd_train", interrupt)
+    code, out, err = _run(["train", "--train", files / "train.txt"], capsys)
+    assert code == 130 and err == "interrupted\n", err
