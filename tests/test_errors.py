@@ -820,3 +820,55 @@ def test_test_switches_read_the_run_time_words_and_refuse_others(monkeypatch):
     monkeypatch.setenv("RNNREC_FAST_REQUIRE_X", "2")
     with pytest.raises(ValueError, match="RNNREC_FAST_REQUIRE_X='2' is none of"):
         env_flag("RNNREC_FAST_REQUIRE_X")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_packed_sequence_of_no_steps_is_refused_by_name(backend, grad):
+    """A PackedSequence with empty batch_sizes (no steps at all) is refused with the module's
+    message, a RuntimeError as torch.nn's (torch.nn: 'index 0 is out of bounds'), not an IndexError
+    from reading its first batch size."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    gru = rnnrec_fast.GRU(3, 4, backend=backend)
+    packed = PackedSequence(torch.randn(0, 3), torch.zeros(0, dtype=torch.int64))
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="batch_sizes must be a non-empty 1-D int64"):
+        gru(packed)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_rnn_refuses_reset_after_by_name(reset_after):
+    """reset_after is a GRU form: an RNN given it (either value) is a TypeError saying so, not
+    a keyword taken and silently ignored."""
+    with pytest.raises(TypeError, match="^RNN: reset_after applies to GRU only$"):
+        rnnrec_fast.RNN(4, 3, reset_after=reset_after)
+    with pytest.raises(TypeError, match="^RNN: reset_after applies to GRU only$"):
+        rnnrec_fast.RNN(4, 3, 1, "relu", reset_after=reset_after)
+    assert rnnrec_fast.GRU(4, 3, reset_after=reset_after).reset_after is reset_after
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_resets_are_refused_by_a_bidirectional_module(backend, grad):
+    """resets (a state restart at a step) have no meaning for the reverse direction: a
+    bidirectional module refuses them by name, whatever the input's form, rather than restarting
+    the reverse pass at the wrong steps."""
+    gru = rnnrec_fast.GRU(3, 4, bidirectional=True, backend=backend)
+    with torch.set_grad_enabled(grad):
+        for x, r in ((torch.randn(5, 2, 3), torch.zeros(5, 2, dtype=torch.bool)),
+                     (torch.randn(5, 3), torch.zeros(5, dtype=torch.bool))):
+            with pytest.raises(ValueError, match="^GRU: resets are not defined for a bidirectional model$"):
+                gru(x, resets=r)
+
+
+def test_meta_resets_and_lengths_are_taken_beside_meta_inputs():
+    """A meta tensor of resets or lengths is refused only beside real inputs (no values to read): a
+    model on the meta device (shape propagation, deferred initialisation) takes them, and gives
+    meta outputs of the right shapes."""
+    gru = rnnrec_fast.GRU(3, 4, device="meta")
+    y, h = gru(torch.randn(5, 2, 3, device="meta"), resets=torch.zeros(5, 2, dtype=torch.bool, device="meta"))
+    assert y.is_meta and y.shape == (5, 2, 4) and h.shape == (1, 2, 4)
+    w = [torch.randn(12, 3, device="meta"), torch.randn(12, 4, device="meta")]
+    y, h = rnnrec_fast.recurrence(torch.randn(5, 2, 3, device="meta"), None, *w,
+                                  lengths=torch.ones(2, dtype=torch.long, device="meta"))
+    assert y.is_meta and y.shape == (5, 2, 4) and h.shape == (2, 4)

@@ -2235,7 +2235,9 @@ def test_bias_flag_set_after_construction(kind, backend):
                 if kind in ("GRU", "RNN"):
                     with pytest.raises(RuntimeError):
                         ref(x)
-                    with pytest.raises(RuntimeError, match=f"bias={flag} but the module was built with"):
+                    # (the message says which: built with biases, or without)
+                    with pytest.raises(RuntimeError, match=f"bias={flag} but the module was built "
+                                                           f"with{'' if built else 'out'} biases \\("):
                         ours(x)
                 else:
                     torch.testing.assert_close(_out(ours(x)), _out(ref(x)), rtol=1e-5, atol=1e-6)
@@ -2410,3 +2412,63 @@ def test_forward_mode_ad_refuses_a_forced_backend_as_without_it(backend, dtype):
     with fwAD.dual_level(), pytest.raises(type(want.value)) as got:
         gru(fwAD.make_dual(x, torch.randn_like(x)))
     assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+@pytest.mark.parametrize("p", [1, 1.0], ids=["int", "float"])
+def test_dropout_of_one_is_taken_as_torch_nn(kind, p):
+    """dropout=1 (the closed range's end, int or float), which torch.nn accepts: every unit between the
+    layers dropped in training mode, so the last layer sees zeros, exactly torch.nn's output."""
+    torch.manual_seed(case_seed("dropout one", kind, p))
+    ref = getattr(nn, kind)(3, 4, num_layers=2, dropout=p, dtype=torch.float64)
+    ours = getattr(rnnrec_fast, kind)(3, 4, num_layers=2, dropout=p, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.dropout == ref.dropout == 1.0 and repr(ours) == repr(ref)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    (y, h), (y_ref, h_ref) = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_resets_of_an_unsorted_packed_sequence_follow_its_rows(backend, grad):
+    """resets given with a PackedSequence of unsorted lengths are in the original batch order (as
+    its padded form): each row's resets act on that row, whatever place it takes in the sorted
+    order. Checked against each row run alone, unbatched, with its own resets (float64)."""
+    torch.manual_seed(case_seed("packed unsorted resets", backend, grad))
+    T, B, I, H = 6, 3, 4, 5
+    gru = rnnrec_fast.GRU(I, H, backend=backend, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = torch.randn(1, B, H, dtype=torch.float64)
+    lengths = torch.tensor([3, 6, 4])  # sorted order 1, 2, 0
+    r = torch.zeros(T, B, dtype=torch.bool)
+    r[1, 0] = r[4, 1] = True  # row 2: none
+    with torch.set_grad_enabled(grad):
+        y, h_n = gru(pack_padded_sequence(x, lengths, enforce_sorted=False), hx, resets=r)
+        y = torch.nn.utils.rnn.pad_packed_sequence(y, total_length=T)[0]
+        for b in range(B):
+            n = int(lengths[b])
+            want_y, want_h = gru(x[:n, b], hx[:, b], resets=r[:n, b])
+            torch.testing.assert_close(y[:n, b], want_y, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(h_n[:, b], want_h, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", ["GRU", "RNN_tanh"])
+def test_empty_batch_first_batch_without_grad_as_torch(kind, backend):
+    """A batch of zero rows, batch_first, hx given or not, with autograd off (where the inference
+    plans run): torch.nn's output layout (B, T, H) and h_n, and last_backend() says the reference
+    math ran (the plans leave empty batches to the general path)."""
+    torch.manual_seed(case_seed("empty batch_first", kind, backend))
+    ref, ours = make_pair(kind, backend, torch.float32, input_size=3, hidden_size=4, num_layers=2, batch_first=True)
+    x = torch.randn(0, 5, 3)
+    for hx in (None, torch.randn(2, 0, 4)):
+        with torch.no_grad():
+            rnnrec_fast.GRU(3, 4, backend="cpp")(torch.randn(2, 1, 3))  # (last_backend() 'cpp' before)
+            y, h = ours(x, hx)
+            assert rnnrec_fast.last_backend() == "reference"
+            y_ref, h_ref = ref(x, hx)
+        assert y.shape == y_ref.shape == (0, 5, 4) and h.shape == h_ref.shape == (2, 0, 4)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(h, h_ref, rtol=0, atol=0)

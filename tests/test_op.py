@@ -1986,3 +1986,25 @@ def test_forward_mode_ad_checks_length_values():
             rnnrec_fast.recurrence(x, None, *w, lengths=lengths)
         with fwAD.dual_level(), pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
             rnnrec_fast.recurrence(fwAD.make_dual(x, torch.randn_like(x)), None, *w, lengths=lengths)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_last_backend_is_none_in_a_thread_before_its_first_call(backend):
+    """last_backend() is per thread and None (not an empty string) in a thread that has made no call
+    yet, whatever the other threads ran; then the backend of that thread's own call."""
+    import threading
+
+    a = dict(x=torch.randn(3, 2, 4), w_ih=torch.randn(15, 4), w_hh=torch.randn(15, 5))
+    rnnrec_fast.recurrence(a["x"], None, a["w_ih"], a["w_hh"], backend="reference")  # (this thread's call)
+    seen = []
+
+    def worker():
+        seen.append(rnnrec_fast.last_backend())
+        rnnrec_fast.recurrence(a["x"], None, a["w_ih"], a["w_hh"], backend=backend)
+        seen.append(rnnrec_fast.last_backend())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [None, backend]
+    assert rnnrec_fast.last_backend() == "reference"
