@@ -28,6 +28,7 @@ from rnnrec_fast._checks import env_flag
 from conftest import case_seed
 from cuda_bad_calls import assert_bad_direct_calls_raise
 from discarded_state import discarded_state_case
+from module_twins import assert_call_matches_torch_nn
 
 
 def _skip_reason():
@@ -545,16 +546,7 @@ def test_modules_match_torch_nn(kind, B, dtype):
     assert ours.active_backend() == "cuda"
     x = torch.randn(B, 7, 6, device=DEV, dtype=dtype, requires_grad=True)
     hx = torch.randn(4, B, 20, device=DEV, dtype=dtype, requires_grad=True)
-    out_r, h_r = ref(x, hx)
-    out_o, h_o = ours(x, hx)
-    t = tol(dtype, 64)
-    close(out_o, out_r, "output", **t)
-    close(h_o, h_r, "h_n", **t)
-    gy, gh = torch.randn_like(out_r), torch.randn_like(h_r)
-    g_r = torch.autograd.grad((out_r * gy).sum() + (h_r * gh).sum(), [x, hx] + list(ref.parameters()))
-    g_o = torch.autograd.grad((out_o * gy).sum() + (h_o * gh).sum(), [x, hx] + list(ours.parameters()))
-    for i, (a, b) in enumerate(zip(g_o, g_r)):
-        close(a, b, f"grad {i}", rtol=t["rtol"] * 10, atol=t["atol"] * 10)
+    assert_call_matches_torch_nn(ref, ours, x, hx, tol(dtype, 64))
 
 
 def test_module_packed_sequence_matches_torch_nn():

@@ -34,6 +34,7 @@ from rnnrec_fast.ops import MODES
 from conftest import case_seed
 from cuda_bad_calls import assert_bad_direct_calls_raise
 from discarded_state import discarded_state_case
+from module_twins import assert_call_matches_torch_nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -483,19 +484,13 @@ def test_modules_match_torch_nn(as_cuda_backend, kind, B, dtype, path):
     assert ours.active_backend() == "cuda"
     x = torch.randn(B, 7, 6, dtype=dtype, requires_grad=True)
     hx = torch.randn(4, B, 20, dtype=dtype, requires_grad=True)
-    out_r, h_r = ref(x, hx)
     as_cuda_backend.emu_reset_stats()
-    out_o, h_o = ours(x, hx)
-    assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.emu_stats()["launches"] > 0
-    assert as_cuda_backend.last_forward_path() == path
-    t = tol(dtype, 64)
-    close(out_o, out_r, "output", **t)
-    close(h_o, h_r, "h_n", **t)
-    gy, gh = torch.randn_like(out_r), torch.randn_like(h_r)
-    g_r = torch.autograd.grad((out_r * gy).sum() + (h_r * gh).sum(), [x, hx] + list(ref.parameters()))
-    g_o = torch.autograd.grad((out_o * gy).sum() + (h_o * gh).sum(), [x, hx] + list(ours.parameters()))
-    for i, (a, b) in enumerate(zip(g_o, g_r)):
-        close(a, b, f"grad {i}", rtol=t["rtol"] * 10, atol=t["atol"] * 10)
+
+    def ran_emulated():
+        assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.emu_stats()["launches"] > 0
+        assert as_cuda_backend.last_forward_path() == path
+
+    assert_call_matches_torch_nn(ref, ours, x, hx, tol(dtype, 64), after=ran_emulated)
 
 
 @pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
