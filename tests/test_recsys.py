@@ -2529,8 +2529,9 @@ def test_adagradm_sparse_update_is_seen_by_autograd():
 def test_initialisation_is_gru4rec_s_uniform_per_gate_block_and_zero_biases():
     """Every weight matrix (per gate block for the GRU's) is U(-s, s) with s = sqrt(6 / (fan_in +
     fan_out)), GRU4Rec's initialisation, and every bias starts at zero (rnnrec_fast.GRU's own are
-    not: about U(-0.5, 0.5) here). The largest |w| of each block lies within [0.9 s, s]: a scale
-    from one fan alone (s' = sqrt(6 / fan_in), 1.2 s to 1.4 s here) falls outside."""
+    not: U(-1/sqrt(H), 1/sqrt(H)), U(-0.25, 0.25) here). The largest |w| of each block lies within
+    [0.9 s, s]: a scale from one fan alone (s' = sqrt(6 / fan_in), 1.2 s to 1.4 s here) falls
+    outside."""
     torch.manual_seed(0)
     N, H, E = 40, 16, 24
     for embedding in ("shared", E, 0):

@@ -1348,6 +1348,7 @@ def test_clicks_queued_under_a_stopped_loop_fail_when_a_new_loop_binds():
 
     model = make_model()
     app = ServingApp(SessionRecommender(model), max_batch=8, batch_window_ms=1000)
+    app.window = 3600.0  # (the first loop's batch must not flush however slow the machine; in seconds)
     first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
     try:
         body = json.dumps({"item_id": model.item_ids[0], "k": 2}).encode()
@@ -1356,9 +1357,10 @@ def test_clicks_queued_under_a_stopped_loop_fail_when_a_new_loop_binds():
         async def until_queued():
             while not app._pending:
                 await asyncio.sleep(0)
-        first.run_until_complete(until_queued())  # (the batch waits for its 1 s window)
+        first.run_until_complete(until_queued())  # (the batch waits for its window)
         queued = list(app._pending)
         assert len(queued) == 1 and not queued[0].fut.done()
+        app.window = 0.0  # (the new loop's click is answered at once)
         st, out = second.run_until_complete(_asgi_request(app, body, "/v1/sessions/new/clicks"))
         assert st == 200, out
         assert queued[0].fut.done() and isinstance(queued[0].fut.exception(), RuntimeError)
