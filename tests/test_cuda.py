@@ -28,7 +28,7 @@ from rnnrec_fast._checks import env_flag
 from conftest import case_seed
 from cuda_bad_calls import assert_bad_direct_calls_raise
 from discarded_state import discarded_state_case
-from module_twins import assert_call_matches_torch_nn
+from module_twins import assert_call_matches_torch_nn, assert_gradient_penalty_matches_torch_nn, module_pair
 
 
 def _skip_reason():
@@ -535,14 +535,8 @@ def test_opcheck(mode, reset_after, extras):
 @pytest.mark.parametrize("kind", ["GRU", "RNN_tanh", "RNN_relu"])
 def test_modules_match_torch_nn(kind, B, dtype):
     torch.manual_seed(B)
-    kw = dict(input_size=6, hidden_size=20, num_layers=2, batch_first=True, bidirectional=True,
-              device=DEV, dtype=dtype)
-    if kind == "GRU":
-        ref, ours = nn.GRU(**kw), rnnrec_fast.GRU(backend="cuda", **kw)
-    else:
-        nl = kind.split("_")[1]
-        ref, ours = nn.RNN(nonlinearity=nl, **kw), rnnrec_fast.RNN(nonlinearity=nl, backend="cuda", **kw)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = module_pair(kind, "cuda", input_size=6, hidden_size=20, num_layers=2, batch_first=True,
+                            bidirectional=True, device=DEV, dtype=dtype)
     assert ours.active_backend() == "cuda"
     x = torch.randn(B, 7, 6, device=DEV, dtype=dtype, requires_grad=True)
     hx = torch.randn(4, B, 20, device=DEV, dtype=dtype, requires_grad=True)
@@ -642,16 +636,4 @@ def test_double_backward_matches_torch_nn(kind):
     with create_graph=True and the second derivatives of x, hx and every weight."""
     torch.manual_seed(case_seed("cuda double backward", kind))
     ref = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True, batch_first=True).double().to(DEV)
-    ours = rnnrec_fast.from_torch(ref)
-    results = []
-    for m in (ref, ours):
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
-        hx = torch.randn(4, 3, 4, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
-        leaves = [x, hx] + list(m.parameters())
-        with torch.backends.cudnn.flags(enabled=False):  # (cuDNN's RNN backward is not differentiable)
-            out, h = m(x, hx)
-            grads = torch.autograd.grad(out.sin().sum() + (h * h).sum(), leaves, create_graph=True)
-            results.append((grads, torch.autograd.grad(sum(gi.square().sum() for gi in grads), leaves)))
-    for a, b in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert_gradient_penalty_matches_torch_nn(ref, rnnrec_fast.from_torch(ref), DEV)

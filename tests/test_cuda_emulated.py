@@ -34,7 +34,8 @@ from rnnrec_fast.ops import MODES
 from conftest import case_seed
 from cuda_bad_calls import assert_bad_direct_calls_raise
 from discarded_state import discarded_state_case
-from module_twins import assert_call_matches_torch_nn
+from module_twins import (assert_call_matches_torch_nn, assert_gradient_penalty_matches_torch_nn,
+                          assert_outputs_and_gradients_close, module_pair)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -462,13 +463,6 @@ def test_opcheck_through_the_op(as_cuda_backend, mode, reset_after):
 # directions, h0, a PackedSequence, and a gradient penalty's second derivatives
 
 
-def _module_pair(kind, backend, **kw):
-    if kind == "GRU":
-        return nn.GRU(**kw), rnnrec_fast.GRU(backend=backend, **kw)
-    nl = kind.split("_")[1]
-    return nn.RNN(nonlinearity=nl, **kw), rnnrec_fast.RNN(nonlinearity=nl, backend=backend, **kw)
-
-
 @pytest.mark.parametrize("path", [PERSISTENT, GEMM], ids=["persistent", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("B", [1, 4, 37])
@@ -478,9 +472,8 @@ def test_modules_match_torch_nn(as_cuda_backend, kind, B, dtype, path):
         pytest.skip("the persistent kernel is for B <= 8")
     as_cuda_backend.set_forward_path(path)
     torch.manual_seed(case_seed("emu-modules", kind, B, str(dtype), path))
-    ref, ours = _module_pair(kind, "cuda", input_size=6, hidden_size=20, num_layers=2, batch_first=True,
-                             bidirectional=True, dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = module_pair(kind, "cuda", input_size=6, hidden_size=20, num_layers=2, batch_first=True,
+                            bidirectional=True, dtype=dtype)
     assert ours.active_backend() == "cuda"
     x = torch.randn(B, 7, 6, dtype=dtype, requires_grad=True)
     hx = torch.randn(4, B, 20, dtype=dtype, requires_grad=True)
@@ -499,20 +492,14 @@ def test_module_packed_sequence_matches_torch_nn(as_cuda_backend, path):
 
     as_cuda_backend.set_forward_path(path)
     torch.manual_seed(case_seed("emu-packed", path))
-    ref, ours = _module_pair("GRU", "cuda", input_size=5, hidden_size=16, bidirectional=True, dtype=torch.float64)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = module_pair("GRU", "cuda", input_size=5, hidden_size=16, bidirectional=True, dtype=torch.float64)
     x = torch.randn(9, 6, 5, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([9, 3, 7, 1, 9, 4])
     (pr, hr), (po, ho) = (m(pack_padded_sequence(x, lengths, enforce_sorted=False)) for m in (ref, ours))
     assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.last_forward_path() == path
-    out_r, out_o = pad_packed_sequence(pr)[0], pad_packed_sequence(po)[0]
-    close(out_o, out_r, "output", **tol(torch.float64))
-    close(ho, hr, "h_n", **tol(torch.float64))
-    gy, gh = torch.randn_like(out_r), torch.randn_like(hr)
-    g_r = torch.autograd.grad((out_r * gy).sum() + (hr * gh).sum(), [x] + list(ref.parameters()))
-    g_o = torch.autograd.grad((out_o * gy).sum() + (ho * gh).sum(), [x] + list(ours.parameters()))
-    for i, (a, b) in enumerate(zip(g_o, g_r)):
-        close(a, b, f"grad {i}", **tol(torch.float64))
+    assert_outputs_and_gradients_close((pad_packed_sequence(pr)[0], hr), (pad_packed_sequence(po)[0], ho),
+                                       [x] + list(ref.parameters()), [x] + list(ours.parameters()),
+                                       tol(torch.float64), tol(torch.float64))
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
@@ -521,21 +508,13 @@ def test_double_backward_matches_torch_nn(as_cuda_backend, kind):
     gradients taken with create_graph=True and the second derivatives of x, hx and every weight."""
     torch.manual_seed(case_seed("emu double backward", kind))
     ref = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
-    ours = rnnrec_fast.from_torch(ref, backend="cuda")
-    results = []
-    for m in (ref, ours):
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64).requires_grad_()
-        hx = torch.randn(4, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
-        leaves = [x, hx] + list(m.parameters())
-        as_cuda_backend.emu_reset_stats()
-        out, h = m(x, hx)
-        if m is ours:
-            assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.emu_stats()["launches"] > 0
-        grads = torch.autograd.grad(out.sin().sum() + (h * h).sum(), leaves, create_graph=True)
-        results.append((grads, torch.autograd.grad(sum(gi.square().sum() for gi in grads), leaves)))
-    for a, b in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    as_cuda_backend.emu_reset_stats()
+
+    def ran_emulated():
+        assert rnnrec_fast.last_backend() == "cuda" and as_cuda_backend.emu_stats()["launches"] > 0
+
+    assert_gradient_penalty_matches_torch_nn(ref, rnnrec_fast.from_torch(ref, backend="cuda"), "cpu",
+                                             after=ran_emulated)
 
 
 # ----------------------------------------------------------------------------------------------
