@@ -271,8 +271,8 @@ def _post_clicks(app, clicks):
     return asyncio.run(go())
 
 
-async def _asgi_request(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
-    """One request to the ASGI app in the running loop: (status, parsed body)."""
+async def _asgi_exchange(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
+    """One request to the ASGI app in the running loop: (status, body bytes)."""
     msgs = [{"type": "http.request", "body": body, "more_body": False}]
     out = []
 
@@ -284,7 +284,13 @@ async def _asgi_request(app, body, path="/v1/sessions/s/clicks", method="POST", 
 
     scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
     await app(scope, receive, send)
-    return out[0]["status"], json.loads(out[1]["body"])
+    return out[0]["status"], out[1]["body"]
+
+
+async def _asgi_request(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
+    """One request to the ASGI app in the running loop: (status, parsed body)."""
+    status, raw = await _asgi_exchange(app, body, path, method, headers)
+    return status, json.loads(raw)
 
 
 def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()):
@@ -292,6 +298,13 @@ def _asgi_raw(app, body, path="/v1/sessions/s/clicks", method="POST", headers=()
     import asyncio
 
     return asyncio.run(_asgi_request(app, body, path, method, headers))
+
+
+def _asgi_bytes(app, body, path="/v1/sessions/s/clicks", method="POST"):
+    """One request to the ASGI app in its own event loop: (status, body bytes, not parsed)."""
+    import asyncio
+
+    return asyncio.run(_asgi_exchange(app, body, path, method))
 
 
 def test_body_of_exactly_max_body_bytes_is_accepted():
@@ -1278,19 +1291,9 @@ def test_metrics_count_their_own_scrapes():
     pattern = r'^rnnrec_http_requests_total\{endpoint="metrics",code="200"\} (\d+)$'
 
     def scrape():
-        import asyncio
-
-        out = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(m):
-            out.append(m)
-
-        asyncio.run(app({"type": "http", "method": "GET", "path": "/metrics", "headers": []}, receive, send))
-        assert out[0]["status"] == 200
-        return out[1]["body"].decode()
+        status, raw = _asgi_bytes(app, b"", path="/metrics", method="GET")
+        assert status == 200
+        return raw.decode()
 
     assert re.search(pattern, scrape(), re.M) is None
     assert re.search(pattern, scrape(), re.M).group(1) == "1"
@@ -1318,23 +1321,9 @@ def test_scores_of_minus_infinity_are_null_in_valid_json():
     with torch.no_grad():
         model.By[4] = float("-inf")
     app = ServingApp(SessionRecommender(model))
-    msgs = []
-
-    async def run():
-        async def receive():
-            return {"type": "http.request", "body": json.dumps({"item_id": model.item_ids[0], "k": 5}).encode(),
-                    "more_body": False}
-
-        async def send(m):
-            msgs.append(m)
-
-        await app({"type": "http", "method": "POST", "path": "/v1/sessions/s/clicks", "headers": []}, receive, send)
-
-    import asyncio
-
-    asyncio.run(run())
-    assert msgs[0]["status"] == 200
-    out = json.loads(msgs[1]["body"], parse_constant=lambda c: pytest.fail(f"{c} in the JSON body"))
+    status, raw = _asgi_bytes(app, json.dumps({"item_id": model.item_ids[0], "k": 5}).encode())
+    assert status == 200
+    out = json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in the JSON body"))
     assert out["items"][-1] == model.item_ids[4] and out["scores"][-1] is None
     assert all(isinstance(s, float) for s in out["scores"][:-1])
 
