@@ -316,6 +316,38 @@ def test_backward_outputs_match_the_fake_kernel_where_gradients_are_left_out(fro
     assert [g is None for g in got[0]] == [n in off or (frozen == "h0 absent" and n == "h0") for n in names]
 
 
+@pytest.mark.parametrize("left_out", ["x", "h0", "w_ih", "w_hh"])
+def test_cpp_backward_gives_the_gradients_it_leaves_out_as_zeros(left_out):
+    """_C.backward with need_gx / need_gh0 / need_gw_ih / need_gw_hh false returns that gradient
+    as zeros, as its description and the op's fake kernel say, and the others with the bits of the
+    call that computes them all. The full call runs first and its outputs are freed, so the
+    scratch pool (blocks of 64 KiB or more: grad_x and the weight gradients here) hands their
+    memory out again with its gradients in it, and the kernel's dh (h0's gradient where it is
+    wanted) is scratch otherwise. (From a mutation review: grad_x or grad_h0 left as that memory
+    passed every test; the op's autograd drops them, a direct or dispatch-mode caller sees them.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(case_seed("left_out_zeros", left_out))
+    T, B, I, H = 4, 64, 96, 96  # grad_x 96 KiB, grad_w_ih and grad_w_hh 108 KiB (float32)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "gru", True, "plain", torch.float32, gen)
+    w_ih, w_hh = w_ih * I ** -0.5, w_hh * H ** -0.5
+    y, _, ws = _C.forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, 2, True)
+    gy, ghn = torch.randn(T, B, H, generator=gen), torch.randn(B, H, generator=gen)
+    args = (gy, ghn, x, h0, w_ih, w_hh, b_ih, b_hh, None, None, y, ws, 2, True)
+    grads = _C.backward(*args)
+    full = [g.clone() for g in grads]
+    assert all(bool(g.abs().sum() > 0) for g in full)
+    del grads
+    names = ["x", "h0", "w_ih", "w_hh"]
+    got = _C.backward(*args, **{f"need_g{n}": n != left_out for n in ("x", "h0", "w_ih", "w_hh")})
+    for name, g, want in zip(names + ["b_ih", "b_hh"], got, full):
+        expect = torch.zeros_like(want) if name == left_out else want
+        assert g.shape == want.shape and g.is_contiguous(), name
+        assert torch.equal(g, expect), name
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_grad_x_past_lengths_is_zero_whatever_w_ih_holds(backend, mode, reset_after):
@@ -394,6 +426,33 @@ def test_sorted_lengths_match_the_same_rows_unsorted(backend, mode, reset_after,
     ref_grads = reference.backward(gy, gh, *ref_in, ry, rws, MODES[mode], reset_after)
     for name, g, rg in zip(names[2:], results[0][2:], ref_grads):
         assert_grad_close(g, rg, dtype, name)
+
+
+@pytest.mark.parametrize("lengths", ["sorted", "none"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_input_projections_in_cpp_deeper_than_a_k_chunk(mode, reset_after, lengths):
+    """float32 input projections of I = 301 features, which the packed kernels take in two K
+    chunks (at most 256 each: 151 + 150), each chunk's product added to the one before: with sorted
+    lengths each step's live rows (W_ih packed once, rnnrec_cpu.cpp's PackedNT), without lengths
+    one product of all T * B = 120 rows (gemm_any's packed path). The float64 reference's outputs
+    and h_n. (From a mutation review: a second K chunk that overwrote the first in PackedNT, or one
+    read to the full chunk length in gemm_any, passed every test; no packed projection of theirs,
+    one-step blocks and chunked steps included, had I > 256.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(case_seed("deep_projection", mode, reset_after, lengths))
+    T, B, I, H = 5, 24, 301, 16
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
+    w_ih, w_hh = w_ih * I ** -0.5, w_hh * 0.4  # (pre-activations and states of order 1)
+    lens = None
+    if lengths == "sorted":
+        lens = torch.randint(1, T + 1, (B,), generator=gen).sort(descending=True).values
+        lens[0], lens[-1] = T, 0
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lens, None, mode, reset_after, "cpp")
+    ry, rh, _ = reference.forward(*[as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)], lens, None, MODES[mode],
+                                  reset_after)
+    assert_close(y.double(), ry, torch.float32, "output")
+    assert_close(h_n.double(), rh, torch.float32, "h_n")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -810,6 +869,34 @@ def test_padding_and_zero_lengths_keep_state():
     assert torch.equal(h_n[2], y[1, 2]) and torch.equal(h_n[0], y[3, 0])
 
 
+@pytest.mark.parametrize("reset_after", [True, False], ids=["gru", "gru_cho"])
+def test_cpp_workspace_of_steps_no_row_reaches_is_zero(reset_after):
+    """Steps past every row's length (a batch's last steps, lengths all below T): the workspace
+    there is zeros, as the reference's (the op's third output; its rows past a length are zeros at
+    every other step too), whatever its memory held. A call with every row full runs first and its
+    outputs are freed, so the scratch pool hands the workspace's memory out again with that call's
+    values in it. (From a mutation review: the forward's zeroing of such a step's workspace left
+    out passed every test; test_matches_reference keeps a full row in every batch.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(case_seed("workspace_past_lengths", reset_after))
+    T, B, I, H = 4, 64, 8, 64  # workspace 256 KiB (float32): pooled
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "gru", True, "plain", torch.float32, gen)
+    w_ih, w_hh = w_ih * I ** -0.5, w_hh * H ** -0.5  # (pre-activations of order 1)
+    full = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, "gru", reset_after, "cpp")
+    assert bool(full[2][T - 1].abs().sum() > 0)
+    del full
+    lengths = torch.randint(0, T - 1, (B,), generator=gen)
+    lengths[0] = T - 2  # steps T-2 and T-1: no row active
+    y, h_n, ws = torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, None, "gru", reset_after,
+                                                  "cpp")
+    assert torch.equal(ws[T - 2:], torch.zeros_like(ws[T - 2:]))
+    ry, rh, rws = reference.forward(*[as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)], lengths, None, MODES["gru"],
+                                    reset_after)
+    for name, got, want in (("output", y, ry), ("h_n", h_n, rh), ("workspace", ws, rws)):
+        assert_close(got.double(), want, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
@@ -1085,6 +1172,42 @@ def test_threads_give_the_same_bits(mode, reset_after, H, extras):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_threads_give_the_same_bits_with_resets_in_a_threads_last_row(mode, reset_after):
+    """Two threads that split the rows of the forward's steps (160 rows as 80 + 80, each thread
+    gathering the state entering a step where one of its rows resets): resets only in each
+    thread's last row (79 and 159, at steps 0 and 2) zero those rows' states as with one thread,
+    the same bits forward and backward, and the float64 reference's values. (From a mutation
+    review: a thread that looked for resets in all its rows but the last passed every test; random
+    resets put one elsewhere in a thread's rows at every step.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(case_seed("threads_last_row_reset", mode, reset_after))
+    T, B, I, H = 3, 160, 16, 128
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", torch.float32, gen)
+    w_ih, w_hh = w_ih * I ** -0.5, w_hh * H ** -0.5  # (states of order 1)
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[0, 79] = resets[2, 79] = resets[2, 159] = True
+    gy = torch.randn(T, B, H, generator=gen)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            params = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, resets, mode, reset_after, "cpp")
+            grads = torch.autograd.grad((y * gy).sum() + h_n.sum(), params)
+            results.append([y.detach(), h_n.detach(), *grads])
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(["y", "h_n", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], *results):
+        assert torch.equal(a, b), name
+    ry, rh, _ = reference.forward(*[as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)], None, resets, MODES[mode],
+                                  reset_after)
+    assert_close(results[1][0].double(), ry, torch.float32, "output")
+    assert_close(results[1][1].double(), rh, torch.float32, "h_n")
 
 
 def _backends_and_loads():
