@@ -153,6 +153,19 @@ def test_simd_in_place_product_wide_masked_block_tail_rows(mode, reset_after, H)
         run_case(mode, reset_after, 4, B, 24, H, torch.float32, "wide", threads=1)
 
 
+@pytest.mark.parametrize("mode,reset_after,H", [("rnn_tanh", True, 15), ("rnn_relu", True, 47), ("rnn_tanh", True, 49),
+                                                ("gru", True, 21), ("gru", False, 37), ("gru", True, 27)],
+                         ids=["tanh15", "relu47", "tanh49", "gru21", "gru_cho37", "gru27"])
+def test_simd_products_whose_last_slice_is_one_column_off_a_vector(mode, reset_after, H):
+    """Products whose last 32-column slice holds 15 or 31 columns (N = G H = 15, 63: one column short
+    of its vectors; stored whole, the tile writes a zero into the next row's first column), 47 (N =
+    47, 111: 32 + 15 as one wide block) or 17 (N = 49, 81: one past a vector, which a one-vector
+    block would leave unstored); I = H, so the weight gradients' N = I takes them too, and T * B =
+    48 rows the packed input projection. (From a mutation review: the micro-kernel's whole-tile test
+    at 16 V - 1 columns, or its one-vector block up to 17, passed every other test.)"""
+    run_case(mode, reset_after, 4, 12, H, H, torch.float32, "slice_edge", threads=1)
+
+
 @pytest.mark.parametrize("B", [9, 10, 13, 14])
 @pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu"])
 def test_simd_sixteen_columns_tail_rows(mode, B):
@@ -343,6 +356,91 @@ def test_simd_one_step_batch_with_a_two_row_last_block(mode, H):
         ry, rh = ref(x.double(), hx.double())
     check(y, ry, torch.float32, "output")
     check(h, rh, torch.float32, "h_n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reads stay within the operands
+# ------------------------------------------------------------------------------------------------
+# (run in a child process: a read past an operand's end kills it with SIGSEGV)
+GUARD_PAGE_CHILD = r"""
+import ctypes, mmap, sys
+import torch
+from rnnrec_fast import _C
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def at_page_end(t):
+    # a copy of t whose last float is the last one before an unreadable (PROT_NONE) page
+    n = t.numel() * t.element_size()
+    pages = -(-n // PAGE)
+    mm = mmap.mmap(-1, (pages + 1) * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    assert libc.mprotect(base + pages * PAGE, PAGE, 0) == 0, ctypes.get_errno()
+    out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=pages * PAGE - n).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+gen = torch.Generator().manual_seed(int(sys.argv[1]))
+# the catalogue's packed copy (pack_b of a transposed B: 16 x 16 blocks with masked K and N edges)
+for N, H in ((37, 20), (45, 100), (64, 33)):
+    W = torch.randn(N, H, generator=gen)
+    assert torch.equal(_C.pack_scores_weights(at_page_end(W)), _C.pack_scores_weights(W)), (N, H)
+# a few rows against a weight (the one-row product's plain, classes' and grouped forms; 2-8 rows)
+for loads in (0, 1, 2):
+    _C._set_gemv_loads(loads)
+    for M in range(1, 9):
+        for N, K in ((37, 20), (45, 100), (19, 33)):
+            x, W = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+            close(_C.linear_rows(at_page_end(x), at_page_end(W)), _C.linear_rows(x, W), f"linear_rows {M} {N} {K}")
+_C._set_gemv_loads(-1)
+# the op, forward and backward, every operand at a page end: products packed, read in place (the
+# carry product's masked and wide blocks: H = 40, 45, 47), the few-rows kernels, the row kernels' tails
+for mode, T, B, I, H in (("rnn_tanh", 4, 9, 24, 40), ("gru", 4, 11, 24, 45), ("rnn_relu", 4, 15, 37, 47),
+                         ("gru", 8, 16, 37, 64), ("gru", 3, 5, 13, 21), ("gru", 2, 1, 100, 100)):
+    G = 3 if mode == "gru" else 1
+    ins = [torch.randn(T, B, I, generator=gen), torch.randn(B, H, generator=gen) * 0.5,
+           torch.randn(G * H, I, generator=gen) / I ** 0.5, torch.randn(G * H, H, generator=gen) / H ** 0.5,
+           torch.randn(G * H, generator=gen) * 0.1, torch.randn(G * H, generator=gen) * 0.1]
+    gy = torch.randn(T, B, H, generator=gen)
+    outs = []
+    for args in (ins, [at_page_end(t) for t in ins]):
+        args = [t.detach().requires_grad_() for t in args]
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*args, None, None, mode, True, "cpp")
+        outs.append([y, h_n] + list(torch.autograd.grad((y * gy).sum() + h_n.sum(), args)))
+    for what, a, b in zip(["y", "h_n", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], outs[1], outs[0]):
+        close(a, b, f"{mode} T{T} B{B} I{I} H{H} {what}")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("level", ["default", "avx2"])
+def test_simd_kernels_read_nothing_past_their_operands(level):
+    """Every operand (the op's x, h0, weights and biases; linear_rows' x and W; the catalogue that
+    pack_scores_weights packs) placed so that its last float ends a page and the next page is
+    unreadable: the kernels' loads past the last valid row or column (the K, N and tail edges) must
+    be masked, or the process dies; the results equal those of ordinary copies. In a child process,
+    on the default kernels and on AVX2. (From a mutation review: an unmasked last vector of a B read
+    in place, or of a 16 x 16 block of a transposed B, read up to 15 floats past the operand's end
+    and passed every test, the extra lanes being discarded.)"""
+    if level == "avx2" and simd_level() != "avx512":
+        pytest.skip("the default kernels are the AVX2 ones (or none) on this CPU")
+    if not hasattr(os, "fork") or not Path("/proc/self/maps").exists():
+        pytest.skip("needs mmap / mprotect (Linux)")
+    env = dict(os.environ, RNNREC_FAST_TEST_SEED=str(RUN_SEED))
+    if level == "avx2":
+        env["RNNREC_FAST_NO_AVX512"] = "1"
+    out = subprocess.run([sys.executable, "-c", GUARD_PAGE_CHILD, str(case_seed("guard", level))], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), \
+        f"exit {out.returncode} (-11: a read past an operand's end)\n{out.stdout[-2000:]}{out.stderr[-3000:]}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1076,6 +1076,35 @@ def test_activations_to_a_few_ulp(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_float32_tanh_saturates_to_exactly_one(backend):
+    """float32 tanh of |x| >= 9.1 is exactly +-1, as torch.tanh's (every float32 past ~9.01 rounds
+    to 1): the C++ vector kernels clamp their rational fit at 9.1, where it gives 1. A clamp at 8
+    left 1 - 4 ulp beyond it, within test_activations_to_a_few_ulp's 8 ulp (from a mutation review);
+    the fit's 1 + 1 ulp below 9.1 (found by that review) is clamped to 1 now.
+    Outputs y = tanh(x) as there (W_ih = I, W_hh = 0, h0 = 0); H = 20: a 16-lane vector and a tail."""
+    H = 20
+    big = torch.tensor([9.1, 9.125, 9.2, 9.5, 9.75, 10.0, 11.0, 12.0, 13.0, 15.0, 20.0, 30.0, 50.0, 88.0, 100.0,
+                        1e3, 1e6, 1e20, 1e30, 3e38])
+    x = torch.stack([big, -big]).reshape(1, 2, H)
+    y, _ = rnnrec_fast.recurrence(x, torch.zeros(2, H), torch.eye(H), torch.zeros(H, H), None, None,
+                                  mode="rnn_tanh", backend=backend)
+    assert rnnrec_fast.last_backend() == backend
+    assert torch.equal(torch.tanh(x), x.sign())
+    assert torch.equal(y, x.sign()), f"tanh {x[y != x.sign()].tolist()} gave {y[y != x.sign()].tolist()}"
+    # and never past +-1 below the clamp: every float32 in [8, 9.1], both signs (the C++ vector
+    # kernels' fit gave 1 + 1 ulp for 16,596 of those from 8.2 up, within the 8 ulp above; a sweep
+    # of every float32 found none elsewhere)
+    sweep = torch.arange(int(torch.tensor(8.0).view(torch.int32)), int(torch.tensor(9.1).view(torch.int32)) + 1,
+                         dtype=torch.int32).view(torch.float32)
+    sweep = torch.cat([sweep, -sweep])
+    sweep = sweep[: sweep.numel() // H * H].reshape(1, -1, H)
+    y, _ = rnnrec_fast.recurrence(sweep, torch.zeros(sweep.shape[1], H), torch.eye(H), torch.zeros(H, H), None, None,
+                                  mode="rnn_tanh", backend=backend)
+    past = y.abs() > 1
+    assert not bool(past.any()), f"tanh {sweep[past][:5].tolist()} gave {y[past][:5].tolist()}"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_h0_none_is_the_zero_state(backend):
     gen = torch.Generator().manual_seed(2)
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(4, 3, 2, 5, "gru", True, "both", torch.float64, gen)
