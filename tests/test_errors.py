@@ -751,6 +751,21 @@ def test_weights_changed_to_other_sizes_are_refused(grad):
         assert m(x)[0].shape == (5, 3, 10)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("name,shape", [("bias_ih_l0", (31,)), ("bias_hh_l1", (29,)), ("weight_hh_l1", (30, 11)),
+                                        ("bias_hh", (29,))])
+def test_a_weight_given_other_sizes_in_place_is_refused(grad, name, shape):
+    """A parameter given memory of other sizes in place (`p.data = ...`: the module's __setattr__ does
+    not see it) makes the call raise as torch.nn's does, with autograd and without: the inference
+    fast path checks every weight's sizes itself (from a mutation review: without its check of a
+    bias's length or of a later layer's w_hh columns it ran, reading past the end or across rows)."""
+    m = rnnrec_fast.GRUCell(8, 10) if name == "bias_hh" else rnnrec_fast.GRU(8, 10, num_layers=2)
+    x = torch.randn(3, 8) if name == "bias_hh" else torch.randn(5, 3, 8)
+    getattr(m, name).data = torch.randn(shape)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=rf"{name} has shape \({shape[0]},"):
+        m(x)
+
+
 @pytest.mark.parametrize("kind", ["GRUCell", "RNNCell"])
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("change", ["input_size", "hidden_size", "hidden_size_hx", "weight_ih", "all_four",

@@ -1183,6 +1183,38 @@ def test_function_subclass_weights_as_torch_nn(backend, kind):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("where", ["input", "hx", "packed data"])
+def test_function_subclass_inputs_as_torch_nn(backend, where):
+    """An input, hx or PackedSequence data of a __torch_function__ subclass (plain weights), with or
+    without autograd: the subclass sees the call and the outputs are of it, equal to torch.nn's, as
+    for such weights above; the C++ plan steps aside (from a mutation review: its checks that hx
+    and a PackedSequence's data are plain tensors exactly were untested, and without them it
+    returned plain tensors the subclass never saw)."""
+    torch.manual_seed(30)
+    mods = [rnnrec_fast.GRU(3, 4, num_layers=2, dtype=torch.float64, backend=backend)]
+    mods.append(nn.GRU(3, 4, num_layers=2, dtype=torch.float64))
+    mods[1].load_state_dict(mods[0].state_dict())
+    x, hx = torch.randn(5, 3, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    if where == "input":
+        args = (x.as_subclass(_Seen), hx)
+    elif where == "hx":
+        args = (x, hx.as_subclass(_Seen))
+    else:
+        p = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+        args = (PackedSequence(p.data.as_subclass(_Seen), *p[1:]), hx)
+    plain = lambda t: t.as_subclass(torch.Tensor)  # noqa: E731
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        with grad_mode():
+            (out, h_n), (want_out, want_h) = (m(*args) for m in mods)
+        if where == "packed data":
+            out, want_out = out.data, want_out.data
+        assert type(want_out) is _Seen and type(want_h) is _Seen  # (torch.nn's)
+        assert type(out) is _Seen and type(h_n) is _Seen, grad_mode.__name__
+        torch.testing.assert_close(plain(out), plain(want_out), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(plain(h_n), plain(want_h), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind", ["GRU", "RNN_relu", "GRUCell"])
 def test_freed_or_shrunk_storage_is_refused(backend, kind):
     """A weight, input or hx whose storage was freed or shrunk after it was made (FSDP frees
@@ -1537,6 +1569,35 @@ def test_reverse_mode_func_transforms_with_functionalize_are_refused_clearly(bac
     torch.testing.assert_close(torch.func.functionalize(call)(x), twin(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("nograd", [False, True], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_func_transforms_over_a_closed_over_strided_packed_sequence(transform, nograd):
+    """A call on a PackedSequence of plain, non-contiguous data (and a plain hx) made inside a
+    torch.func transform that does not reach it: the value the call has outside the transform
+    (torch.nn's own call raises "Cannot access data pointer" under grad here). The C++ plan's
+    packed paths step aside inside a transform, as its dense ones do: their copy of the data
+    would be the transform's wrapper, without memory (from a mutation review: without that check
+    grad raised, and vmap with autograd on refused the C++ padding function)."""
+    torch.manual_seed(37)
+    m = rnnrec_fast.GRU(3, 4)
+    p = pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    packed = PackedSequence(torch.randn(p.data.shape[0], 6)[:, ::2], p.batch_sizes, None, None)
+    hx = torch.randn(1, 2, 4)
+
+    def total():
+        with torch.no_grad() if nograd else torch.enable_grad():
+            out, h_n = m(packed, hx)
+        return (out.data.sum() + h_n.sum()).detach()
+
+    want = total()
+    if transform == "grad":
+        got = torch.func.grad(lambda s: total() * s)(torch.tensor(2.0))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        got = torch.func.vmap(lambda s: total() * s)(torch.tensor([1.0, 2.0]))
+        torch.testing.assert_close(got, torch.stack([want, 2 * want]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_reverse_mode_func_keeps_h_n_in_place(backend):
     """h_n is no view, as torch.nn's: `h_n.detach_()` works for a batch of zero rows (as before the
@@ -1786,6 +1847,34 @@ def test_flop_counter_counts_the_op_as_torch_nn(backend, kind):
         out = ours(x.detach().requires_grad_(), h.requires_grad_())
         (out[0] if seq else out).sum().backward()
     assert fc.get_total_flops() == 3 * want
+
+
+@pytest.mark.skipif(not rnnrec_fast.backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("frozen", ["weight_ih_l0", "weight_hh_l0"])
+def test_forced_cpp_backend_leaves_out_the_gradients_auto_leaves_out(frozen):
+    """A module forced onto backend="cpp" runs the C++ kernels as "auto" does on CPU float tensors,
+    its backward included: a frozen weight's gradient product is left out, so the FLOP counter
+    counts the same, and the other gradients are the same bits (from a mutation review: with
+    "cpp" handed to the op's Python kernels, as another backend is, every test passed while the
+    backward computed, and the counter counted, the frozen weight's product too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(40)
+    x = torch.randn(5, 3, 8)
+    mods = [rnnrec_fast.GRU(8, 16, backend=b) for b in ("auto", "cpp")]
+    mods[1].load_state_dict(mods[0].state_dict())
+    counts, grads = [], []
+    for m in mods:
+        getattr(m, frozen).requires_grad_(False)
+        with FlopCounterMode(display=False) as fc:
+            out, h_n = m(x)
+            (out.sum() + h_n.sum()).backward()
+        assert rnnrec_fast.last_backend() == "cpp"
+        counts.append(fc.get_total_flops())
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    assert counts[1] == counts[0]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])

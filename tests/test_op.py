@@ -1699,6 +1699,32 @@ def test_extension_helpers_refuse_freed_storage_and_read_zero_tensors():
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+def test_packed_helpers_refuse_freed_storage_and_other_sizes():
+    """pad_packed_sorted, unpad_packed_sorted and reverse_padded (the modules' PackedSequence copies)
+    refuse a tensor whose storage was freed or shrunk after it was made, with a ValueError naming
+    it, and unpad_packed_sorted a padded sequence of other steps than batch_sizes has: they read by
+    pointer, past the memory's end (from a mutation review: without these checks every test
+    passed)."""
+    from rnnrec_fast import _C
+
+    bs = torch.tensor([3, 2, 2, 1])
+    data, padded, lengths = torch.randn(8, 5), torch.randn(4, 3, 5), torch.tensor([4, 3, 1])
+    x, n = _C.pad_packed_sorted(data, bs)  # (what fits: a round trip)
+    assert torch.equal(n, lengths) and torch.equal(_C.unpad_packed_sorted(x, bs), data)
+    with pytest.raises(ValueError, match="pad_packed_sorted: data reaches 160 bytes into its storage, which holds 8"):
+        _C.pad_packed_sorted(shrunk(data.clone()), bs)
+    with pytest.raises(ValueError, match="pad_packed_sorted: batch_sizes reaches 32 bytes"):
+        _C.pad_packed_sorted(data, shrunk(bs.clone()))
+    with pytest.raises(ValueError, match="unpad_packed_sorted: padded reaches 240 bytes"):
+        _C.unpad_packed_sorted(shrunk(padded.clone()), bs)
+    for steps in (3, 5):
+        with pytest.raises(ValueError, match=rf"padded must be \(4, 3, C\) for these batch_sizes, got \[{steps}, 3, 5\]"):
+            _C.unpad_packed_sorted(torch.randn(steps, 3, 5), bs)
+    with pytest.raises(ValueError, match="reverse_padded: x reaches 240 bytes"):
+        _C.reverse_padded(shrunk(padded.clone()), lengths)
+
+
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
 def test_score_topk_matches_torch_topk():
     """_C.score_topk (the serving click: W h + b, exclusions at -inf, the k best as lists) against
     addmv + torch.topk: several k up to N, 1 and 2 threads, exclusions (repeated ones too), NaN
