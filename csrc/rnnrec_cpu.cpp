@@ -1798,7 +1798,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gb_ih = at::empty({d.G * d.H}, opts);
   at::Tensor gb_hh = at::empty({d.G * d.H}, opts);
   if (d.T == 0 || d.B == 0) {  // no step (h_n is h0) or no row: the kernel's chunking divides by both
-    gh0.copy_(grad_h_n);       // (the op refuses these sizes; a direct call of backward reaches here)
+    if (need_gh0) gh0.copy_(grad_h_n);  // (the op refuses these sizes; a direct call of backward
+    else gh0.zero_();                  // reaches here)
     for (at::Tensor* g : {&gw_ih, &gw_hh, &gb_ih, &gb_hh}) g->zero_();
     return std::make_tuple(gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh);
   }

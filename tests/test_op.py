@@ -348,6 +348,53 @@ def test_cpp_backward_gives_the_gradients_it_leaves_out_as_zeros(left_out):
         assert torch.equal(g, expect), name
 
 
+@pytest.mark.parametrize("bad", [-1, -5])
+def test_cpp_entry_points_refuse_a_negative_length(bad):
+    """_C.forward and _C.backward called directly (the op checks lengths first, so only a direct
+    caller reaches the kernel's own check) refuse a length below 0 with its row and value, and take
+    the same call with that length 0. (From a mutation review: the kernel's check taking -1 passed
+    every test; test_errors' negative length comes with one past T, which fails the check anyway.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    from rnnrec_fast import _C
+
+    gen = torch.Generator().manual_seed(case_seed("negative_length", bad))
+    T, B, I, H = 3, 3, 2, 4
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "gru", True, "plain", torch.float64, gen)
+    gy, ghn = torch.randn(T, B, H, generator=gen, dtype=torch.float64), torch.randn(B, H, generator=gen,
+                                                                                   dtype=torch.float64)
+    good = torch.tensor([3, 0, 2])
+    y, _, ws = _C.forward(x, h0, w_ih, w_hh, b_ih, b_hh, good, None, 2, True)
+    _C.backward(gy, ghn, x, h0, w_ih, w_hh, b_ih, b_hh, good, None, y, ws, 2, True)
+    lengths = torch.tensor([3, bad, 2])
+    match = rf"lengths must lie in \[0, T=3\], got lengths\[1\] = {bad}"
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        _C.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, None, 2, True)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        _C.backward(gy, ghn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, None, y, ws, 2, True)
+
+
+@pytest.mark.parametrize("T,B", [(0, 2), (3, 0)], ids=["no_step", "no_row"])
+def test_cpp_backward_of_no_step_or_row_gives_left_out_gradients_as_zeros(T, B):
+    """_C.backward of a call with no step or no row (which the op refuses; a direct call reaches
+    it): h0's gradient is grad_h_n (h_n is h0), or zeros where need_gh0 is false, as for any other
+    size; every other gradient zeros (from a mutation review: that early return gave grad_h_n back
+    whatever need_gh0 said)."""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    from rnnrec_fast import _C
+
+    x, h0, w_ih, w_hh = torch.randn(T, B, 3), torch.randn(B, 4), torch.randn(12, 3), torch.randn(12, 4)
+    y, _, ws = _C.forward(x, h0, w_ih, w_hh, None, None, None, None, 2, True)
+    ghn = torch.randn(B, 4) + 1
+    for need in (True, False):
+        got = _C.backward(torch.randn(T, B, 4), ghn, x, h0, w_ih, w_hh, None, None, None, None, y, ws, 2, True,
+                          need_gh0=need)
+        assert torch.equal(got[1], ghn if need else torch.zeros(B, 4)), need
+        for g, shape in zip(got[:1] + got[2:], [(T, B, 3), (12, 3), (12, 4), (12,), (12,)]):
+            assert g.shape == shape and torch.equal(g, torch.zeros(shape))
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
 def test_grad_x_past_lengths_is_zero_whatever_w_ih_holds(backend, mode, reset_after):
@@ -455,6 +502,37 @@ def test_input_projections_in_cpp_deeper_than_a_k_chunk(mode, reset_after, lengt
     assert_close(h_n.double(), rh, torch.float32, "h_n")
 
 
+def test_cpp_weight_gradient_in_place_added_over_backward_chunks():
+    """grad_w_ih = dgx^T . x summed over two backward chunks of 96 rows each (rnn_tanh, T = 12,
+    B = 16: six steps a chunk), each chunk's product too large to pack for its M = H = 64 rows
+    (I = 1000: K N > L2 / 4, M < 256) and not MKL's, so gemm_any's in-place kernel (AVX-512) runs
+    both, the second adding to the first. The float64 reference's gradients, one thread. (From a
+    mutation review: the in-place kernel told to overwrite where it should add passed every test;
+    test_kernel_paths' in-place case has T = 8, whose second chunk of 32 rows is small enough to
+    pack.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(case_seed("in_place_weight_gradient_chunks"))
+    T, B, I, H = 12, 16, 1000, 64
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "rnn_tanh", True, "plain", torch.float32, gen)
+    w_ih, w_hh = w_ih * I ** -0.5, w_hh * H ** -0.5  # (pre-activations of order 1)
+    gy = torch.randn(T, B, H, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, None, None, "rnn_tanh", True, "cpp")
+        grads = torch.autograd.grad((y * gy).sum() + h_n.sum(), leaves)
+    finally:
+        torch.set_num_threads(threads)
+    ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [None, None]
+    ry, _, rws = reference.forward(*ref_in, MODES["rnn_tanh"], True)
+    ref_grads = reference.backward(gy.double(), torch.ones(B, H, dtype=torch.float64), *ref_in, ry, rws,
+                                   MODES["rnn_tanh"], True)
+    for name, g, rg in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], grads, ref_grads):
+        assert_grad_close(g, rg, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
 def test_opcheck_strided_inputs(backend, mode):
@@ -527,6 +605,40 @@ def test_backward_chunks_and_strided_gradients(backend, dtype, shape, mode, rese
                                                    msg=lambda m: f"{what} {name}: {m}")
                     else:
                         assert torch.equal(g, d), f"{what} {name} differs from the dense-input result"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode,reset_after", MODE_FORMS, ids=["tanh", "relu", "gru", "gru_cho"])
+def test_cpp_backward_reads_a_batch_first_grad_y_of_two_rows(mode, reset_after, dtype):
+    """The one-thread backward reads grad_y a step at a time as a (B, H) block: in place where its
+    rows are H apart (or B = 1), else copied row by row. A batch_first grad_y of B = 2 rows (a
+    (T, 2, H) view of a (2, T, H) tensor: rows T * H apart) gives the very bits of its dense copy,
+    and the float64 reference's gradients. (From a mutation review: taking B <= 2 rows in place,
+    which reads row 1 of step t from row 0 of step t + 1, passed every test; LONG_SHAPES' strided
+    grad_y cases have B = 1 or B >= 24.)"""
+    if not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"):
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(case_seed("batch_first_grad_y_two_rows", mode, reset_after, str(dtype)))
+    T, B, I, H = 5, 2, 3, 6
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, mode, True, "plain", dtype, gen, relu_margin=1e-4)
+    gy = torch.randn(B, T, H, generator=gen, dtype=torch.float64).to(dtype).transpose(0, 1)
+    gh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, None, None)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y, _, ws = torch.ops.rnnrec_fast.recurrence(*args, mode, reset_after, "cpp")
+        got, dense = (torch.ops.rnnrec_fast.recurrence_backward(g, gh, *args, y, ws, mode, reset_after, "cpp")
+                      for g in (gy, gy.contiguous()))
+    finally:
+        torch.set_num_threads(threads)
+    assert not gy.is_contiguous() and gy.stride(1) == T * H
+    ref_in = [as64(t) for t in args[:6]] + [None, None]
+    ry, _, rws = reference.forward(*ref_in, MODES[mode], reset_after)
+    ref = reference.backward(gy.double().contiguous(), gh.double(), *ref_in, ry, rws, MODES[mode], reset_after)
+    for name, g, d, r in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, dense, ref):
+        assert torch.equal(g, d), name
+        assert_grad_close(g, r, dtype, name)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
