@@ -885,28 +885,8 @@ def test_dropped_outputs_come_back_only_untouched(holder, mode):
         elif holder == "weakref":
             gone = []
             ref = weakref.ref(out, lambda r: gone.append(1))
-        elif holder == "attribute":
-            out.tag = "mine"
-        elif holder == "grad":
-            if mode == "inference_mode":
-                pytest.skip("an inference tensor takes no grad")
-            out.grad = torch.ones_like(out)
-        elif holder == "requires_grad":
-            if mode == "inference_mode":
-                pytest.skip("an inference tensor cannot require grad")
-            out.requires_grad_()
-        elif holder == "in_place":
-            out.add_(1.0)
-        elif holder == "resize":
-            out.resize_(3)
-        elif holder == "as_strided":
-            out.as_strided_((1, 1, 6), (1, 1, 1))
-        elif holder == "set_":
-            out.set_(torch.zeros(6).view(1, 1, 6))
-        elif holder == "share_memory":
-            out.share_memory_()
-        elif holder == "neg_bit":
-            torch._C._set_neg(out, True)
+        else:
+            touch_output(out, holder, mode)
         del out, h_n
         for i in range(1, 12):  # calls dropping their outputs, then calls keeping them
             outs = m(xs[i])
@@ -922,6 +902,25 @@ def test_dropped_outputs_come_back_only_untouched(holder, mode):
         outs = m(xs[0])
         assert all(t.is_inference() == (mode != "inference_mode") for t in outs)
         assert torch.equal(outs[0], want[0][0]) and torch.equal(outs[1], want[0][1])
+
+
+def touch_output(out, how, mode):
+    """Change a (1, 1, 6) output of the plan as `how` says, before it is dropped: such an output must
+    never be handed out again (the tests above and below). Skips what an inference tensor cannot take."""
+    if how in ("grad", "requires_grad") and mode == "inference_mode":
+        pytest.skip(f"an inference tensor takes no {how}")
+    changes = {
+        "attribute": lambda: setattr(out, "tag", "mine"),
+        "grad": lambda: setattr(out, "grad", torch.ones_like(out)),
+        "requires_grad": lambda: out.requires_grad_(),
+        "in_place": lambda: out.add_(1.0),
+        "resize": lambda: out.resize_(3),
+        "as_strided": lambda: out.as_strided_((1, 1, 6), (1, 1, 1)),
+        "set_": lambda: out.set_(torch.zeros(6).view(1, 1, 6)),
+        "share_memory": lambda: out.share_memory_(),
+        "neg_bit": lambda: torch._C._set_neg(out, True),
+    }
+    changes[how]()
 
 
 @needs_ext
@@ -956,18 +955,8 @@ def test_a_touched_output_is_never_handed_out_again(touch, mode):
             ref = weakref.ref(out, lambda r: gone.append(1))
         elif touch == "weak_tensor_ref":  # (a C++ weak reference to its TensorImpl, as torch.utils.checkpoint's)
             ref = torch._C._WeakTensorRef(out)
-        elif touch == "attribute":
-            out.tag = "mine"
-        elif touch == "requires_grad":
-            if mode == "inference_mode":
-                pytest.skip("an inference tensor cannot require grad")
-            out.requires_grad_()
-        elif touch == "in_place":
-            out.add_(1.0)
-        elif touch == "as_strided":
-            out.as_strided_((1, 1, 6), (1, 1, 1))
-        elif touch == "neg_bit":
-            torch._C._set_neg(out, True)
+        elif touch != "other_mode":
+            touch_output(out, touch, mode)
         del out, h_n
     for i in range(3, 8):
         with other() if touch == "other_mode" else ctx():
