@@ -1578,6 +1578,11 @@ def test_func_transforms_over_a_closed_over_strided_packed_sequence(transform, n
     packed paths step aside inside a transform, as its dense ones do: their copy of the data
     would be the transform's wrapper, without memory (from a mutation review: without that check
     grad raised, and vmap with autograd on refused the C++ padding function)."""
+    if transform == "grad":
+        try:  # (torch 2.4: Tensor.tolist() of a closed-over tensor inside grad, as reading batch_sizes does)
+            torch.func.grad(lambda s: s * torch.tensor([1.0]).tolist()[0])(torch.tensor(1.0))
+        except RuntimeError as e:
+            pytest.skip(f"this torch cannot read a closed-over tensor's values inside torch.func.grad: {e}")
     torch.manual_seed(37)
     m = rnnrec_fast.GRU(3, 4)
     p = pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
