@@ -421,23 +421,19 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("level", ["default", "avx2"])
-def test_simd_kernels_read_nothing_past_their_operands(level):
+def test_simd_kernels_read_nothing_past_their_operands():
     """Every operand (the op's x, h0, weights and biases; linear_rows' x and W; the catalogue that
     pack_scores_weights packs) placed so that its last float ends a page and the next page is
     unreadable: the kernels' loads past the last valid row or column (the K, N and tail edges) must
     be masked, or the process dies; the results equal those of ordinary copies. In a child process,
-    on the default kernels and on AVX2. (From a mutation review: an unmasked last vector of a B read
-    in place, or of a 16 x 16 block of a transposed B, read up to 15 floats past the operand's end
-    and passed every test, the extra lanes being discarded.)"""
-    if level == "avx2" and simd_level() != "avx512":
-        pytest.skip("the default kernels are the AVX2 ones (or none) on this CPU")
+    on this process's kernels (test_simd_paths_on_avx2 runs it again on AVX2). (From a mutation
+    review: an unmasked last vector of a B read in place, or of a 16 x 16 block of a transposed B,
+    read up to 15 floats past the operand's end and passed every test, the extra lanes being
+    discarded.)"""
     if not hasattr(os, "fork") or not Path("/proc/self/maps").exists():
         pytest.skip("needs mmap / mprotect (Linux)")
     env = dict(os.environ, RNNREC_FAST_TEST_SEED=str(RUN_SEED))
-    if level == "avx2":
-        env["RNNREC_FAST_NO_AVX512"] = "1"
-    out = subprocess.run([sys.executable, "-c", GUARD_PAGE_CHILD, str(case_seed("guard", level))], env=env,
+    out = subprocess.run([sys.executable, "-c", GUARD_PAGE_CHILD, str(case_seed("guard", simd_level()))], env=env,
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), \
         f"exit {out.returncode} (-11: a read past an operand's end)\n{out.stdout[-2000:]}{out.stderr[-3000:]}"

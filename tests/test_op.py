@@ -517,14 +517,8 @@ def test_cpp_weight_gradient_in_place_added_over_backward_chunks():
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "rnn_tanh", True, "plain", torch.float32, gen)
     w_ih, w_hh = w_ih * I ** -0.5, w_hh * H ** -0.5  # (pre-activations of order 1)
     gy = torch.randn(T, B, H, generator=gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-        y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, None, None, "rnn_tanh", True, "cpp")
-        grads = torch.autograd.grad((y * gy).sum() + h_n.sum(), leaves)
-    finally:
-        torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        grads = cpp_training_step((x, h0, w_ih, w_hh, b_ih, b_hh), gy, None, None, "rnn_tanh", True)[2:]
     ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [None, None]
     ry, _, rws = reference.forward(*ref_in, MODES["rnn_tanh"], True)
     ref_grads = reference.backward(gy.double(), torch.ones(B, H, dtype=torch.float64), *ref_in, ry, rws,
@@ -624,14 +618,10 @@ def test_cpp_backward_reads_a_batch_first_grad_y_of_two_rows(mode, reset_after, 
     gy = torch.randn(B, T, H, generator=gen, dtype=torch.float64).to(dtype).transpose(0, 1)
     gh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, None, None)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with intra_op_threads(1):
         y, _, ws = torch.ops.rnnrec_fast.recurrence(*args, mode, reset_after, "cpp")
         got, dense = (torch.ops.rnnrec_fast.recurrence_backward(g, gh, *args, y, ws, mode, reset_after, "cpp")
                       for g in (gy, gy.contiguous()))
-    finally:
-        torch.set_num_threads(threads)
     assert not gy.is_contiguous() and gy.stride(1) == T * H
     ref_in = [as64(t) for t in args[:6]] + [None, None]
     ry, _, rws = reference.forward(*ref_in, MODES[mode], reset_after)
@@ -1299,18 +1289,7 @@ def test_threads_give_the_same_bits(mode, reset_after, H, extras):
     if extras == "sorted":
         inputs = inputs[:6] + (inputs[6].sort(descending=True).values, None)
     gy = torch.randn(4, 160, H, generator=gen)
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = [t.clone() if t is not None else None for t in inputs]
-            params = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, lengths, resets, mode, reset_after, "cpp")
-            grads = torch.autograd.grad((y * gy).sum() + h_n.sum(), params)
-            results.append([y.detach(), h_n.detach(), *grads])
-    finally:
-        torch.set_num_threads(before)
+    results = one_and_two_threads(lambda: cpp_training_step(inputs[:6], gy, *inputs[6:], mode, reset_after))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -1332,17 +1311,8 @@ def test_threads_give_the_same_bits_with_resets_in_a_threads_last_row(mode, rese
     resets = torch.zeros(T, B, dtype=torch.bool)
     resets[0, 79] = resets[2, 79] = resets[2, 159] = True
     gy = torch.randn(T, B, H, generator=gen)
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            params = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*params, None, resets, mode, reset_after, "cpp")
-            grads = torch.autograd.grad((y * gy).sum() + h_n.sum(), params)
-            results.append([y.detach(), h_n.detach(), *grads])
-    finally:
-        torch.set_num_threads(before)
+    results = one_and_two_threads(
+        lambda: cpp_training_step((x, h0, w_ih, w_hh, b_ih, b_hh), gy, None, resets, mode, reset_after))
     for name, a, b in zip(["y", "h_n", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], *results):
         assert torch.equal(a, b), name
     ry, rh, _ = reference.forward(*[as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)], None, resets, MODES[mode],
@@ -1497,16 +1467,31 @@ def test_input_projection_of_few_rows(T, B, mode, reset_after, H):
     assert_close(h_n.double(), rh, torch.float32, "h_n")
 
 
+@contextlib.contextmanager
+def intra_op_threads(n):
+    """torch's intra-op thread count n in the block, then the count before it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def one_and_two_threads(fn):
     """fn() with one intra-op thread, then with two (the thread count restored)."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with intra_op_threads(1):
         one = fn()
-        torch.set_num_threads(2)
+    with intra_op_threads(2):
         return one, fn()
-    finally:
-        torch.set_num_threads(threads)
+
+
+def cpp_training_step(tensors, gy, lengths, resets, mode, reset_after):
+    """y, h_n and the gradients of (y * gy).sum() + h_n.sum() with respect to copies of the six
+    tensors (x, h0, w_ih, w_hh, b_ih, b_hh), through the op on the C++ backend."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    y, h_n, _ = torch.ops.rnnrec_fast.recurrence(*leaves, lengths, resets, mode, reset_after, "cpp")
+    return [y.detach(), h_n.detach(), *torch.autograd.grad((y * gy).sum() + h_n.sum(), leaves)]
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
