@@ -1,4 +1,5 @@
 import collections
+import contextlib
 import os
 import random
 import sys
@@ -54,6 +55,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
         terminalreporter.write_line(f"rnnrec_fast test seed: RNNREC_FAST_TEST_SEED={RUN_SEED} repeats this "
                                     "run's draws")
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op thread count n in the block, then the count before it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_backends():

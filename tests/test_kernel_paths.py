@@ -24,7 +24,7 @@ from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 from rnnrec_fast._checks import env_flag
 
-from conftest import RUN_SEED, case_seed
+from conftest import RUN_SEED, case_seed, num_threads
 
 pytestmark = pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                                 reason="the C++ extension is not built")
@@ -38,16 +38,6 @@ def simd_level():
     from rnnrec_fast import _C
 
     return _C.simd_level()
-
-
-@contextlib.contextmanager
-def num_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check(actual, expected, dtype, what):

@@ -1169,17 +1169,23 @@ def test_function_subclass_weights_as_torch_nn(backend, kind):
             setattr(m, name, nn.Parameter(p.detach().as_subclass(_Seen)))
     x = torch.randn(5, 3, 3, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    for inp in (x, packed):
+        assert_outputs_of_the_subclass_as_torch_nn(mods, (inp,))
+
+
+def assert_outputs_of_the_subclass_as_torch_nn(mods, args):
+    """mods[0] (ours) and mods[1] (its torch.nn twin) called on args, under no_grad and with
+    autograd: both outputs (a PackedSequence's data) and h_n are _Seen, with equal values."""
     plain = lambda t: t.as_subclass(torch.Tensor)  # noqa: E731
     for grad_mode in (torch.no_grad, torch.enable_grad):
-        for inp in (x, packed):
-            with grad_mode():
-                (out, h_n), (want_out, want_h) = (m(inp) for m in mods)
-            if inp is packed:
-                out, want_out = out.data, want_out.data
-            assert type(want_out) is _Seen and type(want_h) is _Seen  # (torch.nn's)
-            assert type(out) is _Seen and type(h_n) is _Seen, (grad_mode.__name__, type(inp).__name__)
-            torch.testing.assert_close(plain(out), plain(want_out), rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(plain(h_n), plain(want_h), rtol=1e-10, atol=1e-12)
+        with grad_mode():
+            (out, h_n), (want_out, want_h) = (m(*args) for m in mods)
+        if isinstance(want_out, PackedSequence):  # (ours must be one too: .data)
+            out, want_out = out.data, want_out.data
+        assert type(want_out) is _Seen and type(want_h) is _Seen  # (torch.nn's)
+        assert type(out) is _Seen and type(h_n) is _Seen, (grad_mode.__name__, type(args[0]).__name__)
+        torch.testing.assert_close(plain(out), plain(want_out), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(plain(h_n), plain(want_h), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -1202,16 +1208,7 @@ def test_function_subclass_inputs_as_torch_nn(backend, where):
     else:
         p = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
         args = (PackedSequence(p.data.as_subclass(_Seen), *p[1:]), hx)
-    plain = lambda t: t.as_subclass(torch.Tensor)  # noqa: E731
-    for grad_mode in (torch.no_grad, torch.enable_grad):
-        with grad_mode():
-            (out, h_n), (want_out, want_h) = (m(*args) for m in mods)
-        if where == "packed data":
-            out, want_out = out.data, want_out.data
-        assert type(want_out) is _Seen and type(want_h) is _Seen  # (torch.nn's)
-        assert type(out) is _Seen and type(h_n) is _Seen, grad_mode.__name__
-        torch.testing.assert_close(plain(out), plain(want_out), rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(plain(h_n), plain(want_h), rtol=1e-10, atol=1e-12)
+    assert_outputs_of_the_subclass_as_torch_nn(mods, args)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -19,8 +19,8 @@ from rnnrec_fast.backends import reference
 from rnnrec_fast.ops import MODES
 from rnnrec_fast._checks import env_flag
 
-from conftest import (assert_close, case_seed, cpu_backends, expected_calls, relu_recurrence_float64, shrunk,
-                      tolerances)
+from conftest import (assert_close, case_seed, cpu_backends, expected_calls, num_threads, relu_recurrence_float64,
+                      shrunk, tolerances)
 
 MODE_FORMS = [("rnn_tanh", True), ("rnn_relu", True), ("gru", True), ("gru", False)]
 SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (6, 4, 3, 2)]  # T, B, I, H
@@ -517,7 +517,7 @@ def test_cpp_weight_gradient_in_place_added_over_backward_chunks():
     x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "rnn_tanh", True, "plain", torch.float32, gen)
     w_ih, w_hh = w_ih * I ** -0.5, w_hh * H ** -0.5  # (pre-activations of order 1)
     gy = torch.randn(T, B, H, generator=gen)
-    with intra_op_threads(1):
+    with num_threads(1):
         grads = cpp_training_step((x, h0, w_ih, w_hh, b_ih, b_hh), gy, None, None, "rnn_tanh", True)[2:]
     ref_in = [as64(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)] + [None, None]
     ry, _, rws = reference.forward(*ref_in, MODES["rnn_tanh"], True)
@@ -618,7 +618,7 @@ def test_cpp_backward_reads_a_batch_first_grad_y_of_two_rows(mode, reset_after, 
     gy = torch.randn(B, T, H, generator=gen, dtype=torch.float64).to(dtype).transpose(0, 1)
     gh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, None, None)
-    with intra_op_threads(1):
+    with num_threads(1):
         y, _, ws = torch.ops.rnnrec_fast.recurrence(*args, mode, reset_after, "cpp")
         got, dense = (torch.ops.rnnrec_fast.recurrence_backward(g, gh, *args, y, ws, mode, reset_after, "cpp")
                       for g in (gy, gy.contiguous()))
@@ -1467,22 +1467,11 @@ def test_input_projection_of_few_rows(T, B, mode, reset_after, H):
     assert_close(h_n.double(), rh, torch.float32, "h_n")
 
 
-@contextlib.contextmanager
-def intra_op_threads(n):
-    """torch's intra-op thread count n in the block, then the count before it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def one_and_two_threads(fn):
     """fn() with one intra-op thread, then with two (the thread count restored)."""
-    with intra_op_threads(1):
+    with num_threads(1):
         one = fn()
-    with intra_op_threads(2):
+    with num_threads(2):
         return one, fn()
 
 
