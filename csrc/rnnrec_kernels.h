@@ -68,11 +68,26 @@ using SmallGemmNT = void (*)(int64_t nb, int64_t M, int64_t K, const T* W, int64
 // K in as few chunks as that allows, of equal length (the last one shorter by what is left):
 // K = 300 with kc = 256 as 150 + 150, where 256 + 44 ran a short second pass over C (the
 // backward's products of depth 3H at H = 100).
-inline int64_t k_chunk(int64_t K, int64_t kc) {
+constexpr int64_t k_chunk(int64_t K, int64_t kc) {
   if (K <= kc) return K;
   const int64_t n = (K + kc - 1) / kc;
   return (K + n - 1) / n;
 }
+
+// What its callers rely on (gemm_panels copies a chunk of B into a buffer of KC rows; the packed
+// products run ceil(K / chunk) chunks): every chunk is at most kc long, none empty, and the chunks
+// are as few as chunks of kc. Checked at build time over the depths the kernels meet.
+constexpr bool k_chunk_holds(int64_t kc, int64_t k_max) {
+  for (int64_t K = 1; K <= k_max; ++K) {
+    const int64_t c = k_chunk(K, kc);
+    if (c < 1 || c > kc || (K + c - 1) / c != (K + kc - 1) / kc) return false;
+  }
+  return true;
+}
+static_assert(k_chunk(300, 256) == 150 && k_chunk(256, 256) == 256 && k_chunk(257, 256) == 129,
+              "k_chunk splits K into equal chunks");
+static_assert(k_chunk_holds(256, 8192) && k_chunk_holds(128, 4096) && k_chunk_holds(7, 200),
+              "k_chunk gives chunks of at most kc, as few as kc's");
 
 // Packed-B float GEMM of one instruction set: AVX-512F (rnnrec_avx512.cpp, 32-column panels) or
 // AVX2/FMA (rnnrec_avx2_gemm.cpp, 16-column panels). op(B) is K x N: B[n * ldb + k] when transB,
