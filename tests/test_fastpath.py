@@ -1841,6 +1841,38 @@ def test_scratch_kept_between_calls_is_bounded_reused_and_released():
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_scratch_pool_counts_a_reused_block_once(mode):
+    """A block the pool hands out again leaves its count (held bytes): identical calls, once the
+    first two have filled the pool (the second: a training call's grad_x block then stays as x.grad
+    at the first), hold the same bytes after each call, where a count that kept a taken block would
+    grow by the call's blocks every time (up to the 32 MiB bound)."""
+    torch.manual_seed(11)
+    if mode == "inference":
+        m = rnnrec_fast.GRU(256, 256, batch_first=True).eval()
+        x = torch.randn(16, 20, 256)
+    else:
+        m = rnnrec_fast.GRU(64, 128)
+        x = torch.randn(20, 32, 64, requires_grad=True)
+
+    def call():
+        with torch.inference_mode(mode == "inference"):
+            y, h = m(x)
+            if mode == "training":
+                (y.sum() + h.sum()).backward()
+        assert rnnrec_fast.last_backend() == "cpp"
+
+    rnnrec_fast.empty_cache()
+    call()
+    call()
+    held = rnnrec_fast.scratch_bytes()
+    assert held >= 64 << 10  # blocks were kept: the test reaches the pool
+    for _ in range(3):
+        call()
+        assert rnnrec_fast.scratch_bytes() == held
+
+
+@needs_ext
 @pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)], ids=["L1", "L2bi"])
