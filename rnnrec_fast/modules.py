@@ -870,7 +870,8 @@ class _RNNBase(_FastPath):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             expected = (self.num_layers * D, int(batch_sizes[0]), self.hidden_size)
             if tuple(hx.shape) != expected:
-                raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
+                # (int(): under torch.jit.trace hx's sizes are 0-dim tensors)
+                raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(int(n) for n in hx.shape)}")
             if sorted_indices is not None:
                 hx = hx.index_select(1, sorted_indices)
         weights = [getattr(self, n) for n in self._flat_weights_names]

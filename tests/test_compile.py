@@ -307,6 +307,28 @@ def test_jit_trace_of_a_packed_input_takes_other_batch_sizes(kind):
             torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_jit_trace_of_a_packed_input_takes_other_sequence_lengths(kind):
+    """A traced variable-length encoder runs on batches whose longest sequence is longer or shorter
+    than the trace example's, as torch.nn's traced one does: the padding's number of steps is read
+    from batch_sizes' shape inside the trace, not recorded as a constant (a constant failed in the
+    TorchScript interpreter at a longer sequence)."""
+    torch.manual_seed(37)
+    ours = getattr(rnnrec_fast, kind)(3, 4, batch_first=True, dtype=torch.float64)
+    ref = getattr(nn, kind)(3, 4, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    example = (torch.randn(3, 4, 3, dtype=torch.float64), torch.tensor([4, 2, 3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(_PackedEncoder(ours), example, check_trace=False)
+    for lengths in ([6, 2, 3], [2, 1]):
+        x = torch.randn(len(lengths), max(lengths), 3, dtype=torch.float64)
+        with torch.no_grad():
+            got, want = traced(x, torch.tensor(lengths)), _PackedEncoder(ref)(x, torch.tensor(lengths))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 class _CellModel(nn.Module):
     def __init__(self):
         super().__init__()
@@ -399,6 +421,52 @@ def test_packed_sequence_input_compiles_without_extra_graphs():
     counter = CompileCounter()
     got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
     torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
+
+
+def test_compiled_dropout_of_an_unsorted_packed_sequence_as_torch_nn():
+    """Compiled, a PackedSequence is padded in the original batch order (torch's own padding), and
+    the dropout between layers still draws its mask over the packed rows in their sorted order, as
+    torch.nn's does: under the same seed the same units drop, so outputs and h_n equal torch.nn's
+    (the packed rows' places must follow sorted_indices there, unlike the eager C++ padding's)."""
+    packed = pack_padded_sequence(torch.randn(6, 4, 3, dtype=torch.float64), torch.tensor([3, 6, 1, 5]),
+                                  enforce_sorted=False)
+    _skip_unless_torch_compiles("torch's own pad_packed_sequence", lambda p: pad_packed_sequence(p)[0], packed)
+    torch.manual_seed(0)
+    ref = nn.GRU(3, 4, num_layers=2, dropout=0.5, dtype=torch.float64)
+    ours = rnnrec_fast.from_torch(ref)
+    ours.__dict__["_plan"] = ours.__dict__["_module_call"] = None  # (the Python forward, compiled)
+    compiled = torch.compile(lambda p: ours(p), backend="eager")
+    outs = []
+    for m in (ref, compiled):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            y, h = m(packed)
+        outs.append((y.data, h))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert not torch.equal(outs[0][0], ref.eval()(packed)[0].data)  # (masks were drawn)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_bidirectional_packed_sequence_compiles_without_extra_graphs(grad):
+    """A bidirectional module's per-row reversal of a PackedSequence's steps is traced as ATen's
+    index ops while compiling, not run as the C++ copy (_C.reverse_padded, which dynamo cannot
+    trace: a graph break at each of the reversals); one graph, the eager values."""
+    from torch._dynamo.testing import CompileCounter
+
+    packed = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
+    _skip_unless_torch_compiles("torch's own pad_packed_sequence", lambda p: pad_packed_sequence(p)[0], packed)
+    torch.manual_seed(7)
+    m = rnnrec_fast.GRU(3, 4, bidirectional=True)
+    with torch.set_grad_enabled(grad):
+        want = m(packed)[0].data
+        m.__dict__["_plan"] = m.__dict__["_module_call"] = None  # (the Python forward, compiled)
+        counter = CompileCounter()
+        got = torch.compile(lambda p: m(p)[0].data, backend=counter)(packed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
 
 

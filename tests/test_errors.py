@@ -471,6 +471,8 @@ def test_module_weight_and_packed_errors_name_the_problem(backend):
     bad = [(PackedSequence(torch.randn(3, 3), torch.tensor([3, -1, 1])), "must be non-increasing, the first positive"),
            (PackedSequence(torch.randn(3, 3), torch.tensor([1, 2])), "must be non-increasing, the first positive"),
            (PackedSequence(torch.randn(0, 3), torch.tensor([0, 0])), "must be non-increasing, the first positive"),
+           # (a negative last size whose sum fits: the C++ padding's own ValueError was no RuntimeError)
+           (PackedSequence(torch.randn(2, 3), torch.tensor([2, 1, -1])), "must be non-increasing, the first positive"),
            (PackedSequence(torch.randn(4, 3), torch.tensor([2, 1])), "sum to its data's 4 rows"),
            (PackedSequence(torch.randn(3, 2, 3), torch.tensor([2, 1])), "data must have 2 dimensions"),
            (PackedSequence(torch.randn(3, 3), torch.tensor([2.0, 1.0])), "1-D int64 CPU tensor")]
@@ -887,3 +889,20 @@ def test_meta_resets_and_lengths_are_taken_beside_meta_inputs():
     y, h = rnnrec_fast.recurrence(torch.randn(5, 2, 3, device="meta"), None, *w,
                                   lengths=torch.ones(2, dtype=torch.long, device="meta"))
     assert y.is_meta and y.shape == (5, 2, 4) and h.shape == (2, 4)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_a_weight_on_another_device_than_the_input_is_named(kind, grad):
+    """A weight moved to another device than the input's (meta: there on every machine) is the
+    module's error naming the weight, a RuntimeError as torch.nn's, not the op's plain ValueError
+    naming its own argument (w_hh)."""
+    from torch import nn
+
+    m = getattr(rnnrec_fast, kind)(3, 4)
+    name = "weight_hh_l0" if kind == "GRU" else "weight_hh"
+    setattr(m, name, nn.Parameter(torch.randn(12, 4, device="meta")))
+    x = torch.randn(5, 2, 3) if kind == "GRU" else torch.randn(2, 3)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError,
+                                                     match=f"{kind}: {name} is on meta but the input is on cpu"):
+        m(x)

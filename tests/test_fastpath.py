@@ -642,7 +642,9 @@ def test_copies_and_configuration_changes_rebind_the_plan(spy, tmp_path):
     for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
         with torch.no_grad():
             clone.weight_hh_l0.zero_()  # the copy's own parameters, not the original's
+        handled = spy["handled"]
         (out, _), (g_out, _) = fast_and_general(clone, x)
+        assert spy["handled"] == handled + 1, "the copy has no plan of its own"
         assert_close(out, g_out, torch.float32, "copy")
         with torch.inference_mode():
             assert torch.equal(ours(x)[0], expected)
@@ -1485,6 +1487,8 @@ def test_python_backends_cells_and_declines(py_spy, backend):
     with torch.no_grad():
         with pytest.raises(ValueError, match="Expected hidden size"):
             seq(xs, torch.randn(2, 3, 6))
+        with pytest.raises(ValueError, match="Expected hidden size \\(2, 2, 6\\), got \\(3, 2, 6\\)"):
+            seq(xs, torch.randn(3, 2, 6))  # (a state for more layers than the module's: not run on its first two)
         with pytest.raises(ValueError, match="input.size\\(-1\\) must be equal to input_size"):
             seq(torch.randn(3, 2, 4))
         with pytest.raises(ValueError, match="dtype"):
@@ -1735,6 +1739,64 @@ def test_python_backends_see_a_new_shape_at_the_same_address(py_spy, backend, ki
             got, want = ours(x, h), ref(x, h)
         assert py_spy["handled"] == handled + 1
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_a_subclass_call_with_keyword_arguments_reads_them(kind, grad):
+    """A subclass of a module (its calls run the Python __call__, not the classes' C++ call slot)
+    called with hx by keyword gets the result of hx passed by position: the C++ plan, which takes
+    positional arguments only, is not handed such a call (it ran without hx)."""
+    class Sub(getattr(rnnrec_fast, kind)):
+        pass
+
+    torch.manual_seed(9)
+    m = Sub(3, 4)
+    x, h = (torch.randn(5, 2, 3), torch.randn(1, 2, 4)) if kind == "GRU" else (torch.randn(2, 3), torch.randn(2, 4))
+    with torch.set_grad_enabled(grad):
+        by_keyword, by_position, without = m(x, hx=h), m(x, h), m(x)
+    if kind == "GRU":
+        by_keyword, by_position, without = by_keyword[0], by_position[0], without[0]
+    assert torch.equal(by_keyword, by_position) and not torch.equal(by_keyword, without)
+
+
+@pytest.mark.parametrize("backend", _py_backends())
+def test_python_plans_keep_no_deleted_weight_alive(py_spy, backend):
+    """A weight deleted from the module (as WeightDrop does before it sets a new one) is not kept
+    alive by the numba plan's views of it: its memory goes with the module's last reference."""
+    import gc
+    import weakref
+
+    m = rnnrec_fast.GRU(4, 5, backend=backend)
+    with torch.no_grad():
+        m(torch.randn(3, 2, 4))  # (the numba plan keeps views of the weights)
+    assert py_spy["handled"] == 1
+    gone = weakref.ref(m.weight_hh_l0)
+    del m.weight_hh_l0
+    gc.collect()
+    assert gone() is None, "the deleted weight is still held"
+
+
+@pytest.mark.parametrize("backend", _py_backends())
+def test_python_backends_see_a_weight_made_contiguous_at_the_same_address(py_spy, backend):
+    """A square weight given a transposed view of its own memory through .data (same object, same
+    address, same shape, not contiguous) and then its memory as it is: the numba plan's copy of the
+    transposed weight is not kept as a view of it, so the second call reads the weight as it is now
+    (a kept copy was reused: the transposed weight's outputs)."""
+    torch.manual_seed(8)
+    ref = nn.RNN(4, 4)
+    ours = rnnrec_fast.from_torch(ref, backend=backend)
+    x = torch.randn(3, 2, 4)
+    w = ours.weight_hh_l0.data
+    for m in (ours, ref):
+        m.weight_hh_l0.data = w.t()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+        for m in (ours, ref):
+            m.weight_hh_l0.data = w
+        handled = py_spy["handled"]
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+    assert py_spy["handled"] == handled + 1
 
 
 @pytest.mark.parametrize("backend", _py_backends())

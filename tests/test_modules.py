@@ -1799,6 +1799,19 @@ def test_from_torch_refuses_transformed_modules_clearly():
     assert_close(ours(x)[0], pruned(x)[0], torch.float32, "converted after prune.remove")
 
 
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_from_torch_refuses_a_projection_set_after_construction(kind):
+    """torch.nn refuses proj_size for RNN / GRU at construction; one set on the module afterwards
+    (which torch.nn's own checks then read) is refused by from_torch by name, not dropped silently
+    (the converted module would have had no projection)."""
+    m = getattr(nn, kind)(3, 4)
+    m.proj_size = 2
+    with pytest.raises(ValueError, match="from_torch: proj_size is not supported"):
+        rnnrec_fast.from_torch(m)
+    m.proj_size = 0
+    assert type(rnnrec_fast.from_torch(m)) is getattr(rnnrec_fast, kind)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell"])
 def test_flop_counter_counts_the_op_as_torch_nn(backend, kind):
@@ -2465,6 +2478,22 @@ def test_to_torch_refuses_a_gru4rec_model_given_itself():
     with pytest.raises(TypeError, match="to_torch: GRU4Rec's own code calls its recurrent layers"):
         rnnrec_fast.to_torch(GRU4Rec(20, layers=[8]))
 
+
+
+@pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
+def test_conversion_of_a_module_holding_none_of_its_weights_is_refused(direction):
+    """A module whose every weight was deleted (no Parameter, no plain tensor left: nothing to take
+    the dtype and device from) is refused with a ValueError naming its class and library, not an
+    IndexError from reading its first weight; one weight set again as a plain tensor converts."""
+    src_lib = nn if direction == "from_torch" else rnnrec_fast
+    m = src_lib.GRU(4, 5, bias=False)
+    w = m.weight_hh_l0.detach().clone()
+    del m.weight_ih_l0, m.weight_hh_l0
+    lib = "torch.nn.modules.rnn" if direction == "from_torch" else "rnnrec_fast.modules"
+    with pytest.raises(ValueError, match=f"^{lib}.GRU holds none of its weights: nothing to convert$"):
+        getattr(rnnrec_fast, direction)(m)
+    m.weight_hh_l0 = w
+    assert torch.equal(getattr(rnnrec_fast, direction)(m).weight_hh_l0, w)
 
 
 @pytest.mark.parametrize("direction", ["from_torch", "to_torch"])

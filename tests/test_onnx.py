@@ -6,6 +6,7 @@ resets, the GRU's reset_after=False) is refused by name."""
 import importlib
 import inspect
 import io
+import re
 import warnings
 
 import pytest
@@ -145,6 +146,61 @@ def test_a_model_packing_its_sequences_exports_as_torch_nn_does():
         want = ref(items, lengths)
     for got, r in zip(_run(blob, {"items": items, "lengths": lengths}), want):
         torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_under_export_a_packed_sequence_with_hx_as_torch_nn(kind, onnx_exporting):
+    """Under export, an unsorted PackedSequence with an hx runs torch.nn's packed operator as
+    torch.nn's forward calls it: hx taken in the sorted batch order, h_n given back in the input's;
+    the traced encoder gives torch.nn's outputs and h_n bit for bit; an hx of another batch is the
+    module's error naming the expected hidden size."""
+    class Encoder(nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x, lengths, hx):
+            out, h_n = self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+            return pad_packed_sequence(out, total_length=x.shape[0])[0], h_n
+
+    torch.manual_seed(8)
+    ours = getattr(rnnrec_fast, kind)(I, H, num_layers=2).eval()
+    twin = rnnrec_fast.to_torch(ours)
+    args = (torch.randn(5, 3, I), torch.tensor([2, 5, 3]), torch.randn(2, 3, H))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Encoder(ours), args, check_trace=False)
+        got, want = traced(*args), Encoder(twin)(*args)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "aten::" + ours._op_mode in kinds, sorted(kinds)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    # an hx of another batch is the module's error, by shape (not an index error of the permutation),
+    # its sizes as numbers (traced sizes are 0-dim tensors: not "(tensor(2), ...)")
+    msg = re.escape(f"Expected hidden size (2, 3, {H}), got (2, 2, {H})")
+    with torch.no_grad(), warnings.catch_warnings(), pytest.raises(RuntimeError, match=msg):
+        warnings.simplefilter("ignore")
+        torch.jit.trace(Encoder(ours), args[:2] + (torch.randn(2, 2, H),), check_trace=False)
+
+
+def test_under_export_a_module_in_training_mode_keeps_its_dropout(onnx_exporting):
+    """Exported in training mode (torch.onnx.export's TrainingMode.TRAINING / PRESERVE), the module
+    calls torch.nn's operator with its training flag, as torch.nn's forward does: under the same
+    seed the traced graph drops the units torch.nn's module drops (not an inference graph)."""
+    torch.manual_seed(9)
+    ours = rnnrec_fast.GRU(I, H, num_layers=3, dropout=0.5).train()
+    twin = rnnrec_fast.to_torch(ours)
+    x = torch.randn(4, 3, I)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(ours, (x,), check_trace=False)
+        torch.manual_seed(1)
+        got = traced(x)
+        torch.manual_seed(1)
+        want = twin(x)
+        assert not torch.equal(want[0], twin.eval()(x)[0])  # (units were dropped)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
 
 
 def test_what_onnx_cannot_express_is_refused_by_name(onnx_exporting):
