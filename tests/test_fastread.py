@@ -275,7 +275,7 @@ def test_time_formats_the_fast_path_takes(reads, tmp_path, time_format, time, fa
 
 def test_fast_path_hands_back_what_only_the_reader_handles(reads, tmp_path):
     """Quotes in a CSV, a lone CR, blank lines between rows, rows of other lengths, a header again,
-    a header of integer names, other time formats: the reader's answer (its rows, or its error
+    a header of integer names, other time formats, a NUL byte: the reader's answer (its rows, or its error
     naming the line)."""
     cases = {
         "quoted.csv": ('SessionId,ItemId,Time\n"1",10,5\n', data.load_clicks),
@@ -300,6 +300,8 @@ def test_fast_path_hands_back_what_only_the_reader_handles(reads, tmp_path):
                              lambda p: data.load_clicks(p, header=False, session_col=3, item_col=4, time_col=5)),
         # (a lone CR before the header: a line of its own to the reader)
         "cr-blank.tsv": ("\r\r\nSessionId\tItemId\tTime\n1\t10\t5\n2\t11\t6\n", data.load_clicks),
+        # (a NUL ending a text id: the reader keeps it, NumPy's bytes to str would drop it: 'a')
+        "nul-id.tsv": ("SessionId\tItemId\tTime\n1\ta\x00\t5\n2\tb\t6\n", data.load_clicks),
     }
     for name, (text, load) in cases.items():
         path = tmp_path / name

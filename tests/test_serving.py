@@ -2005,3 +2005,218 @@ def test_fast_path_scores_four_rows_with_onednn():
         assert "packed" not in vars(fast)
         torch.testing.assert_close(fast.score(h), model.score(h), **TOL)
     assert "packed" in vars(fast) and fast.packed is not None
+
+
+# ---- a fourth mutation review (each of these failed on a mutant the suite let through)
+
+def test_fused_optimizer_step_seen_after_another_fast_path_is_built():
+    """An optimiser step that raises no version (fused Adam) is counted once per step however many
+    fast paths watch the same weights: a second recommender built on the model after the step
+    does not reset the count, and the first one's batches score with the new Wy (a count reset
+    to 0 at each build made the first path's snapshot match again: batches kept the old Wy's
+    packed copy)."""
+    model = make_model(n_items=60, layers=(16,), embedding=8)
+    rec = SessionRecommender(model)
+    ids = model.item_ids
+    rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
+    new = make_model(n_items=60, layers=(16,), embedding=8, seed=1)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), new.parameters()):
+            p.grad = p.detach() - q.detach()
+    versions = [p._version for p in model.parameters()]
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+    except RuntimeError as e:  # (fused optimisers on the CPU: torch >= 2.4)
+        pytest.skip(f"no fused Adam for CPU tensors in this torch: {e}")
+    opt.step()
+    if [p._version for p in model.parameters()] != versions:
+        pytest.skip("this torch's fused Adam raises the parameters' version counters")
+    other = SessionRecommender(model)  # (builds a fast path over the same Wy and By)
+    assert other.uses_fast_path
+    sids = ["e", "f", "g", "h"]
+    got = rec.click_many(sids, ids[10:14], k=5)
+    want = SessionRecommender(model, fast=False).click_many(sids, ids[10:14], k=5)
+    for (gi, gs), (wi, ws) in zip(got, want):
+        assert gi == wi
+        torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+
+
+def test_one_thread_few_rows_product_up_to_its_byte_limit(monkeypatch):
+    """On one thread the extension's few-rows product and one-call top-k serve an output matrix of
+    up to _ROWS_MAX_BYTES_1T bytes, that size included; one byte less of limit and a click's top-k
+    is torch's, the one-call click declining without a change (then MKL's GEMV scores)."""
+    from rnnrec_fast.serving import fastpath
+
+    if not backends.available("cpp"):
+        pytest.skip("the few-rows product is the C++ extension's")
+    model = make_model(n_items=300, layers=(24,))
+    size = model.Wy.numel() * model.Wy.element_size()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        h = torch.randn(24)
+        for limit, served in ((size, True), (size - 1, False)):
+            monkeypatch.setattr(fastpath, "_ROWS_MAX_BYTES_1T", limit)
+            fast = fastpath.build(model)
+            slab = torch.randn(2, 1, 24)
+            before = slab.clone()
+            with torch.no_grad():
+                assert (fast.topk_row(h, 5, []) is not None) == served, limit
+                assert (fast.click_row(3, slab, 1, 5, []) is not None) == served, limit
+            assert torch.equal(slab, before) != served  # (declined: the state left as it was)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_one_step_scorer_scores_the_top_layer():
+    """The exported step's module on a model of two GRU layers: the new state, and the top-k of
+    the scores of the top layer's state (h_new[-1]), as model.step and model.score give them."""
+    from rnnrec_fast.serving.export import OneStepScorer
+
+    model = make_model(n_items=30, layers=(8, 8))
+    torch.manual_seed(3)
+    items, h = torch.tensor([3, 7, 11]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        h_new, vals, idx = OneStepScorer(model, k=4)(items, h)
+        exp_h = model.step(items, h)
+        exp_v, exp_i = torch.topk(model.score(exp_h[-1]), 4, dim=1)
+    torch.testing.assert_close(h_new, exp_h, rtol=0, atol=0)
+    torch.testing.assert_close(vals, exp_v, rtol=1e-6, atol=1e-6)
+    assert torch.equal(idx, exp_i)
+
+
+def test_export_k_of_zero_refused():
+    """The exported step's k is at least 1: k=0 is refused as k past the catalogue is."""
+    from rnnrec_fast.serving.export import OneStepScorer, export_step
+
+    model = make_model(n_items=12, layers=(8,))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 12\]"):
+            OneStepScorer(model, k=bad)
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 12\]"):
+            export_step(model, k=bad)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_a_cpp_backend_model_takes_the_one_call_paths(backend):
+    """A model that names the extension's kernels (backend='cpp') gets the fast path's C++ calls as
+    one on 'auto' does: all layers in one inference call, the one-call click and batch (it stepped
+    through the op a layer at a time, with the separate step, copy back and top-k)."""
+    from rnnrec_fast.serving import fastpath
+
+    if not backends.available("cpp"):
+        pytest.skip("the C++ extension is not built")
+    fast = fastpath.build(make_model(n_items=40, layers=(16, 16), backend=backend))
+    assert fast is not None and fast.kernels == "cpp"
+    assert fast.infer is not None and fast.click is not None and fast.click_batch is not None
+
+
+def test_clicks_score_a_non_contiguous_output_matrix_as_the_model():
+    """An output matrix Wy held transposed in memory (a column-major Parameter, say from a
+    checkpoint's transpose): single clicks, on one or two threads, and batches score as the model's
+    own methods (the extension's few-rows product and one-call top-k read a row-major Wy)."""
+    model = make_model(n_items=60, layers=(16,), embedding=8)
+    model.Wy = torch.nn.Parameter(model.Wy.detach().t().contiguous().t())
+    assert not model.Wy.is_contiguous()
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rec = SessionRecommender(model)
+            ids = model.item_ids
+            sids = ["f", "g", "h", "i"]
+            got = [rec.click("a", ids[3], k=5), rec.click("a", ids[7], k=5)] + rec.click_many(sids, ids[10:14], k=5)
+            ref = SessionRecommender(model, fast=False)
+            want = [ref.click("a", ids[3], k=5), ref.click("a", ids[7], k=5)] + ref.click_many(sids, ids[10:14], k=5)
+            for (gi, gs), (wi, ws) in zip(got, want):
+                assert gi == wi
+                torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_store_slab_grows_by_doubling_up_to_max_sessions():
+    """The slab doubles when full (1, 2, 4, 8 rows), never past max_sessions (10, not 16), and each
+    new row is a free slot: ten sessions fit with no eviction."""
+    store = SessionStore(1, 4, max_sessions=10, initial_capacity=1)
+    caps = []
+    for i in range(10):
+        store.create(i, 0.0, torch.full((1, 4), float(i)))
+        caps.append(store.capacity)
+    assert caps == [1, 2, 4, 4, 8, 8, 8, 8, 10, 10]
+    assert store.evicted_lru == 0 and store.memory()["state_bytes"] == 10 * 4 * 4
+    assert [store.slab[store.get(i).slot][0, 0].item() for i in range(10)] == list(range(10))
+
+
+def test_store_bookkeeping_bound_counts_the_seen_items():
+    """max_bookkeeping_bytes counts 8 bytes for each of max_seen remembered items of every session."""
+    small = SessionStore(1, 4, max_sessions=10, max_seen=0).memory()["max_bookkeeping_bytes"]
+    large = SessionStore(1, 4, max_sessions=10, max_seen=5).memory()["max_bookkeeping_bytes"]
+    assert large - small == 10 * 5 * 8
+
+
+@pytest.mark.parametrize("change", ["scaled", "permuted", "off_diagonal"])
+def test_one_hot_layer_with_an_eye0_near_the_identity_is_not_skipped(change):
+    """An eye0 that is not the identity but near it (twice the identity, its rows permuted, or the
+    identity plus one nonzero off its diagonal) is multiplied by: the fast path's clicks are the
+    model's (a check of the nonzero count alone took the first two for the identity, one of the
+    diagonal and of at least as many nonzeros the third, and skipped the product)."""
+    model = make_model(n_items=40, layers=(16,), embedding=0)
+    with torch.no_grad():
+        if change == "scaled":
+            model.eye0.mul_(2.0)
+        elif change == "permuted":
+            model.eye0.copy_(model.eye0.roll(1, dims=0))
+        else:
+            model.eye0[0, 1] = 0.5
+    rec = SessionRecommender(model)
+    assert rec.uses_fast_path and not rec._fast.projected0
+    _assert_clicks_as_the_models(rec, model)
+
+
+def test_fast_path_declines_an_output_matrix_held_as_a_plain_tensor():
+    """A model whose Wy is a plain tensor attribute, not a registered parameter (as WeightDrop
+    holds its weights), is served by its own methods: a later reassignment of that attribute,
+    which the fast path's watch of the registered parameters would not see, is followed."""
+    model = make_model(n_items=60, layers=(16,), embedding=8)
+    w = model.Wy.detach().clone()
+    del model.Wy
+    model.Wy = w
+    assert "Wy" not in model._parameters
+    rec = SessionRecommender(model)
+    assert not rec.uses_fast_path
+    rec.click_many(["a", "b", "c", "d"], model.item_ids[:4], k=5)
+    model.Wy = torch.randn_like(w)
+    _assert_clicks_as_the_models(rec, model)
+
+
+def test_eye0_changed_during_the_probe_retries_without_a_warning():
+    """A one-hot model's eye0 (a buffer, not a parameter; here not the identity, so the fast path
+    reads it) changed in place while a rebuild's probe runs: the disagreement is put down to the
+    update, not the fast path (no warning), and the build is tried again at the next click, whose
+    answers are the model's."""
+    model = make_model(n_items=40, layers=(16,), embedding=0)
+    with torch.no_grad():
+        model.eye0.mul_(2.0)
+    rec = SessionRecommender(model)
+    assert rec.uses_fast_path
+    ids = model.item_ids
+    rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
+    with torch.no_grad():
+        model.By.add_(0.01)  # (a change that makes the path rebuild at the next click)
+    real_step = model.step
+
+    def step_then_update(*a, **kw):
+        del model.step  # once
+        out = real_step(*a, **kw)
+        with torch.no_grad():
+            model.eye0.mul_(1.5)  # (the probe then disagrees: not the fast path's fault)
+        return out
+
+    model.step = step_then_update
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "disagrees" warning
+        rec.click("z", ids[30])
+    assert "step" not in vars(model) and not rec.uses_fast_path  # retried at the next click
+    _assert_clicks_as_the_models(rec, model)
+    assert rec.uses_fast_path and not rec._fast.projected0
