@@ -413,3 +413,111 @@ def test_a_missing_numba_is_called_missing():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert want in out.stdout and not_want not in out.stdout, (blocked, out.stdout)
+
+
+def test_the_numba_cuda_probe_names_what_is_missing(monkeypatch):
+    """The numba backend's CUDA probe, driver by driver: a driver that sees a GPU without NVVM says
+    NVVM is missing; with NVVM but no libdevice it says numba.cuda is not usable, with libdevice's
+    error; with all three nothing is missing (mutation review: dropping the NVVM or the libdevice
+    check passed the suite, which runs the probe only on a machine without a driver)."""
+    from rnnrec_fast.backends import numba_backend
+
+    if not backends.available("numba"):
+        pytest.skip("numba backend unavailable")
+    try:
+        numba_backend._cuda()
+        from numba import cuda
+        from numba.cuda.cudadrv import nvvm
+    except ImportError as exc:
+        pytest.skip(f"numba.cuda cannot be imported here: {exc}")
+    if numba_backend._cuda().SIMULATOR:
+        pytest.skip("the probe finds nothing missing under the CUDA simulator")
+
+    def no_libdevice():
+        raise RuntimeError("libdevice not found for this test")
+
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nvvm, "is_available", lambda: False)
+    assert numba_backend._probe_cuda() == ("numba.cuda cannot load NVVM (libnvvm, from a CUDA toolkit) to "
+                                           "compile its kernels")
+    monkeypatch.setattr(nvvm, "is_available", lambda: True)
+    monkeypatch.setattr(nvvm, "get_libdevice", no_libdevice)
+    assert numba_backend._probe_cuda() == "numba.cuda is not usable: libdevice not found for this test"
+    monkeypatch.setattr(nvvm, "get_libdevice", lambda: b"")
+    assert numba_backend._probe_cuda() is None
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    assert numba_backend._probe_cuda() == "numba.cuda finds no usable CUDA driver and GPU"
+
+
+def test_an_unknown_backend_name_is_not_available():
+    """available() answers False for a name the registry does not know (load() raises a ValueError
+    for it), and unavailable_reason() says 'unknown'; from a mutation review: the ValueError
+    escaped available() unnoticed."""
+    assert backends.available("fortran") is False
+    assert backends.unavailable_reason("fortran") == "unknown"
+    with pytest.raises(ValueError, match=r"unknown backend 'fortran'; choose one of \('auto', 'cuda', 'cpp', "
+                                         r"'numba', 'reference'\)"):
+        backends.load("fortran")
+
+
+_FORK_IN_LOAD = """
+import os, sys, threading
+sys.path.insert(0, {tmp!r})
+threading.Timer(30, lambda: os._exit(3)).start()  # (a wait that would last forever ends the run)
+from rnnrec_fast import backends
+backends._MODULES.update(forks="rnnrec_forking_backend_for_test", other="rnnrec_other_backend_for_test")
+backends.load("forks")  # its import forks, under the registry's lock held by this thread
+print("load that forks ok", flush=True)
+pid = os.fork()
+if pid == 0:  # a forked child's other threads load too (the parent's lock, held over the fork, is not theirs)
+    t = threading.Thread(target=backends.load, args=("other",))
+    t.start()
+    t.join(10)
+    os._exit(4 if t.is_alive() else 0 if "other" in backends._loaded else 5)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_inside_a_load_and_a_forked_childs_threads_do_not_wait_forever(tmp_path):
+    """A backend whose import forks (the fork, in the thread that holds the registry's lock, must not
+    wait on itself: the lock is reentrant), and, in a forked child, a load from another thread than
+    the forking one (the child has a lock of its own, not the parent's held over the fork). From a
+    mutation review: a plain Lock, or the child keeping the parent's lock, hung here and passed the
+    suite."""
+    (tmp_path / "rnnrec_forking_backend_for_test.py").write_text(
+        "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n")
+    (tmp_path / "rnnrec_other_backend_for_test.py").write_text("")
+    out = subprocess.run([sys.executable, "-c", _FORK_IN_LOAD.format(tmp=str(tmp_path))], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    assert out.stdout.split() == ["load", "that", "forks", "ok", "child", "0"], out.stdout
+
+
+def test_a_backend_cannot_run_on_a_device_type_it_does_not_list():
+    """device_unavailable() says a backend does not run on a device type missing from its DEVICES,
+    and supports() then refuses it, before any probe of the backend's own (from a mutation review:
+    the check could go, and no caller noticed: each tests DEVICES itself first)."""
+    if not backends.available("cpp"):
+        pytest.skip("the C++ extension is not built")
+    assert backends.device_unavailable("cpp", "cuda") == "backend 'cpp' does not run on 'cuda' tensors"
+    assert backends.device_unavailable("reference", "meta") == "backend 'reference' does not run on 'meta' tensors"
+    assert backends.device_unavailable("cpp", "cpu") is None and backends.device_unavailable("reference", "cuda") is None
+    assert not backends.supports("cpp", "cuda", torch.float32) and backends.supports("cpp", "cpu", torch.float32)
+
+
+def test_the_cuda_backend_says_why_it_is_missing():
+    """Without the CUDA extension the cuda backend's reason says which of the two causes it is: a
+    CPU-only torch (nothing to build against), or an extension not built / not loadable, with how
+    to build it (from a mutation review: the two could swap and nothing noticed)."""
+    if backends.available("cuda"):
+        pytest.skip("the CUDA extension is built here")
+    reason = backends.unavailable_reason("cuda")
+    if torch.version.cuda is None:
+        assert reason.startswith(f"ImportError: torch {torch.__version__} is a CPU-only build: "), reason
+        assert "pip install" not in reason, reason
+    else:
+        assert reason.startswith("ImportError: the extension rnnrec_fast._C_cuda is not built or cannot be "
+                                 "loaded (build it with nvcc on PATH"), reason

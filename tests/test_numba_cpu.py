@@ -307,3 +307,37 @@ def test_batch_split_pool_is_safe_to_grow_and_fork():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "child 0" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+def test_numba_backend_refuses_what_its_kernels_cannot_read():
+    """forward / backward called directly refuse, each with a ValueError naming it: tensors on a
+    device numba does not run on (meta), a mode number that is none of the three, tensors of the
+    wrong rank, and a b_hh of another dtype than x (from a mutation review: dropping any of these
+    checks passed the suite; the kernels do not bounds-check, and would run or fail elsewhere)."""
+    args, gy, ghn = make_case(2, True, True, "mixed", True, torch.float32, T=3, B=2, H=4, I=3)
+    y, hn, ws = numba_backend.forward(*args)
+    meta = [a.to("meta") if torch.is_tensor(a) else a for a in args]
+    with pytest.raises(ValueError, match=r"numba backend: unsupported device meta \(supported: cpu, cuda\)"):
+        numba_backend.forward(*meta)
+    with pytest.raises(ValueError, match=r"numba backend: unsupported device meta"):
+        numba_backend.backward(gy.to("meta"), ghn.to("meta"), *meta[:8], y.to("meta"), ws.to("meta"), 2, True)
+    rnn = make_case(0, False, True, "none", False, torch.float32, T=3, B=2, H=4, I=3)[0]
+    for mode in (3, -1):
+        with pytest.raises(ValueError, match=f"numba backend: unknown mode {mode}$"):
+            numba_backend.forward(*rnn[:8], mode, False)
+        with pytest.raises(ValueError, match=f"numba backend: unknown mode {mode}$"):
+            numba_backend.backward(gy[..., :4], ghn, *rnn[:8], y, ws[..., :0], mode, False)
+    rank = r"numba backend: x must be \(T, B, I\), h0 \(B, H\), w_hh \(G\*H, H\)"
+    for i, bad in ((0, args[0][0]), (1, args[1][None]), (3, args[3].flatten())):
+        a = list(args)
+        a[i] = bad
+        with pytest.raises(ValueError, match=rank):
+            numba_backend.forward(*a)
+        with pytest.raises(ValueError, match=rank):
+            numba_backend.backward(gy, ghn, *a[:8], y, ws, 2, True)
+    a = list(args)
+    a[5] = a[5].double()
+    with pytest.raises(ValueError, match=r"b_hh must have x's dtype torch.float32, got torch.float64"):
+        numba_backend.forward(*a)
+    with pytest.raises(ValueError, match=r"b_hh must have x's dtype torch.float32, got torch.float64"):
+        numba_backend.backward(gy, ghn, *a[:8], y, ws, 2, True)

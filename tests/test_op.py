@@ -1094,6 +1094,27 @@ def test_reference_backward_is_autograd_of_the_reference_forward(mode, reset_aft
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_reference_computes_half_types_in_float32(dtype):
+    """The reference on float16 / bfloat16 inputs is its float32 computation on the same (rounded)
+    inputs: y, h_n and the gradients that rounded to the input dtype, bit for bit, and the workspace
+    float32, as the module docstring specifies (from a mutation review: computing bfloat16 in its
+    own precision, a workspace in the input dtype and float32 gradients all passed the suite)."""
+    gen = torch.Generator().manual_seed(31)
+    inputs = make_inputs(5, 3, 4, 6, "gru", True, "both", torch.float32, gen)
+    half = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in inputs]
+    f32 = [t.float() if t is not None and t.is_floating_point() else t for t in half]
+    y, h_n, ws = reference.forward(*half, MODES["gru"], True)
+    fy, fh, fws = reference.forward(*f32, MODES["gru"], True)
+    assert (y.dtype, h_n.dtype, ws.dtype) == (dtype, dtype, torch.float32)
+    assert torch.equal(y, fy.to(dtype)) and torch.equal(h_n, fh.to(dtype)) and torch.equal(ws, fws)
+    gy, gh = torch.randn(y.shape, generator=gen).to(dtype), torch.randn(h_n.shape, generator=gen).to(dtype)
+    got = reference.backward(gy, gh, *half, y, ws, MODES["gru"], True)
+    want = reference.backward(gy.float(), gh.float(), *f32, y.float(), fws, MODES["gru"], True)
+    for name, a, b in zip(["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_reset_after_forms_differ(backend):
     """Both GRU forms are really computed (a test that cannot fail is a defect)."""

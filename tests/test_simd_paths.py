@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,10 @@ def test_cuda_path_names():
     """RNNREC_FAST_CUDA_PATH names a CUDA forward path in any case; another value is auto, with a
     warning (the extension took only the exact lower-case names, and any other as auto silently).
     (Read by rnnrec_fast.backends.cuda at import where the CUDA extension is built.)"""
-    for value, path in ((None, 0), ("", 0), ("auto", 0), ("persistent", 1), ("GEMM", 2), (" Gemm ", 2)):
-        assert backends.cuda_forward_path(value) == path, value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (unset or empty is auto without a warning: a mutation review's gap)
+        for value, path in ((None, 0), ("", 0), ("auto", 0), ("persistent", 1), ("GEMM", 2), (" Gemm ", 2)):
+            assert backends.cuda_forward_path(value) == path, value
     with pytest.warns(RuntimeWarning, match="RNNREC_FAST_CUDA_PATH='persistant' is none of auto, persistent, gemm"):
         assert backends.cuda_forward_path("persistant") == 0
 
