@@ -503,6 +503,16 @@ def _weight_size(n):
         return int(n)
 
 
+def _shown(v):
+    """A size or shape as an error message prints it: under torch.jit.trace sizes are 0-dim
+    tensors, shown as the numbers they hold (not "tensor(3)")."""
+    if isinstance(v, torch.Tensor):
+        return int(v)
+    if isinstance(v, (tuple, list)):
+        return tuple(_shown(n) for n in v)
+    return v
+
+
 def _differs(a, b):
     """a != b for the sizes or shapes an input check compares before it raises (ops.sizes_differ:
     an unbacked size under torch.compile / torch.export counts as equal, with no guard), without
@@ -546,7 +556,7 @@ def _checked_weights(name, module, names, values, shapes, x, none_bias=False, si
             raise TypeError(f"{name}: {n} must be a Tensor, got {type(w).__name__}"
                             + (" (a module built with bias=True needs its biases)" if n.startswith("bias") else ""))
         if _differs(w.shape, shape):
-            raise InputError(f"{name}: {n} has shape {tuple(w.shape)}, expected {shape} for input_size={I}, "
+            raise InputError(f"{name}: {n} has shape {_shown(w.shape)}, expected {_shown(shape)} for input_size={I}, "
                              f"hidden_size={H}")
         if w.dtype != x.dtype:
             raise InputError(f"{name}: {n} has dtype {w.dtype} but the input has {x.dtype}; convert the "
@@ -870,8 +880,7 @@ class _RNNBase(_FastPath):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             expected = (self.num_layers * D, int(batch_sizes[0]), self.hidden_size)
             if tuple(hx.shape) != expected:
-                # (int(): under torch.jit.trace hx's sizes are 0-dim tensors)
-                raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(int(n) for n in hx.shape)}")
+                raise InputError(f"{name}: Expected hidden size {_shown(expected)}, got {_shown(hx.shape)}")
             if sorted_indices is not None:
                 hx = hx.index_select(1, sorted_indices)
         weights = [getattr(self, n) for n in self._flat_weights_names]
@@ -950,7 +959,7 @@ class _RNNBase(_FastPath):
             raise InputError(f"{name}: Expected sequence length to be larger than 0 in RNN")
         if _differs(I, self.input_size):
             raise InputError(f"{name}: input.size(-1) must be equal to input_size. "
-                             f"Expected {self.input_size}, got {I}")
+                             f"Expected {self.input_size}, got {_shown(I)}")
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
         if hx is not None:
@@ -965,7 +974,7 @@ class _RNNBase(_FastPath):
                 raise InputError(f"{name}: For batched 3-D input, hx should also be 3-D but got "
                                  f"{hx.dim()}-D tensor")
             if _differs(tuple(hx.shape), expected):
-                raise InputError(f"{name}: Expected hidden size {expected}, got {tuple(hx.shape)}")
+                raise InputError(f"{name}: Expected hidden size {_shown(expected)}, got {_shown(hx.shape)}")
             _check_hx(name, x, hx)
         if resets is not None:
             if D == 2:
@@ -976,8 +985,8 @@ class _RNNBase(_FastPath):
             want = (T,) if not batched else (B, T) if self.batch_first else (T, B)
             # (_differs: no guard on an unbacked batch, as hx's check; the kernels check the real size)
             if resets.dtype != torch.bool or _differs(tuple(resets.shape), want):
-                raise ValueError(f"{name}: resets must be a bool tensor of shape {want}, got {resets.dtype} "
-                                 f"{tuple(resets.shape)}")
+                raise ValueError(f"{name}: resets must be a bool tensor of shape {_shown(want)}, got {resets.dtype} "
+                                 f"{_shown(resets.shape)}")
             resets = resets.unsqueeze(1) if not batched else resets.transpose(0, 1) if self.batch_first else resets
         if packed and unpad is not None and sorted_indices is not None:  # (as torch.nn permutes hx)
             hx = None if hx is None else hx.index_select(1, sorted_indices)
@@ -1320,15 +1329,15 @@ class _CellBase(_FastPath):
         values = [getattr(self, n) for n in _CELL_WEIGHTS]  # (each read once a call)
         I, H = self._weight_sizes(values[0], values[1])  # (the weights' sizes, as torch.nn's cells)
         if _differs(x.shape[1], I):
-            raise InputError(f"{name}: input has inconsistent input_size: got {x.shape[1]} expected {I}")
+            raise InputError(f"{name}: input has inconsistent input_size: got {_shown(x.shape[1])} expected {I}")
         if hx is not None and _differs(hx.shape[0], x.shape[0]):
-            raise InputError(f"{name}: Input batch size {x.shape[0]} doesn't match hidden0 batch size "
-                             f"{hx.shape[0]}")
+            raise InputError(f"{name}: Input batch size {_shown(x.shape[0])} doesn't match hidden0 batch size "
+                             f"{_shown(hx.shape[0])}")
         hidden = self.hidden_size if hx is None else hx.shape[1]  # (torch.nn's zero state is hidden_size wide)
         if _differs(hidden, H):
             why = "" if hx is not None else (f" (a call without hx starts from zeros of hidden_size={hidden}; "
                                              f"weight_hh has shape {tuple(values[1].shape)})")
-            raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {hidden}, expected {H}{why}")
+            raise InputError(f"{name}: hidden0 has inconsistent hidden_size: got {_shown(hidden)}, expected {H}{why}")
         op = ops.op_for(name, x, hx, *values)
         x, hx = _autocast_cast(x, hx, values[0])
         w = _checked_weights(name, self, _CELL_WEIGHTS, values, self._weight_shapes(values), x,

@@ -176,6 +176,28 @@ def test_jit_trace_warns_only_where_the_trace_depends_on_a_size(kind, kw, x_shap
         assert counts[0] < counts[1], counts
 
 
+@pytest.mark.parametrize("kind,shapes", [("GRU", [(6, 3, 4), (1, 2, 5)]), ("GRU", [(6, 3, 4), (2, 3, 5)]),
+                                         ("GRU", [(6, 3, 3)]), ("GRUCell", [(3, 3)]), ("GRUCell", [(3, 4), (2, 5)]),
+                                         ("GRUCell", [(3, 4), (3, 6)])],
+                         ids=["hx_batch", "hx_layers", "input_size", "cell_input_size", "cell_batch", "cell_hidden"])
+def test_jit_trace_refuses_inputs_of_other_sizes_as_eager(kind, shapes):
+    """Under torch.jit.trace, where the sizes the modules compare are 0-dim tensors, an hx of another
+    batch or layer count, or an input of another size, is refused by the module's own check with
+    eager mode's message, sizes printed as numbers (from a mutation review: ops.sizes_differ taking
+    two such tensors as equal let a wrong batch through to the op's message, and a wrong layer count
+    to a failed trace check; and the messages printed traced sizes as "tensor(3)")."""
+    m = getattr(rnnrec_fast, kind)(4, 5)
+    args = tuple(torch.randn(*s) for s in shapes)
+    with pytest.raises(RuntimeError) as eager:
+        m(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with pytest.raises(RuntimeError) as traced:
+            torch.jit.trace(m, args)
+    assert str(traced.value) == str(eager.value) and "tensor(" not in str(eager.value), (traced.value, eager.value)
+    assert str(eager.value).startswith(f"{kind}: "), eager.value
+
+
 @pytest.mark.parametrize("kind,x_shape,h_shape", [("GRU", (5, 0, 3), (1, 0, 4)), ("RNN", (5, 0, 3), None),
                                                   ("GRUCell", (0, 3), (0, 4)), ("RNNCell", (0, 3), None)])
 def test_compiled_empty_batch_in_one_graph(kind, x_shape, h_shape):
@@ -517,6 +539,28 @@ def test_export_with_a_data_dependent_batch():
         torch.testing.assert_close(ep.module()(x, active), model(x, active), rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="must not be empty"):
         ep.module()(x, torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("which", ["b_ih", "h0"])
+def test_export_refuses_an_argument_of_another_rank_as_the_eager_call(which):
+    """torch.export of an op call given a b_ih of shape (15, 1) for (15,), or an h0 of (2, 5, 1) for
+    (2, 5), is refused by the fake kernel's shape check, as the eager call is (from a mutation
+    review: ops.sizes_differ comparing the shapes' sizes without their lengths let both through
+    while tracing: the program exported and failed only when it ran)."""
+
+    class Call(nn.Module):
+        def forward(self, x, h0, w_ih, w_hh, b_ih):
+            return torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, None, None, None, "gru", True, "auto")[0]
+
+    args = dict(x=torch.randn(3, 2, 4), h0=torch.randn(2, 5), w_ih=torch.randn(15, 4), w_hh=torch.randn(15, 5),
+                b_ih=torch.randn(15))
+    args[which] = args[which].unsqueeze(-1)
+    match = r"b_ih must be \(15,\), got shape \(15, 1\)" if which == "b_ih" else \
+        r"h0 must be \(B, H\) = \(2, 5\), got shape \(2, 5, 1\)"
+    with pytest.raises(ValueError, match=match):
+        Call()(*args.values())
+    with pytest.raises(ValueError, match=match):
+        torch.export.export(Call(), tuple(args.values()))
 
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.decorators, "mark_unbacked"),
@@ -1071,9 +1115,10 @@ def test_compiled_transforms_of_the_op_with_lengths_in_one_graph(name):
     torch._dynamo.reset()
     got = torch.compile(transform(loss), backend="aot_eager", fullgraph=True)(w_hh)
     torch.testing.assert_close(got, transform(loss)(w_hh), rtol=1e-10, atol=1e-12)
-    torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
-        torch.compile(transform(make(torch.tensor([4, 7]))), backend="aot_eager", fullgraph=True)(w_hh)
+    for bad in ([4, 7], [-1, 2]):  # (past T, and below 0: from a mutation review, the graph's check lacked it)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
+            torch.compile(transform(make(torch.tensor(bad))), backend="aot_eager", fullgraph=True)(w_hh)
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\]"):  # (eager: the op's own error)
         transform(make(torch.tensor([4, 7])))(w_hh)
     torch._dynamo.reset()

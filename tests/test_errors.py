@@ -44,6 +44,13 @@ BAD_INPUTS = [
     (dict(lengths=torch.tensor([1, 2, 3])), "lengths must be an int64 tensor of shape"),
     (dict(resets=torch.zeros(3, 2)), "resets must be a bool"),
     (dict(resets=torch.zeros(2, 2, dtype=torch.bool)), "resets must be a bool tensor of shape"),
+    # (from a mutation review: each passed the Python kernels' checks once its check was dropped)
+    (dict(w_ih=torch.randn(0, 4), w_hh=torch.randn(0, 0), h0=None, b_ih=None, b_hh=None),
+     r"w_hh must be \(3\*H, H\) for mode 'gru', got shape \(0, 0\)"),
+    (dict(lengths=torch.tensor([[3, 2], [3, 2]])), r"lengths must be an int64 tensor of shape \(2,\), got torch.int64 \(2, 2\)"),
+    (dict(lengths=torch.tensor([3, 2], dtype=torch.int32)), r"lengths must be an int64 tensor of shape \(2,\), got torch.int32"),
+    (dict(lengths=torch.tensor([3, 2], device="meta")), "lengths is on meta but x is on cpu"),
+    (dict(resets=torch.zeros(3, 2, dtype=torch.bool, device="meta")), "resets is on meta but x is on cpu"),
     # a storage freed or shrunk after the tensor was made: the kernels would read past its end
     (dict(x=shrunk(torch.randn(3, 2, 4))), "x reaches 96 bytes into its storage, which holds 8: its memory was freed"),
     (dict(h0=shrunk(torch.randn(2, 5), 0)), "h0 reaches 40 bytes into its storage, which holds 0"),
@@ -395,7 +402,8 @@ def test_differentiable_backward_op_checks_its_arguments():
 def test_lengths_must_hold_integers():
     x, h0 = torch.randn(3, 2, 4), torch.randn(2, 5)
     w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
-    for lengths in ([2.9, 1.5], torch.tensor([True, False]), torch.tensor([2.0, 1.0])):
+    # (complex: from a mutation review, without its check [3+0j, 1+0j] ran as [3, 1])
+    for lengths in ([2.9, 1.5], torch.tensor([True, False]), torch.tensor([2.0, 1.0]), [3 + 0j, 1 + 0j]):
         with pytest.raises(ValueError, match="lengths must hold integers"):
             rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=lengths)
     rnnrec_fast.recurrence(x, h0, w_ih, w_hh, lengths=[3, 1])  # Python ints and int tensors pass

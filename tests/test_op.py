@@ -1276,6 +1276,47 @@ def test_one_bias_without_the_other(backend, dtype, given, mode, reset_after):
         assert_grad_close(g, r, dtype, name)
 
 
+@pytest.mark.skipif(not backends.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("reset_after", [True, False], ids=["gru", "gru_cho"])
+def test_flop_count_leaves_out_h0s_carry_in_either_gru_form(reset_after):
+    """FlopCounterMode's count of the op's C++ backward (forward 2*T*B*3H*(I + H), backward twice
+    that) leaves out h0's first-step carry where h0 requires no gradient: dh . W_hh over the rows
+    acting on h_prev itself, 2*B*3H*H, and for Cho's form (reset_after=False) 2*B*2H*H, its W_hn
+    product being the r gate's anyway (from a mutation review: the count without Cho's exception
+    passed every test, torch.nn having no such form to compare with)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T, B, I, H = 4, 3, 2, 5
+    gen = torch.Generator().manual_seed(6)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = make_inputs(T, B, I, H, "gru", True, None, torch.float32, gen)
+    counts = []
+    for h0_grad in (True, False):
+        with FlopCounterMode(display=False) as fc:
+            y, h_n, _ = torch.ops.rnnrec_fast.recurrence(x.requires_grad_(), h0.detach().requires_grad_(h0_grad),
+                                                         w_ih.requires_grad_(), w_hh.requires_grad_(), b_ih, b_hh,
+                                                         None, None, "gru", reset_after, "auto")
+            (y.sum() + h_n.sum()).backward()
+        assert rnnrec_fast.last_backend() == "cpp"
+        counts.append(fc.get_total_flops())
+    forward = 2 * T * B * 3 * H * (I + H)
+    assert counts == [3 * forward, 3 * forward - 2 * B * (3 if reset_after else 2) * H * H]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_opcheck_half_precision(dtype):
+    """opcheck of both ops on bfloat16 and float16 inputs (a Python backend runs them): the fake
+    kernels' outputs are the real ones', the workspace float32, as the reference saves it (from a
+    mutation review: a fake workspace in the inputs' dtype passed every test, whose opchecks ran
+    float32 and float64 only)."""
+    gen = torch.Generator().manual_seed(5)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets = make_inputs(3, 2, 2, 4, "gru", True, "both", dtype, gen)
+    _opcheck_both((x.requires_grad_(), h0, w_ih.requires_grad_(), w_hh, b_ih, b_hh, lengths, resets, "gru", True,
+                   "reference"))
+    with torch.no_grad():
+        assert torch.ops.rnnrec_fast.recurrence(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, resets, "gru", True,
+                                                "auto")[2].dtype == torch.float32
+
+
 @pytest.mark.parametrize("backend", ["numba", "reference"])
 def test_opcheck_python_twins(backend):
     """The internal twins the C++ CPU kernel hands forced Python backends to (no autograd of their own)."""
@@ -2271,6 +2312,36 @@ def test_forward_mode_ad_checks_length_values():
             rnnrec_fast.recurrence(x, None, *w, lengths=lengths)
         with fwAD.dual_level(), pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
             rnnrec_fast.recurrence(fwAD.make_dual(x, torch.randn_like(x)), None, *w, lengths=lengths)
+
+
+@pytest.mark.parametrize("which", ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"])
+def test_forward_mode_with_a_tangent_on_one_argument_alone(which):
+    """torch.func.jvp of rnnrec_fast.recurrence with a tangent on one argument alone (the others
+    closed over) runs the op's torch operations and gives torch.nn.GRU's tangents, whichever
+    argument carries it (from a mutation review: with b_hh left out of the tensors recurrence()
+    hands op_for, a tangent on b_hh alone reached the op, whose autograd refuses forward mode)."""
+    gen = torch.Generator().manual_seed(case_seed(which, "a tangent alone"))
+    T, B, I, H = 4, 3, 2, 5
+    names = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
+    shapes = ((T, B, I), (B, H), (3 * H, I), (3 * H, H), (3 * H,), (3 * H,))
+    args = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in zip(names, shapes)}
+    tangent = torch.randn(args[which].shape, generator=gen, dtype=torch.float64)
+    gru = nn.GRU(I, H, dtype=torch.float64)
+
+    def ours(t):
+        return rnnrec_fast.recurrence(*dict(args, **{which: t}).values())
+
+    def theirs(t):
+        a = dict(args, **{which: t})
+        weights = dict(zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), [a[n] for n in names[2:]]))
+        y, h_n = torch.func.functional_call(gru, weights, (a["x"], a["h0"][None]))
+        return y, h_n[0]
+
+    _, got = torch.func.jvp(ours, (args[which],), (tangent,))
+    assert rnnrec_fast.last_backend() == "reference"
+    _, want = torch.func.jvp(theirs, (args[which],), (tangent,))
+    assert_close(got[0], want[0], torch.float64, "y's tangent")
+    assert_close(got[1], want[1], torch.float64, "h_n's tangent")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
