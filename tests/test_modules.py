@@ -1566,6 +1566,30 @@ def test_reverse_mode_func_transforms_with_functionalize_are_refused_clearly(bac
     torch.testing.assert_close(torch.func.functionalize(call)(x), twin(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_compiled_functionalize_of_grad_gives_torch_nns_gradient(kind):
+    """torch.compile of functionalize(grad(f)) on a module, which eager mode refuses (above), runs:
+    dynamo takes the transforms over and traces the module as the op's torch operations, so the
+    refusal's check stays out of the traced call (ops._grad_transform_traced: no name, no raise), and
+    the gradient is torch.nn's (from a mutation review: the check raising there too passed the suite)."""
+    torch.manual_seed(32)
+    m = getattr(rnnrec_fast, kind)(3, 4, dtype=torch.float64)
+    twin = rnnrec_fast.to_torch(m)
+    x = torch.randn((5, 2, 3) if kind == "GRU" else (2, 3), dtype=torch.float64)
+
+    def loss(module):
+        return (lambda i: module(i)[0].sum()) if kind == "GRU" else (lambda i: module(i).sum())
+
+    f = torch.func.functionalize(torch.func.grad(loss(m)))
+    with pytest.raises(NotImplementedError, match=r"functionalize .*rnnrec_fast\.to_torch"):
+        f(x)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (dynamo's graph-break notes)
+        got = torch.compile(f, backend="eager")(x)
+    torch.testing.assert_close(got, torch.func.grad(loss(twin))(x), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("nograd", [False, True], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("transform", ["grad", "vmap"])
 def test_func_transforms_over_a_closed_over_strided_packed_sequence(transform, nograd):
