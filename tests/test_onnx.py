@@ -424,3 +424,27 @@ def test_the_recommenders_network_exports_by_default(config):
         want = model(items, h)
     for got, ref in zip(_run_positional(blob, (items, h)), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compile_beside_the_exporters_flag_keeps_the_op(monkeypatch, onnx_exporting):
+    """torch.compile of a module while the torch.export-based exporter's process-wide flag is set
+    (and is_in_onnx_export() answers True), outside any export: the compiled graph holds the op,
+    not torch.nn's operator (a compile is exporting only under torch.export: from a mutation review,
+    reading the flag alone passed the suite)."""
+    flags = pytest.importorskip("torch.onnx._internal.exporter._flags")
+    monkeypatch.setattr(flags, "_is_onnx_exporting", True, raising=False)
+    torch.manual_seed(10)
+    m = rnnrec_fast.GRU(I, H).eval()
+    x = torch.randn(4, 3, I)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(m, backend=backend, fullgraph=True)(x)
+        want = m(x)
+    assert "rnnrec_fast.recurrence.default" in seen and not any("gru" in t for t in seen), seen
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
