@@ -738,6 +738,22 @@ def test_per_click_k_in_a_batch():
         rec.step_batch(["a", "b"], [1, 2], [3])
 
 
+def fused_adam_step(model, new):
+    """One fused Adam step of model towards new's weights (gradients model - new), which raises no
+    parameter's version counter: the case the fast path's step count is for. Skips where this
+    torch has no fused Adam for CPU tensors, or its step raises the versions."""
+    for p, q in zip(model.parameters(), new.parameters()):
+        p.grad = p.detach() - q.detach()
+    versions = [p._version for p in model.parameters()]
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+    except RuntimeError as e:  # (fused optimisers on the CPU: torch >= 2.4)
+        pytest.skip(f"no fused Adam for CPU tensors in this torch: {e}")
+    opt.step()
+    if [p._version for p in model.parameters()] != versions:  # (what the cases are about)
+        pytest.skip("this torch's fused Adam raises the parameters' version counters")
+
+
 @pytest.mark.parametrize("change", ["load_state_dict", "optimizer", "fused_optimizer", "data_optimizer", "adagradm",
                                     "reassign", "submodule", "data_swap",
                                     "racing_update", "in_training_mode", "training_during_rebuild",
@@ -770,16 +786,7 @@ def test_fast_path_follows_weight_changes(change, embedding, backend, monkeypatc
                 p.grad = p.detach() - q.detach()
             torch.optim.SGD(model.parameters(), lr=1.0).step()
         elif change == "fused_optimizer":
-            for p, q in zip(model.parameters(), new.parameters()):
-                p.grad = p.detach() - q.detach()
-            versions = [p._version for p in model.parameters()]
-            try:
-                opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
-            except RuntimeError as e:  # (fused optimisers on the CPU: torch >= 2.4)
-                pytest.skip(f"no fused Adam for CPU tensors in this torch: {e}")
-            opt.step()
-            if [p._version for p in model.parameters()] != versions:  # (what the case is about)
-                pytest.skip("this torch's fused Adam raises the parameters' version counters")
+            fused_adam_step(model, new)
         elif change == "data_optimizer":  # an optimiser of one's own, updating through .data
             class DataSGD(torch.optim.Optimizer):
                 def __init__(self, params):
@@ -2019,18 +2026,8 @@ def test_fused_optimizer_step_seen_after_another_fast_path_is_built():
     rec = SessionRecommender(model)
     ids = model.item_ids
     rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
-    new = make_model(n_items=60, layers=(16,), embedding=8, seed=1)
     with torch.no_grad():
-        for p, q in zip(model.parameters(), new.parameters()):
-            p.grad = p.detach() - q.detach()
-    versions = [p._version for p in model.parameters()]
-    try:
-        opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
-    except RuntimeError as e:  # (fused optimisers on the CPU: torch >= 2.4)
-        pytest.skip(f"no fused Adam for CPU tensors in this torch: {e}")
-    opt.step()
-    if [p._version for p in model.parameters()] != versions:
-        pytest.skip("this torch's fused Adam raises the parameters' version counters")
+        fused_adam_step(model, make_model(n_items=60, layers=(16,), embedding=8, seed=1))
     other = SessionRecommender(model)  # (builds a fast path over the same Wy and By)
     assert other.uses_fast_path
     sids = ["e", "f", "g", "h"]
