@@ -738,6 +738,26 @@ def test_per_click_k_in_a_batch():
         rec.step_batch(["a", "b"], [1, 2], [3])
 
 
+def click_with_an_update_during_the_probe(rec, model, update, item):
+    """A click whose fast-path rebuild's probe meets another update of the model (update(), run
+    right after the probe's model.step): the disagreement is put down to the update, not the fast
+    path (no "disagrees" warning), and the build is left to the next click."""
+    real_step = model.step
+
+    def step_then_update(*a, **kw):
+        del model.step  # once
+        out = real_step(*a, **kw)
+        with torch.no_grad():
+            update()  # (the probe then disagrees: not the fast path's fault)
+        return out
+
+    model.step = step_then_update
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "disagrees" warning
+        rec.click("z", item)
+    assert "step" not in vars(model) and not rec.uses_fast_path  # retried at the next click
+
+
 def fused_adam_step(model, new):
     """One fused Adam step of model towards new's weights (gradients model - new), which raises no
     parameter's version counter: the case the fast path's step count is for. Skips where this
@@ -849,19 +869,7 @@ def test_fast_path_follows_weight_changes(change, embedding, backend, monkeypatc
             model.eval()
         elif change == "update_during_probe":  # another update lands while the rebuild's probe runs
             model.load_state_dict(new.state_dict())
-            real_step = model.step
-
-            def step_then_update(*a, **kw):
-                del model.step  # once
-                out = real_step(*a, **kw)
-                model.rnn.weight_hh_l0.mul_(1.5)  # the probe then disagrees: not the fast path's fault
-                return out
-
-            model.step = step_then_update
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # no "disagrees" warning
-                rec.click("z", ids[30])
-            assert "step" not in vars(model) and not rec.uses_fast_path  # retried at the next click
+            click_with_an_update_during_the_probe(rec, model, lambda: model.rnn.weight_hh_l0.mul_(1.5), ids[30])
         else:
             model.train()
             model.load_state_dict(new.state_dict())
@@ -2201,19 +2209,6 @@ def test_eye0_changed_during_the_probe_retries_without_a_warning():
     rec.click_many(["a", "b", "c", "d"], ids[:4], k=5)
     with torch.no_grad():
         model.By.add_(0.01)  # (a change that makes the path rebuild at the next click)
-    real_step = model.step
-
-    def step_then_update(*a, **kw):
-        del model.step  # once
-        out = real_step(*a, **kw)
-        with torch.no_grad():
-            model.eye0.mul_(1.5)  # (the probe then disagrees: not the fast path's fault)
-        return out
-
-    model.step = step_then_update
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "disagrees" warning
-        rec.click("z", ids[30])
-    assert "step" not in vars(model) and not rec.uses_fast_path  # retried at the next click
+    click_with_an_update_during_the_probe(rec, model, lambda: model.eye0.mul_(1.5), ids[30])
     _assert_clicks_as_the_models(rec, model)
     assert rec.uses_fast_path and not rec._fast.projected0
