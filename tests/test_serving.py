@@ -2050,6 +2050,7 @@ def test_one_thread_few_rows_product_up_to_its_byte_limit(monkeypatch):
     """On one thread the extension's few-rows product and one-call top-k serve an output matrix of
     up to _ROWS_MAX_BYTES_1T bytes, that size included; one byte less of limit and a click's top-k
     is torch's, the one-call click declining without a change (then MKL's GEMV scores)."""
+    from rnnrec_fast import _C
     from rnnrec_fast.serving import fastpath
 
     if not backends.available("cpp"):
@@ -2067,8 +2068,10 @@ def test_one_thread_few_rows_product_up_to_its_byte_limit(monkeypatch):
             before = slab.clone()
             with torch.no_grad():
                 assert (fast.topk_row(h, 5, []) is not None) == served, limit
-                assert (fast.click_row(3, slab, 1, 5, []) is not None) == served, limit
-            assert torch.equal(slab, before) != served  # (declined: the state left as it was)
+                # (the one-call click declines on the portable scalar path, RNNREC_FAST_NO_SIMD, too)
+                clicked = served and _C.simd_level() != "scalar"
+                assert (fast.click_row(3, slab, 1, 5, []) is not None) == clicked, limit
+            assert torch.equal(slab, before) != clicked  # (declined: the state left as it was)
     finally:
         torch.set_num_threads(old)
 
@@ -2107,13 +2110,17 @@ def test_a_cpp_backend_model_takes_the_one_call_paths(backend):
     """A model that names the extension's kernels (backend='cpp') gets the fast path's C++ calls as
     one on 'auto' does: all layers in one inference call, the one-call click and batch (it stepped
     through the op a layer at a time, with the separate step, copy back and top-k)."""
+    from rnnrec_fast import _C
     from rnnrec_fast.serving import fastpath
 
     if not backends.available("cpp"):
         pytest.skip("the C++ extension is not built")
     fast = fastpath.build(make_model(n_items=40, layers=(16, 16), backend=backend))
     assert fast is not None and fast.kernels == "cpp"
-    assert fast.infer is not None and fast.click is not None and fast.click_batch is not None
+    assert fast.infer is not None and fast.click is not None
+    # (the batch's one call reads Wy packed, which the portable scalar path, RNNREC_FAST_NO_SIMD, has not)
+    assert (fast.click_batch is not None) == (fast.packed_rows is not None)
+    assert (fast.packed_rows is None) == (_C.simd_level() == "scalar")
 
 
 def test_clicks_score_a_non_contiguous_output_matrix_as_the_model():
