@@ -505,12 +505,10 @@ def _weight_size(n):
 
 def _shown(v):
     """A size or shape as an error message prints it: under torch.jit.trace sizes are 0-dim
-    tensors, shown as the numbers they hold (not "tensor(3)")."""
-    if isinstance(v, torch.Tensor):
-        return int(v)
+    tensors, shown as the numbers they hold (not "tensor(3)"; _weight_size's silent conversion)."""
     if isinstance(v, (tuple, list)):
         return tuple(_shown(n) for n in v)
-    return v
+    return _weight_size(v)
 
 
 def _differs(a, b):

@@ -14,7 +14,7 @@ import rnnrec_fast
 from rnnrec_fast import backends, recsys
 from rnnrec_fast.serving import InvalidRequestError, SessionRecommender, SessionStore, UnknownItemError
 
-from conftest import DEVICES, case_seed
+from conftest import DEVICES, case_seed, num_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -2057,9 +2057,7 @@ def test_one_thread_few_rows_product_up_to_its_byte_limit(monkeypatch):
         pytest.skip("the few-rows product is the C++ extension's")
     model = make_model(n_items=300, layers=(24,))
     size = model.Wy.numel() * model.Wy.element_size()
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         h = torch.randn(24)
         for limit, served in ((size, True), (size - 1, False)):
             monkeypatch.setattr(fastpath, "_ROWS_MAX_BYTES_1T", limit)
@@ -2072,8 +2070,6 @@ def test_one_thread_few_rows_product_up_to_its_byte_limit(monkeypatch):
                 clicked = served and _C.simd_level() != "scalar"
                 assert (fast.click_row(3, slab, 1, 5, []) is not None) == clicked, limit
             assert torch.equal(slab, before) != clicked  # (declined: the state left as it was)
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_one_step_scorer_scores_the_top_layer():
@@ -2130,10 +2126,8 @@ def test_clicks_score_a_non_contiguous_output_matrix_as_the_model():
     model = make_model(n_items=60, layers=(16,), embedding=8)
     model.Wy = torch.nn.Parameter(model.Wy.detach().t().contiguous().t())
     assert not model.Wy.is_contiguous()
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
             rec = SessionRecommender(model)
             ids = model.item_ids
             sids = ["f", "g", "h", "i"]
@@ -2143,8 +2137,6 @@ def test_clicks_score_a_non_contiguous_output_matrix_as_the_model():
             for (gi, gs), (wi, ws) in zip(got, want):
                 assert gi == wi
                 torch.testing.assert_close(torch.tensor(gs), torch.tensor(ws), **TOL)
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_store_slab_grows_by_doubling_up_to_max_sessions():
