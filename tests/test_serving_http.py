@@ -1426,45 +1426,55 @@ def test_a_half_closed_connection_closes_once_nothing_is_left_to_answer(http_sta
     assert not errors, [r.getMessage() for r in errors]
 
 
+class _HeldApp:
+    """An app that reads its request's body, sets `started`, answers 200 "ok" once `release` is set,
+    and counts the requests the parser refused (count_refused, as ServingApp's)."""
+
+    def __init__(self):
+        self.started, self.release, self.refused = threading.Event(), threading.Event(), []
+
+    def count_refused(self):
+        self.refused.append(1)
+
+    async def __call__(self, scope, receive, send):
+        import asyncio
+
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        while (await receive()).get("more_body"):
+            pass
+        self.started.set()
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+# a request the app serves, then one the parser refuses pipelined behind it
+_SERVED_THEN_MALFORMED = (b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                          b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n")
+
+
 def test_a_malformed_request_behind_the_last_one_of_a_shutdown_gets_no_400():
     """A graceful shutdown answers the request in flight and closes its connection (uvicorn: its
     keep-alive off): a request the parser refused behind it gets no 400, none written to the closed
     transport nor counted by the app's count_refused."""
-    started, release, refused = threading.Event(), threading.Event(), []
-
-    class App:
-        def count_refused(self):
-            refused.append(1)
-
-        async def __call__(self, scope, receive, send):
-            import asyncio
-
-            if scope["type"] == "lifespan":
-                return await _lifespan(receive, send)
-            while (await receive()).get("more_body"):
-                pass
-            started.set()
-            while not release.is_set():
-                await asyncio.sleep(0.01)
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-            await send({"type": "http.response.body", "body": b"ok"})
-
     pytest.importorskip("httptools")  # (h11 parses the next request only once the one ahead is answered)
-    bad_head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n"
-    with BackgroundServer(App(), request_timeout=30.0) as srv, uvicorn_errors() as errors:
+    app = _HeldApp()
+    with BackgroundServer(app, request_timeout=30.0) as srv, uvicorn_errors() as errors:
         s = socket.create_connection((srv.host, srv.port), timeout=10)
-        s.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" + bad_head)
-        assert started.wait(10)
+        s.sendall(_SERVED_THEN_MALFORMED)
+        assert app.started.wait(10)
         (conn,) = list(srv.server.server_state.connections)
         srv.server.should_exit = True
         t0 = time.monotonic()
         while conn.cycle.keep_alive and time.monotonic() - t0 < 10:  # (uvicorn's shutdown reached it)
             time.sleep(0.01)
-        release.set()
+        app.release.set()
         data = _read_all(s)
         s.close()
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"200"], data
-    assert not refused and not errors, (refused, [r.getMessage() for r in errors])
+    assert not app.refused and not errors, (app.refused, [r.getMessage() for r in errors])
 
 
 def test_reading_stays_paused_while_a_malformed_requests_400_waits():
@@ -1473,28 +1483,13 @@ def test_reading_stays_paused_while_a_malformed_requests_400_waits():
     (where uvicorn resumes reading); then the 200, the 400, and the connection closes. (httptools:
     h11 parses the next request only once the one ahead is answered.)"""
     pytest.importorskip("httptools")
-    started, release = threading.Event(), threading.Event()
-
-    async def app(scope, receive, send):
-        import asyncio
-
-        if scope["type"] == "lifespan":
-            return await _lifespan(receive, send)
-        while (await receive()).get("more_body"):
-            pass
-        started.set()
-        while not release.is_set():
-            await asyncio.sleep(0.01)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    bad_head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n"
+    app = _HeldApp()
     with BackgroundServer(app, request_timeout=30.0) as srv:
         s = socket.create_connection((srv.host, srv.port), timeout=10)
-        s.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" + bad_head)
-        assert started.wait(10)
+        s.sendall(_SERVED_THEN_MALFORMED)
+        assert app.started.wait(10)
         reading = [p.transport.is_reading() for p in list(srv.server.server_state.connections)]
-        release.set()
+        app.release.set()
         data = _read_all(s)
         s.close()
     assert reading == [False], reading
