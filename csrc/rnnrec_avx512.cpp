@@ -11,6 +11,13 @@
 
 #if defined(RNNREC_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's AVX-512 intrinsics (max, min, shuffles, extracts) pass _mm512_undefined_*() to their
+// masked builtins as the unused source, which -Wall reports as uninitialized once they are inlined
+// here: ~600 false warnings (GCC bug 105593, fixed in GCC 13). Off for this file's code only.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <immintrin.h>
 
 #include <array>

@@ -2862,8 +2862,9 @@ py::object train_packed(PyObject* packed, PyObject* hx_obj, const at::Tensor* co
 // record the op) or a torch dispatch mode: those see the op's call. (The module checks torch
 // function modes before calling the plan: modules._calls_observed.) RecordFunction observers (the
 // profiler, a global observer) see the call as an event named after the op, and the fast path
-// stays on under them.
-class InferPlan {
+// stays on under them. (Hidden, as pybind11's own types it holds: default visibility drew a GCC
+// warning for each of its py::object fields.)
+class __attribute__((visibility("hidden"))) InferPlan {
  public:
   InferPlan(py::dict params, const std::vector<std::string>& names, int64_t mode, bool reset_after,
             int64_t layers, bool batch_first, bool cell, int64_t directions, std::string backend)
