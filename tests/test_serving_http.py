@@ -758,13 +758,19 @@ def test_slow_requests_are_cut_off_at_the_request_timeout():
             time.sleep(0.3)
             keep.sendall(full)
             assert keep.recv(4096).startswith(b"HTTP/1.1 200")
+        # then a head that never ends: cut off by the deadline armed at the response before (uvicorn's
+        # keep-alive timeout stops at its first byte; mutation check: a finished request's cycle
+        # taken for one the app is at work on)
+        keep.sendall(b"POST /v1/sessions/s/clicks HTTP/1.1\r\nHost: x\r\n")
+        assert closed_within(keep, 5)
         for s in (head, body, keep):
             s.close()
         c = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
         c.request("GET", "/healthz")
         assert c.getresponse().status == 200
-    with pytest.raises(ValueError, match="request_timeout"):
-        BackgroundServer(app, request_timeout=0)
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="request_timeout"):
+            BackgroundServer(app, request_timeout=bad)
 
 
 def test_cli_without_uvicorn_says_which_extra(tmp_path, capsys, monkeypatch):
@@ -979,7 +985,11 @@ def test_requests_malformed_below_the_app_get_the_json_error(http_stack, raw):
         s.close()
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400"), data[:200]
-        assert b"content-type: application/json" in head.lower(), head
+        fields = dict(line.split(b": ", 1) for line in head.lower().split(b"\r\n")[1:])
+        # (the body's exact length, and the close said, as an HTTP/1.1 client needs them: it may
+        # read the 400 by its length, not to the close; from a mutation review)
+        assert fields[b"content-type"] == b"application/json", head
+        assert fields[b"connection"] == b"close" and int(fields[b"content-length"]) == len(body), data
         err = json.loads(body)["error"]
         assert err["code"] == "bad_request" and err["message"], err
         assert app.rec.session_info("a") is None
@@ -1585,3 +1595,115 @@ def test_a_head_trickling_in_small_reads_is_bounded_too():
             reset = True
         s.close()
     assert reset or data.startswith(b"HTTP/1.1 400"), data[:200]
+
+
+# ---- a fifth mutation review of server.py (each of these failed on a mutant the suite let through)
+
+def test_a_streaming_app_awaiting_the_disconnect_sees_it_with_requests_pipelined_behind():
+    """An app streaming its response while it awaits receive() for the client's disconnect (as
+    Starlette's StreamingResponse does, to stop) gets http.disconnect once the client has gone (a
+    reset, seen at the next write), also where requests are pipelined behind its own: uvicorn marks
+    and wakes only the latest request parsed, and the app streamed on to a gone client (mutation
+    check: the mark or the wake-up of the others could go)."""
+    import asyncio
+    import struct
+
+    pytest.importorskip("httptools")  # (h11 parses the next request only once the one ahead is answered)
+    streaming, seen = threading.Event(), []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # (chunked)
+
+        async def listen():
+            seen.append((await receive())["type"])
+        listener = asyncio.ensure_future(listen())
+        t0 = time.monotonic()
+        while not listener.done() and time.monotonic() - t0 < 10:
+            await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+            streaming.set()
+            await asyncio.sleep(0.02)
+        listener.cancel()
+        await send({"type": "http.response.body", "body": b""})
+
+    with BackgroundServer(app, request_timeout=30.0) as srv, uvicorn_errors() as errors:
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert streaming.wait(10) and s.recv(65536).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        while not any(getattr(p, "pipeline", None) for p in list(srv.server.server_state.connections)):
+            assert time.monotonic() - t0 < 10  # (/b queued behind /a)
+            time.sleep(0.01)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+        s.close()
+        t0 = time.monotonic()
+        while not seen and time.monotonic() - t0 < 15:
+            time.sleep(0.01)
+    assert seen == ["http.disconnect"], seen
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_serve_calls_ready_only_once_started():
+    """ready() (the CLI's 'listening on' line) is called only once the server has started: where
+    uvicorn's startup returns without starting (as it did on a failed lifespan startup, should_exit
+    set, in versions before its SystemExit(3) there; pyproject takes uvicorn >= 0.30), it is not
+    called (mutation check: the installed uvicorn never returns unstarted)."""
+    import uvicorn
+
+    from rnnrec_fast.serving.server import bind, serve
+
+    async def startup(self, sockets=None):  # (those versions' startup, once the lifespan failed)
+        self.should_exit = True
+    calls = []
+    sock = bind("127.0.0.1", 0)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(uvicorn.Server, "startup", startup)
+            serve(ServingApp(SessionRecommender(make_model())), sock, ready=lambda: calls.append(1))
+    finally:
+        sock.close()
+    assert calls == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (uvicorn's SystemExit(3))
+def test_background_server_that_cannot_start_says_so_at_once():
+    """BackgroundServer.start() raises as soon as the server thread has ended without starting (an
+    app whose lifespan startup failed: uvicorn exits its thread), not at its start_timeout
+    (mutation check)."""
+    async def app(scope, receive, send):
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no model"})
+
+    srv = BackgroundServer(app, start_timeout=60.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="did not start"):
+            srv.start()
+        assert time.monotonic() - t0 < 30
+    finally:
+        srv.sock.close()
+
+
+def test_a_connection_closed_by_its_client_is_freed_at_once(http_stack):
+    """A connection its client closed is freed at once: its request deadline (armed for the next
+    request after each response) is cancelled, not left holding the connection (the protocol, its
+    transport and last request) until it passes, for each connection a busy server closes
+    (mutation check: the deadline not cancelled at connection_lost; its firing did nothing else)."""
+    import gc
+    import weakref
+
+    with BackgroundServer(ServingApp(SessionRecommender(make_model())), request_timeout=60.0) as srv:
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        conn = weakref.ref(list(srv.server.server_state.connections)[0])
+        s.close()
+        t0 = time.monotonic()
+        while conn() is not None and time.monotonic() - t0 < 10:
+            gc.collect()
+            time.sleep(0.05)
+        assert conn() is None, [type(r).__name__ for r in gc.get_referrers(conn())]
