@@ -918,6 +918,16 @@ def http_stack(request, monkeypatch):
     return request.param
 
 
+def _wait_until(cond, seconds, step=0.01):
+    """Polls cond() every step seconds until it is true (True) or seconds have passed (False)."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 >= seconds:
+            return False
+        time.sleep(step)
+    return True
+
+
 def _read_all(s):
     data = b""
     while True:
@@ -1477,9 +1487,7 @@ def test_a_malformed_request_behind_the_last_one_of_a_shutdown_gets_no_400():
         assert app.started.wait(10)
         (conn,) = list(srv.server.server_state.connections)
         srv.server.should_exit = True
-        t0 = time.monotonic()
-        while conn.cycle.keep_alive and time.monotonic() - t0 < 10:  # (uvicorn's shutdown reached it)
-            time.sleep(0.01)
+        _wait_until(lambda: not conn.cycle.keep_alive, 10)  # (uvicorn's shutdown reached it)
         app.release.set()
         data = _read_all(s)
         s.close()
@@ -1516,8 +1524,8 @@ def test_head_bound_is_exact_on_the_parsed_count():
     pytest.importorskip("httptools")
     app = ServingApp(SessionRecommender(make_model()), max_batch=8)
     with BackgroundServer(app, request_timeout=10.0) as srv:
+        fixed = (len("/healthz") + 20) + (len("Host") + len("x") + 4) + (len("Connection") + len("close") + 4)
         for extra, status in ((0, b"200"), (1, b"400")):
-            fixed = (len("/healthz") + 20) + (len("Host") + len("x") + 4) + (len("Connection") + len("close") + 4)
             pad = b"a" * (MAX_HEAD_BYTES - fixed - (len("X-Pad") + 4) + extra)
             s = socket.create_connection((srv.host, srv.port), timeout=10)
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad + b"\r\nConnection: close\r\n\r\n")
@@ -1633,15 +1641,11 @@ def test_a_streaming_app_awaiting_the_disconnect_sees_it_with_requests_pipelined
         s = socket.create_connection((srv.host, srv.port), timeout=10)
         s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
         assert streaming.wait(10) and s.recv(65536).startswith(b"HTTP/1.1 200")
-        t0 = time.monotonic()
-        while not any(getattr(p, "pipeline", None) for p in list(srv.server.server_state.connections)):
-            assert time.monotonic() - t0 < 10  # (/b queued behind /a)
-            time.sleep(0.01)
+        assert _wait_until(lambda: any(getattr(p, "pipeline", None)  # (/b queued behind /a)
+                                       for p in list(srv.server.server_state.connections)), 10)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
         s.close()
-        t0 = time.monotonic()
-        while not seen and time.monotonic() - t0 < 15:
-            time.sleep(0.01)
+        _wait_until(lambda: seen, 15)
     assert seen == ["http.disconnect"], seen
     assert not errors, [r.getMessage() for r in errors]
 
@@ -1702,8 +1706,8 @@ def test_a_connection_closed_by_its_client_is_freed_at_once(http_stack):
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
         conn = weakref.ref(list(srv.server.server_state.connections)[0])
         s.close()
-        t0 = time.monotonic()
-        while conn() is not None and time.monotonic() - t0 < 10:
+
+        def freed():
             gc.collect()
-            time.sleep(0.05)
-        assert conn() is None, [type(r).__name__ for r in gc.get_referrers(conn())]
+            return conn() is None
+        assert _wait_until(freed, 10, step=0.05), [type(r).__name__ for r in gc.get_referrers(conn())]
