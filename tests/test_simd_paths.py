@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -26,49 +27,106 @@ ROOT = Path(__file__).resolve().parents[1]
 CPP_OP_TESTS = re.search(r"^SAN_OP_TESTS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
+# the switch that steps the kernels down to each portable level
+_LEVEL_SWITCH = {"avx2": "RNNREC_FAST_NO_AVX512", "scalar": "RNNREC_FAST_NO_SIMD"}
+
+
+@pytest.fixture(scope="module")
+def portable_runs(request, tmp_path_factory):
+    """The child runs of test_portable_kernel_paths, started together at the first one's call: the
+    selected levels' runs side by side (~1 min on 2 cores, where one after the other took ~2), each
+    with OMP_WAIT_POLICY=PASSIVE so that two torch thread pools do not spin against each other (side
+    by side without it, the two took ~2.5 min); with RNNREC_FAST_BIGMEM=1 one at a time, as those
+    tests need ~12 GB each. Any still running at the module's end are stopped."""
+    from rnnrec_fast import _C
+
+    selected = [item.callspec.params["level"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_portable_kernel_paths"]
+    runs = {}
+
+    def start(level):
+        env = dict(os.environ, **{_LEVEL_SWITCH[level]: "1"}, RNNREC_FAST_TEST_SEED=str(RUN_SEED))
+        if not env_flag("RNNREC_FAST_BIGMEM"):
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        runs[level] = _ChildRun(env, _PORTABLE_SELECT, {"test_op": 360, "test_fastpath": 800, "test_serving": 80},
+                                tmp_path_factory.mktemp(f"child-{level}"))
+
+    def run(level):
+        if level not in runs:
+            together = [] if env_flag("RNNREC_FAST_BIGMEM") else [
+                other for other in selected if other != "avx2" or _C.simd_level() != "scalar"]
+            for other in [level] + [o for o in together if o != level and o not in runs]:
+                start(other)
+        return runs.pop(level)
+
+    yield run
+    for child in runs.values():
+        child.stop()
+
+
 @pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                     reason="the C++ extension is not built")
-@pytest.mark.parametrize("env,level", [("RNNREC_FAST_NO_AVX512", "avx2"), ("RNNREC_FAST_NO_SIMD", "scalar")])
-def test_portable_kernel_paths(env, level):
+@pytest.mark.parametrize("level", ["avx2", "scalar"])
+def test_portable_kernel_paths(level, portable_runs):
     from rnnrec_fast import _C
 
     if level == "avx2" and _C.simd_level() == "scalar":
         pytest.skip("this CPU has no AVX2/FMA")
-    child_env = dict(os.environ, **{env: "1"}, RNNREC_FAST_TEST_SEED=str(RUN_SEED))  # (this run's inputs)
+    child = portable_runs(level)
     probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level())"],
-                           env=child_env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+                           env=child.env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.stdout.strip() == level, probe.stderr
-    # every cpp case of the op's tests (relu, lengths, resets, masked backward chunks, non-finite
-    # values; both dtypes), the scoring helpers' (score_topk's scalar path is at::mv, not the vector
-    # kernel: from a mutation review, copying one score too few there passed every test, since their
-    # names hold no "cpp"), all of the fast path's, and the serving calls' (their fallbacks where
-    # the one-call click and batch decline), but the export round trip, whose kernels run in a
-    # fresh process of its own. One child process for the three files: a child each took ~30 s
-    # more a level on 2 cores, and the two levels side by side took 3x longer still (two torch
-    # thread pools spinning on 2 cores).
-    # (528, 912 and 83-91 when counted; test_op.py's -k selection once matched the dtype ids
-    # nowhere and filtered test_fastpath.py too: 64 cases ran, and a broken AVX2 relu backward passed)
-    _child_tests(child_env, f"test_fastpath or (test_serving and not fresh_process) or ({CPP_OP_TESTS})",
-                 {"test_op": 360, "test_fastpath": 800, "test_serving": 80})
+    child.check()
 
 
-def _child_tests(env, select, least):
+# every cpp case of the op's tests (relu, lengths, resets, masked backward chunks, non-finite
+# values; both dtypes), the scoring helpers' (score_topk's scalar path is at::mv, not the vector
+# kernel: from a mutation review, copying one score too few there passed every test, since their
+# names hold no "cpp"), all of the fast path's, and the serving calls' (their fallbacks where
+# the one-call click and batch decline), but the export round trip, whose kernels run in a
+# fresh process of its own. One child process for the three files a level: a child each took ~30 s
+# more a level on 2 cores.
+# (528, 912 and 83-91 when counted; test_op.py's -k selection once matched the dtype ids
+# nowhere and filtered test_fastpath.py too: 64 cases ran, and a broken AVX2 relu backward passed)
+_PORTABLE_SELECT = f"test_fastpath or (test_serving and not fresh_process) or ({CPP_OP_TESTS})"
+
+
+class _ChildRun:
     """pytest on the test files named in ``least`` (name: the fewest of their tests that must pass)
-    with ``-k select``, in a child process with ``env``: every selected test passes, and enough of
-    each file's ran."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
-                          *[f"tests/{name}.py" for name in least], "-k", select],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert re.search(r"\d+ passed", out.stdout) and " failed" not in out.stdout, out.stdout[-3000:]
-    for name, fewest in least.items():
-        passed = len(re.findall(rf"^tests/{name}\.py::\S+ PASSED", out.stdout, re.M))
-        assert passed >= fewest, f"{name}: {passed} passed\n" + out.stdout[-3000:]
+    with ``-k select``, in a child process with ``env``, its output in files under ``out_dir`` (a
+    pipe left unread while another run is awaited would fill and stall it); ``check()`` waits for
+    it: every selected test passes, and enough of each file's ran."""
+
+    def __init__(self, env, select, least, out_dir, timeout=600):
+        self.env, self.least, self.deadline = env, least, time.monotonic() + timeout
+        self.out, self.err = open(out_dir / "stdout", "w"), open(out_dir / "stderr", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
+                                      *[f"tests/{name}.py" for name in least], "-k", select],
+                                     env=env, stdout=self.out, stderr=self.err, text=True, cwd=ROOT)
+
+    def check(self):
+        try:
+            self.proc.wait(timeout=max(self.deadline - time.monotonic(), 1))
+        finally:
+            self.stop()
+        out, err = (Path(f.name).read_text() for f in (self.out, self.err))
+        assert self.proc.returncode == 0, out[-3000:] + err[-3000:]
+        assert re.search(r"\d+ passed", out) and " failed" not in out, out[-3000:]
+        for name, fewest in self.least.items():
+            passed = len(re.findall(rf"^tests/{name}\.py::\S+ PASSED", out, re.M))
+            assert passed >= fewest, f"{name}: {passed} passed\n" + out[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+        self.err.close()
 
 
 @pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
                     reason="the C++ extension is not built")
-def test_chunked_projection_on_avx2():
+def test_chunked_projection_on_avx2(tmp_path):
     """A large GRU inference projects its inputs a chunk of steps at a time on AVX-512 only (where
     it pays); RNNREC_FAST_CHUNKED_PROJECTION=1 has the AVX2 kernels take that path too, where the
     one product would be our packed kernel's (the same bits), so that its tests run on a machine
@@ -83,8 +141,8 @@ def test_chunked_projection_on_avx2():
     probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level(), "
                             "_C.chunked_projection())"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.stdout.split() == ["avx2", "True"], probe.stdout + probe.stderr[-2000:]
-    _child_tests(env, "chunk or projected_first_layer or scratch or one_step_inference",
-                 {"test_fastpath": 10, "test_serving": 2})
+    _ChildRun(env, "chunk or projected_first_layer or scratch or one_step_inference",
+              {"test_fastpath": 10, "test_serving": 2}, tmp_path).check()
 
 
 @pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
