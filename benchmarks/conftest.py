@@ -2,6 +2,10 @@ import os
 
 import torch
 
+# MKL's vector math set up by one small call on one thread, before torch.nn's first parity check
+# (a first call on two threads at once can be off by ~1e-4 on some machines: tests/conftest.py)
+torch.tanh(torch.zeros(16))
+
 
 def pytest_addoption(parser):
     parser.addoption("--threads", type=int, default=int(os.environ.get("RNNREC_FAST_BENCH_THREADS", "1")),
