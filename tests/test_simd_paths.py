@@ -31,6 +31,11 @@ CPP_OP_TESTS = re.search(r"^SAN_OP_TESTS := (.+)$", (ROOT / "Makefile").read_tex
 _LEVEL_SWITCH = {"avx2": "RNNREC_FAST_NO_AVX512", "scalar": "RNNREC_FAST_NO_SIMD"}
 
 
+def _level_env(level):
+    """This environment with the kernels stepped down to ``level``, and this run's inputs."""
+    return dict(os.environ, **{_LEVEL_SWITCH[level]: "1"}, RNNREC_FAST_TEST_SEED=str(RUN_SEED))
+
+
 @pytest.fixture(scope="module")
 def portable_runs(request, tmp_path_factory):
     """The child runs of test_portable_kernel_paths, started together at the first one's call: the
@@ -45,7 +50,7 @@ def portable_runs(request, tmp_path_factory):
     runs = {}
 
     def start(level):
-        env = dict(os.environ, **{_LEVEL_SWITCH[level]: "1"}, RNNREC_FAST_TEST_SEED=str(RUN_SEED))
+        env = _level_env(level)
         if not env_flag("RNNREC_FAST_BIGMEM"):
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         runs[level] = _ChildRun(env, _PORTABLE_SELECT, {"test_op": 360, "test_fastpath": 800, "test_serving": 80},
@@ -74,8 +79,7 @@ def test_portable_kernel_paths(level, portable_runs):
     if level == "avx2" and _C.simd_level() == "scalar":
         pytest.skip("this CPU has no AVX2/FMA")
     probe = subprocess.run([sys.executable, "-c", "from rnnrec_fast import _C; print(_C.simd_level())"],
-                           env=dict(os.environ, **{_LEVEL_SWITCH[level]: "1"}), capture_output=True, text=True,
-                           timeout=120, cwd=ROOT)
+                           env=_level_env(level), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.stdout.strip() == level, probe.stderr
     portable_runs(level).check()
 
