@@ -13,6 +13,7 @@ import rnnrec_fast
 from rnnrec_fast import backends
 from rnnrec_fast._checks import env_flag
 
+from childrun import ChildPytest
 from conftest import RUN_SEED
 
 BLOCK_EXTENSION = """
@@ -323,29 +324,48 @@ def test_each_dtype_the_fast_backend_lacks_warns_once(monkeypatch):
     assert len(msgs) == 2 and "torch.float16" in msgs[0] and "torch.bfloat16" in msgs[1], msgs
 
 
-def test_op_and_module_tests_pass_through_the_python_registrations():
+# the selection of the child run below: the op's reference, gradcheck, padding and opcheck tests, the
+# modules' parity tests and the serving fast path's
+_REGISTRATION_SELECT = ("matches_reference or gradcheck or padding_past or opcheck or parity_with_torch or test_cells "
+                        "or bias_changed_in_place or forward_mode_ad or forward_ad_is_never or documented_migration "
+                        "or reverse_mode_func or fast_path_follows or fast_path_applies_to_multilayer or double_backward "
+                        "or another_default_device_is_set")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registration_run(request, tmp_path_factory):
+    """test_op_and_module_tests_pass_through_the_python_registrations' child run, started at this
+    module's first test where that test is selected, so that it runs (~40 s on 2 cores) beside this
+    module's other child processes instead of after them; with OMP_WAIT_POLICY=PASSIVE, so that its
+    torch thread pool does not spin against theirs. Stopped at the module's end if still running."""
+    if not any(getattr(item, "originalname", None) == "test_op_and_module_tests_pass_through_the_python_registrations"
+               for item in request.session.items):
+        yield None
+        return
+    env = {k: v for k, v in os.environ.items() if k != "RNNREC_FAST_REQUIRE_EXT"}
+    env.update(RNNREC_FAST_TEST_BLOCK_EXT="1", RNNREC_FAST_TEST_SEED=str(RUN_SEED),  # (this run's inputs)
+               OMP_WAIT_POLICY="PASSIVE")
+    run = ChildPytest(["-q", "-rs", "-W", "ignore::RuntimeWarning", "tests/test_op.py", "tests/test_modules.py",
+                       "tests/test_serving.py", "-k", _REGISTRATION_SELECT], env, tmp_path_factory.mktemp("registration"))
+    yield run
+    run.stop()
+
+
+def test_op_and_module_tests_pass_through_the_python_registrations(registration_run):
     """Without the extension the op's autograd is the Python registration (ops._backward,
     _setup_context: what CUDA tensors and installs without _C use), which the in-process tests
     never reach on a CPU machine (the C++ AutogradCPU kernel takes CPU calls). The op's reference,
     gradcheck, padding and opcheck tests, the modules' parity tests and the serving fast path's
     (whose steps then run numba's kernels directly) run here with _C blocked
-    (conftest: RNNREC_FAST_TEST_BLOCK_EXT=1). (From a review: the Python backward dropping resets
-    passed the whole suite; from a mutation review: the fast path's numba steps made their output
-    on a default device set elsewhere, and only this run reaches them.)"""
-    env = {k: v for k, v in os.environ.items() if k != "RNNREC_FAST_REQUIRE_EXT"}
-    env.update(RNNREC_FAST_TEST_BLOCK_EXT="1", RNNREC_FAST_TEST_SEED=str(RUN_SEED))  # (this run's inputs)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
-                          "tests/test_op.py", "tests/test_modules.py", "tests/test_serving.py", "-k",
-                          "matches_reference or gradcheck or padding_past or opcheck or parity_with_torch or test_cells "
-                          "or bias_changed_in_place or forward_mode_ad or forward_ad_is_never or documented_migration or reverse_mode_func "
-                          "or fast_path_follows or fast_path_applies_to_multilayer or double_backward "
-                          "or another_default_device_is_set"],
-                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "backend cpp unavailable: ImportError: cannot import name '_C'" in out.stdout  # (its skips, as a missing build's)
-    passed = re.search(r"(\d+) passed", out.stdout)
-    assert passed and int(passed.group(1)) >= 800, out.stdout[-3000:]
+    (conftest: RNNREC_FAST_TEST_BLOCK_EXT=1), in the child process registration_run started. (From a
+    review: the Python backward dropping resets passed the whole suite; from a mutation review: the
+    fast path's numba steps made their output on a default device set elsewhere, and only this run
+    reaches them.)"""
+    returncode, out, err = registration_run.wait()
+    assert returncode == 0, out[-3000:] + err[-3000:]
+    assert "backend cpp unavailable: ImportError: cannot import name '_C'" in out  # (its skips, as a missing build's)
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= 800, out[-3000:]
 
 
 @pytest.mark.parametrize("how", ["compiled first call", "python -m CLI"])

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import pytest
 from rnnrec_fast import backends
 from rnnrec_fast._checks import env_flag
 
+from childrun import ROOT, ChildPytest
 from conftest import RUN_SEED
 
-ROOT = Path(__file__).resolve().parents[1]
 # test_op.py's tests that reach the C++ kernels: the cpp cases, the scoring helpers', and those that
 # call the C++ kernels by name without a backend parameter; named once, in the Makefile, whose
 # sanitize target runs the same selection
@@ -96,37 +95,22 @@ def test_portable_kernel_paths(level, portable_runs):
 _PORTABLE_SELECT = f"test_fastpath or (test_serving and not fresh_process) or ({CPP_OP_TESTS})"
 
 
-class _ChildRun:
-    """pytest on the test files named in ``least`` (name: the fewest of their tests that must pass)
-    with ``-k select``, in a child process with ``env``, its output in files under ``out_dir`` (a
-    pipe left unread while another run is awaited would fill and stall it); ``check()`` waits for
-    it: every selected test passes, and enough of each file's ran."""
+class _ChildRun(ChildPytest):
+    """pytest -v -x on the test files named in ``least`` (name: the fewest of their tests that must
+    pass) with ``-k select``, in a child process with ``env``; ``check()`` waits for it: every
+    selected test passes, and enough of each file's ran."""
 
     def __init__(self, env, select, least, out_dir, timeout=600):
-        self.least, self.deadline = least, time.monotonic() + timeout
-        self.out, self.err = open(out_dir / "stdout", "w"), open(out_dir / "stderr", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider",
-                                      *[f"tests/{name}.py" for name in least], "-k", select],
-                                     env=env, stdout=self.out, stderr=self.err, text=True, cwd=ROOT)
+        self.least = least
+        super().__init__(["-v", "-x", *[f"tests/{name}.py" for name in least], "-k", select], env, out_dir, timeout)
 
     def check(self):
-        try:
-            self.proc.wait(timeout=max(self.deadline - time.monotonic(), 1))
-        finally:
-            self.stop()
-        out, err = (Path(f.name).read_text() for f in (self.out, self.err))
-        assert self.proc.returncode == 0, out[-3000:] + err[-3000:]
+        returncode, out, err = self.wait()
+        assert returncode == 0, out[-3000:] + err[-3000:]
         assert re.search(r"\d+ passed", out) and " failed" not in out, out[-3000:]
         for name, fewest in self.least.items():
             passed = len(re.findall(rf"^tests/{name}\.py::\S+ PASSED", out, re.M))
             assert passed >= fewest, f"{name}: {passed} passed\n" + out[-3000:]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.out.close()
-        self.err.close()
 
 
 @pytest.mark.skipif(not backends.available("cpp") and not env_flag("RNNREC_FAST_REQUIRE_EXT"),
