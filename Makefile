@@ -71,7 +71,7 @@ $(VENV)/.bench-deps: $(DEPS_STAMP)
 	touch $@
 
 # The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer, any report a failure (not
-# CI: 15-25 min on 2 cores, 4-6 of them building). The tracked sources are copied to $(SAN_DIR) and
+# CI: ~11 min on 2 cores in its last whole run, session 73). The tracked sources are copied to $(SAN_DIR) and
 # built there, the extension _C and librnnrec_fast_ops.so (each loads only with the runtimes
 # preloaded), and the tests that run the C++ kernels run from there, on the AVX2/AVX-512 paths and
 # on the portable scalar one, and the chunked projection of large GRU inferences on AVX2 (which
