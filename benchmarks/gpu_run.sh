@@ -20,6 +20,14 @@
 # Logs and JSON go to $OUT (default /tmp/rnnrec_gpu_out). Python: $PYTHON, else .venv/bin/python, else python3.
 # Each stage is separate so that a session with a 10-minute limit per command can run them one by
 # one (the in-place build stays on the machine between calls while it is warm).
+#
+# With 15 minutes of device time in all (the machine's start counted) and 10 a call, a session runs
+# `OUT=$OUT bash benchmarks/gpu_run.sh all` with carry [".whl"] and a timeout below 600 s (each
+# stage's logs land in $OUT as it ends, so a timeout still returns the stages that ran), then at
+# once, where `status` leaves 4 minutes or more, `... gpu_run.sh numba` (an idle machine goes back
+# within a minute, and a fresh start costs minutes). .whl/ (ignored by git) holds the numpy 2.4.6
+# cp312 wheel that numba 0.68 needs there (the device README's `pip download` line); every stage
+# installs it into /tmp/site first, where it is present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE="${1:-all}"
@@ -42,6 +50,7 @@ env_report() {
     echo "== nvcc: $(command -v nvcc)"; nvcc --version 2>&1 | tail -2
     echo "== CUDA_HOME=${CUDA_HOME:-}"
     nvidia-smi 2>&1 | head -20
+    "$PY" -c "import numpy; print('numpy', numpy.__version__); import numba; print('numba', numba.__version__)" 2>&1
     "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1
     "$PY" -c "import pytest_benchmark; print('pytest-benchmark', pytest_benchmark.__version__)" 2>&1
   } > "$OUT/env.txt" 2>&1
@@ -131,11 +140,19 @@ bench() {
   fi
 }
 
-numba_gpu() {
+use_wheels() {
+  # numba 0.68 imports against numpy 2.4.6, not the machine's 2.5: the carried wheel, where present
   if ls .whl/numpy-2.4.6-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/numpy-2.4.6-*.whl && \
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+        .whl/numpy-2.4.6-*.whl > "$OUT/wheels.log" 2>&1; then
       export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+      echo "the carried numpy wheel did not install for $PY ($OUT/wheels.log): numba may not import"
+    fi
   fi
+}
+
+numba_gpu() {
   echo "== tests/test_numba_gpu.py, test_numba_ptx.py + benchmarks/bench_numba_cuda.py (logs: $OUT/numba_gpu*.log)"
   "$PY" -m pytest -q -rs tests/test_numba_gpu.py tests/test_numba_ptx.py -p no:cacheprovider > "$OUT/numba_gpu_test.log" 2>&1 || status=1
   tail -20 "$OUT/numba_gpu_test.log"
@@ -144,6 +161,7 @@ numba_gpu() {
   tail -30 "$OUT/numba_gpu_bench.log"
 }
 
+use_wheels
 env_report
 case "$STAGE" in
   build) build ;;
