@@ -5,11 +5,12 @@ every gradient against torch.nn in float64, to 1e-9 in float64 and in float32 to
 the largest element, at least 1) or three times torch.nn's own float32 error, whichever is larger.
 A failing case is saved for replay. Run from the repository root:
 
-    PYTHONPATH=. .venv/bin/python -W ignore tests/fuzz_parity.py SEED SECONDS [large]
+    PYTHONPATH=. .venv/bin/python -W ignore tests/fuzz_parity.py SEED SECONDS [large] [backend=NAME]
 
 `large`: one case in ten also draws its input and hidden sizes from 256, 300 and 512 (the kernels'
 paths for weights beyond a quarter of L2, products of K > 256 in K chunks, W_hh of 3 MiB); without
-it a seed draws the cases it always drew.
+it a seed draws the cases it always drew. `backend=numba` (or `reference`): that backend's modules
+forced, instead of the default choice (`auto`: the C++ backend), checked to have run on it.
 
 (2026-12-06, ~145k cases over three seeds: every mismatch was a float32 relu RNN gradient where a
 pre-activation lay within float32 rounding of 0, 2.1e-8 in the one replayed, so that its derivative
@@ -18,7 +19,8 @@ of another kind: a float32 relu RNN's grad W_hh (H=1, 3 layers, bidirectional) t
 terms of total magnitude 1,156 to -0.53, ours 1.0e-4 off, torch.nn's float32 2.6e-5 off (4e-6 to
 2.5e-5 over orders of the batch; ours 0.9-1.1e-4), both far inside float32's summation bound;
 float64 5e-14. 2026-12-08, the kernels of 12-07e: seed 76 with `large` 14,443 cases and seed 77
-19,847, 35 minutes each, the two side by side on the 2 cores: no failure.)"""
+19,847, 35 minutes each, the two side by side on the 2 cores: no failure; the numba backend,
+seed 78 with `large` 8,714 cases and seed 79 12,018, 20 minutes each: no failure.)"""
 import copy, os, random, sys, tempfile, time
 import torch
 from torch import nn
@@ -27,7 +29,9 @@ import rnnrec_fast
 
 seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 budget = float(sys.argv[2]) if len(sys.argv) > 2 else 600
-large = len(sys.argv) > 3 and sys.argv[3] == "large"
+large = "large" in sys.argv[3:]
+backend = next((a.split("=", 1)[1] for a in sys.argv[3:] if a.startswith("backend=")), "auto")
+ran_on = "cpp" if backend == "auto" else backend  # (auto: the C++ backend here)
 rng = random.Random(seed)
 t_end = time.time() + budget
 n = fails = 0
@@ -61,7 +65,7 @@ while time.time() < t_end:
         if kind == "RNN":
             kw["nonlinearity"] = nl
         ref = getattr(nn, kind)(I, H, **kw)
-        ours = rnnrec_fast.from_torch(ref).to(dtype)
+        ours = rnnrec_fast.from_torch(ref, backend=backend).to(dtype)
         D = 2 if bi else 1
         x = torch.randn((B, T, I) if bf else (T, B, I), dtype=torch.float64)
         hx = torch.randn(L * D, B, H, dtype=torch.float64) if h0 else None
@@ -87,7 +91,7 @@ while time.time() < t_end:
             return [out, hn] + list(torch.autograd.grad(loss, wrt))
 
         a = run(ours, dtype)
-        assert rnnrec_fast.last_backend() == "cpp", rnnrec_fast.last_backend()
+        assert rnnrec_fast.last_backend() == ran_on, rnnrec_fast.last_backend()
         b = run(ref, torch.float64)
         # float32: torch.nn in float32 beside it (a relu's kink: a pre-activation near 0 whose sign
         # float32 rounding flips changes a gradient by O(1) in torch.nn too)
